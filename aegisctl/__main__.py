@@ -1,0 +1,5 @@
+"""`python -m aegisctl`."""
+
+from aegisctl.cli import main
+
+main()

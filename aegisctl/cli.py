@@ -1,0 +1,57 @@
+"""`aegisctl`: the root command, global options and error handling (exit 0 ok, 1 failed, 2 usage)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from aegisctl import __version__
+from aegisctl.client import ClientError
+from aegisctl.commands import init, lock, status, unlock, vault
+from aegisctl.context import Context
+
+ENV_HELP = """
+\b
+Environment:
+  AEGIS_SOCKET       control socket of aegisd   [default: $XDG_RUNTIME_DIR/aegis/aegisd.sock,
+                     else $AEGIS_DATA_DIR/run/aegisd.sock, else /run/aegis/aegisd.sock if present]
+  AEGIS_CONFIG       aegisd's TOML config file, read for `socket` and `data_dir`
+  AEGIS_DATA_DIR     aegisd's data directory (locates the default socket)
+\b
+Secrets and passphrases are read from a hidden prompt, or with --secret-stdin /
+--passphrase-stdin from the first line of standard input; never from arguments.
+"""
+
+
+class Root(click.Group):
+    """Turns ClientError into one error line plus a hint, exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except ClientError as exc:
+            click.echo(f"aegisctl: error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"  next: {exc.hint}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Root, epilog=ENV_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_flag", metavar="PATH", help="Control socket of aegisd.")
+@click.option("--config", metavar="FILE", help="aegisd's config file (for the socket path).")
+@click.version_option(__version__, prog_name="aegisctl")
+@click.pass_context
+def root(ctx: click.Context, socket_flag: str | None, config: str | None) -> None:
+    """Operate Aegis: the vault, credentials and the daemon's state."""
+    state = Context(socket_flag, config)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+for module in (init, unlock, lock, status, vault):
+    root.add_command(module.command)
+
+
+def main() -> None:
+    root()

@@ -1,0 +1,113 @@
+"""AegisClient: the only way aegisctl talks to aegisd, over the control socket.
+
+Every gRPC failure becomes a ClientError whose message says what went wrong and what to do
+next, keyed by the daemon's stable `aegis-reason` trailer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from aegisd.api.aegis.v1 import credentials_pb2, credentials_pb2_grpc, vault_pb2, vault_pb2_grpc
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 30.0
+
+# What to do next, per daemon reason code.
+HINTS = {
+    "vault_locked": "run `aegisctl unlock` first",
+    "vault_uninitialized": "run `aegisctl init` to create the vault",
+    "wrong_passphrase": "check the passphrase and try again",
+    "credential_not_found": "see `aegisctl vault list` for the names",
+    "storage_full": "free disk space in the data directory, then retry",
+    "storage_read_only": "make the data directory writable by aegisd, then retry",
+    "storage_corrupt": "restore the data directory from a backup",
+    "already_exists": "pick another name, or change the existing one with `update`",
+}
+
+
+class ClientError(Exception):
+    """A failed call, with the message to show and the hint for the next step."""
+
+    def __init__(self, message: str, hint: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.reason = reason
+
+
+class AegisClient:
+    def __init__(self, socket_path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._channel: grpc.Channel | None = None
+
+    def __enter__(self) -> AegisClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    @property
+    def vault(self) -> vault_pb2_grpc.VaultServiceStub:
+        return vault_pb2_grpc.VaultServiceStub(self._connect())
+
+    @property
+    def credentials(self) -> credentials_pb2_grpc.CredentialServiceStub:
+        return credentials_pb2_grpc.CredentialServiceStub(self._connect())
+
+    def call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        """Invoke one RPC, translating failures into ClientError."""
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    # -- convenience wrappers used by several commands ---------------------------------------
+
+    def status(self) -> vault_pb2.StatusResponse:
+        return self.call(self.vault.Status, vault_pb2.StatusRequest())
+
+    def get_credential(self, name: str) -> credentials_pb2.Credential:
+        return self.call(self.credentials.GetCredential, credentials_pb2.GetCredentialRequest(name=name))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _connect(self) -> grpc.Channel:
+        if self._channel is None:
+            self._check_socket()
+            self._channel = grpc.insecure_channel(f"unix:{self.socket_path}")
+        return self._channel
+
+    def _check_socket(self) -> None:
+        path = self.socket_path
+        if not path.exists():
+            raise ClientError(f"aegisd is not running: no control socket at {path}",
+                              "start it with `aegisd` (or `make run`), or point --socket / AEGIS_SOCKET at it")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise ClientError(f"no permission to use the control socket {path}",
+                              "run as the daemon's user or a member of its socket group")
+
+    def _translate(self, exc: grpc.RpcError) -> ClientError:
+        call = cast(grpc.Call, exc)
+        code = call.code()
+        details = call.details() or ""
+        reason = next((str(m[1]) for m in call.trailing_metadata() or () if m[0] == "aegis-reason"), "")
+        if code == grpc.StatusCode.UNAVAILABLE and not reason:
+            return ClientError(f"cannot reach aegisd at {self.socket_path}",
+                               "is it running? start it with `aegisd` (or `make run`)", "unavailable")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ClientError("aegisd did not answer in time", "check `aegisd`'s log; retry", "timeout")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return ClientError("this aegisd does not support that command", "upgrade aegisd", "unimplemented")
+        return ClientError(details or code.name.lower(), HINTS.get(reason, ""), reason)

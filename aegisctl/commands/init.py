@@ -1,0 +1,37 @@
+"""`aegisctl init`: create the vault, optionally with an unlock key for unattended starts."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from aegisctl.context import Context, pass_context
+from aegisctl.secrets_input import read_secret
+from aegisd.api.aegis.v1 import vault_pb2
+
+
+@click.command("init")
+@click.option("--passphrase-stdin", is_flag=True, help="Read the passphrase from stdin's first line.")
+@click.option("--unlock-key-out", metavar="FILE|-",
+              help="Also create an unlock key and write it to FILE (created 0600) or '-' for stdout. "
+                   "It is shown once; systemd can load it with LoadCredentialEncrypted.")
+@pass_context
+def command(ctx: Context, passphrase_stdin: bool, unlock_key_out: str | None) -> None:
+    """Create the vault and leave it unlocked."""
+    if unlock_key_out and unlock_key_out != "-" and os.path.exists(unlock_key_out):
+        raise click.UsageError(f"{unlock_key_out} already exists; choose a new file for the unlock key")
+    passphrase = read_secret("passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
+    client = ctx.client
+    reply = client.call(client.vault.Init,
+                        vault_pb2.InitRequest(passphrase=passphrase, create_unlock_key=bool(unlock_key_out)),
+                        timeout=120)
+    click.echo(f"Vault {reply.vault_id} created and unlocked.")
+    if unlock_key_out == "-":
+        click.echo(reply.unlock_key)
+        click.echo("Store this unlock key now; it is not shown again.", err=True)
+    elif unlock_key_out:
+        fd = os.open(unlock_key_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(reply.unlock_key + "\n")
+        click.echo(f"Unlock key written to {unlock_key_out} (mode 0600). It is not shown again.")

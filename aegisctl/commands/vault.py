@@ -1,0 +1,206 @@
+"""`aegisctl vault add|list|show|update|rotate|remove`: credentials, whose secrets go in and never out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from aegisctl import output
+from aegisctl.context import Context, pass_context
+from aegisctl.durations import Duration
+from aegisctl.secrets_input import confirm_destructive, read_secret
+from aegisd.api.aegis.v1 import credentials_pb2 as pb
+
+AUTH_TYPES = {"bearer": pb.AUTH_TYPE_BEARER, "header": pb.AUTH_TYPE_HEADER, "basic": pb.AUTH_TYPE_BASIC,
+              "query": pb.AUTH_TYPE_QUERY}
+INSPECTION = {"off": pb.BODY_INSPECTION_OFF, "warn": pb.BODY_INSPECTION_WARN, "block": pb.BODY_INSPECTION_BLOCK}
+AUTH_NAMES = {v: k for k, v in AUTH_TYPES.items()}
+INSPECTION_NAMES = {v: k for k, v in INSPECTION.items()}
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def credential_json(c: pb.Credential) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "service": c.service,
+        "domains": list(c.domains),
+        "auth_type": AUTH_NAMES.get(c.auth_type, "unknown"),
+        "header_name": c.header_name or None,
+        "query_param": c.query_param or None,
+        "scopes": list(c.scopes),
+        "rate_limit": c.rate_limit or None,
+        "body_inspection": INSPECTION_NAMES.get(c.body_inspection, "unknown"),
+        "created_at": output.iso(c.created_at),
+        "updated_at": output.iso(c.updated_at),
+        "rotated_at": output.iso(c.rotated_at),
+        "expires_at": output.iso(c.expires_at) if c.HasField("expires_at") else None,
+        "expired": c.expired,
+        "id": c.id,
+    }
+
+
+def _expiry_text(c: dict[str, Any]) -> str:
+    if c["expires_at"] is None:
+        return "never"
+    return f"{c['expires_at']} (expired)" if c["expired"] else str(c["expires_at"])
+
+
+@click.group("vault")
+def command() -> None:
+    """Add, inspect, change, rotate and remove credentials."""
+
+
+auth_option = click.option("--auth-type", type=click.Choice(list(AUTH_TYPES)),
+                           help="How the gate injects the secret [default: bearer].")
+header_option = click.option("--header-name", metavar="H", help="Header for --auth-type header (e.g. X-Api-Key).")
+query_option = click.option("--query-param", metavar="P", help="Query parameter for --auth-type query.")
+scopes_option = click.option("--scopes", metavar="LIST", help="read, write or * (comma-separated) [default: *].")
+rate_option = click.option("--rate-limit", metavar="N/UNIT", help="e.g. 100/min; units sec, min, hour, day.")
+inspection_option = click.option("--body-inspection", type=click.Choice(list(INSPECTION)),
+                                 help="Scan outbound bodies for credentials [default: block].")
+
+
+@command.command("add")
+@click.argument("name")
+@click.option("--service", required=True, help="Gate path segment agents use: /SERVICE/...")
+@click.option("--domains", required=True, metavar="LIST",
+              help="Allowed hosts, comma-separated: api.example.com, *.example.com, http://127.0.0.1:8080.")
+@auth_option
+@header_option
+@query_option
+@scopes_option
+@click.option("--ttl", type=Duration(), help="Expire after 30m, 12h, 90d, 2w...")
+@rate_option
+@inspection_option
+@click.option("--secret-stdin", is_flag=True, help="Read the secret from stdin's first line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new credential as JSON.")
+@pass_context
+def add(ctx: Context, name: str, service: str, domains: str, auth_type: str | None, header_name: str | None,
+        query_param: str | None, scopes: str | None, ttl: int | None, rate_limit: str | None,
+        body_inspection: str | None, secret_stdin: bool, as_json: bool) -> None:
+    """Store a new credential NAME. The secret is prompted for, or read with --secret-stdin."""
+    secret = read_secret("secret", secret_stdin)
+    request = pb.AddCredentialRequest(
+        name=name, service=service, domains=_split(domains),
+        auth_type=AUTH_TYPES[auth_type or "bearer"], header_name=header_name or "",
+        query_param=query_param or "", scopes=_split(scopes or "*"), ttl_seconds=ttl or 0,
+        rate_limit=rate_limit or "", body_inspection=INSPECTION[body_inspection or "block"], secret=secret)
+    client = ctx.client
+    cred = client.call(client.credentials.AddCredential, request)
+    if as_json:
+        output.emit_json(credential_json(cred))
+    else:
+        click.echo(f"Added credential {cred.name!r}: agents call http://{client.status().gate_address}/"
+                   f"{cred.service}/... once granted.")
+
+
+@command.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_context
+def list_(ctx: Context, as_json: bool) -> None:
+    """List credentials (never their secrets)."""
+    client = ctx.client
+    creds = [credential_json(c) for c in client.call(client.credentials.ListCredentials,
+                                                         pb.ListCredentialsRequest()).credentials]
+    if as_json:
+        output.emit_json(creds)
+        return
+    if not creds:
+        click.echo("No credentials yet: add one with `aegisctl vault add`.")
+        return
+    output.table(["NAME", "SERVICE", "DOMAINS", "AUTH", "SCOPES", "EXPIRES", "INSPECTION"],
+                 [[c["name"], c["service"], ",".join(c["domains"]), c["auth_type"], ",".join(c["scopes"]),
+                   _expiry_text(c), c["body_inspection"]] for c in creds])
+
+
+@command.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@pass_context
+def show(ctx: Context, name: str, as_json: bool) -> None:
+    """Show one credential's settings (never its secret)."""
+    c = credential_json(ctx.client.get_credential(name))
+    if as_json:
+        output.emit_json(c)
+        return
+    output.fields([
+        ("name", c["name"]), ("service", c["service"]), ("domains", ", ".join(c["domains"])),
+        ("auth type", c["auth_type"]), ("header name", c["header_name"]), ("query param", c["query_param"]),
+        ("scopes", ", ".join(c["scopes"])), ("rate limit", c["rate_limit"] or "none"),
+        ("body inspection", c["body_inspection"]), ("expires", _expiry_text(c)),
+        ("created", c["created_at"]), ("updated", c["updated_at"]), ("rotated", c["rotated_at"]),
+    ])
+
+
+@command.command("update")
+@click.argument("name")
+@click.option("--service", help="New gate path segment.")
+@click.option("--domains", metavar="LIST", help="Replace the allowed hosts.")
+@auth_option
+@header_option
+@query_option
+@scopes_option
+@click.option("--ttl", type=Duration(), help="Expire this long from now; 'never' clears the expiry.")
+@click.option("--rate-limit", metavar="N/UNIT", help="e.g. 100/min; 'none' clears the limit.")
+@inspection_option
+@click.option("--json", "as_json", is_flag=True, help="Print the updated credential as JSON.")
+@pass_context
+def update(ctx: Context, name: str, service: str | None, domains: str | None, auth_type: str | None,
+           header_name: str | None, query_param: str | None, scopes: str | None, ttl: int | None,
+           rate_limit: str | None, body_inspection: str | None, as_json: bool) -> None:
+    """Change a credential's settings; the secret stays as it is."""
+    request = pb.UpdateCredentialRequest(name=name)
+    if service is not None:
+        request.service = service
+    if domains is not None:
+        request.set_domains, request.domains[:] = True, _split(domains)
+    if auth_type is not None:
+        request.auth_type = AUTH_TYPES[auth_type]
+    if header_name is not None:
+        request.header_name = header_name
+    if query_param is not None:
+        request.query_param = query_param
+    if scopes is not None:
+        request.set_scopes, request.scopes[:] = True, _split(scopes)
+    if ttl is not None:
+        request.ttl_seconds = ttl
+    if rate_limit is not None:
+        request.rate_limit = "" if rate_limit.lower() == "none" else rate_limit
+    if body_inspection is not None:
+        request.body_inspection = INSPECTION[body_inspection]
+    client = ctx.client
+    cred = client.call(client.credentials.UpdateCredential, request)
+    if as_json:
+        output.emit_json(credential_json(cred))
+    else:
+        click.echo(f"Updated credential {cred.name!r}.")
+
+
+@command.command("rotate")
+@click.argument("name")
+@click.option("--secret-stdin", is_flag=True, help="Read the new secret from stdin's first line.")
+@pass_context
+def rotate(ctx: Context, name: str, secret_stdin: bool) -> None:
+    """Replace a credential's secret; agents keep working with no change on their side."""
+    client = ctx.client
+    client.get_credential(name)  # fail on a wrong name before asking for the secret
+    secret = read_secret("new secret", secret_stdin)
+    client.call(client.credentials.RotateCredential, pb.RotateCredentialRequest(name=name, secret=secret))
+    click.echo(f"Rotated credential {name!r}.")
+
+
+@command.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_context
+def remove(ctx: Context, name: str, yes: bool) -> None:
+    """Delete a credential and every grant of it."""
+    client = ctx.client
+    client.get_credential(name)
+    confirm_destructive(f"Remove credential {name!r} and its grants?", yes)
+    reply = client.call(client.credentials.RemoveCredential, pb.RemoveCredentialRequest(name=name))
+    click.echo(f"Removed credential {name!r} ({reply.grants_removed} grants removed).")

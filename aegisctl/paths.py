@@ -1,0 +1,51 @@
+"""Where the daemon's control socket is: --socket > AEGIS_SOCKET > config file > default.
+
+Mirrors the daemon's own defaults without importing it (aegisctl imports only the API stubs).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+SYSTEM_SOCKET = Path("/run/aegis/aegisd.sock")
+
+
+class PathError(Exception):
+    """The config file named by AEGIS_CONFIG cannot be used."""
+
+
+def resolve_socket(flag: str | None, config: str | None, env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if flag:
+        return Path(flag).expanduser()
+    if env.get("AEGIS_SOCKET"):
+        return Path(env["AEGIS_SOCKET"]).expanduser()
+    settings = _read_config(config or env.get("AEGIS_CONFIG"))
+    if settings.get("socket"):
+        return Path(str(settings["socket"])).expanduser()
+    if env.get("XDG_RUNTIME_DIR"):
+        candidate = Path(env["XDG_RUNTIME_DIR"]) / "aegis" / "aegisd.sock"
+    else:
+        data = env.get("AEGIS_DATA_DIR") or settings.get("data_dir")
+        data_dir = Path(str(data)).expanduser() if data else (
+            Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "aegis")
+        candidate = data_dir / "run" / "aegisd.sock"
+    # A packaged system service listens in /run/aegis; use it when no per-user daemon runs.
+    if not candidate.exists() and SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
+    return candidate
+
+
+def _read_config(path: str | None) -> dict[str, object]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise PathError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PathError(f"config file {path} cannot be read: {exc}") from None

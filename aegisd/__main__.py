@@ -1,0 +1,5 @@
+"""`python -m aegisd`."""
+
+from aegisd.cli import main
+
+main()

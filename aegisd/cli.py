@@ -1,0 +1,75 @@
+"""`aegisd`: run the daemon in the foreground (it never daemonises itself)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import click
+
+from aegisd import __version__
+from aegisd.config import ConfigError, load_config
+from aegisd.control.socket import SocketError
+from aegisd.errors import AegisError
+from aegisd.logs import setup_logging
+
+ENV_HELP = """
+\b
+Settings come from, in order: flags, environment, the TOML config file, defaults.
+Environment:
+  AEGIS_CONFIG        config file (TOML)
+  AEGIS_DATA_DIR      data directory       [default: $STATE_DIRECTORY or $XDG_DATA_HOME/aegis]
+  AEGIS_SOCKET        control socket       [default: $RUNTIME_DIRECTORY/aegisd.sock or
+                                            $XDG_RUNTIME_DIR/aegis/aegisd.sock or DATA_DIR/run/aegisd.sock]
+  AEGIS_SOCKET_GROUP  group that may use the control socket (mode becomes 0660)
+  AEGIS_SOCKET_MODE   socket mode, octal   [default: 0600]
+  AEGIS_GATE_LISTEN   gate address         [default: 127.0.0.1:3100]
+  AEGIS_UNLOCK_KEY    unlock key for unattended start (CI); prefer a file or systemd credential
+\b
+Auto-unlock, first found wins: $CREDENTIALS_DIRECTORY/aegis-unlock (systemd LoadCredential),
+the file named by --unlock-key-file / unlock_key_file (must be mode 0600), AEGIS_UNLOCK_KEY.
+Without one the daemon starts locked; run `aegisctl unlock`.
+\b
+Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file.
+"""
+
+
+@click.command(epilog=ENV_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the vault and ledger live.")
+@click.option("--socket", type=click.Path(dir_okay=False), help="Control socket path.")
+@click.option("--socket-group", help="Group allowed to use the control socket.")
+@click.option("--socket-mode", help="Control socket mode, octal (0600 or 0660).")
+@click.option("--gate-listen", help="Gate listen address HOST:PORT.")
+@click.option("--unlock-key-file", type=click.Path(dir_okay=False), help="File holding an unlock key (0600).")
+@click.option("--log-format", type=click.Choice(["human", "json"]), help="Log line format on stderr.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level.")
+@click.version_option(__version__, prog_name="aegisd")
+def command(**flags: Any) -> None:
+    """Run the Aegis daemon: the vault, the control socket and the gate."""
+    try:
+        config = load_config(flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    setup_logging(config.log_format, config.log_level)
+    from aegisd.daemon import Daemon, StartupError
+
+    try:
+        code = _run(Daemon(config, flags).run())
+    except (StartupError, SocketError, AegisError) as exc:
+        click.echo(f"aegisd: error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+def _run(coro: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return int(asyncio.run(coro))
+    return int(uvloop.run(coro))
+
+
+def main() -> None:
+    command()

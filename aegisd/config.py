@@ -1,0 +1,184 @@
+"""Daemon settings: command-line flags > environment > TOML config file > defaults.
+
+Defaults follow XDG for a user daemon and the directories systemd hands a service
+(`$STATE_DIRECTORY`, `$RUNTIME_DIRECTORY`, `$CREDENTIALS_DIRECTORY`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_GATE_LISTEN = "127.0.0.1:3100"
+UNLOCK_CREDENTIAL_NAME = "aegis-unlock"
+LOG_FORMATS = ("human", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# key in the TOML file -> (section, name); sections keep the file readable as it grows.
+_TOML_KEYS: dict[str, tuple[str, ...]] = {
+    "data_dir": ("data_dir",),
+    "socket": ("socket",),
+    "socket_group": ("socket_group",),
+    "socket_mode": ("socket_mode",),
+    "unlock_key_file": ("unlock_key_file",),
+    "gate_listen": ("gate", "listen"),
+    "log_format": ("log", "format"),
+    "log_level": ("log", "level"),
+}
+_ENV_KEYS = {
+    "data_dir": "AEGIS_DATA_DIR",
+    "socket": "AEGIS_SOCKET",
+    "socket_group": "AEGIS_SOCKET_GROUP",
+    "socket_mode": "AEGIS_SOCKET_MODE",
+    "gate_listen": "AEGIS_GATE_LISTEN",
+}
+
+
+class ConfigError(Exception):
+    """A setting is malformed; the message names the setting and where it came from."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    socket_path: Path
+    gate_host: str
+    gate_port: int
+    socket_group: str | None = None
+    socket_mode: int = 0o600
+    unlock_key_file: Path | None = None
+    credentials_directory: Path | None = None
+    log_format: str = "human"
+    log_level: str = "info"
+    config_file: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def gate_address(self) -> str:
+        host = f"[{self.gate_host}]" if ":" in self.gate_host else self.gate_host
+        return f"{host}:{self.gate_port}"
+
+
+def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Resolve every setting from flags, then environment, then the config file, then defaults."""
+    env = os.environ if env is None else env
+    config_file = _path_or_none(flags.get("config") or env.get("AEGIS_CONFIG"))
+    file_values = _read_toml(config_file) if config_file else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in _TOML_KEYS:
+        if flags.get(key) not in (None, ""):
+            values[key], sources[key] = flags[key], f"--{key.replace('_', '-')}"
+        elif key in _ENV_KEYS and env.get(_ENV_KEYS[key]):
+            values[key], sources[key] = env[_ENV_KEYS[key]], _ENV_KEYS[key]
+        elif key in file_values:
+            values[key], sources[key] = file_values[key], f"{config_file}"
+
+    data_dir = Path(values["data_dir"]).expanduser() if "data_dir" in values else default_data_dir(env)
+    socket_path = Path(values["socket"]).expanduser() if "socket" in values else default_socket(env, data_dir)
+    gate_host, gate_port = parse_listen(str(values.get("gate_listen", DEFAULT_GATE_LISTEN)),
+                                        sources.get("gate_listen", "default"))
+    socket_group = values.get("socket_group") or None
+    socket_mode = _parse_mode(values.get("socket_mode"), socket_group, sources.get("socket_mode", "default"))
+    log_format = _choice(values.get("log_format", "human"), LOG_FORMATS, "log format")
+    log_level = _choice(values.get("log_level", "info"), LOG_LEVELS, "log level")
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    return Config(
+        data_dir=data_dir,
+        socket_path=socket_path,
+        gate_host=gate_host,
+        gate_port=gate_port,
+        socket_group=str(socket_group) if socket_group else None,
+        socket_mode=socket_mode,
+        unlock_key_file=_path_or_none(values.get("unlock_key_file")),
+        credentials_directory=Path(creds) if creds else None,
+        log_format=log_format,
+        log_level=log_level,
+        config_file=config_file,
+        sources=sources,
+    )
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "aegis"
+
+
+def default_socket(env: Mapping[str, str], data_dir: Path) -> Path:
+    if env.get("RUNTIME_DIRECTORY"):
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "aegisd.sock"
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "aegis" / "aegisd.sock"
+    return data_dir / "run" / "aegisd.sock"
+
+
+def parse_listen(text: str, source: str = "default") -> tuple[str, int]:
+    """Parse `host:port` or `[v6]:port` for the gate listener."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"gate listen address {text!r} (from {source}) must be HOST:PORT, e.g. 127.0.0.1:3100")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"gate listen address {text!r} (from {source}) has an invalid port {port_text!r}")
+    return host, int(port_text)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    flat: dict[str, Any] = {}
+    known = {path_: key for key, path_ in _TOML_KEYS.items()}
+    sections = {p[0] for p in _TOML_KEYS.values() if len(p) > 1}
+    for name, value in raw.items():
+        if name in sections and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                if (name, sub) not in known:
+                    raise ConfigError(f"config file {path}: unknown setting [{name}] {sub}")
+                flat[known[(name, sub)]] = subvalue
+        elif (name,) in known:
+            flat[known[(name,)]] = value
+        else:
+            raise ConfigError(f"config file {path}: unknown setting {name}")
+    for key, value in flat.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"config file {path}: {key} must be a string, got {type(value).__name__}")
+    return flat
+
+
+def _parse_mode(value: Any, group: Any, source: str) -> int:
+    if value in (None, ""):
+        return 0o660 if group else 0o600
+    try:
+        mode = int(str(value), 8)
+    except ValueError:
+        raise ConfigError(f"socket mode {value!r} (from {source}) must be octal, e.g. 0660") from None
+    if mode & 0o007:
+        raise ConfigError(f"socket mode {value!r} (from {source}) must not grant access to other users")
+    if mode & 0o600 != 0o600:
+        raise ConfigError(f"socket mode {value!r} (from {source}) must let the owner read and write")
+    return mode
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
+    text = str(value).lower()
+    if text not in allowed:
+        raise ConfigError(f"{what} {value!r} is not one of: {', '.join(allowed)}")
+    return text
+
+
+def _path_or_none(value: Any) -> Path | None:
+    return Path(str(value)).expanduser() if value else None

@@ -1,0 +1,1 @@
+"""The control API: gRPC services on the private Unix socket, the admin boundary."""

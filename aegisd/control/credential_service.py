@@ -1,0 +1,70 @@
+"""aegis.v1.CredentialService: secrets go in through Add and Rotate and never come out."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from aegisd.api.aegis.v1 import credentials_pb2 as pb
+from aegisd.api.aegis.v1 import credentials_pb2_grpc
+from aegisd.control import convert
+from aegisd.control.errors import rpc
+from aegisd.runtime import Runtime
+from aegisd.vault.credentials import Credential
+from aegisd.vault.vault import now_ms
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    @rpc
+    async def AddCredential(self, request: pb.AddCredentialRequest, context: Ctx) -> pb.Credential:
+        now = now_ms()
+        cred = Credential(
+            id="", name=request.name, service=request.service, domains=list(request.domains),
+            auth_type=convert.auth_from_pb(request.auth_type), header_name=request.header_name,
+            query_param=request.query_param, scopes=list(request.scopes) or ["*"],
+            rate_limit=request.rate_limit, body_inspection=convert.inspection_from_pb(request.body_inspection),
+            expires_at=convert.expiry(request.ttl_seconds, now),
+        )
+        added = await asyncio.to_thread(self.rt.vault.add_credential, cred, request.secret)
+        self.rt.log_event("credential added", credential=added.name, service=added.service)
+        return convert.credential_to_pb(added, now)
+
+    @rpc
+    async def ListCredentials(self, request: pb.ListCredentialsRequest, context: Ctx
+                              ) -> pb.ListCredentialsResponse:
+        creds = await asyncio.to_thread(self.rt.vault.list_credentials)
+        now = now_ms()
+        return pb.ListCredentialsResponse(credentials=[convert.credential_to_pb(c, now) for c in creds])
+
+    @rpc
+    async def GetCredential(self, request: pb.GetCredentialRequest, context: Ctx) -> pb.Credential:
+        cred = await asyncio.to_thread(self.rt.vault.get_credential, request.name)
+        return convert.credential_to_pb(cred, now_ms())
+
+    @rpc
+    async def UpdateCredential(self, request: pb.UpdateCredentialRequest, context: Ctx) -> pb.Credential:
+        now = now_ms()
+        changes = convert.credential_changes(request, now)
+        cred = await asyncio.to_thread(self.rt.vault.update_credential, request.name, changes)
+        self.rt.log_event("credential updated", credential=cred.name, fields=",".join(sorted(changes)))
+        return convert.credential_to_pb(cred, now)
+
+    @rpc
+    async def RotateCredential(self, request: pb.RotateCredentialRequest, context: Ctx) -> pb.Credential:
+        cred = await asyncio.to_thread(self.rt.vault.rotate_credential, request.name, request.secret)
+        self.rt.log_event("credential rotated", credential=cred.name)
+        return convert.credential_to_pb(cred, now_ms())
+
+    @rpc
+    async def RemoveCredential(self, request: pb.RemoveCredentialRequest, context: Ctx
+                               ) -> pb.RemoveCredentialResponse:
+        grants = await asyncio.to_thread(self.rt.vault.remove_credential, request.name)
+        self.rt.log_event("credential removed", credential=request.name, grants_removed=grants)
+        return pb.RemoveCredentialResponse(grants_removed=grants)

@@ -1,0 +1,45 @@
+"""The gRPC server on the control socket, with the standard health service beside ours."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from aegisd.api.aegis.v1 import credentials_pb2_grpc, vault_pb2_grpc
+from aegisd.control.credential_service import CredentialService
+from aegisd.control.socket import ControlSocket, SocketError
+from aegisd.control.vault_service import VaultService
+from aegisd.runtime import Runtime
+
+SERVICE_NAMES = ("aegis.v1.VaultService", "aegis.v1.CredentialService")
+
+
+class ControlServer:
+    """Binds the socket with its permissions in place before the first connection."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.socket = ControlSocket(runtime.config.socket_path, runtime.config.socket_mode,
+                                    runtime.config.socket_group)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        vault_pb2_grpc.add_VaultServiceServicer_to_server(VaultService(runtime), self._server)
+        credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialService(runtime), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+
+    async def start(self) -> None:
+        self.socket.prepare()
+        try:
+            self._server.add_insecure_port(f"unix:{self.socket.path}")
+        except RuntimeError as exc:
+            self.socket.release()
+            raise SocketError(f"cannot listen on {self.socket.path}: {exc}") from None
+        await self._server.start()
+        self.socket.secure()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self.socket.release()

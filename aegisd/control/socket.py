@@ -1,0 +1,101 @@
+"""The control socket's file-system side: private directory, mode, group, one daemon per socket.
+
+The socket's permissions are the admin boundary, so they are set before anyone can connect
+(umask at bind) and checked again after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import grp
+import os
+import socket
+import stat
+from pathlib import Path
+
+MAX_UNIX_PATH = 107
+
+
+class SocketError(Exception):
+    """The socket cannot be served; the message says why and what to do."""
+
+
+class ControlSocket:
+    """Owns the socket path: lock, stale-file cleanup, and permissions."""
+
+    def __init__(self, path: Path, mode: int = 0o600, group: str | None = None) -> None:
+        self.path = path
+        self.mode = mode
+        self.group = group
+        self._lock_fd: int | None = None
+
+    def prepare(self) -> None:
+        """Make the directory, take the lock, and clear a stale socket left by a crash."""
+        if len(os.fsencode(self.path)) > MAX_UNIX_PATH:
+            raise SocketError(f"socket path {self.path} is longer than {MAX_UNIX_PATH} bytes; choose a "
+                              "shorter --socket")
+        self._make_directory(self.path.parent)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SocketError(f"another aegisd is already serving {self.path}; stop it first "
+                              "(or give this one another --socket)") from None
+        self._lock_fd = fd
+        self._clear_stale()
+
+    def secure(self) -> None:
+        """Apply the configured group and mode to the bound socket."""
+        if self.group:
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise SocketError(f"socket group {self.group!r} does not exist") from None
+            os.chown(self.path, -1, gid)
+            os.chown(self.path.parent, -1, gid)
+            os.chmod(self.path.parent, 0o750)  # noqa: S103 - group members must reach the socket
+        os.chmod(self.path, self.mode)
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                self.path.unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _make_directory(self, directory: Path) -> None:
+        if not directory.exists():
+            try:
+                directory.mkdir(mode=0o700, parents=True)
+            except OSError as exc:
+                raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+            return
+        info = directory.stat()
+        if info.st_uid != os.geteuid():
+            raise SocketError(f"socket directory {directory} belongs to another user; use a directory you own")
+        if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+            raise SocketError(f"socket directory {directory} is world-writable; use a private directory")
+
+    def _clear_stale(self) -> None:
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(info.st_mode):
+            raise SocketError(f"{self.path} exists and is not a socket; remove it or choose another --socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise SocketError(f"cannot check {self.path}: {exc.strerror}") from None
+            self.path.unlink()  # stale: left behind by a daemon that died
+        else:
+            raise SocketError(f"another process is already listening on {self.path}; stop it first")
+        finally:
+            probe.close()

@@ -1,0 +1,62 @@
+"""aegis.v1.VaultService: init, unlock, lock, status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+
+from aegisd import __version__
+from aegisd.api.aegis.v1 import vault_pb2 as pb
+from aegisd.api.aegis.v1 import vault_pb2_grpc
+from aegisd.control.convert import timestamp
+from aegisd.control.errors import rpc
+from aegisd.errors import InvalidArgument
+from aegisd.runtime import Runtime
+from aegisd.vault.crypto import new_unlock_key
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+STATES = {"uninitialized": pb.VAULT_STATE_UNINITIALIZED, "locked": pb.VAULT_STATE_LOCKED,
+          "unlocked": pb.VAULT_STATE_UNLOCKED}
+
+
+class VaultService(vault_pb2_grpc.VaultServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    @rpc
+    async def Init(self, request: pb.InitRequest, context: Ctx) -> pb.InitResponse:
+        unlock_key = new_unlock_key() if request.create_unlock_key else None
+        vault_id = await asyncio.to_thread(self.rt.vault.init, request.passphrase, request.create_unlock_key,
+                                           unlock_key)
+        self.rt.log_event("vault initialised", vault_id=vault_id)
+        return pb.InitResponse(vault_id=vault_id, unlock_key=unlock_key or "")
+
+    @rpc
+    async def Unlock(self, request: pb.UnlockRequest, context: Ctx) -> pb.UnlockResponse:
+        which = request.WhichOneof("secret")
+        if which is None:
+            raise InvalidArgument("give a passphrase or an unlock key")
+        opened = await asyncio.to_thread(self.rt.vault.unlock, **{which: getattr(request, which)})
+        if opened:
+            self.rt.log_event("vault unlocked", via=which)
+        return pb.UnlockResponse()
+
+    @rpc
+    async def Lock(self, request: pb.LockRequest, context: Ctx) -> pb.LockResponse:
+        if await asyncio.to_thread(self.rt.vault.lock):
+            self.rt.log_event("vault locked")
+        return pb.LockResponse()
+
+    @rpc
+    async def Status(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusResponse:
+        counts = await asyncio.to_thread(self.rt.vault.counts)
+        return pb.StatusResponse(
+            state=STATES[self.rt.vault.state], version=__version__,
+            started_at=timestamp(int(self.rt.started_at * 1000)),
+            uptime_seconds=time.time() - self.rt.started_at, gate_address=self.rt.config.gate_address,
+            vault_id=self.rt.vault.vault_id or "", data_dir=str(self.rt.config.data_dir),
+            schema_version=self.rt.store.schema_version(), **counts,
+        )

@@ -1,0 +1,160 @@
+"""The daemon's life: harden, open storage, auto-unlock, serve, and shut down cleanly.
+
+SIGTERM/SIGINT stop accepting, let in-flight calls finish, close the database and exit 0;
+SIGHUP re-reads the config file and applies what can change without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aegisd import __version__
+from aegisd.config import UNLOCK_CREDENTIAL_NAME, Config, ConfigError, load_config
+from aegisd.control.server import ControlServer
+from aegisd.errors import AegisError
+from aegisd.hardening import harden_process
+from aegisd.logs import event, set_level
+from aegisd.runtime import Runtime
+from aegisd.sdnotify import ServiceManager
+from aegisd.store import VaultStore
+from aegisd.vault.vault import Vault
+
+log = logging.getLogger("aegisd")
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class Daemon:
+    def __init__(self, config: Config, flags: Mapping[str, Any]) -> None:
+        self.config = config
+        self._flags = flags
+        self._stop = asyncio.Event()
+        self._manager = ServiceManager()
+        self._data_lock: int | None = None
+
+    async def run(self) -> int:
+        harden_process()
+        self._prepare_data_dir()
+        store = VaultStore(self.config.data_dir / "vault.db")
+        store.open()
+        runtime = Runtime(self.config, store, Vault(store))
+        self._auto_unlock(runtime.vault)
+        control = ControlServer(runtime)
+        try:
+            await control.start()
+            self._install_signals()
+            self._manager.ready(self._status_line(runtime))
+            self._manager.start_watchdog()
+            event(log, logging.INFO, "aegisd started", version=__version__, socket=self.config.socket_path,
+                  gate=self.config.gate_address, vault=runtime.vault.state)
+            await self._stop.wait()
+            self._manager.stopping()
+            event(log, logging.INFO, "aegisd stopping")
+            await control.stop(SHUTDOWN_GRACE_SECONDS)
+        finally:
+            control.socket.release()
+            store.close()
+        event(log, logging.INFO, "aegisd stopped")
+        return 0
+
+    def _status_line(self, runtime: Runtime) -> str:
+        return f"vault {runtime.vault.state}; gate {self.config.gate_address}"
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+    def _reload(self) -> None:
+        self._manager.reloading()
+        try:
+            fresh = load_config(self._flags)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running settings: %s", exc)
+        else:
+            set_level(fresh.log_level)
+            restart_needed = [name for name in ("data_dir", "socket_path", "gate_host", "gate_port")
+                              if getattr(fresh, name) != getattr(self.config, name)]
+            if restart_needed:
+                log.warning("reload: %s changed; restart aegisd to apply", ", ".join(restart_needed))
+            event(log, logging.INFO, "configuration reloaded", log_level=fresh.log_level)
+        self._manager.reloaded("reloaded")
+
+    def _prepare_data_dir(self) -> None:
+        data_dir = self.config.data_dir
+        try:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = data_dir.stat()
+        except OSError as exc:
+            raise StartupError(f"cannot create data directory {data_dir}: {exc.strerror}") from None
+        if info.st_mode & 0o022:
+            raise StartupError(f"data directory {data_dir} is writable by other users; chmod 700 it")
+        fd = os.open(data_dir / "aegisd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another aegisd is already using data directory {data_dir}") from None
+        self._data_lock = fd
+
+    def _auto_unlock(self, vault: Vault) -> None:
+        """Unlock from the first unlock-key source present; on any failure start locked."""
+        for source, key in _unlock_key_sources(self.config):
+            if vault.state == "uninitialized":
+                log.warning("an unlock key was found in %s but no vault exists yet; run aegisctl init", source)
+                return
+            try:
+                vault.unlock(unlock_key=key)
+            except AegisError as exc:
+                log.error("auto-unlock from %s failed (%s); starting locked", source, exc.message)
+            else:
+                event(log, logging.INFO, "vault unlocked", via=source)
+            return
+
+
+def _unlock_key_sources(config: Config) -> list[tuple[str, str]]:
+    """Unlock keys in order of preference: systemd credential, config file, environment."""
+    found: list[tuple[str, str]] = []
+    paths: list[tuple[Path, bool]] = []
+    if config.credentials_directory:
+        paths.append((config.credentials_directory / UNLOCK_CREDENTIAL_NAME, False))
+    if config.unlock_key_file:
+        paths.append((config.unlock_key_file, True))
+    for path, must_exist in paths:
+        key = _read_key_file(path, must_exist)
+        if key:
+            found.append((str(path), key))
+    env_key = os.environ.pop("AEGIS_UNLOCK_KEY", "")  # popped: never inherited by anything we start
+    if env_key:
+        found.append(("AEGIS_UNLOCK_KEY", env_key.strip()))
+    return found
+
+
+def _read_key_file(path: Path, must_exist: bool) -> str | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if must_exist:
+            log.error("unlock key file %s does not exist; starting locked", path)
+        return None
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        log.error("unlock key file %s is readable by group or others; chmod 600 it. Starting locked", path)
+        return None
+    try:
+        lines = path.read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        log.error("unlock key file %s cannot be read (%s); starting locked", path, exc)
+        return None
+    return lines[0].strip() if lines else None

@@ -1,0 +1,27 @@
+"""What the daemon's parts share while it runs: settings, storage, the vault, its start time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aegisd.config import Config
+from aegisd.logs import event
+from aegisd.store import VaultStore
+from aegisd.vault.vault import Vault
+
+log = logging.getLogger("aegisd")
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: VaultStore
+    vault: Vault
+    started_at: float = field(default_factory=time.time)
+
+    def log_event(self, message: str, **fields: Any) -> None:
+        """An operator-visible event at info level; fields must never hold a secret."""
+        event(log, logging.INFO, message, **fields)

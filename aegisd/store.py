@@ -1,0 +1,193 @@
+"""The vault database: one SQLite file in the data directory, WAL, versioned migrations.
+
+Every sqlite3 error leaves here translated into an AegisError that says what is wrong
+with the file or the disk, and every write happens in one transaction, so a failure
+never leaves a half-written change behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from aegisd.errors import AegisError, StorageCorrupt, StorageFull, StorageReadOnly, StorageUnavailable
+
+APPLICATION_ID = 0x41454753  # "AEGS": marks the file as an aegis vault
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE key_slots (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('passphrase', 'unlock_key')),
+        kdf TEXT NOT NULL,
+        params TEXT NOT NULL,
+        salt BLOB NOT NULL,
+        nonce BLOB NOT NULL,
+        wrapped BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE credentials (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        service TEXT NOT NULL UNIQUE,
+        domains TEXT NOT NULL,
+        auth_type TEXT NOT NULL,
+        header_name TEXT NOT NULL DEFAULT '',
+        query_param TEXT NOT NULL DEFAULT '',
+        scopes TEXT NOT NULL,
+        rate_limit TEXT NOT NULL DEFAULT '',
+        body_inspection TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        rotated_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        nonce BLOB NOT NULL,
+        ciphertext BLOB NOT NULL
+    );
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        token_hash BLOB NOT NULL UNIQUE,
+        rate_limit TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        rotated_at INTEGER NOT NULL
+    );
+    CREATE TABLE grants (
+        agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+        credential_id TEXT NOT NULL REFERENCES credentials(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (agent_id, credential_id)
+    );
+    CREATE INDEX grants_by_credential ON grants(credential_id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def translate(exc: sqlite3.Error, path: Path) -> AegisError:
+    """Turn a sqlite3 error into a message about the file or disk, never a traceback."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith("SQLITE_FULL") or "disk is full" in str(exc):
+        return StorageFull(f"the disk holding {path.parent} is full; free some space and retry")
+    if name.startswith("SQLITE_READONLY") or "readonly" in str(exc):
+        return StorageReadOnly(f"{path} is read-only; make the data directory writable for aegisd")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "not a database" in str(exc):
+        return StorageCorrupt(f"{path} is corrupt or not an aegis database; restore it from a backup")
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PERM")):
+        return StorageUnavailable(f"cannot read or write {path}: {exc}")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StorageUnavailable(f"{path} is locked by another process; is a second aegisd running?")
+    return StorageUnavailable(f"database error on {path}: {exc}")
+
+
+class VaultStore:
+    """Serialised access to the vault database from the daemon's worker threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        """Open (creating if absent), check it is ours and intact, and migrate it."""
+        fresh = not self.path.exists()
+        if fresh:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.close(fd)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from None
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA busy_timeout = 2000")
+            self._check_identity(conn)
+            self._migrate(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise translate(exc, self.path) from None
+        except AegisError:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: all of it commits, or none of it does."""
+        with self._lock:
+            conn = self._require()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise translate(exc, self.path) from None
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._require()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise translate(exc, self.path) from None
+
+    def schema_version(self) -> int:
+        with self.reading() as conn:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            return int(row[0]) if row else 0
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageUnavailable(f"{self.path} is not open")
+        return self._conn
+
+    def _check_identity(self, conn: sqlite3.Connection) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
+            raise StorageCorrupt(f"{self.path} is not an aegis vault database; move it away or point "
+                                 "--data-dir elsewhere")
+        result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise StorageCorrupt(f"{self.path} failed its integrity check ({result}); restore it from a backup")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise StorageCorrupt(f"{self.path} has schema version {current}, newer than this aegisd "
+                                     f"understands ({SCHEMA_VERSION}); upgrade aegisd")
+            for script in MIGRATIONS[current:]:
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            else:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise

@@ -1,0 +1,1 @@
+"""The vault: master key, key slots, sealed secrets and the metadata around them."""

@@ -1,0 +1,129 @@
+"""What a credential is, apart from its secret, and the rules its fields must follow."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from aegisd.errors import InvalidArgument
+from aegisd.rates import RateError, parse_rate
+from aegisd.vault.domains import DomainAllowlist, DomainError
+
+AUTH_TYPES = ("bearer", "header", "basic", "query")
+INSPECTION_MODES = ("off", "warn", "block")
+SCOPES = ("read", "write", "*")
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SERVICE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # RFC 9110 header field name
+QUERY_PARAM = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
+MAX_SECRET_BYTES = 16384
+# Header names the gate manages itself; a credential may not claim them.
+RESERVED_HEADERS = frozenset({
+    "host", "connection", "content-length", "transfer-encoding", "te", "trailer", "upgrade",
+    "keep-alive", "proxy-connection", "proxy-authenticate", "cookie", "set-cookie", "content-type",
+    "x-target-host", "x-aegis-agent", "x-aegis-request-id",
+})
+
+
+@dataclass
+class Credential:
+    """Credential metadata as stored; `domains` holds canonical allowlist entries."""
+
+    id: str
+    name: str
+    service: str
+    domains: list[str]
+    auth_type: str = "bearer"
+    header_name: str = ""
+    query_param: str = ""
+    scopes: list[str] = field(default_factory=lambda: ["*"])
+    rate_limit: str = ""
+    body_inspection: str = "block"
+    created_at: int = 0
+    updated_at: int = 0
+    rotated_at: int = 0
+    expires_at: int | None = None
+
+    def expired(self, now_ms: int) -> bool:
+        return self.expires_at is not None and now_ms >= self.expires_at
+
+
+def validate_name(name: str, what: str = "credential name") -> str:
+    if not NAME.match(name):
+        raise InvalidArgument(f"{what} {name!r} must be 1-64 characters of a-z, 0-9, '.', '_' or '-', "
+                              "starting with a letter or digit")
+    return name
+
+
+def validate_service(service: str) -> str:
+    if not SERVICE.match(service):
+        raise InvalidArgument(f"service {service!r} must be 1-63 characters of a-z, 0-9 or '-', starting "
+                              "with a letter or digit (it is the first path segment at the gate)")
+    return service
+
+
+def canonical_domains(entries: list[str]) -> list[str]:
+    """Validate and canonicalise the allowlist, refusing entries broader than one domain."""
+    try:
+        return DomainAllowlist.parse(entries).as_strings()
+    except DomainError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def validate_scopes(scopes: list[str]) -> list[str]:
+    cleaned = sorted({s.strip().lower() for s in scopes if s.strip()})
+    if not cleaned:
+        raise InvalidArgument("scopes must name at least one of: read, write, *")
+    bad = [s for s in cleaned if s not in SCOPES]
+    if bad:
+        raise InvalidArgument(f"unknown scope {bad[0]!r}; use read, write or * (comma-separated)")
+    return ["*"] if "*" in cleaned else cleaned
+
+
+def validate_rate(rate: str) -> str:
+    if not rate:
+        return ""
+    try:
+        return str(parse_rate(rate))
+    except RateError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def validate_inspection(mode: str) -> str:
+    if mode not in INSPECTION_MODES:
+        raise InvalidArgument(f"body inspection {mode!r} must be off, warn or block")
+    return mode
+
+
+def validate_auth(auth_type: str, header_name: str, query_param: str) -> tuple[str, str, str]:
+    """Check the injection settings fit together; returns the normalised triple."""
+    if auth_type not in AUTH_TYPES:
+        raise InvalidArgument(f"auth type {auth_type!r} must be bearer, header, basic or query")
+    if auth_type == "header":
+        if not header_name:
+            raise InvalidArgument("auth type 'header' needs --header-name (e.g. X-Api-Key)")
+        if not TOKEN.match(header_name) or header_name.lower() in RESERVED_HEADERS:
+            raise InvalidArgument(f"header name {header_name!r} is not a valid header the gate may inject")
+        return auth_type, header_name, ""
+    if auth_type == "query":
+        if not query_param or not QUERY_PARAM.match(query_param):
+            raise InvalidArgument("auth type 'query' needs --query-param NAME (letters, digits, '.', '_', "
+                                  "'~', '-')")
+        return auth_type, "", query_param
+    if header_name or query_param:
+        raise InvalidArgument(f"--header-name and --query-param do not apply to auth type {auth_type!r}")
+    return auth_type, "", ""
+
+
+def validate_secret(secret: str, auth_type: str) -> bytes:
+    """Refuse secrets that could not be injected safely (empty, multi-line, oversized)."""
+    if not secret:
+        raise InvalidArgument("the secret is empty")
+    data = secret.encode()
+    if len(data) > MAX_SECRET_BYTES:
+        raise InvalidArgument(f"the secret is longer than {MAX_SECRET_BYTES} bytes")
+    if any(ch in secret for ch in "\r\n\0"):
+        raise InvalidArgument("the secret contains a line break or NUL byte, which cannot go in a header")
+    if auth_type == "basic" and ":" not in secret:
+        raise InvalidArgument("a basic-auth secret must be 'user:password'")
+    return data

@@ -1,0 +1,310 @@
+"""Domain allowlists: the hosts the gate may forward each credential to.
+
+Operator entries and the agent's target host both pass through one canonicaliser (lowercase, IDNA
+A-labels, no trailing dot, no smuggling characters), so hosts are only ever compared in a single form.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import idna
+from publicsuffixlist import PublicSuffixList
+
+from aegisd.errors import InvalidArgument
+
+DEFAULT_PORTS: dict[str, int] = {"https": 443, "http": 80}
+
+_MAX_INPUT = 300  # longest host (253) + scheme + brackets + port, with room to spare
+_MAX_HOST = 253
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # what URL parsers would read as an IPv4 part
+_PORT = re.compile(r"[0-9]{1,5}")
+_FORBIDDEN = {
+    "@": "userinfo ('user@') is not allowed",
+    "/": "a path is not allowed; give only [scheme://]host[:port]",
+    "?": "a query string is not allowed",
+    "#": "a fragment is not allowed",
+    "\\": "a backslash is not allowed",
+    "%": "percent-encoding is not allowed",
+}
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # control, format and space characters
+_METADATA_IPS = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+_SPECIAL_NAMES = frozenset({"localhost", "metadata.google.internal"})
+
+
+class DomainError(InvalidArgument, ValueError):
+    """A domain entry or target host that is malformed, ambiguous or too broad."""
+
+    reason = "invalid_domain"
+
+
+@dataclass(frozen=True, slots=True)
+class AllowedHost:
+    """One canonical allowlist entry; build it with `parse_allowed_host`.
+
+    `host` is an A-label name (for a wildcard, the part after `*.`), a dotted IPv4 address, or a
+    compressed IPv6 address without brackets.
+    """
+
+    scheme: str
+    host: str
+    port: int
+    wildcard: bool = False
+
+    def __str__(self) -> str:
+        text = ("*." if self.wildcard else "") + _bracketed(self.host)
+        if self.scheme == "https" and self.port == DEFAULT_PORTS["https"]:
+            return text
+        if self.port != DEFAULT_PORTS[self.scheme]:
+            text = f"{text}:{self.port}"
+        return f"{self.scheme}://{text}"
+
+    @property
+    def netloc(self) -> str:
+        """The `Host` header value: the port appears only when it is not the scheme's default."""
+        host = _bracketed(self.host)
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        """True for an IP literal entry, which the gate must not resolve or widen."""
+        return _ip(self.host) is not None
+
+    @property
+    def is_special_address(self) -> bool:
+        """True when the entry points inside the machine or network (loopback, private, link-local,
+        cloud metadata), so forwarding a credential there deserves a warning."""
+        addr = _ip(self.host)
+        if addr is None:
+            return self.host in _SPECIAL_NAMES or self.host.endswith(".localhost")
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return addr in _METADATA_IPS or not addr.is_global or addr.is_multicast
+
+    def matches(self, scheme: str, host: str, port: int) -> bool:
+        """Whether an already canonical scheme, host and port fall under this entry."""
+        if scheme != self.scheme or port != self.port:
+            return False
+        if not self.wildcard:
+            return host == self.host
+        first, dot, parent = host.partition(".")
+        return bool(first) and bool(dot) and parent == self.host
+
+
+def parse_allowed_host(text: str) -> AllowedHost:
+    """Canonicalise and validate one operator entry, so the vault stores only unambiguous hosts."""
+    what = f"domain entry {_quote(text)}"
+    _check_length(text, what)
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        scheme = scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise DomainError(f"{what}: scheme {scheme!r} is not allowed; use https:// or http://")
+    else:
+        scheme, rest = "https", text
+    _check_chars(rest, what)
+    wildcard = rest.startswith("*.")
+    if wildcard:
+        rest = rest[2:]
+    if "*" in rest:
+        raise DomainError(f"{what}: '*' is only allowed as the whole first label, as in '*.example.com'")
+    raw_host, bracketed, port = _split_host_port(rest, what)
+    host, is_ip = _canonical_host(raw_host, bracketed, what)
+    if wildcard and is_ip:
+        raise DomainError(f"{what}: a wildcard cannot cover an IP address")
+    if wildcard and not _is_registrable_or_below(host):
+        raise DomainError(
+            f"{what}: wildcard too broad: {host!r} is a public suffix, so '*.{host}' "
+            "would match sites of unrelated owners"
+        )
+    if not wildcard and not is_ip and _is_known_public_suffix(host):
+        raise DomainError(f"{what}: {host!r} is a public suffix, not a host")
+    return AllowedHost(scheme, host, DEFAULT_PORTS[scheme] if port is None else port, wildcard)
+
+
+def canonical_target(text: str) -> tuple[str, int | None]:
+    """Canonicalise the agent's untrusted target host once, refusing anything a URL parser could
+    read differently; returns (host, port or None). IPv6 comes back without brackets."""
+    what = f"target host {_quote(text)}"
+    _check_length(text, what)
+    _check_chars(text, what)
+    if "*" in text:
+        raise DomainError(f"{what}: '*' is not allowed in a target host")
+    raw_host, bracketed, port = _split_host_port(text, what)
+    host, _ = _canonical_host(raw_host, bracketed, what)
+    return host, port
+
+
+class DomainAllowlist:
+    """A credential's allowlist, indexed so that matching a host is a dict lookup."""
+
+    __slots__ = ("_default", "_exact", "_wildcards", "entries")
+
+    def __init__(self, entries: Iterable[AllowedHost]) -> None:
+        self.entries: tuple[AllowedHost, ...] = tuple(dict.fromkeys(entries))
+        if not self.entries:
+            raise DomainError("the domain allowlist is empty; give at least one host")
+        self._exact: dict[str, list[AllowedHost]] = {}
+        self._wildcards: dict[str, list[AllowedHost]] = {}
+        for entry in self.entries:
+            table = self._wildcards if entry.wildcard else self._exact
+            table.setdefault(entry.host, []).append(entry)
+        only = self.entries[0]
+        self._default = only if len(self.entries) == 1 and not only.wildcard else None
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> DomainAllowlist:
+        """Build from operator text entries; duplicates are dropped and order is kept."""
+        if isinstance(entries, str):
+            raise TypeError("DomainAllowlist.parse takes a list of entries, not one string")
+        return cls(parse_allowed_host(entry) for entry in entries)
+
+    def __str__(self) -> str:
+        return ",".join(self.as_strings())
+
+    def __repr__(self) -> str:
+        return f"DomainAllowlist({self.as_strings()!r})"
+
+    def as_strings(self) -> list[str]:
+        """The canonical entries, in the form `parse` accepts back."""
+        return [str(entry) for entry in self.entries]
+
+    def match(self, host: str, port: int | None) -> AllowedHost | None:
+        """The entry allowing a canonical host (from `canonical_target`), or None.
+
+        A port of None means the entry's own port; exact entries win over wildcards.
+        """
+        found = _pick(self._exact.get(host), port)
+        if found is None:
+            first, dot, parent = host.partition(".")
+            if first and dot:
+                found = _pick(self._wildcards.get(parent), port)
+        return found
+
+    def default_entry(self) -> AllowedHost | None:
+        """The only possible target when the agent names none: a single, non-wildcard entry."""
+        return self._default
+
+
+def _pick(candidates: list[AllowedHost] | None, port: int | None) -> AllowedHost | None:
+    if not candidates:
+        return None
+    if port is None:
+        return candidates[0]
+    return next((entry for entry in candidates if entry.port == port), None)
+
+
+def _quote(text: str) -> str:
+    return repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
+
+
+def _check_length(text: str, what: str) -> None:
+    if not text:
+        raise DomainError(f"{what}: empty")
+    if len(text) > _MAX_INPUT:
+        raise DomainError(f"{what}: too long ({len(text)} characters)")
+
+
+def _check_chars(text: str, what: str) -> None:
+    for char in text:
+        problem = _FORBIDDEN.get(char)
+        if problem is not None:
+            raise DomainError(f"{what}: {problem}")
+        if char.isspace() or unicodedata.category(char) in _INVISIBLE:
+            raise DomainError(f"{what}: whitespace or control character U+{ord(char):04X} is not allowed")
+
+
+def _split_host_port(text: str, what: str) -> tuple[str, bool, int | None]:
+    """Split `host[:port]` or `[v6][:port]`; returns (host, bracketed, port)."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise DomainError(f"{what}: '[' without a closing ']'")
+        host, after, bracketed = text[1:end], text[end + 1 :], True
+        if after and not after.startswith(":"):
+            raise DomainError(f"{what}: unexpected text after ']'")
+    else:
+        if "[" in text or "]" in text:
+            raise DomainError(f"{what}: brackets are only allowed around a whole IPv6 address")
+        if text.count(":") > 1:
+            raise DomainError(f"{what}: an IPv6 address must be written in brackets, as in '[::1]'")
+        host, colon, port_text = text.partition(":")
+        after, bracketed = colon + port_text, False
+    if not after:
+        return host, bracketed, None
+    port_text = after[1:]
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise DomainError(f"{what}: port must be a number from 1 to 65535")
+    return host, bracketed, int(port_text)
+
+
+def _canonical_host(host: str, bracketed: bool, what: str) -> tuple[str, bool]:
+    """Canonical form of a host and whether it is an IP literal."""
+    if bracketed:
+        try:
+            return ipaddress.IPv6Address(host).compressed, True
+        except ValueError:
+            raise DomainError(f"{what}: brackets must hold an IPv6 address") from None
+    if not host:
+        raise DomainError(f"{what}: the host is empty")
+    try:
+        return str(ipaddress.IPv4Address(host)), True
+    except ValueError:
+        return _canonical_name(host, what), False
+
+
+def _canonical_name(name: str, what: str) -> str:
+    try:
+        name = name.lower() if name.isascii() else idna.uts46_remap(name, std3_rules=True, transitional=False)
+        name = name.removesuffix(".")
+        labels = name.split(".")
+        for i, label in enumerate(labels):
+            if not label:
+                raise DomainError(f"{what}: empty label in {name!r}")
+            if label.isascii() and not label.startswith("xn--"):
+                # Plain ASCII labels only need to be LDH; IDNA's rules would wrongly refuse
+                # real hostnames such as 'r4---sn-abc.googlevideo.com'.
+                if not _LDH_LABEL.fullmatch(label):
+                    raise DomainError(f"{what}: label {label!r} must be letters, digits and inner hyphens")
+            else:
+                labels[i] = idna.alabel(label).decode("ascii").lower()
+    except UnicodeError as exc:  # idna.IDNAError is a UnicodeError
+        raise DomainError(f"{what}: not a valid hostname ({exc})") from None
+    canonical = ".".join(labels)
+    if len(canonical) > _MAX_HOST:
+        raise DomainError(f"{what}: hostname longer than {_MAX_HOST} characters")
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        raise DomainError(f"{what}: looks like an IPv4 address in a non-standard form; write it as a.b.c.d")
+    return canonical
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+@functools.cache
+def _psl(accept_unknown: bool) -> PublicSuffixList:
+    return PublicSuffixList(accept_unknown=accept_unknown)
+
+
+def _is_known_public_suffix(host: str) -> bool:
+    # Unknown single labels ('localhost', an intranet name) are fine as exact hosts.
+    return bool(_psl(False).is_public(host))
+
+
+def _is_registrable_or_below(host: str) -> bool:
+    # Unknown TLDs count as public here, so '*.internal' is refused but '*.corp.internal' is not.
+    return _psl(True).privatesuffix(host) is not None

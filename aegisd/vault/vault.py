@@ -1,0 +1,317 @@
+"""The vault's state machine (uninitialized → locked → unlocked) and its credentials.
+
+Methods block (Argon2id, SQLite) and are called from worker threads; one lock keeps
+state changes atomic. Listeners hear about every change so in-memory views (the gate's
+routing table) rebuild from the vault rather than keeping state of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from zxcvbn import zxcvbn
+
+from aegisd.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    StorageCorrupt,
+    VaultLocked,
+    VaultUninitialized,
+    WrongPassphrase,
+)
+from aegisd.store import VaultStore
+from aegisd.vault import credentials as cred_rules
+from aegisd.vault.credentials import Credential
+from aegisd.vault.crypto import (
+    KeySlot,
+    MasterKey,
+    SealBroken,
+    WrongKey,
+    make_slot,
+    open_slot,
+    seal,
+    secret_aad,
+    unseal,
+)
+
+MIN_PASSPHRASE_LENGTH = 12
+MIN_PASSPHRASE_SCORE = 3  # zxcvbn: "safely unguessable"
+_CRED_COLUMNS = ("id, name, service, domains, auth_type, header_name, query_param, scopes, rate_limit, "
+                 "body_inspection, created_at, updated_at, rotated_at, expires_at")
+
+Listener = Callable[[str], None]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def check_passphrase_strength(passphrase: str) -> None:
+    """Refuse passphrases an offline attacker would guess; say how to pick a better one."""
+    if len(passphrase) < MIN_PASSPHRASE_LENGTH:
+        raise InvalidArgument(f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters; "
+                              "four or more unrelated words work well")
+    result = zxcvbn(passphrase[:100])
+    if int(result["score"]) < MIN_PASSPHRASE_SCORE:
+        feedback = result.get("feedback", {})
+        hint = feedback.get("warning") or "it is too easy to guess"
+        raise InvalidArgument(f"the passphrase is too weak ({hint.rstrip('.')}); "
+                              "use four or more unrelated words or a password manager")
+
+
+class Vault:
+    """The master key (while unlocked) and the credentials it protects."""
+
+    def __init__(self, store: VaultStore) -> None:
+        self._store = store
+        self._lock = threading.RLock()
+        self._master: MasterKey | None = None
+        self._listeners: list[Listener] = []
+        self.vault_id: str | None = self._read_meta("vault_id")
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.vault_id is None:
+            return "uninitialized"
+        return "unlocked" if self._master is not None else "locked"
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, event: str) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+    def init(self, passphrase: str, create_unlock_key: bool, unlock_key: str | None = None) -> str:
+        """Create the vault and leave it unlocked. Returns the vault id."""
+        with self._lock:
+            if self.vault_id is not None:
+                raise AlreadyExists(f"a vault already exists in {self._store.path.parent}")
+            check_passphrase_strength(passphrase)
+            master = MasterKey.generate()
+            vault_id = uuid.uuid4().hex
+            slots = [make_slot(master, vault_id, "passphrase", passphrase)]
+            if create_unlock_key:
+                if not unlock_key:
+                    raise InvalidArgument("an unlock key was requested but none was generated")
+                slots.append(make_slot(master, vault_id, "unlock_key", unlock_key))
+            with self._store.transaction() as conn:
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                 [("vault_id", vault_id), ("created_at", str(now_ms())),
+                                  ("format", "aegis-vault-v1")])
+                for slot in slots:
+                    _insert_slot(conn, slot)
+            self.vault_id, self._master = vault_id, master
+        self._notify("unlocked")
+        return vault_id
+
+    def unlock(self, *, passphrase: str | None = None, unlock_key: str | None = None) -> bool:
+        """Open the vault; returns False if it was already unlocked."""
+        with self._lock:
+            vault_id = self._require_initialized()
+            if self._master is not None:
+                return False
+            kind = "passphrase" if passphrase is not None else "unlock_key"
+            secret = passphrase if passphrase is not None else unlock_key
+            if not secret:
+                raise InvalidArgument("give a passphrase or an unlock key")
+            slots = [s for s in self._slots() if s.kind == kind]
+            if not slots:
+                raise WrongPassphrase(f"this vault has no {kind.replace('_', ' ')} slot")
+            for slot in slots:
+                try:
+                    self._master = open_slot(slot, vault_id, secret)
+                    break
+                except WrongKey:
+                    continue
+            else:
+                what = "passphrase" if kind == "passphrase" else "unlock key"
+                raise WrongPassphrase(f"wrong {what}")
+        self._notify("unlocked")
+        return True
+
+    def lock(self) -> bool:
+        """Wipe the key material we hold; returns False if it was already locked."""
+        with self._lock:
+            self._require_initialized()
+            if self._master is None:
+                return False
+            self._master.wipe()
+            self._master = None
+        self._notify("locked")
+        return True
+
+    def master(self) -> MasterKey:
+        master = self._master
+        if master is None:
+            if self.vault_id is None:
+                raise VaultUninitialized()
+            raise VaultLocked()
+        return master
+
+    def counts(self) -> dict[str, int]:
+        if self.vault_id is None:
+            return {"credentials": 0, "agents": 0, "grants": 0, "key_slots": 0}
+        with self._store.reading() as conn:
+            return {table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
+                    for table in ("credentials", "agents", "grants", "key_slots")}
+
+    # -- credentials -----------------------------------------------------------------------
+
+    def add_credential(self, cred: Credential, secret: str) -> Credential:
+        self._validate(cred)
+        data = cred_rules.validate_secret(secret, cred.auth_type)
+        with self._lock:
+            vault_id, master = self._require_initialized(), self.master()
+            cred.id = uuid.uuid4().hex
+            cred.created_at = cred.updated_at = cred.rotated_at = now_ms()
+            nonce, ciphertext = seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id))
+            with self._store.transaction() as conn:
+                self._check_unique(conn, cred)
+                conn.execute(
+                    f"INSERT INTO credentials ({_CRED_COLUMNS}, nonce, ciphertext) "  # noqa: S608
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*_cred_row(cred), nonce, ciphertext))
+        self._notify("credentials")
+        return cred
+
+    def list_credentials(self) -> list[Credential]:
+        self._require_initialized()
+        with self._store.reading() as conn:
+            rows = conn.execute(f"SELECT {_CRED_COLUMNS} FROM credentials ORDER BY name").fetchall()  # noqa: S608
+        return [_cred_from_row(r) for r in rows]
+
+    def get_credential(self, name: str) -> Credential:
+        self._require_initialized()
+        with self._store.reading() as conn:
+            row = conn.execute(f"SELECT {_CRED_COLUMNS} FROM credentials WHERE name = ?",  # noqa: S608
+                               (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no credential named {name!r}", reason="credential_not_found")
+        return _cred_from_row(row)
+
+    def update_credential(self, name: str, changes: dict[str, Any]) -> Credential:
+        """Apply metadata changes; the secret stays sealed as it is."""
+        with self._lock:
+            self.master()
+            cred = self.get_credential(name)
+            for key, value in changes.items():
+                setattr(cred, key, value)
+            self._validate(cred)
+            cred.updated_at = now_ms()
+            with self._store.transaction() as conn:
+                self._check_unique(conn, cred)
+                conn.execute(
+                    "UPDATE credentials SET service=?, domains=?, auth_type=?, header_name=?, query_param=?, "
+                    "scopes=?, rate_limit=?, body_inspection=?, updated_at=?, expires_at=? WHERE id=?",
+                    (cred.service, json.dumps(cred.domains), cred.auth_type, cred.header_name,
+                     cred.query_param, json.dumps(cred.scopes), cred.rate_limit, cred.body_inspection,
+                     cred.updated_at, cred.expires_at, cred.id))
+        self._notify("credentials")
+        return cred
+
+    def rotate_credential(self, name: str, secret: str) -> Credential:
+        with self._lock:
+            vault_id, master = self._require_initialized(), self.master()
+            cred = self.get_credential(name)
+            data = cred_rules.validate_secret(secret, cred.auth_type)
+            nonce, ciphertext = seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id))
+            cred.rotated_at = cred.updated_at = now_ms()
+            with self._store.transaction() as conn:
+                conn.execute("UPDATE credentials SET nonce=?, ciphertext=?, rotated_at=?, updated_at=? "
+                             "WHERE id=?", (nonce, ciphertext, cred.rotated_at, cred.updated_at, cred.id))
+        self._notify("credentials")
+        return cred
+
+    def remove_credential(self, name: str) -> int:
+        """Delete the credential and its grants; returns how many grants went with it."""
+        with self._lock:
+            self.master()
+            cred = self.get_credential(name)
+            with self._store.transaction() as conn:
+                grants = int(conn.execute("SELECT count(*) FROM grants WHERE credential_id = ?",
+                                          (cred.id,)).fetchone()[0])
+                conn.execute("DELETE FROM credentials WHERE id = ?", (cred.id,))
+        self._notify("credentials")
+        return grants
+
+    def open_secret(self, credential_id: str) -> bytes:
+        """Decrypt one secret for injection. Raises StorageCorrupt if the seal is broken."""
+        vault_id, master = self._require_initialized(), self.master()
+        with self._store.reading() as conn:
+            row = conn.execute("SELECT nonce, ciphertext FROM credentials WHERE id = ?",
+                               (credential_id,)).fetchone()
+        if row is None:
+            raise NotFound("credential disappeared", reason="credential_not_found")
+        try:
+            return unseal(master.subkey("secrets"), row[0], row[1], secret_aad(vault_id, credential_id))
+        except SealBroken:
+            raise StorageCorrupt(f"the sealed secret of credential {credential_id} fails authentication: "
+                                 "it was modified or moved; rotate it") from None
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _require_initialized(self) -> str:
+        if self.vault_id is None:
+            raise VaultUninitialized()
+        return self.vault_id
+
+    def _validate(self, cred: Credential) -> None:
+        cred_rules.validate_name(cred.name)
+        cred_rules.validate_service(cred.service)
+        cred.domains = cred_rules.canonical_domains(cred.domains)
+        cred.auth_type, cred.header_name, cred.query_param = cred_rules.validate_auth(
+            cred.auth_type, cred.header_name, cred.query_param)
+        cred.scopes = cred_rules.validate_scopes(cred.scopes)
+        cred.rate_limit = cred_rules.validate_rate(cred.rate_limit)
+        cred.body_inspection = cred_rules.validate_inspection(cred.body_inspection)
+
+    def _check_unique(self, conn: sqlite3.Connection, cred: Credential) -> None:
+        for column in ("name", "service"):
+            row = conn.execute(f"SELECT name FROM credentials WHERE {column} = ? AND id != ?",  # noqa: S608
+                               (getattr(cred, column), cred.id)).fetchone()
+            if row:
+                what = "a credential named" if column == "name" else "credential " + repr(row[0]) + " for service"
+                raise AlreadyExists(f"there is already {what} {getattr(cred, column)!r}")
+
+    def _slots(self) -> list[KeySlot]:
+        with self._store.reading() as conn:
+            rows = conn.execute("SELECT id, kind, kdf, params, salt, nonce, wrapped FROM key_slots "
+                                "ORDER BY id").fetchall()
+        try:
+            return [KeySlot(id=r[0], kind=r[1], kdf=r[2], params=json.loads(r[3]), salt=r[4], nonce=r[5],
+                            wrapped=r[6]) for r in rows]
+        except (ValueError, TypeError):
+            raise StorageCorrupt(f"a key slot in {self._store.path} is malformed") from None
+
+    def _read_meta(self, key: str) -> str | None:
+        with self._store.reading() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+
+def _insert_slot(conn: sqlite3.Connection, slot: KeySlot) -> None:
+    conn.execute("INSERT INTO key_slots (kind, kdf, params, salt, nonce, wrapped, created_at) "
+                 "VALUES (?,?,?,?,?,?,?)",
+                 (slot.kind, slot.kdf, json.dumps(slot.params), slot.salt, slot.nonce, slot.wrapped, now_ms()))
+
+
+def _cred_row(c: Credential) -> tuple[Any, ...]:
+    return (c.id, c.name, c.service, json.dumps(c.domains), c.auth_type, c.header_name, c.query_param,
+            json.dumps(c.scopes), c.rate_limit, c.body_inspection, c.created_at, c.updated_at, c.rotated_at,
+            c.expires_at)
+
+
+def _cred_from_row(r: tuple[Any, ...]) -> Credential:
+    return Credential(id=r[0], name=r[1], service=r[2], domains=json.loads(r[3]), auth_type=r[4],
+                      header_name=r[5], query_param=r[6], scopes=json.loads(r[7]), rate_limit=r[8],
+                      body_inspection=r[9], created_at=r[10], updated_at=r[11], rotated_at=r[12],
+                      expires_at=r[13])

@@ -1,0 +1,453 @@
+"""Domain allowlist parsing and matching: the gate's host check rests on these rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from aegisd.errors import InvalidArgument
+from aegisd.vault.domains import (
+    AllowedHost,
+    DomainAllowlist,
+    DomainError,
+    canonical_target,
+    parse_allowed_host,
+)
+
+# --- canonicalisation of operator entries ---------------------------------------------------------
+
+CANONICAL = [
+    # text, scheme, host, port, wildcard, str()
+    ("api.github.com", "https", "api.github.com", 443, False, "api.github.com"),
+    ("API.GitHub.COM", "https", "api.github.com", 443, False, "api.github.com"),
+    ("api.github.com.", "https", "api.github.com", 443, False, "api.github.com"),
+    ("https://api.github.com", "https", "api.github.com", 443, False, "api.github.com"),
+    ("HTTPS://api.github.com:443", "https", "api.github.com", 443, False, "api.github.com"),
+    ("https://api.github.com:8443", "https", "api.github.com", 8443, False, "https://api.github.com:8443"),
+    ("api.github.com:8443", "https", "api.github.com", 8443, False, "https://api.github.com:8443"),
+    ("http://example.com", "http", "example.com", 80, False, "http://example.com"),
+    ("http://example.com:80", "http", "example.com", 80, False, "http://example.com"),
+    ("http://example.com:443", "http", "example.com", 443, False, "http://example.com:443"),
+    ("http://127.0.0.1:8080", "http", "127.0.0.1", 8080, False, "http://127.0.0.1:8080"),
+    ("127.0.0.1", "https", "127.0.0.1", 443, False, "127.0.0.1"),
+    ("[::1]", "https", "::1", 443, False, "[::1]"),
+    ("http://[::1]:8080", "http", "::1", 8080, False, "http://[::1]:8080"),
+    ("[2001:DB8:0:0::1]", "https", "2001:db8::1", 443, False, "[2001:db8::1]"),
+    ("[::ffff:127.0.0.1]", "https", "::ffff:7f00:1", 443, False, "[::ffff:7f00:1]"),
+    ("*.example.com", "https", "example.com", 443, True, "*.example.com"),
+    ("*.Slack.com", "https", "slack.com", 443, True, "*.slack.com"),
+    ("*.example.co.uk", "https", "example.co.uk", 443, True, "*.example.co.uk"),
+    ("*.corp.internal", "https", "corp.internal", 443, True, "*.corp.internal"),
+    ("http://*.example.com:8080", "http", "example.com", 8080, True, "http://*.example.com:8080"),
+    ("BÜCHER.de", "https", "xn--bcher-kva.de", 443, False, "xn--bcher-kva.de"),
+    ("xn--bcher-kva.de", "https", "xn--bcher-kva.de", 443, False, "xn--bcher-kva.de"),
+    ("XN--BCHER-KVA.DE", "https", "xn--bcher-kva.de", 443, False, "xn--bcher-kva.de"),
+    ("*.bücher.de", "https", "xn--bcher-kva.de", 443, True, "*.xn--bcher-kva.de"),
+    ("\uff42\uff55\uff43\uff48\uff45\uff52\u3002de", "https", "bucher.de", 443, False, "bucher.de"),
+    ("straße.de", "https", "xn--strae-oqa.de", 443, False, "xn--strae-oqa.de"),
+    ("localhost", "https", "localhost", 443, False, "localhost"),
+    ("http://localhost:3000", "http", "localhost", 3000, False, "http://localhost:3000"),
+    ("r4---sn-4g5e6nzz.googlevideo.com", "https", "r4---sn-4g5e6nzz.googlevideo.com", 443, False,
+     "r4---sn-4g5e6nzz.googlevideo.com"),
+    ("123.example.com", "https", "123.example.com", 443, False, "123.example.com"),
+    ("a:1", "https", "a", 1, False, "https://a:1"),
+    ("a:65535", "https", "a", 65535, False, "https://a:65535"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "scheme", "host", "port", "wildcard", "shown"), CANONICAL)
+def test_parse_allowed_host_canonicalises(
+    text: str, scheme: str, host: str, port: int, wildcard: bool, shown: str
+) -> None:
+    entry = parse_allowed_host(text)
+    assert entry == AllowedHost(scheme, host, port, wildcard)
+    assert str(entry) == shown
+
+
+@pytest.mark.parametrize("text", [row[0] for row in CANONICAL])
+def test_round_trip(text: str) -> None:
+    entry = parse_allowed_host(text)
+    assert parse_allowed_host(str(entry)) == entry
+    assert str(parse_allowed_host(str(entry))) == str(entry)
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+REFUSED = [
+    ("", "empty"),
+    ("ftp://example.com", "scheme 'ftp' is not allowed"),
+    ("ws://example.com", "scheme 'ws' is not allowed"),
+    ("://example.com", "scheme '' is not allowed"),
+    ("https://", "empty"),
+    ("example.com/", "a path is not allowed"),
+    ("https://example.com/v1", "a path is not allowed"),
+    ("example.com?x=1", "a query string is not allowed"),
+    ("example.com#top", "a fragment is not allowed"),
+    ("user@example.com", "userinfo"),
+    ("https://user:pw@example.com", "userinfo"),
+    ("example.com\\x", "backslash"),
+    ("exa%6Dple.com", "percent-encoding"),
+    (" example.com", "whitespace or control character U+0020"),
+    ("example.com ", "whitespace or control character U+0020"),
+    ("exam\tple.com", "U+0009"),
+    ("exam\x00ple.com", "U+0000"),
+    ("exam\u200bple.com", "U+200B"),
+    ("example.com:", "port must be a number from 1 to 65535"),
+    ("example.com:0", "port must be a number from 1 to 65535"),
+    ("example.com:65536", "port must be a number from 1 to 65535"),
+    ("example.com:123456", "port must be a number from 1 to 65535"),
+    ("example.com:-1", "port must be a number from 1 to 65535"),
+    ("example.com:+443", "port must be a number from 1 to 65535"),
+    ("example.com:\u0664\u0664\u0663", "port must be a number from 1 to 65535"),
+    ("example.com:https", "port must be a number from 1 to 65535"),
+    ("*", "'*' is only allowed as the whole first label"),
+    ("*.", "empty"),
+    ("*example.com", "'*' is only allowed as the whole first label"),
+    ("a*.example.com", "'*' is only allowed as the whole first label"),
+    ("api.*.example.com", "'*' is only allowed as the whole first label"),
+    ("*.*.example.com", "'*' is only allowed as the whole first label"),
+    ("example.*", "'*' is only allowed as the whole first label"),
+    ("*.com", "wildcard too broad: 'com' is a public suffix"),
+    ("*.co.uk", "wildcard too broad: 'co.uk' is a public suffix"),
+    ("*.github.io", "wildcard too broad: 'github.io' is a public suffix"),
+    ("*.xn--p1ai", "wildcard too broad"),
+    ("*.рф", "wildcard too broad"),
+    ("*.internal", "wildcard too broad"),
+    ("*.localhost", "wildcard too broad"),
+    ("com", "'com' is a public suffix, not a host"),
+    ("co.uk", "'co.uk' is a public suffix, not a host"),
+    ("github.io", "'github.io' is a public suffix, not a host"),
+    ("*.127.0.0.1", "a wildcard cannot cover an IP address"),
+    ("*.[::1]", "a wildcard cannot cover an IP address"),
+    ("http://*.[::1]:8080", "a wildcard cannot cover an IP address"),
+    ("::1", "an IPv6 address must be written in brackets"),
+    ("http://::1:8080", "an IPv6 address must be written in brackets"),
+    ("[::1", "'[' without a closing ']'"),
+    ("[::1]x", "unexpected text after ']'"),
+    ("[::1]:", "port must be a number"),
+    ("[127.0.0.1]", "brackets must hold an IPv6 address"),
+    ("[example.com]", "brackets must hold an IPv6 address"),
+    ("[]", "brackets must hold an IPv6 address"),
+    ("ex[ample.com", "brackets are only allowed around a whole IPv6 address"),
+    ("a..com", "empty label"),
+    (".example.com", "empty label"),
+    ("example.com..", "empty label"),
+    ("a_b.example.com", "label 'a_b' must be letters, digits and inner hyphens"),
+    ("bücher_x.de", "not a valid hostname (Codepoint U+005F not allowed"),
+    ("-a.example.com", "must be letters, digits and inner hyphens"),
+    ("a-.example.com", "must be letters, digits and inner hyphens"),
+    ("a!b.com", "label 'a!b' must be letters"),
+    ("a" * 64 + ".com", "must be letters, digits and inner hyphens"),
+    (".".join(["a" * 63] * 4), "hostname longer than 253 characters"),
+    ("x" * 301, "too long (301 characters)"),
+    ("xn--zz.com", "not a valid hostname"),
+    ("xn--.com", "not a valid hostname"),
+    ("ex\uff0fample.com", "not a valid hostname"),
+    ("127.1", "looks like an IPv4 address in a non-standard form"),
+    ("0x7f.0.0.1", "looks like an IPv4 address in a non-standard form"),
+    ("2130706433", "looks like an IPv4 address in a non-standard form"),
+    ("127.000.000.001", "looks like an IPv4 address in a non-standard form"),
+    ("1.2.3.0x4", "looks like an IPv4 address in a non-standard form"),
+    ("256.1.1.1", "looks like an IPv4 address in a non-standard form"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), REFUSED)
+def test_parse_allowed_host_refuses(text: str, message: str) -> None:
+    with pytest.raises(DomainError) as info:
+        parse_allowed_host(text)
+    assert message in str(info.value)
+    assert str(info.value).startswith("domain entry ")
+
+
+def test_domain_error_is_a_value_error_and_an_invalid_argument() -> None:
+    with pytest.raises(DomainError) as info:
+        parse_allowed_host("*.com")
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, InvalidArgument)
+    assert info.value.reason == "invalid_domain"
+    assert "'*.com'" in str(info.value)
+
+
+def test_error_message_quotes_long_input_truncated() -> None:
+    with pytest.raises(DomainError) as info:
+        canonical_target("a" * 200 + "/")
+    assert len(str(info.value)) < 200
+
+
+# --- IP entries and special addresses -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "is_ip", "special"),
+    [
+        ("127.0.0.1", True, True),
+        ("[::1]", True, True),
+        ("10.1.2.3", True, True),
+        ("192.168.1.10", True, True),
+        ("172.16.0.1", True, True),
+        ("169.254.169.254", True, True),
+        ("[fd00:ec2::254]", True, True),
+        ("[fe80::1]", True, True),
+        ("100.64.0.1", True, True),
+        ("0.0.0.0", True, True),
+        ("[::ffff:169.254.169.254]", True, True),
+        ("224.0.0.1", True, True),
+        ("8.8.8.8", True, False),
+        ("[2606:4700:4700::1111]", True, False),
+        ("localhost", False, True),
+        ("http://app.localhost:8080", False, True),
+        ("metadata.google.internal", False, True),
+        ("api.github.com", False, False),
+        ("*.example.com", False, False),
+    ],
+)
+def test_ip_and_special_address(text: str, is_ip: bool, special: bool) -> None:
+    entry = parse_allowed_host(text)
+    assert entry.is_ip is is_ip
+    assert entry.is_special_address is special
+
+
+@pytest.mark.parametrize(
+    ("text", "netloc"),
+    [
+        ("api.github.com", "api.github.com"),
+        ("https://api.github.com:8443", "api.github.com:8443"),
+        ("http://example.com", "example.com"),
+        ("http://[::1]:8080", "[::1]:8080"),
+        ("[::1]", "[::1]"),
+    ],
+)
+def test_netloc(text: str, netloc: str) -> None:
+    assert parse_allowed_host(text).netloc == netloc
+
+
+# --- AllowedHost.matches: wildcard depth ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "scheme", "host", "port", "expected"),
+    [
+        ("*.example.com", "https", "a.example.com", 443, True),
+        ("*.example.com", "https", "example.com", 443, False),
+        ("*.example.com", "https", "a.b.example.com", 443, False),
+        ("*.example.com", "https", ".example.com", 443, False),
+        ("*.example.com", "https", "aexample.com", 443, False),
+        ("*.example.com", "https", "a.example.com.evil.com", 443, False),
+        ("*.example.com", "http", "a.example.com", 443, False),
+        ("*.example.com", "https", "a.example.com", 8443, False),
+        ("api.github.com", "https", "api.github.com", 443, True),
+        ("api.github.com", "http", "api.github.com", 80, False),
+        ("api.github.com", "https", "api.github.com", 8443, False),
+        ("api.github.com", "https", "x.api.github.com", 443, False),
+        ("http://127.0.0.1:8080", "http", "127.0.0.1", 8080, True),
+        ("http://127.0.0.1:8080", "https", "127.0.0.1", 8080, False),
+        ("[::1]", "https", "::1", 443, True),
+    ],
+)
+def test_matches(entry: str, scheme: str, host: str, port: int, expected: bool) -> None:
+    assert parse_allowed_host(entry).matches(scheme, host, port) is expected
+
+
+# --- canonical_target -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("api.github.com", "api.github.com", None),
+        ("api.github.com:443", "api.github.com", 443),
+        ("API.GitHub.com:8443", "api.github.com", 8443),
+        ("X.A.COM.", "x.a.com", None),
+        ("bücher.de", "xn--bcher-kva.de", None),
+        ("xn--bcher-kva.de", "xn--bcher-kva.de", None),
+        ("\u0430pi.a.com", "xn--pi-6kc.a.com", None),
+        ("127.0.0.1:8080", "127.0.0.1", 8080),
+        ("[::1]", "::1", None),
+        ("[0:0::1]:8080", "::1", 8080),
+        ("localhost", "localhost", None),
+    ],
+)
+def test_canonical_target(text: str, host: str, port: int | None) -> None:
+    assert canonical_target(text) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("api.a.com@evil.com", "userinfo"),
+        ("api.a.com/x", "a path is not allowed"),
+        ("api.a.com?x", "a query string is not allowed"),
+        ("api.a.com#x", "a fragment is not allowed"),
+        ("api.a.com\\x", "backslash"),
+        ("api.a.com%2e", "percent-encoding"),
+        ("api.a.com\r\nHost: evil.com", "U+000D"),
+        ("api.a.com\x7f", "U+007F"),
+        ("api.\u00ada.com", "U+00AD"),
+        ("*.a.com", "'*' is not allowed"),
+        ("a..com", "empty label"),
+        ("api.a.com:", "port must be"),
+        ("api.a.com:0", "port must be"),
+        ("api.a.com:99999", "port must be"),
+        ("api.a.com:44 3", "U+0020"),
+        ("xn--zz.com", "not a valid hostname"),
+        ("https://api.a.com", "a path is not allowed"),
+        ("::1", "must be written in brackets"),
+        ("[fe80::1%25eth0]", "percent-encoding"),
+        ("127.1", "non-standard form"),
+        ("x" * 301, "too long"),
+    ],
+)
+def test_canonical_target_refuses(text: str, message: str) -> None:
+    with pytest.raises(DomainError) as info:
+        canonical_target(text)
+    assert message in str(info.value)
+    assert str(info.value).startswith("target host ")
+
+
+SMUGGLING = [
+    "api.a.com:443@evil.com",
+    "evil/.a.com",
+    "localhost/.a.com",
+    "api.a.com#@evil.com",
+    "api.a.com\\@evil.com",
+    "api.a.com%2f.evil.com",
+    "api.a.com .evil.com",
+    "api.a.com\t.evil.com",
+    "api.a.com.evil.com",
+    "evil.com#api.a.com",
+    "evil.com?.api.a.com",
+    "api.a.com\x00.evil.com",
+    "[api.a.com]",
+    "api.a.com:443:443",
+    "\u0430pi.a.com",
+    "api.a.com..",
+    "api%2ea.com",
+]
+
+
+@pytest.mark.parametrize("text", SMUGGLING)
+def test_smuggling_is_refused_or_does_not_match(text: str) -> None:
+    allowlist = DomainAllowlist.parse(["api.a.com"])
+    try:
+        host, port = canonical_target(text)
+    except DomainError:
+        return
+    assert allowlist.match(host, port) is None
+
+
+def test_punycode_and_unicode_match_the_same_entry() -> None:
+    allowlist = DomainAllowlist.parse(["bücher.de"])
+    expected = parse_allowed_host("xn--bcher-kva.de")
+    assert allowlist.match(*canonical_target("xn--bcher-kva.de")) == expected
+    assert allowlist.match(*canonical_target("BÜCHER.de")) == expected
+    assert allowlist.match(*canonical_target("bücher.de.")) == expected
+
+
+def test_homograph_does_not_match() -> None:
+    allowlist = DomainAllowlist.parse(["api.a.com"])
+    assert allowlist.match(*canonical_target("\u0430pi.a.com")) is None  # Cyrillic small a
+    assert allowlist.match(*canonical_target("api.a.com")) is not None
+
+
+def test_trailing_dot_and_case_match() -> None:
+    allowlist = DomainAllowlist.parse(["*.a.com"])
+    assert allowlist.match(*canonical_target("X.A.COM.")) == parse_allowed_host("*.a.com")
+
+
+# --- DomainAllowlist ------------------------------------------------------------------------------
+
+
+def test_allowlist_dedups_and_keeps_order() -> None:
+    allowlist = DomainAllowlist.parse(
+        [
+            "api.github.com",
+            "*.slack.com",
+            "https://API.github.com:443",
+            "http://127.0.0.1:8080",
+            "*.SLACK.com",
+        ]
+    )
+    assert allowlist.as_strings() == ["api.github.com", "*.slack.com", "http://127.0.0.1:8080"]
+    assert str(allowlist) == "api.github.com,*.slack.com,http://127.0.0.1:8080"
+    assert allowlist.entries == tuple(parse_allowed_host(s) for s in allowlist.as_strings())
+    assert DomainAllowlist.parse(allowlist.as_strings()).entries == allowlist.entries
+    assert "api.github.com" in repr(allowlist)
+
+
+def test_allowlist_refuses_empty_and_bad_entries() -> None:
+    with pytest.raises(DomainError, match="allowlist is empty"):
+        DomainAllowlist.parse([])
+    with pytest.raises(DomainError, match=r"domain entry '\*\.com'"):
+        DomainAllowlist.parse(["api.github.com", "*.com"])
+
+
+def test_allowlist_parse_refuses_a_bare_string() -> None:
+    with pytest.raises(TypeError, match="list of entries"):
+        DomainAllowlist.parse("api.github.com")
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("api.github.com", None, "api.github.com"),
+        ("api.github.com", 443, "api.github.com"),
+        ("api.github.com", 8443, "https://api.github.com:8443"),
+        ("api.github.com", 80, None),
+        ("hooks.slack.com", None, "*.slack.com"),
+        ("hooks.slack.com", 443, "*.slack.com"),
+        ("slack.com", None, None),
+        ("a.hooks.slack.com", None, None),
+        ("special.slack.com", None, "http://special.slack.com:8080"),
+        ("special.slack.com", 8080, "http://special.slack.com:8080"),
+        ("special.slack.com", 443, "*.slack.com"),
+        ("127.0.0.1", None, "http://127.0.0.1:8080"),
+        ("127.0.0.1", 8080, "http://127.0.0.1:8080"),
+        ("127.0.0.1", 443, None),
+        ("::1", None, "[::1]"),
+        ("evil.com", None, None),
+        ("", None, None),
+        (".slack.com", None, None),
+    ],
+)
+def test_allowlist_match(host: str, port: int | None, expected: str | None) -> None:
+    allowlist = DomainAllowlist.parse(
+        [
+            "api.github.com",
+            "https://api.github.com:8443",
+            "*.slack.com",
+            "http://special.slack.com:8080",
+            "http://127.0.0.1:8080",
+            "[::1]",
+        ]
+    )
+    found = allowlist.match(host, port)
+    assert (None if found is None else str(found)) == expected
+
+
+def test_exact_entry_preferred_over_wildcard_regardless_of_order() -> None:
+    allowlist = DomainAllowlist.parse(["*.a.com", "http://api.a.com"])
+    assert allowlist.match("api.a.com", None) == parse_allowed_host("http://api.a.com")
+    assert allowlist.match("other.a.com", None) == parse_allowed_host("*.a.com")
+
+
+def test_same_host_with_port_none_takes_the_first_entry() -> None:
+    allowlist = DomainAllowlist.parse(["http://x.a.com:8080", "x.a.com"])
+    assert allowlist.match("x.a.com", None) == parse_allowed_host("http://x.a.com:8080")
+    assert allowlist.match("x.a.com", 443) == parse_allowed_host("x.a.com")
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        (["api.github.com"], "api.github.com"),
+        (["http://127.0.0.1:8080"], "http://127.0.0.1:8080"),
+        (["api.github.com", "API.GITHUB.COM."], "api.github.com"),
+        (["*.slack.com"], None),
+        (["api.github.com", "uploads.github.com"], None),
+        (["api.github.com", "https://api.github.com:8443"], None),
+    ],
+)
+def test_default_entry(entries: list[str], expected: str | None) -> None:
+    default = DomainAllowlist.parse(entries).default_entry()
+    assert (None if default is None else str(default)) == expected
