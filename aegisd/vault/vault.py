@@ -87,7 +87,8 @@ class Vault:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def _notify(self, event: str) -> None:
+    def notify(self, event: str) -> None:
+        """Tell listeners something changed: "unlocked", "locked", "credentials", "agents"."""
         for listener in self._listeners:
             listener(event)
 
@@ -111,7 +112,7 @@ class Vault:
                 for slot in slots:
                     _insert_slot(conn, slot)
             self.vault_id, self._master = vault_id, master
-        self._notify("unlocked")
+        self.notify("unlocked")
         return vault_id
 
     def unlock(self, *, passphrase: str | None = None, unlock_key: str | None = None) -> bool:
@@ -136,7 +137,7 @@ class Vault:
             else:
                 what = "passphrase" if kind == "passphrase" else "unlock key"
                 raise WrongPassphrase(f"wrong {what}")
-        self._notify("unlocked")
+        self.notify("unlocked")
         return True
 
     def lock(self) -> bool:
@@ -147,7 +148,7 @@ class Vault:
                 return False
             self._master.wipe()
             self._master = None
-        self._notify("locked")
+        self.notify("locked")
         return True
 
     def master(self) -> MasterKey:
@@ -180,7 +181,7 @@ class Vault:
                 conn.execute(
                     f"INSERT INTO credentials ({_CRED_COLUMNS}, nonce, ciphertext) "  # noqa: S608
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*_cred_row(cred), nonce, ciphertext))
-        self._notify("credentials")
+        self.notify("credentials")
         return cred
 
     def list_credentials(self) -> list[Credential]:
@@ -215,7 +216,7 @@ class Vault:
                     (cred.service, json.dumps(cred.domains), cred.auth_type, cred.header_name,
                      cred.query_param, json.dumps(cred.scopes), cred.rate_limit, cred.body_inspection,
                      cred.updated_at, cred.expires_at, cred.id))
-        self._notify("credentials")
+        self.notify("credentials")
         return cred
 
     def rotate_credential(self, name: str, secret: str) -> Credential:
@@ -228,7 +229,7 @@ class Vault:
             with self._store.transaction() as conn:
                 conn.execute("UPDATE credentials SET nonce=?, ciphertext=?, rotated_at=?, updated_at=? "
                              "WHERE id=?", (nonce, ciphertext, cred.rotated_at, cred.updated_at, cred.id))
-        self._notify("credentials")
+        self.notify("credentials")
         return cred
 
     def remove_credential(self, name: str) -> int:
@@ -240,7 +241,7 @@ class Vault:
                 grants = int(conn.execute("SELECT count(*) FROM grants WHERE credential_id = ?",
                                           (cred.id,)).fetchone()[0])
                 conn.execute("DELETE FROM credentials WHERE id = ?", (cred.id,))
-        self._notify("credentials")
+        self.notify("credentials")
         return grants
 
     def open_secret(self, credential_id: str) -> bytes:
