@@ -1,0 +1,154 @@
+"""Drive the real programs: aegisd as a subprocess on temp paths, aegisctl as a subprocess.
+
+Everything either program prints is kept, so a test can search all of it (and the data
+directory's files) for a secret in clear.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+AEGISD = str(BIN / "aegisd")
+AEGISCTL = str(BIN / "aegisctl")
+PASSPHRASE = "correct horse battery staple 42"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Result:
+    args: list[str]
+    code: int
+    out: str
+    err: str
+
+    def ok(self) -> Result:
+        assert self.code == 0, f"aegisctl {' '.join(self.args)} exited {self.code}\n{self.out}\n{self.err}"
+        return self
+
+
+@dataclass
+class Aegis:
+    """One real aegisd on a private temp directory, and the aegisctl that drives it."""
+
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    outputs: list[str] = field(default_factory=list)
+    gate_port: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "aegisd.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "aegisd.log"
+
+    @property
+    def gate_url(self) -> str:
+        return f"http://127.0.0.1:{self.gate_port}"
+
+    def base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AEGIS_", "NOTIFY_", "WATCHDOG_"))}
+        env.pop("CREDENTIALS_DIRECTORY", None)
+        env.pop("JOURNAL_STREAM", None)
+        env.update({"AEGIS_DATA_DIR": str(self.data_dir), "AEGIS_SOCKET": str(self.socket),
+                    "AEGIS_GATE_LISTEN": f"127.0.0.1:{self.gate_port}"})
+        env.update(self.env)
+        return env
+
+    def start(self, *args: str, env: Mapping[str, str] | None = None, wait: bool = True) -> Aegis:
+        if not self.gate_port:
+            self.gate_port = free_port()
+        full_env = self.base_env()
+        full_env.update(env or {})
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([AEGISD, *self.extra_args, *args], env=full_env, stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"aegisd exited {self.proc.returncode} at start:\n{self.log()}")
+            if self.socket.exists() and self.ctl("status", "--json").code == 0:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"aegisd not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def ctl(self, *args: str, input: str | None = None, env: Mapping[str, str] | None = None,
+            timeout: float = 60.0) -> Result:
+        full_env = self.base_env()
+        full_env.update(env or {})
+        proc = subprocess.run([AEGISCTL, *args], input=input, capture_output=True, text=True, env=full_env,
+                              timeout=timeout, check=False)
+        self.outputs.extend([proc.stdout, proc.stderr])
+        return Result(list(args), proc.returncode, proc.stdout, proc.stderr)
+
+    def init(self, passphrase: str = PASSPHRASE, *extra: str) -> Result:
+        return self.ctl("init", "--passphrase-stdin", *extra, input=passphrase + "\n").ok()
+
+    def add_credential(self, name: str, secret: str, *args: str) -> Result:
+        return self.ctl("vault", "add", name, "--secret-stdin", *args, input=secret + "\n").ok()
+
+    def assert_no_leaks(self, secrets: Iterable[str], extra_text: Iterable[str] = ()) -> None:
+        """No secret in clear in anything printed, logged, or stored in the data directory."""
+        texts = [*self.outputs, self.log(), *extra_text]
+        files = [p for p in self.data_dir.rglob("*") if p.is_file()] if self.data_dir.exists() else []
+        for secret in secrets:
+            needle = secret.encode()
+            for text in texts:
+                assert secret not in text, f"secret found in output: ...{text[:200]}"
+            for path in files:
+                assert needle not in path.read_bytes(), f"secret found in clear in {path}"
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def new_aegis() -> Aegis:
+    # Short root: Unix socket paths are limited to 107 bytes.
+    return Aegis(Path(tempfile.mkdtemp(prefix="ag", dir="/tmp")))
