@@ -8,7 +8,7 @@ import click
 
 from aegisctl import __version__
 from aegisctl.client import ClientError
-from aegisctl.commands import init, lock, status, unlock, vault
+from aegisctl.commands import agent, grant, init, ledger, lock, status, unlock, vault
 from aegisctl.context import Context
 
 ENV_HELP = """
@@ -18,6 +18,8 @@ Environment:
                      else $AEGIS_DATA_DIR/run/aegisd.sock, else /run/aegis/aegisd.sock if present]
   AEGIS_CONFIG       aegisd's TOML config file, read for `socket` and `data_dir`
   AEGIS_DATA_DIR     aegisd's data directory (locates the default socket)
+  AEGIS_GATE_LISTEN  aegisd's gate address [default: 127.0.0.1:3100]; aegisctl asks the
+                     running daemon for it (see `aegisctl status`)
 \b
 Secrets and passphrases are read from a hidden prompt, or with --secret-stdin /
 --passphrase-stdin from the first line of standard input; never from arguments.
@@ -43,14 +45,16 @@ class Root(click.Group):
 @click.version_option(__version__, prog_name="aegisctl")
 @click.pass_context
 def root(ctx: click.Context, socket_flag: str | None, config: str | None) -> None:
-    """Operate Aegis: the vault, credentials and the daemon's state."""
+    """Operate Aegis: the vault, credentials, agents and grants, and the daemon's state."""
     state = Context(socket_flag, config)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
 
-for module in (init, unlock, lock, status, vault):
+for module in (init, unlock, lock, status, vault, agent, ledger):
     root.add_command(module.command)
+for verb in grant.commands:
+    root.add_command(verb)
 
 
 def main() -> None:

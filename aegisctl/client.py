@@ -7,13 +7,21 @@ next, keyed by the daemon's stable `aegis-reason` trailer.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
 
-from aegisd.api.aegis.v1 import credentials_pb2, credentials_pb2_grpc, vault_pb2, vault_pb2_grpc
+from aegisd.api.aegis.v1 import (
+    agents_pb2,
+    agents_pb2_grpc,
+    credentials_pb2,
+    credentials_pb2_grpc,
+    ledger_pb2_grpc,
+    vault_pb2,
+    vault_pb2_grpc,
+)
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 30.0
@@ -28,6 +36,10 @@ HINTS = {
     "storage_read_only": "make the data directory writable by aegisd, then retry",
     "storage_corrupt": "restore the data directory from a backup",
     "already_exists": "pick another name, or change the existing one with `update`",
+    "vault_exists": "it is set up already: `aegisctl unlock` opens it, `aegisctl status` shows its state",
+    "agent_not_found": "see `aegisctl agent list` for the names",
+    "agent_exists": "pick another name, or `aegisctl agent regenerate NAME` for a new token",
+    "grant_not_found": "see the agent's grants with `aegisctl agent show AGENT`",
 }
 
 
@@ -66,6 +78,23 @@ class AegisClient:
     def credentials(self) -> credentials_pb2_grpc.CredentialServiceStub:
         return credentials_pb2_grpc.CredentialServiceStub(self._connect())
 
+    @property
+    def agents(self) -> agents_pb2_grpc.AgentServiceStub:
+        return agents_pb2_grpc.AgentServiceStub(self._connect())
+
+    @property
+    def ledger(self) -> ledger_pb2_grpc.LedgerServiceStub:
+        return ledger_pb2_grpc.LedgerServiceStub(self._connect())
+
+    def stream(self, responses: Iterable[T]) -> Iterator[T]:
+        """Iterate a server stream, translating failures into ClientError."""
+        try:
+            yield from responses
+        except grpc.RpcError as exc:
+            if cast(grpc.Call, exc).code() == grpc.StatusCode.CANCELLED:
+                return
+            raise self._translate(exc) from None
+
     def call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
         """Invoke one RPC, translating failures into ClientError."""
         try:
@@ -80,6 +109,9 @@ class AegisClient:
 
     def get_credential(self, name: str) -> credentials_pb2.Credential:
         return self.call(self.credentials.GetCredential, credentials_pb2.GetCredentialRequest(name=name))
+
+    def get_agent(self, name: str) -> agents_pb2.Agent:
+        return self.call(self.agents.GetAgent, agents_pb2.GetAgentRequest(name=name))
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -54,10 +54,11 @@ def command(**flags: Any) -> None:
         raise click.UsageError(str(exc)) from None
     setup_logging(config.log_format, config.log_level)
     from aegisd.daemon import Daemon, StartupError
+    from aegisd.gate.server import GateError
 
     try:
         code = _run(Daemon(config, flags).run())
-    except (StartupError, SocketError, AegisError) as exc:
+    except (StartupError, SocketError, GateError, AegisError) as exc:
         click.echo(f"aegisd: error: {exc}", err=True)
         sys.exit(1)
     sys.exit(code)

@@ -26,6 +26,10 @@ _TOML_KEYS: dict[str, tuple[str, ...]] = {
     "socket_mode": ("socket_mode",),
     "unlock_key_file": ("unlock_key_file",),
     "gate_listen": ("gate", "listen"),
+    "connect_timeout": ("gate", "connect_timeout"),
+    "read_timeout": ("gate", "read_timeout"),
+    "total_timeout": ("gate", "total_timeout"),
+    "max_body_bytes": ("gate", "max_body_bytes"),
     "log_format": ("log", "format"),
     "log_level": ("log", "level"),
 }
@@ -35,6 +39,15 @@ _ENV_KEYS = {
     "socket_group": "AEGIS_SOCKET_GROUP",
     "socket_mode": "AEGIS_SOCKET_MODE",
     "gate_listen": "AEGIS_GATE_LISTEN",
+}
+
+
+# Numeric settings: (default, minimum, maximum). Timeouts in seconds.
+_NUMBERS: dict[str, tuple[float, float, float]] = {
+    "connect_timeout": (10.0, 0.1, 600.0),
+    "read_timeout": (120.0, 0.1, 3600.0),
+    "total_timeout": (600.0, 0.1, 86400.0),
+    "max_body_bytes": (10 * 1024 * 1024, 1024, 1024**3),
 }
 
 
@@ -55,6 +68,10 @@ class Config:
     log_format: str = "human"
     log_level: str = "info"
     config_file: Path | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    total_timeout: float = 600.0
+    max_body_bytes: int = 10 * 1024 * 1024
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -87,6 +104,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     socket_mode = _parse_mode(values.get("socket_mode"), socket_group, sources.get("socket_mode", "default"))
     log_format = _choice(values.get("log_format", "human"), LOG_FORMATS, "log format")
     log_level = _choice(values.get("log_level", "info"), LOG_LEVELS, "log level")
+    numbers = {key: _number(key, values.get(key), sources.get(key, "default")) for key in _NUMBERS}
     creds = env.get("CREDENTIALS_DIRECTORY")
     return Config(
         data_dir=data_dir,
@@ -100,6 +118,10 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         log_format=log_format,
         log_level=log_level,
         config_file=config_file,
+        connect_timeout=numbers["connect_timeout"],
+        read_timeout=numbers["read_timeout"],
+        total_timeout=numbers["total_timeout"],
+        max_body_bytes=int(numbers["max_body_bytes"]),
         sources=sources,
     )
 
@@ -154,9 +176,25 @@ def _read_toml(path: Path) -> dict[str, Any]:
         else:
             raise ConfigError(f"config file {path}: unknown setting {name}")
     for key, value in flat.items():
-        if not isinstance(value, str):
+        if key in _NUMBERS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"config file {path}: {key} must be a number, got {type(value).__name__}")
+        elif not isinstance(value, str):
             raise ConfigError(f"config file {path}: {key} must be a string, got {type(value).__name__}")
     return flat
+
+
+def _number(key: str, value: Any, source: str) -> float:
+    default, low, high = _NUMBERS[key]
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} {value!r} (from {source}) must be a number") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{key} {value!r} (from {source}) must be between {low:g} and {high:g}")
+    return number
 
 
 def _parse_mode(value: Any, group: Any, source: str) -> int:

@@ -7,6 +7,7 @@ SIGHUP re-reads the config file and applies what can change without a restart.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -17,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from aegisd import __version__
+from aegisd.agents import AgentRegistry
 from aegisd.config import UNLOCK_CREDENTIAL_NAME, Config, ConfigError, load_config
 from aegisd.control.server import ControlServer
 from aegisd.errors import AegisError
+from aegisd.gate.pipeline import GatePipeline
+from aegisd.gate.routing import RoutingState
+from aegisd.gate.server import GateServer
+from aegisd.gate.upstream import UpstreamPool
 from aegisd.hardening import harden_process
+from aegisd.ledger import LedgerError, LedgerWriter
 from aegisd.logs import event, set_level
 from aegisd.runtime import Runtime
 from aegisd.sdnotify import ServiceManager
@@ -48,11 +55,25 @@ class Daemon:
         self._prepare_data_dir()
         store = VaultStore(self.config.data_dir / "vault.db")
         store.open()
-        runtime = Runtime(self.config, store, Vault(store))
-        self._auto_unlock(runtime.vault)
+        vault = Vault(store)
+        ledger = LedgerWriter(self.config.data_dir / "ledger.db")
+        try:
+            await ledger.start()
+        except LedgerError as exc:
+            store.close()
+            raise StartupError(str(exc)) from None
+        runtime = Runtime(self.config, store, vault, AgentRegistry(store, vault), ledger)
+        routing = RoutingState(vault, runtime.agents)
+        vault.add_listener(routing.on_vault_event)
+        vault.add_listener(lambda event_name: _key_ledger(vault, ledger, event_name))
+        self._auto_unlock(vault)
+        upstream = UpstreamPool(self.config)
+        gate = GateServer(GatePipeline(self.config, routing, ledger, upstream), self.config.gate_host,
+                          self.config.gate_port)
         control = ControlServer(runtime)
         try:
             await control.start()
+            await gate.start()
             self._install_signals()
             self._manager.ready(self._status_line(runtime))
             self._manager.start_watchdog()
@@ -61,9 +82,12 @@ class Daemon:
             await self._stop.wait()
             self._manager.stopping()
             event(log, logging.INFO, "aegisd stopping")
+            await gate.stop(SHUTDOWN_GRACE_SECONDS)
             await control.stop(SHUTDOWN_GRACE_SECONDS)
         finally:
             control.socket.release()
+            await upstream.close()
+            await ledger.close()
             store.close()
         event(log, logging.INFO, "aegisd stopped")
         return 0
@@ -101,7 +125,13 @@ class Daemon:
             raise StartupError(f"cannot create data directory {data_dir}: {exc.strerror}") from None
         if info.st_mode & 0o022:
             raise StartupError(f"data directory {data_dir} is writable by other users; chmod 700 it")
-        fd = os.open(data_dir / "aegisd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(data_dir / "aegisd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise StartupError(f"data directory {data_dir} is on a read-only file system; aegisd must be "
+                                   "able to write there") from None
+            raise StartupError(f"cannot open {data_dir / 'aegisd.lock'}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -122,6 +152,12 @@ class Daemon:
             else:
                 event(log, logging.INFO, "vault unlocked", via=source)
             return
+
+
+def _key_ledger(vault: Vault, ledger: LedgerWriter, event_name: str) -> None:
+    """The ledger's chain key derives from the master key; it stays set after a later lock."""
+    if event_name == "unlocked" and not ledger.has_key:
+        ledger.set_key(bytes(vault.master().subkey("ledger")))
 
 
 def _unlock_key_sources(config: Config) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""What the daemon's parts share while it runs: settings, storage, the vault, its start time."""
+"""What the daemon's parts share while it runs: settings, storage, the vault, agents, its start time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from aegisd.agents import AgentRegistry
 from aegisd.config import Config
+from aegisd.ledger import LedgerWriter
 from aegisd.logs import event
 from aegisd.store import VaultStore
 from aegisd.vault.vault import Vault
@@ -20,8 +22,14 @@ class Runtime:
     config: Config
     store: VaultStore
     vault: Vault
+    agents: AgentRegistry
+    ledger: LedgerWriter
     started_at: float = field(default_factory=time.time)
 
     def log_event(self, message: str, **fields: Any) -> None:
         """An operator-visible event at info level; fields must never hold a secret."""
         event(log, logging.INFO, message, **fields)
+
+    def ledger_key(self) -> bytes | None:
+        """The ledger's chain key: known once the vault has been unlocked since start."""
+        return self.ledger.key

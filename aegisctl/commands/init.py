@@ -19,19 +19,33 @@ from aegisd.api.aegis.v1 import vault_pb2
 @pass_context
 def command(ctx: Context, passphrase_stdin: bool, unlock_key_out: str | None) -> None:
     """Create the vault and leave it unlocked."""
-    if unlock_key_out and unlock_key_out != "-" and os.path.exists(unlock_key_out):
-        raise click.UsageError(f"{unlock_key_out} already exists; choose a new file for the unlock key")
-    passphrase = read_secret("passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
-    client = ctx.client
-    reply = client.call(client.vault.Init,
-                        vault_pb2.InitRequest(passphrase=passphrase, create_unlock_key=bool(unlock_key_out)),
-                        timeout=120)
+    # Create the key file before the vault exists, so a bad path cannot leave a slot whose key is lost.
+    key_fd = _create_key_file(unlock_key_out) if unlock_key_out and unlock_key_out != "-" else None
+    try:
+        passphrase = read_secret("passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
+        client = ctx.client
+        reply = client.call(client.vault.Init,
+                            vault_pb2.InitRequest(passphrase=passphrase, create_unlock_key=bool(unlock_key_out)),
+                            timeout=120)
+    except BaseException:
+        if key_fd is not None and unlock_key_out:
+            os.close(key_fd)
+            os.unlink(unlock_key_out)
+        raise
     click.echo(f"Vault {reply.vault_id} created and unlocked.")
     if unlock_key_out == "-":
         click.echo(reply.unlock_key)
         click.echo("Store this unlock key now; it is not shown again.", err=True)
-    elif unlock_key_out:
-        fd = os.open(unlock_key_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
+    elif key_fd is not None:
+        with os.fdopen(key_fd, "w") as fh:
             fh.write(reply.unlock_key + "\n")
         click.echo(f"Unlock key written to {unlock_key_out} (mode 0600). It is not shown again.")
+
+
+def _create_key_file(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise click.UsageError(f"{path} already exists; choose a new file for the unlock key") from None
+    except OSError as exc:
+        raise click.UsageError(f"cannot create the unlock key file {path}: {exc.strerror}") from None

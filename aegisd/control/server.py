@@ -5,13 +5,16 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aegisd.api.aegis.v1 import credentials_pb2_grpc, vault_pb2_grpc
+from aegisd.api.aegis.v1 import agents_pb2_grpc, credentials_pb2_grpc, ledger_pb2_grpc, vault_pb2_grpc
+from aegisd.control.agent_service import AgentService
 from aegisd.control.credential_service import CredentialService
+from aegisd.control.ledger_service import LedgerService
 from aegisd.control.socket import ControlSocket, SocketError
 from aegisd.control.vault_service import VaultService
 from aegisd.runtime import Runtime
 
-SERVICE_NAMES = ("aegis.v1.VaultService", "aegis.v1.CredentialService")
+SERVICE_NAMES = ("aegis.v1.VaultService", "aegis.v1.CredentialService", "aegis.v1.AgentService",
+                 "aegis.v1.LedgerService")
 
 
 class ControlServer:
@@ -25,6 +28,8 @@ class ControlServer:
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         vault_pb2_grpc.add_VaultServiceServicer_to_server(VaultService(runtime), self._server)
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialService(runtime), self._server)
+        agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(runtime), self._server)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(runtime), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
 
     async def start(self) -> None:

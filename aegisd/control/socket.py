@@ -30,12 +30,18 @@ class ControlSocket:
         self.mode = mode
         self.group = group
         self._lock_fd: int | None = None
+        self._gid: int | None = None
 
     def prepare(self) -> None:
         """Make the directory, take the lock, and clear a stale socket left by a crash."""
         if len(os.fsencode(self.path)) > MAX_UNIX_PATH:
             raise SocketError(f"socket path {self.path} is longer than {MAX_UNIX_PATH} bytes; choose a "
                               "shorter --socket")
+        if self.group:
+            try:
+                self._gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise SocketError(f"socket group {self.group!r} does not exist") from None
         self._make_directory(self.path.parent)
         lock_path = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -50,17 +56,15 @@ class ControlSocket:
 
     def secure(self) -> None:
         """Apply the configured group and mode to the bound socket."""
-        if self.group:
-            try:
-                gid = grp.getgrnam(self.group).gr_gid
-            except KeyError:
-                raise SocketError(f"socket group {self.group!r} does not exist") from None
-            os.chown(self.path, -1, gid)
-            os.chown(self.path.parent, -1, gid)
+        if self._gid is not None:  # looked up in prepare(), before anything was bound
+            os.chown(self.path, -1, self._gid)
+            os.chown(self.path.parent, -1, self._gid)
             os.chmod(self.path.parent, 0o750)  # noqa: S103 - group members must reach the socket
         os.chmod(self.path, self.mode)
 
     def release(self) -> None:
+        if self._lock_fd is None:
+            return  # never took the lock: the path may be another daemon's live socket
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 self.path.unlink()

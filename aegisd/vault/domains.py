@@ -83,9 +83,7 @@ class AllowedHost:
         addr = _ip(self.host)
         if addr is None:
             return self.host in _SPECIAL_NAMES or self.host.endswith(".localhost")
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return addr in _METADATA_IPS or not addr.is_global or addr.is_multicast
+        return is_internal_ip(addr)
 
     def matches(self, scheme: str, host: str, port: int) -> bool:
         """Whether an already canonical scheme, host and port fall under this entry."""
@@ -95,6 +93,14 @@ class AllowedHost:
             return host == self.host
         first, dot, parent = host.partition(".")
         return bool(first) and bool(dot) and parent == self.host
+
+
+def is_internal_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback, private, link-local, metadata, multicast or otherwise not globally routable:
+    where a forwarded credential would reach inside the machine or network."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr in _METADATA_IPS or not addr.is_global or addr.is_multicast
 
 
 def parse_allowed_host(text: str) -> AllowedHost:

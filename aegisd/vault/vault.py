@@ -96,7 +96,7 @@ class Vault:
         """Create the vault and leave it unlocked. Returns the vault id."""
         with self._lock:
             if self.vault_id is not None:
-                raise AlreadyExists(f"a vault already exists in {self._store.path.parent}")
+                raise AlreadyExists(f"a vault already exists in {self._store.path.parent}", reason="vault_exists")
             check_passphrase_strength(passphrase)
             master = MasterKey.generate()
             vault_id = uuid.uuid4().hex

@@ -1,0 +1,110 @@
+"""`aegisctl agent add|list|show|remove|regenerate`: the identities that call the gate.
+
+A token is printed once, when it is made; nothing can show it again. In human mode it is the
+only thing on stdout, so `TOKEN=$(aegisctl agent add NAME)` captures it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from aegisctl import output
+from aegisctl.context import Context, pass_context
+from aegisctl.secrets_input import confirm_destructive
+from aegisd.api.aegis.v1 import agents_pb2 as pb
+
+ONCE_WARNING = "aegisctl: this token is not shown again; store it where the agent reads it now."
+
+
+def agent_json(a: pb.Agent) -> dict[str, Any]:
+    return {
+        "name": a.name,
+        "credentials": list(a.credentials),
+        "rate_limit": a.rate_limit or None,
+        "created_at": output.iso(a.created_at),
+        "rotated_at": output.iso(a.rotated_at),
+        "id": a.id,
+    }
+
+
+def _print_token(name: str, token: str, as_json: bool) -> None:
+    if as_json:
+        output.emit_json({"name": name, "token": token})
+        return
+    click.echo(token)
+    click.echo(ONCE_WARNING, err=True)
+
+
+@click.group("agent")
+def command() -> None:
+    """Add, inspect and remove agents, and regenerate their tokens."""
+
+
+@command.command("add")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help='Print {"name": ..., "token": ...}.')
+@pass_context
+def add(ctx: Context, name: str, as_json: bool) -> None:
+    """Create agent NAME and print its token, once. Then grant it credentials with `aegisctl grant`."""
+    client = ctx.client
+    reply = client.call(client.agents.AddAgent, pb.AddAgentRequest(name=name))
+    _print_token(reply.agent.name, reply.token, as_json)
+
+
+@command.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_context
+def list_(ctx: Context, as_json: bool) -> None:
+    """List agents and the credentials each is granted (never their tokens)."""
+    client = ctx.client
+    agents = [agent_json(a) for a in client.call(client.agents.ListAgents, pb.ListAgentsRequest()).agents]
+    if as_json:
+        output.emit_json(agents)
+        return
+    if not agents:
+        click.echo("No agents yet: add one with `aegisctl agent add NAME`.")
+        return
+    output.table(["NAME", "CREDENTIALS", "CREATED", "TOKEN ISSUED"],
+                 [[a["name"], ",".join(a["credentials"]), a["created_at"], a["rotated_at"]] for a in agents])
+
+
+@command.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@pass_context
+def show(ctx: Context, name: str, as_json: bool) -> None:
+    """Show one agent: when it was made, when its token was issued, what it may use."""
+    a = agent_json(ctx.client.get_agent(name))
+    if as_json:
+        output.emit_json(a)
+        return
+    output.fields([
+        ("name", a["name"]), ("created", a["created_at"]), ("token issued", a["rotated_at"]),
+        ("credentials", ", ".join(a["credentials"]) or "none (grant with `aegisctl grant`)"),
+    ])
+
+
+@command.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_context
+def remove(ctx: Context, name: str, yes: bool) -> None:
+    """Delete an agent and its grants; its token stops working at once."""
+    client = ctx.client
+    client.get_agent(name)  # fail on a wrong name before asking
+    confirm_destructive(f"Remove agent {name!r} and its grants?", yes)
+    reply = client.call(client.agents.RemoveAgent, pb.RemoveAgentRequest(name=name))
+    click.echo(f"Removed agent {name!r} ({reply.grants_removed} grants removed).")
+
+
+@command.command("regenerate")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help='Print {"name": ..., "token": ...}.')
+@pass_context
+def regenerate(ctx: Context, name: str, as_json: bool) -> None:
+    """Issue agent NAME a new token and print it, once; the old token stops working at once."""
+    client = ctx.client
+    reply = client.call(client.agents.RegenerateToken, pb.RegenerateTokenRequest(name=name))
+    _print_token(reply.agent.name, reply.token, as_json)

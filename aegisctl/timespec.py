@@ -1,0 +1,34 @@
+"""Times for --since/--until: ISO 8601 (`2026-11-26`, `2026-11-26T10:00:00Z`) or ago (`15m`, `2h`, `7d`)."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+
+import click
+
+_AGO = re.compile(r"^(\d{1,9})([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class TimeSpec(click.ParamType):  # type: ignore[type-arg]
+    """A click type giving epoch milliseconds."""
+
+    name = "time"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        match = _AGO.match(text.lower())
+        if match:
+            return int((time.time() - int(match.group(1)) * _UNITS[match.group(2)]) * 1000)
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            self.fail(f"{value!r} is neither a time like 2026-11-26T10:00:00Z nor an age like 15m, 2h, 7d",
+                      param, ctx)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return int(parsed.timestamp() * 1000)

@@ -1,0 +1,140 @@
+"""The gate's in-memory view of the vault: services, agents and grants, rebuilt on every change.
+
+Built in a worker thread whenever the vault unlocks or its contents change, and swapped in
+whole, so the hot path reads one immutable snapshot and never touches SQLite. Dropped the
+moment the vault locks.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from aegisd.agents import AgentRegistry
+from aegisd.errors import AegisError
+from aegisd.vault.credentials import Credential
+from aegisd.vault.domains import AllowedHost, DomainAllowlist
+from aegisd.vault.vault import Vault
+
+log = logging.getLogger("aegisd.gate")
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Always stripped from what an agent sends: it may not choose the upstream's credentials.
+AGENT_AUTH_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One credential as the gate applies it."""
+
+    credential_id: str
+    name: str
+    service: str
+    allowlist: DomainAllowlist
+    default_entry: AllowedHost | None
+    methods: frozenset[str] | None  # None: every method (scope "*")
+    expires_at: int | None
+    inject_header: tuple[str, str] | None
+    inject_query: tuple[str, str] | None
+    strip_headers: frozenset[str]
+    rate_limit: str
+    body_inspection: str
+    secret: bytes  # for the inspection and redaction steps; never logged
+
+    def allows_method(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEntry:
+    id: str
+    name: str
+    credential_ids: frozenset[str]
+    rate_limit: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    routes: dict[str, Route]
+    agents_by_hash: dict[bytes, AgentEntry]
+    token_key: bytes
+
+    def agent_for(self, token: str) -> AgentEntry | None:
+        """Constant-time in the token: a keyed hash, then one lookup on the digest."""
+        digest = hmac.new(self.token_key, token.encode(), hashlib.sha256).digest()
+        return self.agents_by_hash.get(digest)
+
+
+def _methods(scopes: list[str]) -> frozenset[str] | None:
+    if "*" in scopes:
+        return None
+    allowed: set[str] = set()
+    if "read" in scopes:
+        allowed |= READ_METHODS
+    if "write" in scopes:
+        allowed |= WRITE_METHODS
+    return frozenset(allowed)
+
+
+def build_route(cred: Credential, secret: bytes) -> Route:
+    text = secret.decode()
+    header: tuple[str, str] | None = None
+    query: tuple[str, str] | None = None
+    strip = set(AGENT_AUTH_HEADERS)
+    if cred.auth_type == "bearer":
+        header = ("Authorization", f"Bearer {text}")
+    elif cred.auth_type == "basic":
+        header = ("Authorization", "Basic " + base64.b64encode(secret).decode())
+    elif cred.auth_type == "header":
+        header = (cred.header_name, text)
+        strip.add(cred.header_name.lower())
+    else:
+        query = (cred.query_param, quote(text, safe=""))
+    allowlist = DomainAllowlist.parse(cred.domains)
+    return Route(
+        credential_id=cred.id, name=cred.name, service=cred.service, allowlist=allowlist,
+        default_entry=allowlist.default_entry(), methods=_methods(cred.scopes), expires_at=cred.expires_at,
+        inject_header=header, inject_query=query, strip_headers=frozenset(strip), rate_limit=cred.rate_limit,
+        body_inspection=cred.body_inspection, secret=secret,
+    )
+
+
+class RoutingState:
+    """Holds the current table; rebuilds are serialised so the newest state always wins."""
+
+    def __init__(self, vault: Vault, agents: AgentRegistry) -> None:
+        self._vault = vault
+        self._agents = agents
+        self._lock = threading.Lock()
+        self.table: RoutingTable | None = None
+        self.on_rebuild: Callable[[RoutingTable | None], None] | None = None
+
+    def on_vault_event(self, event: str) -> None:
+        if event == "locked":
+            self.table = None
+        else:
+            self.rebuild()
+
+    def rebuild(self) -> None:
+        with self._lock:
+            if self._vault.state != "unlocked":
+                self.table = None
+            else:
+                master = self._vault.master()
+                routes = {}
+                for cred in self._vault.list_credentials():
+                    try:
+                        routes[cred.service] = build_route(cred, self._vault.open_secret(cred.id))
+                    except AegisError as exc:  # one broken seal must not take the others down
+                        log.error("credential %s is not served: %s", cred.name, exc.message)
+                agents = {a.token_hash: AgentEntry(a.id, a.name, a.credential_ids, a.rate_limit)
+                          for a in self._agents.snapshot()}
+                self.table = RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")))
+            if self.on_rebuild is not None:
+                self.on_rebuild(self.table)

@@ -1,0 +1,24 @@
+"""The tamper-evident audit ledger: one row per gate decision or daemon event, chained by HMAC."""
+
+from aegisd.ledger.chain import VerifyResult, verify
+from aegisd.ledger.entry import DECISIONS, KINDS, LedgerEntry, LedgerRow, now_ms, to_dict
+from aegisd.ledger.query import query_rows
+from aegisd.ledger.schema import SCHEMA_VERSION, LedgerError, open_reader
+from aegisd.ledger.writer import LedgerWriter, Subscription
+
+__all__ = [
+    "DECISIONS",
+    "KINDS",
+    "SCHEMA_VERSION",
+    "LedgerEntry",
+    "LedgerError",
+    "LedgerRow",
+    "LedgerWriter",
+    "Subscription",
+    "VerifyResult",
+    "now_ms",
+    "open_reader",
+    "query_rows",
+    "to_dict",
+    "verify",
+]

@@ -1,0 +1,154 @@
+"""The ledger row: what one audit record holds, and its JSON shape.
+
+Rows never carry secrets; the caller guarantees that, and this package never logs row contents.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any
+
+KINDS = ("request", "system")
+DECISIONS = ("allowed", "denied")
+_INT_MAX = 2**63 - 1  # SQLite INTEGER range; a larger value would fail a whole group commit
+_TIME_MS_MAX = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant ISO 8601 can show
+
+
+def now_ms() -> int:
+    """Wall-clock UTC time in epoch milliseconds, the ledger's time unit."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntry:
+    """One audit record as the gate or the daemon hands it to the writer.
+
+    The field order is part of the chain format (chain.canonical): changing it needs a new chain version.
+    """
+
+    kind: str
+    time_ms: int = field(default_factory=now_ms)
+    request_id: str = ""
+    agent: str = ""
+    credential: str = ""
+    service: str = ""
+    method: str = ""
+    path: str = ""
+    target_host: str = ""
+    decision: str = ""
+    reason: str = ""
+    status: int = 0
+    duration_ms: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    flags: str = ""
+    detail: str = ""
+
+    @classmethod
+    def system(cls, detail: str, *, reason: str = "") -> LedgerEntry:
+        """A daemon event (start, reload, unlock) so operators see it in the same timeline."""
+        return cls(kind="system", detail=detail, reason=reason)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerRow(LedgerEntry):
+    """A committed entry with the id the ledger gave it."""
+
+    id: int
+
+
+# Column order shared by INSERT, SELECT and the row constructor.
+ENTRY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LedgerEntry))
+_INT_FIELDS = ("time_ms", "status", "bytes_in", "bytes_out")
+_STR_FIELDS = tuple(name for name in ENTRY_FIELDS if name not in (*_INT_FIELDS, "duration_ms"))
+
+
+_values_getter: Callable[[LedgerEntry], tuple[Any, ...]] = operator.attrgetter(*ENTRY_FIELDS)
+
+
+def entry_values(entry: LedgerEntry) -> tuple[Any, ...]:
+    """The entry's fields in ENTRY_FIELDS order, as stored and as hashed."""
+    return _values_getter(entry)
+
+
+def normalize(entry: LedgerEntry) -> LedgerEntry:
+    """Check and coerce an entry so it stores exactly and its MAC survives a round trip.
+
+    Raises ValueError / TypeError at the caller, so one bad entry never fails a whole group commit.
+    """
+    if entry.kind not in KINDS:
+        raise ValueError(f"ledger kind must be one of {KINDS}")
+    if entry.decision not in DECISIONS and not (entry.kind == "system" and entry.decision == ""):
+        raise ValueError(f"ledger decision must be one of {DECISIONS}")
+    changes: dict[str, Any] = {}
+    for name in _STR_FIELDS:
+        value = getattr(entry, name)
+        if not isinstance(value, str):
+            raise TypeError(f"ledger field {name} must be str")
+        if type(value) is not str:  # an enum member, say: store and hash its plain text
+            changes[name] = value = str.__str__(value)
+        if not value.isascii():
+            # Lone surrogates (from surrogateescape decoding) cannot be stored as UTF-8 text.
+            clean = value.encode("utf-8", "replace").decode("utf-8")
+            if clean != value:
+                changes[name] = clean
+    for name in _INT_FIELDS:
+        value = getattr(entry, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT_MAX:
+            raise ValueError(f"ledger field {name} must be a non-negative int")
+        if type(value) is not int:  # HTTPStatus.OK, say
+            changes[name] = int(value)
+    if entry.time_ms > _TIME_MS_MAX:
+        raise ValueError("ledger time_ms is out of range")
+    duration = entry.duration_ms
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or not math.isfinite(duration):
+        raise ValueError("ledger field duration_ms must be a finite number")
+    if type(duration) is not float:
+        changes["duration_ms"] = float(duration)
+    # Defence in depth: a query string may carry a token, so it never reaches the ledger.
+    path = changes.get("path", entry.path)
+    cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        changes["path"] = path[:cut]
+    return replace(entry, **changes) if changes else entry
+
+
+def row_from_values(row_id: int, values: tuple[Any, ...]) -> LedgerRow:
+    """Build a row from SELECTed columns in ENTRY_FIELDS order."""
+    return LedgerRow(id=row_id, **dict(zip(ENTRY_FIELDS, values, strict=True)))
+
+
+def iso_time(time_ms: int) -> str:
+    """ISO 8601 UTC with milliseconds and 'Z', the form every JSON consumer parses."""
+    seconds, millis = divmod(time_ms, 1000)
+    stamp = datetime.fromtimestamp(seconds, UTC)
+    return f"{stamp:%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+
+
+def to_dict(row: LedgerRow) -> dict[str, Any]:
+    """The stable JSON shape of a row for `--json`, export and follow."""
+    return {
+        "id": row.id,
+        "time": iso_time(row.time_ms),
+        "request_id": row.request_id,
+        "agent": row.agent,
+        "credential": row.credential,
+        "service": row.service,
+        "method": row.method,
+        "path": row.path,
+        "target_host": row.target_host,
+        "decision": row.decision,
+        "reason": row.reason,
+        "status": row.status,
+        "duration_ms": row.duration_ms,
+        "bytes_in": row.bytes_in,
+        "bytes_out": row.bytes_out,
+        "kind": row.kind,
+        "flags": row.flags,
+        "detail": row.detail,
+    }

@@ -1,0 +1,67 @@
+"""Reading the ledger for `ledger show`, `export` and `stats`, on a read-only connection.
+
+Each filter maps to an index keyed by (column, id), so "the newest 50 rows of agent X" reads about 50
+index entries even on millions of rows.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any
+
+from aegisd.ledger.entry import ENTRY_FIELDS, LedgerRow, row_from_values
+from aegisd.ledger.schema import LedgerError, open_reader
+
+_SELECT = f"SELECT id, {', '.join(ENTRY_FIELDS)} FROM ledger"  # noqa: S608 - constant columns
+
+
+def query_rows(
+    source: str | os.PathLike[str] | sqlite3.Connection,
+    *,
+    agent: str | None = None,
+    service: str | None = None,
+    credential: str | None = None,
+    denied_only: bool = False,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    limit: int = 100,
+    after_id: int | None = None,
+    newest_first: bool = True,
+) -> list[LedgerRow]:
+    """Rows matching every given filter, at most `limit`, ordered by id.
+
+    since_ms is inclusive and until_ms exclusive. after_id is a paging cursor: pass the last id you got
+    to continue in the same order (older rows when newest_first, newer rows otherwise).
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (("agent", agent), ("service", service), ("credential", credential)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if denied_only:
+        clauses.append("decision = 'denied'")  # a literal, so the partial index applies
+    if since_ms is not None:
+        clauses.append("time_ms >= ?")
+        params.append(since_ms)
+    if until_ms is not None:
+        clauses.append("time_ms < ?")
+        params.append(until_ms)
+    if after_id is not None:
+        clauses.append("id < ?" if newest_first else "id > ?")
+        params.append(after_id)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"{_SELECT}{where} ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?"
+    params.append(limit)
+
+    conn = source if isinstance(source, sqlite3.Connection) else open_reader(source)
+    try:
+        return [row_from_values(row[0], row[1:]) for row in conn.execute(sql, params)]
+    except sqlite3.Error as exc:
+        raise LedgerError(f"cannot read the ledger: {exc}") from None
+    finally:
+        if conn is not source:
+            conn.close()

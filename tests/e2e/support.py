@@ -1,0 +1,59 @@
+"""Small helpers shared by the end-to-end tests: JSON reads through aegisctl, tmpfs mounts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Aegis, Result
+
+
+def status(aegis: Aegis) -> dict[str, Any]:
+    value = json.loads(aegis.ctl("status", "--json").ok().out)
+    assert isinstance(value, dict)
+    return value
+
+
+def show(aegis: Aegis, name: str) -> dict[str, Any]:
+    value = json.loads(aegis.ctl("vault", "show", name, "--json").ok().out)
+    assert isinstance(value, dict)
+    return value
+
+
+def names(aegis: Aegis) -> list[str]:
+    listed = json.loads(aegis.ctl("vault", "list", "--json").ok().out)
+    assert isinstance(listed, list)
+    return [str(c["name"]) for c in listed]
+
+
+def assert_failed(result: Result, *needles: str, code: int = 1) -> None:
+    """The command failed with `code` and its stderr names every needle (case-insensitive)."""
+    assert result.code == code, f"expected exit {code}, got {result.code}\n{result.out}\n{result.err}"
+    assert "Traceback" not in result.err, result.err
+    for needle in needles:
+        assert needle.lower() in result.err.lower(), f"{needle!r} not in: {result.err}"
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """Mount a small private tmpfs on `path` (skip when mounting is not permitted); always unmount."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "aegis-test", str(path)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def remount(path: Path, options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mount", "-o", f"remount,{options}", str(path)], capture_output=True, text=True,
+                          check=False)

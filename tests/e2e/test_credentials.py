@@ -1,0 +1,302 @@
+"""`aegisctl vault add|list|show|update|rotate|remove`: every flag, every bad input, no secret out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.e2e.support import assert_failed, names, show, status
+from tests.harness import PASSPHRASE, Aegis, new_aegis
+
+SECRET = "sk-live-credentialSecret-7f3a9c0e1d2b"
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Aegis]:
+    """One unlocked daemon for the refusal tests, which must leave it unchanged."""
+    instance = new_aegis()
+    instance.start()
+    instance.init()
+    instance.add_credential("taken", SECRET, "--service", "taken", "--domains", "api.taken.example")
+    yield instance
+    instance.cleanup()
+
+
+def add(aegis: Aegis, name: str, *args: str, secret: str = SECRET, service: str | None = None,
+        domains: str = "api.example.com") -> list[str]:
+    return ["vault", "add", name, "--service", service or name, "--domains", domains, "--secret-stdin", *args]
+
+
+def test_add_defaults_and_json_everywhere(unlocked: Aegis) -> None:
+    added = json.loads(unlocked.ctl(*add(unlocked, "github", "--json"), input=SECRET + "\n").ok().out)
+    assert added["name"] == "github" and added["service"] == "github"
+    assert added["domains"] == ["api.example.com"]
+    assert added["auth_type"] == "bearer"
+    assert added["scopes"] == ["*"]
+    assert added["body_inspection"] == "block"
+    assert added["rate_limit"] is None and added["expires_at"] is None and added["expired"] is False
+    assert added["header_name"] is None and added["query_param"] is None
+    assert added["created_at"] and added["rotated_at"]
+    assert show(unlocked, "github") == added
+    listed = json.loads(unlocked.ctl("vault", "list", "--json").ok().out)
+    assert listed == [added]
+    # No field of any read carries the secret.
+    assert SECRET not in json.dumps(listed)
+    human = unlocked.ctl("vault", "add", "gitlab", "--service", "gitlab", "--domains", "gitlab.com",
+                         "--secret-stdin", input="glpat-humanOutputSecret99\n").ok().out
+    assert f"127.0.0.1:{unlocked.gate_port}/gitlab/" in human
+    table = unlocked.ctl("vault", "list").ok().out
+    assert "github" in table and "gitlab" in table and "NAME" in table
+    assert "api.example.com" in unlocked.ctl("vault", "show", "github").ok().out
+    unlocked.assert_no_leaks([PASSPHRASE, SECRET, "glpat-humanOutputSecret99"])
+
+
+def test_list_when_empty(unlocked: Aegis) -> None:
+    assert json.loads(unlocked.ctl("vault", "list", "--json").ok().out) == []
+    assert "vault add" in unlocked.ctl("vault", "list").ok().out
+
+
+def test_every_add_flag(unlocked: Aegis) -> None:
+    before = datetime.now(UTC)
+    header = json.loads(unlocked.ctl(
+        *add(unlocked, "openai", "--auth-type", "header", "--header-name", "X-Api-Key", "--scopes", "read",
+             "--ttl", "90d", "--rate-limit", "100/min", "--body-inspection", "warn", "--json"),
+        input="sk-header-secret-000111\n").ok().out)
+    assert header["auth_type"] == "header" and header["header_name"] == "X-Api-Key"
+    assert header["scopes"] == ["read"]
+    assert header["rate_limit"] == "100/min"
+    assert header["body_inspection"] == "warn"
+    expires = datetime.fromisoformat(header["expires_at"].replace("Z", "+00:00"))
+    assert before + timedelta(days=90) - timedelta(seconds=5) <= expires <= before + timedelta(days=90, seconds=60)
+
+    basic = show(unlocked, json.loads(unlocked.ctl(
+        *add(unlocked, "jira", "--auth-type", "basic", "--scopes", "read,write", "--body-inspection", "off",
+             "--rate-limit", "5/sec", "--json"), input="bot:basic-pass-424242\n").ok().out)["name"])
+    assert basic["auth_type"] == "basic" and basic["scopes"] == ["read", "write"]
+    assert basic["body_inspection"] == "off" and basic["rate_limit"] == "5/sec"
+
+    query = json.loads(unlocked.ctl(
+        *add(unlocked, "maps", "--auth-type", "query", "--query-param", "key", "--scopes", "read,*",
+             "--rate-limit", "1000/day", "--ttl", "12h", "--json"), input="AIzaQuerySecret555\n").ok().out)
+    assert query["auth_type"] == "query" and query["query_param"] == "key"
+    assert query["scopes"] == ["*"]
+    assert query["rate_limit"] == "1000/day"
+
+    bearer = json.loads(unlocked.ctl(*add(unlocked, "slack", "--auth-type", "bearer", "--ttl", "never", "--json"),
+                                     input="xoxb-bearer-secret-77\n").ok().out)
+    assert bearer["auth_type"] == "bearer" and bearer["expires_at"] is None
+    assert status(unlocked)["credentials"] == 4
+    unlocked.assert_no_leaks([PASSPHRASE, "sk-header-secret-000111", "bot:basic-pass-424242", "AIzaQuerySecret555",
+                              "xoxb-bearer-secret-77"])
+
+
+def test_domains_are_canonicalised(unlocked: Aegis) -> None:
+    domains = ",".join(["API.Example.COM.", "bücher.de", "http://127.0.0.1:8080", "*.Foo.Example.org",
+                        "https://api.example.com:443", "HTTP://LocalHost:3000", "[::1]:8443", "Bücher.DE."])
+    unlocked.ctl(*add(unlocked, "canon", domains=domains), input=SECRET + "\n").ok()
+    assert show(unlocked, "canon")["domains"] == [
+        "api.example.com", "xn--bcher-kva.de", "http://127.0.0.1:8080", "*.foo.example.org",
+        "http://localhost:3000", "https://[::1]:8443",
+    ]
+    unlocked.assert_no_leaks([PASSPHRASE, SECRET])
+
+
+@pytest.mark.parametrize(("domains", "message"), [
+    ("*", "only allowed as the whole first label"),
+    ("*.com", "too broad"),
+    ("*.co.uk", "too broad"),
+    ("*.github.io", "too broad"),
+    ("co.uk", "public suffix"),
+    ("api.*.example.com", "'*'"),
+    ("ftp://files.example.com", "scheme"),
+    ("user@api.example.com", "userinfo"),
+    ("api.example.com/v1", "path"),
+    ("api.example.com:99999", "port"),
+    ("exa mple.com", "whitespace"),
+    ("", "at least one host"),
+    ("0x7f.1", "IPv4"),
+])
+def test_bad_domains_are_refused(shared: Aegis, domains: str, message: str) -> None:
+    result = shared.ctl(*add(shared, "baddomain", domains=domains), input=SECRET + "\n")
+    assert_failed(result, message)
+    assert "baddomain" not in names(shared)
+
+
+@pytest.mark.parametrize("rate", ["lots", "0/min", "100/fortnight", "100", "-5/min", "/min", "1.5/sec",
+                                  "100/min/extra"])
+def test_bad_rate_limits_are_refused(shared: Aegis, rate: str) -> None:
+    result = shared.ctl(*add(shared, "badrate", "--rate-limit", rate), input=SECRET + "\n")
+    assert_failed(result, "rate", "100/min")
+    assert "badrate" not in names(shared)
+
+
+@pytest.mark.parametrize(("name", "service", "message"), [
+    ("Bad Name", "okservice", "credential name"),
+    ("UPPER", "okservice", "credential name"),
+    ("-lead", "okservice", "credential name"),
+    ("x" * 65, "okservice", "credential name"),
+    ("okname", "bad/service", "service"),
+    ("okname", "Bad", "service"),
+    ("okname", "under_score", "service"),
+    ("okname", "s" * 64, "service"),
+])
+def test_bad_names_and_services_are_refused(shared: Aegis, name: str, service: str, message: str) -> None:
+    assert_failed(shared.ctl(*add(shared, name, service=service), input=SECRET + "\n"), message, "must be")
+    assert names(shared) == ["taken"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--auth-type", "header"), "--header-name"),
+    (("--auth-type", "header", "--header-name", "Host"), "header name"),
+    (("--auth-type", "header", "--header-name", "Bad Header"), "header name"),
+    (("--auth-type", "query"), "--query-param"),
+    (("--auth-type", "query", "--query-param", "a b"), "--query-param"),
+    (("--header-name", "X-Key"), "do not apply"),
+    (("--auth-type", "basic", "--query-param", "k"), "do not apply"),
+    (("--auth-type", "basic"), "user:password"),  # the secret has no ':'
+    (("--scopes", "admin"), "unknown scope"),
+    (("--scopes", ","), "at least one"),
+])
+def test_bad_auth_and_scope_combinations_are_refused(shared: Aegis, args: tuple[str, ...], message: str) -> None:
+    assert_failed(shared.ctl(*add(shared, "badauth", *args), input=SECRET + "\n"), message)
+    assert names(shared) == ["taken"]
+
+
+@pytest.mark.parametrize("args", [
+    ("--auth-type", "oauth"), ("--body-inspection", "maybe"), ("--ttl", "ninety"), ("--ttl", "5y"),
+    ("--secret", SECRET), ("--no-such-flag",),
+])
+def test_usage_errors_exit_2(shared: Aegis, args: tuple[str, ...]) -> None:
+    result = shared.ctl(*add(shared, "usage", *args), input=SECRET + "\n")
+    assert result.code == 2, result
+    assert "Usage:" in result.err and "Traceback" not in result.err
+    assert names(shared) == ["taken"]
+
+
+def test_missing_required_options_exit_2(shared: Aegis) -> None:
+    assert shared.ctl("vault", "add", "nodomains", "--service", "x", "--secret-stdin", input=SECRET + "\n").code == 2
+    assert shared.ctl("vault", "add", "noservice", "--domains", "a.example", "--secret-stdin",
+                      input=SECRET + "\n").code == 2
+    assert shared.ctl("vault", "add", "--service", "x", "--domains", "a.example", "--secret-stdin",
+                      input=SECRET + "\n").code == 2
+    assert names(shared) == ["taken"]
+
+
+def test_secret_is_never_taken_from_argv(shared: Aegis) -> None:
+    help_text = shared.ctl("vault", "add", "--help").ok().out
+    assert "--secret-stdin" in help_text
+    assert "--secret " not in help_text and "--secret=" not in help_text
+    # Without --secret-stdin and without a terminal there is nothing to read: usage error.
+    assert_failed(shared.ctl(*add(shared, "argv")[:-1], input=SECRET + "\n"), "--secret-stdin", code=2)
+    # An extra positional argument is not taken as the secret.
+    assert shared.ctl(*add(shared, "argv"), "sk-positional-secret", input=SECRET + "\n").code == 2
+    # --secret-stdin with an empty standard input is a usage error, not an empty secret.
+    assert_failed(shared.ctl(*add(shared, "argv"), input=""), "empty", code=2)
+    assert_failed(shared.ctl(*add(shared, "argv"), input="\n"), "empty", code=2)
+    assert_failed(shared.ctl("vault", "rotate", "taken", "--secret-stdin", input=""), "empty", code=2)
+    assert names(shared) == ["taken"]
+
+
+def test_bad_secrets_are_refused(shared: Aegis) -> None:
+    assert_failed(shared.ctl(*add(shared, "huge"), input="x" * 20000 + "\n"), "longer than")
+    assert names(shared) == ["taken"]
+
+
+def test_duplicates_are_refused(shared: Aegis) -> None:
+    result = shared.ctl(*add(shared, "taken", service="fresh"), input="sk-dup-name-0001\n")
+    assert_failed(result, "already", "'taken'")
+    result = shared.ctl(*add(shared, "fresh", service="taken"), input="sk-dup-service-0001\n")
+    assert_failed(result, "already", "service 'taken'")
+    assert names(shared) == ["taken"]
+    shared.assert_no_leaks([PASSPHRASE, SECRET, "sk-dup-name-0001", "sk-dup-service-0001"])
+
+
+def test_show_update_rotate_remove_unknown_name(shared: Aegis) -> None:
+    for args in (("show", "ghost"), ("show", "ghost", "--json"), ("update", "ghost", "--scopes", "read"),
+                 ("remove", "ghost", "--yes")):
+        assert_failed(shared.ctl("vault", *args), "no credential named 'ghost'", "vault list")
+    # rotate checks the name before it reads the secret
+    assert_failed(shared.ctl("vault", "rotate", "ghost", "--secret-stdin", input=""), "no credential named")
+
+
+def test_update_changes_metadata_and_keeps_rules(unlocked: Aegis) -> None:
+    unlocked.add_credential("api", SECRET, "--service", "api", "--domains", "api.example.com",
+                            "--rate-limit", "10/min", "--ttl", "1d")
+    unlocked.add_credential("other", "sk-other-secret-31337", "--service", "other", "--domains", "o.example")
+    created = show(unlocked, "api")
+
+    updated = json.loads(unlocked.ctl("vault", "update", "api", "--domains", "API.Example.NET.,*.Svc.Example.com",
+                                      "--scopes", "read,write", "--body-inspection", "warn", "--json").ok().out)
+    assert updated["domains"] == ["api.example.net", "*.svc.example.com"]
+    assert updated["scopes"] == ["read", "write"]
+    assert updated["body_inspection"] == "warn"
+    assert updated["rotated_at"] == created["rotated_at"]
+    assert updated["id"] == created["id"]
+    assert show(unlocked, "api") == updated
+
+    cleared = json.loads(unlocked.ctl("vault", "update", "api", "--rate-limit", "none", "--ttl", "never",
+                                      "--json").ok().out)
+    assert cleared["rate_limit"] is None and cleared["expires_at"] is None
+
+    switched = json.loads(unlocked.ctl("vault", "update", "api", "--auth-type", "header", "--header-name",
+                                       "X-Token", "--service", "api2", "--json").ok().out)
+    assert (switched["auth_type"], switched["header_name"], switched["service"]) == ("header", "X-Token", "api2")
+    assert "Updated" in unlocked.ctl("vault", "update", "api", "--scopes", "*").ok().out
+
+    # Refusals leave the credential as it was.
+    before = show(unlocked, "api")
+    assert_failed(unlocked.ctl("vault", "update", "api", "--service", "other"), "already")
+    assert_failed(unlocked.ctl("vault", "update", "api", "--domains", "*.com"), "too broad")
+    assert_failed(unlocked.ctl("vault", "update", "api", "--rate-limit", "fast"), "rate")
+    assert_failed(unlocked.ctl("vault", "update", "api", "--auth-type", "query"), "--query-param")
+    assert_failed(unlocked.ctl("vault", "update", "api", "--scopes", "root"), "unknown scope")
+    assert_failed(unlocked.ctl("vault", "update", "api"), "nothing to update")
+    assert unlocked.ctl("vault", "update", "api", "--body-inspection", "loud").code == 2
+    assert show(unlocked, "api") == before
+    unlocked.assert_no_leaks([PASSPHRASE, SECRET, "sk-other-secret-31337"])
+
+
+def test_rotate_replaces_the_secret_and_keeps_metadata(unlocked: Aegis) -> None:
+    new_secret = "sk-rotated-secret-9a8b7c6d5e"
+    unlocked.add_credential("rot", SECRET, "--service", "rot", "--domains", "rot.example", "--scopes", "read")
+    before = show(unlocked, "rot")
+    out = unlocked.ctl("vault", "rotate", "rot", "--secret-stdin", input=new_secret + "\n").ok().out
+    assert "Rotated" in out
+    after = show(unlocked, "rot")
+    assert after["rotated_at"] >= before["rotated_at"]
+    assert {k: v for k, v in after.items() if k not in ("rotated_at", "updated_at")} == \
+        {k: v for k, v in before.items() if k not in ("rotated_at", "updated_at")}
+    # The auth type's rules apply to the new secret too.
+    unlocked.add_credential("basic", "user:pw-basic-1234", "--service", "basic", "--domains", "b.example",
+                            "--auth-type", "basic")
+    assert_failed(unlocked.ctl("vault", "rotate", "basic", "--secret-stdin", input="no-colon-secret-55\n"),
+                  "user:password")
+    unlocked.assert_no_leaks([PASSPHRASE, SECRET, new_secret, "user:pw-basic-1234", "no-colon-secret-55"])
+
+
+def test_remove_needs_yes_without_a_terminal(unlocked: Aegis) -> None:
+    unlocked.add_credential("gone", SECRET, "--service", "gone", "--domains", "gone.example")
+    unlocked.add_credential("kept", "sk-kept-secret-2468", "--service", "kept", "--domains", "kept.example")
+    result = unlocked.ctl("vault", "remove", "gone")
+    assert_failed(result, "--yes", code=2)
+    assert names(unlocked) == ["gone", "kept"]
+    assert "Removed" in unlocked.ctl("vault", "remove", "gone", "--yes").ok().out
+    assert names(unlocked) == ["kept"]
+    assert status(unlocked)["credentials"] == 1
+    # The name and service are free again.
+    unlocked.add_credential("gone", "sk-second-life-1357", "--service", "gone", "--domains", "gone.example")
+    assert names(unlocked) == ["gone", "kept"]
+    unlocked.assert_no_leaks([PASSPHRASE, SECRET, "sk-kept-secret-2468", "sk-second-life-1357"])
+
+
+def test_credentials_survive_restart(unlocked: Aegis) -> None:
+    unlocked.add_credential("persist", SECRET, "--service", "persist", "--domains", "bücher.de",
+                            "--auth-type", "query", "--query-param", "api_key", "--rate-limit", "60/hour")
+    before = show(unlocked, "persist")
+    assert unlocked.stop() == 0
+    unlocked.start()
+    assert show(unlocked, "persist") == before
+    unlocked.assert_no_leaks([PASSPHRASE, SECRET])

@@ -1,0 +1,190 @@
+"""The vault's life through aegisctl: init, unlock, lock, status (human and --json)."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+
+from tests.e2e.support import assert_failed, status
+from tests.harness import AEGISD, PASSPHRASE, Aegis
+
+OTHER_PASSPHRASE = "violet submarine orbit pancake 77"
+
+
+def test_status_json_through_every_state(aegis: Aegis) -> None:
+    info = status(aegis)
+    assert info["state"] == "uninitialized"
+    assert info["vault_id"] is None
+    assert info["gate_address"] == f"127.0.0.1:{aegis.gate_port}"
+    assert info["uptime_seconds"] >= 0
+    assert (info["credentials"], info["agents"], info["grants"], info["key_slots"]) == (0, 0, 0, 0)
+    version = subprocess.run([AEGISD, "--version"], capture_output=True, text=True, check=True).stdout
+    assert info["version"] and info["version"] in version
+
+    aegis.init()
+    info = status(aegis)
+    assert info["state"] == "unlocked"
+    assert re.fullmatch(r"[0-9a-f]{32}", info["vault_id"])
+    assert info["key_slots"] == 1
+
+    aegis.add_credential("one", "sk-status-secret-0001", "--service", "one", "--domains", "api.one.example")
+    assert status(aegis)["credentials"] == 1
+
+    aegis.ctl("lock").ok()
+    info = status(aegis)
+    assert info["state"] == "locked"
+    assert info["credentials"] == 1  # counts stay visible while locked; secrets do not
+
+    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert status(aegis)["state"] == "unlocked"
+    aegis.assert_no_leaks([PASSPHRASE, "sk-status-secret-0001"])
+
+
+def test_status_human_says_what_to_do_next(aegis: Aegis) -> None:
+    out = aegis.ctl("status").ok().out
+    assert "uninitialized" in out and "aegisctl init" in out
+    assert f"127.0.0.1:{aegis.gate_port}" in out
+    aegis.init()
+    aegis.ctl("lock").ok()
+    out = aegis.ctl("status").ok().out
+    assert "locked" in out and "aegisctl unlock" in out
+    aegis.assert_no_leaks([PASSPHRASE])
+
+
+def test_init_refuses_weak_passphrases_with_a_clear_message(aegis: Aegis) -> None:
+    for weak in ("short", "password1234", "abcdefghijkl", "qwertyuiopasdf"):
+        result = aegis.ctl("init", "--passphrase-stdin", input=weak + "\n")
+        assert_failed(result, "passphrase")
+        assert re.search(r"at least \d+ characters|too weak", result.err), result.err
+    assert status(aegis)["state"] == "uninitialized"  # nothing was created
+    aegis.init()
+    aegis.assert_no_leaks([PASSPHRASE])
+
+
+def test_init_needs_a_passphrase_from_stdin_or_a_terminal(aegis: Aegis) -> None:
+    assert_failed(aegis.ctl("init", "--passphrase-stdin", input=""), "empty", code=2)
+    assert_failed(aegis.ctl("init", input=""), "--passphrase-stdin", code=2)  # no TTY to prompt on
+    # There is no way to give the passphrase in argv.
+    assert_failed(aegis.ctl("init", "--passphrase", PASSPHRASE), "no such option", code=2)
+    assert status(aegis)["state"] == "uninitialized"
+
+
+def test_init_twice_is_refused(unlocked: Aegis) -> None:
+    result = unlocked.ctl("init", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n")
+    assert_failed(result, "already exists")
+    assert "unlock" in result.err  # the hint points somewhere useful, not at `update`
+    # The original passphrase still opens the vault; the second one was not added.
+    unlocked.ctl("lock").ok()
+    assert_failed(unlocked.ctl("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n"), "wrong passphrase")
+    unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    unlocked.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE])
+
+
+def test_init_writes_unlock_key_file_0600_and_it_unlocks(aegis: Aegis) -> None:
+    key_file = aegis.root / "unlock.key"
+    result = aegis.init(PASSPHRASE, "--unlock-key-out", str(key_file))
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    key = key_file.read_text().strip()
+    assert key.startswith("aegis-unlock-") and len(key) > 40
+    assert str(key_file) in result.out
+    assert status(aegis)["key_slots"] == 2
+
+    aegis.ctl("lock").ok()
+    aegis.ctl("unlock", "--unlock-key-stdin", input=key + "\n").ok()
+    assert status(aegis)["state"] == "unlocked"
+    # An unlock key is not a passphrase, and vice versa.
+    aegis.ctl("lock").ok()
+    assert_failed(aegis.ctl("unlock", "--passphrase-stdin", input=key + "\n"), "wrong passphrase")
+    assert_failed(aegis.ctl("unlock", "--unlock-key-stdin", input=PASSPHRASE + "\n"), "wrong unlock key")
+    assert status(aegis)["state"] == "locked"
+    aegis.assert_no_leaks([PASSPHRASE, key])
+
+
+def test_init_unlock_key_to_stdout_is_printed_once(aegis: Aegis) -> None:
+    result = aegis.init(PASSPHRASE, "--unlock-key-out", "-")
+    keys = re.findall(r"aegis-unlock-[A-Za-z0-9_-]+", result.out)
+    assert len(keys) == 1, result.out
+    key = keys[0]
+    assert key not in result.err and "not shown again" in result.err
+    aegis.outputs.remove(result.out)  # the one place the key may appear
+
+    aegis.ctl("lock").ok()
+    aegis.ctl("unlock", "--unlock-key-stdin", input=key + "\n").ok()
+    assert status(aegis)["state"] == "unlocked"
+    aegis.assert_no_leaks([PASSPHRASE, key])
+
+
+def test_init_unlock_key_out_bad_path_creates_nothing(aegis: Aegis) -> None:
+    existing = aegis.root / "exists.key"
+    existing.write_text("keep me\n")
+    assert_failed(aegis.ctl("init", "--passphrase-stdin", "--unlock-key-out", str(existing),
+                            input=PASSPHRASE + "\n"), "already exists", code=2)
+    assert existing.read_text() == "keep me\n"
+    assert_failed(aegis.ctl("init", "--passphrase-stdin", "--unlock-key-out", str(aegis.root / "no" / "such.key"),
+                            input=PASSPHRASE + "\n"), "cannot create", code=2)
+    # Neither attempt created a vault whose unlock key would be lost.
+    assert status(aegis)["state"] == "uninitialized"
+    # A refused passphrase leaves no empty key file behind either.
+    weak_target = aegis.root / "weak.key"
+    assert_failed(aegis.ctl("init", "--passphrase-stdin", "--unlock-key-out", str(weak_target),
+                            input="weak\n"), "passphrase")
+    assert not weak_target.exists()
+    aegis.assert_no_leaks([PASSPHRASE])
+
+
+def test_unlock_wrong_passphrase_then_right(unlocked: Aegis) -> None:
+    unlocked.ctl("lock").ok()
+    result = unlocked.ctl("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n")
+    assert_failed(result, "wrong passphrase", "try again")
+    assert status(unlocked)["state"] == "locked"
+    assert "Vault unlocked" in unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok().out
+    assert status(unlocked)["state"] == "unlocked"
+    unlocked.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE])
+
+
+def test_unlock_when_already_unlocked_and_lock_twice(unlocked: Aegis) -> None:
+    out = unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok().out
+    assert "already unlocked" in out
+    assert "locked" in unlocked.ctl("lock").ok().out.lower()
+    unlocked.ctl("lock").ok()  # idempotent
+    assert status(unlocked)["state"] == "locked"
+    unlocked.assert_no_leaks([PASSPHRASE])
+
+
+def test_unlock_usage_errors(unlocked: Aegis) -> None:
+    unlocked.ctl("lock").ok()
+    assert_failed(unlocked.ctl("unlock", "--passphrase-stdin", input=""), "empty", code=2)
+    assert_failed(unlocked.ctl("unlock", input=""), "--passphrase-stdin", code=2)
+    assert_failed(unlocked.ctl("unlock", "--passphrase-stdin", "--unlock-key-stdin", input=PASSPHRASE + "\n"),
+                  "either", code=2)
+    assert status(unlocked)["state"] == "locked"
+    unlocked.assert_no_leaks([PASSPHRASE])
+
+
+def test_commands_before_init_point_at_init(aegis: Aegis) -> None:
+    for args in (("unlock", "--passphrase-stdin"), ("lock",), ("vault", "list")):
+        result = aegis.ctl(*args, input=PASSPHRASE + "\n")
+        assert_failed(result, "no vault", "aegisctl init")
+    aegis.assert_no_leaks([PASSPHRASE])
+
+
+def test_lock_survives_restart_and_locked_vault_refuses_changes(unlocked: Aegis) -> None:
+    secret = "sk-locked-refusal-secret-42"
+    unlocked.add_credential("svc", secret, "--service", "svc", "--domains", "api.svc.example")
+    assert unlocked.stop() == 0
+    unlocked.start()
+    assert status(unlocked)["state"] == "locked"  # no auto-unlock source: starts locked
+    result = unlocked.ctl("vault", "add", "other", "--service", "other", "--domains", "o.example",
+                          "--secret-stdin", input="sk-other-secret-0000\n")
+    assert_failed(result, "locked", "aegisctl unlock")
+    assert_failed(unlocked.ctl("vault", "rotate", "svc", "--secret-stdin", input="sk-new-0000000\n"),
+                  "locked", "aegisctl unlock")
+    assert_failed(unlocked.ctl("vault", "update", "svc", "--scopes", "read"), "locked", "aegisctl unlock")
+    assert_failed(unlocked.ctl("vault", "remove", "svc", "--yes"), "locked", "aegisctl unlock")
+    # Reading metadata does not need the key.
+    assert "svc" in unlocked.ctl("vault", "list").ok().out
+    unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert status(unlocked)["credentials"] == 1
+    unlocked.assert_no_leaks([PASSPHRASE, secret, "sk-other-secret-0000", "sk-new-0000000"])

@@ -1,0 +1,176 @@
+"""AgentRegistry on a real vault database: tokens, hashes, grants and cascades, without a daemon."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aegisd.agents import TOKEN_PREFIX, AgentRecord, AgentRegistry, new_token, token_hash
+from aegisd.errors import AlreadyExists, InvalidArgument, NotFound, VaultLocked, VaultUninitialized
+from aegisd.store import VaultStore
+from aegisd.vault.credentials import Credential
+from aegisd.vault.vault import Vault
+from tests.harness import PASSPHRASE
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[VaultStore]:
+    s = VaultStore(tmp_path / "vault.db")
+    s.open()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def vault(store: VaultStore) -> Vault:
+    v = Vault(store)
+    v.init(PASSPHRASE, False)
+    return v
+
+
+@pytest.fixture
+def events(vault: Vault) -> list[str]:
+    heard: list[str] = []
+    vault.add_listener(heard.append)
+    return heard
+
+
+@pytest.fixture
+def registry(store: VaultStore, vault: Vault) -> AgentRegistry:
+    return AgentRegistry(store, vault)
+
+
+def add_credential(vault: Vault, name: str) -> str:
+    cred = vault.add_credential(Credential(id="", name=name, service=name, domains=[f"api.{name}.com"]),
+                                f"secret-{name}-0123456789")
+    return cred.id
+
+
+def record(registry: AgentRegistry, name: str) -> AgentRecord:
+    return next(r for r in registry.snapshot() if r.name == name)
+
+
+def test_token_shape() -> None:
+    token = new_token()
+    assert token.startswith(TOKEN_PREFIX)
+    body = token[len(TOKEN_PREFIX):]
+    assert len(base64.urlsafe_b64decode(body + "=")) == 32
+    assert new_token() != token
+
+
+def test_add_stores_only_a_keyed_hash(registry: AgentRegistry, vault: Vault, store: VaultStore,
+                                      events: list[str]) -> None:
+    agent, token = registry.add("claude")
+    assert agent.name == "claude" and agent.credentials == [] and agent.created_at == agent.rotated_at
+    rec = record(registry, "claude")
+    assert rec.token_hash == token_hash(vault.master(), token)
+    assert rec.token_hash != token.encode() and len(rec.token_hash) == 32
+    assert token.encode() not in store.path.read_bytes()
+    assert events == ["agents"]
+
+
+def test_hash_is_keyed_per_vault(tmp_path: Path, vault: Vault) -> None:
+    other_store = VaultStore(tmp_path / "other.db")
+    other_store.open()
+    other = Vault(other_store)
+    other.init(PASSPHRASE, False)
+    assert token_hash(vault.master(), "aegis_x") != token_hash(other.master(), "aegis_x")
+    other_store.close()
+
+
+def test_names_are_validated_and_unique(registry: AgentRegistry) -> None:
+    registry.add("bot-1")
+    with pytest.raises(AlreadyExists) as exc:
+        registry.add("bot-1")
+    assert exc.value.reason == "agent_exists"
+    for bad in ("", "Bot", "-x", "a b", "x" * 65):
+        with pytest.raises(InvalidArgument, match="agent name"):
+            registry.add(bad)
+
+
+def test_regenerate_replaces_the_hash(registry: AgentRegistry, vault: Vault, events: list[str]) -> None:
+    _, old = registry.add("claude")
+    new = registry.regenerate("claude")
+    assert new != old
+    hashes = {r.token_hash for r in registry.snapshot()}
+    assert token_hash(vault.master(), new) in hashes
+    assert token_hash(vault.master(), old) not in hashes
+    assert registry.get("claude").rotated_at >= registry.get("claude").created_at
+    assert events == ["agents", "agents"]
+
+
+def test_grant_revoke(registry: AgentRegistry, vault: Vault, events: list[str]) -> None:
+    gh = add_credential(vault, "github")
+    registry.add("claude")
+    events.clear()
+    assert registry.grant("claude", "github") is True
+    assert registry.grant("claude", "github") is False  # idempotent, and no event for a no-op
+    assert events == ["agents"]
+    assert registry.get("claude").credentials == ["github"]
+    assert record(registry, "claude").credential_ids == frozenset({gh})
+    registry.revoke("claude", "github")
+    assert record(registry, "claude").credential_ids == frozenset()
+    with pytest.raises(NotFound) as exc:
+        registry.revoke("claude", "github")
+    assert exc.value.reason == "grant_not_found"
+
+
+@pytest.mark.parametrize(("agent", "credential", "reason"), [
+    ("ghost", "github", "agent_not_found"),
+    ("claude", "nope", "credential_not_found"),
+])
+def test_unknown_names(registry: AgentRegistry, vault: Vault, agent: str, credential: str, reason: str) -> None:
+    add_credential(vault, "github")
+    registry.add("claude")
+    for call in (registry.grant, registry.revoke):
+        with pytest.raises(NotFound) as exc:
+            call(agent, credential)
+        assert exc.value.reason == reason
+    if agent == "ghost":
+        for one in (registry.get, registry.remove, registry.regenerate):
+            with pytest.raises(NotFound) as exc:
+                one(agent)
+            assert exc.value.reason == "agent_not_found"
+
+
+def test_remove_cascades(registry: AgentRegistry, vault: Vault) -> None:
+    add_credential(vault, "github")
+    add_credential(vault, "openai")
+    registry.add("claude")
+    registry.add("cursor")
+    for cred in ("github", "openai"):
+        registry.grant("claude", cred)
+    registry.grant("cursor", "github")
+    assert registry.remove("claude") == 2
+    assert vault.counts()["grants"] == 1
+    assert [a.name for a in registry.list()] == ["cursor"]
+    assert vault.remove_credential("github") == 1
+    assert registry.get("cursor").credentials == []
+    assert vault.counts()["grants"] == 0
+
+
+def test_locked_vault(registry: AgentRegistry, vault: Vault) -> None:
+    add_credential(vault, "github")
+    registry.add("claude")
+    registry.grant("claude", "github")
+    vault.lock()
+    for call, args in ((registry.add, ("other",)), (registry.regenerate, ("claude",)),
+                       (registry.remove, ("claude",)), (registry.grant, ("claude", "github")),
+                       (registry.revoke, ("claude", "github"))):
+        with pytest.raises(VaultLocked):
+            call(*args)
+    # Reading names and grants needs no key, like `vault list`.
+    assert [a.credentials for a in registry.list()] == [["github"]]
+    assert len(registry.snapshot()) == 1
+
+
+def test_uninitialized(store: VaultStore) -> None:
+    registry = AgentRegistry(store, Vault(store))
+    with pytest.raises(VaultUninitialized):
+        registry.list()
+    with pytest.raises(VaultUninitialized):
+        registry.add("claude")
+    assert registry.snapshot() == []
