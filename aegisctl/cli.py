@@ -8,7 +8,21 @@ import click
 
 from aegisctl import __version__
 from aegisctl.client import ClientError
-from aegisctl.commands import agent, grant, init, ledger, lock, status, unlock, vault
+from aegisctl.commands import (
+    agent,
+    backup,
+    doctor,
+    grant,
+    init,
+    ledger,
+    lock,
+    mcp,
+    policy,
+    status,
+    unlock,
+    vault,
+    webhook,
+)
 from aegisctl.context import Context
 
 ENV_HELP = """
@@ -51,9 +65,12 @@ def root(ctx: click.Context, socket_flag: str | None, config: str | None) -> Non
     ctx.call_on_close(state.close)
 
 
-for module in (init, unlock, lock, status, vault, agent, ledger):
+for module in (init, unlock, lock, status, vault, agent, policy, ledger, webhook, mcp):
     root.add_command(module.command)
 for verb in grant.commands:
+    root.add_command(verb)
+root.add_command(doctor.command)
+for verb in backup.commands:
     root.add_command(verb)
 
 

@@ -16,11 +16,15 @@ import grpc
 from aegisd.api.aegis.v1 import (
     agents_pb2,
     agents_pb2_grpc,
+    backup_pb2_grpc,
     credentials_pb2,
     credentials_pb2_grpc,
+    doctor_pb2_grpc,
     ledger_pb2_grpc,
+    policy_pb2_grpc,
     vault_pb2,
     vault_pb2_grpc,
+    webhooks_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -30,7 +34,7 @@ DEFAULT_TIMEOUT = 30.0
 HINTS = {
     "vault_locked": "run `aegisctl unlock` first",
     "vault_uninitialized": "run `aegisctl init` to create the vault",
-    "wrong_passphrase": "check the passphrase and try again",
+    "wrong_passphrase": "check the passphrase (or unlock key) and try again",
     "credential_not_found": "see `aegisctl vault list` for the names",
     "storage_full": "free disk space in the data directory, then retry",
     "storage_read_only": "make the data directory writable by aegisd, then retry",
@@ -40,6 +44,10 @@ HINTS = {
     "agent_not_found": "see `aegisctl agent list` for the names",
     "agent_exists": "pick another name, or `aegisctl agent regenerate NAME` for a new token",
     "grant_not_found": "see the agent's grants with `aegisctl agent show AGENT`",
+    "webhook_not_found": "see `aegisctl webhook list` for the ids",
+    "vault_unlocked": "run `aegisctl lock` first, then retry",
+    "invalid_backup": "nothing was changed; use another backup, or take a new one with `aegisctl backup FILE`",
+    "ledger_tampered": "`aegisctl ledger verify` names the first bad row; keep a copy of ledger.db as evidence",
 }
 
 
@@ -85,6 +93,22 @@ class AegisClient:
     @property
     def ledger(self) -> ledger_pb2_grpc.LedgerServiceStub:
         return ledger_pb2_grpc.LedgerServiceStub(self._connect())
+
+    @property
+    def webhooks(self) -> webhooks_pb2_grpc.WebhookServiceStub:
+        return webhooks_pb2_grpc.WebhookServiceStub(self._connect())
+
+    @property
+    def policies(self) -> policy_pb2_grpc.PolicyServiceStub:
+        return policy_pb2_grpc.PolicyServiceStub(self._connect())
+
+    @property
+    def doctor(self) -> doctor_pb2_grpc.DoctorServiceStub:
+        return doctor_pb2_grpc.DoctorServiceStub(self._connect())
+
+    @property
+    def backup(self) -> backup_pb2_grpc.BackupServiceStub:
+        return backup_pb2_grpc.BackupServiceStub(self._connect())
 
     def stream(self, responses: Iterable[T]) -> Iterator[T]:
         """Iterate a server stream, translating failures into ClientError."""

@@ -35,6 +35,12 @@ def iso(ts: Timestamp | None) -> str | None:
         "+00:00", "Z")
 
 
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC with milliseconds, the ledger's time format."""
+    stamp = datetime.fromtimestamp(ms / 1000, UTC)
+    return f"{stamp:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
+
+
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)

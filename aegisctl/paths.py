@@ -23,7 +23,7 @@ def resolve_socket(flag: str | None, config: str | None, env: Mapping[str, str] 
         return Path(flag).expanduser()
     if env.get("AEGIS_SOCKET"):
         return Path(env["AEGIS_SOCKET"]).expanduser()
-    settings = _read_config(config or env.get("AEGIS_CONFIG"))
+    settings = read_config(config or env.get("AEGIS_CONFIG"))
     if settings.get("socket"):
         return Path(str(settings["socket"])).expanduser()
     if env.get("XDG_RUNTIME_DIR"):
@@ -39,7 +39,8 @@ def resolve_socket(flag: str | None, config: str | None, env: Mapping[str, str] 
     return candidate
 
 
-def _read_config(path: str | None) -> dict[str, object]:
+def read_config(path: str | None) -> dict[str, object]:
+    """aegisd's TOML config file as a dict ({} when none is named); shared with the MCP bridge."""
     if not path:
         return {}
     try:

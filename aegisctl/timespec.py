@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import click
 
 _AGO = re.compile(r"^(\d{1,9})([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class TimeSpec(click.ParamType):  # type: ignore[type-arg]
@@ -31,4 +32,4 @@ class TimeSpec(click.ParamType):  # type: ignore[type-arg]
                       param, ctx)
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return int(parsed.timestamp() * 1000)
+        return (parsed - EPOCH) // timedelta(milliseconds=1)  # exact: a float timestamp can lose the last ms

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from aegisd.errors import AlreadyExists, NotFound, VaultUninitialized
 from aegisd.store import VaultStore
-from aegisd.vault.credentials import validate_name
+from aegisd.vault.credentials import validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, keyed_hash
 from aegisd.vault.vault import Vault, now_ms
 
@@ -110,6 +110,21 @@ class AgentRegistry:
                 conn.execute("DELETE FROM agents WHERE id = ?", (agent_id,))  # grants: ON DELETE CASCADE
         self._vault.notify("agents")
         return grants
+
+    def set_rate_limit(self, name: str, rate: str) -> Agent:
+        """Set the agent's own limit across all its credentials ("N/sec|min|hour|day"), or clear it with "".
+
+        A malformed rate is refused here, so the gate never meets one it cannot enforce.
+        """
+        canonical = validate_rate(rate.strip())
+        with self._vault._lock:
+            self._vault.master()
+            with self._store.transaction() as conn:
+                agent_id = self._agent_id(conn, name)
+                conn.execute("UPDATE agents SET rate_limit = ? WHERE id = ?", (canonical, agent_id))
+                agent = self._get(conn, name)
+        self._vault.notify("agents")
+        return agent
 
     def regenerate(self, name: str) -> str:
         """Issue a new token; the old hash is replaced in the same write, so the old token dies at once."""

@@ -25,13 +25,14 @@ Environment:
   AEGIS_SOCKET_GROUP  group that may use the control socket (mode becomes 0660)
   AEGIS_SOCKET_MODE   socket mode, octal   [default: 0600]
   AEGIS_GATE_LISTEN   gate address         [default: 127.0.0.1:3100]
+  AEGIS_POLICIES_DIR  policy files (*.yaml) [default: none: grants and scopes only]
   AEGIS_UNLOCK_KEY    unlock key for unattended start (CI); prefer a file or systemd credential
 \b
 Auto-unlock, first found wins: $CREDENTIALS_DIRECTORY/aegis-unlock (systemd LoadCredential),
 the file named by --unlock-key-file / unlock_key_file (must be mode 0600), AEGIS_UNLOCK_KEY.
 Without one the daemon starts locked; run `aegisctl unlock`.
 \b
-Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file.
+Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file and the policies.
 """
 
 
@@ -42,6 +43,7 @@ Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file.
 @click.option("--socket-group", help="Group allowed to use the control socket.")
 @click.option("--socket-mode", help="Control socket mode, octal (0600 or 0660).")
 @click.option("--gate-listen", help="Gate listen address HOST:PORT.")
+@click.option("--policies-dir", type=click.Path(file_okay=False), help="Directory of policy files (*.yaml).")
 @click.option("--unlock-key-file", type=click.Path(dir_okay=False), help="File holding an unlock key (0600).")
 @click.option("--log-format", type=click.Choice(["human", "json"]), help="Log line format on stderr.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level.")

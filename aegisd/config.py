@@ -30,6 +30,15 @@ _TOML_KEYS: dict[str, tuple[str, ...]] = {
     "read_timeout": ("gate", "read_timeout"),
     "total_timeout": ("gate", "total_timeout"),
     "max_body_bytes": ("gate", "max_body_bytes"),
+    "agent_max_concurrency": ("gate", "agent_max_concurrency"),
+    "metrics_enabled": ("gate", "metrics"),
+    "health_enabled": ("gate", "health"),
+    "webhook_queue_size": ("webhooks", "queue_size"),
+    "webhook_workers": ("webhooks", "workers"),
+    "webhook_timeout": ("webhooks", "timeout"),
+    "webhook_max_attempts": ("webhooks", "max_attempts"),
+    "webhook_retry_delay": ("webhooks", "retry_delay"),
+    "policies_dir": ("policy", "dir"),
     "log_format": ("log", "format"),
     "log_level": ("log", "level"),
 }
@@ -39,6 +48,7 @@ _ENV_KEYS = {
     "socket_group": "AEGIS_SOCKET_GROUP",
     "socket_mode": "AEGIS_SOCKET_MODE",
     "gate_listen": "AEGIS_GATE_LISTEN",
+    "policies_dir": "AEGIS_POLICIES_DIR",
 }
 
 
@@ -48,7 +58,18 @@ _NUMBERS: dict[str, tuple[float, float, float]] = {
     "read_timeout": (120.0, 0.1, 3600.0),
     "total_timeout": (600.0, 0.1, 86400.0),
     "max_body_bytes": (10 * 1024 * 1024, 1024, 1024**3),
+    "agent_max_concurrency": (64, 1, 100_000),
+    "webhook_queue_size": (1000, 1, 1_000_000),
+    "webhook_workers": (4, 1, 64),
+    "webhook_timeout": (10.0, 0.1, 300.0),
+    "webhook_max_attempts": (5, 1, 20),
+    "webhook_retry_delay": (1.0, 0.01, 3600.0),
 }
+# On/off settings; only the config file sets them (true/false in TOML).
+_BOOLEANS: dict[str, bool] = {"metrics_enabled": True, "health_enabled": True}
+# Operations settings read once at start: a SIGHUP that changes them logs that a restart is needed.
+OPERATIONS_RESTART_SETTINGS = ("metrics_enabled", "health_enabled", "webhook_queue_size", "webhook_workers",
+                               "webhook_timeout", "webhook_max_attempts", "webhook_retry_delay")
 
 
 class ConfigError(Exception):
@@ -72,6 +93,15 @@ class Config:
     read_timeout: float = 120.0
     total_timeout: float = 600.0
     max_body_bytes: int = 10 * 1024 * 1024
+    metrics_enabled: bool = True
+    health_enabled: bool = True
+    webhook_queue_size: int = 1000
+    webhook_workers: int = 4
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 5
+    webhook_retry_delay: float = 1.0
+    agent_max_concurrency: int = 64
+    policies_dir: Path | None = None  # None: no policy files; agents are governed by grants and scopes only
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -122,6 +152,15 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         read_timeout=numbers["read_timeout"],
         total_timeout=numbers["total_timeout"],
         max_body_bytes=int(numbers["max_body_bytes"]),
+        metrics_enabled=bool(values.get("metrics_enabled", _BOOLEANS["metrics_enabled"])),
+        health_enabled=bool(values.get("health_enabled", _BOOLEANS["health_enabled"])),
+        webhook_queue_size=int(numbers["webhook_queue_size"]),
+        webhook_workers=int(numbers["webhook_workers"]),
+        webhook_timeout=numbers["webhook_timeout"],
+        webhook_max_attempts=int(numbers["webhook_max_attempts"]),
+        webhook_retry_delay=numbers["webhook_retry_delay"],
+        agent_max_concurrency=int(numbers["agent_max_concurrency"]),
+        policies_dir=_path_or_none(values.get("policies_dir")),
         sources=sources,
     )
 
@@ -179,6 +218,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         if key in _NUMBERS:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"config file {path}: {key} must be a number, got {type(value).__name__}")
+        elif key in _BOOLEANS:
+            if not isinstance(value, bool):
+                section, name = _TOML_KEYS[key]
+                raise ConfigError(f"config file {path}: [{section}] {name} must be true or false, "
+                                  f"got {type(value).__name__}")
         elif not isinstance(value, str):
             raise ConfigError(f"config file {path}: {key} must be a string, got {type(value).__name__}")
     return flat

@@ -1,7 +1,7 @@
 """The daemon's life: harden, open storage, auto-unlock, serve, and shut down cleanly.
 
 SIGTERM/SIGINT stop accepting, let in-flight calls finish, close the database and exit 0;
-SIGHUP re-reads the config file and applies what can change without a restart.
+SIGHUP re-reads the config file and the policies and applies what can change without a restart.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from aegisd import __version__
 from aegisd.agents import AgentRegistry
-from aegisd.config import UNLOCK_CREDENTIAL_NAME, Config, ConfigError, load_config
+from aegisd.config import OPERATIONS_RESTART_SETTINGS, UNLOCK_CREDENTIAL_NAME, Config, ConfigError, load_config
 from aegisd.control.server import ControlServer
 from aegisd.errors import AegisError
 from aegisd.gate.pipeline import GatePipeline
@@ -29,10 +29,14 @@ from aegisd.gate.upstream import UpstreamPool
 from aegisd.hardening import harden_process
 from aegisd.ledger import LedgerError, LedgerWriter
 from aegisd.logs import event, set_level
+from aegisd.metrics import GateMetrics
+from aegisd.outcomes import OutcomeSink
+from aegisd.policy import PolicyStore
 from aegisd.runtime import Runtime
 from aegisd.sdnotify import ServiceManager
 from aegisd.store import VaultStore
 from aegisd.vault.vault import Vault
+from aegisd.webhooks import Webhooks
 
 log = logging.getLogger("aegisd")
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -49,6 +53,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._manager = ServiceManager()
         self._data_lock: int | None = None
+        self._policies: PolicyStore | None = None
 
     async def run(self) -> int:
         harden_process()
@@ -63,15 +68,21 @@ class Daemon:
             store.close()
             raise StartupError(str(exc)) from None
         runtime = Runtime(self.config, store, vault, AgentRegistry(store, vault), ledger)
+        runtime.policies = self._policies = policies = PolicyStore(self.config.policies_dir, ledger)
         routing = RoutingState(vault, runtime.agents)
         vault.add_listener(routing.on_vault_event)
         vault.add_listener(lambda event_name: _key_ledger(vault, ledger, event_name))
+        runtime.webhooks = webhooks = Webhooks(self.config, store, vault)
+        webhooks.start()
         self._auto_unlock(vault)
         upstream = UpstreamPool(self.config)
-        gate = GateServer(GatePipeline(self.config, routing, ledger, upstream), self.config.gate_host,
-                          self.config.gate_port)
+        metrics = GateMetrics(vault, ledger, webhooks.dispatcher) if self.config.metrics_enabled else None
+        outcomes = OutcomeSink(routing, metrics, webhooks)
+        gate = GateServer(GatePipeline(self.config, routing, ledger, upstream, outcomes, policies),
+                          self.config.gate_host, self.config.gate_port)
         control = ControlServer(runtime)
         try:
+            await _load_policies(policies)
             await control.start()
             await gate.start()
             self._install_signals()
@@ -86,6 +97,8 @@ class Daemon:
             await control.stop(SHUTDOWN_GRACE_SECONDS)
         finally:
             control.socket.release()
+            await policies.stop()
+            await webhooks.close()
             await upstream.close()
             await ledger.close()
             store.close()
@@ -103,17 +116,22 @@ class Daemon:
 
     def _reload(self) -> None:
         self._manager.reloading()
+        policies_dir = self._policies.directory if self._policies is not None else None
         try:
             fresh = load_config(self._flags)
         except ConfigError as exc:
             log.error("reload failed, keeping the running settings: %s", exc)
         else:
             set_level(fresh.log_level)
-            restart_needed = [name for name in ("data_dir", "socket_path", "gate_host", "gate_port")
+            policies_dir = fresh.policies_dir
+            restart_needed = [name for name in ("data_dir", "socket_path", "gate_host", "gate_port",
+                                                "agent_max_concurrency", *OPERATIONS_RESTART_SETTINGS)
                               if getattr(fresh, name) != getattr(self.config, name)]
             if restart_needed:
                 log.warning("reload: %s changed; restart aegisd to apply", ", ".join(restart_needed))
             event(log, logging.INFO, "configuration reloaded", log_level=fresh.log_level)
+        if self._policies is not None:
+            self._policies.request_reload("SIGHUP", policies_dir, change_directory=True)
         self._manager.reloaded("reloaded")
 
     def _prepare_data_dir(self) -> None:
@@ -152,6 +170,15 @@ class Daemon:
             else:
                 event(log, logging.INFO, "vault unlocked", via=source)
             return
+
+
+async def _load_policies(policies: PolicyStore) -> None:
+    """First load, then watch. A configured directory that cannot be read stops the start: with no
+    previous set to keep, going on would serve every agent without the policies meant for it."""
+    snapshot = await policies.reload("startup")
+    if snapshot.error:
+        raise StartupError(f"{snapshot.error}; fix the path (--policies-dir, AEGIS_POLICIES_DIR or [policy] dir)")
+    policies.start()
 
 
 def _key_ledger(vault: Vault, ledger: LedgerWriter, event_name: str) -> None:

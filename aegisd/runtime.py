@@ -11,8 +11,10 @@ from aegisd.agents import AgentRegistry
 from aegisd.config import Config
 from aegisd.ledger import LedgerWriter
 from aegisd.logs import event
+from aegisd.policy import PolicyStore
 from aegisd.store import VaultStore
 from aegisd.vault.vault import Vault
+from aegisd.webhooks import Webhooks
 
 log = logging.getLogger("aegisd")
 
@@ -25,6 +27,8 @@ class Runtime:
     agents: AgentRegistry
     ledger: LedgerWriter
     started_at: float = field(default_factory=time.time)
+    webhooks: Webhooks | None = None  # set by the daemon once its event loop runs
+    policies: PolicyStore = field(default_factory=lambda: PolicyStore(None))  # the daemon sets the live one
 
     def log_event(self, message: str, **fields: Any) -> None:
         """An operator-visible event at info level; fields must never hold a secret."""

@@ -64,6 +64,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX grants_by_credential ON grants(credential_id);
     """,
+    # 2: webhooks. URL and signing secret are sealed together (AES-GCM, AAD binds the webhook id);
+    # only the URL's origin is kept in clear, for `webhook list` while the vault is locked.
+    """
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        origin TEXT NOT NULL,
+        events TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        nonce BLOB NOT NULL,
+        sealed BLOB NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -122,6 +134,43 @@ class VaultStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def backup_to(self, dest: Path) -> None:
+        """A consistent copy at `dest` (SQLite online backup API), self-contained: no -wal file needed."""
+        with self._lock:
+            conn = self._require()
+            try:
+                target = sqlite3.connect(dest)
+                try:
+                    conn.backup(target)
+                    target.execute("PRAGMA journal_mode = DELETE")
+                finally:
+                    target.close()
+            except sqlite3.Error as exc:
+                raise translate(exc, dest) from None
+
+    def replace_with(self, staged: Path) -> None:
+        """Swap the database file for `staged` (a validated restore) and open that; readers wait meanwhile.
+
+        The old -wal and -shm go too, or SQLite would replay the old WAL onto the new file. If the move
+        fails, the old file is opened again and the error is raised.
+        """
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()  # the last connection: SQLite checkpoints the WAL into the file
+                self._conn = None
+            try:
+                os.replace(staged, self.path)
+                for suffix in ("-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{self.path}{suffix}")
+                fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                self.open()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

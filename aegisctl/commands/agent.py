@@ -1,4 +1,4 @@
-"""`aegisctl agent add|list|show|remove|regenerate`: the identities that call the gate.
+"""`aegisctl agent add|list|show|remove|regenerate|set-rate-limit`: the identities that call the gate.
 
 A token is printed once, when it is made; nothing can show it again. In human mode it is the
 only thing on stdout, so `TOKEN=$(aegisctl agent add NAME)` captures it.
@@ -83,6 +83,7 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
     output.fields([
         ("name", a["name"]), ("created", a["created_at"]), ("token issued", a["rotated_at"]),
         ("credentials", ", ".join(a["credentials"]) or "none (grant with `aegisctl grant`)"),
+        ("rate limit", a["rate_limit"] or "none"),
     ])
 
 
@@ -108,3 +109,20 @@ def regenerate(ctx: Context, name: str, as_json: bool) -> None:
     client = ctx.client
     reply = client.call(client.agents.RegenerateToken, pb.RegenerateTokenRequest(name=name))
     _print_token(reply.agent.name, reply.token, as_json)
+
+
+@command.command("set-rate-limit")
+@click.argument("name")
+@click.argument("rate", metavar="RATE|none")
+@pass_context
+def set_rate_limit(ctx: Context, name: str, rate: str) -> None:
+    """Limit agent NAME across all its credentials to RATE (N/sec, N/min, N/hour or N/day), or `none`.
+
+    The agent's limit applies on top of each credential's own limit and its policy rules' limits;
+    a request refused by any of them gets 429 and uses up none of the others.
+    """
+    client = ctx.client
+    value = "" if rate.strip().lower() == "none" else rate
+    reply = client.call(client.agents.SetRateLimit, pb.SetAgentRateLimitRequest(name=name, rate_limit=value))
+    shown = reply.agent.rate_limit or "none"
+    click.echo(f"Agent {name!r} rate limit: {shown}.")

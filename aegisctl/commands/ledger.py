@@ -1,14 +1,20 @@
-"""`aegisctl ledger show|follow|verify`: the audit trail of every gate decision."""
+"""`aegisctl ledger show|follow|verify|stats|export|prune`: the audit trail of every gate decision."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
 
 import click
 
-from aegisctl import output
+from aegisctl import ledger_export, output
+from aegisctl.client import AegisClient
 from aegisctl.context import Context, pass_context
+from aegisctl.private_file import private_output
+from aegisctl.secrets_input import confirm_destructive
 from aegisctl.timespec import TimeSpec
 from aegisd.api.aegis.v1 import ledger_pb2 as pb
 
@@ -61,7 +67,7 @@ def make_filter(agent: str | None, service: str | None, credential: str | None, 
 
 @click.group("ledger")
 def command() -> None:
-    """Read, follow and verify the audit ledger."""
+    """Read, follow, verify, summarise, export and prune the audit ledger."""
 
 
 @command.command("show")
@@ -110,13 +116,125 @@ def verify(ctx: Context, as_json: bool) -> None:
     client = ctx.client
     reply = client.call(client.ledger.Verify, pb.VerifyRequest(), timeout=600)
     result = {"ok": reply.ok, "rows_checked": reply.rows_checked, "first_bad_id": reply.first_bad_id or None,
-              "reason": reply.reason or None}
+              "reason": reply.reason or None, "first_id": reply.first_id or 1}
     if as_json:
         output.emit_json(result)
     elif reply.ok:
-        click.echo(f"Ledger intact: {reply.rows_checked} rows verified.")
-    else:
+        click.echo(f"Ledger intact: {reply.reason}.")
+    elif reply.first_bad_id:
         click.echo(f"Ledger TAMPERED: first bad row {reply.first_bad_id}: {reply.reason} "
                    f"({reply.rows_checked} rows verified before it).")
+    else:
+        click.echo(f"Ledger TAMPERED: {reply.reason}.")
     if not reply.ok:
         raise SystemExit(1)
+
+
+def _stats_json(reply: pb.StatsResponse) -> dict[str, Any]:
+    def when(ms: int) -> str | None:
+        return output.iso_ms(ms) if ms else None
+
+    return {
+        "rows": reply.rows, "requests": reply.requests, "system_events": reply.system_events,
+        "allowed": reply.allowed, "denied": reply.denied, "bytes_in": reply.bytes_in, "bytes_out": reply.bytes_out,
+        "first_time": when(reply.first_time_ms), "last_time": when(reply.last_time_ms),
+        "by_decision": [{"decision": g.key, "count": g.count} for g in reply.by_decision],
+        "by_service": [{"service": g.key, "requests": g.count, "denied": g.denied} for g in reply.by_service],
+        "by_reason": [{"reason": g.key, "count": g.count} for g in reply.by_reason],
+        "top_agents": [{"agent": g.key, "requests": g.count, "denied": g.denied} for g in reply.top_agents],
+    }
+
+
+@command.command("stats")
+@filter_options
+@click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many top agents.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@pass_context
+def stats(ctx: Context, /, top: int, as_json: bool, **filters: Any) -> None:
+    """Totals and breakdowns (decision, service, reason, top agents) of the matching rows."""
+    client = ctx.client
+    reply = client.call(client.ledger.Stats, pb.StatsRequest(filter=make_filter(**filters), top=top), timeout=600)
+    result = _stats_json(reply)
+    if as_json:
+        output.emit_json(result)
+        return
+    if not reply.rows:
+        click.echo("No ledger rows match.")
+        return
+    output.fields([
+        ("rows", f"{reply.rows} ({reply.requests} requests, {reply.system_events} system events)"),
+        ("allowed", reply.allowed),
+        ("denied", reply.denied),
+        ("bytes", f"{reply.bytes_in} in, {reply.bytes_out} out"),
+        ("from", result["first_time"]),
+        ("to", result["last_time"]),
+    ])
+    for title, key, groups, with_denied in (("SERVICE", "service", reply.by_service, True),
+                                            ("REASON", "reason", reply.by_reason, False),
+                                            ("AGENT", "agent", reply.top_agents, True)):
+        if groups:
+            click.echo()
+            headers = [title, "REQUESTS", "DENIED"] if with_denied else [title, "COUNT"]
+            output.table(headers, [[g.key or f"(no {key})", g.count, *([g.denied] if with_denied else [])]
+                                   for g in groups])
+
+
+@command.command("export")
+@filter_options
+@click.option("--format", "fmt", type=click.Choice(ledger_export.FORMATS), default="jsonl", show_default=True,
+              help="csv (spreadsheet-safe), json (one array) or jsonl (one object per line).")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to FILE (created 0600, atomically: no partial file on failure) instead of stdout.")
+@pass_context
+def export(ctx: Context, /, fmt: str, output_path: Path | None, **filters: Any) -> None:
+    """Every matching row, oldest first, streamed: constant memory however large the ledger."""
+    client = ctx.client
+    stream = client.ledger.Export(pb.ExportRequest(filter=make_filter(**filters)))
+    if output_path is None:
+        try:
+            _export_rows(client, stream, sys.stdout, fmt, ledger_export.Progress(enabled=False))
+        except BrokenPipeError:  # `| head`: the reader is done, and so are we
+            stream.cancel()  # type: ignore[no-untyped-call]
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    progress = ledger_export.Progress()
+    with private_output(output_path, text=True) as out:
+        try:
+            _export_rows(client, stream, out.file, fmt, progress)
+        except KeyboardInterrupt:
+            stream.cancel()  # type: ignore[no-untyped-call]
+            raise
+    progress.finish()
+    click.echo(f"Exported {progress.count} rows to {output_path}.", err=True)
+
+
+def _export_rows(client: AegisClient, stream: Iterable[pb.ExportBatch], out: IO[str], fmt: str,
+                 progress: ledger_export.Progress) -> None:
+    writer = ledger_export.row_writer(fmt, out)
+    for batch in client.stream(stream):
+        for record in batch.records:
+            writer.write(record_json(record))
+        progress.advance(len(batch.records))
+    writer.close()
+
+
+@command.command("prune")
+@click.option("--before", required=True, type=TimeSpec(),
+              help="Delete rows recorded before this time (ISO 8601) or age (90d, 12w).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@pass_context
+def prune(ctx: Context, before: int, yes: bool, as_json: bool) -> None:
+    """Delete old rows for retention. The chain stays verifiable: the cut is recorded in an
+    authenticated checkpoint, and the prune itself in the ledger."""
+    when = output.iso_ms(before)
+    confirm_destructive(f"Delete every ledger row recorded before {when}? This cannot be undone.", yes)
+    client = ctx.client
+    reply = client.call(client.ledger.Prune, pb.PruneRequest(before_ms=before), timeout=3600)
+    if as_json:
+        output.emit_json({"pruned": reply.pruned, "first_kept_id": reply.first_kept_id, "before": when})
+    elif reply.pruned:
+        click.echo(f"Pruned {reply.pruned} rows recorded before {when}; the ledger now starts at row "
+                   f"{reply.first_kept_id} and still verifies from there.")
+    else:
+        click.echo(f"Nothing to prune: no rows recorded before {when}.")

@@ -83,11 +83,14 @@ def add(ctx: Context, name: str, service: str, domains: str, auth_type: str | No
         query_param: str | None, scopes: str | None, ttl: int | None, rate_limit: str | None,
         body_inspection: str | None, secret_stdin: bool, as_json: bool) -> None:
     """Store a new credential NAME. The secret is prompted for, or read with --secret-stdin."""
+    scope_list = _split(scopes) if scopes is not None else ["*"]
+    if not scope_list:  # an empty list would mean "unspecified" to the daemon, i.e. every scope
+        raise click.UsageError("--scopes must name at least one of: read, write, * (comma-separated)")
     secret = read_secret("secret", secret_stdin)
     request = pb.AddCredentialRequest(
         name=name, service=service, domains=_split(domains),
         auth_type=AUTH_TYPES[auth_type or "bearer"], header_name=header_name or "",
-        query_param=query_param or "", scopes=_split(scopes or "*"), ttl_seconds=ttl or 0,
+        query_param=query_param or "", scopes=scope_list, ttl_seconds=ttl or 0,
         rate_limit=rate_limit or "", body_inspection=INSPECTION[body_inspection or "block"], secret=secret)
     client = ctx.client
     cred = client.call(client.credentials.AddCredential, request)

@@ -66,6 +66,13 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         return pb.GrantResponse(agent=agent_to_pb(agent), created=created)
 
     @rpc
+    async def SetRateLimit(self, request: pb.SetAgentRateLimitRequest, context: Ctx
+                           ) -> pb.SetAgentRateLimitResponse:
+        agent = await asyncio.to_thread(self.rt.agents.set_rate_limit, request.name, request.rate_limit)
+        self.rt.log_event("agent rate limit set", agent=agent.name, rate_limit=agent.rate_limit or "none")
+        return pb.SetAgentRateLimitResponse(agent=agent_to_pb(agent))
+
+    @rpc
     async def Revoke(self, request: pb.RevokeRequest, context: Ctx) -> pb.RevokeResponse:
         await asyncio.to_thread(self.rt.agents.revoke, request.agent, request.credential)
         self.rt.log_event("grant revoked", agent=request.agent, credential=request.credential)

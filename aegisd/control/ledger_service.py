@@ -1,22 +1,38 @@
-"""aegis.v1.LedgerService: read, follow and verify the audit trail."""
+"""aegis.v1.LedgerService: read, follow, verify, report on, export and prune the audit trail."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from aegisd.api.aegis.v1 import ledger_pb2 as pb
 from aegisd.api.aegis.v1 import ledger_pb2_grpc
-from aegisd.control.errors import rpc
+from aegisd.control.errors import REASON_KEY, rpc
 from aegisd.errors import FailedPrecondition, InvalidArgument, StorageUnavailable
-from aegisd.ledger import LedgerError, LedgerRow, query_rows, verify
+from aegisd.ledger import (
+    Group,
+    KeyMissing,
+    LedgerEntry,
+    LedgerError,
+    LedgerRow,
+    PruneRefused,
+    ledger_stats,
+    now_ms,
+    open_reader,
+    prune,
+    query_rows,
+    verify,
+)
+from aegisd.ledger.entry import iso_time
 from aegisd.runtime import Runtime
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_LIMIT = 100_000
+EXPORT_BATCH = 1000  # rows per message: ~150 KB, far below gRPC's 4 MB limit
 
 
 def record(row: LedgerRow) -> pb.LedgerRecord:
@@ -39,10 +55,31 @@ def _matches(row: LedgerRow, f: pb.LedgerFilter) -> bool:
             and (not f.since_ms or row.time_ms >= f.since_ms) and (not f.until_ms or row.time_ms < f.until_ms))
 
 
+def _groups(groups: list[Group]) -> list[pb.StatsGroup]:
+    return [pb.StatsGroup(key=g.key, count=g.count, denied=g.denied) for g in groups]
+
+
+def _export_page(path: Path, filters: dict[str, Any], after_id: int, end_id: int | None
+                 ) -> tuple[pb.ExportBatch, int, int | None]:
+    """One batch after `after_id` (in a worker thread, on its own connection, so a cancelled export
+    leaves nothing shared behind): the batch, the last id in it (0: done), and the export's end id."""
+    conn = open_reader(path)
+    try:
+        if end_id is None:  # the first page fixes the end, so rows committed meanwhile are not chased
+            end_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM ledger").fetchone()[0])
+        rows = query_rows(conn, limit=EXPORT_BATCH, after_id=after_id, newest_first=False, **filters)
+    finally:
+        conn.close()
+    kept = [r for r in rows if r.id <= end_id]
+    last = kept[-1].id if kept and len(kept) == len(rows) == EXPORT_BATCH else 0
+    return pb.ExportBatch(records=[record(r) for r in kept]), last, end_id
+
+
 class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.path = runtime.config.data_dir / "ledger.db"
+        self._prune_lock = asyncio.Lock()
 
     async def _query(self, f: pb.LedgerFilter, limit: int) -> list[LedgerRow]:
         if not 1 <= limit <= MAX_LIMIT:
@@ -79,4 +116,63 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         except LedgerError as exc:
             raise StorageUnavailable(str(exc)) from None
         return pb.VerifyResponse(ok=result.ok, rows_checked=result.rows_checked,
-                                 first_bad_id=result.first_bad_id or 0, reason=result.reason)
+                                 first_bad_id=result.first_bad_id or 0, reason=result.reason,
+                                 first_id=result.first_id)
+
+    @rpc
+    async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
+        try:
+            stats = await asyncio.to_thread(ledger_stats, self.path, top=request.top or 10, **_filters(request.filter))
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        except LedgerError as exc:
+            raise StorageUnavailable(str(exc)) from None
+        return pb.StatsResponse(
+            rows=stats.rows, requests=stats.requests, system_events=stats.system_events, allowed=stats.allowed,
+            denied=stats.denied, bytes_in=stats.bytes_in, bytes_out=stats.bytes_out,
+            first_time_ms=stats.first_time_ms or 0, last_time_ms=stats.last_time_ms or 0,
+            by_decision=_groups(stats.by_decision), by_service=_groups(stats.by_service),
+            by_reason=_groups(stats.by_reason), top_agents=_groups(stats.top_agents))
+
+    async def Export(self, request: pb.ExportRequest, context: Ctx) -> AsyncIterator[pb.ExportBatch]:
+        """Pages by id (the after_id cursor), so memory stays constant; gRPC flow control paces the reads."""
+        filters = _filters(request.filter)
+        after_id, end_id = 0, None
+        while True:
+            try:
+                batch, after_id, end_id = await asyncio.to_thread(_export_page, self.path, filters, after_id, end_id)
+            except LedgerError as exc:
+                context.set_trailing_metadata(((REASON_KEY, "storage_unavailable"),))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            if batch.records:
+                yield batch
+            if not after_id:
+                return
+
+    @rpc
+    async def Prune(self, request: pb.PruneRequest, context: Ctx) -> pb.PruneResponse:
+        if request.before_ms <= 0:
+            raise InvalidArgument("give the time to prune before (--before)")
+        if request.before_ms > now_ms():
+            raise InvalidArgument("the prune time is in the future; rows are kept until they are older than it")
+        if self.rt.ledger_key() is None:
+            raise FailedPrecondition("the ledger key derives from the vault: unlock it once, then prune",
+                                     reason="vault_locked")
+        async with self._prune_lock:
+            try:
+                result = await prune(self.rt.ledger, request.before_ms)
+            except KeyMissing as exc:
+                raise FailedPrecondition(str(exc), reason="vault_locked") from None
+            except PruneRefused as exc:
+                raise FailedPrecondition(str(exc), reason="ledger_tampered") from None
+            except LedgerError as exc:
+                raise StorageUnavailable(str(exc)) from None
+        if result.pruned:
+            detail = (f"ledger pruned: {result.pruned} rows recorded before {iso_time(request.before_ms)} deleted; "
+                      f"the chain now starts at row {result.first_kept_id} (checkpoint {result.checkpoint_id})")
+            self.rt.log_event("ledger pruned", rows=result.pruned, first_kept_id=result.first_kept_id)
+            try:
+                await self.rt.ledger.append(LedgerEntry.system(detail, reason="ledger_pruned"))
+            except LedgerError as exc:
+                raise StorageUnavailable(f"the prune succeeded but could not be recorded: {exc}") from None
+        return pb.PruneResponse(pruned=result.pruned, first_kept_id=result.first_kept_id)

@@ -5,16 +5,30 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aegisd.api.aegis.v1 import agents_pb2_grpc, credentials_pb2_grpc, ledger_pb2_grpc, vault_pb2_grpc
+from aegisd.api.aegis.v1 import (
+    agents_pb2_grpc,
+    backup_pb2_grpc,
+    credentials_pb2_grpc,
+    doctor_pb2_grpc,
+    ledger_pb2_grpc,
+    policy_pb2_grpc,
+    vault_pb2_grpc,
+    webhooks_pb2_grpc,
+)
 from aegisd.control.agent_service import AgentService
+from aegisd.control.backup_service import BackupService
 from aegisd.control.credential_service import CredentialService
+from aegisd.control.doctor_service import DoctorService
 from aegisd.control.ledger_service import LedgerService
+from aegisd.control.policy_service import PolicyService
 from aegisd.control.socket import ControlSocket, SocketError
 from aegisd.control.vault_service import VaultService
+from aegisd.control.webhook_service import WebhookService
 from aegisd.runtime import Runtime
 
 SERVICE_NAMES = ("aegis.v1.VaultService", "aegis.v1.CredentialService", "aegis.v1.AgentService",
-                 "aegis.v1.LedgerService")
+                 "aegis.v1.LedgerService", "aegis.v1.WebhookService", "aegis.v1.PolicyService",
+                 "aegis.v1.DoctorService", "aegis.v1.BackupService")
 
 
 class ControlServer:
@@ -30,6 +44,10 @@ class ControlServer:
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialService(runtime), self._server)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(runtime), self._server)
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(runtime), self._server)
+        webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(runtime), self._server)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(runtime), self._server)
+        doctor_pb2_grpc.add_DoctorServiceServicer_to_server(DoctorService(runtime), self._server)
+        backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(runtime), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
 
     async def start(self) -> None:

@@ -16,6 +16,7 @@ from aegisd.gate.routing import Route
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate"})
 GATE_HEADERS = frozenset({"x-aegis-agent", "x-target-host", "x-aegis-request-id", "host", "content-length"})
+GATE_PREFIX = "x-aegis-"  # the gate's header namespace: none of it is the upstream's business
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
 
 
@@ -26,7 +27,8 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 def outbound_headers(headers: CIMultiDictProxy[str], route: Route, host_header: str) -> CIMultiDict[str]:
     drop = HOP_BY_HOP | GATE_HEADERS | route.strip_headers | _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in headers.items() if name.lower() not in drop)
+        (name, value) for name, value in headers.items()
+        if name.lower() not in drop and not name.lower().startswith(GATE_PREFIX))
     out["Host"] = host_header
     if route.inject_header is not None:
         out[route.inject_header[0]] = route.inject_header[1]

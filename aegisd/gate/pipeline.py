@@ -6,6 +6,8 @@ committed before the agent sees the end of the response.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -19,12 +21,19 @@ from yarl import URL
 
 from aegisd.agents import TOKEN_PREFIX
 from aegisd.config import Config
+from aegisd.gate.admission import GateLimits, check_policy
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
 from aegisd.gate.headers import inbound_headers, outbound_headers, outbound_query
+from aegisd.gate.outbound_inspection import inspect_request
 from aegisd.gate.refusal import REQUEST_ID_HEADER, Refusal, error_response
+from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
+from aegisd.gate.services import granted_services
 from aegisd.gate.upstream import UpstreamPool, describe_connect_error
+from aegisd.inspection import Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
+from aegisd.outcomes import OutcomeSink
+from aegisd.policy import PolicyStore
 from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canonical_target
 
 log = logging.getLogger("aegisd.gate")
@@ -38,7 +47,7 @@ class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
     __slots__ = ("agent", "bytes_in", "bytes_out", "credential", "decision", "flags", "method", "path",
-                 "reason", "request_id", "service", "started", "status", "target_host", "time_ms")
+                 "reason", "request_id", "service", "started", "status", "target_host", "time_ms", "upstream_s")
 
     def __init__(self, method: str) -> None:
         self.request_id = secrets.token_hex(8)
@@ -48,6 +57,7 @@ class Exchange:
         self.agent = self.credential = self.service = self.path = self.target_host = ""
         self.decision, self.reason, self.flags = "allowed", "", ""
         self.status = self.bytes_in = self.bytes_out = 0
+        self.upstream_s: float | None = None  # time to the upstream's response headers, for metrics
 
     def entry(self) -> LedgerEntry:
         return LedgerEntry(
@@ -59,8 +69,12 @@ class Exchange:
 
 
 class GatePipeline:
-    def __init__(self, config: Config, routing: RoutingState, ledger: LedgerWriter, upstream: UpstreamPool) -> None:
+    def __init__(self, config: Config, routing: RoutingState, ledger: LedgerWriter, upstream: UpstreamPool,
+                 outcomes: OutcomeSink | None = None, policies: PolicyStore | None = None) -> None:
         self.config = config
+        self.policies = policies or PolicyStore(None)
+        self.limits = GateLimits(config.agent_max_concurrency)
+        self.outcomes = outcomes
         self.routing = routing
         self.ledger = ledger
         self.upstream = upstream
@@ -77,6 +91,7 @@ class GatePipeline:
             return await self._refuse(x, refusal)
         finally:
             self.in_flight -= 1
+            self.limits.release(x.request_id)
 
     async def _pipeline(self, request: web.BaseRequest, x: Exchange) -> web.StreamResponse:
         # 0. the front door: request shape, Host header, path
@@ -85,14 +100,12 @@ class GatePipeline:
         service, rest, query = split_target(request.raw_path)
         x.service, x.path = service, rest
         if service == "_aegis":
-            return self._operator(rest, x)
+            return await self._operator(request, rest, x)
         if self.draining:
             raise Refusal(503, "shutting_down", "aegisd is shutting down; retry shortly", close=True)
 
         # 1. vault unlocked?
-        table = self.routing.table
-        if table is None:
-            raise Refusal(503, "vault_locked", "the vault is locked; an operator must run `aegisctl unlock`")
+        table = self._unlocked_table()
 
         # 2. agent authenticated
         agent = self._authenticate(request, table)
@@ -111,22 +124,35 @@ class GatePipeline:
         entry, host, port = self._target(request, route)
         x.target_host = _netloc(entry.scheme, host, port)
 
-        # 6. method scope; policy rules (method, path, time window) plug in here
+        # 6. method scope; the agent's policy rules (method, path, time window)
         if not route.allows_method(request.method):
             raise Refusal(403, "scope_denied", f"method {request.method} is outside the credential's scopes")
+        verdict = check_policy(self.policies.current, x, agent, service, request.method, rest)
 
-        # 7. rate limits (credential, agent, policy rule) plug in here
-        # 8. body inspection of the outbound body plugs in here
+        # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
+        self.limits.admit(x, agent, route, verdict)
+
+        # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys
+        body = await inspect_request(request, route, table.inspector, x, rest, query, self.config.max_body_bytes)
+        redaction = redaction_for(route, table.inspector)
 
         # 9. strip agent auth, hop-by-hop and gate headers; inject the credential
         headers = outbound_headers(request.headers, route, x.target_host)
+        if redaction is not None:
+            ask_identity(headers)  # so the response can be redacted as it streams
         query = outbound_query(query, route)
         url = URL(f"{entry.scheme}://{x.target_host}{rest}" + (f"?{query}" if query else ""), encoded=True)
 
         # 10-11. forward, stream back, record
-        return await self._forward(request, x, entry, url, headers)
+        return await self._forward(request, x, entry, url, headers, body, redaction)
 
     # -- steps ---------------------------------------------------------------------------------
+
+    def _unlocked_table(self) -> RoutingTable:
+        table = self.routing.table
+        if table is None:
+            raise Refusal(503, "vault_locked", "the vault is locked; an operator must run `aegisctl unlock`")
+        return table
 
     def _authenticate(self, request: web.BaseRequest, table: RoutingTable) -> AgentEntry:
         token = request.headers.get("X-Aegis-Agent")
@@ -160,18 +186,23 @@ class GatePipeline:
         return match, host, match.port
 
     async def _forward(self, request: web.BaseRequest, x: Exchange, entry: AllowedHost, url: URL,
-                       headers: CIMultiDict[str]) -> web.StreamResponse:
+                       headers: CIMultiDict[str], inspected: bytes | None,
+                       redaction: Redaction | None) -> web.StreamResponse:
         limit = self.config.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
             raise Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes", close=True)
-        body = self._body(request, x, limit) if request.body_exists else None
-        if length is not None and body is not None:
-            headers["Content-Length"] = str(length)
+        body: bytes | AsyncIterator[bytes] | None = inspected  # bytes: already read and inspected
+        if inspected is None and request.body_exists:
+            body = self._body(request, x, limit)
+            if length is not None:
+                headers["Content-Length"] = str(length)
         session = self.upstream.session(allow_internal=entry.is_special_address)
+        sent = time.perf_counter()
         try:
             upstream = await session.request(request.method, url, headers=headers, data=body,
                                              allow_redirects=False, compress=None)
+            x.upstream_s = time.perf_counter() - sent
         except BodyTooLarge:
             raise Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes",
                           close=True) from None
@@ -183,11 +214,11 @@ class GatePipeline:
             if x.bytes_in > limit:
                 raise Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes",
                               close=True) from None
-            log.info("upstream request failed: %s", type(exc).__name__)
+            log.debug("upstream request failed: %s", type(exc).__name__)
             raise Refusal(502, "upstream_error", "the upstream closed the connection or sent a bad "
                           "response") from None
         try:
-            return await self._relay(request, x, upstream)
+            return await self._relay(request, x, upstream, redaction)
         finally:
             upstream.release()
 
@@ -198,32 +229,55 @@ class GatePipeline:
                 raise BodyTooLarge()
             yield chunk
 
-    async def _relay(self, request: web.BaseRequest, x: Exchange,
-                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, x: Exchange, upstream: aiohttp.ClientResponse,
+                     redaction: Redaction | None) -> web.StreamResponse:
         x.status = upstream.status
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=inbound_headers(upstream.headers))
+        headers = inbound_headers(upstream.headers)
+        redactor = ResponseRedactor(redaction, x) if redaction is not None else None
+        if redactor is not None:  # may refuse (502) a body it could not redact, before anything is sent
+            headers = redactor.headers(headers, request.method, upstream.status)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         response.headers[REQUEST_ID_HEADER] = x.request_id
-        if upstream.content_length is not None:
+        if upstream.content_length is not None and (redactor is None or not redactor.streams_body):
             response.content_length = upstream.content_length
-        await response.prepare(request)
+        chunks = upstream.content.iter_any() if redactor is None else redactor.filter(upstream.content.iter_any())
+        # A known-length or empty body is complete for the agent at its last byte (or its headers), so that
+        # last piece waits for the ledger row: a crash before the commit never leaves an answered request
+        # unrecorded. A chunked body's end is write_eof's terminating chunk, which already comes after it.
+        length = response.content_length
+        empty = length == 0 or request.method == "HEAD" or upstream.status in (204, 304)
+        held = b""
         try:
-            async for chunk in upstream.content.iter_any():
+            if not empty:
+                await response.prepare(request)
+            while True:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (TimeoutError, aiohttp.ClientError) as exc:  # the upstream failed mid-body
+                    x.reason = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
+                    await self._record(x)
+                    _abort(request)
+                    return response
                 x.bytes_out += len(chunk)
-                await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            x.reason = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
-            await self._record(x)
-            _abort(request)
-            return response
-        except ConnectionError:
+                if length is not None and x.bytes_out >= length:
+                    chunk, held = chunk[:-1], chunk[-1:]
+                if chunk:
+                    await response.write(chunk)
+        except ConnectionError:  # the agent went away (aiohttp's reset errors are ConnectionErrors too)
             x.reason = "client_disconnected"
             await self._record(x)
             return response
         if not await self._record(x):
             _abort(request)  # no complete response without its ledger row
             return response
-        await response.write_eof()
+        with contextlib.suppress(ConnectionError):  # recorded already; the agent left at the very end
+            if empty:
+                await response.prepare(request)
+            if held:
+                await response.write(held)
+            await response.write_eof()
         return response
 
     # -- outcomes --------------------------------------------------------------------------------
@@ -236,19 +290,42 @@ class GatePipeline:
         return error_response(refusal, x.request_id)
 
     async def _record(self, x: Exchange) -> bool:
+        entry = x.entry()
+        if self.outcomes is not None:
+            self.outcomes.record(entry, x.upstream_s)  # metrics, refusal log line, webhooks
         try:
-            await self.ledger.append(x.entry())
+            await self.ledger.append(entry)
         except LedgerError as exc:
             log.error("ledger write failed: %s", exc)
             return False
         return True
 
-    def _operator(self, rest: str, x: Exchange) -> web.Response:
-        if rest.rstrip("/") == "/health":
+    async def _operator(self, request: web.BaseRequest, rest: str, x: Exchange) -> web.Response:
+        endpoint = rest.rstrip("/")
+        if endpoint == "/metrics" and self.outcomes is not None and self.outcomes.metrics is not None:
+            body, content_type = await asyncio.to_thread(self.outcomes.metrics.render,
+                                                         request.headers.get("Accept", ""))
+            return web.Response(body=body, headers={"Content-Type": content_type, REQUEST_ID_HEADER: x.request_id})
+        if endpoint == "/health" and self.config.health_enabled:
             state = "unlocked" if self.routing.table is not None else "locked"
             return web.Response(text=json.dumps({"status": "ok", "vault": state}),
                                 content_type="application/json", headers={REQUEST_ID_HEADER: x.request_id})
+        if endpoint == "/services":
+            return await self._services(request, x)
         return error_response(Refusal(404, "not_found", "unknown operator endpoint"), x.request_id)
+
+    async def _services(self, request: web.BaseRequest, x: Exchange) -> web.Response:
+        """The calling agent's own grants; authenticated and ledgered exactly like a proxied request."""
+        if request.method != "GET":
+            raise Refusal(405, "method_not_allowed", "/_aegis/services answers GET only")
+        table = self._unlocked_table()
+        agent = self._authenticate(request, table)
+        x.agent, x.status = agent.name, 200
+        body = json.dumps(granted_services(table, agent, x.time_ms))
+        if not await self._record(x):
+            return error_response(Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
+                                  x.request_id)
+        return web.Response(text=body, content_type="application/json", headers={REQUEST_ID_HEADER: x.request_id})
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:

@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 from aegisd.agents import AgentRegistry
 from aegisd.errors import AegisError
+from aegisd.inspection import Inspector, SecretSource
+from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
 from aegisd.vault.domains import AllowedHost, DomainAllowlist
 from aegisd.vault.vault import Vault
@@ -39,6 +41,8 @@ class Route:
     allowlist: DomainAllowlist
     default_entry: AllowedHost | None
     methods: frozenset[str] | None  # None: every method (scope "*")
+    scopes: tuple[str, ...]  # as the operator set them, for the agent's own view (/_aegis/services)
+    auth_type: str
     expires_at: int | None
     inject_header: tuple[str, str] | None
     inject_query: tuple[str, str] | None
@@ -64,6 +68,7 @@ class RoutingTable:
     routes: dict[str, Route]
     agents_by_hash: dict[bytes, AgentEntry]
     token_key: bytes
+    inspector: Inspector  # every secret's search forms, compiled once per build (steps 8 and 11)
 
     def agent_for(self, token: str) -> AgentEntry | None:
         """Constant-time in the token: a keyed hash, then one lookup on the digest."""
@@ -99,7 +104,8 @@ def build_route(cred: Credential, secret: bytes) -> Route:
     allowlist = DomainAllowlist.parse(cred.domains)
     return Route(
         credential_id=cred.id, name=cred.name, service=cred.service, allowlist=allowlist,
-        default_entry=allowlist.default_entry(), methods=_methods(cred.scopes), expires_at=cred.expires_at,
+        default_entry=allowlist.default_entry(), methods=_methods(cred.scopes), scopes=tuple(cred.scopes),
+        auth_type=cred.auth_type, expires_at=cred.expires_at,
         inject_header=header, inject_query=query, strip_headers=frozenset(strip), rate_limit=cred.rate_limit,
         body_inspection=cred.body_inspection, secret=secret,
     )
@@ -135,6 +141,8 @@ class RoutingState:
                         log.error("credential %s is not served: %s", cred.name, exc.message)
                 agents = {a.token_hash: AgentEntry(a.id, a.name, a.credential_ids, a.rate_limit)
                           for a in self._agents.snapshot()}
-                self.table = RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")))
+                inspector = Inspector(SecretSource(r.credential_id, secret_values(r.secret, r.auth_type))
+                                      for r in routes.values())
+                self.table = RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")), inspector)
             if self.on_rebuild is not None:
                 self.on_rebuild(self.table)

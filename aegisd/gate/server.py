@@ -19,7 +19,10 @@ class GateServer:
         self.pipeline = pipeline
         self.host = host
         self.port = port
-        self._runner = web.ServerRunner(web.Server(pipeline.handle, access_log=None), handle_signals=False)
+        # auto_decompress off: a compressed request body is forwarded as sent, with its Content-Encoding
+        # (aiohttp would otherwise inflate it and the upstream would get plain bytes labelled gzip).
+        server = web.Server(pipeline.handle, access_log=None, auto_decompress=False)
+        self._runner = web.ServerRunner(server, handle_signals=False)
         self._site: web.TCPSite | None = None
 
     async def start(self) -> None:

@@ -1,7 +1,8 @@
 """The keyed hash chain that makes the ledger tamper-evident, and its verifier.
 
 mac(row) = HMAC-SHA256(key, mac(previous row) || canonical(row incl. its id)). Editing, deleting,
-swapping or reordering any row breaks every later link. Rows cut off the end are caught while SQLite's
+swapping or reordering any row breaks every later link. A prune moves the chain's start to an
+authenticated checkpoint (aegisd.ledger.checkpoint). Rows cut off the end are caught while SQLite's
 AUTOINCREMENT counter still remembers them; an attacker who also rewrites that counter can only be
 caught by comparing with the last id and MAC of an earlier verify or export (no chain alone can).
 """
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aegisd.ledger.checkpoint import all_checkpoints, is_authentic
 from aegisd.ledger.entry import ENTRY_FIELDS
 from aegisd.ledger.schema import LedgerError, open_reader
 
@@ -61,6 +63,7 @@ class VerifyResult:
     rows_checked: int
     first_bad_id: int | None
     reason: str
+    first_id: int = 1  # where the chain starts: row 1, or the first row the newest prune kept
 
 
 def verify(path: str | os.PathLike[str], key: bytes) -> VerifyResult:
@@ -75,23 +78,45 @@ def verify(path: str | os.PathLike[str], key: bytes) -> VerifyResult:
         conn.close()
 
 
+def _chain_start(conn: sqlite3.Connection, key: bytes) -> tuple[bytes, int] | VerifyResult:
+    """(prev_mac, first id) from the newest authentic checkpoint, or genesis; a failure if any is bad."""
+    checkpoints = all_checkpoints(conn)
+    floor = 1
+    for cp in checkpoints:
+        if not is_authentic(key, cp):
+            return VerifyResult(False, 0, None, f"prune checkpoint {cp.id} does not match its MAC: it was forged "
+                                "or altered, or the key is wrong")
+        if cp.first_kept_id < floor:
+            return VerifyResult(False, 0, None, f"prune checkpoint {cp.id} goes back to row {cp.first_kept_id}, "
+                                f"before an earlier prune's row {floor}")
+        floor = cp.first_kept_id
+    return (checkpoints[-1].prev_mac, floor) if checkpoints else (GENESIS, 1)
+
+
 def _verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
-    # No prune exists yet, so the chain starts at genesis with row 1; a checkpoint will move that start.
     mac_of = row_mac(key)
-    prev_mac, expected_id, checked = GENESIS, 1, 0
+    start = _chain_start(conn, key)
+    if isinstance(start, VerifyResult):
+        return start
+    prev_mac, expected_id = start
+    first_id, checked = expected_id, 0
     for row in conn.execute(f"{SELECT_CHAIN} ORDER BY id"):
         row_id, values, mac = row[0], row[1:-1], row[-1]
+        if row_id < expected_id:  # only the first row can be: the chain starts at a checkpoint
+            return VerifyResult(False, 0, row_id, f"row {row_id} precedes the last prune, which kept rows from "
+                                f"{expected_id} on: it was inserted afterwards", first_id)
         if row_id != expected_id:
-            return VerifyResult(False, checked, row_id, f"rows {expected_id}..{row_id - 1} are missing")
+            return VerifyResult(False, checked, row_id, f"rows {expected_id}..{row_id - 1} are missing", first_id)
         if mac is None:
             later = conn.execute("SELECT 1 FROM ledger WHERE id > ? AND mac IS NOT NULL LIMIT 1", (row_id,))
             if later.fetchone() is not None:
-                return VerifyResult(False, checked, row_id, f"row {row_id} has had its MAC removed")
+                return VerifyResult(False, checked, row_id, f"row {row_id} has had its MAC removed", first_id)
             return VerifyResult(
                 False,
                 checked,
                 row_id,
                 f"rows from {row_id} on are not chained yet (written while the vault was locked)",
+                first_id,
             )
         try:
             expected = mac_of(prev_mac, row_id, values)
@@ -104,9 +129,12 @@ def _verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
                 row_id,
                 f"row {row_id} does not match its MAC: it was edited or moved, a row before it was "
                 "deleted, or the key is wrong",
+                first_id,
             )
         prev_mac, expected_id, checked = mac, row_id + 1, checked + 1
     (last_used,) = conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'ledger'").fetchone()
     if last_used >= expected_id:
-        return VerifyResult(False, checked, expected_id, f"rows {expected_id}..{last_used} were deleted from the end")
-    return VerifyResult(True, checked, None, f"{checked} rows verified")
+        return VerifyResult(False, checked, expected_id, f"rows {expected_id}..{last_used} were deleted from the end",
+                            first_id)
+    pruned = f" (rows before {first_id} were pruned at an authentic checkpoint)" if first_id > 1 else ""
+    return VerifyResult(True, checked, None, f"{checked} rows verified{pruned}", first_id)

@@ -16,6 +16,33 @@ from aegisd.ledger.schema import LedgerError, open_reader
 _SELECT = f"SELECT id, {', '.join(ENTRY_FIELDS)} FROM ledger"  # noqa: S608 - constant columns
 
 
+def filter_clauses(
+    *,
+    agent: str | None = None,
+    service: str | None = None,
+    credential: str | None = None,
+    denied_only: bool = False,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+) -> tuple[list[str], list[Any]]:
+    """WHERE conditions (to AND together) and their parameters, shared by rows, export and stats."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (("agent", agent), ("service", service), ("credential", credential)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if denied_only:
+        clauses.append("decision = 'denied'")  # a literal, so the partial index applies
+    if since_ms is not None:
+        clauses.append("time_ms >= ?")
+        params.append(since_ms)
+    if until_ms is not None:
+        clauses.append("time_ms < ?")
+        params.append(until_ms)
+    return clauses, params
+
+
 def query_rows(
     source: str | os.PathLike[str] | sqlite3.Connection,
     *,
@@ -36,20 +63,8 @@ def query_rows(
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, value in (("agent", agent), ("service", service), ("credential", credential)):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            params.append(value)
-    if denied_only:
-        clauses.append("decision = 'denied'")  # a literal, so the partial index applies
-    if since_ms is not None:
-        clauses.append("time_ms >= ?")
-        params.append(since_ms)
-    if until_ms is not None:
-        clauses.append("time_ms < ?")
-        params.append(until_ms)
+    clauses, params = filter_clauses(agent=agent, service=service, credential=credential, denied_only=denied_only,
+                                     since_ms=since_ms, until_ms=until_ms)
     if after_id is not None:
         clauses.append("id < ?" if newest_first else "id > ?")
         params.append(after_id)

@@ -54,6 +54,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             mac BLOB NOT NULL
         )""",
     ),
+    (
+        # How many rows each prune removed; covered by the checkpoint's MAC (aegisd.ledger.checkpoint).
+        "ALTER TABLE checkpoints ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -17,9 +17,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, RowMac, row_mac
+from aegisd.ledger.checkpoint import latest_checkpoint
 from aegisd.ledger.entry import ENTRY_FIELDS, LedgerEntry, LedgerRow, entry_values, normalize
 from aegisd.ledger.schema import LedgerError, open_writable
 
@@ -44,6 +45,9 @@ _STATE = (
 _STOP = object()
 _Future = asyncio.Future[int]
 _Append = tuple[LedgerEntry, _Future | None]
+T = TypeVar("T")
+# A job gets the writer's connection and the chain key (None until the vault has been unlocked).
+Job = Callable[[sqlite3.Connection, bytes | None], T]
 
 
 class _SetKey:
@@ -51,6 +55,22 @@ class _SetKey:
 
     def __init__(self, key: bytes) -> None:
         self.key = key
+
+
+class _Job:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Job[Any], future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+class _Replace:
+    __slots__ = ("future", "staged")
+
+    def __init__(self, staged: Path, future: asyncio.Future[Any]) -> None:
+        self.staged = staged
+        self.future = future
 
 
 class Subscription:
@@ -171,6 +191,29 @@ class LedgerWriter:
         """Whether new rows are chained as they commit (for status output)."""
         return self._key is not None
 
+    async def run_exclusive(self, fn: Job[T]) -> T:
+        """Run fn(connection, key) in the writer thread between two group commits, and return its result.
+
+        Nothing else writes meanwhile, so maintenance (prune) never races a commit; fn owns its transaction.
+        Keep each call short: appends wait for it.
+        """
+        loop = self._check_open()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn, future))
+        return await future
+
+    async def replace_file(self, staged: Path) -> None:
+        """Swap in another ledger file (a restore) between commits; rows queued later go to the new file.
+
+        The chain key is forgotten: the new file's chain belongs to the vault restored with it, whose key
+        arrives with the next unlock. The caller must keep the vault from unlocking until this returns.
+        """
+        loop = self._check_open()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Replace(staged, future))
+        await future
+        self._key = None
+
     def subscribe(self, maxsize: int = 1000) -> Subscription:
         """Live committed rows from now on; at most maxsize are buffered for this subscriber."""
         self._check_open()
@@ -235,12 +278,59 @@ class LedgerWriter:
                         key, new_key = item.key, True
                     elif isinstance(item, tuple):
                         appends.append(item)
+                    elif isinstance(item, _Job | _Replace):
+                        if appends or new_key:  # what was queued before the job commits before it
+                            self._commit(conn, key, appends)
+                            appends, new_key = [], False
+                        conn, key = self._run_job(conn, key, item)
                 if appends or new_key:
                     self._commit(conn, key, appends)
         finally:
             conn.close()
             self._fail_queued()
             self._post(_settle, self._stopped, None)
+
+    def _run_job(
+        self, conn: sqlite3.Connection, key: bytes | None, job: _Job | _Replace
+    ) -> tuple[sqlite3.Connection, bytes | None]:
+        """Run one job; a replace hands back the new file's connection and no key."""
+        result: Any = None
+        try:
+            if isinstance(job, _Replace):
+                conn, error = self._swap_file(conn, job.staged)
+                if error is not None:
+                    raise error
+                key = None
+            else:
+                result = job.fn(conn, key)
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.rollback()
+            self._post(_settle, job.future, exc)
+        else:
+            self._post(_resolve, job.future, result)
+        return conn, key
+
+    def _swap_file(self, conn: sqlite3.Connection, staged: Path) -> tuple[sqlite3.Connection, LedgerError | None]:
+        """Close the file, move the staged one over it, and open that (migrating it if it is older).
+
+        The old file's -wal and -shm go too: SQLite would otherwise replay the old WAL onto the new file.
+        If the move fails, the old file is still whole and is reopened, with the error to report.
+        """
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        error = None
+        try:
+            os.replace(staged, self._path)
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self._path}{suffix}")
+            fsync_directory(self._path.parent)
+        except OSError as exc:
+            error = LedgerError(f"cannot move the restored ledger into place: {exc.strerror or exc}")
+        return open_writable(self._path, busy_timeout_s=self._busy_timeout_s), error
 
     def _fail_queued(self) -> None:
         """Reject whatever is still queued when the thread ends, so no appender waits forever."""
@@ -252,6 +342,8 @@ class LedgerWriter:
                 break
             if isinstance(item, tuple):
                 futures.append(item[1])
+            elif isinstance(item, _Job | _Replace):
+                self._post(_settle, item.future, LedgerError("the ledger writer has stopped"))
         if futures:
             self._post(_fail, futures, "the ledger writer has stopped")
 
@@ -289,7 +381,7 @@ def _write(conn: sqlite3.Connection, key: bytes | None, entries: list[LedgerEntr
     seq, max_id, tip_id, tip_mac = conn.execute(_STATE).fetchone()
     first_id: int = max(seq, max_id) + 1
     mac_of = row_mac(key) if key is not None else None  # None: no key yet, rows get a NULL MAC
-    prev_mac: bytes = tip_mac if tip_id is not None else GENESIS
+    prev_mac: bytes = tip_mac if tip_id is not None else _chain_origin(conn)
     if mac_of is not None and max_id > (tip_id or 0):
         prev_mac = _chain_unchained(conn, mac_of, tip_id or 0, prev_mac)
     params: list[Any] = []
@@ -318,6 +410,21 @@ def _chain_unchained(conn: sqlite3.Connection, mac_of: RowMac, tip_id: int, prev
     return prev_mac
 
 
+def _chain_origin(conn: sqlite3.Connection) -> bytes:
+    """What the first chained row links to: the newest prune checkpoint (everything may be pruned), or genesis."""
+    checkpoint = latest_checkpoint(conn)
+    return checkpoint.prev_mac if checkpoint is not None else GENESIS
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _to_row(row_id: int, entry: LedgerEntry) -> LedgerRow:
     return LedgerRow(id=row_id, **dict(zip(ENTRY_FIELDS, entry_values(entry), strict=True)))
 
@@ -329,6 +436,11 @@ def _settle(future: asyncio.Future[Any] | None, outcome: BaseException | None) -
         future.set_exception(outcome)
     else:
         future.set_result(None)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _deliver(

@@ -19,6 +19,7 @@ from zxcvbn import zxcvbn
 
 from aegisd.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     StorageCorrupt,
@@ -150,6 +151,19 @@ class Vault:
             self._master = None
         self.notify("locked")
         return True
+
+    def reopen(self, swap: Callable[[], None]) -> None:
+        """Run `swap` (a restore replacing the database files) while nothing can unlock, then re-read the vault.
+
+        Refused while unlocked: the key in memory would not belong to what comes back.
+        """
+        with self._lock:
+            if self._master is not None:
+                raise FailedPrecondition("the vault is unlocked; lock it first so nothing uses it while it is "
+                                         "replaced", reason="vault_unlocked")
+            swap()
+            self.vault_id = self._read_meta("vault_id")
+        self.notify("locked")
 
     def master(self) -> MasterKey:
         master = self._master

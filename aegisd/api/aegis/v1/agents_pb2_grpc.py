@@ -69,6 +69,11 @@ class AgentServiceStub:
                 request_serializer=aegis_dot_v1_dot_agents__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=aegis_dot_v1_dot_agents__pb2.RevokeResponse.FromString,
                 _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/aegis.v1.AgentService/SetRateLimit',
+                request_serializer=aegis_dot_v1_dot_agents__pb2.SetAgentRateLimitRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_agents__pb2.SetAgentRateLimitResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -121,6 +126,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRateLimit(self, request, context):
+        """Sets the agent's own rate limit, across all its credentials; an empty rate_limit clears it.
+        INVALID_ARGUMENT for a malformed rate. Needs an unlocked vault.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +171,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Revoke,
                     request_deserializer=aegis_dot_v1_dot_agents__pb2.RevokeRequest.FromString,
                     response_serializer=aegis_dot_v1_dot_agents__pb2.RevokeResponse.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=aegis_dot_v1_dot_agents__pb2.SetAgentRateLimitRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_agents__pb2.SetAgentRateLimitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +367,33 @@ class AgentService:
             '/aegis.v1.AgentService/Revoke',
             aegis_dot_v1_dot_agents__pb2.RevokeRequest.SerializeToString,
             aegis_dot_v1_dot_agents__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.v1.AgentService/SetRateLimit',
+            aegis_dot_v1_dot_agents__pb2.SetAgentRateLimitRequest.SerializeToString,
+            aegis_dot_v1_dot_agents__pb2.SetAgentRateLimitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class AgentServiceStub:
     """Lets an agent use a credential. Idempotent: granting again is not an error."""
     Revoke: _grpc.UnaryUnaryMultiCallable[_agents_pb2.RevokeRequest, _agents_pb2.RevokeResponse]
     """Takes a grant away. NOT_FOUND (reason grant_not_found) if there was none."""
+    SetRateLimit: _grpc.UnaryUnaryMultiCallable[_agents_pb2.SetAgentRateLimitRequest, _agents_pb2.SetAgentRateLimitResponse]
+    """Sets the agent's own rate limit, across all its credentials; an empty rate_limit clears it.
+    INVALID_ARGUMENT for a malformed rate. Needs an unlocked vault.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -62,6 +66,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Lets an agent use a credential. Idempotent: granting again is not an error."""
     Revoke: _aio.UnaryUnaryMultiCallable[_agents_pb2.RevokeRequest, _agents_pb2.RevokeResponse]  # type: ignore[assignment]
     """Takes a grant away. NOT_FOUND (reason grant_not_found) if there was none."""
+    SetRateLimit: _aio.UnaryUnaryMultiCallable[_agents_pb2.SetAgentRateLimitRequest, _agents_pb2.SetAgentRateLimitResponse]  # type: ignore[assignment]
+    """Sets the agent's own rate limit, across all its credentials; an empty rate_limit clears it.
+    INVALID_ARGUMENT for a malformed rate. Needs an unlocked vault.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -117,5 +125,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.RevokeResponse, _abc.Awaitable[_agents_pb2.RevokeResponse]]:
         """Takes a grant away. NOT_FOUND (reason grant_not_found) if there was none."""
+
+    @_abc_1.abstractmethod
+    def SetRateLimit(
+        self,
+        request: _agents_pb2.SetAgentRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agents_pb2.SetAgentRateLimitResponse, _abc.Awaitable[_agents_pb2.SetAgentRateLimitResponse]]:
+        """Sets the agent's own rate limit, across all its credentials; an empty rate_limit clears it.
+        INVALID_ARGUMENT for a malformed rate. Needs an unlocked vault.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

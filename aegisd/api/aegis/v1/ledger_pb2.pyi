@@ -216,11 +216,14 @@ class VerifyResponse(_message.Message):
     ROWS_CHECKED_FIELD_NUMBER: _builtins.int
     FIRST_BAD_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FIRST_ID_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     rows_checked: _builtins.int
     first_bad_id: _builtins.int
-    """0 when ok."""
+    """0 when ok, or when the failure is a prune checkpoint rather than a row."""
     reason: _builtins.str
+    first_id: _builtins.int
+    """Where the chain starts: 1, or the first row kept by the newest prune."""
     def __init__(
         self,
         *,
@@ -228,11 +231,211 @@ class VerifyResponse(_message.Message):
         rows_checked: _builtins.int = ...,
         first_bad_id: _builtins.int = ...,
         reason: _builtins.str = ...,
+        first_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_bad_id", b"first_bad_id", "ok", b"ok", "reason", b"reason", "rows_checked", b"rows_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_bad_id", b"first_bad_id", "first_id", b"first_id", "ok", b"ok", "reason", b"reason", "rows_checked", b"rows_checked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
+class StatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    top: _builtins.int
+    """How many agents in top_agents; 0 means 10."""
+    @_builtins.property
+    def filter(self) -> Global___LedgerFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___LedgerFilter | None = ...,
+        top: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
+
+@_typing.final
+class StatsGroup(_message.Message):
+    """One value of a breakdown: request rows carrying it, and how many of them were denied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    DENIED_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    count: _builtins.int
+    denied: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        count: _builtins.int = ...,
+        denied: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "denied", b"denied", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsGroup: _TypeAlias = StatsGroup  # noqa: Y015
+
+@_typing.final
+class StatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    SYSTEM_EVENTS_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    DENIED_FIELD_NUMBER: _builtins.int
+    BYTES_IN_FIELD_NUMBER: _builtins.int
+    BYTES_OUT_FIELD_NUMBER: _builtins.int
+    FIRST_TIME_MS_FIELD_NUMBER: _builtins.int
+    LAST_TIME_MS_FIELD_NUMBER: _builtins.int
+    BY_DECISION_FIELD_NUMBER: _builtins.int
+    BY_SERVICE_FIELD_NUMBER: _builtins.int
+    BY_REASON_FIELD_NUMBER: _builtins.int
+    TOP_AGENTS_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    """Every matching row: requests plus system events."""
+    requests: _builtins.int
+    system_events: _builtins.int
+    allowed: _builtins.int
+    denied: _builtins.int
+    bytes_in: _builtins.int
+    bytes_out: _builtins.int
+    first_time_ms: _builtins.int
+    """Epoch milliseconds of the oldest and newest matching row; 0 when none match."""
+    last_time_ms: _builtins.int
+    @_builtins.property
+    def by_decision(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatsGroup]:
+        """Breakdowns of request rows, largest first."""
+
+    @_builtins.property
+    def by_service(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatsGroup]: ...
+    @_builtins.property
+    def by_reason(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatsGroup]: ...
+    @_builtins.property
+    def top_agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatsGroup]: ...
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        system_events: _builtins.int = ...,
+        allowed: _builtins.int = ...,
+        denied: _builtins.int = ...,
+        bytes_in: _builtins.int = ...,
+        bytes_out: _builtins.int = ...,
+        first_time_ms: _builtins.int = ...,
+        last_time_ms: _builtins.int = ...,
+        by_decision: _abc.Iterable[Global___StatsGroup] | None = ...,
+        by_service: _abc.Iterable[Global___StatsGroup] | None = ...,
+        by_reason: _abc.Iterable[Global___StatsGroup] | None = ...,
+        top_agents: _abc.Iterable[Global___StatsGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "by_decision", b"by_decision", "by_reason", b"by_reason", "by_service", b"by_service", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "denied", b"denied", "first_time_ms", b"first_time_ms", "last_time_ms", b"last_time_ms", "requests", b"requests", "rows", b"rows", "system_events", b"system_events", "top_agents", b"top_agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class ExportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def filter(self) -> Global___LedgerFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___LedgerFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportRequest: _TypeAlias = ExportRequest  # noqa: Y015
+
+@_typing.final
+class ExportBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerRecord]:
+        """Oldest first; each batch continues where the previous one ended."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___LedgerRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportBatch: _TypeAlias = ExportBatch  # noqa: Y015
+
+@_typing.final
+class PruneRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_MS_FIELD_NUMBER: _builtins.int
+    before_ms: _builtins.int
+    """Epoch milliseconds: rows before the first row recorded at or after this time are deleted."""
+    def __init__(
+        self,
+        *,
+        before_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_ms", b"before_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneRequest: _TypeAlias = PruneRequest  # noqa: Y015
+
+@_typing.final
+class PruneResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRUNED_FIELD_NUMBER: _builtins.int
+    FIRST_KEPT_ID_FIELD_NUMBER: _builtins.int
+    pruned: _builtins.int
+    first_kept_id: _builtins.int
+    """The chain now starts here."""
+    def __init__(
+        self,
+        *,
+        pruned: _builtins.int = ...,
+        first_kept_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_kept_id", b"first_kept_id", "pruned", b"pruned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneResponse: _TypeAlias = PruneResponse  # noqa: Y015

@@ -49,6 +49,21 @@ class LedgerServiceStub:
                 request_serializer=aegis_dot_v1_dot_ledger__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=aegis_dot_v1_dot_ledger__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/aegis.v1.LedgerService/Stats',
+                request_serializer=aegis_dot_v1_dot_ledger__pb2.StatsRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_ledger__pb2.StatsResponse.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/aegis.v1.LedgerService/Export',
+                request_serializer=aegis_dot_v1_dot_ledger__pb2.ExportRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_ledger__pb2.ExportBatch.FromString,
+                _registered_method=True)
+        self.Prune = channel.unary_unary(
+                '/aegis.v1.LedgerService/Prune',
+                request_serializer=aegis_dot_v1_dot_ledger__pb2.PruneRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_ledger__pb2.PruneResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -74,6 +89,29 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Totals and breakdowns of the matching rows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Export(self, request, context):
+        """Every matching row, oldest first, in batches (one message per row costs ~100x more per row).
+        Rows committed after the export started are not included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prune(self, request, context):
+        """Deletes the oldest rows and records an authenticated checkpoint so `Verify` still proves the rest.
+        FAILED_PRECONDITION until the vault has been unlocked once (the checkpoint needs the ledger key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +129,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=aegis_dot_v1_dot_ledger__pb2.VerifyRequest.FromString,
                     response_serializer=aegis_dot_v1_dot_ledger__pb2.VerifyResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=aegis_dot_v1_dot_ledger__pb2.StatsRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_ledger__pb2.StatsResponse.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=aegis_dot_v1_dot_ledger__pb2.ExportRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_ledger__pb2.ExportBatch.SerializeToString,
+            ),
+            'Prune': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prune,
+                    request_deserializer=aegis_dot_v1_dot_ledger__pb2.PruneRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_ledger__pb2.PruneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +227,87 @@ class LedgerService:
             '/aegis.v1.LedgerService/Verify',
             aegis_dot_v1_dot_ledger__pb2.VerifyRequest.SerializeToString,
             aegis_dot_v1_dot_ledger__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.v1.LedgerService/Stats',
+            aegis_dot_v1_dot_ledger__pb2.StatsRequest.SerializeToString,
+            aegis_dot_v1_dot_ledger__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aegis.v1.LedgerService/Export',
+            aegis_dot_v1_dot_ledger__pb2.ExportRequest.SerializeToString,
+            aegis_dot_v1_dot_ledger__pb2.ExportBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.v1.LedgerService/Prune',
+            aegis_dot_v1_dot_ledger__pb2.PruneRequest.SerializeToString,
+            aegis_dot_v1_dot_ledger__pb2.PruneResponse.FromString,
             options,
             channel_credentials,
             insecure,

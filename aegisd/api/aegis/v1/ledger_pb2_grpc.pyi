@@ -36,6 +36,16 @@ class LedgerServiceStub:
     """Rows as they commit, until the client goes away."""
     Verify: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.VerifyRequest, _ledger_pb2.VerifyResponse]
     """Walks the whole chain and names the first row that does not fit."""
+    Stats: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.StatsRequest, _ledger_pb2.StatsResponse]
+    """Totals and breakdowns of the matching rows."""
+    Export: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportRequest, _ledger_pb2.ExportBatch]
+    """Every matching row, oldest first, in batches (one message per row costs ~100x more per row).
+    Rows committed after the export started are not included.
+    """
+    Prune: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.PruneRequest, _ledger_pb2.PruneResponse]
+    """Deletes the oldest rows and records an authenticated checkpoint so `Verify` still proves the rest.
+    FAILED_PRECONDITION until the vault has been unlocked once (the checkpoint needs the ledger key).
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -45,6 +55,16 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Rows as they commit, until the client goes away."""
     Verify: _aio.UnaryUnaryMultiCallable[_ledger_pb2.VerifyRequest, _ledger_pb2.VerifyResponse]  # type: ignore[assignment]
     """Walks the whole chain and names the first row that does not fit."""
+    Stats: _aio.UnaryUnaryMultiCallable[_ledger_pb2.StatsRequest, _ledger_pb2.StatsResponse]  # type: ignore[assignment]
+    """Totals and breakdowns of the matching rows."""
+    Export: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportRequest, _ledger_pb2.ExportBatch]  # type: ignore[assignment]
+    """Every matching row, oldest first, in batches (one message per row costs ~100x more per row).
+    Rows committed after the export started are not included.
+    """
+    Prune: _aio.UnaryUnaryMultiCallable[_ledger_pb2.PruneRequest, _ledger_pb2.PruneResponse]  # type: ignore[assignment]
+    """Deletes the oldest rows and records an authenticated checkpoint so `Verify` still proves the rest.
+    FAILED_PRECONDITION until the vault has been unlocked once (the checkpoint needs the ledger key).
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -69,5 +89,33 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.VerifyResponse, _abc.Awaitable[_ledger_pb2.VerifyResponse]]:
         """Walks the whole chain and names the first row that does not fit."""
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _ledger_pb2.StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.StatsResponse, _abc.Awaitable[_ledger_pb2.StatsResponse]]:
+        """Totals and breakdowns of the matching rows."""
+
+    @_abc_1.abstractmethod
+    def Export(
+        self,
+        request: _ledger_pb2.ExportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ExportBatch], _abc.AsyncIterator[_ledger_pb2.ExportBatch]]:
+        """Every matching row, oldest first, in batches (one message per row costs ~100x more per row).
+        Rows committed after the export started are not included.
+        """
+
+    @_abc_1.abstractmethod
+    def Prune(
+        self,
+        request: _ledger_pb2.PruneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.PruneResponse, _abc.Awaitable[_ledger_pb2.PruneResponse]]:
+        """Deletes the oldest rows and records an authenticated checkpoint so `Verify` still proves the rest.
+        FAILED_PRECONDITION until the vault has been unlocked once (the checkpoint needs the ledger key).
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

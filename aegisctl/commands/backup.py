@@ -1,0 +1,92 @@
+"""`aegisctl backup FILE` and `aegisctl restore FILE`: the vault and the ledger, in one file.
+
+The daemon streams a consistent snapshot and aegisctl writes it (0600, atomically), so the file
+belongs to the operator and lands where the operator can write, whatever user aegisd runs as.
+Restore streams the file back; the daemon checks all of it before replacing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from aegisctl import output
+from aegisctl.backup_file import CHUNK, read_manifest, verify_archive
+from aegisctl.client import ClientError
+from aegisctl.commands.status import STATES
+from aegisctl.context import Context, pass_context
+from aegisctl.private_file import private_output
+from aegisctl.secrets_input import confirm_destructive
+from aegisd.api.aegis.v1 import backup_pb2 as pb
+
+
+def _summary(manifest: dict[str, object]) -> str:
+    counts = manifest.get("counts")
+    counts = counts if isinstance(counts, dict) else {}
+    created = manifest.get("created_ms")
+    when = output.iso_ms(created) if isinstance(created, int) else "an unknown time"
+    return (f"vault {manifest.get('vault_id')} taken {when}: {counts.get('credentials', '?')} credentials, "
+            f"{counts.get('agents', '?')} agents, {counts.get('grants', '?')} grants, "
+            f"{counts.get('ledger_rows', '?')} ledger rows")
+
+
+@click.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the backup's manifest as JSON.")
+@pass_context
+def backup(ctx: Context, file: Path, as_json: bool) -> None:
+    """Write a consistent snapshot of the vault and ledger to FILE (mode 0600; secrets stay encrypted).
+
+    Works while the gate serves traffic and whether the vault is locked or not. FILE is replaced only
+    once the whole backup has arrived and checks out.
+    """
+    client = ctx.client
+    stream = client.backup.Backup(pb.BackupRequest())
+    with private_output(file, text=False) as out:
+        try:
+            for chunk in client.stream(stream):
+                out.file.write(chunk.data)
+        except KeyboardInterrupt:
+            stream.cancel()  # type: ignore[no-untyped-call]
+            raise
+        out.file.flush()
+        manifest = verify_archive(out.temp_path)  # an interrupted stream never becomes FILE
+    if as_json:
+        output.emit_json({"file": str(file), **manifest})
+    else:
+        click.echo(f"Backup written to {file} ({file.stat().st_size} bytes): {_summary(manifest)}.")
+
+
+@click.command("restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@pass_context
+def restore(ctx: Context, file: Path, yes: bool) -> None:
+    """Replace the daemon's vault and ledger with the backup in FILE.
+
+    The vault must be locked (or not yet created): run `aegisctl lock` first. Afterwards it is locked;
+    unlock it with the passphrase the backup's vault had. A damaged file is refused and nothing changes.
+    """
+    manifest = read_manifest(file)
+    client = ctx.client
+    status = client.status()
+    if STATES.get(status.state) == "unlocked":
+        raise ClientError("the vault is unlocked; restore replaces it, so it must be locked first",
+                          "run `aegisctl lock`, then `aegisctl restore` again", "vault_unlocked")
+    confirm_destructive(f"Replace the vault and ledger in {status.data_dir} with the backup of "
+                        f"{_summary(manifest)}?", yes)
+
+    def chunks() -> Iterator[pb.RestoreChunk]:
+        with file.open("rb") as fh:
+            while data := fh.read(CHUNK):
+                yield pb.RestoreChunk(data=data)
+
+    reply = client.call(client.backup.Restore, chunks(), timeout=3600)
+    click.echo(f"Restored vault {reply.vault_id} (backup taken {output.iso_ms(reply.created_ms)}): "
+               f"{reply.credentials} credentials, {reply.agents} agents, {reply.ledger_rows} ledger rows.")
+    click.echo("The vault is locked: unlock it with the backup's passphrase (`aegisctl unlock`).")
+
+
+commands = (backup, restore)

@@ -1,0 +1,110 @@
+"""`aegisctl mcp serve|config`: Aegis as an MCP server for Claude, Cursor, VS Code, Cline, Windsurf.
+
+`serve` is an agent: it talks to the gate with an agent token and never to the control socket,
+so it imports nothing from aegisd. The MCP SDK is imported only when `serve` runs, keeping every
+other aegisctl command fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from aegisctl.mcp import host_config, settings
+from aegisctl.mcp.settings import SettingsError
+
+AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+DEFAULT_LISTEN = "127.0.0.1:3300"
+
+
+def token_file_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+                        help=help_text)
+
+
+gate_url_option = click.option(
+    "--gate-url", metavar="URL", help="The gate [default: $AEGIS_GATE_URL, else http:// + $AEGIS_GATE_LISTEN].")
+
+
+def _fail(message: str, hint: str = "", code: int = 1) -> NoReturn:
+    click.echo(f"aegisctl: error: {message}", err=True)
+    if hint:
+        click.echo(f"  next: {hint}", err=True)
+    sys.exit(code)
+
+
+def _settings_failed(exc: SettingsError) -> NoReturn:
+    _fail(exc.message, exc.hint, 2 if exc.usage else 1)
+
+
+@click.group("mcp")
+def command() -> None:
+    """Serve Aegis to MCP hosts as an agent, and print their configuration."""
+
+
+@command.command("serve")
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True,
+              help="stdio for a host that starts the bridge; http for streamable HTTP on --listen.")
+@click.option("--listen", metavar="HOST:PORT",
+              help=f"Loopback address for --transport http [default: {DEFAULT_LISTEN}].")
+@token_file_option("File holding the agent token alone, mode 0600 [default: $AEGIS_AGENT_TOKEN].")
+@gate_url_option
+@click.pass_context
+def serve(ctx: click.Context, transport: str, listen: str | None, token_file: Path | None,
+          gate_url: str | None) -> None:
+    """Run the MCP bridge: tools aegis_proxy_request, aegis_list_services and aegis_health.
+
+    Every call goes through the gate as this agent. Over HTTP, clients must send
+    `Authorization: Bearer <agent token>` to http://HOST:PORT/mcp.
+    """
+    if listen is not None and transport != "http":
+        raise click.UsageError("--listen applies to --transport http only")
+    config = ctx.find_root().params.get("config")
+    try:
+        bridge_settings = settings.load(token_file, gate_url, os.environ, config)
+        address = settings.listen_address(listen or DEFAULT_LISTEN) if transport == "http" else None
+    except SettingsError as exc:
+        _settings_failed(exc)
+    from aegisctl.mcp.serve import StartupError, run
+
+    try:
+        run(bridge_settings, address)
+    except StartupError as exc:
+        _fail(exc.message, exc.hint)
+
+
+@command.command("config")
+@click.argument("host", type=click.Choice(host_config.HOSTS))
+@click.option("--agent", metavar="NAME", help="The agent this host acts as: names the server entry and the token hint.")
+@token_file_option("The token file the bridge will read (recommended: the config then holds no token).")
+@gate_url_option
+@click.pass_context
+def config(ctx: click.Context, host: str, agent: str | None, token_file: Path | None, gate_url: str | None) -> None:
+    """Print the bridge's entry in HOST's own MCP configuration format.
+
+    With --token-file the snippet holds only that path; otherwise a placeholder for the token
+    (VS Code: a password prompt). Where to put it is printed on stderr.
+    """
+    if agent is not None and not AGENT_NAME.match(agent):
+        raise click.BadParameter("1-64 characters of a-z, 0-9, '.', '_' or '-'", param_hint="--agent")
+    try:
+        url = settings.gate_url(gate_url, os.environ, ctx.find_root().params.get("config"))
+    except SettingsError as exc:
+        _settings_failed(exc)
+    absolute = token_file.expanduser().absolute() if token_file is not None else None
+    bridge = host_config.Bridge(host_config.aegisctl_executable(), url, str(absolute) if absolute else None, agent)
+    click.echo(host_config.render(host, bridge))
+    click.echo(f"aegisctl: {host_config.WHERE[host]}", err=True)
+    if absolute is None:
+        click.echo("aegisctl: tip: --token-file PATH keeps the token out of the host's config file.", err=True)
+        return
+    try:
+        settings.check_token_file(absolute)
+    except SettingsError as exc:
+        click.echo(f"aegisctl: warning: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), err=True)

@@ -1,0 +1,199 @@
+"""`aegisctl policy validate|list|test|reload`: the YAML rules that narrow what each agent may do.
+
+aegisctl never interprets a policy itself: `validate` sends the files' bytes to aegisd, which
+answers with every issue it finds, so what passes here is exactly what the gate would load.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aegisctl import output
+from aegisctl.context import Context, pass_context
+from aegisctl.timespec import TimeSpec
+from aegisd.api.aegis.v1 import policy_pb2 as pb
+
+SUFFIXES = (".yaml", ".yml")
+
+
+def issue_json(i: pb.PolicyIssue) -> dict[str, Any]:
+    return {"file": i.file, "line": i.line, "column": i.column, "field": i.field, "message": i.message}
+
+
+def issue_line(i: pb.PolicyIssue) -> str:
+    where = f"{i.file}:{i.line}:{i.column}" if i.line else i.file
+    return f"{where}: {i.field}: {i.message}" if i.field else f"{where}: {i.message}"
+
+
+def file_json(f: pb.PolicyFileStatus) -> dict[str, Any]:
+    return {"name": f.name, "agent": f.agent or None, "mode": f.mode, "rules": f.rules, "valid": not f.issues,
+            "issues": [issue_json(i) for i in f.issues]}
+
+
+def status_json(s: pb.PolicyStatus) -> dict[str, Any]:
+    return {
+        "directory": s.directory or None,
+        "loaded_at": output.iso(s.loaded_at) if s.HasField("loaded_at") else None,
+        "trigger": s.trigger or None,
+        "reloads": s.reloads,
+        "error": s.error or None,
+        "fail_all": list(s.fail_all),
+        "files": [file_json(f) for f in s.files],
+        "agents": [{"agent": a.agent, "state": a.state, "files": list(a.files), "rules": a.rules,
+                    "services": list(a.services)} for a in s.agents],
+    }
+
+
+@click.group("policy")
+def command() -> None:
+    """Check, list, test and reload policy files (the daemon's --policies-dir)."""
+
+
+def _sources(paths: tuple[str, ...]) -> list[pb.PolicySource]:
+    sources = []
+    for text in paths:
+        path = Path(text)
+        found = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and not p.name.startswith(".")) \
+            if path.is_dir() else [path]
+        for item in found:
+            try:
+                sources.append(pb.PolicySource(name=str(item), content=item.read_bytes()))
+            except OSError as exc:
+                raise click.UsageError(f"cannot read {item}: {exc.strerror}") from None
+    if not sources:
+        raise click.UsageError("no policy files (*.yaml, *.yml) in the paths given")
+    return sources
+
+
+@command.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True), metavar="PATH...")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of files and their issues.")
+@pass_context
+def validate(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
+    """Check policy files (or every *.yaml / *.yml in a directory) and print every error at once.
+
+    Files are checked by the running aegisd, exactly as it would load them; they do not have to
+    be in its policy directory. Exit status 1 if any file has an error.
+    """
+    client = ctx.client
+    reply = client.call(client.policies.Validate, pb.ValidatePoliciesRequest(files=_sources(paths)))
+    if as_json:
+        output.emit_json([file_json(f) for f in reply.files])
+    else:
+        for f in reply.files:
+            if f.issues:
+                for issue in f.issues:
+                    click.echo(issue_line(issue))
+            else:
+                click.echo(f"{f.name}: ok (agent {f.agent}, {f.rules} rules, {f.mode})")
+    bad = [f for f in reply.files if f.issues]
+    if bad:
+        errors = sum(len(f.issues) for f in bad)
+        click.echo(f"aegisctl: {errors} error(s) in {len(bad)} of {len(reply.files)} file(s)", err=True)
+        sys.exit(1)
+
+
+@command.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@pass_context
+def list_(ctx: Context, as_json: bool) -> None:
+    """Show the loaded policy files and agents, their modes, rule counts and errors."""
+    client = ctx.client
+    _print_status(client.call(client.policies.List, pb.ListPoliciesRequest()), as_json)
+
+
+@command.command("reload")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@pass_context
+def reload(ctx: Context, as_json: bool) -> None:
+    """Re-read the policy directory now (aegisd also reloads on SIGHUP and when files change).
+
+    An invalid file makes the agents it names fail closed (403 policy_invalid) while the other
+    agents keep their policies. Exit status 1 if any file is invalid.
+    """
+    client = ctx.client
+    status = client.call(client.policies.Reload, pb.ReloadPoliciesRequest())
+    _print_status(status, as_json)
+    if status.error or any(f.issues for f in status.files):
+        if not as_json:
+            click.echo("aegisctl: reloaded with errors; the agents named above fail closed until they are fixed",
+                       err=True)
+        sys.exit(1)
+
+
+def _print_status(status: pb.PolicyStatus, as_json: bool) -> None:
+    if as_json:
+        output.emit_json(status_json(status))
+        return
+    if not status.directory:
+        click.echo("No policy directory is configured: every agent is governed by its grants and scopes only.")
+        click.echo("Set one with aegisd --policies-dir, AEGIS_POLICIES_DIR or [policy] dir in the config.")
+        return
+    loaded = output.iso(status.loaded_at) if status.HasField("loaded_at") else None
+    output.fields([("directory", status.directory), ("loaded", f"{loaded} ({status.trigger})"),
+                   ("reloads", status.reloads)])
+    if status.error:
+        click.echo(f"error: {status.error}")
+    click.echo()
+    if not status.files:
+        click.echo("No policy files (*.yaml, *.yml) in the directory.")
+    else:
+        output.table(["FILE", "AGENT", "MODE", "RULES", "STATUS"],
+                     [[f.name, f.agent, f.mode, f.rules, f"{len(f.issues)} error(s)" if f.issues else "ok"]
+                      for f in status.files])
+    if status.agents:
+        click.echo()
+        output.table(["AGENT", "STATE", "RULES", "SERVICES", "FILES"],
+                     [[a.agent, a.state, a.rules, ",".join(a.services), ",".join(a.files)] for a in status.agents])
+    issues = [i for f in status.files for i in f.issues]
+    if issues:
+        click.echo()
+        for issue in issues:
+            click.echo(issue_line(issue))
+    if status.fail_all:
+        click.echo()
+        click.echo(f"EVERY agent fails closed: the agent of {', '.join(status.fail_all)} cannot be determined.")
+
+
+@command.command("test")
+@click.option("--agent", required=True, help="Agent name.")
+@click.option("--service", required=True, help="Service (the first path segment at the gate).")
+@click.option("--method", required=True, help="HTTP method, e.g. GET.")
+@click.option("--path", "path", required=True, help="Path after the service, e.g. /repos/acme/x.")
+@click.option("--at", "at_ms", type=TimeSpec(), help="Judge at this time (ISO 8601) instead of now.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@pass_context
+def test_request(ctx: Context, agent: str, service: str, method: str, path: str, at_ms: int | None,
+         as_json: bool) -> None:
+    """Show how the loaded policies judge one request, and which rule decided.
+
+    Only the policy step: the agent's grants and the credential's scopes are checked separately.
+    """
+    client = ctx.client
+    request = pb.TestPolicyRequest(agent=agent, service=service, method=method, path=path)
+    if at_ms is not None:
+        stamp = Timestamp()
+        stamp.FromMilliseconds(at_ms)
+        request.at.CopyFrom(stamp)
+    reply = client.call(client.policies.Test, request)
+    rule = ({"file": reply.rule.file, "index": reply.rule.index, "line": reply.rule.line, "ref": reply.rule.ref}
+            if reply.HasField("rule") else None)
+    if as_json:
+        output.emit_json({"decision": reply.decision, "mode": reply.mode or None, "rule": rule,
+                          "reason": reply.reason, "rate_limit": reply.rate_limit or None})
+        return
+    headline = reply.decision
+    if reply.mode == "dry-run" and reply.decision == "denied":
+        headline += " (dry-run: forwarded, logged as would_deny)"
+    pairs: list[tuple[str, Any]] = [("decision", headline)]
+    if rule is not None:
+        pairs.append(("rule", f"{rule['ref']} (line {rule['line']})"))
+    if reply.rate_limit:
+        pairs.append(("rate limit", reply.rate_limit))
+    pairs.append(("reason", reply.reason))
+    output.fields(pairs)

@@ -1,0 +1,115 @@
+"""`aegisctl webhook add|list|remove|test`: signed alerts to a URL when the gate blocks something.
+
+The signing secret is printed once, when the webhook is added; in human mode it is the only
+thing on stdout, so `SECRET=$(aegisctl webhook add URL --events ...)` captures it. A URL that
+embeds a secret of its own (Slack, Discord) can come from stdin instead of the command line.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from aegisctl import output
+from aegisctl.client import HINTS, ClientError
+from aegisctl.context import Context, pass_context
+from aegisctl.secrets_input import confirm_destructive
+from aegisd.api.aegis.v1 import webhooks_pb2 as pb
+
+EVENT_NAMES = ("blocked_request", "rate_limited", "agent_auth_failure", "body_inspection", "credential_expiry",
+               "response_redacted")
+ONCE_WARNING = ("aegisctl: this signing secret is not shown again; give it to the receiver now "
+                "(it verifies X-Aegis-Signature).")
+
+
+def webhook_json(w: pb.Webhook) -> dict[str, Any]:
+    return {"id": w.id, "origin": w.origin, "events": list(w.events), "created_at": output.iso(w.created_at)}
+
+
+@click.group("webhook")
+def command() -> None:
+    """Send signed JSON alerts to a URL when requests are blocked or credentials expire."""
+
+
+@command.command("add")
+@click.argument("url", required=False)
+@click.option("--events", required=True, metavar="LIST",
+              help=f"Comma-separated, any of: {', '.join(EVENT_NAMES)}.")
+@click.option("--url-stdin", is_flag=True, help="Read the URL from stdin's first line (keeps it out of argv).")
+@click.option("--json", "as_json", is_flag=True, help="Print the webhook and its secret as JSON.")
+@pass_context
+def add(ctx: Context, url: str | None, events: str, url_stdin: bool, as_json: bool) -> None:
+    """Register URL (https://..., or http:// to loopback) and print its signing secret, once."""
+    if url_stdin == (url is not None):
+        raise click.UsageError("give the URL as an argument or with --url-stdin (one of the two)")
+    if url_stdin:
+        url = sys.stdin.readline().strip()
+    if not url:
+        raise click.UsageError("the URL is empty")
+    names = [part.strip() for part in events.split(",") if part.strip()]
+    client = ctx.client
+    reply = client.call(client.webhooks.AddWebhook, pb.AddWebhookRequest(url=url, events=names))
+    if as_json:
+        output.emit_json({**webhook_json(reply.webhook), "secret": reply.secret})
+        return
+    click.echo(reply.secret)
+    click.echo(f"aegisctl: added webhook {reply.webhook.id} to {reply.webhook.origin} for "
+               f"{', '.join(reply.webhook.events)}.", err=True)
+    click.echo(ONCE_WARNING, err=True)
+
+
+@command.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_context
+def list_(ctx: Context, as_json: bool) -> None:
+    """List webhooks: id, where they go (origin only) and their events; never a secret."""
+    client = ctx.client
+    hooks = [webhook_json(w) for w in client.call(client.webhooks.ListWebhooks, pb.ListWebhooksRequest()).webhooks]
+    if as_json:
+        output.emit_json(hooks)
+        return
+    if not hooks:
+        click.echo("No webhooks yet: add one with `aegisctl webhook add URL --events blocked_request`.")
+        return
+    output.table(["ID", "ORIGIN", "EVENTS", "CREATED"],
+                 [[h["id"], h["origin"], ",".join(h["events"]), h["created_at"]] for h in hooks])
+
+
+@command.command("remove")
+@click.argument("webhook_id", metavar="ID")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_context
+def remove(ctx: Context, webhook_id: str, yes: bool) -> None:
+    """Delete a webhook; nothing more is sent to it."""
+    client = ctx.client
+    hooks = client.call(client.webhooks.ListWebhooks, pb.ListWebhooksRequest()).webhooks
+    found = [w for w in hooks if w.id == webhook_id]
+    if not found:  # fail on a wrong id before asking
+        raise ClientError(f"no webhook with id {webhook_id!r}", HINTS["webhook_not_found"], "webhook_not_found")
+    confirm_destructive(f"Remove webhook {webhook_id} ({found[0].origin})?", yes)
+    reply = client.call(client.webhooks.RemoveWebhook, pb.RemoveWebhookRequest(id=webhook_id))
+    click.echo(f"Removed webhook {reply.webhook.id} ({reply.webhook.origin}).")
+
+
+@command.command("test")
+@click.argument("webhook_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@pass_context
+def test(ctx: Context, webhook_id: str, as_json: bool) -> None:
+    """Send one signed "test" event now and report what the receiver answered (exit 1 unless 2xx)."""
+    client = ctx.client
+    reply = client.call(client.webhooks.TestWebhook, pb.TestWebhookRequest(id=webhook_id))
+    if as_json:
+        output.emit_json({"id": webhook_id, "delivered": reply.delivered, "status": reply.status or None,
+                          "error": reply.error or None, "delivery_id": reply.delivery_id,
+                          "duration_ms": reply.duration_ms})
+    elif reply.delivered:
+        click.echo(f"Delivered {reply.delivery_id} to {webhook_id}: HTTP {reply.status} in "
+                   f"{reply.duration_ms:.0f} ms.")
+    if not reply.delivered:
+        if not as_json:
+            click.echo(f"aegisctl: error: test delivery to {webhook_id} failed: {reply.error}", err=True)
+            click.echo("  next: check the receiver is up and answers 2xx; see aegisd's log", err=True)
+        sys.exit(1)

@@ -1,0 +1,144 @@
+"""The bridge's only way out: HTTP to the gate with the agent token, like any other agent.
+
+A gate refusal is told apart from an upstream's own error response by its shape: a JSON
+`{"error": {"code", "message", "request_id"}}` whose request id equals the response's
+`X-Aegis-Request-Id`. The gate strips its headers before forwarding, so an upstream never
+learns the request id and cannot pass its own answer off as the gate's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from aegisctl import __version__
+
+REQUEST_ID_HEADER = "X-Aegis-Request-Id"
+OPERATOR_BODY_LIMIT = 1024 * 1024  # /_aegis answers are small; anything bigger is not the gate
+TIMEOUT = aiohttp.ClientTimeout(total=900, sock_connect=10)  # the gate's own upstream timeouts fire first
+
+
+class BridgeError(Exception):
+    """A call that got no usable answer from the gate; `code` is stable, for the model to act on."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The gate refused the call at one of its steps."""
+
+    status: int
+    code: str
+    message: str
+    request_id: str
+    retry_after: str | None = None
+
+
+@dataclass
+class GateResponse:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    truncated: bool
+    charset: str | None
+    content_type: str
+    request_id: str
+    refusal: Refusal | None = field(default=None)
+    document: dict[str, Any] = field(default_factory=dict)  # an operator endpoint's JSON answer
+
+
+class GateClient:
+    """One pooled aiohttp session to the gate, carrying this agent's token on every request."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url
+        self._token = token
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> GateClient:
+        self._session = aiohttp.ClientSession(
+            timeout=TIMEOUT, headers={"User-Agent": f"aegisctl-mcp/{__version__}"})
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
+                      limit: int) -> GateResponse:
+        """Send one request; read at most `limit` bytes of the answer (`truncated` says if there was more)."""
+        assert self._session is not None, "use GateClient as an async context manager"
+        sent = {**headers, "X-Aegis-Agent": self._token}
+        url = URL(self.base_url + target, encoded=True)
+        try:
+            async with self._session.request(method, url, headers=sent, data=body, allow_redirects=False) as resp:
+                data, truncated = await _read(resp, limit)
+                reply = GateResponse(resp.status, resp.headers, data, truncated, resp.charset,
+                                     resp.content_type, resp.headers.get(REQUEST_ID_HEADER, ""))
+        except aiohttp.ClientConnectorError as exc:
+            raise BridgeError("gate_unreachable", f"cannot reach the Aegis gate at {self.base_url} "
+                              f"({exc.strerror or type(exc).__name__}); is aegisd running?") from None
+        except TimeoutError:
+            raise BridgeError("gate_timeout", "the Aegis gate did not answer in time") from None
+        except aiohttp.ClientPayloadError:
+            raise BridgeError("response_incomplete", "the response was cut off before its end (the upstream "
+                              "failed mid-body, or the gate could not record it in the audit ledger)") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BridgeError("gate_unreachable", f"the connection to the Aegis gate at {self.base_url} "
+                              f"failed ({type(exc).__name__}); is aegisd running?") from None
+        if not truncated:
+            reply.refusal = _refusal(reply)
+        return reply
+
+    async def operator(self, endpoint: str) -> GateResponse:
+        """GET one of the gate's own endpoints (`/_aegis/...`): a refusal, or its JSON object in `document`."""
+        reply = await self.request("GET", f"/_aegis/{endpoint}", {}, None, OPERATOR_BODY_LIMIT)
+        if reply.refusal is not None:
+            return reply
+        try:
+            document = json.loads(reply.body) if reply.status == 200 and not reply.truncated else None
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise BridgeError("gate_error", f"/_aegis/{endpoint} answered HTTP {reply.status} without the JSON "
+                              f"the gate sends; is {self.base_url} really the Aegis gate?")
+        reply.document = document
+        return reply
+
+
+async def _read(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            resp.close()  # drop the connection rather than read (or pool) what the model will not see
+            return b"".join(chunks)[:limit], True
+    return b"".join(chunks), False
+
+
+def _refusal(reply: GateResponse) -> Refusal | None:
+    if reply.status < 400 or not reply.request_id or reply.content_type != "application/json":
+        return None
+    try:
+        error = json.loads(reply.body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(error, dict) or error.get("request_id") != reply.request_id:
+        return None
+    code, message = error.get("code"), error.get("message")
+    if not isinstance(code, str) or not isinstance(message, str):
+        return None
+    return Refusal(reply.status, code, message, reply.request_id, reply.headers.get("Retry-After"))

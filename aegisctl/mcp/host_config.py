@@ -1,0 +1,95 @@
+"""`aegisctl mcp config HOST`: the bridge's entry in each AI host's own configuration format.
+
+The snippet names the absolute path of this aegisctl, `mcp serve`, and the gate URL. The token is
+referenced, never embedded: a `--token-file` path (preferred), VS Code's password prompt, or a
+placeholder the user replaces. Nothing else in it is secret.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HOSTS = ("claude", "claude-code", "cursor", "vscode", "cline", "windsurf")
+VSCODE_INPUT = "aegis-agent-token"
+
+WHERE = {
+    "claude": "Claude Desktop: merge into claude_desktop_config.json (Settings > Developer > Edit Config; macOS "
+              "~/Library/Application Support/Claude/, Windows %APPDATA%\\Claude\\), then restart Claude Desktop.",
+    "claude-code": "Claude Code: run this command (add --scope user for every project, or --scope project to "
+                   "share it in .mcp.json), then check it with `claude mcp list`.",
+    "cursor": "Cursor: merge into .cursor/mcp.json in the project, or ~/.cursor/mcp.json for every project.",
+    "vscode": "VS Code: merge into .vscode/mcp.json in the workspace (or run `MCP: Open User Configuration`).",
+    "cline": "Cline: merge into cline_mcp_settings.json (MCP Servers > Configure > Configure MCP Servers).",
+    "windsurf": "Windsurf: merge into ~/.codeium/windsurf/mcp_config.json (Settings > Cascade > MCP servers).",
+}
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """How a host starts the bridge."""
+
+    command: str
+    gate_url: str
+    token_file: str | None
+    agent: str | None
+
+    @property
+    def server_name(self) -> str:
+        return f"aegis-{self.agent}" if self.agent else "aegis"
+
+    @property
+    def args(self) -> list[str]:
+        return ["mcp", "serve", *(["--token-file", self.token_file] if self.token_file else [])]
+
+    @property
+    def placeholder(self) -> str:
+        return f"<paste the token from `aegisctl agent add {self.agent or 'NAME'}`>"
+
+    def env(self, token_reference: str) -> dict[str, str]:
+        env = {"AEGIS_GATE_URL": self.gate_url}
+        if not self.token_file:
+            env["AEGIS_AGENT_TOKEN"] = token_reference
+        return env
+
+    def stdio_entry(self, token_reference: str | None = None) -> dict[str, Any]:
+        return {"command": self.command, "args": self.args, "env": self.env(token_reference or self.placeholder)}
+
+
+def aegisctl_executable() -> str:
+    """The absolute path of the aegisctl running now, so the host starts this same installation."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "aegisctl" and argv0.is_file():
+        return str(argv0.absolute())
+    found = shutil.which("aegisctl")
+    return str(Path(found).absolute()) if found else str(Path(sys.executable).parent / "aegisctl")
+
+
+def render(host: str, bridge: Bridge) -> str:
+    """The snippet for `host`, ready to paste (JSON) or run (Claude Code's command)."""
+    if host == "claude-code":
+        return _claude_code(bridge)
+    if host == "vscode":
+        entry = {"type": "stdio", **bridge.stdio_entry("${input:" + VSCODE_INPUT + "}")}
+        doc: dict[str, Any] = {"servers": {bridge.server_name: entry}}
+        if not bridge.token_file:
+            doc["inputs"] = [{"type": "promptString", "id": VSCODE_INPUT, "password": True,
+                              "description": f"Aegis agent token (from `aegisctl agent add {bridge.agent or 'NAME'}`)"}]
+        return json.dumps(doc, indent=2)
+    entry = bridge.stdio_entry()
+    if host == "cline":
+        entry.update({"disabled": False, "autoApprove": []})
+    return json.dumps({"mcpServers": {bridge.server_name: entry}}, indent=2)
+
+
+def _claude_code(bridge: Bridge) -> str:
+    words = ["claude", "mcp", "add", "--transport", "stdio"]
+    for name, value in bridge.env(bridge.placeholder).items():
+        words += ["--env", f"{name}={value}"]
+    words += [bridge.server_name, "--", bridge.command, *bridge.args]
+    return " ".join(shlex.quote(word) for word in words)

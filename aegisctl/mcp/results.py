@@ -1,0 +1,76 @@
+"""Tool results as a model reads them: JSON text plus the same value as structured content.
+
+Refusals and bridge failures are tool errors (`isError`) whose text starts with a stable code,
+e.g. `not_granted: agent 'bot' has no grant for service 'stripe'`, so a model can tell "not
+allowed" from "upstream down". An upstream's own 4xx/5xx is not an error: it is the answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+from typing import Any
+
+from mcp.types import CallToolResult, TextContent
+
+from aegisctl.mcp.gate_client import BridgeError, GateResponse, Refusal
+
+# Headers that describe the bytes on the wire, not the (decompressed, maybe truncated) body shown.
+WIRE_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding"})
+BINARY_TYPES = ("image/", "audio/", "video/", "font/", "application/octet-stream", "application/zip",
+                "application/gzip", "application/pdf", "application/wasm")
+
+
+def ok(value: dict[str, Any]) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(value, ensure_ascii=False))],
+                          structured_content=value)
+
+
+def error(code: str, message: str, **details: Any) -> CallToolResult:
+    text = f"{code}: {message}"
+    if details.get("retry_after"):
+        text += f" (retry after {details['retry_after']} s)"
+    value = {"error": {"code": code, "message": message, **details}}
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=value, is_error=True)
+
+
+def bridge_error(exc: BridgeError) -> CallToolResult:
+    return error(exc.code, exc.message)
+
+
+def refusal(r: Refusal) -> CallToolResult:
+    details: dict[str, Any] = {"status": r.status, "request_id": r.request_id}
+    if r.retry_after is not None:
+        details["retry_after"] = r.retry_after
+    return error(r.code, r.message, **details)
+
+
+def proxied(reply: GateResponse, limit: int) -> CallToolResult:
+    """The upstream's answer as the gate relayed it: status, headers, body (text or base64)."""
+    headers: dict[str, str] = {}
+    for name, field in reply.headers.items():
+        if name.lower() not in WIRE_HEADERS:
+            headers[name] = f"{headers[name]}, {field}" if name in headers else field
+    text, encoding = body_text(reply.body, reply.charset, reply.content_type, reply.truncated)
+    value: dict[str, Any] = {"status": reply.status, "headers": headers, "body": text, "body_encoding": encoding,
+                             "truncated": reply.truncated, "request_id": reply.request_id}
+    if reply.truncated:
+        value["note"] = (f"the body was cut after its first {limit} bytes to spare your context; ask the API "
+                         "for less (a page, a range, a filter, fewer fields)")
+    return ok(value)
+
+
+def body_text(data: bytes, charset: str | None, content_type: str, truncated: bool) -> tuple[str, str]:
+    """(text, "text") when the body decodes in its charset (UTF-8 by default), else (base64, "base64")."""
+    if content_type.startswith(BINARY_TYPES):
+        return base64.b64encode(data).decode("ascii"), "base64"
+    try:
+        decoder = codecs.getincrementaldecoder(charset or "utf-8")("strict")
+    except LookupError:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        # A truncated body may end inside a multi-byte character: drop that partial character only.
+        return decoder.decode(data, final=not truncated), "text"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii"), "base64"

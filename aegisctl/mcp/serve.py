@@ -1,0 +1,77 @@
+"""`aegisctl mcp serve`: check the token with the gate, then serve MCP over stdio or streamable HTTP.
+
+A bridge that cannot act as its agent refuses to start, so the AI host shows a failed server
+with a reason instead of tools that fail on every call. The one exception is a locked vault:
+the gate cannot check any token then, the operator's `aegisctl unlock` fixes it, and the tools
+report `vault_locked` until it does.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+
+from aegisctl.mcp.gate_client import BridgeError, GateClient
+from aegisctl.mcp.settings import BridgeSettings
+
+
+class StartupError(Exception):
+    """The bridge must not start; `message` and `hint` say why and what to do."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def run(settings: BridgeSettings, listen: tuple[str, int] | None) -> None:
+    """Serve until the host closes stdin (stdio) or the process is signalled (HTTP)."""
+    anyio.run(_main, settings, listen)
+
+
+async def _main(settings: BridgeSettings, listen: tuple[str, int] | None) -> None:
+    async with GateClient(settings.gate_url, settings.token) as gate:
+        agent = await check_agent(gate)
+        # The MCP SDK loads only now: a bridge that refuses to start answers without that second.
+        from aegisctl.mcp import transports
+
+        if listen is None:
+            say(f"serving agent {agent} over stdio (gate {settings.gate_url})")
+            await transports.serve_stdio(gate)
+            return
+
+        def ready(url: str) -> None:
+            say(f"serving agent {agent} at {url} (gate {settings.gate_url}); clients must send "
+                "Authorization: Bearer <agent token>")
+
+        try:
+            await transports.serve_http(gate, settings.token, *listen, ready)
+        except transports.ListenError as exc:
+            raise StartupError(str(exc), "choose another --listen port") from None
+
+
+async def check_agent(gate: GateClient) -> str:
+    """The agent's name as the gate knows it, or a StartupError; a locked vault only warns."""
+    try:
+        reply = await gate.operator("services")
+    except BridgeError as exc:
+        raise StartupError(exc.message, "start aegisd, or point AEGIS_GATE_URL (or --gate-url) at its gate") from None
+    refusal = reply.refusal
+    if refusal is None:
+        return repr(reply.document.get("agent"))
+    if refusal.status == 401:
+        raise StartupError(f"the agent token was refused by the gate ({refusal.code}): it is unknown, or the "
+                           "agent was removed or its token regenerated",
+                           "issue a token with `aegisctl agent add NAME` (or `aegisctl agent regenerate NAME`) "
+                           "and give it to the bridge")
+    if refusal.code == "vault_locked":
+        say("warning: the vault is locked, so the gate cannot check the agent token yet; tools answer "
+            "vault_locked until an operator runs `aegisctl unlock`")
+        return "(unchecked: vault locked)"
+    raise StartupError(f"the gate refused the token check: {refusal.code}: {refusal.message}")
+
+
+def say(line: str) -> None:
+    """Status for the operator on stderr; stdout belongs to the MCP protocol under stdio."""
+    print(f"aegisctl mcp: {line}", file=sys.stderr, flush=True)

@@ -1,0 +1,135 @@
+"""What the MCP bridge needs before it starts: the agent token and the gate's URL.
+
+The token comes from `--token-file` or `AEGIS_AGENT_TOKEN` (flag over environment). A token
+file that group or others may read is refused, as ssh refuses such a key: anyone who can read
+it can act as this agent. The gate URL comes from `--gate-url`, `AEGIS_GATE_URL`, then
+`http://` + the gate's listen address (`AEGIS_GATE_LISTEN`, aegisd's config file, 127.0.0.1:3100).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from aegisctl.paths import PathError, read_config
+
+DEFAULT_GATE_LISTEN = "127.0.0.1:3100"
+TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{1,512}$")  # what one HTTP header value can carry verbatim
+LOOPBACK_LISTEN = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1", "[::1]": "::1"}
+
+
+class SettingsError(Exception):
+    """The bridge cannot start as configured; `message` says why and `hint` what to do next."""
+
+    def __init__(self, message: str, hint: str = "", *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.usage = usage
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    gate_url: str
+    token: str
+
+    def __repr__(self) -> str:  # never show the token, even in a traceback or a debugger
+        return f"BridgeSettings(gate_url={self.gate_url!r}, token=<hidden>)"
+
+
+def load(token_file: Path | None, gate_url_flag: str | None, env: Mapping[str, str] | None = None,
+         config_path: str | None = None) -> BridgeSettings:
+    env = os.environ if env is None else env
+    return BridgeSettings(gate_url(gate_url_flag, env, config_path), agent_token(token_file, env))
+
+
+def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None = None) -> str:
+    """The gate's base URL, checked and without a trailing slash."""
+    raw = flag or env.get("AEGIS_GATE_URL")
+    if not raw:
+        raw = "http://" + (env.get("AEGIS_GATE_LISTEN") or _configured_listen(config_path or env.get("AEGIS_CONFIG"))
+                           or DEFAULT_GATE_LISTEN)
+    parts = urlsplit(raw.strip())
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if (parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or parts.username
+            or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise SettingsError(f"the gate URL {raw!r} is not a plain http(s)://HOST:PORT address",
+                            "set AEGIS_GATE_URL (or --gate-url) to e.g. http://127.0.0.1:3100", usage=True)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _configured_listen(config_path: str | None) -> str | None:
+    try:
+        gate = read_config(config_path).get("gate")
+    except PathError as exc:
+        raise SettingsError(str(exc), "fix AEGIS_CONFIG, or set AEGIS_GATE_URL", usage=True) from None
+    listen = gate.get("listen") if isinstance(gate, dict) else None
+    return str(listen) if listen else None
+
+
+def agent_token(token_file: Path | None, env: Mapping[str, str]) -> str:
+    if token_file is not None:
+        token = read_token_file(token_file)
+    else:
+        token = env.get("AEGIS_AGENT_TOKEN", "").strip()
+        if not token:
+            raise SettingsError("no agent token: set AEGIS_AGENT_TOKEN or pass --token-file PATH",
+                                "create one with `aegisctl agent add NAME` and grant it credentials with "
+                                "`aegisctl grant NAME CREDENTIAL`", usage=True)
+    if not TOKEN_CHARS.match(token):
+        raise SettingsError("the agent token contains spaces or characters an HTTP header cannot carry",
+                            "copy the token again exactly as `aegisctl agent add` printed it")
+    return token
+
+
+def check_token_file(path: Path) -> os.stat_result:
+    """Refuse a missing, non-regular or group/other-accessible token file, with the fix."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise SettingsError(f"the token file {path} does not exist",
+                            f"save a token there, private from the start: (umask 077; aegisctl agent add NAME > {path})"
+                            ) from None
+    except OSError as exc:
+        raise SettingsError(f"the token file {path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SettingsError(f"the token file {path} is not a regular file")
+    if info.st_mode & 0o077:
+        raise SettingsError(f"the token file {path} is accessible by group or others (mode "
+                            f"{stat.S_IMODE(info.st_mode):04o}); anyone who reads it can act as this agent",
+                            f"chmod 600 {path}")
+    return info
+
+
+def read_token_file(path: Path) -> str:
+    check_token_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise SettingsError(f"the token file {path} cannot be read: {reason}") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise SettingsError(f"the token file {path} must hold the agent token alone on one line "
+                            f"(it has {len(lines)} non-empty lines)")
+    return lines[0]
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """`--listen HOST:PORT` for the HTTP transport: loopback only, since agents are local."""
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise SettingsError(f"--listen {value!r} must be HOST:PORT, e.g. 127.0.0.1:3300", usage=True)
+    bind = LOOPBACK_LISTEN.get(host.lower())
+    if bind is None:
+        raise SettingsError(f"--listen {value!r}: the MCP bridge listens on loopback only (127.0.0.1, [::1] "
+                            "or localhost); it serves a local AI host, never the network", usage=True)
+    return bind, int(port_text)

@@ -1,0 +1,151 @@
+"""The three tools an AI host sees, each a thin translation into one or two gate requests.
+
+Nothing here decides what is allowed: grants, hosts, scopes, policies, limits and inspection
+are the gate's. The bridge only checks that its arguments can be put on the wire unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from mcp.server.mcpserver import MCPServer
+from mcp.types import CallToolResult, ToolAnnotations
+from pydantic import Field
+
+from aegisctl import __version__
+from aegisctl.mcp import results
+from aegisctl.mcp.gate_client import BridgeError, GateClient
+
+BODY_LIMIT = 100 * 1024  # bytes of a response body a tool result carries; the rest is cut with a note
+METHOD = re.compile(r"^[A-Z]{1,20}$")
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+# Set by the bridge or by the HTTP layer; an agent-supplied value would be refused or misread.
+RESERVED_HEADERS = {"x-aegis-agent": "the bridge sends the agent token itself",
+                    "x-target-host": "use the target_host argument", "host": "the bridge sets it",
+                    "content-length": "the bridge sets it", "transfer-encoding": "the bridge sets it",
+                    "connection": "the bridge manages connections"}
+PATH_SAFE = "/?&=%:@!$'()*+,;~-._"  # RFC 3986 pchar and query characters, plus existing %XX escapes
+
+INSTRUCTIONS = """Aegis lets you call APIs whose keys you never see. Call aegis_list_services to learn which
+services you may use and on which hosts, then aegis_proxy_request with a service name and a path; the
+real credential is added on the way out. Errors carry a code: not_granted, domain_not_allowed,
+scope_denied, policy_denied, rate_limited and body_inspection mean the operator's rules refused the call
+(do not retry unchanged); upstream_* and gate_* codes mean something is down."""
+
+
+class ArgumentError(Exception):
+    """A tool argument that cannot be sent as given."""
+
+
+def gate_target(service: str, path: str) -> str:
+    """`/{service}{path}` for the gate, with unsafe characters percent-encoded and nothing else changed."""
+    if not service or any(c in service for c in "/?#%\\") or not service.isprintable() or service != service.strip():
+        raise ArgumentError(f"service {service!r} must be a service name such as 'github' "
+                            "(see aegis_list_services), without '/', '?', '#' or '%'")
+    if "#" in path:
+        raise ArgumentError("path must not contain a fragment ('#')")
+    if not path.startswith("/"):
+        path = "/" + path
+    return "/" + quote(service, safe="") + quote(path, safe=PATH_SAFE)
+
+
+def request_headers(headers: dict[str, str] | None, target_host: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        if not HEADER_NAME.match(name):
+            raise ArgumentError(f"header name {name!r} is not a valid HTTP header name")
+        reason = RESERVED_HEADERS.get(name.lower())
+        if reason is not None:
+            raise ArgumentError(f"header {name!r} cannot be set: {reason}")
+        if any(c in value for c in "\r\n\x00"):
+            raise ArgumentError(f"header {name!r} has a line break or NUL in its value")
+        out[name] = value
+    if target_host.strip():
+        if any(c in target_host for c in "\r\n\x00"):
+            raise ArgumentError("target_host must be a host name, e.g. api.github.com or uploads.github.com:443")
+        out["X-Target-Host"] = target_host.strip()
+    return out
+
+
+def build_server(gate: GateClient) -> MCPServer[Any]:
+    server: MCPServer[Any] = MCPServer(name="aegis", title="Aegis", version=__version__, instructions=INSTRUCTIONS,
+                                       log_level="WARNING")
+
+    async def aegis_proxy_request(
+        service: Annotated[str, Field(description="Service name from aegis_list_services, e.g. 'github'.")],
+        path: Annotated[str, Field(description="API path with any query string, e.g. '/user/repos?per_page=5'.")],
+        method: Annotated[str, Field(description="HTTP method: GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS.")]
+        = "GET",
+        headers: Annotated[dict[str, str] | None, Field(
+            description="Extra request headers, e.g. {'Accept': 'application/json'}. Never an API key: "
+                        "the gate adds the credential.")] = None,
+        # Plain `str` with "" for "none": the SDK would json-parse a `str | None` argument that looks like
+        # JSON (a JSON body, precisely) into a dict and then reject it (modelcontextprotocol/python-sdk#3055).
+        body: Annotated[str, Field(description="Request body as text, e.g. a JSON document; empty for none.")] = "",
+        target_host: Annotated[str, Field(
+            description="Which allowed host to call, when the service allows several (see allowed_hosts).")] = "",
+    ) -> CallToolResult:
+        """Call an API through the Aegis gate, which adds the real credential; you never see or need the key.
+
+        Returns the upstream's status, headers and body (text, or base64 with body_encoding "base64" for
+        binary data; bodies over 100 KB are cut with a note). A refusal by the gate is an error with a code.
+        """
+        try:
+            verb = method.strip().upper()
+            if not METHOD.match(verb):
+                raise ArgumentError(f"method {method!r} is not an HTTP method such as GET or POST")
+            target = gate_target(service, path)
+            sent = request_headers(headers, target_host)
+        except ArgumentError as exc:
+            return results.error("invalid_argument", str(exc))
+        data = body.encode("utf-8") if body else None
+        try:
+            reply = await gate.request(verb, target, sent, data, BODY_LIMIT)
+        except BridgeError as exc:
+            return results.bridge_error(exc)
+        if reply.refusal is not None:
+            return results.refusal(reply.refusal)
+        return results.proxied(reply, BODY_LIMIT)
+
+    async def aegis_list_services() -> CallToolResult:
+        """List the services this agent may call: name, service, allowed hosts, auth type, scopes, expiry.
+
+        Only this agent's grants, as the gate itself enforces them; never a key.
+        """
+        try:
+            reply = await gate.operator("services")
+        except BridgeError as exc:
+            return results.bridge_error(exc)
+        if reply.refusal is not None:
+            return results.refusal(reply.refusal)
+        return results.ok(reply.document)
+
+    async def aegis_health() -> CallToolResult:
+        """Check the bridge: is the gate reachable, is the vault unlocked, which agent am I."""
+        try:
+            health = await gate.operator("health")
+            services = await gate.operator("services")
+        except BridgeError as exc:
+            return results.bridge_error(exc)
+        # /_aegis/health may be switched off in aegisd's config; the services answer still tells a lot.
+        vault = health.document.get("vault") if health.refusal is None else "unknown"
+        value: dict[str, Any] = {"gate": "reachable", "gate_url": gate.base_url, "vault": vault, "agent": None,
+                                 "agent_token": "valid"}
+        if services.refusal is None:
+            value["agent"] = services.document.get("agent")
+        else:
+            r = services.refusal
+            if r.code == "vault_locked":
+                value["vault"] = "locked"
+            value["agent_token"] = "refused" if r.status == 401 else "unchecked"
+            value["detail"] = f"{r.code}: {r.message}"
+        return results.ok(value)
+
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+    server.add_tool(aegis_proxy_request, annotations=ToolAnnotations(
+        title="Call an API through Aegis", read_only_hint=False, destructive_hint=True, open_world_hint=True))
+    server.add_tool(aegis_list_services, annotations=read_only.model_copy(update={"title": "List my services"}))
+    server.add_tool(aegis_health, annotations=read_only.model_copy(update={"title": "Aegis health"}))
+    return server

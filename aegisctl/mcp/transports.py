@@ -1,0 +1,72 @@
+"""The MCP transports the bridge serves: stdio for a host that starts it, streamable HTTP on loopback.
+
+Over HTTP the MCP endpoint demands `Authorization: Bearer <the same agent token>`: otherwise any
+local process, or another user on the machine, could use this agent's grants without a token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+from collections.abc import Callable
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from aegisctl.mcp.gate_client import GateClient
+from aegisctl.mcp.tools import build_server
+
+MCP_PATH = "/mcp"
+
+
+class ListenError(Exception):
+    """The HTTP transport cannot bind its address."""
+
+
+async def serve_stdio(gate: GateClient) -> None:
+    await build_server(gate).run_stdio_async()
+
+
+async def serve_http(gate: GateClient, token: str, host: str, port: int, ready: Callable[[str], None]) -> None:
+    """Bind first (so a busy port fails before anything is announced), then call `ready(url)` and serve."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    app = BearerGuard(build_server(gate).streamable_http_app(streamable_http_path=MCP_PATH, host=host), token)
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    ready(f"http://{shown}:{sock.getsockname()[1]}{MCP_PATH}")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    await uvicorn.Server(config).serve(sockets=[sock])
+
+
+class BearerGuard:
+    """ASGI middleware: every HTTP request must carry exactly `Authorization: Bearer <agent token>`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = [value for name, value in scope["headers"] if name == b"authorization"]
+            if len(given) != 1 or not hmac.compare_digest(given[0], self._expected):
+                await _unauthorized(send, "agent_auth_required" if not given else "agent_auth_invalid")
+                return
+        await self._app(scope, receive, send)
+
+
+async def _unauthorized(send: Send, code: str) -> None:
+    message = ("send the agent token as Authorization: Bearer <token>" if code == "agent_auth_required"
+               else "the bearer token is not this bridge's agent token")
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"www-authenticate", b'Bearer realm="aegis-mcp"')]})
+    await send({"type": "http.response.body", "body": body})

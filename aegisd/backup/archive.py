@@ -1,0 +1,277 @@
+"""The backup file: one uncompressed tar holding manifest.json, vault.db and ledger.db, and its checks.
+
+A tar because any system can list and unpack it (`tar tf`), and because it streams: the daemon sends
+it a chunk at a time from the snapshot files, manifest first. Nothing in it is in clear that is not
+already in clear in the data directory: the secrets stay sealed inside vault.db.
+
+`read_backup` accepts an archive only when every check passes (members, manifest, sizes, SHA-256,
+each database opens, is ours, passes `PRAGMA quick_check` and has a schema this aegisd knows), and
+only then are the databases left in the staging directory for the swap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aegisd.errors import InvalidArgument
+from aegisd.ledger import schema as ledger_schema
+from aegisd.store import APPLICATION_ID as VAULT_APPLICATION_ID
+from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
+
+FORMAT = "aegis-backup"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VAULT_DB = "vault.db"
+LEDGER_DB = "ledger.db"
+DATABASES = (VAULT_DB, LEDGER_DB)
+CHUNK = 1 << 20  # bytes per gRPC message, both ways
+MAX_MANIFEST = 1 << 20
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+
+
+class InvalidBackup(InvalidArgument):
+    """The file is not a whole, intact Aegis backup; nothing was changed."""
+
+    reason = "invalid_backup"
+
+
+@dataclass(frozen=True)
+class Member:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What manifest.json says, once checked against the databases it describes."""
+
+    created_ms: int
+    aegisd_version: str
+    vault_id: str
+    vault_schema_version: int
+    ledger_schema_version: int
+    members: dict[str, Member]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_ms": self.created_ms,
+            "aegisd_version": self.aegisd_version,
+            "vault_id": self.vault_id,
+            "vault_schema_version": self.vault_schema_version,
+            "ledger_schema_version": self.ledger_schema_version,
+            "counts": self.counts,
+            "members": {name: {"size": m.size, "sha256": m.sha256} for name, m in self.members.items()},
+        }, indent=2).encode() + b"\n"
+
+
+def file_digest(path: Path) -> Member:
+    """Size and SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return Member(size, digest.hexdigest())
+
+
+def tar_stream(manifest: Manifest, directory: Path, mtime: int) -> Iterator[bytes]:
+    """The archive in chunks of at most CHUNK bytes, read from `directory` as it goes (constant memory)."""
+    sent = 0
+
+    def piece(data: bytes) -> bytes:
+        nonlocal sent
+        sent += len(data)
+        return data
+
+    def header(name: str, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime, info.type = size, 0o600, mtime, tarfile.REGTYPE
+        return info.tobuf(format=tarfile.PAX_FORMAT)
+
+    def padding(size: int) -> bytes:
+        return bytes(-size % _BLOCK)
+
+    body = manifest.to_json()
+    yield piece(header(MANIFEST, len(body)) + body + padding(len(body)))
+    for name in DATABASES:
+        expected = manifest.members[name].size
+        yield piece(header(name, expected))
+        read = 0
+        with (directory / name).open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                read += len(chunk)
+                yield piece(chunk)
+        if read != expected:
+            raise OSError(f"snapshot {name} changed size while it was sent")
+        yield piece(padding(expected))
+    end = bytes(2 * _BLOCK)
+    yield piece(end + bytes(-(sent + len(end)) % _RECORD))
+
+
+def read_backup(archive: Path, staging: Path) -> Manifest:
+    """Check everything about `archive`, leaving its databases in `staging` (fsynced) if it passes."""
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = _members(tar)
+            manifest = _manifest(tar, members[MANIFEST])
+            for name in DATABASES:
+                _extract(tar, members[name], manifest.members[name], staging / name)
+    except (tarfile.TarError, EOFError) as exc:
+        raise InvalidBackup(f"the backup is not a complete tar archive (truncated or damaged: {exc})") from None
+    counts = _check_vault(staging / VAULT_DB, manifest)
+    counts["ledger_rows"] = _check_ledger(staging / LEDGER_DB, manifest)
+    return Manifest(manifest.created_ms, manifest.aegisd_version, manifest.vault_id, manifest.vault_schema_version,
+                    manifest.ledger_schema_version, manifest.members, counts)
+
+
+def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    found: dict[str, tarfile.TarInfo] = {}
+    for info in tar:
+        if info.name in found:
+            raise InvalidBackup(f"the backup holds {info.name} twice")
+        if info.name not in (MANIFEST, *DATABASES):
+            raise InvalidBackup(f"the backup holds an unexpected member {info.name!r}; is it an Aegis backup?")
+        if not info.isreg():
+            raise InvalidBackup(f"{info.name} in the backup is not a regular file")
+        found[info.name] = info
+    missing = [name for name in (MANIFEST, *DATABASES) if name not in found]
+    if missing:
+        raise InvalidBackup(f"the backup is missing {', '.join(missing)} (truncated, or not an Aegis backup)")
+    return found
+
+
+def _manifest(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Manifest:
+    if info.size > MAX_MANIFEST:
+        raise InvalidBackup("the backup's manifest is implausibly large")
+    fh = tar.extractfile(info)
+    assert fh is not None  # a regular file, checked above
+    raw = fh.read()
+    if len(raw) != info.size:
+        raise InvalidBackup("the backup's manifest is truncated")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidBackup("the backup's manifest is not valid JSON") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InvalidBackup("the manifest does not describe an Aegis backup")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise InvalidBackup(f"the backup has format version {version}, newer than this aegisd reads "
+                                f"({FORMAT_VERSION}); upgrade aegisd")
+        raise InvalidBackup(f"the backup has an unknown format version {version!r}")
+    try:
+        members = {name: Member(_int(data["members"][name]["size"]), _hex(data["members"][name]["sha256"]))
+                   for name in DATABASES}
+        return Manifest(_int(data["created_ms"]), str(data.get("aegisd_version", "")), _text(data["vault_id"]),
+                        _int(data["vault_schema_version"]), _int(data["ledger_schema_version"]), members)
+    except (KeyError, TypeError, ValueError):
+        raise InvalidBackup("the backup's manifest is missing fields or has malformed ones") from None
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("not a non-negative integer")
+    return value
+
+
+def _hex(value: Any) -> str:
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("not a SHA-256 hex digest")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("not a string")
+    return value
+
+
+def _extract(tar: tarfile.TarFile, info: tarfile.TarInfo, expected: Member, dest: Path) -> None:
+    if info.size != expected.size:
+        raise InvalidBackup(f"{info.name} in the backup is {info.size} bytes, its manifest says {expected.size}")
+    source = tar.extractfile(info)
+    assert source is not None
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := source.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if size != expected.size:
+        raise InvalidBackup(f"{info.name} in the backup is truncated ({size} of {expected.size} bytes)")
+    if digest.hexdigest() != expected.sha256:
+        raise InvalidBackup(f"{info.name} in the backup does not match its SHA-256 checksum: the file is damaged")
+
+
+def _open(path: Path, what: str) -> sqlite3.Connection:
+    try:
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise InvalidBackup(f"{what} in the backup cannot be opened: {exc}") from None
+
+
+def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
+    """Ours, intact, and a schema version we can migrate from; returns that version."""
+    if conn.execute("PRAGMA application_id").fetchone()[0] != app_id:
+        raise InvalidBackup(f"{what} in the backup is not an Aegis database")
+    result = conn.execute("PRAGMA quick_check").fetchone()[0]
+    if result != "ok":
+        raise InvalidBackup(f"{what} in the backup fails its integrity check ({result})")
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    if row is None or not isinstance(row[0], int):
+        raise InvalidBackup(f"{what} in the backup has no schema version")
+    return int(row[0])
+
+
+def _check_vault(path: Path, manifest: Manifest) -> dict[str, int]:
+    conn = _open(path, VAULT_DB)
+    try:
+        version = _intact(conn, VAULT_DB, VAULT_APPLICATION_ID)
+        if version > VAULT_SCHEMA_VERSION:
+            raise InvalidBackup(f"the backup's vault has schema version {version}, newer than this aegisd "
+                                f"knows ({VAULT_SCHEMA_VERSION}); upgrade aegisd")
+        row = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()
+        if row is None:
+            raise InvalidBackup("the backup holds no vault (it was taken before `aegisctl init`)")
+        if row[0] != manifest.vault_id or version != manifest.vault_schema_version:
+            raise InvalidBackup("the backup's vault does not match its manifest")
+        return {table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608 - constant
+                for table in ("credentials", "agents", "grants")}
+    except sqlite3.Error as exc:
+        raise InvalidBackup(f"{VAULT_DB} in the backup cannot be read: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _check_ledger(path: Path, manifest: Manifest) -> int:
+    conn = _open(path, LEDGER_DB)
+    try:
+        version = _intact(conn, LEDGER_DB, ledger_schema.APPLICATION_ID)
+        if version > ledger_schema.SCHEMA_VERSION:
+            raise InvalidBackup(f"the backup's ledger has schema version {version}, newer than this aegisd "
+                                f"knows ({ledger_schema.SCHEMA_VERSION}); upgrade aegisd")
+        if version != manifest.ledger_schema_version:
+            raise InvalidBackup("the backup's ledger does not match its manifest")
+        return int(conn.execute("SELECT count(*) FROM ledger").fetchone()[0])
+    except sqlite3.Error as exc:
+        raise InvalidBackup(f"{LEDGER_DB} in the backup cannot be read: {exc}") from None
+    finally:
+        conn.close()

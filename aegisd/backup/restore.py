@@ -1,0 +1,70 @@
+"""Restoring a backup into the running daemon, while its vault is locked or not yet created.
+
+Order: refuse if unlocked; receive the archive into a scratch directory; check all of it
+(archive.read_backup); only then, holding the vault's lock so nothing can unlock or init meanwhile,
+swap the ledger (in its writer thread, between commits) and the vault database (under the store's
+lock), each by an atomic rename, and re-read the vault. No restart is needed: the vault comes back
+locked, and the next unlock (with the backup's passphrase) keys the restored ledger's chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aegisd.backup.archive import LEDGER_DB, VAULT_DB, Manifest, read_backup
+from aegisd.backup.staging import scratch
+from aegisd.errors import AegisError, FailedPrecondition, StorageFull, StorageUnavailable
+from aegisd.ledger import LedgerError, LedgerWriter
+from aegisd.store import VaultStore
+from aegisd.vault.vault import Vault
+
+
+def require_not_unlocked(vault: Vault) -> None:
+    """Restore replaces what an unlocked vault is using; the operator locks it first."""
+    if vault.state == "unlocked":
+        raise FailedPrecondition("the vault is unlocked; lock it first (`aegisctl lock`), then restore",
+                                 reason="vault_unlocked")
+
+
+async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: LedgerWriter,
+                  chunks: AsyncIterator[bytes]) -> Manifest:
+    """Receive, check, and swap in a backup; nothing changes unless every check passes."""
+    require_not_unlocked(vault)
+    loop = asyncio.get_running_loop()
+    with scratch(data_dir, ".restore-") as directory:
+        archive = directory / "archive.tar"
+        try:
+            await _receive(chunks, archive)
+            manifest = await asyncio.to_thread(read_backup, archive, directory)
+        except OSError as exc:
+            raise _disk_error(exc, data_dir) from None
+
+        def swap() -> None:
+            try:
+                asyncio.run_coroutine_threadsafe(ledger.replace_file(directory / LEDGER_DB), loop).result()
+            except LedgerError as exc:
+                raise StorageUnavailable(f"nothing was restored: {exc}") from None
+            try:
+                store.replace_with(directory / VAULT_DB)
+            except (OSError, AegisError) as exc:
+                why = exc.message if isinstance(exc, AegisError) else exc.strerror or str(exc)
+                raise StorageUnavailable(f"the restore failed half-way: the ledger was replaced but the vault "
+                                         f"was not ({why}); run the restore again") from None
+
+        await asyncio.to_thread(vault.reopen, swap)
+    return manifest
+
+
+async def _receive(chunks: AsyncIterator[bytes], path: Path) -> None:
+    with path.open("xb") as fh:
+        async for data in chunks:
+            await asyncio.to_thread(fh.write, data)
+
+
+def _disk_error(exc: OSError, data_dir: Path) -> StorageFull | StorageUnavailable:
+    if exc.errno == errno.ENOSPC:
+        return StorageFull(f"the disk holding {data_dir} is full; restore needs about twice the backup's size free")
+    return StorageUnavailable(f"cannot stage the backup in {data_dir}: {exc.strerror or exc}")

@@ -1,0 +1,95 @@
+"""aegis.v1.PolicyService: validate, list, test and reload the policy files the gate applies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import unquote
+
+import grpc
+
+from aegisd.api.aegis.v1 import policy_pb2 as pb
+from aegisd.api.aegis.v1 import policy_pb2_grpc
+from aegisd.control.convert import timestamp
+from aegisd.control.errors import rpc
+from aegisd.errors import InvalidArgument
+from aegisd.policy import PolicyFile, Snapshot, compile_set, parse_policy
+from aegisd.policy.model import METHODS
+from aegisd.policy.policy_set import INVALID
+from aegisd.runtime import Runtime
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def file_to_pb(policy_file: PolicyFile) -> pb.PolicyFileStatus:
+    return pb.PolicyFileStatus(
+        name=policy_file.name, agent=policy_file.agent or "", mode=policy_file.mode, rules=len(policy_file.rules),
+        issues=[pb.PolicyIssue(file=i.file, line=i.line, column=i.column, field=i.field, message=i.message)
+                for i in policy_file.issues])
+
+
+class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    @rpc
+    async def Validate(self, request: pb.ValidatePoliciesRequest, context: Ctx) -> pb.ValidatePoliciesResponse:
+        def check() -> list[PolicyFile]:
+            files = [parse_policy(source.name, source.content) for source in request.files]
+            compile_set(files)  # adds the cross-file issues (one mode per agent)
+            return files
+
+        files = await asyncio.to_thread(check)
+        return pb.ValidatePoliciesResponse(files=[file_to_pb(f) for f in files],
+                                           valid=all(f.valid for f in files))
+
+    @rpc
+    async def List(self, request: pb.ListPoliciesRequest, context: Ctx) -> pb.PolicyStatus:
+        return self._status(self.rt.policies.snapshot)
+
+    @rpc
+    async def Reload(self, request: pb.ReloadPoliciesRequest, context: Ctx) -> pb.PolicyStatus:
+        snapshot = await self.rt.policies.reload("aegisctl")
+        self.rt.log_event("policies reloaded", by="aegisctl")
+        return self._status(snapshot)
+
+    @rpc
+    async def Test(self, request: pb.TestPolicyRequest, context: Ctx) -> pb.TestPolicyResponse:
+        method = request.method.upper()
+        if method not in METHODS:
+            raise InvalidArgument(f"method {request.method!r} must be one of {', '.join(METHODS)}")
+        if not request.path.startswith("/"):
+            raise InvalidArgument(f"path {request.path!r} must start with '/' (the part after /{{service}})")
+        at_ms = request.at.ToMilliseconds() if request.HasField("at") else time.time_ns() // 1_000_000
+        path = unquote(request.path.partition("?")[0])
+        verdict = self.rt.policies.current.judge(request.agent, request.service, method, path, at_ms)
+        if verdict is None:
+            return pb.TestPolicyResponse(decision="ungoverned", reason=f"no policy file names agent "
+                                         f"{request.agent!r}: its grants and the credential's scopes decide")
+        reply = pb.TestPolicyResponse(mode=verdict.mode, reason=verdict.detail)
+        if verdict.miss == INVALID:
+            reply.decision = "invalid"
+        else:
+            reply.decision = "allowed" if verdict.allowed else "denied"
+        rule = verdict.rule
+        if rule is not None:
+            reply.rule.CopyFrom(pb.PolicyRuleRef(file=rule.file, index=rule.index, line=rule.line, ref=rule.ref))
+            if verdict.allowed:
+                reply.reason = f"allowed by {rule.ref} (line {rule.line})"
+                reply.rate_limit = str(rule.rate) if rule.rate is not None else ""
+        return reply
+
+    def _status(self, snap: Snapshot) -> pb.PolicyStatus:
+        current = self.rt.policies.current
+        status = pb.PolicyStatus(directory=str(snap.directory or ""), files=[file_to_pb(f) for f in snap.files],
+                                 fail_all=list(current.fail_all), error=snap.error, trigger=snap.trigger,
+                                 reloads=snap.reloads)
+        if snap.loaded_at_ms:
+            status.loaded_at.CopyFrom(timestamp(snap.loaded_at_ms))
+        for name in sorted(current.agents):
+            policy = current.agents[name]
+            status.agents.append(pb.PolicyAgentStatus(
+                agent=name, state="invalid" if policy.invalid else policy.mode, files=list(policy.files),
+                rules=sum(len(r) for r in policy.rules.values()), services=sorted(policy.rules)))
+        return status

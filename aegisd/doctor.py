@@ -1,0 +1,275 @@
+"""`aegisctl doctor`, daemon side: each check says pass, warn, fail or skip, what it found, and what to do.
+
+Checks only read: nothing here changes state, and a check that crashes becomes a failed check rather
+than a failed call. Messages name files, modes and credential names, never a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from aegisd.errors import AegisError
+from aegisd.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
+from aegisd.ledger import LedgerError, open_reader, verify
+from aegisd.runtime import Runtime
+from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
+
+log = logging.getLogger("aegisd.doctor")
+PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
+EXPIRY_WARNING_MS = 7 * 24 * 3600 * 1000
+GATE_TIMEOUT_SECONDS = 5.0
+_NAMES_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    message: str
+    hint: str = ""
+
+
+def _mode(value: int) -> str:
+    return f"{stat.S_IMODE(value):04o}"
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
+
+
+class Doctor:
+    """Runs every check against the live daemon."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.config = runtime.config
+
+    async def diagnose(self) -> list[Check]:
+        checks: list[tuple[str, Callable[[], Awaitable[Check]]]] = [
+            ("vault", self.vault),
+            ("data_dir", self.data_dir),
+            ("socket", self.socket),
+            ("database", self.database),
+            ("schema", self.schema),
+            ("credentials_decrypt", self.credentials_decrypt),
+            ("credentials_expiry", self.credentials_expiry),
+            ("gate", self.gate),
+            ("policies", self.policies),
+            ("ledger_chain", self.ledger_chain),
+        ]
+        results = []
+        for name, check in checks:
+            try:
+                results.append(await check())
+            except Exception as exc:  # one broken check must not hide the others
+                log.exception("doctor check %s crashed", name)
+                results.append(Check(name, FAIL, f"the check itself failed ({type(exc).__name__})",
+                                     "see aegisd's log"))
+        return results
+
+    async def vault(self) -> Check:
+        state = self.rt.vault.state
+        if state == "uninitialized":
+            return Check("vault", WARN, "no vault has been created yet", "run `aegisctl init`")
+        if state == "locked":
+            return Check("vault", WARN, "the vault is locked: the gate refuses every request (503 vault_locked)",
+                         "run `aegisctl unlock`")
+        counts = await asyncio.to_thread(self.rt.vault.counts)
+        return Check("vault", PASS, f"unlocked: {counts['credentials']} credentials, {counts['agents']} agents")
+
+    async def data_dir(self) -> Check:
+        return await asyncio.to_thread(self._data_dir)
+
+    def _data_dir(self) -> Check:
+        directory = self.config.data_dir
+        info = directory.stat()
+        problems = []
+        if info.st_uid != os.geteuid():
+            problems.append(f"{directory} belongs to uid {info.st_uid}, not aegisd's uid {os.geteuid()}")
+        if info.st_mode & 0o077:
+            problems.append(f"{directory} is mode {_mode(info.st_mode)}, not 0700")
+        loose = []
+        for path in sorted(directory.iterdir()):
+            entry = path.lstat()
+            if stat.S_ISREG(entry.st_mode) and entry.st_mode & 0o077:
+                loose.append(f"{path.name} ({_mode(entry.st_mode)})")
+        if loose:
+            problems.append(f"files readable or writable by others: {_names(loose)}")
+        if problems:
+            return Check("data_dir", FAIL, "; ".join(problems),
+                         f"as aegisd's user: chmod 700 {directory}, and chmod 600 each file named")
+        return Check("data_dir", PASS, f"{directory} is 0700 and its files are private")
+
+    async def socket(self) -> Check:
+        return await asyncio.to_thread(self._socket)
+
+    def _socket(self) -> Check:
+        path, wanted = self.config.socket_path, self.config.socket_mode
+        info = path.lstat()
+        problems = []
+        if not stat.S_ISSOCK(info.st_mode):
+            problems.append(f"{path} is not a socket")
+        elif stat.S_IMODE(info.st_mode) != wanted:
+            problems.append(f"{path} is mode {_mode(info.st_mode)}, configured {wanted:04o}")
+        parent = path.parent.stat()
+        allowed = 0o027 if self.config.socket_group else 0o077
+        if parent.st_mode & allowed:
+            problems.append(f"{path.parent} is mode {_mode(parent.st_mode)}, wider than "
+                            f"{'0750' if self.config.socket_group else '0700'}")
+        if self.config.socket_group:
+            gid = grp.getgrnam(self.config.socket_group).gr_gid
+            if info.st_gid != gid:
+                problems.append(f"{path} is not in group {self.config.socket_group}")
+        if problems:
+            return Check("socket", FAIL, "; ".join(problems),
+                         "something changed the socket's permissions: restart aegisd to recreate them, and find "
+                         "what chmods it")
+        return Check("socket", PASS, f"{path} is mode {wanted:04o}")
+
+    async def database(self) -> Check:
+        vault_result = await asyncio.to_thread(self._quick_check_vault)
+        ledger_result = await asyncio.to_thread(self._quick_check_ledger)
+        bad = [f"{name}: {result}" for name, result in (("vault.db", vault_result), ("ledger.db", ledger_result))
+               if result != "ok"]
+        if bad:
+            return Check("database", FAIL, "integrity check failed: " + "; ".join(bad),
+                         "stop aegisd, keep a copy of the data directory, and restore the last good backup "
+                         "(`aegisctl restore FILE`)")
+        return Check("database", PASS, "vault.db and ledger.db pass PRAGMA quick_check")
+
+    def _quick_check_vault(self) -> str:
+        try:
+            with self.rt.store.reading() as conn:
+                return str(conn.execute("PRAGMA quick_check").fetchone()[0])
+        except AegisError as exc:
+            return exc.message
+
+    def _quick_check_ledger(self) -> str:
+        try:
+            conn = open_reader(self.config.data_dir / "ledger.db")
+        except LedgerError as exc:
+            return str(exc)
+        try:
+            return str(conn.execute("PRAGMA quick_check").fetchone()[0])
+        except sqlite3.Error as exc:
+            return str(exc)
+        finally:
+            conn.close()
+
+    async def schema(self) -> Check:
+        vault_version = await asyncio.to_thread(self.rt.store.schema_version)
+        ledger_version = await asyncio.to_thread(self._ledger_version)
+        found = f"vault schema {vault_version}, ledger schema {ledger_version}"
+        if (vault_version, ledger_version) != (VAULT_SCHEMA_VERSION, LEDGER_SCHEMA_VERSION):
+            return Check("schema", FAIL, f"{found}; this aegisd expects {VAULT_SCHEMA_VERSION} and "
+                         f"{LEDGER_SCHEMA_VERSION}", "restart aegisd so it migrates its databases")
+        return Check("schema", PASS, found)
+
+    def _ledger_version(self) -> int | str:
+        try:
+            conn = open_reader(self.config.data_dir / "ledger.db")
+        except LedgerError as exc:
+            return str(exc)
+        try:
+            return int(conn.execute("SELECT version FROM schema_version").fetchone()[0])
+        finally:
+            conn.close()
+
+    async def credentials_decrypt(self) -> Check:
+        if self.rt.vault.state != "unlocked":
+            return Check("credentials_decrypt", SKIP, "needs the vault unlocked")
+        return await asyncio.to_thread(self._credentials_decrypt)
+
+    def _credentials_decrypt(self) -> Check:
+        creds = self.rt.vault.list_credentials()
+        broken = []
+        for cred in creds:
+            try:
+                self.rt.vault.open_secret(cred.id)  # the plaintext is dropped at once; only success matters
+            except AegisError:
+                broken.append(cred.name)
+        if broken:
+            return Check("credentials_decrypt", FAIL, f"{len(broken)} of {len(creds)} credentials fail to decrypt "
+                         f"(modified or moved in vault.db): {_names(broken)}",
+                         "rotate each with `aegisctl vault rotate NAME`, or restore a good backup")
+        return Check("credentials_decrypt", PASS, f"all {len(creds)} credentials decrypt")
+
+    async def credentials_expiry(self) -> Check:
+        if self.rt.vault.state == "uninitialized":
+            return Check("credentials_expiry", SKIP, "no vault yet")
+        creds = await asyncio.to_thread(self.rt.vault.list_credentials)
+        now = int(time.time() * 1000)
+        expired = [c.name for c in creds if c.expires_at is not None and c.expires_at <= now]
+        soon = [c.name for c in creds if c.expires_at is not None and now < c.expires_at <= now + EXPIRY_WARNING_MS]
+        if expired:
+            more = f"; expiring within 7 days: {_names(soon)}" if soon else ""
+            return Check("credentials_expiry", FAIL, f"expired, so the gate refuses them: {_names(expired)}{more}",
+                         "rotate in a new secret and extend it: `aegisctl vault rotate NAME`, then "
+                         "`aegisctl vault update NAME --ttl 90d`")
+        if soon:
+            return Check("credentials_expiry", WARN, f"expiring within 7 days: {_names(soon)}",
+                         "rotate and extend them before they expire (`aegisctl vault rotate NAME`, "
+                         "`aegisctl vault update NAME --ttl 90d`)")
+        return Check("credentials_expiry", PASS, f"none of {len(creds)} credentials expired or expiring within 7 days")
+
+    async def gate(self) -> Check:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.config.gate_host,  # noqa: S104
+                                                                        self.config.gate_host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{self.config.gate_port}/_aegis/health"
+        timeout = aiohttp.ClientTimeout(total=GATE_TIMEOUT_SECONDS)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, \
+                    session.get(url, allow_redirects=False) as response:
+                status, ours = response.status, "X-Aegis-Request-Id" in response.headers
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return Check("gate", FAIL, f"the gate does not answer at {url}: {type(exc).__name__}",
+                         "see aegisd's log; is something else holding the gate's port, or a firewall in the way?")
+        if status == 200 and ours:
+            return Check("gate", PASS, f"the gate answers at {url}")
+        if ours and not self.config.health_enabled:
+            return Check("gate", PASS, f"the gate answers at http://{host}:{self.config.gate_port} "
+                         "(its health endpoint is turned off)")
+        return Check("gate", FAIL, f"{url} answered {status}{'' if ours else ' without an Aegis request id'}: "
+                     "something other than this aegisd is answering", "check which process listens on the port")
+
+    async def policies(self) -> Check:
+        snap = self.rt.policies.snapshot
+        if snap.directory is None:
+            return Check("policies", SKIP, "no policy directory configured: grants and scopes alone apply")
+        if snap.error:
+            return Check("policies", FAIL, snap.error, f"make {snap.directory} readable by aegisd, then "
+                         "`aegisctl policy reload`")
+        invalid = [f for f in snap.files if not f.valid]
+        if invalid:
+            issues = [str(issue) for f in invalid for issue in f.issues]
+            return Check("policies", FAIL, f"{len(invalid)} of {len(snap.files)} policy files are invalid, so their "
+                         f"agents are refused (fail closed): {_names(issues)}",
+                         "fix them (`aegisctl policy list` shows every issue); they reload on save")
+        return Check("policies", PASS, f"{len(snap.files)} policy files in {snap.directory}, all valid")
+
+    async def ledger_chain(self) -> Check:
+        key = self.rt.ledger_key()
+        if key is None:
+            return Check("ledger_chain", WARN, "cannot verify: the vault has not been unlocked since aegisd started "
+                         "(the chain key derives from it)", "run `aegisctl unlock`, then `aegisctl doctor` again")
+        try:
+            result = await asyncio.to_thread(verify, self.config.data_dir / "ledger.db", key)
+        except LedgerError as exc:
+            return Check("ledger_chain", FAIL, str(exc), "see `aegisctl ledger verify`")
+        if not result.ok:
+            where = f"first bad row {result.first_bad_id}: " if result.first_bad_id else ""
+            return Check("ledger_chain", FAIL, f"{where}{result.reason}",
+                         "keep a copy of ledger.db as evidence and investigate; `aegisctl ledger verify` shows "
+                         "the same result")
+        return Check("ledger_chain", PASS, result.reason)

@@ -1,0 +1,119 @@
+"""Steps 6 and 7 of the pipeline: the agent's policy, then its rate limits and concurrency cap.
+
+Kept beside the pipeline so it reads as one line per step. Every limit is checked before any is
+consumed, in one synchronous call (no await in between), so a refused request uses no quota.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+from urllib.parse import unquote
+
+from aegisd.gate.refusal import Refusal
+from aegisd.gate.routing import AgentEntry, Route
+from aegisd.limits import ConcurrencyLimiter, Quota, RateLimiter, Standing
+from aegisd.limits.headers import ratelimit_headers, retry_after
+from aegisd.policy import PolicySet, Verdict
+from aegisd.policy.policy_set import INVALID
+from aegisd.rates import Rate, RateError, parse_rate
+
+WOULD_DENY = "would_deny"
+
+
+class Noted(Protocol):
+    """What these steps write on the request's ledger row (the pipeline's Exchange)."""
+
+    request_id: str
+    time_ms: int
+    reason: str
+    flags: str
+
+
+def add_flag(x: Noted, flag: str) -> None:
+    x.flags = f"{x.flags},{flag}" if x.flags else flag
+
+
+def check_policy(policies: PolicySet, x: Noted, agent: AgentEntry, service: str, method: str,
+                 raw_path: str) -> Verdict | None:
+    """Step 6's policy half: refuse in enforce mode; in dry-run mode forward, noting `would_deny`."""
+    if not policies.fail_all and agent.name not in policies.agents:
+        return None  # the common case, kept to one dict lookup: no policy names this agent
+    verdict = policies.judge(agent.name, service, method, unquote(raw_path), x.time_ms)
+    if verdict is None or verdict.allowed:
+        return verdict
+    add_flag(x, f"policy={verdict.flag}")
+    if verdict.miss == INVALID:
+        raise Refusal(403, "policy_invalid", verdict.detail)
+    if verdict.mode == "enforce":
+        raise Refusal(403, "policy_denied", verdict.detail)
+    x.reason = WOULD_DENY
+    return verdict
+
+
+class GateLimits:
+    """Step 7: per-credential, per-agent and per-rule rates, and the per-agent concurrency cap."""
+
+    def __init__(self, max_concurrency: int, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.rates = RateLimiter(clock)
+        self.concurrency = ConcurrencyLimiter(max_concurrency)
+        self._parsed: dict[str, Rate] = {}
+
+    def admit(self, x: Noted, agent: AgentEntry, route: Route, verdict: Verdict | None) -> None:
+        """Admit the request against every limit at once, or refuse it (429) consuming nothing."""
+        quotas = []
+        if route.rate_limit:
+            quotas.append(Quota("credential", route.credential_id, self._rate(route.rate_limit, "credential",
+                                                                            route.name)))
+        if agent.rate_limit:
+            quotas.append(Quota("agent", agent.id, self._rate(agent.rate_limit, "agent", agent.name)))
+        rule = verdict.rule if verdict is not None and verdict.allowed else None
+        if rule is not None and rule.rate is not None:
+            quotas.append(Quota("rule", rule.ref, rule.rate, enforced=verdict is not None and
+                                verdict.mode == "enforce"))
+        now = self.rates.clock()
+        standings = [self.rates.standing(q, now) for q in quotas]
+        slots = self.concurrency.available(agent.id)
+        refused = [s for s in standings if not s.allowed and s.quota.enforced]
+        if refused or slots <= 0:
+            self._refuse(x, [s for s in standings if s.quota.enforced], refused, slots)
+        for standing in standings:
+            if standing.allowed:
+                self.rates.consume(standing.quota, now)
+            else:  # a dry-run rule's limit: forwarded, and the ledger row says it would have been refused
+                x.reason = WOULD_DENY
+                add_flag(x, f"rate_limit=rule@{standing.quota.key}".replace(",", "_"))
+        self.concurrency.acquire(x.request_id, agent.id)
+
+    def release(self, request_id: str) -> None:
+        """The request is over (answered, refused or failed): free its concurrency slot."""
+        self.concurrency.release(request_id)
+
+    def _refuse(self, x: Noted, shown: list[Standing], refused: list[Standing], slots: int) -> None:
+        names = [s.quota.name for s in refused] + (["concurrency"] if slots <= 0 else [])
+        add_flag(x, "rate_limit=" + "+".join(names))
+        wait = retry_after(refused, slots <= 0)
+        headers = ratelimit_headers(shown, (self.concurrency.limit, slots))
+        headers["Retry-After"] = str(wait)
+        what = ", ".join(_describe(s) for s in refused)
+        if slots <= 0:
+            what = ", ".join(filter(None, (what, f"the agent already has {self.concurrency.limit} requests in "
+                                                 "flight")))
+        raise Refusal(429, "rate_limited", f"rate limit reached: {what}; retry after {wait} s", headers=headers)
+
+    def _rate(self, text: str, owner: str, name: str) -> Rate:
+        rate = self._parsed.get(text)
+        if rate is None:
+            try:
+                rate = parse_rate(text)
+            except RateError:  # validated when set, so the store was edited behind our back: never fail open
+                raise Refusal(500, "rate_limit_invalid", f"the stored rate limit of {owner} {name!r} is malformed; "
+                              "an operator must set it again") from None
+            self._parsed[text] = rate
+        return rate
+
+
+def _describe(standing: Standing) -> str:
+    quota = standing.quota
+    return f"{quota.name} limit {quota.rate}" + (f" ({quota.key})" if quota.name == "rule" else "")

@@ -1,0 +1,135 @@
+"""Step 8: inspect what the agent sends (path, query string, headers, body) for credential-like strings.
+
+Per credential: `off` streams the body untouched; `warn` forwards and flags the ledger row; `block`
+(the default) refuses with 403 `body_inspection`. In `warn` and `block` the body is read whole,
+bounded by `max_body_bytes` (413 past it), inspected, then forwarded from that buffer. Findings name
+families only (`vault_secret`, `openai_key`, ...): never the matched text, never which credential.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+from urllib.parse import unquote_plus
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from aegisd.gate.headers import outbound_headers
+from aegisd.gate.refusal import Refusal
+from aegisd.gate.routing import Route
+from aegisd.inspection import Inspector
+from aegisd.inspection.decompress import DECODABLE, GZIP_MAGIC, DecodeError, TooLarge, decompress_capped
+
+NOT_INSPECTABLE = "not_inspectable"
+
+
+class Inspected(Protocol):
+    """What this step writes on the request's ledger row (the pipeline's Exchange)."""
+
+    flags: str
+    bytes_in: int
+
+
+async def inspect_request(request: web.BaseRequest, route: Route, inspector: Inspector, x: Inspected,
+                          raw_path: str, raw_query: str, limit: int) -> bytes | None:
+    """The body to forward (None: stream it as it comes, inspection is off), or a Refusal."""
+    mode = route.body_inspection
+    if mode == "off":
+        return None
+    body = await read_body(request, x, limit) if request.body_exists else None
+    found: dict[str, set[str]] = {}
+    _note(found, "path", inspector.scan(raw_path.encode("utf-8", "surrogateescape")))
+    _note(found, "query string", inspector.scan(_agent_query(raw_query, route).encode("utf-8", "surrogateescape")))
+    _note(found, "headers", inspector.scan(_agent_headers(request, route)))
+    problem: Refusal | None = None
+    if body:
+        _note(found, "body", inspector.scan(body))
+        decoded, problem = _decoded(body, ", ".join(request.headers.getall("Content-Encoding", [])), limit)
+        if decoded is not None:
+            _note(found, "body", inspector.scan(decoded))
+    families = sorted(set().union(*found.values()))
+    if problem is not None and not families:
+        families = [NOT_INSPECTABLE]
+    if not families:
+        return body
+    if mode == "warn":
+        _flag(x, "body_inspection_warn=" + "+".join(families))
+        return body
+    _flag(x, "body_inspection_block=" + "+".join(families))
+    if problem is not None and families == [NOT_INSPECTABLE]:
+        raise problem
+    places = list(found)
+    where = ", ".join(places[:-1]) + " and " + places[-1] if len(places) > 1 else places[0]
+    verb = "carry" if len(places) > 1 else "carries"
+    raise Refusal(403, "body_inspection", f"not forwarded: the request's {where} {verb} a credential-like string "
+                  f"({', '.join(families)}); secrets and API keys may not leave through the gate")
+
+
+async def read_body(request: web.BaseRequest, x: Inspected, limit: int) -> bytes:
+    """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    buffer = bytearray()
+    try:
+        async for chunk in request.content.iter_any():
+            x.bytes_in += len(chunk)
+            if x.bytes_in > limit:
+                raise _too_large(limit)
+            buffer += chunk
+    except (ConnectionError, HttpProcessingError):  # the agent hung up, or sent broken chunked framing
+        raise Refusal(400, "bad_request", "the request body ended early or is malformed", close=True) from None
+    return bytes(buffer)
+
+
+def _decoded(body: bytes, content_encoding: str, limit: int) -> tuple[bytes | None, Refusal | None]:
+    """The decompressed body when it is compressed, or why it cannot be inspected."""
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        if not body.startswith(GZIP_MAGIC):
+            return None, None
+        encoding, sniffed = "gzip", True  # an upload of a .gz file: look inside it too
+    elif encoding in DECODABLE:
+        sniffed = False
+    else:
+        return None, Refusal(415, "body_not_inspectable", f"a request body with Content-Encoding {encoding!r} "
+                             "cannot be inspected; send it as identity, gzip or deflate")
+    try:
+        return decompress_capped(body, encoding, limit), None
+    except TooLarge:
+        return None, Refusal(413, "body_too_large", f"the decompressed request body is larger than {limit} "
+                             "bytes; inspected bodies must fit the limit once decompressed", close=True)
+    except DecodeError:
+        if sniffed:
+            return None, None  # merely starts like gzip: inspected as the bytes it is
+        return None, Refusal(400, "body_not_inspectable", f"the request body is not valid {encoding}")
+
+
+def _agent_headers(request: web.BaseRequest, route: Route) -> bytes:
+    """The agent's headers that would reach the upstream: not its token, not what step 9 strips or sets."""
+    kept = outbound_headers(request.headers, route, "")
+    kept.popall("Host", None)
+    if route.inject_header is not None:
+        kept.popall(route.inject_header[0], None)
+    return "\n".join(f"{name}: {value}" for name, value in kept.items()).encode("utf-8", "surrogateescape")
+
+
+def _agent_query(raw_query: str, route: Route) -> str:
+    """The query string minus a parameter named like the credential's, which step 9 drops anyway."""
+    if route.inject_query is None or not raw_query:
+        return raw_query
+    name = route.inject_query[0]
+    return "&".join(part for part in raw_query.split("&") if unquote_plus(part.split("=", 1)[0]) != name)
+
+
+def _note(found: dict[str, set[str]], where: str, families: set[str]) -> None:
+    if families:
+        found.setdefault(where, set()).update(families)
+
+
+def _flag(x: Inspected, flag: str) -> None:
+    x.flags = f"{x.flags},{flag}" if x.flags else flag
+
+
+def _too_large(limit: int) -> Refusal:
+    return Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes", close=True)

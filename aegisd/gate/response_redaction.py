@@ -1,0 +1,124 @@
+"""The response side of step 11: the agent never reads back the secret the gate injected.
+
+Active for credentials whose body inspection is `warn` or `block`. Header values are redacted
+whole. The body streams through a StreamRedactor, which holds back at most (longest form - 1)
+bytes, so SSE and chunked streams keep flowing. Redaction changes the body's length, so such a
+response loses the upstream's Content-Length and is sent chunked. The gate asks the upstream for
+`Accept-Encoding: identity`; a gzip or deflate body sent anyway is decoded, redacted and forwarded
+plain; any other encoding cannot be redacted and is refused (502 `response_not_redactable`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Protocol
+
+import aiohttp
+from multidict import CIMultiDict
+
+from aegisd.gate.refusal import Refusal
+from aegisd.gate.routing import Route
+from aegisd.inspection import Inspector, Redaction
+from aegisd.inspection.decompress import DECODABLE, DecodeError, StreamDecoder
+
+REDACTED_FLAG = "response_redacted"
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class Flagged(Protocol):
+    flags: str
+
+
+class UpstreamBodyUndecodable(aiohttp.ClientPayloadError):
+    """The upstream's compressed body is corrupt: handled like any other broken upstream body."""
+
+
+def redaction_for(route: Route, inspector: Inspector) -> Redaction | None:
+    """The redaction to apply to this credential's responses, or None when its inspection is off."""
+    if route.body_inspection == "off":
+        return None
+    return inspector.redaction(route.credential_id)
+
+
+def ask_identity(headers: CIMultiDict[str]) -> None:
+    """Outbound: ask for an uncompressed response, which can be redacted as it streams."""
+    headers["Accept-Encoding"] = "identity"
+
+
+class ResponseRedactor:
+    """One response: header values redacted at once, the body chunk by chunk."""
+
+    def __init__(self, redaction: Redaction, x: Flagged) -> None:
+        self._redaction = redaction
+        self._x = x
+        self._stream = redaction.stream()
+        self._decoder: StreamDecoder | None = None
+        self._flagged = False
+        self.streams_body = False  # set by headers(): the body passes through here, so its length may change
+
+    def headers(self, headers: CIMultiDict[str], method: str, status: int) -> CIMultiDict[str]:
+        """The response headers to send, redacted; raises a Refusal if the body cannot be redacted."""
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in headers.items():
+            redacted, count = self._redaction.redact_all(value.encode("utf-8", "surrogateescape"))
+            if count:
+                self._flag()
+                value = redacted.decode("utf-8", "surrogateescape")
+            out.add(name, value)
+        self.streams_body = self.has_body(method, status)
+        if self.streams_body:
+            encoding = ", ".join(out.getall("Content-Encoding", [])).strip().lower()
+            if encoding in DECODABLE:
+                self._decoder = StreamDecoder(encoding)
+                out.popall("Content-Encoding")
+            elif encoding not in ("", "identity"):
+                raise Refusal(502, "response_not_redactable", f"the upstream answered with Content-Encoding "
+                              f"{encoding!r}, which the gate cannot redact")
+        return out
+
+    @staticmethod
+    def has_body(method: str, status: int) -> bool:
+        return method != "HEAD" and status not in NO_BODY_STATUSES and status >= 200
+
+    async def filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The upstream's body chunks in, the agent's redacted chunks out (the held tail at the end)."""
+        async for chunk in chunks:
+            for piece in self.feed(chunk):
+                yield piece
+        tail = self.finish()
+        if tail:
+            yield tail
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """Redacted output for one upstream chunk, in pieces (decoded pieces are bounded in size)."""
+        pieces = self._decoder.feed(chunk) if self._decoder is not None else iter((chunk,))
+        while True:
+            try:
+                piece = next(pieces)  # one bounded piece at a time: the caller's writes pace the decoder
+            except StopIteration:
+                return
+            except DecodeError:
+                raise UpstreamBodyUndecodable("the upstream's compressed body is invalid") from None
+            out = self._stream.feed(piece)
+            self._check()
+            if out:
+                yield out
+
+    def finish(self) -> bytes:
+        """What is still held back, redacted; call once the upstream body has ended."""
+        try:
+            tail = self._decoder.finish() if self._decoder is not None else b""
+        except DecodeError:
+            raise UpstreamBodyUndecodable("the upstream's compressed body is truncated") from None
+        out = self._stream.feed(tail) + self._stream.finish()
+        self._check()
+        return out
+
+    def _check(self) -> None:
+        if self._stream.replaced and not self._flagged:
+            self._flag()
+
+    def _flag(self) -> None:
+        if not self._flagged:
+            self._flagged = True
+            self._x.flags = f"{self._x.flags},{REDACTED_FLAG}" if self._x.flags else REDACTED_FLAG

@@ -1,0 +1,101 @@
+"""gzip and deflate, decoded with a hard cap (outbound bodies) or in bounded steps (responses).
+
+A compressed request body is inspected as if it had been sent plain, so its decoded size must fit
+the same `max_body_bytes` a plain body must: past that the caller refuses it (a zip bomb costs us at
+most that much memory). Response decoding hands out pieces of at most STEP bytes, so a bomb upstream
+costs bandwidth to the agent, never memory here.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+
+GZIP_MAGIC = b"\x1f\x8b\x08"
+DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
+STEP = 64 * 1024
+
+
+class DecodeError(Exception):
+    """The data is not valid for its declared encoding."""
+
+
+class TooLarge(Exception):
+    """The decoded data would exceed the cap."""
+
+
+def _wbits(encoding: str, head: bytes) -> int:
+    if encoding != "deflate":
+        return 16 + zlib.MAX_WBITS  # gzip
+    # "deflate" means zlib-wrapped per RFC 9110, but some senders use raw deflate; the header tells.
+    if len(head) >= 2 and head[0] & 0x0F == 8 and ((head[0] << 8) | head[1]) % 31 == 0:
+        return zlib.MAX_WBITS
+    return -zlib.MAX_WBITS
+
+
+def decompress_capped(data: bytes, encoding: str, cap: int) -> bytes:
+    """The whole decoded body (every gzip member, then any trailing bytes as they are), at most `cap` bytes."""
+    out = bytearray()
+    rest = data
+    while rest:
+        decoder = zlib.decompressobj(_wbits(encoding, rest))
+        try:
+            out += decoder.decompress(rest, cap + 1 - len(out))
+        except zlib.error as exc:
+            raise DecodeError(str(exc)) from None
+        if len(out) > cap or decoder.unconsumed_tail:
+            raise TooLarge()
+        if not decoder.eof:
+            raise DecodeError("the compressed data is truncated")
+        rest = decoder.unused_data
+        if encoding == "deflate" or not rest.startswith(GZIP_MAGIC):
+            out += rest  # trailing bytes an upstream might still read: inspect them as they are
+            break
+    if len(out) > cap:
+        raise TooLarge()
+    return bytes(out)
+
+
+class StreamDecoder:
+    """Incremental gzip/deflate for a response body, in pieces of at most STEP bytes."""
+
+    def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
+        self._decoder: zlib._Decompress | None = None
+        self._done = False
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        data = chunk
+        while data:
+            if self._done:
+                if self._encoding == "deflate" or not data.startswith(GZIP_MAGIC):
+                    raise DecodeError("data after the end of the compressed stream")
+                self._decoder, self._done = None, False
+            if self._decoder is None:
+                self._decoder = zlib.decompressobj(_wbits(self._encoding, data))
+            decoder = self._decoder
+            try:
+                piece = decoder.decompress(data, STEP)
+                if piece:
+                    yield piece
+                while decoder.unconsumed_tail:
+                    piece = decoder.decompress(decoder.unconsumed_tail, STEP)
+                    if piece:
+                        yield piece
+            except zlib.error as exc:
+                raise DecodeError(str(exc)) from None
+            data = b""
+            if decoder.eof:
+                self._done = True
+                data = decoder.unused_data
+
+    def finish(self) -> bytes:
+        if self._decoder is not None and not self._done:
+            try:
+                tail = self._decoder.flush()
+            except zlib.error as exc:
+                raise DecodeError(str(exc)) from None
+            if not self._decoder.eof:
+                raise DecodeError("the compressed response is truncated")
+            return tail
+        return b""

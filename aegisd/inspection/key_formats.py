@@ -1,0 +1,75 @@
+"""Well-known API key formats: a family name each, and a pattern tight enough for clean traffic.
+
+Every pattern starts with a literal so the regex engine skips ahead at memchr speed; a flat
+alternation of them all is ten times slower. The boundary before a key (no token character, so
+`task-…` or the inside of a base64url blob never count) is checked in Python for the same reason:
+a leading look-behind would defeat the literal-prefix scan.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+FAMILIES = ("anthropic_key", "openai_key", "github_token", "slack_token", "aws_access_key", "google_api_key",
+            "stripe_key", "private_key", "connection_url")
+
+_SCHEME_BEFORE = re.compile(rb"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]{1,31}\Z")
+# Passwords in connection URLs that are templates or documentation, not secrets.
+_PLACEHOLDER = re.compile(rb"\$\{[^}]*\}|\$[A-Z_][A-Z0-9_]*|\{\{[^}]*\}\}|%\([a-z_]+\)s|[*xX.]+"
+                          rb"|(?i:password|passwd|pass|pwd|pw|secret|changeme)")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFormat:
+    """One scan: families are the pattern's named groups; `before` says what may precede a match."""
+
+    pattern: re.Pattern[bytes]
+    before: str = "boundary"  # "boundary": no token byte; "any"; "scheme": a URL scheme, for ://
+
+
+FORMATS: tuple[KeyFormat, ...] = (
+    # sk-ant-api03-…, sk-proj-…, sk-svcacct-…, legacy sk-<48 alnum>; "sk-learn" is far too short.
+    KeyFormat(re.compile(rb"sk-(?:(?P<anthropic_key>ant-[a-z]{2,10}[0-9]{2}-[A-Za-z0-9_\-]{32,})"
+                         rb"|(?P<openai_key>(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{32,}"
+                         rb"|[A-Za-z0-9]{32,}(?![A-Za-z0-9_\-])))")),
+    KeyFormat(re.compile(rb"gh(?P<github_token>[pousr]_[A-Za-z0-9]{36,251}(?![A-Za-z0-9_]))")),
+    KeyFormat(re.compile(rb"github_pat_(?P<github_token>[A-Za-z0-9_]{50,255})")),
+    KeyFormat(re.compile(rb"xox(?P<slack_token>[abprs]-[0-9]{6,}-[A-Za-z0-9\-]{10,})")),
+    KeyFormat(re.compile(rb"(?P<aws_access_key>(?:AKIA|ASIA)[A-Z0-9]{16})(?![A-Za-z0-9])")),
+    KeyFormat(re.compile(rb"AIza(?P<google_api_key>[A-Za-z0-9_\-]{35})(?![A-Za-z0-9_\-])")),
+    # Live keys only: test-mode keys move no money and appear in docs and fixtures everywhere.
+    KeyFormat(re.compile(rb"sk_live_(?P<stripe_key>[A-Za-z0-9]{20,})")),
+    KeyFormat(re.compile(rb"rk_live_(?P<stripe_key>[A-Za-z0-9]{20,})")),
+    # A header alone may be documentation; require key material after it (JSON-escaped newlines too).
+    KeyFormat(re.compile(rb"-----BEGIN (?P<private_key>(?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----"
+                         rb"(?:\s|\\[rn])+(?:[A-Za-z\-]+: [^\r\n\\]*(?:\s|\\[rn])+){0,4}[A-Za-z0-9+/=]{40})"),
+              before="any"),
+    # scheme://user:password@host with a non-empty password (the user may be empty: redis://:pw@host).
+    KeyFormat(re.compile(rb"://(?P<connection_url>[^\s:/?#@\"'<>\\]*:([^\s/?#@\"'<>\\]+)@[A-Za-z0-9\[])"),
+              before="scheme"),
+)
+
+
+def find_key_formats(data: bytes) -> set[str]:
+    """The families of every well-known key format in `data` (empty for clean traffic)."""
+    found: set[str] = set()
+    for fmt in FORMATS:
+        for match in fmt.pattern.finditer(data):
+            family = match.lastgroup
+            if family is None or family in found or not _accepted(fmt, match, data):
+                continue
+            found.add(family)
+    return found
+
+
+def _accepted(fmt: KeyFormat, match: re.Match[bytes], data: bytes) -> bool:
+    start = match.start()
+    if fmt.before == "boundary":
+        return start == 0 or data[start - 1] not in TOKEN_BYTES
+    if fmt.before == "scheme":
+        if not _SCHEME_BEFORE.search(data, max(0, start - 33), start):
+            return False
+        return _PLACEHOLDER.fullmatch(match.group(2)) is None
+    return True

@@ -1,0 +1,84 @@
+"""The byte strings a vault secret turns into when an agent encodes it, and when an upstream echoes it.
+
+Computed once per routing-table build. Base64 needs care: a secret inside a longer base64 blob is
+encoded differently depending on its offset modulo 3, and the characters at its two edges mix in
+neighbouring bytes. For each of the three offsets we keep only the characters whose six bits come
+entirely from the secret; one of those three cores appears in any blob that contains the secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterable
+from urllib.parse import quote, quote_from_bytes, quote_plus
+
+# Shorter secrets are not searched for: they would match ordinary text. The well-known key formats
+# still apply to them, and docs/inspection.md says so.
+MIN_SECRET_LENGTH = 8
+_B64: tuple[Callable[[bytes], bytes], ...] = (base64.b64encode, base64.urlsafe_b64encode)
+
+
+def secret_values(secret: bytes, auth_type: str) -> tuple[bytes, ...]:
+    """What counts as the secret: the stored value, and for basic auth also the password on its own."""
+    values = [secret]
+    if auth_type == "basic" and b":" in secret:
+        values.append(secret.split(b":", 1)[1])
+    return tuple(v for v in values if len(v) >= MIN_SECRET_LENGTH)
+
+
+def url_forms(secret: bytes) -> set[bytes]:
+    """Percent-encodings as common encoders write them (Python's quote and quote_plus, JavaScript's
+    encodeURIComponent), in upper- and lower-case hex. Mixed encodings are undone by views.py."""
+    forms = {quote_from_bytes(secret, safe="").encode(), quote_from_bytes(secret).encode(),
+             quote_plus(secret, safe="").encode(), quote(secret, safe="!*'()").encode()}
+    return forms | {_lower_hex(f) for f in forms}
+
+
+def json_forms(secret: bytes) -> set[bytes]:
+    """The secret inside a JSON string, ASCII-escaped or not (other escapes are undone by views.py)."""
+    try:
+        text = secret.decode()
+    except UnicodeDecodeError:
+        return set()
+    return {json.dumps(text)[1:-1].encode(), json.dumps(text, ensure_ascii=False)[1:-1].encode()}
+
+
+def base64_cores(secret: bytes) -> set[bytes]:
+    """For each alphabet and each offset mod 3, the base64 characters that depend only on the secret."""
+    cores = set()
+    for encode in _B64:
+        for shift in range(3):
+            encoded = encode(b"\0" * shift + secret + b"\0\0")
+            first = -(-8 * shift // 6)  # the first character whose bits all lie inside the secret
+            end = 8 * (shift + len(secret)) // 6  # one past the last such character
+            cores.add(encoded[first:end])
+    return cores
+
+
+def base64_whole(secret: bytes) -> set[bytes]:
+    """The secret base64-encoded on its own, padded and unpadded, in both alphabets."""
+    forms = {encode(secret) for encode in _B64}
+    return forms | {f.rstrip(b"=") for f in forms}
+
+
+def search_forms(values: Iterable[bytes]) -> set[bytes]:
+    """Every form body inspection looks for: raw, URL-encoded, JSON-escaped and the base64 cores."""
+    forms: set[bytes] = set()
+    for value in values:
+        forms |= {value} | url_forms(value) | json_forms(value) | base64_cores(value)
+    return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
+
+
+def redaction_forms(values: Iterable[bytes]) -> set[bytes]:
+    """What response redaction replaces: the search forms plus whole base64 encodings with their edges."""
+    values = tuple(values)
+    forms = search_forms(values)
+    for value in values:
+        forms |= base64_whole(value)
+    return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
+
+
+def _lower_hex(encoded: bytes) -> bytes:
+    parts = encoded.split(b"%")
+    return parts[0] + b"".join(b"%" + p[:2].lower() + p[2:] for p in parts[1:])

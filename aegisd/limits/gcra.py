@@ -1,0 +1,75 @@
+"""GCRA, the generic cell rate algorithm: an exact sliding-window rate limit in one integer per key.
+
+For a rate of N requests per T seconds, each allowed request moves the key's "theoretical arrival
+time" (TAT) forward by T/N. A request is allowed while the TAT stays within T of now: a burst of N
+passes, then one more every T/N, and both the remaining count and the wait until the next request
+passes follow exactly from the TAT. Times are scaled by N so every step is integer arithmetic.
+Checking and consuming are separate calls so a caller can check every limit before consuming any.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
+
+from aegisd.rates import Rate
+
+NS = 1_000_000_000
+_PRUNE_ABOVE = 10_000  # keys; past this, fully restored ones are forgotten (same as never seen)
+
+
+class Quota(NamedTuple):
+    """One limit that applies to a request: its RateLimit policy name, whose quota, and the rate.
+
+    Tuples rather than frozen dataclasses: a few are built per request, and tuples build fastest.
+    """
+
+    name: str  # "credential", "agent" or "rule"
+    key: Hashable  # credential id, agent id or rule ref
+    rate: Rate
+    enforced: bool = True  # False for a dry-run policy's rule: reported, never refused
+
+
+class Standing(NamedTuple):
+    """A quota as one request finds it, before anything is consumed."""
+
+    quota: Quota
+    allowed: bool
+    remaining: int  # requests that would pass right now, this one included
+    wait_ns: int  # refused: until this request would pass; allowed: until one more unit returns (0 if full)
+
+
+class RateLimiter:
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.clock = clock
+        self._tat: dict[tuple[str, Hashable, int, int], int] = {}
+
+    @staticmethod
+    def _state_key(quota: Quota) -> tuple[str, Hashable, int, int]:
+        # The rate is part of the key: changing a limit starts it afresh instead of reinterpreting old state.
+        return quota.name, quota.key, quota.rate.count, quota.rate.period_seconds
+
+    def standing(self, quota: Quota, now_ns: int) -> Standing:
+        """Whether one more request fits now, with the exact remaining count and wait; changes nothing."""
+        n, period = quota.rate.count, quota.rate.period_seconds * NS
+        now = now_ns * n
+        capacity = period * n
+        used = max(self._tat.get(self._state_key(quota), 0), now) - now  # debt, in scaled ns, 0..capacity
+        remaining = (capacity - used) // period
+        if used + period > capacity:
+            return Standing(quota, False, 0, -(-(used + period - capacity) // n))
+        if remaining >= n:
+            return Standing(quota, True, n, 0)
+        return Standing(quota, True, remaining, -(-(used - (capacity - (remaining + 1) * period)) // n))
+
+    def consume(self, quota: Quota, now_ns: int) -> None:
+        """Use one unit; call only after every quota of the request was found to have room."""
+        key = self._state_key(quota)
+        n = quota.rate.count
+        if key not in self._tat and len(self._tat) >= _PRUNE_ABOVE:
+            self._prune(now_ns)
+        self._tat[key] = max(self._tat.get(key, 0), now_ns * n) + quota.rate.period_seconds * NS
+
+    def _prune(self, now_ns: int) -> None:
+        self._tat = {key: tat for key, tat in self._tat.items() if tat > now_ns * key[2]}

@@ -1,0 +1,38 @@
+"""RateLimit-Policy and RateLimit response fields, as Structured Field lists.
+
+Form per draft-ietf-httpapi-ratelimit-headers-10 (sections 3 and 4): a policy item is a quoted
+name with `q` (quota), `w` (window, seconds) and optionally `qu` (quota unit); a service-limit
+item is the same name with `r` (remaining) and `t` (seconds until more quota is available).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aegisd.limits.gcra import NS, Standing
+
+CONCURRENCY_POLICY = "concurrency"
+
+
+def _seconds(ns: int) -> int:
+    return -(-ns // NS)
+
+
+def ratelimit_headers(standings: Sequence[Standing], concurrency: tuple[int, int] | None) -> dict[str, str]:
+    """The two fields for these quotas; `concurrency` is (cap, slots left) when the cap is reported."""
+    policies = [f'"{s.quota.name}";q={s.quota.rate.count};w={s.quota.rate.period_seconds}' for s in standings]
+    limits = [f'"{s.quota.name}";r={0 if not s.allowed else s.remaining};t={_seconds(s.wait_ns)}'
+              for s in standings]
+    if concurrency is not None:
+        cap, left = concurrency
+        policies.append(f'"{CONCURRENCY_POLICY}";q={cap};qu="concurrent-requests"')
+        limits.append(f'"{CONCURRENCY_POLICY}";r={max(left, 0)}')
+    return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(limits)}
+
+
+def retry_after(refused: Sequence[Standing], concurrency_refused: bool) -> int:
+    """Whole seconds (at least 1) until every refusing limit would let the request through."""
+    waits = [_seconds(s.wait_ns) for s in refused]
+    if concurrency_refused:
+        waits.append(1)
+    return max(1, *waits) if waits else 1

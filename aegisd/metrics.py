@@ -1,0 +1,127 @@
+"""Prometheus metrics for `/_aegis/metrics`: request counters and latencies, and state read at scrape time.
+
+Label values come only from operator-defined names (agent, service) and fixed sets (method,
+status, reason codes), never from what an agent typed: a service the routing table does not know
+is counted as "unknown", so a flood of made-up names cannot grow the series without bound, and
+no label ever holds a path, token or secret. Our own registry keeps library metrics out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from aegisd.errors import AegisError
+from aegisd.ledger import LedgerWriter, now_ms
+from aegisd.vault.vault import Vault
+from aegisd.webhooks.dispatcher import Dispatcher
+from aegisd.webhooks.expiry import expiry_state
+
+log = logging.getLogger("aegisd.metrics")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+UNKNOWN_SERVICE = "unknown"
+OPERATOR_SERVICE = "_aegis"  # /_aegis/... endpoints that are ledgered (an agent's own /_aegis/services)
+NO_AGENT = ""  # the request was not authenticated
+# A local proxy answers refusals in well under a millisecond and streams LLM replies for many seconds.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CREDENTIAL_STATES = ("active", "expiring_soon", "expired")
+
+
+class GateMetrics:
+    """The gate's counters and histograms, plus a collector for state computed at scrape time."""
+
+    def __init__(self, vault: Vault, ledger: LedgerWriter, webhooks: Dispatcher) -> None:
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created only adds noise
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("aegis_requests", "Requests through the gate, by outcome status.",
+                                ("service", "method", "status", "agent"), registry=self.registry)
+        self.blocked = Counter("aegis_requests_blocked", "Requests the gate refused, by reason code.",
+                               ("service", "reason", "agent"), registry=self.registry)
+        self.duration = Histogram("aegis_request_duration_seconds", "Time from request to its ledger row.",
+                                  ("service",), buckets=DURATION_BUCKETS, registry=self.registry)
+        self.upstream = Histogram("aegis_upstream_duration_seconds", "Time until the upstream's response "
+                                  "headers arrived.", ("service",), buckets=DURATION_BUCKETS, registry=self.registry)
+        self.registry.register(_ScrapeTimeState(vault, ledger, webhooks))
+        # The series children by label values: as bounded as the labels themselves.
+        self._series: dict[tuple[str, str, int, str], tuple[Any, Any, Any]] = {}
+
+    def observe(self, service: str, method: str, status: int, agent: str, reason: str, denied: bool,
+                seconds: float, upstream_seconds: float | None) -> None:
+        """Count one gate outcome; `service` must already be a known service name or "unknown"."""
+        key = (service, method if method in METHODS else "OTHER", status, agent)
+        series = self._series.get(key)
+        if series is None:  # labels() is the costly part of a hot-path update; look each series up once
+            series = self._series[key] = (self.requests.labels(key[0], key[1], str(status), agent),
+                                          self.duration.labels(service), self.upstream.labels(service))
+        requests, duration, upstream = series
+        requests.inc()
+        duration.observe(seconds)
+        if upstream_seconds is not None:
+            upstream.observe(upstream_seconds)
+        if denied:
+            self.blocked.labels(service, reason, agent).inc()
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition in the format the scraper asked for, and its content type. Blocks briefly (SQLite)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def service_label(service: str, known: Mapping[str, Any]) -> str:
+    """The vault's name for the service, "_aegis" for the gate's own endpoints, else "unknown"."""
+    return service if service in known or service == OPERATOR_SERVICE else UNKNOWN_SERVICE
+
+
+class _ScrapeTimeState:
+    """Vault, credential, ledger and webhook state, read when Prometheus scrapes rather than tracked."""
+
+    def __init__(self, vault: Vault, ledger: LedgerWriter, webhooks: Dispatcher) -> None:
+        self._vault = vault
+        self._ledger = ledger
+        self._webhooks = webhooks
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("aegis_vault_unlocked", "1 while the vault is unlocked, else 0.",
+                                value=1 if self._vault.state == "unlocked" else 0)
+        credentials = self._credential_states()
+        if credentials is not None:
+            family = GaugeMetricFamily("aegis_credentials_total", "Credentials by expiry state (expiring_soon: "
+                                       "within 7 days).", labels=("status",))
+            for state in CREDENTIAL_STATES:
+                family.add_metric((state,), credentials[state])
+            yield family
+        yield GaugeMetricFamily("aegis_ledger_queue_depth", "Ledger rows waiting for the writer thread.",
+                                value=self._ledger.queue_depth)
+        yield GaugeMetricFamily("aegis_ledger_commit_seconds", "Duration of the latest ledger group commit.",
+                                value=self._ledger.last_commit_seconds)
+        hooks = self._webhooks
+        yield GaugeMetricFamily("aegis_webhook_queue_depth", "Webhook deliveries waiting for a worker.",
+                                value=hooks.queue_depth)
+        yield GaugeMetricFamily("aegis_webhook_retries_pending", "Webhook deliveries waiting to be retried.",
+                                value=hooks.retries_pending)
+        yield CounterMetricFamily("aegis_webhook_delivered", "Webhook deliveries the receiver accepted (2xx).",
+                                  value=hooks.delivered)
+        yield CounterMetricFamily("aegis_webhook_failed", "Webhook deliveries given up after the last attempt.",
+                                  value=hooks.failed)
+        yield CounterMetricFamily("aegis_webhook_dropped", "Webhook deliveries dropped because the queue was "
+                                  "full.", value=hooks.dropped)
+
+    def _credential_states(self) -> dict[str, int] | None:
+        counts = dict.fromkeys(CREDENTIAL_STATES, 0)
+        if self._vault.state == "uninitialized":
+            return counts
+        try:
+            credentials = self._vault.list_credentials()
+        except AegisError as exc:
+            log.warning("metrics: cannot read credentials: %s", exc.message)
+            return None
+        now = now_ms()
+        for cred in credentials:
+            counts[expiry_state(cred.expires_at, now)] += 1
+        return counts

@@ -1,0 +1,71 @@
+"""What happens after the gate decides: metrics, one log line per refusal, webhook events.
+
+Called once per request, right before its ledger row is written, so it must stay cheap: an
+allowed, unflagged request touches only the counters (and a debug line when debug is on).
+Logged fields are the ledger's own and never include a token, a secret or a query string;
+the service is named only when the routing table knows it, so an agent cannot write
+arbitrary text into the log through the path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from aegisd.gate.routing import Route, RoutingState
+from aegisd.ledger import LedgerEntry
+from aegisd.logs import event
+from aegisd.metrics import NO_AGENT, GateMetrics, service_label
+from aegisd.webhooks import Webhooks
+from aegisd.webhooks.events import details, events_for
+
+log = logging.getLogger("aegisd.gate")
+
+
+class OutcomeSink:
+    """Turns each gate outcome into metrics, log lines and webhook events."""
+
+    def __init__(self, routing: RoutingState, metrics: GateMetrics | None, webhooks: Webhooks) -> None:
+        self.metrics = metrics
+        self._routing = routing
+        self._webhooks = webhooks
+        self._known: Mapping[str, Route] = {}
+
+    def record(self, entry: LedgerEntry, upstream_seconds: float | None) -> None:
+        try:
+            self._record(entry, upstream_seconds)
+        except Exception:  # metrics and alerts must never cost a request its answer or its ledger row
+            log.exception("recording a gate outcome for metrics, log and webhooks failed")
+
+    def _record(self, entry: LedgerEntry, upstream_seconds: float | None) -> None:
+        table = self._routing.table
+        if table is not None:
+            self._known = table.routes  # while locked, keep naming the services known at the last unlock
+        service = service_label(entry.service, self._known)
+        denied = entry.decision == "denied"
+        if self.metrics is not None:
+            self.metrics.observe(service, entry.method, entry.status, entry.agent or NO_AGENT, entry.reason, denied,
+                                 entry.duration_ms / 1000, upstream_seconds)
+        if not denied:
+            if log.isEnabledFor(logging.DEBUG):
+                event(log, logging.DEBUG, "request allowed", request_id=entry.request_id, agent=entry.agent,
+                      service=service, method=entry.method, status=entry.status, duration_ms=entry.duration_ms)
+            if not entry.flags:
+                return
+        else:
+            event(log, logging.INFO, "request refused", request_id=entry.request_id, agent=entry.agent or "-",
+                  service=service, reason=entry.reason, status=entry.status)
+        self._notify(entry)
+
+    def _notify(self, entry: LedgerEntry) -> None:
+        dispatcher = self._webhooks.dispatcher
+        if not dispatcher.has_subscribers:
+            return
+        found = details(entry)
+        for name in events_for(entry):
+            if name == "credential_expiry":
+                route = self._known.get(entry.service)
+                expires_at = route.expires_at if route is not None else None
+                self._webhooks.expiry.on_refused(found, entry.credential, entry.service, expires_at)
+            elif dispatcher.wants(name):
+                dispatcher.emit(name, found)

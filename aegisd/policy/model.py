@@ -1,0 +1,95 @@
+"""What a policy file becomes once read: rules compiled for the gate's hot path, and precise issues.
+
+Regexes are compiled and time windows resolved to a zone when the file is loaded, so judging a
+request is a few dict lookups, a method set test, a `fullmatch` and at most one clock conversion.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from aegisd.rates import Rate
+
+MODES = ("enforce", "dry-run", "off")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# Why a rule did not allow a request, in the order the checks run (later = closer to a match).
+MISS_METHOD, MISS_PATH, MISS_WINDOW = "method", "path", "time_window"
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One validation error: where it is (file, 1-based line and column, field path) and what is wrong."""
+
+    file: str
+    line: int
+    column: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """Daily [start, end) in a zone's local time; start > end spans midnight."""
+
+    start: int  # minutes after local midnight
+    end: int
+    zone: ZoneInfo
+    text: str  # "09:00-18:00 Europe/Berlin", for messages
+
+    def contains(self, now_ms: int) -> bool:
+        local = datetime.fromtimestamp(now_ms / 1000, self.zone)
+        minute = local.hour * 60 + local.minute
+        if self.start < self.end:
+            return self.start <= minute < self.end
+        return minute >= self.start or minute < self.end
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One entry of a file's `rules`, ready to judge requests."""
+
+    file: str
+    index: int
+    line: int
+    service: str
+    methods: frozenset[str] | None  # None: any method
+    paths: tuple[re.Pattern[str], ...] | None  # None: any path
+    rate: Rate | None
+    window: TimeWindow | None
+
+    @property
+    def ref(self) -> str:
+        """A stable name for messages, ledger flags and the rule's rate-limit state."""
+        return f"{self.file}#rules[{self.index}]"
+
+    def miss(self, method: str, path: str, now_ms: int) -> str | None:
+        """None if this rule allows the request, else which check failed first."""
+        if self.methods is not None and method not in self.methods:
+            return MISS_METHOD
+        if self.paths is not None and not any(p.fullmatch(path) for p in self.paths):
+            return MISS_PATH
+        if self.window is not None and not self.window.contains(now_ms):
+            return MISS_WINDOW
+        return None
+
+
+@dataclass(slots=True)
+class PolicyFile:
+    """One file as read: its agent and rules if it parsed, and every issue found in it."""
+
+    name: str
+    agent: str | None = None
+    mode: str = "enforce"
+    rules: list[Rule] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not self.issues

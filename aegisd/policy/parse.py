@@ -1,0 +1,284 @@
+"""Read one policy file and report every error in it at once, each with line and field path.
+
+The file is composed (not constructed) with PyYAML's safe loader: the node tree keeps each
+value's position and its text as written, so `18:00` stays a time (YAML 1.1 would read a
+sexagesimal integer) and `mode: off` stays a word (not `false`). Nothing is ever instantiated
+from a tag; only the standard YAML tags are accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from aegisd.errors import InvalidArgument
+from aegisd.policy.model import METHODS, MODES, Issue, PolicyFile, Rule, TimeWindow
+from aegisd.rates import Rate, RateError, parse_rate
+from aegisd.vault.credentials import validate_name, validate_service
+
+MAX_POLICY_BYTES = 1024 * 1024
+TOP_FIELDS = ("agent", "mode", "rules")
+RULE_FIELDS = ("service", "methods", "paths", "rate_limit", "time_window")
+WINDOW_FIELDS = ("start", "end", "timezone")
+_STANDARD_TAG = "tag:yaml.org,2002:"
+_NULL_TAG = _STANDARD_TAG + "null"
+# Plain data only: the tags YAML gives untagged scalars, lists and mappings (never python/*, set, omap...).
+_ALLOWED_TAGS = frozenset(_STANDARD_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp", "seq",
+                                                       "map"))
+_TIME = re.compile(r"^(\d{1,2}):(\d{2})$")
+_ZONE_KEY = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*$")
+_KIND = {MappingNode: "a mapping", SequenceNode: "a list", ScalarNode: "a single value"}
+
+
+def parse_policy(name: str, data: bytes) -> PolicyFile:
+    """Parse and validate `data` (the content of file `name`); the result lists every issue found."""
+    reader = _Reader(PolicyFile(name))
+    reader.read(data)
+    reader.result.issues.sort(key=lambda issue: (issue.line, issue.column))
+    return reader.result
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Reader:
+    def __init__(self, result: PolicyFile) -> None:
+        self.result = result
+
+    def issue(self, where: Node | tuple[int, int] | None, field: str, message: str) -> None:
+        if isinstance(where, Node):
+            line, column = where.start_mark.line + 1, where.start_mark.column + 1
+        else:
+            line, column = where or (0, 0)
+        self.result.issues.append(Issue(self.result.name, line, column, field, message))
+
+    # -- the file ----------------------------------------------------------------------------
+
+    def read(self, data: bytes) -> None:
+        if len(data) > MAX_POLICY_BYTES:
+            self.issue(None, "", f"the file is larger than {MAX_POLICY_BYTES // 1024} KiB")
+            return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.issue((data[: exc.start].count(b"\n") + 1, 0), "", "the file is not UTF-8 text")
+            return
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = (mark.line + 1, mark.column + 1) if mark is not None else None
+            problem = exc.problem or "malformed YAML"
+            context = exc.context or ""
+            if context and exc.context_mark is not None and exc.context_mark is not mark:
+                context += f" from line {exc.context_mark.line + 1}"
+            self.issue(where, "", f"YAML syntax error: {problem}" + (f" ({context})" if context else ""))
+            return
+        except yaml.reader.ReaderError as exc:
+            line = text[: exc.position].count("\n") + 1
+            self.issue((line, 0), "", f"YAML syntax error: {exc.reason} (character {exc.character!r})")
+            return
+        except yaml.YAMLError as exc:
+            self.issue(None, "", f"YAML syntax error: {exc}")
+            return
+        if root is None:
+            self.issue((1, 1), "", "the file is empty; a policy needs `agent` and `rules`")
+            return
+        self.top(root)
+
+    def top(self, node: Node) -> None:
+        fields = self.mapping(node, "", TOP_FIELDS, ("agent", "rules"), "a policy file must be a mapping with "
+                              "`agent` and `rules`")
+        if fields is None:
+            return
+        if "agent" in fields:
+            agent = self.scalar(fields["agent"], "agent")
+            if agent is not None and self.check(fields["agent"], "agent", validate_name, agent, "agent name"):
+                self.result.agent = agent
+        if "mode" in fields:
+            mode = self.scalar(fields["mode"], "mode")
+            if mode is not None:
+                if mode.lower() in MODES:
+                    self.result.mode = mode.lower()
+                else:
+                    self.issue(fields["mode"], "mode", f"mode {mode!r} must be one of: {', '.join(MODES)}")
+        if "rules" in fields:
+            for index, item in self.sequence(fields["rules"], "rules", allow_empty=True):
+                rule = self.rule(item, f"rules[{index}]", index)
+                if rule is not None:
+                    self.result.rules.append(rule)
+
+    def rule(self, node: Node, path: str, index: int) -> Rule | None:
+        before = len(self.result.issues)
+        fields = self.mapping(node, path, RULE_FIELDS, ("service",), "a rule must be a mapping with at least "
+                              "`service`")
+        if fields is None:
+            return None
+        service = self.scalar(fields["service"], _join(path, "service")) if "service" in fields else None
+        if service is not None:
+            self.check(fields["service"], _join(path, "service"), validate_service, service)
+        methods = self.methods(fields["methods"], _join(path, "methods")) if "methods" in fields else None
+        paths = self.paths(fields["paths"], _join(path, "paths")) if "paths" in fields else None
+        rate = self.rate(fields["rate_limit"], _join(path, "rate_limit")) if "rate_limit" in fields else None
+        window = self.window(fields["time_window"], _join(path, "time_window")) if "time_window" in fields else None
+        if len(self.result.issues) > before or service is None:
+            return None
+        return Rule(file=self.result.name, index=index, line=node.start_mark.line + 1, service=service,
+                    methods=methods, paths=paths, rate=rate, window=window)
+
+    # -- rule fields -------------------------------------------------------------------------
+
+    def methods(self, node: Node, path: str) -> frozenset[str] | None:
+        found: set[str] = set()
+        for index, item in self.sequence(node, path):
+            method = self.scalar(item, f"{path}[{index}]")
+            if method is None:
+                continue
+            if method == "*":
+                found.add("*")
+            elif method.upper() in METHODS:
+                found.add(method.upper())
+            else:
+                self.issue(item, f"{path}[{index}]", f"unknown method {method!r}; use {', '.join(METHODS)} or *")
+        return None if "*" in found or not found else frozenset(found)
+
+    def paths(self, node: Node, path: str) -> tuple[re.Pattern[str], ...] | None:
+        compiled: list[re.Pattern[str]] = []
+        for index, item in self.sequence(node, path):
+            pattern = self.scalar(item, f"{path}[{index}]")
+            if pattern is None:
+                continue
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as exc:
+                at = f" at position {exc.pos}" if exc.pos is not None else ""
+                self.issue(item, f"{path}[{index}]", f"invalid regular expression {pattern!r}: {exc.msg}{at}")
+        return tuple(compiled) or None
+
+    def rate(self, node: Node, path: str) -> Rate | None:
+        text = self.scalar(node, path)
+        if text is None:
+            return None
+        try:
+            return parse_rate(text)
+        except RateError as exc:
+            self.issue(node, path, str(exc))
+            return None
+
+    def window(self, node: Node, path: str) -> TimeWindow | None:
+        fields = self.mapping(node, path, WINDOW_FIELDS, ("start", "end"), "time_window must be a mapping like "
+                              '{start: "09:00", end: "18:00", timezone: Europe/Berlin}')
+        if fields is None:
+            return None
+        start = self.time(fields["start"], _join(path, "start")) if "start" in fields else None
+        end = self.time(fields["end"], _join(path, "end")) if "end" in fields else None
+        zone_name, zone = "UTC", ZoneInfo("UTC")
+        if "timezone" in fields:
+            zone_node = fields["timezone"]
+            zone_name = self.scalar(zone_node, _join(path, "timezone")) or ""
+            found = _zone(zone_name) if zone_name else None
+            if found is None:
+                if zone_name:
+                    self.issue(zone_node, _join(path, "timezone"), f"unknown timezone {zone_name!r}; use an IANA "
+                               "name such as Europe/Berlin, America/New_York or UTC")
+                return None
+            zone = found
+        if start is None or end is None:
+            return None
+        if start == end:
+            self.issue(node, path, "start and end are the same time, so the window is empty; omit time_window "
+                       "to allow every hour")
+            return None
+        text = f"{start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d} {zone_name}"
+        return TimeWindow(start, end, zone, text)
+
+    def time(self, node: Node, path: str) -> int | None:
+        text = self.scalar(node, path)
+        if text is None:
+            return None
+        match = _TIME.match(text.strip())
+        if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+            self.issue(node, path, f"time {text!r} must be HH:MM between 00:00 and 23:59")
+            return None
+        return int(match.group(1)) * 60 + int(match.group(2))
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    def mapping(self, node: Node, path: str, allowed: tuple[str, ...], required: tuple[str, ...],
+                wrong_kind: str) -> dict[str, Node] | None:
+        """The mapping's values by key; unknown, duplicate and missing fields are reported."""
+        if not isinstance(node, MappingNode):
+            self.issue(node, path, f"{wrong_kind}, not {_KIND.get(type(node), 'that')}")
+            return None
+        if not self.standard_tag(node, path):
+            return None
+        fields: dict[str, Node] = {}
+        for key_node, value in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            if key is None or key_node.tag == _NULL_TAG:
+                self.issue(key_node, path, "field names must be plain words")
+            elif key not in allowed:
+                self.issue(key_node, _join(path, str(key)), f"unknown field {key!r}; expected one of: "
+                           f"{', '.join(allowed)}")
+            elif key in fields:
+                self.issue(key_node, _join(path, key), f"field {key!r} is given twice")
+            else:
+                fields[key] = value
+        for key in required:
+            if key not in fields:
+                self.issue(node, _join(path, key), f"missing required field {key!r}")
+        return fields
+
+    def sequence(self, node: Node, path: str, allow_empty: bool = False) -> Iterator[tuple[int, Node]]:
+        if not isinstance(node, SequenceNode):
+            self.issue(node, path, f"{path.rsplit('.', 1)[-1]} must be a list, not {_KIND.get(type(node), 'that')}"
+                       if not _is_null(node) else f"{path.rsplit('.', 1)[-1]} has no value; give a list")
+            return
+        if not self.standard_tag(node, path):
+            return
+        if not node.value and not allow_empty:
+            self.issue(node, path, "the list is empty; omit the field to allow any value")
+        yield from enumerate(node.value)
+
+    def scalar(self, node: Node, path: str) -> str | None:
+        if not isinstance(node, ScalarNode):
+            self.issue(node, path, f"expected a single value, not {_KIND.get(type(node), 'that')}")
+            return None
+        if _is_null(node):
+            self.issue(node, path, "the field has no value; remove it or give one")
+            return None
+        if not self.standard_tag(node, path):
+            return None
+        return str(node.value)
+
+    def standard_tag(self, node: Node, path: str) -> bool:
+        if node.tag not in _ALLOWED_TAGS:
+            self.issue(node, path, f"unsupported YAML tag {node.tag!r}")
+            return False
+        return True
+
+    def check(self, node: Node, path: str, validator: Callable[..., str], value: str, *args: str) -> bool:
+        try:
+            validator(value, *args)
+        except InvalidArgument as exc:
+            self.issue(node, path, exc.message)
+            return False
+        return True
+
+
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
+
+
+def _zone(name: str) -> ZoneInfo | None:
+    if not _ZONE_KEY.match(name):
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None

@@ -1,0 +1,208 @@
+"""The live policy set: every *.yaml / *.yml file in the policy directory, reloaded as a whole.
+
+Reloads come from SIGHUP, `aegisctl policy reload` and a poll of the files' mtimes (once a
+second: dependency-free, and editors' atomic renames are seen like in-place writes). Files are
+read and parsed in a worker thread and the new set is swapped in with one assignment, so a
+request sees either the old set or the new one. Each reload is a ledger system event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
+from aegisd.logs import event
+from aegisd.policy.model import Issue, PolicyFile
+from aegisd.policy.parse import MAX_POLICY_BYTES, parse_policy
+from aegisd.policy.policy_set import PolicySet, compile_set
+
+log = logging.getLogger("aegisd.policy")
+POLL_SECONDS = 1.0
+SUFFIXES = (".yaml", ".yml")
+# The agent a file names, found even when the YAML around it is broken, so only that agent fails closed;
+# else the agent of the file's last valid version; else nobody can tell, and every agent fails closed.
+_AGENT_LINE = re.compile(r"""^agent[ \t]*:[ \t]*["']?([a-z0-9][a-z0-9._-]{0,63})["']?[ \t]*(?:#.*)?$""", re.MULTILINE)
+_MAX_LOGGED_ISSUES = 20
+
+Signature = tuple[tuple[str, int, int, int], ...]
+_UNREADABLE: Signature = (("", -1, -1, -1),)
+
+
+@dataclass
+class Snapshot:
+    """What the last reload found, for `aegisctl policy list` and `reload`."""
+
+    directory: Path | None
+    files: list[PolicyFile] = field(default_factory=list)
+    error: str = ""  # the directory itself could not be read; the previous set stays
+    loaded_at_ms: int = 0
+    trigger: str = ""
+    reloads: int = 0
+
+
+class PolicyStore:
+    def __init__(self, directory: Path | None, ledger: LedgerWriter | None = None,
+                 poll_seconds: float = POLL_SECONDS) -> None:
+        self.current = PolicySet()
+        self.snapshot = Snapshot(directory)
+        self._ledger = ledger
+        self._poll_seconds = poll_seconds
+        self._seen: Signature | None = None  # the directory as the last reload found it
+        self._last_agent: dict[str, str] = {}  # file name -> agent its last valid version named
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._pending = ""
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def directory(self) -> Path | None:
+        """The policy directory in use; None when none is configured (no policies at all)."""
+        return self.snapshot.directory
+
+    # -- reloading ---------------------------------------------------------------------------
+
+    async def reload(self, trigger: str, *, only_if_changed: bool = False) -> Snapshot:
+        """Re-read the whole directory, swap the new set in, and write the ledger event.
+
+        With only_if_changed, do nothing if a reload that ran meanwhile already read the change.
+        """
+        async with self._lock:
+            if only_if_changed and not self._changed():
+                return self.snapshot
+            directory = self.snapshot.directory
+            signature, files, error = await asyncio.to_thread(self._read_all, directory)
+            previous = self.snapshot
+            self.snapshot = Snapshot(directory, files if not error else previous.files, error,
+                                     time.time_ns() // 1_000_000, trigger, previous.reloads + 1)
+            self._seen = signature
+            if not error:
+                for policy_file in files:
+                    if policy_file.agent is None and not policy_file.valid:
+                        policy_file.agent = self._last_agent.get(policy_file.name)
+                self.current = compile_set(files)
+                self._last_agent = {f.name: f.agent for f in files if f.valid and f.agent is not None}
+            self._report(self.snapshot)
+            return self.snapshot
+
+    def request_reload(self, trigger: str, directory: Path | None = None, *, change_directory: bool = False) -> None:
+        """Ask the watcher to reload soon (from a signal handler: no await there)."""
+        if change_directory:
+            self.snapshot.directory = directory
+        self._pending = trigger
+        self._wake.set()
+
+    def _read_all(self, directory: Path | None) -> tuple[Signature | None, list[PolicyFile], str]:
+        if directory is None:
+            return None, [], ""
+        try:
+            signature = _signature(directory)
+        except OSError as exc:
+            return _UNREADABLE, [], f"cannot read the policy directory {directory}: {exc.strerror or exc}"
+        files = []
+        for name, *_ in signature:
+            try:
+                with (directory / name).open("rb") as fh:
+                    data = fh.read(MAX_POLICY_BYTES + 1)
+            except OSError as exc:
+                files.append(PolicyFile(name, issues=[Issue(name, 0, 0, "", f"cannot read the file: "
+                                                            f"{exc.strerror or exc}")]))
+                continue
+            parsed = parse_policy(name, data)
+            if parsed.agent is None and not parsed.valid:
+                parsed.agent = _agent_in_text(data)
+            files.append(parsed)
+        return signature, files, ""
+
+    def _report(self, snap: Snapshot) -> None:
+        if snap.error:
+            detail, reason = f"policy reload ({snap.trigger}) failed: {snap.error}; the previous policies stay", \
+                "policy_reload_failed"
+            log.error("%s", detail)
+        else:
+            invalid = [f for f in snap.files if not f.valid]
+            agents = len(self.current.agents)
+            detail = f"policies reloaded ({snap.trigger}): {len(snap.files)} files, {agents} agents"
+            reason = "policy_reloaded"
+            if invalid:
+                reason = "policy_invalid"
+                detail += "; invalid, failing closed: " + ", ".join(
+                    f"{f.name} (agent {f.agent})" if f.agent else f"{f.name} (every agent)" for f in invalid)
+                issues = [issue for f in invalid for issue in f.issues]
+                for issue in issues[:_MAX_LOGGED_ISSUES]:
+                    log.error("policy error: %s", issue)
+                if len(issues) > _MAX_LOGGED_ISSUES:
+                    log.error("... and %d more policy errors (see `aegisctl policy list`)",
+                              len(issues) - _MAX_LOGGED_ISSUES)
+            event(log, logging.WARNING if invalid else logging.INFO, detail)
+        if self._ledger is not None:
+            try:
+                self._ledger.append_nowait(LedgerEntry.system(detail, reason=reason))
+            except LedgerError as exc:
+                log.error("cannot record the policy reload in the ledger: %s", exc)
+
+    # -- watching ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin watching for reload requests and file changes."""
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="aegis-policy-watch")
+
+    async def stop(self) -> None:
+        """Stop watching (before the ledger closes, so no reload event is lost half-written)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_seconds)
+            self._wake.clear()
+            trigger, self._pending = self._pending, ""
+            try:
+                if trigger:
+                    await self.reload(trigger)
+                elif self._changed():
+                    await self.reload("file change", only_if_changed=True)
+            except Exception:  # the watcher must outlive any one bad reload
+                log.exception("policy reload failed")
+
+    def _changed(self) -> bool:
+        directory = self.snapshot.directory
+        if directory is None:
+            return False
+        try:
+            return _signature(directory) != self._seen
+        except OSError:
+            return self._seen != _UNREADABLE
+
+
+def _signature(directory: Path) -> Signature:
+    """Name, mtime, size and inode of every policy file: any edit, rename or removal changes it."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
+                continue
+            try:
+                if not entry.is_file():
+                    continue
+                info = entry.stat()
+            except FileNotFoundError:
+                continue
+            found.append((entry.name, info.st_mtime_ns, info.st_size, info.st_ino))
+    return tuple(sorted(found))
+
+
+def _agent_in_text(data: bytes) -> str | None:
+    """The agent a broken file is meant for, if a top-level `agent:` line survives in its text."""
+    match = _AGENT_LINE.search(data.decode("utf-8", "replace"))
+    return match.group(1) if match else None

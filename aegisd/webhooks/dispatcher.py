@@ -1,0 +1,227 @@
+"""Webhook delivery: a bounded queue, a few workers, retries with backoff, never in the gate's way.
+
+The gate only calls `emit`, which fans an event out to the subscribed webhooks with put_nowait:
+a full queue drops the delivery and counts it, so a slow or dead receiver costs the gate
+nothing. A failed attempt is retried later from a timer, not by a waiting worker, so one dead
+receiver cannot hold up deliveries to the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from aegisd import __version__
+from aegisd.config import Config
+from aegisd.gate.upstream import tls_context
+from aegisd.ledger.entry import iso_time, now_ms
+from aegisd.logs import event as log_event
+from aegisd.webhooks.events import TEST_EVENT
+from aegisd.webhooks.registry import Target
+
+log = logging.getLogger("aegisd.webhooks")
+MAX_RETRY_DELAY = 300.0
+# Worth another attempt: the receiver is overloaded, rate limiting, or briefly broken.
+RETRY_STATUSES = frozenset({408, 425, 429})
+TEST_DETAILS = {"message": "a test delivery from `aegisctl webhook test`"}
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One event for one webhook; the body is built once, so every retry sends the same bytes."""
+
+    target: Target
+    event: str
+    details: dict[str, Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    time_ms: int = field(default_factory=now_ms)
+    attempts: int = 0
+    body: bytes = b""
+
+    def payload(self) -> bytes:
+        if not self.body:
+            self.body = json.dumps({"event": self.event, "id": self.id, "time": iso_time(self.time_ms),
+                                    "details": self.details}, separators=(",", ":")).encode()
+        return self.body
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one POST came to: a 2xx status, another status, or no answer at all."""
+
+    status: int
+    error: str
+    duration_ms: float
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == 0 or self.status >= 500 or self.status in RETRY_STATUSES
+
+
+def signature(secret: bytes, body: bytes) -> str:
+    """The X-Aegis-Signature value: HMAC-SHA256 of the exact body bytes, hex, with its algorithm."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+class Dispatcher:
+    """Owns the queue, the workers and the HTTP client. Use from the daemon's event loop."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=config.webhook_queue_size)
+        self._by_event: dict[str, tuple[Target, ...]] = {}
+        self._live: frozenset[str] = frozenset()  # ids of the current webhooks
+        self._workers: list[asyncio.Task[None]] = []
+        self._retries: set[asyncio.TimerHandle] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self.delivered = self.failed = self.dropped = 0
+
+    # -- what the gate and the control API call ------------------------------------------------
+
+    def set_targets(self, targets: Iterable[Target]) -> None:
+        """Swap in the subscriptions whole (safe from any thread: one reference assignment)."""
+        by_event: dict[str, list[Target]] = {}
+        for target in targets:
+            for name in target.events:
+                by_event.setdefault(name, []).append(target)
+        self._by_event = {name: tuple(found) for name, found in by_event.items()}
+        self._live = frozenset(target.id for found in by_event.values() for target in found)
+
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._by_event)
+
+    def wants(self, event: str) -> bool:
+        return event in self._by_event
+
+    def emit(self, event: str, details: dict[str, Any]) -> None:
+        """Queue `event` for every webhook subscribed to it; never waits, counts what does not fit."""
+        for target in self._by_event.get(event, ()):
+            self._offer(Delivery(target, event, details))
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def retries_pending(self) -> int:
+        return len(self._retries)
+
+    async def test(self, target: Target) -> tuple[Delivery, Attempt]:
+        """One signed test delivery now, without retries, for `aegisctl webhook test`."""
+        delivery = Delivery(target, TEST_EVENT, dict(TEST_DETAILS))
+        return delivery, await self._post(delivery)
+
+    # -- life ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self._config.webhook_timeout)
+        connector = aiohttp.TCPConnector(ssl=tls_context(), limit=self._config.webhook_workers * 2)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
+                                              headers={"User-Agent": f"aegisd/{__version__} webhooks"})
+        self._workers = [asyncio.create_task(self._work(), name=f"aegis-webhook-{n}")
+                         for n in range(self._config.webhook_workers)]
+
+    async def close(self) -> None:
+        """Stop now: queued and scheduled deliveries are dropped (the ledger keeps the record)."""
+        for handle in self._retries:
+            handle.cancel()
+        self._retries.clear()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _offer(self, delivery: Delivery) -> None:
+        try:
+            self._queue.put_nowait(delivery)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log_event(log, logging.WARNING, "webhook queue full; deliveries dropped", dropped=self.dropped,
+                          queue_size=self._config.webhook_queue_size)
+
+    async def _work(self) -> None:
+        while True:
+            delivery = await self._queue.get()
+            try:
+                await self._attempt(delivery)
+            except Exception:
+                log.exception("webhook worker error")
+            finally:
+                self._queue.task_done()
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        if delivery.target.id not in self._live:
+            return  # removed since, or the vault was locked: its key and URL are forgotten
+        delivery.attempts += 1
+        result = await self._post(delivery)
+        if result.delivered:
+            self.delivered += 1
+            return
+        fields = {"webhook": delivery.target.id, "event": delivery.event, "delivery": delivery.id,
+                  "attempt": delivery.attempts, "status": result.status, "error": result.error}
+        if result.retryable and delivery.attempts < self._config.webhook_max_attempts:
+            delay = self._backoff(delivery.attempts)
+            log_event(log, logging.DEBUG, "webhook delivery failed; retrying", retry_in=f"{delay:.2f}s", **fields)
+            loop = asyncio.get_running_loop()
+            handle: asyncio.TimerHandle | None = None
+
+            def retry() -> None:
+                if handle is not None:
+                    self._retries.discard(handle)
+                self._offer(delivery)
+
+            handle = loop.call_later(delay, retry)
+            self._retries.add(handle)
+            return
+        self.failed += 1
+        log_event(log, logging.WARNING, "webhook delivery failed", **fields)
+
+    def _backoff(self, attempts: int) -> float:
+        """Exponential with equal jitter: half the step fixed, half random, so receivers are not stampeded."""
+        step = min(MAX_RETRY_DELAY, self._config.webhook_retry_delay * 2.0 ** (attempts - 1))
+        return step / 2 + random.uniform(0, step / 2)
+
+    async def _post(self, delivery: Delivery) -> Attempt:
+        session = self._session
+        if session is None:
+            return Attempt(0, "aegisd is shutting down", 0.0)
+        body = delivery.payload()
+        headers = {"Content-Type": "application/json", "X-Aegis-Event": delivery.event,
+                   "X-Aegis-Delivery": delivery.id, "X-Aegis-Signature": signature(delivery.target.secret, body)}
+        started = time.perf_counter()
+        try:
+            async with session.post(delivery.target.url, data=body, headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+        except TimeoutError:
+            return Attempt(0, "timed out", _ms(started))
+        except aiohttp.ClientConnectorError as exc:
+            return Attempt(0, f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}", _ms(started))
+        except (aiohttp.ClientError, OSError) as exc:
+            return Attempt(0, type(exc).__name__, _ms(started))
+        return Attempt(status, "" if 200 <= status < 300 else f"HTTP {status}", _ms(started))
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
