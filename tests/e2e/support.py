@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Aegis, Result
+from aegisd.store import VaultStore
+from aegisd.vault.vault import Vault
+from tests.harness import PASSPHRASE, Aegis, Result
 
 
 def status(aegis: Aegis) -> dict[str, Any]:
@@ -57,3 +59,21 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 def remount(path: Path, options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["mount", "-o", f"remount,{options}", str(path)], capture_output=True, text=True,
                           check=False)
+
+
+@contextlib.contextmanager
+def open_vault(data_dir: Path, passphrase: str = PASSPHRASE) -> Iterator[Vault]:
+    """Open a stopped daemon's vault with the daemon's own classes, to look at what is on disk."""
+    path = data_dir / "vault.db"
+    assert path.exists(), f"no vault database at {path}"
+    store = VaultStore(path)
+    store.open()
+    try:
+        vault = Vault(store)
+        vault.unlock(passphrase=passphrase)
+        try:
+            yield vault
+        finally:
+            vault.lock()
+    finally:
+        store.close()

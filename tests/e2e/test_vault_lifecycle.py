@@ -71,6 +71,15 @@ def test_init_needs_a_passphrase_from_stdin_or_a_terminal(aegis: Aegis) -> None:
     assert status(aegis)["state"] == "uninitialized"
 
 
+def test_passphrase_stdin_reads_only_the_first_line(aegis: Aegis) -> None:
+    aegis.ctl("init", "--passphrase-stdin", input=f"{PASSPHRASE}\n{OTHER_PASSPHRASE}\n").ok()
+    aegis.ctl("lock").ok()
+    assert_failed(aegis.ctl("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n"), "wrong passphrase")
+    aegis.ctl("unlock", "--passphrase-stdin", input=f"{PASSPHRASE}\r\n").ok()  # CRLF is a line end too
+    assert status(aegis)["state"] == "unlocked"
+    aegis.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE])
+
+
 def test_init_twice_is_refused(unlocked: Aegis) -> None:
     result = unlocked.ctl("init", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n")
     assert_failed(result, "already exists")

@@ -1,0 +1,227 @@
+"""aegisd as a process: signals, reload, core dumps, the systemd notify protocol, --help."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.support import assert_failed, status
+from tests.harness import AEGISCTL, AEGISD, PASSPHRASE, Aegis
+
+ENV_VARS = ("AEGIS_CONFIG", "AEGIS_DATA_DIR", "AEGIS_SOCKET", "AEGIS_GATE_LISTEN")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def send(aegis: Aegis, sig: int) -> None:
+    assert aegis.proc is not None
+    aegis.proc.send_signal(sig)
+
+
+def test_sigterm_exits_0_and_logs_stopped(unlocked: Aegis) -> None:
+    assert unlocked.stop(signal.SIGTERM) == 0
+    log = unlocked.log()
+    assert "aegisd stopping" in log and "aegisd stopped" in log
+    assert "Traceback" not in log
+    assert not unlocked.socket.exists()
+    # The database was closed cleanly: no WAL left for the next start to recover.
+    assert not (unlocked.data_dir / "vault.db-wal").exists()
+    unlocked.assert_no_leaks([PASSPHRASE])
+
+
+def test_sigint_exits_0(aegis: Aegis) -> None:
+    assert aegis.stop(signal.SIGINT) == 0
+    assert "aegisd stopped" in aegis.log()
+
+
+def test_sighup_reloads_and_keeps_running(aegis: Aegis) -> None:
+    send(aegis, signal.SIGHUP)
+    assert wait_for(lambda: "reloaded" in aegis.log()), aegis.log()
+    assert aegis.proc is not None and aegis.proc.poll() is None
+    assert status(aegis)["state"] == "uninitialized"
+    send(aegis, signal.SIGHUP)
+    assert wait_for(lambda: aegis.log().count("reloaded") >= 2), aegis.log()
+    assert aegis.stop() == 0
+
+
+def test_sighup_with_broken_config_keeps_old_settings(fresh: Aegis) -> None:
+    config = fresh.root / "aegisd.toml"
+    config.write_text('[log]\nlevel = "warning"\n')
+    fresh.start("--config", str(config))
+    fresh.init()
+    assert "vault initialised" not in fresh.log()  # info lines are below the configured level
+
+    config.write_text("[log\nlevel = = 'debug'\n")
+    send(fresh, signal.SIGHUP)
+    assert wait_for(lambda: "reload failed" in fresh.log()), fresh.log()
+    assert str(config) in fresh.log() and "keeping the running settings" in fresh.log()
+    assert fresh.proc is not None and fresh.proc.poll() is None
+    fresh.ctl("lock").ok()
+    assert "vault locked" not in fresh.log()  # still at warning: the broken file changed nothing
+
+    config.write_text('[log]\nlevel = "info"\n')
+    send(fresh, signal.SIGHUP)
+    assert wait_for(lambda: "reloaded" in fresh.log()), fresh.log()
+    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert wait_for(lambda: "vault unlocked" in fresh.log()), fresh.log()  # the good reload applied
+    assert fresh.stop() == 0
+    fresh.assert_no_leaks([PASSPHRASE])
+
+
+def test_broken_config_at_start_is_a_usage_error(fresh: Aegis) -> None:
+    cases = [("[log\n", "not valid TOML"), ('surprise = "x"\n', "unknown setting"),
+             ('[log]\nlevel = "loud"\n', "log level"), ("socket_mode = 666\n", "must be a string")]
+    for text, message in cases:
+        config = fresh.root / "bad.toml"
+        config.write_text(text)
+        fresh.log_path.unlink(missing_ok=True)
+        fresh.start("--config", str(config), wait=False)
+        assert fresh.proc is not None
+        assert fresh.proc.wait(15) == 2
+        fresh.proc = None
+        assert message in fresh.log() and "Traceback" not in fresh.log()
+    for args, message in ((("--config", str(fresh.root / "missing.toml")), "does not exist"),
+                          (("--gate-listen", "nohost"), "HOST:PORT"),
+                          (("--gate-listen", "127.0.0.1:99999"), "invalid port")):
+        fresh.log_path.unlink(missing_ok=True)
+        fresh.start(*args, wait=False)
+        assert fresh.proc is not None
+        assert fresh.proc.wait(15) == 2
+        fresh.proc = None
+        assert message in fresh.log() and "Traceback" not in fresh.log()
+
+
+def test_core_dumps_are_disabled(aegis: Aegis) -> None:
+    assert aegis.proc is not None
+    limits = Path(f"/proc/{aegis.proc.pid}/limits")
+    if not limits.exists():
+        pytest.skip("no /proc on this platform")
+    line = next(line for line in limits.read_text().splitlines() if line.startswith("Max core file size"))
+    assert line.split()[4:6] == ["0", "0"], line
+
+
+class NotifyListener:
+    """A real NOTIFY_SOCKET: an AF_UNIX datagram socket read by a thread, as systemd would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def texts(self) -> list[str]:
+        return [text for _, text in self.messages]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_systemd_notify_protocol(fresh: Aegis) -> None:
+    pytest.importorskip("systemd.daemon", reason="systemd-python is the optional 'systemd' extra")
+    listener = NotifyListener(fresh.root / "notify.sock")
+    try:
+        fresh.start(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000"})
+        assert wait_for(lambda: any("READY=1" in t for t in listener.texts()))
+        ready = next(t for t in listener.texts() if "READY=1" in t)
+        fields = dict(line.split("=", 1) for line in ready.splitlines())
+        assert fields["STATUS"] and "vault uninitialized" in fields["STATUS"]
+        assert fresh.proc is not None and fields["MAINPID"] == str(fresh.proc.pid)
+
+        # Pings at half of WATCHDOG_USEC (0.1 s), from the running event loop.
+        assert wait_for(lambda: sum(t == "WATCHDOG=1" for t in listener.texts()) >= 5, timeout=5)
+        pings = [at for at, t in listener.messages if t == "WATCHDOG=1"]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert statistics.median(gaps) < 0.2, gaps  # pinged inside the 0.2 s watchdog interval
+        ready_index = listener.texts().index(ready)
+        assert all(t != "WATCHDOG=1" for t in listener.texts()[:ready_index])  # READY first
+
+        send(fresh, signal.SIGHUP)
+        assert wait_for(lambda: any("RELOADING=1" in t for t in listener.texts()))
+        assert status(fresh)["state"] == "uninitialized"
+
+        assert fresh.stop(signal.SIGTERM) == 0
+        texts = listener.texts()
+        stopping = [i for i, t in enumerate(texts) if "STOPPING=1" in t]
+        assert stopping, texts
+        count = len(listener.messages)
+        time.sleep(0.3)
+        assert len(listener.messages) == count  # no pings after the process is gone
+    finally:
+        listener.close()
+
+
+def test_without_notify_socket_nothing_is_sent(aegis: Aegis) -> None:
+    # The harness strips NOTIFY_SOCKET; the daemon must start and run normally without it.
+    assert "NOTIFY_SOCKET" not in aegis.base_env()
+    assert "systemd" not in aegis.log().lower()
+    assert aegis.stop() == 0
+
+
+def test_help_documents_the_environment() -> None:
+    for program in (AEGISD, AEGISCTL):
+        result = subprocess.run([program, "--help"], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        for name in ENV_VARS:
+            assert name in result.stdout, f"{Path(program).name} --help does not mention {name}"
+    ctl_help = subprocess.run([AEGISCTL, "--help"], capture_output=True, text=True, check=True).stdout
+    for verb in ("init", "unlock", "lock", "status", "vault"):
+        assert verb in ctl_help
+
+
+def test_version_flags() -> None:
+    for program in (AEGISD, AEGISCTL):
+        result = subprocess.run([program, "--version"], capture_output=True, text=True, check=True)
+        assert "version" in result.stdout
+
+
+def test_usage_errors_exit_2() -> None:
+    assert subprocess.run([AEGISD, "--no-such-flag"], capture_output=True, check=False).returncode == 2
+    assert subprocess.run([AEGISCTL, "no-such-command"], capture_output=True, check=False).returncode == 2
+    assert subprocess.run([AEGISCTL, "vault"], capture_output=True, check=False).returncode in (0, 2)
+
+
+def test_python_dash_m_entry_points() -> None:
+    for module in ("aegisd", "aegisctl"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                                check=False)
+        assert result.returncode == 0 and "AEGIS_SOCKET" in result.stdout
+
+
+def test_daemon_survives_a_failing_client_command(unlocked: Aegis) -> None:
+    assert_failed(unlocked.ctl("vault", "show", "missing"), "no credential")
+    assert unlocked.proc is not None and unlocked.proc.poll() is None
+    assert status(unlocked)["state"] == "unlocked"
+    unlocked.assert_no_leaks([PASSPHRASE])

@@ -1,0 +1,151 @@
+"""Secrets on disk: AES-256-GCM bound to vault id + credential id, checked on the real files.
+
+The daemon writes the vault through aegisctl; with the daemon stopped the database file is
+edited with sqlite3, and what the edit did is read back with the daemon's own classes
+(no RPC ever decrypts a secret, so this is the gate-independent way to look).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from aegisd.errors import StorageCorrupt
+from tests.e2e.support import open_vault
+from tests.harness import PASSPHRASE, Aegis
+
+SECRETS = {
+    "alpha": "sk-alpha-sealed-secret-1111111111",
+    "bravo": "sk-bravo-sealed-secret-2222222222",
+    "charlie": "sk-charlie-sealed-secret-3333333333",
+}
+
+
+def populate(aegis: Aegis) -> dict[str, str]:
+    """Start, init, add the three credentials, stop; returns name -> credential id."""
+    aegis.start()
+    aegis.init()
+    for name, secret in SECRETS.items():
+        aegis.add_credential(name, secret, "--service", name, "--domains", f"api.{name}.example")
+    ids = {c["name"]: c["id"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)}
+    assert aegis.stop() == 0
+    return ids
+
+
+def sealed(db: Path, credential_id: str) -> tuple[bytes, bytes]:
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute("SELECT nonce, ciphertext FROM credentials WHERE id = ?", (credential_id,)).fetchone()
+    finally:
+        conn.close()
+    assert row is not None
+    return bytes(row[0]), bytes(row[1])
+
+
+def write_sealed(db: Path, credential_id: str, nonce: bytes, ciphertext: bytes) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?",
+                     (nonce, ciphertext, credential_id))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_swapped_ciphertexts_are_detected_not_decrypted(fresh: Aegis) -> None:
+    ids = populate(fresh)
+    db = fresh.data_dir / "vault.db"
+    with open_vault(fresh.data_dir) as vault:  # control: untouched rows open to their own secrets
+        assert {n: vault.open_secret(i) for n, i in ids.items()} == {n: s.encode() for n, s in SECRETS.items()}
+
+    alpha, bravo = sealed(db, ids["alpha"]), sealed(db, ids["bravo"])
+    write_sealed(db, ids["alpha"], *bravo)
+    write_sealed(db, ids["bravo"], *alpha)
+
+    # The daemon still starts, unlocks and lists: the metadata is intact.
+    fresh.start()
+    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert sorted(c["name"] for c in json.loads(fresh.ctl("vault", "list", "--json").ok().out)) == sorted(SECRETS)
+    assert fresh.stop() == 0
+
+    with open_vault(fresh.data_dir) as vault:
+        for name in ("alpha", "bravo"):
+            with pytest.raises(StorageCorrupt) as caught:
+                vault.open_secret(ids[name])
+            assert ids[name] in caught.value.message and "rotate" in caught.value.message
+            assert not any(secret in caught.value.message for secret in SECRETS.values())
+        assert vault.open_secret(ids["charlie"]) == SECRETS["charlie"].encode()
+
+    # Swapping back restores both: the ciphertexts were detected, not destroyed.
+    write_sealed(db, ids["alpha"], *alpha)
+    write_sealed(db, ids["bravo"], *bravo)
+    with open_vault(fresh.data_dir) as vault:
+        assert vault.open_secret(ids["alpha"]) == SECRETS["alpha"].encode()
+        assert vault.open_secret(ids["bravo"]) == SECRETS["bravo"].encode()
+    fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
+
+
+def test_flipped_bit_is_detected(fresh: Aegis) -> None:
+    ids = populate(fresh)
+    db = fresh.data_dir / "vault.db"
+    nonce, ciphertext = sealed(db, ids["charlie"])
+    write_sealed(db, ids["charlie"], nonce, bytes([ciphertext[0] ^ 0x01]) + ciphertext[1:])
+    with open_vault(fresh.data_dir) as vault:
+        with pytest.raises(StorageCorrupt):
+            vault.open_secret(ids["charlie"])
+        assert vault.open_secret(ids["alpha"]) == SECRETS["alpha"].encode()
+    fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
+
+
+def test_every_seal_has_a_fresh_nonce_and_rotate_reseals(fresh: Aegis) -> None:
+    ids = populate(fresh)
+    db = fresh.data_dir / "vault.db"
+    before = {name: sealed(db, cid) for name, cid in ids.items()}
+    assert len({nonce for nonce, _ in before.values()}) == len(ids)
+    assert all(len(nonce) == 12 for nonce, _ in before.values())
+
+    new_secret = "sk-alpha-rotated-secret-4444444444"
+    fresh.start()
+    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    fresh.ctl("vault", "rotate", "alpha", "--secret-stdin", input=new_secret + "\n").ok()
+    assert fresh.stop() == 0
+
+    nonce, ciphertext = sealed(db, ids["alpha"])
+    assert nonce != before["alpha"][0] and ciphertext != before["alpha"][1]
+    assert sealed(db, ids["bravo"]) == before["bravo"]
+    with open_vault(fresh.data_dir) as vault:
+        assert vault.open_secret(ids["alpha"]) == new_secret.encode()
+        assert vault.open_secret(ids["bravo"]) == SECRETS["bravo"].encode()
+    fresh.assert_no_leaks([PASSPHRASE, new_secret, *SECRETS.values()])
+
+
+def test_secret_stdin_reads_only_the_first_line(fresh: Aegis) -> None:
+    fresh.start()
+    fresh.init()
+    fresh.ctl("vault", "add", "multi", "--service", "multi", "--domains", "m.example", "--secret-stdin",
+              input="sk-first-line-secret-0101\nsk-second-line-secret-0202\n").ok()
+    cid = json.loads(fresh.ctl("vault", "show", "multi", "--json").ok().out)["id"]
+    assert fresh.stop() == 0
+    with open_vault(fresh.data_dir) as vault:
+        assert vault.open_secret(cid) == b"sk-first-line-secret-0101"
+    fresh.assert_no_leaks([PASSPHRASE, "sk-first-line-secret-0101", "sk-second-line-secret-0202"])
+
+
+def test_key_slots_hold_no_key_in_clear_and_record_their_parameters(fresh: Aegis) -> None:
+    fresh.start()
+    key_file = fresh.root / "unlock.key"
+    fresh.init(PASSPHRASE, "--unlock-key-out", str(key_file))
+    assert fresh.stop() == 0
+    unlock_key = key_file.read_text().strip()
+    conn = sqlite3.connect(fresh.data_dir / "vault.db")
+    try:
+        slots = conn.execute("SELECT kind, kdf, params FROM key_slots ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert [(kind, kdf) for kind, kdf, _ in slots] == [("passphrase", "argon2id"), ("unlock_key", "hkdf-sha256")]
+    params = json.loads(slots[0][2])
+    assert params["memory_kib"] >= 19456 and params["iterations"] >= 2 and params["lanes"] >= 1
+    fresh.assert_no_leaks([PASSPHRASE, unlock_key])
