@@ -1,0 +1,340 @@
+"""What the gate puts on the wire and what it hands back: credential injection of each type, stripped
+headers, TLS against a test CA, redirects, timeouts, body limits, cookies, request ids, a locked
+vault and a SIGTERM drain. The upstream records every request, so each claim is checked where it
+matters: at the upstream."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import parse_qsl
+
+import pytest
+
+from aegisd.ledger import query_rows
+from tests.e2e.gate_support import (
+    CUSTOM_HEADER,
+    QUERY_PARAM,
+    SECRETS,
+    GateWorld,
+    Reply,
+    Standard,
+    request,
+    shared_standard,
+    untouched,
+)
+
+
+@pytest.fixture
+def std() -> Standard:
+    return shared_standard()
+
+
+AGENT_AUTH = [
+    ("Authorization", "Bearer agent-own-bearer-0001"),
+    ("Proxy-Authorization", "Basic YWdlbnQ6cHJveHk="),
+    ("X-Api-Key", "agent-own-api-key-0002"),
+    ("x-CUSTOM-key", "agent-own-custom-0003"),  # the header credential's own header, in another case
+]
+ALWAYS_STRIPPED = ("agent-own-bearer", "YWdlbnQ6cHJveHk=", "agent-own-api-key")
+
+
+@pytest.mark.parametrize("service", ["bear", "hdr", "basic", "query"])
+def test_each_injection_type_on_the_wire(std: Standard, service: str) -> None:
+    world, up = std.world, std.up
+    path = f"/echo/inject-{service}"
+    query = f"keep=1&{QUERY_PARAM}=agent-own-query-0004&{QUERY_PARAM}=again&api%5Fkey=agent-own-encoded&{QUERY_PARAM}"
+    reply = world.call("GET", f"/{service}{path}?{query}", AGENT_AUTH, agent="bot")
+    assert reply.status == 200, reply.text()
+    (seen,) = up.requests_to(path)
+    secret = SECRETS[service]
+    expected_auth = {"bear": [f"Bearer {secret}"], "basic": ["Basic " + base64.b64encode(secret.encode()).decode()]}
+    assert seen.header("Authorization") == expected_auth.get(service, [])
+    # Only the header credential owns X-Custom-Key; for the others it is an ordinary agent header.
+    assert seen.header(CUSTOM_HEADER) == ([secret] if service == "hdr" else ["agent-own-custom-0003"])
+    assert seen.header("X-Api-Key") == [] and seen.header("Proxy-Authorization") == []
+    params = parse_qsl(seen.query, keep_blank_values=True)
+    if service == "query":
+        assert params == [("keep", "1"), (QUERY_PARAM, secret)]
+    else:
+        assert params == parse_qsl(query, keep_blank_values=True)
+    wire = seen.query + "".join(f"{k}:{v}" for k, v in seen.headers)
+    assert not any(value in wire for value in ALWAYS_STRIPPED)
+    assert world.tokens["bot"] not in wire
+    row = world.row(reply.request_id)
+    assert (row["decision"], row["credential"], row["path"]) == ("allowed", service, path)
+    world.assert_no_leaks()
+
+
+def test_agent_and_hop_by_hop_headers_are_stripped(std: Standard) -> None:
+    world, up = std.world, std.up
+    headers = [
+        *AGENT_AUTH,
+        ("Connection", "keep-alive, X-Hop-Named"),
+        ("X-Hop-Named", "named-by-connection"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Upgrade", "h2c"),
+        ("X-Aegis-Debug", "1"),
+        ("X-Aegis-Request-Id", "forged-request-id"),
+        ("X-Target-Host", f"127.0.0.1:{up.port}"),
+        ("X-Trace", "kept-trace-1"),
+        ("User-Agent", "agent-test/1.0"),
+        ("Accept", "application/json"),
+    ]
+    reply = world.call("POST", "/hdr/echo/strip", [*headers, ("Content-Type", "text/plain")], body=b"hello",
+                       agent="bot", host=f"localhost:{world.port}")
+    assert reply.status == 200, reply.text()
+    (seen,) = up.requests_to("/echo/strip")
+    stripped = {"authorization", "proxy-authorization", "x-api-key", "connection", "x-hop-named", "keep-alive",
+                "te", "trailer", "proxy-connection", "upgrade", "x-aegis-debug", "x-aegis-request-id",
+                "x-target-host", "x-aegis-agent"}
+    assert not stripped & seen.header_names, stripped & seen.header_names
+    assert seen.header("Host") == [f"127.0.0.1:{up.port}"]
+    assert seen.header(CUSTOM_HEADER) == [SECRETS["hdr"]]
+    assert seen.header("X-Trace") == ["kept-trace-1"]
+    assert seen.header("User-Agent") == ["agent-test/1.0"]
+    assert seen.header("Content-Type") == ["text/plain"]
+    assert seen.body == b"hello"
+    assert reply.header("X-Aegis-Request-Id") == reply.request_id != "forged-request-id"
+    world.assert_no_leaks()
+
+
+def test_https_upstream_verified_against_the_test_ca(std: Standard) -> None:
+    world, tls_up = std.world, std.tls_up
+    reply = world.call("POST", "/tls/echo/tls", [("Content-Type", "application/json")], body=b'{"a": 1}',
+                       agent="bot")
+    assert reply.status == 200, reply.text()
+    assert reply.json()["body"] == '{"a": 1}'
+    (seen,) = tls_up.requests_to("/echo/tls")
+    assert seen.tls and seen.header("Authorization") == [f"Bearer {SECRETS['tls']}"]
+    assert seen.header("Host") == [f"localhost:{tls_up.port}"]
+    row = world.row(reply.request_id)
+    assert (row["decision"], row["target_host"], row["bytes_in"]) == ("allowed", f"localhost:{tls_up.port}", 8)
+    world.assert_no_leaks()
+
+
+def test_untrusted_certificate_is_refused(std: Standard) -> None:
+    world, rogue = std.world, std.rogue_up
+    before = len(rogue.requests)
+    reply = world.call("GET", "/rogue/echo/rogue", agent="bot")
+    world.assert_refused(reply, 502, "upstream_tls_error", credential="rogue")
+    assert len(rogue.requests) == before  # the handshake failed: no request, so no credential, was sent
+    world.assert_no_leaks()
+
+
+def test_redirect_to_another_host_is_handed_back(std: Standard) -> None:
+    world, up = std.world, std.up
+    location = f"http://localhost:{up.port}/echo/followed?x=1"
+    reply = world.call("GET", f"/bear/redirect?to={location}", agent="bot")
+    assert reply.status == 302
+    assert reply.header("Location") == location
+    assert reply.body == b"moved"
+    assert up.requests_to("/echo/followed") == []
+    assert len(up.requests_to("/redirect")) == 1
+    row = world.row(reply.request_id)
+    assert (row["decision"], row["status"]) == ("allowed", 302)
+    world.assert_no_leaks()
+
+
+def test_hung_upstream_times_out() -> None:
+    """Its own daemon with `[gate] read_timeout = 1`, so the shared one keeps a timeout no loaded machine hits."""
+    world = GateWorld.start(read_timeout=1)
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRETS["bear"], up.entry())
+        world.agent("bot", "bear")
+        try:
+            reply = world.call("GET", "/bear/hang", agent="bot")
+        finally:
+            up.release("hang")
+        world.assert_refused(reply, 504, "upstream_timeout", credential="bear")
+        assert len(up.requests_to("/hang")) == 1
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_refused_connection_is_an_upstream_error(std: Standard) -> None:
+    reply = std.world.call("GET", "/dead/echo/x", agent="bot")
+    std.world.assert_refused(reply, 502, "upstream_error", target_host=f"127.0.0.1:{std.dead_port}")
+    std.world.assert_no_leaks()
+
+
+@pytest.mark.parametrize("status", [404, 500, 503])
+def test_upstream_statuses_pass_through(std: Standard, status: int) -> None:
+    reply = std.world.call("GET", f"/bear/status/{status}", agent="bot")
+    assert (reply.status, reply.body) == (status, f"status {status}".encode())
+    row = std.world.row(reply.request_id)
+    assert (row["decision"], row["status"], row["reason"]) == ("allowed", status, "")
+
+
+def test_set_cookie_is_dropped(std: Standard) -> None:
+    reply = std.world.call("GET", "/bear/cookie", agent="bot")
+    assert reply.status == 200
+    assert reply.all("Set-Cookie") == []
+    assert reply.header("X-Upstream") == "kept"
+    assert std.world.row(reply.request_id)["status"] == 200
+
+
+# -- request bodies ------------------------------------------------------------------------------
+
+
+def test_body_at_the_limit_is_forwarded(std: Standard) -> None:
+    body = b"x" * 4096
+    reply = std.world.call("POST", "/bear/echo/at-limit", body=body, agent="bot")
+    assert reply.status == 200, reply.text()
+    assert std.up.requests_to("/echo/at-limit")[0].body == body
+    assert std.world.row(reply.request_id)["bytes_in"] == 4096
+
+
+def test_content_length_over_the_limit_is_refused_before_reading(std: Standard) -> None:
+    """The body is never sent: a gate that tried to read it would wait forever instead of answering."""
+    world = std.world
+    with untouched(std.up):
+        reply = world.raw_request("POST", "/bear/echo/too-big", [("Content-Length", "4097")], agent="bot")
+    world.assert_refused(reply, 413, "body_too_large", bytes_in=0)
+    world.assert_no_leaks()
+
+
+def _chunked(total: int, size: int = 1000) -> bytes:
+    out = b""
+    while total > 0:
+        part = min(size, total)
+        out += f"{part:x}\r\n".encode() + b"y" * part + b"\r\n"
+        total -= part
+    return out + b"0\r\n\r\n"
+
+
+def test_chunked_body_crossing_the_limit_is_refused_and_closed(std: Standard) -> None:
+    world, up = std.world, std.up
+    reply = world.raw_request("POST", "/bear/echo/chunked-big", [("Transfer-Encoding", "chunked")], agent="bot",
+                              body=_chunked(6000), wait_close=True)
+    world.assert_refused(reply, 413, "body_too_large")
+    assert reply.closed
+    assert all(seen.body is None for seen in up.requests_to("/echo/chunked-big"))  # never a whole body
+    world.assert_no_leaks()
+
+
+def test_chunked_body_under_the_limit_is_forwarded(std: Standard) -> None:
+    reply = std.world.raw_request("POST", "/bear/echo/chunked-ok", [("Transfer-Encoding", "chunked")],
+                                  agent="bot", body=_chunked(3000))
+    assert reply.status == 200, reply.text()
+    assert std.up.requests_to("/echo/chunked-ok")[0].body == b"y" * 3000
+    assert std.world.row(reply.request_id)["bytes_in"] == 3000
+
+
+# -- request ids and error bodies ----------------------------------------------------------------
+
+
+def test_every_response_carries_its_request_id(std: Standard) -> None:
+    world = std.world
+    replies = [
+        world.call("GET", "/bear/echo/id", agent="bot"),
+        world.call("GET", "/bear/status/500", agent="bot"),
+        world.call("GET", "/bear/echo/id"),
+        world.call("GET", "/nope/x", agent="bot"),
+        world.call("GET", "/", agent="bot"),
+        world.call("GET", "/bear/echo/id", agent="bot", host="evil.example"),
+    ]
+    rows = world.ledger()
+    ids = [reply.request_id for reply in replies]
+    assert len(set(ids)) == len(ids)
+    for reply in replies:
+        row = world.row(reply.request_id, rows)
+        assert row["status"] == reply.status
+        if reply.status >= 400 and row["decision"] == "denied":
+            assert reply.error()["code"] == row["reason"]
+    health = world.call("GET", "/_aegis/health")
+    assert health.status == 200 and health.request_id
+    unknown = world.call("GET", "/_aegis/nothing-here")
+    assert unknown.status == 404 and unknown.error()["code"] == "not_found"
+    world.assert_no_leaks()
+
+
+# -- whole-daemon states: locked, draining -------------------------------------------------------
+
+
+@pytest.fixture
+def small() -> Iterator[GateWorld]:
+    """A fresh daemon with default settings, one upstream, and agent `bot` granted `bear`."""
+    world = GateWorld.start()
+    up = world.upstream()
+    world.credential("bear", SECRETS["bear"], up.entry())
+    world.agent("bot", "bear")
+    yield world
+    world.close()
+
+
+def test_locked_vault_refuses_and_forwards_nothing(small: GateWorld) -> None:
+    world, up = small, small.upstreams[0]
+    assert world.call("GET", "/bear/echo/before", agent="bot").status == 200
+    world.aegis.ctl("lock").ok()
+    with untouched(up):
+        locked = world.call("GET", "/bear/echo/locked", agent="bot")
+        no_token = world.call("GET", "/bear/echo/locked")
+    world.assert_refused(locked, 503, "vault_locked")
+    world.assert_refused(no_token, 503, "vault_locked")
+    world.unlock()
+    assert world.call("GET", "/bear/echo/after", agent="bot").status == 200
+    world.assert_no_leaks()
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_sigterm_drains_in_flight_requests(small: GateWorld) -> None:
+    world, up = small, small.upstreams[0]
+    token = world.tokens["bot"]
+    idle = http.client.HTTPConnection("127.0.0.1", world.port, timeout=30)
+    idle.request("GET", "/bear/echo/warm", headers={"X-Aegis-Agent": token})
+    warm = idle.getresponse()
+    warm.read()
+    assert warm.status == 200 and not warm.will_close  # kept alive, and open across the signal
+
+    replies: list[Reply] = []
+    slow = threading.Thread(target=lambda: replies.append(
+        request(world.port, "GET", "/bear/hold/drain", [("X-Aegis-Agent", token)])))
+    slow.start()
+    assert up.arrived("drain").wait(10), "the slow request never reached the upstream"
+    assert world.aegis.proc is not None
+    proc = world.aegis.proc
+    proc.send_signal(signal.SIGTERM)
+    for _ in range(500):  # the gate stops listening once it starts draining
+        if not _connects(world.port):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the gate kept accepting connections after SIGTERM")
+
+    idle.request("GET", "/bear/echo/late", headers={"X-Aegis-Agent": token})
+    late = idle.getresponse()
+    late_body = late.read()
+    assert late.status == 503, late_body
+    up.release("drain")
+    slow.join(30)
+    assert proc.wait(30) == 0
+    world.aegis.proc = None
+    (reply,) = replies
+    assert (reply.status, reply.body) == (200, b"held drain")
+    assert up.was_released("drain")
+    rows = query_rows(world.aegis.data_dir / "ledger.db", limit=1000)
+    (row,) = [r for r in rows if r.request_id == reply.request_id]
+    assert (row.decision, row.status, row.path) == ("allowed", 200, "/hold/drain")
+    (late_row,) = [r for r in rows if r.request_id == late.getheader("X-Aegis-Request-Id")]
+    assert (late_row.decision, late_row.reason) == ("denied", "shutting_down")
+    assert up.requests_to("/echo/late") == []
+    world.received.append(late_body.decode())
+    world.aegis.assert_no_leaks([*world.secrets, token], extra_text=world.received)
