@@ -1,0 +1,79 @@
+"""An upstream that echoes the credential it was sent, for response-redaction tests.
+
+`LeakyUpstream` is tests/upstreams.py's Upstream plus /leak/... endpoints. Each takes the secret
+from what the gate injected (`Authorization: Bearer S`, the raw value of `Authorization: Basic ...`,
+or `X-Custom-Key`) and sends it back in one form, so a test proves what the agent gets instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from urllib.parse import quote
+
+from aiohttp import web
+
+from tests.upstreams import Upstream
+
+
+def injected(request: web.Request) -> str:
+    """The credential as the gate put it on the wire (the Bearer token, or the whole header value)."""
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return auth[7:]
+    return auth or request.headers.get("X-Custom-Key", "")
+
+
+class LeakyUpstream(Upstream):
+    """Endpoints (any method):
+      /leak/raw        text body "key=S;"
+      /leak/json       {"echo": S}
+      /leak/header     header X-Echo: S, body "ok"
+      /leak/b64?pad=N  base64(N bytes + S + 3 bytes), N = 0..5
+      /leak/url        "next=" + quote(S)
+      /leak/sse        an event plus the first half of S; waits for gate "leak"; the rest, [DONE]
+      /leak/gzip       {"echo": S} gzip-compressed with Content-Encoding: gzip
+      /leak/br         Content-Encoding: br (bytes the gate cannot decode)
+      /leak/length     "no secret here" with a Content-Length
+    """
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if not request.path.startswith("/leak/"):
+            return await super()._handle(request)
+        self._record(request, await request.read())
+        secret = injected(request)
+        kind = request.path.removeprefix("/leak/")
+        if kind == "raw":
+            return web.Response(text=f"key={secret};")
+        if kind == "json":
+            return web.json_response({"echo": secret})
+        if kind == "header":
+            return web.Response(text="ok", headers={"X-Echo": secret})
+        if kind == "b64":
+            pad = int(request.query.get("pad", "0"))
+            blob = base64.b64encode(bytes(range(1, pad + 1)) + secret.encode() + b"\xfe\xfd\xfc")
+            return web.Response(body=b'{"content": "' + blob + b'"}', content_type="application/json")
+        if kind == "url":
+            return web.Response(text="next=" + quote(secret, safe=""))
+        if kind == "sse":
+            return await self._leak_sse(request, secret.encode())
+        if kind == "gzip":
+            body = gzip.compress(json.dumps({"echo": secret}).encode())
+            return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        if kind == "br":
+            return web.Response(body=b"\x0b\x02\x80hello\x03", headers={"Content-Encoding": "br"})
+        if kind == "length":
+            return web.Response(body=b"no secret here", content_type="text/plain")
+        raise web.HTTPNotFound()
+
+    async def _leak_sse(self, request: web.Request, secret: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        half = len(secret) // 2
+        await response.write(b"event: message\ndata: first\n\ndata: {\"key\": \"" + secret[:half])
+        await self._wait("leak")
+        await response.write(secret[half:] + b"\"}\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

@@ -1,0 +1,52 @@
+"""Fill a fresh ledger.db with many rows through the real writer, before a daemon opens it.
+
+Used by the export tests and for measuring export memory by hand:
+    python -m tests.e2e.ledger_fill DATA_DIR/ledger.db 1000000
+Every FORMULA_EVERY-th row carries spreadsheet-formula text in fields a caller can influence
+(method, detail, flags, reason), so a CSV export can be checked for neutralisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from aegisd.ledger import LedgerEntry, LedgerWriter
+
+T0 = 1_700_000_000_000
+FORMULA_EVERY = 1000
+FORMULAS = ("=HYPERLINK(\"http://evil.example\",\"x\")", "+1+1", "-2+3", "@SUM(A1)", "\tcmd", "\r=1")
+AGENTS = ("claude", "cursor", "ci-bot")
+
+
+def entry(i: int) -> LedgerEntry:
+    if i % FORMULA_EVERY == 0:
+        evil = FORMULAS[(i // FORMULA_EVERY) % len(FORMULAS)]
+        return LedgerEntry(kind="request", time_ms=T0 + i, request_id=f"{i:016x}", agent=AGENTS[i % 3],
+                           service="github", method=evil, path="/repos/a,b/\"quoted\"\nline", decision="denied",
+                           reason=evil, status=403, flags=evil, detail=evil)
+    return LedgerEntry(kind="request", time_ms=T0 + i, request_id=f"{i:016x}", agent=AGENTS[i % 3],
+                       credential="github", service="github", method="GET", path=f"/repos/o/r/issues/{i}",
+                       target_host="api.github.com", decision="allowed", status=200, duration_ms=12.5,
+                       bytes_out=1234)
+
+
+async def fill(path: Path, count: int) -> None:
+    """Append `count` rows (unchained: no key, as before the vault's first unlock)."""
+    writer = LedgerWriter(path)
+    await writer.start()
+    for i in range(count):
+        writer.append_nowait(entry(i))
+        if i % 50_000 == 0:
+            await asyncio.sleep(0)
+    await writer.close()  # commits everything queued
+
+
+def formula_rows(count: int) -> int:
+    """How many of the first `count` rows carry formula text."""
+    return len(range(0, count, FORMULA_EVERY))
+
+
+if __name__ == "__main__":
+    asyncio.run(fill(Path(sys.argv[1]), int(sys.argv[2])))

@@ -1,0 +1,259 @@
+"""Backup under load, restore into a fresh daemon, and everything restore must refuse.
+
+Real daemons, real aegisctl, real HTTP through the gate to a real upstream, and the control API
+called directly only where aegisctl's own checks would stop a request before the daemon sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sqlite3
+import stat
+import tarfile
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
+from tests.e2e.gate_support import GateWorld, request
+from tests.e2e.support import assert_failed
+from tests.harness import PASSPHRASE, Aegis, new_aegis
+
+GH_SECRET = "ghp_backupSecret0123456789abcdefXYZ"
+OA_SECRET = "sk-backupHeaderSecret0123456789abcdef"
+
+
+def listing(aegis: Aegis, *args: str) -> Any:
+    return json.loads(aegis.ctl(*args, "--json").ok().out)
+
+
+def status(aegis: Aegis) -> dict[str, Any]:
+    value: dict[str, Any] = listing(aegis, "status")
+    return value
+
+
+def members(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        found = {}
+        for info in tar:
+            fh = tar.extractfile(info)
+            assert fh is not None
+            found[info.name] = fh.read()
+    return found
+
+
+def make_tar(parts: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in parts.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def with_manifest_for(parts: dict[str, bytes], **changes: Any) -> dict[str, bytes]:
+    """The same archive with its manifest recomputed (checksums match), plus `changes` to it."""
+    manifest = json.loads(parts["manifest.json"])
+    for name in ("vault.db", "ledger.db"):
+        manifest["members"][name] = {"size": len(parts[name]), "sha256": hashlib.sha256(parts[name]).hexdigest()}
+    manifest.update(changes)
+    return {**parts, "manifest.json": json.dumps(manifest).encode()}
+
+
+@pytest.fixture
+def world() -> Iterator[GateWorld]:
+    world = GateWorld.start()
+    yield world
+    world.close()
+
+
+def test_round_trip_under_load(world: GateWorld) -> None:
+    a = world.aegis
+    up = world.upstream()
+    world.credential("github", GH_SECRET, up.entry())
+    world.credential("openai", OA_SECRET, up.entry(), "--auth-type", "header", "--header-name", "X-Api-Key",
+                     "--scopes", "read,write", "--ttl", "30d", "--rate-limit", "1000/min", "--body-inspection", "warn")
+    world.agent("claude", "github", "openai")
+    world.agent("cursor", "github")
+
+    # Traffic through the gate while the backup is taken: four clients in a loop, and one request held
+    # open at the upstream from before the backup starts until after it is written.
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def load(agent: str) -> None:
+        while not stop.is_set():
+            reply = request(world.port, "GET", "/github/echo/load", [("X-Aegis-Agent", world.tokens[agent])])
+            statuses.append(reply.status)
+
+    clients = [threading.Thread(target=load, args=(name,)) for name in ("claude", "cursor") * 2]
+    held: list[int] = []
+    holder = threading.Thread(target=lambda: held.append(world.call("GET", "/github/hold/backup",
+                                                                     agent="claude").status))
+    for thread in (*clients, holder):
+        thread.start()
+    try:
+        assert up.arrived("backup").wait(30)
+        backup = a.root / "aegis.backup"
+        result = a.ctl("backup", str(backup)).ok()
+        during = len(statuses)
+        assert during > 0 and not held  # the gate was serving, and the held request still open, meanwhile
+    finally:
+        up.release("backup")
+        stop.set()
+        for thread in (*clients, holder):
+            thread.join(30)
+    assert held == [200] and set(statuses) == {200}
+
+    assert "Backup written to" in result.out
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    data = backup.read_bytes()
+    parts = members(data)
+    assert list(parts) == ["manifest.json", "vault.db", "ledger.db"]
+    manifest = json.loads(parts["manifest.json"])
+    assert manifest["format"] == "aegis-backup" and manifest["vault_id"] == status(a)["vault_id"]
+    assert manifest["counts"]["credentials"] == 2 and manifest["counts"]["agents"] == 2
+    for name in ("vault.db", "ledger.db"):
+        assert manifest["members"][name]["sha256"] == hashlib.sha256(parts[name]).hexdigest()
+    for secret in (*world.secrets, *world.tokens.values(), PASSPHRASE):
+        assert secret.encode() not in data, "a secret or token is in clear in the backup"
+
+    credentials_a, agents_a = listing(a, "vault", "list"), listing(a, "agent", "list")
+    ledger_at_backup = manifest["counts"]["ledger_rows"]
+
+    # A fresh daemon on a new data directory takes the backup.
+    b_aegis = new_aegis()
+    b = GateWorld(b_aegis, world.pki, secrets=world.secrets, tokens=world.tokens)
+    try:
+        b_aegis.start()
+        assert status(b_aegis)["state"] == "uninitialized"
+        assert_failed(b_aegis.ctl("restore", str(backup)), "--yes", code=2)  # no terminal to confirm on
+        restored = b_aegis.ctl("restore", str(backup), "--yes").ok()
+        assert manifest["vault_id"] in restored.out and "unlock" in restored.out
+        assert status(b_aegis)["state"] == "locked" and status(b_aegis)["vault_id"] == manifest["vault_id"]
+        assert b.call("GET", "/github/echo/locked", agent="claude").status == 503
+
+        b.unlock()
+        assert listing(b_aegis, "vault", "list") == credentials_a
+        assert listing(b_aegis, "agent", "list") == agents_a
+        verified = listing(b_aegis, "ledger", "verify")
+        assert verified["ok"] and verified["rows_checked"] >= ledger_at_backup
+        recent = listing(b_aegis, "ledger", "show", "--limit", "2")  # newest first: the 503 above, the restore
+        assert [r["reason"] for r in recent] == ["vault_locked", "backup_restored"]
+        assert manifest["vault_id"] in recent[1]["detail"]
+
+        # A's agent tokens work through B's gate, with the right secret injected upstream.
+        reply = b.call("GET", "/github/echo/from-b", agent="cursor")
+        assert reply.status == 200
+        assert up.requests_to("/echo/from-b")[-1].header("Authorization") == [f"Bearer {GH_SECRET}"]
+        reply = b.call("POST", "/openai/echo/from-b-openai", agent="claude", body=b"{}")
+        assert reply.status == 200
+        assert up.requests_to("/echo/from-b-openai")[-1].header("X-Api-Key") == [OA_SECRET]
+        assert b.call("GET", "/openai/echo/x", agent="cursor").status == 403  # grants came back too
+        assert listing(b_aegis, "ledger", "verify")["ok"]
+        b.assert_no_leaks([data.decode("latin-1")])
+    finally:
+        b_aegis.cleanup()
+    world.assert_no_leaks()
+
+
+def test_restore_refuses_and_changes_nothing(world: GateWorld) -> None:
+    aegis = world.aegis
+    up = world.upstream()
+    world.credential("github", GH_SECRET, up.entry())
+    world.agent("claude", "github")
+    assert world.call("GET", "/github/echo/x", agent="claude").status == 200
+    good = aegis.root / "good.backup"
+    aegis.ctl("backup", str(good)).ok()
+
+    unlocked = aegis.ctl("restore", str(good), "--yes")
+    assert_failed(unlocked, "unlocked", "aegisctl lock")
+    # The daemon refuses on its own too, whoever calls it.
+    with grpc.insecure_channel(f"unix:{aegis.socket}") as channel:
+        stub = backup_pb2_grpc.BackupServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Restore(iter([backup_pb2.RestoreChunk(data=good.read_bytes())]), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "lock it first" in (refused.value.details() or "")
+
+    aegis.ctl("lock").ok()
+    before = (status(aegis), listing(aegis, "vault", "list"), listing(aegis, "agent", "list"),
+              listing(aegis, "ledger", "show", "--limit", "100000"))
+    data = good.read_bytes()
+    parts = members(data)
+    with tarfile.open(good) as tar:
+        vault_offset = tar.getmember("vault.db").offset_data
+    flipped = bytearray(data)
+    flipped[vault_offset + 5000] ^= 0x01
+    foreign = aegis.root / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+    newer = with_manifest_for(parts, format_version=99)
+    cases = {
+        "truncated": (data[: len(data) // 2], "backup"),
+        "flipped": (bytes(flipped), "SHA-256"),
+        "foreign": (make_tar(with_manifest_for({**parts, "vault.db": foreign.read_bytes()})), "not an Aegis database"),
+        "newer": (make_tar(newer), "newer"),
+        "no-ledger": (make_tar({k: v for k, v in parts.items() if k != "ledger.db"}), "missing ledger.db"),
+        "extra": (make_tar({**parts, "../evil": b"x"}), "unexpected member"),
+    }
+    for name, (content, needle) in cases.items():
+        path = aegis.root / f"{name}.backup"
+        path.write_bytes(content)
+        result = aegis.ctl("restore", str(path), "--yes")
+        assert_failed(result, needle, "nothing was changed")
+    garbage = aegis.root / "garbage.backup"
+    garbage.write_bytes(b"not a tar at all" * 1000)
+    assert_failed(aegis.ctl("restore", str(garbage), "--yes"), "not a complete Aegis backup")
+
+    after = (status(aegis), listing(aegis, "vault", "list"), listing(aegis, "agent", "list"),
+             listing(aegis, "ledger", "show", "--limit", "100000"))
+    assert after[0]["vault_id"] == before[0]["vault_id"] and after[0]["state"] == "locked"
+    assert after[1:] == before[1:]
+    assert not [p for p in aegis.data_dir.iterdir() if p.name.startswith((".restore-", ".backup-"))]
+    world.unlock()
+    assert listing(aegis, "ledger", "verify")["ok"]
+    assert world.call("GET", "/github/echo/y", agent="claude").status == 200
+
+    # Over an existing vault, from another vault: the ledger's chain key must follow the restored vault.
+    other = new_aegis()
+    try:
+        other.start()
+        other.init()
+        other.add_credential("other", OA_SECRET, "--service", "other", "--domains", up.entry())
+        other_backup = aegis.root / "other.backup"
+        other.ctl("backup", str(other_backup)).ok()
+        other_id = status(other)["vault_id"]
+    finally:
+        other.cleanup()
+    aegis.ctl("lock").ok()
+    aegis.ctl("restore", str(other_backup), "--yes").ok()
+    world.unlock()  # the same test passphrase, but the other vault's master key
+    assert status(aegis)["vault_id"] == other_id and [c["name"] for c in listing(aegis, "vault", "list")] == ["other"]
+    assert world.call("GET", "/github/echo/z", agent="claude").status == 401  # claude is not in that vault
+    verified = listing(aegis, "ledger", "verify")
+    assert verified["ok"], verified
+    world.assert_no_leaks()
+
+
+def test_backup_file_is_replaced_only_when_complete(world: GateWorld) -> None:
+    """An unwritable target or a missing daemon leaves any previous backup exactly as it was."""
+    aegis = world.aegis
+    target = aegis.root / "keep.backup"
+    target.write_bytes(b"previous")
+    aegis.ctl("lock").ok()
+    aegis.ctl("backup", str(target)).ok()  # locked is fine: nothing is decrypted
+    assert target.read_bytes() != b"previous" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    kept = target.read_bytes()
+    assert aegis.stop() == 0
+    assert_failed(aegis.ctl("backup", str(target)), "not running")
+    assert target.read_bytes() == kept
+    assert sorted(p.name for p in aegis.root.iterdir() if "keep" in p.name) == ["keep.backup"]
+    aegis.assert_no_leaks(world.secrets)

@@ -1,0 +1,238 @@
+"""Body inspection through the real daemon: each family and encoding refused in block mode with nothing
+reaching the upstream, forwarded and flagged in warn mode, untouched when off; the query string, path and
+headers are inspected too; the clean corpus passes byte-exact; the size and encoding limits hold."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import socket
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+import pytest
+
+from tests.e2e.gate_support import GateWorld, Reply, untouched
+from tests.e2e.inspection_support import LeakyUpstream
+from tests.inspection_samples import clean_corpus, fake_keys
+
+LIMIT = 256 * 1024
+KEYS = {family: keys[0] for family, keys in fake_keys().items()}
+OTHER = "other/Secret+Value=99&x~"  # a vault secret of a credential the agent is not even granted
+SECRETS = {"blk": "blk-secret-Q7w8E9r0T1y2U3i4", "wrn": "wrn-secret-A1s2D3f4G5h6", "off": "off-secret-Z9x8C7v6",
+           "qry": "qry-secret-P0o9I8u7Y6"}
+
+
+@dataclass
+class Inspection:
+    world: GateWorld
+    up: LeakyUpstream
+
+
+@pytest.fixture(scope="module")
+def insp() -> Iterator[Inspection]:
+    world = GateWorld.start(max_body_bytes=LIMIT)
+    try:
+        up = LeakyUpstream()
+        world.upstreams.append(up)
+        up.start()
+        world.credential("blk", SECRETS["blk"], up.entry())
+        world.credential("wrn", SECRETS["wrn"], up.entry(), "--body-inspection", "warn")
+        world.credential("off", SECRETS["off"], up.entry(), "--body-inspection", "off")
+        world.credential("qry", SECRETS["qry"], up.entry(), "--auth-type", "query", "--query-param", "api_key")
+        world.credential("other", OTHER, up.entry())
+        world.agent("bot", "blk", "wrn", "off", "qry")
+        yield Inspection(world, up)
+    finally:
+        world.close()
+
+
+def post(world: GateWorld, service: str, path: str, body: bytes, *headers: tuple[str, str]) -> Reply:
+    typed = any(name.lower() == "content-type" for name, _ in headers)
+    sent = [*headers] if typed else [("Content-Type", "application/json"), *headers]
+    return world.call("POST", f"/{service}/echo/{path}", sent, body, agent="bot")
+
+
+def assert_blocked(world: GateWorld, reply: Reply, family: str, where: str, rows: list[dict[str, Any]]) -> None:
+    """403 body_inspection naming the family and where, never the text or the credential; one denied row."""
+    assert reply.status == 403, reply.text()
+    error = reply.error()
+    assert error["code"] == "body_inspection" and family in error["message"] and where in error["message"], error
+    assert "other" not in error["message"]  # never which credential's secret it was
+    row = world.row(reply.request_id, rows)
+    assert (row["decision"], row["reason"], row["status"]) == ("denied", "body_inspection", 403), row
+    assert row["flags"] == f"body_inspection_block={family}", row
+
+
+def test_block_mode_refuses_every_family_and_forwards_nothing(insp: Inspection) -> None:
+    world = insp.world
+    samples = {**KEYS, "vault_secret": OTHER}
+    with untouched(insp.up):
+        replies = {family: post(world, "blk", family, json.dumps({"note": f"here: {key} !"}).encode())
+                   for family, key in samples.items()}
+    rows = world.ledger("--credential", "blk")
+    for family, reply in replies.items():
+        assert_blocked(world, reply, family, "body", rows)
+        for key in samples.values():
+            assert key not in reply.text()  # the error never quotes what matched
+    world.assert_no_leaks()
+
+
+def test_warn_mode_forwards_and_flags(insp: Inspection) -> None:
+    world, up = insp.world, insp.up
+    samples = {**KEYS, "vault_secret": OTHER}
+    replies = {}
+    for family, key in samples.items():
+        body = json.dumps({"note": key}).encode()
+        replies[family] = (post(world, "wrn", f"warn-{family}", body), body)
+    rows = world.ledger("--credential", "wrn")
+    seen = {r.path: r for r in up.requests_to("/echo/warn-")}
+    for family, (reply, body) in replies.items():
+        assert reply.status == 200, reply.text()
+        assert seen[f"/echo/warn-{family}"].body == body
+        row = world.row(reply.request_id, rows)
+        assert (row["decision"], row["reason"], row["flags"]) == ("allowed", "", f"body_inspection_warn={family}")
+    world.received = [r for r in world.received if OTHER not in r]  # the echo carried what the agent sent
+    world.assert_no_leaks()
+
+
+def test_off_mode_streams_untouched(insp: Inspection) -> None:
+    world, up = insp.world, insp.up
+    body = json.dumps(KEYS).encode()
+    reply = post(world, "off", "off-all", body)
+    assert reply.status == 200
+    assert up.requests_to("/echo/off-all")[0].body == body
+    row = world.row(reply.request_id, world.ledger("--credential", "off"))
+    assert (row["decision"], row["flags"]) == ("allowed", "")
+    world.assert_no_leaks()
+
+
+def test_every_encoding_of_a_vault_secret_is_caught(insp: Inspection) -> None:
+    world = insp.world
+    raw = OTHER.encode()
+    plain = json.dumps({"v": OTHER}).encode()
+    encodings: dict[str, tuple[bytes, list[tuple[str, str]]]] = {
+        "raw": (b"x " + raw + b" y", []),
+        "quote": (b"a=" + quote(OTHER, safe="").encode(), []),
+        "quote_plus": (b"a=" + quote_plus(OTHER).encode(), [("Content-Type", "application/x-www-form-urlencoded")]),
+        "json": (json.dumps({"v": OTHER}).replace("/", "\\/").encode(), []),
+        "json-unicode": (('{"v": "' + "".join(f"\\u{ord(c):04x}" for c in OTHER) + '"}').encode(), []),
+        "base64-urlsafe": (base64.urlsafe_b64encode(b"\x01" + raw), []),
+        "gzip": (gzip.compress(plain), [("Content-Encoding", "gzip")]),
+        "gzip-sniffed": (gzip.compress(plain), [("Content-Type", "application/octet-stream")]),
+        "deflate": (zlib.compress(plain), [("Content-Encoding", "deflate")]),
+    }
+    blob = bytes(range(256)) * 8
+    for pad in range(6):  # inside a bigger base64 blob, at every alignment
+        encodings[f"base64-offset-{pad}"] = (
+            b'{"file": "' + base64.b64encode(blob[:100 + pad] + raw + blob[:50]) + b'"}', [])
+    with untouched(insp.up):
+        replies = {name: post(world, "blk", f"enc-{name}", body, *headers)
+                   for name, (body, headers) in encodings.items()}
+    rows = world.ledger("--credential", "blk")
+    for reply in replies.values():
+        assert_blocked(world, reply, "vault_secret", "body", rows)
+    world.secrets.append(base64.b64encode(raw).decode())
+    world.assert_no_leaks()
+
+
+def test_query_string_path_and_headers_are_inspected(insp: Inspection) -> None:
+    world, up = insp.world, insp.up
+    with untouched(up):
+        in_query = world.call("GET", f"/blk/echo/q?page=2&token={KEYS['github_token']}", agent="bot")
+        in_encoded_query = world.call("GET", f"/blk/echo/q?dsn={quote(KEYS['connection_url'], safe='')}",
+                                      agent="bot")
+        in_path = world.call("GET", f"/blk/echo/keys/{KEYS['aws_access_key']}", agent="bot")
+        in_header = world.call("GET", "/blk/echo/h", [("X-Debug", KEYS["slack_token"])], agent="bot")
+        secret_in_header = world.call("GET", "/blk/echo/h", [("X-Note", quote(OTHER, safe=""))], agent="bot")
+    # Headers and parameters the gate strips anyway never leave, so they are not findings.
+    stripped = world.call("GET", "/blk/echo/stripped", [("Authorization", f"Bearer {KEYS['openai_key']}"),
+                                                         ("X-Api-Key", OTHER)], agent="bot")
+    own_param = world.call("GET", f"/qry/echo/param?api_key={quote(OTHER, safe='')}&x=1", agent="bot")
+    rows = world.ledger("--credential", "blk")
+    assert_blocked(world, in_query, "github_token", "query string", rows)
+    assert_blocked(world, in_encoded_query, "connection_url", "query string", rows)
+    assert_blocked(world, in_path, "aws_access_key", "path", rows)
+    assert_blocked(world, in_header, "slack_token", "headers", rows)
+    assert_blocked(world, secret_in_header, "vault_secret", "headers", rows)
+    assert stripped.status == 200 and own_param.status == 200, (stripped.text(), own_param.text())
+    sent = up.requests_to("/echo/stripped")[0]
+    assert sent.header("Authorization") == [f"Bearer {SECRETS['blk']}"] and not sent.header("X-Api-Key")
+    assert up.requests_to("/echo/param")[0].query == f"x=1&api_key={SECRETS['qry']}"
+    world.assert_no_leaks()
+
+
+def test_clean_corpus_passes_byte_exact(insp: Inspection) -> None:
+    world, up = insp.world, insp.up
+    corpus = clean_corpus()
+    replies = {name: post(world, "blk", f"clean-{name}", body) for name, body in corpus.items()}
+    rows = world.ledger("--credential", "blk")
+    for name, reply in replies.items():
+        assert reply.status == 200, (name, reply.text())
+        assert up.requests_to(f"/echo/clean-{name}")[0].body == corpus[name]
+        row = world.row(reply.request_id, rows)
+        assert (row["decision"], row["flags"]) == ("allowed", ""), (name, row)
+    world.assert_no_leaks()
+
+
+def test_compressed_bodies_are_forwarded_as_sent(insp: Inspection) -> None:
+    world, up = insp.world, insp.up
+    plain = clean_corpus()["openai_chat"]
+    for service in ("blk", "off"):  # inspected (buffered) and streamed
+        reply = post(world, service, f"gz-{service}", gzip.compress(plain), ("Content-Encoding", "gzip"))
+        assert reply.status == 200, reply.text()
+        forwarded = up.requests_to(f"/echo/gz-{service}")[0]
+        assert forwarded.header("Content-Encoding") == ["gzip"] and forwarded.body == plain  # it inflated fine
+    world.assert_no_leaks()
+
+
+def test_limits_and_undecodable_bodies(insp: Inspection) -> None:
+    world, up = insp.world, insp.up
+    bomb = gzip.compress(b"{}" + b" " * (LIMIT * 4))
+    big = b"x" * (LIMIT + 1)
+    chunked = hex(len(big))[2:].encode() + b"\r\n" + big + b"\r\n0\r\n\r\n"
+    with untouched(up):
+        over = post(world, "blk", "over", big)
+        over_chunked = world.raw_request("POST", "/blk/echo/over-chunked", [("Transfer-Encoding", "chunked")],
+                                         agent="bot", body=chunked)
+        bombed = post(world, "blk", "bomb", bomb, ("Content-Encoding", "gzip"))
+        brotli = post(world, "blk", "br", b"\x0b\x02\x80{}\x03", ("Content-Encoding", "br"))
+        corrupt = post(world, "blk", "corrupt", b"\x1f\x8b\x08\x00not-gzip-at-all", ("Content-Encoding", "gzip"))
+    warned = post(world, "wrn", "bomb", bomb, ("Content-Encoding", "gzip"))
+    at_limit = post(world, "blk", "at-limit", b"y" * LIMIT)
+    rows = world.ledger()
+    for reply, status, code in ((over, 413, "body_too_large"), (over_chunked, 413, "body_too_large"),
+                                (bombed, 413, "body_too_large"), (brotli, 415, "body_not_inspectable"),
+                                (corrupt, 400, "body_not_inspectable")):
+        assert reply.status == status, reply.text()
+        assert reply.error()["code"] == code
+        row = world.row(reply.request_id, rows)
+        assert (row["decision"], row["reason"], row["status"]) == ("denied", code, status)
+    assert world.row(bombed.request_id, rows)["flags"] == "body_inspection_block=not_inspectable"
+    assert "decompressed" in bombed.error()["message"]
+    forwarded = up.requests_to("/echo/bomb")[0]  # the test upstream inflates what it reads
+    assert warned.status == 200 and forwarded.body == gzip.decompress(bomb)
+    assert forwarded.header("Content-Encoding") == ["gzip"]
+    assert world.row(warned.request_id, rows)["flags"] == "body_inspection_warn=not_inspectable"
+    assert at_limit.status == 200 and up.requests_to("/echo/at-limit")[0].body == b"y" * LIMIT
+    world.assert_no_leaks()
+
+
+def test_agent_hanging_up_mid_body_leaves_a_ledger_row(insp: Inspection) -> None:
+    world = insp.world
+    head = (f"POST /blk/echo/cut HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: {world.tokens['bot']}"
+            "\r\nContent-Length: 1000\r\n\r\n").encode()
+    with untouched(insp.up):
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+            sock.sendall(head + b'{"partial": ')
+        deadline = time.monotonic() + 30
+        while not (rows := [r for r in world.ledger("--credential", "blk") if r["path"] == "/echo/cut"]):
+            assert time.monotonic() < deadline, "no ledger row for the abandoned request"
+            time.sleep(0.2)
+    assert (rows[0]["decision"], rows[0]["reason"], rows[0]["status"]) == ("denied", "bad_request", 400)
+    world.assert_no_leaks()

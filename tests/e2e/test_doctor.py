@@ -1,0 +1,132 @@
+"""`aegisctl doctor` against a real daemon: healthy, warnings only, each kind of failure, and no daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.gate_support import GateWorld
+from tests.harness import PASSPHRASE, Aegis, new_aegis
+
+CHECKS = ["daemon", "vault", "data_dir", "socket", "database", "schema", "credentials_decrypt",
+          "credentials_expiry", "gate", "policies", "ledger_chain"]
+SECRET_A = "ghp_doctorSecretA0123456789abcdefXYZ"
+SECRET_B = "sk-doctorSecretB0123456789abcdefXYZ"
+
+
+def doctor(aegis: Aegis, code: int) -> tuple[dict[str, dict[str, str]], str]:
+    """Run doctor --json and plain; both must exit `code`. Returns the checks by name and the plain text."""
+    as_json = aegis.ctl("doctor", "--json")
+    plain = aegis.ctl("doctor")
+    assert as_json.code == code and plain.code == code, (as_json, plain)
+    assert "Traceback" not in as_json.err + plain.err
+    report: dict[str, Any] = json.loads(as_json.out)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["ok"] is (code == 0)
+    assert all(set(c) == {"name", "status", "message", "hint"} for c in report["checks"])
+    for check in report["checks"]:  # every problem comes with what to do about it, in both forms
+        if check["status"] in ("warn", "fail"):
+            assert check["hint"], check
+            assert f"-> {check['hint']}" in plain.out
+    return checks, plain.out
+
+
+def statuses(checks: dict[str, dict[str, str]]) -> dict[str, str]:
+    return {name: c["status"] for name, c in checks.items()}
+
+
+@pytest.fixture
+def world() -> Iterator[GateWorld]:
+    world = GateWorld.start()
+    yield world
+    world.close()
+
+
+def test_healthy_then_warnings_only(world: GateWorld) -> None:
+    aegis = world.aegis
+    up = world.upstream()
+    world.credential("github", SECRET_A, up.entry(), "--ttl", "3d")
+    world.credential("openai", SECRET_B, up.entry())
+    world.agent("claude", "github")
+    assert world.call("GET", "/github/echo/x", agent="claude").status == 200
+
+    checks, plain = doctor(aegis, 0)
+    assert list(checks) == CHECKS
+    assert statuses(checks) == {**dict.fromkeys(CHECKS, "pass"), "credentials_expiry": "warn", "policies": "skip"}
+    expiry = checks["credentials_expiry"]["message"]
+    assert "github" in expiry and "openai" not in expiry
+    assert "all 2 credentials decrypt" in checks["credentials_decrypt"]["message"]
+    assert "rows verified" in checks["ledger_chain"]["message"]
+    assert "[pass] daemon" in plain and "[warn] credentials_expiry" in plain and "0 failed" in plain
+
+    aegis.ctl("lock").ok()  # locked: warnings, still exit 0
+    checks, _ = doctor(aegis, 0)
+    assert statuses(checks)["vault"] == "warn" and "aegisctl unlock" in checks["vault"]["hint"]
+    assert statuses(checks)["credentials_decrypt"] == "skip" and statuses(checks)["ledger_chain"] == "pass"
+    assert aegis.stop() == 0
+    aegis.start()  # never unlocked since start: the chain key is unknown
+    checks, _ = doctor(aegis, 0)
+    assert statuses(checks)["ledger_chain"] == "warn" and "unlock" in checks["ledger_chain"]["hint"]
+    world.assert_no_leaks()
+
+
+def test_each_problem_fails_with_a_hint() -> None:
+    aegis = new_aegis()
+    policies = aegis.root / "policies"
+    policies.mkdir(parents=True)
+    (policies / "claude.yaml").write_text("agent: claude\nrules: not-a-list\n")
+    aegis.env["AEGIS_POLICIES_DIR"] = str(policies)
+    try:
+        aegis.start()
+        aegis.init()
+        aegis.add_credential("expiring", SECRET_A, "--service", "expiring", "--domains", "api.github.com",
+                             "--ttl", "1")
+        aegis.add_credential("broken", SECRET_B, "--service", "broken", "--domains", "api.openai.com")
+        deadline = time.monotonic() + 30
+        while not json.loads(aegis.ctl("vault", "show", "expiring", "--json").ok().out)["expired"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+        vault_db = sqlite3.connect(aegis.data_dir / "vault.db")
+        with vault_db:  # one bit of one sealed secret, as disk corruption or tampering would do
+            (blob,) = vault_db.execute("SELECT ciphertext FROM credentials WHERE name = 'broken'").fetchone()
+            vault_db.execute("UPDATE credentials SET ciphertext = ? WHERE name = 'broken'",
+                             (bytes([blob[0] ^ 1]) + blob[1:],))
+        vault_db.close()
+        ledger_db = sqlite3.connect(aegis.data_dir / "ledger.db")
+        with ledger_db:
+            ledger_db.execute("UPDATE ledger SET detail = 'edited' WHERE id = 1")
+        ledger_db.close()
+        os.chmod(aegis.data_dir / "ledger.db", 0o644)
+        os.chmod(aegis.socket, 0o666)  # noqa: S103 - the misconfiguration under test
+
+        checks, plain = doctor(aegis, 1)
+        assert statuses(checks) == {**dict.fromkeys(CHECKS, "pass"), "data_dir": "fail", "socket": "fail",
+                                    "credentials_decrypt": "fail", "credentials_expiry": "fail",
+                                    "policies": "fail", "ledger_chain": "fail"}
+        assert "ledger.db (0644)" in checks["data_dir"]["message"] and "chmod" in checks["data_dir"]["hint"]
+        assert "0666" in checks["socket"]["message"] and "0600" in checks["socket"]["message"]
+        assert checks["credentials_decrypt"]["message"].endswith(": broken")
+        assert "vault rotate" in checks["credentials_decrypt"]["hint"]
+        assert "expiring" in checks["credentials_expiry"]["message"]
+        assert "claude.yaml" in checks["policies"]["message"] and "policy list" in checks["policies"]["hint"]
+        assert "first bad row 1" in checks["ledger_chain"]["message"]
+        assert "[FAIL] socket" in plain and "6 failed" in plain
+
+        assert aegis.stop() == 0  # no daemon: one failed check, still a report, exit 1
+        down = aegis.ctl("doctor", "--json")
+        assert down.code == 1
+        report = json.loads(down.out)
+        assert report["ok"] is False and [c["name"] for c in report["checks"]] == ["daemon"]
+        assert "not running" in report["checks"][0]["message"] and report["checks"][0]["hint"]
+        plain_down = aegis.ctl("doctor")
+        assert plain_down.code == 1 and "[FAIL] daemon" in plain_down.out and "-> " in plain_down.out
+        aegis.assert_no_leaks([SECRET_A, SECRET_B, PASSPHRASE])
+    finally:
+        aegis.cleanup()

@@ -1,0 +1,209 @@
+"""`aegisctl ledger stats|export|prune` against a real daemon, real gate traffic and a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.gate_support import GateWorld
+from tests.e2e.ledger_fill import FORMULA_EVERY, FORMULAS, fill, formula_rows
+from tests.e2e.support import assert_failed
+from tests.harness import AEGISCTL, Aegis, new_aegis
+
+SECRET = "ghp_reportsSecret0123456789abcdefXYZ"
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@pytest.fixture
+def world() -> Iterator[GateWorld]:
+    world = GateWorld.start()
+    yield world
+    world.close()
+
+
+def stats(aegis: Aegis, *args: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(aegis.ctl("ledger", "stats", "--json", *args).ok().out)
+    return value
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_stats_export_and_prune(world: GateWorld) -> None:
+    aegis = world.aegis
+    up = world.upstream()
+    world.credential("github", SECRET, up.entry(), "--scopes", "read")
+    world.agent("claude", "github")
+    world.agent("cursor")
+    for _ in range(3):
+        assert world.call("GET", "/github/echo/a", agent="claude").status == 200
+    assert world.call("HEAD", "/github/echo/b", agent="claude").status == 200
+    assert world.call("GET", "/github/echo/c", agent="cursor").status == 403  # not granted
+    assert world.call("GET", "/github/echo/d").status == 401  # no token
+    assert world.call("DELETE", "/github/echo/e", agent="claude").status == 403  # outside the scopes
+
+    everything = stats(aegis)
+    assert everything["requests"] == 7 and everything["allowed"] == 4 and everything["denied"] == 3
+    assert everything["rows"] == everything["requests"] + everything["system_events"]
+    assert {d["decision"]: d["count"] for d in everything["by_decision"]} == {"allowed": 4, "denied": 3}
+    assert everything["by_service"] == [{"service": "github", "requests": 7, "denied": 3}]
+    assert sum(r["count"] for r in everything["by_reason"]) == 3
+    assert {"reason": "not_granted", "count": 1} in everything["by_reason"]
+    assert everything["top_agents"][0] == {"agent": "claude", "requests": 5, "denied": 1}
+    assert stats(aegis, "--agent", "cursor")["requests"] == 1
+    assert stats(aegis, "--blocked")["denied"] == 3 and stats(aegis, "--blocked")["allowed"] == 0
+    assert stats(aegis, "--since", "2099-01-01")["rows"] == 0
+    assert stats(aegis, "--top", "1")["top_agents"] == [everything["top_agents"][0]]
+    human = aegis.ctl("ledger", "stats").ok().out
+    assert "claude" in human and "not_granted" in human and "denied:" in human
+
+    # Exports: the same rows, oldest first, in three formats, written 0600.
+    shown = [r for r in json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)]
+    out = aegis.root / "out"
+    out.mkdir()
+    for fmt in ("csv", "json", "jsonl"):
+        result = aegis.ctl("ledger", "export", "--format", fmt, "-o", str(out / f"all.{fmt}")).ok()
+        assert result.out == "" and f"Exported {len(shown)} rows" in result.err
+        assert mode(out / f"all.{fmt}") == 0o600
+        assert "exported " not in result.err.replace("Exported", "")  # no progress counter off a terminal
+    as_json = json.loads((out / "all.json").read_text())
+    as_jsonl = [json.loads(line) for line in (out / "all.jsonl").read_text().splitlines()]
+    assert as_json == as_jsonl == list(reversed(shown))
+    with (out / "all.csv").open(newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [int(r["id"]) for r in table] == [r["id"] for r in as_json]
+    assert table[0].keys() == as_json[0].keys()
+    assert [{k: str(v) for k, v in r.items()} for r in as_json] == table  # same values, as text
+    # Filters as `show` has them, and stdout when no -o.
+    piped = aegis.ctl("ledger", "export", "--format", "jsonl", "--agent", "claude", "--blocked").ok()
+    assert [json.loads(line)["method"] for line in piped.out.splitlines()] == ["DELETE"]
+    assert piped.err == ""
+    empty = aegis.ctl("ledger", "export", "--format", "json", "--since", "2099-01-01").ok()
+    assert json.loads(empty.out) == []
+    bad = aegis.ctl("ledger", "export", "--format", "xml")
+    assert_failed(bad, "xml", code=2)
+    nowhere = aegis.ctl("ledger", "export", "-o", str(aegis.root / "missing" / "x.csv"))
+    assert_failed(nowhere, "cannot write in")
+    assert not (aegis.root / "missing").exists()
+
+    # Prune: refused without --yes off a terminal, then the chain still verifies from the checkpoint.
+    refused = aegis.ctl("ledger", "prune", "--before", "0s")
+    assert_failed(refused, "--yes", code=2)
+    assert stats(aegis)["rows"] == everything["rows"] + 0  # nothing deleted (stats reads add no rows)
+    future = aegis.ctl("ledger", "prune", "--before", "2099-01-01", "--yes")
+    assert_failed(future, "future")
+    last = as_json[-1]
+    pruned = json.loads(aegis.ctl("ledger", "prune", "--before", last["time"], "--yes", "--json").ok().out)
+    first_kept = next(r["id"] for r in as_json if r["time"] >= last["time"])
+    assert pruned["first_kept_id"] == first_kept and pruned["pruned"] == first_kept - 1
+    verified = json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)
+    assert verified["ok"] and verified["first_id"] == first_kept
+    assert "pruned at an authentic checkpoint" in aegis.ctl("ledger", "verify").ok().out
+    newest = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1").ok().out)[0]
+    assert newest["kind"] == "system" and newest["reason"] == "ledger_pruned"
+    assert f"{pruned['pruned']} rows" in newest["detail"]
+    assert "Nothing to prune" in aegis.ctl("ledger", "prune", "--before", last["time"], "--yes").ok().out
+    assert world.call("GET", "/github/echo/after", agent="claude").status == 200
+    assert aegis.ctl("ledger", "verify").ok()
+
+    # After a restart the key is unknown until the vault unlocks: prune refuses, precisely.
+    assert aegis.stop() == 0
+    aegis.start()
+    locked = aegis.ctl("ledger", "prune", "--before", "0s", "--yes")
+    assert_failed(locked, "unlock")
+    world.unlock()
+    assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["first_id"] == first_kept
+    world.assert_no_leaks([p.read_text() for p in out.iterdir()])
+
+
+def filled(rows: int) -> Iterator[Aegis]:
+    """A daemon whose fresh ledger already holds `rows` rows, written with the real writer before start."""
+    aegis = new_aegis()
+    try:
+        aegis.data_dir.mkdir(mode=0o700, parents=True)
+        asyncio.run(fill(aegis.data_dir / "ledger.db", rows))
+        aegis.start()
+        yield aegis
+    finally:
+        aegis.cleanup()
+
+
+@pytest.fixture
+def big() -> Iterator[Aegis]:
+    yield from filled(200_000)
+
+
+@pytest.fixture
+def medium() -> Iterator[Aegis]:
+    yield from filled(50_000)
+
+
+def test_export_200k_rows_streams_and_neutralises_formulas(big: Aegis) -> None:
+    aegis = big
+    total = stats(aegis)["rows"]
+    assert total >= 200_000
+    out = aegis.root / "ledger.csv"
+    result = aegis.ctl("ledger", "export", "--format", "csv", "-o", str(out), timeout=300).ok()
+    assert f"Exported {total} rows" in result.err and mode(out) == 0o600
+    with out.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = list(reader)
+    assert len(rows) == total
+    ids = [int(r[0]) for r in rows]
+    assert ids == sorted(ids) and ids[0] == 1 and ids[199_999] == 200_000
+    method, reason, flags, detail, path = (header.index(c) for c in ("method", "reason", "flags", "detail", "path"))
+    evil = [r for r in rows if r[reason] and int(r[0]) <= 200_000]
+    assert len(evil) == formula_rows(200_000)
+    for row in evil:
+        original = FORMULAS[(int(row[0]) - 1) // FORMULA_EVERY % len(FORMULAS)]
+        for column in (method, reason, flags, detail):
+            assert row[column] == "'" + original, row  # inert, and the original text is still there
+        assert row[path] == '/repos/a,b/"quoted"\nline'  # commas, quotes and newlines survive the round trip
+    assert not any(cell.startswith(FORMULA_START) for row in rows for cell in row)
+
+    # A filtered JSON export of the same ledger is one valid array.
+    claude = aegis.root / "claude.json"
+    aegis.ctl("ledger", "export", "--format", "json", "--agent", "claude", "-o", str(claude), timeout=300).ok()
+    exported = json.loads(claude.read_text())
+    assert len(exported) == len(range(0, 200_000, 3)) and {r["agent"] for r in exported} == {"claude"}
+
+
+def test_failed_export_leaves_no_file(medium: Aegis) -> None:
+    """The daemon dies mid-export: aegisctl exits 1 and neither the file nor its temporary remains."""
+    aegis = medium
+    target = aegis.root / "out" / "ledger.jsonl"
+    target.parent.mkdir()
+    target.write_text("previous export\n")
+    proc = subprocess.Popen([AEGISCTL, "ledger", "export", "--format", "jsonl", "-o", str(target)],
+                            env=aegis.base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert aegis.proc is not None
+    daemon = aegis.proc.pid
+    try:
+        deadline = time.monotonic() + 60
+        while not list(target.parent.glob(".ledger.jsonl.*.partial")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        os.kill(daemon, signal.SIGSTOP)  # frozen mid-stream: the export cannot finish before the kill
+        os.kill(daemon, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, (out, err)
+    assert "aegisctl: error:" in err and "Traceback" not in err
+    assert sorted(p.name for p in target.parent.iterdir()) == ["ledger.jsonl"]
+    assert target.read_text() == "previous export\n"  # the old file is untouched
+    assert out == ""

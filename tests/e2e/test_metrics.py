@@ -1,0 +1,140 @@
+"""/_aegis/metrics and /_aegis/health on a real gate: names, label sets, bounded labels, switches."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from tests.e2e.gate_support import request
+from tests.e2e.ops_support import Scrape, ops_world, refused
+from tests.harness import PASSPHRASE, Aegis
+
+SECRET = "sk-metrics-secret-4f7a9c2e1b"
+SOON_SECRET = "sk-metrics-soon-8d6e5f4a3b"
+BRIEF_SECRET = "sk-metrics-brief-1a2b3c4d5e"
+REQUEST_LABELS = {"service", "method", "status", "agent"}
+BLOCKED_LABELS = {"service", "reason", "agent"}
+
+
+def test_metrics_after_traffic() -> None:
+    world = ops_world()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRET, up.entry())
+        world.credential("soon", SOON_SECRET, up.entry(), "--ttl", "3d")
+        world.credential("brief", BRIEF_SECRET, up.entry(), "--ttl", "1")
+        world.agent("bot", "bear")
+        token = world.tokens["bot"]
+
+        assert world.call("GET", "/bear/echo/a?api_key=query-value-1", agent="bot").status == 200
+        assert world.call("POST", "/bear/echo/b", body=b"{}", agent="bot").status == 200
+        assert world.call("PROPFIND", "/bear/echo/c", agent="bot").status == 200
+        assert world.call("GET", "/bear/status/503", agent="bot").status == 503
+        world.assert_refused(world.call("GET", "/bear/echo/d"), 401, "agent_auth_required")
+        world.assert_refused(world.call("GET", "/bear/echo/e", [("X-Aegis-Agent", "aegis_not-a-token")]), 401,
+                             "agent_auth_invalid")
+        made_up = [f"svc-{uuid.uuid4().hex[:10]}" for _ in range(20)]
+        for name in made_up:
+            refused(world.call("GET", f"/{name}/x", agent="bot"), 403, "not_granted")
+
+        scrape = Scrape(world)
+        assert scrape.reply.header("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+        expected_types = {
+            "aegis_requests": "counter", "aegis_requests_blocked": "counter",
+            "aegis_request_duration_seconds": "histogram", "aegis_upstream_duration_seconds": "histogram",
+            "aegis_credentials_total": "gauge", "aegis_vault_unlocked": "gauge",
+            "aegis_ledger_queue_depth": "gauge", "aegis_ledger_commit_seconds": "gauge",
+            "aegis_webhook_queue_depth": "gauge", "aegis_webhook_retries_pending": "gauge",
+            "aegis_webhook_delivered": "counter", "aegis_webhook_failed": "counter",
+            "aegis_webhook_dropped": "counter",
+        }
+        for name, kind in expected_types.items():
+            assert scrape.types.get(name) == kind, (name, scrape.types)
+
+        for sample in scrape.named("aegis_requests_total"):
+            assert set(sample.labels) == REQUEST_LABELS, sample
+        for sample in scrape.named("aegis_requests_blocked_total"):
+            assert set(sample.labels) == BLOCKED_LABELS, sample
+        for name in ("aegis_request_duration_seconds_count", "aegis_upstream_duration_seconds_count"):
+            assert scrape.named(name) and all(set(s.labels) == {"service"} for s in scrape.named(name))
+
+        value = scrape.value
+        assert value("aegis_requests_total", service="bear", method="GET", status="200", agent="bot") == 1
+        assert value("aegis_requests_total", service="bear", method="POST", status="200", agent="bot") == 1
+        assert value("aegis_requests_total", service="bear", method="OTHER", status="200", agent="bot") == 1
+        assert value("aegis_requests_total", service="bear", method="GET", status="503", agent="bot") == 1
+        assert value("aegis_requests_total", service="bear", method="GET", status="401", agent="") == 2
+        assert value("aegis_requests_total", service="unknown", method="GET", status="403", agent="bot") == 20
+        assert value("aegis_requests_blocked_total", service="bear", reason="agent_auth_required", agent="") == 1
+        assert value("aegis_requests_blocked_total", service="bear", reason="agent_auth_invalid", agent="") == 1
+        assert value("aegis_requests_blocked_total", service="unknown", reason="not_granted", agent="bot") == 20
+        assert value("aegis_request_duration_seconds_count", service="bear") == 6
+        assert value("aegis_upstream_duration_seconds_count", service="bear") == 4  # only forwarded requests
+        buckets = {float(s.labels["le"]) for s in scrape.named("aegis_request_duration_seconds_bucket")}
+        assert min(buckets) == 0.0005 and max(buckets - {float("inf")}) == 30.0
+        assert value("aegis_vault_unlocked") == 1
+        assert value("aegis_credentials_total", status="active") == 1
+        assert value("aegis_credentials_total", status="expiring_soon") + value(
+            "aegis_credentials_total", status="expired") == 2
+        assert value("aegis_ledger_queue_depth") >= 0 and value("aegis_ledger_commit_seconds") > 0
+
+        # Made-up service names, paths, query strings and tokens never become label values.
+        assert scrape.label_values("service") <= {"bear", "unknown"}
+        assert scrape.label_values("agent") <= {"bot", ""}
+        assert scrape.label_values("method") <= {"GET", "POST", "OTHER"}
+        for needle in (*made_up, "/echo", "query-value-1", token, SECRET):
+            assert needle not in scrape.text
+
+        # The 1-second credential expires: computed at scrape time, no request needed.
+        deadline = time.monotonic() + 15
+        while Scrape(world).value("aegis_credentials_total", status="expired") != 1:
+            assert time.monotonic() < deadline, "the expired credential never showed as expired"
+            time.sleep(0.2)
+        assert Scrape(world).value("aegis_credentials_total", status="expiring_soon") == 1
+
+        # OpenMetrics when the scraper asks for it.
+        open_metrics = request(world.port, "GET", "/_aegis/metrics",
+                               [("Accept", "application/openmetrics-text; version=1.0.0")])
+        assert open_metrics.status == 200
+        assert (open_metrics.header("Content-Type") or "").startswith("application/openmetrics-text")
+        assert open_metrics.body.rstrip().endswith(b"# EOF")
+
+        # Health and the unlocked gauge follow the vault, without authentication.
+        health = request(world.port, "GET", "/_aegis/health")
+        assert (health.status, health.json()) == (200, {"status": "ok", "vault": "unlocked"})
+        world.aegis.ctl("lock").ok()
+        health = request(world.port, "GET", "/_aegis/health")
+        assert (health.status, health.json()) == (200, {"status": "ok", "vault": "locked"})
+        locked = Scrape(world)
+        assert locked.value("aegis_vault_unlocked") == 0
+        assert locked.value("aegis_credentials_total", status="active") == 1  # metadata is readable while locked
+        refused(world.call("GET", "/bear/echo/f", agent="bot"), 503, "vault_locked")
+        assert Scrape(world).value("aegis_requests_blocked_total", service="bear", reason="vault_locked",
+                                   agent="") == 1
+        world.aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        assert request(world.port, "GET", "/_aegis/health").json()["vault"] == "unlocked"
+        assert Scrape(world).value("aegis_vault_unlocked") == 1
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_metrics_and_health_can_be_turned_off() -> None:
+    world = ops_world("[gate]\nmetrics = false\nhealth = false\n")
+    try:
+        for path in ("/_aegis/metrics", "/_aegis/health"):
+            reply = request(world.port, "GET", path)
+            assert reply.status == 404, reply.text()
+            assert reply.error()["code"] == "not_found"
+        world.aegis.assert_no_leaks([PASSPHRASE])
+    finally:
+        world.close()
+
+
+def test_a_bad_switch_stops_the_daemon_with_its_name(fresh: Aegis) -> None:
+    config = fresh.root / "bad.toml"
+    config.write_text('[gate]\nmetrics = "off"\n')
+    fresh.start("--config", str(config), wait=False)
+    assert fresh.proc is not None
+    assert fresh.proc.wait(30) == 2
+    assert "[gate] metrics must be true or false" in fresh.log()

@@ -1,0 +1,365 @@
+"""Policy files through the real daemon, a real upstream and aegisctl: what each rule allows and denies,
+time windows on the real clock, the three modes and their ledger rows, validation errors, reloads."""
+
+from __future__ import annotations
+
+import json
+import signal
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from tests.e2e.gate_support import GateWorld, untouched
+from tests.e2e.policy_support import (
+    Expected,
+    check_rows,
+    hhmm,
+    noon_zone,
+    policy_status,
+    policy_world,
+    refusal,
+    system_rows,
+    wait_reloads,
+    write_policy,
+)
+from tests.e2e.support import assert_failed
+from tests.harness import Aegis
+
+SECRET = "sk-policy-test-secret-7Hq2Lm9Xv4"
+OTHER_SECRET = "sk-policy-other-secret-3Np8Kd1Wz6"
+
+BOT_POLICY = """\
+# research-bot may read its repositories and the user, and open issues
+agent: bot
+rules:
+  - service: svc
+    methods: [GET]
+    paths: ["/echo/repos/acme/.*", "/echo/user"]
+  - service: svc
+    methods: [post]
+    paths: ["/echo/repos/acme/[a-z]+/issues"]
+"""
+
+
+def _world(files: dict[str, str], **gate: float) -> tuple[GateWorld, Path]:
+    world, directory = policy_world(files, **gate)
+    up = world.upstream()
+    world.credential("svc", SECRET, up.entry())
+    world.credential("other", OTHER_SECRET, up.entry())
+    return world, directory
+
+
+def test_rules_allow_and_deny_by_method_path_and_service() -> None:
+    world, _ = _world({"bot.yaml": BOT_POLICY})
+    try:
+        up = world.upstreams[0]
+        world.agent("bot", "svc", "other")
+        world.agent("free", "svc", "other")
+
+        expected: list[Expected] = []
+        # Allowed: method and whole path match some rule for the service.
+        for method, target in (("GET", "/svc/echo/user"), ("GET", "/svc/echo/repos/acme/widgets"),
+                               ("GET", "/svc/echo/%75ser"),  # decoded before matching
+                               ("POST", "/svc/echo/repos/acme/widgets/issues")):
+            reply = world.call(method, target, agent="bot", body=b"{}" if method == "POST" else None)
+            assert reply.status == 200, reply.text()
+            expected.append((reply, "allowed", "", ""))
+
+        # Denied, and nothing reaches the upstream: anchored paths, methods, services without a rule.
+        with untouched(up):
+            cases = [("GET", "/svc/echo/x/user", "path"), ("GET", "/svc/echo/user/x", "path"),
+                     ("GET", "/svc/echo/repos/acme", "path"), ("DELETE", "/svc/echo/user", "method"),
+                     ("POST", "/svc/echo/repos/acme/widgets", "path"), ("GET", "/other/echo/user", "no_rule")]
+            for method, target, miss in cases:
+                reply = world.call(method, target, agent="bot")
+                assert "no rule" in refusal(reply, 403, "policy_denied")["message"]
+                rule = {"method": "#rules[0]", "path": "#rules[0]" if method == "GET" else "#rules[1]"}.get(miss)
+                expected.append((reply, "denied", "policy_denied",
+                                 f"policy={miss}@bot.yaml{rule}" if rule else "policy=no_rule"))
+        check_rows(world, expected)
+
+        # An agent no policy names is governed by its grants and scopes only.
+        for target in ("/svc/echo/x/user", "/other/echo/anything"):
+            assert world.call("GET", target, agent="free").status == 200
+
+        # policy test prints the decision and the rule that decided.
+        allowed = json.loads(world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method",
+                                             "GET", "--path", "/echo/repos/acme/x", "--json").ok().out)
+        assert allowed["decision"] == "allowed" and allowed["mode"] == "enforce"
+        assert allowed["rule"] == {"file": "bot.yaml", "index": 0, "line": 4, "ref": "bot.yaml#rules[0]"}
+        issues = world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method", "post",
+                                 "--path", "/echo/repos/acme/a/issues").ok()
+        assert "allowed" in issues.out and "bot.yaml#rules[1] (line 7)" in issues.out
+        denied = world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method", "GET",
+                                 "--path", "/echo/x/user").ok()
+        assert "denied" in denied.out and "path matches none" in denied.out
+        free = json.loads(world.aegis.ctl("policy", "test", "--agent", "free", "--service", "svc", "--method",
+                                          "GET", "--path", "/x", "--json").ok().out)
+        assert free["decision"] == "ungoverned" and free["rule"] is None
+        bad = world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method", "FETCH",
+                              "--path", "/x")
+        assert_failed(bad, "method 'FETCH'")
+
+        status = policy_status(world)
+        assert status["files"] == [{"name": "bot.yaml", "agent": "bot", "mode": "enforce", "rules": 2,
+                                    "valid": True, "issues": []}]
+        assert status["agents"] == [{"agent": "bot", "state": "enforce", "files": ["bot.yaml"], "rules": 2,
+                                     "services": ["svc"]}]
+        assert status["trigger"] == "startup" and status["reloads"] == 1
+        listed = world.aegis.ctl("policy", "list").ok().out
+        assert "bot.yaml" in listed and "enforce" in listed and "ok" in listed
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_time_windows_on_the_real_clock() -> None:
+    zone, _ = noon_zone()  # it is 12:xx in `zone` now
+    berlin = datetime.now(ZoneInfo("Europe/Berlin"))
+
+    def rule(service: str, start: str, end: str, tz: str = zone) -> str:
+        return (f"  - service: {service}\n    time_window: {{start: \"{start}\", end: \"{end}\", "
+                f"timezone: {tz}}}\n")
+
+    policy = "agent: bot\nrules:\n" + "".join([
+        rule("day-in", "11:00", "14:00"),
+        rule("day-out", "14:00", "15:00"),
+        rule("night-in", "11:00", "10:00"),  # spans midnight, includes 12:xx
+        rule("night-out", "14:00", "10:00"),  # spans midnight, excludes 12:xx
+        rule("berlin", hhmm(berlin - timedelta(hours=2)), hhmm(berlin + timedelta(hours=2)), "Europe/Berlin"),
+        rule("fixed", "22:00", "06:00", "UTC"),
+    ])
+    world, _ = policy_world({"bot.yaml": policy})
+    try:
+        up = world.upstream()
+        services = ("day-in", "day-out", "night-in", "night-out", "berlin")
+        for index, service in enumerate(services):
+            world.credential(service, f"{SECRET}-{index}", up.entry())
+        world.agent("bot", *services)
+        for service, expected in (("day-in", 200), ("night-in", 200), ("berlin", 200)):
+            reply = world.call("GET", f"/{service}/echo/x", agent="bot")
+            assert reply.status == expected, (service, reply.text())
+        for service in ("day-out", "night-out"):
+            reply = world.call("GET", f"/{service}/echo/x", agent="bot")
+            row = world.assert_refused(reply, 403, "policy_denied")
+            assert row["flags"] == "policy=time_window@bot.yaml#rules[" + str(services.index(service)) + "]"
+            assert "time window" in reply.error()["message"]
+
+        # The judgement at a chosen instant: a window spanning midnight, end exclusive.
+        for at, decision in (("2030-01-01T21:59:00Z", "denied"), ("2030-01-01T22:00:00Z", "allowed"),
+                             ("2030-01-01T23:30:00Z", "allowed"), ("2030-01-02T03:00:00Z", "allowed"),
+                             ("2030-01-02T05:59:00Z", "allowed"), ("2030-01-02T06:00:00Z", "denied"),
+                             ("2030-01-02T12:00:00Z", "denied")):
+            result = json.loads(world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "fixed",
+                                                "--method", "GET", "--path", "/x", "--at", at, "--json").ok().out)
+            assert result["decision"] == decision, (at, result)
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_modes_enforce_dry_run_off_and_their_ledger_rows() -> None:
+    rules = 'rules:\n  - service: svc\n    methods: [GET]\n    paths: ["/echo/ok"]\n'
+    files = {
+        "enforced.yaml": "agent: strict\n" + rules,
+        "dry.yaml": "agent: trial\nmode: dry-run\n" + rules.replace('["/echo/ok"]', '["/echo/ok"]\n    '
+                                                                    "rate_limit: 1/day"),
+        "off.yaml": "agent: loose\nmode: off\n" + rules,
+    }
+    world, _ = _world(files)
+    try:
+        up = world.upstreams[0]
+        for name in ("strict", "trial", "loose"):
+            world.agent(name, "svc")
+
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/svc/echo/nope", agent="strict"), 403, "policy_denied",
+                                 flags="policy=path@enforced.yaml#rules[0]")
+
+        before = len(up.requests)
+        dry = world.call("GET", "/svc/echo/nope", agent="trial")
+        assert dry.status == 200 and len(up.requests) == before + 1
+        row = world.row(dry.request_id)
+        assert (row["decision"], row["reason"], row["status"]) == ("allowed", "would_deny", 200)
+        assert row["flags"] == "policy=path@dry.yaml#rules[0]"
+        # A dry-run rule's rate limit: the first allowed request uses it, the second would be refused.
+        first = world.call("GET", "/svc/echo/ok", agent="trial")
+        assert world.row(first.request_id)["reason"] == ""
+        second = world.call("GET", "/svc/echo/ok", agent="trial")
+        assert second.status == 200 and second.header("Retry-After") is None
+        row = world.row(second.request_id)
+        assert (row["decision"], row["reason"], row["flags"]) == ("allowed", "would_deny",
+                                                                   "rate_limit=rule@dry.yaml#rules[0]")
+
+        off = world.call("GET", "/svc/echo/nope", agent="loose")
+        assert off.status == 200
+        row = world.row(off.request_id)
+        assert (row["decision"], row["reason"], row["flags"]) == ("allowed", "", "")
+
+        dry_test = world.aegis.ctl("policy", "test", "--agent", "trial", "--service", "svc", "--method", "GET",
+                                   "--path", "/echo/nope").ok().out
+        assert "dry-run" in dry_test and "would_deny" in dry_test
+        status = policy_status(world)
+        assert {a["agent"]: a["state"] for a in status["agents"]} == {"strict": "enforce", "trial": "dry-run"}
+        assert {f["name"]: f["mode"] for f in status["files"]} == {"dry.yaml": "dry-run", "enforced.yaml": "enforce",
+                                                                    "off.yaml": "off"}
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+ERROR_FILES = {
+    "syntax.yaml": "agent: a\nrules:\n  - service: svc\n    methods: [GET\n",
+    "unknown.yaml": "agent: b\nrules:\n  - service: svc\n    verbs: [GET]\n",
+    "method.yaml": "agent: c\nrules:\n  - service: svc\n    methods: [GET, FETCH]\n",
+    "regex.yaml": "agent: d\nrules:\n  - service: svc\n    paths: [\"/ok\", \"/repos/(acme\"]\n",
+    "rate.yaml": "agent: e\nrules:\n  - service: svc\n    rate_limit: 100/fortnight\n",
+    "time.yaml": "agent: f\nrules:\n  - service: svc\n    time_window: {start: \"25:00\", end: \"18:00\"}\n",
+    "zone.yaml": "agent: g\nrules:\n  - service: svc\n    time_window: {start: \"09:00\", end: \"18:00\", "
+                 "timezone: Mars/Olympus_Mons}\n",
+    "many.yaml": ("agent: Not Valid\nmode: sometimes\ncolour: blue\nrules:\n  - service: svc\n"
+                  "    methods: [GET, TRACE]\n    paths: [\"[z-a]\"]\n    rate_limit: fast\n"
+                  "    time_window: {start: \"9\", end: \"18:00\", timezone: Nowhere/City}\n  - methods: [GET]\n"),
+}
+EXPECTED = {
+    "syntax.yaml": [("syntax.yaml:5:1", "", "YAML syntax error: expected ',' or ']'")],
+    "unknown.yaml": [("unknown.yaml:4:5", "rules[0].verbs", "unknown field 'verbs'")],
+    "method.yaml": [("method.yaml:4:20", "rules[0].methods[1]", "unknown method 'FETCH'")],
+    "regex.yaml": [("regex.yaml:4:20", "rules[0].paths[1]", "invalid regular expression '/repos/(acme'")],
+    "rate.yaml": [("rate.yaml:4:17", "rules[0].rate_limit", "rate '100/fortnight' must look like N/sec")],
+    "time.yaml": [("time.yaml:4:26", "rules[0].time_window.start", "time '25:00' must be HH:MM")],
+    "zone.yaml": [("zone.yaml:4:59", "rules[0].time_window.timezone", "unknown timezone 'Mars/Olympus_Mons'")],
+    "many.yaml": [("many.yaml:1:8", "agent", "agent name 'Not Valid'"),
+                  ("many.yaml:2:7", "mode", "mode 'sometimes' must be one of: enforce, dry-run, off"),
+                  ("many.yaml:3:1", "colour", "unknown field 'colour'"),
+                  ("many.yaml:6:20", "rules[0].methods[1]", "unknown method 'TRACE'"),
+                  ("many.yaml:7:13", "rules[0].paths[0]", "invalid regular expression '[z-a]'"),
+                  ("many.yaml:8:17", "rules[0].rate_limit", "rate 'fast'"),
+                  ("many.yaml:9:26", "rules[0].time_window.start", "time '9' must be HH:MM"),
+                  ("many.yaml:9:55", "rules[0].time_window.timezone", "unknown timezone 'Nowhere/City'"),
+                  ("many.yaml:10:5", "rules[1].service", "missing required field 'service'")],
+}
+
+
+def test_validate_reports_every_error_with_file_line_and_field(aegis: Aegis, tmp_path: Path) -> None:
+    for name, text in ERROR_FILES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "good.yml").write_text(BOT_POLICY)
+    (tmp_path / "notes.txt").write_text("not a policy")
+
+    result = aegis.ctl("policy", "validate", str(tmp_path))  # a directory: every *.yaml / *.yml in it
+    assert result.code == 1, result.out + result.err
+    assert f"{len(ERROR_FILES)} of {len(ERROR_FILES) + 1} file(s)" in result.err
+    lines = result.out.splitlines()
+    assert f"{tmp_path / 'good.yml'}: ok (agent bot, 2 rules, enforce)" in lines
+    for name, expected in EXPECTED.items():
+        found = [line for line in lines if line.startswith(f"{tmp_path / name}:")]
+        assert len(found) == len(expected), (name, found)
+        for line, (where, field, message) in zip(found, expected, strict=True):
+            assert line.startswith(f"{tmp_path}/{where}: " + (f"{field}: " if field else "")), (line, where, field)
+            assert message in line, (line, message)
+    assert "notes.txt" not in result.out
+
+    as_json = aegis.ctl("policy", "validate", "--json", str(tmp_path / "many.yaml"), str(tmp_path / "good.yml"))
+    assert as_json.code == 1
+    files = {Path(f["name"]).name: f for f in json.loads(as_json.out)}
+    assert files["good.yml"]["valid"] and not files["good.yml"]["issues"]
+    many = files["many.yaml"]
+    assert not many["valid"]
+    assert [(i["line"], i["field"]) for i in many["issues"]] == [
+        (int(w.split(":")[1]), f) for w, f, _ in EXPECTED["many.yaml"]]
+
+    assert aegis.ctl("policy", "validate", str(tmp_path / "good.yml")).ok().out.strip().endswith("enforce)")
+    # Two files for one agent must agree on the mode.
+    (tmp_path / "bot-dry.yaml").write_text("agent: bot\nmode: dry-run\nrules: []\n")
+    mixed = aegis.ctl("policy", "validate", str(tmp_path / "good.yml"), str(tmp_path / "bot-dry.yaml"))
+    assert_failed(mixed, "2 of 2 file(s)")
+    assert "different modes" in mixed.out
+    missing = aegis.ctl("policy", "validate", str(tmp_path / "absent.yaml"))
+    assert missing.code == 2 and "does not exist" in missing.err
+
+
+def test_broken_file_fails_closed_for_its_agent_and_keeps_the_others() -> None:
+    alice = "agent: alice\nrules:\n  - service: svc\n    paths: [\"/echo/a\"]\n"
+    bob = "agent: bob\nrules:\n  - service: svc\n    paths: [\"/echo/b\"]\n"
+    world, directory = _world({"alice.yaml": alice, "bob.yaml": bob})
+    try:
+        up = world.upstreams[0]
+        for name in ("alice", "bob", "carol"):
+            world.agent(name, "svc")
+        assert world.call("GET", "/svc/echo/a", agent="alice").status == 200
+
+        write_policy(directory, "alice.yaml", alice.replace("paths: [", "paths: [[\n"))  # YAML syntax error
+        write_policy(directory, "bob.yaml", bob.replace("/echo/b", "/echo/b2"))  # a valid change, same reload
+        result = world.aegis.ctl("policy", "reload")
+        assert_failed(result, "reloaded with errors")
+        assert "alice.yaml:" in result.out and "YAML syntax error" in result.out
+        status = policy_status(world)
+        assert status["trigger"] == "aegisctl"
+        assert {a["agent"]: a["state"] for a in status["agents"]} == {"alice": "invalid", "bob": "enforce"}
+
+        with untouched(up):
+            reply = world.call("GET", "/svc/echo/a", agent="alice")
+            world.assert_refused(reply, 403, "policy_invalid", flags="policy=invalid")
+            assert "alice" in reply.error()["message"] and "alice.yaml" in reply.error()["message"]
+            world.assert_refused(world.call("GET", "/svc/echo/b", agent="bob"), 403, "policy_denied")
+        assert world.call("GET", "/svc/echo/b2", agent="bob").status == 200
+        assert world.call("GET", "/svc/echo/anything", agent="carol").status == 200  # no policy: grants only
+        event = system_rows(world)[0]
+        assert event["reason"] == "policy_invalid" and "alice.yaml (agent alice)" in event["detail"]
+
+        # A file whose agent cannot be told at all: every agent fails closed, governed or not.
+        write_policy(directory, "mystery.yaml", "rules:\n  - service: svc\n    methods: [GET\n")
+        world.aegis.ctl("policy", "reload")
+        for name in ("bob", "carol"):
+            world.assert_refused(world.call("GET", "/svc/echo/b2", agent=name), 403, "policy_invalid")
+        assert policy_status(world)["fail_all"] == ["mystery.yaml"]
+        assert "EVERY agent fails closed" in world.aegis.ctl("policy", "list").out
+
+        (directory / "mystery.yaml").unlink()
+        write_policy(directory, "alice.yaml", alice)
+        world.aegis.ctl("policy", "reload").ok()
+        assert world.call("GET", "/svc/echo/a", agent="alice").status == 200
+        assert world.call("GET", "/svc/echo/b2", agent="bob").status == 200
+        assert system_rows(world)[0]["reason"] == "policy_reloaded"
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_reload_on_sighup_and_on_file_change_each_a_ledger_event() -> None:
+    world, directory = _world({"bot.yaml": "agent: bot\nrules:\n  - service: svc\n    paths: [\"/echo/one\"]\n"})
+    try:
+        world.agent("bot", "svc")
+        world.assert_refused(world.call("GET", "/svc/echo/two", agent="bot"), 403, "policy_denied")
+
+        # The watcher sees the file change on its own.
+        reloads = policy_status(world)["reloads"]
+        write_policy(directory, "bot.yaml", "agent: bot\nrules:\n  - service: svc\n    paths: [\"/echo/two\"]\n")
+        status = wait_reloads(world, reloads)
+        assert status["trigger"] == "file change"
+        assert world.call("GET", "/svc/echo/two", agent="bot").status == 200
+
+        # SIGHUP re-reads the directory even when nothing changed.
+        reloads = status["reloads"]
+        assert world.aegis.proc is not None
+        world.aegis.proc.send_signal(signal.SIGHUP)
+        status = wait_reloads(world, reloads)
+        assert status["trigger"] == "SIGHUP"
+        sighup = [row for row in system_rows(world) if "(SIGHUP)" in row["detail"]]
+        assert sighup and sighup[0]["reason"] == "policy_reloaded"
+
+        details = [row["detail"] for row in system_rows(world)]
+        assert any(d.startswith("policies reloaded (file change): 1 files, 1 agents") for d in details)
+        assert any(d.startswith("policies reloaded (startup)") for d in details)
+        assert world.aegis.ctl("ledger", "verify").code == 0
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_missing_policy_directory_stops_the_start(fresh: Aegis) -> None:
+    fresh.start(env={"AEGIS_POLICIES_DIR": str(fresh.root / "nowhere")}, wait=False)
+    assert fresh.proc is not None
+    assert fresh.proc.wait(30) == 1
+    assert "cannot read the policy directory" in fresh.log() and "--policies-dir" in fresh.log()

@@ -1,0 +1,165 @@
+"""Rate limits through the real daemon: per credential, per agent, per policy rule and the per-agent
+concurrency cap; each refusal is a 429 with Retry-After and RateLimit headers, and uses no quota."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+
+from tests.e2e.gate_support import Reply, untouched
+from tests.e2e.policy_support import Expected, check_rows, policy_world, refusal
+from tests.e2e.support import assert_failed
+
+LIMITED = "sk-limited-secret-4Tg7Rb2Yc9"
+OPEN = "sk-open-secret-8Jk3Vn6Qp1"
+DAY = 86400
+RULE_POLICY = "agent: ruled\nrules:\n  - service: open\n    rate_limit: 2/day\n"
+
+
+def fields(value: str | None) -> dict[str, dict[str, str]]:
+    """A Structured Field list of `"name";k=v;...` items, by name."""
+    assert value, "header missing"
+    items: dict[str, dict[str, str]] = {}
+    for item in value.split(","):
+        name, *params = item.strip().split(";")
+        assert name.startswith('"') and name.endswith('"'), value
+        items[name.strip('"')] = dict(param.split("=", 1) for param in params)
+    return items
+
+
+def limited(seen: list[Expected], reply: Reply, *refusing: str) -> dict[str, dict[str, str]]:
+    """A 429 `rate_limited` naming `refusing`, with consistent Retry-After and RateLimit headers;
+    its ledger row is queued in `seen` for one batched check."""
+    refusal(reply, 429, "rate_limited")
+    seen.append((reply, "denied", "rate_limited", "rate_limit=" + "+".join(refusing)))
+    retry = reply.header("Retry-After")
+    assert retry is not None and retry.isdigit() and int(retry) >= 1, reply.text()
+    policies, limits = fields(reply.header("RateLimit-Policy")), fields(reply.header("RateLimit"))
+    assert set(policies) == set(limits), reply.text()
+    for name in refusing:
+        assert limits[name]["r"] == "0", reply.text()
+        if name != "concurrency":
+            assert 1 <= int(limits[name]["t"]) <= int(retry), reply.text()  # Retry-After is never earlier
+    assert int(retry) == max(int(limits[n].get("t", "1")) for n in refusing)
+    return policies
+
+
+def test_credential_agent_and_rule_limits_refusals_use_no_quota() -> None:
+    world, _ = policy_world({"ruled.yaml": RULE_POLICY})
+    try:
+        up = world.upstream()
+        world.credential("limited", LIMITED, up.entry(), "--rate-limit", "2/day")
+        world.credential("open", OPEN, up.entry())
+        world.agent("bot", "limited", "open")
+        world.agent("peer", "limited")
+        world.agent("ruled", "open")
+        ctl = world.aegis.ctl
+        seen: list[Expected] = []
+        assert ctl("agent", "set-rate-limit", "bot", "5/DAY").ok().out.strip() == "Agent 'bot' rate limit: 5/day."
+        assert json.loads(ctl("agent", "show", "bot", "--json").ok().out)["rate_limit"] == "5/day"
+        assert re.search(r"^rate limit:\s+5/day$", ctl("agent", "show", "bot").ok().out, re.MULTILINE)
+
+        # Credential 2/day, agent 5/day: two pass, then the credential refuses.
+        for _ in range(2):
+            assert world.call("GET", "/limited/echo/x", agent="bot").status == 200
+        with untouched(up):
+            for _ in range(3):
+                reply = world.call("GET", "/limited/echo/x", agent="bot")
+                policies = limited(seen, reply, "credential")
+                assert policies == {"credential": {"q": "2", "w": str(DAY)}, "agent": {"q": "5", "w": str(DAY)},
+                                    "concurrency": {"q": "64", "qu": '"concurrent-requests"'}}
+                assert fields(reply.header("RateLimit"))["agent"]["r"] == "3"  # refusals consumed none of it
+                assert "credential limit 2/day" in reply.error()["message"]
+            # The credential's quota is shared by every agent that uses it.
+            reply = world.call("GET", "/limited/echo/x", agent="peer")
+            policies = limited(seen, reply, "credential")
+            assert set(policies) == {"credential", "concurrency"}
+
+        # The three refusals left the agent's quota whole: three more pass on its other credential.
+        for _ in range(3):
+            assert world.call("GET", "/open/echo/y", agent="bot").status == 200
+        with untouched(up):
+            reply = world.call("GET", "/open/echo/y", agent="bot")
+            policies = limited(seen, reply, "agent")
+            assert set(policies) == {"agent", "concurrency"}
+
+        # A policy rule's own limit.
+        for _ in range(2):
+            assert world.call("GET", "/open/echo/z", agent="ruled").status == 200
+        with untouched(up):
+            reply = world.call("GET", "/open/echo/z", agent="ruled")
+            policies = limited(seen, reply, "rule")
+            assert policies["rule"] == {"q": "2", "w": str(DAY)}
+            assert "ruled.yaml#rules[0]" in reply.error()["message"]
+        check_rows(world, seen)
+        rule_test = json.loads(ctl("policy", "test", "--agent", "ruled", "--service", "open", "--method", "GET",
+                                   "--path", "/x", "--json").ok().out)
+        assert rule_test["rate_limit"] == "2/day"
+
+        # Malformed rates are refused when set, and change nothing.
+        assert_failed(ctl("agent", "set-rate-limit", "bot", "5/fortnight"), "must look like N/sec")
+        assert_failed(ctl("agent", "set-rate-limit", "bot", "0/min"), "at least 1")
+        assert_failed(ctl("agent", "set-rate-limit", "nobody", "1/min"), "no agent named 'nobody'")
+        assert json.loads(ctl("agent", "show", "bot", "--json").ok().out)["rate_limit"] == "5/day"
+        assert_failed(ctl("vault", "update", "open", "--rate-limit", "lots"), "must look like N/sec")
+
+        # Cleared: the agent's own limit no longer applies (the gate's table is rebuilt at once).
+        assert ctl("agent", "set-rate-limit", "bot", "none").ok().out.strip() == "Agent 'bot' rate limit: none."
+        assert world.call("GET", "/open/echo/y", agent="bot").status == 200
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_agent_concurrency_cap() -> None:
+    world, _ = policy_world(agent_max_concurrency=2)
+    try:
+        up = world.upstream()
+        world.credential("open", OPEN, up.entry())
+        world.agent("busy", "open")
+        world.agent("calm", "open")
+        replies: dict[str, Reply] = {}
+        seen: list[Expected] = []
+
+        def hold(name: str) -> None:
+            replies[name] = world.call("GET", f"/open/hold/{name}", agent="busy")
+
+        threads = {name: threading.Thread(target=hold, args=(name,)) for name in ("a", "b")}
+        for thread in threads.values():
+            thread.start()
+        try:
+            for name in threads:
+                assert up.arrived(name).wait(20), "the held request never reached the upstream"
+            with untouched(up):
+                reply = world.call("GET", "/open/echo/x", agent="busy")
+                policies = limited(seen, reply, "concurrency")
+            assert reply.header("Retry-After") == "1"
+            assert policies == {"concurrency": {"q": "2", "qu": '"concurrent-requests"'}}
+            assert "2 requests in flight" in reply.error()["message"]
+            assert world.call("GET", "/open/echo/x", agent="calm").status == 200  # the cap is per agent
+
+            up.release("a")
+            threads["a"].join(20)
+            assert replies["a"].status == 200 and replies["a"].body == b"held a"
+            assert world.call("GET", "/open/echo/x", agent="busy").status == 200  # the slot came back
+        finally:
+            up.release("a")
+            up.release("b")
+            for thread in threads.values():
+                thread.join(20)
+        assert replies["b"].status == 200
+        check_rows(world, seen)
+
+        # A rate the gate cannot parse (the database edited behind aegisd's back) refuses, never allows.
+        conn = sqlite3.connect(world.aegis.data_dir / "vault.db")
+        with conn:
+            conn.execute("UPDATE agents SET rate_limit = 'lots' WHERE name = 'calm'")
+        conn.close()
+        world.aegis.ctl("agent", "set-rate-limit", "busy", "none").ok()  # any agent change rebuilds the table
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/open/echo/x", agent="calm"), 500, "rate_limit_invalid")
+        world.assert_no_leaks()
+    finally:
+        world.close()

@@ -1,0 +1,141 @@
+"""Response redaction through the real daemon: an upstream that echoes the injected secret (raw, in a
+header, base64 at any offset, URL-encoded, gzip-compressed, or split across two chunks of an SSE stream
+that pauses in between) never gets it to the agent, and the ledger row says `response_redacted`."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import pytest
+
+from tests.e2e.gate_support import GateWorld, Reply, _dechunk
+from tests.e2e.inspection_support import LeakyUpstream
+
+REDACTED = "[REDACTED]"
+SECRETS = {"blk": "blk-Secret/for+redaction=Q7w8E9", "wrn": "wrn-secret-for-redaction-A1s2D3",
+           "off": "off-secret-for-redaction-Z9x8", "bas": "svcuser:basic-pass-R4t5Y6u7"}
+
+
+@dataclass
+class Redacting:
+    world: GateWorld
+    up: LeakyUpstream
+
+
+@pytest.fixture(scope="module")
+def red() -> Iterator[Redacting]:
+    world = GateWorld.start()
+    try:
+        up = LeakyUpstream()
+        world.upstreams.append(up)
+        up.start()
+        world.credential("blk", SECRETS["blk"], up.entry())
+        world.credential("wrn", SECRETS["wrn"], up.entry(), "--body-inspection", "warn")
+        world.credential("off", SECRETS["off"], up.entry(), "--body-inspection", "off")
+        world.credential("bas", SECRETS["bas"], up.entry(), "--auth-type", "basic")
+        for secret in (SECRETS["blk"], SECRETS["bas"]):  # every form the upstream sends back is a needle too
+            world.secrets += [base64.b64encode(secret.encode()).decode(), quote(secret, safe="")]
+        world.agent("bot", "blk", "wrn", "off", "bas")
+        yield Redacting(world, up)
+    finally:
+        world.close()
+
+
+def assert_redacted(world: GateWorld, reply: Reply, rows: list[dict[str, object]], *, body: bool = True) -> None:
+    assert reply.status == 200, reply.text()
+    if body:
+        assert REDACTED.encode() in reply.body, reply.text()
+        assert reply.header("Content-Length") is None  # the length may have changed: sent chunked
+    row = world.row(reply.request_id, rows)
+    assert (row["decision"], row["flags"]) == ("allowed", "response_redacted"), row
+
+
+def test_echoes_in_body_header_base64_and_url_form_are_redacted(red: Redacting) -> None:
+    world = red.world
+    replies = {kind: world.call("GET", f"/blk/leak/{kind}", agent="bot") for kind in ("raw", "json", "url")}
+    header = world.call("GET", "/blk/leak/header", agent="bot")
+    b64 = [world.call("GET", f"/blk/leak/b64?pad={pad}", agent="bot") for pad in range(6)]
+    warned = world.call("GET", "/wrn/leak/raw", agent="bot")  # warn is about requests; responses are redacted
+    rows = world.ledger()
+    assert replies["raw"].body == b"key=[REDACTED];"
+    assert replies["json"].json() == {"echo": REDACTED}
+    assert replies["url"].body == b"next=[REDACTED]"
+    for reply in (*replies.values(), *b64, warned):
+        assert_redacted(world, reply, rows)
+    assert_redacted(world, header, rows, body=False)
+    assert header.header("X-Echo") == REDACTED and header.body == b"ok"
+    assert warned.body == b"key=[REDACTED];"
+    world.assert_no_leaks()
+
+
+def test_basic_auth_echo_is_redacted(red: Redacting) -> None:
+    world = red.world
+    reply = world.call("GET", "/bas/leak/raw", agent="bot")
+    assert reply.body == b"key=Basic [REDACTED];"
+    assert_redacted(world, reply, world.ledger("--credential", "bas"))
+    world.assert_no_leaks()
+
+
+def test_secret_split_across_a_paused_sse_stream(red: Redacting) -> None:
+    """The upstream sends an event and half the secret, then waits for the test: the agent already has the
+    event (the stream flows), not the half secret (held back); after the rest, only [REDACTED] arrives."""
+    world, up = red.world, red.up
+    secret = SECRETS["blk"].encode()
+    request = (f"GET /blk/leak/sse HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: {world.tokens['bot']}"
+               "\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while b"data: first\n\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"stream ended early: {received!r}"
+            received += chunk
+        assert up.arrived("leak").wait(30) and not up.was_released("leak")  # the upstream is still waiting
+        assert secret[: len(secret) // 2] not in received
+        up.release("leak")
+        while chunk := sock.recv(65536):
+            received += chunk
+    world.received.append(received.decode("latin-1"))
+    head, _, chunked = received.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower() and b"content-length" not in head.lower()
+    body = _dechunk(chunked)
+    assert body == (b'event: message\ndata: first\n\ndata: {"key": "[REDACTED]"}\n\ndata: [DONE]\n\n')
+    request_id = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"x-aegis-request-id:"))
+    row = world.row(request_id, world.ledger("--credential", "blk"))
+    assert row["flags"] == "response_redacted" and row["status"] == 200
+    world.assert_no_leaks()
+
+
+def test_gzip_response_is_decoded_and_redacted(red: Redacting) -> None:
+    world, up = red.world, red.up
+    reply = world.call("GET", "/blk/leak/gzip", [("Accept-Encoding", "gzip, br")], agent="bot")
+    assert reply.json() == {"echo": REDACTED} and reply.header("Content-Encoding") is None
+    assert up.requests_to("/leak/gzip")[-1].header("Accept-Encoding") == ["identity"]
+    assert_redacted(world, reply, world.ledger("--credential", "blk"))
+    world.assert_no_leaks()
+
+
+def test_undecodable_response_encoding_is_refused(red: Redacting) -> None:
+    world = red.world
+    reply = world.call("GET", "/blk/leak/br", agent="bot")
+    world.assert_refused(reply, 502, "response_not_redactable", credential="blk")
+    world.assert_no_leaks()
+
+
+def test_clean_responses_pass_and_off_mode_keeps_length(red: Redacting) -> None:
+    world = red.world
+    clean = world.call("GET", "/blk/leak/length", agent="bot")
+    head = world.call("HEAD", "/blk/leak/length", agent="bot")
+    untouched = world.call("GET", "/off/leak/length", agent="bot")
+    rows = world.ledger()
+    assert clean.body == b"no secret here" and clean.header("Content-Length") is None
+    assert head.status == 200 and head.header("Content-Length") == "14" and head.body == b""
+    assert untouched.body == b"no secret here" and untouched.header("Content-Length") == "14"
+    for reply in (clean, head, untouched):
+        assert world.row(reply.request_id, rows)["flags"] == ""
+    world.assert_no_leaks()

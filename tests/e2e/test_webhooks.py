@@ -1,0 +1,288 @@
+"""Webhooks end to end: aegisctl commands, signed deliveries to a real receiver, retries, drops.
+
+Every delivery is checked the way a production receiver must check it: HMAC-SHA256 of the exact
+body bytes with the secret `webhook add` printed once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.e2e.gate_support import GateWorld, Reply
+from tests.e2e.ops_support import Scrape, add_webhook, ops_world, refused
+from tests.e2e.support import assert_failed
+from tests.harness import PASSPHRASE, free_port
+from tests.webhook_receiver import Delivery, Receiver
+
+SECRET = "sk-webhook-secret-7e6d5c4b3a"
+BRIEF_SECRET = "sk-webhook-brief-9a8b7c6d5e"
+OPEN_SECRET = "sk-webhook-open-2f3e4d5c6b"
+URL_SECRET = "slackish-T0KEN-3c2b1a"
+ALL_EVENTS = "blocked_request,rate_limited,agent_auth_failure,body_inspection,credential_expiry,response_redacted"
+DETAIL_KEYS = {"request_id", "agent", "service", "credential", "method", "path", "target_host", "reason", "status",
+               "decision"}
+
+
+def _check_delivery(delivery: Delivery) -> dict[str, Any]:
+    """Signature over the exact bytes, headers matching the payload, the documented shape."""
+    assert delivery.verified, delivery
+    payload = delivery.payload
+    assert set(payload) == {"event", "id", "time", "details"}, payload
+    assert delivery.headers["X-Aegis-Event"] == payload["event"]
+    assert delivery.headers["X-Aegis-Delivery"] == payload["id"]
+    assert delivery.headers["Content-Type"] == "application/json"
+    assert payload["time"].endswith("Z")
+    return payload
+
+
+def _by_request(deliveries: list[Delivery]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for delivery in deliveries:
+        request_id = delivery.payload["details"].get("request_id")
+        if request_id:
+            found.setdefault(request_id, []).append(delivery.event)
+    return found
+
+
+def test_webhook_commands_show_the_secret_once() -> None:
+    world = ops_world()
+    receiver = Receiver().start()
+    ctl = world.aegis.ctl
+    try:
+        url = receiver.url(f"/hook/{URL_SECRET}")
+        world.secrets.append(URL_SECRET)
+        added = ctl("webhook", "add", url, "--events", "credential_expiry, blocked_request").ok()
+        secret = added.out.strip()
+        assert added.out == secret + "\n" and secret.startswith("whsec_")
+        assert "not shown again" in added.err
+        world.aegis.outputs.remove(added.out)
+        world.secrets.append(secret)
+        receiver.secret = secret
+
+        listed = json.loads(ctl("webhook", "list", "--json").ok().out)
+        assert len(listed) == 1
+        hook_id = listed[0]["id"]
+        assert listed[0] == {"id": hook_id, "origin": f"http://127.0.0.1:{receiver.port}",
+                             "events": ["blocked_request", "credential_expiry"], "created_at": listed[0]["created_at"]}
+        human = ctl("webhook", "list").ok().out
+        assert hook_id in human and f"127.0.0.1:{receiver.port}" in human
+
+        tested = ctl("webhook", "test", hook_id).ok()
+        assert "HTTP 200" in tested.out
+        delivery = receiver.wait_for(1, "test")[0]
+        payload = _check_delivery(delivery)
+        assert tested.out.split()[1] == payload["id"]
+
+        # A URL can come from stdin, out of argv; a dead receiver makes `test` fail with the reason.
+        dead_url = f"http://127.0.0.1:{free_port()}/dead"
+        stdin_added = ctl("webhook", "add", "--url-stdin", "--events", "rate_limited", "--json",
+                          input=dead_url + "\n").ok()
+        world.aegis.outputs.remove(stdin_added.out)
+        via_stdin = json.loads(stdin_added.out)
+        world.secrets.append(via_stdin["secret"])
+        failed = ctl("webhook", "test", via_stdin["id"])
+        assert_failed(failed, "test delivery", "cannot connect")
+        as_json = ctl("webhook", "test", via_stdin["id"], "--json")
+        assert as_json.code == 1 and json.loads(as_json.out)["delivered"] is False
+
+        # Bad input: a precise error, and nothing registered.
+        assert_failed(ctl("webhook", "add", "http://hooks.example.com/x", "--events", "blocked_request"),
+                      "only to loopback", "https://")
+        assert_failed(ctl("webhook", "add", url, "--events", "blocked,rate_limited"),
+                      "unknown webhook event 'blocked'", "blocked_request")
+        assert_failed(ctl("webhook", "add", "https://u:p@hooks.example.com/x", "--events", "blocked_request"),
+                      "user or password")
+        assert_failed(ctl("webhook", "add", "--events", "blocked_request"), "argument or with --url-stdin", code=2)
+        assert_failed(ctl("webhook", "remove", "wh_000000000000", "--yes"), "no webhook", "webhook list")
+        assert_failed(ctl("webhook", "remove", hook_id), "--yes", code=2)
+
+        # Locked: the list still shows origins (and nothing was lost to bad input); add and test need the vault.
+        ctl("lock").ok()
+        assert len(json.loads(ctl("webhook", "list", "--json").ok().out)) == 2
+        assert_failed(ctl("webhook", "add", url, "--events", "blocked_request"), "locked", "aegisctl unlock")
+        assert_failed(ctl("webhook", "test", hook_id), "locked")
+        ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+
+        assert f"Removed webhook {hook_id}" in ctl("webhook", "remove", hook_id, "--yes").ok().out
+        assert [h["id"] for h in json.loads(ctl("webhook", "list", "--json").ok().out)] == [via_stdin["id"]]
+        # The signing secrets and the URL's path exist nowhere in clear: not in any output, log or file.
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
+    finally:
+        receiver.stop()
+        world.close()
+
+
+def _call_until(world: GateWorld, target: str, code: str, deadline_s: float = 20.0) -> Reply:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        reply = world.call("GET", target, agent="bot")
+        if reply.status != 200:
+            assert reply.error()["code"] == code, reply.text()
+            return reply
+        assert time.monotonic() < deadline, f"{target} never answered {code}"
+        time.sleep(0.2)
+
+
+def test_gate_events_are_delivered_signed() -> None:
+    world = ops_world("[webhooks]\nworkers = 1\n")  # one worker: deliveries arrive in order
+    receiver = Receiver().start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRET, up.entry())
+        add_webhook(world, receiver, ALL_EVENTS)
+        world.credential("brief", BRIEF_SECRET, up.entry(), "--ttl", "4")
+        world.agent("bot", "bear", "brief")
+
+        soon = _check_delivery(receiver.wait_for(1, "credential_expiry")[0])
+        assert {k: soon["details"][k] for k in ("credential", "service", "state")} == {
+            "credential": "brief", "service": "brief", "state": "expiring_soon"}
+        assert soon["details"]["expires_at"].endswith("Z")
+
+        allowed = world.call("GET", "/bear/echo/a?api_key=query-value-77", agent="bot")
+        assert allowed.status == 200
+        blocked = world.call("GET", "/nosuch/x?api_key=query-value-78", agent="bot")
+        world.assert_refused(blocked, 403, "not_granted")
+        bad_token = world.call("GET", "/bear/x", [("X-Aegis-Agent", "aegis_forged-token-value")])
+        world.assert_refused(bad_token, 401, "agent_auth_invalid")
+        expired = _call_until(world, "/brief/echo/b", "credential_expired")
+        expired_again = world.call("GET", "/brief/echo/c", agent="bot")
+        refused(expired_again, 403, "credential_expired")
+        marker = world.call("GET", "/marker/x", agent="bot")
+        refused(marker, 403, "not_granted")
+
+        deadline = time.monotonic() + 20
+        while marker.request_id not in _by_request(receiver.deliveries):
+            assert time.monotonic() < deadline, [d.payload for d in receiver.deliveries]
+            time.sleep(0.05)
+        deliveries = receiver.deliveries
+        payloads = [_check_delivery(d) for d in deliveries]
+        assert len({p["id"] for p in payloads}) == len(payloads)
+        events = _by_request(deliveries)
+        assert allowed.request_id not in events
+        assert events[blocked.request_id] == ["blocked_request"]
+        assert events[bad_token.request_id] == ["agent_auth_failure"]
+        assert events[expired.request_id] == ["blocked_request", "credential_expiry"]
+        assert events[expired_again.request_id] == ["blocked_request"]  # expiry alerts once a day per credential
+        assert [p["details"].get("state") for p in payloads if p["event"] == "credential_expiry"] == [
+            "expiring_soon", "expired"]
+
+        detail = next(p["details"] for p in payloads if p["details"].get("request_id") == blocked.request_id)
+        assert set(detail) == DETAIL_KEYS
+        assert detail == {**detail, "agent": "bot", "service": "nosuch", "method": "GET", "path": "/x",
+                          "reason": "not_granted", "status": 403, "decision": "denied"}
+        auth = next(p["details"] for p in payloads if p["details"].get("request_id") == bad_token.request_id)
+        assert auth["agent"] == "" and auth["reason"] == "agent_auth_invalid"
+        bodies = [d.body.decode() for d in deliveries]
+        assert not any("query-value" in body or "aegis_forged" in body for body in bodies)
+
+        scrape = Scrape(world)
+        assert scrape.value("aegis_webhook_delivered_total") == len(deliveries)
+        assert scrape.value("aegis_webhook_failed_total") == scrape.value("aegis_webhook_dropped_total") == 0
+        world.assert_no_leaks(bodies)
+    finally:
+        receiver.stop()
+        world.close()
+
+
+def test_limit_inspection_and_redaction_events_when_those_steps_exist() -> None:
+    world = ops_world()
+    receiver = Receiver().start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRET, up.entry(), "--rate-limit", "2/min")
+        world.credential("open", OPEN_SECRET, up.entry(), "--body-inspection", "warn")
+        world.agent("bot", "bear", "open")
+        add_webhook(world, receiver, "rate_limited,body_inspection,response_redacted")
+        raised: dict[str, set[str]] = {}
+        inspected = world.call("POST", "/bear/echo/leak", body=json.dumps({"key": SECRET}).encode(), agent="bot")
+        if inspected.status == 403 and inspected.error()["code"] == "body_inspection":
+            raised[inspected.request_id] = {"body_inspection"}
+        for _ in range(4):
+            reply = world.call("GET", "/bear/echo/x", agent="bot")
+            if reply.status == 429:
+                assert reply.error()["code"] == "rate_limited"
+                raised[reply.request_id] = {"rate_limited"}
+        # In warn mode the secret is forwarded (and flagged); the upstream echoes it back, redacted.
+        echoed = world.call("POST", "/open/echo/r", body=json.dumps({"key": OPEN_SECRET}).encode(), agent="bot")
+        assert echoed.status == 200
+        if b"[REDACTED]" in echoed.body:
+            raised[echoed.request_id] = {"body_inspection", "response_redacted"}
+        else:
+            world.received.remove(echoed.text())  # no redaction step yet: this reply holds the secret
+        if not raised:
+            pytest.skip("rate limits, body inspection and redaction (issue 4) are not in the gate yet")
+        receiver.wait_for(sum(map(len, raised.values())))
+        got: dict[str, set[str]] = {}
+        for delivery in receiver.deliveries:
+            payload = _check_delivery(delivery)
+            got.setdefault(payload["details"]["request_id"], set()).add(payload["event"])
+        assert got == raised
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
+    finally:
+        receiver.stop()
+        world.close()
+
+
+def test_retries_reach_a_receiver_that_fails_twice() -> None:
+    world = ops_world("[webhooks]\nretry_delay = 0.05\n")
+    receiver = Receiver(fail_first=2).start()
+    try:
+        add_webhook(world, receiver, "agent_auth_failure")
+        refused(world.call("GET", "/any/x"), 401, "agent_auth_required")
+        attempts = receiver.wait_for(3)
+        assert [a.status for a in attempts] == [503, 503, 200]
+        assert all(a.verified for a in attempts)
+        assert len({a.delivery_id for a in attempts}) == 1  # the same delivery, retried
+        assert len({a.body for a in attempts}) == 1  # byte for byte, so one signature covers every attempt
+        # The receiver answers before the daemon counts the delivery: wait (bounded) for the count.
+        deadline = time.monotonic() + 30
+        while (scrape := Scrape(world)).value("aegis_webhook_delivered_total") != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scrape.value("aegis_webhook_delivered_total") == 1
+        assert scrape.value("aegis_webhook_failed_total") == 0
+        world.assert_no_leaks([a.body.decode() for a in attempts])
+    finally:
+        receiver.stop()
+        world.close()
+
+
+def test_dead_and_slow_receivers_never_slow_the_gate() -> None:
+    world = ops_world("[webhooks]\nqueue_size = 4\nworkers = 1\ntimeout = 0.5\nmax_attempts = 2\n"
+                      "retry_delay = 0.05\n")
+    slow = Receiver(hold=True).start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRET, up.entry())
+        world.agent("bot", "bear")
+        add_webhook(world, slow, "agent_auth_failure")
+        dead = world.aegis.ctl("webhook", "add", f"http://127.0.0.1:{free_port()}/dead", "--events",
+                               "agent_auth_failure").ok()
+        world.aegis.outputs.remove(dead.out)
+        world.secrets.append(dead.out.strip())
+
+        started = time.perf_counter()
+        for n in range(300):
+            refused(world.call("GET", f"/bear/flood/{n}"), 401, "agent_auth_required")
+            if n % 10 == 0:
+                assert world.call("GET", f"/bear/echo/{n}", agent="bot").status == 200
+        elapsed = time.perf_counter() - started
+        print(f"330 gate requests with a dead and a held receiver: {elapsed:.2f} s")
+
+        scrape = Scrape(world)
+        assert scrape.value("aegis_webhook_dropped_total") > 0
+        assert scrape.value("aegis_webhook_queue_depth") <= 4
+        assert "webhook queue full" in world.aegis.log()
+        slow.release()
+        deadline = time.monotonic() + 30
+        while Scrape(world).value("aegis_webhook_failed_total") == 0:
+            assert time.monotonic() < deadline, "no delivery to the dead receiver was ever given up"
+            time.sleep(0.1)
+        world.assert_no_leaks([d.body.decode() for d in slow.deliveries])
+    finally:
+        slow.stop()
+        world.close()
+

@@ -1,0 +1,288 @@
+"""Ledger retention and reports: prune keeps the chain verifiable through an authenticated checkpoint,
+forged or missing checkpoints are caught, stats count with GROUP BY, and the writer's maintenance hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aegisd.ledger import (
+    KeyMissing,
+    LedgerEntry,
+    LedgerError,
+    LedgerWriter,
+    PruneRefused,
+    ledger_stats,
+    prune,
+    query_rows,
+    verify,
+)
+from aegisd.ledger.checkpoint import all_checkpoints, checkpoint_mac
+
+KEY = bytes(range(100, 132))
+T0 = 1_700_000_000_000
+
+
+def entry(i: int, **kw: Any) -> LedgerEntry:
+    fields: dict[str, Any] = {"kind": "request", "time_ms": T0 + i, "request_id": f"r{i}", "agent": f"agent{i % 3}",
+                              "service": "openai", "method": "GET", "path": "/v1/models", "decision": "allowed",
+                              "status": 200}
+    fields.update(kw)
+    return LedgerEntry(**fields)
+
+
+async def started(path: Path, key: bytes | None = KEY) -> LedgerWriter:
+    writer = LedgerWriter(path)
+    await writer.start()
+    if key is not None:
+        writer.set_key(key)
+    return writer
+
+
+def sql(path: Path, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            return conn.execute(statement, params).fetchall()
+    finally:
+        conn.close()
+
+
+def fill(path: Path, count: int) -> None:
+    async def main() -> None:
+        writer = await started(path)
+        await asyncio.gather(*(writer.append(entry(i)) for i in range(count)))
+        await writer.close()
+
+    asyncio.run(main())
+
+
+def prune_once(path: Path, before_ms: int, chunk_rows: int = 10_000) -> tuple[int, int, int | None]:
+    async def main() -> tuple[int, int, int | None]:
+        writer = await started(path)
+        try:
+            result = await prune(writer, before_ms, chunk_rows=chunk_rows)
+        finally:
+            await writer.close()
+        return result.pruned, result.first_kept_id, result.checkpoint_id
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+def test_prune_then_verify(db: Path) -> None:
+    fill(db, 100)
+    assert prune_once(db, T0 + 40, chunk_rows=7) == (40, 41, 1)  # rows 1..40 have time T0+0..T0+39
+    result = verify(db, KEY)
+    assert result.ok and result.rows_checked == 60 and result.first_id == 41, result
+    assert "pruned" in result.reason
+    assert [r.id for r in query_rows(db, newest_first=False, limit=1)] == [41]
+    [cp] = all_checkpoints(db_conn := sqlite3.connect(db))
+    db_conn.close()
+    assert (cp.first_kept_id, cp.pruned) == (41, 40) and len(cp.mac) == 32
+    fill(db, 5)  # the chain goes on from the kept rows
+    assert verify(db, KEY).ok and verify(db, KEY).rows_checked == 65
+    assert prune_once(db, T0 + 40) == (0, 41, None)  # nothing older left: no new checkpoint
+    assert prune_once(db, T0 + 60)[:2] == (20, 61)
+    assert len(sql(db, "SELECT id FROM checkpoints")) == 2 and verify(db, KEY).ok
+
+
+def test_prune_interleaves_with_appends(db: Path) -> None:
+    fill(db, 300)
+
+    async def main() -> None:
+        writer = await started(db)
+        appended = asyncio.gather(*(writer.append(entry(1000 + i)) for i in range(200)))
+        result, ids = await asyncio.gather(prune(writer, T0 + 250, chunk_rows=16), appended)
+        assert result.pruned == 250 and result.first_kept_id == 251
+        assert sorted(ids) == list(range(301, 501))
+        await writer.close()
+
+    asyncio.run(main())
+    result = verify(db, KEY)
+    assert result.ok and result.rows_checked == 250 and result.first_id == 251
+    assert len(sql(db, "SELECT id FROM checkpoints")) == 1  # one checkpoint per prune, moved along per chunk
+
+
+def test_prune_everything_then_the_chain_continues_from_the_checkpoint(db: Path) -> None:
+    fill(db, 10)
+    assert prune_once(db, T0 + 10**6) == (10, 11, 1)
+    assert sql(db, "SELECT count(*) FROM ledger") == [(0,)]
+    assert verify(db, KEY).ok
+
+    async def locked_restart() -> None:  # no key: rows wait unchained, then link to the checkpoint
+        writer = await started(db, key=None)
+        assert await writer.append(entry(11)) == 11
+        assert not verify(db, KEY).ok
+        writer.set_key(KEY)
+        assert await writer.append(entry(12)) == 12
+        await writer.close()
+
+    asyncio.run(locked_restart())
+    result = verify(db, KEY)
+    assert result.ok and result.rows_checked == 2 and result.first_id == 11
+
+
+@pytest.mark.parametrize("column, value", [("first_kept_id", 30), ("prev_mac", b"\0" * 32), ("pruned", 1),
+                                           ("time_ms", T0), ("mac", b"\1" * 32), ("id", 7)])
+def test_altered_checkpoint_fails_verify(db: Path, column: str, value: Any) -> None:
+    fill(db, 50)
+    prune_once(db, T0 + 20)
+    assert verify(db, KEY).ok
+    sql(db, f"UPDATE checkpoints SET {column} = ?", (value,))  # noqa: S608 - test-controlled column
+    result = verify(db, KEY)
+    assert not result.ok and ("checkpoint" in result.reason or "missing" in result.reason), result
+
+
+def test_forged_checkpoint_cannot_hide_a_deletion(db: Path) -> None:
+    fill(db, 50)
+    prev_mac = sql(db, "SELECT mac FROM ledger WHERE id = 20")[0][0]
+    sql(db, "DELETE FROM ledger WHERE id <= 20")
+    result = verify(db, KEY)
+    assert not result.ok and result.first_bad_id == 21 and "missing" in result.reason
+    # The attacker knows everything except the key: a checkpoint with the right values and a guessed MAC.
+    wrong_key = b"k" * 32
+    mac = checkpoint_mac(wrong_key, 1, T0, 21, prev_mac, 20)
+    sql(db, "INSERT INTO checkpoints (id, time_ms, first_kept_id, prev_mac, pruned, mac) VALUES (1, ?, 21, ?, 20, ?)",
+        (T0, prev_mac, mac))
+    result = verify(db, KEY)
+    assert not result.ok and "checkpoint 1" in result.reason and "forged" in result.reason
+    # With the right key the same checkpoint is what a prune writes, and verifies.
+    sql(db, "UPDATE checkpoints SET mac = ?", (checkpoint_mac(KEY, 1, T0, 21, prev_mac, 20),))
+    assert verify(db, KEY).ok
+
+
+def test_deleting_rows_or_checkpoints_after_a_prune_fails_verify(tmp_path: Path, db: Path) -> None:
+    fill(db, 60)
+    prune_once(db, T0 + 20)
+    prune_once(db, T0 + 40)
+    assert verify(db, KEY).ok
+    pristine = tmp_path / "pristine.db"
+    shutil.copy(db, pristine)
+
+    sql(db, "DELETE FROM ledger WHERE id = 41")  # the first kept row
+    result = verify(db, KEY)
+    assert not result.ok and result.first_bad_id == 42 and "missing" in result.reason
+
+    shutil.copy(pristine, db)
+    sql(db, "DELETE FROM checkpoints WHERE id = 2")  # roll back to the older checkpoint
+    result = verify(db, KEY)
+    assert not result.ok and result.first_bad_id == 41 and "rows 21..40 are missing" in result.reason
+
+    shutil.copy(pristine, db)
+    sql(db, "DELETE FROM checkpoints")
+    assert not verify(db, KEY).ok
+
+    shutil.copy(pristine, db)
+    sql(db, "UPDATE checkpoints SET id = 3 WHERE id = 1")  # reorder: the older one now looks newest
+    assert not verify(db, KEY).ok
+
+    shutil.copy(pristine, db)  # a row slipped in before the chain's start
+    sql(db, "INSERT INTO ledger SELECT 5, kind, time_ms, request_id, agent, credential, service, method, path, "
+        "target_host, decision, reason, status, duration_ms, bytes_in, bytes_out, flags, detail, mac "
+        "FROM ledger WHERE id = 41")
+    result = verify(db, KEY)
+    assert not result.ok and result.first_bad_id == 5 and "precedes the last prune" in result.reason
+
+
+def test_prune_refuses_to_launder_a_tampered_range(db: Path) -> None:
+    fill(db, 30)
+    sql(db, "UPDATE ledger SET status = 500 WHERE id = 5")
+    with pytest.raises(PruneRefused, match="row 5 does not verify"):
+        prune_once(db, T0 + 20)
+    assert sql(db, "SELECT count(*) FROM ledger") == [(30,)] and sql(db, "SELECT count(*) FROM checkpoints") == [(0,)]
+    assert verify(db, KEY).first_bad_id == 5
+
+    sql(db, "UPDATE ledger SET status = 200 WHERE id = 5")
+    sql(db, "DELETE FROM ledger WHERE id = 8")
+    with pytest.raises(PruneRefused, match="row 8 does not verify"):
+        prune_once(db, T0 + 20)
+    assert sql(db, "SELECT count(*) FROM ledger") == [(29,)]
+
+
+def test_prune_needs_the_key_and_the_writer_survives_a_failed_job(db: Path) -> None:
+    fill(db, 5)
+
+    async def main() -> None:
+        writer = await started(db, key=None)
+        with pytest.raises(KeyMissing, match="unlock"):
+            await prune(writer, T0 + 3)
+
+        def boom(conn: sqlite3.Connection, key: bytes | None) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM ledger")
+            raise RuntimeError("job failed")
+
+        with pytest.raises(RuntimeError, match="job failed"):
+            await writer.run_exclusive(boom)
+        assert await writer.append(entry(5)) == 6  # rolled back, and the writer goes on
+        assert await writer.run_exclusive(lambda conn, key: key) is None
+        writer.set_key(KEY)
+        assert await writer.run_exclusive(lambda conn, key: key) == KEY
+        await writer.close()
+        with pytest.raises(LedgerError):
+            await writer.run_exclusive(lambda conn, key: None)
+
+    asyncio.run(main())
+    assert sql(db, "SELECT count(*) FROM ledger") == [(6,)] and verify(db, KEY).ok
+
+
+def test_replace_file_swaps_between_commits_and_forgets_the_key(tmp_path: Path, db: Path) -> None:
+    other = tmp_path / "other.db"
+    fill(other, 3)
+    staged = tmp_path / "staged.db"
+    shutil.copy(other, staged)
+
+    async def main() -> None:
+        writer = await started(db)
+        await writer.append(entry(0))
+        await writer.replace_file(staged)
+        assert writer.key is None and not staged.exists()
+        assert await writer.append(entry(99)) == 4  # continues the restored file's ids
+        writer.set_key(KEY)  # the restored vault's key (here the same test key)
+        await writer.append(entry(100))
+        await writer.close()
+
+    asyncio.run(main())
+    assert [r.request_id for r in query_rows(db, newest_first=False)] == ["r0", "r1", "r2", "r99", "r100"]
+    assert verify(db, KEY).ok
+
+
+def test_stats_group_by(db: Path) -> None:
+    async def main() -> None:
+        writer = await started(db)
+        rows = [entry(i, agent="claude", service="github") for i in range(5)]
+        rows += [entry(10 + i, agent="cursor", service="openai", decision="denied", reason="not_granted",
+                       status=403) for i in range(3)]
+        rows += [entry(20, agent="cursor", service="github", decision="denied", reason="rate_limited", status=429,
+                       bytes_in=10, bytes_out=7)]
+        rows += [LedgerEntry.system("aegisd started")]
+        for row in rows:
+            await writer.append(row)
+        await writer.close()
+
+    asyncio.run(main())
+    stats = ledger_stats(db)
+    assert (stats.rows, stats.requests, stats.system_events, stats.allowed, stats.denied) == (10, 9, 1, 5, 4)
+    assert (stats.bytes_in, stats.bytes_out) == (10, 7) and stats.first_time_ms == T0
+    assert [(g.key, g.count, g.denied) for g in stats.by_decision] == [("allowed", 5, 0), ("denied", 4, 4)]
+    assert [(g.key, g.count, g.denied) for g in stats.by_service] == [("github", 6, 1), ("openai", 3, 3)]
+    assert [(g.key, g.count) for g in stats.by_reason] == [("not_granted", 3), ("rate_limited", 1)]
+    assert [(g.key, g.count, g.denied) for g in stats.top_agents] == [("claude", 5, 0), ("cursor", 4, 4)]
+    assert [g.key for g in ledger_stats(db, top=1).top_agents] == ["claude"]
+    only = ledger_stats(db, agent="cursor", since_ms=T0 + 11)
+    assert (only.rows, only.denied) == (3, 3) and [g.key for g in only.by_service] == ["openai", "github"]
+    blocked = ledger_stats(db, denied_only=True)
+    assert blocked.rows == 4 and blocked.by_decision[0].key == "denied"
+    assert ledger_stats(db, agent="nobody").rows == 0 and ledger_stats(db, agent="nobody").first_time_ms is None
+    with pytest.raises(ValueError, match="top"):
+        ledger_stats(db, top=0)

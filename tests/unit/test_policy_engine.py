@@ -1,0 +1,133 @@
+"""The policy engine and the limiters at exact instants: windows across midnight and DST, first-match
+rules, GCRA's remaining and wait values, and check-all-then-consume across several quotas."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from aegisd.config import ConfigError, load_config
+from aegisd.gate.admission import GateLimits
+from aegisd.gate.pipeline import Exchange
+from aegisd.gate.refusal import Refusal
+from aegisd.gate.routing import AgentEntry, Route, build_route
+from aegisd.limits import Quota, RateLimiter
+from aegisd.policy import compile_set, parse_policy
+from aegisd.rates import Rate
+from aegisd.vault.credentials import Credential
+
+NS = 1_000_000_000
+
+
+def at(text: str) -> int:
+    return int(datetime.fromisoformat(text).astimezone(UTC).timestamp() * 1000)
+
+
+POLICY = b"""\
+agent: bot
+rules:
+  - service: night
+    time_window: {start: "22:00", end: "06:00", timezone: Europe/Berlin}
+  - service: day
+    methods: [GET]
+    paths: ["/a/.*"]
+    rate_limit: 3/min
+  - service: day
+    paths: ["/a/b"]
+"""
+
+
+def test_windows_span_midnight_in_local_time_across_dst() -> None:
+    policies = compile_set([parse_policy("bot.yaml", POLICY)])
+
+    def judge(when: str) -> bool:
+        verdict = policies.judge("bot", "night", "GET", "/", at(when))
+        assert verdict is not None
+        return verdict.allowed
+
+    # Winter (UTC+1) and summer (UTC+2): the window follows Berlin's wall clock.
+    assert judge("2030-01-15T21:00:00+00:00")  # 22:00 Berlin: start is inclusive
+    assert not judge("2030-01-15T20:59:00+00:00")
+    assert judge("2030-01-16T04:59:00+00:00")  # 05:59 Berlin
+    assert not judge("2030-01-16T05:00:00+00:00")  # 06:00 Berlin: end is exclusive
+    assert judge("2030-07-15T20:00:00+00:00")  # 22:00 Berlin summer time
+    assert not judge("2030-07-15T19:59:00+00:00")
+    assert judge("2030-03-31T00:30:00+00:00")  # the night the clocks go forward
+
+
+def test_first_allowing_rule_decides_and_paths_are_anchored() -> None:
+    policies = compile_set([parse_policy("bot.yaml", POLICY)])
+    now = at("2030-01-01T12:00:00+00:00")
+    first = policies.judge("bot", "day", "GET", "/a/b", now)
+    assert first is not None and first.allowed and first.rule is not None and first.rule.index == 1
+    second = policies.judge("bot", "day", "POST", "/a/b", now)
+    assert second is not None and second.allowed and second.rule is not None and second.rule.index == 2
+    for path in ("/x/a/b", "/a", "/a/b/"):
+        verdict = policies.judge("bot", "day", "POST", path, now)
+        assert verdict is not None and not verdict.allowed and verdict.miss == "path"
+    assert policies.judge("someone-else", "day", "GET", "/x", now) is None
+
+
+def test_gcra_exact_remaining_and_wait() -> None:
+    limiter = RateLimiter(clock=lambda: 0)
+    quota = Quota("credential", "c1", Rate(3, 60))
+    seen = []
+    for _ in range(4):
+        standing = limiter.standing(quota, 0)
+        seen.append((standing.allowed, standing.remaining, standing.wait_ns))
+        if standing.allowed:
+            limiter.consume(quota, 0)
+    assert seen == [(True, 3, 0), (True, 2, 20 * NS), (True, 1, 20 * NS), (False, 0, 20 * NS)]
+    # One unit returns every 20 s, continuously.
+    assert limiter.standing(quota, 20 * NS).remaining == 1
+    assert limiter.standing(quota, 30 * NS).wait_ns == 10 * NS
+    assert limiter.standing(quota, 60 * NS).remaining == 3
+
+
+def test_a_refusal_consumes_no_quota() -> None:
+    clock = [0]
+    limits = GateLimits(max_concurrency=10, clock=lambda: clock[0])
+    agent = AgentEntry("agent-id", "bot", frozenset({"c1", "c2"}), "3/min")
+
+    def route(name: str, rate_limit: str) -> Route:
+        cred = Credential(id=name, name=name, service=name, domains=["https://api.example.com"],
+                          rate_limit=rate_limit)
+        return build_route(cred, b"not-a-real-secret")
+
+    tight, loose = route("c1", "1/min"), route("c2", "")
+    admitted = [Exchange("GET") for _ in range(3)]
+    limits.admit(admitted[0], agent, tight, None)
+    for _ in range(5):
+        with pytest.raises(Refusal) as refused:
+            limits.admit(Exchange("GET"), agent, tight, None)
+        assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "60"
+    for x in admitted[1:]:  # the agent's 3/min still has two left: the five refusals took nothing
+        limits.admit(x, agent, loose, None)
+    with pytest.raises(Refusal) as refused:
+        limits.admit(Exchange("GET"), agent, loose, None)
+    assert refused.value.headers["RateLimit"] == '"agent";r=0;t=20, "concurrency";r=7'
+    for x in admitted:
+        limits.release(x.request_id)
+    limits.release("never-admitted")
+    assert limits.concurrency.available("agent-id") == 10
+
+
+def test_policy_settings_from_flag_env_and_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "aegisd.toml"
+    config.write_text('[policy]\ndir = "/etc/aegis/policies"\n\n[gate]\nagent_max_concurrency = 8\n')
+    from_file = load_config({"config": str(config)}, env={})
+    assert from_file.policies_dir == Path("/etc/aegis/policies") and from_file.agent_max_concurrency == 8
+    from_env = load_config({"config": str(config)}, env={"AEGIS_POLICIES_DIR": "/srv/policies"})
+    assert from_env.policies_dir == Path("/srv/policies")
+    from_flag = load_config({"config": str(config), "policies_dir": "/opt/p"}, env={"AEGIS_POLICIES_DIR": "/srv"})
+    assert from_flag.policies_dir == Path("/opt/p")
+    defaults = load_config({}, env={})
+    assert defaults.policies_dir is None and defaults.agent_max_concurrency == 64
+    config.write_text("[gate]\nagent_max_concurrency = 0\n")
+    with pytest.raises(ConfigError, match="agent_max_concurrency"):
+        load_config({"config": str(config)}, env={})
+    config.write_text("[policy]\nfolder = 'x'\n")
+    with pytest.raises(ConfigError, match=r"unknown setting \[policy\] folder"):
+        load_config({"config": str(config)}, env={})

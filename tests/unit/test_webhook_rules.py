@@ -1,0 +1,99 @@
+"""Webhook rules that need no daemon: URL checks, event names, the outcome → event mapping, signing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+
+from aegisd.errors import InvalidArgument
+from aegisd.ledger import LedgerEntry
+from aegisd.webhooks import EVENTS, events_for, expiry_state, signature
+from aegisd.webhooks.events import parse_events
+from aegisd.webhooks.registry import check_url, new_secret
+
+DAY_MS = 86400 * 1000
+
+
+@pytest.mark.parametrize(("url", "origin"), [
+    ("https://hooks.example.com/services/T0/B0/XYZ", "https://hooks.example.com"),
+    ("https://Hooks.Example.com:8443/x?y=1", "https://hooks.example.com:8443"),
+    ("http://127.0.0.1:9000/hook", "http://127.0.0.1:9000"),
+    ("http://localhost/hook", "http://localhost"),
+    ("http://[::1]:9000/hook", "http://[::1]:9000"),
+    ("https://10.0.0.5/internal", "https://10.0.0.5"),
+])
+def test_accepted_urls_show_only_their_origin(url: str, origin: str) -> None:
+    assert check_url(url) == origin
+
+
+@pytest.mark.parametrize(("url", "needle"), [
+    ("http://hooks.example.com/x", "only to loopback"),
+    ("http://10.0.0.5/x", "only to loopback"),
+    ("ftp://127.0.0.1/x", "must start with https://"),
+    ("hooks.example.com/x", "must start with https://"),
+    ("https:///x", "no host"),
+    ("https://user:pw@hooks.example.com/x", "must not carry a user or password"),
+    ("https://hooks.example.com/x#frag", "fragment"),
+    ("https://hooks.example.com:99999/x", "malformed"),
+    ("https://hooks.example.com/a b", "spaces or control characters"),
+    ("https://hooks.example.com/" + "a" * 2100, "longer than"),
+])
+def test_refused_urls_say_why(url: str, needle: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_url(url)
+    assert needle in caught.value.message
+
+
+def test_event_names_are_validated_and_ordered() -> None:
+    assert parse_events(["rate_limited", " blocked_request", "rate_limited"]) == ("blocked_request", "rate_limited")
+    assert parse_events(EVENTS) == EVENTS
+    with pytest.raises(InvalidArgument, match="unknown webhook event 'blocked'"):
+        parse_events(["blocked", "rate_limited"])
+    with pytest.raises(InvalidArgument, match="at least one event"):
+        parse_events([" ", ""])
+
+
+def _denied(reason: str) -> LedgerEntry:
+    return LedgerEntry(kind="request", decision="denied", reason=reason, status=403)
+
+
+@pytest.mark.parametrize(("entry", "events"), [
+    (_denied("agent_auth_required"), ("agent_auth_failure",)),
+    (_denied("agent_auth_invalid"), ("agent_auth_failure",)),
+    (_denied("rate_limited"), ("rate_limited",)),
+    (_denied("body_inspection"), ("body_inspection",)),
+    (_denied("not_granted"), ("blocked_request",)),
+    (_denied("domain_not_allowed"), ("blocked_request",)),
+    (_denied("credential_expired"), ("blocked_request", "credential_expiry")),
+    (_denied("upstream_error"), ()),
+    (_denied("upstream_timeout"), ()),
+    (_denied("shutting_down"), ()),
+    (LedgerEntry(kind="request", decision="allowed", status=200), ()),
+    (LedgerEntry(kind="request", decision="allowed", status=200, flags="response_redacted"), ("response_redacted",)),
+    (LedgerEntry(kind="request", decision="allowed", status=200, flags="body_inspection_warn,response_redacted"),
+     ("body_inspection", "response_redacted")),
+])
+def test_outcomes_map_to_events(entry: LedgerEntry, events: tuple[str, ...]) -> None:
+    assert events_for(entry) == events
+
+
+def test_expiry_states_use_a_seven_day_window() -> None:
+    now = 1_700_000_000_000
+    assert expiry_state(None, now) == "active"
+    assert expiry_state(now + 8 * DAY_MS, now) == "active"
+    assert expiry_state(now + 7 * DAY_MS, now) == "expiring_soon"
+    assert expiry_state(now + 1, now) == "expiring_soon"
+    assert expiry_state(now, now) == "expired"
+    assert expiry_state(now - DAY_MS, now) == "expired"
+
+
+def test_signature_is_hmac_sha256_of_the_exact_body() -> None:
+    secret = new_secret()
+    assert secret.startswith("whsec_") and len(secret) > 40
+    assert new_secret() != secret
+    body = b'{"event":"test","id":"1"}'
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert signature(secret.encode(), body) == expected
+    assert signature(secret.encode(), body + b" ") != expected
