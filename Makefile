@@ -11,12 +11,13 @@ else
 EXTRAS := dev
 endif
 
-.PHONY: run test lint typecheck unit proto sysdeps bench clean
+.PHONY: run test lint typecheck unit proto sysdeps bench benchdeps clean
 
 run: $(STAMP)
 	$(BIN)/aegisd
 
 test: $(STAMP)
+	@$(MAKE) --no-print-directory benchdeps || echo "wrk/nginx/node missing: the benchmark smoke test will skip"
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -n 2 --dist loadfile
@@ -30,8 +31,17 @@ typecheck: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
 
-bench: $(STAMP)
-	$(MAKE) -C bench
+# The gate's benchmark (docs/performance.md); BENCH_ARGS passes options, e.g. BENCH_ARGS=--smoke.
+bench: $(STAMP) benchdeps
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Load generator and upstreams for `make bench`: wrk, nginx and Node (Debian packages).
+benchdeps:
+	@{ command -v wrk && { command -v nginx || test -x /usr/sbin/nginx; } && command -v node; } >/dev/null || { \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk nginx-light nodejs >/dev/null; \
+	  else echo "install wrk, nginx and node to run the benchmark"; exit 1; fi; }
 
 $(STAMP): pyproject.toml | sysdeps
 	$(PYTHON) -m venv $(VENV)

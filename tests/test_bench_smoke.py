@@ -1,0 +1,54 @@
+"""The benchmark harness still runs end to end: one second of small-GET load per configuration.
+
+No timing is asserted (that is `make bench`'s job, printed as PASS/FAIL); this only proves that
+nginx, the baseline forwarder and a real aegisd start, that every request through each of them
+succeeded, that the JSON report is written, and that nothing leaked the credential on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench.services import find_nginx
+from tests.harness import Aegis
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk; make bench does)")
+@pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_bench_smoke_runs_every_configuration() -> None:
+    secret = "sk-smoke-" + os.urandom(12).hex()
+    root = Path(tempfile.mkdtemp(prefix="agb", dir="/tmp"))  # short: the control socket lives below it
+    try:
+        env = {**os.environ, "AEGIS_BENCH_SECRET": secret}
+        proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--work-dir", str(root / "work"),
+                               "--out", str(root / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=90, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        reports = list((root / "out").glob("*.json"))
+        assert len(reports) == 1, proc.stdout
+        results = json.loads(reports[0].read_text())
+        cells = {(r["config"], r["connections"]): r for r in results["load"]}
+        assert set(cells) == {(c, n) for c in ("direct", "baseline", "gate") for n in (1, 20)}
+        for row in cells.values():
+            assert row["requests"] > 0 and row["errors"] == 0, row  # every answer was a 2xx from nginx
+        assert cells[("gate", 20)]["cpu_us_per_req"] > 0
+        assert results["memory"]["idle_rss_mib"] > 0
+        assert "targets" not in results  # smoke runs judge nothing
+
+        gate = Aegis(root / "work" / "gate", outputs=[proc.stdout, proc.stderr])
+        report = reports[0].read_text()
+        for text in (proc.stdout, proc.stderr, report, gate.log()):
+            assert "aegis_" not in text  # no agent token (they all start so) left the harness
+        gate.assert_no_leaks([secret], extra_text=[report])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
