@@ -131,12 +131,15 @@ class LedgerWriter:
         self._key: bytes | None = None
         self._closed = False
         self._subscribers: tuple[Subscription, ...] = ()
+        # Appends made during one event-loop iteration, handed to the thread together: one wake-up
+        # of the writer thread per batch instead of one per row.
+        self._pending: list[_Append] = []
         self.last_commit_seconds = 0.0  # duration of the latest group commit
 
     @property
     def queue_depth(self) -> int:
-        """Entries waiting for the writer thread to pick them up."""
-        return self._queue.qsize()
+        """Batches and jobs waiting for the writer thread, plus rows not yet handed to it."""
+        return self._queue.qsize() + len(self._pending)
 
     async def start(self) -> None:
         """Open (create, migrate) the ledger in the writer thread; raises LedgerError if it cannot."""
@@ -159,8 +162,16 @@ class LedgerWriter:
         entry = normalize(entry)
         loop = self._check_open()
         future: _Future = loop.create_future()
-        self._queue.put((entry, future))
+        self._pending.append((entry, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._hand_over)
         return await future
+
+    def _hand_over(self) -> None:
+        """Give the thread every row appended since the last hand-over (runs in the loop thread)."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._queue.put(batch)
 
     def append_nowait(self, entry: LedgerEntry) -> None:
         """Queue a row without waiting (system events); a failed commit is logged, not raised."""
@@ -199,6 +210,7 @@ class LedgerWriter:
         """
         loop = self._check_open()
         future: asyncio.Future[T] = loop.create_future()
+        self._hand_over()  # rows appended before the job commit before it
         self._queue.put(_Job(fn, future))
         return await future
 
@@ -210,6 +222,7 @@ class LedgerWriter:
         """
         loop = self._check_open()
         future: asyncio.Future[None] = loop.create_future()
+        self._hand_over()
         self._queue.put(_Replace(staged, future))
         await future
         self._key = None
@@ -226,6 +239,7 @@ class LedgerWriter:
         if not self._closed:
             self._closed = True
             if self._thread is not None:
+                self._hand_over()
                 self._queue.put(_STOP)
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
@@ -276,6 +290,8 @@ class LedgerWriter:
                         running = False
                     elif isinstance(item, _SetKey):
                         key, new_key = item.key, True
+                    elif isinstance(item, list):
+                        appends.extend(item)
                     elif isinstance(item, tuple):
                         appends.append(item)
                     elif isinstance(item, _Job | _Replace):
@@ -340,7 +356,9 @@ class LedgerWriter:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, tuple):
+            if isinstance(item, list):
+                futures.extend(future for _, future in item)
+            elif isinstance(item, tuple):
                 futures.append(item[1])
             elif isinstance(item, _Job | _Replace):
                 self._post(_settle, item.future, LedgerError("the ledger writer has stopped"))
