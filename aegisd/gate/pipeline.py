@@ -37,6 +37,8 @@ from aegisd.policy import PolicyStore
 from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canonical_target
 
 log = logging.getLogger("aegisd.gate")
+# Upstream answers up to this size (declared by Content-Length) are read whole and sent in one write.
+SMALL_BODY_BYTES = 64 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -236,6 +238,10 @@ class GatePipeline:
         redactor = ResponseRedactor(redaction, x) if redaction is not None else None
         if redactor is not None:  # may refuse (502) a body it could not redact, before anything is sent
             headers = redactor.headers(headers, request.method, upstream.status)
+        declared = upstream.content_length
+        if (declared is not None and declared <= SMALL_BODY_BYTES and request.method != "HEAD"
+                and upstream.status not in (204, 304)):
+            return await self._relay_small(request, x, upstream, headers, redactor)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         response.headers[REQUEST_ID_HEADER] = x.request_id
         if upstream.content_length is not None and (redactor is None or not redactor.streams_body):
@@ -277,6 +283,29 @@ class GatePipeline:
                 await response.prepare(request)
             if held:
                 await response.write(held)
+            await response.write_eof()
+        return response
+
+    async def _relay_small(self, request: web.BaseRequest, x: Exchange, upstream: aiohttp.ClientResponse,
+                           headers: CIMultiDict[str], redactor: ResponseRedactor | None) -> web.StreamResponse:
+        """A small body of declared length, read whole: redacted in one pass, sent with its exact length in
+        one write, and only after its ledger row has committed. Most API answers take this path."""
+        try:
+            body = await upstream.read()
+            x.bytes_out = len(body)
+            if redactor is not None:
+                body = b"".join(redactor.feed(body)) + redactor.finish()
+        except TimeoutError:
+            raise Refusal(504, "upstream_timeout", "the upstream did not send its whole answer in time") from None
+        except aiohttp.ClientError:
+            raise Refusal(502, "upstream_error", "the upstream's answer was cut short or malformed") from None
+        response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        response.headers[REQUEST_ID_HEADER] = x.request_id
+        if not await self._record(x):
+            return error_response(Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
+                                  x.request_id)
+        with contextlib.suppress(ConnectionError):  # recorded already; the agent left
+            await response.prepare(request)
             await response.write_eof()
         return response
 
