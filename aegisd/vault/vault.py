@@ -15,8 +15,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from zxcvbn import zxcvbn
-
 from aegisd.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -59,6 +57,8 @@ def check_passphrase_strength(passphrase: str) -> None:
     if len(passphrase) < MIN_PASSPHRASE_LENGTH:
         raise InvalidArgument(f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters; "
                               "four or more unrelated words work well")
+    from zxcvbn import zxcvbn  # its dictionaries cost ~13 MB; only init and passphrase changes need them
+
     result = zxcvbn(passphrase[:100])
     if int(result["score"]) < MIN_PASSPHRASE_SCORE:
         feedback = result.get("feedback", {})
