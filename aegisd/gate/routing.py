@@ -8,6 +8,7 @@ moment the vault locks.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -124,8 +125,25 @@ class RoutingState:
     def on_vault_event(self, event: str) -> None:
         if event == "locked":
             self.table = None
+        elif event == "agents":
+            self.rebuild_agents()
         else:
             self.rebuild()
+
+    def rebuild_agents(self) -> None:
+        """An agent or grant changed: keep the routes and their inspector, which cost the most to build."""
+        with self._lock:
+            table = self.table
+            if table is None or self._vault.state != "unlocked":
+                self.table = None
+            else:
+                self.table = dataclasses.replace(table, agents_by_hash=self._agent_entries())
+            if self.on_rebuild is not None:
+                self.on_rebuild(self.table)
+
+    def _agent_entries(self) -> dict[bytes, AgentEntry]:
+        return {a.token_hash: AgentEntry(a.id, a.name, a.credential_ids, a.rate_limit)
+                for a in self._agents.snapshot()}
 
     def rebuild(self) -> None:
         with self._lock:
@@ -139,8 +157,7 @@ class RoutingState:
                         routes[cred.service] = build_route(cred, self._vault.open_secret(cred.id))
                     except AegisError as exc:  # one broken seal must not take the others down
                         log.error("credential %s is not served: %s", cred.name, exc.message)
-                agents = {a.token_hash: AgentEntry(a.id, a.name, a.credential_ids, a.rate_limit)
-                          for a in self._agents.snapshot()}
+                agents = self._agent_entries()
                 inspector = Inspector(SecretSource(r.credential_id, secret_values(r.secret, r.auth_type))
                                       for r in routes.values())
                 self.table = RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")), inspector)
