@@ -15,7 +15,9 @@ from aegisd.gate.routing import Route
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate"})
-GATE_HEADERS = frozenset({"x-aegis-agent", "x-target-host", "x-aegis-request-id", "host", "content-length"})
+# `expect` too: the gate answers 100-continue itself once its checks pass.
+GATE_HEADERS = frozenset({"x-aegis-agent", "x-target-host", "x-aegis-request-id", "host", "content-length",
+                          "expect"})
 GATE_PREFIX = "x-aegis-"  # the gate's header namespace: none of it is the upstream's business
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
 

@@ -134,6 +134,10 @@ class GatePipeline:
         # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
         self.limits.admit(x, agent, route, verdict)
 
+        # Every check that needs no body has passed: a client waiting on `Expect: 100-continue` may send it.
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
         # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys
         body = await inspect_request(request, route, table.inspector, x, rest, query, self.config.max_body_bytes)
         redaction = redaction_for(route, table.inspector)

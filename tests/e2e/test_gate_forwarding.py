@@ -338,3 +338,38 @@ def test_sigterm_drains_in_flight_requests(small: GateWorld) -> None:
     assert up.requests_to("/echo/late") == []
     world.received.append(late_body.decode())
     world.aegis.assert_no_leaks([*world.secrets, token], extra_text=world.received)
+
+
+def _read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_expect_100_continue_is_answered_once_the_checks_pass(std: Standard) -> None:
+    """A client that waits for `100 Continue` gets it from the gate once every bodiless check passed, and
+    the body then reaches the upstream (without the Expect header); a refused one gets its final answer."""
+    world, up = std.world, std.up
+    body = b"payload-after-continue"
+    head = (f"POST /bear/echo/expect HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\n"
+            f"X-Aegis-Agent: {world.tokens['bot']}\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+        sock.sendall(head)
+        interim = _read_until(sock, b"\r\n\r\n")  # nothing is sent until the gate says go on
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        sock.sendall(body)
+        final = _read_until(sock, b"payload-after-continue")
+    world.received.append(final.decode("latin-1"))
+    assert final.split(b"\r\n", 1)[0] == b"HTTP/1.1 200 OK", final
+    (seen,) = up.requests_to("/echo/expect")
+    assert seen.body == body and seen.header("Expect") == []
+
+    refused = world.raw_request("POST", "/bear/echo/expect-refused", [("Expect", "100-continue"),
+                                                                      ("Content-Length", "5")])
+    assert refused.status == 401 and not up.requests_to("/echo/expect-refused")
+    world.assert_no_leaks()
