@@ -59,6 +59,7 @@ class GateLimits:
         self.rates = RateLimiter(clock)
         self.concurrency = ConcurrencyLimiter(max_concurrency)
         self._parsed: dict[str, Rate] = {}
+        self._consumed: dict[str, list[Quota]] = {}  # per request in flight, for refund()
 
     def admit(self, x: Noted, agent: AgentEntry, route: Route, verdict: Verdict | None) -> None:
         """Admit the request against every limit at once, or refuse it (429) consuming nothing."""
@@ -78,16 +79,28 @@ class GateLimits:
         refused = [s for s in standings if not s.allowed and s.quota.enforced]
         if refused or slots <= 0:
             self._refuse(x, [s for s in standings if s.quota.enforced], refused, slots)
+        consumed = []
         for standing in standings:
             if standing.allowed:
                 self.rates.consume(standing.quota, now)
+                consumed.append(standing.quota)
             else:  # a dry-run rule's limit: forwarded, and the ledger row says it would have been refused
                 x.reason = WOULD_DENY
                 add_flag(x, f"rate_limit=rule@{standing.quota.key}".replace(",", "_"))
+        if consumed:
+            self._consumed[x.request_id] = consumed
         self.concurrency.acquire(x.request_id, agent.id)
+
+    def refund(self, request_id: str) -> None:
+        """A later step (body inspection) refused the request before it was forwarded: give its quota back,
+        so a refused request uses none. Consuming first and refunding keeps the limit exact under
+        concurrency, where checking now and consuming after an await would not."""
+        for quota in self._consumed.pop(request_id, ()):
+            self.rates.refund(quota)
 
     def release(self, request_id: str) -> None:
         """The request is over (answered, refused or failed): free its concurrency slot."""
+        self._consumed.pop(request_id, None)
         self.concurrency.release(request_id)
 
     def _refuse(self, x: Noted, shown: list[Standing], refused: list[Standing], slots: int) -> None:

@@ -139,7 +139,12 @@ class GatePipeline:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
         # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys
-        body = await inspect_request(request, route, table.inspector, x, rest, query, self.config.max_body_bytes)
+        try:
+            body = await inspect_request(request, route, table.inspector, x, rest, query,
+                                         self.config.max_body_bytes)
+        except Refusal:
+            self.limits.refund(x.request_id)  # refused before forwarding: it used no quota
+            raise
         redaction = redaction_for(route, table.inspector)
 
         # 9. strip agent auth, hop-by-hop and gate headers; inject the credential

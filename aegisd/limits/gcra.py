@@ -71,5 +71,11 @@ class RateLimiter:
             self._prune(now_ns)
         self._tat[key] = max(self._tat.get(key, 0), now_ns * n) + quota.rate.period_seconds * NS
 
+    def refund(self, quota: Quota) -> None:
+        """Give back one unit: the request that consumed it was refused by a later step."""
+        key = self._state_key(quota)
+        if key in self._tat:
+            self._tat[key] -= quota.rate.period_seconds * NS
+
     def _prune(self, now_ns: int) -> None:
         self._tat = {key: tat for key, tat in self._tat.items() if tat > now_ns * key[2]}

@@ -163,3 +163,23 @@ def test_agent_concurrency_cap() -> None:
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_a_request_refused_by_body_inspection_uses_no_quota() -> None:
+    """Step 8 runs after the limits admitted the request; when it refuses, the quota is given back."""
+    world, _ = policy_world({})
+    try:
+        up = world.upstream()
+        world.credential("limited", LIMITED, up.entry(), "--rate-limit", "2/day")
+        world.agent("bot", "limited")
+        leaky = json.dumps({"note": f"here is {LIMITED}"}).encode()  # a vault secret in the body
+        with untouched(up):
+            for _ in range(3):
+                refusal(world.call("POST", "/limited/echo/leak", [("Content-Type", "application/json")], leaky,
+                                   agent="bot"), 403, "body_inspection")
+        for _ in range(2):  # the whole 2/day is still there
+            assert world.call("GET", "/limited/echo/ok", agent="bot").status == 200
+        limited([], world.call("GET", "/limited/echo/ok", agent="bot"), "credential")
+        world.assert_no_leaks()
+    finally:
+        world.close()
