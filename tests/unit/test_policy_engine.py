@@ -114,6 +114,23 @@ def test_a_refusal_consumes_no_quota() -> None:
     assert limits.concurrency.available("agent-id") == 10
 
 
+def test_refund_gives_back_exactly_what_the_request_consumed() -> None:
+    limits = GateLimits(max_concurrency=10, clock=lambda: 0)
+    agent = AgentEntry("agent-id", "bot", frozenset({"c1"}), "2/min")
+    cred = Credential(id="c1", name="c1", service="c1", domains=["https://api.example.com"], rate_limit="1/min")
+    route = build_route(cred, b"not-a-real-secret")
+    first = Exchange("POST")
+    limits.admit(first, agent, route, None)
+    limits.refund(first.request_id)  # refused by a later step: as if it never came
+    limits.refund(first.request_id)  # a second refund gives nothing more back
+    limits.release(first.request_id)
+    second = Exchange("POST")
+    limits.admit(second, agent, route, None)  # the credential's 1/min is whole again
+    with pytest.raises(Refusal) as refused:
+        limits.admit(Exchange("POST"), agent, route, None)
+    assert refused.value.headers["RateLimit"].startswith('"credential";r=0')
+
+
 def test_policy_settings_from_flag_env_and_config_file(tmp_path: Path) -> None:
     config = tmp_path / "aegisd.toml"
     config.write_text('[policy]\ndir = "/etc/aegis/policies"\n\n[gate]\nagent_max_concurrency = 8\n')
