@@ -26,26 +26,36 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return {t.strip().lower() for value in headers.getall("Connection", []) for t in value.split(",")}
 
 
-def outbound_headers(headers: CIMultiDictProxy[str], route: Route, host_header: str) -> CIMultiDict[str]:
+def agent_headers(headers: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:
+    """The agent's headers that may reach the upstream: not its own credentials, hop-by-hop or gate headers.
+    Body inspection scans exactly these; `add_credential` then completes them for forwarding."""
     drop = HOP_BY_HOP | GATE_HEADERS | route.strip_headers | _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict(
+    return CIMultiDict(
         (name, value) for name, value in headers.items()
         if name.lower() not in drop and not name.lower().startswith(GATE_PREFIX))
-    out["Host"] = host_header
+
+
+def add_credential(headers: CIMultiDict[str], route: Route, host_header: str) -> None:
+    """Set the upstream's Host and inject exactly one credential header (if the credential is a header)."""
+    headers["Host"] = host_header
     if route.inject_header is not None:
-        out[route.inject_header[0]] = route.inject_header[1]
-    return out
+        headers[route.inject_header[0]] = route.inject_header[1]
 
 
-def outbound_query(raw_query: str, route: Route) -> str:
-    """The agent's query string, minus any parameter named like the credential's, plus the credential."""
+def agent_query(raw_query: str, route: Route) -> str:
+    """The agent's query string minus any parameter named like the credential's query parameter."""
     if route.inject_query is None:
         return raw_query
+    name = route.inject_query[0]
+    return "&".join(part for part in raw_query.split("&") if part and unquote_plus(part.split("=", 1)[0]) != name)
+
+
+def query_with_credential(query: str, route: Route) -> str:
+    """`agent_query`'s result plus the credential, for query-parameter credentials."""
+    if route.inject_query is None:
+        return query
     name, encoded = route.inject_query
-    kept = [part for part in raw_query.split("&")
-            if part and unquote_plus(part.split("=", 1)[0]) != name]
-    kept.append(f"{name}={encoded}")
-    return "&".join(kept)
+    return f"{query}&{name}={encoded}" if query else f"{name}={encoded}"
 
 
 def inbound_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

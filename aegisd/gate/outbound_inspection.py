@@ -9,12 +9,11 @@ families only (`vault_secret`, `openai_key`, ...): never the matched text, never
 from __future__ import annotations
 
 from typing import Protocol
-from urllib.parse import unquote_plus
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 
-from aegisd.gate.headers import outbound_headers
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import Route
 from aegisd.inspection import Inspector
@@ -31,16 +30,20 @@ class Inspected(Protocol):
 
 
 async def inspect_request(request: web.BaseRequest, route: Route, inspector: Inspector, x: Inspected,
-                          raw_path: str, raw_query: str, limit: int) -> bytes | None:
-    """The body to forward (None: stream it as it comes, inspection is off), or a Refusal."""
+                          raw_path: str, query: str, headers: CIMultiDict[str], limit: int) -> bytes | None:
+    """The body to forward (None: stream it as it comes, inspection is off), or a Refusal.
+
+    `query` and `headers` are what of the agent's reaches the upstream (headers.agent_query/agent_headers).
+    """
     mode = route.body_inspection
     if mode == "off":
         return None
     body = await read_body(request, x, limit) if request.body_exists else None
     found: dict[str, set[str]] = {}
     _note(found, "path", inspector.scan(raw_path.encode("utf-8", "surrogateescape")))
-    _note(found, "query string", inspector.scan(_agent_query(raw_query, route).encode("utf-8", "surrogateescape")))
-    _note(found, "headers", inspector.scan(_agent_headers(request, route)))
+    _note(found, "query string", inspector.scan(query.encode("utf-8", "surrogateescape")))
+    _note(found, "headers", inspector.scan("\n".join(f"{name}: {value}" for name, value in headers.items())
+                                           .encode("utf-8", "surrogateescape")))
     problem: Refusal | None = None
     if body:
         _note(found, "body", inspector.scan(body))
@@ -103,23 +106,6 @@ def _decoded(body: bytes, content_encoding: str, limit: int) -> tuple[bytes | No
         if sniffed:
             return None, None  # merely starts like gzip: inspected as the bytes it is
         return None, Refusal(400, "body_not_inspectable", f"the request body is not valid {encoding}")
-
-
-def _agent_headers(request: web.BaseRequest, route: Route) -> bytes:
-    """The agent's headers that would reach the upstream: not its token, not what step 9 strips or sets."""
-    kept = outbound_headers(request.headers, route, "")
-    kept.popall("Host", None)
-    if route.inject_header is not None:
-        kept.popall(route.inject_header[0], None)
-    return "\n".join(f"{name}: {value}" for name, value in kept.items()).encode("utf-8", "surrogateescape")
-
-
-def _agent_query(raw_query: str, route: Route) -> str:
-    """The query string minus a parameter named like the credential's, which step 9 drops anyway."""
-    if route.inject_query is None or not raw_query:
-        return raw_query
-    name = route.inject_query[0]
-    return "&".join(part for part in raw_query.split("&") if unquote_plus(part.split("=", 1)[0]) != name)
 
 
 def _note(found: dict[str, set[str]], where: str, families: set[str]) -> None:

@@ -23,7 +23,7 @@ from aegisd.agents import TOKEN_PREFIX
 from aegisd.config import Config
 from aegisd.gate.admission import GateLimits, check_policy
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
-from aegisd.gate.headers import inbound_headers, outbound_headers, outbound_query
+from aegisd.gate.headers import add_credential, agent_headers, agent_query, inbound_headers, query_with_credential
 from aegisd.gate.outbound_inspection import inspect_request
 from aegisd.gate.refusal import REQUEST_ID_HEADER, Refusal, error_response
 from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
@@ -138,20 +138,22 @@ class GatePipeline:
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-        # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys
+        # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys;
+        #    the query and headers scanned are the agent's as they will be forwarded (step 9's strip)
+        headers, query = agent_headers(request.headers, route), agent_query(query, route)
         try:
-            body = await inspect_request(request, route, table.inspector, x, rest, query,
+            body = await inspect_request(request, route, table.inspector, x, rest, query, headers,
                                          self.config.max_body_bytes)
         except Refusal:
             self.limits.refund(x.request_id)  # refused before forwarding: it used no quota
             raise
         redaction = redaction_for(route, table.inspector)
 
-        # 9. strip agent auth, hop-by-hop and gate headers; inject the credential
-        headers = outbound_headers(request.headers, route, x.target_host)
+        # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential
+        add_credential(headers, route, x.target_host)
         if redaction is not None:
             ask_identity(headers)  # so the response can be redacted as it streams
-        query = outbound_query(query, route)
+        query = query_with_credential(query, route)
         url = URL(f"{entry.scheme}://{x.target_host}{rest}" + (f"?{query}" if query else ""), encoded=True)
 
         # 10-11. forward, stream back, record
