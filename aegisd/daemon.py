@@ -75,7 +75,8 @@ class Daemon:
         runtime.webhooks = webhooks = Webhooks(self.config, store, vault)
         webhooks.start()
         self._auto_unlock(vault)
-        upstream = UpstreamPool(self.config)
+        upstream = UpstreamPool(connect_timeout=self.config.connect_timeout, read_timeout=self.config.read_timeout,
+                                total_timeout=self.config.total_timeout)
         metrics = GateMetrics(vault, ledger, webhooks.dispatcher) if self.config.metrics_enabled else None
         outcomes = OutcomeSink(routing, metrics, webhooks)
         gate = GateServer(GatePipeline(self.config, routing, ledger, upstream, outcomes, policies),

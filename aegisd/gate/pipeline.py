@@ -14,10 +14,9 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
-from yarl import URL
 
 from aegisd.agents import TOKEN_PREFIX
 from aegisd.config import Config
@@ -29,7 +28,7 @@ from aegisd.gate.refusal import REQUEST_ID_HEADER, Refusal, error_response
 from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
 from aegisd.gate.services import granted_services
-from aegisd.gate.upstream import UpstreamPool, describe_connect_error
+from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from aegisd.inspection import Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.outcomes import OutcomeSink
@@ -154,10 +153,10 @@ class GatePipeline:
         if redaction is not None:
             ask_identity(headers)  # so the response can be redacted as it streams
         query = query_with_credential(query, route)
-        url = URL(f"{entry.scheme}://{x.target_host}{rest}" + (f"?{query}" if query else ""), encoded=True)
+        target = f"{rest}?{query}" if query else rest
 
         # 10-11. forward, stream back, record
-        return await self._forward(request, x, entry, url, headers, body, redaction)
+        return await self._forward(request, x, entry, host, port, target, headers, body, redaction)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -198,8 +197,8 @@ class GatePipeline:
                           f"{route.service!r}")
         return match, host, match.port
 
-    async def _forward(self, request: web.BaseRequest, x: Exchange, entry: AllowedHost, url: URL,
-                       headers: CIMultiDict[str], inspected: bytes | None,
+    async def _forward(self, request: web.BaseRequest, x: Exchange, entry: AllowedHost, host: str, port: int,
+                       target: str, headers: CIMultiDict[str], inspected: bytes | None,
                        redaction: Redaction | None) -> web.StreamResponse:
         limit = self.config.max_body_bytes
         length = request.content_length
@@ -210,26 +209,25 @@ class GatePipeline:
             body = self._body(request, x, limit)
             if length is not None:
                 headers["Content-Length"] = str(length)
-        session = self.upstream.session(allow_internal=entry.is_special_address)
         sent = time.perf_counter()
         try:
-            upstream = await session.request(request.method, url, headers=headers, data=body,
-                                             allow_redirects=False, compress=None)
+            upstream = await self.upstream.request(request.method, entry.scheme, host, port, target, headers, body,
+                                                   allow_internal=entry.is_special_address)
             x.upstream_s = time.perf_counter() - sent
         except BodyTooLarge:
             raise Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes",
                           close=True) from None
-        except TimeoutError:
+        except UpstreamTimeout:
             raise Refusal(504, "upstream_timeout", "the upstream did not answer in time") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise Refusal(*describe_connect_error(exc)) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (UpstreamBroken, OSError, HttpProcessingError) as exc:
             if x.bytes_in > limit:
                 raise Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes",
                               close=True) from None
             log.debug("upstream request failed: %s", type(exc).__name__)
             raise Refusal(502, "upstream_error", "the upstream closed the connection or sent a bad "
                           "response") from None
+        except UpstreamError as exc:  # could not connect: the message says why, and holds no secret
+            raise Refusal(exc.status, exc.code, str(exc)) from None
         try:
             return await self._relay(request, x, upstream, redaction)
         finally:
@@ -242,7 +240,7 @@ class GatePipeline:
                 raise BodyTooLarge()
             yield chunk
 
-    async def _relay(self, request: web.BaseRequest, x: Exchange, upstream: aiohttp.ClientResponse,
+    async def _relay(self, request: web.BaseRequest, x: Exchange, upstream: UpstreamResponse,
                      redaction: Redaction | None) -> web.StreamResponse:
         x.status = upstream.status
         headers = inbound_headers(upstream.headers)
@@ -253,11 +251,11 @@ class GatePipeline:
         if (declared is not None and declared <= SMALL_BODY_BYTES and request.method != "HEAD"
                 and upstream.status not in (204, 304)):
             return await self._relay_small(request, x, upstream, headers, redactor)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None, headers=headers)
         response.headers[REQUEST_ID_HEADER] = x.request_id
         if upstream.content_length is not None and (redactor is None or not redactor.streams_body):
             response.content_length = upstream.content_length
-        chunks = upstream.content.iter_any() if redactor is None else redactor.filter(upstream.content.iter_any())
+        chunks = upstream.chunks() if redactor is None else redactor.filter(upstream.chunks())
         # A known-length or empty body is complete for the agent at its last byte (or its headers), so that
         # last piece waits for the ledger row: a crash before the commit never leaves an answered request
         # unrecorded. A chunked body's end is write_eof's terminating chunk, which already comes after it.
@@ -272,7 +270,7 @@ class GatePipeline:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                except (TimeoutError, aiohttp.ClientError) as exc:  # the upstream failed mid-body
+                except UpstreamError as exc:  # the upstream failed mid-body
                     x.reason = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
                     await self._record(x)
                     _abort(request)
@@ -297,7 +295,7 @@ class GatePipeline:
             await response.write_eof()
         return response
 
-    async def _relay_small(self, request: web.BaseRequest, x: Exchange, upstream: aiohttp.ClientResponse,
+    async def _relay_small(self, request: web.BaseRequest, x: Exchange, upstream: UpstreamResponse,
                            headers: CIMultiDict[str], redactor: ResponseRedactor | None) -> web.StreamResponse:
         """A small body of declared length, read whole: redacted in one pass, sent with its exact length in
         one write, and only after its ledger row has committed. Most API answers take this path."""
@@ -306,11 +304,11 @@ class GatePipeline:
             x.bytes_out = len(body)
             if redactor is not None:
                 body = b"".join(redactor.feed(body)) + redactor.finish()
-        except TimeoutError:
+        except UpstreamTimeout:
             raise Refusal(504, "upstream_timeout", "the upstream did not send its whole answer in time") from None
-        except aiohttp.ClientError:
+        except UpstreamError:
             raise Refusal(502, "upstream_error", "the upstream's answer was cut short or malformed") from None
-        response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        response = web.Response(status=upstream.status, reason=upstream.reason or None, headers=headers, body=body)
         response.headers[REQUEST_ID_HEADER] = x.request_id
         if not await self._record(x):
             return error_response(Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
-import aiohttp
 from multidict import CIMultiDict
 
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import Route
+from aegisd.gate.upstream import UpstreamBroken
 from aegisd.inspection import Inspector, Redaction
 from aegisd.inspection.decompress import DECODABLE, DecodeError, StreamDecoder
 
@@ -29,7 +29,7 @@ class Flagged(Protocol):
     flags: str
 
 
-class UpstreamBodyUndecodable(aiohttp.ClientPayloadError):
+class UpstreamBodyUndecodable(UpstreamBroken):
     """The upstream's compressed body is corrupt: handled like any other broken upstream body."""
 
 
