@@ -92,6 +92,27 @@ def tls_context() -> ssl.SSLContext:
     return context
 
 
+def request_head(method: str, target: str, headers: CIMultiDict[str],
+                 body: bytes | AsyncIterator[bytes] | None) -> tuple[bytes, bool]:
+    """The request line and headers, framing headers set for `body`; and whether the body goes chunked."""
+    chunked = False
+    if isinstance(body, bytes):
+        headers["Content-Length"] = str(len(body))
+    elif body is None:
+        if method not in _BODILESS and "Content-Length" not in headers:
+            headers["Content-Length"] = "0"
+    elif "Content-Length" not in headers:
+        headers["Transfer-Encoding"] = "chunked"
+        chunked = True
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    # A value carrying CR or LF would split into a header (or a request) of its own.
+    if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
+        raise UpstreamError("a header value contains a line break and cannot be sent")
+    return head.encode("utf-8", "surrogateescape"), chunked
+
+
 class UpstreamResponse(asyncio.Protocol):
     """One connection to one upstream; between `request` and `release` it carries one exchange.
 
@@ -115,7 +136,7 @@ class UpstreamResponse(asyncio.Protocol):
         self._head = method == "HEAD"
         self._headers_done: asyncio.Future[None] = self._loop.create_future()
         self._raw: list[tuple[bytes, bytes]] = []
-        self._header_bytes = 0
+        self._header_bytes = self._head_bytes = 0
         self._reason = b""
         self._interim = False
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -140,6 +161,9 @@ class UpstreamResponse(asyncio.Protocol):
     async def read(self) -> bytes:
         """The whole body (the caller knows it is small: a declared length it accepted)."""
         while not self._complete:
+            failure = self._failure()
+            if failure is not None:
+                raise failure
             await self._wait()
         body = b"".join(self._chunks)
         self._chunks.clear()
@@ -182,33 +206,19 @@ class UpstreamResponse(asyncio.Protocol):
 
     # -- sending ----------------------------------------------------------------------------------
 
-    def send(self, method: str, target: str, headers: CIMultiDict[str],
-             body: bytes | AsyncIterator[bytes] | None, timeouts: tuple[float, float]) -> None:
+    def send(self, method: str, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool,
+             timeouts: tuple[float, float]) -> None:
         """Write the request (a streamed body goes on in a task) and start the answer's timers."""
         self._begin(method)
-        if isinstance(body, bytes):
-            headers["Content-Length"] = str(len(body))
-        elif body is None:
-            if method not in _BODILESS and "Content-Length" not in headers:
-                headers["Content-Length"] = "0"
-        elif "Content-Length" not in headers:
-            headers["Transfer-Encoding"] = "chunked"
-        lines = [f"{method} {target} HTTP/1.1"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        head = "\r\n".join(lines) + "\r\n\r\n"
-        # A value carrying CR or LF would split into a header (or a request) of its own.
-        if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
-            raise UpstreamError("a header value contains a line break and cannot be sent")
         assert self.transport is not None
-        data = head.encode("utf-8", "surrogateescape")
         if isinstance(body, bytes) and len(body) <= 16384:
-            self.transport.write(data + body)  # one write, one segment, for the usual small request
+            self.transport.write(head + body)  # one write, one segment, for the usual small request
         else:
-            self.transport.write(data)
+            self.transport.write(head)
             if isinstance(body, bytes):
                 self.transport.write(body)
             elif body is not None:
-                self._body_task = self._loop.create_task(self._send_body(body, "Content-Length" not in headers))
+                self._body_task = self._loop.create_task(self._send_body(body, chunked))
         read_timeout, total_timeout = timeouts
         now = self._last_read = self._loop.time()
         self._read_timeout = read_timeout
@@ -256,6 +266,13 @@ class UpstreamResponse(asyncio.Protocol):
             return
         self._got_bytes = True
         self._last_read = self._loop.time()
+        if not self._headers_done.done():
+            # Counted per read, not per parsed header: llhttp buffers an unterminated line without limit.
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._fail(UpstreamBroken("the upstream's response headers are too large"))
+                self.close()
+                return
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -291,6 +308,10 @@ class UpstreamResponse(asyncio.Protocol):
 
     # llhttp callbacks (httptools calls these while feed_data runs)
 
+    def on_message_begin(self) -> None:
+        if self._complete:  # the start of an answer nobody asked for: the connection is not reused
+            self._keep_alive = False
+
     def on_status(self, data: bytes) -> None:
         self._reason += data
 
@@ -306,7 +327,7 @@ class UpstreamResponse(asyncio.Protocol):
             return
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:  # an interim answer (103 Early Hints): wait for the real one
-            self._interim, self._raw, self._reason, self._header_bytes = True, [], b"", 0
+            self._interim, self._raw, self._reason, self._header_bytes, self._head_bytes = True, [], b"", 0, 0
             return
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in self._raw)
@@ -351,6 +372,7 @@ class UpstreamResponse(asyncio.Protocol):
             self._error = exc
         if not self._headers_done.done():
             self._headers_done.set_exception(exc)
+            self._headers_done.exception()  # retrieved: nobody awaits it once the exchange was abandoned
         self._wake()
 
     def _wake(self) -> None:
@@ -377,12 +399,14 @@ class UpstreamResponse(asyncio.Protocol):
             return
         now = self._loop.time()
         silent_until = self._last_read + self._read_timeout
-        if now >= self._deadline or (now >= silent_until and not self._paused):
+        uploading = self._body_task is not None and not self._body_task.done()
+        waiting_on_us = self._paused or uploading  # the agent is slow to read, or still sending its body
+        if now >= self._deadline or (now >= silent_until and not waiting_on_us):
             self._fail(UpstreamTimeout("the upstream did not answer in time"))
             self.close()
             return
-        # While the gate has paused reading (the agent is slow), silence is ours: look again later.
-        wake = now + self._read_timeout if self._paused else silent_until
+        # While the agent is slow to read or still uploading, silence is not the upstream's: look again later.
+        wake = now + self._read_timeout if waiting_on_us else silent_until
         self._timer = self._loop.call_at(min(self._deadline, wake), self._check_time)
 
 
@@ -410,12 +434,13 @@ class UpstreamPool:
                       headers: CIMultiDict[str], body: bytes | AsyncIterator[bytes] | None,
                       allow_internal: bool) -> UpstreamResponse:
         """Send one request and return once the answer's headers are in; call `release` after the body."""
+        head, chunked = request_head(method, target, headers, body)
         key = (scheme, host, port, allow_internal)
         conn = self._idle_connection(key)
         replayable = not isinstance(body, AsyncIterator) and method in _IDEMPOTENT
         if conn is not None:
             try:
-                conn.send(method, target, headers, body, self._timeouts)
+                conn.send(method, head, body, chunked, self._timeouts)
                 await conn.wait_headers()
                 return conn
             except UpstreamBroken:
@@ -428,7 +453,7 @@ class UpstreamPool:
                 raise
         conn = await self._connect(key)
         try:
-            conn.send(method, target, headers, body, self._timeouts)
+            conn.send(method, head, body, chunked, self._timeouts)
             await conn.wait_headers()
         except BaseException:
             conn.release()
