@@ -48,8 +48,7 @@ def row_mac(key: bytes) -> RowMac:
 
     def mac(prev_mac: bytes, row_id: int, values: Sequence[Any]) -> bytes:
         h = keyed.copy()
-        h.update(prev_mac)
-        h.update(canonical(row_id, values))
+        h.update(prev_mac + canonical(row_id, values))
         return h.digest()
 
     return mac

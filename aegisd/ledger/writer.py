@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 4096  # rows per transaction; bounds commit latency under a flood
 MIN_KEY_SIZE = 16
-# Rows per INSERT statement: far fewer statement steps (and GIL hand-offs) than one row each, while
-# 40 x 20 parameters stays under SQLite's oldest variable limit (999).
-_ROWS_PER_INSERT = 40
-_PLACEHOLDERS = f"({', '.join('?' * (len(ENTRY_FIELDS) + 2))})"
+# Rows per INSERT statement: one statement step (and GIL hand-off) per batch of up to this many rows
+# instead of one per row. A batch of n rows uses the n-row statement, so up to this many shapes get
+# prepared and cached by sqlite3 (under half a MiB in all; 40 would take 2.4 MiB).
+_ROWS_PER_INSERT = 16
+_ROW_WIDTH = len(ENTRY_FIELDS) + 2  # id, the fields, mac
+_PLACEHOLDERS = f"({', '.join('?' * _ROW_WIDTH)})"
 _INSERT = f"INSERT INTO ledger (id, {', '.join(ENTRY_FIELDS)}, mac) VALUES "  # noqa: S608 - constant columns
-_INSERT_ONE = _INSERT + _PLACEHOLDERS
-_INSERT_MANY = _INSERT + ", ".join([_PLACEHOLDERS] * _ROWS_PER_INSERT)
+_INSERTS = tuple(_INSERT + ", ".join([_PLACEHOLDERS] * rows) for rows in range(1, _ROWS_PER_INSERT + 1))
 # Last id ever used (AUTOINCREMENT never reuses one), last id present, and the chain's tip.
 _STATE = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'ledger'), 0), "
@@ -48,6 +49,24 @@ _Append = tuple[LedgerEntry, _Future | None]
 T = TypeVar("T")
 # A job gets the writer's connection and the chain key (None until the vault has been unlocked).
 Job = Callable[[sqlite3.Connection, bytes | None], T]
+
+
+class _ChainTip:
+    """Where the next commit continues: read from the file once, then carried from commit to commit.
+
+    Reading it costs a four-part query per commit (one that walks every unchained row while the vault is
+    locked); carrying it costs one `PRAGMA data_version`, which tells whether any other connection has
+    written since. The writer drops it after a failed commit, a job or a replace: it is then read afresh.
+    """
+
+    __slots__ = ("data_version", "next_id", "prev_mac", "unchained_after")
+
+    def __init__(self, data_version: int, next_id: int, prev_mac: bytes, unchained_after: int | None) -> None:
+        self.data_version = data_version  # the file's PRAGMA data_version when this was true
+        self.next_id = next_id  # AUTOINCREMENT never reuses an id, not even a deleted row's
+        self.prev_mac = prev_mac  # the newest chained row's MAC, or the chain's origin if there is none
+        # Rows with a larger id were written while there was no key and wait for their MAC (None: no such rows).
+        self.unchained_after = unchained_after
 
 
 class _SetKey:
@@ -274,6 +293,8 @@ class LedgerWriter:
             return
         self._post(_settle, ready, None)
         key: bytes | None = None
+        mac_of: RowMac | None = None  # row_mac(key), keyed once per key rather than once per commit
+        tip: _ChainTip | None = None
         try:
             running = True
             while running:
@@ -289,18 +310,21 @@ class LedgerWriter:
                     if item is _STOP:
                         running = False
                     elif isinstance(item, _SetKey):
-                        key, new_key = item.key, True
+                        key, mac_of, new_key = item.key, row_mac(item.key), True
                     elif isinstance(item, list):
                         appends.extend(item)
                     elif isinstance(item, tuple):
                         appends.append(item)
                     elif isinstance(item, _Job | _Replace):
                         if appends or new_key:  # what was queued before the job commits before it
-                            self._commit(conn, key, appends)
+                            tip = self._commit(conn, mac_of, appends, tip)
                             appends, new_key = [], False
                         conn, key = self._run_job(conn, key, item)
+                        if key is None:
+                            mac_of = None
+                        tip = None  # a prune has written through this connection, or a replace swapped files
                 if appends or new_key:
-                    self._commit(conn, key, appends)
+                    tip = self._commit(conn, mac_of, appends, tip)
         finally:
             conn.close()
             self._fail_queued()
@@ -365,14 +389,17 @@ class LedgerWriter:
         if futures:
             self._post(_fail, futures, "the ledger writer has stopped")
 
-    def _commit(self, conn: sqlite3.Connection, key: bytes | None, appends: list[_Append]) -> None:
+    def _commit(
+        self, conn: sqlite3.Connection, mac_of: RowMac | None, appends: list[_Append], tip: _ChainTip | None
+    ) -> _ChainTip | None:
+        """Commit the batch and return the chain's new tip, or None (read it afresh) if the commit failed."""
         started = time.perf_counter()
         entries = [entry for entry, _ in appends]
         futures = [future for _, future in appends]
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                first_id = _write(conn, key, entries)
+                tip = _write(conn, mac_of, entries, tip)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -382,26 +409,31 @@ class LedgerWriter:
             # The message names the failure, never the rows (they may be sensitive metadata).
             log.error("ledger commit of %d rows failed: %s: %s", len(entries), type(exc).__name__, exc)
             self._post(_fail, futures, f"ledger write failed: {exc}")
-            return
+            return None
         self.last_commit_seconds = time.perf_counter() - started
+        first_id = tip.next_id - len(entries)
         rows: list[LedgerRow] = []
         subscribers = self._subscribers
         if subscribers:
             rows = [_to_row(first_id + i, entry) for i, entry in enumerate(entries)]
         self._post(_deliver, futures, first_id, subscribers, rows)
+        return tip
 
 
-def _write(conn: sqlite3.Connection, key: bytes | None, entries: list[LedgerEntry]) -> int:
-    """Insert the batch (chaining it if there is a key) and return the first new id.
+def _write(
+    conn: sqlite3.Connection, mac_of: RowMac | None, entries: list[LedgerEntry], tip: _ChainTip | None
+) -> _ChainTip:
+    """Insert the batch (chaining it if there is a key: mac_of) and return the tip it leaves.
 
-    State is read inside the transaction rather than cached, so a failed commit leaves nothing stale.
+    The carried tip is checked after BEGIN IMMEDIATE, so no other connection can write between the check
+    and the insert.
     """
-    seq, max_id, tip_id, tip_mac = conn.execute(_STATE).fetchone()
-    first_id: int = max(seq, max_id) + 1
-    mac_of = row_mac(key) if key is not None else None  # None: no key yet, rows get a NULL MAC
-    prev_mac: bytes = tip_mac if tip_id is not None else _chain_origin(conn)
-    if mac_of is not None and max_id > (tip_id or 0):
-        prev_mac = _chain_unchained(conn, mac_of, tip_id or 0, prev_mac)
+    (data_version,) = conn.execute("PRAGMA data_version").fetchone()
+    if tip is None or tip.data_version != data_version:
+        tip = _read_tip(conn, data_version)
+    first_id, prev_mac = tip.next_id, tip.prev_mac
+    if mac_of is not None and tip.unchained_after is not None:
+        prev_mac = _chain_unchained(conn, mac_of, tip.unchained_after, prev_mac)
     params: list[Any] = []
     for row_id, entry in enumerate(entries, first_id):
         values = entry_values(entry)
@@ -409,12 +441,36 @@ def _write(conn: sqlite3.Connection, key: bytes | None, entries: list[LedgerEntr
         if mac_of is not None:
             mac = prev_mac = mac_of(prev_mac, row_id, values)
         params += (row_id, *values, mac)
-    width = len(ENTRY_FIELDS) + 2
-    chunk = width * _ROWS_PER_INSERT
+    _insert(conn, params)
+    next_id = first_id + len(entries)
+    if mac_of is None:  # no key yet: these rows are stored with a NULL MAC and chained once it arrives
+        unchained_after = tip.unchained_after
+        if unchained_after is None and entries:
+            unchained_after = first_id - 1
+        return _ChainTip(data_version, next_id, prev_mac, unchained_after)
+    return _ChainTip(data_version, next_id, prev_mac, None)
+
+
+def _read_tip(conn: sqlite3.Connection, data_version: int) -> _ChainTip:
+    """The tip as the file has it: at start, and whenever the carried one may be stale."""
+    seq, max_id, tip_id, tip_mac = conn.execute(_STATE).fetchone()
+    prev_mac: bytes = tip_mac if tip_id is not None else _chain_origin(conn)
+    tip_id = tip_id or 0
+    return _ChainTip(data_version, max(seq, max_id) + 1, prev_mac, tip_id if max_id > tip_id else None)
+
+
+def _insert(conn: sqlite3.Connection, params: list[Any]) -> None:
+    """INSERT the rows whose columns params holds back to back, in as few statements as there are shapes.
+
+    Whole statements of _ROWS_PER_INSERT rows, then one for the rest: a group commit under load holds a
+    few rows, so it is usually one statement.
+    """
+    chunk = _ROW_WIDTH * _ROWS_PER_INSERT
     full = len(params) // chunk * chunk
-    conn.executemany(_INSERT_MANY, (params[i : i + chunk] for i in range(0, full, chunk)))
-    conn.executemany(_INSERT_ONE, (params[i : i + width] for i in range(full, len(params), width)))
-    return first_id
+    if full:
+        conn.executemany(_INSERTS[-1], (params[i : i + chunk] for i in range(0, full, chunk)))
+    if full < len(params):
+        conn.execute(_INSERTS[(len(params) - full) // _ROW_WIDTH - 1], params[full:])
 
 
 def _chain_unchained(conn: sqlite3.Connection, mac_of: RowMac, tip_id: int, prev_mac: bytes) -> bytes:

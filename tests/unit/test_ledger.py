@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import hashlib
+import hmac
+import json
 import os
 import signal
 import sqlite3
@@ -20,6 +23,8 @@ from typing import Any, TypeVar
 import pytest
 
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerRow, LedgerWriter, VerifyResult, query_rows, to_dict, verify
+from aegisd.ledger.chain import GENESIS, canonical, row_mac
+from aegisd.ledger.entry import ENTRY_FIELDS, entry_values, normalize
 from aegisd.ledger.schema import SCHEMA_VERSION
 
 KEY = bytes(range(32))
@@ -154,6 +159,53 @@ def test_bad_entries_are_refused_at_the_caller(db: Path) -> None:
     assert run(chain_now(db)).ok
 
 
+STR_FIELDS = [f for f in ENTRY_FIELDS if f not in ("time_ms", "status", "duration_ms", "bytes_in", "bytes_out")]
+
+
+def test_plain_entries_pass_normalize_unchanged() -> None:
+    entry = req(1)
+    assert normalize(entry) is entry
+    assert normalize(LedgerEntry.system("started")).detail == "started"
+
+
+@pytest.mark.parametrize("name", STR_FIELDS)
+def test_every_text_field_is_coerced_to_plain_valid_text(name: str) -> None:
+    """Whatever shortcut normalize takes for plain rows, it must not skip a field."""
+    value = {"kind": "request", "decision": "denied"}.get(name, "x")
+    value_enum = enum.StrEnum("value_enum", {"V": value})
+    coerced = normalize(req(1, **{name: value_enum.V}))
+    assert type(getattr(coerced, name)) is str and getattr(coerced, name) == value
+    if name not in ("kind", "decision"):
+        clean = getattr(normalize(req(1, **{name: "caf\xe9 \udcff"})), name)  # a lone surrogate cannot be stored
+        assert clean.startswith("caf\xe9 ") and "\udcff" not in clean
+        with pytest.raises(TypeError, match=name):
+            normalize(req(1, **{name: 5}))
+
+
+@pytest.mark.parametrize("name", ["time_ms", "status", "bytes_in", "bytes_out"])
+def test_every_integer_field_is_checked_and_coerced(name: str) -> None:
+    coerced = normalize(req(1, **{name: HTTPStatus.OK}))
+    assert type(getattr(coerced, name)) is int and getattr(coerced, name) == 200
+    for bad in (True, -1, 2**63, 1.0, "1"):
+        with pytest.raises(ValueError, match=name):
+            normalize(req(1, **{name: bad}))
+
+
+def test_duration_time_range_and_path_are_checked() -> None:
+    assert type(normalize(req(1, duration_ms=3)).duration_ms) is float
+    for bad in (float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="duration_ms"):
+            normalize(req(1, duration_ms=bad))
+    with pytest.raises(ValueError, match="out of range"):
+        normalize(req(1, time_ms=253402300799999 + 1))
+    assert normalize(req(1, path="/a#frag")).path == "/a"
+    assert normalize(req(1, path="/a?q=1#frag")).path == "/a"
+    with pytest.raises(ValueError, match="kind"):
+        normalize(req(1, kind="system ", decision=""))
+    with pytest.raises(ValueError, match="decision"):
+        normalize(req(1, decision="Allowed"))
+
+
 async def chain_now(path: Path) -> VerifyResult:
     writer = LedgerWriter(path)
     await writer.start()
@@ -169,6 +221,49 @@ def test_chain_verifies(db: Path) -> None:
     run(write(db, [req(i) for i in range(10)]))
     result = verify(db, KEY)
     assert result.ok and result.rows_checked == 10 and result.first_bad_id is None
+
+
+def test_row_macs_are_pinned() -> None:
+    """The chain format never changes silently: ledgers written by every earlier version must still verify."""
+    gate_row = LedgerEntry(
+        kind="request", time_ms=1_700_000_000_123, request_id="0123456789abcdef", agent="bot",
+        credential="openai-prod", service="openai", method="POST", path="/v1/chat/completions",
+        target_host="api.openai.com:443", decision="allowed", reason="", status=200, duration_ms=12.345,
+        bytes_in=1024, bytes_out=65536, flags="response_redacted", detail="")  # fmt: skip
+    odd_row = LedgerEntry.system("quote \" backslash \\ tab \t nl \n ctl \x01 \xe9 \u65e5\u672c \U0001f600 \u2028",
+                                 reason="policy_reload")
+    odd_row = dataclasses.replace(odd_row, time_ms=1_700_000_000_124, duration_ms=1e-7)
+    assert canonical(1, entry_values(gate_row)) == (
+        b'[1,"request",1700000000123,"0123456789abcdef","bot","openai-prod","openai","POST",'
+        b'"/v1/chat/completions","api.openai.com:443","allowed","",200,12.345,1024,65536,"response_redacted",""]'
+    )
+    assert canonical(2, entry_values(odd_row)) == (
+        b'[2,"system",1700000000124,"","","","","","","","","policy_reload",0,1e-07,0,0,"",'
+        b'"quote \\" backslash \\\\ tab \\t nl \\n ctl \\u0001 \\u00e9 \\u65e5\\u672c \\ud83d\\ude00 \\u2028"]'
+    )
+    mac = row_mac(KEY)
+    first = mac(GENESIS, 1, entry_values(gate_row))
+    assert first.hex() == "d216998bcb9d10468d21fd82475c6bb1d625c8c283a4138a3aa498d8c7f8a629"
+    assert mac(first, 2, entry_values(odd_row)).hex() == (
+        "d1a14bd28cfdd65173c54038e83990fe94c58c38e5387a10dd6ec1afb3957583"
+    )
+
+
+@pytest.mark.parametrize("key_size", [16, 32, 63, 64, 65, 200])
+def test_row_mac_is_hmac_sha256_of_prev_mac_and_canonical(key_size: int) -> None:
+    key, prev = os.urandom(key_size), os.urandom(32)
+    values = entry_values(req(3))
+    expected = hmac.new(key, prev + canonical(9, values), hashlib.sha256).digest()
+    assert row_mac(key)(prev, 9, values) == expected
+
+
+def test_canonical_is_compact_ascii_json() -> None:
+    """What verify may read from a tampered file encodes as JSON would, or fails as JSON would."""
+    values = ["a\"\\\u2028\U0001f600", None, True, -0.0, 0.1, 2**70, -5, ""]
+    assert canonical(7, values) == json.dumps([7, *values], separators=(",", ":")).encode("ascii")
+    for bad in (b"blob", float("inf"), float("nan")):
+        with pytest.raises((TypeError, ValueError)):
+            canonical(1, [bad])
 
 
 def test_empty_ledger_verifies(db: Path) -> None:
@@ -384,6 +479,30 @@ def test_failing_insert_rejects_the_batch_then_recovers(db: Path) -> None:
     assert result.ok and result.rows_checked in (2, 3)
 
 
+def test_a_batch_refused_at_commit_leaves_no_trace_for_the_next(db: Path) -> None:
+    """The inserts succeed and only COMMIT fails (a deferred constraint): the next batch must not build on them."""
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        writer.set_key(KEY)
+        assert await writer.append(req(0)) == 1
+        raw(db, "CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        raw(db, "CREATE TABLE child (parent_id INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+        raw(db, "CREATE TRIGGER poison AFTER INSERT ON ledger WHEN NEW.request_id = 'poison' "
+            "BEGIN INSERT INTO child VALUES (NEW.id); END")
+        await writer.append(req(1))  # the writer has seen the new schema; nobody else writes from here on
+        batch = [writer.append(req(i)) for i in range(2, 6)] + [writer.append(req(6, request_id="poison"))]
+        results = await asyncio.gather(*batch, return_exceptions=True)
+        assert all(isinstance(r, LedgerError) and "FOREIGN KEY" in str(r) for r in results), results
+        assert await writer.append(req(7)) == 3
+        await writer.close()
+
+    run(main())
+    assert [r.request_id for r in query_rows(db, newest_first=False)] == ["req-0", "req-1", "req-7"]
+    assert verify(db, KEY).rows_checked == 3
+
+
 def test_close_flushes_queued_rows_and_refuses_more(db: Path) -> None:
     async def main() -> None:
         writer = LedgerWriter(db)
@@ -425,6 +544,51 @@ def test_many_concurrent_appenders(db: Path) -> None:
     print(f"ledger: {rate:,.0f} rows/s with {workers} concurrent appenders")
     result = verify(db, KEY)
     assert result.ok and result.rows_checked == total
+
+
+def test_batches_of_every_size_get_gapless_ids_and_chain(db: Path) -> None:
+    sizes = [1, 2, 15, 16, 17, 31, 32, 33, 50, 1]
+
+    async def main() -> list[list[int]]:
+        writer = LedgerWriter(db)
+        await writer.start()
+        writer.set_key(KEY)
+        batches, start = [], 0
+        for size in sizes:  # appended in one loop iteration, so each is one group commit
+            batches.append(await asyncio.gather(*(writer.append(req(start + i)) for i in range(size))))
+            start += size
+        await writer.close()
+        return batches
+
+    batches = run(main())
+    assert [i for batch in batches for i in batch] == list(range(1, sum(sizes) + 1))
+    rows = query_rows(db, newest_first=False, limit=1000)
+    assert [r.request_id for r in rows] == [f"req-{i}" for i in range(sum(sizes))]
+    assert verify(db, KEY).rows_checked == sum(sizes)
+
+
+def test_rows_another_connection_commits_meanwhile_are_not_overwritten(db: Path) -> None:
+    """The writer carries the chain's tip from commit to commit, but notices when anyone else has written."""
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        assert await writer.append(req(0)) == 1  # no key yet: stored unchained
+        raw(db, "INSERT INTO ledger SELECT 2, kind, time_ms, 'other', agent, credential, service, method, path, "
+            "target_host, decision, reason, status, duration_ms, bytes_in, bytes_out, flags, detail, NULL "
+            "FROM ledger WHERE id = 1")
+        assert await writer.append(req(2)) == 3
+        writer.set_key(KEY)
+        assert await writer.append(req(3)) == 4  # chains rows 1 to 3 first
+        raw(db, "DELETE FROM ledger WHERE id = 4")
+        assert await writer.append(req(4)) == 5  # never reuses an id
+        await writer.close()
+
+    run(main())
+    rows = query_rows(db, newest_first=False)
+    assert [(r.id, r.request_id) for r in rows] == [(1, "req-0"), (2, "other"), (3, "req-2"), (5, "req-4")]
+    result = verify(db, KEY)
+    assert not result.ok and result.first_bad_id == 5 and "rows 4..4 are missing" in result.reason
 
 
 # ---- reading ----

@@ -248,6 +248,7 @@ def test_replace_file_swaps_between_commits_and_forgets_the_key(tmp_path: Path, 
         await writer.replace_file(staged)
         assert writer.key is None and not staged.exists()
         assert await writer.append(entry(99)) == 4  # continues the restored file's ids
+        assert sql(db, "SELECT mac FROM ledger WHERE id = 4") == [(None,)]  # not chained with the old key
         writer.set_key(KEY)  # the restored vault's key (here the same test key)
         await writer.append(entry(100))
         await writer.close()
