@@ -17,9 +17,10 @@ from aegisd.limits import ConcurrencyLimiter, Quota, RateLimiter, Standing
 from aegisd.limits.headers import ratelimit_headers, retry_after
 from aegisd.policy import PolicySet, Verdict
 from aegisd.policy.policy_set import INVALID
-from aegisd.rates import Rate, RateError, parse_rate
+from aegisd.rates import RateError, parse_rate
 
 WOULD_DENY = "would_deny"
+_MAX_QUOTAS = 10_000  # cached credential and agent quotas; past this the cache starts afresh
 
 
 class Noted(Protocol):
@@ -58,23 +59,23 @@ class GateLimits:
     def __init__(self, max_concurrency: int, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.rates = RateLimiter(clock)
         self.concurrency = ConcurrencyLimiter(max_concurrency)
-        self._parsed: dict[str, Rate] = {}
+        self._quotas: dict[tuple[str, str, str], Quota] = {}
         self._consumed: dict[str, list[Quota]] = {}  # per request in flight, for refund()
 
     def admit(self, x: Noted, agent: AgentEntry, route: Route, verdict: Verdict | None) -> None:
         """Admit the request against every limit at once, or refuse it (429) consuming nothing."""
         quotas = []
         if route.rate_limit:
-            quotas.append(Quota("credential", route.credential_id, self._rate(route.rate_limit, "credential",
-                                                                            route.name)))
+            quotas.append(self._quota("credential", route.credential_id, route.rate_limit, route.name))
         if agent.rate_limit:
-            quotas.append(Quota("agent", agent.id, self._rate(agent.rate_limit, "agent", agent.name)))
+            quotas.append(self._quota("agent", agent.id, agent.rate_limit, agent.name))
         rule = verdict.rule if verdict is not None and verdict.allowed else None
         if rule is not None and rule.rate is not None:
             quotas.append(Quota("rule", rule.ref, rule.rate, enforced=verdict is not None and
                                 verdict.mode == "enforce"))
-        now = self.rates.clock()
-        standings = [self.rates.standing(q, now) for q in quotas]
+        rates = self.rates
+        now = rates.clock()
+        standings = [rates.standing(q, now) for q in quotas]
         slots = self.concurrency.available(agent.id)
         refused = [s for s in standings if not s.allowed and s.quota.enforced]
         if refused or slots <= 0:
@@ -82,7 +83,7 @@ class GateLimits:
         consumed = []
         for standing in standings:
             if standing.allowed:
-                self.rates.consume(standing.quota, now)
+                rates.consume(standing.quota, now)
                 consumed.append(standing.quota)
             else:  # a dry-run rule's limit: forwarded, and the ledger row says it would have been refused
                 x.reason = WOULD_DENY
@@ -115,16 +116,21 @@ class GateLimits:
                                                  "flight")))
         raise Refusal(429, "rate_limited", f"rate limit reached: {what}; retry after {wait} s", headers=headers)
 
-    def _rate(self, text: str, owner: str, name: str) -> Rate:
-        rate = self._parsed.get(text)
-        if rate is None:
+    def _quota(self, owner: str, key: str, text: str, name: str) -> Quota:
+        """The credential's or agent's quota, parsed and built once rather than on every request; the stored
+        text is part of the cache key, so a changed limit applies from the next request."""
+        cache_key = (owner, key, text)
+        quota = self._quotas.get(cache_key)
+        if quota is None:
             try:
                 rate = parse_rate(text)
             except RateError:  # validated when set, so the store was edited behind our back: never fail open
                 raise Refusal(500, "rate_limit_invalid", f"the stored rate limit of {owner} {name!r} is malformed; "
                               "an operator must set it again") from None
-            self._parsed[text] = rate
-        return rate
+            if len(self._quotas) >= _MAX_QUOTAS:  # removed credentials and agents leave entries behind
+                self._quotas.clear()
+            quota = self._quotas[cache_key] = Quota(owner, key, rate)
+        return quota
 
 
 def _describe(standing: Standing) -> str:

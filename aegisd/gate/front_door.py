@@ -15,9 +15,14 @@ from aiohttp import web
 from aegisd.gate.refusal import Refusal
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+# The Host names nearly every agent sends, matched without the regex or an address parse: the names
+# above plus the loopback literals that `ipaddress` would accept anyway (lowercase, without the port).
+_USUAL_HOSTS = LOOPBACK_NAMES | {"127.0.0.1", "[::1]"}
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?$")
 _BAD_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 SINGLE_HEADERS = ("Host", "X-Aegis-Agent", "X-Target-Host", "Authorization", "Content-Length")
+_AT_MOST_ONCE = SINGLE_HEADERS[1:]  # Host must appear exactly once: check_host_header's business
+_NONE: tuple[str, ...] = ()  # getall's default, shared so a missing header allocates nothing
 
 
 def bad_request(message: str) -> Refusal:
@@ -26,10 +31,13 @@ def bad_request(message: str) -> Refusal:
 
 def check_host_header(request: web.BaseRequest, extra_hosts: frozenset[str]) -> None:
     """Only loopback names (or the configured listen host) may address the gate."""
-    hosts = request.headers.getall("Host", [])
+    hosts = request.headers.getall("Host", _NONE)
     if len(hosts) != 1:
         raise bad_request("exactly one Host header is required")
-    match = _HOST_PORT.match(hosts[0].strip())
+    value = hosts[0].strip()
+    if _usual_host(value):
+        return
+    match = _HOST_PORT.match(value)
     if not match:
         raise bad_request("the Host header is malformed")
     name = match.group(1).lower()
@@ -44,6 +52,15 @@ def check_host_header(request: web.BaseRequest, extra_hosts: frozenset[str]) -> 
         raise Refusal(403, "host_not_allowed", "the gate answers only to loopback Host names")
 
 
+def _usual_host(value: str) -> bool:
+    """A loopback name or literal with, at most, a well-formed port: exactly the values the regex and the
+    address parse in check_host_header would accept as such, found with a split and a set lookup."""
+    name, colon, port = value.rpartition(":")
+    if not colon or port.endswith("]"):  # no port, or the colon was inside "[::1]"
+        return value.lower() in _USUAL_HOSTS
+    return 0 < len(port) <= 5 and port.isascii() and port.isdigit() and name.lower() in _USUAL_HOSTS
+
+
 def check_shape(request: web.BaseRequest) -> None:
     """No CONNECT or absolute-form (proxy) requests; no repeated single-value headers."""
     if request.method == "CONNECT":
@@ -52,23 +69,34 @@ def check_shape(request: web.BaseRequest) -> None:
     if not request.raw_path.startswith("/"):
         raise Refusal(400, "proxy_not_supported", "absolute-form request targets are not supported: call "
                       "/{service}/{path} on the gate")
-    for name in SINGLE_HEADERS[1:]:
-        if len(request.headers.getall(name, [])) > 1:
+    headers = request.headers
+    for name in _AT_MOST_ONCE:
+        if len(headers.getall(name, _NONE)) > 1:
             raise bad_request(f"the {name} header must appear at most once")
 
 
 def split_target(raw_target: str) -> tuple[str, str, str]:
     """`/{service}/{rest}?{query}` → (service, "/rest" still percent-encoded, raw query)."""
     path, _, query = raw_target.partition("?")
-    if "\\" in path or "\x00" in path or _BAD_ENCODED.search(path):
+    encoded = "%" in path
+    if "\\" in path or "\x00" in path or (encoded and _BAD_ENCODED.search(path)):
         raise bad_request("the path contains a backslash, NUL or an encoded '/' or '\\'")
-    once = unquote(path)
-    for segment in (*path.split("/"), *once.split("/"), *unquote(once).split("/")):
-        if segment in (".", ".."):
-            raise bad_request("the path contains a '.' or '..' segment")
-    if "\x00" in once:
-        raise bad_request("the path contains a NUL byte")
+    if encoded:
+        once = unquote(path)
+        _refuse_dot_segments(path, once, unquote(once))
+        if "\x00" in once:
+            raise bad_request("the path contains a NUL byte")
+    elif "." in path:  # undecoded, the path is all its decoded forms; without a dot it has no dot segment
+        _refuse_dot_segments(path)
     _, service, rest = path.split("/", 2) if path.count("/") >= 2 else (*path.split("/", 1), "")
     if not service:
         raise Refusal(404, "not_found", "call /{service}/{path}: the first path segment names the service")
-    return unquote(service), "/" + rest, query
+    return unquote(service) if encoded else service, "/" + rest, query
+
+
+def _refuse_dot_segments(*forms: str) -> None:
+    """A '.' or '..' segment in the path as sent or in any of its decoded forms would let it climb out."""
+    for form in forms:
+        for segment in form.split("/"):
+            if segment in (".", ".."):
+                raise bad_request("the path contains a '.' or '..' segment")

@@ -7,11 +7,14 @@ Set-Cookie are dropped: the gate is not a cookie jar for the agent.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from aegisd.gate.routing import Route
+if TYPE_CHECKING:  # routing builds each route's drop set from the names below, so it imports this module
+    from aegisd.gate.routing import Route
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate"})
@@ -20,19 +23,33 @@ GATE_HEADERS = frozenset({"x-aegis-agent", "x-target-host", "x-aegis-request-id"
                           "expect"})
 GATE_PREFIX = "x-aegis-"  # the gate's header namespace: none of it is the upstream's business
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
+_NONE: tuple[str, ...] = ()  # getall's default, shared so a missing Connection header allocates nothing
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    return {t.strip().lower() for value in headers.getall("Connection", []) for t in value.split(",")}
+def _drop_with_connection(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
+    """`drop` plus the names the Connection header lists, built anew only when it lists one `drop` lacks
+    (the usual `Connection: keep-alive` names nothing new)."""
+    values = headers.getall("Connection", _NONE)
+    if not values:
+        return drop
+    listed = _connection_tokens(values)
+    return drop if listed <= drop else drop | listed
+
+
+def _connection_tokens(values: Iterable[str]) -> set[str]:
+    return {t.strip().lower() for value in values for t in value.split(",")}
 
 
 def agent_headers(headers: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:
     """The agent's headers that may reach the upstream: not its own credentials, hop-by-hop or gate headers.
     Body inspection scans exactly these; `add_credential` then completes them for forwarding."""
-    drop = HOP_BY_HOP | GATE_HEADERS | route.strip_headers | _connection_tokens(headers)
-    return CIMultiDict(
-        (name, value) for name, value in headers.items()
-        if name.lower() not in drop and not name.lower().startswith(GATE_PREFIX))
+    drop = _drop_with_connection(headers, route.drop_headers)
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in drop and not lower.startswith(GATE_PREFIX):
+            kept.add(name, value)
+    return kept
 
 
 def add_credential(headers: CIMultiDict[str], route: Route, host_header: str) -> None:
@@ -59,5 +76,9 @@ def query_with_credential(query: str, route: Route) -> str:
 
 
 def inbound_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = RESPONSE_DROP | _connection_tokens(headers)
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
+    drop = _drop_with_connection(headers, RESPONSE_DROP)
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            kept.add(name, value)
+    return kept

@@ -14,11 +14,12 @@ import hmac
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from aegisd.agents import AgentRegistry
 from aegisd.errors import AegisError
+from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP
 from aegisd.inspection import Inspector, SecretSource
 from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
@@ -47,7 +48,9 @@ class Route:
     expires_at: int | None
     inject_header: tuple[str, str] | None
     inject_query: tuple[str, str] | None
-    strip_headers: frozenset[str]
+    # Lowercase names of the agent's headers never forwarded: hop-by-hop, the gate's own, the agent's
+    # credentials and this credential's header. One set per route, so no request builds it.
+    drop_headers: frozenset[str]
     rate_limit: str
     body_inspection: str
     secret: bytes  # for the inspection and redaction steps; never logged
@@ -64,17 +67,34 @@ class AgentEntry:
     rate_limit: str
 
 
+class TokenMac:
+    """HMAC-SHA256 under one key, keyed once: each token then costs a copy of the keyed state."""
+
+    __slots__ = ("_keyed",)
+
+    def __init__(self, key: bytes) -> None:
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+
+    def digest(self, message: bytes) -> bytes:
+        h = self._keyed.copy()
+        h.update(message)
+        return h.digest()
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
     routes: dict[str, Route]
     agents_by_hash: dict[bytes, AgentEntry]
     token_key: bytes
     inspector: Inspector  # every secret's search forms, compiled once per build (steps 8 and 11)
+    _token_mac: TokenMac = field(init=False, repr=False, compare=False)  # derived from token_key
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_token_mac", TokenMac(self.token_key))
 
     def agent_for(self, token: str) -> AgentEntry | None:
         """Constant-time in the token: a keyed hash, then one lookup on the digest."""
-        digest = hmac.new(self.token_key, token.encode(), hashlib.sha256).digest()
-        return self.agents_by_hash.get(digest)
+        return self.agents_by_hash.get(self._token_mac.digest(token.encode()))
 
 
 def _methods(scopes: list[str]) -> frozenset[str] | None:
@@ -107,8 +127,8 @@ def build_route(cred: Credential, secret: bytes) -> Route:
         credential_id=cred.id, name=cred.name, service=cred.service, allowlist=allowlist,
         default_entry=allowlist.default_entry(), methods=_methods(cred.scopes), scopes=tuple(cred.scopes),
         auth_type=cred.auth_type, expires_at=cred.expires_at,
-        inject_header=header, inject_query=query, strip_headers=frozenset(strip), rate_limit=cred.rate_limit,
-        body_inspection=cred.body_inspection, secret=secret,
+        inject_header=header, inject_query=query, drop_headers=HOP_BY_HOP | GATE_HEADERS | strip,
+        rate_limit=cred.rate_limit, body_inspection=cred.body_inspection, secret=secret,
     )
 
 

@@ -48,28 +48,37 @@ class RateLimiter:
     @staticmethod
     def _state_key(quota: Quota) -> tuple[str, Hashable, int, int]:
         # The rate is part of the key: changing a limit starts it afresh instead of reinterpreting old state.
+        # (standing and consume, on every request, build this same tuple inline rather than call this.)
         return quota.name, quota.key, quota.rate.count, quota.rate.period_seconds
 
     def standing(self, quota: Quota, now_ns: int) -> Standing:
         """Whether one more request fits now, with the exact remaining count and wait; changes nothing."""
-        n, period = quota.rate.count, quota.rate.period_seconds * NS
+        rate = quota.rate
+        n, seconds = rate.count, rate.period_seconds
+        period = seconds * NS
         now = now_ns * n
         capacity = period * n
-        used = max(self._tat.get(self._state_key(quota), 0), now) - now  # debt, in scaled ns, 0..capacity
-        remaining = (capacity - used) // period
+        tat = self._tat.get((quota.name, quota.key, n, seconds), 0)
+        used = tat - now if tat > now else 0  # debt, in scaled ns, 0..capacity
         if used + period > capacity:
             return Standing(quota, False, 0, -(-(used + period - capacity) // n))
-        if remaining >= n:
+        if not used:  # nothing owed, the usual case below the limit: the whole burst is there
             return Standing(quota, True, n, 0)
+        remaining = (capacity - used) // period
         return Standing(quota, True, remaining, -(-(used - (capacity - (remaining + 1) * period)) // n))
 
     def consume(self, quota: Quota, now_ns: int) -> None:
         """Use one unit; call only after every quota of the request was found to have room."""
-        key = self._state_key(quota)
-        n = quota.rate.count
-        if key not in self._tat and len(self._tat) >= _PRUNE_ABOVE:
-            self._prune(now_ns)
-        self._tat[key] = max(self._tat.get(key, 0), now_ns * n) + quota.rate.period_seconds * NS
+        rate = quota.rate
+        n, seconds = rate.count, rate.period_seconds
+        key = (quota.name, quota.key, n, seconds)
+        tat = self._tat.get(key)
+        if tat is None:
+            if len(self._tat) >= _PRUNE_ABOVE:
+                self._prune(now_ns)
+            tat = 0
+        now = now_ns * n
+        self._tat[key] = (tat if tat > now else now) + seconds * NS
 
     def refund(self, quota: Quota) -> None:
         """Give back one unit: the request that consumed it was refused by a later step."""

@@ -80,10 +80,7 @@ class AllowedHost:
     def is_special_address(self) -> bool:
         """True when the entry points inside the machine or network (loopback, private, link-local,
         cloud metadata), so forwarding a credential there deserves a warning."""
-        addr = _ip(self.host)
-        if addr is None:
-            return self.host in _SPECIAL_NAMES or self.host.endswith(".localhost")
-        return is_internal_ip(addr)
+        return _is_special_host(self.host)
 
     def matches(self, scheme: str, host: str, port: int) -> bool:
         """Whether an already canonical scheme, host and port fall under this entry."""
@@ -93,6 +90,16 @@ class AllowedHost:
             return host == self.host
         first, dot, parent = host.partition(".")
         return bool(first) and bool(dot) and parent == self.host
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_special_host(host: str) -> bool:
+    """`AllowedHost.is_special_address`, remembered per host: the gate asks it for every request it forwards
+    and an address parse plus `is_global` cost microseconds. Hosts come from operator entries: few."""
+    addr = _ip(host)
+    if addr is None:
+        return host in _SPECIAL_NAMES or host.endswith(".localhost")
+    return is_internal_ip(addr)
 
 
 def is_internal_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -134,9 +141,14 @@ def parse_allowed_host(text: str) -> AllowedHost:
     return AllowedHost(scheme, host, DEFAULT_PORTS[scheme] if port is None else port, wildcard)
 
 
+@functools.lru_cache(maxsize=256)
 def canonical_target(text: str) -> tuple[str, int | None]:
     """Canonicalise the agent's untrusted target host once, refusing anything a URL parser could
-    read differently; returns (host, port or None). IPv6 comes back without brackets."""
+    read differently; returns (host, port or None). IPv6 comes back without brackets.
+
+    Remembered per text, since agents name the same few hosts on every request and the checks cost
+    microseconds; only accepted texts (at most 300 characters) are kept, as a refusal raises.
+    """
     what = f"target host {_quote(text)}"
     _check_length(text, what)
     _check_chars(text, what)

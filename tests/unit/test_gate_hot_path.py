@@ -1,0 +1,164 @@
+"""The gate's per-request shortcuts give the answers of the general code they bypass: the Host header's
+fast path, the undecoded-path fast path, the precomputed header drop sets, the keyed-once token MAC, the
+cached quotas, and the metrics exposition they must not change."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from aegisd.gate.admission import GateLimits
+from aegisd.gate.front_door import check_host_header, split_target
+from aegisd.gate.headers import agent_headers, inbound_headers
+from aegisd.gate.pipeline import Exchange
+from aegisd.gate.refusal import Refusal
+from aegisd.gate.routing import AgentEntry, Route, TokenMac, build_route
+from aegisd.metrics import GateMetrics
+from aegisd.vault.credentials import Credential
+from aegisd.vault.domains import DomainError, canonical_target
+
+
+def route(rate_limit: str = "", auth_type: str = "bearer", header_name: str = "") -> Route:
+    cred = Credential(id="c1", name="c1", service="svc", domains=["https://api.example.com"], auth_type=auth_type,
+                      header_name=header_name, rate_limit=rate_limit)
+    return build_route(cred, b"not-a-real-secret")
+
+
+def host_outcome(value: str) -> tuple[int, str] | None:
+    request = make_mocked_request("GET", "/svc/x", headers=CIMultiDict([("Host", value)]))
+    try:
+        check_host_header(request, frozenset({"127.0.0.1"}))
+    except Refusal as refusal:
+        return refusal.status, refusal.code
+    return None
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:3100", "127.0.0.1", "localhost", "LocalHost:3100", "localhost.:1",
+                                   "ip6-localhost:80", "[::1]", "[::1]:3100", " localhost:3100 ", "127.0.0.2:3100",
+                                   "localhost:00000"])
+def test_loopback_hosts_are_accepted(value: str) -> None:
+    assert host_outcome(value) is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("localhost:", (400, "bad_request")),  # a colon without a port
+    ("localhost:123456", (400, "bad_request")),  # six digits
+    ("127.0.0.1:+1", (400, "bad_request")),
+    ("[::1]:", (400, "bad_request")),
+    ("127.0.0.1:3100:1", (400, "bad_request")),
+    ("evil.example:3100", (403, "host_not_allowed")),
+    ("[2001:db8::1]:3100", (403, "host_not_allowed")),
+])
+def test_other_hosts_get_the_general_answer(value: str, expected: tuple[int, str]) -> None:
+    assert host_outcome(value) == expected
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("/svc/v1/items?x=1", ("svc", "/v1/items", "x=1")),
+    ("/svc", ("svc", "/", "")),
+    ("/svc/a.b/.hidden/x..y", ("svc", "/a.b/.hidden/x..y", "")),
+    ("/%73vc/a%2Eb", ("svc", "/a%2Eb", "")),  # the service is decoded, the rest stays encoded
+    ("/svc/x?a=/../", ("svc", "/x", "a=/../")),  # the query is not a path
+])
+def test_split_target(target: str, expected: tuple[str, str, str]) -> None:
+    assert split_target(target) == expected
+
+
+@pytest.mark.parametrize("target", ["/svc/./x", "/svc/..", "/svc/x/.", "/svc/%2e%2e/x", "/svc/%252e/x", "/svc/.%2E"])
+def test_dot_segments_are_refused_encoded_or_not(target: str) -> None:
+    with pytest.raises(Refusal) as refused:
+        split_target(target)
+    assert (refused.value.status, refused.value.message) == (400, "the path contains a '.' or '..' segment")
+
+
+def proxy(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def test_agent_headers_keep_order_and_case_and_drop_what_must_not_cross() -> None:
+    sent = proxy(("Host", "127.0.0.1:3100"), ("User-Agent", "u"), ("Connection", "keep-alive, X-Drop-Me"),
+                 ("X-Aegis-Agent", "aegis_t"), ("X-Aegis-Other", "1"), ("Authorization", "Bearer mine"),
+                 ("X-Api-Token", "mine"), ("x-drop-me", "1"), ("Keep-Alive", "5"), ("accept", "*/*"),
+                 ("Accept", "text/plain"))
+    kept = agent_headers(sent, route(auth_type="header", header_name="X-Api-Token"))
+    assert list(kept.items()) == [("User-Agent", "u"), ("accept", "*/*"), ("Accept", "text/plain")]
+
+
+def test_connection_keep_alive_alone_adds_nothing_and_still_drops_itself() -> None:
+    kept = agent_headers(proxy(("Connection", "keep-alive"), ("Keep-Alive", "5"), ("X-Custom", "1")), route())
+    assert list(kept.items()) == [("X-Custom", "1")]
+
+
+def test_inbound_headers() -> None:
+    received = proxy(("Server", "s"), ("Set-Cookie", "a=1"), ("Content-Length", "60"), ("Connection", "close, X-Hop"),
+                     ("X-Hop", "1"), ("Content-Type", "application/json"), ("set-cookie2", "b"), ("ETag", "e"))
+    assert list(inbound_headers(received).items()) == [("Server", "s"), ("Content-Type", "application/json"),
+                                                       ("ETag", "e")]
+
+
+@pytest.mark.parametrize("key", [b"k" * 32, b"", b"x" * 64, b"y" * 65, bytes(range(200))])
+@pytest.mark.parametrize("token", ["aegis_" + "A" * 43, "", "ünïcode", "t" * 300])
+def test_token_mac_is_hmac_sha256(key: bytes, token: str) -> None:
+    assert TokenMac(key).digest(token.encode()) == hmac.new(key, token.encode(), hashlib.sha256).digest()
+
+
+def test_a_changed_rate_limit_applies_at_once_and_a_bad_one_always_refuses() -> None:
+    limits = GateLimits(max_concurrency=10, clock=lambda: 0)
+    agent = AgentEntry("agent-id", "bot", frozenset({"c1"}), "")
+    first = Exchange("GET")
+    limits.admit(first, agent, route("1/min"), None)
+    with pytest.raises(Refusal) as refused:
+        limits.admit(Exchange("GET"), agent, route("1/min"), None)
+    assert refused.value.status == 429
+    limits.admit(Exchange("GET"), agent, route("2/min"), None)  # a new limit starts afresh
+    for _ in range(2):  # not remembered as a quota: refused every time
+        with pytest.raises(Refusal) as refused:
+            limits.admit(Exchange("GET"), agent, route("lots"), None)
+        assert (refused.value.status, refused.value.code) == (500, "rate_limit_invalid")
+
+
+def test_canonical_target_keeps_refusing_a_bad_host() -> None:
+    assert canonical_target("API.Example.com:8443") == canonical_target("API.Example.com:8443") == (
+        "api.example.com", 8443)
+    for _ in range(2):
+        with pytest.raises(DomainError):
+            canonical_target("evil.example@api.example.com")
+
+
+def metrics() -> GateMetrics:
+    stub: Any = SimpleNamespace(state="uninitialized", queue_depth=0, last_commit_seconds=0.0, retries_pending=0,
+                                delivered=0, failed=0, dropped=0)
+    return GateMetrics(stub, stub, stub)
+
+
+def test_metrics_exposition() -> None:
+    gate = metrics()
+    gate.observe("svc", "BREW", 403, "bot", "not_granted", True, 0.0005, None)  # exactly on a bound: that bucket
+    gate.observe("svc", "GET", 200, "bot", "", False, 31.0, 0.00051)  # past the last bound: +Inf only
+    gate.observe("unknown", "GET", 200, "", "", False, 0.002, 0.002)
+    text = gate.render("")[0].decode()
+    lines = [line for line in text.splitlines() if line.startswith(("aegis_requests", "aegis_upstream"))
+             and 'service="svc"' in line]
+    assert lines == [
+        'aegis_requests_total{agent="bot",method="OTHER",service="svc",status="403"} 1.0',
+        'aegis_requests_total{agent="bot",method="GET",service="svc",status="200"} 1.0',
+        'aegis_requests_blocked_total{agent="bot",reason="not_granted",service="svc"} 1.0',
+        'aegis_upstream_duration_seconds_bucket{le="0.0005",service="svc"} 0.0',
+        'aegis_upstream_duration_seconds_bucket{le="0.001",service="svc"} 1.0',
+        *(f'aegis_upstream_duration_seconds_bucket{{le="{le}",service="svc"}} 1.0' for le in (
+            "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0",
+            "+Inf")),
+        'aegis_upstream_duration_seconds_count{service="svc"} 1.0',
+        'aegis_upstream_duration_seconds_sum{service="svc"} 0.00051',
+    ]
+    assert 'aegis_request_duration_seconds_bucket{le="0.0005",service="svc"} 1.0' in text
+    assert 'aegis_request_duration_seconds_bucket{le="30.0",service="svc"} 1.0' in text
+    assert 'aegis_request_duration_seconds_bucket{le="+Inf",service="svc"} 2.0' in text
+    assert 'aegis_request_duration_seconds_sum{service="svc"} 31.0005' in text
+    assert "# TYPE aegis_requests_total counter" in text and "# TYPE aegis_request_duration_seconds histogram" in text
