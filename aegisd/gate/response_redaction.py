@@ -58,13 +58,18 @@ class ResponseRedactor:
 
     def headers(self, headers: CIMultiDict[str], method: str, status: int) -> CIMultiDict[str]:
         """The response headers to send, redacted; raises a Refusal if the body cannot be redacted."""
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in headers.items():
-            redacted, count = self._redaction.redact_all(value.encode("utf-8", "surrogateescape"))
-            if count:
-                self._flag()
-                value = redacted.decode("utf-8", "surrogateescape")
-            out.add(name, value)
+        out = headers
+        # One search over every value first: nearly every answer has no echo, and then nothing is rebuilt. A hit
+        # (perhaps one spanning two values) is settled value by value, exactly as before.
+        joined = "\n".join(headers.values()).encode("utf-8", "surrogateescape")
+        if self._redaction.pattern.search(joined) is not None:
+            out = CIMultiDict()
+            for name, value in headers.items():
+                redacted, count = self._redaction.redact_all(value.encode("utf-8", "surrogateescape"))
+                if count:
+                    self._flag()
+                    value = redacted.decode("utf-8", "surrogateescape")
+                out.add(name, value)
         self.streams_body = self.has_body(method, status)
         if self.streams_body:
             encoding = ", ".join(out.getall("Content-Encoding", [])).strip().lower()
