@@ -39,22 +39,20 @@ async def inspect_request(request: web.BaseRequest, route: Route, inspector: Ins
     if mode == "off":
         return None
     body = await read_body(request, x, limit) if request.body_exists else None
-    found: dict[str, set[str]] = {}
-    _note(found, "path", inspector.scan(raw_path.encode("utf-8", "surrogateescape")))
-    _note(found, "query string", inspector.scan(query.encode("utf-8", "surrogateescape")))
-    _note(found, "headers", inspector.scan("\n".join(f"{name}: {value}" for name, value in headers.items())
-                                           .encode("utf-8", "surrogateescape")))
+    found = inspector.scan_each({
+        "path": raw_path.encode("utf-8", "surrogateescape"),
+        "query string": query.encode("utf-8", "surrogateescape"),
+        "headers": "\n".join(map(": ".join, headers.items())).encode("utf-8", "surrogateescape"),
+    })
     problem: Refusal | None = None
     if body:
         _note(found, "body", inspector.scan(body))
         decoded, problem = _decoded(body, ", ".join(request.headers.getall("Content-Encoding", [])), limit)
         if decoded is not None:
             _note(found, "body", inspector.scan(decoded))
-    families = sorted(set().union(*found.values()))
-    if problem is not None and not families:
-        families = [NOT_INSPECTABLE]
-    if not families:
+    if not found and problem is None:
         return body
+    families = sorted(set().union(*found.values())) or [NOT_INSPECTABLE]
     if mode == "warn":
         _flag(x, "body_inspection_warn=" + "+".join(families))
         return body

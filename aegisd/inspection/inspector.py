@@ -7,7 +7,7 @@ telling an agent which credential a guessed string belongs to would make the gat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from aegisd.inspection.key_formats import find_key_formats
@@ -17,6 +17,12 @@ from aegisd.inspection.secret_forms import redaction_forms, search_forms
 from aegisd.inspection.views import views
 
 VAULT_SECRET = "vault_secret"  # noqa: S105 - a family name, not a password
+# What `scan_each` puts between parts. No view spans it: percent and JSON escapes contain neither byte.
+# No key format matches across it or reads it as part of a key: only the private-key pattern admits
+# a newline (as whitespace between header and key material) or a NUL (inside a header line's value),
+# and never a NUL right after a newline. The NUL before a part is no token byte and no scheme
+# character, the newline after one ends a key as the end of the data does.
+PART_SEPARATOR = b"\n\0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,20 @@ class Inspector:
                 found.add(VAULT_SECRET)
             found |= find_key_formats(view)
         return found
+
+    def scan_each(self, parts: Mapping[str, bytes]) -> dict[str, set[str]]:
+        """What `scan` finds in each named part, for the parts where it finds anything, in one pass over
+        them all while they are clean (a request without secrets).
+
+        Decoding is local and never removes a `%` or an escape, so each view of a part lies, between
+        two separators, inside a view of the joined parts; as nothing matches across a separator,
+        whatever a part's own scan finds the joined scan finds too, and a clean whole proves every
+        part clean. Otherwise each part is scanned alone, so that callers can say where (the joined
+        scan may also have found a secret spread over two parts, which no part holds).
+        """
+        if not self.scan(PART_SEPARATOR.join(parts.values())):
+            return {}
+        return {name: found for name, part in parts.items() if (found := self.scan(part))}
 
     def redaction(self, credential_id: str) -> Redaction | None:
         """The compiled forms of this credential's secret, built on first use (None if too short to search)."""
