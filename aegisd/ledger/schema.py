@@ -81,6 +81,9 @@ def open_writable(path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) 
         # NORMAL in WAL mode: a committed transaction survives a process crash (kill -9), not power loss.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # The writer checkpoints between commits itself (LedgerWriter), never inside one: an automatic
+        # checkpoint runs within a COMMIT and holds back the answers of every request in that batch.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         _migrate(conn, db)
     except LedgerError:
         conn.close()
