@@ -677,7 +677,7 @@ def test_writer_can_be_iterated_by_a_follower_task(db: Path) -> None:
 def test_the_writer_checkpoints_between_commits_so_the_wal_stays_small(db: Path) -> None:
     """SQLite's automatic checkpoint is off (it would run inside a COMMIT and hold back that batch's answers);
     the writer's own keeps the WAL from growing with every commit."""
-    commits = 4 * CHECKPOINT_ALWAYS
+    commits = 8 * CHECKPOINT_ALWAYS
 
     async def main() -> tuple[int, int]:
         writer = LedgerWriter(db)
@@ -694,6 +694,7 @@ def test_the_writer_checkpoints_between_commits_so_the_wal_stays_small(db: Path)
     assert autocheckpoint == 0
     frame = 4096 + 24
     # Each commit adds at least three frames (the table and two of its indexes): without checkpoints the WAL
-    # would hold all of them; with them, at most the frames of the commits since the last one.
-    assert wal_bytes < CHECKPOINT_ALWAYS * 3 * frame
+    # would hold all of them; with them, at most those of CHECKPOINT_ALWAYS commits (a dozen frames or fewer
+    # each), however the threads are scheduled.
+    assert wal_bytes < CHECKPOINT_ALWAYS * 12 * frame < commits * 3 * frame
     assert run(chain_now(db)).ok
