@@ -72,8 +72,10 @@ def report(count: int, get_parts: dict[str, bytes], plain: bytes, escaped: bytes
 
 def main() -> None:
     plain, escaped = body_64k(False), body_64k(True)
-    get_parts = {"path": b"/repos/acme/app/issues/1347/comments", "query string": b"per_page=100&page=2&sort=created",
-                 "headers": b"Accept: application/vnd.github+json\nUser-Agent: agent/1.0\nX-Request-Id: 5f0c2a9e1b7d4c3a"}
+    get_parts = {"path": b"/repos/acme/app/issues/1347/comments",
+                 "query string": b"per_page=100&page=2&sort=created",
+                 "headers": b"Accept: application/vnd.github+json\nUser-Agent: agent/1.0\n"
+                            b"X-Request-Id: 5f0c2a9e1b7d4c3a"}
     event = b"data: " + plain[:200] + b"\n\n"
     stream_body = event * (64 * 1024 // len(event))
     print(f"body {len(plain)} B (escaped variant {len(escaped)} B), response {len(stream_body)} B; CPU time")
