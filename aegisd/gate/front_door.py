@@ -76,8 +76,12 @@ def check_shape(request: web.BaseRequest) -> None:
 
 
 def split_target(raw_target: str) -> tuple[str, str, str]:
-    """`/{service}/{rest}?{query}` → (service, "/rest" still percent-encoded, raw query)."""
-    path, _, query = raw_target.partition("?")
+    """`/{service}/{rest}?{query}` → (service, "/rest" still percent-encoded, raw query).
+
+    A `#fragment` (which no HTTP client sends) is dropped first, so that policy rules, inspection, the
+    ledger and the upstream all see the same path and query.
+    """
+    path, _, query = raw_target.partition("#")[0].partition("?")
     encoded = "%" in path
     if "\\" in path or "\x00" in path or (encoded and _BAD_ENCODED.search(path)):
         raise bad_request("the path contains a backslash, NUL or an encoded '/' or '\\'")

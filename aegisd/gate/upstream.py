@@ -181,6 +181,9 @@ class UpstreamResponse(asyncio.Protocol):
                     self.transport.resume_reading()
                 yield chunk
             elif self._complete:
+                failure = self._failure()
+                if failure is not None:  # it ended because it failed: never a falsely complete body
+                    raise failure
                 return
             else:
                 await self._wait()
@@ -190,8 +193,10 @@ class UpstreamResponse(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        # A paused connection would stay paused in the pool: its next answer would never be read.
         reusable = (self._complete and self._keep_alive and not self._head and not self.closed
-                    and self._error is None and (self._body_task is None or self._body_task.done()))
+                    and not self._paused and self._error is None
+                    and (self._body_task is None or self._body_task.done()))
         if self._body_task is not None and not self._body_task.done():
             self._body_task.cancel()
         if reusable:
@@ -296,8 +301,8 @@ class UpstreamResponse(asyncio.Protocol):
             resume.exception()  # retrieved: nobody may be waiting on it
         if self._complete:
             return
-        if self._close_delimited and self._headers_done.done():
-            self._finish(keep_alive=False)  # the body ran to the end of the connection, as announced
+        if self._close_delimited and self._headers_done.done() and exc is None and self._error is None:
+            self._finish(keep_alive=False)  # the body ran to an orderly end of the connection, as announced
             return
         self._fail(UpstreamBroken("the upstream closed the connection before its answer was complete"))
 
@@ -334,7 +339,9 @@ class UpstreamResponse(asyncio.Protocol):
         self.status, self.headers = status, CIMultiDictProxy(headers)
         self.reason = self._reason.decode("latin-1")
         length = headers.get("Content-Length")
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        # As llhttp frames it: chunked only when that is the last coding over every Transfer-Encoding field.
+        codings = ",".join(headers.getall("Transfer-Encoding", ())).lower().split(",")
+        chunked = codings[-1].strip() == "chunked"
         self.content_length = int(length) if length is not None and not chunked else None
         no_body = self._head or status in (204, 304)
         self._close_delimited = not no_body and length is None and not chunked

@@ -71,6 +71,21 @@ def test_each_injection_type_on_the_wire(std: Standard, service: str) -> None:
     world.assert_no_leaks()
 
 
+def test_a_fragment_is_dropped_before_anything_judges_or_forwards_the_request(std: Standard) -> None:
+    """HTTP clients never send one; if an agent does, the upstream, the ledger and the checks all see the
+    same path and query, and the query credential is still the only one."""
+    world, up = std.world, std.up
+    reply = world.call("GET", f"/query/echo/frag?keep=1#part&{QUERY_PARAM}=agent-own-query-0005", AGENT_AUTH,
+                       agent="bot")
+    assert reply.status == 200, reply.text()
+    (seen,) = up.requests_to("/echo/frag")
+    assert seen.path == "/echo/frag"
+    assert parse_qsl(seen.query, keep_blank_values=True) == [("keep", "1"), (QUERY_PARAM, SECRETS["query"])]
+    assert "part" not in seen.query and "agent-own-query-0005" not in seen.query
+    assert world.row(reply.request_id)["path"] == "/echo/frag"
+    world.assert_no_leaks()
+
+
 def test_agent_and_hop_by_hop_headers_are_stripped(std: Standard) -> None:
     world, up = std.world, std.up
     headers = [

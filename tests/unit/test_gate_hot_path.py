@@ -65,6 +65,9 @@ def test_other_hosts_get_the_general_answer(value: str, expected: tuple[int, str
     ("/svc/a.b/.hidden/x..y", ("svc", "/a.b/.hidden/x..y", "")),
     ("/%73vc/a%2Eb", ("svc", "/a%2Eb", "")),  # the service is decoded, the rest stays encoded
     ("/svc/x?a=/../", ("svc", "/x", "a=/../")),  # the query is not a path
+    ("/svc/v1/admin#x", ("svc", "/v1/admin", "")),  # a fragment is no part of what is judged or sent
+    ("/svc/a#f?x=1", ("svc", "/a", "")),
+    ("/svc/a?x=1#f&key=1", ("svc", "/a", "x=1")),
 ])
 def test_split_target(target: str, expected: tuple[str, str, str]) -> None:
     assert split_target(target) == expected

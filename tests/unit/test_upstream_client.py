@@ -1111,3 +1111,91 @@ def test_an_https_upstream_with_an_unknown_certificate_is_refused(run: Run, tmp_
 
     with Upstream(pki.server_context()) as up:
         run(main(up))
+
+
+# -- found by review: a paused pooled connection, failures that end a close-delimited body, framing ---------
+
+
+def test_an_answer_left_paused_by_a_slow_agent_is_not_pooled(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole answer arrived in the read that made the client pause (the agent was slow), then the agent
+    left: pooled, the connection would stay paused and never read its next answer."""
+    monkeypatch.setattr(upstream_module, "_HIGH_WATER", 16)  # so one small answer crosses it in one read
+
+    async def handler(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.read_request()
+            peer.write(ok(b"x" * 100))
+        await keep_alive(peer)
+
+    async def main() -> None:
+        async with RawServer(handler) as server, new_pool() as pool:
+            response = await send(pool, server.port)
+            transport = response.transport
+            assert transport is not None
+            await eventually(lambda: not transport.is_reading(), "the client paused reading")
+            response.release()  # the agent went away without taking the body
+            assert await fetch(pool, server.port) == (200, b"answer 1")  # on a new connection, at once
+            assert len(server.peers) == 2
+
+    run(main())
+
+
+@pytest.mark.parametrize("failure", ["timeout", "reset"])
+def test_a_close_delimited_body_that_fails_is_an_error_not_an_end(run: Run, failure: str) -> None:
+    """A body that runs to the end of the connection is complete only at an orderly close, never when the
+    connection ends because the exchange failed (a timeout while the agent was slow) or was reset."""
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nfirst part ")
+        await peer.writer.drain()
+        if failure == "reset":
+            await asyncio.sleep(0.05)
+            peer.drop("rst")
+        await peer.until_eof()
+
+    async def main() -> None:
+        async with RawServer(handler) as server, new_pool(read_timeout=0.2, total_timeout=0.2) as pool:
+            response = await send(pool, server.port)
+            received = bytearray()
+            try:
+                with pytest.raises(UpstreamError):
+                    async for chunk in response.chunks():
+                        received += chunk
+                        await asyncio.sleep(0.4)  # the agent is slow: the failure comes while nobody waits
+            finally:
+                response.release()
+            assert received == b"first part "
+
+    run(main())
+
+
+@pytest.mark.parametrize(("codings", "chunked"), [
+    (("gzip", "chunked"), True),  # two fields: the last coding is chunked, so the body is chunked
+    (("gzip, chunked",), True),
+    (("chunked", "gzip"), False),  # chunked not last: the body runs to the end of the connection
+])
+def test_transfer_encoding_is_framed_as_llhttp_frames_it(run: Run, codings: tuple[str, ...], chunked: bool) -> None:
+    fields = "".join(f"Transfer-Encoding: {coding}\r\n" for coding in codings)
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        if chunked:  # cut inside a chunk: a truncated body, which must not pass for a whole one
+            peer.write(f"HTTP/1.1 200 OK\r\n{fields}\r\na\r\n0123456789\r\n10\r\npartial".encode())
+        else:
+            peer.write(f"HTTP/1.1 200 OK\r\n{fields}\r\nraw bytes to the end".encode())
+        await peer.writer.drain()
+        peer.drop("fin")
+
+    async def main() -> None:
+        async with RawServer(handler) as server, new_pool() as pool:
+            response = await send(pool, server.port)
+            try:
+                if chunked:
+                    with pytest.raises(UpstreamBroken):
+                        await response.read()
+                else:
+                    assert await response.read() == b"raw bytes to the end"
+            finally:
+                response.release()
+
+    run(main())
