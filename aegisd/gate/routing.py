@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
-import hmac
 import logging
 import threading
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP
 from aegisd.inspection import Inspector, SecretSource
 from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
+from aegisd.vault.crypto import keyed_hasher
 from aegisd.vault.domains import AllowedHost, DomainAllowlist
 from aegisd.vault.vault import Vault
 
@@ -67,34 +66,21 @@ class AgentEntry:
     rate_limit: str
 
 
-class TokenMac:
-    """HMAC-SHA256 under one key, keyed once: each token then costs a copy of the keyed state."""
-
-    __slots__ = ("_keyed",)
-
-    def __init__(self, key: bytes) -> None:
-        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
-
-    def digest(self, message: bytes) -> bytes:
-        h = self._keyed.copy()
-        h.update(message)
-        return h.digest()
-
-
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
     routes: dict[str, Route]
     agents_by_hash: dict[bytes, AgentEntry]
     token_key: bytes
     inspector: Inspector  # every secret's search forms, compiled once per build (steps 8 and 11)
-    _token_mac: TokenMac = field(init=False, repr=False, compare=False)  # derived from token_key
+    # agents.token_hash's function, keyed once per table rather than once per request
+    _token_hash: Callable[[bytes], bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_token_mac", TokenMac(self.token_key))
+        object.__setattr__(self, "_token_hash", keyed_hasher(self.token_key))
 
     def agent_for(self, token: str) -> AgentEntry | None:
         """Constant-time in the token: a keyed hash, then one lookup on the digest."""
-        return self.agents_by_hash.get(self._token_mac.digest(token.encode()))
+        return self.agents_by_hash.get(self._token_hash(token.encode()))
 
 
 def _methods(scopes: list[str]) -> frozenset[str] | None:

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,5 +142,18 @@ def unseal(key: bytearray, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes
 
 
 def keyed_hash(key: bytearray, value: str) -> bytes:
-    """HMAC-SHA256, used to store agent tokens without storing them."""
-    return hmac.new(bytes(key), value.encode(), hashlib.sha256).digest()
+    """HMAC-SHA256, used to store agent tokens without storing them (the gate finds them by keyed_hasher)."""
+    return keyed_hasher(key)(value.encode())
+
+
+def keyed_hasher(key: bytes | bytearray) -> Callable[[bytes], bytes]:
+    """keyed_hash's function under one key, keyed once: each call then costs a copy of the keyed state,
+    for the gate, which hashes every request's agent token."""
+    keyed = hmac.new(bytes(key), digestmod=hashlib.sha256)
+
+    def digest(message: bytes) -> bytes:
+        h = keyed.copy()
+        h.update(message)
+        return h.digest()
+
+    return digest

@@ -18,9 +18,10 @@ from aegisd.gate.front_door import check_host_header, split_target
 from aegisd.gate.headers import agent_headers, inbound_headers
 from aegisd.gate.pipeline import Exchange
 from aegisd.gate.refusal import Refusal
-from aegisd.gate.routing import AgentEntry, Route, TokenMac, build_route
+from aegisd.gate.routing import AgentEntry, Route, build_route
 from aegisd.metrics import GateMetrics
 from aegisd.vault.credentials import Credential
+from aegisd.vault.crypto import keyed_hasher
 from aegisd.vault.domains import DomainError, canonical_target
 
 
@@ -107,8 +108,8 @@ def test_inbound_headers() -> None:
 
 @pytest.mark.parametrize("key", [b"k" * 32, b"", b"x" * 64, b"y" * 65, bytes(range(200))])
 @pytest.mark.parametrize("token", ["aegis_" + "A" * 43, "", "ünïcode", "t" * 300])
-def test_token_mac_is_hmac_sha256(key: bytes, token: str) -> None:
-    assert TokenMac(key).digest(token.encode()) == hmac.new(key, token.encode(), hashlib.sha256).digest()
+def test_the_keyed_once_token_hash_is_hmac_sha256(key: bytes, token: str) -> None:
+    assert keyed_hasher(key)(token.encode()) == hmac.new(key, token.encode(), hashlib.sha256).digest()
 
 
 def test_a_changed_rate_limit_applies_at_once_and_a_bad_one_always_refuses() -> None:
