@@ -70,13 +70,13 @@ async def read_body(request: web.BaseRequest, x: Inspected, limit: int) -> bytes
     """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
     length = request.content_length
     if length is not None and length > limit:
-        raise _too_large(limit)
+        raise body_too_large(limit)
     buffer = bytearray()
     try:
         async for chunk in request.content.iter_any():
             x.bytes_in += len(chunk)
             if x.bytes_in > limit:
-                raise _too_large(limit)
+                raise body_too_large(limit)
             buffer += chunk
     except (ConnectionError, HttpProcessingError):  # the agent hung up, or sent broken chunked framing
         raise Refusal(400, "bad_request", "the request body ended early or is malformed", close=True) from None
@@ -115,5 +115,6 @@ def _flag(x: Inspected, flag: str) -> None:
     x.flags = f"{x.flags},{flag}" if x.flags else flag
 
 
-def _too_large(limit: int) -> Refusal:
+def body_too_large(limit: int) -> Refusal:
+    """413 for a request body past `limit`, however it was found out; the connection is closed after."""
     return Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes", close=True)

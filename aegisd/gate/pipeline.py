@@ -23,7 +23,7 @@ from aegisd.config import Config
 from aegisd.gate.admission import GateLimits, check_policy
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
 from aegisd.gate.headers import add_credential, agent_headers, agent_query, inbound_headers, query_with_credential
-from aegisd.gate.outbound_inspection import inspect_request
+from aegisd.gate.outbound_inspection import body_too_large, inspect_request
 from aegisd.gate.refusal import REQUEST_ID_HEADER, Refusal, error_response
 from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
@@ -203,7 +203,7 @@ class GatePipeline:
         limit = self.config.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
-            raise Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes", close=True)
+            raise body_too_large(limit)
         body: bytes | AsyncIterator[bytes] | None = inspected  # bytes: already read and inspected
         if inspected is None and request.body_exists:
             body = self._body(request, x, limit)
@@ -215,14 +215,12 @@ class GatePipeline:
                                                    allow_internal=entry.is_special_address)
             x.upstream_s = time.perf_counter() - sent
         except BodyTooLarge:
-            raise Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes",
-                          close=True) from None
+            raise body_too_large(limit) from None
         except UpstreamTimeout:
             raise Refusal(504, "upstream_timeout", "the upstream did not answer in time") from None
         except (UpstreamBroken, OSError, HttpProcessingError) as exc:
             if x.bytes_in > limit:
-                raise Refusal(413, "body_too_large", f"the request body is larger than {limit} bytes",
-                              close=True) from None
+                raise body_too_large(limit) from None
             log.debug("upstream request failed: %s", type(exc).__name__)
             raise Refusal(502, "upstream_error", "the upstream closed the connection or sent a bad "
                           "response") from None
