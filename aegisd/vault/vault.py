@@ -7,8 +7,10 @@ routing table) rebuild from the vault rather than keeping state of their own.
 
 from __future__ import annotations
 
+import gc
 import json
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -57,14 +59,30 @@ def check_passphrase_strength(passphrase: str) -> None:
     if len(passphrase) < MIN_PASSPHRASE_LENGTH:
         raise InvalidArgument(f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters; "
                               "four or more unrelated words work well")
-    from zxcvbn import zxcvbn  # its dictionaries cost ~13 MB; only init and passphrase changes need them
-
-    result = zxcvbn(passphrase[:100])
-    if int(result["score"]) < MIN_PASSPHRASE_SCORE:
-        feedback = result.get("feedback", {})
-        hint = feedback.get("warning") or "it is too easy to guess"
+    score, warning = _zxcvbn_verdict(passphrase[:100])
+    if score < MIN_PASSPHRASE_SCORE:
+        hint = warning or "it is too easy to guess"
         raise InvalidArgument(f"the passphrase is too weak ({hint.rstrip('.')}); "
                               "use four or more unrelated words or a password manager")
+
+
+def _zxcvbn_verdict(passphrase: str) -> tuple[int, str]:
+    """zxcvbn's score and warning, with its modules forgotten afterwards: their dictionaries hold ~11 MiB
+    that a long-running daemon would otherwise keep for a check only init and passphrase changes make
+    (importing again costs ~40 ms)."""
+    try:
+        return _ask_zxcvbn(passphrase)
+    finally:  # no frame holds zxcvbn's function (and through its globals, its modules) any longer
+        for name in [name for name in sys.modules if name == "zxcvbn" or name.startswith("zxcvbn.")]:
+            del sys.modules[name]
+        gc.collect()  # the modules are reference cycles: free them now, not at some later collection
+
+
+def _ask_zxcvbn(passphrase: str) -> tuple[int, str]:
+    from zxcvbn import zxcvbn
+
+    result = zxcvbn(passphrase)
+    return int(result["score"]), str(result.get("feedback", {}).get("warning") or "")
 
 
 class Vault:
