@@ -24,6 +24,7 @@ from ipaddress import ip_address
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from aegisd.gate.wire import LAST_CHUNK, HeadError, encode_head, frame_chunk
 from aegisd.vault.domains import is_internal_ip
 
 # Methods that carry no body unless one is given (no `Content-Length: 0` is added for them).
@@ -104,13 +105,10 @@ def request_head(method: str, target: str, headers: CIMultiDict[str],
     elif "Content-Length" not in headers:
         headers["Transfer-Encoding"] = "chunked"
         chunked = True
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    head = "\r\n".join(lines) + "\r\n\r\n"
-    # A value carrying CR or LF would split into a header (or a request) of its own.
-    if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
-        raise UpstreamError("a header value contains a line break and cannot be sent")
-    return head.encode("utf-8", "surrogateescape"), chunked
+    try:
+        return encode_head(f"{method} {target} HTTP/1.1", headers.items()), chunked
+    except HeadError:
+        raise UpstreamError("a header value contains a line break and cannot be sent") from None
 
 
 class UpstreamResponse(asyncio.Protocol):
@@ -237,11 +235,11 @@ class UpstreamResponse(asyncio.Protocol):
                     return
                 if chunk:
                     assert self.transport is not None
-                    self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    self.transport.write(frame_chunk(chunk) if chunked else chunk)
                     if self._drain is not None:
                         await self._drain
             if chunked and not self.closed and self.transport is not None:
-                self.transport.write(b"0\r\n\r\n")
+                self.transport.write(LAST_CHUNK)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the agent's side failed (too large, hung up): the exchange fails
