@@ -10,8 +10,9 @@ import ipaddress
 import re
 from urllib.parse import unquote
 
-from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from aegisd.gate.agent_connection import GateRequest
 from aegisd.gate.refusal import Refusal
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
@@ -29,9 +30,9 @@ def bad_request(message: str) -> Refusal:
     return Refusal(400, "bad_request", message)
 
 
-def check_host_header(request: web.BaseRequest, extra_hosts: frozenset[str]) -> None:
+def check_host_header(headers: CIMultiDictProxy[str], extra_hosts: frozenset[str]) -> None:
     """Only loopback names (or the configured listen host) may address the gate."""
-    hosts = request.headers.getall("Host", _NONE)
+    hosts = headers.getall("Host", _NONE)
     if len(hosts) != 1:
         raise bad_request("exactly one Host header is required")
     value = hosts[0].strip()
@@ -61,7 +62,7 @@ def _usual_host(value: str) -> bool:
     return 0 < len(port) <= 5 and port.isascii() and port.isdigit() and name.lower() in _USUAL_HOSTS
 
 
-def check_shape(request: web.BaseRequest) -> None:
+def check_shape(request: GateRequest) -> None:
     """No CONNECT or absolute-form (proxy) requests; no repeated single-value headers."""
     if request.method == "CONNECT":
         raise Refusal(405, "proxy_not_supported", "CONNECT is not supported: call "

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
+from aegisd.gate.agent_connection import GateRequest
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import Route
 from aegisd.inspection import Inspector
@@ -29,7 +28,7 @@ class Inspected(Protocol):
     bytes_in: int
 
 
-async def inspect_request(request: web.BaseRequest, route: Route, inspector: Inspector, x: Inspected,
+async def inspect_request(request: GateRequest, route: Route, inspector: Inspector, x: Inspected,
                           raw_path: str, query: str, headers: CIMultiDict[str], limit: int) -> bytes | None:
     """The body to forward (None: stream it as it comes, inspection is off), or a Refusal.
 
@@ -38,7 +37,7 @@ async def inspect_request(request: web.BaseRequest, route: Route, inspector: Ins
     mode = route.body_inspection
     if mode == "off":
         return None
-    body = await read_body(request, x, limit) if request.body_exists else None
+    body = await read_body(request, x, limit) if request.has_body else None
     found = inspector.scan_each({
         "path": raw_path.encode("utf-8", "surrogateescape"),
         "query string": query.encode("utf-8", "surrogateescape"),
@@ -66,19 +65,19 @@ async def inspect_request(request: web.BaseRequest, route: Route, inspector: Ins
                   f"({', '.join(families)}); secrets and API keys may not leave through the gate")
 
 
-async def read_body(request: web.BaseRequest, x: Inspected, limit: int) -> bytes:
+async def read_body(request: GateRequest, x: Inspected, limit: int) -> bytes:
     """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
     length = request.content_length
     if length is not None and length > limit:
         raise body_too_large(limit)
     buffer = bytearray()
     try:
-        async for chunk in request.content.iter_any():
+        async for chunk in request.body():
             x.bytes_in += len(chunk)
             if x.bytes_in > limit:
                 raise body_too_large(limit)
             buffer += chunk
-    except (ConnectionError, HttpProcessingError):  # the agent hung up, or sent broken chunked framing
+    except ConnectionError:  # the agent hung up (AgentGone), or sent broken chunked framing (BodyMalformed)
         raise Refusal(400, "bad_request", "the request body ended early or is malformed", close=True) from None
     return bytes(buffer)
 

@@ -14,17 +14,16 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from aegisd.agents import TOKEN_PREFIX
 from aegisd.config import Config
 from aegisd.gate.admission import GateLimits, check_policy
+from aegisd.gate.agent_connection import GateRequest
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
 from aegisd.gate.headers import add_credential, agent_headers, agent_query, inbound_headers, query_with_credential
 from aegisd.gate.outbound_inspection import body_too_large, inspect_request
-from aegisd.gate.refusal import REQUEST_ID_HEADER, Refusal, error_response
+from aegisd.gate.refusal import JSON_CONTENT_TYPE, REQUEST_ID_HEADER, Refusal, send_refusal
 from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
 from aegisd.gate.services import granted_services
@@ -83,25 +82,32 @@ class GatePipeline:
         self.in_flight = 0
         self._listen_hosts = frozenset({config.gate_host.lower()})
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: GateRequest) -> None:
+        """Answer one request (through `request`) and commit its ledger row."""
         self.in_flight += 1
         x = Exchange(request.method)
         try:
-            return await self._pipeline(request, x)
+            await self._pipeline(request, x)
         except Refusal as refusal:
-            return await self._refuse(x, refusal)
+            await self._refuse(request, x, refusal)
         finally:
             self.in_flight -= 1
             self.limits.release(x.request_id)
 
-    async def _pipeline(self, request: web.BaseRequest, x: Exchange) -> web.StreamResponse:
+    async def refuse_malformed(self, request: GateRequest, status: int, message: str) -> None:
+        """What llhttp could not parse is refused and recorded like any other request (step 0)."""
+        x = Exchange(request.method)
+        await self._refuse(request, x, Refusal(status, "bad_request", message, close=True))
+
+    async def _pipeline(self, request: GateRequest, x: Exchange) -> None:
         # 0. the front door: request shape, Host header, path
         check_shape(request)
-        check_host_header(request, self._listen_hosts)
+        check_host_header(request.headers, self._listen_hosts)
         service, rest, query = split_target(request.raw_path)
         x.service, x.path = service, rest
         if service == "_aegis":
-            return await self._operator(request, rest, x)
+            await self._operator(request, rest, x)
+            return
         if self.draining:
             raise Refusal(503, "shutting_down", "aegisd is shutting down; retry shortly", close=True)
 
@@ -135,7 +141,7 @@ class GatePipeline:
 
         # Every check that needs no body has passed: a client waiting on `Expect: 100-continue` may send it.
         if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await request.send_continue()
 
         # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys;
         #    the query and headers scanned are the agent's as they will be forwarded (step 9's strip)
@@ -156,7 +162,7 @@ class GatePipeline:
         target = f"{rest}?{query}" if query else rest
 
         # 10-11. forward, stream back, record
-        return await self._forward(request, x, entry, host, port, target, headers, body, redaction)
+        await self._forward(request, x, entry, host, port, target, headers, body, redaction)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -166,7 +172,7 @@ class GatePipeline:
             raise Refusal(503, "vault_locked", "the vault is locked; an operator must run `aegisctl unlock`")
         return table
 
-    def _authenticate(self, request: web.BaseRequest, table: RoutingTable) -> AgentEntry:
+    def _authenticate(self, request: GateRequest, table: RoutingTable) -> AgentEntry:
         token = request.headers.get("X-Aegis-Agent")
         if token is None:
             auth = request.headers.get("Authorization", "")
@@ -179,7 +185,7 @@ class GatePipeline:
             raise Refusal(401, "agent_auth_invalid", "the agent token is not valid")
         return agent
 
-    def _target(self, request: web.BaseRequest, route: Route) -> tuple[AllowedHost, str, int]:
+    def _target(self, request: GateRequest, route: Route) -> tuple[AllowedHost, str, int]:
         requested = request.headers.get("X-Target-Host")
         if requested is None:
             if route.default_entry is None:
@@ -197,15 +203,15 @@ class GatePipeline:
                           f"{route.service!r}")
         return match, host, match.port
 
-    async def _forward(self, request: web.BaseRequest, x: Exchange, entry: AllowedHost, host: str, port: int,
+    async def _forward(self, request: GateRequest, x: Exchange, entry: AllowedHost, host: str, port: int,
                        target: str, headers: CIMultiDict[str], inspected: bytes | None,
-                       redaction: Redaction | None) -> web.StreamResponse:
+                       redaction: Redaction | None) -> None:
         limit = self.config.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
             raise body_too_large(limit)
         body: bytes | AsyncIterator[bytes] | None = inspected  # bytes: already read and inspected
-        if inspected is None and request.body_exists:
+        if inspected is None and request.has_body:
             body = self._body(request, x, limit)
             if length is not None:
                 headers["Content-Length"] = str(length)
@@ -218,7 +224,7 @@ class GatePipeline:
             raise body_too_large(limit) from None
         except UpstreamTimeout:
             raise Refusal(504, "upstream_timeout", "the upstream did not answer in time") from None
-        except (UpstreamBroken, OSError, HttpProcessingError) as exc:
+        except (UpstreamBroken, OSError) as exc:  # the agent's body failing (AgentGone, BodyMalformed) too
             if x.bytes_in > limit:
                 raise body_too_large(limit) from None
             log.debug("upstream request failed: %s", type(exc).__name__)
@@ -227,19 +233,19 @@ class GatePipeline:
         except UpstreamError as exc:  # could not connect: the message says why, and holds no secret
             raise Refusal(exc.status, exc.code, str(exc)) from None
         try:
-            return await self._relay(request, x, upstream, redaction)
+            await self._relay(request, x, upstream, redaction)
         finally:
             upstream.release()
 
-    async def _body(self, request: web.BaseRequest, x: Exchange, limit: int) -> AsyncIterator[bytes]:
-        async for chunk in request.content.iter_any():
+    async def _body(self, request: GateRequest, x: Exchange, limit: int) -> AsyncIterator[bytes]:
+        async for chunk in request.body():
             x.bytes_in += len(chunk)
             if x.bytes_in > limit:
                 raise BodyTooLarge()
             yield chunk
 
-    async def _relay(self, request: web.BaseRequest, x: Exchange, upstream: UpstreamResponse,
-                     redaction: Redaction | None) -> web.StreamResponse:
+    async def _relay(self, request: GateRequest, x: Exchange, upstream: UpstreamResponse,
+                     redaction: Redaction | None) -> None:
         x.status = upstream.status
         headers = inbound_headers(upstream.headers)
         redactor = ResponseRedactor(redaction, x) if redaction is not None else None
@@ -248,21 +254,19 @@ class GatePipeline:
         declared = upstream.content_length
         if (declared is not None and declared <= SMALL_BODY_BYTES and request.method != "HEAD"
                 and upstream.status not in (204, 304)):
-            return await self._relay_small(request, x, upstream, headers, redactor)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None, headers=headers)
-        response.headers[REQUEST_ID_HEADER] = x.request_id
-        if upstream.content_length is not None and (redactor is None or not redactor.streams_body):
-            response.content_length = upstream.content_length
+            await self._relay_small(request, x, upstream, headers, redactor)
+            return
+        headers[REQUEST_ID_HEADER] = x.request_id
+        length = declared if redactor is None or not redactor.streams_body else None
         chunks = upstream.chunks() if redactor is None else redactor.filter(upstream.chunks())
-        # A known-length or empty body is complete for the agent at its last byte (or its headers), so that
+        # A known-length or empty body is complete for the agent at its last byte (or its head), so that
         # last piece waits for the ledger row: a crash before the commit never leaves an answered request
-        # unrecorded. A chunked body's end is write_eof's terminating chunk, which already comes after it.
-        length = response.content_length
+        # unrecorded. A chunked body's end is `end`'s terminating chunk, which already comes after it.
         empty = length == 0 or request.method == "HEAD" or upstream.status in (204, 304)
         held = b""
         try:
             if not empty:
-                await response.prepare(request)
+                await request.start(upstream.status, headers, reason=upstream.reason or None, content_length=length)
             while True:
                 try:
                     chunk = await chunks.__anext__()
@@ -271,30 +275,27 @@ class GatePipeline:
                 except UpstreamError as exc:  # the upstream failed mid-body
                     x.reason = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
                     await self._record(x)
-                    _abort(request)
-                    return response
+                    request.abort()
+                    return
                 x.bytes_out += len(chunk)
                 if length is not None and x.bytes_out >= length:
                     chunk, held = chunk[:-1], chunk[-1:]
-                if chunk:
-                    await response.write(chunk)
-        except ConnectionError:  # the agent went away (aiohttp's reset errors are ConnectionErrors too)
+                await request.write(chunk)
+        except ConnectionError:  # the agent went away
             x.reason = "client_disconnected"
             await self._record(x)
-            return response
+            return
         if not await self._record(x):
-            _abort(request)  # no complete response without its ledger row
-            return response
+            request.abort()  # no complete response without its ledger row
+            return
         with contextlib.suppress(ConnectionError):  # recorded already; the agent left at the very end
             if empty:
-                await response.prepare(request)
-            if held:
-                await response.write(held)
-            await response.write_eof()
-        return response
+                await request.start(upstream.status, headers, reason=upstream.reason or None, content_length=length)
+            await request.write(held)
+            await request.end()
 
-    async def _relay_small(self, request: web.BaseRequest, x: Exchange, upstream: UpstreamResponse,
-                           headers: CIMultiDict[str], redactor: ResponseRedactor | None) -> web.StreamResponse:
+    async def _relay_small(self, request: GateRequest, x: Exchange, upstream: UpstreamResponse,
+                           headers: CIMultiDict[str], redactor: ResponseRedactor | None) -> None:
         """A small body of declared length, read whole: redacted in one pass, sent with its exact length in
         one write, and only after its ledger row has committed. Most API answers take this path."""
         try:
@@ -306,24 +307,22 @@ class GatePipeline:
             raise Refusal(504, "upstream_timeout", "the upstream did not send its whole answer in time") from None
         except UpstreamError:
             raise Refusal(502, "upstream_error", "the upstream's answer was cut short or malformed") from None
-        response = web.Response(status=upstream.status, reason=upstream.reason or None, headers=headers, body=body)
-        response.headers[REQUEST_ID_HEADER] = x.request_id
+        headers[REQUEST_ID_HEADER] = x.request_id
         if not await self._record(x):
-            return error_response(Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
-                                  x.request_id)
+            await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
+                               x.request_id)
+            return
         with contextlib.suppress(ConnectionError):  # recorded already; the agent left
-            await response.prepare(request)
-            await response.write_eof()
-        return response
+            await request.respond(upstream.status, body, headers, reason=upstream.reason or None)
 
     # -- outcomes --------------------------------------------------------------------------------
 
-    async def _refuse(self, x: Exchange, refusal: Refusal) -> web.Response:
+    async def _refuse(self, request: GateRequest, x: Exchange, refusal: Refusal) -> None:
         x.decision, x.reason, x.status = "denied", refusal.code, refusal.status
         if not await self._record(x):
             refusal = Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was "
                               "forwarded")
-        return error_response(refusal, x.request_id)
+        await send_refusal(request, refusal, x.request_id)
 
     async def _record(self, x: Exchange) -> bool:
         entry = x.entry()
@@ -336,40 +335,36 @@ class GatePipeline:
             return False
         return True
 
-    async def _operator(self, request: web.BaseRequest, rest: str, x: Exchange) -> web.Response:
+    async def _operator(self, request: GateRequest, rest: str, x: Exchange) -> None:
         endpoint = rest.rstrip("/")
         if endpoint == "/metrics" and self.outcomes is not None and self.outcomes.metrics is not None:
             body, content_type = await asyncio.to_thread(self.outcomes.metrics.render,
                                                          request.headers.get("Accept", ""))
-            return web.Response(body=body, headers={"Content-Type": content_type, REQUEST_ID_HEADER: x.request_id})
-        if endpoint == "/health" and self.config.health_enabled:
+            await request.respond(200, body, {"Content-Type": content_type, REQUEST_ID_HEADER: x.request_id})
+        elif endpoint == "/health" and self.config.health_enabled:
             state = "unlocked" if self.routing.table is not None else "locked"
-            return web.Response(text=json.dumps({"status": "ok", "vault": state}),
-                                content_type="application/json", headers={REQUEST_ID_HEADER: x.request_id})
-        if endpoint == "/services":
-            return await self._services(request, x)
-        return error_response(Refusal(404, "not_found", "unknown operator endpoint"), x.request_id)
+            await request.respond(200, json.dumps({"status": "ok", "vault": state}).encode(),
+                                  {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: x.request_id})
+        elif endpoint == "/services":
+            await self._services(request, x)
+        else:
+            await send_refusal(request, Refusal(404, "not_found", "unknown operator endpoint"), x.request_id)
 
-    async def _services(self, request: web.BaseRequest, x: Exchange) -> web.Response:
+    async def _services(self, request: GateRequest, x: Exchange) -> None:
         """The calling agent's own grants; authenticated and ledgered exactly like a proxied request."""
         if request.method != "GET":
             raise Refusal(405, "method_not_allowed", "/_aegis/services answers GET only")
         table = self._unlocked_table()
         agent = self._authenticate(request, table)
         x.agent, x.status = agent.name, 200
-        body = json.dumps(granted_services(table, agent, x.time_ms))
+        body = json.dumps(granted_services(table, agent, x.time_ms)).encode()
         if not await self._record(x):
-            return error_response(Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
-                                  x.request_id)
-        return web.Response(text=body, content_type="application/json", headers={REQUEST_ID_HEADER: x.request_id})
+            await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
+                               x.request_id)
+            return
+        await request.respond(200, body, {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: x.request_id})
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return shown if DEFAULT_PORTS.get(scheme) == port else f"{shown}:{port}"
-
-
-def _abort(request: web.BaseRequest) -> None:
-    """Cut the connection so the agent sees a truncated response, never a falsely complete one."""
-    if request.transport is not None:
-        request.transport.abort()

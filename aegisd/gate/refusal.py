@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+if TYPE_CHECKING:
+    from aegisd.gate.agent_connection import GateRequest
 
 REQUEST_ID_HEADER = "X-Aegis-Request-Id"
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 
 
 class Refusal(Exception):
@@ -22,10 +25,8 @@ class Refusal(Exception):
         self.close = close
 
 
-def error_response(refusal: Refusal, request_id: str) -> web.Response:
+async def send_refusal(request: GateRequest, refusal: Refusal, request_id: str) -> None:
+    """Answer with the refusal's status and JSON error; closes the connection after if the refusal says so."""
     body = json.dumps({"error": {"code": refusal.code, "message": refusal.message, "request_id": request_id}})
-    response = web.Response(status=refusal.status, text=body, content_type="application/json",
-                            headers={REQUEST_ID_HEADER: request_id, **refusal.headers})
-    if refusal.close:
-        response.force_close()
-    return response
+    headers = {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: request_id, **refusal.headers}
+    await request.respond(refusal.status, body.encode(), headers, close=refusal.close)

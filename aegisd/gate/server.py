@@ -1,12 +1,13 @@
-"""The gate's listener: aiohttp's low-level server, and a drain on shutdown."""
+"""The gate's listener: accepts agent connections, closes the ones that keep the gate waiting, drains on stop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 
-from aiohttp import web
-
+from aegisd.gate.agent_connection import AgentConnection
 from aegisd.gate.pipeline import GatePipeline
 
 
@@ -19,28 +20,47 @@ class GateServer:
         self.pipeline = pipeline
         self.host = host
         self.port = port
-        # auto_decompress off: a compressed request body is forwarded as sent, with its Content-Encoding
-        # (aiohttp would otherwise inflate it and the upstream would get plain bytes labelled gzip).
-        server = web.Server(pipeline.handle, access_log=None, auto_decompress=False)
-        self._runner = web.ServerRunner(server, handle_signals=False)
-        self._site: web.TCPSite | None = None
+        # An agent that keeps the gate waiting this long (for a request's head or its body) is cut off.
+        self.idle_timeout = pipeline.config.read_timeout
+        self._connections: set[AgentConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        loop = asyncio.get_running_loop()
         try:
-            await self._site.start()
+            self._server = await loop.create_server(
+                lambda: AgentConnection(self.pipeline, self._connections), self.host, self.port,
+                family=socket.AF_INET6 if ":" in self.host else socket.AF_INET, reuse_address=True, backlog=1024)
         except OSError as exc:
-            await self._runner.cleanup()
             raise GateError(f"cannot listen on {self.host}:{self.port} for the gate: {exc.strerror}; "
                             "choose another --gate-listen") from None
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close connections on which the gate has waited for the agent longer than `idle_timeout`."""
+        interval = min(5.0, max(0.05, self.idle_timeout / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for conn in list(self._connections):
+                if conn.idle_for(now) > self.idle_timeout:
+                    conn.close_idle() if conn.waiting_for_request else conn.abort()
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, answer 503 to new requests on open connections, let in-flight ones finish."""
         self.pipeline.draining = True
-        if self._site is not None:
-            await self._site.stop()
+        if self._server is not None:
+            self._server.close()
         deadline = time.monotonic() + grace
         while self.pipeline.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        await self._runner.cleanup()
+        for conn in list(self._connections):
+            conn.close_idle() if conn.waiting_for_request else conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._server is not None:
+            await self._server.wait_closed()
