@@ -16,8 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from aegisd.errors import AegisError
 from aegisd.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
 from aegisd.ledger import LedgerError, open_reader, verify
@@ -227,6 +225,8 @@ class Doctor:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.config.gate_host,  # noqa: S104
                                                                         self.config.gate_host)
         url = f"http://{f'[{host}]' if ':' in host else host}:{self.config.gate_port}/_aegis/health"
+        import aiohttp  # here: the daemon answers doctor runs, and should not hold aiohttp (~14 MiB) for them
+
         timeout = aiohttp.ClientTimeout(total=GATE_TIMEOUT_SECONDS)
         try:
             async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, \

@@ -18,9 +18,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from aegisd import __version__
 from aegisd.config import Config
@@ -28,6 +26,9 @@ from aegisd.gate.upstream import tls_context
 from aegisd.ledger.entry import iso_time, now_ms
 from aegisd.logs import event as log_event
 from aegisd.webhooks.events import TEST_EVENT
+
+if TYPE_CHECKING:  # imported on the first delivery: a daemon without webhooks never loads aiohttp (~14 MiB)
+    import aiohttp
 from aegisd.webhooks.registry import Target
 
 log = logging.getLogger("aegisd.webhooks")
@@ -88,7 +89,8 @@ class Dispatcher:
         self._live: frozenset[str] = frozenset()  # ids of the current webhooks
         self._workers: list[asyncio.Task[None]] = []
         self._retries: set[asyncio.TimerHandle] = set()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # made for the first delivery
+        self._running = False
         self.delivered = self.failed = self.dropped = 0
 
     # -- what the gate and the control API call ------------------------------------------------
@@ -130,10 +132,7 @@ class Dispatcher:
     # -- life ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self._config.webhook_timeout)
-        connector = aiohttp.TCPConnector(ssl=tls_context(), limit=self._config.webhook_workers * 2)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
-                                              headers={"User-Agent": f"aegisd/{__version__} webhooks"})
+        self._running = True
         self._workers = [asyncio.create_task(self._work(), name=f"aegis-webhook-{n}")
                          for n in range(self._config.webhook_workers)]
 
@@ -146,6 +145,7 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        self._running = False
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -203,10 +203,22 @@ class Dispatcher:
         step = min(MAX_RETRY_DELAY, self._config.webhook_retry_delay * 2.0 ** (attempts - 1))
         return step / 2 + random.uniform(0, step / 2)
 
+    def _http_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            import aiohttp
+
+            timeout = aiohttp.ClientTimeout(total=self._config.webhook_timeout)
+            connector = aiohttp.TCPConnector(ssl=tls_context(), limit=self._config.webhook_workers * 2)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
+                                                  headers={"User-Agent": f"aegisd/{__version__} webhooks"})
+        return self._session
+
     async def _post(self, delivery: Delivery) -> Attempt:
-        session = self._session
-        if session is None:
+        if not self._running:
             return Attempt(0, "aegisd is shutting down", 0.0)
+        import aiohttp
+
+        session = self._http_session()
         body = delivery.payload()
         headers = {"Content-Type": "application/json", "X-Aegis-Event": delivery.event,
                    "X-Aegis-Delivery": delivery.id, "X-Aegis-Signature": signature(delivery.target.secret, body)}
