@@ -314,15 +314,16 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 @functools.cache
-def _psl(accept_unknown: bool) -> PublicSuffixList:
-    return PublicSuffixList(accept_unknown=accept_unknown)
+def _psl() -> PublicSuffixList:
+    """The list, parsed once (~1.7 MiB held for the daemon's life; each check says how to treat unknown TLDs)."""
+    return PublicSuffixList()
 
 
 def _is_known_public_suffix(host: str) -> bool:
     # Unknown single labels ('localhost', an intranet name) are fine as exact hosts.
-    return bool(_psl(False).is_public(host))
+    return bool(_psl().is_public(host, accept_unknown=False))
 
 
 def _is_registrable_or_below(host: str) -> bool:
     # Unknown TLDs count as public here, so '*.internal' is refused but '*.corp.internal' is not.
-    return _psl(True).privatesuffix(host) is not None
+    return _psl().privatesuffix(host, accept_unknown=True) is not None
