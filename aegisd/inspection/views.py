@@ -18,6 +18,20 @@ _ASCII_ESCAPE = re.compile(rb"\\u00([0-7][0-9a-fA-F])")
 _ASCII = {f"{code:02x}".encode(): bytes([code]) for code in range(128)}
 # Whether _json_escapes would count anything: one pass, where its two counts each take a slower one.
 _ESCAPE = re.compile(rb"\\(?:u00|/)")
+# These look for a literal with `re`, which skips to its first byte, rather than with `in`, `count` or
+# `replace`, whose filter lets through most letters of JSON text: two to three times faster on 64 KiB.
+_SLASH_ESCAPE = re.compile(rb"\\/")
+_PERCENT_ESCAPE = re.compile(rb"%25")
+_JSON_PERCENT = re.compile(rb"\\u0025")
+# Percent-decoding never removes a `\u00` or `\/` (none of their bytes is `%`, and neither `0` follows a
+# `%` or `%X`), so it adds one exactly where one is spelled with a percent-escaped byte: `%5C` (\), `%75` (u),
+# `%30` (0) or `%2F` (/). _SPELLED matches such a spelling, _ESCAPED_BYTE the escapes it must contain;
+# a spelling is at most 12 bytes (`%5C%75%30%30`), so it lies within 9 bytes before and 12 after one.
+_ESCAPED_BYTE = re.compile(rb"%(?:5[cC]|75|30|2[fF])")
+_SPELLED = re.compile(rb"%5[cC](?:(?:u|%75)(?:0|%30)(?:0|%30)|/|%2[fF])"
+                      rb"|\\(?:%75(?:0|%30)(?:0|%30)|%2[fF]|u(?:%30(?:0|%30)|0%30))")
+# Past this many escaped bytes (a body crafted full of `%2F`), counting the escapes in both is cheaper.
+SPELLED_CHECKS_MAX = 64
 
 
 def views(data: bytes) -> list[bytes]:
@@ -33,18 +47,30 @@ def views(data: bytes) -> list[bytes]:
         if view != data:
             found.append(view)
     if pct != data:
-        if b"%25" in data:
+        if _PERCENT_ESCAPE.search(data):
             found.append(unquote_to_bytes(pct))
-        if _json_escapes(pct) > _json_escapes(data):
+        if _percent_made_escapes(data, pct):
             found.append(json_unescape(pct))
-    if js != data and js.count(b"%") > data.count(b"%"):
+    if js != data and _JSON_PERCENT.search(data):  # js has more `%`: json_unescape makes them of `\u0025` only
         found.append(unquote_to_bytes(js))
     return found
 
 
 def json_unescape(data: bytes) -> bytes:
     """Undo JSON `\\/` and `\\u00XX` escapes wherever they appear (the data need not be valid JSON)."""
-    return _ASCII_ESCAPE.sub(lambda m: _ASCII[m.group(1).lower()], data.replace(b"\\/", b"/"))
+    return _ASCII_ESCAPE.sub(lambda m: _ASCII[m.group(1).lower()], _SLASH_ESCAPE.sub(b"/", data))
+
+
+def _percent_made_escapes(data: bytes, pct: bytes) -> bool:
+    """Whether `pct`, percent-decoded `data`, holds more `\\u00` and `\\/` escapes than `data` does: looked
+    for around the few escaped bytes that can spell one, since counting them takes two slow passes each."""
+    for checked, escaped in enumerate(_ESCAPED_BYTE.finditer(data)):
+        if checked == SPELLED_CHECKS_MAX:
+            return _json_escapes(pct) > _json_escapes(data)
+        at = escaped.start()
+        if _SPELLED.search(data, max(0, at - 9), at + 12):
+            return True
+    return False
 
 
 def _json_escapes(view: bytes) -> int:
