@@ -550,6 +550,27 @@ def _mdwe_child() -> None:
         finally:
             server.stop(None)
         print("grpc ok")
+
+    # The gate's parsers and matcher: llhttp, and a Hyperscan compile and scan.
+    import httptools
+    import hyperscan
+
+    urls: list[bytes] = []
+    httptools.HttpRequestParser(type("Callbacks", (), {"on_url": lambda self, url: urls.append(url)})()).feed_data(
+        b"GET /svc/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert urls == [b"/svc/x"]
+    database = hyperscan.Database()
+    database.compile(expressions=[b"sk-", b"ghp_"], ids=[0, 1], literal=True)
+    hits: list[int] = []
+    database.scan(b"a sk-1 b ghp_2", lambda ident, start, end, flags, context: hits.append(ident))
+    assert sorted(hits) == [0, 1]
+    print("httptools + hyperscan ok")
+
+    # The passphrase check's child process starts, hardens itself and answers under the same rules.
+    from aegisd.vault.passphrase_strength import check_passphrase_strength
+
+    check_passphrase_strength("vivid walrus ironing ochre tundra")
+    print("passphrase strength child ok")
     print("MDWE-OK")
 
 
@@ -557,7 +578,7 @@ def test_native_stack_runs_under_memory_deny_write_execute() -> None:
     """MemoryDenyWriteExecute=yes stays only because this passes (see the unit's comment)."""
     if sys.platform != "linux" or platform.machine() not in _ARCHES:
         pytest.skip(f"seccomp emulation covers Linux on {sorted(_ARCHES)} only")
-    for module in ("aiohttp", "grpc", "grpc_health", "uvloop", "cryptography"):
+    for module in ("aiohttp", "grpc", "grpc_health", "uvloop", "cryptography", "httptools", "hyperscan"):
         pytest.importorskip(module)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--mdwe-child"],

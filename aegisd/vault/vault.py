@@ -7,10 +7,8 @@ routing table) rebuild from the vault rather than keeping state of their own.
 
 from __future__ import annotations
 
-import gc
 import json
 import sqlite3
-import sys
 import threading
 import time
 import uuid
@@ -41,9 +39,8 @@ from aegisd.vault.crypto import (
     secret_aad,
     unseal,
 )
+from aegisd.vault.passphrase_strength import check_passphrase_strength
 
-MIN_PASSPHRASE_LENGTH = 12
-MIN_PASSPHRASE_SCORE = 3  # zxcvbn: "safely unguessable"
 _CRED_COLUMNS = ("id, name, service, domains, auth_type, header_name, query_param, scopes, rate_limit, "
                  "body_inspection, created_at, updated_at, rotated_at, expires_at")
 
@@ -52,37 +49,6 @@ Listener = Callable[[str], None]
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def check_passphrase_strength(passphrase: str) -> None:
-    """Refuse passphrases an offline attacker would guess; say how to pick a better one."""
-    if len(passphrase) < MIN_PASSPHRASE_LENGTH:
-        raise InvalidArgument(f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters; "
-                              "four or more unrelated words work well")
-    score, warning = _zxcvbn_verdict(passphrase[:100])
-    if score < MIN_PASSPHRASE_SCORE:
-        hint = warning or "it is too easy to guess"
-        raise InvalidArgument(f"the passphrase is too weak ({hint.rstrip('.')}); "
-                              "use four or more unrelated words or a password manager")
-
-
-def _zxcvbn_verdict(passphrase: str) -> tuple[int, str]:
-    """zxcvbn's score and warning, with its modules forgotten afterwards: their dictionaries hold ~11 MiB
-    that a long-running daemon would otherwise keep for a check only init and passphrase changes make
-    (importing again costs ~40 ms)."""
-    try:
-        return _ask_zxcvbn(passphrase)
-    finally:  # no frame holds zxcvbn's function (and through its globals, its modules) any longer
-        for name in [name for name in sys.modules if name == "zxcvbn" or name.startswith("zxcvbn.")]:
-            del sys.modules[name]
-        gc.collect()  # the modules are reference cycles: free them now, not at some later collection
-
-
-def _ask_zxcvbn(passphrase: str) -> tuple[int, str]:
-    from zxcvbn import zxcvbn
-
-    result = zxcvbn(passphrase)
-    return int(result["score"]), str(result.get("feedback", {}).get("warning") or "")
 
 
 class Vault:

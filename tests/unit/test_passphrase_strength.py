@@ -1,4 +1,4 @@
-"""The passphrase check refuses guessable passphrases, and leaves nothing of zxcvbn behind in the daemon."""
+"""The passphrase check refuses guessable passphrases, and zxcvbn runs in a child, never in the daemon."""
 
 from __future__ import annotations
 
@@ -6,26 +6,48 @@ import sys
 
 import pytest
 
-from aegisd.errors import InvalidArgument
-from aegisd.vault.vault import check_passphrase_strength
+from aegisd.errors import AegisError, InvalidArgument
+from aegisd.vault import passphrase_strength
+from aegisd.vault.passphrase_strength import check_passphrase_strength
 
 
 def _zxcvbn_loaded() -> list[str]:
     return [name for name in sys.modules if name == "zxcvbn" or name.startswith("zxcvbn.")]
 
 
-def test_a_strong_passphrase_passes_and_zxcvbn_is_forgotten() -> None:
+def test_a_strong_passphrase_passes_without_loading_zxcvbn_here() -> None:
     check_passphrase_strength("vivid walrus ironing ochre tundra")
     assert _zxcvbn_loaded() == []
 
 
-def test_a_weak_passphrase_is_refused_with_zxcvbn_warning_and_zxcvbn_is_forgotten() -> None:
+def test_a_weak_passphrase_is_refused_with_zxcvbn_warning() -> None:
     with pytest.raises(InvalidArgument, match=r"too weak \(This is similar to a commonly used password\)"):
         check_passphrase_strength("password12345")
     assert _zxcvbn_loaded() == []
 
 
-def test_the_check_works_again_after_forgetting() -> None:
-    check_passphrase_strength("vivid walrus ironing ochre tundra")
-    with pytest.raises(InvalidArgument, match="too weak"):
-        check_passphrase_strength("password12345")
+def test_a_short_passphrase_is_refused_before_any_child_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(InvalidArgument, match="at least 12 characters"):
+        check_passphrase_strength("short")
+
+
+def test_non_ascii_passphrases_reach_the_child_intact() -> None:
+    check_passphrase_strength("Grüße aus Köln, 東京 und Zürich")
+
+
+def test_a_child_that_cannot_run_is_an_error_not_a_pass(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(AegisError, match="could not run") as raised:
+        check_passphrase_strength("vivid walrus ironing ochre tundra")
+    assert not isinstance(raised.value, InvalidArgument)
+    assert "could not start" in caplog.text and "walrus" not in caplog.text
+
+
+def test_a_failing_child_is_an_error_and_its_output_is_not_logged(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(passphrase_strength, "__name__", "aegisd.no_such_module")
+    with pytest.raises(AegisError, match="could not run"):
+        check_passphrase_strength("vivid walrus ironing ochre tundra")
+    assert "exited 1" in caplog.text and "no_such_module" not in caplog.text

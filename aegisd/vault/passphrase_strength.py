@@ -1,0 +1,71 @@
+"""How guessable a new passphrase is, judged by zxcvbn in a short-lived child process.
+
+zxcvbn's dictionaries take ~13 MiB, and even freed they leave ~3 MiB of part-used allocator arenas
+behind: a long-running daemon would carry that for its whole life for a check only `init` makes. The
+child marks itself non-dumpable (aegisd.hardening) before it reads the passphrase from its stdin, so
+while it holds the passphrase it is as closed to same-user debuggers and core dumps as the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+from aegisd.errors import AegisError, InvalidArgument
+
+MIN_PASSPHRASE_LENGTH = 12
+MIN_PASSPHRASE_SCORE = 3  # zxcvbn: "safely unguessable"
+_CHECK_SECONDS = 30.0
+log = logging.getLogger("aegisd.vault")
+
+
+def check_passphrase_strength(passphrase: str) -> None:
+    """Refuse passphrases an offline attacker would guess; say how to pick a better one."""
+    if len(passphrase) < MIN_PASSPHRASE_LENGTH:
+        raise InvalidArgument(f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters; "
+                              "four or more unrelated words work well")
+    score, warning = _zxcvbn_verdict(passphrase[:100])
+    if score < MIN_PASSPHRASE_SCORE:
+        hint = warning or "it is too easy to guess"
+        raise InvalidArgument(f"the passphrase is too weak ({hint.rstrip('.')}); "
+                              "use four or more unrelated words or a password manager")
+
+
+def _zxcvbn_verdict(passphrase: str) -> tuple[int, str]:
+    """zxcvbn's score (0-4) and warning, from the child (`main` below)."""
+    verdict: object = None
+    try:
+        child = subprocess.run([sys.executable, "-m", __name__], input=passphrase.encode("utf-8", "surrogatepass"),
+                               capture_output=True, timeout=_CHECK_SECONDS, check=False)
+        if child.returncode == 0:
+            verdict = json.loads(child.stdout)
+        else:  # its stderr is not logged: a traceback there could quote the passphrase
+            log.error("the passphrase strength check exited %s", child.returncode)
+    except subprocess.TimeoutExpired:
+        log.error("the passphrase strength check took longer than %gs", _CHECK_SECONDS)
+    except OSError as exc:
+        log.error("the passphrase strength check could not start: %s", exc.strerror)
+    except ValueError:
+        log.error("the passphrase strength check printed something other than its verdict")
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("score"), int):
+        raise AegisError("the passphrase strength check could not run; see aegisd's log")
+    return verdict["score"], str(verdict.get("warning") or "")
+
+
+def main() -> None:
+    """The child: harden first, then read the passphrase, then print zxcvbn's verdict as JSON."""
+    from aegisd.hardening import harden_process
+
+    harden_process()
+    passphrase = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
+    from zxcvbn import zxcvbn
+
+    result = zxcvbn(passphrase)
+    json.dump({"score": int(result["score"]), "warning": result.get("feedback", {}).get("warning") or ""},
+              sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
