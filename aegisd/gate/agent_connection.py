@@ -12,7 +12,9 @@ httptools, as on the upstream side) makes every framing decision; what is ours i
   otherwise closed once the rest has arrived (or after LINGER_SECONDS), never with unread data,
   which would make the kernel reset the connection and could destroy the answer in flight;
 - what llhttp refuses still becomes a request for the pipeline to refuse and record (400, or 431
-  for a head over MAX_HEAD_BYTES); idle connections are closed by GateServer's sweep.
+  for a head over MAX_HEAD_BYTES: a complete head is measured exactly; one still arriving is measured
+  after each read, from the read after the one it began in, so it is cut within a read or two past the
+  limit); idle connections are closed by GateServer's sweep.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ class BodyMalformed(ConnectionError):
 class GateRequest:
     """One request as parsed (method, raw target, headers), its body as it arrives, and its answer."""
 
-    __slots__ = ("_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_discard", "_error",
-                 "_received", "_waiter", "content_length", "finished", "has_body", "headers", "http11",
-                 "keep_alive", "malformed", "method", "raw_path", "started")
+    __slots__ = ("_body_allowed", "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continued",
+                 "_discard", "_error", "_received", "_waiter", "content_length", "finished", "has_body", "headers",
+                 "http11", "keep_alive", "malformed", "method", "raw_path", "started")
 
     def __init__(self, conn: AgentConnection, method: str, raw_path: str, headers: CIMultiDictProxy[str],
                  http11: bool, keep_alive: bool) -> None:
@@ -86,7 +88,8 @@ class GateRequest:
         self._waiter: asyncio.Future[None] | None = None
         self._discard = False
         self.started = self.finished = False
-        self._chunked = self._close = False
+        self._chunked = self._close = self._continued = False
+        self._body_allowed = True
 
     # -- the body ------------------------------------------------------------------------------------
 
@@ -150,25 +153,31 @@ class GateRequest:
 
     async def send_continue(self) -> None:
         """Answer `Expect: 100-continue` (an HTTP/1.1 client waiting to send its body)."""
-        if self.http11 and not self.started and self._received == 0 and not self._complete:
+        if self.http11 and not self.started and not self._continued and self._received == 0 and not self._complete:
+            self._continued = True
             self._conn.write(_CONTINUE)
 
     async def respond(self, status: int, body: bytes, headers: Mapping[str, str], *,
                       reason: str | None = None, close: bool = False) -> None:
-        """The whole answer in one write, framed by its Content-Length (no body bytes for a HEAD)."""
+        """The whole answer in one write, framed by its Content-Length (no body bytes for a HEAD; neither
+        body nor length for a 1xx, 204 or 304)."""
         self._begin(close)
-        framing = [("Content-Length", str(len(body)))]
+        bodiless = status in (204, 304) or status < 200
+        framing = [] if bodiless else [("Content-Length", str(len(body)))]
         head = self._head(status, reason, headers, framing)
-        self._conn.write(head if self.method == "HEAD" else head + body)
+        self.started = True
+        self._conn.write(head if self.method == "HEAD" or bodiless else head + body)
         self.finished = True
         await self._conn.drain()
 
     async def start(self, status: int, headers: Mapping[str, str], *, reason: str | None = None,
                     content_length: int | None = None) -> None:
-        """Send the answer's head; its body follows through `write` and ends with `end`."""
+        """Send the answer's head; its body follows through `write` (ignored where the answer can have
+        none: HEAD, 1xx, 204, 304) and ends with `end`."""
         self._begin(False)
         framing: list[tuple[str, str]] = []
         if self.method == "HEAD" or status in (204, 304) or status < 200:
+            self._body_allowed = False
             if content_length is not None and status != 204:
                 framing.append(("Content-Length", str(content_length)))
         elif content_length is not None:
@@ -178,11 +187,13 @@ class GateRequest:
             self._chunked = True
         else:  # HTTP/1.0 knows no chunks: the body ends where the connection does
             self._close = True
-        self._conn.write(self._head(status, reason, headers, framing))
+        head = self._head(status, reason, headers, framing)
+        self.started = True
+        self._conn.write(head)
         await self._conn.drain()
 
     async def write(self, chunk: bytes) -> None:
-        if not chunk:
+        if not chunk or not self._body_allowed:
             return
         self._conn.write(frame_chunk(chunk) if self._chunked else chunk)
         await self._conn.drain()
@@ -200,12 +211,12 @@ class GateRequest:
     def _begin(self, close: bool) -> None:
         if self.started:
             raise RuntimeError("this request's answer has already begun")
-        if self._conn.closed:
+        conn = self._conn
+        if conn.closed:
             raise AgentGone("the agent closed the connection")
-        self.started = True
         left = self._left_to_drop()
-        self._close = (close or not self.keep_alive or self._conn.closing or left is None
-                       or left > DISCARD_MAX or self._error is not None)
+        self._close = (close or not self.keep_alive or conn.closing or (conn.ends_after_this and not conn._queued)
+                       or left is None or left > DISCARD_MAX or self._error is not None)
 
     def _head(self, status: int, reason: str | None, headers: Mapping[str, str],
               framing: list[tuple[str, str]]) -> bytes:
@@ -258,7 +269,7 @@ class AgentConnection(asyncio.Protocol):
         self.waiting_since: float | None = None  # since when the gate waits for the agent, for the idle sweep
         self.last_read = 0.0
         self._linger: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
 
     # -- asyncio ---------------------------------------------------------------------------------------
 
@@ -266,7 +277,7 @@ class AgentConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is one without subclassing it
         self._connections.add(self)
         self.last_read = self.loop.time()
-        self._task = self.loop.create_task(self._serve())
+        self.task = self.loop.create_task(self._serve())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -385,11 +396,10 @@ class AgentConnection(asyncio.Protocol):
             self._current = None
             if self.closed:
                 return
-            if request._close or not request.finished or ((self._eof or self._broken) and not self._queued):
+            if request._close or not request.finished or (self.ends_after_this and not self._queued):
                 self._close_after(request)
                 return
-            if not request._complete:
-                request._drop_rest()
+            request._drop_rest()  # unread: what is buffered (reading resumes) and what is still to come
 
     async def _answer(self, request: GateRequest) -> None:
         try:
@@ -418,12 +428,16 @@ class AgentConnection(asyncio.Protocol):
 
     def _malformed(self, status: int, message: str) -> None:
         """llhttp refused what the agent sent: the body being read fails, or a stand-in request is refused."""
+        method = _method_or_empty(self._parser) if self._head_open and self._url else ""  # else a stale one
         self._stop_parsing()
-        if self._parsing is not None:
-            self._parsing._end(BodyMalformed("the request body's framing is malformed"))
+        request = self._parsing
+        if request is not None:
             self._parsing = None
+            if request is not self._current and request._received == 0:  # llhttp refused it right after its head
+                request.malformed = (status, message)                    # (`Transfer-Encoding: gzip`): not begun
+            request._end(BodyMalformed("the request body's framing is malformed"))
             return
-        stand_in = GateRequest(self, _method_or_empty(self._parser), "", _NO_HEADERS, True, False)
+        stand_in = GateRequest(self, method, "", _NO_HEADERS, True, False)
         stand_in.malformed = (status, message)
         self._deliver(stand_in)
 
@@ -442,10 +456,11 @@ class AgentConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _update_reading(self) -> None:
-        """Read the agent unless a request waits its turn or a body is buffered past the high-water mark."""
+        """Read the agent unless a request waits its turn or a body is buffered past the high-water mark
+        (and, once paused for that, until it is back under the low-water mark)."""
         parsing = self._parsing
-        hold = bool(self._queued) or (parsing is not None and parsing._buffered > _LOW_WATER)
-        if hold:
+        full = parsing is not None and parsing._buffered > (_LOW_WATER if self._paused else _HIGH_WATER)
+        if self._queued or full:
             self._pause_reading()
         elif self._paused and self.transport is not None and not self.closed:
             self._paused = False
@@ -485,6 +500,11 @@ class AgentConnection(asyncio.Protocol):
         if since is None:
             return 0.0
         return now - (since if self._current is None else max(since, self.last_read))
+
+    @property
+    def ends_after_this(self) -> bool:
+        """Nothing more will be read: the agent half-closed, or parsing stopped (malformed, Upgrade)."""
+        return self._eof or self._broken
 
     @property
     def waiting_for_request(self) -> bool:

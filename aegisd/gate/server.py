@@ -56,8 +56,14 @@ class GateServer:
         deadline = time.monotonic() + grace
         while self.pipeline.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for conn in list(self._connections):
+        connections = list(self._connections)
+        for conn in connections:
             conn.close_idle() if conn.waiting_for_request else conn.abort()
+        # What is still running past the grace (a hung upstream) ends here, before the ledger closes.
+        tasks = [conn.task for conn in connections if conn.task is not None and not conn.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,1356 @@
+"""The gate's server side (aegisd/gate/agent_connection.py and server.py) against raw clients, byte for byte.
+
+Through the daemon, the pipeline decides what every answer says and hides most of what the connection does
+on the wire. Here an AgentConnection serves a handler written in this file, whose behaviour each test
+chooses (echo, stream, leave the body unread, raise, hang), and a raw socket sends exactly the bytes a test
+wants and sees exactly the bytes the gate writes and how it ends the connection (an orderly close or a
+reset). GateServer's idle sweep and drain run with a stand-in for the pipeline. Every test runs on the stock
+asyncio loop and on uvloop, which the daemon runs on: the two differ in how transports pause, read and close.
+
+Timeouts are sub-second and nothing asserts a duration: a test that hangs fails on its guard instead.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import gc
+import hashlib
+import re
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, cast
+
+import pytest
+import uvloop
+from multidict import CIMultiDict
+
+from aegisd.gate import agent_connection
+from aegisd.gate.agent_connection import (
+    _HIGH_WATER,
+    DISCARD_MAX,
+    MAX_HEAD_BYTES,
+    AgentConnection,
+    AgentGone,
+    BodyMalformed,
+    GateRequest,
+    RequestHandler,
+)
+from aegisd.gate.pipeline import GatePipeline
+from aegisd.gate.server import GateServer
+from aegisd.gate.wire import HeadError
+
+GUARD_SECONDS = 5.0  # a test that hangs fails after this rather than after pytest's two minutes
+READ_SECONDS = 2.0  # how long an agent waits for bytes it expects before the test fails, showing what came
+DATE = "Thu, 01 Jan 2026 00:00:00 GMT"  # every answer's Date, so that answers compare byte for byte
+REAL_HTTP_DATE = agent_connection.http_date
+
+
+class Run:
+    """Runs a test's coroutine to the end on a fresh loop, under the guard, and fails the test if the loop
+    reported an error nobody handled (a connection task that died, an exception never retrieved)."""
+
+    def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        self._loop_factory = loop_factory
+
+    def __call__(self, coro: Coroutine[Any, Any, None]) -> None:
+        reports: list[str] = []
+        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+            runner.get_loop().set_exception_handler(lambda _, context: reports.append(str(context["message"])))
+            runner.run(asyncio.wait_for(coro, GUARD_SECONDS))
+            gc.collect()  # a connection and its parser refer to each other: their futures die in a collection
+        assert reports == []
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """Tests run on the stock loop and on uvloop, the daemon's."""
+    return Run(uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop)
+
+
+@pytest.fixture(autouse=True)
+def fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_connection, "http_date", lambda: DATE)
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait (briefly) until `condition` holds: for states the gate reaches between two events."""
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never happened: {what}")
+
+
+# -- the handler ----------------------------------------------------------------------------------
+
+Answer = Callable[[GateRequest], Awaitable[None]]
+
+
+async def read_all(request: GateRequest) -> bytes:
+    return b"".join([chunk async for chunk in request.body()])
+
+
+async def echo(request: GateRequest) -> None:
+    """Read the whole body; answer `METHOD target`, a line break and the body."""
+    body = await read_all(request)
+    await request.respond(200, f"{request.method} {request.raw_path}\n".encode() + body, {})
+
+
+class Handler:
+    """The pipeline as a connection sees it: `answer` answers each request, and what happened is recorded."""
+
+    def __init__(self, answer: Answer = echo) -> None:
+        self.answer = answer
+        self.seen: list[str] = []  # "METHOD target" of each request handed over, in order
+        self.refused: list[tuple[int, str]] = []  # (status, message) of each refuse_malformed call
+        self.raised: list[Exception] = []  # what `answer` raised
+        self.active = self.most_active = 0
+
+    async def handle(self, request: GateRequest) -> None:
+        self.seen.append(f"{request.method} {request.raw_path}")
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            await self.answer(request)
+        except Exception as exc:
+            self.raised.append(exc)
+            raise
+        finally:
+            self.active -= 1
+
+    async def refuse_malformed(self, request: GateRequest, status: int, message: str) -> None:
+        """Answers as the pipeline does but without asking for the close: the connection must close by itself."""
+        self.refused.append((status, message))
+        await request.respond(status, message.encode(), {"Content-Type": "text/plain"})
+
+
+def answer_then_echo(first: Answer) -> Answer:
+    """`first` answers the request for /x; any later request is echoed (to show the connection still works)."""
+    async def answer(request: GateRequest) -> None:
+        await (first(request) if request.raw_path == "/x" else echo(request))
+    return answer
+
+
+# -- the bytes expected ---------------------------------------------------------------------------
+
+
+def head(status: str, *fields: str) -> bytes:
+    return "".join(f"{line}\r\n" for line in (f"HTTP/1.1 {status}", *fields, "")).encode()
+
+
+def whole(status: str, body: bytes = b"", *fields: str, connection: str | None = None) -> bytes:
+    """An answer as respond() frames it: the handler's fields, Content-Length, Date, then any Connection."""
+    framing = [*fields, f"Content-Length: {len(body)}", f"Date: {DATE}"]
+    if connection is not None:
+        framing.append(f"Connection: {connection}")
+    return head(status, *framing) + body
+
+
+def echoed(method: str, target: str, body: bytes = b"", *, connection: str | None = None) -> bytes:
+    return whole("200 OK", f"{method} {target}\n".encode() + body, connection=connection)
+
+
+NEXT = b"GET /next HTTP/1.1\r\nConnection: close\r\n\r\n"  # a last request: proves the connection still works
+NEXT_ANSWER = echoed("GET", "/next", connection="close")
+
+
+# -- the agent ------------------------------------------------------------------------------------
+
+
+class Agent:
+    """A raw client socket: sends exact bytes, reads exact bytes, and tells an orderly close from a reset."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.buffer = bytearray()  # received, not yet taken by expect()
+        self.ended: str | None = None  # "eof" or "reset" once the gate ended the connection
+        self.sent = 0
+        self.blocked = False  # push() found the socket's send buffer full on its last try
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+        self.sent += len(data)
+
+    async def push(self, data: bytes) -> None:
+        """Send as fast as the gate takes it, counting as it goes (sock_sendall tells nothing until the end)."""
+        view = memoryview(data)
+        while view:
+            try:
+                count = self.sock.send(view[:65536])
+            except BlockingIOError:
+                self.blocked = True
+                await asyncio.sleep(0.001)
+                continue
+            self.blocked = False
+            self.sent += count
+            view = view[count:]
+
+    async def expect(self, data: bytes, timeout: float = READ_SECONDS) -> None:
+        """The next bytes from the gate are exactly `data`."""
+        while len(self.buffer) < len(data) and await self._fill(timeout):
+            pass
+        got = bytes(self.buffer[:len(data)])
+        del self.buffer[:len(data)]
+        assert got == data
+
+    async def rest(self) -> bytes:
+        """Every byte until the gate ends the connection."""
+        while await self._fill(READ_SECONDS):
+            pass
+        got = bytes(self.buffer)
+        self.buffer.clear()
+        return got
+
+    async def expect_end(self, data: bytes = b"") -> None:
+        """The gate sends exactly `data`, then closes in order (a FIN: no reset that could destroy it)."""
+        assert await self.rest() == data
+        assert self.ended == "eof"
+
+    def shut(self) -> None:
+        """Half-close: the agent will send nothing more but still reads."""
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def reset(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    async def _fill(self, timeout: float) -> bool:
+        if self.ended is not None:
+            return False
+        try:
+            data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), timeout)
+        except ConnectionResetError:
+            self.ended = "reset"
+            return False
+        except TimeoutError:
+            raise AssertionError(f"the gate sent nothing more; received so far: {bytes(self.buffer)!r}") from None
+        if not data:
+            self.ended = "eof"
+            return False
+        self.buffer += data
+        return True
+
+
+@dataclass
+class Gate:
+    """A listening gate: its port, the connections it has open (a bare server's only), the agents connected."""
+
+    port: int
+    connections: set[AgentConnection] = field(default_factory=set)
+    agents: list[Agent] = field(default_factory=list)
+
+    async def connect(self, *, sndbuf: int | None = None, rcvbuf: int | None = None) -> Agent:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
+        except OSError:
+            sock.close()
+            raise
+        agent = Agent(sock)
+        self.agents.append(agent)
+        return agent
+
+    async def only_connection(self) -> AgentConnection:
+        await eventually(lambda: len(self.connections) == 1, "the gate accepted the connection")
+        return next(iter(self.connections))
+
+    def close_agents(self) -> None:
+        for agent in self.agents:
+            if agent.sock.fileno() != -1:
+                agent.sock.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: RequestHandler, *, rcvbuf: int | None = None) -> AsyncIterator[Gate]:
+    """AgentConnection serving `handler` on 127.0.0.1, as GateServer sets it up (without its sweep)."""
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # connections accepted inherit it
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    listener.bind(("127.0.0.1", 0))
+    gate = Gate(int(listener.getsockname()[1]))
+    server = await loop.create_server(lambda: AgentConnection(handler, gate.connections), sock=listener)
+    try:
+        yield gate
+    finally:
+        gate.close_agents()
+        server.close()
+        for conn in list(gate.connections):
+            conn.abort()
+        await server.wait_closed()
+
+
+# -- keep-alive -----------------------------------------------------------------------------------
+
+
+def test_two_requests_share_one_connection(run: Run) -> None:
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /first HTTP/1.1\r\nHost: gate\r\n\r\n")
+            await agent.expect(echoed("GET", "/first"))
+            await agent.send(b"POST /second?x=1 HTTP/1.1\r\nHost: gate\r\nContent-Length: 3\r\n\r\nabc")
+            await agent.expect(echoed("POST", "/second?x=1", b"abc"))
+            assert handler.seen == ["GET /first", "POST /second?x=1"]
+            assert len(gate.connections) == 1
+
+    run(main())
+
+
+def test_http_1_0_without_keep_alive_is_answered_with_close_and_closed(run: Run) -> None:
+    async def main() -> None:
+        async with serving(Handler()) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /old HTTP/1.0\r\nHost: gate\r\n\r\n")
+            await agent.expect_end(echoed("GET", "/old", connection="close"))
+
+    run(main())
+
+
+def test_http_1_0_with_keep_alive_is_kept_and_told_so(run: Run) -> None:
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            for target in ("/one", "/two"):
+                await agent.send(f"GET {target} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+                await agent.expect(echoed("GET", target, connection="keep-alive"))
+            await agent.send(b"GET /three HTTP/1.0\r\n\r\n")
+            await agent.expect_end(echoed("GET", "/three", connection="close"))
+            assert handler.seen == ["GET /one", "GET /two", "GET /three"]
+
+    run(main())
+
+
+@pytest.mark.parametrize("connection", ["close", "Close", "keep-alive, close"])
+def test_connection_close_from_the_agent_is_honoured(run: Run, connection: str) -> None:
+    async def main() -> None:
+        async with serving(Handler()) as gate:
+            agent = await gate.connect()
+            await agent.send(f"GET /bye HTTP/1.1\r\nConnection: {connection}\r\n\r\n".encode())
+            await agent.expect_end(echoed("GET", "/bye", connection="close"))
+
+    run(main())
+
+
+# -- pipelining -----------------------------------------------------------------------------------
+
+
+def test_pipelined_requests_are_answered_in_order_each_once(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        if request.raw_path == "/1":  # the first takes longest: an answer out of turn would show
+            for _ in range(20):
+                await asyncio.sleep(0)
+        await echo(request)
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /1 HTTP/1.1\r\n\r\n"
+                             b"POST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+                             b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
+            await agent.expect_end(echoed("GET", "/1") + echoed("POST", "/2", b"abc")
+                                   + echoed("GET", "/3", connection="close"))
+            assert handler.seen == ["GET /1", "POST /2", "GET /3"]
+            assert handler.most_active == 1
+
+    run(main())
+
+
+# -- framing of answers ---------------------------------------------------------------------------
+
+
+def streamed(status: int, headers: Mapping[str, str], length: int | None, *parts: bytes) -> Answer:
+    """An answer sent through start(), write() for each part, end()."""
+    async def answer(request: GateRequest) -> None:
+        await request.start(status, headers, content_length=length)
+        for part in parts:
+            await request.write(part)
+        await request.end()
+    return answer
+
+
+def responded(status: int, body: bytes, headers: Mapping[str, str], reason: str | None = None) -> Answer:
+    async def answer(request: GateRequest) -> None:
+        await request.respond(status, body, headers, reason=reason)
+    return answer
+
+
+GET = b"GET /x HTTP/1.1\r\n\r\n"
+HEAD = b"HEAD /x HTTP/1.1\r\n\r\n"
+GET_1_0 = b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+D = f"Date: {DATE}"
+
+
+@pytest.mark.parametrize("request_bytes, answer, expected, kept", [
+    (GET, responded(201, b"made", {"X-A": "1"}),
+     head("201 Created", "X-A: 1", "Content-Length: 4", D) + b"made", True),
+    (GET, responded(200, b"", {}, reason="Fine Thanks"), head("200 Fine Thanks", "Content-Length: 0", D), True),
+    (GET, responded(200, b"", CIMultiDict([("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])),
+     head("200 OK", "Set-Cookie: a=1", "Set-Cookie: b=2", "Content-Length: 0", D), True),
+    (GET, streamed(200, {"X-A": "1"}, 5, b"hel", b"lo"),
+     head("200 OK", "X-A: 1", "Content-Length: 5", D) + b"hello", True),
+    (GET, streamed(200, {}, None, b"hel", b"", b"lo"),
+     head("200 OK", "Transfer-Encoding: chunked", D) + b"3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n", True),
+    (GET, streamed(200, {}, None), head("200 OK", "Transfer-Encoding: chunked", D) + b"0\r\n\r\n", True),
+    (HEAD, responded(200, b"hello", {}), head("200 OK", "Content-Length: 5", D), True),
+    (HEAD, streamed(200, {}, 5), head("200 OK", "Content-Length: 5", D), True),
+    (HEAD, streamed(200, {}, None), head("200 OK", D), True),
+    (GET, streamed(204, {}, 0), head("204 No Content", D), True),
+    (GET, streamed(304, {"ETag": '"v1"'}, 123), head("304 Not Modified", 'ETag: "v1"', "Content-Length: 123", D), True),
+    (GET, streamed(304, {}, None), head("304 Not Modified", D), True),
+    (GET_1_0, streamed(200, {}, 5, b"hello"),
+     head("200 OK", "Content-Length: 5", D, "Connection: keep-alive") + b"hello", True),
+    (GET_1_0, streamed(200, {}, None, b"hel", b"lo"), head("200 OK", D, "Connection: close") + b"hello", False),
+    (GET, responded(204, b"", {}), head("204 No Content", D), True),
+    (GET, responded(304, b"ignored", {}), head("304 Not Modified", D), True),
+    (HEAD, streamed(200, {}, 5, b"hello"), head("200 OK", "Content-Length: 5", D), True),
+    (GET, streamed(204, {}, None, b"stray"), head("204 No Content", D), True),
+], ids=["respond", "respond-reason", "respond-repeated-field", "length", "chunked", "chunked-empty",
+        "head-respond", "head-start-length", "head-start-no-length", "204", "304-length", "304",
+        "http-1.0-length", "http-1.0-close-delimited", "respond-204", "respond-304", "head-start-then-write",
+        "204-start-then-write"])
+def test_an_answer_is_framed_by_its_method_status_and_version(
+        run: Run, request_bytes: bytes, answer: Answer, expected: bytes, kept: bool) -> None:
+    async def main() -> None:
+        async with serving(Handler(answer_then_echo(answer))) as gate:
+            agent = await gate.connect()
+            await agent.send(request_bytes)
+            if kept:
+                await agent.expect(expected)
+                await agent.send(NEXT)
+                await agent.expect_end(NEXT_ANSWER)
+            else:
+                await agent.expect_end(expected)
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["respond", "start"])
+def test_a_date_field_from_the_handler_is_kept_and_none_added(run: Run, how: str) -> None:
+    headers = CIMultiDict({"date": "Mon, 01 Jan 2024 00:00:00 GMT"})  # any case: field names are
+    answer = responded(200, b"", headers) if how == "respond" else streamed(200, headers, 0)
+
+    async def main() -> None:
+        async with serving(Handler(answer)) as gate:
+            agent = await gate.connect()
+            await agent.send(GET)
+            await agent.expect(head("200 OK", "date: Mon, 01 Jan 2024 00:00:00 GMT", "Content-Length: 0"))
+
+    run(main())
+
+
+def test_the_date_field_is_the_current_time_in_http_format() -> None:
+    value = REAL_HTTP_DATE()
+    assert re.fullmatch(r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT", value)
+    assert abs(parsedate_to_datetime(value).timestamp() - time.time()) < 5
+
+
+@pytest.mark.parametrize("how", ["respond", "start"])
+@pytest.mark.parametrize("headers, reason", [
+    ({"X-Bad": "a\r\nInjected: 1"}, None),
+    ({"X-Bad": "a\nInjected: 1"}, None),
+    ({"X-Bad": "a\rb"}, None),
+    ({"X-Bad\r\nInjected": "1"}, None),
+    ({}, "OK\r\nInjected: 1"),
+], ids=["crlf-in-value", "lf-in-value", "cr-in-value", "crlf-in-name", "crlf-in-reason"])
+def test_a_line_break_in_the_answer_s_head_is_refused_before_any_byte_is_written(
+        run: Run, how: str, headers: dict[str, str], reason: str | None) -> None:
+    async def answer(request: GateRequest) -> None:
+        if how == "respond":
+            await request.respond(200, b"body", headers, reason=reason)
+        else:
+            await request.start(200, headers, reason=reason, content_length=4)
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(GET)
+            received = await agent.rest()  # a 500 in place of the refused head, then the close
+            assert received.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), received
+            assert b"Connection: close\r\n" in received and b"evil" not in received.lower()
+            assert [type(exc) for exc in handler.raised] == [HeadError]
+
+    run(main())
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pieces, so_far", [
+    ([b"POST /x HTTP/1.1\r\nContent-Length: 11\r\n\r\nhel", b"lo wo", b"rld"],
+     [b"hel", b"hello wo", b"hello world"]),
+    ([b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;name=v\r\nhel", b"lo\r\n6\r\n world\r\n",
+      b"0\r\nX-Trailer: t\r\n\r\n"],
+     [b"hel", b"hello world", b"hello world"]),
+], ids=["content-length", "chunked"])
+def test_a_body_is_handed_over_as_it_arrives_and_delivered_whole(
+        run: Run, pieces: list[bytes], so_far: list[bytes]) -> None:
+    taken = bytearray()
+
+    async def answer(request: GateRequest) -> None:
+        async for chunk in request.body():
+            taken.extend(chunk)
+        await request.respond(200, bytes(taken), {})
+
+    def took(expected: bytes) -> Callable[[], bool]:
+        return lambda: bytes(taken) == expected
+
+    async def main() -> None:
+        async with serving(Handler(answer_then_echo(answer))) as gate:
+            agent = await gate.connect()
+            for piece, expected in zip(pieces, so_far, strict=True):
+                await agent.send(piece)
+                await eventually(took(expected), f"the handler took {expected!r}")
+            await agent.expect(whole("200 OK", b"hello world"))
+            await agent.send(NEXT)
+            await agent.expect_end(NEXT_ANSWER)
+
+    run(main())
+
+
+def test_a_large_body_read_slowly_arrives_intact_and_the_agent_is_read_no_faster(run: Run) -> None:
+    """Small socket buffers, so that what the kernel holds cannot hide how much the gate buffers itself."""
+    size, bound = 4 * 1024 * 1024, 1024 * 1024
+    payload = array.array("I", range(size // 4)).tobytes()  # every 4 bytes its own offset: order shows
+    release = asyncio.Event()
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler, rcvbuf=65536) as gate:
+            agent = await gate.connect(sndbuf=65536)
+            ahead: list[int] = []  # sent by the agent but not yet taken by the handler, at each chunk
+
+            async def answer(request: GateRequest) -> None:
+                await release.wait()
+                digest, taken = hashlib.sha256(), 0
+                async for chunk in request.body():
+                    taken += len(chunk)
+                    ahead.append(agent.sent - taken)
+                    digest.update(chunk)
+                    await asyncio.sleep(0.001)
+                await request.respond(200, digest.hexdigest().encode(), {})
+
+            handler.answer = answer
+            pushing = asyncio.create_task(agent.push(b"PUT /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size + payload))
+            conn = await gate.only_connection()
+            assert conn.transport is not None
+            transport = conn.transport
+            await eventually(lambda: agent.blocked and not transport.is_reading(), "the agent held back")
+            assert agent.sent < bound
+            release.set()
+            await pushing
+            await agent.expect(whole("200 OK", hashlib.sha256(payload).hexdigest().encode()))
+            assert max(ahead) < bound
+
+    run(main())
+
+
+def test_broken_chunk_framing_fails_the_body_with_body_malformed(run: Run) -> None:
+    taken: list[bytes] = []
+    failures: list[BodyMalformed] = []
+
+    async def answer(request: GateRequest) -> None:
+        try:
+            async for chunk in request.body():
+                taken.append(chunk)
+        except BodyMalformed as exc:
+            failures.append(exc)
+        await request.respond(400, b"bad body", {})
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+            await agent.expect_end(whole("400 Bad Request", b"bad body", connection="close"))
+            assert taken == [b"hello"]
+            assert len(failures) == 1
+            assert handler.refused == []
+
+    run(main())
+
+
+def test_an_agent_that_half_closes_mid_body_fails_the_body_and_still_gets_the_answer(run: Run) -> None:
+    taken: list[bytes] = []
+    failures: list[Exception] = []
+
+    async def answer(request: GateRequest) -> None:
+        try:
+            async for chunk in request.body():
+                taken.append(chunk)
+        except AgentGone as exc:
+            failures.append(exc)
+        await request.respond(400, b"cut short", {})
+
+    async def main() -> None:
+        async with serving(Handler(answer)) as gate:
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            await eventually(lambda: taken == [b"abc"], "the first bytes were taken")
+            agent.shut()
+            await agent.expect_end(whole("400 Bad Request", b"cut short", connection="close"))
+            assert [type(exc) for exc in failures] == [AgentGone]
+
+    run(main())
+
+
+def test_an_agent_that_resets_mid_body_fails_the_body_and_the_answer(run: Run) -> None:
+    taken: list[bytes] = []
+    failures: list[Exception] = []
+
+    async def answer(request: GateRequest) -> None:
+        try:
+            async for chunk in request.body():
+                taken.append(chunk)
+        except AgentGone as exc:
+            failures.append(exc)
+        await request.respond(400, b"cut short", {})
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            await eventually(lambda: taken == [b"abc"], "the first bytes were taken")
+            agent.reset()
+            await eventually(lambda: bool(handler.raised), "the handler's answer failed")
+            assert [type(exc) for exc in failures] == [AgentGone]
+            assert [type(exc) for exc in handler.raised] == [AgentGone]
+
+    run(main())
+
+
+# -- bodies left unread ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length, sent_with_head", [(5, True), (5, False), (DISCARD_MAX, False)],
+                         ids=["arrived", "still-to-come", "discard-max-to-come"])
+def test_an_unread_body_with_little_left_is_dropped_and_the_connection_kept(
+        run: Run, length: int, sent_with_head: bool) -> None:
+    handler = Handler(answer_then_echo(responded(202, b"", {})))
+    body = b"x" * length
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            request_head = b"POST /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % length
+            await agent.send(request_head + (body if sent_with_head else b""))
+            await agent.expect(whole("202 Accepted"))
+            await agent.send((b"" if sent_with_head else body) + NEXT)
+            await agent.expect_end(NEXT_ANSWER)
+            assert handler.seen == ["POST /x", "GET /next"]
+
+    run(main())
+
+
+def test_an_unread_body_that_arrived_whole_past_the_high_water_mark_leaves_the_connection_reading(run: Run) -> None:
+    """The body's last byte alone takes the buffer past the high-water mark: it pauses the agent as it ends."""
+    go = asyncio.Event()
+
+    async def answer(request: GateRequest) -> None:
+        await go.wait()
+        await request.respond(202, b"", {})
+
+    handler = Handler(answer_then_echo(answer))
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (_HIGH_WATER + 1))
+            await eventually(lambda: handler.seen == ["POST /x"], "the request reached the handler")
+            conn = await gate.only_connection()
+            assert conn.transport is not None
+            transport = conn.transport
+            await agent.push(b"x" * _HIGH_WATER)
+            await agent.send(b"x")
+            await eventually(lambda: not transport.is_reading(), "the last byte paused the agent")
+            go.set()
+            await agent.expect(whole("202 Accepted"))
+            await agent.send(NEXT)
+            await agent.expect(NEXT_ANSWER, timeout=0.5)
+
+    run(main())
+
+
+@pytest.mark.parametrize("framing, body", [
+    (f"Content-Length: {DISCARD_MAX + 1}", b"x" * (DISCARD_MAX + 1)),
+    ("Content-Length: 1048576", b"x" * 1048576),
+    ("Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"),
+], ids=["just-over-discard-max", "large", "chunked"])
+def test_an_unread_body_with_much_or_an_unknown_amount_left_closes_the_connection_after_the_answer(
+        run: Run, framing: str, body: bytes) -> None:
+    handler = Handler(responded(403, b"refused", {}))
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(f"POST /x HTTP/1.1\r\n{framing}\r\n\r\n".encode())
+            await agent.expect(whole("403 Forbidden", b"refused", connection="close"))
+            await agent.push(body)  # dropped as it arrives; the close follows its last byte, never a reset
+            await agent.expect_end()
+            assert handler.seen == ["POST /x"]
+
+    run(main())
+
+
+def test_an_unread_body_that_never_comes_closes_the_connection_after_the_linger(
+        run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_connection, "LINGER_SECONDS", 0.05)
+
+    async def main() -> None:
+        async with serving(Handler(responded(403, b"refused", {}))) as gate:
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1000)
+            await agent.expect_end(whole("403 Forbidden", b"refused", connection="close"))
+
+    run(main())
+
+
+# -- Expect: 100-continue -------------------------------------------------------------------------
+
+
+def test_send_continue_writes_the_interim_answer_before_the_body_and_not_once_it_arrives(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        await request.send_continue()
+        body = request.body()
+        first = await anext(body)
+        await request.send_continue()  # the body has begun: nobody waits for an interim answer any more
+        rest = b"".join([chunk async for chunk in body])
+        await request.respond(200, first + rest, {})
+
+    async def main() -> None:
+        async with serving(Handler(answer)) as gate:
+            agent = await gate.connect()
+            await agent.send(b"PUT /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            await agent.expect(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await agent.send(b"hel")
+            await asyncio.sleep(0.01)  # the rest in a read of its own, after the second send_continue
+            await agent.send(b"lo")
+            await agent.expect(whole("200 OK", b"hello"))
+
+    run(main())
+
+
+def test_send_continue_twice_before_the_body_writes_the_interim_answer_once(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        await request.send_continue()
+        await request.send_continue()
+        await echo(request)
+
+    async def main() -> None:
+        async with serving(Handler(answer)) as gate:
+            agent = await gate.connect()
+            await agent.send(b"PUT /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            await agent.expect(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await agent.send(b"hello")
+            await agent.expect(echoed("PUT", "/x", b"hello"))
+
+    run(main())
+
+
+@pytest.mark.parametrize("version, body_with_head", [("1.0", False), ("1.1", True)],
+                         ids=["http-1.0", "body-already-arrived"])
+def test_send_continue_writes_nothing_where_no_one_waits_for_it(run: Run, version: str, body_with_head: bool) -> None:
+    continued = asyncio.Event()
+
+    async def answer(request: GateRequest) -> None:
+        await request.send_continue()
+        continued.set()
+        await echo(request)
+
+    async def main() -> None:
+        async with serving(Handler(answer)) as gate:
+            agent = await gate.connect()
+            request_head = f"PUT /x HTTP/{version}\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n".encode()
+            await agent.send(request_head + (b"hello" if body_with_head else b""))
+            await continued.wait()
+            if not body_with_head:
+                await agent.send(b"hello")
+            await agent.expect(echoed("PUT", "/x", b"hello", connection="close" if version == "1.0" else None))
+
+    run(main())
+
+
+def test_send_continue_writes_nothing_once_the_answer_has_begun(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        await request.start(403, {})  # refused without the body: an interim answer now would split this one
+        await request.send_continue()
+        await request.end()
+
+    async def main() -> None:
+        async with serving(Handler(answer_then_echo(answer))) as gate:
+            agent = await gate.connect()
+            await agent.send(b"PUT /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            await agent.expect(head("403 Forbidden", "Transfer-Encoding: chunked", D) + b"0\r\n\r\n")
+            await agent.send(b"hello" + NEXT)
+            await agent.expect_end(NEXT_ANSWER)
+
+    run(main())
+
+
+# -- what llhttp refuses --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("garbage", [
+    b"HELLO\r\n\r\n",
+    b"GET /a\x00b HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: gate\n\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+], ids=["request-line", "nul-in-target", "space-in-field-name", "nul-in-field-value", "obs-fold", "bare-lf",
+        "two-content-lengths", "length-and-chunked"])
+def test_what_llhttp_refuses_gets_a_400_from_the_handler_and_the_connection_closes(run: Run, garbage: bytes) -> None:
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(garbage)
+            received = await agent.rest()
+            assert handler.seen == []
+            [(status, message)] = handler.refused
+            assert status == 400
+            assert re.fullmatch(r"the request is not valid HTTP/1\.1 \([ -~]{1,80}\)", message)
+            assert received == whole("400 Bad Request", message.encode(), "Content-Type: text/plain",
+                                     connection="close")
+            assert agent.ended == "eof"
+
+    run(main())
+
+
+class MethodRecorder(Handler):
+    """Records the method of each request refused as malformed (what the ledger row would say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused_methods: list[str] = []
+
+    async def refuse_malformed(self, request: GateRequest, status: int, message: str) -> None:
+        self.refused_methods.append(request.method)
+        await super().refuse_malformed(request, status, message)
+
+
+@pytest.mark.parametrize("sent, method", [
+    (b"POST /a HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGARBAGE\r\n\r\n", ""),  # not the previous POST
+    (b"GET /a\x00b HTTP/1.1\r\n\r\n", ""),
+    (b"PUT /a HTTP/1.1\r\nX: a\x00b\r\n\r\n", "PUT"),
+], ids=["after-a-request", "bad-target", "bad-field"])
+def test_a_refused_request_carries_its_own_method_or_none(run: Run, sent: bytes, method: str) -> None:
+    handler = MethodRecorder()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(sent)
+            await agent.rest()
+            assert handler.refused_methods == [method]
+
+    run(main())
+
+
+def test_a_request_llhttp_refuses_right_after_its_head_is_refused_not_handled(run: Run) -> None:
+    """`Transfer-Encoding: gzip` (not chunked last) fails after on_headers_complete: the request never begins."""
+    handler = MethodRecorder()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nabc")
+            received = await agent.rest()
+            assert handler.seen == [] and handler.refused_methods == ["POST"]
+            [(status, message)] = handler.refused
+            assert status == 400 and "transfer-encoding" in message
+            assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n") and agent.ended == "eof"
+
+    run(main())
+
+
+def test_a_valid_request_then_garbage_in_one_write_is_answered_then_refused_then_closed(run: Run) -> None:
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /ok HTTP/1.1\r\n\r\nGARBAGE\r\n\r\n")
+            received = await agent.rest()
+            [(status, message)] = handler.refused
+            assert status == 400
+            assert received == echoed("GET", "/ok") + whole("400 Bad Request", message.encode(),
+                                                             "Content-Type: text/plain", connection="close")
+            assert agent.ended == "eof"
+            assert handler.seen == ["GET /ok"]
+
+    run(main())
+
+
+HEAD_TOO_LARGE = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
+
+
+def test_a_head_over_the_limit_in_one_write_gets_a_431(run: Run) -> None:
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.push(b"GET /x HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n")
+            received = await agent.rest()
+            assert handler.refused == [(431, HEAD_TOO_LARGE)]
+            assert handler.seen == []
+            assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+            assert received.endswith(b"\r\n\r\n" + HEAD_TOO_LARGE.encode())
+
+    run(main())
+
+
+def test_a_head_trickled_past_the_limit_gets_a_431_before_it_ends(run: Run) -> None:
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /x HTTP/1.1\r\nX-Big: ")
+            answered = asyncio.create_task(agent.rest())
+            with contextlib.suppress(ConnectionError):  # the gate closes while the agent still sends
+                while not answered.done() and agent.sent < 4 * MAX_HEAD_BYTES:
+                    await agent.send(b"a" * 4096)
+                    await asyncio.sleep(0.001)
+            received = await answered
+            assert handler.refused == [(431, HEAD_TOO_LARGE)]
+            assert agent.sent < 2 * MAX_HEAD_BYTES  # refused soon after the limit, not at an end it never has
+            assert received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+            assert received.endswith(b"\r\n\r\n" + HEAD_TOO_LARGE.encode())
+
+    run(main())
+
+
+# -- half-close -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_an_agent_that_half_closes_after_its_requests_gets_every_answer_then_the_close(run: Run, count: int) -> None:
+    async def answer(request: GateRequest) -> None:
+        for _ in range(10):  # the agent's end of input arrives before the answer
+            await asyncio.sleep(0)
+        await echo(request)
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            targets = [f"/{index}" for index in range(count)]
+            await agent.send(b"".join(f"GET {target} HTTP/1.1\r\n\r\n".encode() for target in targets))
+            agent.shut()
+            # Only the last answer is known to be the last: it alone says so.
+            await agent.expect_end(b"".join(echoed("GET", target, connection="close" if target == targets[-1] else None)
+                                            for target in targets))
+            assert handler.seen == [f"GET {target}" for target in targets]
+
+    run(main())
+
+
+def test_an_agent_that_half_closes_mid_head_is_closed_without_an_answer(run: Run) -> None:
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /x HTTP/1.1\r\nHost: ga")
+            agent.shut()
+            await agent.expect_end()
+            assert handler.seen == []
+            assert handler.refused == []
+
+    run(main())
+
+
+# -- a handler that fails -------------------------------------------------------------------------
+
+
+def test_a_handler_failing_before_its_answer_gets_a_500_and_the_close(
+        run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    async def answer(request: GateRequest) -> None:
+        raise RuntimeError("sk-live-0123456789 was in the way")
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /x HTTP/1.1\r\n\r\nGET /queued HTTP/1.1\r\n\r\n")
+            await agent.expect_end(head("500 Internal Server Error", "Content-Length: 0", D, "Connection: close"))
+            assert handler.seen == ["GET /x"]
+
+    run(main())
+    assert "RuntimeError" in caplog.text
+    assert "sk-live" not in caplog.text  # the exception's type only: its text may hold the agent's data
+
+
+@pytest.mark.parametrize("length, sent", [(10, b"abc"), (None, b"3\r\nabc\r\n")], ids=["length", "chunked"])
+def test_a_handler_failing_mid_answer_cuts_the_connection(run: Run, length: int | None, sent: bytes) -> None:
+    async def answer(request: GateRequest) -> None:
+        await request.start(200, {}, content_length=length)
+        await request.write(b"abc")
+        raise RuntimeError("failed mid-answer")
+
+    async def main() -> None:
+        async with serving(Handler(answer)) as gate:
+            agent = await gate.connect()
+            await agent.send(GET)
+            framing = "Content-Length: 10" if length else "Transfer-Encoding: chunked"
+            assert await agent.rest() == head("200 OK", framing, D) + sent  # short of its length, or its last chunk
+
+    run(main())
+
+
+def test_a_handler_failing_after_its_whole_answer_leaves_the_answer_and_the_connection(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        await request.respond(200, b"done", {})
+        raise RuntimeError("failed after the answer")
+
+    async def main() -> None:
+        async with serving(Handler(answer_then_echo(answer))) as gate:
+            agent = await gate.connect()
+            await agent.send(GET)
+            await agent.expect(whole("200 OK", b"done"))
+            await agent.send(NEXT)
+            await agent.expect_end(NEXT_ANSWER)
+
+    run(main())
+
+
+def test_a_handler_that_returns_without_answering_cuts_the_connection(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        await read_all(request)
+
+    async def main() -> None:
+        async with serving(Handler(answer)) as gate:
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+            assert await agent.rest() == b""
+
+    run(main())
+
+
+# -- an agent that has left -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", ["respond", "start", "write", "end"])
+def test_answering_an_agent_that_has_left_raises_agent_gone(run: Run, step: str) -> None:
+    left = asyncio.Event()
+
+    async def answer(request: GateRequest) -> None:
+        if step in ("write", "end"):
+            await request.start(200, {})
+        await left.wait()
+        if step == "respond":
+            await request.respond(200, b"late", {})
+        elif step == "start":
+            await request.start(200, {})
+        elif step == "write":
+            await request.write(b"late")
+        else:
+            await request.end()
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(GET)
+            if step in ("write", "end"):
+                await agent.expect(head("200 OK", "Transfer-Encoding: chunked", D))
+            await gate.only_connection()
+            agent.reset()
+            await eventually(lambda: not gate.connections, "the gate saw the agent leave")
+            left.set()
+            await eventually(lambda: bool(handler.raised), "the handler's answer failed")
+            [gone] = handler.raised
+            assert isinstance(gone, AgentGone)
+            assert isinstance(gone, ConnectionError)
+
+    run(main())
+
+
+def test_a_handler_held_by_an_agent_that_stopped_reading_is_released_when_it_leaves(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        await request.start(200, {})
+        while True:
+            await request.write(b"x" * 65536)
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect(rcvbuf=65536)
+            await agent.send(GET)
+            conn = await gate.only_connection()
+            assert conn.transport is not None
+            transport = conn.transport
+            await eventually(lambda: transport.get_write_buffer_size() > 0, "the gate waits for the agent to read")
+            agent.reset()
+            await eventually(lambda: bool(handler.raised), "the handler was released")
+            assert [type(exc) for exc in handler.raised] == [AgentGone]
+
+    run(main())
+
+
+# -- Upgrade and CONNECT --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_bytes, seen", [
+    (b"GET /ws HTTP/1.1\r\nHost: gate\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello", "GET /ws"),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01\x00\x05hello",
+     "CONNECT example.com:443"),
+], ids=["upgrade", "connect"])
+def test_upgrade_and_connect_reach_the_handler_and_the_connection_closes_after_the_answer(
+        run: Run, request_bytes: bytes, seen: str) -> None:
+    handler = Handler(responded(405, b"no tunnels", {}))
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(request_bytes)
+            received = await agent.rest()
+            assert received in (whole("405 Method Not Allowed", b"no tunnels"),
+                                whole("405 Method Not Allowed", b"no tunnels", connection="close"))
+            assert agent.ended == "eof"
+            assert handler.seen == [seen]  # the bytes after the head are not taken for a request
+            assert handler.refused == []
+
+    run(main())
+
+
+# -- GateServer: the idle sweep and the drain -----------------------------------------------------
+
+
+@dataclass
+class StandInConfig:
+    read_timeout: float
+
+
+class StandInPipeline:
+    """What GateServer uses of GatePipeline: config.read_timeout, draining, in_flight and the two answers."""
+
+    def __init__(self, read_timeout: float, answer: Answer = echo) -> None:
+        self.config = StandInConfig(read_timeout)
+        self.draining = False
+        self.in_flight = 0
+        self.handler = Handler(answer)
+
+    async def handle(self, request: GateRequest) -> None:
+        self.in_flight += 1
+        try:
+            await self.handler.handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def refuse_malformed(self, request: GateRequest, status: int, message: str) -> None:
+        await self.handler.refuse_malformed(request, status, message)
+
+
+@contextlib.asynccontextmanager
+async def gate_server(pipeline: StandInPipeline) -> AsyncIterator[tuple[GateServer, Gate]]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = GateServer(cast(GatePipeline, pipeline), "127.0.0.1", port)
+    await server.start()
+    gate = Gate(port)
+    try:
+        yield server, gate
+    finally:
+        gate.close_agents()
+        await server.stop(0)
+
+
+@pytest.mark.parametrize("before", ["an-answer", "nothing"])
+def test_a_connection_idle_longer_than_the_read_timeout_is_closed(run: Run, before: str) -> None:
+    async def main() -> None:
+        async with gate_server(StandInPipeline(0.2)) as (_, gate):
+            agent = await gate.connect()
+            if before == "an-answer":
+                await agent.send(GET)
+                await agent.expect(echoed("GET", "/x"))
+            await agent.expect_end()
+
+    run(main())
+
+
+def test_a_connection_used_more_often_than_the_read_timeout_is_kept(run: Run) -> None:
+    pipeline = StandInPipeline(0.3)
+
+    async def main() -> None:
+        async with gate_server(pipeline) as (_, gate):
+            agent = await gate.connect()
+            for index in range(5):  # 0.4 s in all: longer than the timeout, never idle that long
+                await agent.send(f"GET /{index} HTTP/1.1\r\n\r\n".encode())
+                await agent.expect(echoed("GET", f"/{index}"))
+                await asyncio.sleep(0.1)
+            assert len(pipeline.handler.seen) == 5
+
+    run(main())
+
+
+def test_a_handler_busy_longer_than_the_read_timeout_is_not_cut(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        await asyncio.sleep(0.5)  # the gate waits on the upstream here, not on the agent
+        await request.respond(200, b"late", {})
+
+    async def main() -> None:
+        async with gate_server(StandInPipeline(0.2, answer)) as (_, gate):
+            agent = await gate.connect()
+            await agent.send(GET)
+            await agent.expect(whole("200 OK", b"late"))
+
+    run(main())
+
+
+def test_a_head_trickled_slower_than_the_read_timeout_is_cut_though_bytes_keep_coming(run: Run) -> None:
+    pipeline = StandInPipeline(0.2)
+
+    async def main() -> None:
+        async with gate_server(pipeline) as (_, gate):
+            agent = await gate.connect()
+            await agent.send(b"GET /x HTTP/1.1\r\nX-Slow: ")
+            ended = asyncio.create_task(agent.rest())
+            with contextlib.suppress(ConnectionError):  # the gate cuts while the agent still sends
+                for _ in range(30):  # a byte every 0.05 s: the head would take 1.5 s to reach its end
+                    if ended.done():
+                        break
+                    await agent.send(b"a")
+                    await asyncio.sleep(0.05)
+            assert ended.done()
+            assert await ended == b""
+            assert pipeline.handler.seen == []
+            assert pipeline.handler.refused == []
+
+    run(main())
+
+
+def test_a_body_stalled_longer_than_the_read_timeout_fails_the_body(run: Run) -> None:
+    taken: list[bytes] = []
+    failures: list[Exception] = []
+
+    async def answer(request: GateRequest) -> None:
+        try:
+            async for chunk in request.body():
+                taken.append(chunk)
+        except AgentGone as exc:
+            failures.append(exc)
+
+    async def main() -> None:
+        async with gate_server(StandInPipeline(0.2, answer)) as (_, gate):
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nContent-Length: 100\r\n\r\n0123456789")
+            assert await agent.rest() == b""
+            assert taken == [b"0123456789"]
+            assert [type(exc) for exc in failures] == [AgentGone]
+
+    run(main())
+
+
+def test_a_body_trickled_faster_than_the_read_timeout_is_read_whole(run: Run) -> None:
+    """Chunk framing counts as the agent's progress too, though it hands the handler nothing."""
+    async def main() -> None:
+        async with gate_server(StandInPipeline(0.2)) as (_, gate):
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for byte in b"2\r\nab\r\n0\r\n\r\n":  # 0.72 s in all, 0.42 s of it after the last body byte
+                await asyncio.sleep(0.06)
+                await agent.send(bytes([byte]))
+            await agent.expect(echoed("POST", "/x", b"ab"))
+
+    run(main())
+
+
+def test_stop_lets_in_flight_requests_finish_while_idle_connections_still_answer(run: Run) -> None:
+    release = asyncio.Event()
+    draining: list[bool] = []
+
+    async def answer(request: GateRequest) -> None:
+        if request.raw_path == "/slow":
+            await release.wait()
+        draining.append(pipeline.draining)
+        await echo(request)
+
+    pipeline = StandInPipeline(60.0, answer)
+
+    async def main() -> None:
+        async with gate_server(pipeline) as (server, gate):
+            busy, idle = await gate.connect(), await gate.connect()
+            await idle.send(b"GET /before HTTP/1.1\r\n\r\n")
+            await idle.expect(echoed("GET", "/before"))
+            await busy.send(b"GET /slow HTTP/1.1\r\n\r\n")
+            await eventually(lambda: pipeline.in_flight == 1, "the slow request is in flight")
+            stopping = asyncio.create_task(server.stop(3.0))
+            await eventually(lambda: pipeline.draining, "the drain began")
+            with pytest.raises(ConnectionRefusedError):
+                await gate.connect()
+            await idle.send(b"GET /during HTTP/1.1\r\n\r\n")
+            await idle.expect(echoed("GET", "/during"))
+            assert not stopping.done()
+            release.set()
+            await busy.expect_end(echoed("GET", "/slow"))
+            await idle.expect_end()
+            await stopping
+            assert draining == [False, True, True]
+
+    run(main())
+
+
+def test_stop_cuts_what_is_still_in_flight_when_the_grace_period_ends(run: Run) -> None:
+    never = asyncio.Event()  # held here: stop() leaves the handler waiting on it, and the loop's end cancels it
+
+    async def answer(request: GateRequest) -> None:
+        await never.wait()
+
+    pipeline = StandInPipeline(60.0, answer)
+
+    async def main() -> None:
+        async with gate_server(pipeline) as (server, gate):
+            agent = await gate.connect()
+            await agent.send(GET)
+            await eventually(lambda: pipeline.in_flight == 1, "the request is in flight")
+            await server.stop(0.1)
+            assert pipeline.in_flight == 0  # its handler was cancelled before stop() returned
+            assert await agent.rest() == b""
+
+    run(main())
+
+
+def test_stop_with_nothing_in_flight_closes_idle_connections_without_waiting_out_the_grace(run: Run) -> None:
+    async def main() -> None:
+        async with gate_server(StandInPipeline(60.0)) as (server, gate):
+            agent = await gate.connect()
+            await agent.send(GET)
+            await agent.expect(echoed("GET", "/x"))
+            await asyncio.wait_for(server.stop(30.0), 1.0)
+            await agent.expect_end()
+
+    run(main())
