@@ -8,13 +8,17 @@ httptools, as on the upstream side) makes every framing decision; what is ours i
   parsed and held, and the agent is not read further until its turn;
 - a request body is handed over as it arrives, and the agent is read no faster than it is taken;
 - answers are framed by Content-Length, chunked, or for HTTP/1.0 by closing the connection;
-- a connection whose request body was not read is kept only if little of it is left to drop, and
-  otherwise closed once the rest has arrived (or after LINGER_SECONDS), never with unread data,
-  which would make the kernel reset the connection and could destroy the answer in flight;
-- what llhttp refuses still becomes a request for the pipeline to refuse and record (400, or 431
-  for a head over MAX_HEAD_BYTES: a complete head is measured exactly; one still arriving is measured
-  after each read, from the read after the one it began in, so it is cut within a read or two past the
-  limit); idle connections are closed by GateServer's sweep.
+- a connection whose request body was not read is kept only if little of it is left to drop; when it
+  closes it first reads and drops what the agent still sends, until the request's end, the agent's
+  own close or LINGER_SECONDS, so that unread data does not make the kernel reset the connection
+  and destroy the answer in flight;
+- what llhttp refuses still becomes a request for the pipeline to refuse and record (400; 431 for a
+  head over MAX_HEAD_BYTES; 505 for a version other than 1.0 and 1.1). Header fields, trailer fields
+  and any read in which the parser makes no progress (a head, a chunk's framing or trailers still
+  arriving) count against MAX_HEAD_BYTES, so no part of a request outside its body grows unbounded;
+- GateServer's sweep ends whatever keeps the gate waiting on the agent longer than its idle timeout:
+  a next request's head, body bytes, an agent that stopped reading its answer, a close that does not
+  complete. A cut answer is a reset (SO_LINGER 0), never an orderly close that could pass for its end.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Mapping
 from email.utils import formatdate
@@ -36,14 +42,16 @@ from aegisd.gate.wire import LAST_CHUNK, encode_head, frame_chunk
 
 log = logging.getLogger("aegisd.gate")
 
-MAX_HEAD_BYTES = 64 * 1024  # the request line and headers
+MAX_HEAD_BYTES = 64 * 1024  # the request line and headers; as much again for a chunked body's trailers
 DISCARD_MAX = 64 * 1024  # an unread body with at most this much still to come is dropped as it arrives
-LINGER_SECONDS = 1.0  # how long a closing connection waits for the rest of a body it will not read
+LINGER_SECONDS = 1.0  # how long a closing connection reads and drops what the agent still sends
 _HIGH_WATER = 256 * 1024  # request body bytes buffered before the agent is read no faster
 _LOW_WATER = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on with 0 s: closing sends a reset
+_TOO_LARGE = f"the request's head (or its chunk framing and trailers) is larger than {MAX_HEAD_BYTES} bytes"
 
 
 class RequestHandler(Protocol):
@@ -62,12 +70,16 @@ class BodyMalformed(ConnectionError):
     """llhttp refused the request body's framing (bad chunk sizes, say) part way through."""
 
 
+class _FieldsTooLarge(Exception):
+    """Raised in llhttp's header callback: header or trailer fields past MAX_HEAD_BYTES."""
+
+
 class GateRequest:
     """One request as parsed (method, raw target, headers), its body as it arrives, and its answer."""
 
     __slots__ = ("_body_allowed", "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continued",
-                 "_discard", "_error", "_received", "_waiter", "content_length", "finished", "has_body", "headers",
-                 "http11", "keep_alive", "malformed", "method", "raw_path", "started")
+                 "_discard", "_error", "_received", "_waiter", "body_wait_since", "content_length", "finished",
+                 "has_body", "headers", "http11", "keep_alive", "malformed", "method", "raw_path", "started")
 
     def __init__(self, conn: AgentConnection, method: str, raw_path: str, headers: CIMultiDictProxy[str],
                  http11: bool, keep_alive: bool) -> None:
@@ -77,8 +89,8 @@ class GateRequest:
         self.headers = headers
         self.http11 = http11
         self.keep_alive = keep_alive
-        length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and "Transfer-Encoding" not in headers else None
+        length = headers.get("Content-Length")  # llhttp refuses it beside a Transfer-Encoding
+        self.content_length = int(length) if length is not None else None
         self.has_body = bool(self.content_length) or "Transfer-Encoding" in headers
         self.malformed: tuple[int, str] | None = None  # (status, message) when llhttp refused the request
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -86,6 +98,7 @@ class GateRequest:
         self._complete = not self.has_body
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.body_wait_since: float | None = None  # for the idle sweep: since when `body` waits for bytes
         self._discard = False
         self.started = self.finished = False
         self._chunked = self._close = self._continued = False
@@ -100,7 +113,7 @@ class GateRequest:
                 chunk = self._chunks.popleft()
                 self._buffered -= len(chunk)
                 if self._buffered <= _LOW_WATER:
-                    self._conn.body_taken()
+                    self._conn.update_reading()
                 yield chunk
             elif self._error is not None:
                 raise self._error
@@ -108,12 +121,12 @@ class GateRequest:
                 return
             else:
                 self._waiter = self._conn.loop.create_future()
-                self._conn.waiting_since = self._conn.loop.time()
+                self.body_wait_since = self._conn.loop.time()
                 try:
                     await self._waiter
                 finally:
                     self._waiter = None
-                    self._conn.waiting_since = None
+                    self.body_wait_since = None
 
     @property
     def body_complete(self) -> bool:
@@ -147,12 +160,12 @@ class GateRequest:
         self._discard = True
         self._chunks.clear()
         self._buffered = 0
-        self._conn.body_taken()
+        self._conn.update_reading()
 
     # -- the answer ------------------------------------------------------------------------------------
 
-    async def send_continue(self) -> None:
-        """Answer `Expect: 100-continue` (an HTTP/1.1 client waiting to send its body)."""
+    def send_continue(self) -> None:
+        """Answer `Expect: 100-continue` (an HTTP/1.1 client waiting to send its body), once."""
         if self.http11 and not self.started and not self._continued and self._received == 0 and not self._complete:
             self._continued = True
             self._conn.write(_CONTINUE)
@@ -215,8 +228,15 @@ class GateRequest:
         if conn.closed:
             raise AgentGone("the agent closed the connection")
         left = self._left_to_drop()
-        self._close = (close or not self.keep_alive or conn.closing or (conn.ends_after_this and not conn._queued)
-                       or left is None or left > DISCARD_MAX or self._error is not None)
+        self._close = (close or not self.keep_alive or conn.closing or (conn.ends_after_this and not conn.has_queued)
+                       or left is None or left > DISCARD_MAX or self._error is not None
+                       or (left > 0 and self._awaits_continue()))
+
+    def _awaits_continue(self) -> bool:
+        """The agent holds its body back until a `100 Continue` that was never sent: it will not come, and
+        whatever the agent sends next is a new request, not this body."""
+        return (not self._continued and self._received == 0
+                and self.headers.get("Expect", "").lower() == "100-continue")
 
     def _head(self, status: int, reason: str | None, headers: Mapping[str, str],
               framing: list[tuple[str, str]]) -> bytes:
@@ -228,7 +248,9 @@ class GateRequest:
         elif not self.http11:
             framing.append(("Connection", "keep-alive"))
         fields += framing
-        return encode_head(f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}", fields)
+        if not (reason and reason.isascii() and reason.isprintable()):  # an upstream's odd bytes stay there
+            reason = _REASONS.get(status, "Unknown")
+        return encode_head(f"HTTP/1.1 {status} {reason}", fields)
 
 
 _date = (0, "")
@@ -246,9 +268,11 @@ def http_date() -> str:
 class AgentConnection(asyncio.Protocol):
     """One agent's TCP connection: parses with llhttp, runs `handler` for each request in turn."""
 
-    def __init__(self, handler: RequestHandler, connections: set[AgentConnection]) -> None:
+    def __init__(self, handler: RequestHandler, connections: set[AgentConnection],
+                 tasks: set[asyncio.Task[None]]) -> None:
         self._handler = handler
         self._connections = connections
+        self._tasks = tasks
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -259,14 +283,18 @@ class AgentConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._head_open = False
-        self._head_fed = self._head_fields = 0  # bytes fed while a head stays open; its fields' bytes
+        self._head_fields = self._trailer_fields = 0  # bytes of this message's header / trailer fields
+        self._events = 0  # the parser's progress: a message begun or ended, a head complete, body bytes
+        self._stalled = 0  # bytes read since the parser last made progress
         self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []
         self._broken = False  # llhttp failed: nothing more is parsed on this connection
         self._eof = False
         self.closed = False
         self.closing = False
-        self.waiting_since: float | None = None  # since when the gate waits for the agent, for the idle sweep
+        self.waiting_since: float | None = None  # since when the gate waits for a next request
+        self._write_blocked_since: float | None = None  # since when an answer waits for the agent to read
+        self._closing_since: float | None = None
         self.last_read = 0.0
         self._linger: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
@@ -278,6 +306,8 @@ class AgentConnection(asyncio.Protocol):
         self._connections.add(self)
         self.last_read = self.loop.time()
         self.task = self.loop.create_task(self._serve())
+        self._tasks.add(self.task)
+        self.task.add_done_callback(self._tasks.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -295,19 +325,28 @@ class AgentConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
         if self._broken:
-            return
-        head_was_open = self._head_open
+            return  # read and dropped: a closing connection must not leave unread data behind
+        events = self._events
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # Upgrade or CONNECT: the request is answered, then the connection ends
             self._stop_parsing()
         except httptools.HttpParserError as exc:
-            self._malformed(400, f"the request is not valid HTTP/1.1 ({_llhttp_reason(exc)})")
+            cause = exc.__context__
+            if isinstance(cause, _FieldsTooLarge):
+                self._malformed(431, _TOO_LARGE)
+            elif cause is not None:  # a bug of ours in a callback, not the agent's fault
+                log.error("a gate parser callback failed: %s", type(cause).__name__)
+                self._malformed(400, "the gate could not parse the request")
+            else:
+                self._malformed(400, f"the request is not valid HTTP/1.1 ({_llhttp_reason(exc)})")
             return
-        if head_was_open and self._head_open:
-            self._head_fed += len(data)
-            if self._head_fed > MAX_HEAD_BYTES:
-                self._malformed(431, f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes")
+        if self._events != events:
+            self._stalled = 0
+        else:  # the whole read went into a head, a chunk's framing or trailers: bounded like a head
+            self._stalled += len(data)
+            if self._stalled > MAX_HEAD_BYTES:
+                self._malformed(431, _TOO_LARGE)
 
     def eof_received(self) -> bool:
         """The agent will send nothing more; answer what it asked, then close (keeps half-closed clients)."""
@@ -315,7 +354,9 @@ class AgentConnection(asyncio.Protocol):
         if self._parsing is not None:
             self._parsing._end(AgentGone("the agent ended the request early"))
             self._parsing = None
-        if self._current is None and not self._queued:
+        if self.closing:
+            self._close_now()
+        elif self._current is None and not self._queued:
             self._deliver(None)
         return True
 
@@ -331,8 +372,9 @@ class AgentConnection(asyncio.Protocol):
     # -- llhttp's callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._events += 1
         self._head_open = True
-        self._head_fed = self._head_fields = 0
+        self._head_fields = self._trailer_fields = 0
         self._url = b""
         self._raw = []
 
@@ -340,26 +382,39 @@ class AgentConnection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_fields += len(name) + len(value) + 4
-        self._raw.append((name, value))
+        size = len(name) + len(value) + 4
+        if self._head_open:
+            self._head_fields += size
+            if self._head_fields + len(self._url) > MAX_HEAD_BYTES:
+                raise _FieldsTooLarge()
+            self._raw.append((name, value))
+        else:  # a trailer field of a chunked body: counted, never kept (nothing of it is forwarded)
+            self._trailer_fields += size
+            if self._trailer_fields > MAX_HEAD_BYTES:
+                raise _FieldsTooLarge()
 
     def on_headers_complete(self) -> None:
+        self._events += 1
         self._head_open = False
         parser = self._parser
         headers = CIMultiDict((name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
                               for name, value in self._raw)
-        request = GateRequest(self, parser.get_method().decode("ascii"), self._url.decode("utf-8", "surrogateescape"),
-                              CIMultiDictProxy(headers), parser.get_http_version() == "1.1",
-                              parser.should_keep_alive())
         self._raw = []
-        if self._head_fields + len(self._url) > MAX_HEAD_BYTES:
-            request.malformed = (431, f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes")
+        version = parser.get_http_version()
+        request = GateRequest(self, parser.get_method().decode("ascii"), self._url.decode("utf-8", "surrogateescape"),
+                              CIMultiDictProxy(headers), version == "1.1", parser.should_keep_alive())
+        if version not in ("1.1", "1.0"):
+            request.malformed = (505, f"HTTP/{version} is not supported; use HTTP/1.1")
+            self._stop_parsing()
+        elif "Transfer-Encoding" in headers and _codings(headers) != "chunked":
+            request.malformed = (400, "a request body may be sent with Transfer-Encoding: chunked and no other coding")
             self._stop_parsing()
         self._parsing = None if request.body_complete else request
         if not self.closing:
             self._deliver(request)
 
     def on_body(self, data: bytes) -> None:
+        self._events += 1
         request = self._parsing
         if request is not None:
             request._feed(data)
@@ -367,6 +422,7 @@ class AgentConnection(asyncio.Protocol):
                 self._pause_reading()
 
     def on_message_complete(self) -> None:
+        self._events += 1
         request, self._parsing = self._parsing, None
         if request is not None:
             request._end()
@@ -379,7 +435,7 @@ class AgentConnection(asyncio.Protocol):
         while True:
             if self._queued:
                 request: GateRequest | None = self._queued.popleft()
-                self._update_reading()
+                self.update_reading()
             else:
                 self._next = self.loop.create_future()
                 self.waiting_since = self.loop.time()
@@ -388,7 +444,7 @@ class AgentConnection(asyncio.Protocol):
                 finally:
                     self._next = None
                     self.waiting_since = None
-            if request is None:
+            if request is None or self.closing:  # no more, or the sweep closed it as the request came
                 self._close_now()
                 return
             self._current = request
@@ -422,19 +478,21 @@ class AgentConnection(asyncio.Protocol):
         waiter = self._next
         if waiter is not None and not waiter.done():
             waiter.set_result(request)
+            self.waiting_since = None  # no longer waiting, though `_serve` has not woken yet
         elif request is not None:
             self._queued.append(request)
-            self._update_reading()
+            self.update_reading()
 
     def _malformed(self, status: int, message: str) -> None:
-        """llhttp refused what the agent sent: the body being read fails, or a stand-in request is refused."""
+        """llhttp refused what the agent sent: the request being read fails (refused whole if it has not
+        begun), or a stand-in request is refused."""
         method = _method_or_empty(self._parser) if self._head_open and self._url else ""  # else a stale one
         self._stop_parsing()
         request = self._parsing
         if request is not None:
             self._parsing = None
-            if request is not self._current and request._received == 0:  # llhttp refused it right after its head
-                request.malformed = (status, message)                    # (`Transfer-Encoding: gzip`): not begun
+            if request is not self._current:  # not begun: never handed to the pipeline as a request
+                request.malformed = (status, message)
             request._end(BodyMalformed("the request body's framing is malformed"))
             return
         stand_in = GateRequest(self, method, "", _NO_HEADERS, True, False)
@@ -447,15 +505,12 @@ class AgentConnection(asyncio.Protocol):
 
     # -- flow control ------------------------------------------------------------------------------------
 
-    def body_taken(self) -> None:
-        self._update_reading()
-
     def _pause_reading(self) -> None:
         if not self._paused and self.transport is not None and not self.closed:
             self._paused = True
             self.transport.pause_reading()
 
-    def _update_reading(self) -> None:
+    def update_reading(self) -> None:
         """Read the agent unless a request waits its turn or a body is buffered past the high-water mark
         (and, once paused for that, until it is back under the low-water mark)."""
         parsing = self._parsing
@@ -467,6 +522,10 @@ class AgentConnection(asyncio.Protocol):
             self.last_read = self.loop.time()  # our own pause is not the agent's silence
             self.transport.resume_reading()
 
+    @property
+    def has_queued(self) -> bool:
+        return bool(self._queued)
+
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise AgentGone("the agent closed the connection")
@@ -474,32 +533,46 @@ class AgentConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self._drain is not None:
-            await self._drain
+            self._write_blocked_since = self.loop.time()
+            try:
+                await self._drain
+            finally:
+                self._write_blocked_since = None
             if self.closed:
                 raise AgentGone("the agent closed the connection")
 
     # -- closing -----------------------------------------------------------------------------------------
 
     def _close_after(self, request: GateRequest) -> None:
-        """Close once the request is over: at once if its body has all arrived, else when it has (or soon)."""
-        if request._complete or self._broken or self._eof:
+        """Close once the request is over: at once if nothing more will come; otherwise after reading and
+        dropping what still comes, until the request's end, the agent's close or LINGER_SECONDS."""
+        if self._eof or (request._complete and not self._broken):
             self._close_now()
             return
         self.closing = True
+        self._closing_since = self.loop.time()
         request._drop_rest()
+        self.update_reading()
         self._linger = self.loop.call_later(LINGER_SECONDS, self._close_now)
 
     def _close_now(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+            self.closing = True
+            self._closing_since = self._closing_since or self.loop.time()
+            self.transport.close()  # once what is buffered is sent; the sweep aborts it if that stalls
 
     def idle_for(self, now: float) -> float:
-        """How long the gate has waited on the agent: for a next request's head, since the last answer
-        (a trickled head makes no progress); for body bytes, since the last bytes came."""
-        since = self.waiting_since
-        if since is None:
-            return 0.0
-        return now - (since if self._current is None else max(since, self.last_read))
+        """How long the gate has waited on the agent: for a next request's whole head (since the last
+        answer: a trickled head makes no progress), for body bytes (since the last came), for it to read
+        its answer, or for a close to complete."""
+        waits = [since for since in (self._closing_since, self._write_blocked_since) if since is not None]
+        current = self._current
+        if current is None:
+            if self.waiting_since is not None:
+                waits.append(self.waiting_since)
+        elif current.body_wait_since is not None:
+            waits.append(max(current.body_wait_since, self.last_read))
+        return now - min(waits) if waits else 0.0
 
     @property
     def ends_after_this(self) -> bool:
@@ -508,17 +581,26 @@ class AgentConnection(asyncio.Protocol):
 
     @property
     def waiting_for_request(self) -> bool:
-        return self._current is None
+        return self._current is None and not self.closing
 
     def close_idle(self) -> None:
         """Close now if no request is being answered (shutdown, or an idle keep-alive connection)."""
         if self._current is None:
-            self.closing = True
             self._close_now()
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        """Reset the connection (not an orderly close, which an HTTP/1.0 agent would take for the end)."""
+        if self.transport is None or self.closed:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self.transport.abort()
+
+
+def _codings(headers: CIMultiDict[str]) -> str:
+    return ",".join(headers.getall("Transfer-Encoding")).strip().lower()
 
 
 def _llhttp_reason(exc: Exception) -> str:

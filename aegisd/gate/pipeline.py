@@ -47,7 +47,8 @@ class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
     __slots__ = ("agent", "bytes_in", "bytes_out", "credential", "decision", "flags", "method", "path",
-                 "reason", "request_id", "service", "started", "status", "target_host", "time_ms", "upstream_s")
+                 "reason", "recorded", "request_id", "service", "started", "status", "target_host", "time_ms",
+                 "upstream_s")
 
     def __init__(self, method: str) -> None:
         self.request_id = secrets.token_hex(8)
@@ -58,6 +59,7 @@ class Exchange:
         self.decision, self.reason, self.flags = "allowed", "", ""
         self.status = self.bytes_in = self.bytes_out = 0
         self.upstream_s: float | None = None  # time to the upstream's response headers, for metrics
+        self.recorded = False
 
     def entry(self) -> LedgerEntry:
         return LedgerEntry(
@@ -90,6 +92,23 @@ class GatePipeline:
             await self._pipeline(request, x)
         except Refusal as refusal:
             await self._refuse(request, x, refusal)
+        except asyncio.CancelledError:  # the gate stopped and this request outlived the grace period
+            if not x.recorded:
+                x.reason = x.reason or "shutting_down"
+                await asyncio.shield(self._record(x))
+            raise
+        except ConnectionError:
+            raise  # the agent left mid-answer; the relay recorded it
+        except Exception as exc:  # a bug of ours: the agent gets a 500 and the ledger a row, never silence
+            log.error("the gate failed on a request: %s", type(exc).__name__)  # the type only: no data
+            if not request.started:
+                await self._refuse(request, x, Refusal(500, "internal_error", "the gate failed on this request; "
+                                                       "see aegisd's log", close=True))
+            else:
+                request.abort()
+                if not x.recorded:
+                    x.reason = x.reason or "internal_error"
+                    await self._record(x)
         finally:
             self.in_flight -= 1
             self.limits.release(x.request_id)
@@ -141,7 +160,7 @@ class GatePipeline:
 
         # Every check that needs no body has passed: a client waiting on `Expect: 100-continue` may send it.
         if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.send_continue()
+            request.send_continue()
 
         # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys;
         #    the query and headers scanned are the agent's as they will be forwarded (step 9's strip)
@@ -252,17 +271,21 @@ class GatePipeline:
         if redactor is not None:  # may refuse (502) a body it could not redact, before anything is sent
             headers = redactor.headers(headers, request.method, upstream.status)
         declared = upstream.content_length
-        if (declared is not None and declared <= SMALL_BODY_BYTES and request.method != "HEAD"
-                and upstream.status not in (204, 304)):
-            await self._relay_small(request, x, upstream, headers, redactor)
+        bodiless = request.method == "HEAD" or upstream.status in (204, 304)
+        length = declared if redactor is None or not redactor.streams_body else None
+        if not bodiless and declared is not None and declared <= SMALL_BODY_BYTES:
+            await self._relay_whole(request, x, upstream, headers, redactor)
+            return
+        if not bodiless and length is None and not request.http11:
+            # An HTTP/1.0 agent can tell a cut body only by its length: read it whole, then send it with one.
+            await self._relay_whole(request, x, upstream, headers, redactor, cap=self.config.max_body_bytes)
             return
         headers[REQUEST_ID_HEADER] = x.request_id
-        length = declared if redactor is None or not redactor.streams_body else None
         chunks = upstream.chunks() if redactor is None else redactor.filter(upstream.chunks())
         # A known-length or empty body is complete for the agent at its last byte (or its head), so that
         # last piece waits for the ledger row: a crash before the commit never leaves an answered request
         # unrecorded. A chunked body's end is `end`'s terminating chunk, which already comes after it.
-        empty = length == 0 or request.method == "HEAD" or upstream.status in (204, 304)
+        empty = length == 0 or bodiless
         held = b""
         try:
             if not empty:
@@ -294,12 +317,14 @@ class GatePipeline:
             await request.write(held)
             await request.end()
 
-    async def _relay_small(self, request: GateRequest, x: Exchange, upstream: UpstreamResponse,
-                           headers: CIMultiDict[str], redactor: ResponseRedactor | None) -> None:
-        """A small body of declared length, read whole: redacted in one pass, sent with its exact length in
-        one write, and only after its ledger row has committed. Most API answers take this path."""
+    async def _relay_whole(self, request: GateRequest, x: Exchange, upstream: UpstreamResponse,
+                           headers: CIMultiDict[str], redactor: ResponseRedactor | None,
+                           cap: int | None = None) -> None:
+        """A body read whole: redacted in one pass, sent with its exact length in one write, and only after
+        its ledger row has committed. Small answers of declared length (most API answers) take this path;
+        so, up to `cap` bytes, do answers of unknown length to HTTP/1.0 agents."""
         try:
-            body = await upstream.read()
+            body = await upstream.read() if cap is None else await _read_capped(upstream, cap)
             x.bytes_out = len(body)
             if redactor is not None:
                 body = b"".join(redactor.feed(body)) + redactor.finish()
@@ -325,6 +350,7 @@ class GatePipeline:
         await send_refusal(request, refusal, x.request_id)
 
     async def _record(self, x: Exchange) -> bool:
+        x.recorded = True
         entry = x.entry()
         if self.outcomes is not None:
             self.outcomes.record(entry, x.upstream_s)  # metrics, refusal log line, webhooks
@@ -363,6 +389,18 @@ class GatePipeline:
                                x.request_id)
             return
         await request.respond(200, body, {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: x.request_id})
+
+
+async def _read_capped(upstream: UpstreamResponse, cap: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in upstream.chunks():
+        size += len(chunk)
+        if size > cap:
+            raise Refusal(502, "upstream_error", f"the upstream's answer has no declared length and is larger than "
+                          f"{cap} bytes, more than the gate buffers for an HTTP/1.0 agent; use HTTP/1.1")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:

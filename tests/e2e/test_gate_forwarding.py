@@ -28,6 +28,7 @@ from tests.e2e.gate_support import (
     shared_standard,
     untouched,
 )
+from tests.upstreams import pattern
 
 
 @pytest.fixture
@@ -353,6 +354,42 @@ def test_sigterm_drains_in_flight_requests(small: GateWorld) -> None:
     assert up.requests_to("/echo/late") == []
     world.received.append(late_body.decode())
     world.aegis.assert_no_leaks([*world.secrets, token], extra_text=world.received)
+
+
+def test_sigterm_records_a_request_cut_when_the_grace_period_ends(small: GateWorld) -> None:
+    """A stream still open when the grace period ends is cut, and its ledger row says so."""
+    world, up = small, small.upstreams[0]
+    token = world.tokens["bot"]
+    sock = socket.create_connection(("127.0.0.1", world.port), timeout=30)
+    sock.sendall(f"GET /bear/sse?gate=never HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {token}\r\n\r\n".encode())
+    head = _read_until(sock, b"data: first")
+    request_id = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"x-aegis-request-id:"))
+    assert world.aegis.proc is not None
+    proc = world.aegis.proc
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0  # after the 10 s grace
+    world.aegis.proc = None
+    sock.close()
+    rows = query_rows(world.aegis.data_dir / "ledger.db", limit=1000)
+    (row,) = [r for r in rows if r.request_id == request_id]
+    assert (row.decision, row.reason, row.status, row.path) == ("allowed", "shutting_down", 200, "/sse")
+    up.release("never")
+    world.aegis.assert_no_leaks([*world.secrets, token])
+
+
+def test_an_http_1_0_agent_gets_an_answer_of_unknown_length_whole_with_its_length(small: GateWorld) -> None:
+    """HTTP/1.0 has no chunks: a body of unknown length would end at the close, and a cut one could not be
+    told from a whole one. The gate reads it whole and sends it with a Content-Length."""
+    world = small
+    size = 300_000
+    reply = world.raw(f"GET /bear/stream?bytes={size} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                      f"X-Aegis-Agent: {world.tokens['bot']}\r\n\r\n".encode())
+    assert reply.status == 200 and reply.header("Content-Length") == str(size)
+    assert reply.header("Transfer-Encoding") is None and reply.body == pattern(size)
+    row = world.row(reply.request_id)
+    assert (row["decision"], row["status"], row["bytes_out"]) == ("allowed", 200, size)
+    world.assert_no_leaks()
 
 
 def _read_until(sock: socket.socket, marker: bytes) -> bytes:
