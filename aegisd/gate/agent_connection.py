@@ -18,7 +18,8 @@ httptools, as on the upstream side) makes every framing decision; what is ours i
   arriving) count against MAX_HEAD_BYTES, so no part of a request outside its body grows unbounded;
 - GateServer's sweep ends whatever keeps the gate waiting on the agent longer than its idle timeout:
   a next request's head, body bytes, an agent that stopped reading its answer, a close that does not
-  complete. A cut answer is a reset (SO_LINGER 0), never an orderly close that could pass for its end.
+  complete. A body framed by the close (HTTP/1.0) that has to be cut is cut with a reset, so the cut
+  cannot pass for its end.
 """
 
 from __future__ import annotations
@@ -221,6 +222,12 @@ class GateRequest:
         """Cut the connection: the agent sees a truncated answer, never a falsely complete one."""
         self._conn.abort()
 
+    @property
+    def ends_at_close(self) -> bool:
+        """An answer under way whose body is framed by the close (HTTP/1.0, no length): only a reset
+        can cut it, since its end is an orderly close."""
+        return self.started and not self.finished and self._body_allowed and self._close and not self._chunked
+
     def _begin(self, close: bool) -> None:
         if self.started:
             raise RuntimeError("this request's answer has already begun")
@@ -396,6 +403,9 @@ class AgentConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._events += 1
         self._head_open = False
+        if self._broken:  # parsing stopped earlier in this read (505, a refused coding): nothing after it counts
+            self._raw = []
+            return
         parser = self._parser
         headers = CIMultiDict((name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
                               for name, value in self._raw)
@@ -565,7 +575,9 @@ class AgentConnection(asyncio.Protocol):
         """How long the gate has waited on the agent: for a next request's whole head (since the last
         answer: a trickled head makes no progress), for body bytes (since the last came), for it to read
         its answer, or for a close to complete."""
-        waits = [since for since in (self._closing_since, self._write_blocked_since) if since is not None]
+        waits = [since for since in (self._write_blocked_since,) if since is not None]
+        if self._closing_since is not None:  # a close has its linger before it is overdue
+            waits.append(self._closing_since + LINGER_SECONDS)
         current = self._current
         if current is None:
             if self.waiting_since is not None:
@@ -589,12 +601,14 @@ class AgentConnection(asyncio.Protocol):
             self._close_now()
 
     def abort(self) -> None:
-        """Reset the connection (not an orderly close, which an HTTP/1.0 agent would take for the end)."""
+        """Drop the connection and what is still unsent; as a reset when the answer under way ends at the
+        close (a reset loses what the kernel still holds too, earlier answers included, so only then)."""
         if self.transport is None or self.closed:
             return
-        sock = self.transport.get_extra_info("socket")
+        reset = self._current is not None and self._current.ends_at_close
+        sock = self.transport.get_extra_info("socket") if reset else None
         if sock is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         self.transport.abort()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -37,6 +38,9 @@ from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canoni
 log = logging.getLogger("aegisd.gate")
 # Upstream answers up to this size (declared by Content-Length) are read whole and sent in one write.
 SMALL_BODY_BYTES = 64 * 1024
+# The most an answer read whole may hold once decoded (a small gzip answer can decode to gigabytes), and
+# the most read whole for an HTTP/1.0 agent when the upstream declares no length.
+WHOLE_ANSWER_MAX = 16 * 1024 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -46,7 +50,7 @@ class BodyTooLarge(Exception):
 class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
-    __slots__ = ("agent", "bytes_in", "bytes_out", "credential", "decision", "flags", "method", "path",
+    __slots__ = ("agent", "bytes_in", "bytes_out", "credential", "decision", "flags", "forwarded", "method", "path",
                  "reason", "recorded", "request_id", "service", "started", "status", "target_host", "time_ms",
                  "upstream_s")
 
@@ -60,6 +64,7 @@ class Exchange:
         self.status = self.bytes_in = self.bytes_out = 0
         self.upstream_s: float | None = None  # time to the upstream's response headers, for metrics
         self.recorded = False
+        self.forwarded = False  # the request went (or began to go) to the upstream
 
     def entry(self) -> LedgerEntry:
         return LedgerEntry(
@@ -94,6 +99,9 @@ class GatePipeline:
             await self._refuse(request, x, refusal)
         except asyncio.CancelledError:  # the gate stopped and this request outlived the grace period
             if not x.recorded:
+                if not x.forwarded:  # nothing reached the upstream: refused, and it used no quota
+                    x.decision = "denied"
+                    self.limits.refund(x.request_id)
                 x.reason = x.reason or "shutting_down"
                 await asyncio.shield(self._record(x))
             raise
@@ -101,17 +109,21 @@ class GatePipeline:
             raise  # the agent left mid-answer; the relay recorded it
         except Exception as exc:  # a bug of ours: the agent gets a 500 and the ledger a row, never silence
             log.error("the gate failed on a request: %s", type(exc).__name__)  # the type only: no data
-            if not request.started:
-                await self._refuse(request, x, Refusal(500, "internal_error", "the gate failed on this request; "
-                                                       "see aegisd's log", close=True))
-            else:
-                request.abort()
-                if not x.recorded:
-                    x.reason = x.reason or "internal_error"
-                    await self._record(x)
+            await self._fail(request, x)
         finally:
             self.in_flight -= 1
             self.limits.release(x.request_id)
+
+    async def _fail(self, request: GateRequest, x: Exchange) -> None:
+        """After a bug: a JSON 500 if nothing was sent yet, else a cut answer; one ledger row either way."""
+        failure = Refusal(500, "internal_error", "the gate failed on this request; see aegisd's log", close=True)
+        if not x.recorded:
+            x.decision, x.reason, x.status = ("denied" if not x.forwarded else x.decision), "internal_error", 500
+            await self._record(x)
+        if request.started:
+            request.abort()
+        else:
+            await send_refusal(request, failure, x.request_id)
 
     async def refuse_malformed(self, request: GateRequest, status: int, message: str) -> None:
         """What llhttp could not parse is refused and recorded like any other request (step 0)."""
@@ -235,6 +247,7 @@ class GatePipeline:
             if length is not None:
                 headers["Content-Length"] = str(length)
         sent = time.perf_counter()
+        x.forwarded = True
         try:
             upstream = await self.upstream.request(request.method, entry.scheme, host, port, target, headers, body,
                                                    allow_internal=entry.is_special_address)
@@ -278,7 +291,7 @@ class GatePipeline:
             return
         if not bodiless and length is None and not request.http11:
             # An HTTP/1.0 agent can tell a cut body only by its length: read it whole, then send it with one.
-            await self._relay_whole(request, x, upstream, headers, redactor, cap=self.config.max_body_bytes)
+            await self._relay_whole(request, x, upstream, headers, redactor, capped=True)
             return
         headers[REQUEST_ID_HEADER] = x.request_id
         chunks = upstream.chunks() if redactor is None else redactor.filter(upstream.chunks())
@@ -319,15 +332,15 @@ class GatePipeline:
 
     async def _relay_whole(self, request: GateRequest, x: Exchange, upstream: UpstreamResponse,
                            headers: CIMultiDict[str], redactor: ResponseRedactor | None,
-                           cap: int | None = None) -> None:
+                           capped: bool = False) -> None:
         """A body read whole: redacted in one pass, sent with its exact length in one write, and only after
         its ledger row has committed. Small answers of declared length (most API answers) take this path;
-        so, up to `cap` bytes, do answers of unknown length to HTTP/1.0 agents."""
+        so (`capped`, up to WHOLE_ANSWER_MAX bytes) do answers of unknown length to HTTP/1.0 agents."""
         try:
-            body = await upstream.read() if cap is None else await _read_capped(upstream, cap)
-            x.bytes_out = len(body)
+            body = await _read_capped(upstream, WHOLE_ANSWER_MAX) if capped else await upstream.read()
             if redactor is not None:
-                body = b"".join(redactor.feed(body)) + redactor.finish()
+                body = _redacted_whole(redactor, body, WHOLE_ANSWER_MAX)
+            x.bytes_out = len(body)
         except UpstreamTimeout:
             raise Refusal(504, "upstream_timeout", "the upstream did not send its whole answer in time") from None
         except UpstreamError:
@@ -353,7 +366,10 @@ class GatePipeline:
         x.recorded = True
         entry = x.entry()
         if self.outcomes is not None:
-            self.outcomes.record(entry, x.upstream_s)  # metrics, refusal log line, webhooks
+            try:
+                self.outcomes.record(entry, x.upstream_s)  # metrics, refusal log line, webhooks
+            except Exception as exc:  # never at the ledger row's expense
+                log.error("recording a request's outcome failed: %s", type(exc).__name__)
         try:
             await self.ledger.append(entry)
         except LedgerError as exc:
@@ -400,6 +416,20 @@ async def _read_capped(upstream: UpstreamResponse, cap: int) -> bytes:
             raise Refusal(502, "upstream_error", f"the upstream's answer has no declared length and is larger than "
                           f"{cap} bytes, more than the gate buffers for an HTTP/1.0 agent; use HTTP/1.1")
         parts.append(chunk)
+    return b"".join(parts)
+
+
+def _redacted_whole(redactor: ResponseRedactor, body: bytes, cap: int) -> bytes:
+    """The redacted (and, if compressed, decoded) body, refused past `cap` bytes: a small compressed
+    answer can decode to gigabytes."""
+    parts: list[bytes] = []
+    size = 0
+    for piece in itertools.chain(redactor.feed(body), (redactor.finish(),)):
+        size += len(piece)
+        if size > cap:
+            raise Refusal(502, "upstream_error", f"the upstream's answer decodes to more than {cap} bytes, more than "
+                          "the gate holds to redact an answer whole")
+        parts.append(piece)
     return b"".join(parts)
 
 

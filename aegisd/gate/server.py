@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 
-from aegisd.gate.agent_connection import AgentConnection
+from aegisd.gate.agent_connection import LINGER_SECONDS, AgentConnection
 from aegisd.gate.pipeline import GatePipeline
 
 log = logging.getLogger("aegisd.gate")
@@ -71,8 +71,11 @@ class GateServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.sleep(0)  # the closes above that had nothing left to send complete here
-        for conn in list(self._connections):  # a close still waiting on an agent that does not read
+        # Closes still sending a finished answer get what is left of the grace (at least LINGER_SECONDS).
+        flush_until = max(deadline, time.monotonic() + LINGER_SECONDS)
+        while self._connections and time.monotonic() < flush_until:
+            await asyncio.sleep(0.02)
+        for conn in list(self._connections):  # an agent that does not read what it was sent
             conn.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -34,6 +34,7 @@ class LeakyUpstream(Upstream):
       /leak/url        "next=" + quote(S)
       /leak/sse        an event plus the first half of S; waits for gate "leak"; the rest, [DONE]
       /leak/gzip       {"echo": S} gzip-compressed with Content-Encoding: gzip
+      /leak/bomb?size=N   N zero bytes gzip-compressed (a few KB for megabytes) with Content-Encoding: gzip
       /leak/br         Content-Encoding: br (bytes the gate cannot decode)
       /leak/length     "no secret here" with a Content-Length
     """
@@ -61,6 +62,9 @@ class LeakyUpstream(Upstream):
         if kind == "gzip":
             body = gzip.compress(json.dumps({"echo": secret}).encode())
             return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        if kind == "bomb":
+            body = gzip.compress(bytes(int(request.query.get("size", "0"))), compresslevel=9)
+            return web.Response(body=body, headers={"Content-Encoding": "gzip"})
         if kind == "br":
             return web.Response(body=b"\x0b\x02\x80hello\x03", headers={"Content-Encoding": "br"})
         if kind == "length":

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
+from aegisd.gate.pipeline import WHOLE_ANSWER_MAX
 from aegisd.ledger import query_rows
 from tests.e2e.gate_support import (
     CUSTOM_HEADER,
@@ -389,6 +390,15 @@ def test_an_http_1_0_agent_gets_an_answer_of_unknown_length_whole_with_its_lengt
     assert reply.header("Transfer-Encoding") is None and reply.body == pattern(size)
     row = world.row(reply.request_id)
     assert (row["decision"], row["status"], row["bytes_out"]) == ("allowed", 200, size)
+    world.assert_no_leaks()
+
+
+def test_an_http_1_0_answer_of_unknown_length_past_the_whole_answer_limit_is_refused(small: GateWorld) -> None:
+    world = small
+    head = f"HTTP/1.0\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {world.tokens['bot']}\r\n\r\n"
+    over = world.raw(f"GET /bear/stream?bytes={WHOLE_ANSWER_MAX + 1} {head}".encode())
+    world.assert_refused(over, 502, "upstream_error")
+    assert "use HTTP/1.1" in over.error()["message"]
     world.assert_no_leaks()
 
 

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
+from aegisd.gate.pipeline import WHOLE_ANSWER_MAX
 from tests.e2e.gate_support import GateWorld, Reply, _dechunk
 from tests.e2e.inspection_support import LeakyUpstream
 
@@ -139,4 +140,17 @@ def test_clean_responses_pass_and_keep_their_length(red: Redacting) -> None:
     assert untouched.body == b"no secret here" and untouched.header("Content-Length") == "14"
     for reply in (clean, head, untouched):
         assert world.row(reply.request_id, rows)["flags"] == ""
+    world.assert_no_leaks()
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_a_small_compressed_answer_that_decodes_past_the_limit_is_refused(red: Redacting, version: str) -> None:
+    """Read whole to be redacted in one pass, a 17 KB gzip answer must not become 16 MiB and more in the daemon."""
+    world = red.world
+    size = WHOLE_ANSWER_MAX + 1
+    reply = world.raw(f"GET /blk/leak/bomb?size={size} HTTP/{version}\r\nHost: 127.0.0.1\r\n"
+                      f"X-Aegis-Agent: {world.tokens['bot']}\r\nConnection: close\r\n\r\n".encode())
+    row = world.assert_refused(reply, 502, "upstream_error")
+    assert "decodes to more than" in reply.error()["message"]
+    assert row["path"] == "/leak/bomb"
     world.assert_no_leaks()

@@ -1575,3 +1575,94 @@ def test_stop_cancels_a_handler_whose_agent_already_left(run: Run) -> None:
             assert pipeline.in_flight == 0  # cancelled with the rest, though its connection had closed
 
     run(main())
+
+
+def test_stop_lets_a_finished_answer_still_in_the_buffers_reach_a_slow_agent(run: Run) -> None:
+    """The request has run (its handler returned); only its last bytes wait to be sent when stop() comes."""
+    paused = asyncio.Event()
+
+    async def answer(request: GateRequest) -> None:
+        await request.start(200, {})
+        for _ in range(200):
+            await request.write(b"y" * 16384)
+        paused.set()  # the agent stops reading for a moment: the buffers fill
+        await asyncio.sleep(0.05)
+        await request.write(b"z" * 16384)
+        await request.end()
+
+    pipeline = StandInPipeline(30.0, answer)
+
+    async def main() -> None:
+        async with gate_server(pipeline) as (server, gate):
+            agent = await gate.connect(rcvbuf=65536)
+            await agent.send(GET)
+            loop = asyncio.get_running_loop()
+            received = bytearray()
+            ended: list[str] = []
+
+            async def read_slowly() -> None:
+                while True:
+                    if paused.is_set():
+                        await asyncio.sleep(0.3)
+                        paused.clear()
+                    try:
+                        data = await loop.sock_recv(agent.sock, 65536)
+                    except ConnectionResetError:
+                        ended.append("reset")
+                        return
+                    if not data:
+                        ended.append("eof")
+                        return
+                    received.extend(data)
+
+            reader = asyncio.ensure_future(read_slowly())
+            await eventually(lambda: pipeline.handler.seen == ["GET /x"], "the request was handed over")
+            await eventually(lambda: pipeline.in_flight == 0, "the handler returned")
+            await server.stop(10.0)
+            await asyncio.wait_for(reader, GUARD_SECONDS / 2)
+            assert ended == ["eof"]
+            assert bytes(received).endswith(b"z" * 100 + b"\r\n0\r\n\r\n")
+
+    run(main())
+
+
+def test_cutting_an_answer_keeps_the_earlier_answers_on_the_connection(run: Run) -> None:
+    """A chunked answer cut after a complete pipelined one: the first arrives whole, the second visibly cut."""
+    big = b"a" * 3_000_000
+
+    async def answer(request: GateRequest) -> None:
+        if request.raw_path == "/a":
+            await request.respond(200, big, {})
+        else:
+            await request.start(200, {})
+            await request.write(b"partial")
+            request.abort()
+
+    async def main() -> None:
+        async with serving(Handler(answer)) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+            received = await agent.rest()
+            first = whole("200 OK", big)
+            assert received.startswith(first)
+            assert received[len(first):].startswith(head("200 OK", "Transfer-Encoding: chunked", D))
+            assert not received.endswith(b"0\r\n\r\n")
+
+    run(main())
+
+
+@pytest.mark.parametrize("first", [b"GET /a HTTP/2.0\r\n\r\n",
+                                   b"POST /a HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"],
+                         ids=["505", "bad-coding"])
+def test_nothing_after_a_refused_request_in_the_same_read_is_handed_over(run: Run, first: bytes) -> None:
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(first + b"GET /smuggled HTTP/1.1\r\n\r\n")
+            received = await agent.rest()
+            assert handler.seen == [] and len(handler.refused) == 1
+            assert b"/smuggled" not in received and b"Connection: close\r\n" in received
+
+    run(main())
