@@ -15,19 +15,17 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import gc
 import hashlib
 import re
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, cast
+from typing import cast
 
 import pytest
-import uvloop
 from multidict import CIMultiDict
 
 from aegisd.gate import agent_connection
@@ -44,33 +42,11 @@ from aegisd.gate.agent_connection import (
 from aegisd.gate.pipeline import GatePipeline
 from aegisd.gate.server import GateServer
 from aegisd.gate.wire import HeadError
+from tests.unit.event_loops import GUARD_SECONDS, Run, eventually
 
-GUARD_SECONDS = 5.0  # a test that hangs fails after this rather than after pytest's two minutes
 READ_SECONDS = 2.0  # how long an agent waits for bytes it expects before the test fails, showing what came
 DATE = "Thu, 01 Jan 2026 00:00:00 GMT"  # every answer's Date, so that answers compare byte for byte
 REAL_HTTP_DATE = agent_connection.http_date
-
-
-class Run:
-    """Runs a test's coroutine to the end on a fresh loop, under the guard, and fails the test if the loop
-    reported an error nobody handled (a connection task that died, an exception never retrieved)."""
-
-    def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
-        self._loop_factory = loop_factory
-
-    def __call__(self, coro: Coroutine[Any, Any, None]) -> None:
-        reports: list[str] = []
-        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
-            runner.get_loop().set_exception_handler(lambda _, context: reports.append(str(context["message"])))
-            runner.run(asyncio.wait_for(coro, GUARD_SECONDS))
-            gc.collect()  # a connection and its parser refer to each other: their futures die in a collection
-        assert reports == []
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Run:
-    """Tests run on the stock loop and on uvloop, the daemon's."""
-    return Run(uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop)
 
 
 @pytest.fixture(autouse=True)
@@ -83,15 +59,6 @@ def short_linger(monkeypatch: pytest.MonkeyPatch) -> None:
     """A closing connection drops what the agent still sends for LINGER_SECONDS; the tests' agents that
     wait for the close would each wait that long."""
     monkeypatch.setattr(agent_connection, "LINGER_SECONDS", 0.2)
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait (briefly) until `condition` holds: for states the gate reaches between two events."""
-    for _ in range(400):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
 
 
 # -- the handler ----------------------------------------------------------------------------------

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 from multidict import CIMultiDict
 
 from aegisd.config import load_config
@@ -36,33 +34,8 @@ from aegisd.gate.upstream import (
     UpstreamTimeout,
     UpstreamTLSError,
 )
+from tests.unit.event_loops import Run, eventually
 from tests.upstreams import Upstream, make_pki, pattern
-
-GUARD_SECONDS = 5.0  # a test that hangs fails after this rather than after pytest's two minutes
-
-
-class Run:
-    """Runs a test's coroutine to the end on a fresh loop, under the guard, and fails the test if the loop
-    reported an error nobody handled (an exception never retrieved, a callback that raised): a client that
-    leaves those behind fills the daemon's log with tracebacks that look like upstream failures."""
-
-    def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
-        self._loop_factory = loop_factory
-
-    def __call__(self, coro: Coroutine[Any, Any, None]) -> None:
-        reports: list[str] = []
-        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
-            runner.get_loop().set_exception_handler(lambda _, context: reports.append(str(context["message"])))
-            runner.run(asyncio.wait_for(coro, GUARD_SECONDS))
-            gc.collect()  # a connection and its parser refer to each other: their futures die in a collection
-        assert reports == []
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Run:
-    """Tests run on the stock loop and on uvloop, the daemon's."""
-    return Run(uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop)
-
 
 # -- the raw upstream -----------------------------------------------------------------------------
 
@@ -192,15 +165,6 @@ async def keep_alive(peer: Peer) -> None:
     """A well-behaved upstream: answer `answer N` to the Nth request on this connection, until EOF."""
     while await peer.read_request() is not None:
         peer.write(ok(f"answer {len(peer.requests)}".encode()))
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait (briefly) until `condition` holds: for states the client reaches between two events."""
-    for _ in range(400):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
 
 
 # -- the client side ------------------------------------------------------------------------------

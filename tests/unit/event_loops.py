@@ -1,0 +1,36 @@
+"""Running the asyncio tests of the gate's two connection sides on both loops the daemon may use."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+GUARD_SECONDS = 5.0  # a test that hangs fails after this rather than after pytest's two minutes
+
+
+class Run:
+    """Runs a test's coroutine to the end on a fresh loop, under the guard, and fails the test if the loop
+    reported an error nobody handled (a connection task that died, an exception never retrieved, a
+    callback that raised): a connection that leaves those behind fills the daemon's log with tracebacks."""
+
+    def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        self._loop_factory = loop_factory
+
+    def __call__(self, coro: Coroutine[Any, Any, None]) -> None:
+        reports: list[str] = []
+        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+            runner.get_loop().set_exception_handler(lambda _, context: reports.append(str(context["message"])))
+            runner.run(asyncio.wait_for(coro, GUARD_SECONDS))
+            gc.collect()  # a connection and its parser refer to each other: their futures die in a collection
+        assert reports == []
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait (briefly) until `condition` holds: for states a connection reaches between two events."""
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never happened: {what}")
