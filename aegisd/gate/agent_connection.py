@@ -591,14 +591,13 @@ class AgentConnection(asyncio.Protocol):
         """Nothing more will be read: the agent half-closed, or parsing stopped (malformed, Upgrade)."""
         return self._eof or self._broken
 
-    @property
-    def waiting_for_request(self) -> bool:
-        return self._current is None and not self.closing
-
-    def close_idle(self) -> None:
-        """Close now if no request is being answered (shutdown, or an idle keep-alive connection)."""
-        if self._current is None:
+    def end(self) -> None:
+        """End the connection now: an idle one with an orderly close; one with a request under way, or
+        whose close stalls, dropped (the idle sweep, and a stop past its grace)."""
+        if self._current is None and not self.closing:
             self._close_now()
+        else:
+            self.abort()
 
     def abort(self) -> None:
         """Drop the connection and what is still unsent; as a reset when the answer under way ends at the

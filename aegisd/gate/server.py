@@ -43,7 +43,7 @@ class GateServer:
 
     async def _sweep(self) -> None:
         """End connections on which the gate has waited for the agent longer than `idle_timeout`: an idle
-        one is closed, anything else (a stalled body, an unread answer, a close that stalls) reset."""
+        one is closed, anything else (a stalled body, an unread answer, a close that stalls) dropped."""
         interval = min(5.0, max(0.05, self.idle_timeout / 4))
         loop = asyncio.get_running_loop()
         while True:
@@ -52,7 +52,7 @@ class GateServer:
             for conn in list(self._connections):
                 try:
                     if conn.idle_for(now) > self.idle_timeout:
-                        conn.close_idle() if conn.waiting_for_request else conn.abort()
+                        conn.end()
                 except Exception as exc:  # one connection's trouble must not end the sweep for all
                     log.error("the gate's idle sweep failed on a connection: %s", type(exc).__name__)
 
@@ -66,7 +66,7 @@ class GateServer:
         while self.pipeline.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self._connections):
-            conn.close_idle() if conn.waiting_for_request else conn.abort()
+            conn.end()
         tasks = list(self._tasks)  # of closed connections too: a handler can outlive its agent
         for task in tasks:
             task.cancel()
