@@ -435,3 +435,82 @@ def test_expect_100_continue_is_answered_once_the_checks_pass(std: Standard) -> 
                                                                       ("Content-Length", "5")])
     assert refused.status == 401 and not up.requests_to("/echo/expect-refused")
     world.assert_no_leaks()
+
+
+def test_sigterm_cuts_a_request_still_reading_its_body_as_refused(small: GateWorld) -> None:
+    """A request whose body has not all arrived when the grace period ends never reached the upstream:
+    its row says denied, not allowed, and the agent gets no answer at all."""
+    world, up = small, small.upstreams[0]
+    token = world.tokens["bot"]
+    sock = socket.create_connection(("127.0.0.1", world.port), timeout=30)
+    # Body inspection is on: the gate reads the whole body before it forwards anything. Its 100 Continue
+    # says the request passed every other check and now waits for that body.
+    sock.sendall(f"POST /bear/echo/unfinished HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {token}\r\n"
+                 "Content-Type: text/plain\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n".encode())
+    assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 100 ")
+    sock.sendall(b"ten bytes.")
+    assert world.aegis.proc is not None
+    proc = world.aegis.proc
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0  # after the 10 s grace
+    world.aegis.proc = None
+    assert sock.recv(65536) == b""  # cut: no answer at all
+    sock.close()
+    assert up.requests_to("/echo/unfinished") == []
+    rows = query_rows(world.aegis.data_dir / "ledger.db", limit=1000)
+    (row,) = [r for r in rows if r.path == "/echo/unfinished"]
+    assert (row.decision, row.reason, row.agent, row.credential) == ("denied", "shutting_down", "bot", "bear")
+    world.aegis.assert_no_leaks([*world.secrets, token])
+
+
+# A test-only fault, loaded into the daemon through PYTHONPATH: one step of the pipeline raises for
+# chosen paths, before the upstream is called or after it answered. Nothing in aegisd knows about it.
+FAULT = '''
+import aegisd.gate.pipeline as pipeline
+
+_check_policy, _relay = pipeline.check_policy, pipeline.GatePipeline._relay
+
+def check_policy(policies, x, agent, service, method, rest):
+    if rest.startswith("/echo/fault-before"):
+        raise RuntimeError("injected fault before forwarding")
+    return _check_policy(policies, x, agent, service, method, rest)
+
+async def relay(self, request, x, upstream, redaction):
+    if x.path.startswith("/echo/fault-after"):
+        raise RuntimeError("injected fault after forwarding")
+    return await _relay(self, request, x, upstream, redaction)
+
+pipeline.check_policy, pipeline.GatePipeline._relay = check_policy, relay
+'''
+
+
+def test_a_bug_in_the_pipeline_answers_500_and_records_it(small: GateWorld) -> None:
+    """A step that raises: the agent gets the gate's JSON 500 and the connection closes, the ledger gets one
+    `internal_error` row (denied if nothing was forwarded), the log names only the exception's type, and the
+    daemon goes on serving."""
+    world, up = small, small.upstreams[0]
+    fault = world.aegis.root / "fault"
+    fault.mkdir()
+    (fault / "sitecustomize.py").write_text(FAULT)
+    world.aegis.stop()
+    world.aegis.start(env={"PYTHONPATH": str(fault)})
+    world.unlock()
+
+    before = world.raw_request("GET", "/bear/echo/fault-before", agent="bot", wait_close=True)
+    after = world.raw_request("GET", "/bear/echo/fault-after", agent="bot", wait_close=True)
+    for reply in (before, after):
+        assert reply.status == 500, reply.text()
+        assert reply.error()["code"] == "internal_error"
+        assert reply.closed
+    assert up.requests_to("/echo/fault-before") == []
+    assert len(up.requests_to("/echo/fault-after")) == 1
+    rows = world.ledger()
+    assert {k: world.row(before.request_id, rows)[k] for k in ("decision", "reason", "status")} == \
+        {"decision": "denied", "reason": "internal_error", "status": 500}
+    assert {k: world.row(after.request_id, rows)[k] for k in ("decision", "reason", "status")} == \
+        {"decision": "allowed", "reason": "internal_error", "status": 500}
+    assert world.call("GET", "/bear/echo/fine", agent="bot").status == 200  # the pooled upstream connection too
+    log = world.aegis.log()
+    assert log.count("the gate failed on a request: RuntimeError") == 2
+    assert "injected fault" not in log
+    world.assert_no_leaks()
