@@ -31,6 +31,7 @@ _TOML_KEYS: dict[str, tuple[str, ...]] = {
     "total_timeout": ("gate", "total_timeout"),
     "max_body_bytes": ("gate", "max_body_bytes"),
     "agent_max_concurrency": ("gate", "agent_max_concurrency"),
+    "max_connections": ("gate", "max_connections"),
     "metrics_enabled": ("gate", "metrics"),
     "health_enabled": ("gate", "health"),
     "webhook_queue_size": ("webhooks", "queue_size"),
@@ -59,6 +60,7 @@ _NUMBERS: dict[str, tuple[float, float, float]] = {
     "total_timeout": (600.0, 0.1, 86400.0),
     "max_body_bytes": (10 * 1024 * 1024, 1024, 1024**3),
     "agent_max_concurrency": (64, 1, 100_000),
+    "max_connections": (1024, 1, 1_000_000),
     "webhook_queue_size": (1000, 1, 1_000_000),
     "webhook_workers": (4, 1, 64),
     "webhook_timeout": (10.0, 0.1, 300.0),
@@ -101,6 +103,7 @@ class Config:
     webhook_max_attempts: int = 5
     webhook_retry_delay: float = 1.0
     agent_max_concurrency: int = 64
+    max_connections: int = 1024  # agent connections open at once; past it new ones are reset
     policies_dir: Path | None = None  # None: no policy files; agents are governed by grants and scopes only
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -160,6 +163,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         webhook_max_attempts=int(numbers["webhook_max_attempts"]),
         webhook_retry_delay=numbers["webhook_retry_delay"],
         agent_max_concurrency=int(numbers["agent_max_concurrency"]),
+        max_connections=int(numbers["max_connections"]),
         policies_dir=_path_or_none(values.get("policies_dir")),
         sources=sources,
     )

@@ -22,6 +22,7 @@ from aegisd.agents import AgentRegistry
 from aegisd.config import OPERATIONS_RESTART_SETTINGS, UNLOCK_CREDENTIAL_NAME, Config, ConfigError, load_config
 from aegisd.control.server import ControlServer
 from aegisd.errors import AegisError
+from aegisd.gate.agent_connection import AgentConnections
 from aegisd.gate.pipeline import GatePipeline
 from aegisd.gate.routing import RoutingState
 from aegisd.gate.server import GateServer
@@ -77,10 +78,12 @@ class Daemon:
         self._auto_unlock(vault)
         upstream = UpstreamPool(connect_timeout=self.config.connect_timeout, read_timeout=self.config.read_timeout,
                                 total_timeout=self.config.total_timeout)
-        metrics = GateMetrics(vault, ledger, webhooks.dispatcher) if self.config.metrics_enabled else None
+        connections = AgentConnections(self.config.max_connections)
+        metrics = (GateMetrics(vault, ledger, webhooks.dispatcher, connections) if self.config.metrics_enabled
+                   else None)
         outcomes = OutcomeSink(routing, metrics, webhooks)
         gate = GateServer(GatePipeline(self.config, routing, ledger, upstream, outcomes, policies),
-                          self.config.gate_host, self.config.gate_port)
+                          self.config.gate_host, self.config.gate_port, connections)
         control = ControlServer(runtime)
         try:
             await _load_policies(policies)
@@ -126,7 +129,8 @@ class Daemon:
             set_level(fresh.log_level)
             policies_dir = fresh.policies_dir
             restart_needed = [name for name in ("data_dir", "socket_path", "gate_host", "gate_port",
-                                                "agent_max_concurrency", *OPERATIONS_RESTART_SETTINGS)
+                                                "agent_max_concurrency", "max_connections",
+                                                *OPERATIONS_RESTART_SETTINGS)
                               if getattr(fresh, name) != getattr(self.config, name)]
             if restart_needed:
                 log.warning("reload: %s changed; restart aegisd to apply", ", ".join(restart_needed))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -22,6 +22,9 @@ from aegisd.ledger import LedgerWriter, now_ms
 from aegisd.vault.vault import Vault
 from aegisd.webhooks.dispatcher import Dispatcher
 from aegisd.webhooks.expiry import expiry_state
+
+if TYPE_CHECKING:
+    from aegisd.gate.agent_connection import AgentConnections
 
 log = logging.getLogger("aegisd.metrics")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
@@ -36,7 +39,8 @@ CREDENTIAL_STATES = ("active", "expiring_soon", "expired")
 class GateMetrics:
     """The gate's counters and histograms, plus a collector for state computed at scrape time."""
 
-    def __init__(self, vault: Vault, ledger: LedgerWriter, webhooks: Dispatcher) -> None:
+    def __init__(self, vault: Vault, ledger: LedgerWriter, webhooks: Dispatcher,
+                 connections: AgentConnections | None = None) -> None:
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created only adds noise
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter("aegis_requests", "Requests through the gate, by outcome status.",
@@ -47,7 +51,7 @@ class GateMetrics:
                                   ("service",), buckets=DURATION_BUCKETS, registry=self.registry)
         self.upstream = Histogram("aegis_upstream_duration_seconds", "Time until the upstream's response "
                                   "headers arrived.", ("service",), buckets=DURATION_BUCKETS, registry=self.registry)
-        self.registry.register(_ScrapeTimeState(vault, ledger, webhooks))
+        self.registry.register(_ScrapeTimeState(vault, ledger, webhooks, connections))
         # The series children by label values: as bounded as the labels themselves.
         self._series: dict[tuple[str, str, int, str], tuple[Any, Any, Any]] = {}
 
@@ -81,10 +85,12 @@ def service_label(service: str, known: Mapping[str, Any]) -> str:
 class _ScrapeTimeState:
     """Vault, credential, ledger and webhook state, read when Prometheus scrapes rather than tracked."""
 
-    def __init__(self, vault: Vault, ledger: LedgerWriter, webhooks: Dispatcher) -> None:
+    def __init__(self, vault: Vault, ledger: LedgerWriter, webhooks: Dispatcher,
+                 connections: AgentConnections | None) -> None:
         self._vault = vault
         self._ledger = ledger
         self._webhooks = webhooks
+        self._connections = connections
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("aegis_vault_unlocked", "1 while the vault is unlocked, else 0.",
@@ -100,6 +106,11 @@ class _ScrapeTimeState:
                                 value=self._ledger.queue_depth)
         yield GaugeMetricFamily("aegis_ledger_commit_seconds", "Duration of the latest ledger group commit.",
                                 value=self._ledger.last_commit_seconds)
+        if self._connections is not None:
+            yield GaugeMetricFamily("aegis_gate_connections", "Agent connections open to the gate.",
+                                    value=len(self._connections.open))
+            yield CounterMetricFamily("aegis_gate_connections_refused", "Agent connections reset on accept "
+                                      "because [gate] max_connections were open.", value=self._connections.refused)
         hooks = self._webhooks
         yield GaugeMetricFamily("aegis_webhook_queue_depth", "Webhook deliveries waiting for a worker.",
                                 value=hooks.queue_depth)

@@ -16,6 +16,8 @@ httptools, as on the upstream side) makes every framing decision; what is ours i
   head over MAX_HEAD_BYTES; 505 for a version other than 1.0 and 1.1). Header fields, trailer fields
   and any read in which the parser makes no progress (a head, a chunk's framing or trailers still
   arriving) count against MAX_HEAD_BYTES, so no part of a request outside its body grows unbounded;
+- past AgentConnections.most open connections, a new one is reset as soon as it is accepted, so agents
+  cannot take every file descriptor the daemon needs for upstreams and its control socket;
 - GateServer's sweep ends whatever keeps the gate waiting on the agent longer than its idle timeout:
   a next request's head, body bytes, an agent that stopped reading its answer, a close that does not
   complete. A body framed by the close (HTTP/1.0) that has to be cut is cut with a reset, so the cut
@@ -53,6 +55,33 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on with 0 s: closing sends a reset
 _TOO_LARGE = f"the request's head (or its chunk framing and trailers) is larger than {MAX_HEAD_BYTES} bytes"
+
+
+class AgentConnections:
+    """The gate's open agent connections with their serving tasks, and the most it keeps open at once."""
+
+    REPORT_EVERY = 60.0  # seconds between two warnings about refused connections
+
+    def __init__(self, most: int | None = None) -> None:
+        self.open: set[AgentConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # each connection's serving task, until it ends
+        self.most = most  # None: no cap
+        self.refused = 0  # connections reset because `most` were open
+        self._reported_at: float | None = None
+        self._reported = 0  # `refused` when the last warning was logged
+
+    def admit(self, conn: AgentConnection) -> bool:
+        """Count `conn` as open, or (at the cap) count it refused; the caller resets a refused one."""
+        if self.most is None or len(self.open) < self.most:
+            self.open.add(conn)
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if self._reported_at is None or now - self._reported_at >= self.REPORT_EVERY:
+            log.warning("the gate reset %d new agent connection(s): %d are open, the most [gate] max_connections "
+                        "allows", self.refused - self._reported, len(self.open))
+            self._reported_at, self._reported = now, self.refused
+        return False
 
 
 class RequestHandler(Protocol):
@@ -275,11 +304,9 @@ def http_date() -> str:
 class AgentConnection(asyncio.Protocol):
     """One agent's TCP connection: parses with llhttp, runs `handler` for each request in turn."""
 
-    def __init__(self, handler: RequestHandler, connections: set[AgentConnection],
-                 tasks: set[asyncio.Task[None]]) -> None:
+    def __init__(self, handler: RequestHandler, connections: AgentConnections) -> None:
         self._handler = handler
         self._connections = connections
-        self._tasks = tasks
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -310,15 +337,18 @@ class AgentConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is one without subclassing it
-        self._connections.add(self)
+        if not self._connections.admit(self):
+            self.closed = True
+            self.transport.abort()
+            return
         self.last_read = self.loop.time()
         self.task = self.loop.create_task(self._serve())
-        self._tasks.add(self.task)
-        self.task.add_done_callback(self._tasks.discard)
+        self._connections.tasks.add(self.task)
+        self.task.add_done_callback(self._connections.tasks.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._connections.discard(self)
+        self._connections.open.discard(self)
         if self._linger is not None:
             self._linger.cancel()
         gone = AgentGone("the agent closed the connection")

@@ -1,6 +1,6 @@
 """The gate under concurrency: 100 agents with 100 credentials at once, each reaching the upstream with
-its own secret only; and a `kill -9` under load that loses no ledger row for any response a client
-received in full."""
+its own secret only; a `kill -9` under load that loses no ledger row for any response a client
+received in full; and the cap on open agent connections."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import asyncio
 import base64
 import json
 import secrets
+import socket
+import time
 from urllib.parse import parse_qsl
 
 import aiohttp
@@ -15,6 +17,7 @@ import aiohttp
 from aegisctl.client import AegisClient
 from aegisd.api.aegis.v1 import agents_pb2, credentials_pb2
 from tests.e2e.gate_support import SECRETS, GateWorld
+from tests.e2e.ops_support import Scrape
 from tests.upstreams import Seen
 
 AGENTS = 100
@@ -143,3 +146,52 @@ def test_kill_9_under_load_loses_no_row_of_an_answered_request() -> None:
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_past_max_connections_new_agent_connections_are_reset_and_the_daemon_stays_reachable() -> None:
+    """An agent that opens connections without end fills `[gate] max_connections`, not the daemon's file
+    descriptors: the next connection is reset, the control socket and the upstreams still work, the refusal
+    is counted and logged, and a closed connection frees its slot."""
+    world = GateWorld.start(max_connections=3)
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRETS["bear"], up.entry())
+        token = world.agent("bot", "bear")
+        held = [socket.create_connection(("127.0.0.1", world.port), timeout=10) for _ in range(3)]
+        held[0].sendall(f"GET /bear/echo/held HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {token}\r\n\r\n".encode())
+        assert held[0].recv(65536).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(("127.0.0.1", world.port), timeout=10) as extra:
+            try:
+                extra.sendall(b"GET /bear/echo/extra HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert extra.recv(65536) == b""
+            except ConnectionResetError:
+                pass
+        assert up.requests_to("/echo/extra") == []
+        world.aegis.ctl("status").ok()  # the control socket is not affected
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # the gate notices the close on its next read of that connection
+            scrape = Scrape(world) if _serves(world.port) else None
+            if scrape is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert scrape is not None, "a freed slot did not serve a new connection"
+        assert scrape.types.get("aegis_gate_connections") == "gauge"
+        assert scrape.value("aegis_gate_connections") == 3  # two held and the scrape's own
+        assert scrape.value("aegis_gate_connections_refused_total") >= 1
+        assert "max_connections allows" in world.aegis.log()
+        for sock in held:
+            sock.close()
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def _serves(port: int) -> bool:
+    """Whether a new connection to the gate is accepted and kept (not reset)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /_aegis/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    except ConnectionResetError:
+        return False

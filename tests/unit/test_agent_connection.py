@@ -16,6 +16,7 @@ import array
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 import socket
 import struct
@@ -34,6 +35,7 @@ from aegisd.gate.agent_connection import (
     DISCARD_MAX,
     MAX_HEAD_BYTES,
     AgentConnection,
+    AgentConnections,
     AgentGone,
     BodyMalformed,
     GateRequest,
@@ -214,12 +216,15 @@ class Agent:
 
 @dataclass
 class Gate:
-    """A listening gate: its port, the connections it has open (a bare server's only), the agents connected."""
+    """A listening gate: its port, the connections it has open, the agents connected."""
 
     port: int
-    connections: set[AgentConnection] = field(default_factory=set)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    registry: AgentConnections = field(default_factory=AgentConnections)
     agents: list[Agent] = field(default_factory=list)
+
+    @property
+    def connections(self) -> set[AgentConnection]:
+        return self.registry.open
 
     async def connect(self, *, sndbuf: int | None = None, rcvbuf: int | None = None) -> Agent:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -248,15 +253,16 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def serving(handler: RequestHandler, *, rcvbuf: int | None = None) -> AsyncIterator[Gate]:
+async def serving(handler: RequestHandler, *, rcvbuf: int | None = None, most: int | None = None
+                  ) -> AsyncIterator[Gate]:
     """AgentConnection serving `handler` on 127.0.0.1, as GateServer sets it up (without its sweep)."""
     loop = asyncio.get_running_loop()
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:  # connections accepted inherit it
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     listener.bind(("127.0.0.1", 0))
-    gate = Gate(int(listener.getsockname()[1]))
-    server = await loop.create_server(lambda: AgentConnection(handler, gate.connections, gate.tasks), sock=listener)
+    gate = Gate(int(listener.getsockname()[1]), AgentConnections(most))
+    server = await loop.create_server(lambda: AgentConnection(handler, gate.registry), sock=listener)
     try:
         yield gate
     finally:
@@ -284,6 +290,39 @@ def test_two_requests_share_one_connection(run: Run) -> None:
             assert len(gate.connections) == 1
 
     run(main())
+
+
+def test_past_the_cap_a_new_connection_is_reset_and_counted_until_one_closes(
+        run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """At `most` open connections the next one is reset on accept (nothing read, nothing answered); the
+    warning is logged once per minute, not once per refusal; a freed slot serves again."""
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler, most=2) as gate:
+            first, second = await gate.connect(), await gate.connect()
+            await first.send(b"GET /one HTTP/1.1\r\nHost: gate\r\n\r\n")
+            await first.expect(echoed("GET", "/one"))
+            await eventually(lambda: len(gate.connections) == 2, "the gate accepted both")
+            for turn in range(2):
+                extra = await gate.connect()
+                await extra.send(b"GET /extra HTTP/1.1\r\nHost: gate\r\n\r\n")
+                assert await extra.rest() == b""
+                assert extra.ended == "reset"
+                assert gate.registry.refused == turn + 1
+            assert handler.seen == ["GET /one"] and len(gate.connections) == 2
+            second.sock.close()
+            await eventually(lambda: len(gate.connections) == 1, "the gate saw the agent leave")
+            third = await gate.connect()
+            await third.send(b"GET /three HTTP/1.1\r\nHost: gate\r\n\r\n")
+            await third.expect(echoed("GET", "/three"))
+            assert gate.registry.refused == 2
+
+    with caplog.at_level(logging.WARNING, logger="aegisd.gate"):
+        run(main())
+    warnings = [r.getMessage() for r in caplog.records if "max_connections" in r.getMessage()]
+    assert warnings == ["the gate reset 1 new agent connection(s): 2 are open, the most [gate] max_connections "
+                        "allows"]
 
 
 def test_http_1_0_without_keep_alive_is_answered_with_close_and_closed(run: Run) -> None:
@@ -1194,9 +1233,9 @@ async def gate_server(pipeline: StandInPipeline) -> AsyncIterator[tuple[GateServ
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
-    server = GateServer(cast(GatePipeline, pipeline), "127.0.0.1", port)
-    await server.start()
     gate = Gate(port)
+    server = GateServer(cast(GatePipeline, pipeline), "127.0.0.1", port, gate.registry)
+    await server.start()
     try:
         yield server, gate
     finally:

@@ -45,3 +45,11 @@ def test_bad_values_are_refused_by_name(tmp_path: Path, text: str, needle: str) 
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, text)
     assert needle in str(caught.value)
+
+
+def test_max_connections_is_read_and_bounded(tmp_path: Path) -> None:
+    assert load_config({}, env={"AEGIS_DATA_DIR": str(tmp_path)}).max_connections == 1024
+    assert _load(tmp_path, "[gate]\nmax_connections = 16\n").max_connections == 16
+    for bad in ("0", "2000000", '"many"'):
+        with pytest.raises(ConfigError, match="max_connections"):
+            _load(tmp_path, f"[gate]\nmax_connections = {bad}\n")
