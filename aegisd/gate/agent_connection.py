@@ -69,6 +69,7 @@ class AgentConnections:
         self.refused = 0  # connections reset because `most` were open
         self._reported_at: float | None = None
         self._reported = 0  # `refused` when the last warning was logged
+        self._report_due: asyncio.TimerHandle | None = None
 
     def admit(self, conn: AgentConnection) -> bool:
         """Count `conn` as open, or (at the cap) count it refused; the caller resets a refused one."""
@@ -78,10 +79,18 @@ class AgentConnections:
         self.refused += 1
         now = time.monotonic()
         if self._reported_at is None or now - self._reported_at >= self.REPORT_EVERY:
+            self._report()
+        elif self._report_due is None:  # the rest of this burst is reported when the minute is up
+            self._report_due = asyncio.get_running_loop().call_later(
+                self._reported_at + self.REPORT_EVERY - now, self._report)
+        return False
+
+    def _report(self) -> None:
+        self._report_due = None
+        if self.refused > self._reported:
             log.warning("the gate reset %d new agent connection(s): %d are open, the most [gate] max_connections "
                         "allows", self.refused - self._reported, len(self.open))
-            self._reported_at, self._reported = now, self.refused
-        return False
+            self._reported_at, self._reported = time.monotonic(), self.refused
 
 
 class RequestHandler(Protocol):
@@ -339,6 +348,7 @@ class AgentConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is one without subclassing it
         if not self._connections.admit(self):
             self.closed = True
+            _reset_on_close(self.transport)  # even if the agent has sent nothing yet: never an orderly close
             self.transport.abort()
             return
         self.last_read = self.loop.time()
@@ -634,11 +644,8 @@ class AgentConnection(asyncio.Protocol):
         close (a reset loses what the kernel still holds too, earlier answers included, so only then)."""
         if self.transport is None or self.closed:
             return
-        reset = self._current is not None and self._current.ends_at_close
-        sock = self.transport.get_extra_info("socket") if reset else None
-        if sock is not None:
-            with contextlib.suppress(OSError, ValueError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        if self._current is not None and self._current.ends_at_close:
+            _reset_on_close(self.transport)
         self.transport.abort()
 
 
@@ -657,3 +664,11 @@ def _method_or_empty(parser: httptools.HttpRequestParser) -> str:
         return str(parser.get_method().decode("ascii"))
     except (httptools.HttpParserError, UnicodeDecodeError):
         return ""
+
+
+def _reset_on_close(transport: asyncio.Transport) -> None:
+    """Make closing the connection send a reset (SO_LINGER 0 s), which an agent cannot take for an orderly end."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)

@@ -294,35 +294,41 @@ def test_two_requests_share_one_connection(run: Run) -> None:
 
 def test_past_the_cap_a_new_connection_is_reset_and_counted_until_one_closes(
         run: Run, caplog: pytest.LogCaptureFixture) -> None:
-    """At `most` open connections the next one is reset on accept (nothing read, nothing answered); the
-    warning is logged once per minute, not once per refusal; a freed slot serves again."""
+    """At `most` open connections the next one is reset on accept (nothing read, nothing answered), whether
+    or not it sent anything; the first refusal is logged at once and the rest of the burst when the
+    reporting interval is up; a freed slot serves again."""
     handler = Handler()
 
     async def main() -> None:
         async with serving(handler, most=2) as gate:
+            gate.registry.REPORT_EVERY = 0.3
             first, second = await gate.connect(), await gate.connect()
             await first.send(b"GET /one HTTP/1.1\r\nHost: gate\r\n\r\n")
             await first.expect(echoed("GET", "/one"))
             await eventually(lambda: len(gate.connections) == 2, "the gate accepted both")
-            for turn in range(2):
+            for turn in range(3):
                 extra = await gate.connect()
-                await extra.send(b"GET /extra HTTP/1.1\r\nHost: gate\r\n\r\n")
+                if turn:  # the first sends nothing: its refusal must still be a reset, not a close
+                    await extra.send(b"GET /extra HTTP/1.1\r\nHost: gate\r\n\r\n")
                 assert await extra.rest() == b""
                 assert extra.ended == "reset"
                 assert gate.registry.refused == turn + 1
             assert handler.seen == ["GET /one"] and len(gate.connections) == 2
+            await eventually(lambda: len(warnings()) == 2, "the rest of the burst was reported")
             second.sock.close()
             await eventually(lambda: len(gate.connections) == 1, "the gate saw the agent leave")
             third = await gate.connect()
             await third.send(b"GET /three HTTP/1.1\r\nHost: gate\r\n\r\n")
             await third.expect(echoed("GET", "/three"))
-            assert gate.registry.refused == 2
+            assert gate.registry.refused == 3
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "max_connections" in r.getMessage()]
 
     with caplog.at_level(logging.WARNING, logger="aegisd.gate"):
         run(main())
-    warnings = [r.getMessage() for r in caplog.records if "max_connections" in r.getMessage()]
-    assert warnings == ["the gate reset 1 new agent connection(s): 2 are open, the most [gate] max_connections "
-                        "allows"]
+    assert warnings() == [f"the gate reset {count} new agent connection(s): 2 are open, the most [gate] "
+                          "max_connections allows" for count in (1, 2)]
 
 
 def test_http_1_0_without_keep_alive_is_answered_with_close_and_closed(run: Run) -> None:
