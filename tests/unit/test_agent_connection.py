@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -292,6 +293,10 @@ def test_two_requests_share_one_connection(run: Run) -> None:
     run(main())
 
 
+def refused(gate: Gate, count: int) -> bool:
+    return gate.registry.refused == count
+
+
 def test_past_the_cap_a_new_connection_is_reset_and_counted_until_one_closes(
         run: Run, caplog: pytest.LogCaptureFixture) -> None:
     """At `most` open connections the next one is reset on accept (nothing read, nothing answered), whether
@@ -307,12 +312,16 @@ def test_past_the_cap_a_new_connection_is_reset_and_counted_until_one_closes(
             await first.expect(echoed("GET", "/one"))
             await eventually(lambda: len(gate.connections) == 2, "the gate accepted both")
             for turn in range(3):
-                extra = await gate.connect()
-                if turn:  # the first sends nothing: its refusal must still be a reset, not a close
-                    await extra.send(b"GET /extra HTTP/1.1\r\nHost: gate\r\n\r\n")
-                assert await extra.rest() == b""
-                assert extra.ended == "reset"
-                assert gate.registry.refused == turn + 1
+                try:  # on a busy machine the reset can arrive before the connect or the send completes
+                    extra = await gate.connect()
+                    if turn:  # the first sends nothing: its refusal must still be a reset, not a close
+                        await extra.send(b"GET /extra HTTP/1.1\r\nHost: gate\r\n\r\n")
+                except (ConnectionResetError, BrokenPipeError):
+                    pass
+                else:
+                    assert await extra.rest() == b""
+                    assert extra.ended == "reset"
+                await eventually(functools.partial(refused, gate, turn + 1), "the gate counted the refusal")
             assert handler.seen == ["GET /one"] and len(gate.connections) == 2
             await eventually(lambda: len(warnings()) == 2, "the rest of the burst was reported")
             second.sock.close()
