@@ -8,6 +8,7 @@ families only (`vault_secret`, `openai_key`, ...): never the matched text, never
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from multidict import CIMultiDict
@@ -65,6 +66,19 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
                   f"({', '.join(families)}); secrets and API keys may not leave through the gate")
 
 
+class BodyTooLarge(Exception):
+    """The agent's body crossed the configured limit while it was being read."""
+
+
+async def counted_body(request: GateRequest, x: Inspected, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, counted in `x.bytes_in`; BodyTooLarge as soon as it passes `limit`."""
+    async for chunk in request.body():
+        x.bytes_in += len(chunk)
+        if x.bytes_in > limit:
+            raise BodyTooLarge()
+        yield chunk
+
+
 async def read_body(request: GateRequest, x: Inspected, limit: int) -> bytes:
     """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
     length = request.content_length
@@ -72,11 +86,10 @@ async def read_body(request: GateRequest, x: Inspected, limit: int) -> bytes:
         raise body_too_large(limit)
     buffer = bytearray()
     try:
-        async for chunk in request.body():
-            x.bytes_in += len(chunk)
-            if x.bytes_in > limit:
-                raise body_too_large(limit)
+        async for chunk in counted_body(request, x, limit):
             buffer += chunk
+    except BodyTooLarge:
+        raise body_too_large(limit) from None
     except ConnectionError:  # the agent hung up (AgentGone), or sent broken chunked framing (BodyMalformed)
         raise Refusal(400, "bad_request", "the request body ended early or is malformed", close=True) from None
     return bytes(buffer)

@@ -23,7 +23,7 @@ from aegisd.gate.admission import GateLimits, check_policy
 from aegisd.gate.agent_connection import GateRequest
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
 from aegisd.gate.headers import add_credential, agent_headers, agent_query, inbound_headers, query_with_credential
-from aegisd.gate.outbound_inspection import body_too_large, inspect_request
+from aegisd.gate.outbound_inspection import BodyTooLarge, body_too_large, counted_body, inspect_request
 from aegisd.gate.refusal import JSON_CONTENT_TYPE, REQUEST_ID_HEADER, Refusal, send_refusal
 from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
@@ -41,10 +41,6 @@ SMALL_BODY_BYTES = 64 * 1024
 # The most an answer read whole may hold once decoded (a small gzip answer can decode to gigabytes), and
 # the most read whole for an HTTP/1.0 agent when the upstream declares no length.
 WHOLE_ANSWER_MAX = 16 * 1024 * 1024
-
-
-class BodyTooLarge(Exception):
-    """The agent's streamed body crossed the configured limit."""
 
 
 class Exchange:
@@ -243,7 +239,7 @@ class GatePipeline:
             raise body_too_large(limit)
         body: bytes | AsyncIterator[bytes] | None = inspected  # bytes: already read and inspected
         if inspected is None and request.has_body:
-            body = self._body(request, x, limit)
+            body = counted_body(request, x, limit)
             if length is not None:
                 headers["Content-Length"] = str(length)
         sent = time.perf_counter()
@@ -268,13 +264,6 @@ class GatePipeline:
             await self._relay(request, x, upstream, redaction)
         finally:
             upstream.release()
-
-    async def _body(self, request: GateRequest, x: Exchange, limit: int) -> AsyncIterator[bytes]:
-        async for chunk in request.body():
-            x.bytes_in += len(chunk)
-            if x.bytes_in > limit:
-                raise BodyTooLarge()
-            yield chunk
 
     async def _relay(self, request: GateRequest, x: Exchange, upstream: UpstreamResponse,
                      redaction: Redaction | None) -> None:
