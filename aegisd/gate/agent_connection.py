@@ -41,7 +41,7 @@ from typing import Protocol, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from aegisd.gate.wire import LAST_CHUNK, encode_head, frame_chunk
+from aegisd.gate.wire import LAST_CHUNK, encode_head, frame_chunk, status_allows_body
 
 log = logging.getLogger("aegisd.gate")
 
@@ -214,7 +214,7 @@ class GateRequest:
         """The whole answer in one write, framed by its Content-Length (no body bytes for a HEAD; neither
         body nor length for a 1xx, 204 or 304)."""
         self._begin(close)
-        bodiless = status in (204, 304) or status < 200
+        bodiless = not status_allows_body(status)
         framing = [] if bodiless else [("Content-Length", str(len(body)))]
         head = self._head(status, reason, headers, framing)
         self.started = True
@@ -228,7 +228,7 @@ class GateRequest:
         none: HEAD, 1xx, 204, 304) and ends with `end`."""
         self._begin(False)
         framing: list[tuple[str, str]] = []
-        if self.method == "HEAD" or status in (204, 304) or status < 200:
+        if self.method == "HEAD" or not status_allows_body(status):
             self._body_allowed = False
             if content_length is not None and status != 204:
                 framing.append(("Content-Length", str(content_length)))
@@ -615,7 +615,7 @@ class AgentConnection(asyncio.Protocol):
         """How long the gate has waited on the agent: for a next request's whole head (since the last
         answer: a trickled head makes no progress), for body bytes (since the last came), for it to read
         its answer, or for a close to complete."""
-        waits = [since for since in (self._write_blocked_since,) if since is not None]
+        waits = [] if self._write_blocked_since is None else [self._write_blocked_since]
         if self._closing_since is not None:  # a close has its linger before it is overdue
             waits.append(self._closing_since + LINGER_SECONDS)
         current = self._current

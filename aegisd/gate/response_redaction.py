@@ -18,11 +18,11 @@ from multidict import CIMultiDict
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import Route
 from aegisd.gate.upstream import UpstreamBroken
+from aegisd.gate.wire import status_allows_body
 from aegisd.inspection import Inspector, Redaction
 from aegisd.inspection.decompress import DECODABLE, DecodeError, StreamDecoder
 
 REDACTED_FLAG = "response_redacted"
-NO_BODY_STATUSES = frozenset({204, 304})
 
 
 class Flagged(Protocol):
@@ -83,7 +83,7 @@ class ResponseRedactor:
 
     @staticmethod
     def has_body(method: str, status: int) -> bool:
-        return method != "HEAD" and status not in NO_BODY_STATUSES and status >= 200
+        return method != "HEAD" and status_allows_body(status)
 
     async def filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The upstream's body chunks in, the agent's redacted chunks out (the held tail at the end)."""

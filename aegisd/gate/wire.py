@@ -22,6 +22,11 @@ def encode_head(start_line: str, fields: Iterable[tuple[str, str]]) -> bytes:
     return head.encode("utf-8", "surrogateescape")
 
 
+def status_allows_body(status: int) -> bool:
+    """Whether an answer with this status may carry a body: 1xx, 204 and 304 never do."""
+    return status >= 200 and status not in (204, 304)
+
+
 def frame_chunk(chunk: bytes) -> bytes:
     """One chunk of a chunked body (never empty: an empty chunk would end the body)."""
     return b"%x\r\n%b\r\n" % (len(chunk), chunk)
