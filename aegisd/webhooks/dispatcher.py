@@ -26,10 +26,10 @@ from aegisd.gate.upstream import tls_context
 from aegisd.ledger.entry import iso_time, now_ms
 from aegisd.logs import event as log_event
 from aegisd.webhooks.events import TEST_EVENT
+from aegisd.webhooks.registry import Target
 
 if TYPE_CHECKING:  # imported on the first delivery: a daemon without webhooks never loads aiohttp (~14 MiB)
     import aiohttp
-from aegisd.webhooks.registry import Target
 
 log = logging.getLogger("aegisd.webhooks")
 MAX_RETRY_DELAY = 300.0
