@@ -106,6 +106,10 @@ class _ScrapeTimeState:
                                 value=self._ledger.queue_depth)
         yield GaugeMetricFamily("aegis_ledger_commit_seconds", "Duration of the latest ledger group commit.",
                                 value=self._ledger.last_commit_seconds)
+        yield CounterMetricFamily("aegis_ledger_commits", "Ledger group commits of new rows since the daemon started.",
+                                  value=self._ledger.commits)
+        yield CounterMetricFamily("aegis_ledger_rows", "Ledger rows committed since the daemon started.",
+                                  value=self._ledger.rows_committed)
         if self._connections is not None:
             yield GaugeMetricFamily("aegis_gate_connections", "Agent connections open to the gate.",
                                     value=len(self._connections.open))

@@ -158,6 +158,9 @@ class LedgerWriter:
         # of the writer thread per batch instead of one per row.
         self._pending: list[_Append] = []
         self.last_commit_seconds = 0.0  # duration of the latest group commit
+        # Group commits of new rows, and those rows, since start: rows per commit shows how well appends batch.
+        self.commits = 0
+        self.rows_committed = 0
 
     @property
     def queue_depth(self) -> int:
@@ -420,6 +423,9 @@ class LedgerWriter:
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started
+        if entries:  # not the commit that only chains rows written before the key came
+            self.commits += 1
+            self.rows_committed += len(entries)
         first_id = tip.next_id - len(entries)
         rows: list[LedgerRow] = []
         subscribers = self._subscribers

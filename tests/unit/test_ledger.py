@@ -119,6 +119,26 @@ def test_append_resolves_only_after_commit(db: Path) -> None:
     run(main())
 
 
+def test_commits_and_rows_are_counted(db: Path) -> None:
+    """Rows appended in one event-loop turn share a commit; a failed commit counts nothing."""
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        await writer.append(req(0))
+        assert (writer.commits, writer.rows_committed) == (1, 1)
+        await asyncio.gather(*(writer.append(req(i)) for i in range(1, 41)))
+        assert writer.rows_committed == 41 and 2 <= writer.commits < 10
+        raw(db, "CREATE TRIGGER fail BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'simulated'); END")
+        before = (writer.commits, writer.rows_committed)
+        failed = await asyncio.gather(*(writer.append(req(i)) for i in range(41, 45)), return_exceptions=True)
+        assert all(isinstance(r, LedgerError) for r in failed)
+        assert (writer.commits, writer.rows_committed) == before
+        await writer.close()
+
+    run(main())
+
+
 def test_to_dict_shape() -> None:
     entry = req(7, time_ms=1_700_000_000_123, flags="body_inspection_warn,response_redacted")
     row = LedgerRow(id=1, **dataclasses.asdict(entry))
