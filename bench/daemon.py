@@ -126,6 +126,15 @@ class BenchDaemon:
         self.ctl(*args)
         return time.perf_counter() - started
 
+    def ledger_counters(self) -> tuple[float, float]:
+        """(group commits, rows committed) since the daemon started, from /_aegis/metrics."""
+        status, text = _http(self.gate_port, "GET", "/_aegis/metrics", {})
+        if status != 200:
+            raise ServiceError(f"/_aegis/metrics answered {status}")
+        values = dict(line.split(" ", 1) for line in text.splitlines()
+                      if line.startswith(("aegis_ledger_commits_total ", "aegis_ledger_rows_total ")))
+        return float(values["aegis_ledger_commits_total"]), float(values["aegis_ledger_rows_total"])
+
     def write_policy(self, name: str, text: str) -> None:
         """Write a policy file and have the daemon load it now (it would also notice by itself)."""
         (self.policies_dir / name).write_text(text)

@@ -16,6 +16,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """On-CPU seconds of the process's main thread (aegisd's event loop), in nanoseconds from schedstat.
+
+    Its share of the wall time says whether the loop is saturated or waits (for the ledger, say).
+    """
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS (now) and VmHWM (peak) in KiB."""
     found: dict[str, int] = {}

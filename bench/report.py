@@ -27,6 +27,11 @@ def load_table(load: list[dict[str, Any]]) -> str:
                      f"{r['errors']:>8}{cpu:>12}{vs_base:>8}{vs_direct:>9}")
     lines += [f"  {r['config']} {r['scenario']} c={r['connections']} answered: {r['sample_answer']}"
               for r in load if r.get("sample_answer")]
+    gate = [r for r in load if r.get("loop_busy") is not None]
+    if gate:
+        lines.append("gate event loop on CPU (share of wall time) and ledger rows per group commit:")
+        lines += [f"  {r['scenario']} c={r['connections']}: loop {r['loop_busy']:.0%}, "
+                  f"{r['rows_per_commit'] or 0:.1f} rows per commit" for r in gate]
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from bench import ledger_scale, profile, sse
 from bench.daemon import BenchDaemon, Setup, configure
 from bench.populate import populate
-from bench.procstat import RssSampler, cpu_seconds, memory_kib, reset_peak
+from bench.procstat import RssSampler, cpu_seconds, main_thread_cpu_seconds, memory_kib, reset_peak
 from bench.report import RESULTS_DIR, ledger_summary, load_table, targets_table, write_json
 from bench.services import Service, ServiceError, find_nginx, start_baseline, start_nginx, start_sse_upstream
 from bench.targets import evaluate
@@ -151,7 +151,7 @@ class Bench:
             for scenario, path, request in scenarios:
                 for conns in self.connections:
                     self.cell(scenario, conns, {name: (base + path, pid) for name, (base, pid) in targets.items()},
-                              request)
+                              request, daemon)
         hwm = memory_kib(daemon.pid)["VmHWM"]
         self.results["memory"].update({
             "peak_rss_mib": (hwm if peak_reset else sampler.peak_kib) / MIB,
@@ -160,16 +160,24 @@ class Bench:
             "baseline_peak_rss_mib": memory_kib(baseline.pid)["VmHWM"] / MIB,
         })
 
-    def cell(self, scenario: str, conns: int, urls: Mapping[str, tuple[str, int | None]], request: Request) -> None:
+    def cell(self, scenario: str, conns: int, urls: Mapping[str, tuple[str, int | None]], request: Request,
+             daemon: BenchDaemon) -> None:
         """One (scenario, connections) cell: every configuration, alternating, `rounds` times."""
         runs: dict[str, list[tuple[WrkResult, float | None]]] = {name: [] for name in urls}
+        loop = GateLoopSample()
         for _ in range(self.args.rounds):
             for name, (url, pid) in urls.items():
                 cpu_before = cpu_seconds(pid) if pid else 0.0
+                if name == "gate":
+                    loop.begin(daemon)
                 result = run_wrk(url, conns, self.args.duration, request)
+                if name == "gate":
+                    loop.end(daemon)
                 cpu = cpu_seconds(pid) - cpu_before if pid else None
                 runs[name].append((result, cpu))
         rows = {name: aggregate(scenario, conns, name, samples) for name, samples in runs.items()}
+        if "gate" in rows:
+            rows["gate"].update(loop.summary())
         for name, row in rows.items():
             if row["errors"]:
                 row["sample_answer"] = sample_answer(urls[name][0], request)
@@ -213,14 +221,14 @@ class Bench:
         request = Request(token=setup.token)
         urls = {"baseline": (baseline.url + "/small", baseline.pid),
                 "gate": (daemon.gate_url + "/bench/small", daemon.pid)}
-        self.cell("get_1", 20, urls, request)
+        self.cell("get_1", 20, urls, request, daemon)
         self.log(f"adding {count} credentials, {count} agents and {count} grants over gRPC")
         timings = populate(daemon.socket, count)
         self.results["scale"] = {"count": count, **timings}
         self.log(f"populated in {sum(timings.values()):.1f}s: {timings}")
         for url, _ in urls.values():
             run_wrk(url, 20, max(self.args.warmup, 1.0), request)
-        self.cell(f"get_{count}", 20, urls, request)
+        self.cell(f"get_{count}", 20, urls, request, daemon)
         self.results["memory"]["rss_after_scale_mib"] = memory_kib(daemon.pid)["VmRSS"] / MIB
 
     def ledger(self) -> None:
@@ -273,6 +281,33 @@ class Bench:
             print(f"bench: {len(bad)} runs had errors or no requests; their numbers are not valid", file=sys.stderr)
             return 1
         return 0
+
+
+class GateLoopSample:
+    """How busy the gate's event loop was and how many ledger rows shared a commit, over a cell's gate runs.
+
+    A loop well under 100 % on CPU while wrk waits means requests sit elsewhere (a group commit, say),
+    not that the gate is short of CPU.
+    """
+
+    def __init__(self) -> None:
+        self.busy: list[float] = []
+        self.commits = self.rows = 0.0
+        self._start = (0.0, 0.0, 0.0, 0.0)
+
+    def begin(self, daemon: BenchDaemon) -> None:
+        self._start = (time.perf_counter(), main_thread_cpu_seconds(daemon.pid), *daemon.ledger_counters())
+
+    def end(self, daemon: BenchDaemon) -> None:
+        wall, cpu, commits, rows = self._start
+        self.busy.append((main_thread_cpu_seconds(daemon.pid) - cpu) / (time.perf_counter() - wall))
+        now_commits, now_rows = daemon.ledger_counters()
+        self.commits += now_commits - commits
+        self.rows += now_rows - rows
+
+    def summary(self) -> dict[str, float | None]:
+        return {"loop_busy": statistics.median(self.busy) if self.busy else None,
+                "rows_per_commit": self.rows / self.commits if self.commits else None}
 
 
 def aggregate(scenario: str, conns: int, config: str, samples: list[tuple[WrkResult, float | None]]) -> dict[str, Any]:

@@ -42,6 +42,10 @@ def test_bench_smoke_runs_every_configuration() -> None:
         for row in cells.values():
             assert row["requests"] > 0 and row["errors"] == 0, row  # every answer was a 2xx from nginx
         assert cells[("gate", 20)]["cpu_us_per_req"] > 0
+        for conns in (1, 20):  # the gate's loop ran, and every request's ledger row was in some commit
+            assert 0 < cells[("gate", conns)]["loop_busy"] <= 1.05
+            assert cells[("gate", conns)]["rows_per_commit"] >= 1
+        assert "rows per commit" in proc.stdout
         assert results["memory"]["idle_rss_mib"] > 0
         assert "targets" not in results  # smoke runs judge nothing
 
