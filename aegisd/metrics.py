@@ -108,7 +108,7 @@ class _ScrapeTimeState:
                                 value=self._ledger.last_commit_seconds)
         yield CounterMetricFamily("aegis_ledger_commits", "Ledger group commits of new rows since the daemon started.",
                                   value=self._ledger.commits)
-        yield CounterMetricFamily("aegis_ledger_rows", "Ledger rows committed since the daemon started.",
+        yield CounterMetricFamily("aegis_ledger_rows_committed", "Ledger rows committed since the daemon started.",
                                   value=self._ledger.rows_committed)
         if self._connections is not None:
             yield GaugeMetricFamily("aegis_gate_connections", "Agent connections open to the gate.",

@@ -302,7 +302,7 @@ class LedgerWriter:
         key: bytes | None = None
         mac_of: RowMac | None = None  # row_mac(key), keyed once per key rather than once per commit
         tip: _ChainTip | None = None
-        commits = 0  # since the last checkpoint
+        since_checkpoint = 0  # commits
         try:
             running = True
             while running:
@@ -333,10 +333,12 @@ class LedgerWriter:
                         tip = None  # a prune has written through this connection, or a replace swapped files
                 if appends or new_key:
                     tip = self._commit(conn, mac_of, appends, tip)
-                    commits += 1
-                if commits >= CHECKPOINT_ALWAYS or (commits >= CHECKPOINT_WHEN_IDLE and self._queue.empty()):
+                    since_checkpoint += 1
+                if since_checkpoint >= CHECKPOINT_ALWAYS or (
+                    since_checkpoint >= CHECKPOINT_WHEN_IDLE and self._queue.empty()
+                ):
                     _checkpoint(conn)
-                    commits = 0
+                    since_checkpoint = 0
         finally:
             conn.close()
             self._fail_queued()

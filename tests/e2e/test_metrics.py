@@ -46,7 +46,7 @@ def test_metrics_after_traffic() -> None:
             "aegis_request_duration_seconds": "histogram", "aegis_upstream_duration_seconds": "histogram",
             "aegis_credentials_total": "gauge", "aegis_vault_unlocked": "gauge",
             "aegis_ledger_queue_depth": "gauge", "aegis_ledger_commit_seconds": "gauge",
-            "aegis_ledger_commits": "counter", "aegis_ledger_rows": "counter",
+            "aegis_ledger_commits": "counter", "aegis_ledger_rows_committed": "counter",
             "aegis_webhook_queue_depth": "gauge", "aegis_webhook_retries_pending": "gauge",
             "aegis_webhook_delivered": "counter", "aegis_webhook_failed": "counter",
             "aegis_webhook_dropped": "counter",
@@ -81,7 +81,7 @@ def test_metrics_after_traffic() -> None:
             "aegis_credentials_total", status="expired") == 2
         assert value("aegis_ledger_queue_depth") >= 0 and value("aegis_ledger_commit_seconds") > 0
         # This daemon wrote every row of its ledger, each in one commit with others or alone.
-        assert value("aegis_ledger_rows_total") == ledger_rows > 26  # the 26 requests above and system events
+        assert value("aegis_ledger_rows_committed_total") == ledger_rows > 26  # the 26 requests above and system events
         assert 1 <= value("aegis_ledger_commits_total") <= ledger_rows
 
         # Made-up service names, paths, query strings and tokens never become label values.

@@ -120,7 +120,8 @@ def test_append_resolves_only_after_commit(db: Path) -> None:
 
 
 def test_commits_and_rows_are_counted(db: Path) -> None:
-    """Rows appended in one event-loop turn share a commit; a failed commit counts nothing."""
+    """Rows appended in one event-loop turn share a commit; a failed commit, or one that only chains
+    rows written before the key, counts nothing."""
 
     async def main() -> None:
         writer = LedgerWriter(db)
@@ -129,6 +130,15 @@ def test_commits_and_rows_are_counted(db: Path) -> None:
         assert (writer.commits, writer.rows_committed) == (1, 1)
         await asyncio.gather(*(writer.append(req(i)) for i in range(1, 41)))
         assert writer.rows_committed == 41 and 2 <= writer.commits < 10
+        counts = (writer.commits, writer.rows_committed)
+        writer.set_key(KEY)  # the commit that chains the 41 rows written without a key holds no new row
+        await writer.run_exclusive(lambda conn, key: None)
+        assert (writer.commits, writer.rows_committed) == counts
+        pending = [asyncio.ensure_future(writer.append(req(i))) for i in range(100, 103)]
+        await asyncio.sleep(0)  # the appends are queued; the job's commit of them comes first
+        await writer.run_exclusive(lambda conn, key: None)
+        await asyncio.gather(*pending)
+        assert (writer.commits, writer.rows_committed) == (counts[0] + 1, 44)
         raw(db, "CREATE TRIGGER fail BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'simulated'); END")
         before = (writer.commits, writer.rows_committed)
         failed = await asyncio.gather(*(writer.append(req(i)) for i in range(41, 45)), return_exceptions=True)
