@@ -131,9 +131,11 @@ class BenchDaemon:
         status, text = _http(self.gate_port, "GET", "/_aegis/metrics", {})
         if status != 200:
             raise ServiceError(f"/_aegis/metrics answered {status}")
-        values = dict(line.split(" ", 1) for line in text.splitlines()
-                      if line.startswith(("aegis_ledger_commits_total ", "aegis_ledger_rows_total ")))
-        return float(values["aegis_ledger_commits_total"]), float(values["aegis_ledger_rows_total"])
+        names = ("aegis_ledger_commits_total", "aegis_ledger_rows_committed_total")
+        values = dict(line.split(" ", 1) for line in text.splitlines() if line.split(" ", 1)[0] in names)
+        if set(values) != set(names):
+            raise ServiceError(f"/_aegis/metrics lacks {sorted(set(names) - set(values))}")
+        return float(values[names[0]]), float(values[names[1]])
 
     def write_policy(self, name: str, text: str) -> None:
         """Write a policy file and have the daemon load it now (it would also notice by itself)."""

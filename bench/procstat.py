@@ -16,12 +16,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def main_thread_cpu_seconds(pid: int) -> float:
-    """On-CPU seconds of the process's main thread (aegisd's event loop), in nanoseconds from schedstat.
+def main_thread_cpu_seconds(pid: int) -> float | None:
+    """On-CPU seconds of the process's main thread (schedstat counts nanoseconds); None without schedstat.
 
-    Its share of the wall time says whether the loop is saturated or waits (for the ledger, say).
+    aegisd runs its event loop on the main thread (aegisd.cli), so its share of the wall time says
+    whether the loop is saturated or waits (for the ledger, say).
     """
-    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except OSError:
+        return None
 
 
 def memory_kib(pid: int) -> dict[str, int]:

@@ -27,12 +27,16 @@ def load_table(load: list[dict[str, Any]]) -> str:
                      f"{r['errors']:>8}{cpu:>12}{vs_base:>8}{vs_direct:>9}")
     lines += [f"  {r['config']} {r['scenario']} c={r['connections']} answered: {r['sample_answer']}"
               for r in load if r.get("sample_answer")]
-    gate = [r for r in load if r.get("loop_busy") is not None]
+    gate = [r for r in load if "rows_per_commit" in r]
     if gate:
         lines.append("gate event loop on CPU (share of wall time) and ledger rows per group commit:")
-        lines += [f"  {r['scenario']} c={r['connections']}: loop {r['loop_busy']:.0%}, "
-                  f"{r['rows_per_commit'] or 0:.1f} rows per commit" for r in gate]
+        lines += [f"  {r['scenario']} c={r['connections']}: loop {_maybe(r['loop_busy'], '.0%')}, "
+                  f"{_maybe(r['rows_per_commit'], '.1f')} rows per commit" for r in gate]
     return "\n".join(lines)
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def ledger_summary(ledger: dict[str, Any]) -> str:

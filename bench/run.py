@@ -167,13 +167,13 @@ class Bench:
         loop = GateLoopSample()
         for _ in range(self.args.rounds):
             for name, (url, pid) in urls.items():
-                cpu_before = cpu_seconds(pid) if pid else 0.0
-                if name == "gate":
+                if name == "gate":  # its metrics scrape stays outside the CPU and wall time measured
                     loop.begin(daemon)
+                cpu_before = cpu_seconds(pid) if pid else 0.0
                 result = run_wrk(url, conns, self.args.duration, request)
+                cpu = cpu_seconds(pid) - cpu_before if pid else None
                 if name == "gate":
                     loop.end(daemon)
-                cpu = cpu_seconds(pid) - cpu_before if pid else None
                 runs[name].append((result, cpu))
         rows = {name: aggregate(scenario, conns, name, samples) for name, samples in runs.items()}
         if "gate" in rows:
@@ -293,17 +293,21 @@ class GateLoopSample:
     def __init__(self) -> None:
         self.busy: list[float] = []
         self.commits = self.rows = 0.0
-        self._start = (0.0, 0.0, 0.0, 0.0)
+        self._counters = (0.0, 0.0)
+        self._clocks: tuple[float, float | None] = (0.0, None)
 
     def begin(self, daemon: BenchDaemon) -> None:
-        self._start = (time.perf_counter(), main_thread_cpu_seconds(daemon.pid), *daemon.ledger_counters())
+        self._counters = daemon.ledger_counters()
+        self._clocks = (time.perf_counter(), main_thread_cpu_seconds(daemon.pid))
 
     def end(self, daemon: BenchDaemon) -> None:
-        wall, cpu, commits, rows = self._start
-        self.busy.append((main_thread_cpu_seconds(daemon.pid) - cpu) / (time.perf_counter() - wall))
-        now_commits, now_rows = daemon.ledger_counters()
-        self.commits += now_commits - commits
-        self.rows += now_rows - rows
+        wall, cpu = self._clocks
+        cpu_now, wall_now = main_thread_cpu_seconds(daemon.pid), time.perf_counter()
+        if cpu is not None and cpu_now is not None:
+            self.busy.append((cpu_now - cpu) / (wall_now - wall))
+        commits, rows = daemon.ledger_counters()
+        self.commits += commits - self._counters[0]
+        self.rows += rows - self._counters[1]
 
     def summary(self) -> dict[str, float | None]:
         return {"loop_busy": statistics.median(self.busy) if self.busy else None,
