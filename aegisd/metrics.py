@@ -110,6 +110,9 @@ class _ScrapeTimeState:
                                   value=self._ledger.commits)
         yield CounterMetricFamily("aegis_ledger_rows_committed", "Ledger rows committed since the daemon started.",
                                   value=self._ledger.rows_committed)
+        yield CounterMetricFamily("aegis_ledger_commit_failures", "Ledger group commits that failed; the "
+                                  "requests whose rows they held got 503 ledger_unavailable or were cut.",
+                                  value=self._ledger.commit_failures)
         if self._connections is not None:
             yield GaugeMetricFamily("aegis_gate_connections", "Agent connections open to the gate.",
                                     value=len(self._connections.open))

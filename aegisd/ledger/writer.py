@@ -161,6 +161,7 @@ class LedgerWriter:
         # Group commits of new rows, and those rows, since start: rows per commit shows how well appends batch.
         self.commits = 0
         self.rows_committed = 0
+        self.commit_failures = 0  # group commits that failed; their appenders got a LedgerError
 
     @property
     def queue_depth(self) -> int:
@@ -422,6 +423,7 @@ class LedgerWriter:
         except Exception as exc:
             # The message names the failure, never the rows (they may be sensitive metadata).
             log.error("ledger commit of %d rows failed: %s: %s", len(entries), type(exc).__name__, exc)
+            self.commit_failures += 1
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started

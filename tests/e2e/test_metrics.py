@@ -47,6 +47,7 @@ def test_metrics_after_traffic() -> None:
             "aegis_credentials_total": "gauge", "aegis_vault_unlocked": "gauge",
             "aegis_ledger_queue_depth": "gauge", "aegis_ledger_commit_seconds": "gauge",
             "aegis_ledger_commits": "counter", "aegis_ledger_rows_committed": "counter",
+            "aegis_ledger_commit_failures": "counter",
             "aegis_webhook_queue_depth": "gauge", "aegis_webhook_retries_pending": "gauge",
             "aegis_webhook_delivered": "counter", "aegis_webhook_failed": "counter",
             "aegis_webhook_dropped": "counter",
@@ -83,6 +84,7 @@ def test_metrics_after_traffic() -> None:
         # This daemon wrote every row of its ledger, each in one commit with others or alone.
         assert value("aegis_ledger_rows_committed_total") == ledger_rows > 26  # the 26 requests above and system events
         assert 1 <= value("aegis_ledger_commits_total") <= ledger_rows
+        assert value("aegis_ledger_commit_failures_total") == 0
 
         # Made-up service names, paths, query strings and tokens never become label values.
         assert scrape.label_values("service") <= {"bear", "unknown"}

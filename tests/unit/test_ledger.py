@@ -127,7 +127,7 @@ def test_commits_and_rows_are_counted(db: Path) -> None:
         writer = LedgerWriter(db)
         await writer.start()
         await writer.append(req(0))
-        assert (writer.commits, writer.rows_committed) == (1, 1)
+        assert (writer.commits, writer.rows_committed, writer.commit_failures) == (1, 1, 0)
         await asyncio.gather(*(writer.append(req(i)) for i in range(1, 41)))
         assert writer.rows_committed == 41 and 2 <= writer.commits < 10
         counts = (writer.commits, writer.rows_committed)
@@ -144,6 +144,7 @@ def test_commits_and_rows_are_counted(db: Path) -> None:
         failed = await asyncio.gather(*(writer.append(req(i)) for i in range(41, 45)), return_exceptions=True)
         assert all(isinstance(r, LedgerError) for r in failed)
         assert (writer.commits, writer.rows_committed) == before
+        assert writer.commit_failures >= 1
         await writer.close()
 
     run(main())
