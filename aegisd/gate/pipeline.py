@@ -166,6 +166,11 @@ class GatePipeline:
         # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
         self.limits.admit(x, agent, route, verdict)
 
+        # Nothing is forwarded while the ledger cannot record it (its latest commit failed).
+        if self.ledger.failing:
+            self.limits.refund(x.request_id)
+            raise Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was forwarded")
+
         # Every check that needs no body has passed: a client waiting on `Expect: 100-continue` may send it.
         if request.headers.get("Expect", "").lower() == "100-continue":
             request.send_continue()

@@ -162,6 +162,9 @@ class LedgerWriter:
         self.commits = 0
         self.rows_committed = 0
         self.commit_failures = 0  # group commits that failed; their appenders got a LedgerError
+        # Whether the latest commit failed: a row written now would likely fail too (the gate then forwards
+        # nothing, and each of its refusal rows is the retry that clears this).
+        self.failing = False
 
     @property
     def queue_depth(self) -> int:
@@ -424,9 +427,11 @@ class LedgerWriter:
             # The message names the failure, never the rows (they may be sensitive metadata).
             log.error("ledger commit of %d rows failed: %s: %s", len(entries), type(exc).__name__, exc)
             self.commit_failures += 1
+            self.failing = True
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started
+        self.failing = False
         if entries:  # not the commit that only chains rows written before the key came
             self.commits += 1
             self.rows_committed += len(entries)

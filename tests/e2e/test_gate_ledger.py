@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.gate_support import LEDGER_KEYS, SECRETS, GateWorld, Reply, Standard, shared_standard
+from tests.e2e.gate_support import LEDGER_KEYS, SECRETS, GateWorld, Reply, Standard, shared_standard, untouched
+from tests.e2e.ops_support import Scrape
 from tests.harness import AEGISCTL
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -224,3 +225,47 @@ def _tamper(db: Path, sql: str | None, target: int, following: int) -> None:
                 conn.execute(sql, (target,))
     finally:
         conn.close()
+
+
+def test_nothing_is_forwarded_while_the_ledger_cannot_be_written() -> None:
+    """A commit fails (a trigger stands in for a full disk). The request in flight reached the upstream,
+    its answer is withheld (503) and it has no row; from then on requests are refused before they are
+    forwarded, until a refusal's row commits again. The failures are logged and counted in metrics."""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRETS["bear"], up.entry())
+        world.agent("bot", "bear")
+        assert world.call("GET", "/bear/echo/before", agent="bot").status == 200
+        conn = sqlite3.connect(world.aegis.data_dir / "ledger.db", isolation_level=None)
+        conn.execute("CREATE TRIGGER full BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+
+        caught = world.call("GET", "/bear/echo/caught", agent="bot")
+        assert caught.status == 503 and caught.error()["code"] == "ledger_unavailable"
+        assert "nothing was forwarded" not in caught.error()["message"]  # it was: the row came after
+        assert len(up.requests_to("/echo/caught")) == 1
+        with untouched(up):
+            held = [world.call("GET", "/bear/echo/held", agent="bot"),
+                    world.call("POST", "/bear/echo/held", [("Expect", "100-continue")], b"x" * 1000, agent="bot")]
+        for reply in held:
+            assert reply.status == 503, reply.text()
+            assert reply.error()["code"] == "ledger_unavailable"
+            assert "nothing was forwarded" in reply.error()["message"]
+
+        conn.execute("DROP TRIGGER full")
+        conn.close()
+        retry = world.call("GET", "/bear/echo/retry", agent="bot")  # refused still; its row clears the failure
+        after = world.call("GET", "/bear/echo/after", agent="bot")
+        assert after.status == 200 and len(up.requests_to("/echo/after")) == 1
+
+        rows = world.ledger()
+        world.assert_refused(retry, 503, "ledger_unavailable")
+        assert world.row(after.request_id, rows)["decision"] == "allowed"
+        unrecorded = {caught.request_id, *(reply.request_id for reply in held)}
+        assert not unrecorded & {row["request_id"] for row in rows}
+        assert Scrape(world).value("aegis_ledger_commit_failures_total") == 3
+        assert world.aegis.log().count("ledger commit of 1 rows failed") == 3
+        assert json.loads(world.aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
+        world.assert_no_leaks()
+    finally:
+        world.close()

@@ -121,7 +121,7 @@ def test_append_resolves_only_after_commit(db: Path) -> None:
 
 def test_commits_and_rows_are_counted(db: Path) -> None:
     """Rows appended in one event-loop turn share a commit; a failed commit, or one that only chains
-    rows written before the key, counts nothing."""
+    rows written before the key, counts nothing. A failed commit marks the writer failing until one succeeds."""
 
     async def main() -> None:
         writer = LedgerWriter(db)
@@ -144,7 +144,10 @@ def test_commits_and_rows_are_counted(db: Path) -> None:
         failed = await asyncio.gather(*(writer.append(req(i)) for i in range(41, 45)), return_exceptions=True)
         assert all(isinstance(r, LedgerError) for r in failed)
         assert (writer.commits, writer.rows_committed) == before
-        assert writer.commit_failures >= 1
+        assert writer.commit_failures >= 1 and writer.failing
+        raw(db, "DROP TRIGGER fail")
+        await writer.append(req(45))
+        assert (writer.failing, writer.rows_committed) == (False, 45)
         await writer.close()
 
     run(main())
