@@ -110,6 +110,9 @@ class _ScrapeTimeState:
                                   value=self._ledger.commits)
         yield CounterMetricFamily("aegis_ledger_rows_committed", "Ledger rows committed since the daemon started.",
                                   value=self._ledger.rows_committed)
+        yield GaugeMetricFamily("aegis_ledger_failing", "1 while the ledger cannot be written (its latest commit "
+                                "failed, or its writer stopped): the gate forwards nothing meanwhile.",
+                                value=1 if self._ledger.failing else 0)
         yield CounterMetricFamily("aegis_ledger_commit_failures", "Ledger group commits that failed; the "
                                   "requests whose rows they held got 503 ledger_unavailable or were cut.",
                                   value=self._ledger.commit_failures)

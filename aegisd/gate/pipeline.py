@@ -163,13 +163,11 @@ class GatePipeline:
             raise Refusal(403, "scope_denied", f"method {request.method} is outside the credential's scopes")
         verdict = check_policy(self.policies.current, x, agent, service, request.method, rest)
 
+        # Nothing is forwarded while the ledger cannot record it; checked again once the body is read.
+        self._check_ledger_writable()
+
         # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
         self.limits.admit(x, agent, route, verdict)
-
-        # Nothing is forwarded while the ledger cannot record it (its latest commit failed).
-        if self.ledger.failing:
-            self.limits.refund(x.request_id)
-            raise Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was forwarded")
 
         # Every check that needs no body has passed: a client waiting on `Expect: 100-continue` may send it.
         if request.headers.get("Expect", "").lower() == "100-continue":
@@ -197,6 +195,11 @@ class GatePipeline:
         await self._forward(request, x, entry, host, port, target, headers, body, redaction)
 
     # -- steps ---------------------------------------------------------------------------------
+
+    def _check_ledger_writable(self) -> None:
+        """Refuse while the ledger's latest commit failed: a request forwarded now could not be recorded."""
+        if self.ledger.failing:
+            raise Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was forwarded")
 
     def _unlocked_table(self) -> RoutingTable:
         table = self.routing.table
@@ -247,6 +250,11 @@ class GatePipeline:
             body = counted_body(request, x, limit)
             if length is not None:
                 headers["Content-Length"] = str(length)
+        try:
+            self._check_ledger_writable()  # a commit may have failed while the body was read
+        except Refusal:
+            self.limits.refund(x.request_id)
+            raise
         sent = time.perf_counter()
         x.forwarded = True
         try:
@@ -379,7 +387,8 @@ class GatePipeline:
             await request.respond(200, body, {"Content-Type": content_type, REQUEST_ID_HEADER: x.request_id})
         elif endpoint == "/health" and self.config.health_enabled:
             state = "unlocked" if self.routing.table is not None else "locked"
-            await request.respond(200, json.dumps({"status": "ok", "vault": state}).encode(),
+            ledger = "failing" if self.ledger.failing else "ok"
+            await request.respond(200, json.dumps({"status": "ok", "vault": state, "ledger": ledger}).encode(),
                                   {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: x.request_id})
         elif endpoint == "/services":
             await self._services(request, x)

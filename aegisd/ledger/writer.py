@@ -162,9 +162,7 @@ class LedgerWriter:
         self.commits = 0
         self.rows_committed = 0
         self.commit_failures = 0  # group commits that failed; their appenders got a LedgerError
-        # Whether the latest commit failed: a row written now would likely fail too (the gate then forwards
-        # nothing, and each of its refusal rows is the retry that clears this).
-        self.failing = False
+        self._failing = False  # the latest commit failed (set and cleared by the writer thread)
 
     @property
     def queue_depth(self) -> int:
@@ -226,6 +224,14 @@ class LedgerWriter:
     def key(self) -> bytes | None:
         """The chain key, for `ledger verify` after the vault has locked again."""
         return self._key
+
+    @property
+    def failing(self) -> bool:
+        """Whether a row written now would likely fail: the latest commit failed, or the writer is not running.
+
+        The gate forwards nothing meanwhile; each of its refusal rows, like any row, retries the ledger.
+        """
+        return self._failing or self._closed or self._thread is None or not self._thread.is_alive()
 
     @property
     def has_key(self) -> bool:
@@ -427,11 +433,11 @@ class LedgerWriter:
             # The message names the failure, never the rows (they may be sensitive metadata).
             log.error("ledger commit of %d rows failed: %s: %s", len(entries), type(exc).__name__, exc)
             self.commit_failures += 1
-            self.failing = True
+            self._failing = True
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started
-        self.failing = False
+        self._failing = False
         if entries:  # not the commit that only chains rows written before the key came
             self.commits += 1
             self.rows_committed += len(entries)

@@ -4,10 +4,12 @@ catching an edited, a deleted and a reordered row."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -18,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.gate_support import LEDGER_KEYS, SECRETS, GateWorld, Reply, Standard, shared_standard, untouched
+from tests.e2e.gate_support import LEDGER_KEYS, SECRETS, GateWorld, Reply, Standard, request, shared_standard, untouched
 from tests.e2e.ops_support import Scrape
 from tests.harness import AEGISCTL
 
@@ -229,43 +231,74 @@ def _tamper(db: Path, sql: str | None, target: int, following: int) -> None:
 
 def test_nothing_is_forwarded_while_the_ledger_cannot_be_written() -> None:
     """A commit fails (a trigger stands in for a full disk). The request in flight reached the upstream,
-    its answer is withheld (503) and it has no row; from then on requests are refused before they are
-    forwarded, until a refusal's row commits again. The failures are logged and counted in metrics."""
+    its answer is withheld (503) and it has no row. From then on nothing is forwarded, not even a request
+    admitted before the failure whose body was still arriving, and what is refused gives its quota back;
+    health and metrics say so until a row commits again."""
     world = GateWorld.start()
     try:
         up = world.upstream()
-        world.credential("bear", SECRETS["bear"], up.entry())
+        # Three a minute: `after` below is the third forwarded request only if `slow` gave its quota back.
+        world.credential("bear", SECRETS["bear"], up.entry(), "--rate-limit", "3/min")
         world.agent("bot", "bear")
         assert world.call("GET", "/bear/echo/before", agent="bot").status == 200
-        conn = sqlite3.connect(world.aegis.data_dir / "ledger.db", isolation_level=None)
-        conn.execute("CREATE TRIGGER full BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as slow, \
+                contextlib.closing(sqlite3.connect(world.aegis.data_dir / "ledger.db", isolation_level=None)) as db:
+            slow.sendall(f"POST /bear/echo/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {world.tokens['bot']}"
+                         "\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n".encode())
+            assert slow.recv(64).startswith(b"HTTP/1.1 100 Continue")  # admitted; its body is still to come
+            db.execute("CREATE TRIGGER full BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'disk full'); END")
 
-        caught = world.call("GET", "/bear/echo/caught", agent="bot")
-        assert caught.status == 503 and caught.error()["code"] == "ledger_unavailable"
-        assert "nothing was forwarded" not in caught.error()["message"]  # it was: the row came after
-        assert len(up.requests_to("/echo/caught")) == 1
-        with untouched(up):
-            held = [world.call("GET", "/bear/echo/held", agent="bot"),
-                    world.call("POST", "/bear/echo/held", [("Expect", "100-continue")], b"x" * 1000, agent="bot")]
-        for reply in held:
-            assert reply.status == 503, reply.text()
-            assert reply.error()["code"] == "ledger_unavailable"
-            assert "nothing was forwarded" in reply.error()["message"]
+            caught = world.call("GET", "/bear/echo/caught", agent="bot")
+            assert caught.status == 503 and caught.error()["code"] == "ledger_unavailable"
+            assert "nothing was forwarded" not in caught.error()["message"]  # it was: the row came after
+            assert len(up.requests_to("/echo/caught")) == 1
+            assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "failing"
+            assert Scrape(world).value("aegis_ledger_failing") == 1
+            with untouched(up):
+                slow.sendall(b"0123456789")
+                held = [_read_reply(slow)]  # one at a time, so each row fails in a commit of its own
+                world.received.append(held[0].text())
+                held += [world.call("GET", "/bear/echo/held", agent="bot"),
+                         world.call("POST", "/bear/echo/held", [("Expect", "100-continue")], b"x" * 1000,
+                                    agent="bot")]
+            for reply in held:
+                assert reply.status == 503, reply.text()
+                assert reply.error()["code"] == "ledger_unavailable"
+                assert "nothing was forwarded" in reply.error()["message"]
+            db.execute("DROP TRIGGER full")
 
-        conn.execute("DROP TRIGGER full")
-        conn.close()
-        retry = world.call("GET", "/bear/echo/retry", agent="bot")  # refused still; its row clears the failure
+        retry = world.call("GET", "/bear/echo/retry", agent="bot")
+        assert retry.status == 503, retry.text()  # refused still: its row is the write that clears the failure
         after = world.call("GET", "/bear/echo/after", agent="bot")
-        assert after.status == 200 and len(up.requests_to("/echo/after")) == 1
+        assert after.status == 200 and len(up.requests_to("/echo/after")) == 1, after.text()
+        assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "ok"
 
         rows = world.ledger()
         world.assert_refused(retry, 503, "ledger_unavailable")
         assert world.row(after.request_id, rows)["decision"] == "allowed"
         unrecorded = {caught.request_id, *(reply.request_id for reply in held)}
         assert not unrecorded & {row["request_id"] for row in rows}
-        assert Scrape(world).value("aegis_ledger_commit_failures_total") == 3
-        assert world.aegis.log().count("ledger commit of 1 rows failed") == 3
+        scrape = Scrape(world)
+        assert (scrape.value("aegis_ledger_commit_failures_total"), scrape.value("aegis_ledger_failing")) == (4, 0)
+        assert world.aegis.log().count("ledger commit of 1 rows failed") == 4
         assert json.loads(world.aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def _read_reply(sock: socket.socket) -> Reply:
+    """The one answer on a connection whose request was sent by hand (a JSON body of declared length)."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before an answer: {buffer!r}"
+        buffer += chunk
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:])]
+    reply = Reply(int(lines[0].split(" ", 2)[1]), headers, b"")
+    while len(body) < int(reply.header("Content-Length") or 0):
+        body += sock.recv(65536)
+    reply.body = body
+    return reply

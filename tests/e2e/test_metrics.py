@@ -47,7 +47,7 @@ def test_metrics_after_traffic() -> None:
             "aegis_credentials_total": "gauge", "aegis_vault_unlocked": "gauge",
             "aegis_ledger_queue_depth": "gauge", "aegis_ledger_commit_seconds": "gauge",
             "aegis_ledger_commits": "counter", "aegis_ledger_rows_committed": "counter",
-            "aegis_ledger_commit_failures": "counter",
+            "aegis_ledger_commit_failures": "counter", "aegis_ledger_failing": "gauge",
             "aegis_webhook_queue_depth": "gauge", "aegis_webhook_retries_pending": "gauge",
             "aegis_webhook_delivered": "counter", "aegis_webhook_failed": "counter",
             "aegis_webhook_dropped": "counter",
@@ -84,7 +84,7 @@ def test_metrics_after_traffic() -> None:
         # This daemon wrote every row of its ledger, each in one commit with others or alone.
         assert value("aegis_ledger_rows_committed_total") == ledger_rows > 26  # the 26 requests above and system events
         assert 1 <= value("aegis_ledger_commits_total") <= ledger_rows
-        assert value("aegis_ledger_commit_failures_total") == 0
+        assert value("aegis_ledger_commit_failures_total") == 0 and value("aegis_ledger_failing") == 0
 
         # Made-up service names, paths, query strings and tokens never become label values.
         assert scrape.label_values("service") <= {"bear", "unknown"}
@@ -109,10 +109,10 @@ def test_metrics_after_traffic() -> None:
 
         # Health and the unlocked gauge follow the vault, without authentication.
         health = request(world.port, "GET", "/_aegis/health")
-        assert (health.status, health.json()) == (200, {"status": "ok", "vault": "unlocked"})
+        assert (health.status, health.json()) == (200, {"status": "ok", "vault": "unlocked", "ledger": "ok"})
         world.aegis.ctl("lock").ok()
         health = request(world.port, "GET", "/_aegis/health")
-        assert (health.status, health.json()) == (200, {"status": "ok", "vault": "locked"})
+        assert (health.status, health.json()) == (200, {"status": "ok", "vault": "locked", "ledger": "ok"})
         locked = Scrape(world)
         assert locked.value("aegis_vault_unlocked") == 0
         assert locked.value("aegis_credentials_total", status="active") == 1  # metadata is readable while locked

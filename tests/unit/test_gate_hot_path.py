@@ -135,8 +135,8 @@ def test_canonical_target_keeps_refusing_a_bad_host() -> None:
 
 def metrics() -> GateMetrics:
     stub: Any = SimpleNamespace(state="uninitialized", queue_depth=0, last_commit_seconds=0.0, commits=0,
-                                rows_committed=0, commit_failures=0, retries_pending=0, delivered=0, failed=0,
-                                dropped=0)
+                                rows_committed=0, commit_failures=0, failing=False, retries_pending=0, delivered=0,
+                                failed=0, dropped=0)
     return GateMetrics(stub, stub, stub)
 
 

@@ -153,6 +153,19 @@ def test_commits_and_rows_are_counted(db: Path) -> None:
     run(main())
 
 
+def test_failing_while_the_writer_is_not_running(db: Path) -> None:
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        states = [writer.failing]  # not started
+        await writer.start()
+        states.append(writer.failing)
+        await writer.close()
+        states.append(writer.failing)
+        assert states == [True, False, True]
+
+    run(main())
+
+
 def test_to_dict_shape() -> None:
     entry = req(7, time_ms=1_700_000_000_123, flags="body_inspection_warn,response_redacted")
     row = LedgerRow(id=1, **dataclasses.asdict(entry))
