@@ -32,6 +32,8 @@ MAX_BATCH = 4096  # rows per transaction; bounds commit latency under a flood
 CHECKPOINT_WHEN_IDLE = 32
 CHECKPOINT_ALWAYS = 256
 MIN_KEY_SIZE = 16
+# While commits fail, the writer retries this often on its own, with the row that records the outage.
+RETRY_SECONDS = 1.0
 # Rows per INSERT statement: one statement step (and GIL hand-off) per batch of up to this many rows
 # instead of one per row. A batch of n rows uses the n-row statement, so up to this many shapes get
 # prepared and cached by sqlite3 (under half a MiB in all; 40 would take 2.4 MiB).
@@ -71,6 +73,22 @@ class _ChainTip:
         self.prev_mac = prev_mac  # the newest chained row's MAC, or the chain's origin if there is none
         # Rows with a larger id were written while there was no key and wait for their MAC (None: no such rows).
         self.unchained_after = unchained_after
+
+
+class _Outage:
+    """Since when commits fail and how many rows they lost; the commit that ends it records it as a row."""
+
+    __slots__ = ("commits", "rows", "since")
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+        self.commits = 0  # failed commits that held rows (not the outage row's own retries)
+        self.rows = 0
+
+    def entry(self) -> LedgerEntry:
+        return LedgerEntry.system(f"the ledger could not be written for {time.monotonic() - self.since:.1f} s: "
+                                  f"{self.rows} rows from {self.commits} failed commits are missing",
+                                  reason="ledger_unavailable")
 
 
 class _SetKey:
@@ -162,7 +180,7 @@ class LedgerWriter:
         self.commits = 0
         self.rows_committed = 0
         self.commit_failures = 0  # group commits that failed; their appenders got a LedgerError
-        self._failing = False  # the latest commit failed (set and cleared by the writer thread)
+        self._outage: _Outage | None = None  # set by a failed commit, cleared by the next good one (writer thread)
 
     @property
     def queue_depth(self) -> int:
@@ -229,9 +247,10 @@ class LedgerWriter:
     def failing(self) -> bool:
         """Whether a row written now would likely fail: the latest commit failed, or the writer is not running.
 
-        The gate forwards nothing meanwhile; each of its refusal rows, like any row, retries the ledger.
+        The gate forwards nothing meanwhile. The writer retries every RETRY_SECONDS with a row recording
+        the outage; any other row retries it too.
         """
-        return self._failing or self._closed or self._thread is None or not self._thread.is_alive()
+        return self._outage is not None or self._closed or self._thread is None or not self._thread.is_alive()
 
     @property
     def has_key(self) -> bool:
@@ -316,7 +335,11 @@ class LedgerWriter:
         try:
             running = True
             while running:
-                items = [self._queue.get()]
+                try:
+                    items = [self._queue.get(timeout=RETRY_SECONDS if self._outage is not None else None)]
+                except queue.Empty:  # failing, and nothing came: retry with the outage's own row
+                    tip = self._commit(conn, mac_of, [], tip)
+                    continue
                 while len(items) < MAX_BATCH:
                     try:
                         items.append(self._queue.get_nowait())
@@ -416,8 +439,15 @@ class LedgerWriter:
     def _commit(
         self, conn: sqlite3.Connection, mac_of: RowMac | None, appends: list[_Append], tip: _ChainTip | None
     ) -> _ChainTip | None:
-        """Commit the batch and return the chain's new tip, or None (read it afresh) if the commit failed."""
+        """Commit the batch and return the chain's new tip, or None (read it afresh) if the commit failed.
+
+        After failed commits the batch starts with a row recording the outage, so the ledger says what it
+        is missing.
+        """
         started = time.perf_counter()
+        outage = self._outage
+        if outage is not None:
+            appends = [(normalize(outage.entry()), None), *appends]
         entries = [entry for entry, _ in appends]
         futures = [future for _, future in appends]
         try:
@@ -430,14 +460,23 @@ class LedgerWriter:
                     conn.rollback()
                 raise
         except Exception as exc:
-            # The message names the failure, never the rows (they may be sensitive metadata).
-            log.error("ledger commit of %d rows failed: %s: %s", len(entries), type(exc).__name__, exc)
             self.commit_failures += 1
-            self._failing = True
+            lost = len(entries) - (outage is not None)
+            if outage is None:
+                outage = self._outage = _Outage()
+            if lost:
+                outage.commits += 1
+                outage.rows += lost
+                # The message names the failure, never the rows (they may be sensitive metadata).
+                log.error("ledger commit of %d rows failed: %s: %s", lost, type(exc).__name__, exc)
+            else:  # only the outage row's retry: logged once, when the outage began
+                log.debug("ledger still cannot be written: %s: %s", type(exc).__name__, exc)
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started
-        self._failing = False
+        if outage is not None:
+            self._outage = None
+            log.warning("ledger writable again: %s", entries[0].detail)
         if entries:  # not the commit that only chains rows written before the key came
             self.commits += 1
             self.rows_committed += len(entries)

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import aegisd.ledger.writer as writer_module
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerRow, LedgerWriter, VerifyResult, query_rows, to_dict, verify
 from aegisd.ledger.chain import GENESIS, canonical, row_mac
 from aegisd.ledger.entry import ENTRY_FIELDS, entry_values, normalize
@@ -77,6 +79,16 @@ def raw(path: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
     conn.close()
 
 
+async def failing_writer(db: Path) -> LedgerWriter:
+    """A started, keyed writer with one committed row, whose inserts fail from now on (until DROP TRIGGER fail)."""
+    writer = LedgerWriter(db)
+    await writer.start()
+    writer.set_key(KEY)
+    await writer.append(req(0))
+    raw(db, "CREATE TRIGGER fail BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'simulated'); END")
+    return writer
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "ledger.db"
@@ -121,7 +133,7 @@ def test_append_resolves_only_after_commit(db: Path) -> None:
 
 def test_commits_and_rows_are_counted(db: Path) -> None:
     """Rows appended in one event-loop turn share a commit; a failed commit, or one that only chains
-    rows written before the key, counts nothing. A failed commit marks the writer failing until one succeeds."""
+    rows written before the key, counts nothing."""
 
     async def main() -> None:
         writer = LedgerWriter(db)
@@ -145,12 +157,44 @@ def test_commits_and_rows_are_counted(db: Path) -> None:
         assert all(isinstance(r, LedgerError) for r in failed)
         assert (writer.commits, writer.rows_committed) == before
         assert writer.commit_failures >= 1 and writer.failing
-        raw(db, "DROP TRIGGER fail")
-        await writer.append(req(45))
-        assert (writer.failing, writer.rows_committed) == (False, 45)
         await writer.close()
 
     run(main())
+
+
+def test_an_outage_is_retried_and_recorded(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed commits make the writer failing; it retries on its own with a row saying what is missing,
+    and the first commit that succeeds ends the outage with that row first."""
+    monkeypatch.setattr(writer_module, "RETRY_SECONDS", 0.05)
+
+    async def main() -> None:
+        writer = await failing_writer(db)
+        lost = await asyncio.gather(*(writer.append(req(i)) for i in range(1, 5)), return_exceptions=True)
+        assert all(isinstance(r, LedgerError) for r in lost)
+
+        def failing() -> bool:  # read afresh each time: the writer thread changes it
+            return writer.failing
+
+        failures = writer.commit_failures
+        while writer.commit_failures < failures + 2:  # it retries with no append to prompt it
+            await asyncio.sleep(0.01)
+        assert failing()
+        raw(db, "DROP TRIGGER fail")
+        for _ in range(500):
+            if not failing():
+                break
+            await asyncio.sleep(0.01)
+        assert not failing()
+        assert await writer.append(req(5)) == 3  # after the outage's row
+        await writer.close()
+
+    run(main())
+    rows = query_rows(db, newest_first=False)
+    assert [(r.kind, r.request_id) for r in rows] == [("request", "req-0"), ("system", ""), ("request", "req-5")]
+    assert rows[1].reason == "ledger_unavailable"
+    assert re.fullmatch(r"the ledger could not be written for [0-9.]+ s: 4 rows from [1-4] failed commits are "
+                        r"missing", rows[1].detail), rows[1].detail
+    assert verify(db, KEY).ok
 
 
 def test_failing_while_the_writer_is_not_running(db: Path) -> None:
@@ -499,32 +543,28 @@ def test_locked_database_rejects_waiting_appends_then_recovers(db: Path) -> None
         assert "database is locked" in str(results[0])
         blocker.execute("ROLLBACK")
         blocker.close()
-        assert await writer.append(req(6)) == 2  # the failed rows did not use up ids
+        assert await writer.append(req(6)) == 3  # the failed rows used no ids; the outage's row took 2
         await writer.close()
 
     run(main())
-    assert verify(db, KEY).rows_checked == 2
+    assert verify(db, KEY).rows_checked == 3
 
 
 def test_failing_insert_rejects_the_batch_then_recovers(db: Path) -> None:
     async def main() -> None:
-        writer = LedgerWriter(db)
-        await writer.start()
-        writer.set_key(KEY)
-        await writer.append(req(0))
-        raw(db, "CREATE TRIGGER fail BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'simulated'); END")
+        writer = await failing_writer(db)
         results = await asyncio.wait_for(
             asyncio.gather(*(writer.append(req(i)) for i in range(1, 50)), return_exceptions=True), 10
         )
         assert all(isinstance(r, LedgerError) and "simulated" in str(r) for r in results)
         writer.append_nowait(req(99))  # a fire-and-forget row fails too, but only in the log
         raw(db, "DROP TRIGGER fail")
-        assert await writer.append(req(50)) in (2, 3)
+        assert await writer.append(req(50)) in (3, 4)  # after the outage's row, and the nowait one if it won
         await writer.close()
 
     run(main())
     result = verify(db, KEY)
-    assert result.ok and result.rows_checked in (2, 3)
+    assert result.ok and result.rows_checked in (3, 4)
 
 
 def test_a_batch_refused_at_commit_leaves_no_trace_for_the_next(db: Path) -> None:
@@ -543,12 +583,15 @@ def test_a_batch_refused_at_commit_leaves_no_trace_for_the_next(db: Path) -> Non
         batch = [writer.append(req(i)) for i in range(2, 6)] + [writer.append(req(6, request_id="poison"))]
         results = await asyncio.gather(*batch, return_exceptions=True)
         assert all(isinstance(r, LedgerError) and "FOREIGN KEY" in str(r) for r in results), results
-        assert await writer.append(req(7)) == 3
+        assert await writer.append(req(7)) == 4  # after the row recording the failed commit
         await writer.close()
 
     run(main())
-    assert [r.request_id for r in query_rows(db, newest_first=False)] == ["req-0", "req-1", "req-7"]
-    assert verify(db, KEY).rows_checked == 3
+    rows = query_rows(db, newest_first=False)
+    assert [(r.kind, r.request_id) for r in rows] == [("request", "req-0"), ("request", "req-1"), ("system", ""),
+                                                      ("request", "req-7")]
+    assert "5 rows from 1 failed commits are missing" in rows[2].detail
+    assert verify(db, KEY).rows_checked == 4
 
 
 def test_close_flushes_queued_rows_and_refuses_more(db: Path) -> None:
