@@ -113,8 +113,8 @@ class _ScrapeTimeState:
         yield GaugeMetricFamily("aegis_ledger_failing", "1 while the ledger cannot be written (its latest commit "
                                 "failed, or its writer stopped): the gate forwards nothing meanwhile.",
                                 value=1 if self._ledger.failing else 0)
-        yield CounterMetricFamily("aegis_ledger_commit_failures", "Ledger group commits that failed; the "
-                                  "requests whose rows they held got 503 ledger_unavailable or were cut.",
+        yield CounterMetricFamily("aegis_ledger_commit_failures", "Ledger group commits that failed, retries "
+                                  "included; the requests whose rows they held got 503 ledger_unavailable or were cut.",
                                   value=self._ledger.commit_failures)
         if self._connections is not None:
             yield GaugeMetricFamily("aegis_gate_connections", "Agent connections open to the gate.",

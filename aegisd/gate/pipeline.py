@@ -374,8 +374,8 @@ class GatePipeline:
                 log.error("recording a request's outcome failed: %s", type(exc).__name__)
         try:
             await self.ledger.append(entry)
-        except LedgerError as exc:
-            log.error("ledger write failed: %s", exc)
+        except LedgerError as exc:  # the writer logged the outage when it began; once per request is noise
+            log.log(logging.DEBUG if self.ledger.failing else logging.ERROR, "ledger write failed: %s", exc)
             return False
         return True
 

@@ -86,9 +86,16 @@ class _Outage:
         self.rows = 0
 
     def entry(self) -> LedgerEntry:
-        return LedgerEntry.system(f"the ledger could not be written for {time.monotonic() - self.since:.1f} s: "
-                                  f"{self.rows} rows from {self.commits} failed commits are missing",
-                                  reason="ledger_unavailable")
+        return LedgerEntry.system(self.summary(), reason="ledger_unavailable")
+
+    def summary(self) -> str:
+        missing = (f"{_count(self.rows, 'row')} from {_count(self.commits, 'failed commit')} "
+                   f"{'is' if self.rows == 1 else 'are'} missing" if self.rows else "no rows are missing")
+        return f"the ledger could not be written for {time.monotonic() - self.since:.1f} s: {missing}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class _SetKey:
@@ -373,6 +380,10 @@ class LedgerWriter:
                     _checkpoint(conn)
                     since_checkpoint = 0
         finally:
+            if self._outage is not None:  # stopping mid-outage: one last try to put it on record
+                tip = self._commit(conn, mac_of, [], tip)
+            if self._outage is not None:
+                log.error("stopping with the ledger still unwritable: %s (in this log only)", self._outage.summary())
             conn.close()
             self._fail_queued()
             self._post(_settle, self._stopped, None)
@@ -461,22 +472,25 @@ class LedgerWriter:
                 raise
         except Exception as exc:
             self.commit_failures += 1
-            lost = len(entries) - (outage is not None)
+            lost = len(entries) - (outage is not None)  # the outage's own row is no lost row
+            # The message names the failure, never the rows (they may be sensitive metadata). Logged when the
+            # outage begins; later failures, which the outage's row and the recovery line sum up, at debug.
             if outage is None:
                 outage = self._outage = _Outage()
+                what = f"ledger commit of {_count(lost, 'row')}" if lost else "chaining the rows written while locked"
+                log.error("%s failed: %s: %s; the gate forwards nothing until the ledger can be written again",
+                          what, type(exc).__name__, exc)
+            else:
+                log.debug("ledger commit of %s failed: %s: %s", _count(lost, "row"), type(exc).__name__, exc)
             if lost:
                 outage.commits += 1
                 outage.rows += lost
-                # The message names the failure, never the rows (they may be sensitive metadata).
-                log.error("ledger commit of %d rows failed: %s: %s", lost, type(exc).__name__, exc)
-            else:  # only the outage row's retry: logged once, when the outage began
-                log.debug("ledger still cannot be written: %s: %s", type(exc).__name__, exc)
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started
         if outage is not None:
             self._outage = None
-            log.warning("ledger writable again: %s", entries[0].detail)
+            log.warning("ledger writable again: %s (recorded as row %d)", entries[0].detail, tip.next_id - len(entries))
         if entries:  # not the commit that only chains rows written before the key came
             self.commits += 1
             self.rows_committed += len(entries)

@@ -8,6 +8,7 @@ import enum
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,39 +163,87 @@ def test_commits_and_rows_are_counted(db: Path) -> None:
     run(main())
 
 
-def test_an_outage_is_retried_and_recorded(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_outage_is_retried_and_recorded(db: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
     """Failed commits make the writer failing; it retries on its own with a row saying what is missing,
-    and the first commit that succeeds ends the outage with that row first."""
+    and the first commit that succeeds ends the outage with that row first. One error line for the
+    outage, not one per failed commit."""
     monkeypatch.setattr(writer_module, "RETRY_SECONDS", 0.05)
+    caplog.set_level(logging.INFO, logger="aegisd.ledger")
 
     async def main() -> None:
         writer = await failing_writer(db)
         lost = await asyncio.gather(*(writer.append(req(i)) for i in range(1, 5)), return_exceptions=True)
         assert all(isinstance(r, LedgerError) for r in lost)
-
-        def failing() -> bool:  # read afresh each time: the writer thread changes it
-            return writer.failing
-
-        failures = writer.commit_failures
-        while writer.commit_failures < failures + 2:  # it retries with no append to prompt it
-            await asyncio.sleep(0.01)
-        assert failing()
+        failures, counts = writer.commit_failures, (writer.commits, writer.rows_committed)
+        await until(lambda: writer.commit_failures >= failures + 2)  # it retries with no append to prompt it
+        assert writer.failing
         raw(db, "DROP TRIGGER fail")
-        for _ in range(500):
-            if not failing():
-                break
-            await asyncio.sleep(0.01)
-        assert not failing()
-        assert await writer.append(req(5)) == 3  # after the outage's row
+        await until(lambda: not writer.failing)
+        assert (writer.commits, writer.rows_committed) == (counts[0] + 1, counts[1] + 1)  # the outage's row alone
+        assert await writer.append(req(5)) == 3
         await writer.close()
 
     run(main())
     rows = query_rows(db, newest_first=False)
     assert [(r.kind, r.request_id) for r in rows] == [("request", "req-0"), ("system", ""), ("request", "req-5")]
     assert rows[1].reason == "ledger_unavailable"
-    assert re.fullmatch(r"the ledger could not be written for [0-9.]+ s: 4 rows from [1-4] failed commits are "
-                        r"missing", rows[1].detail), rows[1].detail
+    assert re.fullmatch(r"the ledger could not be written for [0-9.]+ s: 4 rows from (1 failed commit|[2-4] failed "
+                        r"commits) are missing", rows[1].detail), rows[1].detail
     assert verify(db, KEY).ok
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "the gate forwards nothing" in errors[0], errors
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"ledger writable again: {rows[1].detail} (recorded as row 2)"]
+
+
+def test_an_outage_of_chaining_alone_is_logged_and_recorded(db: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The commit that chains rows written while locked holds no new row; its failure still opens an outage."""
+    monkeypatch.setattr(writer_module, "RETRY_SECONDS", 0.05)
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        await writer.append(req(0))  # no key yet: stored unchained
+        raw(db, "CREATE TRIGGER fail BEFORE UPDATE ON ledger BEGIN SELECT RAISE(ABORT, 'simulated'); END")
+        writer.set_key(KEY)
+        await until(lambda: writer.failing)
+        raw(db, "DROP TRIGGER fail")
+        await until(lambda: not writer.failing)
+        await writer.close()
+
+    run(main())
+    assert any("chaining the rows written while locked failed" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.ERROR)
+    rows = query_rows(db, newest_first=False)
+    assert [(r.kind, r.reason) for r in rows] == [("request", ""), ("system", "ledger_unavailable")]
+    assert rows[1].detail.endswith(": no rows are missing")
+    assert verify(db, KEY).ok
+
+
+def test_stopping_during_an_outage_tries_once_more(db: Path) -> None:
+    """Fixing the disk and stopping before the next retry still puts the outage on record."""
+
+    async def main() -> None:
+        writer = await failing_writer(db)
+        with pytest.raises(LedgerError):
+            await writer.append(req(1))
+        raw(db, "DROP TRIGGER fail")
+        await writer.close()  # well within RETRY_SECONDS
+
+    run(main())
+    rows = query_rows(db, newest_first=False)
+    assert [r.kind for r in rows] == ["request", "system"]
+    assert "1 row from 1 failed commit is missing" in rows[1].detail
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait for a condition the writer thread brings about; fail clearly if it never comes."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the writer never got there"
+        await asyncio.sleep(0.01)
 
 
 def test_failing_while_the_writer_is_not_running(db: Path) -> None:
@@ -590,7 +639,7 @@ def test_a_batch_refused_at_commit_leaves_no_trace_for_the_next(db: Path) -> Non
     rows = query_rows(db, newest_first=False)
     assert [(r.kind, r.request_id) for r in rows] == [("request", "req-0"), ("request", "req-1"), ("system", ""),
                                                       ("request", "req-7")]
-    assert "5 rows from 1 failed commits are missing" in rows[2].detail
+    assert "5 rows from 1 failed commit are missing" in rows[2].detail
     assert verify(db, KEY).rows_checked == 4
 
 
