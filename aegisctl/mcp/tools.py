@@ -131,14 +131,17 @@ def build_server(gate: GateClient) -> MCPServer[Any]:
             return results.bridge_error(exc)
         # /_aegis/health may be switched off in aegisd's config; the services answer still tells a lot.
         vault = health.document.get("vault") if health.refusal is None else "unknown"
-        value: dict[str, Any] = {"gate": "reachable", "gate_url": gate.base_url, "vault": vault, "agent": None,
-                                 "agent_token": "valid"}
+        ledger = health.document.get("ledger", "unknown") if health.refusal is None else "unknown"
+        value: dict[str, Any] = {"gate": "reachable", "gate_url": gate.base_url, "vault": vault, "ledger": ledger,
+                                 "agent": None, "agent_token": "valid"}
         if services.refusal is None:
             value["agent"] = services.document.get("agent")
         else:
             r = services.refusal
             if r.code == "vault_locked":
                 value["vault"] = "locked"
+            if r.code == "ledger_unavailable":
+                value["ledger"] = "failing"
             value["agent_token"] = "refused" if r.status == 401 else "unchecked"
             value["detail"] = f"{r.code}: {r.message}"
         return results.ok(value)

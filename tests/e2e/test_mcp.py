@@ -9,7 +9,9 @@ code. The bridge refuses to start without a token the gate accepts.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,8 +65,8 @@ async def exercise(world: GateWorld, up: Upstream, bridge: Bridge, session: Clie
     assert sorted(proxy.input_schema["required"]) == ["path", "service"]
 
     health = value_of(await bridge.call(session, "aegis_health"))
-    assert health == {"gate": "reachable", "gate_url": world.aegis.gate_url, "vault": "unlocked", "agent": "bot",
-                      "agent_token": "valid"}
+    assert health == {"gate": "reachable", "gate_url": world.aegis.gate_url, "vault": "unlocked", "ledger": "ok",
+                      "agent": "bot", "agent_token": "valid"}
 
     services = value_of(await bridge.call(session, "aegis_list_services"))
     assert services["agent"] == "bot"
@@ -250,3 +252,26 @@ def test_body_inspection_refusal_is_a_tool_error(world: GateWorld) -> None:
     error = error_of(leaky, "body_inspection")
     assert error["status"] == 403 and FAKE_GITHUB_KEY not in error["message"]
     assert up.requests_to("/echo/leak") == []
+
+
+def test_health_reports_a_ledger_that_cannot_be_written(world: GateWorld) -> None:
+    """While the ledger fails the gate forwards nothing; the bridge's health says why, not just 'unchecked'."""
+    up, _, bridge = setup_bot(world)
+
+    async def scenario() -> None:
+        async with bridge.stdio() as session:
+            with contextlib.closing(sqlite3.connect(world.aegis.data_dir / "ledger.db", isolation_level=None)) as db:
+                db.execute("CREATE TRIGGER full BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'full'); END")
+                error_of(await bridge.call(session, "aegis_proxy_request", service="api", path="/echo/x"),
+                         "ledger_unavailable")  # forwarded, then its row failed
+                with untouched(up):
+                    error_of(await bridge.call(session, "aegis_proxy_request", service="api", path="/echo/y"),
+                             "ledger_unavailable")
+                health = value_of(await bridge.call(session, "aegis_health"))
+                assert (health["ledger"], health["agent_token"]) == ("failing", "unchecked"), health
+                assert health["detail"].startswith("ledger_unavailable: "), health
+                db.execute("DROP TRIGGER full")
+
+    anyio.run(scenario)
+    world.aegis.assert_no_leaks([*world.secrets, *world.tokens.values()],
+                                extra_text=[*world.received, *bridge.outputs()])
