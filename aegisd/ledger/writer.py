@@ -188,6 +188,7 @@ class LedgerWriter:
         self.rows_committed = 0
         self.commit_failures = 0  # group commits that failed; their appenders got a LedgerError
         self._outage: _Outage | None = None  # set by a failed commit, cleared by the next good one (writer thread)
+        self._serving = False  # the writer thread has its connection and has not ended (cheaper than is_alive)
 
     @property
     def queue_depth(self) -> int:
@@ -257,7 +258,7 @@ class LedgerWriter:
         The gate forwards nothing meanwhile. The writer retries every RETRY_SECONDS with a row recording
         the outage; any other row retries it too.
         """
-        return self._outage is not None or self._closed or self._thread is None or not self._thread.is_alive()
+        return self._outage is not None or self._closed or not self._serving
 
     @property
     def has_key(self) -> bool:
@@ -334,6 +335,7 @@ class LedgerWriter:
             self._post(_settle, ready, error)
             self._post(_settle, self._stopped, None)
             return
+        self._serving = True
         self._post(_settle, ready, None)
         key: bytes | None = None
         mac_of: RowMac | None = None  # row_mac(key), keyed once per key rather than once per commit
@@ -380,6 +382,7 @@ class LedgerWriter:
                     _checkpoint(conn)
                     since_checkpoint = 0
         finally:
+            self._serving = False
             if self._outage is not None:  # stopping mid-outage: one last try to put it on record
                 tip = self._commit(conn, mac_of, [], tip)
             if self._outage is not None:
