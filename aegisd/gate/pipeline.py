@@ -164,7 +164,7 @@ class GatePipeline:
         verdict = check_policy(self.policies.current, x, agent, service, request.method, rest)
 
         # Nothing is forwarded while the ledger cannot record it; checked again once the body is read.
-        self._check_ledger_writable()
+        self._check_ledger_writable(x)
 
         # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
         self.limits.admit(x, agent, route, verdict)
@@ -196,9 +196,11 @@ class GatePipeline:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _check_ledger_writable(self) -> None:
-        """Refuse while the ledger's latest commit failed: a request forwarded now could not be recorded."""
+    def _check_ledger_writable(self, x: Exchange) -> None:
+        """Refuse while the ledger's latest commit failed: a request forwarded now could not be recorded.
+        A request refused here after its admission gives its quota back (before it, there is none to give)."""
         if self.ledger.failing:
+            self.limits.refund(x.request_id)
             raise Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was forwarded")
 
     def _unlocked_table(self) -> RoutingTable:
@@ -250,11 +252,7 @@ class GatePipeline:
             body = counted_body(request, x, limit)
             if length is not None:
                 headers["Content-Length"] = str(length)
-        try:
-            self._check_ledger_writable()  # a commit may have failed while the body was read
-        except Refusal:
-            self.limits.refund(x.request_id)
-            raise
+        self._check_ledger_writable(x)  # a commit may have failed while the body was read
         sent = time.perf_counter()
         x.forwarded = True
         try:

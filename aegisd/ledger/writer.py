@@ -491,13 +491,13 @@ class LedgerWriter:
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started
+        first_id = tip.next_id - len(entries)
         if outage is not None:
             self._outage = None
-            log.warning("ledger writable again: %s (recorded as row %d)", entries[0].detail, tip.next_id - len(entries))
+            log.warning("ledger writable again: %s (recorded as row %d)", entries[0].detail, first_id)
         if entries:  # not the commit that only chains rows written before the key came
             self.commits += 1
             self.rows_committed += len(entries)
-        first_id = tip.next_id - len(entries)
         rows: list[LedgerRow] = []
         subscribers = self._subscribers
         if subscribers:
