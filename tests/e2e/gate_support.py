@@ -83,33 +83,39 @@ def raw_exchange(port: int, data: bytes, *, wait_close: bool = False, timeout: f
     """Send `data` as-is and read one response; with wait_close, also report whether the gate hung up."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
-        buffer = b""
-        while b"\r\n\r\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise AssertionError(f"connection closed before a response; got {buffer!r}")
-            buffer += chunk
-        head, _, rest = buffer.partition(b"\r\n\r\n")
-        status, headers = _parse_head(head)
-        reply = Reply(status, headers, b"")
-        length = reply.header("Content-Length")
-        if length is not None:
-            while len(rest) < int(length):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                rest += chunk
-            reply.body = rest[: int(length)]
-        elif (reply.header("Transfer-Encoding") or "").lower() == "chunked":
-            while not rest.endswith(b"0\r\n\r\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                rest += chunk
-            reply.body = _dechunk(rest)
+        reply = read_reply(sock)
         if wait_close:
             reply.closed = _wait_closed(sock)
         return reply
+
+
+def read_reply(sock: socket.socket) -> Reply:
+    """One response from a connection whose request was sent by hand (framed by length or chunks)."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a response; got {buffer!r}")
+        buffer += chunk
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    status, headers = _parse_head(head)
+    reply = Reply(status, headers, b"")
+    length = reply.header("Content-Length")
+    if length is not None:
+        while len(rest) < int(length):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        reply.body = rest[: int(length)]
+    elif (reply.header("Transfer-Encoding") or "").lower() == "chunked":
+        while not rest.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        reply.body = _dechunk(rest)
+    return reply
 
 
 def _wait_closed(sock: socket.socket) -> bool:

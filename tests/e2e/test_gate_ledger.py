@@ -20,7 +20,17 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.gate_support import LEDGER_KEYS, SECRETS, GateWorld, Reply, Standard, request, shared_standard, untouched
+from tests.e2e.gate_support import (
+    LEDGER_KEYS,
+    SECRETS,
+    GateWorld,
+    Reply,
+    Standard,
+    read_reply,
+    request,
+    shared_standard,
+    untouched,
+)
 from tests.e2e.ops_support import Scrape
 from tests.harness import AEGISCTL
 
@@ -256,7 +266,7 @@ def test_nothing_is_forwarded_while_the_ledger_cannot_be_written() -> None:
             assert Scrape(world).value("aegis_ledger_failing") == 1
             with untouched(up):
                 slow.sendall(b"0123456789")
-                held = [_read_reply(slow)]  # one at a time, so each row fails in a commit of its own
+                held = [read_reply(slow)]  # one at a time, so each row fails in a commit of its own
                 world.received.append(held[0].text())
                 held += [world.call("GET", "/bear/echo/held", agent="bot"),
                          world.call("POST", "/bear/echo/held", [("Expect", "100-continue")], b"x" * 1000,
@@ -292,19 +302,3 @@ def test_nothing_is_forwarded_while_the_ledger_cannot_be_written() -> None:
     finally:
         world.close()
 
-
-def _read_reply(sock: socket.socket) -> Reply:
-    """The one answer on a connection whose request was sent by hand (a JSON body of declared length)."""
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before an answer: {buffer!r}"
-        buffer += chunk
-    head, _, body = buffer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:])]
-    reply = Reply(int(lines[0].split(" ", 2)[1]), headers, b"")
-    while len(body) < int(reply.header("Content-Length") or 0):
-        body += sock.recv(65536)
-    reply.body = body
-    return reply
