@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.services import ServiceError, free_port
 
 BIN = Path(sys.executable).parent
@@ -132,10 +134,11 @@ class BenchDaemon:
         if status != 200:
             raise ServiceError(f"/_aegis/metrics answered {status}")
         names = ("aegis_ledger_commits_total", "aegis_ledger_rows_committed_total")
-        values = dict(line.split(" ", 1) for line in text.splitlines() if line.split(" ", 1)[0] in names)
+        values = {sample.name: sample.value for family in text_string_to_metric_families(text)
+                  for sample in family.samples if sample.name in names}
         if set(values) != set(names):
             raise ServiceError(f"/_aegis/metrics lacks {sorted(set(names) - set(values))}")
-        return float(values[names[0]]), float(values[names[1]])
+        return values[names[0]], values[names[1]]
 
     def write_policy(self, name: str, text: str) -> None:
         """Write a policy file and have the daemon load it now (it would also notice by itself)."""
