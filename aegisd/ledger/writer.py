@@ -189,6 +189,8 @@ class LedgerWriter:
         self.commit_failures = 0  # group commits that failed; their appenders got a LedgerError
         self._outage: _Outage | None = None  # set by a failed commit, cleared by the next good one (writer thread)
         self._serving = False  # the writer thread has its connection and has not ended (cheaper than is_alive)
+        # The writer thread's connection; None after a restore's swap could not open the file, until a retry can.
+        self._conn: sqlite3.Connection | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -329,7 +331,7 @@ class LedgerWriter:
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            conn = open_writable(self._path, busy_timeout_s=self._busy_timeout_s)
+            self._conn = open_writable(self._path, busy_timeout_s=self._busy_timeout_s)
         except Exception as exc:
             error = exc if isinstance(exc, LedgerError) else LedgerError(f"cannot open ledger: {exc}")
             self._post(_settle, ready, error)
@@ -347,7 +349,7 @@ class LedgerWriter:
                 try:
                     items = [self._queue.get(timeout=RETRY_SECONDS if self._outage is not None else None)]
                 except queue.Empty:  # failing, and nothing came: retry with the outage's own row
-                    tip = self._commit(conn, mac_of, [], tip)
+                    tip = self._commit(mac_of, [], tip)
                     continue
                 while len(items) < MAX_BATCH:
                     try:
@@ -367,61 +369,66 @@ class LedgerWriter:
                         appends.append(item)
                     elif isinstance(item, _Job | _Replace):
                         if appends or new_key:  # what was queued before the job commits before it
-                            tip = self._commit(conn, mac_of, appends, tip)
+                            tip = self._commit(mac_of, appends, tip)
                             appends, new_key = [], False
-                        conn, key = self._run_job(conn, key, item)
+                        key = self._run_job(key, item)
                         if key is None:
                             mac_of = None
                         tip = None  # a prune has written through this connection, or a replace swapped files
                 if appends or new_key:
-                    tip = self._commit(conn, mac_of, appends, tip)
+                    tip = self._commit(mac_of, appends, tip)
                     since_checkpoint += 1
                 if since_checkpoint >= CHECKPOINT_ALWAYS or (
                     since_checkpoint >= CHECKPOINT_WHEN_IDLE and self._queue.empty()
                 ):
-                    _checkpoint(conn)
+                    if self._conn is not None:
+                        _checkpoint(self._conn)
                     since_checkpoint = 0
         finally:
             self._serving = False
             if self._outage is not None:  # stopping mid-outage: one last try to put it on record
-                tip = self._commit(conn, mac_of, [], tip)
+                tip = self._commit(mac_of, [], tip)
             if self._outage is not None:
                 log.error("stopping with the ledger still unwritable: %s (in this log only)", self._outage.summary())
-            conn.close()
+            if self._conn is not None:
+                self._conn.close()
             self._fail_queued()
             self._post(_settle, self._stopped, None)
 
-    def _run_job(
-        self, conn: sqlite3.Connection, key: bytes | None, job: _Job | _Replace
-    ) -> tuple[sqlite3.Connection, bytes | None]:
-        """Run one job; a replace hands back the new file's connection and no key."""
+    def _run_job(self, key: bytes | None, job: _Job | _Replace) -> bytes | None:
+        """Run one job; return the chain key the writer goes on with (None after a replace)."""
         result: Any = None
+        conn: sqlite3.Connection | None = None  # a job's, to roll back if it fails mid-transaction
         try:
             if isinstance(job, _Replace):
-                conn, error = self._swap_file(conn, job.staged)
+                error = self._swap_file(job.staged)
                 if error is not None:
                     raise error
                 key = None
             else:
+                conn = self._connection()
                 result = job.fn(conn, key)
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
+                if conn is not None and conn.in_transaction:
                     conn.rollback()
             self._post(_settle, job.future, exc)
         else:
             self._post(_resolve, job.future, result)
-        return conn, key
+        return key
 
-    def _swap_file(self, conn: sqlite3.Connection, staged: Path) -> tuple[sqlite3.Connection, LedgerError | None]:
+    def _swap_file(self, staged: Path) -> LedgerError | None:
         """Close the file, move the staged one over it, and open that (migrating it if it is older).
 
         The old file's -wal and -shm go too: SQLite would otherwise replay the old WAL onto the new file.
-        If the move fails, the old file is still whole and is reopened, with the error to report.
+        If the move fails, the old file is still whole and is reopened, with the error to report. If the
+        reopen fails (a full disk during a migration, say), the writer is failing until a retry opens it.
         """
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.close()
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
         error = None
         try:
             os.replace(staged, self._path)
@@ -431,7 +438,20 @@ class LedgerWriter:
             fsync_directory(self._path.parent)
         except OSError as exc:
             error = LedgerError(f"cannot move the restored ledger into place: {exc.strerror or exc}")
-        return open_writable(self._path, busy_timeout_s=self._busy_timeout_s), error
+        try:
+            self._connection()
+        except LedgerError as exc:
+            if self._outage is None:
+                self._outage = _Outage()
+                log.error("cannot reopen the ledger after a restore: %s; the gate forwards nothing until it can "
+                          "(retried every %.0f s)", exc, RETRY_SECONDS)
+        return error
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection, or a new one if a restore's swap left none (raises LedgerError if it cannot)."""
+        if self._conn is None:
+            self._conn = open_writable(self._path, busy_timeout_s=self._busy_timeout_s)
+        return self._conn
 
     def _fail_queued(self) -> None:
         """Reject whatever is still queued when the thread ends, so no appender waits forever."""
@@ -450,9 +470,7 @@ class LedgerWriter:
         if futures:
             self._post(_fail, futures, "the ledger writer has stopped")
 
-    def _commit(
-        self, conn: sqlite3.Connection, mac_of: RowMac | None, appends: list[_Append], tip: _ChainTip | None
-    ) -> _ChainTip | None:
+    def _commit(self, mac_of: RowMac | None, appends: list[_Append], tip: _ChainTip | None) -> _ChainTip | None:
         """Commit the batch and return the chain's new tip, or None (read it afresh) if the commit failed.
 
         After failed commits the batch starts with a row recording the outage, so the ledger says what it
@@ -465,6 +483,7 @@ class LedgerWriter:
         entries = [entry for entry, _ in appends]
         futures = [future for _, future in appends]
         try:
+            conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 tip = _write(conn, mac_of, entries, tip)

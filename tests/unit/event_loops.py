@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -27,10 +28,10 @@ class Run:
         assert reports == []
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait (briefly) until `condition` holds: for states a connection reaches between two events."""
-    for _ in range(400):
-        if condition():
-            return
+async def eventually(condition: Callable[[], bool], what: str, seconds: float = 2.0) -> None:
+    """Wait until `condition` holds: for states a connection (or the ledger's thread) reaches between two events."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
         await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")

@@ -17,7 +17,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,7 @@ from aegisd.ledger.chain import GENESIS, canonical, row_mac
 from aegisd.ledger.entry import ENTRY_FIELDS, entry_values, normalize
 from aegisd.ledger.schema import SCHEMA_VERSION
 from aegisd.ledger.writer import CHECKPOINT_ALWAYS
+from tests.unit.event_loops import eventually
 
 KEY = bytes(range(32))
 T = TypeVar("T")
@@ -176,10 +177,10 @@ def test_an_outage_is_retried_and_recorded(db: Path, monkeypatch: pytest.MonkeyP
         lost = await asyncio.gather(*(writer.append(req(i)) for i in range(1, 5)), return_exceptions=True)
         assert all(isinstance(r, LedgerError) for r in lost)
         failures, counts = writer.commit_failures, (writer.commits, writer.rows_committed)
-        await until(lambda: writer.commit_failures >= failures + 2)  # it retries with no append to prompt it
+        await eventually(lambda: writer.commit_failures >= failures + 2, "a retry", 10)  # no append prompts it
         assert writer.failing
         raw(db, "DROP TRIGGER fail")
-        await until(lambda: not writer.failing)
+        await eventually(lambda: not writer.failing, "recovery", 10)
         assert (writer.commits, writer.rows_committed) == (counts[0] + 1, counts[1] + 1)  # the outage's row alone
         assert await writer.append(req(5)) == 3
         await writer.close()
@@ -208,9 +209,9 @@ def test_an_outage_of_chaining_alone_is_logged_and_recorded(db: Path, monkeypatc
         await writer.append(req(0))  # no key yet: stored unchained
         raw(db, "CREATE TRIGGER fail BEFORE UPDATE ON ledger BEGIN SELECT RAISE(ABORT, 'simulated'); END")
         writer.set_key(KEY)
-        await until(lambda: writer.failing)
+        await eventually(lambda: writer.failing, "an outage", 10)
         raw(db, "DROP TRIGGER fail")
-        await until(lambda: not writer.failing)
+        await eventually(lambda: not writer.failing, "recovery", 10)
         await writer.close()
 
     run(main())
@@ -236,14 +237,6 @@ def test_stopping_during_an_outage_tries_once_more(db: Path) -> None:
     rows = query_rows(db, newest_first=False)
     assert [r.kind for r in rows] == ["request", "system"]
     assert "1 row from 1 failed commit is missing" in rows[1].detail
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    """Wait for a condition the writer thread brings about; fail clearly if it never comes."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the writer never got there"
-        await asyncio.sleep(0.01)
 
 
 def test_failing_while_the_writer_is_not_running(db: Path) -> None:

@@ -4,6 +4,8 @@ forged or missing checkpoints are caught, stats count with GROUP BY, and the wri
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import aegisd.ledger.writer as writer_module
 from aegisd.ledger import (
     KeyMissing,
     LedgerEntry,
@@ -25,6 +28,7 @@ from aegisd.ledger import (
 from aegisd.ledger.checkpoint import all_checkpoints, checkpoint_mac
 from aegisd.ledger.query import filter_clauses
 from aegisd.ledger.stats import _stats
+from tests.unit.event_loops import eventually
 
 KEY = bytes(range(100, 132))
 T0 = 1_700_000_000_000
@@ -257,6 +261,62 @@ def test_replace_file_swaps_between_commits_and_forgets_the_key(tmp_path: Path, 
 
     asyncio.run(main())
     assert [r.request_id for r in query_rows(db, newest_first=False)] == ["r0", "r1", "r2", "r99", "r100"]
+    assert verify(db, KEY).ok
+
+
+def test_a_replace_whose_file_cannot_be_opened_fails_until_a_retry_can(
+        tmp_path: Path, db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A file moved into place that will not open (a migration on a full disk, say) leaves the writer failing
+    and retrying, not holding a closed connection until a restart; the reopen's commit records the outage."""
+    monkeypatch.setattr(writer_module, "RETRY_SECONDS", 0.05)
+    good = tmp_path / "good.db"
+    fill(good, 3)
+    staged = tmp_path / "staged.db"
+    staged.write_bytes(os.urandom(8192))
+
+    async def main() -> None:
+        writer = await started(db)
+        await writer.append(entry(0))
+        await writer.replace_file(staged)  # the move itself succeeded
+        assert writer.failing
+        with pytest.raises(LedgerError, match="not an Aegis ledger or is corrupt"):
+            await writer.append(entry(1))
+        with pytest.raises(LedgerError, match="not an Aegis ledger or is corrupt"):
+            await writer.run_exclusive(lambda conn, key: None)
+        shutil.copy(good, db)  # the cause goes away; no restart, no request needed
+        await eventually(lambda: not writer.failing, "the reopen", 10)
+        writer.set_key(KEY)
+        assert await writer.append(entry(9)) == 5
+        await writer.close()
+
+    asyncio.run(main())
+    rows = query_rows(db, newest_first=False)
+    assert [(r.kind, r.request_id, r.reason) for r in rows] == [
+        ("request", "r0", ""), ("request", "r1", ""), ("request", "r2", ""),
+        ("system", "", "ledger_unavailable"), ("request", "r9", "")]
+    assert "1 row from 1 failed commit is missing" in rows[3].detail
+    assert verify(db, KEY).ok
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("cannot reopen the ledger after a restore"), errors
+
+
+def test_a_second_replace_recovers_from_a_file_that_would_not_open(tmp_path: Path, db: Path) -> None:
+    """The operator's way out: run the restore again with a good backup."""
+    bad, good = tmp_path / "bad.db", tmp_path / "good.db"
+    bad.write_bytes(os.urandom(8192))
+    fill(good, 2)
+
+    async def main() -> None:
+        writer = await started(db)
+        await writer.replace_file(bad)
+        assert writer.failing
+        await writer.replace_file(good)
+        writer.set_key(KEY)
+        assert await writer.append(entry(7)) == 4  # after the restored rows and the outage's row
+        await writer.close()
+
+    asyncio.run(main())
+    assert [r.kind for r in query_rows(db, newest_first=False)] == ["request", "request", "system", "request"]
     assert verify(db, KEY).ok
 
 
