@@ -93,8 +93,8 @@ class GateLimits:
         self.concurrency.acquire(x.request_id, agent.id)
 
     def refund(self, request_id: str) -> None:
-        """A later step (body inspection) refused the request before it was forwarded: give its quota back,
-        so a refused request uses none. Consuming first and refunding keeps the limit exact under
+        """The request ended before it was forwarded (a later step refused it, a bug, a stop): give its quota
+        back, so a refused request uses none. Consuming first and refunding keeps the limit exact under
         concurrency, where checking now and consuming after an await would not."""
         for quota in self._consumed.pop(request_id, ()):
             self.rates.refund(quota)

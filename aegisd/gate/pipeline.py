@@ -92,12 +92,13 @@ class GatePipeline:
         try:
             await self._pipeline(request, x)
         except Refusal as refusal:
+            self._refund_unless_forwarded(x)
             await self._refuse(request, x, refusal)
         except asyncio.CancelledError:  # the gate stopped and this request outlived the grace period
             if not x.recorded:
-                if not x.forwarded:  # nothing reached the upstream: refused, and it used no quota
+                if not x.forwarded:
                     x.decision = "denied"
-                    self.limits.refund(x.request_id)
+                self._refund_unless_forwarded(x)
                 x.reason = x.reason or "shutting_down"
                 await asyncio.shield(self._record(x))
             raise
@@ -110,9 +111,15 @@ class GatePipeline:
             self.in_flight -= 1
             self.limits.release(x.request_id)
 
+    def _refund_unless_forwarded(self, x: Exchange) -> None:
+        """A request that ended before anything reached the upstream used no quota (docs/policies.md)."""
+        if not x.forwarded:
+            self.limits.refund(x.request_id)
+
     async def _fail(self, request: GateRequest, x: Exchange) -> None:
         """After a bug: a JSON 500 if nothing was sent yet, else a cut answer; one ledger row either way."""
         failure = Refusal(500, "internal_error", "the gate failed on this request; see aegisd's log", close=True)
+        self._refund_unless_forwarded(x)
         if not x.recorded:
             x.decision, x.reason, x.status = ("denied" if not x.forwarded else x.decision), "internal_error", 500
             await self._record(x)
@@ -164,7 +171,7 @@ class GatePipeline:
         verdict = check_policy(self.policies.current, x, agent, service, request.method, rest)
 
         # Nothing is forwarded while the ledger cannot record it; checked again once the body is read.
-        self._check_ledger_writable(x)
+        self._check_ledger_writable()
 
         # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
         self.limits.admit(x, agent, route, verdict)
@@ -176,12 +183,8 @@ class GatePipeline:
         # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys;
         #    the query and headers scanned are the agent's as they will be forwarded (step 9's strip)
         headers, query = agent_headers(request.headers, route), agent_query(query, route)
-        try:
-            body = await inspect_request(request, route, table.inspector, x, rest, query, headers,
-                                         self.config.max_body_bytes)
-        except Refusal:
-            self.limits.refund(x.request_id)  # refused before forwarding: it used no quota
-            raise
+        body = await inspect_request(request, route, table.inspector, x, rest, query, headers,
+                                     self.config.max_body_bytes)
         redaction = redaction_for(route, table.inspector)
 
         # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential
@@ -196,11 +199,9 @@ class GatePipeline:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _check_ledger_writable(self, x: Exchange) -> None:
-        """Refuse while the ledger's latest commit failed: a request forwarded now could not be recorded.
-        A request refused here after its admission gives its quota back (before it, there is none to give)."""
+    def _check_ledger_writable(self) -> None:
+        """Refuse while the ledger's latest commit failed: a request forwarded now could not be recorded."""
         if self.ledger.failing:
-            self.limits.refund(x.request_id)
             raise Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was forwarded")
 
     def _unlocked_table(self) -> RoutingTable:
@@ -252,7 +253,7 @@ class GatePipeline:
             body = counted_body(request, x, limit)
             if length is not None:
                 headers["Content-Length"] = str(length)
-        self._check_ledger_writable(x)  # a commit may have failed while the body was read
+        self._check_ledger_writable()  # a commit may have failed while the body was read
         sent = time.perf_counter()
         x.forwarded = True
         try:

@@ -464,30 +464,31 @@ def test_sigterm_cuts_a_request_still_reading_its_body_as_refused(small: GateWor
 
 
 # A test-only fault, loaded into the daemon through PYTHONPATH: one step of the pipeline raises for
-# chosen paths, before the upstream is called or after it answered. Nothing in aegisd knows about it.
+# chosen paths, after the limits admitted the request but before the upstream is called, or after it
+# answered. Nothing in aegisd knows about it.
 FAULT = '''
 import aegisd.gate.pipeline as pipeline
 
-_check_policy, _relay = pipeline.check_policy, pipeline.GatePipeline._relay
+_inspect_request, _relay = pipeline.inspect_request, pipeline.GatePipeline._relay
 
-def check_policy(policies, x, agent, service, method, rest):
-    if rest.startswith("/echo/fault-before"):
+async def inspect_request(request, route, inspector, x, *args):
+    if x.path.startswith("/echo/fault-before"):
         raise RuntimeError("injected fault before forwarding")
-    return _check_policy(policies, x, agent, service, method, rest)
+    return await _inspect_request(request, route, inspector, x, *args)
 
 async def relay(self, request, x, upstream, redaction):
     if x.path.startswith("/echo/fault-after"):
         raise RuntimeError("injected fault after forwarding")
     return await _relay(self, request, x, upstream, redaction)
 
-pipeline.check_policy, pipeline.GatePipeline._relay = check_policy, relay
+pipeline.inspect_request, pipeline.GatePipeline._relay = inspect_request, relay
 '''
 
 
 def test_a_bug_in_the_pipeline_answers_500_and_records_it(small: GateWorld) -> None:
     """A step that raises: the agent gets the gate's JSON 500 and the connection closes, the ledger gets one
-    `internal_error` row (denied if nothing was forwarded), the log names only the exception's type, and the
-    daemon goes on serving."""
+    `internal_error` row (denied if nothing was forwarded, and then it used no quota), the log names only the
+    exception's type, and the daemon goes on serving."""
     world, up = small, small.upstreams[0]
     fault = world.aegis.root / "fault"
     fault.mkdir()
@@ -495,6 +496,7 @@ def test_a_bug_in_the_pipeline_answers_500_and_records_it(small: GateWorld) -> N
     world.aegis.stop()
     world.aegis.start(env={"PYTHONPATH": str(fault)})
     world.unlock()
+    world.aegis.ctl("agent", "set-rate-limit", "bot", "3/day").ok()
 
     before = world.raw_request("GET", "/bear/echo/fault-before", agent="bot", wait_close=True)
     after = world.raw_request("GET", "/bear/echo/fault-after", agent="bot", wait_close=True)
@@ -510,6 +512,8 @@ def test_a_bug_in_the_pipeline_answers_500_and_records_it(small: GateWorld) -> N
     assert {k: world.row(after.request_id, rows)[k] for k in ("decision", "reason", "status")} == \
         {"decision": "allowed", "reason": "internal_error", "status": 500}
     assert world.call("GET", "/bear/echo/fine", agent="bot").status == 200  # the pooled upstream connection too
+    assert world.call("GET", "/bear/echo/third", agent="bot").status == 200  # `before` gave its quota back
+    world.assert_refused(world.call("GET", "/bear/echo/fourth", agent="bot"), 429, "rate_limited")
     log = world.aegis.log()
     assert log.count("the gate failed on a request: RuntimeError") == 2
     assert "injected fault" not in log

@@ -8,6 +8,8 @@ import re
 import sqlite3
 import threading
 
+import pytest
+
 from tests.e2e.gate_support import Reply, untouched
 from tests.e2e.policy_support import Expected, check_rows, policy_world, refusal
 from tests.e2e.support import assert_failed
@@ -165,18 +167,25 @@ def test_agent_concurrency_cap() -> None:
         world.close()
 
 
-def test_a_request_refused_by_body_inspection_uses_no_quota() -> None:
-    """Step 8 runs after the limits admitted the request; when it refuses, the quota is given back."""
-    world, _ = policy_world({})
+@pytest.mark.parametrize("refused_by", ["inspection", "declared_length"])
+def test_a_request_refused_after_admission_uses_no_quota(refused_by: str) -> None:
+    """Steps after the limits admitted the request may still refuse it before anything is forwarded: body
+    inspection (a secret in the body), or, with inspection off, a Content-Length past the body limit. Either
+    way the quota is given back."""
+    world, _ = policy_world({}, max_body_bytes=1024)
     try:
         up = world.upstream()
-        world.credential("limited", LIMITED, up.entry(), "--rate-limit", "2/day")
+        inspection = "block" if refused_by == "inspection" else "off"
+        world.credential("limited", LIMITED, up.entry(), "--rate-limit", "2/day", "--body-inspection", inspection)
         world.agent("bot", "limited")
-        leaky = json.dumps({"note": f"here is {LIMITED}"}).encode()  # a vault secret in the body
+        if refused_by == "inspection":
+            body, status, code = json.dumps({"note": f"here is {LIMITED}"}).encode(), 403, "body_inspection"
+        else:
+            body, status, code = b"x" * 2048, 413, "body_too_large"
         with untouched(up):
             for _ in range(3):
-                refusal(world.call("POST", "/limited/echo/leak", [("Content-Type", "application/json")], leaky,
-                                   agent="bot"), 403, "body_inspection")
+                refusal(world.call("POST", "/limited/echo/refused", [("Content-Type", "application/json")], body,
+                                   agent="bot"), status, code)
         for _ in range(2):  # the whole 2/day is still there
             assert world.call("GET", "/limited/echo/ok", agent="bot").status == 200
         limited([], world.call("GET", "/limited/echo/ok", agent="bot"), "credential")
