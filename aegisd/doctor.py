@@ -199,8 +199,10 @@ class Doctor:
                 broken.append(cred.name)
         if broken:
             return Check("credentials_decrypt", FAIL, f"{len(broken)} of {len(creds)} credentials fail to decrypt "
-                         f"(modified or moved in vault.db): {_names(broken)}",
-                         "rotate each with `aegisctl vault rotate NAME`, or restore a good backup")
+                         f"(the secret or the metadata sealed with it was changed outside aegisd, or moved), so the "
+                         f"gate does not serve them: {_names(broken)}",
+                         "check each with `aegisctl vault show NAME`, then `aegisctl vault rotate NAME`, or restore "
+                         "a good backup")
         return Check("credentials_decrypt", PASS, f"all {len(creds)} credentials decrypt")
 
     async def credentials_expiry(self) -> Check:

@@ -158,11 +158,12 @@ class RoutingState:
             else:
                 master = self._vault.master()
                 routes = {}
-                for cred in self._vault.list_credentials():
-                    try:
-                        routes[cred.service] = build_route(cred, self._vault.open_secret(cred.id))
+                for listed in self._vault.list_credentials():
+                    try:  # the route is built from the metadata its secret was sealed with
+                        cred, secret = self._vault.open_credential(listed.id)
+                        routes[cred.service] = build_route(cred, secret)
                     except AegisError as exc:  # one broken seal must not take the others down
-                        log.error("credential %s is not served: %s", cred.name, exc.message)
+                        log.error("credential %s is not served: %s", listed.name, exc.message)
                 agents = self._agent_entries()
                 inspector = Inspector(SecretSource(r.credential_id, secret_values(r.secret, r.auth_type))
                                       for r in routes.values())

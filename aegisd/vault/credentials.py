@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -46,6 +47,13 @@ class Credential:
 
     def expired(self, now_ms: int) -> bool:
         return self.expires_at is not None and now_ms >= self.expires_at
+
+    def sealed_metadata(self) -> bytes:
+        """The fields sealed with the secret (its AEAD associated data): what it is called, where and how it
+        may be used. Changing any of them outside aegisd breaks the seal; the timestamps are display only."""
+        return json.dumps([self.name, self.service, self.domains, self.auth_type, self.header_name,
+                           self.query_param, self.scopes, self.rate_limit, self.body_inspection, self.expires_at],
+                          separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def validate_name(name: str, what: str = "credential name") -> str:

@@ -3,8 +3,9 @@
 LUKS-style: one random 256-bit master key, never stored in clear, wrapped by any number
 of slots (a passphrase through Argon2id, or a random unlock key through HKDF). Secrets are
 sealed with AES-256-GCM under a key derived from the master key, with associated data
-that binds each ciphertext to its vault and credential, so a ciphertext moved elsewhere
-fails to open instead of decrypting as the wrong secret.
+that binds each ciphertext to its vault, its credential and that credential's metadata, so a
+ciphertext moved elsewhere, or an allowlist widened behind aegisd's back, fails to open instead
+of sending the secret somewhere it was not meant to go.
 """
 
 from __future__ import annotations
@@ -125,7 +126,14 @@ def new_unlock_key() -> str:
     return UNLOCK_KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode().rstrip("=")
 
 
-def secret_aad(vault_id: str, credential_id: str) -> bytes:
+def secret_aad(vault_id: str, credential_id: str, metadata: bytes) -> bytes:
+    """A secret's associated data: its vault, its credential, and the metadata that says where and how it
+    may be used (Credential.sealed_metadata), so editing that metadata in vault.db breaks the seal."""
+    return b"aegis-secret-v2\0" + vault_id.encode() + b"\0" + credential_id.encode() + b"\0" + metadata
+
+
+def secret_aad_v1(vault_id: str, credential_id: str) -> bytes:
+    """The associated data of secrets sealed before their metadata was: read once, then resealed."""
     return b"aegis-secret-v1\0" + vault_id.encode() + b"\0" + credential_id.encode()
 
 

@@ -8,6 +8,7 @@ routing table) rebuild from the vault rather than keeping state of their own.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aegisd.errors import (
+    AegisError,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -37,6 +39,7 @@ from aegisd.vault.crypto import (
     open_slot,
     seal,
     secret_aad,
+    secret_aad_v1,
     unseal,
 )
 from aegisd.vault.passphrase_strength import check_passphrase_strength
@@ -44,7 +47,9 @@ from aegisd.vault.passphrase_strength import check_passphrase_strength
 _CRED_COLUMNS = ("id, name, service, domains, auth_type, header_name, query_param, scopes, rate_limit, "
                  "body_inspection, created_at, updated_at, rotated_at, expires_at")
 
+_SEALED = "nonce, ciphertext"
 Listener = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def now_ms() -> int:
@@ -122,6 +127,7 @@ class Vault:
             else:
                 what = "passphrase" if kind == "passphrase" else "unlock key"
                 raise WrongPassphrase(f"wrong {what}")
+            self._reseal_legacy_secrets(vault_id, self._master)
         self.notify("unlocked")
         return True
 
@@ -173,7 +179,7 @@ class Vault:
             vault_id, master = self._require_initialized(), self.master()
             cred.id = uuid.uuid4().hex
             cred.created_at = cred.updated_at = cred.rotated_at = now_ms()
-            nonce, ciphertext = seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id))
+            nonce, ciphertext = _seal(master, vault_id, cred, data)
             with self._store.transaction() as conn:
                 self._check_unique(conn, cred)
                 conn.execute(
@@ -198,31 +204,34 @@ class Vault:
         return _cred_from_row(row)
 
     def update_credential(self, name: str, changes: dict[str, Any]) -> Credential:
-        """Apply metadata changes; the secret stays sealed as it is."""
+        """Apply metadata changes, resealing the secret with them; refused if its seal is already broken."""
         with self._lock:
-            self.master()
-            cred = self.get_credential(name)
-            for key, value in changes.items():
-                setattr(cred, key, value)
-            self._validate(cred)
-            cred.updated_at = now_ms()
+            vault_id, master = self._require_initialized(), self.master()
             with self._store.transaction() as conn:
+                cred, data = _open_sealed(conn, vault_id, master, "name", name)
+                for key, value in changes.items():
+                    setattr(cred, key, value)
+                self._validate(cred)
+                cred.updated_at = now_ms()
                 self._check_unique(conn, cred)
+                nonce, ciphertext = _seal(master, vault_id, cred, data)
                 conn.execute(
                     "UPDATE credentials SET service=?, domains=?, auth_type=?, header_name=?, query_param=?, "
-                    "scopes=?, rate_limit=?, body_inspection=?, updated_at=?, expires_at=? WHERE id=?",
+                    "scopes=?, rate_limit=?, body_inspection=?, updated_at=?, expires_at=?, nonce=?, ciphertext=? "
+                    "WHERE id=?",
                     (cred.service, json.dumps(cred.domains), cred.auth_type, cred.header_name,
                      cred.query_param, json.dumps(cred.scopes), cred.rate_limit, cred.body_inspection,
-                     cred.updated_at, cred.expires_at, cred.id))
+                     cred.updated_at, cred.expires_at, nonce, ciphertext, cred.id))
         self.notify("credentials")
         return cred
 
     def rotate_credential(self, name: str, secret: str) -> Credential:
+        """Seal a new secret with the credential's metadata as it stands (a broken seal is replaced)."""
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
             cred = self.get_credential(name)
             data = cred_rules.validate_secret(secret, cred.auth_type)
-            nonce, ciphertext = seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id))
+            nonce, ciphertext = _seal(master, vault_id, cred, data)
             cred.rotated_at = cred.updated_at = now_ms()
             with self._store.transaction() as conn:
                 conn.execute("UPDATE credentials SET nonce=?, ciphertext=?, rotated_at=?, updated_at=? "
@@ -242,19 +251,19 @@ class Vault:
         self.notify("credentials")
         return grants
 
-    def open_secret(self, credential_id: str) -> bytes:
-        """Decrypt one secret for injection. Raises StorageCorrupt if the seal is broken."""
+    def open_credential(self, credential_id: str) -> tuple[Credential, bytes]:
+        """The credential as its secret was sealed with, and that secret, for injection.
+
+        Metadata and secret come from one read and are authenticated together: StorageCorrupt if either
+        was changed outside aegisd.
+        """
         vault_id, master = self._require_initialized(), self.master()
         with self._store.reading() as conn:
-            row = conn.execute("SELECT nonce, ciphertext FROM credentials WHERE id = ?",
-                               (credential_id,)).fetchone()
-        if row is None:
-            raise NotFound("credential disappeared", reason="credential_not_found")
-        try:
-            return unseal(master.subkey("secrets"), row[0], row[1], secret_aad(vault_id, credential_id))
-        except SealBroken:
-            raise StorageCorrupt(f"the sealed secret of credential {credential_id} fails authentication: "
-                                 "it was modified or moved; rotate it") from None
+            return _open_sealed(conn, vault_id, master, "id", credential_id)
+
+    def open_secret(self, credential_id: str) -> bytes:
+        """Just the secret of open_credential (for checks that only need to know it opens)."""
+        return self.open_credential(credential_id)[1]
 
     # -- internals -------------------------------------------------------------------------
 
@@ -291,6 +300,35 @@ class Vault:
         except (ValueError, TypeError):
             raise StorageCorrupt(f"a key slot in {self._store.path} is malformed") from None
 
+    def _reseal_legacy_secrets(self, vault_id: str, master: MasterKey) -> None:
+        """Seal each secret sealed before its metadata was (an older vault or backup) with that metadata now.
+
+        Once, at the first unlock: from then on its metadata is authenticated. If the disk refuses, those
+        secrets still open and the next unlock tries again.
+        """
+        with self._store.reading() as conn:
+            rows = conn.execute(f"SELECT {_CRED_COLUMNS}, {_SEALED} FROM credentials").fetchall()  # noqa: S608
+        resealed = []
+        for row in rows:
+            cred = _cred_from_row(row)
+            try:
+                data, legacy = _unseal(master, vault_id, cred, row[-2], row[-1])
+            except SealBroken:
+                continue  # reported when the gate or doctor opens it
+            if legacy:
+                resealed.append((*_seal(master, vault_id, cred, data), cred.id))
+        if not resealed:
+            return
+        try:  # the vault's lock is held: no credential changed since the read
+            with self._store.transaction() as conn:
+                conn.executemany("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?", resealed)
+        except AegisError as exc:
+            log.warning("could not seal the metadata of older credentials with their secrets: %s; they still "
+                        "open, and the next unlock tries again", exc.message)
+            return
+        log.info("sealed the metadata of %d credential%s from an older vault with %s secret%s", len(resealed),
+                 *(("", "its", "") if len(resealed) == 1 else ("s", "their", "s")))
+
     def _read_meta(self, key: str) -> str | None:
         with self._store.reading() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -301,6 +339,41 @@ def _insert_slot(conn: sqlite3.Connection, slot: KeySlot) -> None:
     conn.execute("INSERT INTO key_slots (kind, kdf, params, salt, nonce, wrapped, created_at) "
                  "VALUES (?,?,?,?,?,?,?)",
                  (slot.kind, slot.kdf, json.dumps(slot.params), slot.salt, slot.nonce, slot.wrapped, now_ms()))
+
+
+def _seal(master: MasterKey, vault_id: str, cred: Credential, data: bytes) -> tuple[bytes, bytes]:
+    return seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id, cred.sealed_metadata()))
+
+
+def _unseal(master: MasterKey, vault_id: str, cred: Credential, nonce: bytes, ciphertext: bytes) -> tuple[bytes, bool]:
+    """The secret, and whether it was sealed before its metadata was (not yet resealed at an unlock).
+
+    Raises SealBroken if it opens neither way.
+    """
+    key = master.subkey("secrets")
+    try:
+        return unseal(key, nonce, ciphertext, secret_aad(vault_id, cred.id, cred.sealed_metadata())), False
+    except SealBroken:
+        return unseal(key, nonce, ciphertext, secret_aad_v1(vault_id, cred.id)), True
+
+
+def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, column: str,
+                 value: str) -> tuple[Credential, bytes]:
+    """Read one credential (by id or name) with its sealed secret, and open it."""
+    row = conn.execute(f"SELECT {_CRED_COLUMNS}, {_SEALED} FROM credentials WHERE {column} = ?",  # noqa: S608
+                       (value,)).fetchone()
+    if row is None:
+        raise NotFound(f"no credential {'named ' if column == 'name' else 'with id '}{value!r}",
+                       reason="credential_not_found")
+    cred = _cred_from_row(row)
+    try:
+        data, _ = _unseal(master, vault_id, cred, row[-2], row[-1])
+    except SealBroken:
+        raise StorageCorrupt(
+            f"credential {cred.name!r} ({cred.id}) fails authentication: its sealed secret, or the metadata "
+            "sealed with it (service, allowlist, auth, scopes, limits, inspection, expiry), was changed "
+            f"outside aegisd or moved; check `aegisctl vault show {cred.name}`, then rotate it") from None
+    return cred, data
 
 
 def _cred_row(c: Credential) -> tuple[Any, ...]:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.gate_support import SECRETS, Standard, shared_standard, untouched
+from tests.e2e.gate_support import SECRETS, GateWorld, Standard, shared_standard, untouched
 
 
 @pytest.fixture
@@ -353,3 +354,55 @@ def test_hostname_resolving_to_loopback_is_refused(std: Standard) -> None:
         reply = world.call("GET", "/ssrf/echo/ssrf", agent="bot")
     world.assert_refused(reply, 403, "address_not_allowed", target_host=f"{name.lower()}:{std.up.port}")
     world.assert_no_leaks()
+
+
+def _vault_sql(world: GateWorld, statement: str, params: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Read or edit the running daemon's vault.db behind its back, as anyone who can write the file could."""
+    conn = sqlite3.connect(world.aegis.data_dir / "vault.db", timeout=10)
+    try:
+        with conn:
+            return conn.execute(statement, params).fetchall()
+    finally:
+        conn.close()
+
+
+def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
+    """Someone who can write vault.db (or a backup of it) but has no passphrase adds their own server to a
+    credential's allowlist. The metadata is sealed with the secret, so the seal no longer opens: the gate
+    serves that credential to nobody, says why in its log and in doctor, and refuses to update it; their
+    server never sees a request. Putting the allowlist back serves it again."""
+    world = GateWorld.start()
+    try:
+        home, theirs = world.upstream(), world.upstream()
+        world.credential("bear", SECRETS["bear"], home.entry())
+        world.agent("bot", "bear")
+        assert world.call("GET", "/bear/echo/before", agent="bot").status == 200
+
+        [(stored,)] = _vault_sql(world, "SELECT domains FROM credentials WHERE name = 'bear'")
+        [entry] = json.loads(stored)
+        widened = json.dumps([entry, entry.replace(str(home.port), str(theirs.port))])
+        _vault_sql(world, "UPDATE credentials SET domains = ? WHERE name = 'bear'", (widened,))
+        world.aegis.ctl("lock").ok()
+        world.unlock()  # the routing table is rebuilt from the file
+
+        with untouched(theirs), untouched(home):
+            stolen = world.call("GET", "/bear/echo/stolen", [("X-Target-Host", f"127.0.0.1:{theirs.port}")],
+                                agent="bot")
+            home_too = world.call("GET", "/bear/echo/home", agent="bot")
+        for reply in (stolen, home_too):
+            world.assert_refused(reply, 403, "not_granted")
+        assert "credential bear is not served: credential 'bear'" in world.aegis.log()
+        assert "fails authentication" in world.aegis.log()
+        doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
+        [decrypt] = [c for c in doctor["checks"] if c["name"] == "credentials_decrypt"]
+        assert decrypt["status"] == "fail" and decrypt["message"].endswith(": bear"), decrypt
+        update = world.aegis.ctl("vault", "update", "bear", "--rate-limit", "5/min")
+        assert update.code != 0 and "fails authentication" in update.err and "vault show bear" in update.err
+
+        _vault_sql(world, "UPDATE credentials SET domains = ? WHERE name = 'bear'", (stored,))
+        world.aegis.ctl("lock").ok()
+        world.unlock()
+        assert world.call("GET", "/bear/echo/after", agent="bot").status == 200
+        world.assert_no_leaks()
+    finally:
+        world.close()

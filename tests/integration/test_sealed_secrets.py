@@ -1,4 +1,4 @@
-"""Secrets on disk: AES-256-GCM bound to vault id + credential id, checked on the real files.
+"""Secrets on disk: AES-256-GCM bound to vault id, credential id and metadata, checked on the real files.
 
 The daemon writes the vault through aegisctl; with the daemon stopped the database file is
 edited with sqlite3, and what the edit did is read back with the daemon's own classes
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from aegisd.errors import StorageCorrupt
+from aegisd.vault.crypto import SealBroken, seal, secret_aad_v1, unseal
 from tests.e2e.support import open_vault
 from tests.harness import PASSPHRASE, Aegis
 
@@ -149,3 +150,44 @@ def test_key_slots_hold_no_key_in_clear_and_record_their_parameters(fresh: Aegis
     params = json.loads(slots[0][2])
     assert params["memory_kib"] >= 19456 and params["iterations"] >= 2 and params["lanes"] >= 1
     fresh.assert_no_leaks([PASSPHRASE, unlock_key])
+
+
+def test_secrets_sealed_before_their_metadata_are_resealed_at_unlock(fresh: Aegis) -> None:
+    """A vault (or backup) from before the metadata was sealed with each secret: its secrets open the old way
+    until the first unlock reseals them with their metadata; from then on an edited allowlist breaks the seal."""
+    ids = populate(fresh)
+    db = fresh.data_dir / "vault.db"
+    with open_vault(fresh.data_dir) as vault:  # write each secret back sealed the old way
+        key, vault_id = vault.master().subkey("secrets"), vault.vault_id
+        assert vault_id is not None
+        for name, cid in ids.items():
+            write_sealed(db, cid, *seal(key, SECRETS[name].encode(), secret_aad_v1(vault_id, cid)))
+    old = {name: sealed(db, cid) for name, cid in ids.items()}
+
+    fresh.start()
+    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert "sealed the metadata of 3 credentials from an older vault with their secrets" in fresh.log()
+    fresh.ctl("lock").ok()
+    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()  # nothing left to reseal
+    assert fresh.log().count("sealed the metadata") == 1
+    assert fresh.stop() == 0
+
+    with open_vault(fresh.data_dir) as vault:
+        key, vault_id = vault.master().subkey("secrets"), vault.vault_id
+        assert vault_id is not None
+        for name, cid in ids.items():
+            nonce, ciphertext = sealed(db, cid)
+            assert (nonce, ciphertext) != old[name]
+            with pytest.raises(SealBroken):  # no longer opens the old way
+                unseal(key, nonce, ciphertext, secret_aad_v1(vault_id, cid))
+            assert vault.open_secret(cid) == SECRETS[name].encode()
+
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE credentials SET domains = '[\"https://evil.example\"]' WHERE id = ?", (ids["alpha"],))
+    conn.close()
+    with open_vault(fresh.data_dir) as vault:
+        with pytest.raises(StorageCorrupt, match="metadata sealed with it"):
+            vault.open_secret(ids["alpha"])
+        assert vault.open_secret(ids["bravo"]) == SECRETS["bravo"].encode()
+    fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
