@@ -271,6 +271,7 @@ class GatePipeline:
             raise Refusal(502, "upstream_error", "the upstream closed the connection or sent a bad "
                           "response") from None
         except UpstreamError as exc:  # could not connect: the message says why, and holds no secret
+            x.forwarded = False  # resolving, the address guard, connecting or TLS failed: nothing was sent
             raise Refusal(exc.status, exc.code, str(exc)) from None
         try:
             await self._relay(request, x, upstream, redaction)

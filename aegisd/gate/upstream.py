@@ -65,6 +65,13 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
     code = "upstream_timeout"
 
 
+class UpstreamConnectTimeout(UpstreamError):
+    """No connection within the connect timeout: unlike UpstreamTimeout, nothing was sent."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
 class UpstreamBroken(UpstreamError):
     """The upstream closed the connection early or sent something that is not HTTP/1.1."""
 
@@ -488,7 +495,7 @@ class UpstreamPool:
                                                 "address itself to permit it")
                 return await self._dial(key, addresses, scheme == "https")
         except TimeoutError:
-            raise UpstreamTimeout("the upstream did not answer in time") from None
+            raise UpstreamConnectTimeout("the upstream did not answer in time") from None
 
     async def _dial(self, key: tuple[str, str, int, bool], addresses: list[str], tls: bool) -> UpstreamResponse:
         """Connect to the first checked address that answers."""

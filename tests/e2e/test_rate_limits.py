@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sqlite3
 import threading
 
@@ -167,28 +168,35 @@ def test_agent_concurrency_cap() -> None:
         world.close()
 
 
-@pytest.mark.parametrize("refused_by", ["inspection", "declared_length"])
+@pytest.mark.parametrize("refused_by", ["inspection", "declared_length", "unreachable"])
 def test_a_request_refused_after_admission_uses_no_quota(refused_by: str) -> None:
-    """Steps after the limits admitted the request may still refuse it before anything is forwarded: body
-    inspection (a secret in the body), or, with inspection off, a Content-Length past the body limit. Either
-    way the quota is given back."""
+    """Steps after the limits admitted the request may still refuse it before anything is sent upstream: body
+    inspection (a secret in the body), a Content-Length past the body limit with inspection off, or an
+    allowed host that cannot be reached. Either way the quota is given back."""
     world, _ = policy_world({}, max_body_bytes=1024)
     try:
         up = world.upstream()
-        inspection = "block" if refused_by == "inspection" else "off"
-        world.credential("limited", LIMITED, up.entry(), "--rate-limit", "2/day", "--body-inspection", inspection)
+        with socket.socket() as probe:  # a loopback port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        inspection = "off" if refused_by == "declared_length" else "block"
+        world.credential("limited", LIMITED, [up.entry(), f"http://127.0.0.1:{closed}"], "--rate-limit", "2/day",
+                         "--body-inspection", inspection)
         world.agent("bot", "limited")
-        if refused_by == "inspection":
-            body, status, code = json.dumps({"note": f"here is {LIMITED}"}).encode(), 403, "body_inspection"
-        else:
-            body, status, code = b"x" * 2048, 413, "body_too_large"
+        home = [("X-Target-Host", f"127.0.0.1:{up.port}")]
+        refused = {
+            "inspection": (home, json.dumps({"note": f"here is {LIMITED}"}).encode(), 403, "body_inspection"),
+            "declared_length": (home, b"x" * 2048, 413, "body_too_large"),
+            "unreachable": ([("X-Target-Host", f"127.0.0.1:{closed}")], b"{}", 502, "upstream_error"),
+        }
+        target, body, status, code = refused[refused_by]
         with untouched(up):
             for _ in range(3):
-                refusal(world.call("POST", "/limited/echo/refused", [("Content-Type", "application/json")], body,
-                                   agent="bot"), status, code)
+                refusal(world.call("POST", "/limited/echo/refused", [*target, ("Content-Type", "application/json")],
+                                   body, agent="bot"), status, code)
         for _ in range(2):  # the whole 2/day is still there
-            assert world.call("GET", "/limited/echo/ok", agent="bot").status == 200
-        limited([], world.call("GET", "/limited/echo/ok", agent="bot"), "credential")
+            assert world.call("GET", "/limited/echo/ok", home, agent="bot").status == 200
+        limited([], world.call("GET", "/limited/echo/ok", home, agent="bot"), "credential")
         world.assert_no_leaks()
     finally:
         world.close()
