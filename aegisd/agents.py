@@ -5,13 +5,15 @@ master key, so a stolen database cannot be used to check guessed tokens and ever
 touches a hash needs the vault unlocked. Granting twice is idempotent (it reports that nothing
 changed); revoking a grant that does not exist is NotFound (`grant_not_found`), because that
 usually means a typo. Every change notifies the vault's listeners with "agents" so the gate's
-in-memory table rebuilds from here.
+in-memory table rebuilds from here. Each agent and grant row carries a MAC (aegisd.vault.records),
+and the gate is given only the rows whose MAC holds.
 """
 
 from __future__ import annotations
 
 import base64
 import builtins
+import logging
 import secrets
 import sqlite3
 import uuid
@@ -22,12 +24,17 @@ from aegisd.errors import AlreadyExists, NotFound, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.credentials import validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, keyed_hash
+from aegisd.vault.records import RecordKey
 from aegisd.vault.vault import Vault, now_ms
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "aegis_"  # noqa: S105 - a marker, not a secret
 TOKEN_BYTES = 32
 TOKEN_SUBKEY = "agent-tokens"  # noqa: S105 - HKDF purpose label
 _AGENT_COLUMNS = "id, name, rate_limit, created_at, rotated_at"
+_GRANTS_NAMED = ("SELECT g.agent_id, g.credential_id, g.mac, a.name, c.name FROM grants g "
+                 "JOIN agents a ON a.id = g.agent_id JOIN credentials c ON c.id = g.credential_id")
 
 
 @dataclass
@@ -76,14 +83,15 @@ class AgentRegistry:
         validate_name(name, "agent name")
         token = new_token()
         with self._vault._lock:  # hold off a concurrent lock() from wiping the key mid-hash
-            hashed = token_hash(self._vault.master(), token)
+            hashed, key = token_hash(self._vault.master(), token), self._record_key()
             now = now_ms()
             agent = Agent(id=uuid.uuid4().hex, name=name, created_at=now, rotated_at=now)
             with self._store.transaction() as conn:
                 if conn.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
                     raise AlreadyExists(f"there is already an agent named {name!r}", reason="agent_exists")
-                conn.execute("INSERT INTO agents (id, name, token_hash, rate_limit, created_at, rotated_at) "
-                             "VALUES (?,?,?,?,?,?)", (agent.id, name, hashed, "", now, now))
+                conn.execute("INSERT INTO agents (id, name, token_hash, rate_limit, created_at, rotated_at, mac) "
+                             "VALUES (?,?,?,?,?,?,?)",
+                             (agent.id, name, hashed, "", now, now, key.agent(agent.id, name, hashed, "")))
         self._vault.notify("agents")
         return agent, token
 
@@ -118,10 +126,11 @@ class AgentRegistry:
         """
         canonical = validate_rate(rate.strip())
         with self._vault._lock:
-            self._vault.master()
+            key = self._record_key()
             with self._store.transaction() as conn:
-                agent_id = self._agent_id(conn, name)
-                conn.execute("UPDATE agents SET rate_limit = ? WHERE id = ?", (canonical, agent_id))
+                agent_id, hashed = self._agent_row(conn, name)
+                conn.execute("UPDATE agents SET rate_limit = ?, mac = ? WHERE id = ?",
+                             (canonical, key.agent(agent_id, name, hashed, canonical), agent_id))
                 agent = self._get(conn, name)
         self._vault.notify("agents")
         return agent
@@ -130,25 +139,34 @@ class AgentRegistry:
         """Issue a new token; the old hash is replaced in the same write, so the old token dies at once."""
         token = new_token()
         with self._vault._lock:
-            hashed = token_hash(self._vault.master(), token)
+            hashed, key = token_hash(self._vault.master(), token), self._record_key()
             with self._store.transaction() as conn:
                 agent_id = self._agent_id(conn, name)
-                conn.execute("UPDATE agents SET token_hash = ?, rotated_at = ? WHERE id = ?",
-                             (hashed, now_ms(), agent_id))
+                (rate,) = conn.execute("SELECT rate_limit FROM agents WHERE id = ?", (agent_id,)).fetchone()
+                conn.execute("UPDATE agents SET token_hash = ?, rotated_at = ?, mac = ? WHERE id = ?",
+                             (hashed, now_ms(), key.agent(agent_id, name, hashed, rate), agent_id))
         self._vault.notify("agents")
         return token
 
     # -- grants ----------------------------------------------------------------------------
 
     def grant(self, agent: str, credential: str) -> bool:
-        """Let `agent` use `credential`; returns False if it already could (idempotent)."""
+        """Let `agent` use `credential`; returns False if it already could (idempotent).
+
+        A grant row whose MAC fails (edited in vault.db) is written afresh: granting again repairs it.
+        """
         with self._vault._lock:
-            self._vault.master()
+            key = self._record_key()
             with self._store.transaction() as conn:
                 agent_id = self._agent_id(conn, agent)
                 cred_id = _credential_id(conn, credential)
-                created = conn.execute("INSERT OR IGNORE INTO grants (agent_id, credential_id, created_at) "
-                                       "VALUES (?,?,?)", (agent_id, cred_id, now_ms())).rowcount == 1
+                mac = key.grant(agent_id, cred_id)
+                row = conn.execute("SELECT mac FROM grants WHERE agent_id = ? AND credential_id = ?",
+                                   (agent_id, cred_id)).fetchone()
+                created = row is None or not key.grant_ok(row[0], agent_id, cred_id)
+                if created:
+                    conn.execute("INSERT OR REPLACE INTO grants (agent_id, credential_id, created_at, mac) "
+                                 "VALUES (?,?,?,?)", (agent_id, cred_id, now_ms(), mac))
         if created:
             self._vault.notify("agents")
         return created
@@ -170,20 +188,61 @@ class AgentRegistry:
     # -- for the gate ----------------------------------------------------------------------
 
     def snapshot(self) -> builtins.list[AgentRecord]:
-        """Every agent with its token hash and granted credential ids, read in one consistent pass."""
+        """Every agent with its token hash and granted credential ids, read in one consistent pass.
+
+        Only rows whose MAC holds: an agent or grant edited outside aegisd is left out (and logged), so
+        the gate refuses it rather than trusting it. Needs the vault unlocked.
+        """
+        key = self._record_key()
         with self._store.reading() as conn:
-            rows = conn.execute("SELECT id, name, token_hash, rate_limit FROM agents").fetchall()
-            grants: dict[str, set[str]] = {}
-            for agent_id, cred_id in conn.execute("SELECT agent_id, credential_id FROM grants"):
+            rows = conn.execute("SELECT id, name, token_hash, rate_limit, mac FROM agents").fetchall()
+            grant_rows = conn.execute(_GRANTS_NAMED).fetchall()
+        grants: dict[str, set[str]] = {}
+        for agent_id, cred_id, mac, agent, credential in grant_rows:
+            if key.grant_ok(mac, agent_id, cred_id):
                 grants.setdefault(agent_id, set()).add(cred_id)
-        return [AgentRecord(id=r[0], name=r[1], token_hash=bytes(r[2]), rate_limit=r[3],
-                            credential_ids=frozenset(grants.get(r[0], ()))) for r in rows]
+            else:
+                log.error("the grant of %s to agent %s fails authentication (changed outside aegisd), so the gate "
+                          "ignores it: grant it again if it is meant", credential, agent)
+        records = []
+        for agent_id, name, hashed, rate, mac in rows:
+            if key.agent_ok(mac, agent_id, name, bytes(hashed), rate):
+                records.append(AgentRecord(id=agent_id, name=name, token_hash=bytes(hashed), rate_limit=rate,
+                                           credential_ids=frozenset(grants.get(agent_id, ()))))
+            else:
+                log.error("agent %s fails authentication (its row was changed outside aegisd), so the gate refuses "
+                          "its token: `aegisctl agent regenerate %s` issues a new one", name, name)
+        return records
+
+    def unauthentic(self) -> builtins.list[str]:
+        """The agents, and grants (`agent->credential`), whose rows fail their MAC; for doctor."""
+        key = self._record_key()
+        with self._store.reading() as conn:
+            agents = [name for agent_id, name, hashed, rate, mac
+                      in conn.execute("SELECT id, name, token_hash, rate_limit, mac FROM agents ORDER BY name")
+                      if not key.agent_ok(mac, agent_id, name, bytes(hashed), rate)]
+            grants = [f"{agent}->{credential}" for agent_id, cred_id, mac, agent, credential
+                      in conn.execute(_GRANTS_NAMED + " ORDER BY 4, 5") if not key.grant_ok(mac, agent_id, cred_id)]
+        return agents + grants
 
     # -- internals -------------------------------------------------------------------------
 
     def _require_initialized(self) -> None:
         if self._vault.vault_id is None:
             raise VaultUninitialized()
+
+    def _record_key(self) -> RecordKey:
+        """The MAC key for agent and grant rows; raises VaultLocked or VaultUninitialized."""
+        master = self._vault.master()
+        assert self._vault.vault_id is not None  # master() raises before this on an uninitialised vault
+        return RecordKey(master, self._vault.vault_id)
+
+    def _agent_row(self, conn: sqlite3.Connection, name: str) -> tuple[str, bytes]:
+        """An agent's id and token hash, by name."""
+        row = conn.execute("SELECT id, token_hash FROM agents WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise _agent_not_found(name)
+        return str(row[0]), bytes(row[1])
 
     def _get(self, conn: sqlite3.Connection, name: str) -> Agent:
         row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE name = ?", (name,)).fetchone()  # noqa: S608

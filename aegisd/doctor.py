@@ -62,6 +62,7 @@ class Doctor:
             ("schema", self.schema),
             ("credentials_decrypt", self.credentials_decrypt),
             ("credentials_expiry", self.credentials_expiry),
+            ("agents_authentic", self.agents_authentic),
             ("gate", self.gate),
             ("policies", self.policies),
             ("ledger_chain", self.ledger_chain),
@@ -204,6 +205,19 @@ class Doctor:
                          "check each with `aegisctl vault show NAME`, then `aegisctl vault rotate NAME`, or restore "
                          "a good backup")
         return Check("credentials_decrypt", PASS, f"all {len(creds)} credentials decrypt")
+
+    async def agents_authentic(self) -> Check:
+        if self.rt.vault.state != "unlocked":
+            return Check("agents_authentic", SKIP, "needs the vault unlocked")
+        bad = await asyncio.to_thread(self.rt.agents.unauthentic)
+        if bad:
+            return Check("agents_authentic", FAIL, f"{len(bad)} agent or grant rows fail authentication (changed "
+                         f"outside aegisd), so the gate ignores them: {_names(bad)}",
+                         "for an agent, `aegisctl agent regenerate NAME`; for a grant AGENT->CREDENTIAL, `aegisctl "
+                         "grant AGENT CREDENTIAL` if it is meant, else `aegisctl revoke`; or restore a good backup")
+        counts = await asyncio.to_thread(self.rt.vault.counts)
+        return Check("agents_authentic", PASS, f"all {counts['agents']} agents and {counts['grants']} grants "
+                     "authenticate")
 
     async def credentials_expiry(self) -> Check:
         if self.rt.vault.state == "uninitialized":

@@ -76,6 +76,11 @@ MIGRATIONS: tuple[str, ...] = (
         sealed BLOB NOT NULL
     );
     """,
+    # 3: a MAC on each agent and grant row (aegisd.vault.records); NULL in rows written before it.
+    """
+    ALTER TABLE agents ADD COLUMN mac BLOB;
+    ALTER TABLE grants ADD COLUMN mac BLOB;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -43,6 +43,7 @@ from aegisd.vault.crypto import (
     unseal,
 )
 from aegisd.vault.passphrase_strength import check_passphrase_strength
+from aegisd.vault.records import RecordKey, authenticate_legacy_rows
 
 _CRED_COLUMNS = ("id, name, service, domains, auth_type, header_name, query_param, scopes, rate_limit, "
                  "body_inspection, created_at, updated_at, rotated_at, expires_at")
@@ -120,14 +121,19 @@ class Vault:
                 raise WrongPassphrase(f"this vault has no {kind.replace('_', ' ')} slot")
             for slot in slots:
                 try:
-                    self._master = open_slot(slot, vault_id, secret)
+                    master = open_slot(slot, vault_id, secret)
                     break
                 except WrongKey:
                     continue
             else:
                 what = "passphrase" if kind == "passphrase" else "unlock key"
                 raise WrongPassphrase(f"wrong {what}")
-            self._reseal_legacy_secrets(vault_id, self._master)
+            try:
+                self._adopt_older_vault(vault_id, master)
+            except BaseException:
+                master.wipe()
+                raise
+            self._master = master
         self.notify("unlocked")
         return True
 
@@ -300,34 +306,43 @@ class Vault:
         except (ValueError, TypeError):
             raise StorageCorrupt(f"a key slot in {self._store.path} is malformed") from None
 
-    def _reseal_legacy_secrets(self, vault_id: str, master: MasterKey) -> None:
-        """Seal each secret sealed before its metadata was (an older vault or backup) with that metadata now.
+    def _adopt_older_vault(self, vault_id: str, master: MasterKey) -> None:
+        """If this vault comes from an aegisd that did not seal metadata with secrets, seal each secret with its
+        metadata now and give the agent and grant rows their MACs (aegisd.vault.records), in one write.
 
-        Once, at the first unlock: from then on its metadata is authenticated. If the disk refuses, those
-        secrets still open and the next unlock tries again.
+        A vault counts as older only if none of its secrets opens the new way: a single row written back from
+        an old copy into a vault already resealed stays broken, instead of being adopted with whatever
+        metadata was put next to it. Older metadata is trusted as it stands, once. If the write fails, the
+        older secrets are not served and the next unlock tries again.
         """
-        with self._store.reading() as conn:
-            rows = conn.execute(f"SELECT {_CRED_COLUMNS}, {_SEALED} FROM credentials").fetchall()  # noqa: S608
-        resealed = []
-        for row in rows:
-            cred = _cred_from_row(row)
-            try:
-                data, legacy = _unseal(master, vault_id, cred, row[-2], row[-1])
-            except SealBroken:
-                continue  # reported when the gate or doctor opens it
-            if legacy:
-                resealed.append((*_seal(master, vault_id, cred, data), cred.id))
-        if not resealed:
-            return
-        try:  # the vault's lock is held: no credential changed since the read
-            with self._store.transaction() as conn:
-                conn.executemany("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?", resealed)
+        key = master.subkey("secrets")
+        older = []
+        try:
+            with self._store.reading() as conn:
+                rows = conn.execute(f"SELECT {_CRED_COLUMNS}, {_SEALED} FROM credentials").fetchall()  # noqa: S608
+            for row in rows:
+                try:
+                    cred = _cred_from_row(row)
+                    aad = secret_aad(vault_id, cred.id, cred.sealed_metadata())
+                except (ValueError, TypeError):
+                    continue  # malformed: reported when the gate or doctor opens it
+                if _opens(key, row[-2], row[-1], aad) is not None:
+                    return  # sealed the new way: this vault is not an older one
+                data = _opens(key, row[-2], row[-1], secret_aad_v1(vault_id, cred.id))
+                if data is not None:
+                    older.append((*seal(key, data, aad), cred.id))
+            if not older:
+                return
+            with self._store.transaction() as conn:  # the vault's lock is held: nothing changed since the read
+                conn.executemany("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?", older)
+                authenticated = authenticate_legacy_rows(conn, RecordKey(master, vault_id))
         except AegisError as exc:
-            log.warning("could not seal the metadata of older credentials with their secrets: %s; they still "
-                        "open, and the next unlock tries again", exc.message)
+            log.warning("this vault is from an older aegisd, and sealing its credentials' metadata with their secrets "
+                        "failed: %s; its credentials are not served until an unlock succeeds at it", exc.message)
             return
-        log.info("sealed the metadata of %d credential%s from an older vault with %s secret%s", len(resealed),
-                 *(("", "its", "") if len(resealed) == 1 else ("s", "their", "s")))
+        log.warning("this vault is from an older aegisd: sealed the metadata of %d credential%s with %s secret%s "
+                    "and authenticated %d agent and grant rows, trusting them as they stood", len(older),
+                    *(("", "its", "") if len(older) == 1 else ("s", "their", "s")), authenticated)
 
     def _read_meta(self, key: str) -> str | None:
         with self._store.reading() as conn:
@@ -341,20 +356,15 @@ def _insert_slot(conn: sqlite3.Connection, slot: KeySlot) -> None:
                  (slot.kind, slot.kdf, json.dumps(slot.params), slot.salt, slot.nonce, slot.wrapped, now_ms()))
 
 
+def _opens(key: bytearray, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
+    try:
+        return unseal(key, nonce, ciphertext, aad)
+    except SealBroken:
+        return None
+
+
 def _seal(master: MasterKey, vault_id: str, cred: Credential, data: bytes) -> tuple[bytes, bytes]:
     return seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id, cred.sealed_metadata()))
-
-
-def _unseal(master: MasterKey, vault_id: str, cred: Credential, nonce: bytes, ciphertext: bytes) -> tuple[bytes, bool]:
-    """The secret, and whether it was sealed before its metadata was (not yet resealed at an unlock).
-
-    Raises SealBroken if it opens neither way.
-    """
-    key = master.subkey("secrets")
-    try:
-        return unseal(key, nonce, ciphertext, secret_aad(vault_id, cred.id, cred.sealed_metadata())), False
-    except SealBroken:
-        return unseal(key, nonce, ciphertext, secret_aad_v1(vault_id, cred.id)), True
 
 
 def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, column: str,
@@ -365,14 +375,15 @@ def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, col
     if row is None:
         raise NotFound(f"no credential {'named ' if column == 'name' else 'with id '}{value!r}",
                        reason="credential_not_found")
-    cred = _cred_from_row(row)
     try:
-        data, _ = _unseal(master, vault_id, cred, row[-2], row[-1])
-    except SealBroken:
+        cred = _cred_from_row(row)
+        data = unseal(master.subkey("secrets"), row[-2], row[-1],
+                      secret_aad(vault_id, cred.id, cred.sealed_metadata()))
+    except (SealBroken, ValueError, TypeError):
         raise StorageCorrupt(
-            f"credential {cred.name!r} ({cred.id}) fails authentication: its sealed secret, or the metadata "
-            "sealed with it (service, allowlist, auth, scopes, limits, inspection, expiry), was changed "
-            f"outside aegisd or moved; check `aegisctl vault show {cred.name}`, then rotate it") from None
+            f"credential {row[1]!r} ({row[0]}) fails authentication: its sealed secret, or the metadata sealed "
+            "with it (service, allowlist, auth, scopes, limits, inspection, expiry), was changed outside aegisd "
+            "or moved; check it with `aegisctl vault show`, then rotate it") from None
     return cred, data
 
 

@@ -15,7 +15,7 @@ from tests.e2e.gate_support import GateWorld
 from tests.harness import PASSPHRASE, Aegis, new_aegis
 
 CHECKS = ["daemon", "vault", "data_dir", "socket", "database", "schema", "credentials_decrypt",
-          "credentials_expiry", "gate", "policies", "ledger_chain"]
+          "credentials_expiry", "agents_authentic", "gate", "policies", "ledger_chain"]
 SECRET_A = "ghp_doctorSecretA0123456789abcdefXYZ"
 SECRET_B = "sk-doctorSecretB0123456789abcdefXYZ"
 
@@ -62,6 +62,7 @@ def test_healthy_then_warnings_only(world: GateWorld) -> None:
     expiry = checks["credentials_expiry"]["message"]
     assert "github" in expiry and "openai" not in expiry
     assert "all 2 credentials decrypt" in checks["credentials_decrypt"]["message"]
+    assert "all 1 agents and 1 grants authenticate" in checks["agents_authentic"]["message"]
     assert "rows verified" in checks["ledger_chain"]["message"]
     assert "[pass] daemon" in plain and "[warn] credentials_expiry" in plain and "0 failed" in plain
 
@@ -69,6 +70,7 @@ def test_healthy_then_warnings_only(world: GateWorld) -> None:
     checks, _ = doctor(aegis, 0)
     assert statuses(checks)["vault"] == "warn" and "aegisctl unlock" in checks["vault"]["hint"]
     assert statuses(checks)["credentials_decrypt"] == "skip" and statuses(checks)["ledger_chain"] == "pass"
+    assert statuses(checks)["agents_authentic"] == "skip"
     assert aegis.stop() == 0
     aegis.start()  # never unlocked since start: the chain key is unknown
     checks, _ = doctor(aegis, 0)
@@ -88,6 +90,8 @@ def test_each_problem_fails_with_a_hint() -> None:
         aegis.add_credential("expiring", SECRET_A, "--service", "expiring", "--domains", "api.github.com",
                              "--ttl", "1")
         aegis.add_credential("broken", SECRET_B, "--service", "broken", "--domains", "api.openai.com")
+        aegis.ctl("agent", "add", "limited").ok()
+        aegis.ctl("agent", "set-rate-limit", "limited", "10/min").ok()
         deadline = time.monotonic() + 30
         while not json.loads(aegis.ctl("vault", "show", "expiring", "--json").ok().out)["expired"]:
             assert time.monotonic() < deadline
@@ -98,6 +102,7 @@ def test_each_problem_fails_with_a_hint() -> None:
             (blob,) = vault_db.execute("SELECT ciphertext FROM credentials WHERE name = 'broken'").fetchone()
             vault_db.execute("UPDATE credentials SET ciphertext = ? WHERE name = 'broken'",
                              (bytes([blob[0] ^ 1]) + blob[1:],))
+            vault_db.execute("UPDATE agents SET rate_limit = '' WHERE name = 'limited'")  # its limit lifted
         vault_db.close()
         ledger_db = sqlite3.connect(aegis.data_dir / "ledger.db")
         with ledger_db:
@@ -109,15 +114,17 @@ def test_each_problem_fails_with_a_hint() -> None:
         checks, plain = doctor(aegis, 1)
         assert statuses(checks) == {**dict.fromkeys(CHECKS, "pass"), "data_dir": "fail", "socket": "fail",
                                     "credentials_decrypt": "fail", "credentials_expiry": "fail",
-                                    "policies": "fail", "ledger_chain": "fail"}
+                                    "agents_authentic": "fail", "policies": "fail", "ledger_chain": "fail"}
         assert "ledger.db (0644)" in checks["data_dir"]["message"] and "chmod" in checks["data_dir"]["hint"]
         assert "0666" in checks["socket"]["message"] and "0600" in checks["socket"]["message"]
         assert checks["credentials_decrypt"]["message"].endswith(": broken")
         assert "vault rotate" in checks["credentials_decrypt"]["hint"]
+        assert checks["agents_authentic"]["message"].endswith(": limited")
+        assert "agent regenerate" in checks["agents_authentic"]["hint"]
         assert "expiring" in checks["credentials_expiry"]["message"]
         assert "claude.yaml" in checks["policies"]["message"] and "policy list" in checks["policies"]["hint"]
         assert "first bad row 1" in checks["ledger_chain"]["message"]
-        assert "[FAIL] socket" in plain and "6 failed" in plain
+        assert "[FAIL] socket" in plain and "7 failed" in plain
 
         assert aegis.stop() == 0  # no daemon: one failed check, still a report, exit 1
         down = aegis.ctl("doctor", "--json")

@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -356,7 +357,7 @@ def test_hostname_resolving_to_loopback_is_refused(std: Standard) -> None:
     world.assert_no_leaks()
 
 
-def _vault_sql(world: GateWorld, statement: str, params: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _vault_sql(world: GateWorld, statement: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
     """Read or edit the running daemon's vault.db behind its back, as anyone who can write the file could."""
     conn = sqlite3.connect(world.aegis.data_dir / "vault.db", timeout=10)
     try:
@@ -397,12 +398,69 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
         [decrypt] = [c for c in doctor["checks"] if c["name"] == "credentials_decrypt"]
         assert decrypt["status"] == "fail" and decrypt["message"].endswith(": bear"), decrypt
         update = world.aegis.ctl("vault", "update", "bear", "--rate-limit", "5/min")
-        assert update.code != 0 and "fails authentication" in update.err and "vault show bear" in update.err
+        assert update.code != 0 and "fails authentication" in update.err and "vault show" in update.err
 
         _vault_sql(world, "UPDATE credentials SET domains = ? WHERE name = 'bear'", (stored,))
         world.aegis.ctl("lock").ok()
         world.unlock()
         assert world.call("GET", "/bear/echo/after", agent="bot").status == 200
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
+    """With write access to vault.db but no passphrase, someone copies a grant to the agent they drive, or
+    moves that agent's token hash into a better-granted agent's row. Each edited row fails its MAC, so the
+    gate ignores it and the upstream never sees the request; the log and doctor say which rows, and granting
+    again or regenerating repairs them."""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRETS["bear"], up.entry())
+        world.credential("hdr", SECRETS["hdr"], up.entry(), "--auth-type", "header", "--header-name", "X-Key")
+        world.agent("trusted", "bear", "hdr")
+        world.agent("driven", "bear")
+        assert world.call("GET", "/hdr/echo/trusted", agent="trusted").status == 200
+
+        # A grant row copied from `trusted` to `driven`.
+        _vault_sql(world, "INSERT INTO grants (agent_id, credential_id, created_at, mac) SELECT "
+                          "(SELECT id FROM agents WHERE name = 'driven'), credential_id, created_at, mac FROM grants "
+                          "WHERE agent_id = (SELECT id FROM agents WHERE name = 'trusted') AND credential_id = "
+                          "(SELECT id FROM credentials WHERE name = 'hdr')")
+        world.aegis.ctl("lock").ok()
+        world.unlock()
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/hdr/echo/copied", agent="driven"), 403, "not_granted")
+        assert world.call("GET", "/bear/echo/own", agent="driven").status == 200  # its own grant still holds
+        assert "the grant of hdr to agent driven fails authentication" in world.aegis.log()
+
+        # `driven`'s token hash moved into `trusted`'s row (token hashes are unique: `driven` gets a dud).
+        [(driven_hash,)] = _vault_sql(world, "SELECT token_hash FROM agents WHERE name = 'driven'")
+        _vault_sql(world, "UPDATE agents SET token_hash = x'00' WHERE name = 'driven'")
+        _vault_sql(world, "UPDATE agents SET token_hash = ? WHERE name = 'trusted'", (driven_hash,))
+        world.aegis.ctl("lock").ok()
+        world.unlock()
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/hdr/echo/swapped", agent="driven"), 401, "agent_auth_invalid")
+        assert "agent trusted fails authentication" in world.aegis.log()
+
+        doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
+        [check] = [c for c in doctor["checks"] if c["name"] == "agents_authentic"]
+        assert check["status"] == "fail" and check["message"].endswith(": driven, trusted, driven->hdr"), check
+
+        # The operator's repair: new tokens for both, and the copied grant either revoked or granted for real.
+        for agent in ("trusted", "driven"):
+            del world.tokens[agent]
+            result = world.aegis.ctl("agent", "regenerate", agent)
+            world.tokens[agent] = result.ok().out.strip()
+            world.aegis.outputs.remove(result.out)
+        world.aegis.ctl("revoke", "driven", "hdr").ok()
+        assert world.call("GET", "/hdr/echo/after", agent="trusted").status == 200
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/hdr/echo/after", agent="driven"), 403, "not_granted")
+        doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
+        assert [c["status"] for c in doctor["checks"] if c["name"] == "agents_authentic"] == ["pass"]
         world.assert_no_leaks()
     finally:
         world.close()

@@ -155,14 +155,14 @@ def test_agent_concurrency_cap() -> None:
         assert replies["b"].status == 200
         check_rows(world, seen)
 
-        # A rate the gate cannot parse (the database edited behind aegisd's back) refuses, never allows.
+        # A rate edited into the database behind aegisd's back fails the agent row's MAC: refused, never allowed.
         conn = sqlite3.connect(world.aegis.data_dir / "vault.db")
         with conn:
             conn.execute("UPDATE agents SET rate_limit = 'lots' WHERE name = 'calm'")
         conn.close()
         world.aegis.ctl("agent", "set-rate-limit", "busy", "none").ok()  # any agent change rebuilds the table
         with untouched(up):
-            world.assert_refused(world.call("GET", "/open/echo/x", agent="calm"), 500, "rate_limit_invalid")
+            world.assert_refused(world.call("GET", "/open/echo/x", agent="calm"), 401, "agent_auth_invalid")
         world.assert_no_leaks()
     finally:
         world.close()

@@ -152,24 +152,46 @@ def test_key_slots_hold_no_key_in_clear_and_record_their_parameters(fresh: Aegis
     fresh.assert_no_leaks([PASSPHRASE, unlock_key])
 
 
-def test_secrets_sealed_before_their_metadata_are_resealed_at_unlock(fresh: Aegis) -> None:
-    """A vault (or backup) from before the metadata was sealed with each secret: its secrets open the old way
-    until the first unlock reseals them with their metadata; from then on an edited allowlist breaks the seal."""
+def agents_authentic(aegis: Aegis) -> dict[str, str]:
+    checks = json.loads(aegis.ctl("doctor", "--json").out)["checks"]
+    return next(c for c in checks if c["name"] == "agents_authentic")
+
+
+def test_an_older_vault_is_resealed_and_authenticated_at_unlock(fresh: Aegis) -> None:
+    """A vault (or backup) from before the metadata was sealed with each secret and agent and grant rows had
+    MACs (schema 2): its secrets open the old way until the first unlock reseals them with their metadata and
+    gives its agents and grants their MACs, all in one write; from then on an edited allowlist breaks the
+    seal and a row without a MAC is refused."""
     ids = populate(fresh)
     db = fresh.data_dir / "vault.db"
+    fresh.start()
+    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    added = fresh.ctl("agent", "add", "claude").ok()
+    token = added.out.strip()
+    fresh.outputs.remove(added.out)  # the one place the token may appear
+    fresh.ctl("grant", "claude", "bravo").ok()
+    assert fresh.stop() == 0
     with open_vault(fresh.data_dir) as vault:  # write each secret back sealed the old way
         key, vault_id = vault.master().subkey("secrets"), vault.vault_id
         assert vault_id is not None
         for name, cid in ids.items():
             write_sealed(db, cid, *seal(key, SECRETS[name].encode(), secret_aad_v1(vault_id, cid)))
+    conn = sqlite3.connect(db)
+    with conn:  # and take the database back to schema 2, which had no MAC columns
+        conn.execute("ALTER TABLE agents DROP COLUMN mac")
+        conn.execute("ALTER TABLE grants DROP COLUMN mac")
+        conn.execute("UPDATE schema_version SET version = 2")
+    conn.close()
     old = {name: sealed(db, cid) for name, cid in ids.items()}
 
     fresh.start()
     fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    assert "sealed the metadata of 3 credentials from an older vault with their secrets" in fresh.log()
+    assert ("this vault is from an older aegisd: sealed the metadata of 3 credentials with their secrets and "
+            "authenticated 2 agent and grant rows") in fresh.log()
+    assert agents_authentic(fresh)["status"] == "pass"
     fresh.ctl("lock").ok()
     fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()  # nothing left to reseal
-    assert fresh.log().count("sealed the metadata") == 1
+    assert fresh.log().count("older aegisd") == 1
     assert fresh.stop() == 0
 
     with open_vault(fresh.data_dir) as vault:
@@ -182,12 +204,30 @@ def test_secrets_sealed_before_their_metadata_are_resealed_at_unlock(fresh: Aegi
                 unseal(key, nonce, ciphertext, secret_aad_v1(vault_id, cid))
             assert vault.open_secret(cid) == SECRETS[name].encode()
 
+    # Edits after the reseal: an allowlist widened, and an old copy's secret written back next to another.
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute("UPDATE credentials SET domains = '[\"https://evil.example\"]' WHERE id = ?", (ids["alpha"],))
+        conn.execute("UPDATE credentials SET domains = '[\"https://evil.example\"]' WHERE id IN (?, ?)",
+                     (ids["alpha"], ids["bravo"]))
     conn.close()
+    write_sealed(db, ids["bravo"], *old["bravo"])
     with open_vault(fresh.data_dir) as vault:
-        with pytest.raises(StorageCorrupt, match="metadata sealed with it"):
-            vault.open_secret(ids["alpha"])
-        assert vault.open_secret(ids["bravo"]) == SECRETS["bravo"].encode()
-    fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
+        for name in ("alpha", "bravo"):
+            with pytest.raises(StorageCorrupt, match="metadata sealed"):
+                vault.open_secret(ids[name])
+        assert vault.open_secret(ids["charlie"]) == SECRETS["charlie"].encode()
+
+    conn = sqlite3.connect(db)
+    with conn:  # a grant row without a MAC, once the vault has been resealed, is an edit
+        conn.execute("UPDATE grants SET mac = NULL")
+    conn.close()
+    fresh.start()
+    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    check = agents_authentic(fresh)
+    assert check["status"] == "fail" and check["message"].endswith(": claude->bravo"), check
+    checks = json.loads(fresh.ctl("doctor", "--json").out)["checks"]
+    decrypt = next(c for c in checks if c["name"] == "credentials_decrypt")
+    assert decrypt["status"] == "fail" and decrypt["message"].endswith(": alpha, bravo"), decrypt
+    assert fresh.log().count("older aegisd") == 1  # the old row written back was not adopted
+    assert fresh.stop() == 0
+    fresh.assert_no_leaks([PASSPHRASE, token, *SECRETS.values()])

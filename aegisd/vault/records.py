@@ -1,0 +1,55 @@
+"""MACs over the agent and grant rows, so who may use which credential cannot be edited in vault.db.
+
+An agent row's MAC covers its id, name, token hash and rate limit: a token hash moved to another
+agent's row, or a limit lifted, fails it. A grant row's MAC covers the agent and credential it joins:
+a grant inserted or copied to another agent fails it. Both are keyed with a subkey of the master key,
+so only aegisd, unlocked, can write a row the gate will trust. Rows from before this (a NULL MAC) are
+trusted once, at the unlock that also reseals that vault's older credentials (Vault), and refused after.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import sqlite3
+
+from aegisd.vault.crypto import MasterKey, keyed_hasher
+
+SUBKEY = "agent-records"
+
+
+class RecordKey:
+    """The MAC function for one vault, keyed once per routing-table build rather than once per row."""
+
+    def __init__(self, master: MasterKey, vault_id: str) -> None:
+        self._digest = keyed_hasher(master.subkey(SUBKEY))
+        self._vault_id = vault_id
+
+    def agent(self, agent_id: str, name: str, token_hash: bytes, rate_limit: str) -> bytes:
+        return self._mac(["agent", agent_id, name, token_hash.hex(), rate_limit])
+
+    def grant(self, agent_id: str, credential_id: str) -> bytes:
+        return self._mac(["grant", agent_id, credential_id])
+
+    def agent_ok(self, mac: bytes | None, agent_id: str, name: str, token_hash: bytes, rate_limit: str) -> bool:
+        return mac is not None and hmac.compare_digest(mac, self.agent(agent_id, name, token_hash, rate_limit))
+
+    def grant_ok(self, mac: bytes | None, agent_id: str, credential_id: str) -> bool:
+        return mac is not None and hmac.compare_digest(mac, self.grant(agent_id, credential_id))
+
+    def _mac(self, fields: list[str]) -> bytes:
+        return self._digest(json.dumps([self._vault_id, *fields], separators=(",", ":"), ensure_ascii=True).encode())
+
+
+def authenticate_legacy_rows(conn: sqlite3.Connection, key: RecordKey) -> int:
+    """Give every agent and grant row without a MAC its MAC (inside the caller's transaction); returns how many.
+
+    Only for a vault from before these MACs existed: afterwards a row without one is an edit, and refused.
+    """
+    agents = [(key.agent(agent_id, name, bytes(token_hash), rate), agent_id) for agent_id, name, token_hash, rate
+              in conn.execute("SELECT id, name, token_hash, rate_limit FROM agents WHERE mac IS NULL").fetchall()]
+    grants = [(key.grant(agent_id, cred_id), agent_id, cred_id) for agent_id, cred_id
+              in conn.execute("SELECT agent_id, credential_id FROM grants WHERE mac IS NULL").fetchall()]
+    conn.executemany("UPDATE agents SET mac = ? WHERE id = ?", agents)
+    conn.executemany("UPDATE grants SET mac = ? WHERE agent_id = ? AND credential_id = ?", grants)
+    return len(agents) + len(grants)
