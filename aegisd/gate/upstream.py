@@ -460,10 +460,15 @@ class UpstreamPool:
                 if conn._got_bytes or not replayable:
                     raise
                 # The upstream closed the idle connection just as it was reused: once more, on a fresh one.
+                try:
+                    conn = await self._connect(key)
+                except UpstreamError as exc:  # the request went out once already: not "nothing was sent"
+                    raise UpstreamBroken(str(exc)) from None
             except BaseException:
                 conn.release()
                 raise
-        conn = await self._connect(key)
+        else:
+            conn = await self._connect(key)
         try:
             conn.send(method, head, body, chunked, self._timeouts)
             await conn.wait_headers()
