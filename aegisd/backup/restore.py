@@ -55,9 +55,6 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                                          f"was not ({why}); run the restore again") from None
 
         await asyncio.to_thread(vault.reopen, swap)
-    if ledger.failing:  # e.g. the restored ledger was moved into place but cannot be opened
-        raise StorageUnavailable("the backup was restored, but its ledger cannot be written (see aegisd's log), so "
-                                 "the gate forwards nothing until it can; free the disk, or run the restore again")
     return manifest
 
 

@@ -62,6 +62,10 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
 
             manifest = await restore(self.data_dir, self.rt.vault, self.rt.store, self.rt.ledger, chunks())
         await self._record(manifest)
+        if self.rt.ledger.failing:  # the restored ledger was moved into place but cannot be opened or written
+            raise StorageUnavailable("the backup was restored, but its ledger cannot be written (see aegisd's log), "
+                                     "so the gate forwards nothing until it can; free the disk, or run the restore "
+                                     "again")
         counts = manifest.counts
         return pb.RestoreResponse(vault_id=manifest.vault_id, created_ms=manifest.created_ms,
                                   credentials=counts["credentials"], agents=counts["agents"],

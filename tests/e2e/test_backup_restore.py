@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
-from tests.e2e.gate_support import GateWorld, request
+from tests.e2e.gate_support import GateWorld, request, untouched
 from tests.e2e.support import assert_failed
 from tests.harness import PASSPHRASE, Aegis, new_aegis
 
@@ -257,3 +257,40 @@ def test_backup_file_is_replaced_only_when_complete(world: GateWorld) -> None:
     assert target.read_bytes() == kept
     assert sorted(p.name for p in aegis.root.iterdir() if "keep" in p.name) == ["keep.backup"]
     aegis.assert_no_leaks(world.secrets)
+
+
+def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> None:
+    """A backup whose ledger opens and passes every check but refuses writes (a trigger stands in for a file
+    the disk will not let grow): the files are swapped, but the restore exits 1 naming the ledger, and the
+    gate forwards nothing. Restoring a good backup over it recovers without a restart."""
+    aegis = world.aegis
+    up = world.upstream()
+    world.credential("github", GH_SECRET, up.entry())
+    world.agent("claude", "github")
+    good = aegis.root / "good.backup"
+    aegis.ctl("backup", str(good)).ok()
+    parts = members(good.read_bytes())
+    ledger = aegis.root / "stuck-ledger.db"
+    ledger.write_bytes(parts["ledger.db"])
+    conn = sqlite3.connect(ledger)
+    with conn:
+        conn.execute("CREATE TRIGGER stuck BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'no room'); END")
+    conn.close()
+    stuck = aegis.root / "stuck.backup"
+    stuck.write_bytes(make_tar(with_manifest_for({**parts, "ledger.db": ledger.read_bytes()})))
+
+    aegis.ctl("lock").ok()
+    result = aegis.ctl("restore", str(stuck), "--yes")
+    assert_failed(result, "the backup was restored, but its ledger cannot be written")
+    assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "failing"
+    world.unlock()
+    with untouched(up):
+        refused = world.call("GET", "/github/echo/x", agent="claude")
+    assert (refused.status, refused.error()["code"]) == (503, "ledger_unavailable")  # and no row: none can be written
+
+    aegis.ctl("lock").ok()
+    aegis.ctl("restore", str(good), "--yes").ok()
+    world.unlock()
+    assert world.call("GET", "/github/echo/y", agent="claude").status == 200
+    assert listing(aegis, "ledger", "verify")["ok"]
+    world.assert_no_leaks()
