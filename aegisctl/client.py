@@ -48,6 +48,9 @@ HINTS = {
     "vault_unlocked": "run `aegisctl lock` first, then retry",
     "invalid_backup": "nothing was changed; use another backup, or take a new one with `aegisctl backup FILE`",
     "ledger_tampered": "`aegisctl ledger verify` names the first bad row; keep a copy of ledger.db as evidence",
+    "tampered": "check it; remove it and add it again as you intend it, or restore a good backup",
+    "not_adopted": "`aegisctl vault adopt` lists what an older aegisd wrote; check it, then adopt it",
+    "older_rows_changed": "run `aegisctl vault adopt` again and check the new list",
 }
 
 

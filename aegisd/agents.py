@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from aegisd.errors import AlreadyExists, NotFound, VaultUninitialized
+from aegisd.errors import AlreadyExists, NotFound, StorageCorrupt, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.credentials import validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, keyed_hash
@@ -128,7 +128,7 @@ class AgentRegistry:
         with self._vault._lock:
             key = self._record_key()
             with self._store.transaction() as conn:
-                agent_id, hashed = self._agent_row(conn, name)
+                agent_id, hashed, _ = self._authentic_agent(conn, key, name)
                 conn.execute("UPDATE agents SET rate_limit = ?, mac = ? WHERE id = ?",
                              (canonical, key.agent(agent_id, name, hashed, canonical), agent_id))
                 agent = self._get(conn, name)
@@ -141,8 +141,7 @@ class AgentRegistry:
         with self._vault._lock:
             hashed, key = token_hash(self._vault.master(), token), self._record_key()
             with self._store.transaction() as conn:
-                agent_id = self._agent_id(conn, name)
-                (rate,) = conn.execute("SELECT rate_limit FROM agents WHERE id = ?", (agent_id,)).fetchone()
+                agent_id, _, rate = self._authentic_agent(conn, key, name)
                 conn.execute("UPDATE agents SET token_hash = ?, rotated_at = ?, mac = ? WHERE id = ?",
                              (hashed, now_ms(), key.agent(agent_id, name, hashed, rate), agent_id))
         self._vault.notify("agents")
@@ -158,7 +157,7 @@ class AgentRegistry:
         with self._vault._lock:
             key = self._record_key()
             with self._store.transaction() as conn:
-                agent_id = self._agent_id(conn, agent)
+                agent_id, _, _ = self._authentic_agent(conn, key, agent)
                 cred_id = _credential_id(conn, credential)
                 mac = key.grant(agent_id, cred_id)
                 row = conn.execute("SELECT mac FROM grants WHERE agent_id = ? AND credential_id = ?",
@@ -201,28 +200,30 @@ class AgentRegistry:
         for agent_id, cred_id, mac, agent, credential in grant_rows:
             if key.grant_ok(mac, agent_id, cred_id):
                 grants.setdefault(agent_id, set()).add(cred_id)
-            else:
+            elif mac is not None:  # no MAC at all: an older aegisd's row, waiting for `vault adopt` (logged at unlock)
                 log.error("the grant of %s to agent %s fails authentication (changed outside aegisd), so the gate "
                           "ignores it: grant it again if it is meant", credential, agent)
         records = []
         for agent_id, name, hashed, rate, mac in rows:
-            if key.agent_ok(mac, agent_id, name, bytes(hashed), rate):
-                records.append(AgentRecord(id=agent_id, name=name, token_hash=bytes(hashed), rate_limit=rate,
+            if key.agent_ok(mac, agent_id, name, hashed, rate):
+                records.append(AgentRecord(id=agent_id, name=name, token_hash=hashed, rate_limit=rate,
                                            credential_ids=frozenset(grants.get(agent_id, ()))))
-            else:
+            elif mac is not None:
                 log.error("agent %s fails authentication (its row was changed outside aegisd), so the gate refuses "
                           "its token: `aegisctl agent regenerate %s` issues a new one", name, name)
         return records
 
     def unauthentic(self) -> builtins.list[str]:
-        """The agents, and grants (`agent->credential`), whose rows fail their MAC; for doctor."""
+        """The agents, and grants (`agent->credential`), whose rows fail their MAC; for doctor. Rows with no
+        MAC at all, an older aegisd's, are Vault.older_rows."""
         key = self._record_key()
         with self._store.reading() as conn:
             agents = [name for agent_id, name, hashed, rate, mac
                       in conn.execute("SELECT id, name, token_hash, rate_limit, mac FROM agents ORDER BY name")
-                      if not key.agent_ok(mac, agent_id, name, bytes(hashed), rate)]
+                      if mac is not None and not key.agent_ok(mac, agent_id, name, hashed, rate)]
             grants = [f"{agent}->{credential}" for agent_id, cred_id, mac, agent, credential
-                      in conn.execute(_GRANTS_NAMED + " ORDER BY 4, 5") if not key.grant_ok(mac, agent_id, cred_id)]
+                      in conn.execute(_GRANTS_NAMED + " ORDER BY 4, 5")
+                      if mac is not None and not key.grant_ok(mac, agent_id, cred_id)]
         return agents + grants
 
     # -- internals -------------------------------------------------------------------------
@@ -237,12 +238,23 @@ class AgentRegistry:
         assert self._vault.vault_id is not None  # master() raises before this on an uninitialised vault
         return RecordKey(master, self._vault.vault_id)
 
-    def _agent_row(self, conn: sqlite3.Connection, name: str) -> tuple[str, bytes]:
-        """An agent's id and token hash, by name."""
-        row = conn.execute("SELECT id, token_hash FROM agents WHERE name = ?", (name,)).fetchone()
+    def _authentic_agent(self, conn: sqlite3.Connection, key: RecordKey, name: str) -> tuple[str, bytes, str]:
+        """An agent's id, token hash and rate limit, by name, if its row's MAC holds.
+
+        A change built on a row edited outside aegisd would give the edit a fresh MAC (a token hash moved
+        into this row, an id swapped with another agent's), so it is refused instead.
+        """
+        row = conn.execute("SELECT id, token_hash, rate_limit, mac FROM agents WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise _agent_not_found(name)
-        return str(row[0]), bytes(row[1])
+        agent_id, hashed, rate, mac = row
+        if not key.agent_ok(mac, agent_id, name, hashed, rate):
+            if mac is None:
+                raise StorageCorrupt(f"agent {name!r} comes from an older aegisd and is not trusted yet: check "
+                                     "`aegisctl vault adopt`", reason="not_adopted")
+            raise StorageCorrupt(f"agent {name!r} fails authentication: its row was changed outside aegisd; remove "
+                                 "it and add it again", reason="tampered")
+        return str(agent_id), bytes(hashed), str(rate)
 
     def _get(self, conn: sqlite3.Connection, name: str) -> Agent:
         row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE name = ?", (name,)).fetchone()  # noqa: S608

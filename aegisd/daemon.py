@@ -170,8 +170,9 @@ class Daemon:
                 return
             try:
                 vault.unlock(unlock_key=key)
-            except AegisError as exc:
-                log.error("auto-unlock from %s failed (%s); starting locked", source, exc.message)
+            except Exception as exc:  # whatever it was, start locked rather than not at all
+                why = exc.message if isinstance(exc, AegisError) else type(exc).__name__
+                log.error("auto-unlock from %s failed (%s); starting locked", source, why)
             else:
                 event(log, logging.INFO, "vault unlocked", via=source)
             return

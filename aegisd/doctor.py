@@ -63,6 +63,7 @@ class Doctor:
             ("credentials_decrypt", self.credentials_decrypt),
             ("credentials_expiry", self.credentials_expiry),
             ("agents_authentic", self.agents_authentic),
+            ("older_rows", self.older_rows),
             ("gate", self.gate),
             ("policies", self.policies),
             ("ledger_chain", self.ledger_chain),
@@ -191,20 +192,24 @@ class Doctor:
         return await asyncio.to_thread(self._credentials_decrypt)
 
     def _credentials_decrypt(self) -> Check:
-        creds = self.rt.vault.list_credentials()
-        broken = []
-        for cred in creds:
+        creds = self.rt.vault.credential_refs()
+        broken, waiting = [], 0
+        for credential_id, name in creds:
             try:
-                self.rt.vault.open_secret(cred.id)  # the plaintext is dropped at once; only success matters
-            except AegisError:
-                broken.append(cred.name)
+                self.rt.vault.open_secret(credential_id)  # the plaintext is dropped at once; only success matters
+            except AegisError as exc:
+                if exc.reason == "not_adopted":  # an older aegisd's: the older_rows check reports those
+                    waiting += 1
+                else:
+                    broken.append(name)
         if broken:
             return Check("credentials_decrypt", FAIL, f"{len(broken)} of {len(creds)} credentials fail to decrypt "
                          f"(the secret or the metadata sealed with it was changed outside aegisd, or moved), so the "
                          f"gate does not serve them: {_names(broken)}",
-                         "check each with `aegisctl vault show NAME`, then `aegisctl vault rotate NAME`, or restore "
-                         "a good backup")
-        return Check("credentials_decrypt", PASS, f"all {len(creds)} credentials decrypt")
+                         "remove each (`aegisctl vault remove NAME`) and add it again as you intend it, or restore a "
+                         "good backup")
+        adopt = f" ({waiting} of them from an older aegisd, waiting to be adopted)" if waiting else ""
+        return Check("credentials_decrypt", PASS, f"all {len(creds)} credentials decrypt{adopt}")
 
     async def agents_authentic(self) -> Check:
         if self.rt.vault.state != "unlocked":
@@ -213,11 +218,20 @@ class Doctor:
         if bad:
             return Check("agents_authentic", FAIL, f"{len(bad)} agent or grant rows fail authentication (changed "
                          f"outside aegisd), so the gate ignores them: {_names(bad)}",
-                         "for an agent, `aegisctl agent regenerate NAME`; for a grant AGENT->CREDENTIAL, `aegisctl "
-                         "grant AGENT CREDENTIAL` if it is meant, else `aegisctl revoke`; or restore a good backup")
+                         "remove such an agent and add it again; for a grant AGENT->CREDENTIAL, `aegisctl revoke "
+                         "AGENT CREDENTIAL`, then grant it again if it is meant; or restore a good backup")
         counts = await asyncio.to_thread(self.rt.vault.counts)
         return Check("agents_authentic", PASS, f"all {counts['agents']} agents and {counts['grants']} grants "
                      "authenticate")
+
+    async def older_rows(self) -> Check:
+        if self.rt.vault.state != "unlocked":
+            return Check("older_rows", SKIP, "needs the vault unlocked")
+        older = await asyncio.to_thread(self.rt.vault.older_rows)
+        if older:
+            return Check("older_rows", FAIL, f"{older.summary()} from an older aegisd are not served until adopted",
+                         "`aegisctl vault adopt` lists them; check them, then adopt them")
+        return Check("older_rows", PASS, "nothing from an older aegisd waits to be adopted")
 
     async def credentials_expiry(self) -> Check:
         if self.rt.vault.state == "uninitialized":

@@ -1,4 +1,4 @@
-"""`aegisctl vault add|list|show|update|rotate|remove`: credentials, whose secrets go in and never out."""
+"""`aegisctl vault add|list|show|update|rotate|remove|adopt`: credentials, whose secrets go in and never out."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from aegisctl.context import Context, pass_context
 from aegisctl.durations import Duration
 from aegisctl.secrets_input import confirm_destructive, read_secret
 from aegisd.api.aegis.v1 import credentials_pb2 as pb
+from aegisd.api.aegis.v1 import vault_pb2
 
 AUTH_TYPES = {"bearer": pb.AUTH_TYPE_BEARER, "header": pb.AUTH_TYPE_HEADER, "basic": pb.AUTH_TYPE_BASIC,
               "query": pb.AUTH_TYPE_QUERY}
@@ -207,3 +208,42 @@ def remove(ctx: Context, name: str, yes: bool) -> None:
     confirm_destructive(f"Remove credential {name!r} and its grants?", yes)
     reply = client.call(client.credentials.RemoveCredential, pb.RemoveCredentialRequest(name=name))
     click.echo(f"Removed credential {name!r} ({reply.grants_removed} grants removed).")
+
+
+@command.command("adopt")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was listed (and adopted) as JSON.")
+@pass_context
+def adopt(ctx: Context, yes: bool, as_json: bool) -> None:
+    """Trust what an older aegisd wrote: its credentials, agents and grants, exactly as they stand now.
+
+    Until then the gate serves none of them. Check the list first: anything edited in vault.db (or in
+    a backup) before this is trusted along with it.
+    """
+    client = ctx.client
+    listed = client.call(client.vault.Adopt, vault_pb2.AdoptRequest(dry_run=True))
+    if not (listed.credentials or listed.agents or listed.grants):
+        if as_json:
+            output.emit_json({"credentials": [], "agents": [], "grants": [], "adopted": False})
+        else:
+            click.echo("Nothing to adopt: everything in the vault was written by this aegisd.")
+        return
+    if not as_json:
+        click.echo("An older aegisd wrote these; the gate serves none of them until they are adopted:")
+        for c in listed.credentials:
+            click.echo(f"  credential {c.name}  service {c.service}  hosts {', '.join(c.domains)}")
+        for name in listed.agents:
+            click.echo(f"  agent {name}")
+        for g in listed.grants:
+            click.echo(f"  grant {g.agent} -> {g.credential}")
+    confirm_destructive("Trust all of it as it stands?", yes)
+    done = client.call(client.vault.Adopt, vault_pb2.AdoptRequest(digest=listed.digest))
+    if as_json:
+        output.emit_json({"credentials": [{"name": c.name, "service": c.service, "domains": list(c.domains)}
+                                          for c in done.credentials],
+                          "agents": list(done.agents),
+                          "grants": [{"agent": g.agent, "credential": g.credential} for g in done.grants],
+                          "adopted": done.adopted})
+    else:
+        click.echo(f"Adopted {len(done.credentials)} credentials, {len(done.agents)} agents and "
+                   f"{len(done.grants)} grants.")

@@ -1,4 +1,4 @@
-"""aegis.v1.VaultService: init, unlock, lock, status."""
+"""aegis.v1.VaultService: init, unlock, lock, status, and adopting what an older aegisd wrote."""
 
 from __future__ import annotations
 
@@ -49,6 +49,21 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         if await asyncio.to_thread(self.rt.vault.lock):
             self.rt.log_event("vault locked")
         return pb.LockResponse()
+
+    @rpc
+    async def Adopt(self, request: pb.AdoptRequest, context: Ctx) -> pb.AdoptResponse:
+        if request.dry_run:
+            older = await asyncio.to_thread(self.rt.vault.older_rows)
+        else:
+            older = await asyncio.to_thread(self.rt.vault.adopt_older_rows, request.digest)
+            if older:
+                self.rt.log_event("older rows adopted", credentials=len(older.secrets), agents=len(older.agents),
+                                  grants=len(older.grants))
+        return pb.AdoptResponse(
+            credentials=[pb.OlderCredential(name=c.name, service=c.service, domains=c.domains)
+                         for c in older.credentials],
+            agents=older.agents, grants=[pb.OlderGrant(agent=a, credential=c) for a, c in older.grants],
+            digest=older.digest(), adopted=not request.dry_run and bool(older))
 
     @rpc
     async def Status(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusResponse:

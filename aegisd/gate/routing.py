@@ -129,12 +129,23 @@ class RoutingState:
         self.on_rebuild: Callable[[RoutingTable | None], None] | None = None
 
     def on_vault_event(self, event: str) -> None:
-        if event == "locked":
-            self.table = None
-        elif event == "agents":
-            self.rebuild_agents()
-        else:
-            self.rebuild()
+        """Rebuild for a vault change. A failure leaves no table (the gate refuses everything) and is logged:
+        it must not fail the change that was already written, nor the unlock that caused it."""
+        try:
+            if event == "locked":
+                with self._lock:  # after any rebuild in progress, so it cannot put a table back
+                    self.table = None
+            elif event == "agents":
+                self.rebuild_agents()
+            else:
+                self.rebuild()
+        except Exception as exc:
+            with self._lock:
+                self.table = None
+            log.error("the gate's routing table could not be rebuilt (%s: %s), so it refuses every request until "
+                      "the next change or unlock", type(exc).__name__,
+                      exc.message if isinstance(exc, AegisError) else "see the traceback at debug level")
+            log.debug("routing rebuild failed", exc_info=True)
 
     def rebuild_agents(self) -> None:
         """An agent or grant changed: keep the routes and their inspector, which cost the most to build."""
@@ -158,12 +169,12 @@ class RoutingState:
             else:
                 master = self._vault.master()
                 routes = {}
-                for listed in self._vault.list_credentials():
+                for credential_id, name in self._vault.credential_refs():
                     try:  # the route is built from the metadata its secret was sealed with
-                        cred, secret = self._vault.open_credential(listed.id)
+                        cred, secret = self._vault.open_credential(credential_id)
                         routes[cred.service] = build_route(cred, secret)
                     except AegisError as exc:  # one broken seal must not take the others down
-                        log.error("credential %s is not served: %s", listed.name, exc.message)
+                        log.error("credential %r is not served: %s", name, exc.message)
                 agents = self._agent_entries()
                 inspector = Inspector(SecretSource(r.credential_id, secret_values(r.secret, r.auth_type))
                                       for r in routes.values())

@@ -143,9 +143,10 @@ def seal(key: bytearray, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
 
 
 def unseal(key: bytearray, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    """Open a seal; SealBroken if it fails authentication or is malformed (a nonce of the wrong size or type)."""
     try:
         return AESGCM(bytes(key)).decrypt(nonce, ciphertext, aad)
-    except InvalidTag:
+    except (InvalidTag, ValueError, TypeError):
         raise SealBroken("ciphertext failed authentication") from None
 
 

@@ -3,8 +3,8 @@
 An agent row's MAC covers its id, name, token hash and rate limit: a token hash moved to another
 agent's row, or a limit lifted, fails it. A grant row's MAC covers the agent and credential it joins:
 a grant inserted or copied to another agent fails it. Both are keyed with a subkey of the master key,
-so only aegisd, unlocked, can write a row the gate will trust. Rows from before this (a NULL MAC) are
-trusted once, at the unlock that also reseals that vault's older credentials (Vault), and refused after.
+so only aegisd, unlocked, can write a row the gate will trust. Rows from an older aegisd (no MAC) are
+not served until an operator adopts them (`aegisctl vault adopt`, Vault.adopt_older_rows).
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ class RecordKey:
     def grant(self, agent_id: str, credential_id: str) -> bytes:
         return self._mac(["grant", agent_id, credential_id])
 
-    def agent_ok(self, mac: bytes | None, agent_id: str, name: str, token_hash: bytes, rate_limit: str) -> bool:
-        return mac is not None and hmac.compare_digest(mac, self.agent(agent_id, name, token_hash, rate_limit))
+    def agent_ok(self, mac: object, agent_id: str, name: str, token_hash: object, rate_limit: str) -> bool:
+        """Whether an agent row's MAC holds; a value of the wrong type (an edit) never does."""
+        return (isinstance(mac, bytes) and isinstance(token_hash, bytes)
+                and hmac.compare_digest(mac, self.agent(agent_id, name, token_hash, rate_limit)))
 
-    def grant_ok(self, mac: bytes | None, agent_id: str, credential_id: str) -> bool:
-        return mac is not None and hmac.compare_digest(mac, self.grant(agent_id, credential_id))
+    def grant_ok(self, mac: object, agent_id: str, credential_id: str) -> bool:
+        return isinstance(mac, bytes) and hmac.compare_digest(mac, self.grant(agent_id, credential_id))
 
     def _mac(self, fields: list[str]) -> bytes:
         return self._digest(json.dumps([self._vault_id, *fields], separators=(",", ":"), ensure_ascii=True).encode())
@@ -44,7 +46,7 @@ class RecordKey:
 def authenticate_legacy_rows(conn: sqlite3.Connection, key: RecordKey) -> int:
     """Give every agent and grant row without a MAC its MAC (inside the caller's transaction); returns how many.
 
-    Only for a vault from before these MACs existed: afterwards a row without one is an edit, and refused.
+    Only when an operator adopts them, having been shown them: a row without a MAC may be an edit.
     """
     agents = [(key.agent(agent_id, name, bytes(token_hash), rate), agent_id) for agent_id, name, token_hash, rate
               in conn.execute("SELECT id, name, token_hash, rate_limit FROM agents WHERE mac IS NULL").fetchall()]

@@ -7,6 +7,7 @@ routing table) rebuild from the vault rather than keeping state of their own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -14,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aegisd.errors import (
@@ -128,12 +130,8 @@ class Vault:
             else:
                 what = "passphrase" if kind == "passphrase" else "unlock key"
                 raise WrongPassphrase(f"wrong {what}")
-            try:
-                self._adopt_older_vault(vault_id, master)
-            except BaseException:
-                master.wipe()
-                raise
             self._master = master
+        self._warn_if_older_rows()
         self.notify("unlocked")
         return True
 
@@ -200,6 +198,13 @@ class Vault:
             rows = conn.execute(f"SELECT {_CRED_COLUMNS} FROM credentials ORDER BY name").fetchall()  # noqa: S608
         return [_cred_from_row(r) for r in rows]
 
+    def credential_refs(self) -> list[tuple[str, str]]:
+        """(id, name) of every credential, unparsed: for opening them one at a time, so a malformed row
+        fails alone."""
+        self._require_initialized()
+        with self._store.reading() as conn:
+            return [(str(i), str(n)) for i, n in conn.execute("SELECT id, name FROM credentials ORDER BY name")]
+
     def get_credential(self, name: str) -> Credential:
         self._require_initialized()
         with self._store.reading() as conn:
@@ -232,10 +237,12 @@ class Vault:
         return cred
 
     def rotate_credential(self, name: str, secret: str) -> Credential:
-        """Seal a new secret with the credential's metadata as it stands (a broken seal is replaced)."""
+        """Seal a new secret with the credential's metadata, which must open with the old one: a rotate must
+        not give metadata edited outside aegisd a fresh seal (remove the credential and add it again)."""
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
-            cred = self.get_credential(name)
+            with self._store.reading() as conn:
+                cred, _ = _open_sealed(conn, vault_id, master, "name", name)
             data = cred_rules.validate_secret(secret, cred.auth_type)
             nonce, ciphertext = _seal(master, vault_id, cred, data)
             cred.rotated_at = cred.updated_at = now_ms()
@@ -306,43 +313,44 @@ class Vault:
         except (ValueError, TypeError):
             raise StorageCorrupt(f"a key slot in {self._store.path} is malformed") from None
 
-    def _adopt_older_vault(self, vault_id: str, master: MasterKey) -> None:
-        """If this vault comes from an aegisd that did not seal metadata with secrets, seal each secret with its
-        metadata now and give the agent and grant rows their MACs (aegisd.vault.records), in one write.
+    # -- rows from an older aegisd -------------------------------------------------------------
 
-        A vault counts as older only if none of its secrets opens the new way: a single row written back from
-        an old copy into a vault already resealed stays broken, instead of being adopted with whatever
-        metadata was put next to it. Older metadata is trusted as it stands, once. If the write fails, the
-        older secrets are not served and the next unlock tries again.
-        """
-        key = master.subkey("secrets")
-        older = []
+    def older_rows(self) -> OlderRows:
+        """What an older aegisd wrote and this one does not trust yet: secrets sealed without their metadata,
+        agent and grant rows without a MAC. The gate serves none of it until an operator adopts it."""
+        vault_id, master = self._require_initialized(), self.master()
+        with self._store.reading() as conn:
+            return _older_rows(conn, vault_id, master)
+
+    def adopt_older_rows(self, expected: str) -> OlderRows:
+        """Trust what older_rows lists, as it stands: seal each such secret with its metadata and give each such
+        row its MAC, in one write. `expected` is the listing's digest as the operator saw it: if anything
+        changed since, nothing is adopted (FailedPrecondition)."""
+        with self._lock:
+            vault_id, master = self._require_initialized(), self.master()
+            with self._store.transaction() as conn:
+                older = _older_rows(conn, vault_id, master)
+                if older.digest() != expected:
+                    raise FailedPrecondition("what an older aegisd wrote changed since it was listed; list it again "
+                                             "and check it", reason="older_rows_changed")
+                conn.executemany("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?",
+                                 [(*_seal(master, vault_id, cred, data), cred.id) for cred, data in older.secrets])
+                authenticate_legacy_rows(conn, RecordKey(master, vault_id))
+        if older:
+            log.warning("adopted what an older aegisd wrote: %s", older.summary())
+            self.notify("credentials")
+        return older
+
+    def _warn_if_older_rows(self) -> None:
+        """At unlock: say once, in the log, that rows from an older aegisd wait for `aegisctl vault adopt`."""
         try:
-            with self._store.reading() as conn:
-                rows = conn.execute(f"SELECT {_CRED_COLUMNS}, {_SEALED} FROM credentials").fetchall()  # noqa: S608
-            for row in rows:
-                try:
-                    cred = _cred_from_row(row)
-                    aad = secret_aad(vault_id, cred.id, cred.sealed_metadata())
-                except (ValueError, TypeError):
-                    continue  # malformed: reported when the gate or doctor opens it
-                if _opens(key, row[-2], row[-1], aad) is not None:
-                    return  # sealed the new way: this vault is not an older one
-                data = _opens(key, row[-2], row[-1], secret_aad_v1(vault_id, cred.id))
-                if data is not None:
-                    older.append((*seal(key, data, aad), cred.id))
-            if not older:
-                return
-            with self._store.transaction() as conn:  # the vault's lock is held: nothing changed since the read
-                conn.executemany("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?", older)
-                authenticated = authenticate_legacy_rows(conn, RecordKey(master, vault_id))
+            older = self.older_rows()
         except AegisError as exc:
-            log.warning("this vault is from an older aegisd, and sealing its credentials' metadata with their secrets "
-                        "failed: %s; its credentials are not served until an unlock succeeds at it", exc.message)
+            log.warning("could not look for rows from an older aegisd: %s", exc.message)
             return
-        log.warning("this vault is from an older aegisd: sealed the metadata of %d credential%s with %s secret%s "
-                    "and authenticated %d agent and grant rows, trusting them as they stood", len(older),
-                    *(("", "its", "") if len(older) == 1 else ("s", "their", "s")), authenticated)
+        if older:
+            log.warning("%s from an older aegisd are not served until an operator checks them and runs "
+                        "`aegisctl vault adopt`", older.summary())
 
     def _read_meta(self, key: str) -> str | None:
         with self._store.reading() as conn:
@@ -367,6 +375,56 @@ def _seal(master: MasterKey, vault_id: str, cred: Credential, data: bytes) -> tu
     return seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id, cred.sealed_metadata()))
 
 
+@dataclass(frozen=True)
+class OlderRows:
+    """Rows an older aegisd wrote (see Vault.older_rows). `secrets` holds the opened secrets, to reseal."""
+
+    secrets: list[tuple[Credential, bytes]] = field(default_factory=list)
+    agents: list[str] = field(default_factory=list)  # names
+    grants: list[tuple[str, str]] = field(default_factory=list)  # (agent, credential) names
+
+    def __bool__(self) -> bool:
+        return bool(self.secrets or self.agents or self.grants)
+
+    @property
+    def credentials(self) -> list[Credential]:
+        return [cred for cred, _ in self.secrets]
+
+    def digest(self) -> str:
+        """What the operator is shown, hashed: adopt only what was shown."""
+        shown = [[c.sealed_metadata().decode() for c in self.credentials], self.agents, self.grants]
+        return hashlib.sha256(json.dumps(shown).encode()).hexdigest()
+
+    def summary(self) -> str:
+        return (f"{_count(len(self.secrets), 'credential')}, {_count(len(self.agents), 'agent')} and "
+                f"{_count(len(self.grants), 'grant')}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _older_rows(conn: sqlite3.Connection, vault_id: str, master: MasterKey) -> OlderRows:
+    key = master.subkey("secrets")
+    older = OlderRows()
+    for row in conn.execute(f"SELECT {_CRED_COLUMNS}, {_SEALED} FROM credentials ORDER BY name"):  # noqa: S608
+        try:
+            cred = _cred_from_row(row)
+            unseal(key, row[-2], row[-1], secret_aad(vault_id, cred.id, cred.sealed_metadata()))
+        except (ValueError, TypeError):
+            continue  # malformed: reported as broken when opened
+        except SealBroken:
+            try:
+                older.secrets.append((cred, unseal(key, row[-2], row[-1], secret_aad_v1(vault_id, cred.id))))
+            except SealBroken:
+                continue  # broken either way: an edit or damage, not an older aegisd
+    older.agents.extend(name for (name,) in conn.execute("SELECT name FROM agents WHERE mac IS NULL ORDER BY name"))
+    older.grants.extend((agent, cred) for agent, cred in conn.execute(
+        "SELECT a.name, c.name FROM grants g JOIN agents a ON a.id = g.agent_id JOIN credentials c "
+        "ON c.id = g.credential_id WHERE g.mac IS NULL ORDER BY 1, 2"))
+    return older
+
+
 def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, column: str,
                  value: str) -> tuple[Credential, bytes]:
     """Read one credential (by id or name) with its sealed secret, and open it."""
@@ -375,15 +433,19 @@ def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, col
     if row is None:
         raise NotFound(f"no credential {'named ' if column == 'name' else 'with id '}{value!r}",
                        reason="credential_not_found")
+    key = master.subkey("secrets")
     try:
         cred = _cred_from_row(row)
-        data = unseal(master.subkey("secrets"), row[-2], row[-1],
-                      secret_aad(vault_id, cred.id, cred.sealed_metadata()))
+        data = unseal(key, row[-2], row[-1], secret_aad(vault_id, cred.id, cred.sealed_metadata()))
     except (SealBroken, ValueError, TypeError):
+        if _opens(key, row[-2], row[-1], secret_aad_v1(vault_id, str(row[0]))) is not None:
+            raise StorageCorrupt(f"credential {row[1]!r} comes from an older aegisd and is not trusted yet: check "
+                                 "`aegisctl vault adopt`", reason="not_adopted") from None
         raise StorageCorrupt(
             f"credential {row[1]!r} ({row[0]}) fails authentication: its sealed secret, or the metadata sealed "
             "with it (service, allowlist, auth, scopes, limits, inspection, expiry), was changed outside aegisd "
-            "or moved; check it with `aegisctl vault show`, then rotate it") from None
+            "or moved; check it with `aegisctl vault show`, then remove it and add it again as you intend it",
+            reason="tampered") from None
     return cred, data
 
 

@@ -15,7 +15,7 @@ from tests.e2e.gate_support import GateWorld
 from tests.harness import PASSPHRASE, Aegis, new_aegis
 
 CHECKS = ["daemon", "vault", "data_dir", "socket", "database", "schema", "credentials_decrypt",
-          "credentials_expiry", "agents_authentic", "gate", "policies", "ledger_chain"]
+          "credentials_expiry", "agents_authentic", "older_rows", "gate", "policies", "ledger_chain"]
 SECRET_A = "ghp_doctorSecretA0123456789abcdefXYZ"
 SECRET_B = "sk-doctorSecretB0123456789abcdefXYZ"
 
@@ -70,7 +70,7 @@ def test_healthy_then_warnings_only(world: GateWorld) -> None:
     checks, _ = doctor(aegis, 0)
     assert statuses(checks)["vault"] == "warn" and "aegisctl unlock" in checks["vault"]["hint"]
     assert statuses(checks)["credentials_decrypt"] == "skip" and statuses(checks)["ledger_chain"] == "pass"
-    assert statuses(checks)["agents_authentic"] == "skip"
+    assert statuses(checks)["agents_authentic"] == statuses(checks)["older_rows"] == "skip"
     assert aegis.stop() == 0
     aegis.start()  # never unlocked since start: the chain key is unknown
     checks, _ = doctor(aegis, 0)
@@ -118,9 +118,9 @@ def test_each_problem_fails_with_a_hint() -> None:
         assert "ledger.db (0644)" in checks["data_dir"]["message"] and "chmod" in checks["data_dir"]["hint"]
         assert "0666" in checks["socket"]["message"] and "0600" in checks["socket"]["message"]
         assert checks["credentials_decrypt"]["message"].endswith(": broken")
-        assert "vault rotate" in checks["credentials_decrypt"]["hint"]
+        assert "vault remove" in checks["credentials_decrypt"]["hint"]
         assert checks["agents_authentic"]["message"].endswith(": limited")
-        assert "agent regenerate" in checks["agents_authentic"]["hint"]
+        assert "remove such an agent" in checks["agents_authentic"]["hint"]
         assert "expiring" in checks["credentials_expiry"]["message"]
         assert "claude.yaml" in checks["policies"]["message"] and "policy list" in checks["policies"]["hint"]
         assert "first bad row 1" in checks["ledger_chain"]["message"]

@@ -392,13 +392,17 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
             home_too = world.call("GET", "/bear/echo/home", agent="bot")
         for reply in (stolen, home_too):
             world.assert_refused(reply, 403, "not_granted")
-        assert "credential bear is not served: credential 'bear'" in world.aegis.log()
+        assert "credential 'bear' is not served: credential 'bear'" in world.aegis.log()
         assert "fails authentication" in world.aegis.log()
         doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
         [decrypt] = [c for c in doctor["checks"] if c["name"] == "credentials_decrypt"]
         assert decrypt["status"] == "fail" and decrypt["message"].endswith(": bear"), decrypt
-        update = world.aegis.ctl("vault", "update", "bear", "--rate-limit", "5/min")
-        assert update.code != 0 and "fails authentication" in update.err and "vault show" in update.err
+        rotated = "sk-new-secret-for-the-widened-one-1"
+        world.secrets.append(rotated)
+        for args in (["vault", "update", "bear", "--rate-limit", "5/min"],
+                     ["vault", "rotate", "bear", "--secret-stdin"]):
+            refused = world.aegis.ctl(*args, input=rotated + "\n")
+            assert refused.code == 1 and "fails authentication" in refused.err and "remove it" in refused.err, refused
 
         _vault_sql(world, "UPDATE credentials SET domains = ? WHERE name = 'bear'", (stored,))
         world.aegis.ctl("lock").ok()
@@ -412,8 +416,8 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
 def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
     """With write access to vault.db but no passphrase, someone copies a grant to the agent they drive, or
     moves that agent's token hash into a better-granted agent's row. Each edited row fails its MAC, so the
-    gate ignores it and the upstream never sees the request; the log and doctor say which rows, and granting
-    again or regenerating repairs them."""
+    gate ignores it and the upstream never sees the request; the log and doctor say which rows. A change
+    that would re-MAC an edited agent row is refused; removing the agent and adding it again repairs it."""
     world = GateWorld.start()
     try:
         up = world.upstream()
@@ -449,13 +453,18 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
         [check] = [c for c in doctor["checks"] if c["name"] == "agents_authentic"]
         assert check["status"] == "fail" and check["message"].endswith(": driven, trusted, driven->hdr"), check
 
-        # The operator's repair: new tokens for both, and the copied grant either revoked or granted for real.
+        # Changes built on an edited row would give the edit a fresh MAC, so they are refused.
+        for args in (["agent", "set-rate-limit", "trusted", "10/min"], ["agent", "regenerate", "trusted"],
+                     ["grant", "trusted", "bear"]):
+            refused = world.aegis.ctl(*args)
+            assert refused.code == 1 and "agent 'trusted' fails authentication" in refused.err, refused
+
+        # The operator's repair: remove both agents (and with them every grant), add them again as meant.
+        world.secrets.extend(world.tokens.values())  # the old tokens, still leak-checked
         for agent in ("trusted", "driven"):
-            del world.tokens[agent]
-            result = world.aegis.ctl("agent", "regenerate", agent)
-            world.tokens[agent] = result.ok().out.strip()
-            world.aegis.outputs.remove(result.out)
-        world.aegis.ctl("revoke", "driven", "hdr").ok()
+            world.aegis.ctl("agent", "remove", agent, "--yes").ok()
+        world.agent("trusted", "bear", "hdr")
+        world.agent("driven", "bear")
         assert world.call("GET", "/hdr/echo/after", agent="trusted").status == 200
         with untouched(up):
             world.assert_refused(world.call("GET", "/hdr/echo/after", agent="driven"), 403, "not_granted")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aegisd.errors import StorageCorrupt
+from aegisd.errors import FailedPrecondition, StorageCorrupt
 from aegisd.vault.crypto import SealBroken, seal, secret_aad_v1, unseal
 from tests.e2e.support import open_vault
 from tests.harness import PASSPHRASE, Aegis
@@ -76,7 +76,7 @@ def test_swapped_ciphertexts_are_detected_not_decrypted(fresh: Aegis) -> None:
         for name in ("alpha", "bravo"):
             with pytest.raises(StorageCorrupt) as caught:
                 vault.open_secret(ids[name])
-            assert ids[name] in caught.value.message and "rotate" in caught.value.message
+            assert ids[name] in caught.value.message and "remove it and add it again" in caught.value.message
             assert not any(secret in caught.value.message for secret in SECRETS.values())
         assert vault.open_secret(ids["charlie"]) == SECRETS["charlie"].encode()
 
@@ -157,41 +157,59 @@ def agents_authentic(aegis: Aegis) -> dict[str, str]:
     return next(c for c in checks if c["name"] == "agents_authentic")
 
 
-def test_an_older_vault_is_resealed_and_authenticated_at_unlock(fresh: Aegis) -> None:
-    """A vault (or backup) from before the metadata was sealed with each secret and agent and grant rows had
-    MACs (schema 2): its secrets open the old way until the first unlock reseals them with their metadata and
-    gives its agents and grants their MACs, all in one write; from then on an edited allowlist breaks the
-    seal and a row without a MAC is refused."""
-    ids = populate(fresh)
-    db = fresh.data_dir / "vault.db"
-    fresh.start()
-    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    added = fresh.ctl("agent", "add", "claude").ok()
-    token = added.out.strip()
-    fresh.outputs.remove(added.out)  # the one place the token may appear
-    fresh.ctl("grant", "claude", "bravo").ok()
-    assert fresh.stop() == 0
-    with open_vault(fresh.data_dir) as vault:  # write each secret back sealed the old way
+def older_vault(aegis: Aegis) -> tuple[dict[str, str], str]:
+    """A vault as an older aegisd left it (schema 2): secrets sealed without their metadata, and agent
+    `claude` granted `bravo` with no MACs. Returns the credential ids and claude's token."""
+    ids = populate(aegis)
+    db = aegis.data_dir / "vault.db"
+    aegis.start()
+    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    added = aegis.ctl("agent", "add", "claude").ok()
+    aegis.outputs.remove(added.out)  # the one place the token may appear
+    aegis.ctl("grant", "claude", "bravo").ok()
+    assert aegis.stop() == 0
+    with open_vault(aegis.data_dir) as vault:
         key, vault_id = vault.master().subkey("secrets"), vault.vault_id
         assert vault_id is not None
         for name, cid in ids.items():
             write_sealed(db, cid, *seal(key, SECRETS[name].encode(), secret_aad_v1(vault_id, cid)))
     conn = sqlite3.connect(db)
-    with conn:  # and take the database back to schema 2, which had no MAC columns
+    with conn:
         conn.execute("ALTER TABLE agents DROP COLUMN mac")
         conn.execute("ALTER TABLE grants DROP COLUMN mac")
         conn.execute("UPDATE schema_version SET version = 2")
     conn.close()
+    return ids, added.out.strip()
+
+
+def check(aegis: Aegis, name: str) -> dict[str, str]:
+    checks = json.loads(aegis.ctl("doctor", "--json").out)["checks"]
+    return next(c for c in checks if c["name"] == name)
+
+
+def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) -> None:
+    """What an older aegisd wrote is listed, not trusted: the gate serves none of it until `vault adopt`,
+    which shows every credential's hosts, agent and grant, and seals or MACs exactly those in one write.
+    Afterwards an edited allowlist breaks the seal, and an old row written back is listed again for the
+    operator to judge, never adopted silently."""
+    ids, token = older_vault(fresh)
+    db = fresh.data_dir / "vault.db"
     old = {name: sealed(db, cid) for name, cid in ids.items()}
 
     fresh.start()
     fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    assert ("this vault is from an older aegisd: sealed the metadata of 3 credentials with their secrets and "
-            "authenticated 2 agent and grant rows") in fresh.log()
-    assert agents_authentic(fresh)["status"] == "pass"
-    fresh.ctl("lock").ok()
-    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()  # nothing left to reseal
-    assert fresh.log().count("older aegisd") == 1
+    assert ("3 credentials, 1 agent and 1 grant from an older aegisd are not served until an operator checks them "
+            "and runs `aegisctl vault adopt`") in fresh.log()
+    older = check(fresh, "older_rows")
+    assert older["status"] == "fail" and "3 credentials, 1 agent and 1 grant" in older["message"], older
+    assert check(fresh, "credentials_decrypt")["status"] == "pass"
+    assert fresh.ctl("vault", "adopt").code == 2  # not on a terminal and no --yes: nothing adopted
+    adopted = json.loads(fresh.ctl("vault", "adopt", "--yes", "--json").ok().out)
+    assert adopted == {"credentials": [{"name": n, "service": n, "domains": [f"api.{n}.example"]} for n in SECRETS],
+                       "agents": ["claude"], "grants": [{"agent": "claude", "credential": "bravo"}], "adopted": True}
+    assert "adopted what an older aegisd wrote: 3 credentials, 1 agent and 1 grant" in fresh.log()
+    assert [check(fresh, n)["status"] for n in ("older_rows", "agents_authentic")] == ["pass", "pass"]
+    assert fresh.ctl("vault", "adopt").ok().out.startswith("Nothing to adopt")
     assert fresh.stop() == 0
 
     with open_vault(fresh.data_dir) as vault:
@@ -204,30 +222,34 @@ def test_an_older_vault_is_resealed_and_authenticated_at_unlock(fresh: Aegis) ->
                 unseal(key, nonce, ciphertext, secret_aad_v1(vault_id, cid))
             assert vault.open_secret(cid) == SECRETS[name].encode()
 
-    # Edits after the reseal: an allowlist widened, and an old copy's secret written back next to another.
+    # Edits after the adoption: an allowlist widened, an old copy's secret written back next to another
+    # widened one, and a grant's MAC removed.
     conn = sqlite3.connect(db)
     with conn:
         conn.execute("UPDATE credentials SET domains = '[\"https://evil.example\"]' WHERE id IN (?, ?)",
                      (ids["alpha"], ids["bravo"]))
+        conn.execute("UPDATE grants SET mac = NULL")
     conn.close()
     write_sealed(db, ids["bravo"], *old["bravo"])
     with open_vault(fresh.data_dir) as vault:
-        for name in ("alpha", "bravo"):
-            with pytest.raises(StorageCorrupt, match="metadata sealed"):
-                vault.open_secret(ids[name])
+        with pytest.raises(StorageCorrupt, match="metadata sealed"):
+            vault.open_secret(ids["alpha"])
+        with pytest.raises(StorageCorrupt, match="older aegisd"):
+            vault.open_secret(ids["bravo"])
         assert vault.open_secret(ids["charlie"]) == SECRETS["charlie"].encode()
+        listed = vault.older_rows()
+        with pytest.raises(FailedPrecondition, match="changed since it was listed"):
+            vault.adopt_older_rows("0" * 64)
+        assert vault.older_rows().digest() == listed.digest()  # nothing was adopted
 
-    conn = sqlite3.connect(db)
-    with conn:  # a grant row without a MAC, once the vault has been resealed, is an edit
-        conn.execute("UPDATE grants SET mac = NULL")
-    conn.close()
     fresh.start()
     fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    check = agents_authentic(fresh)
-    assert check["status"] == "fail" and check["message"].endswith(": claude->bravo"), check
-    checks = json.loads(fresh.ctl("doctor", "--json").out)["checks"]
-    decrypt = next(c for c in checks if c["name"] == "credentials_decrypt")
-    assert decrypt["status"] == "fail" and decrypt["message"].endswith(": alpha, bravo"), decrypt
-    assert fresh.log().count("older aegisd") == 1  # the old row written back was not adopted
+    decrypt = check(fresh, "credentials_decrypt")
+    assert decrypt["status"] == "fail" and decrypt["message"].endswith(": alpha"), decrypt
+    shown = fresh.ctl("vault", "adopt")  # the operator sees the evil host, and does not confirm
+    assert shown.code == 2
+    assert "credential bravo  service bravo  hosts https://evil.example" in shown.out
+    assert "grant claude -> bravo" in shown.out
+    assert "1 credential, 0 agents and 1 grant" in check(fresh, "older_rows")["message"]
     assert fresh.stop() == 0
     fresh.assert_no_leaks([PASSPHRASE, token, *SECRETS.values()])

@@ -54,6 +54,11 @@ class VaultServiceStub:
                 request_serializer=aegis_dot_v1_dot_vault__pb2.StatusRequest.SerializeToString,
                 response_deserializer=aegis_dot_v1_dot_vault__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Adopt = channel.unary_unary(
+                '/aegis.v1.VaultService/Adopt',
+                request_serializer=aegis_dot_v1_dot_vault__pb2.AdoptRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_vault__pb2.AdoptResponse.FromString,
+                _registered_method=True)
 
 
 class VaultServiceServicer:
@@ -86,6 +91,15 @@ class VaultServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Adopt(self, request, context):
+        """Lists what an older aegisd wrote and this one does not trust yet (secrets sealed without their
+        metadata, agent and grant rows without a MAC); unless dry_run, trusts it as it stands. Needs the
+        vault unlocked. FAILED_PRECONDITION (older_rows_changed) if the listing no longer has `digest`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaultServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +122,11 @@ def add_VaultServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=aegis_dot_v1_dot_vault__pb2.StatusRequest.FromString,
                     response_serializer=aegis_dot_v1_dot_vault__pb2.StatusResponse.SerializeToString,
+            ),
+            'Adopt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Adopt,
+                    request_deserializer=aegis_dot_v1_dot_vault__pb2.AdoptRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_vault__pb2.AdoptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +237,33 @@ class VaultService:
             '/aegis.v1.VaultService/Status',
             aegis_dot_v1_dot_vault__pb2.StatusRequest.SerializeToString,
             aegis_dot_v1_dot_vault__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Adopt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.v1.VaultService/Adopt',
+            aegis_dot_v1_dot_vault__pb2.AdoptRequest.SerializeToString,
+            aegis_dot_v1_dot_vault__pb2.AdoptResponse.FromString,
             options,
             channel_credentials,
             insecure,
