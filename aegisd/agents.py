@@ -201,7 +201,7 @@ class AgentRegistry:
             if key.grant_ok(mac, agent_id, cred_id):
                 grants.setdefault(agent_id, set()).add(cred_id)
             elif mac is not None:  # no MAC at all: an older aegisd's row, waiting for `vault adopt` (logged at unlock)
-                log.error("the grant of %s to agent %s fails authentication (changed outside aegisd), so the gate "
+                log.error("the grant of %r to agent %r fails authentication (changed outside aegisd), so the gate "
                           "ignores it: grant it again if it is meant", credential, agent)
         records = []
         for agent_id, name, hashed, rate, mac in rows:
@@ -209,8 +209,8 @@ class AgentRegistry:
                 records.append(AgentRecord(id=agent_id, name=name, token_hash=hashed, rate_limit=rate,
                                            credential_ids=frozenset(grants.get(agent_id, ()))))
             elif mac is not None:
-                log.error("agent %s fails authentication (its row was changed outside aegisd), so the gate refuses "
-                          "its token: `aegisctl agent regenerate %s` issues a new one", name, name)
+                log.error("agent %r fails authentication (its row was changed outside aegisd), so the gate refuses "
+                          "its token: remove it and add it again", name)
         return records
 
     def unauthentic(self) -> builtins.list[str]:

@@ -212,38 +212,60 @@ def remove(ctx: Context, name: str, yes: bool) -> None:
 
 @command.command("adopt")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was listed (and adopted) as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON; with --yes, adopt it and print it.")
 @pass_context
 def adopt(ctx: Context, yes: bool, as_json: bool) -> None:
-    """Trust what an older aegisd wrote: its credentials, agents and grants, exactly as they stand now.
+    """Serve what an older aegisd wrote: its credentials, agents and grants, exactly as listed.
 
-    Until then the gate serves none of them. Check the list first: anything edited in vault.db (or in
-    a backup) before this is trusted along with it.
+    Until then the gate serves none of them. Read the list: anything edited into vault.db (or into a
+    backup) is adopted along with it.
     """
     client = ctx.client
     listed = client.call(client.vault.Adopt, vault_pb2.AdoptRequest(dry_run=True))
-    if not (listed.credentials or listed.agents or listed.grants):
-        if as_json:
-            output.emit_json({"credentials": [], "agents": [], "grants": [], "adopted": False})
-        else:
-            click.echo("Nothing to adopt: everything in the vault was written by this aegisd.")
+    empty = not (listed.credentials or listed.agents or listed.grants)
+    if as_json and (empty or not yes):
+        output.emit_json(_adopt_json(listed))
+        return
+    if empty:
+        click.echo("Nothing to adopt: everything in the vault was written by this aegisd.")
         return
     if not as_json:
-        click.echo("An older aegisd wrote these; the gate serves none of them until they are adopted:")
-        for c in listed.credentials:
-            click.echo(f"  credential {c.name}  service {c.service}  hosts {', '.join(c.domains)}")
-        for name in listed.agents:
-            click.echo(f"  agent {name}")
-        for g in listed.grants:
-            click.echo(f"  grant {g.agent} -> {g.credential}")
-    confirm_destructive("Trust all of it as it stands?", yes)
+        _show_older(listed)
+    confirm_destructive("Adopt all of it as listed?", yes)
     done = client.call(client.vault.Adopt, vault_pb2.AdoptRequest(digest=listed.digest))
     if as_json:
-        output.emit_json({"credentials": [{"name": c.name, "service": c.service, "domains": list(c.domains)}
-                                          for c in done.credentials],
-                          "agents": list(done.agents),
-                          "grants": [{"agent": g.agent, "credential": g.credential} for g in done.grants],
-                          "adopted": done.adopted})
+        output.emit_json(_adopt_json(done))
     else:
         click.echo(f"Adopted {len(done.credentials)} credentials, {len(done.agents)} agents and "
                    f"{len(done.grants)} grants.")
+
+
+def _show_older(listed: vault_pb2.AdoptResponse) -> None:
+    click.echo("An older aegisd wrote these; the gate serves none of them until they are adopted:")
+    for c in listed.credentials:
+        auth = {"header": f"header {c.header_name}", "query": f"query {c.query_param}"}.get(c.auth_type, c.auth_type)
+        extra = "".join([f"  rate {c.rate_limit}" if c.rate_limit else "",
+                         f"  expires {output.iso_ms(c.expires_at_ms)}" if c.expires_at_ms else ""])
+        click.echo(f"  credential {c.name}  service {c.service}  hosts {', '.join(c.domains)}  auth {auth}  "
+                   f"scopes {','.join(c.scopes)}  inspection {c.body_inspection}{extra}")
+    for a in listed.agents:
+        click.echo(f"  agent {a.name}" + (f"  rate {a.rate_limit}" if a.rate_limit else ""))
+    for g in listed.grants:
+        click.echo(f"  grant {g.agent} -> {g.credential}")
+    if listed.mixed:
+        click.echo("Warning: this vault also holds rows this aegisd wrote. Unless you are adopting a vault you just "
+                   "upgraded, the rows above were edited into vault.db: do not adopt them.")
+    if listed.agents:
+        click.echo("Adopted agents keep their tokens; remove and add again any agent you doubt.")
+
+
+def _adopt_json(reply: vault_pb2.AdoptResponse) -> dict[str, Any]:
+    return {"credentials": [{"name": c.name, "service": c.service, "domains": list(c.domains),
+                             "auth_type": c.auth_type, "header_name": c.header_name or None,
+                             "query_param": c.query_param or None, "scopes": list(c.scopes),
+                             "rate_limit": c.rate_limit or None, "body_inspection": c.body_inspection,
+                             "expires_at": output.iso_ms(c.expires_at_ms) if c.expires_at_ms else None}
+                            for c in reply.credentials],
+            "agents": [{"name": a.name, "rate_limit": a.rate_limit or None} for a in reply.agents],
+            "grants": [{"agent": g.agent, "credential": g.credential} for g in reply.grants],
+            "mixed": reply.mixed, "adopted": reply.adopted}

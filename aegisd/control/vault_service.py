@@ -15,6 +15,7 @@ from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument
 from aegisd.runtime import Runtime
+from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import new_unlock_key
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -57,13 +58,13 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         else:
             older = await asyncio.to_thread(self.rt.vault.adopt_older_rows, request.digest)
             if older:
-                self.rt.log_event("older rows adopted", credentials=len(older.secrets), agents=len(older.agents),
-                                  grants=len(older.grants))
+                self.rt.log_event("older rows adopted", credentials=len(older.credentials),
+                                  agents=len(older.agents), grants=len(older.grants), mixed=older.mixed)
         return pb.AdoptResponse(
-            credentials=[pb.OlderCredential(name=c.name, service=c.service, domains=c.domains)
-                         for c in older.credentials],
-            agents=older.agents, grants=[pb.OlderGrant(agent=a, credential=c) for a, c in older.grants],
-            digest=older.digest(), adopted=not request.dry_run and bool(older))
+            credentials=[_older_credential(c.credential) for c in older.credentials],
+            agents=[pb.OlderAgent(name=a.name, rate_limit=a.rate_limit) for a in older.agents],
+            grants=[pb.OlderGrant(agent=g.agent, credential=g.credential) for g in older.grants],
+            digest=older.digest(), adopted=not request.dry_run and bool(older), mixed=older.mixed)
 
     @rpc
     async def Status(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusResponse:
@@ -75,3 +76,10 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
             vault_id=self.rt.vault.vault_id or "", data_dir=str(self.rt.config.data_dir),
             schema_version=self.rt.store.schema_version(), **counts,
         )
+
+
+def _older_credential(c: Credential) -> pb.OlderCredential:
+    return pb.OlderCredential(name=c.name, service=c.service, domains=c.domains, auth_type=c.auth_type,
+                              header_name=c.header_name, query_param=c.query_param, scopes=c.scopes,
+                              rate_limit=c.rate_limit, body_inspection=c.body_inspection,
+                              expires_at_ms=c.expires_at or 0)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aegisd.errors import InvalidArgument
 from aegisd.rates import RateError, parse_rate
@@ -135,3 +138,45 @@ def validate_secret(secret: str, auth_type: str) -> bytes:
     if auth_type == "basic" and ":" not in secret:
         raise InvalidArgument("a basic-auth secret must be 'user:password'")
     return data
+
+
+def validate_credential(cred: Credential) -> None:
+    """Check every metadata field, canonicalising in place (domains, auth fields, scopes, rate)."""
+    validate_name(cred.name)
+    validate_service(cred.service)
+    cred.domains = canonical_domains(cred.domains)
+    cred.auth_type, cred.header_name, cred.query_param = validate_auth(cred.auth_type, cred.header_name,
+                                                                       cred.query_param)
+    cred.scopes = validate_scopes(cred.scopes)
+    cred.rate_limit = validate_rate(cred.rate_limit)
+    cred.body_inspection = validate_inspection(cred.body_inspection)
+
+
+def valid_as_stored(cred: Credential) -> bool:
+    """Whether a stored credential passes validate_credential unchanged, i.e. is what `vault add` would write
+    (for rows nothing authenticates: canonical hosts, no control characters, no reserved header)."""
+    checked = dataclasses.replace(cred, domains=list(cred.domains), scopes=list(cred.scopes))
+    try:
+        validate_credential(checked)
+    except (InvalidArgument, TypeError, ValueError, AttributeError):
+        return False
+    return checked == cred
+
+
+# The credentials table's metadata columns, in the order credential_row writes and credential_from_row reads.
+CREDENTIAL_COLUMNS = ("id, name, service, domains, auth_type, header_name, query_param, scopes, rate_limit, "
+                      "body_inspection, created_at, updated_at, rotated_at, expires_at")
+
+
+def credential_row(c: Credential) -> tuple[Any, ...]:
+    return (c.id, c.name, c.service, json.dumps(c.domains), c.auth_type, c.header_name, c.query_param,
+            json.dumps(c.scopes), c.rate_limit, c.body_inspection, c.created_at, c.updated_at, c.rotated_at,
+            c.expires_at)
+
+
+def credential_from_row(r: Sequence[Any]) -> Credential:
+    """A Credential from a row of CREDENTIAL_COLUMNS; ValueError if a JSON column does not parse."""
+    return Credential(id=r[0], name=r[1], service=r[2], domains=json.loads(r[3]), auth_type=r[4],
+                      header_name=r[5], query_param=r[6], scopes=json.loads(r[7]), rate_limit=r[8],
+                      body_inspection=r[9], created_at=r[10], updated_at=r[11], rotated_at=r[12],
+                      expires_at=r[13])

@@ -4,14 +4,13 @@ An agent row's MAC covers its id, name, token hash and rate limit: a token hash 
 agent's row, or a limit lifted, fails it. A grant row's MAC covers the agent and credential it joins:
 a grant inserted or copied to another agent fails it. Both are keyed with a subkey of the master key,
 so only aegisd, unlocked, can write a row the gate will trust. Rows from an older aegisd (no MAC) are
-not served until an operator adopts them (`aegisctl vault adopt`, Vault.adopt_older_rows).
+not served until an operator adopts them (aegisd.vault.adoption).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-import sqlite3
 
 from aegisd.vault.crypto import MasterKey, keyed_hasher
 
@@ -42,16 +41,3 @@ class RecordKey:
     def _mac(self, fields: list[str]) -> bytes:
         return self._digest(json.dumps([self._vault_id, *fields], separators=(",", ":"), ensure_ascii=True).encode())
 
-
-def authenticate_legacy_rows(conn: sqlite3.Connection, key: RecordKey) -> int:
-    """Give every agent and grant row without a MAC its MAC (inside the caller's transaction); returns how many.
-
-    Only when an operator adopts them, having been shown them: a row without a MAC may be an edit.
-    """
-    agents = [(key.agent(agent_id, name, bytes(token_hash), rate), agent_id) for agent_id, name, token_hash, rate
-              in conn.execute("SELECT id, name, token_hash, rate_limit FROM agents WHERE mac IS NULL").fetchall()]
-    grants = [(key.grant(agent_id, cred_id), agent_id, cred_id) for agent_id, cred_id
-              in conn.execute("SELECT agent_id, credential_id FROM grants WHERE mac IS NULL").fetchall()]
-    conn.executemany("UPDATE agents SET mac = ? WHERE id = ?", agents)
-    conn.executemany("UPDATE grants SET mac = ? WHERE agent_id = ? AND credential_id = ?", grants)
-    return len(agents) + len(grants)

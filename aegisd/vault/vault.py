@@ -7,7 +7,6 @@ routing table) rebuild from the vault rather than keeping state of their own.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sqlite3
@@ -15,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aegisd.errors import (
@@ -30,8 +28,10 @@ from aegisd.errors import (
     WrongPassphrase,
 )
 from aegisd.store import VaultStore
+from aegisd.vault import adoption
 from aegisd.vault import credentials as cred_rules
-from aegisd.vault.credentials import Credential
+from aegisd.vault.adoption import OlderRows
+from aegisd.vault.credentials import CREDENTIAL_COLUMNS, Credential, credential_from_row, credential_row
 from aegisd.vault.crypto import (
     KeySlot,
     MasterKey,
@@ -41,16 +41,10 @@ from aegisd.vault.crypto import (
     open_slot,
     seal,
     secret_aad,
-    secret_aad_v1,
     unseal,
 )
 from aegisd.vault.passphrase_strength import check_passphrase_strength
-from aegisd.vault.records import RecordKey, authenticate_legacy_rows
 
-_CRED_COLUMNS = ("id, name, service, domains, auth_type, header_name, query_param, scopes, rate_limit, "
-                 "body_inspection, created_at, updated_at, rotated_at, expires_at")
-
-_SEALED = "nonce, ciphertext"
 Listener = Callable[[str], None]
 log = logging.getLogger(__name__)
 
@@ -177,7 +171,7 @@ class Vault:
     # -- credentials -----------------------------------------------------------------------
 
     def add_credential(self, cred: Credential, secret: str) -> Credential:
-        self._validate(cred)
+        cred_rules.validate_credential(cred)
         data = cred_rules.validate_secret(secret, cred.auth_type)
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
@@ -187,16 +181,22 @@ class Vault:
             with self._store.transaction() as conn:
                 self._check_unique(conn, cred)
                 conn.execute(
-                    f"INSERT INTO credentials ({_CRED_COLUMNS}, nonce, ciphertext) "  # noqa: S608
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*_cred_row(cred), nonce, ciphertext))
+                    f"INSERT INTO credentials ({CREDENTIAL_COLUMNS}, nonce, ciphertext) "  # noqa: S608
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*credential_row(cred), nonce, ciphertext))
         self.notify("credentials")
         return cred
 
     def list_credentials(self) -> list[Credential]:
         self._require_initialized()
         with self._store.reading() as conn:
-            rows = conn.execute(f"SELECT {_CRED_COLUMNS} FROM credentials ORDER BY name").fetchall()  # noqa: S608
-        return [_cred_from_row(r) for r in rows]
+            rows = conn.execute(f"SELECT {CREDENTIAL_COLUMNS} FROM credentials ORDER BY name").fetchall()  # noqa: S608
+        creds = []
+        for row in rows:  # one malformed row (edited by hand) must not hide the others, nor stop metrics or expiry
+            try:
+                creds.append(credential_from_row(row))
+            except (ValueError, TypeError):
+                log.error("credential %r has malformed metadata in vault.db and is left out", row[1])
+        return creds
 
     def credential_refs(self) -> list[tuple[str, str]]:
         """(id, name) of every credential, unparsed: for opening them one at a time, so a malformed row
@@ -208,11 +208,11 @@ class Vault:
     def get_credential(self, name: str) -> Credential:
         self._require_initialized()
         with self._store.reading() as conn:
-            row = conn.execute(f"SELECT {_CRED_COLUMNS} FROM credentials WHERE name = ?",  # noqa: S608
+            row = conn.execute(f"SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE name = ?",  # noqa: S608
                                (name,)).fetchone()
         if row is None:
             raise NotFound(f"no credential named {name!r}", reason="credential_not_found")
-        return _cred_from_row(row)
+        return credential_from_row(row)
 
     def update_credential(self, name: str, changes: dict[str, Any]) -> Credential:
         """Apply metadata changes, resealing the secret with them; refused if its seal is already broken."""
@@ -222,7 +222,7 @@ class Vault:
                 cred, data = _open_sealed(conn, vault_id, master, "name", name)
                 for key, value in changes.items():
                     setattr(cred, key, value)
-                self._validate(cred)
+                cred_rules.validate_credential(cred)
                 cred.updated_at = now_ms()
                 self._check_unique(conn, cred)
                 nonce, ciphertext = _seal(master, vault_id, cred, data)
@@ -285,16 +285,6 @@ class Vault:
             raise VaultUninitialized()
         return self.vault_id
 
-    def _validate(self, cred: Credential) -> None:
-        cred_rules.validate_name(cred.name)
-        cred_rules.validate_service(cred.service)
-        cred.domains = cred_rules.canonical_domains(cred.domains)
-        cred.auth_type, cred.header_name, cred.query_param = cred_rules.validate_auth(
-            cred.auth_type, cred.header_name, cred.query_param)
-        cred.scopes = cred_rules.validate_scopes(cred.scopes)
-        cred.rate_limit = cred_rules.validate_rate(cred.rate_limit)
-        cred.body_inspection = cred_rules.validate_inspection(cred.body_inspection)
-
     def _check_unique(self, conn: sqlite3.Connection, cred: Credential) -> None:
         for column in ("name", "service"):
             row = conn.execute(f"SELECT name FROM credentials WHERE {column} = ? AND id != ?",  # noqa: S608
@@ -320,22 +310,19 @@ class Vault:
         agent and grant rows without a MAC. The gate serves none of it until an operator adopts it."""
         vault_id, master = self._require_initialized(), self.master()
         with self._store.reading() as conn:
-            return _older_rows(conn, vault_id, master)
+            return adoption.find_older_rows(conn, vault_id, master)
 
     def adopt_older_rows(self, expected: str) -> OlderRows:
-        """Trust what older_rows lists, as it stands: seal each such secret with its metadata and give each such
-        row its MAC, in one write. `expected` is the listing's digest as the operator saw it: if anything
-        changed since, nothing is adopted (FailedPrecondition)."""
+        """Trust exactly what older_rows listed, as it stands, in one write. `expected` is the listing's digest
+        as the operator saw it: if anything changed since, nothing is adopted (FailedPrecondition)."""
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
             with self._store.transaction() as conn:
-                older = _older_rows(conn, vault_id, master)
+                older = adoption.find_older_rows(conn, vault_id, master)
                 if older.digest() != expected:
                     raise FailedPrecondition("what an older aegisd wrote changed since it was listed; list it again "
                                              "and check it", reason="older_rows_changed")
-                conn.executemany("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?",
-                                 [(*_seal(master, vault_id, cred, data), cred.id) for cred, data in older.secrets])
-                authenticate_legacy_rows(conn, RecordKey(master, vault_id))
+                adoption.adopt(conn, vault_id, master, older)
         if older:
             log.warning("adopted what an older aegisd wrote: %s", older.summary())
             self.notify("credentials")
@@ -345,8 +332,9 @@ class Vault:
         """At unlock: say once, in the log, that rows from an older aegisd wait for `aegisctl vault adopt`."""
         try:
             older = self.older_rows()
-        except AegisError as exc:
-            log.warning("could not look for rows from an older aegisd: %s", exc.message)
+        except Exception as exc:  # the unlock itself has succeeded; this is advice
+            log.warning("could not look for rows from an older aegisd: %s",
+                        exc.message if isinstance(exc, AegisError) else type(exc).__name__)
             return
         if older:
             log.warning("%s from an older aegisd are not served until an operator checks them and runs "
@@ -364,81 +352,23 @@ def _insert_slot(conn: sqlite3.Connection, slot: KeySlot) -> None:
                  (slot.kind, slot.kdf, json.dumps(slot.params), slot.salt, slot.nonce, slot.wrapped, now_ms()))
 
 
-def _opens(key: bytearray, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
-    try:
-        return unseal(key, nonce, ciphertext, aad)
-    except SealBroken:
-        return None
-
-
 def _seal(master: MasterKey, vault_id: str, cred: Credential, data: bytes) -> tuple[bytes, bytes]:
     return seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id, cred.sealed_metadata()))
-
-
-@dataclass(frozen=True)
-class OlderRows:
-    """Rows an older aegisd wrote (see Vault.older_rows). `secrets` holds the opened secrets, to reseal."""
-
-    secrets: list[tuple[Credential, bytes]] = field(default_factory=list)
-    agents: list[str] = field(default_factory=list)  # names
-    grants: list[tuple[str, str]] = field(default_factory=list)  # (agent, credential) names
-
-    def __bool__(self) -> bool:
-        return bool(self.secrets or self.agents or self.grants)
-
-    @property
-    def credentials(self) -> list[Credential]:
-        return [cred for cred, _ in self.secrets]
-
-    def digest(self) -> str:
-        """What the operator is shown, hashed: adopt only what was shown."""
-        shown = [[c.sealed_metadata().decode() for c in self.credentials], self.agents, self.grants]
-        return hashlib.sha256(json.dumps(shown).encode()).hexdigest()
-
-    def summary(self) -> str:
-        return (f"{_count(len(self.secrets), 'credential')}, {_count(len(self.agents), 'agent')} and "
-                f"{_count(len(self.grants), 'grant')}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _older_rows(conn: sqlite3.Connection, vault_id: str, master: MasterKey) -> OlderRows:
-    key = master.subkey("secrets")
-    older = OlderRows()
-    for row in conn.execute(f"SELECT {_CRED_COLUMNS}, {_SEALED} FROM credentials ORDER BY name"):  # noqa: S608
-        try:
-            cred = _cred_from_row(row)
-            unseal(key, row[-2], row[-1], secret_aad(vault_id, cred.id, cred.sealed_metadata()))
-        except (ValueError, TypeError):
-            continue  # malformed: reported as broken when opened
-        except SealBroken:
-            try:
-                older.secrets.append((cred, unseal(key, row[-2], row[-1], secret_aad_v1(vault_id, cred.id))))
-            except SealBroken:
-                continue  # broken either way: an edit or damage, not an older aegisd
-    older.agents.extend(name for (name,) in conn.execute("SELECT name FROM agents WHERE mac IS NULL ORDER BY name"))
-    older.grants.extend((agent, cred) for agent, cred in conn.execute(
-        "SELECT a.name, c.name FROM grants g JOIN agents a ON a.id = g.agent_id JOIN credentials c "
-        "ON c.id = g.credential_id WHERE g.mac IS NULL ORDER BY 1, 2"))
-    return older
 
 
 def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, column: str,
                  value: str) -> tuple[Credential, bytes]:
     """Read one credential (by id or name) with its sealed secret, and open it."""
-    row = conn.execute(f"SELECT {_CRED_COLUMNS}, {_SEALED} FROM credentials WHERE {column} = ?",  # noqa: S608
-                       (value,)).fetchone()
+    row = conn.execute(f"{adoption.SELECT_SEALED} WHERE {column} = ?", (value,)).fetchone()
     if row is None:
         raise NotFound(f"no credential {'named ' if column == 'name' else 'with id '}{value!r}",
                        reason="credential_not_found")
     key = master.subkey("secrets")
     try:
-        cred = _cred_from_row(row)
+        cred = credential_from_row(row)
         data = unseal(key, row[-2], row[-1], secret_aad(vault_id, cred.id, cred.sealed_metadata()))
-    except (SealBroken, ValueError, TypeError):
-        if _opens(key, row[-2], row[-1], secret_aad_v1(vault_id, str(row[0]))) is not None:
+    except (SealBroken, ValueError, TypeError, AttributeError):
+        if adoption.older_credential(row, vault_id, key) is not None:
             raise StorageCorrupt(f"credential {row[1]!r} comes from an older aegisd and is not trusted yet: check "
                                  "`aegisctl vault adopt`", reason="not_adopted") from None
         raise StorageCorrupt(
@@ -447,16 +377,3 @@ def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, col
             "or moved; check it with `aegisctl vault show`, then remove it and add it again as you intend it",
             reason="tampered") from None
     return cred, data
-
-
-def _cred_row(c: Credential) -> tuple[Any, ...]:
-    return (c.id, c.name, c.service, json.dumps(c.domains), c.auth_type, c.header_name, c.query_param,
-            json.dumps(c.scopes), c.rate_limit, c.body_inspection, c.created_at, c.updated_at, c.rotated_at,
-            c.expires_at)
-
-
-def _cred_from_row(r: tuple[Any, ...]) -> Credential:
-    return Credential(id=r[0], name=r[1], service=r[2], domains=json.loads(r[3]), auth_type=r[4],
-                      header_name=r[5], query_param=r[6], scopes=json.loads(r[7]), rate_limit=r[8],
-                      body_inspection=r[9], created_at=r[10], updated_at=r[11], rotated_at=r[12],
-                      expires_at=r[13])

@@ -437,7 +437,7 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
         with untouched(up):
             world.assert_refused(world.call("GET", "/hdr/echo/copied", agent="driven"), 403, "not_granted")
         assert world.call("GET", "/bear/echo/own", agent="driven").status == 200  # its own grant still holds
-        assert "the grant of hdr to agent driven fails authentication" in world.aegis.log()
+        assert "the grant of 'hdr' to agent 'driven' fails authentication" in world.aegis.log()
 
         # `driven`'s token hash moved into `trusted`'s row (token hashes are unique: `driven` gets a dud).
         [(driven_hash,)] = _vault_sql(world, "SELECT token_hash FROM agents WHERE name = 'driven'")
@@ -447,7 +447,7 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
         world.unlock()
         with untouched(up):
             world.assert_refused(world.call("GET", "/hdr/echo/swapped", agent="driven"), 401, "agent_auth_invalid")
-        assert "agent trusted fails authentication" in world.aegis.log()
+        assert "agent 'trusted' fails authentication" in world.aegis.log()
 
         doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
         [check] = [c for c in doctor["checks"] if c["name"] == "agents_authentic"]

@@ -11,12 +11,16 @@ import json
 import sqlite3
 from pathlib import Path
 
+import grpc
 import pytest
 
-from aegisd.errors import FailedPrecondition, StorageCorrupt
+from aegisd.api.aegis.v1 import vault_pb2, vault_pb2_grpc
+from aegisd.errors import StorageCorrupt
 from aegisd.vault.crypto import SealBroken, seal, secret_aad_v1, unseal
+from tests.e2e.gate_support import request
 from tests.e2e.support import open_vault
 from tests.harness import PASSPHRASE, Aegis
+from tests.upstreams import Upstream
 
 SECRETS = {
     "alpha": "sk-alpha-sealed-secret-1111111111",
@@ -157,22 +161,29 @@ def agents_authentic(aegis: Aegis) -> dict[str, str]:
     return next(c for c in checks if c["name"] == "agents_authentic")
 
 
-def older_vault(aegis: Aegis) -> tuple[dict[str, str], str]:
+LOCAL = "sk-local-sealed-secret-4444444444"
+
+
+def older_vault(aegis: Aegis, up: Upstream) -> tuple[dict[str, str], str]:
     """A vault as an older aegisd left it (schema 2): secrets sealed without their metadata, and agent
-    `claude` granted `bravo` with no MACs. Returns the credential ids and claude's token."""
-    ids = populate(aegis)
-    db = aegis.data_dir / "vault.db"
+    `claude` granted `bravo` and `local` (served by `up`) with no MACs. Returns the credential ids and
+    claude's token."""
+    populate(aegis)
     aegis.start()
     aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.add_credential("local", LOCAL, "--service", "local", "--domains", up.entry())
     added = aegis.ctl("agent", "add", "claude").ok()
     aegis.outputs.remove(added.out)  # the one place the token may appear
-    aegis.ctl("grant", "claude", "bravo").ok()
+    for credential in ("bravo", "local"):
+        aegis.ctl("grant", "claude", credential).ok()
+    ids = {c["name"]: c["id"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)}
     assert aegis.stop() == 0
+    db = aegis.data_dir / "vault.db"
     with open_vault(aegis.data_dir) as vault:
         key, vault_id = vault.master().subkey("secrets"), vault.vault_id
         assert vault_id is not None
-        for name, cid in ids.items():
-            write_sealed(db, cid, *seal(key, SECRETS[name].encode(), secret_aad_v1(vault_id, cid)))
+        for cid in ids.values():
+            write_sealed(db, cid, *seal(key, vault.open_secret(cid), secret_aad_v1(vault_id, cid)))
     conn = sqlite3.connect(db)
     with conn:
         conn.execute("ALTER TABLE agents DROP COLUMN mac")
@@ -187,69 +198,100 @@ def check(aegis: Aegis, name: str) -> dict[str, str]:
     return next(c for c in checks if c["name"] == name)
 
 
+def call(aegis: Aegis, token: str, target: str) -> int:
+    return request(aegis.gate_port, "GET", target, [("X-Aegis-Agent", token)]).status
+
+
 def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) -> None:
     """What an older aegisd wrote is listed, not trusted: the gate serves none of it until `vault adopt`,
-    which shows every credential's hosts, agent and grant, and seals or MACs exactly those in one write.
-    Afterwards an edited allowlist breaks the seal, and an old row written back is listed again for the
-    operator to judge, never adopted silently."""
-    ids, token = older_vault(fresh)
-    db = fresh.data_dir / "vault.db"
-    old = {name: sealed(db, cid) for name, cid in ids.items()}
+    which shows every field adopting trusts and adopts exactly the rows listed, in one write."""
+    up = Upstream().start()
+    try:
+        ids, token = older_vault(fresh, up)
+        db = fresh.data_dir / "vault.db"
+        old = {name: sealed(db, cid) for name, cid in ids.items()}
 
-    fresh.start()
-    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    assert ("3 credentials, 1 agent and 1 grant from an older aegisd are not served until an operator checks them "
-            "and runs `aegisctl vault adopt`") in fresh.log()
-    older = check(fresh, "older_rows")
-    assert older["status"] == "fail" and "3 credentials, 1 agent and 1 grant" in older["message"], older
-    assert check(fresh, "credentials_decrypt")["status"] == "pass"
-    assert fresh.ctl("vault", "adopt").code == 2  # not on a terminal and no --yes: nothing adopted
-    adopted = json.loads(fresh.ctl("vault", "adopt", "--yes", "--json").ok().out)
-    assert adopted == {"credentials": [{"name": n, "service": n, "domains": [f"api.{n}.example"]} for n in SECRETS],
-                       "agents": ["claude"], "grants": [{"agent": "claude", "credential": "bravo"}], "adopted": True}
-    assert "adopted what an older aegisd wrote: 3 credentials, 1 agent and 1 grant" in fresh.log()
-    assert [check(fresh, n)["status"] for n in ("older_rows", "agents_authentic")] == ["pass", "pass"]
-    assert fresh.ctl("vault", "adopt").ok().out.startswith("Nothing to adopt")
-    assert fresh.stop() == 0
+        fresh.start()
+        fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        assert ("4 credentials, 1 agent and 2 grants from an older aegisd are not served until an operator checks "
+                "them and runs `aegisctl vault adopt`") in fresh.log()
+        assert call(fresh, token, "/local/echo/before") == 401 and up.requests_to("/echo/before") == []
+        older = check(fresh, "older_rows")
+        assert older["status"] == "fail" and "4 credentials, 1 agent and 2 grants" in older["message"], older
+        assert check(fresh, "credentials_decrypt")["status"] == "pass"
+        refused = fresh.ctl("grant", "claude", "alpha")  # a change on a row not yet trusted would trust it
+        assert refused.code == 1 and "comes from an older aegisd" in refused.err, refused
 
-    with open_vault(fresh.data_dir) as vault:
-        key, vault_id = vault.master().subkey("secrets"), vault.vault_id
-        assert vault_id is not None
-        for name, cid in ids.items():
-            nonce, ciphertext = sealed(db, cid)
-            assert (nonce, ciphertext) != old[name]
-            with pytest.raises(SealBroken):  # no longer opens the old way
-                unseal(key, nonce, ciphertext, secret_aad_v1(vault_id, cid))
-            assert vault.open_secret(cid) == SECRETS[name].encode()
+        assert fresh.ctl("vault", "adopt").code == 2  # not on a terminal and no --yes: nothing adopted
+        listed = json.loads(fresh.ctl("vault", "adopt", "--json").ok().out)  # --json without --yes: the list
+        assert listed["adopted"] is False and listed["mixed"] is False
+        assert [c["name"] for c in listed["credentials"]] == ["alpha", "bravo", "charlie", "local"]
+        assert listed["credentials"][0] == {
+            "name": "alpha", "service": "alpha", "domains": ["api.alpha.example"], "auth_type": "bearer",
+            "header_name": None, "query_param": None, "scopes": ["*"], "rate_limit": None,
+            "body_inspection": "block", "expires_at": None}
+        assert listed["agents"] == [{"name": "claude", "rate_limit": None}]
+        assert listed["grants"] == [{"agent": "claude", "credential": c} for c in ("bravo", "local")]
+        adopted = json.loads(fresh.ctl("vault", "adopt", "--yes", "--json").ok().out)
+        assert adopted == {**listed, "adopted": True}
+        assert "adopted what an older aegisd wrote: 4 credentials, 1 agent and 2 grants" in fresh.log()
+        assert call(fresh, token, "/local/echo/after") == 200 and len(up.requests_to("/echo/after")) == 1
+        assert [check(fresh, n)["status"] for n in ("older_rows", "agents_authentic")] == ["pass", "pass"]
+        assert fresh.ctl("vault", "adopt").ok().out.startswith("Nothing to adopt")
 
-    # Edits after the adoption: an allowlist widened, an old copy's secret written back next to another
-    # widened one, and a grant's MAC removed.
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("UPDATE credentials SET domains = '[\"https://evil.example\"]' WHERE id IN (?, ?)",
-                     (ids["alpha"], ids["bravo"]))
-        conn.execute("UPDATE grants SET mac = NULL")
-    conn.close()
-    write_sealed(db, ids["bravo"], *old["bravo"])
-    with open_vault(fresh.data_dir) as vault:
-        with pytest.raises(StorageCorrupt, match="metadata sealed"):
-            vault.open_secret(ids["alpha"])
-        with pytest.raises(StorageCorrupt, match="older aegisd"):
-            vault.open_secret(ids["bravo"])
-        assert vault.open_secret(ids["charlie"]) == SECRETS["charlie"].encode()
-        listed = vault.older_rows()
-        with pytest.raises(FailedPrecondition, match="changed since it was listed"):
-            vault.adopt_older_rows("0" * 64)
-        assert vault.older_rows().digest() == listed.digest()  # nothing was adopted
+        # A listing is confirmed by its digest: a row changed in between (here its scopes, which the
+        # operator was shown) makes the adoption refuse, and adopts nothing.
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("UPDATE grants SET mac = NULL WHERE credential_id = ?", (ids["bravo"],))
+        conn.close()
+        with grpc.insecure_channel(f"unix:{fresh.socket}") as channel:
+            stub = vault_pb2_grpc.VaultServiceStub(channel)
+            first = stub.Adopt(vault_pb2.AdoptRequest(dry_run=True), timeout=30)
+            assert first.mixed and [(g.agent, g.credential) for g in first.grants] == [("claude", "bravo")]
+            conn = sqlite3.connect(db)
+            with conn:
+                conn.execute("UPDATE grants SET mac = NULL WHERE credential_id = ?", (ids["local"],))
+            conn.close()
+            with pytest.raises(grpc.RpcError) as changed:
+                stub.Adopt(vault_pb2.AdoptRequest(digest=first.digest), timeout=30)
+            assert changed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert len(stub.Adopt(vault_pb2.AdoptRequest(dry_run=True), timeout=30).grants) == 2  # none adopted
+        shown = fresh.ctl("vault", "adopt")  # the operator is told these rows were most likely edited in
+        assert shown.code == 2 and "grant claude -> bravo" in shown.out and "edited into vault.db" in shown.out
+        assert fresh.stop() == 0
 
-    fresh.start()
-    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    decrypt = check(fresh, "credentials_decrypt")
-    assert decrypt["status"] == "fail" and decrypt["message"].endswith(": alpha"), decrypt
-    shown = fresh.ctl("vault", "adopt")  # the operator sees the evil host, and does not confirm
-    assert shown.code == 2
-    assert "credential bravo  service bravo  hosts https://evil.example" in shown.out
-    assert "grant claude -> bravo" in shown.out
-    assert "1 credential, 0 agents and 1 grant" in check(fresh, "older_rows")["message"]
-    assert fresh.stop() == 0
-    fresh.assert_no_leaks([PASSPHRASE, token, *SECRETS.values()])
+        with open_vault(fresh.data_dir) as vault:
+            key, vault_id = vault.master().subkey("secrets"), vault.vault_id
+            assert vault_id is not None
+            for name, cid in ids.items():
+                nonce, ciphertext = sealed(db, cid)
+                assert (nonce, ciphertext) != old[name]
+                with pytest.raises(SealBroken):  # no longer opens the old way
+                    unseal(key, nonce, ciphertext, secret_aad_v1(vault_id, cid))
+            assert vault.open_secret(ids["alpha"]) == SECRETS["alpha"].encode()
+
+        # After adoption: an allowlist widened breaks its seal; an old copy's secret written back next to
+        # another widened allowlist is listed again (with the host), for the operator to refuse.
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("UPDATE credentials SET domains = '[\"evil.example\"]' WHERE id IN (?, ?)",
+                         (ids["alpha"], ids["bravo"]))
+        conn.close()
+        write_sealed(db, ids["bravo"], *old["bravo"])
+        with open_vault(fresh.data_dir) as vault:
+            with pytest.raises(StorageCorrupt, match="metadata sealed"):
+                vault.open_secret(ids["alpha"])
+            with pytest.raises(StorageCorrupt, match="older aegisd"):
+                vault.open_secret(ids["bravo"])
+            assert [c.credential.name for c in vault.older_rows().credentials] == ["bravo"]
+        fresh.start()
+        fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        decrypt = check(fresh, "credentials_decrypt")
+        assert decrypt["status"] == "fail" and decrypt["message"].endswith(": alpha"), decrypt
+        shown = fresh.ctl("vault", "adopt")
+        assert shown.code == 2 and "credential bravo  service bravo  hosts evil.example" in shown.out
+        assert fresh.stop() == 0
+        fresh.assert_no_leaks([PASSPHRASE, token, LOCAL, *SECRETS.values()])
+    finally:
+        up.stop()

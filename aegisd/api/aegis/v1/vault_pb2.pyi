@@ -64,29 +64,78 @@ Global___AdoptRequest: _TypeAlias = AdoptRequest  # noqa: Y015
 
 @_typing.final
 class OlderCredential(_message.Message):
+    """Every field sealed with the secret on adoption, as the gate would use it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
+    AUTH_TYPE_FIELD_NUMBER: _builtins.int
+    HEADER_NAME_FIELD_NUMBER: _builtins.int
+    QUERY_PARAM_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    BODY_INSPECTION_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     service: _builtins.str
+    auth_type: _builtins.str
+    header_name: _builtins.str
+    query_param: _builtins.str
+    rate_limit: _builtins.str
+    body_inspection: _builtins.str
+    expires_at_ms: _builtins.int
+    """Milliseconds since the epoch; 0 if it never expires."""
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         service: _builtins.str = ...,
         domains: _abc.Iterable[_builtins.str] | None = ...,
+        auth_type: _builtins.str = ...,
+        header_name: _builtins.str = ...,
+        query_param: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        rate_limit: _builtins.str = ...,
+        body_inspection: _builtins.str = ...,
+        expires_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "name", b"name", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_type", b"auth_type", "body_inspection", b"body_inspection", "domains", b"domains", "expires_at_ms", b"expires_at_ms", "header_name", b"header_name", "name", b"name", "query_param", b"query_param", "rate_limit", b"rate_limit", "scopes", b"scopes", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OlderCredential: _TypeAlias = OlderCredential  # noqa: Y015
+
+@_typing.final
+class OlderAgent(_message.Message):
+    """The agent's token hash is trusted too; it cannot be shown. Remove and add an agent you doubt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    rate_limit: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rate_limit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rate_limit", b"rate_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OlderAgent: _TypeAlias = OlderAgent  # noqa: Y015
 
 @_typing.final
 class OlderGrant(_message.Message):
@@ -119,26 +168,32 @@ class AdoptResponse(_message.Message):
     GRANTS_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     ADOPTED_FIELD_NUMBER: _builtins.int
+    MIXED_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     adopted: _builtins.bool
+    mixed: _builtins.bool
+    """The vault also holds rows this aegisd wrote: unless this is the first adoption after an upgrade,
+    the listed rows were edited into vault.db.
+    """
     @_builtins.property
     def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___OlderCredential]: ...
     @_builtins.property
-    def agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___OlderAgent]: ...
     @_builtins.property
     def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___OlderGrant]: ...
     def __init__(
         self,
         *,
         credentials: _abc.Iterable[Global___OlderCredential] | None = ...,
-        agents: _abc.Iterable[_builtins.str] | None = ...,
+        agents: _abc.Iterable[Global___OlderAgent] | None = ...,
         grants: _abc.Iterable[Global___OlderGrant] | None = ...,
         digest: _builtins.str = ...,
         adopted: _builtins.bool = ...,
+        mixed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "agents", b"agents", "credentials", b"credentials", "digest", b"digest", "grants", b"grants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "agents", b"agents", "credentials", b"credentials", "digest", b"digest", "grants", b"grants", "mixed", b"mixed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

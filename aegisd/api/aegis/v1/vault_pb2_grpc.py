@@ -92,9 +92,10 @@ class VaultServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Adopt(self, request, context):
-        """Lists what an older aegisd wrote and this one does not trust yet (secrets sealed without their
-        metadata, agent and grant rows without a MAC); unless dry_run, trusts it as it stands. Needs the
-        vault unlocked. FAILED_PRECONDITION (older_rows_changed) if the listing no longer has `digest`.
+        """Lists what an older aegisd wrote and this one does not serve yet (secrets sealed without their
+        metadata, agent and grant rows without a MAC), every field adopting would trust; unless dry_run,
+        adopts exactly those rows. Needs the vault unlocked. FAILED_PRECONDITION (older_rows_changed) if
+        the listing no longer has `digest`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

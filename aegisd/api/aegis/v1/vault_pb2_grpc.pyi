@@ -39,9 +39,10 @@ class VaultServiceStub:
     """Wipes key material from the daemon; the gate refuses traffic until unlocked."""
     Status: _grpc.UnaryUnaryMultiCallable[_vault_pb2.StatusRequest, _vault_pb2.StatusResponse]
     Adopt: _grpc.UnaryUnaryMultiCallable[_vault_pb2.AdoptRequest, _vault_pb2.AdoptResponse]
-    """Lists what an older aegisd wrote and this one does not trust yet (secrets sealed without their
-    metadata, agent and grant rows without a MAC); unless dry_run, trusts it as it stands. Needs the
-    vault unlocked. FAILED_PRECONDITION (older_rows_changed) if the listing no longer has `digest`.
+    """Lists what an older aegisd wrote and this one does not serve yet (secrets sealed without their
+    metadata, agent and grant rows without a MAC), every field adopting would trust; unless dry_run,
+    adopts exactly those rows. Needs the vault unlocked. FAILED_PRECONDITION (older_rows_changed) if
+    the listing no longer has `digest`.
     """
 
 @_typing.type_check_only
@@ -55,9 +56,10 @@ class VaultServiceAsyncStub(VaultServiceStub):
     """Wipes key material from the daemon; the gate refuses traffic until unlocked."""
     Status: _aio.UnaryUnaryMultiCallable[_vault_pb2.StatusRequest, _vault_pb2.StatusResponse]  # type: ignore[assignment]
     Adopt: _aio.UnaryUnaryMultiCallable[_vault_pb2.AdoptRequest, _vault_pb2.AdoptResponse]  # type: ignore[assignment]
-    """Lists what an older aegisd wrote and this one does not trust yet (secrets sealed without their
-    metadata, agent and grant rows without a MAC); unless dry_run, trusts it as it stands. Needs the
-    vault unlocked. FAILED_PRECONDITION (older_rows_changed) if the listing no longer has `digest`.
+    """Lists what an older aegisd wrote and this one does not serve yet (secrets sealed without their
+    metadata, agent and grant rows without a MAC), every field adopting would trust; unless dry_run,
+    adopts exactly those rows. Needs the vault unlocked. FAILED_PRECONDITION (older_rows_changed) if
+    the listing no longer has `digest`.
     """
 
 class VaultServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -98,9 +100,10 @@ class VaultServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vault_pb2.AdoptRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vault_pb2.AdoptResponse, _abc.Awaitable[_vault_pb2.AdoptResponse]]:
-        """Lists what an older aegisd wrote and this one does not trust yet (secrets sealed without their
-        metadata, agent and grant rows without a MAC); unless dry_run, trusts it as it stands. Needs the
-        vault unlocked. FAILED_PRECONDITION (older_rows_changed) if the listing no longer has `digest`.
+        """Lists what an older aegisd wrote and this one does not serve yet (secrets sealed without their
+        metadata, agent and grant rows without a MAC), every field adopting would trust; unless dry_run,
+        adopts exactly those rows. Needs the vault unlocked. FAILED_PRECONDITION (older_rows_changed) if
+        the listing no longer has `digest`.
         """
 
 def add_VaultServiceServicer_to_server(servicer: VaultServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
