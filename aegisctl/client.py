@@ -48,9 +48,10 @@ HINTS = {
     "vault_unlocked": "run `aegisctl lock` first, then retry",
     "invalid_backup": "nothing was changed; use another backup, or take a new one with `aegisctl backup FILE`",
     "ledger_tampered": "`aegisctl ledger verify` names the first bad row; keep a copy of ledger.db as evidence",
-    "tampered": "check it; remove it and add it again as you intend it, or restore a good backup",
+    "tampered": "remove the row by the id shown (`--id`) and add it again as you intend it, or restore a good backup",
     "not_adopted": "`aegisctl vault adopt` lists what an older aegisd wrote; check it, then adopt it",
     "older_rows_changed": "run `aegisctl vault adopt` again and check the new list",
+    "remove_by_name": "it is intact: remove it by its name",
 }
 
 

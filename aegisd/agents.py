@@ -20,12 +20,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from aegisd.errors import AlreadyExists, NotFound, StorageCorrupt, VaultUninitialized
+from aegisd.errors import AlreadyExists, FailedPrecondition, NotFound, StorageCorrupt, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.credentials import validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, keyed_hash
 from aegisd.vault.records import RecordKey
-from aegisd.vault.vault import Vault, now_ms
+from aegisd.vault.vault import Vault, now_ms, open_sealed
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +107,26 @@ class AgentRegistry:
         with self._store.reading() as conn:
             return self._get(conn, name)
 
-    def remove(self, name: str) -> int:
-        """Delete the agent and its grants; returns how many grants went with it."""
+    def remove(self, name: str, by_id: bool = False) -> int:
+        """Delete the agent and its grants; returns how many grants went with it.
+
+        By name, only an agent whose row authenticates (its MAC covers the name), so a name moved onto
+        another row cannot point the removal elsewhere. By id, only a row that fails (never served).
+        """
         with self._vault._lock:
-            self._vault.master()
+            key = self._record_key()
             with self._store.transaction() as conn:
-                agent_id = self._agent_id(conn, name)
+                if not by_id:
+                    agent_id = self._authentic_agent(conn, key, name)[0]
+                else:
+                    agent_id = name
+                    row = conn.execute("SELECT name, token_hash, rate_limit, mac FROM agents WHERE id = ?",
+                                       (agent_id,)).fetchone()
+                    if row is None:
+                        raise NotFound(f"no agent with id {agent_id!r}", reason="agent_not_found")
+                    if key.agent_ok(row[3], agent_id, row[0], row[1], row[2]):
+                        raise FailedPrecondition(f"agent {agent_id!r} authenticates; remove it by its name",
+                                                 reason="remove_by_name")
                 grants = int(conn.execute("SELECT count(*) FROM grants WHERE agent_id = ?",
                                           (agent_id,)).fetchone()[0])
                 conn.execute("DELETE FROM agents WHERE id = ?", (agent_id,))  # grants: ON DELETE CASCADE
@@ -158,7 +172,7 @@ class AgentRegistry:
             key = self._record_key()
             with self._store.transaction() as conn:
                 agent_id, _, _ = self._authentic_agent(conn, key, agent)
-                cred_id = _credential_id(conn, credential)
+                cred_id = self._authentic_credential(conn, credential)
                 mac = key.grant(agent_id, cred_id)
                 row = conn.execute("SELECT mac FROM grants WHERE agent_id = ? AND credential_id = ?",
                                    (agent_id, cred_id)).fetchone()
@@ -173,10 +187,10 @@ class AgentRegistry:
     def revoke(self, agent: str, credential: str) -> None:
         """Take a grant away; NotFound if the agent, the credential or the grant does not exist."""
         with self._vault._lock:
-            self._vault.master()
-            with self._store.transaction() as conn:
-                agent_id = self._agent_id(conn, agent)
-                cred_id = _credential_id(conn, credential)
+            key = self._record_key()
+            with self._store.transaction() as conn:  # names resolve only through rows that authenticate
+                agent_id, _, _ = self._authentic_agent(conn, key, agent)
+                cred_id = self._authentic_credential(conn, credential)
                 deleted = conn.execute("DELETE FROM grants WHERE agent_id = ? AND credential_id = ?",
                                        (agent_id, cred_id)).rowcount
                 if not deleted:
@@ -218,7 +232,7 @@ class AgentRegistry:
         MAC at all, an older aegisd's, are Vault.older_rows."""
         key = self._record_key()
         with self._store.reading() as conn:
-            agents = [name for agent_id, name, hashed, rate, mac
+            agents = [f"{name} ({agent_id})" for agent_id, name, hashed, rate, mac
                       in conn.execute("SELECT id, name, token_hash, rate_limit, mac FROM agents ORDER BY name")
                       if mac is not None and not key.agent_ok(mac, agent_id, name, hashed, rate)]
             grants = [f"{agent}->{credential}" for agent_id, cred_id, mac, agent, credential
@@ -238,6 +252,13 @@ class AgentRegistry:
         assert self._vault.vault_id is not None  # master() raises before this on an uninitialised vault
         return RecordKey(master, self._vault.vault_id)
 
+    def _authentic_credential(self, conn: sqlite3.Connection, name: str) -> str:
+        """A credential's id, by name, only if it opens: its name is sealed with it, so a name moved onto
+        another row (to aim a grant or revoke at it) is refused."""
+        vault_id = self._vault.vault_id
+        assert vault_id is not None
+        return open_sealed(conn, vault_id, self._vault.master(), "name", name)[0].id
+
     def _authentic_agent(self, conn: sqlite3.Connection, key: RecordKey, name: str) -> tuple[str, bytes, str]:
         """An agent's id, token hash and rate limit, by name, if its row's MAC holds.
 
@@ -253,7 +274,8 @@ class AgentRegistry:
                 raise StorageCorrupt(f"agent {name!r} comes from an older aegisd and is not trusted yet: check "
                                      "`aegisctl vault adopt`", reason="not_adopted")
             raise StorageCorrupt(f"agent {name!r} fails authentication: its row was changed outside aegisd; remove "
-                                 "it and add it again", reason="tampered")
+                                 f"the row (`aegisctl agent remove --id {agent_id}`) and add the agent again",
+                                 reason="tampered")
         return str(agent_id), bytes(hashed), str(rate)
 
     def _get(self, conn: sqlite3.Connection, name: str) -> Agent:
@@ -262,22 +284,9 @@ class AgentRegistry:
             raise _agent_not_found(name)
         return _agent_from_row(row, _granted_names(conn, row[0]).get(row[0], []))
 
-    def _agent_id(self, conn: sqlite3.Connection, name: str) -> str:
-        row = conn.execute("SELECT id FROM agents WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise _agent_not_found(name)
-        return str(row[0])
-
 
 def _agent_not_found(name: str) -> NotFound:
     return NotFound(f"no agent named {name!r}", reason="agent_not_found")
-
-
-def _credential_id(conn: sqlite3.Connection, name: str) -> str:
-    row = conn.execute("SELECT id FROM credentials WHERE name = ?", (name,)).fetchone()
-    if row is None:
-        raise NotFound(f"no credential named {name!r}", reason="credential_not_found")
-    return str(row[0])
 
 
 def _granted_names(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[str]]:

@@ -201,13 +201,13 @@ class Doctor:
                 if exc.reason == "not_adopted":  # an older aegisd's: the older_rows check reports those
                     waiting += 1
                 else:
-                    broken.append(name)
+                    broken.append(f"{name} ({credential_id})")
         if broken:
             return Check("credentials_decrypt", FAIL, f"{len(broken)} of {len(creds)} credentials fail to decrypt "
                          f"(the secret or the metadata sealed with it was changed outside aegisd, or moved), so the "
                          f"gate does not serve them: {_names(broken)}",
-                         "remove each (`aegisctl vault remove NAME`) and add it again as you intend it, or restore a "
-                         "good backup")
+                         "remove each row by its id (`aegisctl vault remove --id ID`) and add the credential again as "
+                         "you intend it, or restore a good backup")
         adopt = f" ({waiting} of them from an older aegisd, waiting to be adopted)" if waiting else ""
         return Check("credentials_decrypt", PASS, f"all {len(creds)} credentials decrypt{adopt}")
 
@@ -218,8 +218,9 @@ class Doctor:
         if bad:
             return Check("agents_authentic", FAIL, f"{len(bad)} agent or grant rows fail authentication (changed "
                          f"outside aegisd), so the gate ignores them: {_names(bad)}",
-                         "remove such an agent and add it again; for a grant AGENT->CREDENTIAL, `aegisctl revoke "
-                         "AGENT CREDENTIAL`, then grant it again if it is meant; or restore a good backup")
+                         "remove such an agent row by its id (`aegisctl agent remove --id ID`) and add the agent "
+                         "again; for a grant AGENT->CREDENTIAL, `aegisctl revoke AGENT CREDENTIAL`, then grant it "
+                         "again if it is meant; or restore a good backup")
         counts = await asyncio.to_thread(self.rt.vault.counts)
         return Check("agents_authentic", PASS, f"all {counts['agents']} agents and {counts['grants']} grants "
                      "authenticate")

@@ -89,15 +89,18 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
 
 @command.command("remove")
 @click.argument("name")
+@click.option("--id", "by_id", is_flag=True, help="NAME is the id of a row that fails authentication (doctor).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_context
-def remove(ctx: Context, name: str, yes: bool) -> None:
+def remove(ctx: Context, name: str, by_id: bool, yes: bool) -> None:
     """Delete an agent and its grants; its token stops working at once."""
     client = ctx.client
-    client.get_agent(name)  # fail on a wrong name before asking
-    confirm_destructive(f"Remove agent {name!r} and its grants?", yes)
-    reply = client.call(client.agents.RemoveAgent, pb.RemoveAgentRequest(name=name))
-    click.echo(f"Removed agent {name!r} ({reply.grants_removed} grants removed).")
+    if not by_id:
+        client.get_agent(name)  # fail on a wrong name before asking
+    what = f"the agent row with id {name!r}" if by_id else f"agent {name!r}"
+    confirm_destructive(f"Remove {what} and its grants?", yes)
+    reply = client.call(client.agents.RemoveAgent, pb.RemoveAgentRequest(name=name, by_id=by_id))
+    click.echo(f"Removed {what} ({reply.grants_removed} grants removed).")
 
 
 @command.command("regenerate")

@@ -199,15 +199,18 @@ def rotate(ctx: Context, name: str, secret_stdin: bool) -> None:
 
 @command.command("remove")
 @click.argument("name")
+@click.option("--id", "by_id", is_flag=True, help="NAME is the id of a row that fails authentication (doctor).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_context
-def remove(ctx: Context, name: str, yes: bool) -> None:
+def remove(ctx: Context, name: str, by_id: bool, yes: bool) -> None:
     """Delete a credential and every grant of it."""
     client = ctx.client
-    client.get_credential(name)
-    confirm_destructive(f"Remove credential {name!r} and its grants?", yes)
-    reply = client.call(client.credentials.RemoveCredential, pb.RemoveCredentialRequest(name=name))
-    click.echo(f"Removed credential {name!r} ({reply.grants_removed} grants removed).")
+    if not by_id:
+        client.get_credential(name)
+    what = f"the credential row with id {name!r}" if by_id else f"credential {name!r}"
+    confirm_destructive(f"Remove {what} and its grants?", yes)
+    reply = client.call(client.credentials.RemoveCredential, pb.RemoveCredentialRequest(name=name, by_id=by_id))
+    click.echo(f"Removed {what} ({reply.grants_removed} grants removed).")
 
 
 @command.command("adopt")

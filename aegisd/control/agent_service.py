@@ -45,7 +45,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
 
     @rpc
     async def RemoveAgent(self, request: pb.RemoveAgentRequest, context: Ctx) -> pb.RemoveAgentResponse:
-        grants = await asyncio.to_thread(self.rt.agents.remove, request.name)
+        grants = await asyncio.to_thread(self.rt.agents.remove, request.name, request.by_id)
         self.rt.log_event("agent removed", agent=request.name, grants_removed=grants)
         return pb.RemoveAgentResponse(grants_removed=grants)
 

@@ -65,6 +65,6 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
     @rpc
     async def RemoveCredential(self, request: pb.RemoveCredentialRequest, context: Ctx
                                ) -> pb.RemoveCredentialResponse:
-        grants = await asyncio.to_thread(self.rt.vault.remove_credential, request.name)
+        grants = await asyncio.to_thread(self.rt.vault.remove_credential, request.name, request.by_id)
         self.rt.log_event("credential removed", credential=request.name, grants_removed=grants)
         return pb.RemoveCredentialResponse(grants_removed=grants)

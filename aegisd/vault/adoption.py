@@ -108,27 +108,32 @@ def find_older_rows(conn: sqlite3.Connection, vault_id: str, master: MasterKey) 
     """Everything adoptable, read in the caller's transaction. Rows that are neither current nor adoptable
     (edited, damaged) are left out: doctor and the gate report those."""
     key, records = master.subkey("secrets"), RecordKey(master, vault_id)
-    credentials, mixed = [], False
+    credentials, current_credentials = [], {}
     for row in conn.execute(SELECT_SEALED + " ORDER BY name"):
         if opens_current(row, vault_id, key):
-            mixed = True
+            current_credentials[row[0]] = row[1]
         elif (older := older_credential(row, vault_id, key)) is not None:
             credentials.append(older)
-    agents = []
+    agents, current_agents = [], {}
     for agent_id, name, hashed, rate, mac in conn.execute(
             "SELECT id, name, token_hash, rate_limit, mac FROM agents ORDER BY name"):
         if mac is not None:
-            mixed = mixed or records.agent_ok(mac, agent_id, name, hashed, rate)
+            if records.agent_ok(mac, agent_id, name, hashed, rate):
+                current_agents[agent_id] = name
         elif _valid_agent(agent_id, name, hashed, rate):
             agents.append(OlderAgent(agent_id, name, hashed, rate))
+    mixed = bool(current_credentials or current_agents)
+    # A grant is listed only between rows that are current or listed themselves: its names are then ones the
+    # operator can trust (or is shown), never a tampered row's.
+    names = {a.id: a.name for a in agents} | current_agents
+    credential_names = {c.credential.id: c.credential.name for c in credentials} | current_credentials
     grants = []
-    for agent_id, cred_id, mac, agent, credential in conn.execute(
-            "SELECT g.agent_id, g.credential_id, g.mac, a.name, c.name FROM grants g JOIN agents a ON a.id = "
-            "g.agent_id JOIN credentials c ON c.id = g.credential_id ORDER BY a.name, c.name"):
+    for agent_id, cred_id, mac in conn.execute("SELECT agent_id, credential_id, mac FROM grants"):
         if mac is not None:
             mixed = mixed or records.grant_ok(mac, agent_id, cred_id)
-        elif isinstance(agent_id, str) and isinstance(cred_id, str):
-            grants.append(OlderGrant(agent_id, cred_id, str(agent), str(credential)))
+        elif agent_id in names and cred_id in credential_names:
+            grants.append(OlderGrant(agent_id, cred_id, names[agent_id], credential_names[cred_id]))
+    grants.sort(key=lambda g: (g.agent, g.credential))
     return OlderRows(credentials, agents, grants, mixed)
 
 

@@ -175,8 +175,18 @@ def credential_row(c: Credential) -> tuple[Any, ...]:
 
 
 def credential_from_row(r: Sequence[Any]) -> Credential:
-    """A Credential from a row of CREDENTIAL_COLUMNS; ValueError if a JSON column does not parse."""
-    return Credential(id=r[0], name=r[1], service=r[2], domains=json.loads(r[3]), auth_type=r[4],
+    """A Credential from a row of CREDENTIAL_COLUMNS; ValueError if the row does not have the shape aegisd
+    writes (a JSON column that does not parse, a value of the wrong type: an edit or damage)."""
+    cred = Credential(id=r[0], name=r[1], service=r[2], domains=json.loads(r[3]), auth_type=r[4],
                       header_name=r[5], query_param=r[6], scopes=json.loads(r[7]), rate_limit=r[8],
                       body_inspection=r[9], created_at=r[10], updated_at=r[11], rotated_at=r[12],
                       expires_at=r[13])
+    texts = (cred.id, cred.name, cred.service, cred.header_name, cred.query_param, cred.rate_limit)
+    lists = (cred.domains, cred.scopes)
+    if not (all(isinstance(t, str) for t in texts)
+            and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists)
+            and cred.auth_type in AUTH_TYPES and cred.body_inspection in INSPECTION_MODES
+            and all(type(t) is int for t in (cred.created_at, cred.updated_at, cred.rotated_at))
+            and (cred.expires_at is None or type(cred.expires_at) is int)):
+        raise ValueError(f"credential row {r[0]!r} is malformed")
+    return cred

@@ -212,14 +212,19 @@ class Vault:
                                (name,)).fetchone()
         if row is None:
             raise NotFound(f"no credential named {name!r}", reason="credential_not_found")
-        return credential_from_row(row)
+        try:
+            return credential_from_row(row)
+        except (ValueError, TypeError):
+            raise StorageCorrupt(f"credential {name!r} has malformed metadata in vault.db (edited or damaged); "
+                                 f"remove the row (`aegisctl vault remove --id {row[0]}`) and add it again",
+                                 reason="tampered") from None
 
     def update_credential(self, name: str, changes: dict[str, Any]) -> Credential:
         """Apply metadata changes, resealing the secret with them; refused if its seal is already broken."""
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
             with self._store.transaction() as conn:
-                cred, data = _open_sealed(conn, vault_id, master, "name", name)
+                cred, data = open_sealed(conn, vault_id, master, "name", name)
                 for key, value in changes.items():
                     setattr(cred, key, value)
                 cred_rules.validate_credential(cred)
@@ -242,7 +247,7 @@ class Vault:
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
             with self._store.reading() as conn:
-                cred, _ = _open_sealed(conn, vault_id, master, "name", name)
+                cred, _ = open_sealed(conn, vault_id, master, "name", name)
             data = cred_rules.validate_secret(secret, cred.auth_type)
             nonce, ciphertext = _seal(master, vault_id, cred, data)
             cred.rotated_at = cred.updated_at = now_ms()
@@ -252,15 +257,29 @@ class Vault:
         self.notify("credentials")
         return cred
 
-    def remove_credential(self, name: str) -> int:
-        """Delete the credential and its grants; returns how many grants went with it."""
+    def remove_credential(self, name: str, by_id: bool = False) -> int:
+        """Delete the credential and its grants; returns how many grants went with it.
+
+        By name, only a credential that opens: its name is sealed with it, so a name moved onto another
+        row cannot point the removal elsewhere. By id, only a row that fails to open (never served).
+        """
         with self._lock:
-            self.master()
-            cred = self.get_credential(name)
+            vault_id, master = self._require_initialized(), self.master()
             with self._store.transaction() as conn:
+                if not by_id:
+                    cred_id = open_sealed(conn, vault_id, master, "name", name)[0].id
+                else:
+                    cred_id = name
+                    try:
+                        open_sealed(conn, vault_id, master, "id", cred_id)
+                    except StorageCorrupt:
+                        pass  # fails to open: what removing by id is for
+                    else:
+                        raise FailedPrecondition(f"credential {cred_id!r} opens; remove it by its name",
+                                                 reason="remove_by_name")
                 grants = int(conn.execute("SELECT count(*) FROM grants WHERE credential_id = ?",
-                                          (cred.id,)).fetchone()[0])
-                conn.execute("DELETE FROM credentials WHERE id = ?", (cred.id,))
+                                          (cred_id,)).fetchone()[0])
+                conn.execute("DELETE FROM credentials WHERE id = ?", (cred_id,))
         self.notify("credentials")
         return grants
 
@@ -272,7 +291,7 @@ class Vault:
         """
         vault_id, master = self._require_initialized(), self.master()
         with self._store.reading() as conn:
-            return _open_sealed(conn, vault_id, master, "id", credential_id)
+            return open_sealed(conn, vault_id, master, "id", credential_id)
 
     def open_secret(self, credential_id: str) -> bytes:
         """Just the secret of open_credential (for checks that only need to know it opens)."""
@@ -356,7 +375,7 @@ def _seal(master: MasterKey, vault_id: str, cred: Credential, data: bytes) -> tu
     return seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id, cred.sealed_metadata()))
 
 
-def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, column: str,
+def open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, column: str,
                  value: str) -> tuple[Credential, bytes]:
     """Read one credential (by id or name) with its sealed secret, and open it."""
     row = conn.execute(f"{adoption.SELECT_SEALED} WHERE {column} = ?", (value,)).fetchone()
@@ -374,6 +393,7 @@ def _open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, col
         raise StorageCorrupt(
             f"credential {row[1]!r} ({row[0]}) fails authentication: its sealed secret, or the metadata sealed "
             "with it (service, allowlist, auth, scopes, limits, inspection, expiry), was changed outside aegisd "
-            "or moved; check it with `aegisctl vault show`, then remove it and add it again as you intend it",
+            f"or moved; remove the row (`aegisctl vault remove --id {row[0]}`) and add the credential again as "
+            "you intend it",
             reason="tampered") from None
     return cred, data

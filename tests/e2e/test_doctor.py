@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -117,9 +118,9 @@ def test_each_problem_fails_with_a_hint() -> None:
                                     "agents_authentic": "fail", "policies": "fail", "ledger_chain": "fail"}
         assert "ledger.db (0644)" in checks["data_dir"]["message"] and "chmod" in checks["data_dir"]["hint"]
         assert "0666" in checks["socket"]["message"] and "0600" in checks["socket"]["message"]
-        assert checks["credentials_decrypt"]["message"].endswith(": broken")
+        assert re.search(r": broken \([0-9a-f]{32}\)$", checks["credentials_decrypt"]["message"])
         assert "vault remove" in checks["credentials_decrypt"]["hint"]
-        assert checks["agents_authentic"]["message"].endswith(": limited")
+        assert re.search(r": limited \([0-9a-f]{32}\)$", checks["agents_authentic"]["message"])
         assert "remove such an agent" in checks["agents_authentic"]["hint"]
         assert "expiring" in checks["credentials_expiry"]["message"]
         assert "claude.yaml" in checks["policies"]["message"] and "policy list" in checks["policies"]["hint"]

@@ -396,13 +396,14 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
         assert "fails authentication" in world.aegis.log()
         doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
         [decrypt] = [c for c in doctor["checks"] if c["name"] == "credentials_decrypt"]
-        assert decrypt["status"] == "fail" and decrypt["message"].endswith(": bear"), decrypt
+        [(bear_id,)] = _vault_sql(world, "SELECT id FROM credentials WHERE name = 'bear'")
+        assert decrypt["status"] == "fail" and decrypt["message"].endswith(f": bear ({bear_id})"), decrypt
         rotated = "sk-new-secret-for-the-widened-one-1"
         world.secrets.append(rotated)
         for args in (["vault", "update", "bear", "--rate-limit", "5/min"],
                      ["vault", "rotate", "bear", "--secret-stdin"]):
             refused = world.aegis.ctl(*args, input=rotated + "\n")
-            assert refused.code == 1 and "fails authentication" in refused.err and "remove it" in refused.err, refused
+            assert refused.code == 1 and "fails authentication" in refused.err and "remove --id" in refused.err, refused
 
         _vault_sql(world, "UPDATE credentials SET domains = ? WHERE name = 'bear'", (stored,))
         world.aegis.ctl("lock").ok()
@@ -451,7 +452,9 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
 
         doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
         [check] = [c for c in doctor["checks"] if c["name"] == "agents_authentic"]
-        assert check["status"] == "fail" and check["message"].endswith(": driven, trusted, driven->hdr"), check
+        ids = dict(_vault_sql(world, "SELECT name, id FROM agents"))
+        assert check["status"] == "fail", check
+        assert check["message"].endswith(f": driven ({ids['driven']}), trusted ({ids['trusted']}), driven->hdr"), check
 
         # Changes built on an edited row would give the edit a fresh MAC, so they are refused.
         for args in (["agent", "set-rate-limit", "trusted", "10/min"], ["agent", "regenerate", "trusted"],
@@ -459,10 +462,13 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
             refused = world.aegis.ctl(*args)
             assert refused.code == 1 and "agent 'trusted' fails authentication" in refused.err, refused
 
-        # The operator's repair: remove both agents (and with them every grant), add them again as meant.
+        # The operator's repair: remove both rows by the ids doctor gave (by name is refused: a name on an
+        # edited row may not be the agent it says), and with them every grant; add the agents again as meant.
+        refused = world.aegis.ctl("agent", "remove", "trusted", "--yes")
+        assert refused.code == 1 and f"agent remove --id {ids['trusted']}" in refused.err, refused
         world.secrets.extend(world.tokens.values())  # the old tokens, still leak-checked
         for agent in ("trusted", "driven"):
-            world.aegis.ctl("agent", "remove", agent, "--yes").ok()
+            world.aegis.ctl("agent", "remove", "--id", ids[agent], "--yes").ok()
         world.agent("trusted", "bear", "hdr")
         world.agent("driven", "bear")
         assert world.call("GET", "/hdr/echo/after", agent="trusted").status == 200
@@ -470,6 +476,40 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
             world.assert_refused(world.call("GET", "/hdr/echo/after", agent="driven"), 403, "not_granted")
         doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
         assert [c["status"] for c in doctor["checks"] if c["name"] == "agents_authentic"] == ["pass"]
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_names_moved_between_rows_cannot_aim_grant_revoke_or_remove() -> None:
+    """Names are looked up only through rows that authenticate. Someone who swaps two credentials' names
+    while the operator grants, revokes or removes (and swaps them back after) would otherwise aim the
+    command at the other row: a grant MACed for the admin credential, a revoke or removal of the wrong one."""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("ro", SECRETS["ro"], up.entry())
+        world.credential("admin", SECRETS["rogue"], up.entry())
+        world.agent("bot", "ro")
+        [(ro_id,)] = _vault_sql(world, "SELECT id FROM credentials WHERE name = 'ro'")
+        [(admin_id,)] = _vault_sql(world, "SELECT id FROM credentials WHERE name = 'admin'")
+
+        def name_rows(ro_row: str, admin_row: str) -> None:
+            _vault_sql(world, "UPDATE credentials SET name = 'renaming' WHERE id = ?", (ro_id,))
+            _vault_sql(world, "UPDATE credentials SET name = ? WHERE id = ?", (admin_row, admin_id))
+            _vault_sql(world, "UPDATE credentials SET name = ? WHERE id = ?", (ro_row, ro_id))
+
+        name_rows("admin", "ro")  # swapped
+        for args in (["grant", "bot", "ro"], ["revoke", "bot", "ro"], ["vault", "remove", "admin", "--yes"]):
+            refused = world.aegis.ctl(*args)
+            assert refused.code == 1 and "fails authentication" in refused.err, (args, refused)
+        name_rows("ro", "admin")  # back as they were: nothing was granted, revoked or removed
+        assert sorted(_vault_sql(world, "SELECT credential_id FROM grants")) == [(ro_id,)]
+        assert world.call("GET", "/ro/echo/still", agent="bot").status == 200
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/admin/echo/never", agent="bot"), 403, "not_granted")
+        intact = world.aegis.ctl("vault", "remove", "--id", admin_id, "--yes")  # by id: only a failing row
+        assert intact.code == 1 and "remove it by its name" in intact.err, intact
         world.assert_no_leaks()
     finally:
         world.close()

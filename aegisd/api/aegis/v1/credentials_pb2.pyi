@@ -361,15 +361,21 @@ class RemoveCredentialRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    BY_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The credential's name; it must open (its name is sealed with its secret). With by_id, the row's id
+    instead, and that row must fail to open (doctor names such rows with their ids).
+    """
+    by_id: _builtins.bool
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        by_id: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_id", b"by_id", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
