@@ -127,6 +127,9 @@ class AgentRegistry:
                     if key.agent_ok(row[3], agent_id, row[0], row[1], row[2]):
                         raise FailedPrecondition(f"agent {agent_id!r} authenticates; remove it by its name",
                                                  reason="remove_by_name")
+                    if conn.execute("SELECT count(*) FROM agents WHERE id = ?", (agent_id,)).fetchone()[0] != 1:
+                        raise StorageCorrupt(f"more than one agent row has id {agent_id!r}: vault.db was rebuilt "
+                                             "outside aegisd; restore a good backup", reason="tampered")
                 grants = int(conn.execute("SELECT count(*) FROM grants WHERE agent_id = ?",
                                           (agent_id,)).fetchone()[0])
                 conn.execute("DELETE FROM agents WHERE id = ?", (agent_id,))  # grants: ON DELETE CASCADE
@@ -271,8 +274,9 @@ class AgentRegistry:
         agent_id, hashed, rate, mac = row
         if not key.agent_ok(mac, agent_id, name, hashed, rate):
             if mac is None:
-                raise StorageCorrupt(f"agent {name!r} comes from an older aegisd and is not trusted yet: check "
-                                     "`aegisctl vault adopt`", reason="not_adopted")
+                raise StorageCorrupt(f"agent {name!r} ({agent_id}) comes from an older aegisd and is not trusted "
+                                     "yet: check `aegisctl vault adopt`, or remove the row by its id",
+                                     reason="not_adopted")
             raise StorageCorrupt(f"agent {name!r} fails authentication: its row was changed outside aegisd; remove "
                                  f"the row (`aegisctl agent remove --id {agent_id}`) and add the agent again",
                                  reason="tampered")

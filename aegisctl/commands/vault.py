@@ -259,7 +259,7 @@ def _show_older(listed: vault_pb2.AdoptResponse) -> None:
         click.echo("Warning: this vault also holds rows this aegisd wrote. Unless you are adopting a vault you just "
                    "upgraded, the rows above were edited into vault.db: do not adopt them.")
     if listed.agents:
-        click.echo("Adopted agents keep their tokens; remove and add again any agent you doubt.")
+        click.echo("Adopted agents keep their tokens: once adopted, remove and add again any agent you doubt.")
 
 
 def _adopt_json(reply: vault_pb2.AdoptResponse) -> dict[str, Any]:

@@ -46,7 +46,10 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @rpc
     async def RemoveAgent(self, request: pb.RemoveAgentRequest, context: Ctx) -> pb.RemoveAgentResponse:
         grants = await asyncio.to_thread(self.rt.agents.remove, request.name, request.by_id)
-        self.rt.log_event("agent removed", agent=request.name, grants_removed=grants)
+        if request.by_id:
+            self.rt.log_event("agent row removed", id=request.name, grants_removed=grants)
+        else:
+            self.rt.log_event("agent removed", agent=request.name, grants_removed=grants)
         return pb.RemoveAgentResponse(grants_removed=grants)
 
     @rpc

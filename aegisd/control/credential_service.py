@@ -66,5 +66,8 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
     async def RemoveCredential(self, request: pb.RemoveCredentialRequest, context: Ctx
                                ) -> pb.RemoveCredentialResponse:
         grants = await asyncio.to_thread(self.rt.vault.remove_credential, request.name, request.by_id)
-        self.rt.log_event("credential removed", credential=request.name, grants_removed=grants)
+        if request.by_id:
+            self.rt.log_event("credential row removed", id=request.name, grants_removed=grants)
+        else:
+            self.rt.log_event("credential removed", credential=request.name, grants_removed=grants)
         return pb.RemoveCredentialResponse(grants_removed=grants)

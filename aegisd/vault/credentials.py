@@ -174,6 +174,11 @@ def credential_row(c: Credential) -> tuple[Any, ...]:
             c.expires_at)
 
 
+def _is_time(value: object) -> bool:
+    """Epoch milliseconds aegisd could have written: an int from 1970 to the year 9999."""
+    return type(value) is int and 0 <= value <= 253_402_300_799_999
+
+
 def credential_from_row(r: Sequence[Any]) -> Credential:
     """A Credential from a row of CREDENTIAL_COLUMNS; ValueError if the row does not have the shape aegisd
     writes (a JSON column that does not parse, a value of the wrong type: an edit or damage)."""
@@ -186,7 +191,7 @@ def credential_from_row(r: Sequence[Any]) -> Credential:
     if not (all(isinstance(t, str) for t in texts)
             and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists)
             and cred.auth_type in AUTH_TYPES and cred.body_inspection in INSPECTION_MODES
-            and all(type(t) is int for t in (cred.created_at, cred.updated_at, cred.rotated_at))
-            and (cred.expires_at is None or type(cred.expires_at) is int)):
+            and all(_is_time(t) for t in (cred.created_at, cred.updated_at, cred.rotated_at))
+            and (cred.expires_at is None or _is_time(cred.expires_at))):
         raise ValueError(f"credential row {r[0]!r} is malformed")
     return cred

@@ -30,13 +30,15 @@ class RecordKey:
     def grant(self, agent_id: str, credential_id: str) -> bytes:
         return self._mac(["grant", agent_id, credential_id])
 
-    def agent_ok(self, mac: object, agent_id: str, name: str, token_hash: object, rate_limit: str) -> bool:
+    def agent_ok(self, mac: object, agent_id: object, name: object, token_hash: object, rate_limit: object) -> bool:
         """Whether an agent row's MAC holds; a value of the wrong type (an edit) never does."""
         return (isinstance(mac, bytes) and isinstance(token_hash, bytes)
+                and isinstance(agent_id, str) and isinstance(name, str) and isinstance(rate_limit, str)
                 and hmac.compare_digest(mac, self.agent(agent_id, name, token_hash, rate_limit)))
 
-    def grant_ok(self, mac: object, agent_id: str, credential_id: str) -> bool:
-        return isinstance(mac, bytes) and hmac.compare_digest(mac, self.grant(agent_id, credential_id))
+    def grant_ok(self, mac: object, agent_id: object, credential_id: object) -> bool:
+        return (isinstance(mac, bytes) and isinstance(agent_id, str) and isinstance(credential_id, str)
+                and hmac.compare_digest(mac, self.grant(agent_id, credential_id)))
 
     def _mac(self, fields: list[str]) -> bytes:
         return self._digest(json.dumps([self._vault_id, *fields], separators=(",", ":"), ensure_ascii=True).encode())

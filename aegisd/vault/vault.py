@@ -277,6 +277,9 @@ class Vault:
                     else:
                         raise FailedPrecondition(f"credential {cred_id!r} opens; remove it by its name",
                                                  reason="remove_by_name")
+                if conn.execute("SELECT count(*) FROM credentials WHERE id = ?", (cred_id,)).fetchone()[0] != 1:
+                    raise StorageCorrupt(f"more than one credential row has id {cred_id!r}: vault.db was rebuilt "
+                                         "outside aegisd; restore a good backup", reason="tampered")
                 grants = int(conn.execute("SELECT count(*) FROM grants WHERE credential_id = ?",
                                           (cred_id,)).fetchone()[0])
                 conn.execute("DELETE FROM credentials WHERE id = ?", (cred_id,))
@@ -388,8 +391,9 @@ def open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, colu
         data = unseal(key, row[-2], row[-1], secret_aad(vault_id, cred.id, cred.sealed_metadata()))
     except (SealBroken, ValueError, TypeError, AttributeError):
         if adoption.older_credential(row, vault_id, key) is not None:
-            raise StorageCorrupt(f"credential {row[1]!r} comes from an older aegisd and is not trusted yet: check "
-                                 "`aegisctl vault adopt`", reason="not_adopted") from None
+            raise StorageCorrupt(f"credential {row[1]!r} ({row[0]}) comes from an older aegisd and is not trusted "
+                                 "yet: check `aegisctl vault adopt`, or remove the row by its id",
+                                 reason="not_adopted") from None
         raise StorageCorrupt(
             f"credential {row[1]!r} ({row[0]}) fails authentication: its sealed secret, or the metadata sealed "
             "with it (service, allowlist, auth, scopes, limits, inspection, expiry), was changed outside aegisd "

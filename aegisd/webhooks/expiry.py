@@ -70,8 +70,9 @@ class ExpiryWatch:
             if self._dispatcher.wants(EVENT) and self._vault.state == "unlocked":
                 try:
                     await self._check()
-                except AegisError as exc:
-                    log.warning("credential expiry check failed: %s", exc.message)
+                except Exception as exc:  # one bad check must not end the watch
+                    log.warning("credential expiry check failed: %s",
+                                exc.message if isinstance(exc, AegisError) else type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()

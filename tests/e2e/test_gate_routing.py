@@ -510,6 +510,28 @@ def test_names_moved_between_rows_cannot_aim_grant_revoke_or_remove() -> None:
             world.assert_refused(world.call("GET", "/admin/echo/never", agent="bot"), 403, "not_granted")
         intact = world.aegis.ctl("vault", "remove", "--id", admin_id, "--yes")  # by id: only a failing row
         assert intact.code == 1 and "remove it by its name" in intact.err, intact
+
+        # Agents the same way: names swapped between `bot` and `other` cannot aim a revoke or removal.
+        world.agent("other")
+        agent_ids = dict(_vault_sql(world, "SELECT name, id FROM agents"))
+
+        def name_agents(bot_row: str, other_row: str) -> None:
+            _vault_sql(world, "UPDATE agents SET name = 'renaming' WHERE id = ?", (agent_ids["bot"],))
+            _vault_sql(world, "UPDATE agents SET name = ? WHERE id = ?", (other_row, agent_ids["other"]))
+            _vault_sql(world, "UPDATE agents SET name = ? WHERE id = ?", (bot_row, agent_ids["bot"]))
+
+        name_agents("other", "bot")
+        for args in (["revoke", "bot", "ro"], ["agent", "remove", "other", "--yes"]):
+            refused = world.aegis.ctl(*args)
+            assert refused.code == 1 and "fails authentication" in refused.err, (args, refused)
+        name_agents("bot", "other")
+        assert world.call("GET", "/ro/echo/again", agent="bot").status == 200
+
+        # A row that does fail goes by its id, and only that row.
+        _vault_sql(world, "UPDATE credentials SET scopes = '[\"read\"]' WHERE id = ?", (admin_id,))
+        world.aegis.ctl("vault", "remove", "--id", admin_id, "--yes").ok()
+        assert _vault_sql(world, "SELECT id FROM credentials ORDER BY name") == [(ro_id,)]
+        assert world.call("GET", "/ro/echo/last", agent="bot").status == 200
         world.assert_no_leaks()
     finally:
         world.close()

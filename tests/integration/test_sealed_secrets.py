@@ -295,3 +295,25 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
         fresh.assert_no_leaks([PASSPHRASE, token, LOCAL, *SECRETS.values()])
     finally:
         up.stop()
+
+
+def test_rows_of_the_wrong_shape_are_left_out_not_fatal(fresh: Aegis) -> None:
+    """Values aegisd never writes (a domains column that is not a list, an expiry past the year 9999) make
+    their row malformed: listings skip it, a lookup by name says what to do, and the rest is served."""
+    ids = populate(fresh)
+    conn = sqlite3.connect(fresh.data_dir / "vault.db")
+    with conn:
+        conn.execute("UPDATE credentials SET domains = '5' WHERE id = ?", (ids["alpha"],))
+        conn.execute("UPDATE credentials SET expires_at = ? WHERE id = ?", (2**62, ids["bravo"]))
+    conn.close()
+    with open_vault(fresh.data_dir) as vault:
+        assert [c.name for c in vault.list_credentials()] == ["charlie"]
+        for name in ("alpha", "bravo"):
+            with pytest.raises(StorageCorrupt, match=f"vault remove --id {ids[name]}"):
+                vault.get_credential(name)
+        assert vault.open_secret(ids["charlie"]) == SECRETS["charlie"].encode()
+    fresh.start()
+    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert [c["name"] for c in json.loads(fresh.ctl("vault", "list", "--json").ok().out)] == ["charlie"]
+    assert fresh.stop() == 0
+    fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
