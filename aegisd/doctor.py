@@ -229,6 +229,10 @@ class Doctor:
         if self.rt.vault.state != "unlocked":
             return Check("older_rows", SKIP, "needs the vault unlocked")
         older = await asyncio.to_thread(self.rt.vault.older_rows)
+        if older.unadoptable:
+            return Check("older_rows", FAIL, f"{len(older.unadoptable)} agent rows without a MAC fail today's checks, "
+                         f"so they can be neither served nor adopted: {_names(older.unadoptable)}",
+                         "remove each by its id (`aegisctl agent remove --id ID`) and add the agent again")
         if older:
             return Check("older_rows", FAIL, f"{older.summary()} from an older aegisd are not served until adopted",
                          "`aegisctl vault adopt` lists them; check them, then adopt them")

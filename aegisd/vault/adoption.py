@@ -11,6 +11,7 @@ this aegisd wrote are marked: after an upgrade's first adoption, anything listed
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -62,6 +63,8 @@ class OlderRows:
     agents: list[OlderAgent]
     grants: list[OlderGrant]
     mixed: bool  # the vault also holds rows this aegisd wrote, so these were most likely edited in
+    # Agent rows without a MAC that cannot be adopted (they fail today's checks): never served; "name (id)".
+    unadoptable: list[str] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.credentials or self.agents or self.grants)
@@ -114,7 +117,7 @@ def find_older_rows(conn: sqlite3.Connection, vault_id: str, master: MasterKey) 
             current_credentials[row[0]] = row[1]
         elif (older := older_credential(row, vault_id, key)) is not None:
             credentials.append(older)
-    agents, current_agents = [], {}
+    agents, current_agents, unadoptable = [], {}, []
     for agent_id, name, hashed, rate, mac in conn.execute(
             "SELECT id, name, token_hash, rate_limit, mac FROM agents ORDER BY name"):
         if mac is not None:
@@ -122,6 +125,8 @@ def find_older_rows(conn: sqlite3.Connection, vault_id: str, master: MasterKey) 
                 current_agents[agent_id] = name
         elif _valid_agent(agent_id, name, hashed, rate):
             agents.append(OlderAgent(agent_id, name, hashed, rate))
+        else:
+            unadoptable.append(f"{name!r} ({agent_id!r})")
     mixed = bool(current_credentials or current_agents)
     # A grant is listed only between rows that are current or listed themselves: its names are then ones the
     # operator can trust (or is shown), never a tampered row's.
@@ -134,7 +139,7 @@ def find_older_rows(conn: sqlite3.Connection, vault_id: str, master: MasterKey) 
         elif agent_id in names and cred_id in credential_names:
             grants.append(OlderGrant(agent_id, cred_id, names[agent_id], credential_names[cred_id]))
     grants.sort(key=lambda g: (g.agent, g.credential))
-    return OlderRows(credentials, agents, grants, mixed)
+    return OlderRows(credentials, agents, grants, mixed, unadoptable)
 
 
 def adopt(conn: sqlite3.Connection, vault_id: str, master: MasterKey, older: OlderRows) -> None:

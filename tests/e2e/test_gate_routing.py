@@ -526,6 +526,8 @@ def test_names_moved_between_rows_cannot_aim_grant_revoke_or_remove() -> None:
             assert refused.code == 1 and "fails authentication" in refused.err, (args, refused)
         name_agents("bot", "other")
         assert world.call("GET", "/ro/echo/again", agent="bot").status == 200
+        intact = world.aegis.ctl("agent", "remove", "--id", agent_ids["bot"], "--yes")
+        assert intact.code == 1 and "remove it by its name" in intact.err, intact
 
         # A row that does fail goes by its id, and only that row.
         _vault_sql(world, "UPDATE credentials SET scopes = '[\"read\"]' WHERE id = ?", (admin_id,))

@@ -239,8 +239,8 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
         assert [check(fresh, n)["status"] for n in ("older_rows", "agents_authentic")] == ["pass", "pass"]
         assert fresh.ctl("vault", "adopt").ok().out.startswith("Nothing to adopt")
 
-        # A listing is confirmed by its digest: a row changed in between (here its scopes, which the
-        # operator was shown) makes the adoption refuse, and adopts nothing.
+        # A listing is confirmed by its digest: a row changed in between makes the adoption refuse and adopt
+        # nothing, whether the change shows in the list (another grant) or not (a token hash).
         conn = sqlite3.connect(db)
         with conn:
             conn.execute("UPDATE grants SET mac = NULL WHERE credential_id = ?", (ids["bravo"],))
@@ -257,8 +257,28 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
                 stub.Adopt(vault_pb2.AdoptRequest(digest=first.digest), timeout=30)
             assert changed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert len(stub.Adopt(vault_pb2.AdoptRequest(dry_run=True), timeout=30).grants) == 2  # none adopted
+            conn = sqlite3.connect(db)
+            with conn:
+                conn.execute("UPDATE agents SET mac = NULL WHERE name = 'claude'")
+            conn.close()
+            second = stub.Adopt(vault_pb2.AdoptRequest(dry_run=True), timeout=30)
+            conn = sqlite3.connect(db)
+            with conn:
+                conn.execute("UPDATE agents SET token_hash = ? WHERE name = 'claude'", (bytes(32),))
+            conn.close()
+            unchanged_list = stub.Adopt(vault_pb2.AdoptRequest(dry_run=True), timeout=30)
+            assert [a.name for a in unchanged_list.agents] == [a.name for a in second.agents] == ["claude"]
+            with pytest.raises(grpc.RpcError) as hidden:
+                stub.Adopt(vault_pb2.AdoptRequest(digest=second.digest), timeout=30)
+            assert hidden.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         shown = fresh.ctl("vault", "adopt")  # the operator is told these rows were most likely edited in
         assert shown.code == 2 and "grant claude -> bravo" in shown.out and "edited into vault.db" in shown.out
+        conn = sqlite3.connect(db)
+        with conn:  # an agent row without a MAC that fails today's checks: neither served nor adoptable
+            conn.execute("UPDATE agents SET rate_limit = 'lots' WHERE name = 'claude'")
+        conn.close()
+        unadoptable = check(fresh, "older_rows")
+        assert unadoptable["status"] == "fail" and "fail today's checks" in unadoptable["message"], unadoptable
         assert fresh.stop() == 0
 
         with open_vault(fresh.data_dir) as vault:
@@ -285,10 +305,21 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
             with pytest.raises(StorageCorrupt, match="older aegisd"):
                 vault.open_secret(ids["bravo"])
             assert [c.credential.name for c in vault.older_rows().credentials] == ["bravo"]
+        # An old row whose host is not written the way aegisd writes hosts (a look-alike, say) is never listed.
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("UPDATE credentials SET domains = '[\"API.charlie.example\"]' WHERE id = ?", (ids["charlie"],))
+        conn.close()
+        write_sealed(db, ids["charlie"], *old["charlie"])
+        with open_vault(fresh.data_dir) as vault:
+            assert [c.credential.name for c in vault.older_rows().credentials] == ["bravo"]
+            with pytest.raises(StorageCorrupt, match="fails authentication"):
+                vault.open_secret(ids["charlie"])
         fresh.start()
         fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
         decrypt = check(fresh, "credentials_decrypt")
-        assert decrypt["status"] == "fail" and decrypt["message"].endswith(f": alpha ({ids['alpha']})"), decrypt
+        assert decrypt["status"] == "fail", decrypt
+        assert decrypt["message"].endswith(f": alpha ({ids['alpha']}), charlie ({ids['charlie']})"), decrypt
         shown = fresh.ctl("vault", "adopt")
         assert shown.code == 2 and "credential bravo  service bravo  hosts evil.example" in shown.out
         assert fresh.stop() == 0
