@@ -20,18 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aegisd.errors import InvalidArgument
-from aegisd.vault.credentials import (
-    CREDENTIAL_COLUMNS,
-    Credential,
-    credential_from_row,
-    valid_as_stored,
-    validate_name,
-    validate_rate,
-)
-from aegisd.vault.crypto import MasterKey, SealBroken, seal, secret_aad, secret_aad_v1, unseal
+from aegisd.vault.credentials import Credential, credential_from_row, valid_as_stored, validate_name, validate_rate
+from aegisd.vault.crypto import MasterKey, SealBroken, secret_aad_v1, unseal
 from aegisd.vault.records import RecordKey
-
-SELECT_SEALED = f"SELECT {CREDENTIAL_COLUMNS}, nonce, ciphertext FROM credentials"  # noqa: S608 - constant
+from aegisd.vault.sealing import SELECT_SEALED, open_row, seal_secret
 
 
 @dataclass(frozen=True)
@@ -88,8 +80,7 @@ def _count(n: int, noun: str) -> str:
 def opens_current(row: Sequence[Any], vault_id: str, key: bytearray) -> bool:
     """Whether a row of SELECT_SEALED opens with its metadata as associated data (this aegisd sealed it)."""
     try:
-        cred = credential_from_row(row)
-        unseal(key, row[-2], row[-1], secret_aad(vault_id, cred.id, cred.sealed_metadata()))
+        open_row(row, vault_id, key)
     except (SealBroken, ValueError, TypeError, AttributeError):
         return False
     return True
@@ -146,8 +137,7 @@ def adopt(conn: sqlite3.Connection, vault_id: str, master: MasterKey, older: Old
     """Seal each listed secret with its metadata and MAC each listed row, in the caller's transaction."""
     key, records = master.subkey("secrets"), RecordKey(master, vault_id)
     conn.executemany("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?", [
-        (*seal(key, c.secret, secret_aad(vault_id, c.credential.id, c.credential.sealed_metadata())), c.credential.id)
-        for c in older.credentials])
+        (*seal_secret(key, vault_id, c.credential, c.secret), c.credential.id) for c in older.credentials])
     conn.executemany("UPDATE agents SET mac = ? WHERE id = ? AND mac IS NULL", [
         (records.agent(a.id, a.name, a.token_hash, a.rate_limit), a.id) for a in older.agents])
     conn.executemany("UPDATE grants SET mac = ? WHERE agent_id = ? AND credential_id = ? AND mac IS NULL", [

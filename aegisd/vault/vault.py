@@ -39,11 +39,9 @@ from aegisd.vault.crypto import (
     WrongKey,
     make_slot,
     open_slot,
-    seal,
-    secret_aad,
-    unseal,
 )
 from aegisd.vault.passphrase_strength import check_passphrase_strength
+from aegisd.vault.sealing import SELECT_SEALED, open_row, seal_secret
 
 Listener = Callable[[str], None]
 log = logging.getLogger(__name__)
@@ -177,7 +175,7 @@ class Vault:
             vault_id, master = self._require_initialized(), self.master()
             cred.id = uuid.uuid4().hex
             cred.created_at = cred.updated_at = cred.rotated_at = now_ms()
-            nonce, ciphertext = _seal(master, vault_id, cred, data)
+            nonce, ciphertext = seal_secret(master.subkey("secrets"), vault_id, cred, data)
             with self._store.transaction() as conn:
                 self._check_unique(conn, cred)
                 conn.execute(
@@ -230,7 +228,7 @@ class Vault:
                 cred_rules.validate_credential(cred)
                 cred.updated_at = now_ms()
                 self._check_unique(conn, cred)
-                nonce, ciphertext = _seal(master, vault_id, cred, data)
+                nonce, ciphertext = seal_secret(master.subkey("secrets"), vault_id, cred, data)
                 conn.execute(
                     "UPDATE credentials SET service=?, domains=?, auth_type=?, header_name=?, query_param=?, "
                     "scopes=?, rate_limit=?, body_inspection=?, updated_at=?, expires_at=?, nonce=?, ciphertext=? "
@@ -249,7 +247,7 @@ class Vault:
             with self._store.reading() as conn:
                 cred, _ = open_sealed(conn, vault_id, master, "name", name)
             data = cred_rules.validate_secret(secret, cred.auth_type)
-            nonce, ciphertext = _seal(master, vault_id, cred, data)
+            nonce, ciphertext = seal_secret(master.subkey("secrets"), vault_id, cred, data)
             cred.rotated_at = cred.updated_at = now_ms()
             with self._store.transaction() as conn:
                 conn.execute("UPDATE credentials SET nonce=?, ciphertext=?, rotated_at=?, updated_at=? "
@@ -374,21 +372,16 @@ def _insert_slot(conn: sqlite3.Connection, slot: KeySlot) -> None:
                  (slot.kind, slot.kdf, json.dumps(slot.params), slot.salt, slot.nonce, slot.wrapped, now_ms()))
 
 
-def _seal(master: MasterKey, vault_id: str, cred: Credential, data: bytes) -> tuple[bytes, bytes]:
-    return seal(master.subkey("secrets"), data, secret_aad(vault_id, cred.id, cred.sealed_metadata()))
-
-
 def open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, column: str,
                  value: str) -> tuple[Credential, bytes]:
     """Read one credential (by id or name) with its sealed secret, and open it."""
-    row = conn.execute(f"{adoption.SELECT_SEALED} WHERE {column} = ?", (value,)).fetchone()
+    row = conn.execute(f"{SELECT_SEALED} WHERE {column} = ?", (value,)).fetchone()
     if row is None:
         raise NotFound(f"no credential {'named ' if column == 'name' else 'with id '}{value!r}",
                        reason="credential_not_found")
     key = master.subkey("secrets")
     try:
-        cred = credential_from_row(row)
-        data = unseal(key, row[-2], row[-1], secret_aad(vault_id, cred.id, cred.sealed_metadata()))
+        cred, data = open_row(row, vault_id, key)
     except (SealBroken, ValueError, TypeError, AttributeError):
         if adoption.older_credential(row, vault_id, key) is not None:
             raise StorageCorrupt(f"credential {row[1]!r} ({row[0]}) comes from an older aegisd and is not trusted "
