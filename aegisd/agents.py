@@ -209,39 +209,46 @@ class AgentRegistry:
         Only rows whose MAC holds: an agent or grant edited outside aegisd is left out (and logged), so
         the gate refuses it rather than trusting it. Needs the vault unlocked.
         """
-        key = self._record_key()
-        with self._store.reading() as conn:
-            rows = conn.execute("SELECT id, name, token_hash, rate_limit, mac FROM agents").fetchall()
-            grant_rows = conn.execute(_GRANTS_NAMED).fetchall()
-        grants: dict[str, set[str]] = {}
-        for agent_id, cred_id, mac, agent, credential in grant_rows:
-            if key.grant_ok(mac, agent_id, cred_id):
-                grants.setdefault(agent_id, set()).add(cred_id)
-            elif mac is not None:  # no MAC at all: an older aegisd's row, waiting for `vault adopt` (logged at unlock)
-                log.error("the grant of %r to agent %r fails authentication (changed outside aegisd), so the gate "
-                          "ignores it: grant it again if it is meant", credential, agent)
-        records = []
-        for agent_id, name, hashed, rate, mac in rows:
-            if key.agent_ok(mac, agent_id, name, hashed, rate):
-                records.append(AgentRecord(id=agent_id, name=name, token_hash=hashed, rate_limit=rate,
-                                           credential_ids=frozenset(grants.get(agent_id, ()))))
-            elif mac is not None:
-                log.error("agent %r fails authentication (its row was changed outside aegisd), so the gate refuses "
-                          "its token: remove it and add it again", name)
+        records, bad_agents, bad_grants = self._authenticated()
+        for agent, credential in bad_grants:
+            log.error("the grant of %r to agent %r fails authentication (changed outside aegisd), so the gate "
+                      "ignores it: grant it again if it is meant", credential, agent)
+        for _, name in bad_agents:
+            log.error("agent %r fails authentication (its row was changed outside aegisd), so the gate refuses "
+                      "its token: remove it and add it again", name)
         return records
 
     def unauthentic(self) -> builtins.list[str]:
         """The agents, and grants (`agent->credential`), whose rows fail their MAC; for doctor. Rows with no
         MAC at all, an older aegisd's, are Vault.older_rows."""
+        _, bad_agents, bad_grants = self._authenticated()
+        return ([f"{name} ({agent_id})" for agent_id, name in bad_agents]
+                + [f"{agent}->{credential}" for agent, credential in bad_grants])
+
+    def _authenticated(self) -> tuple[builtins.list[AgentRecord], builtins.list[tuple[str, str]],
+                                      builtins.list[tuple[str, str]]]:
+        """One pass over the agent and grant rows: the authentic agents with their authentic grants, then the
+        agents (id, name) and grants (agent, credential) whose MAC fails, by name. A row with no MAC at all
+        (an older aegisd's, waiting for `vault adopt`) is in none of them."""
         key = self._record_key()
         with self._store.reading() as conn:
-            agents = [f"{name} ({agent_id})" for agent_id, name, hashed, rate, mac
-                      in conn.execute("SELECT id, name, token_hash, rate_limit, mac FROM agents ORDER BY name")
-                      if mac is not None and not key.agent_ok(mac, agent_id, name, hashed, rate)]
-            grants = [f"{agent}->{credential}" for agent_id, cred_id, mac, agent, credential
-                      in conn.execute(_GRANTS_NAMED + " ORDER BY 4, 5")
-                      if mac is not None and not key.grant_ok(mac, agent_id, cred_id)]
-        return agents + grants
+            rows = conn.execute("SELECT id, name, token_hash, rate_limit, mac FROM agents ORDER BY name").fetchall()
+            grant_rows = conn.execute(_GRANTS_NAMED + " ORDER BY 4, 5").fetchall()
+        grants: dict[str, set[str]] = {}
+        bad_grants = []
+        for agent_id, cred_id, mac, agent, credential in grant_rows:
+            if key.grant_ok(mac, agent_id, cred_id):
+                grants.setdefault(agent_id, set()).add(cred_id)
+            elif mac is not None:
+                bad_grants.append((agent, credential))
+        records, bad_agents = [], []
+        for agent_id, name, hashed, rate, mac in rows:
+            if key.agent_ok(mac, agent_id, name, hashed, rate):
+                records.append(AgentRecord(id=agent_id, name=name, token_hash=hashed, rate_limit=rate,
+                                           credential_ids=frozenset(grants.get(agent_id, ()))))
+            elif mac is not None:
+                bad_agents.append((agent_id, name))
+        return records, bad_agents, bad_grants
 
     # -- internals -------------------------------------------------------------------------
 
