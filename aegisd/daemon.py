@@ -21,7 +21,7 @@ from aegisd import __version__
 from aegisd.agents import AgentRegistry
 from aegisd.config import OPERATIONS_RESTART_SETTINGS, UNLOCK_CREDENTIAL_NAME, Config, ConfigError, load_config
 from aegisd.control.server import ControlServer
-from aegisd.errors import AegisError
+from aegisd.errors import log_safe
 from aegisd.gate.agent_connection import AgentConnections
 from aegisd.gate.pipeline import GatePipeline
 from aegisd.gate.routing import RoutingState
@@ -171,8 +171,7 @@ class Daemon:
             try:
                 vault.unlock(unlock_key=key)
             except Exception as exc:  # whatever it was, start locked rather than not at all
-                why = exc.message if isinstance(exc, AegisError) else type(exc).__name__
-                log.error("auto-unlock from %s failed (%s); starting locked", source, why)
+                log.error("auto-unlock from %s failed (%s); starting locked", source, log_safe(exc))
             else:
                 event(log, logging.INFO, "vault unlocked", via=source)
             return

@@ -38,6 +38,12 @@ class AegisError(Exception):
             self.reason = reason
 
 
+def log_safe(exc: BaseException) -> str:
+    """What a log line may say about a failure: an AegisError's message (written to be shown), or only the
+    type of any other exception, whose text may hold data."""
+    return exc.message if isinstance(exc, AegisError) else type(exc).__name__
+
+
 class InvalidArgument(AegisError):
     kind = Kind.INVALID_ARGUMENT
     reason = "invalid_argument"

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from aegisd.errors import (
-    AegisError,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -26,6 +25,7 @@ from aegisd.errors import (
     VaultLocked,
     VaultUninitialized,
     WrongPassphrase,
+    log_safe,
 )
 from aegisd.store import VaultStore
 from aegisd.vault import adoption
@@ -353,8 +353,7 @@ class Vault:
         try:
             older = self.older_rows()
         except Exception as exc:  # the unlock itself has succeeded; this is advice
-            log.warning("could not look for rows from an older aegisd: %s",
-                        exc.message if isinstance(exc, AegisError) else type(exc).__name__)
+            log.warning("could not look for rows from an older aegisd: %s", log_safe(exc))
             return
         if older:
             log.warning("%s from an older aegisd are not served until an operator checks them and runs "

@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from aegisd.errors import AegisError
+from aegisd.errors import log_safe
 from aegisd.ledger.entry import iso_time, now_ms
 from aegisd.vault.vault import Vault
 from aegisd.webhooks.dispatcher import Dispatcher
@@ -71,8 +71,7 @@ class ExpiryWatch:
                 try:
                     await self._check()
                 except Exception as exc:  # one bad check must not end the watch
-                    log.warning("credential expiry check failed: %s",
-                                exc.message if isinstance(exc, AegisError) else type(exc).__name__)
+                    log.warning("credential expiry check failed: %s", log_safe(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
