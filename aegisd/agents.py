@@ -18,13 +18,14 @@ import secrets
 import sqlite3
 import uuid
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aegisd.errors import AlreadyExists, FailedPrecondition, NotFound, StorageCorrupt, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.credentials import validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, keyed_hash
 from aegisd.vault.records import RecordKey
+from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED, UNCHECKED
 from aegisd.vault.vault import Vault, now_ms, open_sealed
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ class Agent:
     created_at: int
     rotated_at: int
     rate_limit: str = ""
-    credentials: list[str] = field(default_factory=list)  # granted credential names, sorted
+    credentials: list[str] = field(default_factory=list)  # granted credential names the gate honours, sorted
+    integrity: str = OK  # a SealCheck status: OK, UNCHECKED (locked), TAMPERED or NOT_ADOPTED (no MAC)
+    ignored_grants: list[str] = field(default_factory=list)  # granted by rows that fail their MAC, sorted
 
 
 class AgentRecord(NamedTuple):
@@ -98,16 +101,38 @@ class AgentRegistry:
         return agent, token
 
     def list(self) -> list[Agent]:
-        self._require_initialized()
-        with self._store.reading() as conn:
-            rows = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY name").fetchall()  # noqa: S608
-            granted = _granted_names(conn, None)
-        return [_agent_from_row(r, granted.get(r[0], [])) for r in rows]
+        """Every agent, marked by whether its row and each grant authenticate (see Agent.integrity)."""
+        return self._agents(None)
 
     def get(self, name: str) -> Agent:
+        [agent] = self._agents(name)
+        return agent
+
+    def _agents(self, name: str | None) -> builtins.list[Agent]:
+        """All agents, or the one named (NotFound if none), as listings show them."""
         self._require_initialized()
+        where, params = ("WHERE name = ?", (name,)) if name is not None else ("", ())
         with self._store.reading() as conn:
-            return self._get(conn, name)
+            rows = conn.execute(f"SELECT {_AGENT_COLUMNS}, mac FROM agents {where} ORDER BY name",  # noqa: S608
+                                params).fetchall()
+            granted = _grants(conn, rows[0][0] if name is not None and rows else None)
+        if name is not None and not rows:
+            raise _agent_not_found(name)
+        trusted = ({(r.id, r.name): r.credential_ids for r in self._authenticated()[0]}
+                   if self._vault.state == "unlocked" else None)
+        agents = []
+        for row in rows:
+            agent = _agent_from_row(row, [])
+            grants = granted.get(agent.id, [])
+            if trusted is None:
+                agent.integrity, agent.credentials = UNCHECKED, [cred_name for _, cred_name in grants]
+            else:
+                honoured = trusted.get((agent.id, agent.name))
+                agent.integrity = OK if honoured is not None else NOT_ADOPTED if row[-1] is None else TAMPERED
+                agent.credentials = [n for cred_id, n in grants if honoured is not None and cred_id in honoured]
+                agent.ignored_grants = [n for cred_id, n in grants if honoured is None or cred_id not in honoured]
+            agents.append(agent)
+        return agents
 
     def remove(self, name: str, by_id: bool = False) -> int:
         """Delete the agent and its grants; returns how many grants went with it.
@@ -150,9 +175,8 @@ class AgentRegistry:
                 agent_id, hashed, _ = self._authentic_agent(conn, key, name)
                 conn.execute("UPDATE agents SET rate_limit = ?, mac = ? WHERE id = ?",
                              (canonical, key.agent(agent_id, name, hashed, canonical), agent_id))
-                agent = self._get(conn, name)
         self._vault.notify("agents")
-        return agent
+        return self.get(name)
 
     def regenerate(self, name: str) -> str:
         """Issue a new token; the old hash is replaced in the same write, so the old token dies at once."""
@@ -305,30 +329,24 @@ class AgentRegistry:
                                  reason="tampered")
         return str(agent_id), bytes(hashed), str(rate)
 
-    def _get(self, conn: sqlite3.Connection, name: str) -> Agent:
-        row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE name = ?", (name,)).fetchone()  # noqa: S608
-        if row is None:
-            raise _agent_not_found(name)
-        return _agent_from_row(row, _granted_names(conn, row[0]).get(row[0], []))
-
-
 def _agent_not_found(name: str) -> NotFound:
     return NotFound(f"no agent named {name!r}", reason="agent_not_found")
 
 
-def _granted_names(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[str]]:
-    """Granted credential names per agent id (one agent, or all when agent_id is None), sorted."""
-    query = "SELECT g.agent_id, c.name FROM grants g JOIN credentials c ON c.id = g.credential_id"
+def _grants(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[tuple[str, str]]]:
+    """(credential id, credential name) granted per agent id (one agent, or all when agent_id is None),
+    sorted by name: every grant row, authentic or not."""
+    query = "SELECT g.agent_id, c.id, c.name FROM grants g JOIN credentials c ON c.id = g.credential_id"
     params: tuple[str, ...] = ()
     if agent_id is not None:
         query += " WHERE g.agent_id = ?"
         params = (agent_id,)
-    result: dict[str, list[str]] = {}
-    for owner, cred_name in conn.execute(query + " ORDER BY c.name", params):
-        result.setdefault(owner, []).append(cred_name)
+    result: dict[str, list[tuple[str, str]]] = {}
+    for owner, cred_id, cred_name in conn.execute(query + " ORDER BY c.name", params):
+        result.setdefault(owner, []).append((cred_id, cred_name))
     return result
 
 
-def _agent_from_row(row: tuple[str, str, str, int, int], credentials: list[str]) -> Agent:
+def _agent_from_row(row: tuple[Any, ...], credentials: list[str]) -> Agent:
     return Agent(id=row[0], name=row[1], rate_limit=row[2], created_at=row[3], rotated_at=row[4],
                  credentials=list(credentials))

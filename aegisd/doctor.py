@@ -21,6 +21,7 @@ from aegisd.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
 from aegisd.ledger import LedgerError, open_reader, verify
 from aegisd.runtime import Runtime
 from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
+from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED, UNCHECKED
 
 log = logging.getLogger("aegisd.doctor")
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
@@ -192,16 +193,9 @@ class Doctor:
         return await asyncio.to_thread(self._credentials_decrypt)
 
     def _credentials_decrypt(self) -> Check:
-        creds = self.rt.vault.credential_refs()
-        broken, waiting = [], 0
-        for credential_id, name in creds:
-            try:
-                self.rt.vault.open_secret(credential_id)  # the plaintext is dropped at once; only success matters
-            except AegisError as exc:
-                if exc.reason == "not_adopted":  # an older aegisd's: the older_rows check reports those
-                    waiting += 1
-                else:
-                    broken.append(f"{name} ({credential_id})")
+        creds = self.rt.vault.checked_credentials()
+        broken = [f"{c.credential.name} ({c.credential.id})" for c in creds if c.status == TAMPERED]
+        waiting = sum(c.status == NOT_ADOPTED for c in creds)  # an older aegisd's: the older_rows check reports those
         if broken:
             return Check("credentials_decrypt", FAIL, f"{len(broken)} of {len(creds)} credentials fail to decrypt "
                          f"(the secret or the metadata sealed with it was changed outside aegisd, or moved), so the "
@@ -241,7 +235,8 @@ class Doctor:
     async def credentials_expiry(self) -> Check:
         if self.rt.vault.state == "uninitialized":
             return Check("credentials_expiry", SKIP, "no vault yet")
-        creds = await asyncio.to_thread(self.rt.vault.list_credentials)
+        checks = await asyncio.to_thread(self.rt.vault.checked_credentials)
+        creds = [c.credential for c in checks if c.status in (OK, UNCHECKED)]  # failing rows: credentials_decrypt
         now = int(time.time() * 1000)
         expired = [c.name for c in creds if c.expires_at is not None and c.expires_at <= now]
         soon = [c.name for c in creds if c.expires_at is not None and now < c.expires_at <= now + EXPIRY_WARNING_MS]

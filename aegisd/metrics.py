@@ -19,6 +19,7 @@ from prometheus_client.exposition import choose_encoder
 
 from aegisd.errors import AegisError
 from aegisd.ledger import LedgerWriter, now_ms
+from aegisd.vault.sealing import OK, UNCHECKED
 from aegisd.vault.vault import Vault
 from aegisd.webhooks.dispatcher import Dispatcher
 from aegisd.webhooks.expiry import expiry_state
@@ -33,7 +34,9 @@ OPERATOR_SERVICE = "_aegis"  # /_aegis/... endpoints that are ledgered (an agent
 NO_AGENT = ""  # the request was not authenticated
 # A local proxy answers refusals in well under a millisecond and streams LLM replies for many seconds.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-CREDENTIAL_STATES = ("active", "expiring_soon", "expired")
+# Expiry states come from the metadata sealed with each secret; "failing": the row does not authenticate
+# (changed outside aegisd, or an older aegisd's not yet adopted); "unchecked": the vault is locked.
+CREDENTIAL_STATES = ("active", "expiring_soon", "expired", "failing", "unchecked")
 
 
 class GateMetrics:
@@ -98,7 +101,8 @@ class _ScrapeTimeState:
         credentials = self._credential_states()
         if credentials is not None:
             family = GaugeMetricFamily("aegis_credentials_total", "Credentials by expiry state (expiring_soon: "
-                                       "within 7 days).", labels=("status",))
+                                       "within 7 days), failing authentication, or unchecked while locked.",
+                                       labels=("status",))
             for state in CREDENTIAL_STATES:
                 family.add_metric((state,), credentials[state])
             yield family
@@ -138,11 +142,14 @@ class _ScrapeTimeState:
         if self._vault.state == "uninitialized":
             return counts
         try:
-            credentials = self._vault.list_credentials()
+            checks = self._vault.checked_credentials()
         except AegisError as exc:
             log.warning("metrics: cannot read credentials: %s", exc.message)
             return None
         now = now_ms()
-        for cred in credentials:
-            counts[expiry_state(cred.expires_at, now)] += 1
+        for check in checks:
+            if check.status == OK:
+                counts[expiry_state(check.credential.expires_at, now)] += 1
+            else:
+                counts["unchecked" if check.status == UNCHECKED else "failing"] += 1
         return counts

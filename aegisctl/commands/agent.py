@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from aegisctl import output
+from aegisctl import integrity, output
 from aegisctl.context import Context, pass_context
 from aegisctl.secrets_input import confirm_destructive
 from aegisd.api.aegis.v1 import agents_pb2 as pb
@@ -25,8 +25,24 @@ def agent_json(a: pb.Agent) -> dict[str, Any]:
         "rate_limit": a.rate_limit or None,
         "created_at": output.iso(a.created_at),
         "rotated_at": output.iso(a.rotated_at),
+        "integrity": integrity.name(a.integrity),
+        "ignored_grants": list(a.ignored_grants),
         "id": a.id,
     }
+
+
+def _integrity_notes(agents: list[dict[str, Any]]) -> list[str]:
+    """One line per agent whose token or grants the gate ignores, saying what to do."""
+    notes = []
+    for a in agents:
+        note = integrity.problem("agent", a, "the gate refuses its token")
+        if note is not None:
+            notes.append(note)
+        elif a["ignored_grants"]:
+            notes.append(f"agent {a['name']}: the gate ignores its grants of {', '.join(a['ignored_grants'])} "
+                         f"(their rows fail authentication); revoke each (`aegisctl revoke {a['name']} CREDENTIAL`) "
+                         "and grant it again if it is meant")
+    return notes
 
 
 def _print_token(name: str, token: str, as_json: bool) -> None:
@@ -66,8 +82,11 @@ def list_(ctx: Context, as_json: bool) -> None:
     if not agents:
         click.echo("No agents yet: add one with `aegisctl agent add NAME`.")
         return
-    output.table(["NAME", "CREDENTIALS", "CREATED", "TOKEN ISSUED"],
-                 [[a["name"], ",".join(a["credentials"]), a["created_at"], a["rotated_at"]] for a in agents])
+    output.table(["NAME", "CREDENTIALS", "CREATED", "TOKEN ISSUED", "INTEGRITY"],
+                 [[a["name"], ",".join(a["credentials"]), a["created_at"], a["rotated_at"],
+                   integrity.text(a["integrity"])] for a in agents])
+    for note in _integrity_notes(agents):
+        click.echo(note, err=True)
 
 
 @command.command("show")
@@ -83,8 +102,10 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
     output.fields([
         ("name", a["name"]), ("created", a["created_at"]), ("token issued", a["rotated_at"]),
         ("credentials", ", ".join(a["credentials"]) or "none (grant with `aegisctl grant`)"),
-        ("rate limit", a["rate_limit"] or "none"),
+        ("rate limit", a["rate_limit"] or "none"), ("integrity", integrity.text(a["integrity"])),
     ])
+    for note in _integrity_notes([a]):
+        click.echo(note, err=True)
 
 
 @command.command("remove")

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from aegisctl import output
+from aegisctl import integrity, output
 from aegisctl.context import Context, pass_context
 from aegisctl.durations import Duration
 from aegisctl.secrets_input import confirm_destructive, read_secret
@@ -40,8 +40,14 @@ def credential_json(c: pb.Credential) -> dict[str, Any]:
         "rotated_at": output.iso(c.rotated_at),
         "expires_at": output.iso(c.expires_at) if c.HasField("expires_at") else None,
         "expired": c.expired,
+        "integrity": integrity.name(c.integrity),
         "id": c.id,
     }
+
+
+def _integrity_notes(creds: list[dict[str, Any]]) -> list[str]:
+    """One line per credential the gate does not serve, saying what to do; nothing when all are fine."""
+    return [note for c in creds if (note := integrity.problem("credential", c, "it is not served")) is not None]
 
 
 def _expiry_text(c: dict[str, Any]) -> str:
@@ -116,9 +122,11 @@ def list_(ctx: Context, as_json: bool) -> None:
     if not creds:
         click.echo("No credentials yet: add one with `aegisctl vault add`.")
         return
-    output.table(["NAME", "SERVICE", "DOMAINS", "AUTH", "SCOPES", "EXPIRES", "INSPECTION"],
+    output.table(["NAME", "SERVICE", "DOMAINS", "AUTH", "SCOPES", "EXPIRES", "INSPECTION", "INTEGRITY"],
                  [[c["name"], c["service"], ",".join(c["domains"]), c["auth_type"], ",".join(c["scopes"]),
-                   _expiry_text(c), c["body_inspection"]] for c in creds])
+                   _expiry_text(c), c["body_inspection"], integrity.text(c["integrity"])] for c in creds])
+    for note in _integrity_notes(creds):
+        click.echo(note, err=True)
 
 
 @command.command("show")
@@ -137,7 +145,10 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
         ("scopes", ", ".join(c["scopes"])), ("rate limit", c["rate_limit"] or "none"),
         ("body inspection", c["body_inspection"]), ("expires", _expiry_text(c)),
         ("created", c["created_at"]), ("updated", c["updated_at"]), ("rotated", c["rotated_at"]),
+        ("integrity", integrity.text(c["integrity"])),
     ])
+    for note in _integrity_notes([c]):
+        click.echo(note, err=True)
 
 
 @command.command("update")

@@ -10,7 +10,7 @@ import grpc
 from aegisd.agents import Agent
 from aegisd.api.aegis.v1 import agents_pb2 as pb
 from aegisd.api.aegis.v1 import agents_pb2_grpc
-from aegisd.control.convert import timestamp
+from aegisd.control.convert import INTEGRITY_TO_PB, timestamp
 from aegisd.control.errors import rpc
 from aegisd.runtime import Runtime
 
@@ -21,7 +21,8 @@ def agent_to_pb(agent: Agent) -> pb.Agent:
     """The API view of an agent; it has no field a token or token hash could go into."""
     return pb.Agent(id=agent.id, name=agent.name, created_at=timestamp(agent.created_at),
                     rotated_at=timestamp(agent.rotated_at), rate_limit=agent.rate_limit,
-                    credentials=agent.credentials)
+                    credentials=agent.credentials, integrity=INTEGRITY_TO_PB[agent.integrity],
+                    ignored_grants=agent.ignored_grants)
 
 
 class AgentService(agents_pb2_grpc.AgentServiceServicer):

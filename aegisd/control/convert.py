@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aegisd.api.aegis.v1 import credentials_pb2 as pb
 from aegisd.errors import InvalidArgument
 from aegisd.vault.credentials import Credential
+from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED, UNCHECKED
 
 AUTH_TO_PB = {"bearer": pb.AUTH_TYPE_BEARER, "header": pb.AUTH_TYPE_HEADER, "basic": pb.AUTH_TYPE_BASIC,
               "query": pb.AUTH_TYPE_QUERY}
@@ -24,8 +25,14 @@ def timestamp(ms: int) -> Timestamp:
     return ts
 
 
-def credential_to_pb(cred: Credential, now_ms: int) -> pb.Credential:
+INTEGRITY_TO_PB = {OK: pb.INTEGRITY_OK, UNCHECKED: pb.INTEGRITY_UNCHECKED, TAMPERED: pb.INTEGRITY_TAMPERED,
+                   NOT_ADOPTED: pb.INTEGRITY_NOT_ADOPTED}
+
+
+def credential_to_pb(cred: Credential, now_ms: int, integrity: str = OK) -> pb.Credential:
+    """A credential as the API shows it; `integrity` is its SealCheck status (OK for one just sealed)."""
     msg = pb.Credential(
+        integrity=INTEGRITY_TO_PB[integrity],
         id=cred.id, name=cred.name, service=cred.service, domains=cred.domains,
         auth_type=AUTH_TO_PB[cred.auth_type], header_name=cred.header_name, query_param=cred.query_param,
         scopes=cred.scopes, rate_limit=cred.rate_limit,

@@ -39,14 +39,15 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
     @rpc
     async def ListCredentials(self, request: pb.ListCredentialsRequest, context: Ctx
                               ) -> pb.ListCredentialsResponse:
-        creds = await asyncio.to_thread(self.rt.vault.list_credentials)
+        checks = await asyncio.to_thread(self.rt.vault.checked_credentials)
         now = now_ms()
-        return pb.ListCredentialsResponse(credentials=[convert.credential_to_pb(c, now) for c in creds])
+        return pb.ListCredentialsResponse(credentials=[convert.credential_to_pb(c.credential, now, c.status)
+                                                       for c in checks])
 
     @rpc
     async def GetCredential(self, request: pb.GetCredentialRequest, context: Ctx) -> pb.Credential:
-        cred = await asyncio.to_thread(self.rt.vault.get_credential, request.name)
-        return convert.credential_to_pb(cred, now_ms())
+        check = await asyncio.to_thread(self.rt.vault.check_credential, request.name)
+        return convert.credential_to_pb(check.credential, now_ms(), check.status)
 
     @rpc
     async def UpdateCredential(self, request: pb.UpdateCredentialRequest, context: Ctx) -> pb.Credential:

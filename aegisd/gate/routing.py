@@ -23,6 +23,7 @@ from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import keyed_hasher
 from aegisd.vault.domains import AllowedHost, DomainAllowlist
+from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED
 from aegisd.vault.vault import Vault
 
 log = logging.getLogger("aegisd.gate")
@@ -30,6 +31,13 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Always stripped from what an agent sends: it may not choose the upstream's credentials.
 AGENT_AUTH_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key"})
+# Why a credential row is left out of the table, and what to do, by its SealCheck status.
+NOT_SERVED = {
+    TAMPERED: "fails authentication (its sealed secret, or the metadata sealed with it, was changed outside aegisd "
+              "or moved), so it is not served: remove the row (`aegisctl vault remove --id {id}`) and add the "
+              "credential again as you intend it",
+    NOT_ADOPTED: "comes from an older aegisd, so it is not served until adopted: check `aegisctl vault adopt`",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +134,7 @@ class RoutingState:
         self._agents = agents
         self._lock = threading.Lock()
         self.table: RoutingTable | None = None
+        self._routes: dict[tuple[str, bytes], Route] = {}  # by credential id and sealing; see rebuild
         self.on_rebuild: Callable[[RoutingTable | None], None] | None = None
 
     def on_vault_event(self, event: str) -> None:
@@ -134,14 +143,14 @@ class RoutingState:
         try:
             if event == "locked":
                 with self._lock:  # after any rebuild in progress, so it cannot put a table back
-                    self.table = None
+                    self.table, self._routes = None, {}
             elif event == "agents":
                 self.rebuild_agents()
             else:
                 self.rebuild()
         except Exception as exc:
             with self._lock:
-                self.table = None
+                self.table, self._routes = None, {}
             log.error("the gate's routing table could not be rebuilt (%s: %s), so it refuses every request until "
                       "the next change or unlock", type(exc).__name__,
                       exc.message if isinstance(exc, AegisError) else "see the traceback at debug level")
@@ -163,21 +172,29 @@ class RoutingState:
                 for a in self._agents.snapshot()}
 
     def rebuild(self) -> None:
+        """A credential changed, or the vault unlocked. Routes are kept per sealing (a credential's row as last
+        sealed) and the inspector while the set of secrets stands, so a change costs what it touched."""
         with self._lock:
             if self._vault.state != "unlocked":
                 self.table = None
             else:
                 master = self._vault.master()
-                routes = {}
-                for credential_id, name in self._vault.credential_refs():
-                    try:  # the route is built from the metadata its secret was sealed with
-                        cred, secret = self._vault.open_credential(credential_id)
-                        routes[cred.service] = build_route(cred, secret)
-                    except AegisError as exc:  # one broken seal must not take the others down
-                        log.error("credential %r is not served: %s", name, exc.message)
+                routes, built = {}, {}
+                for check in self._vault.checked_credentials():
+                    if check.status != OK or check.secret is None:
+                        why = NOT_SERVED.get(check.status, "could not be checked, so it is not served")
+                        log.error("credential %r (%s) %s", check.credential.name, check.credential.id,
+                                  why.format(id=check.credential.id))
+                        continue
+                    key = (check.credential.id, check.seal)
+                    route = built[key] = self._routes.get(key) or build_route(check.credential, check.secret)
+                    routes[route.service] = route
+                self._routes = built
                 agents = self._agent_entries()
-                inspector = Inspector(SecretSource(r.credential_id, secret_values(r.secret, r.auth_type))
-                                      for r in routes.values())
+                sources = {r.credential_id: secret_values(r.secret, r.auth_type) for r in routes.values()}
+                inspector = self.table.inspector if self.table is not None else None
+                if inspector is None or inspector.values != sources:
+                    inspector = Inspector(SecretSource(cid, values) for cid, values in sources.items())
                 self.table = RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")), inspector)
             if self.on_rebuild is not None:
                 self.on_rebuild(self.table)

@@ -41,6 +41,11 @@ class Inspector:
         self._vault = LiteralSearch(form for values in self._values.values() for form in search_forms(values))
         self._redactions: dict[str, Redaction | None] = {}
 
+    @property
+    def values(self) -> Mapping[str, tuple[bytes, ...]]:
+        """The secret values by credential id it was built from: a rebuild with the same ones keeps it."""
+        return self._values
+
     def scan(self, data: bytes) -> set[str]:
         """Families found in `data` or its decoded views; empty when clean."""
         found: set[str] = set()

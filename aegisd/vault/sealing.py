@@ -4,6 +4,7 @@ metadata as associated data (crypto.secret_aad), for the vault and for adopting 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from aegisd.vault.credentials import CREDENTIAL_COLUMNS, Credential, credential_from_row
@@ -22,3 +23,23 @@ def open_row(row: Sequence[Any], vault_id: str, key: bytearray) -> tuple[Credent
     the row is malformed, SealBroken if the seal does not open with it."""
     cred = credential_from_row(row)
     return cred, unseal(key, row[-2], row[-1], secret_aad(vault_id, cred.id, cred.sealed_metadata()))
+
+
+OK, TAMPERED, NOT_ADOPTED, UNCHECKED = "ok", "tampered", "not_adopted", "unchecked"
+
+
+@dataclass(frozen=True, slots=True)
+class SealCheck:
+    """One credential row and whether its seal holds, for everything that reads credentials in bulk.
+
+    With `status` OK, `credential` is the metadata the secret was sealed with and `secret` that secret:
+    what the gate may serve. Otherwise (TAMPERED, NOT_ADOPTED, or UNCHECKED while the vault is locked) it is
+    the row as it reads, for display only, and there is no secret. `seal` (nonce and ciphertext) names this
+    one sealing, so what is built from an OK check can be kept until the row changes. The vault caches
+    checks and hands the same objects to every caller: never modify one.
+    """
+
+    credential: Credential
+    status: str
+    secret: bytes | None = field(default=None, repr=False)
+    seal: bytes = field(default=b"", repr=False)

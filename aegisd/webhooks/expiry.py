@@ -14,6 +14,7 @@ from typing import Any
 
 from aegisd.errors import log_safe
 from aegisd.ledger.entry import iso_time, now_ms
+from aegisd.vault.sealing import OK
 from aegisd.vault.vault import Vault
 from aegisd.webhooks.dispatcher import Dispatcher
 
@@ -77,10 +78,11 @@ class ExpiryWatch:
             self._wake.clear()
 
     async def _check(self) -> None:
-        credentials = await asyncio.to_thread(self._vault.list_credentials)
+        checks = await asyncio.to_thread(self._vault.checked_credentials)
         now = now_ms()
-        for cred in credentials:
-            state = expiry_state(cred.expires_at, now)
+        for check in checks:  # only what authenticates: an edited expiry must neither raise nor hide an alert
+            cred = check.credential
+            state = expiry_state(cred.expires_at, now) if check.status == OK else "active"
             if state != "active":
                 self._raise(cred.name, cred.service, cred.expires_at, state, {})
 

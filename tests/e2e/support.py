@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from aegisd.store import VaultStore
-from aegisd.vault.vault import Vault
+from aegisd.vault.vault import Vault, open_sealed
 from tests.harness import PASSPHRASE, Aegis, Result
 
 
@@ -59,6 +59,14 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 def remount(path: Path, options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["mount", "-o", f"remount,{options}", str(path)], capture_output=True, text=True,
                           check=False)
+
+
+def open_secret(vault: Vault, credential_id: str) -> bytes:
+    """One secret by credential id, opened the way update, rotate and remove open it: StorageCorrupt, with
+    its message, when it fails."""
+    assert vault.vault_id is not None
+    with vault._store.reading() as conn:
+        return open_sealed(conn, vault.vault_id, vault.master(), "id", credential_id)[1]
 
 
 @contextlib.contextmanager

@@ -172,9 +172,11 @@ def test_locked_vault_refuses_agent_changes(unlocked: Aegis) -> None:
         assert result.code == 1, (args, result)
         assert "locked" in result.err and "aegisctl unlock" in result.err
         assert "aegis_" not in result.out
-    # Reads need no key, like `vault list`.
-    assert [a["name"] for a in json.loads(aegis.ctl("agent", "list", "--json").ok().out)] == ["claude"]
+    # Reads need no key, like `vault list`, but nothing can be authenticated while locked.
+    assert [(a["name"], a["integrity"]) for a in json.loads(aegis.ctl("agent", "list", "--json").ok().out)] == [
+        ("claude", "unchecked")]
     aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert json.loads(aegis.ctl("agent", "show", "claude", "--json").ok().out)["integrity"] == "ok"
     assert token_hashes(aegis)["claude"] != token.encode()
     aegis.ctl("grant", "claude", "github").ok()
 

@@ -299,7 +299,10 @@ def test_credentials_survive_restart(unlocked: Aegis) -> None:
     unlocked.add_credential("persist", SECRET, "--service", "persist", "--domains", "bücher.de",
                             "--auth-type", "query", "--query-param", "api_key", "--rate-limit", "60/hour")
     before = show(unlocked, "persist")
+    assert before["integrity"] == "ok"
     assert unlocked.stop() == 0
     unlocked.start()
+    assert show(unlocked, "persist") == {**before, "integrity": "unchecked"}  # locked: nothing could be checked
+    unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert show(unlocked, "persist") == before
     unlocked.assert_no_leaks([PASSPHRASE, SECRET])

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.gate_support import SECRETS, GateWorld, Standard, shared_standard, untouched
+from tests.e2e.ops_support import Scrape
 
 
 @pytest.fixture
@@ -392,12 +393,19 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
             home_too = world.call("GET", "/bear/echo/home", agent="bot")
         for reply in (stolen, home_too):
             world.assert_refused(reply, 403, "not_granted")
-        assert "credential 'bear' is not served: credential 'bear'" in world.aegis.log()
-        assert "fails authentication" in world.aegis.log()
+        assert "credential 'bear' (" in world.aegis.log()
+        assert "fails authentication (its sealed secret, or the metadata sealed with it" in world.aegis.log()
         doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
         [decrypt] = [c for c in doctor["checks"] if c["name"] == "credentials_decrypt"]
         [(bear_id,)] = _vault_sql(world, "SELECT id FROM credentials WHERE name = 'bear'")
         assert decrypt["status"] == "fail" and decrypt["message"].endswith(f": bear ({bear_id})"), decrypt
+        # Listings and metrics say so too, rather than showing the widened allowlist as if it were in force.
+        listed = {c["name"]: c for c in json.loads(world.aegis.ctl("vault", "list", "--json").ok().out)}
+        assert listed["bear"]["integrity"] == "tampered" and listed["bear"]["domains"] == json.loads(widened)
+        assert {c["integrity"] for name, c in listed.items() if name != "bear"} <= {"ok"}
+        scrape = Scrape(world)
+        assert (scrape.value("aegis_credentials_total", status="failing"),
+                scrape.value("aegis_credentials_total", status="active")) == (1, len(listed) - 1)
         rotated = "sk-new-secret-for-the-widened-one-1"
         world.secrets.append(rotated)
         for args in (["vault", "update", "bear", "--rate-limit", "5/min"],
@@ -439,6 +447,12 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
             world.assert_refused(world.call("GET", "/hdr/echo/copied", agent="driven"), 403, "not_granted")
         assert world.call("GET", "/bear/echo/own", agent="driven").status == 200  # its own grant still holds
         assert "the grant of 'hdr' to agent 'driven' fails authentication" in world.aegis.log()
+        # Listings show the grants the gate honours, and name the one it ignores.
+        listed = {a["name"]: a for a in json.loads(world.aegis.ctl("agent", "list", "--json").ok().out)}
+        assert {n: (a["integrity"], a["credentials"], a["ignored_grants"]) for n, a in listed.items()} == {
+            "driven": ("ok", ["bear"], ["hdr"]), "trusted": ("ok", ["bear", "hdr"], [])}
+        shown = world.aegis.ctl("agent", "show", "driven").ok()
+        assert "the gate ignores its grants of hdr" in shown.err
 
         # `driven`'s token hash moved into `trusted`'s row (token hashes are unique: `driven` gets a dud).
         [(driven_hash,)] = _vault_sql(world, "SELECT token_hash FROM agents WHERE name = 'driven'")
@@ -449,6 +463,11 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
         with untouched(up):
             world.assert_refused(world.call("GET", "/hdr/echo/swapped", agent="driven"), 401, "agent_auth_invalid")
         assert "agent 'trusted' fails authentication" in world.aegis.log()
+        listed = {a["name"]: a for a in json.loads(world.aegis.ctl("agent", "list", "--json").ok().out)}
+        assert (listed["trusted"]["integrity"], listed["trusted"]["credentials"]) == ("tampered", [])
+        assert listed["trusted"]["ignored_grants"] == ["bear", "hdr"]
+        table = world.aegis.ctl("agent", "list").ok()
+        assert "FAILS" in table.out and f"agent remove --id {listed['trusted']['id']}" in table.err
 
         doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
         [check] = [c for c in doctor["checks"] if c["name"] == "agents_authentic"]

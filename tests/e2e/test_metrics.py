@@ -115,13 +115,18 @@ def test_metrics_after_traffic() -> None:
         assert (health.status, health.json()) == (200, {"status": "ok", "vault": "locked", "ledger": "ok"})
         locked = Scrape(world)
         assert locked.value("aegis_vault_unlocked") == 0
-        assert locked.value("aegis_credentials_total", status="active") == 1  # metadata is readable while locked
+        # While locked nothing can be authenticated, so nothing is counted by its (unchecked) expiry.
+        assert locked.value("aegis_credentials_total", status="unchecked") == 3
+        assert locked.value("aegis_credentials_total", status="active") == 0
         refused(world.call("GET", "/bear/echo/f", agent="bot"), 503, "vault_locked")
         assert Scrape(world).value("aegis_requests_blocked_total", service="bear", reason="vault_locked",
                                    agent="") == 1
         world.aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
         assert request(world.port, "GET", "/_aegis/health").json()["vault"] == "unlocked"
-        assert Scrape(world).value("aegis_vault_unlocked") == 1
+        again = Scrape(world)
+        assert again.value("aegis_vault_unlocked") == 1
+        assert (again.value("aegis_credentials_total", status="active"),
+                again.value("aegis_credentials_total", status="unchecked")) == (1, 0)
         world.assert_no_leaks()
     finally:
         world.close()

@@ -131,7 +131,7 @@ def test_full_data_directory(fresh: Aegis) -> None:
         assert names(fresh) == ["first", "second"]
         assert fresh.stop() == 0
         with open_vault(fresh.data_dir) as vault:
-            secrets = {c.name: vault.open_secret(c.id) for c in vault.list_credentials()}
+            secrets = {c.credential.name: c.secret for c in vault.checked_credentials()}
         assert secrets == {"first": FIRST_SECRET.encode(), "second": BIG_SECRET.encode()}
         fresh.assert_no_leaks([PASSPHRASE, FIRST_SECRET, BIG_SECRET])
 

@@ -7,6 +7,7 @@ body bytes with the secret `webhook add` printed once.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from typing import Any
 
@@ -286,3 +287,36 @@ def test_dead_and_slow_receivers_never_slow_the_gate() -> None:
         slow.stop()
         world.close()
 
+
+
+def test_an_expiry_edited_in_the_database_raises_no_alert() -> None:
+    """Someone who can write vault.db sets a credential's expiry in the past to fake an alert (or could push it
+    out to hide one). The expiry is sealed with the secret, so the edited row fails authentication: the expiry
+    watch alerts only on what authenticates, and metrics count the row as failing, not as expired. A genuinely
+    expiring credential, checked in the same pass, still raises its alert."""
+    world = ops_world("[webhooks]\nworkers = 1\n")  # one worker: deliveries arrive in the order raised
+    receiver = Receiver().start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRET, up.entry())
+        add_webhook(world, receiver, "credential_expiry")
+        world.aegis.ctl("lock").ok()
+        past = int(time.time() * 1000) - 86_400_000
+        conn = sqlite3.connect(world.aegis.data_dir / "vault.db", timeout=10)
+        with conn:
+            conn.execute("UPDATE credentials SET expires_at = ? WHERE name = 'bear'", (past,))
+        conn.close()
+        world.unlock()  # the watch checks at unlock, in name order: "bear" before "brief"
+        world.credential("brief", BRIEF_SECRET, up.entry(), "--ttl", "3d")
+
+        [soon] = receiver.wait_for(1, "credential_expiry")
+        assert _check_delivery(soon)["details"]["credential"] == "brief"
+        assert [d.payload["details"]["credential"] for d in receiver.deliveries] == ["brief"]
+        scrape = Scrape(world)
+        assert (scrape.value("aegis_credentials_total", status="failing"),
+                scrape.value("aegis_credentials_total", status="expired"),
+                scrape.value("aegis_credentials_total", status="expiring_soon")) == (1, 0, 1)
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
+    finally:
+        receiver.stop()
+        world.close()

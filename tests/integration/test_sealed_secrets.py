@@ -17,8 +17,9 @@ import pytest
 from aegisd.api.aegis.v1 import vault_pb2, vault_pb2_grpc
 from aegisd.errors import StorageCorrupt
 from aegisd.vault.crypto import SealBroken, seal, secret_aad_v1, unseal
+from aegisd.vault.sealing import OK, TAMPERED
 from tests.e2e.gate_support import request
-from tests.e2e.support import open_vault
+from tests.e2e.support import open_secret, open_vault
 from tests.harness import PASSPHRASE, Aegis
 from tests.upstreams import Upstream
 
@@ -64,7 +65,7 @@ def test_swapped_ciphertexts_are_detected_not_decrypted(fresh: Aegis) -> None:
     ids = populate(fresh)
     db = fresh.data_dir / "vault.db"
     with open_vault(fresh.data_dir) as vault:  # control: untouched rows open to their own secrets
-        assert {n: vault.open_secret(i) for n, i in ids.items()} == {n: s.encode() for n, s in SECRETS.items()}
+        assert {n: open_secret(vault, i) for n, i in ids.items()} == {n: s.encode() for n, s in SECRETS.items()}
 
     alpha, bravo = sealed(db, ids["alpha"]), sealed(db, ids["bravo"])
     write_sealed(db, ids["alpha"], *bravo)
@@ -79,17 +80,17 @@ def test_swapped_ciphertexts_are_detected_not_decrypted(fresh: Aegis) -> None:
     with open_vault(fresh.data_dir) as vault:
         for name in ("alpha", "bravo"):
             with pytest.raises(StorageCorrupt) as caught:
-                vault.open_secret(ids[name])
+                open_secret(vault, ids[name])
             assert f"vault remove --id {ids[name]}" in caught.value.message
             assert not any(secret in caught.value.message for secret in SECRETS.values())
-        assert vault.open_secret(ids["charlie"]) == SECRETS["charlie"].encode()
+        assert open_secret(vault, ids["charlie"]) == SECRETS["charlie"].encode()
 
     # Swapping back restores both: the ciphertexts were detected, not destroyed.
     write_sealed(db, ids["alpha"], *alpha)
     write_sealed(db, ids["bravo"], *bravo)
     with open_vault(fresh.data_dir) as vault:
-        assert vault.open_secret(ids["alpha"]) == SECRETS["alpha"].encode()
-        assert vault.open_secret(ids["bravo"]) == SECRETS["bravo"].encode()
+        assert open_secret(vault, ids["alpha"]) == SECRETS["alpha"].encode()
+        assert open_secret(vault, ids["bravo"]) == SECRETS["bravo"].encode()
     fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
 
 
@@ -100,8 +101,8 @@ def test_flipped_bit_is_detected(fresh: Aegis) -> None:
     write_sealed(db, ids["charlie"], nonce, bytes([ciphertext[0] ^ 0x01]) + ciphertext[1:])
     with open_vault(fresh.data_dir) as vault:
         with pytest.raises(StorageCorrupt):
-            vault.open_secret(ids["charlie"])
-        assert vault.open_secret(ids["alpha"]) == SECRETS["alpha"].encode()
+            open_secret(vault, ids["charlie"])
+        assert open_secret(vault, ids["alpha"]) == SECRETS["alpha"].encode()
     fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
 
 
@@ -122,8 +123,8 @@ def test_every_seal_has_a_fresh_nonce_and_rotate_reseals(fresh: Aegis) -> None:
     assert nonce != before["alpha"][0] and ciphertext != before["alpha"][1]
     assert sealed(db, ids["bravo"]) == before["bravo"]
     with open_vault(fresh.data_dir) as vault:
-        assert vault.open_secret(ids["alpha"]) == new_secret.encode()
-        assert vault.open_secret(ids["bravo"]) == SECRETS["bravo"].encode()
+        assert open_secret(vault, ids["alpha"]) == new_secret.encode()
+        assert open_secret(vault, ids["bravo"]) == SECRETS["bravo"].encode()
     fresh.assert_no_leaks([PASSPHRASE, new_secret, *SECRETS.values()])
 
 
@@ -135,7 +136,7 @@ def test_secret_stdin_reads_only_the_first_line(fresh: Aegis) -> None:
     cid = json.loads(fresh.ctl("vault", "show", "multi", "--json").ok().out)["id"]
     assert fresh.stop() == 0
     with open_vault(fresh.data_dir) as vault:
-        assert vault.open_secret(cid) == b"sk-first-line-secret-0101"
+        assert open_secret(vault, cid) == b"sk-first-line-secret-0101"
     fresh.assert_no_leaks([PASSPHRASE, "sk-first-line-secret-0101", "sk-second-line-secret-0202"])
 
 
@@ -183,7 +184,7 @@ def older_vault(aegis: Aegis, up: Upstream) -> tuple[dict[str, str], str]:
         key, vault_id = vault.master().subkey("secrets"), vault.vault_id
         assert vault_id is not None
         for cid in ids.values():
-            write_sealed(db, cid, *seal(key, vault.open_secret(cid), secret_aad_v1(vault_id, cid)))
+            write_sealed(db, cid, *seal(key, open_secret(vault, cid), secret_aad_v1(vault_id, cid)))
     conn = sqlite3.connect(db)
     with conn:
         conn.execute("ALTER TABLE agents DROP COLUMN mac")
@@ -289,7 +290,7 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
                 assert (nonce, ciphertext) != old[name]
                 with pytest.raises(SealBroken):  # no longer opens the old way
                     unseal(key, nonce, ciphertext, secret_aad_v1(vault_id, cid))
-            assert vault.open_secret(ids["alpha"]) == SECRETS["alpha"].encode()
+            assert open_secret(vault, ids["alpha"]) == SECRETS["alpha"].encode()
 
         # After adoption: an allowlist widened breaks its seal; an old copy's secret written back next to
         # another widened allowlist is listed again (with the host), for the operator to refuse.
@@ -301,9 +302,9 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
         write_sealed(db, ids["bravo"], *old["bravo"])
         with open_vault(fresh.data_dir) as vault:
             with pytest.raises(StorageCorrupt, match="metadata sealed"):
-                vault.open_secret(ids["alpha"])
+                open_secret(vault, ids["alpha"])
             with pytest.raises(StorageCorrupt, match="older aegisd"):
-                vault.open_secret(ids["bravo"])
+                open_secret(vault, ids["bravo"])
             assert [c.credential.name for c in vault.older_rows().credentials] == ["bravo"]
         # An old row whose host is not written the way aegisd writes hosts (a look-alike, say) is never listed.
         conn = sqlite3.connect(db)
@@ -314,7 +315,7 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
         with open_vault(fresh.data_dir) as vault:
             assert [c.credential.name for c in vault.older_rows().credentials] == ["bravo"]
             with pytest.raises(StorageCorrupt, match="fails authentication"):
-                vault.open_secret(ids["charlie"])
+                open_secret(vault, ids["charlie"])
         fresh.start()
         fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
         decrypt = check(fresh, "credentials_decrypt")
@@ -328,9 +329,9 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
         up.stop()
 
 
-def test_rows_of_the_wrong_shape_are_left_out_not_fatal(fresh: Aegis) -> None:
+def test_rows_of_the_wrong_shape_are_listed_as_failing_not_fatal(fresh: Aegis) -> None:
     """Values aegisd never writes (a domains column that is not a list, an expiry past the year 9999) make
-    their row malformed: listings skip it, a lookup by name says what to do, and the rest is served."""
+    their row malformed: listings mark it as failing and say how to remove it, and the rest is served."""
     ids = populate(fresh)
     conn = sqlite3.connect(fresh.data_dir / "vault.db")
     with conn:
@@ -338,13 +339,20 @@ def test_rows_of_the_wrong_shape_are_left_out_not_fatal(fresh: Aegis) -> None:
         conn.execute("UPDATE credentials SET expires_at = ? WHERE id = ?", (2**62, ids["bravo"]))
     conn.close()
     with open_vault(fresh.data_dir) as vault:
-        assert [c.name for c in vault.list_credentials()] == ["charlie"]
+        assert [(c.credential.name, c.status) for c in vault.checked_credentials()] == [
+            ("alpha", TAMPERED), ("bravo", TAMPERED), ("charlie", OK)]
         for name in ("alpha", "bravo"):
+            assert vault.check_credential(name).status == TAMPERED
             with pytest.raises(StorageCorrupt, match=f"vault remove --id {ids[name]}"):
-                vault.get_credential(name)
-        assert vault.open_secret(ids["charlie"]) == SECRETS["charlie"].encode()
+                open_secret(vault, ids[name])
+        assert open_secret(vault, ids["charlie"]) == SECRETS["charlie"].encode()
     fresh.start()
     fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    assert [c["name"] for c in json.loads(fresh.ctl("vault", "list", "--json").ok().out)] == ["charlie"]
+    listed = json.loads(fresh.ctl("vault", "list", "--json").ok().out)
+    assert [(c["name"], c["integrity"]) for c in listed] == [("alpha", "tampered"), ("bravo", "tampered"),
+                                                             ("charlie", "ok")]
+    shown = fresh.ctl("vault", "show", "alpha").ok()
+    assert "FAILS" in shown.out and f"vault remove --id {ids['alpha']}" in shown.err
+    fresh.ctl("vault", "remove", "--id", ids["alpha"], "--yes").ok()
     assert fresh.stop() == 0
     fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])

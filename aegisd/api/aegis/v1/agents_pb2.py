@@ -22,48 +22,49 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import credentials_pb2 as aegis_dot_v1_dot_credentials__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65gis/v1/agents.proto\x12\x08\x61\x65gis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrotated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrate_limit\x18\x05 \x01(\t\x12\x13\n\x0b\x63redentials\x18\x06 \x03(\t\"\x1f\n\x0f\x41\x64\x64\x41gentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x10\x41\x64\x64\x41gentResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent\x12\r\n\x05token\x18\x02 \x01(\t\"\x13\n\x11ListAgentsRequest\"5\n\x12ListAgentsResponse\x12\x1f\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0f.aegis.v1.Agent\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x12RemoveAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62y_id\x18\x02 \x01(\x08\"-\n\x13RemoveAgentResponse\x12\x16\n\x0egrants_removed\x18\x01 \x01(\r\"&\n\x16RegenerateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x17RegenerateTokenResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent\x12\r\n\x05token\x18\x02 \x01(\t\"1\n\x0cGrantRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"@\n\rGrantResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"2\n\rRevokeRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"0\n\x0eRevokeResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent\"<\n\x18SetAgentRateLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrate_limit\x18\x02 \x01(\t\";\n\x19SetAgentRateLimitResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent2\xc6\x04\n\x0c\x41gentService\x12\x41\n\x08\x41\x64\x64\x41gent\x12\x19.aegis.v1.AddAgentRequest\x1a\x1a.aegis.v1.AddAgentResponse\x12G\n\nListAgents\x12\x1b.aegis.v1.ListAgentsRequest\x1a\x1c.aegis.v1.ListAgentsResponse\x12\x36\n\x08GetAgent\x12\x19.aegis.v1.GetAgentRequest\x1a\x0f.aegis.v1.Agent\x12J\n\x0bRemoveAgent\x12\x1c.aegis.v1.RemoveAgentRequest\x1a\x1d.aegis.v1.RemoveAgentResponse\x12V\n\x0fRegenerateToken\x12 .aegis.v1.RegenerateTokenRequest\x1a!.aegis.v1.RegenerateTokenResponse\x12\x38\n\x05Grant\x12\x16.aegis.v1.GrantRequest\x1a\x17.aegis.v1.GrantResponse\x12;\n\x06Revoke\x12\x17.aegis.v1.RevokeRequest\x1a\x18.aegis.v1.RevokeResponse\x12W\n\x0cSetRateLimit\x12\".aegis.v1.SetAgentRateLimitRequest\x1a#.aegis.v1.SetAgentRateLimitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65gis/v1/agents.proto\x12\x08\x61\x65gis.v1\x1a\x1a\x61\x65gis/v1/credentials.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrotated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrate_limit\x18\x05 \x01(\t\x12\x13\n\x0b\x63redentials\x18\x06 \x03(\t\x12&\n\tintegrity\x18\x07 \x01(\x0e\x32\x13.aegis.v1.Integrity\x12\x16\n\x0eignored_grants\x18\x08 \x03(\t\"\x1f\n\x0f\x41\x64\x64\x41gentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x10\x41\x64\x64\x41gentResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent\x12\r\n\x05token\x18\x02 \x01(\t\"\x13\n\x11ListAgentsRequest\"5\n\x12ListAgentsResponse\x12\x1f\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0f.aegis.v1.Agent\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x12RemoveAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62y_id\x18\x02 \x01(\x08\"-\n\x13RemoveAgentResponse\x12\x16\n\x0egrants_removed\x18\x01 \x01(\r\"&\n\x16RegenerateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x17RegenerateTokenResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent\x12\r\n\x05token\x18\x02 \x01(\t\"1\n\x0cGrantRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"@\n\rGrantResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"2\n\rRevokeRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"0\n\x0eRevokeResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent\"<\n\x18SetAgentRateLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrate_limit\x18\x02 \x01(\t\";\n\x19SetAgentRateLimitResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.aegis.v1.Agent2\xc6\x04\n\x0c\x41gentService\x12\x41\n\x08\x41\x64\x64\x41gent\x12\x19.aegis.v1.AddAgentRequest\x1a\x1a.aegis.v1.AddAgentResponse\x12G\n\nListAgents\x12\x1b.aegis.v1.ListAgentsRequest\x1a\x1c.aegis.v1.ListAgentsResponse\x12\x36\n\x08GetAgent\x12\x19.aegis.v1.GetAgentRequest\x1a\x0f.aegis.v1.Agent\x12J\n\x0bRemoveAgent\x12\x1c.aegis.v1.RemoveAgentRequest\x1a\x1d.aegis.v1.RemoveAgentResponse\x12V\n\x0fRegenerateToken\x12 .aegis.v1.RegenerateTokenRequest\x1a!.aegis.v1.RegenerateTokenResponse\x12\x38\n\x05Grant\x12\x16.aegis.v1.GrantRequest\x1a\x17.aegis.v1.GrantResponse\x12;\n\x06Revoke\x12\x17.aegis.v1.RevokeRequest\x1a\x18.aegis.v1.RevokeResponse\x12W\n\x0cSetRateLimit\x12\".aegis.v1.SetAgentRateLimitRequest\x1a#.aegis.v1.SetAgentRateLimitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aegis.v1.agents_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENT']._serialized_start=69
-  _globals['_AGENT']._serialized_end=239
-  _globals['_ADDAGENTREQUEST']._serialized_start=241
-  _globals['_ADDAGENTREQUEST']._serialized_end=272
-  _globals['_ADDAGENTRESPONSE']._serialized_start=274
-  _globals['_ADDAGENTRESPONSE']._serialized_end=339
-  _globals['_LISTAGENTSREQUEST']._serialized_start=341
-  _globals['_LISTAGENTSREQUEST']._serialized_end=360
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=362
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=415
-  _globals['_GETAGENTREQUEST']._serialized_start=417
-  _globals['_GETAGENTREQUEST']._serialized_end=448
-  _globals['_REMOVEAGENTREQUEST']._serialized_start=450
-  _globals['_REMOVEAGENTREQUEST']._serialized_end=499
-  _globals['_REMOVEAGENTRESPONSE']._serialized_start=501
-  _globals['_REMOVEAGENTRESPONSE']._serialized_end=546
-  _globals['_REGENERATETOKENREQUEST']._serialized_start=548
-  _globals['_REGENERATETOKENREQUEST']._serialized_end=586
-  _globals['_REGENERATETOKENRESPONSE']._serialized_start=588
-  _globals['_REGENERATETOKENRESPONSE']._serialized_end=660
-  _globals['_GRANTREQUEST']._serialized_start=662
-  _globals['_GRANTREQUEST']._serialized_end=711
-  _globals['_GRANTRESPONSE']._serialized_start=713
-  _globals['_GRANTRESPONSE']._serialized_end=777
-  _globals['_REVOKEREQUEST']._serialized_start=779
-  _globals['_REVOKEREQUEST']._serialized_end=829
-  _globals['_REVOKERESPONSE']._serialized_start=831
-  _globals['_REVOKERESPONSE']._serialized_end=879
-  _globals['_SETAGENTRATELIMITREQUEST']._serialized_start=881
-  _globals['_SETAGENTRATELIMITREQUEST']._serialized_end=941
-  _globals['_SETAGENTRATELIMITRESPONSE']._serialized_start=943
-  _globals['_SETAGENTRATELIMITRESPONSE']._serialized_end=1002
-  _globals['_AGENTSERVICE']._serialized_start=1005
-  _globals['_AGENTSERVICE']._serialized_end=1587
+  _globals['_AGENT']._serialized_start=97
+  _globals['_AGENT']._serialized_end=331
+  _globals['_ADDAGENTREQUEST']._serialized_start=333
+  _globals['_ADDAGENTREQUEST']._serialized_end=364
+  _globals['_ADDAGENTRESPONSE']._serialized_start=366
+  _globals['_ADDAGENTRESPONSE']._serialized_end=431
+  _globals['_LISTAGENTSREQUEST']._serialized_start=433
+  _globals['_LISTAGENTSREQUEST']._serialized_end=452
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=454
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=507
+  _globals['_GETAGENTREQUEST']._serialized_start=509
+  _globals['_GETAGENTREQUEST']._serialized_end=540
+  _globals['_REMOVEAGENTREQUEST']._serialized_start=542
+  _globals['_REMOVEAGENTREQUEST']._serialized_end=591
+  _globals['_REMOVEAGENTRESPONSE']._serialized_start=593
+  _globals['_REMOVEAGENTRESPONSE']._serialized_end=638
+  _globals['_REGENERATETOKENREQUEST']._serialized_start=640
+  _globals['_REGENERATETOKENREQUEST']._serialized_end=678
+  _globals['_REGENERATETOKENRESPONSE']._serialized_start=680
+  _globals['_REGENERATETOKENRESPONSE']._serialized_end=752
+  _globals['_GRANTREQUEST']._serialized_start=754
+  _globals['_GRANTREQUEST']._serialized_end=803
+  _globals['_GRANTRESPONSE']._serialized_start=805
+  _globals['_GRANTRESPONSE']._serialized_end=869
+  _globals['_REVOKEREQUEST']._serialized_start=871
+  _globals['_REVOKEREQUEST']._serialized_end=921
+  _globals['_REVOKERESPONSE']._serialized_start=923
+  _globals['_REVOKERESPONSE']._serialized_end=971
+  _globals['_SETAGENTRATELIMITREQUEST']._serialized_start=973
+  _globals['_SETAGENTRATELIMITREQUEST']._serialized_end=1033
+  _globals['_SETAGENTRATELIMITRESPONSE']._serialized_start=1035
+  _globals['_SETAGENTRATELIMITRESPONSE']._serialized_end=1094
+  _globals['_AGENTSERVICE']._serialized_start=1097
+  _globals['_AGENTSERVICE']._serialized_end=1679
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ A token travels outward exactly once, in AddAgentResponse or RegenerateTokenResp
 keyed hash of it is stored, and no message has a field for that hash.
 """
 
+from . import credentials_pb2 as _credentials_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -32,10 +33,16 @@ class Agent(_message.Message):
     ROTATED_AT_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
+    INTEGRITY_FIELD_NUMBER: _builtins.int
+    IGNORED_GRANTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     rate_limit: _builtins.str
     """Empty when the agent has no limit of its own, else "N/sec|min|hour|day"."""
+    integrity: _credentials_pb2.Integrity.ValueType
+    """Whether the agent's row authenticates (its MAC covers id, name, token hash and rate limit); the
+    gate refuses the token of an agent that is not INTEGRITY_OK.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -44,7 +51,15 @@ class Agent(_message.Message):
 
     @_builtins.property
     def credentials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of the credentials this agent is granted, sorted."""
+        """Names of the credentials this agent is granted, sorted: while unlocked, only grants whose row
+        authenticates (the ones the gate honours); while locked, every grant row as stored.
+        """
+
+    @_builtins.property
+    def ignored_grants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Credentials named by grant rows that do not authenticate (changed outside aegisd, from an older
+        aegisd, or of an agent that does not authenticate): the gate ignores them. Sorted.
+        """
 
     def __init__(
         self,
@@ -55,10 +70,12 @@ class Agent(_message.Message):
         rotated_at: _timestamp_pb2.Timestamp | None = ...,
         rate_limit: _builtins.str = ...,
         credentials: _abc.Iterable[_builtins.str] | None = ...,
+        integrity: _credentials_pb2.Integrity.ValueType = ...,
+        ignored_grants: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "rotated_at", b"rotated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credentials", b"credentials", "id", b"id", "name", b"name", "rate_limit", b"rate_limit", "rotated_at", b"rotated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credentials", b"credentials", "id", b"id", "ignored_grants", b"ignored_grants", "integrity", b"integrity", "name", b"name", "rate_limit", b"rate_limit", "rotated_at", b"rotated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

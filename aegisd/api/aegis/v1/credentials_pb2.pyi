@@ -70,6 +70,36 @@ BODY_INSPECTION_WARN: BodyInspection.ValueType  # 2
 BODY_INSPECTION_BLOCK: BodyInspection.ValueType  # 3
 Global___BodyInspection: _TypeAlias = BodyInspection  # noqa: Y015
 
+class _Integrity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IntegrityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Integrity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTEGRITY_UNSPECIFIED: _Integrity.ValueType  # 0
+    INTEGRITY_OK: _Integrity.ValueType  # 1
+    INTEGRITY_UNCHECKED: _Integrity.ValueType  # 2
+    """The vault is locked, so nothing could be checked: the row as stored."""
+    INTEGRITY_TAMPERED: _Integrity.ValueType  # 3
+    """The seal does not open with this row: changed outside aegisd, or moved. Not served."""
+    INTEGRITY_NOT_ADOPTED: _Integrity.ValueType  # 4
+    """Sealed by an older aegisd without its metadata: not served until `aegisctl vault adopt`."""
+
+class Integrity(_Integrity, metaclass=_IntegrityEnumTypeWrapper):
+    """Whether a credential's row authenticates: its secret is sealed with the metadata shown, so any
+    change made outside aegisd breaks the seal. The gate serves only INTEGRITY_OK credentials.
+    """
+
+INTEGRITY_UNSPECIFIED: Integrity.ValueType  # 0
+INTEGRITY_OK: Integrity.ValueType  # 1
+INTEGRITY_UNCHECKED: Integrity.ValueType  # 2
+"""The vault is locked, so nothing could be checked: the row as stored."""
+INTEGRITY_TAMPERED: Integrity.ValueType  # 3
+"""The seal does not open with this row: changed outside aegisd, or moved. Not served."""
+INTEGRITY_NOT_ADOPTED: Integrity.ValueType  # 4
+"""Sealed by an older aegisd without its metadata: not served until `aegisctl vault adopt`."""
+Global___Integrity: _TypeAlias = Integrity  # noqa: Y015
+
 @_typing.final
 class Credential(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -89,6 +119,7 @@ class Credential(_message.Message):
     ROTATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     EXPIRED_FIELD_NUMBER: _builtins.int
+    INTEGRITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     service: _builtins.str
@@ -99,6 +130,8 @@ class Credential(_message.Message):
     """Empty when the credential has no limit, else "N/sec|min|hour|day"."""
     body_inspection: Global___BodyInspection.ValueType
     expired: _builtins.bool
+    integrity: Global___Integrity.ValueType
+    """Unless INTEGRITY_OK, the fields above are the row as stored (empty where it could not be read)."""
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Canonical allowlist entries, e.g. "api.github.com", "*.slack.com", "http://127.0.0.1:8080"."""
@@ -135,10 +168,11 @@ class Credential(_message.Message):
         rotated_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         expired: _builtins.bool = ...,
+        integrity: Global___Integrity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "rotated_at", b"rotated_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_type", b"auth_type", "body_inspection", b"body_inspection", "created_at", b"created_at", "domains", b"domains", "expired", b"expired", "expires_at", b"expires_at", "header_name", b"header_name", "id", b"id", "name", b"name", "query_param", b"query_param", "rate_limit", b"rate_limit", "rotated_at", b"rotated_at", "scopes", b"scopes", "service", b"service", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_type", b"auth_type", "body_inspection", b"body_inspection", "created_at", b"created_at", "domains", b"domains", "expired", b"expired", "expires_at", b"expires_at", "header_name", b"header_name", "id", b"id", "integrity", b"integrity", "name", b"name", "query_param", b"query_param", "rate_limit", b"rate_limit", "rotated_at", b"rotated_at", "scopes", b"scopes", "service", b"service", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
