@@ -20,7 +20,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from aegisd.errors import AlreadyExists, FailedPrecondition, NotFound, StorageCorrupt, VaultUninitialized
+from aegisd.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    StorageCorrupt,
+    VaultLocked,
+    VaultUninitialized,
+)
 from aegisd.store import VaultStore
 from aegisd.vault.credentials import validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, keyed_hash
@@ -109,30 +116,52 @@ class AgentRegistry:
         return agent
 
     def _agents(self, name: str | None) -> builtins.list[Agent]:
-        """All agents, or the one named (NotFound if none), as listings show them."""
+        """All agents, or the one named (NotFound if none), as listings show them: while unlocked, an agent is
+        ok only if its whole row authenticates, and it is shown the grants the gate honours (an authentic
+        grant of a credential that authenticates, by the credential's sealed name)."""
         self._require_initialized()
         where, params = ("WHERE name = ?", (name,)) if name is not None else ("", ())
         with self._store.reading() as conn:
-            rows = conn.execute(f"SELECT {_AGENT_COLUMNS}, mac FROM agents {where} ORDER BY name",  # noqa: S608
-                                params).fetchall()
+            rows = conn.execute(f"SELECT {_AGENT_COLUMNS}, token_hash, mac FROM agents {where} "  # noqa: S608
+                                "ORDER BY name", params).fetchall()
             granted = _grants(conn, rows[0][0] if name is not None and rows else None)
-        if name is not None and not rows:
-            raise _agent_not_found(name)
-        trusted = ({(r.id, r.name): r.credential_ids for r in self._authenticated()[0]}
-                   if self._vault.state == "unlocked" else None)
+        if name is not None and len(rows) != 1:
+            if not rows:
+                raise _agent_not_found(name)
+            raise StorageCorrupt(f"more than one agent row is named {name!r}: vault.db was rebuilt outside aegisd; "
+                                 "restore a good backup", reason="tampered")
+        trusted, served = self._trusted()
         agents = []
         for row in rows:
             agent = _agent_from_row(row, [])
             grants = granted.get(agent.id, [])
-            if trusted is None:
+            if trusted is None or served is None:
                 agent.integrity, agent.credentials = UNCHECKED, [cred_name for _, cred_name in grants]
             else:
-                honoured = trusted.get((agent.id, agent.name))
-                agent.integrity = OK if honoured is not None else NOT_ADOPTED if row[-1] is None else TAMPERED
-                agent.credentials = [n for cred_id, n in grants if honoured is not None and cred_id in honoured]
-                agent.ignored_grants = [n for cred_id, n in grants if honoured is None or cred_id not in honoured]
+                honoured = trusted.get((agent.id, agent.name, row[5], agent.rate_limit))
+                agent.integrity = OK if honoured is not None else NOT_ADOPTED if row[6] is None else TAMPERED
+                usable = {cred_id for cred_id, _ in grants if honoured is not None and cred_id in honoured
+                          and cred_id in served}
+                agent.credentials = sorted(served[cred_id] for cred_id in usable)
+                agent.ignored_grants = [cred_name for cred_id, cred_name in grants if cred_id not in usable]
             agents.append(agent)
         return agents
+
+    def _trusted(self) -> tuple[dict[tuple[Any, ...], frozenset[str]] | None, dict[str, str] | None]:
+        """What listings may call authentic: granted credential ids by (id, name, token hash, rate limit) of each
+        agent row that authenticates, and the sealed name by id of each credential that does; (None, None)
+        while locked, when nothing can be checked."""
+        if self._vault.state != "unlocked":
+            return None, None
+        try:
+            records = self._authenticated()[0]
+            checks = self._vault.checked_credentials()
+        except VaultLocked:  # locked since the state was read
+            return None, None
+        if any(c.status == UNCHECKED for c in checks):
+            return None, None
+        return ({(r.id, r.name, r.token_hash, r.rate_limit): r.credential_ids for r in records},
+                {c.credential.id: c.credential.name for c in checks if c.status == OK})
 
     def remove(self, name: str, by_id: bool = False) -> int:
         """Delete the agent and its grants; returns how many grants went with it.
@@ -261,7 +290,7 @@ class AgentRegistry:
         is a different row), so a change at 1,000 agents and grants costs milliseconds, not a full check.
         """
         master = self._vault.master()
-        key = self._record_key()
+        key = self._record_key(master)
         under, known = self._verified
         if under is not master:  # checked under another key (before a lock, or a restore): check again
             known = frozenset()
@@ -296,9 +325,11 @@ class AgentRegistry:
         if self._vault.vault_id is None:
             raise VaultUninitialized()
 
-    def _record_key(self) -> RecordKey:
-        """The MAC key for agent and grant rows; raises VaultLocked or VaultUninitialized."""
-        master = self._vault.master()
+    def _record_key(self, master: MasterKey | None = None) -> RecordKey:
+        """The MAC key for agent and grant rows (under `master`, else the vault's); raises VaultLocked or
+        VaultUninitialized."""
+        if master is None:
+            master = self._vault.master()
         assert self._vault.vault_id is not None  # master() raises before this on an uninitialised vault
         return RecordKey(master, self._vault.vault_id)
 

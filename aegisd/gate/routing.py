@@ -23,7 +23,7 @@ from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import keyed_hasher
 from aegisd.vault.domains import AllowedHost, DomainAllowlist
-from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED
+from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED, UNCHECKED
 from aegisd.vault.vault import Vault
 
 log = logging.getLogger("aegisd.gate")
@@ -175,26 +175,32 @@ class RoutingState:
         """A credential changed, or the vault unlocked. Routes are kept per sealing (a credential's row as last
         sealed) and the inspector while the set of secrets stands, so a change costs what it touched."""
         with self._lock:
-            if self._vault.state != "unlocked":
-                self.table = None
-            else:
-                master = self._vault.master()
-                routes, built = {}, {}
-                for check in self._vault.checked_credentials():
-                    if check.status != OK or check.secret is None:
-                        why = NOT_SERVED.get(check.status, "could not be checked, so it is not served")
-                        log.error("credential %r (%s) %s", check.credential.name, check.credential.id,
-                                  why.format(id=check.credential.id))
-                        continue
-                    key = (check.credential.id, check.seal)
-                    route = built[key] = self._routes.get(key) or build_route(check.credential, check.secret)
-                    routes[route.service] = route
-                self._routes = built
-                agents = self._agent_entries()
-                sources = {r.credential_id: secret_values(r.secret, r.auth_type) for r in routes.values()}
-                inspector = self.table.inspector if self.table is not None else None
-                if inspector is None or inspector.values != sources:
-                    inspector = Inspector(SecretSource(cid, values) for cid, values in sources.items())
-                self.table = RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")), inspector)
+            self.table = self._build() if self._vault.state == "unlocked" else None
+            if self.table is None:
+                self._routes = {}
             if self.on_rebuild is not None:
                 self.on_rebuild(self.table)
+
+    def _build(self) -> RoutingTable | None:
+        """A new table from the credentials that authenticate; None if the vault locked meanwhile."""
+        master = self._vault.master()
+        checks = self._vault.checked_credentials()
+        if any(check.status == UNCHECKED for check in checks):
+            return None
+        routes, built = {}, {}
+        for check in checks:
+            if check.status != OK or check.secret is None:
+                why = NOT_SERVED.get(check.status, "could not be checked, so it is not served")
+                log.error("credential %r (%s) %s", check.credential.name, check.credential.id,
+                          why.format(id=check.credential.id))
+                continue
+            key = (check.credential.id, check.seal)
+            route = built[key] = self._routes.get(key) or build_route(check.credential, check.secret)
+            routes[route.service] = route
+        self._routes = built
+        agents = self._agent_entries()
+        sources = {r.credential_id: secret_values(r.secret, r.auth_type) for r in routes.values()}
+        inspector = self.table.inspector if self.table is not None else None
+        if inspector is None or inspector.values != sources:
+            inspector = Inspector(SecretSource(cid, values) for cid, values in sources.items())
+        return RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")), inspector)

@@ -199,7 +199,7 @@ class Vault:
             known: dict[tuple[Any, ...], SealCheck] = {}
             checks = []
             for row in rows:
-                check = known[row] = self._check(row, vault_id)
+                check = known[_cache_key(row)] = self._check(row, vault_id)
                 checks.append(check)
             if self._master is not None:
                 self._checks = known
@@ -218,7 +218,7 @@ class Vault:
         """The cached check of this exact row, else a fresh one. Call with the lock held."""
         if self._master is None:
             return _readable(row, UNCHECKED)
-        check = self._checks.get(row)
+        check = self._checks.get(_cache_key(row))
         if check is None:
             key = self._master.subkey("secrets")
             try:
@@ -367,6 +367,11 @@ def _insert_slot(conn: sqlite3.Connection, slot: KeySlot) -> None:
     conn.execute("INSERT INTO key_slots (kind, kdf, params, salt, nonce, wrapped, created_at) "
                  "VALUES (?,?,?,?,?,?,?)",
                  (slot.kind, slot.kdf, json.dumps(slot.params), slot.salt, slot.nonce, slot.wrapped, now_ms()))
+
+
+def _cache_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row's values with their types: 5 and 5.0 are equal in Python but not as aegisd wrote them."""
+    return row, tuple(map(type, row))
 
 
 def _readable(row: tuple[Any, ...], status: str) -> SealCheck:

@@ -403,6 +403,8 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
         listed = {c["name"]: c for c in json.loads(world.aegis.ctl("vault", "list", "--json").ok().out)}
         assert listed["bear"]["integrity"] == "tampered" and listed["bear"]["domains"] == json.loads(widened)
         assert {c["integrity"] for name, c in listed.items() if name != "bear"} <= {"ok"}
+        [bot] = json.loads(world.aegis.ctl("agent", "list", "--json").ok().out)
+        assert (bot["integrity"], bot["credentials"], bot["ignored_grants"]) == ("ok", [], ["bear"])
         scrape = Scrape(world)
         assert (scrape.value("aegis_credentials_total", status="failing"),
                 scrape.value("aegis_credentials_total", status="active")) == (1, len(listed) - 1)
