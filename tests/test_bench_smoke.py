@@ -56,3 +56,26 @@ def test_bench_smoke_runs_every_configuration() -> None:
         gate.assert_no_leaks([secret], extra_text=[report])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk; make bench does)")
+@pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_two_process_bound_runs() -> None:
+    """bench.two_processes (the worker design's upper bound) still runs: every request of every configuration
+    succeeded and both ratios are printed; no timing is judged."""
+    secret = "sk-smoke-" + os.urandom(12).hex()
+    root = Path(tempfile.mkdtemp(prefix="agp", dir="/tmp"))  # short: the control sockets live below it
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.two_processes", "--rounds", "1", "--seconds", "1",
+                               "--work-dir", str(root)], cwd=REPO, env={**os.environ, "AEGIS_BENCH_SECRET": secret},
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "errors: 0" in proc.stdout
+        for name in ("one gate / baseline", "two gates / baseline"):
+            assert f"{name}: median" in proc.stdout, proc.stdout
+        for gate in ("gate0", "gate1"):
+            aegis = Aegis(root / gate, outputs=[proc.stdout, proc.stderr])
+            assert "aegisd stopped" in aegis.log() and "aegis_" not in proc.stdout + proc.stderr + aegis.log()
+            aegis.assert_no_leaks([secret])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
