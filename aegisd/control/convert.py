@@ -34,9 +34,9 @@ def credential_to_pb(cred: Credential, now_ms: int, integrity: str = OK) -> pb.C
     msg = pb.Credential(
         integrity=INTEGRITY_TO_PB[integrity],
         id=cred.id, name=cred.name, service=cred.service, domains=cred.domains,
-        auth_type=AUTH_TO_PB[cred.auth_type], header_name=cred.header_name, query_param=cred.query_param,
-        scopes=cred.scopes, rate_limit=cred.rate_limit,
-        body_inspection=INSPECTION_TO_PB[cred.body_inspection],
+        auth_type=AUTH_TO_PB.get(cred.auth_type, pb.AUTH_TYPE_UNSPECIFIED), header_name=cred.header_name,
+        query_param=cred.query_param, scopes=cred.scopes, rate_limit=cred.rate_limit,
+        body_inspection=INSPECTION_TO_PB.get(cred.body_inspection, pb.BODY_INSPECTION_UNSPECIFIED),
         created_at=timestamp(cred.created_at), updated_at=timestamp(cred.updated_at),
         rotated_at=timestamp(cred.rotated_at), expired=cred.expired(now_ms),
     )

@@ -383,11 +383,13 @@ def _cache_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _readable(row: tuple[Any, ...], status: str) -> SealCheck:
     """A row that is not (or cannot now be) authenticated, as it reads, for display. A row too malformed to
-    read at all (edited by hand) is shown by its id and name alone, as failing: listed, so it can be removed."""
+    read at all (edited by hand) is shown by its id and name alone, every other field empty (auth and
+    inspection unknown), as failing: listed, so it can be removed."""
     try:
         return SealCheck(credential_from_row(row), status)
     except (ValueError, TypeError):
-        return SealCheck(Credential(id=str(row[0]), name=str(row[1]), service="", domains=[], scopes=[]), TAMPERED)
+        return SealCheck(Credential(id=str(row[0]), name=str(row[1]), service="", domains=[], auth_type="",
+                                    scopes=[], body_inspection=""), TAMPERED)
 
 
 def open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, column: str,

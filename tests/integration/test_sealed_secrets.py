@@ -351,6 +351,9 @@ def test_rows_of_the_wrong_shape_are_listed_as_failing_not_fatal(fresh: Aegis) -
     listed = json.loads(fresh.ctl("vault", "list", "--json").ok().out)
     assert [(c["name"], c["integrity"]) for c in listed] == [("alpha", "tampered"), ("bravo", "tampered"),
                                                              ("charlie", "ok")]
+    # Too malformed to read: shown by id and name, nothing invented for the rest.
+    assert (listed[0]["id"], listed[0]["domains"], listed[0]["auth_type"], listed[0]["body_inspection"]) == (
+        ids["alpha"], [], "unknown", "unknown")
     shown = fresh.ctl("vault", "show", "alpha").ok()
     assert "FAILS" in shown.out and f"vault remove --id {ids['alpha']}" in shown.err
     fresh.ctl("vault", "remove", "--id", ids["alpha"], "--yes").ok()
