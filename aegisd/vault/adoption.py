@@ -69,11 +69,8 @@ class OlderRows:
         return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
     def summary(self) -> str:
-        return self.count_summary(len(self.credentials), len(self.agents), len(self.grants))
-
-    @staticmethod
-    def count_summary(credentials: int, agents: int, grants: int) -> str:
-        return f"{_count(credentials, 'credential')}, {_count(agents, 'agent')} and {_count(grants, 'grant')}"
+        return (f"{_count(len(self.credentials), 'credential')}, {_count(len(self.agents), 'agent')} and "
+                f"{_count(len(self.grants), 'grant')}")
 
 
 def _count(n: int, noun: str) -> str:

@@ -347,22 +347,15 @@ class Vault:
         return older
 
     def _warn_if_older_rows(self) -> None:
-        """At unlock: say once, in the log, that rows from an older aegisd wait for `aegisctl vault adopt`.
-
-        Counted from checked_credentials, whose cache the routing rebuild right after then reuses, and from
-        the rows without a MAC: at 1,000 credentials, opening them all once rather than twice per unlock.
-        """
+        """At unlock: say once, in the log, that rows from an older aegisd wait for `aegisctl vault adopt`."""
         try:
-            credentials = sum(c.status == NOT_ADOPTED for c in self.checked_credentials())
-            with self._store.reading() as conn:
-                agents, grants = conn.execute("SELECT (SELECT count(*) FROM agents WHERE mac IS NULL), "
-                                              "(SELECT count(*) FROM grants WHERE mac IS NULL)").fetchone()
+            older = self.older_rows()
         except Exception as exc:  # the unlock itself has succeeded; this is advice
             log.warning("could not look for rows from an older aegisd: %s", log_safe(exc))
             return
-        if credentials or agents or grants:
+        if older:
             log.warning("%s from an older aegisd are not served until an operator checks them and runs "
-                        "`aegisctl vault adopt`", OlderRows.count_summary(credentials, agents, grants))
+                        "`aegisctl vault adopt`", older.summary())
 
     def _read_meta(self, key: str) -> str | None:
         with self._store.reading() as conn:
