@@ -67,6 +67,7 @@ class AgentRecord(NamedTuple):
     token_hash: bytes
     rate_limit: str
     credential_ids: frozenset[str]
+    mac: bytes  # the row's MAC, which held: with the fields above, the row exactly as verified
 
 
 def new_token() -> str:
@@ -121,16 +122,17 @@ class AgentRegistry:
         grant of a credential that authenticates, by the credential's sealed name)."""
         self._require_initialized()
         where, params = ("WHERE name = ?", (name,)) if name is not None else ("", ())
-        with self._store.reading() as conn:
-            rows = conn.execute(f"SELECT {_AGENT_COLUMNS}, token_hash, mac FROM agents {where} "  # noqa: S608
-                                "ORDER BY name", params).fetchall()
-            granted = _grants(conn, rows[0][0] if name is not None and rows else None)
+        with self._vault._lock:  # no change or lock between reading the rows and checking them
+            with self._store.reading() as conn:
+                rows = conn.execute(f"SELECT {_AGENT_COLUMNS}, token_hash, mac FROM agents {where} "  # noqa: S608
+                                    "ORDER BY name", params).fetchall()
+                granted = _grants(conn, rows[0][0] if name is not None and rows else None)
+            trusted, served = self._trusted()
         if name is not None and len(rows) != 1:
             if not rows:
                 raise _agent_not_found(name)
             raise StorageCorrupt(f"more than one agent row is named {name!r}: vault.db was rebuilt outside aegisd; "
                                  "restore a good backup", reason="tampered")
-        trusted, served = self._trusted()
         agents = []
         for row in rows:
             agent = _agent_from_row(row, [])
@@ -138,7 +140,7 @@ class AgentRegistry:
             if trusted is None or served is None:
                 agent.integrity, agent.credentials = UNCHECKED, [cred_name for _, cred_name in grants]
             else:
-                honoured = trusted.get((agent.id, agent.name, row[5], agent.rate_limit))
+                honoured = trusted.get((agent.id, agent.name, row[5], agent.rate_limit, row[6]))
                 agent.integrity = OK if honoured is not None else NOT_ADOPTED if row[6] is None else TAMPERED
                 usable = {cred_id for cred_id, _ in grants if honoured is not None and cred_id in honoured
                           and cred_id in served}
@@ -148,9 +150,9 @@ class AgentRegistry:
         return agents
 
     def _trusted(self) -> tuple[dict[tuple[Any, ...], frozenset[str]] | None, dict[str, str] | None]:
-        """What listings may call authentic: granted credential ids by (id, name, token hash, rate limit) of each
-        agent row that authenticates, and the sealed name by id of each credential that does; (None, None)
-        while locked, when nothing can be checked."""
+        """What listings may call authentic: the honoured credential ids of each agent row whose MAC holds, by
+        the whole row as _authenticated keeps it, and the sealed name by id of each credential that opens;
+        (None, None) while locked, when nothing can be checked."""
         if self._vault.state != "unlocked":
             return None, None
         try:
@@ -160,7 +162,7 @@ class AgentRegistry:
             return None, None
         if any(c.status == UNCHECKED for c in checks):
             return None, None
-        return ({(r.id, r.name, r.token_hash, r.rate_limit): r.credential_ids for r in records},
+        return ({(r.id, r.name, r.token_hash, r.rate_limit, r.mac): r.credential_ids for r in records},
                 {c.credential.id: c.credential.name for c in checks if c.status == OK})
 
     def remove(self, name: str, by_id: bool = False) -> int:
@@ -313,7 +315,7 @@ class AgentRegistry:
             if agent_row in known or key.agent_ok(mac, agent_id, name, hashed, rate):
                 verified.add(agent_row)
                 records.append(AgentRecord(id=agent_id, name=name, token_hash=hashed, rate_limit=rate,
-                                           credential_ids=frozenset(grants.get(agent_id, ()))))
+                                           credential_ids=frozenset(grants.get(agent_id, ())), mac=mac))
             elif mac is not None:
                 bad_agents.append((agent_id, name))
         self._verified = (master, frozenset(verified))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from aegisd.agents import AgentRegistry
-from aegisd.errors import AegisError
+from aegisd.errors import AegisError, VaultLocked
 from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP
 from aegisd.inspection import Inspector, SecretSource
 from aegisd.inspection.secret_forms import secret_values
@@ -135,7 +135,6 @@ class RoutingState:
         self._lock = threading.Lock()
         self.table: RoutingTable | None = None
         self._routes: dict[tuple[str, bytes], Route] = {}  # by credential id and sealing; see rebuild
-        self.on_rebuild: Callable[[RoutingTable | None], None] | None = None
 
     def on_vault_event(self, event: str) -> None:
         """Rebuild for a vault change. A failure leaves no table (the gate refuses everything) and is logged:
@@ -148,6 +147,9 @@ class RoutingState:
                 self.rebuild_agents()
             else:
                 self.rebuild()
+        except VaultLocked:  # locked while rebuilding: the "locked" event that follows clears the table
+            with self._lock:
+                self.table, self._routes = None, {}
         except Exception as exc:
             with self._lock:
                 self.table, self._routes = None, {}
@@ -164,8 +166,6 @@ class RoutingState:
                 self.table = None
             else:
                 self.table = dataclasses.replace(table, agents_by_hash=self._agent_entries())
-            if self.on_rebuild is not None:
-                self.on_rebuild(self.table)
 
     def _agent_entries(self) -> dict[bytes, AgentEntry]:
         return {a.token_hash: AgentEntry(a.id, a.name, a.credential_ids, a.rate_limit)
@@ -178,8 +178,6 @@ class RoutingState:
             self.table = self._build() if self._vault.state == "unlocked" else None
             if self.table is None:
                 self._routes = {}
-            if self.on_rebuild is not None:
-                self.on_rebuild(self.table)
 
     def _build(self) -> RoutingTable | None:
         """A new table from the credentials that authenticate; None if the vault locked meanwhile."""
