@@ -20,14 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from aegisd.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    NotFound,
-    StorageCorrupt,
-    VaultLocked,
-    VaultUninitialized,
-)
+from aegisd.errors import AlreadyExists, FailedPrecondition, NotFound, StorageCorrupt, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.credentials import validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, keyed_hash
@@ -119,7 +112,8 @@ class AgentRegistry:
     def _agents(self, name: str | None) -> builtins.list[Agent]:
         """All agents, or the one named (NotFound if none), as listings show them: while unlocked, an agent is
         ok only if its whole row authenticates, and it is shown the grants the gate honours (an authentic
-        grant of a credential that authenticates, by the credential's sealed name)."""
+        grant of a credential that authenticates, by the credential's sealed name). Only the rows shown are
+        checked, so showing one agent costs its own grants, not the vault's."""
         self._require_initialized()
         where, params = ("WHERE name = ?", (name,)) if name is not None else ("", ())
         with self._vault._lock:  # no change or lock between reading the rows and checking them
@@ -127,7 +121,7 @@ class AgentRegistry:
                 rows = conn.execute(f"SELECT {_AGENT_COLUMNS}, token_hash, mac FROM agents {where} "  # noqa: S608
                                     "ORDER BY name", params).fetchall()
                 granted = _grants(conn, rows[0][0] if name is not None and rows else None)
-            trusted, served = self._trusted()
+            trust = self._listing_trust(None if name is None else {g[0] for gs in granted.values() for g in gs})
         if name is not None and len(rows) != 1:
             if not rows:
                 raise _agent_not_found(name)
@@ -137,32 +131,31 @@ class AgentRegistry:
         for row in rows:
             agent = _agent_from_row(row, [])
             grants = granted.get(agent.id, [])
-            if trusted is None or served is None:
-                agent.integrity, agent.credentials = UNCHECKED, [cred_name for _, cred_name in grants]
+            if trust is None:
+                agent.integrity, agent.credentials = UNCHECKED, [cred_name for _, cred_name, _ in grants]
             else:
-                honoured = trusted.get((agent.id, agent.name, row[5], agent.rate_limit, row[6]))
-                agent.integrity = OK if honoured is not None else NOT_ADOPTED if row[6] is None else TAMPERED
-                usable = {cred_id for cred_id, _ in grants if honoured is not None and cred_id in honoured
-                          and cred_id in served}
+                key, known, served = trust
+                hashed, mac = row[5], row[6]
+                holds = _agent_holds(key, known, agent.id, agent.name, hashed, agent.rate_limit, mac)
+                agent.integrity = OK if holds else NOT_ADOPTED if mac is None else TAMPERED
+                usable = {cred_id for cred_id, _, grant_mac in grants if holds and cred_id in served
+                          and _grant_holds(key, known, agent.id, cred_id, grant_mac)}
                 agent.credentials = sorted(served[cred_id] for cred_id in usable)
-                agent.ignored_grants = [cred_name for cred_id, cred_name in grants if cred_id not in usable]
+                agent.ignored_grants = [cred_name for cred_id, cred_name, _ in grants if cred_id not in usable]
             agents.append(agent)
         return agents
 
-    def _trusted(self) -> tuple[dict[tuple[Any, ...], frozenset[str]] | None, dict[str, str] | None]:
-        """What listings may call authentic: the honoured credential ids of each agent row whose MAC holds, by
-        the whole row as _authenticated keeps it, and the sealed name by id of each credential that opens;
-        (None, None) while locked, when nothing can be checked."""
+    def _listing_trust(self, credential_ids: set[str] | None
+                       ) -> tuple[RecordKey, frozenset[tuple[object, ...]], dict[str, str]] | None:
+        """What a listing checks its rows with: the MAC key, the rows already verified under it, and the sealed
+        name by id of each credential (of those given, or all) that opens. None while locked, when nothing
+        can be checked. Call with the vault's lock held."""
         if self._vault.state != "unlocked":
-            return None, None
-        try:
-            records = self._authenticated()[0]
-            checks = self._vault.checked_credentials()
-        except VaultLocked:  # locked since the state was read
-            return None, None
-        if any(c.status == UNCHECKED for c in checks):
-            return None, None
-        return ({(r.id, r.name, r.token_hash, r.rate_limit, r.mac): r.credential_ids for r in records},
+            return None
+        master = self._vault.master()
+        checks = self._vault.checked_credentials(credential_ids)
+        under, known = self._verified
+        return (self._record_key(master), known if under is master else frozenset(),
                 {c.credential.id: c.credential.name for c in checks if c.status == OK})
 
     def remove(self, name: str, by_id: bool = False) -> int:
@@ -303,17 +296,15 @@ class AgentRegistry:
         grants: dict[str, set[str]] = {}
         bad_grants = []
         for agent_id, cred_id, mac, agent, credential in grant_rows:
-            grant_row = ("grant", agent_id, cred_id, mac)
-            if grant_row in known or key.grant_ok(mac, agent_id, cred_id):
-                verified.add(grant_row)
+            if _grant_holds(key, known, agent_id, cred_id, mac):
+                verified.add(("grant", agent_id, cred_id, mac))
                 grants.setdefault(agent_id, set()).add(cred_id)
             elif mac is not None:
                 bad_grants.append((agent, credential))
         records, bad_agents = [], []
         for agent_id, name, hashed, rate, mac in rows:
-            agent_row = ("agent", agent_id, name, hashed, rate, mac)
-            if agent_row in known or key.agent_ok(mac, agent_id, name, hashed, rate):
-                verified.add(agent_row)
+            if _agent_holds(key, known, agent_id, name, hashed, rate, mac):
+                verified.add(("agent", agent_id, name, hashed, rate, mac))
                 records.append(AgentRecord(id=agent_id, name=name, token_hash=hashed, rate_limit=rate,
                                            credential_ids=frozenset(grants.get(agent_id, ())), mac=mac))
             elif mac is not None:
@@ -366,17 +357,30 @@ def _agent_not_found(name: str) -> NotFound:
     return NotFound(f"no agent named {name!r}", reason="agent_not_found")
 
 
-def _grants(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[tuple[str, str]]]:
-    """(credential id, credential name) granted per agent id (one agent, or all when agent_id is None),
-    sorted by name: every grant row, authentic or not."""
-    query = "SELECT g.agent_id, c.id, c.name FROM grants g JOIN credentials c ON c.id = g.credential_id"
+def _agent_holds(key: RecordKey, known: frozenset[tuple[object, ...]], agent_id: object, name: object,
+                 token_hash: object, rate_limit: object, mac: object) -> bool:
+    """Whether an agent row's MAC holds: verified before under this key (the same row exactly), or now."""
+    return (("agent", agent_id, name, token_hash, rate_limit, mac) in known
+            or key.agent_ok(mac, agent_id, name, token_hash, rate_limit))
+
+
+def _grant_holds(key: RecordKey, known: frozenset[tuple[object, ...]], agent_id: object, credential_id: object,
+                 mac: object) -> bool:
+    """Whether a grant row's MAC holds, as _agent_holds."""
+    return ("grant", agent_id, credential_id, mac) in known or key.grant_ok(mac, agent_id, credential_id)
+
+
+def _grants(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[tuple[str, str, object]]]:
+    """(credential id, credential name as stored, grant MAC) per agent id (one agent, or all when agent_id
+    is None), sorted by name: every grant row, authentic or not."""
+    query = "SELECT g.agent_id, c.id, c.name, g.mac FROM grants g JOIN credentials c ON c.id = g.credential_id"
     params: tuple[str, ...] = ()
     if agent_id is not None:
         query += " WHERE g.agent_id = ?"
         params = (agent_id,)
-    result: dict[str, list[tuple[str, str]]] = {}
-    for owner, cred_id, cred_name in conn.execute(query + " ORDER BY c.name", params):
-        result.setdefault(owner, []).append((cred_id, cred_name))
+    result: dict[str, list[tuple[str, str, object]]] = {}
+    for owner, cred_id, cred_name, mac in conn.execute(query + " ORDER BY c.name", params):
+        result.setdefault(owner, []).append((cred_id, cred_name, mac))
     return result
 
 

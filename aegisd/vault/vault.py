@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from aegisd.errors import (
@@ -185,23 +185,29 @@ class Vault:
         self.notify("credentials")
         return cred
 
-    def checked_credentials(self) -> list[SealCheck]:
-        """Every credential row, in name order, and whether its seal holds (SealCheck): what listings, metrics,
-        the expiry watch, doctor and the gate's routing table read. While locked every row is UNCHECKED.
+    def checked_credentials(self, ids: Collection[str] | None = None) -> list[SealCheck]:
+        """Every credential row (or those with the given ids), in name order, and whether its seal holds
+        (SealCheck): what listings, metrics, the expiry watch, doctor and the gate's routing table read.
+        While locked every row is UNCHECKED.
 
         Checks are cached by the row's exact contents, so after a change only the rows it touched are opened
         again (opening all of 1,000 costs about 60 ms); an edited row is a different row. The cache holds
-        secrets, so it goes at lock.
+        secrets, so it goes at lock; a full pass replaces it, so it holds only rows that still exist.
         """
         vault_id = self._require_initialized()
         with self._lock, self._store.reading() as conn:
-            rows = conn.execute(f"{SELECT_SEALED} ORDER BY name").fetchall()
+            if ids is None:
+                rows = conn.execute(f"{SELECT_SEALED} ORDER BY name").fetchall()
+            else:
+                wanted = list(ids)
+                rows = conn.execute(f"{SELECT_SEALED} WHERE id IN ({', '.join('?' * len(wanted))}) "
+                                    "ORDER BY name", wanted).fetchall() if wanted else []
             known: dict[tuple[Any, ...], SealCheck] = {}
             checks = []
             for row in rows:
                 check = known[_cache_key(row)] = self._check(row, vault_id)
                 checks.append(check)
-            if self._master is not None:
+            if self._master is not None and ids is None:
                 self._checks = known
         return checks
 
