@@ -120,13 +120,13 @@ class AgentRegistry:
             with self._store.reading() as conn:
                 rows = conn.execute(f"SELECT {_AGENT_COLUMNS}, token_hash, mac FROM agents {where} "  # noqa: S608
                                     "ORDER BY name", params).fetchall()
-                granted = _grants(conn, rows[0][0] if name is not None and rows else None)
+                if name is not None and len(rows) != 1:
+                    if not rows:
+                        raise _agent_not_found(name)
+                    raise StorageCorrupt(f"more than one agent row is named {name!r}: vault.db was rebuilt outside "
+                                         "aegisd; restore a good backup", reason="tampered")
+                granted = _grants(conn, rows[0][0] if name is not None else None)
             trust = self._listing_trust(None if name is None else {g[0] for gs in granted.values() for g in gs})
-        if name is not None and len(rows) != 1:
-            if not rows:
-                raise _agent_not_found(name)
-            raise StorageCorrupt(f"more than one agent row is named {name!r}: vault.db was rebuilt outside aegisd; "
-                                 "restore a good backup", reason="tampered")
         agents = []
         for row in rows:
             agent = _agent_from_row(row, [])
@@ -373,7 +373,8 @@ def _grant_holds(key: RecordKey, known: frozenset[tuple[object, ...]], agent_id:
 def _grants(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[tuple[str, str, object]]]:
     """(credential id, credential name as stored, grant MAC) per agent id (one agent, or all when agent_id
     is None), sorted by name: every grant row, authentic or not."""
-    query = "SELECT g.agent_id, c.id, c.name, g.mac FROM grants g JOIN credentials c ON c.id = g.credential_id"
+    query = ("SELECT g.agent_id, g.credential_id, c.name, g.mac FROM grants g "
+             "JOIN credentials c ON c.id = g.credential_id")
     params: tuple[str, ...] = ()
     if agent_id is not None:
         query += " WHERE g.agent_id = ?"

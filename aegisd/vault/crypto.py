@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from aegisd.errors import VaultLocked
+
 KEY_BYTES = 32
 NONCE_BYTES = 12
 SALT_BYTES = 16
@@ -59,13 +61,17 @@ class MasterKey:
 
     raw: bytearray
     _subkeys: dict[str, bytearray] = field(default_factory=dict)
+    _wiped: bool = False
 
     @classmethod
     def generate(cls) -> MasterKey:
         return cls(bytearray(os.urandom(KEY_BYTES)))
 
     def subkey(self, purpose: str) -> bytearray:
-        """A key for one purpose (secrets, agent tokens, ledger), so no key serves two."""
+        """A key for one purpose (secrets, agent tokens, ledger), so no key serves two. VaultLocked once wiped:
+        a caller that took the master key just before a lock must not derive keys from its zeroed bytes."""
+        if self._wiped:
+            raise VaultLocked()
         if purpose not in self._subkeys:
             derived = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
                            info=b"aegis/v1/" + purpose.encode()).derive(bytes(self.raw))
@@ -73,6 +79,7 @@ class MasterKey:
         return self._subkeys[purpose]
 
     def wipe(self) -> None:
+        self._wiped = True
         for buf in (self.raw, *self._subkeys.values()):
             buf[:] = bytes(len(buf))
         self._subkeys.clear()

@@ -13,7 +13,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from aegisd.errors import (
@@ -185,7 +186,7 @@ class Vault:
         self.notify("credentials")
         return cred
 
-    def checked_credentials(self, ids: Collection[str] | None = None) -> list[SealCheck]:
+    def checked_credentials(self, ids: AbstractSet[str] | None = None) -> list[SealCheck]:
         """Every credential row (or those with the given ids), in name order, and whether its seal holds
         (SealCheck): what listings, metrics, the expiry watch, doctor and the gate's routing table read.
         While locked every row is UNCHECKED.
@@ -198,10 +199,12 @@ class Vault:
         with self._lock, self._store.reading() as conn:
             if ids is None:
                 rows = conn.execute(f"{SELECT_SEALED} ORDER BY name").fetchall()
-            else:
-                wanted = list(ids)
-                rows = conn.execute(f"{SELECT_SEALED} WHERE id IN ({', '.join('?' * len(wanted))}) "
-                                    "ORDER BY name", wanted).fetchall() if wanted else []
+            else:  # in batches under SQLite's limit on bound variables (999 in older builds)
+                wanted = sorted(ids)
+                rows = [row for i in range(0, len(wanted), 500) for row in conn.execute(
+                    f"{SELECT_SEALED} WHERE id IN ({', '.join('?' * len(wanted[i:i + 500]))})",
+                    wanted[i:i + 500])]
+                rows.sort(key=lambda row: str(row[1]))
             known: dict[tuple[Any, ...], SealCheck] = {}
             checks = []
             for row in rows:

@@ -168,6 +168,30 @@ def test_locked_vault(registry: AgentRegistry, vault: Vault) -> None:
         registry.snapshot()
 
 
+def test_a_wiped_master_key_derives_nothing(registry: AgentRegistry, vault: Vault) -> None:
+    """A pass that took the master key just before a lock must not go on with keys derived from its zeroed
+    bytes, which anyone can compute: deriving after the wipe is VaultLocked."""
+    registry.add("claude")
+    master = vault.master()
+    vault.lock()
+    with pytest.raises(VaultLocked):
+        master.subkey("agent-records")
+    with pytest.raises(VaultLocked):
+        master.subkey("a-purpose-never-derived-before")
+
+
+def test_showing_an_unknown_agent_reads_no_grants(registry: AgentRegistry, vault: Vault) -> None:
+    """NotFound comes before any grant or credential is read, however large the vault."""
+    for i in range(3):
+        add_credential(vault, f"c{i}")
+        registry.add(f"a{i}")
+        registry.grant(f"a{i}", f"c{i}")
+    with pytest.raises(NotFound):
+        registry.get("nobody")
+    shown = registry.get("a1")
+    assert (shown.integrity, shown.credentials, shown.ignored_grants) == ("ok", ["c1"], [])
+
+
 def test_uninitialized(store: VaultStore) -> None:
     registry = AgentRegistry(store, Vault(store))
     with pytest.raises(VaultUninitialized):
