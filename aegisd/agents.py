@@ -154,9 +154,14 @@ class AgentRegistry:
             return None
         master = self._vault.master()
         checks = self._vault.checked_credentials(credential_ids)
-        under, known = self._verified
-        return (self._record_key(master), known if under is master else frozenset(),
+        return (self._record_key(master), self._verified_under(master),
                 {c.credential.id: c.credential.name for c in checks if c.status == OK})
+
+    def _verified_under(self, master: MasterKey) -> frozenset[tuple[object, ...]]:
+        """The rows the last full pass verified, if under this master key; none if checked under another
+        (before a lock, or a restore)."""
+        under, known = self._verified
+        return known if under is master else frozenset()
 
     def remove(self, name: str, by_id: bool = False) -> int:
         """Delete the agent and its grants; returns how many grants went with it.
@@ -285,10 +290,7 @@ class AgentRegistry:
         is a different row), so a change at 1,000 agents and grants costs milliseconds, not a full check.
         """
         master = self._vault.master()
-        key = self._record_key(master)
-        under, known = self._verified
-        if under is not master:  # checked under another key (before a lock, or a restore): check again
-            known = frozenset()
+        key, known = self._record_key(master), self._verified_under(master)
         verified: set[tuple[object, ...]] = set()
         with self._store.reading() as conn:
             rows = conn.execute("SELECT id, name, token_hash, rate_limit, mac FROM agents ORDER BY name").fetchall()

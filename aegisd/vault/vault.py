@@ -208,7 +208,8 @@ class Vault:
             known: dict[tuple[Any, ...], SealCheck] = {}
             checks = []
             for row in rows:
-                check = known[_cache_key(row)] = self._check(row, vault_id)
+                key = _cache_key(row)
+                check = known[key] = self._check(row, vault_id, key)
                 checks.append(check)
             if self._master is not None and ids is None:
                 self._checks = known
@@ -221,22 +222,13 @@ class Vault:
             row = conn.execute(f"{SELECT_SEALED} WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise NotFound(f"no credential named {name!r}", reason="credential_not_found")
-            return self._check(row, vault_id)
+            return self._check(row, vault_id, _cache_key(row))
 
-    def _check(self, row: tuple[Any, ...], vault_id: str) -> SealCheck:
-        """The cached check of this exact row, else a fresh one. Call with the lock held."""
+    def _check(self, row: tuple[Any, ...], vault_id: str, cache_key: tuple[Any, ...]) -> SealCheck:
+        """The cached check of this exact row (its _cache_key), else a fresh one. Call with the lock held."""
         if self._master is None:
             return _readable(row, UNCHECKED)
-        check = self._checks.get(_cache_key(row))
-        if check is None:
-            key = self._master.subkey("secrets")
-            try:
-                cred, secret = open_row(row, vault_id, key)
-                check = SealCheck(cred, OK, secret, bytes(row[-2]) + bytes(row[-1]))
-            except (SealBroken, ValueError, TypeError, AttributeError):
-                older = adoption.older_credential(row, vault_id, key) is not None
-                check = _readable(row, NOT_ADOPTED if older else TAMPERED)
-        return check
+        return self._checks.get(cache_key) or _check_row(row, vault_id, self._master)
 
     def update_credential(self, name: str, changes: dict[str, Any]) -> Credential:
         """Apply metadata changes, resealing the secret with them; refused if its seal is already broken."""
@@ -383,6 +375,17 @@ def _cache_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return row, tuple(map(type, row))
 
 
+def _check_row(row: tuple[Any, ...], vault_id: str, master: MasterKey) -> SealCheck:
+    """Open a row of SELECT_SEALED with its own metadata, or say why it does not open: sealed by an older
+    aegisd (NOT_ADOPTED) or changed outside aegisd (TAMPERED)."""
+    key = master.subkey("secrets")
+    try:
+        cred, secret = open_row(row, vault_id, key)
+    except (SealBroken, ValueError, TypeError, AttributeError):
+        return _readable(row, NOT_ADOPTED if adoption.older_credential(row, vault_id, key) is not None else TAMPERED)
+    return SealCheck(cred, OK, secret, bytes(row[-2]) + bytes(row[-1]))
+
+
 def _readable(row: tuple[Any, ...], status: str) -> SealCheck:
     """A row that is not (or cannot now be) authenticated, as it reads, for display. A row too malformed to
     read at all (edited by hand) is shown by its id and name alone, every other field empty (auth and
@@ -401,18 +404,16 @@ def open_sealed(conn: sqlite3.Connection, vault_id: str, master: MasterKey, colu
     if row is None:
         raise NotFound(f"no credential {'named ' if column == 'name' else 'with id '}{value!r}",
                        reason="credential_not_found")
-    key = master.subkey("secrets")
-    try:
-        cred, data = open_row(row, vault_id, key)
-    except (SealBroken, ValueError, TypeError, AttributeError):
-        if adoption.older_credential(row, vault_id, key) is not None:
-            raise StorageCorrupt(f"credential {row[1]!r} ({row[0]}) comes from an older aegisd and is not trusted "
-                                 "yet: check `aegisctl vault adopt`, or remove the row by its id",
-                                 reason="not_adopted") from None
+    check = _check_row(row, vault_id, master)
+    if check.status == NOT_ADOPTED:
+        raise StorageCorrupt(f"credential {row[1]!r} ({row[0]}) comes from an older aegisd and is not trusted "
+                             "yet: check `aegisctl vault adopt`, or remove the row by its id",
+                             reason="not_adopted")
+    if check.status != OK or check.secret is None:
         raise StorageCorrupt(
             f"credential {row[1]!r} ({row[0]}) fails authentication: its sealed secret, or the metadata sealed "
             "with it (service, allowlist, auth, scopes, limits, inspection, expiry), was changed outside aegisd "
             f"or moved; remove the row (`aegisctl vault remove --id {row[0]}`) and add the credential again as "
             "you intend it",
-            reason="tampered") from None
-    return cred, data
+            reason="tampered")
+    return check.credential, check.secret
