@@ -204,8 +204,9 @@ class AgentRegistry:
                 agent_id, hashed, _ = self._authentic_agent(conn, key, name)
                 conn.execute("UPDATE agents SET rate_limit = ?, mac = ? WHERE id = ?",
                              (canonical, key.agent(agent_id, name, hashed, canonical), agent_id))
+            agent = self.get(name)  # under the same lock: what was written, not what a later change left
         self._vault.notify("agents")
-        return self.get(name)
+        return agent
 
     def regenerate(self, name: str) -> str:
         """Issue a new token; the old hash is replaced in the same write, so the old token dies at once."""

@@ -200,3 +200,20 @@ def test_uninitialized(store: VaultStore) -> None:
         registry.add("claude")
     with pytest.raises(VaultUninitialized):
         registry.snapshot()
+
+
+def test_set_rate_limit_answers_with_what_it_wrote(registry: AgentRegistry, vault: Vault) -> None:
+    """The answer is read under the write's lock: a removal that lands as soon as the change is announced
+    (here, from the announcement itself) must not turn a committed change's answer into NotFound."""
+    registry.add("claude")
+    removals: list[str] = []
+
+    def remove_once(event: str) -> None:
+        if not removals:
+            removals.append(event)
+            registry.remove("claude")
+    vault.add_listener(remove_once)
+    agent = registry.set_rate_limit("claude", "5/min")
+    assert (agent.name, agent.rate_limit, removals) == ("claude", "5/min", ["agents"])
+    with pytest.raises(NotFound):
+        registry.get("claude")
