@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,10 @@ class WrongKey(Exception):
     """The passphrase or unlock key does not open this slot."""
 
 
+class SlotDamaged(Exception):
+    """A key slot's stored fields are malformed: no passphrase could open it."""
+
+
 class SealBroken(Exception):
     """A ciphertext failed authentication: tampered with, or moved from another row or vault."""
 
@@ -62,6 +67,9 @@ class MasterKey:
     raw: bytearray
     _subkeys: dict[str, bytearray] = field(default_factory=dict)
     _wiped: bool = False
+    # Derivations run in worker threads outside the vault's lock; this keeps one from storing a subkey
+    # after a wipe has cleared them all.
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def generate(cls) -> MasterKey:
@@ -70,19 +78,21 @@ class MasterKey:
     def subkey(self, purpose: str) -> bytearray:
         """A key for one purpose (secrets, agent tokens, ledger), so no key serves two. VaultLocked once wiped:
         a caller that took the master key just before a lock must not derive keys from its zeroed bytes."""
-        if self._wiped:
-            raise VaultLocked()
-        if purpose not in self._subkeys:
-            derived = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
-                           info=b"aegis/v1/" + purpose.encode()).derive(bytes(self.raw))
-            self._subkeys[purpose] = bytearray(derived)
-        return self._subkeys[purpose]
+        with self._guard:
+            if self._wiped:
+                raise VaultLocked()
+            if purpose not in self._subkeys:
+                derived = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                               info=b"aegis/v1/" + purpose.encode()).derive(bytes(self.raw))
+                self._subkeys[purpose] = bytearray(derived)
+            return self._subkeys[purpose]
 
     def wipe(self) -> None:
-        self._wiped = True
-        for buf in (self.raw, *self._subkeys.values()):
-            buf[:] = bytes(len(buf))
-        self._subkeys.clear()
+        with self._guard:
+            self._wiped = True
+            for buf in (self.raw, *self._subkeys.values()):
+                buf[:] = bytes(len(buf))
+            self._subkeys.clear()
 
 
 def _slot_aad(vault_id: str, kind: str) -> bytes:
@@ -119,12 +129,15 @@ def make_slot(master: MasterKey, vault_id: str, kind: str, secret: str,
 
 
 def open_slot(slot: KeySlot, vault_id: str, secret: str) -> MasterKey:
-    """Unwrap the master key, or raise WrongKey."""
-    kek = _kek(slot.kind, slot.kdf, secret, slot.salt, slot.params)
+    """Unwrap the master key, or raise WrongKey; SlotDamaged if the slot's stored fields cannot be used at all
+    (a salt, nonce or parameter of the wrong size or type)."""
     try:
+        kek = _kek(slot.kind, slot.kdf, secret, slot.salt, slot.params)
         raw = AESGCM(kek).decrypt(slot.nonce, slot.wrapped, _slot_aad(vault_id, slot.kind))
     except InvalidTag:
         raise WrongKey("the key does not open this slot") from None
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise SlotDamaged(f"key slot {slot.id} is damaged ({type(exc).__name__})") from None
     return MasterKey(bytearray(raw))
 
 

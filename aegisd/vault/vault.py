@@ -37,6 +37,7 @@ from aegisd.vault.crypto import (
     KeySlot,
     MasterKey,
     SealBroken,
+    SlotDamaged,
     WrongKey,
     make_slot,
     open_slot,
@@ -115,13 +116,19 @@ class Vault:
             slots = [s for s in self._slots() if s.kind == kind]
             if not slots:
                 raise WrongPassphrase(f"this vault has no {kind.replace('_', ' ')} slot")
+            damaged = []
             for slot in slots:
                 try:
                     master = open_slot(slot, vault_id, secret)
                     break
                 except WrongKey:
                     continue
+                except SlotDamaged as exc:
+                    damaged.append(str(exc))
             else:
+                if len(damaged) == len(slots):  # no secret could open these: say so, not "wrong passphrase"
+                    raise StorageCorrupt(f"{'; '.join(damaged)}: restore vault.db from a backup",
+                                         reason="key_slot_damaged")
                 what = "passphrase" if kind == "passphrase" else "unlock key"
                 raise WrongPassphrase(f"wrong {what}")
             self._master = master
