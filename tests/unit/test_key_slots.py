@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from aegisd.errors import StorageCorrupt, VaultLocked, WrongPassphrase
 from aegisd.store import VaultStore
@@ -41,18 +42,17 @@ def test_a_derivation_in_flight_when_the_key_is_wiped_leaves_nothing(monkeypatch
     """A worker thread deriving a subkey while a lock wipes the master key must not store a live subkey in
     the wiped key afterwards, where whatever still holds the key object would find it."""
     entered, release = threading.Event(), threading.Event()
-    real_hkdf = crypto.HKDF
 
     class SlowHKDF:
         def __init__(self, **kwargs: Any) -> None:
-            self._hkdf = real_hkdf(**kwargs)
+            self._hkdf = HKDF(**kwargs)
 
         def derive(self, material: bytes) -> bytes:
             entered.set()
             release.wait(5)
             return self._hkdf.derive(material)
 
-    monkeypatch.setattr(crypto, "HKDF", SlowHKDF)
+    monkeypatch.setattr("aegisd.vault.crypto.HKDF", SlowHKDF)
     master = MasterKey.generate()
     derived: list[bytearray] = []
     deriving = threading.Thread(target=lambda: derived.append(master.subkey("agent-records")))
