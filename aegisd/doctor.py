@@ -17,10 +17,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aegisd.errors import AegisError
+from aegisd.gate.routing import build_route
 from aegisd.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
 from aegisd.ledger import LedgerError, open_reader, verify
 from aegisd.runtime import Runtime
 from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
+from aegisd.vault.credentials import Credential
 from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED, UNCHECKED
 
 log = logging.getLogger("aegisd.doctor")
@@ -40,6 +42,15 @@ class Check:
 
 def _mode(value: int) -> str:
     return f"{stat.S_IMODE(value):04o}"
+
+
+def _unservable(credential: Credential, secret: bytes) -> str:
+    """Why the gate cannot build this credential's route (as RoutingState does), or "" if it can."""
+    try:
+        build_route(credential, secret)
+    except Exception as exc:
+        return exc.message if isinstance(exc, AegisError) else type(exc).__name__
+    return ""
 
 
 def _names(names: list[str]) -> str:
@@ -202,6 +213,12 @@ class Doctor:
                          f"gate does not serve them: {_names(broken)}",
                          "remove each row by its id (`aegisctl vault remove --id ID`) and add the credential again as "
                          "you intend it, or restore a good backup")
+        unservable = [f"{c.credential.name} ({reason})" for c in creds
+                      if c.status == OK and c.secret is not None and (reason := _unservable(c.credential, c.secret))]
+        if unservable:
+            return Check("credentials_decrypt", FAIL, f"{len(unservable)} of {len(creds)} credentials decrypt but "
+                         f"their stored settings no longer build a route, so the gate does not serve them: "
+                         f"{_names(unservable)}", "set each one's settings again with `aegisctl vault update`")
         adopt = f" ({waiting} of them from an older aegisd, waiting to be adopted)" if waiting else ""
         return Check("credentials_decrypt", PASS, f"all {len(creds)} credentials decrypt{adopt}")
 

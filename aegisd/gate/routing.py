@@ -88,7 +88,8 @@ class RoutingTable:
 
     def agent_for(self, token: str) -> AgentEntry | None:
         """Constant-time in the token: a keyed hash, then one lookup on the digest."""
-        return self.agents_by_hash.get(self._token_hash(token.encode()))
+        # surrogateescape: header bytes that are not UTF-8 come back as they were sent, and match no agent
+        return self.agents_by_hash.get(self._token_hash(token.encode("utf-8", "surrogateescape")))
 
 
 def _methods(scopes: list[str]) -> frozenset[str] | None:
@@ -142,7 +143,8 @@ class RoutingState:
         try:
             if event == "locked":
                 with self._lock:  # after any rebuild in progress, so it cannot put a table back
-                    self.table, self._routes = None, {}
+                    if self._vault.state != "unlocked":  # else an unlock overtook this lock and has built
+                        self.table, self._routes = None, {}
             elif event == "agents":
                 self.rebuild_agents()
             else:
@@ -179,6 +181,17 @@ class RoutingState:
             if self.table is None:
                 self._routes = {}
 
+    def _route_or_none(self, cred: Credential, secret: bytes) -> Route | None:
+        """The credential's route, or None if its stored settings no longer build one (a newer domain library
+        refusing an allowlist entry it once took): that credential is not served, the others still are."""
+        try:
+            return build_route(cred, secret)
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, AegisError) else type(exc).__name__
+            log.error("credential %r (%s) cannot be served: %s; set its settings again with `aegisctl vault update`",
+                      cred.name, cred.id, reason)
+            return None
+
     def _build(self) -> RoutingTable | None:
         """A new table from the credentials that authenticate; None if the vault locked meanwhile."""
         master = self._vault.master()
@@ -193,8 +206,9 @@ class RoutingState:
                           why.format(id=check.credential.id))
                 continue
             key = (check.credential.id, check.seal)
-            route = built[key] = self._routes.get(key) or build_route(check.credential, check.secret)
-            routes[route.service] = route
+            route = self._routes.get(key) or self._route_or_none(check.credential, check.secret)
+            if route is not None:
+                built[key] = routes[route.service] = route
         self._routes = built
         agents = self._agent_entries()
         sources = {r.credential_id: secret_values(r.secret, r.auth_type) for r in routes.values()}

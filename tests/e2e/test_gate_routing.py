@@ -70,6 +70,15 @@ def test_missing_or_invalid_token(std: Standard, headers: list[tuple[str, str]],
     std.world.assert_no_leaks()
 
 
+def test_a_token_that_is_not_utf8_is_refused_like_any_unknown_token(std: Standard) -> None:
+    """Header bytes that are not UTF-8 reach the token lookup as they were sent and match no agent: 401."""
+    with untouched(std.up):
+        reply = std.world.raw(f"GET /bear/echo/x HTTP/1.1\r\nHost: 127.0.0.1:{std.world.port}\r\n".encode()
+                              + b"X-Aegis-Agent: aegis_\xff\xfe" + b"A" * 41 + b"\r\nConnection: close\r\n\r\n")
+    std.world.assert_refused(reply, 401, "agent_auth_invalid", agent="", credential="")
+    std.world.assert_no_leaks()
+
+
 def test_regenerate_and_remove_kill_the_old_token_at_once(std: Standard) -> None:
     world = std.world
     world.agent("rotor", "bear")

@@ -7,6 +7,7 @@ edited with sqlite3, and what the edit did is read back with the daemon's own cl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from aegisd.api.aegis.v1 import vault_pb2, vault_pb2_grpc
 from aegisd.errors import StorageCorrupt
 from aegisd.vault.crypto import SealBroken, seal, secret_aad_v1, unseal
-from aegisd.vault.sealing import OK, TAMPERED
+from aegisd.vault.sealing import OK, TAMPERED, seal_secret
 from tests.e2e.gate_support import request
 from tests.e2e.support import open_secret, open_vault
 from tests.harness import PASSPHRASE, Aegis
@@ -359,3 +360,42 @@ def test_rows_of_the_wrong_shape_are_listed_as_failing_not_fatal(fresh: Aegis) -
     fresh.ctl("vault", "remove", "--id", ids["alpha"], "--yes").ok()
     assert fresh.stop() == 0
     fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
+
+
+def test_a_credential_whose_stored_settings_no_longer_build_a_route_is_the_only_one_left_out(fresh: Aegis) -> None:
+    """A credential sealed with an allowlist that today's checks refuse (as a newer public-suffix list could
+    make an old wildcard too broad) is not served and is named, while every other credential still is."""
+    up = Upstream().start()
+    try:
+        fresh.start()
+        fresh.init()
+        fresh.add_credential("bravo", SECRETS["bravo"], "--service", "bravo", "--domains", "api.bravo.example")
+        fresh.add_credential("local", LOCAL, "--service", "local", "--domains", up.entry())
+        added = fresh.ctl("agent", "add", "claude").ok()
+        fresh.outputs.remove(added.out)  # the one place the token may appear
+        token = added.out.strip()
+        for credential in ("bravo", "local"):
+            fresh.ctl("grant", "claude", credential).ok()
+        assert fresh.stop() == 0
+        with open_vault(fresh.data_dir) as vault:
+            assert vault.vault_id is not None
+            [bravo] = [c for c in vault.checked_credentials() if c.credential.name == "bravo"]
+            assert bravo.secret is not None
+            broad = dataclasses.replace(bravo.credential, domains=["*.com"])
+            nonce, ciphertext = seal_secret(vault.master().subkey("secrets"), vault.vault_id, broad, bravo.secret)
+        conn = sqlite3.connect(fresh.data_dir / "vault.db")
+        with conn:
+            conn.execute("UPDATE credentials SET domains = ?, nonce = ?, ciphertext = ? WHERE id = ?",
+                         (json.dumps(broad.domains), nonce, ciphertext, broad.id))
+        conn.close()
+
+        fresh.start()
+        fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        assert call(fresh, token, "/local/echo/served") == 200 and len(up.requests_to("/echo/served")) == 1
+        assert call(fresh, token, "/bravo/echo/left-out") == 403
+        assert f"credential 'bravo' ({broad.id}) cannot be served: domain entry '*.com'" in fresh.log()
+        decrypt = check(fresh, "credentials_decrypt")
+        assert decrypt["status"] == "fail" and "bravo (domain entry '*.com'" in decrypt["message"], decrypt
+        fresh.assert_no_leaks([PASSPHRASE, token, LOCAL, SECRETS["bravo"]])
+    finally:
+        up.stop()
