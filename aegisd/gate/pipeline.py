@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from multidict import CIMultiDict
 
@@ -427,13 +426,20 @@ def _redacted_whole(redactor: ResponseRedactor, body: bytes, cap: int) -> bytes:
     answer can decode to gigabytes."""
     parts: list[bytes] = []
     size = 0
-    for piece in itertools.chain(redactor.feed(body), (redactor.finish(),)):
+    for piece in _redacted_pieces(redactor, body):
         size += len(piece)
         if size > cap:
             raise Refusal(502, "upstream_error", f"the upstream's answer decodes to more than {cap} bytes, more than "
                           "the gate holds to redact an answer whole")
         parts.append(piece)
     return b"".join(parts)
+
+
+def _redacted_pieces(redactor: ResponseRedactor, body: bytes) -> Iterator[bytes]:
+    """The body's redacted pieces, then the held-back tail: `finish` may run only once `feed` is exhausted,
+    or the tail is lost and a truncated compressed body passes as complete."""
+    yield from redactor.feed(body)
+    yield redactor.finish()
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:

@@ -37,6 +37,8 @@ class LeakyUpstream(Upstream):
       /leak/bomb?size=N   N zero bytes gzip-compressed (a few KB for megabytes) with Content-Encoding: gzip
       /leak/br         Content-Encoding: br (bytes the gate cannot decode)
       /leak/length     "no secret here" with a Content-Length
+      /leak/prefix     "total: 3 items, next: " + the first half of S (not S itself), with a Content-Length
+      /leak/gzip-cut   gzip of a clean text with its last 12 bytes cut off, Content-Encoding: gzip
     """
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -69,6 +71,11 @@ class LeakyUpstream(Upstream):
             return web.Response(body=b"\x0b\x02\x80hello\x03", headers={"Content-Encoding": "br"})
         if kind == "length":
             return web.Response(body=b"no secret here", content_type="text/plain")
+        if kind == "prefix":  # ends in what could still grow into the secret: the redactor holds it back
+            return web.Response(text="total: 3 items, next: " + secret[: len(secret) // 2])
+        if kind == "gzip-cut":
+            body = gzip.compress(b"hello world, a compressed answer")[:-12]
+            return web.Response(body=body, headers={"Content-Encoding": "gzip"})
         raise web.HTTPNotFound()
 
     async def _leak_sse(self, request: web.Request, secret: bytes) -> web.StreamResponse:

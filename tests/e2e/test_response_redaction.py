@@ -143,6 +143,27 @@ def test_clean_responses_pass_and_keep_their_length(red: Redacting) -> None:
     world.assert_no_leaks()
 
 
+def test_a_small_answer_ending_in_a_prefix_of_the_secret_arrives_whole(red: Redacting) -> None:
+    """Read whole, the answer's held-back tail (what could still have grown into the secret) is released at
+    its end: not a byte is lost, and its length says so."""
+    world = red.world
+    for service in ("blk", "wrn", "bas"):
+        reply = world.call("GET", f"/{service}/leak/prefix", agent="bot")
+        secret = SECRETS[service] if service != "bas" else "Basic " + base64.b64encode(SECRETS["bas"].encode()).decode()
+        expected = ("total: 3 items, next: " + secret[: len(secret) // 2]).encode()
+        assert (reply.status, reply.body) == (200, expected), reply.text()
+        assert reply.header("Content-Length") == str(len(expected))
+        assert world.row(reply.request_id)["flags"] == ""
+    world.assert_no_leaks()
+
+
+def test_a_small_truncated_gzip_answer_is_refused_not_passed_as_complete(red: Redacting) -> None:
+    world = red.world
+    reply = world.call("GET", "/blk/leak/gzip-cut", agent="bot")
+    world.assert_refused(reply, 502, "upstream_error", credential="blk")
+    world.assert_no_leaks()
+
+
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 def test_a_small_compressed_answer_that_decodes_past_the_limit_is_refused(red: Redacting, version: str) -> None:
     """Read whole to be redacted in one pass, a 17 KB gzip answer must not become 16 MiB and more in the daemon."""
