@@ -7,7 +7,7 @@ import re
 import click
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"^(\d{1,9})([smhdw]?)$")
+_DURATION = re.compile(r"^(\d{1,9})([smhdw]?)\Z")
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]

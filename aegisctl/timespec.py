@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
-_AGO = re.compile(r"^(\d{1,9})([smhdw])$")
+_AGO = re.compile(r"^(\d{1,9})([smhdw])\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -19,7 +19,7 @@ import click
 from aegisctl.mcp import host_config, settings
 from aegisctl.mcp.settings import SettingsError
 
-AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 DEFAULT_LISTEN = "127.0.0.1:3300"
 
 

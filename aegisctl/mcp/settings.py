@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from aegisctl.paths import PathError, read_config
 
 DEFAULT_GATE_LISTEN = "127.0.0.1:3100"
-TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{1,512}$")  # what one HTTP header value can carry verbatim
+TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{1,512}\Z")  # what one HTTP header value can carry verbatim
 LOOPBACK_LISTEN = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1", "[::1]": "::1"}
 
 

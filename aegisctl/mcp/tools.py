@@ -19,8 +19,8 @@ from aegisctl.mcp import results
 from aegisctl.mcp.gate_client import BridgeError, GateClient
 
 BODY_LIMIT = 100 * 1024  # bytes of a response body a tool result carries; the rest is cut with a note
-METHOD = re.compile(r"^[A-Z]{1,20}$")
-HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+METHOD = re.compile(r"^[A-Z]{1,20}\Z")
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}\Z")
 # Set by the bridge or by the HTTP layer; an agent-supplied value would be refused or misread.
 RESERVED_HEADERS = {"x-aegis-agent": "the bridge sends the agent token itself",
                     "x-target-host": "use the target_host argument", "host": "the bridge sets it",

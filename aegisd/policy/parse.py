@@ -29,8 +29,8 @@ _NULL_TAG = _STANDARD_TAG + "null"
 # Plain data only: the tags YAML gives untagged scalars, lists and mappings (never python/*, set, omap...).
 _ALLOWED_TAGS = frozenset(_STANDARD_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp", "seq",
                                                        "map"))
-_TIME = re.compile(r"^(\d{1,2}):(\d{2})$")
-_ZONE_KEY = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*$")
+_TIME = re.compile(r"^(\d{1,2}):(\d{2})\Z")
+_ZONE_KEY = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*\Z")
 _KIND = {MappingNode: "a mapping", SequenceNode: "a list", ScalarNode: "a single value"}
 
 

@@ -69,8 +69,9 @@ def test_add_prints_token_once(unlocked: Aegis) -> None:
     duplicate = aegis.ctl("agent", "add", "claude")
     assert duplicate.code == 1 and "already an agent named 'claude'" in duplicate.err
     assert "agent regenerate" in duplicate.err
-    bad = aegis.ctl("agent", "add", "Not Valid")
-    assert bad.code == 1 and "agent name" in bad.err
+    for name in ("Not Valid", "claude\n"):  # a final line break too: it would read as another name in listings
+        bad = aegis.ctl("agent", "add", name)
+        assert bad.code == 1 and "agent name" in bad.err, (name, bad)
 
     assert aegis.stop() == 0
     # Tokens appear in exactly the outputs that printed them; drop those, then nothing else may hold them.
