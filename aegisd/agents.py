@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from aegisd.errors import AlreadyExists, FailedPrecondition, NotFound, StorageCorrupt, VaultUninitialized
 from aegisd.store import VaultStore
-from aegisd.vault.credentials import validate_name, validate_rate
+from aegisd.vault.credentials import is_time, validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, keyed_hash
 from aegisd.vault.records import RecordKey
 from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED, UNCHECKED
@@ -208,8 +208,9 @@ class AgentRegistry:
         self._vault.notify("agents")
         return agent
 
-    def regenerate(self, name: str) -> str:
-        """Issue a new token; the old hash is replaced in the same write, so the old token dies at once."""
+    def regenerate(self, name: str) -> tuple[Agent, str]:
+        """Issue a new token; the old hash is replaced in the same write, so the old token dies at once.
+        Returns the agent as written and the token, which exists nowhere else afterwards."""
         token = new_token()
         with self._vault._lock:
             hashed, key = token_hash(self._vault.master(), token), self._record_key()
@@ -217,8 +218,9 @@ class AgentRegistry:
                 agent_id, _, rate = self._authentic_agent(conn, key, name)
                 conn.execute("UPDATE agents SET token_hash = ?, rotated_at = ?, mac = ? WHERE id = ?",
                              (hashed, now_ms(), key.agent(agent_id, name, hashed, rate), agent_id))
+            agent = self.get(name)  # under the write's lock, as set_rate_limit
         self._vault.notify("agents")
-        return token
+        return agent, token
 
     # -- grants ----------------------------------------------------------------------------
 
@@ -389,5 +391,8 @@ def _grants(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[tu
 
 
 def _agent_from_row(row: tuple[Any, ...], credentials: list[str]) -> Agent:
-    return Agent(id=row[0], name=row[1], rate_limit=row[2], created_at=row[3], rotated_at=row[4],
+    """An agent row for display. The times are not covered by the row's MAC, so a value aegisd could not have
+    written (edited in vault.db) shows as 0 rather than failing the whole listing; the other fields are."""
+    return Agent(id=str(row[0]), name=str(row[1]), rate_limit=str(row[2]),
+                 created_at=row[3] if is_time(row[3]) else 0, rotated_at=row[4] if is_time(row[4]) else 0,
                  credentials=list(credentials))

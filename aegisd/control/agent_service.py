@@ -56,9 +56,8 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @rpc
     async def RegenerateToken(self, request: pb.RegenerateTokenRequest, context: Ctx
                               ) -> pb.RegenerateTokenResponse:
-        token = await asyncio.to_thread(self.rt.agents.regenerate, request.name)
+        agent, token = await asyncio.to_thread(self.rt.agents.regenerate, request.name)
         self.rt.log_event("agent token regenerated", agent=request.name)
-        agent = await asyncio.to_thread(self.rt.agents.get, request.name)
         return pb.RegenerateTokenResponse(agent=agent_to_pb(agent), token=token)
 
     @rpc

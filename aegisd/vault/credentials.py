@@ -16,10 +16,10 @@ from aegisd.vault.domains import DomainAllowlist, DomainError
 AUTH_TYPES = ("bearer", "header", "basic", "query")
 INSPECTION_MODES = ("off", "warn", "block")
 SCOPES = ("read", "write", "*")
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SERVICE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # RFC 9110 header field name
-QUERY_PARAM = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+SERVICE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}\Z")  # RFC 9110 header field name
+QUERY_PARAM = re.compile(r"^[A-Za-z0-9._~-]{1,64}\Z")
 MAX_SECRET_BYTES = 16384
 # Header names the gate manages itself; a credential may not claim them.
 RESERVED_HEADERS = frozenset({
@@ -150,6 +150,8 @@ def validate_credential(cred: Credential) -> None:
     cred.scopes = validate_scopes(cred.scopes)
     cred.rate_limit = validate_rate(cred.rate_limit)
     cred.body_inspection = validate_inspection(cred.body_inspection)
+    if cred.expires_at is not None and not is_time(cred.expires_at):
+        raise InvalidArgument("the expiry must fall between 1970 and the year 9999: give a shorter --ttl")
 
 
 def valid_as_stored(cred: Credential) -> bool:
@@ -174,7 +176,7 @@ def credential_row(c: Credential) -> tuple[Any, ...]:
             c.expires_at)
 
 
-def _is_time(value: object) -> bool:
+def is_time(value: object) -> bool:
     """Epoch milliseconds aegisd could have written: an int from 1970 to the year 9999."""
     return type(value) is int and 0 <= value <= 253_402_300_799_999
 
@@ -191,7 +193,7 @@ def credential_from_row(r: Sequence[Any]) -> Credential:
     if not (all(isinstance(t, str) for t in texts)
             and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists)
             and cred.auth_type in AUTH_TYPES and cred.body_inspection in INSPECTION_MODES
-            and all(_is_time(t) for t in (cred.created_at, cred.updated_at, cred.rotated_at))
-            and (cred.expires_at is None or _is_time(cred.expires_at))):
+            and all(is_time(t) for t in (cred.created_at, cred.updated_at, cred.rotated_at))
+            and (cred.expires_at is None or is_time(cred.expires_at))):
         raise ValueError(f"credential row {r[0]!r} is malformed")
     return cred

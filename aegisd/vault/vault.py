@@ -246,6 +246,7 @@ class Vault:
                 for key, value in changes.items():
                     setattr(cred, key, value)
                 cred_rules.validate_credential(cred)
+                _check_secret_fits(data, cred.auth_type)
                 cred.updated_at = now_ms()
                 self._check_unique(conn, cred)
                 nonce, ciphertext = seal_secret(master.subkey("secrets"), vault_id, cred, data)
@@ -369,6 +370,15 @@ class Vault:
         with self._store.reading() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else None
+
+
+def _check_secret_fits(data: bytes, auth_type: str) -> None:
+    """A change of auth type must suit the stored secret as `vault add` would (basic needs user:password)."""
+    try:
+        cred_rules.validate_secret(data.decode(), auth_type)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"the stored secret does not suit auth type {auth_type!r} ({exc.message}): "
+                              "rotate it to one that does first", reason=exc.reason) from None
 
 
 def _insert_slot(conn: sqlite3.Connection, slot: KeySlot) -> None:

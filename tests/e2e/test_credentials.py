@@ -148,6 +148,8 @@ def test_bad_names_and_services_are_refused(shared: Aegis) -> None:
         ("Bad Name", "okservice", "credential name 'Bad Name' must be"),
         ("UPPER", "okservice", "credential name"),
         (".lead", "okservice", "credential name"),
+        ("okname\n", "okservice", "credential name"),  # `$` would have let a final line break through
+        ("okname", "okservice\n", "service"),
         ("x" * 65, "okservice", "credential name"),
         ("okname", "bad/service", "service 'bad/service' must be"),
         ("okname", "Bad", "service"),
@@ -166,7 +168,10 @@ def test_bad_auth_and_scope_combinations_are_refused(shared: Aegis) -> None:
         (("--header-name", "X-Key"), "do not apply"),
         (("--auth-type", "basic", "--query-param", "k"), "do not apply"),
         (("--auth-type", "basic"), "user:password"),  # the secret has no ':'
+        (("--auth-type", "header", "--header-name", "X-Key\n"), "header name"),
+        (("--auth-type", "query", "--query-param", "key\n"), "--query-param"),
         (("--scopes", "admin"), "unknown scope"),
+        (("--ttl", "999999999w"), "year 9999"),  # past what a timestamp can hold: refused before anything is written
     ]])
 
 
@@ -257,6 +262,10 @@ def test_update_changes_metadata_and_keeps_rules(unlocked: Aegis) -> None:
     assert_failed(unlocked.ctl("vault", "update", "api", "--scopes", "root"), "unknown scope")
     assert_failed(unlocked.ctl("vault", "update", "api", "--scopes", ","), "at least one")
     assert_failed(unlocked.ctl("vault", "update", "api"), "nothing to update")
+    assert_failed(unlocked.ctl("vault", "update", "api", "--ttl", "999999999w"), "year 9999")
+    # The stored secret has no ':', so it cannot become basic auth by an update (`vault add` refuses it too).
+    assert_failed(unlocked.ctl("vault", "update", "api", "--auth-type", "basic"),
+                  "does not suit auth type 'basic'", "user:password", "rotate")
     assert unlocked.ctl("vault", "update", "api", "--body-inspection", "loud").code == 2
     assert show(unlocked, "api") == before
     unlocked.assert_no_leaks([PASSPHRASE, SECRET, "sk-other-secret-31337"])

@@ -93,8 +93,8 @@ def test_names_are_validated_and_unique(registry: AgentRegistry) -> None:
 
 def test_regenerate_replaces_the_hash(registry: AgentRegistry, vault: Vault, events: list[str]) -> None:
     _, old = registry.add("claude")
-    new = registry.regenerate("claude")
-    assert new != old
+    shown, new = registry.regenerate("claude")
+    assert new != old and shown == registry.get("claude")
     hashes = {r.token_hash for r in registry.snapshot()}
     assert token_hash(vault.master(), new) in hashes
     assert token_hash(vault.master(), old) not in hashes
@@ -217,3 +217,18 @@ def test_set_rate_limit_answers_with_what_it_wrote(registry: AgentRegistry, vaul
     assert (agent.name, agent.rate_limit, removals) == ("claude", "5/min", ["agents"])
     with pytest.raises(NotFound):
         registry.get("claude")
+
+
+def test_a_time_edited_in_vault_db_does_not_break_listings(registry: AgentRegistry, vault: Vault,
+                                                           store: VaultStore) -> None:
+    """An agent's times are not covered by its MAC: an impossible value shows as 0 and the agent stays ok,
+    and every other agent is still listed, shown and regenerated."""
+    registry.add("claude")
+    registry.add("cursor")
+    with store.transaction() as conn:
+        conn.execute("UPDATE agents SET created_at = 'abc', rotated_at = 1e30 WHERE name = 'claude'")
+    listed = {a.name: a for a in registry.list()}
+    assert (listed["claude"].created_at, listed["claude"].rotated_at, listed["claude"].integrity) == (0, 0, "ok")
+    assert listed["cursor"].created_at > 0
+    agent, token = registry.regenerate("claude")
+    assert agent.rotated_at > 0 and agent.created_at == 0 and token
