@@ -92,6 +92,13 @@ class GateLimits:
             self._consumed[x.request_id] = consumed
         self.concurrency.acquire(x.request_id, agent.id)
 
+    def readmit(self, x: Noted, agent: AgentEntry, route: Route, verdict: Verdict | None) -> None:
+        """Judged again (the vault or the policies changed while its body arrived): what the old judgement took
+        is given back and the request admitted as if it came now, or refused (429) holding nothing."""
+        self.refund(x.request_id)
+        self.release(x.request_id)
+        self.admit(x, agent, route, verdict)
+
     def refund(self, request_id: str) -> None:
         """The request ended before it was forwarded (a later step refused it, a bug, a stop): give its quota
         back, so a refused request uses none. Consuming first and refunding keeps the limit exact under

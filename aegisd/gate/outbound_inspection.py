@@ -1,8 +1,9 @@
 """Step 8: inspect what the agent sends (path, query string, headers, body) for credential-like strings.
 
 Per credential: `off` streams the body untouched; `warn` forwards and flags the ledger row; `block`
-(the default) refuses with 403 `body_inspection`. In `warn` and `block` the body is read whole,
-bounded by `max_body_bytes` (413 past it), inspected, then forwarded from that buffer. Findings name
+(the default) refuses with 403 `body_inspection`. In `warn` and `block` the pipeline reads the body
+whole (`read_body`), bounded by `max_body_bytes` (413 past it), has it inspected here, then forwards
+it from that buffer. Findings name
 families only (`vault_secret`, `openai_key`, ...): never the matched text, never which credential.
 """
 
@@ -29,16 +30,15 @@ class Inspected(Protocol):
     bytes_in: int
 
 
-async def inspect_request(request: GateRequest, route: Route, inspector: Inspector, x: Inspected,
-                          raw_path: str, query: str, headers: CIMultiDict[str], limit: int) -> bytes | None:
-    """The body to forward (None: stream it as it comes, inspection is off), or a Refusal.
+def inspect_request(request: GateRequest, route: Route, inspector: Inspector, x: Inspected, raw_path: str,
+                    query: str, headers: CIMultiDict[str], body: bytes | None, limit: int) -> None:
+    """Pass, flag (warn) or refuse (block) the request; `body` is the whole body, read by `read_body`.
 
     `query` and `headers` are what of the agent's reaches the upstream (headers.agent_query/agent_headers).
     """
     mode = route.body_inspection
     if mode == "off":
-        return None
-    body = await read_body(request, x, limit) if request.has_body else None
+        return
     found = inspector.scan_each({
         "path": raw_path.encode("utf-8", "surrogateescape"),
         "query string": query.encode("utf-8", "surrogateescape"),
@@ -51,11 +51,11 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
         if decoded is not None:
             _note(found, "body", inspector.scan(decoded))
     if not found and problem is None:
-        return body
+        return
     families = sorted(set().union(*found.values())) or [NOT_INSPECTABLE]
     if mode == "warn":
         _flag(x, "body_inspection_warn=" + "+".join(families))
-        return body
+        return
     _flag(x, "body_inspection_block=" + "+".join(families))
     if problem is not None and families == [NOT_INSPECTABLE]:
         raise problem

@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
@@ -22,7 +23,7 @@ from aegisd.gate.admission import GateLimits, check_policy
 from aegisd.gate.agent_connection import GateRequest
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
 from aegisd.gate.headers import add_credential, agent_headers, agent_query, inbound_headers, query_with_credential
-from aegisd.gate.outbound_inspection import BodyTooLarge, body_too_large, counted_body, inspect_request
+from aegisd.gate.outbound_inspection import BodyTooLarge, body_too_large, counted_body, inspect_request, read_body
 from aegisd.gate.refusal import JSON_CONTENT_TYPE, REQUEST_ID_HEADER, Refusal, send_refusal
 from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
@@ -31,7 +32,7 @@ from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, Up
 from aegisd.inspection import Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.outcomes import OutcomeSink
-from aegisd.policy import PolicyStore
+from aegisd.policy import PolicySet, PolicyStore, Verdict
 from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canonical_target
 
 log = logging.getLogger("aegisd.gate")
@@ -68,6 +69,20 @@ class Exchange:
             target_host=self.target_host, decision=self.decision, reason=self.reason, status=self.status,
             duration_ms=round((time.perf_counter() - self.started) * 1000, 3), bytes_in=self.bytes_in,
             bytes_out=self.bytes_out, flags=self.flags)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What steps 1-6 found for one request, and the routing table and policy set they were judged against."""
+
+    table: RoutingTable
+    policies: PolicySet
+    agent: AgentEntry
+    route: Route
+    entry: AllowedHost
+    host: str
+    port: int
+    verdict: Verdict | None
 
 
 class GatePipeline:
@@ -144,6 +159,42 @@ class GatePipeline:
         if self.draining:
             raise Refusal(503, "shutting_down", "aegisd is shutting down; retry shortly", close=True)
 
+        # 1-6. vault unlocked, agent, service -> credential, grant, expiry, target host, scope, policy
+        admitted = self._admit(request, x, service, rest)
+
+        # Nothing is forwarded while the ledger cannot record it; checked again once the body is read.
+        self._check_ledger_writable()
+
+        # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
+        self.limits.admit(x, admitted.agent, admitted.route, admitted.verdict)
+
+        # Every check that needs no body has passed: a client waiting on `Expect: 100-continue` may send it.
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            request.send_continue()
+
+        # The body (buffered unless inspection is off); steps 1-7 again if the vault or the policies changed
+        # while it arrived, so what follows uses the routing table of the moment it is forwarded.
+        body, admitted = await self._body_as_admitted(request, x, admitted, service, rest)
+        route, inspector = admitted.route, admitted.table.inspector
+
+        # 8. body inspection: path, query, headers and body for secrets and keys; the query and headers
+        #    scanned are the agent's as they will be forwarded (step 9's strip)
+        headers, query = agent_headers(request.headers, route), agent_query(query, route)
+        inspect_request(request, route, inspector, x, rest, query, headers, body, self.config.max_body_bytes)
+        redaction = redaction_for(route, inspector)
+
+        # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential
+        add_credential(headers, route, x.target_host)
+        if redaction is not None:
+            ask_identity(headers)  # so the response can be redacted as it streams
+        query = query_with_credential(query, route)
+        target = f"{rest}?{query}" if query else rest
+
+        # 10-11. forward, stream back, record
+        await self._forward(request, x, admitted, target, headers, body, redaction)
+
+    def _admit(self, request: GateRequest, x: Exchange, service: str, rest: str) -> Admission:
+        """Steps 1-6 against the current routing table and policy set; raises a Refusal."""
         # 1. vault unlocked?
         table = self._unlocked_table()
 
@@ -167,34 +218,30 @@ class GatePipeline:
         # 6. method scope; the agent's policy rules (method, path, time window)
         if not route.allows_method(request.method):
             raise Refusal(403, "scope_denied", f"method {request.method} is outside the credential's scopes")
-        verdict = check_policy(self.policies.current, x, agent, service, request.method, rest)
+        policies = self.policies.current
+        verdict = check_policy(policies, x, agent, service, request.method, rest)
+        return Admission(table, policies, agent, route, entry, host, port, verdict)
 
-        # Nothing is forwarded while the ledger cannot record it; checked again once the body is read.
-        self._check_ledger_writable()
+    async def _body_as_admitted(self, request: GateRequest, x: Exchange, admitted: Admission, service: str,
+                                rest: str) -> tuple[bytes | None, Admission]:
+        """The body to forward (None: it streams, inspection is off) and the admission that holds when it is
+        forwarded. A lock, revoke, agent removal, rotation or policy change while the body arrived swaps the
+        table or the policy set: the request is then judged again, refused or routed as a fresh one would be.
+        When nothing changed this costs two identity comparisons."""
+        body: bytes | None = None
+        while True:
+            if body is None and request.has_body and admitted.route.body_inspection != "off":
+                body = await read_body(request, x, self.config.max_body_bytes)
+            if self.routing.table is admitted.table and self.policies.current is admitted.policies:
+                return body, admitted
+            admitted = self._readmit(request, x, service, rest)
 
-        # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
-        self.limits.admit(x, agent, route, verdict)
-
-        # Every check that needs no body has passed: a client waiting on `Expect: 100-continue` may send it.
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            request.send_continue()
-
-        # 8. body inspection: path, query, headers and body (buffered unless off) for secrets and keys;
-        #    the query and headers scanned are the agent's as they will be forwarded (step 9's strip)
-        headers, query = agent_headers(request.headers, route), agent_query(query, route)
-        body = await inspect_request(request, route, table.inspector, x, rest, query, headers,
-                                     self.config.max_body_bytes)
-        redaction = redaction_for(route, table.inspector)
-
-        # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential
-        add_credential(headers, route, x.target_host)
-        if redaction is not None:
-            ask_identity(headers)  # so the response can be redacted as it streams
-        query = query_with_credential(query, route)
-        target = f"{rest}?{query}" if query else rest
-
-        # 10-11. forward, stream back, record
-        await self._forward(request, x, entry, host, port, target, headers, body, redaction)
+    def _readmit(self, request: GateRequest, x: Exchange, service: str, rest: str) -> Admission:
+        """Steps 1-7 again, the quota taken under the old admission given back first."""
+        x.flags = x.reason = ""  # only steps 6 and 7 have written them so far
+        admitted = self._admit(request, x, service, rest)
+        self.limits.readmit(x, admitted.agent, admitted.route, admitted.verdict)
+        return admitted
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -240,9 +287,8 @@ class GatePipeline:
                           f"{route.service!r}")
         return match, host, match.port
 
-    async def _forward(self, request: GateRequest, x: Exchange, entry: AllowedHost, host: str, port: int,
-                       target: str, headers: CIMultiDict[str], inspected: bytes | None,
-                       redaction: Redaction | None) -> None:
+    async def _forward(self, request: GateRequest, x: Exchange, admitted: Admission, target: str,
+                       headers: CIMultiDict[str], inspected: bytes | None, redaction: Redaction | None) -> None:
         limit = self.config.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
@@ -256,8 +302,9 @@ class GatePipeline:
         sent = time.perf_counter()
         x.forwarded = True
         try:
-            upstream = await self.upstream.request(request.method, entry.scheme, host, port, target, headers, body,
-                                                   allow_internal=entry.is_special_address)
+            entry = admitted.entry
+            upstream = await self.upstream.request(request.method, entry.scheme, admitted.host, admitted.port, target,
+                                                   headers, body, allow_internal=entry.is_special_address)
             x.upstream_s = time.perf_counter() - sent
         except BodyTooLarge:
             raise body_too_large(limit) from None

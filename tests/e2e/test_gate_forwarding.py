@@ -471,10 +471,10 @@ import aegisd.gate.pipeline as pipeline
 
 _inspect_request, _relay = pipeline.inspect_request, pipeline.GatePipeline._relay
 
-async def inspect_request(request, route, inspector, x, *args):
+def inspect_request(request, route, inspector, x, *args):
     if x.path.startswith("/echo/fault-before"):
         raise RuntimeError("injected fault before forwarding")
-    return await _inspect_request(request, route, inspector, x, *args)
+    return _inspect_request(request, route, inspector, x, *args)
 
 async def relay(self, request, x, upstream, redaction):
     if x.path.startswith("/echo/fault-after"):

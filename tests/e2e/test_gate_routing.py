@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.gate_support import SECRETS, GateWorld, Standard, shared_standard, untouched
+from tests.e2e.gate_support import SECRETS, GateWorld, Reply, Standard, read_reply, shared_standard, untouched
 from tests.e2e.ops_support import Scrape
 
 
@@ -96,6 +96,70 @@ def test_regenerate_and_remove_kill_the_old_token_at_once(std: Standard) -> None
         removed = world.call("GET", "/bear/echo/rotor", [("X-Aegis-Agent", new)])
     world.assert_refused(removed, 401, "agent_auth_invalid")
     world.assert_no_leaks()
+
+
+def _admitted(world: GateWorld, path: str, agent: str = "bot") -> socket.socket:
+    """A POST through credential `bear` that passed every bodiless check (the gate said 100 Continue) and
+    whose 10-byte body has not been sent yet."""
+    sock = socket.create_connection(("127.0.0.1", world.port), timeout=30)
+    sock.sendall(f"POST /bear/echo/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {world.tokens[agent]}\r\n"
+                 "Content-Length: 10\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+    assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+    return sock
+
+
+def _finish(world: GateWorld, sock: socket.socket) -> Reply:
+    with sock:
+        sock.sendall(b"0123456789")
+        reply = read_reply(sock)
+    world.received.append(reply.text())
+    return reply
+
+
+def test_a_request_admitted_before_a_vault_change_is_judged_again_before_it_is_forwarded() -> None:
+    """A body still arriving when the operator locks, revokes, regenerates or rotates: the request is forwarded
+    only as a fresh one would be at that moment, refused as a fresh one would be, or sent with the new secret."""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRETS["bear"], up.entry())
+        world.agent("bot", "bear")
+        ctl = world.aegis.ctl
+
+        pending = _admitted(world, "locked")
+        ctl("lock").ok()
+        with untouched(up):
+            world.assert_refused(_finish(world, pending), 503, "vault_locked")
+        world.unlock()
+
+        pending = _admitted(world, "relocked")  # locked and unlocked meanwhile: a new table, the same grants
+        ctl("lock").ok()
+        world.unlock()
+        assert _finish(world, pending).status == 200
+        assert up.requests_to("/echo/relocked")[0].header("Authorization") == [f"Bearer {SECRETS['bear']}"]
+
+        pending = _admitted(world, "revoked")
+        ctl("revoke", "bot", "bear").ok()
+        with untouched(up):
+            world.assert_refused(_finish(world, pending), 403, "not_granted", agent="bot")
+        ctl("grant", "bot", "bear").ok()
+
+        pending = _admitted(world, "regenerated")
+        world.regenerate("bot")
+        with untouched(up):
+            world.assert_refused(_finish(world, pending), 401, "agent_auth_invalid")
+
+        pending = _admitted(world, "rotated")
+        rotated = "sk-bearer-rotated-N7m8B9v0"
+        ctl("vault", "rotate", "bear", "--secret-stdin", input=rotated + "\n").ok()
+        world.secrets.append(rotated)
+        reply = _finish(world, pending)
+        assert reply.status == 200, reply.text()
+        (seen,) = up.requests_to("/echo/rotated")
+        assert seen.header("Authorization") == [f"Bearer {rotated}"] and seen.body == b"0123456789"
+        world.assert_no_leaks()
+    finally:
+        world.close()
 
 
 # -- service, grant, expiry, scope ----------------------------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from tests.e2e.gate_support import GateWorld, untouched
+from tests.e2e.gate_support import GateWorld, read_reply, untouched
 from tests.e2e.policy_support import (
     Expected,
     check_rows,
@@ -353,6 +354,29 @@ def test_reload_on_sighup_and_on_file_change_each_a_ledger_event() -> None:
         assert any(d.startswith("policies reloaded (file change): 1 files, 1 agents") for d in details)
         assert any(d.startswith("policies reloaded (startup)") for d in details)
         assert world.aegis.ctl("ledger", "verify").code == 0
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_a_request_admitted_before_a_policy_change_is_judged_by_the_new_policy() -> None:
+    """A body still arriving when the policy changes: the request is forwarded only if the new policy allows it."""
+    allow = "agent: bot\nrules:\n  - service: svc\n    methods: [POST]\n    paths: [\"/echo/slow\"]\n"
+    world, directory = _world({"bot.yaml": allow})
+    try:
+        up = world.upstreams[0]
+        world.agent("bot", "svc")
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+            sock.sendall(f"POST /svc/echo/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {world.tokens['bot']}"
+                         "\r\nContent-Length: 4\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+            assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")  # admitted under the old policy
+            write_policy(directory, "bot.yaml", allow.replace("/echo/slow", "/echo/other"))
+            world.aegis.ctl("policy", "reload").ok()
+            with untouched(up):
+                sock.sendall(b"body")
+                reply = read_reply(sock)
+        world.received.append(reply.text())
+        world.assert_refused(reply, 403, "policy_denied", agent="bot", credential="svc")
         world.assert_no_leaks()
     finally:
         world.close()
