@@ -310,6 +310,7 @@ class Doctor:
         if key is None:
             return Check("ledger_chain", WARN, "cannot verify: the vault has not been unlocked since aegisd started "
                          "(the chain key derives from it)", "run `aegisctl unlock`, then `aegisctl doctor` again")
+        await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
         try:
             result = await asyncio.to_thread(verify, self.config.data_dir / "ledger.db", key)
         except LedgerError as exc:

@@ -111,6 +111,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         if key is None:
             raise FailedPrecondition("the ledger key derives from the vault: unlock it once to verify",
                                      reason="vault_locked")
+        await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
         try:
             result = await asyncio.to_thread(verify, self.path, key)
         except LedgerError as exc:

@@ -5,6 +5,8 @@ swapping or reordering any row breaks every later link. A prune moves the chain'
 authenticated checkpoint (aegisd.ledger.checkpoint). Rows cut off the end are caught while SQLite's
 AUTOINCREMENT counter still remembers them; an attacker who also rewrites that counter can only be
 caught by comparing with the last id and MAC of an earlier verify or export (no chain alone can).
+A row without a MAC is outside the chain (the next chained row links to the one before it) and fails
+verify: the writer MACs after the fact only rows it stored itself while it had no key.
 """
 
 from __future__ import annotations
@@ -99,41 +101,84 @@ def _verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
         return start
     prev_mac, expected_id = start
     first_id, checked = expected_id, 0
+    unchained = _Unchained()
     for row in conn.execute(f"{SELECT_CHAIN} ORDER BY id"):
         row_id, values, mac = row[0], row[1:-1], row[-1]
         if row_id < expected_id:  # only the first row can be: the chain starts at a checkpoint
-            return VerifyResult(False, 0, row_id, f"row {row_id} precedes the last prune, which kept rows from "
-                                f"{expected_id} on: it was inserted afterwards", first_id)
+            return unchained.fail(checked, row_id, f"row {row_id} precedes the last prune, which kept rows from "
+                                  f"{expected_id} on: it was inserted afterwards", first_id)
         if row_id != expected_id:
-            return VerifyResult(False, checked, row_id, f"rows {expected_id}..{row_id - 1} are missing", first_id)
-        if mac is None:
-            later = conn.execute("SELECT 1 FROM ledger WHERE id > ? AND mac IS NOT NULL LIMIT 1", (row_id,))
-            if later.fetchone() is not None:
-                return VerifyResult(False, checked, row_id, f"row {row_id} has had its MAC removed", first_id)
-            return VerifyResult(
-                False,
-                checked,
-                row_id,
-                f"rows from {row_id} on are not chained yet (written while the vault was locked)",
-                first_id,
-            )
+            return unchained.fail(checked, row_id, f"rows {expected_id}..{row_id - 1} are missing", first_id)
+        expected_id = row_id + 1
+        if mac is None:  # not part of the chain: the next chained row links to the one before it
+            unchained.add(row_id, checked)
+            continue
         try:
             expected = mac_of(prev_mac, row_id, values)
         except (TypeError, ValueError):  # a value of a type the writer never stores
             expected = b""
         if not isinstance(mac, bytes) or not hmac.compare_digest(mac, expected):
-            return VerifyResult(
-                False,
-                checked,
-                row_id,
-                f"row {row_id} does not match its MAC: it was edited or moved, a row before it was "
-                "deleted, or the key is wrong",
-                first_id,
-            )
-        prev_mac, expected_id, checked = mac, row_id + 1, checked + 1
+            return unchained.fail(checked, row_id, f"row {row_id} does not match its MAC: it was edited or moved, a "
+                                  "row before it was deleted, or the key is wrong", first_id)
+        prev_mac, checked = mac, checked + 1
     (last_used,) = conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'ledger'").fetchone()
     if last_used >= expected_id:
-        return VerifyResult(False, checked, expected_id, f"rows {expected_id}..{last_used} were deleted from the end",
-                            first_id)
+        return unchained.fail(checked, expected_id, f"rows {expected_id}..{last_used} were deleted from the end",
+                              first_id)
+    if unchained.ranges:
+        return unchained.fail(checked, None, None, first_id)
     pruned = f" (rows before {first_id} were pruned at an authentic checkpoint)" if first_id > 1 else ""
     return VerifyResult(True, checked, None, f"{checked} rows verified{pruned}", first_id)
+
+
+class _Unchained:
+    """Rows verify found without a MAC. The writer chains only rows it stored itself while it had no key, so
+    such a row was stored by an earlier run that stopped before its vault was unlocked, or edited and
+    stripped of its MAC: either way nothing vouches for it, and verify fails. Verify walks on past such rows,
+    so later edits are still found."""
+
+    def __init__(self) -> None:
+        self.ranges: list[list[int]] = []
+        self.checked_before = 0  # rows that verified before the first unchained one
+
+    def add(self, row_id: int, checked: int) -> None:
+        if self.ranges and self.ranges[-1][1] == row_id - 1:
+            self.ranges[-1][1] = row_id
+            return
+        if not self.ranges:
+            self.checked_before = checked
+        self.ranges.append([row_id, row_id])
+
+    def fail(self, checked: int, bad_id: int | None, problem: str | None, first_id: int) -> VerifyResult:
+        """The result for `problem` at bad_id (None: the unchained rows are the only problem)."""
+        if not self.ranges:
+            return VerifyResult(False, checked, bad_id, problem or "", first_id)
+        shown = ", ".join(_span(r) for r in self.ranges[:_NAMED_RANGES])
+        if len(self.ranges) > _NAMED_RANGES:
+            shown += f" and {len(self.ranges) - _NAMED_RANGES} more ranges"
+        count = sum(last - first + 1 for first, last in self.ranges)
+        one = count == 1
+        reason = (f"{'row' if one else 'rows'} {shown} {'is' if one else 'are'} not chained (no MAC): stored so by "
+                  "an earlier run of aegisd that stopped before its vault was unlocked, or edited and the MAC "
+                  f"removed; nothing vouches for {'it' if one else 'them'}")
+        after = checked - self.checked_before
+        if problem is not None:
+            reason += f"; and {problem}"
+        elif after == 0:
+            reason += " (no chained row follows)"
+        else:
+            reason += f" (the {_plural(after, 'chained row')} after {'it' if one else 'them'} "
+            reason += f"{'verifies' if after == 1 else 'verify'})"
+        return VerifyResult(False, self.checked_before, self.ranges[0][0], reason, first_id)
+
+
+_NAMED_RANGES = 3
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _span(bounds: list[int]) -> str:
+    first, last = bounds
+    return str(first) if first == last else f"{first}..{last}"

@@ -103,7 +103,8 @@ def _delete_chunk(conn: sqlite3.Connection, key: bytes, progress: _Progress, chu
         except (TypeError, ValueError):
             good = False
         if not good:
-            raise PruneRefused(f"row {min(row_id, expected)} does not verify, so the prune was refused to keep "
+            what = "is not chained (no MAC)" if mac is None and row_id == expected else "does not verify"
+            raise PruneRefused(f"row {min(row_id, expected)} {what}, so the prune was refused to keep "
                                "the evidence; see `aegisctl ledger verify`")
         prev_mac, expected = mac, row_id + 1
     if expected != end:

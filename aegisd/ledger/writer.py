@@ -15,7 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ _STATE = (
     "(SELECT id FROM ledger WHERE mac IS NOT NULL ORDER BY id DESC LIMIT 1), "
     "(SELECT mac FROM ledger WHERE mac IS NOT NULL ORDER BY id DESC LIMIT 1)"
 )
+_COUNT_AFTER = "SELECT count(*) FROM ledger WHERE id > ?"
 _STOP = object()
 _Future = asyncio.Future[int]
 _Append = tuple[LedgerEntry, _Future | None]
@@ -60,19 +61,57 @@ Job = Callable[[sqlite3.Connection, bytes | None], T]
 class _ChainTip:
     """Where the next commit continues: read from the file once, then carried from commit to commit.
 
-    Reading it costs a four-part query per commit (one that walks every unchained row while the vault is
-    locked); carrying it costs one `PRAGMA data_version`, which tells whether any other connection has
-    written since. The writer drops it after a failed commit, a job or a replace: it is then read afresh.
+    Reading it costs a four-part query per commit (one that walks every row stored without a MAC after the
+    newest chained one); carrying it costs one `PRAGMA data_version`, which tells whether any other
+    connection has written since. The writer drops it after a failed commit, a job or a replace: it is
+    then read afresh.
     """
 
-    __slots__ = ("data_version", "next_id", "prev_mac", "unchained_after")
+    __slots__ = ("data_version", "next_id", "prev_mac")
 
-    def __init__(self, data_version: int, next_id: int, prev_mac: bytes, unchained_after: int | None) -> None:
+    def __init__(self, data_version: int, next_id: int, prev_mac: bytes) -> None:
         self.data_version = data_version  # the file's PRAGMA data_version when this was true
         self.next_id = next_id  # AUTOINCREMENT never reuses an id, not even a deleted row's
         self.prev_mac = prev_mac  # the newest chained row's MAC, or the chain's origin if there is none
-        # Rows with a larger id were written while there was no key and wait for their MAC (None: no such rows).
-        self.unchained_after = unchained_after
+
+
+class _Unchained:
+    """The rows this writer stored without a MAC because it had no key yet: the only rows it ever chains later.
+
+    A row without a MAC that this process did not write (one an earlier run wrote before its vault was
+    unlocked, or one edited and stripped of its MAC) is never chained: MACing it would vouch for whatever it
+    says now, so it is left for `ledger verify` to report. The ranges are ids (a few: a new one only when
+    another connection wrote in between); `witness` chains the rows as they were written under a random
+    key that never leaves this process, so rows edited in the file before the key arrives are not chained
+    either. Immutable: a commit builds a new one, kept only once the commit succeeded.
+    """
+
+    __slots__ = ("ranges", "rows", "witness")
+
+    def __init__(self, ranges: tuple[tuple[int, int], ...], rows: int, witness: bytes) -> None:
+        self.ranges = ranges  # (first id, last id), ascending
+        self.rows = rows
+        self.witness = witness
+
+    def after(self, first_id: int, count: int, witness: bytes) -> _Unchained:
+        """These rows plus `count` more from first_id on, whose witness chain now ends at `witness`."""
+        last_id = first_id + count - 1
+        ranges = self.ranges
+        if ranges and ranges[-1][1] == first_id - 1:
+            ranges = (*ranges[:-1], (ranges[-1][0], last_id))
+        else:
+            ranges = (*ranges, (first_id, last_id))
+        return _Unchained(ranges, self.rows + count, witness)
+
+    def rows_after(self, row_id: int) -> int:
+        """How many of these rows have an id above row_id."""
+        return sum(max(0, last - max(first, row_id + 1) + 1) for first, last in self.ranges)
+
+    def describe(self) -> str:
+        return ", ".join(str(first) if first == last else f"{first}..{last}" for first, last in self.ranges)
+
+
+_NO_UNCHAINED = _Unchained((), 0, GENESIS)
 
 
 class _Outage:
@@ -191,6 +230,11 @@ class LedgerWriter:
         self._serving = False  # the writer thread has its connection and has not ended (cheaper than is_alive)
         # The writer thread's connection; None after a restore's swap could not open the file, until a retry can.
         self._conn: sqlite3.Connection | None = None
+        # Writer thread: the rows this process stored without a MAC, which it alone may chain once the key comes,
+        # and the keyed hash vouching that they are still as written (its key never leaves this process).
+        self._unchained = _NO_UNCHAINED
+        self._witness_of = row_mac(os.urandom(32))
+        self._reported_foreign: tuple[int, int] | None = None  # the last (tip id, count) logged by _report_foreign
 
     @property
     def queue_depth(self) -> int:
@@ -278,6 +322,15 @@ class LedgerWriter:
         self._hand_over()  # rows appended before the job commit before it
         self._queue.put(_Job(fn, future))
         return await future
+
+    async def settle(self) -> None:
+        """Wait until everything queued so far has been committed, the chaining of rows written before the key
+        included, so `ledger verify` right after an unlock does not find this process's own rows unchained.
+
+        Returns at once if the writer is not running (verify reads the file as it is).
+        """
+        with contextlib.suppress(LedgerError):
+            await self.run_exclusive(_nothing)
 
     async def replace_file(self, staged: Path) -> None:
         """Swap in another ledger file (a restore) between commits; rows queued later go to the new file.
@@ -432,6 +485,8 @@ class LedgerWriter:
         error = None
         try:
             os.replace(staged, self._path)
+            # What this process wrote without a key was in the old file; the new one's rows are nobody's to chain.
+            self._unchained, self._reported_foreign = _NO_UNCHAINED, None
             for suffix in ("-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{self._path}{suffix}")
@@ -486,7 +541,7 @@ class LedgerWriter:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tip = _write(conn, mac_of, entries, tip)
+                tip, unchained = self._write(conn, mac_of, entries, tip)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -510,6 +565,7 @@ class LedgerWriter:
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started
+        self._unchained = unchained
         first_id = tip.next_id - len(entries)
         if outage is not None:
             self._outage = None
@@ -524,44 +580,61 @@ class LedgerWriter:
         self._post(_deliver, futures, first_id, subscribers, rows)
         return tip
 
+    def _write(self, conn: sqlite3.Connection, mac_of: RowMac | None, entries: list[LedgerEntry],
+               tip: _ChainTip | None) -> tuple[_ChainTip, _Unchained]:
+        """Insert the batch (chaining it if there is a key: mac_of); return the tip and the unchained rows it leaves.
 
-def _write(
-    conn: sqlite3.Connection, mac_of: RowMac | None, entries: list[LedgerEntry], tip: _ChainTip | None
-) -> _ChainTip:
-    """Insert the batch (chaining it if there is a key: mac_of) and return the tip it leaves.
-
-    The carried tip is checked after BEGIN IMMEDIATE, so no other connection can write between the check
-    and the insert.
-    """
-    (data_version,) = conn.execute("PRAGMA data_version").fetchone()
-    if tip is None or tip.data_version != data_version:
-        tip = _read_tip(conn, data_version)
-    first_id, prev_mac = tip.next_id, tip.prev_mac
-    if mac_of is not None and tip.unchained_after is not None:
-        prev_mac = _chain_unchained(conn, mac_of, tip.unchained_after, prev_mac)
-    params: list[Any] = []
-    for row_id, entry in enumerate(entries, first_id):
-        values = entry_values(entry)
-        mac = None
+        The carried tip is checked after BEGIN IMMEDIATE, so no other connection can write between the check
+        and the insert. The writer's own state is left alone: the caller keeps the result once COMMIT worked.
+        """
+        (data_version,) = conn.execute("PRAGMA data_version").fetchone()
+        if tip is None or tip.data_version != data_version:
+            tip = self._read_tip(conn, data_version)
+        first_id, prev_mac = tip.next_id, tip.prev_mac
+        unchained = self._unchained
+        if mac_of is not None and unchained.rows:
+            prev_mac = _chain_own(conn, mac_of, self._witness_of, unchained, prev_mac)
+            unchained = _NO_UNCHAINED
+        params: list[Any] = []
         if mac_of is not None:
-            mac = prev_mac = mac_of(prev_mac, row_id, values)
-        params += (row_id, *values, mac)
-    _insert(conn, params)
-    next_id = first_id + len(entries)
-    if mac_of is None:  # no key yet: these rows are stored with a NULL MAC and chained once it arrives
-        unchained_after = tip.unchained_after
-        if unchained_after is None and entries:
-            unchained_after = first_id - 1
-        return _ChainTip(data_version, next_id, prev_mac, unchained_after)
-    return _ChainTip(data_version, next_id, prev_mac, None)
+            for row_id, entry in enumerate(entries, first_id):
+                values = entry_values(entry)
+                prev_mac = mac_of(prev_mac, row_id, values)
+                params += (row_id, *values, prev_mac)
+        elif entries:  # no key yet: stored with a NULL MAC, witnessed, and chained once the key arrives
+            witness, witness_of = unchained.witness, self._witness_of
+            for row_id, entry in enumerate(entries, first_id):
+                values = entry_values(entry)
+                witness = witness_of(witness, row_id, values)
+                params += (row_id, *values, None)
+            unchained = unchained.after(first_id, len(entries), witness)
+        _insert(conn, params)
+        return _ChainTip(data_version, first_id + len(entries), prev_mac), unchained
 
+    def _read_tip(self, conn: sqlite3.Connection, data_version: int) -> _ChainTip:
+        """The tip as the file has it: at start, and whenever the carried one may be stale."""
+        seq, max_id, tip_id, tip_mac = conn.execute(_STATE).fetchone()
+        prev_mac: bytes = tip_mac if tip_id is not None else _chain_origin(conn)
+        tip_id = tip_id or 0
+        if max_id > tip_id:
+            self._report_foreign(conn, tip_id)
+        return _ChainTip(data_version, max(seq, max_id) + 1, prev_mac)
 
-def _read_tip(conn: sqlite3.Connection, data_version: int) -> _ChainTip:
-    """The tip as the file has it: at start, and whenever the carried one may be stale."""
-    seq, max_id, tip_id, tip_mac = conn.execute(_STATE).fetchone()
-    prev_mac: bytes = tip_mac if tip_id is not None else _chain_origin(conn)
-    tip_id = tip_id or 0
-    return _ChainTip(data_version, max(seq, max_id) + 1, prev_mac, tip_id if max_id > tip_id else None)
+    def _report_foreign(self, conn: sqlite3.Connection, tip_id: int) -> None:
+        """Log rows without a MAC after the chain's tip that this process did not write, once per state of the file.
+
+        They are never chained (see _Unchained); the chain goes on from the newest chained row, past them.
+        """
+        (after,) = conn.execute(_COUNT_AFTER, (tip_id,)).fetchone()
+        foreign = after - self._unchained.rows_after(tip_id)
+        if foreign <= 0 or self._reported_foreign == (tip_id, foreign):
+            return
+        self._reported_foreign = (tip_id, foreign)
+        log.error("ledger: %s after row %d %s no MAC and %s not written by this aegisd: an earlier run stored "
+                  "them before its vault was unlocked, or they were edited and their MACs removed. They are never "
+                  "chained after the fact; `aegisctl ledger verify` reports them", _count(foreign, "row"), tip_id,
+                  "has" if foreign == 1 else "have", "was" if foreign == 1 else "were")
+
 
 
 def _insert(conn: sqlite3.Connection, params: list[Any]) -> None:
@@ -590,10 +663,29 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
         log.debug("ledger checkpoint skipped: %s", exc)
 
 
-def _chain_unchained(conn: sqlite3.Connection, mac_of: RowMac, tip_id: int, prev_mac: bytes) -> bytes:
-    """MAC, in id order, the rows written after the chain's tip while there was no key."""
+def _chain_own(conn: sqlite3.Connection, mac_of: RowMac, witness_of: RowMac, unchained: _Unchained,
+               prev_mac: bytes) -> bytes:
+    """MAC, in id order, the rows this writer stored without a key, if they are still exactly as it wrote them.
+
+    Returns the MAC the next row links to. If any of them was changed or deleted in the file meanwhile, none
+    is chained (logged): chaining them would vouch for the change.
+    """
+    def own_rows() -> Iterator[Any]:
+        for first, last in unchained.ranges:
+            yield from conn.execute(f"{SELECT_CHAIN} WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))
+
+    witness, count = GENESIS, 0
+    try:
+        for row in own_rows():
+            witness, count = witness_of(witness, row[0], row[1:-1]), count + 1
+    except (TypeError, ValueError):  # a value of a type the writer never stores
+        witness = b""
+    if count != unchained.rows or not hmac.compare_digest(witness, unchained.witness):
+        log.error("ledger: rows %s, stored while the vault was locked, were changed in the file before it "
+                  "unlocked; they are left unchained, and `aegisctl ledger verify` reports them", unchained.describe())
+        return prev_mac
     updates = []
-    for row in conn.execute(f"{SELECT_CHAIN} WHERE id > ? ORDER BY id", (tip_id,)):
+    for row in own_rows():
         prev_mac = mac_of(prev_mac, row[0], row[1:-1])
         updates.append((prev_mac, row[0]))
     conn.executemany("UPDATE ledger SET mac = ? WHERE id = ?", updates)
@@ -614,6 +706,10 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _nothing(conn: sqlite3.Connection, key: bytes | None) -> None:
+    """A job that only marks its place in the writer's queue."""
 
 
 def _to_row(row_id: int, entry: LedgerEntry) -> LedgerRow:

@@ -81,6 +81,14 @@ def raw(path: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
     conn.close()
 
 
+def sql(path: Path, query: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(query).fetchall()
+    finally:
+        conn.close()
+
+
 async def failing_writer(db: Path) -> LedgerWriter:
     """A started, keyed writer with one committed row, whose inserts fail from now on (until DROP TRIGGER fail)."""
     writer = LedgerWriter(db)
@@ -283,14 +291,15 @@ def test_bad_entries_are_refused_at_the_caller(db: Path) -> None:
         # Coerced to plain types, so what is hashed is exactly what is stored and read back.
         assert await writer.append(req(duration_ms=3, status=HTTPStatus.OK, reason=Reason.X)) == 1
         assert await writer.append(LedgerEntry.system("policy reload: 3 files")) == 2
+        assert verify(db, KEY).ok is False  # no key yet: the rows are not chained
+        writer.set_key(KEY)  # they are chained from the values read back from the file
         await writer.close()
 
     run(main())
     rows = query_rows(db, newest_first=False)
     assert rows[0].duration_ms == 3.0 and type(rows[0].status) is int and rows[0].reason == "not_granted"
     assert rows[1].kind == "system" and rows[1].decision == "" and rows[1].detail == "policy reload: 3 files"
-    assert verify(db, KEY).ok is False  # never keyed: the rows are not chained
-    assert run(chain_now(db)).ok
+    assert verify(db, KEY).ok
 
 
 STR_FIELDS = [f for f in ENTRY_FIELDS if f not in ("time_ms", "status", "duration_ms", "bytes_in", "bytes_out")]
@@ -452,7 +461,26 @@ def test_removed_mac_is_detected(db: Path) -> None:
     run(write(db, [req(i) for i in range(10)]))
     raw(db, "UPDATE ledger SET mac = NULL WHERE id = 6")
     result = verify(db, KEY)
-    assert not result.ok and result.first_bad_id == 6 and "MAC removed" in result.reason
+    assert not result.ok and result.first_bad_id == 6 and result.rows_checked == 5
+    assert result.reason.startswith("row 6 is not chained (no MAC)") and "edited and the MAC removed" in result.reason
+    assert "row 7 does not match its MAC" in result.reason  # it links to the MAC that was removed
+
+
+def test_verify_goes_on_past_rows_without_a_mac(db: Path) -> None:
+    """Rows without a MAC stay out of the chain for good, so verify must still check every row after them."""
+    run(write(db, [req(i) for i in range(3)]))
+    run(write(db, [req(i) for i in range(3, 5)], key=None))  # an earlier run, never unlocked
+    run(write(db, [req(i) for i in range(5, 9)]))
+    result = verify(db, KEY)
+    assert (result.ok, result.first_bad_id, result.rows_checked) == (False, 4, 3)
+    assert result.reason.startswith("rows 4..5 are not chained (no MAC): stored so by an earlier run of aegisd that "
+                                    "stopped before its vault was unlocked, or edited"), result.reason
+    assert result.reason.endswith("(the 4 chained rows after them verify)"), result.reason
+    raw(db, "UPDATE ledger SET status = 500 WHERE id = 8")
+    result = verify(db, KEY)
+    assert (result.first_bad_id, result.rows_checked) == (4, 3)
+    assert result.reason.endswith("; and row 8 does not match its MAC: it was edited or moved, a row before it was "
+                                  "deleted, or the key is wrong"), result.reason
 
 
 def test_wrong_key_fails(db: Path) -> None:
@@ -468,7 +496,7 @@ def test_rows_before_the_key_are_chained_when_it_is_set(db: Path) -> None:
         for i in range(5):
             await writer.append(req(i))  # the vault is still locked
         result = verify(db, KEY)
-        assert not result.ok and result.first_bad_id == 1 and "not chained yet" in result.reason
+        assert not result.ok and result.first_bad_id == 1 and "rows 1..5 are not chained" in result.reason
         writer.set_key(KEY)
         writer.set_key(KEY)  # setting the same key again is harmless
         with pytest.raises(LedgerError):
@@ -483,11 +511,102 @@ def test_rows_before_the_key_are_chained_when_it_is_set(db: Path) -> None:
 
 def test_chain_continues_across_restarts(db: Path) -> None:
     run(write(db, [req(i) for i in range(3)]))
-    run(write(db, [req(i) for i in range(3, 5)], key=None))  # restarted locked, never unlocked
-    assert not verify(db, KEY).ok
-    assert run(write(db, [req(5)])) == [6]  # unlocked on the next start
+    assert run(write(db, [req(i) for i in range(3, 5)])) == [4, 5]
     result = verify(db, KEY)
-    assert result.ok and result.rows_checked == 6
+    assert result.ok and result.rows_checked == 5
+
+
+def test_rows_an_earlier_run_stored_without_a_key_are_never_chained(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run that stopped before its vault was unlocked left rows without a MAC. The next run cannot tell them
+    from edited rows whose MACs were removed, so it never chains them: verify names them from then on, and the
+    chain goes on past them."""
+    run(write(db, [req(i) for i in range(3)]))
+    run(write(db, [req(i) for i in range(3, 5)], key=None))  # restarted locked, never unlocked
+    assert run(write(db, [req(5)])) == [6]  # unlocked on the next start
+    assert sql(db, "SELECT id FROM ledger WHERE mac IS NULL") == [(4,), (5,)]
+    result = verify(db, KEY)
+    assert (result.ok, result.first_bad_id, result.rows_checked) == (False, 4, 3)
+    assert "rows 4..5 are not chained" in result.reason and "(the 1 chained row after them verifies)" in result.reason
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["ledger: 2 rows after row 3 have no MAC and were not written by this aegisd: an earlier run "
+                      "stored them before its vault was unlocked, or they were edited and their MACs removed. They "
+                      "are never chained after the fact; `aegisctl ledger verify` reports them"]
+
+
+def test_rows_stripped_of_their_mac_are_never_chained_again(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a cold review: whoever could write ledger.db edited rows, removed their MACs, and the writer's
+    next commit MACed them with the key, so verify passed. Now only rows this process stored without a key
+    are chained after the fact; others are logged (once) and left for verify to report."""
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        writer.set_key(KEY)
+        for i in range(5):
+            await writer.append(req(i, agent="evil"))
+        raw(db, "UPDATE ledger SET agent = 'innocent', mac = NULL WHERE id >= 3")  # while it runs
+        for i in range(5, 8):  # each commit re-reads the file's tip: another connection wrote
+            await writer.append(req(i))
+            raw(db, "UPDATE ledger SET status = status WHERE id = 1")
+        await writer.close()
+
+    run(main())
+    assert sql(db, "SELECT id FROM ledger WHERE mac IS NULL") == [(3,), (4,), (5,)]
+    result = verify(db, KEY)
+    assert (result.ok, result.first_bad_id, result.rows_checked) == (False, 3, 2)
+    assert "rows 3..5 are not chained" in result.reason and "(the 3 chained rows after them verify)" in result.reason
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["ledger: 3 rows after row 2 have no MAC and were not written by this aegisd: an earlier run "
+                      "stored them before its vault was unlocked, or they were edited and their MACs removed. They "
+                      "are never chained after the fact; `aegisctl ledger verify` reports them"]
+
+    # Stopped, every MAC removed, a row deleted and the rest renumbered: the next start chains none of it.
+    raw(db, "DELETE FROM ledger WHERE id = 2")
+    raw(db, "UPDATE ledger SET id = id - 1 WHERE id > 2")
+    raw(db, "UPDATE ledger SET mac = NULL")
+    raw(db, "UPDATE sqlite_sequence SET seq = 7 WHERE name = 'ledger'")
+    assert run(write(db, [req(9)])) == [8]
+    result = verify(db, KEY)
+    assert (result.ok, result.first_bad_id) == (False, 1) and "rows 1..7 are not chained" in result.reason
+
+
+def test_rows_edited_before_the_key_comes_are_not_chained(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """This process's own rows written while locked are chained at unlock only if they are still as it wrote
+    them: a keyed hash under a key that never leaves memory vouches for them meanwhile."""
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        for i in range(4):
+            await writer.append(req(i, agent="evil"))
+        raw(db, "UPDATE ledger SET agent = 'innocent' WHERE id = 2")
+        writer.set_key(KEY)
+        assert await writer.append(req(4)) == 5
+        await writer.close()
+
+    run(main())
+    assert sql(db, "SELECT id FROM ledger WHERE mac IS NULL") == [(1,), (2,), (3,), (4,)]
+    result = verify(db, KEY)
+    assert (result.ok, result.first_bad_id) == (False, 1) and "rows 1..4 are not chained" in result.reason
+    assert "(the 1 chained row after them verifies)" in result.reason
+    assert any(r.levelno == logging.ERROR and r.getMessage().startswith(
+        "ledger: rows 1..4, stored while the vault was locked, were changed in the file before it unlocked")
+        for r in caplog.records)
+
+    # A deleted row counts as a change too.
+    db.unlink()
+
+    async def deleted() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        for i in range(3):
+            await writer.append(req(i))
+        raw(db, "DELETE FROM ledger WHERE id = 3")
+        writer.set_key(KEY)
+        await writer.close()
+
+    run(deleted())
+    assert sql(db, "SELECT id FROM ledger WHERE mac IS NULL") == [(1,), (2,)]
 
 
 def test_ids_are_never_reused_after_the_last_row_is_deleted(db: Path) -> None:
@@ -712,7 +831,7 @@ def test_rows_another_connection_commits_meanwhile_are_not_overwritten(db: Path)
             "FROM ledger WHERE id = 1")
         assert await writer.append(req(2)) == 3
         writer.set_key(KEY)
-        assert await writer.append(req(3)) == 4  # chains rows 1 to 3 first
+        assert await writer.append(req(3)) == 4  # chains its own rows 1 and 3 first, never row 2
         raw(db, "DELETE FROM ledger WHERE id = 4")
         assert await writer.append(req(4)) == 5  # never reuses an id
         await writer.close()
@@ -720,8 +839,10 @@ def test_rows_another_connection_commits_meanwhile_are_not_overwritten(db: Path)
     run(main())
     rows = query_rows(db, newest_first=False)
     assert [(r.id, r.request_id) for r in rows] == [(1, "req-0"), (2, "other"), (3, "req-2"), (5, "req-4")]
+    assert sql(db, "SELECT id FROM ledger WHERE mac IS NULL") == [(2,)]
     result = verify(db, KEY)
-    assert not result.ok and result.first_bad_id == 5 and "rows 4..4 are missing" in result.reason
+    assert not result.ok and result.first_bad_id == 2 and result.reason.startswith("row 2 is not chained")
+    assert result.reason.endswith("; and rows 4..4 are missing"), result.reason
 
 
 # ---- reading ----
