@@ -182,10 +182,10 @@ class _Reader:
             zone_node = fields["timezone"]
             zone_name = self.scalar(zone_node, _join(path, "timezone")) or ""
             found = _zone(zone_name) if zone_name else None
-            if found is None:
-                if zone_name:
-                    self.issue(zone_node, _join(path, "timezone"), f"unknown timezone {zone_name!r}; use an IANA "
-                               "name such as Europe/Berlin, America/New_York or UTC")
+            if found is None:  # an empty value too: a window that silently fell away would allow every hour
+                what = f"unknown timezone {zone_name!r}" if zone_name else "timezone has no value"
+                self.issue(zone_node, _join(path, "timezone"), f"{what}; use an IANA name such as Europe/Berlin, "
+                           "America/New_York or UTC, or leave timezone out for UTC")
                 return None
             zone = found
         if start is None or end is None:

@@ -87,7 +87,8 @@ class PolicyStore:
                     if policy_file.agent is None and not policy_file.valid:
                         policy_file.agent = self._last_agent.get(policy_file.name)
                 self.current = compile_set(files)
-                self._last_agent = {f.name: f.agent for f in files if f.valid and f.agent is not None}
+                # Invalid files keep the agent they borrowed, so a later reload still fails only that agent.
+                self._last_agent = {f.name: f.agent for f in files if f.agent is not None}
             self._report(self.snapshot)
             return self.snapshot
 
@@ -194,6 +195,8 @@ def _signature(directory: Path) -> Signature:
                 continue
             try:
                 if not entry.is_file():
+                    if entry.is_symlink():  # to nothing, or to no file: listed, so reading it fails closed
+                        found.append((entry.name, 0, 0, 0))
                     continue
                 info = entry.stat()
             except FileNotFoundError:

@@ -218,6 +218,8 @@ ERROR_FILES = {
     "time.yaml": "agent: f\nrules:\n  - service: svc\n    time_window: {start: \"25:00\", end: \"18:00\"}\n",
     "zone.yaml": "agent: g\nrules:\n  - service: svc\n    time_window: {start: \"09:00\", end: \"18:00\", "
                  "timezone: Mars/Olympus_Mons}\n",
+    "nozone.yaml": "agent: h\nrules:\n  - service: svc\n    time_window: {start: \"09:00\", end: \"18:00\", "
+                   "timezone: \"\"}\n",  # e.g. "${TZ}" with TZ unset: must not drop the window
     "many.yaml": ("agent: Not Valid\nmode: sometimes\ncolour: blue\nrules:\n  - service: svc\n"
                   "    methods: [GET, TRACE]\n    paths: [\"[z-a]\"]\n    rate_limit: fast\n"
                   "    time_window: {start: \"9\", end: \"18:00\", timezone: Nowhere/City}\n  - methods: [GET]\n"),
@@ -230,6 +232,7 @@ EXPECTED = {
     "rate.yaml": [("rate.yaml:4:17", "rules[0].rate_limit", "rate '100/fortnight' must look like N/sec")],
     "time.yaml": [("time.yaml:4:26", "rules[0].time_window.start", "time '25:00' must be HH:MM")],
     "zone.yaml": [("zone.yaml:4:59", "rules[0].time_window.timezone", "unknown timezone 'Mars/Olympus_Mons'")],
+    "nozone.yaml": [("nozone.yaml:4:59", "rules[0].time_window.timezone", "timezone has no value")],
     "many.yaml": [("many.yaml:1:8", "agent", "agent name 'Not Valid'"),
                   ("many.yaml:2:7", "mode", "mode 'sometimes' must be one of: enforce, dry-run, off"),
                   ("many.yaml:3:1", "colour", "unknown field 'colour'"),
@@ -323,6 +326,25 @@ def test_broken_file_fails_closed_for_its_agent_and_keeps_the_others() -> None:
         assert world.call("GET", "/svc/echo/a", agent="alice").status == 200
         assert world.call("GET", "/svc/echo/b2", agent="bob").status == 200
         assert system_rows(world)[0]["reason"] == "policy_reloaded"
+
+        # Broken so that its agent cannot be read: the file borrows it from its last version that could be,
+        # and keeps it over later reloads, so the others never fail with it.
+        write_policy(directory, "alice.yaml", "rules: [[\n")
+        world.aegis.ctl("policy", "reload")
+        write_policy(directory, "bob.yaml", bob)  # an unrelated change: another reload
+        world.aegis.ctl("policy", "reload")
+        assert policy_status(world)["fail_all"] == []
+        world.assert_refused(world.call("GET", "/svc/echo/a", agent="alice"), 403, "policy_invalid")
+        assert world.call("GET", "/svc/echo/b", agent="bob").status == 200
+
+        # A policy file that is a link to nothing is not skipped: it fails closed like an unreadable file.
+        write_policy(directory, "alice.yaml", alice)
+        (directory / "carol.yaml").symlink_to(directory / "gone.yaml")
+        result = world.aegis.ctl("policy", "reload")
+        assert_failed(result, "reloaded with errors")
+        assert "carol.yaml:" in result.out and "cannot read the file" in result.out
+        assert policy_status(world)["fail_all"] == ["carol.yaml"]
+        world.assert_refused(world.call("GET", "/svc/echo/b", agent="bob"), 403, "policy_invalid")
         world.assert_no_leaks()
     finally:
         world.close()
