@@ -9,8 +9,10 @@ receiver cannot hold up deliveries to the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import random
@@ -49,6 +51,7 @@ class Delivery:
     time_ms: int = field(default_factory=now_ms)
     attempts: int = 0
     body: bytes = b""
+    generation: int = -1  # of its target when queued; see Dispatcher.set_targets
 
     def payload(self) -> bytes:
         if not self.body:
@@ -86,9 +89,13 @@ class Dispatcher:
         self._config = config
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=config.webhook_queue_size)
         self._by_event: dict[str, tuple[Target, ...]] = {}
-        self._live: frozenset[str] = frozenset()  # ids of the current webhooks
+        # The current webhooks' ids, each with the generation it was loaded in: a webhook that goes (removed,
+        # or the vault locked) and comes back (unlocked) is a new generation, and what was queued before is not sent.
+        self._live: dict[str, int] = {}
+        self._generations = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._workers: list[asyncio.Task[None]] = []
-        self._retries: set[asyncio.TimerHandle] = set()
+        self._retries: dict[asyncio.TimerHandle, Delivery] = {}
         self._session: aiohttp.ClientSession | None = None  # made for the first delivery
         self._running = False
         self.delivered = self.failed = self.dropped = 0
@@ -96,13 +103,20 @@ class Dispatcher:
     # -- what the gate and the control API call ------------------------------------------------
 
     def set_targets(self, targets: Iterable[Target]) -> None:
-        """Swap in the subscriptions whole (safe from any thread: one reference assignment)."""
+        """Swap in the subscriptions whole (safe from any thread: reference assignments). Deliveries queued or
+        waiting to retry for a webhook that is gone are dropped, with the URL and signing secret they hold."""
         by_event: dict[str, list[Target]] = {}
         for target in targets:
             for name in target.events:
                 by_event.setdefault(name, []).append(target)
+        previous = self._live
+        live = {target.id: previous.get(target.id, -1) for found in by_event.values() for target in found}
+        self._live = {tid: generation if generation >= 0 else next(self._generations)
+                      for tid, generation in live.items()}
         self._by_event = {name: tuple(found) for name, found in by_event.items()}
-        self._live = frozenset(target.id for found in by_event.values() for target in found)
+        if self._loop is not None and previous.keys() - self._live.keys():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing is left to drop
+                self._loop.call_soon_threadsafe(self._drop_stale)
 
     @property
     def has_subscribers(self) -> bool:
@@ -114,7 +128,7 @@ class Dispatcher:
     def emit(self, event: str, details: dict[str, Any]) -> None:
         """Queue `event` for every webhook subscribed to it; never waits, counts what does not fit."""
         for target in self._by_event.get(event, ()):
-            self._offer(Delivery(target, event, details))
+            self._offer(Delivery(target, event, details, generation=self._live.get(target.id, -1)))
 
     @property
     def queue_depth(self) -> int:
@@ -133,6 +147,7 @@ class Dispatcher:
 
     def start(self) -> None:
         self._running = True
+        self._loop = asyncio.get_running_loop()
         self._workers = [asyncio.create_task(self._work(), name=f"aegis-webhook-{n}")
                          for n in range(self._config.webhook_workers)]
 
@@ -141,6 +156,7 @@ class Dispatcher:
         for handle in self._retries:
             handle.cancel()
         self._retries.clear()
+        self._loop = None
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -161,6 +177,24 @@ class Dispatcher:
                 log_event(log, logging.WARNING, "webhook queue full; deliveries dropped", dropped=self.dropped,
                           queue_size=self._config.webhook_queue_size)
 
+    def _current(self, delivery: Delivery) -> bool:
+        return self._live.get(delivery.target.id) == delivery.generation
+
+    def _drop_stale(self) -> None:
+        """Forget deliveries whose webhook is gone (in the loop, which owns the queue and the timers)."""
+        for handle, delivery in list(self._retries.items()):
+            if not self._current(delivery):
+                handle.cancel()
+                del self._retries[handle]
+        kept = []
+        while not self._queue.empty():
+            delivery = self._queue.get_nowait()
+            self._queue.task_done()
+            if self._current(delivery):
+                kept.append(delivery)
+        for delivery in kept:
+            self._queue.put_nowait(delivery)
+
     async def _work(self) -> None:
         while True:
             delivery = await self._queue.get()
@@ -172,8 +206,8 @@ class Dispatcher:
                 self._queue.task_done()
 
     async def _attempt(self, delivery: Delivery) -> None:
-        if delivery.target.id not in self._live:
-            return  # removed since, or the vault was locked: its key and URL are forgotten
+        if not self._current(delivery):
+            return  # removed since, or the vault was locked (even if unlocked again): not sent
         delivery.attempts += 1
         result = await self._post(delivery)
         if result.delivered:
@@ -189,11 +223,11 @@ class Dispatcher:
 
             def retry() -> None:
                 if handle is not None:
-                    self._retries.discard(handle)
+                    self._retries.pop(handle, None)
                 self._offer(delivery)
 
             handle = loop.call_later(delay, retry)
-            self._retries.add(handle)
+            self._retries[handle] = delivery
             return
         self.failed += 1
         log_event(log, logging.WARNING, "webhook delivery failed", **fields)
