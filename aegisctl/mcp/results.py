@@ -65,12 +65,19 @@ def body_text(data: bytes, charset: str | None, content_type: str, truncated: bo
     """(text, "text") when the body decodes in its charset (UTF-8 by default), else (base64, "base64")."""
     if content_type.startswith(BINARY_TYPES):
         return base64.b64encode(data).decode("ascii"), "base64"
-    try:
-        decoder = codecs.getincrementaldecoder(charset or "utf-8")("strict")
-    except LookupError:
-        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    decoder = codecs.getincrementaldecoder(_text_encoding(charset))("strict")
     try:
         # A truncated body may end inside a multi-byte character: drop that partial character only.
         return decoder.decode(data, final=not truncated), "text"
     except UnicodeDecodeError:
         return base64.b64encode(data).decode("ascii"), "base64"
+
+
+def _text_encoding(charset: str | None) -> str:
+    """The upstream's charset if it names a text encoding, else UTF-8. Python's codec registry also holds
+    bz2, zlib, hex and base64 under such names: a body would be decompressed without bound, or not become text."""
+    try:
+        info = codecs.lookup(charset or "utf-8")
+    except LookupError:
+        return "utf-8"
+    return info.name if getattr(info, "_is_text_encoding", False) else "utf-8"
