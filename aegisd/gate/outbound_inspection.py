@@ -9,7 +9,7 @@ families only (`vault_secret`, `openai_key`, ...): never the matched text, never
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from multidict import CIMultiDict
@@ -17,10 +17,12 @@ from multidict import CIMultiDict
 from aegisd.gate.agent_connection import GateRequest
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import Route
-from aegisd.inspection import Inspector
+from aegisd.inspection import REDACTED, Inspector
 from aegisd.inspection.decompress import DECODABLE, GZIP_MAGIC, DecodeError, TooLarge, decompress_capped
 
 NOT_INSPECTABLE = "not_inspectable"
+# A path holding more findings than this is recorded as one marker: bounds the bisection's scans.
+MASK_ROUNDS = 8
 
 
 class Inspected(Protocol):
@@ -28,6 +30,8 @@ class Inspected(Protocol):
 
     flags: str
     bytes_in: int
+    path: str
+    path_inspected: bool  # the row's path was inspected (and masked if it holds a finding)
 
 
 def inspect_request(request: GateRequest, route: Route, inspector: Inspector, x: Inspected, raw_path: str,
@@ -44,6 +48,9 @@ def inspect_request(request: GateRequest, route: Route, inspector: Inspector, x:
         "query string": query.encode("utf-8", "surrogateescape"),
         "headers": "\n".join(map(": ".join, headers.items())).encode("utf-8", "surrogateescape"),
     })
+    x.path_inspected = True
+    if "path" in found:  # the ledger and webhooks record the path: never with what matched in it
+        x.path = masked(inspector, raw_path)
     problem: Refusal | None = None
     if body:
         _note(found, "body", inspector.scan(body))
@@ -125,6 +132,40 @@ def _note(found: dict[str, set[str]], where: str, families: set[str]) -> None:
 
 def _flag(x: Inspected, flag: str) -> None:
     x.flags = f"{x.flags},{flag}" if x.flags else flag
+
+
+def masked(inspector: Inspector, path: str) -> str:
+    """`path` with each `/`-separated segment that holds (part of) a finding replaced by [REDACTED], for the
+    ledger, which must never hold the text that matched. Whole segments, because a key format's match may
+    run on past the shortest text that is found (`sk-` and 32 or more characters) and a base64 form's edges
+    depend on its neighbours; a finding seen only once decoded (percent-encoded) is masked as sent."""
+    data = path.encode("utf-8", "surrogateescape")
+    for _ in range(MASK_ROUNDS):
+        if not inspector.scan(data):
+            return data.decode("utf-8", "surrogateescape")
+        start, end = _first_finding(inspector, data)
+        start, end = data.rfind(b"/", 0, start) + 1, data.find(b"/", end)
+        data = data[:start] + REDACTED + (data[end:] if end >= 0 else b"")
+    return REDACTED.decode()
+
+
+def _first_finding(inspector: Inspector, data: bytes) -> tuple[int, int]:
+    """A short span of `data` (which holds a finding) that holds one on its own, as (start, end): by bisection,
+    the shortest prefix holding a finding, then that prefix's shortest suffix still holding it."""
+    end = _bisect(lambda n: bool(inspector.scan(data[:n])), 0, len(data))
+    start = _bisect(lambda n: not inspector.scan(data[n:end]), 0, end) - 1
+    return start, end
+
+
+def _bisect(holds: Callable[[int], bool], low: int, high: int) -> int:
+    """The least n in (low, high] where `holds` turns true, given it is false at `low` and true at `high`."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        if holds(middle):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def body_too_large(limit: int) -> Refusal:

@@ -23,13 +23,20 @@ from aegisd.gate.admission import GateLimits, check_policy
 from aegisd.gate.agent_connection import GateRequest
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
 from aegisd.gate.headers import add_credential, agent_headers, agent_query, inbound_headers, query_with_credential
-from aegisd.gate.outbound_inspection import BodyTooLarge, body_too_large, counted_body, inspect_request, read_body
+from aegisd.gate.outbound_inspection import (
+    BodyTooLarge,
+    body_too_large,
+    counted_body,
+    inspect_request,
+    masked,
+    read_body,
+)
 from aegisd.gate.refusal import JSON_CONTENT_TYPE, REQUEST_ID_HEADER, Refusal, send_refusal
 from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
 from aegisd.gate.services import granted_services
 from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
-from aegisd.inspection import Redaction
+from aegisd.inspection import Inspector, Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.outcomes import OutcomeSink
 from aegisd.policy import PolicySet, PolicyStore, Verdict
@@ -41,14 +48,15 @@ SMALL_BODY_BYTES = 64 * 1024
 # The most an answer read whole may hold once decoded (a small gzip answer can decode to gigabytes), and
 # the most read whole for an HTTP/1.0 agent when the upstream declares no length.
 WHOLE_ANSWER_MAX = 16 * 1024 * 1024
+KEY_FORMATS_ONLY = Inspector(())  # what can still be recognised in a path while the vault is locked
 
 
 class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
     __slots__ = ("agent", "bytes_in", "bytes_out", "credential", "decision", "flags", "forwarded", "method", "path",
-                 "reason", "recorded", "request_id", "service", "started", "status", "target_host", "time_ms",
-                 "upstream_s")
+                 "path_inspected", "reason", "recorded", "request_id", "service", "started", "status", "target_host",
+                 "time_ms", "upstream_s")
 
     def __init__(self, method: str) -> None:
         self.request_id = secrets.token_hex(8)
@@ -61,6 +69,7 @@ class Exchange:
         self.upstream_s: float | None = None  # time to the upstream's response headers, for metrics
         self.recorded = False
         self.forwarded = False  # the request went (or began to go) to the upstream
+        self.path_inspected = False  # step 8 scanned the path (and masked what it found)
 
     def entry(self) -> LedgerEntry:
         return LedgerEntry(
@@ -412,6 +421,8 @@ class GatePipeline:
 
     async def _record(self, x: Exchange) -> bool:
         x.recorded = True
+        if x.decision == "denied" and not x.path_inspected:
+            self._mask_target(x)
         entry = x.entry()
         if self.outcomes is not None:
             try:
@@ -424,6 +435,14 @@ class GatePipeline:
             log.log(logging.DEBUG if self.ledger.failing else logging.ERROR, "ledger write failed: %s", exc)
             return False
         return True
+
+    def _mask_target(self, x: Exchange) -> None:
+        """A request refused before step 8 (or whose credential's inspection is off) may have put a secret in
+        its service or path only to leave it in the ledger: those are masked as an inspected path is. Without
+        a table (locked) only the key formats can be recognised."""
+        table = self.routing.table
+        inspector = table.inspector if table is not None else KEY_FORMATS_ONLY
+        x.service, x.path = masked(inspector, x.service), masked(inspector, x.path)
 
     async def _operator(self, request: GateRequest, rest: str, x: Exchange) -> None:
         endpoint = rest.rstrip("/")

@@ -167,6 +167,38 @@ def test_query_string_path_and_headers_are_inspected(insp: Inspection) -> None:
     world.assert_no_leaks()
 
 
+def test_a_secret_in_the_path_is_masked_in_the_ledger(insp: Inspection) -> None:
+    """Refused by inspection, forwarded in warn mode, or refused before inspection ran (even while locked):
+    the row's service and path hold [REDACTED] where the secret or key was, and the rest of the path stays."""
+    world, key = insp.world, KEYS["openai_key"]
+    escaped = "".join(c if c == "/" else f"%{ord(c):02X}" for c in OTHER)  # found only once decoded
+    with untouched(insp.up):
+        replies = {
+            "/echo/notes/[REDACTED]/tail": world.call("GET", f"/blk/echo/notes/{OTHER}/tail", agent="bot"),
+            "/echo/pct/[REDACTED]": world.call("GET", f"/blk/echo/pct/{escaped}", agent="bot"),
+            "/echo/k/[REDACTED]/x": world.call("GET", f"/blk/echo/k/{key}/x", agent="bot"),
+            "/echo/[REDACTED]": world.call("GET", f"/nosuch/echo/{OTHER}", agent="bot"),
+        }
+        as_service = world.call("GET", f"/{key}/echo/x", agent="bot")
+        world.aegis.ctl("lock").ok()
+        locked = world.call("GET", f"/blk/echo/locked/{key}", agent="bot")
+        world.unlock()
+    warned = world.call("GET", f"/wrn/echo/w/{OTHER}/end", agent="bot")
+    rows = world.ledger()
+    for path, reply in replies.items():
+        row = world.row(reply.request_id, rows)
+        assert (row["status"], row["path"]) == (403, path), row
+    assert world.row(as_service.request_id, rows)["service"] == "[REDACTED]"
+    assert world.row(locked.request_id, rows)["path"] == "/echo/locked/[REDACTED]"
+    row = world.row(warned.request_id, rows)
+    assert (warned.status, row["path"]) == (200, "/echo/w/[REDACTED]/end")
+    assert row["flags"] == "body_inspection_warn=vault_secret"
+    assert key not in json.dumps(rows)
+    # The agent's own text comes back to it: the echo of the forwarded path, the service named in a refusal.
+    world.received = [r for r in world.received if OTHER not in r and key not in r]
+    world.assert_no_leaks()
+
+
 def test_clean_corpus_passes_byte_exact(insp: Inspection) -> None:
     world, up = insp.world, insp.up
     corpus = clean_corpus()

@@ -228,6 +228,32 @@ def test_limit_inspection_and_redaction_events_when_those_steps_exist() -> None:
         world.close()
 
 
+def test_a_secret_in_the_path_reaches_no_receiver() -> None:
+    """A payload's path is its ledger row's: masked where a secret was, whether the request was refused by
+    inspection, forwarded in warn mode, or refused before inspection."""
+    world = ops_world()
+    receiver = Receiver().start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRET, up.entry())
+        world.credential("open", OPEN_SECRET, up.entry(), "--body-inspection", "warn")
+        world.agent("bot", "bear", "open")
+        add_webhook(world, receiver, "blocked_request,body_inspection")
+        blocked = world.call("GET", f"/bear/echo/{OPEN_SECRET}", agent="bot")
+        warned = world.call("GET", f"/open/echo/{SECRET}/x", agent="bot")
+        ungranted = world.call("GET", f"/nosuch/{SECRET}", agent="bot")
+        assert (blocked.status, warned.status, ungranted.status) == (403, 200, 403)
+        world.received.remove(warned.text())  # the upstream's echo of the path the agent sent
+        receiver.wait_for(3)
+        paths = {d.payload["details"]["request_id"]: d.payload["details"]["path"] for d in receiver.deliveries}
+        assert paths == {blocked.request_id: "/echo/[REDACTED]", warned.request_id: "/echo/[REDACTED]/x",
+                         ungranted.request_id: "/[REDACTED]"}
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
+    finally:
+        receiver.stop()
+        world.close()
+
+
 def test_retries_reach_a_receiver_that_fails_twice() -> None:
     world = ops_world("[webhooks]\nretry_delay = 0.05\n")
     receiver = Receiver(fail_first=2).start()
