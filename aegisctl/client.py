@@ -29,6 +29,9 @@ from aegisd.api.aegis.v1 import (
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 30.0
+# The daemon keeps its replies to a few MiB (ledger pages are cut by size); the margin over gRPC's 4 MiB
+# default is for whatever an older or future daemon sends, so a large reply is never refused here.
+MAX_RECEIVE_BYTES = 64 << 20
 
 # What to do next, per daemon reason code.
 HINTS = {
@@ -146,7 +149,8 @@ class AegisClient:
     def _connect(self) -> grpc.Channel:
         if self._channel is None:
             self._check_socket()
-            self._channel = grpc.insecure_channel(f"unix:{self.socket_path}")
+            self._channel = grpc.insecure_channel(f"unix:{self.socket_path}",
+                                                  options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
         return self._channel
 
     def _check_socket(self) -> None:

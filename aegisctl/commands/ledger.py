@@ -78,8 +78,16 @@ def command() -> None:
 def show(ctx: Context, /, limit: int, as_json: bool, **filters: Any) -> None:
     """Show the newest ledger rows."""
     client = ctx.client
-    reply = client.call(client.ledger.ListEntries, pb.ListEntriesRequest(filter=make_filter(**filters), limit=limit))
-    rows = [record_json(r) for r in reply.records]
+    flt = make_filter(**filters)
+    records: list[pb.LedgerRecord] = []
+    while True:  # the daemon answers in replies of a few MiB; one with `more` asks for the next
+        before = records[-1].id if records else 0
+        reply = client.call(client.ledger.ListEntries,
+                            pb.ListEntriesRequest(filter=flt, limit=limit - len(records), before_id=before))
+        records.extend(reply.records)
+        if not reply.more or not reply.records or len(records) >= limit:
+            break
+    rows = [record_json(r) for r in records]
     if as_json:
         output.emit_json(rows)
     elif not rows:

@@ -27,12 +27,17 @@ from aegisd.ledger import (
     query_rows,
     verify,
 )
-from aegisd.ledger.entry import iso_time
+from aegisd.ledger.entry import MAX_TEXT_CHARS, iso_time, truncate
 from aegisd.runtime import Runtime
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_LIMIT = 100_000
-EXPORT_BATCH = 1000  # rows per message: ~150 KB, far below gRPC's 4 MB limit
+EXPORT_BATCH = 1000  # rows per message: ~150 KB of typical rows
+# Bytes per message, so rows near their size cap (entry.MAX_TEXT_CHARS per field, or larger ones an older
+# aegisd stored) never make one larger than the 4 MiB every gRPC client accepts by default.
+EXPORT_BYTES = 1 << 20
+LIST_BYTES = 3 << 20
+PAGE_ROWS = 1000  # rows per query while filling a ListEntries reply
 
 
 def record(row: LedgerRow) -> pb.LedgerRecord:
@@ -56,13 +61,53 @@ def _matches(row: LedgerRow, f: pb.LedgerFilter) -> bool:
 
 
 def _groups(groups: list[Group]) -> list[pb.StatsGroup]:
-    return [pb.StatsGroup(key=g.key, count=g.count, denied=g.denied) for g in groups]
+    """Breakdowns for the reply; a key an older aegisd stored uncapped is cut like a new row's would be."""
+    return [pb.StatsGroup(key=truncate(g.key, MAX_TEXT_CHARS), count=g.count, denied=g.denied) for g in groups]
+
+
+def _take(rows: list[LedgerRow], records: list[pb.LedgerRecord], budget: int) -> int:
+    """Append rows' records until the next would take them past `budget` bytes (the first always goes);
+    return the bytes left, negative once a row did not fit."""
+    for row in rows:
+        rec = record(row)
+        size = rec.ByteSize()
+        if records and size > budget:
+            return -1
+        records.append(rec)
+        budget -= size
+    return budget
+
+
+def _list_page(path: Path, filters: dict[str, Any], limit: int, before_id: int | None
+               ) -> tuple[list[pb.LedgerRecord], bool]:
+    """Up to `limit` rows older than before_id, newest first, within LIST_BYTES; True if it stopped for size.
+
+    Read PAGE_ROWS at a time, so a reply cut short by size never read the rows it leaves out.
+    """
+    records: list[pb.LedgerRecord] = []
+    budget = LIST_BYTES
+    conn = open_reader(path)
+    try:
+        while len(records) < limit:
+            want = min(limit - len(records), PAGE_ROWS)
+            rows = query_rows(conn, limit=want, after_id=before_id, newest_first=True, **filters)
+            budget = _take(rows, records, budget)
+            if budget < 0:
+                return records, True
+            if len(rows) < want:
+                break
+            before_id = rows[-1].id
+    finally:
+        conn.close()
+    return records, False
 
 
 def _export_page(path: Path, filters: dict[str, Any], after_id: int, end_id: int | None
                  ) -> tuple[pb.ExportBatch, int, int | None]:
     """One batch after `after_id` (in a worker thread, on its own connection, so a cancelled export
-    leaves nothing shared behind): the batch, the last id in it (0: done), and the export's end id."""
+    leaves nothing shared behind): the batch, the last id in it (0: done), and the export's end id.
+
+    A batch holds at most EXPORT_BATCH rows and, unless one row alone is larger, EXPORT_BYTES."""
     conn = open_reader(path)
     try:
         if end_id is None:  # the first page fixes the end, so rows committed meanwhile are not chased
@@ -71,8 +116,16 @@ def _export_page(path: Path, filters: dict[str, Any], after_id: int, end_id: int
     finally:
         conn.close()
     kept = [r for r in rows if r.id <= end_id]
+    records: list[pb.LedgerRecord] = []
+    if _take(kept, records, EXPORT_BYTES) < 0:  # cut for size: the next batch goes on after the last row sent
+        return pb.ExportBatch(records=records), records[-1].id, end_id
     last = kept[-1].id if kept and len(kept) == len(rows) == EXPORT_BATCH else 0
-    return pb.ExportBatch(records=[record(r) for r in kept]), last, end_id
+    return pb.ExportBatch(records=records), last, end_id
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidArgument(f"limit must be between 1 and {MAX_LIMIT}")
 
 
 class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
@@ -82,8 +135,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self._prune_lock = asyncio.Lock()
 
     async def _query(self, f: pb.LedgerFilter, limit: int) -> list[LedgerRow]:
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidArgument(f"limit must be between 1 and {MAX_LIMIT}")
+        _check_limit(limit)
         try:
             return await asyncio.to_thread(query_rows, self.path, limit=limit, **_filters(f))
         except LedgerError as exc:
@@ -91,8 +143,15 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
 
     @rpc
     async def ListEntries(self, request: pb.ListEntriesRequest, context: Ctx) -> pb.ListEntriesResponse:
-        rows = await self._query(request.filter, request.limit or 100)
-        return pb.ListEntriesResponse(records=[record(r) for r in rows])
+        """The newest matching rows, in replies of a few MiB at most (`more` asks the client to page on)."""
+        limit = request.limit or 100
+        _check_limit(limit)
+        try:
+            records, more = await asyncio.to_thread(_list_page, self.path, _filters(request.filter), limit,
+                                                    request.before_id or None)
+        except LedgerError as exc:
+            raise StorageUnavailable(str(exc)) from None
+        return pb.ListEntriesResponse(records=records, more=more)
 
     async def Follow(self, request: pb.FollowRequest, context: Ctx) -> AsyncIterator[pb.LedgerRecord]:
         with self.rt.ledger.subscribe() as live:

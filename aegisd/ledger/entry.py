@@ -17,6 +17,12 @@ KINDS = ("request", "system")
 DECISIONS = ("allowed", "denied")
 _INT_MAX = 2**63 - 1  # SQLite INTEGER range; a larger value would fail a whole group commit
 _TIME_MS_MAX = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant ISO 8601 can show
+# The most characters a text field keeps. An agent, even an unauthenticated one, chooses the path, the
+# service segment and the target host, and the gate takes request heads of up to 64 KiB: uncapped, a few
+# hundred such rows make one `ledger show` or `export` page larger than a gRPC message, and a flood of
+# them grows the file 30 times faster. Past the cap a field keeps its start and says how long it was.
+MAX_TEXT_CHARS = 2048
+MAX_DETAIL_CHARS = 8192  # the daemon's own text: a policy reload that lists many failing files
 
 
 def now_ms() -> int:
@@ -118,7 +124,24 @@ def normalize(entry: LedgerEntry) -> LedgerEntry:
     cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=-1)
     if cut >= 0:
         changes["path"] = path[:cut]
+    for name in _STR_FIELDS:
+        value = changes.get(name, getattr(entry, name))
+        limit = MAX_DETAIL_CHARS if name == "detail" else MAX_TEXT_CHARS
+        if len(value) > limit:
+            changes[name] = truncate(value, limit)
     return replace(entry, **changes) if changes else entry
+
+
+def truncate(value: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """value cut to exactly `limit` characters, ending in a marker that says it was cut and from how many.
+
+    The result is never longer than limit, so truncating it again changes nothing (a row normalized twice
+    stores and hashes the same text).
+    """
+    if len(value) <= limit:
+        return value
+    marker = f"...[truncated: {len(value)} characters]"
+    return value[: max(limit - len(marker), 0)] + marker[: limit]
 
 
 def _stores_as_is(e: LedgerEntry) -> bool:
@@ -126,8 +149,9 @@ def _stores_as_is(e: LedgerEntry) -> bool:
 
     It runs on the event loop for every gate request, whose rows are built from plain str, int and float
     values, so nearly every row passes here; anything else (an enum, a bool, non-ASCII text, a query string,
-    a value out of range) goes through the full check, which coerces it or says what is wrong. Each field is
-    spelled out because `type(x) is T` on an attribute is several times cheaper than any loop over fields.
+    a value out of range, text past MAX_TEXT_CHARS) goes through the full check, which coerces it or says what
+    is wrong. Each field is spelled out because `type(x) is T` on an attribute is several times cheaper than
+    any loop over fields; one length check on all the text at once bounds every field.
     """
     return (
         type(e.kind) is str and type(e.request_id) is str and type(e.agent) is str and type(e.credential) is str
@@ -137,8 +161,9 @@ def _stores_as_is(e: LedgerEntry) -> bool:
         and type(e.time_ms) is int and type(e.status) is int and type(e.bytes_in) is int
         and type(e.bytes_out) is int and type(e.duration_ms) is float
         and (e.kind, e.decision) in _KIND_DECISIONS
-        and f"{e.kind}{e.request_id}{e.agent}{e.credential}{e.service}{e.method}{e.path}{e.target_host}"
-            f"{e.decision}{e.reason}{e.flags}{e.detail}".isascii()
+        and len(text := f"{e.kind}{e.request_id}{e.agent}{e.credential}{e.service}{e.method}{e.path}"
+                        f"{e.target_host}{e.decision}{e.reason}{e.flags}{e.detail}") <= MAX_TEXT_CHARS
+        and text.isascii()
         and 0 <= e.time_ms <= _TIME_MS_MAX
         and 0 <= e.status <= _INT_MAX
         and 0 <= e.bytes_in <= _INT_MAX

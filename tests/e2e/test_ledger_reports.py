@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.gate_support import GateWorld
+from tests.e2e.gate_support import GateWorld, raw_exchange
 from tests.e2e.ledger_fill import FORMULA_EVERY, FORMULAS, fill, formula_rows
 from tests.e2e.support import assert_failed
 from tests.harness import AEGISCTL, Aegis, new_aegis
@@ -207,3 +208,58 @@ def test_failed_export_leaves_no_file(medium: Aegis) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["ledger.jsonl"]
     assert target.read_text() == "previous export\n"  # the old file is untouched
     assert out == ""
+
+
+def test_rows_near_any_size_page_through_show_export_and_stats() -> None:
+    """Found by a cold review: an unauthenticated client sent requests with 60 KB paths and service
+    segments (the gate takes heads of up to 64 KiB); the ledger stored them whole, and `ledger show`,
+    `export` and `stats` then failed with "Received message larger than max". Rows now keep at most 2,048
+    characters per field, and every reply is cut by size as well as by rows, also for rows an older aegisd
+    stored whole."""
+    aegis = new_aegis()
+    try:
+        aegis.start()
+        aegis.init()
+        long_path, long_service = "/" + "p" * 60_000, "s" * 60_000
+        for n in range(40):
+            for target in (f"/svc{long_path}", f"/{n:03d}{long_service}/x"):
+                reply = raw_exchange(aegis.gate_port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                     "Connection: close\r\n\r\n".encode())
+                assert reply.status == 401
+        rows = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
+        requests = [r for r in rows if r["kind"] == "request"]
+        assert len(requests) == 80
+        paths = {r["path"] for r in requests if r["service"] == "svc"}
+        marker = "...[truncated: 60001 characters]"
+        assert paths == {long_path[: 2048 - len(marker)] + marker}, {len(p) for p in paths}
+        services = sorted(r["service"] for r in requests if r["service"] != "svc")
+        marker = "...[truncated: 60003 characters]"
+        assert services[0] == ("000" + long_service)[: 2048 - len(marker)] + marker
+        assert all(len(s) == 2048 for s in services) and len(set(services)) == 40
+
+        # Rows an older aegisd stored whole: 300 of 180 KB, about 54 MB, which no reply could hold.
+        assert aegis.stop() == 0
+        conn = sqlite3.connect(aegis.data_dir / "ledger.db")
+        with conn:
+            conn.executemany(
+                "INSERT INTO ledger (kind, time_ms, request_id, agent, credential, service, method, path, "
+                "target_host, decision, reason, status, duration_ms, bytes_in, bytes_out, flags, detail) VALUES "
+                "('request', ?, '', '', '', ?, 'GET', ?, ?, 'denied', 'agent_auth_required', 401, 0, 0, 0, '', '')",
+                [(1_700_000_000_000 + n, f"{n:03d}{long_service}", long_path, long_service) for n in range(300)])
+        conn.close()
+        aegis.start()
+        listed = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000", timeout=120).ok().out)
+        assert len(listed) == len(rows) + 300 + 1  # and the restart's policy row
+        assert [r["id"] for r in listed] == sorted({r["id"] for r in listed}, reverse=True)  # no overlap, no gap
+        assert sum(len(r["path"]) == len(long_path) for r in listed) == 300  # shown as stored
+        assert aegis.ctl("ledger", "show", "--limit", "300").ok().out.count("\n") == 301  # a header, 300 rows
+        out = aegis.root / "all.jsonl"
+        exported = aegis.ctl("ledger", "export", "-o", str(out), timeout=120).ok()
+        assert f"Exported {len(listed)} rows" in exported.err
+        assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [r["id"] for r in reversed(listed)]
+        counted = stats(aegis)
+        assert counted["requests"] == 380 and len(counted["by_service"]) == 341
+        assert max(len(g["service"]) for g in counted["by_service"]) == 2048  # old keys are cut in the reply
+        assert aegis.ctl("ledger", "stats").code == 0
+    finally:
+        aegis.cleanup()

@@ -27,7 +27,7 @@ import pytest
 import aegisd.ledger.writer as writer_module
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerRow, LedgerWriter, VerifyResult, query_rows, to_dict, verify
 from aegisd.ledger.chain import GENESIS, canonical, row_mac
-from aegisd.ledger.entry import ENTRY_FIELDS, entry_values, normalize
+from aegisd.ledger.entry import ENTRY_FIELDS, MAX_DETAIL_CHARS, MAX_TEXT_CHARS, entry_values, normalize
 from aegisd.ledger.schema import SCHEMA_VERSION
 from aegisd.ledger.writer import CHECKPOINT_ALWAYS
 from tests.unit.event_loops import eventually
@@ -347,6 +347,28 @@ def test_duration_time_range_and_path_are_checked() -> None:
         normalize(req(1, kind="system ", decision=""))
     with pytest.raises(ValueError, match="decision"):
         normalize(req(1, decision="Allowed"))
+
+
+@pytest.mark.parametrize("name", [f for f in STR_FIELDS if f not in ("kind", "decision")])
+def test_every_text_field_is_capped_with_a_visible_marker(name: str) -> None:
+    """An agent chooses the path, service and host, and the gate takes 64 KiB heads: a field keeps its start,
+    says how long it was, and never exceeds its cap, so normalizing twice stores and hashes the same text."""
+    limit = MAX_DETAIL_CHARS if name == "detail" else MAX_TEXT_CHARS
+    long = "é" + "x" * 60_000 + ("?token=1" if name == "path" else "")  # the query goes first
+    entry = normalize(req(1, **{name: long}))
+    value = getattr(entry, name)
+    assert len(value) == limit and value.startswith("éxxx") and value.endswith("...[truncated: 60001 characters]")
+    assert normalize(entry) is entry
+    at_cap = normalize(req(1, **{name: "y" * limit}))
+    assert getattr(at_cap, name) == "y" * limit
+
+
+def test_the_cap_costs_nothing_for_ordinary_rows() -> None:
+    """The fast path bounds every field with one length check on text it builds anyway."""
+    plain = req(1, path="/" + "p" * 1000)
+    assert normalize(plain) is plain
+    both = req(1, path="/" + "p" * 1500, service="s" * 1500)  # each under the cap, together over it
+    assert normalize(both) == both
 
 
 async def chain_now(path: Path) -> VerifyResult:

@@ -130,7 +130,10 @@ class ListEntriesRequest(_message.Message):
 
     FILTER_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    BEFORE_ID_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
+    before_id: _builtins.int
+    """Only rows older than this id (the last id of a reply with `more`); 0 starts from the newest."""
     @_builtins.property
     def filter(self) -> Global___LedgerFilter: ...
     def __init__(
@@ -138,10 +141,11 @@ class ListEntriesRequest(_message.Message):
         *,
         filter: Global___LedgerFilter | None = ...,
         limit: _builtins.int = ...,
+        before_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_id", b"before_id", "filter", b"filter", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,6 +156,11 @@ class ListEntriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORDS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
+    """The reply stopped short of `limit` to stay a few MiB: ask again with before_id set to the last
+    record's id (and the limit less the rows received) for the rest.
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerRecord]:
         """Newest first."""
@@ -160,10 +169,11 @@ class ListEntriesResponse(_message.Message):
         self,
         *,
         records: _abc.Iterable[Global___LedgerRecord] | None = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,7 +392,7 @@ class ExportBatch(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerRecord]:
-        """Oldest first; each batch continues where the previous one ended."""
+        """Oldest first; each batch continues where the previous one ended. At most 1000 rows and about 1 MiB."""
 
     def __init__(
         self,
