@@ -19,9 +19,12 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, int):
             return value
         text = str(value).strip().lower()
-        if text in ("never", "0"):
+        if text == "never":
             return 0
         match = _DURATION.match(text)
         if not match:
             self.fail(f"{value!r} is not a duration like 30m, 12h, 90d or 2w (or 'never')", param, ctx)
-        return int(match.group(1)) * _UNITS[match.group(2) or "s"]
+        seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
+        if seconds == 0:  # 0 is how the API says "no expiry": an operator meaning "now" must not get "never"
+            self.fail(f"{value!r} is no time at all; give a positive duration, or 'never' for no expiry", param, ctx)
+        return seconds

@@ -135,6 +135,11 @@ def validate_secret(secret: str, auth_type: str) -> bytes:
         raise InvalidArgument(f"the secret is longer than {MAX_SECRET_BYTES} bytes")
     if any(ch in secret for ch in "\r\n\0"):
         raise InvalidArgument("the secret contains a line break or NUL byte, which cannot go in a header")
+    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in secret):
+        raise InvalidArgument("the secret contains a control character, which no API key has and a header "
+                              "would carry as is")
+    if secret != secret.strip():  # an upstream's parser trims it, so an echo of the key would escape redaction
+        raise InvalidArgument("the secret starts or ends with whitespace; give it without")
     if auth_type == "basic" and ":" not in secret:
         raise InvalidArgument("a basic-auth secret must be 'user:password'")
     return data

@@ -178,6 +178,7 @@ def test_bad_auth_and_scope_combinations_are_refused(shared: Aegis) -> None:
 def test_usage_errors_exit_2(shared: Aegis) -> None:
     refused(shared, [(add("usage", *args), "Usage:") for args in [
         ("--auth-type", "oauth"), ("--body-inspection", "maybe"), ("--ttl", "ninety"), ("--ttl", "5y"),
+        ("--ttl", "0d"), ("--ttl", "0"),  # no time at all: never silently "never expires"
         ("--secret", SECRET), ("--no-such-flag",),
         ("--scopes", ","), ("--scopes", ""),  # empty must not silently mean every scope
     ]], code=2)
@@ -209,6 +210,9 @@ def test_secret_is_never_taken_from_argv(shared: Aegis) -> None:
 
 def test_bad_secrets_are_refused(shared: Aegis) -> None:
     assert_failed(shared.ctl(*add("huge"), input="x" * 20000 + "\n"), "longer than")
+    for secret in ("   ", "  sk-lead-and-trail  ", "sk-trailing-tab\t", "sk-with-\x01-control", "sk-del-\x7f"):
+        assert_failed(shared.ctl(*add("odd"), input=secret + "\n"), "the secret")
+    assert_failed(shared.ctl("vault", "rotate", "taken", "--secret-stdin", input=" sk-rotated-lead\n"), "whitespace")
     assert names(shared) == ["taken"]
 
 
