@@ -32,7 +32,7 @@ from aegisd.gate.outbound_inspection import (
     read_body,
 )
 from aegisd.gate.refusal import JSON_CONTENT_TYPE, REQUEST_ID_HEADER, Refusal, send_refusal
-from aegisd.gate.response_redaction import ResponseRedactor, ask_identity, redaction_for
+from aegisd.gate.response_redaction import ResponseRedactor, ask_redactable, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
 from aegisd.gate.services import granted_services
 from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
@@ -195,7 +195,7 @@ class GatePipeline:
         # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential
         add_credential(headers, route, x.target_host)
         if redaction is not None:
-            ask_identity(headers)  # so the response can be redacted as it streams
+            ask_redactable(headers)  # so the response can be redacted as it streams
         query = query_with_credential(query, route)
         target = f"{rest}?{query}" if query else rest
 
@@ -338,17 +338,19 @@ class GatePipeline:
         x.status = upstream.status
         headers = inbound_headers(upstream.headers)
         redactor = ResponseRedactor(redaction, x) if redaction is not None else None
+        # The upstream's own reason phrase only where nothing is redacted: it could echo the secret.
+        reason = (upstream.reason or None) if redactor is None else None
         if redactor is not None:  # may refuse (502) a body it could not redact, before anything is sent
             headers = redactor.headers(headers, request.method, upstream.status)
         declared = upstream.content_length
         bodiless = request.method == "HEAD" or upstream.status in (204, 304)
         length = declared if redactor is None or not redactor.streams_body else None
         if not bodiless and declared is not None and declared <= SMALL_BODY_BYTES:
-            await self._relay_whole(request, x, upstream, headers, redactor)
+            await self._relay_whole(request, x, upstream, headers, redactor, reason)
             return
         if not bodiless and length is None and not request.http11:
             # An HTTP/1.0 agent can tell a cut body only by its length: read it whole, then send it with one.
-            await self._relay_whole(request, x, upstream, headers, redactor, capped=True)
+            await self._relay_whole(request, x, upstream, headers, redactor, reason, capped=True)
             return
         headers[REQUEST_ID_HEADER] = x.request_id
         chunks = upstream.chunks() if redactor is None else redactor.filter(upstream.chunks())
@@ -359,7 +361,7 @@ class GatePipeline:
         held = b""
         try:
             if not empty:
-                await request.start(upstream.status, headers, reason=upstream.reason or None, content_length=length)
+                await request.start(upstream.status, headers, reason=reason, content_length=length)
             while True:
                 try:
                     chunk = await chunks.__anext__()
@@ -383,12 +385,12 @@ class GatePipeline:
             return
         with contextlib.suppress(ConnectionError):  # recorded already; the agent left at the very end
             if empty:
-                await request.start(upstream.status, headers, reason=upstream.reason or None, content_length=length)
+                await request.start(upstream.status, headers, reason=reason, content_length=length)
             await request.write(held)
             await request.end()
 
     async def _relay_whole(self, request: GateRequest, x: Exchange, upstream: UpstreamResponse,
-                           headers: CIMultiDict[str], redactor: ResponseRedactor | None,
+                           headers: CIMultiDict[str], redactor: ResponseRedactor | None, reason: str | None,
                            capped: bool = False) -> None:
         """A body read whole: redacted in one pass, sent with its exact length in one write, and only after
         its ledger row has committed. Small answers of declared length (most API answers) take this path;
@@ -408,7 +410,7 @@ class GatePipeline:
                                x.request_id)
             return
         with contextlib.suppress(ConnectionError):  # recorded already; the agent left
-            await request.respond(upstream.status, body, headers, reason=upstream.reason or None)
+            await request.respond(upstream.status, body, headers, reason=reason)
 
     # -- outcomes --------------------------------------------------------------------------------
 

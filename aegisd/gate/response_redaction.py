@@ -4,8 +4,10 @@ Active for credentials whose body inspection is `warn` or `block`. Header values
 whole. The body streams through a StreamRedactor, which holds back at most (longest form - 1)
 bytes, so SSE and chunked streams keep flowing. Redaction changes the body's length, so such a
 response loses the upstream's Content-Length and is sent chunked. The gate asks the upstream for
-`Accept-Encoding: identity`; a gzip or deflate body sent anyway is decoded, redacted and forwarded
-plain; any other encoding cannot be redacted and is refused (502 `response_not_redactable`).
+`Accept-Encoding: identity` and the whole body (no Range); a gzip or deflate body sent anyway is
+decoded, redacted and forwarded plain; any other encoding cannot be redacted and is refused (502
+`response_not_redactable`). The upstream's reason phrase is not passed on: the agent gets the
+standard one for the status.
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ def redaction_for(route: Route, inspector: Inspector) -> Redaction | None:
     return inspector.redaction(route.credential_id)
 
 
-def ask_identity(headers: CIMultiDict[str]) -> None:
-    """Outbound: ask for an uncompressed response, which can be redacted as it streams."""
+def ask_redactable(headers: CIMultiDict[str]) -> None:
+    """Outbound: ask for the whole response, uncompressed, which can be redacted as it streams. No Range or
+    If-Range: two ranges that each hold half of an echoed secret would each pass redaction."""
     headers["Accept-Encoding"] = "identity"
+    headers.popall("Range", None)
+    headers.popall("If-Range", None)
 
 
 class ResponseRedactor:

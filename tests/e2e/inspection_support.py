@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
 from urllib.parse import quote
 
 from aiohttp import web
@@ -39,6 +40,8 @@ class LeakyUpstream(Upstream):
       /leak/length     "no secret here" with a Content-Length
       /leak/prefix     "total: 3 items, next: " + the first half of S (not S itself), with a Content-Length
       /leak/gzip-cut   gzip of a clean text with its last 12 bytes cut off, Content-Encoding: gzip
+      /leak/reason?stream=1   401 with the reason phrase "Bad credential S" (streamed: no Content-Length)
+      /leak/range      {"auth": S}; a `Range: bytes=A-B` gets 206 with just those bytes
     """
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -73,10 +76,23 @@ class LeakyUpstream(Upstream):
             return web.Response(body=b"no secret here", content_type="text/plain")
         if kind == "prefix":  # ends in what could still grow into the secret: the redactor holds it back
             return web.Response(text="total: 3 items, next: " + secret[: len(secret) // 2])
+        if kind == "reason":
+            return await self._leak_reason(request, secret)
+        if kind == "range":
+            return _ranged(request, json.dumps({"auth": secret}).encode())
         if kind == "gzip-cut":
             body = gzip.compress(b"hello world, a compressed answer")[:-12]
             return web.Response(body=body, headers={"Content-Encoding": "gzip"})
         raise web.HTTPNotFound()
+
+    async def _leak_reason(self, request: web.Request, secret: str) -> web.StreamResponse:
+        response = web.StreamResponse(status=401, reason=f"Bad credential {secret}")
+        if request.query.get("stream") != "1":
+            response.content_length = 2
+        await response.prepare(request)
+        await response.write(b"no")
+        await response.write_eof()
+        return response
 
     async def _leak_sse(self, request: web.Request, secret: bytes) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -88,3 +104,13 @@ class LeakyUpstream(Upstream):
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _ranged(request: web.Request, document: bytes) -> web.Response:
+    """The document, or the byte range a `Range: bytes=A-B` header asks for (206)."""
+    asked = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+    if asked is None:
+        return web.Response(body=document)
+    first, last = int(asked.group(1)), min(int(asked.group(2)), len(document) - 1)
+    return web.Response(status=206, body=document[first:last + 1],
+                        headers={"Content-Range": f"bytes {first}-{last}/{len(document)}"})

@@ -157,6 +157,47 @@ def test_a_small_answer_ending_in_a_prefix_of_the_secret_arrives_whole(red: Reda
     world.assert_no_leaks()
 
 
+def _status_line(sock: socket.socket) -> bytes:
+    received = b""
+    while b"\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a status line: {received!r}"
+        received += chunk
+    return received.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("stream", ["0", "1"])
+def test_a_reason_phrase_echoing_the_secret_is_replaced_by_the_standard_one(red: Redacting, stream: str) -> None:
+    """Read whole or streamed, the status line carries the standard phrase where redaction is on; with
+    inspection off the upstream's own phrase passes, as everything else does."""
+    world = red.world
+    for service, expected in (("blk", b"HTTP/1.1 401 Unauthorized"), ("off", b"HTTP/1.1 401 Bad credential")):
+        request = (f"GET /{service}/leak/reason?stream={stream} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"X-Aegis-Agent: {world.tokens['bot']}\r\nConnection: close\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+            sock.sendall(request)
+            status_line = _status_line(sock)
+        if service == "blk":
+            world.received.append(status_line.decode("latin-1"))
+        assert status_line.startswith(expected), status_line
+    world.assert_no_leaks()
+
+
+def test_range_requests_cannot_split_an_echo_past_redaction(red: Redacting) -> None:
+    """Two ranges, each with half of an echoed secret, would each pass redaction: where redaction is on the
+    gate asks for the whole body, so both come back whole and redacted."""
+    world, up = red.world, red.up
+    halves = [world.call("GET", "/blk/leak/range", [("Range", f"bytes={first}-{last}"), ("If-Range", '"v1"')],
+                         agent="bot") for first, last in ((0, 19), (20, 60))]
+    for reply in halves:
+        assert (reply.status, reply.json()) == (200, {"auth": REDACTED}), reply.text()
+    for seen in up.requests_to("/leak/range"):
+        assert seen.header("Range") == [] and seen.header("If-Range") == []
+    untouched = world.call("GET", "/off/leak/range", [("Range", "bytes=0-9")], agent="bot")
+    assert (untouched.status, untouched.body) == (206, b'{"auth": "')  # off: the request passes as sent
+    world.assert_no_leaks()
+
+
 def test_a_small_truncated_gzip_answer_is_refused_not_passed_as_complete(red: Redacting) -> None:
     world = red.world
     reply = world.call("GET", "/blk/leak/gzip-cut", agent="bot")
