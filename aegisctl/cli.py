@@ -24,6 +24,7 @@ from aegisctl.commands import (
     webhook,
 )
 from aegisctl.context import Context
+from aegisctl.output import printable
 
 ENV_HELP = """
 \b
@@ -47,9 +48,9 @@ class Root(click.Group):
         try:
             return super().invoke(ctx)
         except ClientError as exc:
-            click.echo(f"aegisctl: error: {exc.message}", err=True)
+            click.echo(f"aegisctl: error: {printable(exc.message)}", err=True)  # it may quote what an agent sent
             if exc.hint:
-                click.echo(f"  next: {exc.hint}", err=True)
+                click.echo(f"  next: {printable(exc.hint)}", err=True)
             sys.exit(1)
 
 

@@ -11,6 +11,7 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 import click
@@ -35,12 +36,15 @@ class RowWriter(Protocol):
 
 
 class CsvRows:
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], cell: Callable[[Any], Any] | None = None) -> None:
         self._writer = csv.writer(out)
         self._writer.writerow(COLUMNS)
+        self._cell = cell  # applied to every value first (escaping control characters for a terminal)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._writer.writerow([neutralise(row[column]) for column in COLUMNS])
+        cell = self._cell
+        values = [row[column] for column in COLUMNS] if cell is None else [cell(row[column]) for column in COLUMNS]
+        self._writer.writerow([neutralise(value) for value in values])
 
     def close(self) -> None:
         pass
@@ -73,11 +77,12 @@ class JsonLines:
         pass
 
 
-def row_writer(fmt: str, out: IO[str]) -> RowWriter:
-    """The writer for one of FORMATS; it starts writing (CSV header, JSON `[`) at once."""
-    writers: dict[str, type[CsvRows] | type[JsonArrayRows] | type[JsonLines]] = {
-        "csv": CsvRows, "json": JsonArrayRows, "jsonl": JsonLines}
-    return writers[fmt](out)
+def row_writer(fmt: str, out: IO[str], cell: Callable[[Any], Any] | None = None) -> RowWriter:
+    """The writer for one of FORMATS; it starts writing (CSV header, JSON `[`) at once. `cell` transforms
+    each CSV value first (the JSON formats escape control characters themselves)."""
+    if fmt == "csv":
+        return CsvRows(out, cell)
+    return JsonArrayRows(out) if fmt == "json" else JsonLines(out)
 
 
 class Progress:

@@ -50,9 +50,9 @@ def command(ctx: Context, as_json: bool) -> None:
         width = max(len(c["name"]) for c in checks)
         for check in checks:
             label = click.style(LABEL[check["status"]], fg=COLOR[check["status"]], bold=check["status"] == "fail")
-            click.echo(f"{label} {check['name']:<{width}}  {check['message']}")
+            click.echo(f"{label} {check['name']:<{width}}  {output.printable(check['message'])}")
             if check["hint"] and check["status"] in ("warn", "fail"):
-                click.echo(f"       {'':<{width}}  -> {check['hint']}")
+                click.echo(f"       {'':<{width}}  -> {output.printable(check['hint'])}")
         counts = {status: sum(1 for c in checks if c["status"] == status) for status in LABEL}
         click.echo(f"\n{counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed, "
                    f"{counts['skip']} skipped")

@@ -111,7 +111,7 @@ def follow(ctx: Context, /, lines: int, as_json: bool, **filters: Any) -> None:
     try:
         for r in client.stream(stream):
             row = record_json(r)
-            click.echo(json.dumps(row) if as_json else "  ".join(str(c) for c in _row(row)))
+            click.echo(json.dumps(row) if as_json else "  ".join(output.printable(c) for c in _row(row)))
     except KeyboardInterrupt:
         stream.cancel()  # type: ignore[no-untyped-call]
 
@@ -128,12 +128,12 @@ def verify(ctx: Context, as_json: bool) -> None:
     if as_json:
         output.emit_json(result)
     elif reply.ok:
-        click.echo(f"Ledger intact: {reply.reason}.")
+        click.echo(f"Ledger intact: {output.printable(reply.reason)}.")
     elif reply.first_bad_id:
-        click.echo(f"Ledger TAMPERED: first bad row {reply.first_bad_id}: {reply.reason} "
+        click.echo(f"Ledger TAMPERED: first bad row {reply.first_bad_id}: {output.printable(reply.reason)} "
                    f"({reply.rows_checked} rows verified before it).")
     else:
-        click.echo(f"Ledger TAMPERED: {reply.reason}.")
+        click.echo(f"Ledger TAMPERED: {output.printable(reply.reason)}.")
     if not reply.ok:
         raise SystemExit(1)
 
@@ -199,8 +199,11 @@ def export(ctx: Context, /, fmt: str, output_path: Path | None, **filters: Any) 
     client = ctx.client
     stream = client.ledger.Export(pb.ExportRequest(filter=make_filter(**filters)))
     if output_path is None:
+        # On a terminal CSV cells are shown escaped like any other output (JSON escapes on its own); in a
+        # pipe or a file they stay exact.
+        cell = output.printable if fmt == "csv" and sys.stdout.isatty() else None
         try:
-            _export_rows(client, stream, sys.stdout, fmt, ledger_export.Progress(enabled=False))
+            _export_rows(client, stream, sys.stdout, fmt, ledger_export.Progress(enabled=False), cell)
         except BrokenPipeError:  # `| head`: the reader is done, and so are we
             stream.cancel()  # type: ignore[no-untyped-call]
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -217,8 +220,8 @@ def export(ctx: Context, /, fmt: str, output_path: Path | None, **filters: Any) 
 
 
 def _export_rows(client: AegisClient, stream: Iterable[pb.ExportBatch], out: IO[str], fmt: str,
-                 progress: ledger_export.Progress) -> None:
-    writer = ledger_export.row_writer(fmt, out)
+                 progress: ledger_export.Progress, cell: Callable[[Any], str] | None = None) -> None:
+    writer = ledger_export.row_writer(fmt, out, cell)
     for batch in client.stream(stream):
         for record in batch.records:
             writer.write(record_json(record))

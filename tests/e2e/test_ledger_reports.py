@@ -6,6 +6,8 @@ import asyncio
 import csv
 import json
 import os
+import pty
+import select
 import signal
 import sqlite3
 import stat
@@ -261,5 +263,69 @@ def test_rows_near_any_size_page_through_show_export_and_stats() -> None:
         assert counted["requests"] == 380 and len(counted["by_service"]) == 341
         assert max(len(g["service"]) for g in counted["by_service"]) == 2048  # old keys are cut in the reply
         assert aegis.ctl("ledger", "stats").code == 0
+    finally:
+        aegis.cleanup()
+
+
+def on_terminal(aegis: Aegis, *args: str, until: bytes | None = None) -> bytes:
+    """What `aegisctl args` writes to a terminal (a pty): run to the end, or until `until` appears."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([AEGISCTL, *args], stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                            env=aegis.base_env())
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and (until is None or until not in seen):
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the program ended and the pty is closed
+                    break
+                if not data:
+                    break
+                seen += data
+            elif proc.poll() is not None and until is None:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+        os.close(master)
+    return seen
+
+
+def test_what_agents_sent_reaches_the_terminal_escaped() -> None:
+    """Found by a cold review: service names are stored percent-decoded, and `ledger show`, `follow` and
+    `stats` printed them raw, so an unauthenticated request could move the operator's cursor, erase lines,
+    retitle the window (OSC) or send C1 controls. Every cell printed for people now shows control characters
+    as escapes; --json stays JSON (which escapes them itself) and -o files stay exact."""
+    aegis = new_aegis()
+    try:
+        aegis.start()
+        aegis.init()
+        service = "\x1b[1A\x1b[2K\x1b]0;pwned\x07\u009b31m\x7f\u202esvc"
+        target = "/%1b%5b1A%1b%5b2K%1b%5d0%3bpwned%07%c2%9b31m%7f%e2%80%aesvc/x"
+        reply = raw_exchange(aegis.gate_port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             "Connection: close\r\n\r\n".encode())
+        assert reply.status == 401
+        shown = r"\x1b[1A\x1b[2K\x1b]0;pwned\x07\x9b31m\x7f\u202esvc"
+        raw_controls = (b"\x1b", b"\x07", b"\x7f", "\u009b".encode(), "\u202e".encode())
+        follow = on_terminal(aegis, "ledger", "follow", "-n", "5", until=b"pwned")
+        for args in (("ledger", "show"), ("ledger", "stats"), ("ledger", "export", "--format", "csv")):
+            out = on_terminal(aegis, *args)
+            for got in (out, follow):
+                assert shown.encode() in got, (args, got)
+                assert not any(control in got for control in raw_controls), (args, got)
+
+        as_json = aegis.ctl("ledger", "show", "--json").ok().out
+        assert "\\u001b[1A" in as_json and "\x1b" not in as_json
+        assert any(r["service"] == service for r in json.loads(as_json))  # the value itself is exact
+        assert stats(aegis)["by_service"][0]["service"] == service
+        exported = aegis.root / "out.csv"
+        aegis.ctl("ledger", "export", "--format", "csv", "-o", str(exported)).ok()
+        with exported.open(newline="") as fh:
+            assert service in {row["service"] for row in csv.DictReader(fh)}  # files keep the data exact
     finally:
         aegis.cleanup()
