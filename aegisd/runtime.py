@@ -30,9 +30,9 @@ class Runtime:
     webhooks: Webhooks | None = None  # set by the daemon once its event loop runs
     policies: PolicyStore = field(default_factory=lambda: PolicyStore(None))  # the daemon sets the live one
 
-    def log_event(self, message: str, **fields: Any) -> None:
-        """An operator-visible event at info level; fields must never hold a secret."""
-        event(log, logging.INFO, message, **fields)
+    def log_event(self, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        """An operator-visible event (at info level unless said); fields must never hold a secret."""
+        event(log, level, message, **fields)
 
     def ledger_key(self) -> bytes | None:
         """The ledger's chain key: known once the vault has been unlocked since start."""

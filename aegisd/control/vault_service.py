@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from aegisd.api.aegis.v1 import vault_pb2 as pb
 from aegisd.api.aegis.v1 import vault_pb2_grpc
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
-from aegisd.errors import InvalidArgument
+from aegisd.errors import InvalidArgument, WrongPassphrase
 from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import new_unlock_key
@@ -40,7 +41,11 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         which = request.WhichOneof("secret")
         if which is None:
             raise InvalidArgument("give a passphrase or an unlock key")
-        opened = await asyncio.to_thread(self.rt.vault.unlock, **{which: getattr(request, which)})
+        try:
+            opened = await asyncio.to_thread(self.rt.vault.unlock, **{which: getattr(request, which)})
+        except WrongPassphrase:  # on record, so guessing over the socket shows (the method only, never the input)
+            self.rt.log_event("vault unlock failed: wrong secret", via=which, level=logging.WARNING)
+            raise
         if opened:
             self.rt.log_event("vault unlocked", via=which)
         return pb.UnlockResponse()

@@ -117,9 +117,12 @@ def validate_auth(auth_type: str, header_name: str, query_param: str) -> tuple[s
             raise InvalidArgument(f"header name {header_name!r} is not a valid header the gate may inject")
         return auth_type, header_name, ""
     if auth_type == "query":
-        if not query_param or not QUERY_PARAM.match(query_param):
+        if not query_param:
             raise InvalidArgument("auth type 'query' needs --query-param NAME (letters, digits, '.', '_', "
                                   "'~', '-')")
+        if not QUERY_PARAM.match(query_param):
+            raise InvalidArgument(f"--query-param {query_param!r} is not a parameter name the gate may inject: "
+                                  "use letters, digits, '.', '_', '~' or '-'")
         return auth_type, "", query_param
     if header_name or query_param:
         raise InvalidArgument(f"--header-name and --query-param do not apply to auth type {auth_type!r}")

@@ -75,6 +75,8 @@ def test_passphrase_stdin_reads_only_the_first_line(aegis: Aegis) -> None:
     aegis.ctl("init", "--passphrase-stdin", input=f"{PASSPHRASE}\n{OTHER_PASSPHRASE}\n").ok()
     aegis.ctl("lock").ok()
     assert_failed(aegis.ctl("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n"), "wrong passphrase")
+    failed = [line for line in aegis.log().splitlines() if "vault unlock failed" in line]
+    assert len(failed) == 1 and " warning " in failed[0] and "via=passphrase" in failed[0], failed  # guesses show
     aegis.ctl("unlock", "--passphrase-stdin", input=f"{PASSPHRASE}\r\n").ok()  # CRLF is a line end too
     assert status(aegis)["state"] == "unlocked"
     aegis.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE])
