@@ -32,7 +32,8 @@ def command(ctx: Context, passphrase_stdin: bool, unlock_key_out: str | None) ->
             os.close(key_fd)
             os.unlink(unlock_key_out)
         raise
-    click.echo(f"Vault {reply.vault_id} created and unlocked.")
+    # With the key on stdout, stdout holds the key alone, so `KEY=$(aegisctl init --unlock-key-out -)` works.
+    click.echo(f"Vault {reply.vault_id} created and unlocked.", err=unlock_key_out == "-")
     if unlock_key_out == "-":
         click.echo(reply.unlock_key)
         click.echo("Store this unlock key now; it is not shown again.", err=True)

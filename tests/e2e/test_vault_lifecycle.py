@@ -116,9 +116,9 @@ def test_init_writes_unlock_key_file_0600_and_it_unlocks(aegis: Aegis) -> None:
 def test_init_unlock_key_to_stdout_is_printed_once(aegis: Aegis) -> None:
     result = aegis.init(PASSPHRASE, "--unlock-key-out", "-")
     keys = re.findall(r"aegis-unlock-[A-Za-z0-9_-]+", result.out)
-    assert len(keys) == 1, result.out
+    assert len(keys) == 1 and result.out == keys[0] + "\n", result.out  # the key alone: fit for $(...)
     key = keys[0]
-    assert key not in result.err and "not shown again" in result.err
+    assert key not in result.err and "not shown again" in result.err and "created and unlocked" in result.err
     aegis.outputs.remove(result.out)  # the one place the key may appear
 
     aegis.ctl("lock").ok()
