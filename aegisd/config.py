@@ -192,6 +192,9 @@ def parse_listen(text: str, source: str = "default") -> tuple[str, int]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"gate listen address {text!r} (from {source}) has an invalid port {port_text!r}")
+    if int(port_text) == 0:  # "any free port": agents, status and mcp config could not tell which
+        raise ConfigError(f"gate listen address {text!r} (from {source}) needs a fixed port: agents must know "
+                          "where the gate is")
     return host, int(port_text)
 
 
@@ -221,15 +224,21 @@ def _read_toml(path: Path) -> dict[str, Any]:
     for key, value in flat.items():
         if key in _NUMBERS:
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"config file {path}: {key} must be a number, got {type(value).__name__}")
+                raise ConfigError(f"config file {path}: {setting_name(key)} must be a number, "
+                                  f"got {type(value).__name__}")
         elif key in _BOOLEANS:
             if not isinstance(value, bool):
-                section, name = _TOML_KEYS[key]
-                raise ConfigError(f"config file {path}: [{section}] {name} must be true or false, "
+                raise ConfigError(f"config file {path}: {setting_name(key)} must be true or false, "
                                   f"got {type(value).__name__}")
         elif not isinstance(value, str):
-            raise ConfigError(f"config file {path}: {key} must be a string, got {type(value).__name__}")
+            raise ConfigError(f"config file {path}: {setting_name(key)} must be a string, got {type(value).__name__}")
     return flat
+
+
+def setting_name(key: str) -> str:
+    """A setting as the config file spells it (`[webhooks] workers`), which is what messages name."""
+    return " ".join((f"[{part}]" if i == 0 and len(_TOML_KEYS[key]) > 1 else part)
+                    for i, part in enumerate(_TOML_KEYS[key]))
 
 
 def _number(key: str, value: Any, source: str) -> float:
@@ -239,9 +248,9 @@ def _number(key: str, value: Any, source: str) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key} {value!r} (from {source}) must be a number") from None
+        raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be a number") from None
     if not low <= number <= high:
-        raise ConfigError(f"{key} {value!r} (from {source}) must be between {low:g} and {high:g}")
+        raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be between {low:g} and {high:g}")
     return number
 
 

@@ -37,9 +37,13 @@ def test_switches_and_webhook_settings_are_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "needle"), [
     ('[gate]\nmetrics = "no"\n', "[gate] metrics must be true or false"),
     ("[gate]\nhealth = 0\n", "[gate] health must be true or false"),
-    ("[webhooks]\nqueue_size = 0\n", "webhook_queue_size 0"),
-    ("[webhooks]\nworkers = true\n", "webhook_workers must be a number"),
+    ("[webhooks]\nqueue_size = 0\n", "[webhooks] queue_size 0"),
+    ("[webhooks]\nworkers = true\n", "[webhooks] workers must be a number"),
+    ("[webhooks]\nworkers = 1000\n", "[webhooks] workers 1000 (from"),
     ("[webhooks]\nsecret = 'x'\n", "unknown setting [webhooks] secret"),
+    ("[gate]\nlisten = 3100\n", "[gate] listen must be a string"),  # named as the file spells it
+    ("[policy]\ndir = 5\n", "[policy] dir must be a string"),
+    ("[gate]\nlisten = '127.0.0.1:0'\n", "needs a fixed port"),
 ])
 def test_bad_values_are_refused_by_name(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -51,5 +55,5 @@ def test_max_connections_is_read_and_bounded(tmp_path: Path) -> None:
     assert load_config({}, env={"AEGIS_DATA_DIR": str(tmp_path)}).max_connections == 1024
     assert _load(tmp_path, "[gate]\nmax_connections = 16\n").max_connections == 16
     for bad in ("0", "2000000", '"many"'):
-        with pytest.raises(ConfigError, match="max_connections"):
+        with pytest.raises(ConfigError, match=r"\[gate\] max_connections"):
             _load(tmp_path, f"[gate]\nmax_connections = {bad}\n")
