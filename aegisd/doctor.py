@@ -208,6 +208,7 @@ class Doctor:
         broken = [f"{c.credential.name} ({c.credential.id})" for c in creds if c.status == TAMPERED]
         waiting = sum(c.status == NOT_ADOPTED for c in creds)  # an older aegisd's: the older_rows check reports those
         if broken:
+            self.rt.vault.notify("credentials")  # an edit made behind aegisd's back: the gate's table catches up now
             return Check("credentials_decrypt", FAIL, f"{len(broken)} of {len(creds)} credentials fail to decrypt "
                          f"(the secret or the metadata sealed with it was changed outside aegisd, or moved), so the "
                          f"gate does not serve them: {_names(broken)}",
@@ -227,6 +228,7 @@ class Doctor:
             return Check("agents_authentic", SKIP, "needs the vault unlocked")
         bad = await asyncio.to_thread(self.rt.agents.unauthentic)
         if bad:
+            await asyncio.to_thread(self.rt.vault.notify, "agents")  # as for credentials: the gate catches up now
             return Check("agents_authentic", FAIL, f"{len(bad)} agent or grant rows fail authentication (changed "
                          f"outside aegisd), so the gate ignores them: {_names(bad)}",
                          "remove such an agent row by its id (`aegisctl agent remove --id ID`) and add the agent "

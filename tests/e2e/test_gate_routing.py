@@ -575,6 +575,31 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
         world.close()
 
 
+def test_doctor_brings_the_gate_up_to_an_edit_made_behind_its_back() -> None:
+    """aegisd does not watch vault.db: an edited row is caught at the next rebuild. Until then the gate
+    serves the rows as last verified; a doctor run that finds the edit rebuilds at once, so what doctor
+    says (the gate ignores it) is true when it says it."""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRETS["bear"], up.entry())
+        world.credential("hdr", SECRETS["hdr"], up.entry(), "--auth-type", "header", "--header-name", "X-Key")
+        world.agent("bot", "bear", "hdr")
+        world.agent("other", "hdr")
+        _vault_sql(world, "UPDATE agents SET rate_limit = '1000/sec' WHERE name = 'bot'")  # a limit lifted
+        _vault_sql(world, "UPDATE credentials SET scopes = '[\"read\", \"write\"]' WHERE name = 'hdr'")
+        assert world.call("GET", "/bear/echo/before", agent="bot").status == 200  # as last verified
+        assert world.call("GET", "/hdr/echo/before", agent="other").status == 200
+        doctor = {c["name"]: c for c in json.loads(world.aegis.ctl("doctor", "--json").out)["checks"]}
+        assert doctor["agents_authentic"]["status"] == "fail" and doctor["credentials_decrypt"]["status"] == "fail"
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/bear/echo/after", agent="bot"), 401, "agent_auth_invalid")
+            world.assert_refused(world.call("GET", "/hdr/echo/after", agent="other"), 403, "not_granted")
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
 def test_names_moved_between_rows_cannot_aim_grant_revoke_or_remove() -> None:
     """Names are looked up only through rows that authenticate. Someone who swaps two credentials' names
     while the operator grants, revokes or removes (and swaps them back after) would otherwise aim the
