@@ -336,7 +336,9 @@ class UpstreamResponse(asyncio.Protocol):
             self._keep_alive = False
             return
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:  # an interim answer (103 Early Hints): wait for the real one
+        if status == 101:  # the gate never forwards Upgrade, so no switch was asked for: a broken upstream
+            raise UpstreamBroken("the upstream switched protocols unasked")
+        if 100 <= status < 200:  # an interim answer (103 Early Hints): wait for the real one
             self._interim, self._raw, self._reason, self._header_bytes, self._head_bytes = True, [], b"", 0, 0
             return
         headers: CIMultiDict[str] = CIMultiDict(

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import functools
 import http.client
 import json
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +320,45 @@ class GateWorld:
         ledger_json = self._ledger_text or ""
         self.aegis.assert_no_leaks([*self.secrets, *self.tokens.values()],
                                    extra_text=[*self.received, ledger_json, *extra])
+
+
+class ScriptedUpstream:
+    """A plain-HTTP upstream on 127.0.0.1 that answers each request head with the bytes `answer(target)`
+    gives, for answers no HTTP server library would send; it counts the connections it accepted."""
+
+    def __init__(self, answer: Callable[[str], bytes]) -> None:
+        self._answer = answer
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self.connections = 0
+        threading.Thread(target=self._accept, name="scripted-upstream", daemon=True).start()
+
+    def entry(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn, contextlib.suppress(OSError):
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                conn.sendall(self._answer(head.split(b" ", 2)[1].decode()))
 
 
 @contextmanager

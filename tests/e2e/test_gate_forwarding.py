@@ -24,7 +24,9 @@ from tests.e2e.gate_support import (
     SECRETS,
     GateWorld,
     Reply,
+    ScriptedUpstream,
     Standard,
+    read_reply,
     request,
     shared_standard,
     untouched,
@@ -191,6 +193,38 @@ def test_upstream_statuses_pass_through(std: Standard, status: int) -> None:
     assert (reply.status, reply.body) == (status, f"status {status}".encode())
     row = std.world.row(reply.request_id)
     assert (row["decision"], row["status"], row["reason"]) == ("allowed", status, "")
+
+
+def _switches(target: str) -> bytes:
+    if target == "/switch/upgrade":
+        return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    if target == "/switch/bare":
+        return b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_an_unasked_for_101_is_a_broken_upstream(std: Standard) -> None:
+    """The gate never forwards Upgrade, so a 101 can only be bogus: 502 upstream_error, that upstream connection
+    is closed, and the agent's keep-alive connection goes on to its next request."""
+    world = std.world
+    up = ScriptedUpstream(_switches)
+    try:
+        world.credential("switchy", "sk-switchy-secret-S1w2T3", up.entry())
+        world.aegis.ctl("grant", "bot", "switchy").ok()
+        head = f"Host: 127.0.0.1\r\nX-Aegis-Agent: {world.tokens['bot']}\r\n"
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+            sock.sendall(f"GET /switchy/switch/upgrade HTTP/1.1\r\n{head}\r\n"
+                         f"GET /switchy/switch/bare HTTP/1.1\r\n{head}\r\n"
+                         f"GET /switchy/after HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode())
+            replies = [read_reply(sock) for _ in range(3)]
+        world.received += [reply.text() for reply in replies]
+        for reply in replies[:2]:
+            world.assert_refused(reply, 502, "upstream_error", credential="switchy")
+        assert (replies[2].status, replies[2].body) == (200, b"ok")
+        assert up.connections == 3  # neither switched connection was used again
+        world.assert_no_leaks()
+    finally:
+        up.stop()
 
 
 def test_set_cookie_is_dropped(std: Standard) -> None:
