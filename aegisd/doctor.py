@@ -134,11 +134,6 @@ class Doctor:
             problems.append(f"{path} is not a socket")
         elif stat.S_IMODE(info.st_mode) != wanted:
             problems.append(f"{path} is mode {_mode(info.st_mode)}, configured {wanted:04o}")
-        parent = path.parent.stat()
-        allowed = 0o027 if self.config.socket_group else 0o077
-        if parent.st_mode & allowed:
-            problems.append(f"{path.parent} is mode {_mode(parent.st_mode)}, wider than "
-                            f"{'0750' if self.config.socket_group else '0700'}")
         if self.config.socket_group:
             gid = grp.getgrnam(self.config.socket_group).gr_gid
             if info.st_gid != gid:
@@ -147,6 +142,14 @@ class Doctor:
             return Check("socket", FAIL, "; ".join(problems),
                          "something changed the socket's permissions: restart aegisd to recreate them, and find "
                          "what chmods it")
+        # A directory aegisd did not create keeps its mode; the socket's own mode is what guards it, so a
+        # wider directory is worth tightening, not a failure.
+        parent = path.parent.stat()
+        narrow = "0750" if self.config.socket_group else "0700"
+        if parent.st_mode & (0o027 if self.config.socket_group else 0o077):
+            return Check("socket", WARN, f"{path} is mode {wanted:04o}, but its directory {path.parent} is mode "
+                         f"{_mode(parent.st_mode)}, wider than {narrow}",
+                         f"chmod {narrow} {path.parent} (or give aegisd a --socket in a directory of its own)")
         return Check("socket", PASS, f"{path} is mode {wanted:04o}")
 
     async def database(self) -> Check:
