@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aegisd.backup.archive import LEDGER_DB, VAULT_DB, Manifest, read_backup
-from aegisd.backup.staging import scratch
+from aegisd.backup.staging import outlive_cancellation, scratch
 from aegisd.errors import AegisError, FailedPrecondition, StorageFull, StorageUnavailable
 from aegisd.ledger import LedgerError, LedgerWriter
 from aegisd.store import VaultStore
 from aegisd.vault.vault import Vault
+
+log = logging.getLogger("aegisd.backup")
 
 
 def require_not_unlocked(vault: Vault) -> None:
@@ -30,15 +34,20 @@ def require_not_unlocked(vault: Vault) -> None:
 
 
 async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: LedgerWriter,
-                  chunks: AsyncIterator[bytes]) -> Manifest:
-    """Receive, check, and swap in a backup; nothing changes unless every check passes."""
+                  chunks: AsyncIterator[bytes], recorded: Callable[[Manifest], Awaitable[None]] | None = None
+                  ) -> Manifest:
+    """Receive, check, and swap in a backup; nothing changes unless every check passes.
+
+    Once the swap has begun it runs to its end (and `recorded` after it) even if the caller is cancelled:
+    the client going away then cannot leave the data directory half restored.
+    """
     require_not_unlocked(vault)
     loop = asyncio.get_running_loop()
     with scratch(data_dir, ".restore-") as directory:
         archive = directory / "archive.tar"
         try:
             await _receive(chunks, archive)
-            manifest = await asyncio.to_thread(read_backup, archive, directory)
+            manifest = await outlive_cancellation(asyncio.to_thread(read_backup, archive, directory))
         except OSError as exc:
             raise _disk_error(exc, data_dir) from None
 
@@ -54,14 +63,31 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                 raise StorageUnavailable(f"the restore failed half-way: the ledger was replaced but the vault "
                                          f"was not ({why}); run the restore again") from None
 
-        await asyncio.to_thread(vault.reopen, swap)
+        async def swap_and_record() -> None:
+            await asyncio.to_thread(vault.reopen, swap)
+            if recorded is not None:
+                await recorded(manifest)
+
+        await outlive_cancellation(swap_and_record(), _orphaned_swap)
     return manifest
+
+
+def _orphaned_swap(outcome: asyncio.Future[Any]) -> None:
+    """How a swap ended whose client went away: only the log can say it now."""
+    error = None if outcome.cancelled() else outcome.exception()
+    if outcome.cancelled() or error is not None:
+        why = error.message if isinstance(error, AegisError) else repr(error) if error else "cancelled"
+        log.error("a restore whose client went away (cancelled, or past its deadline) failed during the swap: %s",
+                  why)
+    else:
+        log.warning("a restore whose client went away (cancelled, or past its deadline) was completed: the vault "
+                    "and ledger are the backup's, locked; unlock with the passphrase the backup had")
 
 
 async def _receive(chunks: AsyncIterator[bytes], path: Path) -> None:
     with path.open("xb") as fh:
         async for data in chunks:
-            await asyncio.to_thread(fh.write, data)
+            await outlive_cancellation(asyncio.to_thread(fh.write, data))
 
 
 def _disk_error(exc: OSError, data_dir: Path) -> StorageFull | StorageUnavailable:

@@ -16,7 +16,7 @@ import grpc
 
 from aegisd.api.aegis.v1 import backup_pb2 as pb
 from aegisd.api.aegis.v1 import backup_pb2_grpc
-from aegisd.backup import clear_leftovers, restore, scratch, take_snapshot, tar_stream
+from aegisd.backup import clear_leftovers, outlive_cancellation, restore, scratch, take_snapshot, tar_stream
 from aegisd.backup.archive import Manifest
 from aegisd.control.errors import REASON_KEY, STATUS, rpc
 from aegisd.errors import AegisError, StorageUnavailable
@@ -39,10 +39,10 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
             await asyncio.to_thread(clear_leftovers, self.data_dir)
             with scratch(self.data_dir, ".backup-") as directory:
                 try:
-                    manifest = await asyncio.to_thread(take_snapshot, self.rt.store, self.data_dir / "ledger.db",
-                                                       directory)
+                    manifest = await outlive_cancellation(asyncio.to_thread(
+                        take_snapshot, self.rt.store, self.data_dir / "ledger.db", directory))
                     chunks = tar_stream(manifest, directory, manifest.created_ms // 1000)
-                    while (data := await asyncio.to_thread(next, chunks, None)) is not None:
+                    while (data := await outlive_cancellation(asyncio.to_thread(next, chunks, None))) is not None:
                         yield pb.BackupChunk(data=data)
                 except AegisError as exc:
                     await _abort(context, exc)
@@ -60,8 +60,9 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
                 async for chunk in request_iterator:
                     yield chunk.data
 
-            manifest = await restore(self.data_dir, self.rt.vault, self.rt.store, self.rt.ledger, chunks())
-        await self._record(manifest)
+            # Recorded as part of the restore: a swap that outlives its client is still put in the ledger.
+            manifest = await restore(self.data_dir, self.rt.vault, self.rt.store, self.rt.ledger, chunks(),
+                                     self._record)
         if self.rt.ledger.failing:  # the restored ledger was moved into place but cannot be opened or written
             raise StorageUnavailable("the backup was restored, but its ledger cannot be written (see aegisd's log), "
                                      "so the gate forwards nothing until it can; free the disk, or run the restore "

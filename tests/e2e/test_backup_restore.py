@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import sqlite3
 import stat
+import subprocess
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +25,7 @@ import pytest
 from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
 from tests.e2e.gate_support import GateWorld, request, untouched
 from tests.e2e.support import assert_failed
-from tests.harness import PASSPHRASE, Aegis, new_aegis
+from tests.harness import AEGISCTL, PASSPHRASE, Aegis, new_aegis
 
 GH_SECRET = "ghp_backupSecret0123456789abcdefXYZ"
 OA_SECRET = "sk-backupHeaderSecret0123456789abcdef"
@@ -293,4 +296,57 @@ def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> N
     world.unlock()
     assert world.call("GET", "/github/echo/y", agent="claude").status == 200
     assert listing(aegis, "ledger", "verify")["ok"]
+    world.assert_no_leaks()
+
+
+def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: GateWorld) -> None:
+    """Found by a cold review: when the client went away (Ctrl-C, or its deadline) during the swap, the daemon
+    deleted the staged files and released its lock while the swap thread still ran, and dropped its error:
+    the data directory could be left with the backup's ledger and the old vault. The swap now runs to its
+    end, the restore is recorded, and the log says how it ended.
+
+    The swap is held up by a write lock on the old ledger (its final checkpoint waits out the busy timeout),
+    which gives Ctrl-C a moment inside the swap."""
+    aegis = world.aegis
+    up = world.upstream()
+    world.credential("github", GH_SECRET, up.entry())
+    world.agent("claude", "github")
+    assert world.call("GET", "/github/echo/before", agent="claude").status == 200
+    backup = aegis.root / "before.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    world.credential("openai", OA_SECRET, up.entry())  # not in the backup
+    assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
+    aegis.ctl("lock").ok()
+
+    holder = sqlite3.connect(aegis.data_dir / "ledger.db", timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    proc = subprocess.Popen([AEGISCTL, "restore", str(backup), "--yes"], env=aegis.base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(aegis.data_dir.glob(".restore-*/ledger.db")):  # checked, staged: the swap is next
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        holder.rollback()
+        holder.close()
+
+    deadline = time.monotonic() + 30
+    while "a restore whose client went away" not in aegis.log():
+        assert time.monotonic() < deadline, aegis.log()[-3000:]
+        time.sleep(0.1)
+    assert "a restore whose client went away (cancelled, or past its deadline) was completed" in aegis.log()
+    assert [c["name"] for c in listing(aegis, "vault", "list")] == ["github"]  # the vault is the backup's...
+    rows = listing(aegis, "ledger", "show", "--limit", "1000")
+    assert rows[0]["reason"] == "backup_restored"  # ...recorded although the client had gone...
+    assert not any(r["path"] == "/echo/after-backup" for r in rows)  # ...and so is the ledger
+    assert not list(aegis.data_dir.glob(".restore-*"))
+    world.unlock()
+    assert listing(aegis, "ledger", "verify")["ok"]
+    assert world.call("GET", "/github/echo/restored", agent="claude").status == 200
     world.assert_no_leaks()
