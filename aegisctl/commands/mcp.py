@@ -101,6 +101,9 @@ def config(ctx: click.Context, host: str, agent: str | None, token_file: Path | 
     bridge = host_config.Bridge(host_config.aegisctl_executable(), url, str(absolute) if absolute else None, agent)
     click.echo(host_config.render(host, bridge))
     click.echo(f"aegisctl: {host_config.WHERE[host]}", err=True)
+    if settings.gate_url_is_default(gate_url, os.environ, ctx.find_root().params.get("config")):
+        click.echo(f"aegisctl: the gate is assumed at {url}, the default; if aegisd listens elsewhere "
+                   "(`aegisctl status` shows where), pass --gate-url", err=True)
     if absolute is None:
         click.echo("aegisctl: tip: --token-file PATH keeps the token out of the host's config file.", err=True)
         return

@@ -66,6 +66,12 @@ def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None =
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def gate_url_is_default(flag: str | None, env: Mapping[str, str], config_path: str | None = None) -> bool:
+    """Whether gate_url fell back to 127.0.0.1:3100 for want of a flag, variable or config file saying more."""
+    return not (flag or env.get("AEGIS_GATE_URL") or env.get("AEGIS_GATE_LISTEN")
+                or _configured_listen(config_path or env.get("AEGIS_CONFIG")))
+
+
 def _configured_listen(config_path: str | None) -> str | None:
     try:
         gate = read_config(config_path).get("gate")

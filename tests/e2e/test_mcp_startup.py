@@ -141,6 +141,12 @@ def test_config_snippet_for_each_host(fresh: Aegis) -> None:
     gate_url_env = json.loads(fresh.ctl("mcp", "config", "windsurf", env={"AEGIS_GATE_URL": "http://localhost:5000/"}).ok().out)
     assert gate_url_env["mcpServers"]["aegis"]["env"]["AEGIS_GATE_URL"] == "http://localhost:5000"
 
+    assert "assumed" not in command.err  # the listen address came from the environment
+    # Nothing says where the gate listens: the default is written, and the operator told so.
+    guessed = fresh.ctl("mcp", "config", "cursor", "--agent", "bot", env={"AEGIS_GATE_LISTEN": ""}).ok()
+    assert json.loads(guessed.out)["mcpServers"]["aegis-bot"]["env"]["AEGIS_GATE_URL"] == "http://127.0.0.1:3100"
+    assert "assumed at http://127.0.0.1:3100, the default" in guessed.err and "--gate-url" in guessed.err
+
     token_file.chmod(0o640)
     loose = fresh.ctl("mcp", "config", "cursor", "--token-file", str(token_file), env=env).ok()
     assert "warning" in loose.err and "chmod 600" in loose.err
