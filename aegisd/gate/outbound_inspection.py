@@ -87,10 +87,8 @@ async def counted_body(request: GateRequest, x: Inspected, limit: int) -> AsyncI
 
 
 async def read_body(request: GateRequest, x: Inspected, limit: int) -> bytes:
-    """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise body_too_large(limit)
+    """The whole request body, refusing (413) as soon as it passes `limit` bytes (a declared length past it
+    was refused before the body was asked for)."""
     buffer = bytearray()
     try:
         async for chunk in counted_body(request, x, limit):

@@ -177,6 +177,10 @@ class GatePipeline:
         # 7. rate limits (credential, agent, policy rule) and the agent's concurrency cap
         self.limits.admit(x, admitted.agent, admitted.route, admitted.verdict)
 
+        # The declared length is the last check that needs no body: a body too large is refused unread.
+        if request.content_length is not None and request.content_length > self.config.max_body_bytes:
+            raise body_too_large(self.config.max_body_bytes)
+
         # Every check that needs no body has passed: a client waiting on `Expect: 100-continue` may send it.
         if request.headers.get("Expect", "").lower() == "100-continue":
             request.send_continue()
@@ -299,14 +303,11 @@ class GatePipeline:
     async def _forward(self, request: GateRequest, x: Exchange, admitted: Admission, target: str,
                        headers: CIMultiDict[str], inspected: bytes | None, redaction: Redaction | None) -> None:
         limit = self.config.max_body_bytes
-        length = request.content_length
-        if length is not None and length > limit:
-            raise body_too_large(limit)
         body: bytes | AsyncIterator[bytes] | None = inspected  # bytes: already read and inspected
         if inspected is None and request.has_body:
             body = counted_body(request, x, limit)
-            if length is not None:
-                headers["Content-Length"] = str(length)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
         self._check_ledger_writable()  # a commit may have failed while the body was read
         sent = time.perf_counter()
         x.forwarded = True

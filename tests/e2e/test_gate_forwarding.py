@@ -255,6 +255,20 @@ def test_content_length_over_the_limit_is_refused_before_reading(std: Standard) 
     world.assert_no_leaks()
 
 
+def test_expect_100_continue_with_a_length_over_the_limit_gets_413_and_no_continue(std: Standard) -> None:
+    """A client waiting to send a body it declared too large is told so at once, never asked to send it."""
+    world = std.world
+    head = (f"POST /bear/echo/too-big-expect HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {world.tokens['bot']}"
+            "\r\nContent-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n").encode()
+    with untouched(std.up), socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+        sock.sendall(head)
+        reply = read_reply(sock)
+    world.received.append(reply.text())
+    world.assert_refused(reply, 413, "body_too_large", bytes_in=0)
+    assert reply.header("Connection") == "close"
+    world.assert_no_leaks()
+
+
 def _chunked(total: int, size: int = 1000) -> bytes:
     out = b""
     while total > 0:
