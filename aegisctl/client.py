@@ -33,6 +33,10 @@ DEFAULT_TIMEOUT = 30.0
 # default is for whatever an older or future daemon sends, so a large reply is never refused here.
 MAX_RECEIVE_BYTES = 64 << 20
 
+# The vault's states by their API value, as aegisctl names them.
+VAULT_STATES = {vault_pb2.VAULT_STATE_UNINITIALIZED: "uninitialized", vault_pb2.VAULT_STATE_LOCKED: "locked",
+                vault_pb2.VAULT_STATE_UNLOCKED: "unlocked"}
+
 # What to do next, per daemon reason code.
 HINTS = {
     "vault_locked": "run `aegisctl unlock` first",
@@ -137,6 +141,18 @@ class AegisClient:
 
     def status(self) -> vault_pb2.StatusResponse:
         return self.call(self.vault.Status, vault_pb2.StatusRequest())
+
+    def require_state(self, wanted: str) -> None:
+        """Fail now, before the user is asked for a secret, unless the vault is in the `wanted` state (a secret
+        typed or pasted only to hear "locked" or "exists" is one handled for nothing)."""
+        state = VAULT_STATES.get(self.status().state, "unknown")
+        if state == wanted:
+            return
+        if state == "uninitialized":
+            raise ClientError("there is no vault yet", HINTS["vault_uninitialized"], "vault_uninitialized")
+        if wanted == "uninitialized":
+            raise ClientError(f"a vault already exists (it is {state})", HINTS["vault_exists"], "vault_exists")
+        raise ClientError(f"the vault is {state}", HINTS.get(f"vault_{state}", ""), f"vault_{state}")
 
     def get_credential(self, name: str) -> credentials_pb2.Credential:
         return self.call(self.credentials.GetCredential, credentials_pb2.GetCredentialRequest(name=name))

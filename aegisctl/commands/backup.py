@@ -14,8 +14,7 @@ import click
 
 from aegisctl import output
 from aegisctl.backup_file import CHUNK, read_manifest, verify_archive
-from aegisctl.client import ClientError
-from aegisctl.commands.status import STATES
+from aegisctl.client import VAULT_STATES, ClientError
 from aegisctl.context import Context, pass_context
 from aegisctl.private_file import private_output
 from aegisctl.secrets_input import confirm_destructive
@@ -72,7 +71,7 @@ def restore(ctx: Context, file: Path, yes: bool) -> None:
     manifest = read_manifest(file)
     client = ctx.client
     status = client.status()
-    if STATES.get(status.state) == "unlocked":
+    if VAULT_STATES.get(status.state) == "unlocked":
         raise ClientError("the vault is unlocked; restore replaces it, so it must be locked first",
                           "run `aegisctl lock`, then `aegisctl restore` again", "vault_unlocked")
     confirm_destructive(f"Replace the vault and ledger in {status.data_dir} with the backup of "

@@ -22,8 +22,9 @@ def command(ctx: Context, passphrase_stdin: bool, unlock_key_out: str | None) ->
     # Create the key file before the vault exists, so a bad path cannot leave a slot whose key is lost.
     key_fd = _create_key_file(unlock_key_out) if unlock_key_out and unlock_key_out != "-" else None
     try:
-        passphrase = read_secret("passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
         client = ctx.client
+        client.require_state("uninitialized")  # before the passphrase is typed twice for nothing
+        passphrase = read_secret("passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
         reply = client.call(client.vault.Init,
                             vault_pb2.InitRequest(passphrase=passphrase, create_unlock_key=bool(unlock_key_out)),
                             timeout=120)

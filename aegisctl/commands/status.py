@@ -5,11 +5,8 @@ from __future__ import annotations
 import click
 
 from aegisctl import output
+from aegisctl.client import VAULT_STATES
 from aegisctl.context import Context, pass_context
-from aegisd.api.aegis.v1 import vault_pb2
-
-STATES = {vault_pb2.VAULT_STATE_UNINITIALIZED: "uninitialized", vault_pb2.VAULT_STATE_LOCKED: "locked",
-          vault_pb2.VAULT_STATE_UNLOCKED: "unlocked"}
 
 
 @click.command("status")
@@ -19,7 +16,7 @@ def command(ctx: Context, as_json: bool) -> None:
     """Show what the daemon is doing."""
     reply = ctx.client.status()
     info = {
-        "state": STATES.get(reply.state, "unknown"),
+        "state": VAULT_STATES.get(reply.state, "unknown"),
         "version": reply.version,
         "uptime_seconds": round(reply.uptime_seconds, 3),
         "started_at": output.iso(reply.started_at),

@@ -93,6 +93,7 @@ def add(ctx: Context, name: str, service: str, domains: str, auth_type: str | No
     scope_list = _split(scopes) if scopes is not None else ["*"]
     if not scope_list:  # an empty list would mean "unspecified" to the daemon, i.e. every scope
         raise click.UsageError("--scopes must name at least one of: read, write, * (comma-separated)")
+    ctx.client.require_state("unlocked")  # before the secret is pasted for nothing
     secret = read_secret("secret", secret_stdin)
     request = pb.AddCredentialRequest(
         name=name, service=service, domains=_split(domains),
@@ -202,7 +203,8 @@ def update(ctx: Context, name: str, service: str | None, domains: str | None, au
 def rotate(ctx: Context, name: str, secret_stdin: bool) -> None:
     """Replace a credential's secret; agents keep working with no change on their side."""
     client = ctx.client
-    client.get_credential(name)  # fail on a wrong name before asking for the secret
+    client.get_credential(name)  # fail on a wrong name, or a locked vault, before asking for the secret
+    client.require_state("unlocked")
     secret = read_secret("new secret", secret_stdin)
     client.call(client.credentials.RotateCredential, pb.RotateCredentialRequest(name=name, secret=secret))
     click.echo(f"Rotated credential {name!r}.")

@@ -86,6 +86,8 @@ def test_init_twice_is_refused(unlocked: Aegis) -> None:
     result = unlocked.ctl("init", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n")
     assert_failed(result, "already exists")
     assert "unlock" in result.err  # the hint points somewhere useful, not at `update`
+    # Refused before any passphrase is asked for: without a terminal, asking would be a usage error (2).
+    assert_failed(unlocked.ctl("init"), "already exists")
     # The original passphrase still opens the vault; the second one was not added.
     unlocked.ctl("lock").ok()
     assert_failed(unlocked.ctl("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n"), "wrong passphrase")
@@ -199,3 +201,14 @@ def test_lock_survives_restart_and_locked_vault_refuses_changes(unlocked: Aegis)
     unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert status(unlocked)["credentials"] == 1
     unlocked.assert_no_leaks([PASSPHRASE, secret, "sk-other-secret-0000", "sk-new-0000000"])
+
+
+def test_a_secret_is_not_asked_for_when_the_vault_cannot_take_it(unlocked: Aegis) -> None:
+    """`vault add` and `vault rotate` check the vault's state before prompting: no secret is pasted only to
+    hear that the vault is locked (without a terminal, a prompt would be a usage error, exit 2)."""
+    unlocked.add_credential("api", "sk-prompt-order-secret-01", "--service", "api", "--domains", "api.example.com")
+    unlocked.ctl("lock").ok()
+    assert_failed(unlocked.ctl("vault", "add", "new", "--service", "new", "--domains", "n.example"),
+                  "the vault is locked", "aegisctl unlock")
+    assert_failed(unlocked.ctl("vault", "rotate", "api"), "the vault is locked", "aegisctl unlock")
+    unlocked.assert_no_leaks([PASSPHRASE, "sk-prompt-order-secret-01"])
