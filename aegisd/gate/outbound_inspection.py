@@ -96,7 +96,7 @@ async def read_body(request: GateRequest, x: Inspected, limit: int) -> bytes:
     except BodyTooLarge:
         raise body_too_large(limit) from None
     except ConnectionError:  # the agent hung up (AgentGone), or sent broken chunked framing (BodyMalformed)
-        raise Refusal(400, "bad_request", "the request body ended early or is malformed", close=True) from None
+        raise body_broken() from None
     return bytes(buffer)
 
 
@@ -164,6 +164,12 @@ def _bisect(holds: Callable[[int], bool], low: int, high: int) -> int:
         else:
             low = middle
     return high
+
+
+def body_broken() -> Refusal:
+    """400 for a request body the agent abandoned or whose chunked framing broke, whether it was being read
+    whole or streamed upstream; the connection is closed after (if the agent is still there to answer)."""
+    return Refusal(400, "bad_request", "the request body ended early or is malformed", close=True)
 
 
 def body_too_large(limit: int) -> Refusal:

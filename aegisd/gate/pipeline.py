@@ -20,11 +20,12 @@ from multidict import CIMultiDict
 from aegisd.agents import TOKEN_PREFIX
 from aegisd.config import Config
 from aegisd.gate.admission import GateLimits, check_policy
-from aegisd.gate.agent_connection import GateRequest
+from aegisd.gate.agent_connection import AgentGone, BodyMalformed, GateRequest
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
 from aegisd.gate.headers import add_credential, agent_headers, agent_query, inbound_headers, query_with_credential
 from aegisd.gate.outbound_inspection import (
     BodyTooLarge,
+    body_broken,
     body_too_large,
     counted_body,
     inspect_request,
@@ -320,7 +321,9 @@ class GatePipeline:
             raise body_too_large(limit) from None
         except UpstreamTimeout:
             raise Refusal(504, "upstream_timeout", "the upstream did not answer in time") from None
-        except (UpstreamBroken, OSError) as exc:  # the agent's body failing (AgentGone, BodyMalformed) too
+        except (AgentGone, BodyMalformed):  # the streamed body broke off on the agent's side: its fault, not ours
+            raise body_broken() from None
+        except (UpstreamBroken, OSError) as exc:
             if x.bytes_in > limit:
                 raise body_too_large(limit) from None
             log.debug("upstream request failed: %s", type(exc).__name__)

@@ -17,7 +17,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from tests.e2e.gate_support import GateWorld, Reply, untouched
+from tests.e2e.gate_support import GateWorld, Reply, read_reply, untouched
 from tests.e2e.inspection_support import LeakyUpstream
 from tests.inspection_samples import clean_corpus, fake_keys
 
@@ -267,4 +267,33 @@ def test_agent_hanging_up_mid_body_leaves_a_ledger_row(insp: Inspection) -> None
             assert time.monotonic() < deadline, "no ledger row for the abandoned request"
             time.sleep(0.2)
     assert (rows[0]["decision"], rows[0]["reason"], rows[0]["status"]) == ("denied", "bad_request", 400)
+    world.assert_no_leaks()
+
+
+def _row_for(world: GateWorld, path: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while not (rows := [r for r in world.ledger() if r["path"] == path]):
+        assert time.monotonic() < deadline, f"no ledger row for {path}"
+        time.sleep(0.2)
+    (row,) = rows
+    return row
+
+
+def test_a_broken_or_abandoned_body_streamed_in_off_mode_is_the_agent_s_fault(insp: Inspection) -> None:
+    """Streamed as it arrives, a body whose chunk framing breaks gets 400 bad_request as in block mode (the
+    upstream did nothing wrong), and one the agent abandons leaves the same row."""
+    world = insp.world
+    head = (f"POST /off/echo/{{path}} HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: {world.tokens['bot']}"
+            "\r\n{framing}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+        sock.sendall(head.format(path="bad-chunk", framing="Transfer-Encoding: chunked").encode() + b"5\r\nhello\r\n")
+        time.sleep(0.3)  # the head is forwarded and the first chunk streams before the framing breaks
+        sock.sendall(b"ZZ\r\n\r\n")
+        reply = read_reply(sock)
+    world.received.append(reply.text())
+    world.assert_refused(reply, 400, "bad_request", credential="off")
+    with socket.create_connection(("127.0.0.1", world.port), timeout=30) as sock:
+        sock.sendall(head.format(path="abandoned", framing="Content-Length: 1000").encode() + b'{"partial": ')
+    row = _row_for(world, "/echo/abandoned")
+    assert (row["decision"], row["reason"], row["status"]) == ("denied", "bad_request", 400)
     world.assert_no_leaks()
