@@ -103,13 +103,21 @@ def show(ctx: Context, /, limit: int, as_json: bool, **filters: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @pass_context
 def follow(ctx: Context, /, lines: int, as_json: bool, **filters: Any) -> None:
-    """Print rows as they are written, like `journalctl -f`. Ctrl-C stops."""
+    """Print rows as they are written, like `journalctl -f`. Ctrl-C stops.
+
+    If this falls behind, aegisd leaves rows out; a line on stderr says how many, and where.
+    """
     import json
 
     client = ctx.client
     stream = client.ledger.Follow(pb.FollowRequest(filter=make_filter(**filters), backlog=lines))
     try:
         for r in client.stream(stream):
+            if r.dropped:
+                click.echo(f"aegisctl: {r.dropped} {'row' if r.dropped == 1 else 'rows'} missing here: this follow "
+                           "fell behind and aegisd left them out; `aegisctl ledger show` or `export` has them",
+                           err=True)
+                continue
             row = record_json(r)
             click.echo(json.dumps(row) if as_json else "  ".join(output.printable(c) for c in _row(row)))
     except KeyboardInterrupt:

@@ -14,12 +14,14 @@ from aegisd.api.aegis.v1 import ledger_pb2_grpc
 from aegisd.control.errors import REASON_KEY, rpc
 from aegisd.errors import FailedPrecondition, InvalidArgument, StorageUnavailable
 from aegisd.ledger import (
+    Dropped,
     Group,
     KeyMissing,
     LedgerEntry,
     LedgerError,
     LedgerRow,
     PruneRefused,
+    Replaced,
     ledger_stats,
     now_ms,
     open_reader,
@@ -154,15 +156,22 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         return pb.ListEntriesResponse(records=records, more=more)
 
     async def Follow(self, request: pb.FollowRequest, context: Ctx) -> AsyncIterator[pb.LedgerRecord]:
-        with self.rt.ledger.subscribe() as live:
+        """The backlog, then live rows; the subscription starts first, so rows committed while the backlog is
+        read come twice and are skipped by id, until a restore swaps in a file whose ids start lower."""
+        flt = request.filter
+        with self.rt.ledger.subscribe(match=lambda row: _matches(row, flt)) as live:
             last_id = 0
             if request.backlog:
-                for row in reversed(await self._query(request.filter, request.backlog)):
+                for row in reversed(await self._query(flt, request.backlog)):
                     last_id = row.id
                     yield record(row)
-            async for row in live:
-                if row.id > last_id and _matches(row, request.filter):
-                    yield record(row)
+            async for item in live:
+                if isinstance(item, Dropped):
+                    yield pb.LedgerRecord(dropped=item.rows)
+                elif isinstance(item, Replaced):
+                    last_id = 0
+                elif item.id > last_id:
+                    yield record(item)
 
     @rpc
     async def Verify(self, request: pb.VerifyRequest, context: Ctx) -> pb.VerifyResponse:

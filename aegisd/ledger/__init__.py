@@ -6,12 +6,13 @@ from aegisd.ledger.prune import KeyMissing, PruneRefused, PruneResult, prune
 from aegisd.ledger.query import query_rows
 from aegisd.ledger.schema import SCHEMA_VERSION, LedgerError, open_reader
 from aegisd.ledger.stats import Group, LedgerStats, ledger_stats
-from aegisd.ledger.writer import LedgerWriter, Subscription
+from aegisd.ledger.writer import Dropped, LedgerWriter, Replaced, Subscription
 
 __all__ = [
     "DECISIONS",
     "KINDS",
     "SCHEMA_VERSION",
+    "Dropped",
     "Group",
     "KeyMissing",
     "LedgerEntry",
@@ -21,6 +22,7 @@ __all__ = [
     "LedgerWriter",
     "PruneRefused",
     "PruneResult",
+    "Replaced",
     "Subscription",
     "VerifyResult",
     "ledger_stats",

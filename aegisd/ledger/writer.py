@@ -160,13 +160,39 @@ class _Replace:
         self.future = future
 
 
-class Subscription:
-    """Rows as they commit, for `ledger follow`; a slow reader loses rows (counted in `dropped`)."""
+class Dropped:
+    """In a subscription, where rows were left out because its reader fell behind: how many (so far)."""
 
-    def __init__(self, writer: LedgerWriter, maxsize: int) -> None:
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+
+class Replaced:
+    """In a subscription: the ledger file was replaced (a restore); the rows after this come from the restored
+    file, whose ids start again below those before it."""
+
+    __slots__ = ()
+
+
+REPLACED = Replaced()
+Event = LedgerRow | Dropped | Replaced
+
+
+class Subscription:
+    """Rows as they commit, for `ledger follow`, with a marker wherever rows were lost or the file replaced.
+
+    At most maxsize rows wait for a slow reader; the matching rows that find no room are counted in one
+    Dropped marker at the place where they are missing (so the reader can say so), and in `dropped`.
+    """
+
+    def __init__(self, writer: LedgerWriter, maxsize: int, match: Callable[[LedgerRow], bool] | None) -> None:
         self._writer = writer
         self._maxsize = maxsize
-        self._queue: asyncio.Queue[LedgerRow | None] = asyncio.Queue()
+        self._match = match
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._gap: Dropped | None = None  # the queued marker that later drops still add to
         self._ended = False
         self.dropped = 0
 
@@ -178,12 +204,14 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> LedgerRow:
-        row = await self._queue.get()
-        if row is None:
+    async def __anext__(self) -> Event:
+        item = await self._queue.get()
+        if item is None:
             self._queue.put_nowait(None)  # stay ended for any later call
             raise StopAsyncIteration
-        return row
+        if item is self._gap:  # handed out: rows dropped from now on belong to a new gap
+            self._gap = None
+        return item
 
     def __enter__(self) -> Subscription:
         return self
@@ -194,10 +222,27 @@ class Subscription:
     def _offer(self, rows: list[LedgerRow]) -> None:
         if self._ended:
             return
+        match, put, gap = self._match, self._queue.put_nowait, self._gap
         room = self._maxsize - self._queue.qsize()
-        for row in rows[: max(room, 0)]:
-            self._queue.put_nowait(row)
-        self.dropped += max(len(rows) - max(room, 0), 0)
+        for row in rows:
+            if match is not None and not match(row):
+                continue
+            if room > 0:
+                put(row)
+                room -= 1
+                gap = None
+                continue
+            if gap is None:  # one marker per gap, even past maxsize: a gap must never go unreported
+                gap = Dropped()
+                put(gap)
+            gap.rows += 1
+            self.dropped += 1
+        self._gap = gap
+
+    def _replaced(self) -> None:
+        if not self._ended:
+            self._queue.put_nowait(REPLACED)
+            self._gap = None
 
     def _end(self) -> None:
         if not self._ended:
@@ -345,10 +390,10 @@ class LedgerWriter:
         await future
         self._key = None
 
-    def subscribe(self, maxsize: int = 1000) -> Subscription:
-        """Live committed rows from now on; at most maxsize are buffered for this subscriber."""
+    def subscribe(self, maxsize: int = 1000, match: Callable[[LedgerRow], bool] | None = None) -> Subscription:
+        """Live committed rows (only those `match` accepts) from now on; at most maxsize wait for the reader."""
         self._check_open()
-        sub = Subscription(self, maxsize)
+        sub = Subscription(self, maxsize, match)
         self._subscribers = (*self._subscribers, sub)
         return sub
 
@@ -487,6 +532,7 @@ class LedgerWriter:
             os.replace(staged, self._path)
             # What this process wrote without a key was in the old file; the new one's rows are nobody's to chain.
             self._unchained, self._reported_foreign = _NO_UNCHAINED, None
+            self._post(_replaced, self._subscribers)
             for suffix in ("-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{self._path}{suffix}")
@@ -738,6 +784,11 @@ def _deliver(
             future.set_result(row_id)
     for sub in subscribers:
         sub._offer(rows)
+
+
+def _replaced(subscribers: tuple[Subscription, ...]) -> None:
+    for sub in subscribers:
+        sub._replaced()
 
 
 def _fail(futures: list[_Future | None], message: str) -> None:

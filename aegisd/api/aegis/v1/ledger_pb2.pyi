@@ -76,6 +76,7 @@ class LedgerRecord(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     time_ms: _builtins.int
     request_id: _builtins.str
@@ -94,6 +95,10 @@ class LedgerRecord(_message.Message):
     kind: _builtins.str
     flags: _builtins.str
     detail: _builtins.str
+    dropped: _builtins.int
+    """Follow only: this record is no row but a marker: this many matching rows were committed here and not
+    sent, because the client fell behind (at most 1,000 rows wait for it).
+    """
     def __init__(
         self,
         *,
@@ -115,10 +120,11 @@ class LedgerRecord(_message.Message):
         kind: _builtins.str = ...,
         flags: _builtins.str = ...,
         detail: _builtins.str = ...,
+        dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "credential", b"credential", "decision", b"decision", "detail", b"detail", "duration_ms", b"duration_ms", "flags", b"flags", "id", b"id", "kind", b"kind", "method", b"method", "path", b"path", "reason", b"reason", "request_id", b"request_id", "service", b"service", "status", b"status", "target_host", b"target_host", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "credential", b"credential", "decision", b"decision", "detail", b"detail", "dropped", b"dropped", "duration_ms", b"duration_ms", "flags", b"flags", "id", b"id", "kind", b"kind", "method", b"method", "path", b"path", "reason", b"reason", "request_id", b"request_id", "service", b"service", "status", b"status", "target_host", b"target_host", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

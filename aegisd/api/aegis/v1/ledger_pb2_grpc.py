@@ -76,7 +76,8 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Follow(self, request, context):
-        """Rows as they commit, until the client goes away.
+        """Rows as they commit, until the client goes away. A client that does not keep up loses rows: a
+        record with `dropped` set (and nothing else) stands where they are missing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -33,7 +33,9 @@ class LedgerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LedgerServiceAsyncStub: ...
     ListEntries: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListEntriesRequest, _ledger_pb2.ListEntriesResponse]
     Follow: _grpc.UnaryStreamMultiCallable[_ledger_pb2.FollowRequest, _ledger_pb2.LedgerRecord]
-    """Rows as they commit, until the client goes away."""
+    """Rows as they commit, until the client goes away. A client that does not keep up loses rows: a
+    record with `dropped` set (and nothing else) stands where they are missing.
+    """
     Verify: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.VerifyRequest, _ledger_pb2.VerifyResponse]
     """Walks the whole chain and names the first row that does not fit."""
     Stats: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.StatsRequest, _ledger_pb2.StatsResponse]
@@ -52,7 +54,9 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListEntries: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListEntriesRequest, _ledger_pb2.ListEntriesResponse]  # type: ignore[assignment]
     Follow: _aio.UnaryStreamMultiCallable[_ledger_pb2.FollowRequest, _ledger_pb2.LedgerRecord]  # type: ignore[assignment]
-    """Rows as they commit, until the client goes away."""
+    """Rows as they commit, until the client goes away. A client that does not keep up loses rows: a
+    record with `dropped` set (and nothing else) stands where they are missing.
+    """
     Verify: _aio.UnaryUnaryMultiCallable[_ledger_pb2.VerifyRequest, _ledger_pb2.VerifyResponse]  # type: ignore[assignment]
     """Walks the whole chain and names the first row that does not fit."""
     Stats: _aio.UnaryUnaryMultiCallable[_ledger_pb2.StatsRequest, _ledger_pb2.StatsResponse]  # type: ignore[assignment]
@@ -80,7 +84,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.FollowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ledger_pb2.LedgerRecord], _abc.AsyncIterator[_ledger_pb2.LedgerRecord]]:
-        """Rows as they commit, until the client goes away."""
+        """Rows as they commit, until the client goes away. A client that does not keep up loses rows: a
+        record with `dropped` set (and nothing else) stands where they are missing.
+        """
 
     @_abc_1.abstractmethod
     def Verify(

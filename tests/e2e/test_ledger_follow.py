@@ -1,0 +1,150 @@
+"""`aegisctl ledger follow` against a real daemon: a follower that falls behind is told what it missed, and a
+restore (whose ledger's ids start lower) does not hide the rows written after it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import aiohttp
+
+from tests.e2e.gate_support import GateWorld
+from tests.harness import AEGISCTL, Aegis
+
+SECRET = "ghp_followSecret0123456789abcdefXYZ"
+
+
+class Follower:
+    """A running `aegisctl ledger follow --json`, its stdout rows and stderr lines read as they come."""
+
+    def __init__(self, aegis: Aegis, *args: str) -> None:
+        self.proc = subprocess.Popen([AEGISCTL, "ledger", "follow", "--json", *args], env=aegis.base_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.rows: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.errors: list[str] = []
+        self._threads = [threading.Thread(target=self._pump_rows, daemon=True),
+                         threading.Thread(target=self._pump_errors, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _pump_rows(self) -> None:
+        for line in self.proc.stdout or ():
+            self.rows.put(json.loads(line))
+
+    def _pump_errors(self) -> None:
+        for line in self.proc.stderr or ():
+            self.errors.append(line)
+
+    def next(self, timeout: float = 30) -> dict[str, Any]:
+        return self.rows.get(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(30)
+        for thread in self._threads:
+            thread.join(10)
+
+
+@contextmanager
+def following(aegis: Aegis, *args: str) -> Iterator[Follower]:
+    follower = Follower(aegis, *args)
+    try:
+        yield follower
+    finally:
+        follower.stop()
+
+
+def flood(port: int, targets: list[str]) -> None:
+    """Unauthenticated requests (each refused 401, each a ledger row), many at once."""
+
+    async def main() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+            async def one(target: str) -> None:
+                async with session.get(f"http://127.0.0.1:{port}{target}") as resp:
+                    await resp.read()
+                    assert resp.status == 401
+
+            await asyncio.gather(*(one(target) for target in targets))
+
+    asyncio.run(main())
+
+
+def test_a_follower_that_falls_behind_is_told_how_many_rows_it_missed() -> None:
+    """Found by a cold review: a follower that did not keep up lost rows silently (the daemon buffers 1,000
+    for it). Now a line on stderr says, where they are missing, how many matching rows were left out, and
+    rows its filter does not match never take its buffer's room."""
+    world = GateWorld.start()
+    try:
+        aegis = world.aegis
+        with following(aegis, "-n", "0", "--service", "flood") as follower:
+            for attempt in range(30):  # until the subscription is live (-n 0: nothing to wait for before)
+                flood(world.port, [f"/flood/first{attempt}"])
+                with suppress(queue.Empty):
+                    assert follower.next(timeout=1)["path"] == f"/first{attempt}"
+                    break
+            else:
+                raise AssertionError(f"follow showed nothing: {follower.errors}")
+            os.kill(follower.proc.pid, signal.SIGSTOP)  # a reader that stops reading
+            try:
+                filler = "x" * 2000
+                targets = [f"/flood/{n}/{filler}" for n in range(6000)]
+                flood(world.port, targets + [f"/other/{n}" for n in range(2000)])
+            finally:
+                os.kill(follower.proc.pid, signal.SIGCONT)
+            shown: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 60
+            while len(shown) + missing(follower) < len(targets):
+                assert time.monotonic() < deadline, (len(shown), follower.errors[-3:])
+                with suppress(queue.Empty):
+                    shown.append(follower.next(timeout=1))
+        assert missing(follower) > 0, "nothing was dropped: the flood did not outrun the follower"
+        assert len(shown) + missing(follower) == len(targets)
+        assert {row["service"] for row in shown} == {"flood"}
+        assert all(line.startswith("aegisctl: ") and "rows missing here: this follow fell behind" in line
+                   for line in follower.errors), follower.errors
+        world.assert_no_leaks([json.dumps(shown), *follower.errors])
+    finally:
+        world.close()
+
+
+def missing(follower: Follower) -> int:
+    """Rows the follower was told it missed."""
+    return sum(int(line.split()[1]) for line in follower.errors if "missing here" in line)
+
+
+def test_rows_written_after_a_restore_are_followed() -> None:
+    """Found by a cold review: follow skipped rows with an id at or below the newest it had shown (to drop
+    those it got twice at start), so after a restore, whose ledger's ids start lower, it showed nothing."""
+    world = GateWorld.start()
+    try:
+        aegis = world.aegis
+        up = world.upstream()
+        world.credential("github", SECRET, up.entry())
+        world.agent("claude", "github")
+        backup = aegis.root / "early.backup"
+        aegis.ctl("backup", str(backup)).ok()
+        for n in range(20):  # ids the restored ledger will use again
+            assert world.call("GET", f"/github/echo/before{n}", agent="claude").status == 200
+        with following(aegis, "-n", "3") as follower:
+            assert [follower.next()["path"] for _ in range(3)] == [f"/echo/before{n}" for n in (17, 18, 19)]
+            aegis.ctl("lock").ok()
+            aegis.ctl("restore", str(backup), "--yes").ok()
+            restored = follower.next()
+            assert restored["reason"] == "backup_restored", restored
+            world.unlock()
+            reply = world.call("GET", "/github/echo/after-restore", agent="claude")
+            after = follower.next()
+            assert after["request_id"] == reply.request_id and after["id"] < 20, after
+        world.assert_no_leaks()
+    finally:
+        world.close()
