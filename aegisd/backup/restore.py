@@ -19,7 +19,7 @@ from typing import Any
 from aegisd.backup.archive import LEDGER_DB, VAULT_DB, Manifest, read_backup
 from aegisd.backup.staging import outlive_cancellation, scratch
 from aegisd.errors import AegisError, FailedPrecondition, StorageFull, StorageUnavailable
-from aegisd.ledger import LedgerError, LedgerWriter
+from aegisd.ledger import LedgerError, LedgerWriter, ReplaceIncomplete
 from aegisd.store import VaultStore
 from aegisd.vault.vault import Vault
 
@@ -54,6 +54,9 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
         def swap() -> None:
             try:
                 asyncio.run_coroutine_threadsafe(ledger.replace_file(directory / LEDGER_DB), loop).result()
+            except ReplaceIncomplete as exc:
+                raise StorageUnavailable(f"the restore failed half-way: {exc}; the vault was not replaced: run the "
+                                         "restore again") from None
             except LedgerError as exc:
                 raise StorageUnavailable(f"nothing was restored: {exc}") from None
             try:

@@ -6,7 +6,7 @@ from aegisd.ledger.prune import KeyMissing, PruneRefused, PruneResult, prune
 from aegisd.ledger.query import query_rows
 from aegisd.ledger.schema import SCHEMA_VERSION, LedgerError, open_reader
 from aegisd.ledger.stats import Group, LedgerStats, ledger_stats
-from aegisd.ledger.writer import Dropped, LedgerWriter, Replaced, Subscription
+from aegisd.ledger.writer import Dropped, LedgerWriter, Replaced, ReplaceIncomplete, Subscription
 
 __all__ = [
     "DECISIONS",
@@ -22,6 +22,7 @@ __all__ = [
     "LedgerWriter",
     "PruneRefused",
     "PruneResult",
+    "ReplaceIncomplete",
     "Replaced",
     "Subscription",
     "VerifyResult",

@@ -137,6 +137,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+class ReplaceIncomplete(LedgerError):
+    """A restore's ledger was moved into place, but a step after the move failed (removing the old file's
+    write-ahead log, or making the rename durable): the old file is gone, and with it the old chain key."""
+
+
 class _SetKey:
     __slots__ = ("key",)
 
@@ -280,6 +285,7 @@ class LedgerWriter:
         self._unchained = _NO_UNCHAINED
         self._witness_of = row_mac(os.urandom(32))
         self._reported_foreign: tuple[int, int] | None = None  # the last (tip id, count) logged by _report_foreign
+        self._stale_wal = False  # a replaced file's -wal is still there: open nothing until it is removed
 
     @property
     def queue_depth(self) -> int:
@@ -387,7 +393,11 @@ class LedgerWriter:
         future: asyncio.Future[None] = loop.create_future()
         self._hand_over()
         self._queue.put(_Replace(staged, future))
-        await future
+        try:
+            await future
+        except ReplaceIncomplete:
+            self._key = None  # the file was swapped all the same: the old key must not chain the new one
+            raise
         self._key = None
 
     def subscribe(self, maxsize: int = 1000, match: Callable[[LedgerRow], bool] | None = None) -> Subscription:
@@ -499,10 +509,11 @@ class LedgerWriter:
         conn: sqlite3.Connection | None = None  # a job's, to roll back if it fails mid-transaction
         try:
             if isinstance(job, _Replace):
-                error = self._swap_file(job.staged)
+                moved, error = self._swap_file(job.staged)
+                if moved:
+                    key = None
                 if error is not None:
                     raise error
-                key = None
             else:
                 conn = self._connection()
                 result = job.fn(conn, key)
@@ -515,30 +526,42 @@ class LedgerWriter:
             self._post(_resolve, job.future, result)
         return key
 
-    def _swap_file(self, staged: Path) -> LedgerError | None:
+    def _swap_file(self, staged: Path) -> tuple[bool, LedgerError | None]:
         """Close the file, move the staged one over it, and open that (migrating it if it is older).
 
-        The old file's -wal and -shm go too: SQLite would otherwise replay the old WAL onto the new file.
-        If the move fails, the old file is still whole and is reopened, with the error to report. If the
-        reopen fails (a full disk during a migration, say), the writer is failing until a retry opens it.
+        Returns whether the staged file was moved into place, and the error to report. If the move fails,
+        the old file is still whole and is reopened. Once it has moved, the old file is gone whatever
+        fails next: the caller is told so (ReplaceIncomplete) and the old chain key is dropped. The old
+        file's -wal and -shm go too: SQLite would otherwise replay the old WAL onto the new file, so if
+        the -wal cannot be removed the new file is not opened until it can be. If the open fails (that,
+        or a migration on a full disk), the writer is failing until a retry opens it.
         """
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
             self._conn = None
-        error = None
+        error: LedgerError | None = None
+        moved = False
         try:
             os.replace(staged, self._path)
+        except OSError as exc:
+            error = LedgerError(f"cannot move the restored ledger into place: {exc.strerror or exc}")
+        else:
+            moved = True
             # What this process wrote without a key was in the old file; the new one's rows are nobody's to chain.
             self._unchained, self._reported_foreign = _NO_UNCHAINED, None
             self._post(_replaced, self._subscribers)
-            for suffix in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{self._path}{suffix}")
-            fsync_directory(self._path.parent)
-        except OSError as exc:
-            error = LedgerError(f"cannot move the restored ledger into place: {exc.strerror or exc}")
+            self._stale_wal = True
+            try:
+                self._unlink_wal()
+                self._stale_wal = False
+                fsync_directory(self._path.parent)
+            except OSError as exc:
+                what = ("removing the old file's write-ahead log" if self._stale_wal
+                        else "making the move durable (fsync of the data directory)")
+                error = ReplaceIncomplete(f"the restored ledger was moved into place, but {what} failed: "
+                                          f"{exc.strerror or exc}")
         try:
             self._connection()
         except LedgerError as exc:
@@ -546,11 +569,25 @@ class LedgerWriter:
                 self._outage = _Outage()
                 log.error("cannot reopen the ledger after a restore: %s; the gate forwards nothing until it can "
                           "(retried every %.0f s)", exc, RETRY_SECONDS)
-        return error
+        return moved, error
+
+    def _unlink_wal(self) -> None:
+        """Remove the -wal and -shm beside the file (raises OSError if one is there and cannot be removed)."""
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._path}{suffix}")
 
     def _connection(self) -> sqlite3.Connection:
         """The open connection, or a new one if a restore's swap left none (raises LedgerError if it cannot)."""
         if self._conn is None:
+            if self._stale_wal:
+                try:
+                    self._unlink_wal()
+                except OSError as exc:
+                    raise LedgerError(f"the replaced ledger's write-ahead log cannot be removed ({exc.strerror or exc})"
+                                      "; the restored ledger is not opened until it is, or SQLite would apply the old "
+                                      "log to it") from None
+                self._stale_wal = False
             self._conn = open_writable(self._path, busy_timeout_s=self._busy_timeout_s)
         return self._conn
 

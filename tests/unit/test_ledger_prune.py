@@ -4,6 +4,7 @@ forged or missing checkpoints are caught, stats count with GROUP BY, and the wri
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from aegisd.ledger import (
     LedgerError,
     LedgerWriter,
     PruneRefused,
+    ReplaceIncomplete,
     ledger_stats,
     prune,
     query_rows,
@@ -374,3 +376,73 @@ def test_stats_group_without_walking_a_column_index(db: Path, filters: dict[str,
     for plan in plans:
         used = {word for word in plan.split() if word.startswith("ledger_")}
         assert used == ({index} if index else set()), plan
+
+
+def test_a_replace_whose_rename_is_not_made_durable_says_the_file_moved_and_drops_the_key(
+        tmp_path: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a cold review: when the rename succeeded but the directory's fsync failed, the caller heard
+    "cannot move the restored ledger into place" (so the restore said nothing was restored) and the writer
+    kept the old vault's chain key for the new file. The move is now told apart from what follows it."""
+    other = tmp_path / "other.db"
+    fill(other, 3)
+    staged = tmp_path / "staged.db"
+    shutil.copy(other, staged)
+
+    def fsync_fails(directory: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    async def main() -> None:
+        writer = await started(db)
+        await writer.append(entry(0))
+        monkeypatch.setattr(writer_module, "fsync_directory", fsync_fails)
+        with pytest.raises(ReplaceIncomplete, match="^the restored ledger was moved into place, but making the "
+                           r"move durable \(fsync of the data directory\) failed: Input/output error$"):
+            await writer.replace_file(staged)
+        assert writer.key is None and not writer.failing and not staged.exists()
+        assert await writer.append(entry(99)) == 4  # into the restored file, not chained with the old key
+        assert sql(db, "SELECT mac FROM ledger WHERE id = 4") == [(None,)]
+        writer.set_key(KEY)  # the restored vault's key, at its unlock
+        await writer.close()
+
+    asyncio.run(main())
+    assert [r.request_id for r in query_rows(db, newest_first=False)] == ["r0", "r1", "r2", "r99"]
+    assert verify(db, KEY).ok
+
+
+def test_a_replace_whose_old_wal_stays_opens_nothing_until_it_is_gone(
+        tmp_path: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite would apply the old file's write-ahead log to the new file: while it cannot be removed the
+    restored file is not opened (the writer is failing), and the retry that removes it opens the file."""
+    monkeypatch.setattr(writer_module, "RETRY_SECONDS", 0.05)
+    other = tmp_path / "other.db"
+    fill(other, 3)
+    staged = tmp_path / "staged.db"
+    shutil.copy(other, staged)
+    real_unlink = os.unlink
+    stuck = [True]
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if stuck[0] and str(path) == f"{db}-wal":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        real_unlink(path, *args, **kwargs)
+
+    async def main() -> None:
+        writer = await started(db)
+        await writer.append(entry(0))
+        monkeypatch.setattr(os, "unlink", unlink)
+        with pytest.raises(ReplaceIncomplete, match="moved into place, but removing the old file's write-ahead log"):
+            await writer.replace_file(staged)
+        assert writer.key is None and writer.failing
+        with pytest.raises(LedgerError, match="write-ahead log cannot be removed"):
+            await writer.append(entry(1))
+        stuck[0] = False
+        await eventually(lambda: not writer.failing, "the reopen", 10)
+        writer.set_key(KEY)
+        await writer.append(entry(9))
+        await writer.close()
+
+    asyncio.run(main())
+    rows = query_rows(db, newest_first=False)
+    assert [(r.request_id, r.reason) for r in rows] == [
+        ("r0", ""), ("r1", ""), ("r2", ""), ("", "ledger_unavailable"), ("r9", "")]
+    assert verify(db, KEY).ok
