@@ -81,7 +81,7 @@ class Exchange:
             bytes_out=self.bytes_out, flags=self.flags)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: that would cost every request about 1.5 µs more to build
 class Admission:
     """What steps 1-6 found for one request, and the routing table and policy set they were judged against."""
 
