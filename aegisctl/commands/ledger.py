@@ -240,20 +240,25 @@ def _export_rows(client: AegisClient, stream: Iterable[pb.ExportBatch], out: IO[
 @command.command("prune")
 @click.option("--before", required=True, type=TimeSpec(),
               help="Delete rows recorded before this time (ISO 8601) or age (90d, 12w).")
+@click.option("--include-unchained", is_flag=True,
+              help="Also delete rows in that range that `ledger verify` reports as not chained (no MAC).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @pass_context
-def prune(ctx: Context, before: int, yes: bool, as_json: bool) -> None:
+def prune(ctx: Context, before: int, include_unchained: bool, yes: bool, as_json: bool) -> None:
     """Delete old rows for retention. The chain stays verifiable: the cut is recorded in an
     authenticated checkpoint, and the prune itself in the ledger."""
     when = output.iso_ms(before)
     confirm_destructive(f"Delete every ledger row recorded before {when}? This cannot be undone.", yes)
     client = ctx.client
-    reply = client.call(client.ledger.Prune, pb.PruneRequest(before_ms=before), timeout=3600)
+    request = pb.PruneRequest(before_ms=before, include_unchained=include_unchained)
+    reply = client.call(client.ledger.Prune, request, timeout=3600)
     if as_json:
-        output.emit_json({"pruned": reply.pruned, "first_kept_id": reply.first_kept_id, "before": when})
+        output.emit_json({"pruned": reply.pruned, "first_kept_id": reply.first_kept_id, "before": when,
+                          "unchained": reply.unchained})
     elif reply.pruned:
-        click.echo(f"Pruned {reply.pruned} rows recorded before {when}; the ledger now starts at row "
+        unchained = f" ({reply.unchained} of them not chained)" if reply.unchained else ""
+        click.echo(f"Pruned {reply.pruned} rows recorded before {when}{unchained}; the ledger now starts at row "
                    f"{reply.first_kept_id} and still verifies from there.")
     else:
         click.echo(f"Nothing to prune: no rows recorded before {when}.")

@@ -12,7 +12,7 @@ import grpc
 from aegisd.api.aegis.v1 import ledger_pb2 as pb
 from aegisd.api.aegis.v1 import ledger_pb2_grpc
 from aegisd.control.errors import REASON_KEY, rpc
-from aegisd.errors import FailedPrecondition, InvalidArgument, StorageUnavailable
+from aegisd.errors import FailedPrecondition, InvalidArgument, StorageUnavailable, VaultUninitialized
 from aegisd.ledger import (
     Dropped,
     Group,
@@ -177,6 +177,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     async def Verify(self, request: pb.VerifyRequest, context: Ctx) -> pb.VerifyResponse:
         key = self.rt.ledger_key()
         if key is None:
+            self._require_vault()
             raise FailedPrecondition("the ledger key derives from the vault: unlock it once to verify",
                                      reason="vault_locked")
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
@@ -218,6 +219,11 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             if not after_id:
                 return
 
+    def _require_vault(self) -> None:
+        """With no vault yet there is nothing to unlock: say to create one (the key derives from it)."""
+        if self.rt.vault.state == "uninitialized":
+            raise VaultUninitialized()
+
     @rpc
     async def Prune(self, request: pb.PruneRequest, context: Ctx) -> pb.PruneResponse:
         if request.before_ms <= 0:
@@ -225,11 +231,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         if request.before_ms > now_ms():
             raise InvalidArgument("the prune time is in the future; rows are kept until they are older than it")
         if self.rt.ledger_key() is None:
+            self._require_vault()
             raise FailedPrecondition("the ledger key derives from the vault: unlock it once, then prune",
                                      reason="vault_locked")
         async with self._prune_lock:
             try:
-                result = await prune(self.rt.ledger, request.before_ms)
+                result = await prune(self.rt.ledger, request.before_ms, include_unchained=request.include_unchained)
             except KeyMissing as exc:
                 raise FailedPrecondition(str(exc), reason="vault_locked") from None
             except PruneRefused as exc:
@@ -239,9 +246,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         if result.pruned:
             detail = (f"ledger pruned: {result.pruned} rows recorded before {iso_time(request.before_ms)} deleted; "
                       f"the chain now starts at row {result.first_kept_id} (checkpoint {result.checkpoint_id})")
-            self.rt.log_event("ledger pruned", rows=result.pruned, first_kept_id=result.first_kept_id)
+            if result.unchained:
+                detail += f"; {result.unchained} of them were not chained (no MAC) and were let go by the operator"
+            self.rt.log_event("ledger pruned", rows=result.pruned, first_kept_id=result.first_kept_id,
+                              unchained=result.unchained)
             try:
                 await self.rt.ledger.append(LedgerEntry.system(detail, reason="ledger_pruned"))
             except LedgerError as exc:
                 raise StorageUnavailable(f"the prune succeeded but could not be recorded: {exc}") from None
-        return pb.PruneResponse(pruned=result.pruned, first_kept_id=result.first_kept_id)
+        return pb.PruneResponse(pruned=result.pruned, first_kept_id=result.first_kept_id, unchained=result.unchained)

@@ -42,29 +42,35 @@ class PruneResult:
     pruned: int
     first_kept_id: int
     checkpoint_id: int | None
+    unchained: int = 0  # of the pruned rows, those without a MAC (only when the caller accepted them)
 
 
 @dataclass
 class _Progress:
     before_ms: int
     time_ms: int
+    include_unchained: bool = False
     first_kept_id: int | None = None  # fixed by the first chunk, so rows appended meanwhile never count
     pruned: int = 0
     checkpoint_id: int | None = None
+    unchained: int = 0
 
 
-async def prune(writer: LedgerWriter, before_ms: int, *, chunk_rows: int = CHUNK_ROWS) -> PruneResult:
+async def prune(writer: LedgerWriter, before_ms: int, *, chunk_rows: int = CHUNK_ROWS,
+                include_unchained: bool = False) -> PruneResult:
     """Delete every row before the first one recorded at or after before_ms (ids, hence the chain, stay gapless).
 
-    A row recorded earlier but committed after that one (a long request) is kept with it.
+    A row recorded earlier but committed after that one (a long request) is kept with it. A row in that range
+    with no MAC refuses the prune unless include_unchained: the operator has seen it in `ledger verify` and
+    lets it go (nothing vouched for it; the chain runs past it). Every other row must verify.
     """
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be at least 1")
-    progress = _Progress(before_ms, now_ms())
+    progress = _Progress(before_ms, now_ms(), include_unchained)
     chunk = functools.partial(_prune_chunk, progress, chunk_rows)
     while not await writer.run_exclusive(chunk):
         pass
-    return PruneResult(progress.pruned, progress.first_kept_id or 1, progress.checkpoint_id)
+    return PruneResult(progress.pruned, progress.first_kept_id or 1, progress.checkpoint_id, progress.unchained)
 
 
 def _prune_chunk(progress: _Progress, chunk_rows: int, conn: sqlite3.Connection, key: bytes | None) -> bool:
@@ -97,14 +103,20 @@ def _delete_chunk(conn: sqlite3.Connection, key: bytes, progress: _Progress, chu
     expected = start_id
     for row in conn.execute(f"{SELECT_CHAIN} WHERE id < ? ORDER BY id", (end,)):
         row_id, values, mac = row[0], row[1:-1], row[-1]
+        if mac is None and row_id == expected and progress.include_unchained:  # the chain runs past it
+            progress.unchained += 1
+            expected = row_id + 1
+            continue
         try:
             good = row_id == expected and isinstance(mac, bytes) and hmac.compare_digest(
                 mac, mac_of(prev_mac, row_id, values))
         except (TypeError, ValueError):
             good = False
         if not good:
-            what = "is not chained (no MAC)" if mac is None and row_id == expected else "does not verify"
-            raise PruneRefused(f"row {min(row_id, expected)} {what}, so the prune was refused to keep "
+            if mac is None and row_id == expected:
+                raise PruneRefused(f"row {row_id} is not chained (no MAC), so the prune was refused; see `aegisctl "
+                                   "ledger verify`, and prune with --include-unchained to let such rows go")
+            raise PruneRefused(f"row {min(row_id, expected)} does not verify, so the prune was refused to keep "
                                "the evidence; see `aegisctl ledger verify`")
         prev_mac, expected = mac, row_id + 1
     if expected != end:

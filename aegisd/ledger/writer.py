@@ -32,6 +32,7 @@ MAX_BATCH = 4096  # rows per transaction; bounds commit latency under a flood
 CHECKPOINT_WHEN_IDLE = 32
 CHECKPOINT_ALWAYS = 256
 MIN_KEY_SIZE = 16
+MAX_HELD = 1000  # system rows held for the key (policy reloads while locked); more are counted, not kept
 # While commits fail, the writer retries this often on its own, with the row that records the outage.
 RETRY_SECONDS = 1.0
 # Rows per INSERT statement: one statement step (and GIL hand-off) per batch of up to this many rows
@@ -268,6 +269,10 @@ class LedgerWriter:
         self._key: bytes | None = None
         self._closed = False
         self._subscribers: tuple[Subscription, ...] = ()
+        # System rows appended before the chain's key exists; see append_nowait.
+        self._held: list[LedgerEntry] = []
+        self._held_dropped = 0
+        self._held_lock = threading.Lock()
         # Appends made during one event-loop iteration, handed to the thread together: one wake-up
         # of the writer thread per batch instead of one per row.
         self._pending: list[_Append] = []
@@ -325,9 +330,22 @@ class LedgerWriter:
             self._queue.put(batch)
 
     def append_nowait(self, entry: LedgerEntry) -> None:
-        """Queue a row without waiting (system events); a failed commit is logged, not raised."""
+        """Queue a row without waiting (system events); a failed commit is logged, not raised.
+
+        Before the chain has its key (the first unlock of this run) the row is held in memory and queued
+        with the key: a run that stops before any unlock then leaves no row without a MAC behind, which
+        the next run could not tell from one stripped of its MAC. Nobody waits on these rows, and the gate
+        serves nothing before that unlock, so holding them loses nothing but their place in id order.
+        """
         entry = normalize(entry)
         self._check_open()
+        with self._held_lock:
+            if self._key is None:
+                if len(self._held) < MAX_HELD:
+                    self._held.append(entry)
+                else:
+                    self._held_dropped += 1
+                return
         self._queue.put((entry, None))
 
     def set_key(self, key: bytes) -> None:
@@ -340,8 +358,12 @@ class LedgerWriter:
             raise LedgerError("the ledger already has a different key")
         if self._closed:
             raise LedgerError("the ledger writer is closed")
-        self._key = key
-        self._queue.put(_SetKey(key))
+        with self._held_lock:
+            self._key = key
+            self._queue.put(_SetKey(key))
+            held, self._held = self._held, []
+            for entry in held:
+                self._queue.put((entry, None))
 
     @property
     def key(self) -> bytes | None:
@@ -411,6 +433,13 @@ class LedgerWriter:
         """Commit everything already queued, then close the connection and end subscriptions."""
         if not self._closed:
             self._closed = True
+            with self._held_lock:
+                held, self._held = self._held, []
+            for entry in held:  # the vault was never unlocked in this run: the log keeps what they said
+                log.info("not written to the ledger, the vault was never unlocked in this run: %s (%s)",
+                         entry.detail, entry.reason)
+            if self._held_dropped:
+                log.warning("%d more system rows were dropped while waiting for an unlock", self._held_dropped)
             if self._thread is not None:
                 self._hand_over()
                 self._queue.put(_STOP)

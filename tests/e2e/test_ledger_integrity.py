@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,22 +86,35 @@ def test_rows_stripped_of_their_mac_are_never_chained_again() -> None:
 
 def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() -> None:
     """The key derives from the vault and stays in memory after a lock, so only rows written between a start
-    and the first unlock after it wait unchained: each start's policy row, and the gate's refusals."""
+    and the first unlock after it wait unchained: the gate's refusals. The daemon's own rows of that time
+    (each start's policy reload) are held for the key, so a run that never unlocks leaves none of them."""
     world = world_with_traffic()
     try:
         aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
 
-        def restart_locked() -> tuple[int, int]:
-            """Restart (locked: no auto-unlock) and make one request; the ids of the rows this run wrote."""
+        def restart_locked() -> int:
+            """Restart (locked: no auto-unlock) and make one request; the id of its row, the only row this run
+            has stored so far (its policy reload waits for the key)."""
             assert aegis.stop() == 0
             aegis.start()
             reply = world.call("GET", "/bear/echo/locked", agent="bot")
             assert reply.status == 503
-            rows = world.ledger()  # request rows only; the run's first row is its policy reload
-            last: int = world.row(reply.request_id, rows)["id"]
-            first = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "2").ok().out)[-1]
-            assert first["reason"] == "policy_reloaded" and first["id"] == last - 1, first
-            return last - 1, last
+            row_id: int = world.row(reply.request_id, world.ledger())["id"]
+            [newest] = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1").ok().out)
+            assert newest["id"] == row_id, newest
+            return row_id
+
+        # A run that never unlocks, with no traffic: nothing of it is left unchained, and its log says what
+        # it did not record.
+        assert aegis.stop() == 0
+        aegis.start()
+        assert aegis.stop() == 0
+        assert "not written to the ledger, the vault was never unlocked in this run: policies reloaded" in aegis.log()
+        aegis.start()
+        world.unlock()
+        assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
+        [reload] = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1").ok().out)
+        assert reload["reason"] == "policy_reloaded" and "(startup)" in reload["detail"]  # held, then chained
 
         # Unlocked in the same run: the rows written meanwhile are chained.
         restart_locked()
@@ -108,15 +122,15 @@ def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() ->
         assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
 
         # A row edited in the file before the unlock: none of that run's rows is chained, and the log says so.
-        first, edited = restart_locked()
+        edited = restart_locked()
         edit(db, "UPDATE ledger SET path = '/harmless' WHERE id = ?", edited)
         world.unlock()
         verdict, _ = verify(aegis)
-        assert verdict["first_bad_id"] == first, verdict
-        assert verdict["reason"].startswith(f"rows {first}..{edited} are not chained"), verdict
-        assert f"rows {first}..{edited}, stored while the vault was locked, were changed in the file" in aegis.log()
+        assert verdict["first_bad_id"] == edited, verdict
+        assert verdict["reason"].startswith(f"row {edited} is not chained"), verdict
+        assert f"rows {edited}, stored while the vault was locked, were changed in the file" in aegis.log()
 
-        # Restarted before the unlock: the next run cannot tell that run's rows from edited ones, so they are
+        # Restarted before the unlock: the next run cannot tell that run's refusal from an edited row, so it is
         # never chained (docs/SECURITY.md, "Not mitigated").
         never = restart_locked()
         assert aegis.stop() == 0
@@ -124,11 +138,23 @@ def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() ->
         world.unlock()
         assert world.call("GET", "/bear/echo/next-run", agent="bot").status == 200
         verdict, _ = verify(aegis)
-        assert verdict["first_bad_id"] == first, verdict
-        assert never[0] == edited + 1
-        assert verdict["reason"].startswith(f"rows {first}..{never[1]} are not chained (no MAC): stored so by an "
+        assert verdict["first_bad_id"] == edited, verdict
+        assert never > edited
+        assert verdict["reason"].startswith(f"rows {edited}, {never} are not chained (no MAC): stored so by an "
                                             "earlier run of aegisd that stopped before its vault was unlocked"), verdict
-        assert "have no MAC and were not written by this aegisd" in aegis.log()
+        assert "has no MAC and was not written by this aegisd" in aegis.log()
+
+        # Such rows refuse a prune, until the operator, having seen them in verify, lets them go.
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        refused = aegis.ctl("ledger", "prune", "--before", now, "--yes")
+        assert refused.code == 1 and f"row {edited} is not chained" in refused.err, refused
+        assert "--include-unchained" in refused.err
+        pruned = json.loads(aegis.ctl("ledger", "prune", "--before", now, "--include-unchained", "--yes",
+                                      "--json").ok().out)
+        assert pruned["unchained"] == 2 and pruned["pruned"] > 2, pruned
+        assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
+        [record] = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1").ok().out)
+        assert record["reason"] == "ledger_pruned" and "2 of them were not chained" in record["detail"], record
         world.assert_no_leaks()
     finally:
         world.close()

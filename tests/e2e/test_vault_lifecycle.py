@@ -45,6 +45,8 @@ def test_status_json_through_every_state(aegis: Aegis) -> None:
 def test_status_human_says_what_to_do_next(aegis: Aegis) -> None:
     out = aegis.ctl("status").ok().out
     assert "uninitialized" in out and "aegisctl init" in out
+    for args in (["ledger", "verify"], ["ledger", "prune", "--before", "1d", "--yes"]):  # nothing to unlock yet
+        assert_failed(aegis.ctl(*args), "no vault has been created", "aegisctl init")
     assert f"127.0.0.1:{aegis.gate_port}" in out
     aegis.init()
     aegis.ctl("lock").ok()

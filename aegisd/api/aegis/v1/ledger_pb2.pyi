@@ -418,16 +418,22 @@ class PruneRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BEFORE_MS_FIELD_NUMBER: _builtins.int
+    INCLUDE_UNCHAINED_FIELD_NUMBER: _builtins.int
     before_ms: _builtins.int
     """Epoch milliseconds: rows before the first row recorded at or after this time are deleted."""
+    include_unchained: _builtins.bool
+    """Also delete rows in that range that are not chained (no MAC: stored by a run that stopped before its
+    vault was unlocked, or stripped of their MACs). Without it such a row refuses the prune.
+    """
     def __init__(
         self,
         *,
         before_ms: _builtins.int = ...,
+        include_unchained: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_ms", b"before_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_ms", b"before_ms", "include_unchained", b"include_unchained"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -439,18 +445,22 @@ class PruneResponse(_message.Message):
 
     PRUNED_FIELD_NUMBER: _builtins.int
     FIRST_KEPT_ID_FIELD_NUMBER: _builtins.int
+    UNCHAINED_FIELD_NUMBER: _builtins.int
     pruned: _builtins.int
     first_kept_id: _builtins.int
     """The chain now starts here."""
+    unchained: _builtins.int
+    """Of the rows pruned, those that were not chained (only with include_unchained)."""
     def __init__(
         self,
         *,
         pruned: _builtins.int = ...,
         first_kept_id: _builtins.int = ...,
+        unchained: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_kept_id", b"first_kept_id", "pruned", b"pruned"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_kept_id", b"first_kept_id", "pruned", b"pruned", "unchained", b"unchained"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
