@@ -147,9 +147,10 @@ def test_round_trip_under_load(world: GateWorld) -> None:
         assert listing(b_aegis, "agent", "list") == agents_a
         verified = listing(b_aegis, "ledger", "verify")
         assert verified["ok"] and verified["rows_checked"] >= ledger_at_backup
-        recent = listing(b_aegis, "ledger", "show", "--limit", "2")  # newest first: the 503 above, the restore
-        assert [r["reason"] for r in recent] == ["vault_locked", "backup_restored"]
-        assert manifest["vault_id"] in recent[1]["detail"]
+        # Newest first: B's startup policy row (held until this first unlock), the 503 above, the restore.
+        recent = listing(b_aegis, "ledger", "show", "--limit", "3")
+        assert [r["reason"] for r in recent] == ["policy_reloaded", "vault_locked", "backup_restored"]
+        assert manifest["vault_id"] in recent[2]["detail"]
 
         # A's agent tokens work through B's gate, with the right secret injected upstream.
         reply = b.call("GET", "/github/echo/from-b", agent="cursor")
