@@ -39,6 +39,7 @@ from aegisd.gate.services import granted_services
 from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from aegisd.inspection import Inspector, Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
+from aegisd.ledger.entry import normalize
 from aegisd.outcomes import OutcomeSink
 from aegisd.policy import PolicySet, PolicyStore, Verdict
 from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canonical_target
@@ -429,7 +430,7 @@ class GatePipeline:
         x.recorded = True
         if x.decision == "denied" and not x.path_inspected:
             self._mask_target(x)
-        entry = x.entry()
+        entry = normalize(x.entry())  # webhooks and logs get the row as stored: capped, never 60 KB paths
         if self.outcomes is not None:
             try:
                 self.outcomes.record(entry, x.upstream_s)  # metrics, refusal log line, webhooks

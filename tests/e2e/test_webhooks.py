@@ -254,6 +254,23 @@ def test_a_secret_in_the_path_reaches_no_receiver() -> None:
         world.close()
 
 
+def test_a_payload_carries_the_row_as_stored_not_a_huge_path() -> None:
+    """Rows cap agent-controlled text (2,048 characters); a webhook payload is built from the same capped row,
+    so a request with a 10 KB path costs no receiver 10 KB."""
+    world = ops_world()
+    receiver = Receiver().start()
+    try:
+        add_webhook(world, receiver, "agent_auth_failure")
+        refused(world.call("GET", "/any/" + "p" * 10_000), 401, "agent_auth_required")
+        [delivery] = receiver.wait_for(1)
+        path = delivery.payload["details"]["path"]
+        [row] = world.ledger()
+        assert path == row["path"] and len(path) < 2_100 and "truncated" in path, path[-60:]
+    finally:
+        receiver.stop()
+        world.close()
+
+
 def test_retries_reach_a_receiver_that_fails_twice() -> None:
     world = ops_world("[webhooks]\nretry_delay = 0.05\n")
     receiver = Receiver(fail_first=2).start()
