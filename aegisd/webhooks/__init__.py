@@ -58,9 +58,7 @@ class Webhooks:
         self.expiry.check_soon()
 
     def on_vault_event(self, event: str) -> None:
-        if event == "locked":
-            self.dispatcher.set_targets(())
-        elif event == "unlocked":
+        if event in ("locked", "unlocked"):  # by the vault's state, not the event: a late "locked" changes nothing
             self.reload()
         elif event == "credentials":
             self.expiry.check_soon()
