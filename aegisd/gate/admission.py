@@ -27,7 +27,7 @@ class Noted(Protocol):
     """What these steps write on the request's ledger row (the pipeline's Exchange)."""
 
     request_id: str
-    time_ms: int
+    judged_ms: int  # the moment the request is judged at (its arrival, or a re-judgement's)
     reason: str
     flags: str
 
@@ -41,7 +41,7 @@ def check_policy(policies: PolicySet, x: Noted, agent: AgentEntry, service: str,
     """Step 6's policy half: refuse in enforce mode; in dry-run mode forward, noting `would_deny`."""
     if not policies.fail_all and agent.name not in policies.agents:
         return None  # the common case, kept to one dict lookup: no policy names this agent
-    verdict = policies.judge(agent.name, service, method, unquote(raw_path), x.time_ms)
+    verdict = policies.judge(agent.name, service, method, unquote(raw_path), x.judged_ms)
     if verdict is None or verdict.allowed:
         return verdict
     add_flag(x, f"policy={verdict.flag}")

@@ -56,14 +56,14 @@ KEY_FORMATS_ONLY = Inspector(())  # what can still be recognised in a path while
 class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
-    __slots__ = ("agent", "bytes_in", "bytes_out", "credential", "decision", "flags", "forwarded", "method", "path",
-                 "path_inspected", "reason", "recorded", "request_id", "service", "started", "status", "target_host",
-                 "time_ms", "upstream_s")
+    __slots__ = ("agent", "bytes_in", "bytes_out", "credential", "decision", "flags", "forwarded", "judged_ms",
+                 "method", "path", "path_inspected", "reason", "recorded", "request_id", "service", "started",
+                 "status", "target_host", "time_ms", "upstream_s")
 
     def __init__(self, method: str) -> None:
         self.request_id = secrets.token_hex(8)
         self.started = time.perf_counter()
-        self.time_ms = time.time_ns() // 1_000_000
+        self.time_ms = self.judged_ms = time.time_ns() // 1_000_000  # judged again at a later moment: see _readmit
         self.method = method
         self.agent = self.credential = self.service = self.path = self.target_host = ""
         self.decision, self.reason, self.flags = "allowed", "", ""
@@ -222,7 +222,7 @@ class GatePipeline:
         if route is None or route.credential_id not in agent.credential_ids:
             raise Refusal(403, "not_granted", f"agent {agent.name!r} has no grant for service {service!r}")
         x.credential = route.name
-        if route.expires_at is not None and x.time_ms >= route.expires_at:
+        if route.expires_at is not None and x.judged_ms >= route.expires_at:
             raise Refusal(403, "credential_expired", f"the credential for {service!r} has expired; an operator "
                           "must rotate or extend it")
 
@@ -254,6 +254,7 @@ class GatePipeline:
     def _readmit(self, request: GateRequest, x: Exchange, service: str, rest: str) -> Admission:
         """Steps 1-7 again, the quota taken under the old admission given back first."""
         x.flags = x.reason = ""  # only steps 6 and 7 have written them so far
+        x.judged_ms = time.time_ns() // 1_000_000  # as a fresh request would be now: expiry, time windows
         admitted = self._admit(request, x, service, rest)
         self.limits.readmit(x, admitted.agent, admitted.route, admitted.verdict)
         return admitted
@@ -449,7 +450,11 @@ class GatePipeline:
         a table (locked) only the key formats can be recognised."""
         table = self.routing.table
         inspector = table.inspector if table is not None else KEY_FORMATS_ONLY
-        x.service, x.path = masked(inspector, x.service), masked(inspector, x.path)
+        # One string: a secret with a '/' in it is cut in two by the service segment, and neither half alone
+        # is found. The target host (an agent's label under a wildcard entry) is recorded too.
+        service, sep, path = masked(inspector, f"/{x.service}{x.path}")[1:].partition("/")
+        x.service, x.path = service, sep + path
+        x.target_host = masked(inspector, x.target_host)
 
     async def _operator(self, request: GateRequest, rest: str, x: Exchange) -> None:
         endpoint = rest.rstrip("/")

@@ -297,3 +297,22 @@ def test_a_broken_or_abandoned_body_streamed_in_off_mode_is_the_agent_s_fault(in
     row = _row_for(world, "/echo/abandoned")
     assert (row["decision"], row["reason"], row["status"]) == ("denied", "bad_request", 400)
     world.assert_no_leaks()
+
+
+def test_a_secret_split_by_the_service_segment_or_in_the_target_host_is_masked() -> None:
+    """Found by a cold review: a secret with a '/' in it, sent as the first segments of the path, was cut into
+    a service and a path that neither hold it alone, and both reached the ledger; and the target host (an
+    agent's label under a wildcard entry) was neither inspected nor masked."""
+    world = GateWorld.start()
+    try:
+        slashed, hostlike = "sk-split/secret-0123456789abcdefXYZ", "sk-wild-secret-0123456789abcdef"
+        world.credential("slashed", slashed, "api.slashed.example")
+        world.credential("wild", hostlike, "*.example.com")
+        world.agent("bot", "wild")
+        no_token = world.call("GET", f"/{slashed}/x")
+        world.assert_refused(no_token, 401, "agent_auth_required", service="[REDACTED]", path="/x")
+        aimed = world.call("GET", "/wild/echo/x", [("X-Target-Host", f"{hostlike}.example.com")], agent="bot")
+        world.assert_refused(aimed, 403, "body_inspection", target_host="[REDACTED]")
+        world.assert_no_leaks()
+    finally:
+        world.close()
