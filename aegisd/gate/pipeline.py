@@ -36,6 +36,7 @@ from aegisd.gate.refusal import JSON_CONTENT_TYPE, REQUEST_ID_HEADER, Refusal, s
 from aegisd.gate.response_redaction import ResponseRedactor, ask_redactable, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
 from aegisd.gate.services import granted_services
+from aegisd.gate.unauthenticated import UnauthenticatedRows
 from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from aegisd.inspection import Inspector, Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
@@ -109,6 +110,7 @@ class GatePipeline:
         self.draining = False
         self.in_flight = 0
         self._listen_hosts = frozenset({config.gate_host.lower()})
+        self._unauthenticated = UnauthenticatedRows(ledger.append_nowait)
 
     async def handle(self, request: GateRequest) -> None:
         """Answer one request (through `request`) and commit its ledger row."""
@@ -437,6 +439,8 @@ class GatePipeline:
                 self.outcomes.record(entry, x.upstream_s)  # metrics, refusal log line, webhooks
             except Exception as exc:  # never at the ledger row's expense
                 log.error("recording a request's outcome failed: %s", type(exc).__name__)
+        if not x.agent and x.decision == "denied" and not self._unauthenticated.admit():
+            return True  # a flood of tokenless requests: counted, and a summary row records them
         try:
             await self.ledger.append(entry)
         except LedgerError as exc:  # the writer logged the outage when it began; once per request is noise

@@ -1,0 +1,57 @@
+"""A flood of requests without a valid token cannot fill the disk through the ledger: past a burst and a
+steady rate their refusals are counted, and one system row says how many, through the real daemon."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from aegisd.gate.unauthenticated import BURST, RATE_PER_SECOND
+from tests.e2e.gate_support import GateWorld
+
+FLOOD = 3 * BURST
+
+
+def _pipelined(port: int, count: int) -> int:
+    """Send `count` tokenless requests on one connection at once; the number of 401s that came back."""
+    request = f"GET /svc/echo/flood HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall(request * count)
+        received = b""
+        while received.count(b"HTTP/1.1 401 ") < count:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+    return received.count(b"HTTP/1.1 401 ")
+
+
+def test_refusals_past_the_rate_are_counted_in_one_row_and_agents_keep_theirs() -> None:
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("svc", "sk-flood-test-secret-0123456789", up.entry())
+        world.agent("bot", "svc")
+        started = time.monotonic()
+        assert _pipelined(world.port, FLOOD) == FLOOD  # every request is answered, recorded or not
+        elapsed = time.monotonic() - started
+        assert world.call("GET", "/svc/echo/agent", agent="bot").status == 200  # an agent's row is never counted
+
+        deadline = time.monotonic() + 10
+        while True:
+            rows = json.loads(world.aegis.ctl("ledger", "show", "--json", "--limit", "100000").ok().out)
+            summaries = [r for r in rows if r["reason"] == "unauthenticated_flood"]
+            if summaries or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        recorded = sum(r["reason"] == "agent_auth_required" for r in rows)
+        left_out = sum(int(r["detail"].split()[0]) for r in summaries)
+        assert recorded + left_out == FLOOD, (recorded, left_out)
+        assert BURST <= recorded <= BURST + RATE_PER_SECOND * (elapsed + 1), (recorded, elapsed)
+        assert summaries and "without a valid agent token" in summaries[0]["detail"]
+        assert any(r["path"] == "/echo/agent" and r["agent"] == "bot" for r in rows)
+        assert "were not recorded one by one" in world.aegis.log()
+        world.assert_no_leaks()
+    finally:
+        world.close()
