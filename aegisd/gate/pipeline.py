@@ -249,9 +249,13 @@ class GatePipeline:
         while True:
             if body is None and request.has_body and admitted.route.body_inspection != "off":
                 body = await read_body(request, x, self.config.max_body_bytes)
-            if self.routing.table is admitted.table and self.policies.current is admitted.policies:
+            if self._still_current(admitted):
                 return body, admitted
             admitted = self._readmit(request, x, service, rest)
+
+    def _still_current(self, admitted: Admission) -> bool:
+        """Whether what the request was judged against still stands (the routing table and the policy set)."""
+        return self.routing.table is admitted.table and self.policies.current is admitted.policies
 
     def _readmit(self, request: GateRequest, x: Exchange, service: str, rest: str) -> Admission:
         """Steps 1-7 again, the quota taken under the old admission given back first."""
@@ -318,8 +322,9 @@ class GatePipeline:
         x.forwarded = True
         try:
             entry = admitted.entry
-            upstream = await self.upstream.request(request.method, entry.scheme, admitted.host, admitted.port, target,
-                                                   headers, body, allow_internal=entry.is_special_address)
+            upstream = await self.upstream.request(
+                request.method, entry.scheme, admitted.host, admitted.port, target, headers, body,
+                allow_internal=entry.is_special_address, still_current=lambda: self._still_current(admitted))
             x.upstream_s = time.perf_counter() - sent
         except BodyTooLarge:
             raise body_too_large(limit) from None

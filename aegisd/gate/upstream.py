@@ -72,6 +72,14 @@ class UpstreamConnectTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class Superseded(UpstreamError):
+    """The vault or the policies changed while a new connection was made: the request, judged before, is not
+    sent (a lock, revoke or rotation must not be outrun by a slow connect); a retry is judged afresh."""
+
+    status = 503
+    code = "changed_in_flight"
+
+
 class UpstreamBroken(UpstreamError):
     """The upstream closed the connection early or sent something that is not HTTP/1.1."""
 
@@ -446,8 +454,11 @@ class UpstreamPool:
 
     async def request(self, method: str, scheme: str, host: str, port: int, target: str,
                       headers: CIMultiDict[str], body: bytes | AsyncIterator[bytes] | None,
-                      allow_internal: bool) -> UpstreamResponse:
-        """Send one request and return once the answer's headers are in; call `release` after the body."""
+                      allow_internal: bool, still_current: Callable[[], bool] = lambda: True) -> UpstreamResponse:
+        """Send one request and return once the answer's headers are in; call `release` after the body.
+
+        `still_current` is asked after a new connection is made (DNS, TCP, TLS: up to the connect timeout),
+        right before the request, which carries the credential, is written to it."""
         head, chunked = request_head(method, target, headers, body)
         key = (scheme, host, port, allow_internal)
         conn = self._idle_connection(key)
@@ -466,11 +477,18 @@ class UpstreamPool:
                     conn = await self._connect(key)
                 except UpstreamError as exc:  # the request went out once already: not "nothing was sent"
                     raise UpstreamBroken(str(exc)) from None
+                if not still_current():
+                    conn.release()
+                    raise UpstreamBroken("the vault or the policies changed while reconnecting") from None
             except BaseException:
                 conn.release()
                 raise
         else:
             conn = await self._connect(key)
+            if not still_current():
+                conn.release()  # unused: kept for the next request
+                raise Superseded("the vault or the policies changed while the gate connected upstream; nothing "
+                                 "was sent: retry")
         try:
             conn.send(method, head, body, chunked, self._timeouts)
             await conn.wait_headers()

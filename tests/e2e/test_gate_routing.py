@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import queue
 import socket
 import sqlite3
+import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -655,4 +658,60 @@ def test_names_moved_between_rows_cannot_aim_grant_revoke_or_remove() -> None:
         assert world.call("GET", "/ro/echo/last", agent="bot").status == 200
         world.assert_no_leaks()
     finally:
+        world.close()
+
+
+class HeldHandshakeUpstream:
+    """A TLS upstream that accepts a connection and holds the handshake until released, then reports
+    whether a request arrived on it: the window a slow connect gives a lock or revoke to land in."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context, self.release, self.received = context, threading.Event(), queue.Queue[bytes]()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self.accepted = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._server.accept()
+        except OSError:
+            return
+        self.accepted.set()
+        self.release.wait(30)
+        data = b""
+        try:
+            conn.settimeout(3)
+            with self._context.wrap_socket(conn, server_side=True) as tls:
+                while b"\r\n\r\n" not in data and (chunk := tls.recv(65536)):
+                    data += chunk
+        except OSError as exc:  # the handshake or the wait for a request ended: what arrived is the answer
+            data += f" ({type(exc).__name__})".encode()
+        self.received.put(data)
+
+    def stop(self) -> None:
+        self._server.close()
+
+
+def test_a_lock_during_a_slow_connect_sends_nothing() -> None:
+    """Found by a cold review: the request, credential included, was built before the connection was made
+    (DNS, TCP, TLS: up to the connect timeout), so a lock landing meanwhile was outrun. It is judged again
+    once connected, and nothing is sent: 503 changed_in_flight, a retry is judged afresh."""
+    world = GateWorld.start()
+    held = HeldHandshakeUpstream(world.pki.server_context())
+    try:
+        world.credential("slow", SECRETS["bear"], f"https://localhost:{held.port}")
+        world.agent("bot", "slow")
+        replies: queue.Queue[Any] = queue.Queue()
+        threading.Thread(target=lambda: replies.put(world.call("GET", "/slow/echo/x", agent="bot")),
+                         daemon=True).start()
+        assert held.accepted.wait(10)  # the gate is in the handshake
+        world.aegis.ctl("lock").ok()
+        held.release.set()
+        reply = replies.get(timeout=30)
+        world.assert_refused(reply, 503, "changed_in_flight")
+        assert b"GET" not in held.received.get(timeout=10)  # the handshake completed, and no request followed
+        world.assert_no_leaks()
+    finally:
+        held.stop()
         world.close()
