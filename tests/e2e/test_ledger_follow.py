@@ -64,15 +64,17 @@ def following(aegis: Aegis, *args: str) -> Iterator[Follower]:
         follower.stop()
 
 
-def flood(port: int, targets: list[str]) -> None:
-    """Unauthenticated requests (each refused 401, each a ledger row), many at once."""
+def flood(port: int, targets: list[str], token: str) -> None:
+    """An agent's requests for services it holds no grant of (each refused 403, each a ledger row: an agent's
+    rows are never summarised as a tokenless flood's are), many at once."""
 
     async def main() -> None:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
+                                         headers={"X-Aegis-Agent": token}) as session:
             async def one(target: str) -> None:
                 async with session.get(f"http://127.0.0.1:{port}{target}") as resp:
                     await resp.read()
-                    assert resp.status == 401
+                    assert resp.status == 403
 
             await asyncio.gather(*(one(target) for target in targets))
 
@@ -86,9 +88,11 @@ def test_a_follower_that_falls_behind_is_told_how_many_rows_it_missed() -> None:
     world = GateWorld.start()
     try:
         aegis = world.aegis
+        world.agent("flooder")
+        token = world.tokens["flooder"]
         with following(aegis, "-n", "0", "--service", "flood") as follower:
             for attempt in range(30):  # until the subscription is live (-n 0: nothing to wait for before)
-                flood(world.port, [f"/flood/first{attempt}"])
+                flood(world.port, [f"/flood/first{attempt}"], token)
                 with suppress(queue.Empty):
                     assert follower.next(timeout=1)["path"] == f"/first{attempt}"
                     break
@@ -98,7 +102,7 @@ def test_a_follower_that_falls_behind_is_told_how_many_rows_it_missed() -> None:
             try:
                 filler = "x" * 2000
                 targets = [f"/flood/{n}/{filler}" for n in range(6000)]
-                flood(world.port, targets + [f"/other/{n}" for n in range(2000)])
+                flood(world.port, targets + [f"/other/{n}" for n in range(2000)], token)
             finally:
                 os.kill(follower.proc.pid, signal.SIGCONT)
             shown: list[dict[str, Any]] = []
