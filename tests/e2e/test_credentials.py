@@ -164,7 +164,7 @@ def test_bad_auth_and_scope_combinations_are_refused(shared: Aegis) -> None:
         (("--auth-type", "header", "--header-name", "Host"), "header name"),
         (("--auth-type", "header", "--header-name", "Bad Header"), "header name"),
         (("--auth-type", "query"), "--query-param"),
-        (("--auth-type", "query", "--query-param", "a b"), "--query-param"),
+        (("--auth-type", "query", "--query-param", "a b"), "--query-param 'a b' is not a parameter name"),
         (("--header-name", "X-Key"), "do not apply"),
         (("--auth-type", "basic", "--query-param", "k"), "do not apply"),
         (("--auth-type", "basic"), "user:password"),  # the secret has no ':'
