@@ -100,3 +100,25 @@ def test_vault_change_costs_run() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for change in ("add credential", "update credential", "add agent", "grant", "unlock"):
         assert f"  {change}: " in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk; make bench does)")
+@pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_ab_of_two_trees_runs() -> None:
+    """bench.ab (this tree against a revision) still runs: both daemons answered every request, both are
+    summarised, and the revision's worktree is gone afterwards; no timing is judged."""
+    secret = "sk-smoke-" + os.urandom(12).hex()
+    root = Path(tempfile.mkdtemp(prefix="aga", dir="/tmp"))  # short: the control sockets live below it
+    try:
+        proc = run_bench(["bench.ab", "HEAD", "--rounds", "1", "--seconds", "1", "--work-dir", str(root)],
+                         {**os.environ, "AEGIS_BENCH_SECRET": secret}, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "errors: 0" in proc.stdout and "HEAD: req/s median" in proc.stdout, proc.stdout
+        assert "this tree: req/s median" in proc.stdout, proc.stdout
+        assert not (root / "tree").exists()
+        for gate in ("rev", "this"):
+            aegis = Aegis(root / gate, outputs=[proc.stdout, proc.stderr])
+            assert "aegisd stopped" in aegis.log()
+            aegis.assert_no_leaks([secret])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
