@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import uvloop
 
+from aegisd.store import VaultStore
+from aegisd.vault.vault import Vault
+from tests.harness import PASSPHRASE
 from tests.unit.event_loops import Run
 
 
@@ -14,3 +19,20 @@ from tests.unit.event_loops import Run
 def run(request: pytest.FixtureRequest) -> Run:
     """Tests run on the stock loop and on uvloop, the daemon's."""
     return Run(uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[VaultStore]:
+    """A real vault database in the test's temp dir."""
+    s = VaultStore(tmp_path / "vault.db")
+    s.open()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def vault(store: VaultStore) -> Vault:
+    """A vault on `store`, initialised and unlocked."""
+    v = Vault(store)
+    v.init(PASSPHRASE, False)
+    return v

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,21 +13,6 @@ from aegisd.store import VaultStore
 from aegisd.vault.credentials import Credential
 from aegisd.vault.vault import Vault
 from tests.harness import PASSPHRASE
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[VaultStore]:
-    s = VaultStore(tmp_path / "vault.db")
-    s.open()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def vault(store: VaultStore) -> Vault:
-    v = Vault(store)
-    v.init(PASSPHRASE, False)
-    return v
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ in-process on a real vault database."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,6 @@ from aegisd.vault.credentials import Credential
 from aegisd.vault.sealing import seal_secret
 from aegisd.vault.vault import Vault
 from aegisd.webhooks import Webhooks
-from tests.harness import PASSPHRASE
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[VaultStore]:
-    s = VaultStore(tmp_path / "vault.db")
-    s.open()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def vault(store: VaultStore) -> Vault:
-    v = Vault(store)
-    v.init(PASSPHRASE, False)
-    return v
 
 
 def test_a_late_locked_event_keeps_the_webhooks_of_an_unlocked_vault(tmp_path: Path, store: VaultStore,
