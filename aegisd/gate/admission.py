@@ -62,10 +62,11 @@ class GateLimits:
         self._quotas: dict[tuple[str, str, str], Quota] = {}
         self._consumed: dict[str, list[Quota]] = {}  # per request in flight, for refund()
 
-    def admit(self, x: Noted, agent: AgentEntry, route: Route, verdict: Verdict | None) -> None:
-        """Admit the request against every limit at once, or refuse it (429) consuming nothing."""
+    def admit(self, x: Noted, agent: AgentEntry, route: Route | None, verdict: Verdict | None) -> None:
+        """Admit the request against every limit at once, or refuse it (429) consuming nothing. Without a route
+        (the gate's own /_aegis/services) only the agent's limit and its concurrency cap apply."""
         quotas = []
-        if route.rate_limit:
+        if route is not None and route.rate_limit:
             quotas.append(self._quota("credential", route.credential_id, route.rate_limit, route.name))
         if agent.rate_limit:
             quotas.append(self._quota("agent", agent.id, agent.rate_limit, agent.name))

@@ -487,7 +487,9 @@ class GatePipeline:
             raise Refusal(405, "method_not_allowed", "/_aegis/services answers GET only")
         table = self._unlocked_table()
         agent = self._authenticate(request, table)
-        x.agent, x.status = agent.name, 200
+        x.agent = agent.name
+        self.limits.admit(x, agent, None, None)  # its rows count against the agent's own limit, like any call
+        x.status = 200
         body = json.dumps(granted_services(table, agent, x.time_ms)).encode()
         if not await self._record(x):
             await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),

@@ -57,3 +57,16 @@ def test_services_lists_only_the_callers_grants(world: GateWorld) -> None:
     assert sorted(r["agent"] for r in allowed) == ["nobody", "reader", "writer"]
     assert all((r["path"], r["method"], r["status"]) == ("/services", "GET", 200) for r in allowed)
     world.assert_no_leaks()
+
+
+def test_services_counts_against_the_agents_own_rate_limit(world: GateWorld) -> None:
+    """Found by a cold review: /_aegis/services is ledgered like any call, but skipped the agent's own limit,
+    so an agent could write rows without bound there. It now counts like any call, refusals using none."""
+    world.credential("github", GH_SECRET, "api.github.com")
+    world.agent("limited", "github")
+    world.aegis.ctl("agent", "set-rate-limit", "limited", "2/min").ok()
+    assert [world.call("GET", "/_aegis/services", agent="limited").status for _ in range(2)] == [200, 200]
+    refused = world.call("GET", "/_aegis/services", agent="limited")
+    world.assert_refused(refused, 429, "rate_limited", agent="limited", service="_aegis")
+    assert refused.header("Retry-After")
+    world.assert_no_leaks()
