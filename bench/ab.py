@@ -12,8 +12,6 @@ holds in most rounds is the change's, not the machine's.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -23,7 +21,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.daemon import BenchDaemon, configure
+from bench.daemon import BenchDaemon, start_configured
 from bench.procstat import cpu_seconds
 from bench.services import start_nginx
 from bench.wrk import Request, run_wrk
@@ -74,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, source in ((args.rev, tree), ("this tree", None)):
             daemon = TreeDaemon(root / ("rev" if source else "this"))
             daemon.tree = source
-            stack.callback(daemon.stop)
-            daemon.start()
-            secret = os.environ.get("AEGIS_BENCH_SECRET") or "sk-bench-" + secrets.token_urlsafe(24)
-            setup = configure(daemon, nginx.url, None, secret)
+            setup = start_configured(stack, daemon, nginx.url)
             gates[name] = (daemon, daemon.gate_url + "/bench/small", setup.token)
         for _, url, token in gates.values():
             run_wrk(url, CONNECTIONS, 1, Request(token=token))  # warm-up

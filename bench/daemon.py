@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,15 @@ class Setup:
     token: str
     secret: str
     features: dict[str, bool | str]
+
+
+def start_configured(stack: ExitStack, daemon: BenchDaemon, upstream_url: str, sse_url: str | None = None) -> Setup:
+    """Start `daemon` (stopped when `stack` closes) and configure it as `make bench` does, with the bench's
+    secret: AEGIS_BENCH_SECRET (so a smoke test can look for it in every output), else a fresh one."""
+    stack.callback(daemon.stop)
+    daemon.start()
+    secret = os.environ.get("AEGIS_BENCH_SECRET") or "sk-bench-" + secrets.token_urlsafe(24)
+    return configure(daemon, upstream_url, sse_url, secret)
 
 
 def configure(daemon: BenchDaemon, upstream_url: str, sse_url: str | None, secret: str) -> Setup:

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench import ledger_scale, profile, sse
-from bench.daemon import BenchDaemon, Setup, configure
+from bench.daemon import BenchDaemon, Setup, start_configured
 from bench.populate import populate
 from bench.procstat import RssSampler, cpu_seconds, main_thread_cpu_seconds, memory_kib, reset_peak
 from bench.report import RESULTS_DIR, ledger_summary, load_table, targets_table, write_json
@@ -112,10 +112,7 @@ class Bench:
             baseline = start_baseline(self.root, nginx.url)
             stack.callback(baseline.stop)
             daemon = BenchDaemon(self.root / "gate")
-            stack.callback(daemon.stop)
-            daemon.start()
-            setup = configure(daemon, nginx.url, sse_up.url if sse_up else None,
-                              os.environ.get("AEGIS_BENCH_SECRET") or "sk-bench-" + secrets.token_urlsafe(24))
+            setup = start_configured(stack, daemon, nginx.url, sse_up.url if sse_up else None)
             self.results["features"] = setup.features
             self.log(f"aegisd {daemon.gate_url}, nginx {nginx.url}, baseline {baseline.url}; "
                      f"features {setup.features}")

@@ -13,8 +13,6 @@ alternating, so load generation costs the same for all three.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -24,7 +22,7 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.daemon import BenchDaemon, configure
+from bench.daemon import BenchDaemon, start_configured
 from bench.procstat import cpu_seconds
 from bench.services import start_baseline, start_nginx
 from bench.wrk import Request, WrkResult, run_wrk
@@ -69,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         gates = []
         for i in range(2):
             daemon = BenchDaemon(root / f"gate{i}")
-            stack.callback(daemon.stop)
-            daemon.start()
-            secret = os.environ.get("AEGIS_BENCH_SECRET") or "sk-bench-" + secrets.token_urlsafe(24)
-            setup = configure(daemon, nginx.url, None, secret)
+            setup = start_configured(stack, daemon, nginx.url)
             gates.append((daemon, (daemon.gate_url + "/bench/small", setup.token)))
         configs: dict[str, tuple[tuple[Target, Target], list[int], list[BenchDaemon]]] = {
             "baseline": (((baseline.url + "/small", ""),) * 2, [baseline.pid], []),
