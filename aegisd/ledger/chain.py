@@ -153,7 +153,7 @@ class _Unchained:
         """The result for `problem` at bad_id (None: the unchained rows are the only problem)."""
         if not self.ranges:
             return VerifyResult(False, checked, bad_id, problem or "", first_id)
-        shown = ", ".join(_span(r) for r in self.ranges[:_NAMED_RANGES])
+        shown = ", ".join(span(first, last) for first, last in self.ranges[:_NAMED_RANGES])
         if len(self.ranges) > _NAMED_RANGES:
             shown += f" and {len(self.ranges) - _NAMED_RANGES} more ranges"
         count = sum(last - first + 1 for first, last in self.ranges)
@@ -179,6 +179,6 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _span(bounds: list[int]) -> str:
-    first, last = bounds
+def span(first: int, last: int) -> str:
+    """A range of row ids as verify and the writer's log name it: `7`, or `7..9`."""
     return str(first) if first == last else f"{first}..{last}"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, RowMac, row_mac
+from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, RowMac, row_mac, span
 from aegisd.ledger.checkpoint import latest_checkpoint
 from aegisd.ledger.entry import ENTRY_FIELDS, LedgerEntry, LedgerRow, entry_values, normalize
 from aegisd.ledger.schema import LedgerError, open_writable
@@ -109,7 +109,7 @@ class _Unchained:
         return sum(max(0, last - max(first, row_id + 1) + 1) for first, last in self.ranges)
 
     def describe(self) -> str:
-        return ", ".join(str(first) if first == last else f"{first}..{last}" for first, last in self.ranges)
+        return ", ".join(span(first, last) for first, last in self.ranges)
 
 
 _NO_UNCHAINED = _Unchained((), 0, GENESIS)
