@@ -8,6 +8,7 @@ never leaves a half-written change behind.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aegisd.errors import AegisError, StorageCorrupt, StorageFull, StorageReadOnly, StorageUnavailable
+
+log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x41454753  # "AEGS": marks the file as an aegis vault
 MIGRATIONS: tuple[str, ...] = (
@@ -157,25 +160,40 @@ class VaultStore:
     def replace_with(self, staged: Path) -> None:
         """Swap the database file for `staged` (a validated restore) and open that; readers wait meanwhile.
 
-        The old -wal and -shm go too, or SQLite would replay the old WAL onto the new file. If the move
-        fails, the old file is opened again and the error is raised.
+        The old file is checkpointed into itself and its -wal and -shm removed before the move: SQLite
+        would replay an old WAL onto the new file, so a -wal that cannot be removed stops the swap while
+        the old file is still whole. If anything before the move fails, the old file is opened again and
+        the error is raised; once the move is done, the restored file is the one opened.
         """
         with self._lock:
             if self._conn is not None:
-                self._conn.close()  # the last connection: SQLite checkpoints the WAL into the file
+                try:
+                    busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                except sqlite3.Error as exc:
+                    raise translate(exc, self.path) from None
+                if busy:
+                    raise StorageUnavailable(f"{self.path} is open in another process, so its log cannot be folded "
+                                             "in; close that and run the restore again")
+                self._conn.close()
                 self._conn = None
             try:
-                os.replace(staged, self.path)
                 for suffix in ("-wal", "-shm"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(f"{self.path}{suffix}")
+                os.replace(staged, self.path)
+            except BaseException:
+                self.open()
+                raise
+            try:
                 fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            finally:
-                self.open()
+            except OSError as exc:
+                log.error("the restored vault is in place, but syncing %s failed (%s): a power loss now could bring "
+                          "back the old one", self.path.parent, exc.strerror or exc)
+            self.open()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -7,8 +7,10 @@ import asyncio
 import errno
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +81,66 @@ def test_a_restore_whose_ledger_moved_but_was_not_made_durable_says_it_failed_ha
     assert not list((tmp_path / "a").glob(".restore-*"))
     for text in (message, caplog.text):
         assert PASSPHRASE not in text
+
+
+def test_a_vault_whose_old_log_cannot_be_removed_is_not_swapped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a cold review: the vault file was moved first and its old -wal removed after, so a -wal that
+    could not be removed was replayed by SQLite onto the restored file. Now nothing moves until it is gone."""
+
+    async def main() -> tuple[str, str | None, str | None]:
+        store_b, _, ledger_b = await daemon_parts(tmp_path / "b")
+        snapshot = tmp_path / "snapshot"
+        snapshot.mkdir(mode=0o700)
+        manifest = take_snapshot(store_b, tmp_path / "b" / "ledger.db", snapshot)
+        archive = b"".join(tar_stream(manifest, snapshot, 0))
+        await ledger_b.close()
+        store_b.close()
+
+        store, vault, ledger = await daemon_parts(tmp_path / "a")
+        vault_a = vault.vault_id
+        vault.lock()
+        real_unlink = os.unlink
+
+        def unlink(path: str | os.PathLike[str], **kwargs: Any) -> None:
+            if str(path).endswith("vault.db-wal"):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            real_unlink(path, **kwargs)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield archive
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        with pytest.raises(StorageUnavailable) as failed:
+            await restore(tmp_path / "a", vault, store, ledger, chunks())
+        monkeypatch.undo()
+        await ledger.close()
+        with store.reading() as conn:
+            stored = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()[0]
+        store.close()
+        return failed.value.message, vault_a, stored
+
+    message, vault_a, stored = asyncio.run(main())
+    assert message == ("the restore failed half-way: the ledger was replaced but the vault was not (Permission "
+                       "denied); run the restore again")
+    assert stored == vault_a  # the old vault file, opened again whole
+
+
+def test_a_vault_read_by_another_process_is_not_swapped(store: VaultStore, tmp_path: Path) -> None:
+    """A reader elsewhere (an operator's sqlite3 shell) keeps the log from being folded in; removing it then
+    would lose the old file's last writes if the move failed, so the swap stops first and says why."""
+    staged = tmp_path / "staged.db"
+    staged.write_bytes(b"not moved")
+    with store.transaction() as conn:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('probe', 'kept')")
+    reader = sqlite3.connect(store.path)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchone()
+        with pytest.raises(StorageUnavailable, match="is open in another process"):
+            store.replace_with(staged)
+    finally:
+        reader.close()
+    assert staged.read_bytes() == b"not moved"
+    with store.reading() as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'probe'").fetchone()[0] == "kept"
