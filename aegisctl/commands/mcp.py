@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
+from aegisctl import output
 from aegisctl.mcp import host_config, settings
 from aegisctl.mcp.settings import SettingsError
 
@@ -33,9 +34,9 @@ gate_url_option = click.option(
 
 
 def _fail(message: str, hint: str = "", code: int = 1) -> NoReturn:
-    click.echo(f"aegisctl: error: {message}", err=True)
+    click.echo(f"aegisctl: error: {output.printable(message)}", err=True)
     if hint:
-        click.echo(f"  next: {hint}", err=True)
+        click.echo(f"  next: {output.printable(hint)}", err=True)
     sys.exit(code)
 
 
@@ -110,4 +111,5 @@ def config(ctx: click.Context, host: str, agent: str | None, token_file: Path | 
     try:
         settings.check_token_file(absolute)
     except SettingsError as exc:
-        click.echo(f"aegisctl: warning: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), err=True)
+        warning = f"aegisctl: warning: {exc.message}" + (f"; {exc.hint}" if exc.hint else "")
+        click.echo(output.printable(warning), err=True)

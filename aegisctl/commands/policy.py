@@ -27,7 +27,7 @@ def issue_json(i: pb.PolicyIssue) -> dict[str, Any]:
 
 def issue_line(i: pb.PolicyIssue) -> str:
     where = f"{i.file}:{i.line}:{i.column}" if i.line else i.file
-    return f"{where}: {i.field}: {i.message}" if i.field else f"{where}: {i.message}"
+    return output.printable(f"{where}: {i.field}: {i.message}" if i.field else f"{where}: {i.message}")
 
 
 def file_json(f: pb.PolicyFileStatus) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def validate(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
                 for issue in f.issues:
                     click.echo(issue_line(issue))
             else:
-                click.echo(f"{f.name}: ok (agent {f.agent}, {f.rules} rules, {f.mode})")
+                click.echo(output.printable(f"{f.name}: ok (agent {f.agent}, {f.rules} rules, {f.mode})"))
     bad = [f for f in reply.files if f.issues]
     if bad:
         errors = sum(len(f.issues) for f in bad)
@@ -138,7 +138,7 @@ def _print_status(status: pb.PolicyStatus, as_json: bool) -> None:
     output.fields([("directory", status.directory), ("loaded", f"{loaded} ({status.trigger})"),
                    ("reloads", status.reloads)])
     if status.error:
-        click.echo(f"error: {status.error}")
+        click.echo(f"error: {output.printable(status.error)}")
     click.echo()
     if not status.files:
         click.echo("No policy files (*.yaml, *.yml) in the directory.")
@@ -157,7 +157,8 @@ def _print_status(status: pb.PolicyStatus, as_json: bool) -> None:
             click.echo(issue_line(issue))
     if status.fail_all:
         click.echo()
-        click.echo(f"EVERY agent fails closed: the agent of {', '.join(status.fail_all)} cannot be determined.")
+        files = output.printable(", ".join(status.fail_all))
+        click.echo(f"EVERY agent fails closed: the agent of {files} cannot be determined.")
 
 
 @command.command("test")

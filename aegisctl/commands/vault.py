@@ -106,7 +106,7 @@ def add(ctx: Context, name: str, service: str, domains: str, auth_type: str | No
         output.emit_json(credential_json(cred))
     else:
         click.echo(f"Added credential {cred.name!r}: agents call http://{client.status().gate_address}/"
-                   f"{cred.service}/... once granted.")
+                   f"{output.printable(cred.service)}/... once granted.")
 
 
 @command.command("list")
@@ -262,12 +262,13 @@ def _show_older(listed: vault_pb2.AdoptResponse) -> None:
         auth = {"header": f"header {c.header_name}", "query": f"query {c.query_param}"}.get(c.auth_type, c.auth_type)
         extra = "".join([f"  rate {c.rate_limit}" if c.rate_limit else "",
                          f"  expires {output.iso_ms(c.expires_at_ms)}" if c.expires_at_ms else ""])
-        click.echo(f"  credential {c.name}  service {c.service}  hosts {', '.join(c.domains)}  auth {auth}  "
-                   f"scopes {','.join(c.scopes)}  inspection {c.body_inspection}{extra}")
+        line = (f"  credential {c.name}  service {c.service}  hosts {', '.join(c.domains)}  auth {auth}  "
+                f"scopes {','.join(c.scopes)}  inspection {c.body_inspection}{extra}")
+        click.echo(output.printable(line))
     for a in listed.agents:
-        click.echo(f"  agent {a.name}" + (f"  rate {a.rate_limit}" if a.rate_limit else ""))
+        click.echo(output.printable(f"  agent {a.name}" + (f"  rate {a.rate_limit}" if a.rate_limit else "")))
     for g in listed.grants:
-        click.echo(f"  grant {g.agent} -> {g.credential}")
+        click.echo(output.printable(f"  grant {g.agent} -> {g.credential}"))
     if listed.mixed:
         click.echo("Warning: this vault also holds rows this aegisd wrote. Unless you are adopting a vault you just "
                    "upgraded, the rows above were edited into vault.db: do not adopt them.")

@@ -55,8 +55,8 @@ def add(ctx: Context, url: str | None, events: str, url_stdin: bool, as_json: bo
         output.emit_json({**webhook_json(reply.webhook), "secret": reply.secret})
         return
     click.echo(reply.secret)
-    click.echo(f"aegisctl: added webhook {reply.webhook.id} to {reply.webhook.origin} for "
-               f"{', '.join(reply.webhook.events)}.", err=True)
+    click.echo(f"aegisctl: added webhook {reply.webhook.id} to {output.printable(reply.webhook.origin)} for "
+               f"{output.printable(', '.join(reply.webhook.events))}.", err=True)
     click.echo(ONCE_WARNING, err=True)
 
 
@@ -90,7 +90,7 @@ def remove(ctx: Context, webhook_id: str, yes: bool) -> None:
         raise ClientError(f"no webhook with id {webhook_id!r}", HINTS["webhook_not_found"], "webhook_not_found")
     confirm_destructive(f"Remove webhook {webhook_id} ({found[0].origin})?", yes)
     reply = client.call(client.webhooks.RemoveWebhook, pb.RemoveWebhookRequest(id=webhook_id))
-    click.echo(f"Removed webhook {reply.webhook.id} ({reply.webhook.origin}).")
+    click.echo(f"Removed webhook {reply.webhook.id} ({output.printable(reply.webhook.origin)}).")
 
 
 @command.command("test")
@@ -110,6 +110,7 @@ def test(ctx: Context, webhook_id: str, as_json: bool) -> None:
                    f"{reply.duration_ms:.0f} ms.")
     if not reply.delivered:
         if not as_json:
-            click.echo(f"aegisctl: error: test delivery to {webhook_id} failed: {reply.error}", err=True)
+            why = output.printable(reply.error)
+            click.echo(f"aegisctl: error: test delivery to {webhook_id} failed: {why}", err=True)
             click.echo("  next: check the receiver is up and answers 2xx; see aegisd's log", err=True)
         sys.exit(1)

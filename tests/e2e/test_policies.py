@@ -283,6 +283,18 @@ def test_validate_reports_every_error_with_file_line_and_field(aegis: Aegis, tmp
     assert missing.code == 2 and "does not exist" in missing.err
 
 
+def test_validate_shows_control_characters_from_a_policy_file_as_escapes(aegis: Aegis, tmp_path: Path) -> None:
+    """A policy file (say, from a cloned repository) can hold terminal escapes in its name and in what its
+    errors quote; aegisctl shows them as escapes, never sends them to the operator's terminal."""
+    evil = tmp_path / "evil\x1b]0;pwned\x07.yaml"  # OSC: click strips only CSI sequences, and only off a TTY
+    evil.write_text('agent: bot\nrules:\n  - service: svc\n    paths: ["\\e]0;pwned\\a["]\n')
+    result = aegis.ctl("policy", "validate", str(tmp_path))
+    assert result.code == 1, result.out + result.err
+    assert "\x1b" not in result.out + result.err and "\x07" not in result.out + result.err
+    assert r"evil\x1b]0;pwned\x07.yaml:4:" in result.out
+    assert r"invalid regular expression '\x1b]0;pwned\x07['" in result.out
+
+
 def test_broken_file_fails_closed_for_its_agent_and_keeps_the_others() -> None:
     alice = "agent: alice\nrules:\n  - service: svc\n    paths: [\"/echo/a\"]\n"
     bob = "agent: bob\nrules:\n  - service: svc\n    paths: [\"/echo/b\"]\n"
