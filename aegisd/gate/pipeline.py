@@ -95,6 +95,15 @@ class Admission:
     host: str
     port: int
     verdict: Verdict | None
+    timed: bool  # the judgement depends on the clock: an expiry, or a time window
+
+    def still_holds_at(self, now_ms: int) -> bool:
+        """Whether the clock alone leaves this judgement standing: the credential not expired, the rule that
+        allowed the request still inside its time window."""
+        if self.route.expires_at is not None and now_ms >= self.route.expires_at:
+            return False
+        rule = self.verdict.rule if self.verdict is not None and self.verdict.allowed else None
+        return rule is None or rule.window is None or rule.window.contains(now_ms)
 
 
 class GatePipeline:
@@ -237,7 +246,9 @@ class GatePipeline:
             raise Refusal(403, "scope_denied", f"method {request.method} is outside the credential's scopes")
         policies = self.policies.current
         verdict = check_policy(policies, x, agent, service, request.method, rest)
-        return Admission(table, policies, agent, route, entry, host, port, verdict)
+        return Admission(table, policies, agent, route, entry, host, port, verdict,
+                         route.expires_at is not None or (verdict is not None and verdict.rule is not None
+                                                          and verdict.rule.window is not None))
 
     async def _body_as_admitted(self, request: GateRequest, x: Exchange, admitted: Admission, service: str,
                                 rest: str) -> tuple[bytes | None, Admission]:
@@ -254,8 +265,11 @@ class GatePipeline:
             admitted = self._readmit(request, x, service, rest)
 
     def _still_current(self, admitted: Admission) -> bool:
-        """Whether what the request was judged against still stands (the routing table and the policy set)."""
-        return self.routing.table is admitted.table and self.policies.current is admitted.policies
+        """Whether what the request was judged against still stands: the routing table, the policy set and,
+        when the judgement depended on the clock, the moment (an expiry or a time window passed meanwhile)."""
+        if self.routing.table is not admitted.table or self.policies.current is not admitted.policies:
+            return False
+        return not admitted.timed or admitted.still_holds_at(time.time_ns() // 1_000_000)
 
     def _readmit(self, request: GateRequest, x: Exchange, service: str, rest: str) -> Admission:
         """Steps 1-7 again, the quota taken under the old admission given back first."""

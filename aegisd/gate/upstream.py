@@ -487,8 +487,8 @@ class UpstreamPool:
             conn = await self._connect(key)
             if not still_current():
                 conn.release()  # unused: kept for the next request
-                raise Superseded("the vault or the policies changed while the gate connected upstream; nothing "
-                                 "was sent: retry")
+                raise Superseded("the vault, the policies or the clock (an expiry, a time window) changed while "
+                                 "the gate connected upstream; nothing was sent: retry")
         try:
             conn.send(method, head, body, chunked, self._timeouts)
             await conn.wait_headers()

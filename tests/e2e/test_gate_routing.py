@@ -166,20 +166,23 @@ def test_a_request_admitted_before_a_vault_change_is_judged_again_before_it_is_f
 
 
 def test_a_request_judged_again_is_judged_at_that_moment() -> None:
-    """Found by a cold review: judged again, a request was judged at its arrival time, so a credential that
-    expired while its body arrived was still used. Its expiry is now checked at the moment of the new
-    judgement, as a fresh request's would be."""
+    """Found by cold reviews: judged again, a request was judged at its arrival time, so a credential that
+    expired while its body arrived was still used; and without any other change it was not judged again at
+    all. Its expiry is now checked at the moment it is forwarded, as a fresh request's would be."""
     world = GateWorld.start()
     try:
         up = world.upstream()
         world.credential("bear", SECRETS["bear"], up.entry(), "--ttl", "3")
         expires = time.monotonic() + 3
         world.agent("bot", "bear")
-        pending = _admitted(world, "expiring")  # admitted while the credential is valid
+        unchanged = _admitted(world, "expiring")  # both admitted while the credential is valid
+        changed = _admitted(world, "expiring-changed")
         time.sleep(max(0.0, expires + 0.5 - time.monotonic()))
+        with untouched(up):
+            world.assert_refused(_finish(world, unchanged), 403, "credential_expired", agent="bot")
         world.credential("other", SECRETS["hdr"], up.entry())  # any change: a new table, so it is judged again
         with untouched(up):
-            world.assert_refused(_finish(world, pending), 403, "credential_expired", agent="bot")
+            world.assert_refused(_finish(world, changed), 403, "credential_expired", agent="bot")
         world.assert_no_leaks()
     finally:
         world.close()

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from aegisd.config import ConfigError, load_config
 from aegisd.gate.admission import GateLimits
-from aegisd.gate.pipeline import Exchange
+from aegisd.gate.pipeline import Admission, Exchange
 from aegisd.gate.refusal import Refusal
-from aegisd.gate.routing import AgentEntry, Route, build_route
+from aegisd.gate.routing import AgentEntry, Route, RoutingTable, build_route
 from aegisd.limits import Quota, RateLimiter
-from aegisd.policy import compile_set, parse_policy
+from aegisd.policy import Verdict, compile_set, parse_policy
 from aegisd.rates import Rate
 from aegisd.vault.credentials import Credential
 
@@ -148,3 +149,28 @@ def test_policy_settings_from_flag_env_and_config_file(tmp_path: Path) -> None:
     config.write_text("[policy]\nfolder = 'x'\n")
     with pytest.raises(ConfigError, match=r"unknown setting \[policy\] folder"):
         load_config({"config": str(config)}, env={})
+
+
+def test_an_admission_stops_holding_when_its_window_closes_or_its_credential_expires() -> None:
+    """What the gate asks before forwarding a request whose body took time: the clock alone can end a judgement
+    (the allowing rule's window closed, the credential expired), and only then is the request judged again."""
+    policies = compile_set([parse_policy("bot.yaml", POLICY)])
+    night = policies.judge("bot", "night", "GET", "/", at("2030-01-16T04:59:00+00:00"))  # 05:59 Berlin
+    day = policies.judge("bot", "day", "GET", "/a/b", at("2030-01-16T04:59:00+00:00"))
+    assert night is not None and night.allowed and day is not None and day.allowed
+    secret = b"not-a-real-secret"
+    lasting = build_route(Credential(id="c", name="c", service="svc", domains=["https://api.example.com"]), secret)
+    expiring = build_route(Credential(id="e", name="e", service="svc2", domains=["https://api.example.com"],
+                                      expires_at=at("2030-01-16T05:00:30+00:00")), secret)
+
+    def admission(route: Route, verdict: Verdict | None) -> Admission:
+        entry = route.default_entry
+        assert entry is not None
+        return Admission(cast(RoutingTable, None), policies, AgentEntry("a", "bot", frozenset(), ""), route, entry,
+                         entry.host, entry.port, verdict, True)
+
+    assert admission(lasting, night).still_holds_at(at("2030-01-16T04:59:59+00:00"))
+    assert not admission(lasting, night).still_holds_at(at("2030-01-16T05:00:00+00:00"))  # 06:00 Berlin
+    assert admission(lasting, day).still_holds_at(at("2030-01-16T05:00:00+00:00"))  # no window on that rule
+    assert admission(expiring, None).still_holds_at(at("2030-01-16T05:00:29+00:00"))
+    assert not admission(expiring, None).still_holds_at(at("2030-01-16T05:00:30+00:00"))
