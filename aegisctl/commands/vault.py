@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -61,14 +62,28 @@ def command() -> None:
     """Add, inspect, change, rotate and remove credentials."""
 
 
-auth_option = click.option("--auth-type", type=click.Choice(list(AUTH_TYPES)),
-                           help="How the gate injects the secret [default: bearer].")
+def _defaulted(help_text: str, default: str, on_add: bool) -> str:
+    """`add` fills in a default; on `update` an option left out leaves the setting as it is."""
+    return f"{help_text} [default: {default}]." if on_add else f"{help_text} [default: unchanged]."
+
+
+def auth_option(on_add: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--auth-type", type=click.Choice(list(AUTH_TYPES)),
+                        help=_defaulted("How the gate injects the secret", "bearer", on_add))
+
+
+def scopes_option(on_add: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--scopes", metavar="LIST", help=_defaulted("read, write or * (comma-separated)", "*", on_add))
+
+
+def inspection_option(on_add: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--body-inspection", type=click.Choice(list(INSPECTION)),
+                        help=_defaulted("Scan outbound bodies for credentials", "block", on_add))
+
+
 header_option = click.option("--header-name", metavar="H", help="Header for --auth-type header (e.g. X-Api-Key).")
 query_option = click.option("--query-param", metavar="P", help="Query parameter for --auth-type query.")
-scopes_option = click.option("--scopes", metavar="LIST", help="read, write or * (comma-separated) [default: *].")
 rate_option = click.option("--rate-limit", metavar="N/UNIT", help="e.g. 100/min; units sec, min, hour, day.")
-inspection_option = click.option("--body-inspection", type=click.Choice(list(INSPECTION)),
-                                 help="Scan outbound bodies for credentials [default: block].")
 
 
 @command.command("add")
@@ -76,13 +91,13 @@ inspection_option = click.option("--body-inspection", type=click.Choice(list(INS
 @click.option("--service", required=True, help="Gate path segment agents use: /SERVICE/...")
 @click.option("--domains", required=True, metavar="LIST",
               help="Allowed hosts, comma-separated: api.example.com, *.example.com, http://127.0.0.1:8080.")
-@auth_option
+@auth_option(on_add=True)
 @header_option
 @query_option
-@scopes_option
+@scopes_option(on_add=True)
 @click.option("--ttl", type=Duration(), help="Expire after 30m, 12h, 90d, 2w...")
 @rate_option
-@inspection_option
+@inspection_option(on_add=True)
 @click.option("--secret-stdin", is_flag=True, help="Read the secret from stdin's first line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new credential as JSON.")
 @pass_context
@@ -156,13 +171,13 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--service", help="New gate path segment.")
 @click.option("--domains", metavar="LIST", help="Replace the allowed hosts.")
-@auth_option
+@auth_option(on_add=False)
 @header_option
 @query_option
-@scopes_option
+@scopes_option(on_add=False)
 @click.option("--ttl", type=Duration(), help="Expire this long from now; 'never' clears the expiry.")
 @click.option("--rate-limit", metavar="N/UNIT", help="e.g. 100/min; 'none' clears the limit.")
-@inspection_option
+@inspection_option(on_add=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the updated credential as JSON.")
 @pass_context
 def update(ctx: Context, name: str, service: str | None, domains: str | None, auth_type: str | None,
