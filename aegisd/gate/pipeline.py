@@ -450,7 +450,7 @@ class GatePipeline:
 
     async def _record(self, x: Exchange) -> bool:
         x.recorded = True
-        if x.decision == "denied" and not x.path_inspected:
+        if not x.path_inspected:  # refused before step 8, or forwarded on a credential whose inspection is off
             self._mask_target(x)
         entry = normalize(x.entry())  # webhooks and logs get the row as stored: capped, never 60 KB paths
         if self.outcomes is not None:

@@ -168,8 +168,9 @@ def test_query_string_path_and_headers_are_inspected(insp: Inspection) -> None:
 
 
 def test_a_secret_in_the_path_is_masked_in_the_ledger(insp: Inspection) -> None:
-    """Refused by inspection, forwarded in warn mode, or refused before inspection ran (even while locked):
-    the row's service and path hold [REDACTED] where the secret or key was, and the rest of the path stays."""
+    """Refused by inspection, forwarded in warn mode, refused before inspection ran (even while locked), or
+    forwarded on a credential whose inspection is off: the row's service and path hold [REDACTED] where the
+    secret or key was, and the rest of the path stays."""
     world, key = insp.world, KEYS["openai_key"]
     escaped = "".join(c if c == "/" else f"%{ord(c):02X}" for c in OTHER)  # found only once decoded
     with untouched(insp.up):
@@ -184,6 +185,7 @@ def test_a_secret_in_the_path_is_masked_in_the_ledger(insp: Inspection) -> None:
         locked = world.call("GET", f"/blk/echo/locked/{key}", agent="bot")
         world.unlock()
     warned = world.call("GET", f"/wrn/echo/w/{OTHER}/end", agent="bot")
+    unread = world.call("GET", f"/off/echo/o/{OTHER}/end", agent="bot")  # inspection off: forwarded, not read
     rows = world.ledger()
     for path, reply in replies.items():
         row = world.row(reply.request_id, rows)
@@ -193,6 +195,7 @@ def test_a_secret_in_the_path_is_masked_in_the_ledger(insp: Inspection) -> None:
     row = world.row(warned.request_id, rows)
     assert (warned.status, row["path"]) == (200, "/echo/w/[REDACTED]/end")
     assert row["flags"] == "body_inspection_warn=vault_secret"
+    assert (unread.status, world.row(unread.request_id, rows)["path"]) == (200, "/echo/o/[REDACTED]/end")
     assert key not in json.dumps(rows)
     # The agent's own text comes back to it: the echo of the forwarded path, the service named in a refusal.
     world.received = [r for r in world.received if OTHER not in r and key not in r]
