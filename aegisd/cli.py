@@ -13,6 +13,7 @@ from aegisd.config import ConfigError, load_config
 from aegisd.control.socket import SocketError
 from aegisd.errors import AegisError
 from aegisd.logs import setup_logging
+from aegisd.sdnotify import NotifyUnavailable, require_notify
 
 ENV_HELP = """
 \b
@@ -50,6 +51,11 @@ Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file and the
 @click.version_option(__version__, prog_name="aegisd")
 def command(**flags: Any) -> None:
     """Run the Aegis daemon: the vault, the control socket and the gate."""
+    try:  # first: under systemd without systemd-python, touch nothing and say how to fix it
+        require_notify()
+    except NotifyUnavailable as exc:
+        click.echo(f"aegisd: error: {exc}", err=True)
+        sys.exit(1)
     try:
         config = load_config(flags)
     except ConfigError as exc:

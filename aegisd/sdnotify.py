@@ -1,7 +1,8 @@
 """Talk to the service manager through systemd-python: READY, STATUS, STOPPING, WATCHDOG.
 
-A no-op unless systemd started us (NOTIFY_SOCKET set). If it did and systemd-python is
-missing, say so loudly: systemd would otherwise time the start out without a reason.
+A no-op unless systemd started us (NOTIFY_SOCKET set). If it did and systemd-python is missing,
+aegisd could never say READY=1: a Type=notify unit would time the start out and restart it in a
+loop. `require_notify()` is called first thing at start, so aegisd exits at once with the fix.
 """
 
 from __future__ import annotations
@@ -9,9 +10,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 log = logging.getLogger("aegisd")
+
+# Names the interpreter aegisd runs on: the extra must go into that environment (a venv, usually).
+MISSING = ("NOTIFY_SOCKET is set (systemd started aegisd as a Type=notify service) but systemd-python, which "
+           "aegisd needs to report that it is ready, cannot be imported, so the start would time out; install "
+           f"the 'systemd' extra into aegisd's environment: {sys.executable} -m pip install 'aegis[systemd]' "
+           "(or '.[systemd]' in a checkout); see packaging/README.md")
+
+
+class NotifyUnavailable(Exception):
+    """systemd waits for READY=1 and aegisd has no way to send it."""
+
+
+def require_notify() -> None:
+    """Refuse to start under a service manager that waits for READY=1 that could never be sent."""
+    if os.environ.get("NOTIFY_SOCKET"):
+        try:
+            from systemd import daemon  # noqa: F401
+        except ImportError:
+            raise NotifyUnavailable(MISSING) from None
 
 
 def _load_notify() -> Callable[[str], bool] | None:
@@ -19,8 +40,8 @@ def _load_notify() -> Callable[[str], bool] | None:
         return None
     try:
         from systemd import daemon
-    except ImportError:
-        log.error("NOTIFY_SOCKET is set but systemd-python is missing; install 'aegis[systemd]'")
+    except ImportError:  # the command line checked this at start (require_notify); kept for other callers
+        log.error("%s", MISSING)
         return None
 
     def send(state: str) -> bool:

@@ -306,6 +306,9 @@ def test_readme_references_the_unlock_key_flow() -> None:
         "systemctl daemon-reload && sudo systemctl enable --now aegisd",
         "AEGIS_SOCKET=/run/aegis/aegisd.sock",
         "launchctl bootstrap gui/",
+        # Type=notify needs systemd-python: the README installs aegisd with the extra, where the unit runs it.
+        '/opt/aegis/bin/pip install ".[systemd]"',
+        f"ln -sf /opt/aegis/bin/aegisd /opt/aegis/bin/aegisctl {Path(BINARY).parent}/",
     ):
         assert needle in readme, needle
 
