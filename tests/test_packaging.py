@@ -24,12 +24,19 @@ from typing import Any
 
 import pytest
 
+from aegisd.cli import command as aegisd_command
+from aegisd.config import Config, load_config
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO_ROOT / "packaging" / "systemd"
 UNIT = SYSTEMD_DIR / "aegisd.service"
 SYSUSERS = SYSTEMD_DIR / "aegisd.sysusers"
 PLIST = REPO_ROOT / "packaging" / "launchd" / "dev.aegis.aegisd.plist"
 README = REPO_ROOT / "packaging" / "README.md"
+# The shipped /etc/aegis/aegisd.toml: the packaged service's settings live there, not in the unit.
+CONFIG = SYSTEMD_DIR / "aegisd.toml"
+INSTALLED_CONFIG = "/etc/aegis/aegisd.toml"
+CONFIGURATION_DOC = REPO_ROOT / "docs" / "configuration.md"
 
 MAX_EXPOSURE = 2.0
 BINARY = "/usr/local/bin/aegisd"
@@ -90,6 +97,34 @@ def unit_environment(service: dict[str, list[str]]) -> dict[str, str]:
             name, _, value = word.partition("=")
             env[name] = value
     return env
+
+
+def exec_start_args(service: dict[str, list[str]]) -> list[str]:
+    return shlex.split(one(service, "ExecStart"))[1:]
+
+
+def service_config(service: dict[str, list[str]]) -> Config:
+    """The settings aegisd resolves under the unit: its ExecStart flags and Environment=, the directories
+    systemd hands it, and the shipped config file in place of the one AEGIS_CONFIG names."""
+    env = unit_environment(service)
+    assert env.get("AEGIS_CONFIG") == INSTALLED_CONFIG
+    env.update({"AEGIS_CONFIG": str(CONFIG), "STATE_DIRECTORY": "/var/lib/aegis", "RUNTIME_DIRECTORY": "/run/aegis"})
+    flags = aegisd_command.make_context("aegisd", exec_start_args(service)).params
+    return load_config(flags, env)
+
+
+def documented_overrides() -> tuple[set[str], set[str]]:
+    """The flags and environment variables docs/configuration.md lists for settings the config file also
+    controls: any of them in the unit would silently override what the docs tell an operator to edit."""
+    flags: set[str] = set()
+    names: set[str] = set()
+    for line in CONFIGURATION_DOC.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not cells[3] or cells[3] == "config file" or set(cells[3]) <= {"-", " "}:
+            continue
+        flags.update(cell for cell in cells[1].split() if cell.startswith("--"))
+        names.update(cell for cell in cells[2].split() if cell.startswith("AEGIS_"))
+    return flags, names
 
 
 def sysusers_groups() -> set[str]:
@@ -199,28 +234,54 @@ def test_unit_identity_and_directories(service: dict[str, list[str]]) -> None:
 
 
 def test_socket_sharing_is_consistent(service: dict[str, list[str]]) -> None:
-    """A group-shared socket needs all four pieces; a private one needs none of them."""
-    env = unit_environment(service)
-    mode = one(service, "RuntimeDirectoryMode")
-    argv = shlex.split(one(service, "ExecStart"))
-    socket_mode = argv[argv.index("--socket-mode") + 1] if "--socket-mode" in argv else "0600"
-    if mode == "0750":
+    """A group-shared socket needs all its pieces (the shipped config's group, the unit's Group=, the
+    sysusers group, a directory the group may traverse, chown); a private one needs none of them."""
+    config = service_config(service)
+    mode = int(one(service, "RuntimeDirectoryMode"), 8)
+    assert not mode & 0o007, "others must not reach the socket directory"
+    if config.socket_group:
         group = one(service, "Group")
-        assert env.get("AEGIS_SOCKET_GROUP") == group
-        assert socket_mode == "0660"
+        assert config.socket_group == group
+        assert config.socket_mode == 0o660
+        assert mode & 0o010, "the socket group must be able to traverse /run/aegis"
         assert group in sysusers_groups(), f"{SYSUSERS.name} must create group {group!r}"
         assert "@chown" in service.get("SystemCallFilter", []), "aegisd chgrps its socket"
     else:
-        assert mode == "0700"
-        assert socket_mode == "0600"
-        assert "AEGIS_SOCKET_GROUP" not in env
-    assert env.get("AEGIS_SOCKET", "/run/aegis/aegisd.sock") == "/run/aegis/aegisd.sock"
+        assert config.socket_mode == 0o600
+    # Where aegisctl looks for the packaged daemon (docs/configuration.md, README.md).
+    assert config.socket_path == Path("/run/aegis/aegisd.sock")
 
 
 def test_unit_environment(service: dict[str, list[str]]) -> None:
     env = unit_environment(service)
-    assert env["AEGIS_GATE_LISTEN"] == "127.0.0.1:3100"
-    assert env["AEGIS_CONFIG"] == "/etc/aegis/aegisd.toml"
+    assert env["AEGIS_CONFIG"] == INSTALLED_CONFIG
+    assert [name for name in env if name.startswith("AEGIS_") and name != "AEGIS_CONFIG"] == []
+
+
+def test_unit_sets_no_setting_the_config_file_controls(service: dict[str, list[str]]) -> None:
+    """Flags and environment beat the config file: were the unit to set one, an operator editing
+    /etc/aegis/aegisd.toml as docs/configuration.md shows would see no effect (and no log line)."""
+    flags, names = documented_overrides()
+    assert {"--gate-listen", "--socket-group", "--socket-mode", "--socket"} <= flags  # the table was read
+    assert {"AEGIS_GATE_LISTEN", "AEGIS_SOCKET_GROUP", "AEGIS_SOCKET_MODE", "AEGIS_SOCKET"} <= names
+    env = unit_environment(service)
+    args = exec_start_args(service)
+    overriding = sorted(name for name in names if name in env)
+    overriding += [arg for arg in args if arg.split("=", 1)[0] in flags]
+    assert overriding == [], f"{UNIT.name} overrides {INSTALLED_CONFIG} with {overriding}"
+
+
+def test_shipped_config_gives_the_service_its_settings(service: dict[str, list[str]]) -> None:
+    config = service_config(service)
+    assert config.gate_address == "127.0.0.1:3100"
+    assert config.socket_group == one(service, "Group")
+    assert config.socket_mode == 0o660
+    assert config.data_dir == Path("/var/lib/aegis")
+    assert config.socket_path == Path("/run/aegis/aegisd.sock")
+    # Every setting that is not a default comes from the file: nothing in the unit overrides it.
+    assert config.sources and set(config.sources.values()) == {str(CONFIG)}, config.sources
+    readme = README.read_text(encoding="utf-8")
+    assert f"install -m 0644 packaging/systemd/{CONFIG.name} {INSTALLED_CONFIG}" in readme
 
 
 @pytest.mark.parametrize(
@@ -281,7 +342,7 @@ def test_plist_runs_aegisd_and_stays_up() -> None:
 def test_plist_environment_matches_unit(service: dict[str, list[str]]) -> None:
     env = load_plist()["EnvironmentVariables"]
     unit_env = unit_environment(service)
-    assert env["AEGIS_GATE_LISTEN"] == unit_env["AEGIS_GATE_LISTEN"]
+    assert env["AEGIS_GATE_LISTEN"] == service_config(service).gate_address
     for name, value in env.items():
         if name in unit_env:
             assert value == unit_env[name], f"{name} differs between the plist and the unit"
