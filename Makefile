@@ -1,5 +1,9 @@
 # Two commands on a fresh machine: `make run` (set up and start aegisd) and `make test`.
-PYTHON ?= python3.11
+# The first Python 3.11 or newer on PATH (pyproject's floor); PYTHON=/path/to/python overrides it.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(firstword $(foreach p,python3.11 python3.12 python3.13 python3.14 python3,\
+            $(shell $(p) -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && echo $(p))))
+endif
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -44,14 +48,20 @@ benchdeps:
 	  else echo "install wrk, nginx and node to run the benchmark"; exit 1; fi; }
 
 $(STAMP): pyproject.toml | sysdeps
+	@test -n "$(PYTHON)" || { echo "aegis needs Python 3.11 or newer on PATH; or run: make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-# systemd-python builds against libsystemd's headers; install them where we can (Debian/Ubuntu).
+# systemd-python builds against libsystemd's headers, and Debian's Python needs its -venv package for
+# `python -m venv`; install them where we can (Debian/Ubuntu).
 sysdeps:
 ifeq ($(UNAME),Linux)
+	@test -z "$(PYTHON)" || $(PYTHON) -c 'import ensurepip' 2>/dev/null || ! command -v apt-get >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq \
+	    "python$$($(PYTHON) -c 'import sys; print(*sys.version_info[:2], sep=".")')-venv" >/dev/null; }
 	@pkg-config --exists libsystemd 2>/dev/null || { \
 	  if command -v apt-get >/dev/null; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
