@@ -44,7 +44,11 @@ benchdeps:
 	@{ command -v wrk && { command -v nginx || test -x /usr/sbin/nginx; } && command -v node; } >/dev/null || { \
 	  if command -v apt-get >/dev/null; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk nginx-light nodejs >/dev/null; \
+	    had_nginx=$$(command -v nginx || test -x /usr/sbin/nginx && echo yes); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk nginx-light nodejs >/dev/null || exit 1; \
+	    if [ -z "$$had_nginx" ] && command -v systemctl >/dev/null && systemctl is-enabled --quiet nginx 2>/dev/null; then \
+	      echo "benchdeps: the benchmark runs its own nginx; disabling the system nginx service the package started"; \
+	      $$SUDO systemctl disable --now --quiet nginx; fi; \
 	  else echo "install wrk, nginx and node to run the benchmark"; exit 1; fi; }
 
 $(STAMP): pyproject.toml | sysdeps
