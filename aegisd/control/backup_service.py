@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -18,8 +18,8 @@ from aegisd.api.aegis.v1 import backup_pb2 as pb
 from aegisd.api.aegis.v1 import backup_pb2_grpc
 from aegisd.backup import clear_leftovers, outlive_cancellation, restore, scratch, take_snapshot, tar_stream
 from aegisd.backup.archive import Manifest
-from aegisd.control.errors import REASON_KEY, STATUS, rpc
-from aegisd.errors import AegisError, StorageUnavailable
+from aegisd.control.errors import rpc, stream_rpc
+from aegisd.errors import StorageUnavailable
 from aegisd.ledger import LedgerEntry, LedgerError
 from aegisd.ledger.entry import iso_time
 from aegisd.runtime import Runtime
@@ -34,7 +34,8 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
         self.data_dir = runtime.config.data_dir
         self._busy = asyncio.Lock()
 
-    async def Backup(self, request: pb.BackupRequest, context: Ctx) -> AsyncIterator[pb.BackupChunk]:
+    @stream_rpc
+    async def Backup(self, request: pb.BackupRequest, context: Ctx) -> AsyncGenerator[pb.BackupChunk, None]:
         async with self._busy:
             await asyncio.to_thread(clear_leftovers, self.data_dir)
             with scratch(self.data_dir, ".backup-") as directory:
@@ -44,11 +45,9 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
                     chunks = tar_stream(manifest, directory, manifest.created_ms // 1000)
                     while (data := await outlive_cancellation(asyncio.to_thread(next, chunks, None))) is not None:
                         yield pb.BackupChunk(data=data)
-                except AegisError as exc:
-                    await _abort(context, exc)
                 except OSError as exc:
-                    await _abort(context, StorageUnavailable(f"cannot write the snapshot in {self.data_dir}: "
-                                                             f"{exc.strerror or exc}"))
+                    raise StorageUnavailable(f"cannot write the snapshot in {self.data_dir}: "
+                                             f"{exc.strerror or exc}") from None
             self.rt.log_event("backup taken", vault_id=manifest.vault_id, ledger_rows=manifest.counts["ledger_rows"])
 
     @rpc
@@ -79,9 +78,3 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
             await self.rt.ledger.append(LedgerEntry.system(detail, reason="backup_restored"))
         except LedgerError as exc:
             log.error("the restore succeeded but could not be recorded in the ledger: %s", exc)
-
-
-async def _abort(context: Ctx, exc: AegisError) -> None:
-    """The streaming twin of the @rpc decorator's mapping."""
-    context.set_trailing_metadata(((REASON_KEY, exc.reason),))
-    await context.abort(STATUS[exc.kind], exc.message)

@@ -1,15 +1,24 @@
-"""Map daemon errors to gRPC statuses, with the stable reason in the `aegis-reason` trailer."""
+"""Map daemon errors to gRPC statuses, with the stable reason in the `aegis-reason` trailer.
+
+`@rpc` wraps unary handlers, `@stream_rpc` server-streaming ones (async generators): an AegisError
+becomes its status, reason and message, whether it is raised before the first message or between two.
+Anything else is logged as log_safe allows (its type and where it was raised, never its text, which may
+hold data) and answered INTERNAL with a fixed message.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import os
+import traceback
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from aegisd.errors import AegisError, Kind
+from aegisd.errors import AegisError, Kind, log_safe
 
 log = logging.getLogger("aegisd.control")
 
@@ -26,29 +35,76 @@ STATUS: dict[Kind, grpc.StatusCode] = {
     Kind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 REASON_KEY = "aegis-reason"
+INTERNAL_MESSAGE = "internal error in aegisd; see its log"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self = TypeVar("Self")
-Handler = Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+Ctx = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Self, Req, Ctx], Awaitable[Resp]]
+StreamHandler = Callable[[Self, Req, Ctx], AsyncGenerator[Resp, None]]
 
 
 def rpc(handler: Handler[Self, Req, Resp]) -> Handler[Self, Req, Resp]:
     """Wrap an RPC so daemon errors become precise statuses and nothing else leaks out."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+    async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
         try:
             return await handler(self, request, context)
         except AegisError as exc:
-            context.set_trailing_metadata(((REASON_KEY, exc.reason),))
-            await context.abort(STATUS[exc.kind], exc.message)
+            await abort(context, exc)
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("control RPC %s failed", handler.__name__)
-            context.set_trailing_metadata(((REASON_KEY, "internal"),))
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in aegisd; see its log")
-        raise AssertionError("unreachable: abort raises")
+        except Exception as exc:
+            await _internal(context, handler.__name__, exc)
 
     return wrapper
+
+
+def stream_rpc(handler: StreamHandler[Self, Req, Resp]) -> StreamHandler[Self, Req, Resp]:
+    """@rpc for a server-streaming RPC: the same mapping, for errors raised anywhere in the stream."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Self, request: Req, context: Ctx) -> AsyncGenerator[Resp, None]:
+        try:
+            # aclosing: a stream the client leaves (cancel, deadline) closes the handler's generator now,
+            # so its `with` blocks (a ledger subscription, a scratch directory) end with the call.
+            async with contextlib.aclosing(handler(self, request, context)) as stream:
+                async for message in stream:
+                    yield message
+        except AegisError as exc:
+            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _internal(context, handler.__name__, exc)
+
+    return wrapper
+
+
+async def abort(context: Ctx, exc: AegisError) -> NoReturn:
+    """End the call with the error's status and message, its reason in the trailer."""
+    context.set_trailing_metadata(((REASON_KEY, exc.reason),))
+    await context.abort(STATUS[exc.kind], exc.message)
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _internal(context: Ctx, name: str, exc: Exception) -> NoReturn:
+    log.error("control RPC %s failed: %s at %s", name, log_safe(exc), _where(exc))
+    context.set_trailing_metadata(((REASON_KEY, "internal"),))
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    raise AssertionError("unreachable: abort raises")
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost line of aegisd's own code the exception passed through, past these wrappers (else the
+    innermost line): file, line and function are code, not data, so a log line may name them."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__]
+    if not frames:
+        return "an unknown place"
+    marker = f"{os.sep}aegisd{os.sep}"
+    frame = next((f for f in reversed(frames) if marker in f.filename), frames[-1])
+    path = frame.filename
+    shown = path[path.rfind(marker) + 1:] if marker in path else os.path.basename(path)
+    return f"{shown}:{frame.lineno} in {frame.name}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import grpc
 
 from aegisd.api.aegis.v1 import ledger_pb2 as pb
 from aegisd.api.aegis.v1 import ledger_pb2_grpc
-from aegisd.control.errors import REASON_KEY, rpc
+from aegisd.control.errors import rpc, stream_rpc
 from aegisd.errors import FailedPrecondition, InvalidArgument, StorageUnavailable, VaultUninitialized
 from aegisd.ledger import (
     Dropped,
@@ -155,7 +155,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             raise StorageUnavailable(str(exc)) from None
         return pb.ListEntriesResponse(records=records, more=more)
 
-    async def Follow(self, request: pb.FollowRequest, context: Ctx) -> AsyncIterator[pb.LedgerRecord]:
+    @stream_rpc
+    async def Follow(self, request: pb.FollowRequest, context: Ctx) -> AsyncGenerator[pb.LedgerRecord, None]:
         """The backlog, then live rows; the subscription starts first, so rows committed while the backlog is
         read come twice and are skipped by id, until a restore swaps in a file whose ids start lower."""
         flt = request.filter
@@ -204,7 +205,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             by_decision=_groups(stats.by_decision), by_service=_groups(stats.by_service),
             by_reason=_groups(stats.by_reason), top_agents=_groups(stats.top_agents))
 
-    async def Export(self, request: pb.ExportRequest, context: Ctx) -> AsyncIterator[pb.ExportBatch]:
+    @stream_rpc
+    async def Export(self, request: pb.ExportRequest, context: Ctx) -> AsyncGenerator[pb.ExportBatch, None]:
         """Pages by id (the after_id cursor), so memory stays constant; gRPC flow control paces the reads."""
         filters = _filters(request.filter)
         after_id, end_id = 0, None
@@ -212,8 +214,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             try:
                 batch, after_id, end_id = await asyncio.to_thread(_export_page, self.path, filters, after_id, end_id)
             except LedgerError as exc:
-                context.set_trailing_metadata(((REASON_KEY, "storage_unavailable"),))
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                raise StorageUnavailable(str(exc)) from None
             if batch.records:
                 yield batch
             if not after_id:
