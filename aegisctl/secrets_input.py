@@ -9,20 +9,31 @@ import sys
 
 import click
 
+from aegisctl.client import ClientError
 
-def read_secret(what: str, from_stdin: bool, *, confirm: bool = False, flag: str = "--secret-stdin") -> str:
-    """The secret from stdin's first line (scripts) or a hidden prompt (people)."""
+# aegisd's limit on a credential's secret (MAX_SECRET_BYTES in aegisd/vault/credentials.py; aegisctl imports
+# only the API stubs from aegisd). Checked here as well, in the daemon's words, because a secret over gRPC's
+# 4 MiB message limit never reaches the daemon's own check: the client would only see gRPC's refusal.
+MAX_SECRET_BYTES = 16384
+
+
+def read_secret(what: str, from_stdin: bool, *, confirm: bool = False, flag: str = "--secret-stdin",
+                max_bytes: int | None = None) -> str:
+    """The secret from stdin's first line (scripts) or a hidden prompt (people); with `max_bytes`, one
+    longer than that (UTF-8) is refused before it is sent, with a message that never quotes it."""
     if from_stdin:
         line = sys.stdin.readline()
         value = line.rstrip("\r\n")
         if not value:
             raise click.UsageError(f"{flag}: standard input was empty; pipe the {what} in, one line")
-        return value
-    if not sys.stdin.isatty():
-        raise click.UsageError(f"no terminal to prompt for the {what} on; pipe it in with {flag}")
-    value = click.prompt(what.capitalize(), hide_input=True, confirmation_prompt=confirm and "Repeat to confirm",
-                         show_default=False)
-    return str(value)
+    else:
+        if not sys.stdin.isatty():
+            raise click.UsageError(f"no terminal to prompt for the {what} on; pipe it in with {flag}")
+        value = str(click.prompt(what.capitalize(), hide_input=True,
+                                 confirmation_prompt=confirm and "Repeat to confirm", show_default=False))
+    if max_bytes is not None and len(value.encode()) > max_bytes:
+        raise ClientError(f"the secret is longer than {max_bytes} bytes", reason="invalid_argument")
+    return value
 
 
 def confirm_destructive(question: str, yes: bool) -> None:

@@ -10,7 +10,7 @@ import click
 from aegisctl import integrity, output
 from aegisctl.context import Context, pass_context
 from aegisctl.durations import Duration
-from aegisctl.secrets_input import confirm_destructive, read_secret
+from aegisctl.secrets_input import MAX_SECRET_BYTES, confirm_destructive, read_secret
 from aegisd.api.aegis.v1 import credentials_pb2 as pb
 from aegisd.api.aegis.v1 import vault_pb2
 
@@ -109,7 +109,7 @@ def add(ctx: Context, name: str, service: str, domains: str, auth_type: str | No
     if not scope_list:  # an empty list would mean "unspecified" to the daemon, i.e. every scope
         raise click.UsageError("--scopes must name at least one of: read, write, * (comma-separated)")
     ctx.client.require_state("unlocked")  # before the secret is pasted for nothing
-    secret = read_secret("secret", secret_stdin)
+    secret = read_secret("secret", secret_stdin, max_bytes=MAX_SECRET_BYTES)
     request = pb.AddCredentialRequest(
         name=name, service=service, domains=_split(domains),
         auth_type=AUTH_TYPES[auth_type or "bearer"], header_name=header_name or "",
@@ -220,7 +220,7 @@ def rotate(ctx: Context, name: str, secret_stdin: bool) -> None:
     client = ctx.client
     client.get_credential(name)  # fail on a wrong name, or a locked vault, before asking for the secret
     client.require_state("unlocked")
-    secret = read_secret("new secret", secret_stdin)
+    secret = read_secret("new secret", secret_stdin, max_bytes=MAX_SECRET_BYTES)
     client.call(client.credentials.RotateCredential, pb.RotateCredentialRequest(name=name, secret=secret))
     click.echo(f"Rotated credential {name!r}.")
 
