@@ -31,6 +31,7 @@ class ControlSocket:
         self.group = group
         self._lock_fd: int | None = None
         self._gid: int | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket this daemon bound
 
     def prepare(self) -> None:
         """Make the directory, take the lock, and clear a stale socket left by a crash."""
@@ -55,7 +56,9 @@ class ControlSocket:
         self._clear_stale()
 
     def secure(self) -> None:
-        """Apply the configured group and mode to the bound socket."""
+        """Apply the configured group and mode to the bound socket, and remember which file it is."""
+        info = os.lstat(self.path)
+        self._bound = (info.st_dev, info.st_ino)
         if self._gid is not None:  # looked up in prepare(), before anything was bound
             os.chown(self.path, -1, self._gid)
             os.chown(self.path.parent, -1, self._gid)
@@ -63,14 +66,20 @@ class ControlSocket:
         os.chmod(self.path, self.mode)
 
     def release(self) -> None:
+        """Remove the socket this daemon bound, if it is still the one at the path, and drop the lock.
+
+        Whatever else is there (another process's live socket, found by a start that then failed; a file
+        someone put in place of ours) is left alone."""
         if self._lock_fd is None:
             return  # never took the lock: the path may be another daemon's live socket
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                self.path.unlink()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._bound is not None:
+            with contextlib.suppress(FileNotFoundError):
+                info = os.lstat(self.path)
+                if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == self._bound:
+                    self.path.unlink()
+            self._bound = None
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def _make_directory(self, directory: Path) -> None:
         if not directory.exists():
