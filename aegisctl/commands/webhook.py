@@ -20,6 +20,8 @@ from aegisd.api.aegis.v1 import webhooks_pb2 as pb
 
 EVENT_NAMES = ("blocked_request", "rate_limited", "agent_auth_failure", "body_inspection", "credential_expiry",
                "response_redacted")
+# aegisd's limit (MAX_URL_LENGTH in aegisd/webhooks/registry.py; aegisctl imports only the API from aegisd)
+MAX_URL_LENGTH = 2048
 ONCE_WARNING = ("aegisctl: this signing secret is not shown again; give it to the receiver now "
                 "(it verifies X-Aegis-Signature).")
 
@@ -46,6 +48,8 @@ def add(ctx: Context, url: str | None, events: str, url_stdin: bool, as_json: bo
         raise click.UsageError("give the URL as an argument or with --url-stdin (one of the two)")
     if url_stdin:
         url = sys.stdin.readline().strip()
+    if url is not None and len(url) > MAX_URL_LENGTH:  # past gRPC's message limit aegisd would never see it
+        raise ClientError(f"the webhook URL is longer than {MAX_URL_LENGTH} characters", reason="invalid_argument")
     if not url:
         raise click.UsageError("the URL is empty")
     names = [part.strip() for part in events.split(",") if part.strip()]

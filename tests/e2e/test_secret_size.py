@@ -10,9 +10,11 @@ from typing import Any
 
 import grpc
 
+from aegisctl.commands.webhook import MAX_URL_LENGTH as WEBHOOK_CLIENT_MAX
 from aegisctl.secrets_input import MAX_SECRET_BYTES as CLIENT_MAX
 from aegisd.api.aegis.v1 import credentials_pb2, credentials_pb2_grpc
 from aegisd.vault.credentials import MAX_SECRET_BYTES
+from aegisd.webhooks.registry import MAX_URL_LENGTH
 from tests.e2e.support import assert_failed
 from tests.harness import Aegis
 
@@ -56,3 +58,15 @@ def test_an_oversized_secret_gets_the_daemons_message(unlocked: Aegis) -> None:
     names = unlocked.ctl("vault", "list", "--json").ok().out
     assert '"edge"' in names and '"huge"' not in names
     unlocked.assert_no_leaks([HUGE[:64]])
+
+
+def test_an_oversized_webhook_url_gets_the_daemons_message(unlocked: Aegis) -> None:
+    """A webhook URL can be a secret too (--url-stdin); one past gRPC's limit got gRPC's error, not aegisd's."""
+    assert WEBHOOK_CLIENT_MAX == MAX_URL_LENGTH
+    huge = "https://hooks.example.com/" + "T0K3N" * 1_000_000
+    for url in (huge, "https://hooks.example.com/" + "x" * MAX_URL_LENGTH):
+        result = unlocked.ctl("webhook", "add", "--url-stdin", "--events", "blocked_request", input=url + "\n")
+        assert_failed(result, f"the webhook URL is longer than {MAX_URL_LENGTH} characters")
+        assert "larger than max" not in result.err
+    assert unlocked.ctl("webhook", "list", "--json").ok().out.strip() == "[]"
+    unlocked.assert_no_leaks([huge[26:90]])
