@@ -7,6 +7,7 @@ next, keyed by the daemon's stable `aegis-reason` trailer.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -170,10 +171,48 @@ class AegisClient:
         return self._channel
 
     def _check_socket(self) -> None:
+        """Before anything is sent, make sure the path holds a socket nobody but its owner could have put there.
+
+        aegisctl sends passphrases and keys over this socket: a symlink, or a socket in a directory that a group
+        or everyone can write, may be someone else's server in aegisd's place. The socket's owner is not
+        checked: under the packaged service the daemon runs as a dynamic user and operators are in its group."""
         path = self.socket_path
-        if not path.exists():
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
             raise ClientError(f"aegisd is not running: no control socket at {path}",
-                              "start it with `aegisd` (or `make run`), or point --socket / AEGIS_SOCKET at it")
+                              "start it with `aegisd` (or `make run`), or point --socket / AEGIS_SOCKET at it"
+                              ) from None
+        except PermissionError:
+            raise ClientError(f"no permission to use the control socket {path} (its directory {path.parent} "
+                              "cannot be searched)",
+                              "run as the daemon's user or a member of its socket group") from None
+        except OSError as exc:
+            raise ClientError(f"cannot look at the control socket {path}: {exc.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise ClientError(f"refusing to use the control socket {path}: it is a symbolic link (to {target}), and "
+                              "aegisd never makes one; nothing was sent",
+                              "point --socket / AEGIS_SOCKET at aegisd's socket itself, and find out who put the "
+                              "link there")
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ClientError(f"refusing to use {path}: it is not a socket; nothing was sent",
+                              "point --socket / AEGIS_SOCKET at aegisd's control socket")
+        directory = path.parent
+        try:
+            dir_mode = stat.S_IMODE(os.stat(directory).st_mode)
+        except OSError as exc:
+            raise ClientError(f"cannot check the control socket's directory {directory}: {exc.strerror}") from None
+        if dir_mode & 0o022:
+            who = " and ".join(w for w, bit in (("group", 0o020), ("world", 0o002)) if dir_mode & bit)
+            raise ClientError(f"refusing to use the control socket {path}: its directory {directory} is "
+                              f"{who}-writable (mode {dir_mode:04o}), so anyone who can write there could have put "
+                              "their own server in aegisd's place; nothing was sent",
+                              f"the directory's owner should run `chmod g-w,o-w {directory}` (then restart aegisd "
+                              "so a socket nobody could have swapped is in place)")
         if not os.access(path, os.R_OK | os.W_OK):
             raise ClientError(f"no permission to use the control socket {path}",
                               "run as the daemon's user or a member of its socket group")

@@ -82,17 +82,30 @@ class ControlSocket:
         self._lock_fd = None
 
     def _make_directory(self, directory: Path) -> None:
-        if not directory.exists():
-            try:
-                directory.mkdir(mode=0o700, parents=True)
-            except OSError as exc:
-                raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+        try:
+            directory.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+        else:
             return
-        info = directory.stat()
+        try:
+            info = directory.stat()
+        except OSError as exc:
+            raise SocketError(f"cannot check socket directory {directory}: {exc.strerror}") from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise SocketError(f"{directory} is not a directory; choose another --socket")
         if info.st_uid != os.geteuid():
-            raise SocketError(f"socket directory {directory} belongs to another user; use a directory you own")
-        if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
-            raise SocketError(f"socket directory {directory} is world-writable; use a private directory")
+            raise SocketError(f"socket directory {directory} belongs to uid {info.st_uid}, not to aegisd's user "
+                              f"(uid {os.geteuid()}); use a directory aegisd's user owns")
+        dir_mode = stat.S_IMODE(info.st_mode)
+        if dir_mode & 0o022:  # what aegisd itself creates is 0700 or 0750, never group-writable
+            who = " and ".join(w for w, bit in (("group", 0o020), ("world", 0o002)) if dir_mode & bit)
+            raise SocketError(f"socket directory {directory} is {who}-writable (mode {dir_mode:04o}): anyone who "
+                              "can write there could replace the socket with their own and receive the passphrases "
+                              f"and keys aegisctl sends; run `chmod g-w,o-w {directory}`, or give aegisd a --socket "
+                              "in a directory only its user can write")
 
     def _clear_stale(self) -> None:
         try:
