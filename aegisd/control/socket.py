@@ -61,8 +61,6 @@ class ControlSocket:
         self._bound = (info.st_dev, info.st_ino)
         if self._gid is not None:  # looked up in prepare(), before anything was bound
             os.chown(self.path, -1, self._gid)
-            os.chown(self.path.parent, -1, self._gid)
-            os.chmod(self.path.parent, 0o750)  # noqa: S103 - group members must reach the socket
         os.chmod(self.path, self.mode)
 
     def release(self) -> None:
@@ -82,6 +80,9 @@ class ControlSocket:
         self._lock_fd = None
 
     def _make_directory(self, directory: Path) -> None:
+        """Create the socket's directory, or check an existing one. Only a directory created here gets its
+        mode and group set; an existing one is never changed (it may be a user's $XDG_RUNTIME_DIR, or hold
+        other programs' sockets), so it must already be right."""
         try:
             directory.mkdir(mode=0o700, parents=True)
         except FileExistsError:
@@ -89,6 +90,9 @@ class ControlSocket:
         except OSError as exc:
             raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
         else:
+            if self._gid is not None:  # before the socket exists: group members only reach it once it is 0660
+                os.chown(directory, -1, self._gid)
+                os.chmod(directory, 0o750)  # noqa: S103 - group members must reach the socket
             return
         try:
             info = directory.stat()
@@ -106,6 +110,33 @@ class ControlSocket:
                               "can write there could replace the socket with their own and receive the passphrases "
                               f"and keys aegisctl sends; run `chmod g-w,o-w {directory}`, or give aegisd a --socket "
                               "in a directory only its user can write")
+        if self._gid is not None:
+            self._check_shared_directory(directory, info)
+
+    def _check_shared_directory(self, directory: Path, info: os.stat_result) -> None:
+        """An existing directory for a group-shared socket: it must already let the socket group search it
+        (and, being the group's way in, give it no more than that, nor anything to other users)."""
+        dir_mode = stat.S_IMODE(info.st_mode)
+        problems = []
+        if info.st_gid != self._gid:
+            try:
+                current = grp.getgrgid(info.st_gid).gr_name
+            except KeyError:
+                current = str(info.st_gid)
+            problems.append(f"its group is {current}, not {self.group}")
+        if not dir_mode & 0o010:
+            problems.append("its group cannot search it")
+        if dir_mode & 0o007:
+            problems.append("other users have access to it")
+        if problems:
+            raise SocketError(
+                f"socket directory {directory} (mode {dir_mode:04o}) is not ready for socket group {self.group}: "
+                f"{'; '.join(problems)}. aegisd changes the mode and group only of a socket directory it creates, "
+                "so that it never opens up a directory other programs use (such as $XDG_RUNTIME_DIR). Give aegisd a "
+                "directory of its own: a --socket in a directory that does not exist yet (aegisd creates it 0750 in "
+                f"group {self.group}), or one made ready for it (under systemd, /run/aegis from RuntimeDirectory= "
+                f"with RuntimeDirectoryMode=0750 and Group={self.group}; by hand, `chgrp {self.group} {directory} "
+                f"&& chmod 0750 {directory}` if nothing else uses it)")
 
     def _clear_stale(self) -> None:
         try:

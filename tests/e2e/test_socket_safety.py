@@ -192,7 +192,22 @@ def test_daemon_refuses_a_socket_directory_others_can_write(fresh: Aegis, dir_mo
     assert mode(run) == dir_mode  # refused, not "fixed" behind the operator's back
 
 
-# --- the packaged layout: operators are other users, in the socket's group -----------------------
+# --- --socket-group never changes a directory aegisd did not create --------------------------------
+
+
+def test_socket_group_does_not_open_up_a_preexisting_private_directory(fresh: Aegis) -> None:
+    """Like a user's 0700 $XDG_RUNTIME_DIR, with other programs' sockets in it."""
+    needs_root()
+    group = shared_group()
+    private = fresh.socket.parent
+    private.mkdir(mode=0o700)
+    (private / "other-program.sock").write_text("")
+    before = os.stat(private)
+    log = start_fails(fresh, "--socket-group", group.gr_name)
+    assert str(private) in log and group.gr_name in log and "/run/aegis" in log, log
+    after = os.stat(private)
+    assert (stat.S_IMODE(after.st_mode), after.st_gid) == (stat.S_IMODE(before.st_mode), before.st_gid)
+    assert not fresh.socket.exists()
 
 
 def test_packaged_layout_lets_group_operators_in_and_no_one_else(fresh: Aegis) -> None:
@@ -206,7 +221,9 @@ def test_packaged_layout_lets_group_operators_in_and_no_one_else(fresh: Aegis) -
     run.mkdir(mode=0o700)
     os.chown(run, -1, group.gr_gid)
     os.chmod(run, 0o750)  # noqa: S103 - as RuntimeDirectoryMode=0750 makes it
-    fresh.start("--socket-mode", "0660", env={"AEGIS_SOCKET_GROUP": group.gr_name})
+    config = fresh.root / "aegisd.toml"
+    config.write_text(f'socket_group = "{group.gr_name}"\n')  # as packaging/systemd/aegisd.toml sets it
+    fresh.start("--config", str(config))
     assert (mode(run), os.stat(run).st_gid) == (0o750, group.gr_gid)  # left as systemd made it
     assert (mode(fresh.socket), os.stat(fresh.socket).st_gid) == (0o660, group.gr_gid)
 
