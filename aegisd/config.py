@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +69,10 @@ _NUMBERS: dict[str, tuple[float, float, float]] = {
 }
 # On/off settings; only the config file sets them (true/false in TOML).
 _BOOLEANS: dict[str, bool] = {"metrics_enabled": True, "health_enabled": True}
-# Operations settings read once at start: a SIGHUP that changes them logs that a restart is needed.
-OPERATIONS_RESTART_SETTINGS = ("metrics_enabled", "health_enabled", "webhook_queue_size", "webhook_workers",
-                               "webhook_timeout", "webhook_max_attempts", "webhook_retry_delay")
+# Every setting, by the key the messages name it with (setting_name gives the config file's spelling).
+SETTING_KEYS = tuple(_TOML_KEYS)
+# Config fields named differently from their setting; every other field with a setting has its key's name.
+_FIELD_SETTINGS = {"socket_path": "socket", "gate_host": "gate_listen", "gate_port": "gate_listen"}
 
 
 class ConfigError(Exception):
@@ -233,6 +234,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
         elif not isinstance(value, str):
             raise ConfigError(f"config file {path}: {setting_name(key)} must be a string, got {type(value).__name__}")
     return flat
+
+
+def changed_settings(running: Config, fresh: Config, applied: frozenset[str]) -> list[str]:
+    """The settings that differ between `running` and `fresh`, except the Config fields in `applied`, as the
+    config file spells them; a field with no setting of its own (the environment's) is named as it is."""
+    names: list[str] = []
+    for item in fields(Config):
+        if not item.compare or item.name in applied or getattr(running, item.name) == getattr(fresh, item.name):
+            continue
+        key = _FIELD_SETTINGS.get(item.name, item.name)
+        name = setting_name(key) if key in _TOML_KEYS else item.name
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def setting_name(key: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from aegisd import __version__
 from aegisd.agents import AgentRegistry
-from aegisd.config import OPERATIONS_RESTART_SETTINGS, UNLOCK_CREDENTIAL_NAME, Config, ConfigError, load_config
+from aegisd.config import UNLOCK_CREDENTIAL_NAME, Config, ConfigError, changed_settings, load_config
 from aegisd.control.server import ControlServer
 from aegisd.errors import log_safe
 from aegisd.gate.agent_connection import AgentConnections
@@ -41,6 +41,8 @@ from aegisd.webhooks import Webhooks
 
 log = logging.getLogger("aegisd")
 SHUTDOWN_GRACE_SECONDS = 10.0
+# The Config fields a SIGHUP applies to the running daemon (see _reload); a change to any other needs a restart.
+APPLIED_ON_RELOAD = frozenset({"log_level", "policies_dir"})
 
 
 class StartupError(Exception):
@@ -126,12 +128,11 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload failed, keeping the running settings: %s", exc)
         else:
+            # A reload applies exactly the fields in APPLIED_ON_RELOAD. Every other one is compared with what the
+            # daemon runs with (self.config, from the start), so a new setting can never be silently ignored.
             set_level(fresh.log_level)
             policies_dir = fresh.policies_dir
-            restart_needed = [name for name in ("data_dir", "socket_path", "gate_host", "gate_port",
-                                                "agent_max_concurrency", "max_connections",
-                                                *OPERATIONS_RESTART_SETTINGS)
-                              if getattr(fresh, name) != getattr(self.config, name)]
+            restart_needed = changed_settings(self.config, fresh, APPLIED_ON_RELOAD)
             if restart_needed:
                 log.warning("reload: %s changed; restart aegisd to apply", ", ".join(restart_needed))
             event(log, logging.INFO, "configuration reloaded", log_level=fresh.log_level)
