@@ -114,8 +114,9 @@ class ControlSocket:
             self._check_shared_directory(directory, info)
 
     def _check_shared_directory(self, directory: Path, info: os.stat_result) -> None:
-        """An existing directory for a group-shared socket: it must already let the socket group search it
-        (and, being the group's way in, give it no more than that, nor anything to other users)."""
+        """An existing directory for a group-shared socket must already be in the socket group, searchable by it
+        (reading it is allowed, as the packaged unit's 0750 does; writing was refused above) and closed to
+        other users."""
         dir_mode = stat.S_IMODE(info.st_mode)
         problems = []
         if info.st_gid != self._gid:
