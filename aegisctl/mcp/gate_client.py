@@ -97,6 +97,8 @@ class GateClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise BridgeError("gate_unreachable", f"the connection to the Aegis gate at {self.base_url} "
                               f"failed ({type(exc).__name__}); is aegisd running?") from None
+        except ValueError as exc:  # aiohttp's own check of what goes on the wire (a control character in a header)
+            raise BridgeError("invalid_argument", f"the request cannot be sent as given: {exc}") from None
         if not truncated:
             reply.refusal = _refusal(reply)
         return reply

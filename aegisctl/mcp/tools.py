@@ -27,6 +27,9 @@ RESERVED_HEADERS = {"x-aegis-agent": "the bridge sends the agent token itself",
                     "content-length": "the bridge sets it", "transfer-encoding": "the bridge sets it",
                     "connection": "the bridge manages connections"}
 PATH_SAFE = "/?&=%:@!$'()*+,;~-._"  # RFC 3986 pchar and query characters, plus existing %XX escapes
+# C0 controls and DEL: no HTTP field may carry them (a header value may hold a tab, RFC 9110 5.5).
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 INSTRUCTIONS = """Aegis lets you call APIs whose keys you never see. Call aegis_list_services to learn which
 services you may use and on which hosts, then aegis_proxy_request with a service name and a path; the
@@ -59,12 +62,14 @@ def request_headers(headers: dict[str, str] | None, target_host: str) -> dict[st
         reason = RESERVED_HEADERS.get(name.lower())
         if reason is not None:
             raise ArgumentError(f"header {name!r} cannot be set: {reason}")
-        if any(c in value for c in "\r\n\x00"):
-            raise ArgumentError(f"header {name!r} has a line break or NUL in its value")
+        if HEADER_VALUE_CONTROL.search(value):
+            raise ArgumentError(f"header {name!r} has a control character (a line break, NUL, ESC, DEL...) "
+                                "in its value")
         out[name] = value
     if target_host.strip():
-        if any(c in target_host for c in "\r\n\x00"):
-            raise ArgumentError("target_host must be a host name, e.g. api.github.com or uploads.github.com:443")
+        if CONTROL.search(target_host):
+            raise ArgumentError("target_host must be a host name, e.g. api.github.com or uploads.github.com:443, "
+                                "without control characters")
         out["X-Target-Host"] = target_host.strip()
     return out
 
