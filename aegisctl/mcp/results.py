@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import re
 from typing import Any
 
 from mcp.types import CallToolResult, TextContent
@@ -22,13 +23,37 @@ BINARY_TYPES = ("image/", "audio/", "video/", "font/", "application/octet-stream
                 "application/gzip", "application/pdf", "application/wasm")
 
 
+# Characters a model (or the terminal or UI showing its context) may act on without their being visible:
+# controls (C0, DEL, C1), format characters (bidi overrides and isolates, zero-width characters, the
+# invisible tag characters), and the line and paragraph separators: Unicode's Cc, Cf, Zl and Zp.
+# tests/unit/test_mcp_invisible.py checks this list against the Unicode database.
+INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+                       "\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd"
+                       "\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+                       "\U000e0020-\U000e007f]")
+
+
 def ok(value: dict[str, Any]) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=json.dumps(value, ensure_ascii=False))],
-                          structured_content=value)
+    """The value as JSON text in which invisible characters are escapes (`\\u202e`): the same JSON value."""
+    text = escape_invisible(json.dumps(value, ensure_ascii=False))
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=value)
+
+
+def escape_invisible(text: str) -> str:
+    """Each INVISIBLE character as a JSON escape, `\\uXXXX` (a surrogate pair past U+FFFF), readable as data."""
+    return INVISIBLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    point = ord(match.group())
+    if point > 0xFFFF:
+        point -= 0x10000
+        return f"\\u{0xD800 + (point >> 10):04x}\\u{0xDC00 + (point & 0x3FF):04x}"
+    return f"\\u{point:04x}"
 
 
 def error(code: str, message: str, **details: Any) -> CallToolResult:
-    text = f"{code}: {message}"
+    text = f"{code}: {escape_invisible(message)}"
     if details.get("retry_after"):
         text += f" (retry after {details['retry_after']} s)"
     value = {"error": {"code": code, "message": message, **details}}
