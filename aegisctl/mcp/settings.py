@@ -4,10 +4,12 @@ The token comes from `--token-file` or `AEGIS_AGENT_TOKEN` (flag over environmen
 file that group or others may read is refused, as ssh refuses such a key: anyone who can read
 it can act as this agent. The gate URL comes from `--gate-url`, `AEGIS_GATE_URL`, then
 `http://` + the gate's listen address (`AEGIS_GATE_LISTEN`, aegisd's config file, 127.0.0.1:3100).
+The gate must be on loopback: the token goes to it with every call.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -49,11 +51,16 @@ def load(token_file: Path | None, gate_url_flag: str | None, env: Mapping[str, s
 
 
 def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None = None) -> str:
-    """The gate's base URL, checked and without a trailing slash."""
-    raw = flag or env.get("AEGIS_GATE_URL")
+    """The gate's base URL, checked, on loopback, and without a trailing slash."""
+    raw, source = flag, "--gate-url"
     if not raw:
-        raw = "http://" + (env.get("AEGIS_GATE_LISTEN") or _configured_listen(config_path or env.get("AEGIS_CONFIG"))
-                           or DEFAULT_GATE_LISTEN)
+        raw, source = env.get("AEGIS_GATE_URL"), "AEGIS_GATE_URL"
+    if not raw:
+        config = config_path or env.get("AEGIS_CONFIG")
+        listen, source = env.get("AEGIS_GATE_LISTEN"), "AEGIS_GATE_LISTEN"
+        if not listen:
+            listen, source = _configured_listen(config), f"[gate] listen in {config}"
+        raw = "http://" + _reachable(listen or DEFAULT_GATE_LISTEN)
     parts = urlsplit(raw.strip())
     try:
         port_ok = parts.port is None or parts.port > 0
@@ -61,9 +68,36 @@ def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None =
         port_ok = False
     if (parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or parts.username
             or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
-        raise SettingsError(f"the gate URL {raw!r} is not a plain http(s)://HOST:PORT address",
+        raise SettingsError(f"the gate URL {raw!r} (from {source}) is not a plain http(s)://HOST:PORT address",
                             "set AEGIS_GATE_URL (or --gate-url) to e.g. http://127.0.0.1:3100", usage=True)
+    if not is_loopback(parts.hostname):
+        # The agent token goes to this address with every call. aegisd's gate is a local service; a
+        # config shared in a repository (.mcp.json) could otherwise send the token to anyone's host,
+        # over https as easily as over http.
+        raise SettingsError(f"the gate URL {raw!r} (from {source}) is not a loopback address: the bridge sends "
+                            "the agent token only to a gate on 127.0.0.1, [::1] or localhost, never to another host",
+                            f"set {source if source in ('--gate-url', 'AEGIS_GATE_URL') else 'AEGIS_GATE_URL'} "
+                            "to the gate's loopback address, e.g. http://127.0.0.1:3100", usage=True)
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _reachable(listen: str) -> str:
+    """A gate listening on every address (0.0.0.0, [::]) is reached, like any local one, on loopback."""
+    host, sep, port = listen.rpartition(":")
+    everywhere = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}  # noqa: S104 - read, never bound
+    return everywhere.get(host, host) + sep + port if sep else listen
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost`, or an address in 127.0.0.0/8 or ::1 (an IPv4-mapped one too); never another name."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def gate_url_is_default(flag: str | None, env: Mapping[str, str], config_path: str | None = None) -> bool:

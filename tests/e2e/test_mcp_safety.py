@@ -8,6 +8,9 @@ One real aegisd serves every test here, each with its own agent and credential.
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +18,8 @@ import anyio
 import pytest
 
 from tests.e2e.gate_support import GateWorld, ScriptedUpstream, untouched
-from tests.e2e.mcp_support import Bridge, error_of, text_of, value_of, write_token_file
+from tests.e2e.mcp_support import Bridge, bridge_env, error_of, text_of, value_of, write_token_file
+from tests.harness import AEGISCTL
 from tests.upstreams import Upstream
 
 SECRET = "mcpSafetySecret-0123456789abcdefABCDEF"
@@ -96,3 +100,72 @@ def test_invisible_characters_from_an_upstream_reach_the_model_escaped(world: Ga
     assert "é 😀" in text  # printable non-ASCII stays as it is
     assert "untrusted third-party data" in description
     world.assert_no_leaks(extra=bridge.outputs())
+
+
+class Listener:
+    """A TCP server on a non-loopback address of this machine that keeps whatever it is sent."""
+
+    def __init__(self) -> None:
+        self.host = _non_loopback_address()
+        self._server = socket.create_server((self.host, 0))
+        self.port = int(self._server.getsockname()[1])
+        self.received = b""
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self.received += conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def _non_loopback_address() -> str:
+    """This machine's address on its default route, else 0.0.0.0 (which Linux also delivers locally)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, only a route is chosen
+            address = str(probe.getsockname()[0])
+        except OSError:
+            return "0.0.0.0"
+    return "0.0.0.0" if address.startswith("127.") else address
+
+
+def test_the_token_goes_only_to_a_loopback_gate(world: GateWorld) -> None:
+    """A repository's shared .mcp.json can set AEGIS_GATE_URL: another host must never receive the token."""
+    token = world.agent("far")
+    token_file = write_token_file(world.aegis.root / "far.token", token)
+    listener = Listener()
+    try:
+        remote = f"http://{listener.host}:{listener.port}"
+        attempts = [(["--token-file", str(token_file)], {"AEGIS_GATE_URL": remote}, "AEGIS_GATE_URL"),
+                    (["--token-file", str(token_file)], {"AEGIS_GATE_URL": f"https://{listener.host}:{listener.port}"},
+                     "AEGIS_GATE_URL"),
+                    (["--token-file", str(token_file), "--gate-url", remote], {}, "--gate-url"),
+                    ([], {"AEGIS_AGENT_TOKEN": token, "AEGIS_GATE_URL": "http://localhost.example.com:3100"},
+                     "AEGIS_GATE_URL")]
+        for args, env, named in attempts:
+            result = subprocess.run([AEGISCTL, "mcp", "serve", *args], env={**bridge_env(world.aegis.gate_url), **env},
+                                    stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
+            world.received.extend([result.stdout, result.stderr])
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert "is not a loopback address" in result.stderr and f"(from {named})" in result.stderr, result.stderr
+        config = world.aegis.ctl("mcp", "config", "cursor", "--gate-url", remote)
+        assert config.code == 2 and "is not a loopback address" in config.err and config.out == ""
+    finally:
+        listener.close()
+    assert listener.received == b""
+    # A gate listening on every address is reached on loopback.
+    everywhere = world.aegis.ctl("mcp", "config", "cursor", env={"AEGIS_GATE_LISTEN": "0.0.0.0:3100"}).ok()
+    assert json.loads(everywhere.out)["mcpServers"]["aegis"]["env"]["AEGIS_GATE_URL"] == "http://127.0.0.1:3100"
+    world.assert_no_leaks()
