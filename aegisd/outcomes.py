@@ -2,6 +2,9 @@
 
 Called once per request, right before its ledger row is written, so it must stay cheap: an
 allowed, unflagged request touches only the counters (and a debug line when debug is on).
+A refusal that names no agent and that the ledger does not itemise (a flood of requests without a
+token, past gate/unauthenticated.py's rate) is only counted: anyone who can reach the gate could
+otherwise fill the log and crowd real alerts out of the webhook queue. Its summary row is the record.
 Logged fields are the ledger's own and never include a token, a secret or a query string;
 the service is named only when the routing table knows it, so an agent cannot write
 arbitrary text into the log through the path.
@@ -31,13 +34,14 @@ class OutcomeSink:
         self._webhooks = webhooks
         self._known: Mapping[str, Route] = {}
 
-    def record(self, entry: LedgerEntry, upstream_seconds: float | None) -> None:
+    def record(self, entry: LedgerEntry, upstream_seconds: float | None, itemised: bool = True) -> None:
+        """`itemised`: the ledger gives this outcome a row of its own; if not, it is only counted."""
         try:
-            self._record(entry, upstream_seconds)
+            self._record(entry, upstream_seconds, itemised)
         except Exception:  # metrics and alerts must never cost a request its answer or its ledger row
             log.exception("recording a gate outcome for metrics, log and webhooks failed")
 
-    def _record(self, entry: LedgerEntry, upstream_seconds: float | None) -> None:
+    def _record(self, entry: LedgerEntry, upstream_seconds: float | None, itemised: bool) -> None:
         table = self._routing.table
         if table is not None:
             self._known = table.routes  # while locked, keep naming the services known at the last unlock
@@ -52,6 +56,8 @@ class OutcomeSink:
                       service=service, method=entry.method, status=entry.status, duration_ms=entry.duration_ms)
             if not entry.flags:
                 return
+        elif not itemised:
+            return  # counted in the metrics and in the ledger's unauthenticated_flood summary only
         else:
             event(log, logging.INFO, "request refused", request_id=entry.request_id, agent=entry.agent or "-",
                   service=service, reason=entry.reason, status=entry.status)

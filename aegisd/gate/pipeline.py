@@ -453,13 +453,16 @@ class GatePipeline:
         if not x.path_inspected:  # refused before step 8, or forwarded on a credential whose inspection is off
             self._mask_target(x)
         entry = normalize(x.entry())  # webhooks and logs get the row as stored: capped, never 60 KB paths
+        # A flood of tokenless requests: past the limiter each is only counted (metrics, the summary row), with
+        # no row, log line or webhook event of its own. An agent's request never asks the limiter.
+        itemised = x.agent != "" or x.decision != "denied" or self._unauthenticated.admit()
         if self.outcomes is not None:
             try:
-                self.outcomes.record(entry, x.upstream_s)  # metrics, refusal log line, webhooks
+                self.outcomes.record(entry, x.upstream_s, itemised)  # metrics, refusal log line, webhooks
             except Exception as exc:  # never at the ledger row's expense
                 log.error("recording a request's outcome failed: %s", type(exc).__name__)
-        if not x.agent and x.decision == "denied" and not self._unauthenticated.admit():
-            return True  # a flood of tokenless requests: counted, and a summary row records them
+        if not itemised:
+            return True
         try:
             await self.ledger.append(entry)
         except LedgerError as exc:  # the writer logged the outage when it began; once per request is noise
