@@ -48,6 +48,8 @@ def decompress_capped(data: bytes, encoding: str, cap: int) -> bytes:
         if not decoder.eof:
             raise DecodeError("the compressed data is truncated")
         rest = decoder.unused_data
+        if encoding != "deflate":
+            rest = rest.lstrip(b"\0")  # zero padding between gzip members, which gzip itself skips
         if encoding == "deflate" or not rest.startswith(GZIP_MAGIC):
             out += rest  # trailing bytes an upstream might still read: inspect them as they are
             break
@@ -57,21 +59,36 @@ def decompress_capped(data: bytes, encoding: str, cap: int) -> bytes:
 
 
 class StreamDecoder:
-    """Incremental gzip/deflate for a response body, in pieces of at most STEP bytes."""
+    """Incremental gzip/deflate for a response body, in pieces of at most STEP bytes.
+
+    Whatever the upstream's chunk boundaries: the first 2 bytes of a deflate body (which tell zlib from
+    raw deflate) and the 3 bytes after a gzip member's end (another member, or not) are awaited before
+    they are judged. Zero bytes between and after gzip members are skipped, as gzip itself does."""
 
     def __init__(self, encoding: str) -> None:
         self._encoding = encoding
         self._decoder: zlib._Decompress | None = None
-        self._done = False
+        self._done = False  # the current member (or the deflate stream) has ended
+        self._held = b""  # too few bytes yet to judge (see above)
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
-        data = chunk
+        data = self._held + chunk if self._held else chunk
+        self._held = b""
         while data:
             if self._done:
-                if self._encoding == "deflate" or not data.startswith(GZIP_MAGIC):
+                if self._encoding == "deflate":
+                    raise DecodeError("data after the end of the compressed stream")
+                data = data.lstrip(b"\0")
+                if len(data) < len(GZIP_MAGIC) and GZIP_MAGIC.startswith(data):
+                    self._held = data  # empty, or perhaps the start of the next member
+                    return
+                if not data.startswith(GZIP_MAGIC):
                     raise DecodeError("data after the end of the compressed stream")
                 self._decoder, self._done = None, False
             if self._decoder is None:
+                if self._encoding == "deflate" and len(data) < 2:
+                    self._held = data
+                    return
                 self._decoder = zlib.decompressobj(_wbits(self._encoding, data))
             decoder = self._decoder
             try:
@@ -90,6 +107,9 @@ class StreamDecoder:
                 data = decoder.unused_data
 
     def finish(self) -> bytes:
+        if self._held:  # a deflate body of 1 byte, or a gzip member's end followed by part of a magic
+            raise DecodeError("the compressed response is truncated" if not self._done
+                              else "data after the end of the compressed stream")
         if self._decoder is not None and not self._done:
             try:
                 tail = self._decoder.flush()
