@@ -1,9 +1,12 @@
 """Webhook delivery: a bounded queue, a few workers, retries with backoff, never in the gate's way.
 
-The gate only calls `emit`, which fans an event out to the subscribed webhooks with put_nowait:
-a full queue drops the delivery and counts it, so a slow or dead receiver costs the gate
-nothing. A failed attempt is retried later from a timer, not by a waiting worker, so one dead
-receiver cannot hold up deliveries to the others.
+The gate only calls `emit`, which fans an event out to the subscribed webhooks without waiting.
+Deliveries queued and deliveries waiting for a retry count against one bound, `queue_size`: past it
+the oldest delivery waiting for a retry is dropped to make room, or, if none waits, the new one; so
+a slow or dead receiver costs the gate nothing and aegisd's memory stays bounded. Events raised by
+requests that named no agent (anyone who can reach the gate can send those) may hold only a quarter
+of the bound, so they can never crowd out an alert about a real agent. A failed attempt is retried
+later from a timer, not by a waiting worker, so one dead receiver cannot hold up the others.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ MAX_RETRY_DELAY = 300.0
 # Worth another attempt: the receiver is overloaded, rate limiting, or briefly broken.
 RETRY_STATUSES = frozenset({408, 425, 429})
 TEST_DETAILS = {"message": "a test delivery from `aegisctl webhook test`"}
+# Deliveries of events raised by requests that named no agent may hold this share of queue_size at most.
+UNAUTHENTICATED_SHARE = 4  # one in four
+DROP_SUMMARY_SECONDS = 5.0  # after a first drop, one line says how many more were dropped meanwhile
 
 
 @dataclass(slots=True)
@@ -52,6 +58,7 @@ class Delivery:
     attempts: int = 0
     body: bytes = b""
     generation: int = -1  # of its target when queued; see Dispatcher.set_targets
+    unauthenticated: bool = False  # raised by a request that named no agent: held within their share
 
     def payload(self) -> bytes:
         if not self.body:
@@ -87,7 +94,13 @@ class Dispatcher:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=config.webhook_queue_size)
+        # Unbounded itself: _hold keeps the queue and the retries, together, within queue_size.
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._bound = config.webhook_queue_size
+        self._unauthenticated_bound = config.webhook_queue_size // UNAUTHENTICATED_SHARE
+        self._unauthenticated = 0  # such deliveries queued, being sent or waiting for a retry
+        self._dropping = 0  # drops since the last summary line
+        self._dropping_since = 0.0
         self._by_event: dict[str, tuple[Target, ...]] = {}
         # The current webhooks' ids, each with the generation it was loaded in: a webhook that goes (removed,
         # or the vault locked) and comes back (unlocked) is a new generation, and what was queued before is not sent.
@@ -125,10 +138,12 @@ class Dispatcher:
     def wants(self, event: str) -> bool:
         return event in self._by_event
 
-    def emit(self, event: str, details: dict[str, Any]) -> None:
-        """Queue `event` for every webhook subscribed to it; never waits, counts what does not fit."""
+    def emit(self, event: str, details: dict[str, Any], *, unauthenticated: bool = False) -> None:
+        """Queue `event` for every webhook subscribed to it; never waits, counts what does not fit.
+        `unauthenticated`: raised by a request that named no agent, held within that share of the queue."""
         for target in self._by_event.get(event, ()):
-            self._offer(Delivery(target, event, details, generation=self._live.get(target.id, -1)))
+            self._offer(Delivery(target, event, details, generation=self._live.get(target.id, -1),
+                                 unauthenticated=unauthenticated))
 
     @property
     def queue_depth(self) -> int:
@@ -169,13 +184,53 @@ class Dispatcher:
     # -- internals -------------------------------------------------------------------------------
 
     def _offer(self, delivery: Delivery) -> None:
-        try:
+        if self._hold(delivery):
             self._queue.put_nowait(delivery)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log_event(log, logging.WARNING, "webhook queue full; deliveries dropped", dropped=self.dropped,
-                          queue_size=self._config.webhook_queue_size)
+
+    def _hold(self, delivery: Delivery, in_share: bool = False) -> bool:
+        """Whether `delivery` may be queued or wait for a retry: within the unauthenticated share if it is one
+        of those (`in_share`: it holds its place there already), and within the bound, for which the oldest
+        delivery waiting for a retry is dropped if need be. One that may not is dropped and counted."""
+        if delivery.unauthenticated and not in_share and self._unauthenticated >= self._unauthenticated_bound:
+            self._dropped("the share of events raised without an agent token is full")
+            return False
+        if self._queue.qsize() + len(self._retries) >= self._bound:
+            if not self._retries or delivery.unauthenticated:  # those never push another delivery out
+                self._dropped("queue_size reached")
+                return False
+            handle = next(iter(self._retries))  # in the order they were scheduled
+            handle.cancel()
+            self._release(handle)
+            self._dropped("queue_size reached; the oldest delivery waiting for a retry made room")
+        if delivery.unauthenticated and not in_share:
+            self._unauthenticated += 1
+        return True
+
+    def _release(self, handle: asyncio.TimerHandle) -> Delivery | None:
+        """Forget a delivery waiting for a retry (its timer fired or was cancelled)."""
+        delivery = self._retries.pop(handle, None)
+        if delivery is not None and delivery.unauthenticated:
+            self._unauthenticated -= 1
+        return delivery
+
+    def _dropped(self, why: str) -> None:
+        """Count a drop; the first of a run is logged at once, and one line after it says how many followed."""
+        self.dropped += 1
+        self._dropping += 1
+        if self._dropping > 1:
+            return
+        self._dropping_since = time.monotonic()
+        log_event(log, logging.WARNING, "webhook queue full; deliveries dropped", why=why, dropped=self.dropped,
+                  queue_size=self._bound)
+        with contextlib.suppress(RuntimeError):  # no running loop (closing): the counter is the record
+            asyncio.get_running_loop().call_later(DROP_SUMMARY_SECONDS, self._summarise_drops)
+
+    def _summarise_drops(self) -> None:
+        count, seconds = self._dropping, time.monotonic() - self._dropping_since
+        self._dropping = 0
+        if count > 1:
+            log_event(log, logging.WARNING, "webhook deliveries dropped", count=count, seconds=f"{seconds:.1f}",
+                      dropped=self.dropped, queue_size=self._bound)
 
     def _current(self, delivery: Delivery) -> bool:
         return self._live.get(delivery.target.id) == delivery.generation
@@ -185,52 +240,60 @@ class Dispatcher:
         for handle, delivery in list(self._retries.items()):
             if not self._current(delivery):
                 handle.cancel()
-                del self._retries[handle]
+                self._release(handle)
         kept = []
         while not self._queue.empty():
             delivery = self._queue.get_nowait()
             self._queue.task_done()
             if self._current(delivery):
                 kept.append(delivery)
+            elif delivery.unauthenticated:
+                self._unauthenticated -= 1
         for delivery in kept:
             self._queue.put_nowait(delivery)
 
     async def _work(self) -> None:
         while True:
             delivery = await self._queue.get()
+            retrying = False
             try:
-                await self._attempt(delivery)
+                retrying = await self._attempt(delivery)
             except Exception:
                 log.exception("webhook worker error")
             finally:
+                if delivery.unauthenticated and not retrying:  # done with: its place in the share is free
+                    self._unauthenticated -= 1
                 self._queue.task_done()
 
-    async def _attempt(self, delivery: Delivery) -> None:
+    async def _attempt(self, delivery: Delivery) -> bool:
+        """One attempt; whether the delivery now waits for a retry."""
         if not self._current(delivery):
-            return  # removed since, or the vault was locked (even if unlocked again): not sent
+            return False  # removed since, or the vault was locked (even if unlocked again): not sent
         delivery.attempts += 1
         result = await self._post(delivery)
         if result.delivered:
             self.delivered += 1
-            return
+            return False
         fields = {"webhook": delivery.target.id, "event": delivery.event, "delivery": delivery.id,
                   "attempt": delivery.attempts, "status": result.status, "error": result.error}
         if result.retryable and delivery.attempts < self._config.webhook_max_attempts:
             delay = self._backoff(delivery.attempts)
             log_event(log, logging.DEBUG, "webhook delivery failed; retrying", retry_in=f"{delay:.2f}s", **fields)
+            if not self._hold(delivery, in_share=True):
+                return False  # dropped and counted: queue_size is held by newer deliveries
             loop = asyncio.get_running_loop()
             handle: asyncio.TimerHandle | None = None
 
             def retry() -> None:
-                if handle is not None:
-                    self._retries.pop(handle, None)
-                self._offer(delivery)
+                if handle is not None and self._release(handle) is not None:
+                    self._offer(delivery)
 
             handle = loop.call_later(delay, retry)
             self._retries[handle] = delivery
-            return
+            return True
         self.failed += 1
         log_event(log, logging.WARNING, "webhook delivery failed", **fields)
+        return False
 
     def _backoff(self, attempts: int) -> float:
         """Exponential with equal jitter: half the step fixed, half random, so receivers are not stampeded."""

@@ -1,18 +1,21 @@
 """What bounds webhook deliveries, end to end with the real daemon and a real receiver.
 
 Anyone who can reach the gate can send requests without a token. Their refusals past the ledger's rate
-for them raise no event and no log line of their own.
+for them raise no event and no log line of their own, and the events they do raise may hold only a
+share of the queue, so they can never crowd out an alert about a real agent. Deliveries waiting for a
+retry count against the same bound as the queue, so a receiver answering 503 cannot grow aegisd's memory.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable
 
 from aegisd.gate.unauthenticated import BURST
-from tests.e2e.ops_support import Scrape, add_webhook, ops_world
+from tests.e2e.ops_support import Scrape, add_webhook, ops_world, refused
 from tests.webhook_receiver import Receiver
 
 
@@ -32,11 +35,58 @@ def _pipelined(port: int, count: int, token: str = "", status: int = 401) -> int
     return received.count(expected)
 
 
+def _flood_in_background(port: int, count: int, token: str = "", status: int = 401) -> tuple[threading.Thread,
+                                                                                              list[int]]:
+    answered: list[int] = []
+    thread = threading.Thread(target=lambda: answered.append(_pipelined(port, count, token, status)), daemon=True)
+    thread.start()
+    return thread, answered
+
+
 def _until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+def test_a_tokenless_flood_cannot_crowd_out_an_alert_about_a_real_agent() -> None:
+    """The receiver is slow (it holds every answer), so nothing leaves the queue while the flood fills it:
+    without a share reserved for events that name an agent, the real agent's alert would be dropped."""
+    world = ops_world("[webhooks]\nqueue_size = 20\nworkers = 1\n")
+    receiver = Receiver(hold=True).start()
+    try:
+        world.agent("bot")  # no grants: every call it makes is refused not_granted, a blocked_request
+        add_webhook(world, receiver, "agent_auth_failure,blocked_request")
+        flood, answered = _flood_in_background(world.port, 1000)
+        _until("the tokenless flood never filled its share of the webhook queue",
+               lambda: Scrape(world).value("aegis_webhook_dropped_total") > 0)
+        real = refused(world.call("GET", "/github/repos/acme/x", agent="bot"), 403, "not_granted")
+        more, more_answered = _flood_in_background(world.port, 500)  # and the flood goes on after it
+        flood.join(60)
+        more.join(60)
+        assert answered == [1000] and more_answered == [500]
+
+        receiver.release()
+        deadline = time.monotonic() + 20
+        while not [d for d in receiver.of("blocked_request")
+                   if d.payload["details"].get("request_id") == real.request_id]:
+            assert time.monotonic() < deadline, (
+                f"the real agent's alert was never delivered; {len(receiver.deliveries)} deliveries arrived, "
+                f"{Scrape(world).value('aegis_webhook_dropped_total'):g} were dropped")
+            time.sleep(0.05)
+        alert = next(d for d in receiver.of("blocked_request") if d.payload["details"]["request_id"] == real.request_id)
+        assert alert.verified and alert.payload["details"]["agent"] == "bot"
+        # The tokenless share is a quarter of queue_size (5 of 20), the delivery the worker held included.
+        assert len(receiver.of("agent_auth_failure")) <= 20 // 4, len(receiver.of("agent_auth_failure"))
+        log = world.aegis.log()
+        assert "webhook queue full; deliveries dropped" in log
+        _until("no summary of the dropped deliveries was logged",
+               lambda: "webhook deliveries dropped" in world.aegis.log(), timeout=15)
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
+    finally:
+        receiver.stop()
+        world.close()
 
 
 def test_tokenless_refusals_past_the_ledger_rate_raise_no_event_and_no_log_line() -> None:
@@ -80,6 +130,39 @@ def test_tokenless_refusals_past_the_ledger_rate_raise_no_event_and_no_log_line(
         # Every refusal is still counted in the metrics.
         assert Scrape(world).value("aegis_requests_blocked_total", service="unknown", reason="agent_auth_required",
                                    agent="") == flood
+    finally:
+        receiver.stop()
+        world.close()
+
+
+def test_retries_waiting_on_a_failing_receiver_count_against_the_queue_bound() -> None:
+    """A receiver answering 503 to everything and a long retry delay: every failed delivery waits for its
+    retry. However many alerts are raised, queued and waiting deliveries together stay within queue_size."""
+    bound = 16
+    world = ops_world(f"[webhooks]\nqueue_size = {bound}\nworkers = 2\nretry_delay = 60\n")
+    receiver = Receiver(fail_first=10**9).start()
+    try:
+        token = world.agent("bot")  # no grants: each call raises blocked_request
+        add_webhook(world, receiver, "agent_auth_failure,blocked_request")
+        flood, answered = _flood_in_background(world.port, 800, token, 403)
+        tokenless, tokenless_answered = _flood_in_background(world.port, 800)
+        held = []
+        while flood.is_alive() or tokenless.is_alive():
+            scrape = Scrape(world)
+            held.append(scrape.value("aegis_webhook_queue_depth") + scrape.value("aegis_webhook_retries_pending"))
+            time.sleep(0.02)
+        assert answered == [800] and tokenless_answered == [800]
+        _until("the receiver was never tried", lambda: receiver.attempts > bound)
+        time.sleep(1)  # the workers finish what was queued: each failure waits for its retry
+        scrape = Scrape(world)
+        pending = scrape.value("aegis_webhook_retries_pending")
+        held.append(scrape.value("aegis_webhook_queue_depth") + pending)
+        assert max(held) <= bound, (max(held), held)
+        assert pending > 0
+        assert scrape.value("aegis_webhook_dropped_total") > 0
+        assert scrape.value("aegis_webhook_delivered_total") == 0
+        assert receiver.attempts > bound  # more were tried than the bound holds: older retries were let go
+        assert "webhook queue full; deliveries dropped" in world.aegis.log()
     finally:
         receiver.stop()
         world.close()
