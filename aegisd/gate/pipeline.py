@@ -363,6 +363,10 @@ class GatePipeline:
     async def _relay(self, request: GateRequest, x: Exchange, upstream: UpstreamResponse,
                      redaction: Redaction | None) -> None:
         x.status = upstream.status
+        bodiless = request.method == "HEAD" or upstream.status in (204, 304)
+        if upstream.transfer_coded and not bodiless:  # for every credential: the agent could not decode it either
+            raise Refusal(502, "response_not_redactable", "the upstream's answer has a Transfer-Encoding other "
+                          "than chunked, which the gate can neither redact nor forward")
         headers = inbound_headers(upstream.headers)
         redactor = ResponseRedactor(redaction, x) if redaction is not None else None
         # The upstream's own reason phrase only where nothing is redacted: it could echo the secret.
@@ -370,7 +374,6 @@ class GatePipeline:
         if redactor is not None:  # may refuse (502) a body it could not redact, before anything is sent
             headers = redactor.headers(headers, request.method, upstream.status)
         declared = upstream.content_length
-        bodiless = request.method == "HEAD" or upstream.status in (204, 304)
         length = declared if redactor is None or not redactor.streams_body else None
         if not bodiless and declared is not None and declared <= SMALL_BODY_BYTES:
             await self._relay_whole(request, x, upstream, headers, redactor, reason)

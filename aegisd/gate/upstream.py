@@ -168,6 +168,7 @@ class UpstreamResponse(asyncio.Protocol):
         self.reason = ""
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.content_length: int | None = None
+        self.transfer_coded = False  # the body carries a transfer coding other than chunked (see on_headers_complete)
 
     # -- the exchange, as the pipeline sees it ----------------------------------------------------
 
@@ -357,6 +358,10 @@ class UpstreamResponse(asyncio.Protocol):
         # As llhttp frames it: chunked only when that is the last coding over every Transfer-Encoding field.
         codings = ",".join(headers.getall("Transfer-Encoding", ())).lower().split(",")
         chunked = codings[-1].strip() == "chunked"
+        # llhttp removes only the chunked framing: any other coding (`gzip, chunked`, or `gzip` to the close)
+        # stays on the body, and Transfer-Encoding, hop-by-hop, is not forwarded. The pipeline refuses it.
+        if len(codings) > 1 or not (chunked or not codings[0].strip()):
+            self.transfer_coded = [c for c in map(str.strip, codings) if c] != ["chunked"]
         self.content_length = int(length) if length is not None and not chunked else None
         no_body = self._head or status in (204, 304)
         self._close_delimited = not no_body and length is None and not chunked
