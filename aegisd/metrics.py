@@ -134,8 +134,8 @@ class _ScrapeTimeState:
                                   value=hooks.delivered)
         yield CounterMetricFamily("aegis_webhook_failed", "Webhook deliveries given up after the last attempt.",
                                   value=hooks.failed)
-        yield CounterMetricFamily("aegis_webhook_dropped", "Webhook deliveries dropped because the queue was "
-                                  "full.", value=hooks.dropped)
+        yield CounterMetricFamily("aegis_webhook_dropped", "Webhook deliveries (or pending retries) "
+                                  "dropped to keep within queue_size.", value=hooks.dropped)
 
     def _credential_states(self) -> dict[str, int] | None:
         counts = dict.fromkeys(CREDENTIAL_STATES, 0)
