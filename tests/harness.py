@@ -6,10 +6,13 @@ directory's files) for a secret in clear.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,48 @@ BIN = Path(sys.executable).parent
 AEGISD = str(BIN / "aegisd")
 AEGISCTL = str(BIN / "aegisctl")
 PASSPHRASE = "correct horse battery staple 42"
+# The line aegisd logs once its control socket and gate both listen and its signal handlers are in place
+# (the human and the JSON format), at info, the default level.
+STARTED = re.compile(rb"Z info +aegisd started[ \n]|\"msg\": \"aegisd started\"")
+STARTED_TAIL = 64  # bytes of the log kept between reads, so a line split across two reads is still seen
+# Without that line (a daemon told to log only warnings, or to the journal), `aegisctl status` answering
+# is taken as ready, as it always was, once the control socket has existed this long (the line follows the
+# socket by milliseconds).
+UNLOGGED_READY_AFTER = 0.5
+
+
+def bytecode_env() -> dict[str, str]:
+    """Let the programs under test cache their bytecode when the environment forbids writing it next to the
+    sources (PYTHONDONTWRITEBYTECODE): in a private directory of this user's, outside every tree. Otherwise
+    each aegisd start compiles the daemon's modules again; nothing the programs do depends on it."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
+        return {}
+    cache = Path(tempfile.gettempdir()) / f"aegis-tests-pycache-{os.getuid()}"
+    try:
+        cache.mkdir(mode=0o700, exist_ok=True)
+        info = cache.lstat()
+    except OSError:
+        return {}
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return {}  # not a directory only this user can write to: go without, as before
+    return {"PYTHONPYCACHEPREFIX": str(cache)}
+
+
+BYTECODE_ENV = bytecode_env()
+
+
+def _listening(port: int) -> bool:
+    """Whether a TCP socket on this machine listens on `port` (Linux: read from /proc, so the gate sees no
+    connection; elsewhere assumed)."""
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not any(table.exists() for table in tables):
+        return True
+    for table in tables:
+        for line in table.read_text().splitlines()[1:] if table.exists() else []:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rpartition(":")[2], 16) == port:  # 0A: LISTEN
+                return True
+    return False
 
 
 def free_port() -> int:
@@ -52,6 +97,7 @@ class Aegis:
     outputs: list[str] = field(default_factory=list)
     gate_port: int = 0
     extra_args: list[str] = field(default_factory=list)
+    _log_offset: int = field(default=0, repr=False)  # the log's size when the daemon was last started
 
     @property
     def data_dir(self) -> Path:
@@ -73,6 +119,9 @@ class Aegis:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AEGIS_", "NOTIFY_", "WATCHDOG_"))}
         env.pop("CREDENTIALS_DIRECTORY", None)
         env.pop("JOURNAL_STREAM", None)
+        if BYTECODE_ENV:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env.update(BYTECODE_ENV)
         env.update({"AEGIS_DATA_DIR": str(self.data_dir), "AEGIS_SOCKET": str(self.socket),
                     "AEGIS_GATE_LISTEN": f"127.0.0.1:{self.gate_port}"})
         env.update(self.env)
@@ -84,6 +133,7 @@ class Aegis:
         full_env = self.base_env()
         full_env.update(env or {})
         log = self.log_path.open("ab")
+        self._log_offset = log.tell()
         self.proc = subprocess.Popen([AEGISD, *self.extra_args, *args], env=full_env, stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL)
         log.close()
@@ -92,13 +142,30 @@ class Aegis:
         return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:
+        """Until this start's `aegisd started` line is in the log: read from the file, so waiting costs no
+        process and no call the daemon serves, and the gate is listening too by then."""
         deadline = time.monotonic() + timeout
+        offset, tail = self._log_offset, b""
+        socket_seen: float | None = None
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"aegisd exited {self.proc.returncode} at start:\n{self.log()}")
-            if self.socket.exists() and self.ctl("status", "--json").code == 0:
-                return
-            time.sleep(0.05)
+            if self.log_path.exists():
+                with self.log_path.open("rb") as fh:
+                    fh.seek(offset)
+                    fresh = fh.read()
+                offset += len(fresh)
+                tail += fresh
+                if STARTED.search(tail):
+                    return
+                tail = tail[-STARTED_TAIL:]
+            if socket_seen is None and self.socket.exists():
+                socket_seen = time.monotonic()
+            if socket_seen is not None and time.monotonic() - socket_seen > UNLOGGED_READY_AFTER:
+                answer = self.ctl("status", "--json")
+                if answer.code == 0 and _listening(int(json.loads(answer.out)["gate_address"].rpartition(":")[2])):
+                    return
+            time.sleep(0.01)
         raise AssertionError(f"aegisd not ready after {timeout}s:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
