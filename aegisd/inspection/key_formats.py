@@ -25,6 +25,20 @@ _PLACEHOLDER = re.compile(rb"\$\{[^}]*\}|\$[A-Z_][A-Z0-9_]*|\{\{[^}]*\}\}|%\([a-
                           rb"|(?i:password|passwd|pass|pwd|pw|secret|changeme)")
 
 
+# The private-key pattern's parts. Every repeat is possessive (it never gives back what it took) and
+# bounded, and no two adjacent ones can take the same text, so a match attempt is one pass over at most
+# a few KiB: the earlier `[^\r\n\\]*(?:\s|\\[rn])+` repeated {0,4} could split a line of `a: a: a: ` in
+# ~N^4 ways, and 509 bytes of it held the event loop for 7.6 s. A header value stops before `-----`,
+# so an attempt never reads on through the next `-----BEGIN` (whose own attempt reads that text).
+_PEM_GAP = rb"(?:\s|\\[rn]){1,64}+"  # line breaks, raw or JSON-escaped, and indentation
+_PEM_HEADER = rb"[A-Za-z\-]{1,64}+: "  # Proc-Type: , DEK-Info: , Version: , Comment: ...
+_PEM_KEY = rb"[A-Za-z0-9+/=]{40}"
+# A header value: words, single dashes, and the spaces between words unless the next header or the key
+# material follows them (a PEM whose line breaks were flattened into spaces).
+_PEM_VALUE = (rb"(?:[^\s\\\-]{1,64}+|-(?!----)|[ \t\x0b\x0c]{1,16}+(?!" + _PEM_HEADER + rb"|" + _PEM_KEY
+              + rb")){0,64}+")
+
+
 @dataclass(frozen=True, slots=True)
 class KeyFormat:
     """One scan: families are the pattern's named groups; `before` says what may precede a match."""
@@ -51,8 +65,8 @@ FORMATS: tuple[KeyFormat, ...] = (
     KeyFormat(re.compile(rb"sk_live_(?P<stripe_key>[A-Za-z0-9]{20,})"), (b"sk_live_",)),
     KeyFormat(re.compile(rb"rk_live_(?P<stripe_key>[A-Za-z0-9]{20,})"), (b"rk_live_",)),
     # A header alone may be documentation; require key material after it (JSON-escaped newlines too).
-    KeyFormat(re.compile(rb"-----BEGIN (?P<private_key>(?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----"
-                         rb"(?:\s|\\[rn])+(?:[A-Za-z\-]+: [^\r\n\\]*(?:\s|\\[rn])+){0,4}[A-Za-z0-9+/=]{40})"),
+    KeyFormat(re.compile(rb"-----BEGIN (?P<private_key>(?:[A-Z0-9]{1,32}+ ){0,3}PRIVATE KEY(?: BLOCK)?-----"
+                         + _PEM_GAP + rb"(?:" + _PEM_HEADER + _PEM_VALUE + _PEM_GAP + rb"){0,4}+" + _PEM_KEY + rb")"),
               (b"-----BEGIN ",), before="any"),
     # scheme://user:password@host with a non-empty password (the user may be empty: redis://:pw@host).
     KeyFormat(re.compile(rb"://(?P<connection_url>[^\s:/?#@\"'<>\\]*:([^\s/?#@\"'<>\\]+)@[A-Za-z0-9\[])"),
