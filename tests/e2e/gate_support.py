@@ -183,14 +183,15 @@ class GateWorld:
     _ledger_text: str | None = None  # the last `ledger show` output, while no request has been made since
 
     @classmethod
-    def start(cls, **gate_settings: float) -> GateWorld:
+    def start(cls, daemon_env: dict[str, str] | None = None, **gate_settings: float) -> GateWorld:
+        """`daemon_env`: more environment for the daemon alone (aegisctl does not get it)."""
         aegis = new_aegis()
         pki = make_pki(aegis.root / "pki")
         env = {"SSL_CERT_FILE": str(pki.ca_pem)}
         if gate_settings:
             env["AEGIS_CONFIG"] = str(write_config(aegis.root, **gate_settings))
         aegis.env.update(env)
-        aegis.start()
+        aegis.start(env=daemon_env)
         aegis.init()
         return cls(aegis, pki, secrets=[PASSPHRASE])
 

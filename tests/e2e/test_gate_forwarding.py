@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import base64
 import http.client
+import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qsl
 
 import pytest
 
+from aegisd.daemon import SHUTDOWN_GRACE_SECONDS
 from aegisd.gate.pipeline import WHOLE_ANSWER_MAX
 from aegisd.ledger import query_rows
 from tests.e2e.gate_support import (
@@ -327,15 +331,52 @@ def test_every_response_carries_its_request_id(std: Standard) -> None:
 # -- whole-daemon states: locked, draining -------------------------------------------------------
 
 
-@pytest.fixture
-def small() -> Iterator[GateWorld]:
-    """A fresh daemon with default settings, one upstream, and agent `bot` granted `bear`."""
-    world = GateWorld.start()
+def _small(daemon_env: dict[str, str] | None = None) -> Iterator[GateWorld]:
+    world = GateWorld.start(daemon_env)
     up = world.upstream()
     world.credential("bear", SECRETS["bear"], up.entry())
     world.agent("bot", "bear")
     yield world
     world.close()
+
+
+@pytest.fixture
+def small() -> Iterator[GateWorld]:
+    """A fresh daemon with default settings, one upstream, and agent `bot` granted `bear`."""
+    yield from _small()
+
+
+# The shutdown grace period is a constant in aegisd (no setting). The tests that wait it out run their
+# daemon with a shorter one, set by a test-only sitecustomize loaded through PYTHONPATH (as FAULT below is),
+# and check that the daemon did wait that long before cutting: the same code path, without ten idle seconds.
+SHORT_GRACE_SECONDS = 2.0
+SHORT_GRACE = f'''
+import os
+try:
+    import aegisd.daemon
+    assert isinstance(aegisd.daemon.SHUTDOWN_GRACE_SECONDS, float)
+    aegisd.daemon.SHUTDOWN_GRACE_SECONDS = {SHORT_GRACE_SECONDS!r}
+except Exception as exc:  # the constant moved: fail the start loudly, not run with the long grace
+    print("short-grace sitecustomize failed:", repr(exc), flush=True)
+    os._exit(70)
+'''
+
+
+@pytest.fixture
+def short_grace(tmp_path: Path) -> Iterator[GateWorld]:
+    """As `small`, with a shutdown grace period of SHORT_GRACE_SECONDS."""
+    (tmp_path / "sitecustomize.py").write_text(SHORT_GRACE)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    yield from _small({"PYTHONPATH": path})
+
+
+def _stop_after_the_grace(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM; aegisd exits 0 once the (short) grace period has run out, not before and not at the default."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    waited = time.monotonic() - started
+    assert SHORT_GRACE_SECONDS <= waited < SHUTDOWN_GRACE_SECONDS, waited
 
 
 def test_locked_vault_refuses_and_forwards_nothing(small: GateWorld) -> None:
@@ -405,9 +446,9 @@ def test_sigterm_drains_in_flight_requests(small: GateWorld) -> None:
     world.aegis.assert_no_leaks([*world.secrets, token], extra_text=world.received)
 
 
-def test_sigterm_records_a_request_cut_when_the_grace_period_ends(small: GateWorld) -> None:
+def test_sigterm_records_a_request_cut_when_the_grace_period_ends(short_grace: GateWorld) -> None:
     """A stream still open when the grace period ends is cut, and its ledger row says so."""
-    world, up = small, small.upstreams[0]
+    world, up = short_grace, short_grace.upstreams[0]
     token = world.tokens["bot"]
     sock = socket.create_connection(("127.0.0.1", world.port), timeout=30)
     sock.sendall(f"GET /bear/sse?gate=never HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {token}\r\n\r\n".encode())
@@ -415,9 +456,7 @@ def test_sigterm_records_a_request_cut_when_the_grace_period_ends(small: GateWor
     request_id = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
                       if line.lower().startswith(b"x-aegis-request-id:"))
     assert world.aegis.proc is not None
-    proc = world.aegis.proc
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0  # after the 10 s grace
+    _stop_after_the_grace(world.aegis.proc)
     world.aegis.proc = None
     sock.close()
     rows = query_rows(world.aegis.data_dir / "ledger.db", limit=1000)
@@ -485,10 +524,10 @@ def test_expect_100_continue_is_answered_once_the_checks_pass(std: Standard) -> 
     world.assert_no_leaks()
 
 
-def test_sigterm_cuts_a_request_still_reading_its_body_as_refused(small: GateWorld) -> None:
+def test_sigterm_cuts_a_request_still_reading_its_body_as_refused(short_grace: GateWorld) -> None:
     """A request whose body has not all arrived when the grace period ends never reached the upstream:
     its row says denied, not allowed, and the agent gets no answer at all."""
-    world, up = small, small.upstreams[0]
+    world, up = short_grace, short_grace.upstreams[0]
     token = world.tokens["bot"]
     sock = socket.create_connection(("127.0.0.1", world.port), timeout=30)
     # Body inspection is on: the gate reads the whole body before it forwards anything. Its 100 Continue
@@ -498,9 +537,7 @@ def test_sigterm_cuts_a_request_still_reading_its_body_as_refused(small: GateWor
     assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 100 ")
     sock.sendall(b"ten bytes.")
     assert world.aegis.proc is not None
-    proc = world.aegis.proc
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0  # after the 10 s grace
+    _stop_after_the_grace(world.aegis.proc)
     world.aegis.proc = None
     assert sock.recv(65536) == b""  # cut: no answer at all
     sock.close()
