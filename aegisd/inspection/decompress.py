@@ -95,7 +95,9 @@ class StreamDecoder:
                 piece = decoder.decompress(data, STEP)
                 if piece:
                     yield piece
-                while decoder.unconsumed_tail:
+                # At the end of a member or stream reached on the tail, CPython leaves what follows in both
+                # unused_data and unconsumed_tail, and decodes nothing more from it: test eof, or loop forever.
+                while decoder.unconsumed_tail and not decoder.eof:
                     piece = decoder.decompress(decoder.unconsumed_tail, STEP)
                     if piece:
                         yield piece

@@ -7,11 +7,12 @@ bodies (`decompress_capped`), so no member hides behind it."""
 from __future__ import annotations
 
 import gzip
+import threading
 import zlib
 
 import pytest
 
-from aegisd.inspection.decompress import DecodeError, StreamDecoder, decompress_capped
+from aegisd.inspection.decompress import STEP, DecodeError, StreamDecoder, decompress_capped
 
 PLAIN = b"".join(b"data: {\"n\": %d, \"text\": \"event %d of the stream\"}\n\n" % (i, i * i) for i in range(12))
 FIRST, SECOND = PLAIN[:200], PLAIN[200:]
@@ -88,3 +89,32 @@ def test_a_request_body_decodes_every_member_past_zero_padding() -> None:
     assert decompress_capped(body + b"\0\0", "gzip", 1 << 20) == b"hello " + hidden
     # Bytes that are no member are still inspected as they are.
     assert decompress_capped(gzip.compress(b"hello ") + b"\0\0plain", "gzip", 1 << 20) == b"hello plain"
+
+
+@pytest.mark.parametrize(("encoding", "body", "valid"), [
+    ("gzip", gzip.compress(bytes(STEP * 3 + 5)) + gzip.compress(b"second member"), True),
+    ("gzip", gzip.compress(bytes(STEP * 2)) + b"\0\0" + gzip.compress(b"second member"), True),
+    ("gzip", gzip.compress(bytes(STEP * 2)) + b"not a member", False),
+    ("deflate", zlib.compress(bytes(STEP * 2)) + b"after the end", False),
+])
+def test_a_member_ending_past_the_first_step_of_a_chunk_does_not_hang(encoding: str, body: bytes,
+                                                                       valid: bool) -> None:
+    """A member (or stream) that ends while the rest of a chunk waits as zlib's unconsumed tail: CPython
+    leaves that tail in place at the end, and a decoder testing only the tail spun on it for ever, with the
+    event loop, whatever came next."""
+    outcome: list[bytes | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(decode(encoding, [body]))
+        except DecodeError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the decoder did not return"
+    if valid:
+        assert outcome == [gzip.decompress(body)]
+    else:
+        assert isinstance(outcome[0], DecodeError)
