@@ -21,7 +21,8 @@ from aegisctl import __version__
 
 REQUEST_ID_HEADER = "X-Aegis-Request-Id"
 OPERATOR_BODY_LIMIT = 1024 * 1024  # /_aegis answers are small; anything bigger is not the gate
-TIMEOUT = aiohttp.ClientTimeout(total=900, sock_connect=10)  # the gate's own upstream timeouts fire first
+PROXY_TOTAL = 900.0  # a backstop for a whole proxied call; the read timeout catches a stalled gate long before
+CONNECT = 10.0  # the gate is on loopback: a connection that takes this long will not come
 
 
 class BridgeError(Exception):
@@ -58,16 +59,25 @@ class GateResponse:
 
 
 class GateClient:
-    """One pooled aiohttp session to the gate, carrying this agent's token on every request."""
+    """One pooled aiohttp session to the gate, carrying this agent's token on every request.
 
-    def __init__(self, base_url: str, token: str) -> None:
+    A /_aegis answer must come whole within `gate_timeout` seconds; a proxied call may wait at most
+    `read_timeout` seconds for each read (the gate's own upstream timeouts are shorter), so a stalled
+    gate is a prompt `gate_timeout` error, never a tool call that hangs.
+    """
+
+    def __init__(self, base_url: str, token: str, gate_timeout: float = 10.0, read_timeout: float = 150.0) -> None:
         self.base_url = base_url
         self._token = token
+        self._operator_timeout = aiohttp.ClientTimeout(total=gate_timeout, sock_connect=min(CONNECT, gate_timeout))
+        self._proxy_timeout = aiohttp.ClientTimeout(total=PROXY_TOTAL, sock_connect=min(CONNECT, read_timeout),
+                                                    sock_read=read_timeout)
+        self._operator_limit = f"{gate_timeout:g} s (AEGIS_MCP_GATE_TIMEOUT)"
+        self._proxy_limit = f"{read_timeout:g} s between reads (AEGIS_MCP_READ_TIMEOUT), or {PROXY_TOTAL:g} s in all"
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> GateClient:
-        self._session = aiohttp.ClientSession(
-            timeout=TIMEOUT, headers={"User-Agent": f"aegisctl-mcp/{__version__}"})
+        self._session = aiohttp.ClientSession(headers={"User-Agent": f"aegisctl-mcp/{__version__}"})
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
@@ -78,11 +88,16 @@ class GateClient:
     async def request(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                       limit: int) -> GateResponse:
         """Send one request; read at most `limit` bytes of the answer (`truncated` says if there was more)."""
+        return await self._request(method, target, headers, body, limit, self._proxy_timeout, self._proxy_limit)
+
+    async def _request(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
+                       limit: int, timeout: aiohttp.ClientTimeout, waited: str) -> GateResponse:
         assert self._session is not None, "use GateClient as an async context manager"
         sent = {**headers, "X-Aegis-Agent": self._token}
         url = URL(self.base_url + target, encoded=True)
         try:
-            async with self._session.request(method, url, headers=sent, data=body, allow_redirects=False) as resp:
+            async with self._session.request(method, url, headers=sent, data=body, allow_redirects=False,
+                                             timeout=timeout) as resp:
                 data, truncated = await _read(resp, limit)
                 reply = GateResponse(resp.status, resp.headers, data, truncated, resp.charset,
                                      resp.content_type, resp.headers.get(REQUEST_ID_HEADER, ""))
@@ -90,7 +105,9 @@ class GateClient:
             raise BridgeError("gate_unreachable", f"cannot reach the Aegis gate at {self.base_url} "
                               f"({exc.strerror or type(exc).__name__}); is aegisd running?") from None
         except TimeoutError:
-            raise BridgeError("gate_timeout", "the Aegis gate did not answer in time") from None
+            raise BridgeError("gate_timeout", f"the Aegis gate at {self.base_url} did not answer within "
+                              f"{waited}; it may be stalled: check aegisd (`aegisctl status`, "
+                              "its log)") from None
         except aiohttp.ClientPayloadError:
             raise BridgeError("response_incomplete", "the response was cut off before its end (the upstream "
                               "failed mid-body, or the gate could not record it in the audit ledger)") from None
@@ -105,7 +122,8 @@ class GateClient:
 
     async def operator(self, endpoint: str) -> GateResponse:
         """GET one of the gate's own endpoints (`/_aegis/...`): a refusal, or its JSON object in `document`."""
-        reply = await self.request("GET", f"/_aegis/{endpoint}", {}, None, OPERATOR_BODY_LIMIT)
+        reply = await self._request("GET", f"/_aegis/{endpoint}", {}, None, OPERATOR_BODY_LIMIT,
+                                    self._operator_timeout, self._operator_limit)
         if reply.refusal is not None:
             return reply
         try:

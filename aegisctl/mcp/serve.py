@@ -31,7 +31,7 @@ def run(settings: BridgeSettings, listen: tuple[str, int] | None) -> None:
 
 
 async def _main(settings: BridgeSettings, listen: tuple[str, int] | None) -> None:
-    async with GateClient(settings.gate_url, settings.token) as gate:
+    async with GateClient(settings.gate_url, settings.token, settings.timeouts.gate, settings.timeouts.read) as gate:
         agent = await check_agent(gate)
         # The MCP SDK loads only now: a bridge that refuses to start answers without that second.
         from aegisctl.mcp import transports

@@ -21,6 +21,11 @@ from urllib.parse import urlsplit
 from aegisctl.paths import PathError, read_config
 
 DEFAULT_GATE_LISTEN = "127.0.0.1:3100"
+GATE_TIMEOUT = 10.0  # seconds for one of the gate's own /_aegis answers, which need no upstream
+# aegisd's defaults for [gate] connect_timeout and read_timeout: the gate can be silent that long before
+# an upstream's answer starts, and read_timeout between two of its reads; MARGIN covers the rest.
+GATE_CONNECT_TIMEOUT, GATE_READ_TIMEOUT, MARGIN = 10.0, 120.0, 20.0
+MAX_TIMEOUT = 86400.0
 TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{1,512}\Z")  # what one HTTP header value can carry verbatim
 LOOPBACK_LISTEN = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1", "[::1]": "::1"}
 
@@ -36,18 +41,53 @@ class SettingsError(Exception):
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """How long the bridge waits for the gate: `gate` for a whole /_aegis answer, `read` between two
+    reads of a proxied call (the gate's own upstream timeouts fire first, so this is a stalled gate)."""
+
+    gate: float = GATE_TIMEOUT
+    read: float = GATE_CONNECT_TIMEOUT + GATE_READ_TIMEOUT + MARGIN
+
+
+@dataclass(frozen=True)
 class BridgeSettings:
     gate_url: str
     token: str
+    timeouts: Timeouts = Timeouts()
 
     def __repr__(self) -> str:  # never show the token, even in a traceback or a debugger
-        return f"BridgeSettings(gate_url={self.gate_url!r}, token=<hidden>)"
+        return f"BridgeSettings(gate_url={self.gate_url!r}, token=<hidden>, timeouts={self.timeouts!r})"
 
 
 def load(token_file: Path | None, gate_url_flag: str | None, env: Mapping[str, str] | None = None,
          config_path: str | None = None) -> BridgeSettings:
     env = os.environ if env is None else env
-    return BridgeSettings(gate_url(gate_url_flag, env, config_path), agent_token(token_file, env))
+    return BridgeSettings(gate_url(gate_url_flag, env, config_path), agent_token(token_file, env),
+                          timeouts(env, config_path))
+
+
+def timeouts(env: Mapping[str, str], config_path: str | None = None) -> Timeouts:
+    """AEGIS_MCP_GATE_TIMEOUT, else 10 s; AEGIS_MCP_READ_TIMEOUT, else the gate's connect_timeout +
+    read_timeout (from [gate] in AEGIS_CONFIG's file, else aegisd's defaults) + 20 s."""
+    try:
+        gate = _gate_section(config_path or env.get("AEGIS_CONFIG"))
+    except SettingsError:
+        gate = {}  # only defaults come from it here; gate_url says what is wrong with the file when it needs it
+    connect = _seconds(gate.get("connect_timeout", GATE_CONNECT_TIMEOUT), "[gate] connect_timeout")
+    read = _seconds(gate.get("read_timeout", GATE_READ_TIMEOUT), "[gate] read_timeout")
+    return Timeouts(_seconds(env.get("AEGIS_MCP_GATE_TIMEOUT") or GATE_TIMEOUT, "AEGIS_MCP_GATE_TIMEOUT"),
+                    _seconds(env.get("AEGIS_MCP_READ_TIMEOUT") or connect + read + MARGIN, "AEGIS_MCP_READ_TIMEOUT"))
+
+
+def _seconds(value: object, name: str) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = 0.0
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise SettingsError(f"{name} = {value!r} is not a number of seconds between 0 and {MAX_TIMEOUT:.0f}",
+                            f"set {name} to e.g. 30", usage=True)
+    return seconds
 
 
 def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None = None) -> str:
@@ -107,12 +147,16 @@ def gate_url_is_default(flag: str | None, env: Mapping[str, str], config_path: s
 
 
 def _configured_listen(config_path: str | None) -> str | None:
+    listen = _gate_section(config_path).get("listen")
+    return str(listen) if listen else None
+
+
+def _gate_section(config_path: str | None) -> dict[str, object]:
     try:
         gate = read_config(config_path).get("gate")
     except PathError as exc:
         raise SettingsError(str(exc), "fix AEGIS_CONFIG, or set AEGIS_GATE_URL", usage=True) from None
-    listen = gate.get("listen") if isinstance(gate, dict) else None
-    return str(listen) if listen else None
+    return gate if isinstance(gate, dict) else {}
 
 
 def agent_token(token_file: Path | None, env: Mapping[str, str]) -> str:

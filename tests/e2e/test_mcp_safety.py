@@ -7,15 +7,20 @@ One real aegisd serves every test here, each with its own agent and credential.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
+from aiohttp import web
+from mcp.client.stdio import StdioServerParameters
 
 from tests.e2e.gate_support import GateWorld, ScriptedUpstream, untouched
 from tests.e2e.mcp_support import Bridge, bridge_env, error_of, text_of, value_of, write_token_file
@@ -169,3 +174,81 @@ def test_the_token_goes_only_to_a_loopback_gate(world: GateWorld) -> None:
     everywhere = world.aegis.ctl("mcp", "config", "cursor", env={"AEGIS_GATE_LISTEN": "0.0.0.0:3100"}).ok()
     assert json.loads(everywhere.out)["mcpServers"]["aegis"]["env"]["AEGIS_GATE_URL"] == "http://127.0.0.1:3100"
     world.assert_no_leaks()
+
+
+@asynccontextmanager
+async def stalled_gate(answer_services: bool = True) -> AsyncIterator[str]:
+    """A fake gate on loopback that accepts every request and never answers, except (if asked) the bridge's
+    start-up check, its first request; /partial sends a head and part of a body, then stalls."""
+    stall = asyncio.Event()
+    checks = [answer_services]
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path == "/_aegis/services" and checks and checks.pop():
+            return web.json_response({"agent": "slow", "services": []}, headers={"X-Aegis-Request-Id": "r1"})
+        if request.path.endswith("/partial"):
+            response = web.StreamResponse(headers={"Content-Length": "100", "X-Aegis-Request-Id": "r2"})
+            await response.prepare(request)
+            await response.write(b"0123456789")
+            await stall.wait()
+            return response
+        await stall.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        stall.set()
+        await runner.cleanup()
+
+
+QUICK = {"AEGIS_MCP_GATE_TIMEOUT": "1", "AEGIS_MCP_READ_TIMEOUT": "1.5"}
+
+
+def test_a_stalled_gate_is_a_prompt_gate_timeout(world: GateWorld) -> None:
+    """Every tool, aegis_health included, answers gate_timeout within its limit instead of hanging."""
+    token_file = write_token_file(world.aegis.root / "slow.token", "aegis_" + "S" * 43)
+    bridge = Bridge("", token_file, world.aegis.root / "slow.err")
+
+    async def scenario() -> list[tuple[Any, float]]:
+        async with stalled_gate() as url:
+            params = StdioServerParameters(command=AEGISCTL, args=["mcp", "serve", "--token-file", str(token_file)],
+                                           env={**bridge_env(url), **QUICK})
+            async with bridge.stdio(params) as session:
+                timed = []
+                for tool, arguments in (("aegis_health", {}), ("aegis_list_services", {}),
+                                        ("aegis_proxy_request", dict(service="api", path="/x")),
+                                        ("aegis_proxy_request", dict(service="api", path="/partial"))):
+                    started = time.monotonic()
+                    with anyio.fail_after(10):
+                        result = await bridge.call(session, tool, **arguments)
+                    timed.append((result, time.monotonic() - started))
+                return timed
+
+    timed = anyio.run(scenario)
+    messages = [error_of(result, "gate_timeout")["message"] for result, _ in timed]
+    assert all(seconds < 5 for _, seconds in timed), timed
+    assert "within 1 s (AEGIS_MCP_GATE_TIMEOUT)" in messages[0] and "AEGIS_MCP_GATE_TIMEOUT" in messages[1]
+    assert all("within 1.5 s between reads (AEGIS_MCP_READ_TIMEOUT)" in m for m in messages[2:]), messages
+
+
+def test_a_stalled_gate_stops_the_bridge_at_start(world: GateWorld) -> None:
+    token_file = write_token_file(world.aegis.root / "slow.token", "aegis_" + "S" * 43)
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], float]:
+        async with stalled_gate(answer_services=False) as url:
+            started = time.monotonic()
+            result = await anyio.to_thread.run_sync(lambda: subprocess.run(
+                [AEGISCTL, "mcp", "serve", "--token-file", str(token_file)], env={**bridge_env(url), **QUICK},
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20, check=False))
+            return result, time.monotonic() - started
+
+    result, seconds = anyio.run(scenario)
+    assert result.returncode == 1 and seconds < 8, (seconds, result.stderr)
+    assert "did not answer within 1 s (AEGIS_MCP_GATE_TIMEOUT)" in result.stderr and result.stdout == ""

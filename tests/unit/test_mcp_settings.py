@@ -1,0 +1,27 @@
+"""The MCP bridge's settings: how long it waits for the gate, and which gate it will talk to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aegisctl.mcp.settings import SettingsError, Timeouts, timeouts
+
+
+def test_the_read_timeout_follows_the_gates_own_timeouts(tmp_path: Path) -> None:
+    assert timeouts({}) == Timeouts(gate=10.0, read=150.0)  # aegisd's defaults: 10 + 120, plus 20
+    config = tmp_path / "aegisd.toml"
+    config.write_text("[gate]\nread_timeout = 300\nconnect_timeout = 5\n")
+    assert timeouts({"AEGIS_CONFIG": str(config)}) == Timeouts(gate=10.0, read=325.0)
+    assert timeouts({}, str(config)).read == 325.0
+    chosen = {"AEGIS_CONFIG": str(config), "AEGIS_MCP_GATE_TIMEOUT": "2.5", "AEGIS_MCP_READ_TIMEOUT": "40"}
+    assert timeouts(chosen) == Timeouts(gate=2.5, read=40.0)
+    assert timeouts({"AEGIS_CONFIG": str(tmp_path / "missing.toml")}) == Timeouts()  # gate_url reports the file
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "1e9"])
+def test_a_timeout_that_is_no_duration_is_refused_by_name(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        timeouts({"AEGIS_MCP_READ_TIMEOUT": value})
+    assert "AEGIS_MCP_READ_TIMEOUT" in caught.value.message and caught.value.usage
