@@ -89,8 +89,9 @@ def serve(ctx: click.Context, transport: str, listen: str | None, token_file: Pa
 def config(ctx: click.Context, host: str, agent: str | None, token_file: Path | None, gate_url: str | None) -> None:
     """Print the bridge's entry in HOST's own MCP configuration format.
 
-    With --token-file the snippet holds only that path; otherwise a placeholder for the token
-    (VS Code: a password prompt). Where to put it is printed on stderr.
+    With --token-file the snippet holds only that path; otherwise a placeholder you replace with
+    the token itself, so the host's config then holds it (VS Code: a password prompt instead).
+    Where to put it is printed on stderr.
     """
     if agent is not None and not AGENT_NAME.match(agent):
         raise click.BadParameter("1-64 characters of a-z, 0-9, '.', '_' or '-'", param_hint="--agent")
@@ -101,12 +102,14 @@ def config(ctx: click.Context, host: str, agent: str | None, token_file: Path | 
     absolute = token_file.expanduser().absolute() if token_file is not None else None
     bridge = host_config.Bridge(host_config.aegisctl_executable(), url, str(absolute) if absolute else None, agent)
     click.echo(host_config.render(host, bridge))
-    click.echo(f"aegisctl: {host_config.WHERE[host]}", err=True)
+    click.echo(f"aegisctl: {host_config.where(host, bridge)}", err=True)
     if settings.gate_url_is_default(gate_url, os.environ, ctx.find_root().params.get("config")):
         click.echo(f"aegisctl: the gate is assumed at {url}, the default; if aegisd listens elsewhere "
                    "(`aegisctl status` shows where), pass --gate-url", err=True)
     if absolute is None:
-        click.echo("aegisctl: tip: --token-file PATH keeps the token out of the host's config file.", err=True)
+        if host != "vscode":
+            click.echo("aegisctl: note: without --token-file this host's config will hold the agent token itself; "
+                       "--token-file PATH keeps only the file's path there.", err=True)
         return
     try:
         settings.check_token_file(absolute)

@@ -1,8 +1,10 @@
 """`aegisctl mcp config HOST`: the bridge's entry in each AI host's own configuration format.
 
-The snippet names the absolute path of this aegisctl, `mcp serve`, and the gate URL. The token is
-referenced, never embedded: a `--token-file` path (preferred), VS Code's password prompt, or a
-placeholder the user replaces. Nothing else in it is secret.
+The snippet names the absolute path of this aegisctl, `mcp serve`, and the gate URL. With
+`--token-file` (preferred) it holds only that path, and VS Code's entry asks for the token with a
+password prompt; otherwise it holds a placeholder the user replaces with the token itself, so that
+host config then holds the token and must never be a file shared with a repository: the hints say
+where to put it accordingly. Nothing else in it is secret.
 """
 
 from __future__ import annotations
@@ -22,12 +24,30 @@ WHERE = {
     "claude": "Claude Desktop: merge into claude_desktop_config.json (Settings > Developer > Edit Config; macOS "
               "~/Library/Application Support/Claude/, Windows %APPDATA%\\Claude\\), then restart Claude Desktop.",
     "claude-code": "Claude Code: run this command (add --scope user for every project, or --scope project to "
-                   "share it in .mcp.json), then check it with `claude mcp list`.",
+                   "share it in .mcp.json: it holds only the token file's path), then check it with `claude mcp list`.",
     "cursor": "Cursor: merge into .cursor/mcp.json in the project, or ~/.cursor/mcp.json for every project.",
     "vscode": "VS Code: merge into .vscode/mcp.json in the workspace (or run `MCP: Open User Configuration`).",
     "cline": "Cline: merge into cline_mcp_settings.json (MCP Servers > Configure > Configure MCP Servers).",
     "windsurf": "Windsurf: merge into ~/.codeium/windsurf/mcp_config.json (Settings > Cascade > MCP servers).",
 }
+# Without --token-file the entry will hold the token itself: never a project's file, shared with a repository.
+PASTE = "replace the placeholder with the token and "
+WHERE_WITH_TOKEN = {
+    "claude": f"Claude Desktop: {PASTE}{WHERE['claude'].removeprefix('Claude Desktop: ')}",
+    "claude-code": f"Claude Code: {PASTE}run this command (it then sits in your shell history too; add --scope user "
+                   "for every project, never --scope project, whose .mcp.json would hold the token), then check it "
+                   "with `claude mcp list`.",
+    "cursor": f"Cursor: {PASTE}merge into ~/.cursor/mcp.json, never a project's .cursor/mcp.json, which would hold "
+              "the token.",
+    "vscode": WHERE["vscode"],  # the entry asks for the token; VS Code keeps it in its secret storage
+    "cline": f"Cline: {PASTE}{WHERE['cline'].removeprefix('Cline: ')}",
+    "windsurf": f"Windsurf: {PASTE}{WHERE['windsurf'].removeprefix('Windsurf: ')}",
+}
+
+
+def where(host: str, bridge: Bridge) -> str:
+    """Where the snippet goes, and, without a token file, what the file will then hold."""
+    return (WHERE if bridge.token_file else WHERE_WITH_TOKEN)[host]
 
 
 @dataclass(frozen=True)

@@ -252,3 +252,24 @@ def test_a_stalled_gate_stops_the_bridge_at_start(world: GateWorld) -> None:
     result, seconds = anyio.run(scenario)
     assert result.returncode == 1 and seconds < 8, (seconds, result.stderr)
     assert "did not answer within 1 s (AEGIS_MCP_GATE_TIMEOUT)" in result.stderr and result.stdout == ""
+
+
+def test_config_without_a_token_file_suggests_no_shared_project_file(world: GateWorld) -> None:
+    """Without --token-file the entry will hold the token once pasted: no hint may point at a project's shared
+    file (Claude Code's --scope project, a project's .cursor/mcp.json), and stderr says what the file will hold."""
+    token_file = write_token_file(world.aegis.root / "cfg.token", "aegis_" + "C" * 43)
+    for host in ("claude", "claude-code", "cursor", "cline", "windsurf"):
+        printed = world.aegis.ctl("mcp", "config", host, "--agent", "cfg").ok()
+        assert "<paste the token from `aegisctl agent add cfg`>" in printed.out
+        shared = [hint for hint in ("to share it", "in the project", "--scope project to") if hint in printed.err]
+        assert shared == [], (host, printed.err)
+        assert "will hold the agent token itself" in printed.err and "--token-file" in printed.err, printed.err
+    assert "never --scope project" in world.aegis.ctl("mcp", "config", "claude-code").ok().err
+    # With a token file the entry holds only a path: a project's file is fine, and said to be.
+    with_file = world.aegis.ctl("mcp", "config", "claude-code", "--token-file", str(token_file)).ok()
+    assert "--scope project to share it in .mcp.json" in with_file.err and "hold the agent token" not in with_file.err
+    cursor = world.aegis.ctl("mcp", "config", "cursor", "--token-file", str(token_file)).ok()
+    assert ".cursor/mcp.json in the project" in cursor.err
+    # VS Code asks for the token and stores it itself: its workspace file never holds it.
+    vscode = world.aegis.ctl("mcp", "config", "vscode").ok()
+    assert "${input:aegis-agent-token}" in vscode.out and "hold the agent token" not in vscode.err
