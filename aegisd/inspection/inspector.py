@@ -33,12 +33,18 @@ class SecretSource:
     values: tuple[bytes, ...]
 
 
+def _decoded(values: tuple[bytes, ...]) -> list[bytes]:
+    """Each value and its decoded views: a secret that itself holds `%41` is searched for with `A` there too,
+    for a request that escapes some of its other characters shows it decoded, `%41` and all."""
+    return [view for value in values for view in views(value)]
+
+
 class Inspector:
     """Scans outbound data for any vault secret or key format; hands out per-credential redactions."""
 
     def __init__(self, sources: Iterable[SecretSource]) -> None:
         self._values = {s.credential_id: s.values for s in sources}
-        self._vault = LiteralSearch(form for values in self._values.values() for form in search_forms(values))
+        self._vault = LiteralSearch(form for values in self._values.values() for form in search_forms(_decoded(values)))
         self._redactions: dict[str, Redaction | None] = {}
 
     @property
@@ -59,10 +65,11 @@ class Inspector:
         """What `scan` finds in each named part, for the parts where it finds anything, in one pass over
         them all while they are clean (a request without secrets).
 
-        Decoding is local and never removes a `%` or an escape, so each view of a part lies, between
-        two separators, inside a view of the joined parts; as nothing matches across a separator,
-        whatever a part's own scan finds the joined scan finds too, and a clean whole proves every
-        part clean. Otherwise each part is scanned alone, so that callers can say where (the joined
+        Decoding is local (no escape holds a separator byte), so a layer of the joined parts is that
+        layer of each part, joined, and the joined parts have each layer that any part has: each view
+        of a part lies, between two separators, inside a view of the joined parts. As nothing matches
+        across a separator, whatever a part's own scan finds the joined scan finds too, and a clean
+        whole proves every part clean. Otherwise each part is scanned alone, so that callers can say where (the joined
         scan may also have found a secret spread over two parts, which no part holds).
         """
         if not self.scan(PART_SEPARATOR.join(parts.values())):
