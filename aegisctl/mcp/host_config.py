@@ -45,6 +45,66 @@ WHERE_WITH_TOKEN = {
 }
 
 
+# --transport http: hosts that connect to a bridge already running. Claude Desktop takes remote servers only as
+# connectors in its settings, so it gets its stdio entry only.
+HTTP_HOSTS = ("claude-code", "cursor", "vscode", "cline", "windsurf")
+VSCODE_BEARER_INPUT = "aegis-mcp-bearer"
+KEEP_PRIVATE = ("the entry holds the bridge's MCP bearer, which opens this bridge (never the gate) while it runs: "
+                "keep that file private, and out of any repository")
+WHERE_HTTP = {
+    "claude-code": "Claude Code: run this command; the shell reads the bearer from its file, and Claude Code keeps it "
+                   "in its config (add --scope user for every project, never --scope project: .mcp.json would hold "
+                   "the bearer). Check it with `claude mcp list`.",
+    "cursor": f"Cursor: merge into ~/.cursor/mcp.json; {KEEP_PRIVATE}.",
+    "vscode": "VS Code: merge into .vscode/mcp.json (or `MCP: Open User Configuration`); VS Code asks once for the "
+              "bearer, the one line of the bearer file, and keeps it in its secret storage.",
+    "cline": f"Cline: merge into cline_mcp_settings.json (MCP Servers > Configure > Configure MCP Servers); "
+             f"{KEEP_PRIVATE}.",
+    "windsurf": f"Windsurf: merge into ~/.codeium/windsurf/mcp_config.json; {KEEP_PRIVATE}.",
+}
+
+
+@dataclass(frozen=True)
+class HttpEntry:
+    """How a host reaches a bridge running with --transport http."""
+
+    server_name: str
+    url: str
+    bearer: str
+    bearer_file: str
+
+    def __repr__(self) -> str:
+        return f"HttpEntry(server_name={self.server_name!r}, url={self.url!r}, bearer=<hidden>)"
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/mcp"
+
+
+def render_http(host: str, entry: HttpEntry) -> str:
+    """The entry for a host connecting over streamable HTTP, with the bridge's own bearer (never the agent token)."""
+    header = {"Authorization": f"Bearer {entry.bearer}"}
+    if host == "claude-code":
+        words = ["claude", "mcp", "add", "--transport", "http", entry.server_name, entry.url]
+        # The shell reads the file: the bearer is not printed, nor kept in the shell's history.
+        return (" ".join(shlex.quote(word) for word in words)
+                + f' --header "Authorization: Bearer $(cat {shlex.quote(entry.bearer_file)})"')
+    if host == "vscode":
+        doc = {"servers": {entry.server_name: {"type": "http", "url": entry.url, "headers": {
+                   "Authorization": "Bearer ${input:" + VSCODE_BEARER_INPUT + "}"}}},
+               "inputs": [{"type": "promptString", "id": VSCODE_BEARER_INPUT, "password": True,
+                           "description": f"Aegis MCP bridge bearer (the line in {entry.bearer_file})"}]}
+        return json.dumps(doc, indent=2)
+    if host == "cline":
+        server: dict[str, Any] = {"type": "streamableHttp", "url": entry.url, "headers": header,
+                                  "disabled": False, "autoApprove": []}
+    elif host == "windsurf":
+        server = {"serverUrl": entry.url, "headers": header}
+    else:
+        server = {"url": entry.url, "headers": header}
+    return json.dumps({"mcpServers": {entry.server_name: server}}, indent=2)
+
+
 def where(host: str, bridge: Bridge) -> str:
     """Where the snippet goes, and, without a token file, what the file will then hold."""
     return (WHERE if bridge.token_file else WHERE_WITH_TOKEN)[host]

@@ -13,7 +13,7 @@ import sys
 import anyio
 
 from aegisctl.mcp.gate_client import BridgeError, GateClient
-from aegisctl.mcp.settings import BridgeSettings
+from aegisctl.mcp.settings import BridgeSettings, HttpListen
 
 
 class StartupError(Exception):
@@ -25,12 +25,12 @@ class StartupError(Exception):
         self.hint = hint
 
 
-def run(settings: BridgeSettings, listen: tuple[str, int] | None) -> None:
+def run(settings: BridgeSettings, listen: HttpListen | None) -> None:
     """Serve until the host closes stdin (stdio) or the process is signalled (HTTP)."""
     anyio.run(_main, settings, listen)
 
 
-async def _main(settings: BridgeSettings, listen: tuple[str, int] | None) -> None:
+async def _main(settings: BridgeSettings, listen: HttpListen | None) -> None:
     async with GateClient(settings.gate_url, settings.token, settings.timeouts.gate, settings.timeouts.read) as gate:
         agent = await check_agent(gate)
         # The MCP SDK loads only now: a bridge that refuses to start answers without that second.
@@ -41,12 +41,16 @@ async def _main(settings: BridgeSettings, listen: tuple[str, int] | None) -> Non
             await transports.serve_stdio(gate)
             return
 
+        if listen.created:
+            say(f"created this bridge's MCP bearer in {listen.bearer_file} (kept for later starts); "
+                "`aegisctl mcp config HOST --transport http` prints a host's entry with it")
+
         def ready(url: str) -> None:
             say(f"serving agent {agent} at {url} (gate {settings.gate_url}); clients must send "
-                "Authorization: Bearer <agent token>")
+                f"Authorization: Bearer <the MCP bearer in {listen.bearer_file}>, never the agent token")
 
         try:
-            await transports.serve_http(gate, settings.token, *listen, ready)
+            await transports.serve_http(gate, listen.bearer, listen.host, listen.port, ready)
         except transports.ListenError as exc:
             raise StartupError(str(exc), "choose another --listen port") from None
 

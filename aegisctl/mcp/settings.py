@@ -5,13 +5,21 @@ file that group or others may read is refused, as ssh refuses such a key: anyone
 it can act as this agent. The gate URL comes from `--gate-url`, `AEGIS_GATE_URL`, then
 `http://` + the gate's listen address (`AEGIS_GATE_LISTEN`, aegisd's config file, 127.0.0.1:3100).
 The gate must be on loopback: the token goes to it with every call.
+
+The HTTP transport authenticates its caller with a bearer of its own, never the agent token: a
+random `aegis-mcp_...` secret kept in a 0600 file beside the token file (or `--bearer-file`),
+created on first use and kept, so a host's configuration stays valid across restarts. The gate
+accepts no such bearer, so whoever receives it (a process squatting the port while the bridge is
+down) gains nothing at the gate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
+import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +36,9 @@ GATE_CONNECT_TIMEOUT, GATE_READ_TIMEOUT, MARGIN = 10.0, 120.0, 20.0
 MAX_TIMEOUT = 86400.0
 TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{1,512}\Z")  # what one HTTP header value can carry verbatim
 LOOPBACK_LISTEN = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1", "[::1]": "::1"}
+BEARER_PREFIX = "aegis-mcp_"  # not the gate's "aegis_": the gate never takes it for an agent token
+BEARER = re.compile(r"^aegis-mcp_[A-Za-z0-9_-]{43,128}\Z")
+BEARER_SUFFIX = ".mcp-bearer"
 
 
 class SettingsError(Exception):
@@ -174,21 +185,21 @@ def agent_token(token_file: Path | None, env: Mapping[str, str]) -> str:
     return token
 
 
-def check_token_file(path: Path) -> os.stat_result:
-    """Refuse a missing, non-regular or group/other-accessible token file, with the fix."""
+def check_token_file(path: Path, what: str = "token file", reader: str = "can act as this agent") -> os.stat_result:
+    """Refuse a missing, non-regular or group/other-accessible token (or bearer) file, with the fix."""
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise SettingsError(f"the token file {path} does not exist",
+        raise SettingsError(f"the {what} {path} does not exist",
                             f"save a token there, private from the start: (umask 077; aegisctl agent add NAME > {path})"
                             ) from None
     except OSError as exc:
-        raise SettingsError(f"the token file {path} cannot be read: {exc.strerror}") from None
+        raise SettingsError(f"the {what} {path} cannot be read: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise SettingsError(f"the token file {path} is not a regular file")
+        raise SettingsError(f"the {what} {path} is not a regular file")
     if info.st_mode & 0o077:
-        raise SettingsError(f"the token file {path} is accessible by group or others (mode "
-                            f"{stat.S_IMODE(info.st_mode):04o}); anyone who reads it can act as this agent",
+        raise SettingsError(f"the {what} {path} is accessible by group or others (mode "
+                            f"{stat.S_IMODE(info.st_mode):04o}); anyone who reads it {reader}",
                             f"chmod 600 {path}")
     return info
 
@@ -217,3 +228,74 @@ def listen_address(value: str) -> tuple[str, int]:
         raise SettingsError(f"--listen {value!r}: the MCP bridge listens on loopback only (127.0.0.1, [::1] "
                             "or localhost); it serves a local AI host, never the network", usage=True)
     return bind, int(port_text)
+
+
+@dataclass(frozen=True)
+class HttpListen:
+    """The HTTP transport: where it listens, and the bearer its callers must send."""
+
+    host: str
+    port: int
+    bearer: str
+    bearer_file: Path
+    created: bool  # the bearer file was made just now
+
+    def __repr__(self) -> str:  # never show the bearer
+        return f"HttpListen(host={self.host!r}, port={self.port}, bearer=<hidden>, bearer_file={self.bearer_file})"
+
+
+def bearer_path(token_file: Path | None, bearer_file: Path | None) -> Path:
+    """`--bearer-file`, else the token file's path plus `.mcp-bearer`; with neither, a usage error."""
+    if bearer_file is not None:
+        return bearer_file.expanduser().absolute()
+    if token_file is not None:
+        token_file = token_file.expanduser().absolute()
+        return token_file.with_name(token_file.name + BEARER_SUFFIX)
+    raise SettingsError("the HTTP transport keeps its own bearer in a file, by default beside --token-file, and no "
+                        "token file was given", "pass --token-file PATH, or --bearer-file PATH", usage=True)
+
+
+def mcp_bearer(path: Path) -> tuple[str, bool]:
+    """The bearer kept in `path` and whether it was created now: made (0600, atomically) if missing."""
+    if not os.path.lexists(path):
+        try:
+            return _create_bearer(path), True
+        except FileExistsError:
+            pass  # another bridge or `mcp config` made it meanwhile: use theirs
+    return _read_bearer(path), False
+
+
+def _create_bearer(path: Path) -> str:
+    bearer = BEARER_PREFIX + secrets.token_urlsafe(32)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, (bearer + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(partial, path)  # whole or not at all, and never over a file that appeared meanwhile
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise SettingsError(f"cannot create the MCP bearer file {path}: {exc.strerror}",
+                            "create its directory, or choose another place with --bearer-file PATH") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+    return bearer
+
+
+def _read_bearer(path: Path) -> str:
+    check_token_file(path, "MCP bearer file", "can use this bridge while it runs")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise SettingsError(f"the MCP bearer file {path} cannot be read: {reason}") from None
+    if len(lines) != 1 or not BEARER.match(lines[0]):
+        raise SettingsError(f"the MCP bearer file {path} does not hold one {BEARER_PREFIX}... bearer",
+                            "remove it and a new one is made (then give the host the new one: aegisctl mcp config "
+                            "HOST --transport http ...)")
+    return lines[0]

@@ -1,7 +1,9 @@
 """The MCP transports the bridge serves: stdio for a host that starts it, streamable HTTP on loopback.
 
-Over HTTP the MCP endpoint demands `Authorization: Bearer <the same agent token>`: otherwise any
-local process, or another user on the machine, could use this agent's grants without a token.
+Over HTTP the MCP endpoint demands `Authorization: Bearer <this bridge's MCP bearer>`: otherwise any
+local process, or another user on the machine, could use this agent's grants without a token. The
+bearer is the bridge's own, never the agent token: a host sends it to whatever listens on the port,
+and a process squatting the port while the bridge is down must not collect a token the gate accepts.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ async def serve_stdio(gate: GateClient) -> None:
     await build_server(gate).run_stdio_async()
 
 
-async def serve_http(gate: GateClient, token: str, host: str, port: int, ready: Callable[[str], None]) -> None:
+async def serve_http(gate: GateClient, bearer: str, host: str, port: int, ready: Callable[[str], None]) -> None:
     """Bind first (so a busy port fails before anything is announced), then call `ready(url)` and serve."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -39,7 +41,7 @@ async def serve_http(gate: GateClient, token: str, host: str, port: int, ready: 
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    app = BearerGuard(build_server(gate).streamable_http_app(streamable_http_path=MCP_PATH, host=host), token)
+    app = BearerGuard(build_server(gate).streamable_http_app(streamable_http_path=MCP_PATH, host=host), bearer)
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     ready(f"http://{shown}:{sock.getsockname()[1]}{MCP_PATH}")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
@@ -47,11 +49,12 @@ async def serve_http(gate: GateClient, token: str, host: str, port: int, ready: 
 
 
 class BearerGuard:
-    """ASGI middleware: every HTTP request must carry exactly `Authorization: Bearer <agent token>`."""
+    """ASGI middleware: every HTTP request must carry exactly `Authorization: Bearer <MCP bearer>`,
+    compared in constant time."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, bearer: str) -> None:
         self._app = app
-        self._expected = f"Bearer {token}".encode()
+        self._expected = f"Bearer {bearer}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -63,8 +66,10 @@ class BearerGuard:
 
 
 async def _unauthorized(send: Send, code: str) -> None:
-    message = ("send the agent token as Authorization: Bearer <token>" if code == "agent_auth_required"
-               else "the bearer token is not this bridge's agent token")
+    message = ("send this bridge's MCP bearer as Authorization: Bearer <bearer>; `aegisctl mcp config HOST "
+               "--transport http` prints the host's entry" if code == "agent_auth_required"
+               else "the bearer is not this bridge's MCP bearer (the agent token is not accepted here); "
+               "`aegisctl mcp config HOST --transport http` prints the host's entry")
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     await send({"type": "http.response.start", "status": 401,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

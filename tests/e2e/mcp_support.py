@@ -67,10 +67,11 @@ class Bridge:
                 yield session
 
     @contextlib.asynccontextmanager
-    async def http(self, token: str) -> AsyncIterator[ClientSession]:
+    async def http(self) -> AsyncIterator[ClientSession]:
+        """A session with an HTTP bridge, authenticated by the bridge's own MCP bearer (never the agent token)."""
         proc = self.start_http()
         try:
-            headers = {"Authorization": f"Bearer {token}"}
+            headers = {"Authorization": f"Bearer {self.bearer()}"}
             async with (httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as client,
                         streamable_http_client(self.http_url, http_client=client) as (read, write),
                         ClientSession(read, write) as session):
@@ -80,13 +81,18 @@ class Bridge:
             proc.terminate()
             proc.wait(15)
 
+    def bearer(self) -> str:
+        """The HTTP transport's bearer, kept beside the token file."""
+        return self.token_file.with_name(self.token_file.name + ".mcp-bearer").read_text().strip()
+
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/mcp"
 
-    def start_http(self) -> subprocess.Popen[bytes]:
+    def start_http(self, port: int = 0) -> subprocess.Popen[bytes]:
         """Start the HTTP bridge and wait until it says it is listening (or fail with its stderr)."""
-        self.http_port = free_port()
+        self.http_port = port or free_port()
+        already = self.stderr().count("serving agent")
         errlog = self.stderr_path.open("ab")
         proc = subprocess.Popen(
             [AEGISCTL, "mcp", "serve", "--transport", "http", "--listen", f"127.0.0.1:{self.http_port}",
@@ -94,7 +100,7 @@ class Bridge:
             env=bridge_env(self.gate_url), stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog)
         errlog.close()
         deadline = time.monotonic() + READY_TIMEOUT
-        while "serving agent" not in self.stderr():
+        while self.stderr().count("serving agent") == already:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise AssertionError(f"the HTTP bridge did not start (exit {proc.poll()}):\n{self.stderr()}")

@@ -157,11 +157,12 @@ def run_scenario(world: GateWorld, transport: str) -> None:
     up, token, bridge = setup_bot(world)
 
     async def scenario() -> None:
-        opened = bridge.stdio() if transport == "stdio" else bridge.http(token)
+        opened = bridge.stdio() if transport == "stdio" else bridge.http()
         async with opened as session:
             await exercise(world, up, bridge, session)
             if transport == "http":
                 await check_bearer_required(bridge, token)
+                world.secrets.append(bridge.bearer())  # in no output either
             world.assert_no_leaks(extra=bridge.outputs())
             # The gate goes away: every tool says so, with its own code.
             assert world.aegis.stop() == 0
@@ -174,11 +175,13 @@ def run_scenario(world: GateWorld, transport: str) -> None:
 
 
 async def check_bearer_required(bridge: Bridge, token: str) -> None:
-    """The HTTP endpoint answers nobody without this agent's token."""
+    """The HTTP endpoint answers nobody without the bridge's own MCP bearer; the agent token is not it."""
     ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
     async with httpx2.AsyncClient() as client:
         attempts = [({}, "agent_auth_required"), ({"Authorization": "Bearer aegis_wrong"}, "agent_auth_invalid"),
-                    ({"Authorization": token}, "agent_auth_invalid")]
+                    ({"Authorization": token}, "agent_auth_invalid"),
+                    ({"Authorization": f"Bearer {token}"}, "agent_auth_invalid"),
+                    ({"Authorization": bridge.bearer()}, "agent_auth_invalid")]
         for headers, code in attempts:
             reply = await client.post(bridge.http_url, json=ping, headers=headers)
             assert reply.status_code == 401 and reply.json()["error"]["code"] == code, reply.text

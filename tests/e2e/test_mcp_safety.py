@@ -18,13 +18,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from aiohttp import web
+from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
 from tests.e2e.gate_support import GateWorld, ScriptedUpstream, untouched
 from tests.e2e.mcp_support import Bridge, bridge_env, error_of, text_of, value_of, write_token_file
-from tests.harness import AEGISCTL
+from tests.harness import AEGISCTL, free_port
 from tests.upstreams import Upstream
 
 SECRET = "mcpSafetySecret-0123456789abcdefABCDEF"
@@ -273,3 +276,90 @@ def test_config_without_a_token_file_suggests_no_shared_project_file(world: Gate
     # VS Code asks for the token and stores it itself: its workspace file never holds it.
     vscode = world.aegis.ctl("mcp", "config", "vscode").ok()
     assert "${input:aegis-agent-token}" in vscode.out and "hold the agent token" not in vscode.err
+
+
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "host", "version": "1"}}}
+
+
+async def squat(port: int, url: str, headers: dict[str, str]) -> list[str]:
+    """Hold 127.0.0.1:`port` while no bridge runs, as any local user could; a host configured for the bridge
+    connects; return the Authorization values it sent."""
+    captured: list[str] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        captured.append(request.headers.get("Authorization", ""))
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", collect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with httpx2.AsyncClient(headers=headers) as host:
+            reply = await host.post(url, json=INITIALIZE, headers={"Accept": "application/json, text/event-stream"})
+        assert reply.status_code == 503
+    finally:
+        await runner.cleanup()
+    return captured
+
+
+async def health_over_http(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    async with (httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30)) as client,
+                streamable_http_client(url, http_client=client) as (read, write),
+                ClientSession(read, write) as session):
+        await session.initialize()
+        return value_of(await session.call_tool("aegis_health", {}))
+
+
+def test_a_squatter_on_the_http_port_collects_nothing_the_gate_accepts(world: GateWorld) -> None:
+    """The HTTP transport's bearer is its own, kept beside the token file: a process holding the port while the
+    bridge is down receives it from the host, and the gate refuses it; the host's entry stays valid across starts."""
+    up = world.upstream()
+    bridge = agent_bridge(world, "squat", up.entry())
+    token = world.tokens["squat"]
+    port = free_port()
+    printed = world.aegis.ctl("mcp", "config", "cursor", "--agent", "squat", "--transport", "http", "--listen",
+                              f"127.0.0.1:{port}", "--token-file", str(bridge.token_file)).ok()
+    world.aegis.outputs.remove(printed.out)  # the one place the MCP bearer is printed, by design
+    entry = json.loads(printed.out)["mcpServers"]["aegis-squat"]
+    assert entry["url"] == f"http://127.0.0.1:{port}/mcp" and token not in printed.out + printed.err
+    bearer_file = bridge.token_file.with_name("squat.token.mcp-bearer")
+    assert bearer_file.stat().st_mode & 0o777 == 0o600
+    assert f"created the bridge's MCP bearer in {bearer_file}" in printed.err
+    assert entry["headers"] == {"Authorization": f"Bearer {bridge.bearer()}"}
+    world.secrets.append(bridge.bearer())  # printed only by `mcp config`: in no other output, log or file
+
+    (sent,) = anyio.run(squat, port, entry["url"], entry["headers"])
+    stolen = sent.removeprefix("Bearer ")
+    assert stolen == bridge.bearer() and stolen != token and not stolen.startswith("aegis_")
+    with untouched(up):
+        for headers in ([("X-Aegis-Agent", stolen)], [("Authorization", f"Bearer {stolen}")]):
+            for target in ("/_aegis/services", "/squat/echo/stolen"):
+                refused = world.call("GET", target, headers)
+                assert refused.status == 401, refused.text()
+
+    # The real bridge, started later on that port and started again, takes the host's entry as it was printed.
+    for _ in range(2):
+        proc = bridge.start_http(port)
+        try:
+            health = anyio.run(health_over_http, entry["url"], entry["headers"])
+        finally:
+            proc.terminate()
+            proc.wait(15)
+        assert (health["agent"], health["agent_token"]) == ("squat", "valid")
+    assert f"the MCP bearer in {bearer_file}" in bridge.stderr() and "created" not in bridge.stderr()
+    world.assert_no_leaks(extra=bridge.outputs())
+
+
+def test_the_http_transport_needs_a_place_for_its_bearer(world: GateWorld) -> None:
+    token = world.agent("nofile")
+    for args, needle in ((["--transport", "http"], "pass --token-file PATH, or --bearer-file PATH"),
+                         (["--bearer-file", str(world.aegis.root / "b")], "--bearer-file applies to --transport http")):
+        result = subprocess.run([AEGISCTL, "mcp", "serve", *args],
+                                env={**bridge_env(world.aegis.gate_url), "AEGIS_AGENT_TOKEN": token},
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
+        world.received.extend([result.stdout, result.stderr])
+        assert result.returncode == 2 and needle in result.stderr, result.stderr
+    world.assert_no_leaks()
