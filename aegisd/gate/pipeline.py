@@ -48,8 +48,13 @@ from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canoni
 log = logging.getLogger("aegisd.gate")
 # Upstream answers up to this size (declared by Content-Length) are read whole and sent in one write.
 SMALL_BODY_BYTES = 64 * 1024
-# The most an answer read whole may hold once decoded (a small gzip answer can decode to gigabytes), and
-# the most read whole for an HTTP/1.0 agent when the upstream declares no length.
+# A small compressed answer (declared length up to SMALL_BODY_BYTES) is held whole, to go out with its exact
+# length once decoded and redacted, only while it decodes to at most this: most API answers are far smaller,
+# while 16 KB of gzip can hold 16 MiB and an agent that does not read would keep all of it in memory here.
+# Past it, an HTTP/1.1 agent gets the answer streamed, as larger answers are.
+WHOLE_DECODED_MAX = 1024 * 1024
+# The most read whole for an HTTP/1.0 agent, which can tell a cut body only by its length: an answer of
+# unknown length, or a small compressed one once decoded (a small gzip answer can decode to gigabytes).
 WHOLE_ANSWER_MAX = 16 * 1024 * 1024
 KEY_FORMATS_ONLY = Inspector(())  # what can still be recognised in a path while the vault is locked
 
@@ -382,8 +387,14 @@ class GatePipeline:
             # An HTTP/1.0 agent can tell a cut body only by its length: read it whole, then send it with one.
             await self._relay_whole(request, x, upstream, headers, redactor, reason, capped=True)
             return
-        headers[REQUEST_ID_HEADER] = x.request_id
         chunks = upstream.chunks() if redactor is None else redactor.filter(upstream.chunks())
+        await self._relay_stream(request, x, upstream.status, headers, reason, length, bodiless, chunks)
+
+    async def _relay_stream(self, request: GateRequest, x: Exchange, status: int, headers: CIMultiDict[str],
+                            reason: str | None, length: int | None, bodiless: bool,
+                            chunks: AsyncIterator[bytes]) -> None:
+        """The body as it comes, then the ledger row, then its end."""
+        headers[REQUEST_ID_HEADER] = x.request_id
         # A known-length or empty body is complete for the agent at its last byte (or its head), so that
         # last piece waits for the ledger row: a crash before the commit never leaves an answered request
         # unrecorded. A chunked body's end is `end`'s terminating chunk, which already comes after it.
@@ -391,7 +402,7 @@ class GatePipeline:
         held = b""
         try:
             if not empty:
-                await request.start(upstream.status, headers, reason=reason, content_length=length)
+                await request.start(status, headers, reason=reason, content_length=length)
             while True:
                 try:
                     chunk = await chunks.__anext__()
@@ -415,7 +426,7 @@ class GatePipeline:
             return
         with contextlib.suppress(ConnectionError):  # recorded already; the agent left at the very end
             if empty:
-                await request.start(upstream.status, headers, reason=reason, content_length=length)
+                await request.start(status, headers, reason=reason, content_length=length)
             await request.write(held)
             await request.end()
 
@@ -423,17 +434,28 @@ class GatePipeline:
                            headers: CIMultiDict[str], redactor: ResponseRedactor | None, reason: str | None,
                            capped: bool = False) -> None:
         """A body read whole: redacted in one pass, sent with its exact length in one write, and only after
-        its ledger row has committed. Small answers of declared length (most API answers) take this path;
-        so (`capped`, up to WHOLE_ANSWER_MAX bytes) do answers of unknown length to HTTP/1.0 agents."""
+        its ledger row has committed (a truncated compressed body is refused before anything is sent). Small
+        answers of declared length (most API answers) take this path; so (`capped`, up to WHOLE_ANSWER_MAX
+        bytes) do answers of unknown length to HTTP/1.0 agents. A compressed one that decodes to more than
+        WHOLE_DECODED_MAX streams on to an HTTP/1.1 agent instead; an HTTP/1.0 one gets up to WHOLE_ANSWER_MAX."""
+        rest: Iterator[bytes] | None = None
         try:
             body = await _read_capped(upstream, WHOLE_ANSWER_MAX) if capped else await upstream.read()
             if redactor is not None:
-                body = _redacted_whole(redactor, body, WHOLE_ANSWER_MAX)
+                cap = WHOLE_DECODED_MAX if request.http11 else WHOLE_ANSWER_MAX
+                parts, rest = await _redacted_upto(redactor, body, cap)
+                if rest is not None and not request.http11:
+                    raise Refusal(502, "upstream_error", f"the upstream's answer decodes to more than {cap} bytes, "
+                                  "more than the gate holds to redact an answer whole")
+                body = b"".join(parts) if rest is None else b""
             x.bytes_out = len(body)
         except UpstreamTimeout:
             raise Refusal(504, "upstream_timeout", "the upstream did not send its whole answer in time") from None
         except UpstreamError:
             raise Refusal(502, "upstream_error", "the upstream's answer was cut short or malformed") from None
+        if rest is not None:  # decodes past WHOLE_DECODED_MAX: the rest streams, as a larger answer would
+            await self._relay_stream(request, x, upstream.status, headers, reason, None, False, _resumed(parts, rest))
+            return
         headers[REQUEST_ID_HEADER] = x.request_id
         if not await self._record(x):
             await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
@@ -530,18 +552,34 @@ async def _read_capped(upstream: UpstreamResponse, cap: int) -> bytes:
     return b"".join(parts)
 
 
-def _redacted_whole(redactor: ResponseRedactor, body: bytes, cap: int) -> bytes:
-    """The redacted (and, if compressed, decoded) body, refused past `cap` bytes: a small compressed
-    answer can decode to gigabytes."""
+async def _redacted_upto(redactor: ResponseRedactor, body: bytes,
+                         cap: int) -> tuple[list[bytes], Iterator[bytes] | None]:
+    """The redacted (and, if compressed, decoded) body in pieces while they total at most `cap` bytes, and
+    None; or, once they pass it (a small compressed answer can decode to gigabytes), the pieces so far and
+    the iterator of the rest."""
     parts: list[bytes] = []
     size = 0
-    for piece in _redacted_pieces(redactor, body):
+    pieces = _redacted_pieces(redactor, body)
+    for piece in pieces:
         size += len(piece)
-        if size > cap:
-            raise Refusal(502, "upstream_error", f"the upstream's answer decodes to more than {cap} bytes, more than "
-                          "the gate holds to redact an answer whole")
         parts.append(piece)
-    return b"".join(parts)
+        if size > cap:
+            return parts, pieces
+        if redactor.decodes:
+            await asyncio.sleep(0)  # decoding never waits on anything: let other connections run between pieces
+    return parts, None
+
+
+async def _resumed(parts: list[bytes], rest: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """What `_redacted_upto` decoded, then the rest, a piece at a time with a turn for others after each."""
+    first = b"".join(parts)
+    parts.clear()
+    yield first
+    del first
+    for piece in rest:
+        if piece:
+            yield piece
+        await asyncio.sleep(0)
 
 
 def _redacted_pieces(redactor: ResponseRedactor, body: bytes) -> Iterator[bytes]:

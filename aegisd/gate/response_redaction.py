@@ -8,10 +8,16 @@ response loses the upstream's Content-Length and is sent chunked. The gate asks 
 decoded, redacted and forwarded plain; any other encoding cannot be redacted and is refused (502
 `response_not_redactable`). The upstream's reason phrase is not passed on: the agent gets the
 standard one for the status.
+
+A compressed body is decoded in pieces of at most STEP bytes, and the event loop gets a turn after
+each: writing to an agent that keeps reading never waits, so without that one upstream chunk (a few
+hundred KB of gzip can hold hundreds of MiB) would be decoded, redacted and written in one go while
+every other connection waited.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
@@ -90,11 +96,19 @@ class ResponseRedactor:
     def has_body(method: str, status: int) -> bool:
         return method != "HEAD" and status_allows_body(status)
 
+    @property
+    def decodes(self) -> bool:
+        """Whether the body is compressed: one upstream chunk may then become many pieces."""
+        return self._decoder is not None
+
     async def filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The upstream's body chunks in, the agent's redacted chunks out (the held tail at the end)."""
+        decodes = self._decoder is not None
         async for chunk in chunks:
             for piece in self.feed(chunk):
                 yield piece
+                if decodes:
+                    await asyncio.sleep(0)  # the next piece comes from the same chunk: let others run first
         tail = self.finish()
         if tail:
             yield tail

@@ -2,13 +2,19 @@
 
 - a body with a transfer coding other than chunked (`Transfer-Encoding: gzip, chunked`, or `gzip` to the
   close) is refused, for every credential: llhttp removes only the chunked framing and the header is not
-  forwarded, so the compressed bytes (and a compressed echo of the secret) would reach the agent.
+  forwarded, so the compressed bytes (and a compressed echo of the secret) would reach the agent;
+- a compressed answer decoding to hundreds of MiB leaves the daemon responsive while it streams to an
+  agent that reads it as fast as it comes (writing to it then never waits);
+- a small compressed answer is held whole, to be sent with its length, only while it decodes to at most
+  1 MiB (pipeline.WHOLE_DECODED_MAX); a larger one streams, so agents that do not read cannot make the
+  daemon hold 16 MiB each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import socket
 import threading
 import time
@@ -18,8 +24,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.gate_support import GateWorld, Reply
+from tests.e2e.gate_support import GateWorld, Reply, request
 
+WHOLE_DECODED_MAX = 1024 * 1024  # pipeline.WHOLE_DECODED_MAX, as documented
 SECRET = "lim-secret-for-redaction-K8j7H6g5"
 OFF = "lim-off-secret-Z1x2C3v4B5"
 
@@ -91,6 +98,12 @@ def _gzip_zeros(size: int) -> bytes:
     return b"".join(parts) + encoder.flush()
 
 
+# 256 MiB of zeros in 256 KB: 32 gzip members of 8 MiB each (gzip reads them as one body), built fast.
+BOMB = _gzip_zeros(8 << 20) * 32
+BOMB_DECODED = 256 << 20
+HELD = _gzip_zeros(16 * 1024 * 1024 - 100)  # 16 KB, declared: read whole and, before, decoded whole
+
+
 def answer(path: str, secret: bytes) -> list[bytes | None]:
     echo = gzip.compress(b'{"echo": "' + secret + b'"}')
     kind = path.split("/")[1]
@@ -106,6 +119,12 @@ def answer(path: str, secret: bytes) -> list[bytes | None]:
                 + b"0\r\n\r\n"]
     if kind == "te-gzip-head":  # no body follows: nothing to refuse
         return [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"]
+    if kind in ("bomb", "held"):
+        body = BOMB if kind == "bomb" else HELD
+        return [b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
+    if kind == "decodes":  # /decodes/N: N zero bytes, gzip-compressed, with a Content-Length
+        body = _gzip_zeros(int(path.split("/")[2]))
+        return [b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
     return [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"]
 
 
@@ -151,3 +170,106 @@ def test_chunked_alone_and_bodiless_answers_still_pass(lim: Limits) -> None:
     head = get(world, "/blk/te-gzip-head", method="HEAD")
     assert head.status == 200 and head.header("Transfer-Encoding") is None
     world.assert_no_leaks()
+
+
+def _agent_request(world: GateWorld, target: str) -> bytes:
+    return (f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {world.tokens['bot']}\r\n"
+            "Connection: close\r\n\r\n").encode()
+
+
+def test_the_daemon_stays_responsive_while_a_compressed_answer_streams(lim: Limits) -> None:
+    """256 KB of gzip decode to 256 MiB. Written to an agent that keeps reading, every write returns at once;
+    the decoder's pieces must still give other connections a turn (this used to stall /health for seconds)."""
+    world = lim.world
+    received: list[int] = []
+
+    def drain() -> None:
+        with socket.create_connection(("127.0.0.1", world.port), timeout=60) as sock:
+            sock.sendall(_agent_request(world, "/blk/bomb"))
+            size = 0
+            while data := sock.recv(1 << 20):
+                size += len(data)
+            received.append(size)
+
+    agent = threading.Thread(target=drain)
+    agent.start()
+    worst = 0.0
+    try:
+        while agent.is_alive():
+            start = time.perf_counter()
+            assert request(world.port, "GET", "/_aegis/health", timeout=60).status == 200
+            worst = max(worst, time.perf_counter() - start)
+            time.sleep(0.02)
+    finally:
+        agent.join(120)
+    assert received and received[0] > BOMB_DECODED  # it all arrived (chunked), while /health answered
+    assert worst < 0.5, f"/_aegis/health took {worst:.2f} s while the answer streamed"
+
+
+def test_a_small_answer_is_held_whole_only_while_it_decodes_small(lim: Limits) -> None:
+    world = lim.world
+    whole = get(world, f"/blk/decodes/{WHOLE_DECODED_MAX}")
+    assert (whole.status, whole.header("Content-Length"), whole.body) == (200, str(WHOLE_DECODED_MAX),
+                                                                         bytes(WHOLE_DECODED_MAX))
+    size = WHOLE_DECODED_MAX + 1
+    streamed = get(world, f"/blk/decodes/{size}")
+    assert streamed.status == 200 and streamed.header("Content-Length") is None
+    assert streamed.header("Transfer-Encoding") == "chunked" and streamed.body == bytes(size)
+    rows = world.ledger("--credential", "blk")
+    assert world.row(whole.request_id, rows)["bytes_out"] == WHOLE_DECODED_MAX
+    assert world.row(streamed.request_id, rows)["bytes_out"] == size
+    world.assert_no_leaks()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _settle(pid: int, limit: float = 30.0) -> None:
+    """Until the daemon is idle (under 20 ms of CPU in 250 ms): it has done all it will with the answers."""
+    deadline = time.monotonic() + limit
+    used = _cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = _cpu_seconds(pid)
+        if now - used < 0.02:
+            return
+        used = now
+
+
+def test_agents_that_do_not_read_cannot_make_the_daemon_hold_decoded_answers(lim: Limits) -> None:
+    """16 KB of gzip that decode to 16 MiB, declared, used to be decoded whole and held until the agent read
+    it: 16 agents that never read made the daemon hold 16 x 16 MiB and more."""
+    world, up = lim.world, lim.up
+    assert world.aegis.proc is not None
+    pid = world.aegis.proc.pid
+    before = _rss_mib(pid)
+    served = up.served
+    agents = []
+    try:
+        for _ in range(16):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", world.port))
+            sock.sendall(_agent_request(world, "/blk/held"))
+            agents.append(sock)
+        deadline = time.monotonic() + 30
+        while up.served < served + 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert up.served == served + 16
+        _settle(pid)  # each answer decoded as far as it will be while its agent does not read
+        after = _rss_mib(pid)
+    finally:
+        for sock in agents:
+            sock.close()
+    assert after - before < 80, f"RSS grew from {before:.0f} to {after:.0f} MiB"

@@ -205,12 +205,13 @@ def test_a_small_truncated_gzip_answer_is_refused_not_passed_as_complete(red: Re
     world.assert_no_leaks()
 
 
-@pytest.mark.parametrize("version", ["1.1", "1.0"])
-def test_a_small_compressed_answer_that_decodes_past_the_limit_is_refused(red: Redacting, version: str) -> None:
-    """Read whole to be redacted in one pass, a 17 KB gzip answer must not become 16 MiB and more in the daemon."""
+def test_a_small_compressed_answer_that_decodes_past_the_limit_is_refused_to_http10(red: Redacting) -> None:
+    """Read whole to be redacted in one pass, a 17 KB gzip answer must not become 16 MiB and more in the daemon.
+    An HTTP/1.0 agent, which can tell a cut body only by its length, is refused it; an HTTP/1.1 agent gets an
+    answer that decodes past 1 MiB streamed, as a larger one would be (tests/e2e/test_redaction_limits.py)."""
     world = red.world
     size = WHOLE_ANSWER_MAX + 1
-    reply = world.raw(f"GET /blk/leak/bomb?size={size} HTTP/{version}\r\nHost: 127.0.0.1\r\n"
+    reply = world.raw(f"GET /blk/leak/bomb?size={size} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
                       f"X-Aegis-Agent: {world.tokens['bot']}\r\nConnection: close\r\n\r\n".encode())
     row = world.assert_refused(reply, 502, "upstream_error")
     assert "decodes to more than" in reply.error()["message"]
