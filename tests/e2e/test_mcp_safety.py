@@ -61,14 +61,15 @@ def test_control_characters_in_headers_or_target_host_are_invalid_arguments(worl
     bridge = agent_bridge(world, "ctl", up.entry())
     refused: list[dict[str, Any]] = [dict(headers={"X-Bad": f"a{c}b"}) for c in ("\x1b", "\x7f", "\x0b", "\x01")]
     refused += [dict(target_host=host) for host in ("\x1b]0;t\x07a.example", "a\x7f.example", "a\tb.example")]
-    with untouched(up):
-        results = calls(bridge, [dict(service="ctl", path="/echo/ctl", **each) for each in refused])
+    # A tab is a legal character in a header value, and goes through (the last call).
+    sent = [*(dict(service="ctl", path="/echo/ctl", **each) for each in refused),
+            dict(service="ctl", path="/echo/tab", headers={"X-Tab": "a\tb"})]
+    *results, tabbed = calls(bridge, sent)
+    assert up.requests_to("/echo/ctl") == []
     for arguments, result in zip(refused, results, strict=True):
         error = error_of(result, "invalid_argument")
         assert "control character" in error["message"], (arguments, error)
     assert "Error executing tool" not in bridge.stderr() + json.dumps(bridge.results)
-    # A tab is a legal character in a header value, and goes through.
-    (tabbed,) = calls(bridge, [dict(service="ctl", path="/echo/tab", headers={"X-Tab": "a\tb"})])
     assert not tabbed.is_error and up.requests_to("/echo/tab")[-1].header("X-Tab") == ["a\tb"]
     world.assert_no_leaks(extra=bridge.outputs())
 
@@ -340,15 +341,15 @@ def test_a_squatter_on_the_http_port_collects_nothing_the_gate_accepts(world: Ga
                 refused = world.call("GET", target, headers)
                 assert refused.status == 401, refused.text()
 
-    # The real bridge, started later on that port and started again, takes the host's entry as it was printed.
-    for _ in range(2):
-        proc = bridge.start_http(port)
-        try:
-            health = anyio.run(health_over_http, entry["url"], entry["headers"])
-        finally:
-            proc.terminate()
-            proc.wait(15)
-        assert (health["agent"], health["agent_token"]) == ("squat", "valid")
+    # The real bridge, started later on that port (another process than the one that made the bearer, as a
+    # restart would be), takes the host's entry as it was printed.
+    proc = bridge.start_http(port)
+    try:
+        health = anyio.run(health_over_http, entry["url"], entry["headers"])
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert (health["agent"], health["agent_token"]) == ("squat", "valid")
     assert f"the MCP bearer in {bearer_file}" in bridge.stderr() and "created" not in bridge.stderr()
     world.assert_no_leaks(extra=bridge.outputs())
 
