@@ -6,6 +6,11 @@ matches are exactly a `finditer` scan's (a regex scan per format costs ~50 µs p
 were most of a large body's inspection). The boundary before a key (no token character, so `task-…`
 or the inside of a base64url blob never count) is checked in Python: a leading look-behind would
 defeat the regex engine's literal-prefix scan in the whole-data fallback.
+
+Every pattern is bounded: a match attempt reads at most a few KiB past where it starts (runs of key
+characters past 512 are not keys), so the whole-data fallback scans large data in windows, each one
+`re` call of bounded cost: `re` holds the GIL, and a body inspected in a worker thread must leave the
+event loop its turn (one call over 10 MiB crafted full of `sk-` took a second).
 """
 
 from __future__ import annotations
@@ -20,9 +25,16 @@ FAMILIES = ("anthropic_key", "openai_key", "github_token", "slack_token", "aws_a
             "stripe_key", "private_key", "connection_url")
 
 _SCHEME_BEFORE = re.compile(rb"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]{1,31}\Z")
-# Passwords in connection URLs that are templates or documentation, not secrets.
-_PLACEHOLDER = re.compile(rb"\$\{[^}]*\}|\$[A-Z_][A-Z0-9_]*|\{\{[^}]*\}\}|%\([a-z_]+\)s|[*xX.]+"
-                          rb"|(?i:password|passwd|pass|pwd|pw|secret|changeme)")
+_SCHEME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+.-")
+# Passwords in connection URLs that are templates or documentation, not secrets. The connection-URL
+# pattern refuses them itself (a data crafted full of `ab://u:****@h` made a Python call per match);
+# within a password, `[^}]` cannot reach past its end, nor any run past its 512 bytes.
+_PASSWORD = rb"[^\s/?#@\"'<>\\]"
+_PLACEHOLDERS = (rb"\$\{[^}\s/?#@\"'<>\\]{0,512}\}|\$[A-Z_][A-Z0-9_]{0,512}|\{\{[^}\s/?#@\"'<>\\]{0,512}\}\}"
+                 rb"|%\([a-z_]{1,512}\)s|[*xX.]{1,512}|(?i:password|passwd|pass|pwd|pw|secret|changeme)")
+_PLACEHOLDER = re.compile(_PLACEHOLDERS)
+# Checked before the placeholders: most `://` are followed by no password at all.
+_PASSWORD_AT = rb"(?=" + _PASSWORD + rb"{1,512}@[A-Za-z0-9\[])"
 
 
 # The private-key pattern's parts. Every repeat is possessive (it never gives back what it took) and
@@ -35,8 +47,8 @@ _PEM_HEADER = rb"[A-Za-z\-]{1,64}+: "  # Proc-Type: , DEK-Info: , Version: , Com
 _PEM_KEY = rb"[A-Za-z0-9+/=]{40}"
 # A header value: words, single dashes, and the spaces between words unless the next header or the key
 # material follows them (a PEM whose line breaks were flattened into spaces).
-_PEM_VALUE = (rb"(?:[^\s\\\-]{1,64}+|-(?!----)|[ \t\x0b\x0c]{1,16}+(?!" + _PEM_HEADER + rb"|" + _PEM_KEY
-              + rb")){0,64}+")
+_PEM_VALUE = (rb"(?:[^\s\\\-]{1,32}+|-(?!----)|[ \t\x0b\x0c]{1,16}+(?!" + _PEM_HEADER + rb"|" + _PEM_KEY
+              + rb")){0,32}+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,26 +62,28 @@ class KeyFormat:
 
 FORMATS: tuple[KeyFormat, ...] = (
     # sk-ant-api03-…, sk-proj-…, sk-svcacct-…, legacy sk-<48 alnum>; "sk-learn" is far too short.
-    KeyFormat(re.compile(rb"sk-(?:(?P<anthropic_key>ant-[a-z]{2,10}[0-9]{2}-[A-Za-z0-9_\-]{32,})"
-                         rb"|(?P<openai_key>(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{32,}"
-                         rb"|[A-Za-z0-9]{32,}(?![A-Za-z0-9_\-])))"), (b"sk-",)),
+    KeyFormat(re.compile(rb"sk-(?:(?P<anthropic_key>ant-[a-z]{2,10}[0-9]{2}-[A-Za-z0-9_\-]{32,512})"
+                         rb"|(?P<openai_key>(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{32,512}"
+                         rb"|[A-Za-z0-9]{32,512}(?![A-Za-z0-9_\-])))"), (b"sk-",)),
     KeyFormat(re.compile(rb"gh(?P<github_token>[pousr]_[A-Za-z0-9]{36,251}(?![A-Za-z0-9_]))"),
               (b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_")),
     KeyFormat(re.compile(rb"github_pat_(?P<github_token>[A-Za-z0-9_]{50,255})"), (b"github_pat_",)),
-    KeyFormat(re.compile(rb"xox(?P<slack_token>[abprs]-[0-9]{6,}-[A-Za-z0-9\-]{10,})"),
+    KeyFormat(re.compile(rb"xox(?P<slack_token>[abprs]-[0-9]{6,64}-[A-Za-z0-9\-]{10,512})"),
               (b"xoxa-", b"xoxb-", b"xoxp-", b"xoxr-", b"xoxs-")),
     KeyFormat(re.compile(rb"(?P<aws_access_key>(?:AKIA|ASIA)[A-Z0-9]{16})(?![A-Za-z0-9])"),
               (b"AKIA", b"ASIA")),
     KeyFormat(re.compile(rb"AIza(?P<google_api_key>[A-Za-z0-9_\-]{35})(?![A-Za-z0-9_\-])"), (b"AIza",)),
     # Live keys only: test-mode keys move no money and appear in docs and fixtures everywhere.
-    KeyFormat(re.compile(rb"sk_live_(?P<stripe_key>[A-Za-z0-9]{20,})"), (b"sk_live_",)),
-    KeyFormat(re.compile(rb"rk_live_(?P<stripe_key>[A-Za-z0-9]{20,})"), (b"rk_live_",)),
+    KeyFormat(re.compile(rb"sk_live_(?P<stripe_key>[A-Za-z0-9]{20,512})"), (b"sk_live_",)),
+    KeyFormat(re.compile(rb"rk_live_(?P<stripe_key>[A-Za-z0-9]{20,512})"), (b"rk_live_",)),
     # A header alone may be documentation; require key material after it (JSON-escaped newlines too).
     KeyFormat(re.compile(rb"-----BEGIN (?P<private_key>(?:[A-Z0-9]{1,32}+ ){0,3}PRIVATE KEY(?: BLOCK)?-----"
                          + _PEM_GAP + rb"(?:" + _PEM_HEADER + _PEM_VALUE + _PEM_GAP + rb"){0,4}+" + _PEM_KEY + rb")"),
               (b"-----BEGIN ",), before="any"),
-    # scheme://user:password@host with a non-empty password (the user may be empty: redis://:pw@host).
-    KeyFormat(re.compile(rb"://(?P<connection_url>[^\s:/?#@\"'<>\\]*:([^\s/?#@\"'<>\\]+)@[A-Za-z0-9\[])"),
+    # scheme://user:password@host with a non-empty password that is no placeholder (the user may be empty:
+    # redis://:pw@host).
+    KeyFormat(re.compile(rb"://(?P<connection_url>[^\s:/?#@\"'<>\\]{0,512}:" + _PASSWORD_AT
+                         + rb"(?!(?:" + _PLACEHOLDERS + rb")@)(" + _PASSWORD + rb"{1,512})@[A-Za-z0-9\[])"),
               (b"://",), before="scheme"),
 )
 
@@ -78,6 +92,14 @@ FORMATS: tuple[KeyFormat, ...] = (
 # Hyperscan pass stops and each format's regex scans the data once, as cheap per byte as ever and with
 # at most this many Python calls spent first.
 PREFILTER_MAX = 64
+# The whole-data fallback runs each regex over windows of the data: attempts that start in a window of
+# WINDOW bytes, in one `re` call over it and the OVERLAP bytes after it, which hold all an attempt
+# starting in the window can read (the longest match and a look-ahead past it; a unit test checks).
+# The result is exactly one `finditer` over the whole data's.
+WINDOW = 64 * 1024
+OVERLAP = 5 * 1024 + 256
+# Per format, the families its matches can name: once all are found, the rest of its scan can be skipped.
+_FAMILIES_OF = tuple(frozenset(fmt.pattern.groupindex) for fmt in FORMATS)
 # Hyperscan literal id -> (index into FORMATS, prefix length).
 _PREFIXES = tuple((index, len(prefix)) for index, fmt in enumerate(FORMATS) for prefix in fmt.prefixes)
 _PREFIX_SCANNER = LiteralScanner([prefix for fmt in FORMATS for prefix in fmt.prefixes])
@@ -110,9 +132,18 @@ def _note(prefix_id: int, _from: int, end: int, _flags: int, hits: list[tuple[in
 
 def _scan_whole(data: bytes) -> set[str]:
     found: set[str] = set()
-    for fmt in FORMATS:
-        for match in fmt.pattern.finditer(data):
-            _add(found, fmt, match, data)
+    size = len(data)
+    for fmt, families in zip(FORMATS, _FAMILIES_OF, strict=True):
+        start = 0
+        while start < size and not families <= found:
+            stop = start + WINDOW  # this round's attempts start before here
+            resume = stop
+            for match in fmt.pattern.finditer(data, start, min(size, stop + OVERLAP)):
+                if match.start() >= stop:
+                    break
+                resume = max(stop, match.end())
+                _add(found, fmt, match, data)
+            start = resume
     return found
 
 
@@ -126,8 +157,8 @@ def _accepted(fmt: KeyFormat, match: re.Match[bytes], data: bytes) -> bool:
     start = match.start()
     if fmt.before == "boundary":
         return start == 0 or data[start - 1] not in TOKEN_BYTES
-    if fmt.before == "scheme":
-        if not _SCHEME_BEFORE.search(data, max(0, start - 33), start):
+    if fmt.before == "scheme":  # a scheme right before (the pattern refused placeholder passwords)
+        if start == 0 or data[start - 1] not in _SCHEME_BYTES:
             return False
-        return _PLACEHOLDER.fullmatch(match.group(2)) is None
+        return _SCHEME_BEFORE.search(data, max(0, start - 33), start) is not None
     return True
