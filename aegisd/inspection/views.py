@@ -12,6 +12,12 @@ standard escapes (`\\"`, `\\\\`, `\\n`) are covered by the JSON forms in secret_
 
 Inspector.scan_each relies on decoding being local: no escape holds a newline or a NUL, so decoding a
 joined text decodes each part alone.
+
+Cost: a pass is a few C-speed passes over the data plus, where escapes are few, a Python step per escape.
+Data longer than CHUNK is decoded a chunk at a time, so what a pass allocates stays within a small
+multiple of the data (the Python objects a regex substitution or unquote_to_bytes makes per escape or
+piece exist for one chunk at a time: 10 MiB of `%41` took 700 MiB at once), and so does each call that
+holds the GIL (large bodies are inspected in a worker thread, which must leave the event loop its turn).
 """
 
 from __future__ import annotations
@@ -33,10 +39,15 @@ _ASCII = {f"{code:02x}".encode(): bytes([code]) for code in range(128)}
 # Up to this many escapes of one kind are undone one by one (Python's unquote_to_bytes, a regex callback);
 # past it, or where both kinds occur, every escape is rewritten as quoted-printable's `=XX` and
 # binascii.a2b_qp undoes them all in C. Each `=` first becomes `=3D` and each `%` that starts no escape
-# `=25`, so that every `=` a2b_qp sees starts an escape (none is a soft line break).
+# `=25`, so that every `=` a2b_qp sees starts an escape (none is a soft line break); the remaining `%` all
+# start one and become `=` by a plain replace.
 ONE_BY_ONE_MAX = 32
+# Longer data is decoded a piece of about this size at a time.
+CHUNK = 64 * 1024
 _BARE_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-_ASCII_ESCAPE_HEAD = re.compile(rb"\\u00(?=[0-7][0-9A-Fa-f])")
+# A `\u00` that starts no ASCII escape is spelled `\=7500` (which a2b_qp turns back into `\u00`), so that
+# the others can all be replaced in C: escapes in the data cost a regex substitution only where they are not.
+_NOT_ASCII_ESCAPE = re.compile(rb"\\u00(?![0-7][0-9A-Fa-f])")
 
 
 def views(data: bytes) -> Iterator[bytes]:
@@ -62,6 +73,35 @@ def has_escape(data: bytes) -> bool:
 def decode(data: bytes) -> bytes:
     """Every `%XX`, ASCII `\\u00XX` and `\\/` in `data` undone in one left-to-right pass: what an escape
     decodes to is not decoded again. `data` itself when it holds none."""
+    if len(data) <= CHUNK:
+        return _decode(data)
+    pieces, changed = [], False
+    for start, end in _chunks(data):
+        piece = data[start:end]
+        decoded = _decode(piece)
+        changed = changed or decoded is not piece
+        pieces.append(decoded)
+    return b"".join(pieces) if changed else data
+
+
+def _chunks(data: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of consecutive pieces of about CHUNK bytes that split no escape: an escape is at most 6
+    bytes and starts with the only `%` or backslash in it, so a piece ends 5 bytes earlier than CHUNK would
+    have it or at the first escape that could start in those 5."""
+    start, size = 0, len(data)
+    while start < size:
+        end = start + CHUNK
+        if end >= size:
+            end = size
+        else:
+            tail = [at for at in (data.find(b"%", end - 5, end), data.find(b"\\", end - 5, end)) if at >= 0]
+            if tail:
+                end = min(tail)
+        yield start, end
+        start = end
+
+
+def _decode(data: bytes) -> bytes:
     percent = b"%" in data and _PERCENT_ESCAPE.search(data) is not None
     ascii_escape = False
     if b"\\" in data and _JSON_ESCAPE.search(data):
@@ -83,8 +123,8 @@ def _quoted_printable(data: bytes) -> bytes:
     qp = data.replace(b"=", b"=3D") if b"=" in data else data
     if b"%" in qp:
         qp = _BARE_PERCENT.sub(b"=25", qp).replace(b"%", b"=")
-    if b"\\" in qp:
-        qp = _ASCII_ESCAPE_HEAD.sub(b"=", qp)
+    if b"\\u00" in qp:
+        qp = _NOT_ASCII_ESCAPE.sub(rb"\\=7500", qp).replace(b"\\u00", b"=")
     return binascii.a2b_qp(qp)
 
 

@@ -86,3 +86,14 @@ def test_a_secret_that_holds_an_escape_itself_is_found_with_other_characters_esc
     assert inspector.scan(secret) == {VAULT_SECRET}
     assert inspector.scan(b"\\u0070ass%41word\\u0042-Zq8vLw2m") == {VAULT_SECRET}
     assert inspector.scan(b"%70ass%41word\\u0042-Zq8vLw2m") == {VAULT_SECRET}
+
+
+@pytest.mark.parametrize("chunk", [7, 8, 64])
+def test_decoding_a_chunk_at_a_time_splits_no_escape(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Long data is decoded a piece at a time (views.CHUNK); no escape may be cut between two pieces."""
+    monkeypatch.setattr(views, "CHUNK", chunk)
+    rng = random.Random(13)
+    pieces = [b"%41", b"%4", b"%", b"\\u0041", b"\\u00", b"\\", b"\\/", b"/", b"=", b"x", b"41", b"u0041"]
+    samples = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 120))) for _ in range(3000)]
+    assert [views.decode(s) for s in samples] == [reference_decode(s) for s in samples]
+    assert sum(len(s) > 3 * chunk for s in samples) > 1000
