@@ -211,7 +211,7 @@ class GatePipeline:
         # 8. body inspection: path, query, headers and body for secrets and keys; the query and headers
         #    scanned are the agent's as they will be forwarded (step 9's strip)
         headers, query = agent_headers(request.headers, route), agent_query(query, route)
-        inspect_request(request, route, inspector, x, rest, query, headers, body, self.config.max_body_bytes)
+        await inspect_request(request, route, inspector, x, rest, query, headers, body, self.config.max_body_bytes)
         redaction = redaction_for(route, inspector)
 
         # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential

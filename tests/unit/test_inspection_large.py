@@ -1,5 +1,5 @@
-"""Large bodies: inspecting one costs memory within a small multiple of its size, and runs in calls of bounded
-length, with exactly the result of one whole scan.
+"""Large bodies: inspecting one costs memory within a small multiple of its size, runs beside the event loop
+past INLINE_BODY_MAX, and does so in calls of bounded length, with exactly the result of one whole scan.
 
 Found by a cold review: 10 KB of gzip decoding to 10 MiB of `%41` held the event loop for 4.1 s and took the
 daemon's peak RSS from 129 to 866 MiB (unquote_to_bytes split the body into a piece per escape).
@@ -7,14 +7,17 @@ daemon's peak RSS from 129 to 866 MiB (unquote_to_bytes split the body into a pi
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import random
 import tracemalloc
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from multidict import CIMultiDict
 
-from aegisd.inspection import Inspector, SecretSource, key_formats
+from aegisd.gate import outbound_inspection
+from aegisd.inspection import VAULT_SECRET, Inspector, SecretSource, key_formats
 from aegisd.inspection.key_formats import FORMATS, OVERLAP, find_key_formats
 from tests.inspection_samples import fake_keys
 
@@ -87,3 +90,27 @@ def test_every_match_attempt_reads_within_the_window_overlap() -> None:
     for fmt in FORMATS:
         longest, lookahead = _width(parser.parse(fmt.pattern.pattern))
         assert longest < parser.MAXREPEAT and longest + lookahead + 1 < OVERLAP, (fmt.pattern.pattern[:40], longest)
+
+
+def test_a_large_body_is_inspected_beside_the_event_loop() -> None:
+    """Past INLINE_BODY_MAX the loop keeps turning while the body is inspected, and the finding still counts."""
+    inspector = Inspector([SecretSource("c", (SECRET,))])
+    body = b"%%41" * (outbound_inspection.INLINE_BODY_MAX // 2) + SECRET
+    request = cast(Any, type("Request", (), {"headers": CIMultiDict[str]()}))
+    route = cast(Any, type("Route", (), {"body_inspection": "block"}))
+    x = cast(Any, type("Row", (), {"flags": "", "bytes_in": 0, "path": "/x", "target_host": "h",
+                                   "path_inspected": False})())
+
+    async def inspect_while_ticking() -> tuple[int, BaseException | None]:
+        ticks = 0
+        task = asyncio.ensure_future(outbound_inspection.inspect_request(
+            request, route, inspector, x, "/x", "", CIMultiDict[str](), body, 10 * len(body)))
+        while not task.done():
+            await asyncio.sleep(0)
+            ticks += 1
+        return ticks, task.exception()
+
+    ticks, error = asyncio.run(inspect_while_ticking())
+    assert ticks > 1, "the event loop did not turn while the body was inspected"
+    assert error is not None and getattr(error, "code", None) == "body_inspection", error
+    assert x.flags == f"body_inspection_block={VAULT_SECRET}"
