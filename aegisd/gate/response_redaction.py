@@ -73,7 +73,7 @@ class ResponseRedactor:
         # One search over every value first: nearly every answer has no echo, and then nothing is rebuilt. A hit
         # (perhaps one spanning two values) is settled value by value, exactly as before.
         joined = "\n".join(headers.values()).encode("utf-8", "surrogateescape")
-        if self._redaction.search(joined) is not None:
+        if self._redaction.pattern.search(joined) is not None:  # where a form may begin
             out = CIMultiDict()
             for name, value in headers.items():
                 redacted, count = self._redaction.redact_all(value.encode("utf-8", "surrogateescape"))

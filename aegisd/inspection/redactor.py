@@ -6,26 +6,24 @@ a chunk ending in ordinary text such as an SSE event's blank line is released wh
 Matches are leftmost, and longest among forms starting at the same byte, exactly as
 `Redaction.redact_all` on the whole body would choose them, whatever the chunk boundaries.
 
-Memory and time are linear in the forms' length, for secrets of up to the vault's 16 KiB too: a set
-of every prefix of every form would be quadratic (a 16,000-byte secret's forms have some 10^9 bytes
-of prefixes), and so would trying each tail length against it at the end of every chunk. Only
-prefixes shorter than HEAD bytes are kept in a set; a longer tail must begin with a form's first HEAD
-bytes, which `bytes.find` locates. Likewise forms are found by a regex over their first FRAGMENT
-bytes and confirmed where those occur: `re` compiles a pattern at some microseconds a byte, 0.2 s for
-a 16,000-byte secret's 110 KB of forms, on the event loop, where a redaction is built on first use.
+Memory and time are linear in the forms' length, for secrets of up to the vault's 16 KiB too. Up to
+FRAGMENT (64) bytes of each form are handled whole: a set of their prefixes holds the tails to keep
+back, and one trie regex finds the forms. Past that both would grow with the square of the length (a
+16,000-byte secret's forms have some 10^9 bytes of prefixes, and `re` compiles their 110 KB at some
+microseconds a byte, 0.2 s on the event loop, where a redaction is built on first use): a longer tail
+must begin with a long form's first FRAGMENT bytes, which `bytes.find` locates, and a long form is
+found by a regex over its first FRAGMENT bytes and confirmed where they occur.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 
-from aegisd.inspection.literal_matcher import FRAGMENT, compile_literals
+from aegisd.inspection.literal_matcher import FRAGMENT, compile_literals, compile_longest
 
 REDACTED = b"[REDACTED]"
-# Tails shorter than this are looked up in a set of short prefixes; longer ones start where a form's first
-# HEAD bytes occur. Every form is at least MIN_SECRET_LENGTH (8) bytes long.
-HEAD = 8
 
 
 class Redaction:
@@ -35,32 +33,46 @@ class Redaction:
         ordered = sorted({f for f in forms if f}, key=lambda f: (-len(f), f))
         if not ordered:
             raise ValueError("a redaction needs at least one form")
-        self._forms = tuple(ordered)
-        starts = compile_literals(f[:FRAGMENT] for f in ordered)  # where a form may begin
-        assert starts is not None
-        self._starts = starts
         self.longest = len(ordered[0])
-        self._short = frozenset(f[:n] for f in ordered for n in range(1, min(HEAD, len(f))))
-        prefixes: dict[bytes, list[bytes]] = {}
+        self._forms = tuple(ordered)
+        # Matches wherever a form may begin: the leftmost, longest form itself when every form is short (the
+        # usual case); else where one's first FRAGMENT bytes occur, for `search` to confirm. No match: no form.
+        self.exact = self.longest <= FRAGMENT
+        pattern = compile_longest(ordered) if self.exact else compile_literals(f[:FRAGMENT] for f in ordered)
+        assert pattern is not None
+        self.pattern: re.Pattern[bytes] = pattern
+        # Tails of up to FRAGMENT - 1 bytes are looked up here; longer ones start with a long form's head.
+        self._prefixes = frozenset(f[:n] for f in ordered for n in range(1, min(FRAGMENT, len(f))))
+        self._short_max = min(FRAGMENT, self.longest) - 1
+        heads: dict[bytes, list[bytes]] = {}
         for form in ordered:  # longest first, so within a head the longest form is tried first
-            if len(form) > HEAD:  # only a form longer than HEAD has a proper prefix of HEAD bytes or more
-                prefixes.setdefault(form[:HEAD], []).append(form)
-        self._heads = tuple((head, tuple(forms)) for head, forms in prefixes.items())
+            if len(form) > FRAGMENT:
+                heads.setdefault(form[:FRAGMENT], []).append(form)
+        self._heads = tuple((head, tuple(forms)) for head, forms in heads.items())
         self._form_bytes = frozenset(b for f in ordered for b in f)
 
     def search(self, data: bytes, pos: int = 0, endpos: int = sys.maxsize) -> tuple[int, int] | None:
         """(start, end) of the leftmost form within data[pos:endpos], the longest one starting there; or None."""
-        starts, forms = self._starts, self._forms
-        while (found := starts.search(data, pos, endpos)) is not None:
-            at = found.start()
-            for form in forms:  # longest first
+        found = self.pattern.search(data, pos, endpos)
+        if found is None:
+            return None
+        return (found.start(), found.end()) if self.exact else self.confirm(data, found.start(), endpos)
+
+    def confirm(self, data: bytes, at: int, endpos: int) -> tuple[int, int] | None:
+        """The leftmost, longest form from `at` on, where the first FRAGMENT bytes of one occur at `at`."""
+        while True:
+            for form in self._forms:  # longest first
                 if data.startswith(form, at, endpos):
                     return at, at + len(form)
-            pos = at + 1  # a form's first bytes without the rest of it
-        return None
+            found = self.pattern.search(data, at + 1, endpos)  # a form's first bytes without the rest of it
+            if found is None:
+                return None
+            at = found.start()
 
     def redact_all(self, data: bytes) -> tuple[bytes, int]:
         """Every form in `data` replaced; returns the result and how many were replaced."""
+        if self.exact:
+            return self.pattern.subn(REDACTED, data)
         found = self.search(data)
         if found is None:
             return data, 0
@@ -78,28 +90,32 @@ class Redaction:
 
     def pending(self, data: bytes, start: int) -> int:
         """Length of the longest suffix of data[start:] that is a proper prefix of some form."""
-        size = len(data)
-        if size <= start or data[-1] not in self._form_bytes:
+        if not data or data[-1] not in self._form_bytes:
             return 0
-        best = 0
-        if self._heads and size - start >= HEAD:
-            view = memoryview(data)
-            for head, forms in self._heads:
-                # Where this head starts a tail longer than `best` and shorter than the head's longest form.
-                low, end = max(start, size - len(forms[0]) + 1), size - best - 1 + HEAD
-                at = data.find(head, low, end)
-                while at >= 0:
-                    tail = view[at:]
-                    if any(len(form) > size - at and form.startswith(tail) for form in forms):
-                        best = size - at
-                        break
-                    at = data.find(head, at + 1, end)
+        if self._heads and len(data) - start >= FRAGMENT:
+            best = self._long_pending(data, start)
             if best:
                 return best
-        for length in range(min(HEAD - 1, size - start), 0, -1):
-            if data[-length:] in self._short:
-                return length
+        for size in range(min(self._short_max, len(data) - start), 0, -1):
+            if data[-size:] in self._prefixes:
+                return size
         return 0
+
+    def _long_pending(self, data: bytes, start: int) -> int:
+        """`pending` for tails of FRAGMENT bytes or more, which begin with a long form's first FRAGMENT bytes."""
+        size, best = len(data), 0
+        view = memoryview(data)
+        for head, forms in self._heads:
+            # Where this head starts a tail longer than `best` and shorter than the head's longest form.
+            low, end = max(start, size - len(forms[0]) + 1), size - best - 1 + FRAGMENT
+            at = data.find(head, low, end)
+            while at >= 0:
+                tail = view[at:]
+                if any(len(form) > size - at and form.startswith(tail) for form in forms):
+                    best = size - at
+                    break
+                at = data.find(head, at + 1, end)
+        return best
 
 
 class StreamRedactor:
@@ -112,16 +128,33 @@ class StreamRedactor:
 
     def feed(self, chunk: bytes) -> bytes:
         """The redacted output that is certain now; may be empty while a possible form is held."""
+        if not self._redaction.exact:
+            return self._feed_long(chunk)
+        data = self._held + chunk if self._held else chunk
+        pattern, pos = self._redaction.pattern, 0
+        out: list[bytes] = []
+        while True:
+            hold_from = len(data) - self._redaction.pending(data, pos)
+            match = pattern.search(data, pos, hold_from + self._redaction.longest)
+            if match is None or match.start() >= hold_from:
+                break
+            out += (data[pos:match.start()], REDACTED)
+            pos = match.end()
+            self.replaced += 1
+        out.append(data[pos:hold_from])
+        self._held = data[hold_from:]
+        return b"".join(out)
+
+    def _feed_long(self, chunk: bytes) -> bytes:
+        """`feed` where some form is longer than FRAGMENT: a pattern match is only where one may begin."""
         data = self._held + chunk if self._held else chunk
         redaction, pos = self._redaction, 0
-        starts = redaction._starts
         out: list[bytes] = []
         while True:
             hold_from = len(data) - redaction.pending(data, pos)
             end = hold_from + redaction.longest
-            if starts.search(data, pos, end) is None:  # the usual chunk: no form can begin in it
-                break
-            found = redaction.search(data, pos, end)
+            match = redaction.pattern.search(data, pos, end)
+            found = None if match is None else redaction.confirm(data, match.start(), end)
             if found is None or found[0] >= hold_from:
                 break
             out += (data[pos:found[0]], REDACTED)
