@@ -50,6 +50,7 @@ def fake_keys(seed: int = 7) -> dict[str, list[str]]:
                            "mongodb+srv://admin:" + _rand(r, ALNUM, 12) + "@cluster0.example.net/?retryWrites=true",
                            "redis://:" + _rand(r, ALNUM, 20) + "@cache.example.com:6379/0",
                            "https://deploy:" + _rand(r, ALNUM, 10) + "@git.example.com/acme/app.git"],
+        "aegis_agent_token": ["aegis_" + _rand(r, URLSAFE, 43)],
     }
 
 

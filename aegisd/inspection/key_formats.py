@@ -22,7 +22,7 @@ from aegisd.inspection.literal_matcher import LiteralScanner
 
 TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 FAMILIES = ("anthropic_key", "openai_key", "github_token", "slack_token", "aws_access_key", "google_api_key",
-            "stripe_key", "private_key", "connection_url")
+            "stripe_key", "private_key", "connection_url", "aegis_agent_token")
 
 _SCHEME_BEFORE = re.compile(rb"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]{1,31}\Z")
 _SCHEME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+.-")
@@ -80,6 +80,10 @@ FORMATS: tuple[KeyFormat, ...] = (
     KeyFormat(re.compile(rb"-----BEGIN (?P<private_key>(?:[A-Z0-9]{1,32}+ ){0,3}PRIVATE KEY(?: BLOCK)?-----"
                          + _PEM_GAP + rb"(?:" + _PEM_HEADER + _PEM_VALUE + _PEM_GAP + rb"){0,4}+" + _PEM_KEY + rb")"),
               (b"-----BEGIN ",), before="any"),
+    # Aegis's own agent tokens (aegisd/agents.py new_token: the prefix and 32 random bytes, base64url): one
+    # written into a request is leaving for somewhere else, and one in a path must never reach the ledger or
+    # a webhook receiver (an agent misconfigured to put its token in the URL gets 401, with the path recorded).
+    KeyFormat(re.compile(rb"aegis_(?P<aegis_agent_token>[A-Za-z0-9_\-]{43})(?![A-Za-z0-9_\-])"), (b"aegis_",)),
     # scheme://user:password@host with a non-empty password that is no placeholder (the user may be empty:
     # redis://:pw@host).
     KeyFormat(re.compile(rb"://(?P<connection_url>[^\s:/?#@\"'<>\\]{0,512}:" + _PASSWORD_AT
