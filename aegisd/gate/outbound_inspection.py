@@ -26,7 +26,14 @@ from aegisd.gate.agent_connection import GateRequest
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import Route
 from aegisd.inspection import REDACTED, Inspector
-from aegisd.inspection.decompress import DECODABLE, GZIP_MAGIC, DecodeError, TooLarge, decompress_capped
+from aegisd.inspection.decompress import (
+    DECODABLE,
+    GZIP_MAGIC,
+    DecodeError,
+    TooLarge,
+    decodable_prefix,
+    decompress_capped,
+)
 
 NOT_INSPECTABLE = "not_inspectable"
 # A path holding more findings than this is recorded as one marker: bounds the bisection's scans.
@@ -159,8 +166,8 @@ def _decoded(body: bytes, content_encoding: str, limit: int) -> tuple[bytes | No
         return None, Refusal(413, "body_too_large", f"the decompressed request body is larger than {limit} "
                              "bytes; inspected bodies must fit the limit once decompressed", close=True)
     except DecodeError:
-        if sniffed:
-            return None, None  # merely starts like gzip: inspected as the bytes it is
+        if sniffed:  # merely starts like gzip, or a .gz cut short: the bytes as they are, and what decodes of them
+            return decodable_prefix(body, encoding, limit) or None, None
         return None, Refusal(400, "body_not_inspectable", f"the request body is not valid {encoding}")
 
 

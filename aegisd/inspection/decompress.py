@@ -58,6 +58,37 @@ def decompress_capped(data: bytes, encoding: str, cap: int) -> bytes:
     return bytes(out)
 
 
+def decodable_prefix(data: bytes, encoding: str, cap: int) -> bytes:
+    """What decodes from the start of `data` before it breaks off or turns invalid, at most `cap` bytes.
+
+    For a body that only looks compressed (an upload that starts like gzip, cut short or damaged): `gunzip`
+    still prints what it could decode before complaining, so an upstream may read it too."""
+    out = bytearray()
+    rest = data
+    while rest and len(out) < cap:
+        decoder = zlib.decompressobj(_wbits(encoding, rest))
+        after = b""  # the input past the slice in which the member ended
+        try:
+            for start in range(0, len(rest), STEP):  # in slices: a fault late in the data keeps what came before
+                out += decoder.decompress(rest[start:start + STEP], cap - len(out))
+                if decoder.eof:
+                    after = rest[start + STEP:]
+                    break
+                if decoder.unconsumed_tail or len(out) >= cap:
+                    return bytes(out[:cap])
+        except zlib.error:
+            break
+        if not decoder.eof:
+            break
+        rest = decoder.unused_data + after
+        if encoding == "deflate":
+            break
+        rest = rest.lstrip(b"\0")
+        if not rest.startswith(GZIP_MAGIC):
+            break
+    return bytes(out[:cap])
+
+
 class StreamDecoder:
     """Incremental gzip/deflate for a response body, in pieces of at most STEP bytes.
 

@@ -61,3 +61,18 @@ def test_a_clean_padded_body_is_forwarded_as_sent(padded: tuple[GateWorld, Leaky
     assert up.requests_to("/echo/pad-clean")[-1].body == sent
     assert json.loads(gzip.decompress(sent)) == {"greeting": "hello", "note": "nothing secret"}
     world.assert_no_leaks()
+
+
+def test_a_gz_upload_cut_short_is_inspected_for_what_decodes(padded: tuple[GateWorld, LeakyUpstream]) -> None:
+    """Found in review: an uploaded .gz whose trailer (or a second member) was cut off failed to decode as a
+    whole and was inspected only as its compressed bytes, though gunzip prints what it can decode of it."""
+    world, up = padded
+    for secret in (OWN, OTHER):
+        whole = gzip.compress(json.dumps({"note": secret}).encode())
+        for cut in (gzip.compress(b"x" * 300) + whole[:-4],  # the second member's CRC and size missing
+                    whole[:-8]):  # the whole trailer missing
+            with untouched(up):
+                reply = world.call("POST", "/own/echo/cut", HOW["sniffed"], cut, agent="bot")
+            row = world.assert_refused(reply, 403, "body_inspection")
+            assert row["flags"] == "body_inspection_block=vault_secret", row
+    world.assert_no_leaks()
