@@ -32,7 +32,7 @@ def best_us(func: Callable[[], object], repeat: int = 7, number: int = 20) -> fl
 
 def body_64k(escaped: bool) -> bytes:
     """64 KiB of a chat request: GitHub JSON, UUIDs, prose; the escaped variant adds percent-encoding and
-    a `\\/` (as PHP-style encoders write), which make the inspector scan two more decoded views."""
+    a `\\/` (as PHP-style encoders write), which make the inspector scan a decoded view as well."""
     corpus = clean_corpus()
     parts = [corpus[name].decode() for name in ("github_issue", "openai_chat", "uuid_list", "lorem_ipsum")]
     text = "\n".join(parts) * 4

@@ -1,9 +1,9 @@
 """gzip and deflate, decoded with a hard cap (outbound bodies) or in bounded steps (responses).
 
 A compressed request body is inspected as if it had been sent plain, so its decoded size must fit
-the same `max_body_bytes` a plain body must: past that the caller refuses it (a zip bomb costs us at
-most that much memory). Response decoding hands out pieces of at most STEP bytes, so a bomb upstream
-costs bandwidth to the agent, never memory here.
+the same `max_body_bytes` a plain body must: past that the caller refuses it (a zip bomb's decoded
+body is never larger; what inspecting it costs is in docs/inspection.md). Response decoding hands
+out pieces of at most STEP bytes, so a bomb upstream costs bandwidth to the agent, never memory here.
 """
 
 from __future__ import annotations
