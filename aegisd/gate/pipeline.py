@@ -206,12 +206,19 @@ class GatePipeline:
         # The body (buffered unless inspection is off); steps 1-7 again if the vault or the policies changed
         # while it arrived, so what follows uses the routing table of the moment it is forwarded.
         body, admitted = await self._body_as_admitted(request, x, admitted, service, rest)
-        route, inspector = admitted.route, admitted.table.inspector
 
         # 8. body inspection: path, query, headers and body for secrets and keys; the query and headers
-        #    scanned are the agent's as they will be forwarded (step 9's strip)
-        headers, query = agent_headers(request.headers, route), agent_query(query, route)
-        await inspect_request(request, route, inspector, x, rest, query, headers, body, self.config.max_body_bytes)
+        #    scanned are the agent's as they will be forwarded (step 9's strip). A large or compressed body
+        #    is inspected in a worker thread: if the table or the policies changed meanwhile, steps 1-8 again.
+        while True:
+            route, inspector = admitted.route, admitted.table.inspector
+            headers, forwarded_query = agent_headers(request.headers, route), agent_query(query, route)
+            await inspect_request(request, route, inspector, x, rest, forwarded_query, headers, body,
+                                  self.config.max_body_bytes)
+            if self._still_current(admitted):
+                break
+            admitted = self._readmit(request, x, service, rest)
+        query = forwarded_query
         redaction = redaction_for(route, inspector)
 
         # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential
