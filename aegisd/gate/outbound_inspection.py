@@ -6,11 +6,12 @@ whole (`read_body`), bounded by `max_body_bytes` (413 past it), has it inspected
 it from that buffer. Findings name
 families only (`vault_secret`, `openai_key`, ...): never the matched text, never which credential.
 
-A body larger than INLINE_BODY_MAX, or compressed, is inspected in a worker thread, so that one agent's
-large or crafted body cannot stall everyone else's requests on the event loop: inspecting 10 MiB costs
-up to about a second and a half of CPU (crafted for it; 10 KB of gzip can decode to that much), and every
-step of it is either a C pass that releases the GIL (Hyperscan, zlib) or a bounded call that holds it
-for at most a few tens of milliseconds (views.CHUNK, key_formats.WINDOW).
+A body larger than INLINE_BODY_MAX, or one that decodes to more than that, is inspected in a worker
+thread, so that one agent's large or crafted body cannot stall everyone else's requests on the event
+loop: inspecting 10 MiB costs up to about a second and a half of CPU (crafted for it; 10 KB of gzip can
+decode to that much), and every step of it is either a C pass that releases the GIL (Hyperscan, zlib) or
+a bounded call that holds it for at most a few tens of milliseconds (views.CHUNK, key_formats.WINDOW).
+A small compressed body is decoded inline up to INLINE_BODY_MAX, so it never waits behind them.
 """
 
 from __future__ import annotations
@@ -83,11 +84,15 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
     problem: Refusal | None = None
     if body:
         encoding = ", ".join(request.headers.getall("Content-Encoding", []))
-        if len(body) <= INLINE_BODY_MAX and not _compressed(body, encoding):
-            in_body, problem = _inspect_body(inspector, body, encoding, limit)
-        else:
+        try:
+            if len(body) > INLINE_BODY_MAX:
+                raise _LargerThanInline()
+            # Inline, a compressed body decoded only up to INLINE_BODY_MAX: a small one never waits in the
+            # threads' queue behind other agents' large bodies.
+            in_body, problem = _inspect_body(inspector, body, encoding, limit, INLINE_BODY_MAX)
+        except _LargerThanInline:
             in_body, problem = await asyncio.get_running_loop().run_in_executor(
-                _INSPECTION_THREADS, _inspect_body, inspector, body, encoding, limit)
+                _INSPECTION_THREADS, _inspect_body, inspector, body, encoding, limit, None)
         _note(found, "body", in_body)
     if not found and problem is None:
         return
@@ -132,24 +137,26 @@ async def read_body(request: GateRequest, x: Inspected, limit: int) -> bytes:
     return bytes(buffer)
 
 
-def _compressed(body: bytes, content_encoding: str) -> bool:
-    """Whether the body will be decompressed for inspection (so its decoded size is not yet known)."""
-    encoding = content_encoding.strip().lower()
-    return encoding in DECODABLE or (encoding in ("", "identity") and body.startswith(GZIP_MAGIC))
+class _LargerThanInline(Exception):
+    """The body, or what it decodes to, is larger than inline inspection takes: a worker thread's job."""
 
 
-def _inspect_body(inspector: Inspector, body: bytes, content_encoding: str,
-                  limit: int) -> tuple[set[str], Refusal | None]:
-    """The families found in the body as sent and decompressed, and why it cannot be inspected, if it cannot."""
+def _inspect_body(inspector: Inspector, body: bytes, content_encoding: str, limit: int,
+                  inline_max: int | None) -> tuple[set[str], Refusal | None]:
+    """The families found in the body as sent and decompressed, and why it cannot be inspected, if it cannot.
+    With `inline_max`, _LargerThanInline once the decoded body would pass it (nothing scanned yet)."""
+    decoded, problem = _decoded(body, content_encoding, limit, inline_max)
     families = inspector.scan(body)
-    decoded, problem = _decoded(body, content_encoding, limit)
     if decoded is not None:
         families |= inspector.scan(decoded)
     return families, problem
 
 
-def _decoded(body: bytes, content_encoding: str, limit: int) -> tuple[bytes | None, Refusal | None]:
-    """The decompressed body when it is compressed, or why it cannot be inspected."""
+def _decoded(body: bytes, content_encoding: str, limit: int,
+             inline_max: int | None = None) -> tuple[bytes | None, Refusal | None]:
+    """The decompressed body when it is compressed, or why it cannot be inspected; _LargerThanInline when it
+    decodes to more than `inline_max` (when given) and less than the limit allows."""
+    cap = limit if inline_max is None or inline_max >= limit else inline_max
     encoding = content_encoding.strip().lower()
     if encoding in ("", "identity"):
         if not body.startswith(GZIP_MAGIC):
@@ -161,13 +168,18 @@ def _decoded(body: bytes, content_encoding: str, limit: int) -> tuple[bytes | No
         return None, Refusal(415, "body_not_inspectable", f"a request body with Content-Encoding {encoding!r} "
                              "cannot be inspected; send it as identity, gzip or deflate")
     try:
-        return decompress_capped(body, encoding, limit), None
+        return decompress_capped(body, encoding, cap), None
     except TooLarge:
+        if cap < limit:
+            raise _LargerThanInline() from None
         return None, Refusal(413, "body_too_large", f"the decompressed request body is larger than {limit} "
                              "bytes; inspected bodies must fit the limit once decompressed", close=True)
     except DecodeError:
         if sniffed:  # merely starts like gzip, or a .gz cut short: the bytes as they are, and what decodes of them
-            return decodable_prefix(body, encoding, limit) or None, None
+            prefix = decodable_prefix(body, encoding, cap)
+            if len(prefix) >= cap and cap < limit:
+                raise _LargerThanInline() from None
+            return prefix or None, None
         return None, Refusal(400, "body_not_inspectable", f"the request body is not valid {encoding}")
 
 

@@ -8,6 +8,7 @@ daemon's peak RSS from 129 to 866 MiB (unquote_to_bytes split the body into a pi
 from __future__ import annotations
 
 import asyncio
+import gzip
 import importlib
 import random
 import tracemalloc
@@ -114,3 +115,39 @@ def test_a_large_body_is_inspected_beside_the_event_loop() -> None:
     assert ticks > 1, "the event loop did not turn while the body was inspected"
     assert error is not None and getattr(error, "code", None) == "body_inspection", error
     assert x.flags == f"body_inspection_block={VAULT_SECRET}"
+
+
+def test_a_small_compressed_body_is_inspected_inline_and_a_bomb_beside_the_loop() -> None:
+    """Found by a cold review: every compressed body went to the two inspection threads, so a 60-byte gzip
+    POST waited 1.5-2 s behind another agent's queued bombs. It is decoded inline up to INLINE_BODY_MAX now,
+    and handed over only when it decodes to more."""
+    inspector = Inspector([SecretSource("c", (SECRET,))])
+    gzipped = CIMultiDict[str]({"Content-Encoding": "gzip"})
+    request = cast(Any, type("Request", (), {"headers": gzipped}))
+    route = cast(Any, type("Route", (), {"body_inspection": "block"}))
+
+    def suspensions(body: bytes) -> tuple[int, BaseException | None]:
+        x = cast(Any, type("Row", (), {"flags": "", "bytes_in": 0, "path": "/x", "target_host": "h",
+                                       "path_inspected": False})())
+        coroutine = outbound_inspection.inspect_request(request, route, inspector, x, "/x", "", CIMultiDict[str](),
+                                                        body, 10 * 1024 * 1024)
+
+        async def drive() -> tuple[int, BaseException | None]:
+            task = asyncio.ensure_future(coroutine)
+            ticks = 0
+            while not task.done():
+                await asyncio.sleep(0)
+                ticks += 1
+            return ticks, task.exception()
+
+        return asyncio.run(drive())
+
+    small = gzip.compress(b'{"note": "' + SECRET + b'"}')
+    ticks, error = suspensions(small)
+    assert getattr(error, "code", None) == "body_inspection", error
+    assert ticks <= 1, f"a {len(small)}-byte gzip body left the event loop ({ticks} turns)"
+    bomb = gzip.compress(b"%41" * (outbound_inspection.INLINE_BODY_MAX // 2) + SECRET)
+    assert len(bomb) < outbound_inspection.INLINE_BODY_MAX
+    ticks, error = suspensions(bomb)
+    assert getattr(error, "code", None) == "body_inspection", error
+    assert ticks > 1, "a body decoding past INLINE_BODY_MAX was inspected on the event loop"
