@@ -97,7 +97,7 @@ class Dispatcher:
         # Unbounded itself: _hold keeps the queue and the retries, together, within queue_size.
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._bound = config.webhook_queue_size
-        self._unauthenticated_bound = config.webhook_queue_size // UNAUTHENTICATED_SHARE
+        self._unauthenticated_bound = max(1, config.webhook_queue_size // UNAUTHENTICATED_SHARE)
         self._unauthenticated = 0  # such deliveries queued, being sent or waiting for a retry
         self._dropping = 0  # drops since the last summary line
         self._dropping_since = 0.0

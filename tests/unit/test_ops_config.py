@@ -57,3 +57,15 @@ def test_max_connections_is_read_and_bounded(tmp_path: Path) -> None:
     for bad in ("0", "2000000", '"many"'):
         with pytest.raises(ConfigError, match=r"\[gate\] max_connections"):
             _load(tmp_path, f"[gate]\nmax_connections = {bad}\n")
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 8])
+def test_events_without_a_token_always_have_a_place_in_the_webhook_queue(tmp_path: Path, size: int) -> None:
+    """Found by a cold review: their share was queue_size // 4, so under 4 (1 is allowed) every
+    agent_auth_failure for a missing or bad token was dropped, even into an empty queue."""
+    from aegisd.webhooks.dispatcher import Delivery, Dispatcher
+    from aegisd.webhooks.registry import Target
+
+    dispatcher = Dispatcher(_load(tmp_path, f"[webhooks]\nqueue_size = {size}\n"))
+    target = Target("w1", "https://hooks.example.com/x", frozenset({"agent_auth_failure"}), b"k" * 32)
+    assert dispatcher._hold(Delivery(target, "agent_auth_failure", {}, unauthenticated=True))
