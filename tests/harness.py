@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -69,7 +70,26 @@ def _listening(port: int) -> bool:
     return False
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS starts at 49152
+
+
 def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range. A port bind(0) hands out comes from that
+    range, so once a daemon on it stops, any outgoing connection (another test's, under load) may take it as
+    its local port, and the daemon restarted on it fails with "address already in use"."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

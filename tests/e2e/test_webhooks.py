@@ -295,6 +295,8 @@ def test_retries_reach_a_receiver_that_fails_twice() -> None:
 
 
 def test_dead_and_slow_receivers_never_slow_the_gate() -> None:
+    """The flood is an agent's refusals: refusals that name no agent may hold only a quarter of the queue (one
+    place of these four), so with them the held receiver's delivery would keep the dead one's out for good."""
     world = ops_world("[webhooks]\nqueue_size = 4\nworkers = 1\ntimeout = 0.5\nmax_attempts = 2\n"
                       "retry_delay = 0.05\n")
     slow = Receiver(hold=True).start()
@@ -302,15 +304,15 @@ def test_dead_and_slow_receivers_never_slow_the_gate() -> None:
         up = world.upstream()
         world.credential("bear", SECRET, up.entry())
         world.agent("bot", "bear")
-        add_webhook(world, slow, "agent_auth_failure")
+        add_webhook(world, slow, "blocked_request")
         dead = world.aegis.ctl("webhook", "add", f"http://127.0.0.1:{free_port()}/dead", "--events",
-                               "agent_auth_failure").ok()
+                               "blocked_request").ok()
         world.aegis.outputs.remove(dead.out)
         world.secrets.append(dead.out.strip())
 
         started = time.perf_counter()
         for n in range(300):
-            refused(world.call("GET", f"/bear/flood/{n}"), 401, "agent_auth_required")
+            refused(world.call("GET", f"/nosuch/flood/{n}", agent="bot"), 403, "not_granted")
             if n % 10 == 0:
                 assert world.call("GET", f"/bear/echo/{n}", agent="bot").status == 200
         elapsed = time.perf_counter() - started
