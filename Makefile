@@ -24,7 +24,7 @@ test: $(STAMP)
 	@$(MAKE) --no-print-directory benchdeps || echo "wrk/nginx/node missing: the benchmark smoke test will skip"
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 3 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
