@@ -52,12 +52,8 @@ def rpc(handler: Handler[Self, Req, Resp]) -> Handler[Self, Req, Resp]:
     async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
         try:
             return await handler(self, request, context)
-        except AegisError as exc:
-            await abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await _internal(context, handler.__name__, exc)
+            await _fail(context, handler.__name__, exc)
 
     return wrapper
 
@@ -73,12 +69,8 @@ def stream_rpc(handler: StreamHandler[Self, Req, Resp]) -> StreamHandler[Self, R
             async with contextlib.aclosing(handler(self, request, context)) as stream:
                 async for message in stream:
                     yield message
-        except AegisError as exc:
-            await abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await _internal(context, handler.__name__, exc)
+            await _fail(context, handler.__name__, exc)
 
     return wrapper
 
@@ -88,6 +80,16 @@ async def abort(context: Ctx, exc: AegisError) -> NoReturn:
     context.set_trailing_metadata(((REASON_KEY, exc.reason),))
     await context.abort(STATUS[exc.kind], exc.message)
     raise AssertionError("unreachable: abort raises")
+
+
+async def _fail(context: Ctx, name: str, exc: Exception) -> NoReturn:
+    """How a failed RPC ends, unary or streaming: a daemon error with its status, an abort as it is, anything
+    else as INTERNAL."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, AegisError):
+        await abort(context, exc)
+    await _internal(context, name, exc)
 
 
 async def _internal(context: Ctx, name: str, exc: Exception) -> NoReturn:
