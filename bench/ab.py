@@ -1,12 +1,13 @@
 """Does a change cost the gate anything? Two source trees' daemons side by side, alternating.
 
-`python -m bench.ab REV [--rounds N] [--seconds S]`
+`python -m bench.ab REV [--rounds N] [--seconds S] [--connections C]`
 
 This machine's speed drifts by a third within minutes, so two full `make bench` runs cannot tell a
 change of a few per cent from the drift. Here the daemon built from REV (a git revision, checked out
 in a temporary worktree) and the one from this tree are configured as `make bench` configures one,
-share one nginx, and take turns at 20 connections, the order flipped every round: a difference that
-holds in most rounds is the change's, not the machine's.
+share one nginx, and take turns at 20 connections (or `--connections N`), the order flipped every round:
+a difference that holds in most rounds is the change's, not the machine's. At one connection the p50
+is the number to read (the one-connection target is added latency).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rev", help="The revision to compare this tree with (e.g. HEAD~3, a commit).")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--work-dir", type=Path, help="Keep the daemons' files here (default: a temp dir, removed).")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so every process started is stopped
@@ -75,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             setup = start_configured(stack, daemon, nginx.url)
             gates[name] = (daemon, daemon.gate_url + "/bench/small", setup.token)
         for _, url, token in gates.values():
-            run_wrk(url, CONNECTIONS, 1, Request(token=token))  # warm-up
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in gates}
+            run_wrk(url, args.connections, 1, Request(token=token))  # warm-up
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in gates}
         errors = 0
         order = list(gates)
         for round_no in range(args.rounds):
@@ -84,17 +86,19 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 gate, url, token = gates[name]
                 before = cpu_seconds(gate.pid)
-                wrk = run_wrk(url, CONNECTIONS, args.seconds, Request(token=token))
+                wrk = run_wrk(url, args.connections, args.seconds, Request(token=token))
                 per_request = (cpu_seconds(gate.pid) - before) / wrk.requests * 1e6 if wrk.requests else 0.0
-                results[name].append((wrk.rps, per_request))
+                results[name].append((wrk.rps, per_request, wrk.p50_ms))
                 errors += wrk.errors
-                cells.append(f"{name} {wrk.rps:6.0f} req/s, {per_request:4.0f} us CPU/req, p99 {wrk.p99_ms:5.2f} ms")
+                cells.append(f"{name} {wrk.rps:6.0f} req/s, {per_request:4.0f} us CPU/req, "
+                             f"p50 {wrk.p50_ms:5.2f} ms, p99 {wrk.p99_ms:5.2f} ms")
             order.reverse()
             print(f"round {round_no + 1}: " + " | ".join(cells), flush=True)
         for name, values in results.items():
-            rps, cpu = [v[0] for v in values], [v[1] for v in values]
+            rps, cpu, p50 = ([v[i] for v in values] for i in range(3))
             print(f"{name}: req/s median {statistics.median(rps):.0f} ({min(rps):.0f}-{max(rps):.0f}), "
-                  f"CPU/req median {statistics.median(cpu):.0f} us ({min(cpu):.0f}-{max(cpu):.0f})", flush=True)
+                  f"CPU/req median {statistics.median(cpu):.0f} us ({min(cpu):.0f}-{max(cpu):.0f}), "
+                  f"p50 median {statistics.median(p50):.3f} ms ({min(p50):.3f}-{max(p50):.3f})", flush=True)
         print(f"errors: {errors}", flush=True)
     return 1 if errors else 0
 
