@@ -5,7 +5,8 @@
 In-process, with the daemon's own classes on a temp data dir (no gRPC, no CLI): N credentials, N
 agents and N grants, then the median of R of each change, timed from the call to the end of the
 rebuild its listeners run. No target covers these; docs/performance.md records them because a
-change must not cost time that grows with the whole vault when it touches one row.
+change must not cost time that grows with the whole vault when it touches one row (the eighth stop, in
+docs/performance-history.md).
 """
 
 from __future__ import annotations
