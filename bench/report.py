@@ -21,7 +21,7 @@ def load_table(load: list[dict[str, Any]]) -> str:
         cpu = f"{r['cpu_us_per_req']:.0f}" if r.get("cpu_us_per_req") is not None else "-"
         vs_base = f"{r['vs_baseline']:.2f}" if r.get("vs_baseline") is not None else "-"
         vs_direct = f"{r['vs_direct']:.2f}" if r.get("vs_direct") is not None else "-"
-        name = SCENARIO_NAMES.get(r["scenario"]) or f"GET, {r['scenario'][4:]} creds+agents"
+        name = SCENARIO_NAMES.get(r["scenario"]) or scale_name(r["scenario"])
         lines.append(f"{name:<24}{r['connections']:>6}  "
                      f"{r['config']:<9}{r['rps']:>9.0f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                      f"{r['errors']:>8}{cpu:>12}{vs_base:>8}{vs_direct:>9}")
@@ -33,6 +33,12 @@ def load_table(load: list[dict[str, Any]]) -> str:
         lines += [f"  {r['scenario']} c={r['connections']}: loop {_maybe(r['loop_busy'], '.0%')}, "
                   f"{_maybe(r['rows_per_commit'], '.1f')} rows per commit" for r in gate]
     return "\n".join(lines)
+
+
+def scale_name(scenario: str) -> str:
+    """`get_1000` (the scaled gate, before and after) or `ab_1000` (it and a one-credential gate side by side)."""
+    kind, _, count = scenario.partition("_")
+    return f"GET, {count} vs 1, A/B" if kind == "ab" else f"GET, {count} creds+agents"
 
 
 def _maybe(value: float | None, spec: str) -> str:

@@ -126,7 +126,7 @@ class Bench:
             if self.args.profile:
                 self.profile(daemon, setup)
             if self.args.scale:
-                self.scale(nginx, baseline, daemon, setup)
+                self.scale(stack, nginx, baseline, daemon, setup)
 
     def main_loads(self, nginx: Service, baseline: Service, daemon: BenchDaemon, setup: Setup) -> None:
         targets = {"direct": (nginx.url, None), "baseline": (baseline.url, baseline.pid),
@@ -158,26 +158,32 @@ class Bench:
         })
 
     def cell(self, scenario: str, conns: int, urls: Mapping[str, tuple[str, int | None]], request: Request,
-             daemon: BenchDaemon) -> None:
-        """One (scenario, connections) cell: every configuration, alternating, `rounds` times."""
+             daemon: BenchDaemon, rounds: int | None = None, duration: float | None = None,
+             requests: Mapping[str, Request] | None = None) -> None:
+        """One (scenario, connections) cell: every configuration, alternating, `rounds` times (each
+        configuration sends `request`, or its own from `requests`: another gate has its own agent token)."""
+        requests = {name: (requests or {}).get(name, request) for name in urls}
         runs: dict[str, list[tuple[WrkResult, float | None]]] = {name: [] for name in urls}
         loop = GateLoopSample()
-        for _ in range(self.args.rounds):
-            for name, (url, pid) in urls.items():
+        order = list(urls)
+        for _ in range(rounds or self.args.rounds):
+            for name in order:
+                url, pid = urls[name]
                 if name == "gate":  # its metrics scrape stays outside the CPU and wall time measured
                     loop.begin(daemon)
                 cpu_before = cpu_seconds(pid) if pid else 0.0
-                result = run_wrk(url, conns, self.args.duration, request)
+                result = run_wrk(url, conns, duration or self.args.duration, requests[name])
                 cpu = cpu_seconds(pid) - cpu_before if pid else None
                 if name == "gate":
                     loop.end(daemon)
                 runs[name].append((result, cpu))
+            order.reverse()  # whoever runs first in a round may meet a different machine than whoever runs last
         rows = {name: aggregate(scenario, conns, name, samples) for name, samples in runs.items()}
         if "gate" in rows:
             rows["gate"].update(loop.summary())
         for name, row in rows.items():
             if row["errors"]:
-                row["sample_answer"] = sample_answer(urls[name][0], request)
+                row["sample_answer"] = sample_answer(urls[name][0], requests[name])
         for name, row in rows.items():
             if name != "direct" and "direct" in rows:
                 row["vs_direct"] = row["rps"] / rows["direct"]["rps"] if rows["direct"]["rps"] else None
@@ -211,13 +217,21 @@ class Bench:
                                  **profile.summarise(target)}
         self.results["profile"] = summary
 
-    def scale(self, nginx: Service, baseline: Service, daemon: BenchDaemon, setup: Setup) -> None:
-        """The same 20-connection GET right before and right after adding `count` of everything,
-        so the comparison is between neighbouring runs rather than runs minutes apart."""
+    def scale(self, stack: ExitStack, nginx: Service, baseline: Service, daemon: BenchDaemon, setup: Setup) -> None:
+        """The same 20-connection GET right before and right after adding `count` of everything, so the
+        comparison is between neighbouring runs rather than runs minutes apart; then the scaled gate and a
+        second one configured alike with one of everything, side by side, alternating in short rounds.
+
+        The side-by-side cell is the one this machine's drift cannot move: the two gates are the same
+        program, so a fast or slow stretch speeds or slows both alike (the forwarder gains more than the
+        gate from a fast stretch, so a ratio to it cannot correct for one).
+        """
         count = self.args.scale
         request = Request(token=setup.token)
         urls = {"baseline": (baseline.url + "/small", baseline.pid),
                 "gate": (daemon.gate_url + "/bench/small", daemon.pid)}
+        one = BenchDaemon(self.root / "gate-1")
+        one_setup = start_configured(stack, one, nginx.url)
         self.cell("get_1", 20, urls, request, daemon)
         self.log(f"adding {count} credentials, {count} agents and {count} grants over gRPC")
         timings = populate(daemon.socket, count)
@@ -227,6 +241,12 @@ class Bench:
             run_wrk(url, 20, max(self.args.warmup, 1.0), request)
         self.cell(f"get_{count}", 20, urls, request, daemon)
         self.results["memory"]["rss_after_scale_mib"] = memory_kib(daemon.pid)["VmRSS"] / MIB
+        one_request = Request(token=one_setup.token)
+        run_wrk(one.gate_url + "/bench/small", 20, max(self.args.warmup, 1.0), one_request)
+        side_by_side = {"gate": (daemon.gate_url + "/bench/small", daemon.pid),
+                        "gate-1": (one.gate_url + "/bench/small", one.pid)}
+        self.cell(f"ab_{count}", 20, side_by_side, request, daemon, rounds=max(3, self.args.rounds),
+                  duration=self.args.duration / 2, requests={"gate-1": one_request})
 
     def ledger(self) -> None:
         rows = self.args.ledger_rows
