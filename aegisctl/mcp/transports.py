@@ -4,6 +4,8 @@ Over HTTP the MCP endpoint demands `Authorization: Bearer <this bridge's MCP bea
 local process, or another user on the machine, could use this agent's grants without a token. The
 bearer is the bridge's own, never the agent token: a host sends it to whatever listens on the port,
 and a process squatting the port while the bridge is down must not collect a token the gate accepts.
+On Linux the endpoint also serves only processes of the bridge's own user and root (peer_user), so a
+squatter of another user cannot use a bearer it collected.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aegisctl.mcp.gate_client import GateClient
+from aegisctl.mcp.peer_user import PeerUserGuard
 from aegisctl.mcp.tools import build_server
 
 MCP_PATH = "/mcp"
@@ -41,7 +44,8 @@ async def serve_http(gate: GateClient, bearer: str, host: str, port: int, ready:
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    app = BearerGuard(build_server(gate).streamable_http_app(streamable_http_path=MCP_PATH, host=host), bearer)
+    app = PeerUserGuard(BearerGuard(build_server(gate).streamable_http_app(streamable_http_path=MCP_PATH, host=host),
+                                    bearer))
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     ready(f"http://{shown}:{sock.getsockname()[1]}{MCP_PATH}")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")

@@ -1,0 +1,76 @@
+"""The HTTP bridge serves only its own user's processes (and root's): a process of another user that holds
+the bridge's MCP bearer (collected by squatting the port while the bridge was down) gets 403, on Linux.
+
+A real daemon and agent, the real `aegisctl mcp serve --transport http`, and a real client process
+running as `nobody` that sends the right bearer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.gate_support import GateWorld
+from tests.e2e.mcp_support import Bridge, write_token_file
+
+SECRET = "mcpPeerUserSecret-0123456789abcdefABCDEF"
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # one that `nobody` may run: the venv's lives under /root
+NOBODY = 65534
+# Reads the bearer from stdin (never argv, which `ps` shows), POSTs an MCP initialize, prints status and body.
+CLIENT = """
+import http.client, json, sys
+port, bearer = int(sys.argv[1]), sys.stdin.read().strip()
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+if bearer:
+    headers["Authorization"] = "Bearer " + bearer
+init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "peer-test", "version": "1"}}}
+conn.request("POST", "/mcp", body=json.dumps(init), headers=headers)
+reply = conn.getresponse()
+print(json.dumps({"status": reply.status, "body": reply.read(2000).decode(errors="replace")}))
+"""
+
+
+def initialize_as(uid: int, port: int, bearer: str) -> dict[str, object]:
+    proc = subprocess.run([str(SYSTEM_PYTHON), "-I", "-c", CLIENT, str(port)], input=bearer, user=uid, cwd="/",
+                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    answer: dict[str, object] = json.loads(proc.stdout)
+    return answer
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="acting as another user needs root")
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="the peer's user is read from Linux's /proc/net")
+@pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="needs /usr/bin/python3 for the other user's client")
+def test_http_bridge_refuses_another_users_process_even_with_the_bearer() -> None:
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("api", SECRET, up.entry())
+        token = world.agent("bot", "api")
+        token_file = write_token_file(world.aegis.root / "bot.token", token)
+        bridge = Bridge(world.aegis.gate_url, token_file, world.aegis.root / "bridge.err")
+        proc = bridge.start_http()
+        try:
+            bearer = bridge.bearer()
+            for sent in (bearer, ""):  # with the right bearer, and without one: refused before the bearer counts
+                refused = initialize_as(NOBODY, bridge.http_port, sent)
+                assert refused["status"] == 403, refused
+                error = json.loads(str(refused["body"]))["error"]
+                assert error["code"] == "peer_user_refused" and f"uid {NOBODY}" in error["message"], error
+            # Root (this bridge's own user here) gets past the user check: with the bearer the bridge starts an
+            # MCP session; without it the bearer check refuses.
+            own = initialize_as(0, bridge.http_port, bearer)
+            assert own["status"] == 200 and '"result"' in str(own["body"]), own
+            assert initialize_as(0, bridge.http_port, "")["status"] == 401
+        finally:
+            proc.terminate()
+            proc.wait(15)
+        world.aegis.assert_no_leaks([SECRET, token, bearer], extra_text=[bridge.stderr()])
+    finally:
+        world.close()

@@ -1,0 +1,113 @@
+"""peer_user: the uid behind a loopback TCP connection, read from the kernel's own tables, and the
+middleware that serves only the bridge's user and root."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from aegisctl.mcp.peer_user import PeerUnknown, PeerUserGuard, peer_uid, proc_address
+
+LINUX = Path("/proc/net/tcp").exists()
+
+
+def test_proc_address_matches_the_kernels_notation() -> None:
+    assert proc_address("127.0.0.1", 8080) == "0100007F:1F90"
+    assert proc_address("::1", 443) == "00000000000000000000000001000000:01BB"
+    assert proc_address("::ffff:127.0.0.1", 1) == "0000000000000000FFFF00000100007F:0001"
+
+
+@pytest.fixture
+def loopback_pair() -> Iterator[tuple[tuple[str, int], tuple[str, int]]]:
+    """A real connection on 127.0.0.1: (the client's address, the server's address)."""
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        accepted, _ = server.accept()
+        with accepted:
+            yield client.getsockname(), server.getsockname()
+
+
+@pytest.mark.skipif(not LINUX, reason="the kernel's TCP tables are Linux's /proc/net")
+def test_peer_uid_of_a_real_connection_is_ours(
+        loopback_pair: tuple[tuple[str, int], tuple[str, int]]) -> None:
+    client, server = loopback_pair
+    assert peer_uid(client, server) == os.getuid()
+    with pytest.raises(PeerUnknown):  # the same client port towards another server: no such connection
+        peer_uid(client, (server[0], server[1] ^ 1))
+
+
+@pytest.mark.skipif(not LINUX or not socket.has_ipv6, reason="needs Linux and IPv6")
+def test_peer_uid_over_ipv6_loopback() -> None:
+    try:
+        server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no ::1 on this host")
+    with server, socket.create_connection(server.getsockname()[:2]) as client:
+        accepted, _ = server.accept()
+        with accepted:
+            assert peer_uid(client.getsockname()[:2], server.getsockname()[:2]) == os.getuid()
+
+
+def _table(tmp_path: Path, uid: int) -> Path:
+    """A /proc/net stand-in holding one connection 127.0.0.1:40000 -> 127.0.0.1:8765 owned by `uid`."""
+    net = tmp_path / "net"
+    net.mkdir(parents=True)
+    (net / "tcp").write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        f"   0: 0100007F:9C40 0100007F:223D 01 00000000:00000000 00:00000000 00000000  {uid:>5}        0 1 1\n")
+    return net
+
+
+def _serve(guard: PeerUserGuard, client: tuple[str, int] | None) -> tuple[int, bytes, bool]:
+    """One HTTP request through `guard` in front of an app that answers 200: (status, body, app reached)."""
+    reached = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(True)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    guard._app = app  # the guard wraps whatever app it was given; here one that records being reached
+    scope = {"type": "http", "client": client, "server": ("127.0.0.1", 8765), "headers": []}
+    anyio.run(guard, scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), bool(reached)
+
+
+def test_guard_serves_its_own_user_and_root(tmp_path: Path) -> None:
+    for owner in (1000, 0):
+        guard = PeerUserGuard(lambda *a: None, uid=1000, proc_net=_table(tmp_path / str(owner), owner))
+        status, _, reached = _serve(guard, ("127.0.0.1", 40000))
+        assert (status, reached) == (200, True)
+
+
+def test_guard_refuses_another_user_without_reaching_the_app(tmp_path: Path) -> None:
+    guard = PeerUserGuard(lambda *a: None, uid=1000, proc_net=_table(tmp_path, 1001))
+    status, body, reached = _serve(guard, ("127.0.0.1", 40000))
+    assert (status, reached) == (403, False)
+    assert b'"peer_user_refused"' in body and b"uid 1001" in body and b"uid 1000" in body
+
+
+def test_guard_refuses_a_connection_it_cannot_find(tmp_path: Path) -> None:
+    guard = PeerUserGuard(lambda *a: None, uid=1000, proc_net=_table(tmp_path, 1000))
+    for client in (("127.0.0.1", 40001), None):  # not in the table; no peer address at all
+        status, body, reached = _serve(guard, client)
+        assert (status, reached) == (403, False) and b"cannot tell which user" in body
+
+
+def test_guard_serves_where_the_system_keeps_no_table(tmp_path: Path) -> None:
+    """macOS and the like: no /proc/net, so no check (docs/mcp.md says so), rather than no bridge."""
+    guard = PeerUserGuard(lambda *a: None, uid=1000, proc_net=tmp_path / "absent")
+    status, _, reached = _serve(guard, ("127.0.0.1", 40000))
+    assert (status, reached) == (200, True)
