@@ -7,10 +7,10 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 from aegisctl.mcp.peer_user import PeerUnknown, PeerUserGuard, peer_uid, proc_address
 
@@ -63,51 +63,48 @@ def _table(tmp_path: Path, uid: int) -> Path:
     return net
 
 
-def _serve(guard: PeerUserGuard, client: tuple[str, int] | None) -> tuple[int, bytes, bool]:
-    """One HTTP request through `guard` in front of an app that answers 200: (status, body, app reached)."""
+def _serve(proc_net: Path, client: tuple[str, int] | None) -> tuple[int, bytes, bool]:
+    """One HTTP request through a guard (for uid 1000, reading `proc_net`) in front of an app that answers
+    200: (status, body, whether the app was reached)."""
     reached = []
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         reached.append(True)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    async def send(message: dict[str, Any]) -> None:
+    async def record(message: Message) -> None:
         sent.append(message)
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return {"type": "http.request", "body": b""}
 
-    guard._app = app  # the guard wraps whatever app it was given; here one that records being reached
-    scope = {"type": "http", "client": client, "server": ("127.0.0.1", 8765), "headers": []}
-    anyio.run(guard, scope, receive, send)
+    scope: Scope = {"type": "http", "client": client, "server": ("127.0.0.1", 8765), "headers": []}
+    anyio.run(PeerUserGuard(app, uid=1000, proc_net=proc_net), scope, receive, record)
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), bool(reached)
 
 
 def test_guard_serves_its_own_user_and_root(tmp_path: Path) -> None:
     for owner in (1000, 0):
-        guard = PeerUserGuard(lambda *a: None, uid=1000, proc_net=_table(tmp_path / str(owner), owner))
-        status, _, reached = _serve(guard, ("127.0.0.1", 40000))
+        status, _, reached = _serve(_table(tmp_path / str(owner), owner), ("127.0.0.1", 40000))
         assert (status, reached) == (200, True)
 
 
 def test_guard_refuses_another_user_without_reaching_the_app(tmp_path: Path) -> None:
-    guard = PeerUserGuard(lambda *a: None, uid=1000, proc_net=_table(tmp_path, 1001))
-    status, body, reached = _serve(guard, ("127.0.0.1", 40000))
+    status, body, reached = _serve(_table(tmp_path, 1001), ("127.0.0.1", 40000))
     assert (status, reached) == (403, False)
     assert b'"peer_user_refused"' in body and b"uid 1001" in body and b"uid 1000" in body
 
 
 def test_guard_refuses_a_connection_it_cannot_find(tmp_path: Path) -> None:
-    guard = PeerUserGuard(lambda *a: None, uid=1000, proc_net=_table(tmp_path, 1000))
+    table = _table(tmp_path, 1000)
     for client in (("127.0.0.1", 40001), None):  # not in the table; no peer address at all
-        status, body, reached = _serve(guard, client)
+        status, body, reached = _serve(table, client)
         assert (status, reached) == (403, False) and b"cannot tell which user" in body
 
 
 def test_guard_serves_where_the_system_keeps_no_table(tmp_path: Path) -> None:
     """macOS and the like: no /proc/net, so no check (docs/mcp.md says so), rather than no bridge."""
-    guard = PeerUserGuard(lambda *a: None, uid=1000, proc_net=tmp_path / "absent")
-    status, _, reached = _serve(guard, ("127.0.0.1", 40000))
+    status, _, reached = _serve(tmp_path / "absent", ("127.0.0.1", 40000))
     assert (status, reached) == (200, True)
