@@ -328,9 +328,12 @@ def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: G
         while not list(aegis.data_dir.glob(".restore-*/ledger.db")):  # checked, staged: the swap is next
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.02)
-        time.sleep(0.5)
+        # Into the swap, which the held lock keeps going for up to the ledger's 5 s busy timeout: near the middle
+        # of that, so that a loaded machine may be seconds late starting the swap, or ending the client.
+        time.sleep(2.0)
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+        time.sleep(0.5)  # the daemon sees its client gone before the lock goes and the swap can end
     finally:
         if proc.poll() is None:
             proc.kill()

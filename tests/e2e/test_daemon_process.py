@@ -153,18 +153,22 @@ def test_systemd_notify_protocol(fresh: Aegis) -> None:
     pytest.importorskip("systemd.daemon", reason="systemd-python is the optional 'systemd' extra")
     listener = NotifyListener(fresh.root / "notify.sock")
     try:
-        fresh.start(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000"})
+        # A 1 s watchdog interval: pings every 0.5 s. (At 0.2 s, pings every 0.1 s had to keep a median gap under
+        # 0.2 s: only 0.1 s of room for a loaded machine waking the daemon late.)
+        fresh.start(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000"})
         assert wait_for(lambda: any("READY=1" in t for t in listener.texts()))
         ready = next(t for t in listener.texts() if "READY=1" in t)
         fields = dict(line.split("=", 1) for line in ready.splitlines())
         assert fields["STATUS"] and "vault uninitialized" in fields["STATUS"]
         assert fresh.proc is not None and fields["MAINPID"] == str(fresh.proc.pid)
 
-        # Pings at half of WATCHDOG_USEC (0.1 s), from the running event loop.
-        assert wait_for(lambda: sum(t == "WATCHDOG=1" for t in listener.texts()) >= 5, timeout=5)
+        # Pings at half of WATCHDOG_USEC (0.5 s), from the running event loop.
+        assert wait_for(lambda: sum(t == "WATCHDOG=1" for t in listener.texts()) >= 5, timeout=30)
         pings = [at for at, t in listener.messages if t == "WATCHDOG=1"]
         gaps = [b - a for a, b in itertools.pairwise(pings)]
-        assert statistics.median(gaps) < 0.2, gaps  # pinged inside the 0.2 s watchdog interval
+        # Well inside the 1 s watchdog interval, which pings at the whole interval would not be: 0.3 s of room for
+        # late wake-ups on a loaded machine, and 0.2 s below such pings.
+        assert statistics.median(gaps) < 0.8, gaps
         ready_index = listener.texts().index(ready)
         assert all(t != "WATCHDOG=1" for t in listener.texts()[:ready_index])  # READY first
 

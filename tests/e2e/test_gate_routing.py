@@ -172,9 +172,14 @@ def test_a_request_judged_again_is_judged_at_that_moment() -> None:
     world = GateWorld.start()
     try:
         up = world.upstream()
-        world.credential("bear", SECRETS["bear"], up.entry(), "--ttl", "3")
-        expires = time.monotonic() + 3
-        world.agent("bot", "bear")
+        # Both requests must be admitted within the credential's lifetime, which the test then waits out. The
+        # agent is made first, so that only one aegisctl run (the grant) and the two admissions fall inside it:
+        # about half a second here; a loaded machine can take a second or more for each aegisctl run alone.
+        world.agent("bot")
+        lifetime = 6
+        world.credential("bear", SECRETS["bear"], up.entry(), "--ttl", str(lifetime))
+        expires = time.monotonic() + lifetime
+        world.aegis.ctl("grant", "bot", "bear").ok()
         unchanged = _admitted(world, "expiring")  # both admitted while the credential is valid
         changed = _admitted(world, "expiring-changed")
         time.sleep(max(0.0, expires + 0.5 - time.monotonic()))

@@ -17,8 +17,12 @@ from tests.e2e.gate_support import GateWorld, Reply, request
 
 HEALTH_S = 5.0  # a health check answers in milliseconds; the review's requests held it for 4-28 s
 # While large bodies are inspected in worker threads the loop waits for the GIL at most a few tens of
-# milliseconds at a time (about 20 ms measured); inspected on the loop, these uploads held it 2.6-4 s.
+# milliseconds at a time (about 20 ms measured); inspected on the loop, these uploads held it 2.6-4 s, nearly
+# all of the time the gate worked on them. A loaded machine slows every step of the daemon, the inspection's
+# included, so past UPLOAD_HEALTH_S the bound is relative: a share of that time, far above a loop that only
+# waits for the GIL and far below one held by the inspection.
 UPLOAD_HEALTH_S = 1.0
+UPLOAD_HEALTH_SHARE = 0.25
 SECRET = "cost-secret-Q7w8E9r0T1y2U3i4"
 
 
@@ -35,10 +39,11 @@ def world() -> Iterator[GateWorld]:
 
 
 def _while_probing_health(world: GateWorld, *sends: Callable[[], Reply],
-                          must_overlap: bool = True) -> tuple[list[Reply], float]:
-    """Each `send()`'s reply (sent at once, from threads), and the longest /_aegis/health took when asked,
-    over and over, while the gate worked on them. `must_overlap`: some probe must be answered while the work
-    still goes on, or nothing was measured (off where the work is now quick, and only a hang can fail)."""
+                          must_overlap: bool = True) -> tuple[list[Reply], float, float]:
+    """Each `send()`'s reply (sent at once, from threads), the longest /_aegis/health took when asked, over
+    and over, while the gate worked on them, and how long that work took in all. `must_overlap`: some probe
+    must be answered while the work still goes on, or nothing was measured (off where the work is now quick,
+    and only a hang can fail)."""
     replies: dict[int, Reply] = {}
     errors: list[BaseException] = []
 
@@ -49,6 +54,7 @@ def _while_probing_health(world: GateWorld, *sends: Callable[[], Reply],
             errors.append(exc)
 
     attackers = [threading.Thread(target=attack, args=(i, send)) for i, send in enumerate(sends)]
+    began = time.monotonic()
     for attacker in attackers:
         attacker.start()
     time.sleep(0.05)  # probing from (nearly) the start: the work is short on a fast machine
@@ -67,10 +73,16 @@ def _while_probing_health(world: GateWorld, *sends: Callable[[], Reply],
         time.sleep(0.02)
     for attacker in attackers:
         attacker.join(120)
+    took = time.monotonic() - began
     assert not errors, errors
     assert overlapped or not must_overlap, "the gate finished before /_aegis/health was first asked: nothing " \
         "was measured"
-    return [replies[i] for i in range(len(sends))], worst
+    return [replies[i] for i in range(len(sends))], worst, took
+
+
+def _assert_not_held(worst: float, took: float, what: str) -> None:
+    assert worst < UPLOAD_HEALTH_S or worst < took * UPLOAD_HEALTH_SHARE, \
+        f"/_aegis/health took {worst:.1f} s while {what} inspected, {took:.1f} s in all"
 
 
 def _peak_rss_mib(world: GateWorld, reset: bool = False) -> float:
@@ -87,11 +99,11 @@ def test_a_tokenless_request_cannot_stall_the_gate_with_a_pem_lookalike_path(wor
     """The review's request: no token, a path of a PEM header and `a: ` repeated, which the path masking for
     the ledger scanned with a pattern that backtracked ~N^4 (27.5 s of a frozen gate for ~1 KB), locked or not."""
     target = "/svc/-----BEGIN%20PRIVATE%20KEY-----%0A" + "a:%20" * 220 + "!"
-    (reply,), _ = _while_probing_health(world, lambda: world.raw_request("GET", target), must_overlap=False)
+    (reply,), _, _ = _while_probing_health(world, lambda: world.raw_request("GET", target), must_overlap=False)
     world.assert_refused(reply, 401, "agent_auth_required", path=target[4:])
     world.aegis.ctl("lock").ok()
     try:
-        (reply,), _ = _while_probing_health(world, lambda: world.raw_request("GET", target), must_overlap=False)
+        (reply,), _, _ = _while_probing_health(world, lambda: world.raw_request("GET", target), must_overlap=False)
         world.assert_refused(reply, 503, "vault_locked")
     finally:
         world.unlock()
@@ -112,8 +124,8 @@ def test_a_small_gzip_upload_that_decodes_to_10_mib_of_escapes_stalls_nothing_an
     assert len(bomb) < 20_000
     world.call("GET", "/svc/echo/warm", agent="bot")
     before = _peak_rss_mib(world, reset=True)
-    (reply,), worst = _while_probing_health(world, _upload(world, "bomb", bomb))
-    assert worst < UPLOAD_HEALTH_S, f"/_aegis/health took {worst:.1f} s while the upload was inspected"
+    (reply,), worst, took = _while_probing_health(world, _upload(world, "bomb", bomb))
+    _assert_not_held(worst, took, "the upload was")
     assert reply.status == 200, reply.text()  # nothing secret in it: forwarded as sent
     grew = _peak_rss_mib(world) - before
     assert grew < 120, f"the daemon's peak RSS grew by {grew:.0f} MiB inspecting a 10 MiB body"
@@ -127,9 +139,9 @@ def test_large_bodies_are_inspected_beside_each_other_and_a_secret_at_their_end_
     filler = b"%2541\\u0041" * (9 * 1024 * 1024 // 12)
     hidden = "".join(f"%{ord(c):02X}" if i % 2 else f"\\u{ord(c):04x}" for i, c in enumerate(SECRET)).encode()
     clean, leaking = gzip.compress(filler, 9), gzip.compress(filler + hidden, 9)
-    (passed, refused), worst = _while_probing_health(world, _upload(world, "clean", clean),
-                                                     _upload(world, "leaking", leaking))
-    assert worst < UPLOAD_HEALTH_S, f"/_aegis/health took {worst:.1f} s while the uploads were inspected"
+    (passed, refused), worst, took = _while_probing_health(world, _upload(world, "clean", clean),
+                                                           _upload(world, "leaking", leaking))
+    _assert_not_held(worst, took, "the uploads were")
     assert passed.status == 200, passed.text()
     world.assert_refused(refused, 403, "body_inspection", flags="body_inspection_block=vault_secret")
     world.assert_no_leaks()

@@ -192,6 +192,7 @@ def test_the_daemon_stays_responsive_while_a_compressed_answer_streams(lim: Limi
             received.append(size)
 
     agent = threading.Thread(target=drain)
+    began = time.perf_counter()
     agent.start()
     worst = 0.0
     try:
@@ -202,8 +203,14 @@ def test_the_daemon_stays_responsive_while_a_compressed_answer_streams(lim: Limi
             time.sleep(0.02)
     finally:
         agent.join(120)
+    streamed = time.perf_counter() - began
     assert received and received[0] > BOMB_DECODED  # it all arrived (chunked), while /health answered
-    assert worst < 0.5, f"/_aegis/health took {worst:.2f} s while the answer streamed"
+    # A loop held while the answer decoded kept /health waiting for nearly all of the stream (2.4-2.9 s); given
+    # turns, /health takes milliseconds (about 30 ms measured). A loaded machine slows every step of the daemon,
+    # the stream's included, so past 0.5 s the bound is relative: a quarter of the stream, far above a loop that
+    # takes turns and far below one that is held.
+    assert worst < 0.5 or worst < streamed / 4, \
+        f"/_aegis/health took {worst:.2f} s while the answer streamed for {streamed:.2f} s"
 
 
 def test_a_small_answer_is_held_whole_only_while_it_decodes_small(lim: Limits) -> None:

@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-GUARD_SECONDS = 5.0  # a test that hangs fails after this rather than after pytest's two minutes
+# A test that hangs fails after this rather than after pytest's two minutes. Far above what any test here
+# takes (a second or two at most), so a loaded CI machine (three workers on two cores) cannot reach it.
+GUARD_SECONDS = 30.0
 
 
 class Run:
@@ -28,8 +30,9 @@ class Run:
         assert reports == []
 
 
-async def eventually(condition: Callable[[], bool], what: str, seconds: float = 2.0) -> None:
-    """Wait until `condition` holds: for states a connection (or the ledger's thread) reaches between two events."""
+async def eventually(condition: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    """Wait until `condition` holds: for states a connection (or the ledger's thread) reaches between two events.
+    They take milliseconds, or a read timeout of at most 0.3 s: the default leaves room for a loaded machine."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:

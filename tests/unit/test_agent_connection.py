@@ -47,7 +47,9 @@ from aegisd.gate.server import GateServer
 from aegisd.gate.wire import HeadError
 from tests.unit.event_loops import GUARD_SECONDS, Run, eventually
 
-READ_SECONDS = 2.0  # how long an agent waits for bytes it expects before the test fails, showing what came
+# How long an agent waits for bytes it expects before the test fails, showing what came. Expected bytes come
+# within milliseconds, or after a read timeout or linger of at most 0.3 s: far more, for a loaded machine.
+READ_SECONDS = 10.0
 DATE = "Thu, 01 Jan 2026 00:00:00 GMT"  # every answer's Date, so that answers compare byte for byte
 REAL_HTTP_DATE = agent_connection.http_date
 
@@ -756,7 +758,7 @@ def test_an_unread_body_that_arrived_whole_past_the_high_water_mark_leaves_the_c
             go.set()
             await agent.expect(whole("202 Accepted"))
             await agent.send(NEXT)
-            await agent.expect(NEXT_ANSWER, timeout=0.5)
+            await agent.expect(NEXT_ANSWER)  # a connection left paused would never answer: no tight bound needed
 
     run(main())
 
@@ -1272,16 +1274,18 @@ def test_a_connection_idle_longer_than_the_read_timeout_is_closed(run: Run, befo
 
 
 def test_a_connection_used_more_often_than_the_read_timeout_is_kept(run: Run) -> None:
-    pipeline = StandInPipeline(0.3)
+    pipeline = StandInPipeline(0.5)
 
     async def main() -> None:
         async with gate_server(pipeline) as (_, gate):
             agent = await gate.connect()
-            for index in range(5):  # 0.4 s in all: longer than the timeout, never idle that long
+            # 1 s in all: twice the timeout, never idle a tenth as long (a pause of 0.45 s on a loaded machine
+            # would be needed to cut it, where a 0.1 s pause against 0.3 s left room for only 0.2 s).
+            for index in range(20):
                 await agent.send(f"GET /{index} HTTP/1.1\r\n\r\n".encode())
                 await agent.expect(echoed("GET", f"/{index}"))
-                await asyncio.sleep(0.1)
-            assert len(pipeline.handler.seen) == 5
+                await asyncio.sleep(0.05)
+            assert len(pipeline.handler.seen) == 20
 
     run(main())
 
@@ -1345,13 +1349,17 @@ def test_a_body_stalled_longer_than_the_read_timeout_fails_the_body(run: Run) ->
 
 
 def test_a_body_trickled_faster_than_the_read_timeout_is_read_whole(run: Run) -> None:
-    """Chunk framing counts as the agent's progress too, though it hands the handler nothing."""
+    """Chunk framing (a trailer field included) counts as the agent's progress too, though it hands the
+    handler nothing."""
     async def main() -> None:
-        async with gate_server(StandInPipeline(0.2)) as (_, gate):
+        async with gate_server(StandInPipeline(0.4)) as (_, gate):
             agent = await gate.connect()
             await agent.send(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for byte in b"2\r\nab\r\n0\r\n\r\n":  # 0.72 s in all, 0.42 s of it after the last body byte
-                await asyncio.sleep(0.06)
+            # A byte every 0.04 s, a tenth of the timeout (a loaded machine would have to pause 0.36 s to cut
+            # it): 1.16 s in all, 0.96 s of it (24 bytes of framing, more than twice the timeout) after the
+            # last body byte.
+            for byte in b"2\r\nab\r\n0\r\nX-Trailer: done\r\n\r\n":
+                await asyncio.sleep(0.04)
                 await agent.send(bytes([byte]))
             await agent.expect(echoed("POST", "/x", b"ab"))
 
@@ -1419,7 +1427,8 @@ def test_stop_with_nothing_in_flight_closes_idle_connections_without_waiting_out
             agent = await gate.connect()
             await agent.send(GET)
             await agent.expect(echoed("GET", "/x"))
-            await asyncio.wait_for(server.stop(30.0), 1.0)
+            # Waiting out the grace would take 30 s; the bound is far above the milliseconds this takes.
+            await asyncio.wait_for(server.stop(30.0), 10.0)
             await agent.expect_end()
 
     run(main())
