@@ -22,6 +22,9 @@ from bench.services import find_nginx
 from tests.harness import Aegis
 
 REPO = Path(__file__).resolve().parent.parent
+# Above every run_bench timeout below, so that one fires first: it kills the run's whole process group and
+# says which run hung, where pytest-timeout would leave nginx and the daemons behind.
+pytestmark = pytest.mark.timeout(300)
 
 
 def run_bench(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
