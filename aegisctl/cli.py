@@ -29,15 +29,18 @@ from aegisctl.output import printable
 ENV_HELP = """
 \b
 Environment:
-  AEGIS_SOCKET       control socket of aegisd   [default: $XDG_RUNTIME_DIR/aegis/aegisd.sock,
-                     else $AEGIS_DATA_DIR/run/aegisd.sock, else /run/aegis/aegisd.sock if present]
+  AEGIS_SOCKET       control socket of aegisd   [default: the config file's `socket`, else
+                     $XDG_RUNTIME_DIR/aegis/aegisd.sock, else DATA_DIR/run/aegisd.sock; either of
+                     these two, if absent, gives way to /run/aegis/aegisd.sock when that exists]
   AEGIS_CONFIG       aegisd's TOML config file, read for `socket` and `data_dir`
-  AEGIS_DATA_DIR     aegisd's data directory (locates the default socket)
+  AEGIS_DATA_DIR     aegisd's data directory (locates the default socket) [default: the config
+                     file's `data_dir`, else $XDG_DATA_HOME/aegis, else ~/.local/share/aegis]
   AEGIS_GATE_LISTEN  aegisd's gate address [default: 127.0.0.1:3100]; aegisctl asks the
                      running daemon for it (see `aegisctl status`)
 \b
-Secrets and passphrases are read from a hidden prompt, or with --secret-stdin /
---passphrase-stdin from the first line of standard input; never from arguments.
+Secrets, passphrases and unlock keys are read from a hidden prompt, or with --secret-stdin,
+--passphrase-stdin or --unlock-key-stdin from the first line of standard input; never from
+arguments. A webhook URL that holds a token can come from stdin too: webhook add --url-stdin.
 """
 
 

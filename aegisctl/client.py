@@ -48,6 +48,8 @@ HINTS = {
     "storage_read_only": "make the data directory writable by aegisd, then retry",
     "storage_corrupt": "restore the data directory from a backup",
     "already_exists": "pick another name, or change the existing one with `update`",
+    "service_taken": "use another --service, or give the credential named above another one (`aegisctl vault "
+                     "update NAME --service OTHER`) or remove it (`aegisctl vault remove NAME`)",
     "vault_exists": "it is set up already: `aegisctl unlock` opens it, `aegisctl status` shows its state",
     "agent_not_found": "see `aegisctl agent list` for the names",
     "agent_exists": "pick another name, or `aegisctl agent regenerate NAME` for a new token",

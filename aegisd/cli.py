@@ -20,7 +20,8 @@ ENV_HELP = """
 Settings come from, in order: flags, environment, the TOML config file, defaults.
 Environment:
   AEGIS_CONFIG        config file (TOML)
-  AEGIS_DATA_DIR      data directory       [default: $STATE_DIRECTORY or $XDG_DATA_HOME/aegis]
+  AEGIS_DATA_DIR      data directory       [default: $STATE_DIRECTORY or $XDG_DATA_HOME/aegis or
+                                            ~/.local/share/aegis]
   AEGIS_SOCKET        control socket       [default: $RUNTIME_DIRECTORY/aegisd.sock or
                                             $XDG_RUNTIME_DIR/aegis/aegisd.sock or DATA_DIR/run/aegisd.sock]
   AEGIS_SOCKET_GROUP  group that may use the control socket (mode becomes 0660)

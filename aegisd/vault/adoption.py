@@ -54,7 +54,7 @@ class OlderRows:
     credentials: list[OlderCredential]
     agents: list[OlderAgent]
     grants: list[OlderGrant]
-    mixed: bool  # the vault also holds rows this aegisd wrote, so these were most likely edited in
+    mixed: bool  # rows are listed and the vault also holds rows this aegisd wrote: likely edited in
     # Agent rows without a MAC that cannot be adopted (they fail today's checks): never served; "name (id)".
     unadoptable: list[str] = dataclasses.field(default_factory=list)
 
@@ -130,6 +130,8 @@ def find_older_rows(conn: sqlite3.Connection, vault_id: str, master: MasterKey) 
         elif agent_id in names and cred_id in credential_names:
             grants.append(OlderGrant(agent_id, cred_id, names[agent_id], credential_names[cred_id]))
     grants.sort(key=lambda g: (g.agent, g.credential))
+    # `mixed` warns about the listed rows; with none listed there is nothing to warn about.
+    mixed = mixed and bool(credentials or agents or grants)
     return OlderRows(credentials, agents, grants, mixed, unadoptable)
 
 

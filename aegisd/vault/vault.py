@@ -318,9 +318,11 @@ class Vault:
         for column in ("name", "service"):
             row = conn.execute(f"SELECT name FROM credentials WHERE {column} = ? AND id != ?",  # noqa: S608
                                (getattr(cred, column), cred.id)).fetchone()
-            if row:
-                what = "a credential named" if column == "name" else "credential " + repr(row[0]) + " for service"
-                raise AlreadyExists(f"there is already {what} {getattr(cred, column)!r}")
+            if row and column == "name":
+                raise AlreadyExists(f"there is already a credential named {cred.name!r}")
+            if row:  # its own reason: the fix is another service, or changing the credential that holds it
+                raise AlreadyExists(f"there is already credential {row[0]!r} for service {cred.service!r} "
+                                    "(one credential per service)", reason="service_taken")
 
     def _slots(self) -> list[KeySlot]:
         with self._store.reading() as conn:

@@ -1,0 +1,71 @@
+"""What aegisctl tells a new user: the `next:` hint on a clash, `vault adopt`'s marks, and the help texts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.support import assert_failed
+from tests.harness import AEGISD, Aegis, new_aegis
+
+SECRET = "sk-live-hintsSecret-5b7d9e1f3a"
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Aegis]:
+    """One unlocked daemon holding credential 'github' for service 'github', left unchanged by the tests."""
+    instance = new_aegis()
+    instance.start()
+    instance.init()
+    instance.add_credential("github", SECRET, "--service", "github", "--domains", "api.github.com")
+    instance.add_credential("gitlab", SECRET + "-2", "--service", "gitlab", "--domains", "gitlab.com")
+    yield instance
+    instance.cleanup()
+
+
+def next_line(err: str) -> str:
+    return next(line for line in err.splitlines() if line.strip().startswith("next:"))
+
+
+def test_a_service_clash_says_to_use_another_service(shared: Aegis) -> None:
+    result = shared.ctl("vault", "add", "github-work", "--service", "github", "--domains", "api.github.com",
+                        "--secret-stdin", input="sk-live-otherSecret-0001\n")
+    assert_failed(result, "already", "service 'github'")
+    hint = next_line(result.err)
+    assert "another --service" in hint and "pick another name" not in hint, hint
+    assert "`aegisctl vault update NAME --service OTHER`" in hint and "`aegisctl vault remove NAME`" in hint
+
+
+def test_an_update_onto_a_taken_service_says_to_use_another_service(shared: Aegis) -> None:
+    result = shared.ctl("vault", "update", "gitlab", "--service", "github")
+    assert_failed(result, "already", "service 'github'")
+    hint = next_line(result.err)
+    assert "another --service" in hint and "vault update NAME" in hint and "vault remove NAME" in hint, hint
+    assert json.loads(shared.ctl("vault", "show", "gitlab", "--json").ok().out)["service"] == "gitlab"
+
+
+def test_a_name_clash_still_says_to_pick_another_name(shared: Aegis) -> None:
+    result = shared.ctl("vault", "add", "github", "--service", "github2", "--domains", "api.github.com",
+                        "--secret-stdin", input="sk-live-otherSecret-0002\n")
+    assert_failed(result, "already", "named 'github'")
+    hint = next_line(result.err)
+    assert "pick another name" in hint and "--service" not in hint, hint
+
+
+def test_nothing_to_adopt_is_not_marked_mixed(shared: Aegis) -> None:
+    listed = json.loads(shared.ctl("vault", "adopt", "--json").ok().out)
+    assert listed == {"credentials": [], "agents": [], "grants": [], "mixed": False, "adopted": False}
+    assert shared.ctl("vault", "adopt").ok().out.startswith("Nothing to adopt")
+
+
+def test_help_texts_state_the_defaults_and_every_stdin_flag(shared: Aegis) -> None:
+    ctl = " ".join(shared.ctl("--help").ok().out.split())
+    for flag in ("--secret-stdin", "--passphrase-stdin", "--unlock-key-stdin", "--url-stdin"):
+        assert flag in ctl, flag
+    assert "$XDG_DATA_HOME/aegis, else ~/.local/share/aegis" in ctl
+    daemon = subprocess.run([AEGISD, "--help"], capture_output=True, text=True, env=shared.base_env(),
+                            timeout=60, check=True).stdout
+    assert "$XDG_DATA_HOME/aegis or ~/.local/share/aegis" in " ".join(daemon.split())
