@@ -17,9 +17,11 @@ from aegisctl.commands import (
     ledger,
     lock,
     mcp,
+    passphrase,
     policy,
     status,
     unlock,
+    unlock_key,
     vault,
     webhook,
 )
@@ -39,8 +41,9 @@ Environment:
                      running daemon for it (see `aegisctl status`)
 \b
 Secrets, passphrases and unlock keys are read from a hidden prompt, or with --secret-stdin,
---passphrase-stdin or --unlock-key-stdin from the first line of standard input; never from
-arguments. A webhook URL that holds a token can come from stdin too: webhook add --url-stdin.
+--passphrase-stdin or --unlock-key-stdin from the first line of standard input (`passphrase`
+reads the current one, then the new one, from two lines); never from arguments. A webhook URL
+that holds a token can come from stdin too: webhook add --url-stdin.
 """
 
 
@@ -69,7 +72,7 @@ def root(ctx: click.Context, socket_flag: str | None, config: str | None) -> Non
     ctx.call_on_close(state.close)
 
 
-for module in (init, unlock, lock, status, vault, agent, policy, ledger, webhook, mcp):
+for module in (init, unlock, lock, status, passphrase, unlock_key, vault, agent, policy, ledger, webhook, mcp):
     root.add_command(module.command)
 for verb in grant.commands:
     root.add_command(verb)

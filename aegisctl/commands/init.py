@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from aegisctl.context import Context, pass_context
 from aegisctl.secrets_input import read_secret
+from aegisctl.unlock_key_out import unlock_key_out as unlock_key_out_file
 from aegisd.api.aegis.v1 import vault_pb2
 
 
@@ -19,35 +18,16 @@ from aegisd.api.aegis.v1 import vault_pb2
 @pass_context
 def command(ctx: Context, passphrase_stdin: bool, unlock_key_out: str | None) -> None:
     """Create the vault and leave it unlocked."""
-    # Create the key file before the vault exists, so a bad path cannot leave a slot whose key is lost.
-    key_fd = _create_key_file(unlock_key_out) if unlock_key_out and unlock_key_out != "-" else None
-    try:
+    # The key file is created before the vault exists, so a bad path cannot leave a slot whose key is lost.
+    with unlock_key_out_file(unlock_key_out) as deliver:
         client = ctx.client
         client.require_state("uninitialized")  # before the passphrase is typed twice for nothing
         passphrase = read_secret("passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
         reply = client.call(client.vault.Init,
                             vault_pb2.InitRequest(passphrase=passphrase, create_unlock_key=bool(unlock_key_out)),
                             timeout=120)
-    except BaseException:
-        if key_fd is not None and unlock_key_out:
-            os.close(key_fd)
-            os.unlink(unlock_key_out)
-        raise
+        told = deliver(reply.unlock_key) if unlock_key_out else ""
     # With the key on stdout, stdout holds the key alone, so `KEY=$(aegisctl init --unlock-key-out -)` works.
     click.echo(f"Vault {reply.vault_id} created and unlocked.", err=unlock_key_out == "-")
-    if unlock_key_out == "-":
-        click.echo(reply.unlock_key)
-        click.echo("Store this unlock key now; it is not shown again.", err=True)
-    elif key_fd is not None:
-        with os.fdopen(key_fd, "w") as fh:
-            fh.write(reply.unlock_key + "\n")
-        click.echo(f"Unlock key written to {unlock_key_out} (mode 0600). It is not shown again.")
-
-
-def _create_key_file(path: str) -> int:
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise click.UsageError(f"{path} already exists; choose a new file for the unlock key") from None
-    except OSError as exc:
-        raise click.UsageError(f"cannot create the unlock key file {path}: {exc.strerror}") from None
+    if told:
+        click.echo(told, err=unlock_key_out == "-")

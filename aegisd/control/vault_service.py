@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -15,11 +16,13 @@ from aegisd.api.aegis.v1 import vault_pb2_grpc
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument, WrongPassphrase
+from aegisd.ledger import LedgerEntry
 from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import new_unlock_key
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 STATES = {"uninitialized": pb.VAULT_STATE_UNINITIALIZED, "locked": pb.VAULT_STATE_LOCKED,
           "unlocked": pb.VAULT_STATE_UNLOCKED}
 
@@ -55,6 +58,40 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         if await asyncio.to_thread(self.rt.vault.lock):
             self.rt.log_event("vault locked")
         return pb.LockResponse()
+
+    @rpc
+    async def ChangePassphrase(self, request: pb.ChangePassphraseRequest, context: Ctx) -> pb.ChangePassphraseResponse:
+        await self._key_slot_change("passphrase changed", self.rt.vault.change_passphrase, request.current,
+                                    request.new_passphrase)
+        return pb.ChangePassphraseResponse()
+
+    @rpc
+    async def ReplaceUnlockKey(self, request: pb.ReplaceUnlockKeyRequest, context: Ctx) -> pb.ReplaceUnlockKeyResponse:
+        unlock_key = new_unlock_key()
+        replaced = await self._key_slot_change("unlock key replaced", self.rt.vault.replace_unlock_key,
+                                               request.passphrase, unlock_key)
+        return pb.ReplaceUnlockKeyResponse(unlock_key=unlock_key, replaced=replaced)
+
+    @rpc
+    async def RemoveUnlockKeys(self, request: pb.RemoveUnlockKeysRequest, context: Ctx) -> pb.RemoveUnlockKeysResponse:
+        removed = await self._key_slot_change("unlock keys removed", self.rt.vault.remove_unlock_keys,
+                                              request.passphrase)
+        return pb.RemoveUnlockKeysResponse(removed=removed)
+
+    async def _key_slot_change(self, what: str, change: Callable[..., T], passphrase: str, *args: str) -> T:
+        """Run a change of what opens the vault (its first argument is the passphrase that proves the caller may),
+        then put it in the log and, as a system row, in the ledger. A wrong passphrase is logged like a failed
+        unlock, so guessing over the socket shows."""
+        try:
+            result = await asyncio.to_thread(change, passphrase, *args)
+        except WrongPassphrase:
+            self.rt.log_event("vault key change refused: wrong passphrase", change=what, level=logging.WARNING)
+            raise
+        before = f" ({result} before)" if isinstance(result, int) else ""
+        self.rt.log_event(f"vault {what}{before}")
+        # Held until the ledger has its key, as the daemon's other system rows are: never stored unchained.
+        self.rt.ledger.append_nowait(LedgerEntry.system(f"vault {what}{before}", reason="vault_keys_changed"))
+        return result
 
     @rpc
     async def Adopt(self, request: pb.AdoptRequest, context: Ctx) -> pb.AdoptResponse:

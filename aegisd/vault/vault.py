@@ -7,6 +7,7 @@ routing table) rebuild from the vault rather than keeping state of their own.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import sqlite3
@@ -113,28 +114,78 @@ class Vault:
             secret = passphrase if passphrase is not None else unlock_key
             if not secret:
                 raise InvalidArgument("give a passphrase or an unlock key")
-            slots = [s for s in self._slots() if s.kind == kind]
-            if not slots:
-                raise WrongPassphrase(f"this vault has no {kind.replace('_', ' ')} slot")
-            damaged = []
-            for slot in slots:
-                try:
-                    master = open_slot(slot, vault_id, secret)
-                    break
-                except WrongKey:
-                    continue
-                except SlotDamaged as exc:
-                    damaged.append(str(exc))
-            else:
-                if len(damaged) == len(slots):  # no secret could open these: say so, not "wrong passphrase"
-                    raise StorageCorrupt(f"{'; '.join(damaged)}: restore vault.db from a backup",
-                                         reason="key_slot_damaged")
-                what = "passphrase" if kind == "passphrase" else "unlock key"
-                raise WrongPassphrase(f"wrong {what}")
-            self._master = master
+            self._master = self._open(vault_id, kind, secret)
         self._warn_if_older_rows()
         self.notify("unlocked")
         return True
+
+    def _open(self, vault_id: str, kind: str, secret: str) -> MasterKey:
+        """The master key from the first slot of `kind` that `secret` opens (a new copy the caller owns);
+        WrongPassphrase if none does, StorageCorrupt if none could be read at all."""
+        slots = [s for s in self._slots() if s.kind == kind]
+        if not slots:
+            if kind == "unlock_key":
+                raise WrongPassphrase("this vault has no unlock key; unlock it with the passphrase, or create one "
+                                      "with `aegisctl unlock-key new`")
+            raise WrongPassphrase("this vault has no passphrase slot")
+        damaged = []
+        for slot in slots:
+            try:
+                return open_slot(slot, vault_id, secret)
+            except WrongKey:
+                continue
+            except SlotDamaged as exc:
+                damaged.append(str(exc))
+        if len(damaged) == len(slots):  # no secret could open these: say so, not "wrong passphrase"
+            raise StorageCorrupt(f"{'; '.join(damaged)}: restore vault.db from a backup", reason="key_slot_damaged")
+        raise WrongPassphrase(f"wrong {'passphrase' if kind == 'passphrase' else 'unlock key'}")
+
+    # -- key slots: what opens the vault ------------------------------------------------------------
+
+    def change_passphrase(self, current: str, new: str) -> None:
+        """Wrap the master key under `new` in place of the passphrase slot; `current` must open the vault.
+
+        Locked or unlocked, the vault stays as it was: proving the passphrase is not unlocking. The master key
+        does not change, so nothing else is re-sealed, and backups taken before still open with `current`.
+        """
+        if not new:
+            raise InvalidArgument("give a new passphrase")
+        if hmac.compare_digest(new.encode(), current.encode()):
+            raise InvalidArgument("the new passphrase is the current one")
+        check_passphrase_strength(new)
+        with self._lock:
+            vault_id = self._require_initialized()
+            master = self._open(vault_id, "passphrase", current)
+            try:
+                self._replace_slots("passphrase", make_slot(master, vault_id, "passphrase", new))
+            finally:
+                master.wipe()
+
+    def replace_unlock_key(self, passphrase: str, unlock_key: str) -> int:
+        """Wrap the master key under a new `unlock_key` in place of every unlock key the vault had (how many
+        is returned: they stop working now); `passphrase` must open the vault."""
+        with self._lock:
+            vault_id = self._require_initialized()
+            master = self._open(vault_id, "passphrase", passphrase)
+            try:
+                return self._replace_slots("unlock_key", make_slot(master, vault_id, "unlock_key", unlock_key))
+            finally:
+                master.wipe()
+
+    def remove_unlock_keys(self, passphrase: str) -> int:
+        """Delete every unlock key slot (returns how many): only the passphrase opens the vault afterwards."""
+        with self._lock:
+            vault_id = self._require_initialized()
+            self._open(vault_id, "passphrase", passphrase).wipe()
+            return self._replace_slots("unlock_key", None)
+
+    def _replace_slots(self, kind: str, slot: KeySlot | None) -> int:
+        """In one transaction, delete the slots of `kind` and insert `slot` (if any); returns how many went."""
+        with self._store.transaction() as conn:
+            removed = conn.execute("DELETE FROM key_slots WHERE kind = ?", (kind,)).rowcount
+            if slot is not None:
+                _insert_slot(conn, slot)
+        return int(removed)
 
     def lock(self) -> bool:
         """Wipe the key material we hold; returns False if it was already locked."""

@@ -40,6 +40,124 @@ VAULT_STATE_UNLOCKED: VaultState.ValueType  # 3
 Global___VaultState: _TypeAlias = VaultState  # noqa: Y015
 
 @_typing.final
+class ChangePassphraseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENT_FIELD_NUMBER: _builtins.int
+    NEW_PASSPHRASE_FIELD_NUMBER: _builtins.int
+    current: _builtins.str
+    new_passphrase: _builtins.str
+    def __init__(
+        self,
+        *,
+        current: _builtins.str = ...,
+        new_passphrase: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "new_passphrase", b"new_passphrase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangePassphraseRequest: _TypeAlias = ChangePassphraseRequest  # noqa: Y015
+
+@_typing.final
+class ChangePassphraseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangePassphraseResponse: _TypeAlias = ChangePassphraseResponse  # noqa: Y015
+
+@_typing.final
+class ReplaceUnlockKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSPHRASE_FIELD_NUMBER: _builtins.int
+    passphrase: _builtins.str
+    def __init__(
+        self,
+        *,
+        passphrase: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passphrase", b"passphrase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaceUnlockKeyRequest: _TypeAlias = ReplaceUnlockKeyRequest  # noqa: Y015
+
+@_typing.final
+class ReplaceUnlockKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNLOCK_KEY_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
+    unlock_key: _builtins.str
+    """Shown once; never stored in clear."""
+    replaced: _builtins.int
+    """How many unlock keys it replaced (they no longer open the vault)."""
+    def __init__(
+        self,
+        *,
+        unlock_key: _builtins.str = ...,
+        replaced: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replaced", b"replaced", "unlock_key", b"unlock_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaceUnlockKeyResponse: _TypeAlias = ReplaceUnlockKeyResponse  # noqa: Y015
+
+@_typing.final
+class RemoveUnlockKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSPHRASE_FIELD_NUMBER: _builtins.int
+    passphrase: _builtins.str
+    def __init__(
+        self,
+        *,
+        passphrase: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passphrase", b"passphrase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveUnlockKeysRequest: _TypeAlias = RemoveUnlockKeysRequest  # noqa: Y015
+
+@_typing.final
+class RemoveUnlockKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    removed: _builtins.int
+    def __init__(
+        self,
+        *,
+        removed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveUnlockKeysResponse: _TypeAlias = RemoveUnlockKeysResponse  # noqa: Y015
+
+@_typing.final
 class AdoptRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

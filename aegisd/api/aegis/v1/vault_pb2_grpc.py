@@ -59,6 +59,21 @@ class VaultServiceStub:
                 request_serializer=aegis_dot_v1_dot_vault__pb2.AdoptRequest.SerializeToString,
                 response_deserializer=aegis_dot_v1_dot_vault__pb2.AdoptResponse.FromString,
                 _registered_method=True)
+        self.ChangePassphrase = channel.unary_unary(
+                '/aegis.v1.VaultService/ChangePassphrase',
+                request_serializer=aegis_dot_v1_dot_vault__pb2.ChangePassphraseRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_vault__pb2.ChangePassphraseResponse.FromString,
+                _registered_method=True)
+        self.ReplaceUnlockKey = channel.unary_unary(
+                '/aegis.v1.VaultService/ReplaceUnlockKey',
+                request_serializer=aegis_dot_v1_dot_vault__pb2.ReplaceUnlockKeyRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_vault__pb2.ReplaceUnlockKeyResponse.FromString,
+                _registered_method=True)
+        self.RemoveUnlockKeys = channel.unary_unary(
+                '/aegis.v1.VaultService/RemoveUnlockKeys',
+                request_serializer=aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysResponse.FromString,
+                _registered_method=True)
 
 
 class VaultServiceServicer:
@@ -101,6 +116,30 @@ class VaultServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChangePassphrase(self, request, context):
+        """Wraps the master key under a new passphrase in place of the old one; `current` must open the vault
+        (PERMISSION_DENIED wrong_passphrase otherwise). The vault stays locked or unlocked as it was; backups
+        taken before keep the old passphrase.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplaceUnlockKey(self, request, context):
+        """Creates a new unlock key in place of every unlock key the vault had, and returns it once. Needs the
+        passphrase.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveUnlockKeys(self, request, context):
+        """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaultServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +167,21 @@ def add_VaultServiceServicer_to_server(servicer, server):
                     servicer.Adopt,
                     request_deserializer=aegis_dot_v1_dot_vault__pb2.AdoptRequest.FromString,
                     response_serializer=aegis_dot_v1_dot_vault__pb2.AdoptResponse.SerializeToString,
+            ),
+            'ChangePassphrase': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePassphrase,
+                    request_deserializer=aegis_dot_v1_dot_vault__pb2.ChangePassphraseRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_vault__pb2.ChangePassphraseResponse.SerializeToString,
+            ),
+            'ReplaceUnlockKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplaceUnlockKey,
+                    request_deserializer=aegis_dot_v1_dot_vault__pb2.ReplaceUnlockKeyRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_vault__pb2.ReplaceUnlockKeyResponse.SerializeToString,
+            ),
+            'RemoveUnlockKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveUnlockKeys,
+                    request_deserializer=aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +319,87 @@ class VaultService:
             '/aegis.v1.VaultService/Adopt',
             aegis_dot_v1_dot_vault__pb2.AdoptRequest.SerializeToString,
             aegis_dot_v1_dot_vault__pb2.AdoptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePassphrase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.v1.VaultService/ChangePassphrase',
+            aegis_dot_v1_dot_vault__pb2.ChangePassphraseRequest.SerializeToString,
+            aegis_dot_v1_dot_vault__pb2.ChangePassphraseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaceUnlockKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.v1.VaultService/ReplaceUnlockKey',
+            aegis_dot_v1_dot_vault__pb2.ReplaceUnlockKeyRequest.SerializeToString,
+            aegis_dot_v1_dot_vault__pb2.ReplaceUnlockKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveUnlockKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.v1.VaultService/RemoveUnlockKeys',
+            aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysRequest.SerializeToString,
+            aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

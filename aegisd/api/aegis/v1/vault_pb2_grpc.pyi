@@ -44,6 +44,17 @@ class VaultServiceStub:
     adopts exactly those rows. Needs the vault unlocked. FAILED_PRECONDITION (older_rows_changed) if
     the listing no longer has `digest`.
     """
+    ChangePassphrase: _grpc.UnaryUnaryMultiCallable[_vault_pb2.ChangePassphraseRequest, _vault_pb2.ChangePassphraseResponse]
+    """Wraps the master key under a new passphrase in place of the old one; `current` must open the vault
+    (PERMISSION_DENIED wrong_passphrase otherwise). The vault stays locked or unlocked as it was; backups
+    taken before keep the old passphrase.
+    """
+    ReplaceUnlockKey: _grpc.UnaryUnaryMultiCallable[_vault_pb2.ReplaceUnlockKeyRequest, _vault_pb2.ReplaceUnlockKeyResponse]
+    """Creates a new unlock key in place of every unlock key the vault had, and returns it once. Needs the
+    passphrase.
+    """
+    RemoveUnlockKeys: _grpc.UnaryUnaryMultiCallable[_vault_pb2.RemoveUnlockKeysRequest, _vault_pb2.RemoveUnlockKeysResponse]
+    """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
 
 @_typing.type_check_only
 class VaultServiceAsyncStub(VaultServiceStub):
@@ -61,6 +72,17 @@ class VaultServiceAsyncStub(VaultServiceStub):
     adopts exactly those rows. Needs the vault unlocked. FAILED_PRECONDITION (older_rows_changed) if
     the listing no longer has `digest`.
     """
+    ChangePassphrase: _aio.UnaryUnaryMultiCallable[_vault_pb2.ChangePassphraseRequest, _vault_pb2.ChangePassphraseResponse]  # type: ignore[assignment]
+    """Wraps the master key under a new passphrase in place of the old one; `current` must open the vault
+    (PERMISSION_DENIED wrong_passphrase otherwise). The vault stays locked or unlocked as it was; backups
+    taken before keep the old passphrase.
+    """
+    ReplaceUnlockKey: _aio.UnaryUnaryMultiCallable[_vault_pb2.ReplaceUnlockKeyRequest, _vault_pb2.ReplaceUnlockKeyResponse]  # type: ignore[assignment]
+    """Creates a new unlock key in place of every unlock key the vault had, and returns it once. Needs the
+    passphrase.
+    """
+    RemoveUnlockKeys: _aio.UnaryUnaryMultiCallable[_vault_pb2.RemoveUnlockKeysRequest, _vault_pb2.RemoveUnlockKeysResponse]  # type: ignore[assignment]
+    """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
 
 class VaultServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -105,5 +127,34 @@ class VaultServiceServicer(metaclass=_abc_1.ABCMeta):
         adopts exactly those rows. Needs the vault unlocked. FAILED_PRECONDITION (older_rows_changed) if
         the listing no longer has `digest`.
         """
+
+    @_abc_1.abstractmethod
+    def ChangePassphrase(
+        self,
+        request: _vault_pb2.ChangePassphraseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vault_pb2.ChangePassphraseResponse, _abc.Awaitable[_vault_pb2.ChangePassphraseResponse]]:
+        """Wraps the master key under a new passphrase in place of the old one; `current` must open the vault
+        (PERMISSION_DENIED wrong_passphrase otherwise). The vault stays locked or unlocked as it was; backups
+        taken before keep the old passphrase.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplaceUnlockKey(
+        self,
+        request: _vault_pb2.ReplaceUnlockKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vault_pb2.ReplaceUnlockKeyResponse, _abc.Awaitable[_vault_pb2.ReplaceUnlockKeyResponse]]:
+        """Creates a new unlock key in place of every unlock key the vault had, and returns it once. Needs the
+        passphrase.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveUnlockKeys(
+        self,
+        request: _vault_pb2.RemoveUnlockKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vault_pb2.RemoveUnlockKeysResponse, _abc.Awaitable[_vault_pb2.RemoveUnlockKeysResponse]]:
+        """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
 
 def add_VaultServiceServicer_to_server(servicer: VaultServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,26 @@
+"""`aegisctl passphrase`: change the passphrase that opens the vault."""
+
+from __future__ import annotations
+
+import click
+
+from aegisctl.context import Context, pass_context
+from aegisctl.secrets_input import read_secret
+from aegisd.api.aegis.v1 import vault_pb2
+
+
+@click.command("passphrase")
+@click.option("--passphrase-stdin", is_flag=True,
+              help="Read the current passphrase from stdin's first line and the new one from its second.")
+@pass_context
+def command(ctx: Context, passphrase_stdin: bool) -> None:
+    """Change the vault's passphrase (locked or unlocked, it stays as it is).
+
+    Backups taken before keep the old passphrase: restoring one brings the old passphrase back.
+    """
+    client = ctx.client
+    current = read_secret("current passphrase", passphrase_stdin, flag="--passphrase-stdin")
+    new = read_secret("new passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
+    client.call(client.vault.ChangePassphrase,
+                vault_pb2.ChangePassphraseRequest(current=current, new_passphrase=new), timeout=120)
+    click.echo("Passphrase changed. Backups taken before still open with the old one.")
