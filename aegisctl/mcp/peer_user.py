@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import NoReturn
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 PROC_NET = Path("/proc/net")
+ESTABLISHED = "01"  # the `st` column; a closed connection's TIME_WAIT row says uid 0 and inode 0, whoever it was
 
 
 class PeerUnknown(Exception):
@@ -29,26 +31,31 @@ def proc_address(host: str, port: int) -> str:
         raw = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
     else:
         raw = socket.inet_pton(socket.AF_INET, host)
-    words = (int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4))
+    words = (int.from_bytes(raw[i : i + 4], sys.byteorder) for i in range(0, len(raw), 4))
     return "".join(f"{word:08X}" for word in words) + f":{port:04X}"
 
 
-def peer_uid(client: tuple[str, int], server: tuple[str, int], proc_net: Path = PROC_NET) -> int | None:
-    """The uid that owns the client's socket of the connection `client` -> `server`, both on this host.
+def peer_uid(client: tuple[str, int], server: tuple[str, int], proc_net: Path = PROC_NET,
+             platform: str = sys.platform) -> int | None:
+    """The uid that owns the client's socket of the open connection `client` -> `server`, both on this host.
 
     None where the system keeps no such table (not Linux): the caller cannot tell, and says so in its docs.
-    Raises PeerUnknown when the table exists but holds no such connection.
+    On Linux a missing table (/proc not mounted, a sandbox that hides it) is no excuse: PeerUnknown, as for
+    a connection the table does not hold open (closed meanwhile, or never this one).
     """
+    if platform != "linux":
+        return None
     table = proc_net / ("tcp6" if ":" in client[0] else "tcp")
     try:
         lines = table.read_text().splitlines()[1:]
-    except FileNotFoundError:
-        return None if not proc_net.is_dir() else _unknown(client)
+    except OSError as exc:
+        raise PeerUnknown(f"cannot read {table}: {exc.strerror or exc}") from None
     local, remote = proc_address(*client), proc_address(*server)
     for line in lines:
         fields = line.split()
-        # sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...
-        if len(fields) > 7 and fields[1] == local and fields[2] == remote:
+        # sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode ...
+        if (len(fields) > 9 and fields[1] == local and fields[2] == remote and fields[3] == ESTABLISHED
+                and fields[9] != "0"):
             return int(fields[7])
     return _unknown(client)
 
@@ -59,12 +66,19 @@ def _unknown(client: tuple[str, int]) -> NoReturn:
 
 class PeerUserGuard:
     """ASGI middleware: an HTTP request is served only if the process that connected runs as this
-    process's user or as root (who can read the bearer file anyway); anything else gets 403."""
+    process's user or as root (who can read the bearer file anyway); anything else gets 403.
 
-    def __init__(self, app: ASGIApp, uid: int | None = None, proc_net: Path = PROC_NET) -> None:
+    It trusts `scope["client"]` to be the socket's own peer address: the server must not rewrite it from
+    proxy headers (uvicorn's proxy_headers, on by default for loopback peers, must be off), or a client
+    could name another process's connection with X-Forwarded-For.
+    """
+
+    def __init__(self, app: ASGIApp, uid: int | None = None, proc_net: Path = PROC_NET,
+                 platform: str = sys.platform) -> None:
         self._app = app
         self._uid = os.getuid() if uid is None else uid
         self._proc_net = proc_net
+        self._platform = platform
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -78,7 +92,7 @@ class PeerUserGuard:
         if client is None or server is None:
             return "this bridge cannot tell which user connected (no peer address); it serves only its own user"
         try:
-            uid = peer_uid(client, server, self._proc_net)
+            uid = peer_uid(client, server, self._proc_net, self._platform)
         except (PeerUnknown, OSError, ValueError) as exc:
             return f"this bridge cannot tell which user connected ({exc}); it serves only its own user"
         if uid is None or uid in (self._uid, 0):

@@ -48,7 +48,8 @@ async def serve_http(gate: GateClient, bearer: str, host: str, port: int, ready:
                                     bearer))
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     ready(f"http://{shown}:{sock.getsockname()[1]}{MCP_PATH}")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    # No proxy headers: PeerUserGuard must see the socket's own peer, which X-Forwarded-For would replace.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False)
     await uvicorn.Server(config).serve(sockets=[sock])
 
 

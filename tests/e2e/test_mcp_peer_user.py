@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import http.client, json, sys
 port, bearer = int(sys.argv[1]), sys.stdin.read().strip()
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+if len(sys.argv) > 2:  # claim to be another connection, as a proxy would say it
+    headers["X-Forwarded-For"] = sys.argv[2]
 if bearer:
     headers["Authorization"] = "Bearer " + bearer
 init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -36,8 +39,10 @@ print(json.dumps({"status": reply.status, "body": reply.read(2000).decode(errors
 """
 
 
-def initialize_as(uid: int, port: int, bearer: str) -> dict[str, object]:
-    proc = subprocess.run([str(SYSTEM_PYTHON), "-I", "-c", CLIENT, str(port)], input=bearer, user=uid, cwd="/",
+def initialize_as(uid: int, port: int, bearer: str, forwarded_for: str | None = None) -> dict[str, object]:
+    extra = [forwarded_for] if forwarded_for else []
+    proc = subprocess.run([str(SYSTEM_PYTHON), "-I", "-c", CLIENT, str(port), *extra], input=bearer, user=uid,
+                          cwd="/",
                           capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     answer: dict[str, object] = json.loads(proc.stdout)
@@ -58,11 +63,16 @@ def test_http_bridge_refuses_another_users_process_even_with_the_bearer() -> Non
         proc = bridge.start_http()
         try:
             bearer = bridge.bearer()
-            for sent in (bearer, ""):  # with the right bearer, and without one: refused before the bearer counts
-                refused = initialize_as(NOBODY, bridge.http_port, sent)
-                assert refused["status"] == 403, refused
-                error = json.loads(str(refused["body"]))["error"]
-                assert error["code"] == "peer_user_refused" and f"uid {NOBODY}" in error["message"], error
+            # A connection of root's held open to the bridge: naming its address in X-Forwarded-For must not
+            # make another user's request pass as root's (the bridge takes the peer from the socket alone).
+            with socket.create_connection(("127.0.0.1", bridge.http_port)) as roots:
+                host, port = roots.getsockname()[:2]
+                roots_address = f"{host}:{port}"
+                for sent, claim in ((bearer, None), ("", None), (bearer, roots_address), (bearer, "127.0.0.1")):
+                    refused = initialize_as(NOBODY, bridge.http_port, sent, claim)
+                    assert refused["status"] == 403, (claim, refused)
+                    error = json.loads(str(refused["body"]))["error"]
+                    assert error["code"] == "peer_user_refused" and f"uid {NOBODY}" in error["message"], error
             # Root (this bridge's own user here) gets past the user check: with the bearer the bridge starts an
             # MCP session; without it the bearer check refuses.
             own = initialize_as(0, bridge.http_port, bearer)

@@ -53,17 +53,19 @@ def test_peer_uid_over_ipv6_loopback() -> None:
             assert peer_uid(client.getsockname()[:2], server.getsockname()[:2]) == os.getuid()
 
 
-def _table(tmp_path: Path, uid: int) -> Path:
-    """A /proc/net stand-in holding one connection 127.0.0.1:40000 -> 127.0.0.1:8765 owned by `uid`."""
+def _table(tmp_path: Path, uid: int, state: str = "01", inode: int = 4242) -> Path:
+    """A /proc/net stand-in holding one connection 127.0.0.1:40000 -> 127.0.0.1:8765 owned by `uid`, in
+    `state` (01 is ESTABLISHED; a TIME_WAIT row, 06, says uid 0 and inode 0 whoever owned it)."""
     net = tmp_path / "net"
     net.mkdir(parents=True)
     (net / "tcp").write_text(
         "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
-        f"   0: 0100007F:9C40 0100007F:223D 01 00000000:00000000 00:00000000 00000000  {uid:>5}        0 1 1\n")
+        f"   0: 0100007F:9C40 0100007F:223D {state} 00000000:00000000 00:00000000 00000000  {uid:>5}        0 "
+        f"{inode} 1\n")
     return net
 
 
-def _serve(proc_net: Path, client: tuple[str, int] | None) -> tuple[int, bytes, bool]:
+def _serve(proc_net: Path, client: tuple[str, int] | None, platform: str = "linux") -> tuple[int, bytes, bool]:
     """One HTTP request through a guard (for uid 1000, reading `proc_net`) in front of an app that answers
     200: (status, body, whether the app was reached)."""
     reached = []
@@ -81,7 +83,7 @@ def _serve(proc_net: Path, client: tuple[str, int] | None) -> tuple[int, bytes, 
         return {"type": "http.request", "body": b""}
 
     scope: Scope = {"type": "http", "client": client, "server": ("127.0.0.1", 8765), "headers": []}
-    anyio.run(PeerUserGuard(app, uid=1000, proc_net=proc_net), scope, receive, record)
+    anyio.run(PeerUserGuard(app, uid=1000, proc_net=proc_net, platform=platform), scope, receive, record)
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), bool(reached)
 
 
@@ -104,7 +106,21 @@ def test_guard_refuses_a_connection_it_cannot_find(tmp_path: Path) -> None:
         assert (status, reached) == (403, False) and b"cannot tell which user" in body
 
 
+def test_guard_refuses_a_closed_connections_row(tmp_path: Path) -> None:
+    """A TIME_WAIT row names no owner (uid 0, inode 0): a client must not pass as root by naming the port of a
+    connection it opened and closed."""
+    for state, inode in (("06", 0), ("01", 0), ("08", 4242)):
+        status, body, reached = _serve(_table(tmp_path / f"{state}-{inode}", 0, state, inode), ("127.0.0.1", 40000))
+        assert (status, reached) == (403, False) and b"cannot tell which user" in body, (state, inode)
+
+
+def test_guard_on_linux_without_the_tables_refuses(tmp_path: Path) -> None:
+    """/proc not mounted, or hidden by a sandbox: on Linux that is no reason to serve everyone."""
+    status, body, reached = _serve(tmp_path / "absent", ("127.0.0.1", 40000))
+    assert (status, reached) == (403, False) and b"cannot read" in body
+
+
 def test_guard_serves_where_the_system_keeps_no_table(tmp_path: Path) -> None:
     """macOS and the like: no /proc/net, so no check (docs/mcp.md says so), rather than no bridge."""
-    status, _, reached = _serve(tmp_path / "absent", ("127.0.0.1", 40000))
+    status, _, reached = _serve(tmp_path / "absent", ("127.0.0.1", 40000), platform="darwin")
     assert (status, reached) == (200, True)
