@@ -157,6 +157,11 @@ class AegisClient:
             raise ClientError(f"a vault already exists (it is {state})", HINTS["vault_exists"], "vault_exists")
         raise ClientError(f"the vault is {state}", HINTS.get(f"vault_{state}", ""), f"vault_{state}")
 
+    def require_initialized(self) -> None:
+        """Fail now, before the user is asked for a secret, if there is no vault (locked or unlocked will do)."""
+        if self.status().state == vault_pb2.VAULT_STATE_UNINITIALIZED:
+            raise ClientError("there is no vault yet", HINTS["vault_uninitialized"], "vault_uninitialized")
+
     def get_credential(self, name: str) -> credentials_pb2.Credential:
         return self.call(self.credentials.GetCredential, credentials_pb2.GetCredentialRequest(name=name))
 

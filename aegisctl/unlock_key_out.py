@@ -1,7 +1,9 @@
-"""Where an unlock key goes when the daemon hands one out (init, unlock-key new): shown once, never lost.
+"""A new unlock key for `init --unlock-key-out` and `unlock-key new --out`: made here, kept safe, then sent.
 
-The file is created (0600, and only if it does not exist) before the daemon makes the key, so a bad
-path fails while nothing has changed; a failed call removes it again.
+aegisctl makes the key (secrets travel inward only) and writes it to its file (0600, a new file, synced)
+before it asks aegisd to use it. So the key that may open the vault is never lost with a call that is
+cut off: when aegisd refuses, the file goes; when the outcome is unknown (no answer in time, the daemon
+gone mid-call, Ctrl-C), the file stays and aegisctl says the vault may already use it.
 """
 
 from __future__ import annotations
@@ -9,43 +11,87 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import click
 
+from aegisctl.client import ClientError
+from aegisd.vault.unlock_key_format import new_unlock_key
+
+# Client errors that do not say whether aegisd acted: the call may have been carried out.
+UNKNOWN_OUTCOME = ("unavailable", "timeout", "")
+T = TypeVar("T")
+
+
+class UnlockKeyOut:
+    """The new key, and where it goes: FILE, or '-' for stdout once aegisd has taken it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.key = new_unlock_key()
+        self.sent = False
+        if path != "-":
+            _write_new_file(Path(path), self.key + "\n")
+
+    def send(self, call: Callable[[str], T]) -> T:
+        """Make the call that hands the key to aegisd; from here on a failure may leave it in use."""
+        self.sent = True
+        return call(self.key)
+
+    def delivered(self) -> str:
+        """aegisd took the key: print it if it goes to stdout; the line that tells the user where it is."""
+        if self.path == "-":
+            click.echo(self.key)  # stdout holds the key alone: KEY=$(aegisctl ... -) works
+            return "Store this unlock key now; it is not shown again."
+        return f"Unlock key written to {self.path} (mode 0600). It is not shown again."
+
 
 @contextlib.contextmanager
-def unlock_key_out(path: str | None) -> Iterator[Callable[[str], str]]:
-    """Yield `deliver(key) -> what to tell the user`, for `path` ('-' is stdout, None writes nothing).
-
-    The file exists from the start of the block; if the block raises, it is removed.
-    """
-    fd = _create(path) if path and path != "-" else None
-    delivered = False
-
-    def deliver(key: str) -> str:
-        nonlocal delivered
-        delivered = True
-        if path == "-":
-            click.echo(key)
-            return "Store this unlock key now; it is not shown again."
-        assert fd is not None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key + "\n")
-        return f"Unlock key written to {path} (mode 0600). It is not shown again."
-
+def unlock_key_out(path: str | None) -> Iterator[UnlockKeyOut | None]:
+    """Yield the new key (None without a path); on a refusal remove its file, on an unknown outcome keep it."""
+    out = UnlockKeyOut(path) if path else None
     try:
-        yield deliver
-    except BaseException:
-        if fd is not None and path and not delivered:
-            os.close(fd)
-            os.unlink(path)
+        yield out
+    except BaseException as exc:
+        if out is not None:
+            refused = isinstance(exc, ClientError) and exc.reason not in UNKNOWN_OUTCOME
+            if not out.sent or refused:  # never sent, or aegisd said no: this key opens nothing
+                if out.path != "-":
+                    Path(out.path).unlink(missing_ok=True)
+            else:
+                _keep(out)
         raise
 
 
-def _create(path: str) -> int:
+def _keep(out: UnlockKeyOut) -> None:
+    """The call's outcome is unknown: the vault may already use this key, so it must not be lost."""
+    where = f"is kept in {out.path}" if out.path != "-" else "was printed on stdout"
+    if out.path == "-":
+        click.echo(out.key)
+    click.echo(f"aegisctl: the new unlock key {where}: aegisd may have taken it before the call was cut off "
+               "(`aegisctl unlock --unlock-key-stdin` on a locked vault tells)", err=True)
+
+
+def _write_new_file(path: Path, text: str) -> None:
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise click.UsageError(f"{path} already exists; choose a new file for the unlock key") from None
     except OSError as exc:
         raise click.UsageError(f"cannot create the unlock key file {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise click.UsageError(f"cannot write the unlock key file {path}: {exc.strerror}; nothing was changed") \
+            from None
+    with contextlib.suppress(OSError):  # the new name's durability; the key itself is synced
+        dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

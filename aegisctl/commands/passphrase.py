@@ -19,6 +19,7 @@ def command(ctx: Context, passphrase_stdin: bool) -> None:
     Backups taken before keep the old passphrase: restoring one brings the old passphrase back.
     """
     client = ctx.client
+    client.require_initialized()  # before three passphrases are typed for nothing
     current = read_secret("current passphrase", passphrase_stdin, flag="--passphrase-stdin")
     new = read_secret("new passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
     client.call(client.vault.ChangePassphrase,

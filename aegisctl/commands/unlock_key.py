@@ -26,12 +26,14 @@ def command() -> None:
 def new(ctx: Context, out: str, passphrase_stdin: bool) -> None:
     """Create an unlock key in place of any the vault has (they stop working). Needs the passphrase."""
     client = ctx.client
-    with unlock_key_out(out) as deliver:
+    with unlock_key_out(out) as made:  # a path that cannot be written fails here, before anything is asked
+        assert made is not None
+        client.require_initialized()  # before the passphrase is typed for nothing
         passphrase = read_secret("passphrase", passphrase_stdin, flag="--passphrase-stdin")
-        reply = client.call(client.vault.ReplaceUnlockKey,
-                            vault_pb2.ReplaceUnlockKeyRequest(passphrase=passphrase), timeout=120)
-        told = deliver(reply.unlock_key)
-    # With the key on stdout, stdout holds the key alone, so `KEY=$(aegisctl unlock-key new --out -)` works.
+        reply = made.send(lambda key: client.call(
+            client.vault.ReplaceUnlockKey, vault_pb2.ReplaceUnlockKeyRequest(passphrase=passphrase, unlock_key=key),
+            timeout=120))
+    told = made.delivered()
     replaced = f" It replaces {_keys(reply.replaced)}, which no longer open the vault." if reply.replaced else ""
     click.echo(f"New unlock key created.{replaced}", err=out == "-")
     click.echo(told, err=out == "-")
@@ -43,8 +45,9 @@ def new(ctx: Context, out: str, passphrase_stdin: bool) -> None:
 @pass_context
 def remove(ctx: Context, yes: bool, passphrase_stdin: bool) -> None:
     """Remove every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
-    confirm_destructive("Remove the vault's unlock keys? A service that starts with one will start locked.", yes)
     client = ctx.client
+    client.require_initialized()
+    confirm_destructive("Remove the vault's unlock keys? A service that starts with one will start locked.", yes)
     passphrase = read_secret("passphrase", passphrase_stdin, flag="--passphrase-stdin")
     reply = client.call(client.vault.RemoveUnlockKeys, vault_pb2.RemoveUnlockKeysRequest(passphrase=passphrase),
                         timeout=120)

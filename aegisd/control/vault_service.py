@@ -16,13 +16,14 @@ from aegisd.api.aegis.v1 import vault_pb2_grpc
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument, WrongPassphrase
-from aegisd.ledger import LedgerEntry
+from aegisd.ledger import LedgerEntry, LedgerError
 from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential
-from aegisd.vault.crypto import new_unlock_key
+from aegisd.vault.unlock_key_format import check_unlock_key, new_unlock_key
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 STATES = {"uninitialized": pb.VAULT_STATE_UNINITIALIZED, "locked": pb.VAULT_STATE_LOCKED,
           "unlocked": pb.VAULT_STATE_UNLOCKED}
 
@@ -33,11 +34,14 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
 
     @rpc
     async def Init(self, request: pb.InitRequest, context: Ctx) -> pb.InitResponse:
-        unlock_key = new_unlock_key() if request.create_unlock_key else None
-        vault_id = await asyncio.to_thread(self.rt.vault.init, request.passphrase, request.create_unlock_key,
+        made_here = request.create_unlock_key and not request.unlock_key
+        unlock_key = new_unlock_key() if made_here else request.unlock_key or None
+        if unlock_key is not None:
+            check_unlock_key(unlock_key)
+        vault_id = await asyncio.to_thread(self.rt.vault.init, request.passphrase, unlock_key is not None,
                                            unlock_key)
         self.rt.log_event("vault initialised", vault_id=vault_id)
-        return pb.InitResponse(vault_id=vault_id, unlock_key=unlock_key or "")
+        return pb.InitResponse(vault_id=vault_id, unlock_key=unlock_key if made_here and unlock_key else "")
 
     @rpc
     async def Unlock(self, request: pb.UnlockRequest, context: Ctx) -> pb.UnlockResponse:
@@ -67,10 +71,10 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
 
     @rpc
     async def ReplaceUnlockKey(self, request: pb.ReplaceUnlockKeyRequest, context: Ctx) -> pb.ReplaceUnlockKeyResponse:
-        unlock_key = new_unlock_key()
+        check_unlock_key(request.unlock_key)
         replaced = await self._key_slot_change("unlock key replaced", self.rt.vault.replace_unlock_key,
-                                               request.passphrase, unlock_key)
-        return pb.ReplaceUnlockKeyResponse(unlock_key=unlock_key, replaced=replaced)
+                                               request.passphrase, request.unlock_key)
+        return pb.ReplaceUnlockKeyResponse(replaced=replaced)
 
     @rpc
     async def RemoveUnlockKeys(self, request: pb.RemoveUnlockKeysRequest, context: Ctx) -> pb.RemoveUnlockKeysResponse:
@@ -89,8 +93,12 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
             raise
         before = f" ({result} before)" if isinstance(result, int) else ""
         self.rt.log_event(f"vault {what}{before}")
-        # Held until the ledger has its key, as the daemon's other system rows are: never stored unchained.
-        self.rt.ledger.append_nowait(LedgerEntry.system(f"vault {what}{before}", reason="vault_keys_changed"))
+        # Held until the ledger has its key, as the daemon's other system rows are: never stored unchained. The
+        # change has happened by now, so a ledger that cannot take the row must not turn it into an error.
+        try:
+            self.rt.ledger.append_nowait(LedgerEntry.system(f"vault {what}{before}", reason="vault_keys_changed"))
+        except LedgerError as exc:
+            log.error("the vault's keys changed but the change could not be put in the ledger: %s", exc)
         return result
 
     @rpc

@@ -10,11 +10,9 @@ of sending the secret somewhere it was not meant to go.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import os
-import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +29,6 @@ from aegisd.errors import VaultLocked
 KEY_BYTES = 32
 NONCE_BYTES = 12
 SALT_BYTES = 16
-UNLOCK_KEY_PREFIX = "aegis-unlock-"
 # Argon2id: 64 MiB, 3 passes, 4 lanes (~0.2 s here). Stored per slot so new slots can use more.
 ARGON2_DEFAULTS: dict[str, int] = {"memory_kib": 65536, "iterations": 3, "lanes": 4}
 ARGON2_FLOOR: dict[str, int] = {"memory_kib": 19456, "iterations": 2, "lanes": 1}
@@ -139,11 +136,6 @@ def open_slot(slot: KeySlot, vault_id: str, secret: str) -> MasterKey:
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise SlotDamaged(f"key slot {slot.id} is damaged ({type(exc).__name__})") from None
     return MasterKey(bytearray(raw))
-
-
-def new_unlock_key() -> str:
-    """A random 256-bit unlock key, printable, with a prefix that says what it is."""
-    return UNLOCK_KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode().rstrip("=")
 
 
 def secret_aad(vault_id: str, credential_id: str, metadata: bytes) -> bytes:

@@ -81,15 +81,19 @@ class ReplaceUnlockKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PASSPHRASE_FIELD_NUMBER: _builtins.int
+    UNLOCK_KEY_FIELD_NUMBER: _builtins.int
     passphrase: _builtins.str
+    unlock_key: _builtins.str
+    """"aegis-unlock-" and 43 base64url characters (256 random bits); INVALID_ARGUMENT otherwise."""
     def __init__(
         self,
         *,
         passphrase: _builtins.str = ...,
+        unlock_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["passphrase", b"passphrase"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passphrase", b"passphrase", "unlock_key", b"unlock_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -99,21 +103,17 @@ Global___ReplaceUnlockKeyRequest: _TypeAlias = ReplaceUnlockKeyRequest  # noqa: 
 class ReplaceUnlockKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    UNLOCK_KEY_FIELD_NUMBER: _builtins.int
     REPLACED_FIELD_NUMBER: _builtins.int
-    unlock_key: _builtins.str
-    """Shown once; never stored in clear."""
     replaced: _builtins.int
     """How many unlock keys it replaced (they no longer open the vault)."""
     def __init__(
         self,
         *,
-        unlock_key: _builtins.str = ...,
         replaced: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replaced", b"replaced", "unlock_key", b"unlock_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replaced", b"replaced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,18 +323,23 @@ class InitRequest(_message.Message):
 
     PASSPHRASE_FIELD_NUMBER: _builtins.int
     CREATE_UNLOCK_KEY_FIELD_NUMBER: _builtins.int
+    UNLOCK_KEY_FIELD_NUMBER: _builtins.int
     passphrase: _builtins.str
     create_unlock_key: _builtins.bool
-    """Also create an unlock-key slot and return its key once, for unattended services."""
+    """Also create an unlock-key slot, for unattended services: for `unlock_key` if given (the client made
+    it and keeps it; same format as ReplaceUnlockKeyRequest's), else for one made here and returned once.
+    """
+    unlock_key: _builtins.str
     def __init__(
         self,
         *,
         passphrase: _builtins.str = ...,
         create_unlock_key: _builtins.bool = ...,
+        unlock_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_unlock_key", b"create_unlock_key", "passphrase", b"passphrase"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_unlock_key", b"create_unlock_key", "passphrase", b"passphrase", "unlock_key", b"unlock_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,7 +353,7 @@ class InitResponse(_message.Message):
     UNLOCK_KEY_FIELD_NUMBER: _builtins.int
     vault_id: _builtins.str
     unlock_key: _builtins.str
-    """Present only when create_unlock_key was set. Shown once; never stored in clear."""
+    """Present only when create_unlock_key was set without an unlock_key. Shown once; never stored in clear."""
     def __init__(
         self,
         *,

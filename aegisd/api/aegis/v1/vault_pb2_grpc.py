@@ -126,8 +126,9 @@ class VaultServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReplaceUnlockKey(self, request, context):
-        """Creates a new unlock key in place of every unlock key the vault had, and returns it once. Needs the
-        passphrase.
+        """Puts the client's new unlock key in place of every unlock key the vault had. Needs the passphrase.
+        The client makes the key and keeps it safe before it asks: if the call is cut off, the key that may
+        now open the vault is not lost with it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

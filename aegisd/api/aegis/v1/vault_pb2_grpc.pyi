@@ -50,8 +50,9 @@ class VaultServiceStub:
     taken before keep the old passphrase.
     """
     ReplaceUnlockKey: _grpc.UnaryUnaryMultiCallable[_vault_pb2.ReplaceUnlockKeyRequest, _vault_pb2.ReplaceUnlockKeyResponse]
-    """Creates a new unlock key in place of every unlock key the vault had, and returns it once. Needs the
-    passphrase.
+    """Puts the client's new unlock key in place of every unlock key the vault had. Needs the passphrase.
+    The client makes the key and keeps it safe before it asks: if the call is cut off, the key that may
+    now open the vault is not lost with it.
     """
     RemoveUnlockKeys: _grpc.UnaryUnaryMultiCallable[_vault_pb2.RemoveUnlockKeysRequest, _vault_pb2.RemoveUnlockKeysResponse]
     """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
@@ -78,8 +79,9 @@ class VaultServiceAsyncStub(VaultServiceStub):
     taken before keep the old passphrase.
     """
     ReplaceUnlockKey: _aio.UnaryUnaryMultiCallable[_vault_pb2.ReplaceUnlockKeyRequest, _vault_pb2.ReplaceUnlockKeyResponse]  # type: ignore[assignment]
-    """Creates a new unlock key in place of every unlock key the vault had, and returns it once. Needs the
-    passphrase.
+    """Puts the client's new unlock key in place of every unlock key the vault had. Needs the passphrase.
+    The client makes the key and keeps it safe before it asks: if the call is cut off, the key that may
+    now open the vault is not lost with it.
     """
     RemoveUnlockKeys: _aio.UnaryUnaryMultiCallable[_vault_pb2.RemoveUnlockKeysRequest, _vault_pb2.RemoveUnlockKeysResponse]  # type: ignore[assignment]
     """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
@@ -145,8 +147,9 @@ class VaultServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vault_pb2.ReplaceUnlockKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vault_pb2.ReplaceUnlockKeyResponse, _abc.Awaitable[_vault_pb2.ReplaceUnlockKeyResponse]]:
-        """Creates a new unlock key in place of every unlock key the vault had, and returns it once. Needs the
-        passphrase.
+        """Puts the client's new unlock key in place of every unlock key the vault had. Needs the passphrase.
+        The client makes the key and keeps it safe before it asks: if the call is cut off, the key that may
+        now open the vault is not lost with it.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,94 @@
+"""The new unlock key's file: written before the call, removed when aegisd refused it or nothing was sent,
+kept (with a word on why) when the outcome is unknown; and the format the vault accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from aegisctl.client import ClientError
+from aegisctl.unlock_key_out import unlock_key_out
+from aegisd.errors import InvalidArgument
+from aegisd.vault.unlock_key_format import check_unlock_key, new_unlock_key
+
+
+def test_the_file_holds_the_key_before_the_call_and_after(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    with unlock_key_out(str(path)) as made:
+        assert made is not None
+        assert path.read_text() == made.key + "\n" and path.stat().st_mode & 0o777 == 0o600
+        made.send(lambda key: key)
+    assert path.read_text() == made.key + "\n"
+
+
+@pytest.mark.parametrize("reason", ["wrong_passphrase", "invalid_argument", "vault_uninitialized"])
+def test_a_refusal_removes_the_file(tmp_path: Path, reason: str) -> None:
+    path = tmp_path / "k"
+    with pytest.raises(ClientError), unlock_key_out(str(path)) as made:
+        assert made is not None
+
+        def refused(key: str) -> None:
+            raise ClientError("no", reason=reason)
+
+        made.send(refused)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("failure", [ClientError("gone", reason="unavailable"), ClientError("slow", reason="timeout"),
+                                     KeyboardInterrupt()])
+def test_an_unknown_outcome_keeps_the_file_and_says_so(tmp_path: Path, failure: BaseException,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "k"
+    with pytest.raises(type(failure)), unlock_key_out(str(path)) as made:
+        assert made is not None
+
+        def cut_off(key: str) -> None:
+            raise failure
+
+        made.send(cut_off)
+    assert made is not None and path.read_text() == made.key + "\n"
+    assert f"kept in {path}" in capsys.readouterr().err
+
+
+def test_nothing_sent_removes_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    with pytest.raises(KeyboardInterrupt), unlock_key_out(str(path)):
+        raise KeyboardInterrupt  # Ctrl-C at the passphrase prompt: aegisd was asked nothing
+    assert not path.exists()
+
+
+def test_on_stdout_the_key_is_printed_after_the_call_or_when_the_outcome_is_unknown(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with unlock_key_out("-") as made:
+        assert made is not None
+        made.send(lambda key: key)
+        assert capsys.readouterr().out == ""  # not before aegisd took it
+    made.delivered()
+    assert capsys.readouterr().out == made.key + "\n"
+    with pytest.raises(ClientError), unlock_key_out("-") as cut:
+        assert cut is not None
+
+        def gone(key: str) -> None:
+            raise ClientError("gone", reason="unavailable")
+
+        cut.send(gone)
+    assert cut is not None and capsys.readouterr().out == cut.key + "\n"
+
+
+def test_an_existing_file_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    path.write_text("precious\n")
+    with pytest.raises(click.UsageError, match="already exists"), unlock_key_out(str(path)):
+        pass
+    assert path.read_text() == "precious\n"
+
+
+def test_the_vault_takes_only_keys_new_unlock_key_would_make() -> None:
+    check_unlock_key(new_unlock_key())
+    key = new_unlock_key()
+    for bad in ("", "aegis-unlock-", key[:-1], key + "A", key.replace("aegis-unlock-", "aegis-unlock_"),
+                "aegis-unlock-" + "A" * 42 + "=", "aegis-unlock-" + "!" * 43, "password123"):
+        with pytest.raises(InvalidArgument):
+            check_unlock_key(bad)
