@@ -65,8 +65,9 @@ def backup(ctx: Context, file: Path, as_json: bool) -> None:
 def restore(ctx: Context, file: Path, yes: bool) -> None:
     """Replace the daemon's vault and ledger with the backup in FILE.
 
-    The vault must be locked (or not yet created): run `aegisctl lock` first. Afterwards it is locked;
-    unlock it with the passphrase the backup's vault had. A damaged file is refused and nothing changes.
+    The vault must be locked (or not yet created): run `aegisctl lock` first. Afterwards it is locked. A
+    backup of the vault in place keeps the vault's current passphrase and unlock keys; another vault's
+    backup opens with the passphrase it had. A damaged file is refused and nothing changes.
     """
     manifest = read_manifest(file)
     client = ctx.client
@@ -85,7 +86,10 @@ def restore(ctx: Context, file: Path, yes: bool) -> None:
     reply = client.call(client.backup.Restore, chunks(), timeout=3600)
     click.echo(f"Restored vault {reply.vault_id} (backup taken {output.iso_ms(reply.created_ms)}): "
                f"{reply.credentials} credentials, {reply.agents} agents, {reply.ledger_rows} ledger rows.")
-    click.echo("The vault is locked: unlock it with the backup's passphrase (`aegisctl unlock`).")
+    if reply.kept_key_slots:
+        click.echo("The vault is locked: it kept its current passphrase and unlock keys (`aegisctl unlock`).")
+    else:
+        click.echo("The vault is locked: unlock it with the backup's passphrase (`aegisctl unlock`).")
 
 
 commands = (backup, restore)

@@ -4,15 +4,23 @@ Order: refuse if unlocked; receive the archive into a scratch directory; check a
 (archive.read_backup); only then, holding the vault's lock so nothing can unlock or init meanwhile,
 swap the ledger (in its writer thread, between commits) and the vault database (under the store's
 lock), each by an atomic rename, and re-read the vault. No restart is needed: the vault comes back
-locked, and the next unlock (with the backup's passphrase) keys the restored ledger's chain.
+locked, and the next unlock keys the restored ledger's chain.
+
+A backup of the vault that is in place comes back with the key slots that vault has now: its current
+passphrase and unlock keys, not the backup's. Restoring needs only the control socket, and otherwise an
+old backup would undo a passphrase change or a replaced unlock key (bringing a leaked one back) without
+the passphrase that `aegisctl passphrase` and `unlock-key` demand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +41,18 @@ def require_not_unlocked(vault: Vault) -> None:
                                  reason="vault_unlocked")
 
 
+@dataclass
+class Restored:
+    """What came back: the backup's manifest, and whether the vault kept its current key slots (a backup of
+    the same vault) or has the backup's (another vault's backup, or none was in place)."""
+
+    manifest: Manifest
+    kept_key_slots: bool = False
+
+
 async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: LedgerWriter,
-                  chunks: AsyncIterator[bytes], recorded: Callable[[Manifest], Awaitable[None]] | None = None
-                  ) -> Manifest:
+                  chunks: AsyncIterator[bytes], recorded: Callable[[Restored], Awaitable[None]] | None = None
+                  ) -> Restored:
     """Receive, check, and swap in a backup; nothing changes unless every check passes.
 
     Once the swap has begun it runs to its end (and `recorded` after it) even if the caller is cancelled:
@@ -51,7 +68,10 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
         except OSError as exc:
             raise _disk_error(exc, data_dir) from None
 
+        restored = Restored(manifest)
+
         def swap() -> None:
+            restored.kept_key_slots = _keep_live_key_slots(store, directory / VAULT_DB, vault.vault_id)
             try:
                 asyncio.run_coroutine_threadsafe(ledger.replace_file(directory / LEDGER_DB), loop).result()
             except ReplaceIncomplete as exc:
@@ -69,10 +89,37 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
         async def swap_and_record() -> None:
             await asyncio.to_thread(vault.reopen, swap)
             if recorded is not None:
-                await recorded(manifest)
+                await recorded(restored)
 
         await outlive_cancellation(swap_and_record(), _orphaned_swap)
-    return manifest
+    return restored
+
+
+def _keep_live_key_slots(store: VaultStore, staged: Path, live_vault_id: str | None) -> bool:
+    """If the staged vault is the live one (same vault id), put the live key slots into it in place of its own.
+
+    Runs first in the swap, under the vault's lock, so a failure here leaves everything as it was.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(staged, isolation_level=None)) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()
+            if live_vault_id is None or row is None or row[0] != live_vault_id:
+                return False
+            with store.reading() as live:
+                slots = live.execute(f"SELECT {_SLOT_COLUMNS} FROM key_slots ORDER BY id").fetchall()  # noqa: S608
+            if not any(kind == "passphrase" for kind in (slot[1] for slot in slots)):
+                raise StorageUnavailable("the vault in place has no passphrase slot to keep; nothing was restored")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM key_slots")
+            conn.executemany(f"INSERT INTO key_slots ({_SLOT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", slots)  # noqa: S608
+            conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"nothing was restored: cannot carry the vault's key slots into the backup ({exc})"
+                                 ) from None
+    return True
+
+
+_SLOT_COLUMNS = "id, kind, kdf, params, salt, nonce, wrapped, created_at"
 
 
 def _orphaned_swap(outcome: asyncio.Future[Any]) -> None:
@@ -84,7 +131,8 @@ def _orphaned_swap(outcome: asyncio.Future[Any]) -> None:
                   why)
     else:
         log.warning("a restore whose client went away (cancelled, or past its deadline) was completed: the vault "
-                    "and ledger are the backup's, locked; unlock with the passphrase the backup had")
+                    "and ledger are the backup's, locked; unlock with the passphrase the vault had before (a backup "
+                    "of the same vault) or the one the backup had (another vault's)")
 
 
 async def _receive(chunks: AsyncIterator[bytes], path: Path) -> None:

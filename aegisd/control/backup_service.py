@@ -17,7 +17,7 @@ import grpc
 from aegisd.api.aegis.v1 import backup_pb2 as pb
 from aegisd.api.aegis.v1 import backup_pb2_grpc
 from aegisd.backup import clear_leftovers, outlive_cancellation, restore, scratch, take_snapshot, tar_stream
-from aegisd.backup.archive import Manifest
+from aegisd.backup.restore import Restored
 from aegisd.control.errors import rpc, stream_rpc
 from aegisd.errors import StorageUnavailable
 from aegisd.ledger import LedgerEntry, LedgerError
@@ -60,8 +60,9 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
                     yield chunk.data
 
             # Recorded as part of the restore: a swap that outlives its client is still put in the ledger.
-            manifest = await restore(self.data_dir, self.rt.vault, self.rt.store, self.rt.ledger, chunks(),
+            restored = await restore(self.data_dir, self.rt.vault, self.rt.store, self.rt.ledger, chunks(),
                                      self._record)
+            manifest = restored.manifest
         if self.rt.ledger.failing:  # the restored ledger was moved into place but cannot be opened or written
             raise StorageUnavailable("the backup was restored, but its ledger cannot be written (see aegisd's log), "
                                      "so the gate forwards nothing until it can; free the disk, or run the restore "
@@ -69,11 +70,14 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
         counts = manifest.counts
         return pb.RestoreResponse(vault_id=manifest.vault_id, created_ms=manifest.created_ms,
                                   credentials=counts["credentials"], agents=counts["agents"],
-                                  ledger_rows=counts["ledger_rows"])
+                                  ledger_rows=counts["ledger_rows"], kept_key_slots=restored.kept_key_slots)
 
-    async def _record(self, manifest: Manifest) -> None:
-        detail = f"restored from a backup taken {iso_time(manifest.created_ms)} (vault {manifest.vault_id})"
-        self.rt.log_event("backup restored", vault_id=manifest.vault_id, backup_created=iso_time(manifest.created_ms))
+    async def _record(self, restored: Restored) -> None:
+        manifest = restored.manifest
+        kept = "; the vault kept its current passphrase and unlock keys" if restored.kept_key_slots else ""
+        detail = f"restored from a backup taken {iso_time(manifest.created_ms)} (vault {manifest.vault_id}){kept}"
+        self.rt.log_event("backup restored", vault_id=manifest.vault_id, backup_created=iso_time(manifest.created_ms),
+                          kept_key_slots=restored.kept_key_slots)
         try:
             await self.rt.ledger.append(LedgerEntry.system(detail, reason="backup_restored"))
         except LedgerError as exc:

@@ -166,3 +166,46 @@ def test_unlock_key_new_cut_off_at_any_moment_never_loses_the_working_key(aegis:
     if new_file.exists() and not new_works:
         assert "may have taken it" in err or proc.returncode == 0, err  # kept only with a word on why
     aegis.assert_no_leaks([PASSPHRASE, first, *([new_key] if new_key else [])])
+
+
+def test_restoring_an_older_backup_of_this_vault_does_not_bring_back_its_keys(aegis: Aegis) -> None:
+    """Restore needs only the socket: it must not undo a passphrase change or a replaced (leaked) unlock key,
+    which needed the passphrase. A backup of this vault comes back with the vault's current key slots."""
+    leaked_file = aegis.root / "leaked.key"
+    aegis.ctl("unlock-key", "new", "--out", str(leaked_file), "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    leaked = leaked_file.read_text().strip()
+    backup = aegis.root / "before.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    aegis.ctl("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{NEW_PASSPHRASE}\n").ok()
+    current_file = aegis.root / "current.key"
+    aegis.ctl("unlock-key", "new", "--out", str(current_file), "--passphrase-stdin",
+              input=NEW_PASSPHRASE + "\n").ok()
+    current = current_file.read_text().strip()
+    aegis.ctl("vault", "remove", "svc", "--yes").ok()  # so the restore visibly brings the backup's rows back
+
+    aegis.ctl("lock").ok()
+    restored = aegis.ctl("restore", str(backup), "--yes").ok()
+    assert "kept its current passphrase and unlock keys" in restored.out, restored.out
+    assert not unlocks_with(aegis, passphrase=PASSPHRASE) and not unlocks_with(aegis, key=leaked)
+    assert unlocks_with(aegis, passphrase=NEW_PASSPHRASE) and unlocks_with(aegis, key=current)
+    aegis.ctl("unlock", "--passphrase-stdin", input=NEW_PASSPHRASE + "\n").ok()
+    assert [c["name"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)] == ["svc"]
+    rows = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "20").ok().out)
+    assert any(r["reason"] == "backup_restored" and "kept its current passphrase" in r["detail"] for r in rows)
+    aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, leaked, current, SECRET])
+
+
+def test_another_vaults_backup_opens_with_its_own_passphrase(aegis: Aegis) -> None:
+    other = new_aegis()
+    try:
+        other.start()
+        other.init(NEW_PASSPHRASE)
+        backup = aegis.root / "other.backup"
+        other.ctl("backup", str(backup)).ok()
+    finally:
+        other.cleanup()
+    aegis.ctl("lock").ok()
+    restored = aegis.ctl("restore", str(backup), "--yes").ok()
+    assert "unlock it with the backup's passphrase" in restored.out, restored.out
+    assert not unlocks_with(aegis, passphrase=PASSPHRASE) and unlocks_with(aegis, passphrase=NEW_PASSPHRASE)
+    aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, SECRET])

@@ -80,12 +80,17 @@ class RestoreResponse(_message.Message):
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
     LEDGER_ROWS_FIELD_NUMBER: _builtins.int
+    KEPT_KEY_SLOTS_FIELD_NUMBER: _builtins.int
     vault_id: _builtins.str
     created_ms: _builtins.int
     """When the backup was taken, epoch milliseconds."""
     credentials: _builtins.int
     agents: _builtins.int
     ledger_rows: _builtins.int
+    kept_key_slots: _builtins.bool
+    """The backup was of the vault in place, which kept its current passphrase and unlock keys; otherwise
+    the vault now opens with the backup's.
+    """
     def __init__(
         self,
         *,
@@ -94,10 +99,11 @@ class RestoreResponse(_message.Message):
         credentials: _builtins.int = ...,
         agents: _builtins.int = ...,
         ledger_rows: _builtins.int = ...,
+        kept_key_slots: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "created_ms", b"created_ms", "credentials", b"credentials", "ledger_rows", b"ledger_rows", "vault_id", b"vault_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "created_ms", b"created_ms", "credentials", b"credentials", "kept_key_slots", b"kept_key_slots", "ledger_rows", b"ledger_rows", "vault_id", b"vault_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
