@@ -43,6 +43,7 @@ HINTS = {
     "vault_locked": "run `aegisctl unlock` first",
     "vault_uninitialized": "run `aegisctl init` to create the vault",
     "wrong_passphrase": "check the passphrase (or unlock key) and try again",
+    "no_unlock_key": "`aegisctl unlock` asks for the passphrase; `aegisctl unlock-key new --out FILE` makes a key",
     "credential_not_found": "see `aegisctl vault list` for the names",
     "storage_full": "free disk space in the data directory, then retry",
     "storage_read_only": "make the data directory writable by aegisd, then retry",

@@ -35,6 +35,7 @@ from aegisd.vault import credentials as cred_rules
 from aegisd.vault.adoption import OlderRows
 from aegisd.vault.credentials import CREDENTIAL_COLUMNS, Credential, credential_from_row, credential_row
 from aegisd.vault.crypto import (
+    ARGON2_DEFAULTS,
     KeySlot,
     MasterKey,
     SealBroken,
@@ -124,9 +125,9 @@ class Vault:
         WrongPassphrase if none does, StorageCorrupt if none could be read at all."""
         slots = [s for s in self._slots() if s.kind == kind]
         if not slots:
-            if kind == "unlock_key":
-                raise WrongPassphrase("this vault has no unlock key; unlock it with the passphrase, or create one "
-                                      "with `aegisctl unlock-key new`")
+            if kind == "unlock_key":  # not a wrong guess: nothing to guess against
+                raise FailedPrecondition("this vault has no unlock key; unlock it with the passphrase",
+                                         reason="no_unlock_key")
             raise WrongPassphrase("this vault has no passphrase slot")
         damaged = []
         for slot in slots:
@@ -157,7 +158,8 @@ class Vault:
             vault_id = self._require_initialized()
             master = self._open(vault_id, "passphrase", current)
             try:
-                self._replace_slots("passphrase", make_slot(master, vault_id, "passphrase", new))
+                params = _stronger_argon2([s.params for s in self._slots() if s.kind == "passphrase"])
+                self._replace_slots("passphrase", make_slot(master, vault_id, "passphrase", new, params))
             finally:
                 master.wipe()
 
@@ -433,6 +435,17 @@ def _check_secret_fits(data: bytes, auth_type: str) -> None:
     if auth_type == "basic" and b":" not in data:
         raise InvalidArgument("the stored secret does not suit auth type 'basic' (a basic-auth secret must be "
                               "'user:password'): rotate it to one that does first")
+
+
+def _stronger_argon2(existing: list[dict[str, Any]]) -> dict[str, int]:
+    """Argon2id settings for a new passphrase slot: the defaults, raised to any stronger setting the slots it
+    replaces had (an operator who made them costlier keeps that)."""
+    params = dict(ARGON2_DEFAULTS)
+    for old in existing:
+        for name, value in old.items():
+            if name in params and isinstance(value, int) and value > params[name]:
+                params[name] = value
+    return params
 
 
 def _insert_slot(conn: sqlite3.Connection, slot: KeySlot) -> None:

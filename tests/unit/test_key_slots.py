@@ -88,3 +88,23 @@ def test_a_wrong_passphrase_is_still_wrong(vault_path: Path) -> None:
     with pytest.raises(WrongPassphrase, match="wrong passphrase"):
         unlock(vault_path, PASSPHRASE + "x")
     unlock(vault_path)
+
+
+def test_a_new_passphrase_keeps_stronger_argon2_settings(vault_path: Path) -> None:
+    """An operator who made the passphrase slot costlier (here: more iterations, more memory) keeps that through
+    `aegisctl passphrase`; settings below the defaults are raised to them."""
+    store = VaultStore(vault_path)
+    store.open()
+    try:
+        vault = Vault(store)
+        master = MasterKey.generate()  # a slot wrapped with costlier settings (over a master key of its own)
+        assert vault.vault_id is not None
+        strong = crypto.make_slot(master, vault.vault_id, "passphrase", PASSPHRASE,
+                                  {"memory_kib": 131072, "iterations": 4, "lanes": 1})
+        vault._replace_slots("passphrase", strong)
+        vault.change_passphrase(PASSPHRASE, "another long passphrase 9921")
+        (params,) = [s.params for s in vault._slots() if s.kind == "passphrase"]
+    finally:
+        store.close()
+    assert params == {"memory_kib": 131072, "iterations": 4, "lanes": 4}
+    unlock(vault_path, "another long passphrase 9921")
