@@ -8,8 +8,10 @@ gone mid-call, Ctrl-C), the file stays and aegisctl says the vault may already u
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -17,10 +19,11 @@ from typing import TypeVar
 import click
 
 from aegisctl.client import ClientError
-from aegisd.vault.unlock_key_format import new_unlock_key
 
 # Client errors that do not say whether aegisd acted: the call may have been carried out.
 UNKNOWN_OUTCOME = ("unavailable", "timeout", "")
+# The form aegisd takes and checks (aegisd/vault/unlock_key_format.py; the proto's ReplaceUnlockKeyRequest).
+UNLOCK_KEY_PREFIX, KEY_BYTES = "aegis-unlock-", 32
 T = TypeVar("T")
 
 
@@ -45,6 +48,11 @@ class UnlockKeyOut:
             click.echo(self.key)  # stdout holds the key alone: KEY=$(aegisctl ... -) works
             return "Store this unlock key now; it is not shown again."
         return f"Unlock key written to {self.path} (mode 0600). It is not shown again."
+
+
+def new_unlock_key() -> str:
+    """256 random bits, printable, with a prefix that says what they are."""
+    return UNLOCK_KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode().rstrip("=")
 
 
 @contextlib.contextmanager

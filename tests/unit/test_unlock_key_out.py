@@ -9,6 +9,7 @@ import click
 import pytest
 
 from aegisctl.client import ClientError
+from aegisctl.unlock_key_out import new_unlock_key as made_by_aegisctl
 from aegisctl.unlock_key_out import unlock_key_out
 from aegisd.errors import InvalidArgument
 from aegisd.vault.unlock_key_format import check_unlock_key, new_unlock_key
@@ -87,6 +88,7 @@ def test_an_existing_file_is_refused_untouched(tmp_path: Path) -> None:
 
 def test_the_vault_takes_only_keys_new_unlock_key_would_make() -> None:
     check_unlock_key(new_unlock_key())
+    check_unlock_key(made_by_aegisctl())  # aegisctl makes its own (it imports only the API from aegisd)
     key = new_unlock_key()
     for bad in ("", "aegis-unlock-", key[:-1], key + "A", key.replace("aegis-unlock-", "aegis-unlock_"),
                 "aegis-unlock-" + "A" * 42 + "=", "aegis-unlock-" + "!" * 43, "password123"):
