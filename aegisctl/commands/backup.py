@@ -17,7 +17,7 @@ from aegisctl.backup_file import CHUNK, read_manifest, verify_archive
 from aegisctl.client import VAULT_STATES, ClientError
 from aegisctl.context import Context, pass_context
 from aegisctl.private_file import private_output
-from aegisctl.secrets_input import confirm_destructive
+from aegisctl.secrets_input import confirm_destructive, read_secret
 from aegisd.api.aegis.v1 import backup_pb2 as pb
 
 
@@ -61,27 +61,36 @@ def backup(ctx: Context, file: Path, as_json: bool) -> None:
 @click.command("restore")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@click.option("--passphrase-stdin", is_flag=True,
+              help="Read the passphrase of the vault in place (needed for another vault's backup) from stdin.")
 @pass_context
-def restore(ctx: Context, file: Path, yes: bool) -> None:
+def restore(ctx: Context, file: Path, yes: bool, passphrase_stdin: bool) -> None:
     """Replace the daemon's vault and ledger with the backup in FILE.
 
     The vault must be locked (or not yet created): run `aegisctl lock` first. Afterwards it is locked. A
     backup of the vault in place keeps the vault's current passphrase and unlock keys; another vault's
-    backup opens with the passphrase it had. A damaged file is refused and nothing changes.
+    backup opens with the passphrase it had, and replacing an existing vault with it needs that existing
+    vault's passphrase. A damaged file is refused and nothing changes.
     """
     manifest = read_manifest(file)
     client = ctx.client
     status = client.status()
-    if VAULT_STATES.get(status.state) == "unlocked":
+    state = VAULT_STATES.get(status.state)
+    if state == "unlocked":
         raise ClientError("the vault is unlocked; restore replaces it, so it must be locked first",
                           "run `aegisctl lock`, then `aegisctl restore` again", "vault_unlocked")
-    confirm_destructive(f"Replace the vault and ledger in {status.data_dir} with the backup of "
-                        f"{_summary(manifest)}?", yes)
+    other_vault = state != "uninitialized" and manifest.get("vault_id") != status.vault_id
+    what = "another vault's backup, " if other_vault else "the backup of "
+    confirm_destructive(f"Replace the vault and ledger in {status.data_dir} with {what}{_summary(manifest)}?", yes)
+    passphrase = (read_secret("passphrase of the vault in place", passphrase_stdin, flag="--passphrase-stdin")
+                  if other_vault else "")
 
     def chunks() -> Iterator[pb.RestoreChunk]:
+        first = True
         with file.open("rb") as fh:
             while data := fh.read(CHUNK):
-                yield pb.RestoreChunk(data=data)
+                yield pb.RestoreChunk(data=data, passphrase=passphrase if first else "")
+                first = False
 
     reply = client.call(client.backup.Restore, chunks(), timeout=3600)
     click.echo(f"Restored vault {reply.vault_id} (backup taken {output.iso_ms(reply.created_ms)}): "

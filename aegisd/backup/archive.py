@@ -235,6 +235,11 @@ def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
     result = conn.execute("PRAGMA quick_check").fetchone()[0]
     if result != "ok":
         raise InvalidBackup(f"{what} in the backup fails its integrity check ({result})")
+    # aegisd makes neither. A trigger would run inside aegisd's own writes to the restored file (putting back
+    # a key slot or a grant that aegisd deletes), and a view could stand where a table is read.
+    made = conn.execute("SELECT type FROM sqlite_master WHERE type IN ('trigger', 'view') LIMIT 1").fetchone()
+    if made is not None:
+        raise InvalidBackup(f"{what} in the backup holds a {made[0]}, which aegisd never makes: it was edited")
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None or not isinstance(row[0], int):
         raise InvalidBackup(f"{what} in the backup has no schema version")

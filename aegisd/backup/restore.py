@@ -7,9 +7,10 @@ lock), each by an atomic rename, and re-read the vault. No restart is needed: th
 locked, and the next unlock keys the restored ledger's chain.
 
 A backup of the vault that is in place comes back with the key slots that vault has now: its current
-passphrase and unlock keys, not the backup's. Restoring needs only the control socket, and otherwise an
-old backup would undo a passphrase change or a replaced unlock key (bringing a leaked one back) without
-the passphrase that `aegisctl passphrase` and `unlock-key` demand.
+passphrase and unlock keys, not the backup's. Another vault's backup over an existing vault needs that
+vault's passphrase. Otherwise a restore, which needs only the control socket, would undo a passphrase
+change or a replaced unlock key (bringing a leaked one back) without the passphrase that `aegisctl
+passphrase` and `unlock-key` demand: directly, or in two steps through another vault.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ class Restored:
 
 
 async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: LedgerWriter,
-                  chunks: AsyncIterator[bytes], recorded: Callable[[Restored], Awaitable[None]] | None = None
-                  ) -> Restored:
+                  chunks: AsyncIterator[bytes], recorded: Callable[[Restored], Awaitable[None]] | None = None,
+                  passphrase: Callable[[], str] = str) -> Restored:
     """Receive, check, and swap in a backup; nothing changes unless every check passes.
 
     Once the swap has begun it runs to its end (and `recorded` after it) even if the caller is cancelled:
-    the client going away then cannot leave the data directory half restored.
+    the client going away then cannot leave the data directory half restored. `passphrase` gives the
+    passphrase of the vault in place, once every chunk has been read (it comes with them).
     """
     require_not_unlocked(vault)
     loop = asyncio.get_running_loop()
@@ -71,6 +73,8 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
         restored = Restored(manifest)
 
         def swap() -> None:
+            if vault.vault_id is not None and manifest.vault_id != vault.vault_id:
+                _require_passphrase(vault, passphrase())
             restored.kept_key_slots = _keep_live_key_slots(store, directory / VAULT_DB, vault.vault_id)
             try:
                 asyncio.run_coroutine_threadsafe(ledger.replace_file(directory / LEDGER_DB), loop).result()
@@ -95,6 +99,15 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
     return restored
 
 
+def _require_passphrase(vault: Vault, passphrase: str) -> None:
+    """Another vault's backup replaces what opens this one: only with this one's passphrase (nothing changed yet)."""
+    if not passphrase:
+        raise FailedPrecondition(f"the backup is of another vault than the one in place ({vault.vault_id}); replacing "
+                                 "it changes what opens the vault, so it needs that vault's passphrase",
+                                 reason="passphrase_required")
+    vault.verify_passphrase(passphrase)
+
+
 def _keep_live_key_slots(store: VaultStore, staged: Path, live_vault_id: str | None) -> bool:
     """If the staged vault is the live one (same vault id), put the live key slots into it in place of its own.
 
@@ -113,6 +126,9 @@ def _keep_live_key_slots(store: VaultStore, staged: Path, live_vault_id: str | N
             conn.execute("DELETE FROM key_slots")
             conn.executemany(f"INSERT INTO key_slots ({_SLOT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", slots)  # noqa: S608
             conn.execute("COMMIT")
+            conn.execute("PRAGMA journal_mode = DELETE")  # fold any write-ahead log into the file that is moved
+            if conn.execute(f"SELECT {_SLOT_COLUMNS} FROM key_slots ORDER BY id").fetchall() != slots:  # noqa: S608
+                raise StorageUnavailable("nothing was restored: the backup's key slots did not become the vault's")
     except sqlite3.Error as exc:
         raise StorageUnavailable(f"nothing was restored: cannot carry the vault's key slots into the backup ({exc})"
                                  ) from None

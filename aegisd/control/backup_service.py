@@ -19,7 +19,7 @@ from aegisd.api.aegis.v1 import backup_pb2_grpc
 from aegisd.backup import clear_leftovers, outlive_cancellation, restore, scratch, take_snapshot, tar_stream
 from aegisd.backup.restore import Restored
 from aegisd.control.errors import rpc, stream_rpc
-from aegisd.errors import StorageUnavailable
+from aegisd.errors import StorageUnavailable, WrongPassphrase
 from aegisd.ledger import LedgerEntry, LedgerError
 from aegisd.ledger.entry import iso_time
 from aegisd.runtime import Runtime
@@ -55,13 +55,21 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
         async with self._busy:
             await asyncio.to_thread(clear_leftovers, self.data_dir)
 
+            given: list[str] = []  # the passphrase of the vault in place, sent with the first chunk if at all
+
             async def chunks() -> AsyncIterator[bytes]:
                 async for chunk in request_iterator:
+                    if chunk.passphrase and not given:
+                        given.append(chunk.passphrase)
                     yield chunk.data
 
             # Recorded as part of the restore: a swap that outlives its client is still put in the ledger.
-            restored = await restore(self.data_dir, self.rt.vault, self.rt.store, self.rt.ledger, chunks(),
-                                     self._record)
+            try:
+                restored = await restore(self.data_dir, self.rt.vault, self.rt.store, self.rt.ledger, chunks(),
+                                         self._record, lambda: given[0] if given else "")
+            except WrongPassphrase:
+                self.rt.log_event("restore refused: wrong passphrase for the vault in place", level=logging.WARNING)
+                raise
             manifest = restored.manifest
         if self.rt.ledger.failing:  # the restored ledger was moved into place but cannot be opened or written
             raise StorageUnavailable("the backup was restored, but its ledger cannot be written (see aegisd's log), "

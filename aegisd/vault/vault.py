@@ -143,6 +143,11 @@ class Vault:
 
     # -- key slots: what opens the vault ------------------------------------------------------------
 
+    def verify_passphrase(self, passphrase: str) -> None:
+        """Raise WrongPassphrase unless `passphrase` opens the vault; changes nothing (locked stays locked)."""
+        with self._lock:
+            self._open(self._require_initialized(), "passphrase", passphrase).wipe()
+
     def change_passphrase(self, current: str, new: str) -> None:
         """Wrap the master key under `new` in place of the passphrase slot; `current` must open the vault.
 

@@ -238,7 +238,8 @@ def test_restore_refuses_and_changes_nothing(world: GateWorld) -> None:
     finally:
         other.cleanup()
     aegis.ctl("lock").ok()
-    aegis.ctl("restore", str(other_backup), "--yes").ok()
+    # Another vault's backup over this one: only with this one's passphrase (the test passphrase here too).
+    aegis.ctl("restore", str(other_backup), "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     world.unlock()  # the same test passphrase, but the other vault's master key
     assert status(aegis)["vault_id"] == other_id and [c["name"] for c in listing(aegis, "vault", "list")] == ["other"]
     assert world.call("GET", "/github/echo/z", agent="claude").status == 401  # claude is not in that vault
@@ -264,9 +265,10 @@ def test_backup_file_is_replaced_only_when_complete(world: GateWorld) -> None:
 
 
 def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> None:
-    """A backup whose ledger opens and passes every check but refuses writes (a trigger stands in for a file
-    the disk will not let grow): the files are swapped, but the restore exits 1 naming the ledger, and the
-    gate forwards nothing. Restoring a good backup over it recovers without a restart."""
+    """A backup whose ledger opens and passes every check but refuses writes (its id counter at the largest
+    integer SQLite holds stands in for a file the disk will not let grow; a trigger once did, but a backup
+    with a trigger is now refused): the files are swapped, but the restore exits 1 naming the ledger, and
+    the gate forwards nothing. Restoring a good backup over it recovers without a restart."""
     aegis = world.aegis
     up = world.upstream()
     world.credential("github", GH_SECRET, up.entry())
@@ -278,7 +280,7 @@ def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> N
     ledger.write_bytes(parts["ledger.db"])
     conn = sqlite3.connect(ledger)
     with conn:
-        conn.execute("CREATE TRIGGER stuck BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'no room'); END")
+        conn.execute("UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'ledger'")
     conn.close()
     stuck = aegis.root / "stuck.backup"
     stuck.write_bytes(make_tar(with_manifest_for({**parts, "ledger.db": ledger.read_bytes()})))

@@ -7,14 +7,22 @@ locked or unlocked as it was, is recorded in the ledger, and never shows a passp
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import signal
+import sqlite3
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import pytest
 
+from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
 from tests.e2e.support import status
 from tests.harness import AEGISCTL, PASSPHRASE, Aegis, new_aegis
 
@@ -195,17 +203,90 @@ def test_restoring_an_older_backup_of_this_vault_does_not_bring_back_its_keys(ae
     aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, leaked, current, SECRET])
 
 
-def test_another_vaults_backup_opens_with_its_own_passphrase(aegis: Aegis) -> None:
+def other_vaults_backup(aegis: Aegis, passphrase: str) -> Path:
     other = new_aegis()
     try:
         other.start()
-        other.init(NEW_PASSPHRASE)
+        other.init(passphrase)
         backup = aegis.root / "other.backup"
         other.ctl("backup", str(backup)).ok()
     finally:
         other.cleanup()
+    return backup
+
+
+def test_another_vaults_backup_needs_this_vaults_passphrase_and_opens_with_its_own(aegis: Aegis) -> None:
+    backup = other_vaults_backup(aegis, NEW_PASSPHRASE)
+    vault_id = status(aegis)["vault_id"]
     aegis.ctl("lock").ok()
-    restored = aegis.ctl("restore", str(backup), "--yes").ok()
+    without = aegis.ctl("restore", str(backup), "--yes", "--passphrase-stdin", input="\n")
+    assert without.code == 2 and "standard input was empty" in without.err, without
+    wrong = aegis.ctl("restore", str(backup), "--yes", "--passphrase-stdin", input="not this vault's passphrase\n")
+    assert wrong.code == 1 and "wrong passphrase" in wrong.err, wrong
+    assert status(aegis)["vault_id"] == vault_id and unlocks_with(aegis, passphrase=PASSPHRASE)  # nothing changed
+    restored = aegis.ctl("restore", str(backup), "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert "unlock it with the backup's passphrase" in restored.out, restored.out
     assert not unlocks_with(aegis, passphrase=PASSPHRASE) and unlocks_with(aegis, passphrase=NEW_PASSPHRASE)
-    aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, SECRET])
+    assert "restore refused: wrong passphrase" in aegis.log()
+    aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, SECRET, "not this vault's passphrase"])
+
+
+def test_two_restores_through_another_vault_do_not_bring_a_retired_key_back(aegis: Aegis) -> None:
+    """Found by a cold review: another vault's backup first (the vault id changes), then this vault's old one
+    (the ids no longer match, so its old slots would come back). The first step now needs the passphrase."""
+    leaked_file = aegis.root / "leaked.key"
+    aegis.ctl("unlock-key", "new", "--out", str(leaked_file), "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    leaked = leaked_file.read_text().strip()
+    old = aegis.root / "old.backup"
+    aegis.ctl("backup", str(old)).ok()
+    aegis.ctl("unlock-key", "remove", "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    stepping_stone = other_vaults_backup(aegis, NEW_PASSPHRASE)
+    aegis.ctl("lock").ok()
+    # The socket holder has no passphrase; the daemon must refuse even if no passphrase is sent at all.
+    with grpc.insecure_channel(f"unix:{aegis.socket}") as channel:
+        stub = backup_pb2_grpc.BackupServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Restore(iter([backup_pb2.RestoreChunk(data=stepping_stone.read_bytes())]), timeout=120)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+    assert "needs that vault's passphrase" in str(refused.value.details())
+    restored = aegis.ctl("restore", str(old), "--yes").ok()  # this vault's own backup: no passphrase asked
+    assert "kept its current passphrase and unlock keys" in restored.out
+    assert not unlocks_with(aegis, key=leaked) and unlocks_with(aegis, passphrase=PASSPHRASE)
+    aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, leaked, SECRET])
+
+
+def test_a_backup_holding_a_trigger_is_refused(aegis: Aegis) -> None:
+    """Found by a cold review: a trigger in a backup's vault.db ran inside aegisd's own writes to the restored
+    file (the key-slot carry-over) and put a retired unlock key back. aegisd makes no trigger or view."""
+    backup = aegis.root / "this.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    crafted = aegis.root / "crafted.backup"
+    _with_vault_edit(backup, crafted, aegis.root / "work",
+                     "CREATE TRIGGER keep AFTER DELETE ON key_slots BEGIN SELECT 1; END;")
+    aegis.ctl("lock").ok()
+    result = aegis.ctl("restore", str(crafted), "--yes")
+    assert result.code == 1 and "holds a trigger, which aegisd never makes" in result.err, result
+    _with_vault_edit(backup, aegis.root / "view.backup", aegis.root / "work2", "CREATE VIEW v AS SELECT 1;")
+    result = aegis.ctl("restore", str(aegis.root / "view.backup"), "--yes")
+    assert result.code == 1 and "holds a view" in result.err, result
+    assert unlocks_with(aegis, passphrase=PASSPHRASE)
+
+
+def _with_vault_edit(source: Path, target: Path, work: Path, sql: str) -> None:
+    """`source` with `sql` run on its vault.db and the manifest's sizes and digests made to fit again."""
+    work.mkdir()
+    with tarfile.open(source) as archive:
+        archive.extractall(work, filter="data")
+    with contextlib.closing(sqlite3.connect(work / "vault.db", isolation_level=None)) as conn:
+        conn.executescript(sql)
+    manifest = json.loads((work / "manifest.json").read_text())
+    for name in ("vault.db", "ledger.db"):
+        data = (work / name).read_bytes()
+        manifest["members"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as archive:
+        body = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size, info.mode = len(body), 0o600
+        archive.addfile(info, io.BytesIO(body))
+        for name in ("vault.db", "ledger.db"):
+            archive.add(work / name, arcname=name)

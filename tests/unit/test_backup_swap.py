@@ -65,7 +65,7 @@ def test_a_restore_whose_ledger_moved_but_was_not_made_durable_says_it_failed_ha
 
         monkeypatch.setattr(writer_module, "fsync_directory", fsync_fails)
         with pytest.raises(StorageUnavailable) as failed:
-            await restore(tmp_path / "a", vault, store, ledger, chunks())
+            await restore(tmp_path / "a", vault, store, ledger, chunks(), passphrase=lambda: PASSPHRASE)
         key = ledger.key
         await ledger.close()
         store.close()
@@ -112,7 +112,7 @@ def test_a_vault_whose_old_log_cannot_be_removed_is_not_swapped(
 
         monkeypatch.setattr(os, "unlink", unlink)
         with pytest.raises(StorageUnavailable) as failed:
-            await restore(tmp_path / "a", vault, store, ledger, chunks())
+            await restore(tmp_path / "a", vault, store, ledger, chunks(), passphrase=lambda: PASSPHRASE)
         monkeypatch.undo()
         await ledger.close()
         with store.reading() as conn:

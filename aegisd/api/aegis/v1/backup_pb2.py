@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65gis/v1/backup.proto\x12\x08\x61\x65gis.v1\"\x0f\n\rBackupRequest\"\x1b\n\x0b\x42\x61\x63kupChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1c\n\x0cRestoreChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x89\x01\n\x0fRestoreResponse\x12\x10\n\x08vault_id\x18\x01 \x01(\t\x12\x12\n\ncreated_ms\x18\x02 \x01(\x03\x12\x13\n\x0b\x63redentials\x18\x03 \x01(\r\x12\x0e\n\x06\x61gents\x18\x04 \x01(\r\x12\x13\n\x0bledger_rows\x18\x05 \x01(\x04\x12\x16\n\x0ekept_key_slots\x18\x06 \x01(\x08\x32\x8b\x01\n\rBackupService\x12:\n\x06\x42\x61\x63kup\x12\x17.aegis.v1.BackupRequest\x1a\x15.aegis.v1.BackupChunk0\x01\x12>\n\x07Restore\x12\x16.aegis.v1.RestoreChunk\x1a\x19.aegis.v1.RestoreResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65gis/v1/backup.proto\x12\x08\x61\x65gis.v1\"\x0f\n\rBackupRequest\"\x1b\n\x0b\x42\x61\x63kupChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"0\n\x0cRestoreChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\npassphrase\x18\x02 \x01(\t\"\x89\x01\n\x0fRestoreResponse\x12\x10\n\x08vault_id\x18\x01 \x01(\t\x12\x12\n\ncreated_ms\x18\x02 \x01(\x03\x12\x13\n\x0b\x63redentials\x18\x03 \x01(\r\x12\x0e\n\x06\x61gents\x18\x04 \x01(\r\x12\x13\n\x0bledger_rows\x18\x05 \x01(\x04\x12\x16\n\x0ekept_key_slots\x18\x06 \x01(\x08\x32\x8b\x01\n\rBackupService\x12:\n\x06\x42\x61\x63kup\x12\x17.aegis.v1.BackupRequest\x1a\x15.aegis.v1.BackupChunk0\x01\x12>\n\x07Restore\x12\x16.aegis.v1.RestoreChunk\x1a\x19.aegis.v1.RestoreResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKUPCHUNK']._serialized_start=52
   _globals['_BACKUPCHUNK']._serialized_end=79
   _globals['_RESTORECHUNK']._serialized_start=81
-  _globals['_RESTORECHUNK']._serialized_end=109
-  _globals['_RESTORERESPONSE']._serialized_start=112
-  _globals['_RESTORERESPONSE']._serialized_end=249
-  _globals['_BACKUPSERVICE']._serialized_start=252
-  _globals['_BACKUPSERVICE']._serialized_end=391
+  _globals['_RESTORECHUNK']._serialized_end=129
+  _globals['_RESTORERESPONSE']._serialized_start=132
+  _globals['_RESTORERESPONSE']._serialized_end=269
+  _globals['_BACKUPSERVICE']._serialized_start=272
+  _globals['_BACKUPSERVICE']._serialized_end=411
 # @@protoc_insertion_point(module_scope)
