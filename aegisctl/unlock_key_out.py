@@ -20,8 +20,10 @@ import click
 
 from aegisctl.client import ClientError
 
-# Client errors that do not say whether aegisd acted: the call may have been carried out.
-UNKNOWN_OUTCOME = ("unavailable", "timeout", "")
+# Refusals aegisd makes before it changes anything: only after one of these does the new key open nothing.
+# Any other failure (no answer, the daemon gone, an internal error) may have come after the change.
+REFUSED_BEFORE_CHANGE = frozenset({"invalid_argument", "wrong_passphrase", "vault_exists", "vault_uninitialized",
+                                   "unimplemented", "passphrase_required"})
 # The form aegisd takes and checks (aegisd/vault/unlock_key_format.py; the proto's ReplaceUnlockKeyRequest).
 UNLOCK_KEY_PREFIX, KEY_BYTES = "aegis-unlock-", 32
 T = TypeVar("T")
@@ -38,14 +40,27 @@ class UnlockKeyOut:
             _write_new_file(Path(path), self.key + "\n")
 
     def send(self, call: Callable[[str], T]) -> T:
-        """Make the call that hands the key to aegisd; from here on a failure may leave it in use."""
+        """Make the call that hands the key to aegisd; from here on a failure may leave it in use. On stdout
+        the key is printed the moment aegisd has it (a key printed and then refused would open nothing)."""
         self.sent = True
-        return call(self.key)
+        result = call(self.key)
+        if self.path == "-":
+            _print_key(self.key)
+        return result
+
+    def took_its_own(self, key: str) -> None:
+        """aegisd made the key itself (an older aegisd ignores the one sent): that is the one to keep."""
+        if key == self.key:
+            return
+        self.key = key
+        if self.path == "-":
+            _print_key(key)
+        else:
+            _rewrite(Path(self.path), key + "\n")
 
     def delivered(self) -> str:
-        """aegisd took the key: print it if it goes to stdout; the line that tells the user where it is."""
+        """The line that tells the user where the key aegisd took is."""
         if self.path == "-":
-            click.echo(self.key)  # stdout holds the key alone: KEY=$(aegisctl ... -) works
             return "Store this unlock key now; it is not shown again."
         return f"Unlock key written to {self.path} (mode 0600). It is not shown again."
 
@@ -63,7 +78,7 @@ def unlock_key_out(path: str | None) -> Iterator[UnlockKeyOut | None]:
         yield out
     except BaseException as exc:
         if out is not None:
-            refused = isinstance(exc, ClientError) and exc.reason not in UNKNOWN_OUTCOME
+            refused = isinstance(exc, ClientError) and exc.reason in REFUSED_BEFORE_CHANGE
             if not out.sent or refused:  # never sent, or aegisd said no: this key opens nothing
                 if out.path != "-":
                     Path(out.path).unlink(missing_ok=True)
@@ -76,9 +91,25 @@ def _keep(out: UnlockKeyOut) -> None:
     """The call's outcome is unknown: the vault may already use this key, so it must not be lost."""
     where = f"is kept in {out.path}" if out.path != "-" else "was printed on stdout"
     if out.path == "-":
-        click.echo(out.key)
+        _print_key(out.key)
     click.echo(f"aegisctl: the new unlock key {where}: aegisd may have taken it before the call was cut off "
                "(`aegisctl unlock --unlock-key-stdin` on a locked vault tells)", err=True)
+
+
+def _print_key(key: str) -> None:
+    """On stdout alone (KEY=$(aegisctl ... -) works); on stderr if stdout cannot take it, never nowhere."""
+    try:
+        click.echo(key)
+    except OSError:
+        click.echo(key, err=True)
+
+
+def _rewrite(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _write_new_file(path: Path, text: str) -> None:
@@ -93,10 +124,12 @@ def _write_new_file(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-    except OSError as exc:
+    except BaseException as exc:  # a full disk, or Ctrl-C: no partial file left to block the path
         path.unlink(missing_ok=True)
-        raise click.UsageError(f"cannot write the unlock key file {path}: {exc.strerror}; nothing was changed") \
-            from None
+        if isinstance(exc, OSError):
+            raise click.UsageError(f"cannot write the unlock key file {path}: {exc.strerror}; nothing was "
+                                   "changed") from None
+        raise
     with contextlib.suppress(OSError):  # the new name's durability; the key itself is synced
         dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -16,7 +16,8 @@ from aegisd.api.aegis.v1 import vault_pb2
 def command(ctx: Context, passphrase_stdin: bool) -> None:
     """Change the vault's passphrase (locked or unlocked, it stays as it is).
 
-    Backups taken before keep the old passphrase: restoring one brings the old passphrase back.
+    Backup files taken before still open, offline, with the old passphrase; restoring one of this vault
+    into aegisd keeps the new one.
     """
     client = ctx.client
     client.require_initialized()  # before three passphrases are typed for nothing

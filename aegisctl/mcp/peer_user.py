@@ -81,6 +81,9 @@ class PeerUserGuard:
         self._platform = platform
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # the bridge serves none; closed here rather than let past the check
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] == "http":
             refusal = self._refusal(scope.get("client"), scope.get("server"))
             if refusal is not None:

@@ -120,6 +120,25 @@ def test_guard_on_linux_without_the_tables_refuses(tmp_path: Path) -> None:
     assert (status, reached) == (403, False) and b"cannot read" in body
 
 
+def test_guard_closes_websockets_before_any_app_sees_them(tmp_path: Path) -> None:
+    """The bridge has no websocket route; a websocket is closed before any app sees it, never let past."""
+    sent: list[Message] = []
+    reached = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(True)
+
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    scope: Scope = {"type": "websocket", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8765), "headers": []}
+    anyio.run(PeerUserGuard(app, uid=1000, proc_net=_table(tmp_path, 1000)), scope, receive, record)
+    assert sent == [{"type": "websocket.close", "code": 1008}] and not reached
+
+
 def test_guard_serves_where_the_system_keeps_no_table(tmp_path: Path) -> None:
     """macOS and the like: no /proc/net, so no check (docs/mcp.md says so), rather than no bridge."""
     status, _, reached = _serve(tmp_path / "absent", ("127.0.0.1", 40000), platform="darwin")

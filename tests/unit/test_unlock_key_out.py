@@ -38,7 +38,7 @@ def test_a_refusal_removes_the_file(tmp_path: Path, reason: str) -> None:
 
 
 @pytest.mark.parametrize("failure", [ClientError("gone", reason="unavailable"), ClientError("slow", reason="timeout"),
-                                     KeyboardInterrupt()])
+                                     ClientError("bug", reason="internal"), KeyboardInterrupt()])
 def test_an_unknown_outcome_keeps_the_file_and_says_so(tmp_path: Path, failure: BaseException,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "k"
@@ -60,14 +60,19 @@ def test_nothing_sent_removes_the_file(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_on_stdout_the_key_is_printed_after_the_call_or_when_the_outcome_is_unknown(
+def test_on_stdout_the_key_is_printed_once_aegisd_has_it_or_when_the_outcome_is_unknown(
         capsys: pytest.CaptureFixture[str]) -> None:
     with unlock_key_out("-") as made:
         assert made is not None
-        made.send(lambda key: key)
-        assert capsys.readouterr().out == ""  # not before aegisd took it
+
+        def call(key: str) -> str:
+            assert capsys.readouterr().out == ""  # not before aegisd has it
+            return key
+
+        made.send(call)
+        assert capsys.readouterr().out == made.key + "\n"  # at once, inside the block: no Ctrl-C window after
     made.delivered()
-    assert capsys.readouterr().out == made.key + "\n"
+    assert capsys.readouterr().out == ""
     with pytest.raises(ClientError), unlock_key_out("-") as cut:
         assert cut is not None
 
@@ -76,6 +81,16 @@ def test_on_stdout_the_key_is_printed_after_the_call_or_when_the_outcome_is_unkn
 
         cut.send(gone)
     assert cut is not None and capsys.readouterr().out == cut.key + "\n"
+
+
+def test_a_key_an_older_aegisd_made_itself_replaces_the_one_sent(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    with unlock_key_out(str(path)) as made:
+        assert made is not None
+        made.send(lambda key: key)
+        theirs = made_by_aegisctl()
+        made.took_its_own(theirs)
+    assert path.read_text() == theirs + "\n" and made.key == theirs
 
 
 def test_an_existing_file_is_refused_untouched(tmp_path: Path) -> None:
