@@ -60,8 +60,10 @@ class BackupServiceServicer:
 
     def Restore(self, request_iterator, context):
         """Replaces vault.db and ledger.db with a backup's. FAILED_PRECONDITION while the vault is unlocked;
-        INVALID_ARGUMENT (nothing changed) if the archive is damaged or not an Aegis backup.
-        Afterwards the vault is locked: unlock it with the backup's passphrase.
+        INVALID_ARGUMENT (nothing changed) if the archive is damaged or not an Aegis backup. A backup of the
+        vault in place keeps that vault's key slots (its current passphrase and unlock keys); another vault's
+        backup over an existing vault needs the existing vault's passphrase (FAILED_PRECONDITION
+        passphrase_required without one, PERMISSION_DENIED wrong_passphrase). Afterwards the vault is locked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,8 +40,10 @@ class BackupServiceStub:
     """
     Restore: _grpc.StreamUnaryMultiCallable[_backup_pb2.RestoreChunk, _backup_pb2.RestoreResponse]
     """Replaces vault.db and ledger.db with a backup's. FAILED_PRECONDITION while the vault is unlocked;
-    INVALID_ARGUMENT (nothing changed) if the archive is damaged or not an Aegis backup.
-    Afterwards the vault is locked: unlock it with the backup's passphrase.
+    INVALID_ARGUMENT (nothing changed) if the archive is damaged or not an Aegis backup. A backup of the
+    vault in place keeps that vault's key slots (its current passphrase and unlock keys); another vault's
+    backup over an existing vault needs the existing vault's passphrase (FAILED_PRECONDITION
+    passphrase_required without one, PERMISSION_DENIED wrong_passphrase). Afterwards the vault is locked.
     """
 
 @_typing.type_check_only
@@ -54,8 +56,10 @@ class BackupServiceAsyncStub(BackupServiceStub):
     """
     Restore: _aio.StreamUnaryMultiCallable[_backup_pb2.RestoreChunk, _backup_pb2.RestoreResponse]  # type: ignore[assignment]
     """Replaces vault.db and ledger.db with a backup's. FAILED_PRECONDITION while the vault is unlocked;
-    INVALID_ARGUMENT (nothing changed) if the archive is damaged or not an Aegis backup.
-    Afterwards the vault is locked: unlock it with the backup's passphrase.
+    INVALID_ARGUMENT (nothing changed) if the archive is damaged or not an Aegis backup. A backup of the
+    vault in place keeps that vault's key slots (its current passphrase and unlock keys); another vault's
+    backup over an existing vault needs the existing vault's passphrase (FAILED_PRECONDITION
+    passphrase_required without one, PERMISSION_DENIED wrong_passphrase). Afterwards the vault is locked.
     """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -77,8 +81,10 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_backup_pb2.RestoreResponse, _abc.Awaitable[_backup_pb2.RestoreResponse]]:
         """Replaces vault.db and ledger.db with a backup's. FAILED_PRECONDITION while the vault is unlocked;
-        INVALID_ARGUMENT (nothing changed) if the archive is damaged or not an Aegis backup.
-        Afterwards the vault is locked: unlock it with the backup's passphrase.
+        INVALID_ARGUMENT (nothing changed) if the archive is damaged or not an Aegis backup. A backup of the
+        vault in place keeps that vault's key slots (its current passphrase and unlock keys); another vault's
+        backup over an existing vault needs the existing vault's passphrase (FAILED_PRECONDITION
+        passphrase_required without one, PERMISSION_DENIED wrong_passphrase). Afterwards the vault is locked.
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
