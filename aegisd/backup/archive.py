@@ -11,6 +11,7 @@ only then are the databases left in the staging directory for the swap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any
 from aegisd.errors import InvalidArgument
 from aegisd.ledger import schema as ledger_schema
 from aegisd.store import APPLICATION_ID as VAULT_APPLICATION_ID
+from aegisd.store import MIGRATIONS as VAULT_MIGRATIONS
 from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
 
 FORMAT = "aegis-backup"
@@ -232,7 +234,9 @@ def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
     """Ours, intact, and a schema version we can migrate from; returns that version."""
     if conn.execute("PRAGMA application_id").fetchone()[0] != app_id:
         raise InvalidBackup(f"{what} in the backup is not an Aegis database")
-    result = conn.execute("PRAGMA quick_check").fetchone()[0]
+    # The whole check for the small vault (index contents against their tables too), the quick one for the ledger,
+    # whose rows carry their own MACs.
+    result = conn.execute("PRAGMA integrity_check" if what == VAULT_DB else "PRAGMA quick_check").fetchone()[0]
     if result != "ok":
         raise InvalidBackup(f"{what} in the backup fails its integrity check ({result})")
     # aegisd makes neither. A trigger would run inside aegisd's own writes to the restored file (putting back
@@ -243,7 +247,46 @@ def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None or not isinstance(row[0], int):
         raise InvalidBackup(f"{what} in the backup has no schema version")
-    return int(row[0])
+    version = int(row[0])
+    # Nothing else of the file's schema is trusted either: a foreign key's ON DELETE action, a column default
+    # or a conflict clause acts during aegisd's own writes just as a trigger would. The schema must be exactly
+    # what aegisd's own migrations make for that version.
+    if version <= _newest(what) and _schema(conn) != _expected_schema(what, version):
+        raise InvalidBackup(f"{what} in the backup has a schema aegisd did not make (a table, index or "
+                            "constraint added, removed or changed): it was edited")
+    if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
+        raise InvalidBackup(f"{what} in the backup has rows whose references do not hold: it was edited")
+    return version
+
+
+Schema = frozenset[tuple[str, str, str, str | None]]
+
+
+def _schema(conn: sqlite3.Connection) -> Schema:
+    return frozenset(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+
+
+def _newest(what: str) -> int:
+    return VAULT_SCHEMA_VERSION if what == VAULT_DB else ledger_schema.SCHEMA_VERSION
+
+
+@functools.cache
+def _expected_schema(what: str, version: int) -> Schema:
+    """The schema aegisd's migrations give a new file at `version`, made in memory the way the stores make it."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        if what == VAULT_DB:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            for script in VAULT_MIGRATIONS[:version]:
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+        else:
+            for step in ledger_schema.MIGRATIONS[:version]:
+                for sql in step:
+                    conn.execute(sql)
+        return _schema(conn)
+    finally:
+        conn.close()
 
 
 def _check_vault(path: Path, manifest: Manifest) -> dict[str, int]:

@@ -138,7 +138,9 @@ class Vault:
             except SlotDamaged as exc:
                 damaged.append(str(exc))
         if len(damaged) == len(slots):  # no secret could open these: say so, not "wrong passphrase"
-            raise StorageCorrupt(f"{'; '.join(damaged)}: restore vault.db from a backup", reason="key_slot_damaged")
+            raise StorageCorrupt(f"{'; '.join(damaged)}: restore vault.db from a backup with aegisd stopped (a restore "
+                                 "through aegisd keeps the vault's key slots; docs/operations.md says how)",
+                                 reason="key_slot_damaged")
         raise WrongPassphrase(f"wrong {'passphrase' if kind == 'passphrase' else 'unlock key'}")
 
     # -- key slots: what opens the vault ------------------------------------------------------------

@@ -272,12 +272,36 @@ def test_a_backup_holding_a_trigger_is_refused(aegis: Aegis) -> None:
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
 
 
-def _with_vault_edit(source: Path, target: Path, work: Path, sql: str) -> None:
-    """`source` with `sql` run on its vault.db and the manifest's sizes and digests made to fit again."""
+@pytest.mark.parametrize(("member", "sql"), [
+    # Found by a third cold review: a rebuilt key_slots whose foreign key's ON DELETE SET DEFAULT put a retired
+    # slot back (as its column defaults) when aegisd later deleted a row of the table it referenced.
+    ("vault.db", """CREATE TABLE k2 (id INTEGER PRIMARY KEY, kind TEXT NOT NULL DEFAULT 'passphrase', kdf TEXT NOT NULL,
+                    params TEXT NOT NULL, salt BLOB NOT NULL, nonce BLOB NOT NULL, wrapped BLOB NOT NULL,
+                    created_at INTEGER NOT NULL, FOREIGN KEY (id) REFERENCES meta(rowid) ON DELETE SET DEFAULT);
+                    INSERT INTO k2 SELECT * FROM key_slots; DROP TABLE key_slots;
+                    ALTER TABLE k2 RENAME TO key_slots;"""),
+    ("vault.db", "CREATE INDEX extra ON credentials (service)"),
+    ("vault.db", "ALTER TABLE grants ADD COLUMN note TEXT DEFAULT 'x'"),
+    ("ledger.db", "CREATE INDEX extra ON ledger (path)"),
+])
+def test_a_backup_whose_schema_aegisd_did_not_make_is_refused(aegis: Aegis, member: str, sql: str) -> None:
+    backup = aegis.root / "this.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    crafted = aegis.root / "crafted.backup"
+    _with_vault_edit(backup, crafted, aegis.root / "work", sql, member)
+    aegis.ctl("lock").ok()
+    result = aegis.ctl("restore", str(crafted), "--yes")
+    assert result.code == 1 and f"{member} in the backup has a schema aegisd did not make" in result.err, result
+    assert aegis.ctl("restore", str(backup), "--yes").code == 0  # the backup as aegisd wrote it is taken
+    assert unlocks_with(aegis, passphrase=PASSPHRASE)
+
+
+def _with_vault_edit(source: Path, target: Path, work: Path, sql: str, member: str = "vault.db") -> None:
+    """`source` with `sql` run on its `member` and the manifest's sizes and digests made to fit again."""
     work.mkdir()
     with tarfile.open(source) as archive:
         archive.extractall(work, filter="data")
-    with contextlib.closing(sqlite3.connect(work / "vault.db", isolation_level=None)) as conn:
+    with contextlib.closing(sqlite3.connect(work / member, isolation_level=None)) as conn:
         conn.executescript(sql)
     manifest = json.loads((work / "manifest.json").read_text())
     for name in ("vault.db", "ledger.db"):

@@ -80,7 +80,8 @@ def test_a_damaged_slot_is_reported_as_damage_not_a_wrong_passphrase(vault_path:
     with conn:
         conn.execute(f"UPDATE key_slots SET {column} = ?", (value,))  # noqa: S608 - the test's own columns
     conn.close()
-    with pytest.raises(StorageCorrupt, match=r"key slot 1 is damaged \(\w+\): restore vault.db from a backup"):
+    damaged = r"key slot 1 is damaged \(\w+\): restore vault.db from a backup with aegisd stopped"
+    with pytest.raises(StorageCorrupt, match=damaged):
         unlock(vault_path)
 
 
