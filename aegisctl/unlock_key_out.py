@@ -12,6 +12,7 @@ import base64
 import contextlib
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -35,28 +36,25 @@ class UnlockKeyOut:
     def __init__(self, path: str) -> None:
         self.path = path
         self.key = new_unlock_key()
-        self.sent = False
+        self.sent = self.printed = False
         if path != "-":
             _write_new_file(Path(path), self.key + "\n")
 
     def send(self, call: Callable[[str], T]) -> T:
-        """Make the call that hands the key to aegisd; from here on a failure may leave it in use. On stdout
-        the key is printed the moment aegisd has it (a key printed and then refused would open nothing)."""
+        """Make the call that hands the key to aegisd; from here on a failure may leave it in use. Call `taken`
+        right after it returns."""
         self.sent = True
-        result = call(self.key)
-        if self.path == "-":
-            _print_key(self.key)
-        return result
+        return call(self.key)
 
-    def took_its_own(self, key: str) -> None:
-        """aegisd made the key itself (an older aegisd ignores the one sent): that is the one to keep."""
-        if key == self.key:
-            return
-        self.key = key
+    def taken(self, theirs: str | None = None) -> None:
+        """aegisd has the key: on stdout it is printed now. `theirs`: a key aegisd made itself (an older aegisd
+        ignores the one sent to init), which is then the one to keep."""
+        if theirs and theirs != self.key:
+            self.key = theirs
+            if self.path != "-":
+                _replace_file(Path(self.path), theirs + "\n")
         if self.path == "-":
-            _print_key(key)
-        else:
-            _rewrite(Path(self.path), key + "\n")
+            self.printed = _print_key(self.key)
 
     def delivered(self) -> str:
         """The line that tells the user where the key aegisd took is."""
@@ -90,26 +88,41 @@ def unlock_key_out(path: str | None) -> Iterator[UnlockKeyOut | None]:
 def _keep(out: UnlockKeyOut) -> None:
     """The call's outcome is unknown: the vault may already use this key, so it must not be lost."""
     where = f"is kept in {out.path}" if out.path != "-" else "was printed on stdout"
-    if out.path == "-":
-        _print_key(out.key)
+    if out.path == "-" and not out.printed:
+        out.printed = _print_key(out.key)
     click.echo(f"aegisctl: the new unlock key {where}: aegisd may have taken it before the call was cut off "
                "(`aegisctl unlock --unlock-key-stdin` on a locked vault tells)", err=True)
 
 
-def _print_key(key: str) -> None:
-    """On stdout alone (KEY=$(aegisctl ... -) works); on stderr if stdout cannot take it, never nowhere."""
+def _print_key(key: str) -> bool:
+    """On stdout alone (KEY=$(aegisctl ... -) works). If stdout cannot take it, into a new 0600 file whose path
+    goes to stderr: never the key itself on stderr, which often ends in a log. True once it is somewhere."""
     try:
         click.echo(key)
+        return True
     except OSError:
-        click.echo(key, err=True)
-
-
-def _rewrite(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        pass
+    fd, name = tempfile.mkstemp(prefix="aegis-unlock-key-", suffix=".txt")
     with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+        fh.write(key + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    click.echo(f"aegisctl: stdout could not take the unlock key; it is in {name} (mode 0600)", err=True)
+    return True
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Put `text` in place of the file's content by a rename, so no moment leaves it empty."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def _write_new_file(path: Path, text: str) -> None:

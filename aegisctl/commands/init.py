@@ -30,8 +30,8 @@ def command(ctx: Context, passphrase_stdin: bool, unlock_key_out_path: str | Non
                 passphrase=passphrase, create_unlock_key=bool(key), unlock_key=key), timeout=120)
 
         reply = made.send(init) if made else init("")
-        if made and reply.unlock_key:
-            made.took_its_own(reply.unlock_key)
+        if made:
+            made.taken(reply.unlock_key or None)
     told = made.delivered() if made else ""
     click.echo(f"Vault {reply.vault_id} created and unlocked.", err=unlock_key_out_path == "-")
     if told:

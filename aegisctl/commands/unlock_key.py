@@ -33,6 +33,7 @@ def new(ctx: Context, out: str, passphrase_stdin: bool) -> None:
         reply = made.send(lambda key: client.call(
             client.vault.ReplaceUnlockKey, vault_pb2.ReplaceUnlockKeyRequest(passphrase=passphrase, unlock_key=key),
             timeout=120))
+        made.taken()
     told = made.delivered()
     replaced = f" It replaces {_keys(reply.replaced)}, which no longer open the vault." if reply.replaced else ""
     click.echo(f"New unlock key created.{replaced}", err=out == "-")

@@ -70,6 +70,7 @@ def test_on_stdout_the_key_is_printed_once_aegisd_has_it_or_when_the_outcome_is_
             return key
 
         made.send(call)
+        made.taken()
         assert capsys.readouterr().out == made.key + "\n"  # at once, inside the block: no Ctrl-C window after
     made.delivered()
     assert capsys.readouterr().out == ""
@@ -89,8 +90,18 @@ def test_a_key_an_older_aegisd_made_itself_replaces_the_one_sent(tmp_path: Path)
         assert made is not None
         made.send(lambda key: key)
         theirs = made_by_aegisctl()
-        made.took_its_own(theirs)
+        made.taken(theirs)
     assert path.read_text() == theirs + "\n" and made.key == theirs
+    assert path.stat().st_mode & 0o777 == 0o600 and [p.name for p in tmp_path.iterdir()] == ["k"]
+
+
+def test_on_stdout_only_the_key_aegisd_kept_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    with unlock_key_out("-") as made:
+        assert made is not None
+        made.send(lambda key: key)
+        theirs = made_by_aegisctl()
+        made.taken(theirs)
+    assert capsys.readouterr().out == theirs + "\n"
 
 
 def test_an_existing_file_is_refused_untouched(tmp_path: Path) -> None:
