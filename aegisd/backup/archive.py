@@ -234,9 +234,9 @@ def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
     """Ours, intact, and a schema version we can migrate from; returns that version."""
     if conn.execute("PRAGMA application_id").fetchone()[0] != app_id:
         raise InvalidBackup(f"{what} in the backup is not an Aegis database")
-    # The whole check for the small vault (index contents against their tables too), the quick one for the ledger,
-    # whose rows carry their own MACs.
-    result = conn.execute("PRAGMA integrity_check" if what == VAULT_DB else "PRAGMA quick_check").fetchone()[0]
+    # The whole check, index contents against their tables included: an index missing a row would hide it from
+    # every filtered `ledger show` while `ledger verify`, which walks the table, calls the ledger intact.
+    result = conn.execute("PRAGMA integrity_check").fetchone()[0]
     if result != "ok":
         raise InvalidBackup(f"{what} in the backup fails its integrity check ({result})")
     # aegisd makes neither. A trigger would run inside aegisd's own writes to the restored file (putting back
@@ -248,6 +248,8 @@ def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
     if row is None or not isinstance(row[0], int):
         raise InvalidBackup(f"{what} in the backup has no schema version")
     version = int(row[0])
+    if version < 1:
+        raise InvalidBackup(f"{what} in the backup has no valid schema version")
     # Nothing else of the file's schema is trusted either: a foreign key's ON DELETE action, a column default
     # or a conflict clause acts during aegisd's own writes just as a trigger would. The schema must be exactly
     # what aegisd's own migrations make for that version.

@@ -72,9 +72,9 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
                 raise
             manifest = restored.manifest
         if self.rt.ledger.failing:  # the restored ledger was moved into place but cannot be opened or written
-            raise StorageUnavailable("the backup was restored, but its ledger cannot be written (see aegisd's log), "
-                                     "so the gate forwards nothing until it can; free the disk, or run the restore "
-                                     "again")
+            raise StorageUnavailable("the backup was restored, but its ledger cannot be written (see aegisd's log: a "
+                                     "full disk, or a ledger that cannot take another row), so the gate forwards "
+                                     "nothing until it can; free the disk, or restore a good backup")
         counts = manifest.counts
         return pb.RestoreResponse(vault_id=manifest.vault_id, created_ms=manifest.created_ms,
                                   credentials=counts["credentials"], agents=counts["agents"],

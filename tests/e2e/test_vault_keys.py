@@ -314,3 +314,22 @@ def _with_vault_edit(source: Path, target: Path, work: Path, sql: str, member: s
         archive.addfile(info, io.BytesIO(body))
         for name in ("vault.db", "ledger.db"):
             archive.add(work / name, arcname=name)
+
+
+def test_a_backup_whose_ledger_index_hides_a_row_is_refused(aegis: Aegis) -> None:
+    """Found by a fourth cold review: an index rebuilt without a row, its sqlite_master text put back, hid the
+    row from filtered `ledger show` while `ledger verify` (which walks the table) called the ledger intact.
+    Only the full integrity check compares index contents with the table."""
+    backup = aegis.root / "this.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    crafted = aegis.root / "crafted.backup"
+    _with_vault_edit(backup, crafted, aegis.root / "work", """
+        DROP INDEX ledger_agent;
+        CREATE INDEX ledger_agent ON ledger (agent, id) WHERE id != 1;
+        PRAGMA writable_schema = ON;
+        UPDATE sqlite_master SET sql = 'CREATE INDEX ledger_agent ON ledger (agent, id)' WHERE name = 'ledger_agent';
+        PRAGMA writable_schema = OFF;""", "ledger.db")
+    aegis.ctl("lock").ok()
+    result = aegis.ctl("restore", str(crafted), "--yes")
+    assert result.code == 1 and "ledger.db in the backup fails its integrity check" in result.err, result
+    assert unlocks_with(aegis, passphrase=PASSPHRASE)
