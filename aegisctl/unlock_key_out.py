@@ -12,6 +12,7 @@ import base64
 import contextlib
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,9 +51,12 @@ class UnlockKeyOut:
         """aegisd has the key: on stdout it is printed now. `theirs`: a key aegisd made itself (an older aegisd
         ignores the one sent to init), which is then the one to keep."""
         if theirs and theirs != self.key:
-            self.key = theirs
             if self.path != "-":
-                _replace_file(Path(self.path), theirs + "\n")
+                try:
+                    _replace_file(Path(self.path), theirs + "\n")
+                except OSError:  # the file still holds the key aegisd ignored: put aegisd's elsewhere, never lose it
+                    self.printed = _print_key(theirs, to_file=True)
+            self.key = theirs
         if self.path == "-":
             self.printed = _print_key(self.key)
 
@@ -94,20 +98,21 @@ def _keep(out: UnlockKeyOut) -> None:
                "(`aegisctl unlock --unlock-key-stdin` on a locked vault tells)", err=True)
 
 
-def _print_key(key: str) -> bool:
-    """On stdout alone (KEY=$(aegisctl ... -) works). If stdout cannot take it, into a new 0600 file whose path
-    goes to stderr: never the key itself on stderr, which often ends in a log. True once it is somewhere."""
-    try:
-        click.echo(key)
-        return True
-    except OSError:
-        pass
+def _print_key(key: str, to_file: bool = False) -> bool:
+    """On stdout alone (KEY=$(aegisctl ... -) works). If stdout cannot take it (closed, or a broken pipe), into a
+    new 0600 file whose path goes to stderr: never the key itself on stderr, which often ends in a log."""
+    if not to_file and sys.stdout is not None:  # with fd 1 closed it is None, and click.echo would drop the key
+        try:
+            click.echo(key)
+            return True
+        except OSError:
+            pass
     fd, name = tempfile.mkstemp(prefix="aegis-unlock-key-", suffix=".txt")
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    click.echo(f"aegisctl: stdout could not take the unlock key; it is in {name} (mode 0600)", err=True)
+    click.echo(f"aegisctl: the unlock key aegisd now uses is in {name} (mode 0600)", err=True)
     return True
 
 
@@ -123,6 +128,12 @@ def _replace_file(path: Path, text: str) -> None:
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _write_new_file(path: Path, text: str) -> None:

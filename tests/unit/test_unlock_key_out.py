@@ -120,3 +120,39 @@ def test_the_vault_takes_only_keys_new_unlock_key_would_make() -> None:
                 "aegis-unlock-" + "A" * 42 + "=", "aegis-unlock-" + "!" * 43, "password123"):
         with pytest.raises(InvalidArgument):
             check_unlock_key(bad)
+
+
+def test_with_stdout_closed_the_key_goes_to_a_private_file(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by a cold review: with fd 1 closed sys.stdout is None and click.echo drops what it is given."""
+    monkeypatch.setattr("sys.stdout", None)
+    with unlock_key_out("-") as made:
+        assert made is not None
+        made.send(lambda key: key)
+        made.taken()
+    err = capsys.readouterr().err
+    path = Path(err.split(" is in ")[1].split(" (mode")[0])
+    try:
+        assert path.read_text() == made.key + "\n" and path.stat().st_mode & 0o777 == 0o600
+        assert made.key not in err
+    finally:
+        path.unlink()
+
+
+def test_aegisds_own_key_is_kept_when_its_file_cannot_be_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    def full_disk(path: Path, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("aegisctl.unlock_key_out._replace_file", full_disk)
+    with unlock_key_out(str(tmp_path / "k")) as made:
+        assert made is not None
+        made.send(lambda key: key)
+        theirs = made_by_aegisctl()
+        made.taken(theirs)
+    err = capsys.readouterr().err
+    path = Path(err.split(" is in ")[1].split(" (mode")[0])
+    try:
+        assert path.read_text() == theirs + "\n" and made.key == theirs and theirs not in err
+    finally:
+        path.unlink()
