@@ -258,7 +258,20 @@ def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
                             "constraint added, removed or changed): it was edited")
     if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
         raise InvalidBackup(f"{what} in the backup has rows whose references do not hold: it was edited")
+    # An id counter near the largest integer SQLite holds would make the next row's id overflow: the restored
+    # ledger could take no row, and the gate would forward nothing.
+    if _has_table(conn, "sqlite_sequence") and conn.execute(
+            "SELECT 1 FROM sqlite_sequence WHERE typeof(seq) != 'integer' OR seq < 0 OR seq > ?",
+            (ID_COUNTER_LIMIT,)).fetchone() is not None:
+        raise InvalidBackup(f"{what} in the backup has an id counter out of range: it was edited")
     return version
+
+
+ID_COUNTER_LIMIT = 2**53  # far past any real count of rows, far below where an id overflows
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
 Schema = frozenset[tuple[str, str, str, str | None]]

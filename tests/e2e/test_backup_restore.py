@@ -265,10 +265,10 @@ def test_backup_file_is_replaced_only_when_complete(world: GateWorld) -> None:
 
 
 def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> None:
-    """A backup whose ledger opens and passes every check but refuses writes (its id counter at the largest
-    integer SQLite holds stands in for a file the disk will not let grow; a trigger once did, but a backup
-    with a trigger is now refused): the files are swapped, but the restore exits 1 naming the ledger, and
-    the gate forwards nothing. Restoring a good backup over it recovers without a restart."""
+    """A backup whose ledger opens and passes every check but refuses writes (a header that makes SQLite open
+    it read-only stands in for a file the disk will not let grow; a trigger once did, but a backup with a
+    trigger is now refused): the files are swapped, but the restore exits 1 naming the ledger, and the gate
+    forwards nothing. Restoring a good backup over it recovers without a restart."""
     aegis = world.aegis
     up = world.upstream()
     world.credential("github", GH_SECRET, up.entry())
@@ -278,10 +278,9 @@ def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> N
     parts = members(good.read_bytes())
     ledger = aegis.root / "stuck-ledger.db"
     ledger.write_bytes(parts["ledger.db"])
-    conn = sqlite3.connect(ledger)
-    with conn:
-        conn.execute("UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'ledger'")
-    conn.close()
+    data = bytearray(ledger.read_bytes())
+    data[18] = 3  # the header's write version: past 2, SQLite opens the file but will not write it
+    ledger.write_bytes(bytes(data))
     stuck = aegis.root / "stuck.backup"
     stuck.write_bytes(make_tar(with_manifest_for({**parts, "ledger.db": ledger.read_bytes()})))
 

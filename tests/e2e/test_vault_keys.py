@@ -333,3 +333,17 @@ def test_a_backup_whose_ledger_index_hides_a_row_is_refused(aegis: Aegis) -> Non
     result = aegis.ctl("restore", str(crafted), "--yes")
     assert result.code == 1 and "ledger.db in the backup fails its integrity check" in result.err, result
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
+
+
+def test_a_backup_whose_id_counter_would_overflow_is_refused(aegis: Aegis) -> None:
+    """Found by a fourth cold review: a same-vault backup (no passphrase needed) with the ledger's id counter at
+    its maximum left the restored ledger unable to take a row, so the gate forwarded nothing."""
+    backup = aegis.root / "this.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    crafted = aegis.root / "crafted.backup"
+    _with_vault_edit(backup, crafted, aegis.root / "work",
+                     "UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'ledger'", "ledger.db")
+    aegis.ctl("lock").ok()
+    result = aegis.ctl("restore", str(crafted), "--yes")
+    assert result.code == 1 and "ledger.db in the backup has an id counter out of range" in result.err, result
+    assert unlocks_with(aegis, passphrase=PASSPHRASE)
