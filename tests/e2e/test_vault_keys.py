@@ -146,7 +146,7 @@ def test_unlock_key_changes_need_the_passphrase_and_lose_nothing(aegis: Aegis) -
     aegis.assert_no_leaks([PASSPHRASE, key])
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.25, 0.6])
+@pytest.mark.parametrize("delay", [0.05, 0.4])
 def test_unlock_key_new_cut_off_at_any_moment_never_loses_the_working_key(aegis: Aegis, delay: float) -> None:
     """Ctrl-C at some moment of `unlock-key new` (before the call, during Argon2 on the daemon's side, after):
     whatever the daemon did, a key that opens the vault is still at hand: the old one, or the new one in its file."""
@@ -272,7 +272,7 @@ def test_a_backup_holding_a_trigger_is_refused(aegis: Aegis) -> None:
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
 
 
-@pytest.mark.parametrize(("member", "sql"), [
+SCHEMA_EDITS = [
     # Found by a third cold review: a rebuilt key_slots whose foreign key's ON DELETE SET DEFAULT put a retired
     # slot back (as its column defaults) when aegisd later deleted a row of the table it referenced.
     ("vault.db", """CREATE TABLE k2 (id INTEGER PRIMARY KEY, kind TEXT NOT NULL DEFAULT 'passphrase', kdf TEXT NOT NULL,
@@ -283,15 +283,19 @@ def test_a_backup_holding_a_trigger_is_refused(aegis: Aegis) -> None:
     ("vault.db", "CREATE INDEX extra ON credentials (service)"),
     ("vault.db", "ALTER TABLE grants ADD COLUMN note TEXT DEFAULT 'x'"),
     ("ledger.db", "CREATE INDEX extra ON ledger (path)"),
-])
-def test_a_backup_whose_schema_aegisd_did_not_make_is_refused(aegis: Aegis, member: str, sql: str) -> None:
+]
+
+
+def test_a_backup_whose_schema_aegisd_did_not_make_is_refused(aegis: Aegis) -> None:
     backup = aegis.root / "this.backup"
     aegis.ctl("backup", str(backup)).ok()
-    crafted = aegis.root / "crafted.backup"
-    _with_vault_edit(backup, crafted, aegis.root / "work", sql, member)
     aegis.ctl("lock").ok()
-    result = aegis.ctl("restore", str(crafted), "--yes")
-    assert result.code == 1 and f"{member} in the backup has a schema aegisd did not make" in result.err, result
+    for number, (member, sql) in enumerate(SCHEMA_EDITS):
+        crafted = aegis.root / f"crafted{number}.backup"
+        _with_vault_edit(backup, crafted, aegis.root / f"work{number}", sql, member)
+        result = aegis.ctl("restore", str(crafted), "--yes")
+        assert result.code == 1 and f"{member} in the backup has a schema aegisd did not make" in result.err, \
+            (sql, result)
     assert aegis.ctl("restore", str(backup), "--yes").code == 0  # the backup as aegisd wrote it is taken
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
 
