@@ -51,8 +51,13 @@ def private_output(path: Path, *, text: bool) -> Iterator[PrivateOutput]:
             raise ClientError(f"cannot write {path}: {exc.strerror or exc}", "nothing was written; check the "
                               "disk space and permissions, then retry") from None
         raise
-    with contextlib.suppress(OSError):  # durability of the rename; the data itself is already synced
-        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    sync_directory(target.parent)  # durability of the rename; the data itself is already synced
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so a name just created or renamed in it survives a crash; best effort."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:

@@ -16,11 +16,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import click
 
 from aegisctl.client import ClientError
+from aegisctl.private_file import private_output, sync_directory
 
 # Refusals aegisd makes before it changes anything: only after one of these does the new key open nothing.
 # Any other failure (no answer, the daemon gone, an internal error) may have come after the change.
@@ -54,7 +55,7 @@ class UnlockKeyOut:
             if self.path != "-":
                 try:
                     _replace_file(Path(self.path), theirs + "\n")
-                except OSError:  # the file still holds the key aegisd ignored: put aegisd's elsewhere, never lose it
+                except (OSError, ClientError):  # the file still holds the ignored key: put aegisd's elsewhere
                     self.printed = _print_key(theirs, to_file=True)
             self.key = theirs
         if self.path == "-":
@@ -109,31 +110,21 @@ def _print_key(key: str, to_file: bool = False) -> bool:
             pass
     fd, name = tempfile.mkstemp(prefix="aegis-unlock-key-", suffix=".txt")
     with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+        _write_synced(fh, key + "\n")
     click.echo(f"aegisctl: the unlock key aegisd now uses is in {name} (mode 0600)", err=True)
     return True
 
 
 def _replace_file(path: Path, text: str) -> None:
-    """Put `text` in place of the file's content by a rename, so no moment leaves it empty."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Put `text` in place of the file's content by a rename (0600), so no moment leaves it empty."""
+    with private_output(path, text=True) as out:
+        out.file.write(text)
+
+
+def _write_synced(fh: IO[str], text: str) -> None:
+    fh.write(text)
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def _write_new_file(path: Path, text: str) -> None:
@@ -145,18 +136,11 @@ def _write_new_file(path: Path, text: str) -> None:
         raise click.UsageError(f"cannot create the unlock key file {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+            _write_synced(fh, text)
     except BaseException as exc:  # a full disk, or Ctrl-C: no partial file left to block the path
         path.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise click.UsageError(f"cannot write the unlock key file {path}: {exc.strerror}; nothing was "
                                    "changed") from None
         raise
-    with contextlib.suppress(OSError):  # the new name's durability; the key itself is synced
-        dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    sync_directory(path.absolute().parent)  # the new name's durability; the key itself is synced
