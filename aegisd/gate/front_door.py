@@ -100,8 +100,11 @@ def split_target(raw_target: str) -> tuple[str, str, str]:
 
 
 def _refuse_dot_segments(*forms: str) -> None:
-    """A '.' or '..' segment in the path as sent or in any of its decoded forms would let it climb out."""
+    """A '.' or '..' segment in the path as sent or in any of its decoded forms would let it climb out. So
+    would one with `;` parameters (`..;`, `..;x=1`): Java servlet containers (Tomcat, Jetty, Spring) drop a
+    segment's parameters and then resolve what is left, so `/repos/acme/..;/..;/admin` reaches /admin there
+    while policy rules and the ledger see a path under /repos/acme."""
     for form in forms:
         for segment in form.split("/"):
-            if segment in (".", ".."):
-                raise bad_request("the path contains a '.' or '..' segment")
+            if segment.partition(";")[0] in (".", ".."):
+                raise bad_request("the path contains a '.' or '..' segment (with or without ';' parameters)")

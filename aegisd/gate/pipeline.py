@@ -22,7 +22,14 @@ from aegisd.config import Config
 from aegisd.gate.admission import GateLimits, check_policy
 from aegisd.gate.agent_connection import AgentGone, BodyMalformed, GateRequest
 from aegisd.gate.front_door import check_host_header, check_shape, split_target
-from aegisd.gate.headers import add_credential, agent_headers, agent_query, inbound_headers, query_with_credential
+from aegisd.gate.headers import (
+    add_credential,
+    agent_headers,
+    agent_query,
+    inbound_headers,
+    query_with_credential,
+    refuse_overrides,
+)
 from aegisd.gate.outbound_inspection import (
     BodyTooLarge,
     body_broken,
@@ -253,7 +260,9 @@ class GatePipeline:
         entry, host, port = self._target(request, route)
         x.target_host = _netloc(entry.scheme, host, port)
 
-        # 6. method scope; the agent's policy rules (method, path, time window)
+        # 6. method scope; the agent's policy rules (method, path, time window). They judge the request line, so
+        #    a header that would make the upstream act on another method or path is refused first.
+        refuse_overrides(request.headers)
         if not route.allows_method(request.method):
             raise Refusal(403, "scope_denied", f"method {request.method} is outside the credential's scopes")
         policies = self.policies.current
@@ -527,8 +536,12 @@ class GatePipeline:
                                   {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: x.request_id})
         elif endpoint == "/services":
             await self._services(request, x)
-        else:
+        elif endpoint == "/health":  # switched off: as when on, no row (probes poll it)
             await send_refusal(request, Refusal(404, "not_found", "unknown operator endpoint"), x.request_id)
+        else:
+            # Recorded like any refusal, through `handle`: with no agent named, its row comes out of the same
+            # budget as other unauthenticated refusals', so a flood of these cannot fill the ledger either.
+            raise Refusal(404, "not_found", "unknown operator endpoint")
 
     async def _services(self, request: GateRequest, x: Exchange) -> None:
         """The calling agent's own grants; authenticated and ledgered exactly like a proxied request."""

@@ -262,6 +262,23 @@ def test_scopes(std: Standard, service: str, method: str, allowed: bool) -> None
     world.assert_no_leaks()
 
 
+@pytest.mark.parametrize(("service", "header", "value"), [
+    ("ro", "X-HTTP-Method-Override", "DELETE"), ("ro", "x-http-method", "DELETE"), ("ro", "X-Method-Override", "PUT"),
+    ("bear", "X-Original-URL", "/admin/users"), ("bear", "X-Rewrite-URL", "/admin/users"),
+])
+def test_headers_that_override_the_method_or_path_are_refused(std: Standard, service: str, header: str,
+                                                               value: str) -> None:
+    """Found by a cold review: scopes and policy rules judged the request line, and these headers, which many
+    frameworks act on instead, went upstream with it: a GET on a read-only credential became a DELETE there.
+    Refused, not stripped, so the agent learns its DELETE was not done; the row names the agent."""
+    world = std.world
+    with untouched(std.up):
+        reply = world.call("GET", f"/{service}/echo/override", [(header, value)], agent="bot")
+    world.assert_refused(reply, 400, "override_not_allowed", agent="bot", credential=service, method="GET")
+    assert header.lower() in reply.error()["message"].lower()
+    world.assert_no_leaks()
+
+
 # -- the Host header and request shapes -----------------------------------------------------------
 
 
@@ -300,6 +317,9 @@ BAD_PATHS = [
     "/bear/a/../echo/x", "/bear/./echo/x", "/bear/echo/..", "/bear/echo/.", "/../bear/echo/x", "/bear/../hdr/x",
     "/bear/%2e%2e/echo/x", "/bear/%2E%2E/echo/x", "/bear/.%2e/echo/x", "/bear/%2e./echo/x", "/bear/%2e/echo/x",
     "/bear/echo/%2e%2e", "/bear/%252e%252e/echo/x", "/%2e%2e/bear/echo/x",
+    # `;` parameters, which servlet containers drop before resolving the dot segment (found by a cold review)
+    "/bear/a/..;/echo/x", "/bear/echo/..;", "/bear/a/%2e%2e;/echo/x", "/bear/a/..;x=1/echo/x", "/bear/.;/echo/x",
+    "/bear/a/..%3b/echo/x", "/..;/bear/echo/x",
     "/bear/echo/a%2fb", "/bear/echo/a%2Fb", "/bear%2fecho/x", "/bear/echo/a%5cb", "/bear/echo/a%5Cb",
     "/bear/echo/a\\b", "/bear/echo/a%00b",
 ]

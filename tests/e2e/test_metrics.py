@@ -135,10 +135,14 @@ def test_metrics_after_traffic() -> None:
 def test_metrics_and_health_can_be_turned_off() -> None:
     world = ops_world("[gate]\nmetrics = false\nhealth = false\n")
     try:
-        for path in ("/_aegis/metrics", "/_aegis/health"):
-            reply = request(world.port, "GET", path)
+        replies = {path: request(world.port, "GET", path) for path in ("/_aegis/metrics", "/_aegis/health")}
+        for reply in replies.values():
             assert reply.status == 404, reply.text()
             assert reply.error()["code"] == "not_found"
+        # The metrics refusal is recorded like any other; /_aegis/health writes no row, switched on or off.
+        rows = world.ledger()
+        world.assert_refused(replies["/_aegis/metrics"], 404, "not_found", service="_aegis", path="/metrics")
+        assert not [row for row in rows if row["request_id"] == replies["/_aegis/health"].request_id]
         world.aegis.assert_no_leaks([PASSPHRASE])
     finally:
         world.close()

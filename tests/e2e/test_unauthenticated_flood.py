@@ -14,17 +14,19 @@ FLOOD = 3 * BURST
 
 
 def _pipelined(port: int, count: int) -> int:
-    """Send `count` tokenless requests on one connection at once; the number of 401s that came back."""
-    request = f"GET /svc/echo/flood HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    """Send `count` tokenless requests on one connection at once, every other one to an unknown operator
+    endpoint (a refusal that got no row at all, until a cold review); the number of 401s and 404s back."""
+    requests = [f"GET {'/_aegis/flood' if i % 2 else '/svc/echo/flood'} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+                for i in range(count)]
     with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
-        conn.sendall(request * count)
+        conn.sendall("".join(requests).encode())
         received = b""
-        while received.count(b"HTTP/1.1 401 ") < count:
+        while received.count(b"HTTP/1.1 401 ") + received.count(b"HTTP/1.1 404 ") < count:
             chunk = conn.recv(1 << 20)
             if not chunk:
                 break
             received += chunk
-    return received.count(b"HTTP/1.1 401 ")
+    return received.count(b"HTTP/1.1 401 ") + received.count(b"HTTP/1.1 404 ")
 
 
 def test_refusals_past_the_rate_are_counted_in_one_row_and_agents_keep_theirs() -> None:
@@ -45,7 +47,7 @@ def test_refusals_past_the_rate_are_counted_in_one_row_and_agents_keep_theirs() 
         while True:
             rows = json.loads(world.aegis.ctl("ledger", "show", "--json", "--limit", "100000").ok().out)
             summaries = [r for r in rows if r["reason"] == "unauthenticated_flood"]
-            recorded = sum(r["reason"] == "agent_auth_required" for r in rows)
+            recorded = sum(r["reason"] in ("agent_auth_required", "not_found") for r in rows)
             left_out = sum(int(r["detail"].split()[0]) for r in summaries)
             if recorded + left_out >= FLOOD or time.monotonic() > deadline:
                 break
@@ -53,6 +55,7 @@ def test_refusals_past_the_rate_are_counted_in_one_row_and_agents_keep_theirs() 
         assert recorded + left_out == FLOOD, (recorded, left_out)
         assert BURST <= recorded <= BURST + RATE_PER_SECOND * (elapsed + 1), (recorded, elapsed)
         assert summaries and "without a valid agent token" in summaries[0]["detail"]
+        assert {r["reason"] for r in rows if r["path"] == "/flood"} == {"not_found"}  # recorded, within the budget
         assert any(r["path"] == "/echo/agent" and r["agent"] == "bot" for r in rows)
         assert "were not recorded one by one" in world.aegis.log()
         world.assert_no_leaks()

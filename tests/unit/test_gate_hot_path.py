@@ -72,11 +72,19 @@ def test_split_target(target: str, expected: tuple[str, str, str]) -> None:
     assert split_target(target) == expected
 
 
-@pytest.mark.parametrize("target", ["/svc/./x", "/svc/..", "/svc/x/.", "/svc/%2e%2e/x", "/svc/%252e/x", "/svc/.%2E"])
+@pytest.mark.parametrize("target", ["/svc/./x", "/svc/..", "/svc/x/.", "/svc/%2e%2e/x", "/svc/%252e/x", "/svc/.%2E",
+                                    # with `;` parameters, which servlet containers drop before resolving the rest
+                                    "/svc/a/..;/x", "/svc/..;", "/svc/.;/x", "/svc/%2e%2e;/x", "/svc/..;x=1/x",
+                                    "/svc/..%3b/x", "/svc/.%2e%3Bjsessionid=1/x", "/..;/svc/x"])
 def test_dot_segments_are_refused_encoded_or_not(target: str) -> None:
     with pytest.raises(Refusal) as refused:
         split_target(target)
-    assert (refused.value.status, refused.value.message) == (400, "the path contains a '.' or '..' segment")
+    assert (refused.value.status, refused.value.message) == (
+        400, "the path contains a '.' or '..' segment (with or without ';' parameters)")
+
+
+def test_segments_with_parameters_that_are_no_dot_segments_pass() -> None:
+    assert split_target("/svc/a;v=1/...;/x..;/.a;/..b") == ("svc", "/a;v=1/...;/x..;/.a;/..b", "")
 
 
 def proxy(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
