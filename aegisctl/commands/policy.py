@@ -58,13 +58,19 @@ def _sources(paths: tuple[str, ...]) -> list[pb.PolicySource]:
     sources = []
     for text in paths:
         path = Path(text)
-        found = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and not p.name.startswith(".")) \
-            if path.is_dir() else [path]
+        try:
+            found = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and not p.name.startswith(".")) \
+                if path.is_dir() else [path]
+        except OSError as exc:  # a directory that cannot be listed: say so, as for a file that cannot be read
+            raise click.UsageError(output.printable(f"cannot read {path}: {exc.strerror}")) from None
         for item in found:
             try:
-                sources.append(pb.PolicySource(name=str(item), content=item.read_bytes()))
+                # A name that is not UTF-8 (bytes Python decoded with surrogateescape) cannot be sent as it is:
+                # its undecodable bytes go as \xNN, as aegisctl shows other unprintable characters.
+                name = str(item).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                sources.append(pb.PolicySource(name=name, content=item.read_bytes()))
             except OSError as exc:
-                raise click.UsageError(f"cannot read {item}: {exc.strerror}") from None
+                raise click.UsageError(output.printable(f"cannot read {item}: {exc.strerror}")) from None
     if not sources:
         raise click.UsageError("no policy files (*.yaml, *.yml) in the paths given")
     return sources

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from aegisd.api.aegis.v1 import policy_pb2 as pb
 from aegisd.api.aegis.v1 import policy_pb2_grpc
@@ -15,7 +16,7 @@ from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument
 from aegisd.policy import PolicyFile, Snapshot, compile_set, parse_policy
-from aegisd.policy.model import METHODS
+from aegisd.policy.model import JUDGED_FROM_MS, JUDGED_UNTIL_MS, METHODS
 from aegisd.policy.policy_set import INVALID
 from aegisd.runtime import Runtime
 
@@ -23,10 +24,25 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def file_to_pb(policy_file: PolicyFile) -> pb.PolicyFileStatus:
+    """A file's status; an invalid file naming several agents lists them all in `agent` ("bot-a, bot-b")."""
     return pb.PolicyFileStatus(
-        name=policy_file.name, agent=policy_file.agent or "", mode=policy_file.mode, rules=len(policy_file.rules),
+        name=policy_file.name, agent=policy_file.agent, mode=policy_file.mode, rules=len(policy_file.rules),
         issues=[pb.PolicyIssue(file=i.file, line=i.line, column=i.column, field=i.field, message=i.message)
                 for i in policy_file.issues])
+
+
+def _instant(stamp: Timestamp) -> int:
+    """`at` in epoch ms, refused unless the policy engine can judge it: a Timestamp out of protobuf's own range
+    (or with bad nanos) has no millisecond value, and one in the first or last day of the calendar has, in
+    some zones, a local time in year 0 or 10000, which no datetime holds."""
+    try:
+        at_ms = stamp.ToMilliseconds()
+    except ValueError:
+        at_ms = None
+    if at_ms is None or not JUDGED_FROM_MS <= at_ms <= JUDGED_UNTIL_MS:
+        raise InvalidArgument("the time to judge at (`at`) must be between 0001-01-02T00:00:00Z and "
+                              "9999-12-30T23:59:59Z, so that its local time in every timezone is a real date")
+    return int(at_ms)
 
 
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
@@ -61,7 +77,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             raise InvalidArgument(f"method {request.method!r} must be one of {', '.join(METHODS)}")
         if not request.path.startswith("/"):
             raise InvalidArgument(f"path {request.path!r} must start with '/' (the part after /{{service}})")
-        at_ms = request.at.ToMilliseconds() if request.HasField("at") else time.time_ns() // 1_000_000
+        at_ms = _instant(request.at) if request.HasField("at") else time.time_ns() // 1_000_000
         path = unquote(request.path.partition("?")[0])
         verdict = self.rt.policies.current.judge(request.agent, request.service, method, path, at_ms)
         if verdict is None:

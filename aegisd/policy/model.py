@@ -17,6 +17,11 @@ MODES = ("enforce", "dry-run", "off")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Why a rule did not allow a request, in the order the checks run (later = closer to a match).
 MISS_METHOD, MISS_PATH, MISS_WINDOW = "method", "path", "time_window"
+# The instants a time window can be judged at (epoch ms, both ends included): 0001-01-02T00:00:00Z to
+# 9999-12-30T23:59:59.999Z. A day inside datetime's years 1-9999, so the local time in any zone (offsets stay
+# well under a day) is a date Python can hold; `policy test --at` refuses anything outside.
+JUDGED_FROM_MS = -62135510400000
+JUDGED_UNTIL_MS = 253402214399999
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +87,15 @@ class Rule:
 
 @dataclass(slots=True)
 class PolicyFile:
-    """One file as read: its agent and rules if it parsed, and every issue found in it."""
+    """One file as read: the agents it names, its rules if it parsed, and every issue found in it.
+
+    A valid file names exactly one agent. An invalid one may name several (a duplicated `agent:` key, more
+    `agent:` lines in broken text, the agent of its last valid version): it was meant to restrict one of
+    them and aegisd cannot know which, so every one of them fails closed.
+    """
 
     name: str
-    agent: str | None = None
+    agents: list[str] = field(default_factory=list)
     mode: str = "enforce"
     rules: list[Rule] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)
@@ -93,3 +103,14 @@ class PolicyFile:
     @property
     def valid(self) -> bool:
         return not self.issues
+
+    @property
+    def agent(self) -> str:
+        """The agents it names as one line for people ("bot-a, bot-b"); empty when it names none."""
+        return ", ".join(self.agents)
+
+    def names(self, *agents: str | None) -> None:
+        """Add agents this file names, each once, in the order found."""
+        for agent in agents:
+            if agent is not None and agent not in self.agents:
+                self.agents.append(agent)

@@ -96,10 +96,14 @@ class _Reader:
                               "`agent` and `rules`")
         if fields is None:
             return
-        if "agent" in fields:
-            agent = self.scalar(fields["agent"], "agent")
-            if agent is not None and self.check(fields["agent"], "agent", validate_name, agent, "agent name"):
-                self.result.agent = agent
+        # Every `agent:` value, a duplicate's too: `mapping` reports the duplicate (the file is invalid), and an
+        # invalid file fails closed for each agent it names. Keeping only the first would leave the one a YAML
+        # reader takes (the last) ungoverned.
+        for key_node, value in node.value:
+            if _is_field(key_node, "agent"):
+                agent = self.scalar(value, "agent")
+                if agent is not None and self.check(value, "agent", validate_name, agent, "agent name"):
+                    self.result.names(agent)
         if "mode" in fields:
             mode = self.scalar(fields["mode"], "mode")
             if mode is not None:
@@ -219,8 +223,8 @@ class _Reader:
             return None
         fields: dict[str, Node] = {}
         for key_node, value in node.value:
-            key = key_node.value if isinstance(key_node, ScalarNode) else None
-            if key is None or key_node.tag == _NULL_TAG:
+            key = key_node.value if _is_field(key_node) else None
+            if key is None:
                 self.issue(key_node, path, "field names must be plain words")
             elif key not in allowed:
                 self.issue(key_node, _join(path, str(key)), f"unknown field {key!r}; expected one of: "
@@ -269,6 +273,11 @@ class _Reader:
             self.issue(node, path, exc.message)
             return False
         return True
+
+
+def _is_field(node: Node, name: str | None = None) -> bool:
+    """Whether a mapping key is a plain field name (`name`, if given)."""
+    return isinstance(node, ScalarNode) and node.tag != _NULL_TAG and (name is None or node.value == name)
 
 
 def _is_null(node: Node) -> bool:

@@ -4,7 +4,8 @@ Semantics (docs/policies.md): an agent no file names is governed by its grants a
 An agent a file names may make a request only if one of its rules for that service allows the
 method, the whole decoded path and the current time; the first such rule (files in name order,
 rules in file order) is the rule that decided, and its rate limit applies. An agent named by an
-invalid file fails closed, and if some invalid file's agent cannot be told, every agent does.
+invalid file fails closed (every agent the file names), and if some invalid file's agent cannot be told,
+every agent does.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _invalid(files: tuple[str, ...], what: str) -> Verdict:
 
 
 def compile_set(files: Iterable[PolicyFile]) -> PolicySet:
-    """Index `files` (each already parsed, invalid ones carrying the agent they name if it is known).
+    """Index `files` (each already parsed, invalid ones carrying every agent they name that is known).
 
     Adds an issue to every file of an agent whose applied files mix enforce and dry-run modes.
     """
@@ -93,10 +94,10 @@ def compile_set(files: Iterable[PolicyFile]) -> PolicySet:
     for policy_file in ordered:
         if policy_file.valid and policy_file.mode == "off":
             continue
-        if policy_file.agent is None:
+        if not policy_file.agents:
             fail_all.append(policy_file.name)
-        else:
-            by_agent.setdefault(policy_file.agent, []).append(policy_file)
+        for agent in policy_file.agents:  # one for a valid file; an invalid one fails closed for each it names
+            by_agent.setdefault(agent, []).append(policy_file)
     agents: dict[str, AgentPolicy] = {}
     for agent, group in by_agent.items():
         modes = {f.mode for f in group if f.valid}

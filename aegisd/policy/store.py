@@ -26,8 +26,8 @@ from aegisd.policy.policy_set import PolicySet, compile_set
 log = logging.getLogger("aegisd.policy")
 POLL_SECONDS = 1.0
 SUFFIXES = (".yaml", ".yml")
-# The agent a file names, found even when the YAML around it is broken, so only that agent fails closed;
-# else the agent of the file's last valid version; else nobody can tell, and every agent fails closed.
+# The agents a file names, found even when the YAML around it is broken, so only they fail closed (with the
+# agent of the file's last valid version); when nobody can be told, every agent fails closed.
 _AGENT_LINE = re.compile(r"""^agent[ \t]*:[ \t]*["']?([a-z0-9][a-z0-9._-]{0,63})["']?[ \t]*(?:#.*)?$""", re.MULTILINE)
 _MAX_LOGGED_ISSUES = 20
 
@@ -55,7 +55,7 @@ class PolicyStore:
         self._ledger = ledger
         self._poll_seconds = poll_seconds
         self._seen: Signature | None = None  # the directory as the last reload found it
-        self._last_agent: dict[str, str] = {}  # file name -> agent its last valid version named
+        self._last_valid: dict[str, str] = {}  # file name -> the agent its last valid version named
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._pending = ""
@@ -83,12 +83,18 @@ class PolicyStore:
                                      time.time_ns() // 1_000_000, trigger, previous.reloads + 1)
             self._seen = signature
             if not error:
+                last_valid = {}
                 for policy_file in files:
-                    if policy_file.agent is None and not policy_file.valid:
-                        policy_file.agent = self._last_agent.get(policy_file.name)
+                    if policy_file.valid:
+                        last_valid[policy_file.name] = policy_file.agents[0]
+                    elif policy_file.name in self._last_valid:
+                        # An invalid file fails closed for its last valid agent too, whomever else it names now:
+                        # an edit that swaps or adds an `agent:` line must not free the agent it restricted. It
+                        # keeps that agent over later reloads until it is valid again.
+                        last_valid[policy_file.name] = self._last_valid[policy_file.name]
+                        policy_file.names(self._last_valid[policy_file.name])
                 self.current = compile_set(files)
-                # Invalid files keep the agent they borrowed, so a later reload still fails only that agent.
-                self._last_agent = {f.name: f.agent for f in files if f.agent is not None}
+                self._last_valid = last_valid
             self._report(self.snapshot)
             return self.snapshot
 
@@ -116,8 +122,8 @@ class PolicyStore:
                                                             f"{exc.strerror or exc}")]))
                 continue
             parsed = parse_policy(name, data)
-            if parsed.agent is None and not parsed.valid:
-                parsed.agent = _agent_in_text(data)
+            if not parsed.valid:
+                parsed.names(*_agents_in_text(data))
             files.append(parsed)
         return signature, files, ""
 
@@ -133,8 +139,7 @@ class PolicyStore:
             reason = "policy_reloaded"
             if invalid:
                 reason = "policy_invalid"
-                detail += "; invalid, failing closed: " + ", ".join(
-                    f"{f.name} (agent {f.agent})" if f.agent else f"{f.name} (every agent)" for f in invalid)
+                detail += "; invalid, failing closed: " + ", ".join(_failing(f) for f in invalid)
                 issues = [issue for f in invalid for issue in f.issues]
                 for issue in issues[:_MAX_LOGGED_ISSUES]:
                     log.error("policy error: %s", issue)
@@ -205,7 +210,13 @@ def _signature(directory: Path) -> Signature:
     return tuple(sorted(found))
 
 
-def _agent_in_text(data: bytes) -> str | None:
-    """The agent a broken file is meant for, if a top-level `agent:` line survives in its text."""
-    match = _AGENT_LINE.search(data.decode("utf-8", "replace"))
-    return match.group(1) if match else None
+def _agents_in_text(data: bytes) -> list[str]:
+    """Every agent a top-level `agent:` line of an invalid file names: when its YAML is broken, no line can be
+    told to be the one in force, so each of them fails closed."""
+    return [match.group(1) for match in _AGENT_LINE.finditer(data.decode("utf-8", "replace"))]
+
+
+def _failing(policy_file: PolicyFile) -> str:
+    if not policy_file.agents:
+        return f"{policy_file.name} (every agent)"
+    return f"{policy_file.name} (agent{'s' if len(policy_file.agents) > 1 else ''} {policy_file.agent})"

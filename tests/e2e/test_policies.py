@@ -4,12 +4,18 @@ time windows on the real clock, the three modes and their ledger rows, validatio
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aegisd.api.aegis.v1 import policy_pb2, policy_pb2_grpc
 from tests.e2e.gate_support import GateWorld, read_reply, untouched
 from tests.e2e.policy_support import (
     Expected,
@@ -129,6 +135,8 @@ def test_time_windows_on_the_real_clock() -> None:
         rule("night-out", "14:00", "10:00"),  # spans midnight, excludes 12:xx
         rule("berlin", hhmm(berlin - timedelta(hours=2)), hhmm(berlin + timedelta(hours=2)), "Europe/Berlin"),
         rule("fixed", "22:00", "06:00", "UTC"),
+        rule("far-east", "09:00", "18:00", "Pacific/Kiritimati"),  # UTC+14
+        rule("far-west", "09:00", "18:00", "Etc/GMT+12"),  # UTC-12
     ])
     world, _ = policy_world({"bot.yaml": policy})
     try:
@@ -154,6 +162,30 @@ def test_time_windows_on_the_real_clock() -> None:
             result = json.loads(world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "fixed",
                                                 "--method", "GET", "--path", "/x", "--at", at, "--json").ok().out)
             assert result["decision"] == decision, (at, result)
+
+        # The ends of the calendar: the last and first days judged are real dates in every timezone...
+        for service, at, decision in (("far-east", "9999-12-30T23:59:59Z", "allowed"),  # 13:59 on 9999-12-31
+                                      ("far-west", "0001-01-02T00:00:00Z", "allowed")):  # 12:00 on 0001-01-01
+            result = json.loads(world.aegis.ctl("policy", "test", "--agent", "bot", "--service", service, "--method",
+                                                "GET", "--path", "/x", "--at", at, "--json").ok().out)
+            assert result["decision"] == decision, (at, result)
+        # ... and a time past them is a usage error in aegisctl, never a traceback or a time sent to aegisd...
+        for at in ("9999-12-31T23:00:00Z", "9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+14:00", "999999999d"):
+            refused = world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "far-east", "--method", "GET",
+                                      "--path", "/x", "--at", at)
+            assert_failed(refused, "outside the times aegisctl handles", "0001-01-02 to 9999-12-30", code=2)
+        # ... and INVALID_ARGUMENT from aegisd to any other client: out of protobuf's range, bad nanos, or a local
+        # time past year 9999 (23:59 on 9999-12-31 UTC is 13:59 on 10000-01-01 in Kiritimati).
+        with grpc.insecure_channel(f"unix:{world.aegis.socket}") as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            for stamp in (Timestamp(seconds=253402300799), Timestamp(seconds=10**15), Timestamp(seconds=-(10**12)),
+                          Timestamp(seconds=0, nanos=-1)):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Test(policy_pb2.TestPolicyRequest(agent="bot", service="far-east", method="GET", path="/x",
+                                                           at=stamp), timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (stamp, caught.value)
+                assert "between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z" in str(caught.value.details())
+        assert "control RPC" not in world.aegis.log()
         world.assert_no_leaks()
     finally:
         world.close()
@@ -293,6 +325,11 @@ def test_validate_shows_control_characters_from_a_policy_file_as_escapes(aegis: 
     assert "\x1b" not in result.out + result.err and "\x07" not in result.out + result.err
     assert r"evil\x1b]0;pwned\x07.yaml:4:" in result.out
     assert r"invalid regular expression '\x1b]0;pwned\x07['" in result.out
+    # A name that is not UTF-8 at all: shown with the same escapes, not a traceback.
+    (tmp_path / os.fsdecode(b"latin\xe9.yaml")).write_text("agent: bot\nrules: []\n")
+    result = aegis.ctl("policy", "validate", str(tmp_path))
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    assert rf"{tmp_path}/latin\xe9.yaml: ok (agent bot, 0 rules, enforce)" in result.out.splitlines()
 
 
 def test_broken_file_fails_closed_for_its_agent_and_keeps_the_others() -> None:
@@ -348,6 +385,28 @@ def test_broken_file_fails_closed_for_its_agent_and_keeps_the_others() -> None:
         assert policy_status(world)["fail_all"] == []
         world.assert_refused(world.call("GET", "/svc/echo/a", agent="alice"), 403, "policy_invalid")
         assert world.call("GET", "/svc/echo/b", agent="bob").status == 200
+
+        # Two `agent:` keys (a template line left above the real one): the file is invalid, and every agent it
+        # names fails closed, the last one (the one a YAML reader takes) included.
+        write_policy(directory, "bob.yaml", "agent: dave\n" + bob)
+        assert_failed(world.aegis.ctl("policy", "reload"), "reloaded with errors")
+        listed = {f["name"]: f for f in policy_status(world)["files"]}["bob.yaml"]
+        assert listed["agent"] == "dave, bob" and any("given twice" in i["message"] for i in listed["issues"])
+        assert "bob.yaml (agents dave, bob)" in system_rows(world)[0]["detail"]
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/svc/echo/b", agent="bob"), 403, "policy_invalid")
+        # Broken YAML: every `agent:` line in its text fails closed, and so does the agent of the file's last
+        # valid version (bob), kept over reloads; dave, named only by a version that was never valid, is not.
+        write_policy(directory, "bob.yaml", "agent: erin\nagent: frank\nrules: [[\n")
+        world.aegis.ctl("policy", "reload")
+        for name, decision in (("erin", "invalid"), ("frank", "invalid"), ("bob", "invalid"), ("dave", "ungoverned")):
+            tested = json.loads(world.aegis.ctl("policy", "test", "--agent", name, "--service", "svc", "--method",
+                                                "GET", "--path", "/echo/b", "--json").ok().out)
+            assert tested["decision"] == decision, (name, tested)
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/svc/echo/b", agent="bob"), 403, "policy_invalid")
+        assert world.call("GET", "/svc/echo/c", agent="carol").status == 200
+        write_policy(directory, "bob.yaml", bob)
 
         # A policy file that is a link to nothing is not skipped: it fails closed like an unreadable file.
         write_policy(directory, "alice.yaml", alice)
