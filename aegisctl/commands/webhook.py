@@ -15,7 +15,7 @@ import click
 from aegisctl import output
 from aegisctl.client import HINTS, ClientError
 from aegisctl.context import Context, pass_context
-from aegisctl.secrets_input import confirm_destructive
+from aegisctl.secrets_input import confirm_destructive, stdin_line
 from aegisd.api.aegis.v1 import webhooks_pb2 as pb
 
 EVENT_NAMES = ("blocked_request", "rate_limited", "agent_auth_failure", "body_inspection", "credential_expiry",
@@ -47,7 +47,12 @@ def add(ctx: Context, url: str | None, events: str, url_stdin: bool, as_json: bo
     if url_stdin == (url is not None):
         raise click.UsageError("give the URL as an argument or with --url-stdin (one of the two)")
     if url_stdin:
-        url = sys.stdin.readline().strip()
+        url = stdin_line("webhook URL", "--url-stdin").strip()
+    elif url is not None:
+        try:  # argv is decoded with surrogateescape: bytes that are not UTF-8 would fail while sending
+            url.encode("utf-8")
+        except UnicodeEncodeError:
+            raise click.UsageError("the URL is not UTF-8 text (nothing was sent)") from None
     if url is not None and len(url) > MAX_URL_LENGTH:  # past gRPC's message limit aegisd would never see it
         raise ClientError(f"the webhook URL is longer than {MAX_URL_LENGTH} characters", reason="invalid_argument")
     if not url:

@@ -2,7 +2,12 @@
 
 A webhook URL is often a credential itself (Slack's and Discord's carry their secret in the
 path), so the URL is sealed together with the signing secret, AES-GCM under a vault subkey with
-associated data binding the row's id; only the origin stays readable for `webhook list`.
+associated data binding the row's id, its origin and its events: only the origin and the events
+stay readable (for `webhook list` while the vault is locked), and an edit to either in vault.db
+breaks the seal, so the webhook is not loaded (logged, and `aegisctl doctor` names it) rather
+than silently subscribed to other events. Rows sealed before the origin and events were bound
+are resealed with them when first opened, if their origin is the sealed URL's and their events
+are as aegisd writes them.
 Plain http is allowed only to loopback: an alert crossing a network must be encrypted.
 """
 
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from urllib.parse import urlsplit
 
-from aegisd.errors import InvalidArgument, NotFound, StorageCorrupt, VaultUninitialized
+from aegisd.errors import AegisError, InvalidArgument, NotFound, StorageCorrupt, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.crypto import SealBroken, seal, unseal
 from aegisd.vault.vault import Vault, now_ms
@@ -29,7 +34,11 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - a marker, not a secret
 ID_PREFIX = "wh_"
 SUBKEY = "webhook-secrets"
 MAX_URL_LENGTH = 2048
-LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+_YEAR_10000_MS = 253402300800000  # a created_at past it cannot be shown (protobuf's Timestamp ends before)
+# Loopback by name: `localhost` only, which the system answers itself (/etc/hosts, systemd-resolved). The fully
+# qualified `localhost.` is not: glibc sends it to DNS, which may answer with any address, and plain http must
+# never leave the host.
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +73,9 @@ def check_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise InvalidArgument(f"the webhook URL is malformed: {exc}") from None
+    except ValueError:  # urllib's message quotes the port or the whole netloc, a user:password included
+        raise InvalidArgument("the webhook URL is malformed: its host or port cannot be read (is a port "
+                              "a number up to 65535, an IPv6 address in [brackets]?)") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise InvalidArgument("the webhook URL must start with https:// (or http:// to a loopback address)")
@@ -78,8 +88,8 @@ def check_url(url: str) -> str:
     if parts.fragment:
         raise InvalidArgument("the webhook URL must not have a #fragment")
     if scheme == "http" and not _is_loopback(host):
-        raise InvalidArgument(f"plain http:// is allowed only to loopback (127.0.0.1, [::1], localhost); "
-                              f"use https:// for {host}")
+        raise InvalidArgument("plain http:// is allowed only to loopback (127.0.0.1, [::1], localhost); use "
+                              "https:// for any other host")
     shown = f"[{host}]" if ":" in host else host
     return f"{scheme}://{shown}" + (f":{port}" if port is not None else "")
 
@@ -98,8 +108,24 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
 
 
-def _aad(vault_id: str, webhook_id: str) -> bytes:
+def webhook_aad(vault_id: str, webhook_id: str, origin: str, events: str) -> bytes:
+    """The seal's associated data: the vault, the row, and its clear columns exactly as stored (`events` is the
+    column's JSON text), so a seal moved to another row or a clear column edited fails to open."""
+    return b"aegis-webhook-v2\0" + json.dumps([vault_id, webhook_id, origin, events], separators=(",", ":"),
+                                              ensure_ascii=True).encode()
+
+
+def webhook_aad_v1(vault_id: str, webhook_id: str) -> bytes:
+    """The associated data of seals written before the origin and events were bound: opened once, resealed."""
     return b"aegis-webhook-v1\0" + vault_id.encode() + b"\0" + webhook_id.encode()
+
+
+def _stored_events(events: tuple[str, ...]) -> str:
+    """The events column as aegisd writes it."""
+    return json.dumps(list(events))
+
+
+SealedRow = tuple[object, object, object, object, object]  # id, origin, events, nonce, sealed: as read, unchecked
 
 
 class WebhookRegistry:
@@ -115,15 +141,15 @@ class WebhookRegistry:
         subscribed = parse_events(events)
         secret = new_secret()
         plaintext = json.dumps({"url": url, "secret": secret}).encode()
+        stored = _stored_events(subscribed)
         with self._vault._lock:  # hold off a concurrent lock() from wiping the key mid-seal
             vault_id, master = self._require_initialized(), self._vault.master()
             webhook = Webhook(id=ID_PREFIX + secrets.token_hex(6), origin=origin, events=subscribed,
                               created_at=now_ms())
-            nonce, sealed = seal(master.subkey(SUBKEY), plaintext, _aad(vault_id, webhook.id))
+            nonce, sealed = seal(master.subkey(SUBKEY), plaintext, webhook_aad(vault_id, webhook.id, origin, stored))
             with self._store.transaction() as conn:
                 conn.execute("INSERT INTO webhooks (id, origin, events, created_at, nonce, sealed) "
-                             "VALUES (?,?,?,?,?,?)", (webhook.id, origin, json.dumps(list(subscribed)),
-                                                      webhook.created_at, nonce, sealed))
+                             "VALUES (?,?,?,?,?,?)", (webhook.id, origin, stored, webhook.created_at, nonce, sealed))
         return webhook, secret
 
     def list(self) -> builtins.list[Webhook]:
@@ -144,13 +170,14 @@ class WebhookRegistry:
         return _webhook(row)
 
     def targets(self) -> builtins.list[Target]:
-        """Every webhook with its URL and key unsealed; one with a broken seal is logged and skipped."""
+        """Every webhook with its URL and key unsealed. One that fails its check is logged and skipped: the
+        others load all the same, and an unlock never fails over one row (doctor names it)."""
         found = []
         for row in self._sealed_rows(None):
             try:
                 found.append(self._open(row))
             except StorageCorrupt as exc:
-                log.error("%s", exc.message)
+                log.error("webhook not loaded: %s", exc.message)
         return found
 
     def target(self, webhook_id: str) -> Target:
@@ -160,25 +187,91 @@ class WebhookRegistry:
             raise _not_found(webhook_id)
         return self._open(rows[0])
 
-    def _sealed_rows(self, webhook_id: str | None) -> builtins.list[tuple[str, str, bytes, bytes]]:
+    def failing(self) -> tuple[int, builtins.list[str]]:
+        """How many webhooks there are, and the ids of those that fail their check, so are not loaded; for
+        doctor. Only reads."""
+        rows = self._sealed_rows(None)
+        bad = []
+        for row in rows:
+            try:
+                self._unseal(row)
+            except StorageCorrupt:
+                bad.append(str(row[0]))
+        return len(rows), bad
+
+    def _sealed_rows(self, webhook_id: str | None) -> builtins.list[SealedRow]:
         self._require_initialized()
-        query = "SELECT id, events, nonce, sealed FROM webhooks"
+        query = "SELECT id, origin, events, nonce, sealed FROM webhooks"
         with self._store.reading() as conn:
             if webhook_id is None:
                 return conn.execute(query + " ORDER BY id").fetchall()
             return conn.execute(query + " WHERE id = ?", (webhook_id,)).fetchall()
 
-    def _open(self, row: tuple[str, str, bytes, bytes]) -> Target:
-        webhook_id, events, nonce, sealed = row
+    def _open(self, row: SealedRow) -> Target:
+        """The row's Target, resealing a row of an earlier aegisd (see _unseal) with its origin and events."""
+        target, older = self._unseal(row)
+        if older:
+            self._reseal(row, target)
+        return target
+
+    def _unseal(self, row: SealedRow) -> tuple[Target, bool]:
+        """The row opened and checked, and whether an earlier aegisd sealed it (without its origin and events);
+        StorageCorrupt, naming only the id, if it fails: any value an edit can leave (another type, text that is
+        not JSON) fails here, never later in a caller."""
+        webhook_id, origin, events, nonce, sealed = row
+        broken = StorageCorrupt(f"webhook {webhook_id} fails authentication: its URL, origin or events were changed "
+                                "outside aegisd (or its row was moved); remove it (`aegisctl webhook remove "
+                                f"{webhook_id}`) and add it again", reason="webhook_tampered")
+        if not (isinstance(webhook_id, str) and isinstance(origin, str) and isinstance(events, str)
+                and isinstance(nonce, bytes) and isinstance(sealed, bytes)):
+            raise broken
         with self._vault._lock:
             vault_id, master = self._require_initialized(), self._vault.master()
+            key = master.subkey(SUBKEY)
+            older = False
             try:
-                opened = json.loads(unseal(master.subkey(SUBKEY), nonce, sealed, _aad(vault_id, webhook_id)))
-            except (SealBroken, ValueError):
-                raise StorageCorrupt(f"the sealed URL and secret of webhook {webhook_id} fail authentication: "
-                                     "it was modified or moved; remove it and add it again") from None
-        return Target(id=webhook_id, url=str(opened["url"]), events=frozenset(json.loads(events)),
-                      secret=str(opened["secret"]).encode())
+                opened = unseal(key, nonce, sealed, webhook_aad(vault_id, webhook_id, origin, events))
+            except SealBroken:
+                try:
+                    opened = unseal(key, nonce, sealed, webhook_aad_v1(vault_id, webhook_id))
+                except SealBroken:
+                    raise broken from None
+                older = True
+        try:
+            sealed_fields = json.loads(opened)
+            url, secret = str(sealed_fields["url"]), str(sealed_fields["secret"])
+            names = json.loads(events)
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise broken
+            subscribed = parse_events(names)
+            # An earlier aegisd's seal vouches for neither column, so both must be what aegisd itself writes:
+            # the origin of the sealed URL, the events valid and in their stored form.
+            if older and (origin != check_url(url) or events != _stored_events(subscribed)):
+                raise broken
+        except (ValueError, TypeError, KeyError, AegisError):
+            raise broken from None
+        return Target(id=webhook_id, url=url, events=frozenset(subscribed), secret=secret.encode()), older
+
+    def _reseal(self, row: SealedRow, target: Target) -> None:
+        """Seal an earlier aegisd's row again, binding its origin and events, so an edit to them from now on
+        is detected. Only if the row is still as read; a failure to write leaves it served as it opened."""
+        webhook_id, origin, events, nonce, sealed = row
+        assert isinstance(webhook_id, str) and isinstance(origin, str) and isinstance(events, str)  # by _unseal
+        plaintext = json.dumps({"url": target.url, "secret": target.secret.decode()}).encode()
+        try:
+            with self._vault._lock:
+                vault_id, master = self._require_initialized(), self._vault.master()
+                aad = webhook_aad(vault_id, webhook_id, origin, events)
+                fresh_nonce, fresh = seal(master.subkey(SUBKEY), plaintext, aad)
+                with self._store.transaction() as conn:
+                    conn.execute("UPDATE webhooks SET nonce = ?, sealed = ? WHERE id = ? AND origin = ? AND events = ? "
+                                 "AND nonce = ? AND sealed = ?", (fresh_nonce, fresh, webhook_id, origin, events, nonce,
+                                                                  sealed))
+        except AegisError as exc:
+            log.warning("webhook %s not resealed with its origin and events (it stays served): %s", webhook_id,
+                        exc.message)
+            return
+        log.info("webhook %s resealed with its origin and events (it was sealed by an earlier aegisd)", webhook_id)
 
     def _require_initialized(self) -> str:
         if self._vault.vault_id is None:
@@ -190,5 +283,13 @@ def _not_found(webhook_id: str) -> NotFound:
     return NotFound(f"no webhook with id {webhook_id!r}", reason="webhook_not_found")
 
 
-def _webhook(row: sqlite3.Row | tuple[str, str, str, int]) -> Webhook:
-    return Webhook(id=row[0], origin=row[1], events=tuple(json.loads(row[2])), created_at=int(row[3]))
+def _webhook(row: sqlite3.Row | tuple[object, ...]) -> Webhook:
+    """A row as stored, for listing (locked or not, nothing is checked here): a value an edit left that aegisd
+    could not have written shows as no events, and never fails the listing (doctor names such a row)."""
+    try:
+        stored = json.loads(str(row[2]))
+    except ValueError:
+        stored = None
+    events = tuple(e for e in stored if isinstance(e, str)) if isinstance(stored, list) else ()
+    created_at = row[3] if isinstance(row[3], int) and 0 <= row[3] < _YEAR_10000_MS else 0
+    return Webhook(id=str(row[0]), origin=str(row[1]), events=events, created_at=created_at)

@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 
+from aegisd.vault.crypto import seal, unseal
+from aegisd.webhooks.registry import SUBKEY as WEBHOOK_SUBKEY
+from aegisd.webhooks.registry import webhook_aad, webhook_aad_v1
 from tests.e2e.gate_support import GateWorld, Reply
 from tests.e2e.ops_support import Scrape, add_webhook, ops_world, refused
-from tests.e2e.support import assert_failed
+from tests.e2e.support import assert_failed, open_vault
 from tests.harness import PASSPHRASE, free_port
 from tests.webhook_receiver import Delivery, Receiver
 
@@ -98,6 +101,14 @@ def test_webhook_commands_show_the_secret_once() -> None:
         assert_failed(ctl("webhook", "add", "https://u:p@hooks.example.com/x", "--events", "blocked_request"),
                       "user or password")
         assert_failed(ctl("webhook", "add", "--events", "blocked_request"), "argument or with --url-stdin", code=2)
+        # The URL is a secret: a refusal never quotes it, not even the token pasted where a port goes, or a
+        # user:password urllib would quote whole.
+        for bad in (f"https://hooks.example.com:{URL_SECRET}/x", f"https://alerts:{URL_SECRET}\u2100@hooks.example.com/x"):
+            assert_failed(ctl("webhook", "add", "--url-stdin", "--events", "blocked_request", input=bad + "\n"),
+                          "the webhook URL is malformed")
+        # `localhost.` is no loopback name: glibc looks it up in DNS, which may answer with any address.
+        assert_failed(ctl("webhook", "add", f"http://localhost.:{receiver.port}/x", "--events", "blocked_request"),
+                      "only to loopback")
         assert_failed(ctl("webhook", "remove", "wh_000000000000", "--yes"), "no webhook", "webhook list")
         assert_failed(ctl("webhook", "remove", hook_id), "--yes", code=2)
 
@@ -338,30 +349,87 @@ def test_an_expiry_edited_in_the_database_raises_no_alert() -> None:
     """Someone who can write vault.db sets a credential's expiry in the past to fake an alert (or could push it
     out to hide one). The expiry is sealed with the secret, so the edited row fails authentication: the expiry
     watch alerts only on what authenticates, and metrics count the row as failing, not as expired. A genuinely
-    expiring credential, checked in the same pass, still raises its alert."""
+    expiring credential, checked in the same pass, still raises its alert.
+
+    Webhooks in the same vault.db (found by a cold review): their events and origin were stored in clear outside
+    the seal, so an edit silently re-subscribed a webhook, and a value aegisd could not have written failed the
+    unlock itself (INTERNAL) and every `webhook list`. Now the seal covers them: an edited webhook is not loaded
+    (logged, named by doctor, refused by `webhook test`) while the unlock, the list and the other webhooks work.
+    A webhook sealed by an earlier aegisd (without them) keeps working and is resealed with them."""
     world = ops_world("[webhooks]\nworkers = 1\n")  # one worker: deliveries arrive in the order raised
-    receiver = Receiver().start()
+    receiver, edited, garbled, older, moved = (Receiver().start() for _ in range(5))
     try:
         up = world.upstream()
         world.credential("bear", SECRET, up.entry())
         add_webhook(world, receiver, "credential_expiry")
+        edited_id = add_webhook(world, edited, "blocked_request", "/hook/edited")
+        garbled_id = add_webhook(world, garbled, "blocked_request", "/hook/garbled")
+        older_id = add_webhook(world, older, "credential_expiry", "/hook/older")
+        moved_id = add_webhook(world, moved, "credential_expiry", "/hook/moved")
         world.aegis.ctl("lock").ok()
         past = int(time.time() * 1000) - 86_400_000
-        conn = sqlite3.connect(world.aegis.data_dir / "vault.db", timeout=10)
+        db = world.aegis.data_dir / "vault.db"
+        conn = sqlite3.connect(db, timeout=10)
         with conn:
             conn.execute("UPDATE credentials SET expires_at = ? WHERE name = 'bear'", (past,))
-        conn.close()
+        with open_vault(world.aegis.data_dir) as vault, conn:  # as the aegisd before the fix sealed them
+            key, vault_id = vault.master().subkey(WEBHOOK_SUBKEY), vault.vault_id
+            assert vault_id is not None
+            for hook_id in (older_id, moved_id):
+                origin, events, nonce, sealed = conn.execute("SELECT origin, events, nonce, sealed FROM webhooks "
+                                                             "WHERE id = ?", (hook_id,)).fetchone()
+                plain = unseal(key, nonce, sealed, webhook_aad(vault_id, hook_id, origin, events))
+                conn.execute("UPDATE webhooks SET nonce = ?, sealed = ? WHERE id = ?",
+                             (*seal(key, plain, webhook_aad_v1(vault_id, hook_id)), hook_id))
+        (older_nonce,) = conn.execute("SELECT nonce FROM webhooks WHERE id = ?", (older_id,)).fetchone()
+        with conn:
+            # Re-subscribed to what the attacker will not trigger, shown as going elsewhere; then a value aegisd
+            # never writes; and an earlier aegisd's webhook shown as going elsewhere (its sealed URL says not).
+            conn.execute("UPDATE webhooks SET events = '[\"credential_expiry\"]', origin = 'https://siem.example' "
+                         "WHERE id = ?", (edited_id,))
+            conn.execute("UPDATE webhooks SET events = 'x' WHERE id = ?", (garbled_id,))
+            conn.execute("UPDATE webhooks SET origin = 'https://siem.example' WHERE id = ?", (moved_id,))
         world.unlock()  # the watch checks at unlock, in name order: "bear" before "brief"
         world.credential("brief", BRIEF_SECRET, up.entry(), "--ttl", "3d")
 
         [soon] = receiver.wait_for(1, "credential_expiry")
         assert _check_delivery(soon)["details"]["credential"] == "brief"
         assert [d.payload["details"]["credential"] for d in receiver.deliveries] == ["brief"]
+        [kept] = older.wait_for(1, "credential_expiry")  # an earlier aegisd's webhook still delivers, signed
+        assert _check_delivery(kept)["details"]["credential"] == "brief"
         scrape = Scrape(world)
         assert (scrape.value("aegis_credentials_total", status="failing"),
                 scrape.value("aegis_credentials_total", status="expired"),
                 scrape.value("aegis_credentials_total", status="expiring_soon")) == (1, 0, 1)
-        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
+
+        failing = sorted((edited_id, garbled_id, moved_id))
+        log = world.aegis.log()
+        for hook_id in failing:
+            assert f"webhook not loaded: webhook {hook_id} fails authentication" in log
+            assert_failed(world.aegis.ctl("webhook", "test", hook_id), f"webhook {hook_id} fails authentication",
+                          f"webhook remove {hook_id}")
+        assert f"webhook {older_id} resealed with its origin and events" in log
+        (resealed,) = conn.execute("SELECT nonce FROM webhooks WHERE id = ?", (older_id,)).fetchone()
+        assert resealed != older_nonce
+        listed = {h["id"]: h for h in json.loads(world.aegis.ctl("webhook", "list", "--json").ok().out)}
+        assert len(listed) == 5 and listed[garbled_id]["events"] == [] and listed[older_id]["events"] == [
+            "credential_expiry"]
+        [check] = [c for c in json.loads(world.aegis.ctl("doctor", "--json").out)["checks"] if c["name"] == "webhooks"]
+        assert check["status"] == "fail" and check["message"].endswith(": " + ", ".join(failing)), check
+        assert "webhook remove" in check["hint"]
+
+        # Resealed, the earlier aegisd's webhook has its events bound too: an edit now fails it like the others.
+        world.aegis.ctl("lock").ok()
+        with conn:
+            conn.execute("UPDATE webhooks SET events = '[\"blocked_request\"]' WHERE id = ?", (older_id,))
+        world.unlock()
+        [check] = [c for c in json.loads(world.aegis.ctl("doctor", "--json").out)["checks"] if c["name"] == "webhooks"]
+        assert check["message"].endswith(": " + ", ".join(sorted([*failing, older_id]))), check
+        conn.close()
+        assert [len(r.deliveries) for r in (edited, garbled, moved)] == [0, 0, 0]
+        assert "control RPC" not in world.aegis.log()
+        world.assert_no_leaks([d.body.decode() for d in [*receiver.deliveries, *older.deliveries]])
     finally:
-        receiver.stop()
+        for each in (receiver, edited, garbled, older, moved):
+            each.stop()
         world.close()

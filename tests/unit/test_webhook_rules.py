@@ -39,11 +39,29 @@ def test_accepted_urls_show_only_their_origin(url: str, origin: str) -> None:
     ("https://hooks.example.com:99999/x", "malformed"),
     ("https://hooks.example.com/a b", "spaces or control characters"),
     ("https://hooks.example.com/" + "a" * 2100, "longer than"),
+    ("http://localhost./x", "only to loopback"),  # fully qualified: glibc asks DNS, which may answer anything
+    ("http://localhost.localdomain/x", "only to loopback"),
 ])
 def test_refused_urls_say_why(url: str, needle: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         check_url(url)
     assert needle in caught.value.message
+
+
+@pytest.mark.parametrize(("url", "secret"), [
+    ("https://hooks.slack.com:T0001SECRET/services/B0002/XXXX", "T0001SECRET"),  # a token pasted where a port goes
+    ("https://alerts:hunter2\u2100pw@hooks.example.com/x", "hunter2"),  # NFKC: urllib quotes the whole netloc
+    ("https://hooks.example.com:99999999/T0K3N", "99999999"),
+    ("https://[::1/T0K3N", "T0K3N"),
+    ("http://T0K3N.hooks.example.com/x", "T0K3N"),
+    ("https://T0K3N@hooks.example.com/x", "T0K3N"),
+])
+def test_a_refusal_never_quotes_the_url(url: str, secret: str) -> None:
+    """The URL is treated as a secret (Slack's and Discord's are): a refusal says what is wrong in fixed words,
+    never with urllib's message, which quotes the port or the netloc, user:password included."""
+    with pytest.raises(InvalidArgument) as caught:
+        check_url(url)
+    assert secret.lower() not in caught.value.message.lower(), caught.value.message
 
 
 def test_event_names_are_validated_and_ordered() -> None:
