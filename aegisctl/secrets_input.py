@@ -17,20 +17,40 @@ from aegisctl.client import ClientError
 MAX_SECRET_BYTES = 16384
 
 
+def stdin_line(what: str, flag: str) -> str:
+    """Stdin's next line without its line break: a usage error, never quoting it, if it is empty or not UTF-8.
+
+    Python reads stdin with the locale's error handler: a byte that is not UTF-8 either fails the read (strict)
+    or comes through as a lone surrogate (surrogateescape, as under C.UTF-8) that fails later, in the middle of
+    sending, with a traceback. Both end here instead, before anything is sent. The message names the input,
+    not the line: a strict read decodes ahead, so a bad byte on a later line fails this one."""
+    not_utf8 = f"{flag}: standard input is not UTF-8 text; aegisctl reads it as UTF-8 (nothing was sent)"
+    try:
+        value = sys.stdin.readline().rstrip("\r\n")
+        value.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise click.UsageError(not_utf8) from None
+    if not value:
+        raise click.UsageError(f"{flag}: standard input was empty; pipe the {what} in, one line")
+    return value
+
+
 def read_secret(what: str, from_stdin: bool, *, confirm: bool = False, flag: str = "--secret-stdin",
                 max_bytes: int | None = None) -> str:
     """The secret from stdin's first line (scripts) or a hidden prompt (people); with `max_bytes`, one
     longer than that (UTF-8) is refused before it is sent, with a message that never quotes it."""
     if from_stdin:
-        line = sys.stdin.readline()
-        value = line.rstrip("\r\n")
-        if not value:
-            raise click.UsageError(f"{flag}: standard input was empty; pipe the {what} in, one line")
+        value = stdin_line(what, flag)
     else:
         if not sys.stdin.isatty():
             raise click.UsageError(f"no terminal to prompt for the {what} on; pipe it in with {flag}")
-        value = str(click.prompt(what.capitalize(), hide_input=True,
-                                 confirmation_prompt=confirm and "Repeat to confirm", show_default=False))
+        try:
+            value = str(click.prompt(what.capitalize(), hide_input=True,
+                                     confirmation_prompt=confirm and "Repeat to confirm", show_default=False))
+            value.encode("utf-8")
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            raise click.UsageError(f"the {what} typed is not UTF-8 text; set the terminal to UTF-8, or pipe it "
+                                   f"in with {flag} (nothing was sent)") from None
     if max_bytes is not None and len(value.encode()) > max_bytes:
         raise ClientError(f"the secret is longer than {max_bytes} bytes", reason="invalid_argument")
     return value

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
 import subprocess
 
 from tests.e2e.support import assert_failed, status
-from tests.harness import AEGISD, PASSPHRASE, Aegis
+from tests.harness import AEGISCTL, AEGISD, PASSPHRASE, Aegis, Result
 
 OTHER_PASSPHRASE = "violet submarine orbit pancake 77"
 
@@ -71,6 +72,53 @@ def test_init_needs_a_passphrase_from_stdin_or_a_terminal(aegis: Aegis) -> None:
     # There is no way to give the passphrase in argv.
     assert_failed(aegis.ctl("init", "--passphrase", PASSPHRASE), "no such option", code=2)
     assert status(aegis)["state"] == "uninitialized"
+
+
+def _ctl_bytes(aegis: Aegis, *args: str, stdin: bytes, strict: bool) -> Result:
+    """aegisctl with raw bytes on stdin (Aegis.ctl sends text), its output kept for the leak check. Python reads
+    stdin with surrogateescape under C.UTF-8 and strictly under most other locales: `strict` forces the latter."""
+    env = aegis.base_env()
+    if strict:
+        env["PYTHONIOENCODING"] = "utf-8:strict"
+    proc = subprocess.run([AEGISCTL, *args], input=stdin, capture_output=True, env=env, timeout=60, check=False)
+    out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    aegis.outputs.extend([out, err])
+    return Result(list(args), proc.returncode, out, err)
+
+
+def test_a_secret_on_stdin_that_is_not_utf8_is_a_usage_error_that_never_quotes_it(aegis: Aegis) -> None:
+    """Found by a cold review: bytes that are not UTF-8 crashed aegisctl with a traceback (a surrogate failing to
+    encode in the middle of sending). Every flag that reads a secret from stdin now refuses them before anything
+    is sent, without quoting them, and nothing changes."""
+    head, tail = "Zq8#pLm2!vRt", "Wx9$kHd4&Qp7"
+    line = head.encode() + b"\xff\xfe" + tail.encode() + b"\n"
+
+    def refused(*args: str, flag: str, stdin: bytes = line * 2) -> None:
+        for strict in (False, True):
+            result = _ctl_bytes(aegis, *args, stdin=stdin, strict=strict)
+            assert_failed(result, f"{flag}: standard input is not UTF-8 text", "nothing was sent", code=2)
+
+    refused("init", "--passphrase-stdin", flag="--passphrase-stdin")
+    assert status(aegis)["state"] == "uninitialized"
+    aegis.init()
+    refused("vault", "add", "utf8", "--service", "utf8", "--domains", "api.example.com", "--secret-stdin",
+            flag="--secret-stdin")
+    aegis.add_credential("kept", "sk-kept-secret-0123456789", "--service", "kept", "--domains", "api.example.com")
+    refused("vault", "rotate", "kept", "--secret-stdin", flag="--secret-stdin")
+    refused("passphrase", "--passphrase-stdin", flag="--passphrase-stdin",
+            stdin=PASSPHRASE.encode() + b"\n" + line)  # the new passphrase, on the second line
+    refused("unlock-key", "remove", "--yes", "--passphrase-stdin", flag="--passphrase-stdin")
+    refused("webhook", "add", "--url-stdin", "--events", "blocked_request", flag="--url-stdin",
+            stdin=b"https://hooks.example.com/" + line)
+    aegis.ctl("lock").ok()
+    refused("unlock", "--passphrase-stdin", flag="--passphrase-stdin")
+    refused("unlock", "--unlock-key-stdin", flag="--unlock-key-stdin")
+    assert status(aegis)["state"] == "locked"
+    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()  # the passphrase did not change
+    assert [c["name"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)] == ["kept"]
+    assert json.loads(aegis.ctl("webhook", "list", "--json").ok().out) == []
+    assert "control RPC" not in aegis.log()  # nothing reached aegisd to fail there
+    aegis.assert_no_leaks([PASSPHRASE, head, tail, "sk-kept-secret-0123456789"])
 
 
 def test_passphrase_stdin_reads_only_the_first_line(aegis: Aegis) -> None:
