@@ -21,12 +21,18 @@ from aegisd.api.aegis.v1 import ledger_pb2 as pb
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def record_json(r: pb.LedgerRecord) -> dict[str, Any]:
-    from datetime import UTC, datetime
+def iso_time(ms: int) -> str | None:
+    """Epoch milliseconds in the ledger's ISO 8601 form, or None for a time no such form can show (before year 1
+    or past year 9999: an age of a billion weeks, say, or a row whose time was edited in the file)."""
+    try:
+        return output.iso_ms(ms)
+    except (ValueError, OverflowError, OSError):
+        return None
 
-    stamp = datetime.fromtimestamp(r.time_ms / 1000, UTC)
+
+def record_json(r: pb.LedgerRecord) -> dict[str, Any]:
     return {
-        "id": r.id, "time": f"{stamp:%Y-%m-%dT%H:%M:%S}.{r.time_ms % 1000:03d}Z", "request_id": r.request_id,
+        "id": r.id, "time": iso_time(r.time_ms) or f"(time_ms {r.time_ms}, out of range)", "request_id": r.request_id,
         "agent": r.agent, "credential": r.credential, "service": r.service, "method": r.method, "path": r.path,
         "target_host": r.target_host, "decision": r.decision, "reason": r.reason, "status": r.status,
         "duration_ms": r.duration_ms, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out, "kind": r.kind,
@@ -61,8 +67,12 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_filter(agent: str | None, service: str | None, credential: str | None, blocked: bool,
                 since: int | None, until: int | None) -> pb.LedgerFilter:
-    return pb.LedgerFilter(agent=agent or "", service=service or "", credential=credential or "",
-                           blocked=blocked, since_ms=since or 0, until_ms=until or 0)
+    flt = pb.LedgerFilter(agent=agent or "", service=service or "", credential=credential or "", blocked=blocked)
+    if since is not None:  # set even at 0: the epoch is a bound like any other time, not "unbounded"
+        flt.since_ms = since
+    if until is not None:
+        flt.until_ms = until
+    return flt
 
 
 @click.group("ledger")
@@ -124,19 +134,59 @@ def follow(ctx: Context, /, lines: int, as_json: bool, **filters: Any) -> None:
         stream.cancel()  # type: ignore[no-untyped-call]
 
 
+class TipSpec(click.ParamType):  # type: ignore[type-arg]
+    """`ID:MAC` as `ledger verify` prints a tip: a row id and its MAC in hex (64 digits)."""
+
+    name = "id:mac"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, bytes]:
+        if isinstance(value, tuple):
+            return value
+        row_id, _, mac = str(value).strip().partition(":")
+        try:
+            tip = int(row_id), bytes.fromhex(mac)
+        except ValueError:
+            tip = 0, b""
+        if tip[0] < 1 or len(tip[1]) != TIP_MAC_BYTES:
+            self.fail(f"{value!r} is not a tip as `aegisctl ledger verify` prints it: a row id, a colon and a MAC of "
+                      f"{2 * TIP_MAC_BYTES} hex digits", param, ctx)
+        return tip
+
+
+TIP_MAC_BYTES = 32  # HMAC-SHA256
+
+
+def tip_text(row_id: int, mac: bytes) -> str | None:
+    """The tip as `ledger verify` prints it and `--expect-tip` takes it, or None when there is no row to name."""
+    return f"{row_id}:{mac.hex()}" if row_id and mac else None
+
+
 @command.command("verify")
+@click.option("--expect-tip", type=TipSpec(), metavar="ID:MAC",
+              help="The tip an earlier verify printed: fail unless the ledger still holds that row with that MAC "
+                   "(catches its newest rows cut off, even with SQLite's id counter rewritten).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @pass_context
-def verify(ctx: Context, as_json: bool) -> None:
-    """Check the hash chain: detects edited, deleted or reordered rows and names the first bad one."""
+def verify(ctx: Context, expect_tip: tuple[int, bytes] | None, as_json: bool) -> None:
+    """Check the hash chain and the database file: detects edited, deleted or reordered rows and names the
+    first bad one, and indexes that hide rows. Prints the tip (newest row and its MAC) to keep for later."""
     client = ctx.client
-    reply = client.call(client.ledger.Verify, pb.VerifyRequest(), timeout=600)
+    request = pb.VerifyRequest()
+    if expect_tip is not None:
+        request.expect_id, request.expect_mac = expect_tip
+    reply = client.call(client.ledger.Verify, request, timeout=600)
+    tip = tip_text(reply.last_id, reply.last_mac)
     result = {"ok": reply.ok, "rows_checked": reply.rows_checked, "first_bad_id": reply.first_bad_id or None,
-              "reason": reply.reason or None, "first_id": reply.first_id or 1}
+              "reason": reply.reason or None, "first_id": reply.first_id or 1, "last_id": reply.last_id,
+              "last_mac": reply.last_mac.hex() or None, "tip": tip}
     if as_json:
         output.emit_json(result)
     elif reply.ok:
         click.echo(f"Ledger intact: {output.printable(reply.reason)}.")
+        if tip:
+            click.echo(f"Tip: {tip}")
+            click.echo("  (keep it: `aegisctl ledger verify --expect-tip` with it later fails if rows up to it were "
+                       "cut off)")
     elif reply.first_bad_id:
         click.echo(f"Ledger TAMPERED: first bad row {reply.first_bad_id}: {output.printable(reply.reason)} "
                    f"({reply.rows_checked} rows verified before it).")
@@ -148,7 +198,7 @@ def verify(ctx: Context, as_json: bool) -> None:
 
 def _stats_json(reply: pb.StatsResponse) -> dict[str, Any]:
     def when(ms: int) -> str | None:
-        return output.iso_ms(ms) if ms else None
+        return (iso_time(ms) or f"(time_ms {ms}, out of range)") if ms else None
 
     return {
         "rows": reply.rows, "requests": reply.requests, "system_events": reply.system_events,
@@ -248,7 +298,13 @@ def _export_rows(client: AegisClient, stream: Iterable[pb.ExportBatch], out: IO[
 def prune(ctx: Context, before: int, include_unchained: bool, yes: bool, as_json: bool) -> None:
     """Delete old rows for retention. The chain stays verifiable: the cut is recorded in an
     authenticated checkpoint, and the prune itself in the ledger."""
-    when = output.iso_ms(before)
+    when = iso_time(before)
+    if when is None:
+        raise click.BadParameter("that time is out of range (before year 1 or past year 9999): give one between "
+                                 "1970-01-01 and now", param_hint="'--before'")
+    if before <= 0:
+        raise click.BadParameter(f"{when} is not after 1970-01-01T00:00:00Z, and no row is recorded before that: give "
+                                 "a later time", param_hint="'--before'")
     confirm_destructive(f"Delete every ledger row recorded before {when}? This cannot be undone.", yes)
     client = ctx.client
     request = pb.PruneRequest(before_ms=before, include_unchained=include_unchained)

@@ -24,6 +24,7 @@ from typing import Any
 
 from aegisd.errors import InvalidArgument
 from aegisd.ledger import schema as ledger_schema
+from aegisd.ledger.integrity import describe, integrity_problems
 from aegisd.store import APPLICATION_ID as VAULT_APPLICATION_ID
 from aegisd.store import MIGRATIONS as VAULT_MIGRATIONS
 from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
@@ -236,9 +237,8 @@ def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
         raise InvalidBackup(f"{what} in the backup is not an Aegis database")
     # The whole check, index contents against their tables included: an index missing a row would hide it from
     # every filtered `ledger show` while `ledger verify`, which walks the table, calls the ledger intact.
-    result = conn.execute("PRAGMA integrity_check").fetchone()[0]
-    if result != "ok":
-        raise InvalidBackup(f"{what} in the backup fails its integrity check ({result})")
+    if problems := integrity_problems(conn):
+        raise InvalidBackup(f"{what} in the backup fails its integrity check ({describe(problems)})")
     # aegisd makes neither. A trigger would run inside aegisd's own writes to the restored file (putting back
     # a key slot or a grant that aegisd deletes), and a view could stand where a table is read.
     made = conn.execute("SELECT type FROM sqlite_master WHERE type IN ('trigger', 'view') LIMIT 1").fetchone()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import sqlite3
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,9 @@ from aegisd.ledger import (
     query_rows,
     verify,
 )
+from aegisd.ledger.chain import Tip
 from aegisd.ledger.entry import MAX_TEXT_CHARS, iso_time, truncate
+from aegisd.ledger.integrity import describe, integrity_problems
 from aegisd.runtime import Runtime
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -40,6 +44,7 @@ EXPORT_BATCH = 1000  # rows per message: ~150 KB of typical rows
 EXPORT_BYTES = 1 << 20
 LIST_BYTES = 3 << 20
 PAGE_ROWS = 1000  # rows per query while filling a ListEntries reply
+TIP_MAC_BYTES = 32  # a row's MAC: HMAC-SHA256
 
 
 def record(row: LedgerRow) -> pb.LedgerRecord:
@@ -50,16 +55,23 @@ def record(row: LedgerRow) -> pb.LedgerRecord:
         bytes_in=row.bytes_in, bytes_out=row.bytes_out, kind=row.kind, flags=row.flags, detail=row.detail)
 
 
+def _bounds(f: pb.LedgerFilter) -> tuple[int | None, int | None]:
+    """(since_ms, until_ms), None where unset: by presence, so a bound at the epoch (0) still bounds."""
+    return (f.since_ms if f.HasField("since_ms") else None), (f.until_ms if f.HasField("until_ms") else None)
+
+
 def _filters(f: pb.LedgerFilter) -> dict[str, Any]:
+    since_ms, until_ms = _bounds(f)
     return {"agent": f.agent or None, "service": f.service or None, "credential": f.credential or None,
-            "denied_only": f.blocked, "since_ms": f.since_ms or None, "until_ms": f.until_ms or None}
+            "denied_only": f.blocked, "since_ms": since_ms, "until_ms": until_ms}
 
 
 def _matches(row: LedgerRow, f: pb.LedgerFilter) -> bool:
+    since_ms, until_ms = _bounds(f)
     return ((not f.agent or row.agent == f.agent) and (not f.service or row.service == f.service)
             and (not f.credential or row.credential == f.credential)
             and (not f.blocked or row.decision == "denied")
-            and (not f.since_ms or row.time_ms >= f.since_ms) and (not f.until_ms or row.time_ms < f.until_ms))
+            and (since_ms is None or row.time_ms >= since_ms) and (until_ms is None or row.time_ms < until_ms))
 
 
 def _groups(groups: list[Group]) -> list[pb.StatsGroup]:
@@ -125,6 +137,18 @@ def _export_page(path: Path, filters: dict[str, Any], after_id: int, end_id: int
     return pb.ExportBatch(records=records), last, end_id
 
 
+def _integrity(path: Path) -> str:
+    """What SQLite's full integrity check finds wrong with the ledger file, or "" if nothing."""
+    conn = open_reader(path)
+    try:
+        problems = integrity_problems(conn)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"cannot read ledger {path}: {exc}") from None
+    finally:
+        conn.close()
+    return f"ledger.db fails SQLite's integrity check: {describe(problems)}" if problems else ""
+
+
 def _check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidArgument(f"limit must be between 1 and {MAX_LIMIT}")
@@ -176,6 +200,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
 
     @rpc
     async def Verify(self, request: pb.VerifyRequest, context: Ctx) -> pb.VerifyResponse:
+        expect: Tip | None = None
+        if request.expect_id or request.expect_mac:
+            if request.expect_id < 1 or len(request.expect_mac) != TIP_MAC_BYTES:
+                raise InvalidArgument(f"an earlier tip is a row id (1 or more) and a MAC of {TIP_MAC_BYTES} bytes, as "
+                                      "verify reports them")
+            expect = (request.expect_id, request.expect_mac)
         key = self.rt.ledger_key()
         if key is None:
             self._require_vault()
@@ -183,12 +213,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                                      reason="vault_locked")
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
         try:
-            result = await asyncio.to_thread(verify, self.path, key)
+            result = await asyncio.to_thread(functools.partial(verify, self.path, key, expect=expect))
         except LedgerError as exc:
             raise StorageUnavailable(str(exc)) from None
         return pb.VerifyResponse(ok=result.ok, rows_checked=result.rows_checked,
                                  first_bad_id=result.first_bad_id or 0, reason=result.reason,
-                                 first_id=result.first_id)
+                                 first_id=result.first_id, last_id=result.last_id, last_mac=result.last_mac)
 
     @rpc
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
@@ -236,6 +266,13 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             raise FailedPrecondition("the ledger key derives from the vault: unlock it once, then prune",
                                      reason="vault_locked")
         async with self._prune_lock:
+            try:
+                damage = await asyncio.to_thread(_integrity, self.path)
+            except LedgerError as exc:
+                raise StorageUnavailable(str(exc)) from None
+            if damage:  # the prune finds its first kept row through the time index: one that hides rows misleads it
+                raise FailedPrecondition(f"the prune was refused to keep the evidence: {damage}; see `aegisctl ledger "
+                                         "verify`", reason="ledger_tampered")
             try:
                 result = await prune(self.rt.ledger, request.before_ms, include_unchained=request.include_unchained)
             except KeyMissing as exc:

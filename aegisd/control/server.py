@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -25,6 +31,8 @@ from aegisd.control.socket import ControlSocket, SocketError
 from aegisd.control.vault_service import VaultService
 from aegisd.control.webhook_service import WebhookService
 from aegisd.runtime import Runtime
+
+log = logging.getLogger("aegisd.control")
 
 SERVICE_NAMES = ("aegis.v1.VaultService", "aegis.v1.CredentialService", "aegis.v1.AgentService",
                  "aegis.v1.LedgerService", "aegis.v1.WebhookService", "aegis.v1.PolicyService",
@@ -63,6 +71,55 @@ class ControlServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float) -> None:
+        """Finish calls for up to `grace` seconds, then end the rest.
+
+        grpc ends the calls still running after the grace, but its stop then waits for each connection to
+        close, and a client that stopped reading a stream (a paused `ledger export`, ^Z) leaves the socket's
+        buffer full, so not even the GOAWAY gets out and the stop (and aegisd's exit) waits for that client.
+        Such connections are shut down here, from our side, once the grace and a moment more have passed."""
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        stopping = asyncio.ensure_future(self._server.stop(grace))
+        done, _ = await asyncio.wait([stopping], timeout=grace + STALLED_AFTER_GRACE)
+        if not done:
+            cut = await asyncio.to_thread(shut_down_connections, self.socket.path)
+            log.warning("control: %d client %s stopped reading and held up the stop; closed",
+                        cut, "connection" if cut == 1 else "connections")
+            try:
+                await asyncio.wait_for(stopping, STALLED_AFTER_GRACE)
+            except TimeoutError:
+                log.error("control: the gRPC server did not stop; exiting without it")
         self.socket.release()
+
+
+STALLED_AFTER_GRACE = 1.0  # seconds after the grace, when grpc has ended every call, that a connection may take
+
+
+def shut_down_connections(path: Path) -> int:
+    """Shut down (both ways) every connection accepted on the Unix socket at `path` that this process holds;
+    how many. Found by their local address, so the listening socket and every other descriptor are left alone.
+    A write blocked on a full buffer then fails, and grpc closes its side."""
+    cut = 0
+    for fd in _open_descriptors():
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:  # not a socket, or already closed
+            continue
+        with sock:
+            try:
+                if (sock.family != socket.AF_UNIX or sock.getsockname() != str(path)
+                        or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                    continue
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                continue
+            cut += 1
+    return cut
+
+
+def _open_descriptors() -> list[int]:
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return sorted(int(name) for name in os.listdir(listing) if name.isdigit())
+        except OSError:
+            continue
+    return []

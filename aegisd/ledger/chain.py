@@ -2,11 +2,18 @@
 
 mac(row) = HMAC-SHA256(key, mac(previous row) || canonical(row incl. its id)). Editing, deleting,
 swapping or reordering any row breaks every later link. A prune moves the chain's start to an
-authenticated checkpoint (aegisd.ledger.checkpoint). Rows cut off the end are caught while SQLite's
-AUTOINCREMENT counter still remembers them; an attacker who also rewrites that counter can only be
-caught by comparing with the last id and MAC of an earlier verify or export (no chain alone can).
-A row without a MAC is outside the chain (the next chained row links to the one before it) and fails
-verify: the writer MACs after the fact only rows it stored itself while it had no key.
+authenticated checkpoint (aegisd.ledger.checkpoint). A row without a MAC is outside the chain (the
+next chained row links to the one before it) and fails verify: the writer MACs after the fact only rows
+it stored itself while it had no key.
+
+Rows cut off the end are caught while SQLite's AUTOINCREMENT counter still remembers them. Someone who also
+rewrites the counter leaves a chain that verifies (the daemon even goes on appending to it), which no chain
+alone can tell from the real one. So verify reports its tip, the newest row that verified and its MAC (an
+HMAC output: it tells nothing of the key), and takes an earlier verify's tip (`expect`) to check that this
+ledger still holds that row with that MAC: a truncation to before it, or a truncation the daemon has since
+written past, fails. Verify also runs SQLite's full integrity check (aegisd.ledger.integrity): the chain
+walk reads the table in id order and never an index, and an index rebuilt without some rows would hide them
+from every filtered read.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aegisd.ledger.checkpoint import all_checkpoints, is_authentic
 from aegisd.ledger.entry import ENTRY_FIELDS
+from aegisd.ledger.integrity import describe, hidden_rows_note, integrity_problems
 from aegisd.ledger.schema import LedgerError, open_reader
 
 GENESIS = bytes(32)  # the "previous MAC" of the first row
@@ -65,18 +73,50 @@ class VerifyResult:
     first_bad_id: int | None
     reason: str
     first_id: int = 1  # where the chain starts: row 1, or the first row the newest prune kept
+    # The tip: the newest row that verified and its MAC (when ok, the chain's last row). After a prune with no
+    # row verified since, the last pruned row and its MAC from the checkpoint; (0, b"") when there is neither.
+    last_id: int = 0
+    last_mac: bytes = b""
 
 
-def verify(path: str | os.PathLike[str], key: bytes) -> VerifyResult:
-    """Walk the chain from the start and name the first row that does not fit."""
+Tip = tuple[int, bytes]  # (row id, its MAC), as an earlier verify reported it
+
+
+def verify(path: str | os.PathLike[str], key: bytes, *, check_database: bool = True,
+           expect: Tip | None = None) -> VerifyResult:
+    """Walk the chain from the start and name the first row that does not fit.
+
+    check_database also runs SQLite's full integrity check in the same snapshot (a caller that runs it
+    anyway, like doctor's database check, skips it here). expect is the tip of an earlier verify: fail unless
+    this ledger still holds that row with that MAC (or has pruned it since, which the result says).
+    """
     conn = open_reader(path)
     try:
         conn.execute("BEGIN")  # one snapshot, so rows the daemon commits meanwhile do not confuse it
-        return _verify(conn, key)
+        problems = integrity_problems(conn) if check_database else []
+        try:
+            result = _verify(conn, key, expect)
+        except sqlite3.DatabaseError as exc:  # damaged pages: the integrity check has said where
+            if not problems:
+                raise
+            result = VerifyResult(False, 0, None, f"the chain cannot be read ({exc})")
+        return _with_database(result, problems)
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot read ledger {path}: {exc}") from None
     finally:
         conn.close()
+
+
+def _with_database(result: VerifyResult, problems: list[str]) -> VerifyResult:
+    """The result, failed if SQLite's integrity check found anything, with its findings said precisely."""
+    if not problems:
+        return result
+    found = f"ledger.db fails SQLite's integrity check: {describe(problems)}"
+    if note := hidden_rows_note(problems):
+        found += f"; {note}"
+    if result.ok:
+        return replace(result, ok=False, reason=f"{found} (the chain itself verifies: {result.reason})")
+    return replace(result, reason=f"{result.reason}; and {found}")
 
 
 def _chain_start(conn: sqlite3.Connection, key: bytes) -> tuple[bytes, int] | VerifyResult:
@@ -94,41 +134,94 @@ def _chain_start(conn: sqlite3.Connection, key: bytes) -> tuple[bytes, int] | Ve
     return (checkpoints[-1].prev_mac, floor) if checkpoints else (GENESIS, 1)
 
 
-def _verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
-    mac_of = row_mac(key)
+def _verify(conn: sqlite3.Connection, key: bytes, expect: Tip | None) -> VerifyResult:
     start = _chain_start(conn, key)
     if isinstance(start, VerifyResult):
         return start
-    prev_mac, expected_id = start
-    first_id, checked = expected_id, 0
-    unchained = _Unchained()
-    for row in conn.execute(f"{SELECT_CHAIN} ORDER BY id"):
-        row_id, values, mac = row[0], row[1:-1], row[-1]
-        if row_id < expected_id:  # only the first row can be: the chain starts at a checkpoint
-            return unchained.fail(checked, row_id, f"row {row_id} precedes the last prune, which kept rows from "
-                                  f"{expected_id} on: it was inserted afterwards", first_id)
-        if row_id != expected_id:
-            return unchained.fail(checked, row_id, f"rows {expected_id}..{row_id - 1} are missing", first_id)
-        expected_id = row_id + 1
-        if mac is None:  # not part of the chain: the next chained row links to the one before it
-            unchained.add(row_id, checked)
-            continue
-        try:
-            expected = mac_of(prev_mac, row_id, values)
-        except (TypeError, ValueError):  # a value of a type the writer never stores
-            expected = b""
-        if not isinstance(mac, bytes) or not hmac.compare_digest(mac, expected):
-            return unchained.fail(checked, row_id, f"row {row_id} does not match its MAC: it was edited or moved, a "
-                                  "row before it was deleted, or the key is wrong", first_id)
-        prev_mac, checked = mac, checked + 1
-    (last_used,) = conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'ledger'").fetchone()
-    if last_used >= expected_id:
-        return unchained.fail(checked, expected_id, f"rows {expected_id}..{last_used} were deleted from the end",
-                              first_id)
-    if unchained.ranges:
-        return unchained.fail(checked, None, None, first_id)
-    pruned = f" (rows before {first_id} were pruned at an authentic checkpoint)" if first_id > 1 else ""
-    return VerifyResult(True, checked, None, f"{checked} rows verified{pruned}", first_id)
+    walk = _Walk(start, expect[0] if expect else None)
+    result = walk.run(conn, row_mac(key))
+    result = replace(result, last_id=walk.tip_id, last_mac=walk.tip_mac)
+    if expect is None:
+        return result
+    problem, note = walk.compare(expect)
+    if problem is None:
+        return replace(result, reason=f"{result.reason}; {note}") if note else result
+    if result.ok:
+        return replace(result, ok=False, reason=problem)
+    return replace(result, reason=f"{result.reason}; and {problem}")
+
+
+class _Walk:
+    """One walk along the chain from its start, which keeps the tip and the MAC of the row an earlier tip named."""
+
+    def __init__(self, start: tuple[bytes, int], expect_id: int | None) -> None:
+        self.start_mac, self.first_id = start
+        self.tip_id, self.tip_mac = (self.first_id - 1, self.start_mac) if self.first_id > 1 else (0, b"")
+        self.expect_id = expect_id
+        self.expect_seen: bytes | None = None  # the MAC found at expect_id (b"": the row is there without one)
+        self.completed = False  # walked to the end (a failure may stop it before the row expect_id)
+
+    def run(self, conn: sqlite3.Connection, mac_of: RowMac) -> VerifyResult:
+        prev_mac, expected_id = self.start_mac, self.first_id
+        first_id, checked = expected_id, 0
+        unchained = _Unchained()
+        for row in conn.execute(f"{SELECT_CHAIN} ORDER BY id"):
+            row_id, values, mac = row[0], row[1:-1], row[-1]
+            if row_id < expected_id:  # only the first row can be: the chain starts at a checkpoint
+                return unchained.fail(checked, row_id, f"row {row_id} precedes the last prune, which kept rows from "
+                                      f"{expected_id} on: it was inserted afterwards", first_id)
+            if row_id != expected_id:
+                return unchained.fail(checked, row_id, f"rows {expected_id}..{row_id - 1} are missing", first_id)
+            expected_id = row_id + 1
+            if mac is None:  # not part of the chain: the next chained row links to the one before it
+                unchained.add(row_id, checked)
+                if row_id == self.expect_id:
+                    self.expect_seen = b""
+                continue
+            try:
+                expected = mac_of(prev_mac, row_id, values)
+            except (TypeError, ValueError):  # a value of a type the writer never stores
+                expected = b""
+            if not isinstance(mac, bytes) or not hmac.compare_digest(mac, expected):
+                return unchained.fail(checked, row_id, f"row {row_id} does not match its MAC: it was edited or moved, "
+                                      "a row before it was deleted, or the key is wrong", first_id)
+            prev_mac, checked = mac, checked + 1
+            self.tip_id, self.tip_mac = row_id, mac
+            if row_id == self.expect_id:
+                self.expect_seen = mac
+        self.completed = True
+        (last_used,) = conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'ledger'"
+                                    ).fetchone()
+        if last_used >= expected_id:
+            return unchained.fail(checked, expected_id, f"rows {expected_id}..{last_used} were deleted from the end",
+                                  first_id)
+        if unchained.ranges:
+            return unchained.fail(checked, None, None, first_id)
+        pruned = f" (rows before {first_id} were pruned at an authentic checkpoint)" if first_id > 1 else ""
+        return VerifyResult(True, checked, None, f"{checked} rows verified{pruned}", first_id)
+
+    def compare(self, expect: Tip) -> tuple[str | None, str | None]:
+        """(a failure, None) if this ledger does not hold the earlier tip, else (None, a note or None)."""
+        expect_id, expect_mac = expect
+        earlier = f"row {expect_id}, the tip of an earlier verify,"
+        if expect_id == 0:
+            return None, None
+        if expect_id < self.first_id - 1:
+            return None, (f"{earlier} has been pruned since (the chain now starts at row {self.first_id}), so it "
+                          "cannot be compared")
+        if expect_id == self.first_id - 1:
+            found: bytes | None = self.start_mac  # the last pruned row: its MAC is in the authentic checkpoint
+        else:
+            found = self.expect_seen
+        if found is None:
+            if not self.completed:
+                return None, None  # the walk failed before it: that failure is the result
+            return (f"{earlier} is gone (the ledger ends at row {self.tip_id}): rows were deleted from the end and "
+                    "SQLite's id counter rewritten to hide it"), None
+        if not hmac.compare_digest(found, expect_mac):
+            return (f"{earlier} is not the row that verify saw (its MAC differs): rows up to it were deleted from "
+                    "the end, SQLite's id counter rewritten, and the ledger written anew from there"), None
+        return None, f"it holds {earlier} unchanged"
 
 
 class _Unchained:

@@ -115,10 +115,19 @@ def normalize(entry: LedgerEntry) -> LedgerEntry:
     if entry.time_ms > _TIME_MS_MAX:
         raise ValueError("ledger time_ms is out of range")
     duration = entry.duration_ms
-    if isinstance(duration, bool) or not isinstance(duration, int | float) or not math.isfinite(duration):
+    if isinstance(duration, bool) or not isinstance(duration, int | float):
         raise ValueError("ledger field duration_ms must be a finite number")
-    if type(duration) is not float:
-        changes["duration_ms"] = float(duration)
+    try:
+        as_float = float(duration)
+    except OverflowError:  # an int past the float range
+        raise ValueError("ledger field duration_ms must be a finite number") from None
+    if not math.isfinite(as_float):
+        raise ValueError("ledger field duration_ms must be a finite number")
+    # SQLite stores a whole-number REAL as an integer, so -0.0 reads back as 0.0: the MAC, taken over the JSON
+    # `-0.0`, would never verify again (nor would any row after it). Every other finite float reads back exact.
+    as_float += 0.0  # -0.0 + 0.0 is 0.0; any other value is unchanged
+    if type(duration) is not float or math.copysign(1.0, duration) != math.copysign(1.0, as_float):
+        changes["duration_ms"] = as_float
     # Defence in depth: a query string may carry a token, so it never reaches the ledger.
     path = changes.get("path", entry.path)
     cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=-1)
@@ -169,6 +178,7 @@ def _stores_as_is(e: LedgerEntry) -> bool:
         and 0 <= e.bytes_in <= _INT_MAX
         and 0 <= e.bytes_out <= _INT_MAX
         and math.isfinite(e.duration_ms)
+        and math.copysign(1.0, e.duration_ms) == 1.0  # not -0.0 (nor any negative: rare, and checked in full)
         and "?" not in e.path
         and "#" not in e.path
     )

@@ -158,3 +158,112 @@ def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() ->
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def verified(aegis: Aegis, *args: str) -> dict[str, Any]:
+    """`ledger verify --json` that passes."""
+    verdict: dict[str, Any] = json.loads(aegis.ctl("ledger", "verify", "--json", *args).ok().out)
+    assert verdict["ok"] is True, verdict
+    assert verdict["tip"] == f"{verdict['last_id']}:{verdict['last_mac']}" and len(verdict["last_mac"]) == 64
+    return verdict
+
+
+def edit_stopped(aegis: Aegis, world: GateWorld, script: str) -> None:
+    """Run `script` on ledger.db with aegisd stopped, then start it again and unlock (verify needs the key)."""
+    assert aegis.stop() == 0
+    conn = sqlite3.connect(aegis.data_dir / "ledger.db", isolation_level=None)
+    try:
+        conn.executescript(script)
+    finally:
+        conn.close()
+    aegis.start()
+    world.unlock()
+
+
+def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
+    """Found by a cold review, two ways to make rows vanish while `ledger verify` called the ledger intact.
+    An index rebuilt without chosen rows, its CREATE INDEX text put back, hid them from every filtered `ledger
+    show`, `stats` and `export` (verify walks the table, doctor ran quick_check): verify and doctor now run
+    SQLite's full integrity check and name the index and the rows, and prune refuses. And the newest rows
+    deleted with SQLite's id counter rewritten leave a chain that verifies: verify now prints its tip, and
+    `--expect-tip` with an earlier tip fails on such a ledger, also once the daemon has written past it."""
+    world = world_with_traffic()
+    try:
+        aegis = world.aegis
+        world.agent("spy", "bear")
+        for n in range(3):
+            assert world.call("GET", f"/bear/echo/bot{n}", agent="bot").status == 200
+            assert world.call("DELETE", f"/bear/echo/spy{n}", agent="spy").status == 200
+        spy_ids = sorted(row["id"] for row in world.ledger("--agent", "spy"))
+        assert len(spy_ids) == 3
+
+        # The tip: printed for people and in JSON, and it moves with every row appended.
+        first = verified(aegis)
+        human = aegis.ctl("ledger", "verify").ok().out
+        assert f"Tip: {first['tip']}" in human, human
+        assert world.call("GET", "/bear/echo/more", agent="bot").status == 200
+        second = verified(aegis)
+        assert second["last_id"] > first["last_id"] and second["last_mac"] != first["last_mac"]
+        compared = verified(aegis, "--expect-tip", first["tip"])
+        assert f"it holds row {first['last_id']}, the tip of an earlier verify, unchanged" in compared["reason"]
+        bad_tip = aegis.ctl("ledger", "verify", "--expect-tip", f"{first['last_id']}:abcd")
+        assert bad_tip.code == 2 and "64 hex digits" in bad_tip.err, bad_tip
+
+        # Indexes rebuilt without the spy's rows, their schema text put back.
+        edit_stopped(aegis, world, """
+            DROP INDEX ledger_agent;  CREATE INDEX ledger_agent ON ledger (agent, id) WHERE agent != 'spy';
+            DROP INDEX ledger_denied; CREATE INDEX ledger_denied ON ledger (id) WHERE decision = 'denied' AND 0;
+            PRAGMA writable_schema = ON;
+            UPDATE sqlite_master SET sql = 'CREATE INDEX ledger_agent ON ledger (agent, id)'
+                WHERE name = 'ledger_agent';
+            UPDATE sqlite_master SET sql = 'CREATE INDEX ledger_denied ON ledger (id) WHERE decision = ''denied'''
+                WHERE name = 'ledger_denied';
+            PRAGMA writable_schema = OFF;""")
+        assert world.ledger("--agent", "spy") == []  # hidden from the filtered reads ...
+        assert json.loads(aegis.ctl("ledger", "stats", "--json", "--agent", "spy").ok().out)["rows"] == 0
+        verdict, human = verify(aegis)  # ... and no longer from verify
+        lacks = f"index ledger_agent lacks rows {spy_ids[0]}, {spy_ids[1]}, {spy_ids[2]}"
+        assert lacks in verdict["reason"], verdict
+        assert "do not see those rows" in verdict["reason"] and "(the chain itself verifies:" in verdict["reason"]
+        assert verdict["first_bad_id"] is None
+        assert human.startswith("Ledger TAMPERED: ledger.db fails SQLite's integrity check: ") and lacks in human
+        doctor = aegis.ctl("doctor", "--json")
+        assert doctor.code == 1
+        database = next(c for c in json.loads(doctor.out)["checks"] if c["name"] == "database")
+        assert database["status"] == "fail" and lacks in database["message"], database
+        refused = aegis.ctl("ledger", "prune", "--before", "0s", "--yes")
+        assert refused.code == 1 and "refused to keep the evidence" in refused.err and lacks in refused.err, refused
+        # REINDEX (aegisd stopped) rebuilds the indexes from the rows, as the schema text says.
+        edit_stopped(aegis, world, "REINDEX")
+        assert sorted(row["id"] for row in world.ledger("--agent", "spy")) == spy_ids
+        tip = verified(aegis)
+
+        # The newest rows cut off and the id counter rewritten: the chain alone verifies, the earlier tip does not.
+        cut = spy_ids[-1]
+        edit_stopped(aegis, world, f"""
+            DELETE FROM ledger WHERE id > {cut:d};
+            UPDATE sqlite_sequence SET seq = {cut:d} WHERE name = 'ledger';""")  # noqa: S608 - ints
+        after = verified(aegis)  # what a chain alone can say
+        assert after["tip"] != tip["tip"] and after["last_id"] < tip["last_id"], (after, tip)
+        verdict, human = verify_with(aegis, tip["tip"])
+        gone = f"row {tip['last_id']}, the tip of an earlier verify, is gone (the ledger ends at row "
+        assert gone in verdict["reason"], verdict
+        assert "id counter rewritten" in human
+        while verified(aegis)["last_id"] < tip["last_id"]:  # the daemon writes on, past the old tip's id
+            assert world.call("GET", "/bear/echo/again", agent="bot").status == 200
+        verdict, _ = verify_with(aegis, tip["tip"])
+        assert f"row {tip['last_id']}, the tip of an earlier verify, is not the row that verify saw (its MAC differs)" \
+            in verdict["reason"], verdict
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def verify_with(aegis: Aegis, tip: str) -> tuple[dict[str, Any], str]:
+    """`ledger verify --expect-tip TIP`, --json and human; both must fail."""
+    as_json = aegis.ctl("ledger", "verify", "--json", "--expect-tip", tip)
+    human = aegis.ctl("ledger", "verify", "--expect-tip", tip)
+    assert as_json.code == 1 and human.code == 1, (as_json.out, human.out)
+    verdict: dict[str, Any] = json.loads(as_json.out)
+    assert verdict["ok"] is False
+    return verdict, human.out

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from aegisd.control.ledger_service import EXPORT_BATCH, MAX_LIMIT
+from aegisd.daemon import SHUTDOWN_GRACE_SECONDS
 from tests.e2e.gate_support import GateWorld, raw_exchange
 from tests.e2e.ledger_fill import FORMULA_EVERY, FORMULAS, fill, formula_rows
 from tests.e2e.support import assert_failed
@@ -69,6 +70,15 @@ def test_stats_export_and_prune(world: GateWorld) -> None:
     assert stats(aegis, "--agent", "cursor")["requests"] == 1
     assert stats(aegis, "--blocked")["denied"] == 3 and stats(aegis, "--blocked")["allowed"] == 0
     assert stats(aegis, "--since", "2099-01-01")["rows"] == 0
+    # Found by a cold review: a bound at the epoch was sent as 0, which meant "no bound", so `--until 1970-01-01`
+    # matched every row instead of none.
+    epoch = "1970-01-01T00:00:00Z"
+    assert stats(aegis, "--until", epoch)["rows"] == 0
+    assert stats(aegis, "--since", epoch)["rows"] == everything["rows"]
+    assert json.loads(aegis.ctl("ledger", "show", "--json", "--until", epoch).ok().out) == []
+    assert aegis.ctl("ledger", "export", "--until", epoch).ok().out == ""
+    assert len(json.loads(aegis.ctl("ledger", "show", "--json", "--since", epoch, "--limit", "1000").ok().out)) \
+        == everything["rows"]
     assert stats(aegis, "--top", "1")["top_agents"] == [everything["top_agents"][0]]
     human = aegis.ctl("ledger", "stats").ok().out
     assert "claude" in human and "not_granted" in human and "denied:" in human
@@ -108,6 +118,12 @@ def test_stats_export_and_prune(world: GateWorld) -> None:
     assert stats(aegis)["rows"] == everything["rows"] + 0  # nothing deleted (stats reads add no rows)
     future = aegis.ctl("ledger", "prune", "--before", "2099-01-01", "--yes")
     assert_failed(future, "future")
+    # Found by a cold review: times no row can precede, or that no ISO 8601 form can show, crashed aegisctl
+    # (a traceback from formatting the time) or were refused by aegisd as "give the time": usage errors now.
+    for before in ("1960-01-01", "1970-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
+                   "999999999w"):
+        assert_failed(aegis.ctl("ledger", "prune", "--before", before, "--yes"), "--before", code=2)
+    assert "not after 1970-01-01T00:00:00Z" in aegis.ctl("ledger", "prune", "--before", "1960-01-01", "--yes").err
     last = as_json[-1]
     pruned = json.loads(aegis.ctl("ledger", "prune", "--before", last["time"], "--yes", "--json").ok().out)
     first_kept = next(r["id"] for r in as_json if r["time"] >= last["time"])
@@ -189,6 +205,27 @@ def test_export_120k_rows_streams_and_neutralises_formulas(big: Aegis) -> None:
     aegis.ctl("ledger", "export", "--format", "json", "--agent", "claude", "-o", str(claude), timeout=300).ok()
     exported = json.loads(claude.read_text())
     assert len(exported) == len(range(0, BIG_ROWS, 3)) and {r["agent"] for r in exported} == {"claude"}
+
+    # Found by a cold review: an export client that stops reading (^Z, a paused pipeline) held up aegisd's stop
+    # for as long as it stayed stopped: grpc ends the call after the grace, then waits for a connection whose
+    # buffer the client no longer empties. aegisd now closes such connections itself.
+    target = aegis.root / "stalled.jsonl"
+    stalled = subprocess.Popen([AEGISCTL, "ledger", "export", "-o", str(target)], env=aegis.base_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size for p in aegis.root.glob(".stalled.jsonl.*.partial")):
+            assert stalled.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(stalled.pid, signal.SIGSTOP)  # mid-stream: about 20 MB are still to come
+        started = time.monotonic()
+        assert aegis.stop(timeout=SHUTDOWN_GRACE_SECONDS + 20) == 0
+        assert time.monotonic() - started < SHUTDOWN_GRACE_SECONDS + 5
+        assert "control: 1 client connection stopped reading and held up the stop; closed" in aegis.log()
+    finally:
+        os.kill(stalled.pid, signal.SIGCONT)
+        stalled.kill()
+        stalled.wait(30)
 
 
 def test_failed_export_leaves_no_file(medium: Aegis) -> None:

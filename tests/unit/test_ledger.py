@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -359,6 +360,27 @@ def test_duration_time_range_and_path_are_checked() -> None:
         normalize(req(1, decision="Allowed"))
 
 
+EDGE_DURATIONS = (-0.0, 0.0, -5.0, 5.0, 1e300, -1e300, 2.0**63, -(2.0**63), 2.0**64, 5e-324, -1e-320,
+                  1.7976931348623157e308, 0.1 + 0.2, 2**63, -3)
+
+
+def test_every_finite_duration_stores_as_it_is_hashed(db: Path) -> None:
+    """Found by a cold review: SQLite stores a whole-number REAL as an integer, so a duration of -0.0 read back
+    as 0.0, and that row's MAC (over the JSON `-0.0`) and every later row's never verified again."""
+    negative_zero = normalize(req(1, duration_ms=-0.0)).duration_ms
+    assert negative_zero == 0.0 and math.copysign(1.0, negative_zero) == 1.0
+    assert normalize(req(1, duration_ms=-5.0)).duration_ms == -5.0
+    for bad in (10**400, -(10**400), float("-inf")):  # past the float range: refused as a value, not overflowed
+        with pytest.raises(ValueError, match="duration_ms"):
+            normalize(req(1, duration_ms=bad))
+    run(write(db, [req(i, duration_ms=d) for i, d in enumerate(EDGE_DURATIONS)]))
+    result = verify(db, KEY)
+    assert result.ok and result.rows_checked == len(EDGE_DURATIONS), result
+    read_back = [r.duration_ms for r in query_rows(db, newest_first=False)]
+    assert read_back == [float(d) for d in EDGE_DURATIONS]
+    assert [math.copysign(1.0, d) for d in read_back] == [-1.0 if d < 0 else 1.0 for d in EDGE_DURATIONS]
+
+
 @pytest.mark.parametrize("name", [f for f in STR_FIELDS if f not in ("kind", "decision")])
 def test_every_text_field_is_capped_with_a_visible_marker(name: str) -> None:
     """An agent chooses the path, service and host, and the gate takes 64 KiB heads: a field keeps its start,
@@ -467,6 +489,65 @@ def test_rows_deleted_from_the_end_are_detected(db: Path) -> None:
     result = verify(db, KEY)
     assert not result.ok and result.first_bad_id == 9 and result.rows_checked == 8
     assert "deleted from the end" in result.reason
+
+
+def test_verify_reports_its_tip(db: Path) -> None:
+    """The tip (the newest row that verified, and its MAC) is what a later verify compares with."""
+    run(write(db, []))
+    empty = verify(db, KEY)
+    assert (empty.last_id, empty.last_mac) == (0, b"")
+    run(write(db, [req(i) for i in range(3)]))
+    first = verify(db, KEY)
+    assert (first.last_id, first.last_mac) == (3, sql(db, "SELECT mac FROM ledger WHERE id = 3")[0][0])
+    run(write(db, [req(3)]))
+    assert verify(db, KEY).last_id == 4 and verify(db, KEY).last_mac != first.last_mac
+
+
+def test_an_earlier_tip_catches_the_newest_rows_cut_with_the_counter_rewritten(db: Path) -> None:
+    """Found by a cold review: the docs said such a cut is caught by comparing with an earlier verify, but verify
+    gave nothing to compare. A ledger cut back to row 6 with SQLite's counter rewritten verifies on its own;
+    the tip of an earlier verify does not fit it, neither at once nor once the writer has gone past it."""
+    run(write(db, [req(i) for i in range(10)]))
+    tip = verify(db, KEY)
+    raw(db, "DELETE FROM ledger WHERE id > 6")
+    raw(db, "UPDATE sqlite_sequence SET seq = 6 WHERE name = 'ledger'")
+    assert verify(db, KEY).ok  # what no chain alone can tell
+    gone = verify(db, KEY, expect=(tip.last_id, tip.last_mac))
+    assert not gone.ok and gone.last_id == 6
+    assert gone.reason == ("row 10, the tip of an earlier verify, is gone (the ledger ends at row 6): rows were "
+                           "deleted from the end and SQLite's id counter rewritten to hide it"), gone
+    run(write(db, [req(i, path="/v1/later") for i in range(10, 15)]))
+    replaced = verify(db, KEY, expect=(tip.last_id, tip.last_mac))
+    assert not replaced.ok and replaced.last_id == 11
+    assert "row 10, the tip of an earlier verify, is not the row that verify saw (its MAC differs)" in replaced.reason
+    row_6 = sql(db, "SELECT mac FROM ledger WHERE id = 6")[0][0]
+    kept = verify(db, KEY, expect=(6, row_6))
+    assert kept.ok and kept.reason == "11 rows verified; it holds row 6, the tip of an earlier verify, unchanged"
+
+
+def test_an_index_that_hides_rows_fails_verify(db: Path) -> None:
+    """Found by a cold review: an index rebuilt without chosen rows, its CREATE INDEX text put back, hid them from
+    every filtered read while verify (a walk of the table) called the ledger intact. SQLite's integrity check,
+    run in verify's snapshot, compares every index with the table and names the rows an index lacks."""
+    run(write(db, [req(i, agent="evil" if i in (2, 4) else "good") for i in range(6)]))
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript("""
+        DROP INDEX ledger_agent; CREATE INDEX ledger_agent ON ledger (agent, id) WHERE agent != 'evil';
+        PRAGMA writable_schema = ON;
+        UPDATE sqlite_master SET sql = 'CREATE INDEX ledger_agent ON ledger (agent, id)' WHERE name = 'ledger_agent';
+        PRAGMA writable_schema = OFF;""")
+    conn.close()
+    assert query_rows(db, agent="evil") == []  # hidden
+    result = verify(db, KEY)
+    assert not result.ok and result.first_bad_id is None and result.rows_checked == 6 and result.last_id == 6
+    assert result.reason.startswith("ledger.db fails SQLite's integrity check: index ledger_agent lacks rows 3, 5; "
+                                    "filtered `ledger show`"), result.reason
+    assert result.reason.endswith("(the chain itself verifies: 6 rows verified)"), result.reason
+    assert verify(db, KEY, check_database=False).ok  # what the chain alone says
+    raw(db, "UPDATE ledger SET status = 500 WHERE id = 2")  # both at once: the chain's failure first
+    both = verify(db, KEY)
+    assert both.first_bad_id == 2
+    assert "; and ledger.db fails SQLite's integrity check: index ledger_agent" in both.reason
 
 
 def test_deleted_row_with_renumbering_is_detected(db: Path) -> None:

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 import aegisd.ledger.writer as writer_module
+from aegisctl.cli import root
 from aegisd.ledger import (
     KeyMissing,
     LedgerEntry,
@@ -102,6 +104,23 @@ def test_prune_then_verify(db: Path) -> None:
     assert prune_once(db, T0 + 40) == (0, 41, None)  # nothing older left: no new checkpoint
     assert prune_once(db, T0 + 60)[:2] == (20, 61)
     assert len(sql(db, "SELECT id FROM checkpoints")) == 2 and verify(db, KEY).ok
+
+
+def test_an_earlier_tip_across_a_prune(db: Path) -> None:
+    """A tip the prune deleted cannot be compared (and verify says so), except the last pruned row, whose MAC
+    the authentic checkpoint keeps; with no row after the prune that row is the tip."""
+    fill(db, 20)
+    tips = {row_id: mac for row_id, mac in sql(db, "SELECT id, mac FROM ledger")}
+    assert prune_once(db, T0 + 20)[:2] == (20, 21)  # every row
+    result = verify(db, KEY)
+    assert result.ok and (result.last_id, result.last_mac) == (20, tips[20]), result
+    fill(db, 3)
+    assert verify(db, KEY, expect=(20, tips[20])).reason.endswith("it holds row 20, the tip of an earlier verify, "
+                                                                  "unchanged")
+    assert not verify(db, KEY, expect=(20, tips[19])).ok
+    pruned = verify(db, KEY, expect=(5, tips[5]))
+    assert pruned.ok and pruned.reason.endswith("row 5, the tip of an earlier verify, has been pruned since (the chain "
+                                                "now starts at row 21), so it cannot be compared"), pruned
 
 
 def test_prune_interleaves_with_appends(db: Path) -> None:
@@ -446,3 +465,16 @@ def test_a_replace_whose_old_wal_stays_opens_nothing_until_it_is_gone(
     assert [(r.request_id, r.reason) for r in rows] == [
         ("r0", ""), ("r1", ""), ("r2", ""), ("", "ledger_unavailable"), ("r9", "")]
     assert verify(db, KEY).ok
+
+
+@pytest.mark.parametrize("before", [-(10**18), 10**18, -5, 0, 253402300800000])
+def test_prune_refuses_a_time_it_cannot_show_as_a_usage_error(before: int, tmp_path: Path) -> None:
+    """Found by a cold review: `ledger prune --before 999999999w` crashed aegisctl with a traceback while it
+    formatted the time for its question. TimeSpec may refuse such times itself; prune must not depend on it:
+    whatever time reaches it (here given as epoch milliseconds, as TimeSpec passes them on), a time before 1970
+    or past year 9999 is a usage error, before any question or call."""
+    result = CliRunner().invoke(root, ["ledger", "prune", "--yes"],
+                                default_map={"ledger": {"prune": {"before": before}}},
+                                env={"AEGIS_SOCKET": str(tmp_path / "none.sock")})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Invalid value for '--before'" in result.output and "1970-01-01" in result.output

@@ -34,7 +34,9 @@ class LedgerFilter(_message.Message):
     blocked: _builtins.bool
     """Only denied requests."""
     since_ms: _builtins.int
-    """Epoch milliseconds, 0 for unbounded; since inclusive, until exclusive."""
+    """Epoch milliseconds, since inclusive, until exclusive; unset for unbounded. Set to 0 it is the epoch
+    itself (`--until 1970-01-01` matches nothing), so the two are told apart by presence.
+    """
     until_ms: _builtins.int
     def __init__(
         self,
@@ -43,14 +45,21 @@ class LedgerFilter(_message.Message):
         service: _builtins.str = ...,
         credential: _builtins.str = ...,
         blocked: _builtins.bool = ...,
-        since_ms: _builtins.int = ...,
-        until_ms: _builtins.int = ...,
+        since_ms: _builtins.int | None = ...,
+        until_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms", "_until_ms", b"_until_ms", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "blocked", b"blocked", "credential", b"credential", "service", b"service", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms", "_until_ms", b"_until_ms", "agent", b"agent", "blocked", b"blocked", "credential", b"credential", "service", b"service", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__since_ms: _TypeAlias = _typing.Literal["since_ms"]  # noqa: Y015
+    _WhichOneofArgType__since_ms: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms"]  # noqa: Y015
+    _WhichOneofReturnType__until_ms: _TypeAlias = _typing.Literal["until_ms"]  # noqa: Y015
+    _WhichOneofArgType__until_ms: _TypeAlias = _typing.Literal["_until_ms", b"_until_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__since_ms) -> _WhichOneofReturnType__since_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__until_ms) -> _WhichOneofReturnType__until_ms | None: ...
 
 Global___LedgerFilter: _TypeAlias = LedgerFilter  # noqa: Y015
 
@@ -213,12 +222,23 @@ Global___FollowRequest: _TypeAlias = FollowRequest  # noqa: Y015
 class VerifyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    EXPECT_ID_FIELD_NUMBER: _builtins.int
+    EXPECT_MAC_FIELD_NUMBER: _builtins.int
+    expect_id: _builtins.int
+    """The tip of an earlier verify (its last_id and last_mac), to check that this ledger still holds that row
+    with that MAC: a ledger cut at or before it, even with SQLite's id counter rewritten and new rows written
+    since, fails. A row pruned since cannot be compared (the reason says so). Unset (0): no such check.
+    """
+    expect_mac: _builtins.bytes
     def __init__(
         self,
+        *,
+        expect_id: _builtins.int = ...,
+        expect_mac: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expect_id", b"expect_id", "expect_mac", b"expect_mac"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -233,6 +253,8 @@ class VerifyResponse(_message.Message):
     FIRST_BAD_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     FIRST_ID_FIELD_NUMBER: _builtins.int
+    LAST_ID_FIELD_NUMBER: _builtins.int
+    LAST_MAC_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     rows_checked: _builtins.int
     first_bad_id: _builtins.int
@@ -240,6 +262,13 @@ class VerifyResponse(_message.Message):
     reason: _builtins.str
     first_id: _builtins.int
     """Where the chain starts: 1, or the first row kept by the newest prune."""
+    last_id: _builtins.int
+    """The tip: the newest row that verified and its MAC (HMAC-SHA256, revealing nothing of the key); when ok,
+    the chain's last row. Keep it to pass as expect_id / expect_mac to a later verify: a chain alone cannot
+    show that its newest rows were cut off and SQLite's id counter rewritten. After a prune with no row since,
+    the last pruned row (from the checkpoint); 0 and empty when the ledger never had a row.
+    """
+    last_mac: _builtins.bytes
     def __init__(
         self,
         *,
@@ -248,10 +277,12 @@ class VerifyResponse(_message.Message):
         first_bad_id: _builtins.int = ...,
         reason: _builtins.str = ...,
         first_id: _builtins.int = ...,
+        last_id: _builtins.int = ...,
+        last_mac: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_bad_id", b"first_bad_id", "first_id", b"first_id", "ok", b"ok", "reason", b"reason", "rows_checked", b"rows_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_bad_id", b"first_bad_id", "first_id", b"first_id", "last_id", b"last_id", "last_mac", b"last_mac", "ok", b"ok", "reason", b"reason", "rows_checked", b"rows_checked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

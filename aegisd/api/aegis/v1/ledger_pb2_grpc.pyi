@@ -37,7 +37,9 @@ class LedgerServiceStub:
     record with `dropped` set (and nothing else) stands where they are missing.
     """
     Verify: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.VerifyRequest, _ledger_pb2.VerifyResponse]
-    """Walks the whole chain and names the first row that does not fit."""
+    """Walks the whole chain and names the first row that does not fit; also runs SQLite's full integrity check
+    of ledger.db (an index that lacks rows hides them from every filtered read while the chain verifies).
+    """
     Stats: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.StatsRequest, _ledger_pb2.StatsResponse]
     """Totals and breakdowns of the matching rows."""
     Export: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportRequest, _ledger_pb2.ExportBatch]
@@ -58,7 +60,9 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     record with `dropped` set (and nothing else) stands where they are missing.
     """
     Verify: _aio.UnaryUnaryMultiCallable[_ledger_pb2.VerifyRequest, _ledger_pb2.VerifyResponse]  # type: ignore[assignment]
-    """Walks the whole chain and names the first row that does not fit."""
+    """Walks the whole chain and names the first row that does not fit; also runs SQLite's full integrity check
+    of ledger.db (an index that lacks rows hides them from every filtered read while the chain verifies).
+    """
     Stats: _aio.UnaryUnaryMultiCallable[_ledger_pb2.StatsRequest, _ledger_pb2.StatsResponse]  # type: ignore[assignment]
     """Totals and breakdowns of the matching rows."""
     Export: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportRequest, _ledger_pb2.ExportBatch]  # type: ignore[assignment]
@@ -94,7 +98,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.VerifyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.VerifyResponse, _abc.Awaitable[_ledger_pb2.VerifyResponse]]:
-        """Walks the whole chain and names the first row that does not fit."""
+        """Walks the whole chain and names the first row that does not fit; also runs SQLite's full integrity check
+        of ledger.db (an index that lacks rows hides them from every filtered read while the chain verifies).
+        """
 
     @_abc_1.abstractmethod
     def Stats(
