@@ -1,13 +1,14 @@
 """The response side of step 11: the agent never reads back the secret the gate injected.
 
 Active for credentials whose body inspection is `warn` or `block`. Header values are redacted
-whole. The body streams through a StreamRedactor, which holds back at most (longest form - 1)
-bytes, so SSE and chunked streams keep flowing. Redaction changes the body's length, so such a
-response loses the upstream's Content-Length and is sent chunked. The gate asks the upstream for
-`Accept-Encoding: identity` and the whole body (no Range); a gzip or deflate body sent anyway is
-decoded, redacted and forwarded plain; any other encoding cannot be redacted and is refused (502
-`response_not_redactable`). The upstream's reason phrase is not passed on: the agent gets the
-standard one for the status.
+whole. The body streams through a StreamRedactor, which replaces the secret's forms as they are and
+then, with every JSON string escape undone (PHP and .NET escape characters of a secret), again, and holds
+back only a tail that could still grow into one (at most the longest form, escaped), so SSE and chunked
+streams keep flowing. Redaction changes the body's length, so such a response loses the upstream's
+Content-Length and is sent chunked. The gate asks the upstream for `Accept-Encoding: identity` and the
+whole body (no Range); a gzip or deflate body sent anyway is decoded, redacted and forwarded plain; any
+other encoding cannot be redacted and is refused (502 `response_not_redactable`). The upstream's reason
+phrase is not passed on: the agent gets the standard one for the status.
 
 A compressed body is decoded in pieces of at most STEP bytes, and the event loop gets a turn after
 each: writing to an agent that keeps reading never waits, so without that one upstream chunk (a few
@@ -70,10 +71,11 @@ class ResponseRedactor:
     def headers(self, headers: CIMultiDict[str], method: str, status: int) -> CIMultiDict[str]:
         """The response headers to send, redacted; raises a Refusal if the body cannot be redacted."""
         out = headers
-        # One search over every value first: nearly every answer has no echo, and then nothing is rebuilt. A hit
-        # (perhaps one spanning two values) is settled value by value, exactly as before.
+        # One look over every value first: nearly every answer has no echo (nor an escape that could spell one),
+        # and then nothing is rebuilt. A hit (perhaps one spanning two values) is settled value by value, both
+        # stages each (`redact_all`), and any replacement flags the row.
         joined = "\n".join(headers.values()).encode("utf-8", "surrogateescape")
-        if self._redaction.pattern.search(joined) is not None:  # where a form may begin
+        if not self._redaction.clean(joined):
             out = CIMultiDict()
             for name, value in headers.items():
                 redacted, count = self._redaction.redact_all(value.encode("utf-8", "surrogateescape"))

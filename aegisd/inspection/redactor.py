@@ -1,10 +1,41 @@
 """Replace a secret's forms with `[REDACTED]` in a stream, without buffering the stream.
 
-At the end of each chunk the redactor holds back only the longest tail that could still grow
-into a form (a proper prefix of one), so it never holds more than (longest form - 1) bytes, and
-a chunk ending in ordinary text such as an SSE event's blank line is released whole at once.
-Matches are leftmost, and longest among forms starting at the same byte, exactly as
-`Redaction.redact_all` on the whole body would choose them, whatever the chunk boundaries.
+Two stages, chained: what the first releases is what the second reads.
+
+1. Raw: the forms exactly as given (secret_forms: raw, URL-encoded, `json.dumps`'d, base64) are replaced
+   where their bytes occur. This alone catches an echo whatever surrounds it, text that only looks like
+   an escape included (`C:\\u00` right before a hex key), and a secret that holds `\\/` or `\\u0041` itself.
+2. JSON view: the same forms are matched in a view of the data with every JSON string escape undone
+   (`\\"`, `\\\\`, `\\/`, `\\b`, `\\f`, `\\n`, `\\r`, `\\t`, `\\uXXXX` in either hex case, a surrogate pair as
+   one character; a lone surrogate is left as it is), and each match replaces the escaped bytes it came
+   from. Serialisers escape what they like one character at a time (PHP's json_encode writes `\\/` for
+   every `/`, .NET's System.Text.Json `\\u0022` for `"` and `\\u002B` for `+`, Rails `\\u003c`), so no list
+   of whole escaped forms covers an echo: a form of n escapable bytes has at least 2^n spellings. Undoing
+   the escapes first leaves one spelling to find, whatever the mix. Escapes are read left to right, so
+   `\\\\u0041` is an escaped backslash and then the text `u0041`, as a JSON parser reads it.
+
+An escape decodes to 1 to 4 bytes, so a view offset maps back through a table of the escapes; a match
+that begins or ends inside a character an escape decoded to covers the whole escape (a little more is
+replaced, never less), and the next match is looked for after that escape.
+
+At the end of each chunk a stage holds back only the longest tail that could still grow into a form (a
+proper prefix of one; in the view for the second stage) and, in the second, an escape the chunk's end cut
+off (`\\`, `\\u00`, a high surrogate that may be waiting for its low half: up to `\\uD83D\\uDE0`). So the
+first holds at most (longest form - 1) bytes, the second that many bytes of the view, each from at most
+6 escaped bytes (`\\u0041`), plus 11 bytes; a chunk ending in ordinary text such as an SSE event's
+blank line is released whole at once. Matches are leftmost, and longest among forms starting at the same byte, exactly
+as `Redaction.redact_all` on the whole body would choose them, whatever the chunk boundaries: each stage's
+input is cut only where a match, or a held tail, begins, which is never inside an escape, and escapes are
+read the same way from there as from the start.
+
+The usual chunk holds no form and no escape that could be part of one. One Hyperscan scan (a SIMD pass,
+some 20 µs for 64 KiB) for the forms proves the first half of that, and a look for a backslash the second
+(when there is one, as in JSON with `\\n` in it, a second scan for the escapes that decode to a byte some
+form holds): the second stage reads what the first released, where every form is already replaced, so
+only such an escape can make a new match (or a `[REDACTED]` next to text, for a secret with `[` or `]`
+at an edge, which is always searched). Such a chunk costs that and a look at its tail; a chunk
+where a scan finds something is searched with the regex (a byte at a time, about 0.5 ms for 64 KiB), in
+the second stage through its view.
 
 Memory and time are linear in the forms' length, for secrets of up to the vault's 16 KiB too. Up to
 FRAGMENT (64) bytes of each form are handled whole: a set of their prefixes holds the tails to keep
@@ -12,22 +43,173 @@ back, and one trie regex finds the forms. Past that both would grow with the squ
 16,000-byte secret's forms have some 10^9 bytes of prefixes, and `re` compiles their 110 KB at some
 microseconds a byte, 0.2 s on the event loop, where a redaction is built on first use): a longer tail
 must begin with a long form's first FRAGMENT bytes, which `bytes.find` locates, and a long form is
-found by a regex over its first FRAGMENT bytes and confirmed where they occur.
+found by a regex over its first FRAGMENT bytes and confirmed where they occur. A held tail is searched
+again, with each chunk that comes after it (its view rebuilt too), so a long form trickled in small
+chunks costs time growing with its length squared over the chunk size, as it did before the view.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 import sys
 from collections.abc import Iterable
 
-from aegisd.inspection.literal_matcher import FRAGMENT, compile_literals, compile_longest
+from aegisd.inspection.literal_matcher import FRAGMENT, LiteralScanner, compile_literals, compile_longest
 
 REDACTED = b"[REDACTED]"
 
+# One JSON string escape, read left to right (`\\` first consumes both backslashes): a surrogate pair as one
+# token, any other `\uXXXX` but a lone surrogate, and the two-byte escapes. The group, all of it but the
+# backslash (so that `re` looks for the backslash first, a third faster), makes `split` return each escape
+# between the text around it.
+_ESCAPE = re.compile(rb'\\(u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}'
+                     rb'|u(?![dD][89a-fA-F])[0-9a-fA-F]{4}|["\\/bfnrt])')
+_SHORT = {b'"': b'"', b"\\": b"\\", b"/": b"/", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
+# The escapes of ASCII characters, every spelling, looked up rather than parsed: they are nearly all of them.
+_ASCII = {b"u00%s" % spelling: bytes([code]) for code in range(128)
+          for spelling in {b"%02x" % code, b"%02X" % code, b"%x%X" % (code >> 4, code & 15),
+                           b"%X%x" % (code >> 4, code & 15)}}
+_DECODED = _SHORT | _ASCII
+# The start of an escape cut off by the end of a chunk (up to 11 bytes), or a whole high surrogate that may
+# yet be the first half of a pair: held back until the next chunk completes or ends it.
+_UNFINISHED = re.compile(rb"(?:\\u[dD][89abAB][0-9a-fA-F]{2})?\\(?:u[0-9a-fA-F]{0,3})?\Z"
+                         rb"|\\u[dD][89abAB][0-9a-fA-F]{2}\Z")
+_LONGEST_UNFINISHED = 11
+_LONGEST_ESCAPE = 12
 
-class Redaction:
-    """The forms of one credential's injected secret, compiled for replacement."""
+
+def _decode(escape: bytes) -> bytes:
+    """The UTF-8 bytes of one escape `_ESCAPE` matched, without its backslash."""
+    found = _DECODED.get(escape)
+    if found is not None:
+        return found
+    if len(escape) == 5:
+        return chr(int(escape[1:], 16)).encode()
+    high, low = int(escape[1:5], 16), int(escape[7:], 16)
+    return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)).encode()
+
+
+def _decode_all(escapes: list[bytes]) -> list[bytes]:
+    try:  # nearly always: every escape is a short or an ASCII one, looked up in C
+        return list(map(_DECODED.__getitem__, escapes))
+    except KeyError:
+        return [_decode(escape) for escape in escapes]
+
+
+class JsonView:
+    """`data` with its JSON string escapes undone (`text`), and the way back to `data`'s offsets.
+
+    The table of escapes (where each starts and ends, in `data` and in `text`) is built only when an
+    offset other than the two ends is asked for: a view in which no form occurs costs a regex split and
+    a join.
+    """
+
+    __slots__ = ("_decoded", "_mapped", "_parts", "_raw_ends", "_raw_starts", "_size", "_view_ends",
+                 "_view_starts", "text")
+
+    def __init__(self, data: bytes) -> None:
+        self._parts = _ESCAPE.split(data)  # text, escape (without its backslash), text, ..., text
+        self._size = len(data)
+        self._decoded = _decode_all(self._parts[1::2])
+        joined = self._parts.copy()
+        joined[1::2] = self._decoded
+        self.text = b"".join(joined)
+        self._mapped = False
+        self._view_starts: list[int] = []
+        self._view_ends: list[int] = []
+        self._raw_starts: list[int] = []
+        self._raw_ends: list[int] = []
+
+    def _escape_at(self, at: int) -> int:
+        """Index of the last escape starting at or before view offset `at`, -1 if none (builds the table)."""
+        if not self._mapped:
+            self._mapped = True
+            parts = self._parts
+            texts = list(map(len, parts[0::2]))
+            raw = [len(escape) + 1 for escape in parts[1::2]]
+            view = list(map(len, self._decoded))
+            # Escape i comes after text pieces 0..i and escapes 0..i-1.
+            before = list(itertools.accumulate(texts[:-1]))
+            self._raw_starts = [t + e for t, e in zip(before, itertools.accumulate(raw, initial=0), strict=False)]
+            self._raw_ends = [s + n for s, n in zip(self._raw_starts, raw, strict=True)]
+            self._view_starts = [t + e for t, e in zip(before, itertools.accumulate(view, initial=0), strict=False)]
+            self._view_ends = [s + n for s, n in zip(self._view_starts, view, strict=True)]
+        return bisect.bisect_right(self._view_starts, at) - 1
+
+    def _in_last_text(self, at: int) -> bool:
+        """Whether view offset `at` is in the text after the last escape (a held tail, usually): mapped
+        without building the table."""
+        return len(self.text) - at <= len(self._parts[-1])
+
+    def start(self, at: int) -> int:
+        """The offset in `data` where a match starting at view offset `at` starts: inside an escape's
+        character, the escape's start."""
+        if at == 0 or self._in_last_text(at):
+            return 0 if at == 0 else self._size - (len(self.text) - at)
+        i = self._escape_at(at)
+        if i < 0:
+            return at
+        return self._raw_starts[i] if at < self._view_ends[i] else at - self._view_ends[i] + self._raw_ends[i]
+
+    def end(self, at: int) -> int:
+        """The offset in `data` where a match ending at view offset `at` ends: inside an escape's
+        character, the escape's end."""
+        if at == 0 or self._in_last_text(at):
+            return 0 if at == 0 else self._size - (len(self.text) - at)
+        i = self._escape_at(at)
+        if i < 0:
+            return at
+        if at == self._view_starts[i]:
+            return self._raw_starts[i]
+        return self._raw_ends[i] if at < self._view_ends[i] else at - self._view_ends[i] + self._raw_ends[i]
+
+    def after(self, at: int) -> int:
+        """View offset `at`, or the end of the escape's character it falls inside."""
+        if at == 0 or self._in_last_text(at):
+            return at
+        i = self._escape_at(at)
+        return self._view_ends[i] if i >= 0 and self._view_starts[i] < at < self._view_ends[i] else at
+
+
+def json_unescaped(data: bytes) -> bytes:
+    """`data` as the view reads it."""
+    return JsonView(data).text if b"\\" in data else data
+
+
+def unfinished_escape(data: bytes) -> int:
+    """The length of the start of an escape, or a high surrogate, that ends `data` and could still grow
+    into an escape the view undoes; 0 if none."""
+    at = data.find(b"\\", max(0, len(data) - _LONGEST_UNFINISHED))
+    while at >= 0:
+        if _UNFINISHED.match(data, at) and _starts_escape(data, at):
+            return len(data) - at
+        at = data.find(b"\\", at + 1)
+    return 0
+
+
+def _starts_escape(data: bytes, at: int) -> bool:
+    """Whether the backslash at `at` starts an escape: an odd one in a run of them is the second of `\\\\`.
+    `data` begins where an escape could (a stream's start, or where a held tail was cut)."""
+    run = at
+    while run > 0 and data[run - 1] == 0x5C:
+        run -= 1
+    return (at - run) % 2 == 0
+
+
+def _stop(*_: object) -> bool:
+    return True
+
+
+def _touches_marker(form: bytes) -> bool:
+    """Whether `form` can occur in text across a `[REDACTED]` put in by the first stage."""
+    return (REDACTED in form or form in REDACTED
+            or any(form.startswith(REDACTED[i:]) or form.endswith(REDACTED[:i]) for i in range(1, len(REDACTED))))
+
+
+class Forms:
+    """The forms, compiled to search for: leftmost and longest, the tail to hold back, a prefilter."""
 
     def __init__(self, forms: Iterable[bytes]) -> None:
         ordered = sorted({f for f in forms if f}, key=lambda f: (-len(f), f))
@@ -49,7 +231,18 @@ class Redaction:
             if len(form) > FRAGMENT:
                 heads.setdefault(form[:FRAGMENT], []).append(form)
         self._heads = tuple((head, tuple(forms)) for head, forms in heads.items())
-        self._form_bytes = frozenset(b for f in ordered for b in f)
+        self.form_bytes = frozenset(b for f in ordered for b in f)
+        # Proves a chunk clean (about 1 ms to compile). Hyperscan's Python binding takes no NUL in a literal,
+        # which only a binary secret's raw form holds: such a redaction searches every chunk with the regex.
+        literals = {f[:FRAGMENT] for f in ordered}
+        self._scanner = None if any(b"\0" in f for f in literals) else LiteralScanner(sorted(literals))
+        # Whether a form can straddle a `[REDACTED]` (a secret with `[` or `]` at an edge, or in it): then the
+        # view is searched even where no escape could have changed it.
+        self.touches_marker = any(_touches_marker(f) for f in ordered)
+
+    def clean(self, data: bytes) -> bool:
+        """Whether `data` holds no form (nor a long form's first FRAGMENT bytes); False if unsure."""
+        return self._scanner is not None and self._scanner.scan(data, _stop)
 
     def search(self, data: bytes, pos: int = 0, endpos: int = sys.maxsize) -> tuple[int, int] | None:
         """(start, end) of the leftmost form within data[pos:endpos], the longest one starting there; or None."""
@@ -69,28 +262,9 @@ class Redaction:
                 return None
             at = found.start()
 
-    def redact_all(self, data: bytes) -> tuple[bytes, int]:
-        """Every form in `data` replaced; returns the result and how many were replaced."""
-        if self.exact:
-            return self.pattern.subn(REDACTED, data)
-        found = self.search(data)
-        if found is None:
-            return data, 0
-        out: list[bytes] = []
-        pos = 0
-        while found is not None:
-            out += (data[pos:found[0]], REDACTED)
-            pos = found[1]
-            found = self.search(data, pos)
-        out.append(data[pos:])
-        return b"".join(out), len(out) // 2
-
-    def stream(self) -> StreamRedactor:
-        return StreamRedactor(self)
-
     def pending(self, data: bytes, start: int) -> int:
         """Length of the longest suffix of data[start:] that is a proper prefix of some form."""
-        if not data or data[-1] not in self._form_bytes:
+        if not data or data[-1] not in self.form_bytes:
             return 0
         if self._heads and len(data) - start >= FRAGMENT:
             best = self._long_pending(data, start)
@@ -118,43 +292,118 @@ class Redaction:
         return best
 
 
-class StreamRedactor:
-    """One response body's redaction state: feed chunks in order, then finish once."""
+def _relevant_escapes(form_bytes: frozenset[int]) -> list[bytes]:
+    """The literal starts of every escape that decodes to a byte some form holds: an escape that does not
+    cannot be part of a match in the view. Any `\\u` when a form holds a byte past ASCII."""
+    if any(b >= 0x80 for b in form_bytes):
+        return [b"\\u", *(b"\\" + e for e, d in _SHORT.items() if d[0] in form_bytes)]
+    return sorted(b"\\" + e for e, d in _DECODED.items() if d[0] in form_bytes)
 
-    def __init__(self, redaction: Redaction) -> None:
-        self._redaction = redaction
+
+class Redaction:
+    """The forms of one credential's injected secret, compiled for replacement (see the module docstring)."""
+
+    def __init__(self, forms: Iterable[bytes]) -> None:
+        self.forms = Forms(forms)
+        self.longest = self.forms.longest
+        relevant = _relevant_escapes(self.forms.form_bytes)
+        self._escapes = LiteralScanner(relevant) if relevant else None
+
+    def clean(self, data: bytes) -> bool:
+        """Whether `redact_all(data)` would return `data` unchanged without looking further (False if unsure)."""
+        return self.forms.clean(data) and self.view_unchanged(data)
+
+    def view_unchanged(self, data: bytes) -> bool:
+        """Whether no escape in `data` decodes to a byte of a form, so the second stage can find nothing
+        in it that the first did not (it reads what the first released, where every form is replaced)."""
+        if self.forms.touches_marker:
+            return False
+        return b"\\" not in data or self._escapes is None or self._escapes.scan(data, _stop)
+
+    def redact_all(self, data: bytes) -> tuple[bytes, int]:
+        """Every form in `data` replaced, raw then in the view; returns the result and how many were replaced."""
+        raw, first = redact_raw(self.forms, data)
+        out, second, _ = redact_view(self, raw, final=True)
+        return out, first + second
+
+    def stream(self) -> StreamRedactor:
+        return StreamRedactor(self)
+
+
+def redact_raw(forms: Forms, data: bytes) -> tuple[bytes, int]:
+    """The first stage on a whole body: every form replaced where its bytes occur."""
+    if forms.clean(data):
+        return data, 0
+    if forms.exact:
+        return forms.pattern.subn(REDACTED, data)
+    out: list[bytes] = []
+    pos = 0
+    found = forms.search(data)
+    while found is not None:
+        out += (data[pos:found[0]], REDACTED)
+        pos = found[1]
+        found = forms.search(data, pos)
+    out.append(data[pos:])
+    return b"".join(out), len(out) // 2
+
+
+def redact_view(redaction: Redaction, data: bytes, *, final: bool) -> tuple[bytes, int, bytes]:
+    """The second stage on `data`: (what is settled, redacted; how many were replaced; the tail to hold).
+
+    Not `final`, the tail is an escape cut off at the end and, before it, the longest view tail that is a
+    proper prefix of a form; `final`, nothing is held.
+    """
+    forms = redaction.forms
+    unfinished = 0 if final else unfinished_escape(data)
+    whole = data[:len(data) - unfinished] if unfinished else data
+    if redaction.view_unchanged(whole):
+        # No match; the view's tail that could grow into a form is made of form bytes, which no escape here
+        # decodes to, so it is the raw tail unless an escape's bytes are in that (then look through the view).
+        tail = 0 if final else forms.pending(whole, 0)
+        if not tail or whole.find(b"\\", max(0, len(whole) - tail - _LONGEST_ESCAPE + 1)) < 0:
+            hold = len(whole) - tail
+            return data[:hold], 0, data[hold:]
+    view = JsonView(whole)
+    text = view.text
+    out: list[bytes] = []
+    pos = raw_pos = count = 0
+    if forms.clean(text):
+        hold = len(text) - (0 if final else forms.pending(text, 0))
+    else:
+        while True:
+            hold = len(text) - (0 if final else forms.pending(text, pos))
+            found = forms.search(text, pos, hold + forms.longest)
+            if found is None or found[0] >= hold:
+                break
+            start, end = view.start(found[0]), view.end(found[1])
+            out += (data[raw_pos:start], REDACTED)
+            raw_pos, pos = end, view.after(found[1])  # the next match starts after this one's last escape
+            count += 1
+    raw_hold = view.start(hold)
+    out.append(data[raw_pos:raw_hold])
+    return b"".join(out), count, data[raw_hold:]
+
+
+class _RawStream:
+    """The first stage's state for one body."""
+
+    def __init__(self, forms: Forms) -> None:
+        self._forms = forms
         self._held = b""
         self.replaced = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        """The redacted output that is certain now; may be empty while a possible form is held."""
-        if not self._redaction.exact:
-            return self._feed_long(chunk)
         data = self._held + chunk if self._held else chunk
-        pattern, pos = self._redaction.pattern, 0
+        forms = self._forms
+        if forms.clean(data):  # the usual chunk
+            hold_from = len(data) - forms.pending(data, 0)
+            self._held = data[hold_from:]
+            return data[:hold_from]
+        pos = 0
         out: list[bytes] = []
         while True:
-            hold_from = len(data) - self._redaction.pending(data, pos)
-            match = pattern.search(data, pos, hold_from + self._redaction.longest)
-            if match is None or match.start() >= hold_from:
-                break
-            out += (data[pos:match.start()], REDACTED)
-            pos = match.end()
-            self.replaced += 1
-        out.append(data[pos:hold_from])
-        self._held = data[hold_from:]
-        return b"".join(out)
-
-    def _feed_long(self, chunk: bytes) -> bytes:
-        """`feed` where some form is longer than FRAGMENT: a pattern match is only where one may begin."""
-        data = self._held + chunk if self._held else chunk
-        redaction, pos = self._redaction, 0
-        out: list[bytes] = []
-        while True:
-            hold_from = len(data) - redaction.pending(data, pos)
-            end = hold_from + redaction.longest
-            match = redaction.pattern.search(data, pos, end)
-            found = None if match is None else redaction.confirm(data, match.start(), end)
+            hold_from = len(data) - forms.pending(data, pos)
+            found = forms.search(data, pos, hold_from + forms.longest)
             if found is None or found[0] >= hold_from:
                 break
             out += (data[pos:found[0]], REDACTED)
@@ -165,8 +414,50 @@ class StreamRedactor:
         return b"".join(out)
 
     def finish(self) -> bytes:
-        """Everything still held, redacted: the stream has ended."""
         data, self._held = self._held, b""
-        result, count = self._redaction.redact_all(data)
+        result, count = redact_raw(self._forms, data)
         self.replaced += count
         return result
+
+
+class _ViewStream:
+    """The second stage's state for one body."""
+
+    def __init__(self, redaction: Redaction) -> None:
+        self._redaction = redaction
+        self._held = b""
+        self.replaced = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk if self._held else chunk
+        out, count, self._held = redact_view(self._redaction, data, final=False)
+        self.replaced += count
+        return out
+
+    def finish(self) -> bytes:
+        data, self._held = self._held, b""
+        out, count, _ = redact_view(self._redaction, data, final=True)
+        self.replaced += count
+        return out
+
+
+class StreamRedactor:
+    """One response body's redaction state: feed chunks in order, then finish once."""
+
+    def __init__(self, redaction: Redaction) -> None:
+        self._raw = _RawStream(redaction.forms)
+        self._view = _ViewStream(redaction)
+
+    @property
+    def replaced(self) -> int:
+        """How many forms were replaced so far, by either stage."""
+        return self._raw.replaced + self._view.replaced
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The redacted output that is certain now; may be empty while a possible form is held."""
+        return self._view.feed(self._raw.feed(chunk))
+
+    def finish(self) -> bytes:
+        """Everything still held, redacted: the stream has ended."""
+        out = self._view.feed(self._raw.finish())
+        return out + self._view.finish()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable, Iterable
 from urllib.parse import quote, quote_from_bytes, quote_plus
 
@@ -17,6 +18,7 @@ from urllib.parse import quote, quote_from_bytes, quote_plus
 # still apply to them, and docs/inspection.md says so.
 MIN_SECRET_LENGTH = 8
 _B64: tuple[Callable[[bytes], bytes], ...] = (base64.b64encode, base64.urlsafe_b64encode)
+_UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
 
 
 def secret_values(secret: bytes, auth_type: str) -> tuple[bytes, ...]:
@@ -36,12 +38,17 @@ def url_forms(secret: bytes) -> set[bytes]:
 
 
 def json_forms(secret: bytes) -> set[bytes]:
-    """The secret inside a JSON string, ASCII-escaped or not (other escapes are undone by views.py)."""
+    """The secret inside a JSON string as `json.dumps` writes it, ASCII-escaped or not, and with the hex
+    digits of its `\\uXXXX` escapes upper-case (.NET, Java). Matched as they are; other spellings are
+    undone before matching: `\\u00XX` and `\\/` by views.py in requests, every JSON string escape by the
+    redactor's second stage in responses."""
     try:
         text = secret.decode()
     except UnicodeDecodeError:
         return set()
-    return {json.dumps(text)[1:-1].encode(), json.dumps(text, ensure_ascii=False)[1:-1].encode()}
+    escaped = json.dumps(text)[1:-1]
+    upper = _UNICODE_ESCAPE.sub(lambda m: "\\u" + m.group()[2:].upper(), escaped)
+    return {escaped.encode(), upper.encode(), json.dumps(text, ensure_ascii=False)[1:-1].encode()}
 
 
 def base64_cores(secret: bytes) -> set[bytes]:

@@ -42,6 +42,8 @@ class LeakyUpstream(Upstream):
       /leak/gzip-cut   gzip of a clean text with its last 12 bytes cut off, Content-Encoding: gzip
       /leak/reason?stream=1   401 with the reason phrase "Bad credential S" (streamed: no Content-Length)
       /leak/range      {"auth": S}; a `Range: bytes=A-B` gets 206 with just those bytes
+      /leak/escaped?style=php|net|net-mixed&stream=1   {"auth": S} with S's characters JSON-escaped as encoders
+                       do (`escaped_json`); streamed: in two chunks cut inside an escape
     """
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -80,6 +82,8 @@ class LeakyUpstream(Upstream):
             return await self._leak_reason(request, secret)
         if kind == "range":
             return _ranged(request, json.dumps({"auth": secret}).encode())
+        if kind == "escaped":
+            return await self._leak_escaped(request, escaped_json(secret, request.query.get("style", "")))
         if kind == "gzip-cut":
             body = gzip.compress(b"hello world, a compressed answer")[:-12]
             return web.Response(body=body, headers={"Content-Encoding": "gzip"})
@@ -94,6 +98,17 @@ class LeakyUpstream(Upstream):
         await response.write_eof()
         return response
 
+    async def _leak_escaped(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        if request.query.get("stream") != "1":
+            return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})  # chunked
+        await response.prepare(request)
+        cut = body.index(b"\\") + 1  # the first escape, cut after its backslash
+        await response.write(body[:cut])
+        await response.write(body[cut:])
+        await response.write_eof()
+        return response
+
     async def _leak_sse(self, request: web.Request, secret: bytes) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -104,6 +119,21 @@ class LeakyUpstream(Upstream):
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def escaped_json(secret: str, style: str) -> bytes:
+    """`{"auth": secret}` as PHP's json_encode writes it (`\\/` for every `/`), or as .NET's System.Text.Json
+    does (`\\u002B` for `+`), here with `/` and `=` escaped too, in lower- and upper-case hex. `net-mixed`:
+    `{"auth": "clé " + secret}` as System.Text.Json writes it by default, `"` as `\\u0022` next to `\\\\`, and
+    non-ASCII as `\\u00E9`, so one string mixes every kind of escape."""
+    if style == "net-mixed":
+        spelled = "".join(f"\\u{ord(c):04X}" if c in "\"+&'<>" or ord(c) > 0x7E else "\\\\" if c == "\\" else c
+                          for c in "clé " + secret)
+        return ('{"auth": "' + spelled + '"}').encode()
+    text = json.dumps({"auth": secret})
+    if style == "php":
+        return text.replace("/", "\\/").encode()
+    return text.replace("+", "\\u002B").replace("/", "\\u002f").replace("=", "\\u003D").encode()
 
 
 def _ranged(request: web.Request, document: bytes) -> web.Response:

@@ -5,6 +5,7 @@ that pauses in between) never gets it to the agent, and the ledger row says `res
 from __future__ import annotations
 
 import base64
+import json
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,11 +15,12 @@ import pytest
 
 from aegisd.gate.pipeline import WHOLE_ANSWER_MAX
 from tests.e2e.gate_support import GateWorld, Reply, _dechunk
-from tests.e2e.inspection_support import LeakyUpstream
+from tests.e2e.inspection_support import LeakyUpstream, escaped_json
 
 REDACTED = "[REDACTED]"
 SECRETS = {"blk": "blk-Secret/for+redaction=Q7w8E9", "wrn": "wrn-secret-for-redaction-A1s2D3",
-           "off": "off-secret-for-redaction-Z9x8", "bas": "svcuser:basic-pass-R4t5Y6u7"}
+           "off": "off-secret-for-redaction-Z9x8", "bas": "svcuser:basic-pass-R4t5Y6u7",
+           "mix": 'mix-Se"cr\\et/for+redaction=K3'}
 
 
 @dataclass
@@ -38,9 +40,12 @@ def red() -> Iterator[Redacting]:
         world.credential("wrn", SECRETS["wrn"], up.entry(), "--body-inspection", "warn")
         world.credential("off", SECRETS["off"], up.entry(), "--body-inspection", "off")
         world.credential("bas", SECRETS["bas"], up.entry(), "--auth-type", "basic")
+        world.credential("mix", SECRETS["mix"], up.entry())
         for secret in (SECRETS["blk"], SECRETS["bas"]):  # every form the upstream sends back is a needle too
             world.secrets += [base64.b64encode(secret.encode()).decode(), quote(secret, safe="")]
-        world.agent("bot", "blk", "wrn", "off", "bas")
+        world.secrets += [escaped_json(SECRETS["blk"], style).decode()[10:-2] for style in ("php", "net")]
+        world.secrets += [escaped_json(SECRETS["mix"], "net-mixed").decode()[19:-2], json.dumps(SECRETS["mix"])[1:-1]]
+        world.agent("bot", "blk", "wrn", "off", "bas", "mix")
         yield Redacting(world, up)
     finally:
         world.close()
@@ -71,6 +76,26 @@ def test_echoes_in_body_header_base64_and_url_form_are_redacted(red: Redacting) 
     assert_redacted(world, header, rows, body=False)
     assert header.header("X-Echo") == REDACTED and header.body == b"ok"
     assert warned.body == b"key=[REDACTED];"
+    world.assert_no_leaks()
+
+
+@pytest.mark.parametrize("stream", ["0", "1"])
+def test_json_escaped_echoes_are_redacted(red: Redacting, stream: str) -> None:
+    """PHP's json_encode writes `\\/` for `/`, .NET's System.Text.Json `\\u002B` for `+`, `\\u0022` for `"` next
+    to `\\\\`, and non-ASCII as `\\u00E9`: found by cold reviews, such an echo reached the agent whole, read
+    whole (Content-Length) or streamed (chunked; here cut after the backslash of an escape), and the row had
+    no flag."""
+    world = red.world
+    calls = [("blk", "php", REDACTED), ("blk", "net", REDACTED), ("mix", "net-mixed", "clé " + REDACTED)]
+    replies = [(world.call("GET", f"/{name}/leak/escaped?style={style}&stream={stream}", agent="bot"), expected)
+               for name, style, expected in calls]
+    rows = world.ledger()
+    for reply, expected in replies:
+        assert (reply.status, reply.json()) == (200, {"auth": expected}), reply.text()
+        assert reply.header("Content-Length") == (None if stream == "1" else str(len(reply.body)))
+        row = world.row(reply.request_id, rows)
+        assert (row["decision"], row["flags"]) == ("allowed", "response_redacted"), row
+    assert SECRETS["mix"] not in replies[2][0].json()["auth"]
     world.assert_no_leaks()
 
 
