@@ -23,3 +23,27 @@ def test_update_does_not_claim_adds_defaults_for_options_it_leaves_alone() -> No
         assert re.search(rf"{option} .*?\[default: {default}\]", added), option
         assert re.search(rf"{option} .*?\[default: unchanged\]", updated), option
     assert "[default: bearer]" not in updated and "[default: block]" not in updated
+
+
+def test_every_verb_loads_under_its_own_name_and_only_when_asked_for() -> None:
+    """The verbs are imported lazily from COMMANDS: each entry must name a command that calls itself by that
+    name (a typo would make the verb vanish from --help), and importing the root must not import them."""
+    import subprocess
+    import sys
+
+    import click
+
+    from aegisctl.cli import COMMANDS
+
+    ctx = click.Context(root)
+    for name in COMMANDS:
+        command = root.get_command(ctx, name)
+        assert isinstance(command, click.Command) and command.name == name, name
+    assert root.get_command(ctx, "no-such-verb") is None
+    listed = _help()
+    for name in COMMANDS:
+        assert f" {name} " in listed, name
+    probe = ("import sys; import aegisctl.cli; "
+             "print(sorted(m for m in sys.modules if m.startswith('aegisctl.commands.')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
