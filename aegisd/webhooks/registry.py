@@ -116,7 +116,8 @@ def webhook_aad(vault_id: str, webhook_id: str, origin: str, events: str) -> byt
 
 
 def webhook_aad_v1(vault_id: str, webhook_id: str) -> bytes:
-    """The associated data of seals written before the origin and events were bound: opened once, resealed."""
+    """The associated data of seals written before the origin and events were bound: only to tell such a row
+    from an edited one, in the refusal's message."""
     return b"aegis-webhook-v1\0" + vault_id.encode() + b"\0" + webhook_id.encode()
 
 
@@ -208,16 +209,16 @@ class WebhookRegistry:
             return conn.execute(query + " WHERE id = ?", (webhook_id,)).fetchall()
 
     def _open(self, row: SealedRow) -> Target:
-        """The row's Target, resealing a row of an earlier aegisd (see _unseal) with its origin and events."""
-        target, older = self._unseal(row)
-        if older:
-            self._reseal(row, target)
-        return target
+        """The row's Target; StorageCorrupt if its seal does not hold (see _unseal)."""
+        return self._unseal(row)
 
-    def _unseal(self, row: SealedRow) -> tuple[Target, bool]:
-        """The row opened and checked, and whether an earlier aegisd sealed it (without its origin and events);
-        StorageCorrupt, naming only the id, if it fails: any value an edit can leave (another type, text that is
-        not JSON) fails here, never later in a caller."""
+    def _unseal(self, row: SealedRow) -> Target:
+        """The row opened and checked; StorageCorrupt, naming only the id, if it fails: any value an edit can
+        leave (another type, text that is not JSON) fails here, never later in a caller.
+
+        A seal written by an earlier aegisd, which bound neither the origin nor the events, is refused too, with
+        its own message: accepting it, even once, would let anyone holding an old copy of the row put it back
+        with events of their choosing, and have it sealed as if aegisd had written them."""
         webhook_id, origin, events, nonce, sealed = row
         broken = StorageCorrupt(f"webhook {webhook_id} fails authentication: its URL, origin or events were changed "
                                 "outside aegisd (or its row was moved); remove it (`aegisctl webhook remove "
@@ -228,15 +229,17 @@ class WebhookRegistry:
         with self._vault._lock:
             vault_id, master = self._require_initialized(), self._vault.master()
             key = master.subkey(SUBKEY)
-            older = False
             try:
                 opened = unseal(key, nonce, sealed, webhook_aad(vault_id, webhook_id, origin, events))
             except SealBroken:
                 try:
-                    opened = unseal(key, nonce, sealed, webhook_aad_v1(vault_id, webhook_id))
+                    unseal(key, nonce, sealed, webhook_aad_v1(vault_id, webhook_id))
                 except SealBroken:
                     raise broken from None
-                older = True
+                raise StorageCorrupt(
+                    f"webhook {webhook_id} was sealed by an earlier aegisd, whose seal did not cover its origin and "
+                    f"events, so they cannot be trusted; remove it (`aegisctl webhook remove {webhook_id}`) and add "
+                    "it again (it gets a new signing secret)", reason="webhook_sealed_by_older_aegisd") from None
         try:
             sealed_fields = json.loads(opened)
             url, secret = str(sealed_fields["url"]), str(sealed_fields["secret"])
@@ -244,34 +247,9 @@ class WebhookRegistry:
             if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
                 raise broken
             subscribed = parse_events(names)
-            # An earlier aegisd's seal vouches for neither column, so both must be what aegisd itself writes:
-            # the origin of the sealed URL, the events valid and in their stored form.
-            if older and (origin != check_url(url) or events != _stored_events(subscribed)):
-                raise broken
         except (ValueError, TypeError, KeyError, AegisError):
             raise broken from None
-        return Target(id=webhook_id, url=url, events=frozenset(subscribed), secret=secret.encode()), older
-
-    def _reseal(self, row: SealedRow, target: Target) -> None:
-        """Seal an earlier aegisd's row again, binding its origin and events, so an edit to them from now on
-        is detected. Only if the row is still as read; a failure to write leaves it served as it opened."""
-        webhook_id, origin, events, nonce, sealed = row
-        assert isinstance(webhook_id, str) and isinstance(origin, str) and isinstance(events, str)  # by _unseal
-        plaintext = json.dumps({"url": target.url, "secret": target.secret.decode()}).encode()
-        try:
-            with self._vault._lock:
-                vault_id, master = self._require_initialized(), self._vault.master()
-                aad = webhook_aad(vault_id, webhook_id, origin, events)
-                fresh_nonce, fresh = seal(master.subkey(SUBKEY), plaintext, aad)
-                with self._store.transaction() as conn:
-                    conn.execute("UPDATE webhooks SET nonce = ?, sealed = ? WHERE id = ? AND origin = ? AND events = ? "
-                                 "AND nonce = ? AND sealed = ?", (fresh_nonce, fresh, webhook_id, origin, events, nonce,
-                                                                  sealed))
-        except AegisError as exc:
-            log.warning("webhook %s not resealed with its origin and events (it stays served): %s", webhook_id,
-                        exc.message)
-            return
-        log.info("webhook %s resealed with its origin and events (it was sealed by an earlier aegisd)", webhook_id)
+        return Target(id=webhook_id, url=url, events=frozenset(subscribed), secret=secret.encode())
 
     def _require_initialized(self) -> str:
         if self._vault.vault_id is None:
