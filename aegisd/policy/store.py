@@ -55,7 +55,8 @@ class PolicyStore:
         self._ledger = ledger
         self._poll_seconds = poll_seconds
         self._seen: Signature | None = None  # the directory as the last reload found it
-        self._last_valid: dict[str, str] = {}  # file name -> the agent its last valid version named
+        # file name -> the agent its last valid version named; in memory only, so a restart forgets it
+        self._last_valid: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._pending = ""
@@ -102,6 +103,8 @@ class PolicyStore:
         """Ask the watcher to reload soon (from a signal handler: no await there)."""
         if change_directory:
             self.snapshot.directory = directory
+            # What a file's last valid version named belongs to that directory's file, not to a namesake.
+            self._last_valid = {}
         self._pending = trigger
         self._wake.set()
 
