@@ -144,16 +144,17 @@ class TipSpec(click.ParamType):  # type: ignore[type-arg]
             return value
         row_id, _, mac = str(value).strip().partition(":")
         try:
-            tip = int(row_id), bytes.fromhex(mac)
+            tip = int(row_id) if row_id.isascii() and row_id.isdigit() else 0, bytes.fromhex(mac)
         except ValueError:
             tip = 0, b""
-        if tip[0] < 1 or len(tip[1]) != TIP_MAC_BYTES:
+        if not 1 <= tip[0] <= MAX_ROW_ID or len(tip[1]) != TIP_MAC_BYTES:
             self.fail(f"{value!r} is not a tip as `aegisctl ledger verify` prints it: a row id, a colon and a MAC of "
                       f"{2 * TIP_MAC_BYTES} hex digits", param, ctx)
         return tip
 
 
 TIP_MAC_BYTES = 32  # HMAC-SHA256
+MAX_ROW_ID = 2**63 - 1  # SQLite's largest rowid, and the proto's int64
 
 
 def tip_text(row_id: int, mac: bytes) -> str | None:

@@ -32,7 +32,7 @@ _NONE: tuple[str, ...] = ()  # getall's default, shared so a missing Connection 
 # credential. Refused rather than stripped: stripping would quietly turn the agent's DELETE into the GET it
 # sent, and it would go on as if its DELETE had been done.
 OVERRIDE_HEADERS = (("X-HTTP-Method-Override", "method"), ("X-HTTP-Method", "method"), ("X-Method-Override", "method"),
-                    ("X-Original-URL", "path"), ("X-Rewrite-URL", "path"))
+                    ("X-Forwarded-Method", "method"), ("X-Original-URL", "path"), ("X-Rewrite-URL", "path"))
 
 
 def _drop_with_connection(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:

@@ -264,6 +264,7 @@ def test_scopes(std: Standard, service: str, method: str, allowed: bool) -> None
 
 @pytest.mark.parametrize(("service", "header", "value"), [
     ("ro", "X-HTTP-Method-Override", "DELETE"), ("ro", "x-http-method", "DELETE"), ("ro", "X-Method-Override", "PUT"),
+    ("ro", "X-Forwarded-Method", "DELETE"),
     ("bear", "X-Original-URL", "/admin/users"), ("bear", "X-Rewrite-URL", "/admin/users"),
 ])
 def test_headers_that_override_the_method_or_path_are_refused(std: Standard, service: str, header: str,
