@@ -217,7 +217,7 @@ class _Walk:
             if not self.completed:
                 return None, None  # the walk failed before it: that failure is the result
             return (f"{earlier} is gone (the ledger ends at row {self.tip_id}): rows were deleted from the end and "
-                    "SQLite's id counter rewritten to hide it"), None
+                    "SQLite's id counter rewritten to hide it, unless that tip was mistyped"), None
         if not hmac.compare_digest(found, expect_mac):
             return (f"{earlier} is not the row that verify saw (its MAC differs): rows up to it were deleted from "
                     "the end, SQLite's id counter rewritten, and the ledger written anew from there"), None
