@@ -54,7 +54,7 @@ import bisect
 import itertools
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aegisd.inspection.literal_matcher import FRAGMENT, LiteralScanner, compile_literals, compile_longest
 
@@ -322,7 +322,7 @@ class Redaction:
 
     def redact_all(self, data: bytes) -> tuple[bytes, int]:
         """Every form in `data` replaced, raw then in the view; returns the result and how many were replaced."""
-        raw, first = redact_raw(self.forms, data)
+        raw, first, _ = redact_raw(self.forms, data, final=True)
         out, second, _ = redact_view(self, raw, final=True)
         return out, first + second
 
@@ -330,21 +330,26 @@ class Redaction:
         return StreamRedactor(self)
 
 
-def redact_raw(forms: Forms, data: bytes) -> tuple[bytes, int]:
-    """The first stage on a whole body: every form replaced where its bytes occur."""
-    if forms.clean(data):
-        return data, 0
-    if forms.exact:
-        return forms.pattern.subn(REDACTED, data)
-    out: list[bytes] = []
+def redact_raw(forms: Forms, data: bytes, *, final: bool) -> tuple[bytes, int, bytes]:
+    """The first stage: every form replaced where its bytes occur, in what is certain now. Returns the output,
+    how many were replaced, and the tail to hold back (a proper prefix of a form; none when `final`)."""
+    if forms.clean(data):  # the usual chunk
+        hold_from = len(data) if final else len(data) - forms.pending(data, 0)
+        return data[:hold_from], 0, data[hold_from:]
+    if final and forms.exact:
+        out, count = forms.pattern.subn(REDACTED, data)
+        return out, count, b""
     pos = 0
-    found = forms.search(data)
-    while found is not None:
-        out += (data[pos:found[0]], REDACTED)
+    parts: list[bytes] = []
+    while True:
+        hold_from = len(data) if final else len(data) - forms.pending(data, pos)
+        found = forms.search(data, pos, hold_from + forms.longest)
+        if found is None or found[0] >= hold_from:
+            break
+        parts += (data[pos:found[0]], REDACTED)
         pos = found[1]
-        found = forms.search(data, pos)
-    out.append(data[pos:])
-    return b"".join(out), len(out) // 2
+    parts.append(data[pos:hold_from])
+    return b"".join(parts), len(parts) // 2, data[hold_from:]
 
 
 def redact_view(redaction: Redaction, data: bytes, *, final: bool) -> tuple[bytes, int, bytes]:
@@ -384,59 +389,23 @@ def redact_view(redaction: Redaction, data: bytes, *, final: bool) -> tuple[byte
     return b"".join(out), count, data[raw_hold:]
 
 
-class _RawStream:
-    """The first stage's state for one body."""
+class _Stage:
+    """One stage's state for one body: what it holds back between chunks, and how many forms it replaced."""
 
-    def __init__(self, forms: Forms) -> None:
-        self._forms = forms
+    def __init__(self, redact: Callable[[bytes, bool], tuple[bytes, int, bytes]]) -> None:
+        self._redact = redact
         self._held = b""
         self.replaced = 0
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk if self._held else chunk
-        forms = self._forms
-        if forms.clean(data):  # the usual chunk
-            hold_from = len(data) - forms.pending(data, 0)
-            self._held = data[hold_from:]
-            return data[:hold_from]
-        pos = 0
-        out: list[bytes] = []
-        while True:
-            hold_from = len(data) - forms.pending(data, pos)
-            found = forms.search(data, pos, hold_from + forms.longest)
-            if found is None or found[0] >= hold_from:
-                break
-            out += (data[pos:found[0]], REDACTED)
-            pos = found[1]
-            self.replaced += 1
-        out.append(data[pos:hold_from])
-        self._held = data[hold_from:]
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        data, self._held = self._held, b""
-        result, count = redact_raw(self._forms, data)
-        self.replaced += count
-        return result
-
-
-class _ViewStream:
-    """The second stage's state for one body."""
-
-    def __init__(self, redaction: Redaction) -> None:
-        self._redaction = redaction
-        self._held = b""
-        self.replaced = 0
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._held + chunk if self._held else chunk
-        out, count, self._held = redact_view(self._redaction, data, final=False)
+        out, count, self._held = self._redact(data, False)
         self.replaced += count
         return out
 
     def finish(self) -> bytes:
         data, self._held = self._held, b""
-        out, count, _ = redact_view(self._redaction, data, final=True)
+        out, count, _ = self._redact(data, True)
         self.replaced += count
         return out
 
@@ -445,8 +414,9 @@ class StreamRedactor:
     """One response body's redaction state: feed chunks in order, then finish once."""
 
     def __init__(self, redaction: Redaction) -> None:
-        self._raw = _RawStream(redaction.forms)
-        self._view = _ViewStream(redaction)
+        forms = redaction.forms
+        self._raw = _Stage(lambda data, final: redact_raw(forms, data, final=final))
+        self._view = _Stage(lambda data, final: redact_view(redaction, data, final=final))
 
     @property
     def replaced(self) -> int:
