@@ -6,8 +6,7 @@ associated data binding the row's id, its origin and its events: only the origin
 stay readable (for `webhook list` while the vault is locked), and an edit to either in vault.db
 breaks the seal, so the webhook is not loaded (logged, and `aegisctl doctor` names it) rather
 than silently subscribed to other events. Rows sealed before the origin and events were bound
-are resealed with them when first opened, if their origin is the sealed URL's and their events
-are as aegisd writes them.
+are refused the same way, with their own message: their seal cannot say which events they had.
 Plain http is allowed only to loopback: an alert crossing a network must be encrypted.
 """
 
@@ -195,7 +194,7 @@ class WebhookRegistry:
         bad = []
         for row in rows:
             try:
-                self._unseal(row)
+                self._open(row)
             except StorageCorrupt:
                 bad.append(str(row[0]))
         return len(rows), bad
@@ -209,10 +208,6 @@ class WebhookRegistry:
             return conn.execute(query + " WHERE id = ?", (webhook_id,)).fetchall()
 
     def _open(self, row: SealedRow) -> Target:
-        """The row's Target; StorageCorrupt if its seal does not hold (see _unseal)."""
-        return self._unseal(row)
-
-    def _unseal(self, row: SealedRow) -> Target:
         """The row opened and checked; StorageCorrupt, naming only the id, if it fails: any value an edit can
         leave (another type, text that is not JSON) fails here, never later in a caller.
 
