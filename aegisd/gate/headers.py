@@ -13,8 +13,6 @@ from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from aegisd.gate.refusal import Refusal
-
 if TYPE_CHECKING:  # routing builds each route's drop set from the names below, so it imports this module
     from aegisd.gate.routing import Route
 
@@ -26,13 +24,6 @@ GATE_HEADERS = frozenset({"x-aegis-agent", "x-target-host", "x-aegis-request-id"
 GATE_PREFIX = "x-aegis-"  # the gate's header namespace: none of it is the upstream's business
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
 _NONE: tuple[str, ...] = ()  # getall's default, shared so a missing Connection header allocates nothing
-# Headers with which many upstream frameworks let a request act as another method (Rails, Laravel, Symfony,
-# ASP.NET, Google's APIs) or on another path (IIS URL Rewrite, Symfony, Zend) than its request line's, which
-# is what scopes and policy rules judge: a GET that says `X-HTTP-Method-Override: DELETE` on a read-only
-# credential. Refused rather than stripped: stripping would quietly turn the agent's DELETE into the GET it
-# sent, and it would go on as if its DELETE had been done.
-OVERRIDE_HEADERS = (("X-HTTP-Method-Override", "method"), ("X-HTTP-Method", "method"), ("X-Method-Override", "method"),
-                    ("X-Forwarded-Method", "method"), ("X-Original-URL", "path"), ("X-Rewrite-URL", "path"))
 
 
 def _drop_with_connection(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
@@ -47,16 +38,6 @@ def _drop_with_connection(headers: CIMultiDictProxy[str], drop: frozenset[str]) 
 
 def _connection_tokens(values: Iterable[str]) -> set[str]:
     return {t.strip().lower() for value in values for t in value.split(",")}
-
-
-def refuse_overrides(headers: CIMultiDictProxy[str]) -> None:
-    """Refuse (400 `override_not_allowed`) a request carrying a header that would override its method or path
-    upstream. Five lookups in C, a few hundred nanoseconds a request."""
-    for name, what in OVERRIDE_HEADERS:
-        if name in headers:
-            raise Refusal(400, "override_not_allowed", f"the {name} header would make the upstream act on another "
-                          f"{what} than the request line's, which the gate judges (scopes, policy rules): send the "
-                          f"{what} you mean in the request line instead")
 
 
 def agent_headers(headers: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:

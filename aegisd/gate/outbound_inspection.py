@@ -48,7 +48,7 @@ MASK_BISECT_BYTES = 2048
 INLINE_BODY_MAX = 256 * 1024
 # Inspection of larger bodies: two at a time, each scan running without the GIL for the most part; more
 # wait their turn here rather than in the default executor, which the control socket and doctor use.
-_INSPECTION_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aegis-inspect")
+INSPECTION_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aegis-inspect")
 
 
 class Inspected(Protocol):
@@ -92,7 +92,7 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
             in_body, problem = _inspect_body(inspector, body, encoding, limit, INLINE_BODY_MAX)
         except _LargerThanInline:
             in_body, problem = await asyncio.get_running_loop().run_in_executor(
-                _INSPECTION_THREADS, _inspect_body, inspector, body, encoding, limit, None)
+                INSPECTION_THREADS, _inspect_body, inspector, body, encoding, limit, None)
         _note(found, "body", in_body)
     if not found and problem is None:
         return

@@ -28,8 +28,8 @@ from aegisd.gate.headers import (
     agent_query,
     inbound_headers,
     query_with_credential,
-    refuse_overrides,
 )
+from aegisd.gate.method_override import OVERRIDABLE, refuse_body_override, refuse_overrides
 from aegisd.gate.outbound_inspection import (
     BodyTooLarge,
     body_broken,
@@ -194,7 +194,7 @@ class GatePipeline:
             raise Refusal(503, "shutting_down", "aegisd is shutting down; retry shortly", close=True)
 
         # 1-6. vault unlocked, agent, service -> credential, grant, expiry, target host, scope, policy
-        admitted = self._admit(request, x, service, rest)
+        admitted = self._admit(request, x, service, rest, query)
 
         # Nothing is forwarded while the ledger cannot record it; checked again once the body is read.
         self._check_ledger_writable()
@@ -212,7 +212,10 @@ class GatePipeline:
 
         # The body (buffered unless inspection is off); steps 1-7 again if the vault or the policies changed
         # while it arrived, so what follows uses the routing table of the moment it is forwarded.
-        body, admitted = await self._body_as_admitted(request, x, admitted, service, rest)
+        body, admitted = await self._body_as_admitted(request, x, admitted, service, rest, query)
+        # 6 again, for the body: a POST's `_method` field (a body is read, and so can be seen, unless inspection is off)
+        if body and request.method == OVERRIDABLE:
+            await refuse_body_override(request.headers.get("Content-Type", ""), body)
 
         # 8. body inspection: path, query, headers and body for secrets and keys; the query and headers
         #    scanned are the agent's as they will be forwarded (step 9's strip). A large or compressed body
@@ -224,7 +227,7 @@ class GatePipeline:
                                   self.config.max_body_bytes)
             if self._still_current(admitted):
                 break
-            admitted = self._readmit(request, x, service, rest)
+            admitted = self._readmit(request, x, service, rest, query)
         query = forwarded_query
         redaction = redaction_for(route, inspector)
 
@@ -238,7 +241,7 @@ class GatePipeline:
         # 10-11. forward, stream back, record
         await self._forward(request, x, admitted, target, headers, body, redaction)
 
-    def _admit(self, request: GateRequest, x: Exchange, service: str, rest: str) -> Admission:
+    def _admit(self, request: GateRequest, x: Exchange, service: str, rest: str, query: str) -> Admission:
         """Steps 1-6 against the current routing table and policy set; raises a Refusal."""
         # 1. vault unlocked?
         table = self._unlocked_table()
@@ -262,7 +265,7 @@ class GatePipeline:
 
         # 6. method scope; the agent's policy rules (method, path, time window). They judge the request line, so
         #    a header that would make the upstream act on another method or path is refused first.
-        refuse_overrides(request.headers)
+        refuse_overrides(request.method, request.headers, query)
         if not route.allows_method(request.method):
             raise Refusal(403, "scope_denied", f"method {request.method} is outside the credential's scopes")
         policies = self.policies.current
@@ -272,7 +275,7 @@ class GatePipeline:
                                                           and verdict.rule.window is not None))
 
     async def _body_as_admitted(self, request: GateRequest, x: Exchange, admitted: Admission, service: str,
-                                rest: str) -> tuple[bytes | None, Admission]:
+                                rest: str, query: str) -> tuple[bytes | None, Admission]:
         """The body to forward (None: it streams, inspection is off) and the admission that holds when it is
         forwarded. A lock, revoke, agent removal, rotation or policy change while the body arrived swaps the
         table or the policy set: the request is then judged again, refused or routed as a fresh one would be.
@@ -283,7 +286,7 @@ class GatePipeline:
                 body = await read_body(request, x, self.config.max_body_bytes)
             if self._still_current(admitted):
                 return body, admitted
-            admitted = self._readmit(request, x, service, rest)
+            admitted = self._readmit(request, x, service, rest, query)
 
     def _still_current(self, admitted: Admission) -> bool:
         """Whether what the request was judged against still stands: the routing table, the policy set and,
@@ -292,11 +295,11 @@ class GatePipeline:
             return False
         return not admitted.timed or admitted.still_holds_at(time.time_ns() // 1_000_000)
 
-    def _readmit(self, request: GateRequest, x: Exchange, service: str, rest: str) -> Admission:
+    def _readmit(self, request: GateRequest, x: Exchange, service: str, rest: str, query: str) -> Admission:
         """Steps 1-7 again, the quota taken under the old admission given back first."""
         x.flags = x.reason = ""  # only steps 6 and 7 have written them so far
         x.judged_ms = time.time_ns() // 1_000_000  # as a fresh request would be now: expiry, time windows
-        admitted = self._admit(request, x, service, rest)
+        admitted = self._admit(request, x, service, rest, query)
         self.limits.readmit(x, admitted.agent, admitted.route, admitted.verdict)
         return admitted
 

@@ -280,6 +280,57 @@ def test_headers_that_override_the_method_or_path_are_refused(std: Standard, ser
     world.assert_no_leaks()
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(("query", "content_type", "body"), [
+    ("_method=DELETE", "application/json", b"{}"),
+    ("a=1&%5Fm%65thod=DELETE", "application/json", b"{}"),
+    ("", FORM, b"name=x&_method=DELETE"),
+    ("", "", b"_method=DELETE"),  # no type: Rack reads it as a form
+    ("", FORM, b"a=1;%5fmethod=PUT"),
+    ("", FORM + "; charset=utf-8", b".method=DELETE"),  # PHP (Symfony, Laravel) reads `.method` as `_method`
+    ("", "multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XyZ--\r\n'),
+    ("", "application/json", b'{"title": "x", "_method": "DELETE"}'),
+    ("", "application/vnd.api+json", b'{"\\u005fm\\u0065thod" : "DELETE"}'),
+], ids=["query", "query-encoded", "form", "untyped-form", "form-encoded", "form-php-dot", "multipart", "json",
+        "json-escaped"])
+def test_a_post_whose_method_parameter_would_override_it_is_refused(std: Standard, query: str, content_type: str,
+                                                                    body: bytes) -> None:
+    """Found by a cold review: Rails, Symfony and Laravel let a POST's `_method` (query string, form field, or in
+    Laravel a JSON key) make it a DELETE upstream, past a policy rule that allows POST but not DELETE."""
+    world = std.world
+    headers = [("Content-Type", content_type)] if content_type else []
+    target = "/bear/echo/method-param" + (f"?{query}" if query else "")
+    with untouched(std.up):
+        reply = world.call("POST", target, headers, body=body, agent="bot")
+    world.assert_refused(reply, 400, "override_not_allowed", agent="bot", credential="bear", method="POST")
+    assert "_method" in reply.error()["message"]
+    world.assert_no_leaks()
+
+
+@pytest.mark.parametrize(("method", "query", "content_type", "body"), [
+    ("GET", "_method=DELETE", "", None),  # only a POST's is honoured
+    ("PUT", "", FORM, b"_method=DELETE"),
+    ("POST", "", FORM, b"note=_method&x_method=1&method=2"),
+    ("POST", "", "application/json", b'{"note": "_method", "list": ["_method"]}'),
+    ("POST", "", "text/plain", b"_method=DELETE"),
+    ("POST", "", "multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="method"; filename="_method"\r\n\r\nx\r\n--XyZ--\r\n'),
+], ids=["get-query", "put-form", "form-values", "json-values", "text", "multipart-filename"])
+def test_method_parameters_that_nothing_honours_pass(std: Standard, method: str, query: str, content_type: str,
+                                                     body: bytes | None) -> None:
+    """The refusal is narrow: `_method` as a value, in a longer name, in a type no framework parses, or on a
+    method other than POST goes through unchanged."""
+    headers = [("Content-Type", content_type)] if content_type else []
+    path = f"/echo/method-pass-{method}-{len(body or b'')}"
+    reply = std.world.call(method, f"/bear{path}" + (f"?{query}" if query else ""), headers, body=body, agent="bot")
+    assert reply.status == 200, reply.text()
+    assert [r.method for r in std.up.requests_to(path)] == [method]
+    std.world.assert_no_leaks()
+
+
 # -- the Host header and request shapes -----------------------------------------------------------
 
 
