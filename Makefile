@@ -24,9 +24,6 @@ test: $(STAMP)
 	@$(MAKE) --no-print-directory benchdeps || echo "wrk/nginx/node missing: the benchmark smoke test will skip"
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	@# The suite starts hundreds of aegisd and thousands of aegisctl processes; where the environment sets
-	@# PYTHONDONTWRITEBYTECODE, each would compile our modules from source again (0.28 CPU-s an aegisd).
-	$(BIN)/python -m compileall -q aegisd aegisctl >/dev/null
 	$(BIN)/pytest -n 3 --dist loadfile
 
 lint: $(STAMP)
