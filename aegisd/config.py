@@ -40,6 +40,8 @@ _TOML_KEYS: dict[str, tuple[str, ...]] = {
     "webhook_max_attempts": ("webhooks", "max_attempts"),
     "webhook_retry_delay": ("webhooks", "retry_delay"),
     "policies_dir": ("policy", "dir"),
+    "kdf_memory_mib": ("vault", "kdf_memory_mib"),
+    "kdf_iterations": ("vault", "kdf_iterations"),
     "log_format": ("log", "format"),
     "log_level": ("log", "level"),
 }
@@ -50,6 +52,8 @@ _ENV_KEYS = {
     "socket_mode": "AEGIS_SOCKET_MODE",
     "gate_listen": "AEGIS_GATE_LISTEN",
     "policies_dir": "AEGIS_POLICIES_DIR",
+    "kdf_memory_mib": "AEGIS_KDF_MEMORY_MIB",
+    "kdf_iterations": "AEGIS_KDF_ITERATIONS",
 }
 
 
@@ -66,7 +70,13 @@ _NUMBERS: dict[str, tuple[float, float, float]] = {
     "webhook_timeout": (10.0, 0.1, 300.0),
     "webhook_max_attempts": (5, 1, 20),
     "webhook_retry_delay": (1.0, 0.01, 3600.0),
+    # Argon2id for new passphrase slots. The floor is OWASP's least (19 MiB, 2 passes); the default costs
+    # about 0.2 s here. Unlocking uses the cost stored in the slot, whatever these say now.
+    "kdf_memory_mib": (64, 19, 4096),
+    "kdf_iterations": (3, 2, 64),
 }
+# Numeric settings that count something, so a fraction is a mistake rather than a value to round.
+_WHOLE_NUMBERS = frozenset({"kdf_memory_mib", "kdf_iterations"})
 # On/off settings; only the config file sets them (true/false in TOML).
 _BOOLEANS: dict[str, bool] = {"metrics_enabled": True, "health_enabled": True}
 # Every setting, by the key the messages name it with (setting_name gives the config file's spelling).
@@ -106,6 +116,8 @@ class Config:
     agent_max_concurrency: int = 64
     max_connections: int = 1024  # agent connections open at once; past it new ones are reset
     policies_dir: Path | None = None  # None: no policy files; agents are governed by grants and scopes only
+    kdf_memory_mib: int = 64
+    kdf_iterations: int = 3
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -166,6 +178,8 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         agent_max_concurrency=int(numbers["agent_max_concurrency"]),
         max_connections=int(numbers["max_connections"]),
         policies_dir=_path_or_none(values.get("policies_dir")),
+        kdf_memory_mib=int(numbers["kdf_memory_mib"]),
+        kdf_iterations=int(numbers["kdf_iterations"]),
         sources=sources,
     )
 
@@ -266,6 +280,8 @@ def _number(key: str, value: Any, source: str) -> float:
         raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be a number") from None
     if not low <= number <= high:
         raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be between {low:g} and {high:g}")
+    if key in _WHOLE_NUMBERS and not number.is_integer():
+        raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be a whole number")
     return number
 
 

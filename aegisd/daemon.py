@@ -37,6 +37,7 @@ from aegisd.policy import PolicyStore
 from aegisd.runtime import Runtime
 from aegisd.sdnotify import ServiceManager
 from aegisd.store import VaultStore
+from aegisd.vault.crypto import argon2_settings
 from aegisd.vault.vault import Vault
 from aegisd.webhooks import Webhooks
 
@@ -64,7 +65,7 @@ class Daemon:
         self._prepare_data_dir()
         store = VaultStore(self.config.data_dir / "vault.db")
         store.open()
-        vault = Vault(store)
+        vault = Vault(store, argon2_settings(self.config.kdf_memory_mib, self.config.kdf_iterations))
         ledger = LedgerWriter(self.config.data_dir / "ledger.db")
         try:
             await ledger.start()

@@ -29,9 +29,14 @@ from aegisd.errors import VaultLocked
 KEY_BYTES = 32
 NONCE_BYTES = 12
 SALT_BYTES = 16
-# Argon2id: 64 MiB, 3 passes, 4 lanes (~0.2 s here). Stored per slot so new slots can use more.
+# Argon2id: 64 MiB, 3 passes, 4 lanes (~0.2 s here), unless the config says otherwise (kdf_memory_mib,
+# kdf_iterations). Stored per slot, so a slot opens with the cost it was made with.
 ARGON2_DEFAULTS: dict[str, int] = {"memory_kib": 65536, "iterations": 3, "lanes": 4}
-ARGON2_FLOOR: dict[str, int] = {"memory_kib": 19456, "iterations": 2, "lanes": 1}
+
+
+def argon2_settings(memory_mib: int, iterations: int) -> dict[str, int]:
+    """The Argon2id parameters for new passphrase slots from the config's cost (lanes stay the default's)."""
+    return {"memory_kib": memory_mib * 1024, "iterations": iterations, "lanes": ARGON2_DEFAULTS["lanes"]}
 
 
 class WrongKey(Exception):

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -58,8 +58,9 @@ def now_ms() -> int:
 class Vault:
     """The master key (while unlocked) and the credentials it protects."""
 
-    def __init__(self, store: VaultStore) -> None:
+    def __init__(self, store: VaultStore, argon2: Mapping[str, int] = ARGON2_DEFAULTS) -> None:
         self._store = store
+        self._argon2 = dict(argon2)  # the cost of new passphrase slots
         self._lock = threading.RLock()
         self._master: MasterKey | None = None
         self._listeners: list[Listener] = []
@@ -90,7 +91,7 @@ class Vault:
             check_passphrase_strength(passphrase)
             master = MasterKey.generate()
             vault_id = uuid.uuid4().hex
-            slots = [make_slot(master, vault_id, "passphrase", passphrase)]
+            slots = [make_slot(master, vault_id, "passphrase", passphrase, self._argon2)]
             if create_unlock_key:
                 if not unlock_key:
                     raise InvalidArgument("an unlock key was requested but none was generated")
@@ -165,7 +166,7 @@ class Vault:
             vault_id = self._require_initialized()
             master = self._open(vault_id, "passphrase", current)
             try:
-                params = _stronger_argon2([s.params for s in self._slots() if s.kind == "passphrase"])
+                params = _stronger_argon2(self._argon2, [s.params for s in self._slots() if s.kind == "passphrase"])
                 self._replace_slots("passphrase", make_slot(master, vault_id, "passphrase", new, params))
             finally:
                 master.wipe()
@@ -444,10 +445,10 @@ def _check_secret_fits(data: bytes, auth_type: str) -> None:
                               "'user:password'): rotate it to one that does first")
 
 
-def _stronger_argon2(existing: list[dict[str, Any]]) -> dict[str, int]:
-    """Argon2id settings for a new passphrase slot: the defaults, raised to any stronger setting the slots it
-    replaces had (an operator who made them costlier keeps that)."""
-    params = dict(ARGON2_DEFAULTS)
+def _stronger_argon2(configured: Mapping[str, int], existing: list[dict[str, Any]]) -> dict[str, int]:
+    """Argon2id settings for a new passphrase slot: the configured cost, raised to any stronger setting the slots
+    it replaces had, so a passphrase change never weakens what guards a stolen vault.db."""
+    params = dict(configured)
     for old in existing:
         for name, value in old.items():
             if name in params and isinstance(value, int) and value > params[name]:

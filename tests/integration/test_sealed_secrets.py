@@ -141,21 +141,56 @@ def test_secret_stdin_reads_only_the_first_line(fresh: Aegis) -> None:
     fresh.assert_no_leaks([PASSPHRASE, "sk-first-line-secret-0101", "sk-second-line-secret-0202"])
 
 
-def test_key_slots_hold_no_key_in_clear_and_record_their_parameters(fresh: Aegis) -> None:
-    fresh.start()
+@pytest.mark.parametrize(("env", "cost"), [
+    ({"AEGIS_KDF_MEMORY_MIB": "", "AEGIS_KDF_ITERATIONS": ""}, (65536, 3)),  # the default
+    ({"AEGIS_KDF_MEMORY_MIB": "24", "AEGIS_KDF_ITERATIONS": "4"}, (24576, 4)),
+], ids=["default", "configured"])
+def test_key_slots_hold_no_key_in_clear_and_record_their_parameters(fresh: Aegis, env: dict[str, str],
+                                                                    cost: tuple[int, int]) -> None:
+    fresh.start(env=env)
     key_file = fresh.root / "unlock.key"
     fresh.init(PASSPHRASE, "--unlock-key-out", str(key_file))
     assert fresh.stop() == 0
     unlock_key = key_file.read_text().strip()
-    conn = sqlite3.connect(fresh.data_dir / "vault.db")
+    slots = key_slots(fresh)
+    assert [(kind, kdf) for kind, kdf, _ in slots] == [("passphrase", "argon2id"), ("unlock_key", "hkdf-sha256")]
+    assert slots[0][2] == {"memory_kib": cost[0], "iterations": cost[1], "lanes": 4}
+    fresh.assert_no_leaks([PASSPHRASE, unlock_key])
+
+
+def test_a_passphrase_change_keeps_a_costlier_slot_s_cost_and_takes_a_costlier_config(fresh: Aegis) -> None:
+    """The configured cost is for new slots; a passphrase change never makes a stolen vault.db cheaper to attack."""
+    fresh.start(env={"AEGIS_KDF_MEMORY_MIB": "24", "AEGIS_KDF_ITERATIONS": "2"})
+    fresh.init()
+    assert fresh.stop() == 0
+    fresh.start(env={"AEGIS_KDF_MEMORY_MIB": "19", "AEGIS_KDF_ITERATIONS": "3"})
+    second = PASSPHRASE + " and then some"
+    fresh.ctl("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{second}\n").ok()
+    assert key_slots(fresh)[0][2] == {"memory_kib": 24576, "iterations": 3, "lanes": 4}
+    fresh.ctl("lock").ok()
+    fresh.ctl("unlock", "--passphrase-stdin", input=second + "\n").ok()
+    fresh.assert_no_leaks([PASSPHRASE, second])
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"AEGIS_KDF_MEMORY_MIB": "18"}, "kdf_memory_mib '18' (from AEGIS_KDF_MEMORY_MIB) must be between 19 and 4096"),
+    ({"AEGIS_KDF_ITERATIONS": "1"}, "kdf_iterations '1' (from AEGIS_KDF_ITERATIONS) must be between 2 and 64"),
+    ({"AEGIS_KDF_MEMORY_MIB": "19.5"}, "must be a whole number"),
+], ids=["memory", "iterations", "fraction"])
+def test_a_kdf_cost_below_the_floor_is_refused_at_start(fresh: Aegis, env: dict[str, str], message: str) -> None:
+    fresh.start(env=env, wait=False)
+    assert fresh.proc is not None and fresh.proc.wait(15) == 2
+    fresh.proc = None
+    assert message in fresh.log() and "Traceback" not in fresh.log()
+
+
+def key_slots(aegis: Aegis) -> list[tuple[str, str, dict[str, int]]]:
+    conn = sqlite3.connect(aegis.data_dir / "vault.db")
     try:
-        slots = conn.execute("SELECT kind, kdf, params FROM key_slots ORDER BY id").fetchall()
+        rows = conn.execute("SELECT kind, kdf, params FROM key_slots ORDER BY id").fetchall()
     finally:
         conn.close()
-    assert [(kind, kdf) for kind, kdf, _ in slots] == [("passphrase", "argon2id"), ("unlock_key", "hkdf-sha256")]
-    params = json.loads(slots[0][2])
-    assert params["memory_kib"] >= 19456 and params["iterations"] >= 2 and params["lanes"] >= 1
-    fresh.assert_no_leaks([PASSPHRASE, unlock_key])
+    return [(kind, kdf, json.loads(params)) for kind, kdf, params in rows]
 
 
 def agents_authentic(aegis: Aegis) -> dict[str, str]:
