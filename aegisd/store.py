@@ -104,6 +104,10 @@ def translate(exc: sqlite3.Error, path: Path) -> AegisError:
     return StorageUnavailable(f"database error on {path}: {exc}")
 
 
+class ReplacedNotOpened(StorageUnavailable):
+    """A restore moved its vault file into place, but opening it failed: the file in place is the restored one."""
+
+
 class VaultStore:
     """Serialised access to the vault database from the daemon's worker threads."""
 
@@ -111,6 +115,7 @@ class VaultStore:
         self.path = path
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._reopen = False  # a restored file failed to open: try again at the next use (the disk freed, say)
 
     def open(self) -> None:
         """Open (creating if absent), check it is ours and intact, and migrate it."""
@@ -139,6 +144,7 @@ class VaultStore:
 
     def close(self) -> None:
         with self._lock:
+            self._reopen = False
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -157,23 +163,49 @@ class VaultStore:
             except sqlite3.Error as exc:
                 raise translate(exc, dest) from None
 
+    def check_replaceable(self, staged: Path) -> None:
+        """What replace_with needs, checked before a restore replaces anything (the ledger goes first).
+
+        `staged` is opened the way open() will open it after the move (migrated, so that open has little left to
+        write), and the file in place must be checkpointable (no other process reading it) in a directory
+        aegisd may write. Another process may still open the vault between this and the swap; replace_with
+        checks again.
+        """
+        trial = VaultStore(staged)
+        trial.open()
+        try:
+            with trial.reading() as conn:
+                conn.execute("PRAGMA journal_mode = DELETE")  # fold the trial's log in: only the file moves
+        finally:
+            trial.close()
+        with self._lock:
+            if self._conn is not None:
+                self._checkpoint(self._conn)
+        if not os.access(self.path.parent, os.W_OK | os.X_OK):
+            raise StorageReadOnly(f"{self.path.parent} is not writable by aegisd, so {self.path.name} cannot be "
+                                  "replaced; make the data directory writable for aegisd")
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from None
+        if busy:
+            raise StorageUnavailable(f"{self.path} is open in another process, so its log cannot be folded "
+                                     "in; close that and run the restore again")
+
     def replace_with(self, staged: Path) -> None:
         """Swap the database file for `staged` (a validated restore) and open that; readers wait meanwhile.
 
         The old file is checkpointed into itself and its -wal and -shm removed before the move: SQLite
         would replay an old WAL onto the new file, so a -wal that cannot be removed stops the swap while
         the old file is still whole. If anything before the move fails, the old file is opened again and
-        the error is raised; once the move is done, the restored file is the one opened.
+        the error is raised; once the move is done, the restored file is the one opened, and if that fails
+        ReplacedNotOpened says so and each later use of the store tries to open it again.
         """
         with self._lock:
             if self._conn is not None:
-                try:
-                    busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-                except sqlite3.Error as exc:
-                    raise translate(exc, self.path) from None
-                if busy:
-                    raise StorageUnavailable(f"{self.path} is open in another process, so its log cannot be folded "
-                                             "in; close that and run the restore again")
+                self._checkpoint(self._conn)
                 self._conn.close()
                 self._conn = None
             try:
@@ -193,7 +225,13 @@ class VaultStore:
             except OSError as exc:
                 log.error("the restored vault is in place, but syncing %s failed (%s): a power loss now could bring "
                           "back the old one", self.path.parent, exc.strerror or exc)
-            self.open()
+            try:
+                self.open()
+            except AegisError as exc:
+                self._reopen = True
+                log.error("the restored vault is in place but cannot be opened (%s); aegisd tries again at its "
+                          "next use", exc.message)
+                raise ReplacedNotOpened(exc.message) from None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -228,6 +266,10 @@ class VaultStore:
             return int(row[0]) if row else 0
 
     def _require(self) -> sqlite3.Connection:
+        if self._conn is None and self._reopen:
+            self.open()  # raises why while the restored file still cannot be opened
+            self._reopen = False
+            log.info("the restored vault %s is open now", self.path)
         if self._conn is None:
             raise StorageUnavailable(f"{self.path} is not open")
         return self._conn

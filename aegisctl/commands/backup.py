@@ -24,11 +24,20 @@ from aegisd.api.aegis.v1 import backup_pb2 as pb
 def _summary(manifest: dict[str, object]) -> str:
     counts = manifest.get("counts")
     counts = counts if isinstance(counts, dict) else {}
-    created = manifest.get("created_ms")
-    when = output.iso_ms(created) if isinstance(created, int) else "an unknown time"
+    when = _when(manifest.get("created_ms"))
     return (f"vault {manifest.get('vault_id')} taken {when}: {counts.get('credentials', '?')} credentials, "
             f"{counts.get('agents', '?')} agents, {counts.get('grants', '?')} grants, "
             f"{counts.get('ledger_rows', '?')} ledger rows")
+
+
+def _when(created: object) -> str:
+    """The backup's creation time, or words saying it is unreadable: a manifest is the file's, not ours."""
+    if isinstance(created, int) and not isinstance(created, bool):
+        try:
+            return output.iso_ms(created)
+        except (ValueError, OverflowError, OSError):
+            pass
+    return "at an unknown time"
 
 
 @click.command("backup")
@@ -93,7 +102,7 @@ def restore(ctx: Context, file: Path, yes: bool, passphrase_stdin: bool) -> None
                 first = False
 
     reply = client.call(client.backup.Restore, chunks(), timeout=3600)
-    click.echo(f"Restored vault {reply.vault_id} (backup taken {output.iso_ms(reply.created_ms)}): "
+    click.echo(f"Restored vault {reply.vault_id} (backup taken {_when(reply.created_ms)}): "
                f"{reply.credentials} credentials, {reply.agents} agents, {reply.ledger_rows} ledger rows.")
     if reply.kept_key_slots:
         click.echo("The vault is locked: it kept its current passphrase and unlock keys (`aegisctl unlock`).")

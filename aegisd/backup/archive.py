@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aegisd.errors import InvalidArgument
 from aegisd.ledger import schema as ledger_schema
@@ -37,6 +37,15 @@ LEDGER_DB = "ledger.db"
 DATABASES = (VAULT_DB, LEDGER_DB)
 CHUNK = 1 << 20  # bytes per gRPC message, both ways
 MAX_MANIFEST = 1 << 20
+# Python's tarfile parses a PAX header in time quadratic in its length (CVE-2024-6232): a 1 MiB one holds the
+# daemon for half an hour. Ours carry none; a few KiB is far past any a tar tool writes for our three names.
+MAX_EXTENDED_HEADER = 4 << 10
+MAX_HEADERS = 12  # three members, each with at most a PAX and a GNU long-name header, with room to spare
+_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                   tarfile.GNUTYPE_LONGLINK)
+# created_ms must be a time iso_time (datetime) can print: up to the end of the year 9999.
+MAX_CREATED_MS = 253402300799999
+MAX_FIELD = 2**62  # any other count or size: far past real ones, inside SQLite's and protobuf's int64
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 
@@ -126,6 +135,8 @@ def tar_stream(manifest: Manifest, directory: Path, mtime: int) -> Iterator[byte
 
 def read_backup(archive: Path, staging: Path) -> Manifest:
     """Check everything about `archive`, leaving its databases in `staging` (fsynced) if it passes."""
+    with archive.open("rb") as fh:
+        check_headers(fh)
     try:
         with tarfile.open(archive, mode="r:") as tar:
             members = _members(tar)
@@ -138,6 +149,67 @@ def read_backup(archive: Path, staging: Path) -> Manifest:
     counts["ledger_rows"] = _check_ledger(staging / LEDGER_DB, manifest)
     return Manifest(manifest.created_ms, manifest.aegisd_version, manifest.vault_id, manifest.vault_schema_version,
                     manifest.ledger_schema_version, manifest.members, counts)
+
+
+def check_headers(fh: BinaryIO) -> None:
+    """Walk the tar's header blocks before tarfile parses them: refuse an extended (PAX or GNU long-name)
+    header past MAX_EXTENDED_HEADER, or more headers than an Aegis backup has. Anything else malformed is
+    left to tarfile, which then reads only bounded headers."""
+    offset, size_override = 0, None
+    for _ in range(MAX_HEADERS + 1):
+        fh.seek(offset)
+        block = fh.read(_BLOCK)
+        if len(block) < _BLOCK or block == bytes(_BLOCK) or not _checksum_ok(block):
+            return  # the end, or a truncated or damaged archive that tarfile reports
+        size = _octal(block[124:136])
+        if size is None:
+            return
+        kind = block[156:157]
+        if kind in _EXTENDED_TYPES:
+            if size > MAX_EXTENDED_HEADER:
+                raise InvalidBackup(f"the backup has an extended tar header of {size} bytes (at most "
+                                    f"{MAX_EXTENDED_HEADER}); an Aegis backup has none that large: it was edited")
+            if kind in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+                size_override = _pax_size(fh.read(size))
+        else:
+            size, size_override = size if size_override is None else size_override, None
+        offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+    raise InvalidBackup(f"the backup has more than {MAX_HEADERS} tar headers; an Aegis backup has three members")
+
+
+def _checksum_ok(block: bytes) -> bool:
+    stored = _octal(block[148:156])
+    total = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    return stored is not None and stored == total
+
+
+def _octal(field: bytes) -> int | None:
+    """A ustar number: octal digits, or GNU's base-256 form (first byte 0x80) for large sizes."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        return None
+
+
+def _pax_size(records: bytes) -> int | None:
+    """The `size` record of a (bounded) PAX header, which overrides the next member's ustar size; read in one
+    linear pass, the way tarfile would read it."""
+    pos = 0
+    while pos < len(records):
+        space = records.find(b" ", pos, pos + 20)
+        if space < 0 or not records[pos:space].isdigit():
+            return None
+        length = int(records[pos:space])
+        if length <= space - pos:
+            return None
+        record = records[space + 1:pos + length].rstrip(b"\n")
+        if record.startswith(b"size=") and record[5:].isdigit():
+            return int(record[5:])
+        pos += length
+    return None
 
 
 def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
@@ -168,6 +240,8 @@ def _manifest(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Manifest:
         data = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise InvalidBackup("the backup's manifest is not valid JSON") from None
+    except RecursionError:  # nesting deeper than any manifest has
+        raise InvalidBackup("the backup's manifest is nested too deeply to be an Aegis manifest") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InvalidBackup("the manifest does not describe an Aegis backup")
     version = data.get("format_version")
@@ -179,15 +253,24 @@ def _manifest(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Manifest:
     try:
         members = {name: Member(_int(data["members"][name]["size"]), _hex(data["members"][name]["sha256"]))
                    for name in DATABASES}
-        return Manifest(_int(data["created_ms"]), str(data.get("aegisd_version", "")), _text(data["vault_id"]),
-                        _int(data["vault_schema_version"]), _int(data["ledger_schema_version"]), members)
+        return Manifest(_int(data["created_ms"], MAX_CREATED_MS), _version(data.get("aegisd_version", "")),
+                        _text(data["vault_id"]), _int(data["vault_schema_version"]),
+                        _int(data["ledger_schema_version"]), members)
     except (KeyError, TypeError, ValueError):
         raise InvalidBackup("the backup's manifest is missing fields or has malformed ones") from None
 
 
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("not a non-negative integer")
+def _int(value: Any, limit: int = MAX_FIELD) -> int:
+    """A non-negative integer no larger than `limit`: bounded here so nothing later (a time printed, an int64
+    field) fails on it once the restore has begun."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise ValueError("not a non-negative integer in range")
+    return value
+
+
+def _version(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 100:
+        raise ValueError("not a version string")
     return value
 
 
@@ -198,7 +281,7 @@ def _hex(value: Any) -> str:
 
 
 def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or len(value) > 200:
         raise ValueError("not a string")
     return value
 
@@ -229,6 +312,17 @@ def _open(path: Path, what: str) -> sqlite3.Connection:
         return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     except sqlite3.Error as exc:
         raise InvalidBackup(f"{what} in the backup cannot be opened: {exc}") from None
+
+
+def _require_writable_format(path: Path, what: str) -> None:
+    """SQLite opens a file whose header's format versions (bytes 18, 19) are past 2 read-only, or not at all:
+    every read-only check here would pass, and only aegisd's open after the swap would fail."""
+    with path.open("rb") as fh:
+        header = fh.read(20)
+    if header.startswith(b"SQLite format 3\0") and len(header) == 20 and not (header[18] in (1, 2)
+                                                                             and header[19] in (1, 2)):
+        raise InvalidBackup(f"{what} in the backup has a header SQLite would open read-only (file format versions "
+                            f"{header[18]} and {header[19]}, where aegisd writes 1 or 2): it was edited")
 
 
 def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
@@ -305,6 +399,7 @@ def _expected_schema(what: str, version: int) -> Schema:
 
 
 def _check_vault(path: Path, manifest: Manifest) -> dict[str, int]:
+    _require_writable_format(path, VAULT_DB)
     conn = _open(path, VAULT_DB)
     try:
         version = _intact(conn, VAULT_DB, VAULT_APPLICATION_ID)

@@ -2,8 +2,9 @@
 
 Order: refuse if unlocked; receive the archive into a scratch directory; check all of it
 (archive.read_backup); only then, holding the vault's lock so nothing can unlock or init meanwhile,
-swap the ledger (in its writer thread, between commits) and the vault database (under the store's
-lock), each by an atomic rename, and re-read the vault. No restart is needed: the vault comes back
+check what the vault's swap needs (the staged file opens for writing, the live one is in no other
+process), then swap the ledger (in its writer thread, between commits) and the vault database (under
+the store's lock), each by an atomic rename, and re-read the vault. No restart is needed: the vault comes back
 locked, and the next unlock keys the restored ledger's chain.
 
 A backup of the vault that is in place comes back with the key slots that vault has now: its current
@@ -27,9 +28,9 @@ from typing import Any
 
 from aegisd.backup.archive import LEDGER_DB, VAULT_DB, Manifest, read_backup
 from aegisd.backup.staging import outlive_cancellation, scratch
-from aegisd.errors import AegisError, FailedPrecondition, StorageFull, StorageUnavailable
+from aegisd.errors import AegisError, FailedPrecondition, Kind, StorageFull, StorageUnavailable, log_safe
 from aegisd.ledger import LedgerError, LedgerWriter, ReplaceIncomplete
-from aegisd.store import VaultStore
+from aegisd.store import ReplacedNotOpened, VaultStore
 from aegisd.vault.vault import Vault
 
 log = logging.getLogger("aegisd.backup")
@@ -49,23 +50,25 @@ class Restored:
 
     manifest: Manifest
     kept_key_slots: bool = False
+    vault_not_opened: str = ""  # why the restored vault, in place, could not be opened yet ("" if it was)
 
 
 async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: LedgerWriter,
                   chunks: AsyncIterator[bytes], recorded: Callable[[Restored], Awaitable[None]] | None = None,
-                  passphrase: Callable[[], str] = str) -> Restored:
+                  passphrase: Callable[[], str] = str, idle_timeout: float | None = None) -> Restored:
     """Receive, check, and swap in a backup; nothing changes unless every check passes.
 
     Once the swap has begun it runs to its end (and `recorded` after it) even if the caller is cancelled:
     the client going away then cannot leave the data directory half restored. `passphrase` gives the
-    passphrase of the vault in place, once every chunk has been read (it comes with them).
+    passphrase of the vault in place, once every chunk has been read (it comes with them). A client that
+    sends nothing for `idle_timeout` seconds (IDLE_TIMEOUT by default) is given up on before anything changed.
     """
     require_not_unlocked(vault)
     loop = asyncio.get_running_loop()
     with scratch(data_dir, ".restore-") as directory:
         archive = directory / "archive.tar"
         try:
-            await _receive(chunks, archive)
+            await _receive(chunks, archive, idle_timeout)
             manifest = await outlive_cancellation(asyncio.to_thread(read_backup, archive, directory))
         except OSError as exc:
             raise _disk_error(exc, data_dir) from None
@@ -77,6 +80,12 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                 _require_passphrase(vault, passphrase())
             restored.kept_key_slots = _keep_live_key_slots(store, directory / VAULT_DB, vault.vault_id)
             try:
+                store.check_replaceable(directory / VAULT_DB)
+            except AegisError as exc:
+                exc.message = f"nothing was restored: {exc.message}"
+                exc.args = (exc.message,)
+                raise
+            try:
                 asyncio.run_coroutine_threadsafe(ledger.replace_file(directory / LEDGER_DB), loop).result()
             except ReplaceIncomplete as exc:
                 raise StorageUnavailable(f"the restore failed half-way: {exc}; the vault was not replaced: run the "
@@ -85,15 +94,29 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                 raise StorageUnavailable(f"nothing was restored: {exc}") from None
             try:
                 store.replace_with(directory / VAULT_DB)
+            except ReplacedNotOpened:
+                vault.vault_id = manifest.vault_id  # what the file in place holds (checked), not the old vault's
+                raise
             except (OSError, AegisError) as exc:
                 why = exc.message if isinstance(exc, AegisError) else exc.strerror or str(exc)
                 raise StorageUnavailable(f"the restore failed half-way: the ledger was replaced but the vault "
                                          f"was not ({why}); run the restore again") from None
 
         async def swap_and_record() -> None:
-            await asyncio.to_thread(vault.reopen, swap)
-            if recorded is not None:
-                await recorded(restored)
+            try:
+                await asyncio.to_thread(vault.reopen, swap)
+            except ReplacedNotOpened as exc:
+                restored.vault_not_opened = exc.message
+            if recorded is not None:  # both files are the backup's now: the restore is done, whatever else fails
+                try:
+                    await recorded(restored)
+                except Exception as exc:  # reported in the log; the restore itself stands
+                    log.error("the restore was completed but recording it failed: %s", log_safe(exc))
+            if restored.vault_not_opened:
+                raise StorageUnavailable(
+                    f"the backup was restored (the vault and ledger files are the backup's), but the restored vault "
+                    f"cannot be opened: {restored.vault_not_opened}; fix that and run `aegisctl status`, which opens "
+                    "it again (or restart aegisd)")
 
         await outlive_cancellation(swap_and_record(), _orphaned_swap)
     return restored
@@ -151,9 +174,28 @@ def _orphaned_swap(outcome: asyncio.Future[Any]) -> None:
                     "of the same vault) or the one the backup had (another vault's)")
 
 
-async def _receive(chunks: AsyncIterator[bytes], path: Path) -> None:
+IDLE_TIMEOUT = 60.0  # seconds a restore waits for the client's next chunk before it gives up
+
+
+class ClientStalled(AegisError):
+    """The client stopped sending mid-restore; waiting longer would keep every other backup and restore out."""
+
+    kind = Kind.UNAVAILABLE
+    reason = "client_stalled"
+
+
+async def _receive(chunks: AsyncIterator[bytes], path: Path, idle_timeout: float | None = None) -> None:
+    idle = IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+    stream = aiter(chunks)
     with path.open("xb") as fh:
-        async for data in chunks:
+        while True:
+            try:
+                data = await asyncio.wait_for(anext(stream), idle)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise ClientStalled(f"no data from the client for {idle:g} s; the restore was abandoned and "
+                                    "nothing was changed: send the file again") from None
             await outlive_cancellation(asyncio.to_thread(fh.write, data))
 
 

@@ -33,6 +33,7 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
         self.rt = runtime
         self.data_dir = runtime.config.data_dir
         self._busy = asyncio.Lock()
+        self.idle_timeout: float | None = None  # a restore's wait for the next chunk; None: restore.IDLE_TIMEOUT
 
     @stream_rpc
     async def Backup(self, request: pb.BackupRequest, context: Ctx) -> AsyncGenerator[pb.BackupChunk, None]:
@@ -66,7 +67,7 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
             # Recorded as part of the restore: a swap that outlives its client is still put in the ledger.
             try:
                 restored = await restore(self.data_dir, self.rt.vault, self.rt.store, self.rt.ledger, chunks(),
-                                         self._record, lambda: given[0] if given else "")
+                                         self._record, lambda: given[0] if given else "", self.idle_timeout)
             except WrongPassphrase:
                 self.rt.log_event("restore refused: wrong passphrase for the vault in place", level=logging.WARNING)
                 raise
@@ -76,17 +77,34 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
                                      "full disk, or a ledger that cannot take another row), so the gate forwards "
                                      "nothing until it can; free the disk, or restore a good backup")
         counts = manifest.counts
-        return pb.RestoreResponse(vault_id=manifest.vault_id, created_ms=manifest.created_ms,
+        return pb.RestoreResponse(vault_id=manifest.vault_id, created_ms=_int64(manifest.created_ms),
                                   credentials=counts["credentials"], agents=counts["agents"],
                                   ledger_rows=counts["ledger_rows"], kept_key_slots=restored.kept_key_slots)
 
     async def _record(self, restored: Restored) -> None:
+        """Log and record a swap that happened; nothing in here may fail, whatever the manifest says."""
         manifest = restored.manifest
         kept = "; the vault kept its current passphrase and unlock keys" if restored.kept_key_slots else ""
-        detail = f"restored from a backup taken {iso_time(manifest.created_ms)} (vault {manifest.vault_id}){kept}"
-        self.rt.log_event("backup restored", vault_id=manifest.vault_id, backup_created=iso_time(manifest.created_ms),
+        created = _when(manifest.created_ms)
+        detail = f"restored from a backup taken {created} (vault {manifest.vault_id}){kept}"
+        if restored.vault_not_opened:
+            detail += f"; the restored vault could not be opened yet ({restored.vault_not_opened})"
+        self.rt.log_event("backup restored", vault_id=manifest.vault_id, backup_created=created,
                           kept_key_slots=restored.kept_key_slots)
         try:
             await self.rt.ledger.append(LedgerEntry.system(detail, reason="backup_restored"))
         except LedgerError as exc:
             log.error("the restore succeeded but could not be recorded in the ledger: %s", exc)
+
+
+def _when(time_ms: int) -> str:
+    """The backup's creation time for the log and ledger; the manifest bounds it, and a swap that happened is
+    recorded even if it were out of range."""
+    try:
+        return iso_time(time_ms)
+    except (ValueError, OverflowError, OSError):
+        return f"at an unreadable time ({time_ms} ms)"
+
+
+def _int64(value: int) -> int:
+    return value if 0 <= value < 2**63 else 0

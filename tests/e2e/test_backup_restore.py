@@ -355,3 +355,106 @@ def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: G
     assert listing(aegis, "ledger", "verify")["ok"]
     assert world.call("GET", "/github/echo/restored", agent="claude").status == 200
     world.assert_no_leaks()
+
+
+def pax_bomb(digits: int) -> bytes:
+    """A tar whose first header is a PAX header of `digits` digits: Python's tarfile takes time quadratic in
+    that to parse (CVE-2024-6232), 4 s for 40k on 3.11.7."""
+    payload = b"1" * digits
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.size, info.type = len(payload), tarfile.XHDTYPE
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512) + bytes(1024)
+
+
+def restore_raw(aegis: Aegis, data: bytes) -> grpc.RpcError:
+    """A restore of `data` straight over the control API, past aegisctl's own checks; it must be refused."""
+    with grpc.insecure_channel(f"unix:{aegis.socket}") as channel:
+        stub = backup_pb2_grpc.BackupServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Restore(iter([backup_pb2.RestoreChunk(data=data)]), timeout=60)
+    return refused.value
+
+
+def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(world: GateWorld) -> None:
+    """Found by a cold review: a manifest time past what can be printed swapped both files and then answered
+    INTERNAL with no ledger row; a deeply nested manifest gave INTERNAL (and a traceback in aegisctl); a huge
+    PAX header held the daemon's backup lock for minutes; a vault.db whose header makes SQLite open it
+    read-only passed every check and failed only after the ledger was replaced. Each is now refused, clearly,
+    before anything changes, by the daemon and by aegisctl."""
+    aegis = world.aegis
+    up = world.upstream()
+    world.credential("github", GH_SECRET, up.entry())
+    world.agent("claude", "github")
+    assert world.call("GET", "/github/echo/before", agent="claude").status == 200
+    good = aegis.root / "good.backup"
+    aegis.ctl("backup", str(good)).ok()
+    parts = members(good.read_bytes())
+    assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
+    aegis.ctl("lock").ok()
+    before = (listing(aegis, "vault", "list"), listing(aegis, "ledger", "show", "--limit", "1000"))
+
+    vault = bytearray(parts["vault.db"])
+    vault[18] = 3  # the write version: past 2, SQLite opens the file but will not write it
+    deep = b'{"format": "aegis-backup", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    crafted = {
+        "bigtime": (make_tar(with_manifest_for(parts, created_ms=10**20)), "missing fields or has malformed ones"),
+        "deep": (make_tar({**parts, "manifest.json": deep}), "nested too deeply"),
+        "pax": (pax_bomb(40000), "extended tar header of 40000 bytes"),
+        "rovault": (make_tar(with_manifest_for({**parts, "vault.db": bytes(vault)})), "would open read-only"),
+    }
+    outputs = []
+    for name, (content, needle) in crafted.items():
+        started = time.monotonic()
+        refused = restore_raw(aegis, content)
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, refused.code(), refused.details())
+        assert needle in (refused.details() or ""), (name, refused.details())
+        trailer = refused.trailing_metadata() or ()
+        assert any(m.key == "aegis-reason" and str(m.value) == "invalid_backup" for m in trailer)
+        assert time.monotonic() - started < 2.5, name  # the PAX header is refused before tarfile parses it
+        path = aegis.root / f"{name}.backup"
+        path.write_bytes(content)
+        result = aegis.ctl("restore", str(path), "--yes")
+        if name in ("bigtime", "rovault"):  # aegisctl passes them on (its summary shows an unknown time)
+            assert_failed(result, needle, "nothing was changed")
+        else:  # aegisctl reads the manifest first, and refuses these itself
+            assert_failed(result, "not a complete Aegis backup", needle.split(" of ")[0])
+        outputs += [result.out, result.err, refused.details() or ""]
+
+    assert status(aegis)["state"] == "locked"
+    assert (listing(aegis, "vault", "list"), listing(aegis, "ledger", "show", "--limit", "1000")) == before
+    assert "Traceback" not in aegis.log() and "internal error" not in aegis.log()
+    assert not [p for p in aegis.data_dir.iterdir() if p.name.startswith((".restore-", ".backup-"))]
+    world.unlock()
+    assert world.call("GET", "/github/echo/after", agent="claude").status == 200
+    assert listing(aegis, "ledger", "verify")["ok"]
+    world.assert_no_leaks(outputs)
+
+
+def test_a_vault_open_in_another_process_stops_the_restore_before_the_ledger_is_replaced(world: GateWorld) -> None:
+    """Found by a cold review: the check that no other process reads vault.db ran only after the ledger had been
+    swapped, so its failure lost the old ledger. Every check now runs before anything is replaced."""
+    aegis = world.aegis
+    up = world.upstream()
+    world.credential("github", GH_SECRET, up.entry())
+    world.agent("claude", "github")
+    backup = aegis.root / "before.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
+    aegis.ctl("lock").ok()
+    rows = listing(aegis, "ledger", "show", "--limit", "1000")
+
+    reader = sqlite3.connect(aegis.data_dir / "vault.db")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchone()
+        result = aegis.ctl("restore", str(backup), "--yes")
+    finally:
+        reader.close()
+    assert_failed(result, "nothing was restored", "open in another process")
+    assert listing(aegis, "ledger", "show", "--limit", "1000") == rows  # the old ledger, whole
+    assert any(r["path"] == "/echo/after-backup" for r in rows)
+    aegis.ctl("restore", str(backup), "--yes").ok()  # closed: the retry goes through
+    assert not any(r["path"] == "/echo/after-backup" for r in listing(aegis, "ledger", "show", "--limit", "1000"))
+    world.unlock()
+    assert listing(aegis, "ledger", "verify")["ok"]
+    world.assert_no_leaks([result.out, result.err])

@@ -16,7 +16,7 @@ import pytest
 
 import aegisd.ledger.writer as writer_module
 from aegisd.backup import restore, take_snapshot, tar_stream
-from aegisd.errors import StorageUnavailable
+from aegisd.errors import AegisError, StorageFull, StorageUnavailable
 from aegisd.ledger import LedgerEntry, LedgerWriter, query_rows
 from aegisd.store import VaultStore
 from aegisd.vault.vault import Vault
@@ -144,3 +144,90 @@ def test_a_vault_read_by_another_process_is_not_swapped(store: VaultStore, tmp_p
     assert staged.read_bytes() == b"not moved"
     with store.reading() as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'probe'").fetchone()[0] == "kept"
+
+
+async def backup_of_another_vault(tmp_path: Path) -> tuple[bytes, str | None]:
+    store_b, vault_b, ledger_b = await daemon_parts(tmp_path / "b")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir(mode=0o700)
+    manifest = take_snapshot(store_b, tmp_path / "b" / "ledger.db", snapshot)
+    archive = b"".join(tar_stream(manifest, snapshot, 0))
+    await ledger_b.close()
+    store_b.close()
+    return archive, vault_b.vault_id
+
+
+def test_a_restored_vault_that_fails_to_open_is_reported_restored_and_opens_at_the_next_use(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a cold review: when opening the moved-in vault failed (a full disk), the restore said "the ledger
+    was replaced but the vault was not" (it was), recorded nothing, and every later call said "vault.db is not
+    open" until a restart. Now it says both files are the backup's, records the restore, and the store opens the
+    file at its next use once it can."""
+    caplog.set_level(logging.DEBUG)
+
+    async def main() -> tuple[str, list[str], str | None, str | None, str]:
+        archive, vault_b = await backup_of_another_vault(tmp_path)
+        store, vault, ledger = await daemon_parts(tmp_path / "a")
+        vault.lock()
+        real_open, calls = store.open, []
+
+        def open_once_failing() -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise StorageFull("the disk holding the data directory is full; free some space and retry")
+            real_open()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield archive
+
+        recorded: list[str] = []
+
+        async def record(restored: Any) -> None:
+            recorded.append(restored.manifest.vault_id)
+
+        store.open = open_once_failing  # type: ignore[method-assign]
+        with pytest.raises(StorageUnavailable) as failed:
+            await restore(tmp_path / "a", vault, store, ledger, chunks(), record, passphrase=lambda: PASSPHRASE)
+        with store.reading() as conn:  # the next use opens it
+            stored = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()[0]
+        await ledger.close()
+        store.close()
+        return failed.value.message, recorded, vault_b, vault.vault_id, stored
+
+    message, recorded, vault_b, vault_now, stored = asyncio.run(main())
+    assert message.startswith("the backup was restored (the vault and ledger files are the backup's), but the "
+                              "restored vault cannot be opened: the disk holding the data directory is full")
+    assert recorded == [vault_b] and vault_now == vault_b and stored == vault_b
+    assert not list((tmp_path / "a").glob(".restore-*"))
+    for text in (message, caplog.text):
+        assert PASSPHRASE not in text
+
+
+def test_a_restore_whose_client_stops_sending_is_given_up_and_changes_nothing(tmp_path: Path) -> None:
+    """Found by a cold review: a client that stopped sending held the one-at-a-time backup lock forever."""
+
+    async def main() -> tuple[type[BaseException], str, str | None, str | None]:
+        archive, _ = await backup_of_another_vault(tmp_path)
+        store, vault, ledger = await daemon_parts(tmp_path / "a")
+        vault_a = vault.vault_id
+        vault.lock()
+
+        async def stalls() -> AsyncIterator[bytes]:
+            yield archive[:4096]
+            await asyncio.Event().wait()
+
+        with pytest.raises(AegisError) as failed:
+            await asyncio.wait_for(restore(tmp_path / "a", vault, store, ledger, stalls(),
+                                           passphrase=lambda: PASSPHRASE, idle_timeout=0.3), 10)
+        with store.reading() as conn:
+            stored = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()[0]
+        await ledger.close()
+        store.close()
+        return type(failed.value), failed.value.message, vault_a, stored
+
+    kind, message, vault_a, stored = asyncio.run(main())
+    assert kind.__name__ == "ClientStalled"
+    assert message == ("no data from the client for 0.3 s; the restore was abandoned and nothing was changed: send "
+                       "the file again")
+    assert stored == vault_a
+    assert not list((tmp_path / "a").glob(".restore-*"))
