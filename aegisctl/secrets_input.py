@@ -5,7 +5,9 @@ Never from argv, where any process on the machine can read them.
 
 from __future__ import annotations
 
+import io
 import sys
+from typing import BinaryIO
 
 import click
 
@@ -20,19 +22,24 @@ MAX_SECRET_BYTES = 16384
 def stdin_line(what: str, flag: str) -> str:
     """Stdin's next line without its line break: a usage error, never quoting it, if it is empty or not UTF-8.
 
-    Python reads stdin with the locale's error handler: a byte that is not UTF-8 either fails the read (strict)
-    or comes through as a lone surrogate (surrogateescape, as under C.UTF-8) that fails later, in the middle of
-    sending, with a traceback. Both end here instead, before anything is sent. The message names the input,
-    not the line: a strict read decodes ahead, so a bad byte on a later line fails this one."""
+    Read as bytes and decoded as UTF-8 here, whatever the locale or PYTHONIOENCODING says: decoded in another
+    encoding, the same bytes would be a different passphrase or secret, sent without a word. A line that is
+    not UTF-8 ends here, before anything is sent."""
     not_utf8 = f"{flag}: standard input is not UTF-8 text; aegisctl reads it as UTF-8 (nothing was sent)"
+    raw = _stdin_bytes().readline()
     try:
-        value = sys.stdin.readline().rstrip("\r\n")
-        value.encode("utf-8")
-    except (UnicodeDecodeError, UnicodeEncodeError):
+        value = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
         raise click.UsageError(not_utf8) from None
     if not value:
         raise click.UsageError(f"{flag}: standard input was empty; pipe the {what} in, one line")
     return value
+
+
+def _stdin_bytes() -> BinaryIO:
+    """Stdin's byte stream; an empty one when fd 0 is closed (sys.stdin is None), which reads as empty input."""
+    stream = getattr(sys.stdin, "buffer", None)
+    return stream if stream is not None else io.BytesIO()
 
 
 def read_secret(what: str, from_stdin: bool, *, confirm: bool = False, flag: str = "--secret-stdin",

@@ -36,6 +36,8 @@ class UnlockKeyOut:
     """The new key, and where it goes: FILE, or '-' for stdout once aegisd has taken it."""
 
     def __init__(self, path: str) -> None:
+        if not path:  # never taken for "no key wanted": the user asked for one
+            raise click.UsageError("the unlock key needs a file path, or '-' for stdout; the path given is empty")
         self.path = path
         self.key = new_unlock_key()
         self.sent = self.printed = False
@@ -68,6 +70,14 @@ class UnlockKeyOut:
         return f"Unlock key written to {self.path} (mode 0600). It is not shown again."
 
 
+def require_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """The option's callback: an empty FILE is a usage error at parse time, before anything is made or asked
+    (an empty path would otherwise read as "no unlock key")."""
+    if value is not None and not value:
+        raise click.BadParameter("an empty path; give a file to create, or '-' for stdout")
+    return value
+
+
 def new_unlock_key() -> str:
     """256 random bits, printable, with a prefix that says what they are."""
     return UNLOCK_KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode().rstrip("=")
@@ -76,7 +86,7 @@ def new_unlock_key() -> str:
 @contextlib.contextmanager
 def unlock_key_out(path: str | None) -> Iterator[UnlockKeyOut | None]:
     """Yield the new key (None without a path); on a refusal remove its file, on an unknown outcome keep it."""
-    out = UnlockKeyOut(path) if path else None
+    out = UnlockKeyOut(path) if path is not None else None
     try:
         yield out
     except BaseException as exc:

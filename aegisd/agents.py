@@ -377,7 +377,8 @@ def _grant_holds(key: RecordKey, known: frozenset[tuple[object, ...]], agent_id:
 
 def _grants(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[tuple[str, str, object]]]:
     """(credential id, credential name as stored, grant MAC) per agent id (one agent, or all when agent_id
-    is None), sorted by name: every grant row, authentic or not."""
+    is None), sorted by name: every grant row, authentic or not. A name that is not text (a BLOB put in
+    vault.db) is shown as its str(), as the credential listing shows it, so one such row fails no listing."""
     query = ("SELECT g.agent_id, g.credential_id, c.name, g.mac FROM grants g "
              "JOIN credentials c ON c.id = g.credential_id")
     params: tuple[str, ...] = ()
@@ -386,7 +387,7 @@ def _grants(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[tu
         params = (agent_id,)
     result: dict[str, list[tuple[str, str, object]]] = {}
     for owner, cred_id, cred_name, mac in conn.execute(query + " ORDER BY c.name", params):
-        result.setdefault(owner, []).append((cred_id, cred_name, mac))
+        result.setdefault(owner, []).append((cred_id, str(cred_name), mac))
     return result
 
 

@@ -6,13 +6,13 @@ import click
 
 from aegisctl.context import Context, pass_context
 from aegisctl.secrets_input import read_secret
-from aegisctl.unlock_key_out import unlock_key_out
+from aegisctl.unlock_key_out import require_path, unlock_key_out
 from aegisd.api.aegis.v1 import vault_pb2
 
 
 @click.command("init")
 @click.option("--passphrase-stdin", is_flag=True, help="Read the passphrase from stdin's first line.")
-@click.option("--unlock-key-out", "unlock_key_out_path", metavar="FILE|-",
+@click.option("--unlock-key-out", "unlock_key_out_path", metavar="FILE|-", callback=require_path,
               help="Also create an unlock key and write it to FILE (created 0600) or '-' for stdout. "
                    "It is shown once; systemd can load it with LoadCredentialEncrypted.")
 @pass_context

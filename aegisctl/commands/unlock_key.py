@@ -6,7 +6,7 @@ import click
 
 from aegisctl.context import Context, pass_context
 from aegisctl.secrets_input import confirm_destructive, read_secret
-from aegisctl.unlock_key_out import unlock_key_out
+from aegisctl.unlock_key_out import require_path, unlock_key_out
 from aegisd.api.aegis.v1 import vault_pb2
 
 PASSPHRASE_STDIN = click.option("--passphrase-stdin", is_flag=True,
@@ -19,7 +19,7 @@ def command() -> None:
 
 
 @command.command("new")
-@click.option("--out", "out", metavar="FILE|-", required=True,
+@click.option("--out", "out", metavar="FILE|-", required=True, callback=require_path,
               help="Write the new key to FILE (created 0600; it must not exist) or '-' for stdout.")
 @PASSPHRASE_STDIN
 @pass_context

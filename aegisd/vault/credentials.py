@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ SERVICE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}\Z")  # RFC 9110 header field name
 QUERY_PARAM = re.compile(r"^[A-Za-z0-9._~-]{1,64}\Z")
 MAX_SECRET_BYTES = 16384
+# Unicode categories no API key holds: controls (C0, DEL, C1 such as U+0085), format characters (zero-width
+# U+200B, U+FEFF, bidi marks) and the line and paragraph separators: invisible, or a line break to some parsers.
+_REFUSED_IN_SECRETS = frozenset({"Cc", "Cf", "Zl", "Zp"})
 # Header names the gate manages itself; a credential may not claim them.
 RESERVED_HEADERS = frozenset({
     "host", "connection", "content-length", "transfer-encoding", "te", "trailer", "upgrade",
@@ -138,9 +142,10 @@ def validate_secret(secret: str, auth_type: str) -> bytes:
         raise InvalidArgument(f"the secret is longer than {MAX_SECRET_BYTES} bytes")
     if any(ch in secret for ch in "\r\n\0"):
         raise InvalidArgument("the secret contains a line break or NUL byte, which cannot go in a header")
-    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in secret):
-        raise InvalidArgument("the secret contains a control character, which no API key has and a header "
-                              "would carry as is")
+    if any(unicodedata.category(ch) in _REFUSED_IN_SECRETS for ch in secret):
+        raise InvalidArgument("the secret contains a control character or an invisible one (a zero-width or "
+                              "other format character, a line or paragraph separator), which no API key has "
+                              "and a header would carry as is")
     if secret != secret.strip():  # an upstream's parser trims it, so an echo of the key would escape redaction
         raise InvalidArgument("the secret starts or ends with whitespace; give it without")
     if auth_type == "basic" and ":" not in secret:

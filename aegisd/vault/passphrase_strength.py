@@ -3,13 +3,16 @@
 zxcvbn's dictionaries take ~13 MiB, and even freed they leave ~3 MiB of part-used allocator arenas
 behind: a long-running daemon would carry that for its whole life for a check only `init` makes. The
 child marks itself non-dumpable (aegisd.hardening) before it reads the passphrase from its stdin, so
-while it holds the passphrase it is as closed to same-user debuggers and core dumps as the daemon.
+while it holds the passphrase it is as closed to same-user debuggers and core dumps as the daemon. It
+runs isolated (`-E -P`, in "/"): a module planted in aegisd's working directory or named by a PYTHON*
+variable would otherwise be imported in the process that holds the passphrase.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import site
 import subprocess
 import sys
 
@@ -33,11 +36,19 @@ def check_passphrase_strength(passphrase: str) -> None:
                               "use four or more unrelated words or a password manager")
 
 
+def _child_argv() -> list[str]:
+    """The child's command: `-P` keeps the working directory off its sys.path and `-E` ignores PYTHONPATH and
+    the other PYTHON* variables; the user's site-packages load only if the daemon's do (`-s` otherwise: -I in
+    all), so an aegisd installed with `pip --user` still finds itself. The venv's site-packages always load."""
+    user_site = getattr(site, "ENABLE_USER_SITE", False) is True
+    return [sys.executable, "-E", "-P", *([] if user_site else ["-s"]), "-m", __name__]
+
+
 def _zxcvbn_verdict(passphrase: str) -> tuple[int, str]:
     """zxcvbn's score (0-4) and warning, from the child (`main` below)."""
     verdict: object = None
     try:
-        child = subprocess.run([sys.executable, "-m", __name__], input=passphrase.encode("utf-8", "surrogatepass"),
+        child = subprocess.run(_child_argv(), input=passphrase.encode("utf-8", "surrogatepass"), cwd="/",
                                capture_output=True, timeout=_CHECK_SECONDS, check=False)
         if child.returncode == 0:
             verdict = json.loads(child.stdout)

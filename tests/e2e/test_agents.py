@@ -192,3 +192,41 @@ def test_no_vault_yet(aegis: Aegis) -> None:
 def test_no_agents_yet(unlocked: Aegis) -> None:
     assert "No agents yet" in unlocked.ctl("agent", "list").ok().out
     assert json.loads(unlocked.ctl("agent", "list", "--json").ok().out) == []
+
+
+def test_a_credential_name_that_is_not_text_breaks_no_agent_listing(unlocked: Aegis) -> None:
+    """Found by a cold review: a credential name edited in vault.db into bytes that are not UTF-8 (a BLOB) went
+    straight into the API's string field, so `agent list`, `agent show` and `agent remove` failed with an
+    internal error for every agent. It is now shown as the credential listing shows it, locked or unlocked."""
+    aegis = unlocked
+    add_credentials(aegis)
+    agent_add(aegis, "claude")
+    agent_add(aegis, "cursor")
+    aegis.ctl("grant", "claude", "github").ok()
+    aegis.ctl("grant", "cursor", "openai").ok()
+    conn = sqlite3.connect(aegis.data_dir / "vault.db", timeout=10)
+    try:
+        with conn:
+            conn.execute("UPDATE credentials SET name = X'FF' WHERE name = 'github'")
+    finally:
+        conn.close()
+    shown_as = "b'\\xff'"
+    assert shown_as in [c["name"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)]
+
+    def listed() -> dict[str, Any]:
+        return {a["name"]: a for a in json.loads(aegis.ctl("agent", "list", "--json").ok().out)}
+
+    agents = listed()
+    assert (agents["claude"]["credentials"], agents["claude"]["ignored_grants"]) == ([], [shown_as])
+    assert agents["cursor"]["credentials"] == ["openai"]
+    assert "claude" in aegis.ctl("agent", "list").ok().out
+    assert json.loads(aegis.ctl("agent", "show", "claude", "--json").ok().out)["ignored_grants"] == [shown_as]
+    aegis.ctl("lock").ok()
+    agents = listed()
+    assert agents["claude"]["credentials"] == [shown_as] and agents["claude"]["integrity"] == "unchecked"
+    assert json.loads(aegis.ctl("agent", "show", "claude", "--json").ok().out)["credentials"] == [shown_as]
+    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert "1 grants removed" in aegis.ctl("agent", "remove", "claude", "--yes").ok().out
+    assert list(listed()) == ["cursor"]
+    assert "internal error" not in aegis.log().lower()
+    aegis.assert_no_leaks([PASSPHRASE, GH_SECRET, OA_SECRET])

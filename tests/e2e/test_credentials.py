@@ -216,6 +216,21 @@ def test_bad_secrets_are_refused(shared: Aegis) -> None:
     assert names(shared) == ["taken"]
 
 
+def test_invisible_and_c1_control_characters_in_a_secret_are_refused(shared: Aegis) -> None:
+    """Found by a cold review: only C0 controls and DEL were refused, so a secret holding a C1 control (U+0085,
+    a line break to some parsers), a line or paragraph separator or a zero-width character was taken, though
+    the refusal's own words say a control character is not. Refused on add and rotate, never quoted."""
+    odd = {"c1": "sk-c1-\u0085-nel-0123", "csi": "sk-c1-\u009b-csi-0123", "ls": "sk-ls-\u2028-0123",
+           "ps": "sk-ps-\u2029-0123", "zwsp": "sk-zw-\u200b-space-0123", "bom": "\ufeffsk-bom-0123",
+           "rlo": "sk-bidi-\u202e-0123", "shy": "sk-soft\u00adhyphen-0123"}
+    for secret in odd.values():
+        for args in (add("odd"), ["vault", "rotate", "taken", "--secret-stdin"]):
+            result = shared.ctl(*args, input=secret + "\n")
+            assert_failed(result, "the secret contains a control character or an invisible one")
+    assert names(shared) == ["taken"]
+    shared.assert_no_leaks([PASSPHRASE, SECRET, *odd.values()])
+
+
 def test_duplicates_are_refused(shared: Aegis) -> None:
     result = shared.ctl(*add("taken", service="fresh"), input="sk-dup-name-0001\n")
     assert_failed(result, "already", "'taken'")

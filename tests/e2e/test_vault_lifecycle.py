@@ -7,9 +7,12 @@ import os
 import re
 import stat
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from tests.e2e.support import assert_failed, status
-from tests.harness import AEGISCTL, AEGISD, PASSPHRASE, Aegis, Result
+from tests.harness import AEGISCTL, AEGISD, PASSPHRASE, Aegis, Result, new_aegis
 
 OTHER_PASSPHRASE = "violet submarine orbit pancake 77"
 
@@ -262,3 +265,74 @@ def test_a_secret_is_not_asked_for_when_the_vault_cannot_take_it(unlocked: Aegis
                   "the vault is locked", "aegisctl unlock")
     assert_failed(unlocked.ctl("vault", "rotate", "api"), "the vault is locked", "aegisctl unlock")
     unlocked.assert_no_leaks([PASSPHRASE, "sk-prompt-order-secret-01"])
+
+
+def _plant(directory: Path, module: str, marker: Path) -> None:
+    """A module that, once imported, writes what the child read on its stdin to `marker` and would pass any
+    passphrase as zxcvbn."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / module).write_text(
+        "import sys\n"
+        f"open({str(marker)!r}, 'w').write(sys.stdin.read() if not sys.stdin.closed else 'imported')\n"
+        "def zxcvbn(password):\n"
+        "    return {'score': 4, 'feedback': {}}\n")
+
+
+def test_the_passphrase_check_imports_nothing_from_aegisds_cwd_or_pythonpath(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a cold review: the strength check's child ran `python -m ...`, which puts the working directory
+    first on sys.path, so a zxcvbn.py (or an aegisd/ package) planted where aegisd was started was imported in
+    the process holding the new passphrase: it could keep it and pass a weak one. The child now runs isolated."""
+    aegis = new_aegis()
+    try:
+        evil = aegis.root / "evil"
+        marker = aegis.root / "captured"
+        _plant(evil, "zxcvbn.py", marker)
+        _plant(evil / "aegisd", "__init__.py", marker)
+        on_path = aegis.root / "on-path"
+        _plant(on_path, "zxcvbn.py", marker)
+        monkeypatch.chdir(evil)  # aegisd inherits its working directory from here
+        aegis.start(env={"PYTHONPATH": str(on_path)})
+        monkeypatch.undo()
+        weak = "password12345"
+        assert_failed(aegis.ctl("init", "--passphrase-stdin", input=weak + "\n"), "too weak")
+        assert not marker.exists()
+        aegis.init()
+        assert not marker.exists()
+        assert status(aegis)["state"] == "unlocked"
+        aegis.assert_no_leaks([PASSPHRASE, weak])
+    finally:
+        aegis.cleanup()
+
+
+def test_an_empty_unlock_key_path_is_a_usage_error_that_changes_nothing(aegis: Aegis) -> None:
+    """Found by a cold review: `init --unlock-key-out ""` made a vault with no unlock key without a word, and
+    `unlock-key new --out ""` died with a bare AssertionError. Both are now usage errors before anything is
+    made, asked or sent."""
+    result = aegis.ctl("init", "--passphrase-stdin", "--unlock-key-out", "", input=PASSPHRASE + "\n")
+    assert_failed(result, "--unlock-key-out", "empty path", code=2)
+    assert status(aegis)["state"] == "uninitialized"
+    key_file = aegis.root / "init.key"
+    aegis.init(PASSPHRASE, "--unlock-key-out", str(key_file))
+    key = key_file.read_text().strip()
+    result = aegis.ctl("unlock-key", "new", "--out", "", "--passphrase-stdin", input=PASSPHRASE + "\n")
+    assert_failed(result, "--out", "empty path", code=2)
+    assert "AssertionError" not in result.err
+    assert status(aegis)["key_slots"] == 2
+    aegis.ctl("lock").ok()
+    aegis.ctl("unlock", "--unlock-key-stdin", input=key + "\n").ok()  # the key from init was not replaced
+    aegis.assert_no_leaks([PASSPHRASE, key])
+
+
+def test_stdin_is_read_as_utf8_whatever_the_locale_says(aegis: Aegis) -> None:
+    """Found by a cold review: stdin was read in the locale's encoding, so under PYTHONIOENCODING=latin-1 the
+    UTF-8 bytes of "Grüße" became "GrÃ¼Ã\\x9fe" and another passphrase (or secret) was sent, without a word.
+    aegisctl now decodes stdin as UTF-8 itself, as its messages say."""
+    passphrase = "Grüße aus Köln, 東京 und Zürich"
+    latin1 = {"PYTHONIOENCODING": "latin-1"}
+    aegis.ctl("init", "--passphrase-stdin", input=passphrase + "\n", env=latin1).ok()
+    aegis.ctl("lock").ok()
+    aegis.ctl("unlock", "--passphrase-stdin", input=passphrase + "\n").ok()  # the same passphrase both times
+    aegis.ctl("lock").ok()
+    aegis.ctl("unlock", "--passphrase-stdin", input=passphrase + "\n", env=latin1).ok()
+    aegis.assert_no_leaks([passphrase])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import site
 import sys
 
 import pytest
@@ -51,3 +52,13 @@ def test_a_failing_child_is_an_error_and_its_output_is_not_logged(monkeypatch: p
     with pytest.raises(AegisError, match="could not run"):
         check_passphrase_strength("vivid walrus ironing ochre tundra")
     assert "exited 1" in caplog.text and "no_such_module" not in caplog.text
+
+
+@pytest.mark.parametrize("user_site", [False, True])
+def test_the_child_never_imports_from_the_cwd_or_python_env(monkeypatch: pytest.MonkeyPatch, user_site: bool) -> None:
+    """`-m` alone puts the working directory first on sys.path and honours PYTHONPATH: the child ignores both,
+    and takes the user's site-packages only when the daemon does (an aegisd installed with `pip --user`)."""
+    monkeypatch.setattr(site, "ENABLE_USER_SITE", user_site)
+    argv = passphrase_strength._child_argv()
+    assert argv[0] == sys.executable and argv[-2:] == ["-m", "aegisd.vault.passphrase_strength"]
+    assert {"-E", "-P"} <= set(argv) and ("-s" in argv) is not user_site

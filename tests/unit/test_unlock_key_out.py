@@ -156,3 +156,11 @@ def test_aegisds_own_key_is_kept_when_its_file_cannot_be_rewritten(tmp_path: Pat
         assert path.read_text() == theirs + "\n" and made.key == theirs and theirs not in err
     finally:
         path.unlink()
+
+
+def test_an_empty_path_is_a_usage_error_not_no_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty path used to read as "no unlock key wanted" (a vault made without one) or trip an assert."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(click.UsageError, match="empty"), unlock_key_out(""):
+        pytest.fail("an empty path must not yield")
+    assert list(tmp_path.iterdir()) == []
