@@ -46,17 +46,21 @@ def peer_uid(client: tuple[str, int], server: tuple[str, int], proc_net: Path = 
     if platform != "linux":
         return None
     table = proc_net / ("tcp6" if ":" in client[0] else "tcp")
+    local, remote = proc_address(*client), proc_address(*server)
+    # Read line by line and stop at the row: this runs on the event loop for every HTTP request, and the kernel
+    # writes the table as it is read, a row per socket on the machine.
     try:
-        lines = table.read_text().splitlines()[1:]
+        with table.open(encoding="ascii", errors="replace") as rows:
+            for line in rows:
+                if local not in line:  # cheap test first: most rows are other connections
+                    continue
+                fields = line.split()
+                # sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode ...
+                if (len(fields) > 9 and fields[1] == local and fields[2] == remote and fields[3] == ESTABLISHED
+                        and fields[9] != "0"):
+                    return int(fields[7])
     except OSError as exc:
         raise PeerUnknown(f"cannot read {table}: {exc.strerror or exc}") from None
-    local, remote = proc_address(*client), proc_address(*server)
-    for line in lines:
-        fields = line.split()
-        # sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode ...
-        if (len(fields) > 9 and fields[1] == local and fields[2] == remote and fields[3] == ESTABLISHED
-                and fields[9] != "0"):
-            return int(fields[7])
     return _unknown(client)
 
 

@@ -33,8 +33,26 @@ INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f
                        "\U000e0020-\U000e007f]")
 
 
+# Code points that are not Unicode scalar values: a lone one is no valid text, and the MCP SDK cannot serialise a
+# result holding one (over stdio that ends the whole bridge). aiohttp makes one of each header byte that is not
+# UTF-8 (surrogateescape), JSON may spell one (`"\\ud800"`), and some codecs decode to them.
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+# The charsets a body is decoded in: the text encodings of the WHATWG Encoding Standard (what browsers decode),
+# ASCII, UTF-32 and a few DOS and Windows code pages, by Python's canonical codec names. Every one maps bytes to
+# characters and nothing else. Python's registry also holds codecs that are no charset at all (bz2, zlib and
+# hex, which would decompress or transform), codecs that yield lone surrogates (utf-7, unicode_escape,
+# raw_unicode_escape) and codecs whose failure is no UnicodeDecodeError (punycode, idna): none is named here.
+TEXT_CHARSETS = frozenset({
+    "ascii", "utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be",
+    *(f"iso8859-{n}" for n in (*range(1, 12), 13, 14, 15, 16)), *(f"cp{n}" for n in range(1250, 1259)),
+    "cp437", "cp850", "cp866", "cp874", "tis-620", "koi8-r", "koi8-u", "mac-roman", "mac-cyrillic",
+    "gbk", "gb2312", "gb18030", "big5", "big5hkscs", "euc_jp", "iso2022_jp", "shift_jis", "cp932", "euc_kr", "cp949"})
+
+
 def ok(value: dict[str, Any]) -> CallToolResult:
     """The value as JSON text in which invisible characters are escapes (`\\u202e`): the same JSON value."""
+    value = valid_unicode(value)
     text = escape_invisible(json.dumps(value, ensure_ascii=False))
     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=value)
 
@@ -52,7 +70,31 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\u{point:04x}"
 
 
+def valid_unicode(value: Any) -> Any:
+    """`value` with every lone surrogate in its strings (dictionary keys too) replaced by U+FFFD, so that the
+    result can be serialised whatever an upstream, the gate or a caller put in it. Everything else as it was."""
+    if isinstance(value, str):
+        return SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {valid_unicode(key): valid_unicode(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [valid_unicode(item) for item in value]
+    return value
+
+
+def header_text(field: str) -> str:
+    """A response header's value as text: its bytes as UTF-8, each byte sequence that is not UTF-8 as U+FFFD.
+
+    aiohttp decodes header bytes as UTF-8 with `surrogateescape`, so a byte that is not UTF-8 (`\\xff`, or
+    Latin-1 text) arrives as a lone surrogate; encoding back gives the bytes the upstream sent."""
+    try:
+        return field.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate surrogateescape did not make
+        return str(valid_unicode(field))
+
+
 def error(code: str, message: str, **details: Any) -> CallToolResult:
+    message, details = valid_unicode(message), valid_unicode(details)
     text = f"{code}: {escape_invisible(message)}"
     if details.get("retry_after"):
         text += f" (retry after {details['retry_after']} s)"
@@ -74,7 +116,8 @@ def refusal(r: Refusal) -> CallToolResult:
 def proxied(reply: GateResponse, limit: int) -> CallToolResult:
     """The upstream's answer as the gate relayed it: status, headers, body (text or base64)."""
     headers: dict[str, str] = {}
-    for name, field in reply.headers.items():
+    for raw_name, raw_field in reply.headers.items():
+        name, field = header_text(raw_name), header_text(raw_field)
         if name.lower() not in WIRE_HEADERS:
             headers[name] = f"{headers[name]}, {field}" if name in headers else field
     text, encoding = body_text(reply.body, reply.charset, reply.content_type, reply.truncated)
@@ -87,22 +130,30 @@ def proxied(reply: GateResponse, limit: int) -> CallToolResult:
 
 
 def body_text(data: bytes, charset: str | None, content_type: str, truncated: bool) -> tuple[str, str]:
-    """(text, "text") when the body decodes in its charset (UTF-8 by default), else (base64, "base64")."""
+    """(text, "text") when the body decodes in its charset (UTF-8 by default, and for a charset not in
+    TEXT_CHARSETS) into valid Unicode, else (base64, "base64"). A body that does not decode is still an answer,
+    with its status and headers: any failure of the decoder falls back to base64, never to an error."""
     if content_type.startswith(BINARY_TYPES):
-        return base64.b64encode(data).decode("ascii"), "base64"
+        return _base64(data)
     decoder = codecs.getincrementaldecoder(_text_encoding(charset))("strict")
     try:
         # A truncated body may end inside a multi-byte character: drop that partial character only.
-        return decoder.decode(data, final=not truncated), "text"
-    except UnicodeDecodeError:
-        return base64.b64encode(data).decode("ascii"), "base64"
+        text = decoder.decode(data, final=not truncated)
+    except ValueError:  # UnicodeDecodeError, and any other UnicodeError a decoder raises
+        return _base64(data)
+    if SURROGATE.search(text):
+        return _base64(data)
+    return text, "text"
+
+
+def _base64(data: bytes) -> tuple[str, str]:
+    return base64.b64encode(data).decode("ascii"), "base64"
 
 
 def _text_encoding(charset: str | None) -> str:
-    """The upstream's charset if it names a text encoding, else UTF-8. Python's codec registry also holds
-    bz2, zlib, hex and base64 under such names: a body would be decompressed without bound, or not become text."""
+    """The upstream's charset if it is one of TEXT_CHARSETS, else UTF-8."""
     try:
-        info = codecs.lookup(charset or "utf-8")
+        name = codecs.lookup(charset or "utf-8").name
     except LookupError:
         return "utf-8"
-    return info.name if getattr(info, "_is_text_encoding", False) else "utf-8"
+    return name if name in TEXT_CHARSETS else "utf-8"

@@ -125,8 +125,11 @@ def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None =
         # The agent token goes to this address with every call. aegisd's gate is a local service; a
         # config shared in a repository (.mcp.json) could otherwise send the token to anyone's host,
         # over https as easily as over http.
-        raise SettingsError(f"the gate URL {raw!r} (from {source}) is not a loopback address: the bridge sends "
-                            "the agent token only to a gate on 127.0.0.1, [::1] or localhost, never to another host",
+        dotted = (" (a name ending in '.' is looked up in DNS, which may answer with any address; write "
+                  "localhost without the dot)" if parts.hostname.endswith(".") else "")
+        raise SettingsError(f"the gate URL {raw!r} (from {source}) is not a loopback address{dotted}: the bridge "
+                            "sends the agent token only to a gate on 127.0.0.1, [::1] or localhost, never to another "
+                            "host",
                             f"set {source if source in ('--gate-url', 'AEGIS_GATE_URL') else 'AEGIS_GATE_URL'} "
                             "to the gate's loopback address, e.g. http://127.0.0.1:3100", usage=True)
     return f"{parts.scheme}://{parts.netloc}"
@@ -140,8 +143,13 @@ def _reachable(listen: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    """`localhost`, or an address in 127.0.0.0/8 or ::1 (an IPv4-mapped one too); never another name."""
-    if host.lower().rstrip(".") == "localhost":
+    """`localhost`, or an address in 127.0.0.0/8 or ::1 (an IPv4-mapped one too); never another name.
+
+    `localhost` exactly: the system answers it itself (/etc/hosts, systemd-resolved), but glibc sends the fully
+    qualified `localhost.` (or `localhost..`) to DNS, which may answer with any address (aegisd's webhooks
+    refuse it for the same reason).
+    """
+    if host.lower() == "localhost":
         return True
     try:
         address = ipaddress.ip_address(host)

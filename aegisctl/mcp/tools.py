@@ -10,9 +10,10 @@ import re
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from mcp.server.mcpserver import MCPServer
-from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.types import CallToolResult, InputRequiredResult, ToolAnnotations
+from pydantic import Field, ValidationError
 
 from aegisctl import __version__
 from aegisctl.mcp import results
@@ -30,6 +31,8 @@ PATH_SAFE = "/?&=%:@!$'()*+,;~-._"  # RFC 3986 pchar and query characters, plus 
 # C0 controls and DEL: no HTTP field may carry them (a header value may hold a tab, RFC 9110 5.5).
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+GATE_NAMESPACE = "_aegis"  # the gate's own endpoints (/_aegis/metrics, /_aegis/health), not a service
+QUOTED = 60  # characters of a bad argument an error quotes back; the rest is counted, not repeated
 
 INSTRUCTIONS = """Aegis lets you call APIs whose keys you never see. Call aegis_list_services to learn which
 services you may use and on which hosts, then aegis_proxy_request with a service name and a path; the
@@ -44,11 +47,24 @@ class ArgumentError(Exception):
     """A tool argument that cannot be sent as given."""
 
 
+def quoted(value: str) -> str:
+    """`value` as an error quotes it: its repr, cut after QUOTED characters, so that a multi-megabyte argument
+    does not come back as a multi-megabyte error in the model's context."""
+    if len(value) <= QUOTED:
+        return repr(value)
+    return f"{value[:QUOTED]!r}... ({len(value)} characters)"
+
+
 def gate_target(service: str, path: str) -> str:
     """`/{service}{path}` for the gate, with unsafe characters percent-encoded and nothing else changed."""
     if not service or any(c in service for c in "/?#%\\") or not service.isprintable() or service != service.strip():
-        raise ArgumentError(f"service {service!r} must be a service name such as 'github' "
+        raise ArgumentError(f"service {quoted(service)} must be a service name such as 'github' "
                             "(see aegis_list_services), without '/', '?', '#' or '%'")
+    if service.lower() == GATE_NAMESPACE:
+        # The gate answers /_aegis/... itself: its metrics page names every agent, which is the operator's to
+        # read. aegis_list_services and aegis_health are this agent's view of the gate.
+        raise ArgumentError(f"service {quoted(service)} is the gate's own namespace, not a service; use "
+                            "aegis_list_services or aegis_health to ask the gate about this agent")
     if "#" in path:
         raise ArgumentError("path must not contain a fragment ('#')")
     if not path.startswith("/"):
@@ -60,7 +76,7 @@ def request_headers(headers: dict[str, str] | None, target_host: str) -> dict[st
     out: dict[str, str] = {}
     for name, value in (headers or {}).items():
         if not HEADER_NAME.match(name):
-            raise ArgumentError(f"header name {name!r} is not a valid HTTP header name")
+            raise ArgumentError(f"header name {quoted(name)} is not a valid HTTP header name")
         reason = RESERVED_HEADERS.get(name.lower())
         if reason is not None:
             raise ArgumentError(f"header {name!r} cannot be set: {reason}")
@@ -76,9 +92,35 @@ def request_headers(headers: dict[str, str] | None, target_host: str) -> dict[st
     return out
 
 
+class BridgeServer(MCPServer[Any]):
+    """The SDK's server, with arguments of the wrong type (or missing) answered as `invalid_argument`, like
+    every other argument the bridge refuses, instead of the SDK's generic validation text."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Context[Any, Any] | None = None) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            # The SDK raises a ToolError caused by pydantic's ValidationError when the arguments do not match
+            # the tool's signature; anything else (an unknown tool, a crash) stays the SDK's to report.
+            if isinstance(exc, UnexpectedToolError) or not isinstance(exc.__cause__, ValidationError):
+                raise
+            return results.error("invalid_argument", argument_errors(exc.__cause__))
+
+
+def argument_errors(exc: ValidationError) -> str:
+    """Which arguments are wrong and what each should be, without the values themselves (the caller has them,
+    and one may be megabytes long)."""
+    found = exc.errors(include_url=False, include_input=False, include_context=False)
+    said = [f"argument {quoted('.'.join(str(part) for part in error['loc']))}: {error['msg'].lower()}"
+            for error in found[:5]]
+    more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+    return "; ".join(said) + more
+
+
 def build_server(gate: GateClient) -> MCPServer[Any]:
-    server: MCPServer[Any] = MCPServer(name="aegis", title="Aegis", version=__version__, instructions=INSTRUCTIONS,
-                                       log_level="WARNING")
+    server = BridgeServer(name="aegis", title="Aegis", version=__version__, instructions=INSTRUCTIONS,
+                          log_level="WARNING")
 
     async def aegis_proxy_request(
         service: Annotated[str, Field(description="Service name from aegis_list_services, e.g. 'github'.")],
@@ -103,7 +145,7 @@ def build_server(gate: GateClient) -> MCPServer[Any]:
         try:
             verb = method.strip().upper()
             if not METHOD.match(verb):
-                raise ArgumentError(f"method {method!r} is not an HTTP method such as GET or POST")
+                raise ArgumentError(f"method {quoted(method)} is not an HTTP method such as GET or POST")
             target = gate_target(service, path)
             sent = request_headers(headers, target_host)
         except ArgumentError as exc:

@@ -8,6 +8,7 @@ One real aegisd serves every test here, each with its own agent and credential.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import subprocess
@@ -163,12 +164,17 @@ def test_the_token_goes_only_to_a_loopback_gate(world: GateWorld) -> None:
                     (["--token-file", str(token_file), "--gate-url", remote], {}, "--gate-url"),
                     ([], {"AEGIS_AGENT_TOKEN": token, "AEGIS_GATE_URL": "http://localhost.example.com:3100"},
                      "AEGIS_GATE_URL")]
+        # `localhost.` and `localhost..` are no loopback names: glibc asks DNS for them, not /etc/hosts.
+        attempts += [(["--token-file", str(token_file)], {"AEGIS_GATE_URL": f"http://{name}:{world.port}"},
+                      "AEGIS_GATE_URL") for name in ("localhost.", "localhost..", "LOCALHOST.")]
         for args, env, named in attempts:
             result = subprocess.run([AEGISCTL, "mcp", "serve", *args], env={**bridge_env(world.aegis.gate_url), **env},
                                     stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
             world.received.extend([result.stdout, result.stderr])
             assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
             assert "is not a loopback address" in result.stderr and f"(from {named})" in result.stderr, result.stderr
+            if ".:" in env.get("AEGIS_GATE_URL", ""):
+                assert "looked up in DNS" in result.stderr, result.stderr
         config = world.aegis.ctl("mcp", "config", "cursor", "--gate-url", remote)
         assert config.code == 2 and "is not a loopback address" in config.err and config.out == ""
     finally:
@@ -376,3 +382,104 @@ def test_the_http_transport_needs_a_place_for_its_bearer(world: GateWorld) -> No
         world.received.extend([result.stdout, result.stderr])
         assert result.returncode == 2 and needle in result.stderr, result.stderr
     world.assert_no_leaks()
+
+
+# -- what an upstream, or a caller, can put in a tool result (second cold review) --------------------------------
+
+# An upstream's answers that are no valid text: a header byte that is not UTF-8 (aiohttp hands it over as a lone
+# surrogate), and charsets whose Python codec yields lone surrogates (utf-7, the escape codecs) or fails with a
+# plain UnicodeError (punycode). A lone surrogate in a result made the SDK's serialisation fail: over stdio the
+# bridge exited and every later call was lost, over HTTP the call got an empty answer.
+NOT_TEXT = {"/header": (b"X-Weird: caf\xff\r\nContent-Type: text/plain; charset=utf-8", b"hello"),
+            "/utf7": (b"Content-Type: text/plain; charset=utf-7", b"+2AA-"),
+            "/escape": (b"Content-Type: text/plain; charset=unicode_escape", b"a\\ud800"),
+            "/raw-escape": (b"Content-Type: text/plain; charset=raw_unicode_escape", b"b\\udc80"),
+            "/punycode": (b"Content-Type: text/plain; charset=punycode", b"\xff-abc")}
+
+
+def not_text_answer(target: str) -> bytes:
+    head, body = NOT_TEXT[target]
+    return (b"HTTP/1.1 200 OK\r\n" + head + b"\r\nX-Marker: " + target.encode() + b"\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def check_not_text_answers(results: dict[str, Any]) -> None:
+    """Every call is an answer with status, headers and body, the bytes that are no text shown as U+FFFD (a header)
+    or read as UTF-8 (a codec outside the charsets the bridge decodes), else base64."""
+    answers = {target: value_of(result) for target, result in results.items()}
+    for target, answer in answers.items():
+        assert answer["status"] == 200 and answer["request_id"] and answer["headers"]["X-Marker"] == target, answer
+    assert answers["/header"]["headers"]["X-Weird"] == "caf\ufffd" and answers["/header"]["body"] == "hello"
+    assert (answers["/utf7"]["body"], answers["/utf7"]["body_encoding"]) == ("+2AA-", "text")
+    assert (answers["/escape"]["body"], answers["/raw-escape"]["body"]) == ("a\\ud800", "b\\udc80")
+    assert (answers["/punycode"]["body"], answers["/punycode"]["body_encoding"]) == (
+        base64.b64encode(b"\xff-abc").decode(), "base64")
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_an_upstreams_bytes_that_are_no_text_come_back_as_an_answer(world: GateWorld, transport: str) -> None:
+    scripted = ScriptedUpstream(not_text_answer)
+    try:
+        bridge = agent_bridge(world, f"bytes-{transport}", scripted.entry())
+
+        async def scenario() -> tuple[dict[str, Any], Any]:
+            async with bridge.stdio() if transport == "stdio" else bridge.http() as session:
+                results = {}
+                for target in NOT_TEXT:
+                    with anyio.fail_after(60):
+                        results[target] = await bridge.call(session, "aegis_proxy_request",
+                                                            service=f"bytes-{transport}", path=target)
+                with anyio.fail_after(60):  # the bridge still serves
+                    return results, await bridge.call(session, "aegis_health")
+
+        results, health = anyio.run(scenario)
+    finally:
+        scripted.stop()
+    check_not_text_answers(results)
+    assert value_of(health)["agent_token"] == "valid"
+    assert "Traceback" not in bridge.stderr(), bridge.stderr()
+    if transport == "http":
+        world.secrets.append(bridge.bearer())
+    world.assert_no_leaks(extra=bridge.outputs())
+
+
+def test_the_gates_own_endpoints_are_not_a_service(world: GateWorld) -> None:
+    """/_aegis/metrics names every agent and its counts: the operator's page, not the model's to read."""
+    up = world.upstream()
+    bridge = agent_bridge(world, "peek", up.entry())
+    world.agent("neighbour")
+    sent: list[dict[str, Any]] = [dict(service=service, path=path) for service, path in
+                                  (("_aegis", "/metrics"), ("_aegis", "/health"), ("_AEGIS", "/services"))]
+    results = calls(bridge, sent)
+    for arguments, result in zip(sent, results, strict=True):
+        error = error_of(result, "invalid_argument")
+        assert "the gate's own namespace" in error["message"] and "aegis_list_services" in error["message"], arguments
+    assert "neighbour" not in json.dumps(bridge.results) and "aegis_requests" not in json.dumps(bridge.results)
+    world.assert_no_leaks(extra=bridge.outputs())
+
+
+def test_wrong_arguments_are_short_invalid_argument_errors(world: GateWorld) -> None:
+    """Arguments of the wrong type, or missing, are `invalid_argument` like any other bad argument (not the SDK's
+    validation text), and an error quotes at most a few dozen characters of a multi-megabyte argument."""
+    up = world.upstream()
+    bridge = agent_bridge(world, "typo", up.entry())
+    huge = "x/" * 1_000_000
+    sent: list[dict[str, Any]] = [
+        dict(service=5, path="/x"), dict(service="typo", path="/x", headers={"A": 5}),
+        dict(service="typo", path="/x", method=None), dict(service="typo"), dict(service="typo", path=["/x"]),
+        dict(service=huge, path="/x"), dict(service="typo", path="/x", method=huge),
+        dict(service="typo", path="/x", headers={huge: "v"})]
+    expected = ["argument 'service': input should be a valid string",
+                "argument 'headers.A': input should be a valid string",
+                "argument 'method': input should be a valid string", "argument 'path': field required",
+                "argument 'path': input should be a valid string",
+                "service 'x/x/", "method 'x/x/", "header name 'x/x/"]
+    results = calls(bridge, sent)
+    for arguments, result, needle in zip(sent, results, expected, strict=True):
+        error = error_of(result, "invalid_argument")
+        assert needle in error["message"] and len(error["message"]) < 400, (str(arguments)[:100], error)
+        assert len(result.model_dump_json()) < 2000
+    assert "(2000000 characters)" in error_of(results[5], "invalid_argument")["message"]
+    assert up.requests == [] and "Error executing tool" not in json.dumps(bridge.results)
+    world.assert_no_leaks(extra=bridge.outputs())
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +144,32 @@ def test_guard_serves_where_the_system_keeps_no_table(tmp_path: Path) -> None:
     """macOS and the like: no /proc/net, so no check (docs/mcp.md says so), rather than no bridge."""
     status, _, reached = _serve(tmp_path / "absent", ("127.0.0.1", 40000), platform="darwin")
     assert (status, reached) == (200, True)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def test_peer_uid_stops_reading_at_the_connections_row(tmp_path: Path) -> None:
+    """The guard reads the table on the event loop for every request, and the kernel writes it as it is read, a
+    row per socket on the machine: the lookup stops at the connection's row rather than read the rest. Here the
+    table is a pipe whose writer holds it open after that row; reading to its end would wait for the writer."""
+    rows = _table(tmp_path / "file", 1000) / "tcp"
+    net = tmp_path / "net"
+    net.mkdir()
+    os.mkfifo(net / "tcp")
+    release, closing = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with (net / "tcp").open("w") as table:
+            table.write(rows.read_text())
+            table.flush()
+            release.wait(5)
+            closing.set()  # before the close: a reader that waited for the end sees it set
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        uid = peer_uid(("127.0.0.1", 40000), ("127.0.0.1", 8765), net, "linux")
+        read_to_the_end = closing.is_set()
+    finally:
+        release.set()
+        thread.join(10)
+    assert uid == 1000 and not read_to_the_end

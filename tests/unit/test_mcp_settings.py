@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aegisctl.mcp.settings import SettingsError, Timeouts, timeouts
+from aegisctl.mcp.settings import SettingsError, Timeouts, gate_url, timeouts
 
 
 def test_the_read_timeout_follows_the_gates_own_timeouts(tmp_path: Path) -> None:
@@ -25,3 +25,21 @@ def test_a_timeout_that_is_no_duration_is_refused_by_name(value: str) -> None:
     with pytest.raises(SettingsError) as caught:
         timeouts({"AEGIS_MCP_READ_TIMEOUT": value})
     assert "AEGIS_MCP_READ_TIMEOUT" in caught.value.message and caught.value.usage
+
+
+@pytest.mark.parametrize("host", ["localhost.", "localhost..", "LOCALHOST.", "localhost.localdomain",
+                                  "localhost.example.com", "127.0.0.1.nip.io"])
+def test_only_localhost_itself_is_a_loopback_name(host: str) -> None:
+    """glibc answers `localhost` from /etc/hosts but sends `localhost.` (fully qualified) to DNS, which may answer
+    with any address: the agent token would leave the machine."""
+    with pytest.raises(SettingsError) as caught:
+        gate_url(f"http://{host}:3100", {})
+    assert caught.value.usage and "is not a loopback address" in caught.value.message
+    if host.endswith("."):
+        assert "looked up in DNS" in caught.value.message and "without the dot" in caught.value.message
+
+
+@pytest.mark.parametrize("url", ["http://localhost:3100", "http://LocalHost:3100", "https://127.0.0.2:3100",
+                                 "http://[::1]:3100", "http://[::ffff:127.0.0.1]:3100"])
+def test_localhost_and_loopback_addresses_are_gates(url: str) -> None:
+    assert gate_url(url, {}) == url
