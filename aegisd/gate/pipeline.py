@@ -215,7 +215,7 @@ class GatePipeline:
         body, admitted = await self._body_as_admitted(request, x, admitted, service, rest, query)
         # 6 again, for the body: a POST's `_method` field (a body is read, and so can be seen, unless inspection is off)
         if body and request.method == OVERRIDABLE:
-            await refuse_body_override(request.headers.get("Content-Type", ""), body)
+            await refuse_body_override(", ".join(request.headers.getall("Content-Type", ())), body)
 
         # 8. body inspection: path, query, headers and body for secrets and keys; the query and headers
         #    scanned are the agent's as they will be forwarded (step 9's strip). A large or compressed body

@@ -51,6 +51,25 @@ class LiteralScanner:
         return True
 
 
+class PatternScanner(LiteralScanner):
+    """The same for regular expressions in Hyperscan's dialect (no lookaround, no backreferences; `^` and `$` are
+    the data's ends), each reporting its first match only: linear in the data whatever it holds, and GIL-free."""
+
+    def __init__(self, patterns: Sequence[bytes]) -> None:
+        self._database = hyperscan.Database()
+        self._database.compile(expressions=list(patterns), ids=list(range(len(patterns))),
+                               flags=hyperscan.HS_FLAG_SINGLEMATCH)
+        self._local = threading.local()
+
+    def search(self, data: bytes) -> bool:
+        """Whether any of the patterns matches somewhere in `data`."""
+        return not self.scan(data, _stop)
+
+
+def _stop(*_: object) -> bool:
+    return True
+
+
 class LiteralSearch:
     """Answers "does any of these literals occur in data?" for a fixed set, built once."""
 

@@ -266,6 +266,7 @@ def test_scopes(std: Standard, service: str, method: str, allowed: bool) -> None
     ("ro", "X-HTTP-Method-Override", "DELETE"), ("ro", "x-http-method", "DELETE"), ("ro", "X-Method-Override", "PUT"),
     ("ro", "X-Forwarded-Method", "DELETE"),
     ("bear", "X-Original-URL", "/admin/users"), ("bear", "X-Rewrite-URL", "/admin/users"),
+    ("ro", "X_HTTP_Method_Override", "DELETE"),  # CGI-style servers read it as X-HTTP-Method-Override
 ])
 def test_headers_that_override_the_method_or_path_are_refused(std: Standard, service: str, header: str,
                                                                value: str) -> None:
@@ -294,12 +295,18 @@ FORM = "application/x-www-form-urlencoded"
      b'--XyZ\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XyZ--\r\n'),
     ("", "application/json", b'{"title": "x", "_method": "DELETE"}'),
     ("", "application/vnd.api+json", b'{"\\u005fm\\u0065thod" : "DELETE"}'),
+    ("_method%00x=DELETE", "application/json", b"{}"),  # PHP ends a name at a NUL
+    ("", FORM + ",x", b"_method=DELETE"),  # Rack and PHP end a type at a comma
+    ("", "text/json", b'{"_method": "DELETE"}'),  # Laravel reads any type holding /json as JSON
+    ("", "multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="x"; name="_method"\r\n\r\nDELETE\r\n--XyZ--\r\n'),
 ], ids=["query", "query-encoded", "form", "untyped-form", "form-encoded", "form-php-dot", "multipart", "json",
-        "json-escaped"])
+        "json-escaped", "query-nul", "type-comma", "text-json", "multipart-last-name"])
 def test_a_post_whose_method_parameter_would_override_it_is_refused(std: Standard, query: str, content_type: str,
                                                                     body: bytes) -> None:
     """Found by a cold review: Rails, Symfony and Laravel let a POST's `_method` (query string, form field, or in
-    Laravel a JSON key) make it a DELETE upstream, past a policy rule that allows POST but not DELETE."""
+    Laravel a JSON key) make it a DELETE upstream, past a policy rule that allows POST but not DELETE. The last
+    four were found by a second review of the first version of this guard, which read a type and a name one way."""
     world = std.world
     headers = [("Content-Type", content_type)] if content_type else []
     target = "/bear/echo/method-param" + (f"?{query}" if query else "")
@@ -313,7 +320,7 @@ def test_a_post_whose_method_parameter_would_override_it_is_refused(std: Standar
 @pytest.mark.parametrize(("method", "query", "content_type", "body"), [
     ("GET", "_method=DELETE", "", None),  # only a POST's is honoured
     ("PUT", "", FORM, b"_method=DELETE"),
-    ("POST", "", FORM, b"note=_method&x_method=1&method=2"),
+    ("POST", "", FORM, b"note=_method&x_method=1&method=2&payment_method=pm_1"),
     ("POST", "", "application/json", b'{"note": "_method", "list": ["_method"]}'),
     ("POST", "", "text/plain", b"_method=DELETE"),
     ("POST", "", "multipart/form-data; boundary=XyZ",

@@ -4,6 +4,7 @@ tests/e2e/test_gate_routing.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -21,7 +22,25 @@ MULTIPART = "multipart/form-data; boundary=B"
     (FORM, b"a=1&%5f%6D%65%74%68%6f%64=DELETE", True),
     (FORM, b"%20_method=DELETE", True),  # PHP drops leading spaces
     (FORM, b"[method=DELETE", True),  # PHP: a `[` with no `]` becomes `_`
-    (FORM, b"_method[]=DELETE", False),  # an array, which no framework takes as the method
+    (FORM, b"_method[]=DELETE", True),  # an array, which no framework takes as the method: refused all the same
+    (FORM, b"_method%00x=DELETE", True),  # PHP ends a name at a NUL
+    (FORM, b"[_method]=DELETE", True),  # Rack 2 drops the brackets around a name
+    (FORM, b"_method]=DELETE", True),
+    (FORM, b"payment_method=pm_123&shipping_method=x", False),
+    ("application/x-www-form-urlencoded,x", b"_method=DELETE", True),  # Rack and PHP cut a type at a comma
+    ("application/x-www-form-urlencoded x", b"_method=DELETE", True),
+    ("text/json", b'{"_method": "DELETE"}', True),  # Laravel: any type holding /json or +json
+    ("application/x; a=/json", b'{"_method": "DELETE"}', True),
+    ("multipart/mixed; boundary=B",
+     b'--B\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--B--', True),  # Rack parses it
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="x"; name="_method"\r\n\r\nD\r\n--B--', True),
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; a="; name=x"; name="_method"\r\n\r\nD\r\n--B--', True),
+    (MULTIPART, b"--B\r\nContent-Disposition: form-data; name='_method'\r\n\r\nD\r\n--B--", True),
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data;\r\n name="_method"\r\n\r\nD\r\n--B--', True),
+    (MULTIPART, b"--B\r\nContent-ID: <_method>\r\n\r\nDELETE\r\n--B--", True),  # Rack names a nameless part so
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="' + b" " * 500 + b'_method"\r\n\r\nD\r\n--B--',
+     True),  # PHP drops the leading spaces, however many
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="payment_method"\r\n\r\npm\r\n--B--', False),
     (FORM, b"a=%26_method%3DDELETE", False),  # inside a value, encoded
     (FORM, b"method=DELETE&_methods=1", False),
     ("application/json", b'{"a": {"_method": "DELETE"}}', True),  # nested: errs towards refusing
@@ -35,6 +54,22 @@ MULTIPART = "multipart/form-data; boundary=B"
 ])
 def test_what_names_the_parameter(content_type: str, body: bytes, names_it: bool) -> None:
     assert body_override(content_type, body) is names_it
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    (MULTIPART, b"method " + b"content-disposition:" * (INLINE_BODY_MAX // 20)),
+    (MULTIPART, b"name=\"" + b"method" * (INLINE_BODY_MAX // 6)),
+    (FORM, b"method" + b"&" * INLINE_BODY_MAX),
+    (FORM, b"%" + b"&method" * (INLINE_BODY_MAX // 7)),
+    ("application/json", b'"\\u' + b'"_method "' * (INLINE_BODY_MAX // 10)),
+], ids=["multipart-dispositions", "multipart-names", "form-separators", "form-fields", "json-quotes"])
+def test_crafted_bodies_cost_time_linear_in_their_size(content_type: str, body: bytes) -> None:
+    """Found by a cold review: a line of repeated `content-disposition:` took time quadratic in its length, 50 s
+    for 256 KiB on the event loop. Each of these is linear now (tens of milliseconds); a generous bound, so that a
+    slow machine passes and a quadratic one does not."""
+    started = time.process_time()
+    body_override(content_type, body)
+    assert time.process_time() - started < 2.0
 
 
 def test_a_large_body_is_read_off_the_event_loop_with_the_same_answer() -> None:
