@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Self
 
 from aegisd.errors import InvalidArgument
 from aegisd.ledger import schema as ledger_schema
@@ -41,8 +41,6 @@ MAX_MANIFEST = 1 << 20
 # daemon for half an hour. Ours carry none; a few KiB is far past any a tar tool writes for our three names.
 MAX_EXTENDED_HEADER = 4 << 10
 MAX_HEADERS = 12  # three members, each with at most a PAX and a GNU long-name header, with room to spare
-_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                   tarfile.GNUTYPE_LONGLINK)
 # created_ms must be a time iso_time (datetime) can print: up to the end of the year 9999.
 MAX_CREATED_MS = 253402300799999
 MAX_FIELD = 2**62  # any other count or size: far past real ones, inside SQLite's and protobuf's int64
@@ -135,10 +133,8 @@ def tar_stream(manifest: Manifest, directory: Path, mtime: int) -> Iterator[byte
 
 def read_backup(archive: Path, staging: Path) -> Manifest:
     """Check everything about `archive`, leaving its databases in `staging` (fsynced) if it passes."""
-    with archive.open("rb") as fh:
-        check_headers(fh)
     try:
-        with tarfile.open(archive, mode="r:") as tar:
+        with _BoundedTar.open(archive, mode="r:") as tar:
             members = _members(tar)
             manifest = _manifest(tar, members[MANIFEST])
             for name in DATABASES:
@@ -151,65 +147,45 @@ def read_backup(archive: Path, staging: Path) -> Manifest:
                     manifest.ledger_schema_version, manifest.members, counts)
 
 
-def check_headers(fh: BinaryIO) -> None:
-    """Walk the tar's header blocks before tarfile parses them: refuse an extended (PAX or GNU long-name)
-    header past MAX_EXTENDED_HEADER, or more headers than an Aegis backup has. Anything else malformed is
-    left to tarfile, which then reads only bounded headers."""
-    offset, size_override = 0, None
-    for _ in range(MAX_HEADERS + 1):
-        fh.seek(offset)
-        block = fh.read(_BLOCK)
-        if len(block) < _BLOCK or block == bytes(_BLOCK) or not _checksum_ok(block):
-            return  # the end, or a truncated or damaged archive that tarfile reports
-        size = _octal(block[124:136])
-        if size is None:
-            return
-        kind = block[156:157]
-        if kind in _EXTENDED_TYPES:
-            if size > MAX_EXTENDED_HEADER:
-                raise InvalidBackup(f"the backup has an extended tar header of {size} bytes (at most "
-                                    f"{MAX_EXTENDED_HEADER}); an Aegis backup has none that large: it was edited")
-            if kind in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
-                size_override = _pax_size(fh.read(size))
-        else:
-            size, size_override = size if size_override is None else size_override, None
-        offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
-    raise InvalidBackup(f"the backup has more than {MAX_HEADERS} tar headers; an Aegis backup has three members")
+class _BoundedHeader(tarfile.TarInfo):
+    """tarfile's own header parsing, refusing (before tarfile reads it) an extended header past
+    MAX_EXTENDED_HEADER and more than MAX_HEADERS headers in all. The bound sits in the methods tarfile itself
+    calls, so it sees exactly the headers tarfile parses (a hand-written walk of the blocks drifted from it).
+    InvalidBackup is no tarfile.HeaderError, so tarfile passes it on rather than reading it as the end."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> Self:
+        # Every header, extended ones (which tarfile reads by recursing into this) included.
+        if not isinstance(tar, _BoundedTar):
+            raise TypeError("a bounded header is read only through _BoundedTar")
+        tar.headers += 1
+        if tar.headers > MAX_HEADERS:
+            raise InvalidBackup(f"the backup has more than {MAX_HEADERS} tar headers; an Aegis backup has "
+                                "three members")
+        return super().fromtarfile(tar)
+
+    def _proc_pax(self, tar: tarfile.TarFile) -> tarfile.TarInfo:  # PAX headers, extended and global
+        self._refuse_if_large()
+        return super()._proc_pax(tar)  # type: ignore[misc, no-any-return]
+
+    def _proc_gnulong(self, tar: tarfile.TarFile) -> tarfile.TarInfo:  # GNU long names and links, read whole
+        self._refuse_if_large()
+        return super()._proc_gnulong(tar)  # type: ignore[misc, no-any-return]
+
+    def _refuse_if_large(self) -> None:
+        if not 0 <= self.size <= MAX_EXTENDED_HEADER:  # a base-256 size can be negative: tarfile reads to the end
+            raise InvalidBackup(f"the backup has an extended tar header of {self.size} bytes (at most "
+                                f"{MAX_EXTENDED_HEADER}); an Aegis backup has none that large: it was edited")
 
 
-def _checksum_ok(block: bytes) -> bool:
-    stored = _octal(block[148:156])
-    total = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
-    return stored is not None and stored == total
+class _BoundedTar(tarfile.TarFile):
+    tarinfo = _BoundedHeader
+    headers = 0  # read so far, by _BoundedHeader.fromtarfile
 
 
-def _octal(field: bytes) -> int | None:
-    """A ustar number: octal digits, or GNU's base-256 form (first byte 0x80) for large sizes."""
-    if field[:1] == b"\x80":
-        return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        return None
-
-
-def _pax_size(records: bytes) -> int | None:
-    """The `size` record of a (bounded) PAX header, which overrides the next member's ustar size; read in one
-    linear pass, the way tarfile would read it."""
-    pos = 0
-    while pos < len(records):
-        space = records.find(b" ", pos, pos + 20)
-        if space < 0 or not records[pos:space].isdigit():
-            return None
-        length = int(records[pos:space])
-        if length <= space - pos:
-            return None
-        record = records[space + 1:pos + length].rstrip(b"\n")
-        if record.startswith(b"size=") and record[5:].isdigit():
-            return int(record[5:])
-        pos += length
-    return None
+# The methods _BoundedHeader hooks must be ones this Python's tarfile has, or the bounds would silently be gone.
+if not all(callable(getattr(tarfile.TarInfo, name, None)) for name in ("_proc_pax", "_proc_gnulong")):
+    raise ImportError("this Python's tarfile has no TarInfo._proc_pax or _proc_gnulong to bound")
 
 
 def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:

@@ -17,11 +17,14 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from aegisctl.backup_file import read_manifest, verify_archive
+from aegisctl.client import ClientError
 from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
 from tests.e2e.gate_support import GateWorld, request, untouched
 from tests.e2e.support import assert_failed
@@ -357,13 +360,63 @@ def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: G
     world.assert_no_leaks()
 
 
+def tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def extended(payload: bytes, kind: bytes = tarfile.XHDTYPE) -> bytes:
+    """An extended header (PAX by default, or a GNU long name) holding `payload`."""
+    return tar_header("././@PaxHeader" if kind == tarfile.XHDTYPE else "././@LongLink", len(payload), kind) + \
+        padded(payload)
+
+
+def pax_record(key: str, value: str) -> bytes:
+    rest = f" {key}={value}\n"
+    length = len(rest)
+    while len(f"{length}{rest}") != length:
+        length += 1
+    return f"{length}{rest}".encode()
+
+
+def signed_checksum(data: bytes) -> bytes:
+    """`data` with its first header given a byte >= 0x80 (in the unused padding at 500-511) and the signed
+    checksum, which tarfile accepts as it does the unsigned one (old tars wrote it)."""
+    block = bytearray(data[:tarfile.BLOCKSIZE])
+    block[511] = 0x80
+    block[148:156] = b" " * 8
+    signed = sum(b - 256 if b >= 0x80 else b for b in block)
+    block[148:156] = b"%06o\0 " % signed
+    assert signed != sum(block[:148]) + 256 + sum(block[156:])  # not the unsigned one any more
+    return bytes(block) + data[tarfile.BLOCKSIZE:]
+
+
 def pax_bomb(digits: int) -> bytes:
     """A tar whose first header is a PAX header of `digits` digits: Python's tarfile takes time quadratic in
     that to parse (CVE-2024-6232), 4 s for 40k on 3.11.7."""
-    payload = b"1" * digits
-    info = tarfile.TarInfo("././@PaxHeader")
-    info.size, info.type = len(payload), tarfile.XHDTYPE
-    return info.tobuf(format=tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512) + bytes(1024)
+    return extended(b"1" * digits) + bytes(1024)
+
+
+def hidden_bombs(parts: dict[str, bytes]) -> dict[str, bytes]:
+    """Backups whose manifest comes first and whole, then a 40k-digit PAX header before vault.db, placed where
+    a hand-written walk of the headers (e0804c0's) stopped looking but tarfile does not."""
+    manifest, databases = parts["manifest.json"], make_tar({k: v for k, v in parts.items() if k != "manifest.json"})
+    first = tar_header("manifest.json", len(manifest)) + padded(manifest)
+    bomb = extended(b"1" * 40000)
+    return {
+        # The walk took a header failing the unsigned checksum for the end; tarfile also takes the signed one.
+        "signed": signed_checksum(first) + bomb + databases,
+        # The walk took the first size record of a PAX header; tarfile takes the last.
+        "twosize": extended(pax_record("size", str(10**12)) + pax_record("size", str(len(manifest)))) + first
+        + bomb + databases,
+        # The walk skipped a directory's size in data; tarfile reads the next header right after it.
+        "dirsize": first + tar_header("d/", 8**11 - 1, tarfile.DIRTYPE) + bomb + databases,
+    }
 
 
 def restore_raw(aegis: Aegis, data: bytes) -> grpc.RpcError:
@@ -396,10 +449,16 @@ def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(worl
     vault = bytearray(parts["vault.db"])
     vault[18] = 3  # the write version: past 2, SQLite opens the file but will not write it
     deep = b'{"format": "aegis-backup", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    hidden = hidden_bombs(parts)
     crafted = {
         "bigtime": (make_tar(with_manifest_for(parts, created_ms=10**20)), "missing fields or has malformed ones"),
         "deep": (make_tar({**parts, "manifest.json": deep}), "nested too deeply"),
         "pax": (pax_bomb(40000), "extended tar header of 40000 bytes"),
+        "signed": (hidden["signed"], "extended tar header of 40000 bytes"),
+        "twosize": (hidden["twosize"], "extended tar header of 40000 bytes"),
+        "longname": (signed_checksum(extended(b"a" * 65536, tarfile.GNUTYPE_LONGNAME)) + make_tar(parts),
+                     "extended tar header of 65536 bytes"),
+        "chain": (extended(pax_record("comment", "x")) * 400 + make_tar(parts), "more than 12 tar headers"),
         "rovault": (make_tar(with_manifest_for({**parts, "vault.db": bytes(vault)})), "would open read-only"),
     }
     outputs = []
@@ -414,7 +473,7 @@ def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(worl
         path = aegis.root / f"{name}.backup"
         path.write_bytes(content)
         result = aegis.ctl("restore", str(path), "--yes")
-        if name in ("bigtime", "rovault"):  # aegisctl passes them on (its summary shows an unknown time)
+        if name in ("bigtime", "rovault", "signed", "twosize"):  # aegisctl reads only the manifest, passes them on
             assert_failed(result, needle, "nothing was changed")
         else:  # aegisctl reads the manifest first, and refuses these itself
             assert_failed(result, "not a complete Aegis backup", needle.split(" of ")[0])
@@ -428,6 +487,23 @@ def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(worl
     assert world.call("GET", "/github/echo/after", agent="claude").status == 200
     assert listing(aegis, "ledger", "verify")["ok"]
     world.assert_no_leaks(outputs)
+
+
+@pytest.mark.parametrize("name", ["signed", "twosize", "dirsize"])
+def test_aegisctl_reading_every_member_stops_at_an_oversized_tar_header(tmp_path: Path, name: str) -> None:
+    """Found by a cold review: aegisctl's hand-written walk of the headers stopped where tarfile went on, so
+    `aegisctl backup`'s check of the whole file (verify_archive) parsed a 40k-digit PAX header after the
+    manifest for seconds. tarfile's own parsing is now bounded, wherever the header is."""
+    parts = {"manifest.json": json.dumps({"format": "aegis-backup"}).encode(), "vault.db": b"v", "ledger.db": b"l"}
+    path = tmp_path / f"{name}.backup"
+    path.write_bytes(hidden_bombs(parts)[name])
+    assert read_manifest(path)["format"] == "aegis-backup"  # the manifest itself is fine
+    started = time.monotonic()
+    with pytest.raises(ClientError) as refused:
+        verify_archive(path)
+    assert time.monotonic() - started < 1.0
+    assert refused.value.reason == "invalid_backup"
+    assert "extended tar header of 40000 bytes" in refused.value.message
 
 
 def test_a_vault_open_in_another_process_stops_the_restore_before_the_ledger_is_replaced(world: GateWorld) -> None:
