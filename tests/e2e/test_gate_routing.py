@@ -267,6 +267,7 @@ def test_scopes(std: Standard, service: str, method: str, allowed: bool) -> None
     ("ro", "X-Forwarded-Method", "DELETE"),
     ("bear", "X-Original-URL", "/admin/users"), ("bear", "X-Rewrite-URL", "/admin/users"),
     ("ro", "X_HTTP_Method_Override", "DELETE"),  # CGI-style servers read it as X-HTTP-Method-Override
+    ("ro", "X.HTTP.Method.Override", "DELETE"),  # and some make any byte but a letter or digit an `_`
 ])
 def test_headers_that_override_the_method_or_path_are_refused(std: Standard, service: str, header: str,
                                                                value: str) -> None:
@@ -300,8 +301,12 @@ FORM = "application/x-www-form-urlencoded"
     ("", "text/json", b'{"_method": "DELETE"}'),  # Laravel reads any type holding /json as JSON
     ("", "multipart/form-data; boundary=XyZ",
      b'--XyZ\r\nContent-Disposition: form-data; name="x"; name="_method"\r\n\r\nDELETE\r\n--XyZ--\r\n'),
+    ("", "multipart/form-data", b"_method=DELETE"),  # no boundary: Rack reads a form
+    ("", "multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="_meth\r\nod"\r\n\r\nDELETE\r\n--XyZ--\r\n'),  # PHP joins
 ], ids=["query", "query-encoded", "form", "untyped-form", "form-encoded", "form-php-dot", "multipart", "json",
-        "json-escaped", "query-nul", "type-comma", "text-json", "multipart-last-name"])
+        "json-escaped", "query-nul", "type-comma", "text-json", "multipart-last-name", "multipart-no-boundary",
+        "multipart-joined-line"])
 def test_a_post_whose_method_parameter_would_override_it_is_refused(std: Standard, query: str, content_type: str,
                                                                     body: bytes) -> None:
     """Found by a cold review: Rails, Symfony and Laravel let a POST's `_method` (query string, form field, or in
@@ -325,7 +330,10 @@ def test_a_post_whose_method_parameter_would_override_it_is_refused(std: Standar
     ("POST", "", "text/plain", b"_method=DELETE"),
     ("POST", "", "multipart/form-data; boundary=XyZ",
      b'--XyZ\r\nContent-Disposition: form-data; name="method"; filename="_method"\r\n\r\nx\r\n--XyZ--\r\n'),
-], ids=["get-query", "put-form", "form-values", "json-values", "text", "multipart-filename"])
+    ("POST", "", "multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="view"; filename="edit.html.erb"\r\n\r\n'
+     b'<input type="hidden" name="_method" value="patch">\r\n--XyZ--\r\n'),
+], ids=["get-query", "put-form", "form-values", "json-values", "text", "multipart-filename", "uploaded-form-view"])
 def test_method_parameters_that_nothing_honours_pass(std: Standard, method: str, query: str, content_type: str,
                                                      body: bytes | None) -> None:
     """The refusal is narrow: `_method` as a value, in a longer name, in a type no framework parses, or on a

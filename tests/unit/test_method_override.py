@@ -41,6 +41,14 @@ MULTIPART = "multipart/form-data; boundary=B"
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="' + b" " * 500 + b'_method"\r\n\r\nD\r\n--B--',
      True),  # PHP drops the leading spaces, however many
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="payment_method"\r\n\r\npm\r\n--B--', False),
+    ("multipart/form-data", b"_method=DELETE", True),  # no boundary: Rack reads the body as a form
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="\\_m\\ethod"\r\n\r\nD\r\n--B--', True),  # Rack dequotes
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="_meth\r\nod"\r\n\r\nD\r\n--B--', True),  # PHP joins
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; na\r\nme="_method"\r\n\r\nD\r\n--B--', True),
+    (MULTIPART, b"--B\r\nContent-Disposition: form-data; name=_method,x\r\n\r\nD\r\n--B--", True),  # Rack 2's token
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; x="a:b"; name="_method"\r\n\r\nD\r\n--B--', True),
+    (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="view"; filename="edit.html.erb"\r\n\r\n'
+     b'<form><input type="hidden" name="_method" value="patch"></form>\r\n--B--', False),  # a file's text
     (FORM, b"a=%26_method%3DDELETE", False),  # inside a value, encoded
     (FORM, b"method=DELETE&_methods=1", False),
     ("application/json", b'{"a": {"_method": "DELETE"}}', True),  # nested: errs towards refusing
@@ -62,7 +70,8 @@ def test_what_names_the_parameter(content_type: str, body: bytes, names_it: bool
     (FORM, b"method" + b"&" * INLINE_BODY_MAX),
     (FORM, b"%" + b"&method" * (INLINE_BODY_MAX // 7)),
     ("application/json", b'"\\u' + b'"_method "' * (INLINE_BODY_MAX // 10)),
-], ids=["multipart-dispositions", "multipart-names", "form-separators", "form-fields", "json-quotes"])
+    ("a" * 65536, b"x"),  # a long Content-Type: split, never matched position by position
+], ids=["multipart-dispositions", "multipart-names", "form-separators", "form-fields", "json-quotes", "type"])
 def test_crafted_bodies_cost_time_linear_in_their_size(content_type: str, body: bytes) -> None:
     """Found by a cold review: a line of repeated `content-disposition:` took time quadratic in its length, 50 s
     for 256 KiB on the event loop. Each of these is linear now (tens of milliseconds); a generous bound, so that a
