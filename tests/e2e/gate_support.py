@@ -211,7 +211,7 @@ class GateWorld:
     def port(self) -> int:
         return self.aegis.gate_port
 
-    # -- setup through aegisctl ------------------------------------------------------------------
+    # -- setup through aegisctl (run in this process: the command line itself is tested elsewhere) ----
 
     def credential(self, name: str, secret: str, domains: str | Iterable[str], *args: str,
                    service: str | None = None) -> None:
@@ -225,12 +225,12 @@ class GateWorld:
 
     def agent(self, name: str, *grants: str) -> str:
         """Add agent `name` granted `grants`; its token is kept out of the outputs leak-checked later."""
-        result = self.aegis.ctl("agent", "add", name, "--json").ok()
+        result = self.aegis.ctl_in_process("agent", "add", name, "--json").ok()
         token = str(json.loads(result.out)["token"])
         self.aegis.outputs.remove(result.out)  # the one place a token may appear
         self.tokens[name] = token
         for credential in grants:
-            self.aegis.ctl("grant", name, credential).ok()
+            self.aegis.ctl_in_process("grant", name, credential).ok()
         return token
 
     def regenerate(self, name: str) -> str:
@@ -242,7 +242,7 @@ class GateWorld:
         return token
 
     def unlock(self) -> None:
-        self.aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        self.aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -284,8 +284,8 @@ class GateWorld:
     # -- the ledger ------------------------------------------------------------------------------
 
     def ledger(self, *filters: str) -> list[dict[str, Any]]:
-        """Request rows from `aegisctl ledger show --json`, newest first."""
-        result = self.aegis.ctl("ledger", "show", "--json", "--limit", "100000", *filters).ok()
+        """Request rows from `aegisctl ledger show --json` (run in this process), newest first."""
+        result = self.aegis.ctl_in_process("ledger", "show", "--json", "--limit", "100000", *filters).ok()
         # The ledger only grows, so the newest full listing (leak-checked in assert_no_leaks) covers this
         # one; keeping every listing would make each leak check slower than the last.
         self.aegis.outputs.remove(result.out)
