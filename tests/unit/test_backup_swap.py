@@ -89,14 +89,7 @@ def test_a_vault_whose_old_log_cannot_be_removed_is_not_swapped(
     could not be removed was replayed by SQLite onto the restored file. Now nothing moves until it is gone."""
 
     async def main() -> tuple[str, str | None, str | None]:
-        store_b, _, ledger_b = await daemon_parts(tmp_path / "b")
-        snapshot = tmp_path / "snapshot"
-        snapshot.mkdir(mode=0o700)
-        manifest = take_snapshot(store_b, tmp_path / "b" / "ledger.db", snapshot)
-        archive = b"".join(tar_stream(manifest, snapshot, 0))
-        await ledger_b.close()
-        store_b.close()
-
+        archive, _ = await backup_of_another_vault(tmp_path)
         store, vault, ledger = await daemon_parts(tmp_path / "a")
         vault_a = vault.vault_id
         vault.lock()
