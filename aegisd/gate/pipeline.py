@@ -29,7 +29,7 @@ from aegisd.gate.headers import (
     inbound_headers,
     query_with_credential,
 )
-from aegisd.gate.method_override import OVERRIDABLE, refuse_body_override, refuse_overrides
+from aegisd.gate.method_override import OVERRIDABLE, content_types, refuse_body_override, refuse_overrides
 from aegisd.gate.outbound_inspection import (
     BodyTooLarge,
     body_broken,
@@ -215,7 +215,7 @@ class GatePipeline:
         body, admitted = await self._body_as_admitted(request, x, admitted, service, rest, query)
         # 6 again, for the body: a POST's `_method` field (a body is read, and so can be seen, unless inspection is off)
         if body and request.method == OVERRIDABLE:
-            await refuse_body_override(", ".join(request.headers.getall("Content-Type", ())), body)
+            await refuse_body_override(content_types(request.headers), body)
 
         # 8. body inspection: path, query, headers and body for secrets and keys; the query and headers
         #    scanned are the agent's as they will be forwarded (step 9's strip). A large or compressed body

@@ -322,6 +322,16 @@ def test_a_post_whose_method_parameter_would_override_it_is_refused(std: Standar
     world.assert_no_leaks()
 
 
+def test_a_json_method_key_under_a_type_header_spelt_for_cgi_is_refused(std: Standard) -> None:
+    """Found by a cold review: `Content_Type` reaches a CGI-style server as the type (Laravel then reads the JSON
+    body's `_method`), while the guard read the body by `Content-Type` alone."""
+    with untouched(std.up):
+        reply = std.world.call("POST", "/bear/echo/cgi-type", [("Content_Type", "application/json")],
+                               body=b'{"_method": "DELETE"}', agent="bot")
+    std.world.assert_refused(reply, 400, "override_not_allowed", agent="bot", credential="bear", method="POST")
+    std.world.assert_no_leaks()
+
+
 @pytest.mark.parametrize(("method", "query", "content_type", "body"), [
     ("GET", "_method=DELETE", "", None),  # only a POST's is honoured
     ("PUT", "", FORM, b"_method=DELETE"),
@@ -329,7 +339,7 @@ def test_a_post_whose_method_parameter_would_override_it_is_refused(std: Standar
     ("POST", "", "application/json", b'{"note": "_method", "list": ["_method"]}'),
     ("POST", "", "text/plain", b"_method=DELETE"),
     ("POST", "", "multipart/form-data; boundary=XyZ",
-     b'--XyZ\r\nContent-Disposition: form-data; name="method"; filename="_method"\r\n\r\nx\r\n--XyZ--\r\n'),
+     b'--XyZ\r\nContent-Disposition: form-data; name="method"; filename="my_method.txt"\r\n\r\nx\r\n--XyZ--\r\n'),
     ("POST", "", "multipart/form-data; boundary=XyZ",
      b'--XyZ\r\nContent-Disposition: form-data; name="view"; filename="edit.html.erb"\r\n\r\n'
      b'<input type="hidden" name="_method" value="patch">\r\n--XyZ--\r\n'),

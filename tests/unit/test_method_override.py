@@ -7,13 +7,19 @@ import asyncio
 import time
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from aegisd.gate.method_override import body_override, refuse_body_override
+from aegisd.gate.method_override import OVERRIDE_INLINE_MAX, body_override, content_types, refuse_body_override
 from aegisd.gate.outbound_inspection import INLINE_BODY_MAX
 from aegisd.gate.refusal import Refusal
 
 FORM = "application/x-www-form-urlencoded"
 MULTIPART = "multipart/form-data; boundary=B"
+
+
+def part(headers: bytes) -> bytes:
+    """A one-part multipart body whose part has these header bytes."""
+    return b"--B\r\n" + headers + b"\r\n\r\nDELETE\r\n--B--\r\n"
 
 
 @pytest.mark.parametrize(("content_type", "body", "names_it"), [
@@ -42,6 +48,12 @@ MULTIPART = "multipart/form-data; boundary=B"
      True),  # PHP drops the leading spaces, however many
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="payment_method"\r\n\r\npm\r\n--B--', False),
     ("multipart/form-data", b"_method=DELETE", True),  # no boundary: Rack reads the body as a form
+    # PHP: no space after the colon, a lone CR, a CR or ';' opening a joined line; Rack 2: LF LF inside a head
+    (MULTIPART, part(b'Content-Disposition:name="_method"'), True),
+    (MULTIPART, part(b'Content-Disposition: form-data\r;name="_method"'), True),
+    (MULTIPART, part(b'Content-Disposition: form-data\r\n;name="_method"'), True),
+    (MULTIPART, part(b'Content-Disposition: form-data\n\r;name="_method"'), True),
+    (MULTIPART, part(b'Content-Disposition: form-data\n\n; name="_method"'), True),
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="\\_m\\ethod"\r\n\r\nD\r\n--B--', True),  # Rack dequotes
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="_meth\r\nod"\r\n\r\nD\r\n--B--', True),  # PHP joins
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; na\r\nme="_method"\r\n\r\nD\r\n--B--', True),
@@ -82,9 +94,9 @@ def test_crafted_bodies_cost_time_linear_in_their_size(content_type: str, body: 
 
 
 def test_a_large_body_is_read_off_the_event_loop_with_the_same_answer() -> None:
-    """Past INLINE_BODY_MAX the check runs in inspection's threads; the loop keeps turning meanwhile."""
-    body = b"&".join(b"f%d=v%%20%d" % (i, i) for i in range(INLINE_BODY_MAX // 8)) + b"&_method=DELETE"
-    assert len(body) > INLINE_BODY_MAX
+    """Past OVERRIDE_INLINE_MAX the check runs in inspection's threads; the loop keeps turning meanwhile."""
+    body = b"&".join(b"f%d=v%%20%d" % (i, i) for i in range(OVERRIDE_INLINE_MAX // 8)) + b"&_method=DELETE"
+    assert len(body) > OVERRIDE_INLINE_MAX
 
     async def run() -> int:
         ticks = 0
@@ -98,3 +110,14 @@ def test_a_large_body_is_read_off_the_event_loop_with_the_same_answer() -> None:
         return ticks
 
     assert asyncio.run(run()) > 1
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ([("Content-Type", "a/b"), ("content-type", "c/d")], "a/b, c/d"),
+    ([("Content_Type", "application/json"), ("X-Other", "1")], "application/json"),  # CGI reads it as the type
+    ([("Content.Type", "text/json"), ("Content-Type", "text/plain")], "text/json, text/plain"),
+    ([("Accept", "x/y")], ""),
+])
+def test_the_type_is_read_from_every_header_a_cgi_server_would_pass_as_it(headers: list[tuple[str, str]],
+                                                                           expected: str) -> None:
+    assert content_types(CIMultiDictProxy(CIMultiDict(headers))) == expected
