@@ -61,9 +61,9 @@ _FORM = PatternScanner([
 
 def _joined(text: bytes) -> bytes:
     """`text` (letters in either case) as a multipart header may carry it: each byte possibly after a backslash
-    (Rack drops one from a quoted value) or a line break (PHP joins a header line without a colon to the one before,
-    with nothing between)."""
-    return b"".join(rb"(?:\\|\r?\n)*" + (b"[%c%c]" % (c, c - 32) if 0x61 <= c <= 0x7a else re.escape(bytes([c])))
+    (Rack drops one from a quoted value), a line break (PHP joins a header line without a colon to the one before,
+    with nothing between) or a lone CR (whitespace to PHP and Rack before a parameter)."""
+    return b"".join(rb"(?:\\|\r|\n)*" + (b"[%c%c]" % (c, c - 32) if 0x61 <= c <= 0x7a else re.escape(bytes([c])))
                     for c in text)
 
 
@@ -103,11 +103,16 @@ def refuse_overrides(method: str, headers: CIMultiDictProxy[str], query: str) ->
 
 
 def content_types(headers: CIMultiDictProxy[str]) -> str:
-    """Every value of the request's Content-Type header, joined, counting the names CGI-style servers read as it
-    (`Content_Type`, `Content.Type`): Symfony takes its type from whichever the server passes."""
+    """Every value of the request's Content-Type header, joined, counting the names some CGI-style servers read as
+    it (`Content_Type`, `Content.Type`; Symfony takes its type from whichever the server passes), and with those
+    alone the form type too, as the servers that drop them leave Rack to read it."""
+    own = headers.getall("Content-Type", ())
     if "".join(headers).replace("-", "").isalnum():
-        return ", ".join(headers.getall("Content-Type", ()))
-    return ", ".join(value for name, value in headers.items() if _NOT_ALNUM.sub("_", name.lower()) == "content_type")
+        return ", ".join(own)
+    spelt_for_cgi = [value for name, value in headers.items()
+                     if name.lower() != "content-type" and _NOT_ALNUM.sub("_", name.lower()) == "content_type"]
+    # A server that does not pass those on leaves Rack a body without a type, which it reads as a form.
+    return ", ".join([*own, *spelt_for_cgi, *([] if own or not spelt_for_cgi else [FORM_TYPE])])
 
 
 def body_override(content_type: str, body: bytes) -> bool:
