@@ -73,12 +73,14 @@ def _joined(text: bytes) -> bytes:
 # (Rack, for a part without one) by its Content-ID; the name as PHP or Rack registers it, ending at any byte a name
 # of theirs cannot hold. Anywhere in the body, since a boundary can be read more than one way, but never across a
 # CRLF CRLF, so an uploaded HTML form that says name="_method" in its text passes. Erring towards refusing, a
-# `filename` parameter counts too (a file named `_method` is refused).
+# `filename` parameter counts too (a file named `_method` is refused). Rack 3.1 strips NULs with the whitespace
+# around an unquoted last value.
 _MULTIPART_NAME = (rb"[\"']?(?:[ \[\]]|\\|\r?\n)*[_.\[]" + b"".join(
     rb"(?:\\|\r?\n)*" + bytes([c]) for c in b"method") + rb"(?:$|[^A-Za-z0-9_-])")
 _NO_BLANK_LINE = rb"(?:[^\r]|\r(?:[^\n]|\n(?:[^\r]|\r[^\n])))*"
 _MULTIPART = PatternScanner([
-    _joined(b"content-disposition") + rb"\s*:" + _NO_BLANK_LINE + _joined(b"name") + rb"\s*=\s*" + _MULTIPART_NAME,
+    _joined(b"content-disposition") + rb"\s*:" + _NO_BLANK_LINE + _joined(b"name") + rb"\s*=[\s\x00]*"
+    + _MULTIPART_NAME,
     _joined(b"content-id") + rb"\s*:\s*<?" + _MULTIPART_NAME])
 # A JSON key `_method` (anywhere in the body, not only at the top, erring towards refusing), letters escaped or not.
 _JSON = PatternScanner([rb'"' + _either(ord("_"), rb"\\u00") + _name(rb"\\u00") + rb'"\s*:'])

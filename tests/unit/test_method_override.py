@@ -58,6 +58,8 @@ def part(headers: bytes) -> bytes:
     (MULTIPART, part(b'Content-Disposition: form-data;\r\n\rname="_method"'), True),
     (MULTIPART, part(b'Content-Disposition:\rname="_method"'), True),
     (MULTIPART, part(b'Content-Disposition: form-data; x="a"\rname="_method"'), True),
+    (MULTIPART, part(b"Content-Disposition: form-data; name=\x00_method"), True),  # Rack 3.1 strips the NUL
+    (MULTIPART, part(b"Content-Disposition: form-data; name= \x00\x00_method"), True),
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="\\_m\\ethod"\r\n\r\nD\r\n--B--', True),  # Rack dequotes
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; name="_meth\r\nod"\r\n\r\nD\r\n--B--', True),  # PHP joins
     (MULTIPART, b'--B\r\nContent-Disposition: form-data; na\r\nme="_method"\r\n\r\nD\r\n--B--', True),
