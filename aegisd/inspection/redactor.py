@@ -146,24 +146,26 @@ class JsonView:
     def start(self, at: int) -> int:
         """The offset in `data` where a match starting at view offset `at` starts: inside an escape's
         character, the escape's start."""
-        if at == 0 or self._in_last_text(at):
-            return 0 if at == 0 else self._size - (len(self.text) - at)
-        i = self._escape_at(at)
-        if i < 0:
-            return at
-        return self._raw_starts[i] if at < self._view_ends[i] else at - self._view_ends[i] + self._raw_ends[i]
+        return self._raw(at, ending=False)
 
     def end(self, at: int) -> int:
         """The offset in `data` where a match ending at view offset `at` ends: inside an escape's
         character, the escape's end."""
+        return self._raw(at, ending=True)
+
+    def _raw(self, at: int, *, ending: bool) -> int:
+        """`start` and `end`, which differ only at an escape's own character: one maps it to the escape's
+        first byte, the other past its last (and an end right at an escape to the escape's start)."""
         if at == 0 or self._in_last_text(at):
             return 0 if at == 0 else self._size - (len(self.text) - at)
         i = self._escape_at(at)
         if i < 0:
             return at
-        if at == self._view_starts[i]:
+        if at >= self._view_ends[i]:
+            return at - self._view_ends[i] + self._raw_ends[i]
+        if not ending or at == self._view_starts[i]:
             return self._raw_starts[i]
-        return self._raw_ends[i] if at < self._view_ends[i] else at - self._view_ends[i] + self._raw_ends[i]
+        return self._raw_ends[i]
 
     def after(self, at: int) -> int:
         """View offset `at`, or the end of the escape's character it falls inside."""
