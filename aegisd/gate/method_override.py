@@ -95,9 +95,9 @@ def refuse_overrides(method: str, headers: CIMultiDictProxy[str], query: str) ->
     for name, what in OVERRIDE_HEADERS:
         if name in headers:
             raise _header_refusal(name, what)
-    if not "".join(headers).replace("-", "").isalnum():  # one name or more holds another byte: look at each
+    if not _plain_names(headers):
         for name in headers:
-            if (found := _OVERRIDE_BY_CGI_NAME.get(_NOT_ALNUM.sub("_", name.lower()))) is not None:
+            if (found := _OVERRIDE_BY_CGI_NAME.get(_cgi_name(name))) is not None:
                 raise _header_refusal(name, found[1])
     if (method == OVERRIDABLE and ("method" in query or "%" in query)
             and _FORM.search(query.encode("utf-8", "surrogateescape"))):
@@ -109,10 +109,10 @@ def content_types(headers: CIMultiDictProxy[str]) -> str:
     it (`Content_Type`, `Content.Type`; Symfony takes its type from whichever the server passes), and with those
     alone the form type too, as the servers that drop them leave Rack to read it."""
     own = headers.getall("Content-Type", ())
-    if "".join(headers).replace("-", "").isalnum():
+    if _plain_names(headers):
         return ", ".join(own)
     spelt_for_cgi = [value for name, value in headers.items()
-                     if name.lower() != "content-type" and _NOT_ALNUM.sub("_", name.lower()) == "content_type"]
+                     if name.lower() != "content-type" and _cgi_name(name) == "content_type"]
     # A server that does not pass those on leaves Rack a body without a type, which it reads as a form.
     return ", ".join([*own, *spelt_for_cgi, *([] if own or not spelt_for_cgi else [FORM_TYPE])])
 
@@ -142,6 +142,17 @@ async def refuse_body_override(content_type: str, body: bytes) -> None:
         found = await asyncio.get_running_loop().run_in_executor(INSPECTION_THREADS, body_override, content_type, body)
     if found:
         raise _parameter_refusal("body")
+
+
+def _plain_names(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether every header name is letters, digits and `-` only, so no two of them can share a CGI variable
+    (the usual case: one pass over the names, in C)."""
+    return "".join(headers).replace("-", "").isalnum()
+
+
+def _cgi_name(name: str) -> str:
+    """The variable a CGI-style server may make of a header name: lower case, any other byte an `_`."""
+    return _NOT_ALNUM.sub("_", name.lower())
 
 
 def _header_refusal(name: str, what: str) -> Refusal:
