@@ -29,6 +29,7 @@ from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
 from tests.e2e.gate_support import GateWorld, request, untouched
 from tests.e2e.support import assert_failed
 from tests.harness import AEGISCTL, PASSPHRASE, Aegis, new_aegis
+from tests.upstreams import Upstream
 
 GH_SECRET = "ghp_backupSecret0123456789abcdefXYZ"
 OA_SECRET = "sk-backupHeaderSecret0123456789abcdef"
@@ -70,6 +71,19 @@ def with_manifest_for(parts: dict[str, bytes], **changes: Any) -> dict[str, byte
         manifest["members"][name] = {"size": len(parts[name]), "sha256": hashlib.sha256(parts[name]).hexdigest()}
     manifest.update(changes)
     return {**parts, "manifest.json": json.dumps(manifest).encode()}
+
+
+def backed_up(world: GateWorld, name: str, before: str | None = None) -> tuple[Upstream, Path]:
+    """A `github` credential granted to agent `claude`, a request to path `before` through the gate when given
+    (so the backup's ledger holds it), then a backup of it all in `name` under the daemon's root."""
+    up = world.upstream()
+    world.credential("github", GH_SECRET, up.entry())
+    world.agent("claude", "github")
+    if before is not None:
+        assert world.call("GET", f"/github{before}", agent="claude").status == 200
+    backup = world.aegis.root / name
+    world.aegis.ctl("backup", str(backup)).ok()
+    return up, backup
 
 
 @pytest.fixture
@@ -172,12 +186,7 @@ def test_round_trip_under_load(world: GateWorld) -> None:
 
 def test_restore_refuses_and_changes_nothing(world: GateWorld) -> None:
     aegis = world.aegis
-    up = world.upstream()
-    world.credential("github", GH_SECRET, up.entry())
-    world.agent("claude", "github")
-    assert world.call("GET", "/github/echo/x", agent="claude").status == 200
-    good = aegis.root / "good.backup"
-    aegis.ctl("backup", str(good)).ok()
+    up, good = backed_up(world, "good.backup", before="/echo/x")
 
     unlocked = aegis.ctl("restore", str(good), "--yes")
     assert_failed(unlocked, "unlocked", "aegisctl lock")
@@ -273,11 +282,7 @@ def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> N
     trigger is now refused): the files are swapped, but the restore exits 1 naming the ledger, and the gate
     forwards nothing. Restoring a good backup over it recovers without a restart."""
     aegis = world.aegis
-    up = world.upstream()
-    world.credential("github", GH_SECRET, up.entry())
-    world.agent("claude", "github")
-    good = aegis.root / "good.backup"
-    aegis.ctl("backup", str(good)).ok()
+    up, good = backed_up(world, "good.backup")
     parts = members(good.read_bytes())
     ledger = aegis.root / "stuck-ledger.db"
     ledger.write_bytes(parts["ledger.db"])
@@ -313,12 +318,7 @@ def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: G
     The swap is held up by a write lock on the old ledger (its final checkpoint waits out the busy timeout),
     which gives Ctrl-C a moment inside the swap."""
     aegis = world.aegis
-    up = world.upstream()
-    world.credential("github", GH_SECRET, up.entry())
-    world.agent("claude", "github")
-    assert world.call("GET", "/github/echo/before", agent="claude").status == 200
-    backup = aegis.root / "before.backup"
-    aegis.ctl("backup", str(backup)).ok()
+    up, backup = backed_up(world, "before.backup", before="/echo/before")
     world.credential("openai", OA_SECRET, up.entry())  # not in the backup
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
     aegis.ctl("lock").ok()
@@ -435,12 +435,7 @@ def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(worl
     read-only passed every check and failed only after the ledger was replaced. Each is now refused, clearly,
     before anything changes, by the daemon and by aegisctl."""
     aegis = world.aegis
-    up = world.upstream()
-    world.credential("github", GH_SECRET, up.entry())
-    world.agent("claude", "github")
-    assert world.call("GET", "/github/echo/before", agent="claude").status == 200
-    good = aegis.root / "good.backup"
-    aegis.ctl("backup", str(good)).ok()
+    _, good = backed_up(world, "good.backup", before="/echo/before")
     parts = members(good.read_bytes())
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
     aegis.ctl("lock").ok()
@@ -510,11 +505,7 @@ def test_a_vault_open_in_another_process_stops_the_restore_before_the_ledger_is_
     """Found by a cold review: the check that no other process reads vault.db ran only after the ledger had been
     swapped, so its failure lost the old ledger. Every check now runs before anything is replaced."""
     aegis = world.aegis
-    up = world.upstream()
-    world.credential("github", GH_SECRET, up.entry())
-    world.agent("claude", "github")
-    backup = aegis.root / "before.backup"
-    aegis.ctl("backup", str(backup)).ok()
+    _, backup = backed_up(world, "before.backup")
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
     aegis.ctl("lock").ok()
     rows = listing(aegis, "ledger", "show", "--limit", "1000")

@@ -43,15 +43,7 @@ def test_a_restore_whose_ledger_moved_but_was_not_made_durable_says_it_failed_ha
     caplog.set_level(logging.DEBUG)
 
     async def main() -> tuple[str, str | None, str | None, bytes | None]:
-        store_b, _, ledger_b = await daemon_parts(tmp_path / "b")
-        await ledger_b.append(LedgerEntry.system("in the backup"))
-        snapshot = tmp_path / "snapshot"
-        snapshot.mkdir(mode=0o700)
-        manifest = take_snapshot(store_b, tmp_path / "b" / "ledger.db", snapshot)
-        archive = b"".join(tar_stream(manifest, snapshot, 0))
-        await ledger_b.close()
-        store_b.close()
-
+        archive, _ = await backup_of_another_vault(tmp_path, LedgerEntry.system("in the backup"))
         store, vault, ledger = await daemon_parts(tmp_path / "a")
         vault_a = vault.vault_id
         await ledger.append(LedgerEntry.system("live"))
@@ -139,8 +131,11 @@ def test_a_vault_read_by_another_process_is_not_swapped(store: VaultStore, tmp_p
         assert conn.execute("SELECT value FROM meta WHERE key = 'probe'").fetchone()[0] == "kept"
 
 
-async def backup_of_another_vault(tmp_path: Path) -> tuple[bytes, str | None]:
+async def backup_of_another_vault(tmp_path: Path, *rows: LedgerEntry) -> tuple[bytes, str | None]:
+    """A backup (and the vault id) of a second daemon's data under tmp_path/b, its ledger holding `rows` too."""
     store_b, vault_b, ledger_b = await daemon_parts(tmp_path / "b")
+    for row in rows:
+        await ledger_b.append(row)
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir(mode=0o700)
     manifest = take_snapshot(store_b, tmp_path / "b" / "ledger.db", snapshot)
