@@ -34,9 +34,12 @@ class LiteralScanner:
     def __init__(self, literals: Sequence[bytes]) -> None:
         if not literals or any(not w or b"\0" in w for w in literals):
             raise ValueError("Hyperscan's literal API takes non-empty literals without NUL bytes")
+        self._load(list(literals), literal=True)
+
+    def _load(self, expressions: list[bytes], **options: Any) -> None:
         self._database = hyperscan.Database()
         # Distinct ids: with one id shared by thousands of literals, compiling takes seconds, not milliseconds.
-        self._database.compile(expressions=list(literals), ids=list(range(len(literals))), literal=True)
+        self._database.compile(expressions=expressions, ids=list(range(len(expressions))), **options)
         self._local = threading.local()
 
     def scan(self, data: bytes, on_match: MatchHandler, context: object = None) -> bool:
@@ -56,17 +59,15 @@ class PatternScanner(LiteralScanner):
     the data's ends), each reporting its first match only: linear in the data whatever it holds, and GIL-free."""
 
     def __init__(self, patterns: Sequence[bytes]) -> None:
-        self._database = hyperscan.Database()
-        self._database.compile(expressions=list(patterns), ids=list(range(len(patterns))),
-                               flags=hyperscan.HS_FLAG_SINGLEMATCH)
-        self._local = threading.local()
+        self._load(list(patterns), flags=hyperscan.HS_FLAG_SINGLEMATCH)
 
     def search(self, data: bytes) -> bool:
         """Whether any of the patterns matches somewhere in `data`."""
-        return not self.scan(data, _stop)
+        return not self.scan(data, stop_scan)
 
 
-def _stop(*_: object) -> bool:
+def stop_scan(*_: object) -> bool:
+    """A match handler that ends the scan at the first match, for "does any occur?"."""
     return True
 
 

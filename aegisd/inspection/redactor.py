@@ -56,7 +56,13 @@ import re
 import sys
 from collections.abc import Callable, Iterable
 
-from aegisd.inspection.literal_matcher import FRAGMENT, LiteralScanner, compile_literals, compile_longest
+from aegisd.inspection.literal_matcher import (
+    FRAGMENT,
+    LiteralScanner,
+    compile_literals,
+    compile_longest,
+    stop_scan,
+)
 
 REDACTED = b"[REDACTED]"
 
@@ -200,10 +206,6 @@ def _starts_escape(data: bytes, at: int) -> bool:
     return (at - run) % 2 == 0
 
 
-def _stop(*_: object) -> bool:
-    return True
-
-
 def _touches_marker(form: bytes) -> bool:
     """Whether `form` can occur in text across a `[REDACTED]` put in by the first stage."""
     return (REDACTED in form or form in REDACTED
@@ -244,7 +246,7 @@ class Forms:
 
     def clean(self, data: bytes) -> bool:
         """Whether `data` holds no form (nor a long form's first FRAGMENT bytes); False if unsure."""
-        return self._scanner is not None and self._scanner.scan(data, _stop)
+        return self._scanner is not None and self._scanner.scan(data, stop_scan)
 
     def search(self, data: bytes, pos: int = 0, endpos: int = sys.maxsize) -> tuple[int, int] | None:
         """(start, end) of the leftmost form within data[pos:endpos], the longest one starting there; or None."""
@@ -320,7 +322,7 @@ class Redaction:
         in it that the first did not (it reads what the first released, where every form is replaced)."""
         if self.forms.touches_marker:
             return False
-        return b"\\" not in data or self._escapes is None or self._escapes.scan(data, _stop)
+        return b"\\" not in data or self._escapes is None or self._escapes.scan(data, stop_scan)
 
     def redact_all(self, data: bytes) -> tuple[bytes, int]:
         """Every form in `data` replaced, raw then in the view; returns the result and how many were replaced."""
