@@ -31,7 +31,7 @@ from aegisd.ledger import (
 )
 from aegisd.ledger.checkpoint import all_checkpoints, checkpoint_mac
 from aegisd.ledger.query import filter_clauses
-from aegisd.ledger.stats import _stats
+from aegisd.ledger.stats import _stats, _unfiltered_stats
 from tests.unit.event_loops import eventually
 
 KEY = bytes(range(100, 132))
@@ -372,7 +372,8 @@ def test_stats_group_by(db: Path) -> None:
         ledger_stats(db, top=0)
 
 
-@pytest.mark.parametrize(("filters", "index"), [({}, None), ({"agent": "cursor"}, "ledger_agent")])
+@pytest.mark.parametrize(("filters", "index"), [({"service": "openai"}, "ledger_service"),
+                                               ({"agent": "cursor"}, "ledger_agent")])
 def test_stats_group_without_walking_a_column_index(db: Path, filters: dict[str, Any], index: str | None) -> None:
     """Grouping by walking, say, the service index looks up every row it names, twice as slow on a million
     rows as one scan into a temporary B-tree; filters still use their own index."""
@@ -395,6 +396,50 @@ def test_stats_group_without_walking_a_column_index(db: Path, filters: dict[str,
     for plan in plans:
         used = {word for word in plan.split() if word.startswith("ledger_")}
         assert used == ({index} if index else set()), plan
+
+
+def test_stats_without_a_filter_count_from_the_indexes_and_agree_with_the_general_count(db: Path) -> None:
+    """Unfiltered stats count services and agents from their covering indexes and denied rows from the partial
+    index, never sorting every row; on a varied ledger they must give exactly what the filtered path does."""
+    async def main() -> None:
+        writer = await started(db)
+        for i in range(300):
+            denied = i % 7 == 0
+            await writer.append(entry(i, agent=("claude", "cursor", "", "ci")[i % 4],
+                                      service=("github", "openai", "", "slack", "x")[i % 5],
+                                      decision="denied" if denied else "allowed", status=403 if denied else 200,
+                                      reason=("not_granted" if denied else ("dry_run" if i % 11 == 0 else "")),
+                                      bytes_in=i, bytes_out=2 * i))
+            if i % 50 == 0:
+                await writer.append(LedgerEntry.system(f"event {i}", reason="policy_reloaded"))
+        await writer.close()
+
+    asyncio.run(main())
+    # Rows the gate does not write but the schema allows: a request with no decision, system rows naming an
+    # agent and a service (one of them denied), and one service whose every row is a system event.
+    insert = ("INSERT INTO ledger (kind, time_ms, request_id, agent, credential, service, method, path, "
+              "target_host, decision, reason, status, duration_ms, bytes_in, bytes_out, flags, detail) "
+              "VALUES (?, ?, 'r', ?, '', ?, '', '', '', ?, '', 0, 0, 5, 6, '', '')")
+    for kind, agent, service, decision in (("request", "claude", "github", ""), ("system", "cursor", "openai", ""),
+                                           ("system", "ci", "github", "denied"), ("system", "ci", "only-system", ""),
+                                           ("system", "", "", "allowed")):
+        sql(db, insert, (kind, T0 - 1, agent, service, decision))
+    conn = sqlite3.connect(db)
+    for top in (1, 2, 10):
+        assert _unfiltered_stats(conn, top) == _stats(conn, [], [], top)
+    stats = ledger_stats(db)
+    assert stats == _stats(conn, [], [], 10) and stats.system_events == 10 and stats.first_time_ms == T0 - 1
+    assert "only-system" not in [g.key for g in stats.by_service]
+    assert ("", 1, 0) in [(g.key, g.count, g.denied) for g in stats.by_decision]
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    _unfiltered_stats(conn, 10)
+    conn.set_trace_callback(None)
+    plans = " | ".join(" ".join(str(step[-1]) for step in conn.execute(f"EXPLAIN QUERY PLAN {statement}"))
+                       for statement in seen)
+    conn.close()
+    assert "COVERING INDEX ledger_service" in plans and "COVERING INDEX ledger_agent" in plans, plans
+    assert "USING INDEX ledger_denied" in plans, plans
 
 
 def test_a_replace_whose_rename_is_not_made_durable_says_the_file_moved_and_drops_the_key(
