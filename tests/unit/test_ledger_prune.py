@@ -442,6 +442,38 @@ def test_stats_without_a_filter_count_from_the_indexes_and_agree_with_the_genera
     assert "USING INDEX ledger_denied" in plans, plans
 
 
+@pytest.mark.parametrize("original", ["CREATE INDEX ledger_agent ON ledger (agent, id)",
+                                      "CREATE INDEX ledger_service ON ledger (service, id)",
+                                      "CREATE INDEX ledger_denied ON ledger (id) WHERE decision = 'denied'"])
+def test_unfiltered_stats_do_not_believe_an_index_that_lacks_rows(
+        db: Path, original: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An index rebuilt without some rows (its CREATE INDEX text put back, docs/SECURITY.md) hides them from
+    reads through it; unfiltered stats check the indexes' counts against the table and count from the table."""
+    async def main() -> None:
+        writer = await started(db)
+        for i in range(12):
+            evil = i % 4 == 0
+            await writer.append(entry(i, agent="evil" if evil else "good", service="exfil" if evil else "openai",
+                                      decision="denied" if i % 3 == 0 else "allowed"))
+        await writer.close()
+
+    asyncio.run(main())
+    honest = ledger_stats(db)
+    name = original.split()[2]
+    hiding = original + (" AND" if " WHERE " in original else " WHERE") + " agent != 'evil'"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute(f"DROP INDEX {name}")
+    conn.execute(hiding)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET sql = ? WHERE name = ?", (original, name))
+    conn.execute("PRAGMA writable_schema = OFF")
+    conn.close()
+    caplog.set_level(logging.WARNING, logger="aegisd.ledger.stats")
+    assert ledger_stats(db) == honest
+    assert [g.key for g in honest.top_agents] == ["good", "evil"] and "exfil" in [g.key for g in honest.by_service]
+    assert "indexes disagree with its table" in caplog.text
+
+
 def test_a_replace_whose_rename_is_not_made_durable_says_the_file_moved_and_drops_the_key(
         tmp_path: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by a cold review: when the rename succeeded but the directory's fsync failed, the caller heard
