@@ -33,7 +33,7 @@ from aegisd.ledger import LedgerError, LedgerWriter
 from aegisd.logs import event, set_level
 from aegisd.metrics import GateMetrics
 from aegisd.outcomes import OutcomeSink
-from aegisd.policy import PolicyStore
+from aegisd.policy import MEMORY_FILE, PolicyMemory, PolicyStore
 from aegisd.runtime import Runtime
 from aegisd.sdnotify import ServiceManager
 from aegisd.store import VaultStore
@@ -73,7 +73,8 @@ class Daemon:
             store.close()
             raise StartupError(str(exc)) from None
         runtime = Runtime(self.config, store, vault, AgentRegistry(store, vault), ledger)
-        runtime.policies = self._policies = policies = PolicyStore(self.config.policies_dir, ledger)
+        runtime.policies = self._policies = policies = PolicyStore(
+            self.config.policies_dir, ledger, memory=PolicyMemory(self.config.data_dir / MEMORY_FILE))
         routing = RoutingState(vault, runtime.agents)
         vault.add_listener(routing.on_vault_event)
         vault.add_listener(lambda event_name: _key_ledger(vault, ledger, event_name))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
+from aegisd.policy.memory import UNKNOWN_AGENT, PolicyMemory, Remembered
 from aegisd.policy.model import Issue, PolicyFile
 from aegisd.policy.parse import MAX_POLICY_BYTES, parse_policy
 from aegisd.policy.policy_set import PolicySet, compile_set
@@ -27,7 +28,8 @@ log = logging.getLogger("aegisd.policy")
 POLL_SECONDS = 1.0
 SUFFIXES = (".yaml", ".yml")
 # The agents a file names, found even when the YAML around it is broken, so only they fail closed (with the
-# agent of the file's last valid version); when nobody can be told, every agent fails closed.
+# agent of the file's last valid version, kept in aegisd's data directory: memory.py); when nobody can be
+# told, every agent fails closed.
 _AGENT_LINE = re.compile(r"""^agent[ \t]*:[ \t]*["']?([a-z0-9][a-z0-9._-]{0,63})["']?[ \t]*(?:#.*)?$""", re.MULTILINE)
 _MAX_LOGGED_ISSUES = 20
 
@@ -49,14 +51,18 @@ class Snapshot:
 
 class PolicyStore:
     def __init__(self, directory: Path | None, ledger: LedgerWriter | None = None,
-                 poll_seconds: float = POLL_SECONDS) -> None:
+                 poll_seconds: float = POLL_SECONDS, *, memory: PolicyMemory | None = None) -> None:
+        """`memory` keeps `_last_valid` across restarts (the daemon's, in its data directory); without one it
+        lives only as long as this store."""
         self.current = PolicySet()
         self.snapshot = Snapshot(directory)
         self._ledger = ledger
         self._poll_seconds = poll_seconds
         self._seen: Signature | None = None  # the directory as the last reload found it
-        # file name -> the agent its last valid version named; in memory only, so a restart forgets it
-        self._last_valid: dict[str, str] = {}
+        self._memory = memory
+        # file name -> the agent its last valid version named (UNKNOWN_AGENT: cannot be told); None until the
+        # first reload reads what `memory` kept
+        self._last_valid: Remembered | None = None if memory is not None else {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._pending = ""
@@ -84,24 +90,19 @@ class PolicyStore:
                                      time.time_ns() // 1_000_000, trigger, previous.reloads + 1)
             self._seen = signature
             if not error:
-                last_valid = {}
-                for policy_file in files:
-                    if policy_file.valid:
-                        last_valid[policy_file.name] = policy_file.agents[0]
-                    elif policy_file.name in self._last_valid:
-                        # An invalid file fails closed for its last valid agent too, whomever else it names now:
-                        # an edit that swaps or adds an `agent:` line must not free the agent it restricted. It
-                        # keeps that agent over later reloads until it is valid again.
-                        last_valid[policy_file.name] = self._last_valid[policy_file.name]
-                        policy_file.names(self._last_valid[policy_file.name])
+                if self._last_valid is None and self._memory is not None:
+                    self._last_valid = await asyncio.to_thread(self._memory.load, directory)
+                last_valid = _remember(files, self._last_valid)
                 self.current = compile_set(files)
                 self._last_valid = last_valid
+                if self._memory is not None:
+                    await asyncio.to_thread(self._memory.save, directory, last_valid)
             self._report(self.snapshot)
             return self.snapshot
 
     def request_reload(self, trigger: str, directory: Path | None = None, *, change_directory: bool = False) -> None:
         """Ask the watcher to reload soon (from a signal handler: no await there)."""
-        if change_directory:
+        if change_directory and directory != self.snapshot.directory:
             self.snapshot.directory = directory
             # What a file's last valid version named belongs to that directory's file, not to a namesake.
             self._last_valid = {}
@@ -211,6 +212,30 @@ def _signature(directory: Path) -> Signature:
                 continue
             found.append((entry.name, info.st_mtime_ns, info.st_size, info.st_ino))
     return tuple(sorted(found))
+
+
+def _remember(files: list[PolicyFile], previous: Remembered | None) -> Remembered:
+    """The agent each file's last valid version named, and each invalid file made to fail closed for it too.
+
+    An invalid file fails closed for its last valid agent, whomever else it names now: an edit that swaps or
+    adds an `agent:` line must not free the agent it restricted. It keeps that agent over later reloads until
+    it is valid again. With `previous` None (the memory could not be read) no invalid file's last valid agent
+    can be told, so each fails closed for every agent, and keeps doing so until it is valid again.
+    """
+    remembered: Remembered = {}
+    for policy_file in files:
+        if policy_file.valid:
+            remembered[policy_file.name] = policy_file.agents[0]
+            continue
+        agent = UNKNOWN_AGENT if previous is None else previous.get(policy_file.name)
+        if agent is None:
+            continue
+        remembered[policy_file.name] = agent
+        if agent == UNKNOWN_AGENT:
+            policy_file.agents.clear()  # names no agent, so compile_set fails every agent closed for it
+        else:
+            policy_file.names(agent)
+    return remembered
 
 
 def _agents_in_text(data: bytes) -> list[str]:

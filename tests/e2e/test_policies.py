@@ -480,3 +480,151 @@ def test_missing_policy_directory_stops_the_start(fresh: Aegis) -> None:
     assert fresh.proc is not None
     assert fresh.proc.wait(30) == 1
     assert "cannot read the policy directory" in fresh.log() and "--policies-dir" in fresh.log()
+
+
+ALICE = "agent: alice\nrules:\n  - service: svc\n    paths: [\"/echo/a\"]\n"
+# Broken so that its text names another agent only: what frees alice unless her policy's last valid version
+# is remembered.
+ALICE_SWAPPED = "agent: mallory\nrules:\n  - service: svc\n    methods: [FETCH]\n"
+MEMORY_FILE = "policy-memory.json"
+
+
+def _restart(world: GateWorld, env: dict[str, str] | None = None) -> None:
+    assert world.aegis.stop() == 0
+    world.aegis.env.update(env or {})
+    world.aegis.start()
+    world.unlock()
+
+
+def _memory(world: GateWorld) -> dict[str, object]:
+    path = world.aegis.data_dir / MEMORY_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    value = json.loads(path.read_text())
+    assert isinstance(value, dict)
+    return value
+
+
+def test_a_broken_file_fails_closed_for_its_last_valid_agent_after_a_restart() -> None:
+    """The last valid agent of each file is kept in the data directory, so an edit that swaps the `agent:`
+    line and a restart together never free the agent the file restricted."""
+    world, directory = _world({"alice.yaml": ALICE})
+    try:
+        up = world.upstreams[0]
+        for name in ("alice", "mallory", "carol"):
+            world.agent(name, "svc")
+        world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_denied")
+
+        # Broken while aegisd is stopped, so the running daemon never saw it: the restart must still know
+        # whom the file restricted.
+        _restart(world)
+        assert world.aegis.stop() == 0
+        write_policy(directory, "alice.yaml", ALICE_SWAPPED)
+        world.aegis.start()
+        world.unlock()
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_invalid")
+            world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_invalid")
+        listed = {f["name"]: f for f in policy_status(world)["files"]}["alice.yaml"]
+        assert listed["agent"] == "mallory, alice" and not listed["valid"]
+        assert world.call("GET", "/svc/echo/x", agent="carol").status == 200
+        assert _memory(world)["files"] == {"alice.yaml": "alice"}
+
+        # Restarted again, and reloaded by SIGHUP with the same directory: still remembered.
+        _restart(world)
+        reloads = policy_status(world)["reloads"]
+        assert world.aegis.proc is not None
+        world.aegis.proc.send_signal(signal.SIGHUP)
+        wait_reloads(world, reloads)
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/svc/echo/a", agent="alice"), 403, "policy_invalid")
+
+        # Valid again: her new rules apply, and a version naming someone else is what is remembered next.
+        write_policy(directory, "alice.yaml", ALICE.replace("alice", "mallory", 1))
+        world.aegis.ctl("policy", "reload").ok()
+        assert _memory(world)["files"] == {"alice.yaml": "mallory"}
+        assert world.call("GET", "/svc/echo/x", agent="alice").status == 200  # ungoverned now
+        world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_denied")
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_an_unreadable_policy_memory_fails_every_agent_closed_while_a_file_is_invalid() -> None:
+    """Which agent a now-broken file restricted cannot be told from a damaged memory: rather than free that
+    agent, every agent fails closed (as for a file naming nobody) until the file is valid again."""
+    bob = ALICE.replace("alice", "bob").replace("/echo/a", "/echo/b")
+    world, directory = _world({"alice.yaml": ALICE, "bob.yaml": bob})
+    try:
+        up = world.upstreams[0]
+        for name in ("alice", "bob", "carol"):
+            world.agent(name, "svc")
+        memory = world.aegis.data_dir / MEMORY_FILE
+        assert _memory(world)["files"] == {"alice.yaml": "alice", "bob.yaml": "bob"}
+
+        # Every file valid: a damaged memory changes nothing and is rebuilt from the files.
+        assert world.aegis.stop() == 0
+        memory.write_text('{"version": 1, "files": {"alice.yaml": ')
+        world.aegis.start()
+        world.unlock()
+        assert f"cannot use the policy memory {memory}: it is not JSON" in world.aegis.log()
+        assert world.call("GET", "/svc/echo/a", agent="alice").status == 200
+        assert world.call("GET", "/svc/echo/x", agent="carol").status == 200
+        assert _memory(world)["files"] == {"alice.yaml": "alice", "bob.yaml": "bob"}
+
+        # Damaged (here: too large to be one) while a file is broken so that it names only someone else.
+        assert world.aegis.stop() == 0
+        memory.write_bytes(b" " * (1 << 20) + b"{}")
+        write_policy(directory, "alice.yaml", ALICE_SWAPPED)
+        for _ in range(2):  # the file stays unknown over a restart: the memory now says so
+            world.aegis.start()
+            world.unlock()
+            with untouched(up):
+                for name in ("alice", "bob", "carol"):
+                    world.assert_refused(world.call("GET", "/svc/echo/b", agent=name), 403, "policy_invalid")
+            status = policy_status(world)
+            assert status["fail_all"] == ["alice.yaml"]
+            assert {f["name"]: f["agent"] for f in status["files"]} == {"alice.yaml": None, "bob.yaml": "bob"}
+            assert "alice.yaml (every agent)" in system_rows(world)[0]["detail"]
+            assert _memory(world)["files"] == {"alice.yaml": "", "bob.yaml": "bob"}
+            assert world.aegis.stop() == 0
+        assert world.aegis.log().count("larger than 1048576 bytes") == 1
+
+        # Valid again: only its agent is governed by it.
+        write_policy(directory, "alice.yaml", ALICE)
+        world.aegis.start()
+        world.unlock()
+        assert world.call("GET", "/svc/echo/a", agent="alice").status == 200
+        assert world.call("GET", "/svc/echo/b", agent="bob").status == 200
+        assert world.call("GET", "/svc/echo/x", agent="carol").status == 200
+        assert _memory(world)["files"] == {"alice.yaml": "alice", "bob.yaml": "bob"}
+        assert "Traceback" not in world.aegis.log()
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_the_policy_memory_of_another_policy_directory_is_not_applied() -> None:
+    """What a file's last valid version named belongs to that directory's file, not to a namesake elsewhere:
+    the same rule as for a SIGHUP that changes `policies_dir` while aegisd runs."""
+    world, directory = _world({"alice.yaml": ALICE})
+    try:
+        for name in ("alice", "mallory"):
+            world.agent(name, "svc")
+        assert _memory(world) == {"version": 1, "policies_dir": str(directory), "files": {"alice.yaml": "alice"}}
+        elsewhere = world.aegis.root / "elsewhere"
+        elsewhere.mkdir()
+        write_policy(elsewhere, "alice.yaml", ALICE_SWAPPED)
+
+        _restart(world, {"AEGIS_POLICIES_DIR": str(elsewhere)})
+        assert world.call("GET", "/svc/echo/x", agent="alice").status == 200  # no file there ever restricted her
+        world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_invalid")
+        assert {f["name"]: f["agent"] for f in policy_status(world)["files"]} == {"alice.yaml": "mallory"}
+        assert _memory(world) == {"version": 1, "policies_dir": str(elsewhere), "files": {}}
+
+        # Back to the first directory: its memory was replaced, and its file is valid anyway.
+        _restart(world, {"AEGIS_POLICIES_DIR": str(directory)})
+        world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_denied")
+        assert _memory(world)["policies_dir"] == str(directory)
+        world.assert_no_leaks()
+    finally:
+        world.close()

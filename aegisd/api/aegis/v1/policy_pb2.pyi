@@ -111,7 +111,11 @@ class PolicyFileStatus(_message.Message):
     ISSUES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent: _builtins.str
-    """Empty when the file is too broken to tell."""
+    """Every agent the file names, joined by ", " ("bot-a, bot-b"). A valid file names exactly one. An
+    invalid one may name several, and fails closed for each: every value of a repeated `agent:` key and,
+    in List and Reload, every top-level `agent:` line of broken YAML and the agent of the file's last
+    valid version. Empty when no agent can be told; in List and Reload every agent then fails closed.
+    """
     mode: _builtins.str
     """"enforce", "dry-run" or "off"."""
     rules: _builtins.int
