@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 UNITS = {"sec": 1, "s": 1, "second": 1, "min": 60, "m": 60, "minute": 60,
          "hour": 3600, "h": 3600, "day": 86400, "d": 86400}
-_RATE = re.compile(r"^\s*(\d{1,9})\s*/\s*([a-z]+)\s*\Z")
+_RATE = re.compile(r"^\s*([0-9]{1,9})\s*/\s*([a-z]+)\s*\Z")  # ASCII digits only
 
 
 class RateError(ValueError):

@@ -60,7 +60,7 @@ class GateLimits:
         self.rates = RateLimiter(clock)
         self.concurrency = ConcurrencyLimiter(max_concurrency)
         self._quotas: dict[tuple[str, str, str], Quota] = {}
-        self._consumed: dict[str, list[Quota]] = {}  # per request in flight, for refund()
+        self._consumed: dict[str, list[tuple[Quota, int]]] = {}  # per request in flight: quota, unit's end
 
     def admit(self, x: Noted, agent: AgentEntry, route: Route | None, verdict: Verdict | None) -> None:
         """Admit the request against every limit at once, or refuse it (429) consuming nothing. Without a route
@@ -84,8 +84,7 @@ class GateLimits:
         consumed = []
         for standing in standings:
             if standing.allowed:
-                rates.consume(standing.quota, now)
-                consumed.append(standing.quota)
+                consumed.append((standing.quota, rates.consume(standing.quota, now)))
             else:  # a dry-run rule's limit: forwarded, and the ledger row says it would have been refused
                 x.reason = WOULD_DENY
                 add_flag(x, f"rate_limit=rule@{standing.quota.key}".replace(",", "_"))
@@ -104,8 +103,11 @@ class GateLimits:
         """The request ended before it was forwarded (a later step refused it, a bug, a stop): give its quota
         back, so a refused request uses none. Consuming first and refunding keeps the limit exact under
         concurrency, where checking now and consuming after an await would not."""
-        for quota in self._consumed.pop(request_id, ()):
-            self.rates.refund(quota)
+        consumed = self._consumed.pop(request_id, ())
+        if consumed:
+            now = self.rates.clock()
+            for quota, ends in consumed:
+                self.rates.refund(quota, ends, now)
 
     def release(self, request_id: str) -> None:
         """The request is over (answered, refused or failed): free its concurrency slot."""

@@ -67,8 +67,9 @@ class RateLimiter:
         remaining = (capacity - used) // period
         return Standing(quota, True, remaining, -(-(used - (capacity - (remaining + 1) * period)) // n))
 
-    def consume(self, quota: Quota, now_ns: int) -> None:
-        """Use one unit; call only after every quota of the request was found to have room."""
+    def consume(self, quota: Quota, now_ns: int) -> int:
+        """Use one unit; call only after every quota of the request was found to have room. Returns where the
+        unit ends on the key's timeline, for refund."""
         rate = quota.rate
         n, seconds = rate.count, rate.period_seconds
         key = (quota.name, quota.key, n, seconds)
@@ -78,13 +79,23 @@ class RateLimiter:
                 self._prune(now_ns)
             tat = 0
         now = now_ns * n
-        self._tat[key] = (tat if tat > now else now) + seconds * NS
+        ends = self._tat[key] = (tat if tat > now else now) + seconds * NS
+        return ends
 
-    def refund(self, quota: Quota) -> None:
-        """Give back one unit: the request that consumed it was refused by a later step."""
+    def refund(self, quota: Quota, ends: int, now_ns: int) -> None:
+        """Give back what is left of one unit (consume's `ends`): the request that used it was refused later.
+
+        Only the part time has not restored yet: a unit taken an hour ago under 10/hour is already back, and
+        giving it back again would let an agent that holds requests open bank quota past the burst.
+        """
         key = self._state_key(quota)
-        if key in self._tat:
-            self._tat[key] -= quota.rate.period_seconds * NS
+        tat = self._tat.get(key)
+        if tat is None:
+            return
+        now = now_ns * quota.rate.count
+        left = min(ends - now, quota.rate.period_seconds * NS)
+        if left > 0:
+            self._tat[key] = max(tat - left, now)
 
     def _prune(self, now_ns: int) -> None:
         self._tat = {key: tat for key, tat in self._tat.items() if tat > now_ns * key[2]}

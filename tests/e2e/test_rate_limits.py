@@ -8,6 +8,7 @@ import re
 import socket
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -197,6 +198,42 @@ def test_a_request_refused_after_admission_uses_no_quota(refused_by: str) -> Non
         for _ in range(2):  # the whole 2/day is still there
             assert world.call("GET", "/limited/echo/ok", home, agent="bot").status == 200
         limited([], world.call("GET", "/limited/echo/ok", home, agent="bot"), "credential")
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_a_refund_gives_back_only_what_time_has_not_restored() -> None:
+    """A request admitted, then held open mid-body until its unit of quota has come back with time, and then
+    hung up (refused before forwarding) must not give that unit back a second time: otherwise an agent holding
+    requests open banks quota past its burst. Limit 1/sec: held, wait, one fresh request, hang up, one more."""
+    world, _ = policy_world({})
+    try:
+        up = world.upstream()
+        world.credential("open", OPEN, up.entry())
+        world.agent("bot", "open")
+        world.aegis.ctl_in_process("agent", "set-rate-limit", "bot", "1/sec").ok()
+        head = (f"POST /open/echo/held HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: "
+                f"{world.tokens['bot']}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+                "Expect: 100-continue\r\n\r\n").encode()
+        for attempt in range(1, 4):  # again if the machine was so slow that the next unit came back by itself
+            held_requests = attempt
+            with socket.create_connection(("127.0.0.1", world.port), timeout=10) as held:
+                held.sendall(head)
+                assert held.recv(64).startswith(b"HTTP/1.1 100 "), "the held request was not admitted"
+                held.sendall(b"{")
+                time.sleep(1.2)  # its unit is back by now; the request still holds it, not yet forwarded
+                assert world.call("GET", "/open/echo/fresh", agent="bot").status == 200
+                fresh_at = time.monotonic()
+            deadline = time.monotonic() + 10
+            while not [row for row in world.ledger("--agent", "bot") if row["path"] == "/echo/held"]:
+                assert time.monotonic() < deadline, "the hung-up request has no ledger row"
+            probe = world.call("GET", "/open/echo/probe", agent="bot")
+            if probe.status == 429 or time.monotonic() - fresh_at < 0.9:
+                break
+        assert probe.status == 429, "the hang-up's refund gave back a unit time had already restored"
+        assert [row["status"] for row in world.ledger("--agent", "bot") if row["path"] == "/echo/held"] == [
+            400] * held_requests
         world.assert_no_leaks()
     finally:
         world.close()

@@ -132,6 +132,42 @@ def test_refund_gives_back_exactly_what_the_request_consumed() -> None:
     assert refused.value.headers["RateLimit"].startswith('"credential";r=0')
 
 
+def test_a_refund_gives_back_only_what_time_has_not_restored() -> None:
+    """Ten requests held open under 10/hour: an hour later their units are back by time, so refunding them then
+    gives nothing; half an hour later half of each stacked unit's debt is left, and that is what comes back."""
+    clock = [0]
+    limits = GateLimits(max_concurrency=64, clock=lambda: clock[0])
+    agent = AgentEntry("agent-id", "bot", frozenset(), "10/hour")
+
+    def admitted(count: int) -> list[Exchange]:
+        passed = []
+        for _ in range(count):
+            x = Exchange("POST")
+            try:
+                limits.admit(x, agent, None, None)
+            except Refusal:
+                continue
+            passed.append(x)
+        return passed
+
+    held = admitted(11)
+    assert len(held) == 10
+    clock[0] += 3600 * NS
+    assert len(admitted(20)) == 10  # the whole burst is back by time
+    for x in held:
+        limits.refund(x.request_id)
+        limits.release(x.request_id)
+    assert admitted(20) == []  # the refunds gave back nothing time had not already restored
+
+    clock[0] += 3600 * NS  # now: ten held again, five units' time passes, all refunded
+    held = admitted(10)
+    clock[0] += 1800 * NS
+    assert admitted(1) and len(held) == 10  # one of the five units time restored
+    for x in held:
+        limits.refund(x.request_id)
+    assert len(admitted(20)) == 9  # the burst less the one just taken
+
+
 def test_policy_settings_from_flag_env_and_config_file(tmp_path: Path) -> None:
     config = tmp_path / "aegisd.toml"
     config.write_text('[policy]\ndir = "/etc/aegis/policies"\n\n[gate]\nagent_max_concurrency = 8\n')
