@@ -157,6 +157,8 @@ class GateRequest:
             elif self._error is not None:
                 raise self._error
             elif self._complete:
+                if self.content_length is not None and self._received != self.content_length:
+                    raise BodyMalformed("the body ended before its declared Content-Length")  # never a short body
                 return
             else:
                 self._waiter = self._conn.loop.create_future()
@@ -458,6 +460,12 @@ class AgentConnection(asyncio.Protocol):
             self._stop_parsing()
         elif "Transfer-Encoding" in headers and _codings(headers) != "chunked":
             request.malformed = (400, "a request body may be sent with Transfer-Encoding: chunked and no other coding")
+            self._stop_parsing()
+        elif request.has_body and parser.should_upgrade():
+            # llhttp hands over no body after an Upgrade (or CONNECT) head: forwarded, the declared length would
+            # frame whatever the agent sends next on the upstream connection as a request of its own.
+            request.malformed = (400, "a request asking for a protocol upgrade (Connection: Upgrade) cannot carry a "
+                                 "body through the gate")
             self._stop_parsing()
         self._parsing = None if request.body_complete else request
         if not self.closing:

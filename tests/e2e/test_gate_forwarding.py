@@ -292,6 +292,35 @@ def test_chunked_body_crossing_the_limit_is_refused_and_closed(std: Standard) ->
     world.assert_no_leaks()
 
 
+def test_an_upgrade_request_with_a_body_is_refused_and_one_without_is_served() -> None:
+    """llhttp hands over no body after a `Connection: Upgrade` head. Forwarded with its declared length and
+    no body (inspection off streams bodies), the request would leave the upstream waiting for bytes that the
+    gate's next request on that pooled connection would supply: the agent could choose where a request of its
+    own, credential attached, starts there. With a body it is refused; without one it is served (curl's
+    `Upgrade: h2c`), the Upgrade dropped as a hop-by-hop header."""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("stream", "sk-stream-secret-7Hq2Lp9Xv4", up.entry(), "--body-inspection", "off")
+        world.agent("bot", "stream")
+        upgrade = [("Connection", "Upgrade"), ("Upgrade", "anything")]
+        for method, framing, body in (("POST", [], b"DELETE /x HTTP/1.1\r\n\r\n"),
+                                      ("GET", [("Transfer-Encoding", "chunked")], b"5\r\nhello\r\n0\r\n\r\n")):
+            with untouched(up):
+                reply = world.raw_request(method, "/stream/echo/upgrade", [*upgrade, *framing], agent="bot", body=body,
+                                          wait_close=True)
+            world.assert_refused(reply, 400, "bad_request")
+            assert "protocol upgrade" in reply.error()["message"] and reply.closed
+        h2c = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAAP__")]
+        reply = world.raw_request("GET", "/stream/echo/h2c", h2c, agent="bot")
+        assert reply.status == 200, reply.text()
+        (seen,) = up.requests_to("/echo/h2c")
+        assert not {"upgrade", "http2-settings"} & set(seen.header_names) and seen.body in (None, b"")
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
 def test_chunked_body_under_the_limit_is_forwarded(std: Standard) -> None:
     reply = std.world.raw_request("POST", "/bear/echo/chunked-ok", [("Transfer-Encoding", "chunked")],
                                   agent="bot", body=_chunked(3000))

@@ -28,7 +28,7 @@ from email.utils import parsedate_to_datetime
 from typing import cast
 
 import pytest
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from aegisd.gate import agent_connection
 from aegisd.gate.agent_connection import (
@@ -656,6 +656,38 @@ def test_a_request_whose_framing_breaks_before_it_is_handled_is_refused_whole(ru
             [(status, message)] = handler.refused
             assert status == 400 and "chunk size" in message
             assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+    run(main())
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello", b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+def test_an_upgrade_request_with_a_body_is_refused_whole(run: Run, framing: bytes) -> None:
+    """llhttp delivers no body after an Upgrade head; the request must not reach the pipeline as one whose
+    declared body simply ended empty."""
+    handler = Handler()
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"POST /x HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: x\r\n" + framing)
+            received = await agent.rest()
+            assert handler.seen == []
+            [(status, message)] = handler.refused
+            assert status == 400 and "protocol upgrade" in message
+            assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+    run(main())
+
+
+def test_a_body_that_ends_short_of_its_declared_length_fails(run: Run) -> None:
+    """Whatever ends a body's parsing early, a reader never sees a short body as complete."""
+    async def main() -> None:
+        conn = cast(AgentConnection, object())
+        request = GateRequest(conn, "POST", "/x", CIMultiDictProxy(CIMultiDict({"Content-Length": "5"})), True, True)
+        request._complete = True  # as llhttp leaves it after an Upgrade head: complete, nothing received
+        with pytest.raises(BodyMalformed, match="declared Content-Length"):
+            async for _ in request.body():
+                pass
 
     run(main())
 
