@@ -53,9 +53,9 @@ HEADERS = ["TIME", "AGENT", "REQUEST", "HOST", "STATUS", "DECISION"]
 
 def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options: list[Decorator] = [
-        click.option("--agent", help="Only this agent."),
-        click.option("--service", help="Only this service."),
-        click.option("--credential", help="Only this credential."),
+        click.option("--agent", help='Only this agent ("" for rows with none: unauthenticated, system).'),
+        click.option("--service", help='Only this service ("" for rows with none).'),
+        click.option("--credential", help='Only this credential ("" for rows with none).'),
         click.option("--blocked", is_flag=True, help="Only denied requests."),
         click.option("--since", type=TimeSpec(), help="From this time (ISO 8601) or age (15m, 2h, 7d)."),
         click.option("--until", type=TimeSpec(), help="Before this time or age."),
@@ -67,7 +67,14 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_filter(agent: str | None, service: str | None, credential: str | None, blocked: bool,
                 since: int | None, until: int | None) -> pb.LedgerFilter:
-    flt = pb.LedgerFilter(agent=agent or "", service=service or "", credential=credential or "", blocked=blocked)
+    # Set only when given, even as "": an empty value selects the rows with none (presence tells it from unset).
+    flt = pb.LedgerFilter(blocked=blocked)
+    if agent is not None:
+        flt.agent = agent
+    if service is not None:
+        flt.service = service
+    if credential is not None:
+        flt.credential = credential
     if since is not None:  # set even at 0: the epoch is a bound like any other time, not "unbounded"
         flt.since_ms = since
     if until is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from aegisctl import output
+from aegisctl import integrity, output
 from aegisctl.client import HINTS, ClientError
 from aegisctl.context import Context, pass_context
 from aegisctl.secrets_input import confirm_destructive, stdin_line
@@ -27,7 +27,17 @@ ONCE_WARNING = ("aegisctl: this signing secret is not shown again; give it to th
 
 
 def webhook_json(w: pb.Webhook) -> dict[str, Any]:
-    return {"id": w.id, "origin": w.origin, "events": list(w.events), "created_at": output.iso(w.created_at)}
+    return {"id": w.id, "origin": w.origin, "events": list(w.events), "created_at": output.iso(w.created_at),
+            "integrity": integrity.name(w.integrity)}
+
+
+def _failing_note(hook: dict[str, Any]) -> str | None:
+    """Why a webhook that fails its check gets nothing, and what to do; None for one that passes or is unchecked."""
+    if hook["integrity"] != "tampered":
+        return None
+    return (f"webhook {hook['id']} fails authentication: its row was changed outside aegisd (or sealed by an earlier "
+            f"aegisd), so nothing is delivered to it; remove it (`aegisctl webhook remove {hook['id']}`) and add it "
+            "again")
 
 
 @click.group("webhook")
@@ -73,7 +83,8 @@ def add(ctx: Context, url: str | None, events: str, url_stdin: bool, as_json: bo
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @pass_context
 def list_(ctx: Context, as_json: bool) -> None:
-    """List webhooks: id, where they go (origin only) and their events; never a secret."""
+    """List webhooks: id, where they go (origin only), their events and whether they pass their check (a failing
+    one gets nothing); never a secret."""
     client = ctx.client
     hooks = [webhook_json(w) for w in client.call(client.webhooks.ListWebhooks, pb.ListWebhooksRequest()).webhooks]
     if as_json:
@@ -82,8 +93,11 @@ def list_(ctx: Context, as_json: bool) -> None:
     if not hooks:
         click.echo("No webhooks yet: add one with `aegisctl webhook add URL --events blocked_request`.")
         return
-    output.table(["ID", "ORIGIN", "EVENTS", "CREATED"],
-                 [[h["id"], h["origin"], ",".join(h["events"]), h["created_at"]] for h in hooks])
+    output.table(["ID", "ORIGIN", "EVENTS", "CREATED", "INTEGRITY"],
+                 [[h["id"], h["origin"], ",".join(h["events"]), h["created_at"], integrity.text(h["integrity"])]
+                  for h in hooks])
+    for note in filter(None, map(_failing_note, hooks)):
+        click.echo(output.printable(note), err=True)
 
 
 @command.command("remove")

@@ -7,7 +7,7 @@ import functools
 import sqlite3
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -60,16 +60,23 @@ def _bounds(f: pb.LedgerFilter) -> tuple[int | None, int | None]:
     return (f.since_ms if f.HasField("since_ms") else None), (f.until_ms if f.HasField("until_ms") else None)
 
 
+def _text(f: pb.LedgerFilter, name: Literal["agent", "service", "credential"]) -> str | None:
+    """A text filter's value, by presence: set to "" it selects rows with none (an unauthenticated refusal has no
+    agent); unset, as every client before presence sends it, it is no filter."""
+    return str(getattr(f, name)) if f.HasField(name) else None
+
+
 def _filters(f: pb.LedgerFilter) -> dict[str, Any]:
     since_ms, until_ms = _bounds(f)
-    return {"agent": f.agent or None, "service": f.service or None, "credential": f.credential or None,
+    return {"agent": _text(f, "agent"), "service": _text(f, "service"), "credential": _text(f, "credential"),
             "denied_only": f.blocked, "since_ms": since_ms, "until_ms": until_ms}
 
 
 def _matches(row: LedgerRow, f: pb.LedgerFilter) -> bool:
     since_ms, until_ms = _bounds(f)
-    return ((not f.agent or row.agent == f.agent) and (not f.service or row.service == f.service)
-            and (not f.credential or row.credential == f.credential)
+    agent, service, credential = _text(f, "agent"), _text(f, "service"), _text(f, "credential")
+    return ((agent is None or row.agent == agent) and (service is None or row.service == service)
+            and (credential is None or row.credential == credential)
             and (not f.blocked or row.decision == "denied")
             and (since_ms is None or row.time_ms >= since_ms) and (until_ms is None or row.time_ms < until_ms))
 

@@ -9,7 +9,8 @@ import grpc
 
 from aegisd.api.aegis.v1 import webhooks_pb2 as pb
 from aegisd.api.aegis.v1 import webhooks_pb2_grpc
-from aegisd.control.convert import timestamp
+from aegisd.api.aegis.v1.credentials_pb2 import INTEGRITY_UNSPECIFIED
+from aegisd.control.convert import INTEGRITY_TO_PB, timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import StorageUnavailable
 from aegisd.runtime import Runtime
@@ -19,9 +20,11 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def webhook_to_pb(webhook: Webhook) -> pb.Webhook:
-    """The API view of a webhook: its origin only, never the URL's path or the signing secret."""
+    """The API view of a webhook: its origin only, never the URL's path or the signing secret; its integrity
+    unspecified where nothing was checked (a removed row)."""
     return pb.Webhook(id=webhook.id, origin=webhook.origin, events=list(webhook.events),
-                      created_at=timestamp(webhook.created_at))
+                      created_at=timestamp(webhook.created_at),
+                      integrity=INTEGRITY_TO_PB.get(webhook.integrity, INTEGRITY_UNSPECIFIED))
 
 
 class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):

@@ -89,6 +89,12 @@ class MasterKey:
                 self._subkeys[purpose] = bytearray(derived)
             return self._subkeys[purpose]
 
+    @property
+    def wiped(self) -> bool:
+        """Whether `wipe` has run: the bytes are zeros, and must not be wrapped into a slot."""
+        with self._guard:
+            return self._wiped
+
     def wipe(self) -> None:
         with self._guard:
             self._wiped = True

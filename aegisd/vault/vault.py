@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any
 
 from aegisd.errors import (
@@ -55,6 +56,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """The vault as read under the lock before a slow key derivation without it, to compare with afterwards."""
+
+    vault_id: str
+    slots: list[KeySlot]
+    locks: int
+
+
 class Vault:
     """The master key (while unlocked) and the credentials it protects."""
 
@@ -62,9 +72,14 @@ class Vault:
         self._store = store
         self._argon2 = dict(argon2)  # the cost of new passphrase slots
         self._lock = threading.RLock()
+        # Argon2id derivations run one at a time, outside _lock: the memory they take (kdf_memory_mib each) and the
+        # rate of passphrase guesses over the socket stay what they were when _lock serialised them.
+        self._kdf = threading.Lock()
         self._master: MasterKey | None = None
         self._listeners: list[Listener] = []
         self._checks: dict[tuple[Any, ...], SealCheck] = {}  # see checked_credentials; empty while locked
+        self._locks = 0  # lock() calls so far: a derivation outside the lock that began before one is stale
+        self._in_flight: dict[int, MasterKey] = {}  # copies key changes hold outside the lock; lock() wipes them
         self.vault_id: str | None = self._read_meta("vault_id")
 
     # -- state -----------------------------------------------------------------------------
@@ -84,72 +99,87 @@ class Vault:
             listener(event)
 
     def init(self, passphrase: str, create_unlock_key: bool, unlock_key: str | None = None) -> str:
-        """Create the vault and leave it unlocked. Returns the vault id."""
-        with self._lock:
-            if self.vault_id is not None:
-                raise AlreadyExists(f"a vault already exists in {self._store.path.parent}", reason="vault_exists")
-            check_passphrase_strength(passphrase)
-            master = MasterKey.generate()
+        """Create the vault and leave it unlocked. Returns the vault id.
+
+        The slots are made (Argon2id) before the lock is taken: a second init racing this one fails at the
+        check under it, and nothing else waits on the derivation."""
+        if self.vault_id is not None:  # checked again under the lock; this spares a derivation
+            raise AlreadyExists(f"a vault already exists in {self._store.path.parent}", reason="vault_exists")
+        check_passphrase_strength(passphrase)
+        if create_unlock_key and not unlock_key:
+            raise InvalidArgument("an unlock key was requested but none was generated")
+        master = MasterKey.generate()
+        try:
             vault_id = uuid.uuid4().hex
-            slots = [make_slot(master, vault_id, "passphrase", passphrase, self._argon2)]
-            if create_unlock_key:
-                if not unlock_key:
-                    raise InvalidArgument("an unlock key was requested but none was generated")
+            with self._kdf:
+                slots = [make_slot(master, vault_id, "passphrase", passphrase, self._argon2)]
+            if create_unlock_key and unlock_key:
                 slots.append(make_slot(master, vault_id, "unlock_key", unlock_key))
-            with self._store.transaction() as conn:
-                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                                 [("vault_id", vault_id), ("created_at", str(now_ms())),
-                                  ("format", "aegis-vault-v1")])
-                for slot in slots:
-                    _insert_slot(conn, slot)
-            self.vault_id, self._master = vault_id, master
+            with self._lock:
+                if self.vault_id is not None:
+                    raise AlreadyExists(f"a vault already exists in {self._store.path.parent}",
+                                        reason="vault_exists")
+                with self._store.transaction() as conn:
+                    conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                     [("vault_id", vault_id), ("created_at", str(now_ms())),
+                                      ("format", "aegis-vault-v1")])
+                    for slot in slots:
+                        _insert_slot(conn, slot)
+                self.vault_id, self._master = vault_id, master
+        except BaseException:
+            master.wipe()
+            raise
         self.notify("unlocked")
         return vault_id
 
     def unlock(self, *, passphrase: str | None = None, unlock_key: str | None = None) -> bool:
-        """Open the vault; returns False if it was already unlocked."""
+        """Open the vault; returns False if it was already unlocked.
+
+        The slot is opened (Argon2id) outside the lock, so listings and the gate's other reads do not wait on
+        it; the key is kept only if nothing changed meanwhile: a lock() during the derivation wins."""
         with self._lock:
-            vault_id = self._require_initialized()
+            snapshot = self._snapshot()
             if self._master is not None:
                 return False
-            kind = "passphrase" if passphrase is not None else "unlock_key"
-            secret = passphrase if passphrase is not None else unlock_key
-            if not secret:
-                raise InvalidArgument("give a passphrase or an unlock key")
-            self._master = self._open(vault_id, kind, secret)
+        kind = "passphrase" if passphrase is not None else "unlock_key"
+        secret = passphrase if passphrase is not None else unlock_key
+        if not secret:
+            raise InvalidArgument("give a passphrase or an unlock key")
+        master = self._open(snapshot, kind, secret)
+        with self._lock:
+            if self.state == "unlocked":  # another unlock came first (read again: the lock was let go)
+                master.wipe()
+                return False
+            if not self._unchanged(snapshot, master):
+                master.wipe()
+                raise _changed_meanwhile("it was being unlocked")
+            self._master = master
         self._warn_if_older_rows()
         self.notify("unlocked")
         return True
 
-    def _open(self, vault_id: str, kind: str, secret: str) -> MasterKey:
-        """The master key from the first slot of `kind` that `secret` opens (a new copy the caller owns);
-        WrongPassphrase if none does, StorageCorrupt if none could be read at all."""
-        slots = [s for s in self._slots() if s.kind == kind]
-        if not slots:
-            if kind == "unlock_key":  # not a wrong guess: nothing to guess against
-                raise FailedPrecondition("this vault has no unlock key; unlock it with the passphrase",
-                                         reason="no_unlock_key")
-            raise WrongPassphrase("this vault has no passphrase slot")
-        damaged = []
-        for slot in slots:
-            try:
-                return open_slot(slot, vault_id, secret)
-            except WrongKey:
-                continue
-            except SlotDamaged as exc:
-                damaged.append(str(exc))
-        if len(damaged) == len(slots):  # no secret could open these: say so, not "wrong passphrase"
-            raise StorageCorrupt(f"{'; '.join(damaged)}: restore vault.db from a backup with aegisd stopped (a restore "
-                                 "through aegisd keeps the vault's key slots; docs/operations.md says how)",
-                                 reason="key_slot_damaged")
-        raise WrongPassphrase(f"wrong {'passphrase' if kind == 'passphrase' else 'unlock key'}")
+    def _open(self, snapshot: _Snapshot, kind: str, secret: str) -> MasterKey:
+        """Open the snapshot's slots of `kind` with `secret` (_open_slots), one derivation at a time."""
+        with self._kdf:
+            return _open_slots(snapshot.vault_id, snapshot.slots, kind, secret)
+
+    def _snapshot(self) -> _Snapshot:
+        """What a key derivation outside the lock starts from; call with the lock held."""
+        return _Snapshot(self._require_initialized(), self._slots(), self._locks)
+
+    def _unchanged(self, snapshot: _Snapshot, master: MasterKey) -> bool:
+        """Whether the vault is as `snapshot` found it (same vault, same slots, no lock() since) and `master`
+        was not wiped by a lock(); call with the lock held."""
+        return (not master.wiped and self.vault_id == snapshot.vault_id and self._locks == snapshot.locks
+                and self._slots() == snapshot.slots)
 
     # -- key slots: what opens the vault ------------------------------------------------------------
 
     def verify_passphrase(self, passphrase: str) -> None:
         """Raise WrongPassphrase unless `passphrase` opens the vault; changes nothing (locked stays locked)."""
         with self._lock:
-            self._open(self._require_initialized(), "passphrase", passphrase).wipe()
+            snapshot = self._snapshot()
+        self._open(snapshot, "passphrase", passphrase).wipe()
 
     def change_passphrase(self, current: str, new: str) -> None:
         """Wrap the master key under `new` in place of the passphrase slot; `current` must open the vault.
@@ -162,32 +192,52 @@ class Vault:
         if hmac.compare_digest(new.encode(), current.encode()):
             raise InvalidArgument("the new passphrase is the current one")
         check_passphrase_strength(new)
-        with self._lock:
-            vault_id = self._require_initialized()
-            master = self._open(vault_id, "passphrase", current)
-            try:
-                params = _stronger_argon2(self._argon2, [s.params for s in self._slots() if s.kind == "passphrase"])
-                self._replace_slots("passphrase", make_slot(master, vault_id, "passphrase", new, params))
-            finally:
-                master.wipe()
+
+        def new_slot(master: MasterKey, snapshot: _Snapshot) -> KeySlot:
+            params = _stronger_argon2(self._argon2, [s.params for s in snapshot.slots if s.kind == "passphrase"])
+            return make_slot(master, snapshot.vault_id, "passphrase", new, params)
+
+        self._change_slots("passphrase", current, new_slot, "its passphrase was being changed")
 
     def replace_unlock_key(self, passphrase: str, unlock_key: str) -> int:
         """Wrap the master key under a new `unlock_key` in place of every unlock key the vault had (how many
         is returned: they stop working now); `passphrase` must open the vault."""
-        with self._lock:
-            vault_id = self._require_initialized()
-            master = self._open(vault_id, "passphrase", passphrase)
-            try:
-                return self._replace_slots("unlock_key", make_slot(master, vault_id, "unlock_key", unlock_key))
-            finally:
-                master.wipe()
+        return self._change_slots("unlock_key", passphrase,
+                                  lambda master, snapshot: make_slot(master, snapshot.vault_id, "unlock_key",
+                                                                     unlock_key),
+                                  "its unlock key was being replaced")
 
     def remove_unlock_keys(self, passphrase: str) -> int:
         """Delete every unlock key slot (returns how many): only the passphrase opens the vault afterwards."""
+        return self._change_slots("unlock_key", passphrase, None, "its unlock keys were being removed")
+
+    def _change_slots(self, kind: str, passphrase: str, make: Callable[[MasterKey, _Snapshot], KeySlot] | None,
+                      doing: str) -> int:
+        """Replace the slots of `kind` with what `make` wraps (none if None), proven by `passphrase`.
+
+        The derivations (Argon2id: open the passphrase slot, wrap under a new passphrase) run outside the lock, so
+        nothing else waits a second on them. The write happens only if the vault is still as it was read: two
+        changes at once cannot both apply to the same slots (the second fails, nothing lost), and a lock()
+        meanwhile wipes the key copy held here and fails the change rather than waiting on it.
+        """
         with self._lock:
-            vault_id = self._require_initialized()
-            self._open(vault_id, "passphrase", passphrase).wipe()
-            return self._replace_slots("unlock_key", None)
+            snapshot = self._snapshot()
+        master = self._open(snapshot, "passphrase", passphrase)
+        try:
+            with self._lock:
+                if not self._unchanged(snapshot, master):
+                    raise _changed_meanwhile(doing)
+                self._in_flight[id(master)] = master  # from here a lock() wipes it
+            with self._kdf:
+                slot = make(master, snapshot) if make is not None else None
+            with self._lock:
+                if not self._unchanged(snapshot, master):
+                    raise _changed_meanwhile(doing)
+                return self._replace_slots(kind, slot)
+        finally:
+            with self._lock:
+                self._in_flight.pop(id(master), None)
+            master.wipe()
 
     def _replace_slots(self, kind: str, slot: KeySlot | None) -> int:
         """In one transaction, delete the slots of `kind` and insert `slot` (if any); returns how many went."""
@@ -198,9 +248,15 @@ class Vault:
         return int(removed)
 
     def lock(self) -> bool:
-        """Wipe the key material we hold; returns False if it was already locked."""
+        """Wipe the key material we hold; returns False if it was already locked.
+
+        Also wipes the copies a key change holds while deriving outside the lock (that change then fails), and
+        counts the lock, so an unlock or change that began before it cannot keep or use a key after it."""
         with self._lock:
             self._require_initialized()
+            self._locks += 1
+            for copy in self._in_flight.values():
+                copy.wipe()
             if self._master is None:
                 return False
             self._master.wipe()
@@ -435,6 +491,37 @@ class Vault:
         with self._store.reading() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else None
+
+
+def _open_slots(vault_id: str, all_slots: list[KeySlot], kind: str, secret: str) -> MasterKey:
+    """The master key from the first slot of `kind` that `secret` opens (a new copy the caller owns);
+    WrongPassphrase if none does, StorageCorrupt if none could be read at all. Slow (Argon2id): call it without
+    the vault's lock, on slots read under it."""
+    slots = [s for s in all_slots if s.kind == kind]
+    if not slots:
+        if kind == "unlock_key":  # not a wrong guess: nothing to guess against
+            raise FailedPrecondition("this vault has no unlock key; unlock it with the passphrase",
+                                     reason="no_unlock_key")
+        raise WrongPassphrase("this vault has no passphrase slot")
+    damaged = []
+    for slot in slots:
+        try:
+            return open_slot(slot, vault_id, secret)
+        except WrongKey:
+            continue
+        except SlotDamaged as exc:
+            damaged.append(str(exc))
+    if len(damaged) == len(slots):  # no secret could open these: say so, not "wrong passphrase"
+        raise StorageCorrupt(f"{'; '.join(damaged)}: restore vault.db from a backup with aegisd stopped (a restore "
+                             "through aegisd keeps the vault's key slots; docs/operations.md says how)",
+                             reason="key_slot_damaged")
+    raise WrongPassphrase(f"wrong {'passphrase' if kind == 'passphrase' else 'unlock key'}")
+
+
+def _changed_meanwhile(doing: str) -> FailedPrecondition:
+    """A key derivation outside the lock found the vault changed (slots replaced, locked, restored) when done."""
+    return FailedPrecondition(f"the vault changed while {doing} (another key change, a lock or a restore); "
+                              "nothing was changed: try again", reason="vault_changed")
 
 
 def _check_secret_fits(data: bytes, auth_type: str) -> None:

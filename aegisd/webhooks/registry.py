@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from urllib.parse import urlsplit
 
-from aegisd.errors import AegisError, InvalidArgument, NotFound, StorageCorrupt, VaultUninitialized
+from aegisd.errors import AegisError, InvalidArgument, NotFound, StorageCorrupt, VaultLocked, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.crypto import SealBroken, seal, unseal
+from aegisd.vault.sealing import OK, TAMPERED, UNCHECKED
 from aegisd.vault.vault import Vault, now_ms
 from aegisd.webhooks.events import parse_events
 
@@ -48,6 +49,8 @@ class Webhook:
     origin: str
     events: tuple[str, ...]
     created_at: int
+    # Whether the row passes its check (sealing.OK, TAMPERED, UNCHECKED while locked); "" where none was made.
+    integrity: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +148,7 @@ class WebhookRegistry:
         with self._vault._lock:  # hold off a concurrent lock() from wiping the key mid-seal
             vault_id, master = self._require_initialized(), self._vault.master()
             webhook = Webhook(id=ID_PREFIX + secrets.token_hex(6), origin=origin, events=subscribed,
-                              created_at=now_ms())
+                              created_at=now_ms(), integrity=OK)
             nonce, sealed = seal(master.subkey(SUBKEY), plaintext, webhook_aad(vault_id, webhook.id, origin, stored))
             with self._store.transaction() as conn:
                 conn.execute("INSERT INTO webhooks (id, origin, events, created_at, nonce, sealed) "
@@ -153,11 +156,24 @@ class WebhookRegistry:
         return webhook, secret
 
     def list(self) -> builtins.list[Webhook]:
+        """Every webhook as stored, each with whether it passes the check delivery makes (OK, TAMPERED: nothing
+        is sent to it), or UNCHECKED while the vault is locked, so a listing can mark a failing one."""
         self._require_initialized()
         with self._store.reading() as conn:
-            rows = conn.execute("SELECT id, origin, events, created_at FROM webhooks "
+            rows = conn.execute("SELECT id, origin, events, created_at, nonce, sealed FROM webhooks "
                                 "ORDER BY created_at, id").fetchall()
-        return [_webhook(row) for row in rows]
+        return [_webhook(row, self._integrity((row[0], row[1], row[2], row[4], row[5]))) for row in rows]
+
+    def _integrity(self, row: SealedRow) -> str:
+        """The row checked as `targets` checks it before delivering; UNCHECKED if the vault is (or just got)
+        locked. What was opened is dropped at once."""
+        try:
+            self._open(row)
+        except VaultLocked:
+            return UNCHECKED
+        except StorageCorrupt:
+            return TAMPERED
+        return OK
 
     def remove(self, webhook_id: str) -> Webhook:
         self._require_initialized()
@@ -256,13 +272,13 @@ def _not_found(webhook_id: str) -> NotFound:
     return NotFound(f"no webhook with id {webhook_id!r}", reason="webhook_not_found")
 
 
-def _webhook(row: sqlite3.Row | tuple[object, ...]) -> Webhook:
-    """A row as stored, for listing (locked or not, nothing is checked here): a value an edit left that aegisd
-    could not have written shows as no events, and never fails the listing (doctor names such a row)."""
+def _webhook(row: sqlite3.Row | tuple[object, ...], integrity: str = "") -> Webhook:
+    """A row as stored, for listing, with the `integrity` its caller found: a value an edit left that aegisd
+    could not have written shows as no events, and never fails the listing (the row is marked TAMPERED)."""
     try:
         stored = json.loads(str(row[2]))
     except ValueError:
         stored = None
     events = tuple(e for e in stored if isinstance(e, str)) if isinstance(stored, list) else ()
     created_at = row[3] if isinstance(row[3], int) and 0 <= row[3] < _YEAR_10000_MS else 0
-    return Webhook(id=str(row[0]), origin=str(row[1]), events=events, created_at=created_at)
+    return Webhook(id=str(row[0]), origin=str(row[1]), events=events, created_at=created_at, integrity=integrity)

@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from aegisd.api.aegis.v1 import ledger_pb2, ledger_pb2_grpc
 from aegisd.control.ledger_service import EXPORT_BATCH, MAX_LIMIT
 from aegisd.daemon import SHUTDOWN_GRACE_SECONDS
 from tests.e2e.gate_support import GateWorld, raw_exchange
@@ -375,3 +377,40 @@ def test_what_agents_sent_reaches_the_terminal_escaped() -> None:
         aegis.assert_no_leaks([PASSPHRASE], [follow.decode(errors="replace")])
     finally:
         aegis.cleanup()
+
+
+def test_an_empty_text_filter_selects_the_rows_with_none(world: GateWorld) -> None:
+    """`--agent ""` used to mean no filter at all, so the rows without an agent (unauthenticated refusals, the
+    daemon's own rows) could not be picked out. Now it selects exactly those, in show, stats and export, and
+    likewise for --service and --credential; a filter not given still matches every row."""
+    aegis = world.aegis
+    up = world.upstream()
+    world.credential("github", SECRET, up.entry())
+    world.agent("claude", "github")
+    assert world.call("GET", "/github/echo/a", agent="claude").status == 200
+    assert world.call("GET", "/github/echo/b").status == 401  # no token: no agent on the row
+    everything = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
+    assert {r["agent"] for r in everything} == {"claude", ""}
+
+    for option in ("agent", "service", "credential"):
+        expected = [r["id"] for r in everything if r[option] == ""]
+        assert expected and len(expected) < len(everything), option  # both kinds present: the filter shows
+        shown = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000", f"--{option}", "").ok().out)
+        assert [r["id"] for r in shown] == expected, option
+        assert stats(aegis, f"--{option}", "")["rows"] == len(expected), option
+        exported = aegis.ctl("ledger", "export", "--format", "jsonl", f"--{option}", "").ok().out
+        assert [json.loads(line)["id"] for line in exported.splitlines()] == list(reversed(expected)), option
+
+    nobody = json.loads(aegis.ctl("ledger", "show", "--json", "--agent", "", "--limit", "1000").ok().out)
+    assert any(r["status"] == 401 for r in nobody) and any(r["kind"] == "system" for r in nobody)
+    assert len(json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)) == len(everything)
+    assert stats(aegis)["rows"] == len(everything)
+    assert [r["agent"] for r in json.loads(aegis.ctl("ledger", "show", "--json", "--agent", "claude").ok().out)] \
+        == ["claude"]
+    # A client that knows nothing of presence sends no field for "": every row, as before.
+    with grpc.insecure_channel(f"unix:{aegis.socket}") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        legacy = ledger_pb2.LedgerFilter.FromString(ledger_pb2.LedgerFilter(blocked=False).SerializeToString())
+        reply = stub.ListEntries(ledger_pb2.ListEntriesRequest(filter=legacy, limit=1000), timeout=30)
+    assert len(reply.records) >= len(everything)
+    world.assert_no_leaks()

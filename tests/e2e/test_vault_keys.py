@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
+from tests.e2e.gate_support import request
 from tests.e2e.support import status
 from tests.harness import AEGISCTL, PASSPHRASE, Aegis, new_aegis
 
@@ -351,3 +352,50 @@ def test_a_backup_whose_id_counter_would_overflow_is_refused(aegis: Aegis) -> No
     result = aegis.ctl("restore", str(crafted), "--yes")
     assert result.code == 1 and "ledger.db in the backup has an id counter out of range" in result.err, result
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
+
+
+def _rss_mib(pid: int) -> float:
+    """The process's resident memory: Argon2id's working memory shows here while a derivation runs."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the daemon's memory use from /proc")
+def test_listings_and_metrics_are_answered_while_a_costly_passphrase_change_runs() -> None:
+    """A passphrase change derives two Argon2id keys (a second or more each at a costly setting). It used to hold
+    the vault's lock throughout, so `vault list`, a metrics scrape and the gate's routing rebuild all waited on it.
+    Checked by order, not by time: once the daemon's memory shows the derivation under way, a listing and a scrape
+    both come back while the change is still running."""
+    aegis = new_aegis()
+    try:
+        aegis.start(env={"AEGIS_KDF_MEMORY_MIB": "256", "AEGIS_KDF_ITERATIONS": "4"})
+        aegis.init()
+        aegis.add_credential("svc", SECRET, "--service", "svc", "--domains", "svc.example")
+        assert aegis.proc is not None
+        pid = aegis.proc.pid
+        resting = _rss_mib(pid)
+        change = subprocess.Popen([AEGISCTL, "passphrase", "--passphrase-stdin"], env=aegis.base_env(),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert change.stdin is not None
+            change.stdin.write(f"{PASSPHRASE}\n{NEW_PASSPHRASE}\n")
+            change.stdin.flush()
+            while _rss_mib(pid) < resting + 128:  # Argon2id's 256 MiB: the change is deriving now
+                assert change.poll() is None, change.communicate()
+                time.sleep(0.005)
+            listed = aegis.ctl_in_process("vault", "list", "--json").ok()
+            metrics = request(aegis.gate_port, "GET", "/_aegis/metrics").body.decode()
+            assert change.poll() is None, "the listing waited for the passphrase change to finish"
+            assert "vault passphrase changed" not in aegis.log()
+        finally:
+            out, err = change.communicate(timeout=120)
+            aegis.outputs.extend([out, err])
+        assert change.returncode == 0, err
+        assert [c["name"] for c in json.loads(listed.out)] == ["svc"]
+        assert 'aegis_credentials_total{status="active"} 1.0' in metrics
+        assert not unlocks_with(aegis, passphrase=PASSPHRASE) and unlocks_with(aegis, passphrase=NEW_PASSPHRASE)
+        aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, SECRET], [metrics])
+    finally:
+        aegis.cleanup()

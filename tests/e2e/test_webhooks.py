@@ -71,7 +71,8 @@ def test_webhook_commands_show_the_secret_once() -> None:
         assert len(listed) == 1
         hook_id = listed[0]["id"]
         assert listed[0] == {"id": hook_id, "origin": f"http://127.0.0.1:{receiver.port}",
-                             "events": ["blocked_request", "credential_expiry"], "created_at": listed[0]["created_at"]}
+                             "events": ["blocked_request", "credential_expiry"], "created_at": listed[0]["created_at"],
+                             "integrity": "ok"}
         human = ctl("webhook", "list").ok().out
         assert hook_id in human and f"127.0.0.1:{receiver.port}" in human
 
@@ -427,4 +428,53 @@ def test_an_expiry_edited_in_the_database_raises_no_alert() -> None:
     finally:
         for each in (receiver, edited, garbled, older, moved):
             each.stop()
+        world.close()
+
+
+def test_webhook_list_marks_a_row_edited_while_aegisd_was_stopped() -> None:
+    """`webhook list` showed an edited webhook as stored, like any other, though nothing is delivered to it. Now
+    it checks each row as delivery does: INTEGRITY `FAILS` (`tampered` in JSON) with a line on what to do,
+    `unchecked (locked)` while the vault is locked, and never any part of the sealed URL or the secret."""
+    world = ops_world("[webhooks]\nworkers = 1\n")  # one worker: deliveries arrive in the order raised
+    good, edited = Receiver().start(), Receiver().start()
+    try:
+        world.secrets.append(URL_SECRET)
+        world.credential("bear", SECRET, world.upstream().entry())
+        world.agent("bot", "bear")
+        good_id = add_webhook(world, good, "blocked_request", f"/hook/{URL_SECRET}")
+        edited_id = add_webhook(world, edited, "blocked_request", f"/hook/{URL_SECRET}")
+        assert {h["id"]: h["integrity"] for h in json.loads(world.aegis.ctl("webhook", "list", "--json").ok().out)} \
+            == {good_id: "ok", edited_id: "ok"}
+        assert world.aegis.stop() == 0
+        conn = sqlite3.connect(world.aegis.data_dir / "vault.db")
+        with conn:  # shown as going elsewhere, and subscribed to more
+            conn.execute("UPDATE webhooks SET origin = 'https://siem.example', "
+                         "events = '[\"agent_auth_failure\", \"blocked_request\"]' WHERE id = ?", (edited_id,))
+        conn.close()
+        world.aegis.start()
+
+        locked = world.aegis.ctl("webhook", "list").ok()
+        assert locked.out.count("unchecked (locked)") == 2 and "FAILS" not in locked.out, locked.out
+        world.unlock()
+        listed = {h["id"]: h for h in json.loads(world.aegis.ctl("webhook", "list", "--json").ok().out)}
+        assert listed[good_id]["integrity"] == "ok"
+        assert listed[edited_id] == {**listed[edited_id], "integrity": "tampered", "origin": "https://siem.example"}
+        human = world.aegis.ctl("webhook", "list").ok()
+        [row] = [line for line in human.out.splitlines() if line.startswith(edited_id)]
+        assert row.split()[-1] == "FAILS", human.out
+        [good_row] = [line for line in human.out.splitlines() if line.startswith(good_id)]
+        assert good_row.split()[-1] == "ok", human.out
+        assert f"webhook {edited_id} fails authentication" in human.err
+        assert f"aegisctl webhook remove {edited_id}" in human.err and good_id not in human.err
+
+        for path in ("/nosuch/a", "/nosuch/b"):
+            refused(world.call("GET", path, agent="bot"), 403, "not_granted")
+        assert [d.payload["details"]["path"] for d in good.wait_for(2, "blocked_request")] == ["/a", "/b"]
+        assert edited.deliveries == []  # nothing delivered to the edited row
+        assert_failed(world.aegis.ctl("webhook", "test", edited_id), f"webhook {edited_id} fails authentication")
+        assert edited.deliveries == []
+        world.assert_no_leaks([d.body.decode() for d in good.deliveries])
+    finally:
+        good.stop()
+        edited.stop()
         world.close()

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from aegisd.errors import StorageCorrupt, VaultLocked, WrongPassphrase
+from aegisd.errors import FailedPrecondition, StorageCorrupt, VaultLocked, WrongPassphrase
 from aegisd.store import VaultStore
 from aegisd.vault import crypto
+from aegisd.vault import vault as vault_module
 from aegisd.vault.crypto import MasterKey
 from aegisd.vault.vault import Vault
 from tests.harness import PASSPHRASE
@@ -109,3 +110,140 @@ def test_a_new_passphrase_keeps_stronger_argon2_settings(vault_path: Path) -> No
         store.close()
     assert params == {"memory_kib": 131072, "iterations": 4, "lanes": 4}
     unlock(vault_path, "another long passphrase 9921")
+
+
+# -- key changes derive outside the vault's lock, and write only onto the state they read ----------------------
+
+CHEAP = crypto.argon2_settings(19, 2)
+NEW = "another long passphrase 9921"
+THIRD = "yet another passphrase of 7734"
+
+
+@pytest.fixture
+def cheap_vault(tmp_path: Path) -> Iterator[Vault]:
+    store = VaultStore(tmp_path / "vault.db")
+    store.open()
+    vault = Vault(store, CHEAP)
+    vault.init(PASSPHRASE, create_unlock_key=False)
+    yield vault
+    store.close()
+
+
+class Paused:
+    """The first call of a function of aegisd.vault.vault, held at its start until released: a key change or
+    unlock caught in the middle of its slow work. `args` are that call's arguments."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.args: tuple[Any, ...] = ()
+        real = getattr(vault_module, name)
+
+        def paused(*args: Any, **kwargs: Any) -> Any:
+            if not self.entered.is_set():
+                self.args = args
+                self.entered.set()
+                assert self.release.wait(30)  # longer than the tests wait for anything else
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(vault_module, name, paused)
+
+
+def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Run `call` in a thread; the list gets what it returned or raised."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def opens_with(vault: Vault, passphrase: str) -> bool:
+    vault.lock()
+    try:
+        vault.unlock(passphrase=passphrase)
+    except WrongPassphrase:
+        return False
+    return True
+
+
+class HeldAtFirstEntry:
+    """Stands in for the vault's derivation lock: the first thread to enter waits there, holding nothing, until
+    released; everyone else passes. A key change caught after reading the vault and before deriving anything."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(30)
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_two_passphrase_changes_at_once_do_not_both_apply(cheap_vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first change has read the slots and waits to derive, holding no lock: a second change completes
+    meanwhile. The first, whose passphrase opened the slots it read, then finds them replaced and fails, so the
+    second's passphrase is the one that opens (no lost update)."""
+    held = HeldAtFirstEntry()
+    monkeypatch.setattr(cheap_vault, "_kdf", held, raising=False)
+    first, first_outcome = in_thread(lambda: cheap_vault.change_passphrase(PASSPHRASE, NEW))
+    assert held.entered.wait(10)
+    second, second_outcome = in_thread(lambda: cheap_vault.change_passphrase(PASSPHRASE, THIRD))
+    second.join(10)
+    assert not second.is_alive(), "the second change waited on the first one"
+    assert second_outcome == [None]
+    held.release.set()
+    first.join(10)
+    [refused] = first_outcome
+    assert isinstance(refused, FailedPrecondition) and refused.reason == "vault_changed", refused
+    assert "the vault changed while its passphrase was being changed" in refused.message
+    assert opens_with(cheap_vault, THIRD)
+    assert not opens_with(cheap_vault, NEW) and not opens_with(cheap_vault, PASSPHRASE)
+
+
+def test_a_lock_during_a_key_change_wipes_its_key_and_fails_it(cheap_vault: Vault,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """lock() does not wait for a change's derivation: it wipes the master key copy the change holds, and the
+    change fails rather than wrap zeros (or anything) into a slot."""
+    paused = Paused(monkeypatch, "make_slot")
+    change, outcome = in_thread(lambda: cheap_vault.replace_unlock_key(PASSPHRASE, "aegis-unlock-test-key"))
+    assert paused.entered.wait(10)
+    held: MasterKey = paused.args[0]
+    locking, locked = in_thread(cheap_vault.lock)
+    locking.join(10)
+    assert locked == [True], "lock() waited on the key change"
+    assert held.wiped and held.raw == bytearray(crypto.KEY_BYTES)
+    paused.release.set()
+    change.join(10)
+    [refused] = outcome
+    assert isinstance(refused, FailedPrecondition) and refused.reason == "vault_changed", refused
+    assert cheap_vault.state == "locked" and cheap_vault._in_flight == {}
+    assert [s.kind for s in cheap_vault._slots()] == ["passphrase"]  # no unlock key slot was written
+
+
+def test_a_lock_during_an_unlock_wins(cheap_vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unlock derives its key without the lock; a lock() meanwhile means the vault stays locked, as it would
+    had the lock come after the unlock."""
+    cheap_vault.lock()
+    paused = Paused(monkeypatch, "open_slot")
+    unlocking, outcome = in_thread(lambda: cheap_vault.unlock(passphrase=PASSPHRASE))
+    assert paused.entered.wait(10)
+    locking, locked = in_thread(cheap_vault.lock)
+    locking.join(10)
+    assert locked == [False], "lock() waited on the unlock"
+    paused.release.set()
+    unlocking.join(10)
+    [refused] = outcome
+    assert isinstance(refused, FailedPrecondition) and refused.reason == "vault_changed", refused
+    assert cheap_vault.state == "locked" and cheap_vault._master is None
+    assert cheap_vault.unlock(passphrase=PASSPHRASE) and cheap_vault.state == "unlocked"

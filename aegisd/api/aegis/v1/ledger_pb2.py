@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65gis/v1/ledger.proto\x12\x08\x61\x65gis.v1\"\x9b\x01\n\x0cLedgerFilter\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\x12\x0f\n\x07\x62locked\x18\x04 \x01(\x08\x12\x15\n\x08since_ms\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08until_ms\x18\x06 \x01(\x03H\x01\x88\x01\x01\x42\x0b\n\t_since_msB\x0b\n\t_until_ms\"\xd0\x02\n\x0cLedgerRecord\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x12\n\ncredential\x18\x05 \x01(\t\x12\x0f\n\x07service\x18\x06 \x01(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x0c\n\x04path\x18\x08 \x01(\t\x12\x13\n\x0btarget_host\x18\t \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0e\n\x06status\x18\x0c \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\r \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x0e \x01(\x03\x12\x11\n\tbytes_out\x18\x0f \x01(\x03\x12\x0c\n\x04kind\x18\x10 \x01(\t\x12\r\n\x05\x66lags\x18\x11 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x12 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x13 \x01(\x04\"^\n\x12ListEntriesRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.aegis.v1.LedgerFilter\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tbefore_id\x18\x03 \x01(\x03\"L\n\x13ListEntriesResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.aegis.v1.LedgerRecord\x12\x0c\n\x04more\x18\x02 \x01(\x08\"H\n\rFollowRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.aegis.v1.LedgerFilter\x12\x0f\n\x07\x62\x61\x63klog\x18\x02 \x01(\r\"6\n\rVerifyRequest\x12\x11\n\texpect_id\x18\x01 \x01(\x03\x12\x12\n\nexpect_mac\x18\x02 \x01(\x0c\"\x8d\x01\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0crows_checked\x18\x02 \x01(\x04\x12\x14\n\x0c\x66irst_bad_id\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x66irst_id\x18\x05 \x01(\x03\x12\x0f\n\x07last_id\x18\x06 \x01(\x03\x12\x10\n\x08last_mac\x18\x07 \x01(\x0c\"C\n\x0cStatsRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.aegis.v1.LedgerFilter\x12\x0b\n\x03top\x18\x02 \x01(\r\"8\n\nStatsGroup\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65nied\x18\x03 \x01(\x04\"\xe1\x02\n\rStatsResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x15\n\rsystem_events\x18\x03 \x01(\x04\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x04\x12\x0e\n\x06\x64\x65nied\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x04\x12\x11\n\tbytes_out\x18\x07 \x01(\x04\x12\x15\n\rfirst_time_ms\x18\x08 \x01(\x03\x12\x14\n\x0clast_time_ms\x18\t \x01(\x03\x12)\n\x0b\x62y_decision\x18\n \x03(\x0b\x32\x14.aegis.v1.StatsGroup\x12(\n\nby_service\x18\x0b \x03(\x0b\x32\x14.aegis.v1.StatsGroup\x12\'\n\tby_reason\x18\x0c \x03(\x0b\x32\x14.aegis.v1.StatsGroup\x12(\n\ntop_agents\x18\r \x03(\x0b\x32\x14.aegis.v1.StatsGroup\"7\n\rExportRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.aegis.v1.LedgerFilter\"6\n\x0b\x45xportBatch\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.aegis.v1.LedgerRecord\"<\n\x0cPruneRequest\x12\x11\n\tbefore_ms\x18\x01 \x01(\x03\x12\x19\n\x11include_unchained\x18\x02 \x01(\x08\"I\n\rPruneResponse\x12\x0e\n\x06pruned\x18\x01 \x01(\x04\x12\x15\n\rfirst_kept_id\x18\x02 \x01(\x03\x12\x11\n\tunchained\x18\x03 \x01(\x04\x32\x85\x03\n\rLedgerService\x12J\n\x0bListEntries\x12\x1c.aegis.v1.ListEntriesRequest\x1a\x1d.aegis.v1.ListEntriesResponse\x12;\n\x06\x46ollow\x12\x17.aegis.v1.FollowRequest\x1a\x16.aegis.v1.LedgerRecord0\x01\x12;\n\x06Verify\x12\x17.aegis.v1.VerifyRequest\x1a\x18.aegis.v1.VerifyResponse\x12\x38\n\x05Stats\x12\x16.aegis.v1.StatsRequest\x1a\x17.aegis.v1.StatsResponse\x12:\n\x06\x45xport\x12\x17.aegis.v1.ExportRequest\x1a\x15.aegis.v1.ExportBatch0\x01\x12\x38\n\x05Prune\x12\x16.aegis.v1.PruneRequest\x1a\x17.aegis.v1.PruneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65gis/v1/ledger.proto\x12\x08\x61\x65gis.v1\"\xcf\x01\n\x0cLedgerFilter\x12\x12\n\x05\x61gent\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07service\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x17\n\ncredential\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x0f\n\x07\x62locked\x18\x04 \x01(\x08\x12\x15\n\x08since_ms\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x15\n\x08until_ms\x18\x06 \x01(\x03H\x04\x88\x01\x01\x42\x08\n\x06_agentB\n\n\x08_serviceB\r\n\x0b_credentialB\x0b\n\t_since_msB\x0b\n\t_until_ms\"\xd0\x02\n\x0cLedgerRecord\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x12\n\ncredential\x18\x05 \x01(\t\x12\x0f\n\x07service\x18\x06 \x01(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x0c\n\x04path\x18\x08 \x01(\t\x12\x13\n\x0btarget_host\x18\t \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0e\n\x06status\x18\x0c \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\r \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x0e \x01(\x03\x12\x11\n\tbytes_out\x18\x0f \x01(\x03\x12\x0c\n\x04kind\x18\x10 \x01(\t\x12\r\n\x05\x66lags\x18\x11 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x12 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x13 \x01(\x04\"^\n\x12ListEntriesRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.aegis.v1.LedgerFilter\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tbefore_id\x18\x03 \x01(\x03\"L\n\x13ListEntriesResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.aegis.v1.LedgerRecord\x12\x0c\n\x04more\x18\x02 \x01(\x08\"H\n\rFollowRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.aegis.v1.LedgerFilter\x12\x0f\n\x07\x62\x61\x63klog\x18\x02 \x01(\r\"6\n\rVerifyRequest\x12\x11\n\texpect_id\x18\x01 \x01(\x03\x12\x12\n\nexpect_mac\x18\x02 \x01(\x0c\"\x8d\x01\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0crows_checked\x18\x02 \x01(\x04\x12\x14\n\x0c\x66irst_bad_id\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x66irst_id\x18\x05 \x01(\x03\x12\x0f\n\x07last_id\x18\x06 \x01(\x03\x12\x10\n\x08last_mac\x18\x07 \x01(\x0c\"C\n\x0cStatsRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.aegis.v1.LedgerFilter\x12\x0b\n\x03top\x18\x02 \x01(\r\"8\n\nStatsGroup\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65nied\x18\x03 \x01(\x04\"\xe1\x02\n\rStatsResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x15\n\rsystem_events\x18\x03 \x01(\x04\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x04\x12\x0e\n\x06\x64\x65nied\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x04\x12\x11\n\tbytes_out\x18\x07 \x01(\x04\x12\x15\n\rfirst_time_ms\x18\x08 \x01(\x03\x12\x14\n\x0clast_time_ms\x18\t \x01(\x03\x12)\n\x0b\x62y_decision\x18\n \x03(\x0b\x32\x14.aegis.v1.StatsGroup\x12(\n\nby_service\x18\x0b \x03(\x0b\x32\x14.aegis.v1.StatsGroup\x12\'\n\tby_reason\x18\x0c \x03(\x0b\x32\x14.aegis.v1.StatsGroup\x12(\n\ntop_agents\x18\r \x03(\x0b\x32\x14.aegis.v1.StatsGroup\"7\n\rExportRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.aegis.v1.LedgerFilter\"6\n\x0b\x45xportBatch\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.aegis.v1.LedgerRecord\"<\n\x0cPruneRequest\x12\x11\n\tbefore_ms\x18\x01 \x01(\x03\x12\x19\n\x11include_unchained\x18\x02 \x01(\x08\"I\n\rPruneResponse\x12\x0e\n\x06pruned\x18\x01 \x01(\x04\x12\x15\n\rfirst_kept_id\x18\x02 \x01(\x03\x12\x11\n\tunchained\x18\x03 \x01(\x04\x32\x85\x03\n\rLedgerService\x12J\n\x0bListEntries\x12\x1c.aegis.v1.ListEntriesRequest\x1a\x1d.aegis.v1.ListEntriesResponse\x12;\n\x06\x46ollow\x12\x17.aegis.v1.FollowRequest\x1a\x16.aegis.v1.LedgerRecord0\x01\x12;\n\x06Verify\x12\x17.aegis.v1.VerifyRequest\x1a\x18.aegis.v1.VerifyResponse\x12\x38\n\x05Stats\x12\x16.aegis.v1.StatsRequest\x1a\x17.aegis.v1.StatsResponse\x12:\n\x06\x45xport\x12\x17.aegis.v1.ExportRequest\x1a\x15.aegis.v1.ExportBatch0\x01\x12\x38\n\x05Prune\x12\x16.aegis.v1.PruneRequest\x1a\x17.aegis.v1.PruneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aegis.v1.ledger_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LEDGERFILTER']._serialized_start=36
-  _globals['_LEDGERFILTER']._serialized_end=191
-  _globals['_LEDGERRECORD']._serialized_start=194
-  _globals['_LEDGERRECORD']._serialized_end=530
-  _globals['_LISTENTRIESREQUEST']._serialized_start=532
-  _globals['_LISTENTRIESREQUEST']._serialized_end=626
-  _globals['_LISTENTRIESRESPONSE']._serialized_start=628
-  _globals['_LISTENTRIESRESPONSE']._serialized_end=704
-  _globals['_FOLLOWREQUEST']._serialized_start=706
-  _globals['_FOLLOWREQUEST']._serialized_end=778
-  _globals['_VERIFYREQUEST']._serialized_start=780
-  _globals['_VERIFYREQUEST']._serialized_end=834
-  _globals['_VERIFYRESPONSE']._serialized_start=837
-  _globals['_VERIFYRESPONSE']._serialized_end=978
-  _globals['_STATSREQUEST']._serialized_start=980
-  _globals['_STATSREQUEST']._serialized_end=1047
-  _globals['_STATSGROUP']._serialized_start=1049
-  _globals['_STATSGROUP']._serialized_end=1105
-  _globals['_STATSRESPONSE']._serialized_start=1108
-  _globals['_STATSRESPONSE']._serialized_end=1461
-  _globals['_EXPORTREQUEST']._serialized_start=1463
-  _globals['_EXPORTREQUEST']._serialized_end=1518
-  _globals['_EXPORTBATCH']._serialized_start=1520
-  _globals['_EXPORTBATCH']._serialized_end=1574
-  _globals['_PRUNEREQUEST']._serialized_start=1576
-  _globals['_PRUNEREQUEST']._serialized_end=1636
-  _globals['_PRUNERESPONSE']._serialized_start=1638
-  _globals['_PRUNERESPONSE']._serialized_end=1711
-  _globals['_LEDGERSERVICE']._serialized_start=1714
-  _globals['_LEDGERSERVICE']._serialized_end=2103
+  _globals['_LEDGERFILTER']._serialized_end=243
+  _globals['_LEDGERRECORD']._serialized_start=246
+  _globals['_LEDGERRECORD']._serialized_end=582
+  _globals['_LISTENTRIESREQUEST']._serialized_start=584
+  _globals['_LISTENTRIESREQUEST']._serialized_end=678
+  _globals['_LISTENTRIESRESPONSE']._serialized_start=680
+  _globals['_LISTENTRIESRESPONSE']._serialized_end=756
+  _globals['_FOLLOWREQUEST']._serialized_start=758
+  _globals['_FOLLOWREQUEST']._serialized_end=830
+  _globals['_VERIFYREQUEST']._serialized_start=832
+  _globals['_VERIFYREQUEST']._serialized_end=886
+  _globals['_VERIFYRESPONSE']._serialized_start=889
+  _globals['_VERIFYRESPONSE']._serialized_end=1030
+  _globals['_STATSREQUEST']._serialized_start=1032
+  _globals['_STATSREQUEST']._serialized_end=1099
+  _globals['_STATSGROUP']._serialized_start=1101
+  _globals['_STATSGROUP']._serialized_end=1157
+  _globals['_STATSRESPONSE']._serialized_start=1160
+  _globals['_STATSRESPONSE']._serialized_end=1513
+  _globals['_EXPORTREQUEST']._serialized_start=1515
+  _globals['_EXPORTREQUEST']._serialized_end=1570
+  _globals['_EXPORTBATCH']._serialized_start=1572
+  _globals['_EXPORTBATCH']._serialized_end=1626
+  _globals['_PRUNEREQUEST']._serialized_start=1628
+  _globals['_PRUNEREQUEST']._serialized_end=1688
+  _globals['_PRUNERESPONSE']._serialized_start=1690
+  _globals['_PRUNERESPONSE']._serialized_end=1763
+  _globals['_LEDGERSERVICE']._serialized_start=1766
+  _globals['_LEDGERSERVICE']._serialized_end=2155
 # @@protoc_insertion_point(module_scope)

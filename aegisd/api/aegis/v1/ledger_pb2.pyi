@@ -29,6 +29,10 @@ class LedgerFilter(_message.Message):
     SINCE_MS_FIELD_NUMBER: _builtins.int
     UNTIL_MS_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
+    """Only rows with exactly this agent, service, credential. Set to "" (present but empty), only rows with none:
+    unauthenticated refusals have no agent, the daemon's own rows none of the three. Unset: no filter on it
+    (a client from before presence was tracked never sends "", so it keeps meaning "any").
+    """
     service: _builtins.str
     credential: _builtins.str
     blocked: _builtins.bool
@@ -41,21 +45,33 @@ class LedgerFilter(_message.Message):
     def __init__(
         self,
         *,
-        agent: _builtins.str = ...,
-        service: _builtins.str = ...,
-        credential: _builtins.str = ...,
+        agent: _builtins.str | None = ...,
+        service: _builtins.str | None = ...,
+        credential: _builtins.str | None = ...,
         blocked: _builtins.bool = ...,
         since_ms: _builtins.int | None = ...,
         until_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms", "_until_ms", b"_until_ms", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_agent", b"_agent", "_credential", b"_credential", "_service", b"_service", "_since_ms", b"_since_ms", "_until_ms", b"_until_ms", "agent", b"agent", "credential", b"credential", "service", b"service", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms", "_until_ms", b"_until_ms", "agent", b"agent", "blocked", b"blocked", "credential", b"credential", "service", b"service", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_agent", b"_agent", "_credential", b"_credential", "_service", b"_service", "_since_ms", b"_since_ms", "_until_ms", b"_until_ms", "agent", b"agent", "blocked", b"blocked", "credential", b"credential", "service", b"service", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__agent: _TypeAlias = _typing.Literal["agent"]  # noqa: Y015
+    _WhichOneofArgType__agent: _TypeAlias = _typing.Literal["_agent", b"_agent"]  # noqa: Y015
+    _WhichOneofReturnType__credential: _TypeAlias = _typing.Literal["credential"]  # noqa: Y015
+    _WhichOneofArgType__credential: _TypeAlias = _typing.Literal["_credential", b"_credential"]  # noqa: Y015
+    _WhichOneofReturnType__service: _TypeAlias = _typing.Literal["service"]  # noqa: Y015
+    _WhichOneofArgType__service: _TypeAlias = _typing.Literal["_service", b"_service"]  # noqa: Y015
     _WhichOneofReturnType__since_ms: _TypeAlias = _typing.Literal["since_ms"]  # noqa: Y015
     _WhichOneofArgType__since_ms: _TypeAlias = _typing.Literal["_since_ms", b"_since_ms"]  # noqa: Y015
     _WhichOneofReturnType__until_ms: _TypeAlias = _typing.Literal["until_ms"]  # noqa: Y015
     _WhichOneofArgType__until_ms: _TypeAlias = _typing.Literal["_until_ms", b"_until_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__agent) -> _WhichOneofReturnType__agent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__credential) -> _WhichOneofReturnType__credential | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__service) -> _WhichOneofReturnType__service | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__since_ms) -> _WhichOneofReturnType__since_ms | None: ...
     @_typing.overload

@@ -22,34 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import credentials_pb2 as aegis_dot_v1_dot_credentials__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x65gis/v1/webhooks.proto\x12\x08\x61\x65gis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"e\n\x07Webhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x11\x41\x64\x64WebhookRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x03(\t\"H\n\x12\x41\x64\x64WebhookResponse\x12\"\n\x07webhook\x18\x01 \x01(\x0b\x32\x11.aegis.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x15\n\x13ListWebhooksRequest\";\n\x14ListWebhooksResponse\x12#\n\x08webhooks\x18\x01 \x03(\x0b\x32\x11.aegis.v1.Webhook\"\"\n\x14RemoveWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x15RemoveWebhookResponse\x12\"\n\x07webhook\x18\x01 \x01(\x0b\x32\x11.aegis.v1.Webhook\" \n\x12TestWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"q\n\x13TestWebhookResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x32\xc6\x02\n\x0eWebhookService\x12G\n\nAddWebhook\x12\x1b.aegis.v1.AddWebhookRequest\x1a\x1c.aegis.v1.AddWebhookResponse\x12M\n\x0cListWebhooks\x12\x1d.aegis.v1.ListWebhooksRequest\x1a\x1e.aegis.v1.ListWebhooksResponse\x12P\n\rRemoveWebhook\x12\x1e.aegis.v1.RemoveWebhookRequest\x1a\x1f.aegis.v1.RemoveWebhookResponse\x12J\n\x0bTestWebhook\x12\x1c.aegis.v1.TestWebhookRequest\x1a\x1d.aegis.v1.TestWebhookResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x65gis/v1/webhooks.proto\x12\x08\x61\x65gis.v1\x1a\x1a\x61\x65gis/v1/credentials.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x01\n\x07Webhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\tintegrity\x18\x05 \x01(\x0e\x32\x13.aegis.v1.Integrity\"0\n\x11\x41\x64\x64WebhookRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x03(\t\"H\n\x12\x41\x64\x64WebhookResponse\x12\"\n\x07webhook\x18\x01 \x01(\x0b\x32\x11.aegis.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x15\n\x13ListWebhooksRequest\";\n\x14ListWebhooksResponse\x12#\n\x08webhooks\x18\x01 \x03(\x0b\x32\x11.aegis.v1.Webhook\"\"\n\x14RemoveWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x15RemoveWebhookResponse\x12\"\n\x07webhook\x18\x01 \x01(\x0b\x32\x11.aegis.v1.Webhook\" \n\x12TestWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"q\n\x13TestWebhookResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x32\xc6\x02\n\x0eWebhookService\x12G\n\nAddWebhook\x12\x1b.aegis.v1.AddWebhookRequest\x1a\x1c.aegis.v1.AddWebhookResponse\x12M\n\x0cListWebhooks\x12\x1d.aegis.v1.ListWebhooksRequest\x1a\x1e.aegis.v1.ListWebhooksResponse\x12P\n\rRemoveWebhook\x12\x1e.aegis.v1.RemoveWebhookRequest\x1a\x1f.aegis.v1.RemoveWebhookResponse\x12J\n\x0bTestWebhook\x12\x1c.aegis.v1.TestWebhookRequest\x1a\x1d.aegis.v1.TestWebhookResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aegis.v1.webhooks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEBHOOK']._serialized_start=70
-  _globals['_WEBHOOK']._serialized_end=171
-  _globals['_ADDWEBHOOKREQUEST']._serialized_start=173
-  _globals['_ADDWEBHOOKREQUEST']._serialized_end=221
-  _globals['_ADDWEBHOOKRESPONSE']._serialized_start=223
-  _globals['_ADDWEBHOOKRESPONSE']._serialized_end=295
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=297
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=318
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=320
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=379
-  _globals['_REMOVEWEBHOOKREQUEST']._serialized_start=381
-  _globals['_REMOVEWEBHOOKREQUEST']._serialized_end=415
-  _globals['_REMOVEWEBHOOKRESPONSE']._serialized_start=417
-  _globals['_REMOVEWEBHOOKRESPONSE']._serialized_end=476
-  _globals['_TESTWEBHOOKREQUEST']._serialized_start=478
-  _globals['_TESTWEBHOOKREQUEST']._serialized_end=510
-  _globals['_TESTWEBHOOKRESPONSE']._serialized_start=512
-  _globals['_TESTWEBHOOKRESPONSE']._serialized_end=625
-  _globals['_WEBHOOKSERVICE']._serialized_start=628
-  _globals['_WEBHOOKSERVICE']._serialized_end=954
+  _globals['_WEBHOOK']._serialized_start=99
+  _globals['_WEBHOOK']._serialized_end=240
+  _globals['_ADDWEBHOOKREQUEST']._serialized_start=242
+  _globals['_ADDWEBHOOKREQUEST']._serialized_end=290
+  _globals['_ADDWEBHOOKRESPONSE']._serialized_start=292
+  _globals['_ADDWEBHOOKRESPONSE']._serialized_end=364
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=366
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=387
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=389
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=448
+  _globals['_REMOVEWEBHOOKREQUEST']._serialized_start=450
+  _globals['_REMOVEWEBHOOKREQUEST']._serialized_end=484
+  _globals['_REMOVEWEBHOOKRESPONSE']._serialized_start=486
+  _globals['_REMOVEWEBHOOKRESPONSE']._serialized_end=545
+  _globals['_TESTWEBHOOKREQUEST']._serialized_start=547
+  _globals['_TESTWEBHOOKREQUEST']._serialized_end=579
+  _globals['_TESTWEBHOOKRESPONSE']._serialized_start=581
+  _globals['_TESTWEBHOOKRESPONSE']._serialized_end=694
+  _globals['_WEBHOOKSERVICE']._serialized_start=697
+  _globals['_WEBHOOKSERVICE']._serialized_end=1023
 # @@protoc_insertion_point(module_scope)

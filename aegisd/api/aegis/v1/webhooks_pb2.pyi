@@ -6,6 +6,7 @@ The signing secret travels outward exactly once, in AddWebhookResponse. The full
 with the vault (it often embeds a secret of its own, as Slack's do); messages carry only its origin.
 """
 
+from . import credentials_pb2 as _credentials_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -30,9 +31,16 @@ class Webhook(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    INTEGRITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     origin: _builtins.str
     """scheme://host[:port] of the URL; the path and query stay sealed."""
+    integrity: _credentials_pb2.Integrity.ValueType
+    """Whether the row authenticates (its URL, origin and events are sealed together): INTEGRITY_OK, or
+    INTEGRITY_TAMPERED for a row changed outside aegisd or sealed by an earlier aegisd, to which nothing is
+    delivered, or INTEGRITY_UNCHECKED while the vault is locked. Never INTEGRITY_NOT_ADOPTED: such a webhook is
+    removed and added again. UNSPECIFIED from an aegisd that did not check.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Subscribed event names, in a fixed order."""
@@ -46,10 +54,11 @@ class Webhook(_message.Message):
         origin: _builtins.str = ...,
         events: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        integrity: _credentials_pb2.Integrity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "events", b"events", "id", b"id", "origin", b"origin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "events", b"events", "id", b"id", "integrity", b"integrity", "origin", b"origin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
