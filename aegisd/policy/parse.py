@@ -4,6 +4,11 @@ The file is composed (not constructed) with PyYAML's safe loader: the node tree 
 value's position and its text as written, so `18:00` stays a time (YAML 1.1 would read a
 sexagesimal integer) and `mode: off` stays a word (not `false`). Nothing is ever instantiated
 from a tag; only the standard YAML tags are accepted.
+
+An alias is walked again wherever it is used, so a few KiB of aliases could stand for millions of rules
+and path patterns: the walk counts them (and every list item and mapping entry) aliases included, and
+stops with an issue at MAX_RULES, MAX_PATH_PATTERNS or MAX_ENTRIES. Whatever else goes wrong while
+reading a file (an exception no check expected) makes that file invalid, never escapes.
 """
 
 from __future__ import annotations
@@ -17,10 +22,16 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from aegisd.errors import InvalidArgument
 from aegisd.policy.model import METHODS, MODES, Issue, PolicyFile, Rule, TimeWindow
+from aegisd.policy.pattern import PathPattern, PatternError, compile_path
 from aegisd.rates import Rate, RateError, parse_rate
 from aegisd.vault.credentials import validate_name, validate_service
 
 MAX_POLICY_BYTES = 1024 * 1024
+# Per file, aliased nodes counted each time they are used: far above any real policy, far below what makes a
+# reload slow (each path pattern is an RE2 compile).
+MAX_RULES = 1_000
+MAX_PATH_PATTERNS = 10_000
+MAX_ENTRIES = 100_000  # list items and mapping entries walked, all fields together
 TOP_FIELDS = ("agent", "mode", "rules")
 RULE_FIELDS = ("service", "methods", "paths", "rate_limit", "time_window")
 WINDOW_FIELDS = ("start", "end", "timezone")
@@ -31,15 +42,35 @@ _ALLOWED_TAGS = frozenset(_STANDARD_TAG + t for t in ("str", "int", "float", "bo
                                                        "map"))
 _TIME = re.compile(r"^(\d{1,2}):(\d{2})\Z")
 _ZONE_KEY = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*\Z")
+_QUOTED = 200  # characters of an invalid pattern quoted in its issue
 _KIND = {MappingNode: "a mapping", SequenceNode: "a list", ScalarNode: "a single value"}
 
 
 def parse_policy(name: str, data: bytes) -> PolicyFile:
     """Parse and validate `data` (the content of file `name`); the result lists every issue found."""
     reader = _Reader(PolicyFile(name))
-    reader.read(data)
+    try:
+        reader.read(data)
+    except _TooLarge as exc:
+        reader.issue(exc.node, exc.field, exc.message)
+    except Exception as exc:  # a bug or a limit no check foresaw: this file is invalid, the others still load
+        reader.issue(None, "", unexpected(exc))
     reader.result.issues.sort(key=lambda issue: (issue.line, issue.column))
     return reader.result
+
+
+def unexpected(exc: BaseException) -> str:
+    """The issue for a file whose reading raised `exc`: its type only, never its text (which may quote the
+    file)."""
+    return f"aegisd could not parse this file: {type(exc).__name__}; the file is treated as invalid"
+
+
+class _TooLarge(Exception):
+    """Over a per-file cap: the walk stops here."""
+
+    def __init__(self, node: Node, field: str, message: str) -> None:
+        super().__init__(message)
+        self.node, self.field, self.message = node, field, message
 
 
 def _join(path: str, key: str) -> str:
@@ -49,6 +80,23 @@ def _join(path: str, key: str) -> str:
 class _Reader:
     def __init__(self, result: PolicyFile) -> None:
         self.result = result
+        self.rules = self.patterns = self.entries = 0
+        self.compiled: dict[str, PathPattern | str] = {}  # pattern -> compiled, or why it is invalid
+
+    def count(self, node: Node, path: str, what: str) -> None:
+        """Count one rule, path pattern or entry walked (an alias each time it is used); stop over a cap."""
+        if what == "rules":
+            self.rules += 1
+            over = self.rules > MAX_RULES and f"more than {MAX_RULES} rules"
+        elif what == "patterns":
+            self.patterns += 1
+            over = self.patterns > MAX_PATH_PATTERNS and f"more than {MAX_PATH_PATTERNS} path patterns"
+        else:
+            self.entries += 1
+            over = self.entries > MAX_ENTRIES and f"more than {MAX_ENTRIES} list items and mapping entries"
+        if over:
+            raise _TooLarge(node, path, f"the file has {over} (aliases counted each time they are used); "
+                            "aegisd stopped reading it here")
 
     def issue(self, where: Node | tuple[int, int] | None, field: str, message: str) -> None:
         if isinstance(where, Node):
@@ -86,6 +134,9 @@ class _Reader:
         except yaml.YAMLError as exc:
             self.issue(None, "", f"YAML syntax error: {exc}")
             return
+        except RecursionError:  # PyYAML composes nested lists and mappings recursively
+            self.issue(None, "", "the YAML is nested too deeply to read")
+            return
         if root is None:
             self.issue((1, 1), "", "the file is empty; a policy needs `agent` and `rules`")
             return
@@ -113,6 +164,7 @@ class _Reader:
                     self.issue(fields["mode"], "mode", f"mode {mode!r} must be one of: {', '.join(MODES)}")
         if "rules" in fields:
             for index, item in self.sequence(fields["rules"], "rules", allow_empty=True):
+                self.count(item, f"rules[{index}]", "rules")
                 rule = self.rule(item, f"rules[{index}]", index)
                 if rule is not None:
                     self.result.rules.append(rule)
@@ -151,17 +203,25 @@ class _Reader:
                 self.issue(item, f"{path}[{index}]", f"unknown method {method!r}; use {', '.join(METHODS)} or *")
         return None if "*" in found or not found else frozenset(found)
 
-    def paths(self, node: Node, path: str) -> tuple[re.Pattern[str], ...] | None:
-        compiled: list[re.Pattern[str]] = []
+    def paths(self, node: Node, path: str) -> tuple[PathPattern, ...] | None:
+        compiled: list[PathPattern] = []
         for index, item in self.sequence(node, path):
+            self.count(item, f"{path}[{index}]", "patterns")
             pattern = self.scalar(item, f"{path}[{index}]")
             if pattern is None:
                 continue
-            try:
-                compiled.append(re.compile(pattern))
-            except re.error as exc:
-                at = f" at position {exc.pos}" if exc.pos is not None else ""
-                self.issue(item, f"{path}[{index}]", f"invalid regular expression {pattern!r}: {exc.msg}{at}")
+            found = self.compiled.get(pattern)
+            if found is None:  # compiled once per file, however often an alias repeats it
+                try:
+                    found = compile_path(pattern)
+                except PatternError as exc:
+                    found = str(exc)
+                self.compiled[pattern] = found
+            if isinstance(found, str):
+                quoted = pattern if len(pattern) <= _QUOTED else pattern[:_QUOTED] + "..."
+                self.issue(item, f"{path}[{index}]", f"invalid regular expression {quoted!r}: {found}")
+            else:
+                compiled.append(found)
         return tuple(compiled) or None
 
     def rate(self, node: Node, path: str) -> Rate | None:
@@ -223,6 +283,7 @@ class _Reader:
             return None
         fields: dict[str, Node] = {}
         for key_node, value in node.value:
+            self.count(key_node, path, "entries")
             key = key_node.value if _is_field(key_node) else None
             if key is None:
                 self.issue(key_node, path, "field names must be plain words")
@@ -247,7 +308,9 @@ class _Reader:
             return
         if not node.value and not allow_empty:
             self.issue(node, path, "the list is empty; omit the field to allow any value")
-        yield from enumerate(node.value)
+        for index, item in enumerate(node.value):
+            self.count(item, f"{path}[{index}]", "entries")
+            yield index, item
 
     def scalar(self, node: Node, path: str) -> str | None:
         if not isinstance(node, ScalarNode):

@@ -21,7 +21,7 @@ from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
 from aegisd.policy.memory import UNKNOWN_AGENT, PolicyMemory, Remembered
 from aegisd.policy.model import Issue, PolicyFile
-from aegisd.policy.parse import MAX_POLICY_BYTES, parse_policy
+from aegisd.policy.parse import MAX_POLICY_BYTES, parse_policy, unexpected
 from aegisd.policy.policy_set import PolicySet, compile_set
 
 log = logging.getLogger("aegisd.policy")
@@ -125,7 +125,12 @@ class PolicyStore:
                 files.append(PolicyFile(name, issues=[Issue(name, 0, 0, "", f"cannot read the file: "
                                                             f"{exc.strerror or exc}")]))
                 continue
-            parsed = parse_policy(name, data)
+            try:
+                parsed = parse_policy(name, data)
+            except Exception as exc:  # parse_policy reports every problem as an issue; should one still escape,
+                # only this file is invalid (it fails closed), and the others' changes still apply
+                log.error("reading policy file %r failed: %s", name, type(exc).__name__)
+                parsed = PolicyFile(name, issues=[Issue(name, 0, 0, "", unexpected(exc))])
             if not parsed.valid:
                 parsed.names(*_agents_in_text(data))
             files.append(parsed)

@@ -628,3 +628,102 @@ def test_the_policy_memory_of_another_policy_directory_is_not_applied() -> None:
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_a_long_path_is_matched_in_linear_time_and_what_re2_cannot_run_fails_closed(tmp_path: Path) -> None:
+    """Found by a cold review: path patterns ran with Python's backtracking `re` on the event loop, before rate
+    limits, so one governed agent's 60 KB path against `.../.*/issues/.*` stalled every agent for seconds. They
+    run with RE2 now (the unit tests check the matcher is RE2); a pattern RE2 cannot run in linear time
+    (lookaround, backreference) makes its file invalid instead of falling back to `re`."""
+    slow = "agent: bot\nrules:\n  - service: svc\n    paths: [\"/echo/repos/acme/.*/issues/.*\"]\n"
+    lookahead = "agent: eve\nrules:\n  - service: svc\n    paths: [\"/echo/(?!admin)[a-z]+\"]\n"
+    world, _ = _world({"bot.yaml": slow, "eve.yaml": lookahead})
+    try:
+        up = world.upstreams[0]
+        for name in ("bot", "eve", "free"):
+            world.agent(name, "svc")
+        attack = "/repos/acme/" + "issues/" * 8500  # + %0a: `.` stops at the decoded newline, nothing matches
+        with untouched(up):
+            reply = world.call("GET", "/svc/echo" + attack + "%0a", agent="bot")
+            world.assert_refused(reply, 403, "policy_denied", flags="policy=path@bot.yaml#rules[0]")
+        assert world.call("GET", "/svc/echo/repos/acme/x/issues/1", agent="bot").status == 200
+        assert world.call("GET", "/svc/echo/x", agent="free").status == 200
+        # `policy test` judges with the same matcher.
+        tested = json.loads(world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method",
+                                            "GET", "--path", "/echo" + attack + "\n", "--json").ok().out)
+        assert tested["decision"] == "denied"
+
+        # The lookahead: the file is invalid, reported with its line and why, and fails closed for its agent.
+        listed = {f["name"]: f for f in policy_status(world)["files"]}["eve.yaml"]
+        assert not listed["valid"] and listed["agent"] == "eve"
+        [issue] = listed["issues"]
+        assert (issue["line"], issue["field"]) == (4, "rules[0].paths[0]")
+        assert "lookahead" in issue["message"] and "RE2 cannot match in linear time" in issue["message"]
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/svc/echo/x", agent="eve"), 403, "policy_invalid")
+        (tmp_path / "eve.yaml").write_text(lookahead)
+        (tmp_path / "backref.yaml").write_text(
+            "agent: eve\nrules:\n  - service: svc\n    paths: ['/echo/([a-z]+)/\\1']\n")
+        result = world.aegis.ctl("policy", "validate", str(tmp_path))
+        assert result.code == 1, result.out + result.err
+        assert f"{tmp_path / 'eve.yaml'}:4:13: rules[0].paths[0]: invalid regular expression " in result.out
+        assert "uses a backreference" in result.out and "aegisd matches paths with RE2" in result.out
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+HUGE_REPEAT = "agent: bob\nrules:\n  - service: svc\n    paths: [\"/echo/only/a{4294967296}\"]\n"
+DEEP_YAML = "agent: carol\nrules:\n  - service: svc\n    paths: " + "[" * 3000 + "]" * 3000 + "\n"
+
+
+def test_a_file_that_crashed_the_parser_is_invalid_alone_and_aegisd_stays_up(tmp_path: Path) -> None:
+    """Found by a cold review: `a{4294967296}` made `re` raise OverflowError, and deep nesting RecursionError,
+    out of the parser: the reload aborted (the file failed open, no other change applied, no ledger event) and
+    at startup aegisd would not start. Now each is an issue on its own file, which fails closed."""
+    alice = "agent: alice\nrules:\n  - service: svc\n"
+    world, directory = _world({"alice.yaml": alice})
+    try:
+        up = world.upstreams[0]
+        for name in ("alice", "bob", "carol", "dave"):
+            world.agent(name, "svc")
+        assert world.call("GET", "/svc/echo/x", agent="bob").status == 200  # not governed yet
+
+        write_policy(directory, "bob.yaml", HUGE_REPEAT)
+        write_policy(directory, "carol.yaml", DEEP_YAML)
+        write_policy(directory, "alice.yaml", "agent: alice\nrules: []\n")  # a valid change in the same reload
+        result = world.aegis.ctl("policy", "reload")
+        assert_failed(result, "reloaded with errors")
+        assert "repetition '{4294967296}': RE2 allows counts up to 1000" in result.out
+        assert "the YAML is nested too deeply to read" in result.out
+        status = policy_status(world)
+        assert {a["agent"]: a["state"] for a in status["agents"]} == {"alice": "enforce", "bob": "invalid",
+                                                                      "carol": "invalid"}
+        with untouched(up):
+            for name in ("bob", "carol"):
+                world.assert_refused(world.call("GET", "/svc/echo/only/a", agent=name), 403, "policy_invalid")
+            world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_denied")
+        assert world.call("GET", "/svc/echo/x", agent="dave").status == 200
+        event = system_rows(world)[0]
+        assert event["reason"] == "policy_invalid"
+        assert "bob.yaml (agent bob)" in event["detail"] and "carol.yaml (agent carol)" in event["detail"]
+
+        for name, text in (("bob.yaml", HUGE_REPEAT), ("carol.yaml", DEEP_YAML)):
+            (tmp_path / name).write_text(text)
+        checked = world.aegis.ctl("policy", "validate", str(tmp_path))
+        assert checked.code == 1 and "Traceback" not in checked.err, checked.out + checked.err
+        assert (f"{tmp_path / 'bob.yaml'}:4:13: rules[0].paths[0]: invalid regular expression "
+                "'/echo/only/a{4294967296}': repetition '{4294967296}': RE2 allows counts up to 1000") in checked.out
+        assert f"{tmp_path / 'carol.yaml'}: the YAML is nested too deeply to read" in checked.out
+
+        # At a start with both files in place: aegisd starts, and they still fail closed.
+        _restart(world)
+        with untouched(up):
+            for name in ("bob", "carol"):
+                world.assert_refused(world.call("GET", "/svc/echo/only/a", agent=name), 403, "policy_invalid")
+        assert world.call("GET", "/svc/echo/x", agent="dave").status == 200
+        log = world.aegis.log()
+        assert "Traceback" not in log and "policy reload failed" not in log
+        world.assert_no_leaks()
+    finally:
+        world.close()

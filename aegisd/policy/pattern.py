@@ -1,0 +1,196 @@
+"""Path patterns, matched with RE2: time linear in the path's length, whatever the pattern.
+
+The gate judges policies on its event loop, before rate limits, on paths an agent chooses (up to
+~64 KiB). Python's backtracking `re` takes quadratic or exponential time on ordinary-looking patterns
+(`/repos/.*/.*/issues` against a long path that never matches), so one governed agent could stall
+every agent's requests. RE2 (the `google-re2` package) never backtracks.
+
+It has no fallback: a construct RE2 cannot run in linear time (backreferences, lookarounds, atomic
+groups, possessive quantifiers, conditionals) is an error, which makes the policy file invalid
+(it fails closed), never a silent switch to `re`. `_require_re2` checks this at import, so a
+different module named `re2` that does fall back is refused.
+
+Semantics, as the docs say: full match (anchored at both ends); `.` does not match a newline; `\\d`,
+`\\w`, `\\s` and `\\b` are ASCII-only (Python's are Unicode), so the narrow classes match less and their
+negations (`\\D`, `\\W`, `\\S`) more; `\\p{Nd}` and `\\pL` name Unicode classes. A brace that Python reads
+as a repetition and RE2 as literal text (`{,3}`, `{,}`, or a count too large for RE2) is refused, so no
+pattern written for Python silently changes meaning that way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import re2
+
+# RE2 refuses repetition counts above this.
+MAX_REPEAT = 1000
+# RE2 parses some malformed patterns in time quadratic in their length (`[[:` repeated: half a second at
+# 64 KiB); a path pattern longer than this is refused before RE2 sees it.
+MAX_PATTERN_LENGTH = 8192
+
+
+class PatternError(ValueError):
+    """A pattern aegisd cannot match; the message says why (for a policy issue)."""
+
+
+class PathPattern:
+    """One compiled `rules[].paths` entry."""
+
+    __slots__ = ("_regexp", "text")
+
+    def __init__(self, text: str, regexp: Any) -> None:
+        self.text = text
+        self._regexp = regexp
+
+    @property
+    def regexp(self) -> Any:
+        """The RE2 object (for tests and introspection)."""
+        return self._regexp
+
+    def fullmatch(self, path: bytes) -> bool:
+        """Whether the pattern matches all of `path` (UTF-8, as `encode_path` gives it)."""
+        return self._regexp.fullmatch(path) is not None
+
+    def __repr__(self) -> str:
+        return f"PathPattern({self.text!r})"
+
+
+def encode_path(path: str) -> bytes:
+    """The path as RE2 reads it. `surrogatepass`: a path with a lone surrogate still gets a verdict."""
+    return path.encode("utf-8", "surrogatepass")
+
+
+def _options() -> Any:
+    options = re2.Options()
+    options.never_capture = True  # only whether it matches: RE2's DFA alone answers, no submatch pass
+    options.log_errors = False  # errors come back as exceptions, not lines on stderr
+    return options
+
+
+def compile_path(text: str) -> PathPattern:
+    """Compile a path pattern, or raise PatternError saying what is wrong with it."""
+    if len(text) > MAX_PATTERN_LENGTH:
+        raise PatternError(f"the pattern is {len(text)} characters long; aegisd takes at most "
+                           f"{MAX_PATTERN_LENGTH} (split it into several patterns)")
+    _check_braces(text)
+    try:
+        regexp = re2.compile(text, _options())
+    except re2.error as exc:
+        raise PatternError(_explain(exc, text)) from None
+    except Exception as exc:  # e.g. a lone surrogate that cannot be UTF-8: whatever it is, an issue
+        raise PatternError(f"it cannot be compiled ({type(exc).__name__})") from None
+    return PathPattern(text, regexp)
+
+
+_UNSUPPORTED = (
+    ("(?=", "a lookahead `(?=...)`"), ("(?!", "a negative lookahead `(?!...)`"),
+    ("(?<=", "a lookbehind `(?<=...)`"), ("(?<!", "a negative lookbehind `(?<!...)`"),
+    ("(?P=", "a backreference `(?P=name)`"), ("(?>", "an atomic group `(?>...)`"),
+    ("(?(", "a conditional `(?(...)...)`"),
+)
+_LINEAR = ("which RE2 cannot match in linear time; aegisd matches paths with RE2 (see the `paths` field in "
+           "docs/policies.md)")
+
+
+def _explain(exc: Exception, text: str) -> str:
+    raw = exc.args[0] if exc.args else ""
+    message = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    kind, _, fragment = message.partition(": ")
+    if kind == "invalid perl operator":
+        for prefix, what in _UNSUPPORTED:
+            if fragment.startswith(prefix) or (fragment == "(?P" and prefix == "(?P=" and prefix in text):
+                return f"it uses {what}, {_LINEAR}"
+    if kind == "invalid escape sequence" and fragment[1:2] in tuple("123456789"):
+        return f"it uses a backreference {_short(fragment)!r}, {_LINEAR}"
+    if kind == "bad repetition operator" and fragment.endswith("+") and len(fragment) == 2:
+        return f"it uses a possessive quantifier {fragment!r}, {_LINEAR}"
+    if kind == "invalid escape sequence" and fragment == "\\Z":
+        return "RE2 has no \\Z; patterns already match the whole path (write \\z for the end of the text)"
+    if kind == "invalid repetition size":
+        return f"repetition {_short(fragment)!r}: RE2 allows counts up to {MAX_REPEAT} (nested ones multiplied)"
+    return f"{kind}: {_short(fragment)!r}" if fragment else kind
+
+
+def _check_braces(text: str) -> None:
+    """Refuse a `{...}` that Python's `re` reads as a repetition and RE2 as literal text, or whose count RE2
+    refuses. One pass, linear in the pattern's length (a policy file may hold a 1 MiB pattern)."""
+    index, in_class, size = 0, False, len(text)
+    posix_ends = True  # whether a `:]` may still follow (once a search finds none, none is searched again)
+    while index < size:
+        char = text[index]
+        if char == "\\":
+            follows = text[index + 1:index + 2]
+            if follows == "Q":  # RE2's literal text, up to \E
+                end = text.find("\\E", index + 2)
+                index = size if end < 0 else end + 2
+            elif follows in ("x", "p", "P") and text.startswith("{", index + 2):  # \x{41}, \p{Greek}
+                end = text.find("}", index + 3)
+                index = size if end < 0 else end + 1
+            else:
+                index += 2
+        elif in_class:
+            if char == "]":
+                in_class = False
+            elif posix_ends and text.startswith("[:", index):  # [[:alpha:]]: a POSIX class inside a class
+                end = text.find(":]", index + 2)
+                if end >= 0:
+                    index = end + 2
+                    continue
+                posix_ends = False
+            index += 1
+        elif char == "[":
+            in_class = True
+            index += 1
+            if text.startswith("^", index):
+                index += 1
+            if text.startswith("]", index):  # a `]` first in a class is a literal
+                index += 1
+        elif char == "{":
+            index = _check_repeat(text, index)
+        else:
+            index += 1
+
+
+def _check_repeat(text: str, start: int) -> int:
+    """Check the `{` at `start`; return where scanning goes on (past the digits and comma looked at)."""
+    index, size = start + 1, len(text)
+    low_end = index
+    while low_end < size and "0" <= text[low_end] <= "9":
+        low_end += 1
+    comma = low_end < size and text[low_end] == ","
+    high_end = low_end + 1 if comma else low_end
+    high_start = high_end
+    while high_end < size and "0" <= text[high_end] <= "9":
+        high_end += 1
+    low, high = text[index:low_end], text[high_start:high_end]
+    if high_end >= size or text[high_end] != "}" or not (low or comma):
+        return high_end  # not a repetition for Python either (`{}`, `{x}`, `{1, 2}`): literal in both
+    written = text[start:high_end + 1]
+    if not low:
+        raise PatternError(f"repetition {_short(written)!r} has no lower count, so RE2 would read it as literal "
+                           f"text: write {{0,{_short(high)}}}, or \\{{ for a literal brace")
+    if _over(low) or (high and _over(high)):
+        raise PatternError(f"repetition {_short(written)!r}: RE2 allows counts up to {MAX_REPEAT}")
+    return high_end + 1
+
+
+def _over(digits: str) -> bool:
+    return len(digits.lstrip("0")) > len(str(MAX_REPEAT)) or int(digits) > MAX_REPEAT
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _require_re2() -> None:
+    """Refuse a `re2` module that would match with Python's `re` when RE2 cannot (some wrappers do)."""
+    try:
+        re2.compile(r"(a)\1", _options())
+    except re2.error:
+        return
+    raise ImportError("the `re2` module in use falls back to Python's re for patterns RE2 refuses; aegisd needs "
+                      "google-re2 (pip install google-re2)")
+
+
+_require_re2()

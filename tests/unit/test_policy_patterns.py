@@ -1,0 +1,203 @@
+"""Policy path patterns and the limits of reading a policy file: paths are matched with RE2 (linear time, no
+fallback to Python's backtracking `re`), a pattern or file that cannot be read makes only its file invalid,
+and aliases cannot multiply a small file into millions of rules or patterns."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import re2
+
+from aegisd.policy import PolicyStore, compile_set, parse_policy
+from aegisd.policy.model import PolicyFile
+from aegisd.policy.parse import MAX_ENTRIES, MAX_PATH_PATTERNS, MAX_RULES
+from aegisd.policy.pattern import MAX_PATTERN_LENGTH, PathPattern, compile_path
+
+
+def _policy(*patterns: str) -> bytes:
+    quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in patterns)
+    return f"agent: bot\nrules:\n  - service: svc\n    paths: [{quoted}]\n".encode()
+
+
+def _issues(*patterns: str) -> list[str]:
+    return [issue.message for issue in parse_policy("bot.yaml", _policy(*patterns)).issues]
+
+
+def _allows(pattern: str, path: str) -> bool:
+    parsed = parse_policy("bot.yaml", _policy(pattern))
+    assert parsed.valid, parsed.issues
+    verdict = compile_set([parsed]).judge("bot", "svc", "GET", path, 0)
+    assert verdict is not None
+    return verdict.allowed
+
+
+def test_path_patterns_are_compiled_with_re2() -> None:
+    """The matcher the gate, `policy test` and `policy validate` use (all go through parse_policy) is an RE2
+    object: its time is linear in the path, so a long path cannot stall the gate's event loop."""
+    parsed = parse_policy("bot.yaml", _policy("/repos/.*/.*/issues", "/user"))
+    assert parsed.valid, parsed.issues
+    paths = parsed.rules[0].paths
+    assert paths is not None and len(paths) == 2
+    for pattern in paths:
+        assert isinstance(pattern, PathPattern)
+        assert isinstance(pattern.regexp, re2._Regexp)
+        assert isinstance(pattern.regexp._regexp, re2._re2.RE2)  # the C++ engine, not a wrapper around `re`
+        assert pattern.regexp.options.never_capture
+    # The attack from the review: quadratic for `re`, one linear pass for RE2 (only the verdict is checked).
+    assert not _allows("/repos/acme/.*/issues/.*", "/repos/acme/" + "issues/" * 8500 + "\n")
+    assert not _allows("/repos/.*/.*/issues", "/repos/" + "a/" * 30000 + "x")
+
+
+@pytest.mark.parametrize(("pattern", "what"), [
+    (r"/repos/([^/]+)/\1", "backreference '\\\\1'"),
+    (r"/repos/(?P<o>[^/]+)/(?P=o)", "backreference `(?P=name)`"),
+    ("/repos/(?=acme)[^/]+", "lookahead `(?=...)`"),
+    ("/repos/(?!evil)[^/]+", "negative lookahead"),
+    ("/repos/(?<=s/)acme", "lookbehind"),
+    ("/repos/(?<!x)acme", "negative lookbehind"),
+    ("/repos/(?>a+)", "atomic group"),
+    ("/repos/a++", "possessive quantifier"),
+    ("/repos/(a)?(?(1)b|c)", "conditional"),
+])
+def test_a_construct_re2_cannot_match_in_linear_time_makes_the_file_invalid(pattern: str, what: str) -> None:
+    """No silent fallback to Python's `re`: the file is invalid (and so fails closed)."""
+    issues = _issues("/ok", pattern)
+    assert len(issues) == 1, issues
+    assert issues[0].startswith(f"invalid regular expression {pattern!r}: "), issues
+    assert what in issues[0], issues
+    assert "RE2 cannot match in linear time" in issues[0] and "aegisd matches paths with RE2" in issues[0]
+
+
+@pytest.mark.parametrize(("pattern", "what"), [
+    ("/only/a{4294967296}", "repetition '{4294967296}': RE2 allows counts up to 1000"),  # OverflowError in `re`
+    ("/x{1,99999999999999999999}", "RE2 allows counts up to 1000"),
+    ("/x{1001}", "RE2 allows counts up to 1000"),
+    ("/x{" + "1" * 5000 + "}", "RE2 allows counts up to 1000"),  # more digits than int() takes
+    ("/x{,3}", "write {0,3}"),  # Python reads a repetition, RE2 literal text: refused, never reinterpreted
+    ("/x{,}", "write {0,}"),
+    (r"/x\Z", "RE2 has no \\Z"),
+    ("/repos/(acme", "missing ): '/repos/(acme'"),
+    ("[z-a]", "invalid character class range"),
+    ("/x" * MAX_PATTERN_LENGTH, f"aegisd takes at most {MAX_PATTERN_LENGTH}"),
+])
+def test_a_pattern_whose_compile_failed_oddly_is_an_issue_on_that_pattern(pattern: str, what: str) -> None:
+    """`re` raised OverflowError or RecursionError for some of these, out of parse_policy."""
+    issues = _issues(pattern)
+    assert len(issues) == 1 and what in issues[0], issues
+    assert len(issues[0]) < 600  # a long pattern is quoted in part
+
+
+def test_a_pattern_that_is_not_unicode_text_is_an_issue() -> None:
+    parsed = parse_policy("bot.yaml", b'agent: bot\nrules:\n  - service: s\n    paths: ["/\\ud800"]\n')
+    assert [i.message for i in parsed.issues] == [
+        "invalid regular expression '/\\ud800': it cannot be compiled (UnicodeEncodeError)"]
+
+
+def test_full_match_semantics_of_ordinary_patterns() -> None:
+    assert _allows("/user", "/user") and not _allows("/user", "/x/user") and not _allows("/user", "/user/keys")
+    assert _allows("/user(/.*)?", "/user/keys") and _allows("/user(/.*)?", "/user")
+    assert not _allows("/a/.*", "/a/x\ny") and _allows("(?s)/a/.*", "/a/x\ny")  # `.` stops at a newline
+    assert not _allows("/a$", "/a\n") and not _allows("/a", "/a\n")
+    assert _allows("/repos/[^/]+/issues", "/repos/é/issues") and not _allows("/repos/[^/]+/issues", "/repos/a/b/issues")
+    assert _allows("(?i)/USER", "/user") and _allows("/x{2}", "/xx") and _allows("/x{0,2}", "/")
+    assert _allows(r"/x/\{,3\}", "/x/{,3}") and _allows("/x[{,3}]", "/x,") and _allows(r"/\x{41}", "/A")
+    assert _allows("/(((((((((((x)))))))))))", "/x") and _allows("(" * 2000 + "/x" + ")" * 2000, "/x")
+    assert _allows(r"/n/\pN+", "/n/١٢") and _allows("/[[:alpha:]]+", "/abc")
+    # RE2's \d, \w, \s and \b are ASCII-only (Python's are Unicode): documented in docs/policies.md.
+    assert _allows(r"/issues/\d+", "/issues/42") and not _allows(r"/issues/\d+", "/issues/١٢")
+    assert not _allows(r"/\w+", "/é") and _allows(r"/\W", "/é")
+    # A path that is not valid UTF-8 text (a lone surrogate) is judged, not an exception.
+    assert _allows("/a/.*", "/a/\ud800") is not None
+
+
+def test_an_unexpected_exception_while_reading_makes_only_that_file_invalid(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    # Nested deeper than PyYAML's recursive composer goes: RecursionError escaped parse_policy before.
+    nested = parse_policy("bot.yaml", b"agent: bot\nrules:\n  - service: s\n    paths: " + b"[" * 5000 + b"]" * 5000)
+    assert [i.message for i in nested.issues] == ["the YAML is nested too deeply to read"]
+
+    def boom(*args: object) -> str:
+        raise ZeroDivisionError("secret-looking text from the file")
+
+    monkeypatch.setattr("aegisd.policy.pattern._check_braces", boom)
+    parsed = parse_policy("bot.yaml", _policy("/x"))
+    assert parsed.agents == ["bot"]
+    assert [str(i) for i in parsed.issues] == [
+        "bot.yaml: aegisd could not parse this file: ZeroDivisionError; the file is treated as invalid"]
+    monkeypatch.undo()
+
+    # And should anything still escape parse_policy, the reload goes on: that file fails closed for its agent,
+    # the others' changes apply.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "alice.yaml").write_text("agent: alice\nrules:\n  - service: svc\n")
+    (policies / "bob.yaml").write_text("agent: bob\nrules:\n  - service: svc\n")
+    store = PolicyStore(policies)
+    asyncio.run(store.reload("startup"))
+    def failing(name: str, data: bytes) -> PolicyFile:
+        if name == "bob.yaml":
+            raise OverflowError("secret-looking text from the file")
+        return parse_policy(name, data)
+
+    monkeypatch.setattr("aegisd.policy.store.parse_policy", failing)
+    (policies / "alice.yaml").write_text("agent: alice\nrules: []\n")
+    snapshot = asyncio.run(store.reload("aegisctl"))
+    files = {f.name: f for f in snapshot.files}
+    assert files["alice.yaml"].valid and not files["bob.yaml"].valid
+    assert [str(i) for i in files["bob.yaml"].issues] == [
+        "bob.yaml: aegisd could not parse this file: OverflowError; the file is treated as invalid"]
+    assert files["bob.yaml"].agents == ["bob"]  # from its text
+    bob = store.current.judge("bob", "svc", "GET", "/x", 0)
+    alice = store.current.judge("alice", "svc", "GET", "/x", 0)
+    assert bob is not None and not bob.allowed and bob.miss == "invalid"
+    assert alice is not None and not alice.allowed and alice.miss == "no_rule"  # the change applied
+
+
+def _aliased(count: int, patterns: int = 1, methods: int = 1) -> bytes:
+    paths = ", ".join(f'"/p{i}"' for i in range(patterns))
+    verbs = ", ".join(["GET"] * methods)
+    return (f"agent: bot\nrules:\n  - &r {{service: s, methods: [{verbs}], paths: [{paths}]}}\n"
+            + "  - *r\n" * (count - 1)).encode()
+
+
+@pytest.mark.parametrize(("data", "what", "where"), [
+    (_aliased(MAX_RULES + 1), f"more than {MAX_RULES} rules", f"rules[{MAX_RULES}]"),
+    (_aliased(MAX_PATH_PATTERNS // 500 + 1, patterns=500), f"more than {MAX_PATH_PATTERNS} path patterns",
+     f"rules[{MAX_PATH_PATTERNS // 500}].paths[0]"),
+    (_aliased(MAX_RULES, methods=MAX_ENTRIES // MAX_RULES), f"more than {MAX_ENTRIES} list items", "rules["),
+])
+def test_aliases_count_towards_the_per_file_caps(data: bytes, what: str, where: str) -> None:
+    """An alias is walked again each time it is used: a 17 KiB file stood for 4,000 rules of 800 patterns."""
+    assert len(data) < 64 * 1024
+    parsed = parse_policy("bot.yaml", data)
+    assert not parsed.valid and parsed.agents == ["bot"]
+    assert len(parsed.issues) == 1, parsed.issues[:3]
+    issue = parsed.issues[0]
+    assert what in issue.message and "aliases counted each time they are used" in issue.message
+    assert issue.field.startswith(where) and issue.line == 3  # an alias is the node it names: the anchor's line
+
+
+def test_a_file_at_the_caps_is_valid() -> None:
+    parsed = parse_policy("bot.yaml", _aliased(MAX_RULES, patterns=MAX_PATH_PATTERNS // MAX_RULES))
+    assert parsed.valid, parsed.issues[:3]
+    assert len(parsed.rules) == MAX_RULES
+
+
+def test_compile_path_refuses_what_re2_would_read_differently_from_re() -> None:
+    for ok in ("/a{}", "/a{x}", "/a{1, 2}", r"/\p{Greek}", r"\Q{,3}\E", "[]{,3}]", "[^]{,3}]", "/a{0001}"):
+        assert compile_path(ok).text == ok
+
+
+def test_a_re2_module_that_falls_back_to_re_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some `re2` wrappers quietly match with Python's `re` what RE2 refuses; aegisd must not run on one."""
+    import re
+
+    from aegisd.policy import pattern
+
+    monkeypatch.setattr(re2, "compile", lambda text, options=None: re.compile(text))
+    with pytest.raises(ImportError, match="falls back to Python's re"):
+        pattern._require_re2()
+    monkeypatch.undo()
+    pattern._require_re2()  # the real one: google-re2, no fallback
