@@ -30,9 +30,14 @@ def issue_line(i: pb.PolicyIssue) -> str:
     return output.printable(f"{where}: {i.field}: {i.message}" if i.field else f"{where}: {i.message}")
 
 
+def warning_line(w: pb.PolicyIssue) -> str:
+    """`warning: FILE[:LINE:COL]: [FIELD: ]MESSAGE`: a name the daemon does not know; not an error."""
+    return "warning: " + issue_line(w)
+
+
 def file_json(f: pb.PolicyFileStatus) -> dict[str, Any]:
     return {"name": f.name, "agent": f.agent or None, "mode": f.mode, "rules": f.rules, "valid": not f.issues,
-            "issues": [issue_json(i) for i in f.issues]}
+            "issues": [issue_json(i) for i in f.issues], "warnings": [issue_json(w) for w in f.warnings]}
 
 
 def status_json(s: pb.PolicyStatus) -> dict[str, Any]:
@@ -84,7 +89,9 @@ def validate(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
     """Check policy files (or every *.yaml / *.yml in a directory) and print every error at once.
 
     Files are checked by the running aegisd, exactly as it would load them; they do not have to
-    be in its policy directory. Exit status 1 if any file has an error.
+    be in its policy directory. Exit status 1 if any file has an error. A file naming an agent that is not
+    registered, or a service no credential provides, gets a warning line (likely a typo); warnings alone
+    exit 0.
     """
     client = ctx.client
     reply = client.call(client.policies.Validate, pb.ValidatePoliciesRequest(files=_sources(paths)))
@@ -97,6 +104,8 @@ def validate(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
                     click.echo(issue_line(issue))
             else:
                 click.echo(output.printable(f"{f.name}: ok (agent {f.agent}, {f.rules} rules, {f.mode})"))
+            for warning in f.warnings:
+                click.echo(warning_line(warning))
     bad = [f for f in reply.files if f.issues]
     if bad:
         errors = sum(len(f.issues) for f in bad)
@@ -108,7 +117,7 @@ def validate(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @pass_context
 def list_(ctx: Context, as_json: bool) -> None:
-    """Show the loaded policy files and agents, their modes, rule counts and errors."""
+    """Show the loaded policy files and agents, their modes, rule counts, errors and warnings."""
     client = ctx.client
     _print_status(client.call(client.policies.List, pb.ListPoliciesRequest()), as_json)
 
@@ -150,8 +159,7 @@ def _print_status(status: pb.PolicyStatus, as_json: bool) -> None:
         click.echo("No policy files (*.yaml, *.yml) in the directory.")
     else:
         output.table(["FILE", "AGENT", "MODE", "RULES", "STATUS"],
-                     [[f.name, f.agent, f.mode, f.rules, f"{len(f.issues)} error(s)" if f.issues else "ok"]
-                      for f in status.files])
+                     [[f.name, f.agent, f.mode, f.rules, _file_state(f)] for f in status.files])
     if status.agents:
         click.echo()
         output.table(["AGENT", "STATE", "RULES", "SERVICES", "FILES"],
@@ -161,10 +169,20 @@ def _print_status(status: pb.PolicyStatus, as_json: bool) -> None:
         click.echo()
         for issue in issues:
             click.echo(issue_line(issue))
+    warnings = [w for f in status.files for w in f.warnings]
+    if warnings:
+        click.echo()
+        for warning in warnings:
+            click.echo(warning_line(warning))
     if status.fail_all:
         click.echo()
         files = output.printable(", ".join(status.fail_all))
         click.echo(f"EVERY agent fails closed: the agent of {files} cannot be determined.")
+
+
+def _file_state(f: pb.PolicyFileStatus) -> str:
+    state = f"{len(f.issues)} error(s)" if f.issues else "ok"
+    return state + (f", {len(f.warnings)} warning(s)" if f.warnings else "")
 
 
 @command.command("test")
@@ -192,7 +210,8 @@ def test_request(ctx: Context, agent: str, service: str, method: str, path: str,
             if reply.HasField("rule") else None)
     if as_json:
         output.emit_json({"decision": reply.decision, "mode": reply.mode or None, "rule": rule,
-                          "reason": reply.reason, "rate_limit": reply.rate_limit or None})
+                          "reason": reply.reason, "rate_limit": reply.rate_limit or None,
+                          "warnings": list(reply.warnings)})
         return
     headline = reply.decision
     if reply.mode == "dry-run" and reply.decision == "denied":
@@ -203,4 +222,5 @@ def test_request(ctx: Context, agent: str, service: str, method: str, path: str,
     if reply.rate_limit:
         pairs.append(("rate limit", reply.rate_limit))
     pairs.append(("reason", reply.reason))
+    pairs.extend(("warning", warning) for warning in reply.warnings)
     output.fields(pairs)

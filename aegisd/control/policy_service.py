@@ -15,7 +15,8 @@ from aegisd.api.aegis.v1 import policy_pb2_grpc
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument
-from aegisd.policy import PolicyFile, Snapshot, compile_set, parse_policy
+from aegisd.policy import Issue, PolicyFile, Snapshot, compile_set, parse_policy
+from aegisd.policy.hints import KnownNames, file_warnings, known_names, unknown_agent, unknown_service
 from aegisd.policy.model import JUDGED_FROM_MS, JUDGED_UNTIL_MS, METHODS
 from aegisd.policy.policy_set import INVALID
 from aegisd.runtime import Runtime
@@ -23,12 +24,17 @@ from aegisd.runtime import Runtime
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def file_to_pb(policy_file: PolicyFile) -> pb.PolicyFileStatus:
-    """A file's status; an invalid file naming several agents lists them all in `agent` ("bot-a, bot-b")."""
+def _issue(i: Issue) -> pb.PolicyIssue:
+    return pb.PolicyIssue(file=i.file, line=i.line, column=i.column, field=i.field, message=i.message)
+
+
+def file_to_pb(policy_file: PolicyFile, known: KnownNames | None = None) -> pb.PolicyFileStatus:
+    """A file's status; an invalid file naming several agents lists them all in `agent` ("bot-a, bot-b").
+    With the names the vault knows, the file's warnings (hints.py): unknown agents and services."""
     return pb.PolicyFileStatus(
         name=policy_file.name, agent=policy_file.agent, mode=policy_file.mode, rules=len(policy_file.rules),
-        issues=[pb.PolicyIssue(file=i.file, line=i.line, column=i.column, field=i.field, message=i.message)
-                for i in policy_file.issues])
+        issues=[_issue(i) for i in policy_file.issues],
+        warnings=[_issue(w) for w in file_warnings(policy_file, known)])
 
 
 def _instant(stamp: Timestamp) -> int:
@@ -57,18 +63,23 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             return files
 
         files = await asyncio.to_thread(check)
-        return pb.ValidatePoliciesResponse(files=[file_to_pb(f) for f in files],
+        known = await self._known()
+        return pb.ValidatePoliciesResponse(files=[file_to_pb(f, known) for f in files],
                                            valid=all(f.valid for f in files))
 
     @rpc
     async def List(self, request: pb.ListPoliciesRequest, context: Ctx) -> pb.PolicyStatus:
-        return self._status(self.rt.policies.snapshot)
+        return self._status(self.rt.policies.snapshot, await self._known())
 
     @rpc
     async def Reload(self, request: pb.ReloadPoliciesRequest, context: Ctx) -> pb.PolicyStatus:
         snapshot = await self.rt.policies.reload("aegisctl")
         self.rt.log_event("policies reloaded", by="aegisctl")
-        return self._status(snapshot)
+        return self._status(snapshot, await self._known())
+
+    async def _known(self) -> KnownNames | None:
+        """The agent and service names the vault holds now (read in clear, so also while locked)."""
+        return await asyncio.to_thread(known_names, self.rt.store, self.rt.vault.vault_id is not None)
 
     @rpc
     async def Test(self, request: pb.TestPolicyRequest, context: Ctx) -> pb.TestPolicyResponse:
@@ -79,11 +90,19 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             raise InvalidArgument(f"path {request.path!r} must start with '/' (the part after /{{service}})")
         at_ms = _instant(request.at) if request.HasField("at") else time.time_ns() // 1_000_000
         path = unquote(request.path.partition("?")[0])
+        known = await self._known()
+        warnings = []
+        if known is not None and request.agent not in known.agents:
+            warnings.append(unknown_agent(request.agent))
+        if known is not None and request.service not in known.services:
+            warnings.append(unknown_service(request.service) + ": the gate refuses every request to it "
+                            "(403 not_granted) before any policy is judged")
         verdict = self.rt.policies.current.judge(request.agent, request.service, method, path, at_ms)
         if verdict is None:
             return pb.TestPolicyResponse(decision="ungoverned", reason=f"no policy file names agent "
-                                         f"{request.agent!r}: its grants and the credential's scopes decide")
-        reply = pb.TestPolicyResponse(mode=verdict.mode, reason=verdict.detail)
+                                         f"{request.agent!r}: its grants and the credential's scopes decide",
+                                         warnings=warnings)
+        reply = pb.TestPolicyResponse(mode=verdict.mode, reason=verdict.detail, warnings=warnings)
         if verdict.miss == INVALID:
             reply.decision = "invalid"
         else:
@@ -96,9 +115,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 reply.rate_limit = str(rule.rate) if rule.rate is not None else ""
         return reply
 
-    def _status(self, snap: Snapshot) -> pb.PolicyStatus:
+    def _status(self, snap: Snapshot, known: KnownNames | None) -> pb.PolicyStatus:
         current = self.rt.policies.current
-        status = pb.PolicyStatus(directory=str(snap.directory or ""), files=[file_to_pb(f) for f in snap.files],
+        status = pb.PolicyStatus(directory=str(snap.directory or ""), files=[file_to_pb(f, known) for f in snap.files],
                                  fail_all=list(current.fail_all), error=snap.error, trigger=snap.trigger,
                                  reloads=snap.reloads)
         if snap.loaded_at_ms:

@@ -69,6 +69,8 @@ class Rule:
     paths: tuple[PathPattern, ...] | None  # None: any path
     rate: Rate | None
     window: TimeWindow | None
+    # Line and column of the `service:` value, for warnings about it (hints.py); not part of the rule's identity.
+    service_at: tuple[int, int] = field(default=(0, 0), compare=False)
 
     @property
     def ref(self) -> str:

@@ -184,8 +184,10 @@ class _Reader:
         window = self.window(fields["time_window"], _join(path, "time_window")) if "time_window" in fields else None
         if len(self.result.issues) > before or service is None:
             return None
+        mark = fields["service"].start_mark
         return Rule(file=self.result.name, index=index, line=node.start_mark.line + 1, service=service,
-                    methods=methods, paths=paths, rate=rate, window=window)
+                    methods=methods, paths=paths, rate=rate, window=window,
+                    service_at=(mark.line + 1, mark.column + 1))
 
     # -- rule fields -------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ def test_rules_allow_and_deny_by_method_path_and_service() -> None:
 
         status = policy_status(world)
         assert status["files"] == [{"name": "bot.yaml", "agent": "bot", "mode": "enforce", "rules": 2,
-                                    "valid": True, "issues": []}]
+                                    "valid": True, "issues": [], "warnings": []}]
         assert status["agents"] == [{"agent": "bot", "state": "enforce", "files": ["bot.yaml"], "rules": 2,
                                      "services": ["svc"]}]
         assert status["trigger"] == "startup" and status["reloads"] == 1

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65gis/v1/policy.proto\x12\x08\x61\x65gis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x0bPolicyIssue\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\r\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\r\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"-\n\x0cPolicySource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"@\n\x17ValidatePoliciesRequest\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.aegis.v1.PolicySource\"s\n\x10PolicyFileStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\r\n\x05rules\x18\x04 \x01(\r\x12%\n\x06issues\x18\x05 \x03(\x0b\x32\x15.aegis.v1.PolicyIssue\"T\n\x18ValidatePoliciesResponse\x12)\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1a.aegis.v1.PolicyFileStatus\x12\r\n\x05valid\x18\x02 \x01(\x08\"a\n\x11PolicyAgentStatus\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\r\n\x05rules\x18\x04 \x01(\r\x12\x10\n\x08services\x18\x05 \x03(\t\"\x15\n\x13ListPoliciesRequest\"\x17\n\x15ReloadPoliciesRequest\"\xeb\x01\n\x0cPolicyStatus\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12)\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x1a.aegis.v1.PolicyFileStatus\x12+\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x1b.aegis.v1.PolicyAgentStatus\x12\x10\n\x08\x66\x61il_all\x18\x04 \x03(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12-\n\tloaded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07trigger\x18\x07 \x01(\t\x12\x0f\n\x07reloads\x18\x08 \x01(\r\"y\n\x11TestPolicyRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\rPolicyRuleRef\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04line\x18\x03 \x01(\r\x12\x0b\n\x03ref\x18\x04 \x01(\t\"\x7f\n\x12TestPolicyResponse\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12%\n\x04rule\x18\x03 \x01(\x0b\x32\x17.aegis.v1.PolicyRuleRef\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nrate_limit\x18\x05 \x01(\t2\xa7\x02\n\rPolicyService\x12Q\n\x08Validate\x12!.aegis.v1.ValidatePoliciesRequest\x1a\".aegis.v1.ValidatePoliciesResponse\x12=\n\x04List\x12\x1d.aegis.v1.ListPoliciesRequest\x1a\x16.aegis.v1.PolicyStatus\x12\x41\n\x04Test\x12\x1b.aegis.v1.TestPolicyRequest\x1a\x1c.aegis.v1.TestPolicyResponse\x12\x41\n\x06Reload\x12\x1f.aegis.v1.ReloadPoliciesRequest\x1a\x16.aegis.v1.PolicyStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65gis/v1/policy.proto\x12\x08\x61\x65gis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x0bPolicyIssue\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\r\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\r\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"-\n\x0cPolicySource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"@\n\x17ValidatePoliciesRequest\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.aegis.v1.PolicySource\"\x9c\x01\n\x10PolicyFileStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\r\n\x05rules\x18\x04 \x01(\r\x12%\n\x06issues\x18\x05 \x03(\x0b\x32\x15.aegis.v1.PolicyIssue\x12\'\n\x08warnings\x18\x06 \x03(\x0b\x32\x15.aegis.v1.PolicyIssue\"T\n\x18ValidatePoliciesResponse\x12)\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1a.aegis.v1.PolicyFileStatus\x12\r\n\x05valid\x18\x02 \x01(\x08\"a\n\x11PolicyAgentStatus\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\r\n\x05rules\x18\x04 \x01(\r\x12\x10\n\x08services\x18\x05 \x03(\t\"\x15\n\x13ListPoliciesRequest\"\x17\n\x15ReloadPoliciesRequest\"\xeb\x01\n\x0cPolicyStatus\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12)\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x1a.aegis.v1.PolicyFileStatus\x12+\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x1b.aegis.v1.PolicyAgentStatus\x12\x10\n\x08\x66\x61il_all\x18\x04 \x03(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12-\n\tloaded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07trigger\x18\x07 \x01(\t\x12\x0f\n\x07reloads\x18\x08 \x01(\r\"y\n\x11TestPolicyRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\rPolicyRuleRef\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04line\x18\x03 \x01(\r\x12\x0b\n\x03ref\x18\x04 \x01(\t\"\x91\x01\n\x12TestPolicyResponse\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12%\n\x04rule\x18\x03 \x01(\x0b\x32\x17.aegis.v1.PolicyRuleRef\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nrate_limit\x18\x05 \x01(\t\x12\x10\n\x08warnings\x18\x06 \x03(\t2\xa7\x02\n\rPolicyService\x12Q\n\x08Validate\x12!.aegis.v1.ValidatePoliciesRequest\x1a\".aegis.v1.ValidatePoliciesResponse\x12=\n\x04List\x12\x1d.aegis.v1.ListPoliciesRequest\x1a\x16.aegis.v1.PolicyStatus\x12\x41\n\x04Test\x12\x1b.aegis.v1.TestPolicyRequest\x1a\x1c.aegis.v1.TestPolicyResponse\x12\x41\n\x06Reload\x12\x1f.aegis.v1.ReloadPoliciesRequest\x1a\x16.aegis.v1.PolicyStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,24 +38,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLICYSOURCE']._serialized_end=204
   _globals['_VALIDATEPOLICIESREQUEST']._serialized_start=206
   _globals['_VALIDATEPOLICIESREQUEST']._serialized_end=270
-  _globals['_POLICYFILESTATUS']._serialized_start=272
-  _globals['_POLICYFILESTATUS']._serialized_end=387
-  _globals['_VALIDATEPOLICIESRESPONSE']._serialized_start=389
-  _globals['_VALIDATEPOLICIESRESPONSE']._serialized_end=473
-  _globals['_POLICYAGENTSTATUS']._serialized_start=475
-  _globals['_POLICYAGENTSTATUS']._serialized_end=572
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=574
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=595
-  _globals['_RELOADPOLICIESREQUEST']._serialized_start=597
-  _globals['_RELOADPOLICIESREQUEST']._serialized_end=620
-  _globals['_POLICYSTATUS']._serialized_start=623
-  _globals['_POLICYSTATUS']._serialized_end=858
-  _globals['_TESTPOLICYREQUEST']._serialized_start=860
-  _globals['_TESTPOLICYREQUEST']._serialized_end=981
-  _globals['_POLICYRULEREF']._serialized_start=983
-  _globals['_POLICYRULEREF']._serialized_end=1054
-  _globals['_TESTPOLICYRESPONSE']._serialized_start=1056
-  _globals['_TESTPOLICYRESPONSE']._serialized_end=1183
-  _globals['_POLICYSERVICE']._serialized_start=1186
-  _globals['_POLICYSERVICE']._serialized_end=1481
+  _globals['_POLICYFILESTATUS']._serialized_start=273
+  _globals['_POLICYFILESTATUS']._serialized_end=429
+  _globals['_VALIDATEPOLICIESRESPONSE']._serialized_start=431
+  _globals['_VALIDATEPOLICIESRESPONSE']._serialized_end=515
+  _globals['_POLICYAGENTSTATUS']._serialized_start=517
+  _globals['_POLICYAGENTSTATUS']._serialized_end=614
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=616
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=637
+  _globals['_RELOADPOLICIESREQUEST']._serialized_start=639
+  _globals['_RELOADPOLICIESREQUEST']._serialized_end=662
+  _globals['_POLICYSTATUS']._serialized_start=665
+  _globals['_POLICYSTATUS']._serialized_end=900
+  _globals['_TESTPOLICYREQUEST']._serialized_start=902
+  _globals['_TESTPOLICYREQUEST']._serialized_end=1023
+  _globals['_POLICYRULEREF']._serialized_start=1025
+  _globals['_POLICYRULEREF']._serialized_end=1096
+  _globals['_TESTPOLICYRESPONSE']._serialized_start=1099
+  _globals['_TESTPOLICYRESPONSE']._serialized_end=1244
+  _globals['_POLICYSERVICE']._serialized_start=1247
+  _globals['_POLICYSERVICE']._serialized_end=1542
 # @@protoc_insertion_point(module_scope)

@@ -109,6 +109,7 @@ class PolicyFileStatus(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
     ISSUES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent: _builtins.str
     """Every agent the file names, joined by ", " ("bot-a, bot-b"). A valid file names exactly one. An
@@ -121,6 +122,15 @@ class PolicyFileStatus(_message.Message):
     rules: _builtins.int
     @_builtins.property
     def issues(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyIssue]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyIssue]:
+        """Not errors (they change nothing the gate does, and leave `valid` true): names the daemon does not know
+        now. An agent no registered agent has (line 0: the file applies to nobody yet; policies for agents to be
+        created later are allowed) and a rule's service no credential provides (at the service's line). Computed
+        at each call from the vault's agent and credential rows (their names are stored in clear, so this works
+        while the vault is locked too); empty when those cannot be read.
+        """
+
     def __init__(
         self,
         *,
@@ -129,10 +139,11 @@ class PolicyFileStatus(_message.Message):
         mode: _builtins.str = ...,
         rules: _builtins.int = ...,
         issues: _abc.Iterable[Global___PolicyIssue] | None = ...,
+        warnings: _abc.Iterable[Global___PolicyIssue] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "issues", b"issues", "mode", b"mode", "name", b"name", "rules", b"rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "issues", b"issues", "mode", b"mode", "name", b"name", "rules", b"rules", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,6 +361,7 @@ class TestPolicyResponse(_message.Message):
     RULE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     decision: _builtins.str
     """"allowed", "denied", "invalid" (fails closed) or "ungoverned" (no policy names the agent)."""
     mode: _builtins.str
@@ -362,6 +374,12 @@ class TestPolicyResponse(_message.Message):
     def rule(self) -> Global___PolicyRuleRef:
         """The rule that allowed the request, or on a denial the one that came closest (if any)."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names the daemon does not know, which usually mean a typo: no registered agent is `agent`, no
+        credential provides `service` (the gate refuses such a request as not_granted before any policy).
+        """
+
     def __init__(
         self,
         *,
@@ -370,10 +388,11 @@ class TestPolicyResponse(_message.Message):
         rule: Global___PolicyRuleRef | None = ...,
         reason: _builtins.str = ...,
         rate_limit: _builtins.str = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "mode", b"mode", "rate_limit", b"rate_limit", "reason", b"reason", "rule", b"rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "mode", b"mode", "rate_limit", b"rate_limit", "reason", b"reason", "rule", b"rule", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
