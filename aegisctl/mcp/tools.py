@@ -134,7 +134,9 @@ def build_server(gate: GateClient) -> MCPServer[Any]:
         # JSON (a JSON body, precisely) into a dict and then reject it (modelcontextprotocol/python-sdk#3055).
         body: Annotated[str, Field(description="Request body as text, e.g. a JSON document; empty for none.")] = "",
         target_host: Annotated[str, Field(
-            description="Which allowed host to call, when the service allows several (see allowed_hosts).")] = "",
+            description="Which allowed host to call, when the service allows several: an entry of allowed_hosts "
+                        "as listed (e.g. 'uploads.github.com' or 'http://127.0.0.1:8080'), or a name under a "
+                        "'*.' entry. host[:port], optionally after http:// or https://; no path.")] = "",
     ) -> CallToolResult:
         """Call an API through the Aegis gate, which adds the real credential; you never see or need the key.
 

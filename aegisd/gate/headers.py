@@ -7,6 +7,7 @@ Set-Cookie are dropped: the gate is not a cookie jar for the agent.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
@@ -23,6 +24,10 @@ GATE_HEADERS = frozenset({"x-aegis-agent", "x-target-host", "x-aegis-request-id"
                           "expect"})
 GATE_PREFIX = "x-aegis-"  # the gate's header namespace: none of it is the upstream's business
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
+# Kept in an answer even when its Connection header lists them: the redactor must see how the body is coded (a
+# gzip body it was not told of would pass undecoded, its echo of the secret unredacted), and so must the agent.
+RESPONSE_KEEP = frozenset({"content-encoding"})
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
 _NONE: tuple[str, ...] = ()  # getall's default, shared so a missing Connection header allocates nothing
 
 
@@ -40,15 +45,31 @@ def _connection_tokens(values: Iterable[str]) -> set[str]:
     return {t.strip().lower() for value in values for t in value.split(",")}
 
 
+def plain_names(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether every header name is ASCII letters, digits and `-` only, so no two of them can share a CGI
+    variable (the usual case: one pass over the names, in C)."""
+    joined = "".join(headers).replace("-", "")
+    return joined.isascii() and joined.isalnum()
+
+
+def cgi_name(name: str) -> str:
+    """The variable a CGI-style server may make of a header name: lower case, any other byte an `_` (CGI, WSGI and
+    PHP read `X_Api_Key` as `X-Api-Key`; lighttpd, and PHP registering what Caddy passes, `X.Api.Key` too)."""
+    return _NOT_ALNUM.sub("_", name.lower())
+
+
 def agent_headers(headers: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:
-    """The agent's headers that may reach the upstream: not its own credentials, hop-by-hop or gate headers.
-    Body inspection scans exactly these; `add_credential` then completes them for forwarding."""
+    """The agent's headers that may reach the upstream: not its own credentials (nor a name a CGI-style server
+    would read as one of them, `X_Api_Key`), hop-by-hop or gate headers. Body inspection scans exactly these;
+    `add_credential` then completes them for forwarding."""
     drop = _drop_with_connection(headers, route.drop_headers)
+    spelt = not plain_names(headers)  # some name has `_` or other punctuation: compare CGI names too
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower not in drop and not lower.startswith(GATE_PREFIX):
-            kept.add(name, value)
+        if lower in drop or lower.startswith(GATE_PREFIX) or (spelt and cgi_name(name) in route.credential_cgi_names):
+            continue
+        kept.add(name, value)
     return kept
 
 
@@ -76,7 +97,11 @@ def query_with_credential(query: str, route: Route) -> str:
 
 
 def inbound_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's headers that reach the agent: not hop-by-hop (nor what its Connection header lists, but
+    RESPONSE_KEEP), Set-Cookie or a Content-Length (the gate frames the answer itself)."""
     drop = _drop_with_connection(headers, RESPONSE_DROP)
+    if drop is not RESPONSE_DROP:  # Connection listed a name of its own: never one the body's coding needs
+        drop -= RESPONSE_KEEP
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if name.lower() not in drop:

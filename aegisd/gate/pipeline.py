@@ -50,7 +50,7 @@ from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.ledger.entry import normalize
 from aegisd.outcomes import OutcomeSink
 from aegisd.policy import PolicySet, PolicyStore, Verdict
-from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canonical_target
+from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canonical_target, target_text
 
 log = logging.getLogger("aegisd.gate")
 # Upstream answers up to this size (declared by Content-Length) are read whole and sent in one write.
@@ -257,7 +257,8 @@ class GatePipeline:
         x.credential = route.name
         if route.expires_at is not None and x.judged_ms >= route.expires_at:
             raise Refusal(403, "credential_expired", f"the credential for {service!r} has expired; an operator "
-                          "must rotate or extend it")
+                          f"must extend it: `aegisctl vault update {route.name} --ttl DURATION` (such as 90d), or "
+                          "`--ttl never`")
 
         # 5. target host against the credential's allowlist
         entry, host, port = self._target(request, route)
@@ -338,13 +339,12 @@ class GatePipeline:
             entry = route.default_entry
             return entry, entry.host, entry.port
         try:
-            host, port = canonical_target(requested)
+            host, port, scheme = canonical_target(requested)
         except DomainError as exc:
             raise Refusal(400, "bad_request", f"X-Target-Host: {exc}") from None
-        match = route.allowlist.match(host, port)
+        match = route.allowlist.match(host, port, scheme)
         if match is None:
-            raise Refusal(403, "domain_not_allowed", f"{host} is not an allowed host for service "
-                          f"{route.service!r}")
+            raise _not_allowed(route, host, port, scheme)
         return match, host, match.port
 
     async def _forward(self, request: GateRequest, x: Exchange, admitted: Admission, target: str,
@@ -610,6 +610,16 @@ def _redacted_pieces(redactor: ResponseRedactor, body: bytes) -> Iterator[bytes]
     or the tail is lost and a truncated compressed body passes as complete."""
     yield from redactor.feed(body)
     yield redactor.finish()
+
+
+def _not_allowed(route: Route, host: str, port: int | None, scheme: str | None) -> Refusal:
+    """`domain_not_allowed` for a target host, naming it as the agent gave it (scheme and port included), and the
+    entry for that host when only its scheme or port differs: the agent can see its allowlist anyway."""
+    message = f"{target_text(host, port, scheme)} is not an allowed host for service {route.service!r}"
+    near = route.allowlist.match(host, None)
+    if near is not None:
+        message += f"; its allowlist has {near} for that host (send X-Target-Host as /_aegis/services lists it)"
+    return Refusal(403, "domain_not_allowed", message)
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from aegisd.agents import AgentRegistry
 from aegisd.errors import AegisError, VaultLocked
-from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP
+from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP, cgi_name
 from aegisd.inspection import Inspector, SecretSource
 from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
@@ -58,6 +58,9 @@ class Route:
     # Lowercase names of the agent's headers never forwarded: hop-by-hop, the gate's own, the agent's
     # credentials and this credential's header. One set per route, so no request builds it.
     drop_headers: frozenset[str]
+    # The CGI variables (headers.cgi_name) of the agent's credentials and this credential's header: an agent's
+    # `X_Api_Key` is dropped too, since a CGI-style upstream may read it as the injected `X-Api-Key`.
+    credential_cgi_names: frozenset[str]
     rate_limit: str
     body_inspection: str
     secret: bytes  # for the inspection and redaction steps; never logged
@@ -123,6 +126,7 @@ def build_route(cred: Credential, secret: bytes) -> Route:
         default_entry=allowlist.default_entry(), methods=_methods(cred.scopes), scopes=tuple(cred.scopes),
         auth_type=cred.auth_type, expires_at=cred.expires_at,
         inject_header=header, inject_query=query, drop_headers=HOP_BY_HOP | GATE_HEADERS | strip,
+        credential_cgi_names=frozenset(map(cgi_name, strip)),
         rate_limit=cred.rate_limit, body_inspection=cred.body_inspection, secret=secret,
     )
 

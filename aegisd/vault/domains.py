@@ -27,7 +27,7 @@ _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # what URL parsers would rea
 _PORT = re.compile(r"[0-9]{1,5}")
 _FORBIDDEN = {
     "@": "userinfo ('user@') is not allowed",
-    "/": "a path is not allowed; give only [scheme://]host[:port]",
+    "/": "a path is not allowed; give only host[:port], optionally after http:// or https://",
     "?": "a query string is not allowed",
     "#": "a fragment is not allowed",
     "\\": "a backslash is not allowed",
@@ -36,6 +36,12 @@ _FORBIDDEN = {
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # control, format and space characters
 _METADATA_IPS = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 _SPECIAL_NAMES = frozenset({"localhost", "metadata.google.internal"})
+_METADATA_NAMES = frozenset({"metadata.google.internal"})
+# Loopback by name: `localhost` only, which the system answers itself (/etc/hosts, systemd-resolved). The fully
+# qualified `localhost.` is not: glibc sends it to DNS, which may answer with any address, and plain http must
+# never leave the host. (An allowlist entry loses its trailing dot when canonicalised, and the gate then connects
+# to the dotless name, so there `localhost.` is `localhost`.)
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 class DomainError(InvalidArgument, ValueError):
@@ -82,6 +88,20 @@ class AllowedHost:
         cloud metadata), so forwarding a credential there deserves a warning."""
         return _is_special_host(self.host)
 
+    @property
+    def is_plain_http_off_host(self) -> bool:
+        """True for a plain `http://` entry to anything but loopback: the secret would cross a network in clear."""
+        return self.scheme == "http" and not is_loopback_host(self.host)
+
+    @property
+    def is_link_local_or_metadata(self) -> bool:
+        """True for a link-local address (169.254.0.0/16, fe80::/10) or a cloud metadata endpoint: accepted,
+        but where a credential rarely belongs, so worth a warning."""
+        if self.host in _METADATA_NAMES:
+            return True
+        addr = _ip(self.host)
+        return addr is not None and (addr in _METADATA_IPS or addr.is_link_local)
+
     def matches(self, scheme: str, host: str, port: int) -> bool:
         """Whether an already canonical scheme, host and port fall under this entry."""
         if scheme != self.scheme or port != self.port:
@@ -108,6 +128,18 @@ def is_internal_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr in _METADATA_IPS or not addr.is_global or addr.is_multicast
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether plain http to `host` stays on this machine: `localhost` (LOOPBACK_NAMES) or a loopback address
+    (127.0.0.0/8, ::1). `host` is lowercase and without brackets, as URL parsers and the canonicaliser give it.
+    The one rule for webhooks and credential allowlists alike."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_allowed_host(text: str) -> AllowedHost:
@@ -142,21 +174,48 @@ def parse_allowed_host(text: str) -> AllowedHost:
 
 
 @functools.lru_cache(maxsize=256)
-def canonical_target(text: str) -> tuple[str, int | None]:
+def canonical_target(text: str) -> tuple[str, int | None, str | None]:
     """Canonicalise the agent's untrusted target host once, refusing anything a URL parser could
-    read differently; returns (host, port or None). IPv6 comes back without brackets.
+    read differently; returns (host, port or None, scheme or None). IPv6 comes back without brackets.
+
+    The form `/_aegis/services` lists an entry in is accepted: `host[:port]`, optionally after `http://` or
+    `https://` (in any case). With a scheme the port is that scheme's default when none is given, as in a
+    URL, and only an entry of that scheme can match; without one, a missing port means the entry's own.
 
     Remembered per text, since agents name the same few hosts on every request and the checks cost
     microseconds; only accepted texts (at most 300 characters) are kept, as a refusal raises.
     """
     what = f"target host {_quote(text)}"
     _check_length(text, what)
+    scheme: str | None = None
+    given, sep, rest = text.partition("://")
+    if sep:
+        scheme = given.lower()
+        if not given.isascii() or scheme not in DEFAULT_PORTS:
+            raise DomainError(f"{what}: scheme {_quote(given)} is not allowed; give only host[:port], optionally after "
+                              "http:// or https://")
+        text = rest
+        if not text:
+            raise DomainError(f"{what}: the host is empty")
     _check_chars(text, what)
     if "*" in text:
         raise DomainError(f"{what}: '*' is not allowed in a target host")
     raw_host, bracketed, port = _split_host_port(text, what)
     host, _ = _canonical_host(raw_host, bracketed, what)
-    return host, port
+    if scheme is not None and port is None:
+        port = DEFAULT_PORTS[scheme]
+    return host, port, scheme
+
+
+def target_text(host: str, port: int | None, scheme: str | None) -> str:
+    """A canonical target as the agent gave it, for messages: the scheme if it gave one, the port if it is not
+    implied (none given without a scheme; the scheme's default with one)."""
+    shown = _bracketed(host)
+    if scheme is not None:
+        shown = f"{scheme}://{shown}"
+    if port is not None and (scheme is None or port != DEFAULT_PORTS[scheme]):
+        shown = f"{shown}:{port}"
+    return shown
 
 
 class DomainAllowlist:
@@ -193,16 +252,17 @@ class DomainAllowlist:
         """The canonical entries, in the form `parse` accepts back."""
         return [str(entry) for entry in self.entries]
 
-    def match(self, host: str, port: int | None) -> AllowedHost | None:
+    def match(self, host: str, port: int | None, scheme: str | None = None) -> AllowedHost | None:
         """The entry allowing a canonical host (from `canonical_target`), or None.
 
-        A port of None means the entry's own port; exact entries win over wildcards.
+        A port of None means the entry's own port, a scheme of None the entry's own scheme; exact entries win
+        over wildcards.
         """
-        found = _pick(self._exact.get(host), port)
+        found = _pick(self._exact.get(host), port, scheme)
         if found is None:
             first, dot, parent = host.partition(".")
             if first and dot:
-                found = _pick(self._wildcards.get(parent), port)
+                found = _pick(self._wildcards.get(parent), port, scheme)
         return found
 
     def default_entry(self) -> AllowedHost | None:
@@ -210,12 +270,13 @@ class DomainAllowlist:
         return self._default
 
 
-def _pick(candidates: list[AllowedHost] | None, port: int | None) -> AllowedHost | None:
+def _pick(candidates: list[AllowedHost] | None, port: int | None, scheme: str | None) -> AllowedHost | None:
     if not candidates:
         return None
-    if port is None:
+    if port is None and scheme is None:
         return candidates[0]
-    return next((entry for entry in candidates if entry.port == port), None)
+    return next((entry for entry in candidates
+                 if (port is None or entry.port == port) and (scheme is None or entry.scheme == scheme)), None)
 
 
 def _quote(text: str) -> str:

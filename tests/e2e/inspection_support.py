@@ -34,9 +34,9 @@ class LeakyUpstream(Upstream):
       /leak/b64?pad=N  base64(N bytes + S + 3 bytes), N = 0..5
       /leak/url        "next=" + quote(S)
       /leak/sse        an event plus the first half of S; waits for gate "leak"; the rest, [DONE]
-      /leak/gzip       {"echo": S} gzip-compressed with Content-Encoding: gzip
+      /leak/gzip       {"echo": S} gzip-compressed with Content-Encoding: gzip (?connection=V: with Connection: V too)
       /leak/bomb?size=N   N zero bytes gzip-compressed (a few KB for megabytes) with Content-Encoding: gzip
-      /leak/br         Content-Encoding: br (bytes the gate cannot decode)
+      /leak/br         Content-Encoding: br (bytes the gate cannot decode; ?connection=V: with Connection: V too)
       /leak/length     "no secret here" with a Content-Length
       /leak/prefix     "total: 3 items, next: " + the first half of S (not S itself), with a Content-Length
       /leak/gzip-cut   gzip of a clean text with its last 12 bytes cut off, Content-Encoding: gzip
@@ -66,14 +66,17 @@ class LeakyUpstream(Upstream):
             return web.Response(text="next=" + quote(secret, safe=""))
         if kind == "sse":
             return await self._leak_sse(request, secret.encode())
+        # An answer whose Connection header lists its own Content-Encoding, which a hop-by-hop strip would lose.
+        listed = {"Connection": request.query["connection"]} if "connection" in request.query else {}
         if kind == "gzip":
             body = gzip.compress(json.dumps({"echo": secret}).encode())
-            return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+            return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json",
+                                                    **listed})
         if kind == "bomb":
             body = gzip.compress(bytes(int(request.query.get("size", "0"))), compresslevel=9)
             return web.Response(body=body, headers={"Content-Encoding": "gzip"})
         if kind == "br":
-            return web.Response(body=b"\x0b\x02\x80hello\x03", headers={"Content-Encoding": "br"})
+            return web.Response(body=b"\x0b\x02\x80hello\x03", headers={"Content-Encoding": "br", **listed})
         if kind == "length":
             return web.Response(body=b"no secret here", content_type="text/plain")
         if kind == "prefix":  # ends in what could still grow into the secret: the redactor holds it back

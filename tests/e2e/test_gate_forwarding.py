@@ -130,6 +130,38 @@ def test_agent_and_hop_by_hop_headers_are_stripped(std: Standard) -> None:
     world.assert_no_leaks()
 
 
+# The agent's credentials spelt as CGI-style servers (CGI, WSGI, PHP; lighttpd for any punctuation) read the same
+# variable as the injected header: HTTP_X_CUSTOM_KEY, HTTP_AUTHORIZATION, HTTP_X_API_KEY.
+CGI_SPELLINGS = [
+    ("X_Custom_Key", "agent-cgi-custom-0006"),
+    ("x.custom.key", "agent-cgi-custom-0007"),
+    ("X-Custom_Key", "agent-cgi-custom-0008"),
+    ("X_API_KEY", "agent-cgi-api-key-0009"),
+    ("Proxy_Authorization", "agent-cgi-proxy-0010"),
+]
+
+
+@pytest.mark.parametrize("service", ["hdr", "bear"])
+def test_agent_headers_a_cgi_server_would_read_as_a_credential_are_stripped(std: Standard, service: str) -> None:
+    """A cold review found an agent's `X_Custom_Key: attacker` forwarded beside the injected `X-Custom-Key`: a
+    CGI-style upstream maps both to one variable and may read the agent's. Names that merely contain one pass."""
+    world, up = std.world, std.up
+    path = f"/echo/cgi-spelt-{service}"
+    kept = [("X_Custom_Key_Id", "kept-0011"), ("X-Trace_Id", "kept-0012")]
+    reply = world.call("GET", f"/{service}{path}", [*CGI_SPELLINGS, *kept], agent="bot")
+    assert reply.status == 200, reply.text()
+    (seen,) = up.requests_to(path)
+    wire = "".join(f"{k}:{v}" for k, v in seen.headers)
+    for name, value in CGI_SPELLINGS:
+        # Only the header credential owns X-Custom-Key's variable; for the bearer one it is an agent header.
+        own = service == "bear" and "custom" in name.lower()
+        assert (value in wire) is own, (name, seen.headers)
+    assert seen.header(CUSTOM_HEADER) == ([SECRETS["hdr"]] if service == "hdr" else [])
+    for name, value in kept:
+        assert seen.header(name) == [value]
+    world.assert_no_leaks()
+
+
 def test_https_upstream_verified_against_the_test_ca(std: Standard) -> None:
     world, tls_up = std.world, std.tls_up
     reply = world.call("POST", "/tls/echo/tls", [("Content-Type", "application/json")], body=b'{"a": 1}',

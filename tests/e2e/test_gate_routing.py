@@ -235,6 +235,9 @@ def test_expired_credential_is_refused(std: Standard) -> None:
     with untouched(std.up):
         reply = world.call("GET", "/brief/echo/x", agent="bot")
     world.assert_refused(reply, 403, "credential_expired", agent="bot", credential="brief", service="brief")
+    # Rotating keeps the expiry: the message names the command that clears it.
+    assert reply.error()["message"] == ("the credential for 'brief' has expired; an operator must extend it: "
+                                        "`aegisctl vault update brief --ttl DURATION` (such as 90d), or `--ttl never`")
     world.assert_no_leaks()
 
 
@@ -456,7 +459,26 @@ def test_duplicate_headers_are_refused(std: Standard, headers: list[tuple[str, s
     ("evil.example\\.localhost", 400, "bad_request"),
     ("local host", 400, "bad_request"),
     ("localhost%2f.a.com", 400, "bad_request"),
-    ("http://localhost:{up}", 400, "bad_request"),
+    # A scheme is taken only as /_aegis/services lists an entry: http:// or https://, then host[:port] alone.
+    ("ftp://localhost:{up}", 400, "bad_request"),
+    ("file://localhost:{up}", 400, "bad_request"),
+    ("://localhost:{up}", 400, "bad_request"),
+    ("http:/localhost:{up}", 400, "bad_request"),
+    ("http:localhost:{up}", 400, "bad_request"),
+    ("http://", 400, "bad_request"),
+    ("http://localhost:{up}/", 400, "bad_request"),
+    ("http://localhost:{up}/x", 400, "bad_request"),
+    ("http://evil.example@localhost:{up}", 400, "bad_request"),
+    ("http://localhost:{up}@evil.example", 400, "bad_request"),
+    ("http://localhost:{up}?x", 400, "bad_request"),
+    ("http://localhost:{up}#x", 400, "bad_request"),
+    ("http://localhost%3a{up}", 400, "bad_request"),
+    ("http:// localhost:{up}", 400, "bad_request"),
+    ("http://http://localhost:{up}", 400, "bad_request"),
+    ("http://*.localhost", 400, "bad_request"),
+    ("https://localhost:{up}", 403, "domain_not_allowed"),  # the entry is http: another scheme is another entry
+    ("http://localhost", 403, "domain_not_allowed"),  # with a scheme, no port means its default (80)
+    ("http://evil.example:{up}", 403, "domain_not_allowed"),
     ("*.localhost", 400, "bad_request"),
     ("2130706433", 400, "bad_request"),  # 127.0.0.1 as one decimal number
     ("0x7f.1", 400, "bad_request"),
@@ -494,6 +516,53 @@ def test_target_host_is_canonicalised_and_allowed(std: Standard, target: str, ho
     assert "x-target-host" not in seen.header_names
     row = world.row(reply.request_id)
     assert (row["decision"], row["target_host"]) == ("allowed", f"{host}:{up.port}")
+    world.assert_no_leaks()
+
+
+def test_target_host_as_services_lists_it_is_accepted(std: Standard) -> None:
+    """A cold review found `X-Target-Host: http://127.0.0.1:8765`, copied from /_aegis/services, refused with a
+    message about a path. The listed form names exactly its entry, in any case."""
+    up, world = std.up, std.world
+    (multi,) = [s for s in world.call("GET", "/_aegis/services", agent="bot").json()["services"]
+                if s["service"] == "multi"]
+    listed = [f"http://127.0.0.1:{up.port}", f"http://localhost:{up.port}"]
+    assert set(listed) <= set(multi["allowed_hosts"]), multi
+    for n, target in enumerate([*listed, f"HTTP://LocalHost:{up.port}"]):
+        path = f"/echo/listed-{n}"
+        reply = world.call("GET", f"/multi{path}", [("X-Target-Host", target)], agent="bot")
+        assert reply.status == 200, reply.text()
+        netloc = target.lower().removeprefix("http://")
+        (seen,) = up.requests_to(path)
+        assert seen.header("Host") == [netloc]
+        assert seen.header("Authorization") == [f"Bearer {SECRETS['multi']}"]
+        assert world.row(reply.request_id)["target_host"] == netloc
+    world.assert_no_leaks()
+
+
+def test_a_refused_target_host_is_named_with_its_scheme_and_port(std: Standard) -> None:
+    """`127.0.0.1:8766` when only 8765 is allowed was refused as "127.0.0.1 is not an allowed host": the port, what
+    is wrong, was missing. The message names the target as sent and, for a host on the allowlist, its entry."""
+    up, world = std.up, std.world
+    entry = f"http://127.0.0.1:{up.port}"
+    cases = {
+        f"127.0.0.1:{std.dead_port}": f"127.0.0.1:{std.dead_port} is not an allowed host for service 'bear'; "
+                                      f"its allowlist has {entry} for that host",
+        f"https://127.0.0.1:{up.port}": f"https://127.0.0.1:{up.port} is not an allowed host for service 'bear'; "
+                                        f"its allowlist has {entry} for that host",
+        "http://127.0.0.1": f"http://127.0.0.1 is not an allowed host for service 'bear'; its allowlist has {entry}",
+        "evil.example:8443": "evil.example:8443 is not an allowed host for service 'bear'",
+    }
+    with untouched(std.up):
+        replies = {target: world.raw_request("GET", "/bear/echo/named", [("X-Target-Host", target)], agent="bot")
+                   for target in cases}
+    for target, message in cases.items():
+        world.assert_refused(replies[target], 403, "domain_not_allowed", credential="bear")
+        assert replies[target].error()["message"].startswith(message), (target, replies[target].text())
+    assert "its allowlist" not in replies["evil.example:8443"].error()["message"]
+    bad = world.raw_request("GET", "/bear/echo/named", [("X-Target-Host", f"ftp://127.0.0.1:{up.port}")], agent="bot")
+    world.assert_refused(bad, 400, "bad_request")
+    assert bad.error()["message"] == (f"X-Target-Host: target host 'ftp://127.0.0.1:{up.port}': scheme 'ftp' is not "
+                                      "allowed; give only host[:port], optionally after http:// or https://")
     world.assert_no_leaks()
 
 

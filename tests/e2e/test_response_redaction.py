@@ -5,6 +5,7 @@ that pauses in between) never gets it to the agent, and the ledger row says `res
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import socket
 from collections.abc import Iterator
@@ -151,6 +152,25 @@ def test_undecodable_response_encoding_is_refused(red: Redacting) -> None:
     world = red.world
     reply = world.call("GET", "/blk/leak/br", agent="bot")
     world.assert_refused(reply, 502, "response_not_redactable", credential="blk")
+    world.assert_no_leaks()
+
+
+@pytest.mark.parametrize("listed", ["Content-Encoding", "keep-alive, content-encoding", "Date,Content-Encoding"])
+def test_a_connection_header_listing_content_encoding_cannot_hide_the_coding(red: Redacting, listed: str) -> None:
+    """A cold review found that an answer saying `Connection: Content-Encoding` lost its Content-Encoding with the
+    hop-by-hop headers before the redactor looked: a gzip echo of the secret reached the agent undecoded and
+    unredacted, and a `br` one was not refused. The coding is kept whatever Connection lists."""
+    world, up = red.world, red.up
+    reply = world.call("GET", f"/blk/leak/gzip?connection={quote(listed)}", agent="bot")
+    assert up.requests_to("/leak/gzip")[-1].header("Accept-Encoding") == ["identity"]
+    assert reply.json() == {"echo": REDACTED} and reply.header("Content-Encoding") is None, reply.text()
+    assert_redacted(world, reply, world.ledger("--credential", "blk"))
+    refused = world.call("GET", f"/blk/leak/br?connection={quote(listed)}", agent="bot")
+    world.assert_refused(refused, 502, "response_not_redactable", credential="blk")
+    # Where nothing is redacted the agent gets the body as coded, and the header that says how.
+    plain = world.call("GET", f"/off/leak/gzip?connection={quote(listed)}", agent="bot")
+    assert (plain.status, plain.header("Content-Encoding")) == (200, "gzip"), plain.text()
+    assert json.loads(gzip.decompress(plain.body)) == {"echo": SECRETS["off"]}
     world.assert_no_leaks()
 
 

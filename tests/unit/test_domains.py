@@ -10,8 +10,11 @@ from aegisd.vault.domains import (
     DomainAllowlist,
     DomainError,
     canonical_target,
+    is_loopback_host,
     parse_allowed_host,
+    target_text,
 )
+from aegisd.webhooks.registry import check_url
 
 # --- canonicalisation of operator entries ---------------------------------------------------------
 
@@ -268,7 +271,24 @@ def test_matches(entry: str, scheme: str, host: str, port: int, expected: bool) 
     ],
 )
 def test_canonical_target(text: str, host: str, port: int | None) -> None:
-    assert canonical_target(text) == (host, port)
+    assert canonical_target(text) == (host, port, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # the form /_aegis/services lists an entry in; with a scheme, no port means the scheme's default
+        ("http://127.0.0.1:8765", ("127.0.0.1", 8765, "http")),
+        ("https://api.example.com:8443", ("api.example.com", 8443, "https")),
+        ("https://api.github.com", ("api.github.com", 443, "https")),
+        ("http://localhost", ("localhost", 80, "http")),
+        ("HTTPS://API.Example.com", ("api.example.com", 443, "https")),
+        ("http://[::1]:8080", ("::1", 8080, "http")),
+        ("http://bücher.de", ("xn--bcher-kva.de", 80, "http")),
+    ],
+)
+def test_canonical_target_takes_a_scheme(text: str, expected: tuple[str, int, str]) -> None:
+    assert canonical_target(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -291,7 +311,26 @@ def test_canonical_target(text: str, host: str, port: int | None) -> None:
         ("api.a.com:99999", "port must be"),
         ("api.a.com:44 3", "U+0020"),
         ("xn--zz.com", "not a valid hostname"),
-        ("https://api.a.com", "a path is not allowed"),
+        ("api.a.com/", "a path is not allowed; give only host[:port], optionally after http:// or https://"),
+        ("https://api.a.com/", "a path is not allowed"),
+        ("https://api.a.com/v1", "a path is not allowed"),
+        ("http://user@api.a.com", "userinfo"),
+        ("https://api.a.com?x", "a query string is not allowed"),
+        ("https://api.a.com#x", "a fragment is not allowed"),
+        ("https://api.a.com%2e", "percent-encoding"),
+        ("https:// api.a.com", "U+0020"),
+        ("https://api.a.com ", "U+0020"),
+        (" https://api.a.com", "scheme ' https' is not allowed"),
+        ("https://", "the host is empty"),
+        ("https://http://api.a.com", "a path is not allowed"),
+        ("https:///api.a.com", "a path is not allowed"),
+        ("https:/api.a.com", "a path is not allowed"),
+        ("ftp://api.a.com", "scheme 'ftp' is not allowed; give only host[:port], optionally after http:// or https://"),
+        ("ws://api.a.com", "scheme 'ws' is not allowed"),
+        ("://api.a.com", "scheme '' is not allowed"),
+        ("http\u017f://api.a.com", "is not allowed"),  # long s: not 's', whatever case folding makes of it
+        ("http\\://api.a.com", "is not allowed"),
+        ("https://*.a.com", "'*' is not allowed"),
         ("::1", "must be written in brackets"),
         ("[fe80::1%25eth0]", "percent-encoding"),
         ("127.1", "non-standard form"),
@@ -323,6 +362,14 @@ SMUGGLING = [
     "\u0430pi.a.com",
     "api.a.com..",
     "api%2ea.com",
+    "https://evil.com@api.a.com",
+    "https://api.a.com@evil.com",
+    "https://evil.com/https://api.a.com",
+    "https://evil.com#https://api.a.com",
+    "http://api.a.com",  # the entry is https: plain http is another entry
+    "https://api.a.com:8443",
+    "javascript://api.a.com",
+    "file://api.a.com",
 ]
 
 
@@ -330,10 +377,10 @@ SMUGGLING = [
 def test_smuggling_is_refused_or_does_not_match(text: str) -> None:
     allowlist = DomainAllowlist.parse(["api.a.com"])
     try:
-        host, port = canonical_target(text)
+        host, port, scheme = canonical_target(text)
     except DomainError:
         return
-    assert allowlist.match(host, port) is None
+    assert allowlist.match(host, port, scheme) is None
 
 
 def test_punycode_and_unicode_match_the_same_entry() -> None:
@@ -348,6 +395,29 @@ def test_homograph_does_not_match() -> None:
     allowlist = DomainAllowlist.parse(["api.a.com"])
     assert allowlist.match(*canonical_target("\u0430pi.a.com")) is None  # Cyrillic small a
     assert allowlist.match(*canonical_target("api.a.com")) is not None
+
+
+def test_a_scheme_picks_the_entry_of_that_scheme() -> None:
+    allowlist = DomainAllowlist.parse(["http://127.0.0.1:8765", "https://127.0.0.1:8765", "api.a.com:8443"])
+    http, https, other = allowlist.entries
+    assert allowlist.match(*canonical_target("http://127.0.0.1:8765")) == http
+    assert allowlist.match(*canonical_target("https://127.0.0.1:8765")) == https
+    assert allowlist.match(*canonical_target("127.0.0.1:8765")) == http  # no scheme: the first entry on that port
+    assert allowlist.match(*canonical_target("https://api.a.com:8443")) == other
+    assert allowlist.match(*canonical_target("api.a.com")) == other  # no scheme, no port: the entry's own
+    assert allowlist.match(*canonical_target("https://api.a.com")) is None  # a scheme without a port means 443
+    assert allowlist.match(*canonical_target("http://api.a.com:8443")) is None
+    # every entry as listed names exactly itself
+    for entry, listed in zip(allowlist.entries, allowlist.as_strings(), strict=True):
+        assert allowlist.match(*canonical_target(listed)) == entry
+
+
+def test_target_text_shows_the_target_as_given() -> None:
+    assert target_text(*canonical_target("127.0.0.1:8766")) == "127.0.0.1:8766"
+    assert target_text(*canonical_target("api.a.com")) == "api.a.com"
+    assert target_text(*canonical_target("HTTPS://API.A.COM")) == "https://api.a.com"
+    assert target_text(*canonical_target("http://[::1]:8080")) == "http://[::1]:8080"
+    assert target_text(*canonical_target("http://api.a.com:443")) == "http://api.a.com:443"
 
 
 def test_trailing_dot_and_case_match() -> None:
@@ -451,3 +521,26 @@ def test_same_host_with_port_none_takes_the_first_entry() -> None:
 def test_default_entry(entries: list[str], expected: str | None) -> None:
     default = DomainAllowlist.parse(entries).default_entry()
     assert (None if default is None else str(default)) == expected
+
+
+@pytest.mark.parametrize(("text", "plain_off_host", "link_local"), [
+    ("http://127.0.0.1:8080", False, False), ("http://127.200.0.1", False, False), ("http://[::1]", False, False),
+    ("http://localhost:3000", False, False), ("http://LocalHost.", False, False),  # canonical: `localhost`
+    ("http://api.example.com", True, False), ("http://10.0.0.5", True, False),
+    ("http://[::ffff:127.0.0.1]", True, False),
+    ("http://localhost.example", True, False), ("http://169.254.169.254", True, True),
+    ("api.example.com", False, False), ("https://10.0.0.5", False, False), ("169.254.1.2:8443", False, True),
+    ("[fd00:ec2::254]", False, True), ("[fe80::1]", False, True), ("metadata.google.internal", False, True),
+])
+def test_plain_http_and_link_local_entries(text: str, plain_off_host: bool, link_local: bool) -> None:
+    entry = parse_allowed_host(text)
+    assert entry.is_plain_http_off_host is plain_off_host
+    assert entry.is_link_local_or_metadata is link_local
+
+
+def test_loopback_rule_is_the_webhooks_one() -> None:
+    assert all(is_loopback_host(h) for h in ("localhost", "127.0.0.1", "127.1.2.3", "::1"))
+    assert not any(is_loopback_host(h) for h in ("localhost.", "localhost.example", "10.0.0.1", "::ffff:127.0.0.1"))
+    assert check_url("http://localhost:9000/hook") == "http://localhost:9000"
+    with pytest.raises(InvalidArgument, match="loopback"):
+        check_url("http://localhost.:9000/hook")

@@ -135,7 +135,7 @@ def test_a_changed_rate_limit_applies_at_once_and_a_bad_one_always_refuses() -> 
 
 def test_canonical_target_keeps_refusing_a_bad_host() -> None:
     assert canonical_target("API.Example.com:8443") == canonical_target("API.Example.com:8443") == (
-        "api.example.com", 8443)
+        "api.example.com", 8443, None)
     for _ in range(2):
         with pytest.raises(DomainError):
             canonical_target("evil.example@api.example.com")
