@@ -1,4 +1,4 @@
-"""Human durations for --ttl: 30m, 12h, 90d, 2w (and plain seconds)."""
+"""Human durations for --ttl: 45s, 30m, 12h, 90d, 2w (and plain seconds; `m` is minutes)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
             return 0
         match = _DURATION.match(text)
         if not match:
-            self.fail(f"{value!r} is not a duration like 30m, 12h, 90d or 2w (or 'never')", param, ctx)
+            self.fail(f"{value!r} is not a duration like 45s, 30m, 12h, 90d or 2w (or 'never')", param, ctx)
         seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
         if seconds == 0:  # 0 is how the API says "no expiry": an operator meaning "now" must not get "never"
             self.fail(f"{value!r} is no time at all; give a positive duration, or 'never' for no expiry", param, ctx)

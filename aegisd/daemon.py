@@ -22,6 +22,7 @@ from aegisd import __version__
 from aegisd.agents import AgentRegistry
 from aegisd.config import UNLOCK_CREDENTIAL_NAME, Config, ConfigError, changed_settings, load_config
 from aegisd.control.server import ControlServer
+from aegisd.doctor import data_dir_mode_problem
 from aegisd.errors import log_safe
 from aegisd.gate.agent_connection import AgentConnections
 from aegisd.gate.pipeline import GatePipeline
@@ -90,9 +91,11 @@ class Daemon:
         gate = GateServer(GatePipeline(self.config, routing, ledger, upstream, outcomes, policies),
                           self.config.gate_host, self.config.gate_port, connections)
         control = ControlServer(runtime)
+        control_running = False
         try:
             await _load_policies(policies)
             await control.start()
+            control_running = True
             await gate.start()
             self._install_signals()
             self._manager.ready(self._status_line(runtime))
@@ -103,8 +106,16 @@ class Daemon:
             self._manager.stopping()
             event(log, logging.INFO, "aegisd stopping")
             await gate.stop(SHUTDOWN_GRACE_SECONDS)
+            control_running = False
             await control.stop(SHUTDOWN_GRACE_SECONDS)
         finally:
+            if control_running:  # a start that failed after the control server started (the gate port taken):
+                # stop grpc's server while the loop runs, else its finaliser runs after the loop has closed and
+                # prints a traceback under aegisd's own error
+                try:
+                    await control.stop(0)
+                except Exception as exc:  # the start's own error is the one to report
+                    log.error("control: stopping after a failed start failed: %s", log_safe(exc))
             control.socket.release()
             await policies.stop()
             await webhooks.close()
@@ -157,6 +168,10 @@ class Daemon:
                                "its own (--data-dir)")
         if info.st_mode & 0o022:
             raise StartupError(f"data directory {data_dir} is writable by other users; chmod 700 it")
+        loose = data_dir_mode_problem(data_dir, info.st_mode)
+        if loose:  # served, but `aegisctl doctor` fails it: say so now rather than at the first doctor run
+            log.warning("data directory %s: group or other users have access to it, and `aegisctl doctor` fails "
+                        "it. Fix: chmod 700 %s", loose, data_dir)
         try:
             fd = os.open(data_dir / "aegisd.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:

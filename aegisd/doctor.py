@@ -21,6 +21,7 @@ from aegisd.gate.routing import build_route
 from aegisd.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
 from aegisd.ledger import LedgerError, open_reader, verify
 from aegisd.ledger.integrity import describe, hidden_rows_note, integrity_problems
+from aegisd.policy.hints import file_warnings, known_names
 from aegisd.runtime import Runtime
 from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
 from aegisd.vault.credentials import Credential
@@ -43,6 +44,14 @@ class Check:
 
 def _mode(value: int) -> str:
     return f"{stat.S_IMODE(value):04o}"
+
+
+def data_dir_mode_problem(directory: os.PathLike[str] | str, mode: int) -> str:
+    """Why the data directory's mode fails the `data_dir` check (group or others may enter it), or "".
+    aegisd warns at start with the same words, so the two never disagree."""
+    if mode & 0o077:
+        return f"{directory} is mode {_mode(mode)}, not 0700"
+    return ""
 
 
 def _unservable(credential: Credential, secret: bytes) -> str:
@@ -111,8 +120,9 @@ class Doctor:
         problems = []
         if info.st_uid != os.geteuid():
             problems.append(f"{directory} belongs to uid {info.st_uid}, not aegisd's uid {os.geteuid()}")
-        if info.st_mode & 0o077:
-            problems.append(f"{directory} is mode {_mode(info.st_mode)}, not 0700")
+        mode_problem = data_dir_mode_problem(directory, info.st_mode)
+        if mode_problem:
+            problems.append(mode_problem)
         loose = []
         for path in sorted(directory.iterdir()):
             entry = path.lstat()
@@ -330,6 +340,16 @@ class Doctor:
             return Check("policies", FAIL, f"{len(invalid)} of {len(snap.files)} policy files are invalid, so their "
                          f"agents are refused (fail closed): {_names(issues)}",
                          "fix them (`aegisctl policy list` shows every issue); they reload on save")
+        # Valid, but naming an agent or a service the vault does not have: loaded and harmless to the gate,
+        # yet usually a typo that leaves the intended agent ungoverned (policy/hints.py).
+        known = await asyncio.to_thread(known_names, self.rt.store, self.rt.vault.vault_id is not None)
+        warnings = [str(warning) for f in snap.files for warning in file_warnings(f, known, brief=True)]
+        if warnings:
+            return Check("policies", WARN, f"{len(snap.files)} policy files in {snap.directory}, all valid, but some "
+                         f"name an agent or a service this vault does not have (a misspelt agent leaves the one "
+                         f"meant ungoverned): {_names(warnings)}",
+                         "fix a misspelt `agent:` or `service:` (they reload on save); a file for an agent you have "
+                         "not created yet governs it from its creation (`aegisctl agent add NAME`)")
         return Check("policies", PASS, f"{len(snap.files)} policy files in {snap.directory}, all valid")
 
     async def ledger_chain(self) -> Check:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +29,19 @@ def iso_time(ms: int) -> str | None:
         return output.iso_ms(ms)
     except (ValueError, OverflowError, OSError):
         return None
+
+
+def ago(ms: int, now_ms: int | None = None) -> str:
+    """How long before now `ms` is, in words ("2 minutes ago"), so an age like `2m` cannot be misread as months."""
+    seconds = ((int(time.time() * 1000) if now_ms is None else now_ms) - ms) / 1000
+    if seconds < 0:
+        return "in the future"
+    for unit, size, below in (("second", 1, 120), ("minute", 60, 120 * 60), ("hour", 3600, 48 * 3600)):
+        if seconds < below:
+            count = round(seconds / size)
+            return f"{count} {unit}{'' if count == 1 else 's'} ago"
+    days = round(seconds / 86400)
+    return f"{days} day{'' if days == 1 else 's'} ago"
 
 
 def record_json(r: pb.LedgerRecord) -> dict[str, Any]:
@@ -297,7 +311,7 @@ def _export_rows(client: AegisClient, stream: Iterable[pb.ExportBatch], out: IO[
 
 @command.command("prune")
 @click.option("--before", required=True, type=TimeSpec(),
-              help="Delete rows recorded before this time (ISO 8601) or age (90d, 12w).")
+              help="Delete rows recorded before this time (ISO 8601) or age (90d, 12w; s, m = minutes, h, d, w).")
 @click.option("--include-unchained", is_flag=True,
               help="Also delete rows in that range that `ledger verify` reports as not chained (no MAC).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
@@ -313,12 +327,13 @@ def prune(ctx: Context, before: int, include_unchained: bool, yes: bool, as_json
     if before <= 0:
         raise click.BadParameter(f"{when} is not after 1970-01-01T00:00:00Z, and no row is recorded before that: give "
                                  "a later time", param_hint="'--before'")
+    when = f"{when} ({ago(before)})"  # the cutoff in UTC, and in words: `2m` is 2 minutes, not months
     confirm_destructive(f"Delete every ledger row recorded before {when}? This cannot be undone.", yes)
     client = ctx.client
     request = pb.PruneRequest(before_ms=before, include_unchained=include_unchained)
     reply = client.call(client.ledger.Prune, request, timeout=3600)
     if as_json:
-        output.emit_json({"pruned": reply.pruned, "first_kept_id": reply.first_kept_id, "before": when,
+        output.emit_json({"pruned": reply.pruned, "first_kept_id": reply.first_kept_id, "before": iso_time(before),
                           "unchained": reply.unchained})
     elif reply.pruned:
         unchained = f" ({reply.unchained} of them not chained)" if reply.unchained else ""

@@ -25,4 +25,5 @@ def command(ctx: Context, passphrase_stdin: bool) -> None:
     new = read_secret("new passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
     client.call(client.vault.ChangePassphrase,
                 vault_pb2.ChangePassphraseRequest(current=current, new_passphrase=new), timeout=120)
-    click.echo("Passphrase changed. Backups taken before still open with the old one.")
+    click.echo("Passphrase changed. Backup files taken before still hold the old one; `aegisctl restore` of one "
+               "into this vault keeps the new one.")

@@ -84,26 +84,31 @@ def inspection_option(on_add: bool) -> Callable[[Callable[..., Any]], Callable[.
 header_option = click.option("--header-name", metavar="H", help="Header for --auth-type header (e.g. X-Api-Key).")
 query_option = click.option("--query-param", metavar="P", help="Query parameter for --auth-type query.")
 rate_option = click.option("--rate-limit", metavar="N/UNIT", help="e.g. 100/min; units sec, min, hour, day.")
+plain_http_option = click.option(
+    "--allow-plain-http", is_flag=True,
+    help="Accept http:// entries to hosts other than loopback: the secret then crosses the network unencrypted.")
+DOMAINS_HELP = ("comma-separated: api.example.com, *.example.com, http://127.0.0.1:8080 (plain http:// only to "
+                "loopback unless --allow-plain-http).")
 
 
 @command.command("add")
 @click.argument("name")
 @click.option("--service", required=True, help="Gate path segment agents use: /SERVICE/...")
-@click.option("--domains", required=True, metavar="LIST",
-              help="Allowed hosts, comma-separated: api.example.com, *.example.com, http://127.0.0.1:8080.")
+@click.option("--domains", required=True, metavar="LIST", help="Allowed hosts, " + DOMAINS_HELP)
+@plain_http_option
 @auth_option(on_add=True)
 @header_option
 @query_option
 @scopes_option(on_add=True)
-@click.option("--ttl", type=Duration(), help="Expire after 30m, 12h, 90d, 2w...")
+@click.option("--ttl", type=Duration(), help="Expire after 45s, 30m, 12h, 90d, 2w...")
 @rate_option
 @inspection_option(on_add=True)
 @click.option("--secret-stdin", is_flag=True, help="Read the secret from stdin's first line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new credential as JSON.")
 @pass_context
-def add(ctx: Context, name: str, service: str, domains: str, auth_type: str | None, header_name: str | None,
-        query_param: str | None, scopes: str | None, ttl: int | None, rate_limit: str | None,
-        body_inspection: str | None, secret_stdin: bool, as_json: bool) -> None:
+def add(ctx: Context, name: str, service: str, domains: str, allow_plain_http: bool, auth_type: str | None,
+        header_name: str | None, query_param: str | None, scopes: str | None, ttl: int | None,
+        rate_limit: str | None, body_inspection: str | None, secret_stdin: bool, as_json: bool) -> None:
     """Store a new credential NAME. The secret is prompted for, or read with --secret-stdin."""
     scope_list = _split(scopes) if scopes is not None else ["*"]
     if not scope_list:  # an empty list would mean "unspecified" to the daemon, i.e. every scope
@@ -114,7 +119,8 @@ def add(ctx: Context, name: str, service: str, domains: str, auth_type: str | No
         name=name, service=service, domains=_split(domains),
         auth_type=AUTH_TYPES[auth_type or "bearer"], header_name=header_name or "",
         query_param=query_param or "", scopes=scope_list, ttl_seconds=ttl or 0,
-        rate_limit=rate_limit or "", body_inspection=INSPECTION[body_inspection or "block"], secret=secret)
+        rate_limit=rate_limit or "", body_inspection=INSPECTION[body_inspection or "block"], secret=secret,
+        allow_plain_http=allow_plain_http)
     client = ctx.client
     cred = client.call(client.credentials.AddCredential, request)
     if as_json:
@@ -170,21 +176,25 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
 @command.command("update")
 @click.argument("name")
 @click.option("--service", help="New gate path segment.")
-@click.option("--domains", metavar="LIST", help="Replace the allowed hosts.")
+@click.option("--domains", metavar="LIST", help="Replace the allowed hosts, " + DOMAINS_HELP)
+@plain_http_option
 @auth_option(on_add=False)
 @header_option
 @query_option
 @scopes_option(on_add=False)
-@click.option("--ttl", type=Duration(), help="Expire this long from now; 'never' clears the expiry.")
+@click.option("--ttl", type=Duration(), help="Expire this long from now (45s, 30m, 12h, 90d, 2w); 'never' clears "
+              "the expiry.")
 @click.option("--rate-limit", metavar="N/UNIT", help="e.g. 100/min; 'none' clears the limit.")
 @inspection_option(on_add=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the updated credential as JSON.")
 @pass_context
-def update(ctx: Context, name: str, service: str | None, domains: str | None, auth_type: str | None,
-           header_name: str | None, query_param: str | None, scopes: str | None, ttl: int | None,
-           rate_limit: str | None, body_inspection: str | None, as_json: bool) -> None:
+def update(ctx: Context, name: str, service: str | None, domains: str | None, allow_plain_http: bool,
+           auth_type: str | None, header_name: str | None, query_param: str | None, scopes: str | None,
+           ttl: int | None, rate_limit: str | None, body_inspection: str | None, as_json: bool) -> None:
     """Change a credential's settings; the secret stays as it is."""
-    request = pb.UpdateCredentialRequest(name=name)
+    if allow_plain_http and domains is None:
+        raise click.UsageError("--allow-plain-http applies to the list given with --domains; give both")
+    request = pb.UpdateCredentialRequest(name=name, allow_plain_http=allow_plain_http)
     if service is not None:
         request.service = service
     if domains is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -12,7 +13,8 @@ from aegisd.api.aegis.v1 import credentials_pb2_grpc
 from aegisd.control import convert
 from aegisd.control.errors import rpc
 from aegisd.runtime import Runtime
-from aegisd.vault.credentials import Credential
+from aegisd.vault.credentials import Credential, check_new_domains
+from aegisd.vault.domains import AllowedHost
 from aegisd.vault.vault import now_ms
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -25,6 +27,7 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
     @rpc
     async def AddCredential(self, request: pb.AddCredentialRequest, context: Ctx) -> pb.Credential:
         now = now_ms()
+        entries = check_new_domains(list(request.domains), request.allow_plain_http)
         cred = Credential(
             id="", name=request.name, service=request.service, domains=list(request.domains),
             auth_type=convert.auth_from_pb(request.auth_type), header_name=request.header_name,
@@ -34,7 +37,19 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
         )
         added = await asyncio.to_thread(self.rt.vault.add_credential, cred, request.secret)
         self.rt.log_event("credential added", credential=added.name, service=added.service)
+        self._warn_about(added.name, entries)
         return convert.credential_to_pb(added, now)
+
+    def _warn_about(self, name: str, entries: list[AllowedHost]) -> None:
+        """Log what an operator accepted but should know: the credential's name and the host, never its secret."""
+        for entry in entries:
+            if entry.is_plain_http_off_host:
+                self.rt.log_event("credential allowlist entry uses plain http to a host off this machine "
+                                  "(accepted with --allow-plain-http): the secret crosses the network unencrypted",
+                                  credential=name, entry=str(entry), level=logging.WARNING)
+            if entry.is_link_local_or_metadata:
+                self.rt.log_event("credential allowlist entry is a link-local or cloud metadata address: check "
+                                  "it is meant", credential=name, entry=str(entry), level=logging.WARNING)
 
     @rpc
     async def ListCredentials(self, request: pb.ListCredentialsRequest, context: Ctx
@@ -53,8 +68,10 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
     async def UpdateCredential(self, request: pb.UpdateCredentialRequest, context: Ctx) -> pb.Credential:
         now = now_ms()
         changes = convert.credential_changes(request, now)
+        entries = check_new_domains(changes["domains"], request.allow_plain_http) if "domains" in changes else []
         cred = await asyncio.to_thread(self.rt.vault.update_credential, request.name, changes)
         self.rt.log_event("credential updated", credential=cred.name, fields=",".join(sorted(changes)))
+        self._warn_about(cred.name, entries)
         return convert.credential_to_pb(cred, now)
 
     @rpc

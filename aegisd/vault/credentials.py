@@ -12,7 +12,7 @@ from typing import Any
 
 from aegisd.errors import InvalidArgument
 from aegisd.rates import RateError, parse_rate
-from aegisd.vault.domains import DomainAllowlist, DomainError
+from aegisd.vault.domains import AllowedHost, DomainAllowlist, DomainError
 
 AUTH_TYPES = ("bearer", "header", "basic", "query")
 INSPECTION_MODES = ("off", "warn", "block")
@@ -83,6 +83,28 @@ def canonical_domains(entries: list[str]) -> list[str]:
         return DomainAllowlist.parse(entries).as_strings()
     except DomainError as exc:
         raise InvalidArgument(str(exc)) from None
+
+
+ALLOW_PLAIN_HTTP_FLAG = "--allow-plain-http"
+
+
+def check_new_domains(entries: list[str], allow_plain_http: bool) -> list[AllowedHost]:
+    """The operator's new allowlist, checked for what only a new list must pass (stored credentials are not
+    re-checked, so one added before this rule keeps working): a plain `http://` entry to anything but loopback
+    would send the secret across a network in clear, and needs `allow_plain_http`. Returns the parsed entries."""
+    try:
+        parsed = list(DomainAllowlist.parse(entries).entries)
+    except DomainError as exc:
+        raise InvalidArgument(str(exc)) from None
+    plain = [str(entry) for entry in parsed if entry.is_plain_http_off_host]
+    if plain and not allow_plain_http:
+        listed = ("domain entry " if len(plain) == 1 else "domain entries ") + ", ".join(map(repr, plain))
+        raise InvalidArgument(
+            f"{listed}: plain http:// would send the credential unencrypted across the network; it is "
+            f"allowed only to loopback (127.0.0.1, [::1], localhost). Use https://, or pass "
+            f"{ALLOW_PLAIN_HTTP_FLAG} if the host really speaks only http and the path to it is trusted",
+            reason="plain_http")
+    return parsed
 
 
 def validate_scopes(scopes: list[str]) -> list[str]:

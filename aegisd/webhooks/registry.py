@@ -19,12 +19,12 @@ import logging
 import secrets
 import sqlite3
 from dataclasses import dataclass
-from ipaddress import ip_address
 from urllib.parse import urlsplit
 
 from aegisd.errors import AegisError, InvalidArgument, NotFound, StorageCorrupt, VaultLocked, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.crypto import SealBroken, seal, unseal
+from aegisd.vault.domains import is_loopback_host
 from aegisd.vault.sealing import OK, TAMPERED, UNCHECKED
 from aegisd.vault.vault import Vault, now_ms
 from aegisd.webhooks.events import parse_events
@@ -35,10 +35,6 @@ ID_PREFIX = "wh_"
 SUBKEY = "webhook-secrets"
 MAX_URL_LENGTH = 2048
 _YEAR_10000_MS = 253402300800000  # a created_at past it cannot be shown (protobuf's Timestamp ends before)
-# Loopback by name: `localhost` only, which the system answers itself (/etc/hosts, systemd-resolved). The fully
-# qualified `localhost.` is not: glibc sends it to DNS, which may answer with any address, and plain http must
-# never leave the host.
-LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,20 +85,11 @@ def check_url(url: str) -> str:
                               "deliveries by the X-Aegis-Signature header")
     if parts.fragment:
         raise InvalidArgument("the webhook URL must not have a #fragment")
-    if scheme == "http" and not _is_loopback(host):
+    if scheme == "http" and not is_loopback_host(host):
         raise InvalidArgument("plain http:// is allowed only to loopback (127.0.0.1, [::1], localhost); use "
                               "https:// for any other host")
     shown = f"[{host}]" if ":" in host else host
     return f"{scheme}://{shown}" + (f":{port}" if port is not None else "")
-
-
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def new_secret() -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -106,6 +108,46 @@ def test_broken_config_at_start_is_a_usage_error(fresh: Aegis) -> None:
         assert fresh.proc.wait(15) == 2
         fresh.proc = None
         assert message in fresh.log() and "Traceback" not in fresh.log()
+
+
+def test_gate_port_taken_is_one_clear_error(fresh: Aegis) -> None:
+    """Found by a walkthrough: the clear error was followed by grpc's `Exception ignored in: Server.__del__ ...
+    RuntimeError: Event loop is closed`, as the control server was never stopped before the loop closed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        fresh.gate_port = taken.getsockname()[1]
+        fresh.start(wait=False)
+        assert fresh.proc is not None
+        code = fresh.proc.wait(15)
+    fresh.proc = None
+    log = fresh.log()
+    assert code == 1, log  # a start failure, as documented (2 is a usage error)
+    assert f"aegisd: error: cannot listen on 127.0.0.1:{fresh.gate_port}" in log
+    assert "address already in use" in log and "choose another --gate-listen" in log
+    assert "Traceback" not in log and "Exception ignored" not in log, log
+    assert not fresh.socket.exists()  # the control socket it had bound is gone too
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o750], ids=["0755", "0750"])
+def test_data_dir_open_to_group_or_others_is_warned_about(fresh: Aegis, mode: int) -> None:
+    """Found by a walkthrough: aegisd started on a 0755 data directory without a word, and doctor then failed it."""
+    fresh.data_dir.mkdir()
+    fresh.data_dir.chmod(mode)
+    fresh.start()
+    warning = next((line for line in fresh.log().splitlines() if "data directory" in line and "warning" in line), "")
+    assert f"{fresh.data_dir} is mode {mode:04o}, not 0700" in warning, fresh.log()
+    assert f"chmod 700 {fresh.data_dir}" in warning and "aegisctl doctor" in warning
+    assert stat.S_IMODE(fresh.data_dir.stat().st_mode) == mode  # warned, not changed behind the operator's back
+    doctor = json.loads(fresh.ctl("doctor", "--json").out)
+    failed = next(c for c in doctor["checks"] if c["name"] == "data_dir")
+    assert failed["status"] == "fail" and f"mode {mode:04o}, not 0700" in failed["message"]
+    assert fresh.stop() == 0
+    # Private again: no warning at the next start.
+    fresh.data_dir.chmod(0o700)
+    fresh.log_path.unlink()
+    fresh.start()
+    assert "not 0700" not in fresh.log()
 
 
 def test_core_dumps_are_disabled(aegis: Aegis) -> None:

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import pty
+import re
 import select
 import signal
 import sqlite3
@@ -14,6 +15,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -414,3 +416,30 @@ def test_an_empty_text_filter_selects_the_rows_with_none(world: GateWorld) -> No
         reply = stub.ListEntries(ledger_pb2.ListEntriesRequest(filter=legacy, limit=1000), timeout=30)
     assert len(reply.records) >= len(everything)
     world.assert_no_leaks()
+
+
+def test_prune_says_its_cutoff_in_utc_and_in_words(unlocked: Aegis) -> None:
+    """Found by a walkthrough: `--before 2m` deletes rows older than 2 *minutes*, easily read as months. The
+    question and the report give the absolute cutoff (UTC) and how long ago it is, and the report the count."""
+    iso = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)"
+
+    def cutoff(text: str) -> datetime:
+        found = re.search(f"before {iso} \\(2 minutes ago\\)", text)
+        assert found, text
+        return datetime.fromisoformat(found.group(1).replace("Z", "+00:00"))
+
+    asked = unlocked.ctl("ledger", "prune", "--before", "2m")  # off a terminal: the question, and --yes needed
+    assert_failed(asked, "--yes", "Delete every ledger row recorded before", code=2)
+    now = datetime.now(UTC)
+    assert now - timedelta(seconds=130) <= cutoff(asked.err) <= now - timedelta(seconds=110)
+    rows = stats(unlocked)["rows"]
+    assert rows > 0  # the vault's creation and unlock, all newer than 2 minutes
+    nothing = unlocked.ctl("ledger", "prune", "--before", "2m", "--yes").ok().out
+    assert nothing.startswith("Nothing to prune: no rows recorded before ")
+    assert now - timedelta(seconds=130) <= cutoff(nothing) <= datetime.now(UTC) - timedelta(seconds=110)
+    assert stats(unlocked)["rows"] == rows
+    time.sleep(0.01)
+    pruned = unlocked.ctl("ledger", "prune", "--before", "0s", "--yes").ok().out
+    found = re.match(f"Pruned (\\d+) rows recorded before {iso} \\(0 seconds ago\\)", pruned)
+    assert found and int(found.group(1)) == rows, pruned
+    assert json.loads(unlocked.ctl("ledger", "verify", "--json").ok().out)["ok"]

@@ -63,6 +63,11 @@ def key_rows(aegis: Aegis) -> list[str]:
 def test_passphrase_change_takes_effect_and_keeps_the_state(aegis: Aegis) -> None:
     changed = aegis.ctl("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{NEW_PASSPHRASE}\n").ok()
     assert "Passphrase changed" in changed.out
+    # Found by a walkthrough: it said backups "still open with the old one", but a restore into this vault keeps
+    # the current key slots (docs/operations.md); only the backup file itself still holds the old passphrase.
+    assert "still hold the old one" in changed.out
+    assert "restore` of one into this vault keeps the new one" in changed.out
+    assert "still open with the old" not in changed.out
     assert status(aegis)["state"] == "unlocked"  # it stays unlocked
     assert not unlocks_with(aegis, passphrase=PASSPHRASE)
     assert unlocks_with(aegis, passphrase=NEW_PASSPHRASE)

@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x65gis/v1/credentials.proto\x12\x08\x61\x65gis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x03\n\nCredential\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0f\n\x07\x64omains\x18\x04 \x03(\t\x12%\n\tauth_type\x18\x05 \x01(\x0e\x32\x12.aegis.v1.AuthType\x12\x13\n\x0bheader_name\x18\x06 \x01(\t\x12\x13\n\x0bquery_param\x18\x07 \x01(\t\x12\x0e\n\x06scopes\x18\x08 \x03(\t\x12\x12\n\nrate_limit\x18\t \x01(\t\x12\x31\n\x0f\x62ody_inspection\x18\n \x01(\x0e\x32\x18.aegis.v1.BodyInspection\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrotated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x0f \x01(\x08\x12&\n\tintegrity\x18\x10 \x01(\x0e\x32\x13.aegis.v1.Integrity\"\x93\x02\n\x14\x41\x64\x64\x43redentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\x12%\n\tauth_type\x18\x04 \x01(\x0e\x32\x12.aegis.v1.AuthType\x12\x13\n\x0bheader_name\x18\x05 \x01(\t\x12\x13\n\x0bquery_param\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x04\x12\x12\n\nrate_limit\x18\t \x01(\t\x12\x31\n\x0f\x62ody_inspection\x18\n \x01(\x0e\x32\x18.aegis.v1.BodyInspection\x12\x0e\n\x06secret\x18\x0b \x01(\t\"\x18\n\x16ListCredentialsRequest\"D\n\x17ListCredentialsResponse\x12)\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x14.aegis.v1.Credential\"$\n\x14GetCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xbf\x03\n\x17UpdateCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x07service\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0bset_domains\x18\x03 \x01(\x08\x12\x0f\n\x07\x64omains\x18\x04 \x03(\t\x12*\n\tauth_type\x18\x05 \x01(\x0e\x32\x12.aegis.v1.AuthTypeH\x01\x88\x01\x01\x12\x18\n\x0bheader_name\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x18\n\x0bquery_param\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x12\n\nset_scopes\x18\x08 \x01(\x08\x12\x0e\n\x06scopes\x18\t \x03(\t\x12\x18\n\x0bttl_seconds\x18\n \x01(\x04H\x04\x88\x01\x01\x12\x17\n\nrate_limit\x18\x0b \x01(\tH\x05\x88\x01\x01\x12\x36\n\x0f\x62ody_inspection\x18\x0c \x01(\x0e\x32\x18.aegis.v1.BodyInspectionH\x06\x88\x01\x01\x42\n\n\x08_serviceB\x0c\n\n_auth_typeB\x0e\n\x0c_header_nameB\x0e\n\x0c_query_paramB\x0e\n\x0c_ttl_secondsB\r\n\x0b_rate_limitB\x12\n\x10_body_inspection\"7\n\x17RotateCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"6\n\x17RemoveCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62y_id\x18\x02 \x01(\x08\"2\n\x18RemoveCredentialResponse\x12\x16\n\x0egrants_removed\x18\x01 \x01(\r*{\n\x08\x41uthType\x12\x19\n\x15\x41UTH_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UTH_TYPE_BEARER\x10\x01\x12\x14\n\x10\x41UTH_TYPE_HEADER\x10\x02\x12\x13\n\x0f\x41UTH_TYPE_BASIC\x10\x03\x12\x13\n\x0f\x41UTH_TYPE_QUERY\x10\x04*\x7f\n\x0e\x42odyInspection\x12\x1f\n\x1b\x42ODY_INSPECTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42ODY_INSPECTION_OFF\x10\x01\x12\x18\n\x14\x42ODY_INSPECTION_WARN\x10\x02\x12\x19\n\x15\x42ODY_INSPECTION_BLOCK\x10\x03*\x84\x01\n\tIntegrity\x12\x19\n\x15INTEGRITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cINTEGRITY_OK\x10\x01\x12\x17\n\x13INTEGRITY_UNCHECKED\x10\x02\x12\x16\n\x12INTEGRITY_TAMPERED\x10\x03\x12\x19\n\x15INTEGRITY_NOT_ADOPTED\x10\x04\x32\xee\x03\n\x11\x43redentialService\x12\x45\n\rAddCredential\x12\x1e.aegis.v1.AddCredentialRequest\x1a\x14.aegis.v1.Credential\x12V\n\x0fListCredentials\x12 .aegis.v1.ListCredentialsRequest\x1a!.aegis.v1.ListCredentialsResponse\x12\x45\n\rGetCredential\x12\x1e.aegis.v1.GetCredentialRequest\x1a\x14.aegis.v1.Credential\x12K\n\x10UpdateCredential\x12!.aegis.v1.UpdateCredentialRequest\x1a\x14.aegis.v1.Credential\x12K\n\x10RotateCredential\x12!.aegis.v1.RotateCredentialRequest\x1a\x14.aegis.v1.Credential\x12Y\n\x10RemoveCredential\x12!.aegis.v1.RemoveCredentialRequest\x1a\".aegis.v1.RemoveCredentialResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x65gis/v1/credentials.proto\x12\x08\x61\x65gis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x03\n\nCredential\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0f\n\x07\x64omains\x18\x04 \x03(\t\x12%\n\tauth_type\x18\x05 \x01(\x0e\x32\x12.aegis.v1.AuthType\x12\x13\n\x0bheader_name\x18\x06 \x01(\t\x12\x13\n\x0bquery_param\x18\x07 \x01(\t\x12\x0e\n\x06scopes\x18\x08 \x03(\t\x12\x12\n\nrate_limit\x18\t \x01(\t\x12\x31\n\x0f\x62ody_inspection\x18\n \x01(\x0e\x32\x18.aegis.v1.BodyInspection\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrotated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x0f \x01(\x08\x12&\n\tintegrity\x18\x10 \x01(\x0e\x32\x13.aegis.v1.Integrity\"\xad\x02\n\x14\x41\x64\x64\x43redentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\x12%\n\tauth_type\x18\x04 \x01(\x0e\x32\x12.aegis.v1.AuthType\x12\x13\n\x0bheader_name\x18\x05 \x01(\t\x12\x13\n\x0bquery_param\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x04\x12\x12\n\nrate_limit\x18\t \x01(\t\x12\x31\n\x0f\x62ody_inspection\x18\n \x01(\x0e\x32\x18.aegis.v1.BodyInspection\x12\x0e\n\x06secret\x18\x0b \x01(\t\x12\x18\n\x10\x61llow_plain_http\x18\x0c \x01(\x08\"\x18\n\x16ListCredentialsRequest\"D\n\x17ListCredentialsResponse\x12)\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x14.aegis.v1.Credential\"$\n\x14GetCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xd9\x03\n\x17UpdateCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x07service\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0bset_domains\x18\x03 \x01(\x08\x12\x0f\n\x07\x64omains\x18\x04 \x03(\t\x12*\n\tauth_type\x18\x05 \x01(\x0e\x32\x12.aegis.v1.AuthTypeH\x01\x88\x01\x01\x12\x18\n\x0bheader_name\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x18\n\x0bquery_param\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x12\n\nset_scopes\x18\x08 \x01(\x08\x12\x0e\n\x06scopes\x18\t \x03(\t\x12\x18\n\x0bttl_seconds\x18\n \x01(\x04H\x04\x88\x01\x01\x12\x17\n\nrate_limit\x18\x0b \x01(\tH\x05\x88\x01\x01\x12\x36\n\x0f\x62ody_inspection\x18\x0c \x01(\x0e\x32\x18.aegis.v1.BodyInspectionH\x06\x88\x01\x01\x12\x18\n\x10\x61llow_plain_http\x18\r \x01(\x08\x42\n\n\x08_serviceB\x0c\n\n_auth_typeB\x0e\n\x0c_header_nameB\x0e\n\x0c_query_paramB\x0e\n\x0c_ttl_secondsB\r\n\x0b_rate_limitB\x12\n\x10_body_inspection\"7\n\x17RotateCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"6\n\x17RemoveCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62y_id\x18\x02 \x01(\x08\"2\n\x18RemoveCredentialResponse\x12\x16\n\x0egrants_removed\x18\x01 \x01(\r*{\n\x08\x41uthType\x12\x19\n\x15\x41UTH_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UTH_TYPE_BEARER\x10\x01\x12\x14\n\x10\x41UTH_TYPE_HEADER\x10\x02\x12\x13\n\x0f\x41UTH_TYPE_BASIC\x10\x03\x12\x13\n\x0f\x41UTH_TYPE_QUERY\x10\x04*\x7f\n\x0e\x42odyInspection\x12\x1f\n\x1b\x42ODY_INSPECTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42ODY_INSPECTION_OFF\x10\x01\x12\x18\n\x14\x42ODY_INSPECTION_WARN\x10\x02\x12\x19\n\x15\x42ODY_INSPECTION_BLOCK\x10\x03*\x84\x01\n\tIntegrity\x12\x19\n\x15INTEGRITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cINTEGRITY_OK\x10\x01\x12\x17\n\x13INTEGRITY_UNCHECKED\x10\x02\x12\x16\n\x12INTEGRITY_TAMPERED\x10\x03\x12\x19\n\x15INTEGRITY_NOT_ADOPTED\x10\x04\x32\xee\x03\n\x11\x43redentialService\x12\x45\n\rAddCredential\x12\x1e.aegis.v1.AddCredentialRequest\x1a\x14.aegis.v1.Credential\x12V\n\x0fListCredentials\x12 .aegis.v1.ListCredentialsRequest\x1a!.aegis.v1.ListCredentialsResponse\x12\x45\n\rGetCredential\x12\x1e.aegis.v1.GetCredentialRequest\x1a\x14.aegis.v1.Credential\x12K\n\x10UpdateCredential\x12!.aegis.v1.UpdateCredentialRequest\x1a\x14.aegis.v1.Credential\x12K\n\x10RotateCredential\x12!.aegis.v1.RotateCredentialRequest\x1a\x14.aegis.v1.Credential\x12Y\n\x10RemoveCredential\x12!.aegis.v1.RemoveCredentialRequest\x1a\".aegis.v1.RemoveCredentialResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aegis.v1.credentials_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUTHTYPE']._serialized_start=1592
-  _globals['_AUTHTYPE']._serialized_end=1715
-  _globals['_BODYINSPECTION']._serialized_start=1717
-  _globals['_BODYINSPECTION']._serialized_end=1844
-  _globals['_INTEGRITY']._serialized_start=1847
-  _globals['_INTEGRITY']._serialized_end=1979
+  _globals['_AUTHTYPE']._serialized_start=1644
+  _globals['_AUTHTYPE']._serialized_end=1767
+  _globals['_BODYINSPECTION']._serialized_start=1769
+  _globals['_BODYINSPECTION']._serialized_end=1896
+  _globals['_INTEGRITY']._serialized_start=1899
+  _globals['_INTEGRITY']._serialized_end=2031
   _globals['_CREDENTIAL']._serialized_start=74
   _globals['_CREDENTIAL']._serialized_end=563
   _globals['_ADDCREDENTIALREQUEST']._serialized_start=566
-  _globals['_ADDCREDENTIALREQUEST']._serialized_end=841
-  _globals['_LISTCREDENTIALSREQUEST']._serialized_start=843
-  _globals['_LISTCREDENTIALSREQUEST']._serialized_end=867
-  _globals['_LISTCREDENTIALSRESPONSE']._serialized_start=869
-  _globals['_LISTCREDENTIALSRESPONSE']._serialized_end=937
-  _globals['_GETCREDENTIALREQUEST']._serialized_start=939
-  _globals['_GETCREDENTIALREQUEST']._serialized_end=975
-  _globals['_UPDATECREDENTIALREQUEST']._serialized_start=978
-  _globals['_UPDATECREDENTIALREQUEST']._serialized_end=1425
-  _globals['_ROTATECREDENTIALREQUEST']._serialized_start=1427
-  _globals['_ROTATECREDENTIALREQUEST']._serialized_end=1482
-  _globals['_REMOVECREDENTIALREQUEST']._serialized_start=1484
-  _globals['_REMOVECREDENTIALREQUEST']._serialized_end=1538
-  _globals['_REMOVECREDENTIALRESPONSE']._serialized_start=1540
-  _globals['_REMOVECREDENTIALRESPONSE']._serialized_end=1590
-  _globals['_CREDENTIALSERVICE']._serialized_start=1982
-  _globals['_CREDENTIALSERVICE']._serialized_end=2476
+  _globals['_ADDCREDENTIALREQUEST']._serialized_end=867
+  _globals['_LISTCREDENTIALSREQUEST']._serialized_start=869
+  _globals['_LISTCREDENTIALSREQUEST']._serialized_end=893
+  _globals['_LISTCREDENTIALSRESPONSE']._serialized_start=895
+  _globals['_LISTCREDENTIALSRESPONSE']._serialized_end=963
+  _globals['_GETCREDENTIALREQUEST']._serialized_start=965
+  _globals['_GETCREDENTIALREQUEST']._serialized_end=1001
+  _globals['_UPDATECREDENTIALREQUEST']._serialized_start=1004
+  _globals['_UPDATECREDENTIALREQUEST']._serialized_end=1477
+  _globals['_ROTATECREDENTIALREQUEST']._serialized_start=1479
+  _globals['_ROTATECREDENTIALREQUEST']._serialized_end=1534
+  _globals['_REMOVECREDENTIALREQUEST']._serialized_start=1536
+  _globals['_REMOVECREDENTIALREQUEST']._serialized_end=1590
+  _globals['_REMOVECREDENTIALRESPONSE']._serialized_start=1592
+  _globals['_REMOVECREDENTIALRESPONSE']._serialized_end=1642
+  _globals['_CREDENTIALSERVICE']._serialized_start=2034
+  _globals['_CREDENTIALSERVICE']._serialized_end=2528
 # @@protoc_insertion_point(module_scope)
