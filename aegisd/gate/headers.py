@@ -48,8 +48,13 @@ def _connection_tokens(values: Iterable[str]) -> set[str]:
 def plain_names(headers: CIMultiDictProxy[str]) -> bool:
     """Whether every header name is ASCII letters, digits and `-` only, so no two of them can share a CGI
     variable (the usual case: one pass over the names, in C)."""
-    joined = "".join(headers).replace("-", "")
-    return joined.isascii() and joined.isalnum()
+    return plain_name("".join(headers))
+
+
+def plain_name(name: str) -> bool:
+    """Whether `name` is ASCII letters, digits and `-` only (or empty)."""
+    bare = name.replace("-", "")
+    return bare.isascii() and (bare.isalnum() or not bare)
 
 
 def cgi_name(name: str) -> str:
@@ -63,7 +68,8 @@ def agent_headers(headers: CIMultiDictProxy[str], route: Route) -> CIMultiDict[s
     would read as one of them, `X_Api_Key`), hop-by-hop or gate headers. Body inspection scans exactly these;
     `add_credential` then completes them for forwarding."""
     drop = _drop_with_connection(headers, route.drop_headers)
-    spelt = not plain_names(headers)  # some name has `_` or other punctuation: compare CGI names too
+    # some name, the agent's or a credential header's, has `_` or other punctuation: compare CGI names too
+    spelt = route.spelt_credential_names or not plain_names(headers)
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from aegisd.agents import AgentRegistry
 from aegisd.errors import AegisError, VaultLocked
-from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP, cgi_name
+from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP, cgi_name, plain_name
 from aegisd.inspection import Inspector, SecretSource
 from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
@@ -61,6 +61,9 @@ class Route:
     # The CGI variables (headers.cgi_name) of the agent's credentials and this credential's header: an agent's
     # `X_Api_Key` is dropped too, since a CGI-style upstream may read it as the injected `X-Api-Key`.
     credential_cgi_names: frozenset[str]
+    # Some of those names is itself spelt with `_` or `.` (`--header-name X_Api_Token`): then an agent's plainly
+    # spelt `X-Api-Token` shares its CGI variable, and every request compares CGI names.
+    spelt_credential_names: bool
     rate_limit: str
     body_inspection: str
     secret: bytes  # for the inspection and redaction steps; never logged
@@ -127,6 +130,7 @@ def build_route(cred: Credential, secret: bytes) -> Route:
         auth_type=cred.auth_type, expires_at=cred.expires_at,
         inject_header=header, inject_query=query, drop_headers=HOP_BY_HOP | GATE_HEADERS | strip,
         credential_cgi_names=frozenset(map(cgi_name, strip)),
+        spelt_credential_names=not plain_name("".join(strip)),
         rate_limit=cred.rate_limit, body_inspection=cred.body_inspection, secret=secret,
     )
 

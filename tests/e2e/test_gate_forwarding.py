@@ -162,6 +162,27 @@ def test_agent_headers_a_cgi_server_would_read_as_a_credential_are_stripped(std:
     world.assert_no_leaks()
 
 
+@pytest.mark.parametrize("header_name", ["X_Api_Token", "x.api.token"])
+def test_a_credential_header_spelt_for_cgi_strips_the_agents_plain_spelling(header_name: str) -> None:
+    """The other way round: the operator's header name has `_` or `.`, and the agent sends only plainly spelt
+    names; `X-Api-Token` is the same CGI variable, so it must not reach the upstream beside the injected one."""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("spelt", "sk-spelt-secret-3Wd8Kq1Zr6", up.entry(), "--auth-type", "header",
+                         "--header-name", header_name)
+        world.agent("bot", "spelt")
+        reply = world.call("GET", "/spelt/echo/spelt", [("X-Api-Token", "agent-chosen-0013"), ("X-Trace", "kept")],
+                           agent="bot")
+        assert reply.status == 200, reply.text()
+        (seen,) = up.requests_to("/echo/spelt")
+        assert "agent-chosen-0013" not in "".join(f"{k}:{v}" for k, v in seen.headers), seen.headers
+        assert seen.header(header_name) == ["sk-spelt-secret-3Wd8Kq1Zr6"] and seen.header("X-Trace") == ["kept"]
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
 def test_https_upstream_verified_against_the_test_ca(std: Standard) -> None:
     world, tls_up = std.world, std.tls_up
     reply = world.call("POST", "/tls/echo/tls", [("Content-Type", "application/json")], body=b'{"a": 1}',
