@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from aegisd.policy.pattern import PathPattern, encode_path
+from aegisd.policy.pattern import PathSet
 from aegisd.rates import Rate
 
 MODES = ("enforce", "dry-run", "off")
@@ -66,7 +66,7 @@ class Rule:
     line: int
     service: str
     methods: frozenset[str] | None  # None: any method
-    paths: tuple[PathPattern, ...] | None  # None: any path
+    paths: PathSet | None  # None: any path
     rate: Rate | None
     window: TimeWindow | None
     # Line and column of the `service:` value, for warnings about it (hints.py); not part of the rule's identity.
@@ -77,14 +77,13 @@ class Rule:
         """A stable name for messages, ledger flags and the rule's rate-limit state."""
         return f"{self.file}#rules[{self.index}]"
 
-    def miss(self, method: str, path: str, now_ms: int) -> str | None:
-        """None if this rule allows the request, else which check failed first."""
+    def miss(self, method: str, path: bytes, now_ms: int) -> str | None:
+        """None if this rule allows the request, else which check failed first. `path` as pattern.encode_path
+        gives it, encoded once per request rather than once per rule."""
         if self.methods is not None and method not in self.methods:
             return MISS_METHOD
-        if self.paths is not None:
-            encoded = encode_path(path)
-            if not any(p.fullmatch(encoded) for p in self.paths):
-                return MISS_PATH
+        if self.paths is not None and not self.paths.matches(path):
+            return MISS_PATH
         if self.window is not None and not self.window.contains(now_ms):
             return MISS_WINDOW
         return None

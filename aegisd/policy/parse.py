@@ -22,7 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from aegisd.errors import InvalidArgument
 from aegisd.policy.model import METHODS, MODES, Issue, PolicyFile, Rule, TimeWindow
-from aegisd.policy.pattern import PathPattern, PatternError, compile_path
+from aegisd.policy.pattern import PathPattern, PathSet, PatternError, compile_path
 from aegisd.rates import Rate, RateError, parse_rate
 from aegisd.vault.credentials import validate_name, validate_service
 
@@ -205,7 +205,7 @@ class _Reader:
                 self.issue(item, f"{path}[{index}]", f"unknown method {method!r}; use {', '.join(METHODS)} or *")
         return None if "*" in found or not found else frozenset(found)
 
-    def paths(self, node: Node, path: str) -> tuple[PathPattern, ...] | None:
+    def paths(self, node: Node, path: str) -> PathSet | None:
         compiled: list[PathPattern] = []
         for index, item in self.sequence(node, path):
             self.count(item, f"{path}[{index}]", "patterns")
@@ -224,7 +224,13 @@ class _Reader:
                 self.issue(item, f"{path}[{index}]", f"invalid regular expression {quoted!r}: {found}")
             else:
                 compiled.append(found)
-        return tuple(compiled) or None
+        if not compiled:
+            return None
+        try:
+            return PathSet(tuple(compiled))
+        except PatternError as exc:
+            self.issue(node, path, str(exc))
+            return None
 
     def rate(self, node: Node, path: str) -> Rate | None:
         text = self.scalar(node, path)

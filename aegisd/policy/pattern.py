@@ -19,6 +19,7 @@ pattern written for Python silently changes meaning that way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import re2
@@ -54,6 +55,45 @@ class PathPattern:
 
     def __repr__(self) -> str:
         return f"PathPattern({self.text!r})"
+
+
+class PathSet:
+    """A rule's patterns as one RE2 set (`re2.Set`, anchored at both ends): a single pass over the path says
+    whether any of them matches, as fast as Python's re on one pattern, where a call per pattern through the
+    `re2` module's match objects cost about 2.5 us each. Iterates over its PathPatterns."""
+
+    __slots__ = ("_set", "patterns")
+
+    def __init__(self, patterns: tuple[PathPattern, ...]) -> None:
+        self.patterns = patterns
+        matcher = re2.Set.FullMatchSet(_options())
+        try:
+            for pattern in patterns:
+                matcher.Add(pattern.text)
+            matcher.Compile()
+        except re2.error:
+            raise PatternError("the rule's patterns together are more than RE2 can compile (too many or too "
+                               "large); split the rule") from None
+        self._set = matcher
+
+    def matches(self, path: bytes) -> bool:
+        """Whether some pattern matches all of `path` (UTF-8, as `encode_path` gives it)."""
+        return self._set.Match(path) is not None
+
+    def __iter__(self) -> Iterator[PathPattern]:
+        return iter(self.patterns)
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PathSet) and [p.text for p in self.patterns] == [p.text for p in other.patterns]
+
+    def __hash__(self) -> int:
+        return hash(tuple(p.text for p in self.patterns))
+
+    def __repr__(self) -> str:
+        return f"PathSet({[p.text for p in self.patterns]!r})"
 
 
 def encode_path(path: str) -> bytes:
@@ -172,11 +212,15 @@ def _check_repeat(text: str, start: int) -> int:
                            f"text: write {{0,{_short(high)}}}, or \\{{ for a literal brace")
     if _over(low) or (high and _over(high)):
         raise PatternError(f"repetition {_short(written)!r}: RE2 allows counts up to {MAX_REPEAT}")
+    if any(len(count) > 1 and count[0] == "0" for count in (low, high)):
+        raise PatternError(f"repetition {_short(written)!r} has a count with a leading zero, which RE2 reads as "
+                           "literal text: write the count without it")
     return high_end + 1
 
 
 def _over(digits: str) -> bool:
-    return len(digits.lstrip("0")) > len(str(MAX_REPEAT)) or int(digits) > MAX_REPEAT
+    significant = digits.lstrip("0")  # int() of thousands of leading zeros would raise (its digit limit)
+    return len(significant) > len(str(MAX_REPEAT)) or int(significant or "0") > MAX_REPEAT
 
 
 def _short(text: str, limit: int = 40) -> str:

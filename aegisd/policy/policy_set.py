@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from aegisd.policy.model import MISS_METHOD, MISS_PATH, MISS_WINDOW, Issue, PolicyFile, Rule
+from aegisd.policy.pattern import encode_path
 
 NO_RULE, INVALID = "no_rule", "invalid"
 _CLOSENESS = {MISS_METHOD: 0, MISS_PATH: 1, MISS_WINDOW: 2}
@@ -64,8 +65,9 @@ class PolicySet:
             return Verdict(False, policy.mode, None, NO_RULE, f"the policy for agent {agent!r} has no rule for "
                            f"service {service!r}")
         closest: tuple[int, Rule, str] | None = None
+        encoded = encode_path(path)
         for rule in rules:
-            miss = rule.miss(method, path, now_ms)
+            miss = rule.miss(method, encoded, now_ms)
             if miss is None:
                 return Verdict(True, policy.mode, rule)
             if closest is None or _CLOSENESS[miss] > closest[0]:
