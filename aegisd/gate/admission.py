@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import AgentEntry, Route
-from aegisd.limits import ConcurrencyLimiter, Quota, RateLimiter, Standing
+from aegisd.limits import ConcurrencyLimiter, Quota, RateLimiter, Standing, Unit
 from aegisd.limits.headers import ratelimit_headers, retry_after
 from aegisd.policy import PolicySet, Verdict
 from aegisd.policy.policy_set import INVALID
@@ -60,7 +60,7 @@ class GateLimits:
         self.rates = RateLimiter(clock)
         self.concurrency = ConcurrencyLimiter(max_concurrency)
         self._quotas: dict[tuple[str, str, str], Quota] = {}
-        self._consumed: dict[str, list[tuple[Quota, int]]] = {}  # per request in flight: quota, unit's end
+        self._consumed: dict[str, list[Unit]] = {}  # per request in flight, for refund() and release()
 
     def admit(self, x: Noted, agent: AgentEntry, route: Route | None, verdict: Verdict | None) -> None:
         """Admit the request against every limit at once, or refuse it (429) consuming nothing. Without a route
@@ -84,7 +84,7 @@ class GateLimits:
         consumed = []
         for standing in standings:
             if standing.allowed:
-                consumed.append((standing.quota, rates.consume(standing.quota, now)))
+                consumed.append(rates.consume(standing.quota, now))
             else:  # a dry-run rule's limit: forwarded, and the ledger row says it would have been refused
                 x.reason = WOULD_DENY
                 add_flag(x, f"rate_limit=rule@{standing.quota.key}".replace(",", "_"))
@@ -106,12 +106,13 @@ class GateLimits:
         consumed = self._consumed.pop(request_id, ())
         if consumed:
             now = self.rates.clock()
-            for quota, ends in consumed:
-                self.rates.refund(quota, ends, now)
+            for unit in consumed:
+                self.rates.refund(unit, now)
 
     def release(self, request_id: str) -> None:
         """The request is over (answered, refused or failed): free its concurrency slot."""
-        self._consumed.pop(request_id, None)
+        for unit in self._consumed.pop(request_id, ()):
+            self.rates.settle(unit)
         self.concurrency.release(request_id)
 
     def _refuse(self, x: Noted, shown: list[Standing], refused: list[Standing], slots: int) -> None:

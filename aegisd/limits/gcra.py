@@ -40,10 +40,28 @@ class Standing(NamedTuple):
     wait_ns: int  # refused: until this request would pass; allowed: until one more unit returns (0 if full)
 
 
+class Unit:
+    """One unit a request consumed and may still give back: where it ends on its key's timeline.
+
+    The units of a key stack up on that timeline in the order they were taken. When one is given back, those
+    taken after it move down by what it gave back, so each still covers its own slice of the key's debt and
+    no later refund can return time the clock has already restored (an earlier refund moved it away).
+    """
+
+    __slots__ = ("ends", "key", "quota")
+
+    def __init__(self, quota: Quota, key: tuple[str, Hashable, int, int], ends: int) -> None:
+        self.quota = quota
+        self.key = key
+        self.ends = ends
+
+
 class RateLimiter:
     def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.clock = clock
         self._tat: dict[tuple[str, Hashable, int, int], int] = {}
+        # Per key, the units of requests still in flight, oldest first: as many as requests in flight.
+        self._held: dict[tuple[str, Hashable, int, int], list[Unit]] = {}
 
     @staticmethod
     def _state_key(quota: Quota) -> tuple[str, Hashable, int, int]:
@@ -67,9 +85,9 @@ class RateLimiter:
         remaining = (capacity - used) // period
         return Standing(quota, True, remaining, -(-(used - (capacity - (remaining + 1) * period)) // n))
 
-    def consume(self, quota: Quota, now_ns: int) -> int:
-        """Use one unit; call only after every quota of the request was found to have room. Returns where the
-        unit ends on the key's timeline, for refund."""
+    def consume(self, quota: Quota, now_ns: int) -> Unit:
+        """Use one unit; call only after every quota of the request was found to have room. The Unit goes to
+        refund (the request was refused later) or settle (it was not)."""
         rate = quota.rate
         n, seconds = rate.count, rate.period_seconds
         key = (quota.name, quota.key, n, seconds)
@@ -80,22 +98,44 @@ class RateLimiter:
             tat = 0
         now = now_ns * n
         ends = self._tat[key] = (tat if tat > now else now) + seconds * NS
-        return ends
+        unit = Unit(quota, key, ends)
+        held = self._held.get(key)
+        if held is None:
+            self._held[key] = [unit]
+        else:
+            held.append(unit)
+        return unit
 
-    def refund(self, quota: Quota, ends: int, now_ns: int) -> None:
-        """Give back what is left of one unit (consume's `ends`): the request that used it was refused later.
+    def refund(self, unit: Unit, now_ns: int) -> None:
+        """Give back what is left of `unit`: the request that used it was refused by a later step.
 
         Only the part time has not restored yet: a unit taken an hour ago under 10/hour is already back, and
         giving it back again would let an agent that holds requests open bank quota past the burst.
         """
-        key = self._state_key(quota)
-        tat = self._tat.get(key)
-        if tat is None:
+        if not self._settle(unit):
+            return  # given back or settled already
+        tat = self._tat.get(unit.key)
+        now = now_ns * unit.quota.rate.count
+        left = min(unit.ends - now, unit.quota.rate.period_seconds * NS)
+        if tat is None or left <= 0:
             return
-        now = now_ns * quota.rate.count
-        left = min(ends - now, quota.rate.period_seconds * NS)
-        if left > 0:
-            self._tat[key] = max(tat - left, now)
+        self._tat[unit.key] = max(tat - left, now)
+        for later in self._held.get(unit.key, ()):
+            if later.ends > unit.ends:
+                later.ends -= left
+
+    def settle(self, unit: Unit) -> None:
+        """The request is over and keeps its unit: it can no longer be given back."""
+        self._settle(unit)
+
+    def _settle(self, unit: Unit) -> bool:
+        held = self._held.get(unit.key)
+        if held is None or unit not in held:
+            return False
+        held.remove(unit)
+        if not held:
+            del self._held[unit.key]
+        return True
 
     def _prune(self, now_ns: int) -> None:
         self._tat = {key: tat for key, tat in self._tat.items() if tat > now_ns * key[2]}

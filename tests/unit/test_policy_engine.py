@@ -3,6 +3,7 @@ rules, GCRA's remaining and wait values, and check-all-then-consume across sever
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
@@ -166,6 +167,94 @@ def test_a_refund_gives_back_only_what_time_has_not_restored() -> None:
     for x in held:
         limits.refund(x.request_id)
     assert len(admitted(20)) == 9  # the burst less the one just taken
+
+
+def test_refunds_of_earlier_requests_do_not_let_later_held_ones_bank_quota() -> None:
+    """A cold review of the first fix: five decoys and five held requests under 10/hour; the decoys hang up at
+    once (their whole units come back), half an hour passes (five units' time), the agent spends what it has,
+    then hangs up the held ones. Their units moved down when the decoys' came back, so time has restored them
+    and they give nothing back: ten at that instant, not fifteen."""
+    clock = [0]
+    limits = GateLimits(max_concurrency=16, clock=lambda: clock[0])
+    agent = AgentEntry("agent-id", "bot", frozenset(), "10/hour")
+
+    def admit() -> Exchange | None:
+        x = Exchange("POST")
+        try:
+            limits.admit(x, agent, None, None)
+        except Refusal:
+            return None
+        return x
+
+    def hang_up(x: Exchange) -> None:
+        limits.refund(x.request_id)
+        limits.release(x.request_id)
+
+    decoys, held = [admit() for _ in range(5)], [admit() for _ in range(5)]
+    for x in decoys:
+        assert x is not None
+        hang_up(x)
+    clock[0] += 1800 * NS
+    forwarded = 0
+    while (x := admit()) is not None:
+        limits.release(x.request_id)
+        forwarded += 1
+    for x in held:
+        assert x is not None
+        hang_up(x)
+    while (x := admit()) is not None:
+        limits.release(x.request_id)
+        forwarded += 1
+    assert forwarded == 10
+
+
+def _forwarded_at_the_end_of_a_random_history(rng: random.Random) -> int:
+    """Requests held open, hung up, answered and time passing at random under 5/min; then every held one
+    hangs up and the agent sends all it can: how many it forwarded at that last instant."""
+    clock = [0]
+    limits = GateLimits(max_concurrency=64, clock=lambda: clock[0])
+    agent = AgentEntry("agent-id", "bot", frozenset(), "5/min")
+    held: list[tuple[Exchange, int]] = []
+    forwarded_at: list[int] = []
+
+    def admit() -> Exchange | None:
+        x = Exchange("GET")
+        try:
+            limits.admit(x, agent, None, None)
+        except Refusal:
+            return None
+        return x
+
+    for _ in range(60):
+        roll = rng.random()
+        if roll < 0.4:
+            if (x := admit()) is not None:
+                held.append((x, clock[0]))
+        elif roll < 0.6 and held:
+            x, _ = held.pop(rng.randrange(len(held)))
+            limits.refund(x.request_id)
+            limits.release(x.request_id)
+        elif roll < 0.75 and held:
+            x, at = held.pop(rng.randrange(len(held)))
+            limits.release(x.request_id)
+            forwarded_at.append(at)
+        else:
+            clock[0] += rng.randrange(0, 40) * NS
+    for x, _ in held:
+        limits.refund(x.request_id)
+        limits.release(x.request_id)
+    now_forwarded = forwarded_at.count(clock[0])
+    while (x := admit()) is not None:
+        limits.release(x.request_id)
+        now_forwarded += 1
+    return now_forwarded
+
+
+def test_no_history_of_holds_refunds_and_time_gives_more_than_the_burst_at_one_instant() -> None:
+    """Whatever an agent did before, at one instant it can forward at most the burst, counting those it had
+    forwarded at that instant already."""
+    rng = random.Random(0)  # the first fix's flaw shows in about one history in a thousand here
+    assert max(_forwarded_at_the_end_of_a_random_history(rng) for _ in range(2000)) == 5
 
 
 def test_policy_settings_from_flag_env_and_config_file(tmp_path: Path) -> None:
