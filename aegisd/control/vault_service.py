@@ -20,6 +20,7 @@ from aegisd.ledger import LedgerEntry, LedgerError
 from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential
 from aegisd.vault.unlock_key_format import check_unlock_key, new_unlock_key
+from aegisd.vault.vault import VaultChanged
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -53,6 +54,10 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         except WrongPassphrase:  # on record, so guessing over the socket shows (the method only, never the input)
             self.rt.log_event("vault unlock failed: wrong secret", via=which, level=logging.WARNING)
             raise
+        except VaultChanged:  # the secret was right, but a lock (or a change) came first: on record all the same
+            self.rt.log_event("vault unlock abandoned: the vault was locked or changed meanwhile; the secret given "
+                              "was correct", via=which, level=logging.WARNING)
+            raise
         if opened:
             self.rt.log_event("vault unlocked", via=which)
         return pb.UnlockResponse()
@@ -85,11 +90,16 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
     async def _key_slot_change(self, what: str, change: Callable[..., T], passphrase: str, *args: str) -> T:
         """Run a change of what opens the vault (its first argument is the passphrase that proves the caller may),
         then put it in the log and, as a system row, in the ledger. A wrong passphrase is logged like a failed
-        unlock, so guessing over the socket shows."""
+        unlock, so guessing over the socket shows, and so is a right one whose change a lock or another change
+        cut short (VaultChanged)."""
         try:
             result = await asyncio.to_thread(change, passphrase, *args)
         except WrongPassphrase:
             self.rt.log_event("vault key change refused: wrong passphrase", change=what, level=logging.WARNING)
+            raise
+        except VaultChanged:  # as for Unlock: a right passphrase must not go unrecorded because a lock raced it
+            self.rt.log_event("vault key change abandoned: the vault was locked or changed meanwhile; the passphrase "
+                              "given was correct", change=what, level=logging.WARNING)
             raise
         before = f" ({result} before)" if isinstance(result, int) else ""
         self.rt.log_event(f"vault {what}{before}")

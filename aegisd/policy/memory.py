@@ -2,9 +2,11 @@
 
 An invalid file fails closed for the agent its last valid version named (docs/policies.md, "Invalid files
 fail closed"); were that remembered in memory only, a file broken while aegisd was stopped, or before a
-restart, would free the agent it restricted. The file is JSON, private (0600) and replaced atomically,
-and it records the policy directory it belongs to: the memory of another directory's namesake file is
-never applied.
+restart, would free the agent it restricted. The file is JSON, private (0600) and replaced atomically.
+It keeps one mapping per policy directory, by the directory's resolved path, for the most recent
+MAX_DIRECTORIES of them: the memory of another directory's namesake file is never applied, and naming
+the same directory by another path (a symlink, its real path) or switching to another directory and back
+keeps what was remembered. Version 1 files (one mapping, for the one directory they name) are still read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,14 @@ from aegisd.vault.credentials import NAME as AGENT_NAME
 log = logging.getLogger("aegisd.policy")
 MEMORY_FILE = "policy-memory.json"
 MAX_MEMORY_BYTES = 1 << 20  # thousands of times what any real policy directory needs
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: {"policies_dir": ..., "files": {...}}, one directory only; still read
+MAX_DIRECTORIES = 8  # the most recently used policy directories whose mappings are kept
 # The agent recorded for a file whose last valid agent cannot be told (the memory could not be read while the
 # file was invalid): the file fails closed for every agent until it is valid again.
 UNKNOWN_AGENT = ""
 
 Remembered = dict[str, str]  # policy file name -> the agent its last valid version named, or UNKNOWN_AGENT
+Entries = tuple[tuple[str, Remembered], ...]  # (resolved policy directory, its mapping), most recent first
 
 
 class _Absent:
@@ -42,49 +47,56 @@ _ABSENT, _UNREADABLE = _Absent(), _Unreadable()
 
 
 class PolicyMemory:
-    """The remembered mapping on disk at `path`, for one policy directory at a time.
+    """The remembered mappings on disk at `path`, one per policy directory (the MAX_DIRECTORIES most recent).
 
-    Writing happens only when the mapping (or the directory it belongs to) differs from what the file
-    holds; a failed write is logged and the caller keeps its in-memory mapping, so a full or read-only
-    disk never stops a reload.
+    Writing happens only when what would be written differs from what the file holds; a failed write is
+    logged and the caller keeps its in-memory mapping, so a full or read-only disk never stops a reload.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._on_disk: tuple[str | None, Remembered] | _Absent | _Unreadable = _ABSENT
+        self._on_disk: Entries | _Absent | _Unreadable = _ABSENT
 
     def load(self, directory: Path | None) -> Remembered | None:
-        """The mapping remembered for `directory`: empty without a file or when the file is another directory's;
-        None when the file cannot be read, so that whom an invalid file restricted cannot be told."""
+        """The mapping remembered for `directory`: empty without a file or when the file has none for it; None
+        when the file cannot be read, so that whom an invalid file restricted cannot be told."""
         try:
-            with self.path.open("rb") as fh:
-                data = fh.read(MAX_MEMORY_BYTES + 1)
+            data = _read(self.path)
         except FileNotFoundError:
             self._on_disk = _ABSENT
             return {}
         except OSError as exc:
             self._unreadable(f"cannot read it: {exc.strerror or exc}")
             return None
+        except ValueError as exc:
+            self._unreadable(str(exc))
+            return None
         if len(data) > MAX_MEMORY_BYTES:
             self._unreadable(f"it is larger than {MAX_MEMORY_BYTES} bytes")
             return None
         try:
-            stored_directory, remembered = _decode(data)
+            entries = _decode(data)
         except ValueError as exc:
             self._unreadable(str(exc))
             return None
-        self._on_disk = (stored_directory, remembered)
-        if stored_directory != _directory_key(directory):
-            return {}
-        return dict(remembered)
+        self._on_disk = entries
+        key = _directory_key(directory)
+        return next((dict(files) for name, files in entries if name == key), {})
 
     def save(self, directory: Path | None, remembered: Remembered) -> None:
-        """Persist `remembered` for `directory` if the file holds anything else; log a failure, never raise."""
-        state = (_directory_key(directory), dict(remembered))
-        if state == self._on_disk or (self._on_disk is _ABSENT and not remembered):
+        """Persist `remembered` for `directory`, as the most recent, if the file holds anything else; log a
+        failure, never raise. The other directories' mappings stay (those of an unreadable file are lost)."""
+        kept = self._on_disk if isinstance(self._on_disk, tuple) else ()
+        key = _directory_key(directory)
+        others = tuple((name, files) for name, files in kept if name != key)
+        # No directory, or nothing to remember for it: as good as no entry (load gives an empty mapping for both).
+        entries = (((key, dict(remembered)),) if key is not None and remembered else ()) + others
+        entries = entries[:MAX_DIRECTORIES]
+        if entries == self._on_disk or (self._on_disk is _ABSENT and not entries):
             return
-        body = json.dumps({"version": FORMAT_VERSION, "policies_dir": state[0], "files": state[1]}, indent=1,
-                          sort_keys=True).encode() + b"\n"
+        body = json.dumps({"version": FORMAT_VERSION,
+                           "directories": [{"policies_dir": name, "files": files} for name, files in entries]},
+                          indent=1, sort_keys=True).encode() + b"\n"
         try:
             _write_atomically(self.path, body)
         except OSError as exc:
@@ -93,7 +105,7 @@ class PolicyMemory:
                         "and a restart before the next successful write starts from the older file",
                         self.path, full, exc.strerror or exc)
             return
-        self._on_disk = state
+        self._on_disk = entries
 
     def _unreadable(self, why: str) -> None:
         self._on_disk = _UNREADABLE
@@ -102,27 +114,76 @@ class PolicyMemory:
                     "is rebuilt from the policy files", self.path, why)
 
 
-def _directory_key(directory: Path | None) -> str | None:
-    return None if directory is None else str(directory)
+def _directory_key(directory: Path | str | None) -> str | None:
+    """The policy directory as the memory knows it: its resolved path, so that a symlink to it, its real path
+    and a relative name of it all find the same mapping."""
+    if directory is None:
+        return None
+    try:
+        return str(Path(directory).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: then only the very same path finds the mapping
+        return str(Path(directory).absolute())
 
 
-def _decode(data: bytes) -> tuple[str | None, Remembered]:
-    """The directory and mapping `data` holds; ValueError (with what is wrong) for anything but what save wrote."""
+def _read(path: Path) -> bytes:
+    """The file's first MAX_MEMORY_BYTES + 1 bytes. Not through a symlink (whatever it points to is not the file
+    aegisd writes), and never waiting on a FIFO or device in its place (which would hold up the start): ValueError
+    saying which, OSError as open and read raise it (FileNotFoundError when there is nothing there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and path.is_symlink():  # EMLINK: FreeBSD's O_NOFOLLOW
+            raise ValueError("it is a symbolic link, not the regular file aegisd writes there") from None
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ValueError(f"it is {kind}, not the regular file aegisd writes there")
+        return fh.read(MAX_MEMORY_BYTES + 1)
+
+
+def _decode(data: bytes) -> Entries:
+    """The directories and mappings `data` holds, most recent first; ValueError (with what is wrong) for anything
+    but what save writes now or wrote as version 1."""
     try:
         value: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"it is not JSON ({exc})") from None
-    if not isinstance(value, dict) or value.get("version") != FORMAT_VERSION:
-        raise ValueError(f"it is not a version {FORMAT_VERSION} policy memory")
-    directory, files = value.get("policies_dir"), value.get("files")
-    if not (directory is None or isinstance(directory, str)) or not isinstance(files, dict):
+    version = value.get("version") if isinstance(value, dict) else None
+    if version == 1:  # one mapping, for the one directory named (as configured then: resolved now)
+        directory, files = value.get("policies_dir"), value.get("files")
+        if not (directory is None or isinstance(directory, str)):
+            raise ValueError("its policies_dir or files field has the wrong type")
+        files = _files(files)
+        key = _directory_key(directory)
+        return ((key, files),) if key is not None and files else ()
+    if version != FORMAT_VERSION:
+        raise ValueError(f"it is not a version {FORMAT_VERSION} (or 1) policy memory")
+    directories = value.get("directories")
+    if not isinstance(directories, list):
+        raise ValueError("its directories field has the wrong type")
+    entries: list[tuple[str, Remembered]] = []
+    for item in directories:
+        directory = item.get("policies_dir") if isinstance(item, dict) else None
+        if not isinstance(directory, str) or not directory:
+            raise ValueError("it holds a directory entry without a policies_dir")
+        if directory in (name for name, _ in entries):
+            raise ValueError(f"it holds two entries for the policy directory {directory!r}")
+        entries.append((directory, _files(item.get("files"))))
+    return tuple(entries)
+
+
+def _files(files: Any) -> Remembered:
+    """One directory's mapping, checked; ValueError if it is not what save writes."""
+    if not isinstance(files, dict):
         raise ValueError("its policies_dir or files field has the wrong type")
     for name, agent in files.items():
         if not name or "/" in name or not isinstance(agent, str):
             raise ValueError(f"it holds a bad entry for file {name!r}")
         if agent != UNKNOWN_AGENT and not AGENT_NAME.match(agent):
             raise ValueError(f"it holds a bad agent name for file {name!r}")
-    return directory, files
+    return dict(files)
 
 
 def _write_atomically(path: Path, body: bytes) -> None:

@@ -83,16 +83,21 @@ class PolicyStore:
         async with self._lock:
             if only_if_changed and not self._changed():
                 return self.snapshot
-            directory = self.snapshot.directory
-            signature, files, error = await asyncio.to_thread(self._read_all, directory)
+            while True:
+                directory, previous_valid = self.snapshot.directory, self._last_valid
+                signature, files, error = await asyncio.to_thread(self._read_all, directory)
+                if not error and previous_valid is None and self._memory is not None:
+                    previous_valid = await asyncio.to_thread(self._memory.load, directory)
+                # A SIGHUP that changed policies_dir while this read (request_reload cannot wait for the lock):
+                # what was read is the old directory's, and putting it in force would undo the change. Read again.
+                if self.snapshot.directory == directory:
+                    break
             previous = self.snapshot
             self.snapshot = Snapshot(directory, files if not error else previous.files, error,
                                      time.time_ns() // 1_000_000, trigger, previous.reloads + 1)
             self._seen = signature
             if not error:
-                if self._last_valid is None and self._memory is not None:
-                    self._last_valid = await asyncio.to_thread(self._memory.load, directory)
-                last_valid = _remember(files, self._last_valid)
+                last_valid = _remember(files, previous_valid)
                 self.current = compile_set(files)
                 self._last_valid = last_valid
                 if self._memory is not None:
@@ -104,8 +109,9 @@ class PolicyStore:
         """Ask the watcher to reload soon (from a signal handler: no await there)."""
         if change_directory and directory != self.snapshot.directory:
             self.snapshot.directory = directory
-            # What a file's last valid version named belongs to that directory's file, not to a namesake.
-            self._last_valid = {}
+            # What a file's last valid version named belongs to that directory's file, not to a namesake: the next
+            # reload reads what the memory kept for the new directory (without one, it starts empty).
+            self._last_valid = None if self._memory is not None else {}
         self._pending = trigger
         self._wake.set()
 

@@ -146,14 +146,17 @@ class Vault:
         if not secret:
             raise InvalidArgument("give a passphrase or an unlock key")
         master = self._open(snapshot, kind, secret)
-        with self._lock:
-            if self.state == "unlocked":  # another unlock came first (read again: the lock was let go)
+        adopted = False
+        try:  # every way out but adoption wipes the key, a failing re-check (a read error, a restore) included
+            with self._lock:
+                if self.state == "unlocked":  # another unlock came first (read again: the lock was let go)
+                    return False
+                if not self._unchanged(snapshot, master):
+                    raise _changed_meanwhile("it was being unlocked")
+                self._master, adopted = master, True
+        finally:
+            if not adopted:
                 master.wipe()
-                return False
-            if not self._unchanged(snapshot, master):
-                master.wipe()
-                raise _changed_meanwhile("it was being unlocked")
-            self._master = master
         self._warn_if_older_rows()
         self.notify("unlocked")
         return True
@@ -518,10 +521,19 @@ def _open_slots(vault_id: str, all_slots: list[KeySlot], kind: str, secret: str)
     raise WrongPassphrase(f"wrong {'passphrase' if kind == 'passphrase' else 'unlock key'}")
 
 
-def _changed_meanwhile(doing: str) -> FailedPrecondition:
-    """A key derivation outside the lock found the vault changed (slots replaced, locked, restored) when done."""
-    return FailedPrecondition(f"the vault changed while {doing} (another key change, a lock or a restore); "
-                              "nothing was changed: try again", reason="vault_changed")
+class VaultChanged(FailedPrecondition):
+    """A key derivation outside the lock succeeded, but found the vault changed (slots replaced, locked, restored)
+    when done: nothing was changed. Raised only once the secret given has opened the slots it read, so it also
+    says that secret was right (a wrong one raises WrongPassphrase first): the control service logs it, or a
+    right guess raced with a lock would leave no trace."""
+
+    reason = "vault_changed"
+
+
+def _changed_meanwhile(doing: str) -> VaultChanged:
+    """The VaultChanged a derivation outside the lock raises when the vault changed while it ran."""
+    return VaultChanged(f"the vault changed while {doing} (another key change, a lock or a restore); "
+                        "nothing was changed: try again")
 
 
 def _check_secret_fits(data: bytes, auth_type: str) -> None:

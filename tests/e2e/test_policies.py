@@ -496,12 +496,18 @@ def _restart(world: GateWorld, env: dict[str, str] | None = None) -> None:
     world.unlock()
 
 
-def _memory(world: GateWorld) -> dict[str, object]:
+def _memory(world: GateWorld) -> list[tuple[str, dict[str, str]]]:
+    """What the policy memory holds: (resolved policy directory, its mapping), the most recent first."""
     path = world.aegis.data_dir / MEMORY_FILE
     assert path.stat().st_mode & 0o777 == 0o600
     value = json.loads(path.read_text())
-    assert isinstance(value, dict)
-    return value
+    assert isinstance(value, dict) and value["version"] == 2
+    return [(entry["policies_dir"], entry["files"]) for entry in value["directories"]]
+
+
+def _remembered(world: GateWorld, directory: Path) -> dict[str, str]:
+    """The mapping the policy memory holds for `directory` (empty if none)."""
+    return dict(_memory(world)).get(str(directory.resolve()), {})
 
 
 def test_a_broken_file_fails_closed_for_its_last_valid_agent_after_a_restart() -> None:
@@ -527,7 +533,7 @@ def test_a_broken_file_fails_closed_for_its_last_valid_agent_after_a_restart() -
         listed = {f["name"]: f for f in policy_status(world)["files"]}["alice.yaml"]
         assert listed["agent"] == "mallory, alice" and not listed["valid"]
         assert world.call("GET", "/svc/echo/x", agent="carol").status == 200
-        assert _memory(world)["files"] == {"alice.yaml": "alice"}
+        assert _remembered(world, directory) == {"alice.yaml": "alice"}
 
         # Restarted again, and reloaded by SIGHUP with the same directory: still remembered.
         _restart(world)
@@ -541,7 +547,7 @@ def test_a_broken_file_fails_closed_for_its_last_valid_agent_after_a_restart() -
         # Valid again: her new rules apply, and a version naming someone else is what is remembered next.
         write_policy(directory, "alice.yaml", ALICE.replace("alice", "mallory", 1))
         world.aegis.ctl("policy", "reload").ok()
-        assert _memory(world)["files"] == {"alice.yaml": "mallory"}
+        assert _remembered(world, directory) == {"alice.yaml": "mallory"}
         assert world.call("GET", "/svc/echo/x", agent="alice").status == 200  # ungoverned now
         world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_denied")
         world.assert_no_leaks()
@@ -559,7 +565,7 @@ def test_an_unreadable_policy_memory_fails_every_agent_closed_while_a_file_is_in
         for name in ("alice", "bob", "carol"):
             world.agent(name, "svc")
         memory = world.aegis.data_dir / MEMORY_FILE
-        assert _memory(world)["files"] == {"alice.yaml": "alice", "bob.yaml": "bob"}
+        assert _remembered(world, directory) == {"alice.yaml": "alice", "bob.yaml": "bob"}
 
         # Every file valid: a damaged memory changes nothing and is rebuilt from the files.
         assert world.aegis.stop() == 0
@@ -569,7 +575,7 @@ def test_an_unreadable_policy_memory_fails_every_agent_closed_while_a_file_is_in
         assert f"cannot use the policy memory {memory}: it is not JSON" in world.aegis.log()
         assert world.call("GET", "/svc/echo/a", agent="alice").status == 200
         assert world.call("GET", "/svc/echo/x", agent="carol").status == 200
-        assert _memory(world)["files"] == {"alice.yaml": "alice", "bob.yaml": "bob"}
+        assert _remembered(world, directory) == {"alice.yaml": "alice", "bob.yaml": "bob"}
 
         # Damaged (here: too large to be one) while a file is broken so that it names only someone else.
         assert world.aegis.stop() == 0
@@ -585,7 +591,7 @@ def test_an_unreadable_policy_memory_fails_every_agent_closed_while_a_file_is_in
             assert status["fail_all"] == ["alice.yaml"]
             assert {f["name"]: f["agent"] for f in status["files"]} == {"alice.yaml": None, "bob.yaml": "bob"}
             assert "alice.yaml (every agent)" in system_rows(world)[0]["detail"]
-            assert _memory(world)["files"] == {"alice.yaml": "", "bob.yaml": "bob"}
+            assert _remembered(world, directory) == {"alice.yaml": "", "bob.yaml": "bob"}
             assert world.aegis.stop() == 0
         assert world.aegis.log().count("larger than 1048576 bytes") == 1
 
@@ -596,7 +602,7 @@ def test_an_unreadable_policy_memory_fails_every_agent_closed_while_a_file_is_in
         assert world.call("GET", "/svc/echo/a", agent="alice").status == 200
         assert world.call("GET", "/svc/echo/b", agent="bob").status == 200
         assert world.call("GET", "/svc/echo/x", agent="carol").status == 200
-        assert _memory(world)["files"] == {"alice.yaml": "alice", "bob.yaml": "bob"}
+        assert _remembered(world, directory) == {"alice.yaml": "alice", "bob.yaml": "bob"}
         assert "Traceback" not in world.aegis.log()
         world.assert_no_leaks()
     finally:
@@ -605,12 +611,14 @@ def test_an_unreadable_policy_memory_fails_every_agent_closed_while_a_file_is_in
 
 def test_the_policy_memory_of_another_policy_directory_is_not_applied() -> None:
     """What a file's last valid version named belongs to that directory's file, not to a namesake elsewhere:
-    the same rule as for a SIGHUP that changes `policies_dir` while aegisd runs."""
+    the same rule as for a SIGHUP that changes `policies_dir` while aegisd runs. The first directory's memory is
+    kept meanwhile, so a file broken there while aegisd used another still fails closed when it is back."""
     world, directory = _world({"alice.yaml": ALICE})
     try:
+        up = world.upstreams[0]
         for name in ("alice", "mallory"):
             world.agent(name, "svc")
-        assert _memory(world) == {"version": 1, "policies_dir": str(directory), "files": {"alice.yaml": "alice"}}
+        assert _memory(world) == [(str(directory.resolve()), {"alice.yaml": "alice"})]
         elsewhere = world.aegis.root / "elsewhere"
         elsewhere.mkdir()
         write_policy(elsewhere, "alice.yaml", ALICE_SWAPPED)
@@ -619,12 +627,48 @@ def test_the_policy_memory_of_another_policy_directory_is_not_applied() -> None:
         assert world.call("GET", "/svc/echo/x", agent="alice").status == 200  # no file there ever restricted her
         world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_invalid")
         assert {f["name"]: f["agent"] for f in policy_status(world)["files"]} == {"alice.yaml": "mallory"}
-        assert _memory(world) == {"version": 1, "policies_dir": str(elsewhere), "files": {}}
+        assert _memory(world) == [(str(directory.resolve()), {"alice.yaml": "alice"})]  # nothing for elsewhere
 
-        # Back to the first directory: its memory was replaced, and its file is valid anyway.
-        _restart(world, {"AEGIS_POLICIES_DIR": str(directory)})
+        # Back to the first directory, whose file was broken meanwhile: its memory was kept.
+        assert world.aegis.stop() == 0
+        write_policy(directory, "alice.yaml", ALICE_SWAPPED)
+        world.aegis.env["AEGIS_POLICIES_DIR"] = str(directory)
+        world.aegis.start()
+        world.unlock()
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_invalid")
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_the_policy_memory_follows_the_directory_not_the_path_naming_it() -> None:
+    """Found by a review: the memory was kept under the path as configured, so the policy directory named by
+    a symlink on one start and by its real path on the next lost it, and a file broken in between freed the
+    agent it restricted. It is kept under the resolved path."""
+    world, directory = _world({"alice.yaml": ALICE})
+    try:
+        up = world.upstreams[0]
+        for name in ("alice", "mallory", "carol"):
+            world.agent(name, "svc")
+        alias = world.aegis.root / "policies-link"
+        alias.symlink_to(directory)
+        _restart(world, {"AEGIS_POLICIES_DIR": str(alias)})
+        assert policy_status(world)["directory"] == str(alias)
         world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_denied")
-        assert _memory(world)["policies_dir"] == str(directory)
+        assert _memory(world) == [(str(directory.resolve()), {"alice.yaml": "alice"})]
+
+        # Broken while aegisd is stopped, and started again with the real path.
+        assert world.aegis.stop() == 0
+        write_policy(directory, "alice.yaml", ALICE_SWAPPED)
+        world.aegis.env["AEGIS_POLICIES_DIR"] = str(directory)
+        world.aegis.start()
+        world.unlock()
+        with untouched(up):
+            world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_invalid")
+            world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_invalid")
+        assert world.call("GET", "/svc/echo/x", agent="carol").status == 200
+        assert _memory(world) == [(str(directory.resolve()), {"alice.yaml": "alice"})]
         world.assert_no_leaks()
     finally:
         world.close()

@@ -3,16 +3,23 @@ damaged slot says."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from aegisd.api.aegis.v1 import vault_pb2
+from aegisd.control.vault_service import VaultService
 from aegisd.errors import FailedPrecondition, StorageCorrupt, VaultLocked, WrongPassphrase
+from aegisd.runtime import Runtime
 from aegisd.store import VaultStore
 from aegisd.vault import crypto
 from aegisd.vault import vault as vault_module
@@ -247,3 +254,103 @@ def test_a_lock_during_an_unlock_wins(cheap_vault: Vault, monkeypatch: pytest.Mo
     assert isinstance(refused, FailedPrecondition) and refused.reason == "vault_changed", refused
     assert cheap_vault.state == "locked" and cheap_vault._master is None
     assert cheap_vault.unlock(passphrase=PASSPHRASE) and cheap_vault.state == "unlocked"
+
+
+def test_an_unlock_whose_recheck_fails_wipes_the_key_it_derived(cheap_vault: Vault,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: the re-check after the derivation reads the slots again, and a read that fails there
+    (a SQLite error, a malformed slot, a store that will not reopen after a restore) must not leave the master
+    key it derived unwiped in memory; only a key the vault adopts is kept."""
+    cheap_vault.lock()
+    opened: list[MasterKey] = []
+    real_open, real_slots = cheap_vault._open, cheap_vault._slots
+
+    def spying_open(*args: Any) -> MasterKey:
+        opened.append(real_open(*args))
+        return opened[-1]
+
+    reads: list[int] = []
+
+    def failing_recheck() -> Any:
+        reads.append(1)
+        if len(reads) == 2:  # the first read makes the snapshot, the second is the re-check
+            raise StorageCorrupt("a read error during the re-check")
+        return real_slots()
+
+    monkeypatch.setattr(cheap_vault, "_open", spying_open)
+    monkeypatch.setattr(cheap_vault, "_slots", failing_recheck)
+    with pytest.raises(StorageCorrupt, match="re-check"):
+        cheap_vault.unlock(passphrase=PASSPHRASE)
+    [key] = opened
+    assert key.wiped and key.raw == bytearray(crypto.KEY_BYTES)
+    assert cheap_vault.state == "locked" and cheap_vault._master is None
+    monkeypatch.undo()
+    assert cheap_vault.unlock(passphrase=PASSPHRASE)
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Context:
+    """The little of a gRPC servicer context the @rpc wrapper uses."""
+
+    def __init__(self) -> None:
+        self.trailers: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
+        self.trailers = trailers
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise _Aborted(code, message)
+
+
+@pytest.mark.parametrize("right", [True, False], ids=["right", "wrong"])
+@pytest.mark.parametrize("call", ["Unlock", "ChangePassphrase"])
+def test_a_right_secret_whose_call_a_lock_cut_short_is_logged(cheap_vault: Vault, monkeypatch: pytest.MonkeyPatch,
+                                                             call: str, right: bool) -> None:
+    """Found by a review: a socket client sending Unlock(guess) and then Lock while the derivation runs got a
+    wrong guess logged (a warning) but a right one only `vault_changed`, with nothing changed and nothing
+    logged, so the one guess that succeeded left no trace. It is logged now, by name only, never the input."""
+    guess = PASSPHRASE if right else "not the passphrase at all 5521"
+    logged: list[tuple[int, str, dict[str, Any]]] = []
+
+    def log_event(message: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        logged.append((level, message, fields))
+
+    service = VaultService(cast(Runtime, SimpleNamespace(vault=cheap_vault, log_event=log_event)))
+    context: Any = _Context()
+
+    async def calling() -> object:
+        if call == "Unlock":
+            return await service.Unlock(vault_pb2.UnlockRequest(passphrase=guess), context)
+        return await service.ChangePassphrase(vault_pb2.ChangePassphraseRequest(current=guess, new_passphrase=NEW),
+                                              context)
+
+    if call == "Unlock":
+        cheap_vault.lock()
+        expected = ("vault unlock abandoned: the vault was locked or changed meanwhile; the secret given was "
+                    "correct", {"via": "passphrase"})
+    else:
+        expected = ("vault key change abandoned: the vault was locked or changed meanwhile; the passphrase given "
+                    "was correct", {"change": "passphrase changed"})
+    paused = Paused(monkeypatch, "open_slot")
+    thread, outcome = in_thread(lambda: asyncio.run(calling()))
+    assert paused.entered.wait(10)
+    cheap_vault.lock()  # the second client's Lock, while the first call derives
+    paused.release.set()
+    thread.join(10)
+    [aborted] = outcome
+    assert isinstance(aborted, _Aborted), aborted
+    abandoned = [(message, fields) for level, message, fields in logged if "abandoned" in message]
+    if right:
+        assert aborted.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert abandoned == [expected]
+        assert [level for level, message, _ in logged if "abandoned" in message] == [logging.WARNING]
+    else:
+        assert aborted.code == grpc.StatusCode.PERMISSION_DENIED
+        assert abandoned == [] and len(logged) == 1 and "wrong" in logged[0][1]
+    assert guess not in repr(logged)
+    assert opens_with(cheap_vault, PASSPHRASE)  # nothing changed
