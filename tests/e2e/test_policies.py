@@ -489,8 +489,12 @@ ALICE_SWAPPED = "agent: mallory\nrules:\n  - service: svc\n    methods: [FETCH]\
 MEMORY_FILE = "policy-memory.json"
 
 
-def _restart(world: GateWorld, env: dict[str, str] | None = None) -> None:
+def _restart(world: GateWorld, env: dict[str, str] | None = None, *, broken: Path | None = None) -> None:
+    """Stop aegisd, change its environment and, with `broken`, swap that directory's alice.yaml for an invalid
+    one while it is stopped; then start and unlock it again."""
     assert world.aegis.stop() == 0
+    if broken is not None:
+        write_policy(broken, "alice.yaml", ALICE_SWAPPED)
     world.aegis.env.update(env or {})
     world.aegis.start()
     world.unlock()
@@ -523,10 +527,7 @@ def test_a_broken_file_fails_closed_for_its_last_valid_agent_after_a_restart() -
         # Broken while aegisd is stopped, so the running daemon never saw it: the restart must still know
         # whom the file restricted.
         _restart(world)
-        assert world.aegis.stop() == 0
-        write_policy(directory, "alice.yaml", ALICE_SWAPPED)
-        world.aegis.start()
-        world.unlock()
+        _restart(world, broken=directory)
         with untouched(up):
             world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_invalid")
             world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_invalid")
@@ -630,11 +631,7 @@ def test_the_policy_memory_of_another_policy_directory_is_not_applied() -> None:
         assert _memory(world) == [(str(directory.resolve()), {"alice.yaml": "alice"})]  # nothing for elsewhere
 
         # Back to the first directory, whose file was broken meanwhile: its memory was kept.
-        assert world.aegis.stop() == 0
-        write_policy(directory, "alice.yaml", ALICE_SWAPPED)
-        world.aegis.env["AEGIS_POLICIES_DIR"] = str(directory)
-        world.aegis.start()
-        world.unlock()
+        _restart(world, {"AEGIS_POLICIES_DIR": str(directory)}, broken=directory)
         with untouched(up):
             world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_invalid")
         world.assert_no_leaks()
@@ -659,11 +656,7 @@ def test_the_policy_memory_follows_the_directory_not_the_path_naming_it() -> Non
         assert _memory(world) == [(str(directory.resolve()), {"alice.yaml": "alice"})]
 
         # Broken while aegisd is stopped, and started again with the real path.
-        assert world.aegis.stop() == 0
-        write_policy(directory, "alice.yaml", ALICE_SWAPPED)
-        world.aegis.env["AEGIS_POLICIES_DIR"] = str(directory)
-        world.aegis.start()
-        world.unlock()
+        _restart(world, {"AEGIS_POLICIES_DIR": str(directory)}, broken=directory)
         with untouched(up):
             world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_invalid")
             world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_invalid")
