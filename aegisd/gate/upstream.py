@@ -491,7 +491,7 @@ class UpstreamPool:
         else:
             conn = await self._connect(key)
             if not still_current():
-                conn.release()  # unused: kept for the next request
+                conn.release()  # unused; release parks only a finished exchange, so this one is closed
                 raise Superseded("the vault, the policies or the clock (an expiry, a time window) changed while "
                                  "the gate connected upstream; nothing was sent: retry")
         try:
