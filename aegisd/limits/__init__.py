@@ -1,4 +1,5 @@
-"""Rate limits and concurrency caps for the gate: exact, O(1) per request, state in memory only."""
+"""Rate limits and concurrency caps for the gate: exact, state in memory only; a request costs O(1), and its
+release O(requests of the same key in flight), which a refund needs (gcra.Unit)."""
 
 from aegisd.limits.concurrency import ConcurrencyLimiter
 from aegisd.limits.gcra import Quota, RateLimiter, Standing, Unit

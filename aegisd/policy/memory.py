@@ -6,7 +6,9 @@ restart, would free the agent it restricted. The file is JSON, private (0600) an
 It keeps one mapping per policy directory, by the directory's resolved path, for the most recent
 MAX_DIRECTORIES of them: the memory of another directory's namesake file is never applied, and naming
 the same directory by another path (a symlink, its real path) or switching to another directory and back
-keeps what was remembered. Version 1 files (one mapping, for the one directory they name) are still read.
+keeps what was remembered. A directory not found by its resolved path is looked up by the path as
+configured: a symlink re-pointed while aegisd was stopped (a deploy switching releases) keeps the mapping of
+the files it names. Version 1 files (one mapping, for the one directory they name) are still read.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ MAX_DIRECTORIES = 8  # the most recently used policy directories whose mappings 
 UNKNOWN_AGENT = ""
 
 Remembered = dict[str, str]  # policy file name -> the agent its last valid version named, or UNKNOWN_AGENT
-Entries = tuple[tuple[str, Remembered], ...]  # (resolved policy directory, its mapping), most recent first
+# (resolved policy directory, the path as configured then, its mapping), most recent first
+Entries = tuple[tuple[str, str, Remembered], ...]
 
 
 class _Absent:
@@ -80,22 +83,30 @@ class PolicyMemory:
             self._unreadable(str(exc))
             return None
         self._on_disk = entries
-        key = _directory_key(directory)
-        return next((dict(files) for name, files in entries if name == key), {})
+        if directory is None:
+            return {}
+        key, text = _directory_key(directory), str(directory)
+        # By the directory itself; else by the path as configured, which a symlink re-pointed while aegisd was
+        # stopped (a deploy switching releases) now resolves elsewhere: its files are what the operator means.
+        found = next((files for name, _, files in entries if name == key), None)
+        if found is None:
+            found = next((files for _, configured, files in entries if configured == text), {})
+        return dict(found)
 
     def save(self, directory: Path | None, remembered: Remembered) -> None:
         """Persist `remembered` for `directory`, as the most recent, if the file holds anything else; log a
         failure, never raise. The other directories' mappings stay (those of an unreadable file are lost)."""
         kept = self._on_disk if isinstance(self._on_disk, tuple) else ()
         key = _directory_key(directory)
-        others = tuple((name, files) for name, files in kept if name != key)
+        others = tuple(entry for entry in kept if entry[0] != key)
         # No directory, or nothing to remember for it: as good as no entry (load gives an empty mapping for both).
-        entries = (((key, dict(remembered)),) if key is not None and remembered else ()) + others
+        entries = (((key, str(directory), dict(remembered)),) if key is not None and remembered else ()) + others
         entries = entries[:MAX_DIRECTORIES]
         if entries == self._on_disk or (self._on_disk is _ABSENT and not entries):
             return
         body = json.dumps({"version": FORMAT_VERSION,
-                           "directories": [{"policies_dir": name, "files": files} for name, files in entries]},
+                           "directories": [{"policies_dir": name, "configured": configured, "files": files}
+                                           for name, configured, files in entries]},
                           indent=1, sort_keys=True).encode() + b"\n"
         try:
             _write_atomically(self.path, body)
@@ -150,6 +161,8 @@ def _decode(data: bytes) -> Entries:
         value: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"it is not JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError("it is nested too deeply to be what aegisd writes") from None
     version = value.get("version") if isinstance(value, dict) else None
     if version == 1:  # one mapping, for the one directory named (as configured then: resolved now)
         directory, files = value.get("policies_dir"), value.get("files")
@@ -157,20 +170,23 @@ def _decode(data: bytes) -> Entries:
             raise ValueError("its policies_dir or files field has the wrong type")
         files = _files(files)
         key = _directory_key(directory)
-        return ((key, files),) if key is not None and files else ()
+        return ((key, str(directory), files),) if key is not None and files else ()
     if version != FORMAT_VERSION:
         raise ValueError(f"it is not a version {FORMAT_VERSION} (or 1) policy memory")
     directories = value.get("directories")
     if not isinstance(directories, list):
         raise ValueError("its directories field has the wrong type")
-    entries: list[tuple[str, Remembered]] = []
+    entries: list[tuple[str, str, Remembered]] = []
     for item in directories:
         directory = item.get("policies_dir") if isinstance(item, dict) else None
         if not isinstance(directory, str) or not directory:
             raise ValueError("it holds a directory entry without a policies_dir")
-        if directory in (name for name, _ in entries):
+        configured = item.get("configured", directory)  # written since a review found the symlink case
+        if not isinstance(configured, str) or not configured:
+            raise ValueError("it holds a directory entry whose configured path is not text")
+        if directory in (name for name, _, _ in entries):
             raise ValueError(f"it holds two entries for the policy directory {directory!r}")
-        entries.append((directory, _files(item.get("files"))))
+        entries.append((directory, configured, _files(item.get("files"))))
     return tuple(entries)
 
 

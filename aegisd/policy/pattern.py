@@ -60,25 +60,25 @@ class PathPattern:
 class PathSet:
     """A rule's patterns as one RE2 set (`re2.Set`, anchored at both ends): a single pass over the path says
     whether any of them matches, as fast as Python's re on one pattern, where a call per pattern through the
-    `re2` module's match objects cost about 2.5 us each. Iterates over its PathPatterns."""
+    `re2` module's match objects cost about 2.5 us each. Patterns that compile alone but are too much for RE2
+    as one set (many long ones) get a set each. Iterates over its PathPatterns."""
 
-    __slots__ = ("_set", "patterns")
+    __slots__ = ("_sets", "patterns")
 
     def __init__(self, patterns: tuple[PathPattern, ...]) -> None:
         self.patterns = patterns
-        matcher = re2.Set.FullMatchSet(_options())
         try:
-            for pattern in patterns:
-                matcher.Add(pattern.text)
-            matcher.Compile()
+            self._sets = (_full_match_set(patterns),)
         except re2.error:
-            raise PatternError("the rule's patterns together are more than RE2 can compile (too many or too "
-                               "large); split the rule") from None
-        self._set = matcher
+            try:
+                self._sets = tuple(_full_match_set((pattern,)) for pattern in patterns)
+            except re2.error:
+                raise PatternError("a pattern of this rule is more than RE2 can compile for matching; shorten or "
+                                   "split it") from None
 
     def matches(self, path: bytes) -> bool:
         """Whether some pattern matches all of `path` (UTF-8, as `encode_path` gives it)."""
-        return self._set.Match(path) is not None
+        return any(matcher.Match(path) is not None for matcher in self._sets)
 
     def __iter__(self) -> Iterator[PathPattern]:
         return iter(self.patterns)
@@ -94,6 +94,15 @@ class PathSet:
 
     def __repr__(self) -> str:
         return f"PathSet({[p.text for p in self.patterns]!r})"
+
+
+def _full_match_set(patterns: tuple[PathPattern, ...]) -> Any:
+    """An RE2 set of `patterns`, each anchored at both ends; re2.error if RE2 cannot compile them together."""
+    matcher = re2.Set.FullMatchSet(_options())
+    for pattern in patterns:
+        matcher.Add(pattern.text)
+    matcher.Compile()
+    return matcher
 
 
 def encode_path(path: str) -> bytes:

@@ -150,6 +150,9 @@ class Vault:
         try:  # every way out but adoption wipes the key, a failing re-check (a read error, a restore) included
             with self._lock:
                 if self.state == "unlocked":  # another unlock came first (read again: the lock was let go)
+                    # The secret was right: on record, as a right one cut short by a lock is (vault_service).
+                    log.warning("vault unlock raced another unlock: the %s given was correct, and the vault was "
+                                "already unlocked", "passphrase" if kind == "passphrase" else "unlock key")
                     return False
                 if not self._unchanged(snapshot, master):
                     raise _changed_meanwhile("it was being unlocked")

@@ -307,6 +307,29 @@ class _Context:
         raise _Aborted(code, message)
 
 
+def test_a_right_secret_whose_unlock_another_unlock_beat_is_logged(
+        cheap_vault: Vault, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: an Unlock whose derivation another Unlock beat answered OK with nothing logged,
+    while a wrong guess in the same race is logged; the right one is on record now too (never the input)."""
+    cheap_vault.lock()
+    caplog.set_level(logging.WARNING, logger="aegisd.vault.vault")
+    derive = cheap_vault._open
+    raced: list[bool] = []
+
+    def derive_then_lose_the_race(*args: Any) -> Any:
+        master = derive(*args)
+        if not raced:  # the owner's unlock lands between this derivation and its re-check
+            raced.append(False)
+            raced[0] = cheap_vault.unlock(passphrase=PASSPHRASE)
+        return master
+
+    monkeypatch.setattr(cheap_vault, "_open", derive_then_lose_the_race)
+    assert cheap_vault.unlock(passphrase=PASSPHRASE) is False
+    assert raced == [True] and cheap_vault.state == "unlocked"
+    assert "vault unlock raced another unlock: the passphrase given was correct" in caplog.text
+    assert PASSPHRASE not in caplog.text
+
+
 @pytest.mark.parametrize("right", [True, False], ids=["right", "wrong"])
 @pytest.mark.parametrize("call", ["Unlock", "ChangePassphrase"])
 def test_a_right_secret_whose_call_a_lock_cut_short_is_logged(cheap_vault: Vault, monkeypatch: pytest.MonkeyPatch,

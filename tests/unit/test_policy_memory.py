@@ -55,12 +55,41 @@ def _stored(memory_path: Path) -> list[tuple[str, dict[str, str]]]:
     return [(entry["policies_dir"], entry["files"]) for entry in value["directories"]]
 
 
+def test_a_symlink_repointed_while_stopped_keeps_the_memory_of_the_path_configured(
+        tmp_path: Path, memory_path: Path) -> None:
+    """Found by a review: keyed only by the resolved path, a policies directory given as a symlink that a deploy
+    re-points to a new release while aegisd is stopped lost its memory, and a file broken in the new release
+    freed the agent it restricted. A directory not found by its resolved path is found by the path configured."""
+    first, second = tmp_path / "r1", tmp_path / "r2"
+    first.mkdir()
+    second.mkdir()
+    (first / "alice.yaml").write_text(ALICE)
+    (second / "alice.yaml").write_text(SWAPPED)
+    link = tmp_path / "policies"
+    link.symlink_to(first)
+    _started(link, memory_path)
+    link.unlink()
+    link.symlink_to(second)
+    store = _started(link, memory_path)
+    assert (_decision(store, "alice"), _decision(store, "mallory")) == ("invalid", "invalid")
+    assert _stored(memory_path)[0] == (str(second.resolve()), {"alice.yaml": "alice"})
+
+
+def test_a_memory_nested_too_deeply_is_unreadable_not_a_crash(policies: Path, memory_path: Path) -> None:
+    """Found by a review: json.loads raised RecursionError on deeply nested text, which stopped aegisd starting."""
+    memory_path.write_bytes(b"[" * 200_000)
+    (policies / "alice.yaml").write_text(SWAPPED)
+    store = _started(policies, memory_path)
+    assert (_decision(store, "alice"), _decision(store, "carol")) == ("invalid", "invalid")  # every agent: unknown
+
+
 def test_a_restart_keeps_the_last_valid_agent_of_a_broken_file(policies: Path, memory_path: Path) -> None:
     (policies / "alice.yaml").write_text(ALICE)
     _started(policies, memory_path)
     assert memory_path.stat().st_mode & 0o777 == 0o600
     assert json.loads(memory_path.read_text()) == {
-        "version": 2, "directories": [{"policies_dir": str(policies.resolve()), "files": {"alice.yaml": "alice"}}]}
+        "version": 2, "directories": [{"policies_dir": str(policies.resolve()), "configured": str(policies),
+                                       "files": {"alice.yaml": "alice"}}]}
     (policies / "alice.yaml").write_text(SWAPPED)
     store = _started(policies, memory_path)
     assert (_decision(store, "alice"), _decision(store, "mallory"), _decision(store, "carol")) == \

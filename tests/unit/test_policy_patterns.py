@@ -66,6 +66,19 @@ def test_a_rules_patterns_are_matched_as_one_set_exactly_as_each_would_match() -
         assert verdict is not None and verdict.allowed is alone, path
 
 
+def test_patterns_too_much_for_one_set_are_matched_a_set_each() -> None:
+    """Found by a review: patterns that each compile but not together (RE2's program size for one set) made a
+    rule invalid that was valid before sets; they now get a set each, matching exactly as before."""
+    patterns = [f"/a/[^/]{{1,1000}}/x{i}" for i in range(20)]
+    parsed = parse_policy("bot.yaml", _policy(*patterns))
+    assert parsed.valid, parsed.issues
+    policies = compile_set([parsed])
+    for path, allowed in (("/a/b/x7", True), ("/a/" + "b" * 1000 + "/x19", True), ("/a/" + "b" * 1001 + "/x1", False),
+                          ("/a/b/x20", False), ("/a/b/c/x1", False)):
+        verdict = policies.judge("bot", "svc", "GET", path, 0)
+        assert verdict is not None and verdict.allowed is allowed, path
+
+
 def test_a_repetition_count_with_leading_zeros_is_refused_not_crashed_on() -> None:
     """Python's re reads `a{02}` as two `a`s, RE2 as the text `a{02}`: refused, like the other braces the two
     read differently. Thousands of zeros (int() refuses over 4,300 digits) get the same answer, not a crash."""
