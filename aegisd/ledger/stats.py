@@ -61,10 +61,17 @@ def ledger_stats(path: str | os.PathLike[str], *, top: int = 10, **filters: Any)
     conn = open_reader(path)
     try:
         conn.execute("BEGIN")
-        if _spans_every_row(conn, filters):  # `--since 30d` on a younger ledger: every row, so no filter
-            filters = {**filters, "since_ms": None, "until_ms": None}
         clauses, params = filter_clauses(**filters)
-        return _stats(conn, clauses, params, top) if clauses else _unfiltered_stats(conn, top)
+        if not clauses:
+            return _unfiltered_stats(conn, top)
+        if _spans_every_row(conn, filters):  # `--since 30d` on a younger ledger: every row, so no filter
+            counted = _unfiltered_stats(conn, top)
+            # The time index said so; the table's own first and last times (read in that count) must agree.
+            if _within(counted.first_time_ms, filters) and _within(counted.last_time_ms, filters):
+                return counted
+            log.warning("ledger.db's time index disagrees with its table; `ledger stats` counted from the table "
+                        "instead. Run `aegisctl ledger verify`.")
+        return _stats(conn, clauses, params, top)
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot read the ledger: {exc}") from None
     finally:
@@ -82,6 +89,11 @@ def _spans_every_row(conn: sqlite3.Connection, filters: dict[str, Any]) -> bool:
     if not (isinstance(first, int) and isinstance(last, int)):  # no rows, or a time that is not a number
         return False
     return (since is None or since <= first) and (until is None or last < until)
+
+
+def _within(time_ms: int | None, filters: dict[str, Any]) -> bool:
+    since, until = filters.get("since_ms"), filters.get("until_ms")
+    return isinstance(time_ms, int) and (since is None or since <= time_ms) and (until is None or time_ms < until)
 
 
 def _where(clauses: list[str], *more: str) -> str:

@@ -4,11 +4,11 @@ An invalid file fails closed for the agent its last valid version named (docs/po
 fail closed"); were that remembered in memory only, a file broken while aegisd was stopped, or before a
 restart, would free the agent it restricted. The file is JSON, private (0600) and replaced atomically.
 It keeps one mapping per policy directory, by the directory's resolved path, for the most recent
-MAX_DIRECTORIES of them: the memory of another directory's namesake file is never applied, and naming
-the same directory by another path (a symlink, its real path) or switching to another directory and back
-keeps what was remembered. A directory not found by its resolved path is looked up by the path as
-configured: a symlink re-pointed while aegisd was stopped (a deploy switching releases) keeps the mapping of
-the files it names. Version 1 files (one mapping, for the one directory they name) are still read.
+MAX_DIRECTORIES of them: naming the same directory by another path (a symlink, its real path) or switching
+to another directory and back keeps what was remembered. An entry is also found by the path as configured:
+a symlink re-pointed while aegisd was stopped (a deploy switching releases) keeps the mapping of the files it
+names, as a running aegisd would; the most recent entry found either way applies. Otherwise another
+directory's namesake file is not bound. Version 1 files (one mapping, for the one directory) are still read.
 """
 
 from __future__ import annotations
@@ -86,12 +86,10 @@ class PolicyMemory:
         if directory is None:
             return {}
         key, text = _directory_key(directory), str(directory)
-        # By the directory itself; else by the path as configured, which a symlink re-pointed while aegisd was
-        # stopped (a deploy switching releases) now resolves elsewhere: its files are what the operator means.
-        found = next((files for name, _, files in entries if name == key), None)
-        if found is None:
-            found = next((files for _, configured, files in entries if configured == text), {})
-        return dict(found)
+        # The most recent entry for the directory itself or for the path as configured, which a symlink
+        # re-pointed while aegisd was stopped (a deploy switching releases) now resolves elsewhere: what a
+        # running aegisd would have carried over.
+        return dict(next((files for name, configured, files in entries if name == key or configured == text), {}))
 
     def save(self, directory: Path | None, remembered: Remembered) -> None:
         """Persist `remembered` for `directory`, as the most recent, if the file holds anything else; log a

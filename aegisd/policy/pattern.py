@@ -29,6 +29,9 @@ MAX_REPEAT = 1000
 # RE2 parses some malformed patterns in time quadratic in their length (`[[:` repeated: half a second at
 # 64 KiB); a path pattern longer than this is refused before RE2 sees it.
 MAX_PATTERN_LENGTH = 8192
+# A rule whose patterns RE2 cannot compile as one set gets a set each, up to this many: past it the rule is refused
+# rather than scanning a long path this many times on the gate's event loop.
+MAX_SEPARATE_SETS = 20
 
 
 class PatternError(ValueError):
@@ -70,6 +73,9 @@ class PathSet:
         try:
             self._sets = (_full_match_set(patterns),)
         except re2.error:
+            if len(patterns) > MAX_SEPARATE_SETS:  # each set is a pass over the path, on the gate's event loop
+                raise PatternError(f"the rule's {len(patterns)} patterns are more than RE2 can match together; "
+                                   f"shorten them, or split them over rules of at most {MAX_SEPARATE_SETS}") from None
             try:
                 self._sets = tuple(_full_match_set((pattern,)) for pattern in patterns)
             except re2.error:

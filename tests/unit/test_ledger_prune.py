@@ -507,6 +507,30 @@ def test_a_time_range_holding_every_row_is_counted_as_no_filter(db: Path) -> Non
         assert ledger_stats(db, since_ms=T0, agent="claude").rows == 15
 
 
+def test_a_time_index_that_lacks_rows_does_not_widen_a_time_range(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: the every-row shortcut read the first and last times from the time index; rebuilt
+    without the oldest row, it let `--since` count that row. The table's own first and last times must agree."""
+    async def main() -> None:
+        writer = await started(db)
+        for i in range(10):
+            await writer.append(entry(i))
+        await writer.close()
+
+    asyncio.run(main())
+    original = "CREATE INDEX ledger_time ON ledger (time_ms)"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP INDEX ledger_time")
+    conn.execute(f"{original} WHERE time_ms > {T0}")
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'ledger_time'", (original,))
+    conn.execute("PRAGMA writable_schema = OFF")
+    conn.close()
+    caplog.set_level(logging.WARNING, logger="aegisd.ledger.stats")
+    later = ledger_stats(db, since_ms=T0 + 1)
+    assert later.rows == 9 and later.first_time_ms == T0 + 1
+    assert "time index disagrees with its table" in caplog.text
+
+
 def test_a_replace_whose_rename_is_not_made_durable_says_the_file_moved_and_drops_the_key(
         tmp_path: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by a cold review: when the rename succeeded but the directory's fsync failed, the caller heard

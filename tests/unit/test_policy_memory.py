@@ -75,6 +75,28 @@ def test_a_symlink_repointed_while_stopped_keeps_the_memory_of_the_path_configur
     assert _stored(memory_path)[0] == (str(second.resolve()), {"alice.yaml": "alice"})
 
 
+def test_the_most_recent_entry_for_the_configured_path_wins(tmp_path: Path, memory_path: Path) -> None:
+    """Found by a review: blue names alice, a deploy points the symlink at green (naming bob), then, while
+    aegisd is stopped, back at a new release in blue whose file is broken. A running aegisd would have carried
+    bob over; the older entry under blue's resolved path must not win over the newer one for the path."""
+    blue, green = tmp_path / "blue", tmp_path / "green"
+    for release in (blue, green):
+        release.mkdir()
+    (blue / "alice.yaml").write_text(ALICE)
+    (green / "alice.yaml").write_text(ALICE.replace("agent: alice", "agent: mallory"))
+    link = tmp_path / "policies"
+    link.symlink_to(blue)
+    _started(link, memory_path)
+    link.unlink()
+    link.symlink_to(green)
+    _started(link, memory_path)
+    link.unlink()
+    link.symlink_to(blue)
+    (blue / "alice.yaml").write_text("agent: carol\nrules: [broken\n")
+    store = _started(link, memory_path)
+    assert _decision(store, "mallory") == "invalid" and _decision(store, "carol") == "invalid"
+
+
 def test_a_memory_nested_too_deeply_is_unreadable_not_a_crash(policies: Path, memory_path: Path) -> None:
     """Found by a review: json.loads raised RecursionError on deeply nested text, which stopped aegisd starting."""
     memory_path.write_bytes(b"[" * 200_000)

@@ -13,7 +13,7 @@ import re2
 from aegisd.policy import PolicyStore, compile_set, parse_policy
 from aegisd.policy.model import PolicyFile
 from aegisd.policy.parse import MAX_ENTRIES, MAX_PATH_PATTERNS, MAX_RULES
-from aegisd.policy.pattern import MAX_PATTERN_LENGTH, PathPattern, compile_path
+from aegisd.policy.pattern import MAX_PATTERN_LENGTH, MAX_SEPARATE_SETS, PathPattern, compile_path
 
 
 def _policy(*patterns: str) -> bytes:
@@ -77,6 +77,13 @@ def test_patterns_too_much_for_one_set_are_matched_a_set_each() -> None:
                           ("/a/b/x20", False), ("/a/b/c/x1", False)):
         verdict = policies.judge("bot", "svc", "GET", path, 0)
         assert verdict is not None and verdict.allowed is allowed, path
+
+
+def test_a_rule_needing_more_separate_sets_than_the_cap_is_refused() -> None:
+    """Each separate set is one more pass over the path on the event loop: past MAX_SEPARATE_SETS the rule is
+    refused (fails closed) rather than made slow."""
+    (issue,) = _issues(*(f"/a/[^/]{{1,1000}}/x{i}" for i in range(MAX_SEPARATE_SETS + 1)))
+    assert f"split them over rules of at most {MAX_SEPARATE_SETS}" in issue
 
 
 def test_a_repetition_count_with_leading_zeros_is_refused_not_crashed_on() -> None:
