@@ -74,4 +74,4 @@ class OutcomeSink:
                 expires_at = route.expires_at if route is not None else None
                 self._webhooks.expiry.on_refused(found, entry.credential, entry.service, expires_at)
             elif dispatcher.wants(name):
-                dispatcher.emit(name, found, unauthenticated=not entry.agent)
+                dispatcher.emit(name, found, unauthenticated=not entry.agent, agent=entry.agent)

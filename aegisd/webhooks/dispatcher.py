@@ -43,6 +43,10 @@ RETRY_STATUSES = frozenset({408, 425, 429})
 TEST_DETAILS = {"message": "a test delivery from `aegisctl webhook test`"}
 # Deliveries of events raised by requests that named no agent may hold this share of queue_size at most.
 UNAUTHENTICATED_SHARE = 4  # one in four
+# Deliveries of one event raised by one agent's requests may hold this share of queue_size at most, so that an
+# agent flooding refusals (they come before rate limits) cannot crowd out its own later alert of another kind (the
+# body_inspection of an exfiltration), another agent's, or the daemon's own.
+AGENT_SHARE = 4  # one in four
 DROP_SUMMARY_SECONDS = 5.0  # after a first drop, one line says how many more were dropped meanwhile
 
 
@@ -59,6 +63,7 @@ class Delivery:
     body: bytes = b""
     generation: int = -1  # of its target when queued; see Dispatcher.set_targets
     unauthenticated: bool = False  # raised by a request that named no agent: held within their share
+    agent: str = ""  # the agent whose request raised it: held within that agent's share for this event
 
     def payload(self) -> bytes:
         if not self.body:
@@ -99,6 +104,8 @@ class Dispatcher:
         self._bound = config.webhook_queue_size
         self._unauthenticated_bound = max(1, config.webhook_queue_size // UNAUTHENTICATED_SHARE)
         self._unauthenticated = 0  # such deliveries queued, being sent or waiting for a retry
+        self._agent_bound = max(1, config.webhook_queue_size // AGENT_SHARE)
+        self._by_agent: dict[tuple[str, str], int] = {}  # the same per (agent, event); an entry goes at 0
         self._dropping = 0  # drops since the last summary line
         self._dropping_since = 0.0
         self._by_event: dict[str, tuple[Target, ...]] = {}
@@ -138,12 +145,13 @@ class Dispatcher:
     def wants(self, event: str) -> bool:
         return event in self._by_event
 
-    def emit(self, event: str, details: dict[str, Any], *, unauthenticated: bool = False) -> None:
+    def emit(self, event: str, details: dict[str, Any], *, unauthenticated: bool = False, agent: str = "") -> None:
         """Queue `event` for every webhook subscribed to it; never waits, counts what does not fit.
-        `unauthenticated`: raised by a request that named no agent, held within that share of the queue."""
+        `unauthenticated`: raised by a request that named no agent, held within that share of the queue;
+        `agent`: raised by that agent's request, held within its share."""
         for target in self._by_event.get(event, ()):
             self._offer(Delivery(target, event, details, generation=self._live.get(target.id, -1),
-                                 unauthenticated=unauthenticated))
+                                 unauthenticated=unauthenticated, agent=agent))
 
     @property
     def queue_depth(self) -> int:
@@ -194,6 +202,10 @@ class Dispatcher:
         if delivery.unauthenticated and not in_share and self._unauthenticated >= self._unauthenticated_bound:
             self._dropped("the share of events raised without an agent token is full")
             return False
+        if delivery.agent and not in_share and self._by_agent.get((delivery.agent, delivery.event), 0) >= \
+                self._agent_bound:
+            self._dropped("the share one event of one agent's requests may hold is full")
+            return False
         if self._queue.qsize() + len(self._retries) >= self._bound:
             if not self._retries or delivery.unauthenticated:  # those never push another delivery out
                 self._dropped("queue_size reached")
@@ -202,15 +214,27 @@ class Dispatcher:
             handle.cancel()
             self._release(handle)
             self._dropped("queue_size reached; the oldest delivery waiting for a retry made room")
-        if delivery.unauthenticated and not in_share:
-            self._unauthenticated += 1
+        if not in_share:
+            self._count(delivery, 1)
         return True
+
+    def _count(self, delivery: Delivery, change: int) -> None:
+        """Count a delivery into (1) or out of (-1) the share it is held within, if any."""
+        if delivery.unauthenticated:
+            self._unauthenticated += change
+        elif delivery.agent:
+            key = (delivery.agent, delivery.event)
+            held = self._by_agent.get(key, 0) + change
+            if held > 0:
+                self._by_agent[key] = held
+            else:
+                self._by_agent.pop(key, None)
 
     def _release(self, handle: asyncio.TimerHandle) -> Delivery | None:
         """Forget a delivery waiting for a retry (its timer fired or was cancelled)."""
         delivery = self._retries.pop(handle, None)
-        if delivery is not None and delivery.unauthenticated:
-            self._unauthenticated -= 1
+        if delivery is not None:
+            self._count(delivery, -1)
         return delivery
 
     def _dropped(self, why: str) -> None:
@@ -247,8 +271,8 @@ class Dispatcher:
             self._queue.task_done()
             if self._current(delivery):
                 kept.append(delivery)
-            elif delivery.unauthenticated:
-                self._unauthenticated -= 1
+            else:
+                self._count(delivery, -1)
         for delivery in kept:
             self._queue.put_nowait(delivery)
 
@@ -261,8 +285,8 @@ class Dispatcher:
             except Exception:
                 log.exception("webhook worker error")
             finally:
-                if delivery.unauthenticated and not retrying:  # done with: its place in the share is free
-                    self._unauthenticated -= 1
+                if not retrying:  # done with: its place in its share is free
+                    self._count(delivery, -1)
                 self._queue.task_done()
 
     async def _attempt(self, delivery: Delivery) -> bool:
@@ -273,6 +297,8 @@ class Dispatcher:
         result = await self._post(delivery)
         if result.delivered:
             self.delivered += 1
+            return False
+        if not self._current(delivery):  # gone while it was sent (locked, removed): no retry holds its secret
             return False
         fields = {"webhook": delivery.target.id, "event": delivery.event, "delivery": delivery.id,
                   "attempt": delivery.attempts, "status": result.status, "error": result.error}

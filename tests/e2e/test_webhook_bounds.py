@@ -18,6 +18,8 @@ from aegisd.gate.unauthenticated import BURST
 from tests.e2e.ops_support import Scrape, add_webhook, ops_world, refused
 from tests.webhook_receiver import Receiver
 
+LEAKED = "sk-flooded-secret-5Rt8Yp2Wq7"
+
 
 def _pipelined(port: int, count: int, token: str = "", status: int = 401) -> int:
     """Send `count` requests on one connection at once (with `token`, if any); how many got `status`."""
@@ -83,6 +85,36 @@ def test_a_tokenless_flood_cannot_crowd_out_an_alert_about_a_real_agent() -> Non
         assert "webhook queue full; deliveries dropped" in log
         _until("no summary of the dropped deliveries was logged",
                lambda: "webhook deliveries dropped" in world.aegis.log(), timeout=15)
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
+    finally:
+        receiver.stop()
+        world.close()
+
+
+def test_an_agents_flood_of_refusals_cannot_crowd_out_its_own_later_alert() -> None:
+    """Found by a cold review: events raised by a real agent had no share of their own, so a prompt-injected
+    agent could flood cheap refusals (not_granted comes before rate limits) and then exfiltrate in warn mode:
+    the body_inspection alert found the queue full. One event of one agent holds a quarter of it at most."""
+    world = ops_world("[webhooks]\nqueue_size = 20\nworkers = 1\n")
+    receiver = Receiver(hold=True).start()
+    try:
+        up = world.upstream()
+        world.credential("open", LEAKED, up.entry(), "--body-inspection", "warn")
+        token = world.agent("evil", "open")
+        add_webhook(world, receiver, "blocked_request,body_inspection")
+        assert _pipelined(world.port, 300, token, 403) == 300  # /svc is not granted: blocked_request each
+        _until("the agent's flood never filled its share of the webhook queue",
+               lambda: Scrape(world).value("aegis_webhook_dropped_total") > 0)
+        leak = world.call("POST", "/open/echo/leak", [("Content-Type", "application/json")],
+                          json.dumps({"note": LEAKED}).encode(), agent="evil")
+        assert leak.status == 200, leak.text()
+        world.received.remove(leak.text())  # the upstream's echo of what the agent sent
+        receiver.release()
+        _until("the agent's body_inspection alert was crowded out",
+               lambda: any(d.payload["details"].get("request_id") == leak.request_id
+                           for d in receiver.of("body_inspection")))
+        # One event of one agent holds a quarter of queue_size (5 of 20), the delivery the worker held included.
+        assert len(receiver.of("blocked_request")) <= 20 // 4 + 1, len(receiver.of("blocked_request"))
         world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
     finally:
         receiver.stop()
