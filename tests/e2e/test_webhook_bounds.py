@@ -170,16 +170,18 @@ def test_retries_waiting_on_a_failing_receiver_count_against_the_queue_bound() -
     world = ops_world(f"[webhooks]\nqueue_size = {bound}\nworkers = 2\nretry_delay = 60\n")
     receiver = Receiver(fail_first=10**9).start()
     try:
-        token = world.agent("bot")  # no grants: each call raises blocked_request
+        # No grants: each call raises blocked_request. Five agents, since one agent's event holds a quarter of
+        # the queue at most: together they can fill it.
+        tokens = [world.agent(f"bot{n}") for n in range(5)]
         add_webhook(world, receiver, "agent_auth_failure,blocked_request")
-        flood, answered = _flood_in_background(world.port, 800, token, 403)
+        floods = [_flood_in_background(world.port, 300, token, 403) for token in tokens]
         tokenless, tokenless_answered = _flood_in_background(world.port, 800)
         held = []
-        while flood.is_alive() or tokenless.is_alive():
+        while any(flood.is_alive() for flood, _ in floods) or tokenless.is_alive():
             scrape = Scrape(world)
             held.append(scrape.value("aegis_webhook_queue_depth") + scrape.value("aegis_webhook_retries_pending"))
             time.sleep(0.02)
-        assert answered == [800] and tokenless_answered == [800]
+        assert [answered for _, answered in floods] == [[300]] * 5 and tokenless_answered == [800]
         _until("the receiver was never tried", lambda: receiver.attempts > bound)
         time.sleep(1)  # the workers finish what was queued: each failure waits for its retry
         scrape = Scrape(world)
