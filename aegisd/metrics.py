@@ -1,21 +1,24 @@
 """Prometheus metrics for `/_aegis/metrics`: request counters and latencies, and state read at scrape time.
 
 Label values come only from operator-defined names (agent, service) and fixed sets (method,
-status, reason codes), never from what an agent typed: a service the routing table does not know
-is counted as "unknown", so a flood of made-up names cannot grow the series without bound, and
-no label ever holds a path, token or secret. Our own registry keeps library metrics out.
+status, reason codes), never from what an agent typed or an upstream sent: a service is named only
+for a request whose agent holds a grant for it (anything else is counted as "unknown", so neither a
+flood of made-up names can grow the series nor a tokenless prober learn which services exist), a
+status outside the standard ones is "other", and no label ever holds a path, token or secret. Our
+own registry keeps library metrics out.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 
 from aegisd.errors import AegisError
 from aegisd.ledger import LedgerWriter, now_ms
@@ -32,6 +35,11 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
 UNKNOWN_SERVICE = "unknown"
 OPERATOR_SERVICE = "_aegis"  # /_aegis/... endpoints that are ledgered (an agent's own /_aegis/services)
 NO_AGENT = ""  # the request was not authenticated
+# The status label: a standard status as itself, anything else an upstream sends (599, 799) as "other",
+# so an upstream cannot grow the series by the hundred per service, method and agent. 0: a request cut at
+# a stop before any answer.
+STATUS_LABELS = {0: "0"} | {int(status): str(int(status)) for status in HTTPStatus if 100 <= status <= 599}
+OTHER_STATUS = "other"
 # A local proxy answers refusals in well under a millisecond and streams LLM replies for many seconds.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Expiry states come from the metadata sealed with each secret; "failing": the row does not authenticate
@@ -56,15 +64,15 @@ class GateMetrics:
                                   "headers arrived.", ("service",), buckets=DURATION_BUCKETS, registry=self.registry)
         self.registry.register(_ScrapeTimeState(vault, ledger, webhooks, connections))
         # The series children by label values: as bounded as the labels themselves.
-        self._series: dict[tuple[str, str, int, str], tuple[Any, Any, Any]] = {}
+        self._series: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
 
     def observe(self, service: str, method: str, status: int, agent: str, reason: str, denied: bool,
                 seconds: float, upstream_seconds: float | None) -> None:
         """Count one gate outcome; `service` must already be a known service name or "unknown"."""
-        key = (service, method if method in METHODS else "OTHER", status, agent)
+        key = (service, method if method in METHODS else "OTHER", STATUS_LABELS.get(status, OTHER_STATUS), agent)
         series = self._series.get(key)
         if series is None:  # labels() is the costly part of a hot-path update; look each series up once
-            series = self._series[key] = (self.requests.labels(key[0], key[1], str(status), agent),
+            series = self._series[key] = (self.requests.labels(*key),
                                           self.duration.labels(service), self.upstream.labels(service))
         requests, duration, upstream = series
         requests.inc()
@@ -75,14 +83,22 @@ class GateMetrics:
             self.blocked.labels(service, reason, agent).inc()
 
     def render(self, accept: str) -> tuple[bytes, str]:
-        """The exposition in the format the scraper asked for, and its content type. Blocks briefly (SQLite)."""
-        encoder, content_type = choose_encoder(accept)
+        """The exposition in the format the scraper asked for, and its content type. Blocks briefly (SQLite).
+        An Accept header prometheus_client cannot parse (`version=abc` makes it raise) gets the text format."""
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except Exception:  # anyone can send any Accept: it must not turn a scrape into a 500
+            encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4  # as without an Accept
         return encoder(self.registry), content_type
 
 
-def service_label(service: str, known: Mapping[str, Any]) -> str:
-    """The vault's name for the service, "_aegis" for the gate's own endpoints, else "unknown"."""
-    return service if service in known or service == OPERATOR_SERVICE else UNKNOWN_SERVICE
+def service_label(service: str, granted: bool, known: Mapping[str, Any]) -> str:
+    """The vault's name for the service when the request's agent holds a grant for it (`granted`: it got
+    past the grant check), "_aegis" for the gate's own endpoints, else "unknown": a request without a
+    token, or refused not_granted, must not tell anyone which service names the vault defines."""
+    if service == OPERATOR_SERVICE:
+        return OPERATOR_SERVICE
+    return service if granted and service in known else UNKNOWN_SERVICE
 
 
 class _ScrapeTimeState:

@@ -7,7 +7,8 @@ token, past gate/unauthenticated.py's rate) is only counted: anyone who can reac
 otherwise fill the log and crowd real alerts out of the webhook queue. Its summary row is the record.
 Logged fields are the ledger's own and never include a token, a secret or a query string;
 the service is named only when the routing table knows it, so an agent cannot write
-arbitrary text into the log through the path.
+arbitrary text into the log through the path. The metrics, which anyone who can reach the gate may
+read, name it only for a request whose agent holds a grant for it (metrics.service_label).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from aegisd.gate.routing import Route, RoutingState
 from aegisd.ledger import LedgerEntry
 from aegisd.logs import event
-from aegisd.metrics import NO_AGENT, GateMetrics, service_label
+from aegisd.metrics import NO_AGENT, OPERATOR_SERVICE, UNKNOWN_SERVICE, GateMetrics, service_label
 from aegisd.webhooks import Webhooks
 from aegisd.webhooks.events import details, events_for
 
@@ -45,23 +46,30 @@ class OutcomeSink:
         table = self._routing.table
         if table is not None:
             self._known = table.routes  # while locked, keep naming the services known at the last unlock
-        service = service_label(entry.service, self._known)
         denied = entry.decision == "denied"
         if self.metrics is not None:
-            self.metrics.observe(service, entry.method, entry.status, entry.agent or NO_AGENT, entry.reason, denied,
-                                 entry.duration_ms / 1000, upstream_seconds)
+            # The credential is set once the grant check passed: only then is the service's name the agent's to see.
+            granted = entry.credential != "" and entry.reason != "not_granted"
+            self.metrics.observe(service_label(entry.service, granted, self._known), entry.method, entry.status,
+                                 entry.agent or NO_AGENT, entry.reason, denied, entry.duration_ms / 1000,
+                                 upstream_seconds)
         if not denied:
             if log.isEnabledFor(logging.DEBUG):
                 event(log, logging.DEBUG, "request allowed", request_id=entry.request_id, agent=entry.agent,
-                      service=service, method=entry.method, status=entry.status, duration_ms=entry.duration_ms)
+                      service=self._log_name(entry.service), method=entry.method, status=entry.status,
+                      duration_ms=entry.duration_ms)
             if not entry.flags:
                 return
         elif not itemised:
             return  # counted in the metrics and in the ledger's unauthenticated_flood summary only
         else:
             event(log, logging.INFO, "request refused", request_id=entry.request_id, agent=entry.agent or "-",
-                  service=service, reason=entry.reason, status=entry.status)
+                  service=self._log_name(entry.service), reason=entry.reason, status=entry.status)
         self._notify(entry)
+
+    def _log_name(self, service: str) -> str:
+        """The operator's log names any service the vault defines (a not_granted refusal says which was tried)."""
+        return service if service in self._known or service == OPERATOR_SERVICE else UNKNOWN_SERVICE
 
     def _notify(self, entry: LedgerEntry) -> None:
         dispatcher = self._webhooks.dispatcher

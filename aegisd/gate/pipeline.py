@@ -133,6 +133,11 @@ class GatePipeline:
         self._listen_hosts = frozenset({config.gate_host.lower()})
         self._unauthenticated = UnauthenticatedRows(ledger.append_nowait)
 
+    def stopped(self) -> None:
+        """The gate has stopped and every request is recorded: write what is still pending (the summary of
+        unrecorded unauthenticated refusals) while the ledger is open."""
+        self._unauthenticated.flush()
+
     async def handle(self, request: GateRequest) -> None:
         """Answer one request (through `request`) and commit its ledger row."""
         self.in_flight += 1

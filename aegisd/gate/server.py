@@ -90,6 +90,7 @@ class GateServer:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        self.pipeline.stopped()  # the flood summary a stop right after a flood would lose: the ledger closes next
 
 
 def raise_descriptor_limit(wanted: int) -> None:

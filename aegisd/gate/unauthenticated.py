@@ -33,6 +33,7 @@ class UnauthenticatedRows:
         self._tokens, self._at = float(burst), time.monotonic()
         self._left_out = 0
         self._since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def admit(self) -> bool:
         """Whether this refusal gets its row; if not, it is counted for the next summary row."""
@@ -44,11 +45,20 @@ class UnauthenticatedRows:
             return True
         if not self._left_out:
             self._since = now
-            asyncio.get_running_loop().call_later(SUMMARY_AFTER_SECONDS, self._summarise)
+            self._timer = asyncio.get_running_loop().call_later(SUMMARY_AFTER_SECONDS, self._summarise)
         self._left_out += 1
         return False
 
+    def flush(self) -> None:
+        """Write the pending summary now rather than when its timer fires: the gate is stopping, and the
+        ledger closes before the timer would."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._left_out:
+            self._summarise()
+
     def _summarise(self) -> None:
+        self._timer = None
         count, seconds = self._left_out, time.monotonic() - self._since
         self._left_out = 0
         detail = (f"{count} refusals of requests without a valid agent token in {seconds:.1f} s were not recorded "

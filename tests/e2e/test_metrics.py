@@ -67,12 +67,13 @@ def test_metrics_after_traffic() -> None:
         assert value("aegis_requests_total", service="bear", method="POST", status="200", agent="bot") == 1
         assert value("aegis_requests_total", service="bear", method="OTHER", status="200", agent="bot") == 1
         assert value("aegis_requests_total", service="bear", method="GET", status="503", agent="bot") == 1
-        assert value("aegis_requests_total", service="bear", method="GET", status="401", agent="") == 2
+        # Refused before the grant check (no token, a bad one): the service is not named, as it is not to them.
+        assert value("aegis_requests_total", service="unknown", method="GET", status="401", agent="") == 2
         assert value("aegis_requests_total", service="unknown", method="GET", status="403", agent="bot") == 20
-        assert value("aegis_requests_blocked_total", service="bear", reason="agent_auth_required", agent="") == 1
-        assert value("aegis_requests_blocked_total", service="bear", reason="agent_auth_invalid", agent="") == 1
+        assert value("aegis_requests_blocked_total", service="unknown", reason="agent_auth_required", agent="") == 1
+        assert value("aegis_requests_blocked_total", service="unknown", reason="agent_auth_invalid", agent="") == 1
         assert value("aegis_requests_blocked_total", service="unknown", reason="not_granted", agent="bot") == 20
-        assert value("aegis_request_duration_seconds_count", service="bear") == 6
+        assert value("aegis_request_duration_seconds_count", service="bear") == 4
         assert value("aegis_upstream_duration_seconds_count", service="bear") == 4  # only forwarded requests
         buckets = {float(s.labels["le"]) for s in scrape.named("aegis_request_duration_seconds_bucket")}
         assert min(buckets) == 0.0005 and max(buckets - {float("inf")}) == 30.0
@@ -119,7 +120,7 @@ def test_metrics_after_traffic() -> None:
         assert locked.value("aegis_credentials_total", status="unchecked") == 3
         assert locked.value("aegis_credentials_total", status="active") == 0
         refused(world.call("GET", "/bear/echo/f", agent="bot"), 503, "vault_locked")
-        assert Scrape(world).value("aegis_requests_blocked_total", service="bear", reason="vault_locked",
+        assert Scrape(world).value("aegis_requests_blocked_total", service="unknown", reason="vault_locked",
                                    agent="") == 1
         world.aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
         assert request(world.port, "GET", "/_aegis/health").json()["vault"] == "unlocked"
@@ -128,6 +129,51 @@ def test_metrics_after_traffic() -> None:
         assert (again.value("aegis_credentials_total", status="active"),
                 again.value("aegis_credentials_total", status="unchecked")) == (1, 0)
         world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_an_accept_header_the_library_cannot_parse_gets_the_text_format() -> None:
+    """prometheus_client raises on `version=abc`: that was a 500 and an ERROR line per request, no token needed."""
+    world = ops_world()
+    try:
+        for accept in ("application/openmetrics-text; version=abc", "application/openmetrics-text; version=1.x"):
+            reply = request(world.port, "GET", "/_aegis/metrics", [("Accept", accept)])
+            assert reply.status == 200, (accept, reply.text())
+            assert reply.header("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+            assert b"# TYPE aegis_vault_unlocked gauge" in reply.body
+        time.sleep(0.3)
+        log = world.aegis.log()
+        assert "gate failed" not in log and "internal_error" not in log
+        assert not [row for row in world.ledger() if row["reason"] == "internal_error"]
+    finally:
+        world.close()
+
+
+def test_metrics_name_a_service_only_to_a_request_granted_it() -> None:
+    """Without a token, or without a grant, probing service names and then scraping must not tell which exist."""
+    world = ops_world()
+    try:
+        up = world.upstream()
+        world.credential("prod-payments", SECRET, up.entry())
+        world.credential("other", SOON_SECRET, up.entry())
+        world.agent("bot", "other")
+        world.agent("payer", "prod-payments")
+        for guess in ("prod-payments", "prod-billing"):
+            refused(world.call("GET", f"/{guess}/x"), 401, "agent_auth_required")  # no token
+            refused(world.call("GET", f"/{guess}/x", agent="bot"), 403, "not_granted")  # no grant
+        scrape = Scrape(world)
+        assert "prod-payments" not in scrape.text
+        assert scrape.value("aegis_requests_blocked_total", service="unknown", reason="agent_auth_required",
+                            agent="") == 2
+        assert scrape.value("aegis_requests_blocked_total", service="unknown", reason="not_granted", agent="bot") == 2
+        # The agent that holds the grant is counted under the name.
+        assert world.call("GET", "/prod-payments/echo", agent="payer").status == 200
+        assert Scrape(world).value("aegis_requests_total", service="prod-payments", method="GET", status="200",
+                                   agent="payer") == 1
+        # The operator's log still says which service was tried.
+        assert [line for line in world.aegis.log().splitlines() if "request refused" in line
+                and "agent=bot service=prod-payments reason=not_granted" in line]
     finally:
         world.close()
 

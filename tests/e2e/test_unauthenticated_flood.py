@@ -4,6 +4,7 @@ steady rate their refusals are counted, and one system row says how many, throug
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 
@@ -58,6 +59,27 @@ def test_refusals_past_the_rate_are_counted_in_one_row_and_agents_keep_theirs() 
         assert {r["reason"] for r in rows if r["path"] == "/flood"} == {"not_found"}  # recorded, within the budget
         assert any(r["path"] == "/echo/agent" and r["agent"] == "bot" for r in rows)
         assert "were not recorded one by one" in world.aegis.log()
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_a_stop_right_after_a_flood_still_writes_its_summary_row() -> None:
+    """The summary row waits SUMMARY_AFTER_SECONDS on a timer; a stop before it fires flushes it, so the
+    refusals left out are accounted for rather than lost with the timer."""
+    world = GateWorld.start()
+    try:
+        count = BURST + 300
+        assert _pipelined(world.port, count) == count
+        world.aegis.stop(signal.SIGTERM)  # at once: well within the summary's second
+        assert "were not recorded one by one" in world.aegis.log()
+        world.aegis.start()
+        world.unlock()
+        rows = json.loads(world.aegis.ctl("ledger", "show", "--json", "--limit", "100000").ok().out)
+        recorded = sum(r["reason"] in ("agent_auth_required", "not_found") for r in rows)
+        summaries = [r for r in rows if r["reason"] == "unauthenticated_flood"]
+        assert summaries, recorded
+        assert recorded + sum(int(r["detail"].split()[0]) for r in summaries) == count
         world.assert_no_leaks()
     finally:
         world.close()

@@ -1258,12 +1258,14 @@ class StandInConfig:
 
 
 class StandInPipeline:
-    """What GateServer uses of GatePipeline: config.read_timeout, draining, in_flight and the two answers."""
+    """What GateServer uses of GatePipeline: config.read_timeout, draining, in_flight, the two answers and
+    `stopped` (which writes what the ledger still owes at a stop)."""
 
     def __init__(self, read_timeout: float, answer: Answer = echo) -> None:
         self.config = StandInConfig(read_timeout)
         self.draining = False
         self.in_flight = 0
+        self.stops = 0
         self.handler = Handler(answer)
 
     async def handle(self, request: GateRequest) -> None:
@@ -1275,6 +1277,9 @@ class StandInPipeline:
 
     async def refuse_malformed(self, request: GateRequest, status: int, message: str) -> None:
         await self.handler.refuse_malformed(request, status, message)
+
+    def stopped(self) -> None:
+        self.stops += 1
 
 
 @contextlib.asynccontextmanager
@@ -1423,12 +1428,13 @@ def test_stop_lets_in_flight_requests_finish_while_idle_connections_still_answer
                 await gate.connect()
             await idle.send(b"GET /during HTTP/1.1\r\n\r\n")
             await idle.expect(echoed("GET", "/during"))
-            assert not stopping.done()
+            assert not stopping.done() and pipeline.stops == 0
             release.set()
             await busy.expect_end(echoed("GET", "/slow"))
             await idle.expect_end()
             await stopping
             assert draining == [False, True, True]
+            assert pipeline.stops == 1  # told once every request had finished, before the ledger closes
 
     run(main())
 
