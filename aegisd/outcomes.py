@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from aegisd.gate.routing import Route, RoutingState
 from aegisd.ledger import LedgerEntry
 from aegisd.logs import event
-from aegisd.metrics import NO_AGENT, OPERATOR_SERVICE, UNKNOWN_SERVICE, GateMetrics, service_label
+from aegisd.metrics import NO_AGENT, GateMetrics, service_label
 from aegisd.webhooks import Webhooks
 from aegisd.webhooks.events import details, events_for
 
@@ -69,7 +69,7 @@ class OutcomeSink:
 
     def _log_name(self, service: str) -> str:
         """The operator's log names any service the vault defines (a not_granted refusal says which was tried)."""
-        return service if service in self._known or service == OPERATOR_SERVICE else UNKNOWN_SERVICE
+        return service_label(service, True, self._known)
 
     def _notify(self, entry: LedgerEntry) -> None:
         dispatcher = self._webhooks.dispatcher

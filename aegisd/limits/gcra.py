@@ -63,12 +63,6 @@ class RateLimiter:
         # Per key, the units of requests still in flight, oldest first: as many as requests in flight.
         self._held: dict[tuple[str, Hashable, int, int], list[Unit]] = {}
 
-    @staticmethod
-    def _state_key(quota: Quota) -> tuple[str, Hashable, int, int]:
-        # The rate is part of the key: changing a limit starts it afresh instead of reinterpreting old state.
-        # (standing and consume, on every request, build this same tuple inline rather than call this.)
-        return quota.name, quota.key, quota.rate.count, quota.rate.period_seconds
-
     def standing(self, quota: Quota, now_ns: int) -> Standing:
         """Whether one more request fits now, with the exact remaining count and wait; changes nothing."""
         rate = quota.rate
@@ -90,6 +84,7 @@ class RateLimiter:
         refund (the request was refused later) or settle (it was not)."""
         rate = quota.rate
         n, seconds = rate.count, rate.period_seconds
+        # The rate is part of the key: changing a limit starts it afresh instead of reinterpreting old state.
         key = (quota.name, quota.key, n, seconds)
         tat = self._tat.get(key)
         if tat is None:
