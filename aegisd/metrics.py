@@ -142,7 +142,7 @@ class _ScrapeTimeState:
             yield CounterMetricFamily("aegis_gate_connections_refused", "Agent connections reset on accept "
                                       "because [gate] max_connections were open.", value=self._connections.refused)
         hooks = self._webhooks
-        yield GaugeMetricFamily("aegis_webhook_queue_depth", "Webhook deliveries waiting for a worker.",
+        yield GaugeMetricFamily("aegis_webhook_queue_depth", "Webhook deliveries queued, not yet being sent.",
                                 value=hooks.queue_depth)
         yield GaugeMetricFamily("aegis_webhook_retries_pending", "Webhook deliveries waiting to be retried.",
                                 value=hooks.retries_pending)

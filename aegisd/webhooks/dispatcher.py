@@ -1,13 +1,17 @@
-"""Webhook delivery: a bounded queue, a few workers, retries with backoff, never in the gate's way.
+"""Webhook delivery: a lane per webhook, one bound over them all, retries with backoff, never in the gate's way.
 
-The gate only calls `emit`, which fans an event out to the subscribed webhooks without waiting.
-Deliveries queued and deliveries waiting for a retry count against one bound, `queue_size`: past it
+The gate only calls `emit`, which fans an event out to the subscribed webhooks without waiting. Each webhook has
+its own lane: a FIFO of its queued deliveries and at most `webhook_workers` attempts of its own on the wire, so a
+receiver that accepts and never answers delays only its own deliveries; another webhook's alert starts at once.
+A lane is made for a webhook's first delivery and forgotten once it is empty and idle.
+
+Deliveries queued (in every lane) and deliveries waiting for a retry count against one bound, `queue_size`: past it
 the oldest delivery waiting for a retry is dropped to make room, or, if none waits, the new one; so
 a slow or dead receiver costs the gate nothing and aegisd's memory stays bounded. Events raised by
 requests that named no agent (anyone who can reach the gate can send those) may hold only a quarter
-of the bound, so they can never crowd out an alert about a real agent. A failed attempt is retried
-later from a timer, not by a waiting worker, so one dead receiver cannot hold up the others.
-"""
+of the bound, so they can never crowd out an alert about a real agent; one webhook's queued deliveries may hold
+only half, so a receiver that never answers cannot fill it. A failed attempt is retried
+later from a timer, not by a waiting attempt, so a receiver that fails fast does not hold up its own lane either."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -47,6 +52,9 @@ UNAUTHENTICATED_SHARE = 4  # one in four
 # agent flooding refusals (they come before rate limits) cannot crowd out its own later alert of another kind (the
 # body_inspection of an exfiltration), another agent's, or the daemon's own.
 AGENT_SHARE = 4  # one in four
+# One webhook's queued deliveries may hold this share of queue_size at most, so a receiver that never answers,
+# whose lane only grows, cannot fill the bound and have every other webhook's alerts dropped.
+WEBHOOK_SHARE = 2  # one in two
 DROP_SUMMARY_SECONDS = 5.0  # after a first drop, one line says how many more were dropped meanwhile
 
 
@@ -89,23 +97,35 @@ class Attempt:
         return self.status == 0 or self.status >= 500 or self.status in RETRY_STATUSES
 
 
+@dataclass(slots=True)
+class Lane:
+    """One webhook's share of the sending: its deliveries in the order raised, and how many of its attempts are on
+    the wire (at most `webhook_workers`). Lanes keep webhooks from waiting on each other's receivers."""
+
+    queued: deque[Delivery] = field(default_factory=deque)
+    sending: int = 0
+
+
 def signature(secret: bytes, body: bytes) -> str:
     """The X-Aegis-Signature value: HMAC-SHA256 of the exact body bytes, hex, with its algorithm."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
 class Dispatcher:
-    """Owns the queue, the workers and the HTTP client. Use from the daemon's event loop."""
+    """Owns the lanes, the retry timers and the HTTP client. Use from the daemon's event loop."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        # Unbounded itself: _hold keeps the queue and the retries, together, within queue_size.
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        # By webhook id. Unbounded themselves: _hold keeps the queued deliveries (counted in _queued) and the
+        # retries, together, within queue_size; a lane is dropped when empty and idle, so there are no more of them.
+        self._lanes: dict[str, Lane] = {}
+        self._queued = 0
         self._bound = config.webhook_queue_size
         self._unauthenticated_bound = max(1, config.webhook_queue_size // UNAUTHENTICATED_SHARE)
         self._unauthenticated = 0  # such deliveries queued, being sent or waiting for a retry
         self._agent_bound = max(1, config.webhook_queue_size // AGENT_SHARE)
         self._by_agent: dict[tuple[str, str], int] = {}  # the same per (agent, event); an entry goes at 0
+        self._webhook_bound = max(1, config.webhook_queue_size // WEBHOOK_SHARE)
         self._dropping = 0  # drops since the last summary line
         self._dropping_since = 0.0
         self._by_event: dict[str, tuple[Target, ...]] = {}
@@ -114,7 +134,7 @@ class Dispatcher:
         self._live: dict[str, int] = {}
         self._generations = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._workers: list[asyncio.Task[None]] = []
+        self._sending: set[asyncio.Task[None]] = set()  # one task an attempt, so that close() can cancel them
         self._retries: dict[asyncio.TimerHandle, Delivery] = {}
         self._session: aiohttp.ClientSession | None = None  # made for the first delivery
         self._running = False
@@ -155,7 +175,7 @@ class Dispatcher:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queued
 
     @property
     def retries_pending(self) -> int:
@@ -171,20 +191,22 @@ class Dispatcher:
     def start(self) -> None:
         self._running = True
         self._loop = asyncio.get_running_loop()
-        self._workers = [asyncio.create_task(self._work(), name=f"aegis-webhook-{n}")
-                         for n in range(self._config.webhook_workers)]
+        for webhook in list(self._lanes):  # anything emitted before the start
+            self._pump(webhook)
 
     async def close(self) -> None:
         """Stop now: queued and scheduled deliveries are dropped (the ledger keeps the record)."""
+        self._running = False  # first: a cancelled attempt's lane starts no other
         for handle in self._retries:
             handle.cancel()
         self._retries.clear()
         self._loop = None
-        for task in self._workers:
+        sending = list(self._sending)
+        for task in sending:
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
-        self._running = False
+        await asyncio.gather(*sending, return_exceptions=True)
+        self._lanes.clear()
+        self._queued = 0
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -193,11 +215,30 @@ class Dispatcher:
 
     def _offer(self, delivery: Delivery) -> None:
         if self._hold(delivery):
-            self._queue.put_nowait(delivery)
+            self._lanes.setdefault(delivery.target.id, Lane()).queued.append(delivery)
+            self._queued += 1
+            self._pump(delivery.target.id)
+
+    def _pump(self, webhook: str) -> None:
+        """Start the lane's next deliveries while it has fewer than `webhook_workers` on the wire; forget the lane
+        once it is empty and idle, so a webhook that goes leaves nothing behind."""
+        lane = self._lanes.get(webhook)
+        if lane is None:
+            return
+        while self._running and lane.queued and lane.sending < self._config.webhook_workers:
+            delivery = lane.queued.popleft()
+            self._queued -= 1
+            lane.sending += 1
+            task = asyncio.create_task(self._send(lane, delivery), name=f"aegis-webhook-{webhook}")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        if not lane.queued and not lane.sending:
+            del self._lanes[webhook]
 
     def _hold(self, delivery: Delivery, in_share: bool = False) -> bool:
         """Whether `delivery` may be queued or wait for a retry: within the unauthenticated share if it is one
-        of those (`in_share`: it holds its place there already), and within the bound, for which the oldest
+        of those (`in_share`: it holds its place there already), its agent's and its webhook's shares, and within
+        the bound, for which the oldest
         delivery waiting for a retry is dropped if need be. One that may not is dropped and counted."""
         if delivery.unauthenticated and not in_share and self._unauthenticated >= self._unauthenticated_bound:
             self._dropped("the share of events raised without an agent token is full")
@@ -206,7 +247,11 @@ class Dispatcher:
                 self._agent_bound:
             self._dropped("the share one event of one agent's requests may hold is full")
             return False
-        if self._queue.qsize() + len(self._retries) >= self._bound:
+        lane = self._lanes.get(delivery.target.id)
+        if not in_share and lane is not None and len(lane.queued) >= self._webhook_bound:
+            self._dropped("the share one webhook's queued deliveries may hold is full")
+            return False
+        if self._queued + len(self._retries) >= self._bound:
             if not self._retries or delivery.unauthenticated:  # those never push another delivery out
                 self._dropped("queue_size reached")
                 return False
@@ -260,34 +305,32 @@ class Dispatcher:
         return self._live.get(delivery.target.id) == delivery.generation
 
     def _drop_stale(self) -> None:
-        """Forget deliveries whose webhook is gone (in the loop, which owns the queue and the timers)."""
+        """Forget deliveries whose webhook is gone (in the loop, which owns the lanes and the timers)."""
         for handle, delivery in list(self._retries.items()):
             if not self._current(delivery):
                 handle.cancel()
                 self._release(handle)
-        kept = []
-        while not self._queue.empty():
-            delivery = self._queue.get_nowait()
-            self._queue.task_done()
-            if self._current(delivery):
-                kept.append(delivery)
-            else:
+        for webhook, lane in list(self._lanes.items()):
+            stale = [delivery for delivery in lane.queued if not self._current(delivery)]
+            for delivery in stale:
                 self._count(delivery, -1)
-        for delivery in kept:
-            self._queue.put_nowait(delivery)
+            if stale:
+                lane.queued = deque(delivery for delivery in lane.queued if self._current(delivery))
+                self._queued -= len(stale)
+                self._pump(webhook)  # forgets the lane if nothing of it is left
 
-    async def _work(self) -> None:
-        while True:
-            delivery = await self._queue.get()
-            retrying = False
-            try:
-                retrying = await self._attempt(delivery)
-            except Exception:
-                log.exception("webhook worker error")
-            finally:
-                if not retrying:  # done with: its place in its share is free
-                    self._count(delivery, -1)
-                self._queue.task_done()
+    async def _send(self, lane: Lane, delivery: Delivery) -> None:
+        """One attempt of one delivery; then the lane's next one takes its place."""
+        retrying = False
+        try:
+            retrying = await self._attempt(delivery)
+        except Exception:
+            log.exception("webhook delivery error")
+        finally:
+            if not retrying:  # done with: its place in its share is free
+                self._count(delivery, -1)
+            lane.sending -= 1
+            self._pump(delivery.target.id)
 
     async def _attempt(self, delivery: Delivery) -> bool:
         """One attempt; whether the delivery now waits for a retry."""
@@ -331,7 +374,11 @@ class Dispatcher:
             import aiohttp
 
             timeout = aiohttp.ClientTimeout(total=self._config.webhook_timeout)
-            connector = aiohttp.TCPConnector(ssl=tls_context(), limit=self._config.webhook_workers * 2)
+            # No connection limit: the lanes already cap each webhook at webhook_workers attempts, hence connections.
+            # A cap here would be shared, and `timeout` counts the wait for a free connection: a global one lets a
+            # hanging receiver starve every webhook, and one per host (host, port, TLS) would do the same to webhooks
+            # that share a receiver's address (two Slack channels) when one of their paths hangs.
+            connector = aiohttp.TCPConnector(ssl=tls_context(), limit=0, limit_per_host=0)
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
                                                   headers={"User-Agent": f"aegisd/{__version__} webhooks"})
         return self._session

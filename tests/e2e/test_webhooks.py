@@ -6,8 +6,11 @@ body bytes with the secret `webhook add` printed once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import sqlite3
+import threading
 import time
 from typing import Any
 
@@ -334,16 +337,95 @@ def test_dead_and_slow_receivers_never_slow_the_gate() -> None:
         assert scrape.value("aegis_webhook_dropped_total") > 0
         assert scrape.value("aegis_webhook_queue_depth") <= 4
         assert "webhook queue full" in world.aegis.log()
-        slow.release()
+        # The agent's one place (4 // 4) goes, event after event, to whichever webhook's (random) id sorts first:
+        # the dead one fails fast; the held one fails once its two attempts (0.5 s each) have timed out. Waited for
+        # before the release: after it, a flood shorter than those two attempts left the held delivery to succeed
+        # and nothing ever failed (flaky since the test was written, with one shared queue as with lanes).
         deadline = time.monotonic() + 30
         while Scrape(world).value("aegis_webhook_failed_total") == 0:
-            assert time.monotonic() < deadline, "no delivery to the dead receiver was ever given up"
+            assert time.monotonic() < deadline, "no delivery to the dead or the held receiver was ever given up"
             time.sleep(0.1)
+        slow.release()
         world.assert_no_leaks([d.body.decode() for d in slow.deliveries])
     finally:
         slow.stop()
         world.close()
 
+
+
+class _Hanging:
+    """A receiver that accepts every connection, reads the request and never answers (until stopped)."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
+        self.port: int = self._server.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="hanging-receiver", daemon=True)
+        self._thread.start()
+
+    @property
+    def requests(self) -> int:
+        """Requests read and left unanswered."""
+        with self._lock:
+            return len(self._held)
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(1 << 16)  # the request; no answer follows
+            with self._lock:
+                self._held.append(conn)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self._server.close()
+        with self._lock:
+            for conn in self._held:
+                conn.close()
+
+
+def test_a_receiver_that_never_answers_delays_only_its_own_webhook() -> None:
+    """Found by a review: every webhook shared one queue and `workers` workers, so a receiver that accepted and never
+    answered, with more of its deliveries queued than there were workers, held every worker for `timeout` and another
+    webhook's alert (an exfiltration's, say) waited behind it. Each webhook now has its own lane."""
+    workers = 2
+    world = ops_world(f"[webhooks]\nworkers = {workers}\ntimeout = 30\n")
+    hanging = _Hanging()
+    healthy = Receiver().start()
+    try:
+        world.agent("bot")  # no grants: each call it makes is refused not_granted, a blocked_request
+        added = world.aegis.ctl("webhook", "add", f"http://127.0.0.1:{hanging.port}/hang", "--events",
+                                "agent_auth_failure", "--json").ok()
+        world.aegis.outputs.remove(added.out)
+        world.secrets.append(json.loads(added.out)["secret"])
+        add_webhook(world, healthy, "blocked_request")
+        for n in range(workers + 2):
+            refused(world.call("GET", f"/any/{n}"), 401, "agent_auth_required")
+        deadline = time.monotonic() + 10
+        while hanging.requests < workers:  # as many of its attempts as it may have are stuck
+            assert time.monotonic() < deadline, f"{hanging.requests} requests reached the hanging receiver"
+            time.sleep(0.02)
+
+        started = time.monotonic()
+        alert = refused(world.call("GET", "/nosuch/x", agent="bot"), 403, "not_granted")
+        [delivery] = healthy.wait_for(1, "blocked_request", timeout=5)  # the hanging one's timeout is 30 s
+        assert _check_delivery(delivery)["details"]["request_id"] == alert.request_id
+        assert hanging.requests == workers  # its other deliveries wait behind its own stuck attempts
+        assert Scrape(world).value("aegis_webhook_queue_depth") == 2
+        world.assert_no_leaks([d.body.decode() for d in healthy.deliveries])
+    finally:
+        healthy.stop()
+        world.close()
+        hanging.stop()
 
 
 def test_an_expiry_edited_in_the_database_raises_no_alert() -> None:

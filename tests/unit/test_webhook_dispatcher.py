@@ -1,7 +1,7 @@
 """The webhook dispatcher's bookkeeping, with a stand-in for the HTTP post: which deliveries it holds, and for whom.
 
 End-to-end behaviour (real receivers, the gate raising events) is in tests/e2e/test_webhooks*.py; these pin the
-two cases a cold review found that are hard to time through the daemon."""
+two cases a cold review found that are hard to time through the daemon, and the per-webhook lanes' bookkeeping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 from aegisd.config import Config
-from aegisd.webhooks.dispatcher import AGENT_SHARE, Attempt, Delivery, Dispatcher
+from aegisd.webhooks.dispatcher import AGENT_SHARE, WEBHOOK_SHARE, Attempt, Delivery, Dispatcher
 from aegisd.webhooks.registry import Target
 
 TARGET = Target("wh_1", "https://hooks.example/T0KEN/path", frozenset({"blocked_request", "body_inspection"}),
@@ -55,3 +55,126 @@ def test_one_event_of_one_agent_holds_its_share_and_others_still_fit(tmp_path: P
     assert dispatcher._hold(Delivery(TARGET, "body_inspection", {}, agent="evil"))
     assert dispatcher._hold(Delivery(TARGET, "blocked_request", {}, agent="other"))
     assert dispatcher._hold(Delivery(TARGET, "credential_expiry", {}))  # the daemon's own: no agent share
+
+
+OTHER = Target("wh_2", "https://other.example/hook", frozenset({"blocked_request"}), b"whsec_y" * 5)
+
+
+def test_each_webhook_has_its_own_lane_and_an_idle_one_is_forgotten(tmp_path: Path) -> None:
+    """A receiver that never answers holds only its own lane (at most `workers` attempts on the wire, the rest
+    queued in order); another webhook's delivery goes out at once, and its lane is forgotten once done."""
+    async def main() -> None:
+        dispatcher = _dispatcher(tmp_path, webhook_workers=2)
+        answer = asyncio.Event()  # TARGET's receiver answers only when this is set
+        on_the_wire: list[str] = []
+        sent: list[tuple[str, int]] = []
+
+        async def post(delivery: Delivery) -> Attempt:
+            on_the_wire.append(delivery.target.id)
+            if delivery.target is TARGET:
+                await answer.wait()
+            on_the_wire.remove(delivery.target.id)
+            sent.append((delivery.target.id, delivery.details["n"]))
+            return Attempt(200, "", 1.0)
+
+        dispatcher._post = post  # type: ignore[method-assign]
+        dispatcher.set_targets([TARGET, OTHER])
+        dispatcher.start()
+        for n in range(5):
+            dispatcher.emit("body_inspection", {"n": n})  # TARGET only
+        dispatcher.emit("blocked_request", {"n": 0})  # both
+        await asyncio.sleep(0.05)
+        assert sent == [("wh_2", 0)] and on_the_wire == ["wh_1", "wh_1"]
+        assert dispatcher.queue_depth == 4  # TARGET's, behind its two on the wire
+        assert list(dispatcher._lanes) == ["wh_1"]  # OTHER's is empty and idle: gone
+
+        answer.set()
+        await asyncio.sleep(0.05)
+        assert [n for webhook, n in sent if webhook == "wh_1"] == [0, 1, 2, 3, 4, 0]  # in order, two at a time
+        assert dispatcher.queue_depth == 0 and dispatcher._lanes == {} and dispatcher._sending == set()
+        assert dispatcher.delivered == 7
+        await dispatcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_removed_webhooks_queued_deliveries_and_lane_go(tmp_path: Path) -> None:
+    async def main() -> None:
+        dispatcher = _dispatcher(tmp_path, webhook_workers=1)
+        answer = asyncio.Event()
+        sent: list[str] = []
+
+        async def post(delivery: Delivery) -> Attempt:
+            await answer.wait()
+            sent.append(delivery.target.id)
+            return Attempt(200, "", 1.0)
+
+        dispatcher._post = post  # type: ignore[method-assign]
+        dispatcher.set_targets([TARGET])
+        dispatcher.start()
+        for _ in range(3):
+            dispatcher.emit("blocked_request", {"agent": "a"}, agent="a")
+        await asyncio.sleep(0)
+        assert dispatcher.queue_depth == 2 and dispatcher._by_agent == {("a", "blocked_request"): 3}
+        dispatcher.set_targets(())  # removed while one attempt is on the wire
+        await asyncio.sleep(0)
+        assert dispatcher.queue_depth == 0 and dispatcher._by_agent == {("a", "blocked_request"): 1}
+        assert list(dispatcher._lanes) == ["wh_1"]  # until its attempt ends
+        answer.set()
+        await asyncio.sleep(0.05)
+        assert sent == ["wh_1"] and dispatcher._lanes == {} and dispatcher._by_agent == {}
+        await dispatcher.close()
+
+    asyncio.run(main())
+
+
+def test_close_cancels_the_attempts_on_the_wire_and_forgets_the_lanes(tmp_path: Path) -> None:
+    async def main() -> None:
+        dispatcher = _dispatcher(tmp_path, webhook_workers=1)
+        never = asyncio.Event()
+
+        async def hanging_post(delivery: Delivery) -> Attempt:
+            await never.wait()
+            return Attempt(200, "", 1.0)
+
+        dispatcher._post = hanging_post  # type: ignore[method-assign]
+        dispatcher.set_targets([TARGET, OTHER])
+        dispatcher.start()
+        for n in range(3):
+            dispatcher.emit("blocked_request", {"n": n})
+        await asyncio.sleep(0)
+        assert dispatcher.queue_depth == 4 and len(dispatcher._sending) == 2
+        await asyncio.wait_for(dispatcher.close(), 5)
+        assert dispatcher.queue_depth == 0 and dispatcher._lanes == {} and dispatcher._sending == set()
+        assert dispatcher.delivered == 0
+
+    asyncio.run(main())
+
+
+def test_a_hanging_webhook_fills_only_its_share_of_the_bound(tmp_path: Path) -> None:
+    """A receiver that never answers sees its lane only grow; past half of queue_size its new deliveries are
+    dropped, so another webhook's alerts still fit in the bound."""
+    async def main() -> None:
+        dispatcher = _dispatcher(tmp_path, webhook_queue_size=8, webhook_workers=1)
+        never = asyncio.Event()
+        sent: list[str] = []
+
+        async def post(delivery: Delivery) -> Attempt:
+            if delivery.target is TARGET:
+                await never.wait()
+            sent.append(delivery.target.id)
+            return Attempt(200, "", 1.0)
+
+        dispatcher._post = post  # type: ignore[method-assign]
+        dispatcher.set_targets([TARGET, OTHER])
+        dispatcher.start()
+        for n in range(20):
+            dispatcher.emit("body_inspection", {"n": n})  # TARGET only: one on the wire, the rest queued
+        await asyncio.sleep(0)
+        assert dispatcher.queue_depth == 8 // WEBHOOK_SHARE and dispatcher.dropped == 20 - 1 - 8 // WEBHOOK_SHARE
+        dispatcher.emit("blocked_request", {"n": 0})  # both: TARGET's is dropped, OTHER's is sent
+        await asyncio.sleep(0.05)
+        assert sent == ["wh_2"]
+        await dispatcher.close()
+
+    asyncio.run(main())
