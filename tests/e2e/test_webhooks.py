@@ -415,7 +415,6 @@ def test_a_receiver_that_never_answers_delays_only_its_own_webhook() -> None:
             assert time.monotonic() < deadline, f"{hanging.requests} requests reached the hanging receiver"
             time.sleep(0.02)
 
-        started = time.monotonic()
         alert = refused(world.call("GET", "/nosuch/x", agent="bot"), 403, "not_granted")
         [delivery] = healthy.wait_for(1, "blocked_request", timeout=5)  # the hanging one's timeout is 30 s
         assert _check_delivery(delivery)["details"]["request_id"] == alert.request_id
