@@ -1,14 +1,14 @@
 """The response side of step 11: the agent never reads back the secret the gate injected.
 
-Active for credentials whose body inspection is `warn` or `block`. Header values are redacted
-whole. The body streams through a StreamRedactor, which replaces the secret's forms as they are and
-then, with every JSON string escape undone (PHP and .NET escape characters of a secret), again, and holds
-back only a tail that could still grow into one (at most the longest form, escaped), so SSE and chunked
-streams keep flowing. Redaction changes the body's length, so such a response loses the upstream's
-Content-Length and is sent chunked. The gate asks the upstream for `Accept-Encoding: identity` and the
-whole body (no Range); a gzip or deflate body sent anyway is decoded, redacted and forwarded plain; any
-other encoding cannot be redacted and is refused (502 `response_not_redactable`). The upstream's reason
-phrase is not passed on: the agent gets the standard one for the status.
+Active for credentials whose body inspection is `warn` or `block`. Header values are redacted whole; a
+header whose name holds the secret is dropped. The body streams through a StreamRedactor, which replaces the
+secret's forms as they are and then, with every JSON string escape undone (PHP and .NET escape characters of
+a secret), again, and holds back only a tail that could still grow into one (at most the longest form,
+escaped), so SSE and chunked streams keep flowing. Redaction changes the body's length, so such a response
+loses the upstream's Content-Length and is sent chunked. The gate asks the upstream for `Accept-Encoding:
+identity` and the whole body (no Range); a gzip or deflate body sent anyway is decoded, redacted and
+forwarded plain; any other encoding cannot be redacted and is refused (502 `response_not_redactable`). The
+upstream's reason phrase is not passed on: the agent gets the standard one for the status.
 
 A compressed body is decoded in pieces of at most STEP bytes, and the event loop gets a turn after
 each: writing to an agent that keeps reading never waits, so without that one upstream chunk (a few
@@ -19,6 +19,7 @@ every other connection waited.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
@@ -32,10 +33,14 @@ from aegisd.inspection import Inspector, Redaction
 from aegisd.inspection.decompress import DECODABLE, DecodeError, StreamDecoder
 
 REDACTED_FLAG = "response_redacted"
+HEADER_DROPPED_FLAG = "response_header_dropped"  # with REDACTED_FLAG: a header whose name held the secret
+
+log = logging.getLogger("aegisd.gate")
 
 
 class Flagged(Protocol):
     flags: str
+    request_id: str
 
 
 class UpstreamBodyUndecodable(UpstreamBroken):
@@ -71,18 +76,29 @@ class ResponseRedactor:
     def headers(self, headers: CIMultiDict[str], method: str, status: int) -> CIMultiDict[str]:
         """The response headers to send, redacted; raises a Refusal if the body cannot be redacted."""
         out = headers
-        # One look over every value first: nearly every answer has no echo (nor an escape that could spell one),
-        # and then nothing is rebuilt. A hit (perhaps one spanning two values) is settled value by value, both
-        # stages each (`redact_all`), and any replacement flags the row.
-        joined = "\n".join(headers.values()).encode("utf-8", "surrogateescape")
+        # One look over every name and value first: nearly every answer has no echo (nor an escape that could
+        # spell one), and then nothing is rebuilt. A hit (perhaps one spanning two of them) is settled header by
+        # header, both stages each (`redact_all`), and any replacement flags the row. A header whose name holds
+        # a form of the secret is dropped whole: its name is what the agent reads it by, and a redacted one
+        # would only be another header.
+        joined = "\n".join([*headers.keys(), *headers.values()]).encode("utf-8", "surrogateescape")
         if not self._redaction.clean(joined):
             out = CIMultiDict()
+            dropped = 0
             for name, value in headers.items():
+                if self._redaction.redact_all(name.encode("utf-8", "surrogateescape"))[1]:
+                    dropped += 1
+                    continue
                 redacted, count = self._redaction.redact_all(value.encode("utf-8", "surrogateescape"))
                 if count:
                     self._flag()
                     value = redacted.decode("utf-8", "surrogateescape")
                 out.add(name, value)
+            if dropped:
+                self._flag()
+                self._x.flags += f",{HEADER_DROPPED_FLAG}"
+                log.warning("request %s: dropped %d upstream response header(s) whose name held the credential's "
+                            "secret", self._x.request_id, dropped)  # never the name: it holds the secret
         self.streams_body = self.has_body(method, status)
         if self.streams_body:
             encoding = ", ".join(out.getall("Content-Encoding", [])).strip().lower()

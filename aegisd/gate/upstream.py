@@ -158,6 +158,7 @@ class UpstreamResponse(asyncio.Protocol):
         self._paused = False
         self._complete = False
         self._close_delimited = False
+        self._chunked = self._expect_chunk = False  # the body's framing as decided in on_headers_complete
         self._keep_alive = False
         self._error: BaseException | None = None
         self._got_bytes = False
@@ -355,24 +356,36 @@ class UpstreamResponse(asyncio.Protocol):
         self.status, self.headers = status, CIMultiDictProxy(headers)
         self.reason = self._reason.decode("latin-1")
         length = headers.get("Content-Length")
-        # As llhttp frames it: chunked only when that is the last coding over every Transfer-Encoding field.
-        codings = ",".join(headers.getall("Transfer-Encoding", ())).lower().split(",")
-        chunked = codings[-1].strip() == "chunked"
-        # llhttp removes only the chunked framing: any other coding (`gzip, chunked`, or `gzip` to the close)
-        # stays on the body, and Transfer-Encoding, hop-by-hop, is not forwarded. The pipeline refuses it.
-        if len(codings) > 1 or not (chunked or not codings[0].strip()):
-            self.transfer_coded = [c for c in map(str.strip, codings) if c] != ["chunked"]
-        self.content_length = int(length) if length is not None and not chunked else None
+        # Chunked only as one field whose whole value is `chunked`: llhttp reads that as chunked whatever else
+        # it does. Anything else is not parsed here, since a reading of ours could differ from llhttp's (it
+        # keeps a value's trailing tab and empty list elements: `chunked,` is no chunked coding to it, and
+        # the chunk-size lines come with the body), and is `transfer_coded`: llhttp removes at most the chunked
+        # framing, any other coding stays on the body and Transfer-Encoding, hop-by-hop, is not forwarded, so
+        # the pipeline refuses it. on_chunk_header and on_body hold llhttp to the framing decided here.
+        codings = [value for name, value in self._raw if name.lower() == b"transfer-encoding"]
+        chunked = self._chunked = self._expect_chunk = len(codings) == 1 and codings[0].lower() == b"chunked"
+        self.transfer_coded = bool(codings) and not chunked
         no_body = self._head or status in (204, 304)
-        self._close_delimited = not no_body and length is None and not chunked
+        # A Content-Length beside a Transfer-Encoding is an error in llhttp's strict mode; never taken here.
+        self.content_length = int(length) if length is not None and not codings else None
+        self._close_delimited = not no_body and not chunked and (length is None or bool(codings))
         if not self._headers_done.done():
             self._headers_done.set_result(None)
         if self._head:  # llhttp cannot be told a HEAD answer has no body: the exchange ends here
             self._finish(keep_alive=False)
 
+    def on_chunk_header(self) -> None:
+        if self._complete:
+            return
+        if not self._chunked:  # llhttp frames the body as chunked where the gate took it to run to the close
+            raise UpstreamBroken("the upstream's Transfer-Encoding framing is ambiguous")
+        self._expect_chunk = False
+
     def on_body(self, data: bytes) -> None:
         if self._complete:
             return
+        if self._expect_chunk:  # taken for chunked, yet llhttp hands over body bytes before any chunk header
+            raise UpstreamBroken("the upstream's Transfer-Encoding framing is ambiguous")
         self._chunks.append(data)
         self._buffered += len(data)
         self._pause_if_full()

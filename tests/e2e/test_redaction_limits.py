@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import re
 import socket
 import threading
 import time
@@ -104,6 +105,12 @@ BOMB_DECODED = 256 << 20
 HELD = _gzip_zeros(16 * 1024 * 1024 - 100)  # 16 KB, declared: read whole and, before, decoded whole
 
 
+# Transfer-Encoding fields that llhttp frames as no chunked coding at all (it neither strips a value's trailing
+# whitespace nor skips empty list elements): the body, chunk-size lines included, runs to the close.
+TE_NOT_QUITE_CHUNKED = [b"Transfer-Encoding: chunked,\r\n", b"Transfer-Encoding: chunked , \r\n",
+                        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: ,\r\n", b"Transfer-Encoding: chunked\t\r\n"]
+
+
 def answer(path: str, secret: bytes) -> list[bytes | None]:
     echo = gzip.compress(b'{"echo": "' + secret + b'"}')
     kind = path.split("/")[1]
@@ -119,6 +126,14 @@ def answer(path: str, secret: bytes) -> list[bytes | None]:
                 + b"0\r\n\r\n"]
     if kind == "te-gzip-head":  # no body follows: nothing to refuse
         return [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"]
+    if kind == "te-not-quite-chunked":  # /te-not-quite-chunked/N: TE_NOT_QUITE_CHUNKED[N], the echo in two chunks
+        fields = TE_NOT_QUITE_CHUNKED[int(path.split("/")[2])]
+        plain = b'{"echo": "' + secret + b'"}'
+        return [b"HTTP/1.1 200 OK\r\n%bContent-Type: application/json\r\nConnection: close\r\n\r\n" % fields,
+                None, _chunk(plain[:20]), None, _chunk(plain[20:]) + b"0\r\n\r\n"]
+    if kind == "header-name":  # the secret in header names (tokens: every character of SECRET may be in one)
+        return [b"HTTP/1.1 200 OK\r\nX-Echo-%b: 1\r\n%b-Echo: 2\r\nX-Echo: %b\r\nX-Other: 3\r\n"
+                b"Content-Length: 2\r\n\r\nok" % (secret, secret, secret)]
     if kind in ("bomb", "held"):
         body = BOMB if kind == "bomb" else HELD
         return [b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
@@ -161,6 +176,39 @@ def test_a_body_with_a_transfer_coding_other_than_chunked_is_refused(lim: Limits
         world.assert_refused(reply, 502, "response_not_redactable", credential=service)
         assert b"\x1f\x8b" not in reply.body
     world.assert_no_leaks([gzip.compress(b'{"echo": "' + s.encode() + b'"}').decode("latin-1") for s in (SECRET, OFF)])
+
+
+def _unframed(body: bytes) -> str:
+    """The body with anything shaped like a chunk-size line taken out: what an agent could piece together."""
+    return re.sub(rb"\r\n[0-9a-fA-F]+\r\n|^[0-9a-fA-F]+\r\n", b"", body).decode("latin-1")
+
+
+@pytest.mark.parametrize("fields", range(len(TE_NOT_QUITE_CHUNKED)))
+def test_a_transfer_encoding_llhttp_does_not_read_as_chunked_is_refused(lim: Limits, fields: int) -> None:
+    """A cold review found that the gate judged the body's framing from the header's text, stripping spaces
+    and empty list elements, where llhttp does neither: `chunked,` or `chunked<TAB>` was taken for chunked
+    (nothing to refuse) while llhttp passed the raw chunks on to the close, so an echo sent in two chunks
+    reached the agent split only by a chunk-size line, past redaction. Only exactly `chunked` is chunked."""
+    world = lim.world
+    for service in ("blk", "off"):
+        reply = get(world, f"/{service}/te-not-quite-chunked/{fields}")
+        world.assert_refused(reply, 502, "response_not_redactable", credential=service)
+        world.assert_no_leaks([_unframed(reply.body)])
+
+
+def test_a_secret_in_a_response_header_name_is_dropped(lim: Limits) -> None:
+    """A cold review found header values redacted but not names: `X-Echo-<secret>: 1` reached the agent. A
+    header whose name holds the secret is dropped (a name is the header's identity; `[REDACTED]` in it would
+    only make another one); the row is flagged and the log says so, neither naming the header."""
+    world = lim.world
+    reply = get(world, "/blk/header-name")
+    assert (reply.status, reply.body) == (200, b"ok"), reply.text()
+    assert reply.header("X-Echo") == "[REDACTED]" and reply.header("X-Other") == "3"
+    assert not [name for name, _ in reply.headers if "echo-" in name.lower()], reply.headers
+    row = world.row(reply.request_id)
+    assert (row["decision"], row["flags"]) == ("allowed", "response_redacted,response_header_dropped"), row
+    assert f"request {reply.request_id}: dropped 2 upstream response header(s) whose name held" in world.aegis.log()
+    world.assert_no_leaks([" ".join(name for name, _ in reply.headers)])
 
 
 def test_chunked_alone_and_bodiless_answers_still_pass(lim: Limits) -> None:

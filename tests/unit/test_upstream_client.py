@@ -1134,11 +1134,24 @@ def test_a_close_delimited_body_that_fails_is_an_error_not_an_end(run: Run, fail
 
 
 @pytest.mark.parametrize(("codings", "chunked"), [
-    (("gzip", "chunked"), True),  # two fields: the last coding is chunked, so the body is chunked
+    (("chunked",), True),
+    (("Chunked",), True),
+    (("gzip", "chunked"), True),  # two fields: llhttp frames the body as chunked (the last coding)
     (("gzip, chunked",), True),
     (("chunked", "gzip"), False),  # chunked not last: the body runs to the end of the connection
+    (("chunked", "chunked"), True),
+    (("chunked ",), True),  # llhttp skips spaces after `chunked`, not a tab or an empty list element:
+    (("chunked,",), False),  # these four (found by a cold review) it frames as no chunked coding at all,
+    (("chunked , ",), False),  # and hands over the chunk-size lines with the data, to the close
+    (("chunked", ","), False),
+    (("chunked\t",), False),
+    ((",chunked",), True),
+    (("chunked;q=1",), False),
 ])
 def test_transfer_encoding_is_framed_as_llhttp_frames_it(run: Run, codings: tuple[str, ...], chunked: bool) -> None:
+    """Whatever llhttp makes of the body, the gate never reads it otherwise: only a single `Transfer-Encoding:
+    chunked` is a plain chunked body; any other is `transfer_coded` (the pipeline refuses it), and where llhttp
+    frames that one as chunked the truncated body is still an error, never a body complete at the close."""
     fields = "".join(f"Transfer-Encoding: {coding}\r\n" for coding in codings)
 
     async def handler(peer: Peer) -> None:
@@ -1154,11 +1167,37 @@ def test_transfer_encoding_is_framed_as_llhttp_frames_it(run: Run, codings: tupl
         async with RawServer(handler) as server, new_pool() as pool:
             response = await send(pool, server.port)
             try:
+                assert response.transfer_coded is not (codings in (("chunked",), ("Chunked",)))
                 if chunked:
                     with pytest.raises(UpstreamBroken):
                         await response.read()
                 else:
                     assert await response.read() == b"raw bytes to the end"
+            finally:
+                response.release()
+
+    run(main())
+
+
+@pytest.mark.parametrize("codings", [("gzip", "chunked"), ("gzip, chunked",), ("chunked ",)])
+def test_a_body_llhttp_frames_as_chunked_is_never_read_as_another(run: Run, codings: tuple[str, ...]) -> None:
+    """The gate takes only a single `chunked` for chunked; where llhttp still frames another Transfer-Encoding
+    as chunked (its first chunk header says so), the exchange fails rather than pass that body, complete
+    or not, as one running to the close."""
+    fields = "".join(f"Transfer-Encoding: {coding}\r\n" for coding in codings)
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(f"HTTP/1.1 200 OK\r\n{fields}\r\na\r\n0123456789\r\n0\r\n\r\n".encode())
+        await keep_alive(peer)
+
+    async def main() -> None:
+        async with RawServer(handler) as server, new_pool() as pool:
+            response = await send(pool, server.port)
+            try:
+                assert response.transfer_coded
+                with pytest.raises(UpstreamBroken):
+                    await response.read()
             finally:
                 response.release()
 
