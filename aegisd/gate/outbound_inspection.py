@@ -34,6 +34,7 @@ from aegisd.inspection.decompress import (
     TooLarge,
     decodable_prefix,
     decompress_capped,
+    deflate_readings,
 )
 
 NOT_INSPECTABLE = "not_inspectable"
@@ -147,40 +148,46 @@ def _inspect_body(inspector: Inspector, body: bytes, content_encoding: str, limi
     With `inline_max`, _LargerThanInline once the decoded body would pass it (nothing scanned yet)."""
     decoded, problem = _decoded(body, content_encoding, limit, inline_max)
     families = inspector.scan(body)
-    if decoded is not None:
-        families |= inspector.scan(decoded)
+    for reading in decoded:
+        families |= inspector.scan(reading)
     return families, problem
 
 
 def _decoded(body: bytes, content_encoding: str, limit: int,
-             inline_max: int | None = None) -> tuple[bytes | None, Refusal | None]:
-    """The decompressed body when it is compressed, or why it cannot be inspected; _LargerThanInline when it
-    decodes to more than `inline_max` (when given) and less than the limit allows."""
+             inline_max: int | None = None) -> tuple[list[bytes], Refusal | None]:
+    """The decompressed body when it is compressed (each reading of a `deflate` one, together no larger than
+    one body may be), or why it cannot be inspected; _LargerThanInline when it decodes to more than
+    `inline_max` (when given) and less than the limit allows."""
     cap = limit if inline_max is None or inline_max >= limit else inline_max
     encoding = content_encoding.strip().lower()
     if encoding in ("", "identity"):
         if not body.startswith(GZIP_MAGIC):
-            return None, None
+            return [], None
         encoding, sniffed = "gzip", True  # an upload of a .gz file: look inside it too
     elif encoding in DECODABLE:
         sniffed = False
     else:
-        return None, Refusal(415, "body_not_inspectable", f"a request body with Content-Encoding {encoding!r} "
-                             "cannot be inspected; send it as identity, gzip or deflate")
+        return [], Refusal(415, "body_not_inspectable", f"a request body with Content-Encoding {encoding!r} "
+                           "cannot be inspected; send it as identity, gzip or deflate")
     try:
-        return decompress_capped(body, encoding, cap), None
+        if encoding == "deflate":  # zlib, raw deflate, gzip: upstreams differ in which they read
+            decoded, whole = deflate_readings(body, cap)
+            return decoded, None if whole else Refusal(
+                400, "body_not_inspectable", "the request body is not valid deflate, or valid in only some of the "
+                "ways an upstream may read it (zlib, raw deflate)")
+        return [decompress_capped(body, encoding, cap)], None
     except TooLarge:
         if cap < limit:
             raise _LargerThanInline() from None
-        return None, Refusal(413, "body_too_large", f"the decompressed request body is larger than {limit} "
-                             "bytes; inspected bodies must fit the limit once decompressed", close=True)
+        return [], Refusal(413, "body_too_large", f"the decompressed request body is larger than {limit} "
+                           "bytes; inspected bodies must fit the limit once decompressed", close=True)
     except DecodeError:
         if sniffed:  # merely starts like gzip, or a .gz cut short: the bytes as they are, and what decodes of them
             prefix = decodable_prefix(body, encoding, cap)
             if len(prefix) >= cap and cap < limit:
                 raise _LargerThanInline() from None
-            return prefix or None, None
-        return None, Refusal(400, "body_not_inspectable", f"the request body is not valid {encoding}")
+            return [prefix] if prefix else [], None
+        return [], Refusal(400, "body_not_inspectable", f"the request body is not valid {encoding}")
 
 
 def _note(found: dict[str, set[str]], where: str, families: set[str]) -> None:

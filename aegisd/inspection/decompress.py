@@ -4,12 +4,18 @@ A compressed request body is inspected as if it had been sent plain, so its deco
 the same `max_body_bytes` a plain body must: past that the caller refuses it (a zip bomb's decoded
 body is never larger; what inspecting it costs is in docs/inspection.md). Response decoding hands
 out pieces of at most STEP bytes, so a bomb upstream costs bandwidth to the agent, never memory here.
+
+A request body sent as `deflate` has more than one reading: RFC 9110 means zlib, but .NET's DeflateStream
+and Go's compress/flate read raw deflate, and zlib's auto-detection reads gzip; one body can be valid in
+two of them and decode to different text (`deflate_readings`). A response has just the one reading
+StreamDecoder gives it: it is decoded here and reaches the agent plain.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
@@ -34,7 +40,9 @@ def _wbits(encoding: str, head: bytes) -> int:
 
 
 def decompress_capped(data: bytes, encoding: str, cap: int) -> bytes:
-    """The whole decoded body (every gzip member, then any trailing bytes as they are), at most `cap` bytes."""
+    """The whole decoded body (every gzip member, then any trailing bytes as they are), at most `cap` bytes.
+
+    A `deflate` body in the one reading its first two bytes suggest: request bodies use deflate_readings."""
     out = bytearray()
     rest = data
     while rest:
@@ -56,6 +64,78 @@ def decompress_capped(data: bytes, encoding: str, cap: int) -> bytes:
     if len(out) > cap:
         raise TooLarge()
     return bytes(out)
+
+
+class Readings(NamedTuple):
+    """What each reading of a `deflate` body decodes to, and whether it can be inspected as a whole."""
+
+    decoded: list[bytes]  # every reading that decodes something: whole, or up to where it breaks off
+    whole: bool  # some reading decodes to its end, and none breaks off after decoding something
+
+
+# zlib (RFC 1950), raw deflate (RFC 1951), and gzip, which zlib's auto-detection (wbits 32 + 15) takes a
+# body starting with 1f 8b for; a gzip reading is decoded as gzip bodies are (every member).
+_ZLIB, _RAW, _GZIP = zlib.MAX_WBITS, -zlib.MAX_WBITS, 16 + zlib.MAX_WBITS
+
+
+def deflate_readings(data: bytes, cap: int) -> Readings:
+    """Every reading of a `deflate` body that decodes anything, all of them together at most `cap` bytes.
+
+    A reading that fails before decoding a byte (raw deflate of a zlib body fails on its 5th byte, zlib of a
+    raw one on its 2nd) is no reading: nothing could reach an upstream that way. One that decodes something
+    and then breaks off or is cut short is inspected as far as it decodes, and makes the body not whole:
+    an upstream reading it that way gets those bytes and an error, and what it does with them is unknown.
+    TooLarge once the readings together pass `cap`, so a body costs no more to decode and inspect than one
+    sent plain, however many readings it has."""
+    if not data:
+        return Readings([], True)
+    decoded: list[bytes] = []
+    whole = broken = False
+    room = cap
+    for wbits in (_ZLIB, _RAW, _GZIP) if data.startswith(GZIP_MAGIC[:2]) else (_ZLIB, _RAW):
+        out, ended, started = _reading(data, wbits, room)
+        if out:
+            decoded.append(out)
+            room -= len(out)
+        whole |= ended
+        broken |= started and not ended
+    return Readings(decoded, whole and not broken)
+
+
+def _reading(data: bytes, wbits: int, room: int) -> tuple[bytes, bool, bool]:
+    """What `data` decodes to read one way; whether it decodes to its end (its output then followed by any
+    trailing bytes as they are, as decompress_capped has them); whether it decoded anything (or may have).
+    TooLarge past `room` bytes."""
+    out = bytearray()
+    rest = data
+    while True:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            out += decoder.decompress(rest, room + 1 - len(out))
+        except zlib.error:
+            # The failing call's output is lost: decode again up to the byte the error was found in (zlib
+            # leaves the input after it in unconsumed_tail). A few bytes, in the common case.
+            failed_at = len(rest) - len(decoder.unconsumed_tail) - 1
+            try:
+                out += zlib.decompressobj(wbits).decompress(rest[:max(failed_at, 0)], room + 1 - len(out))
+            except zlib.error:
+                return bytes(out), False, True  # not seen to happen: how far it decoded is unknown
+            if len(out) > room:
+                raise TooLarge() from None
+            return bytes(out), False, bool(out)
+        if len(out) > room or decoder.unconsumed_tail:
+            raise TooLarge()
+        if not decoder.eof:
+            return bytes(out), False, bool(out)  # cut short
+        rest = decoder.unused_data
+        if wbits == _GZIP:
+            rest = rest.lstrip(b"\0")
+            if rest.startswith(GZIP_MAGIC):
+                continue
+        out += rest
+        if len(out) > room:
+            raise TooLarge()
+        return bytes(out), True, True
 
 
 def decodable_prefix(data: bytes, encoding: str, cap: int) -> bytes:

@@ -2,17 +2,27 @@
 chunks or bytes one by one (a deflate body's first byte alone used to choose raw deflate for a zlib
 stream; a chunk ending inside the next gzip member's magic bytes used to be "data after the end"). And
 zero padding between gzip members, which gzip skips, is skipped both for responses and for request
-bodies (`decompress_capped`), so no member hides behind it."""
+bodies (`decompress_capped`), so no member hides behind it. A `deflate` request body is decoded in every
+reading an upstream may give it (`deflate_readings`): zlib, raw deflate and, when it starts like it, gzip."""
 
 from __future__ import annotations
 
 import gzip
+import struct
 import threading
 import zlib
 
 import pytest
 
-from aegisd.inspection.decompress import STEP, DecodeError, StreamDecoder, decompress_capped
+from aegisd.inspection.decompress import (
+    STEP,
+    DecodeError,
+    Readings,
+    StreamDecoder,
+    TooLarge,
+    decompress_capped,
+    deflate_readings,
+)
 
 PLAIN = b"".join(b"data: {\"n\": %d, \"text\": \"event %d of the stream\"}\n\n" % (i, i * i) for i in range(12))
 FIRST, SECOND = PLAIN[:200], PLAIN[200:]
@@ -118,3 +128,96 @@ def test_a_member_ending_past_the_first_step_of_a_chunk_does_not_hang(encoding: 
         assert outcome == [gzip.decompress(body)]
     else:
         assert isinstance(outcome[0], DecodeError)
+
+
+# -- the readings of a request body sent as `deflate` ------------------------------------------------------
+
+SECRET = b'{"key": "sk-readingSECRETvalue-0123456789abcdef"}'
+
+
+def two_way(raw_tail: bytes) -> bytes:
+    """Valid zlib (one stored block of 0xFEFE bytes) that read as raw deflate is a stored block of 257 bytes
+    (the zlib header, the stored block's header and padding) followed by `raw_tail`."""
+    body = bytearray(b"\x78\x01\x01\xfe\xfe\x01\x01") + b"x" * 255 + raw_tail
+    body += b"x" * (7 + 0xFEFE - len(body))
+    return bytes(body + struct.pack(">I", zlib.adler32(bytes(body[7:]))))
+
+
+def inflate_raw(body: bytes) -> bytes:
+    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
+
+
+@pytest.mark.parametrize(("body", "plain"), [
+    (zlib.compress(PLAIN), PLAIN),
+    (zlib.compress(PLAIN, 0), PLAIN),  # stored blocks
+    (raw_deflate(PLAIN), PLAIN),
+    (gzip.compress(FIRST) + b"\0\0" + gzip.compress(SECOND), PLAIN),  # as zlib's auto-detection reads it
+    (zlib.compress(PLAIN) + b"trailing", PLAIN + b"trailing"),  # trailing bytes as they are, as before
+])
+def test_an_ordinary_deflate_body_has_one_reading(body: bytes, plain: bytes) -> None:
+    """The other readings fail on the first few bytes, before decoding anything: no reading at all."""
+    assert deflate_readings(body, 1 << 20) == Readings([plain], True)
+    if not body.startswith(b"\x1f\x8b"):  # what the gate read before (gzip was not valid `deflate` to it)
+        assert deflate_readings(body, 1 << 20).decoded == [decompress_capped(body, "deflate", 1 << 20)]
+
+
+def test_a_body_valid_as_zlib_and_as_raw_deflate_is_read_both_ways() -> None:
+    """Found in review: the gate read this body as zlib only (its first two bytes are a zlib header), while
+    .NET's DeflateStream and Go's compress/flate read it as raw deflate and get the secret."""
+    body = two_way(raw_deflate(SECRET))
+    as_zlib, as_raw = zlib.decompress(body), inflate_raw(body)
+    assert SECRET not in as_zlib and SECRET in as_raw
+    readings = deflate_readings(body, 1 << 20)
+    assert readings.whole
+    assert readings.decoded[0] == as_zlib
+    assert readings.decoded[1].startswith(as_raw) and SECRET in readings.decoded[1]
+
+
+def test_a_reading_that_breaks_off_after_decoding_something_makes_the_body_not_whole() -> None:
+    """Valid as zlib, but raw deflate decodes 257 stored bytes and then meets an invalid block type, or a
+    block the body ends inside: both readings are inspected as far as they go, and the body is not whole."""
+    for tail in (b"\xff\xff", b"\x01\xff\xff\x00\x00"):  # a reserved block type; a stored block past the end
+        body = two_way(tail)
+        readings = deflate_readings(body, 1 << 20)
+        assert not readings.whole
+        assert readings.decoded[0] == zlib.decompress(body)
+        assert readings.decoded[1].startswith(body[5:7] + b"x" * 255)  # the first stored block, then the end
+    # What decodes before the error is kept whole, not only what came before the failing call's input.
+    broken = bytearray(raw_deflate(PLAIN))
+    for at in range(len(broken) // 2, len(broken)):  # the first byte from the middle on that breaks it
+        broken[at] ^= 0xFF
+        try:
+            inflate_raw(bytes(broken))
+        except zlib.error:
+            break
+        broken[at] ^= 0xFF
+    decoder, exact = zlib.decompressobj(-zlib.MAX_WBITS), bytearray()
+    for i in range(len(broken)):  # byte by byte: everything an upstream's stream decoder hands out
+        try:
+            exact += decoder.decompress(broken[i:i + 1])
+        except zlib.error:
+            break
+    readings = deflate_readings(bytes(broken), 1 << 20)
+    assert not readings.whole and readings.decoded == [bytes(exact)] and len(exact) > 20
+
+
+@pytest.mark.parametrize("body", [b"\x78\x9cnot deflate at all", b"\x00", zlib.compress(PLAIN)[:-6],
+                                  b"\x1f\x8b\x08garbage"])
+def test_a_body_no_reading_decodes_whole_is_not_whole(body: bytes) -> None:
+    assert not deflate_readings(body, 1 << 20).whole
+
+
+def test_the_readings_together_are_capped() -> None:
+    """Each reading is capped, and so are all of them together: a two-way body costs no more to decode and
+    inspect than one plain body of the limit."""
+    body = two_way(raw_deflate(SECRET))
+    total = sum(map(len, deflate_readings(body, 1 << 20).decoded))
+    assert total > 0xFEFE * 2 - 300
+    assert sum(map(len, deflate_readings(body, total).decoded)) == total
+    with pytest.raises(TooLarge):
+        deflate_readings(body, total - 1)  # each reading alone fits
+    bomb = two_way(raw_deflate(bytes(4 << 20)))  # harmless as zlib, 4 MiB of zeros as raw deflate
+    with pytest.raises(TooLarge):
+        deflate_readings(bomb, 1 << 20)
+    with pytest.raises(TooLarge):
+        deflate_readings(gzip.compress(bytes(4 << 20)), 1 << 20)

@@ -21,6 +21,7 @@ from aegisd.gate import outbound_inspection
 from aegisd.inspection import VAULT_SECRET, Inspector, SecretSource, key_formats
 from aegisd.inspection.key_formats import FORMATS, OVERLAP, find_key_formats
 from tests.inspection_samples import fake_keys
+from tests.unit.test_decompress_splits import raw_deflate, two_way
 
 SECRET = b"large-body-secret-Q7w8E9r0"
 KEYS = [key.encode() for keys in fake_keys().values() for key in keys]
@@ -151,3 +152,18 @@ def test_a_small_compressed_body_is_inspected_inline_and_a_bomb_beside_the_loop(
     ticks, error = suspensions(bomb)
     assert getattr(error, "code", None) == "body_inspection", error
     assert ticks > 1, "a body decoding past INLINE_BODY_MAX was inspected on the event loop"
+
+
+def test_the_readings_of_a_deflate_body_share_the_inline_size_and_the_limit() -> None:
+    """A body valid as zlib (harmless) and as raw deflate (a secret after 300 KiB) is handed to a thread once
+    its readings together decode past INLINE_BODY_MAX, inspected there in both, and refused 413 when they
+    together pass the limit, though each alone would fit."""
+    inspector = Inspector([SecretSource("c", (SECRET,))])
+    body = two_way(raw_deflate(b"a" * (300 * 1024) + SECRET))
+    inline = outbound_inspection.INLINE_BODY_MAX
+    with pytest.raises(outbound_inspection._LargerThanInline):
+        outbound_inspection._inspect_body(inspector, body, "deflate", 10 * 1024 * 1024, inline)
+    assert outbound_inspection._inspect_body(inspector, body, "deflate", 10 * 1024 * 1024, None) == (
+        {VAULT_SECRET}, None)
+    _, problem = outbound_inspection._inspect_body(inspector, body, "deflate", 400 * 1024, None)
+    assert problem is not None and (problem.status, problem.code) == (413, "body_too_large")
