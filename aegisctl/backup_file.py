@@ -31,7 +31,8 @@ class _Refused(Exception):
 
 
 class _BoundedHeader(tarfile.TarInfo):
-    """tarfile's own parsing, stopped at an oversized extended header or too many headers (as in aegisd)."""
+    """tarfile's own parsing, stopped at an oversized extended header, too many headers or a GNU sparse header
+    (an old-GNU sparse member or a `GNU.sparse.*` PAX record, which an Aegis backup never has), as in aegisd."""
 
     @classmethod
     def fromtarfile(cls, tar: tarfile.TarFile) -> Self:  # every header, extended ones included
@@ -44,20 +45,41 @@ class _BoundedHeader(tarfile.TarInfo):
 
     def _proc_pax(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
         self._refuse_if_large()
+        fileobj = tar.fileobj
+        assert fileobj is not None
+        here = fileobj.tell()
+        records = fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
+        fileobj.seek(here)
+        if b"GNU.sparse." in records:
+            raise _Refused(_SPARSE)
         return super()._proc_pax(tar)  # type: ignore[misc, no-any-return]
 
     def _proc_gnulong(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
         self._refuse_if_large()
         return super()._proc_gnulong(tar)  # type: ignore[misc, no-any-return]
 
+    def _proc_sparse(self, tar: tarfile.TarFile) -> tarfile.TarInfo:  # before its extension blocks are read
+        raise _Refused(_SPARSE)
+
     def _refuse_if_large(self) -> None:
         if not 0 <= self.size <= MAX_EXTENDED_HEADER:
             raise _Refused(f"it has an extended tar header of {self.size} bytes (at most {MAX_EXTENDED_HEADER})")
 
 
+_SPARSE = "it has a GNU sparse tar header, which an Aegis backup never has"
+
+
 class _BoundedTar(tarfile.TarFile):
     tarinfo = _BoundedHeader
     headers = 0
+
+    def next(self) -> tarfile.TarInfo | None:
+        """tarfile's next header, its parsing errors other than TarError (a malformed number in a PAX record, an
+        offset past any a file can have) refused like the rest rather than shown as a traceback."""
+        try:
+            return super().next()
+        except (ValueError, IndexError, OverflowError) as exc:
+            raise _Refused(f"its tar headers are damaged ({exc})") from None
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

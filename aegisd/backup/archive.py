@@ -143,13 +143,16 @@ def read_backup(archive: Path, staging: Path) -> Manifest:
         raise InvalidBackup(f"the backup is not a complete tar archive (truncated or damaged: {exc})") from None
     counts = _check_vault(staging / VAULT_DB, manifest)
     counts["ledger_rows"] = _check_ledger(staging / LEDGER_DB, manifest)
+    _check_counts(manifest.counts, counts)
     return Manifest(manifest.created_ms, manifest.aegisd_version, manifest.vault_id, manifest.vault_schema_version,
                     manifest.ledger_schema_version, manifest.members, counts)
 
 
 class _BoundedHeader(tarfile.TarInfo):
     """tarfile's own header parsing, refusing (before tarfile reads it) an extended header past
-    MAX_EXTENDED_HEADER and more than MAX_HEADERS headers in all. The bound sits in the methods tarfile itself
+    MAX_EXTENDED_HEADER, more than MAX_HEADERS headers in all, and GNU sparse headers (an old-GNU sparse member,
+    whose extension blocks tarfile reads without bound, or a `GNU.sparse.*` PAX record, whose values tarfile
+    parses with int() and split()): Aegis writes none. The bound sits in the methods tarfile itself
     calls, so it sees exactly the headers tarfile parses (a hand-written walk of the blocks drifted from it).
     InvalidBackup is no tarfile.HeaderError, so tarfile passes it on rather than reading it as the end."""
 
@@ -166,11 +169,16 @@ class _BoundedHeader(tarfile.TarInfo):
 
     def _proc_pax(self, tar: tarfile.TarFile) -> tarfile.TarInfo:  # PAX headers, extended and global
         self._refuse_if_large()
+        if _SPARSE_KEY in _peek(tar, self._block(self.size)):  # type: ignore[attr-defined]
+            raise InvalidBackup(_SPARSE_REFUSED)
         return super()._proc_pax(tar)  # type: ignore[misc, no-any-return]
 
     def _proc_gnulong(self, tar: tarfile.TarFile) -> tarfile.TarInfo:  # GNU long names and links, read whole
         self._refuse_if_large()
         return super()._proc_gnulong(tar)  # type: ignore[misc, no-any-return]
+
+    def _proc_sparse(self, tar: tarfile.TarFile) -> tarfile.TarInfo:  # an old-GNU sparse member, before its blocks
+        raise InvalidBackup(_SPARSE_REFUSED)
 
     def _refuse_if_large(self) -> None:
         if not 0 <= self.size <= MAX_EXTENDED_HEADER:  # a base-256 size can be negative: tarfile reads to the end
@@ -178,14 +186,39 @@ class _BoundedHeader(tarfile.TarInfo):
                                 f"{MAX_EXTENDED_HEADER}); an Aegis backup has none that large: it was edited")
 
 
+_SPARSE_KEY = b"GNU.sparse."
+_SPARSE_REFUSED = "the backup has a GNU sparse tar header, which an Aegis backup never has: it was edited"
+
+
+def _peek(tar: tarfile.TarFile, size: int) -> bytes:
+    """The next `size` bytes of the archive (an extended header's records, at most MAX_EXTENDED_HEADER rounded up
+    to a block), leaving tarfile's position where it was."""
+    fileobj = tar.fileobj
+    assert fileobj is not None
+    here = fileobj.tell()
+    try:
+        return bytes(fileobj.read(size))
+    finally:
+        fileobj.seek(here)
+
+
 class _BoundedTar(tarfile.TarFile):
     tarinfo = _BoundedHeader
     headers = 0  # read so far, by _BoundedHeader.fromtarfile
 
+    def next(self) -> tarfile.TarInfo | None:
+        """tarfile's next header; its own parsing errors other than TarError (ValueError from a malformed number in
+        a PAX record, an offset past any a file can have) are an invalid backup too, not an internal error."""
+        try:
+            return super().next()
+        except (ValueError, IndexError, OverflowError) as exc:
+            raise InvalidBackup(f"the backup is not a complete tar archive (truncated or damaged: {exc})") from None
+
 
 # The methods _BoundedHeader hooks must be ones this Python's tarfile has, or the bounds would silently be gone.
-if not all(callable(getattr(tarfile.TarInfo, name, None)) for name in ("_proc_pax", "_proc_gnulong")):
-    raise ImportError("this Python's tarfile has no TarInfo._proc_pax or _proc_gnulong to bound")
+if not all(callable(getattr(tarfile.TarInfo, name, None)) for name in ("_proc_pax", "_proc_gnulong", "_proc_sparse",
+                                                                      "_block")):
+    raise ImportError("this Python's tarfile has no TarInfo._proc_pax, _proc_gnulong, _proc_sparse or _block to bound")
 
 
 def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
@@ -231,7 +264,7 @@ def _manifest(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Manifest:
                    for name in DATABASES}
         return Manifest(_int(data["created_ms"], MAX_CREATED_MS), _version(data.get("aegisd_version", "")),
                         _text(data["vault_id"]), _int(data["vault_schema_version"]),
-                        _int(data["ledger_schema_version"]), members)
+                        _int(data["ledger_schema_version"]), members, _counts(data.get("counts", {})))
     except (KeyError, TypeError, ValueError):
         raise InvalidBackup("the backup's manifest is missing fields or has malformed ones") from None
 
@@ -242,6 +275,26 @@ def _int(value: Any, limit: int = MAX_FIELD) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
         raise ValueError("not a non-negative integer in range")
     return value
+
+
+COUNTED = ("credentials", "agents", "grants", "ledger_rows")  # what the manifest counts, as aegisctl shows them
+
+
+def _counts(value: Any) -> dict[str, int]:
+    """The manifest's counts (optional, and each of them too): checked against the databases once they are read."""
+    if not isinstance(value, dict):
+        raise ValueError("counts is not an object")
+    return {name: _int(value[name]) for name in COUNTED if name in value}
+
+
+def _check_counts(stated: dict[str, int], found: dict[str, int]) -> None:
+    """aegisctl asks the operator to confirm the restore showing the manifest's counts: they must be the files'."""
+    wrong = [name for name in COUNTED if name in stated and stated[name] != found[name]]
+    if wrong:
+        said = ", ".join(f"{stated[name]} {name.replace('_', ' ')}" for name in wrong)
+        held = ", ".join(f"{found[name]} {name.replace('_', ' ')}" for name in wrong)
+        raise InvalidBackup(f"the backup's manifest does not match its databases: it counts {said}, they hold "
+                            f"{held}: it was edited")
 
 
 def _version(value: Any) -> str:
@@ -374,6 +427,34 @@ def _expected_schema(what: str, version: int) -> Schema:
         conn.close()
 
 
+MAC_SIZE = 32  # HMAC-SHA256: every row MAC and checkpoint MAC aegisd writes, and a checkpoint's prev_mac
+
+
+def _require_writable_tip(conn: sqlite3.Connection) -> None:
+    """What the ledger's writer builds the next row from must be something it can use, or the restored ledger
+    could take no row and the gate would forward nothing: the next id (the counter, checked in _intact, and the
+    largest id, which the writer also goes past), the MAC of the newest chained row (the next row chains from it)
+    and, for a ledger with no chained row left, each prune checkpoint's MACs (the newest one's prev_mac is the
+    chain's origin). Only the newest chained row's MAC is read, not every row's: the same walk the writer makes,
+    from the end of the id index back past the rows with no MAC (a few), so its cost does not grow with the ledger
+    (the integrity check before it reads every page anyway). An older row's MAC of another type is a chain that
+    `aegisctl ledger verify` reports; it does not stop the writer. Checkpoints are a handful, so all are read."""
+    (max_id,) = conn.execute("SELECT max(id) FROM ledger").fetchone()
+    if max_id is not None and not 0 < max_id <= ID_COUNTER_LIMIT:
+        raise InvalidBackup(f"{LEDGER_DB} in the backup has a row id out of range ({max_id}): it was edited")
+    tip = conn.execute("SELECT id, typeof(mac), length(mac) FROM ledger WHERE mac IS NOT NULL "
+                       "ORDER BY id DESC LIMIT 1").fetchone()
+    if tip is not None and (tip[1] != "blob" or tip[2] != MAC_SIZE):
+        raise InvalidBackup(f"{LEDGER_DB} in the backup has a newest chained row (id {tip[0]}) whose MAC is not the "
+                            f"{MAC_SIZE}-byte value aegisd writes (a {tip[1]} of {tip[2]} bytes): it was edited")
+    bad = conn.execute("SELECT id FROM checkpoints WHERE typeof(prev_mac) != 'blob' OR length(prev_mac) != ? "
+                       "OR typeof(mac) != 'blob' OR length(mac) != ? ORDER BY id LIMIT 1",
+                       (MAC_SIZE, MAC_SIZE)).fetchone()
+    if bad is not None:
+        raise InvalidBackup(f"{LEDGER_DB} in the backup has a prune checkpoint (id {bad[0]}) whose MACs are not the "
+                            f"{MAC_SIZE}-byte values aegisd writes: it was edited")
+
+
 def _check_vault(path: Path, manifest: Manifest) -> dict[str, int]:
     _require_writable_format(path, VAULT_DB)
     conn = _open(path, VAULT_DB)
@@ -404,6 +485,7 @@ def _check_ledger(path: Path, manifest: Manifest) -> int:
                                 f"knows ({ledger_schema.SCHEMA_VERSION}); upgrade aegisd")
         if version != manifest.ledger_schema_version:
             raise InvalidBackup("the backup's ledger does not match its manifest")
+        _require_writable_tip(conn)
         return int(conn.execute("SELECT count(*) FROM ledger").fetchone()[0])
     except sqlite3.Error as exc:
         raise InvalidBackup(f"{LEDGER_DB} in the backup cannot be read: {exc}") from None

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -51,24 +52,31 @@ class Restored:
     manifest: Manifest
     kept_key_slots: bool = False
     vault_not_opened: str = ""  # why the restored vault, in place, could not be opened yet ("" if it was)
+    ledger_replaced: bool = False  # the backup's ledger was moved into place (the old one is gone)
+    failed_half_way: str = ""  # why the restore failed after the ledger had been replaced ("" if it did not)
 
 
 async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: LedgerWriter,
                   chunks: AsyncIterator[bytes], recorded: Callable[[Restored], Awaitable[None]] | None = None,
-                  passphrase: Callable[[], str] = str, idle_timeout: float | None = None) -> Restored:
+                  passphrase: Callable[[], str] = str, idle_timeout: float | None = None,
+                  upload_deadline: float | None = None) -> Restored:
     """Receive, check, and swap in a backup; nothing changes unless every check passes.
 
     Once the swap has begun it runs to its end (and `recorded` after it) even if the caller is cancelled:
-    the client going away then cannot leave the data directory half restored. `passphrase` gives the
-    passphrase of the vault in place, once every chunk has been read (it comes with them). A client that
-    sends nothing for `idle_timeout` seconds (IDLE_TIMEOUT by default) is given up on before anything changed.
+    the client going away then cannot leave the data directory half restored. `recorded` is also called when
+    the swap fails after the backup's ledger has replaced the old one (`failed_half_way` says why): that is a
+    change too. `passphrase` gives the passphrase of the vault in place, once every chunk has been read (it
+    comes with them). A client that sends nothing for `idle_timeout` seconds (IDLE_TIMEOUT by default), or has
+    not sent the whole file within `upload_deadline` seconds (UPLOAD_DEADLINE), or sends more than a third of the
+    space free on the data directory's disk, is given up on before anything changed.
     """
     require_not_unlocked(vault)
     loop = asyncio.get_running_loop()
     with scratch(data_dir, ".restore-") as directory:
         archive = directory / "archive.tar"
         try:
-            await _receive(chunks, archive, idle_timeout)
+            limit = shutil.disk_usage(data_dir).free // 3
+            await _receive(chunks, archive, idle_timeout, upload_deadline, limit, data_dir)
             manifest = await outlive_cancellation(asyncio.to_thread(read_backup, archive, directory))
         except OSError as exc:
             raise _disk_error(exc, data_dir) from None
@@ -88,10 +96,12 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
             try:
                 asyncio.run_coroutine_threadsafe(ledger.replace_file(directory / LEDGER_DB), loop).result()
             except ReplaceIncomplete as exc:
+                restored.ledger_replaced = True
                 raise StorageUnavailable(f"the restore failed half-way: {exc}; the vault was not replaced: run the "
                                          "restore again") from None
             except LedgerError as exc:
                 raise StorageUnavailable(f"nothing was restored: {exc}") from None
+            restored.ledger_replaced = True
             try:
                 store.replace_with(directory / VAULT_DB)
             except ReplacedNotOpened:
@@ -102,16 +112,27 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                 raise StorageUnavailable(f"the restore failed half-way: the ledger was replaced but the vault "
                                          f"was not ({why}); run the restore again") from None
 
+        async def record() -> None:
+            if recorded is not None:
+                try:
+                    await recorded(restored)
+                except Exception as exc:  # reported in the log; the restore itself stands
+                    log.error("the restore was %s but recording it failed: %s",
+                              "begun" if restored.failed_half_way else "completed", log_safe(exc))
+
         async def swap_and_record() -> None:
             try:
                 await asyncio.to_thread(vault.reopen, swap)
             except ReplacedNotOpened as exc:
                 restored.vault_not_opened = exc.message
-            if recorded is not None:  # both files are the backup's now: the restore is done, whatever else fails
-                try:
-                    await recorded(restored)
-                except Exception as exc:  # reported in the log; the restore itself stands
-                    log.error("the restore was completed but recording it failed: %s", log_safe(exc))
+            except Exception as exc:
+                if restored.ledger_replaced:  # the old ledger is gone: say so in the log and in the one in place
+                    restored.failed_half_way = log_safe(exc)
+                    log.error("a restore failed after the backup's ledger had replaced the old one (rows written "
+                              "since the backup was taken are gone): %s", restored.failed_half_way)
+                    await record()
+                raise
+            await record()  # both files are the backup's now: the restore is done, whatever else fails
             if restored.vault_not_opened:
                 raise StorageUnavailable(
                     f"the backup was restored (the vault and ledger files are the backup's), but the restored vault "
@@ -175,6 +196,9 @@ def _orphaned_swap(outcome: asyncio.Future[Any]) -> None:
 
 
 IDLE_TIMEOUT = 60.0  # seconds a restore waits for the client's next chunk before it gives up
+# Seconds the whole upload may take: aegisctl's own deadline for the restore call, so no restore aegisctl could
+# finish is cut, and no client holds the one backup-or-restore turn longer by sending a byte every minute.
+UPLOAD_DEADLINE = 3600.0
 
 
 class ClientStalled(AegisError):
@@ -184,18 +208,34 @@ class ClientStalled(AegisError):
     reason = "client_stalled"
 
 
-async def _receive(chunks: AsyncIterator[bytes], path: Path, idle_timeout: float | None = None) -> None:
+async def _receive(chunks: AsyncIterator[bytes], path: Path, idle_timeout: float | None, upload_deadline: float | None,
+                   limit: int, data_dir: Path) -> None:
+    """Write the client's chunks to `path`: each within the idle timeout, all within the deadline, at most `limit`
+    bytes (a third of the free space: the archive and the databases staged from it take about twice its size,
+    and the live ledger, written all the while, keeps the rest)."""
     idle = IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+    deadline = UPLOAD_DEADLINE if upload_deadline is None else upload_deadline
+    ends = asyncio.get_running_loop().time() + deadline
     stream = aiter(chunks)
+    received = 0
     with path.open("xb") as fh:
         while True:
+            left = ends - asyncio.get_running_loop().time()
             try:
-                data = await asyncio.wait_for(anext(stream), idle)
+                data = await asyncio.wait_for(anext(stream), max(0.0, min(idle, left)))
             except StopAsyncIteration:
                 return
             except TimeoutError:
+                if left <= idle:
+                    raise ClientStalled(f"the client did not send the whole file within {deadline:g} s; the restore "
+                                        "was abandoned and nothing was changed: send the file again") from None
                 raise ClientStalled(f"no data from the client for {idle:g} s; the restore was abandoned and "
                                     "nothing was changed: send the file again") from None
+            received += len(data)
+            if received > limit:
+                raise StorageFull(f"the backup is larger than {limit} bytes, a third of the space free on the disk "
+                                  f"holding {data_dir} (a restore needs about twice the backup's size free, and the "
+                                  "ledger keeps the rest); nothing was changed: free some space, then restore again")
             await outlive_cancellation(asyncio.to_thread(fh.write, data))
 
 

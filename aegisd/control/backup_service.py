@@ -82,10 +82,20 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
                                   ledger_rows=counts["ledger_rows"], kept_key_slots=restored.kept_key_slots)
 
     async def _record(self, restored: Restored) -> None:
-        """Log and record a swap that happened; nothing in here may fail, whatever the manifest says."""
+        """Log and record a swap that happened, whole or half-way; nothing in here may fail, whatever the manifest
+        says."""
         manifest = restored.manifest
-        kept = "; the vault kept its current passphrase and unlock keys" if restored.kept_key_slots else ""
         created = _when(manifest.created_ms)
+        if restored.failed_half_way:  # the restore's error is logged already; this row is the ledger's record
+            detail = (f"a restore failed half-way: the ledger was replaced by the one in a backup taken {created} "
+                      f"(vault {manifest.vault_id}), so rows written after the backup was taken are gone, but the "
+                      f"vault was not replaced; the error: {restored.failed_half_way}")
+            try:
+                await self.rt.ledger.append(LedgerEntry.system(detail, reason="backup_restore_incomplete"))
+            except LedgerError as exc:
+                log.error("the restore failed half-way and could not be recorded in the ledger: %s", exc)
+            return
+        kept = "; the vault kept its current passphrase and unlock keys" if restored.kept_key_slots else ""
         detail = f"restored from a backup taken {created} (vault {manifest.vault_id}){kept}"
         if restored.vault_not_opened:
             detail += f"; the restored vault could not be opened yet ({restored.vault_not_opened})"

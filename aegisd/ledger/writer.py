@@ -51,6 +51,7 @@ _STATE = (
     "(SELECT mac FROM ledger WHERE mac IS NOT NULL ORDER BY id DESC LIMIT 1)"
 )
 _COUNT_AFTER = "SELECT count(*) FROM ledger WHERE id > ?"
+_MAC_SIZE = len(GENESIS)  # HMAC-SHA256
 _STOP = object()
 _Future = asyncio.Future[int]
 _Append = tuple[LedgerEntry, _Future | None]
@@ -726,6 +727,13 @@ class LedgerWriter:
     def _read_tip(self, conn: sqlite3.Connection, data_version: int) -> _ChainTip:
         """The tip as the file has it: at start, and whenever the carried one may be stale."""
         seq, max_id, tip_id, tip_mac = conn.execute(_STATE).fetchone()
+        if not isinstance(seq, int):  # the id counter: an edit could make it text
+            raise LedgerError(f"the ledger's id counter is not a number ({type(seq).__name__}): it was edited; "
+                              "restore a good backup")
+        if tip_id is not None and not (isinstance(tip_mac, bytes) and len(tip_mac) == _MAC_SIZE):
+            raise LedgerError(f"the ledger's newest chained row ({tip_id}) has a MAC that is not the {_MAC_SIZE}-byte "
+                              "value aegisd writes, so no row can be chained after it: it was edited; restore a good "
+                              "backup")
         prev_mac: bytes = tip_mac if tip_id is not None else _chain_origin(conn)
         tip_id = tip_id or 0
         if max_id > tip_id:
@@ -808,7 +816,14 @@ def _chain_own(conn: sqlite3.Connection, mac_of: RowMac, witness_of: RowMac, unc
 def _chain_origin(conn: sqlite3.Connection) -> bytes:
     """What the first chained row links to: the newest prune checkpoint (everything may be pruned), or genesis."""
     checkpoint = latest_checkpoint(conn)
-    return checkpoint.prev_mac if checkpoint is not None else GENESIS
+    if checkpoint is None:
+        return GENESIS
+    prev_mac: object = checkpoint.prev_mac  # as stored: any type at all
+    if not (isinstance(prev_mac, bytes) and len(prev_mac) == _MAC_SIZE):
+        raise LedgerError(f"the ledger's newest prune checkpoint ({checkpoint.id}) has a prev_mac that is not the "
+                          f"{_MAC_SIZE}-byte value aegisd writes, so no row can be chained after it: it was edited; "
+                          "restore a good backup")
+    return prev_mac
 
 
 def fsync_directory(directory: Path) -> None:

@@ -525,3 +525,148 @@ def test_a_vault_open_in_another_process_stops_the_restore_before_the_ledger_is_
     world.unlock()
     assert listing(aegis, "ledger", "verify")["ok"]
     world.assert_no_leaks([result.out, result.err])
+
+
+def test_a_restore_that_fails_after_the_ledger_moved_is_logged_and_recorded(world: GateWorld) -> None:
+    """Found by a cold review: once the backup's ledger had been moved into place, a failure of the vault's swap
+    answered "the restore failed half-way" but left no ledger row and no log line: the rows written after the
+    backup vanished without a trace. The failure is now logged and recorded in the ledger that is in place.
+
+    The vault's swap is made to fail by a directory where its old -shm is, which it cannot remove."""
+    aegis = world.aegis
+    _, backup = backed_up(world, "before.backup", before="/echo/before")
+    assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
+    aegis.ctl("lock").ok()
+    shm = aegis.data_dir / "vault.db-shm"
+    shm.unlink(missing_ok=True)
+    shm.mkdir()
+    try:
+        result = aegis.ctl("restore", str(backup), "--yes")
+    finally:
+        shm.rmdir()
+    assert_failed(result, "the restore failed half-way", "the ledger was replaced but the vault was not")
+
+    rows = listing(aegis, "ledger", "show", "--limit", "1000")
+    assert not any(r["path"] == "/echo/after-backup" for r in rows)  # the backup's ledger is in place...
+    assert any(r["path"] == "/echo/before" for r in rows)
+    recorded = [r for r in rows if r["reason"] == "backup_restore_incomplete"]  # ...and says how it got there
+    assert len(recorded) == 1, rows
+    detail = recorded[0]["detail"]
+    assert "replaced by the one in a backup taken" in detail and "the vault was not replaced" in detail, detail
+    assert "rows written after the backup was taken are gone" in detail, detail
+    assert not any(r["reason"] == "backup_restored" for r in rows)
+    errors = [line for line in aegis.log().splitlines() if " error " in line and "restore failed half-way" in line]
+    assert errors, aegis.log()[-3000:]
+
+    # The store could not reopen the old vault file either while its -shm was a directory, and does not try again
+    # by itself: a restart opens it, and the retry completes the restore.
+    assert aegis.stop() == 0
+    aegis.start()
+    aegis.ctl("restore", str(backup), "--yes").ok()
+    world.unlock()
+    assert listing(aegis, "ledger", "verify")["ok"]
+    assert world.call("GET", "/github/echo/restored", agent="claude").status == 200
+    world.assert_no_leaks([result.out, result.err])
+    aegis.assert_no_leaks([PASSPHRASE])
+
+
+def gnu_sparse_header(name: str, extension_blocks: int, *, truncated: bool = False) -> bytes:
+    """An old-GNU sparse member header (type S) followed by `extension_blocks` sparse extension blocks, each
+    saying another follows; the last one ends the chain unless `truncated` (the file then just ends)."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    block[482] = 1  # isextended
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    extension = bytearray(tarfile.BLOCKSIZE)
+    for i in range(21):
+        extension[i * 24:i * 24 + 24] = b"%011o\0%011o\0" % (i + 1, 1)
+    extension[504] = 1
+    data = bytes(block) + bytes(extension) * extension_blocks
+    if not truncated:
+        extension[504] = 0
+        data += bytes(extension) + bytes(2 * tarfile.BLOCKSIZE)
+    return data
+
+
+def pax_tar(parts: dict[str, bytes], pax: dict[str, dict[str, str]]) -> bytes:
+    """`parts` as a PAX tar, member `name` carrying the PAX records pax[name]."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in parts.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(data), pax.get(name, {})
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def sparse_and_broken_headers(parts: dict[str, bytes]) -> dict[str, bytes]:
+    """Tar headers Aegis never writes whose parsing raised ValueError or IndexError in tarfile, or read without
+    bound: each made aegisd answer INTERNAL (or aegisctl print a traceback) instead of refusing the file."""
+    manifest = {"manifest.json": parts["manifest.json"]}
+    return {
+        # On vault.db, past the manifest aegisctl reads: only the daemon sees it.
+        "paxmap": pax_tar(parts, {"vault.db": {"GNU.sparse.map": "abc"}}),
+        "pax10": pax_tar(manifest, {"manifest.json": {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}})[:-1024],
+        "realsize": pax_tar(manifest, {"manifest.json": {"GNU.sparse.realsize": "abc"}}),
+        "gnutrunc": gnu_sparse_header("manifest.json", 1, truncated=True),
+        # 200 extension blocks that tarfile read past the 12-header bound (48 MiB held it 6 s, 190 MiB of memory).
+        "gnulong": gnu_sparse_header("manifest.json", 200),
+    }
+
+
+def test_sparse_and_malformed_tar_headers_are_refused_as_invalid_backups(world: GateWorld) -> None:
+    """Found by a cold review: GNU sparse headers (a `GNU.sparse.*` PAX record, an old-GNU sparse member) made
+    tarfile raise ValueError or IndexError, which aegisd answered as an internal error and aegisctl as a
+    traceback, and their extension blocks were read without counting against the header bound. Aegis never
+    writes them: they are refused before tarfile reads them, and any such parsing error is an invalid backup."""
+    aegis = world.aegis
+    _, good = backed_up(world, "good.backup", before="/echo/before")
+    parts = members(good.read_bytes())
+    aegis.ctl("lock").ok()
+    before = (listing(aegis, "vault", "list"), listing(aegis, "ledger", "show", "--limit", "1000"))
+    crafted = {name: (content, "sparse") for name, content in sparse_and_broken_headers(parts).items()}
+    # A PAX size past any offset: tarfile raised ValueError seeking to the next header.
+    crafted["hugesize"] = (pax_tar(parts, {"manifest.json": {"size": str(10**30)}}), "not a complete tar archive")
+    outputs = []
+    for name, (content, needle) in crafted.items():
+        started = time.monotonic()
+        refused = restore_raw(aegis, content)
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, refused.code(), refused.details())
+        assert needle in (refused.details() or ""), (name, refused.details())
+        trailer = refused.trailing_metadata() or ()
+        assert any(m.key == "aegis-reason" and str(m.value) == "invalid_backup" for m in trailer), name
+        assert time.monotonic() - started < 2.5, name
+        path = aegis.root / f"{name}.backup"
+        path.write_bytes(content)
+        result = aegis.ctl("restore", str(path), "--yes")
+        if name == "paxmap":  # aegisctl reads only the manifest and passes it on
+            assert_failed(result, needle, "nothing was changed")
+        else:
+            assert_failed(result, "not a complete Aegis backup")
+        outputs += [result.out, result.err, refused.details() or ""]
+
+    assert (listing(aegis, "vault", "list"), listing(aegis, "ledger", "show", "--limit", "1000")) == before
+    assert "Traceback" not in aegis.log() and "internal error" not in aegis.log()
+    assert not [p for p in aegis.data_dir.iterdir() if p.name.startswith((".restore-", ".backup-"))]
+    aegis.ctl("restore", str(good), "--yes").ok()
+    world.unlock()
+    assert listing(aegis, "ledger", "verify")["ok"]
+    world.assert_no_leaks(outputs)
+    aegis.assert_no_leaks([PASSPHRASE])
+
+
+@pytest.mark.parametrize("name", ["paxmap", "pax10", "realsize", "gnutrunc", "gnulong"])
+def test_aegisctl_checking_a_whole_backup_refuses_sparse_tar_headers(tmp_path: Path, name: str) -> None:
+    """The same headers after a good manifest, where only `aegisctl backup`'s check of the whole file reads them:
+    an invalid backup, never a traceback."""
+    parts = {"manifest.json": json.dumps({"format": "aegis-backup"}).encode(), "vault.db": b"v", "ledger.db": b"l"}
+    content = sparse_and_broken_headers(parts)[name]
+    if name != "paxmap":  # put the manifest first, whole, and the crafted header after it
+        content = tar_header("manifest.json", len(parts["manifest.json"])) + padded(parts["manifest.json"]) + content
+    path = tmp_path / f"{name}.backup"
+    path.write_bytes(content)
+    with pytest.raises(ClientError) as refused:
+        verify_archive(path)
+    assert refused.value.reason == "invalid_backup"

@@ -359,6 +359,98 @@ def test_a_backup_whose_id_counter_would_overflow_is_refused(aegis: Aegis) -> No
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
 
 
+_NEWEST_CHAINED = "(SELECT max(id) FROM ledger WHERE mac IS NOT NULL)"
+LEDGER_TIP_EDITS = [
+    # A row at the largest id with the counter put back below it: the next row's id overflows.
+    ("INSERT INTO ledger SELECT 9223372036854775807, kind, time_ms, request_id, agent, credential, service, method, "
+     "path, target_host, decision, reason, status, duration_ms, bytes_in, bytes_out, flags, detail, NULL FROM ledger "
+     "LIMIT 1; UPDATE sqlite_sequence SET seq = 5 WHERE name = 'ledger';", "has a row id out of range"),
+    # The MAC the next row chains from, of a type or size aegisd never writes: the writer could chain nothing.
+    ("UPDATE ledger SET mac = 'x' WHERE id = (SELECT max(id) FROM ledger WHERE mac IS NOT NULL)",
+     "has a newest chained row"),
+    ("UPDATE ledger SET mac = zeroblob(16) WHERE id = (SELECT max(id) FROM ledger WHERE mac IS NOT NULL)",
+     "has a newest chained row"),
+    ("INSERT INTO checkpoints (time_ms, first_kept_id, prev_mac, pruned, mac) VALUES (0, 1, 'x', 0, zeroblob(32))",
+     "has a prune checkpoint"),
+]
+
+
+def test_a_backup_whose_ledger_could_take_no_further_row_is_refused(aegis: Aegis) -> None:
+    """Found by a fifth cold review: the id counter was checked but not the largest id itself, nor the type of the
+    MAC the writer chains the next row from; each such backup was restored and then the gate forwarded nothing.
+    The writer, meeting such a tip in its own file, now says which row it is rather than failing with TypeError."""
+    backup = aegis.root / "this.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    aegis.ctl("lock").ok()
+    outputs = []
+    for number, (sql, needle) in enumerate(LEDGER_TIP_EDITS):
+        crafted = aegis.root / f"crafted{number}.backup"
+        _with_vault_edit(backup, crafted, aegis.root / f"work{number}", sql, "ledger.db")
+        result = aegis.ctl("restore", str(crafted), "--yes")
+        assert result.code == 1 and f"ledger.db in the backup {needle}" in result.err, (sql, result)
+        assert "Traceback" not in result.err
+        outputs += [result.out, result.err]
+    assert unlocks_with(aegis, passphrase=PASSPHRASE)
+
+    assert aegis.stop() == 0
+    with contextlib.closing(sqlite3.connect(aegis.data_dir / "ledger.db", isolation_level=None)) as conn:
+        (tip,) = conn.execute(f"SELECT {_NEWEST_CHAINED}").fetchone()
+        conn.execute("UPDATE ledger SET mac = 'x' WHERE id = ?", (tip,))
+    aegis.start()
+    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n")  # its rows are what the writer fails to add
+    deadline = time.monotonic() + 20
+    while f"newest chained row ({tip})" not in aegis.log():
+        assert time.monotonic() < deadline, aegis.log()[-3000:]
+        time.sleep(0.1)
+    assert "TypeError" not in aegis.log()
+    assert request(aegis.gate_port, "GET", "/_aegis/health").json()["ledger"] == "failing"
+    aegis.assert_no_leaks([PASSPHRASE, SECRET], outputs)
+
+
+def _with_manifest_edit(source: Path, target: Path, **changes: object) -> None:
+    """`source` with `changes` made to its manifest (the databases as they were)."""
+    with tarfile.open(source) as archive:
+        parts = {}
+        for info in archive:
+            fh = archive.extractfile(info)
+            assert fh is not None
+            parts[info.name] = fh.read()
+    manifest = json.loads(parts["manifest.json"])
+    manifest.update(changes)
+    parts["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(target, "w") as archive:
+        for name, data in parts.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o600
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_a_backup_whose_manifest_counts_do_not_match_its_databases_is_refused(aegis: Aegis) -> None:
+    """Found by a fifth cold review: aegisctl's restore prompt shows the manifest's counts, which the daemon never
+    checked, so an edited manifest could show the operator a different backup from the one restored."""
+    backup = aegis.root / "this.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    aegis.ctl("lock").ok()
+    inflated = aegis.root / "inflated.backup"
+    _with_manifest_edit(backup, inflated, counts={"credentials": 42, "agents": 7, "grants": 9, "ledger_rows": 100000})
+    asked = aegis.ctl("restore", str(inflated))  # what the operator is asked to confirm
+    assert asked.code == 2 and "42 credentials, 7 agents, 9 grants, 100000 ledger rows" in asked.err, asked
+    result = aegis.ctl("restore", str(inflated), "--yes")
+    assert result.code == 1, result
+    assert "the backup's manifest does not match its databases" in result.err, result
+    assert "42 credentials" in result.err and "1 credentials" in result.err, result
+    malformed = aegis.root / "malformed.backup"
+    _with_manifest_edit(backup, malformed, counts={"credentials": "many"})
+    refused = aegis.ctl("restore", str(malformed), "--yes")
+    assert refused.code == 1 and "missing fields or has malformed ones" in refused.err, refused
+    uncounted = aegis.root / "uncounted.backup"  # counts are optional: a manifest without them is checked without
+    _with_manifest_edit(backup, uncounted, counts={})
+    restored = aegis.ctl("restore", str(uncounted), "--yes").ok()
+    assert "1 credentials" in restored.out, restored
+    assert unlocks_with(aegis, passphrase=PASSPHRASE)
+    aegis.assert_no_leaks([PASSPHRASE, SECRET], [result.out, result.err, refused.err])
+
+
 def _rss_mib(pid: int) -> float:
     """The process's resident memory: Argon2id's working memory shows here while a derivation runs."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

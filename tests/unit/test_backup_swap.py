@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import os
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,9 +56,14 @@ def test_a_restore_whose_ledger_moved_but_was_not_made_durable_says_it_failed_ha
         async def chunks() -> AsyncIterator[bytes]:
             yield archive
 
+        async def recorded(restored: Any) -> None:  # the ledger has moved: the service records even this
+            halfway.append(restored.failed_half_way)
+
+        halfway: list[str] = []
         monkeypatch.setattr(writer_module, "fsync_directory", fsync_fails)
         with pytest.raises(StorageUnavailable) as failed:
-            await restore(tmp_path / "a", vault, store, ledger, chunks(), passphrase=lambda: PASSPHRASE)
+            await restore(tmp_path / "a", vault, store, ledger, chunks(), recorded, passphrase=lambda: PASSPHRASE)
+        assert halfway == [failed.value.message]
         key = ledger.key
         await ledger.close()
         store.close()
@@ -217,5 +223,77 @@ def test_a_restore_whose_client_stops_sending_is_given_up_and_changes_nothing(tm
     assert kind.__name__ == "ClientStalled"
     assert message == ("no data from the client for 0.3 s; the restore was abandoned and nothing was changed: send "
                        "the file again")
+    assert stored == vault_a
+    assert not list((tmp_path / "a").glob(".restore-*"))
+
+
+def test_a_restore_client_that_trickles_is_given_up_at_the_upload_deadline(tmp_path: Path) -> None:
+    """Found by a cold review: the 60 s wait was per chunk, so a client sending a byte every 59 s held the one
+    backup-or-restore turn for as long as it liked. The whole upload now has a deadline too."""
+
+    async def main() -> tuple[type[BaseException], str, str | None, str | None]:
+        archive, _ = await backup_of_another_vault(tmp_path)
+        store, vault, ledger = await daemon_parts(tmp_path / "a")
+        vault_a = vault.vault_id
+        vault.lock()
+
+        async def trickles() -> AsyncIterator[bytes]:
+            for offset in range(len(archive)):
+                yield archive[offset:offset + 1]
+                await asyncio.sleep(0.05)  # well inside the idle timeout, every time
+
+        with pytest.raises(AegisError) as failed:
+            await asyncio.wait_for(restore(tmp_path / "a", vault, store, ledger, trickles(),
+                                           passphrase=lambda: PASSPHRASE, idle_timeout=0.3, upload_deadline=0.6), 10)
+        with store.reading() as conn:
+            stored = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()[0]
+        await ledger.close()
+        store.close()
+        return type(failed.value), failed.value.message, vault_a, stored
+
+    kind, message, vault_a, stored = asyncio.run(main())
+    assert kind.__name__ == "ClientStalled"
+    assert message == ("the client did not send the whole file within 0.6 s; the restore was abandoned and nothing "
+                       "was changed: send the file again")
+    assert stored == vault_a
+    assert not list((tmp_path / "a").glob(".restore-*"))
+
+
+def test_a_restore_upload_is_refused_past_a_third_of_the_free_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a cold review: the upload had no size cap, so a socket holder could fill the disk the live ledger
+    writes to (the gate then forwards nothing). A restore needs about twice the file's size while it checks it;
+    an upload may take at most a third of the space free when it starts, so a third is always left."""
+    real_usage = shutil.disk_usage
+
+    async def main() -> tuple[BaseException, str | None, str | None, int]:
+        archive, _ = await backup_of_another_vault(tmp_path)
+        store, vault, ledger = await daemon_parts(tmp_path / "a")
+        vault_a = vault.vault_id
+        vault.lock()
+        cap = len(archive) - 1
+
+        def disk_usage(path: str | os.PathLike[str]) -> Any:
+            usage = real_usage(path)
+            return type(usage)(usage.total, usage.used, 3 * cap + 2)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for offset in range(0, len(archive), 4096):
+                yield archive[offset:offset + 4096]
+
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+        with pytest.raises(AegisError) as failed:
+            await restore(tmp_path / "a", vault, store, ledger, chunks(), passphrase=lambda: PASSPHRASE)
+        with store.reading() as conn:
+            stored = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()[0]
+        await ledger.close()
+        store.close()
+        return failed.value, vault_a, stored, cap
+
+    error, vault_a, stored, cap = asyncio.run(main())
+    assert isinstance(error, StorageFull), error
+    assert error.message.startswith(f"the backup is larger than {cap} bytes, a third of the space free on the disk "
+                                    f"holding {tmp_path / 'a'}"), error.message
+    assert "nothing was changed" in error.message
     assert stored == vault_a
     assert not list((tmp_path / "a").glob(".restore-*"))
