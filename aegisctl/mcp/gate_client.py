@@ -14,10 +14,14 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.tracing import Trace
 from multidict import CIMultiDictProxy
 from yarl import URL
 
 from aegisctl import __version__
+from aegisctl.mcp.gate_trust import GateTrust, GateUntrusted
 
 REQUEST_ID_HEADER = "X-Aegis-Request-Id"
 OPERATOR_BODY_LIMIT = 1024 * 1024  # /_aegis answers are small; anything bigger is not the gate
@@ -52,10 +56,37 @@ class GateResponse:
     body: bytes
     truncated: bool
     charset: str | None
-    content_type: str
+    content_type: str  # the media type, lower-case; "" when the answer has no Content-Type
     request_id: str
     refusal: Refusal | None = field(default=None)
     document: dict[str, Any] = field(default_factory=dict)  # an operator endpoint's JSON answer
+
+
+class CheckedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, checking the gate's end of each new connection before anything is sent on it
+    (gate_trust); a pooled connection was checked when it was made."""
+
+    def __init__(self, trust: GateTrust) -> None:
+        # The check hooks the one method through which TCPConnector makes every connection; were it renamed in
+        # an aiohttp release, the bridge must fail here rather than send tokens unchecked.
+        if "_create_connection" not in vars(aiohttp.TCPConnector):
+            raise RuntimeError("this aiohttp has no TCPConnector._create_connection; the gate check cannot run")
+        super().__init__()
+        self._trust = trust
+
+    async def _create_connection(self, req: ClientRequest, traces: list[Trace],
+                                 timeout: aiohttp.ClientTimeout) -> ResponseHandler:
+        proto = await super()._create_connection(req, traces, timeout)
+        try:
+            transport = proto.transport
+            await self._trust.verify(transport.get_extra_info("socket") if transport is not None else None)
+        except GateUntrusted as exc:
+            proto.close()
+            raise BridgeError("gate_untrusted", str(exc)) from None
+        except BaseException:
+            proto.close()
+            raise
+        return proto
 
 
 class GateClient:
@@ -66,9 +97,11 @@ class GateClient:
     gate is a prompt `gate_timeout` error, never a tool call that hangs.
     """
 
-    def __init__(self, base_url: str, token: str, gate_timeout: float = 10.0, read_timeout: float = 150.0) -> None:
+    def __init__(self, base_url: str, token: str, gate_timeout: float = 10.0, read_timeout: float = 150.0,
+                 trust: GateTrust | None = None) -> None:
         self.base_url = base_url
         self._token = token
+        self._trust = trust or GateTrust()
         self._operator_timeout = aiohttp.ClientTimeout(total=gate_timeout, sock_connect=min(CONNECT, gate_timeout))
         self._proxy_timeout = aiohttp.ClientTimeout(total=PROXY_TOTAL, sock_connect=min(CONNECT, read_timeout),
                                                     sock_read=read_timeout)
@@ -77,7 +110,8 @@ class GateClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> GateClient:
-        self._session = aiohttp.ClientSession(headers={"User-Agent": f"aegisctl-mcp/{__version__}"})
+        self._session = aiohttp.ClientSession(headers={"User-Agent": f"aegisctl-mcp/{__version__}"},
+                                              connector=CheckedConnector(self._trust))
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
@@ -99,8 +133,11 @@ class GateClient:
             async with self._session.request(method, url, headers=sent, data=body, allow_redirects=False,
                                              timeout=timeout) as resp:
                 data, truncated = await _read(resp, limit)
-                reply = GateResponse(resp.status, resp.headers, data, truncated, resp.charset,
-                                     resp.content_type, resp.headers.get(REQUEST_ID_HEADER, ""))
+                # aiohttp calls a missing Content-Type application/octet-stream; the bridge reads such a body as
+                # UTF-8 text first (results.body_text), so it keeps "none" apart.
+                media_type = resp.content_type if "Content-Type" in resp.headers else ""
+                reply = GateResponse(resp.status, resp.headers, data, truncated, resp.charset, media_type,
+                                     resp.headers.get(REQUEST_ID_HEADER, ""))
         except aiohttp.ClientConnectorError as exc:
             raise BridgeError("gate_unreachable", f"cannot reach the Aegis gate at {self.base_url} "
                               f"({exc.strerror or type(exc).__name__}); is aegisd running?") from None

@@ -116,10 +116,13 @@ def refusal(r: Refusal) -> CallToolResult:
 def proxied(reply: GateResponse, limit: int) -> CallToolResult:
     """The upstream's answer as the gate relayed it: status, headers, body (text or base64)."""
     headers: dict[str, str] = {}
+    spelled: dict[str, str] = {}  # lower-case name -> its first spelling: `X-Dup` and `x-dup` are one header
     for raw_name, raw_field in reply.headers.items():
         name, field = header_text(raw_name), header_text(raw_field)
-        if name.lower() not in WIRE_HEADERS:
-            headers[name] = f"{headers[name]}, {field}" if name in headers else field
+        if name.lower() in WIRE_HEADERS:
+            continue
+        first = spelled.setdefault(name.lower(), name)
+        headers[first] = f"{headers[first]}, {field}" if first in headers else field
     text, encoding = body_text(reply.body, reply.charset, reply.content_type, reply.truncated)
     value: dict[str, Any] = {"status": reply.status, "headers": headers, "body": text, "body_encoding": encoding,
                              "truncated": reply.truncated, "request_id": reply.request_id}

@@ -13,6 +13,7 @@ import sys
 import anyio
 
 from aegisctl.mcp.gate_client import BridgeError, GateClient
+from aegisctl.mcp.gate_trust import GateTrust
 from aegisctl.mcp.settings import BridgeSettings, HttpListen
 
 
@@ -31,7 +32,9 @@ def run(settings: BridgeSettings, listen: HttpListen | None) -> None:
 
 
 async def _main(settings: BridgeSettings, listen: HttpListen | None) -> None:
-    async with GateClient(settings.gate_url, settings.token, settings.timeouts.gate, settings.timeouts.read) as gate:
+    trust = GateTrust(settings.config_path)
+    async with GateClient(settings.gate_url, settings.token, settings.timeouts.gate, settings.timeouts.read,
+                          trust) as gate:
         agent = await check_agent(gate)
         # The MCP SDK loads only now: a bridge that refuses to start answers without that second.
         from aegisctl.mcp import transports
@@ -60,6 +63,10 @@ async def check_agent(gate: GateClient) -> str:
     try:
         reply = await gate.operator("services")
     except BridgeError as exc:
+        if exc.code == "gate_untrusted":
+            raise StartupError(exc.message, "stop whatever holds the gate's port (`ss -ltnp` shows it) and start "
+                               "aegisd; if aegisd itself runs as that user, check that AEGIS_SOCKET or AEGIS_CONFIG "
+                               "names its control socket, or run the bridge as that user") from None
         raise StartupError(exc.message, "start aegisd, or point AEGIS_GATE_URL (or --gate-url) at its gate") from None
     refusal = reply.refusal
     if refusal is None:

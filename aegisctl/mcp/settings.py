@@ -65,16 +65,18 @@ class BridgeSettings:
     gate_url: str
     token: str
     timeouts: Timeouts = Timeouts()
+    config_path: str | None = None  # aegisctl's --config: where the control socket's path may come from
 
     def __repr__(self) -> str:  # never show the token, even in a traceback or a debugger
-        return f"BridgeSettings(gate_url={self.gate_url!r}, token=<hidden>, timeouts={self.timeouts!r})"
+        return (f"BridgeSettings(gate_url={self.gate_url!r}, token=<hidden>, timeouts={self.timeouts!r}, "
+                f"config_path={self.config_path!r})")
 
 
 def load(token_file: Path | None, gate_url_flag: str | None, env: Mapping[str, str] | None = None,
          config_path: str | None = None) -> BridgeSettings:
     env = os.environ if env is None else env
     return BridgeSettings(gate_url(gate_url_flag, env, config_path), agent_token(token_file, env),
-                          timeouts(env, config_path))
+                          timeouts(env, config_path), config_path)
 
 
 def timeouts(env: Mapping[str, str], config_path: str | None = None) -> Timeouts:

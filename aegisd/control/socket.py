@@ -84,15 +84,10 @@ class ControlSocket:
         mode and group set; an existing one is never changed (it may be a user's $XDG_RUNTIME_DIR, or hold
         other programs' sockets), so it must already be right."""
         try:
-            directory.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass
+            created = self._create_directory(directory)
         except OSError as exc:
             raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
-        else:
-            if self._gid is not None:  # before the socket exists: group members only reach it once it is 0660
-                os.chown(directory, -1, self._gid)
-                os.chmod(directory, 0o750)  # noqa: S103 - group members must reach the socket
+        if created:
             return
         try:
             info = directory.stat()
@@ -112,6 +107,26 @@ class ControlSocket:
                               "in a directory only its user can write")
         if self._gid is not None:
             self._check_shared_directory(directory, info)
+
+    def _create_directory(self, directory: Path) -> bool:
+        """Make `directory` and any missing parent, each 0700, or with a socket group 0750 in that group: the group
+        must pass through every directory aegisd makes on the way to the socket, and no one else needs to (the
+        same access as the socket's own directory, so a created parent opens nothing that directory does not).
+        Set before the next level exists, so nothing is ever reachable with other permissions. False if
+        `directory` existed already; existing parents are never changed."""
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if directory.parent == directory:
+                raise
+            self._create_directory(directory.parent)
+            return self._create_directory(directory)
+        if self._gid is not None:  # before the socket exists: group members only reach it once it is 0660
+            os.chown(directory, -1, self._gid)
+            os.chmod(directory, 0o750)  # noqa: S103 - group members must reach the socket
+        return True
 
     def _check_shared_directory(self, directory: Path, info: os.stat_result) -> None:
         """An existing directory for a group-shared socket must already be in the socket group, searchable by it
@@ -147,8 +162,14 @@ class ControlSocket:
         if not stat.S_ISSOCK(info.st_mode):
             raise SocketError(f"{self.path} exists and is not a socket; remove it or choose another --socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Non-blocking: a live server whose accept queue is full would hold a blocking connect() (and the start) for
+        # ever; EAGAIN says a process listens there, as a completed connection does.
+        probe.setblocking(False)
         try:
             probe.connect(str(self.path))
+        except BlockingIOError:
+            raise SocketError(f"another process is already listening on {self.path} (its queue of connections is "
+                              "full); stop it first") from None
         except OSError as exc:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
                 raise SocketError(f"cannot check {self.path}: {exc.strerror}") from None

@@ -250,3 +250,45 @@ def test_failed_start_does_not_remove_another_process_live_socket(fresh: Aegis) 
     finally:
         other.close()
 
+
+
+def test_start_refuses_at_once_a_live_socket_whose_backlog_is_full(fresh: Aegis) -> None:
+    """A server at the socket path that accepts nothing: probing it must not block aegisd's start forever."""
+    fresh.socket.parent.mkdir(mode=0o700)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(fresh.socket))
+    other.listen(0)
+    waiting: list[socket.socket] = []
+    try:
+        while True:  # fill its accept queue: the next blocking connect() would wait for ever
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(str(fresh.socket))
+            except BlockingIOError:
+                break
+        log = start_fails(fresh)
+        assert "another process is already listening" in log, log
+        assert stat.S_ISSOCK(os.lstat(fresh.socket).st_mode)  # left alone
+    finally:
+        for client in waiting:
+            client.close()
+        other.close()
+
+
+def test_socket_group_members_reach_a_socket_under_directories_aegisd_creates(fresh: Aegis) -> None:
+    """--socket in a path of which several directories are missing: aegisd creates them all, each in the socket
+    group and 0750 like the socket's own directory, so the group can reach the socket and no one else can."""
+    needs_root()
+    group = shared_group()
+    os.chmod(fresh.root, 0o711)  # noqa: S103 - stands in for /run: the operator passes through it
+    top = fresh.root / "srv"
+    deep = top / "aegis" / "run" / "aegisd.sock"
+    fresh.env["AEGIS_SOCKET"] = str(deep)
+    fresh.start("--socket-group", group.gr_name)
+    for directory in (top, top / "aegis", deep.parent):
+        info = os.stat(directory)
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o750, group.gr_gid), directory
+    assert '"uninitialized"' in ctl_as_operator(fresh, "status", "--json", groups=group.gr_name).ok().out
+    assert_failed(ctl_as_operator(fresh, "status", groups=None), "no permission")

@@ -1,0 +1,100 @@
+"""An answer to every request over stdio, even one the MCP SDK cannot parse.
+
+The SDK's stdio reader parses each line with pydantic, whose JSON parser refuses a lone surrogate escape
+(`"\\ud800"`: valid JSON syntax, but no Unicode character); it hands the error to the server loop, which drops
+it without a word, so the host waits for ever for that request's answer. `AnsweredParseErrors` sits between
+the two and answers such a line with a JSON-RPC parse error (-32700) carrying the request's id, read with
+Python's own JSON parser, which accepts the escape. A line that names no id (a notification, or no JSON at all)
+still gets nothing: JSON-RPC gives the host no way to match an answer to it.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any
+
+import anyio
+from mcp.shared.message import SessionMessage
+from mcp.types import PARSE_ERROR, ErrorData, JSONRPCError
+from pydantic import ValidationError
+
+from aegisctl.mcp.results import SURROGATE
+
+Item = SessionMessage | Exception
+
+
+class AnsweredParseErrors:
+    """The server loop's read stream: the SDK's, with each unparseable request answered on `write` instead of
+    passed on to be dropped. Everything else (and the sender's context, `last_context`) passes unchanged."""
+
+    def __init__(self, inner: Any, write: Any) -> None:
+        self._inner = inner
+        self._write = write
+
+    @property
+    def last_context(self) -> Any:
+        return getattr(self._inner, "last_context", None)
+
+    async def receive(self) -> Item:
+        while True:
+            item: Item = await self._inner.receive()
+            if isinstance(item, Exception):
+                answer = parse_error_answer(item)
+                if answer is not None:
+                    await self._write.send(SessionMessage(answer))
+                    continue
+            return item
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def __aiter__(self) -> AnsweredParseErrors:
+        return self
+
+    async def __anext__(self) -> Item:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> AnsweredParseErrors:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        await self.aclose()
+        return None
+
+
+def parse_error_answer(exc: Exception) -> JSONRPCError | None:
+    """The answer to a line the SDK could not parse as JSON, if the line is a request with an id; else None."""
+    if not isinstance(exc, ValidationError):
+        return None
+    errors = exc.errors(include_url=False)
+    if len(errors) != 1 or errors[0]["type"] != "json_invalid" or not isinstance(errors[0].get("input"), str):
+        return None
+    try:
+        message = json.loads(errors[0]["input"])
+    except ValueError:
+        return None  # not JSON at all: nothing names the request
+    request_id = message.get("id") if isinstance(message, dict) and "method" in message else None
+    if isinstance(request_id, bool) or not isinstance(request_id, int | str) or (
+            isinstance(request_id, str) and SURROGATE.search(request_id)):
+        return None
+    if _holds_surrogate(message):
+        text = ("Parse error: the message holds a lone surrogate (a JSON escape such as \\ud800 without its pair), "
+                "which is no Unicode character; send valid Unicode (U+FFFD for a character that cannot be shown)")
+    else:
+        text = f"Parse error: {errors[0]['msg']}"
+    return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=PARSE_ERROR, message=text))
+
+
+def _holds_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_holds_surrogate(key) or _holds_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_surrogate(item) for item in value)
+    return False

@@ -1,0 +1,125 @@
+"""What the MCP bridge makes of bytes at the edges: a request that is no valid Unicode, an answer without a
+Content-Type, a header repeated in another case.
+
+A real daemon, the real `aegisctl mcp serve`, and an upstream that sends exactly the bytes under test.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.e2e.gate_support import GateWorld, ScriptedUpstream
+from tests.e2e.mcp_support import Bridge, bridge_env, value_of, write_token_file
+from tests.harness import AEGISCTL
+
+SECRET = "mcpWireSecret-0123456789abcdefABCDEFGH"
+REPLY_TIMEOUT = 10.0
+
+
+def answer(target: str) -> bytes:
+    """/plain: text without a Content-Type; /dup: one header sent three times in two spellings."""
+    if target.startswith("/plain"):
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nplain words"
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Dup: a\r\nx-dup: b\r\nX-Dup: c\r\n"
+            b"Content-Length: 2\r\n\r\nok")
+
+
+@pytest.fixture
+def world() -> Iterator[GateWorld]:
+    instance = GateWorld.start()
+    yield instance
+    instance.close()
+
+
+def setup(world: GateWorld) -> tuple[ScriptedUpstream, str, Bridge]:
+    up = ScriptedUpstream(answer)
+    world.credential("api", SECRET, up.entry())
+    token = world.agent("bot", "api")
+    token_file = write_token_file(world.aegis.root / "bot.token", token)
+    return up, token, Bridge(world.aegis.gate_url, token_file, world.aegis.root / "bridge.err")
+
+
+def test_text_without_content_type_is_text_and_a_header_repeated_in_another_case_is_joined(world: GateWorld) -> None:
+    up, token, bridge = setup(world)
+    try:
+        async def run() -> None:
+            async with bridge.stdio() as session:
+                plain = value_of(await bridge.call(session, "aegis_proxy_request", service="api", path="/plain"))
+                assert (plain["body"], plain["body_encoding"]) == ("plain words", "text"), plain
+                assert not any(name.lower() == "content-type" for name in plain["headers"]), plain["headers"]
+                dup = value_of(await bridge.call(session, "aegis_proxy_request", service="api", path="/dup"))
+                spelled = [name for name in dup["headers"] if name.lower() == "x-dup"]
+                assert spelled == ["X-Dup"], dup["headers"]  # one key, its first spelling
+                assert dup["headers"]["X-Dup"] == "a, b, c", dup["headers"]
+
+        anyio.run(run)
+    finally:
+        up.stop()
+    world.aegis.assert_no_leaks([SECRET, token], extra_text=bridge.outputs())
+
+
+def _send(proc: subprocess.Popen[bytes], message: dict[str, Any] | str) -> None:
+    assert proc.stdin is not None
+    line = message if isinstance(message, str) else json.dumps(message)
+    proc.stdin.write(line.encode() + b"\n")
+    proc.stdin.flush()
+
+
+def _reply(proc: subprocess.Popen[bytes], wanted: int) -> dict[str, Any]:
+    """The bridge's answer to request `wanted`, or a failure after REPLY_TIMEOUT: a host would hang there."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    while True:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"no reply to request {wanted} within {REPLY_TIMEOUT} s: the host would hang")
+        line = proc.stdout.readline()
+        assert line, "the bridge closed stdout"
+        message: dict[str, Any] = json.loads(line)
+        if message.get("id") == wanted:
+            return message
+
+
+def test_a_request_holding_a_lone_surrogate_is_answered_not_dropped(world: GateWorld) -> None:
+    """`"\\ud800"` is a JSON escape of no character: the SDK cannot parse the line. The host must still get an
+    answer to that request id (else it waits forever), and the bridge must go on serving."""
+    _up, token, bridge = setup(world)
+    proc = subprocess.Popen([AEGISCTL, "mcp", "serve", "--token-file", str(bridge.token_file)],
+                            env=bridge_env(bridge.gate_url), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=bridge.stderr_path.open("ab"))
+    outputs: list[str] = []
+    try:
+        _send(proc, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "wire-test", "version": "1"}}})
+        outputs.append(json.dumps(_reply(proc, 1)))
+        _send(proc, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for wanted, arguments in ((2, '{"zz":"\\ud800"}'), (3, '{"zz":"\\udc00\\ud800x"}')):
+            _send(proc, f'{{"jsonrpc":"2.0","id":{wanted},"method":"tools/call","params":{{"name":"aegis_health",'
+                        f'"arguments":{arguments}}}}}')
+            refused = _reply(proc, wanted)
+            outputs.append(json.dumps(refused))
+            assert "error" in refused and refused["error"]["code"] == -32700, refused
+            assert "surrogate" in refused["error"]["message"], refused
+        # A pair is a character: served. And the bridge still answers afterwards.
+        _send(proc, '{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"aegis_health",'
+                    '"arguments":{"zz":"\\ud83d\\ude00"}}}')
+        served = _reply(proc, 4)
+        outputs.append(json.dumps(served))
+        assert served["result"]["structuredContent"]["agent_token"] == "valid", served
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    world.aegis.assert_no_leaks([SECRET, token], extra_text=[*outputs, bridge.stderr()])

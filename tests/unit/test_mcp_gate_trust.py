@@ -1,0 +1,137 @@
+"""gate_trust: the bridge sends its token only on a connection whose gate end belongs to its own user, root, or
+the owner of aegisd's control socket. A real listening socket, with the kernel's table faked to name other uids."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aegisctl.mcp import stdio
+from aegisctl.mcp.gate_trust import GateTrust, GateUntrusted
+from aegisctl.mcp.peer_user import proc_address, socket_uid
+
+LINUX = Path("/proc/net/tcp").exists()
+OWN = 1000  # the bridge's uid, as these tests tell GateTrust
+
+
+@pytest.fixture
+def connection() -> Iterator[socket.socket]:
+    """The bridge's side of a real loopback connection that the listener has not accepted yet."""
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        yield client
+
+
+def fake_net(tmp_path: Path, client: socket.socket, uid: int, state: str = "01") -> Path:
+    """/proc/net with one row: the gate's end of `client`'s connection, owned by `uid`, not accepted (inode 0)."""
+    net = tmp_path / "net"
+    net.mkdir(exist_ok=True)
+    gate, ours = proc_address(*client.getpeername()), proc_address(*client.getsockname())
+    (net / "tcp").write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        f"   0: {gate} {ours} {state} 00000000:00000000 00:00000000 00000000 {uid:5d}        0 0 1 "
+        "0000000000000000 20 4 30 10 -1\n")
+    return net
+
+
+def control_socket(directory: Path, owner: int) -> Path:
+    directory.mkdir(mode=0o700)
+    path = directory / "aegisd.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+    os.chown(directory, owner, owner)
+    os.chown(path, owner, owner)
+    return path
+
+
+def verify(trust: GateTrust, client: socket.socket) -> None:
+    anyio.run(trust.verify, client)
+
+
+@pytest.mark.skipif(not LINUX, reason="the kernel's TCP tables are Linux's /proc/net")
+def test_the_gate_end_of_a_connection_not_yet_accepted_names_the_listeners_owner(connection: socket.socket) -> None:
+    assert socket_uid(connection.getpeername(), connection.getsockname(), accepting=True) == os.getuid()
+    assert socket_uid(connection.getpeername(), connection.getsockname(), Path("/proc/self/net"),
+                      accepting=True) == os.getuid()  # the /proc/net rows, as when sock_diag cannot answer
+
+
+@pytest.mark.parametrize("uid", [OWN, 0])
+def test_own_user_and_root_are_trusted(tmp_path: Path, connection: socket.socket, uid: int) -> None:
+    verify(GateTrust(proc_net=fake_net(tmp_path, connection, uid), platform="linux", uid=OWN,
+                     env={"AEGIS_SOCKET": str(tmp_path / "none.sock")}), connection)
+
+
+def test_another_user_is_refused_naming_the_uid(tmp_path: Path, connection: socket.socket) -> None:
+    trust = GateTrust(proc_net=fake_net(tmp_path, connection, 4321), platform="linux", uid=OWN,
+                      env={"AEGIS_SOCKET": str(tmp_path / "none.sock")})
+    with pytest.raises(GateUntrusted, match=r"runs as uid 4321.*the agent token was not sent"):
+        verify(trust, connection)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another uid needs root")
+def test_the_control_sockets_owner_is_trusted_unless_its_directory_is_open(tmp_path: Path,
+                                                                           connection: socket.socket) -> None:
+    path = control_socket(tmp_path / "run", 4321)
+    trust = GateTrust(proc_net=fake_net(tmp_path, connection, 4321), platform="linux", uid=OWN,
+                      env={"AEGIS_SOCKET": str(path)})
+    verify(trust, connection)
+    os.chmod(path.parent, 0o770)  # noqa: S103 - anyone in the group could have put a socket there
+    with pytest.raises(GateUntrusted, match="uid 4321"):
+        verify(trust, connection)
+    os.chmod(path.parent, 0o700)
+    os.chown(path, 4322, 4322)  # not the directory's owner: not aegisd's (it requires its directory to be its own)
+    with pytest.raises(GateUntrusted):
+        verify(trust, connection)
+
+
+def test_no_row_or_no_table_is_refused(tmp_path: Path, connection: socket.socket) -> None:
+    time_wait = GateTrust(proc_net=fake_net(tmp_path, connection, 0, state="06"), platform="linux", uid=OWN)
+    with pytest.raises(GateUntrusted, match="cannot tell which user listens"):
+        verify(time_wait, connection)
+    hidden = GateTrust(proc_net=tmp_path / "missing", platform="linux", uid=OWN)
+    with pytest.raises(GateUntrusted, match="cannot read"):
+        verify(hidden, connection)
+
+
+def test_no_check_where_the_system_keeps_no_table(tmp_path: Path, connection: socket.socket) -> None:
+    verify(GateTrust(proc_net=tmp_path / "missing", platform="darwin", uid=OWN), connection)
+
+
+def test_a_request_the_sdk_cannot_parse_is_answered_with_its_id() -> None:
+    import mcp_types
+    from pydantic import ValidationError
+
+    def parsed(line: str) -> ValidationError:
+        with pytest.raises(ValidationError) as caught:
+            mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+        return caught.value
+
+    answer = stdio.parse_error_answer(parsed('{"jsonrpc":"2.0","id":"a1","method":"tools/call","params":'
+                                             '{"name":"x","arguments":{"z":"\\ud800"}}}'))
+    assert answer is not None and answer.id == "a1" and answer.error.code == -32700
+    assert "lone surrogate" in answer.error.message
+    answer.model_dump_json()  # serialisable: it goes on the wire
+    assert stdio.parse_error_answer(parsed('{"jsonrpc":"2.0","method":"n","params":{"z":"\\ud800"}}')) is None
+    assert stdio.parse_error_answer(parsed("not json")) is None
+
+
+@pytest.mark.parametrize("arguments", [{"body": "\ud800"}, {"path": "/a\udc00"}, {"service": "ap\ud800i"},
+                                       {"headers": {"X-A": "\ud800"}}, {"target_host": "\udfff.example"}])
+def test_a_lone_surrogate_argument_is_an_invalid_argument(arguments: dict[str, object]) -> None:
+    """Such a string cannot be sent as UTF-8: the tool says which argument, never an "unexpected" error."""
+    from aegisctl.mcp.gate_client import GateClient
+    from aegisctl.mcp.tools import build_server
+
+    async def call() -> object:
+        async with GateClient("http://127.0.0.1:9", "aegis_x") as gate:  # never reached
+            return await build_server(gate).call_tool("aegis_proxy_request",
+                                                      {"service": "api", "path": "/x", **arguments})
+
+    result = anyio.run(call)
+    error = result.structured_content["error"]  # type: ignore[attr-defined]
+    assert error["code"] == "invalid_argument" and "lone surrogate" in error["message"], error
+    assert f"'{next(iter(arguments))}'" in error["message"], error
