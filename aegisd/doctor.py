@@ -10,6 +10,7 @@ import asyncio
 import grp
 import logging
 import os
+import pwd
 import sqlite3
 import stat
 import time
@@ -20,6 +21,8 @@ from aegisd.errors import AegisError
 from aegisd.gate.routing import build_route
 from aegisd.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
 from aegisd.ledger import LedgerError, open_reader, verify
+from aegisd.ledger.chain import RESTORED
+from aegisd.ledger.entry import iso_time
 from aegisd.ledger.integrity import describe, hidden_rows_note, integrity_problems
 from aegisd.policy.hints import file_warnings, known_names
 from aegisd.runtime import Runtime
@@ -32,6 +35,10 @@ PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 EXPIRY_WARNING_MS = 7 * 24 * 3600 * 1000
 GATE_TIMEOUT_SECONDS = 5.0
 _NAMES_SHOWN = 10
+# The files whose swap hands aegisd someone else's data: each must be a regular file of the directory's owner.
+_DATABASES = tuple(f"{db}{suffix}" for db in ("vault.db", "ledger.db") for suffix in ("", "-wal", "-shm"))
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,24 @@ def data_dir_mode_problem(directory: os.PathLike[str] | str, mode: int) -> str:
     if mode & 0o077:
         return f"{directory} is mode {_mode(mode)}, not 0700"
     return ""
+
+
+# The newest restore row since a time, among the rows after the last chained one, read backwards by id (+time_ms:
+# not through the time index, which would read every row since that time).
+_RESTORED_SINCE = ("SELECT time_ms FROM ledger WHERE id > coalesce((SELECT id FROM ledger WHERE mac IS NOT NULL "
+                   "ORDER BY id DESC LIMIT 1), 0) AND +time_ms >= ? AND kind = 'system' AND reason = ? "
+                   "ORDER BY id DESC LIMIT 1")
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _unservable(credential: Credential, secret: bytes) -> str:
@@ -115,24 +140,45 @@ class Doctor:
         return await asyncio.to_thread(self._data_dir)
 
     def _data_dir(self) -> Check:
+        """The directory aegisd's own and 0700; every file in it private and of the directory's owner; and the
+        databases (with their -wal and -shm) regular files, not links: the owner of a link's target, or of a
+        file, can swap or read what aegisd keeps there (lstat throughout: nothing here follows a link)."""
         directory = self.config.data_dir
         info = directory.stat()
-        problems = []
-        if info.st_uid != os.geteuid():
-            problems.append(f"{directory} belongs to uid {info.st_uid}, not aegisd's uid {os.geteuid()}")
+        owner = info.st_uid
+        problems, hints = [], []
+        if owner != os.geteuid():
+            problems.append(f"{directory} belongs to uid {owner}, not aegisd's uid {os.geteuid()}")
+            hints.append(f"as root: chown {_user(os.geteuid())} {directory}")
         mode_problem = data_dir_mode_problem(directory, info.st_mode)
-        if mode_problem:
-            problems.append(mode_problem)
-        loose = []
+        loose, foreign, irregular = [], [], []
         for path in sorted(directory.iterdir()):
             entry = path.lstat()
-            if stat.S_ISREG(entry.st_mode) and entry.st_mode & 0o077:
+            if path.name in _DATABASES and not stat.S_ISREG(entry.st_mode):
+                irregular.append(f"{path.name} ({_kind(entry.st_mode)})")
+            if not stat.S_ISREG(entry.st_mode):
+                continue
+            if entry.st_mode & 0o077:
                 loose.append(f"{path.name} ({_mode(entry.st_mode)})")
+            if entry.st_uid != owner:
+                foreign.append(f"{path.name} (uid {entry.st_uid})")
+        if mode_problem:
+            problems.append(mode_problem)
         if loose:
             problems.append(f"files readable or writable by others: {_names(loose)}")
+        if mode_problem or loose:
+            hints.append(f"as aegisd's user: chmod 700 {directory}, and chmod 600 each file named")
+        if foreign:
+            problems.append(f"files not owned by uid {owner}, the owner of {directory}: {_names(foreign)}")
+            hints.append(f"find who changed their owner (it can swap or read them), then as root: chown "
+                         f"{_user(owner)} each file named")
+        if irregular:
+            problems.append(f"not regular files: {_names(irregular)}")
+            hints.append("stop aegisd and put the real file in place of each one named, or restore the last good "
+                         "backup (`aegisctl restore FILE`): whoever controls what a link points to can swap or read "
+                         "aegisd's data")
         if problems:
-            return Check("data_dir", FAIL, "; ".join(problems),
-                         f"as aegisd's user: chmod 700 {directory}, and chmod 600 each file named")
+            return Check("data_dir", FAIL, "; ".join(problems), "; ".join(hints))
         return Check("data_dir", PASS, f"{directory} is 0700 and its files are private")
 
     async def socket(self) -> Check:
@@ -352,11 +398,35 @@ class Doctor:
                          "not created yet governs it from its creation (`aegisctl agent add NAME`)")
         return Check("policies", PASS, f"{len(snap.files)} policy files in {snap.directory}, all valid")
 
+    def _key_unknown_since(self) -> str:
+        """Since when the chain key is unknown: aegisd's start, or a restore after it (a restore drops the key: the
+        restored ledger's chain belongs to the vault restored with it). The restore's row, written without the key,
+        is among the rows after the last chained one (only the refusals of the locked gate follow it), so only those
+        are read; if the ledger cannot be read, a wording true of both."""
+        started_ms = int(self.rt.started_at * 1000)
+        try:
+            conn = open_reader(self.config.data_dir / "ledger.db")
+        except LedgerError:
+            return "aegisd started or a backup was restored"
+        try:
+            row = conn.execute(_RESTORED_SINCE, (started_ms, RESTORED)).fetchone()
+        except sqlite3.Error:
+            return "aegisd started or a backup was restored"
+        finally:
+            conn.close()
+        if row is None:
+            return "aegisd started"
+        try:
+            return f"a backup was restored at {iso_time(row[0])}"
+        except (TypeError, ValueError, OverflowError, OSError):  # not the writer's row
+            return "a backup was restored"
+
     async def ledger_chain(self) -> Check:
         key = self.rt.ledger_key()
         if key is None:
-            return Check("ledger_chain", WARN, "cannot verify: the vault has not been unlocked since aegisd started "
-                         "(the chain key derives from it)", "run `aegisctl unlock`, then `aegisctl doctor` again")
+            since = await asyncio.to_thread(self._key_unknown_since)
+            return Check("ledger_chain", WARN, f"cannot verify: the vault has not been unlocked since {since} (the "
+                         "chain key derives from it)", "run `aegisctl unlock`, then `aegisctl doctor` again")
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
         try:
             # The database check above runs the integrity check on ledger.db: not twice.

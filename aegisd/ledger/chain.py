@@ -30,11 +30,14 @@ from typing import Any
 from aegisd.ledger.checkpoint import all_checkpoints, is_authentic
 from aegisd.ledger.entry import ENTRY_FIELDS
 from aegisd.ledger.integrity import describe, hidden_rows_note, integrity_problems
+from aegisd.ledger.query import not_utf8
 from aegisd.ledger.schema import LedgerError, open_reader
 
 GENESIS = bytes(32)  # the "previous MAC" of the first row
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 SELECT_CHAIN = f"SELECT id, {', '.join(ENTRY_FIELDS)}, mac FROM ledger"  # noqa: S608 - constant columns
+_KIND, _REASON = ENTRY_FIELDS.index("kind"), ENTRY_FIELDS.index("reason")
+RESTORED = "backup_restored"  # the reason of the row a restore adds (aegisd.control.backup_service)
 
 
 def canonical(row_id: int, values: Sequence[Any]) -> bytes:
@@ -95,7 +98,7 @@ def verify(path: str | os.PathLike[str], key: bytes, *, check_database: bool = T
         conn.execute("BEGIN")  # one snapshot, so rows the daemon commits meanwhile do not confuse it
         problems = integrity_problems(conn) if check_database else []
         try:
-            result = _verify(conn, key, expect)
+            result = _verify_any_text(conn, key, expect)
         except sqlite3.DatabaseError as exc:  # damaged pages: the integrity check has said where
             if not problems:
                 raise
@@ -117,6 +120,24 @@ def _with_database(result: VerifyResult, problems: list[str]) -> VerifyResult:
     if result.ok:
         return replace(result, ok=False, reason=f"{found} (the chain itself verifies: {result.reason})")
     return replace(result, reason=f"{result.reason}; and {found}")
+
+
+def _verify_any_text(conn: sqlite3.Connection, key: bytes, expect: Tip | None) -> VerifyResult:
+    """_verify, also over text that is not UTF-8, which sqlite3 refuses to read: aegisd stores only UTF-8, so such
+    bytes were written into the file behind its back. The walk then starts again, in the same snapshot, reading
+    text so that those bytes survive (as lone surrogates): the row fails its MAC and is named like any other edit.
+    Only that second walk pays for a text_factory (a quarter more time per row), so a good ledger costs nothing."""
+    try:
+        return _verify(conn, key, expect)
+    except sqlite3.OperationalError as exc:
+        if not not_utf8(exc):
+            raise
+    conn.text_factory = _surrogates
+    return _verify(conn, key, expect)
+
+
+def _surrogates(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")  # never equal to text aegisd stored: it stores none such
 
 
 def _chain_start(conn: sqlite3.Connection, key: bytes) -> tuple[bytes, int] | VerifyResult:
@@ -160,6 +181,7 @@ class _Walk:
         self.expect_id = expect_id
         self.expect_seen: bytes | None = None  # the MAC found at expect_id (b"": the row is there without one)
         self.completed = False  # walked to the end (a failure may stop it before the row expect_id)
+        self.restored_id = 0  # the newest row that verified recording a restore (0: none)
 
     def run(self, conn: sqlite3.Connection, mac_of: RowMac) -> VerifyResult:
         prev_mac, expected_id = self.start_mac, self.first_id
@@ -187,6 +209,8 @@ class _Walk:
                                       "a row before it was deleted, or the key is wrong", first_id)
             prev_mac, checked = mac, checked + 1
             self.tip_id, self.tip_mac = row_id, mac
+            if values[_REASON] == RESTORED and values[_KIND] == "system":
+                self.restored_id = row_id
             if row_id == self.expect_id:
                 self.expect_seen = mac
         self.completed = True
@@ -216,12 +240,20 @@ class _Walk:
         if found is None:
             if not self.completed:
                 return None, None  # the walk failed before it: that failure is the result
-            return (f"{earlier} is gone (the ledger ends at row {self.tip_id}): rows were deleted from the end and "
-                    "SQLite's id counter rewritten to hide it, unless that tip was mistyped"), None
+            return (f"{earlier} is gone (the ledger ends at row {self.tip_id}): a backup taken before that tip was "
+                    f"restored ({self._restore_row()}), or rows were deleted from the end and SQLite's id counter "
+                    "rewritten to hide it, unless that tip was mistyped"), None
         if not hmac.compare_digest(found, expect_mac):
-            return (f"{earlier} is not the row that verify saw (its MAC differs): rows up to it were deleted from "
-                    "the end, SQLite's id counter rewritten, and the ledger written anew from there"), None
+            return (f"{earlier} is not the row that verify saw (its MAC differs): a backup taken before that tip was "
+                    f"restored and the ledger written on from there ({self._restore_row()}), or rows up to it were "
+                    "deleted from the end, SQLite's id counter rewritten, and the ledger written anew from there"), None
         return None, f"it holds {earlier} unchanged"
+
+    def _restore_row(self) -> str:
+        """Where the ledger says it was restored, for a tip it no longer holds."""
+        if self.restored_id:
+            return f"row {self.restored_id}, `{RESTORED}`, records the latest restore and when its backup was taken"
+        return f"a restore adds a `{RESTORED}` row, and this ledger has none"
 
 
 class _Unchained:

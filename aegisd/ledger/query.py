@@ -74,9 +74,31 @@ def query_rows(
 
     conn = source if isinstance(source, sqlite3.Connection) else open_reader(source)
     try:
-        return [row_from_values(row[0], row[1:]) for row in conn.execute(sql, params)]
+        try:
+            return [row_from_values(row[0], row[1:]) for row in conn.execute(sql, params)]
+        except sqlite3.OperationalError as exc:
+            if not not_utf8(exc):
+                raise
+        # Text that is not UTF-8 (see not_utf8): read again with a text_factory (a quarter more time per row, so only
+        # then) for the rows to show, each byte that is not UTF-8 as U+FFFD. Such a row fails `ledger verify`.
+        factory = conn.text_factory
+        conn.text_factory = _replaced
+        try:
+            return [row_from_values(row[0], row[1:]) for row in conn.execute(sql, params)]
+        finally:
+            conn.text_factory = factory
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot read the ledger: {exc}") from None
     finally:
         if conn is not source:
             conn.close()
+
+
+def not_utf8(exc: sqlite3.OperationalError) -> bool:
+    """Whether sqlite3 failed to decode a TEXT value as UTF-8 ("Could not decode to UTF-8 column ..."), rather than
+    SQLite failing (its errors carry an error code). aegisd stores only UTF-8: the file was written behind its back."""
+    return getattr(exc, "sqlite_errorcode", None) is None
+
+
+def _replaced(value: bytes) -> str:
+    return value.decode("utf-8", "replace")

@@ -19,6 +19,7 @@ CHECKS = ["daemon", "vault", "data_dir", "socket", "database", "schema", "creden
           "credentials_expiry", "agents_authentic", "older_rows", "webhooks", "gate", "policies", "ledger_chain"]
 SECRET_A = "ghp_doctorSecretA0123456789abcdefXYZ"
 SECRET_B = "sk-doctorSecretB0123456789abcdefXYZ"
+OTHER_UID = 1234
 
 
 def doctor(aegis: Aegis, code: int) -> tuple[dict[str, dict[str, str]], str]:
@@ -72,10 +73,23 @@ def test_healthy_then_warnings_only(world: GateWorld) -> None:
     assert statuses(checks)["vault"] == "warn" and "aegisctl unlock" in checks["vault"]["hint"]
     assert statuses(checks)["credentials_decrypt"] == "skip" and statuses(checks)["ledger_chain"] == "pass"
     assert statuses(checks)["agents_authentic"] == statuses(checks)["older_rows"] == "skip"
+    # Found by a cold review: after a restore doctor said the vault "has not been unlocked since aegisd started";
+    # the restore is what dropped the chain key.
+    backup = aegis.root / "doctor.backup"
+    aegis.ctl("backup", str(backup)).ok()
+    aegis.ctl("restore", str(backup), "--yes").ok()
+    checks, _ = doctor(aegis, 0)
+    chain = checks["ledger_chain"]
+    assert chain["status"] == "warn" and "unlock" in chain["hint"], chain
+    assert "the vault has not been unlocked since a backup was restored at " in chain["message"], chain
+    assert "since aegisd started" not in chain["message"], chain
     assert aegis.stop() == 0
     aegis.start()  # never unlocked since start: the chain key is unknown
     checks, _ = doctor(aegis, 0)
-    assert statuses(checks)["ledger_chain"] == "warn" and "unlock" in checks["ledger_chain"]["hint"]
+    chain = checks["ledger_chain"]
+    assert chain["status"] == "warn" and "unlock" in chain["hint"], chain
+    assert "the vault has not been unlocked since aegisd started" in chain["message"], chain
+    assert "restored" not in chain["message"], chain
     world.assert_no_leaks()
 
 
@@ -110,6 +124,8 @@ def test_each_problem_fails_with_a_hint() -> None:
             ledger_db.execute("UPDATE ledger SET detail = 'edited' WHERE id = 1")
         ledger_db.close()
         os.chmod(aegis.data_dir / "ledger.db", 0o644)
+        if os.geteuid() == 0:  # private, but another user's: its owner can swap it (found by a cold review)
+            os.chown(aegis.data_dir / "vault.db", OTHER_UID, OTHER_UID)
         os.chmod(aegis.socket, 0o666)  # noqa: S103 - the misconfiguration under test
 
         checks, plain = doctor(aegis, 1)
@@ -117,6 +133,9 @@ def test_each_problem_fails_with_a_hint() -> None:
                                     "credentials_decrypt": "fail", "credentials_expiry": "fail",
                                     "agents_authentic": "fail", "policies": "fail", "ledger_chain": "fail"}
         assert "ledger.db (0644)" in checks["data_dir"]["message"] and "chmod" in checks["data_dir"]["hint"]
+        if os.geteuid() == 0:
+            assert f"vault.db (uid {OTHER_UID})" in checks["data_dir"]["message"], checks["data_dir"]
+            assert "chown root" in checks["data_dir"]["hint"], checks["data_dir"]
         assert "0666" in checks["socket"]["message"] and "0600" in checks["socket"]["message"]
         assert re.search(r": broken \([0-9a-f]{32}\)$", checks["credentials_decrypt"]["message"])
         assert "vault remove" in checks["credentials_decrypt"]["hint"]
@@ -126,6 +145,20 @@ def test_each_problem_fails_with_a_hint() -> None:
         assert "claude.yaml" in checks["policies"]["message"] and "policy list" in checks["policies"]["hint"]
         assert "first bad row 1" in checks["ledger_chain"]["message"]
         assert "[FAIL] socket" in plain and "7 failed" in plain
+
+        # ledger.db a symbolic link (aegisd follows it to wherever it points), found by a cold review. Made while
+        # aegisd is stopped, as a swap would be, with its -wal and -shm moved along if they are there.
+        assert aegis.stop() == 0
+        elsewhere = aegis.root / "elsewhere"
+        elsewhere.mkdir()
+        for name in ("ledger.db", "ledger.db-wal", "ledger.db-shm"):
+            if (aegis.data_dir / name).exists():
+                (aegis.data_dir / name).rename(elsewhere / name)
+        (aegis.data_dir / "ledger.db").symlink_to(elsewhere / "ledger.db")
+        aegis.start()
+        data_dir = doctor(aegis, 1)[0]["data_dir"]
+        assert data_dir["status"] == "fail" and "not regular files: ledger.db (a symbolic link)" in data_dir["message"]
+        assert "put the real file in place" in data_dir["hint"], data_dir
 
         assert aegis.stop() == 0  # no daemon: one failed check, still a report, exit 1
         down = aegis.ctl("doctor", "--json")

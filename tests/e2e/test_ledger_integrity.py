@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.gate_support import GateWorld
-from tests.harness import Aegis
+from tests.harness import AEGISCTL, Aegis
 
 SECRET = "ghp_integritySecret0123456789abcdefXYZ"
 FOREIGN = "were not written by this aegisd"
@@ -55,6 +57,7 @@ def test_rows_stripped_of_their_mac_are_never_chained_again() -> None:
         replies = [world.call("GET", f"/bear/echo/v{n}", agent="bot") for n in range(5)]
         assert all(r.status == 200 for r in replies)
         assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
+        not_utf8(world)
         edited = [world.row(r.request_id)["id"] for r in replies[2:]]
         edit(db, "UPDATE ledger SET agent = 'innocent', path = '/harmless', mac = NULL WHERE id >= ?", edited[0])
 
@@ -82,6 +85,64 @@ def test_rows_stripped_of_their_mac_are_never_chained_again() -> None:
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def not_utf8(world: GateWorld) -> None:
+    """Found by a cold review: one byte in a row that is not UTF-8 (aegisd stores only UTF-8, so the file was
+    written behind its back) made `ledger verify` and doctor fail to read the ledger instead of naming the row,
+    and `ledger show`, `export` and `follow -n` fail for every page holding it. Verify now names the row; the
+    reads show it, the bytes that are not UTF-8 as U+FFFD. The row is put back as it was afterwards."""
+    aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
+    rows = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
+    bad = rows[2]["id"]
+    conn = sqlite3.connect(db)
+    try:
+        (kept,) = conn.execute("SELECT detail FROM ledger WHERE id = ?", (bad,)).fetchone()
+    finally:
+        conn.close()
+    edit(db, "UPDATE ledger SET detail = CAST(x'ff41' AS TEXT) WHERE id = ?", bad)
+
+    verdict, human = verify(aegis)
+    assert verdict["first_bad_id"] == bad and verdict["reason"].startswith(f"row {bad} does not match its MAC"), \
+        verdict
+    assert f"Ledger TAMPERED: first bad row {bad}: row {bad} does not match its MAC" in human, human
+    doctor = aegis.ctl("doctor", "--json")
+    assert doctor.code == 1
+    check = next(c for c in json.loads(doctor.out)["checks"] if c["name"] == "ledger_chain")
+    assert check["status"] == "fail" and f"first bad row {bad}: row {bad} does not match" in check["message"], check
+
+    shown = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
+    assert [r["id"] for r in shown] == [r["id"] for r in rows]
+    assert next(r for r in shown if r["id"] == bad)["detail"] == "\ufffdA"
+    aegis.ctl("ledger", "show").ok()
+    exported = [json.loads(line) for line in aegis.ctl("ledger", "export", "--format", "jsonl").ok().out.splitlines()]
+    assert [r["id"] for r in exported] == [r["id"] for r in reversed(rows)]
+    assert next(r for r in exported if r["id"] == bad)["detail"] == "\ufffdA"
+    backlog = follow_backlog(aegis, len(rows))
+    assert [r["id"] for r in backlog] == [r["id"] for r in reversed(rows)]
+    assert next(r for r in backlog if r["id"] == bad)["detail"] == "\ufffdA"
+
+    edit(db, "UPDATE ledger SET detail = ? WHERE id = ?", kept, bad)
+    assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
+
+
+def follow_backlog(aegis: Aegis, lines: int) -> list[dict[str, Any]]:
+    """The rows `ledger follow --json -n LINES` prints before it follows on (it is stopped then)."""
+    proc = subprocess.Popen([AEGISCTL, "ledger", "follow", "--json", "-n", str(lines)], env=aegis.base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        assert proc.stdout is not None
+        while len(rows) < lines and (line := proc.stdout.readline()):
+            rows.append(json.loads(line))
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert len(rows) == lines, (rows, err)
+    return rows
 
 
 def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() -> None:
@@ -253,10 +314,33 @@ def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
         gone = f"row {tip['last_id']}, the tip of an earlier verify, is gone (the ledger ends at row "
         assert gone in verdict["reason"], verdict
         assert "id counter rewritten" in human
+        # Found by a cold review: a restore of an older backup looks the same, and the ledger records it: say so.
+        no_restore = "a backup taken before that tip was restored (a restore adds a `backup_restored` row, and this " \
+            "ledger has none)"
+        assert no_restore in verdict["reason"], verdict
         while verified(aegis)["last_id"] < tip["last_id"]:  # the daemon writes on, past the old tip's id
             assert world.call("GET", "/bear/echo/again", agent="bot").status == 200
         verdict, _ = verify_with(aegis, tip["tip"])
         assert f"row {tip['last_id']}, the tip of an earlier verify, is not the row that verify saw (its MAC differs)" \
+            in verdict["reason"], verdict
+        assert "a backup taken before that tip was restored and the ledger written on from there (a restore adds a " \
+            "`backup_restored` row, and this ledger has none)" in verdict["reason"], verdict
+
+        # A backup taken before the tip, restored: verify points at the row that records the restore.
+        backup = aegis.root / "before-the-tip.backup"
+        aegis.ctl("backup", str(backup)).ok()
+        assert world.call("GET", "/bear/echo/after-the-backup", agent="bot").status == 200
+        tip = verified(aegis)
+        aegis.ctl("lock").ok()
+        aegis.ctl("restore", str(backup), "--yes").ok()
+        world.unlock()
+        [restored] = [r for r in json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
+                      if r["reason"] == "backup_restored"]
+        verdict, _ = verify_with(aegis, tip["tip"])
+        assert f"row {tip['last_id']}, the tip of an earlier verify, " in verdict["reason"], verdict
+        # "is not the row that verify saw" here (the restored ledger has reached the tip's id again), else "is gone"
+        assert "a backup taken before that tip was restored" in verdict["reason"], verdict
+        assert f"(row {restored['id']}, `backup_restored`, records the latest restore and when its backup was taken)" \
             in verdict["reason"], verdict
         world.assert_no_leaks()
     finally:

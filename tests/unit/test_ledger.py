@@ -514,9 +514,10 @@ def test_an_earlier_tip_catches_the_newest_rows_cut_with_the_counter_rewritten(d
     assert verify(db, KEY).ok  # what no chain alone can tell
     gone = verify(db, KEY, expect=(tip.last_id, tip.last_mac))
     assert not gone.ok and gone.last_id == 6
-    assert gone.reason == ("row 10, the tip of an earlier verify, is gone (the ledger ends at row 6): rows were "
-                           "deleted from the end and SQLite's id counter rewritten to hide it, unless that tip was "
-                           "mistyped"), gone
+    assert gone.reason == ("row 10, the tip of an earlier verify, is gone (the ledger ends at row 6): a backup taken "
+                           "before that tip was restored (a restore adds a `backup_restored` row, and this ledger has "
+                           "none), or rows were deleted from the end and SQLite's id counter rewritten to hide it, "
+                           "unless that tip was mistyped"), gone
     run(write(db, [req(i, path="/v1/later") for i in range(10, 15)]))
     replaced = verify(db, KEY, expect=(tip.last_id, tip.last_mac))
     assert not replaced.ok and replaced.last_id == 11
@@ -524,6 +525,20 @@ def test_an_earlier_tip_catches_the_newest_rows_cut_with_the_counter_rewritten(d
     row_6 = sql(db, "SELECT mac FROM ledger WHERE id = 6")[0][0]
     kept = verify(db, KEY, expect=(6, row_6))
     assert kept.ok and kept.reason == "11 rows verified; it holds row 6, the tip of an earlier verify, unchanged"
+
+
+def test_a_tip_the_ledger_lacks_points_at_the_newest_restore_row(db: Path) -> None:
+    """Found by a cold review: the message blamed only deleted rows and a rewritten counter, where a restore of an
+    older backup, which the ledger records, looks the same."""
+    run(write(db, [req(i) for i in range(3)]))
+    run(write(db, [LedgerEntry.system("restored from a backup taken ...", reason="backup_restored")]))
+    run(write(db, [req(3), req(4, reason="backup_restored"), req(5)]))  # a request's reason: not a restore
+    tip = verify(db, KEY)
+    raw(db, "DELETE FROM ledger WHERE id > 6")
+    raw(db, "UPDATE sqlite_sequence SET seq = 6 WHERE name = 'ledger'")
+    gone = verify(db, KEY, expect=(tip.last_id, tip.last_mac))
+    assert not gone.ok and "(row 4, `backup_restored`, records the latest restore and when its backup was taken)" \
+        in gone.reason, gone
 
 
 def test_an_index_that_hides_rows_fails_verify(db: Path) -> None:
