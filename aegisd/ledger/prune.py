@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, row_mac
 from aegisd.ledger.checkpoint import latest_checkpoint, write_checkpoint
 from aegisd.ledger.entry import now_ms
+from aegisd.ledger.query import not_utf8
 from aegisd.ledger.schema import LedgerError
 from aegisd.ledger.writer import LedgerWriter
 
@@ -101,24 +102,31 @@ def _delete_chunk(conn: sqlite3.Connection, key: bytes, progress: _Progress, chu
     end = min(target, start_id + chunk_rows)
     mac_of = row_mac(key)
     expected = start_id
-    for row in conn.execute(f"{SELECT_CHAIN} WHERE id < ? ORDER BY id", (end,)):
-        row_id, values, mac = row[0], row[1:-1], row[-1]
-        if mac is None and row_id == expected and progress.include_unchained:  # the chain runs past it
-            progress.unchained += 1
-            expected = row_id + 1
-            continue
-        try:
-            good = row_id == expected and isinstance(mac, bytes) and hmac.compare_digest(
-                mac, mac_of(prev_mac, row_id, values))
-        except (TypeError, ValueError):
-            good = False
-        if not good:
-            if mac is None and row_id == expected:
-                raise PruneRefused(f"row {row_id} is not chained (no MAC), so the prune was refused; see `aegisctl "
-                                   "ledger verify`, and prune with --include-unchained to let such rows go")
-            raise PruneRefused(f"row {min(row_id, expected)} does not verify, so the prune was refused to keep "
-                               "the evidence; see `aegisctl ledger verify`")
-        prev_mac, expected = mac, row_id + 1
+    try:
+        for row in conn.execute(f"{SELECT_CHAIN} WHERE id < ? ORDER BY id", (end,)):
+            row_id, values, mac = row[0], row[1:-1], row[-1]
+            if mac is None and row_id == expected and progress.include_unchained:  # the chain runs past it
+                progress.unchained += 1
+                expected = row_id + 1
+                continue
+            try:
+                good = row_id == expected and isinstance(mac, bytes) and hmac.compare_digest(
+                    mac, mac_of(prev_mac, row_id, values))
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                if mac is None and row_id == expected:
+                    raise PruneRefused(f"row {row_id} is not chained (no MAC), so the prune was refused; see `aegisctl "
+                                       "ledger verify`, and prune with --include-unchained to let such rows go")
+                raise PruneRefused(f"row {min(row_id, expected)} does not verify, so the prune was refused to keep "
+                                   "the evidence; see `aegisctl ledger verify`")
+            prev_mac, expected = mac, row_id + 1
+    except sqlite3.OperationalError as exc:
+        if not not_utf8(exc):
+            raise
+        raise PruneRefused(f"a row before row {end} holds text that is not UTF-8, which aegisd never writes (the file "
+                           "was edited), so the prune was refused to keep the evidence; see `aegisctl ledger verify`"
+                           ) from None
     if expected != end:
         raise PruneRefused(f"rows {expected}..{end - 1} are missing, so the prune was refused to keep the "
                            "evidence; see `aegisctl ledger verify`")

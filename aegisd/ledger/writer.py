@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, RowMac, row_mac, span
 from aegisd.ledger.checkpoint import latest_checkpoint
 from aegisd.ledger.entry import ENTRY_FIELDS, LedgerEntry, LedgerRow, entry_values, normalize
+from aegisd.ledger.query import not_utf8
 from aegisd.ledger.schema import LedgerError, open_writable
 
 log = logging.getLogger(__name__)
@@ -800,6 +801,10 @@ def _chain_own(conn: sqlite3.Connection, mac_of: RowMac, witness_of: RowMac, unc
             witness, count = witness_of(witness, row[0], row[1:-1]), count + 1
     except (TypeError, ValueError):  # a value of a type the writer never stores
         witness = b""
+    except sqlite3.OperationalError as exc:
+        if not not_utf8(exc):
+            raise
+        witness = b""  # text that is not UTF-8, which the writer never stores
     if count != unchained.rows or not hmac.compare_digest(witness, unchained.witness):
         log.error("ledger: rows %s, stored while the vault was locked, were changed in the file before it "
                   "unlocked; they are left unchained, and `aegisctl ledger verify` reports them", unchained.describe())

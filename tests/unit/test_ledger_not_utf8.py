@@ -97,3 +97,45 @@ def test_other_errors_are_still_errors(db: Path) -> None:
     conn.close()
     with pytest.raises(LedgerError, match="cannot read the ledger"):
         query_rows(conn, limit=1)
+
+
+def test_rows_stored_while_locked_and_then_edited_so_are_left_unchained_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """Found by a review of the fix above: such a byte in a row the writer stored without a key made chaining it at
+    the unlock raise, and the gate forwarded nothing until a restart."""
+    db = tmp_path / "ledger.db"
+
+    async def main() -> tuple[bool, int]:
+        writer = LedgerWriter(db)
+        await writer.start()
+        for i in range(3):
+            await writer.append(req(i))
+        raw(db, "UPDATE ledger SET detail = CAST(x'ff' AS TEXT) WHERE id = 2")
+        writer.set_key(KEY)
+        row_id = await writer.append(req(3))
+        failing = writer.failing
+        await writer.close()
+        return failing, row_id
+
+    failing, row_id = asyncio.run(main())
+    assert not failing and row_id == 4
+    result = verify(db, KEY)
+    assert not result.ok and result.first_bad_id == 1 and "not chained" in result.reason, result
+
+
+def test_prune_refuses_such_a_row_with_a_reason(db: Path) -> None:
+    from aegisd.ledger.prune import PruneRefused, prune
+
+    raw(db, "UPDATE ledger SET detail = CAST(x'ff' AS TEXT) WHERE id = 2")
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        writer.set_key(KEY)
+        try:
+            await prune(writer, 1_800_000_000_000)
+        finally:
+            await writer.close()
+
+    with pytest.raises(PruneRefused, match="not UTF-8"):
+        asyncio.run(main())
+    assert [row.id for row in query_rows(db, limit=10)] == [6, 5, 4, 3, 2, 1]  # nothing deleted (newest first)
