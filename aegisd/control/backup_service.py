@@ -21,6 +21,7 @@ from aegisd.backup.restore import Restored
 from aegisd.control.errors import rpc, stream_rpc
 from aegisd.errors import StorageUnavailable, WrongPassphrase
 from aegisd.ledger import LedgerEntry, LedgerError
+from aegisd.ledger.chain import RESTORED
 from aegisd.ledger.entry import iso_time
 from aegisd.runtime import Runtime
 
@@ -102,7 +103,7 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
         self.rt.log_event("backup restored", vault_id=manifest.vault_id, backup_created=created,
                           kept_key_slots=restored.kept_key_slots)
         try:
-            await self.rt.ledger.append(LedgerEntry.system(detail, reason="backup_restored"))
+            await self.rt.ledger.append(LedgerEntry.system(detail, reason=RESTORED))
         except LedgerError as exc:
             log.error("the restore succeeded but could not be recorded in the ledger: %s", exc)
 

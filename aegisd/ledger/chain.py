@@ -37,7 +37,7 @@ GENESIS = bytes(32)  # the "previous MAC" of the first row
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 SELECT_CHAIN = f"SELECT id, {', '.join(ENTRY_FIELDS)}, mac FROM ledger"  # noqa: S608 - constant columns
 _KIND, _REASON = ENTRY_FIELDS.index("kind"), ENTRY_FIELDS.index("reason")
-RESTORED = "backup_restored"  # the reason of the row a restore adds (aegisd.control.backup_service)
+RESTORED = "backup_restored"  # the reason of the row a restore adds (aegisd.control.backup_service writes it)
 
 
 def canonical(row_id: int, values: Sequence[Any]) -> bytes:
