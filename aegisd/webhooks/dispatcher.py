@@ -6,12 +6,13 @@ receiver that accepts and never answers delays only its own deliveries; another 
 A lane is made for a webhook's first delivery and forgotten once it is empty and idle.
 
 Deliveries queued (in every lane) and deliveries waiting for a retry count against one bound, `queue_size`: past it
-the oldest delivery waiting for a retry is dropped to make room, or, if none waits, the new one; so
-a slow or dead receiver costs the gate nothing and aegisd's memory stays bounded. Events raised by
-requests that named no agent (anyone who can reach the gate can send those) may hold only a quarter
-of the bound, so they can never crowd out an alert about a real agent; one webhook's queued deliveries may hold
-only half, so a receiver that never answers cannot fill it. A failed attempt is retried
-later from a timer, not by a waiting attempt, so a receiver that fails fast does not hold up its own lane either."""
+the oldest delivery waiting for a retry is dropped to make room, else the oldest queued one of the webhook holding
+the most (when that is another webhook, holding more than this one), else the new one; so a slow or dead receiver
+costs the gate nothing, aegisd's memory stays bounded, and a receiver that never answers cannot keep the others'
+alerts out. For each webhook, events raised by requests that named no agent (anyone who can reach the gate can
+send those) may hold only a quarter of the bound, and so may one event raised by one agent's requests, so they can
+never crowd out another alert for that webhook. A failed attempt is retried later from a timer, not by a waiting
+attempt, so a receiver that fails fast does not hold up its own lane either."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aegisd import __version__
 from aegisd.config import Config
@@ -42,19 +43,18 @@ if TYPE_CHECKING:  # imported on the first delivery: a daemon without webhooks n
     import aiohttp
 
 log = logging.getLogger("aegisd.webhooks")
+K = TypeVar("K")
 MAX_RETRY_DELAY = 300.0
 # Worth another attempt: the receiver is overloaded, rate limiting, or briefly broken.
 RETRY_STATUSES = frozenset({408, 425, 429})
 TEST_DETAILS = {"message": "a test delivery from `aegisctl webhook test`"}
-# Deliveries of events raised by requests that named no agent may hold this share of queue_size at most.
+# A webhook's deliveries of events raised by requests that named no agent may hold this share of queue_size at most.
 UNAUTHENTICATED_SHARE = 4  # one in four
-# Deliveries of one event raised by one agent's requests may hold this share of queue_size at most, so that an
-# agent flooding refusals (they come before rate limits) cannot crowd out its own later alert of another kind (the
-# body_inspection of an exfiltration), another agent's, or the daemon's own.
+# A webhook's deliveries of one event raised by one agent's requests may hold this share of queue_size at most, so
+# that an agent flooding refusals (they come before rate limits) cannot crowd out its own later alert of another kind
+# (the body_inspection of an exfiltration), another agent's, or the daemon's own. Both shares are counted per webhook:
+# counted over all of them, a receiver that never answers would hold the share and keep that event from the others.
 AGENT_SHARE = 4  # one in four
-# One webhook's queued deliveries may hold this share of queue_size at most, so a receiver that never answers,
-# whose lane only grows, cannot fill the bound and have every other webhook's alerts dropped.
-WEBHOOK_SHARE = 2  # one in two
 DROP_SUMMARY_SECONDS = 5.0  # after a first drop, one line says how many more were dropped meanwhile
 
 
@@ -122,10 +122,9 @@ class Dispatcher:
         self._queued = 0
         self._bound = config.webhook_queue_size
         self._unauthenticated_bound = max(1, config.webhook_queue_size // UNAUTHENTICATED_SHARE)
-        self._unauthenticated = 0  # such deliveries queued, being sent or waiting for a retry
+        self._unauthenticated: dict[str, int] = {}  # by webhook: such deliveries queued, being sent or retried
         self._agent_bound = max(1, config.webhook_queue_size // AGENT_SHARE)
-        self._by_agent: dict[tuple[str, str], int] = {}  # the same per (agent, event); an entry goes at 0
-        self._webhook_bound = max(1, config.webhook_queue_size // WEBHOOK_SHARE)
+        self._by_agent: dict[tuple[str, str, str], int] = {}  # the same per (webhook, agent, event); an entry goes at 0
         self._dropping = 0  # drops since the last summary line
         self._dropping_since = 0.0
         self._by_event: dict[str, tuple[Target, ...]] = {}
@@ -207,6 +206,8 @@ class Dispatcher:
         await asyncio.gather(*sending, return_exceptions=True)
         self._lanes.clear()
         self._queued = 0
+        self._unauthenticated.clear()
+        self._by_agent.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -236,44 +237,56 @@ class Dispatcher:
             del self._lanes[webhook]
 
     def _hold(self, delivery: Delivery, in_share: bool = False) -> bool:
-        """Whether `delivery` may be queued or wait for a retry: within the unauthenticated share if it is one
-        of those (`in_share`: it holds its place there already), its agent's and its webhook's shares, and within
-        the bound, for which the oldest
-        delivery waiting for a retry is dropped if need be. One that may not is dropped and counted."""
-        if delivery.unauthenticated and not in_share and self._unauthenticated >= self._unauthenticated_bound:
+        """Whether `delivery` may be queued or wait for a retry: within its webhook's unauthenticated or agent share
+        if it is held within one (`in_share`: it holds its place there already), and within the bound, for which
+        another delivery may make room (_make_room). One that may not is dropped and counted."""
+        hook = delivery.target.id
+        if delivery.unauthenticated and not in_share and \
+                self._unauthenticated.get(hook, 0) >= self._unauthenticated_bound:
             self._dropped("the share of events raised without an agent token is full")
             return False
-        if delivery.agent and not in_share and self._by_agent.get((delivery.agent, delivery.event), 0) >= \
-                self._agent_bound:
+        if delivery.agent and not in_share and \
+                self._by_agent.get((hook, delivery.agent, delivery.event), 0) >= self._agent_bound:
             self._dropped("the share one event of one agent's requests may hold is full")
             return False
-        lane = self._lanes.get(delivery.target.id)
-        if not in_share and lane is not None and len(lane.queued) >= self._webhook_bound:
-            self._dropped("the share one webhook's queued deliveries may hold is full")
+        if self._queued + len(self._retries) >= self._bound and not self._make_room(delivery):
+            self._dropped("queue_size reached")
             return False
-        if self._queued + len(self._retries) >= self._bound:
-            if not self._retries or delivery.unauthenticated:  # those never push another delivery out
-                self._dropped("queue_size reached")
-                return False
-            handle = next(iter(self._retries))  # in the order they were scheduled
-            handle.cancel()
-            self._release(handle)
-            self._dropped("queue_size reached; the oldest delivery waiting for a retry made room")
         if not in_share:
             self._count(delivery, 1)
         return True
 
-    def _count(self, delivery: Delivery, change: int) -> None:
-        """Count a delivery into (1) or out of (-1) the share it is held within, if any."""
+    def _make_room(self, delivery: Delivery) -> bool:
+        """Drop one delivery for `delivery`: the oldest waiting for a retry (a fresh alert is worth more than
+        another attempt at an old one), else the oldest queued one of the webhook with the most queued, when that
+        is another webhook and holds more than this one's (a receiver that never answers gives way to the
+        others). Events raised without an agent token never push another delivery out."""
         if delivery.unauthenticated:
-            self._unauthenticated += change
+            return False
+        if self._retries:
+            handle = next(iter(self._retries))  # in the order they were scheduled
+            handle.cancel()
+            self._release(handle)
+            self._dropped("queue_size reached; the oldest delivery waiting for a retry made room")
+            return True
+        own = self._lanes.get(delivery.target.id)
+        fullest = max(self._lanes, key=lambda hook: len(self._lanes[hook].queued), default=None)
+        if fullest is None or fullest == delivery.target.id:
+            return False
+        lane = self._lanes[fullest]
+        if len(lane.queued) <= (len(own.queued) if own is not None else 0) + 1:
+            return False
+        self._count(lane.queued.popleft(), -1)
+        self._queued -= 1
+        self._dropped("queue_size reached; the oldest delivery of the webhook with the most queued made room")
+        return True
+
+    def _count(self, delivery: Delivery, change: int) -> None:
+        """Count a delivery into (1) or out of (-1) its webhook's share it is held within, if any."""
+        if delivery.unauthenticated:
+            _add(self._unauthenticated, delivery.target.id, change)
         elif delivery.agent:
-            key = (delivery.agent, delivery.event)
-            held = self._by_agent.get(key, 0) + change
-            if held > 0:
-                self._by_agent[key] = held
-            else:
-                self._by_agent.pop(key, None)
+            _add(self._by_agent, (delivery.target.id, delivery.agent, delivery.event), change)
 
     def _release(self, handle: asyncio.TimerHandle) -> Delivery | None:
         """Forget a delivery waiting for a retry (its timer fired or was cancelled)."""
@@ -403,6 +416,15 @@ class Dispatcher:
         except (aiohttp.ClientError, OSError) as exc:
             return Attempt(0, type(exc).__name__, _ms(started))
         return Attempt(status, "" if 200 <= status < 300 else f"HTTP {status}", _ms(started))
+
+
+def _add(counts: dict[K, int], key: K, change: int) -> None:
+    """Add `change` to a count, forgetting it at 0 so that no key outlives what it counts."""
+    held = counts.get(key, 0) + change
+    if held > 0:
+        counts[key] = held
+    else:
+        counts.pop(key, None)
 
 
 def _ms(started: float) -> float:

@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 from aegisd.config import Config
-from aegisd.webhooks.dispatcher import AGENT_SHARE, WEBHOOK_SHARE, Attempt, Delivery, Dispatcher
+from aegisd.webhooks.dispatcher import AGENT_SHARE, UNAUTHENTICATED_SHARE, Attempt, Delivery, Dispatcher
 from aegisd.webhooks.registry import Target
 
 TARGET = Target("wh_1", "https://hooks.example/T0KEN/path", frozenset({"blocked_request", "body_inspection"}),
@@ -115,10 +115,10 @@ def test_a_removed_webhooks_queued_deliveries_and_lane_go(tmp_path: Path) -> Non
         for _ in range(3):
             dispatcher.emit("blocked_request", {"agent": "a"}, agent="a")
         await asyncio.sleep(0)
-        assert dispatcher.queue_depth == 2 and dispatcher._by_agent == {("a", "blocked_request"): 3}
+        assert dispatcher.queue_depth == 2 and dispatcher._by_agent == {("wh_1", "a", "blocked_request"): 3}
         dispatcher.set_targets(())  # removed while one attempt is on the wire
         await asyncio.sleep(0)
-        assert dispatcher.queue_depth == 0 and dispatcher._by_agent == {("a", "blocked_request"): 1}
+        assert dispatcher.queue_depth == 0 and dispatcher._by_agent == {("wh_1", "a", "blocked_request"): 1}
         assert list(dispatcher._lanes) == ["wh_1"]  # until its attempt ends
         answer.set()
         await asyncio.sleep(0.05)
@@ -151,30 +151,43 @@ def test_close_cancels_the_attempts_on_the_wire_and_forgets_the_lanes(tmp_path: 
     asyncio.run(main())
 
 
-def test_a_hanging_webhook_fills_only_its_share_of_the_bound(tmp_path: Path) -> None:
-    """A receiver that never answers sees its lane only grow; past half of queue_size its new deliveries are
-    dropped, so another webhook's alerts still fit in the bound."""
+def test_a_hanging_webhook_gives_way_and_holds_no_share_of_another(tmp_path: Path) -> None:
+    """Found by a review of the lanes: the shares were counted over every webhook, so a receiver that never answered
+    held an agent's (or the tokenless) share of an event and that event never reached the other webhooks; and its
+    lane could fill the bound. Shares are now per webhook, and the fullest lane gives way when the bound is full."""
     async def main() -> None:
         dispatcher = _dispatcher(tmp_path, webhook_queue_size=8, webhook_workers=1)
         never = asyncio.Event()
-        sent: list[str] = []
+        sent: list[tuple[str, int]] = []
 
         async def post(delivery: Delivery) -> Attempt:
             if delivery.target is TARGET:
                 await never.wait()
-            sent.append(delivery.target.id)
+            sent.append((delivery.target.id, delivery.details["n"]))
             return Attempt(200, "", 1.0)
 
         dispatcher._post = post  # type: ignore[method-assign]
         dispatcher.set_targets([TARGET, OTHER])
         dispatcher.start()
-        for n in range(20):
-            dispatcher.emit("body_inspection", {"n": n})  # TARGET only: one on the wire, the rest queued
+        for n in range(2):  # both webhooks: TARGET holds this agent's share of blocked_request (8 // 4)
+            dispatcher.emit("blocked_request", {"n": n}, agent="evil")
+        for n in range(2):
+            dispatcher.emit("blocked_request", {"n": 10 + n}, unauthenticated=True)
+        await asyncio.sleep(0.01)
+        assert sent == [("wh_2", 0), ("wh_2", 1), ("wh_2", 10), ("wh_2", 11)]
+        assert dispatcher._by_agent == {("wh_1", "evil", "blocked_request"): 8 // AGENT_SHARE}
+        assert dispatcher._unauthenticated == {"wh_1": 8 // UNAUTHENTICATED_SHARE}
+
+        for n in range(20, 40):  # TARGET only: one on the wire, the rest fill the bound
+            dispatcher.emit("body_inspection", {"n": n})
         await asyncio.sleep(0)
-        assert dispatcher.queue_depth == 8 // WEBHOOK_SHARE and dispatcher.dropped == 20 - 1 - 8 // WEBHOOK_SHARE
-        dispatcher.emit("blocked_request", {"n": 0})  # both: TARGET's is dropped, OTHER's is sent
-        await asyncio.sleep(0.05)
-        assert sent == ["wh_2"]
+        assert dispatcher.queue_depth == 8 and list(dispatcher._lanes) == ["wh_1"]
+        dropped = dispatcher.dropped
+        dispatcher.emit("blocked_request", {"n": 50}, agent="other")  # both: TARGET's is dropped, OTHER's makes room
+        await asyncio.sleep(0.01)
+        assert sent[-1] == ("wh_2", 50) and dispatcher.dropped == dropped + 2
+        assert dispatcher.queue_depth == 7  # one of TARGET's oldest gave way
         await dispatcher.close()
+        assert dispatcher._by_agent == {} and dispatcher._unauthenticated == {}
 
     asyncio.run(main())
