@@ -18,14 +18,25 @@ class PathError(Exception):
 
 
 def resolve_socket(flag: str | None, config: str | None, env: Mapping[str, str] | None = None) -> Path:
+    path, fallback = socket_choice(flag, config, env)
+    # A packaged system service listens in /run/aegis; use it when no per-user daemon runs.
+    if fallback is not None and not path.exists() and fallback.exists():
+        return fallback
+    return path
+
+
+def socket_choice(flag: str | None, config: str | None,
+                  env: Mapping[str, str] | None = None) -> tuple[Path, Path | None]:
+    """The socket named by --socket, AEGIS_SOCKET or the config file, used as it is (second item None); else the
+    per-user default and the packaged system socket to use instead when nothing is at the default."""
     env = os.environ if env is None else env
     if flag:
-        return Path(flag).expanduser()
+        return Path(flag).expanduser(), None
     if env.get("AEGIS_SOCKET"):
-        return Path(env["AEGIS_SOCKET"]).expanduser()
+        return Path(env["AEGIS_SOCKET"]).expanduser(), None
     settings = read_config(config or env.get("AEGIS_CONFIG"))
     if settings.get("socket"):
-        return Path(str(settings["socket"])).expanduser()
+        return Path(str(settings["socket"])).expanduser(), None
     if env.get("XDG_RUNTIME_DIR"):
         candidate = Path(env["XDG_RUNTIME_DIR"]) / "aegis" / "aegisd.sock"
     else:
@@ -33,10 +44,7 @@ def resolve_socket(flag: str | None, config: str | None, env: Mapping[str, str] 
         data_dir = Path(str(data)).expanduser() if data else (
             Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "aegis")
         candidate = data_dir / "run" / "aegisd.sock"
-    # A packaged system service listens in /run/aegis; use it when no per-user daemon runs.
-    if not candidate.exists() and SYSTEM_SOCKET.exists():
-        return SYSTEM_SOCKET
-    return candidate
+    return candidate, SYSTEM_SOCKET
 
 
 def read_config(path: str | None) -> dict[str, object]:

@@ -1,17 +1,24 @@
 """Whom the bridge sends its agent token to: the process at the other end of each new connection to the gate.
 
 While aegisd is down (before it starts, during a restart, after a crash) any local user can listen on the gate's
-port and collect the token of every agent that calls it, then use it against the real gate. So, on Linux, before
-a new connection carries anything, the bridge reads from the kernel's TCP tables (peer_user) who owns the gate's
-end of that very connection (the listening socket's owner until aegisd accepts it, then aegisd's) and goes on only
-for its own user, root, or the owner of aegisd's control socket, which it finds from the socket's path (as
-`aegisctl` does) without connecting to it. Checking the connection itself, not the port beforehand, leaves no
-moment between the check and the connection in which the listener could change.
+port and collect the token of every agent that calls it, then use it against the real gate. So, on Linux, before a
+new connection carries anything, the bridge asks the kernel (sock_diag, else its TCP tables: peer_user) who owns the
+gate's end of that very connection (the listening socket's owner until aegisd accepts it, then aegisd's) and goes on
+only for its own user, root, or the owner of aegisd's control socket, which it finds from the socket's path (as
+`aegisctl` does) without connecting to it. Checking the connection itself, not the port beforehand, leaves no moment
+between the check and the connection in which the listener could change.
+
+What the kernel names is the user whose process created the listening socket (accepted the connection, once it
+has), not necessarily the one whose process reads from it: a socket keeps its owner when it is handed on. So a
+listener that root created and gave to a process of another user (systemd socket activation with User=, inetd)
+reads as root's, which is trusted, and that process would read the token. Only a trusted user (root, in practice)
+can set that up; the check does not cover it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import pwd
 import socket
@@ -21,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from aegisctl.mcp.peer_user import PROC_NET, PeerUnknown, TableUnreadable, socket_uid
-from aegisctl.paths import SYSTEM_SOCKET, PathError, resolve_socket
+from aegisctl.paths import PathError, socket_choice
 
 # The gate's end of a fresh loopback connection is in the tables by the time connect() returns; these short waits
 # only cover a kernel that completes the handshake on another CPU a moment later.
@@ -88,11 +95,14 @@ class GateTrust:
         """
         env = os.environ if self._env is None else self._env
         try:
-            path = resolve_socket(None, self._config_path, env)
+            path, fallback = socket_choice(None, self._config_path, env)
         except PathError:
             return None, None
-        except OSError:  # the system socket's directory is closed to this user: it exists, then
-            path = SYSTEM_SOCKET
+        # aegisctl's choice (paths.resolve_socket), made here with os.stat and errno so that it is the same on every
+        # Python: for a socket in a directory closed to this user (the packaged /run/aegis, for anyone outside its
+        # group) Path.exists() raises PermissionError up to 3.13, but from 3.14 on says False, as if none were there.
+        if fallback is not None and _lookup(path) == "absent" and _lookup(fallback) in ("present", "hidden"):
+            path = fallback
         try:
             directory = os.stat(path.parent)
         except OSError:
@@ -108,6 +118,20 @@ class GateTrust:
         if not stat.S_ISSOCK(info.st_mode) or info.st_uid != directory.st_uid:
             return path, None
         return path, info.st_uid
+
+
+def _lookup(path: Path) -> str:
+    """"present", "hidden" (in a directory this user may not search, so something may be there), "absent" (as
+    Path.exists() has it up to Python 3.13: nothing there, or a path that cannot lead anywhere), else "unknown"."""
+    try:
+        os.stat(path)
+    except ValueError:  # a NUL in the path
+        return "absent"
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "hidden"
+        return "absent" if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP) else "unknown"
+    return "present"
 
 
 def _shown(address: tuple[str, int]) -> str:

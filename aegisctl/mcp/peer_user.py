@@ -62,7 +62,10 @@ def socket_uid(local: tuple[str, int], remote: tuple[str, int], proc_net: Path =
 
     With `accepting`, `local` may be a server's end that no process has accepted yet (a SYN_RECV row, or an
     ESTABLISHED one without an inode): the kernel then writes the listening socket's owner in its row, and once
-    accepted the accepting process's. Either is the process that will read what is sent on the connection.
+    accepted the accepting process's. That owner is the user whose process created the socket (or accepted the
+    connection), not necessarily the one whose process will read what is sent: a socket keeps its owner when it
+    is handed on, so a listener that root created and gave to a process of another user (systemd socket
+    activation with User=, inetd) reads as uid 0 until that process accepts. Only its owner (or root) can set that up.
     None where the system keeps no such table (not Linux); PeerUnknown as for peer_uid.
     """
     if platform != "linux":

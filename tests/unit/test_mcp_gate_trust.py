@@ -4,19 +4,24 @@ the owner of aegisd's control socket. A real listening socket, with the kernel's
 from __future__ import annotations
 
 import os
+import shutil
 import socket
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
+from aegisctl import paths
 from aegisctl.mcp import stdio
 from aegisctl.mcp.gate_trust import GateTrust, GateUntrusted
 from aegisctl.mcp.peer_user import proc_address, socket_uid
 
 LINUX = Path("/proc/net/tcp").exists()
 OWN = 1000  # the bridge's uid, as these tests tell GateTrust
+AEGISD = 4321  # the uid aegisd runs as, where it is not the bridge's user
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -86,6 +91,66 @@ def test_the_control_sockets_owner_is_trusted_unless_its_directory_is_open(tmp_p
     os.chown(path, 4322, 4322)  # not the directory's owner: not aegisd's (it requires its directory to be its own)
     with pytest.raises(GateUntrusted):
         verify(trust, connection)
+
+
+def exists_as_on_python_3_14(self: Path) -> bool:
+    """Path.exists() from Python 3.14 on: False for any OSError, where 3.11-3.13 raise all but "not there"."""
+    try:
+        os.stat(self)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a directory closed to the bridge's user needs root to set up")
+@pytest.mark.parametrize("exists", ["this python's", "python 3.14's"])
+def test_the_owner_of_a_system_socket_hidden_from_the_bridge_is_trusted(connection: socket.socket,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        exists: str) -> None:
+    """The packaged service: aegisd runs as a dynamic user, its socket in /run/aegis (0750, group aegis), which the
+    bridge's user, outside that group, may not search. The bridge, a real process of uid 65534, finds the system
+    socket there all the same and trusts the directory's owner as the gate, on every Python."""
+    if exists != "this python's":
+        monkeypatch.setattr(Path, "exists", exists_as_on_python_3_14)
+    scratch = Path(tempfile.mkdtemp(prefix="aegis-hidden-"))  # not under tmp_path: uid 65534 must reach it
+    try:
+        os.chmod(scratch, 0o755)  # noqa: S103 - the bridge's user walks through it, as through /run
+        system = control_socket(scratch / "run-aegis", AEGISD)
+        os.chmod(system.parent, 0o750)  # noqa: S103 - as the packaged /run/aegis: group aegis may search it
+        monkeypatch.setattr(paths, "SYSTEM_SOCKET", system)
+        trust = GateTrust(proc_net=fake_net(scratch, connection, AEGISD), platform="linux", uid=NOBODY,
+                          env={"XDG_RUNTIME_DIR": str(scratch / "xdg")})  # no per-user daemon there
+        assert as_nobody(trust.control_socket_owner) == repr((system, AEGISD))
+        assert as_nobody(lambda: verify(trust, connection)) == "None"
+        os.chown(system.parent, AEGISD + 1, AEGISD + 1)  # the gate is not the directory's owner's: refused
+        assert "runs as uid 4321" in as_nobody(lambda: verify(trust, connection))
+    finally:
+        shutil.rmtree(scratch)
+
+
+def as_nobody(check: Callable[[], object]) -> str:
+    """What `check` returns (or the GateUntrusted it raises), run in a child process of uid and gid 65534."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        said = "the child did not finish"
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            said = repr(check())
+        except GateUntrusted as exc:
+            said = str(exc)
+        except BaseException as exc:  # any failure goes back to the test
+            said = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(writer, said.encode())
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as answer:
+        said = answer.read().decode()
+    os.waitpid(pid, 0)
+    return said
 
 
 def test_no_row_or_no_table_is_refused(tmp_path: Path, connection: socket.socket) -> None:
