@@ -357,13 +357,15 @@ class UpstreamResponse(asyncio.Protocol):
         self.reason = self._reason.decode("latin-1")
         length = headers.get("Content-Length")
         # Chunked only as one field whose whole value is `chunked` (trailing spaces aside, which llhttp skips
-        # too): llhttp reads that as chunked whatever else it does. Anything else is not parsed here, since a reading of ours could differ from llhttp's (it
-        # keeps a value's trailing tab and empty list elements: `chunked,` is no chunked coding to it, and
-        # the chunk-size lines come with the body), and is `transfer_coded`: llhttp removes at most the chunked
-        # framing, any other coding stays on the body and Transfer-Encoding, hop-by-hop, is not forwarded, so
-        # the pipeline refuses it. on_chunk_header and on_body hold llhttp to the framing decided here.
+        # too): llhttp reads that as chunked whatever else it does. Anything else is not parsed here, since a
+        # reading of ours could differ from llhttp's (it keeps a value's trailing tab and empty list elements:
+        # `chunked,` is no chunked coding to it, and the chunk-size lines come with the body), and is
+        # `transfer_coded`: llhttp removes at most the chunked framing, any other coding stays on the body and
+        # Transfer-Encoding, hop-by-hop, is not forwarded, so the pipeline refuses it. on_chunk_header and
+        # on_body hold llhttp to the framing decided here.
         codings = [value for name, value in self._raw if name.lower() == b"transfer-encoding"]
-        chunked = self._chunked = self._expect_chunk = len(codings) == 1 and codings[0].rstrip(b" ").lower() == b"chunked"
+        chunked = len(codings) == 1 and codings[0].rstrip(b" ").lower() == b"chunked"
+        self._chunked = self._expect_chunk = chunked
         self.transfer_coded = bool(codings) and not chunked
         no_body = self._head or status in (204, 304)
         # A Content-Length beside a Transfer-Encoding is an error in llhttp's strict mode; never taken here.
