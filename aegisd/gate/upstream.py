@@ -98,11 +98,12 @@ async def system_resolver(host: str, port: int) -> list[str]:
 
 
 def tls_context() -> ssl.SSLContext:
-    """Verify against the system store, plus SSL_CERT_FILE when set (OpenSSL would use it instead)."""
+    """Verify against the system store, plus SSL_CERT_FILE when set (OpenSSL would use it instead). Loading a
+    store costs some 50 ms, so the system's is not loaded again when SSL_CERT_FILE names that same file."""
     context = ssl.create_default_context()
     extra = os.environ.get("SSL_CERT_FILE")
     system = ssl.get_default_verify_paths().openssl_cafile
-    if extra and system and os.path.exists(system):
+    if extra and system and os.path.exists(system) and os.path.realpath(system) != os.path.realpath(extra):
         context.load_verify_locations(cafile=system)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
@@ -459,7 +460,10 @@ class UpstreamPool:
                  resolver: Resolver = system_resolver) -> None:
         self.connect_timeout = connect_timeout
         self._timeouts = (read_timeout, total_timeout)  # between reads, and for the whole exchange
-        self._tls = tls_context()
+        # Made for the first TLS connection, beside the event loop: loading the CA store takes 50-100 ms, which a
+        # start, and a daemon that only reaches plain-http upstreams, need not pay.
+        self._tls: ssl.SSLContext | None = None
+        self._tls_loading: asyncio.Lock | None = None
         self._resolve = resolver
         self._idle: dict[tuple[str, str, int, bool], list[UpstreamResponse]] = {}
         self._open: set[UpstreamResponse] = set()
@@ -542,15 +546,25 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamConnectTimeout("the upstream did not answer in time") from None
 
+    async def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            if self._tls_loading is None:
+                self._tls_loading = asyncio.Lock()
+            async with self._tls_loading:
+                if self._tls is None:
+                    self._tls = await self.loop.run_in_executor(None, tls_context)
+        return self._tls
+
     async def _dial(self, key: tuple[str, str, int, bool], addresses: list[str], tls: bool) -> UpstreamResponse:
         """Connect to the first checked address that answers."""
         host, port = key[1], key[2]
         failure: UpstreamError = UpstreamError("could not connect to the upstream")
+        context = await self._tls_context() if tls else None
         for address in addresses:
             try:
                 _, conn = await self.loop.create_connection(
                     lambda: UpstreamResponse(self, key), address, port,
-                    ssl=self._tls if tls else None, server_hostname=host if tls else None)
+                    ssl=context, server_hostname=host if tls else None)
             except ssl.SSLCertVerificationError:
                 raise UpstreamTLSError("the upstream's TLS certificate failed verification") from None
             except ssl.SSLError:

@@ -7,15 +7,17 @@ import gzip
 import json
 import random
 import re
+import threading
 import zlib
 from urllib.parse import quote, quote_plus
 
+import hyperscan
 import pytest
 
 from aegisd.inspection import VAULT_SECRET, Inspector, SecretSource
 from aegisd.inspection.decompress import DecodeError, TooLarge, decompress_capped
 from aegisd.inspection.key_formats import FAMILIES, find_key_formats
-from aegisd.inspection.literal_matcher import LiteralSearch, compile_literals, compile_longest
+from aegisd.inspection.literal_matcher import LiteralSearch, PatternScanner, compile_literals, compile_longest
 from aegisd.inspection.secret_forms import MIN_SECRET_LENGTH, base64_cores, secret_values
 from aegisd.inspection.views import json_unescape
 from tests.inspection_samples import clean_corpus, fake_keys
@@ -179,3 +181,27 @@ def test_literal_matcher_handles_long_and_deeply_nested_literals() -> None:
     pattern = compile_literals(nested)
     assert pattern is not None and pattern.search(b"x" + b"a" * 300 + b"b") and not pattern.search(b"a" * 700)
     assert compile_longest(nested).sub(b"#", b"x" + b"a" * 50 + b"b") == b"x#"
+
+
+def test_a_pattern_scanner_compiles_at_its_first_scan_once_whichever_threads_scan_first() -> None:
+    """Fixed patterns (the method-override guard's) are compiled when first needed, not at aegisd's start; threads
+    that scan first together all get an answer from the one database."""
+    scanner = PatternScanner([rb"_m[e]thod", rb"x{3}"])
+    assert not hasattr(scanner, "_database")
+    start = threading.Barrier(8)
+    answers: list[bool] = []
+
+    def scan(data: bytes) -> None:
+        start.wait()
+        answers.append(scanner.search(data))
+
+    threads = [threading.Thread(target=scan, args=(b"a _method=" if n % 2 else b"nothing",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(answers) == [False] * 4 + [True] * 4
+    database = scanner._database
+    assert scanner.search(b"xxx") and scanner._database is database
+    with pytest.raises(hyperscan.error):  # a bad pattern shows at its first scan; the tests of each scan it
+        PatternScanner([rb"(unclosed"]).search(b"data")

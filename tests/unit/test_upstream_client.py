@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -1060,6 +1061,40 @@ def test_an_https_upstream_is_verified_and_its_connection_kept(
 
     with Upstream(pki.server_context()) as up:
         run(main(up))
+
+
+def test_the_ca_store_is_loaded_at_the_first_tls_connection_and_once(
+        run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a CA store costs 50-100 ms: a pool loads none until it first dials TLS (a start, and plain-http
+    upstreams, never pay it), and tls_context does not load the system's again when SSL_CERT_FILE names it."""
+    loads: list[str] = []
+    real_load = ssl.SSLContext.load_verify_locations
+
+    def counted(self: ssl.SSLContext, cafile: str | None = None, *args: Any, **kwargs: Any) -> None:
+        loads.append(str(cafile))
+        real_load(self, cafile, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    system = ssl.get_default_verify_paths().openssl_cafile
+    if system and Path(system).exists():
+        monkeypatch.setenv("SSL_CERT_FILE", str(Path(system).resolve()))
+        upstream_module.tls_context()
+        assert loads == []  # OpenSSL read SSL_CERT_FILE itself; the same store is not loaded twice
+    pki = make_pki(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_pem))
+
+    async def main(plain: Upstream, tls: Upstream) -> None:
+        async with new_pool() as pool:
+            for scheme, up in (("http", plain), ("https", tls), ("https", tls)):
+                response = await pool.request("GET", scheme, "127.0.0.1", up.port, "/echo/x",
+                                              CIMultiDict({"Host": f"127.0.0.1:{up.port}"}), None, True)
+                response.release()
+                assert (pool._tls is None) is (scheme == "http")
+            assert pool._tls is not None
+
+    with Upstream() as plain, Upstream(pki.server_context()) as tls:
+        run(main(plain, tls))
+    assert len([load for load in loads if load == system]) == (1 if system and Path(system).exists() else 0)
 
 
 def test_an_https_upstream_with_an_unknown_certificate_is_refused(run: Run, tmp_path: Path) -> None:
