@@ -5,6 +5,7 @@ Mirrors the daemon's own defaults without importing it (aegisctl imports only th
 
 from __future__ import annotations
 
+import errno
 import os
 import tomllib
 from collections.abc import Mapping
@@ -19,10 +20,26 @@ class PathError(Exception):
 
 def resolve_socket(flag: str | None, config: str | None, env: Mapping[str, str] | None = None) -> Path:
     path, fallback = socket_choice(flag, config, env)
-    # A packaged system service listens in /run/aegis; use it when no per-user daemon runs.
-    if fallback is not None and not path.exists() and fallback.exists():
+    # A packaged system service listens in /run/aegis; use it when no per-user daemon runs, also when its directory
+    # is closed to this user (then the client says so, rather than that nothing runs). Decided with os.stat and
+    # errno: Path.exists() raises PermissionError for such a path up to Python 3.13 and says False from 3.14 on.
+    if fallback is not None and lookup(path) == "absent" and lookup(fallback) in ("present", "hidden"):
         return fallback
     return path
+
+
+def lookup(path: Path) -> str:
+    """"present", "hidden" (in a directory this user may not search, so something may be there), "absent" (as
+    Path.exists() has it up to Python 3.13: nothing there, or a path that cannot lead anywhere), else "unknown"."""
+    try:
+        os.stat(path)
+    except ValueError:  # a NUL in the path
+        return "absent"
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "hidden"
+        return "absent" if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP) else "unknown"
+    return "present"
 
 
 def socket_choice(flag: str | None, config: str | None,

@@ -18,7 +18,6 @@ can set that up; the check does not cover it.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import pwd
 import socket
@@ -28,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from aegisctl.mcp.peer_user import PROC_NET, PeerUnknown, TableUnreadable, socket_uid
-from aegisctl.paths import PathError, socket_choice
+from aegisctl.paths import PathError, resolve_socket
 
 # The gate's end of a fresh loopback connection is in the tables by the time connect() returns; these short waits
 # only cover a kernel that completes the handshake on another CPU a moment later.
@@ -95,14 +94,9 @@ class GateTrust:
         """
         env = os.environ if self._env is None else self._env
         try:
-            path, fallback = socket_choice(None, self._config_path, env)
+            path = resolve_socket(None, self._config_path, env)  # aegisctl's own choice, a hidden system socket too
         except PathError:
             return None, None
-        # aegisctl's choice (paths.resolve_socket), made here with os.stat and errno so that it is the same on every
-        # Python: for a socket in a directory closed to this user (the packaged /run/aegis, for anyone outside its
-        # group) Path.exists() raises PermissionError up to 3.13, but from 3.14 on says False, as if none were there.
-        if fallback is not None and _lookup(path) == "absent" and _lookup(fallback) in ("present", "hidden"):
-            path = fallback
         try:
             directory = os.stat(path.parent)
         except OSError:
@@ -118,20 +112,6 @@ class GateTrust:
         if not stat.S_ISSOCK(info.st_mode) or info.st_uid != directory.st_uid:
             return path, None
         return path, info.st_uid
-
-
-def _lookup(path: Path) -> str:
-    """"present", "hidden" (in a directory this user may not search, so something may be there), "absent" (as
-    Path.exists() has it up to Python 3.13: nothing there, or a path that cannot lead anywhere), else "unknown"."""
-    try:
-        os.stat(path)
-    except ValueError:  # a NUL in the path
-        return "absent"
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return "hidden"
-        return "absent" if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP) else "unknown"
-    return "present"
 
 
 def _shown(address: tuple[str, int]) -> str:
