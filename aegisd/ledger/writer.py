@@ -681,12 +681,12 @@ class LedgerWriter:
         self.last_commit_seconds = time.perf_counter() - started
         self._unchained = unchained
         first_id = tip.next_id - len(entries)
-        if outage is not None:
-            self._outage = None
-            log.warning("ledger writable again: %s (recorded as row %d)", entries[0].detail, first_id)
         if entries:  # not the commit that only chains rows written before the key came
             self.commits += 1
             self.rows_committed += len(entries)
+        if outage is not None:  # after the counts: whoever sees the outage end sees its commit counted
+            self._outage = None
+            log.warning("ledger writable again: %s (recorded as row %d)", entries[0].detail, first_id)
         rows: list[LedgerRow] = []
         subscribers = self._subscribers
         if subscribers:
