@@ -5,14 +5,14 @@ its own lane: a FIFO of its queued deliveries and at most `webhook_workers` atte
 receiver that accepts and never answers delays only its own deliveries; another webhook's alert starts at once.
 A lane is made for a webhook's first delivery and forgotten once it is empty and idle.
 
-Deliveries queued (in every lane) and deliveries waiting for a retry count against one bound, `queue_size`: past it
-the oldest delivery waiting for a retry is dropped to make room, else the oldest queued one of the webhook holding
-the most (when that is another webhook, holding more than this one), else the new one; so a slow or dead receiver
-costs the gate nothing, aegisd's memory stays bounded, and a receiver that never answers cannot keep the others'
-alerts out. For each webhook, events raised by requests that named no agent (anyone who can reach the gate can
-send those) may hold only a quarter of the bound, and so may one event raised by one agent's requests, so they can
-never crowd out another alert for that webhook. A failed attempt is retried later from a timer, not by a waiting
-attempt, so a receiver that fails fast does not hold up its own lane either."""
+`queue_size` is shared equally among the webhooks: each may hold queue_size / N deliveries (N webhooks), queued
+and waiting for a retry together. Past its part the oldest of its deliveries waiting for a retry is dropped to make
+room, or, if none waits, the new one; so a slow or dead receiver costs the gate nothing, aegisd's memory stays
+bounded, and a receiver that never answers can fill only its own part. Within each webhook's part, events raised by
+requests that named no agent (anyone who can reach the gate can send those) may hold only a quarter, and so may one
+event raised by one agent's requests, so they can never crowd out another alert for that webhook. A failed attempt
+is retried later from a timer, not by a waiting attempt, so a receiver that fails fast does not hold up its own lane
+either."""
 
 from __future__ import annotations
 
@@ -48,12 +48,13 @@ MAX_RETRY_DELAY = 300.0
 # Worth another attempt: the receiver is overloaded, rate limiting, or briefly broken.
 RETRY_STATUSES = frozenset({408, 425, 429})
 TEST_DETAILS = {"message": "a test delivery from `aegisctl webhook test`"}
-# A webhook's deliveries of events raised by requests that named no agent may hold this share of queue_size at most.
+# A webhook's deliveries of events raised by requests that named no agent may hold this share of its part at most.
 UNAUTHENTICATED_SHARE = 4  # one in four
-# A webhook's deliveries of one event raised by one agent's requests may hold this share of queue_size at most, so
+# A webhook's deliveries of one event raised by one agent's requests may hold this share of its part at most, so
 # that an agent flooding refusals (they come before rate limits) cannot crowd out its own later alert of another kind
-# (the body_inspection of an exfiltration), another agent's, or the daemon's own. Both shares are counted per webhook:
-# counted over all of them, a receiver that never answers would hold the share and keep that event from the others.
+# (the body_inspection of an exfiltration), another agent's, or the daemon's own. Both are counted per webhook, within
+# its own part: counted over all of them, a receiver that never answers would hold the share and keep that event
+# from the others; counted per webhook against the whole bound, a flood to four webhooks would fill it.
 AGENT_SHARE = 4  # one in four
 DROP_SUMMARY_SECONDS = 5.0  # after a first drop, one line says how many more were dropped meanwhile
 
@@ -116,14 +117,14 @@ class Dispatcher:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        # By webhook id. Unbounded themselves: _hold keeps the queued deliveries (counted in _queued) and the
-        # retries, together, within queue_size; a lane is dropped when empty and idle, so there are no more of them.
+        # By webhook id. Unbounded themselves: _hold keeps each webhook's queued deliveries and retries, together,
+        # within its part of queue_size; a lane is dropped when empty and idle, so there are no more of them.
         self._lanes: dict[str, Lane] = {}
-        self._queued = 0
+        self._queued = 0  # in every lane
         self._bound = config.webhook_queue_size
-        self._unauthenticated_bound = max(1, config.webhook_queue_size // UNAUTHENTICATED_SHARE)
+        self._held: dict[str, int] = {}  # by webhook: its deliveries queued or waiting for a retry
+        self._part = self._bound  # each webhook's part of the bound: set_targets divides it among them
         self._unauthenticated: dict[str, int] = {}  # by webhook: such deliveries queued, being sent or retried
-        self._agent_bound = max(1, config.webhook_queue_size // AGENT_SHARE)
         self._by_agent: dict[tuple[str, str, str], int] = {}  # the same per (webhook, agent, event); an entry goes at 0
         self._dropping = 0  # drops since the last summary line
         self._dropping_since = 0.0
@@ -152,6 +153,7 @@ class Dispatcher:
         live = {target.id: previous.get(target.id, -1) for found in by_event.values() for target in found}
         self._live = {tid: generation if generation >= 0 else next(self._generations)
                       for tid, generation in live.items()}
+        self._part = max(1, self._bound // max(1, len(self._live)))
         self._by_event = {name: tuple(found) for name, found in by_event.items()}
         if self._loop is not None and previous.keys() - self._live.keys():
             with contextlib.suppress(RuntimeError):  # the loop has closed: nothing is left to drop
@@ -206,6 +208,7 @@ class Dispatcher:
         await asyncio.gather(*sending, return_exceptions=True)
         self._lanes.clear()
         self._queued = 0
+        self._held.clear()
         self._unauthenticated.clear()
         self._by_agent.clear()
         if self._session is not None:
@@ -229,6 +232,7 @@ class Dispatcher:
         while self._running and lane.queued and lane.sending < self._config.webhook_workers:
             delivery = lane.queued.popleft()
             self._queued -= 1
+            _add(self._held, webhook, -1)  # on the wire: out of the bound
             lane.sending += 1
             task = asyncio.create_task(self._send(lane, delivery), name=f"aegis-webhook-{webhook}")
             self._sending.add(task)
@@ -238,48 +242,38 @@ class Dispatcher:
 
     def _hold(self, delivery: Delivery, in_share: bool = False) -> bool:
         """Whether `delivery` may be queued or wait for a retry: within its webhook's unauthenticated or agent share
-        if it is held within one (`in_share`: it holds its place there already), and within the bound, for which
-        another delivery may make room (_make_room). One that may not is dropped and counted."""
+        if it is held within one (`in_share`: it holds its place there already), and within its webhook's part of
+        the bound, for which the oldest of its deliveries waiting for a retry may make room. One that may not is
+        dropped and counted."""
         hook = delivery.target.id
-        if delivery.unauthenticated and not in_share and \
-                self._unauthenticated.get(hook, 0) >= self._unauthenticated_bound:
+        share = max(1, self._part // UNAUTHENTICATED_SHARE)
+        if delivery.unauthenticated and not in_share and self._unauthenticated.get(hook, 0) >= share:
             self._dropped("the share of events raised without an agent token is full")
             return False
-        if delivery.agent and not in_share and \
-                self._by_agent.get((hook, delivery.agent, delivery.event), 0) >= self._agent_bound:
+        share = max(1, self._part // AGENT_SHARE)
+        if delivery.agent and not in_share and self._by_agent.get((hook, delivery.agent, delivery.event), 0) >= share:
             self._dropped("the share one event of one agent's requests may hold is full")
             return False
-        if self._queued + len(self._retries) >= self._bound and not self._make_room(delivery):
+        if self._held.get(hook, 0) >= self._part and not self._make_room(delivery):
             self._dropped("queue_size reached")
             return False
+        _add(self._held, hook, 1)
         if not in_share:
             self._count(delivery, 1)
         return True
 
     def _make_room(self, delivery: Delivery) -> bool:
-        """Drop one delivery for `delivery`: the oldest waiting for a retry (a fresh alert is worth more than
-        another attempt at an old one), else the oldest queued one of the webhook with the most queued, when that
-        is another webhook and holds more than this one's (a receiver that never answers gives way to the
-        others). Events raised without an agent token never push another delivery out."""
+        """Drop the oldest of this webhook's deliveries waiting for a retry, for `delivery` (a fresh alert is worth
+        more than another attempt at an old one). Events raised without an agent token never push one out."""
         if delivery.unauthenticated:
             return False
-        if self._retries:
-            handle = next(iter(self._retries))  # in the order they were scheduled
-            handle.cancel()
-            self._release(handle)
-            self._dropped("queue_size reached; the oldest delivery waiting for a retry made room")
-            return True
-        own = self._lanes.get(delivery.target.id)
-        fullest = max(self._lanes, key=lambda hook: len(self._lanes[hook].queued), default=None)
-        if fullest is None or fullest == delivery.target.id:
-            return False
-        lane = self._lanes[fullest]
-        if len(lane.queued) <= (len(own.queued) if own is not None else 0) + 1:
-            return False
-        self._count(lane.queued.popleft(), -1)
-        self._queued -= 1
-        self._dropped("queue_size reached; the oldest delivery of the webhook with the most queued made room")
-        return True
+        for handle, waiting in self._retries.items():  # in the order they were scheduled
+            if waiting.target.id == delivery.target.id:
+                handle.cancel()
+                self._release(handle)
+                self._dropped("queue_size reached; the oldest delivery waiting for a retry made room")
+                return True
+        return False
 
     def _count(self, delivery: Delivery, change: int) -> None:
         """Count a delivery into (1) or out of (-1) its webhook's share it is held within, if any."""
@@ -292,6 +286,7 @@ class Dispatcher:
         """Forget a delivery waiting for a retry (its timer fired or was cancelled)."""
         delivery = self._retries.pop(handle, None)
         if delivery is not None:
+            _add(self._held, delivery.target.id, -1)
             self._count(delivery, -1)
         return delivery
 
@@ -326,6 +321,7 @@ class Dispatcher:
         for webhook, lane in list(self._lanes.items()):
             stale = [delivery for delivery in lane.queued if not self._current(delivery)]
             for delivery in stale:
+                _add(self._held, webhook, -1)
                 self._count(delivery, -1)
             if stale:
                 lane.queued = deque(delivery for delivery in lane.queued if self._current(delivery))

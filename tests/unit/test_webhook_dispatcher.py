@@ -151,12 +151,12 @@ def test_close_cancels_the_attempts_on_the_wire_and_forgets_the_lanes(tmp_path: 
     asyncio.run(main())
 
 
-def test_a_hanging_webhook_gives_way_and_holds_no_share_of_another(tmp_path: Path) -> None:
-    """Found by a review of the lanes: the shares were counted over every webhook, so a receiver that never answered
+def test_a_hanging_webhook_fills_only_its_own_part_and_shares(tmp_path: Path) -> None:
+    """Found by reviews of the lanes: the shares were counted over every webhook, so a receiver that never answered
     held an agent's (or the tokenless) share of an event and that event never reached the other webhooks; and its
-    lane could fill the bound. Shares are now per webhook, and the fullest lane gives way when the bound is full."""
+    lane could fill the whole bound. Each webhook now has its own part of queue_size, and its shares within it."""
     async def main() -> None:
-        dispatcher = _dispatcher(tmp_path, webhook_queue_size=8, webhook_workers=1)
+        dispatcher = _dispatcher(tmp_path, webhook_queue_size=16, webhook_workers=1)
         never = asyncio.Event()
         sent: list[tuple[str, int]] = []
 
@@ -169,25 +169,40 @@ def test_a_hanging_webhook_gives_way_and_holds_no_share_of_another(tmp_path: Pat
         dispatcher._post = post  # type: ignore[method-assign]
         dispatcher.set_targets([TARGET, OTHER])
         dispatcher.start()
-        for n in range(2):  # both webhooks: TARGET holds this agent's share of blocked_request (8 // 4)
-            dispatcher.emit("blocked_request", {"n": n}, agent="evil")
-        for n in range(2):
-            dispatcher.emit("blocked_request", {"n": 10 + n}, unauthenticated=True)
-        await asyncio.sleep(0.01)
-        assert sent == [("wh_2", 0), ("wh_2", 1), ("wh_2", 10), ("wh_2", 11)]
-        assert dispatcher._by_agent == {("wh_1", "evil", "blocked_request"): 8 // AGENT_SHARE}
-        assert dispatcher._unauthenticated == {"wh_1": 8 // UNAUTHENTICATED_SHARE}
-
-        for n in range(20, 40):  # TARGET only: one on the wire, the rest fill the bound
+        part = 16 // 2
+        for n in range(20):  # TARGET only: one on the wire, its part queued, the rest dropped
             dispatcher.emit("body_inspection", {"n": n})
         await asyncio.sleep(0)
-        assert dispatcher.queue_depth == 8 and list(dispatcher._lanes) == ["wh_1"]
-        dropped = dispatcher.dropped
-        dispatcher.emit("blocked_request", {"n": 50}, agent="other")  # both: TARGET's is dropped, OTHER's makes room
-        await asyncio.sleep(0.01)
-        assert sent[-1] == ("wh_2", 50) and dispatcher.dropped == dropped + 2
-        assert dispatcher.queue_depth == 7  # one of TARGET's oldest gave way
+        assert dispatcher.queue_depth == part and dispatcher._held == {"wh_1": part}
+        assert dispatcher.dropped == 20 - 1 - part
+        for n in range(3):  # both: TARGET's are dropped (its part is full), OTHER's are sent
+            dispatcher.emit("blocked_request", {"n": 100 + n}, agent="evil")
+            await asyncio.sleep(0.01)
+        for n in range(3):
+            dispatcher.emit("blocked_request", {"n": 200 + n}, unauthenticated=True)
+            await asyncio.sleep(0.01)
+        assert sent == [("wh_2", 100), ("wh_2", 101), ("wh_2", 102), ("wh_2", 200), ("wh_2", 201), ("wh_2", 202)]
+        assert dispatcher._by_agent == {} and dispatcher._unauthenticated == {}  # TARGET holds none of them
+        assert dispatcher._held == {"wh_1": part}
         await dispatcher.close()
-        assert dispatcher._by_agent == {} and dispatcher._unauthenticated == {}
+        assert dispatcher._held == {} and dispatcher._by_agent == {} and dispatcher._unauthenticated == {}
 
     asyncio.run(main())
+
+
+def test_each_webhook_holds_its_shares_within_its_own_part(tmp_path: Path) -> None:
+    """Four webhooks, one agent flooding one event: each webhook holds a quarter of its own part for it, so the
+    agent's later alert of another kind still fits at every webhook (per webhook against the whole bound, the flood
+    would have filled it)."""
+    targets = [Target(f"wh_{n}", f"https://hooks.example/{n}", frozenset({"blocked_request", "body_inspection"}),
+                      b"whsec_z" * 5) for n in range(4)]
+    dispatcher = _dispatcher(tmp_path, webhook_queue_size=40)
+    dispatcher.set_targets(targets)
+    for _ in range(20):
+        dispatcher.emit("blocked_request", {}, agent="evil")
+    part = 40 // 4
+    assert dispatcher._held == {f"wh_{n}": part // AGENT_SHARE for n in range(4)}
+    dispatcher.emit("body_inspection", {}, agent="evil")
+    for _ in range(20):
+        dispatcher.emit("blocked_request", {}, unauthenticated=True)
+    assert dispatcher._held == {f"wh_{n}": part // AGENT_SHARE + 1 + part // UNAUTHENTICATED_SHARE for n in range(4)}
