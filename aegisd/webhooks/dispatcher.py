@@ -26,7 +26,7 @@ import logging
 import random
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -153,9 +153,9 @@ class Dispatcher:
         live = {target.id: previous.get(target.id, -1) for found in by_event.values() for target in found}
         self._live = {tid: generation if generation >= 0 else next(self._generations)
                       for tid, generation in live.items()}
-        self._part = max(1, self._bound // max(1, len(self._live)))
+        part, self._part = self._part, max(1, self._bound // max(1, len(self._live)))
         self._by_event = {name: tuple(found) for name, found in by_event.items()}
-        if self._loop is not None and previous.keys() - self._live.keys():
+        if self._loop is not None and (previous.keys() - self._live.keys() or self._part < part):
             with contextlib.suppress(RuntimeError):  # the loop has closed: nothing is left to drop
                 self._loop.call_soon_threadsafe(self._drop_stale)
 
@@ -263,17 +263,56 @@ class Dispatcher:
         return True
 
     def _make_room(self, delivery: Delivery) -> bool:
-        """Drop the oldest of this webhook's deliveries waiting for a retry, for `delivery` (a fresh alert is worth
-        more than another attempt at an old one). Events raised without an agent token never push one out."""
+        """Drop one of the webhook's deliveries for `delivery` (_victim); events raised without an agent token never
+        push one out."""
         if delivery.unauthenticated:
             return False
-        for handle, waiting in self._retries.items():  # in the order they were scheduled
-            if waiting.target.id == delivery.target.id:
-                handle.cancel()
-                self._release(handle)
-                self._dropped("queue_size reached; the oldest delivery waiting for a retry made room")
-                return True
-        return False
+        victim = self._victim(delivery.target.id, delivery.agent, delivery.event)
+        if victim is None:
+            return False
+        self._evict(victim, "queue_size reached; an older delivery made room")
+        return True
+
+    def _victim(self, hook: str, agent: str, event: str) -> Delivery | None:
+        """The delivery of webhook `hook` to give way to a new one (`event` of `agent`'s, or the daemon's own), the
+        oldest of: those raised without an agent token; else the (agent, event) holding the most beyond its share,
+        if not the new one's (a share taken against a larger part, before webhooks were added); else the agent
+        holding the most of the part, if more than a share and not `agent` (one agent's flood of several kinds of
+        event); else those waiting for a retry (a fresh alert is worth more than another attempt at an old one)."""
+        lane = self._lanes.get(hook)
+        retrying: list[Delivery] = [waiting for waiting in self._retries.values() if waiting.target.id == hook]
+        queued: list[Delivery] = list(lane.queued) if lane is not None else []
+        held = sorted([*retrying, *queued], key=lambda d: d.time_ms)
+        tokenless = next((d for d in held if d.unauthenticated), None)
+        if tokenless is not None:
+            return tokenless
+        share = max(1, self._part // AGENT_SHARE)
+        per_key = Counter((d.agent, d.event) for d in held if d.agent)
+        over = [(count, key) for key, count in per_key.items() if count > share and key != (agent, event)]
+        if over:
+            _, (most, kind) = max(over)
+            return next(d for d in held if d.agent == most and d.event == kind)
+        per_agent = Counter(d.agent for d in held if d.agent)
+        if per_agent:
+            most, count = per_agent.most_common(1)[0]
+            if most != agent and count > share:
+                return next(d for d in held if d.agent == most)
+        return min(retrying, key=lambda d: d.time_ms, default=None)
+
+    def _evict(self, delivery: Delivery, why: str) -> None:
+        """Drop a delivery held for a retry or queued, counted and logged."""
+        handle = next((h for h, waiting in self._retries.items() if waiting is delivery), None)
+        if handle is not None:
+            handle.cancel()
+            self._release(handle)
+        else:
+            hook = delivery.target.id
+            self._lanes[hook].queued.remove(delivery)
+            self._queued -= 1
+            _add(self._held, hook, -1)
+            self._count(delivery, -1)
+            self._pump(hook)  # forgets the lane if nothing of it is left
+        self._dropped(why)
 
     def _count(self, delivery: Delivery, change: int) -> None:
         """Count a delivery into (1) or out of (-1) its webhook's share it is held within, if any."""
@@ -313,7 +352,8 @@ class Dispatcher:
         return self._live.get(delivery.target.id) == delivery.generation
 
     def _drop_stale(self) -> None:
-        """Forget deliveries whose webhook is gone (in the loop, which owns the lanes and the timers)."""
+        """Forget deliveries whose webhook is gone, and fit each webhook's into its part when more webhooks made it
+        smaller (in the loop, which owns the lanes and the timers)."""
         for handle, delivery in list(self._retries.items()):
             if not self._current(delivery):
                 handle.cancel()
@@ -327,6 +367,13 @@ class Dispatcher:
                 lane.queued = deque(delivery for delivery in lane.queued if self._current(delivery))
                 self._queued -= len(stale)
                 self._pump(webhook)  # forgets the lane if nothing of it is left
+        for webhook in list(self._held):
+            while self._held.get(webhook, 0) > self._part:
+                over = self._lanes.get(webhook)
+                victim = self._victim(webhook, "", "") or (over.queued[0] if over is not None and over.queued else None)
+                if victim is None:
+                    break
+                self._evict(victim, "queue_size's part for each webhook shrank as webhooks were added")
 
     async def _send(self, lane: Lane, delivery: Delivery) -> None:
         """One attempt of one delivery; then the lane's next one takes its place."""

@@ -206,3 +206,88 @@ def test_each_webhook_holds_its_shares_within_its_own_part(tmp_path: Path) -> No
     for _ in range(20):
         dispatcher.emit("blocked_request", {}, unauthenticated=True)
     assert dispatcher._held == {f"wh_{n}": part // AGENT_SHARE + 1 + part // UNAUTHENTICATED_SHARE for n in range(4)}
+
+
+EVENTS = frozenset({"blocked_request", "body_inspection", "rate_limited", "response_redacted", "credential_expiry"})
+
+
+def _hooks(count: int) -> list[Target]:
+    return [Target(f"wh_{n}", f"https://hooks.example/{n}", EVENTS, b"whsec_w" * 5) for n in range(count)]
+
+
+def _held_at(dispatcher: Dispatcher, hook: str) -> list[tuple[str, str, bool]]:
+    lane = dispatcher._lanes.get(hook)
+    waiting = [d for d in dispatcher._retries.values() if d.target.id == hook]
+    return sorted((d.event, d.agent, d.unauthenticated) for d in [*(lane.queued if lane else ()), *waiting])
+
+
+def _hanging(dispatcher: Dispatcher) -> None:
+    never = asyncio.Event()
+
+    async def post(delivery: Delivery) -> Attempt:
+        await never.wait()
+        return Attempt(200, "", 1.0)
+
+    dispatcher._post = post  # type: ignore[method-assign]
+
+
+def test_webhooks_added_later_fit_what_each_holds_into_its_smaller_part(tmp_path: Path) -> None:
+    """Found by a review: shares taken against one webhook's whole bound stayed when three more webhooks cut its
+    part to a quarter, so the floods filled it and every real alert there was dropped, and held deliveries passed
+    queue_size in all."""
+    async def main() -> None:
+        dispatcher = _dispatcher(tmp_path, webhook_queue_size=40, webhook_workers=1)
+        _hanging(dispatcher)
+        hooks = _hooks(4)
+        dispatcher.set_targets(hooks[:1])
+        dispatcher.start()
+        for _ in range(40):
+            dispatcher.emit("blocked_request", {}, unauthenticated=True)
+            dispatcher.emit("blocked_request", {}, agent="evil")
+        await asyncio.sleep(0)
+        dispatcher.set_targets(hooks)  # the part goes from 40 to 10
+        await asyncio.sleep(0)
+        assert dispatcher._held == {"wh_0": 10}
+        dispatcher.emit("body_inspection", {}, agent="evil")
+        dispatcher.emit("blocked_request", {}, agent="good")
+        dispatcher.emit("credential_expiry", {})
+        held = _held_at(dispatcher, "wh_0")
+        for alert in (("body_inspection", "evil", False), ("blocked_request", "good", False),
+                      ("credential_expiry", "", False)):
+            assert alert in held, held
+        assert sum(dispatcher._held.values()) <= 40
+        await dispatcher.close()
+
+    asyncio.run(main())
+
+
+def test_one_agents_flood_of_several_kinds_gives_way_to_another_agent(tmp_path: Path) -> None:
+    async def main() -> None:
+        dispatcher = _dispatcher(tmp_path, webhook_queue_size=40, webhook_workers=1)
+        _hanging(dispatcher)
+        dispatcher.set_targets(_hooks(1))
+        dispatcher.start()
+        for _ in range(20):
+            for event in ("blocked_request", "rate_limited", "body_inspection", "response_redacted"):
+                dispatcher.emit(event, {}, agent="evil")
+        await asyncio.sleep(0)
+        assert dispatcher._held == {"wh_0": 39}  # a quarter of each kind, one of them on the wire
+        dispatcher.emit("blocked_request", {}, agent="good")
+        dispatcher.emit("credential_expiry", {})
+        held = _held_at(dispatcher, "wh_0")
+        assert ("blocked_request", "good", False) in held and ("credential_expiry", "", False) in held
+        assert dispatcher._held == {"wh_0": 40}
+        await dispatcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_real_alert_pushes_out_a_tokenless_one_even_in_a_part_of_one(tmp_path: Path) -> None:
+    dispatcher = _dispatcher(tmp_path, webhook_queue_size=1)
+    dispatcher.set_targets(_hooks(1))
+    dispatcher.emit("blocked_request", {}, unauthenticated=True)
+    dispatcher.emit("blocked_request", {}, unauthenticated=True)  # no room: never pushes one out
+    assert _held_at(dispatcher, "wh_0") == [("blocked_request", "", True)]
+    dispatcher.emit("credential_expiry", {})
+    assert _held_at(dispatcher, "wh_0") == [("credential_expiry", "", False)]
+    assert dispatcher._held == {"wh_0": 1} and dispatcher._unauthenticated == {}
