@@ -192,6 +192,7 @@ class Dispatcher:
     def start(self) -> None:
         self._running = True
         self._loop = asyncio.get_running_loop()
+        self._drop_stale()  # webhooks changed before the start had no loop to do it
         for webhook in list(self._lanes):  # anything emitted before the start
             self._pump(webhook)
 

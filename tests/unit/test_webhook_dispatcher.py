@@ -291,3 +291,22 @@ def test_a_real_alert_pushes_out_a_tokenless_one_even_in_a_part_of_one(tmp_path:
     dispatcher.emit("credential_expiry", {})
     assert _held_at(dispatcher, "wh_0") == [("credential_expiry", "", False)]
     assert dispatcher._held == {"wh_0": 1} and dispatcher._unauthenticated == {}
+
+
+def test_webhooks_added_before_the_start_are_fitted_at_the_start(tmp_path: Path) -> None:
+    """Found by the review's fuzzer: with no loop yet, nothing cut the parts that webhooks added before the start
+    made smaller."""
+    async def main() -> None:
+        dispatcher = _dispatcher(tmp_path, webhook_queue_size=8)
+        _hanging(dispatcher)
+        hooks = _hooks(2)
+        dispatcher.set_targets(hooks[:1])
+        for _ in range(8):
+            dispatcher.emit("credential_expiry", {})
+        dispatcher.set_targets(hooks)
+        assert dispatcher._held == {"wh_0": 8}
+        dispatcher.start()
+        assert dispatcher._held["wh_0"] <= 8 // 2
+        await dispatcher.close()
+
+    asyncio.run(main())
