@@ -127,6 +127,7 @@ class Dispatcher:
         self._unauthenticated: dict[str, int] = {}  # by webhook: such deliveries queued, being sent or retried
         self._by_agent: dict[tuple[str, str, str], int] = {}  # the same per (webhook, agent, event); an entry goes at 0
         self._dropping = 0  # drops since the last summary line
+        self._dropping_at: set[str] = set()  # and the webhooks they were for
         self._dropping_since = 0.0
         self._by_event: dict[str, tuple[Target, ...]] = {}
         # The current webhooks' ids, each with the generation it was loaded in: a webhook that goes (removed,
@@ -249,14 +250,14 @@ class Dispatcher:
         hook = delivery.target.id
         share = max(1, self._part // UNAUTHENTICATED_SHARE)
         if delivery.unauthenticated and not in_share and self._unauthenticated.get(hook, 0) >= share:
-            self._dropped("the share of events raised without an agent token is full")
+            self._dropped(hook, "the share of events raised without an agent token is full")
             return False
         share = max(1, self._part // AGENT_SHARE)
         if delivery.agent and not in_share and self._by_agent.get((hook, delivery.agent, delivery.event), 0) >= share:
-            self._dropped("the share one event of one agent's requests may hold is full")
+            self._dropped(hook, "the share one event of one agent's requests may hold is full")
             return False
         if self._held.get(hook, 0) >= self._part and not self._make_room(delivery):
-            self._dropped("queue_size reached")
+            self._dropped(hook, "queue_size reached")
             return False
         _add(self._held, hook, 1)
         if not in_share:
@@ -313,7 +314,7 @@ class Dispatcher:
             _add(self._held, hook, -1)
             self._count(delivery, -1)
             self._pump(hook)  # forgets the lane if nothing of it is left
-        self._dropped(why)
+        self._dropped(delivery.target.id, why)
 
     def _count(self, delivery: Delivery, change: int) -> None:
         """Count a delivery into (1) or out of (-1) its webhook's share it is held within, if any."""
@@ -330,24 +331,26 @@ class Dispatcher:
             self._count(delivery, -1)
         return delivery
 
-    def _dropped(self, why: str) -> None:
-        """Count a drop; the first of a run is logged at once, and one line after it says how many followed."""
+    def _dropped(self, webhook: str, why: str) -> None:
+        """Count a drop; the first of a run is logged at once, and one line after it says how many followed, and
+        for which webhooks (their ids: the URL is a secret)."""
         self.dropped += 1
         self._dropping += 1
+        self._dropping_at.add(webhook)
         if self._dropping > 1:
             return
         self._dropping_since = time.monotonic()
-        log_event(log, logging.WARNING, "webhook queue full; deliveries dropped", why=why, dropped=self.dropped,
-                  queue_size=self._bound)
+        log_event(log, logging.WARNING, "webhook queue full; deliveries dropped", webhook=webhook, why=why,
+                  dropped=self.dropped, queue_size=self._bound)
         with contextlib.suppress(RuntimeError):  # no running loop (closing): the counter is the record
             asyncio.get_running_loop().call_later(DROP_SUMMARY_SECONDS, self._summarise_drops)
 
     def _summarise_drops(self) -> None:
-        count, seconds = self._dropping, time.monotonic() - self._dropping_since
-        self._dropping = 0
+        count, seconds, webhooks = self._dropping, time.monotonic() - self._dropping_since, self._dropping_at
+        self._dropping, self._dropping_at = 0, set()
         if count > 1:
             log_event(log, logging.WARNING, "webhook deliveries dropped", count=count, seconds=f"{seconds:.1f}",
-                      dropped=self.dropped, queue_size=self._bound)
+                      webhooks=",".join(sorted(webhooks)), dropped=self.dropped, queue_size=self._bound)
 
     def _current(self, delivery: Delivery) -> bool:
         return self._live.get(delivery.target.id) == delivery.generation

@@ -82,9 +82,13 @@ def test_a_tokenless_flood_cannot_crowd_out_an_alert_about_a_real_agent() -> Non
         # The tokenless share is a quarter of queue_size (5 of 20), the delivery the worker held included.
         assert len(receiver.of("agent_auth_failure")) <= 20 // 4, len(receiver.of("agent_auth_failure"))
         log = world.aegis.log()
-        assert "webhook queue full; deliveries dropped" in log
+        first = next(line for line in log.splitlines() if "webhook queue full; deliveries dropped" in line)
+        hook_id = json.loads(world.aegis.ctl_in_process("webhook", "list", "--json").ok().out)[0]["id"]
+        assert f"webhook={hook_id}" in first, first  # which webhook, by id: its URL is a secret
         _until("no summary of the dropped deliveries was logged",
                lambda: "webhook deliveries dropped" in world.aegis.log(), timeout=15)
+        summaries = [line for line in world.aegis.log().splitlines() if "webhook deliveries dropped" in line]
+        assert all(f"webhooks={hook_id}" in line for line in summaries), summaries
         world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
     finally:
         receiver.stop()
