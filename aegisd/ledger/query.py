@@ -82,7 +82,7 @@ def query_rows(
         # Text that is not UTF-8 (see not_utf8): read again with a text_factory (a quarter more time per row, so only
         # then) for the rows to show, each byte that is not UTF-8 as U+FFFD. Such a row fails `ledger verify`.
         factory = conn.text_factory
-        conn.text_factory = _replaced
+        conn.text_factory = read_replacing
         try:
             return [row_from_values(row[0], row[1:]) for row in conn.execute(sql, params)]
         finally:
@@ -100,5 +100,6 @@ def not_utf8(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", None) is None
 
 
-def _replaced(value: bytes) -> str:
+def read_replacing(value: bytes) -> str:
+    """A text_factory for rows holding text that is not UTF-8: each such byte as U+FFFD."""
     return value.decode("utf-8", "replace")

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from aegisd.ledger.query import filter_clauses
+from aegisd.ledger.query import filter_clauses, not_utf8, read_replacing
 from aegisd.ledger.schema import LedgerError, open_reader
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,35 @@ def ledger_stats(path: str | os.PathLike[str], *, top: int = 10, **filters: Any)
         raise ValueError(f"top must be between 1 and {MAX_GROUPS}")
     conn = open_reader(path)
     try:
-        conn.execute("BEGIN")
-        clauses, params = filter_clauses(**filters)
-        if not clauses:
-            return _unfiltered_stats(conn, top)
-        if _spans_every_row(conn, filters):  # `--since 30d` on a younger ledger: every row, so no filter
-            counted = _unfiltered_stats(conn, top)
-            # The time index said so; the table's own first and last times (read in that count) must agree.
-            if _within(counted.first_time_ms, filters) and _within(counted.last_time_ms, filters):
-                return counted
-            log.warning("ledger.db's time index disagrees with its table; `ledger stats` counted from the table "
-                        "instead. Run `aegisctl ledger verify`.")
-        return _stats(conn, clauses, params, top)
+        try:
+            return _counted(conn, top, filters)
+        except sqlite3.OperationalError as exc:
+            if not not_utf8(exc):
+                raise
+        # Text that is not UTF-8 (an edit; verify names its row): counted again with each such byte as U+FFFD, as
+        # `ledger show` prints it, rather than no answer at all. Only then: the text_factory costs time per row.
+        conn.rollback()
+        conn.text_factory = read_replacing
+        return _counted(conn, top, filters)
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot read the ledger: {exc}") from None
     finally:
         conn.close()
+
+
+def _counted(conn: sqlite3.Connection, top: int, filters: dict[str, Any]) -> LedgerStats:
+    conn.execute("BEGIN")
+    clauses, params = filter_clauses(**filters)
+    if not clauses:
+        return _unfiltered_stats(conn, top)
+    if _spans_every_row(conn, filters):  # `--since 30d` on a younger ledger: every row, so no filter
+        counted = _unfiltered_stats(conn, top)
+        # The time index said so; the table's own first and last times (read in that count) must agree.
+        if _within(counted.first_time_ms, filters) and _within(counted.last_time_ms, filters):
+            return counted
+        log.warning("ledger.db's time index disagrees with its table; `ledger stats` counted from the table "
+                    "instead. Run `aegisctl ledger verify`.")
+    return _stats(conn, clauses, params, top)
 
 
 def _spans_every_row(conn: sqlite3.Connection, filters: dict[str, Any]) -> bool:

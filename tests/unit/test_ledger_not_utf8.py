@@ -139,3 +139,13 @@ def test_prune_refuses_such_a_row_with_a_reason(db: Path) -> None:
     with pytest.raises(PruneRefused, match="not UTF-8"):
         asyncio.run(main())
     assert [row.id for row in query_rows(db, limit=10)] == [6, 5, 4, 3, 2, 1]  # nothing deleted (newest first)
+
+
+@pytest.mark.parametrize("service", [None, "github"])
+def test_stats_count_such_a_row_under_its_text_as_show_prints_it(db: Path, service: str | None) -> None:
+    """Found by a review: stats grouped by a column holding such a byte failed with "cannot read the ledger"."""
+    from aegisd.ledger import ledger_stats
+
+    raw(db, "UPDATE ledger SET agent = CAST(x'ff41' AS TEXT) WHERE id = 3")
+    counted = ledger_stats(db, service=service)
+    assert counted.rows == 6 and {(g.key, g.count) for g in counted.top_agents} == {("claude", 5), ("\ufffdA", 1)}
