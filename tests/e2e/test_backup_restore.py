@@ -428,6 +428,19 @@ def restore_raw(aegis: Aegis, data: bytes) -> grpc.RpcError:
     return refused.value
 
 
+def assert_invalid_backup(aegis: Aegis, name: str, content: bytes, needle: str) -> grpc.RpcError:
+    """The crafted file `content`, sent to the Restore RPC as it is, is refused INVALID_ARGUMENT (`invalid_backup`)
+    saying `needle`, and at once: the header is refused before tarfile parses it at length."""
+    started = time.monotonic()
+    refused = restore_raw(aegis, content)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, refused.code(), refused.details())
+    assert needle in (refused.details() or ""), (name, refused.details())
+    trailer = refused.trailing_metadata() or ()
+    assert any(m.key == "aegis-reason" and str(m.value) == "invalid_backup" for m in trailer), name
+    assert time.monotonic() - started < 2.5, name
+    return refused
+
+
 def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(world: GateWorld) -> None:
     """Found by a cold review: a manifest time past what can be printed swapped both files and then answered
     INTERNAL with no ledger row; a deeply nested manifest gave INTERNAL (and a traceback in aegisctl); a huge
@@ -458,13 +471,7 @@ def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(worl
     }
     outputs = []
     for name, (content, needle) in crafted.items():
-        started = time.monotonic()
-        refused = restore_raw(aegis, content)
-        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, refused.code(), refused.details())
-        assert needle in (refused.details() or ""), (name, refused.details())
-        trailer = refused.trailing_metadata() or ()
-        assert any(m.key == "aegis-reason" and str(m.value) == "invalid_backup" for m in trailer)
-        assert time.monotonic() - started < 2.5, name  # the PAX header is refused before tarfile parses it
+        refused = assert_invalid_backup(aegis, name, content, needle)
         path = aegis.root / f"{name}.backup"
         path.write_bytes(content)
         result = aegis.ctl("restore", str(path), "--yes")
@@ -631,13 +638,7 @@ def test_sparse_and_malformed_tar_headers_are_refused_as_invalid_backups(world: 
     crafted["hugesize"] = (pax_tar(parts, {"manifest.json": {"size": str(10**30)}}), "not a complete tar archive")
     outputs = []
     for name, (content, needle) in crafted.items():
-        started = time.monotonic()
-        refused = restore_raw(aegis, content)
-        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, refused.code(), refused.details())
-        assert needle in (refused.details() or ""), (name, refused.details())
-        trailer = refused.trailing_metadata() or ()
-        assert any(m.key == "aegis-reason" and str(m.value) == "invalid_backup" for m in trailer), name
-        assert time.monotonic() - started < 2.5, name
+        refused = assert_invalid_backup(aegis, name, content, needle)
         path = aegis.root / f"{name}.backup"
         path.write_bytes(content)
         result = aegis.ctl("restore", str(path), "--yes")

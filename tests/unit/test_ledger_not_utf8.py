@@ -7,12 +7,12 @@ Found by a cold review: one such byte made `verify` raise "cannot read ledger" i
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter, open_reader, query_rows, verify
+from tests.unit.test_ledger import raw
 
 KEY = bytes(range(32))
 
@@ -28,15 +28,6 @@ async def _write(db: Path, entries: list[LedgerEntry]) -> None:
 
 def write(db: Path, entries: list[LedgerEntry]) -> None:
     asyncio.run(_write(db, entries))
-
-
-def raw(db: Path, statement: str, *params: object) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            conn.execute(statement, params)
-    finally:
-        conn.close()
 
 
 def req(i: int) -> LedgerEntry:
