@@ -48,6 +48,7 @@ class Seen:
     headers: tuple[tuple[str, str], ...]
     body: bytes | None
     tls: bool
+    peer: int = 0  # the client's port: requests with the same one came on the same connection
 
     def header(self, name: str) -> list[str]:
         """Every value of header `name` (case-insensitive), in order."""
@@ -85,6 +86,7 @@ class Upstream:
         self._gates: dict[str, asyncio.Event] = {}
         self._arrived: dict[str, threading.Event] = {}
         self._released: dict[str, bool] = {}
+        self._waiting: dict[str, web.Request] = {}  # the request waiting on each gate (hang and sse)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
 
@@ -170,6 +172,12 @@ class Upstream:
         with self._lock:
             return self._arrived.setdefault(name, threading.Event())
 
+    def dropped(self, name: str) -> bool:
+        """True once the connection of the request waiting on gate `name` (hang, sse) has closed."""
+        with self._lock:
+            request = self._waiting.get(name)
+        return request is not None and request.transport is None
+
     def was_released(self, name: str) -> bool:
         """True when the endpoint waiting on `name` went on because the test opened the gate."""
         with self._lock:
@@ -183,8 +191,11 @@ class Upstream:
             event = self._gates[name] = asyncio.Event()
         return event
 
-    async def _wait(self, name: str) -> None:
+    async def _wait(self, name: str, request: web.Request | None = None) -> None:
         gate = self._gate(name)
+        if request is not None:
+            with self._lock:
+                self._waiting[name] = request
         self.arrived(name).set()
         try:
             await asyncio.wait_for(gate.wait(), HOLD_LIMIT_SECONDS)
@@ -195,8 +206,9 @@ class Upstream:
 
     def _record(self, request: web.Request, body: bytes | None) -> int:
         path, _, query = request.raw_path.partition("?")
+        peername = request.transport.get_extra_info("peername") if request.transport is not None else None
         seen = Seen(request.method, path, query, tuple(request.headers.items()), body,
-                    self.ssl_context is not None)
+                    self.ssl_context is not None, int(peername[1]) if peername else 0)
         with self._lock:
             self._seen.append(seen)
             return len(self._seen) - 1
@@ -224,7 +236,7 @@ class Upstream:
         if endpoint == "sse":
             return await self._sse(request)
         if endpoint == "hang":
-            await self._wait(request.query.get("gate", "hang"))
+            await self._wait(request.query.get("gate", "hang"), request)
             return web.Response(text="too late")
         if endpoint == "hold" and len(parts) > 1:
             await self._wait(parts[1])
@@ -239,7 +251,7 @@ class Upstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         await response.write(b"event: message\ndata: first\n\n")
-        await self._wait(request.query.get("gate", "sse"))
+        await self._wait(request.query.get("gate", "sse"), request)
         await response.write(b"data: second\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -48,6 +48,8 @@ log = logging.getLogger("aegisd.gate")
 MAX_HEAD_BYTES = 64 * 1024  # the request line and headers; as much again for a chunked body's trailers
 DISCARD_MAX = 64 * 1024  # an unread body with at most this much still to come is dropped as it arrives
 LINGER_SECONDS = 1.0  # how long a closing connection reads and drops what the agent still sends
+# After a probe (see AgentConnection.probe), when to look whether the agent's system answered it with a reset.
+PROBE_CHECKS = (0.02, 0.2, 2.0)
 _HIGH_WATER = 256 * 1024  # request body bytes buffered before the agent is read no faster
 _LOW_WATER = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -117,8 +119,9 @@ class GateRequest:
     """One request as parsed (method, raw target, headers), its body as it arrives, and its answer."""
 
     __slots__ = ("_body_allowed", "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continued",
-                 "_discard", "_error", "_received", "_waiter", "body_wait_since", "content_length", "finished",
-                 "has_body", "headers", "http11", "keep_alive", "malformed", "method", "raw_path", "started")
+                 "_cut", "_discard", "_error", "_probed", "_received", "_waiter", "_watcher", "body_wait_since",
+                 "content_length", "finished", "has_body", "headers", "http11", "keep_alive", "malformed", "method",
+                 "raw_path", "started")
 
     def __init__(self, conn: AgentConnection, method: str, raw_path: str, headers: CIMultiDictProxy[str],
                  http11: bool, keep_alive: bool) -> None:
@@ -142,6 +145,9 @@ class GateRequest:
         self.started = self.finished = False
         self._chunked = self._close = self._continued = False
         self._body_allowed = True
+        self._watcher: asyncio.Task[None] | None = None  # the task waiting on the upstream for this request
+        self._cut = False  # the agent's leaving cancelled `_watcher`
+        self._probed = False  # a 100 Continue went out to tell a half-close from a close
 
     # -- the body ------------------------------------------------------------------------------------
 
@@ -202,6 +208,38 @@ class GateRequest:
         self._chunks.clear()
         self._buffered = 0
         self._conn.update_reading()
+
+    # -- the agent leaving while the upstream is awaited -----------------------------------------------
+
+    def watch(self) -> None:
+        """Until `unwatch`, the agent's leaving cancels the connection's task, which answers this request and
+        now waits on the upstream (its answer's head, or the next piece of its body): the exchange is dropped
+        then, not when the upstream answers nobody. Cheap: no task or future of its own, two attribute writes.
+        A CancelledError meanwhile goes to `left`."""
+        conn = self._conn
+        self._watcher = conn.task
+        if conn.closed:  # it left before this wait began: the wait ends at its first turn
+            self._agent_left()
+        elif conn._eof and not self._probed:  # it sent its end before this wait began
+            conn.probe(self)
+
+    def unwatch(self) -> None:
+        self._watcher = None
+
+    def left(self) -> bool:
+        """On a CancelledError between `watch` and `unwatch`: True when the agent's leaving caused it (and
+        no stop as well), the cancellation then taken back; False for any other, which the caller re-raises."""
+        task, self._watcher = self._watcher, None
+        if not self._cut:
+            return False
+        self._cut = False
+        return task is None or task.uncancel() == 0
+
+    def _agent_left(self) -> None:
+        watcher = self._watcher
+        if watcher is not None and not self._cut:
+            self._cut = True
+            watcher.cancel()
 
     # -- the answer ------------------------------------------------------------------------------------
 
@@ -342,6 +380,7 @@ class AgentConnection(asyncio.Protocol):
         self._closing_since: float | None = None
         self.last_read = 0.0
         self._linger: asyncio.TimerHandle | None = None
+        self._probing: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- asyncio ---------------------------------------------------------------------------------------
@@ -363,6 +402,10 @@ class AgentConnection(asyncio.Protocol):
         self._connections.open.discard(self)
         if self._linger is not None:
             self._linger.cancel()
+        if self._probing is not None:
+            self._probing.cancel()
+        if self._current is not None:  # a wait on the upstream for this agent ends now
+            self._current._agent_left()
         gone = AgentGone("the agent closed the connection")
         if self._parsing is not None:
             self._parsing._end(gone)
@@ -407,6 +450,8 @@ class AgentConnection(asyncio.Protocol):
             self._close_now()
         elif self._current is None and not self._queued:
             self._deliver(None)
+        elif self._current is not None and self._current._watcher is not None and not self._current._probed:
+            self.probe(self._current)  # the request waits on the upstream: is the agent still there for it?
         return True
 
     def pause_writing(self) -> None:
@@ -598,6 +643,39 @@ class AgentConnection(asyncio.Protocol):
                 self._write_blocked_since = None
             if self.closed:
                 raise AgentGone("the agent closed the connection")
+
+    def probe(self, request: GateRequest) -> None:
+        """The agent sent its end (a FIN) while `request` waits on the upstream. A half-close (it still reads
+        its answer; some clients do that) and a close look alike until something is sent, so the agent gets a
+        `100 Continue`, which an HTTP/1.1 client must skip: a closed agent's system answers it with a reset,
+        which the socket's pending error shows, and the connection is dropped (connection_lost ends the wait).
+        Not for an HTTP/1.0 agent (no 1xx may be sent to it), nor once the answer has begun: those are served on."""
+        request._probed = True
+        transport = self.transport
+        if (not request.http11 or request.started or not request.body_complete or self.closed or transport is None
+                or transport.is_closing()):
+            return
+        request._continued = True
+        transport.write(_CONTINUE)
+        if self._probing is not None:
+            self._probing.cancel()
+        self._probing = self.loop.call_later(PROBE_CHECKS[0], self._check_probe, 0)
+
+    def _check_probe(self, step: int) -> None:
+        self._probing = None
+        if self.closed or self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        try:
+            failed = sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except OSError:
+            failed = True
+        if failed:
+            log.debug("an agent closed its connection while its request waited on the upstream")
+            self.abort()
+        elif step + 1 < len(PROBE_CHECKS):
+            self._probing = self.loop.call_later(PROBE_CHECKS[step + 1] - PROBE_CHECKS[step], self._check_probe,
+                                                 step + 1)
 
     # -- closing -----------------------------------------------------------------------------------------
 

@@ -96,7 +96,18 @@ def split_target(raw_target: str) -> tuple[str, str, str]:
     _, service, rest = path.split("/", 2) if path.count("/") >= 2 else (*path.split("/", 1), "")
     if not service:
         raise Refusal(404, "not_found", "call /{service}/{path}: the first path segment names the service")
+    # `/svc//evil.example/x` would go upstream as `//evil.example/x`, which a proxying upstream may read as a
+    # scheme-relative URL to another host, the credential with it; checked decoded too, as dot segments are.
+    if rest.startswith("/") or (encoded and _scheme_relative(rest)):
+        raise bad_request("the path after the service starts with '//', which an upstream may read as another "
+                          "host (a scheme-relative URL): send /{service}/{path} with one '/' after the service")
     return unquote(service) if encoded else service, "/" + rest, query
+
+
+def _scheme_relative(rest: str) -> bool:
+    """Whether `/rest`, decoded once or twice, starts with `//`."""
+    once = unquote(rest)
+    return once.startswith("/") or unquote(once).startswith("/")
 
 
 def _refuse_dot_segments(*forms: str) -> None:

@@ -27,18 +27,22 @@ RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
 # Kept in an answer even when its Connection header lists them: the redactor must see how the body is coded (a
 # gzip body it was not told of would pass undecoded, its echo of the secret unredacted), and so must the agent.
 RESPONSE_KEEP = frozenset({"content-encoding"})
+# Its mirror for requests: the `_method` guard and body inspection read the agent's type and coding, so a
+# `Connection: Content-Type` must not take from the upstream what they judged (an untyped POST is a form to Rack).
+REQUEST_KEEP = frozenset({"content-type", "content-encoding"})
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 _NONE: tuple[str, ...] = ()  # getall's default, shared so a missing Connection header allocates nothing
 
 
-def _drop_with_connection(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
-    """`drop` plus the names the Connection header lists, built anew only when it lists one `drop` lacks
-    (the usual `Connection: keep-alive` names nothing new)."""
+def _drop_with_connection(headers: CIMultiDictProxy[str], drop: frozenset[str],
+                          keep: frozenset[str]) -> frozenset[str]:
+    """`drop` plus the names the Connection header lists but `keep`, built anew only when it lists one `drop`
+    lacks (the usual `Connection: keep-alive` names nothing new)."""
     values = headers.getall("Connection", _NONE)
     if not values:
         return drop
     listed = _connection_tokens(values)
-    return drop if listed <= drop else drop | listed
+    return drop if listed <= drop else drop | (listed - keep)
 
 
 def _connection_tokens(values: Iterable[str]) -> set[str]:
@@ -65,9 +69,9 @@ def cgi_name(name: str) -> str:
 
 def agent_headers(headers: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:
     """The agent's headers that may reach the upstream: not its own credentials (nor a name a CGI-style server
-    would read as one of them, `X_Api_Key`), hop-by-hop or gate headers. Body inspection scans exactly these;
-    `add_credential` then completes them for forwarding."""
-    drop = _drop_with_connection(headers, route.drop_headers)
+    would read as one of them, `X_Api_Key`), hop-by-hop or gate headers, nor what the Connection header lists
+    but REQUEST_KEEP. Body inspection scans exactly these; `add_credential` then completes them for forwarding."""
+    drop = _drop_with_connection(headers, route.drop_headers, REQUEST_KEEP)
     # some name, the agent's or a credential header's, has `_` or other punctuation: compare CGI names too
     spelt = route.spelt_credential_names or not plain_names(headers)
     kept: CIMultiDict[str] = CIMultiDict()
@@ -105,9 +109,7 @@ def query_with_credential(query: str, route: Route) -> str:
 def inbound_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's headers that reach the agent: not hop-by-hop (nor what its Connection header lists, but
     RESPONSE_KEEP), Set-Cookie or a Content-Length (the gate frames the answer itself)."""
-    drop = _drop_with_connection(headers, RESPONSE_DROP)
-    if drop is not RESPONSE_DROP:  # Connection listed a name of its own: never one the body's coding needs
-        drop -= RESPONSE_KEEP
+    drop = _drop_with_connection(headers, RESPONSE_DROP, RESPONSE_KEEP)
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if name.lower() not in drop:

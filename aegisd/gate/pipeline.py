@@ -363,12 +363,23 @@ class GatePipeline:
         self._check_ledger_writable()  # a commit may have failed while the body was read
         sent = time.perf_counter()
         x.forwarded = True
+        request.watch()  # the agent's leaving ends the wait for the upstream's answer at once
         try:
             entry = admitted.entry
             upstream = await self.upstream.request(
                 request.method, entry.scheme, admitted.host, admitted.port, target, headers, body,
-                allow_internal=entry.is_special_address, still_current=lambda: self._still_current(admitted))
+                allow_internal=entry.is_special_address, credential=admitted.route.credential_id,
+                still_current=lambda: self._still_current(admitted))
             x.upstream_s = time.perf_counter() - sent
+        except asyncio.CancelledError:
+            if not request.left():
+                raise  # the gate is stopping
+            if not request.body_complete:  # it left with its body unfinished: as when the body breaks off
+                raise body_broken() from None
+            # The upstream exchange was dropped and its connection closed (never pooled). The request went, or
+            # was on its way, upstream: like any forwarded request it keeps its quota.
+            await self._disconnected(x)
+            return
         except BodyTooLarge:
             raise body_too_large(limit) from None
         except UpstreamTimeout:
@@ -384,6 +395,8 @@ class GatePipeline:
         except UpstreamError as exc:  # could not connect: the message says why, and holds no secret
             x.forwarded = False  # resolving, the address guard, connecting or TLS failed: nothing was sent
             raise Refusal(exc.status, exc.code, str(exc)) from None
+        finally:
+            request.unwatch()
         try:
             await self._relay(request, x, upstream, redaction)
         finally:
@@ -424,6 +437,8 @@ class GatePipeline:
         # unrecorded. A chunked body's end is `end`'s terminating chunk, which already comes after it.
         empty = length == 0 or bodiless
         held = b""
+        failure = ""  # what ended the body early: the upstream failing, or the agent leaving
+        request.watch()  # the agent's leaving ends a wait for the upstream's next piece at once
         try:
             if not empty:
                 await request.start(status, headers, reason=reason, content_length=length)
@@ -433,17 +448,27 @@ class GatePipeline:
                 except StopAsyncIteration:
                     break
                 except UpstreamError as exc:  # the upstream failed mid-body
-                    x.reason = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
-                    await self._record(x)
-                    request.abort()
-                    return
+                    failure = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
+                    break
                 x.bytes_out += len(chunk)
                 if length is not None and x.bytes_out >= length:
                     chunk, held = chunk[:-1], chunk[-1:]
                 await request.write(chunk)
         except ConnectionError:  # the agent went away
-            x.reason = "client_disconnected"
+            failure = "client_disconnected"
+        except asyncio.CancelledError:
+            if not request.left():
+                raise
+            failure = "client_disconnected"
+        finally:
+            request.unwatch()
+        if failure == "client_disconnected":
+            await self._disconnected(x)
+            return
+        if failure:
+            x.reason = failure
             await self._record(x)
+            request.abort()
             return
         if not await self._record(x):
             request.abort()  # no complete response without its ledger row
@@ -463,6 +488,7 @@ class GatePipeline:
         bytes) do answers of unknown length to HTTP/1.0 agents. A compressed one that decodes to more than
         WHOLE_DECODED_MAX streams on to an HTTP/1.1 agent instead; an HTTP/1.0 one gets up to WHOLE_ANSWER_MAX."""
         rest: Iterator[bytes] | None = None
+        request.watch()  # the agent's leaving ends the wait for the body at once
         try:
             body = await _read_capped(upstream, WHOLE_ANSWER_MAX) if capped else await upstream.read()
             if redactor is not None:
@@ -477,6 +503,13 @@ class GatePipeline:
             raise Refusal(504, "upstream_timeout", "the upstream did not send its whole answer in time") from None
         except UpstreamError:
             raise Refusal(502, "upstream_error", "the upstream's answer was cut short or malformed") from None
+        except asyncio.CancelledError:
+            if not request.left():
+                raise
+            await self._disconnected(x)
+            return
+        finally:
+            request.unwatch()
         if rest is not None:  # decodes past WHOLE_DECODED_MAX: the rest streams, as a larger answer would
             await self._relay_stream(request, x, upstream.status, headers, reason, None, False, _resumed(parts, rest))
             return
@@ -496,6 +529,12 @@ class GatePipeline:
             refusal = Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was "
                               "forwarded")
         await send_refusal(request, refusal, x.request_id)
+
+    async def _disconnected(self, x: Exchange) -> None:
+        """The agent left before its answer was complete; whatever the upstream still sends is dropped with
+        its connection. The row keeps the decision and the status so far (0: no answer yet)."""
+        x.reason = "client_disconnected"
+        await self._record(x)
 
     async def _record(self, x: Exchange) -> bool:
         x.recorded = True

@@ -31,6 +31,9 @@ from aegisd.vault.domains import is_internal_ip
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 # Methods a stale pooled connection may be retried with (RFC 9110 9.2.2), when the body can be resent.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods many servers expect no body with: one that ignores the Content-Length of such a request (CL.0) would read
+# its body as the start of the next request on the connection, so a connection that carried one is not reused.
+_BODY_UNEXPECTED = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
 MAX_HEADER_BYTES = 64 * 1024  # of the upstream's response head; more is a broken or hostile upstream
 _HIGH_WATER = 256 * 1024  # buffered body bytes at which the upstream socket stops being read
 _LOW_WATER = 64 * 1024
@@ -40,6 +43,9 @@ _MAX_IDLE_PER_HOST = 128
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+# (scheme, host, port, may reach internal addresses, credential id): a pooled connection never carries another
+# credential's request, so no desync on it (a body the upstream did not frame) can prefix one of those.
+PoolKey = tuple[str, str, int, bool, str]
 
 
 class UpstreamError(Exception):
@@ -134,7 +140,7 @@ class UpstreamResponse(asyncio.Protocol):
     pipeline's view of the answer it offers status, headers and the body (`read` or `chunks`).
     """
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, str, int, bool]) -> None:
+    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
         self._pool = pool
         self._loop = pool.loop
         self.key = key
@@ -148,6 +154,7 @@ class UpstreamResponse(asyncio.Protocol):
         """Fresh per-exchange state: a new parser, so nothing of the previous answer carries over."""
         self._parser = httptools.HttpResponseParser(self)
         self._head = method == "HEAD"
+        self._body_unexpected = False  # a body went out with a method in _BODY_UNEXPECTED: not reused after
         self._headers_done: asyncio.Future[None] = self._loop.create_future()
         self._raw: list[tuple[bytes, bytes]] = []
         self._header_bytes = self._head_bytes = 0
@@ -211,7 +218,7 @@ class UpstreamResponse(asyncio.Protocol):
             self._timer = None
         # A paused connection would stay paused in the pool: its next answer would never be read.
         reusable = (self._complete and self._keep_alive and not self._head and not self.closed
-                    and not self._paused and self._error is None
+                    and not self._paused and self._error is None and not self._body_unexpected
                     and (self._body_task is None or self._body_task.done()))
         if self._body_task is not None and not self._body_task.done():
             self._body_task.cancel()
@@ -231,6 +238,7 @@ class UpstreamResponse(asyncio.Protocol):
              timeouts: tuple[float, float]) -> None:
         """Write the request (a streamed body goes on in a task) and start the answer's timers."""
         self._begin(method)
+        self._body_unexpected = bool(body) and method in _BODY_UNEXPECTED  # a streamed body counts, even empty
         assert self.transport is not None
         if isinstance(body, bytes) and len(body) <= 16384:
             self.transport.write(head + body)  # one write, one segment, for the usual small request
@@ -454,7 +462,7 @@ class UpstreamResponse(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per (scheme, host, port, may-reach-internal-addresses)."""
+    """Idle keep-alive connections per PoolKey: (scheme, host, port, may-reach-internal-addresses, credential)."""
 
     def __init__(self, *, connect_timeout: float = 10.0, read_timeout: float = 120.0, total_timeout: float = 600.0,
                  resolver: Resolver = system_resolver) -> None:
@@ -465,7 +473,7 @@ class UpstreamPool:
         self._tls: ssl.SSLContext | None = None
         self._tls_loading: asyncio.Lock | None = None
         self._resolve = resolver
-        self._idle: dict[tuple[str, str, int, bool], list[UpstreamResponse]] = {}
+        self._idle: dict[PoolKey, list[UpstreamResponse]] = {}
         self._open: set[UpstreamResponse] = set()
         self._next_sweep = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -478,13 +486,15 @@ class UpstreamPool:
 
     async def request(self, method: str, scheme: str, host: str, port: int, target: str,
                       headers: CIMultiDict[str], body: bytes | AsyncIterator[bytes] | None,
-                      allow_internal: bool, still_current: Callable[[], bool] = lambda: True) -> UpstreamResponse:
+                      allow_internal: bool, credential: str,
+                      still_current: Callable[[], bool] = lambda: True) -> UpstreamResponse:
         """Send one request and return once the answer's headers are in; call `release` after the body.
 
-        `still_current` is asked after a new connection is made (DNS, TCP, TLS: up to the connect timeout),
-        right before the request, which carries the credential, is written to it."""
+        `credential` (the credential's id) is part of the pool key: a connection is reused only for requests
+        that carry the same credential. `still_current` is asked after a new connection is made (DNS, TCP, TLS:
+        up to the connect timeout), right before the request, which carries the credential, is written to it."""
         head, chunked = request_head(method, target, headers, body)
-        key = (scheme, host, port, allow_internal)
+        key = (scheme, host, port, allow_internal, credential)
         conn = self._idle_connection(key)
         replayable = not isinstance(body, AsyncIterator) and method in _IDEMPOTENT
         if conn is not None:
@@ -521,7 +531,7 @@ class UpstreamPool:
             raise
         return conn
 
-    def _idle_connection(self, key: tuple[str, str, int, bool]) -> UpstreamResponse | None:
+    def _idle_connection(self, key: PoolKey) -> UpstreamResponse | None:
         idle = self._idle.get(key)
         now = self.loop.time()
         while idle:
@@ -532,8 +542,8 @@ class UpstreamPool:
             conn.close()
         return None
 
-    async def _connect(self, key: tuple[str, str, int, bool]) -> UpstreamResponse:
-        scheme, host, port, allow_internal = key
+    async def _connect(self, key: PoolKey) -> UpstreamResponse:
+        scheme, host, port, allow_internal, _ = key
         try:
             async with asyncio.timeout(self.connect_timeout):
                 addresses = await self._resolve(host, port)
@@ -555,7 +565,7 @@ class UpstreamPool:
                     self._tls = await self.loop.run_in_executor(None, tls_context)
         return self._tls
 
-    async def _dial(self, key: tuple[str, str, int, bool], addresses: list[str], tls: bool) -> UpstreamResponse:
+    async def _dial(self, key: PoolKey, addresses: list[str], tls: bool) -> UpstreamResponse:
         """Connect to the first checked address that answers."""
         host, port = key[1], key[2]
         failure: UpstreamError = UpstreamError("could not connect to the upstream")

@@ -36,6 +36,12 @@ _FORBIDDEN = {
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # control, format and space characters
 _METADATA_IPS = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 _SPECIAL_NAMES = frozenset({"localhost", "metadata.google.internal"})
+# IPv6 ranges whose last 32 bits are an IPv4 address a translator or tunnel reaches (`ipv4_mapped` and 6to4's
+# `sixtofour` are read separately): NAT64's well-known prefix (RFC 6052) and the deprecated IPv4-compatible ::/96.
+_EMBEDS_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+# Never global, whatever Python's `is_global` says of them: NAT64 for local use (RFC 8215), whose translators embed
+# the IPv4 address at any of several offsets, and the deprecated site-local fec0::/10 (RFC 3879).
+_INTERNAL_V6 = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
 _METADATA_NAMES = frozenset({"metadata.google.internal"})
 # Loopback by name: `localhost` only, which the system answers itself (/etc/hosts, systemd-resolved). The fully
 # qualified `localhost.` is not: glibc sends it to DNS, which may answer with any address, and plain http must
@@ -124,9 +130,17 @@ def _is_special_host(host: str) -> bool:
 
 def is_internal_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Loopback, private, link-local, metadata, multicast or otherwise not globally routable:
-    where a forwarded credential would reach inside the machine or network."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    where a forwarded credential would reach inside the machine or network. An IPv6 address that carries an
+    IPv4 one (mapped, NAT64, 6to4, IPv4-compatible) is internal when that IPv4 address is."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        else:
+            embedded = addr.sixtofour
+            if embedded is None and any(addr in network for network in _EMBEDS_IPV4):
+                embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+            if (embedded is not None and is_internal_ip(embedded)) or any(addr in net for net in _INTERNAL_V6):
+                return True
     return addr in _METADATA_IPS or not addr.is_global or addr.is_multicast
 
 

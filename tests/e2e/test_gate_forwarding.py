@@ -284,6 +284,27 @@ def test_an_unasked_for_101_is_a_broken_upstream(std: Standard) -> None:
         up.stop()
 
 
+def test_pooled_upstream_connections_never_cross_credentials(std: Standard) -> None:
+    """Found by a cold review: the pool was keyed by scheme, host and port, so one credential's connection was
+    reused for another's; against an upstream that ignores a GET's Content-Length (CL.0), a body one agent sent
+    could prefix the next request on it, another credential's included. Now each credential has its own
+    connections, and one that carried a body with a GET is not reused at all."""
+    world, up = std.world, std.up
+    for n in range(2):
+        for service in ("bear", "hdr"):  # two credentials, one upstream entry
+            assert world.call("GET", f"/{service}/echo/pool-{service}-{n}", agent="bot").status == 200
+    bear = {seen.peer for seen in up.requests_to("/echo/pool-bear-")}
+    hdr = {seen.peer for seen in up.requests_to("/echo/pool-hdr-")}
+    assert len(bear) == len(hdr) == 1 and bear != hdr, (bear, hdr)  # reused within a credential, never across
+
+    smuggled = b"GET /smuggled HTTP/1.1\r\nX: "
+    assert world.call("GET", "/bear/echo/pool-get-body", body=smuggled, agent="bot").status == 200
+    assert world.call("GET", "/bear/echo/pool-after-body", agent="bot").status == 200
+    (with_body,), (after,) = up.requests_to("/echo/pool-get-body"), up.requests_to("/echo/pool-after-body")
+    assert with_body.peer in bear and after.peer != with_body.peer
+    world.assert_no_leaks()
+
+
 def test_set_cookie_is_dropped(std: Standard) -> None:
     reply = std.world.call("GET", "/bear/cookie", agent="bot")
     assert reply.status == 200

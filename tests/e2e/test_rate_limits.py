@@ -7,8 +7,10 @@ import json
 import re
 import socket
 import sqlite3
+import struct
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -164,6 +166,88 @@ def test_agent_concurrency_cap() -> None:
         world.aegis.ctl("agent", "set-rate-limit", "busy", "none").ok()  # any agent change rebuilds the table
         with untouched(up):
             world.assert_refused(world.call("GET", "/open/echo/x", agent="calm"), 401, "agent_auth_invalid")
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def _wait_for(done: Callable[[], bool], what: str, seconds: float = 3.0) -> None:
+    """Poll `done` until it holds (short sleeps), or fail naming `what`."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _until_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_an_agent_that_leaves_gives_its_slots_back_at_once_and_a_half_closed_one_is_served() -> None:
+    """The cold review's case: the agent closes its connections while the upstream has not answered; the
+    exchanges are dropped at once (the upstream sees its connections close), recorded `client_disconnected`,
+    and the concurrency slots come back, not when the upstream answers or its timeouts end it. A plain close
+    (a FIN, as most clients close) and a reset; before the answer, and mid-stream. An agent that only
+    half-closes after its request still gets its answer."""
+    world, _ = policy_world(agent_max_concurrency=2)
+    try:
+        up = world.upstream()
+        world.credential("open", OPEN, up.entry())
+        token = world.agent("busy", "open")
+
+        def send(target: str) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", world.port), timeout=10)
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {token}\r\n\r\n".encode())
+            return sock
+
+        closed, reset = send("/open/hang?gate=closed"), send("/open/hang?gate=reset")
+        for name in ("closed", "reset"):
+            assert up.arrived(name).wait(20), "the request never reached the upstream"
+        with untouched(up):
+            assert world.call("GET", "/open/echo/x", agent="busy").status == 429  # both slots held
+        left_at = time.monotonic()
+        closed.close()
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()
+        _wait_for(lambda: up.dropped("closed") and up.dropped("reset"), "the upstream exchanges were not dropped")
+        _wait_for(lambda: world.call("GET", "/open/echo/after", agent="busy").status == 200,
+                  "the slots of the agent's abandoned requests did not come back")
+        assert time.monotonic() - left_at < 3
+        rows = [row for row in world.ledger() if row["path"] == "/hang"]
+        assert sorted((r["decision"], r["reason"], r["status"]) for r in rows) == \
+            [("allowed", "client_disconnected", 0)] * 2, rows
+
+        # Mid-stream: the agent resets its connection while the gate waits for the upstream's next event.
+        sse = send("/open/sse?gate=stream")
+        received = b""
+        while b"data: first" not in received:
+            received += sse.recv(65536)
+        sse.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sse.close()
+        _wait_for(lambda: up.dropped("stream"), "the upstream stream was not dropped")
+        _wait_for(lambda: any(r["path"] == "/sse" for r in world.ledger()), "no row for the dropped stream")
+        (row,) = [r for r in world.ledger() if r["path"] == "/sse"]
+        assert (row["decision"], row["reason"], row["status"]) == ("allowed", "client_disconnected", 200), row
+
+        # A half-close after the whole request is no leaving: the gate's probe (a 100 Continue, which the
+        # client skips) finds the agent still there, and the answer comes when the upstream sends it.
+        half = send("/open/hang?gate=half")
+        assert up.arrived("half").wait(20)
+        half.shutdown(socket.SHUT_WR)
+        probe = b""
+        while len(probe) < 25:
+            probe += half.recv(25 - len(probe))
+        assert probe == b"HTTP/1.1 100 Continue\r\n\r\n"
+        time.sleep(0.3)  # past the probe's first checks of the connection
+        assert not up.dropped("half")
+        up.release("half")
+        answer = _until_eof(half)
+        half.close()
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"too late"), answer
+        world.received.append(answer.decode())
         world.assert_no_leaks()
     finally:
         world.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from aegisd.errors import InvalidArgument
@@ -10,6 +12,7 @@ from aegisd.vault.domains import (
     DomainAllowlist,
     DomainError,
     canonical_target,
+    is_internal_ip,
     is_loopback_host,
     parse_allowed_host,
     target_text,
@@ -208,6 +211,28 @@ def test_ip_and_special_address(text: str, is_ip: bool, special: bool) -> None:
     entry = parse_allowed_host(text)
     assert entry.is_ip is is_ip
     assert entry.is_special_address is special
+
+
+@pytest.mark.parametrize(("address", "internal"), [
+    # NAT64's well-known prefix: internal when the IPv4 address it reaches is; a public one is how NAT64 works
+    ("64:ff9b::a9fe:a9fe", True), ("64:ff9b::169.254.169.254", True), ("64:ff9b::127.0.0.1", True),
+    ("64:ff9b::10.0.0.1", True), ("64:ff9b::8.8.8.8", False),
+    ("64:ff9b:1::808:808", True),  # NAT64 for local use (RFC 8215)
+    # 6to4: the IPv4 address in bits 16-48
+    ("2002:a9fe:a9fe::1", True), ("2002:7f00:1::", True), ("2002:c0a8:101::1", True), ("2002:808:808::1", False),
+    # IPv4-compatible (deprecated)
+    ("::127.0.0.1", True), ("::169.254.169.254", True), ("::10.1.2.3", True), ("::8.8.8.8", False),
+    # site-local (deprecated)
+    ("fec0::1", True), ("feff::1", True),
+    # unchanged: mapped, plain global and internal IPv6
+    ("::ffff:169.254.169.254", True), ("::ffff:8.8.8.8", False), ("2606:4700:4700::1111", False), ("::1", True),
+    ("fd00:ec2::254", True),
+])
+def test_ipv6_addresses_that_embed_an_ipv4_one_are_judged_by_it(address: str, internal: bool) -> None:
+    """Found by a cold review: NAT64, 6to4, IPv4-compatible and site-local addresses counted as global, so a name
+    resolving to 64:ff9b::a9fe:a9fe (169.254.169.254 through a NAT64 gateway) passed the SSRF guard."""
+    assert is_internal_ip(ipaddress.ip_address(address)) is internal
+    assert parse_allowed_host(f"[{address}]").is_special_address is internal
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def pool_resolving_to(*addresses: str) -> tuple[UpstreamPool, list[str]]:
 
 async def get(pool: UpstreamPool, host: str, port: int, path: str, allow_internal: bool) -> tuple[int, bytes]:
     response = await pool.request("GET", "http", host, port, path, CIMultiDict({"Host": f"{host}:{port}"}), None,
-                                  allow_internal=allow_internal)
+                                  allow_internal=allow_internal, credential="c")
     try:
         return response.status, await response.read()
     finally:
@@ -40,7 +40,7 @@ async def get(pool: UpstreamPool, host: str, port: int, path: str, allow_interna
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "100.64.0.1",
-                                     "0.0.0.0"])
+                                     "0.0.0.0", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "::127.0.0.1", "fec0::1"])
 def test_internal_only_answers_are_refused(address: str) -> None:
     pool, asked = pool_resolving_to(address)
     with pytest.raises(AddressNotAllowed) as refused:

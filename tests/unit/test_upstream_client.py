@@ -186,15 +186,16 @@ async def new_pool(read_timeout: float | None = None, total_timeout: float | Non
 
 async def send(pool: UpstreamPool, port: int, method: str = "GET", target: str = "/",
                body: bytes | AsyncIterator[bytes] | None = None,
-               headers: dict[str, str] | None = None) -> UpstreamResponse:
+               headers: dict[str, str] | None = None, credential: str = "cred-a") -> UpstreamResponse:
     fields: CIMultiDict[str] = CIMultiDict({"Host": f"127.0.0.1:{port}", **(headers or {})})
-    return await pool.request(method, "http", "127.0.0.1", port, target, fields, body, allow_internal=True)
+    return await pool.request(method, "http", "127.0.0.1", port, target, fields, body, allow_internal=True,
+                              credential=credential)
 
 
 async def fetch(pool: UpstreamPool, port: int, method: str = "GET", target: str = "/",
                 body: bytes | AsyncIterator[bytes] | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    response = await send(pool, port, method, target, body, headers)
+                headers: dict[str, str] | None = None, credential: str = "cred-a") -> tuple[int, bytes]:
+    response = await send(pool, port, method, target, body, headers, credential)
     try:
         return response.status, await response.read()
     finally:
@@ -218,6 +219,42 @@ def test_sequential_requests_share_one_connection(run: Run) -> None:
             assert await fetch(pool, server.port, target="/second?x=1") == (200, b"answer 2")
             assert len(server.peers) == 1
             assert [r.line for r in server.peers[0].requests] == ["GET / HTTP/1.1", "GET /second?x=1 HTTP/1.1"]
+
+    run(main())
+
+
+def test_a_connection_never_carries_another_credential_s_request(run: Run) -> None:
+    """Found by a cold review: the pool key was (scheme, host, port, allow_internal), so a connection that
+    carried one credential's request was reused for another's, and a desync on it (an upstream ignoring a GET's
+    Content-Length) could prefix that request, its credential included, with bytes the first agent chose."""
+    async def main() -> None:
+        async with RawServer(keep_alive) as server, new_pool() as pool:
+            for credential in ("cred-a", "cred-b", "cred-a", "cred-b"):
+                assert (await fetch(pool, server.port, target=f"/{credential}", credential=credential))[0] == 200
+            assert [[r.line for r in peer.requests] for peer in server.peers] == [
+                ["GET /cred-a HTTP/1.1", "GET /cred-a HTTP/1.1"], ["GET /cred-b HTTP/1.1", "GET /cred-b HTTP/1.1"]]
+
+    run(main())
+
+
+@pytest.mark.parametrize(("method", "streamed"), [("GET", False), ("HEAD", False), ("OPTIONS", False),
+                                                  ("DELETE", False), ("GET", True)])
+def test_a_connection_that_carried_a_body_where_none_is_expected_is_not_reused(run: Run, method: str,
+                                                                               streamed: bool) -> None:
+    """An upstream that ignores the Content-Length of a GET (CL.0) reads its body as the next request's start:
+    the connection is closed after the answer rather than pooled. A POST's body is expected: reused."""
+    async def main() -> None:
+        async with RawServer(keep_alive) as server, new_pool() as pool:
+            body = pieces(b"GET /smuggled HTTP/1.1\r\nX: ") if streamed else b"GET /smuggled HTTP/1.1\r\nX: "
+            response = await send(pool, server.port, method, "/first", body=body)
+            await response.read()
+            response.release()
+            assert await fetch(pool, server.port, target="/second") == (200, b"answer 1")
+            assert await fetch(pool, server.port, "POST", "/third", body=b"a=1") == (200, b"answer 2")
+            assert await fetch(pool, server.port, target="/fourth") == (200, b"answer 3")
+            assert [[r.line for r in peer.requests] for peer in server.peers] == [
+                [f"{method} /first HTTP/1.1"], ["GET /second HTTP/1.1", "POST /third HTTP/1.1", "GET /fourth HTTP/1.1"]]
+            await server.peers[0].eof.wait()
 
     run(main())
 
@@ -1050,7 +1087,7 @@ def test_an_https_upstream_is_verified_and_its_connection_kept(
         async with new_pool() as pool:
             for n in range(2):
                 response = await pool.request("GET", "https", "127.0.0.1", up.port, f"/echo/{n}",
-                                              CIMultiDict({"Host": f"127.0.0.1:{up.port}"}), None, True)
+                                              CIMultiDict({"Host": f"127.0.0.1:{up.port}"}), None, True, "c")
                 try:
                     assert response.status == 200
                     assert f'"n": {n}'.encode() in await response.read()
@@ -1087,7 +1124,7 @@ def test_the_ca_store_is_loaded_at_the_first_tls_connection_and_once(
         async with new_pool() as pool:
             for scheme, up in (("http", plain), ("https", tls), ("https", tls)):
                 response = await pool.request("GET", scheme, "127.0.0.1", up.port, "/echo/x",
-                                              CIMultiDict({"Host": f"127.0.0.1:{up.port}"}), None, True)
+                                              CIMultiDict({"Host": f"127.0.0.1:{up.port}"}), None, True, "c")
                 response.release()
                 assert (pool._tls is None) is (scheme == "http")
             assert pool._tls is not None
@@ -1104,7 +1141,7 @@ def test_an_https_upstream_with_an_unknown_certificate_is_refused(run: Run, tmp_
         async with new_pool() as pool:
             with pytest.raises(UpstreamTLSError) as refused:
                 await pool.request("GET", "https", "127.0.0.1", up.port, "/echo/x",
-                                   CIMultiDict({"Host": f"127.0.0.1:{up.port}"}), None, True)
+                                   CIMultiDict({"Host": f"127.0.0.1:{up.port}"}), None, True, "c")
             assert refused.value.code == "upstream_tls_error"
         assert up.requests == []
 
