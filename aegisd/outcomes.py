@@ -2,9 +2,12 @@
 
 Called once per request, right before its ledger row is written, so it must stay cheap: an
 allowed, unflagged request touches only the counters (and a debug line when debug is on).
-A refusal that names no agent and that the ledger does not itemise (a flood of requests without a
-token, past gate/unauthenticated.py's rate) is only counted: anyone who can reach the gate could
-otherwise fill the log and crowd real alerts out of the webhook queue. Its summary row is the record.
+A refusal that the ledger does not itemise (a flood of requests without a token, or of one agent's
+refusals, past its budget in gate/unauthenticated.py) gets no log line: anyone who can reach the gate,
+or a misbehaving agent, could otherwise fill the log. Its summary row is the record. A tokenless one
+raises no webhook event either, so it cannot crowd real alerts out of the queue; an agent's still does,
+so that a flood cannot hide the alert about the attempt it covers (the dispatcher bounds each agent's
+share of the queue).
 Logged fields are the ledger's own and never include a token, a secret or a query string;
 the service is named only when the routing table knows it, so an agent cannot write
 arbitrary text into the log through the path. The metrics, which anyone who can reach the gate may
@@ -60,8 +63,10 @@ class OutcomeSink:
                       duration_ms=entry.duration_ms)
             if not entry.flags:
                 return
-        elif not itemised:
-            return  # counted in the metrics and in the ledger's unauthenticated_flood summary only
+        elif not itemised:  # counted in the metrics and in the ledger's summary row (a *_flood system row)
+            if entry.agent:
+                self._notify(entry)
+            return
         else:
             event(log, logging.INFO, "request refused", request_id=entry.request_id, agent=entry.agent or "-",
                   service=self._log_name(entry.service), reason=entry.reason, status=entry.status)

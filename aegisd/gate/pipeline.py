@@ -43,7 +43,7 @@ from aegisd.gate.refusal import JSON_CONTENT_TYPE, REQUEST_ID_HEADER, Refusal, s
 from aegisd.gate.response_redaction import ResponseRedactor, ask_redactable, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
 from aegisd.gate.services import granted_services
-from aegisd.gate.unauthenticated import UnauthenticatedRows
+from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, RefusalRows
 from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from aegisd.inspection import Inspector, Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
@@ -131,12 +131,14 @@ class GatePipeline:
         self.draining = False
         self.in_flight = 0
         self._listen_hosts = frozenset({config.gate_host.lower()})
-        self._unauthenticated = UnauthenticatedRows(ledger.append_nowait)
+        self._unauthenticated = RefusalRows(ledger.append_nowait)  # one budget: requests that name no agent
+        self._agent_refusals = RefusalRows(ledger.append_nowait, AGENT_RATE_PER_SECOND, AGENT_BURST)  # one each
 
     def stopped(self) -> None:
         """The gate has stopped and every request is recorded: write what is still pending (the summary of
-        unrecorded unauthenticated refusals) while the ledger is open."""
+        unrecorded refusals) while the ledger is open."""
         self._unauthenticated.flush()
+        self._agent_refusals.flush()
 
     async def handle(self, request: GateRequest) -> None:
         """Answer one request (through `request`) and commit its ledger row."""
@@ -541,9 +543,11 @@ class GatePipeline:
         if not x.path_inspected:  # refused before step 8, or forwarded on a credential whose inspection is off
             self._mask_target(x)
         entry = normalize(x.entry())  # webhooks and logs get the row as stored: capped, never 60 KB paths
-        # A flood of tokenless requests: past the limiter each is only counted (metrics, the summary row), with
-        # no row, log line or webhook event of its own. An agent's request never asks the limiter.
-        itemised = x.agent != "" or x.decision != "denied" or self._unauthenticated.admit()
+        # A flood of refusals, tokenless or one agent's: past its budget each is only counted (metrics, the
+        # summary row), with no row, log line or webhook event of its own. An allowed request never asks, nor
+        # does a refused one that was forwarded (its quota was spent: its agent's rate limit bounds those).
+        itemised = x.decision != "denied" or x.forwarded or (
+            self._agent_refusals if x.agent else self._unauthenticated).admit(x.agent, x.reason)
         if self.outcomes is not None:
             try:
                 self.outcomes.record(entry, x.upstream_s, itemised)  # metrics, refusal log line, webhooks

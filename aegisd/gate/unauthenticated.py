@@ -1,10 +1,13 @@
-"""How many refusals of unauthenticated requests get a ledger row each.
+"""How many refusals get a ledger row each: a budget per agent, and one for requests that name none.
 
-Anyone who can reach the gate can send requests without a token, and each refusal writes a row: an
-unbounded stream of them would fill the disk, and a full disk stops every agent (503
-ledger_unavailable). Past a steady rate, such refusals are counted instead, and one system row
-records how many went unrecorded one by one. Requests of authenticated agents are never counted here:
-their own rate limits bound them, and each keeps its row.
+Anyone who can reach the gate can send requests without a token, and an agent can send requests that are
+refused before its rate limit (not_granted, say) or that its rate limit refuses (429 consumes no quota):
+each refusal writes a row, and an unbounded stream of them would fill the disk, and a full disk stops
+every agent (503 ledger_unavailable). So each agent, and all requests that name no agent together, have
+a budget of rows for their refusals: a burst, then a steady rate. Past it, such refusals are counted
+instead, and one system row per agent (or for the tokenless ones) records how many, and for which
+reasons, went unrecorded one by one; they get no log line or webhook event of their own either
+(outcomes.py). Allowed requests, and refused ones that were forwarded, never ask: each keeps its row.
 """
 
 from __future__ import annotations
@@ -20,51 +23,87 @@ log = logging.getLogger("aegisd.gate")
 
 RATE_PER_SECOND = 100.0  # rows a second for refusals of unauthenticated requests, once the burst is spent
 BURST = 500
+AGENT_RATE_PER_SECOND = 50.0  # rows a second for one agent's refusals, once its burst is spent
+AGENT_BURST = 500
 SUMMARY_AFTER_SECONDS = 1.0  # the summary row follows the first refusal left out by this long
+PRUNE_AT = 64  # budgets held before idle ones (full again, nothing left out) are dropped
 
 
-class UnauthenticatedRows:
-    """A token bucket over the rows of refusals that name no agent, and the summary of those left out."""
+class _Budget:
+    """One agent's bucket (or the tokenless requests'), and the refusals it left out since its last summary."""
+
+    __slots__ = ("at", "left_out", "reasons", "since", "timer", "tokens")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens, self.at = tokens, at
+        self.left_out = 0
+        self.since = 0.0
+        self.reasons: dict[str, int] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class RefusalRows:
+    """Token buckets over the rows of refusals, one per agent named ("" for requests that name none), and the
+    summary of those left out. Only a refusal asks: one dict lookup and a little arithmetic."""
 
     def __init__(self, record: Callable[[LedgerEntry], None], rate: float = RATE_PER_SECOND,
                  burst: int = BURST) -> None:
         self._record = record  # LedgerWriter.append_nowait: the summary is a system row nobody waits on
         self._rate, self._burst = rate, float(burst)
-        self._tokens, self._at = float(burst), time.monotonic()
-        self._left_out = 0
-        self._since = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        # By agent name: a name comes only from a valid token, so there are as many as agents that refuse;
+        # idle ones are dropped as new ones come (a dropped budget is a full one, so nothing changes).
+        self._budgets: dict[str, _Budget] = {}
+        self._prune_at = PRUNE_AT
 
-    def admit(self) -> bool:
-        """Whether this refusal gets its row; if not, it is counted for the next summary row."""
+    def admit(self, agent: str = "", reason: str = "") -> bool:
+        """Whether this refusal gets its row; if not, it is counted for its agent's next summary row."""
         now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        budget = self._budgets.get(agent)
+        if budget is None:
+            budget = self._add(agent, now)
+        budget.tokens = min(self._burst, budget.tokens + (now - budget.at) * self._rate)
+        budget.at = now
+        if budget.tokens >= 1.0:
+            budget.tokens -= 1.0
             return True
-        if not self._left_out:
-            self._since = now
-            self._timer = asyncio.get_running_loop().call_later(SUMMARY_AFTER_SECONDS, self._summarise)
-        self._left_out += 1
+        if not budget.left_out:
+            budget.since = now
+            budget.timer = asyncio.get_running_loop().call_later(SUMMARY_AFTER_SECONDS, self._summarise, agent)
+        budget.left_out += 1
+        budget.reasons[reason] = budget.reasons.get(reason, 0) + 1
         return False
 
-    def flush(self) -> None:
-        """Write the pending summary now rather than when its timer fires: the gate is stopping, and the
-        ledger closes before the timer would."""
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._left_out:
-            self._summarise()
+    def _add(self, agent: str, now: float) -> _Budget:
+        if len(self._budgets) >= self._prune_at:  # amortised: the bound doubles with those still in use
+            refilled = self._burst / self._rate
+            self._budgets = {name: b for name, b in self._budgets.items() if b.left_out or now - b.at < refilled}
+            self._prune_at = max(PRUNE_AT, 2 * len(self._budgets))
+        budget = self._budgets[agent] = _Budget(self._burst, now)
+        return budget
 
-    def _summarise(self) -> None:
-        self._timer = None
-        count, seconds = self._left_out, time.monotonic() - self._since
-        self._left_out = 0
-        detail = (f"{count} refusals of requests without a valid agent token in {seconds:.1f} s were not recorded "
-                  f"one by one (more than {self._rate:g} a second after a burst of {self._burst:g})")
+    def flush(self) -> None:
+        """Write the pending summaries now rather than when their timers fire: the gate is stopping, and the
+        ledger closes before the timers would."""
+        for agent, budget in list(self._budgets.items()):
+            if budget.timer is not None:
+                budget.timer.cancel()
+            self._summarise(agent)
+
+    def _summarise(self, agent: str) -> None:
+        budget = self._budgets.get(agent)
+        if budget is None or not budget.left_out:
+            return
+        budget.timer = None
+        count, seconds = budget.left_out, time.monotonic() - budget.since
+        reasons = ", ".join(f"{reason or 'unknown'} {n}" for reason, n in
+                            sorted(budget.reasons.items(), key=lambda item: (-item[1], item[0])))
+        budget.left_out, budget.reasons = 0, {}
+        whose = f"by agent {agent}" if agent else "without a valid agent token"
+        detail = (f"{count} refusals of requests {whose} in {seconds:.1f} s were not recorded one by one "
+                  f"(more than {self._rate:g} a second after a burst of {self._burst:g}): {reasons}")
         log.warning("%s", detail)
-        try:
-            self._record(LedgerEntry.system(detail, reason="unauthenticated_flood"))
+        try:  # an agent's summary names it, so `ledger show --agent` finds it with the agent's rows
+            self._record(LedgerEntry(kind="system", agent=agent, detail=detail,
+                                     reason="agent_refusal_flood" if agent else "unauthenticated_flood"))
         except LedgerError as exc:  # stopping: the log line above is the record
             log.error("the summary of unrecorded refusals could not be queued: %s", exc)

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from aegisd.gate.unauthenticated import AGENT_BURST
 from tests.e2e.gate_support import GateWorld
 from tests.harness import AEGISCTL, Aegis
 
@@ -64,19 +65,19 @@ def following(aegis: Aegis, *args: str) -> Iterator[Follower]:
         follower.stop()
 
 
-def flood(port: int, targets: list[str], token: str) -> None:
-    """An agent's requests for services it holds no grant of (each refused 403, each a ledger row: an agent's
-    rows are never summarised as a tokenless flood's are), many at once."""
+def flood(port: int, targets: list[str], tokens: list[str]) -> None:
+    """Agents' requests for services they hold no grant of (each refused 403), many at once, the targets dealt
+    out to the agents in turn. Each agent's refusals get a row each only up to its budget (gate/unauthenticated.py):
+    a caller wanting a row for each sends at most AGENT_BURST per agent."""
 
     async def main() -> None:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
-                                         headers={"X-Aegis-Agent": token}) as session:
-            async def one(target: str) -> None:
-                async with session.get(f"http://127.0.0.1:{port}{target}") as resp:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+            async def one(target: str, token: str) -> None:
+                async with session.get(f"http://127.0.0.1:{port}{target}", headers={"X-Aegis-Agent": token}) as resp:
                     await resp.read()
                     assert resp.status == 403
 
-            await asyncio.gather(*(one(target) for target in targets))
+            await asyncio.gather(*(one(target, tokens[n % len(tokens)]) for n, target in enumerate(targets)))
 
     asyncio.run(main())
 
@@ -88,12 +89,12 @@ def test_a_follower_that_falls_behind_is_told_how_many_rows_it_missed() -> None:
     world = GateWorld.start()
     try:
         aegis = world.aegis
-        world.agent("flooder")
-        token = world.tokens["flooder"]
+        # The flood is dealt out to enough agents that each stays within its budget of refusal rows.
+        tokens = [world.agent(f"flooder{n}") for n in range(8000 // AGENT_BURST + 4)]
         with following(aegis, "-n", "0", "--service", "flood") as follower:
             sent: list[str] = []
             for attempt in range(30):  # until the subscription is live (-n 0: nothing to wait for before)
-                flood(world.port, [f"/flood/first{attempt}"], token)
+                flood(world.port, [f"/flood/first{attempt}"], tokens)
                 sent.append(f"/first{attempt}")
                 with suppress(queue.Empty):
                     first = follower.next(timeout=1)["path"]
@@ -109,7 +110,7 @@ def test_a_follower_that_falls_behind_is_told_how_many_rows_it_missed() -> None:
             try:
                 filler = "x" * 2000
                 targets = [f"/flood/{n}/{filler}" for n in range(6000)]
-                flood(world.port, targets + [f"/other/{n}" for n in range(2000)], token)
+                flood(world.port, targets + [f"/other/{n}" for n in range(2000)], tokens)
             finally:
                 os.kill(follower.proc.pid, signal.SIGCONT)
             shown: list[dict[str, Any]] = []

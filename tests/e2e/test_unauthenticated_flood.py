@@ -1,5 +1,6 @@
-"""A flood of requests without a valid token cannot fill the disk through the ledger: past a burst and a
-steady rate their refusals are counted, and one system row says how many, through the real daemon."""
+"""A flood of refusals cannot fill the disk through the ledger, whether of requests without a valid token or
+of one agent's: past a burst and a steady rate (each agent its own) they are counted, and one system row
+says how many, through the real daemon."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import signal
 import socket
 import time
 
-from aegisd.gate.unauthenticated import BURST, RATE_PER_SECOND
-from tests.e2e.gate_support import GateWorld
+from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, BURST, RATE_PER_SECOND
+from tests.e2e.gate_support import GateWorld, shared_standard
 
 FLOOD = 3 * BURST
 
@@ -83,3 +84,80 @@ def test_a_stop_right_after_a_flood_still_writes_its_summary_row() -> None:
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def _pipelined_as(port: int, token: str, targets: list[str]) -> dict[int, int]:
+    """Send a request to each of `targets` as the agent of `token`, on one keep-alive connection at once; how
+    many answers of each status came back."""
+    requests = [f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Aegis-Agent: {token}\r\n\r\n"
+                for target in targets]
+    statuses = (200, 403, 429)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall("".join(requests).encode())
+        received = b""
+        while sum(received.count(f"HTTP/1.1 {s} ".encode()) for s in statuses) < len(targets):
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+    return {s: n for s in statuses if (n := received.count(f"HTTP/1.1 {s} ".encode()))}
+
+
+def test_one_agents_flood_of_refusals_is_summarised_past_its_own_budget() -> None:
+    """Found by a cold review: every refusal that named an agent got its row, log line and webhook event, and
+    not_granted (before the rate limit) or 429 (which spends no quota) cost the agent nothing: one keep-alive
+    connection wrote megabytes of ledger a second until the disk was full. Now each agent's refusals have a
+    budget of rows like the tokenless ones; its allowed requests, and other agents' refusals, keep theirs."""
+    world = shared_standard().world
+    flooder, bystander = "refusal-flooder", "refusal-bystander"
+    world.agent(flooder, "bear")
+    world.agent(bystander)  # no grants: every call refused not_granted
+    ctl = world.aegis.ctl_in_process
+    ctl("agent", "set-rate-limit", flooder, "1/day").ok()
+    assert world.call("GET", "/bear/echo/agentflood-first", agent=flooder).status == 200  # its one allowed
+    flood = 2 * AGENT_BURST
+    targets = [f"/bear/echo/agentflood/{n}" if n % 2 else f"/nosuch-svc/agentflood/{n}" for n in range(flood)]
+    started = time.monotonic()
+    assert _pipelined_as(world.port, world.tokens[flooder], targets) == {429: flood // 2, 403: flood // 2}
+    elapsed = time.monotonic() - started
+    others = [world.call("GET", f"/nosuch-svc/bystander/{n}", agent=bystander) for n in range(20)]
+    assert {r.status for r in others} == {403}
+    ctl("agent", "set-rate-limit", flooder, "none").ok()
+    assert world.call("GET", "/bear/echo/agentflood-after", agent=flooder).status == 200
+
+    def listing() -> list[dict[str, object]]:
+        result = ctl("ledger", "show", "--json", "--limit", "100000", "--agent", flooder).ok()
+        world.aegis.outputs.remove(result.out)  # leak-checked below, with the full listing
+        rows: list[dict[str, object]] = json.loads(result.out)
+        return rows
+
+    deadline = time.monotonic() + 30  # a summary row comes a second after the first refusal it counts
+    while True:
+        rows = listing()
+        refused = [r for r in rows if r["kind"] == "request" and "agentflood/" in str(r["path"])]
+        summaries = [r for r in rows if r["reason"] == "agent_refusal_flood"]
+        left_out = sum(int(str(r["detail"]).split()[0]) for r in summaries)
+        if len(refused) + left_out >= flood or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert summaries, f"no summary row: {len(refused)} of {flood} refusals itemised"
+    assert len(refused) + left_out == flood, (len(refused), left_out)
+    assert AGENT_BURST <= len(refused) <= AGENT_BURST + AGENT_RATE_PER_SECOND * (elapsed + 1), (len(refused), elapsed)
+    for summary in summaries:
+        detail = str(summary["detail"])
+        assert (summary["kind"], summary["agent"]) == ("system", flooder)
+        assert detail.split()[1:6] == ["refusals", "of", "requests", "by", "agent"] and flooder in detail, detail
+        by_reason = dict(part.rsplit(" ", 1) for part in detail.rsplit(": ", 1)[1].split(", "))
+        assert set(by_reason) <= {"not_granted", "rate_limited"} and sum(map(int, by_reason.values())) == int(
+            detail.split()[0]), detail
+    assert {r["reason"] for r in refused} == {"not_granted", "rate_limited"}
+    allowed = [str(r["path"]) for r in rows if r["decision"] == "allowed"]
+    assert sorted(allowed) == ["/echo/agentflood-after", "/echo/agentflood-first"]  # always itemised
+    rows_of_bystander = world.ledger("--agent", bystander)
+    assert sorted(r["request_id"] for r in rows_of_bystander) == sorted(r.request_id for r in others)
+
+    log = world.aegis.log()
+    assert sum(f"agent={flooder} " in line for line in log.splitlines() if "request refused" in line) == len(refused)
+    assert f"refusals of requests by agent {flooder}" in log
+    world.ledger()
+    world.assert_no_leaks()
