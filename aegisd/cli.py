@@ -26,7 +26,8 @@ Environment:
                                             $XDG_RUNTIME_DIR/aegis/aegisd.sock or DATA_DIR/run/aegisd.sock]
   AEGIS_SOCKET_GROUP  group that may use the control socket (mode becomes 0660)
   AEGIS_SOCKET_MODE   socket mode, octal   [default: 0600]
-  AEGIS_GATE_LISTEN   gate address         [default: 127.0.0.1:3100]
+  AEGIS_GATE_LISTEN   gate address         [default: 127.0.0.1:3100]; loopback only unless
+                                           AEGIS_GATE_ALLOW_NON_LOOPBACK=1 ([gate] allow_non_loopback)
   AEGIS_POLICIES_DIR  policy files (*.yaml) [default: none: grants and scopes only]
   AEGIS_UNLOCK_KEY    unlock key for unattended start (CI); prefer a file or systemd credential
 \b

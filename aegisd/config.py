@@ -6,6 +6,7 @@ Defaults follow XDG for a user daemon and the directories systemd hands a servic
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ _TOML_KEYS: dict[str, tuple[str, ...]] = {
     "socket_mode": ("socket_mode",),
     "unlock_key_file": ("unlock_key_file",),
     "gate_listen": ("gate", "listen"),
+    "gate_allow_non_loopback": ("gate", "allow_non_loopback"),
     "connect_timeout": ("gate", "connect_timeout"),
     "read_timeout": ("gate", "read_timeout"),
     "total_timeout": ("gate", "total_timeout"),
@@ -51,6 +53,7 @@ _ENV_KEYS = {
     "socket_group": "AEGIS_SOCKET_GROUP",
     "socket_mode": "AEGIS_SOCKET_MODE",
     "gate_listen": "AEGIS_GATE_LISTEN",
+    "gate_allow_non_loopback": "AEGIS_GATE_ALLOW_NON_LOOPBACK",
     "policies_dir": "AEGIS_POLICIES_DIR",
     "kdf_memory_mib": "AEGIS_KDF_MEMORY_MIB",
     "kdf_iterations": "AEGIS_KDF_ITERATIONS",
@@ -76,9 +79,12 @@ _NUMBERS: dict[str, tuple[float, float, float]] = {
     "kdf_iterations": (3, 2, 64),
 }
 # Numeric settings that count something, so a fraction is a mistake rather than a value to round.
-_WHOLE_NUMBERS = frozenset({"kdf_memory_mib", "kdf_iterations"})
-# On/off settings; only the config file sets them (true/false in TOML).
-_BOOLEANS: dict[str, bool] = {"metrics_enabled": True, "health_enabled": True}
+_WHOLE_NUMBERS = frozenset({"max_body_bytes", "agent_max_concurrency", "max_connections", "webhook_queue_size",
+                            "webhook_workers", "webhook_max_attempts", "kdf_memory_mib", "kdf_iterations"})
+# On/off settings: true/false in TOML; in the environment (where one has a variable) also 1/0, yes/no, on/off.
+_BOOLEANS: dict[str, bool] = {"metrics_enabled": True, "health_enabled": True, "gate_allow_non_loopback": False}
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 # Every setting, by the key the messages name it with (setting_name gives the config file's spelling).
 SETTING_KEYS = tuple(_TOML_KEYS)
 # Config fields named differently from their setting; every other field with a setting has its key's name.
@@ -95,6 +101,7 @@ class Config:
     socket_path: Path
     gate_host: str
     gate_port: int
+    gate_allow_non_loopback: bool = False  # the gate may listen where other machines reach it (warned at start)
     socket_group: str | None = None
     socket_mode: int = 0o600
     unlock_key_file: Path | None = None
@@ -144,8 +151,14 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
 
     data_dir = Path(values["data_dir"]).expanduser() if "data_dir" in values else default_data_dir(env)
     socket_path = Path(values["socket"]).expanduser() if "socket" in values else default_socket(env, data_dir)
-    gate_host, gate_port = parse_listen(str(values.get("gate_listen", DEFAULT_GATE_LISTEN)),
-                                        sources.get("gate_listen", "default"))
+    listen, listen_source = str(values.get("gate_listen", DEFAULT_GATE_LISTEN)), sources.get("gate_listen", "default")
+    gate_host, gate_port = parse_listen(listen, listen_source)
+    booleans = {key: _boolean(key, values.get(key), sources.get(key, "default")) for key in _BOOLEANS}
+    if not booleans["gate_allow_non_loopback"] and not is_loopback_listen(gate_host):
+        raise ConfigError(
+            f"gate listen address {listen!r} (from {listen_source}) is not a loopback address: other machines "
+            "could reach the gate, and agent tokens would cross the network in clear; listen on 127.0.0.1 (or ::1), "
+            "or, to allow it anyway, set [gate] allow_non_loopback = true (or AEGIS_GATE_ALLOW_NON_LOOPBACK=1)")
     socket_group = values.get("socket_group") or None
     socket_mode = _parse_mode(values.get("socket_mode"), socket_group, sources.get("socket_mode", "default"))
     log_format = _choice(values.get("log_format", "human"), LOG_FORMATS, "log format")
@@ -157,6 +170,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         socket_path=socket_path,
         gate_host=gate_host,
         gate_port=gate_port,
+        gate_allow_non_loopback=booleans["gate_allow_non_loopback"],
         socket_group=str(socket_group) if socket_group else None,
         socket_mode=socket_mode,
         unlock_key_file=_path_or_none(values.get("unlock_key_file")),
@@ -168,8 +182,8 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         read_timeout=numbers["read_timeout"],
         total_timeout=numbers["total_timeout"],
         max_body_bytes=int(numbers["max_body_bytes"]),
-        metrics_enabled=bool(values.get("metrics_enabled", _BOOLEANS["metrics_enabled"])),
-        health_enabled=bool(values.get("health_enabled", _BOOLEANS["health_enabled"])),
+        metrics_enabled=booleans["metrics_enabled"],
+        health_enabled=booleans["health_enabled"],
         webhook_queue_size=int(numbers["webhook_queue_size"]),
         webhook_workers=int(numbers["webhook_workers"]),
         webhook_timeout=numbers["webhook_timeout"],
@@ -211,6 +225,31 @@ def parse_listen(text: str, source: str = "default") -> tuple[str, int]:
         raise ConfigError(f"gate listen address {text!r} (from {source}) needs a fixed port: agents must know "
                           "where the gate is")
     return host, int(port_text)
+
+
+def is_loopback_listen(host: str) -> bool:
+    """Whether a gate listening on `host` is reachable from this machine only: `localhost`, 127.0.0.0/8 or ::1.
+    (`0.0.0.0` and `::` listen on every interface.)"""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_warnings(config: Config) -> list[str]:
+    """What the daemon logs at start about settings it accepts but that are probably not what was meant."""
+    warnings = []
+    if not is_loopback_listen(config.gate_host):
+        warnings.append(f"the gate listens on {config.gate_address}, which is not loopback ([gate] allow_non_loopback "
+                        "is set): other machines can reach it, agent tokens cross the network in clear, and "
+                        "/_aegis/metrics and /_aegis/health answer anyone who can connect")
+    if config.socket_group and config.socket_mode & 0o060 != 0o060:
+        warnings.append(f"socket_group {config.socket_group} is set but socket mode {config.socket_mode:04o} does "
+                        "not let the group read and write the control socket, so its members cannot use it; "
+                        "use socket_mode 0660")
+    return warnings
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -285,6 +324,17 @@ def _number(key: str, value: Any, source: str) -> float:
     return number
 
 
+def _boolean(key: str, value: Any, source: str) -> bool:
+    if value is None:
+        return _BOOLEANS[key]
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE_WORDS or text in _FALSE_WORDS:
+        return text in _TRUE_WORDS
+    raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be true or false (or 1 or 0)")
+
+
 def _parse_mode(value: Any, group: Any, source: str) -> int:
     if value in (None, ""):
         return 0o660 if group else 0o600
@@ -292,6 +342,9 @@ def _parse_mode(value: Any, group: Any, source: str) -> int:
         mode = int(str(value), 8)
     except ValueError:
         raise ConfigError(f"socket mode {value!r} (from {source}) must be octal, e.g. 0660") from None
+    if not 0 <= mode <= 0o777:  # setuid, setgid and sticky bits mean nothing on a socket
+        raise ConfigError(f"socket mode {value!r} (from {source}) must be permission bits only, at most 0777 "
+                          "(e.g. 0600 or 0660)")
     if mode & 0o007:
         raise ConfigError(f"socket mode {value!r} (from {source}) must not grant access to other users")
     if mode & 0o600 != 0o600:

@@ -20,7 +20,14 @@ from typing import Any
 
 from aegisd import __version__
 from aegisd.agents import AgentRegistry
-from aegisd.config import UNLOCK_CREDENTIAL_NAME, Config, ConfigError, changed_settings, load_config
+from aegisd.config import (
+    UNLOCK_CREDENTIAL_NAME,
+    Config,
+    ConfigError,
+    changed_settings,
+    load_config,
+    startup_warnings,
+)
 from aegisd.control.server import ControlServer
 from aegisd.doctor import data_dir_mode_problem
 from aegisd.errors import log_safe
@@ -60,13 +67,16 @@ class Daemon:
         self._manager = ServiceManager()
         self._data_lock: int | None = None
         self._policies: PolicyStore | None = None
+        self._vault: Vault | None = None
 
     async def run(self) -> int:
         harden_process()
+        for warning in startup_warnings(self.config):
+            log.warning("%s", warning)
         self._prepare_data_dir()
         store = VaultStore(self.config.data_dir / "vault.db")
         store.open()
-        vault = Vault(store, argon2_settings(self.config.kdf_memory_mib, self.config.kdf_iterations))
+        self._vault = vault = Vault(store, argon2_settings(self.config.kdf_memory_mib, self.config.kdf_iterations))
         ledger = LedgerWriter(self.config.data_dir / "ledger.db")
         try:
             await ledger.start()
@@ -79,6 +89,7 @@ class Daemon:
         routing = RoutingState(vault, runtime.agents)
         vault.add_listener(routing.on_vault_event)
         vault.add_listener(lambda event_name: _key_ledger(vault, ledger, event_name))
+        vault.add_listener(self._vault_status)
         runtime.webhooks = webhooks = Webhooks(self.config, store, vault)
         webhooks.start()
         self._auto_unlock(vault)
@@ -98,7 +109,7 @@ class Daemon:
             control_running = True
             await gate.start()
             self._install_signals()
-            self._manager.ready(self._status_line(runtime))
+            self._manager.ready(self._status_line())
             self._manager.start_watchdog()
             event(log, logging.INFO, "aegisd started", version=__version__, socket=self.config.socket_path,
                   gate=self.config.gate_address, vault=runtime.vault.state)
@@ -125,8 +136,14 @@ class Daemon:
         event(log, logging.INFO, "aegisd stopped")
         return 0
 
-    def _status_line(self, runtime: Runtime) -> str:
-        return f"vault {runtime.vault.state}; gate {self.config.gate_address}"
+    def _status_line(self) -> str:
+        state = self._vault.state if self._vault is not None else "not open"
+        return f"vault {state}; gate {self.config.gate_address}"
+
+    def _vault_status(self, event_name: str) -> None:
+        """Keep systemd's STATUS= (`systemctl status`) on the vault's state as it locks and unlocks."""
+        if event_name in ("locked", "unlocked"):
+            self._manager.status(self._status_line())
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -152,7 +169,7 @@ class Daemon:
             event(log, logging.INFO, "configuration reloaded", log_level=fresh.log_level)
         if self._policies is not None:
             self._policies.request_reload("SIGHUP", policies_dir, change_directory=True)
-        self._manager.reloaded("reloaded")
+        self._manager.reloaded(self._status_line())
 
     def _prepare_data_dir(self) -> None:
         data_dir = self.config.data_dir

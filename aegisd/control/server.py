@@ -66,7 +66,12 @@ class ControlServer:
             self.socket.release()
             raise SocketError(f"cannot listen on {self.socket.path}: {exc}") from None
         await self._server.start()
-        self.socket.secure()
+        try:
+            self.socket.secure()
+        except SocketError:  # not served with the wrong permissions: stop grpc and remove the socket it bound
+            await self._server.stop(0)
+            self.socket.release()
+            raise
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

@@ -45,23 +45,33 @@ class ControlSocket:
                 raise SocketError(f"socket group {self.group!r} does not exist") from None
         self._make_directory(self.path.parent)
         lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise SocketError(f"cannot open the socket's lock file {lock_path}: {exc.strerror}; remove whatever is "
+                              "there or choose another --socket") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise SocketError(f"another aegisd is already serving {self.path}; stop it first "
                               "(or give this one another --socket)") from None
+        except OSError as exc:
+            os.close(fd)
+            raise SocketError(f"cannot lock {lock_path}: {exc.strerror}") from None
         self._lock_fd = fd
         self._clear_stale()
 
     def secure(self) -> None:
         """Apply the configured group and mode to the bound socket, and remember which file it is."""
-        info = os.lstat(self.path)
-        self._bound = (info.st_dev, info.st_ino)
-        if self._gid is not None:  # looked up in prepare(), before anything was bound
-            os.chown(self.path, -1, self._gid)
-        os.chmod(self.path, self.mode)
+        try:
+            info = os.lstat(self.path)
+            self._bound = (info.st_dev, info.st_ino)
+            if self._gid is not None:  # looked up in prepare(), before anything was bound
+                os.chown(self.path, -1, self._gid)
+            os.chmod(self.path, self.mode)
+        except OSError as exc:
+            raise SocketError(f"cannot set the group and mode of {self.path}: {exc.strerror}") from None
 
     def release(self) -> None:
         """Remove the socket this daemon bound, if it is still the one at the path, and drop the lock.

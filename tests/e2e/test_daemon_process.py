@@ -89,7 +89,9 @@ def test_sighup_with_broken_config_keeps_old_settings(fresh: Aegis) -> None:
 
 def test_broken_config_at_start_is_a_usage_error(fresh: Aegis) -> None:
     cases = [("[log\n", "not valid TOML"), ('surprise = "x"\n', "unknown setting"),
-             ('[log]\nlevel = "loud"\n', "log level"), ("socket_mode = 666\n", "must be a string")]
+             ('[log]\nlevel = "loud"\n', "log level"), ("socket_mode = 666\n", "must be a string"),
+             ("[gate]\nmax_connections = 1.5\n", "[gate] max_connections 1.5 (from"),  # was taken as 1
+             ('socket_mode = "7600"\n', "at most 0777")]
     for text, message in cases:
         config = fresh.root / "bad.toml"
         config.write_text(text)
@@ -101,7 +103,8 @@ def test_broken_config_at_start_is_a_usage_error(fresh: Aegis) -> None:
         assert message in fresh.log() and "Traceback" not in fresh.log()
     for args, message in ((("--config", str(fresh.root / "missing.toml")), "does not exist"),
                           (("--gate-listen", "nohost"), "HOST:PORT"),
-                          (("--gate-listen", "127.0.0.1:99999"), "invalid port")):
+                          (("--gate-listen", "127.0.0.1:99999"), "invalid port"),
+                          (("--gate-listen", "0.0.0.0:3100"), "[gate] allow_non_loopback = true")):
         fresh.log_path.unlink(missing_ok=True)
         fresh.start(*args, wait=False)
         assert fresh.proc is not None
@@ -214,9 +217,24 @@ def test_systemd_notify_protocol(fresh: Aegis) -> None:
         ready_index = listener.texts().index(ready)
         assert all(t != "WATCHDOG=1" for t in listener.texts()[:ready_index])  # READY first
 
+        # STATUS= follows the vault as it is initialised, locked and unlocked, and a reload keeps it.
+        def statuses() -> list[str]:
+            return [line[len("STATUS="):] for t in listener.texts() for line in t.splitlines()
+                    if line.startswith("STATUS=")]
+
+        fresh.init()
+        assert wait_for(lambda: statuses()[-1].startswith("vault unlocked; gate ")), statuses()
+        fresh.ctl("lock").ok()
+        assert wait_for(lambda: statuses()[-1].startswith("vault locked; gate ")), statuses()
+        fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        assert wait_for(lambda: statuses()[-1].startswith("vault unlocked; gate ")), statuses()
+
         send(fresh, signal.SIGHUP)
         assert wait_for(lambda: any("RELOADING=1" in t for t in listener.texts()))
-        assert status(fresh)["state"] == "uninitialized"
+        assert wait_for(lambda: sum("READY=1" in t for t in listener.texts()) == 2)
+        reloaded = [t for t in listener.texts() if "READY=1" in t][-1]
+        assert f"STATUS=vault unlocked; gate 127.0.0.1:{fresh.gate_port}" in reloaded.splitlines(), reloaded
+        assert status(fresh)["state"] == "unlocked"
 
         assert fresh.stop(signal.SIGTERM) == 0
         texts = listener.texts()

@@ -251,6 +251,17 @@ def test_failed_start_does_not_remove_another_process_live_socket(fresh: Aegis) 
         other.close()
 
 
+def test_an_unusable_lock_file_is_one_clear_error(fresh: Aegis) -> None:
+    """Found by a review: a directory at the socket's lock path ended the start in an IsADirectoryError traceback."""
+    fresh.socket.parent.mkdir(mode=0o700)
+    lock = fresh.socket.with_name(fresh.socket.name + ".lock")
+    lock.mkdir()
+    log = start_fails(fresh)  # exit 1, no traceback
+    errors = [line for line in log.splitlines() if line.startswith("aegisd: error:")]
+    assert errors == [f"aegisd: error: cannot open the socket's lock file {lock}: Is a directory; remove whatever "
+                      "is there or choose another --socket"], log
+    assert not fresh.socket.exists() and lock.is_dir()
+
 
 def test_start_refuses_at_once_a_live_socket_whose_backlog_is_full(fresh: Aegis) -> None:
     """A server at the socket path that accepts nothing: probing it must not block aegisd's start forever."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aegisd.config import Config, ConfigError, load_config
+from aegisd.config import Config, ConfigError, load_config, startup_warnings
 
 
 def _load(tmp_path: Path, text: str) -> Config:
@@ -69,3 +69,63 @@ def test_events_without_a_token_always_have_a_place_in_the_webhook_queue(tmp_pat
     dispatcher = Dispatcher(_load(tmp_path, f"[webhooks]\nqueue_size = {size}\n"))
     target = Target("w1", "https://hooks.example.com/x", frozenset({"agent_auth_failure"}), b"k" * 32)
     assert dispatcher._hold(Delivery(target, "agent_auth_failure", {}, unauthenticated=True))
+
+
+@pytest.mark.parametrize(("section", "key", "field", "whole"), [
+    ("gate", "max_body_bytes", "max_body_bytes", 2048), ("gate", "agent_max_concurrency", "agent_max_concurrency", 2),
+    ("gate", "max_connections", "max_connections", 2), ("webhooks", "queue_size", "webhook_queue_size", 2),
+    ("webhooks", "workers", "webhook_workers", 2), ("webhooks", "max_attempts", "webhook_max_attempts", 2),
+])
+def test_a_fraction_for_a_count_is_refused(tmp_path: Path, section: str, key: str, field: str, whole: int) -> None:
+    """Found by a review: `max_connections = 1.9` became 1 without a word."""
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key} {whole - 0.1} \(from .*\) must be a whole number"):
+        _load(tmp_path, f"[{section}]\n{key} = {whole - 0.1}\n")
+    assert getattr(_load(tmp_path, f"[{section}]\n{key} = {whole}\n"), field) == whole
+    assert getattr(_load(tmp_path, f"[{section}]\n{key} = {whole}.0\n"), field) == whole  # 2.0 is a whole number
+
+
+@pytest.mark.parametrize("mode", ["7600", "4660", "1600", "2600", "-600", "10600"])
+def test_socket_mode_is_permission_bits_only(tmp_path: Path, mode: str) -> None:
+    with pytest.raises(ConfigError, match=f"socket mode '{mode}' .* at most 0777"):
+        _load(tmp_path, f'socket_mode = "{mode}"\n')
+
+
+def test_socket_group_without_group_read_write_is_warned_about(tmp_path: Path) -> None:
+    group = '\nsocket_group = "users"\n'
+    assert startup_warnings(_load(tmp_path, group)) == []  # 0660 by default with a group
+    assert startup_warnings(_load(tmp_path, 'socket_mode = "0660"' + group)) == []
+    assert startup_warnings(_load(tmp_path, 'socket_mode = "0640"\n')) == []  # no group: nothing to warn about
+    for mode in ("0600", "0640"):
+        (warning,) = startup_warnings(_load(tmp_path, f'socket_mode = "{mode}"' + group))
+        assert f"socket_group users is set but socket mode {mode}" in warning and "0660" in warning
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:3100", "[::]:3100", "192.168.1.10:3100", "example.com:3100",
+                                    "localhost.:3100", "[::ffff:127.0.0.1]:3100"])
+def test_a_gate_address_off_loopback_needs_the_opt_in(tmp_path: Path, listen: str) -> None:
+    """Found by a review: AEGIS_GATE_LISTEN=0.0.0.0:PORT was accepted without a word."""
+    env = {"AEGIS_DATA_DIR": str(tmp_path), "AEGIS_GATE_LISTEN": listen}
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, env=env)
+    message = str(caught.value)
+    assert f"{listen!r} (from AEGIS_GATE_LISTEN) is not a loopback address" in message
+    assert "[gate] allow_non_loopback = true" in message and "AEGIS_GATE_ALLOW_NON_LOOPBACK=1" in message
+    for opt_in in ({"AEGIS_GATE_ALLOW_NON_LOOPBACK": "1"}, {"AEGIS_GATE_ALLOW_NON_LOOPBACK": "TRUE"}):
+        config = load_config({}, env={**env, **opt_in})
+        assert config.gate_allow_non_loopback is True
+        (warning,) = startup_warnings(config)
+        assert "not loopback" in warning and config.gate_address in warning
+    path = tmp_path / "aegisd.toml"
+    path.write_text("[gate]\nallow_non_loopback = true\n")
+    assert load_config({"config": str(path)}, env=env).gate_allow_non_loopback is True
+    with pytest.raises(ConfigError, match="must be true or false"):  # no opt-in by a typo
+        load_config({}, env={**env, "AEGIS_GATE_ALLOW_NON_LOOPBACK": "sure"})
+    with pytest.raises(ConfigError, match="not a loopback address"):  # "0" is no opt-in
+        load_config({}, env={**env, "AEGIS_GATE_ALLOW_NON_LOOPBACK": "0"})
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:3100", "127.1.2.3:3100", "[::1]:3100", "localhost:3100",
+                                    "LocalHost:3100"])
+def test_loopback_gate_addresses_need_no_opt_in(tmp_path: Path, listen: str) -> None:
+    config = load_config({}, env={"AEGIS_DATA_DIR": str(tmp_path), "AEGIS_GATE_LISTEN": listen})
+    assert config.gate_allow_non_loopback is False and startup_warnings(config) == []
