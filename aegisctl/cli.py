@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import sys
 
 import click
@@ -92,4 +93,49 @@ def root(ctx: click.Context, socket_flag: str | None, config: str | None) -> Non
 
 
 def main() -> None:
+    _tolerant_output()
+    try:
+        _check_argv(sys.argv[1:])
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
     root()
+
+
+def _tolerant_output() -> None:
+    """Characters the output's encoding cannot hold (a ledger row's `€` under PYTHONIOENCODING=latin-1, say)
+    printed as \\u20ac-style escapes rather than failing the command with a traceback. click.echo writes to
+    these same streams (click wraps one only when its encoding is ASCII, and then with errors="replace")."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _check_argv(args: list[str]) -> None:
+    """Every argument must be UTF-8 text, as everything aegisctl sends is: checked before anything is read
+    (a secret on stdin) or sent. Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape),
+    which no UTF-8 encoder takes. The error names where the argument is, never what it holds: it may be a
+    secret typed where it does not belong."""
+    for position, arg in enumerate(args, 1):
+        if not _utf8(arg):
+            raise click.UsageError(f"{_where(args, position)} is not UTF-8 text (nothing was sent)")
+
+
+def _where(args: list[str], position: int) -> str:
+    """"the value of --opt" when the argument is an option's value, else "argument N" (counted after aegisctl)."""
+    arg = args[position - 1]
+    option, equals, _ = arg.partition("=")
+    if arg.startswith("--") and equals and _utf8(option):
+        return f"the value of {option} (argument {position})"
+    previous = args[position - 2] if position > 1 else ""
+    if previous.startswith("-") and previous != "--" and not arg.startswith("-") and _utf8(previous):
+        return f"argument {position} (after {previous})"
+    return f"argument {position}"
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -24,7 +24,13 @@ def stdin_line(what: str, flag: str) -> str:
 
     Read as bytes and decoded as UTF-8 here, whatever the locale or PYTHONIOENCODING says: decoded in another
     encoding, the same bytes would be a different passphrase or secret, sent without a word. A line that is
-    not UTF-8 ends here, before anything is sent."""
+    not UTF-8 ends here, before anything is sent.
+
+    When stdin is a terminal (the flag given by hand, or a script run by hand), the line would be typed with
+    the terminal's echo on, on screen for anyone to see and in the scrollback: it is asked for at a hidden
+    prompt instead, as without the flag."""
+    if _on_terminal():
+        return _hidden_prompt(what, flag)
     not_utf8 = f"{flag}: standard input is not UTF-8 text; aegisctl reads it as UTF-8 (nothing was sent)"
     raw = _stdin_bytes().readline()
     try:
@@ -42,22 +48,30 @@ def _stdin_bytes() -> BinaryIO:
     return stream if stream is not None else io.BytesIO()
 
 
+def _on_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _hidden_prompt(what: str, flag: str, confirm: bool = False) -> str:
+    """The value typed at a prompt that does not echo it (confirmed by a second entry with `confirm`)."""
+    if not _on_terminal():
+        raise click.UsageError(f"no terminal to prompt for the {what} on; pipe it in with {flag}")
+    try:
+        value = str(click.prompt(what[:1].upper() + what[1:], hide_input=True,
+                                 confirmation_prompt=confirm and "Repeat to confirm", show_default=False))
+        value.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise click.UsageError(f"the {what} typed is not UTF-8 text; set the terminal to UTF-8, or pipe it "
+                               f"in with {flag} (nothing was sent)") from None
+    return value
+
+
 def read_secret(what: str, from_stdin: bool, *, confirm: bool = False, flag: str = "--secret-stdin",
                 max_bytes: int | None = None) -> str:
-    """The secret from stdin's first line (scripts) or a hidden prompt (people); with `max_bytes`, one
-    longer than that (UTF-8) is refused before it is sent, with a message that never quotes it."""
-    if from_stdin:
-        value = stdin_line(what, flag)
-    else:
-        if not sys.stdin.isatty():
-            raise click.UsageError(f"no terminal to prompt for the {what} on; pipe it in with {flag}")
-        try:
-            value = str(click.prompt(what.capitalize(), hide_input=True,
-                                     confirmation_prompt=confirm and "Repeat to confirm", show_default=False))
-            value.encode("utf-8")
-        except (UnicodeDecodeError, UnicodeEncodeError):
-            raise click.UsageError(f"the {what} typed is not UTF-8 text; set the terminal to UTF-8, or pipe it "
-                                   f"in with {flag} (nothing was sent)") from None
+    """The secret from stdin's first line (scripts) or a hidden prompt (people, and a *-stdin flag whose stdin is
+    a terminal); with `max_bytes`, one longer than that (UTF-8) is refused before it is sent, with a message
+    that never quotes it."""
+    value = stdin_line(what, flag) if from_stdin and not _on_terminal() else _hidden_prompt(what, flag, confirm)
     if max_bytes is not None and len(value.encode()) > max_bytes:
         raise ClientError(f"the secret is longer than {max_bytes} bytes", reason="invalid_argument")
     return value

@@ -25,8 +25,10 @@ from aegisctl.private_file import private_output, sync_directory
 
 # Refusals aegisd makes before it changes anything: only after one of these does the new key open nothing.
 # Any other failure (no answer, the daemon gone, an internal error) may have come after the change.
+# vault_changed: the vault changed while the passphrase was checked, so aegisd changed nothing (VaultChanged);
+# key_slot_damaged: no key slot could be read, so none was opened, let alone replaced.
 REFUSED_BEFORE_CHANGE = frozenset({"invalid_argument", "wrong_passphrase", "vault_exists", "vault_uninitialized",
-                                   "unimplemented", "passphrase_required"})
+                                   "unimplemented", "passphrase_required", "vault_changed", "key_slot_damaged"})
 # The form aegisd takes and checks (aegisd/vault/unlock_key_format.py; the proto's ReplaceUnlockKeyRequest).
 UNLOCK_KEY_PREFIX, KEY_BYTES = "aegis-unlock-", 32
 T = TypeVar("T")

@@ -6,12 +6,14 @@ only thing on stdout, so `TOKEN=$(aegisctl agent add NAME)` captures it.
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 import click
 
 from aegisctl import integrity, output
 from aegisctl.context import Context, pass_context
+from aegisctl.rate_limits import RateLimit
 from aegisctl.secrets_input import confirm_destructive
 from aegisd.api.aegis.v1 import agents_pb2 as pb
 
@@ -38,10 +40,11 @@ def _integrity_notes(agents: list[dict[str, Any]]) -> list[str]:
         note = integrity.problem("agent", a, "the gate refuses its token")
         if note is not None:
             notes.append(note)
-        elif a["ignored_grants"]:
-            notes.append(f"agent {a['name']}: the gate ignores its grants of {', '.join(a['ignored_grants'])} "
-                         f"(their rows fail authentication); revoke each (`aegisctl revoke {a['name']} CREDENTIAL`) "
-                         "and grant it again if it is meant")
+        elif a["ignored_grants"]:  # credential names from rows that fail authentication: anything at all
+            notes.append(output.printable(
+                f"agent {a['name']}: the gate ignores its grants of {', '.join(a['ignored_grants'])} (their rows "
+                f"fail authentication); revoke each (`aegisctl revoke {shlex.quote(str(a['name']))} CREDENTIAL`) "
+                "and grant it again if it is meant"))
     return notes
 
 
@@ -86,7 +89,7 @@ def list_(ctx: Context, as_json: bool) -> None:
                  [[a["name"], ",".join(a["credentials"]), a["created_at"], a["rotated_at"],
                    integrity.text(a["integrity"])] for a in agents])
     for note in _integrity_notes(agents):
-        click.echo(note, err=True)
+        click.echo(output.printable(note), err=True)
 
 
 @command.command("show")
@@ -105,7 +108,7 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
         ("rate limit", a["rate_limit"] or "none"), ("integrity", integrity.text(a["integrity"])),
     ])
     for note in _integrity_notes([a]):
-        click.echo(note, err=True)
+        click.echo(output.printable(note), err=True)
 
 
 @command.command("remove")
@@ -137,7 +140,7 @@ def regenerate(ctx: Context, name: str, as_json: bool) -> None:
 
 @command.command("set-rate-limit")
 @click.argument("name")
-@click.argument("rate", metavar="RATE|none")
+@click.argument("rate", type=RateLimit(), metavar="RATE|none")
 @pass_context
 def set_rate_limit(ctx: Context, name: str, rate: str) -> None:
     """Limit agent NAME across all its credentials to RATE (N/sec, N/min, N/hour or N/day), or `none`.
@@ -146,7 +149,6 @@ def set_rate_limit(ctx: Context, name: str, rate: str) -> None:
     a request refused by any of them gets 429 and uses up none of the others.
     """
     client = ctx.client
-    value = "" if rate.strip().lower() == "none" else rate
-    reply = client.call(client.agents.SetRateLimit, pb.SetAgentRateLimitRequest(name=name, rate_limit=value))
+    reply = client.call(client.agents.SetRateLimit, pb.SetAgentRateLimitRequest(name=name, rate_limit=rate))
     shown = reply.agent.rate_limit or "none"
     click.echo(f"Agent {name!r} rate limit: {shown}.")

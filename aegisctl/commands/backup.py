@@ -22,12 +22,13 @@ from aegisd.api.aegis.v1 import backup_pb2 as pb
 
 
 def _summary(manifest: dict[str, object]) -> str:
+    """The manifest in words, printable: it is the file's, and a crafted one may hold terminal escapes."""
     counts = manifest.get("counts")
     counts = counts if isinstance(counts, dict) else {}
     when = _when(manifest.get("created_ms"))
-    return (f"vault {manifest.get('vault_id')} taken {when}: {counts.get('credentials', '?')} credentials, "
-            f"{counts.get('agents', '?')} agents, {counts.get('grants', '?')} grants, "
-            f"{counts.get('ledger_rows', '?')} ledger rows")
+    return output.printable(f"vault {manifest.get('vault_id')} taken {when}: {counts.get('credentials', '?')} "
+                            f"credentials, {counts.get('agents', '?')} agents, {counts.get('grants', '?')} grants, "
+                            f"{counts.get('ledger_rows', '?')} ledger rows")
 
 
 def _when(created: object) -> str:
@@ -64,7 +65,8 @@ def backup(ctx: Context, file: Path, as_json: bool) -> None:
     if as_json:
         output.emit_json({"file": str(file), **manifest})
     else:
-        click.echo(f"Backup written to {file} ({file.stat().st_size} bytes): {_summary(manifest)}.")
+        written = output.printable(f"Backup written to {file} ({file.stat().st_size} bytes)")
+        click.echo(f"{written}: {_summary(manifest)}.")
 
 
 @click.command("restore")
@@ -90,7 +92,8 @@ def restore(ctx: Context, file: Path, yes: bool, passphrase_stdin: bool) -> None
                           "run `aegisctl lock`, then `aegisctl restore` again", "vault_unlocked")
     other_vault = state != "uninitialized" and manifest.get("vault_id") != status.vault_id
     what = "another vault's backup, " if other_vault else "the backup of "
-    confirm_destructive(f"Replace the vault and ledger in {status.data_dir} with {what}{_summary(manifest)}?", yes)
+    confirm_destructive(output.printable(f"Replace the vault and ledger in {status.data_dir} with {what}")
+                        + f"{_summary(manifest)}?", yes)
     passphrase = (read_secret("passphrase of the vault in place", passphrase_stdin, flag="--passphrase-stdin")
                   if other_vault else "")
 
@@ -102,8 +105,9 @@ def restore(ctx: Context, file: Path, yes: bool, passphrase_stdin: bool) -> None
                 first = False
 
     reply = client.call(client.backup.Restore, chunks(), timeout=3600)
-    click.echo(f"Restored vault {reply.vault_id} (backup taken {_when(reply.created_ms)}): "
-               f"{reply.credentials} credentials, {reply.agents} agents, {reply.ledger_rows} ledger rows.")
+    click.echo(output.printable(f"Restored vault {reply.vault_id} (backup taken {_when(reply.created_ms)}): "
+                                f"{reply.credentials} credentials, {reply.agents} agents, {reply.ledger_rows} ledger "
+                                "rows."))
     if reply.kept_key_slots:
         click.echo("The vault is locked: it kept its current passphrase and unlock keys (`aegisctl unlock`).")
     else:

@@ -14,11 +14,18 @@ import click
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aegisctl import output
+from aegisctl.client import ClientError
 from aegisctl.context import Context, pass_context
 from aegisctl.timespec import TimeSpec
 from aegisd.api.aegis.v1 import policy_pb2 as pb
 
 SUFFIXES = (".yaml", ".yml")
+# aegisd's limit on one policy file (MAX_POLICY_BYTES in aegisd/policy/parse.py; aegisctl imports only the API
+# stubs from aegisd): a larger file is refused here, before it is read whole or sent.
+MAX_POLICY_BYTES = 1024 * 1024
+# The largest request aegisd's control server takes: gRPC's default receive limit, which it keeps. All files
+# go in one request, so that aegisd checks them together (two files for one agent must agree).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 def issue_json(i: pb.PolicyIssue) -> dict[str, Any]:
@@ -73,11 +80,23 @@ def _sources(paths: tuple[str, ...]) -> list[pb.PolicySource]:
                 # A name that is not UTF-8 (bytes Python decoded with surrogateescape) cannot be sent as it is:
                 # its undecodable bytes go as \xNN, as aegisctl shows other unprintable characters.
                 name = str(item).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                sources.append(pb.PolicySource(name=name, content=item.read_bytes()))
+                with item.open("rb") as fh:
+                    content = fh.read(MAX_POLICY_BYTES + 1)
             except OSError as exc:
                 raise click.UsageError(output.printable(f"cannot read {item}: {exc.strerror}")) from None
+            if len(content) > MAX_POLICY_BYTES:
+                raise ClientError(output.printable(f"{item} is larger than {MAX_POLICY_BYTES // 1024} KiB, aegisd's "
+                                                   "limit for a policy file; nothing was sent"),
+                                  "make it smaller, or split its rules across files", "invalid_argument")
+            sources.append(pb.PolicySource(name=name, content=content))
     if not sources:
         raise click.UsageError("no policy files (*.yaml, *.yml) in the paths given")
+    size = pb.ValidatePoliciesRequest(files=sources).ByteSize()
+    if size > MAX_REQUEST_BYTES:
+        raise ClientError(f"the {len(sources)} policy files come to {size // 1024} KiB, more than the "
+                          f"{MAX_REQUEST_BYTES // 1024} KiB one request to aegisd can carry; nothing was sent",
+                          "validate them in smaller groups (the files naming one agent in the same group)",
+                          "invalid_argument")
     return sources
 
 

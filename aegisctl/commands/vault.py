@@ -10,6 +10,7 @@ import click
 from aegisctl import integrity, output
 from aegisctl.context import Context, pass_context
 from aegisctl.durations import Duration
+from aegisctl.rate_limits import RateLimit
 from aegisctl.secrets_input import MAX_SECRET_BYTES, confirm_destructive, read_secret
 from aegisd.api.aegis.v1 import credentials_pb2 as pb
 from aegisd.api.aegis.v1 import vault_pb2
@@ -83,7 +84,8 @@ def inspection_option(on_add: bool) -> Callable[[Callable[..., Any]], Callable[.
 
 header_option = click.option("--header-name", metavar="H", help="Header for --auth-type header (e.g. X-Api-Key).")
 query_option = click.option("--query-param", metavar="P", help="Query parameter for --auth-type query.")
-rate_option = click.option("--rate-limit", metavar="N/UNIT", help="e.g. 100/min; units sec, min, hour, day.")
+rate_option = click.option("--rate-limit", type=RateLimit(), metavar="N/UNIT",
+                           help="e.g. 100/min; units sec, min, hour, day; 'none' for no limit [default: none].")
 plain_http_option = click.option(
     "--allow-plain-http", is_flag=True,
     help="Accept http:// entries to hosts other than loopback: the secret then crosses the network unencrypted.")
@@ -148,7 +150,7 @@ def list_(ctx: Context, as_json: bool) -> None:
                  [[c["name"], c["service"], ",".join(c["domains"]), c["auth_type"], ",".join(c["scopes"]),
                    _expiry_text(c), c["body_inspection"], integrity.text(c["integrity"])] for c in creds])
     for note in _integrity_notes(creds):
-        click.echo(note, err=True)
+        click.echo(output.printable(note), err=True)
 
 
 @command.command("show")
@@ -170,7 +172,7 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
         ("integrity", integrity.text(c["integrity"])),
     ])
     for note in _integrity_notes([c]):
-        click.echo(note, err=True)
+        click.echo(output.printable(note), err=True)
 
 
 @command.command("update")
@@ -184,7 +186,7 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
 @scopes_option(on_add=False)
 @click.option("--ttl", type=Duration(), help="Expire this long from now (45s, 30m, 12h, 90d, 2w); 'never' clears "
               "the expiry.")
-@click.option("--rate-limit", metavar="N/UNIT", help="e.g. 100/min; 'none' clears the limit.")
+@click.option("--rate-limit", type=RateLimit(), metavar="N/UNIT", help="e.g. 100/min; 'none' clears the limit.")
 @inspection_option(on_add=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the updated credential as JSON.")
 @pass_context
@@ -210,7 +212,7 @@ def update(ctx: Context, name: str, service: str | None, domains: str | None, al
     if ttl is not None:
         request.ttl_seconds = ttl
     if rate_limit is not None:
-        request.rate_limit = "" if rate_limit.lower() == "none" else rate_limit
+        request.rate_limit = rate_limit  # "" for `none`: clear it
     if body_inspection is not None:
         request.body_inspection = INSPECTION[body_inspection]
     client = ctx.client

@@ -111,9 +111,10 @@ def remove(ctx: Context, webhook_id: str, yes: bool) -> None:
     found = [w for w in hooks if w.id == webhook_id]
     if not found:  # fail on a wrong id before asking
         raise ClientError(f"no webhook with id {webhook_id!r}", HINTS["webhook_not_found"], "webhook_not_found")
-    confirm_destructive(f"Remove webhook {webhook_id} ({found[0].origin})?", yes)
+    # The stored origin is the row's: printable, as a row edited into vault.db may hold terminal escapes.
+    confirm_destructive(output.printable(f"Remove webhook {webhook_id} ({found[0].origin})?"), yes)
     reply = client.call(client.webhooks.RemoveWebhook, pb.RemoveWebhookRequest(id=webhook_id))
-    click.echo(f"Removed webhook {reply.webhook.id} ({output.printable(reply.webhook.origin)}).")
+    click.echo(output.printable(f"Removed webhook {reply.webhook.id} ({reply.webhook.origin})."))
 
 
 @command.command("test")

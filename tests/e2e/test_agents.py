@@ -160,6 +160,12 @@ def test_unknown_names_fail_clearly(unlocked: Aegis) -> None:
         assert "Traceback" not in result.err
     usage = aegis.ctl("grant", "claude")
     assert usage.code == 2
+    # Found by a cold review: an empty rate (an unset shell variable) removed the agent's limit, with success.
+    aegis.ctl_in_process("agent", "set-rate-limit", "claude", "10/min").ok()
+    for blank in ("", " "):
+        refused = aegis.ctl_in_process("agent", "set-rate-limit", "claude", blank)
+        assert refused.code == 2 and "or 'none' for no limit (nothing was sent)" in refused.err, refused
+    assert json.loads(aegis.ctl_in_process("agent", "show", "claude", "--json").ok().out)["rate_limit"] == "10/min"
 
 
 def test_locked_vault_refuses_agent_changes(unlocked: Aegis) -> None:

@@ -228,6 +228,16 @@ def test_restore_refuses_and_changes_nothing(world: GateWorld) -> None:
     garbage = aegis.root / "garbage.backup"
     garbage.write_bytes(b"not a tar at all" * 1000)
     assert_failed(aegis.ctl("restore", str(garbage), "--yes"), "not a complete Aegis backup")
+    # Found by a cold review: the manifest's fields went raw into restore's question (and into the usage error
+    # that asks for --yes without a terminal), so a crafted backup could send escapes to the terminal.
+    crafted = aegis.root / "crafted.backup"
+    crafted.write_bytes(make_tar(with_manifest_for(parts, vault_id="v\x1b]0;pwned\x07\x1b[2J",
+                                                   counts={"credentials": "\x9b1m"})))
+    asked = aegis.ctl_in_process("restore", str(crafted))
+    assert_failed(asked, "--yes", code=2)
+    assert not {"\x1b", "\x07", "\x9b"} & set(asked.err), asked.err
+    assert r"another vault's backup, vault v\x1b]0;pwned\x07\x1b[2J taken" in asked.err
+    assert r"\x9b1m credentials" in asked.err
 
     after = (status(aegis), listing(aegis, "vault", "list"), listing(aegis, "agent", "list"),
              listing(aegis, "ledger", "show", "--limit", "100000"))

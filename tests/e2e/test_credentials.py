@@ -86,9 +86,9 @@ def test_every_add_flag(unlocked: Aegis) -> None:
     assert query["scopes"] == ["*"]
     assert query["rate_limit"] == "1000/day"
 
-    bearer = json.loads(unlocked.ctl(*add("slack", "--auth-type", "bearer", "--ttl", "never", "--json"),
-                                     input="xoxb-bearer-secret-77\n").ok().out)
-    assert bearer["auth_type"] == "bearer" and bearer["expires_at"] is None
+    bearer = json.loads(unlocked.ctl(*add("slack", "--auth-type", "bearer", "--ttl", "never", "--rate-limit",
+                                          "none", "--json"), input="xoxb-bearer-secret-77\n").ok().out)
+    assert bearer["auth_type"] == "bearer" and bearer["expires_at"] is None and bearer["rate_limit"] is None
     assert status(unlocked)["credentials"] == 4
     unlocked.assert_no_leaks([PASSPHRASE, "sk-header-secret-000111", "bot:basic-pass-424242", "AIzaQuerySecret555",
                               "xoxb-bearer-secret-77"])
@@ -181,6 +181,7 @@ def test_usage_errors_exit_2(shared: Aegis) -> None:
         ("--ttl", "0d"), ("--ttl", "0"),  # no time at all: never silently "never expires"
         ("--secret", SECRET), ("--no-such-flag",),
         ("--scopes", ","), ("--scopes", ""),  # empty must not silently mean every scope
+        ("--rate-limit", ""), ("--rate-limit", " "),  # an unset $RATE is not "no limit": that is `none`
     ]], code=2)
 
 
@@ -273,7 +274,11 @@ def test_update_changes_metadata_and_keeps_rules(unlocked: Aegis) -> None:
     assert "Updated" in unlocked.ctl("vault", "update", "api", "--scopes", "*").ok().out
 
     # Refusals leave the credential as it was.
+    unlocked.ctl_in_process("vault", "update", "api", "--rate-limit", "10/min").ok()
     before = show(unlocked, "api")
+    for blank in ("", "  "):  # found by a cold review: an unset shell variable removed the limit, with success
+        assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--rate-limit", blank),
+                      "rate; give N/UNIT (e.g. 100/min), or 'none' for no limit (nothing was sent)", code=2)
     assert_failed(unlocked.ctl("vault", "update", "api", "--service", "other"), "already")
     assert_failed(unlocked.ctl("vault", "update", "api", "--domains", "*.com"), "too broad")
     assert_failed(unlocked.ctl("vault", "update", "api", "--rate-limit", "fast"), "rate")

@@ -314,6 +314,24 @@ def test_validate_reports_every_error_with_file_line_and_field(aegis: Aegis, tmp
     missing = aegis.ctl("policy", "validate", str(tmp_path / "absent.yaml"))
     assert missing.code == 2 and "does not exist" in missing.err
 
+    # Found by a cold review: every file goes in one gRPC message, and past 4 MiB in all aegisd's server refused
+    # it as "Received message larger than max". aegisctl now refuses before sending: a file over aegisd's own
+    # 1024 KiB limit, or files that together are more than one request carries.
+    large = tmp_path / "large"
+    large.mkdir()
+    (large / "huge.yaml").write_bytes(b"#" * (1024 * 1024 + 1))
+    too_big = aegis.ctl_in_process("policy", "validate", str(large / "huge.yaml"), str(tmp_path / "good.yml"))
+    assert_failed(too_big, f"{large / 'huge.yaml'} is larger than 1024 KiB, aegisd's limit for a policy file",
+                  "nothing was sent")
+    (large / "huge.yaml").unlink()
+    for n in range(5):
+        (large / f"bot{n}.yaml").write_text(f"agent: bot{n}\nrules: []\n" + "#" * (1024 * 1024 - 40) + "\n")
+    together = aegis.ctl_in_process("policy", "validate", str(large))
+    assert_failed(together, "the 5 policy files come to", "more than the 4096 KiB one request to aegisd can carry",
+                  "nothing was sent", "smaller groups")
+    assert "larger than max" not in together.err
+    assert aegis.ctl_in_process("policy", "validate", *(str(large / f"bot{n}.yaml") for n in range(3))).ok()
+
 
 def test_validate_shows_control_characters_from_a_policy_file_as_escapes(aegis: Aegis, tmp_path: Path) -> None:
     """A policy file (say, from a cloned repository) can hold terminal escapes in its name and in what its

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import stat
 import subprocess
+import termios
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -75,6 +80,50 @@ def test_init_needs_a_passphrase_from_stdin_or_a_terminal(aegis: Aegis) -> None:
     # There is no way to give the passphrase in argv.
     assert_failed(aegis.ctl("init", "--passphrase", PASSPHRASE), "no such option", code=2)
     assert status(aegis)["state"] == "uninitialized"
+
+    # Found by a cold review: --passphrase-stdin (any *-stdin flag) on a terminal read the line with the echo on,
+    # so the passphrase appeared on screen. On a terminal it now asks at the hidden prompt, twice for init.
+    screen, code = _typed_on_a_terminal(aegis, ["init", "--passphrase-stdin"], [PASSPHRASE, PASSPHRASE])
+    assert code == 0, screen
+    assert PASSPHRASE.encode() not in screen and b"Repeat to confirm" in screen, screen
+    assert status(aegis)["state"] == "unlocked"
+    aegis.outputs.append(screen.decode(errors="replace"))
+    aegis.assert_no_leaks([PASSPHRASE])
+
+
+def _typed_on_a_terminal(aegis: Aegis, args: list[str], lines: list[str]) -> tuple[bytes, int]:
+    """Run aegisctl with a pty as its terminal (stdin, stdout, stderr) and type each line once the terminal's
+    echo is off (waiting at most a few seconds for it): what appeared on the screen, and the exit status.
+    A session of its own, so the pty (not the terminal running the tests) is the one it reads from."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([AEGISCTL, *args], stdin=slave, stdout=slave, stderr=slave, env=aegis.base_env(),
+                            start_new_session=True)
+    screen = b""
+
+    def read_until(done: Callable[[], bool], seconds: float) -> None:
+        nonlocal screen
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.05)[0]:
+                screen += os.read(master, 65536)
+            elif proc.poll() is not None:
+                return
+
+    try:
+        for number, line in enumerate(lines):
+            if number:  # the next prompt: after the echo came back on for the line before
+                read_until(lambda: b"Repeat" in screen, 5)
+            read_until(lambda: not termios.tcgetattr(slave)[3] & termios.ECHO, 5)
+            os.write(master, line.encode() + b"\n")
+        code = proc.wait(30)
+        read_until(lambda: False, 5)  # what is left on the screen: until nothing more and the program is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(slave)
+        os.close(master)
+    return screen, code
 
 
 def _ctl_bytes(aegis: Aegis, *args: str, stdin: bytes, strict: bool) -> Result:

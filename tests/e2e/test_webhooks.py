@@ -512,6 +512,9 @@ def test_an_expiry_edited_in_the_database_raises_no_alert() -> None:
         world.close()
 
 
+EDITED_ORIGIN = "https://siem.example\x1b]0;pwned\x07"
+
+
 def test_webhook_list_marks_a_row_edited_while_aegisd_was_stopped() -> None:
     """`webhook list` showed an edited webhook as stored, like any other, though nothing is delivered to it. Now
     it checks each row as delivery does: INTEGRITY `FAILS` (`tampered` in JSON) with a line on what to do,
@@ -528,9 +531,9 @@ def test_webhook_list_marks_a_row_edited_while_aegisd_was_stopped() -> None:
             == {good_id: "ok", edited_id: "ok"}
         assert world.aegis.stop() == 0
         conn = sqlite3.connect(world.aegis.data_dir / "vault.db")
-        with conn:  # shown as going elsewhere, and subscribed to more
-            conn.execute("UPDATE webhooks SET origin = 'https://siem.example', "
-                         "events = '[\"agent_auth_failure\", \"blocked_request\"]' WHERE id = ?", (edited_id,))
+        with conn:  # shown as going elsewhere (with terminal escapes), and subscribed to more
+            conn.execute("UPDATE webhooks SET origin = ?, events = '[\"agent_auth_failure\", \"blocked_request\"]' "
+                         "WHERE id = ?", (EDITED_ORIGIN, edited_id))
         conn.close()
         world.aegis.start()
 
@@ -539,7 +542,7 @@ def test_webhook_list_marks_a_row_edited_while_aegisd_was_stopped() -> None:
         world.unlock()
         listed = {h["id"]: h for h in json.loads(world.aegis.ctl("webhook", "list", "--json").ok().out)}
         assert listed[good_id]["integrity"] == "ok"
-        assert listed[edited_id] == {**listed[edited_id], "integrity": "tampered", "origin": "https://siem.example"}
+        assert listed[edited_id] == {**listed[edited_id], "integrity": "tampered", "origin": EDITED_ORIGIN}
         human = world.aegis.ctl("webhook", "list").ok()
         [row] = [line for line in human.out.splitlines() if line.startswith(edited_id)]
         assert row.split()[-1] == "FAILS", human.out
@@ -547,6 +550,12 @@ def test_webhook_list_marks_a_row_edited_while_aegisd_was_stopped() -> None:
         assert good_row.split()[-1] == "ok", human.out
         assert f"webhook {edited_id} fails authentication" in human.err
         assert f"aegisctl webhook remove {edited_id}" in human.err and good_id not in human.err
+        assert r"https://siem.example\x1b]0;pwned\x07" in human.out and "\x1b" not in human.out + human.err
+        # Found by a cold review: `webhook remove` put the stored origin raw in its question (and in the usage
+        # error asking for --yes without a terminal).
+        asked = world.aegis.ctl_in_process("webhook", "remove", edited_id)
+        assert asked.code == 2 and r"(https://siem.example\x1b]0;pwned\x07)?" in asked.err, asked
+        assert "\x1b" not in asked.err and "\x07" not in asked.err
 
         for path in ("/nosuch/a", "/nosuch/b"):
             refused(world.call("GET", path, agent="bot"), 403, "not_granted")

@@ -24,7 +24,10 @@ def test_the_file_holds_the_key_before_the_call_and_after(tmp_path: Path) -> Non
     assert path.read_text() == made.key + "\n"
 
 
-@pytest.mark.parametrize("reason", ["wrong_passphrase", "invalid_argument", "vault_uninitialized"])
+@pytest.mark.parametrize("reason", ["wrong_passphrase", "invalid_argument", "vault_uninitialized",
+                                    # Found by a cold review: both are raised before aegisd changes anything, yet
+                                    # the file was kept with "aegisd may have taken it".
+                                    "vault_changed", "key_slot_damaged"])
 def test_a_refusal_removes_the_file(tmp_path: Path, reason: str) -> None:
     path = tmp_path / "k"
     with pytest.raises(ClientError), unlock_key_out(str(path)) as made:
