@@ -176,6 +176,11 @@ class GateRequest:
                     self.body_wait_since = None
 
     @property
+    def agent_left(self) -> bool:
+        """The agent's connection has closed (a reset, or a close the gate saw): no answer can reach it."""
+        return self._conn.closed
+
+    @property
     def body_complete(self) -> bool:
         return self._complete and self._error is None
 
@@ -218,9 +223,7 @@ class GateRequest:
         A CancelledError meanwhile goes to `left`."""
         conn = self._conn
         self._watcher = conn.task
-        if conn.closed:  # it left before this wait began: the wait ends at its first turn
-            self._agent_left()
-        elif conn._eof and not self._probed:  # it sent its end before this wait began
+        if conn._eof and not conn.closed and not self._probed:  # it sent its end before this wait began
             conn.probe(self)
 
     def unwatch(self) -> None:

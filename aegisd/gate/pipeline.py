@@ -43,7 +43,14 @@ from aegisd.gate.refusal import JSON_CONTENT_TYPE, REQUEST_ID_HEADER, Refusal, s
 from aegisd.gate.response_redaction import ResponseRedactor, ask_redactable, redaction_for
 from aegisd.gate.routing import AgentEntry, Route, RoutingState, RoutingTable
 from aegisd.gate.services import granted_services
-from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, RefusalRows
+from aegisd.gate.unauthenticated import (
+    AGENT_BURST,
+    AGENT_RATE_PER_SECOND,
+    ALARM_BURST,
+    ALARM_RATE_PER_SECOND,
+    ALARMS,
+    RefusalRows,
+)
 from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from aegisd.inspection import Inspector, Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
@@ -133,12 +140,13 @@ class GatePipeline:
         self._listen_hosts = frozenset({config.gate_host.lower()})
         self._unauthenticated = RefusalRows(ledger.append_nowait)  # one budget: requests that name no agent
         self._agent_refusals = RefusalRows(ledger.append_nowait, AGENT_RATE_PER_SECOND, AGENT_BURST)  # one each
+        self._agent_alarms = RefusalRows(ledger.append_nowait, ALARM_RATE_PER_SECOND, ALARM_BURST)  # and these
 
     def stopped(self) -> None:
         """The gate has stopped and every request is recorded: write what is still pending (the summary of
         unrecorded refusals) while the ledger is open."""
-        self._unauthenticated.flush()
-        self._agent_refusals.flush()
+        for budget in (self._unauthenticated, self._agent_refusals, self._agent_alarms):
+            budget.flush()
 
     async def handle(self, request: GateRequest) -> None:
         """Answer one request (through `request`) and commit its ledger row."""
@@ -363,6 +371,9 @@ class GatePipeline:
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
         self._check_ledger_writable()  # a commit may have failed while the body was read
+        if request.agent_left:  # nothing is sent for an agent already gone; its quota stays spent, so its rate
+            await self._disconnected(x)  # limit bounds these rows as it does those of forwarded requests
+            return
         sent = time.perf_counter()
         x.forwarded = True
         request.watch()  # the agent's leaving ends the wait for the upstream's answer at once
@@ -538,16 +549,22 @@ class GatePipeline:
         x.reason = "client_disconnected"
         await self._record(x)
 
+    def _refusal_rows(self, x: Exchange) -> RefusalRows:
+        """The budget a refusal's row comes out of: the tokenless one, or the agent's for alarms or the rest."""
+        if not x.agent:
+            return self._unauthenticated
+        return self._agent_alarms if x.reason in ALARMS else self._agent_refusals
+
     async def _record(self, x: Exchange) -> bool:
         x.recorded = True
         if not x.path_inspected:  # refused before step 8, or forwarded on a credential whose inspection is off
             self._mask_target(x)
         entry = normalize(x.entry())  # webhooks and logs get the row as stored: capped, never 60 KB paths
         # A flood of refusals, tokenless or one agent's: past its budget each is only counted (metrics, the
-        # summary row), with no row, log line or webhook event of its own. An allowed request never asks, nor
-        # does a refused one that was forwarded (its quota was spent: its agent's rate limit bounds those).
-        itemised = x.decision != "denied" or x.forwarded or (
-            self._agent_refusals if x.agent else self._unauthenticated).admit(x.agent, x.reason)
+        # summary row), with no row or log line of its own (outcomes.py says which still alert). An allowed
+        # request never asks, nor does a refused one that was forwarded (its quota was spent: its agent's rate
+        # limit bounds those).
+        itemised = x.decision != "denied" or x.forwarded or self._refusal_rows(x).admit(x.agent, x.reason)
         if self.outcomes is not None:
             try:
                 self.outcomes.record(entry, x.upstream_s, itemised)  # metrics, refusal log line, webhooks

@@ -37,8 +37,10 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # control, format and sp
 _METADATA_IPS = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 _SPECIAL_NAMES = frozenset({"localhost", "metadata.google.internal"})
 # IPv6 ranges whose last 32 bits are an IPv4 address a translator or tunnel reaches (`ipv4_mapped` and 6to4's
-# `sixtofour` are read separately): NAT64's well-known prefix (RFC 6052) and the deprecated IPv4-compatible ::/96.
-_EMBEDS_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+# `sixtofour` are read separately): NAT64's well-known prefix (RFC 6052), SIIT's IPv4-translated ::ffff:0:0:0/96
+# (RFC 2765) and the deprecated IPv4-compatible ::/96.
+_EMBEDS_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::ffff:0:0:0/96"),
+                ipaddress.IPv6Network("::/96"))
 # Never global, whatever Python's `is_global` says of them: NAT64 for local use (RFC 8215), whose translators embed
 # the IPv4 address at any of several offsets, and the deprecated site-local fec0::/10 (RFC 3879).
 _INTERNAL_V6 = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))

@@ -10,7 +10,7 @@ import socket
 import time
 
 from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, BURST, RATE_PER_SECOND
-from tests.e2e.gate_support import GateWorld, shared_standard
+from tests.e2e.gate_support import SECRETS, GateWorld, shared_standard
 
 FLOOD = 3 * BURST
 
@@ -86,16 +86,16 @@ def test_a_stop_right_after_a_flood_still_writes_its_summary_row() -> None:
         world.close()
 
 
-def _pipelined_as(port: int, token: str, targets: list[str]) -> dict[int, int]:
-    """Send a request to each of `targets` as the agent of `token`, on one keep-alive connection at once; how
-    many answers of each status came back."""
+def _pipelined_as(port: int, token: str, targets: list[str], then: bytes = b"") -> dict[int, int]:
+    """Send a request to each of `targets` as the agent of `token`, on one keep-alive connection at once, and
+    `then` (one whole request) after them; how many answers of each status came back."""
     requests = [f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Aegis-Agent: {token}\r\n\r\n"
                 for target in targets]
     statuses = (200, 403, 429)
     with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
-        conn.sendall("".join(requests).encode())
+        conn.sendall("".join(requests).encode() + then)
         received = b""
-        while sum(received.count(f"HTTP/1.1 {s} ".encode()) for s in statuses) < len(targets):
+        while sum(received.count(f"HTTP/1.1 {s} ".encode()) for s in statuses) < len(targets) + bool(then):
             chunk = conn.recv(1 << 20)
             if not chunk:
                 break
@@ -115,15 +115,23 @@ def test_one_agents_flood_of_refusals_is_summarised_past_its_own_budget() -> Non
     ctl = world.aegis.ctl_in_process
     ctl("agent", "set-rate-limit", flooder, "1/day").ok()
     assert world.call("GET", "/bear/echo/agentflood-first", agent=flooder).status == 200  # its one allowed
-    flood = 2 * AGENT_BURST
-    targets = [f"/bear/echo/agentflood/{n}" if n % 2 else f"/nosuch-svc/agentflood/{n}" for n in range(flood)]
+    first = 2 * AGENT_BURST
+    targets = [f"/bear/echo/agentflood/{n}" if n % 2 else f"/nosuch-svc/agentflood/{n}" for n in range(first)]
     started = time.monotonic()
-    assert _pipelined_as(world.port, world.tokens[flooder], targets) == {429: flood // 2, 403: flood // 2}
-    elapsed = time.monotonic() - started
+    assert _pipelined_as(world.port, world.tokens[flooder], targets) == {429: first // 2, 403: first // 2}
     others = [world.call("GET", f"/nosuch-svc/bystander/{n}", agent=bystander) for n in range(20)]
     assert {r.status for r in others} == {403}
     ctl("agent", "set-rate-limit", flooder, "none").ok()
     assert world.call("GET", "/bear/echo/agentflood-after", agent=flooder).status == 200
+    # Its budget for cheap refusals spent again, an attempt to move a secret out right behind them draws on a
+    # budget of its own, so its row is written: the flood cannot hide it.
+    secret = SECRETS["bear"].encode()
+    attempt = (f"POST /bear/echo/agentflood-exfil HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: "
+               f"{world.tokens[flooder]}\r\nContent-Type: text/plain\r\nContent-Length: {len(secret)}\r\n\r\n")
+    again = [f"/nosuch-svc/agentflood/again/{n}" for n in range(100)]
+    assert _pipelined_as(world.port, world.tokens[flooder], again, then=attempt.encode() + secret) == {403: 101}
+    elapsed = time.monotonic() - started
+    flood = first + len(again)
 
     def listing() -> list[dict[str, object]]:
         result = ctl("ledger", "show", "--json", "--limit", "100000", "--agent", flooder).ok()
@@ -153,11 +161,13 @@ def test_one_agents_flood_of_refusals_is_summarised_past_its_own_budget() -> Non
     assert {r["reason"] for r in refused} == {"not_granted", "rate_limited"}
     allowed = [str(r["path"]) for r in rows if r["decision"] == "allowed"]
     assert sorted(allowed) == ["/echo/agentflood-after", "/echo/agentflood-first"]  # always itemised
+    assert [r["reason"] for r in rows if r["path"] == "/echo/agentflood-exfil"] == ["body_inspection"]
     rows_of_bystander = world.ledger("--agent", bystander)
     assert sorted(r["request_id"] for r in rows_of_bystander) == sorted(r.request_id for r in others)
 
     log = world.aegis.log()
-    assert sum(f"agent={flooder} " in line for line in log.splitlines() if "request refused" in line) == len(refused)
+    refused_lines = [line for line in log.splitlines() if "request refused" in line and f"agent={flooder} " in line]
+    assert len(refused_lines) == len(refused) + 1  # and the attempt's
     assert f"refusals of requests by agent {flooder}" in log
     world.ledger()
     world.assert_no_leaks()

@@ -1734,3 +1734,37 @@ def test_nothing_after_a_refused_request_in_the_same_read_is_handed_over(run: Ru
             assert b"/smuggled" not in received and b"Connection: close\r\n" in received
 
     run(main())
+
+
+def test_watching_after_the_agent_has_left_cancels_nothing_and_says_it_left(run: Run) -> None:
+    """The pipeline asks `agent_left` before it forwards and sends nothing for an agent already gone. `watch`
+    itself never cancels the running task: it once did, and the cancellation then landed at whatever the task
+    awaited next, outside the watched wait (a ledger commit), and escaped."""
+    left = asyncio.Event()
+    seen: list[bool] = []
+
+    async def answer(request: GateRequest) -> None:
+        await left.wait()
+        seen.append(request.agent_left)
+        request.watch()
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            request.unwatch()
+        await asyncio.sleep(0)  # a cancellation requested by `watch` would land here
+        seen.append(True)
+
+    handler = Handler(answer)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(GET)
+            await gate.only_connection()
+            agent.reset()
+            await eventually(lambda: not gate.connections, "the gate saw the agent leave")
+            left.set()
+            await eventually(lambda: len(seen) == 2 or bool(handler.raised), "the handler never finished")
+            assert seen == [True, True] and not handler.raised, (seen, handler.raised)
+
+    run(main())

@@ -222,6 +222,8 @@ def test_ip_and_special_address(text: str, is_ip: bool, special: bool) -> None:
     ("2002:a9fe:a9fe::1", True), ("2002:7f00:1::", True), ("2002:c0a8:101::1", True), ("2002:808:808::1", False),
     # IPv4-compatible (deprecated)
     ("::127.0.0.1", True), ("::169.254.169.254", True), ("::10.1.2.3", True), ("::8.8.8.8", False),
+    # SIIT's IPv4-translated form (RFC 2765)
+    ("::ffff:0:127.0.0.1", True), ("::ffff:0:a9fe:a9fe", True), ("::ffff:0:8.8.8.8", False),
     # site-local (deprecated)
     ("fec0::1", True), ("feff::1", True),
     # unchanged: mapped, plain global and internal IPv6
