@@ -22,7 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from aegisd.errors import InvalidArgument
 from aegisd.policy.model import METHODS, MODES, Issue, PolicyFile, Rule, TimeWindow
-from aegisd.policy.pattern import PathPattern, PathSet, PatternError, compile_path
+from aegisd.policy.pattern import PathPattern, PathSet, PatternError, compile_path, quote
 from aegisd.rates import Rate, RateError, parse_rate
 from aegisd.vault.credentials import validate_name, validate_service
 
@@ -221,7 +221,7 @@ class _Reader:
                 self.compiled[pattern] = found
             if isinstance(found, str):
                 quoted = pattern if len(pattern) <= _QUOTED else pattern[:_QUOTED] + "..."
-                self.issue(item, f"{path}[{index}]", f"invalid regular expression {quoted!r}: {found}")
+                self.issue(item, f"{path}[{index}]", f"invalid regular expression {quote(quoted)}: {found}")
             else:
                 compiled.append(found)
         if not compiled:

@@ -24,6 +24,20 @@ from typing import Any
 
 import re2
 
+# What `quote` shows as an escape: C0 and C1 controls, DEL, line/paragraph separators, bidi controls and
+# lone surrogates (which UTF-8, so the control API and the log, cannot carry). The rest, backslashes
+# included, is quoted as written.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A),
+                                           *range(0xD800, 0xE000))})
+
+
+def quote(text: str) -> str:
+    """`text` in single quotes as the user wrote it (`'/a\\Z'`, not repr's `'/a\\\\Z'`), with only the characters
+    that must not reach a terminal or a log line shown as escapes."""
+    return "'" + text.translate(_ESCAPES) + "'"
+
+
 # RE2 refuses repetition counts above this.
 MAX_REPEAT = 1000
 # RE2 parses some malformed patterns in time quadratic in their length (`[[:` repeated: half a second at
@@ -144,8 +158,8 @@ _UNSUPPORTED = (
     ("(?P=", "a backreference `(?P=name)`"), ("(?>", "an atomic group `(?>...)`"),
     ("(?(", "a conditional `(?(...)...)`"),
 )
-_LINEAR = ("which RE2 cannot match in linear time; aegisd matches paths with RE2 (see the `paths` field in "
-           "docs/policies.md)")
+_LINEAR = ("which RE2 cannot match in linear time; aegisd matches paths with RE2 (see "
+           "docs/policies.md#path-patterns)")
 
 
 def _explain(exc: Exception, text: str) -> str:
@@ -157,14 +171,14 @@ def _explain(exc: Exception, text: str) -> str:
             if fragment.startswith(prefix) or (fragment == "(?P" and prefix == "(?P=" and prefix in text):
                 return f"it uses {what}, {_LINEAR}"
     if kind == "invalid escape sequence" and fragment[1:2] in tuple("123456789"):
-        return f"it uses a backreference {_short(fragment)!r}, {_LINEAR}"
+        return f"it uses a backreference {quote(_short(fragment))}, {_LINEAR}"
     if kind == "bad repetition operator" and fragment.endswith("+") and len(fragment) == 2:
-        return f"it uses a possessive quantifier {fragment!r}, {_LINEAR}"
+        return f"it uses a possessive quantifier {quote(fragment)}, {_LINEAR}"
     if kind == "invalid escape sequence" and fragment == "\\Z":
         return "RE2 has no \\Z; patterns already match the whole path (write \\z for the end of the text)"
     if kind == "invalid repetition size":
-        return f"repetition {_short(fragment)!r}: RE2 allows counts up to {MAX_REPEAT} (nested ones multiplied)"
-    return f"{kind}: {_short(fragment)!r}" if fragment else kind
+        return f"repetition {quote(_short(fragment))}: RE2 allows counts up to {MAX_REPEAT} (nested ones multiplied)"
+    return f"{kind}: {quote(_short(fragment))}" if fragment else kind
 
 
 def _check_braces(text: str) -> None:
@@ -223,12 +237,12 @@ def _check_repeat(text: str, start: int) -> int:
         return high_end  # not a repetition for Python either (`{}`, `{x}`, `{1, 2}`): literal in both
     written = text[start:high_end + 1]
     if not low:
-        raise PatternError(f"repetition {_short(written)!r} has no lower count, so RE2 would read it as literal "
+        raise PatternError(f"repetition {quote(_short(written))} has no lower count, so RE2 would read it as literal "
                            f"text: write {{0,{_short(high)}}}, or \\{{ for a literal brace")
     if _over(low) or (high and _over(high)):
-        raise PatternError(f"repetition {_short(written)!r}: RE2 allows counts up to {MAX_REPEAT}")
+        raise PatternError(f"repetition {quote(_short(written))}: RE2 allows counts up to {MAX_REPEAT}")
     if any(len(count) > 1 and count[0] == "0" for count in (low, high)):
-        raise PatternError(f"repetition {_short(written)!r} has a count with a leading zero, which RE2 reads as "
+        raise PatternError(f"repetition {quote(_short(written))} has a count with a leading zero, which RE2 reads as "
                            "literal text: write the count without it")
     return high_end + 1
 

@@ -99,7 +99,7 @@ def test_a_repetition_count_with_leading_zeros_is_refused_not_crashed_on() -> No
 
 
 @pytest.mark.parametrize(("pattern", "what"), [
-    (r"/repos/([^/]+)/\1", "backreference '\\\\1'"),
+    (r"/repos/([^/]+)/\1", r"backreference '\1'"),
     (r"/repos/(?P<o>[^/]+)/(?P=o)", "backreference `(?P=name)`"),
     ("/repos/(?=acme)[^/]+", "lookahead `(?=...)`"),
     ("/repos/(?!evil)[^/]+", "negative lookahead"),
@@ -113,9 +113,23 @@ def test_a_construct_re2_cannot_match_in_linear_time_makes_the_file_invalid(patt
     """No silent fallback to Python's `re`: the file is invalid (and so fails closed)."""
     issues = _issues("/ok", pattern)
     assert len(issues) == 1, issues
-    assert issues[0].startswith(f"invalid regular expression {pattern!r}: "), issues
+    assert issues[0].startswith(f"invalid regular expression '{pattern}': "), issues
     assert what in issues[0], issues
     assert "RE2 cannot match in linear time" in issues[0] and "aegisd matches paths with RE2" in issues[0]
+    assert "(see docs/policies.md#path-patterns)" in issues[0], issues  # the section that exists
+
+
+def test_an_invalid_pattern_is_quoted_as_written_not_as_a_python_repr() -> None:
+    """A pattern written `/a\\Z` is quoted with one backslash (repr doubled it, so the message showed a pattern
+    the user never wrote); only control characters, which must not reach a terminal or a log line, are escapes."""
+    assert _issues(r"/a\Z") == [r"invalid regular expression '/a\Z': RE2 has no \Z; patterns already match the "
+                                r"whole path (write \z for the end of the text)"]
+    (issue,) = _issues(r"(a)\1")
+    assert issue.startswith(r"invalid regular expression '(a)\1': it uses a backreference '\1', "), issue
+    escapes = b'agent: bot\nrules:\n  - service: s\n    paths: ["/a\\e]0;x\\a["]\n'  # YAML's escapes for ESC, BEL
+    (issue,) = [i.message for i in parse_policy("bot.yaml", escapes).issues]
+    assert issue.startswith(r"invalid regular expression '/a\x1b]0;x\x07[': "), issue
+    assert "\x1b" not in issue and "\x07" not in issue
 
 
 @pytest.mark.parametrize(("pattern", "what"), [
