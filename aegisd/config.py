@@ -9,15 +9,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 DEFAULT_GATE_LISTEN = "127.0.0.1:3100"
 UNLOCK_CREDENTIAL_NAME = "aegis-unlock"
 LOG_FORMATS = ("human", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+_T = TypeVar("_T")
 
 # key in the TOML file -> (section, name); sections keep the file readable as it grows.
 _TOML_KEYS: dict[str, tuple[str, ...]] = {
@@ -92,7 +93,14 @@ _FIELD_SETTINGS = {"socket_path": "socket", "gate_host": "gate_listen", "gate_po
 
 
 class ConfigError(Exception):
-    """A setting is malformed; the message names the setting and where it came from."""
+    """A setting is malformed; the message names the setting and where it came from. When several are, it names
+    every one, a line each, so that one edit fixes them all."""
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        if len(problems) == 1:
+            return cls(problems[0])
+        return cls(f"{len(problems)} problems in the settings:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,8 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     """Resolve every setting from flags, then environment, then the config file, then defaults."""
     env = os.environ if env is None else env
     config_file = _path_or_none(flags.get("config") or env.get("AEGIS_CONFIG"))
-    file_values = _read_toml(config_file) if config_file else {}
+    problems: list[str] = []  # every malformed setting, reported together at the end
+    file_values = _read_toml(config_file, problems) if config_file else {}
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -152,18 +161,27 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     data_dir = Path(values["data_dir"]).expanduser() if "data_dir" in values else default_data_dir(env)
     socket_path = Path(values["socket"]).expanduser() if "socket" in values else default_socket(env, data_dir)
     listen, listen_source = str(values.get("gate_listen", DEFAULT_GATE_LISTEN)), sources.get("gate_listen", "default")
-    gate_host, gate_port = parse_listen(listen, listen_source)
-    booleans = {key: _boolean(key, values.get(key), sources.get(key, "default")) for key in _BOOLEANS}
-    if not booleans["gate_allow_non_loopback"] and not is_loopback_listen(gate_host):
-        raise ConfigError(
+    before = len(problems)
+    gate_host, gate_port = _checked(problems, ("127.0.0.1", 3100), parse_listen, listen, listen_source)
+    booleans = {key: _checked(problems, _BOOLEANS[key], _boolean, key, values.get(key), sources.get(key, "default"))
+                for key in _BOOLEANS}
+    # (Not judged on a listen address or an opt-in that is itself malformed: that is already said.)
+    if len(problems) == before and not booleans["gate_allow_non_loopback"] and not is_loopback_listen(gate_host):
+        problems.append(
             f"gate listen address {listen!r} (from {listen_source}) is not a loopback address: other machines "
             "could reach the gate, and agent tokens would cross the network in clear; listen on 127.0.0.1 (or ::1), "
             "or, to allow it anyway, set [gate] allow_non_loopback = true (or AEGIS_GATE_ALLOW_NON_LOOPBACK=1)")
     socket_group = values.get("socket_group") or None
-    socket_mode = _parse_mode(values.get("socket_mode"), socket_group, sources.get("socket_mode", "default"))
-    log_format = _choice(values.get("log_format", "human"), LOG_FORMATS, "log format")
-    log_level = _choice(values.get("log_level", "info"), LOG_LEVELS, "log level")
-    numbers = {key: _number(key, values.get(key), sources.get(key, "default")) for key in _NUMBERS}
+    socket_mode = _checked(problems, 0o600, _parse_mode, values.get("socket_mode"), socket_group,
+                           sources.get("socket_mode", "default"))
+    log_format = _checked(problems, "human", _choice, values.get("log_format", "human"), LOG_FORMATS, "log format",
+                          sources.get("log_format", "default"))
+    log_level = _checked(problems, "info", _choice, values.get("log_level", "info"), LOG_LEVELS, "log level",
+                         sources.get("log_level", "default"))
+    numbers = {key: _checked(problems, _NUMBERS[key][0], _number, key, values.get(key), sources.get(key, "default"))
+               for key in _NUMBERS}
+    if problems:
+        raise ConfigError.of(problems)
     creds = env.get("CREDENTIALS_DIRECTORY")
     return Config(
         data_dir=data_dir,
@@ -252,7 +270,19 @@ def startup_warnings(config: Config) -> list[str]:
     return warnings
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _checked(problems: list[str], fallback: _T, check: Callable[..., _T], *args: Any) -> _T:
+    """`check(*args)`, or, if it refuses the setting, `fallback` with the refusal added to `problems`, so that
+    the rest is still checked."""
+    try:
+        return check(*args)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return fallback
+
+
+def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
+    """The file's settings by key. An unknown or mistyped one is added to `problems` and left out; a file that
+    cannot be read or parsed at all is a ConfigError at once."""
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
@@ -269,23 +299,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
         if name in sections and isinstance(value, dict):
             for sub, subvalue in value.items():
                 if (name, sub) not in known:
-                    raise ConfigError(f"config file {path}: unknown setting [{name}] {sub}")
-                flat[known[(name, sub)]] = subvalue
+                    problems.append(f"config file {path}: unknown setting [{name}] {sub}")
+                else:
+                    flat[known[(name, sub)]] = subvalue
         elif (name,) in known:
             flat[known[(name,)]] = value
         else:
-            raise ConfigError(f"config file {path}: unknown setting {name}")
-    for key, value in flat.items():
+            problems.append(f"config file {path}: unknown setting {name}")
+    for key, value in list(flat.items()):
         if key in _NUMBERS:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"config file {path}: {setting_name(key)} must be a number, "
-                                  f"got {type(value).__name__}")
+            wrong = "" if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
         elif key in _BOOLEANS:
-            if not isinstance(value, bool):
-                raise ConfigError(f"config file {path}: {setting_name(key)} must be true or false, "
-                                  f"got {type(value).__name__}")
-        elif not isinstance(value, str):
-            raise ConfigError(f"config file {path}: {setting_name(key)} must be a string, got {type(value).__name__}")
+            wrong = "" if isinstance(value, bool) else "true or false"
+        else:
+            wrong = "" if isinstance(value, str) else "a string"
+        if wrong:
+            problems.append(f"config file {path}: {setting_name(key)} must be {wrong}, got {type(value).__name__}")
+            del flat[key]  # reported once, not again as the default's or a later check's problem
     return flat
 
 
@@ -352,10 +382,10 @@ def _parse_mode(value: Any, group: Any, source: str) -> int:
     return mode
 
 
-def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
+def _choice(value: Any, allowed: tuple[str, ...], what: str, source: str) -> str:
     text = str(value).lower()
     if text not in allowed:
-        raise ConfigError(f"{what} {value!r} is not one of: {', '.join(allowed)}")
+        raise ConfigError(f"{what} {value!r} (from {source}) is not one of: {', '.join(allowed)}")
     return text
 
 

@@ -102,7 +102,7 @@ class Daemon:
         gate = GateServer(GatePipeline(self.config, routing, ledger, upstream, outcomes, policies),
                           self.config.gate_host, self.config.gate_port, connections)
         control = ControlServer(runtime)
-        control_running = False
+        control_running = served = False
         try:
             await _load_policies(policies)
             await control.start()
@@ -113,6 +113,7 @@ class Daemon:
             self._manager.start_watchdog()
             event(log, logging.INFO, "aegisd started", version=__version__, socket=self.config.socket_path,
                   gate=self.config.gate_address, vault=runtime.vault.state)
+            served = True
             await self._stop.wait()
             self._manager.stopping()
             event(log, logging.INFO, "aegisd stopping")
@@ -131,7 +132,7 @@ class Daemon:
             await policies.stop()
             await webhooks.close()
             await upstream.close()
-            await ledger.close()
+            await ledger.close(served=served)  # a failed start: no account of rows a run that never was kept
             store.close()
         event(log, logging.INFO, "aegisd stopped")
         return 0

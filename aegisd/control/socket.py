@@ -107,14 +107,25 @@ class ControlSocket:
             raise SocketError(f"{directory} is not a directory; choose another --socket")
         if info.st_uid != os.geteuid():
             raise SocketError(f"socket directory {directory} belongs to uid {info.st_uid}, not to aegisd's user "
-                              f"(uid {os.geteuid()}); use a directory aegisd's user owns")
+                              f"(uid {os.geteuid()}); give aegisd a directory of its own: a --socket in a directory "
+                              "that does not exist yet (aegisd creates it closed to others), such as "
+                              "$XDG_RUNTIME_DIR/aegis/aegisd.sock, or in one only its user owns and can write")
         dir_mode = stat.S_IMODE(info.st_mode)
         if dir_mode & 0o022:  # what aegisd itself creates is 0700 or 0750, never group-writable
             who = " and ".join(w for w, bit in (("group", 0o020), ("world", 0o002)) if dir_mode & bit)
+            if dir_mode & stat.S_ISVTX:
+                # A shared sticky directory such as /tmp: others are meant to write there, and closing it would
+                # break every program that uses it. (One not owned by aegisd's user was refused above.)
+                fix = ("it is a shared sticky directory (like /tmp), so do not change its mode: give aegisd a "
+                       "directory of its own instead, a --socket in a directory that does not exist yet (aegisd "
+                       "creates it closed to others), such as $XDG_RUNTIME_DIR/aegis/aegisd.sock, or in one only "
+                       "its user can write")
+            else:
+                fix = (f"if nothing else needs to write there, run `chmod g-w,o-w {directory}`; otherwise give "
+                       "aegisd a --socket in a directory only its user can write")
             raise SocketError(f"socket directory {directory} is {who}-writable (mode {dir_mode:04o}): anyone who "
                               "can write there could replace the socket with their own and receive the passphrases "
-                              f"and keys aegisctl sends; run `chmod g-w,o-w {directory}`, or give aegisd a --socket "
-                              "in a directory only its user can write")
+                              f"and keys aegisctl sends; {fix}")
         if self._gid is not None:
             self._check_shared_directory(directory, info)
 

@@ -57,7 +57,14 @@ from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.ledger.entry import normalize
 from aegisd.outcomes import OutcomeSink
 from aegisd.policy import PolicySet, PolicyStore, Verdict
-from aegisd.vault.domains import DEFAULT_PORTS, AllowedHost, DomainError, canonical_target, target_text
+from aegisd.vault.domains import (
+    DEFAULT_PORTS,
+    AllowedHost,
+    AmbiguousTarget,
+    DomainError,
+    canonical_target,
+    target_text,
+)
 
 log = logging.getLogger("aegisd.gate")
 # Upstream answers up to this size (declared by Content-Length) are read whole and sent in one write.
@@ -357,7 +364,10 @@ class GatePipeline:
             host, port, scheme = canonical_target(requested)
         except DomainError as exc:
             raise Refusal(400, "bad_request", f"X-Target-Host: {exc}") from None
-        match = route.allowlist.match(host, port, scheme)
+        try:
+            match = route.allowlist.match(host, port, scheme)
+        except AmbiguousTarget as exc:
+            raise _ambiguous(route, host, port, scheme, exc.entries) from None
         if match is None:
             raise _not_allowed(route, host, port, scheme)
         return match, host, match.port
@@ -678,13 +688,27 @@ def _redacted_pieces(redactor: ResponseRedactor, body: bytes) -> Iterator[bytes]
 
 
 def _not_allowed(route: Route, host: str, port: int | None, scheme: str | None) -> Refusal:
-    """`domain_not_allowed` for a target host, naming it as the agent gave it (scheme and port included), and the
+    """`domain_not_allowed` for a target host, naming it as the agent gave it (scheme and port included), and every
     entry for that host when only its scheme or port differs: the agent can see its allowlist anyway."""
     message = f"{target_text(host, port, scheme)} is not an allowed host for service {route.service!r}"
-    near = route.allowlist.match(host, None)
-    if near is not None:
-        message += f"; its allowlist has {near} for that host (send X-Target-Host as /_aegis/services lists it)"
+    near = route.allowlist.entries_for(host)
+    if near:
+        message += (f"; its allowlist has {', '.join(map(str, near))} for that host (send X-Target-Host as "
+                    "/_aegis/services lists it)")
     return Refusal(403, "domain_not_allowed", message)
+
+
+def _ambiguous(route: Route, host: str, port: int | None, scheme: str | None,
+               entries: tuple[AllowedHost, ...]) -> Refusal:
+    """`target_host_ambiguous`: the target host, without a port (or scheme), fits several entries; the gate does
+    not pick one for the agent."""
+    ports = len({entry.port for entry in entries}) > 1
+    schemes = len({entry.scheme for entry in entries}) > 1
+    name = "scheme and port" if ports and schemes else "port" if ports else "scheme"
+    return Refusal(400, "target_host_ambiguous",
+                   f"{target_text(host, port, scheme)} fits several entries of service {route.service!r}'s "
+                   f"allowlist: {', '.join(map(str, entries))}; name the {name} in X-Target-Host (send it as "
+                   "/_aegis/services lists the entry you mean)")
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:

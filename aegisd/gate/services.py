@@ -19,7 +19,7 @@ def granted_services(table: RoutingTable, agent: AgentEntry, now_ms: int) -> dic
         {
             "name": route.name,
             "service": route.service,
-            "allowed_hosts": route.allowlist.as_strings(),
+            "allowed_hosts": route.allowlist.as_targets(),
             "auth_type": route.auth_type,
             "scopes": list(route.scopes),
             "expires_at": iso_time(route.expires_at) if route.expires_at is not None else None,

@@ -431,16 +431,21 @@ class LedgerWriter:
         self._subscribers = (*self._subscribers, sub)
         return sub
 
-    async def close(self) -> None:
-        """Commit everything already queued, then close the connection and end subscriptions."""
+    async def close(self, *, served: bool = True) -> None:
+        """Commit everything already queued, then close the connection and end subscriptions.
+
+        The system rows still held for the chain key (the vault was never unlocked) go to the log instead; with
+        `served` False (a start that failed, and never served anything) they are dropped quietly: the start's
+        error is what its log must say, not what a run that never happened did not record."""
         if not self._closed:
             self._closed = True
             with self._held_lock:
                 held, self._held = self._held, []
+            level = logging.INFO if served else logging.DEBUG
             for entry in held:  # the vault was never unlocked in this run: the log keeps what they said
-                log.info("not written to the ledger, the vault was never unlocked in this run: %s (%s)",
-                         entry.detail, entry.reason)
-            if self._held_dropped:
+                log.log(level, "not written to the ledger, the vault was never unlocked in this run: %s (%s)",
+                        entry.detail, entry.reason)
+            if self._held_dropped and served:
                 log.warning("%d more system rows were dropped while waiting for an unlock", self._held_dropped)
             if self._thread is not None:
                 self._hand_over()

@@ -67,6 +67,7 @@ class PolicyStore:
         self._wake = asyncio.Event()
         self._pending = ""
         self._task: asyncio.Task[None] | None = None
+        self._loaded = False  # a reload has succeeded: a later failure keeps that set in force
 
     @property
     def directory(self) -> Path | None:
@@ -97,6 +98,7 @@ class PolicyStore:
                                      time.time_ns() // 1_000_000, trigger, previous.reloads + 1)
             self._seen = signature
             if not error:
+                self._loaded = True
                 last_valid = _remember(files, previous_valid)
                 self.current = compile_set(files)
                 self._last_valid = last_valid
@@ -143,10 +145,14 @@ class PolicyStore:
         return signature, files, ""
 
     def _report(self, snap: Snapshot) -> None:
-        if snap.error:
+        if snap.error and self._loaded:
             detail, reason = f"policy reload ({snap.trigger}) failed: {snap.error}; the previous policies stay", \
                 "policy_reload_failed"
             log.error("%s", detail)
+        elif snap.error:  # the first load: there is no previous set, and the daemon refuses to start with this
+            # error, which its own last line says (logged here too, it would be said twice)
+            detail, reason = f"policies could not be loaded ({snap.trigger}): {snap.error}", "policy_reload_failed"
+            log.debug("%s", detail)
         else:
             invalid = [f for f in snap.files if not f.valid]
             agents = len(self.current.agents)

@@ -58,6 +58,15 @@ class DomainError(InvalidArgument, ValueError):
     reason = "invalid_domain"
 
 
+class AmbiguousTarget(Exception):
+    """A target host that entries of more than one scheme or port fit, because the agent named neither: the gate
+    must not pick one for it. `entries` are those that fit, in allowlist order (exact entries first)."""
+
+    def __init__(self, entries: tuple[AllowedHost, ...]) -> None:
+        super().__init__(", ".join(map(str, entries)))
+        self.entries = entries
+
+
 @dataclass(frozen=True, slots=True)
 class AllowedHost:
     """One canonical allowlist entry; build it with `parse_allowed_host`.
@@ -237,17 +246,24 @@ def target_text(host: str, port: int | None, scheme: str | None) -> str:
 class DomainAllowlist:
     """A credential's allowlist, indexed so that matching a host is a dict lookup."""
 
-    __slots__ = ("_default", "_exact", "_wildcards", "entries")
+    __slots__ = ("_default", "_hosts", "_wildcards", "entries")
 
     def __init__(self, entries: Iterable[AllowedHost]) -> None:
         self.entries: tuple[AllowedHost, ...] = tuple(dict.fromkeys(entries))
         if not self.entries:
             raise DomainError("the domain allowlist is empty; give at least one host")
-        self._exact: dict[str, list[AllowedHost]] = {}
-        self._wildcards: dict[str, list[AllowedHost]] = {}
+        exact: dict[str, list[AllowedHost]] = {}
+        wildcards: dict[str, list[AllowedHost]] = {}
         for entry in self.entries:
-            table = self._wildcards if entry.wildcard else self._exact
+            table = wildcards if entry.wildcard else exact
             table.setdefault(entry.host, []).append(entry)
+        self._wildcards = {parent: tuple(found) for parent, found in wildcards.items()}
+        # Per exact host, every entry that covers it: its own, then the wildcards over it (so exact ones win), built
+        # once per allowlist so that a match stays one lookup.
+        self._hosts: dict[str, tuple[AllowedHost, ...]] = {}
+        for host, found in exact.items():
+            first, dot, parent = host.partition(".")
+            self._hosts[host] = (*found, *(self._wildcards.get(parent, ()) if first and dot else ()))
         only = self.entries[0]
         self._default = only if len(self.entries) == 1 and not only.wildcard else None
 
@@ -268,17 +284,35 @@ class DomainAllowlist:
         """The canonical entries, in the form `parse` accepts back."""
         return [str(entry) for entry in self.entries]
 
+    def as_targets(self) -> list[str]:
+        """The entries as an agent names each exactly in X-Target-Host (what `/_aegis/services` lists): as
+        `as_strings`, but an entry written without scheme or port (https on 443) whose host other entries cover
+        too gets its `https://`, since without it that host is ambiguous (`https://api.example.com`, beside
+        `https://api.example.com:8443`)."""
+        shown = []
+        for entry, text in zip(self.entries, self.as_strings(), strict=True):
+            if "://" not in text:
+                covering = self._wildcards[entry.host] if entry.wildcard else self.entries_for(entry.host)
+                if len(covering) > 1:
+                    text = f"https://{text}"
+            shown.append(text)
+        return shown
+
     def match(self, host: str, port: int | None, scheme: str | None = None) -> AllowedHost | None:
         """The entry allowing a canonical host (from `canonical_target`), or None.
 
         A port of None means the entry's own port, a scheme of None the entry's own scheme; exact entries win
-        over wildcards.
+        over wildcards of the same scheme and port. Raises AmbiguousTarget when entries of different schemes or
+        ports fit (`api.example.com` given, `api.example.com` and `https://api.example.com:8443` listed).
         """
-        found = _pick(self._exact.get(host), port, scheme)
+        return _pick(self.entries_for(host), port, scheme)
+
+    def entries_for(self, host: str) -> tuple[AllowedHost, ...]:
+        """Every entry covering a canonical host, whatever its scheme and port: exact ones, then wildcards."""
+        found = self._hosts.get(host)
         if found is None:
             first, dot, parent = host.partition(".")
-            if first and dot:
-                found = _pick(self._wildcards.get(parent), port, scheme)
+            found = self._wildcards.get(parent, ()) if first and dot else ()
         return found
 
     def default_entry(self) -> AllowedHost | None:
@@ -286,13 +320,18 @@ class DomainAllowlist:
         return self._default
 
 
-def _pick(candidates: list[AllowedHost] | None, port: int | None, scheme: str | None) -> AllowedHost | None:
-    if not candidates:
+def _pick(candidates: tuple[AllowedHost, ...], port: int | None, scheme: str | None) -> AllowedHost | None:
+    if len(candidates) == 1:  # most hosts have one entry: no list, nothing to compare
+        (entry,) = candidates
+        return entry if (port is None or entry.port == port) and (scheme is None or entry.scheme == scheme) else None
+    fitting = [entry for entry in candidates
+               if (port is None or entry.port == port) and (scheme is None or entry.scheme == scheme)]
+    if not fitting:
         return None
-    if port is None and scheme is None:
-        return candidates[0]
-    return next((entry for entry in candidates
-                 if (port is None or entry.port == port) and (scheme is None or entry.scheme == scheme)), None)
+    first = fitting[0]
+    if any(entry.port != first.port or entry.scheme != first.scheme for entry in fitting[1:]):
+        raise AmbiguousTarget(tuple(fitting))
+    return first
 
 
 def _quote(text: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import os
 import socket
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,3 +53,36 @@ def test_a_failed_secure_stops_grpc_and_removes_the_socket(tmp_path: Path, monke
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+def test_a_sticky_shared_socket_directory_gets_no_chmod_advice(tmp_path: Path) -> None:
+    """Like /tmp: `chmod g-w,o-w` there would break the system, so the advice is a directory of aegisd's own."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # noqa: S103 - the shared directory under test
+    with pytest.raises(SocketError) as caught:
+        ControlSocket(shared / "aegisd.sock").prepare()
+    message = str(caught.value)
+    assert "world-writable (mode 1777)" in message and "sticky" in message, message
+    assert "chmod" not in message and "$XDG_RUNTIME_DIR/aegis" in message, message
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+
+
+def test_a_group_writable_socket_directory_of_aegisds_user_keeps_the_chmod_advice(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(run, 0o770)  # noqa: S103 - the group-writable directory under test
+    with pytest.raises(SocketError, match=rf"group-writable \(mode 0770\).*`chmod g-w,o-w {run}`"):
+        ControlSocket(run / "aegisd.sock").prepare()
+
+
+def test_a_socket_directory_of_another_user_gets_no_chmod_advice(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(run, 0o777)  # noqa: S103 - the shared directory under test
+    monkeypatch.setattr(os, "geteuid", lambda: run.stat().st_uid + 1)
+    with pytest.raises(SocketError) as caught:
+        ControlSocket(run / "aegisd.sock").prepare()
+    message = str(caught.value)
+    assert "belongs to uid" in message and "chmod" not in message and "directory of its own" in message, message

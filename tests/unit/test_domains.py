@@ -9,6 +9,7 @@ import pytest
 from aegisd.errors import InvalidArgument
 from aegisd.vault.domains import (
     AllowedHost,
+    AmbiguousTarget,
     DomainAllowlist,
     DomainError,
     canonical_target,
@@ -429,7 +430,9 @@ def test_a_scheme_picks_the_entry_of_that_scheme() -> None:
     http, https, other = allowlist.entries
     assert allowlist.match(*canonical_target("http://127.0.0.1:8765")) == http
     assert allowlist.match(*canonical_target("https://127.0.0.1:8765")) == https
-    assert allowlist.match(*canonical_target("127.0.0.1:8765")) == http  # no scheme: the first entry on that port
+    with pytest.raises(AmbiguousTarget) as ambiguous:  # no scheme, and both fit: the gate does not pick one
+        allowlist.match(*canonical_target("127.0.0.1:8765"))
+    assert ambiguous.value.entries == (http, https)
     assert allowlist.match(*canonical_target("https://api.a.com:8443")) == other
     assert allowlist.match(*canonical_target("api.a.com")) == other  # no scheme, no port: the entry's own
     assert allowlist.match(*canonical_target("https://api.a.com")) is None  # a scheme without a port means 443
@@ -487,7 +490,7 @@ def test_allowlist_parse_refuses_a_bare_string() -> None:
 @pytest.mark.parametrize(
     ("host", "port", "expected"),
     [
-        ("api.github.com", None, "api.github.com"),
+        ("api.github.com", None, "ambiguous"),  # two entries for it, and no port to choose
         ("api.github.com", 443, "api.github.com"),
         ("api.github.com", 8443, "https://api.github.com:8443"),
         ("api.github.com", 80, None),
@@ -495,7 +498,7 @@ def test_allowlist_parse_refuses_a_bare_string() -> None:
         ("hooks.slack.com", 443, "*.slack.com"),
         ("slack.com", None, None),
         ("a.hooks.slack.com", None, None),
-        ("special.slack.com", None, "http://special.slack.com:8080"),
+        ("special.slack.com", None, "ambiguous"),  # its own entry and the wildcard's, of other schemes and ports
         ("special.slack.com", 8080, "http://special.slack.com:8080"),
         ("special.slack.com", 443, "*.slack.com"),
         ("127.0.0.1", None, "http://127.0.0.1:8080"),
@@ -518,20 +521,55 @@ def test_allowlist_match(host: str, port: int | None, expected: str | None) -> N
             "[::1]",
         ]
     )
-    found = allowlist.match(host, port)
+    try:
+        found = allowlist.match(host, port)
+    except AmbiguousTarget:
+        assert expected == "ambiguous"
+        return
     assert (None if found is None else str(found)) == expected
 
 
 def test_exact_entry_preferred_over_wildcard_regardless_of_order() -> None:
-    allowlist = DomainAllowlist.parse(["*.a.com", "http://api.a.com"])
-    assert allowlist.match("api.a.com", None) == parse_allowed_host("http://api.a.com")
+    allowlist = DomainAllowlist.parse(["*.a.com", "http://api.a.com", "*.b.com", "api.b.com"])
+    assert allowlist.match("api.a.com", 80) == parse_allowed_host("http://api.a.com")
+    assert allowlist.match("api.a.com", 443) == parse_allowed_host("*.a.com")
     assert allowlist.match("other.a.com", None) == parse_allowed_host("*.a.com")
+    assert allowlist.match("api.b.com", None) == parse_allowed_host("api.b.com")  # same scheme and port: no doubt
 
 
-def test_same_host_with_port_none_takes_the_first_entry() -> None:
-    allowlist = DomainAllowlist.parse(["http://x.a.com:8080", "x.a.com"])
-    assert allowlist.match("x.a.com", None) == parse_allowed_host("http://x.a.com:8080")
-    assert allowlist.match("x.a.com", 443) == parse_allowed_host("x.a.com")
+@pytest.mark.parametrize(("entries", "target"), [
+    (["http://127.0.0.1:38732", "http://127.0.0.1:38733"], "127.0.0.1"),
+    (["api.example.com", "https://api.example.com:8443"], "api.example.com"),
+    (["http://x.a.com:8080", "x.a.com"], "x.a.com"),
+    (["*.a.com", "https://*.a.com:8443"], "x.a.com"),
+    (["*.a.com", "http://api.a.com"], "api.a.com"),
+])
+def test_a_target_without_a_port_that_several_entries_fit_is_ambiguous(entries: list[str], target: str) -> None:
+    """It was given the first entry quietly; gate.md says a missing port means the entry's own, and there are two."""
+    allowlist = DomainAllowlist.parse(entries)
+    with pytest.raises(AmbiguousTarget) as ambiguous:
+        allowlist.match(*canonical_target(target))
+    assert ambiguous.value.entries == allowlist.entries_for(canonical_target(target)[0])
+    assert len(ambiguous.value.entries) == 2
+    # each entry as /_aegis/services lists it names exactly that entry (a wildcard's, through a name under it)
+    for entry, listed in zip(allowlist.entries, allowlist.as_targets(), strict=True):
+        assert allowlist.match(*canonical_target(listed.replace("*", "x"))) == entry, listed
+
+
+def test_services_list_a_bare_entry_that_shares_its_host_with_its_scheme() -> None:
+    allowlist = DomainAllowlist.parse(["api.example.com", "https://api.example.com:8443", "b.com", "*.a.com",
+                                       "http://*.a.com"])
+    assert allowlist.as_targets() == ["https://api.example.com", "https://api.example.com:8443", "b.com",
+                                      "https://*.a.com", "http://*.a.com"]
+    assert allowlist.as_strings()[0] == "api.example.com"  # the stored, canonical form is unchanged
+
+
+def test_entries_for_lists_every_entry_covering_a_host() -> None:
+    allowlist = DomainAllowlist.parse(["*.a.com", "http://api.a.com", "api.a.com:8443", "b.com"])
+    assert [str(e) for e in allowlist.entries_for("api.a.com")] == [
+        "http://api.a.com", "https://api.a.com:8443", "*.a.com"]
+    assert [str(e) for e in allowlist.entries_for("x.a.com")] == ["*.a.com"]
+    assert allowlist.entries_for("evil.com") == allowlist.entries_for("") == ()
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -15,13 +15,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from aegisd.gate.admission import GateLimits
 from aegisd.gate.front_door import check_host_header, split_target
 from aegisd.gate.headers import agent_headers, inbound_headers
-from aegisd.gate.pipeline import Exchange
+from aegisd.gate.pipeline import Exchange, GatePipeline
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import AgentEntry, Route, build_route
 from aegisd.metrics import GateMetrics
 from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import keyed_hasher
-from aegisd.vault.domains import DomainError, canonical_target
+from aegisd.vault.domains import DomainAllowlist, DomainError, canonical_target, parse_allowed_host
 
 
 def route(rate_limit: str = "", auth_type: str = "bearer", header_name: str = "") -> Route:
@@ -166,6 +166,42 @@ def test_canonical_target_keeps_refusing_a_bad_host() -> None:
     for _ in range(2):
         with pytest.raises(DomainError):
             canonical_target("evil.example@api.example.com")
+
+
+def target_outcome(domains: list[str], target: str) -> tuple[int, str, str] | str:
+    cred = Credential(id="c1", name="c1", service="svc", domains=domains)
+    request: Any = SimpleNamespace(headers=CIMultiDict([("X-Target-Host", target)]))
+    try:
+        entry, _, port = GatePipeline._target(cast(Any, None), request, build_route(cred, b"not-a-real-secret"))
+    except Refusal as refused:
+        return refused.status, refused.code, refused.message
+    return f"{entry} on {port}"
+
+
+@pytest.mark.parametrize(("domains", "target", "name"), [
+    (["http://127.0.0.1:38732", "http://127.0.0.1:38733"], "127.0.0.1", "port"),
+    (["api.example.com", "https://api.example.com:8443"], "api.example.com", "port"),
+    (["http://127.0.0.1:8765", "https://127.0.0.1:8765"], "127.0.0.1:8765", "scheme"),
+])
+def test_a_target_host_that_several_entries_fit_is_refused_not_guessed(domains: list[str], target: str,
+                                                                       name: str) -> None:
+    """The gate quietly took the first entry; a missing port means the entry's own, and there are two."""
+    shown = ", ".join(DomainAllowlist.parse(domains).as_strings())
+    assert target_outcome(domains, target) == (
+        400, "target_host_ambiguous", f"{target} fits several entries of service 'svc''s allowlist: {shown}; name "
+        f"the {name} in X-Target-Host (send it as /_aegis/services lists the entry you mean)")
+    for listed in DomainAllowlist.parse(domains).as_targets():  # each entry as listed is still reached
+        assert target_outcome(domains, listed) == f"{parse_allowed_host(listed)} on {parse_allowed_host(listed).port}"
+
+
+def test_a_wrong_port_names_every_entry_for_that_host() -> None:
+    domains = ["http://127.0.0.1:38732", "http://127.0.0.1:38733", "api.example.com"]
+    assert target_outcome(domains, "127.0.0.1:9") == (
+        403, "domain_not_allowed", "127.0.0.1:9 is not an allowed host for service 'svc'; its allowlist has "
+        "http://127.0.0.1:38732, http://127.0.0.1:38733 for that host (send X-Target-Host as /_aegis/services lists "
+        "it)")
+    assert target_outcome(domains, "127.0.0.1:38733") == "http://127.0.0.1:38733 on 38733"
+    assert target_outcome(domains, "api.example.com") == "api.example.com on 443"  # one entry for it: no doubt
 
 
 def metrics() -> GateMetrics:

@@ -129,3 +129,44 @@ def test_a_gate_address_off_loopback_needs_the_opt_in(tmp_path: Path, listen: st
 def test_loopback_gate_addresses_need_no_opt_in(tmp_path: Path, listen: str) -> None:
     config = load_config({}, env={"AEGIS_DATA_DIR": str(tmp_path), "AEGIS_GATE_LISTEN": listen})
     assert config.gate_allow_non_loopback is False and startup_warnings(config) == []
+
+
+def test_every_problem_in_the_file_is_reported_at_once(tmp_path: Path) -> None:
+    """A new user fixed `bogus` only to be told of `max_connections` next: one run names them all."""
+    path = tmp_path / "aegisd.toml"
+    text = ("surprise = 1\nsocket_mode = \"0606\"\n[gate]\nmax_connections = 1.5\nbogus = 1\nlisten = 3100\n"
+            "metrics = \"no\"\n[log]\nlevel = \"loud\"\n")
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, text)
+    assert str(caught.value).splitlines() == [
+        "7 problems in the settings:",
+        f"  - config file {path}: unknown setting surprise",
+        f"  - config file {path}: unknown setting [gate] bogus",
+        f"  - config file {path}: [gate] listen must be a string, got int",
+        f"  - config file {path}: [gate] metrics must be true or false, got str",
+        f"  - socket mode '0606' (from {path}) must not grant access to other users",
+        f"  - log level 'loud' (from {path}) is not one of: debug, info, warning, error",
+        f"  - [gate] max_connections 1.5 (from {path}) must be a whole number",
+    ]
+
+
+def test_environment_overrides_are_reported_with_the_file_s_problems(tmp_path: Path) -> None:
+    path = tmp_path / "aegisd.toml"
+    path.write_text("[gate]\nbogus = 1\n")
+    env = {"AEGIS_DATA_DIR": str(tmp_path), "AEGIS_GATE_LISTEN": "nohost", "AEGIS_KDF_ITERATIONS": "1",
+           "AEGIS_GATE_ALLOW_NON_LOOPBACK": "sure"}
+    with pytest.raises(ConfigError) as caught:
+        load_config({"config": str(path)}, env=env)
+    message = str(caught.value)
+    assert message.startswith("4 problems in the settings:\n"), message
+    for needle in ("unknown setting [gate] bogus", "'nohost' (from AEGIS_GATE_LISTEN) must be HOST:PORT",
+                   "[vault] kdf_iterations '1' (from AEGIS_KDF_ITERATIONS) must be between 2 and 64",
+                   "[gate] allow_non_loopback 'sure' (from AEGIS_GATE_ALLOW_NON_LOOPBACK) must be true or false"):
+        assert needle in message, message
+    assert "loopback address" not in message  # not judged on an address that is itself malformed
+
+
+def test_a_single_problem_is_reported_as_before(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, "[gate]\nbogus = 1\n")
+    assert str(caught.value) == f"config file {tmp_path / 'aegisd.toml'}: unknown setting [gate] bogus"

@@ -380,3 +380,22 @@ def test_a_failed_write_keeps_the_memory_and_the_reload(policies: Path, memory_p
     monkeypatch.undo()
     asyncio.run(store.reload("aegisctl"))  # the disk has room again: the same mapping is written now
     assert _stored(memory_path) == [(str(policies.resolve()), {"alice.yaml": "alice", "bob.yaml": "bob"})]
+
+
+def test_a_failed_first_load_does_not_claim_previous_policies_stay(tmp_path: Path, memory_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """At start-up there are none: the daemon refuses to start with the error, which it says itself."""
+    store = PolicyStore(tmp_path / "nowhere", memory=PolicyMemory(memory_path))
+    with caplog.at_level(logging.DEBUG, "aegisd.policy"):
+        assert "cannot read the policy directory" in asyncio.run(store.reload("startup")).error
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, f"policies could not be loaded (startup): cannot read the policy directory "
+                        f"{tmp_path / 'nowhere'}: No such file or directory")]
+    (tmp_path / "nowhere").mkdir()
+    asyncio.run(store.reload("SIGHUP"))
+    (tmp_path / "nowhere").rmdir()
+    caplog.clear()
+    asyncio.run(store.reload("SIGHUP"))  # once a set is in force, a failure keeps it, and says so
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"policy reload (SIGHUP) failed: cannot read the policy directory {tmp_path / 'nowhere'}: No such file or "
+        "directory; the previous policies stay"]
