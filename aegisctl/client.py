@@ -76,6 +76,22 @@ class ClientError(Exception):
         self.reason = reason
 
 
+OWN_SOCKET_DIRECTORY = ("use a directory of your own, e.g. $XDG_RUNTIME_DIR/aegis: start aegisd with --socket "
+                        "$XDG_RUNTIME_DIR/aegis/aegisd.sock (it creates the directory closed to others) and point "
+                        "AEGIS_SOCKET (or --socket) at it")
+
+
+def _shared_directory_hint(directory: Path, info: os.stat_result) -> str:
+    """What to do about a socket directory others can write to: close it, when it is the user's own and not meant
+    to be shared; a shared sticky one (/tmp) or someone else's is not the user's to close."""
+    if info.st_mode & stat.S_ISVTX:
+        return f"{directory} is a shared sticky directory (like /tmp): leave its mode alone and {OWN_SOCKET_DIRECTORY}"
+    if info.st_uid != os.geteuid():
+        return f"{directory} belongs to uid {info.st_uid}, not to you: {OWN_SOCKET_DIRECTORY}"
+    return (f"run `chmod g-w,o-w {directory}` (then restart aegisd so a socket nobody could have swapped is in "
+            f"place), or {OWN_SOCKET_DIRECTORY}")
+
+
 class AegisClient:
     def __init__(self, socket_path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket_path = socket_path
@@ -163,6 +179,20 @@ class AegisClient:
         if self.status().state == vault_pb2.VAULT_STATE_UNINITIALIZED:
             raise ClientError("there is no vault yet", HINTS["vault_uninitialized"], "vault_uninitialized")
 
+    def weak_passphrase(self, passphrase: str) -> str | None:
+        """Why aegisd would refuse `passphrase` as a new one (its rule, asked of it: too short, too guessable), or
+        None if it would take it. An aegisd without the check answers None: Init or ChangePassphrase checks."""
+        try:
+            self.call(self.vault.CheckPassphrase, vault_pb2.CheckPassphraseRequest(passphrase=passphrase),
+                      timeout=120)
+        except ClientError as exc:
+            if exc.reason == "invalid_argument":
+                return exc.message
+            if exc.reason == "unimplemented":
+                return None
+            raise
+        return None
+
     def get_credential(self, name: str) -> credentials_pb2.Credential:
         return self.call(self.credentials.GetCredential, credentials_pb2.GetCredentialRequest(name=name))
 
@@ -211,16 +241,16 @@ class AegisClient:
                               "point --socket / AEGIS_SOCKET at aegisd's control socket")
         directory = path.parent
         try:
-            dir_mode = stat.S_IMODE(os.stat(directory).st_mode)
+            dir_info = os.stat(directory)
         except OSError as exc:
             raise ClientError(f"cannot check the control socket's directory {directory}: {exc.strerror}") from None
+        dir_mode = stat.S_IMODE(dir_info.st_mode)
         if dir_mode & 0o022:
             who = " and ".join(w for w, bit in (("group", 0o020), ("world", 0o002)) if dir_mode & bit)
             raise ClientError(f"refusing to use the control socket {path}: its directory {directory} is "
                               f"{who}-writable (mode {dir_mode:04o}), so anyone who can write there could have put "
                               "their own server in aegisd's place; nothing was sent",
-                              f"the directory's owner should run `chmod g-w,o-w {directory}` (then restart aegisd "
-                              "so a socket nobody could have swapped is in place)")
+                              _shared_directory_hint(directory, dir_info))
         if not os.access(path, os.R_OK | os.W_OK):
             raise ClientError(f"no permission to use the control socket {path}",
                               "run as the daemon's user or a member of its socket group")

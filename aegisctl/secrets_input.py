@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import io
 import sys
+from collections.abc import Callable
 from typing import BinaryIO
 
 import click
 
 from aegisctl.client import ClientError
+from aegisctl.output import printable
 
 # aegisd's limit on a credential's secret (MAX_SECRET_BYTES in aegisd/vault/credentials.py; aegisctl imports
 # only the API stubs from aegisd). Checked here as well, in the daemon's words, because a secret over gRPC's
@@ -52,13 +54,12 @@ def _on_terminal() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
-def _hidden_prompt(what: str, flag: str, confirm: bool = False) -> str:
-    """The value typed at a prompt that does not echo it (confirmed by a second entry with `confirm`)."""
+def _hidden_prompt(what: str, flag: str, text: str = "") -> str:
+    """The value typed at a prompt that does not echo it; the prompt says `text`, or else names `what`."""
     if not _on_terminal():
         raise click.UsageError(f"no terminal to prompt for the {what} on; pipe it in with {flag}")
     try:
-        value = str(click.prompt(what[:1].upper() + what[1:], hide_input=True,
-                                 confirmation_prompt=confirm and "Repeat to confirm", show_default=False))
+        value = str(click.prompt(text or what[:1].upper() + what[1:], hide_input=True, show_default=False))
         value.encode("utf-8")
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise click.UsageError(f"the {what} typed is not UTF-8 text; set the terminal to UTF-8, or pipe it "
@@ -66,15 +67,33 @@ def _hidden_prompt(what: str, flag: str, confirm: bool = False) -> str:
     return value
 
 
-def read_secret(what: str, from_stdin: bool, *, confirm: bool = False, flag: str = "--secret-stdin",
-                max_bytes: int | None = None) -> str:
+def read_secret(what: str, from_stdin: bool, *, flag: str = "--secret-stdin", max_bytes: int | None = None) -> str:
     """The secret from stdin's first line (scripts) or a hidden prompt (people, and a *-stdin flag whose stdin is
     a terminal); with `max_bytes`, one longer than that (UTF-8) is refused before it is sent, with a message
     that never quotes it."""
-    value = stdin_line(what, flag) if from_stdin and not _on_terminal() else _hidden_prompt(what, flag, confirm)
+    value = stdin_line(what, flag) if from_stdin and not _on_terminal() else _hidden_prompt(what, flag)
     if max_bytes is not None and len(value.encode()) > max_bytes:
         raise ClientError(f"the secret is longer than {max_bytes} bytes", reason="invalid_argument")
     return value
+
+
+def read_new_passphrase(what: str, from_stdin: bool, flag: str, weakness: Callable[[str], str | None]) -> str:
+    """A new passphrase: from stdin's first line as read_secret reads it, or typed twice at a hidden prompt. On a
+    terminal `weakness` (aegisd's rule, asked of it: the message if the passphrase fails it, else None) is
+    checked after the first entry, so a weak one is asked for again at once, as a mismatch is, rather than
+    refused after it was typed twice. From stdin it is not: the call that sends it fails on a weak one, exit 1,
+    as scripts expect."""
+    if from_stdin and not _on_terminal():
+        return stdin_line(what, flag)
+    while True:
+        value = _hidden_prompt(what, flag)
+        problem = weakness(value)
+        if problem is not None:
+            click.echo(f"Error: {printable(problem)}. Try another.", err=True)
+            continue
+        if _hidden_prompt(what, flag, text="Repeat to confirm") == value:
+            return value
+        click.echo("Error: The two entered values do not match.", err=True)
 
 
 def confirm_destructive(question: str, yes: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from aegisctl.context import Context, pass_context
-from aegisctl.secrets_input import read_secret
+from aegisctl.secrets_input import read_new_passphrase
 from aegisctl.unlock_key_out import require_path, unlock_key_out
 from aegisd.api.aegis.v1 import vault_pb2
 
@@ -23,7 +23,7 @@ def command(ctx: Context, passphrase_stdin: bool, unlock_key_out_path: str | Non
     # slot can outlive its key.
     with unlock_key_out(unlock_key_out_path) as made:
         client.require_state("uninitialized")  # before the passphrase is typed twice for nothing
-        passphrase = read_secret("passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
+        passphrase = read_new_passphrase("passphrase", passphrase_stdin, "--passphrase-stdin", client.weak_passphrase)
 
         def init(key: str) -> vault_pb2.InitResponse:
             return client.call(client.vault.Init, vault_pb2.InitRequest(

@@ -38,10 +38,13 @@ def ago(ms: int, now_ms: int | None = None) -> str:
         return "in the future"
     for unit, size, below in (("second", 1, 120), ("minute", 60, 120 * 60), ("hour", 3600, 48 * 3600)):
         if seconds < below:
-            count = round(seconds / size)
-            return f"{count} {unit}{'' if count == 1 else 's'} ago"
-    days = round(seconds / 86400)
-    return f"{days} day{'' if days == 1 else 's'} ago"
+            return f"{plural(round(seconds / size), unit)} ago"
+    return f"{plural(round(seconds / 86400), 'day')} ago"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 request`, `2 requests`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def record_json(r: pb.LedgerRecord) -> dict[str, Any]:
@@ -54,8 +57,21 @@ def record_json(r: pb.LedgerRecord) -> dict[str, Any]:
     }
 
 
+NOT_RECORDED = "(path not recorded)"
+
+
+def _request(r: dict[str, Any]) -> str:
+    """The request as `METHOD /service/path`. A request refused before its target was split into service and
+    path (a bad Host header, a `..` segment, an absolute-form target) has no path on record, and says so rather
+    than show `/`, which the agent did not ask for. Every other request has one: at least the `/` after its
+    service. (JSON and CSV keep the empty string: they are data.)"""
+    if not r["path"]:
+        return f"{r['method'] or '-'} " + (f"/{r['service']} {NOT_RECORDED}" if r["service"] else NOT_RECORDED)
+    return f"{r['method']} /{r['service']}{r['path']}"
+
+
 def _row(r: dict[str, Any]) -> list[Any]:
-    what = r["detail"] if r["kind"] == "system" else f"{r['method']} /{r['service']}{r['path']}"
+    what = r["detail"] if r["kind"] == "system" else _request(r)
     outcome = r["decision"] or r["kind"]
     if r["reason"]:
         outcome += f" ({r['reason']})"
@@ -250,7 +266,8 @@ def stats(ctx: Context, /, top: int, as_json: bool, **filters: Any) -> None:
         click.echo("No ledger rows match.")
         return
     output.fields([
-        ("rows", f"{reply.rows} ({reply.requests} requests, {reply.system_events} system events)"),
+        ("rows", f"{reply.rows} ({plural(reply.requests, 'request')}, "
+                 f"{plural(reply.system_events, 'system event')})"),
         ("allowed", reply.allowed),
         ("denied", reply.denied),
         ("bytes", f"{reply.bytes_in} in, {reply.bytes_out} out"),

@@ -23,6 +23,8 @@ from aegisctl.mcp.settings import SettingsError
 
 AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 DEFAULT_LISTEN = "127.0.0.1:3300"
+DEFAULT_GATE_URL = "http://" + settings.DEFAULT_GATE_LISTEN
+RUNNING_GATE_TIMEOUT = 5.0  # seconds for aegisd's Status answer to `mcp config`
 
 
 def token_file_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -30,8 +32,10 @@ def token_file_option(help_text: str) -> Callable[[Callable[..., Any]], Callable
                         help=help_text)
 
 
-gate_url_option = click.option(
-    "--gate-url", metavar="URL", help="The gate [default: $AEGIS_GATE_URL, else http:// + $AEGIS_GATE_LISTEN].")
+def gate_url_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--gate-url", metavar="URL", help=f"The gate [default: $AEGIS_GATE_URL, else {default}].")
+
+
 transport_option = click.option(
     "--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True,
     help="stdio for a host that starts the bridge; http for streamable HTTP on --listen.")
@@ -79,7 +83,7 @@ def command() -> None:
 @listen_option
 @token_file_option("File holding the agent token alone, mode 0600 [default: $AEGIS_AGENT_TOKEN].")
 @bearer_file_option
-@gate_url_option
+@gate_url_option("http:// + $AEGIS_GATE_LISTEN")
 @click.pass_context
 def serve(ctx: click.Context, transport: str, listen: str | None, token_file: Path | None,
           bearer_file: Path | None, gate_url: str | None) -> None:
@@ -108,7 +112,7 @@ def serve(ctx: click.Context, transport: str, listen: str | None, token_file: Pa
 @click.argument("host", type=click.Choice(host_config.HOSTS))
 @click.option("--agent", metavar="NAME", help="The agent this host acts as: names the server entry and the token hint.")
 @token_file_option("The token file the bridge will read (recommended: the config then holds no token).")
-@gate_url_option
+@gate_url_option("where the running aegisd says, else http:// + $AEGIS_GATE_LISTEN")
 @transport_option
 @listen_option
 @bearer_file_option
@@ -125,20 +129,25 @@ def config(ctx: click.Context, host: str, agent: str | None, token_file: Path | 
     if agent is not None and not AGENT_NAME.match(agent):
         raise click.BadParameter("1-64 characters of a-z, 0-9, '.', '_' or '-'", param_hint="--agent")
     _http_only(transport, listen, bearer_file)
-    if transport == "http":
-        _config_http(host, agent, token_file, listen, bearer_file, gate_url)
-        return
+    if transport == "http" and host not in host_config.HTTP_HOSTS:
+        raise click.UsageError("Claude Desktop takes remote MCP servers only as connectors in its own settings: "
+                               "use its stdio entry (without --transport http)")
+    config_path = ctx.find_root().params.get("config")
+    # Unless told the gate's URL, ask the running aegisd where its gate listens, as `aegisctl status` does.
+    running, unasked = (None, "") if gate_url or os.environ.get("AEGIS_GATE_URL") else _running_gate(ctx)
     try:
-        url = settings.gate_url(gate_url, os.environ, ctx.find_root().params.get("config"))
+        url = settings.gate_url(gate_url, os.environ, config_path, running)
     except SettingsError as exc:
         _settings_failed(exc)
+    if transport == "http":
+        _config_http(host, agent, token_file, listen, bearer_file, url)
+        _gate_note(url, gate_url, running, unasked, config_path)
+        return
     absolute = token_file.expanduser().absolute() if token_file is not None else None
     bridge = host_config.Bridge(host_config.aegisctl_executable(), url, str(absolute) if absolute else None, agent)
     click.echo(host_config.render(host, bridge))
     click.echo(f"aegisctl: {host_config.where(host, bridge)}", err=True)
-    if settings.gate_url_is_default(gate_url, os.environ, ctx.find_root().params.get("config")):
-        click.echo(f"aegisctl: the gate is assumed at {url}, the default; if aegisd listens elsewhere "
-                   "(`aegisctl status` shows where), pass --gate-url", err=True)
+    _gate_note(url, gate_url, running, unasked, config_path)
     if absolute is None:
         if host != "vscode":
             click.echo("aegisctl: note: without --token-file this host's config will hold the agent token itself; "
@@ -147,15 +156,45 @@ def config(ctx: click.Context, host: str, agent: str | None, token_file: Path | 
     _warn_token_file(absolute)
 
 
-def _config_http(host: str, agent: str | None, token_file: Path | None, listen: str | None,
-                 bearer_file: Path | None, gate_url: str | None) -> None:
-    """The entry of a host connecting to `mcp serve --transport http`, and how to run that bridge."""
-    if host not in host_config.HTTP_HOSTS:
-        raise click.UsageError("Claude Desktop takes remote MCP servers only as connectors in its own settings: "
-                               "use its stdio entry (without --transport http)")
+def _running_gate(ctx: click.Context) -> tuple[str | None, str]:
+    """The gate address the running aegisd reports (`aegisctl status` shows it), or None and why it could not be
+    asked. Only `config` asks, as the operator; `serve` runs as the agent, which may have no access to the control
+    socket. Imported here: the bridge's modules load nothing from aegisd, and aegisctl.client loads its API."""
+    from aegisctl.client import AegisClient, ClientError
+    from aegisctl.paths import PathError, resolve_socket
+
+    root = ctx.find_root().params
     try:
-        if gate_url is not None:
-            settings.gate_url(gate_url, os.environ)  # refused now rather than when the bridge starts
+        with AegisClient(resolve_socket(root.get("socket_flag"), root.get("config")), RUNNING_GATE_TIMEOUT) as client:
+            return client.status().gate_address or None, "it did not say"
+    except PathError as exc:
+        return None, str(exc)
+    except ClientError as exc:
+        return None, exc.message
+
+
+def _gate_note(url: str, flag: str | None, running: str | None, unasked: str, config_path: str | None) -> None:
+    """Say on stderr where the gate URL came from when aegisctl, rather than the operator, chose it."""
+    try:
+        assumed = settings.gate_url_is_default(flag, os.environ, config_path)
+        configured = None if assumed or not running else settings.gate_url(flag, os.environ, config_path)
+    except SettingsError:  # the config file aegisd's own answer made unnecessary to read
+        assumed, configured = False, None
+    if running:
+        elsewhere = (f"; not at {configured}, where AEGIS_GATE_LISTEN or the config file says"
+                     if configured and configured != url else "")
+        click.echo(f"aegisctl: the gate is at {url}, where the running aegisd listens (`aegisctl status`)"
+                   f"{elsewhere}", err=True)
+    elif assumed:
+        click.echo(output.printable(
+            f"aegisctl: the gate is assumed at {url}, the default, as aegisd could not be asked ({unasked}); if "
+            "aegisd listens elsewhere (`aegisctl status` shows where), pass --gate-url"), err=True)
+
+
+def _config_http(host: str, agent: str | None, token_file: Path | None, listen: str | None,
+                 bearer_file: Path | None, url: str) -> None:
+    """The entry of a host connecting to `mcp serve --transport http`, and how to run that bridge."""
+    try:
         http = _http_listen(listen, token_file, bearer_file)
     except SettingsError as exc:
         _settings_failed(exc)
@@ -171,8 +210,8 @@ def _config_http(host: str, agent: str | None, token_file: Path | None, listen: 
         words += ["--token-file", str(token_file.expanduser().absolute())]
     if bearer_file is not None:
         words += ["--bearer-file", str(http.bearer_file)]
-    if gate_url is not None:
-        words += ["--gate-url", gate_url]
+    if url != DEFAULT_GATE_URL:  # the bridge would assume the default, perhaps in another environment
+        words += ["--gate-url", url]
     run = shlex.join(words) + ("" if token_file is not None else "  (with AEGIS_AGENT_TOKEN set)")
     click.echo(output.printable(f"aegisctl: run the bridge with: {run}"), err=True)
     if token_file is not None:

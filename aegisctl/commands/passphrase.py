@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from aegisctl.context import Context, pass_context
-from aegisctl.secrets_input import read_secret
+from aegisctl.secrets_input import read_new_passphrase, read_secret
 from aegisd.api.aegis.v1 import vault_pb2
 
 
@@ -22,7 +22,7 @@ def command(ctx: Context, passphrase_stdin: bool) -> None:
     client = ctx.client
     client.require_initialized()  # before three passphrases are typed for nothing
     current = read_secret("current passphrase", passphrase_stdin, flag="--passphrase-stdin")
-    new = read_secret("new passphrase", passphrase_stdin, confirm=True, flag="--passphrase-stdin")
+    new = read_new_passphrase("new passphrase", passphrase_stdin, "--passphrase-stdin", client.weak_passphrase)
     client.call(client.vault.ChangePassphrase,
                 vault_pb2.ChangePassphraseRequest(current=current, new_passphrase=new), timeout=120)
     click.echo("Passphrase changed. Backup files taken before still hold the old one; `aegisctl restore` of one "

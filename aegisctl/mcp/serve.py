@@ -67,6 +67,9 @@ async def check_agent(gate: GateClient) -> str:
             raise StartupError(exc.message, "stop whatever holds the gate's port (`ss -ltnp` shows it) and start "
                                "aegisd; if aegisd itself runs as that user, check that AEGIS_SOCKET or AEGIS_CONFIG "
                                "names its control socket, or run the bridge as that user") from None
+        if exc.code == "gate_unreachable":  # the bridge cannot ask aegisd where its gate is: the operator can
+            raise StartupError(exc.message, "start aegisd; or aegisd listens elsewhere: see `aegisctl status`, and "
+                               "pass --gate-url or AEGIS_GATE_URL") from None
         raise StartupError(exc.message, "start aegisd, or point AEGIS_GATE_URL (or --gate-url) at its gate") from None
     refusal = reply.refusal
     if refusal is None:

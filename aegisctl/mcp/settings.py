@@ -3,7 +3,8 @@
 The token comes from `--token-file` or `AEGIS_AGENT_TOKEN` (flag over environment). A token
 file that group or others may read is refused, as ssh refuses such a key: anyone who can read
 it can act as this agent. The gate URL comes from `--gate-url`, `AEGIS_GATE_URL`, then
-`http://` + the gate's listen address (`AEGIS_GATE_LISTEN`, aegisd's config file, 127.0.0.1:3100).
+`http://` + the gate's listen address (`mcp config` only: as the running aegisd reports it; then
+`AEGIS_GATE_LISTEN`, aegisd's config file, 127.0.0.1:3100).
 The gate must be on loopback: the token goes to it with every call.
 
 The HTTP transport authenticates its caller with a bearer of its own, never the agent token: a
@@ -103,11 +104,16 @@ def _seconds(value: object, name: str) -> float:
     return seconds
 
 
-def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None = None) -> str:
-    """The gate's base URL, checked, on loopback, and without a trailing slash."""
+def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None = None,
+             running: str | None = None) -> str:
+    """The gate's base URL, checked, on loopback, and without a trailing slash. `running` is the gate address
+    the running aegisd reports (`mcp config` asks it; the bridge, an agent, does not): it comes after the flag
+    and AEGIS_GATE_URL, and before the listen address aegisctl would otherwise assume."""
     raw, source = flag, "--gate-url"
     if not raw:
         raw, source = env.get("AEGIS_GATE_URL"), "AEGIS_GATE_URL"
+    if not raw and running:
+        raw, source = "http://" + _reachable(running), "the running aegisd's gate address"
     if not raw:
         config = config_path or env.get("AEGIS_CONFIG")
         listen, source = env.get("AEGIS_GATE_LISTEN"), "AEGIS_GATE_LISTEN"

@@ -19,6 +19,7 @@ from aegisd.errors import InvalidArgument, WrongPassphrase
 from aegisd.ledger import LedgerEntry, LedgerError
 from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential
+from aegisd.vault.passphrase_strength import check_passphrase_strength
 from aegisd.vault.unlock_key_format import check_unlock_key, new_unlock_key
 from aegisd.vault.vault import VaultChanged
 
@@ -86,6 +87,13 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         removed = await self._key_slot_change("unlock keys removed", self.rt.vault.remove_unlock_keys,
                                               request.passphrase)
         return pb.RemoveUnlockKeysResponse(removed=removed)
+
+    @rpc
+    async def CheckPassphrase(self, request: pb.CheckPassphraseRequest, context: Ctx) -> pb.CheckPassphraseResponse:
+        """The rule Init and ChangePassphrase apply, asked alone: aegisctl checks a passphrase after its first
+        entry, before it asks for the second."""
+        await asyncio.to_thread(check_passphrase_strength, request.passphrase)
+        return pb.CheckPassphraseResponse()
 
     async def _key_slot_change(self, what: str, change: Callable[..., T], passphrase: str, *args: str) -> T:
         """Run a change of what opens the vault (its first argument is the passphrase that proves the caller may),

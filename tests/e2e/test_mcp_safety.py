@@ -181,7 +181,9 @@ def test_the_token_goes_only_to_a_loopback_gate(world: GateWorld) -> None:
         listener.close()
     assert listener.received == b""
     # A gate listening on every address is reached on loopback.
-    everywhere = world.aegis.ctl("mcp", "config", "cursor", env={"AEGIS_GATE_LISTEN": "0.0.0.0:3100"}).ok()
+    # (AEGIS_SOCKET leads nowhere: `mcp config` asks a running aegisd first, and this one listens elsewhere.)
+    everywhere = world.aegis.ctl("mcp", "config", "cursor", env={"AEGIS_GATE_LISTEN": "0.0.0.0:3100",
+                                                                 "AEGIS_SOCKET": str(world.aegis.root / "none")}).ok()
     assert json.loads(everywhere.out)["mcpServers"]["aegis"]["env"]["AEGIS_GATE_URL"] == "http://127.0.0.1:3100"
     world.assert_no_leaks()
 

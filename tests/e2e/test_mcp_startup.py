@@ -57,7 +57,8 @@ def test_serve_refuses_to_start_without_a_valid_token(world: GateWorld) -> None:
         (["--token-file", str(root / "missing.token")], {}, 1, ["does not exist", "umask 077"]),
         (["--token-file", str(write_token_file(root / "two.token", f"{new}\n{new}"))], {}, 1, ["alone on one line"]),
         (["--token-file", good, "--gate-url", f"http://127.0.0.1:{free_port()}"], {}, 1,
-         ["cannot reach the Aegis gate", "is aegisd running"]),
+         ["cannot reach the Aegis gate", "is aegisd running", "or aegisd listens elsewhere: see `aegisctl status`, "
+          "and pass --gate-url or AEGIS_GATE_URL"]),
         (["--token-file", good, "--gate-url", "ftp://127.0.0.1"], {}, 2, ["not a plain http(s)://HOST:PORT"]),
         (["--token-file", good, "--transport", "http", "--listen", "0.0.0.0:3300"], {}, 2, ["loopback only"]),
         (["--token-file", good, "--listen", "127.0.0.1:3300"], {}, 2, ["--transport http only"]),
@@ -85,6 +86,22 @@ def test_config_snippet_starts_a_bridge_that_waits_for_unlock(world: GateWorld) 
     entry = json.loads(printed.out)["mcpServers"]["aegis-bot"]
     assert entry == {"command": AEGISCTL, "args": ["mcp", "serve", "--token-file", str(token_file)],
                      "env": {"AEGIS_GATE_URL": world.aegis.gate_url}}
+    # Found by a new user: with AEGIS_GATE_LISTEN unset (or saying something else), the gate was assumed at
+    # 127.0.0.1:3100 although the running aegisd, whose control socket answers, listens elsewhere. It is asked now.
+    for listen in ("", "127.0.0.1:1"):
+        asked = world.aegis.ctl("mcp", "config", "cursor", "--agent", "bot", "--token-file", str(token_file),
+                                env={"AEGIS_GATE_LISTEN": listen}).ok()
+        assert json.loads(asked.out)["mcpServers"]["aegis-bot"] == entry, asked.out
+        assert "assumed" not in asked.err and f"the gate is at {world.aegis.gate_url}, where the running aegisd " \
+            "listens" in asked.err, asked.err
+        assert ("not at http://127.0.0.1:1, where AEGIS_GATE_LISTEN" in asked.err) == bool(listen), asked.err
+    # ... and the HTTP bridge's command line says where the gate is, as the stdio entries do.
+    http = world.aegis.ctl("mcp", "config", "cursor", "--agent", "bot", "--token-file", str(token_file),
+                           "--transport", "http", "--listen", f"127.0.0.1:{free_port()}",
+                           env={"AEGIS_GATE_LISTEN": ""}).ok()
+    world.aegis.outputs.remove(http.out)  # it holds the bridge's own MCP bearer, by design
+    run_line = next(line for line in http.err.splitlines() if "run the bridge with:" in line)
+    assert shlex.split(run_line.partition("run the bridge with: ")[2])[-2:] == ["--gate-url", world.aegis.gate_url]
     world.aegis.ctl("lock").ok()
     bridge = Bridge(world.aegis.gate_url, token_file, world.aegis.root / "bridge.err")
     params = StdioServerParameters(command=entry["command"], args=entry["args"], env=entry["env"])

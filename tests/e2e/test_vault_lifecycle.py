@@ -20,6 +20,7 @@ from tests.e2e.support import assert_failed, status
 from tests.harness import AEGISCTL, AEGISD, PASSPHRASE, Aegis, Result, new_aegis
 
 OTHER_PASSPHRASE = "violet submarine orbit pancake 77"
+PROMPT = re.compile(rb"(?:Passphrase|Repeat to confirm): ")  # init's hidden prompts
 
 
 def test_status_json_through_every_state(aegis: Aegis) -> None:
@@ -83,18 +84,27 @@ def test_init_needs_a_passphrase_from_stdin_or_a_terminal(aegis: Aegis) -> None:
 
     # Found by a cold review: --passphrase-stdin (any *-stdin flag) on a terminal read the line with the echo on,
     # so the passphrase appeared on screen. On a terminal it now asks at the hidden prompt, twice for init.
-    screen, code = _typed_on_a_terminal(aegis, ["init", "--passphrase-stdin"], [PASSPHRASE, PASSPHRASE])
+    # Found by a new user: a short or weak passphrase was refused (exit 1) only after it was typed twice. aegisd's
+    # rule is asked after the first entry now, and the passphrase asked for again, as after a mismatch.
+    weak = "password12345"
+    typed = ["short", weak, PASSPHRASE, OTHER_PASSPHRASE, PASSPHRASE, PASSPHRASE]
+    screen, code = _typed_on_a_terminal(aegis, ["init", "--passphrase-stdin"], typed)
     assert code == 0, screen
     assert PASSPHRASE.encode() not in screen and b"Repeat to confirm" in screen, screen
+    text = screen.decode(errors="replace")
+    assert "at least 12 characters" in text and "too weak" in text and "do not match" in text, text
+    # the prompts in order: two refused at once, one confirmed wrongly, one confirmed
+    assert re.findall(r"Passphrase: |Repeat to confirm: ", text) == [
+        "Passphrase: ", "Passphrase: ", "Passphrase: ", "Repeat to confirm: ", "Passphrase: ", "Repeat to confirm: "]
     assert status(aegis)["state"] == "unlocked"
-    aegis.outputs.append(screen.decode(errors="replace"))
-    aegis.assert_no_leaks([PASSPHRASE])
+    aegis.outputs.append(text)
+    aegis.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE, weak])
 
 
 def _typed_on_a_terminal(aegis: Aegis, args: list[str], lines: list[str]) -> tuple[bytes, int]:
-    """Run aegisctl with a pty as its terminal (stdin, stdout, stderr) and type each line once the terminal's
-    echo is off (waiting at most a few seconds for it): what appeared on the screen, and the exit status.
-    A session of its own, so the pty (not the terminal running the tests) is the one it reads from."""
+    """Run aegisctl with a pty as its terminal (stdin, stdout, stderr) and type each line once its prompt is shown
+    and the terminal's echo is off (waiting at most a few seconds for each): what appeared on the screen, and the
+    exit status. A session of its own, so the pty (not the terminal running the tests) is the one it reads from."""
     master, slave = pty.openpty()
     proc = subprocess.Popen([AEGISCTL, *args], stdin=slave, stdout=slave, stderr=slave, env=aegis.base_env(),
                             start_new_session=True)
@@ -109,10 +119,13 @@ def _typed_on_a_terminal(aegis: Aegis, args: list[str], lines: list[str]) -> tup
             elif proc.poll() is not None:
                 return
 
+    def prompts_shown(count: int) -> Callable[[], bool]:
+        return lambda: len(PROMPT.findall(screen)) >= count
+
     try:
         for number, line in enumerate(lines):
-            if number:  # the next prompt: after the echo came back on for the line before
-                read_until(lambda: b"Repeat" in screen, 5)
+            # the next prompt: after the echo came back on for the line before (a check by aegisd between)
+            read_until(prompts_shown(number + 1), 10)
             read_until(lambda: not termios.tcgetattr(slave)[3] & termios.ECHO, 5)
             os.write(master, line.encode() + b"\n")
         code = proc.wait(30)

@@ -40,6 +40,40 @@ VAULT_STATE_UNLOCKED: VaultState.ValueType  # 3
 Global___VaultState: _TypeAlias = VaultState  # noqa: Y015
 
 @_typing.final
+class CheckPassphraseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSPHRASE_FIELD_NUMBER: _builtins.int
+    passphrase: _builtins.str
+    def __init__(
+        self,
+        *,
+        passphrase: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passphrase", b"passphrase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckPassphraseRequest: _TypeAlias = CheckPassphraseRequest  # noqa: Y015
+
+@_typing.final
+class CheckPassphraseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckPassphraseResponse: _TypeAlias = CheckPassphraseResponse  # noqa: Y015
+
+@_typing.final
 class ChangePassphraseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

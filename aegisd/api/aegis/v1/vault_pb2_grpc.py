@@ -74,6 +74,11 @@ class VaultServiceStub:
                 request_serializer=aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysRequest.SerializeToString,
                 response_deserializer=aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysResponse.FromString,
                 _registered_method=True)
+        self.CheckPassphrase = channel.unary_unary(
+                '/aegis.v1.VaultService/CheckPassphrase',
+                request_serializer=aegis_dot_v1_dot_vault__pb2.CheckPassphraseRequest.SerializeToString,
+                response_deserializer=aegis_dot_v1_dot_vault__pb2.CheckPassphraseResponse.FromString,
+                _registered_method=True)
 
 
 class VaultServiceServicer:
@@ -141,6 +146,15 @@ class VaultServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckPassphrase(self, request, context):
+        """Checks a new passphrase against the rule Init and ChangePassphrase apply (length, then strength):
+        INVALID_ARGUMENT saying why if it fails. Changes nothing and needs no vault; a client asks it after
+        the first entry, so a weak passphrase is not typed twice for nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaultServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +197,11 @@ def add_VaultServiceServicer_to_server(servicer, server):
                     servicer.RemoveUnlockKeys,
                     request_deserializer=aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysRequest.FromString,
                     response_serializer=aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysResponse.SerializeToString,
+            ),
+            'CheckPassphrase': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckPassphrase,
+                    request_deserializer=aegis_dot_v1_dot_vault__pb2.CheckPassphraseRequest.FromString,
+                    response_serializer=aegis_dot_v1_dot_vault__pb2.CheckPassphraseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +420,33 @@ class VaultService:
             '/aegis.v1.VaultService/RemoveUnlockKeys',
             aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysRequest.SerializeToString,
             aegis_dot_v1_dot_vault__pb2.RemoveUnlockKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckPassphrase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.v1.VaultService/CheckPassphrase',
+            aegis_dot_v1_dot_vault__pb2.CheckPassphraseRequest.SerializeToString,
+            aegis_dot_v1_dot_vault__pb2.CheckPassphraseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,11 @@ class VaultServiceStub:
     """
     RemoveUnlockKeys: _grpc.UnaryUnaryMultiCallable[_vault_pb2.RemoveUnlockKeysRequest, _vault_pb2.RemoveUnlockKeysResponse]
     """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
+    CheckPassphrase: _grpc.UnaryUnaryMultiCallable[_vault_pb2.CheckPassphraseRequest, _vault_pb2.CheckPassphraseResponse]
+    """Checks a new passphrase against the rule Init and ChangePassphrase apply (length, then strength):
+    INVALID_ARGUMENT saying why if it fails. Changes nothing and needs no vault; a client asks it after
+    the first entry, so a weak passphrase is not typed twice for nothing.
+    """
 
 @_typing.type_check_only
 class VaultServiceAsyncStub(VaultServiceStub):
@@ -85,6 +90,11 @@ class VaultServiceAsyncStub(VaultServiceStub):
     """
     RemoveUnlockKeys: _aio.UnaryUnaryMultiCallable[_vault_pb2.RemoveUnlockKeysRequest, _vault_pb2.RemoveUnlockKeysResponse]  # type: ignore[assignment]
     """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
+    CheckPassphrase: _aio.UnaryUnaryMultiCallable[_vault_pb2.CheckPassphraseRequest, _vault_pb2.CheckPassphraseResponse]  # type: ignore[assignment]
+    """Checks a new passphrase against the rule Init and ChangePassphrase apply (length, then strength):
+    INVALID_ARGUMENT saying why if it fails. Changes nothing and needs no vault; a client asks it after
+    the first entry, so a weak passphrase is not typed twice for nothing.
+    """
 
 class VaultServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -159,5 +169,16 @@ class VaultServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_vault_pb2.RemoveUnlockKeysResponse, _abc.Awaitable[_vault_pb2.RemoveUnlockKeysResponse]]:
         """Removes every unlock key: afterwards only the passphrase opens the vault. Needs the passphrase."""
+
+    @_abc_1.abstractmethod
+    def CheckPassphrase(
+        self,
+        request: _vault_pb2.CheckPassphraseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vault_pb2.CheckPassphraseResponse, _abc.Awaitable[_vault_pb2.CheckPassphraseResponse]]:
+        """Checks a new passphrase against the rule Init and ChangePassphrase apply (length, then strength):
+        INVALID_ARGUMENT saying why if it fails. Changes nothing and needs no vault; a client asks it after
+        the first entry, so a weak passphrase is not typed twice for nothing.
+        """
 
 def add_VaultServiceServicer_to_server(servicer: VaultServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
