@@ -313,7 +313,7 @@ def export(ctx: Context, /, fmt: str, output_path: Path | None, **filters: Any) 
             stream.cancel()  # type: ignore[no-untyped-call]
             raise
     progress.finish()
-    click.echo(f"Exported {progress.count} rows to {output_path}.", err=True)
+    click.echo(f"Exported {plural(progress.count, 'row')} to {output_path}.", err=True)
 
 
 def _export_rows(client: AegisClient, stream: Iterable[pb.ExportBatch], out: IO[str], fmt: str,
@@ -354,7 +354,7 @@ def prune(ctx: Context, before: int, include_unchained: bool, yes: bool, as_json
                           "unchained": reply.unchained})
     elif reply.pruned:
         unchained = f" ({reply.unchained} of them not chained)" if reply.unchained else ""
-        click.echo(f"Pruned {reply.pruned} rows recorded before {when}{unchained}; the ledger now starts at row "
-                   f"{reply.first_kept_id} and still verifies from there.")
+        click.echo(f"Pruned {plural(reply.pruned, 'row')} recorded before {when}{unchained}; the ledger now starts "
+                   f"at row {reply.first_kept_id} and still verifies from there.")
     else:
         click.echo(f"Nothing to prune: no rows recorded before {when}.")
