@@ -144,7 +144,8 @@ class Config:
 def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Resolve every setting from flags, then environment, then the config file, then defaults."""
     env = os.environ if env is None else env
-    config_file = _path_or_none(flags.get("config") or env.get("AEGIS_CONFIG"))
+    config_file = _path_or_none(flags.get("config") or env.get("AEGIS_CONFIG"), "config file",
+                                "--config" if flags.get("config") else "AEGIS_CONFIG")
     problems: list[str] = []  # every malformed setting, reported together at the end
     file_values = _read_toml(config_file, problems) if config_file else {}
 
@@ -158,8 +159,10 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         elif key in file_values:
             values[key], sources[key] = file_values[key], f"{config_file}"
 
-    data_dir = Path(values["data_dir"]).expanduser() if "data_dir" in values else default_data_dir(env)
-    socket_path = Path(values["socket"]).expanduser() if "socket" in values else default_socket(env, data_dir)
+    data_dir = (_checked(problems, default_data_dir(env), _home_path, values["data_dir"], "data directory",
+                         sources["data_dir"]) if "data_dir" in values else default_data_dir(env))
+    socket_path = (_checked(problems, default_socket(env, data_dir), _home_path, values["socket"], "socket path",
+                            sources["socket"]) if "socket" in values else default_socket(env, data_dir))
     listen, listen_source = str(values.get("gate_listen", DEFAULT_GATE_LISTEN)), sources.get("gate_listen", "default")
     before = len(problems)
     gate_host, gate_port = _checked(problems, ("127.0.0.1", 3100), parse_listen, listen, listen_source)
@@ -191,7 +194,8 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         gate_allow_non_loopback=booleans["gate_allow_non_loopback"],
         socket_group=str(socket_group) if socket_group else None,
         socket_mode=socket_mode,
-        unlock_key_file=_path_or_none(values.get("unlock_key_file")),
+        unlock_key_file=_path_or_none(values.get("unlock_key_file"), "unlock key file",
+                                      sources.get("unlock_key_file", "")),
         credentials_directory=Path(creds) if creds else None,
         log_format=log_format,
         log_level=log_level,
@@ -209,7 +213,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         webhook_retry_delay=numbers["webhook_retry_delay"],
         agent_max_concurrency=int(numbers["agent_max_concurrency"]),
         max_connections=int(numbers["max_connections"]),
-        policies_dir=_path_or_none(values.get("policies_dir")),
+        policies_dir=_path_or_none(values.get("policies_dir"), "policy directory", sources.get("policies_dir", "")),
         kdf_memory_mib=int(numbers["kdf_memory_mib"]),
         kdf_iterations=int(numbers["kdf_iterations"]),
         sources=sources,
@@ -389,5 +393,14 @@ def _choice(value: Any, allowed: tuple[str, ...], what: str, source: str) -> str
     return text
 
 
-def _path_or_none(value: Any) -> Path | None:
-    return Path(str(value)).expanduser() if value else None
+def _path_or_none(value: Any, what: str, source: str) -> Path | None:
+    return _home_path(value, what, source) if value else None
+
+
+def _home_path(value: Any, what: str, source: str) -> Path:
+    """`value` as a path, `~` and `~user` expanded; a `~user` with no such user is a ConfigError, not a crash."""
+    try:
+        return Path(str(value)).expanduser()
+    except RuntimeError:
+        raise ConfigError(f"{what} {str(value)!r} (from {source}) starts with the home of a user that does not "
+                          "exist") from None

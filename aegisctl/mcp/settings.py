@@ -144,10 +144,17 @@ def gate_url(flag: str | None, env: Mapping[str, str], config_path: str | None =
 
 
 def _reachable(listen: str) -> str:
-    """A gate listening on every address (0.0.0.0, [::]) is reached, like any local one, on loopback."""
+    """A gate listening on every address (0.0.0.0, [::], [0::0]) is reached, like any local one, on loopback."""
     host, sep, port = listen.rpartition(":")
-    everywhere = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}  # noqa: S104 - read, never bound
-    return everywhere.get(host, host) + sep + port if sep else listen
+    if not sep:
+        return listen
+    try:
+        unspecified = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return listen
+    if not unspecified.is_unspecified:
+        return listen
+    return ("127.0.0.1" if unspecified.version == 4 else "[::1]") + sep + port
 
 
 def is_loopback(host: str) -> bool:

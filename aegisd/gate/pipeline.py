@@ -693,8 +693,8 @@ def _not_allowed(route: Route, host: str, port: int | None, scheme: str | None) 
     message = f"{target_text(host, port, scheme)} is not an allowed host for service {route.service!r}"
     near = route.allowlist.entries_for(host)
     if near:
-        message += (f"; its allowlist has {', '.join(map(str, near))} for that host (send X-Target-Host as "
-                    "/_aegis/services lists it)")
+        listed = ", ".join(map(route.allowlist.target_of, near))
+        message += f"; its allowlist has {listed} for that host (send X-Target-Host as /_aegis/services lists it)"
     return Refusal(403, "domain_not_allowed", message)
 
 
@@ -702,13 +702,10 @@ def _ambiguous(route: Route, host: str, port: int | None, scheme: str | None,
                entries: tuple[AllowedHost, ...]) -> Refusal:
     """`target_host_ambiguous`: the target host, without a port (or scheme), fits several entries; the gate does
     not pick one for the agent."""
-    ports = len({entry.port for entry in entries}) > 1
-    schemes = len({entry.scheme for entry in entries}) > 1
-    name = "scheme and port" if ports and schemes else "port" if ports else "scheme"
     return Refusal(400, "target_host_ambiguous",
                    f"{target_text(host, port, scheme)} fits several entries of service {route.service!r}'s "
-                   f"allowlist: {', '.join(map(str, entries))}; name the {name} in X-Target-Host (send it as "
-                   "/_aegis/services lists the entry you mean)")
+                   f"allowlist: {', '.join(map(route.allowlist.target_of, entries))}; send X-Target-Host as "
+                   "/_aegis/services lists the entry you mean")
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:

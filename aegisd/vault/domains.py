@@ -298,6 +298,10 @@ class DomainAllowlist:
             shown.append(text)
         return shown
 
+    def target_of(self, entry: AllowedHost) -> str:
+        """`entry` as `as_targets` lists it, for a refusal that tells the agent what to send instead."""
+        return self.as_targets()[self.entries.index(entry)]
+
     def match(self, host: str, port: int | None, scheme: str | None = None) -> AllowedHost | None:
         """The entry allowing a canonical host (from `canonical_target`), or None.
 

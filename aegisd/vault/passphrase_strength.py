@@ -21,6 +21,9 @@ from aegisd.errors import AegisError, InvalidArgument
 MIN_PASSPHRASE_LENGTH = 12
 MIN_PASSPHRASE_SCORE = 3  # zxcvbn: "safely unguessable"
 _CHECK_SECONDS = 30.0
+# zxcvbn 4.5 refuses longer input outright (and 4.4 slows down past it); a passphrase whose first 72 characters
+# are unguessable is, so only those are judged, and longer ones (a long diceware line) can still be set.
+_JUDGED_CHARACTERS = 72
 log = logging.getLogger("aegisd.vault")
 
 
@@ -29,7 +32,7 @@ def check_passphrase_strength(passphrase: str) -> None:
     if len(passphrase) < MIN_PASSPHRASE_LENGTH:
         raise InvalidArgument(f"the passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters; "
                               "four or more unrelated words work well")
-    score, warning = _zxcvbn_verdict(passphrase[:100])
+    score, warning = _zxcvbn_verdict(passphrase[:_JUDGED_CHARACTERS])
     if score < MIN_PASSPHRASE_SCORE:
         hint = warning or "it is too easy to guess"
         raise InvalidArgument(f"the passphrase is too weak ({hint.rstrip('.')}); "

@@ -178,20 +178,31 @@ def target_outcome(domains: list[str], target: str) -> tuple[int, str, str] | st
     return f"{entry} on {port}"
 
 
-@pytest.mark.parametrize(("domains", "target", "name"), [
-    (["http://127.0.0.1:38732", "http://127.0.0.1:38733"], "127.0.0.1", "port"),
-    (["api.example.com", "https://api.example.com:8443"], "api.example.com", "port"),
-    (["http://127.0.0.1:8765", "https://127.0.0.1:8765"], "127.0.0.1:8765", "scheme"),
+@pytest.mark.parametrize(("domains", "target"), [
+    (["http://127.0.0.1:38732", "http://127.0.0.1:38733"], "127.0.0.1"),
+    (["api.example.com", "https://api.example.com:8443"], "api.example.com"),
+    (["http://127.0.0.1:8765", "https://127.0.0.1:8765"], "127.0.0.1:8765"),
 ])
-def test_a_target_host_that_several_entries_fit_is_refused_not_guessed(domains: list[str], target: str,
-                                                                       name: str) -> None:
-    """The gate quietly took the first entry; a missing port means the entry's own, and there are two."""
-    shown = ", ".join(DomainAllowlist.parse(domains).as_strings())
+def test_a_target_host_that_several_entries_fit_is_refused_not_guessed(domains: list[str], target: str) -> None:
+    """The gate quietly took the first entry; a missing port means the entry's own, and there are two. The
+    message lists them as /_aegis/services does, so that each, sent back, reaches exactly that entry (a bare
+    `api.example.com` sent back would be ambiguous again)."""
+    listed = DomainAllowlist.parse(domains).as_targets()
     assert target_outcome(domains, target) == (
-        400, "target_host_ambiguous", f"{target} fits several entries of service 'svc''s allowlist: {shown}; name "
-        f"the {name} in X-Target-Host (send it as /_aegis/services lists the entry you mean)")
-    for listed in DomainAllowlist.parse(domains).as_targets():  # each entry as listed is still reached
-        assert target_outcome(domains, listed) == f"{parse_allowed_host(listed)} on {parse_allowed_host(listed).port}"
+        400, "target_host_ambiguous", f"{target} fits several entries of service 'svc''s allowlist: "
+        f"{', '.join(listed)}; send X-Target-Host as /_aegis/services lists the entry you mean")
+    for shown in listed:  # each entry as listed is still reached
+        assert target_outcome(domains, shown) == f"{parse_allowed_host(shown)} on {parse_allowed_host(shown).port}"
+
+
+def test_a_wrong_scheme_names_the_entries_as_they_can_be_sent_back() -> None:
+    """Found by a review: the refusal named `api.example.com`, which sent back was ambiguous, whose refusal named
+    it again: an agent copying from the errors went round in a loop."""
+    domains = ["api.example.com", "https://api.example.com:8443"]
+    assert target_outcome(domains, "http://api.example.com") == (
+        403, "domain_not_allowed", "http://api.example.com is not an allowed host for service 'svc'; its allowlist "
+        "has https://api.example.com, https://api.example.com:8443 for that host (send X-Target-Host as "
+        "/_aegis/services lists it)")
 
 
 def test_a_wrong_port_names_every_entry_for_that_host() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aegisctl.mcp.settings import SettingsError, Timeouts, gate_url, timeouts
+from aegisctl.mcp.settings import SettingsError, Timeouts, _reachable, gate_url, timeouts
 
 
 def test_the_read_timeout_follows_the_gates_own_timeouts(tmp_path: Path) -> None:
@@ -43,3 +43,12 @@ def test_only_localhost_itself_is_a_loopback_name(host: str) -> None:
                                  "http://[::1]:3100", "http://[::ffff:127.0.0.1]:3100"])
 def test_localhost_and_loopback_addresses_are_gates(url: str) -> None:
     assert gate_url(url, {}) == url
+
+
+@pytest.mark.parametrize(("listen", "reached"), [
+    ("0.0.0.0:3100", "127.0.0.1:3100"), ("[::]:3100", "[::1]:3100"), ("[0::0]:3100", "[::1]:3100"),
+    ("0.0.0.000:3100", "0.0.0.000:3100"),  # not an address ipaddress reads: left for the loopback check to refuse
+    ("127.0.0.1:3100", "127.0.0.1:3100"), ("[::1]:3100", "[::1]:3100"), ("localhost:3100", "localhost:3100"),
+])
+def test_a_gate_on_every_address_is_reached_on_loopback_however_it_is_written(listen: str, reached: str) -> None:
+    assert _reachable(listen) == reached

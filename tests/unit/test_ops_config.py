@@ -170,3 +170,15 @@ def test_a_single_problem_is_reported_as_before(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, "[gate]\nbogus = 1\n")
     assert str(caught.value) == f"config file {tmp_path / 'aegisd.toml'}: unknown setting [gate] bogus"
+
+
+def test_a_home_of_no_such_user_is_a_setting_problem_not_a_crash(tmp_path: Path) -> None:
+    """Found by a review: `~nosuchuser/x` raised RuntimeError from expanduser, a traceback at start and on SIGHUP."""
+    env = {"AEGIS_DATA_DIR": "~no-such-user-aegis/data", "AEGIS_SOCKET": "~no-such-user-aegis/s.sock"}
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, env=env)
+    message = str(caught.value)
+    assert message.startswith("2 problems in the settings:\n"), message
+    assert "data directory '~no-such-user-aegis/data' (from AEGIS_DATA_DIR) starts with the home of a user" in message
+    with pytest.raises(ConfigError, match=r"config file .~no-such-user-aegis/a\.toml. \(from AEGIS_CONFIG\)"):
+        load_config({}, env={"AEGIS_CONFIG": "~no-such-user-aegis/a.toml", "AEGIS_DATA_DIR": str(tmp_path)})

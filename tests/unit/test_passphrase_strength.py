@@ -33,6 +33,14 @@ def test_a_short_passphrase_is_refused_before_any_child_runs(monkeypatch: pytest
         check_passphrase_strength("short")
 
 
+def test_a_passphrase_longer_than_zxcvbn_takes_is_judged_not_an_error() -> None:
+    """Found by a review: zxcvbn 4.5 refuses input past 72 characters, so a long diceware passphrase failed as
+    "the strength check could not run", at init and at every change."""
+    check_passphrase_strength("vivid walrus ironing ochre tundra gravel quince lantern moss harbour sprocket")
+    with pytest.raises(InvalidArgument, match="too weak"):
+        check_passphrase_strength("a" * 200)
+
+
 def test_non_ascii_passphrases_reach_the_child_intact() -> None:
     check_passphrase_strength("Grüße aus Köln, 東京 und Zürich")
 
