@@ -5,7 +5,8 @@
 This machine's speed drifts by a third within minutes, so two full `make bench` runs cannot tell a
 change of a few per cent from the drift. Here the daemon built from REV (a git revision, checked out
 in a temporary worktree) and the one from this tree are configured as `make bench` configures one,
-share one nginx, and take turns at 20 connections (or `--connections N`), the order flipped every round:
+share one nginx, and take turns at 20 connections (or `--connections N`) with small GETs (or, `--post`, the
+benchmark's 64 KiB POSTs, which body inspection reads), the order flipped every round:
 a difference that holds in most rounds is the change's, not the machine's. At one connection the p50
 is the number to read (the one-connection target is added latency).
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 from bench.daemon import BenchDaemon, start_configured
 from bench.procstat import cpu_seconds
 from bench.services import start_nginx
-from bench.wrk import Request, run_wrk
+from bench.wrk import POST_BYTES, Request, run_wrk
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTIONS = 20
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
+    parser.add_argument("--post", action="store_true", help="64 KiB POSTs instead of small GETs.")
     parser.add_argument("--work-dir", type=Path, help="Keep the daemons' files here (default: a temp dir, removed).")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so every process started is stopped
@@ -75,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             daemon = TreeDaemon(root / ("rev" if source else "this"))
             daemon.tree = source
             setup = start_configured(stack, daemon, nginx.url)
-            gates[name] = (daemon, daemon.gate_url + "/bench/small", setup.token)
+            gates[name] = (daemon, daemon.gate_url + ("/bench/upload" if args.post else "/bench/small"), setup.token)
+
+        def request(token: str) -> Request:
+            return Request("POST", POST_BYTES, token) if args.post else Request(token=token)
+
         for _, url, token in gates.values():
-            run_wrk(url, args.connections, 1, Request(token=token))  # warm-up
+            run_wrk(url, args.connections, 1, request(token))  # warm-up
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in gates}
         errors = 0
         order = list(gates)
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 gate, url, token = gates[name]
                 before = cpu_seconds(gate.pid)
-                wrk = run_wrk(url, args.connections, args.seconds, Request(token=token))
+                wrk = run_wrk(url, args.connections, args.seconds, request(token))
                 per_request = (cpu_seconds(gate.pid) - before) / wrk.requests * 1e6 if wrk.requests else 0.0
                 results[name].append((wrk.rps, per_request, wrk.p50_ms))
                 errors += wrk.errors

@@ -31,10 +31,10 @@ from bench.procstat import RssSampler, cpu_seconds, main_thread_cpu_seconds, mem
 from bench.report import RESULTS_DIR, ledger_summary, load_table, targets_table, write_json
 from bench.services import Service, ServiceError, find_nginx, start_baseline, start_nginx, start_sse_upstream
 from bench.targets import evaluate
-from bench.wrk import Request, WrkError, WrkResult, run_wrk
+from bench.wrk import POST_BYTES, Request, WrkError, WrkResult, run_wrk
 
 CONFIGS = ("direct", "baseline", "gate")
-POST_BYTES = 64 * 1024
+
 MIB = 1024
 
 

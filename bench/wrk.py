@@ -10,6 +10,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("wrk_report.lua")
 MARKER = "AEGIS_BENCH_RESULT "
+POST_BYTES = 64 * 1024  # the benchmark's POST body: inspected, not forwarded as a stream
 
 
 class WrkError(Exception):

@@ -138,12 +138,13 @@ def test_vault_change_costs_run() -> None:
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk; make bench does)")
 @pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (apt-get install nginx-light)")
 def test_ab_of_two_trees_runs() -> None:
-    """bench.ab (this tree against a revision) still runs: both daemons answered every request, both are
-    summarised, and the revision's worktree is gone afterwards; no timing is judged."""
+    """bench.ab (this tree against a revision) still runs, with its 64 KiB POSTs (the small GETs differ only in
+    the request wrk sends): both daemons answered every request, both are summarised, and the revision's worktree
+    is gone afterwards; no timing is judged."""
     secret = "sk-smoke-" + os.urandom(12).hex()
     root = Path(tempfile.mkdtemp(prefix="aga", dir="/tmp"))  # short: the control sockets live below it
     try:
-        proc = run_bench(["bench.ab", "HEAD", "--rounds", "1", "--seconds", "1", "--connections", "1",
+        proc = run_bench(["bench.ab", "HEAD", "--post", "--rounds", "1", "--seconds", "1", "--connections", "1",
                           "--work-dir", str(root)],
                          {**os.environ, "AEGIS_BENCH_SECRET": secret}, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
