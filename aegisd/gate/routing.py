@@ -11,7 +11,7 @@ import base64
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -220,7 +220,42 @@ class RoutingState:
         self._routes = built
         agents = self._agent_entries()
         sources = {r.credential_id: secret_values(r.secret, r.auth_type) for r in routes.values()}
+        neighbours = credentials_sharing_hosts(routes.values())
         inspector = self.table.inspector if self.table is not None else None
-        if inspector is None or inspector.values != sources:
-            inspector = Inspector(SecretSource(cid, values) for cid, values in sources.items())
+        if inspector is None or inspector.values != sources or inspector.neighbours != neighbours:
+            inspector = Inspector((SecretSource(cid, values) for cid, values in sources.items()), neighbours)
         return RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")), inspector)
+
+
+def credentials_sharing_hosts(routes: Iterable[Route]) -> dict[str, frozenset[str]]:
+    """By credential id, the other credentials whose allowlists reach a host its own reaches (the same host, or
+    one under the same `*.` parent), whatever the scheme or port: an upstream there may store what one sent
+    (a request-bin, an audit log) and echo it to the other. One pass over the entries, indexed by host."""
+    exact: dict[str, set[str]] = {}  # host -> credentials with that exact entry
+    exact_under: dict[str, set[str]] = {}  # parent -> credentials with an exact entry one label under it
+    wildcard: dict[str, set[str]] = {}  # parent -> credentials with `*.parent`
+    routes = list(routes)
+    for route in routes:
+        for entry in route.allowlist.entries:
+            if entry.wildcard:
+                wildcard.setdefault(entry.host, set()).add(route.credential_id)
+                continue
+            exact.setdefault(entry.host, set()).add(route.credential_id)
+            first, dot, parent = entry.host.partition(".")
+            if first and dot:
+                exact_under.setdefault(parent, set()).add(route.credential_id)
+    shared: dict[str, frozenset[str]] = {}
+    for route in routes:
+        found: set[str] = set()
+        for entry in route.allowlist.entries:
+            if entry.wildcard:
+                found |= wildcard.get(entry.host, set()) | exact_under.get(entry.host, set())
+            else:
+                found |= exact.get(entry.host, set())
+                first, dot, parent = entry.host.partition(".")
+                if first and dot:
+                    found |= wildcard.get(parent, set())
+        found.discard(route.credential_id)
+        if found:
+            shared[route.credential_id] = frozenset(found)
+    return shared

@@ -42,8 +42,9 @@ def _decoded(values: tuple[bytes, ...]) -> list[bytes]:
 class Inspector:
     """Scans outbound data for any vault secret or key format; hands out per-credential redactions."""
 
-    def __init__(self, sources: Iterable[SecretSource]) -> None:
+    def __init__(self, sources: Iterable[SecretSource], neighbours: Mapping[str, frozenset[str]] | None = None) -> None:
         self._values = {s.credential_id: s.values for s in sources}
+        self._neighbours = dict(neighbours or {})
         self._vault = LiteralSearch(form for values in self._values.values() for form in search_forms(_decoded(values)))
         self._redactions: dict[str, Redaction | None] = {}
 
@@ -51,6 +52,11 @@ class Inspector:
     def values(self) -> Mapping[str, tuple[bytes, ...]]:
         """The secret values by credential id it was built from: a rebuild with the same ones keeps it."""
         return self._values
+
+    @property
+    def neighbours(self) -> Mapping[str, frozenset[str]]:
+        """By credential id, the other credentials whose secrets its answers are redacted of too."""
+        return self._neighbours
 
     def scan(self, data: bytes) -> set[str]:
         """Families found in `data` or its decoded views; empty when clean."""
@@ -77,8 +83,11 @@ class Inspector:
         return {name: found for name, part in parts.items() if (found := self.scan(part))}
 
     def redaction(self, credential_id: str) -> Redaction | None:
-        """The compiled forms of this credential's secret, built on first use (None if too short to search)."""
+        """The compiled forms of this credential's secret, and of its neighbours' (credentials whose allowlists
+        reach a host its own does: an upstream may have stored what one of them sent and echo it to this one),
+        built on first use (None if all are too short to search)."""
         if credential_id not in self._redactions:
-            forms = redaction_forms(self._values.get(credential_id, ()))
+            ids = (credential_id, *sorted(self._neighbours.get(credential_id, ())))
+            forms = redaction_forms(tuple(v for cid in ids for v in self._values.get(cid, ())))
             self._redactions[credential_id] = Redaction(forms) if forms else None
         return self._redactions[credential_id]

@@ -22,18 +22,23 @@ _UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
 
 
 def secret_values(secret: bytes, auth_type: str) -> tuple[bytes, ...]:
-    """What counts as the secret: the stored value, and for basic auth also the password on its own."""
+    """What counts as the secret: the stored value, and for basic auth also the password on its own, or the
+    username on its own when the password is too short to be the secret: Stripe's `sk_live_...:` and
+    Freshdesk's `KEY:X` put the key in the username, which a whoami answer echoes."""
     values = [secret]
     if auth_type == "basic" and b":" in secret:
-        values.append(secret.split(b":", 1)[1])
+        user, password = secret.split(b":", 1)
+        values.append(password if len(password) >= MIN_SECRET_LENGTH else user)
     return tuple(v for v in values if len(v) >= MIN_SECRET_LENGTH)
 
 
 def url_forms(secret: bytes) -> set[bytes]:
     """Percent-encodings as common encoders write them (Python's quote and quote_plus, JavaScript's
-    encodeURIComponent), in upper- and lower-case hex. Mixed encodings are undone by views.py."""
+    encodeURIComponent, and `~` as `%7E` as Java's URLEncoder, PHP's urlencode and .NET write it), in upper-
+    and lower-case hex. Mixed encodings are undone by views.py."""
     forms = {quote_from_bytes(secret, safe="").encode(), quote_from_bytes(secret).encode(),
              quote_plus(secret, safe="").encode(), quote(secret, safe="!*'()").encode()}
+    forms |= {form.replace(b"~", b"%7E") for form in forms}
     return forms | {_lower_hex(f) for f in forms}
 
 

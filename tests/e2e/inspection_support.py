@@ -44,7 +44,11 @@ class LeakyUpstream(Upstream):
       /leak/range      {"auth": S}; a `Range: bytes=A-B` gets 206 with just those bytes
       /leak/escaped?style=php|net|net-mixed&stream=1   {"auth": S} with S's characters JSON-escaped as encoders
                        do (`escaped_json`); streamed: in two chunks cut inside an escape
+      /leak/store      keeps S (a request-bin, an audit log); /leak/fetch answers "stored=" + what was kept
+      /leak/whoami     {"user": the Basic credential's username}, as a whoami endpoint names its caller
     """
+
+    stored = ""
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if not request.path.startswith("/leak/"):
@@ -87,6 +91,14 @@ class LeakyUpstream(Upstream):
             return _ranged(request, json.dumps({"auth": secret}).encode())
         if kind == "escaped":
             return await self._leak_escaped(request, escaped_json(secret, request.query.get("style", "")))
+        if kind == "store":
+            self.stored = secret
+            return web.Response(text="ok")
+        if kind == "fetch":
+            return web.Response(text=f"stored={self.stored}")
+        if kind == "whoami":
+            user = base64.b64decode(secret.removeprefix("Basic ")).split(b":", 1)[0].decode()
+            return web.json_response({"user": user})
         if kind == "gzip-cut":
             body = gzip.compress(b"hello world, a compressed answer")[:-12]
             return web.Response(body=body, headers={"Content-Encoding": "gzip"})

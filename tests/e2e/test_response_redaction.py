@@ -21,7 +21,7 @@ from tests.e2e.inspection_support import LeakyUpstream, escaped_json
 REDACTED = "[REDACTED]"
 SECRETS = {"blk": "blk-Secret/for+redaction=Q7w8E9", "wrn": "wrn-secret-for-redaction-A1s2D3",
            "off": "off-secret-for-redaction-Z9x8", "bas": "svcuser:basic-pass-R4t5Y6u7",
-           "mix": 'mix-Se"cr\\et/for+redaction=K3'}
+           "mix": 'mix-Se"cr\\et/for+redaction=K3', "key": "KEYfd1234567890abcdef:X"}
 
 
 @dataclass
@@ -42,11 +42,13 @@ def red() -> Iterator[Redacting]:
         world.credential("off", SECRETS["off"], up.entry(), "--body-inspection", "off")
         world.credential("bas", SECRETS["bas"], up.entry(), "--auth-type", "basic")
         world.credential("mix", SECRETS["mix"], up.entry())
+        world.credential("key", SECRETS["key"], up.entry(), "--auth-type", "basic")  # the key is the username
+        world.secrets.append(SECRETS["key"].split(":")[0])
         for secret in (SECRETS["blk"], SECRETS["bas"]):  # every form the upstream sends back is a needle too
             world.secrets += [base64.b64encode(secret.encode()).decode(), quote(secret, safe="")]
         world.secrets += [escaped_json(SECRETS["blk"], style).decode()[10:-2] for style in ("php", "net")]
         world.secrets += [escaped_json(SECRETS["mix"], "net-mixed").decode()[19:-2], json.dumps(SECRETS["mix"])[1:-1]]
-        world.agent("bot", "blk", "wrn", "off", "bas", "mix")
+        world.agent("bot", "blk", "wrn", "off", "bas", "mix", "key")
         yield Redacting(world, up)
     finally:
         world.close()
@@ -105,6 +107,28 @@ def test_basic_auth_echo_is_redacted(red: Redacting) -> None:
     reply = world.call("GET", "/bas/leak/raw", agent="bot")
     assert reply.body == b"key=Basic [REDACTED];"
     assert_redacted(world, reply, world.ledger("--credential", "bas"))
+    world.assert_no_leaks()
+
+
+def test_a_key_sent_as_the_basic_username_is_redacted_when_echoed_alone(red: Redacting) -> None:
+    """Found by a red-team pass: Stripe's `sk_live_...:` and Freshdesk's `KEY:X` put the key in the username,
+    and a whoami answer named it in clear: only `user:password`, its base64 and the password were redacted."""
+    world = red.world
+    reply = world.call("GET", "/key/leak/whoami", agent="bot")
+    assert reply.json() == {"user": REDACTED}, reply.text()
+    assert_redacted(world, reply, world.ledger("--credential", "key"))
+    world.assert_no_leaks()
+
+
+def test_a_secret_another_credential_left_at_the_same_host_is_redacted(red: Redacting) -> None:
+    """Found by a red-team pass: an upstream that keeps what it is sent (a request-bin, an audit log) gave one
+    credential's secret back in clear to an agent calling it with another: redaction knew only its own. Answers
+    are now redacted of every credential whose allowlist reaches the same host."""
+    world = red.world
+    assert world.call("POST", "/blk/leak/store", agent="bot").status == 200
+    reply = world.call("GET", "/wrn/leak/fetch", agent="bot")
+    assert reply.body == f"stored={REDACTED}".encode(), reply.text()
+    assert_redacted(world, reply, world.ledger("--credential", "wrn"))
     world.assert_no_leaks()
 
 

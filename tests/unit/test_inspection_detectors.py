@@ -9,17 +9,21 @@ import random
 import re
 import threading
 import zlib
+from types import SimpleNamespace
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 import hyperscan
 import pytest
 
+from aegisd.gate.routing import credentials_sharing_hosts
 from aegisd.inspection import VAULT_SECRET, Inspector, SecretSource
 from aegisd.inspection.decompress import DecodeError, TooLarge, decompress_capped
 from aegisd.inspection.key_formats import FAMILIES, find_key_formats
 from aegisd.inspection.literal_matcher import LiteralSearch, PatternScanner, compile_literals, compile_longest
-from aegisd.inspection.secret_forms import MIN_SECRET_LENGTH, base64_cores, secret_values
+from aegisd.inspection.secret_forms import MIN_SECRET_LENGTH, base64_cores, secret_values, url_forms
 from aegisd.inspection.views import json_unescape
+from aegisd.vault.domains import DomainAllowlist
 from tests.inspection_samples import clean_corpus, fake_keys
 
 SECRET = b"vault-Secret/with+odd&chars=0123"
@@ -146,6 +150,39 @@ def test_basic_auth_password_counts_alone_and_short_secrets_are_not_searched() -
                        SecretSource("s", secret_values(b"x" * (MIN_SECRET_LENGTH - 1), "bearer"))])
     assert check.scan(b"the password is basic-pass-Q1w2") == {VAULT_SECRET}
     assert check.scan(b"xxxxxxx and svcuser") == set()
+
+
+def test_a_key_in_the_basic_username_counts_alone_when_the_password_is_too_short_to_be_it() -> None:
+    """Stripe's `sk_live_...:` and Freshdesk's `KEY:X`: the username is the key. A username beside a password
+    long enough to be the secret is a name, and is not redacted."""
+    assert secret_values(b"sk_live_51Habcdef:", "basic") == (b"sk_live_51Habcdef:", b"sk_live_51Habcdef")
+    assert secret_values(b"KEYfd1234567890:X", "basic") == (b"KEYfd1234567890:X", b"KEYfd1234567890")
+    assert secret_values(b"alice.long.name:basic-pass-Q1w2", "basic") == (b"alice.long.name:basic-pass-Q1w2",
+                                                                          b"basic-pass-Q1w2")
+
+
+def test_url_forms_include_a_tilde_written_as_percent_7e() -> None:
+    """Java's URLEncoder, PHP's urlencode and .NET write `~` as `%7E`; Python and JavaScript leave it."""
+    forms = url_forms(b"q~secret~Tilde*Star+1")
+    assert {b"q%7Esecret%7ETilde*Star%2B1", b"q%7esecret%7eTilde*Star%2b1", b"q~secret~Tilde*Star%2B1"} <= forms
+
+
+def test_credentials_sharing_a_host_redact_each_others_secrets() -> None:
+    """An upstream may keep what one credential sent and echo it to another calling the same host: each answer
+    is redacted of the secrets of every credential whose allowlist reaches a host its own does."""
+    def route(cid: str, *domains: str) -> Any:
+        return SimpleNamespace(credential_id=cid, allowlist=DomainAllowlist.parse(list(domains)))
+
+    shared = credentials_sharing_hosts([route("a", "api.example.com"), route("b", "https://api.example.com:8443"),
+                                        route("w", "*.example.com"), route("o", "other.example.org"),
+                                        route("x", "x.api.example.com")])
+    assert shared == {"a": frozenset({"b", "w"}), "b": frozenset({"a", "w"}), "w": frozenset({"a", "b"})}
+    check = Inspector([SecretSource("a", (b"first-secret-value-1",)), SecretSource("b", (b"second-secret-value-2",)),
+                       SecretSource("o", (b"third-secret-value-3",))], shared)
+    redaction = check.redaction("a")
+    assert redaction is not None
+    redacted, count = redaction.redact_all(b"second-secret-value-2 first-secret-value-1 third-secret-value-3")
+    assert (redacted, count) == (b"[REDACTED] [REDACTED] third-secret-value-3", 2)
 
 
 def test_findings_never_say_which_credential() -> None:
