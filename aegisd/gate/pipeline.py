@@ -251,6 +251,8 @@ class GatePipeline:
                 break
             admitted = self._readmit(request, x, service, rest, query)
         query = forwarded_query
+        if route.body_inspection != "off" and not inspector.has_redaction(route.credential_id):
+            await asyncio.to_thread(inspector.redaction, route.credential_id)  # compiled once, off the loop
         redaction = redaction_for(route, inspector)
 
         # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential

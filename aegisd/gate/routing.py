@@ -220,42 +220,45 @@ class RoutingState:
         self._routes = built
         agents = self._agent_entries()
         sources = {r.credential_id: secret_values(r.secret, r.auth_type) for r in routes.values()}
-        neighbours = credentials_sharing_hosts(routes.values())
+        groups = credentials_sharing_hosts(routes.values())
         inspector = self.table.inspector if self.table is not None else None
-        if inspector is None or inspector.values != sources or inspector.neighbours != neighbours:
-            inspector = Inspector((SecretSource(cid, values) for cid, values in sources.items()), neighbours)
+        if inspector is None or inspector.values != sources or inspector.groups != groups:
+            inspector = Inspector((SecretSource(cid, values) for cid, values in sources.items()), groups)
         return RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")), inspector)
 
 
 def credentials_sharing_hosts(routes: Iterable[Route]) -> dict[str, frozenset[str]]:
-    """By credential id, the other credentials whose allowlists reach a host its own reaches (the same host, or
-    one under the same `*.` parent), whatever the scheme or port: an upstream there may store what one sent
-    (a request-bin, an audit log) and echo it to the other. One pass over the entries, indexed by host."""
-    exact: dict[str, set[str]] = {}  # host -> credentials with that exact entry
-    exact_under: dict[str, set[str]] = {}  # parent -> credentials with an exact entry one label under it
-    wildcard: dict[str, set[str]] = {}  # parent -> credentials with `*.parent`
+    """The groups of credentials whose answers are redacted of each other's secrets, by credential id (each
+    group holds its own members; a credential alone on its hosts has none). Two credentials share when their
+    allowlists reach a common host (the same host, or one under the same `*.` parent), whatever the scheme or
+    port: an upstream there may store what one sent (a request-bin, an audit log) and echo it to the other.
+    Groups are closed under sharing, so a host with a thousand credentials compiles one redaction, not a
+    thousand each of a thousand secrets."""
     routes = list(routes)
+    wildcards = {entry.host for route in routes for entry in route.allowlist.entries if entry.wildcard}
+    buckets: dict[tuple[str, str], list[str]] = {}  # ("host", h): exact entries; ("under", p): `*.p` and p's children
     for route in routes:
         for entry in route.allowlist.entries:
-            if entry.wildcard:
-                wildcard.setdefault(entry.host, set()).add(route.credential_id)
-                continue
-            exact.setdefault(entry.host, set()).add(route.credential_id)
             first, dot, parent = entry.host.partition(".")
-            if first and dot:
-                exact_under.setdefault(parent, set()).add(route.credential_id)
-    shared: dict[str, frozenset[str]] = {}
-    for route in routes:
-        found: set[str] = set()
-        for entry in route.allowlist.entries:
             if entry.wildcard:
-                found |= wildcard.get(entry.host, set()) | exact_under.get(entry.host, set())
-            else:
-                found |= exact.get(entry.host, set())
-                first, dot, parent = entry.host.partition(".")
-                if first and dot:
-                    found |= wildcard.get(parent, set())
-        found.discard(route.credential_id)
-        if found:
-            shared[route.credential_id] = frozenset(found)
-    return shared
+                buckets.setdefault(("under", entry.host), []).append(route.credential_id)
+                continue
+            buckets.setdefault(("host", entry.host), []).append(route.credential_id)
+            if first and dot and parent in wildcards:  # siblings share no host unless a wildcard covers both
+                buckets.setdefault(("under", parent), []).append(route.credential_id)
+    leader: dict[str, str] = {}
+
+    def find(cid: str) -> str:
+        while leader.setdefault(cid, cid) != cid:
+            leader[cid] = leader[leader[cid]]
+            cid = leader[cid]
+        return cid
+
+    for members in buckets.values():
+        for other in members[1:]:
+            leader[find(other)] = find(members[0])
+    groups: dict[str, set[str]] = {}
+    for cid in leader:
+        groups.setdefault(find(cid), set()).add(cid)
+    return {cid: frozen for group in groups.values() if len(group) > 1
+            for frozen in (frozenset(group),) for cid in group}

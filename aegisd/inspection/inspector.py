@@ -42,11 +42,12 @@ def _decoded(values: tuple[bytes, ...]) -> list[bytes]:
 class Inspector:
     """Scans outbound data for any vault secret or key format; hands out per-credential redactions."""
 
-    def __init__(self, sources: Iterable[SecretSource], neighbours: Mapping[str, frozenset[str]] | None = None) -> None:
+    def __init__(self, sources: Iterable[SecretSource], groups: Mapping[str, frozenset[str]] | None = None) -> None:
         self._values = {s.credential_id: s.values for s in sources}
-        self._neighbours = dict(neighbours or {})
+        self._groups = dict(groups or {})
         self._vault = LiteralSearch(form for values in self._values.values() for form in search_forms(_decoded(values)))
-        self._redactions: dict[str, Redaction | None] = {}
+        self._redactions: dict[frozenset[str], Redaction | None] = {}  # by group
+        self._by_credential: dict[str, Redaction | None] = {}  # the same, by credential: one lookup a request
 
     @property
     def values(self) -> Mapping[str, tuple[bytes, ...]]:
@@ -54,9 +55,10 @@ class Inspector:
         return self._values
 
     @property
-    def neighbours(self) -> Mapping[str, frozenset[str]]:
-        """By credential id, the other credentials whose secrets its answers are redacted of too."""
-        return self._neighbours
+    def groups(self) -> Mapping[str, frozenset[str]]:
+        """By credential id, the credentials whose secrets its answers are redacted of (routing's
+        `credentials_sharing_hosts`); a credential not in it is redacted of its own only."""
+        return self._groups
 
     def scan(self, data: bytes) -> set[str]:
         """Families found in `data` or its decoded views; empty when clean."""
@@ -82,12 +84,20 @@ class Inspector:
             return {}
         return {name: found for name, part in parts.items() if (found := self.scan(part))}
 
+    def has_redaction(self, credential_id: str) -> bool:
+        """Whether `redaction` would answer at once (compiled already): a group's first compile, up to a second
+        for a thousand credentials on one host, is made in a worker thread rather than on the event loop."""
+        return credential_id in self._by_credential
+
     def redaction(self, credential_id: str) -> Redaction | None:
-        """The compiled forms of this credential's secret, and of its neighbours' (credentials whose allowlists
-        reach a host its own does: an upstream may have stored what one of them sent and echo it to this one),
-        built on first use (None if all are too short to search)."""
-        if credential_id not in self._redactions:
-            ids = (credential_id, *sorted(self._neighbours.get(credential_id, ())))
-            forms = redaction_forms(tuple(v for cid in ids for v in self._values.get(cid, ())))
-            self._redactions[credential_id] = Redaction(forms) if forms else None
-        return self._redactions[credential_id]
+        """The compiled forms of this credential's secret and of its group's (credentials whose allowlists reach
+        a host its own does: an upstream may have stored what one of them sent and echo it to this one), built on
+        first use, one per group (None if all are too short to search)."""
+        if credential_id in self._by_credential:
+            return self._by_credential[credential_id]
+        group = self._groups.get(credential_id) or frozenset((credential_id,))
+        if group not in self._redactions:
+            forms = redaction_forms(tuple(v for cid in sorted(group) for v in self._values.get(cid, ())))
+            self._redactions[group] = Redaction(forms) if forms else None
+        found = self._by_credential[credential_id] = self._redactions[group]
+        return found

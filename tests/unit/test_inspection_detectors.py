@@ -176,7 +176,11 @@ def test_credentials_sharing_a_host_redact_each_others_secrets() -> None:
     shared = credentials_sharing_hosts([route("a", "api.example.com"), route("b", "https://api.example.com:8443"),
                                         route("w", "*.example.com"), route("o", "other.example.org"),
                                         route("x", "x.api.example.com")])
-    assert shared == {"a": frozenset({"b", "w"}), "b": frozenset({"a", "w"}), "w": frozenset({"a", "b"})}
+    group = frozenset({"a", "b", "w"})  # x is under api.example.com, which no wildcard covers: alone, like o
+    assert shared == {"a": group, "b": group, "w": group}
+    assert credentials_sharing_hosts([route("a", "a.example.com"), route("b", "b.example.com")]) == {}
+    assert credentials_sharing_hosts([route("a", "a.example.com"), route("w", "*.example.com"),
+                                      route("b", "b.example.com")])["a"] == frozenset({"a", "w", "b"})  # through w
     check = Inspector([SecretSource("a", (b"first-secret-value-1",)), SecretSource("b", (b"second-secret-value-2",)),
                        SecretSource("o", (b"third-secret-value-3",))], shared)
     redaction = check.redaction("a")
