@@ -241,18 +241,19 @@ class GatePipeline:
 
         # 8. body inspection: path, query, headers and body for secrets and keys; the query and headers
         #    scanned are the agent's as they will be forwarded (step 9's strip). A large or compressed body
-        #    is inspected in a worker thread: if the table or the policies changed meanwhile, steps 1-8 again.
+        #    is inspected in a worker thread, and so is a credential group's redaction compiled at its first
+        #    answer: if the table or the policies changed meanwhile, steps 1-8 again.
         while True:
             route, inspector = admitted.route, admitted.table.inspector
             headers, forwarded_query = agent_headers(request.headers, route), agent_query(query, route)
             await inspect_request(request, route, inspector, x, rest, forwarded_query, headers, body,
                                   self.config.max_body_bytes)
+            if route.body_inspection != "off" and not inspector.has_redaction(route.credential_id):
+                await asyncio.to_thread(inspector.redaction, route.credential_id)
             if self._still_current(admitted):
                 break
             admitted = self._readmit(request, x, service, rest, query)
         query = forwarded_query
-        if route.body_inspection != "off" and not inspector.has_redaction(route.credential_id):
-            await asyncio.to_thread(inspector.redaction, route.credential_id)  # compiled once, off the loop
         redaction = redaction_for(route, inspector)
 
         # 9. agent auth, hop-by-hop and gate headers stripped above; inject the credential

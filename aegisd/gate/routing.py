@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from aegisd.inspection import Inspector, SecretSource
 from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import keyed_hasher
-from aegisd.vault.domains import AllowedHost, DomainAllowlist
+from aegisd.vault.domains import AllowedHost, DomainAllowlist, is_loopback_host
 from aegisd.vault.sealing import NOT_ADOPTED, OK, TAMPERED, UNCHECKED
 from aegisd.vault.vault import Vault
 
@@ -243,7 +244,7 @@ def credentials_sharing_hosts(routes: Iterable[Route]) -> dict[str, frozenset[st
             if entry.wildcard:
                 buckets.setdefault(("under", entry.host), []).append(route.credential_id)
                 continue
-            buckets.setdefault(("host", entry.host), []).append(route.credential_id)
+            buckets.setdefault(("host", _server(entry.host)), []).append(route.credential_id)
             if first and dot and parent in wildcards:  # siblings share no host unless a wildcard covers both
                 buckets.setdefault(("under", parent), []).append(route.credential_id)
     leader: dict[str, str] = {}
@@ -262,3 +263,16 @@ def credentials_sharing_hosts(routes: Iterable[Route]) -> dict[str, frozenset[st
         groups.setdefault(find(cid), set()).add(cid)
     return {cid: frozen for group in groups.values() if len(group) > 1
             for frozen in (frozenset(group),) for cid in group}
+
+
+def _server(host: str) -> str:
+    """One name per server an exact entry reaches: every loopback name and address is this machine, and an
+    IPv4-mapped IPv6 address is its IPv4 one. (A name and the address it resolves to are not joined.)"""
+    if is_loopback_host(host):
+        return "loopback"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return "loopback" if mapped is not None and mapped.is_loopback else str(mapped or address)

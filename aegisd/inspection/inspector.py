@@ -7,6 +7,7 @@ telling an agent which credential a guessed string belongs to would make the gat
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class Inspector:
         self._vault = LiteralSearch(form for values in self._values.values() for form in search_forms(_decoded(values)))
         self._redactions: dict[frozenset[str], Redaction | None] = {}  # by group
         self._by_credential: dict[str, Redaction | None] = {}  # the same, by credential: one lookup a request
+        self._compiling = threading.Lock()  # requests that find a group cold wait for one compile, not make K
 
     @property
     def values(self) -> Mapping[str, tuple[bytes, ...]]:
@@ -96,8 +98,9 @@ class Inspector:
         if credential_id in self._by_credential:
             return self._by_credential[credential_id]
         group = self._groups.get(credential_id) or frozenset((credential_id,))
-        if group not in self._redactions:
-            forms = redaction_forms(tuple(v for cid in sorted(group) for v in self._values.get(cid, ())))
-            self._redactions[group] = Redaction(forms) if forms else None
-        found = self._by_credential[credential_id] = self._redactions[group]
+        with self._compiling:
+            if group not in self._redactions:
+                forms = redaction_forms(tuple(v for cid in sorted(group) for v in self._values.get(cid, ())))
+                self._redactions[group] = Redaction(forms) if forms else None
+            found = self._by_credential[credential_id] = self._redactions[group]
         return found

@@ -41,9 +41,10 @@ Memory and time are linear in the forms' length, for secrets of up to the vault'
 FRAGMENT (64) bytes of each form are handled whole: a set of their prefixes holds the tails to keep
 back, and one trie regex finds the forms. Past that both would grow with the square of the length (a
 16,000-byte secret's forms have some 10^9 bytes of prefixes, and `re` compiles their 110 KB at some
-microseconds a byte, 0.2 s on the event loop, where a redaction is built on first use): a longer tail
-must begin with a long form's first FRAGMENT bytes, which `bytes.find` locates, and a long form is
-found by a regex over its first FRAGMENT bytes and confirmed where they occur. A held tail is searched
+microseconds a byte, 0.2 s in the worker thread where a redaction is built on first use, holding the GIL
+all along): a longer tail must begin with a long form's first FRAGMENT bytes, which `bytes.find`
+locates, and a long form is found by a regex over its first FRAGMENT bytes and confirmed where they
+occur. A held tail is searched
 again, with each chunk that comes after it (its view rebuilt too), so a long form trickled in small
 chunks costs time growing with its length squared over the chunk size, as it did before the view.
 """

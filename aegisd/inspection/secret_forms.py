@@ -17,18 +17,20 @@ from urllib.parse import quote, quote_from_bytes, quote_plus
 # Shorter secrets are not searched for: they would match ordinary text. The well-known key formats
 # still apply to them, and docs/inspection.md says so.
 MIN_SECRET_LENGTH = 8
+_PLACEHOLDER_PASSWORD = 2  # bytes: a basic-auth password this short (`X`, empty) leaves the key in the username
 _B64: tuple[Callable[[bytes], bytes], ...] = (base64.b64encode, base64.urlsafe_b64encode)
 _UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
 
 
 def secret_values(secret: bytes, auth_type: str) -> tuple[bytes, ...]:
     """What counts as the secret: the stored value, and for basic auth also the password on its own, or the
-    username on its own when the password is too short to be the secret: Stripe's `sk_live_...:` and
-    Freshdesk's `KEY:X` put the key in the username, which a whoami answer echoes."""
+    username on its own when the password is empty or a placeholder of one or two bytes: Stripe's
+    `sk_live_...:` and Freshdesk's `KEY:X` put the key in the username, which a whoami answer echoes (a
+    username beside a real password, even a short one, is a name, not a secret)."""
     values = [secret]
     if auth_type == "basic" and b":" in secret:
         user, password = secret.split(b":", 1)
-        values.append(password if len(password) >= MIN_SECRET_LENGTH else user)
+        values.append(user if len(password) <= _PLACEHOLDER_PASSWORD else password)
     return tuple(v for v in values if len(v) >= MIN_SECRET_LENGTH)
 
 
@@ -37,7 +39,8 @@ def url_forms(secret: bytes) -> set[bytes]:
     encodeURIComponent, and `~` as `%7E` as Java's URLEncoder, PHP's urlencode and .NET write it), in upper-
     and lower-case hex. Mixed encodings are undone by views.py."""
     forms = {quote_from_bytes(secret, safe="").encode(), quote_from_bytes(secret).encode(),
-             quote_plus(secret, safe="").encode(), quote(secret, safe="!*'()").encode()}
+             quote_plus(secret, safe="").encode(), quote(secret, safe="!*'()").encode(),
+             quote_plus(secret, safe="*").encode()}  # Java's URLEncoder: `*` kept, `!'()` encoded
     forms |= {form.replace(b"~", b"%7E") for form in forms}
     return forms | {_lower_hex(f) for f in forms}
 

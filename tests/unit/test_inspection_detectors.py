@@ -159,12 +159,16 @@ def test_a_key_in_the_basic_username_counts_alone_when_the_password_is_too_short
     assert secret_values(b"KEYfd1234567890:X", "basic") == (b"KEYfd1234567890:X", b"KEYfd1234567890")
     assert secret_values(b"alice.long.name:basic-pass-Q1w2", "basic") == (b"alice.long.name:basic-pass-Q1w2",
                                                                           b"basic-pass-Q1w2")
+    # A short real password: neither half alone is searched for (a public name must not become a secret).
+    assert secret_values(b"john.smith@corp.example:1234567", "basic") == (b"john.smith@corp.example:1234567",)
 
 
 def test_url_forms_include_a_tilde_written_as_percent_7e() -> None:
-    """Java's URLEncoder, PHP's urlencode and .NET write `~` as `%7E`; Python and JavaScript leave it."""
+    """Java's URLEncoder, PHP's urlencode and .NET write `~` as `%7E`; Python and JavaScript leave it. Java
+    keeps `*` and encodes `!'()`."""
     forms = url_forms(b"q~secret~Tilde*Star+1")
     assert {b"q%7Esecret%7ETilde*Star%2B1", b"q%7esecret%7eTilde*Star%2b1", b"q~secret~Tilde*Star%2B1"} <= forms
+    assert b"ab%7Ecd*ef%21gh" in url_forms(b"ab~cd*ef!gh")
 
 
 def test_credentials_sharing_a_host_redact_each_others_secrets() -> None:
@@ -179,6 +183,9 @@ def test_credentials_sharing_a_host_redact_each_others_secrets() -> None:
     group = frozenset({"a", "b", "w"})  # x is under api.example.com, which no wildcard covers: alone, like o
     assert shared == {"a": group, "b": group, "w": group}
     assert credentials_sharing_hosts([route("a", "a.example.com"), route("b", "b.example.com")]) == {}
+    same_machine = credentials_sharing_hosts([route("l", "http://localhost:8080"), route("f", "http://127.0.0.1:8080"),
+                                              route("s", "http://[::1]:8080"), route("m", "[::ffff:127.0.0.1]")])
+    assert same_machine["l"] == frozenset({"l", "f", "s", "m"})  # one machine, however it is named
     assert credentials_sharing_hosts([route("a", "a.example.com"), route("w", "*.example.com"),
                                       route("b", "b.example.com")])["a"] == frozenset({"a", "w", "b"})  # through w
     check = Inspector([SecretSource("a", (b"first-secret-value-1",)), SecretSource("b", (b"second-secret-value-2",)),
