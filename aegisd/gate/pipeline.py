@@ -519,6 +519,7 @@ class GatePipeline:
             body = await _read_capped(upstream, WHOLE_ANSWER_MAX) if capped else await upstream.read()
             if redactor is not None:
                 cap = WHOLE_DECODED_MAX if request.http11 else WHOLE_ANSWER_MAX
+                redactor.refuse_undeclared_compression(body, cap)
                 parts, rest = await _redacted_upto(redactor, body, cap)
                 if rest is not None and not request.http11:
                     raise Refusal(502, "upstream_error", f"the upstream's answer decodes to more than {cap} bytes, "

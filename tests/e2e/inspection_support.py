@@ -11,6 +11,7 @@ import base64
 import gzip
 import json
 import re
+import zlib
 from urllib.parse import quote
 
 from aiohttp import web
@@ -46,6 +47,8 @@ class LeakyUpstream(Upstream):
                        do (`escaped_json`); streamed: in two chunks cut inside an escape
       /leak/store      keeps S (a request-bin, an audit log); /leak/fetch answers "stored=" + what was kept
       /leak/whoami     {"user": the Basic credential's username}, as a whoami endpoint names its caller
+      /leak/gz-file    {"echo": S} gzip-compressed with no Content-Encoding (a `.gz` download); /leak/zlib-file
+                       the same zlib-compressed; /leak/clean-gz a gzip of text without S, likewise
     """
 
     stored = ""
@@ -99,6 +102,10 @@ class LeakyUpstream(Upstream):
         if kind == "whoami":
             user = base64.b64decode(secret.removeprefix("Basic ")).split(b":", 1)[0].decode()
             return web.json_response({"user": user})
+        if kind in ("gz-file", "zlib-file", "clean-gz"):
+            data = b"nothing secret here" if kind == "clean-gz" else json.dumps({"echo": secret}).encode()
+            packed = zlib.compress(data) if kind == "zlib-file" else gzip.compress(data)
+            return web.Response(body=packed, content_type="application/gzip")
         if kind == "gzip-cut":
             body = gzip.compress(b"hello world, a compressed answer")[:-12]
             return web.Response(body=body, headers={"Content-Encoding": "gzip"})

@@ -179,6 +179,18 @@ def test_undecodable_response_encoding_is_refused(red: Redacting) -> None:
     world.assert_no_leaks()
 
 
+def test_compressed_data_without_a_content_encoding_holding_the_secret_is_refused(red: Redacting) -> None:
+    """Found by a red-team pass: a gzip or zlib answer with no Content-Encoding (a `.gz` download) went out as it
+    came, and the agent decompressed the echo itself. Clean compressed data still passes byte for byte."""
+    world = red.world
+    for kind in ("gz-file", "zlib-file"):
+        reply = world.call("GET", f"/blk/leak/{kind}", agent="bot")
+        world.assert_refused(reply, 502, "response_not_redactable", credential="blk")
+    clean = world.call("GET", "/blk/leak/clean-gz", agent="bot")
+    assert clean.status == 200 and gzip.decompress(clean.body) == b"nothing secret here", clean.text()
+    world.assert_no_leaks()
+
+
 @pytest.mark.parametrize("listed", ["Content-Encoding", "keep-alive, content-encoding", "Date,Content-Encoding"])
 def test_a_connection_header_listing_content_encoding_cannot_hide_the_coding(red: Redacting, listed: str) -> None:
     """A cold review found that an answer saying `Connection: Content-Encoding` lost its Content-Encoding with the
