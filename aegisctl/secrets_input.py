@@ -71,7 +71,7 @@ def read_secret(what: str, from_stdin: bool, *, flag: str = "--secret-stdin", ma
     """The secret from stdin's first line (scripts) or a hidden prompt (people, and a *-stdin flag whose stdin is
     a terminal); with `max_bytes`, one longer than that (UTF-8) is refused before it is sent, with a message
     that never quotes it."""
-    value = stdin_line(what, flag) if from_stdin and not _on_terminal() else _hidden_prompt(what, flag)
+    value = stdin_line(what, flag) if from_stdin else _hidden_prompt(what, flag)
     if max_bytes is not None and len(value.encode()) > max_bytes:
         raise ClientError(f"the secret is longer than {max_bytes} bytes", reason="invalid_argument")
     return value

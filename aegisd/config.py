@@ -6,13 +6,14 @@ Defaults follow XDG for a user daemon and the directories systemd hands a servic
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
+
+from aegisd.vault.domains import is_loopback_host
 
 DEFAULT_GATE_LISTEN = "127.0.0.1:3100"
 UNLOCK_CREDENTIAL_NAME = "aegis-unlock"
@@ -169,7 +170,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     booleans = {key: _checked(problems, _BOOLEANS[key], _boolean, key, values.get(key), sources.get(key, "default"))
                 for key in _BOOLEANS}
     # (Not judged on a listen address or an opt-in that is itself malformed: that is already said.)
-    if len(problems) == before and not booleans["gate_allow_non_loopback"] and not is_loopback_listen(gate_host):
+    if len(problems) == before and not booleans["gate_allow_non_loopback"] and not is_loopback_host(gate_host.lower()):
         problems.append(
             f"gate listen address {listen!r} (from {listen_source}) is not a loopback address: other machines "
             "could reach the gate, and agent tokens would cross the network in clear; listen on 127.0.0.1 (or ::1), "
@@ -249,21 +250,10 @@ def parse_listen(text: str, source: str = "default") -> tuple[str, int]:
     return host, int(port_text)
 
 
-def is_loopback_listen(host: str) -> bool:
-    """Whether a gate listening on `host` is reachable from this machine only: `localhost`, 127.0.0.0/8 or ::1.
-    (`0.0.0.0` and `::` listen on every interface.)"""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def startup_warnings(config: Config) -> list[str]:
     """What the daemon logs at start about settings it accepts but that are probably not what was meant."""
     warnings = []
-    if not is_loopback_listen(config.gate_host):
+    if not is_loopback_host(config.gate_host.lower()):
         warnings.append(f"the gate listens on {config.gate_address}, which is not loopback ([gate] allow_non_loopback "
                         "is set): other machines can reach it, agent tokens cross the network in clear, and "
                         "/_aegis/metrics and /_aegis/health answer anyone who can connect")

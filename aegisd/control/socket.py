@@ -16,6 +16,10 @@ import stat
 from pathlib import Path
 
 MAX_UNIX_PATH = 107
+# What to do about a socket directory aegisd must not use and must not change (another user's, a shared /tmp).
+_OWN_DIRECTORY = ("give aegisd a directory of its own: a --socket in a directory that does not exist yet (aegisd "
+                  "creates it closed to others), such as $XDG_RUNTIME_DIR/aegis/aegisd.sock, or in one only its "
+                  "user owns and can write")
 
 
 class SocketError(Exception):
@@ -107,19 +111,14 @@ class ControlSocket:
             raise SocketError(f"{directory} is not a directory; choose another --socket")
         if info.st_uid != os.geteuid():
             raise SocketError(f"socket directory {directory} belongs to uid {info.st_uid}, not to aegisd's user "
-                              f"(uid {os.geteuid()}); give aegisd a directory of its own: a --socket in a directory "
-                              "that does not exist yet (aegisd creates it closed to others), such as "
-                              "$XDG_RUNTIME_DIR/aegis/aegisd.sock, or in one only its user owns and can write")
+                              f"(uid {os.geteuid()}); {_OWN_DIRECTORY}")
         dir_mode = stat.S_IMODE(info.st_mode)
         if dir_mode & 0o022:  # what aegisd itself creates is 0700 or 0750, never group-writable
             who = " and ".join(w for w, bit in (("group", 0o020), ("world", 0o002)) if dir_mode & bit)
             if dir_mode & stat.S_ISVTX:
                 # A shared sticky directory such as /tmp: others are meant to write there, and closing it would
                 # break every program that uses it. (One not owned by aegisd's user was refused above.)
-                fix = ("it is a shared sticky directory (like /tmp), so do not change its mode: give aegisd a "
-                       "directory of its own instead, a --socket in a directory that does not exist yet (aegisd "
-                       "creates it closed to others), such as $XDG_RUNTIME_DIR/aegis/aegisd.sock, or in one only "
-                       "its user can write")
+                fix = f"it is a shared sticky directory (like /tmp), so do not change its mode; {_OWN_DIRECTORY}"
             else:
                 fix = (f"if nothing else needs to write there, run `chmod g-w,o-w {directory}`; otherwise give "
                        "aegisd a --socket in a directory only its user can write")

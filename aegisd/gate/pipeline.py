@@ -697,8 +697,8 @@ def _not_allowed(route: Route, host: str, port: int | None, scheme: str | None) 
     message = f"{target_text(host, port, scheme)} is not an allowed host for service {route.service!r}"
     near = route.allowlist.entries_for(host)
     if near:
-        listed = ", ".join(map(route.allowlist.target_of, near))
-        message += f"; its allowlist has {listed} for that host (send X-Target-Host as /_aegis/services lists it)"
+        message += (f"; its allowlist has {route.allowlist.targets_of(near)} for that host (send X-Target-Host as "
+                    "/_aegis/services lists it)")
     return Refusal(403, "domain_not_allowed", message)
 
 
@@ -708,7 +708,7 @@ def _ambiguous(route: Route, host: str, port: int | None, scheme: str | None,
     not pick one for the agent."""
     return Refusal(400, "target_host_ambiguous",
                    f"{target_text(host, port, scheme)} fits several entries of service {route.service!r}'s "
-                   f"allowlist: {', '.join(map(route.allowlist.target_of, entries))}; send X-Target-Host as "
+                   f"allowlist: {route.allowlist.targets_of(entries)}; send X-Target-Host as "
                    "/_aegis/services lists the entry you mean")
 
 

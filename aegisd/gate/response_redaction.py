@@ -30,7 +30,14 @@ from aegisd.gate.routing import Route
 from aegisd.gate.upstream import UpstreamBroken
 from aegisd.gate.wire import status_allows_body
 from aegisd.inspection import Inspector, Redaction
-from aegisd.inspection.decompress import DECODABLE, DecodeError, StreamDecoder, TooLarge, decompress_capped
+from aegisd.inspection.decompress import (
+    DECODABLE,
+    DecodeError,
+    StreamDecoder,
+    TooLarge,
+    decompress_capped,
+    sniffed_encoding,
+)
 
 REDACTED_FLAG = "response_redacted"
 HEADER_DROPPED_FLAG = "response_header_dropped"  # with REDACTED_FLAG: a header whose name held the secret
@@ -114,14 +121,8 @@ class ResponseRedactor:
         """A whole answer that is gzip or zlib data without a Content-Encoding saying so (a `.gz` download,
         `application/gzip`) is refused if, decoded (up to `cap` bytes), it holds a form of a secret: the agent
         can decompress it itself, and redacting the compressed bytes would change nothing."""
-        if self._decoder is not None or len(body) < 2:
-            return
-        first, second = body[0], body[1]
-        if first == 0x1F and second == 0x8B:
-            encoding = "gzip"
-        elif first & 0x0F == 8 and ((first << 8) | second) % 31 == 0:
-            encoding = "deflate"  # a zlib header
-        else:
+        encoding = sniffed_encoding(body) if self._decoder is None else None
+        if encoding is None:
             return
         try:
             decoded = decompress_capped(body, encoding, cap)

@@ -34,9 +34,20 @@ def _wbits(encoding: str, head: bytes) -> int:
     if encoding != "deflate":
         return 16 + zlib.MAX_WBITS  # gzip
     # "deflate" means zlib-wrapped per RFC 9110, but some senders use raw deflate; the header tells.
-    if len(head) >= 2 and head[0] & 0x0F == 8 and ((head[0] << 8) | head[1]) % 31 == 0:
-        return zlib.MAX_WBITS
-    return -zlib.MAX_WBITS
+    return zlib.MAX_WBITS if _zlib_header(head) else -zlib.MAX_WBITS
+
+
+def _zlib_header(head: bytes) -> bool:
+    """Whether `head` starts like zlib data (RFC 1950: the deflate method, and a header that checks)."""
+    return len(head) >= 2 and head[0] & 0x0F == 8 and ((head[0] << 8) | head[1]) % 31 == 0
+
+
+def sniffed_encoding(data: bytes) -> str | None:
+    """"gzip" or "deflate" (zlib-wrapped) when `data` starts like such compressed data, whatever it was
+    declared as; None otherwise (raw deflate has no header to tell it by)."""
+    if data.startswith(GZIP_MAGIC[:2]):
+        return "gzip"
+    return "deflate" if _zlib_header(data) else None
 
 
 def decompress_capped(data: bytes, encoding: str, cap: int) -> bytes:

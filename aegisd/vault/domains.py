@@ -298,9 +298,10 @@ class DomainAllowlist:
             shown.append(text)
         return shown
 
-    def target_of(self, entry: AllowedHost) -> str:
-        """`entry` as `as_targets` lists it, for a refusal that tells the agent what to send instead."""
-        return self.as_targets()[self.entries.index(entry)]
+    def targets_of(self, entries: Iterable[AllowedHost]) -> str:
+        """`entries` as `as_targets` lists them, joined, for a refusal that tells the agent what to send instead."""
+        listed = dict(zip(self.entries, self.as_targets(), strict=True))
+        return ", ".join(listed[entry] for entry in entries)
 
     def match(self, host: str, port: int | None, scheme: str | None = None) -> AllowedHost | None:
         """The entry allowing a canonical host (from `canonical_target`), or None.
@@ -324,12 +325,16 @@ class DomainAllowlist:
         return self._default
 
 
+def _fits(entry: AllowedHost, port: int | None, scheme: str | None) -> bool:
+    """Whether a target naming `port` and `scheme` (None: the entry's own) may be `entry`."""
+    return (port is None or entry.port == port) and (scheme is None or entry.scheme == scheme)
+
+
 def _pick(candidates: tuple[AllowedHost, ...], port: int | None, scheme: str | None) -> AllowedHost | None:
     if len(candidates) == 1:  # most hosts have one entry: no list, nothing to compare
         (entry,) = candidates
-        return entry if (port is None or entry.port == port) and (scheme is None or entry.scheme == scheme) else None
-    fitting = [entry for entry in candidates
-               if (port is None or entry.port == port) and (scheme is None or entry.scheme == scheme)]
+        return entry if _fits(entry, port, scheme) else None
+    fitting = [entry for entry in candidates if _fits(entry, port, scheme)]
     if not fitting:
         return None
     first = fitting[0]
