@@ -63,6 +63,8 @@ HINTS = {
     "not_adopted": "`aegisctl vault adopt` lists what an older aegisd wrote; check it, then adopt it",
     "older_rows_changed": "run `aegisctl vault adopt` again and check the new list",
     "remove_by_name": "it is intact: remove it by its name",
+    "passphrase_required": "run it on a terminal, where aegisctl asks for the passphrase, or pipe the passphrase in "
+                           "with --passphrase-stdin",
 }
 
 

@@ -31,7 +31,7 @@ def stdin_line(what: str, flag: str) -> str:
     When stdin is a terminal (the flag given by hand, or a script run by hand), the line would be typed with
     the terminal's echo on, on screen for anyone to see and in the scrollback: it is asked for at a hidden
     prompt instead, as without the flag."""
-    if _on_terminal():
+    if on_terminal():
         return _hidden_prompt(what, flag)
     not_utf8 = f"{flag}: standard input is not UTF-8 text; aegisctl reads it as UTF-8 (nothing was sent)"
     raw = _stdin_bytes().readline()
@@ -50,13 +50,14 @@ def _stdin_bytes() -> BinaryIO:
     return stream if stream is not None else io.BytesIO()
 
 
-def _on_terminal() -> bool:
+def on_terminal() -> bool:
+    """Whether stdin is a terminal: a person, who can be asked at a hidden prompt."""
     return sys.stdin is not None and sys.stdin.isatty()
 
 
 def _hidden_prompt(what: str, flag: str, text: str = "") -> str:
     """The value typed at a prompt that does not echo it; the prompt says `text`, or else names `what`."""
-    if not _on_terminal():
+    if not on_terminal():
         raise click.UsageError(f"no terminal to prompt for the {what} on; pipe it in with {flag}")
     try:
         value = str(click.prompt(text or what[:1].upper() + what[1:], hide_input=True, show_default=False))
@@ -83,7 +84,7 @@ def read_new_passphrase(what: str, from_stdin: bool, flag: str, weakness: Callab
     checked after the first entry, so a weak one is asked for again at once, as a mismatch is, rather than
     refused after it was typed twice. From stdin it is not: the call that sends it fails on a weak one, exit 1,
     as scripts expect."""
-    if from_stdin and not _on_terminal():
+    if from_stdin and not on_terminal():
         return stdin_line(what, flag)
     while True:
         value = _hidden_prompt(what, flag)

@@ -9,7 +9,7 @@ from typing import Any
 
 from aegisd.agents import AgentRegistry
 from aegisd.config import Config
-from aegisd.ledger import LedgerWriter
+from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
 from aegisd.policy import PolicyStore
 from aegisd.store import VaultStore
@@ -33,6 +33,15 @@ class Runtime:
     def log_event(self, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
         """An operator-visible event (at info level unless said); fields must never hold a secret."""
         event(log, level, message, **fields)
+
+    def record_change(self, detail: str, reason: str) -> None:
+        """A change an operator made that the ledger must show (a key change, a credential widened), as a system
+        row held until the ledger has its key. The change has happened by now, so a ledger that cannot take the
+        row is logged, never turned into the call's error."""
+        try:
+            self.ledger.append_nowait(LedgerEntry.system(detail, reason=reason))
+        except LedgerError as exc:
+            log.error("a change could not be put in the ledger (%s): %s", reason, exc)
 
     def ledger_key(self) -> bytes | None:
         """The ledger's chain key: known once the vault has been unlocked since start."""

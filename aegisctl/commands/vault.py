@@ -8,10 +8,11 @@ from typing import Any
 import click
 
 from aegisctl import integrity, output
+from aegisctl.client import ClientError
 from aegisctl.context import Context, pass_context
 from aegisctl.durations import Duration
 from aegisctl.rate_limits import RateLimit
-from aegisctl.secrets_input import MAX_SECRET_BYTES, confirm_destructive, read_secret
+from aegisctl.secrets_input import MAX_SECRET_BYTES, confirm_destructive, on_terminal, read_secret
 from aegisd.api.aegis.v1 import credentials_pb2 as pb
 from aegisd.api.aegis.v1 import vault_pb2
 
@@ -188,15 +189,25 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
               "the expiry.")
 @click.option("--rate-limit", type=RateLimit(), metavar="N/UNIT", help="e.g. 100/min; 'none' clears the limit.")
 @inspection_option(on_add=False)
+@click.option("--passphrase-stdin", is_flag=True,
+              help="Read the vault's passphrase from stdin's first line: a change that lets the secret go where it "
+                   "could not before (a new host, inspection off) needs it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the updated credential as JSON.")
 @pass_context
 def update(ctx: Context, name: str, service: str | None, domains: str | None, allow_plain_http: bool,
            auth_type: str | None, header_name: str | None, query_param: str | None, scopes: str | None,
-           ttl: int | None, rate_limit: str | None, body_inspection: str | None, as_json: bool) -> None:
-    """Change a credential's settings; the secret stays as it is."""
+           ttl: int | None, rate_limit: str | None, body_inspection: str | None, passphrase_stdin: bool,
+           as_json: bool) -> None:
+    """Change a credential's settings; the secret stays as it is.
+
+    A new host the old list did not cover, or --body-inspection off, needs the vault's passphrase: whoever can
+    reach the control socket must not be able to send a secret to a host of their own. On a terminal it is
+    asked for when needed."""
     if allow_plain_http and domains is None:
         raise click.UsageError("--allow-plain-http applies to the list given with --domains; give both")
     request = pb.UpdateCredentialRequest(name=name, allow_plain_http=allow_plain_http)
+    if passphrase_stdin:
+        request.passphrase = read_secret("passphrase", True, flag="--passphrase-stdin")
     if service is not None:
         request.service = service
     if domains is not None:
@@ -216,7 +227,14 @@ def update(ctx: Context, name: str, service: str | None, domains: str | None, al
     if body_inspection is not None:
         request.body_inspection = INSPECTION[body_inspection]
     client = ctx.client
-    cred = client.call(client.credentials.UpdateCredential, request)
+    try:
+        cred = client.call(client.credentials.UpdateCredential, request, timeout=120)
+    except ClientError as exc:
+        if exc.reason != "passphrase_required" or request.passphrase or not on_terminal():
+            raise
+        click.echo(f"{output.printable(exc.message)}.", err=True)
+        request.passphrase = read_secret("passphrase", False, flag="--passphrase-stdin")
+        cred = client.call(client.credentials.UpdateCredential, request, timeout=120)
     if as_json:
         output.emit_json(credential_json(cred))
     else:

@@ -12,6 +12,7 @@ from aegisd.api.aegis.v1 import credentials_pb2 as pb
 from aegisd.api.aegis.v1 import credentials_pb2_grpc
 from aegisd.control import convert
 from aegisd.control.errors import rpc
+from aegisd.errors import WrongPassphrase
 from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential, check_new_domains
 from aegisd.vault.domains import AllowedHost
@@ -69,8 +70,20 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
         now = now_ms()
         changes = convert.credential_changes(request, now)
         entries = check_new_domains(changes["domains"], request.allow_plain_http) if "domains" in changes else []
-        cred = await asyncio.to_thread(self.rt.vault.update_credential, request.name, changes)
+        if request.passphrase:
+            try:
+                await asyncio.to_thread(self.rt.vault.verify_passphrase, request.passphrase)
+            except WrongPassphrase:  # on record, as a wrong one for a key change is: guessing over the socket shows
+                self.rt.log_event("credential update refused: wrong passphrase", credential=request.name,
+                                  level=logging.WARNING)
+                raise
+        cred, widened = await asyncio.to_thread(self.rt.vault.update_credential, request.name, changes,
+                                                bool(request.passphrase))
         self.rt.log_event("credential updated", credential=cred.name, fields=",".join(sorted(changes)))
+        if widened:
+            detail = f"credential {cred.name!r} widened with the passphrase: {'; '.join(widened)}"
+            self.rt.log_event(detail, level=logging.WARNING)
+            self.rt.record_change(detail, "credential_widened")
         self._warn_about(cred.name, entries)
         return convert.credential_to_pb(cred, now)
 

@@ -16,7 +16,6 @@ from aegisd.api.aegis.v1 import vault_pb2_grpc
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument, WrongPassphrase
-from aegisd.ledger import LedgerEntry, LedgerError
 from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential
 from aegisd.vault.passphrase_strength import check_passphrase_strength
@@ -25,7 +24,6 @@ from aegisd.vault.vault import VaultChanged
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 STATES = {"uninitialized": pb.VAULT_STATE_UNINITIALIZED, "locked": pb.VAULT_STATE_LOCKED,
           "unlocked": pb.VAULT_STATE_UNLOCKED}
 
@@ -111,12 +109,7 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
             raise
         before = f" ({result} before)" if isinstance(result, int) else ""
         self.rt.log_event(f"vault {what}{before}")
-        # Held until the ledger has its key, as the daemon's other system rows are: never stored unchained. The
-        # change has happened by now, so a ledger that cannot take the row must not turn it into an error.
-        try:
-            self.rt.ledger.append_nowait(LedgerEntry.system(f"vault {what}{before}", reason="vault_keys_changed"))
-        except LedgerError as exc:
-            log.error("the vault's keys changed but the change could not be put in the ledger: %s", exc)
+        self.rt.record_change(f"vault {what}{before}", "vault_keys_changed")
         return result
 
     @rpc

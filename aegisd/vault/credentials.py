@@ -189,6 +189,26 @@ def validate_credential(cred: Credential) -> None:
         raise InvalidArgument("the expiry must fall between 1970 and the year 9999: give a shorter --ttl")
 
 
+def widenings(before: Credential, after: Credential) -> list[str]:
+    """What an update lets the secret reach that it could not before: allowlist entries the old list did not
+    cover (whoever holds the control socket could otherwise add a host of their own and read the secret there),
+    and inspection turned `off`, which turns off redaction too (an upstream's echo of it then reaches the agent).
+    Empty for every other change. An old entry that no longer parses covers nothing."""
+    found = []
+    try:
+        old = DomainAllowlist.parse(before.domains)
+    except DomainError:
+        new_entries = DomainAllowlist.parse(after.domains).entries
+    else:
+        new_entries = tuple(DomainAllowlist.parse(after.domains).beyond(old))
+    if new_entries:
+        found.append("new allowlist " + ("entry " if len(new_entries) == 1 else "entries ")
+                     + ", ".join(map(str, new_entries)))
+    if after.body_inspection == "off" and before.body_inspection != "off":
+        found.append("body inspection off, which turns off redaction of answers too")
+    return found
+
+
 def valid_as_stored(cred: Credential) -> bool:
     """Whether a stored credential passes validate_credential unchanged, i.e. is what `vault add` would write
     (for rows nothing authenticates: canonical hosts, no control characters, no reserved header)."""

@@ -320,6 +320,14 @@ class DomainAllowlist:
             found = self._wildcards.get(parent, ()) if first and dot else ()
         return found
 
+    def beyond(self, other: DomainAllowlist) -> list[AllowedHost]:
+        """This list's entries that reach a scheme, host or port `other` does not: an entry `other` has, or an
+        exact host one of its wildcards covers, reaches nowhere new. What makes an update widen a credential."""
+        return [entry for entry in self.entries
+                if entry not in other.entries
+                and (entry.wildcard or not any(w.matches(entry.scheme, entry.host, entry.port)
+                                               for w in other.entries_for(entry.host) if w.wildcard))]
+
     def default_entry(self) -> AllowedHost | None:
         """The only possible target when the agent names none: a single, non-wildcard entry."""
         return self._default

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aegisd.errors import (
@@ -360,16 +360,25 @@ class Vault:
             return _readable(row, UNCHECKED)
         return self._checks.get(cache_key) or _check_row(row, vault_id, self._master)
 
-    def update_credential(self, name: str, changes: dict[str, Any]) -> Credential:
-        """Apply metadata changes, resealing the secret with them; refused if its seal is already broken."""
+    def update_credential(self, name: str, changes: dict[str, Any], passphrase_proven: bool = False
+                          ) -> tuple[Credential, list[str]]:
+        """Apply metadata changes, resealing the secret with them; refused if its seal is already broken.
+
+        A change that lets the secret go where it could not before (`widenings`) needs `passphrase_proven`: the
+        socket alone must not be enough to point a secret at a host of the caller's and read it there. Returns
+        the credential and those widenings (empty for any other change)."""
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
             with self._store.transaction() as conn:
                 cred, data = open_sealed(conn, vault_id, master, "name", name)
-                old_auth = cred.auth_type
+                old_auth, before = cred.auth_type, replace(cred)
                 for key, value in changes.items():
                     setattr(cred, key, value)
                 cred_rules.validate_credential(cred)
+                widened = cred_rules.widenings(before, cred)
+                if widened and not passphrase_proven:
+                    raise PassphraseRequired(f"this change lets credential {name!r}'s secret go where it could "
+                                             f"not before ({'; '.join(widened)}): it needs the vault's passphrase")
                 if cred.auth_type != old_auth:
                     _check_secret_fits(data, cred.auth_type)
                 cred.updated_at = now_ms()
@@ -383,7 +392,7 @@ class Vault:
                      cred.query_param, json.dumps(cred.scopes), cred.rate_limit, cred.body_inspection,
                      cred.updated_at, cred.expires_at, nonce, ciphertext, cred.id))
         self.notify("credentials")
-        return cred
+        return cred, widened
 
     def rotate_credential(self, name: str, secret: str) -> Credential:
         """Seal a new secret with the credential's metadata, which must open with the old one: a rotate must
@@ -522,6 +531,12 @@ def _open_slots(vault_id: str, all_slots: list[KeySlot], kind: str, secret: str)
                              "through aegisd keeps the vault's key slots; docs/operations.md says how)",
                              reason="key_slot_damaged")
     raise WrongPassphrase(f"wrong {'passphrase' if kind == 'passphrase' else 'unlock key'}")
+
+
+class PassphraseRequired(FailedPrecondition):
+    """A credential update that widens where its secret may go, asked without the passphrase: nothing changed."""
+
+    reason = "passphrase_required"
 
 
 class VaultChanged(FailedPrecondition):

@@ -48,7 +48,7 @@ def test_plain_http_off_the_machine_needs_the_flag(unlocked: Aegis) -> None:
     assert unlocked.ctl("vault", "update", "plain", "--scopes", "read").ok()
     assert show(unlocked, "plain")["scopes"] == ["read"]
     assert unlocked.ctl("vault", "update", "local", "--domains", "http://api.example.org",
-                        "--allow-plain-http").ok()
+                        "--allow-plain-http", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert show(unlocked, "local")["domains"] == ["http://api.example.org"]
     assert_failed(unlocked.ctl("vault", "update", "plain", "--allow-plain-http"), "--domains", code=2)
     assert "--allow-plain-http" in unlocked.ctl("vault", "add", "--help").ok().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,7 @@ import pytest
 
 from tests.e2e.support import assert_failed, names, show, status
 from tests.harness import PASSPHRASE, Aegis, new_aegis
+from tests.upstreams import Upstream
 
 SECRET = "sk-live-credentialSecret-7f3a9c0e1d2b"
 
@@ -256,7 +258,8 @@ def test_update_changes_metadata_and_keeps_rules(unlocked: Aegis) -> None:
     created = show(unlocked, "api")
 
     updated = json.loads(unlocked.ctl("vault", "update", "api", "--domains", "API.Example.NET.,*.Svc.Example.com",
-                                      "--scopes", "read,write", "--body-inspection", "warn", "--json").ok().out)
+                                      "--scopes", "read,write", "--body-inspection", "warn", "--json",
+                                      "--passphrase-stdin", input=PASSPHRASE + "\n").ok().out)
     assert updated["domains"] == ["api.example.net", "*.svc.example.com"]
     assert updated["scopes"] == ["read", "write"]
     assert updated["body_inspection"] == "warn"
@@ -293,6 +296,57 @@ def test_update_changes_metadata_and_keeps_rules(unlocked: Aegis) -> None:
     assert unlocked.ctl("vault", "update", "api", "--body-inspection", "loud").code == 2
     assert show(unlocked, "api") == before
     unlocked.assert_no_leaks([PASSPHRASE, SECRET, "sk-other-secret-31337"])
+
+
+def _gate_get(aegis: Aegis, token: str, target: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", aegis.gate_port, timeout=30)
+    try:
+        conn.request("GET", "/prod/whoami", headers={"X-Aegis-Agent": token, "X-Target-Host": target})
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
+def test_sending_a_secret_somewhere_new_needs_the_passphrase(unlocked: Aegis) -> None:
+    """Found by a cold review: whoever could reach the control socket pointed a credential at a listener of their
+    own (`vault update --domains`), granted it to an agent of their own and read the secret there. A change that
+    lets a secret go where it could not before now needs the passphrase; any other change does not."""
+    with Upstream() as theirs:
+        unlocked.add_credential("prod", SECRET, "--service", "prod", "--domains", "api.example.com,*.svc.example.com")
+        token = unlocked.ctl_in_process("agent", "add", "thief").ok().out.strip()
+        unlocked.ctl_in_process("grant", "thief", "prod").ok()
+        before = show(unlocked, "prod")
+
+        assert_failed(unlocked.ctl("vault", "update", "prod", "--domains", theirs.entry()),
+                      "could not before (new allowlist entry " + theirs.entry(), "needs the vault's passphrase",
+                      "--passphrase-stdin")
+        assert_failed(unlocked.ctl("vault", "update", "prod", "--body-inspection", "off"),
+                      "body inspection off, which turns off redaction")
+        assert_failed(unlocked.ctl("vault", "update", "prod", "--domains", theirs.entry(), "--passphrase-stdin",
+                                   input="not the passphrase\n"), "wrong passphrase")
+        assert show(unlocked, "prod") == before
+        assert _gate_get(unlocked, token, theirs.entry())[0] == 403 and theirs.contacts() == (0, 0)
+
+        # Nowhere new: the same entries spelt otherwise, an exact host a wildcard covered, fewer entries, warn.
+        unlocked.ctl("vault", "update", "prod", "--domains", "API.Example.com.,*.svc.example.com,a.svc.example.com",
+                     "--body-inspection", "warn").ok()
+        unlocked.ctl("vault", "update", "prod", "--domains", "a.svc.example.com").ok()
+        assert_failed(unlocked.ctl("vault", "update", "prod", "--domains", "api.example.com"), "passphrase")
+
+        # With the passphrase it applies, on record, and the gate sends the secret there: the refusal was all that
+        # stood in the way.
+        unlocked.ctl("vault", "update", "prod", "--domains", theirs.entry(), "--passphrase-stdin",
+                     input=PASSPHRASE + "\n").ok()
+        assert _gate_get(unlocked, token, theirs.entry())[0] == 200
+        assert theirs.requests[-1].header("authorization") == [f"Bearer {SECRET}"]
+    log = unlocked.log()
+    assert "credential update refused: wrong passphrase" in log
+    assert f"credential 'prod' widened with the passphrase: new allowlist entry {theirs.entry()}" in log
+    rows = json.loads(unlocked.ctl_in_process("ledger", "show", "--json", "--limit", "100").ok().out)
+    assert [r["detail"] for r in rows if r["reason"] == "credential_widened"] == [
+        f"credential 'prod' widened with the passphrase: new allowlist entry {theirs.entry()}"]
+    unlocked.assert_no_leaks([PASSPHRASE, SECRET])
 
 
 def test_rotate_replaces_the_secret_and_keeps_metadata(unlocked: Aegis) -> None:

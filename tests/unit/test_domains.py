@@ -609,3 +609,20 @@ def test_loopback_rule_is_the_webhooks_one() -> None:
     assert check_url("http://localhost:9000/hook") == "http://localhost:9000"
     with pytest.raises(InvalidArgument, match="loopback"):
         check_url("http://localhost.:9000/hook")
+
+
+@pytest.mark.parametrize(("old", "new", "beyond"), [
+    (["api.example.com"], ["API.example.com."], []),
+    (["*.svc.example.com"], ["a.svc.example.com"], []),
+    (["*.svc.example.com"], ["*.svc.example.com", "api.example.com"], ["api.example.com"]),
+    (["*.svc.example.com"], ["a.b.svc.example.com"], ["a.b.svc.example.com"]),  # a wildcard covers one label
+    (["*.svc.example.com"], ["*.a.svc.example.com"], ["*.a.svc.example.com"]),
+    (["*.svc.example.com"], ["svc.example.com"], ["svc.example.com"]),
+    (["api.example.com"], ["*.example.com"], ["*.example.com"]),
+    (["api.example.com"], ["api.example.com:8443"], ["https://api.example.com:8443"]),
+    (["*.example.com"], ["http://a.example.com"], ["http://a.example.com"]),  # another scheme
+    (["http://127.0.0.1:8080"], ["http://127.0.0.1:8081"], ["http://127.0.0.1:8081"]),
+])
+def test_beyond_names_the_entries_that_reach_somewhere_new(old: list[str], new: list[str], beyond: list[str]) -> None:
+    widened = DomainAllowlist.parse(new).beyond(DomainAllowlist.parse(old))
+    assert [str(entry) for entry in widened] == beyond

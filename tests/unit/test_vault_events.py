@@ -43,6 +43,6 @@ def test_a_secret_stored_before_todays_rules_does_not_block_other_updates(store:
     with conn:
         conn.execute("UPDATE credentials SET nonce = ?, ciphertext = ? WHERE id = ?", (nonce, ciphertext, cred.id))
     conn.close()
-    assert vault.update_credential("old", {"scopes": ["read"]}).scopes == ["read"]
+    assert vault.update_credential("old", {"scopes": ["read"]})[0].scopes == ["read"]
     with pytest.raises(InvalidArgument, match="does not suit auth type 'basic'"):
         vault.update_credential("old", {"auth_type": "basic"})

@@ -307,6 +307,7 @@ class UpdateCredentialRequest(_message.Message):
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     BODY_INSPECTION_FIELD_NUMBER: _builtins.int
     ALLOW_PLAIN_HTTP_FIELD_NUMBER: _builtins.int
+    PASSPHRASE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     service: _builtins.str
     set_domains: _builtins.bool
@@ -323,6 +324,11 @@ class UpdateCredentialRequest(_message.Message):
     allow_plain_http: _builtins.bool
     """As in AddCredentialRequest, for the new list when set_domains is true; entries already stored are
     not checked again unless the list is replaced.
+    """
+    passphrase: _builtins.str
+    """The vault's passphrase. Needed (FAILED_PRECONDITION, reason passphrase_required, without it) for a change
+    that lets the secret go where it could not before: an allowlist entry the old list did not cover, or body
+    inspection turned off (which turns off redaction). Checked whenever given; a wrong one is refused and logged.
     """
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -344,10 +350,11 @@ class UpdateCredentialRequest(_message.Message):
         rate_limit: _builtins.str | None = ...,
         body_inspection: Global___BodyInspection.ValueType | None = ...,
         allow_plain_http: _builtins.bool = ...,
+        passphrase: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_auth_type", b"_auth_type", "_body_inspection", b"_body_inspection", "_header_name", b"_header_name", "_query_param", b"_query_param", "_rate_limit", b"_rate_limit", "_service", b"_service", "_ttl_seconds", b"_ttl_seconds", "auth_type", b"auth_type", "body_inspection", b"body_inspection", "header_name", b"header_name", "query_param", b"query_param", "rate_limit", b"rate_limit", "service", b"service", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auth_type", b"_auth_type", "_body_inspection", b"_body_inspection", "_header_name", b"_header_name", "_query_param", b"_query_param", "_rate_limit", b"_rate_limit", "_service", b"_service", "_ttl_seconds", b"_ttl_seconds", "allow_plain_http", b"allow_plain_http", "auth_type", b"auth_type", "body_inspection", b"body_inspection", "domains", b"domains", "header_name", b"header_name", "name", b"name", "query_param", b"query_param", "rate_limit", b"rate_limit", "scopes", b"scopes", "service", b"service", "set_domains", b"set_domains", "set_scopes", b"set_scopes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auth_type", b"_auth_type", "_body_inspection", b"_body_inspection", "_header_name", b"_header_name", "_query_param", b"_query_param", "_rate_limit", b"_rate_limit", "_service", b"_service", "_ttl_seconds", b"_ttl_seconds", "allow_plain_http", b"allow_plain_http", "auth_type", b"auth_type", "body_inspection", b"body_inspection", "domains", b"domains", "header_name", b"header_name", "name", b"name", "passphrase", b"passphrase", "query_param", b"query_param", "rate_limit", b"rate_limit", "scopes", b"scopes", "service", b"service", "set_domains", b"set_domains", "set_scopes", b"set_scopes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__auth_type: _TypeAlias = _typing.Literal["auth_type"]  # noqa: Y015
     _WhichOneofArgType__auth_type: _TypeAlias = _typing.Literal["_auth_type", b"_auth_type"]  # noqa: Y015
