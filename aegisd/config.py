@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aegisd.vault.crypto import ARGON2_MAX
 from aegisd.vault.domains import is_loopback_host
 
 DEFAULT_GATE_LISTEN = "127.0.0.1:3100"
@@ -77,8 +78,8 @@ _NUMBERS: dict[str, tuple[float, float, float]] = {
     "webhook_retry_delay": (1.0, 0.01, 3600.0),
     # Argon2id for new passphrase slots. The floor is OWASP's least (19 MiB, 2 passes); the default costs
     # about 0.2 s here. Unlocking uses the cost stored in the slot, whatever these say now.
-    "kdf_memory_mib": (64, 19, 4096),
-    "kdf_iterations": (3, 2, 64),
+    "kdf_memory_mib": (64, 19, ARGON2_MAX["memory_kib"] // 1024),
+    "kdf_iterations": (3, 2, ARGON2_MAX["iterations"]),
 }
 # Numeric settings that count something, so a fraction is a mistake rather than a value to round.
 _WHOLE_NUMBERS = frozenset({"max_body_bytes", "agent_max_concurrency", "max_connections", "webhook_queue_size",

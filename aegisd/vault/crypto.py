@@ -32,6 +32,11 @@ SALT_BYTES = 16
 # Argon2id: 64 MiB, 3 passes, 4 lanes (~0.2 s here), unless the config says otherwise (kdf_memory_mib,
 # kdf_iterations). Stored per slot, so a slot opens with the cost it was made with.
 ARGON2_DEFAULTS: dict[str, int] = {"memory_kib": 65536, "iterations": 3, "lanes": 4}
+# The most a passphrase slot may ask of a derivation (the settings' ceiling, config.py, comes from here). A stored
+# slot asking more is damaged, never derived: an edited vault.db could otherwise ask for terabytes, and a
+# passphrase change would copy the setting into its new slot.
+ARGON2_MAX: dict[str, int] = {"memory_kib": 4096 * 1024, "iterations": 64, "lanes": 16}
+KDFS = {"passphrase": "argon2id", "unlock_key": "hkdf-sha256"}
 
 
 def argon2_settings(memory_mib: int, iterations: int) -> dict[str, int]:
@@ -108,8 +113,12 @@ def _slot_aad(vault_id: str, kind: str) -> bytes:
 
 
 def _argon2_kek(passphrase: str, salt: bytes, params: dict[str, Any]) -> bytes:
-    return Argon2id(salt=salt, length=KEY_BYTES, iterations=int(params["iterations"]),
-                    lanes=int(params["lanes"]), memory_cost=int(params["memory_kib"])).derive(passphrase.encode())
+    settings = {name: params[name] for name in ARGON2_MAX}
+    for name, value in settings.items():
+        if type(value) is not int or not 1 <= value <= ARGON2_MAX[name]:
+            raise ValueError(f"Argon2id {name} out of range")
+    return Argon2id(salt=salt, length=KEY_BYTES, iterations=settings["iterations"], lanes=settings["lanes"],
+                    memory_cost=settings["memory_kib"]).derive(passphrase.encode())
 
 
 def _hkdf_kek(unlock_key: str, salt: bytes) -> bytes:
@@ -118,17 +127,17 @@ def _hkdf_kek(unlock_key: str, salt: bytes) -> bytes:
 
 
 def _kek(slot_kind: str, kdf: str, secret: str, salt: bytes, params: dict[str, Any]) -> bytes:
-    if kdf == "argon2id":
-        return _argon2_kek(secret, salt, params)
-    if kdf == "hkdf-sha256":
-        return _hkdf_kek(secret, salt)
-    raise WrongKey(f"unknown key derivation {kdf!r} in a {slot_kind} slot")
+    """The key-encrypting key; ValueError (a damaged slot, not a wrong secret) for a derivation that is not the
+    one its kind is made with."""
+    if kdf != KDFS.get(slot_kind):
+        raise ValueError(f"a {slot_kind} slot does not use {kdf!r}")
+    return _argon2_kek(secret, salt, params) if kdf == "argon2id" else _hkdf_kek(secret, salt)
 
 
 def make_slot(master: MasterKey, vault_id: str, kind: str, secret: str,
               params: dict[str, int] | None = None) -> KeySlot:
     """Wrap the master key under a passphrase (Argon2id) or an unlock key (HKDF)."""
-    kdf = "argon2id" if kind == "passphrase" else "hkdf-sha256"
+    kdf = KDFS[kind]
     slot_params: dict[str, Any] = dict(params or ARGON2_DEFAULTS) if kdf == "argon2id" else {}
     salt, nonce = os.urandom(SALT_BYTES), os.urandom(NONCE_BYTES)
     kek = _kek(kind, kdf, secret, salt, slot_params)

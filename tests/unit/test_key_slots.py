@@ -81,6 +81,11 @@ def test_a_derivation_in_flight_when_the_key_is_wiped_leaves_nothing(monkeypatch
     ("nonce", b"short"), ("salt", b""), ("params", "{}"), ("params", '{"memory_kib": "lots", "iterations": 3, '
                                                                     '"lanes": 4}'),
     ("wrapped", "text, not bytes"),
+    # Found by a cold review: settings no derivation should be asked for (a terabyte; `true` read as 1) were
+    # derived, and a slot whose derivation was unknown was a wrong passphrase.
+    ("params", '{"memory_kib": 1073741824, "iterations": 3, "lanes": 4}'),
+    ("params", '{"memory_kib": 65536, "iterations": true, "lanes": 4}'),
+    ("kdf", "scrypt"), ("kdf", "hkdf-sha256"),
 ])
 def test_a_damaged_slot_is_reported_as_damage_not_a_wrong_passphrase(vault_path: Path, column: str,
                                                                        value: object) -> None:
