@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,22 +141,28 @@ def make_slot(master: MasterKey, vault_id: str, kind: str, secret: str,
     kdf = KDFS[kind]
     slot_params: dict[str, Any] = dict(params or ARGON2_DEFAULTS) if kdf == "argon2id" else {}
     salt, nonce = os.urandom(SALT_BYTES), os.urandom(NONCE_BYTES)
-    kek = _kek(kind, kdf, secret, salt, slot_params)
+    kek = _kek(kind, kdf, unicodedata.normalize("NFC", secret), salt, slot_params)
     wrapped = AESGCM(kek).encrypt(nonce, bytes(master.raw), _slot_aad(vault_id, kind))
     return KeySlot(kind=kind, kdf=kdf, params=slot_params, salt=salt, nonce=nonce, wrapped=wrapped)
 
 
 def open_slot(slot: KeySlot, vault_id: str, secret: str) -> MasterKey:
     """Unwrap the master key, or raise WrongKey; SlotDamaged if the slot's stored fields cannot be used at all
-    (a salt, nonce or parameter of the wrong size or type)."""
-    try:
-        kek = _kek(slot.kind, slot.kdf, secret, slot.salt, slot.params)
-        raw = AESGCM(kek).decrypt(slot.nonce, slot.wrapped, _slot_aad(vault_id, slot.kind))
-    except InvalidTag:
-        raise WrongKey("the key does not open this slot") from None
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise SlotDamaged(f"key slot {slot.id} is damaged ({type(exc).__name__})") from None
-    return MasterKey(bytearray(raw))
+    (a salt, nonce or parameter of the wrong size or type).
+
+    Slots are made from the secret in Unicode's composed form (NFC), so an "é" typed as one character and
+    piped in as two opens the same slot; a slot made before that, from a secret as typed, is tried that way
+    too (a second derivation, only for a secret that NFC changes)."""
+    composed = unicodedata.normalize("NFC", secret)
+    for form in dict.fromkeys((composed, secret)):
+        try:
+            kek = _kek(slot.kind, slot.kdf, form, slot.salt, slot.params)
+            return MasterKey(bytearray(AESGCM(kek).decrypt(slot.nonce, slot.wrapped, _slot_aad(vault_id, slot.kind))))
+        except InvalidTag:
+            continue
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
+            raise SlotDamaged(f"key slot {slot.id} is damaged ({type(exc).__name__})") from None
+    raise WrongKey("the key does not open this slot")
 
 
 def secret_aad(vault_id: str, credential_id: str, metadata: bytes) -> bytes:

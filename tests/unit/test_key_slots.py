@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from aegisd.api.aegis.v1 import vault_pb2
@@ -382,3 +383,21 @@ def test_a_right_secret_whose_call_a_lock_cut_short_is_logged(cheap_vault: Vault
         assert abandoned == [] and len(logged) == 1 and "wrong" in logged[0][1]
     assert guess not in repr(logged)
     assert opens_with(cheap_vault, PASSPHRASE)  # nothing changed
+
+
+def test_a_passphrase_opens_its_slot_in_either_unicode_form() -> None:
+    """From the vault review: "é" typed as one character at `init` and piped in as two (NFD) later was a wrong
+    passphrase. Slots are made from the composed form; a slot made before, from the form typed, still opens."""
+    composed, decomposed = "caf\u00e9 long passphrase 4471", "cafe\u0301 long passphrase 4471"
+    master = MasterKey.generate()
+    slot = crypto.make_slot(master, "v", "passphrase", decomposed, CHEAP)
+    for given in (composed, decomposed):
+        assert crypto.open_slot(slot, "v", given).raw == master.raw
+    with pytest.raises(crypto.WrongKey):
+        crypto.open_slot(slot, "v", "cafe long passphrase 4471")
+
+    salt, nonce = bytes(crypto.SALT_BYTES), bytes(crypto.NONCE_BYTES)  # as an older aegisd made it: as typed
+    kek = crypto._kek("passphrase", "argon2id", decomposed, salt, CHEAP)
+    wrapped = AESGCM(kek).encrypt(nonce, bytes(master.raw), crypto._slot_aad("v", "passphrase"))
+    older = crypto.KeySlot(kind="passphrase", kdf="argon2id", params=CHEAP, salt=salt, nonce=nonce, wrapped=wrapped)
+    assert crypto.open_slot(older, "v", decomposed).raw == master.raw
