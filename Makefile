@@ -58,19 +58,24 @@ $(STAMP): pyproject.toml | sysdeps
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-# systemd-python builds against libsystemd's headers, and Debian's Python needs its -venv package for
-# `python -m venv`; install them where we can (Debian/Ubuntu).
+# systemd-python is compiled here (gcc, against libsystemd's and Python's headers), and Debian's Python needs its
+# -venv package for `python -m venv`; install what is missing where we can (Debian/Ubuntu).
+PYVER = $(shell $(PYTHON) -c 'import sys; print(*sys.version_info[:2], sep=".")' 2>/dev/null)
+PYINCLUDE = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null)
 sysdeps:
 ifeq ($(UNAME),Linux)
 	@test -z "$(PYTHON)" || $(PYTHON) -c 'import ensurepip' 2>/dev/null || ! command -v apt-get >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq \
-	    "python$$($(PYTHON) -c 'import sys; print(*sys.version_info[:2], sep=".")')-venv" >/dev/null; }
-	@pkg-config --exists libsystemd 2>/dev/null || { \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq "python$(PYVER)-venv" >/dev/null; }
+	@missing=""; \
+	pkg-config --exists libsystemd 2>/dev/null || missing="libsystemd-dev pkg-config"; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	test -z "$(PYTHON)" || test -f "$(PYINCLUDE)/Python.h" || missing="$$missing python$(PYVER)-dev"; \
+	test -z "$$missing" || { \
 	  if command -v apt-get >/dev/null; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libsystemd-dev pkg-config gcc >/dev/null; \
-	  else echo "install libsystemd headers and pkg-config (package libsystemd-dev / systemd-devel)"; exit 1; fi; }
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "install a C compiler and the libsystemd and Python headers (Debian: $$missing)"; exit 1; fi; }
 endif
 
 clean:

@@ -285,6 +285,8 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text, which TOML must be") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     flat: dict[str, Any] = {}
@@ -389,7 +391,10 @@ def _path_or_none(value: Any, what: str, source: str) -> Path | None:
 
 
 def _home_path(value: Any, what: str, source: str) -> Path:
-    """`value` as a path, `~` and `~user` expanded; a `~user` with no such user is a ConfigError, not a crash."""
+    """`value` as a path, `~` and `~user` expanded; a `~user` with no such user, or a NUL (which TOML can spell
+    and no system call takes), is a ConfigError, not a crash."""
+    if "\0" in str(value):
+        raise ConfigError(f"{what} {str(value)!r} (from {source}) contains a NUL character")
     try:
         return Path(str(value)).expanduser()
     except RuntimeError:

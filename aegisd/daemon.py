@@ -71,6 +71,7 @@ class Daemon:
 
     async def run(self) -> int:
         harden_process()
+        self._install_stop_signals()
         for warning in startup_warnings(self.config):
             log.warning("%s", warning)
         self._prepare_data_dir()
@@ -108,7 +109,7 @@ class Daemon:
             await control.start()
             control_running = True
             await gate.start()
-            self._install_signals()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
             self._manager.ready(self._status_line())
             self._manager.start_watchdog()
             event(log, logging.INFO, "aegisd started", version=__version__, socket=self.config.socket_path,
@@ -146,14 +147,25 @@ class Daemon:
         if event_name in ("locked", "unlocked"):
             self._manager.status(self._status_line())
 
-    def _install_signals(self) -> None:
+    def _install_stop_signals(self) -> None:
+        """From the first moment: a SIGTERM or Ctrl-C during start-up then stops aegisd cleanly once it has
+        started, rather than as asyncio's KeyboardInterrupt traceback; a SIGHUP (whose default is to exit) is
+        ignored until the reload handler is in place."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _reload(self) -> None:
+        """SIGHUP: the log level and the policies from a fresh read of the settings. Whatever happens, systemd
+        hears READY again: a reload that never ended would leave the unit `reloading` until its timeout."""
         self._manager.reloading()
+        try:
+            self._apply_reload()
+        finally:
+            self._manager.reloaded(self._status_line())
+
+    def _apply_reload(self) -> None:
         policies_dir = self._policies.directory if self._policies is not None else None
         try:
             fresh = load_config(self._flags)
@@ -170,7 +182,6 @@ class Daemon:
             event(log, logging.INFO, "configuration reloaded", log_level=fresh.log_level)
         if self._policies is not None:
             self._policies.request_reload("SIGHUP", policies_dir, change_directory=True)
-        self._manager.reloaded(self._status_line())
 
     def _prepare_data_dir(self) -> None:
         data_dir = self.config.data_dir
@@ -245,13 +256,13 @@ def _key_ledger(vault: Vault, ledger: LedgerWriter, event_name: str) -> None:
 def _unlock_key_sources(config: Config) -> list[tuple[str, str]]:
     """Unlock keys in order of preference: systemd credential, config file, environment."""
     found: list[tuple[str, str]] = []
-    paths: list[tuple[Path, bool]] = []
+    paths: list[tuple[Path, bool, bool]] = []
     if config.credentials_directory:
-        paths.append((config.credentials_directory / UNLOCK_CREDENTIAL_NAME, False))
+        paths.append((config.credentials_directory / UNLOCK_CREDENTIAL_NAME, False, True))
     if config.unlock_key_file:
-        paths.append((config.unlock_key_file, True))
-    for path, must_exist in paths:
-        key = _read_key_file(path, must_exist)
+        paths.append((config.unlock_key_file, True, False))
+    for path, must_exist, from_systemd in paths:
+        key = _read_key_file(path, must_exist, from_systemd)
         if key:
             found.append((str(path), key))
     env_key = os.environ.pop("AEGIS_UNLOCK_KEY", "")  # popped: never inherited by anything we start
@@ -260,14 +271,23 @@ def _unlock_key_sources(config: Config) -> list[tuple[str, str]]:
     return found
 
 
-def _read_key_file(path: Path, must_exist: bool) -> str | None:
+def _read_key_file(path: Path, must_exist: bool, from_systemd: bool) -> str | None:
+    """The key's first line, or None (logged) when the file cannot be trusted or read.
+
+    An operator's file must be private (0600 or stricter). systemd's credential is not judged by its group bits:
+    systemd 256 and later write it 0400 and grant the service's user read access by an ACL, whose mask then shows
+    as the group's `r` (0440), on a read-only mount only the unit sees. Anything writable by others is refused."""
     try:
         info = path.stat()
     except FileNotFoundError:
         if must_exist:
             log.error("unlock key file %s does not exist; starting locked", path)
         return None
-    if stat.S_IMODE(info.st_mode) & 0o077:
+    mode = stat.S_IMODE(info.st_mode)
+    if from_systemd and mode & 0o022:
+        log.error("unlock key credential %s is writable by group or others; starting locked", path)
+        return None
+    if not from_systemd and mode & 0o077:
         log.error("unlock key file %s is readable by group or others; chmod 600 it. Starting locked", path)
         return None
     try:

@@ -41,6 +41,7 @@ def restart(aegis: Aegis, *args: str, env: dict[str, str] | None = None) -> str:
 
 def key_file(aegis: Aegis, name: str, key: str, mode: int) -> Path:
     path = aegis.root / name
+    path.unlink(missing_ok=True)  # a read-only one left by an earlier step
     path.write_text(key + "\n")
     os.chmod(path, mode)
     return path
@@ -57,9 +58,15 @@ def test_systemd_credentials_directory(with_key: tuple[Aegis, str]) -> None:
     aegis, key = with_key
     creds = aegis.root / "credentials"
     creds.mkdir(mode=0o700)
-    key_file(aegis, "credentials/aegis-unlock", key, 0o400)
-    assert restart(aegis, env={"CREDENTIALS_DIRECTORY": str(creds)}) == "unlocked"
-    assert "vault unlocked" in aegis.log() and "aegis-unlock" in aegis.log()
+    # 0440: how systemd 256 and later show theirs (0400 and an ACL for the service's user, whose mask is the group
+    # bits); found by a cold review: refused as "readable by group", so the packaged unit always started locked.
+    for mode in (0o400, 0o440):
+        key_file(aegis, "credentials/aegis-unlock", key, mode)
+        assert restart(aegis, env={"CREDENTIALS_DIRECTORY": str(creds)}) == "unlocked"
+        assert "vault unlocked" in aegis.log() and "aegis-unlock" in aegis.log()
+    key_file(aegis, "credentials/aegis-unlock", key, 0o460)
+    assert restart(aegis, env={"CREDENTIALS_DIRECTORY": str(creds)}) == "locked"
+    assert "writable by group or others" in aegis.log()
     aegis.assert_no_leaks([PASSPHRASE, key, "sk-auto-unlock-secret-1234"])
 
 

@@ -77,6 +77,10 @@ def test_sighup_with_broken_config_keeps_old_settings(fresh: Aegis) -> None:
     assert fresh.proc is not None and fresh.proc.poll() is None
     fresh.ctl("lock").ok()
     assert "vault locked" not in fresh.log()  # still at warning: the broken file changed nothing
+    config.write_bytes(b'[log]\nlevel = "caf\xe9"\n')  # not UTF-8: was an exception in the signal handler
+    send(fresh, signal.SIGHUP)
+    assert wait_for(lambda: "not UTF-8 text" in fresh.log()), fresh.log()
+    assert "Traceback" not in fresh.log() and fresh.proc is not None and fresh.proc.poll() is None
 
     config.write_text('[log]\nlevel = "info"\n')
     send(fresh, signal.SIGHUP)

@@ -182,3 +182,13 @@ def test_a_home_of_no_such_user_is_a_setting_problem_not_a_crash(tmp_path: Path)
     assert "data directory '~no-such-user-aegis/data' (from AEGIS_DATA_DIR) starts with the home of a user" in message
     with pytest.raises(ConfigError, match=r"config file .~no-such-user-aegis/a\.toml. \(from AEGIS_CONFIG\)"):
         load_config({}, env={"AEGIS_CONFIG": "~no-such-user-aegis/a.toml", "AEGIS_DATA_DIR": str(tmp_path)})
+
+
+def test_a_file_that_is_not_utf8_or_a_nul_in_a_path_is_a_setting_problem(tmp_path: Path) -> None:
+    """Found by a cold review: each was a traceback at start (and the first left systemd `reloading` on SIGHUP)."""
+    path = tmp_path / "aegisd.toml"
+    path.write_bytes(b'[log]\nlevel = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="is not UTF-8 text, which TOML must be"):
+        load_config({"config": str(path)}, env={"AEGIS_DATA_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"socket path '/tmp/a\\x00b' \(from .*\) contains a NUL character"):
+        _load(tmp_path, 'socket = "/tmp/a\\u0000b"\n')
