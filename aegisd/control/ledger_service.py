@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sqlite3
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -32,11 +33,12 @@ from aegisd.ledger import (
     verify,
 )
 from aegisd.ledger.chain import Tip
-from aegisd.ledger.entry import MAX_TEXT_CHARS, iso_time, truncate
+from aegisd.ledger.entry import ENTRY_FIELDS, MAX_TEXT_CHARS, iso_time, truncate
 from aegisd.ledger.integrity import describe, integrity_problems
 from aegisd.runtime import Runtime
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger("aegisd.control")
 MAX_LIMIT = 100_000
 EXPORT_BATCH = 1000  # rows per message: ~150 KB of typical rows
 # Bytes per message, so rows near their size cap (entry.MAX_TEXT_CHARS per field, or larger ones an older
@@ -48,11 +50,48 @@ TIP_MAC_BYTES = 32  # a row's MAC: HMAC-SHA256
 
 
 def record(row: LedgerRow) -> pb.LedgerRecord:
-    return pb.LedgerRecord(
-        id=row.id, time_ms=row.time_ms, request_id=row.request_id, agent=row.agent, credential=row.credential,
-        service=row.service, method=row.method, path=row.path, target_host=row.target_host,
-        decision=row.decision, reason=row.reason, status=row.status, duration_ms=row.duration_ms,
-        bytes_in=row.bytes_in, bytes_out=row.bytes_out, kind=row.kind, flags=row.flags, detail=row.detail)
+    try:
+        return pb.LedgerRecord(
+            id=row.id, time_ms=row.time_ms, request_id=row.request_id, agent=row.agent, credential=row.credential,
+            service=row.service, method=row.method, path=row.path, target_host=row.target_host,
+            decision=row.decision, reason=row.reason, status=row.status, duration_ms=row.duration_ms,
+            bytes_in=row.bytes_in, bytes_out=row.bytes_out, kind=row.kind, flags=row.flags, detail=row.detail)
+    except (TypeError, ValueError):  # a value of a type aegisd never stores: the slow path, only then
+        return _edited_record(row)
+
+
+def _edited_record(row: LedgerRow) -> pb.LedgerRecord:
+    """A row edited in the file (text in a number column, say), which no reply could carry: each value the message
+    refuses is left empty (0 or ""), so `show`, `export` and `follow` still answer; verify names the row."""
+    rec = pb.LedgerRecord()
+    refused = []
+    for name in ("id", *ENTRY_FIELDS):
+        try:
+            setattr(rec, name, getattr(row, name))
+        except (TypeError, ValueError):
+            refused.append(name)
+    _log_edited(f"row {row.id}: its {', '.join(refused)} of a type aegisd never stores, shown as 0 or empty")
+    return rec
+
+
+def _stored_time(time_ms: object, which: str) -> int:
+    """A first or last time for `ledger stats`: 0 (none) unless an integer, as aegisd stores it."""
+    if isinstance(time_ms, int) or time_ms is None:
+        return time_ms or 0
+    _log_edited(f"the {which} time_ms of the rows counted is of a type aegisd never stores; `ledger stats` shows none")
+    return 0
+
+
+_edited_logged = False
+
+
+def _log_edited(what: str) -> None:
+    """Warn once per process: every later read of the same row would repeat it."""
+    global _edited_logged
+    if not _edited_logged:
+        _edited_logged = True
+        log.warning("ledger: %s: ledger.db was edited behind aegisd's back; `aegisctl ledger verify` names the row. "
+                    "Further such values are not logged", what)
 
 
 def _bounds(f: pb.LedgerFilter) -> tuple[int | None, int | None]:
@@ -238,7 +277,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         return pb.StatsResponse(
             rows=stats.rows, requests=stats.requests, system_events=stats.system_events, allowed=stats.allowed,
             denied=stats.denied, bytes_in=stats.bytes_in, bytes_out=stats.bytes_out,
-            first_time_ms=stats.first_time_ms or 0, last_time_ms=stats.last_time_ms or 0,
+            first_time_ms=_stored_time(stats.first_time_ms, "first"),
+            last_time_ms=_stored_time(stats.last_time_ms, "last"),
             by_decision=_groups(stats.by_decision), by_service=_groups(stats.by_service),
             by_reason=_groups(stats.by_reason), top_agents=_groups(stats.top_agents))
 

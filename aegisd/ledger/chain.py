@@ -25,7 +25,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from aegisd.ledger.checkpoint import all_checkpoints, is_authentic
 from aegisd.ledger.entry import ENTRY_FIELDS
@@ -140,23 +140,42 @@ def _surrogates(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")  # never equal to text aegisd stored: it stores none such
 
 
-def _chain_start(conn: sqlite3.Connection, key: bytes) -> tuple[bytes, int] | VerifyResult:
-    """(prev_mac, first id) from the newest authentic checkpoint, or genesis; a failure if any is bad."""
+class ChainStart(NamedTuple):
+    """Where the chain starts: the MAC its first row links to, that row's id, and the checkpoint it comes from."""
+
+    prev_mac: bytes
+    first_id: int
+    checkpoint_id: int | None  # None: no prune yet, the chain starts at genesis
+
+
+def chain_start(conn: sqlite3.Connection, key: bytes) -> ChainStart | VerifyResult:
+    """The start from the newest checkpoint, or genesis; a failure if any checkpoint is forged, out of order or gone.
+
+    Checkpoint ids run 1, 2, 3 ... with no gap (write_checkpoint numbers them so), and each MAC covers its id, so
+    removing any but the newest leaves a gap; removing the newest leaves its pruned rows missing from the walk.
+    """
     checkpoints = all_checkpoints(conn)
     floor = 1
-    for cp in checkpoints:
+    for number, cp in enumerate(checkpoints, 1):
         if not is_authentic(key, cp):
             return VerifyResult(False, 0, None, f"prune checkpoint {cp.id} does not match its MAC: it was forged "
                                 "or altered, or the key is wrong")
+        if cp.id != number:  # authentic, so written with an id past the last: those before it were removed
+            one = cp.id == number + 1
+            return VerifyResult(False, 0, None, f"prune {'checkpoint' if one else 'checkpoints'} "
+                                f"{span(number, cp.id - 1)} {'is' if one else 'are'} missing before checkpoint "
+                                f"{cp.id}: removed from the file")
         if cp.first_kept_id < floor:
             return VerifyResult(False, 0, None, f"prune checkpoint {cp.id} goes back to row {cp.first_kept_id}, "
                                 f"before an earlier prune's row {floor}")
         floor = cp.first_kept_id
-    return (checkpoints[-1].prev_mac, floor) if checkpoints else (GENESIS, 1)
+    if not checkpoints:
+        return ChainStart(GENESIS, 1, None)
+    return ChainStart(checkpoints[-1].prev_mac, floor, checkpoints[-1].id)
 
 
 def _verify(conn: sqlite3.Connection, key: bytes, expect: Tip | None) -> VerifyResult:
-    start = _chain_start(conn, key)
+    start = chain_start(conn, key)
     if isinstance(start, VerifyResult):
         return start
     walk = _Walk(start, expect[0] if expect else None)
@@ -175,8 +194,8 @@ def _verify(conn: sqlite3.Connection, key: bytes, expect: Tip | None) -> VerifyR
 class _Walk:
     """One walk along the chain from its start, which keeps the tip and the MAC of the row an earlier tip named."""
 
-    def __init__(self, start: tuple[bytes, int], expect_id: int | None) -> None:
-        self.start_mac, self.first_id = start
+    def __init__(self, start: ChainStart, expect_id: int | None) -> None:
+        self.start_mac, self.first_id = start.prev_mac, start.first_id
         self.tip_id, self.tip_mac = (self.first_id - 1, self.start_mac) if self.first_id > 1 else (0, b"")
         self.expect_id = expect_id
         self.expect_seen: bytes | None = None  # the MAC found at expect_id (b"": the row is there without one)
@@ -216,6 +235,9 @@ class _Walk:
         self.completed = True
         (last_used,) = conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'ledger'"
                                     ).fetchone()
+        if not isinstance(last_used, int):  # the writer refuses to append to it too (writer._read_tip)
+            return unchained.fail(checked, None, f"the ledger's id counter (sqlite_sequence) is not an integer "
+                                  f"({type(last_used).__name__}): it was edited", first_id)
         if last_used >= expected_id:
             return unchained.fail(checked, expected_id, f"rows {expected_id}..{last_used} were deleted from the end",
                                   first_id)
@@ -263,26 +285,35 @@ class _Unchained:
     so later edits are still found."""
 
     def __init__(self) -> None:
-        self.ranges: list[list[int]] = []
+        # Only the first ranges are kept to be named, the rest counted: a ledger stripped of every other MAC would
+        # otherwise make verify's memory grow with its size.
+        self.named: list[list[int]] = []
+        self.ranges = 0
+        self.rows = 0
+        self.last_id = 0  # the newest unchained row
         self.checked_before = 0  # rows that verified before the first unchained one
 
     def add(self, row_id: int, checked: int) -> None:
-        if self.ranges and self.ranges[-1][1] == row_id - 1:
-            self.ranges[-1][1] = row_id
-            return
-        if not self.ranges:
-            self.checked_before = checked
-        self.ranges.append([row_id, row_id])
+        self.rows += 1
+        if self.ranges and self.last_id == row_id - 1:
+            if self.ranges <= _NAMED_RANGES:
+                self.named[-1][1] = row_id
+        else:
+            if not self.ranges:
+                self.checked_before = checked
+            self.ranges += 1
+            if self.ranges <= _NAMED_RANGES:
+                self.named.append([row_id, row_id])
+        self.last_id = row_id
 
     def fail(self, checked: int, bad_id: int | None, problem: str | None, first_id: int) -> VerifyResult:
         """The result for `problem` at bad_id (None: the unchained rows are the only problem)."""
         if not self.ranges:
             return VerifyResult(False, checked, bad_id, problem or "", first_id)
-        shown = ", ".join(span(first, last) for first, last in self.ranges[:_NAMED_RANGES])
-        if len(self.ranges) > _NAMED_RANGES:
-            shown += f" and {len(self.ranges) - _NAMED_RANGES} more ranges"
-        count = sum(last - first + 1 for first, last in self.ranges)
-        one = count == 1
+        shown = ", ".join(span(first, last) for first, last in self.named)
+        if self.ranges > _NAMED_RANGES:
+            shown += f" and {self.ranges - _NAMED_RANGES} more ranges"
+        one = self.rows == 1
         reason = (f"{'row' if one else 'rows'} {shown} {'is' if one else 'are'} not chained (no MAC): stored so by "
                   "an earlier run of aegisd that stopped before its vault was unlocked, or edited and the MAC "
                   f"removed; nothing vouches for {'it' if one else 'them'}")
@@ -294,7 +325,7 @@ class _Unchained:
         else:
             reason += f" (the {_plural(after, 'chained row')} after {'it' if one else 'them'} "
             reason += f"{'verifies' if after == 1 else 'verify'})"
-        return VerifyResult(False, self.checked_before, self.ranges[0][0], reason, first_id)
+        return VerifyResult(False, self.checked_before, self.named[0][0], reason, first_id)
 
 
 _NAMED_RANGES = 3

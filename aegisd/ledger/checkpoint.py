@@ -3,7 +3,8 @@
 A checkpoint says "rows before first_kept_id were pruned; the last of them had MAC prev_mac". verify
 starts from the newest checkpoint instead of genesis. Its own MAC (under a key derived from the ledger
 key, so it can never be confused with a row's MAC) covers every column including its id, so an attacker
-without the key can neither forge one to hide a deletion nor move one to a later row.
+without the key can neither forge one to hide a deletion nor move one to a later row. Their ids run 1, 2,
+3 ... with no gap, so removing one is caught too (chain.chain_start).
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ def write_checkpoint(
     conn: sqlite3.Connection, key: bytes, *, cp_id: int | None, time_ms: int, first_kept_id: int, prev_mac: bytes,
     pruned: int,
 ) -> int:
-    """Insert a checkpoint (cp_id None) or move an existing one forward; inside the caller's transaction."""
+    """Insert a checkpoint (cp_id None) or move an existing one forward; inside the caller's transaction.
+
+    A new one takes the id after the newest, not SQLite's counter (which an edit can move on): verify requires
+    ids 1, 2, 3 ... with no gap, so that removing an older checkpoint shows.
+    """
     if cp_id is None:
         cursor = conn.execute(
-            "INSERT INTO checkpoints (time_ms, first_kept_id, prev_mac, pruned, mac) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO checkpoints (id, time_ms, first_kept_id, prev_mac, pruned, mac) "
+            "VALUES ((SELECT coalesce(max(id), 0) + 1 FROM checkpoints), ?, ?, ?, ?, ?)",
             (time_ms, first_kept_id, prev_mac, pruned, b""),
         )
         assert cursor.lastrowid is not None

@@ -3,8 +3,8 @@
 It runs in the writer's thread (LedgerWriter.run_exclusive), one chunk at a time, so it never races a
 group commit and appends wait for at most one chunk. Each chunk is one transaction that deletes rows
 and moves the checkpoint forward with them, so the ledger verifies after every chunk, even if aegisd
-dies half-way. Rows are verified before they are deleted: a prune never launders a tampered range into
-an authentic checkpoint.
+dies half-way. Rows, and every checkpoint, are verified before rows are deleted: a prune never launders a
+tampered range, or a forged checkpoint, into an authentic checkpoint.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import hmac
 import sqlite3
 from dataclasses import dataclass
 
-from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, row_mac
-from aegisd.ledger.checkpoint import latest_checkpoint, write_checkpoint
+from aegisd.ledger.chain import SELECT_CHAIN, VerifyResult, chain_start, row_mac
+from aegisd.ledger.checkpoint import write_checkpoint
 from aegisd.ledger.entry import now_ms
 from aegisd.ledger.query import not_utf8
 from aegisd.ledger.schema import LedgerError
@@ -90,8 +90,12 @@ def _prune_chunk(progress: _Progress, chunk_rows: int, conn: sqlite3.Connection,
 
 
 def _delete_chunk(conn: sqlite3.Connection, key: bytes, progress: _Progress, chunk_rows: int) -> bool:
-    checkpoint = latest_checkpoint(conn)
-    start_id, prev_mac = (checkpoint.first_kept_id, checkpoint.prev_mac) if checkpoint else (1, GENESIS)
+    # Every checkpoint is checked as verify checks them: rows checked against a forged one, then deleted under a
+    # genuine one, would launder the deletion it covers.
+    start = chain_start(conn, key)
+    if isinstance(start, VerifyResult):
+        raise PruneRefused(f"{start.reason}; the prune was refused to keep the evidence; see `aegisctl ledger verify`")
+    prev_mac, start_id = start.prev_mac, start.first_id
     if progress.first_kept_id is None:
         row = conn.execute("SELECT id FROM ledger WHERE time_ms >= ? ORDER BY id LIMIT 1",
                            (progress.before_ms,)).fetchone()
@@ -132,7 +136,7 @@ def _delete_chunk(conn: sqlite3.Connection, key: bytes, progress: _Progress, chu
                            "evidence; see `aegisctl ledger verify`")
     progress.pruned += conn.execute("DELETE FROM ledger WHERE id < ?", (end,)).rowcount
     # Move our own checkpoint forward; if another prune wrote a newer one meanwhile, start a new one after it.
-    ours = checkpoint is not None and checkpoint.id == progress.checkpoint_id
+    ours = start.checkpoint_id == progress.checkpoint_id  # both None: no checkpoint yet, so a new one
     progress.checkpoint_id = write_checkpoint(
         conn, key, cp_id=progress.checkpoint_id if ours else None, time_ms=progress.time_ms, first_kept_id=end,
         prev_mac=prev_mac, pruned=progress.pruned)

@@ -82,6 +82,11 @@ def flood(port: int, targets: list[str], tokens: list[str]) -> None:
     asyncio.run(main())
 
 
+# Rows of the followed service, and of another, in the flood. A stopped follower holds about 1,050 (the daemon's
+# buffer of 1,000, the rest in sockets), so 3,000 outrun it three times over.
+FLOOD, OTHERS = 3000, 1000
+
+
 def test_a_follower_that_falls_behind_is_told_how_many_rows_it_missed() -> None:
     """Found by a cold review: a follower that did not keep up lost rows silently (the daemon buffers 1,000
     for it). Now a line on stderr says, where they are missing, how many matching rows were left out, and
@@ -90,7 +95,7 @@ def test_a_follower_that_falls_behind_is_told_how_many_rows_it_missed() -> None:
     try:
         aegis = world.aegis
         # The flood is dealt out to enough agents that each stays within its budget of refusal rows.
-        tokens = [world.agent(f"flooder{n}") for n in range(8000 // AGENT_BURST + 4)]
+        tokens = [world.agent(f"flooder{n}") for n in range((FLOOD + OTHERS) // AGENT_BURST + 4)]
         with following(aegis, "-n", "0", "--service", "flood") as follower:
             sent: list[str] = []
             for attempt in range(30):  # until the subscription is live (-n 0: nothing to wait for before)
@@ -109,8 +114,8 @@ def test_a_follower_that_falls_behind_is_told_how_many_rows_it_missed() -> None:
             os.kill(follower.proc.pid, signal.SIGSTOP)  # a reader that stops reading
             try:
                 filler = "x" * 2000
-                targets = [f"/flood/{n}/{filler}" for n in range(6000)]
-                flood(world.port, targets + [f"/other/{n}" for n in range(2000)], tokens)
+                targets = [f"/flood/{n}/{filler}" for n in range(FLOOD)]
+                flood(world.port, targets + [f"/other/{n}" for n in range(OTHERS)], tokens)
             finally:
                 os.kill(follower.proc.pid, signal.SIGCONT)
             shown: list[dict[str, Any]] = []
@@ -144,13 +149,13 @@ def test_rows_written_after_a_restore_are_followed() -> None:
         world.credential("github", SECRET, up.entry())
         world.agent("claude", "github")
         backup = aegis.root / "early.backup"
-        aegis.ctl("backup", str(backup)).ok()
+        aegis.ctl_in_process("backup", str(backup)).ok()
         for n in range(20):  # ids the restored ledger will use again
             assert world.call("GET", f"/github/echo/before{n}", agent="claude").status == 200
         with following(aegis, "-n", "3") as follower:
             assert [follower.next()["path"] for _ in range(3)] == [f"/echo/before{n}" for n in (17, 18, 19)]
-            aegis.ctl("lock").ok()
-            aegis.ctl("restore", str(backup), "--yes").ok()
+            aegis.ctl_in_process("lock").ok()
+            aegis.ctl_in_process("restore", str(backup), "--yes").ok()
             restored = follower.next()
             assert restored["reason"] == "backup_restored", restored
             world.unlock()

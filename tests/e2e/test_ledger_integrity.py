@@ -33,7 +33,7 @@ def edit(db: Path, statement: str, *params: Any) -> None:
 
 def verify(aegis: Aegis) -> tuple[dict[str, Any], str]:
     """`ledger verify --json` and the human line; both must fail."""
-    as_json, human = aegis.ctl("ledger", "verify", "--json"), aegis.ctl("ledger", "verify")
+    as_json, human = aegis.ctl_in_process("ledger", "verify", "--json"), aegis.ctl_in_process("ledger", "verify")
     assert as_json.code == 1 and human.code == 1, (as_json.out, human.out)
     verdict: dict[str, Any] = json.loads(as_json.out)
     assert verdict["ok"] is False
@@ -56,8 +56,9 @@ def test_rows_stripped_of_their_mac_are_never_chained_again() -> None:
         aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
         replies = [world.call("GET", f"/bear/echo/v{n}", agent="bot") for n in range(5)]
         assert all(r.status == 200 for r in replies)
-        assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
+        assert json.loads(aegis.ctl_in_process("ledger", "verify", "--json").ok().out)["ok"] is True
         not_utf8(world)
+        edited_numbers(world)
         edited = [world.row(r.request_id)["id"] for r in replies[2:]]
         edit(db, "UPDATE ledger SET agent = 'innocent', path = '/harmless', mac = NULL WHERE id >= ?", edited[0])
 
@@ -69,7 +70,7 @@ def test_rows_stripped_of_their_mac_are_never_chained_again() -> None:
         assert "(the 3 chained rows after them verify)" in verdict["reason"], verdict
         assert f"Ledger TAMPERED: first bad row {edited[0]}: rows {edited[0]}..{edited[-1]} are not chained" in human
         assert aegis.log().count(FOREIGN) == 1, aegis.log()  # logged once, not at every commit
-        doctor = aegis.ctl("doctor", "--json")
+        doctor = aegis.ctl_in_process("doctor", "--json")
         assert doctor.code == 1
         check = next(c for c in json.loads(doctor.out)["checks"] if c["name"] == "ledger_chain")
         assert check["status"] == "fail" and "not chained" in check["message"], check
@@ -93,7 +94,7 @@ def not_utf8(world: GateWorld) -> None:
     and `ledger show`, `export` and `follow -n` fail for every page holding it. Verify now names the row; the
     reads show it, the bytes that are not UTF-8 as U+FFFD. The row is put back as it was afterwards."""
     aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
-    rows = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
+    rows = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1000").ok().out)
     bad = rows[2]["id"]
     conn = sqlite3.connect(db)
     try:
@@ -106,16 +107,17 @@ def not_utf8(world: GateWorld) -> None:
     assert verdict["first_bad_id"] == bad and verdict["reason"].startswith(f"row {bad} does not match its MAC"), \
         verdict
     assert f"Ledger TAMPERED: first bad row {bad}: row {bad} does not match its MAC" in human, human
-    doctor = aegis.ctl("doctor", "--json")
+    doctor = aegis.ctl_in_process("doctor", "--json")
     assert doctor.code == 1
     check = next(c for c in json.loads(doctor.out)["checks"] if c["name"] == "ledger_chain")
     assert check["status"] == "fail" and f"first bad row {bad}: row {bad} does not match" in check["message"], check
 
-    shown = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
+    shown = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1000").ok().out)
     assert [r["id"] for r in shown] == [r["id"] for r in rows]
     assert next(r for r in shown if r["id"] == bad)["detail"] == "\ufffdA"
-    aegis.ctl("ledger", "show").ok()
-    exported = [json.loads(line) for line in aegis.ctl("ledger", "export", "--format", "jsonl").ok().out.splitlines()]
+    aegis.ctl_in_process("ledger", "show").ok()
+    jsonl = aegis.ctl_in_process("ledger", "export", "--format", "jsonl").ok().out
+    exported = [json.loads(line) for line in jsonl.splitlines()]
     assert [r["id"] for r in exported] == [r["id"] for r in reversed(rows)]
     assert next(r for r in exported if r["id"] == bad)["detail"] == "\ufffdA"
     backlog = follow_backlog(aegis, len(rows))
@@ -123,7 +125,39 @@ def not_utf8(world: GateWorld) -> None:
     assert next(r for r in backlog if r["id"] == bad)["detail"] == "\ufffdA"
 
     edit(db, "UPDATE ledger SET detail = ? WHERE id = ?", kept, bad)
-    assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
+    assert json.loads(aegis.ctl_in_process("ledger", "verify", "--json").ok().out)["ok"] is True
+
+
+def edited_numbers(world: GateWorld) -> None:
+    """Found by a cold review: a number column edited to text (status = 'oops', time_ms = 'x') made `ledger show`,
+    `export`, `follow -n` and `stats` fail for every page holding the row (no reply can carry text there). Such a
+    value is shown as 0 now, logged once; verify names the row. The row is put back as it was afterwards."""
+    aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
+    rows = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1000").ok().out)
+    bad = rows[1]["id"]
+    conn = sqlite3.connect(db)
+    try:
+        kept = conn.execute("SELECT status, time_ms FROM ledger WHERE id = ?", (bad,)).fetchone()
+    finally:
+        conn.close()
+    edit(db, "UPDATE ledger SET status = 'oops', time_ms = 'x' WHERE id = ?", bad)
+
+    verdict = json.loads(aegis.ctl_in_process("ledger", "verify", "--json").out)
+    assert verdict["first_bad_id"] == bad and verdict["reason"].startswith(f"row {bad} does not match its MAC"), \
+        verdict
+    shown = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1000").ok().out)
+    exported = [json.loads(line) for line in aegis.ctl_in_process("ledger", "export").ok().out.splitlines()]
+    backlog = follow_backlog(aegis, len(rows))
+    for got in (shown, list(reversed(exported)), list(reversed(backlog))):
+        assert [r["id"] for r in got] == [r["id"] for r in rows]
+        row = next(r for r in got if r["id"] == bad)
+        assert (row["status"], row["time"]) == (0, "1970-01-01T00:00:00.000Z"), row
+    counted = json.loads(aegis.ctl_in_process("ledger", "stats", "--json").ok().out)
+    assert counted["rows"] == len(rows) and counted["last_time"] is None, counted
+    assert aegis.log().count("ledger.db was edited behind aegisd's back") == 1, aegis.log()
+
+    edit(db, "UPDATE ledger SET status = ?, time_ms = ? WHERE id = ?", *kept, bad)
+    assert json.loads(aegis.ctl_in_process("ledger", "verify", "--json").ok().out)["ok"] is True
 
 
 def follow_backlog(aegis: Aegis, lines: int) -> list[dict[str, Any]]:
@@ -161,7 +195,7 @@ def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() ->
             reply = world.call("GET", "/bear/echo/locked", agent="bot")
             assert reply.status == 503
             row_id: int = world.row(reply.request_id, world.ledger())["id"]
-            [newest] = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1").ok().out)
+            [newest] = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1").ok().out)
             assert newest["id"] == row_id, newest
             return row_id
 
@@ -173,14 +207,14 @@ def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() ->
         assert "not written to the ledger, the vault was never unlocked in this run: policies reloaded" in aegis.log()
         aegis.start()
         world.unlock()
-        assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
-        [reload] = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1").ok().out)
+        assert json.loads(aegis.ctl_in_process("ledger", "verify", "--json").ok().out)["ok"] is True
+        [reload] = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1").ok().out)
         assert reload["reason"] == "policy_reloaded" and "(startup)" in reload["detail"]  # held, then chained
 
         # Unlocked in the same run: the rows written meanwhile are chained.
         restart_locked()
         world.unlock()
-        assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
+        assert json.loads(aegis.ctl_in_process("ledger", "verify", "--json").ok().out)["ok"] is True
 
         # A row edited in the file before the unlock: none of that run's rows is chained, and the log says so.
         edited = restart_locked()
@@ -207,23 +241,63 @@ def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() ->
 
         # Such rows refuse a prune, until the operator, having seen them in verify, lets them go.
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        refused = aegis.ctl("ledger", "prune", "--before", now, "--yes")
+        refused = aegis.ctl_in_process("ledger", "prune", "--before", now, "--yes")
         assert refused.code == 1 and f"row {edited} is not chained" in refused.err, refused
         assert "--include-unchained" in refused.err
-        pruned = json.loads(aegis.ctl("ledger", "prune", "--before", now, "--include-unchained", "--yes",
+        pruned = json.loads(aegis.ctl_in_process("ledger", "prune", "--before", now, "--include-unchained", "--yes",
                                       "--json").ok().out)
         assert pruned["unchained"] == 2 and pruned["pruned"] > 2, pruned
-        assert json.loads(aegis.ctl("ledger", "verify", "--json").ok().out)["ok"] is True
-        [record] = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1").ok().out)
+        assert json.loads(aegis.ctl_in_process("ledger", "verify", "--json").ok().out)["ok"] is True
+        [record] = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1").ok().out)
         assert record["reason"] == "ledger_pruned" and "2 of them were not chained" in record["detail"], record
+        checkpoints(world)
         world.assert_no_leaks()
     finally:
         world.close()
 
 
+def checkpoints(world: GateWorld) -> None:
+    """Found by a cold review, two ways past prune checkpoints, on a ledger pruned once. Removing an older checkpoint
+    went unnoticed (the chain starts at the newest); checkpoint ids now run 1, 2, 3 ... with no gap. And prune
+    started from the newest checkpoint without checking its MAC: rows deleted and a forged checkpoint put in their
+    place (the real MAC of the last deleted row, a junk MAC of its own) made the prune check the next rows against
+    it, delete them and write a genuine checkpoint, after which removing the forged one left a ledger that
+    verified. Prune now checks every checkpoint first, as verify does."""
+    aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
+    assert world.call("GET", "/bear/echo/after-the-prune", agent="bot").status == 200
+    aegis.ctl_in_process("ledger", "prune", "--before", "0s", "--yes").ok()  # checkpoint 2
+    conn = sqlite3.connect(db)
+    try:
+        first = conn.execute("SELECT * FROM checkpoints WHERE id = 1").fetchone()
+    finally:
+        conn.close()
+    edit(db, "DELETE FROM checkpoints WHERE id = 1")
+    verdict = json.loads(aegis.ctl_in_process("ledger", "verify", "--json").out)
+    assert verdict["ok"] is False and verdict["reason"] == "prune checkpoint 1 is missing before checkpoint 2: " \
+        "removed from the file", verdict
+    edit(db, "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)", *first)  # put back as it was
+    assert json.loads(aegis.ctl_in_process("ledger", "verify", "--json").ok().out)["ok"] is True
+
+    for n in range(3):
+        assert world.call("GET", f"/bear/echo/kept{n}", agent="bot").status == 200
+    conn = sqlite3.connect(db)
+    try:
+        (deleted, mac), = conn.execute("SELECT id, mac FROM ledger ORDER BY id LIMIT 1").fetchall()
+    finally:
+        conn.close()
+    edit(db, "DELETE FROM ledger WHERE id = ?", deleted)
+    edit(db, "INSERT INTO checkpoints (time_ms, first_kept_id, prev_mac, pruned, mac) VALUES (0, ?, ?, 1, ?)",
+         deleted + 1, mac, b"\1" * 32)
+    refused = aegis.ctl_in_process("ledger", "prune", "--before", "0s", "--yes")
+    assert refused.code == 1 and "prune checkpoint 3 does not match its MAC: it was forged or altered, or the key " \
+        "is wrong; the prune was refused to keep the evidence" in refused.err, refused
+    verdict = json.loads(aegis.ctl_in_process("ledger", "verify", "--json").out)
+    assert verdict["ok"] is False and verdict["reason"].startswith("prune checkpoint 3 does not match its MAC"), verdict
+
+
 def verified(aegis: Aegis, *args: str) -> dict[str, Any]:
     """`ledger verify --json` that passes."""
-    verdict: dict[str, Any] = json.loads(aegis.ctl("ledger", "verify", "--json", *args).ok().out)
+    verdict: dict[str, Any] = json.loads(aegis.ctl_in_process("ledger", "verify", "--json", *args).ok().out)
     assert verdict["ok"] is True, verdict
     assert verdict["tip"] == f"{verdict['last_id']}:{verdict['last_mac']}" and len(verdict["last_mac"]) == 64
     return verdict
@@ -250,7 +324,7 @@ def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
     `--expect-tip` with an earlier tip fails on such a ledger, also once the daemon has written past it."""
     world = world_with_traffic()
     try:
-        aegis = world.aegis
+        aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
         world.agent("spy", "bear")
         for n in range(3):
             assert world.call("GET", f"/bear/echo/bot{n}", agent="bot").status == 200
@@ -260,7 +334,7 @@ def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
 
         # The tip: printed for people and in JSON, and it moves with every row appended.
         first = verified(aegis)
-        human = aegis.ctl("ledger", "verify").ok().out
+        human = aegis.ctl_in_process("ledger", "verify").ok().out
         assert f"Tip: {first['tip']}" in human, human
         assert world.call("GET", "/bear/echo/more", agent="bot").status == 200
         second = verified(aegis)
@@ -271,7 +345,7 @@ def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
         # A second review: an id past int64 crashed aegisctl (exit 1, as for tampering); `1_0` read as 10.
         for bad in (f"{first['last_id']}:abcd", f"{2**63}:{mac}", f"99999999999999999999:{mac}", f"1_0:{mac}",
                     f"+1:{mac}"):
-            bad_tip = aegis.ctl("ledger", "verify", "--expect-tip", bad)
+            bad_tip = aegis.ctl_in_process("ledger", "verify", "--expect-tip", bad)
             assert bad_tip.code == 2 and "64 hex digits" in bad_tip.err and "Traceback" not in bad_tip.err, bad_tip
 
         # Indexes rebuilt without the spy's rows, their schema text put back.
@@ -285,29 +359,39 @@ def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
                 WHERE name = 'ledger_denied';
             PRAGMA writable_schema = OFF;""")
         assert world.ledger("--agent", "spy") == []  # hidden from the filtered reads ...
-        assert json.loads(aegis.ctl("ledger", "stats", "--json", "--agent", "spy").ok().out)["rows"] == 0
+        assert json.loads(aegis.ctl_in_process("ledger", "stats", "--json", "--agent", "spy").ok().out)["rows"] == 0
         verdict, human = verify(aegis)  # ... and no longer from verify
         lacks = f"index ledger_agent lacks rows {spy_ids[0]}, {spy_ids[1]}, {spy_ids[2]}"
         assert lacks in verdict["reason"], verdict
         assert "do not see those rows" in verdict["reason"] and "(the chain itself verifies:" in verdict["reason"]
         assert verdict["first_bad_id"] is None
         assert human.startswith("Ledger TAMPERED: ledger.db fails SQLite's integrity check: ") and lacks in human
-        doctor = aegis.ctl("doctor", "--json")
+        doctor = aegis.ctl_in_process("doctor", "--json")
         assert doctor.code == 1
         database = next(c for c in json.loads(doctor.out)["checks"] if c["name"] == "database")
         assert database["status"] == "fail" and lacks in database["message"], database
-        refused = aegis.ctl("ledger", "prune", "--before", "0s", "--yes")
+        refused = aegis.ctl_in_process("ledger", "prune", "--before", "0s", "--yes")
         assert refused.code == 1 and "refused to keep the evidence" in refused.err and lacks in refused.err, refused
-        # REINDEX (aegisd stopped) rebuilds the indexes from the rows, as the schema text says.
-        edit_stopped(aegis, world, "REINDEX")
+        # REINDEX rebuilds the indexes from the rows, as the schema text says.
+        edit(db, "REINDEX")
         assert sorted(row["id"] for row in world.ledger("--agent", "spy")) == spy_ids
         tip = verified(aegis)
 
+        # Found by a cold review: the id counter edited to text made verify fail with INTERNAL, and doctor say that
+        # its check itself failed (TypeError). It is tampering, said as such.
+        edit(db, "UPDATE sqlite_sequence SET seq = CAST(seq AS TEXT) WHERE name = 'ledger'")
+        counter = "the ledger's id counter (sqlite_sequence) is not an integer (str): it was edited"
+        verdict = json.loads(aegis.ctl_in_process("ledger", "verify", "--json").out)
+        assert verdict["ok"] is False and verdict["reason"] == counter, verdict
+        doctor = json.loads(aegis.ctl_in_process("doctor", "--json").out)
+        chain = next(c for c in doctor["checks"] if c["name"] == "ledger_chain")
+        assert chain["status"] == "fail" and counter in chain["message"], chain
+        edit(db, "UPDATE sqlite_sequence SET seq = CAST(seq AS INTEGER) WHERE name = 'ledger'")
+
         # The newest rows cut off and the id counter rewritten: the chain alone verifies, the earlier tip does not.
         cut = spy_ids[-1]
-        edit_stopped(aegis, world, f"""
-            DELETE FROM ledger WHERE id > {cut:d};
-            UPDATE sqlite_sequence SET seq = {cut:d} WHERE name = 'ledger';""")  # noqa: S608 - ints
+        edit(db, "DELETE FROM ledger WHERE id > ?", cut)
+        edit(db, "UPDATE sqlite_sequence SET seq = ? WHERE name = 'ledger'", cut)
         after = verified(aegis)  # what a chain alone can say
         assert after["tip"] != tip["tip"] and after["last_id"] < tip["last_id"], (after, tip)
         verdict, human = verify_with(aegis, tip["tip"])
@@ -328,14 +412,14 @@ def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
 
         # A backup taken before the tip, restored: verify points at the row that records the restore.
         backup = aegis.root / "before-the-tip.backup"
-        aegis.ctl("backup", str(backup)).ok()
+        aegis.ctl_in_process("backup", str(backup)).ok()
         assert world.call("GET", "/bear/echo/after-the-backup", agent="bot").status == 200
         tip = verified(aegis)
-        aegis.ctl("lock").ok()
-        aegis.ctl("restore", str(backup), "--yes").ok()
+        aegis.ctl_in_process("lock").ok()
+        aegis.ctl_in_process("restore", str(backup), "--yes").ok()
         world.unlock()
-        [restored] = [r for r in json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
-                      if r["reason"] == "backup_restored"]
+        shown = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1000").ok().out)
+        [restored] = [r for r in shown if r["reason"] == "backup_restored"]
         verdict, _ = verify_with(aegis, tip["tip"])
         assert f"row {tip['last_id']}, the tip of an earlier verify, " in verdict["reason"], verdict
         # "is not the row that verify saw" here (the restored ledger has reached the tip's id again), else "is gone"
@@ -349,8 +433,8 @@ def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
 
 def verify_with(aegis: Aegis, tip: str) -> tuple[dict[str, Any], str]:
     """`ledger verify --expect-tip TIP`, --json and human; both must fail."""
-    as_json = aegis.ctl("ledger", "verify", "--json", "--expect-tip", tip)
-    human = aegis.ctl("ledger", "verify", "--expect-tip", tip)
+    as_json = aegis.ctl_in_process("ledger", "verify", "--json", "--expect-tip", tip)
+    human = aegis.ctl_in_process("ledger", "verify", "--expect-tip", tip)
     assert as_json.code == 1 and human.code == 1, (as_json.out, human.out)
     verdict: dict[str, Any] = json.loads(as_json.out)
     assert verdict["ok"] is False

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Awaitable
 from http import HTTPStatus
 from pathlib import Path
@@ -491,6 +492,18 @@ def test_rows_deleted_from_the_end_are_detected(db: Path) -> None:
     assert "deleted from the end" in result.reason
 
 
+@pytest.mark.parametrize("seq", ["'9'", "x'39'", "9.5"])
+def test_an_id_counter_that_is_not_an_integer_fails_verify(db: Path, seq: str) -> None:
+    """Found by a cold review: an id counter edited to text made verify raise TypeError (the RPC answered INTERNAL,
+    doctor said the check itself failed). It is a failure of the ledger, said as such."""
+    run(write(db, [req(i) for i in range(9)]))
+    raw(db, f"UPDATE sqlite_sequence SET seq = {seq} WHERE name = 'ledger'")  # noqa: S608 - test constants
+    result = verify(db, KEY)
+    kind = {"'9'": "str", "x'39'": "bytes", "9.5": "float"}[seq]
+    assert not result.ok and result.rows_checked == 9 and result.first_bad_id is None, result
+    assert result.reason == f"the ledger's id counter (sqlite_sequence) is not an integer ({kind}): it was edited"
+
+
 def test_verify_reports_its_tip(db: Path) -> None:
     """The tip (the newest row that verified, and its MAC) is what a later verify compares with."""
     run(write(db, []))
@@ -610,6 +623,39 @@ def test_verify_goes_on_past_rows_without_a_mac(db: Path) -> None:
     assert (result.first_bad_id, result.rows_checked) == (4, 3)
     assert result.reason.endswith("; and row 8 does not match its MAC: it was edited or moved, a row before it was "
                                   "deleted, or the key is wrong"), result.reason
+
+
+def test_verify_names_the_first_unchained_ranges_and_holds_no_more(db: Path) -> None:
+    """Found by a cold review: verify kept every range of rows without a MAC, so a ledger stripped of every other
+    MAC made its memory grow with its size (65 MB per million rows). It keeps the first few and counts the rest."""
+
+    def peak_of_verify(rows: int) -> int:
+        """Verify's peak memory on `rows` rows, every odd one without a MAC (the even ones chained past them)."""
+        mac_of, prev_mac, stored = row_mac(KEY), GENESIS, []
+        for i in range(1, rows + 1):
+            values = entry_values(req(i))
+            if i % 2 == 0:
+                prev_mac = mac_of(prev_mac, i, values)
+            stored.append((i, *values, prev_mac if i % 2 == 0 else None))
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("DELETE FROM ledger")
+            conn.executemany(f"INSERT INTO ledger (id, {', '.join(ENTRY_FIELDS)}, mac) VALUES "  # noqa: S608
+                             f"({', '.join('?' * (len(ENTRY_FIELDS) + 2))})", stored)
+        conn.close()
+        tracemalloc.start()
+        try:
+            result = verify(db, KEY, check_database=False)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert result.reason.startswith(f"rows 1, 3, 5 and {rows // 2 - 3} more ranges are not chained"), result
+        assert result.first_bad_id == 1
+        return peak
+
+    run(write(db, []))
+    small, large = peak_of_verify(200), peak_of_verify(20_200)  # 100 ranges, then 10,100
+    assert large - small < 100_000, (small, large)  # about a million bytes when every range was kept
 
 
 def test_wrong_key_fails(db: Path) -> None:

@@ -207,6 +207,13 @@ def test_deleting_rows_or_checkpoints_after_a_prune_fails_verify(tmp_path: Path,
     result = verify(db, KEY)
     assert not result.ok and result.first_bad_id == 41 and "rows 21..40 are missing" in result.reason
 
+    # Found by a cold review: removing an older checkpoint went unnoticed, though the docs said it was caught.
+    shutil.copy(pristine, db)
+    sql(db, "DELETE FROM checkpoints WHERE id = 1")
+    result = verify(db, KEY)
+    assert not result.ok and result.first_bad_id is None, result
+    assert result.reason == "prune checkpoint 1 is missing before checkpoint 2: removed from the file", result
+
     shutil.copy(pristine, db)
     sql(db, "DELETE FROM checkpoints")
     assert not verify(db, KEY).ok
@@ -221,6 +228,35 @@ def test_deleting_rows_or_checkpoints_after_a_prune_fails_verify(tmp_path: Path,
         "FROM ledger WHERE id = 41")
     result = verify(db, KEY)
     assert not result.ok and result.first_bad_id == 5 and "precedes the last prune" in result.reason
+
+
+def test_checkpoints_are_numbered_without_gaps_whatever_the_id_counter_says(db: Path) -> None:
+    """Verify requires checkpoint ids 1, 2, 3 ...: a prune numbers its checkpoint after the newest, not by SQLite's
+    counter, so one edited to jump ahead cannot make the next genuine checkpoint look like a removal."""
+    fill(db, 30)
+    prune_once(db, T0 + 10)
+    sql(db, "UPDATE sqlite_sequence SET seq = 7 WHERE name = 'checkpoints'")
+    prune_once(db, T0 + 20)
+    assert sql(db, "SELECT id, first_kept_id FROM checkpoints") == [(1, 11), (2, 21)]
+    assert verify(db, KEY).ok
+
+
+def test_prune_refuses_to_start_from_a_forged_checkpoint(db: Path) -> None:
+    """Found by a cold review: prune started from the newest checkpoint without checking its MAC. Rows 1..5 deleted
+    and a forged checkpoint put in their place (the real MAC of row 5, a junk MAC of its own): a prune to row 11
+    checked rows 6..10 against it, deleted them and wrote a genuine checkpoint, and with the forged one then removed
+    the ledger verified. Every checkpoint is checked first now, as verify checks them."""
+    fill(db, 20)
+    row_5 = sql(db, "SELECT mac FROM ledger WHERE id = 5")[0][0]
+    sql(db, "DELETE FROM ledger WHERE id <= 5")
+    sql(db, "INSERT INTO checkpoints (time_ms, first_kept_id, prev_mac, pruned, mac) VALUES (?, 6, ?, 5, ?)",
+        (T0, row_5, b"\1" * 32))
+    with pytest.raises(PruneRefused) as refused:
+        prune_once(db, T0 + 10)
+    assert str(refused.value) == ("prune checkpoint 1 does not match its MAC: it was forged or altered, or the key is "
+                                  "wrong; the prune was refused to keep the evidence; see `aegisctl ledger verify`")
+    assert sql(db, "SELECT count(*) FROM ledger") == [(15,)] and sql(db, "SELECT count(*) FROM checkpoints") == [(1,)]
+    assert not verify(db, KEY).ok
 
 
 def test_prune_refuses_to_launder_a_tampered_range(db: Path) -> None:
