@@ -27,6 +27,11 @@ REQUEST_ID_HEADER = "X-Aegis-Request-Id"
 OPERATOR_BODY_LIMIT = 1024 * 1024  # /_aegis answers are small; anything bigger is not the gate
 PROXY_TOTAL = 900.0  # a backstop for a whole proxied call; the read timeout catches a stalled gate long before
 CONNECT = 10.0  # the gate is on loopback: a connection that takes this long will not come
+# The gate relays an upstream's answer head of up to 64 KiB, counting each header as its name and value plus 4 bytes:
+# aiohttp's defaults (8190 bytes a line, 128 headers) would refuse an answer the gate delivered, after the request
+# was carried out. So any line of the head fits, and a header for every 4 bytes of it (the gate counts at least 5 for
+# each of the upstream's, and adds a few of its own).
+GATE_HEAD_BYTES = 64 * 1024
 
 
 class BridgeError(Exception):
@@ -111,7 +116,9 @@ class GateClient:
 
     async def __aenter__(self) -> GateClient:
         self._session = aiohttp.ClientSession(headers={"User-Agent": f"aegisctl-mcp/{__version__}"},
-                                              connector=CheckedConnector(self._trust))
+                                              connector=CheckedConnector(self._trust),
+                                              max_line_size=GATE_HEAD_BYTES, max_field_size=GATE_HEAD_BYTES,
+                                              max_headers=GATE_HEAD_BYTES // 4)
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
@@ -149,8 +156,11 @@ class GateClient:
             raise BridgeError("response_incomplete", "the response was cut off before its end (the upstream "
                               "failed mid-body, or the gate could not record it in the audit ledger)") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise BridgeError("gate_unreachable", f"the connection to the Aegis gate at {self.base_url} "
-                              f"failed ({type(exc).__name__}); is aegisd running?") from None
+            # Connected, so the request may have gone out and been forwarded: "unreachable" would invite a retry, and
+            # a write carried out twice.
+            raise BridgeError("outcome_unknown", f"the connection to the Aegis gate at {self.base_url} failed "
+                              f"before its answer could be read ({type(exc).__name__}); the request may already have "
+                              "been carried out: check before sending it again") from None
         except ValueError as exc:  # aiohttp's own check of what goes on the wire (a control character in a header)
             raise BridgeError("invalid_argument", f"the request cannot be sent as given: {exc}") from None
         if not truncated:

@@ -4,8 +4,9 @@ The SDK's stdio reader parses each line with pydantic, whose JSON parser refuses
 (`"\\ud800"`: valid JSON syntax, but no Unicode character); it hands the error to the server loop, which drops
 it without a word, so the host waits for ever for that request's answer. `AnsweredParseErrors` sits between
 the two and answers such a line with a JSON-RPC parse error (-32700) carrying the request's id, read with
-Python's own JSON parser, which accepts the escape. A line that names no id (a notification, or no JSON at all)
-still gets nothing: JSON-RPC gives the host no way to match an answer to it.
+Python's own JSON parser, which accepts the escape. A line that is no JSON (or a JSON object followed by more) gets
+the parse error too, as JSON-RPC asks: with the id of the request it starts with, else with id null. A notification
+Python can read gets nothing, as JSON-RPC asks; a blank line holds no message and gets nothing either.
 """
 
 from __future__ import annotations
@@ -68,26 +69,48 @@ class AnsweredParseErrors:
 
 
 def parse_error_answer(exc: Exception) -> JSONRPCError | None:
-    """The answer to a line the SDK could not parse as JSON, if the line is a request with an id; else None."""
+    """The answer to a line the SDK could not parse as JSON; None for a blank line or a notification."""
     if not isinstance(exc, ValidationError):
         return None
     errors = exc.errors(include_url=False)
     if len(errors) != 1 or errors[0]["type"] != "json_invalid" or not isinstance(errors[0].get("input"), str):
         return None
+    line = errors[0]["input"]
+    text = f"Parse error: {errors[0]['msg']}"  # pydantic's words name the position, never quote the line
     try:
-        message = json.loads(errors[0]["input"])
+        message = json.loads(line)
     except ValueError:
-        return None  # not JSON at all: nothing names the request
-    request_id = message.get("id") if isinstance(message, dict) and "method" in message else None
-    if isinstance(request_id, bool) or not isinstance(request_id, int | str) or (
-            isinstance(request_id, str) and SURROGATE.search(request_id)):
+        if not line.strip():
+            return None
+        return _parse_error(_request_id(_leading_object(line)), text)
+    request_id = _request_id(message)
+    if request_id is None:
         return None
     if _holds_surrogate(message):
         text = ("Parse error: the message holds a lone surrogate (a JSON escape such as \\ud800 without its pair), "
                 "which is no Unicode character; send valid Unicode (U+FFFD for a character that cannot be shown)")
-    else:
-        text = f"Parse error: {errors[0]['msg']}"
+    return _parse_error(request_id, text)
+
+
+def _parse_error(request_id: int | str | None, text: str) -> JSONRPCError:
     return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=PARSE_ERROR, message=text))
+
+
+def _leading_object(line: str) -> Any:
+    """The JSON value the line starts with (junk may follow it), or None: it may name the request to answer."""
+    try:
+        return json.JSONDecoder().raw_decode(line.lstrip())[0]
+    except ValueError:
+        return None
+
+
+def _request_id(message: Any) -> int | str | None:
+    """The id of a request, one an answer can carry; None for anything else."""
+    request_id = message.get("id") if isinstance(message, dict) and "method" in message else None
+    if isinstance(request_id, bool) or not isinstance(request_id, int | str) or (
+            isinstance(request_id, str) and SURROGATE.search(request_id)):
+        return None
+    return request_id
 
 
 def _holds_surrogate(value: Any) -> bool:

@@ -42,6 +42,8 @@ from aegisd.webhooks.registry import Target
 if TYPE_CHECKING:  # imported on the first delivery: a daemon without webhooks never loads aiohttp (~14 MiB)
     import aiohttp
 
+    from aegisd.webhooks.resolver import PooledResolver
+
 log = logging.getLogger("aegisd.webhooks")
 K = TypeVar("K")
 MAX_RETRY_DELAY = 300.0
@@ -138,6 +140,7 @@ class Dispatcher:
         self._sending: set[asyncio.Task[None]] = set()  # one task an attempt, so that close() can cancel them
         self._retries: dict[asyncio.TimerHandle, Delivery] = {}
         self._session: aiohttp.ClientSession | None = None  # made for the first delivery
+        self._resolver: PooledResolver | None = None  # with it
         self._running = False
         self.delivered = self.failed = self.dropped = 0
 
@@ -216,6 +219,9 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:  # the connector closes only a resolver it made itself
+            await self._resolver.close()
+            self._resolver = None
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -433,12 +439,16 @@ class Dispatcher:
         if self._session is None:
             import aiohttp
 
+            from aegisd.webhooks.resolver import PooledResolver
+
             timeout = aiohttp.ClientTimeout(total=self._config.webhook_timeout)
             # No connection limit: the lanes already cap each webhook at webhook_workers attempts, hence connections.
             # A cap here would be shared, and `timeout` counts the wait for a free connection: a global one lets a
             # hanging receiver starve every webhook, and one per host (host, port, TLS) would do the same to webhooks
             # that share a receiver's address (two Slack channels) when one of their paths hangs.
-            connector = aiohttp.TCPConnector(ssl=tls_context(), limit=0, limit_per_host=0)
+            # Lookups on threads of their own: slow DNS for a webhook host must not hold up the gate's (resolver).
+            self._resolver = PooledResolver()
+            connector = aiohttp.TCPConnector(ssl=tls_context(), limit=0, limit_per_host=0, resolver=self._resolver)
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
                                                   headers={"User-Agent": f"aegisd/{__version__} webhooks"})
         return self._session
@@ -462,6 +472,8 @@ class Dispatcher:
             return Attempt(0, f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}", _ms(started))
         except (aiohttp.ClientError, OSError) as exc:
             return Attempt(0, type(exc).__name__, _ms(started))
+        except ValueError:  # the IDNA codec's UnicodeError from getaddrinfo: check_url refuses such a host now
+            return Attempt(0, "invalid host", _ms(started))
         return Attempt(status, "" if 200 <= status < 300 else f"HTTP {status}", _ms(started))
 
 

@@ -85,11 +85,26 @@ def check_url(url: str) -> str:
                               "deliveries by the X-Aegis-Signature header")
     if parts.fragment:
         raise InvalidArgument("the webhook URL must not have a #fragment")
+    if not _resolvable(url):
+        raise InvalidArgument("the webhook URL's host is not a valid name: each dot-separated part of it must be 1 "
+                              "to 63 characters long, of characters a host name may hold")
     if scheme == "http" and not is_loopback_host(host):
         raise InvalidArgument("plain http:// is allowed only to loopback (127.0.0.1, [::1], localhost); use "
                               "https:// for any other host")
     shown = f"[{host}]" if ":" in host else host
     return f"{scheme}://{shown}" + (f":{port}" if port is not None else "")
+
+
+def _resolvable(url: str) -> bool:
+    """Whether each delivery could look the host up: aiohttp (yarl) writes it as A-labels, then getaddrinfo's IDNA
+    codec refuses an empty label or one over 63 characters. Said once, here, rather than at every delivery."""
+    from yarl import URL  # aiohttp's; loaded when a webhook is added, as for its deliveries
+
+    try:
+        (URL(url).raw_host or "").encode("idna")
+    except ValueError:  # UnicodeError included
+        return False
+    return True
 
 
 def new_secret() -> str:

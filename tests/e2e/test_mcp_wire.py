@@ -24,10 +24,18 @@ SECRET = "mcpWireSecret-0123456789abcdefABCDEFGH"
 REPLY_TIMEOUT = 10.0
 
 
+LONG_HEADER = "v" * 30_000  # aiohttp's client refuses a header over 8190 bytes, or over 128 headers, by default
+MANY_HEADERS = b"".join(b"X-N%d: %d\r\n" % (i, i) for i in range(1000))
+
+
 def answer(target: str) -> bytes:
-    """/plain: text without a Content-Type; /dup: one header sent three times in two spellings."""
+    """/plain: text without a Content-Type; /big: a head the gate relays (under 64 KiB) that aiohttp's defaults
+    refuse; /dup: one header sent three times in two spellings."""
     if target.startswith("/plain"):
         return b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nplain words"
+    if target.startswith("/big"):
+        return b"HTTP/1.1 200 OK\r\nX-Long: %b\r\n%bContent-Length: 4\r\n\r\ndone" % (LONG_HEADER.encode(),
+                                                                                          MANY_HEADERS)
     return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Dup: a\r\nx-dup: b\r\nX-Dup: c\r\n"
             b"Content-Length: 2\r\n\r\nok")
 
@@ -59,6 +67,12 @@ def test_text_without_content_type_is_text_and_a_header_repeated_in_another_case
                 spelled = [name for name in dup["headers"] if name.lower() == "x-dup"]
                 assert spelled == ["X-Dup"], dup["headers"]  # one key, its first spelling
                 assert dup["headers"]["X-Dup"] == "a, b, c", dup["headers"]
+                # A POST carried out upstream, whose answer head is large: the model gets the answer, not
+                # gate_unreachable (which would invite it to send the write again).
+                big = value_of(await bridge.call(session, "aegis_proxy_request", service="api", path="/big",
+                                                 method="POST"))
+                assert (big["status"], big["body"]) == (200, "done"), big
+                assert big["headers"]["X-Long"] == LONG_HEADER and big["headers"]["X-N999"] == "999"
 
         anyio.run(run)
     finally:
@@ -66,14 +80,15 @@ def test_text_without_content_type_is_text_and_a_header_repeated_in_another_case
     world.aegis.assert_no_leaks([SECRET, token], extra_text=bridge.outputs())
 
 
-def _send(proc: subprocess.Popen[bytes], message: dict[str, Any] | str) -> None:
+def _send(proc: subprocess.Popen[bytes], message: dict[str, Any] | str | bytes) -> None:
     assert proc.stdin is not None
-    line = message if isinstance(message, str) else json.dumps(message)
-    proc.stdin.write(line.encode() + b"\n")
+    if isinstance(message, dict):
+        message = json.dumps(message)
+    proc.stdin.write((message if isinstance(message, bytes) else message.encode()) + b"\n")
     proc.stdin.flush()
 
 
-def _reply(proc: subprocess.Popen[bytes], wanted: int) -> dict[str, Any]:
+def _reply(proc: subprocess.Popen[bytes], wanted: int | None) -> dict[str, Any]:
     """The bridge's answer to request `wanted`, or a failure after REPLY_TIMEOUT: a host would hang there."""
     assert proc.stdout is not None
     deadline = time.monotonic() + REPLY_TIMEOUT
@@ -84,13 +99,14 @@ def _reply(proc: subprocess.Popen[bytes], wanted: int) -> dict[str, Any]:
         line = proc.stdout.readline()
         assert line, "the bridge closed stdout"
         message: dict[str, Any] = json.loads(line)
-        if message.get("id") == wanted:
+        if "id" in message and message["id"] == wanted:
             return message
 
 
 def test_a_request_holding_a_lone_surrogate_is_answered_not_dropped(world: GateWorld) -> None:
     """`"\\ud800"` is a JSON escape of no character: the SDK cannot parse the line. The host must still get an
-    answer to that request id (else it waits forever), and the bridge must go on serving."""
+    answer to that request id (else it waits forever), and the bridge must go on serving. So must a line that is no
+    JSON at all, or has junk after its JSON: JSON-RPC answers it with a parse error, to id null if none can be read."""
     _up, token, bridge = setup(world)
     proc = subprocess.Popen([AEGISCTL, "mcp", "serve", "--token-file", str(bridge.token_file)],
                             env=bridge_env(bridge.gate_url), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -108,6 +124,12 @@ def test_a_request_holding_a_lone_surrogate_is_answered_not_dropped(world: GateW
             outputs.append(json.dumps(refused))
             assert "error" in refused and refused["error"]["code"] == -32700, refused
             assert "surrogate" in refused["error"]["message"], refused
+        # A line that is no JSON gets a parse error too: with the id of the request it starts with, else null.
+        for line, wanted_id in ((b'{"jsonrpc":"2.0","id":5,"method":"ping"} \xff\xfejunk', 5), (b"not json", None)):
+            _send(proc, line)
+            refused = _reply(proc, wanted_id)
+            outputs.append(json.dumps(refused))
+            assert refused["error"]["code"] == -32700 and refused["error"]["message"].startswith("Parse error"), refused
         # A pair is a character: served. And the bridge still answers afterwards.
         _send(proc, '{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"aegis_health",'
                     '"arguments":{"zz":"\\ud83d\\ude00"}}}')

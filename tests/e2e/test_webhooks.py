@@ -110,6 +110,9 @@ def test_webhook_commands_show_the_secret_once() -> None:
         for bad in (f"https://hooks.example.com:{URL_SECRET}/x", f"https://alerts:{URL_SECRET}\u2100@hooks.example.com/x"):
             assert_failed(ctl("webhook", "add", "--url-stdin", "--events", "blocked_request", input=bad + "\n"),
                           "the webhook URL is malformed")
+        # A host no delivery could look up (an empty label) is refused now, not failed at every delivery.
+        assert_failed(ctl("webhook", "add", "https://hooks..example.com/x", "--events", "blocked_request"),
+                      "not a valid name", "63 characters")
         # `localhost.` is no loopback name: glibc looks it up in DNS, which may answer with any address.
         assert_failed(ctl("webhook", "add", f"http://localhost.:{receiver.port}/x", "--events", "blocked_request"),
                       "only to loopback")

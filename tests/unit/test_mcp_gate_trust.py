@@ -3,6 +3,7 @@ the owner of aegisd's control socket. A real listening socket, with the kernel's
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -185,7 +186,30 @@ def test_a_request_the_sdk_cannot_parse_is_answered_with_its_id() -> None:
     assert "lone surrogate" in answer.error.message
     answer.model_dump_json()  # serialisable: it goes on the wire
     assert stdio.parse_error_answer(parsed('{"jsonrpc":"2.0","method":"n","params":{"z":"\\ud800"}}')) is None
-    assert stdio.parse_error_answer(parsed("not json")) is None
+    assert stdio.parse_error_answer(parsed(" \n")) is None  # a blank line holds no message
+
+
+@pytest.mark.parametrize(("line", "request_id"), [
+    ('{"jsonrpc":"2.0","id":7,"method":"ping"} junk\n', 7),
+    ('{"jsonrpc":"2.0","id":"a","method":"ping"}\ufffd\ufffd\n', "a"),  # stdin's bytes that are no UTF-8
+    ('{"jsonrpc":"2.0","method":"notifications/initialized"}}\n', None),
+    ('{"jsonrpc":"2.0","id":true,"method":"ping"} x\n', None),
+    ("not json\n", None),
+    ("[1, 2\n", None),
+])
+def test_a_line_that_is_no_json_gets_a_parse_error(line: str, request_id: int | str | None) -> None:
+    """JSON-RPC answers a parse error with the id of the request the line starts with, else null; without an
+    answer the host waits for ever."""
+    import mcp_types
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+    answer = stdio.parse_error_answer(caught.value)
+    assert answer is not None and answer.id == request_id and answer.error.code == -32700
+    assert answer.error.message.startswith("Parse error: ") and "junk" not in answer.error.message
+    wire = json.loads(answer.model_dump_json(by_alias=True, exclude_unset=True))  # as the SDK writes it
+    assert wire == {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32700, "message": answer.error.message}}
 
 
 @pytest.mark.parametrize("arguments", [{"body": "\ud800"}, {"path": "/a\udc00"}, {"service": "ap\ud800i"},

@@ -6,7 +6,14 @@ two cases a cold review found that are hard to time through the daemon, and the 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
 
 from aegisd.config import Config
 from aegisd.webhooks.dispatcher import AGENT_SHARE, UNAUTHENTICATED_SHARE, Attempt, Delivery, Dispatcher
@@ -308,5 +315,79 @@ def test_webhooks_added_before_the_start_are_fitted_at_the_start(tmp_path: Path)
         dispatcher.start()
         assert dispatcher._held["wh_0"] <= 8 // 2
         await dispatcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_host_no_lookup_can_encode_is_a_failed_attempt(tmp_path: Path) -> None:
+    """A row from before check_url refused such hosts: getaddrinfo's IDNA codec raised UnicodeError out of every
+    delivery (a traceback each, never counted failed) and out of `webhook test` (gRPC INTERNAL)."""
+    async def main() -> None:
+        dispatcher = _dispatcher(tmp_path, webhook_max_attempts=1)
+        for host in ("hooks..example.com", "a" * 64 + ".example.com"):
+            target = Target("wh_bad", f"https://{host}/x", frozenset({"blocked_request"}), b"whsec_x" * 5)
+            dispatcher.set_targets([target])
+            dispatcher.start()
+            _, attempt = await dispatcher.test(target)
+            assert (attempt.status, attempt.error) == (0, "invalid host")
+            dispatcher.emit("blocked_request", {})
+            for _ in range(100):
+                if dispatcher.failed:
+                    break
+                await asyncio.sleep(0.02)
+            assert dispatcher.failed == 1
+            dispatcher.failed = 0
+            await dispatcher.close()
+
+    asyncio.run(main())
+
+
+def test_slow_lookups_of_webhook_hosts_leave_the_loops_threads_free(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp's default resolver ran getaddrinfo on the loop's default executor (under uvloop, on libuv's pool of
+    4), where the gate looks up upstreams: a few webhook hosts with slow DNS made agents' requests wait. Shown on
+    the stock loop, whose lookups a test can slow down; and a lookup through the webhooks' own threads works."""
+    real = socket.getaddrinfo
+    entered, release = threading.Event(), threading.Event()
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "slow.example":
+            entered.set()
+            release.wait(10)
+            raise socket.gaierror(socket.EAI_NONAME, "no such name")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        app = web.Application()
+        app.router.add_post("/hook", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        dispatcher = _dispatcher(tmp_path, webhook_timeout=20.0)
+        dispatcher.start()
+        try:
+            slow = asyncio.create_task(dispatcher.test(Target("wh_s", "https://slow.example/x", frozenset(), b"k" * 8)))
+            for _ in range(500):  # not to_thread: that would take the executor's one thread
+                if entered.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            assert entered.is_set()
+            # The gate's lookups (loop.getaddrinfo) and worker threads (to_thread) find the executor free.
+            await asyncio.wait_for(loop.run_in_executor(None, int), 2)
+            local = Target("wh_l", f"http://localhost:{runner.addresses[0][1]}/hook", frozenset(), b"k" * 8)
+            assert (await dispatcher.test(local))[1].status == 200
+            release.set()
+            assert (await slow)[1].error.startswith("cannot connect")
+        finally:
+            release.set()
+            await dispatcher.close()
+            await runner.cleanup()
 
     asyncio.run(main())

@@ -23,6 +23,8 @@ DAY_MS = 86400 * 1000
     ("http://localhost/hook", "http://localhost"),
     ("http://[::1]:9000/hook", "http://[::1]:9000"),
     ("https://10.0.0.5/internal", "https://10.0.0.5"),
+    ("https://B\u00fccher.example/x", "https://b\u00fccher.example"),  # sent as xn--bcher-kva.example
+    ("https://" + "a" * 63 + ".example.com/x", "https://" + "a" * 63 + ".example.com"),
 ])
 def test_accepted_urls_show_only_their_origin(url: str, origin: str) -> None:
     assert check_url(url) == origin
@@ -41,6 +43,10 @@ def test_accepted_urls_show_only_their_origin(url: str, origin: str) -> None:
     ("https://hooks.example.com/" + "a" * 2100, "longer than"),
     ("http://localhost./x", "only to loopback"),  # fully qualified: glibc asks DNS, which may answer anything
     ("http://localhost.localdomain/x", "only to loopback"),
+    # Every delivery would fail in getaddrinfo's IDNA codec (an error, not a failed attempt, before).
+    ("https://hooks..example.com/x", "not a valid name"),
+    ("https://" + "a" * 64 + ".example.com/x", "not a valid name"),
+    ("https://.example.com/x", "not a valid name"),
 ])
 def test_refused_urls_say_why(url: str, needle: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
@@ -55,6 +61,7 @@ def test_refused_urls_say_why(url: str, needle: str) -> None:
     ("https://[::1/T0K3N", "T0K3N"),
     ("http://T0K3N.hooks.example.com/x", "T0K3N"),
     ("https://T0K3N@hooks.example.com/x", "T0K3N"),
+    ("https://T0K3N..hooks.example.com/x", "T0K3N"),
 ])
 def test_a_refusal_never_quotes_the_url(url: str, secret: str) -> None:
     """The URL is treated as a secret (Slack's and Discord's are): a refusal says what is wrong in fixed words,
