@@ -1,7 +1,8 @@
 """`aegisctl policy validate|list|test|reload`: the YAML rules that narrow what each agent may do.
 
 aegisctl never interprets a policy itself: `validate` sends the files' bytes to aegisd, which
-answers with every issue it finds, so what passes here is exactly what the gate would load.
+answers with every issue it finds, checking them with the files it has loaded as if they were dropped
+into its policy directory, so what passes here is what the gate would load.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ def _sources(paths: tuple[str, ...]) -> list[pb.PolicySource]:
 def validate(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
     """Check policy files (or every *.yaml / *.yml in a directory) and print every error at once.
 
-    Files are checked by the running aegisd, exactly as it would load them; they do not have to
-    be in its policy directory. Exit status 1 if any file has an error. A file naming an agent that is not
+    Files are checked by the running aegisd as it would load them dropped into its policy directory:
+    with the files loaded from there, each file sent replacing the loaded one of its name. They do not
+    have to be in that directory. Exit status 1 if any file has an error. A file naming an agent that is not
     registered, or a service no credential provides, gets a warning line (likely a typo); warnings alone
     exit 0.
     """
@@ -207,7 +209,7 @@ def _file_state(f: pb.PolicyFileStatus) -> str:
 @command.command("test")
 @click.option("--agent", required=True, help="Agent name.")
 @click.option("--service", required=True, help="Service (the first path segment at the gate).")
-@click.option("--method", required=True, help="HTTP method, e.g. GET.")
+@click.option("--method", required=True, help="HTTP method, e.g. GET or PROPFIND.")
 @click.option("--path", "path", required=True, help="Path after the service, e.g. /repos/acme/x.")
 @click.option("--at", "at_ms", type=TimeSpec(), help="Judge at this time (ISO 8601) instead of now.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
@@ -216,7 +218,8 @@ def test_request(ctx: Context, agent: str, service: str, method: str, path: str,
          as_json: bool) -> None:
     """Show how the loaded policies judge one request, and which rule decided.
 
-    Only the policy step: the agent's grants and the credential's scopes are checked separately.
+    The path is taken as the gate takes it (a path its front door refuses is an error). Only the policy
+    step: the agent's grants and the credential's scopes are checked separately.
     """
     client = ctx.client
     request = pb.TestPolicyRequest(agent=agent, service=service, method=method, path=path)

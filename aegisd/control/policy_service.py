@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import time
 from typing import Any
-from urllib.parse import unquote
 
 import grpc
+import httptools
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aegisd.api.aegis.v1 import policy_pb2 as pb
@@ -15,13 +17,17 @@ from aegisd.api.aegis.v1 import policy_pb2_grpc
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument
+from aegisd.gate.admission import judge
+from aegisd.gate.front_door import split_target
+from aegisd.gate.refusal import Refusal
 from aegisd.policy import Issue, PolicyFile, Snapshot, compile_set, parse_policy
 from aegisd.policy.hints import KnownNames, file_warnings, known_names, unknown_agent, unknown_service
-from aegisd.policy.model import JUDGED_FROM_MS, JUDGED_UNTIL_MS, METHODS
+from aegisd.policy.model import JUDGED_FROM_MS, JUDGED_UNTIL_MS
 from aegisd.policy.policy_set import INVALID
 from aegisd.runtime import Runtime
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+_METHOD = re.compile(r"[A-Z][A-Z-]*")  # what may go into a request line to ask the gate's parser about it
 
 
 def _issue(i: Issue) -> pb.PolicyIssue:
@@ -51,15 +57,38 @@ def _instant(stamp: Timestamp) -> int:
     return int(at_ms)
 
 
+def _gate_parses(method: str) -> bool:
+    """Whether the gate's HTTP parser (llhttp, through httptools) takes `method` in a request line: it refuses
+    others before any policy, and policies judge every one it takes, not only those rules can name."""
+    if not _METHOD.fullmatch(method):
+        return False
+    try:
+        httptools.HttpRequestParser(object()).feed_data(f"{method} / HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # Upgrade: CONNECT, refused by the front door
+        return False
+    return True
+
+
+def _kept(loaded: Snapshot, sent: list[PolicyFile]) -> list[PolicyFile]:
+    """Copies of the loaded files that dropping `sent` into the policy directory would keep (a sent file replaces
+    the loaded one of its name), named by their path: validated with them, a sent file that would clash with one
+    (two modes for an agent) is reported, as loading it would. Copies, so the loaded files' issues stay as found."""
+    replaced = {f.name.rsplit("/", 1)[-1] for f in sent}
+    return [dataclasses.replace(f, name=str(loaded.directory / f.name), issues=list(f.issues))
+            for f in loaded.files if loaded.directory is not None and f.name not in replaced]
+
+
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
     @rpc
     async def Validate(self, request: pb.ValidatePoliciesRequest, context: Ctx) -> pb.ValidatePoliciesResponse:
+        loaded = self.rt.policies.snapshot
+
         def check() -> list[PolicyFile]:
             files = [parse_policy(source.name, source.content) for source in request.files]
-            compile_set(files)  # adds the cross-file issues (one mode per agent)
+            compile_set(files + _kept(loaded, files))  # adds the cross-file issues (one mode per agent)
             return files
 
         files = await asyncio.to_thread(check)
@@ -84,12 +113,19 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     @rpc
     async def Test(self, request: pb.TestPolicyRequest, context: Ctx) -> pb.TestPolicyResponse:
         method = request.method.upper()
-        if method not in METHODS:
-            raise InvalidArgument(f"method {request.method!r} must be one of {', '.join(METHODS)}")
+        if not _gate_parses(method):
+            raise InvalidArgument(f"method {request.method!r} is not one the gate takes (it answers 400, or 405 to "
+                                  "CONNECT, before any policy): use an HTTP method such as GET, POST or PROPFIND")
+        if not request.service or any(c in request.service for c in "/?#%"):
+            raise InvalidArgument(f"service {request.service!r} must be one path segment, such as github")
         if not request.path.startswith("/"):
             raise InvalidArgument(f"path {request.path!r} must start with '/' (the part after /{{service}})")
         at_ms = _instant(request.at) if request.HasField("at") else time.time_ns() // 1_000_000
-        path = unquote(request.path.partition("?")[0])
+        try:  # the gate's front door: what it refuses is never judged, and what it drops (`?query`, `#x`) is not
+            _, rest, _ = split_target(f"/{request.service}{request.path}")
+        except Refusal as refusal:
+            raise InvalidArgument(f"the gate refuses this path before any policy ({refusal.status} {refusal.code}): "
+                                  f"{refusal.message}") from None
         known = await self._known()
         warnings = []
         if known is not None and request.agent not in known.agents:
@@ -97,7 +133,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         if known is not None and request.service not in known.services:
             warnings.append(unknown_service(request.service) + ": the gate refuses every request to it "
                             "(403 not_granted) before any policy is judged")
-        verdict = self.rt.policies.current.judge(request.agent, request.service, method, path, at_ms)
+        verdict = judge(self.rt.policies.current, request.agent, request.service, method, rest, at_ms)
         if verdict is None:
             return pb.TestPolicyResponse(decision="ungoverned", reason=f"no policy file names agent "
                                          f"{request.agent!r}: its grants and the credential's scopes decide",

@@ -16,7 +16,7 @@ from aegisd.gate.routing import AgentEntry, Route
 from aegisd.limits import ConcurrencyLimiter, Quota, RateLimiter, Standing, Unit
 from aegisd.limits.headers import ratelimit_headers, retry_after
 from aegisd.policy import PolicySet, Verdict
-from aegisd.policy.policy_set import INVALID
+from aegisd.policy.policy_set import INVALID, TOO_LONG
 from aegisd.rates import RateError, parse_rate
 
 WOULD_DENY = "would_deny"
@@ -36,17 +36,25 @@ def add_flag(x: Noted, flag: str) -> None:
     x.flags = f"{x.flags},{flag}" if x.flags else flag
 
 
+def judge(policies: PolicySet, agent: str, service: str, method: str, raw_path: str, now_ms: int) -> Verdict | None:
+    """The policies' verdict on a request whose path after the service is `raw_path`, as front_door.split_target
+    gives it (still percent-encoded). Shared with `aegisctl policy test`, so that it answers as the gate does."""
+    return policies.judge(agent, service, method, unquote(raw_path), now_ms)
+
+
 def check_policy(policies: PolicySet, x: Noted, agent: AgentEntry, service: str, method: str,
                  raw_path: str) -> Verdict | None:
     """Step 6's policy half: refuse in enforce mode; in dry-run mode forward, noting `would_deny`."""
     if not policies.fail_all and agent.name not in policies.agents:
         return None  # the common case, kept to one dict lookup: no policy names this agent
-    verdict = policies.judge(agent.name, service, method, unquote(raw_path), x.judged_ms)
+    verdict = judge(policies, agent.name, service, method, raw_path, x.judged_ms)
     if verdict is None or verdict.allowed:
         return verdict
     add_flag(x, f"policy={verdict.flag}")
     if verdict.miss == INVALID:
         raise Refusal(403, "policy_invalid", verdict.detail)
+    if verdict.mode == "enforce" and verdict.miss == TOO_LONG:  # refused unjudged: matching it could stall the gate
+        raise Refusal(414, "path_too_long", verdict.detail)
     if verdict.mode == "enforce":
         raise Refusal(403, "policy_denied", verdict.detail)
     x.reason = WOULD_DENY

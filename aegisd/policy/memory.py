@@ -134,22 +134,40 @@ def _directory_key(directory: Path | str | None) -> str | None:
         return str(Path(directory).absolute())
 
 
-def _read(path: Path) -> bytes:
-    """The file's first MAX_MEMORY_BYTES + 1 bytes. Not through a symlink (whatever it points to is not the file
-    aegisd writes), and never waiting on a FIFO or device in its place (which would hold up the start): ValueError
-    saying which, OSError as open and read raise it (FileNotFoundError when there is nothing there)."""
+class NotRegular(ValueError):
+    """What read_regular found in place of a regular file; `kind` says what ("a FIFO")."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"it is {kind}, not a regular file")
+        self.kind = kind
+
+
+def read_regular(path: Path, limit: int, *, follow_symlinks: bool) -> bytes:
+    """The first `limit` bytes of the regular file at `path`, never waiting on a FIFO or device in its place (an
+    open for reading waits for a writer, which would hold up aegisd's start or a reload for ever): NotRegular for
+    anything but a regular file (a symbolic link too, unless followed), OSError as open and read raise it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EMLINK) and path.is_symlink():  # EMLINK: FreeBSD's O_NOFOLLOW
-            raise ValueError("it is a symbolic link, not the regular file aegisd writes there") from None
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and not follow_symlinks and path.is_symlink():  # EMLINK: FreeBSD
+            raise NotRegular("a symbolic link") from None
         raise
     with os.fdopen(fd, "rb") as fh:
         mode = os.fstat(fh.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise ValueError(f"it is {kind}, not the regular file aegisd writes there")
-        return fh.read(MAX_MEMORY_BYTES + 1)
+            raise NotRegular("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
+                             "a device or socket")
+        return fh.read(limit)
+
+
+def _read(path: Path) -> bytes:
+    """The memory file's first MAX_MEMORY_BYTES + 1 bytes, not through a symlink (whatever it points to is not the
+    file aegisd writes): ValueError saying what is there instead, OSError (FileNotFoundError: nothing there)."""
+    try:
+        return read_regular(path, MAX_MEMORY_BYTES + 1, follow_symlinks=False)
+    except NotRegular as exc:
+        raise ValueError(f"it is {exc.kind}, not the regular file aegisd writes there") from None
 
 
 def _decode(data: bytes) -> Entries:

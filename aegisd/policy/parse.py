@@ -6,15 +6,19 @@ sexagesimal integer) and `mode: off` stays a word (not `false`). Nothing is ever
 from a tag; only the standard YAML tags are accepted.
 
 An alias is walked again wherever it is used, so a few KiB of aliases could stand for millions of rules
-and path patterns: the walk counts them (and every list item and mapping entry) aliases included, and
-stops with an issue at MAX_RULES, MAX_PATH_PATTERNS or MAX_ENTRIES. Whatever else goes wrong while
-reading a file (an exception no check expected) makes that file invalid, never escapes.
+and path patterns: the walk counts them (and every list item and mapping entry, and the patterns'
+characters) aliases included, and stops with an issue at MAX_RULES, MAX_PATH_PATTERNS, MAX_ENTRIES or
+MAX_PATTERN_CHARS. Each pattern is compiled once per file, and each rule's list of distinct patterns
+once (a rule's repeated pattern counts once), so aliased copies cost no compiling and no memory.
+Whatever else goes wrong while reading a file (an exception no check expected) makes that file invalid, never escapes.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -26,12 +30,16 @@ from aegisd.policy.pattern import PathPattern, PathSet, PatternError, compile_pa
 from aegisd.rates import Rate, RateError, parse_rate
 from aegisd.vault.credentials import validate_name, validate_service
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
 MAX_POLICY_BYTES = 1024 * 1024
 # Per file, aliased nodes counted each time they are used: far above any real policy, far below what makes a
 # reload slow (each path pattern is an RE2 compile).
 MAX_RULES = 1_000
 MAX_PATH_PATTERNS = 10_000
 MAX_ENTRIES = 100_000  # list items and mapping entries walked, all fields together
+MAX_PATTERN_CHARS = MAX_POLICY_BYTES  # no more than the file could hold written out without aliases
 TOP_FIELDS = ("agent", "mode", "rules")
 RULE_FIELDS = ("service", "methods", "paths", "rate_limit", "time_window")
 WINDOW_FIELDS = ("start", "end", "timezone")
@@ -80,8 +88,11 @@ def _join(path: str, key: str) -> str:
 class _Reader:
     def __init__(self, result: PolicyFile) -> None:
         self.result = result
-        self.rules = self.patterns = self.entries = 0
-        self.compiled: dict[str, PathPattern | str] = {}  # pattern -> compiled, or why it is invalid
+        self.rules = self.patterns = self.entries = self.pattern_chars = 0
+        # Compiled once per file, however often an alias repeats them: each pattern, and each rule's set of its
+        # distinct patterns (or why it is invalid).
+        self.compiled: dict[str, PathPattern | str] = {}
+        self.sets: dict[tuple[str, ...], PathSet | str] = {}
 
     def count(self, node: Node, path: str, what: str) -> None:
         """Count one rule, path pattern or entry walked (an alias each time it is used); stop over a cap."""
@@ -90,7 +101,9 @@ class _Reader:
             over = self.rules > MAX_RULES and f"more than {MAX_RULES} rules"
         elif what == "patterns":
             self.patterns += 1
-            over = self.patterns > MAX_PATH_PATTERNS and f"more than {MAX_PATH_PATTERNS} path patterns"
+            self.pattern_chars += len(node.value) if isinstance(node, ScalarNode) else 0
+            over = (self.patterns > MAX_PATH_PATTERNS and f"more than {MAX_PATH_PATTERNS} path patterns") or (
+                self.pattern_chars > MAX_PATTERN_CHARS and f"more than {MAX_PATTERN_CHARS} characters of path patterns")
         else:
             self.entries += 1
             over = self.entries > MAX_ENTRIES and f"more than {MAX_ENTRIES} list items and mapping entries"
@@ -212,13 +225,7 @@ class _Reader:
             pattern = self.scalar(item, f"{path}[{index}]")
             if pattern is None:
                 continue
-            found = self.compiled.get(pattern)
-            if found is None:  # compiled once per file, however often an alias repeats it
-                try:
-                    found = compile_path(pattern)
-                except PatternError as exc:
-                    found = str(exc)
-                self.compiled[pattern] = found
+            found = _once(self.compiled, pattern, functools.partial(compile_path, pattern))
             if isinstance(found, str):
                 quoted = pattern if len(pattern) <= _QUOTED else pattern[:_QUOTED] + "..."
                 self.issue(item, f"{path}[{index}]", f"invalid regular expression {quote(quoted)}: {found}")
@@ -226,11 +233,13 @@ class _Reader:
                 compiled.append(found)
         if not compiled:
             return None
-        try:
-            return PathSet(tuple(compiled))
-        except PatternError as exc:
-            self.issue(node, path, str(exc))
+        unique = tuple({pattern.text: pattern for pattern in compiled}.values())  # a repeat matches nothing more
+        key = tuple(pattern.text for pattern in unique)
+        path_set = _once(self.sets, key, functools.partial(PathSet, unique))
+        if isinstance(path_set, str):
+            self.issue(node, path, path_set)
             return None
+        return path_set
 
     def rate(self, node: Node, path: str) -> Rate | None:
         text = self.scalar(node, path)
@@ -362,3 +371,15 @@ def _zone(name: str) -> ZoneInfo | None:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         return None
+
+
+def _once(cache: dict[K, V | str], key: K, build: Callable[[], V]) -> V | str:
+    """`build()`, or why it failed (its PatternError's message), made once per key."""
+    found = cache.get(key)
+    if found is None:
+        try:
+            found = build()
+        except PatternError as exc:
+            found = str(exc)
+        cache[key] = found
+    return found

@@ -3,7 +3,8 @@
 The gate judges policies on its event loop, before rate limits, on paths an agent chooses (up to
 ~64 KiB). Python's backtracking `re` takes quadratic or exponential time on ordinary-looking patterns
 (`/repos/.*/.*/issues` against a long path that never matches), so one governed agent could stall
-every agent's requests. RE2 (the `google-re2` package) never backtracks.
+every agent's requests. RE2 (the `google-re2` package) never backtracks; how long a path is judged is
+bounded too (JUDGING_BUDGET below), since linear in the path is still proportional to the patterns' size.
 
 It has no fallback: a construct RE2 cannot run in linear time (backreferences, lookarounds, atomic
 groups, possessive quantifiers, conditionals) is an error, which makes the policy file invalid
@@ -43,9 +44,15 @@ MAX_REPEAT = 1000
 # RE2 parses some malformed patterns in time quadratic in their length (`[[:` repeated: half a second at
 # 64 KiB); a path pattern longer than this is refused before RE2 sees it.
 MAX_PATTERN_LENGTH = 8192
-# A rule whose patterns RE2 cannot compile as one set gets a set each, up to this many: past it the rule is refused
-# rather than scanning a long path this many times on the gate's event loop.
-MAX_SEPARATE_SETS = 20
+# Linear is not cheap: a path an agent crafts can make RE2 build a new DFA state at every byte, each costing up to the
+# size of the patterns' programs (`/.*a.{1000}x`, 8,015 instructions, held the loop 6.8 s on a 64 KiB path). So the
+# work of judging one request is bounded: its path's length in bytes times the program sizes of all the patterns it
+# may be matched against stays within JUDGING_BUDGET (10 to 25 ns a unit: crafted paths took at most ~55 ms), and
+# no path over MAX_JUDGED_PATH bytes is judged (8 KiB, what nginx and Apache accept in a request line by default).
+JUDGING_BUDGET = 4 * 1024 * 1024
+MAX_JUDGED_PATH = 8192
+# One pattern alone must leave paths of 1 KiB judgeable: a bigger program (`.{1000}`, `\pL{1,64}`) is refused.
+MAX_PROGRAM_SIZE = JUDGING_BUDGET // 1024
 
 
 class PatternError(ValueError):
@@ -53,13 +60,14 @@ class PatternError(ValueError):
 
 
 class PathPattern:
-    """One compiled `rules[].paths` entry."""
+    """One compiled `rules[].paths` entry; `size` is its RE2 program's, what matching may cost per byte."""
 
-    __slots__ = ("_regexp", "text")
+    __slots__ = ("_regexp", "size", "text")
 
     def __init__(self, text: str, regexp: Any) -> None:
         self.text = text
         self._regexp = regexp
+        self.size: int = regexp.programsize
 
     @property
     def regexp(self) -> Any:
@@ -77,28 +85,24 @@ class PathPattern:
 class PathSet:
     """A rule's patterns as one RE2 set (`re2.Set`, anchored at both ends): a single pass over the path says
     whether any of them matches, as fast as Python's re on one pattern, where a call per pattern through the
-    `re2` module's match objects cost about 2.5 us each. Patterns that compile alone but are too much for RE2
-    as one set (many long ones) get a set each. Iterates over its PathPatterns."""
+    `re2` module's match objects cost about 2.5 us each. Iterates over its PathPatterns; `size` sums their
+    programs. Patterns RE2 cannot compile together (some 40 near MAX_PROGRAM_SIZE) are refused: the path would be
+    judged against so many that only a few bytes of it could be (pattern.judged_length)."""
 
-    __slots__ = ("_sets", "patterns")
+    __slots__ = ("_set", "patterns", "size")
 
     def __init__(self, patterns: tuple[PathPattern, ...]) -> None:
         self.patterns = patterns
+        self.size = sum(pattern.size for pattern in patterns)
         try:
-            self._sets = (_full_match_set(patterns),)
+            self._set = _full_match_set(patterns)
         except re2.error:
-            if len(patterns) > MAX_SEPARATE_SETS:  # each set is a pass over the path, on the gate's event loop
-                raise PatternError(f"the rule's {len(patterns)} patterns are more than RE2 can match together; "
-                                   f"shorten them, or split them over rules of at most {MAX_SEPARATE_SETS}") from None
-            try:
-                self._sets = tuple(_full_match_set((pattern,)) for pattern in patterns)
-            except re2.error:
-                raise PatternError("a pattern of this rule is more than RE2 can compile for matching; shorten or "
-                                   "split it") from None
+            raise PatternError(f"the rule's {len(patterns)} patterns are more than RE2 can compile together; "
+                               "shorten them, or split them over several rules") from None
 
     def matches(self, path: bytes) -> bool:
         """Whether some pattern matches all of `path` (UTF-8, as `encode_path` gives it)."""
-        return any(matcher.Match(path) is not None for matcher in self._sets)
+        return self._set.Match(path) is not None
 
     def __iter__(self) -> Iterator[PathPattern]:
         return iter(self.patterns)
@@ -125,6 +129,11 @@ def _full_match_set(patterns: tuple[PathPattern, ...]) -> Any:
     return matcher
 
 
+def judged_length(program_size: int) -> int:
+    """The longest path, in bytes, judged against patterns whose programs add up to `program_size`."""
+    return min(MAX_JUDGED_PATH, JUDGING_BUDGET // max(program_size, 1))
+
+
 def encode_path(path: str) -> bytes:
     """The path as RE2 reads it. `surrogatepass`: a path with a lone surrogate still gets a verdict."""
     return path.encode("utf-8", "surrogatepass")
@@ -149,7 +158,13 @@ def compile_path(text: str) -> PathPattern:
         raise PatternError(_explain(exc, text)) from None
     except Exception as exc:  # e.g. a lone surrogate that cannot be UTF-8: whatever it is, an issue
         raise PatternError(f"it cannot be compiled ({type(exc).__name__})") from None
-    return PathPattern(text, regexp)
+    pattern = PathPattern(text, regexp)
+    if pattern.size > MAX_PROGRAM_SIZE:
+        raise PatternError(f"it compiles to {pattern.size} RE2 instructions and aegisd takes at most "
+                           f"{MAX_PROGRAM_SIZE}, since matching a path may cost that many steps per byte: a counted "
+                           "repetition such as .{1000} or \\pL{1,64} multiplies it; write + or * instead (such as "
+                           "[^/]+), or split the pattern (see docs/policies.md#path-patterns)")
+    return pattern
 
 
 _UNSUPPORTED = (
@@ -158,6 +173,15 @@ _UNSUPPORTED = (
     ("(?P=", "a backreference `(?P=name)`"), ("(?>", "an atomic group `(?>...)`"),
     ("(?(", "a conditional `(?(...)...)`"),
 )
+# Python flags and comments RE2 lacks (its error names the group up to the flag it stopped at), with what to write.
+_PYTHON_ONLY = {
+    "x": "RE2 has no verbose flag (?x): remove it, and the spaces and comments it allowed (without it a space matches "
+         "a space)",
+    "a": "RE2 has no (?a) flag: remove it; \\d, \\w, \\s and \\b are already ASCII-only in RE2",
+    "u": "RE2 has no (?u) flag: remove it and write a Unicode class where you mean one (\\p{Nd}, \\pL, \\pN)",
+    "L": "RE2 has no locale flag (?L): remove it (paths are matched as UTF-8)",
+    "#": "RE2 has no comments (?#...): remove the comment",
+}
 _LINEAR = ("which RE2 cannot match in linear time; aegisd matches paths with RE2 (see "
            "docs/policies.md#path-patterns)")
 
@@ -170,6 +194,8 @@ def _explain(exc: Exception, text: str) -> str:
         for prefix, what in _UNSUPPORTED:
             if fragment.startswith(prefix) or (fragment == "(?P" and prefix == "(?P=" and prefix in text):
                 return f"it uses {what}, {_LINEAR}"
+        if fragment.startswith("(?") and fragment[-1] in _PYTHON_ONLY:
+            return _PYTHON_ONLY[fragment[-1]]
     if kind == "invalid escape sequence" and fragment[1:2] in tuple("123456789"):
         return f"it uses a backreference {quote(_short(fragment))}, {_LINEAR}"
     if kind == "bad repetition operator" and fragment.endswith("+") and len(fragment) == 2:

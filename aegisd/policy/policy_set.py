@@ -5,7 +5,8 @@ An agent a file names may make a request only if one of its rules for that servi
 method, the whole decoded path and the current time; the first such rule (files in name order,
 rules in file order) is the rule that decided, and its rate limit applies. An agent named by an
 invalid file fails closed (every agent the file names), and if some invalid file's agent cannot be told,
-every agent does.
+every agent does. A path longer than the agent's patterns for the service can be matched against within
+pattern.JUDGING_BUDGET is not judged: it is denied as path_too_long (the gate's 414).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from aegisd.policy.model import MISS_METHOD, MISS_PATH, MISS_WINDOW, Issue, PolicyFile, Rule
-from aegisd.policy.pattern import encode_path
+from aegisd.policy.pattern import encode_path, judged_length
 
-NO_RULE, INVALID = "no_rule", "invalid"
+NO_RULE, INVALID, TOO_LONG = "no_rule", "invalid", "path_too_long"
 _CLOSENESS = {MISS_METHOD: 0, MISS_PATH: 1, MISS_WINDOW: 2}
 
 
@@ -27,7 +28,7 @@ class Verdict:
     allowed: bool
     mode: str  # "enforce" or "dry-run"
     rule: Rule | None  # the rule that allowed it, or on a denial the rule that came closest
-    miss: str = ""  # on a denial: no_rule, method, path, time_window or invalid
+    miss: str = ""  # on a denial: no_rule, method, path, time_window, invalid or path_too_long
     detail: str = ""
 
     @property
@@ -44,6 +45,8 @@ class AgentPolicy:
     rules: dict[str, tuple[Rule, ...]]  # by service, in evaluation order
     files: tuple[str, ...]
     invalid: tuple[str, ...] = ()  # invalid files naming this agent: it fails closed while any exist
+    # by service: the longest path (bytes) its rules judge; longer is refused unjudged (pattern.JUDGING_BUDGET)
+    longest: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,13 @@ class PolicySet:
         if not rules:
             return Verdict(False, policy.mode, None, NO_RULE, f"the policy for agent {agent!r} has no rule for "
                            f"service {service!r}")
-        closest: tuple[int, Rule, str] | None = None
         encoded = encode_path(path)
+        if len(encoded) > policy.longest[service]:  # matching it could hold the gate's event loop for seconds
+            return Verdict(False, policy.mode, None, TOO_LONG, f"the path is {len(encoded)} bytes long; the policy "
+                           f"for agent {agent!r} judges paths of at most {policy.longest[service]} bytes for service "
+                           f"{service!r} (the more complex its path patterns, the shorter: see "
+                           "docs/policies.md#path-patterns)")
+        closest: tuple[int, Rule, str] | None = None
         for rule in rules:
             miss = rule.miss(method, encoded, now_ms)
             if miss is None:
@@ -115,6 +123,8 @@ def compile_set(files: Iterable[PolicyFile]) -> PolicySet:
             for rule in policy_file.rules:
                 rules.setdefault(rule.service, []).append(rule)
         mode = next(iter(modes)) if len(modes) == 1 else "enforce"
+        longest = {service: judged_length(sum(r.paths.size for r in group_rules if r.paths is not None))
+                   for service, group_rules in rules.items()}
         agents[agent] = AgentPolicy(agent, mode, {s: tuple(r) for s, r in rules.items()},
-                                    tuple(f.name for f in group), invalid)
+                                    tuple(f.name for f in group), invalid, longest)
     return PolicySet(agents, tuple(fail_all))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
-from aegisd.policy.memory import UNKNOWN_AGENT, PolicyMemory, Remembered
+from aegisd.policy.memory import UNKNOWN_AGENT, NotRegular, PolicyMemory, Remembered, read_regular
 from aegisd.policy.model import Issue, PolicyFile
 from aegisd.policy.parse import MAX_POLICY_BYTES, parse_policy, unexpected
 from aegisd.policy.policy_set import PolicySet, compile_set
@@ -30,7 +30,8 @@ SUFFIXES = (".yaml", ".yml")
 # The agents a file names, found even when the YAML around it is broken, so only they fail closed (with the
 # agent of the file's last valid version, kept in aegisd's data directory: memory.py); when nobody can be
 # told, every agent fails closed.
-_AGENT_LINE = re.compile(r"""^agent[ \t]*:[ \t]*["']?([a-z0-9][a-z0-9._-]{0,63})["']?[ \t]*(?:#.*)?$""", re.MULTILINE)
+_AGENT_LINE = re.compile(r"""^agent[ \t]*:[ \t]*["']?([a-z0-9][a-z0-9._-]{0,63})["']?[ \t]*(?:#.*)?\r?$""",
+                         re.MULTILINE)  # `\r?`: a file with CRLF line endings too
 _MAX_LOGGED_ISSUES = 20
 
 Signature = tuple[tuple[str, int, int, int], ...]
@@ -93,7 +94,7 @@ class PolicyStore:
                 # what was read is the old directory's, and putting it in force would undo the change. Read again.
                 if self.snapshot.directory == directory:
                     break
-            previous = self.snapshot
+            previous, governed = self.snapshot, bool(self.current.agents or self.current.fail_all)
             self.snapshot = Snapshot(directory, files if not error else previous.files, error,
                                      time.time_ns() // 1_000_000, trigger, previous.reloads + 1)
             self._seen = signature
@@ -104,7 +105,7 @@ class PolicyStore:
                 self._last_valid = last_valid
                 if self._memory is not None:
                     await asyncio.to_thread(self._memory.save, directory, last_valid)
-            self._report(self.snapshot)
+            self._report(self.snapshot, dropped=governed and not error and not files)
             return self.snapshot
 
     def request_reload(self, trigger: str, directory: Path | None = None, *, change_directory: bool = False) -> None:
@@ -126,12 +127,11 @@ class PolicyStore:
             return _UNREADABLE, [], f"cannot read the policy directory {directory}: {exc.strerror or exc}"
         files = []
         for name, *_ in signature:
-            try:
-                with (directory / name).open("rb") as fh:
-                    data = fh.read(MAX_POLICY_BYTES + 1)
-            except OSError as exc:
-                files.append(PolicyFile(name, issues=[Issue(name, 0, 0, "", f"cannot read the file: "
-                                                            f"{exc.strerror or exc}")]))
+            try:  # a symlink to a FIFO is listed (_signature): opening it must not wait for a writer
+                data = read_regular(directory / name, MAX_POLICY_BYTES + 1, follow_symlinks=True)
+            except (OSError, NotRegular) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                files.append(PolicyFile(name, issues=[Issue(name, 0, 0, "", f"cannot read the file: {why}")]))
                 continue
             try:
                 parsed = parse_policy(name, data)
@@ -144,7 +144,10 @@ class PolicyStore:
             files.append(parsed)
         return signature, files, ""
 
-    def _report(self, snap: Snapshot) -> None:
+    def _report(self, snap: Snapshot, *, dropped: bool = False) -> None:
+        """Log the reload and write its ledger event. `dropped`: policies were in force and none are now (an
+        emptied directory, or a SIGHUP after `[policy] dir` was removed), which is said as a warning, since a
+        typo in the config file would otherwise free every agent with one INFO line."""
         if snap.error and self._loaded:
             detail, reason = f"policy reload ({snap.trigger}) failed: {snap.error}; the previous policies stay", \
                 "policy_reload_failed"
@@ -158,6 +161,11 @@ class PolicyStore:
             agents = len(self.current.agents)
             detail = f"policies reloaded ({snap.trigger}): {len(snap.files)} files, {agents} agents"
             reason = "policy_reloaded"
+            if dropped:
+                where = f"the policy directory {snap.directory} has no policy files now" if snap.directory else \
+                    "no policy directory is configured now"
+                detail += f"; {where}, so every policy was dropped: every agent is governed by its grants and " \
+                    "scopes only"
             if invalid:
                 reason = "policy_invalid"
                 detail += "; invalid, failing closed: " + ", ".join(_failing(f) for f in invalid)
@@ -167,7 +175,7 @@ class PolicyStore:
                 if len(issues) > _MAX_LOGGED_ISSUES:
                     log.error("... and %d more policy errors (see `aegisctl policy list`)",
                               len(issues) - _MAX_LOGGED_ISSUES)
-            event(log, logging.WARNING if invalid else logging.INFO, detail)
+            event(log, logging.WARNING if invalid or dropped else logging.INFO, detail)
         if self._ledger is not None:
             try:
                 self._ledger.append_nowait(LedgerEntry.system(detail, reason=reason))

@@ -16,20 +16,27 @@ from aegisd.vault.vault import Vault, open_sealed
 from tests.harness import PASSPHRASE, Aegis, Result
 
 
+def _json(aegis: Aegis, *args: str, in_process: bool = False) -> Any:
+    """`aegisctl ARGS --json`'s answer: run as the program, or (in_process) in this process (Aegis.ctl_in_process),
+    for the state checks around what a test is about, where a process started for each only costs CPU."""
+    run = aegis.ctl_in_process if in_process else aegis.ctl
+    return json.loads(run(*args, "--json").ok().out)
+
+
 def status(aegis: Aegis) -> dict[str, Any]:
-    value = json.loads(aegis.ctl("status", "--json").ok().out)
+    value = _json(aegis, "status")
     assert isinstance(value, dict)
     return value
 
 
 def show(aegis: Aegis, name: str) -> dict[str, Any]:
-    value = json.loads(aegis.ctl("vault", "show", name, "--json").ok().out)
+    value = _json(aegis, "vault", "show", name)
     assert isinstance(value, dict)
     return value
 
 
 def names(aegis: Aegis) -> list[str]:
-    listed = json.loads(aegis.ctl("vault", "list", "--json").ok().out)
+    listed = _json(aegis, "vault", "list")
     assert isinstance(listed, list)
     return [str(c["name"]) for c in listed]
 
@@ -85,3 +92,29 @@ def open_vault(data_dir: Path, passphrase: str = PASSPHRASE) -> Iterator[Vault]:
             vault.lock()
     finally:
         store.close()
+
+
+# The same reads run in this process; `status`, `show` and `names` above run the program.
+def status_in_process(aegis: Aegis) -> dict[str, Any]:
+    value = _json(aegis, "status", in_process=True)
+    assert isinstance(value, dict)
+    return value
+
+
+def show_in_process(aegis: Aegis, name: str) -> dict[str, Any]:
+    value = _json(aegis, "vault", "show", name, in_process=True)
+    assert isinstance(value, dict)
+    return value
+
+
+def names_in_process(aegis: Aegis) -> list[str]:
+    listed = _json(aegis, "vault", "list", in_process=True)
+    assert isinstance(listed, list)
+    return [str(c["name"]) for c in listed]
+
+
+def policy_status_in_process(aegis: Aegis) -> dict[str, Any]:
+    """`aegisctl policy list --json` (tests/e2e/policy_support.py's policy_status), run in this process."""
+    value = _json(aegis, "policy", "list", in_process=True)
+    assert isinstance(value, dict)
+    return value

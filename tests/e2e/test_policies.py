@@ -7,8 +7,10 @@ import json
 import os
 import signal
 import socket
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import grpc
@@ -18,18 +20,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aegisd.api.aegis.v1 import policy_pb2, policy_pb2_grpc
 from tests.e2e.gate_support import GateWorld, read_reply, untouched
 from tests.e2e.policy_support import (
+    RELOAD_DEADLINE_SECONDS,
     Expected,
     check_rows,
     hhmm,
     noon_zone,
-    policy_status,
     policy_world,
     refusal,
-    system_rows,
-    wait_reloads,
     write_policy,
 )
-from tests.e2e.support import assert_failed
+from tests.e2e.support import assert_failed, policy_status_in_process
 from tests.harness import Aegis
 
 SECRET = "sk-policy-test-secret-7Hq2Lm9Xv4"
@@ -46,6 +46,25 @@ rules:
     methods: [post]
     paths: ["/echo/repos/acme/[a-z]+/issues"]
 """
+
+
+# policy_support's system_rows and wait_reloads, with aegisctl run in this process: reads (and a poll) around what
+# these tests check; `policy list`, `policy test`, `policy validate` and `policy reload` run as the program too.
+def system_rows_in_process(world: GateWorld) -> list[dict[str, Any]]:
+    """The ledger's system events, newest first."""
+    rows = json.loads(world.aegis.ctl_in_process("ledger", "show", "--json", "--limit", "100000").ok().out)
+    return [row for row in rows if row["kind"] == "system"]
+
+
+def wait_reloads_in_process(world: GateWorld, beyond: int) -> dict[str, Any]:
+    """Poll `policy list` until the daemon has reloaded more than `beyond` times (ordering, not timing)."""
+    deadline = time.monotonic() + RELOAD_DEADLINE_SECONDS
+    while True:
+        status = policy_status_in_process(world.aegis)
+        if status["reloads"] > beyond:
+            return status
+        assert time.monotonic() < deadline, f"no reload after {beyond}: {status}"
+        time.sleep(0.2)
 
 
 def _world(files: dict[str, str], **gate: float) -> tuple[GateWorld, Path]:
@@ -97,17 +116,17 @@ def test_rules_allow_and_deny_by_method_path_and_service() -> None:
         issues = world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method", "post",
                                  "--path", "/echo/repos/acme/a/issues").ok()
         assert "allowed" in issues.out and "bot.yaml#rules[1] (line 7)" in issues.out
-        denied = world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method", "GET",
-                                 "--path", "/echo/x/user").ok()
+        denied = world.aegis.ctl_in_process("policy", "test", "--agent", "bot", "--service", "svc", "--method", "GET",
+                                            "--path", "/echo/x/user").ok()
         assert "denied" in denied.out and "path matches none" in denied.out
-        free = json.loads(world.aegis.ctl("policy", "test", "--agent", "free", "--service", "svc", "--method",
-                                          "GET", "--path", "/x", "--json").ok().out)
+        free = json.loads(world.aegis.ctl_in_process("policy", "test", "--agent", "free", "--service", "svc",
+                                                     "--method", "GET", "--path", "/x", "--json").ok().out)
         assert free["decision"] == "ungoverned" and free["rule"] is None
-        bad = world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method", "FETCH",
-                              "--path", "/x")
+        bad = world.aegis.ctl_in_process("policy", "test", "--agent", "bot", "--service", "svc", "--method", "FETCH",
+                                         "--path", "/x")
         assert_failed(bad, "method 'FETCH'")
 
-        status = policy_status(world)
+        status = policy_status_in_process(world.aegis)
         assert status["files"] == [{"name": "bot.yaml", "agent": "bot", "mode": "enforce", "rules": 2,
                                     "valid": True, "issues": [], "warnings": []}]
         assert status["agents"] == [{"agent": "bot", "state": "enforce", "files": ["bot.yaml"], "rules": 2,
@@ -159,20 +178,22 @@ def test_time_windows_on_the_real_clock() -> None:
                              ("2030-01-01T23:30:00Z", "allowed"), ("2030-01-02T03:00:00Z", "allowed"),
                              ("2030-01-02T05:59:00Z", "allowed"), ("2030-01-02T06:00:00Z", "denied"),
                              ("2030-01-02T12:00:00Z", "denied")):
-            result = json.loads(world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "fixed",
-                                                "--method", "GET", "--path", "/x", "--at", at, "--json").ok().out)
+            result = json.loads(world.aegis.ctl_in_process("policy", "test", "--agent", "bot", "--service", "fixed",
+                                                           "--method", "GET", "--path", "/x", "--at", at,
+                                                           "--json").ok().out)
             assert result["decision"] == decision, (at, result)
 
         # The ends of the calendar: the last and first days judged are real dates in every timezone...
         for service, at, decision in (("far-east", "9999-12-30T23:59:59Z", "allowed"),  # 13:59 on 9999-12-31
                                       ("far-west", "0001-01-02T00:00:00Z", "allowed")):  # 12:00 on 0001-01-01
-            result = json.loads(world.aegis.ctl("policy", "test", "--agent", "bot", "--service", service, "--method",
-                                                "GET", "--path", "/x", "--at", at, "--json").ok().out)
+            result = json.loads(world.aegis.ctl_in_process("policy", "test", "--agent", "bot", "--service", service,
+                                                           "--method", "GET", "--path", "/x", "--at", at,
+                                                           "--json").ok().out)
             assert result["decision"] == decision, (at, result)
         # ... and a time past them is a usage error in aegisctl, never a traceback or a time sent to aegisd...
         for at in ("9999-12-31T23:00:00Z", "9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+14:00", "999999999d"):
-            refused = world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "far-east", "--method", "GET",
-                                      "--path", "/x", "--at", at)
+            refused = world.aegis.ctl_in_process("policy", "test", "--agent", "bot", "--service", "far-east",
+                                                 "--method", "GET", "--path", "/x", "--at", at)
             assert_failed(refused, "outside the times aegisctl handles", "0001-01-02 to 9999-12-30", code=2)
         # ... and INVALID_ARGUMENT from aegisd to any other client: out of protobuf's range, bad nanos, or a local
         # time past year 9999 (23:59 on 9999-12-31 UTC is 13:59 on 10000-01-01 in Kiritimati).
@@ -229,10 +250,10 @@ def test_modes_enforce_dry_run_off_and_their_ledger_rows() -> None:
         row = world.row(off.request_id)
         assert (row["decision"], row["reason"], row["flags"]) == ("allowed", "", "")
 
-        dry_test = world.aegis.ctl("policy", "test", "--agent", "trial", "--service", "svc", "--method", "GET",
-                                   "--path", "/echo/nope").ok().out
+        dry_test = world.aegis.ctl_in_process("policy", "test", "--agent", "trial", "--service", "svc", "--method",
+                                              "GET", "--path", "/echo/nope").ok().out
         assert "dry-run" in dry_test and "would_deny" in dry_test
-        status = policy_status(world)
+        status = policy_status_in_process(world.aegis)
         assert {a["agent"]: a["state"] for a in status["agents"]} == {"strict": "enforce", "trial": "dry-run"}
         assert {f["name"]: f["mode"] for f in status["files"]} == {"dry.yaml": "dry-run", "enforced.yaml": "enforce",
                                                                     "off.yaml": "off"}
@@ -296,7 +317,8 @@ def test_validate_reports_every_error_with_file_line_and_field(aegis: Aegis, tmp
             assert message in line, (line, message)
     assert "notes.txt" not in result.out
 
-    as_json = aegis.ctl("policy", "validate", "--json", str(tmp_path / "many.yaml"), str(tmp_path / "good.yml"))
+    as_json = aegis.ctl_in_process("policy", "validate", "--json", str(tmp_path / "many.yaml"),
+                                   str(tmp_path / "good.yml"))
     assert as_json.code == 1
     files = {Path(f["name"]).name: f for f in json.loads(as_json.out)}
     assert files["good.yml"]["valid"] and not files["good.yml"]["issues"]
@@ -305,13 +327,13 @@ def test_validate_reports_every_error_with_file_line_and_field(aegis: Aegis, tmp
     assert [(i["line"], i["field"]) for i in many["issues"]] == [
         (int(w.split(":")[1]), f) for w, f, _ in EXPECTED["many.yaml"]]
 
-    assert aegis.ctl("policy", "validate", str(tmp_path / "good.yml")).ok().out.strip().endswith("enforce)")
+    assert aegis.ctl_in_process("policy", "validate", str(tmp_path / "good.yml")).ok().out.strip().endswith("enforce)")
     # Two files for one agent must agree on the mode.
     (tmp_path / "bot-dry.yaml").write_text("agent: bot\nmode: dry-run\nrules: []\n")
-    mixed = aegis.ctl("policy", "validate", str(tmp_path / "good.yml"), str(tmp_path / "bot-dry.yaml"))
+    mixed = aegis.ctl_in_process("policy", "validate", str(tmp_path / "good.yml"), str(tmp_path / "bot-dry.yaml"))
     assert_failed(mixed, "2 of 2 file(s)")
     assert "different modes" in mixed.out
-    missing = aegis.ctl("policy", "validate", str(tmp_path / "absent.yaml"))
+    missing = aegis.ctl_in_process("policy", "validate", str(tmp_path / "absent.yaml"))
     assert missing.code == 2 and "does not exist" in missing.err
 
     # Found by a cold review: every file goes in one gRPC message, and past 4 MiB in all aegisd's server refused
@@ -365,7 +387,7 @@ def test_broken_file_fails_closed_for_its_agent_and_keeps_the_others() -> None:
         result = world.aegis.ctl("policy", "reload")
         assert_failed(result, "reloaded with errors")
         assert "alice.yaml:" in result.out and "YAML syntax error" in result.out
-        status = policy_status(world)
+        status = policy_status_in_process(world.aegis)
         assert status["trigger"] == "aegisctl"
         assert {a["agent"]: a["state"] for a in status["agents"]} == {"alice": "invalid", "bob": "enforce"}
 
@@ -376,50 +398,50 @@ def test_broken_file_fails_closed_for_its_agent_and_keeps_the_others() -> None:
             world.assert_refused(world.call("GET", "/svc/echo/b", agent="bob"), 403, "policy_denied")
         assert world.call("GET", "/svc/echo/b2", agent="bob").status == 200
         assert world.call("GET", "/svc/echo/anything", agent="carol").status == 200  # no policy: grants only
-        event = system_rows(world)[0]
+        event = system_rows_in_process(world)[0]
         assert event["reason"] == "policy_invalid" and "alice.yaml (agent alice)" in event["detail"]
 
         # A file whose agent cannot be told at all: every agent fails closed, governed or not.
         write_policy(directory, "mystery.yaml", "rules:\n  - service: svc\n    methods: [GET\n")
-        world.aegis.ctl("policy", "reload")
+        world.aegis.ctl_in_process("policy", "reload")
         for name in ("bob", "carol"):
             world.assert_refused(world.call("GET", "/svc/echo/b2", agent=name), 403, "policy_invalid")
-        assert policy_status(world)["fail_all"] == ["mystery.yaml"]
-        assert "EVERY agent fails closed" in world.aegis.ctl("policy", "list").out
+        assert policy_status_in_process(world.aegis)["fail_all"] == ["mystery.yaml"]
+        assert "EVERY agent fails closed" in world.aegis.ctl_in_process("policy", "list").out
 
         (directory / "mystery.yaml").unlink()
         write_policy(directory, "alice.yaml", alice)
-        world.aegis.ctl("policy", "reload").ok()
+        world.aegis.ctl_in_process("policy", "reload").ok()
         assert world.call("GET", "/svc/echo/a", agent="alice").status == 200
         assert world.call("GET", "/svc/echo/b2", agent="bob").status == 200
-        assert system_rows(world)[0]["reason"] == "policy_reloaded"
+        assert system_rows_in_process(world)[0]["reason"] == "policy_reloaded"
 
         # Broken so that its agent cannot be read: the file borrows it from its last version that could be,
         # and keeps it over later reloads, so the others never fail with it.
         write_policy(directory, "alice.yaml", "rules: [[\n")
-        world.aegis.ctl("policy", "reload")
+        world.aegis.ctl_in_process("policy", "reload")
         write_policy(directory, "bob.yaml", bob)  # an unrelated change: another reload
-        world.aegis.ctl("policy", "reload")
-        assert policy_status(world)["fail_all"] == []
+        world.aegis.ctl_in_process("policy", "reload")
+        assert policy_status_in_process(world.aegis)["fail_all"] == []
         world.assert_refused(world.call("GET", "/svc/echo/a", agent="alice"), 403, "policy_invalid")
         assert world.call("GET", "/svc/echo/b", agent="bob").status == 200
 
         # Two `agent:` keys (a template line left above the real one): the file is invalid, and every agent it
         # names fails closed, the last one (the one a YAML reader takes) included.
         write_policy(directory, "bob.yaml", "agent: dave\n" + bob)
-        assert_failed(world.aegis.ctl("policy", "reload"), "reloaded with errors")
-        listed = {f["name"]: f for f in policy_status(world)["files"]}["bob.yaml"]
+        assert_failed(world.aegis.ctl_in_process("policy", "reload"), "reloaded with errors")
+        listed = {f["name"]: f for f in policy_status_in_process(world.aegis)["files"]}["bob.yaml"]
         assert listed["agent"] == "dave, bob" and any("given twice" in i["message"] for i in listed["issues"])
-        assert "bob.yaml (agents dave, bob)" in system_rows(world)[0]["detail"]
+        assert "bob.yaml (agents dave, bob)" in system_rows_in_process(world)[0]["detail"]
         with untouched(up):
             world.assert_refused(world.call("GET", "/svc/echo/b", agent="bob"), 403, "policy_invalid")
         # Broken YAML: every `agent:` line in its text fails closed, and so does the agent of the file's last
         # valid version (bob), kept over reloads; dave, named only by a version that was never valid, is not.
         write_policy(directory, "bob.yaml", "agent: erin\nagent: frank\nrules: [[\n")
-        world.aegis.ctl("policy", "reload")
+        world.aegis.ctl_in_process("policy", "reload")
         for name, decision in (("erin", "invalid"), ("frank", "invalid"), ("bob", "invalid"), ("dave", "ungoverned")):
-            tested = json.loads(world.aegis.ctl("policy", "test", "--agent", name, "--service", "svc", "--method",
-                                                "GET", "--path", "/echo/b", "--json").ok().out)
+            tested = json.loads(world.aegis.ctl_in_process("policy", "test", "--agent", name, "--service", "svc",
+                                                           "--method", "GET", "--path", "/echo/b", "--json").ok().out)
             assert tested["decision"] == decision, (name, tested)
         with untouched(up):
             world.assert_refused(world.call("GET", "/svc/echo/b", agent="bob"), 403, "policy_invalid")
@@ -429,10 +451,10 @@ def test_broken_file_fails_closed_for_its_agent_and_keeps_the_others() -> None:
         # A policy file that is a link to nothing is not skipped: it fails closed like an unreadable file.
         write_policy(directory, "alice.yaml", alice)
         (directory / "carol.yaml").symlink_to(directory / "gone.yaml")
-        result = world.aegis.ctl("policy", "reload")
+        result = world.aegis.ctl_in_process("policy", "reload")
         assert_failed(result, "reloaded with errors")
         assert "carol.yaml:" in result.out and "cannot read the file" in result.out
-        assert policy_status(world)["fail_all"] == ["carol.yaml"]
+        assert policy_status_in_process(world.aegis)["fail_all"] == ["carol.yaml"]
         world.assert_refused(world.call("GET", "/svc/echo/b", agent="bob"), 403, "policy_invalid")
         world.assert_no_leaks()
     finally:
@@ -446,9 +468,9 @@ def test_reload_on_sighup_and_on_file_change_each_a_ledger_event() -> None:
         world.assert_refused(world.call("GET", "/svc/echo/two", agent="bot"), 403, "policy_denied")
 
         # The watcher sees the file change on its own.
-        reloads = policy_status(world)["reloads"]
+        reloads = policy_status_in_process(world.aegis)["reloads"]
         write_policy(directory, "bot.yaml", "agent: bot\nrules:\n  - service: svc\n    paths: [\"/echo/two\"]\n")
-        status = wait_reloads(world, reloads)
+        status = wait_reloads_in_process(world, reloads)
         assert status["trigger"] == "file change"
         assert world.call("GET", "/svc/echo/two", agent="bot").status == 200
 
@@ -456,15 +478,15 @@ def test_reload_on_sighup_and_on_file_change_each_a_ledger_event() -> None:
         reloads = status["reloads"]
         assert world.aegis.proc is not None
         world.aegis.proc.send_signal(signal.SIGHUP)
-        status = wait_reloads(world, reloads)
+        status = wait_reloads_in_process(world, reloads)
         assert status["trigger"] == "SIGHUP"
-        sighup = [row for row in system_rows(world) if "(SIGHUP)" in row["detail"]]
+        sighup = [row for row in system_rows_in_process(world) if "(SIGHUP)" in row["detail"]]
         assert sighup and sighup[0]["reason"] == "policy_reloaded"
 
-        details = [row["detail"] for row in system_rows(world)]
+        details = [row["detail"] for row in system_rows_in_process(world)]
         assert any(d.startswith("policies reloaded (file change): 1 files, 1 agents") for d in details)
         assert any(d.startswith("policies reloaded (startup)") for d in details)
-        assert world.aegis.ctl("ledger", "verify").code == 0
+        assert world.aegis.ctl_in_process("ledger", "verify").code == 0
         world.assert_no_leaks()
     finally:
         world.close()
@@ -482,7 +504,7 @@ def test_a_request_admitted_before_a_policy_change_is_judged_by_the_new_policy()
                          "\r\nContent-Length: 4\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode())
             assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")  # admitted under the old policy
             write_policy(directory, "bot.yaml", allow.replace("/echo/slow", "/echo/other"))
-            world.aegis.ctl("policy", "reload").ok()
+            world.aegis.ctl_in_process("policy", "reload").ok()
             with untouched(up):
                 sock.sendall(b"body")
                 reply = read_reply(sock)
@@ -554,23 +576,23 @@ def test_a_broken_file_fails_closed_for_its_last_valid_agent_after_a_restart() -
         with untouched(up):
             world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_invalid")
             world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_invalid")
-        listed = {f["name"]: f for f in policy_status(world)["files"]}["alice.yaml"]
+        listed = {f["name"]: f for f in policy_status_in_process(world.aegis)["files"]}["alice.yaml"]
         assert listed["agent"] == "mallory, alice" and not listed["valid"]
         assert world.call("GET", "/svc/echo/x", agent="carol").status == 200
         assert _remembered(world, directory) == {"alice.yaml": "alice"}
 
         # Restarted again, and reloaded by SIGHUP with the same directory: still remembered.
         _restart(world)
-        reloads = policy_status(world)["reloads"]
+        reloads = policy_status_in_process(world.aegis)["reloads"]
         assert world.aegis.proc is not None
         world.aegis.proc.send_signal(signal.SIGHUP)
-        wait_reloads(world, reloads)
+        wait_reloads_in_process(world, reloads)
         with untouched(up):
             world.assert_refused(world.call("GET", "/svc/echo/a", agent="alice"), 403, "policy_invalid")
 
         # Valid again: her new rules apply, and a version naming someone else is what is remembered next.
         write_policy(directory, "alice.yaml", ALICE.replace("alice", "mallory", 1))
-        world.aegis.ctl("policy", "reload").ok()
+        world.aegis.ctl_in_process("policy", "reload").ok()
         assert _remembered(world, directory) == {"alice.yaml": "mallory"}
         assert world.call("GET", "/svc/echo/x", agent="alice").status == 200  # ungoverned now
         world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_denied")
@@ -611,10 +633,10 @@ def test_an_unreadable_policy_memory_fails_every_agent_closed_while_a_file_is_in
             with untouched(up):
                 for name in ("alice", "bob", "carol"):
                     world.assert_refused(world.call("GET", "/svc/echo/b", agent=name), 403, "policy_invalid")
-            status = policy_status(world)
+            status = policy_status_in_process(world.aegis)
             assert status["fail_all"] == ["alice.yaml"]
             assert {f["name"]: f["agent"] for f in status["files"]} == {"alice.yaml": None, "bob.yaml": "bob"}
-            assert "alice.yaml (every agent)" in system_rows(world)[0]["detail"]
+            assert "alice.yaml (every agent)" in system_rows_in_process(world)[0]["detail"]
             assert _remembered(world, directory) == {"alice.yaml": "", "bob.yaml": "bob"}
             assert world.aegis.stop() == 0
         assert world.aegis.log().count("larger than 1048576 bytes") == 1
@@ -650,7 +672,8 @@ def test_the_policy_memory_of_another_policy_directory_is_not_applied() -> None:
         _restart(world, {"AEGIS_POLICIES_DIR": str(elsewhere)})
         assert world.call("GET", "/svc/echo/x", agent="alice").status == 200  # no file there ever restricted her
         world.assert_refused(world.call("GET", "/svc/echo/x", agent="mallory"), 403, "policy_invalid")
-        assert {f["name"]: f["agent"] for f in policy_status(world)["files"]} == {"alice.yaml": "mallory"}
+        files = policy_status_in_process(world.aegis)["files"]
+        assert {f["name"]: f["agent"] for f in files} == {"alice.yaml": "mallory"}
         assert _memory(world) == [(str(directory.resolve()), {"alice.yaml": "alice"})]  # nothing for elsewhere
 
         # Back to the first directory, whose file was broken meanwhile: its memory was kept.
@@ -674,7 +697,7 @@ def test_the_policy_memory_follows_the_directory_not_the_path_naming_it() -> Non
         alias = world.aegis.root / "policies-link"
         alias.symlink_to(directory)
         _restart(world, {"AEGIS_POLICIES_DIR": str(alias)})
-        assert policy_status(world)["directory"] == str(alias)
+        assert policy_status_in_process(world.aegis)["directory"] == str(alias)
         world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_denied")
         assert _memory(world) == [(str(directory.resolve()), {"alice.yaml": "alice"})]
 
@@ -702,19 +725,22 @@ def test_a_long_path_is_matched_in_linear_time_and_what_re2_cannot_run_fails_clo
         up = world.upstreams[0]
         for name in ("bot", "eve", "free"):
             world.agent(name, "svc")
-        attack = "/repos/acme/" + "issues/" * 8500  # + %0a: `.` stops at the decoded newline, nothing matches
+        # + %0a: `.` stops at the decoded newline, nothing matches. 7.7 KB, still judged: a path the patterns could
+        # not match quickly (the review's was 60 KB) is refused unjudged now, 414 (the last test here).
+        attack = "/repos/acme/" + "issues/" * 1100
         with untouched(up):
             reply = world.call("GET", "/svc/echo" + attack + "%0a", agent="bot")
             world.assert_refused(reply, 403, "policy_denied", flags="policy=path@bot.yaml#rules[0]")
         assert world.call("GET", "/svc/echo/repos/acme/x/issues/1", agent="bot").status == 200
         assert world.call("GET", "/svc/echo/x", agent="free").status == 200
         # `policy test` judges with the same matcher.
-        tested = json.loads(world.aegis.ctl("policy", "test", "--agent", "bot", "--service", "svc", "--method",
-                                            "GET", "--path", "/echo" + attack + "\n", "--json").ok().out)
+        tested = json.loads(world.aegis.ctl_in_process("policy", "test", "--agent", "bot", "--service", "svc",
+                                                       "--method",
+                                                       "GET", "--path", "/echo" + attack + "\n", "--json").ok().out)
         assert tested["decision"] == "denied"
 
         # The lookahead: the file is invalid, reported with its line and why, and fails closed for its agent.
-        listed = {f["name"]: f for f in policy_status(world)["files"]}["eve.yaml"]
+        listed = {f["name"]: f for f in policy_status_in_process(world.aegis)["files"]}["eve.yaml"]
         assert not listed["valid"] and listed["agent"] == "eve"
         [issue] = listed["issues"]
         assert (issue["line"], issue["field"]) == (4, "rules[0].paths[0]")
@@ -724,7 +750,7 @@ def test_a_long_path_is_matched_in_linear_time_and_what_re2_cannot_run_fails_clo
         (tmp_path / "eve.yaml").write_text(lookahead)
         (tmp_path / "backref.yaml").write_text(
             "agent: eve\nrules:\n  - service: svc\n    paths: ['/echo/([a-z]+)/\\1']\n")
-        result = world.aegis.ctl("policy", "validate", str(tmp_path))
+        result = world.aegis.ctl_in_process("policy", "validate", str(tmp_path))
         assert result.code == 1, result.out + result.err
         assert f"{tmp_path / 'eve.yaml'}:4:13: rules[0].paths[0]: invalid regular expression " in result.out
         assert "uses a backreference" in result.out and "aegisd matches paths with RE2" in result.out
@@ -752,11 +778,11 @@ def test_a_file_that_crashed_the_parser_is_invalid_alone_and_aegisd_stays_up(tmp
         write_policy(directory, "bob.yaml", HUGE_REPEAT)
         write_policy(directory, "carol.yaml", DEEP_YAML)
         write_policy(directory, "alice.yaml", "agent: alice\nrules: []\n")  # a valid change in the same reload
-        result = world.aegis.ctl("policy", "reload")
+        result = world.aegis.ctl_in_process("policy", "reload")
         assert_failed(result, "reloaded with errors")
         assert "repetition '{4294967296}': RE2 allows counts up to 1000" in result.out
         assert "the YAML is nested too deeply to read" in result.out
-        status = policy_status(world)
+        status = policy_status_in_process(world.aegis)
         assert {a["agent"]: a["state"] for a in status["agents"]} == {"alice": "enforce", "bob": "invalid",
                                                                       "carol": "invalid"}
         with untouched(up):
@@ -764,13 +790,13 @@ def test_a_file_that_crashed_the_parser_is_invalid_alone_and_aegisd_stays_up(tmp
                 world.assert_refused(world.call("GET", "/svc/echo/only/a", agent=name), 403, "policy_invalid")
             world.assert_refused(world.call("GET", "/svc/echo/x", agent="alice"), 403, "policy_denied")
         assert world.call("GET", "/svc/echo/x", agent="dave").status == 200
-        event = system_rows(world)[0]
+        event = system_rows_in_process(world)[0]
         assert event["reason"] == "policy_invalid"
         assert "bob.yaml (agent bob)" in event["detail"] and "carol.yaml (agent carol)" in event["detail"]
 
         for name, text in (("bob.yaml", HUGE_REPEAT), ("carol.yaml", DEEP_YAML)):
             (tmp_path / name).write_text(text)
-        checked = world.aegis.ctl("policy", "validate", str(tmp_path))
+        checked = world.aegis.ctl_in_process("policy", "validate", str(tmp_path))
         assert checked.code == 1 and "Traceback" not in checked.err, checked.out + checked.err
         assert (f"{tmp_path / 'bob.yaml'}:4:13: rules[0].paths[0]: invalid regular expression "
                 "'/echo/only/a{4294967296}': repetition '{4294967296}': RE2 allows counts up to 1000") in checked.out
@@ -784,6 +810,36 @@ def test_a_file_that_crashed_the_parser_is_invalid_alone_and_aegisd_stays_up(tmp
         assert world.call("GET", "/svc/echo/x", agent="dave").status == 200
         log = world.aegis.log()
         assert "Traceback" not in log and "policy reload failed" not in log
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_a_path_longer_than_its_patterns_can_judge_quickly_is_refused_unjudged(tmp_path: Path) -> None:
+    """Found by a cold review: `/.*a.{1000}x` was valid, and a crafted 64 KiB path held the gate's event loop for
+    ~5 s. That pattern is invalid now, and a governed agent's path longer than its patterns can be matched against
+    quickly (pattern.JUDGING_BUDGET) is refused, 414 `path_too_long`, before any pattern runs; `policy test` too."""
+    heavy = "agent: bot\nrules:\n  - service: svc\n    paths: [\"/echo/.*a.{400}x\", \"/echo/user\"]\n"
+    world, _ = _world({"bot.yaml": heavy})
+    try:
+        up = world.upstreams[0]
+        world.agent("bot", "svc")
+        world.agent("free", "svc")
+        crafted = "/echo/" + "a/" * 2000
+        with untouched(up):
+            row = world.assert_refused(world.call("GET", "/svc" + crafted, agent="bot"), 414, "path_too_long",
+                                       flags="policy=path_too_long")
+        assert row["agent"] == "bot"
+        assert world.call("GET", "/svc/echo/user", agent="bot").status == 200
+        assert world.call("GET", "/svc" + crafted, agent="free").status == 200  # ungoverned: no limit of policies
+        tested = json.loads(world.aegis.ctl_in_process("policy", "test", "--agent", "bot", "--service", "svc",
+                                                       "--method", "GET", "--path", crafted, "--json").ok().out)
+        assert tested["decision"] == "denied" and "judges paths of at most" in tested["reason"]
+
+        (tmp_path / "bot.yaml").write_text(heavy.replace("{400}", "{1000}"))
+        checked = world.aegis.ctl_in_process("policy", "validate", str(tmp_path))
+        assert checked.code == 1, checked.out + checked.err
+        assert "RE2 instructions and aegisd takes at most 4096, since matching a path" in checked.out
         world.assert_no_leaks()
     finally:
         world.close()

@@ -1,0 +1,166 @@
+"""The policy directory as aegisd reads it and the policy RPCs that answer about it: what is in the directory
+(a FIFO behind a symlink, CRLF line endings, nothing at all), and `policy validate` and `policy test` giving the
+answers that loading the files and the gate would give."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from aegisd.api.aegis.v1 import policy_pb2 as pb
+from aegisd.control.policy_service import PolicyService
+from aegisd.errors import InvalidArgument
+from aegisd.gate.admission import WOULD_DENY, check_policy
+from aegisd.gate.refusal import Refusal
+from aegisd.policy import PolicyStore
+from aegisd.policy.pattern import MAX_JUDGED_PATH
+
+BOT = "agent: bot\nrules:\n  - service: svc\n    paths: ['/repos/acme/.*']\n"
+
+
+@pytest.fixture
+def policies(tmp_path: Path) -> Path:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    return directory
+
+
+def _loaded(policies: Path) -> PolicyStore:
+    store = PolicyStore(policies)
+    asyncio.run(store.reload("startup"))
+    return store
+
+
+def test_a_symlink_to_a_fifo_is_an_invalid_file_not_a_reload_that_never_ends(tmp_path: Path, policies: Path) -> None:
+    """Found by a cold review: opening `bot.yaml -> ../f` (a FIFO) waited for a writer, so aegisd never became
+    ready, or a reload held its lock for ever. Read as the policy memory is (non-blocking, then fstat), it is
+    one more file that cannot be read: invalid, failing closed."""
+    os.mkfifo(tmp_path / "f", 0o600)
+    (policies / "bot.yaml").symlink_to("../f")
+    (policies / "alice.yaml").write_text(BOT.replace("bot", "alice"))
+    store = PolicyStore(policies)
+    loading = threading.Thread(target=lambda: asyncio.run(store.reload("startup")), daemon=True)
+    loading.start()
+    loading.join(10)
+    if loading.is_alive():  # the open waits for a writer: be one, so the thread ends
+        os.close(os.open(tmp_path / "f", os.O_WRONLY | os.O_NONBLOCK))
+        loading.join(10)
+        pytest.fail("reading the policy directory waited on a FIFO")
+    files = {f.name: f for f in store.snapshot.files}
+    assert [str(i) for i in files["bot.yaml"].issues] == ["bot.yaml: cannot read the file: it is a FIFO, not a "
+                                                          "regular file"]
+    assert files["alice.yaml"].valid and store.current.fail_all == ("bot.yaml",)  # whom it restricts: unknown
+
+
+def test_a_broken_file_with_crlf_line_endings_fails_closed_for_its_agent_only(policies: Path) -> None:
+    """Found by a review: `agent: bot\\r\\n` did not match the agent line, so a broken CRLF file failed every
+    agent closed instead of its own."""
+    (policies / "bot.yaml").write_bytes(b"agent: bot   # the research bot\r\nrules: [[\r\n")
+    (policies / "eve.yaml").write_bytes(b"agent: 'eve'\r\nrules: {\r\n")
+    store = _loaded(policies)
+    assert store.current.fail_all == ()
+    assert {name: policy.invalid for name, policy in store.current.agents.items()} == {
+        "bot": ("bot.yaml",), "eve": ("eve.yaml",)}
+
+
+@pytest.mark.parametrize("how", ["directory unset", "directory emptied"])
+def test_dropping_every_policy_is_a_warning(policies: Path, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """Found by a review: a SIGHUP after `[policy] dir` was removed from the config (or emptied) freed every agent
+    with one INFO line, "0 files, 0 agents". Policies that were in force and are no more: a WARNING saying so."""
+    (policies / "bot.yaml").write_text(BOT)
+    store = _loaded(policies)
+    with caplog.at_level(logging.INFO, "aegisd.policy"):
+        asyncio.run(store.reload("aegisctl"))  # nothing changed: no warning
+        assert [r.levelno for r in caplog.records] == [logging.INFO]
+        if how == "directory unset":
+            store.request_reload("SIGHUP", None, change_directory=True)
+        else:
+            (policies / "bot.yaml").unlink()
+        asyncio.run(store.reload("SIGHUP"))
+    last = caplog.records[-1]
+    assert last.levelno == logging.WARNING and not store.current.agents
+    where = "no policy directory is configured now" if how == "directory unset" else \
+        f"the policy directory {policies} has no policy files now"
+    assert last.getMessage().endswith(f"0 files, 0 agents; {where}, so every policy was dropped: every agent is "
+                                      "governed by its grants and scopes only")
+
+
+def _service(store: PolicyStore) -> PolicyService:
+    """The RPCs over `store`, with no vault to warn about names from (before `aegisctl init`)."""
+    runtime: Any = SimpleNamespace(policies=store, store=None, vault=SimpleNamespace(vault_id=None))
+    return PolicyService(runtime)
+
+
+def _validate(store: PolicyStore, **files: str) -> dict[str, list[str]]:
+    request = pb.ValidatePoliciesRequest(files=[pb.PolicySource(name=name.replace("__", "/"), content=text.encode())
+                                                for name, text in files.items()])
+    reply = asyncio.run(PolicyService.Validate.__wrapped__(_service(store), request, None))  # type: ignore[attr-defined]
+    return {f.name: [i.message for i in f.issues] for f in reply.files}
+
+
+def test_validate_checks_the_files_sent_with_the_loaded_files_they_join(policies: Path) -> None:
+    """Found by a review: `policy validate` checked only the files sent, so a dry-run file for an agent whose
+    loaded file is in enforce mode validated alone and made both invalid once dropped in. The loaded files are
+    checked with them, except the one a file sent would replace (same name), so a mode switch validates."""
+    (policies / "bot.yaml").write_text(BOT)
+    store = _loaded(policies)
+    dry_run = BOT.replace("rules:", "mode: dry-run\nrules:")
+    issues = _validate(store, new__extra_yaml=dry_run)
+    assert issues == {"new/extra_yaml": [f"agent 'bot' has files in different modes: {policies / 'bot.yaml'} "
+                                         "(enforce), new/extra_yaml (dry-run); use one mode per agent"]}
+    assert store.snapshot.files[0].valid  # the loaded file's own issues are untouched
+    assert _validate(store, staging__bot_yaml=dry_run)["staging/bot_yaml"] != []  # another name: both stay
+    assert _validate(store, **{"staging__bot.yaml": dry_run}) == {"staging/bot.yaml": []}  # replaces bot.yaml
+
+
+def _test(store: PolicyStore, method: str, path: str) -> pb.TestPolicyResponse:
+    request = pb.TestPolicyRequest(agent="bot", service="svc", method=method, path=path)
+    reply: pb.TestPolicyResponse = asyncio.run(
+        PolicyService.Test.__wrapped__(_service(store), request, None))  # type: ignore[attr-defined]
+    return reply
+
+
+def test_policy_test_answers_as_the_gate_would(policies: Path) -> None:
+    """Found by a review: `policy test` judged paths the gate refuses at its front door (`..`, `//`, `%2f`),
+    kept a `#fragment` the gate drops, and took only 7 methods where the gate takes every method its parser
+    does (PROPFIND, ...), which a rule without `methods` allows."""
+    (policies / "bot.yaml").write_text(BOT)
+    store = _loaded(policies)
+    for path, said in (("/repos/acme/../../admin", "'.' or '..' segment"), ("//evil.example/x", "starts with '//'"),
+                       ("/repos/acme%2f..%2fadmin", "encoded '/'")):
+        with pytest.raises(InvalidArgument, match="the gate refuses this path before any policy "
+                                                  "\\(400 bad_request\\): ") as refused:
+            _test(store, "GET", path)
+        assert said in str(refused.value)
+    assert _test(store, "GET", "/repos/acme/x#/../../admin").decision == "allowed"
+    assert _test(store, "GET", "/repos/acme/x?a=/admin").decision == "allowed"
+    assert _test(store, "propfind", "/repos/acme/x").decision == "allowed"
+    for method in ("FETCH", "CONNECT", "GET / HTTP/1.1\r\nX: y"):
+        with pytest.raises(InvalidArgument, match="is not one the gate takes"):
+            _test(store, method, "/repos/acme/x")
+    too_long = _test(store, "GET", "/repos/acme/" + "x" * MAX_JUDGED_PATH)
+    assert too_long.decision == "denied" and "judges paths of at most 8192 bytes" in too_long.reason
+
+
+def test_a_path_too_long_to_judge_is_refused_414_in_enforce_mode_and_forwarded_in_dry_run(policies: Path) -> None:
+    (policies / "bot.yaml").write_text(BOT)
+    store = _loaded(policies)
+    agent: Any = SimpleNamespace(name="bot")
+    long_path = "/repos/acme/" + "x" * MAX_JUDGED_PATH
+    noted: Any = SimpleNamespace(request_id="r1", judged_ms=0, reason="", flags="")
+    with pytest.raises(Refusal) as refused:
+        check_policy(store.current, noted, agent, "svc", "GET", long_path)
+    assert (refused.value.status, refused.value.code) == (414, "path_too_long")
+    assert noted.flags == "policy=path_too_long"
+    (policies / "bot.yaml").write_text(BOT.replace("rules:", "mode: dry-run\nrules:"))
+    asyncio.run(store.reload("aegisctl"))
+    noted = SimpleNamespace(request_id="r2", judged_ms=0, reason="", flags="")
+    verdict = check_policy(store.current, noted, agent, "svc", "GET", long_path)
+    assert verdict is not None and noted.reason == WOULD_DENY and noted.flags == "policy=path_too_long"
