@@ -36,7 +36,7 @@ OA_SECRET = "sk-backupHeaderSecret0123456789abcdef"
 
 
 def listing(aegis: Aegis, *args: str) -> Any:
-    return json.loads(aegis.ctl(*args, "--json").ok().out)
+    return json.loads(aegis.ctl_in_process(*args, "--json").ok().out)
 
 
 def status(aegis: Aegis) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def backed_up(world: GateWorld, name: str, before: str | None = None) -> tuple[U
     if before is not None:
         assert world.call("GET", f"/github{before}", agent="claude").status == 200
     backup = world.aegis.root / name
-    world.aegis.ctl("backup", str(backup)).ok()
+    world.aegis.ctl_in_process("backup", str(backup)).ok()
     return up, backup
 
 
@@ -188,7 +188,7 @@ def test_restore_refuses_and_changes_nothing(world: GateWorld) -> None:
     aegis = world.aegis
     up, good = backed_up(world, "good.backup", before="/echo/x")
 
-    unlocked = aegis.ctl("restore", str(good), "--yes")
+    unlocked = aegis.ctl_in_process("restore", str(good), "--yes")
     assert_failed(unlocked, "unlocked", "aegisctl lock")
     # The daemon refuses on its own too, whoever calls it.
     with grpc.insecure_channel(f"unix:{aegis.socket}") as channel:
@@ -198,7 +198,7 @@ def test_restore_refuses_and_changes_nothing(world: GateWorld) -> None:
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "lock it first" in (refused.value.details() or "")
 
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     before = (status(aegis), listing(aegis, "vault", "list"), listing(aegis, "agent", "list"),
               listing(aegis, "ledger", "show", "--limit", "100000"))
     data = good.read_bytes()
@@ -223,11 +223,11 @@ def test_restore_refuses_and_changes_nothing(world: GateWorld) -> None:
     for name, (content, needle) in cases.items():
         path = aegis.root / f"{name}.backup"
         path.write_bytes(content)
-        result = aegis.ctl("restore", str(path), "--yes")
+        result = aegis.ctl_in_process("restore", str(path), "--yes")
         assert_failed(result, needle, "nothing was changed")
     garbage = aegis.root / "garbage.backup"
     garbage.write_bytes(b"not a tar at all" * 1000)
-    assert_failed(aegis.ctl("restore", str(garbage), "--yes"), "not a complete Aegis backup")
+    assert_failed(aegis.ctl_in_process("restore", str(garbage), "--yes"), "not a complete Aegis backup")
     # Found by a cold review: the manifest's fields went raw into restore's question (and into the usage error
     # that asks for --yes without a terminal), so a crafted backup could send escapes to the terminal.
     crafted = aegis.root / "crafted.backup"
@@ -255,13 +255,13 @@ def test_restore_refuses_and_changes_nothing(world: GateWorld) -> None:
         other.init()
         other.add_credential("other", OA_SECRET, "--service", "other", "--domains", up.entry())
         other_backup = aegis.root / "other.backup"
-        other.ctl("backup", str(other_backup)).ok()
+        other.ctl_in_process("backup", str(other_backup)).ok()
         other_id = status(other)["vault_id"]
     finally:
         other.cleanup()
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     # Another vault's backup over this one: only with this one's passphrase (the test passphrase here too).
-    aegis.ctl("restore", str(other_backup), "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("restore", str(other_backup), "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     world.unlock()  # the same test passphrase, but the other vault's master key
     assert status(aegis)["vault_id"] == other_id and [c["name"] for c in listing(aegis, "vault", "list")] == ["other"]
     assert world.call("GET", "/github/echo/z", agent="claude").status == 401  # claude is not in that vault
@@ -275,12 +275,12 @@ def test_backup_file_is_replaced_only_when_complete(world: GateWorld) -> None:
     aegis = world.aegis
     target = aegis.root / "keep.backup"
     target.write_bytes(b"previous")
-    aegis.ctl("lock").ok()
-    aegis.ctl("backup", str(target)).ok()  # locked is fine: nothing is decrypted
+    aegis.ctl_in_process("lock").ok()
+    aegis.ctl_in_process("backup", str(target)).ok()  # locked is fine: nothing is decrypted
     assert target.read_bytes() != b"previous" and stat.S_IMODE(target.stat().st_mode) == 0o600
     kept = target.read_bytes()
     assert aegis.stop() == 0
-    assert_failed(aegis.ctl("backup", str(target)), "not running")
+    assert_failed(aegis.ctl_in_process("backup", str(target)), "not running")
     assert target.read_bytes() == kept
     assert sorted(p.name for p in aegis.root.iterdir() if "keep" in p.name) == ["keep.backup"]
     aegis.assert_no_leaks(world.secrets)
@@ -302,8 +302,8 @@ def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> N
     stuck = aegis.root / "stuck.backup"
     stuck.write_bytes(make_tar(with_manifest_for({**parts, "ledger.db": ledger.read_bytes()})))
 
-    aegis.ctl("lock").ok()
-    result = aegis.ctl("restore", str(stuck), "--yes")
+    aegis.ctl_in_process("lock").ok()
+    result = aegis.ctl_in_process("restore", str(stuck), "--yes")
     assert_failed(result, "the backup was restored, but its ledger cannot be written")
     assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "failing"
     world.unlock()
@@ -311,8 +311,8 @@ def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> N
         refused = world.call("GET", "/github/echo/x", agent="claude")
     assert (refused.status, refused.error()["code"]) == (503, "ledger_unavailable")  # and no row: none can be written
 
-    aegis.ctl("lock").ok()
-    aegis.ctl("restore", str(good), "--yes").ok()
+    aegis.ctl_in_process("lock").ok()
+    aegis.ctl_in_process("restore", str(good), "--yes").ok()
     world.unlock()
     assert world.call("GET", "/github/echo/y", agent="claude").status == 200
     assert listing(aegis, "ledger", "verify")["ok"]
@@ -331,7 +331,7 @@ def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: G
     up, backup = backed_up(world, "before.backup", before="/echo/before")
     world.credential("openai", OA_SECRET, up.entry())  # not in the backup
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
 
     holder = sqlite3.connect(aegis.data_dir / "ledger.db", timeout=0)
     holder.execute("BEGIN IMMEDIATE")
@@ -461,7 +461,7 @@ def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(worl
     _, good = backed_up(world, "good.backup", before="/echo/before")
     parts = members(good.read_bytes())
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     before = (listing(aegis, "vault", "list"), listing(aegis, "ledger", "show", "--limit", "1000"))
 
     vault = bytearray(parts["vault.db"])
@@ -484,7 +484,7 @@ def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(worl
         refused = assert_invalid_backup(aegis, name, content, needle)
         path = aegis.root / f"{name}.backup"
         path.write_bytes(content)
-        result = aegis.ctl("restore", str(path), "--yes")
+        result = aegis.ctl_in_process("restore", str(path), "--yes")
         if name in ("bigtime", "rovault", "signed", "twosize"):  # aegisctl reads only the manifest, passes them on
             assert_failed(result, needle, "nothing was changed")
         else:  # aegisctl reads the manifest first, and refuses these itself
@@ -524,20 +524,20 @@ def test_a_vault_open_in_another_process_stops_the_restore_before_the_ledger_is_
     aegis = world.aegis
     _, backup = backed_up(world, "before.backup")
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     rows = listing(aegis, "ledger", "show", "--limit", "1000")
 
     reader = sqlite3.connect(aegis.data_dir / "vault.db")
     try:
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM meta").fetchone()
-        result = aegis.ctl("restore", str(backup), "--yes")
+        result = aegis.ctl_in_process("restore", str(backup), "--yes")
     finally:
         reader.close()
     assert_failed(result, "nothing was restored", "open in another process")
     assert listing(aegis, "ledger", "show", "--limit", "1000") == rows  # the old ledger, whole
     assert any(r["path"] == "/echo/after-backup" for r in rows)
-    aegis.ctl("restore", str(backup), "--yes").ok()  # closed: the retry goes through
+    aegis.ctl_in_process("restore", str(backup), "--yes").ok()  # closed: the retry goes through
     assert not any(r["path"] == "/echo/after-backup" for r in listing(aegis, "ledger", "show", "--limit", "1000"))
     world.unlock()
     assert listing(aegis, "ledger", "verify")["ok"]
@@ -553,12 +553,12 @@ def test_a_restore_that_fails_after_the_ledger_moved_is_logged_and_recorded(worl
     aegis = world.aegis
     _, backup = backed_up(world, "before.backup", before="/echo/before")
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     shm = aegis.data_dir / "vault.db-shm"
     shm.unlink(missing_ok=True)
     shm.mkdir()
     try:
-        result = aegis.ctl("restore", str(backup), "--yes")
+        result = aegis.ctl_in_process("restore", str(backup), "--yes")
     finally:
         shm.rmdir()
     assert_failed(result, "the restore failed half-way", "the ledger was replaced but the vault was not")
@@ -579,7 +579,7 @@ def test_a_restore_that_fails_after_the_ledger_moved_is_logged_and_recorded(worl
     # by itself: a restart opens it, and the retry completes the restore.
     assert aegis.stop() == 0
     aegis.start()
-    aegis.ctl("restore", str(backup), "--yes").ok()
+    aegis.ctl_in_process("restore", str(backup), "--yes").ok()
     world.unlock()
     assert listing(aegis, "ledger", "verify")["ok"]
     assert world.call("GET", "/github/echo/restored", agent="claude").status == 200
@@ -641,7 +641,7 @@ def test_sparse_and_malformed_tar_headers_are_refused_as_invalid_backups(world: 
     aegis = world.aegis
     _, good = backed_up(world, "good.backup", before="/echo/before")
     parts = members(good.read_bytes())
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     before = (listing(aegis, "vault", "list"), listing(aegis, "ledger", "show", "--limit", "1000"))
     crafted = {name: (content, "sparse") for name, content in sparse_and_broken_headers(parts).items()}
     # A PAX size past any offset: tarfile raised ValueError seeking to the next header.
@@ -651,7 +651,7 @@ def test_sparse_and_malformed_tar_headers_are_refused_as_invalid_backups(world: 
         refused = assert_invalid_backup(aegis, name, content, needle)
         path = aegis.root / f"{name}.backup"
         path.write_bytes(content)
-        result = aegis.ctl("restore", str(path), "--yes")
+        result = aegis.ctl_in_process("restore", str(path), "--yes")
         if name == "paxmap":  # aegisctl reads only the manifest and passes it on
             assert_failed(result, needle, "nothing was changed")
         else:
@@ -661,7 +661,7 @@ def test_sparse_and_malformed_tar_headers_are_refused_as_invalid_backups(world: 
     assert (listing(aegis, "vault", "list"), listing(aegis, "ledger", "show", "--limit", "1000")) == before
     assert "Traceback" not in aegis.log() and "internal error" not in aegis.log()
     assert not [p for p in aegis.data_dir.iterdir() if p.name.startswith((".restore-", ".backup-"))]
-    aegis.ctl("restore", str(good), "--yes").ok()
+    aegis.ctl_in_process("restore", str(good), "--yes").ok()
     world.unlock()
     assert listing(aegis, "ledger", "verify")["ok"]
     world.assert_no_leaks(outputs)

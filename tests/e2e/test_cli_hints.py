@@ -42,29 +42,29 @@ def test_a_service_clash_says_to_use_another_service(shared: Aegis) -> None:
 
 
 def test_an_update_onto_a_taken_service_says_to_use_another_service(shared: Aegis) -> None:
-    result = shared.ctl("vault", "update", "gitlab", "--service", "github")
+    result = shared.ctl_in_process("vault", "update", "gitlab", "--service", "github")
     assert_failed(result, "already", "service 'github'")
     hint = next_line(result.err)
     assert "another --service" in hint and "vault update NAME" in hint and "vault remove NAME" in hint, hint
-    assert json.loads(shared.ctl("vault", "show", "gitlab", "--json").ok().out)["service"] == "gitlab"
+    assert json.loads(shared.ctl_in_process("vault", "show", "gitlab", "--json").ok().out)["service"] == "gitlab"
 
 
 def test_a_name_clash_still_says_to_pick_another_name(shared: Aegis) -> None:
-    result = shared.ctl("vault", "add", "github", "--service", "github2", "--domains", "api.github.com",
-                        "--secret-stdin", input="sk-live-otherSecret-0002\n")
+    result = shared.ctl_in_process("vault", "add", "github", "--service", "github2", "--domains", "api.github.com",
+                                   "--secret-stdin", input="sk-live-otherSecret-0002\n")
     assert_failed(result, "already", "named 'github'")
     hint = next_line(result.err)
     assert "pick another name" in hint and "--service" not in hint, hint
 
 
 def test_nothing_to_adopt_is_not_marked_mixed(shared: Aegis) -> None:
-    listed = json.loads(shared.ctl("vault", "adopt", "--json").ok().out)
+    listed = json.loads(shared.ctl_in_process("vault", "adopt", "--json").ok().out)
     assert listed == {"credentials": [], "agents": [], "grants": [], "mixed": False, "adopted": False}
-    assert shared.ctl("vault", "adopt").ok().out.startswith("Nothing to adopt")
+    assert shared.ctl_in_process("vault", "adopt").ok().out.startswith("Nothing to adopt")
 
 
 def test_help_texts_state_the_defaults_and_every_stdin_flag(shared: Aegis) -> None:
-    ctl = " ".join(shared.ctl("--help").ok().out.split())
+    ctl = " ".join(shared.ctl_in_process("--help").ok().out.split())
     for flag in ("--secret-stdin", "--passphrase-stdin", "--unlock-key-stdin", "--url-stdin"):
         assert flag in ctl, flag
     assert "$XDG_DATA_HOME/aegis, else ~/.local/share/aegis" in ctl

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.e2e.support import assert_failed, names, show, status
+from tests.e2e.support import assert_failed, names_in_process, show, show_in_process, status_in_process
 from tests.harness import PASSPHRASE, Aegis, new_aegis
 from tests.upstreams import Upstream
 
@@ -58,13 +58,13 @@ def test_add_defaults_and_json_everywhere(unlocked: Aegis) -> None:
 
 
 def test_list_when_empty(unlocked: Aegis) -> None:
-    assert json.loads(unlocked.ctl("vault", "list", "--json").ok().out) == []
-    assert "vault add" in unlocked.ctl("vault", "list").ok().out
+    assert json.loads(unlocked.ctl_in_process("vault", "list", "--json").ok().out) == []
+    assert "vault add" in unlocked.ctl_in_process("vault", "list").ok().out
 
 
 def test_every_add_flag(unlocked: Aegis) -> None:
     before = datetime.now(UTC)
-    header = json.loads(unlocked.ctl(
+    header = json.loads(unlocked.ctl_in_process(
         *add("openai", "--auth-type", "header", "--header-name", "X-Api-Key", "--scopes", "read",
              "--ttl", "90d", "--rate-limit", "100/min", "--body-inspection", "warn", "--json"),
         input="sk-header-secret-000111\n").ok().out)
@@ -75,23 +75,23 @@ def test_every_add_flag(unlocked: Aegis) -> None:
     expires = datetime.fromisoformat(header["expires_at"].replace("Z", "+00:00"))
     assert before + timedelta(days=90) - timedelta(seconds=5) <= expires <= before + timedelta(days=90, seconds=60)
 
-    basic = show(unlocked, json.loads(unlocked.ctl(
+    basic = show_in_process(unlocked, json.loads(unlocked.ctl_in_process(
         *add("jira", "--auth-type", "basic", "--scopes", "read,write", "--body-inspection", "off",
              "--rate-limit", "5/sec", "--json"), input="bot:basic-pass-424242\n").ok().out)["name"])
     assert basic["auth_type"] == "basic" and basic["scopes"] == ["read", "write"]
     assert basic["body_inspection"] == "off" and basic["rate_limit"] == "5/sec"
 
-    query = json.loads(unlocked.ctl(
+    query = json.loads(unlocked.ctl_in_process(
         *add("maps", "--auth-type", "query", "--query-param", "key", "--scopes", "read,*",
              "--rate-limit", "1000/day", "--ttl", "12h", "--json"), input="AIzaQuerySecret555\n").ok().out)
     assert query["auth_type"] == "query" and query["query_param"] == "key"
     assert query["scopes"] == ["*"]
     assert query["rate_limit"] == "1000/day"
 
-    bearer = json.loads(unlocked.ctl(*add("slack", "--auth-type", "bearer", "--ttl", "never", "--rate-limit",
-                                          "none", "--json"), input="xoxb-bearer-secret-77\n").ok().out)
+    bearer = json.loads(unlocked.ctl_in_process(*add("slack", "--auth-type", "bearer", "--ttl", "never", "--rate-limit",
+                                                     "none", "--json"), input="xoxb-bearer-secret-77\n").ok().out)
     assert bearer["auth_type"] == "bearer" and bearer["expires_at"] is None and bearer["rate_limit"] is None
-    assert status(unlocked)["credentials"] == 4
+    assert status_in_process(unlocked)["credentials"] == 4
     unlocked.assert_no_leaks([PASSPHRASE, "sk-header-secret-000111", "bot:basic-pass-424242", "AIzaQuerySecret555",
                               "xoxb-bearer-secret-77"])
 
@@ -99,8 +99,8 @@ def test_every_add_flag(unlocked: Aegis) -> None:
 def test_domains_are_canonicalised(unlocked: Aegis) -> None:
     domains = ",".join(["API.Example.COM.", "bücher.de", "http://127.0.0.1:8080", "*.Foo.Example.org",
                         "https://api.example.com:443", "HTTP://LocalHost:3000", "[::1]:8443", "Bücher.DE."])
-    unlocked.ctl(*add("canon", domains=domains), input=SECRET + "\n").ok()
-    assert show(unlocked, "canon")["domains"] == [
+    unlocked.ctl_in_process(*add("canon", domains=domains), input=SECRET + "\n").ok()
+    assert show_in_process(unlocked, "canon")["domains"] == [
         "api.example.com", "xn--bcher-kva.de", "http://127.0.0.1:8080", "*.foo.example.org",
         "http://localhost:3000", "https://[::1]:8443",
     ]
@@ -112,11 +112,11 @@ def refused(aegis: Aegis, cases: list[tuple[list[str], str]], code: int = 1) -> 
     and none may have added anything. Problems are collected so one run reports every case."""
     problems = []
     for argv, needle in cases:
-        result = aegis.ctl(*argv, input=SECRET + "\n")
+        result = aegis.ctl_in_process(*argv, input=SECRET + "\n")
         if result.code != code or needle.lower() not in result.err.lower() or "Traceback" in result.err:
             problems.append(f"{argv[2:]}: exit {result.code}, wanted {code} with {needle!r}: {result.err.strip()}")
     assert problems == [], "\n".join(problems)
-    assert names(aegis) == ["taken"]
+    assert names_in_process(aegis) == ["taken"]
 
 
 def test_bad_domains_are_refused(shared: Aegis) -> None:
@@ -193,30 +193,31 @@ def test_missing_required_options_exit_2(shared: Aegis) -> None:
                       input=SECRET + "\n").code == 2
     assert shared.ctl("vault", "add", "--service", "x", "--domains", "a.example", "--secret-stdin",
                       input=SECRET + "\n").code == 2
-    assert names(shared) == ["taken"]
+    assert names_in_process(shared) == ["taken"]
 
 
 def test_secret_is_never_taken_from_argv(shared: Aegis) -> None:
-    help_text = shared.ctl("vault", "add", "--help").ok().out
+    help_text = shared.ctl_in_process("vault", "add", "--help").ok().out
     assert "--secret-stdin" in help_text
     assert "--secret " not in help_text and "--secret=" not in help_text
     # Without --secret-stdin and without a terminal there is nothing to read: usage error.
     assert_failed(shared.ctl(*add("argv")[:-1], input=SECRET + "\n"), "--secret-stdin", code=2)
     # An extra positional argument is not taken as the secret.
-    assert shared.ctl(*add("argv"), "sk-positional-secret", input=SECRET + "\n").code == 2
+    assert shared.ctl_in_process(*add("argv"), "sk-positional-secret", input=SECRET + "\n").code == 2
     # --secret-stdin with an empty standard input is a usage error, not an empty secret.
-    assert_failed(shared.ctl(*add("argv"), input=""), "empty", code=2)
-    assert_failed(shared.ctl(*add("argv"), input="\n"), "empty", code=2)
-    assert_failed(shared.ctl("vault", "rotate", "taken", "--secret-stdin", input=""), "empty", code=2)
-    assert names(shared) == ["taken"]
+    assert_failed(shared.ctl_in_process(*add("argv"), input=""), "empty", code=2)
+    assert_failed(shared.ctl_in_process(*add("argv"), input="\n"), "empty", code=2)
+    assert_failed(shared.ctl_in_process("vault", "rotate", "taken", "--secret-stdin", input=""), "empty", code=2)
+    assert names_in_process(shared) == ["taken"]
 
 
 def test_bad_secrets_are_refused(shared: Aegis) -> None:
-    assert_failed(shared.ctl(*add("huge"), input="x" * 20000 + "\n"), "longer than")
+    assert_failed(shared.ctl_in_process(*add("huge"), input="x" * 20000 + "\n"), "longer than")
     for secret in ("   ", "  sk-lead-and-trail  ", "sk-trailing-tab\t", "sk-with-\x01-control", "sk-del-\x7f"):
-        assert_failed(shared.ctl(*add("odd"), input=secret + "\n"), "the secret")
-    assert_failed(shared.ctl("vault", "rotate", "taken", "--secret-stdin", input=" sk-rotated-lead\n"), "whitespace")
-    assert names(shared) == ["taken"]
+        assert_failed(shared.ctl_in_process(*add("odd"), input=secret + "\n"), "the secret")
+    assert_failed(shared.ctl_in_process("vault", "rotate", "taken", "--secret-stdin", input=" sk-rotated-lead\n"),
+                  "whitespace")
+    assert names_in_process(shared) == ["taken"]
 
 
 def test_invisible_and_c1_control_characters_in_a_secret_are_refused(shared: Aegis) -> None:
@@ -228,34 +229,34 @@ def test_invisible_and_c1_control_characters_in_a_secret_are_refused(shared: Aeg
            "rlo": "sk-bidi-\u202e-0123", "shy": "sk-soft\u00adhyphen-0123"}
     for secret in odd.values():
         for args in (add("odd"), ["vault", "rotate", "taken", "--secret-stdin"]):
-            result = shared.ctl(*args, input=secret + "\n")
+            result = shared.ctl_in_process(*args, input=secret + "\n")
             assert_failed(result, "the secret contains a control character or an invisible one")
-    assert names(shared) == ["taken"]
+    assert names_in_process(shared) == ["taken"]
     shared.assert_no_leaks([PASSPHRASE, SECRET, *odd.values()])
 
 
 def test_duplicates_are_refused(shared: Aegis) -> None:
-    result = shared.ctl(*add("taken", service="fresh"), input="sk-dup-name-0001\n")
+    result = shared.ctl_in_process(*add("taken", service="fresh"), input="sk-dup-name-0001\n")
     assert_failed(result, "already", "'taken'")
-    result = shared.ctl(*add("fresh", service="taken"), input="sk-dup-service-0001\n")
+    result = shared.ctl_in_process(*add("fresh", service="taken"), input="sk-dup-service-0001\n")
     assert_failed(result, "already", "service 'taken'")
-    assert names(shared) == ["taken"]
+    assert names_in_process(shared) == ["taken"]
     shared.assert_no_leaks([PASSPHRASE, SECRET, "sk-dup-name-0001", "sk-dup-service-0001"])
 
 
 def test_show_update_rotate_remove_unknown_name(shared: Aegis) -> None:
     for args in (("show", "ghost"), ("show", "ghost", "--json"), ("update", "ghost", "--scopes", "read"),
                  ("remove", "ghost", "--yes")):
-        assert_failed(shared.ctl("vault", *args), "no credential named 'ghost'", "vault list")
+        assert_failed(shared.ctl_in_process("vault", *args), "no credential named 'ghost'", "vault list")
     # rotate checks the name before it reads the secret
-    assert_failed(shared.ctl("vault", "rotate", "ghost", "--secret-stdin", input=""), "no credential named")
+    assert_failed(shared.ctl_in_process("vault", "rotate", "ghost", "--secret-stdin", input=""), "no credential named")
 
 
 def test_update_changes_metadata_and_keeps_rules(unlocked: Aegis) -> None:
     unlocked.add_credential("api", SECRET, "--service", "api", "--domains", "api.example.com",
                             "--rate-limit", "10/min", "--ttl", "1d")
     unlocked.add_credential("other", "sk-other-secret-31337", "--service", "other", "--domains", "o.example")
-    created = show(unlocked, "api")
+    created = show_in_process(unlocked, "api")
 
     updated = json.loads(unlocked.ctl("vault", "update", "api", "--domains", "API.Example.NET.,*.Svc.Example.com",
                                       "--scopes", "read,write", "--body-inspection", "warn", "--json",
@@ -265,36 +266,36 @@ def test_update_changes_metadata_and_keeps_rules(unlocked: Aegis) -> None:
     assert updated["body_inspection"] == "warn"
     assert updated["rotated_at"] == created["rotated_at"]
     assert updated["id"] == created["id"]
-    assert show(unlocked, "api") == updated
+    assert show_in_process(unlocked, "api") == updated
 
-    cleared = json.loads(unlocked.ctl("vault", "update", "api", "--rate-limit", "none", "--ttl", "never",
-                                      "--json").ok().out)
+    cleared = json.loads(unlocked.ctl_in_process("vault", "update", "api", "--rate-limit", "none", "--ttl", "never",
+                                                 "--json").ok().out)
     assert cleared["rate_limit"] is None and cleared["expires_at"] is None
 
-    switched = json.loads(unlocked.ctl("vault", "update", "api", "--auth-type", "header", "--header-name",
-                                       "X-Token", "--service", "api2", "--json").ok().out)
+    switched = json.loads(unlocked.ctl_in_process("vault", "update", "api", "--auth-type", "header", "--header-name",
+                                                  "X-Token", "--service", "api2", "--json").ok().out)
     assert (switched["auth_type"], switched["header_name"], switched["service"]) == ("header", "X-Token", "api2")
-    assert "Updated" in unlocked.ctl("vault", "update", "api", "--scopes", "*").ok().out
+    assert "Updated" in unlocked.ctl_in_process("vault", "update", "api", "--scopes", "*").ok().out
 
     # Refusals leave the credential as it was.
     unlocked.ctl_in_process("vault", "update", "api", "--rate-limit", "10/min").ok()
-    before = show(unlocked, "api")
+    before = show_in_process(unlocked, "api")
     for blank in ("", "  "):  # found by a cold review: an unset shell variable removed the limit, with success
         assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--rate-limit", blank),
                       "rate; give N/UNIT (e.g. 100/min), or 'none' for no limit (nothing was sent)", code=2)
-    assert_failed(unlocked.ctl("vault", "update", "api", "--service", "other"), "already")
-    assert_failed(unlocked.ctl("vault", "update", "api", "--domains", "*.com"), "too broad")
-    assert_failed(unlocked.ctl("vault", "update", "api", "--rate-limit", "fast"), "rate")
-    assert_failed(unlocked.ctl("vault", "update", "api", "--auth-type", "query"), "--query-param")
-    assert_failed(unlocked.ctl("vault", "update", "api", "--scopes", "root"), "unknown scope")
-    assert_failed(unlocked.ctl("vault", "update", "api", "--scopes", ","), "at least one")
-    assert_failed(unlocked.ctl("vault", "update", "api"), "nothing to update")
-    assert_failed(unlocked.ctl("vault", "update", "api", "--ttl", "999999999w"), "year 9999")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--service", "other"), "already")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--domains", "*.com"), "too broad")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--rate-limit", "fast"), "rate")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--auth-type", "query"), "--query-param")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--scopes", "root"), "unknown scope")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--scopes", ","), "at least one")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api"), "nothing to update")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--ttl", "999999999w"), "year 9999")
     # The stored secret has no ':', so it cannot become basic auth by an update (`vault add` refuses it too).
-    assert_failed(unlocked.ctl("vault", "update", "api", "--auth-type", "basic"),
+    assert_failed(unlocked.ctl_in_process("vault", "update", "api", "--auth-type", "basic"),
                   "does not suit auth type 'basic'", "user:password", "rotate")
-    assert unlocked.ctl("vault", "update", "api", "--body-inspection", "loud").code == 2
-    assert show(unlocked, "api") == before
+    assert unlocked.ctl_in_process("vault", "update", "api", "--body-inspection", "loud").code == 2
+    assert show_in_process(unlocked, "api") == before
     unlocked.assert_no_leaks([PASSPHRASE, SECRET, "sk-other-secret-31337"])
 
 
@@ -316,28 +317,29 @@ def test_sending_a_secret_somewhere_new_needs_the_passphrase(unlocked: Aegis) ->
         unlocked.add_credential("prod", SECRET, "--service", "prod", "--domains", "api.example.com,*.svc.example.com")
         token = unlocked.ctl_in_process("agent", "add", "thief").ok().out.strip()
         unlocked.ctl_in_process("grant", "thief", "prod").ok()
-        before = show(unlocked, "prod")
+        before = show_in_process(unlocked, "prod")
 
-        assert_failed(unlocked.ctl("vault", "update", "prod", "--domains", theirs.entry()),
+        assert_failed(unlocked.ctl_in_process("vault", "update", "prod", "--domains", theirs.entry()),
                       "could not before (new allowlist entry " + theirs.entry(), "needs the vault's passphrase",
                       "--passphrase-stdin")
-        assert_failed(unlocked.ctl("vault", "update", "prod", "--body-inspection", "off"),
+        assert_failed(unlocked.ctl_in_process("vault", "update", "prod", "--body-inspection", "off"),
                       "body inspection off, which turns off redaction")
-        assert_failed(unlocked.ctl("vault", "update", "prod", "--domains", theirs.entry(), "--passphrase-stdin",
-                                   input="not the passphrase\n"), "wrong passphrase")
-        assert show(unlocked, "prod") == before
+        assert_failed(unlocked.ctl_in_process("vault", "update", "prod", "--domains", theirs.entry(),
+                                              "--passphrase-stdin", input="not the passphrase\n"), "wrong passphrase")
+        assert show_in_process(unlocked, "prod") == before
         assert _gate_get(unlocked, token, theirs.entry())[0] == 403 and theirs.contacts() == (0, 0)
 
         # Nowhere new: the same entries spelt otherwise, an exact host a wildcard covered, fewer entries, warn.
-        unlocked.ctl("vault", "update", "prod", "--domains", "API.Example.com.,*.svc.example.com,a.svc.example.com",
-                     "--body-inspection", "warn").ok()
-        unlocked.ctl("vault", "update", "prod", "--domains", "a.svc.example.com").ok()
-        assert_failed(unlocked.ctl("vault", "update", "prod", "--domains", "api.example.com"), "passphrase")
+        unlocked.ctl_in_process("vault", "update", "prod", "--domains",
+                                "API.Example.com.,*.svc.example.com,a.svc.example.com",
+                                "--body-inspection", "warn").ok()
+        unlocked.ctl_in_process("vault", "update", "prod", "--domains", "a.svc.example.com").ok()
+        assert_failed(unlocked.ctl_in_process("vault", "update", "prod", "--domains", "api.example.com"), "passphrase")
 
         # With the passphrase it applies, on record, and the gate sends the secret there: the refusal was all that
         # stood in the way.
-        unlocked.ctl("vault", "update", "prod", "--domains", theirs.entry(), "--passphrase-stdin",
-                     input=PASSPHRASE + "\n").ok()
+        unlocked.ctl_in_process("vault", "update", "prod", "--domains", theirs.entry(), "--passphrase-stdin",
+                                input=PASSPHRASE + "\n").ok()
         assert _gate_get(unlocked, token, theirs.entry())[0] == 200
         assert theirs.requests[-1].header("authorization") == [f"Bearer {SECRET}"]
     log = unlocked.log()
@@ -352,17 +354,17 @@ def test_sending_a_secret_somewhere_new_needs_the_passphrase(unlocked: Aegis) ->
 def test_rotate_replaces_the_secret_and_keeps_metadata(unlocked: Aegis) -> None:
     new_secret = "sk-rotated-secret-9a8b7c6d5e"
     unlocked.add_credential("rot", SECRET, "--service", "rot", "--domains", "rot.example", "--scopes", "read")
-    before = show(unlocked, "rot")
+    before = show_in_process(unlocked, "rot")
     out = unlocked.ctl("vault", "rotate", "rot", "--secret-stdin", input=new_secret + "\n").ok().out
     assert "Rotated" in out
-    after = show(unlocked, "rot")
+    after = show_in_process(unlocked, "rot")
     assert after["rotated_at"] >= before["rotated_at"]
     assert {k: v for k, v in after.items() if k not in ("rotated_at", "updated_at")} == \
         {k: v for k, v in before.items() if k not in ("rotated_at", "updated_at")}
     # The auth type's rules apply to the new secret too.
     unlocked.add_credential("basic", "user:pw-basic-1234", "--service", "basic", "--domains", "b.example",
                             "--auth-type", "basic")
-    assert_failed(unlocked.ctl("vault", "rotate", "basic", "--secret-stdin", input="no-colon-secret-55\n"),
+    assert_failed(unlocked.ctl_in_process("vault", "rotate", "basic", "--secret-stdin", input="no-colon-secret-55\n"),
                   "user:password")
     unlocked.assert_no_leaks([PASSPHRASE, SECRET, new_secret, "user:pw-basic-1234", "no-colon-secret-55"])
 
@@ -372,24 +374,25 @@ def test_remove_needs_yes_without_a_terminal(unlocked: Aegis) -> None:
     unlocked.add_credential("kept", "sk-kept-secret-2468", "--service", "kept", "--domains", "kept.example")
     result = unlocked.ctl("vault", "remove", "gone")
     assert_failed(result, "--yes", code=2)
-    assert names(unlocked) == ["gone", "kept"]
+    assert names_in_process(unlocked) == ["gone", "kept"]
     assert "Removed" in unlocked.ctl("vault", "remove", "gone", "--yes").ok().out
-    assert names(unlocked) == ["kept"]
-    assert status(unlocked)["credentials"] == 1
+    assert names_in_process(unlocked) == ["kept"]
+    assert status_in_process(unlocked)["credentials"] == 1
     # The name and service are free again.
     unlocked.add_credential("gone", "sk-second-life-1357", "--service", "gone", "--domains", "gone.example")
-    assert names(unlocked) == ["gone", "kept"]
+    assert names_in_process(unlocked) == ["gone", "kept"]
     unlocked.assert_no_leaks([PASSPHRASE, SECRET, "sk-kept-secret-2468", "sk-second-life-1357"])
 
 
 def test_credentials_survive_restart(unlocked: Aegis) -> None:
     unlocked.add_credential("persist", SECRET, "--service", "persist", "--domains", "bücher.de",
                             "--auth-type", "query", "--query-param", "api_key", "--rate-limit", "60/hour")
-    before = show(unlocked, "persist")
+    before = show_in_process(unlocked, "persist")
     assert before["integrity"] == "ok"
     assert unlocked.stop() == 0
     unlocked.start()
-    assert show(unlocked, "persist") == {**before, "integrity": "unchecked"}  # locked: nothing could be checked
-    unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    assert show(unlocked, "persist") == before
+    # locked: nothing could be checked
+    assert show_in_process(unlocked, "persist") == {**before, "integrity": "unchecked"}
+    unlocked.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert show_in_process(unlocked, "persist") == before
     unlocked.assert_no_leaks([PASSPHRASE, SECRET])

@@ -22,10 +22,13 @@ SECRET_B = "sk-doctorSecretB0123456789abcdefXYZ"
 OTHER_UID = 1234
 
 
-def doctor(aegis: Aegis, code: int) -> tuple[dict[str, dict[str, str]], str]:
-    """Run doctor --json and plain; both must exit `code`. Returns the checks by name and the plain text."""
-    as_json = aegis.ctl("doctor", "--json")
-    plain = aegis.ctl("doctor")
+def doctor(aegis: Aegis, code: int, *, as_program: bool = False) -> tuple[dict[str, dict[str, str]], str]:
+    """Run doctor --json and plain; both must exit `code`. Returns the checks by name and the plain text. Run in this
+    process unless `as_program` (the real aegisctl)."""
+    if as_program:
+        as_json, plain = aegis.ctl("doctor", "--json"), aegis.ctl("doctor")
+    else:
+        as_json, plain = aegis.ctl_in_process("doctor", "--json"), aegis.ctl_in_process("doctor")
     assert as_json.code == code and plain.code == code, (as_json, plain)
     assert "Traceback" not in as_json.err + plain.err
     report: dict[str, Any] = json.loads(as_json.out)
@@ -58,7 +61,7 @@ def test_healthy_then_warnings_only(world: GateWorld) -> None:
     world.agent("claude", "github")
     assert world.call("GET", "/github/echo/x", agent="claude").status == 200
 
-    checks, plain = doctor(aegis, 0)
+    checks, plain = doctor(aegis, 0, as_program=True)
     assert list(checks) == CHECKS
     assert statuses(checks) == {**dict.fromkeys(CHECKS, "pass"), "credentials_expiry": "warn", "policies": "skip"}
     expiry = checks["credentials_expiry"]["message"]
@@ -68,7 +71,7 @@ def test_healthy_then_warnings_only(world: GateWorld) -> None:
     assert "rows verified" in checks["ledger_chain"]["message"]
     assert "[pass] daemon" in plain and "[warn] credentials_expiry" in plain and "0 failed" in plain
 
-    aegis.ctl("lock").ok()  # locked: warnings, still exit 0
+    aegis.ctl_in_process("lock").ok()  # locked: warnings, still exit 0
     checks, _ = doctor(aegis, 0)
     assert statuses(checks)["vault"] == "warn" and "aegisctl unlock" in checks["vault"]["hint"]
     assert statuses(checks)["credentials_decrypt"] == "skip" and statuses(checks)["ledger_chain"] == "pass"
@@ -76,8 +79,8 @@ def test_healthy_then_warnings_only(world: GateWorld) -> None:
     # Found by a cold review: after a restore doctor said the vault "has not been unlocked since aegisd started";
     # the restore is what dropped the chain key.
     backup = aegis.root / "doctor.backup"
-    aegis.ctl("backup", str(backup)).ok()
-    aegis.ctl("restore", str(backup), "--yes").ok()
+    aegis.ctl_in_process("backup", str(backup)).ok()
+    aegis.ctl_in_process("restore", str(backup), "--yes").ok()
     checks, _ = doctor(aegis, 0)
     chain = checks["ledger_chain"]
     assert chain["status"] == "warn" and "unlock" in chain["hint"], chain
@@ -105,10 +108,10 @@ def test_each_problem_fails_with_a_hint() -> None:
         aegis.add_credential("expiring", SECRET_A, "--service", "expiring", "--domains", "api.github.com",
                              "--ttl", "1")
         aegis.add_credential("broken", SECRET_B, "--service", "broken", "--domains", "api.openai.com")
-        aegis.ctl("agent", "add", "limited").ok()
-        aegis.ctl("agent", "set-rate-limit", "limited", "10/min").ok()
+        aegis.ctl_in_process("agent", "add", "limited").ok()
+        aegis.ctl_in_process("agent", "set-rate-limit", "limited", "10/min").ok()
         deadline = time.monotonic() + 30
-        while not json.loads(aegis.ctl("vault", "show", "expiring", "--json").ok().out)["expired"]:
+        while not json.loads(aegis.ctl_in_process("vault", "show", "expiring", "--json").ok().out)["expired"]:
             assert time.monotonic() < deadline
             time.sleep(0.2)
 
@@ -128,7 +131,7 @@ def test_each_problem_fails_with_a_hint() -> None:
             os.chown(aegis.data_dir / "vault.db", OTHER_UID, OTHER_UID)
         os.chmod(aegis.socket, 0o666)  # noqa: S103 - the misconfiguration under test
 
-        checks, plain = doctor(aegis, 1)
+        checks, plain = doctor(aegis, 1, as_program=True)
         assert statuses(checks) == {**dict.fromkeys(CHECKS, "pass"), "data_dir": "fail", "socket": "fail",
                                     "credentials_decrypt": "fail", "credentials_expiry": "fail",
                                     "agents_authentic": "fail", "policies": "fail", "ledger_chain": "fail"}

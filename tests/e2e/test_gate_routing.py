@@ -93,7 +93,7 @@ def test_regenerate_and_remove_kill_the_old_token_at_once(std: Standard) -> None
     world.assert_refused(stale, 401, "agent_auth_invalid")
     assert world.call("GET", "/bear/echo/rotor", [("X-Aegis-Agent", new)]).status == 200
 
-    world.aegis.ctl("agent", "remove", "rotor", "--yes").ok()
+    world.aegis.ctl_in_process("agent", "remove", "rotor", "--yes").ok()
     world.secrets.append(world.tokens.pop("rotor"))
     with untouched(std.up):
         removed = world.call("GET", "/bear/echo/rotor", [("X-Aegis-Agent", new)])
@@ -127,7 +127,7 @@ def test_a_request_admitted_before_a_vault_change_is_judged_again_before_it_is_f
         up = world.upstream()
         world.credential("bear", SECRETS["bear"], up.entry())
         world.agent("bot", "bear")
-        ctl = world.aegis.ctl
+        ctl = world.aegis.ctl_in_process
 
         pending = _admitted(world, "locked")
         ctl("lock").ok()
@@ -179,7 +179,7 @@ def test_a_request_judged_again_is_judged_at_that_moment() -> None:
         lifetime = 6
         world.credential("bear", SECRETS["bear"], up.entry(), "--ttl", str(lifetime))
         expires = time.monotonic() + lifetime
-        world.aegis.ctl("grant", "bot", "bear").ok()
+        world.aegis.ctl_in_process("grant", "bot", "bear").ok()
         unchanged = _admitted(world, "expiring")  # both admitted while the credential is valid
         changed = _admitted(world, "expiring-changed")
         time.sleep(max(0.0, expires + 0.5 - time.monotonic()))
@@ -230,7 +230,7 @@ def test_unknown_service_and_not_granted_look_the_same(std: Standard) -> None:
 def test_expired_credential_is_refused(std: Standard) -> None:
     world = std.world
     world.credential("brief", "sk-brief-secret-777888", std.up.entry(), "--ttl", "1s")
-    world.aegis.ctl("grant", "bot", "brief").ok()
+    world.aegis.ctl_in_process("grant", "bot", "brief").ok()
     time.sleep(1.1)  # let the one-second lifetime pass; nothing below measures time
     with untouched(std.up):
         reply = world.call("GET", "/brief/echo/x", agent="bot")
@@ -651,13 +651,14 @@ def test_hostname_resolving_to_loopback_is_refused(std: Standard) -> None:
     world = std.world
     secret = "sk-ssrf-secret-424242"
     name = next((n for n in _names_resolving_to_loopback()
-                 if world.aegis.ctl("vault", "add", "ssrf", "--service", "ssrf", "--domains",
-                                    f"http://{n}:{std.up.port}", "--secret-stdin", input=secret + "\n").code == 0),
+                 if world.aegis.ctl_in_process("vault", "add", "ssrf", "--service", "ssrf", "--domains",
+                                               f"http://{n}:{std.up.port}", "--secret-stdin",
+                                               input=secret + "\n").code == 0),
                 None)
     if name is None:
         pytest.skip("no host name here resolves to loopback (tests/unit/test_gate_resolver.py covers the guard)")
     world.secrets.append(secret)
-    world.aegis.ctl("grant", "bot", "ssrf").ok()
+    world.aegis.ctl_in_process("grant", "bot", "ssrf").ok()
     with untouched(std.up):
         reply = world.call("GET", "/ssrf/echo/ssrf", agent="bot")
     world.assert_refused(reply, 403, "address_not_allowed", target_host=f"{name.lower()}:{std.up.port}")
@@ -690,7 +691,7 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
         [entry] = json.loads(stored)
         widened = json.dumps([entry, entry.replace(str(home.port), str(theirs.port))])
         _vault_sql(world, "UPDATE credentials SET domains = ? WHERE name = 'bear'", (widened,))
-        world.aegis.ctl("lock").ok()
+        world.aegis.ctl_in_process("lock").ok()
         world.unlock()  # the routing table is rebuilt from the file
 
         with untouched(theirs), untouched(home):
@@ -701,15 +702,15 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
             world.assert_refused(reply, 403, "not_granted")
         assert "credential 'bear' (" in world.aegis.log()
         assert "fails authentication (its sealed secret, or the metadata sealed with it" in world.aegis.log()
-        doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
+        doctor = json.loads(world.aegis.ctl_in_process("doctor", "--json").out)
         [decrypt] = [c for c in doctor["checks"] if c["name"] == "credentials_decrypt"]
         [(bear_id,)] = _vault_sql(world, "SELECT id FROM credentials WHERE name = 'bear'")
         assert decrypt["status"] == "fail" and decrypt["message"].endswith(f": bear ({bear_id})"), decrypt
         # Listings and metrics say so too, rather than showing the widened allowlist as if it were in force.
-        listed = {c["name"]: c for c in json.loads(world.aegis.ctl("vault", "list", "--json").ok().out)}
+        listed = {c["name"]: c for c in json.loads(world.aegis.ctl_in_process("vault", "list", "--json").ok().out)}
         assert listed["bear"]["integrity"] == "tampered" and listed["bear"]["domains"] == json.loads(widened)
         assert {c["integrity"] for name, c in listed.items() if name != "bear"} <= {"ok"}
-        [bot] = json.loads(world.aegis.ctl("agent", "list", "--json").ok().out)
+        [bot] = json.loads(world.aegis.ctl_in_process("agent", "list", "--json").ok().out)
         assert (bot["integrity"], bot["credentials"], bot["ignored_grants"]) == ("ok", [], ["bear"])
         scrape = Scrape(world)
         assert (scrape.value("aegis_credentials_total", status="failing"),
@@ -718,11 +719,11 @@ def test_an_allowlist_widened_outside_aegisd_sends_the_secret_nowhere() -> None:
         world.secrets.append(rotated)
         for args in (["vault", "update", "bear", "--rate-limit", "5/min"],
                      ["vault", "rotate", "bear", "--secret-stdin"]):
-            refused = world.aegis.ctl(*args, input=rotated + "\n")
+            refused = world.aegis.ctl_in_process(*args, input=rotated + "\n")
             assert refused.code == 1 and "fails authentication" in refused.err and "remove --id" in refused.err, refused
 
         _vault_sql(world, "UPDATE credentials SET domains = ? WHERE name = 'bear'", (stored,))
-        world.aegis.ctl("lock").ok()
+        world.aegis.ctl_in_process("lock").ok()
         world.unlock()
         assert world.call("GET", "/bear/echo/after", agent="bot").status == 200
         world.assert_no_leaks()
@@ -749,35 +750,35 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
                           "(SELECT id FROM agents WHERE name = 'driven'), credential_id, created_at, mac FROM grants "
                           "WHERE agent_id = (SELECT id FROM agents WHERE name = 'trusted') AND credential_id = "
                           "(SELECT id FROM credentials WHERE name = 'hdr')")
-        world.aegis.ctl("lock").ok()
+        world.aegis.ctl_in_process("lock").ok()
         world.unlock()
         with untouched(up):
             world.assert_refused(world.call("GET", "/hdr/echo/copied", agent="driven"), 403, "not_granted")
         assert world.call("GET", "/bear/echo/own", agent="driven").status == 200  # its own grant still holds
         assert "the grant of 'hdr' to agent 'driven' fails authentication" in world.aegis.log()
         # Listings show the grants the gate honours, and name the one it ignores.
-        listed = {a["name"]: a for a in json.loads(world.aegis.ctl("agent", "list", "--json").ok().out)}
+        listed = {a["name"]: a for a in json.loads(world.aegis.ctl_in_process("agent", "list", "--json").ok().out)}
         assert {n: (a["integrity"], a["credentials"], a["ignored_grants"]) for n, a in listed.items()} == {
             "driven": ("ok", ["bear"], ["hdr"]), "trusted": ("ok", ["bear", "hdr"], [])}
-        shown = world.aegis.ctl("agent", "show", "driven").ok()
+        shown = world.aegis.ctl_in_process("agent", "show", "driven").ok()
         assert "the gate ignores its grants of hdr" in shown.err
 
         # `driven`'s token hash moved into `trusted`'s row (token hashes are unique: `driven` gets a dud).
         [(driven_hash,)] = _vault_sql(world, "SELECT token_hash FROM agents WHERE name = 'driven'")
         _vault_sql(world, "UPDATE agents SET token_hash = x'00' WHERE name = 'driven'")
         _vault_sql(world, "UPDATE agents SET token_hash = ? WHERE name = 'trusted'", (driven_hash,))
-        world.aegis.ctl("lock").ok()
+        world.aegis.ctl_in_process("lock").ok()
         world.unlock()
         with untouched(up):
             world.assert_refused(world.call("GET", "/hdr/echo/swapped", agent="driven"), 401, "agent_auth_invalid")
         assert "agent 'trusted' fails authentication" in world.aegis.log()
-        listed = {a["name"]: a for a in json.loads(world.aegis.ctl("agent", "list", "--json").ok().out)}
+        listed = {a["name"]: a for a in json.loads(world.aegis.ctl_in_process("agent", "list", "--json").ok().out)}
         assert (listed["trusted"]["integrity"], listed["trusted"]["credentials"]) == ("tampered", [])
         assert listed["trusted"]["ignored_grants"] == ["bear", "hdr"]
-        table = world.aegis.ctl("agent", "list").ok()
+        table = world.aegis.ctl_in_process("agent", "list").ok()
         assert "FAILS" in table.out and f"agent remove --id {listed['trusted']['id']}" in table.err
 
-        doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
+        doctor = json.loads(world.aegis.ctl_in_process("doctor", "--json").out)
         [check] = [c for c in doctor["checks"] if c["name"] == "agents_authentic"]
         ids = dict(_vault_sql(world, "SELECT name, id FROM agents"))
         assert check["status"] == "fail", check
@@ -786,22 +787,22 @@ def test_agents_and_grants_edited_outside_aegisd_are_refused() -> None:
         # Changes built on an edited row would give the edit a fresh MAC, so they are refused.
         for args in (["agent", "set-rate-limit", "trusted", "10/min"], ["agent", "regenerate", "trusted"],
                      ["grant", "trusted", "bear"]):
-            refused = world.aegis.ctl(*args)
+            refused = world.aegis.ctl_in_process(*args)
             assert refused.code == 1 and "agent 'trusted' fails authentication" in refused.err, refused
 
         # The operator's repair: remove both rows by the ids doctor gave (by name is refused: a name on an
         # edited row may not be the agent it says), and with them every grant; add the agents again as meant.
-        refused = world.aegis.ctl("agent", "remove", "trusted", "--yes")
+        refused = world.aegis.ctl_in_process("agent", "remove", "trusted", "--yes")
         assert refused.code == 1 and f"agent remove --id {ids['trusted']}" in refused.err, refused
         world.secrets.extend(world.tokens.values())  # the old tokens, still leak-checked
         for agent in ("trusted", "driven"):
-            world.aegis.ctl("agent", "remove", "--id", ids[agent], "--yes").ok()
+            world.aegis.ctl_in_process("agent", "remove", "--id", ids[agent], "--yes").ok()
         world.agent("trusted", "bear", "hdr")
         world.agent("driven", "bear")
         assert world.call("GET", "/hdr/echo/after", agent="trusted").status == 200
         with untouched(up):
             world.assert_refused(world.call("GET", "/hdr/echo/after", agent="driven"), 403, "not_granted")
-        doctor = json.loads(world.aegis.ctl("doctor", "--json").out)
+        doctor = json.loads(world.aegis.ctl_in_process("doctor", "--json").out)
         assert [c["status"] for c in doctor["checks"] if c["name"] == "agents_authentic"] == ["pass"]
         world.assert_no_leaks()
     finally:
@@ -823,7 +824,7 @@ def test_doctor_brings_the_gate_up_to_an_edit_made_behind_its_back() -> None:
         _vault_sql(world, "UPDATE credentials SET scopes = '[\"read\", \"write\"]' WHERE name = 'hdr'")
         assert world.call("GET", "/bear/echo/before", agent="bot").status == 200  # as last verified
         assert world.call("GET", "/hdr/echo/before", agent="other").status == 200
-        doctor = {c["name"]: c for c in json.loads(world.aegis.ctl("doctor", "--json").out)["checks"]}
+        doctor = {c["name"]: c for c in json.loads(world.aegis.ctl_in_process("doctor", "--json").out)["checks"]}
         assert doctor["agents_authentic"]["status"] == "fail" and doctor["credentials_decrypt"]["status"] == "fail"
         with untouched(up):
             world.assert_refused(world.call("GET", "/bear/echo/after", agent="bot"), 401, "agent_auth_invalid")
@@ -853,14 +854,14 @@ def test_names_moved_between_rows_cannot_aim_grant_revoke_or_remove() -> None:
 
         name_rows("admin", "ro")  # swapped
         for args in (["grant", "bot", "ro"], ["revoke", "bot", "ro"], ["vault", "remove", "admin", "--yes"]):
-            refused = world.aegis.ctl(*args)
+            refused = world.aegis.ctl_in_process(*args)
             assert refused.code == 1 and "fails authentication" in refused.err, (args, refused)
         name_rows("ro", "admin")  # back as they were: nothing was granted, revoked or removed
         assert sorted(_vault_sql(world, "SELECT credential_id FROM grants")) == [(ro_id,)]
         assert world.call("GET", "/ro/echo/still", agent="bot").status == 200
         with untouched(up):
             world.assert_refused(world.call("GET", "/admin/echo/never", agent="bot"), 403, "not_granted")
-        intact = world.aegis.ctl("vault", "remove", "--id", admin_id, "--yes")  # by id: only a failing row
+        intact = world.aegis.ctl_in_process("vault", "remove", "--id", admin_id, "--yes")  # by id: only a failing row
         assert intact.code == 1 and "remove it by its name" in intact.err, intact
 
         # Agents the same way: names swapped between `bot` and `other` cannot aim a revoke or removal.
@@ -874,16 +875,16 @@ def test_names_moved_between_rows_cannot_aim_grant_revoke_or_remove() -> None:
 
         name_agents("other", "bot")
         for args in (["revoke", "bot", "ro"], ["agent", "remove", "other", "--yes"]):
-            refused = world.aegis.ctl(*args)
+            refused = world.aegis.ctl_in_process(*args)
             assert refused.code == 1 and "fails authentication" in refused.err, (args, refused)
         name_agents("bot", "other")
         assert world.call("GET", "/ro/echo/again", agent="bot").status == 200
-        intact = world.aegis.ctl("agent", "remove", "--id", agent_ids["bot"], "--yes")
+        intact = world.aegis.ctl_in_process("agent", "remove", "--id", agent_ids["bot"], "--yes")
         assert intact.code == 1 and "remove it by its name" in intact.err, intact
 
         # A row that does fail goes by its id, and only that row.
         _vault_sql(world, "UPDATE credentials SET scopes = '[\"read\"]' WHERE id = ?", (admin_id,))
-        world.aegis.ctl("vault", "remove", "--id", admin_id, "--yes").ok()
+        world.aegis.ctl_in_process("vault", "remove", "--id", admin_id, "--yes").ok()
         assert _vault_sql(world, "SELECT id FROM credentials ORDER BY name") == [(ro_id,)]
         assert world.call("GET", "/ro/echo/last", agent="bot").status == 200
         world.assert_no_leaks()
@@ -936,7 +937,7 @@ def test_a_lock_during_a_slow_connect_sends_nothing() -> None:
         threading.Thread(target=lambda: replies.put(world.call("GET", "/slow/echo/x", agent="bot")),
                          daemon=True).start()
         assert held.accepted.wait(10)  # the gate is in the handshake
-        world.aegis.ctl("lock").ok()
+        world.aegis.ctl_in_process("lock").ok()
         held.release.set()
         reply = replies.get(timeout=30)
         world.assert_refused(reply, 503, "changed_in_flight")

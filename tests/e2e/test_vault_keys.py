@@ -24,7 +24,7 @@ import pytest
 
 from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
 from tests.e2e.gate_support import request
-from tests.e2e.support import status
+from tests.e2e.support import status_in_process
 from tests.harness import AEGISCTL, PASSPHRASE, Aegis, new_aegis
 
 NEW_PASSPHRASE = "a completely different passphrase 4417"
@@ -43,20 +43,20 @@ def aegis() -> Iterator[Aegis]:
 
 def unlocks_with(aegis: Aegis, *, passphrase: str | None = None, key: str | None = None) -> bool:
     """Whether the locked vault opens with this secret (left locked again either way)."""
-    assert aegis.ctl("lock").code == 0
+    assert aegis.ctl_in_process("lock").code == 0
     if passphrase is not None:
-        result = aegis.ctl("unlock", "--passphrase-stdin", input=passphrase + "\n")
+        result = aegis.ctl_in_process("unlock", "--passphrase-stdin", input=passphrase + "\n")
     else:
-        result = aegis.ctl("unlock", "--unlock-key-stdin", input=f"{key}\n")
+        result = aegis.ctl_in_process("unlock", "--unlock-key-stdin", input=f"{key}\n")
     if result.code == 0:
-        aegis.ctl("lock").ok()
+        aegis.ctl_in_process("lock").ok()
         return True
     assert "wrong" in result.err or "has no unlock key" in result.err, result.err
     return False
 
 
 def key_rows(aegis: Aegis) -> list[str]:
-    rows = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "1000").ok().out)
+    rows = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "1000").ok().out)
     return [r["detail"] for r in sorted(rows, key=lambda r: r["id"]) if r["reason"] == "vault_keys_changed"]
 
 
@@ -68,28 +68,29 @@ def test_passphrase_change_takes_effect_and_keeps_the_state(aegis: Aegis) -> Non
     assert "still hold the old one" in changed.out
     assert "restore` of one into this vault keeps the new one" in changed.out
     assert "still open with the old" not in changed.out
-    assert status(aegis)["state"] == "unlocked"  # it stays unlocked
+    assert status_in_process(aegis)["state"] == "unlocked"  # it stays unlocked
     assert not unlocks_with(aegis, passphrase=PASSPHRASE)
     assert unlocks_with(aegis, passphrase=NEW_PASSPHRASE)
     # Locked, it stays locked: proving the passphrase is not unlocking. Back to the first one.
-    aegis.ctl("passphrase", "--passphrase-stdin", input=f"{NEW_PASSPHRASE}\n{PASSPHRASE}\n").ok()
-    assert status(aegis)["state"] == "locked"
+    aegis.ctl_in_process("passphrase", "--passphrase-stdin", input=f"{NEW_PASSPHRASE}\n{PASSPHRASE}\n").ok()
+    assert status_in_process(aegis)["state"] == "locked"
     assert aegis.stop() == 0
     aegis.start()
     assert unlocks_with(aegis, passphrase=PASSPHRASE) and not unlocks_with(aegis, passphrase=NEW_PASSPHRASE)
-    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert key_rows(aegis) == ["vault passphrase changed"] * 2
     aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, SECRET])
 
 
 def test_passphrase_change_refuses_a_wrong_or_weak_or_same_passphrase(aegis: Aegis) -> None:
-    wrong = aegis.ctl("passphrase", "--passphrase-stdin", input=f"not the passphrase at all\n{NEW_PASSPHRASE}\n")
+    wrong = aegis.ctl_in_process("passphrase", "--passphrase-stdin",
+                                 input=f"not the passphrase at all\n{NEW_PASSPHRASE}\n")
     assert wrong.code == 1 and "wrong passphrase" in wrong.err, wrong
-    weak = aegis.ctl("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\nshort\n")
+    weak = aegis.ctl_in_process("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\nshort\n")
     assert weak.code == 1 and "passphrase" in weak.err, weak
-    same = aegis.ctl("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{PASSPHRASE}\n")
+    same = aegis.ctl_in_process("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{PASSPHRASE}\n")
     assert same.code == 1 and "is the current one" in same.err, same
-    one_line = aegis.ctl("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n")
+    one_line = aegis.ctl_in_process("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n")
     assert one_line.code == 2 and "empty" in one_line.err, one_line
     assert unlocks_with(aegis, passphrase=PASSPHRASE)  # nothing changed
     assert key_rows(aegis) == []
@@ -116,14 +117,14 @@ def test_unlock_key_new_replaces_and_remove_ends_them(aegis: Aegis) -> None:
     # A daemon started with the new key comes up unlocked.
     aegis.stop()
     aegis.start(env={"AEGIS_UNLOCK_KEY": second})
-    assert status(aegis)["state"] == "unlocked"
+    assert status_in_process(aegis)["state"] == "unlocked"
 
     removed = aegis.ctl("unlock-key", "remove", "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert "Removed 1 unlock key" in removed.out
     assert not unlocks_with(aegis, key=second) and unlocks_with(aegis, passphrase=PASSPHRASE)
-    again = aegis.ctl("unlock-key", "remove", "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    again = aegis.ctl_in_process("unlock-key", "remove", "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert "had no unlock key" in again.out
-    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert key_rows(aegis) == ["vault unlock key replaced (0 before)", "vault unlock key replaced (1 before)",
                                "vault unlock keys removed (1 before)", "vault unlock keys removed (0 before)"]
     aegis.assert_no_leaks([PASSPHRASE, first, second, SECRET])
@@ -139,14 +140,17 @@ def test_unlock_key_changes_need_the_passphrase_and_lose_nothing(aegis: Aegis) -
     key = key_file.read_text().strip()
 
     out = aegis.root / "new.key"
-    wrong = aegis.ctl("unlock-key", "new", "--out", str(out), "--passphrase-stdin", input="a wrong passphrase here\n")
+    wrong = aegis.ctl_in_process("unlock-key", "new", "--out", str(out), "--passphrase-stdin",
+                                 input="a wrong passphrase here\n")
     assert wrong.code == 1 and "wrong passphrase" in wrong.err, wrong
     assert not out.exists()  # the file made before the call is gone again: no empty key file left behind
-    taken = aegis.ctl("unlock-key", "new", "--out", str(key_file), "--passphrase-stdin", input=PASSPHRASE + "\n")
+    taken = aegis.ctl_in_process("unlock-key", "new", "--out", str(key_file), "--passphrase-stdin",
+                                 input=PASSPHRASE + "\n")
     assert taken.code == 2 and "already exists" in taken.err  # refused before anything changed
-    no_yes = aegis.ctl("unlock-key", "remove", "--passphrase-stdin", input=PASSPHRASE + "\n")
+    no_yes = aegis.ctl_in_process("unlock-key", "remove", "--passphrase-stdin", input=PASSPHRASE + "\n")
     assert no_yes.code == 2 and "--yes" in no_yes.err
-    wrong_remove = aegis.ctl("unlock-key", "remove", "--yes", "--passphrase-stdin", input="a wrong passphrase here\n")
+    wrong_remove = aegis.ctl_in_process("unlock-key", "remove", "--yes", "--passphrase-stdin",
+                                        input="a wrong passphrase here\n")
     assert wrong_remove.code == 1 and "wrong passphrase" in wrong_remove.err
     assert unlocks_with(aegis, key=key)  # the key from init still works: nothing was replaced or removed
     aegis.assert_no_leaks([PASSPHRASE, key])
@@ -157,7 +161,8 @@ def test_unlock_key_new_cut_off_at_any_moment_never_loses_the_working_key(aegis:
     """Ctrl-C at some moment of `unlock-key new` (before the call, during Argon2 on the daemon's side, after):
     whatever the daemon did, a key that opens the vault is still at hand: the old one, or the new one in its file."""
     first_file = aegis.root / "first.key"
-    aegis.ctl("unlock-key", "new", "--out", str(first_file), "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("unlock-key", "new", "--out", str(first_file), "--passphrase-stdin",
+                         input=PASSPHRASE + "\n").ok()
     first = first_file.read_text().strip()
     new_file = aegis.root / "new.key"
     proc = subprocess.Popen([AEGISCTL, "unlock-key", "new", "--out", str(new_file), "--passphrase-stdin"],
@@ -186,25 +191,26 @@ def test_restoring_an_older_backup_of_this_vault_does_not_bring_back_its_keys(ae
     """Restore needs only the socket: it must not undo a passphrase change or a replaced (leaked) unlock key,
     which needed the passphrase. A backup of this vault comes back with the vault's current key slots."""
     leaked_file = aegis.root / "leaked.key"
-    aegis.ctl("unlock-key", "new", "--out", str(leaked_file), "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("unlock-key", "new", "--out", str(leaked_file), "--passphrase-stdin",
+                         input=PASSPHRASE + "\n").ok()
     leaked = leaked_file.read_text().strip()
     backup = aegis.root / "before.backup"
-    aegis.ctl("backup", str(backup)).ok()
-    aegis.ctl("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{NEW_PASSPHRASE}\n").ok()
+    aegis.ctl_in_process("backup", str(backup)).ok()
+    aegis.ctl_in_process("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{NEW_PASSPHRASE}\n").ok()
     current_file = aegis.root / "current.key"
-    aegis.ctl("unlock-key", "new", "--out", str(current_file), "--passphrase-stdin",
-              input=NEW_PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("unlock-key", "new", "--out", str(current_file), "--passphrase-stdin",
+                         input=NEW_PASSPHRASE + "\n").ok()
     current = current_file.read_text().strip()
-    aegis.ctl("vault", "remove", "svc", "--yes").ok()  # so the restore visibly brings the backup's rows back
+    aegis.ctl_in_process("vault", "remove", "svc", "--yes").ok()  # so the restore visibly brings the backup's rows back
 
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     restored = aegis.ctl("restore", str(backup), "--yes").ok()
     assert "kept its current passphrase and unlock keys" in restored.out, restored.out
     assert not unlocks_with(aegis, passphrase=PASSPHRASE) and not unlocks_with(aegis, key=leaked)
     assert unlocks_with(aegis, passphrase=NEW_PASSPHRASE) and unlocks_with(aegis, key=current)
-    aegis.ctl("unlock", "--passphrase-stdin", input=NEW_PASSPHRASE + "\n").ok()
-    assert [c["name"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)] == ["svc"]
-    rows = json.loads(aegis.ctl("ledger", "show", "--json", "--limit", "20").ok().out)
+    aegis.ctl_in_process("unlock", "--passphrase-stdin", input=NEW_PASSPHRASE + "\n").ok()
+    assert [c["name"] for c in json.loads(aegis.ctl_in_process("vault", "list", "--json").ok().out)] == ["svc"]
+    rows = json.loads(aegis.ctl_in_process("ledger", "show", "--json", "--limit", "20").ok().out)
     assert any(r["reason"] == "backup_restored" and "kept its current passphrase" in r["detail"] for r in rows)
     aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, leaked, current, SECRET])
 
@@ -215,7 +221,7 @@ def other_vaults_backup(aegis: Aegis, passphrase: str) -> Path:
         other.start()
         other.init(passphrase)
         backup = aegis.root / "other.backup"
-        other.ctl("backup", str(backup)).ok()
+        other.ctl_in_process("backup", str(backup)).ok()
     finally:
         other.cleanup()
     return backup
@@ -223,14 +229,16 @@ def other_vaults_backup(aegis: Aegis, passphrase: str) -> Path:
 
 def test_another_vaults_backup_needs_this_vaults_passphrase_and_opens_with_its_own(aegis: Aegis) -> None:
     backup = other_vaults_backup(aegis, NEW_PASSPHRASE)
-    vault_id = status(aegis)["vault_id"]
-    aegis.ctl("lock").ok()
-    without = aegis.ctl("restore", str(backup), "--yes", "--passphrase-stdin", input="\n")
+    vault_id = status_in_process(aegis)["vault_id"]
+    aegis.ctl_in_process("lock").ok()
+    without = aegis.ctl_in_process("restore", str(backup), "--yes", "--passphrase-stdin", input="\n")
     assert without.code == 2 and "standard input was empty" in without.err, without
-    wrong = aegis.ctl("restore", str(backup), "--yes", "--passphrase-stdin", input="not this vault's passphrase\n")
+    wrong = aegis.ctl_in_process("restore", str(backup), "--yes", "--passphrase-stdin",
+                                 input="not this vault's passphrase\n")
     assert wrong.code == 1 and "wrong passphrase" in wrong.err, wrong
-    assert status(aegis)["vault_id"] == vault_id and unlocks_with(aegis, passphrase=PASSPHRASE)  # nothing changed
-    restored = aegis.ctl("restore", str(backup), "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert status_in_process(aegis)["vault_id"] == vault_id  # nothing changed
+    assert unlocks_with(aegis, passphrase=PASSPHRASE)
+    restored = aegis.ctl_in_process("restore", str(backup), "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert "unlock it with the backup's passphrase" in restored.out, restored.out
     assert not unlocks_with(aegis, passphrase=PASSPHRASE) and unlocks_with(aegis, passphrase=NEW_PASSPHRASE)
     assert "restore refused: wrong passphrase" in aegis.log()
@@ -241,13 +249,14 @@ def test_two_restores_through_another_vault_do_not_bring_a_retired_key_back(aegi
     """Found by a cold review: another vault's backup first (the vault id changes), then this vault's old one
     (the ids no longer match, so its old slots would come back). The first step now needs the passphrase."""
     leaked_file = aegis.root / "leaked.key"
-    aegis.ctl("unlock-key", "new", "--out", str(leaked_file), "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("unlock-key", "new", "--out", str(leaked_file), "--passphrase-stdin",
+                         input=PASSPHRASE + "\n").ok()
     leaked = leaked_file.read_text().strip()
     old = aegis.root / "old.backup"
-    aegis.ctl("backup", str(old)).ok()
-    aegis.ctl("unlock-key", "remove", "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("backup", str(old)).ok()
+    aegis.ctl_in_process("unlock-key", "remove", "--yes", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     stepping_stone = other_vaults_backup(aegis, NEW_PASSPHRASE)
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     # The socket holder has no passphrase; the daemon must refuse even if no passphrase is sent at all.
     with grpc.insecure_channel(f"unix:{aegis.socket}") as channel:
         stub = backup_pb2_grpc.BackupServiceStub(channel)
@@ -255,7 +264,7 @@ def test_two_restores_through_another_vault_do_not_bring_a_retired_key_back(aegi
             stub.Restore(iter([backup_pb2.RestoreChunk(data=stepping_stone.read_bytes())]), timeout=120)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
     assert "needs that vault's passphrase" in str(refused.value.details())
-    restored = aegis.ctl("restore", str(old), "--yes").ok()  # this vault's own backup: no passphrase asked
+    restored = aegis.ctl_in_process("restore", str(old), "--yes").ok()  # this vault's own backup: no passphrase asked
     assert "kept its current passphrase and unlock keys" in restored.out
     assert not unlocks_with(aegis, key=leaked) and unlocks_with(aegis, passphrase=PASSPHRASE)
     aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, leaked, SECRET])
@@ -265,15 +274,15 @@ def test_a_backup_holding_a_trigger_is_refused(aegis: Aegis) -> None:
     """Found by a cold review: a trigger in a backup's vault.db ran inside aegisd's own writes to the restored
     file (the key-slot carry-over) and put a retired unlock key back. aegisd makes no trigger or view."""
     backup = aegis.root / "this.backup"
-    aegis.ctl("backup", str(backup)).ok()
+    aegis.ctl_in_process("backup", str(backup)).ok()
     crafted = aegis.root / "crafted.backup"
     _with_vault_edit(backup, crafted, aegis.root / "work",
                      "CREATE TRIGGER keep AFTER DELETE ON key_slots BEGIN SELECT 1; END;")
-    aegis.ctl("lock").ok()
-    result = aegis.ctl("restore", str(crafted), "--yes")
+    aegis.ctl_in_process("lock").ok()
+    result = aegis.ctl_in_process("restore", str(crafted), "--yes")
     assert result.code == 1 and "holds a trigger, which aegisd never makes" in result.err, result
     _with_vault_edit(backup, aegis.root / "view.backup", aegis.root / "work2", "CREATE VIEW v AS SELECT 1;")
-    result = aegis.ctl("restore", str(aegis.root / "view.backup"), "--yes")
+    result = aegis.ctl_in_process("restore", str(aegis.root / "view.backup"), "--yes")
     assert result.code == 1 and "holds a view" in result.err, result
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
 
@@ -294,15 +303,15 @@ SCHEMA_EDITS = [
 
 def test_a_backup_whose_schema_aegisd_did_not_make_is_refused(aegis: Aegis) -> None:
     backup = aegis.root / "this.backup"
-    aegis.ctl("backup", str(backup)).ok()
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("backup", str(backup)).ok()
+    aegis.ctl_in_process("lock").ok()
     for number, (member, sql) in enumerate(SCHEMA_EDITS):
         crafted = aegis.root / f"crafted{number}.backup"
         _with_vault_edit(backup, crafted, aegis.root / f"work{number}", sql, member)
-        result = aegis.ctl("restore", str(crafted), "--yes")
+        result = aegis.ctl_in_process("restore", str(crafted), "--yes")
         assert result.code == 1 and f"{member} in the backup has a schema aegisd did not make" in result.err, \
             (sql, result)
-    assert aegis.ctl("restore", str(backup), "--yes").code == 0  # the backup as aegisd wrote it is taken
+    assert aegis.ctl_in_process("restore", str(backup), "--yes").code == 0  # the backup as aegisd wrote it is taken
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
 
 
@@ -331,7 +340,7 @@ def test_a_backup_whose_ledger_index_hides_a_row_is_refused(aegis: Aegis) -> Non
     row from filtered `ledger show` while `ledger verify` (which walks the table) called the ledger intact.
     Only the full integrity check compares index contents with the table."""
     backup = aegis.root / "this.backup"
-    aegis.ctl("backup", str(backup)).ok()
+    aegis.ctl_in_process("backup", str(backup)).ok()
     crafted = aegis.root / "crafted.backup"
     _with_vault_edit(backup, crafted, aegis.root / "work", """
         DROP INDEX ledger_agent;
@@ -339,8 +348,8 @@ def test_a_backup_whose_ledger_index_hides_a_row_is_refused(aegis: Aegis) -> Non
         PRAGMA writable_schema = ON;
         UPDATE sqlite_master SET sql = 'CREATE INDEX ledger_agent ON ledger (agent, id)' WHERE name = 'ledger_agent';
         PRAGMA writable_schema = OFF;""", "ledger.db")
-    aegis.ctl("lock").ok()
-    result = aegis.ctl("restore", str(crafted), "--yes")
+    aegis.ctl_in_process("lock").ok()
+    result = aegis.ctl_in_process("restore", str(crafted), "--yes")
     assert result.code == 1 and "ledger.db in the backup fails its integrity check" in result.err, result
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
 
@@ -349,12 +358,12 @@ def test_a_backup_whose_id_counter_would_overflow_is_refused(aegis: Aegis) -> No
     """Found by a fourth cold review: a same-vault backup (no passphrase needed) with the ledger's id counter at
     its maximum left the restored ledger unable to take a row, so the gate forwarded nothing."""
     backup = aegis.root / "this.backup"
-    aegis.ctl("backup", str(backup)).ok()
+    aegis.ctl_in_process("backup", str(backup)).ok()
     crafted = aegis.root / "crafted.backup"
     _with_vault_edit(backup, crafted, aegis.root / "work",
                      "UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'ledger'", "ledger.db")
-    aegis.ctl("lock").ok()
-    result = aegis.ctl("restore", str(crafted), "--yes")
+    aegis.ctl_in_process("lock").ok()
+    result = aegis.ctl_in_process("restore", str(crafted), "--yes")
     assert result.code == 1 and "ledger.db in the backup has an id counter out of range" in result.err, result
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
 
@@ -380,13 +389,13 @@ def test_a_backup_whose_ledger_could_take_no_further_row_is_refused(aegis: Aegis
     MAC the writer chains the next row from; each such backup was restored and then the gate forwarded nothing.
     The writer, meeting such a tip in its own file, now says which row it is rather than failing with TypeError."""
     backup = aegis.root / "this.backup"
-    aegis.ctl("backup", str(backup)).ok()
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("backup", str(backup)).ok()
+    aegis.ctl_in_process("lock").ok()
     outputs = []
     for number, (sql, needle) in enumerate(LEDGER_TIP_EDITS):
         crafted = aegis.root / f"crafted{number}.backup"
         _with_vault_edit(backup, crafted, aegis.root / f"work{number}", sql, "ledger.db")
-        result = aegis.ctl("restore", str(crafted), "--yes")
+        result = aegis.ctl_in_process("restore", str(crafted), "--yes")
         assert result.code == 1 and f"ledger.db in the backup {needle}" in result.err, (sql, result)
         assert "Traceback" not in result.err
         outputs += [result.out, result.err]
@@ -397,7 +406,8 @@ def test_a_backup_whose_ledger_could_take_no_further_row_is_refused(aegis: Aegis
         (tip,) = conn.execute(f"SELECT {_NEWEST_CHAINED}").fetchone()
         conn.execute("UPDATE ledger SET mac = 'x' WHERE id = ?", (tip,))
     aegis.start()
-    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n")  # its rows are what the writer fails to add
+    # its rows are what the writer fails to add
+    aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n")
     deadline = time.monotonic() + 20
     while f"newest chained row ({tip})" not in aegis.log():
         assert time.monotonic() < deadline, aegis.log()[-3000:]
@@ -429,23 +439,23 @@ def test_a_backup_whose_manifest_counts_do_not_match_its_databases_is_refused(ae
     """Found by a fifth cold review: aegisctl's restore prompt shows the manifest's counts, which the daemon never
     checked, so an edited manifest could show the operator a different backup from the one restored."""
     backup = aegis.root / "this.backup"
-    aegis.ctl("backup", str(backup)).ok()
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("backup", str(backup)).ok()
+    aegis.ctl_in_process("lock").ok()
     inflated = aegis.root / "inflated.backup"
     _with_manifest_edit(backup, inflated, counts={"credentials": 42, "agents": 7, "grants": 9, "ledger_rows": 100000})
     asked = aegis.ctl("restore", str(inflated))  # what the operator is asked to confirm
     assert asked.code == 2 and "42 credentials, 7 agents, 9 grants, 100000 ledger rows" in asked.err, asked
-    result = aegis.ctl("restore", str(inflated), "--yes")
+    result = aegis.ctl_in_process("restore", str(inflated), "--yes")
     assert result.code == 1, result
     assert "the backup's manifest does not match its databases" in result.err, result
     assert "42 credentials" in result.err and "1 credentials" in result.err, result
     malformed = aegis.root / "malformed.backup"
     _with_manifest_edit(backup, malformed, counts={"credentials": "many"})
-    refused = aegis.ctl("restore", str(malformed), "--yes")
+    refused = aegis.ctl_in_process("restore", str(malformed), "--yes")
     assert refused.code == 1 and "missing fields or has malformed ones" in refused.err, refused
     uncounted = aegis.root / "uncounted.backup"  # counts are optional: a manifest without them is checked without
     _with_manifest_edit(backup, uncounted, counts={})
-    restored = aegis.ctl("restore", str(uncounted), "--yes").ok()
+    restored = aegis.ctl_in_process("restore", str(uncounted), "--yes").ok()
     assert "1 credentials" in restored.out, restored
     assert unlocks_with(aegis, passphrase=PASSPHRASE)
     aegis.assert_no_leaks([PASSPHRASE, SECRET], [result.out, result.err, refused.err])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import assert_failed, status
+from tests.e2e.support import assert_failed, status, status_in_process
 from tests.harness import AEGISCTL, AEGISD, PASSPHRASE, Aegis, Result, new_aegis
 
 OTHER_PASSPHRASE = "violet submarine orbit pancake 77"
@@ -34,21 +34,21 @@ def test_status_json_through_every_state(aegis: Aegis) -> None:
     assert info["version"] and info["version"] in version
 
     aegis.init()
-    info = status(aegis)
+    info = status_in_process(aegis)
     assert info["state"] == "unlocked"
     assert re.fullmatch(r"[0-9a-f]{32}", info["vault_id"])
     assert info["key_slots"] == 1
 
     aegis.add_credential("one", "sk-status-secret-0001", "--service", "one", "--domains", "api.one.example")
-    assert status(aegis)["credentials"] == 1
+    assert status_in_process(aegis)["credentials"] == 1
 
-    aegis.ctl("lock").ok()
-    info = status(aegis)
+    aegis.ctl_in_process("lock").ok()
+    info = status_in_process(aegis)
     assert info["state"] == "locked"
     assert info["credentials"] == 1  # counts stay visible while locked; secrets do not
 
-    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    assert status(aegis)["state"] == "unlocked"
+    aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert status_in_process(aegis)["state"] == "unlocked"
     aegis.assert_no_leaks([PASSPHRASE, "sk-status-secret-0001"])
 
 
@@ -56,21 +56,21 @@ def test_status_human_says_what_to_do_next(aegis: Aegis) -> None:
     out = aegis.ctl("status").ok().out
     assert "uninitialized" in out and "aegisctl init" in out
     for args in (["ledger", "verify"], ["ledger", "prune", "--before", "1d", "--yes"]):  # nothing to unlock yet
-        assert_failed(aegis.ctl(*args), "no vault has been created", "aegisctl init")
+        assert_failed(aegis.ctl_in_process(*args), "no vault has been created", "aegisctl init")
     assert f"127.0.0.1:{aegis.gate_port}" in out
     aegis.init()
-    aegis.ctl("lock").ok()
-    out = aegis.ctl("status").ok().out
+    aegis.ctl_in_process("lock").ok()
+    out = aegis.ctl_in_process("status").ok().out
     assert "locked" in out and "aegisctl unlock" in out
     aegis.assert_no_leaks([PASSPHRASE])
 
 
 def test_init_refuses_weak_passphrases_with_a_clear_message(aegis: Aegis) -> None:
     for weak in ("short", "password1234", "abcdefghijkl", "qwertyuiopasdf"):
-        result = aegis.ctl("init", "--passphrase-stdin", input=weak + "\n")
+        result = aegis.ctl_in_process("init", "--passphrase-stdin", input=weak + "\n")
         assert_failed(result, "passphrase")
         assert re.search(r"at least \d+ characters|too weak", result.err), result.err
-    assert status(aegis)["state"] == "uninitialized"  # nothing was created
+    assert status_in_process(aegis)["state"] == "uninitialized"  # nothing was created
     aegis.init()
     aegis.assert_no_leaks([PASSPHRASE])
 
@@ -80,7 +80,7 @@ def test_init_needs_a_passphrase_from_stdin_or_a_terminal(aegis: Aegis) -> None:
     assert_failed(aegis.ctl("init", input=""), "--passphrase-stdin", code=2)  # no TTY to prompt on
     # There is no way to give the passphrase in argv.
     assert_failed(aegis.ctl("init", "--passphrase", PASSPHRASE), "no such option", code=2)
-    assert status(aegis)["state"] == "uninitialized"
+    assert status_in_process(aegis)["state"] == "uninitialized"
 
     # Found by a cold review: --passphrase-stdin (any *-stdin flag) on a terminal read the line with the echo on,
     # so the passphrase appeared on screen. On a terminal it now asks at the hidden prompt, twice for init.
@@ -96,7 +96,7 @@ def test_init_needs_a_passphrase_from_stdin_or_a_terminal(aegis: Aegis) -> None:
     # the prompts in order: two refused at once, one confirmed wrongly, one confirmed
     assert re.findall(r"Passphrase: |Repeat to confirm: ", text) == [
         "Passphrase: ", "Passphrase: ", "Passphrase: ", "Repeat to confirm: ", "Passphrase: ", "Repeat to confirm: "]
-    assert status(aegis)["state"] == "unlocked"
+    assert status_in_process(aegis)["state"] == "unlocked"
     aegis.outputs.append(text)
     aegis.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE, weak])
 
@@ -164,7 +164,7 @@ def test_a_secret_on_stdin_that_is_not_utf8_is_a_usage_error_that_never_quotes_i
             assert_failed(result, f"{flag}: standard input is not UTF-8 text", "nothing was sent", code=2)
 
     refused("init", "--passphrase-stdin", flag="--passphrase-stdin")
-    assert status(aegis)["state"] == "uninitialized"
+    assert status_in_process(aegis)["state"] == "uninitialized"
     aegis.init()
     refused("vault", "add", "utf8", "--service", "utf8", "--domains", "api.example.com", "--secret-stdin",
             flag="--secret-stdin")
@@ -175,38 +175,40 @@ def test_a_secret_on_stdin_that_is_not_utf8_is_a_usage_error_that_never_quotes_i
     refused("unlock-key", "remove", "--yes", "--passphrase-stdin", flag="--passphrase-stdin")
     refused("webhook", "add", "--url-stdin", "--events", "blocked_request", flag="--url-stdin",
             stdin=b"https://hooks.example.com/" + line)
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     refused("unlock", "--passphrase-stdin", flag="--passphrase-stdin")
     refused("unlock", "--unlock-key-stdin", flag="--unlock-key-stdin")
-    assert status(aegis)["state"] == "locked"
-    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()  # the passphrase did not change
-    assert [c["name"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)] == ["kept"]
-    assert json.loads(aegis.ctl("webhook", "list", "--json").ok().out) == []
+    assert status_in_process(aegis)["state"] == "locked"
+    aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()  # the passphrase did not change
+    assert [c["name"] for c in json.loads(aegis.ctl_in_process("vault", "list", "--json").ok().out)] == ["kept"]
+    assert json.loads(aegis.ctl_in_process("webhook", "list", "--json").ok().out) == []
     assert "control RPC" not in aegis.log()  # nothing reached aegisd to fail there
     aegis.assert_no_leaks([PASSPHRASE, head, tail, "sk-kept-secret-0123456789"])
 
 
 def test_passphrase_stdin_reads_only_the_first_line(aegis: Aegis) -> None:
     aegis.ctl("init", "--passphrase-stdin", input=f"{PASSPHRASE}\n{OTHER_PASSPHRASE}\n").ok()
-    aegis.ctl("lock").ok()
-    assert_failed(aegis.ctl("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n"), "wrong passphrase")
+    aegis.ctl_in_process("lock").ok()
+    assert_failed(aegis.ctl_in_process("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n"),
+                  "wrong passphrase")
     failed = [line for line in aegis.log().splitlines() if "vault unlock failed" in line]
     assert len(failed) == 1 and " warning " in failed[0] and "via=passphrase" in failed[0], failed  # guesses show
     aegis.ctl("unlock", "--passphrase-stdin", input=f"{PASSPHRASE}\r\n").ok()  # CRLF is a line end too
-    assert status(aegis)["state"] == "unlocked"
+    assert status_in_process(aegis)["state"] == "unlocked"
     aegis.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE])
 
 
 def test_init_twice_is_refused(unlocked: Aegis) -> None:
-    result = unlocked.ctl("init", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n")
+    result = unlocked.ctl_in_process("init", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n")
     assert_failed(result, "already exists")
     assert "unlock" in result.err  # the hint points somewhere useful, not at `update`
     # Refused before any passphrase is asked for: without a terminal, asking would be a usage error (2).
     assert_failed(unlocked.ctl("init"), "already exists")
     # The original passphrase still opens the vault; the second one was not added.
-    unlocked.ctl("lock").ok()
-    assert_failed(unlocked.ctl("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n"), "wrong passphrase")
-    unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    unlocked.ctl_in_process("lock").ok()
+    assert_failed(unlocked.ctl_in_process("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n"),
+                  "wrong passphrase")
+    unlocked.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     unlocked.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE])
 
 
@@ -217,16 +219,16 @@ def test_init_writes_unlock_key_file_0600_and_it_unlocks(aegis: Aegis) -> None:
     key = key_file.read_text().strip()
     assert key.startswith("aegis-unlock-") and len(key) > 40
     assert str(key_file) in result.out
-    assert status(aegis)["key_slots"] == 2
+    assert status_in_process(aegis)["key_slots"] == 2
 
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     aegis.ctl("unlock", "--unlock-key-stdin", input=key + "\n").ok()
-    assert status(aegis)["state"] == "unlocked"
+    assert status_in_process(aegis)["state"] == "unlocked"
     # An unlock key is not a passphrase, and vice versa.
-    aegis.ctl("lock").ok()
-    assert_failed(aegis.ctl("unlock", "--passphrase-stdin", input=key + "\n"), "wrong passphrase")
-    assert_failed(aegis.ctl("unlock", "--unlock-key-stdin", input=PASSPHRASE + "\n"), "wrong unlock key")
-    assert status(aegis)["state"] == "locked"
+    aegis.ctl_in_process("lock").ok()
+    assert_failed(aegis.ctl_in_process("unlock", "--passphrase-stdin", input=key + "\n"), "wrong passphrase")
+    assert_failed(aegis.ctl_in_process("unlock", "--unlock-key-stdin", input=PASSPHRASE + "\n"), "wrong unlock key")
+    assert status_in_process(aegis)["state"] == "locked"
     aegis.assert_no_leaks([PASSPHRASE, key])
 
 
@@ -238,62 +240,63 @@ def test_init_unlock_key_to_stdout_is_printed_once(aegis: Aegis) -> None:
     assert key not in result.err and "not shown again" in result.err and "created and unlocked" in result.err
     aegis.outputs.remove(result.out)  # the one place the key may appear
 
-    aegis.ctl("lock").ok()
-    aegis.ctl("unlock", "--unlock-key-stdin", input=key + "\n").ok()
-    assert status(aegis)["state"] == "unlocked"
+    aegis.ctl_in_process("lock").ok()
+    aegis.ctl_in_process("unlock", "--unlock-key-stdin", input=key + "\n").ok()
+    assert status_in_process(aegis)["state"] == "unlocked"
     aegis.assert_no_leaks([PASSPHRASE, key])
 
 
 def test_init_unlock_key_out_bad_path_creates_nothing(aegis: Aegis) -> None:
     existing = aegis.root / "exists.key"
     existing.write_text("keep me\n")
-    assert_failed(aegis.ctl("init", "--passphrase-stdin", "--unlock-key-out", str(existing),
-                            input=PASSPHRASE + "\n"), "already exists", code=2)
+    assert_failed(aegis.ctl_in_process("init", "--passphrase-stdin", "--unlock-key-out", str(existing),
+                                       input=PASSPHRASE + "\n"), "already exists", code=2)
     assert existing.read_text() == "keep me\n"
-    assert_failed(aegis.ctl("init", "--passphrase-stdin", "--unlock-key-out", str(aegis.root / "no" / "such.key"),
-                            input=PASSPHRASE + "\n"), "cannot create", code=2)
+    assert_failed(aegis.ctl_in_process("init", "--passphrase-stdin", "--unlock-key-out",
+                                       str(aegis.root / "no" / "such.key"), input=PASSPHRASE + "\n"),
+                  "cannot create", code=2)
     # Neither attempt created a vault whose unlock key would be lost.
-    assert status(aegis)["state"] == "uninitialized"
+    assert status_in_process(aegis)["state"] == "uninitialized"
     # A refused passphrase leaves no empty key file behind either.
     weak_target = aegis.root / "weak.key"
-    assert_failed(aegis.ctl("init", "--passphrase-stdin", "--unlock-key-out", str(weak_target),
-                            input="weak\n"), "passphrase")
+    assert_failed(aegis.ctl_in_process("init", "--passphrase-stdin", "--unlock-key-out", str(weak_target),
+                                       input="weak\n"), "passphrase")
     assert not weak_target.exists()
     aegis.assert_no_leaks([PASSPHRASE])
 
 
 def test_unlock_wrong_passphrase_then_right(unlocked: Aegis) -> None:
-    unlocked.ctl("lock").ok()
-    result = unlocked.ctl("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n")
+    unlocked.ctl_in_process("lock").ok()
+    result = unlocked.ctl_in_process("unlock", "--passphrase-stdin", input=OTHER_PASSPHRASE + "\n")
     assert_failed(result, "wrong passphrase", "try again")
-    assert status(unlocked)["state"] == "locked"
+    assert status_in_process(unlocked)["state"] == "locked"
     assert "Vault unlocked" in unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok().out
-    assert status(unlocked)["state"] == "unlocked"
+    assert status_in_process(unlocked)["state"] == "unlocked"
     unlocked.assert_no_leaks([PASSPHRASE, OTHER_PASSPHRASE])
 
 
 def test_unlock_when_already_unlocked_and_lock_twice(unlocked: Aegis) -> None:
-    out = unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok().out
+    out = unlocked.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok().out
     assert "already unlocked" in out
     assert "locked" in unlocked.ctl("lock").ok().out.lower()
-    unlocked.ctl("lock").ok()  # idempotent
-    assert status(unlocked)["state"] == "locked"
+    unlocked.ctl_in_process("lock").ok()  # idempotent
+    assert status_in_process(unlocked)["state"] == "locked"
     unlocked.assert_no_leaks([PASSPHRASE])
 
 
 def test_unlock_usage_errors(unlocked: Aegis) -> None:
-    unlocked.ctl("lock").ok()
-    assert_failed(unlocked.ctl("unlock", "--passphrase-stdin", input=""), "empty", code=2)
+    unlocked.ctl_in_process("lock").ok()
+    assert_failed(unlocked.ctl_in_process("unlock", "--passphrase-stdin", input=""), "empty", code=2)
     assert_failed(unlocked.ctl("unlock", input=""), "--passphrase-stdin", code=2)
-    assert_failed(unlocked.ctl("unlock", "--passphrase-stdin", "--unlock-key-stdin", input=PASSPHRASE + "\n"),
-                  "either", code=2)
-    assert status(unlocked)["state"] == "locked"
+    assert_failed(unlocked.ctl_in_process("unlock", "--passphrase-stdin", "--unlock-key-stdin",
+                                          input=PASSPHRASE + "\n"), "either", code=2)
+    assert status_in_process(unlocked)["state"] == "locked"
     unlocked.assert_no_leaks([PASSPHRASE])
 
 
 def test_commands_before_init_point_at_init(aegis: Aegis) -> None:
     for args in (("unlock", "--passphrase-stdin"), ("lock",), ("vault", "list")):
-        result = aegis.ctl(*args, input=PASSPHRASE + "\n")
+        result = aegis.ctl_in_process(*args, input=PASSPHRASE + "\n")
         assert_failed(result, "no vault", "aegisctl init")
     aegis.assert_no_leaks([PASSPHRASE])
 
@@ -303,18 +306,18 @@ def test_lock_survives_restart_and_locked_vault_refuses_changes(unlocked: Aegis)
     unlocked.add_credential("svc", secret, "--service", "svc", "--domains", "api.svc.example")
     assert unlocked.stop() == 0
     unlocked.start()
-    assert status(unlocked)["state"] == "locked"  # no auto-unlock source: starts locked
-    result = unlocked.ctl("vault", "add", "other", "--service", "other", "--domains", "o.example",
-                          "--secret-stdin", input="sk-other-secret-0000\n")
+    assert status_in_process(unlocked)["state"] == "locked"  # no auto-unlock source: starts locked
+    result = unlocked.ctl_in_process("vault", "add", "other", "--service", "other", "--domains", "o.example",
+                                     "--secret-stdin", input="sk-other-secret-0000\n")
     assert_failed(result, "locked", "aegisctl unlock")
-    assert_failed(unlocked.ctl("vault", "rotate", "svc", "--secret-stdin", input="sk-new-0000000\n"),
+    assert_failed(unlocked.ctl_in_process("vault", "rotate", "svc", "--secret-stdin", input="sk-new-0000000\n"),
                   "locked", "aegisctl unlock")
-    assert_failed(unlocked.ctl("vault", "update", "svc", "--scopes", "read"), "locked", "aegisctl unlock")
-    assert_failed(unlocked.ctl("vault", "remove", "svc", "--yes"), "locked", "aegisctl unlock")
+    assert_failed(unlocked.ctl_in_process("vault", "update", "svc", "--scopes", "read"), "locked", "aegisctl unlock")
+    assert_failed(unlocked.ctl_in_process("vault", "remove", "svc", "--yes"), "locked", "aegisctl unlock")
     # Reading metadata does not need the key.
-    assert "svc" in unlocked.ctl("vault", "list").ok().out
-    unlocked.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    assert status(unlocked)["credentials"] == 1
+    assert "svc" in unlocked.ctl_in_process("vault", "list").ok().out
+    unlocked.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    assert status_in_process(unlocked)["credentials"] == 1
     unlocked.assert_no_leaks([PASSPHRASE, secret, "sk-other-secret-0000", "sk-new-0000000"])
 
 
@@ -322,10 +325,10 @@ def test_a_secret_is_not_asked_for_when_the_vault_cannot_take_it(unlocked: Aegis
     """`vault add` and `vault rotate` check the vault's state before prompting: no secret is pasted only to
     hear that the vault is locked (without a terminal, a prompt would be a usage error, exit 2)."""
     unlocked.add_credential("api", "sk-prompt-order-secret-01", "--service", "api", "--domains", "api.example.com")
-    unlocked.ctl("lock").ok()
-    assert_failed(unlocked.ctl("vault", "add", "new", "--service", "new", "--domains", "n.example"),
+    unlocked.ctl_in_process("lock").ok()
+    assert_failed(unlocked.ctl_in_process("vault", "add", "new", "--service", "new", "--domains", "n.example"),
                   "the vault is locked", "aegisctl unlock")
-    assert_failed(unlocked.ctl("vault", "rotate", "api"), "the vault is locked", "aegisctl unlock")
+    assert_failed(unlocked.ctl_in_process("vault", "rotate", "api"), "the vault is locked", "aegisctl unlock")
     unlocked.assert_no_leaks([PASSPHRASE, "sk-prompt-order-secret-01"])
 
 
@@ -357,11 +360,11 @@ def test_the_passphrase_check_imports_nothing_from_aegisds_cwd_or_pythonpath(
         aegis.start(env={"PYTHONPATH": str(on_path)})
         monkeypatch.undo()
         weak = "password12345"
-        assert_failed(aegis.ctl("init", "--passphrase-stdin", input=weak + "\n"), "too weak")
+        assert_failed(aegis.ctl_in_process("init", "--passphrase-stdin", input=weak + "\n"), "too weak")
         assert not marker.exists()
         aegis.init()
         assert not marker.exists()
-        assert status(aegis)["state"] == "unlocked"
+        assert status_in_process(aegis)["state"] == "unlocked"
         aegis.assert_no_leaks([PASSPHRASE, weak])
     finally:
         aegis.cleanup()
@@ -371,18 +374,18 @@ def test_an_empty_unlock_key_path_is_a_usage_error_that_changes_nothing(aegis: A
     """Found by a cold review: `init --unlock-key-out ""` made a vault with no unlock key without a word, and
     `unlock-key new --out ""` died with a bare AssertionError. Both are now usage errors before anything is
     made, asked or sent."""
-    result = aegis.ctl("init", "--passphrase-stdin", "--unlock-key-out", "", input=PASSPHRASE + "\n")
+    result = aegis.ctl_in_process("init", "--passphrase-stdin", "--unlock-key-out", "", input=PASSPHRASE + "\n")
     assert_failed(result, "--unlock-key-out", "empty path", code=2)
-    assert status(aegis)["state"] == "uninitialized"
+    assert status_in_process(aegis)["state"] == "uninitialized"
     key_file = aegis.root / "init.key"
     aegis.init(PASSPHRASE, "--unlock-key-out", str(key_file))
     key = key_file.read_text().strip()
-    result = aegis.ctl("unlock-key", "new", "--out", "", "--passphrase-stdin", input=PASSPHRASE + "\n")
+    result = aegis.ctl_in_process("unlock-key", "new", "--out", "", "--passphrase-stdin", input=PASSPHRASE + "\n")
     assert_failed(result, "--out", "empty path", code=2)
     assert "AssertionError" not in result.err
-    assert status(aegis)["key_slots"] == 2
-    aegis.ctl("lock").ok()
-    aegis.ctl("unlock", "--unlock-key-stdin", input=key + "\n").ok()  # the key from init was not replaced
+    assert status_in_process(aegis)["key_slots"] == 2
+    aegis.ctl_in_process("lock").ok()
+    aegis.ctl_in_process("unlock", "--unlock-key-stdin", input=key + "\n").ok()  # the key from init was not replaced
     aegis.assert_no_leaks([PASSPHRASE, key])
 
 
@@ -393,8 +396,8 @@ def test_stdin_is_read_as_utf8_whatever_the_locale_says(aegis: Aegis) -> None:
     passphrase = "Grüße aus Köln, 東京 und Zürich"
     latin1 = {"PYTHONIOENCODING": "latin-1"}
     aegis.ctl("init", "--passphrase-stdin", input=passphrase + "\n", env=latin1).ok()
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     aegis.ctl("unlock", "--passphrase-stdin", input=passphrase + "\n").ok()  # the same passphrase both times
-    aegis.ctl("lock").ok()
+    aegis.ctl_in_process("lock").ok()
     aegis.ctl("unlock", "--passphrase-stdin", input=passphrase + "\n", env=latin1).ok()
     aegis.assert_no_leaks([passphrase])

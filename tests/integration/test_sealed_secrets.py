@@ -37,7 +37,7 @@ def populate(aegis: Aegis) -> dict[str, str]:
     aegis.init()
     for name, secret in SECRETS.items():
         aegis.add_credential(name, secret, "--service", name, "--domains", f"api.{name}.example")
-    ids = {c["name"]: c["id"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)}
+    ids = {c["name"]: c["id"] for c in json.loads(aegis.ctl_in_process("vault", "list", "--json").ok().out)}
     assert aegis.stop() == 0
     return ids
 
@@ -74,8 +74,9 @@ def test_swapped_ciphertexts_are_detected_not_decrypted(fresh: Aegis) -> None:
 
     # The daemon still starts, unlocks and lists: the metadata is intact.
     fresh.start()
-    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    assert sorted(c["name"] for c in json.loads(fresh.ctl("vault", "list", "--json").ok().out)) == sorted(SECRETS)
+    fresh.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    listed = json.loads(fresh.ctl_in_process("vault", "list", "--json").ok().out)
+    assert sorted(c["name"] for c in listed) == sorted(SECRETS)
     assert fresh.stop() == 0
 
     with open_vault(fresh.data_dir) as vault:
@@ -116,8 +117,8 @@ def test_every_seal_has_a_fresh_nonce_and_rotate_reseals(fresh: Aegis) -> None:
 
     new_secret = "sk-alpha-rotated-secret-4444444444"
     fresh.start()
-    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    fresh.ctl("vault", "rotate", "alpha", "--secret-stdin", input=new_secret + "\n").ok()
+    fresh.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    fresh.ctl_in_process("vault", "rotate", "alpha", "--secret-stdin", input=new_secret + "\n").ok()
     assert fresh.stop() == 0
 
     nonce, ciphertext = sealed(db, ids["alpha"])
@@ -134,7 +135,7 @@ def test_secret_stdin_reads_only_the_first_line(fresh: Aegis) -> None:
     fresh.init()
     fresh.ctl("vault", "add", "multi", "--service", "multi", "--domains", "m.example", "--secret-stdin",
               input="sk-first-line-secret-0101\nsk-second-line-secret-0202\n").ok()
-    cid = json.loads(fresh.ctl("vault", "show", "multi", "--json").ok().out)["id"]
+    cid = json.loads(fresh.ctl_in_process("vault", "show", "multi", "--json").ok().out)["id"]
     assert fresh.stop() == 0
     with open_vault(fresh.data_dir) as vault:
         assert open_secret(vault, cid) == b"sk-first-line-secret-0101"
@@ -165,10 +166,10 @@ def test_a_passphrase_change_keeps_a_costlier_slot_s_cost_and_takes_a_costlier_c
     assert fresh.stop() == 0
     fresh.start(env={"AEGIS_KDF_MEMORY_MIB": "19", "AEGIS_KDF_ITERATIONS": "3"})
     second = PASSPHRASE + " and then some"
-    fresh.ctl("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{second}\n").ok()
+    fresh.ctl_in_process("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{second}\n").ok()
     assert key_slots(fresh)[0][2] == {"memory_kib": 24576, "iterations": 3, "lanes": 4}
-    fresh.ctl("lock").ok()
-    fresh.ctl("unlock", "--passphrase-stdin", input=second + "\n").ok()
+    fresh.ctl_in_process("lock").ok()
+    fresh.ctl_in_process("unlock", "--passphrase-stdin", input=second + "\n").ok()
     fresh.assert_no_leaks([PASSPHRASE, second])
 
 
@@ -194,7 +195,7 @@ def key_slots(aegis: Aegis) -> list[tuple[str, str, dict[str, int]]]:
 
 
 def agents_authentic(aegis: Aegis) -> dict[str, str]:
-    checks = json.loads(aegis.ctl("doctor", "--json").out)["checks"]
+    checks = json.loads(aegis.ctl_in_process("doctor", "--json").out)["checks"]
     return next(c for c in checks if c["name"] == "agents_authentic")
 
 
@@ -207,13 +208,13 @@ def older_vault(aegis: Aegis, up: Upstream) -> tuple[dict[str, str], str]:
     claude's token."""
     populate(aegis)
     aegis.start()
-    aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     aegis.add_credential("local", LOCAL, "--service", "local", "--domains", up.entry())
-    added = aegis.ctl("agent", "add", "claude").ok()
+    added = aegis.ctl_in_process("agent", "add", "claude").ok()
     aegis.outputs.remove(added.out)  # the one place the token may appear
     for credential in ("bravo", "local"):
-        aegis.ctl("grant", "claude", credential).ok()
-    ids = {c["name"]: c["id"] for c in json.loads(aegis.ctl("vault", "list", "--json").ok().out)}
+        aegis.ctl_in_process("grant", "claude", credential).ok()
+    ids = {c["name"]: c["id"] for c in json.loads(aegis.ctl_in_process("vault", "list", "--json").ok().out)}
     assert aegis.stop() == 0
     db = aegis.data_dir / "vault.db"
     with open_vault(aegis.data_dir) as vault:
@@ -231,7 +232,7 @@ def older_vault(aegis: Aegis, up: Upstream) -> tuple[dict[str, str], str]:
 
 
 def check(aegis: Aegis, name: str) -> dict[str, str]:
-    checks = json.loads(aegis.ctl("doctor", "--json").out)["checks"]
+    checks = json.loads(aegis.ctl_in_process("doctor", "--json").out)["checks"]
     return next(c for c in checks if c["name"] == name)
 
 
@@ -249,18 +250,18 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
         old = {name: sealed(db, cid) for name, cid in ids.items()}
 
         fresh.start()
-        fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        fresh.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
         assert ("4 credentials, 1 agent and 2 grants from an older aegisd are not served until an operator checks "
                 "them and runs `aegisctl vault adopt`") in fresh.log()
         assert call(fresh, token, "/local/echo/before") == 401 and up.requests_to("/echo/before") == []
         older = check(fresh, "older_rows")
         assert older["status"] == "fail" and "4 credentials, 1 agent and 2 grants" in older["message"], older
         assert check(fresh, "credentials_decrypt")["status"] == "pass"
-        refused = fresh.ctl("grant", "claude", "alpha")  # a change on a row not yet trusted would trust it
+        refused = fresh.ctl_in_process("grant", "claude", "alpha")  # a change on a row not yet trusted would trust it
         assert refused.code == 1 and "comes from an older aegisd" in refused.err, refused
 
         assert fresh.ctl("vault", "adopt").code == 2  # not on a terminal and no --yes: nothing adopted
-        listed = json.loads(fresh.ctl("vault", "adopt", "--json").ok().out)  # --json without --yes: the list
+        listed = json.loads(fresh.ctl_in_process("vault", "adopt", "--json").ok().out)  # --json without --yes: the list
         assert listed["adopted"] is False and listed["mixed"] is False
         assert [c["name"] for c in listed["credentials"]] == ["alpha", "bravo", "charlie", "local"]
         assert listed["credentials"][0] == {
@@ -269,12 +270,12 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
             "body_inspection": "block", "expires_at": None}
         assert listed["agents"] == [{"name": "claude", "rate_limit": None}]
         assert listed["grants"] == [{"agent": "claude", "credential": c} for c in ("bravo", "local")]
-        adopted = json.loads(fresh.ctl("vault", "adopt", "--yes", "--json").ok().out)
+        adopted = json.loads(fresh.ctl_in_process("vault", "adopt", "--yes", "--json").ok().out)
         assert adopted == {**listed, "adopted": True}
         assert "adopted what an older aegisd wrote: 4 credentials, 1 agent and 2 grants" in fresh.log()
         assert call(fresh, token, "/local/echo/after") == 200 and len(up.requests_to("/echo/after")) == 1
         assert [check(fresh, n)["status"] for n in ("older_rows", "agents_authentic")] == ["pass", "pass"]
-        assert fresh.ctl("vault", "adopt").ok().out.startswith("Nothing to adopt")
+        assert fresh.ctl_in_process("vault", "adopt").ok().out.startswith("Nothing to adopt")
 
         # A listing is confirmed by its digest: a row changed in between makes the adoption refuse and adopt
         # nothing, whether the change shows in the list (another grant) or not (a token hash).
@@ -308,7 +309,7 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
             with pytest.raises(grpc.RpcError) as hidden:
                 stub.Adopt(vault_pb2.AdoptRequest(digest=second.digest), timeout=30)
             assert hidden.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        shown = fresh.ctl("vault", "adopt")  # the operator is told these rows were most likely edited in
+        shown = fresh.ctl_in_process("vault", "adopt")  # the operator is told these rows were most likely edited in
         assert shown.code == 2 and "grant claude -> bravo" in shown.out and "edited into vault.db" in shown.out
         conn = sqlite3.connect(db)
         with conn:  # an agent row without a MAC that fails today's checks: neither served nor adoptable
@@ -353,11 +354,11 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
             with pytest.raises(StorageCorrupt, match="fails authentication"):
                 open_secret(vault, ids["charlie"])
         fresh.start()
-        fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        fresh.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
         decrypt = check(fresh, "credentials_decrypt")
         assert decrypt["status"] == "fail", decrypt
         assert decrypt["message"].endswith(f": alpha ({ids['alpha']}), charlie ({ids['charlie']})"), decrypt
-        shown = fresh.ctl("vault", "adopt")
+        shown = fresh.ctl_in_process("vault", "adopt")
         assert shown.code == 2 and "credential bravo  service bravo  hosts evil.example" in shown.out
         assert fresh.stop() == 0
         fresh.assert_no_leaks([PASSPHRASE, token, LOCAL, *SECRETS.values()])
@@ -383,16 +384,16 @@ def test_rows_of_the_wrong_shape_are_listed_as_failing_not_fatal(fresh: Aegis) -
                 open_secret(vault, ids[name])
         assert open_secret(vault, ids["charlie"]) == SECRETS["charlie"].encode()
     fresh.start()
-    fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
-    listed = json.loads(fresh.ctl("vault", "list", "--json").ok().out)
+    fresh.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+    listed = json.loads(fresh.ctl_in_process("vault", "list", "--json").ok().out)
     assert [(c["name"], c["integrity"]) for c in listed] == [("alpha", "tampered"), ("bravo", "tampered"),
                                                              ("charlie", "ok")]
     # Too malformed to read: shown by id and name, nothing invented for the rest.
     assert (listed[0]["id"], listed[0]["domains"], listed[0]["auth_type"], listed[0]["body_inspection"]) == (
         ids["alpha"], [], "unknown", "unknown")
-    shown = fresh.ctl("vault", "show", "alpha").ok()
+    shown = fresh.ctl_in_process("vault", "show", "alpha").ok()
     assert "FAILS" in shown.out and f"vault remove --id {ids['alpha']}" in shown.err
-    fresh.ctl("vault", "remove", "--id", ids["alpha"], "--yes").ok()
+    fresh.ctl_in_process("vault", "remove", "--id", ids["alpha"], "--yes").ok()
     assert fresh.stop() == 0
     fresh.assert_no_leaks([PASSPHRASE, *SECRETS.values()])
 
@@ -406,11 +407,11 @@ def test_a_credential_whose_stored_settings_no_longer_build_a_route_is_the_only_
         fresh.init()
         fresh.add_credential("bravo", SECRETS["bravo"], "--service", "bravo", "--domains", "api.bravo.example")
         fresh.add_credential("local", LOCAL, "--service", "local", "--domains", up.entry())
-        added = fresh.ctl("agent", "add", "claude").ok()
+        added = fresh.ctl_in_process("agent", "add", "claude").ok()
         fresh.outputs.remove(added.out)  # the one place the token may appear
         token = added.out.strip()
         for credential in ("bravo", "local"):
-            fresh.ctl("grant", "claude", credential).ok()
+            fresh.ctl_in_process("grant", "claude", credential).ok()
         assert fresh.stop() == 0
         with open_vault(fresh.data_dir) as vault:
             assert vault.vault_id is not None
@@ -425,7 +426,7 @@ def test_a_credential_whose_stored_settings_no_longer_build_a_route_is_the_only_
         conn.close()
 
         fresh.start()
-        fresh.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+        fresh.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
         assert call(fresh, token, "/local/echo/served") == 200 and len(up.requests_to("/echo/served")) == 1
         assert call(fresh, token, "/bravo/echo/left-out") == 403
         assert f"credential 'bravo' ({broad.id}) cannot be served: domain entry '*.com'" in fresh.log()
