@@ -32,6 +32,7 @@ from aegisd.ledger.entry import ENTRY_FIELDS
 from aegisd.ledger.integrity import describe, hidden_rows_note, integrity_problems
 from aegisd.ledger.query import not_utf8
 from aegisd.ledger.schema import LedgerError, open_reader
+from aegisd.text import plural
 
 GENESIS = bytes(32)  # the "previous MAC" of the first row
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
@@ -323,16 +324,12 @@ class _Unchained:
         elif after == 0:
             reason += " (no chained row follows)"
         else:
-            reason += f" (the {_plural(after, 'chained row')} after {'it' if one else 'them'} "
+            reason += f" (the {plural(after, 'chained row')} after {'it' if one else 'them'} "
             reason += f"{'verifies' if after == 1 else 'verify'})"
         return VerifyResult(False, self.checked_before, self.named[0][0], reason, first_id)
 
 
 _NAMED_RANGES = 3
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def span(first: int, last: int) -> str:

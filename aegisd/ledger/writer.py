@@ -24,6 +24,7 @@ from aegisd.ledger.checkpoint import latest_checkpoint
 from aegisd.ledger.entry import ENTRY_FIELDS, LedgerEntry, LedgerRow, entry_values, normalize
 from aegisd.ledger.query import not_utf8
 from aegisd.ledger.schema import LedgerError, open_writable
+from aegisd.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +132,9 @@ class _Outage:
         return LedgerEntry.system(self.summary(), reason="ledger_unavailable")
 
     def summary(self) -> str:
-        missing = (f"{_count(self.rows, 'row')} from {_count(self.commits, 'failed commit')} "
+        missing = (f"{plural(self.rows, 'row')} from {plural(self.commits, 'failed commit')} "
                    f"{'is' if self.rows == 1 else 'are'} missing" if self.rows else "no rows are missing")
         return f"the ledger could not be written for {time.monotonic() - self.since:.1f} s: {missing}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class ReplaceIncomplete(LedgerError):
@@ -673,11 +670,11 @@ class LedgerWriter:
             # outage begins; later failures, which the outage's row and the recovery line sum up, at debug.
             if outage is None:
                 outage = self._outage = _Outage()
-                what = f"ledger commit of {_count(lost, 'row')}" if lost else "chaining the rows written while locked"
+                what = f"ledger commit of {plural(lost, 'row')}" if lost else "chaining the rows written while locked"
                 log.error("%s failed: %s: %s; the gate forwards nothing until the ledger can be written again",
                           what, type(exc).__name__, exc)
             else:
-                log.debug("ledger commit of %s failed: %s: %s", _count(lost, "row"), type(exc).__name__, exc)
+                log.debug("ledger commit of %s failed: %s: %s", plural(lost, "row"), type(exc).__name__, exc)
             if lost:
                 outage.commits += 1
                 outage.rows += lost
@@ -758,7 +755,7 @@ class LedgerWriter:
         self._reported_foreign = (tip_id, foreign)
         log.error("ledger: %s after row %d %s no MAC and %s not written by this aegisd: an earlier run stored "
                   "them before its vault was unlocked, or they were edited and their MACs removed. They are never "
-                  "chained after the fact; `aegisctl ledger verify` reports them", _count(foreign, "row"), tip_id,
+                  "chained after the fact; `aegisctl ledger verify` reports them", plural(foreign, "row"), tip_id,
                   "has" if foreign == 1 else "have", "was" if foreign == 1 else "were")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aegisd.errors import InvalidArgument
+from aegisd.text import plural
 from aegisd.vault.credentials import Credential, credential_from_row, valid_as_stored, validate_name, validate_rate
 from aegisd.vault.crypto import MasterKey, SealBroken, secret_aad_v1, unseal
 from aegisd.vault.records import RecordKey
@@ -69,12 +70,8 @@ class OlderRows:
         return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
     def summary(self) -> str:
-        return (f"{_count(len(self.credentials), 'credential')}, {_count(len(self.agents), 'agent')} and "
-                f"{_count(len(self.grants), 'grant')}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+        return (f"{plural(len(self.credentials), 'credential')}, {plural(len(self.agents), 'agent')} and "
+                f"{plural(len(self.grants), 'grant')}")
 
 
 def opens_current(row: Sequence[Any], vault_id: str, key: bytearray) -> bool:
