@@ -117,7 +117,8 @@ class AllowedHost:
         if self.host in _METADATA_NAMES:
             return True
         addr = _ip(self.host)
-        return addr is not None and (addr in _METADATA_IPS or addr.is_link_local)
+        embedded = _embedded_ipv4(addr) if isinstance(addr, ipaddress.IPv6Address) else None
+        return any(a in _METADATA_IPS or a.is_link_local for a in (addr, embedded) if a is not None)
 
     def matches(self, scheme: str, host: str, port: int) -> bool:
         """Whether an already canonical scheme, host and port fall under this entry."""
@@ -147,12 +148,21 @@ def is_internal_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         else:
-            embedded = addr.sixtofour
-            if embedded is None and any(addr in network for network in _EMBEDS_IPV4):
-                embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+            embedded = _embedded_ipv4(addr)
             if (embedded is not None and is_internal_ip(embedded)) or any(addr in net for net in _INTERNAL_V6):
                 return True
     return addr in _METADATA_IPS or not addr.is_global or addr.is_multicast
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries for a translator or tunnel: mapped, 6to4, NAT64, SIIT, compatible."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if any(addr in network for network in _EMBEDS_IPV4):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
 
 
 def is_loopback_host(host: str) -> bool:

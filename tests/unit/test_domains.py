@@ -596,6 +596,9 @@ def test_default_entry(entries: list[str], expected: str | None) -> None:
     ("http://localhost.example", True, False), ("http://169.254.169.254", True, True),
     ("api.example.com", False, False), ("https://10.0.0.5", False, False), ("169.254.1.2:8443", False, True),
     ("[fd00:ec2::254]", False, True), ("[fe80::1]", False, True), ("metadata.google.internal", False, True),
+    # The metadata address through a translator or tunnel (found by a review: no warning for these).
+    ("[64:ff9b::a9fe:a9fe]", False, True), ("[2002:a9fe:a9fe::1]", False, True), ("[::ffff:169.254.1.1]", False, True),
+    ("[64:ff9b::808:808]", False, False),
 ])
 def test_plain_http_and_link_local_entries(text: str, plain_off_host: bool, link_local: bool) -> None:
     entry = parse_allowed_host(text)
