@@ -20,6 +20,7 @@ pattern written for Python silently changes meaning that way.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,8 +52,10 @@ MAX_PATTERN_LENGTH = 8192
 # no path over MAX_JUDGED_PATH bytes is judged (8 KiB, what nginx and Apache accept in a request line by default).
 JUDGING_BUDGET = 4 * 1024 * 1024
 MAX_JUDGED_PATH = 8192
-# One pattern alone must leave paths of 1 KiB judgeable: a bigger program (`.{1000}`, `\pL{1,64}`) is refused.
-MAX_PROGRAM_SIZE = JUDGING_BUDGET // 1024
+# One pattern alone must leave paths of 256 bytes judgeable: a bigger program (`\pL{1,64}`, `.{1000}` thrice) is
+# refused at validation, rather than loaded to judge nearly no path. (Ordinary counted repetitions such as two
+# `[^/]{1,255}` segments, 4,598 instructions, pass, and judge paths up to 912 bytes.)
+MAX_PROGRAM_SIZE = JUDGING_BUDGET // 256
 
 
 class PatternError(ValueError):
@@ -130,8 +133,11 @@ def _full_match_set(patterns: tuple[PathPattern, ...]) -> Any:
 
 
 def judged_length(program_size: int) -> int:
-    """The longest path, in bytes, judged against patterns whose programs add up to `program_size`."""
-    return min(MAX_JUDGED_PATH, JUDGING_BUDGET // max(program_size, 1))
+    """The longest path, in bytes, judged against patterns whose programs add up to `program_size`; no limit when
+    there are none (rules without `paths`): nothing is matched against the path then."""
+    if program_size == 0:
+        return sys.maxsize
+    return min(MAX_JUDGED_PATH, JUDGING_BUDGET // program_size)
 
 
 def encode_path(path: str) -> bytes:
@@ -161,9 +167,9 @@ def compile_path(text: str) -> PathPattern:
     pattern = PathPattern(text, regexp)
     if pattern.size > MAX_PROGRAM_SIZE:
         raise PatternError(f"it compiles to {pattern.size} RE2 instructions and aegisd takes at most "
-                           f"{MAX_PROGRAM_SIZE}, since matching a path may cost that many steps per byte: a counted "
-                           "repetition such as .{1000} or \\pL{1,64} multiplies it; write + or * instead (such as "
-                           "[^/]+), or split the pattern (see docs/policies.md#path-patterns)")
+                           f"{MAX_PROGRAM_SIZE}, since matching a path may cost that many steps per byte: counted "
+                           "repetitions such as \\pL{1,64}, or several .{1000}, multiply it; write + or * instead "
+                           "(such as [^/]+), or split the pattern (see docs/policies.md#path-patterns)")
     return pattern
 
 

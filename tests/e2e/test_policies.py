@@ -817,8 +817,9 @@ def test_a_file_that_crashed_the_parser_is_invalid_alone_and_aegisd_stays_up(tmp
 
 def test_a_path_longer_than_its_patterns_can_judge_quickly_is_refused_unjudged(tmp_path: Path) -> None:
     """Found by a cold review: `/.*a.{1000}x` was valid, and a crafted 64 KiB path held the gate's event loop for
-    ~5 s. That pattern is invalid now, and a governed agent's path longer than its patterns can be matched against
-    quickly (pattern.JUDGING_BUDGET) is refused, 414 `path_too_long`, before any pattern runs; `policy test` too."""
+    ~5 s. A governed agent's path longer than its patterns can be matched against quickly (pattern.JUDGING_BUDGET)
+    is refused now, 414 `path_too_long`, before any pattern runs (`policy test` too), and a pattern that alone would
+    leave almost no path judgeable is invalid."""
     heavy = "agent: bot\nrules:\n  - service: svc\n    paths: [\"/echo/.*a.{400}x\", \"/echo/user\"]\n"
     world, _ = _world({"bot.yaml": heavy})
     try:
@@ -836,10 +837,10 @@ def test_a_path_longer_than_its_patterns_can_judge_quickly_is_refused_unjudged(t
                                                        "--method", "GET", "--path", crafted, "--json").ok().out)
         assert tested["decision"] == "denied" and "judges paths of at most" in tested["reason"]
 
-        (tmp_path / "bot.yaml").write_text(heavy.replace("{400}", "{1000}"))
+        (tmp_path / "bot.yaml").write_text(heavy.replace("{400}", "{1000}.{1000}.{1000}"))
         checked = world.aegis.ctl_in_process("policy", "validate", str(tmp_path))
         assert checked.code == 1, checked.out + checked.err
-        assert "RE2 instructions and aegisd takes at most 4096, since matching a path" in checked.out
+        assert "RE2 instructions and aegisd takes at most 16384, since matching a path" in checked.out
         world.assert_no_leaks()
     finally:
         world.close()
