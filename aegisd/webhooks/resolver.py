@@ -11,28 +11,66 @@ attempt's `timeout` still bounds that wait). Imported with aiohttp, on the first
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-THREADS = 4  # made only as lookups overlap
+THREADS = 4  # lookups at once; each on a thread of its own, started for it
 _ADDRCONFIG = socket.AI_ADDRCONFIG & getattr(socket, "AI_MASK", -1)  # as aiohttp sets it
 
 
 class PooledResolver(AbstractResolver):
-    """aiohttp's ThreadedResolver, on a pool of its own; `close` lets the pool's threads go."""
+    """aiohttp's ThreadedResolver on threads of its own, at most THREADS at once.
+
+    Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so a lookup
+    stuck on unreachable DNS (glibc retries for tens of seconds) would hold up aegisd's stop after everything else
+    was done; a daemon thread's lookup is abandoned with the process."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="aegis-webhook-dns")
+        self._slots: asyncio.Semaphore | None = None  # made on the loop that first resolves
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(THREADS)
+        slots = self._slots
+        await slots.acquire()  # let go when the lookup ends, not when a delivery stops waiting for it
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _lookup, host, port, family)
+        answer: asyncio.Future[list[ResolveResult]] = loop.create_future()
+        try:
+            threading.Thread(target=_lookup_into, args=(loop, answer, slots, host, port, family), daemon=True,
+                             name="aegis-webhook-dns").start()
+        except BaseException:
+            slots.release()
+            raise
+        return await answer
 
     async def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to let go: a lookup still running ends on its own, and its answer is dropped."""
+
+
+def _lookup_into(loop: asyncio.AbstractEventLoop, answer: asyncio.Future[list[ResolveResult]],
+                 slots: asyncio.Semaphore, host: str, port: int, family: socket.AddressFamily) -> None:
+    """The thread: look up, then hand the addresses (or the error) to the loop, and its slot back."""
+    try:
+        found, error = _lookup(host, port, family), None
+    except Exception as exc:  # a gaierror, mostly: the awaiting delivery raises it
+        found, error = [], exc
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (aegisd stopping): nobody waits
+        loop.call_soon_threadsafe(_settle, answer, slots, found, error)
+
+
+def _settle(answer: asyncio.Future[list[ResolveResult]], slots: asyncio.Semaphore, found: list[ResolveResult],
+            error: Exception | None) -> None:
+    slots.release()
+    if answer.done():  # the delivery gave up waiting (its timeout, or a close)
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(found)
 
 
 def _lookup(host: str, port: int, family: socket.AddressFamily) -> list[ResolveResult]:

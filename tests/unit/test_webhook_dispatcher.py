@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -391,3 +394,25 @@ def test_slow_lookups_of_webhook_hosts_leave_the_loops_threads_free(tmp_path: Pa
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_a_lookup_stuck_on_dns_does_not_hold_up_aegisd_s_exit() -> None:
+    """From a review of the webhooks' own resolver: on a ThreadPoolExecutor, whose threads the interpreter joins at
+    exit, a lookup stuck on unreachable DNS held up the process's exit after everything else had stopped (past
+    systemd's stop timeout). Here a lookup that would take 120 s is given up on; the process must exit at once."""
+    program = textwrap.dedent("""
+        import asyncio, socket, time
+        socket.getaddrinfo = lambda *args, **kwargs: time.sleep(120)
+        from aegisd.webhooks.resolver import PooledResolver
+
+        async def main():
+            resolver = PooledResolver()
+            try:
+                await asyncio.wait_for(resolver.resolve("stuck.example", 443), 0.2)
+            except asyncio.TimeoutError:
+                pass
+            await resolver.close()
+
+        asyncio.run(main())
+    """)
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=60)  # not 120 s
