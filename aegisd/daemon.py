@@ -274,9 +274,9 @@ def _unlock_key_sources(config: Config) -> list[tuple[str, str]]:
 def _read_key_file(path: Path, must_exist: bool, from_systemd: bool) -> str | None:
     """The key's first line, or None (logged) when the file cannot be trusted or read.
 
-    An operator's file must be private (0600 or stricter). systemd's credential is not judged by its group bits:
-    systemd 256 and later write it 0400 and grant the service's user read access by an ACL, whose mask then shows
-    as the group's `r` (0440), on a read-only mount only the unit sees. Anything writable by others is refused."""
+    An operator's file must be private (0600 or stricter). systemd's credential may show the group's `r`: systemd
+    256 and later write it 0400 and grant the service's user read access by an ACL, whose mask then shows as the
+    group bits (0440), on a read-only mount only the unit sees. Beyond that it must be private too."""
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -284,8 +284,9 @@ def _read_key_file(path: Path, must_exist: bool, from_systemd: bool) -> str | No
             log.error("unlock key file %s does not exist; starting locked", path)
         return None
     mode = stat.S_IMODE(info.st_mode)
-    if from_systemd and mode & 0o022:
-        log.error("unlock key credential %s is writable by group or others; starting locked", path)
+    if from_systemd and mode & 0o026:
+        log.error("unlock key credential %s is readable by others or writable by group or others (mode %o); "
+                  "starting locked", path, mode)
         return None
     if not from_systemd and mode & 0o077:
         log.error("unlock key file %s is readable by group or others; chmod 600 it. Starting locked", path)
