@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from typing import Any
 
 from aegisd.agents import AgentRegistry
 from aegisd.config import Config
+from aegisd.errors import WrongPassphrase
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
 from aegisd.policy import PolicyStore
@@ -42,6 +44,15 @@ class Runtime:
             self.ledger.append_nowait(LedgerEntry.system(detail, reason=reason))
         except LedgerError as exc:
             log.error("a change could not be put in the ledger (%s): %s", reason, exc)
+
+    async def prove_passphrase(self, passphrase: str, what: str, **fields: Any) -> None:
+        """Raise WrongPassphrase unless `passphrase` opens the vault, for a change the control socket alone must not
+        make; a wrong one is logged as a failed unlock is (the change and `fields`, never the input)."""
+        try:
+            await asyncio.to_thread(self.vault.verify_passphrase, passphrase)
+        except WrongPassphrase:
+            self.log_event(f"{what} refused: wrong passphrase", level=logging.WARNING, **fields)
+            raise
 
     def ledger_key(self) -> bytes | None:
         """The ledger's chain key: known once the vault has been unlocked since start."""

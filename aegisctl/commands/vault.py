@@ -273,13 +273,14 @@ def remove(ctx: Context, name: str, by_id: bool, yes: bool) -> None:
 
 @command.command("adopt")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--passphrase-stdin", is_flag=True, help="Read the vault's passphrase, which adopting needs, from stdin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON; with --yes, adopt it and print it.")
 @pass_context
-def adopt(ctx: Context, yes: bool, as_json: bool) -> None:
+def adopt(ctx: Context, yes: bool, passphrase_stdin: bool, as_json: bool) -> None:
     """Serve what an older aegisd wrote: its credentials, agents and grants, exactly as listed.
 
     Until then the gate serves none of them. Read the list: anything edited into vault.db (or into a
-    backup) is adopted along with it.
+    backup) is adopted along with it. Adopting needs the vault's passphrase (asked for on a terminal).
     """
     client = ctx.client
     listed = client.call(client.vault.Adopt, vault_pb2.AdoptRequest(dry_run=True))
@@ -293,7 +294,10 @@ def adopt(ctx: Context, yes: bool, as_json: bool) -> None:
     if not as_json:
         _show_older(listed)
     confirm_destructive("Adopt all of it as listed?", yes)
-    done = client.call(client.vault.Adopt, vault_pb2.AdoptRequest(digest=listed.digest))
+    passphrase = (read_secret("passphrase", passphrase_stdin, flag="--passphrase-stdin")
+                  if passphrase_stdin or on_terminal() else "")  # none: aegisd says it is needed, and how
+    done = client.call(client.vault.Adopt, vault_pb2.AdoptRequest(digest=listed.digest, passphrase=passphrase),
+                       timeout=120)
     if as_json:
         output.emit_json(_adopt_json(done))
     else:

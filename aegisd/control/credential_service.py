@@ -12,7 +12,6 @@ from aegisd.api.aegis.v1 import credentials_pb2 as pb
 from aegisd.api.aegis.v1 import credentials_pb2_grpc
 from aegisd.control import convert
 from aegisd.control.errors import rpc
-from aegisd.errors import WrongPassphrase
 from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential, check_new_domains
 from aegisd.vault.domains import AllowedHost
@@ -71,12 +70,7 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
         changes = convert.credential_changes(request, now)
         entries = check_new_domains(changes["domains"], request.allow_plain_http) if "domains" in changes else []
         if request.passphrase:
-            try:
-                await asyncio.to_thread(self.rt.vault.verify_passphrase, request.passphrase)
-            except WrongPassphrase:  # on record, as a wrong one for a key change is: guessing over the socket shows
-                self.rt.log_event("credential update refused: wrong passphrase", credential=request.name,
-                                  level=logging.WARNING)
-                raise
+            await self.rt.prove_passphrase(request.passphrase, "credential update", credential=request.name)
         cred, widened = await asyncio.to_thread(self.rt.vault.update_credential, request.name, changes,
                                                 bool(request.passphrase))
         self.rt.log_event("credential updated", credential=cred.name, fields=",".join(sorted(changes)))

@@ -20,7 +20,7 @@ from aegisd.runtime import Runtime
 from aegisd.vault.credentials import Credential
 from aegisd.vault.passphrase_strength import check_passphrase_strength
 from aegisd.vault.unlock_key_format import check_unlock_key, new_unlock_key
-from aegisd.vault.vault import VaultChanged
+from aegisd.vault.vault import PassphraseRequired, VaultChanged
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -117,6 +117,10 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         if request.dry_run:
             older = await asyncio.to_thread(self.rt.vault.older_rows)
         else:
+            if not request.passphrase:  # the socket alone must not make a secret's metadata trusted: its hosts
+                raise PassphraseRequired("adopting rows an older aegisd wrote trusts what nothing authenticates "
+                                         "(a credential's hosts, its inspection): it needs the vault's passphrase")
+            await self.rt.prove_passphrase(request.passphrase, "adoption")
             older = await asyncio.to_thread(self.rt.vault.adopt_older_rows, request.digest)
             if older:
                 self.rt.log_event("older rows adopted", credentials=len(older.credentials),

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from aegisd.store import VaultStore
@@ -39,6 +40,12 @@ def names(aegis: Aegis) -> list[str]:
     listed = _json(aegis, "vault", "list")
     assert isinstance(listed, list)
     return [str(c["name"]) for c in listed]
+
+
+def rpc_reason(error: grpc.RpcError) -> str:
+    """A failed call's `aegis-reason` trailer (aegisd's stable reason code), or "" without one."""
+    call: Any = error  # a grpc.Call too, which is what carries the trailers
+    return next((str(v) for k, v in call.trailing_metadata() or () if k == "aegis-reason"), "")
 
 
 def assert_failed(result: Result, *needles: str, code: int = 1) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from aegisd.api.aegis.v1 import credentials_pb2 as cpb
 from aegisd.api.aegis.v1 import credentials_pb2_grpc, vault_pb2, vault_pb2_grpc
+from tests.e2e.support import rpc_reason
 from tests.harness import PASSPHRASE, Aegis
 
 SECRET = "sk-wire-secret-0f1e2d3c4b5a69788796"
@@ -32,8 +33,7 @@ def failure(call: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, st
         call(request, timeout=30)
     except grpc.RpcError as exc:
         err: Any = exc
-        reason = next((str(v) for k, v in err.trailing_metadata() or () if k == "aegis-reason"), "")
-        return err.code(), reason, str(err.details())
+        return err.code(), rpc_reason(exc), str(err.details())
     raise AssertionError(f"{request!r} unexpectedly succeeded")
 
 

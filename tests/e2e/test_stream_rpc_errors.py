@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from aegisd.api.aegis.v1 import ledger_pb2, ledger_pb2_grpc
+from tests.e2e.support import rpc_reason
 from tests.harness import Aegis
 
 
@@ -21,7 +22,7 @@ def test_follow_with_too_large_a_backlog_is_invalid_argument(aegis: Aegis) -> No
             err: Any = exc
         else:
             raise AssertionError("Follow(backlog=200000) streamed a record")
-    reason = next((str(v) for k, v in err.trailing_metadata() or () if k == "aegis-reason"), "")
+    reason = rpc_reason(err)
     assert (err.code(), reason) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"), err
     assert err.details() == "limit must be between 1 and 100000"
     assert "Traceback" not in aegis.log() and "Unexpected" not in aegis.log()

@@ -20,7 +20,7 @@ from aegisd.errors import StorageCorrupt
 from aegisd.vault.crypto import SealBroken, seal, secret_aad_v1, unseal
 from aegisd.vault.sealing import OK, TAMPERED, seal_secret
 from tests.e2e.gate_support import request
-from tests.e2e.support import open_secret, open_vault
+from tests.e2e.support import open_secret, open_vault, rpc_reason
 from tests.harness import PASSPHRASE, Aegis
 from tests.upstreams import Upstream
 
@@ -270,7 +270,17 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
             "body_inspection": "block", "expires_at": None}
         assert listed["agents"] == [{"name": "claude", "rate_limit": None}]
         assert listed["grants"] == [{"agent": "claude", "credential": c} for c in ("bravo", "local")]
-        adopted = json.loads(fresh.ctl_in_process("vault", "adopt", "--yes", "--json").ok().out)
+        # Adopting needs the passphrase (found by a review: with the socket alone, an older row's hosts edited into a
+        # backup, restored and adopted, sent its secret elsewhere).
+        refused = fresh.ctl_in_process("vault", "adopt", "--yes")
+        assert refused.code == 1 and "it needs the vault's passphrase" in refused.err, refused
+        assert "--passphrase-stdin" in refused.err
+        wrong = fresh.ctl_in_process("vault", "adopt", "--yes", "--passphrase-stdin", input="not it at all\n")
+        assert wrong.code == 1 and "wrong passphrase" in wrong.err, wrong
+        assert "adoption refused: wrong passphrase" in fresh.log()
+        assert call(fresh, token, "/local/echo/before") == 401  # neither adopted anything
+        adopted = json.loads(fresh.ctl_in_process("vault", "adopt", "--yes", "--json", "--passphrase-stdin",
+                                                  input=PASSPHRASE + "\n").ok().out)
         assert adopted == {**listed, "adopted": True}
         assert "adopted what an older aegisd wrote: 4 credentials, 1 agent and 2 grants" in fresh.log()
         assert call(fresh, token, "/local/echo/after") == 200 and len(up.requests_to("/echo/after")) == 1
@@ -292,8 +302,9 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
                 conn.execute("UPDATE grants SET mac = NULL WHERE credential_id = ?", (ids["local"],))
             conn.close()
             with pytest.raises(grpc.RpcError) as changed:
-                stub.Adopt(vault_pb2.AdoptRequest(digest=first.digest), timeout=30)
+                stub.Adopt(vault_pb2.AdoptRequest(digest=first.digest, passphrase=PASSPHRASE), timeout=30)
             assert changed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert rpc_reason(changed.value) == "older_rows_changed"
             assert len(stub.Adopt(vault_pb2.AdoptRequest(dry_run=True), timeout=30).grants) == 2  # none adopted
             conn = sqlite3.connect(db)
             with conn:
@@ -307,8 +318,9 @@ def test_an_older_vault_is_served_only_once_an_operator_adopts_it(fresh: Aegis) 
             unchanged_list = stub.Adopt(vault_pb2.AdoptRequest(dry_run=True), timeout=30)
             assert [a.name for a in unchanged_list.agents] == [a.name for a in second.agents] == ["claude"]
             with pytest.raises(grpc.RpcError) as hidden:
-                stub.Adopt(vault_pb2.AdoptRequest(digest=second.digest), timeout=30)
+                stub.Adopt(vault_pb2.AdoptRequest(digest=second.digest, passphrase=PASSPHRASE), timeout=30)
             assert hidden.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert rpc_reason(hidden.value) == "older_rows_changed"
         shown = fresh.ctl_in_process("vault", "adopt")  # the operator is told these rows were most likely edited in
         assert shown.code == 2 and "grant claude -> bravo" in shown.out and "edited into vault.db" in shown.out
         conn = sqlite3.connect(db)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61\x65gis/v1/vault.proto\x12\x08\x61\x65gis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x16\x43heckPassphraseRequest\x12\x12\n\npassphrase\x18\x01 \x01(\t\"\x19\n\x17\x43heckPassphraseResponse\"B\n\x17\x43hangePassphraseRequest\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\t\x12\x16\n\x0enew_passphrase\x18\x02 \x01(\t\"\x1a\n\x18\x43hangePassphraseResponse\"A\n\x17ReplaceUnlockKeyRequest\x12\x12\n\npassphrase\x18\x01 \x01(\t\x12\x12\n\nunlock_key\x18\x02 \x01(\t\",\n\x18ReplaceUnlockKeyResponse\x12\x10\n\x08replaced\x18\x01 \x01(\r\"-\n\x17RemoveUnlockKeysRequest\x12\x12\n\npassphrase\x18\x01 \x01(\t\"+\n\x18RemoveUnlockKeysResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\"/\n\x0c\x41\x64optRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\xd2\x01\n\x0fOlderCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\x12\x11\n\tauth_type\x18\x04 \x01(\t\x12\x13\n\x0bheader_name\x18\x05 \x01(\t\x12\x13\n\x0bquery_param\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x12\n\nrate_limit\x18\x08 \x01(\t\x12\x17\n\x0f\x62ody_inspection\x18\t \x01(\t\x12\x15\n\rexpires_at_ms\x18\n \x01(\x03\".\n\nOlderAgent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrate_limit\x18\x02 \x01(\t\"/\n\nOlderGrant\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"\xbb\x01\n\rAdoptResponse\x12.\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x19.aegis.v1.OlderCredential\x12$\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x14.aegis.v1.OlderAgent\x12$\n\x06grants\x18\x03 \x03(\x0b\x32\x14.aegis.v1.OlderGrant\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64opted\x18\x05 \x01(\x08\x12\r\n\x05mixed\x18\x06 \x01(\x08\"P\n\x0bInitRequest\x12\x12\n\npassphrase\x18\x01 \x01(\t\x12\x19\n\x11\x63reate_unlock_key\x18\x02 \x01(\x08\x12\x12\n\nunlock_key\x18\x03 \x01(\t\"4\n\x0cInitResponse\x12\x10\n\x08vault_id\x18\x01 \x01(\t\x12\x12\n\nunlock_key\x18\x02 \x01(\t\"E\n\rUnlockRequest\x12\x14\n\npassphrase\x18\x01 \x01(\tH\x00\x12\x14\n\nunlock_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06secret\"\x10\n\x0eUnlockResponse\"\r\n\x0bLockRequest\"\x0e\n\x0cLockResponse\"\x0f\n\rStatusRequest\"\xa8\x02\n\x0eStatusResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.aegis.v1.VaultState\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cgate_address\x18\x05 \x01(\t\x12\x10\n\x08vault_id\x18\x06 \x01(\t\x12\x13\n\x0b\x63redentials\x18\x07 \x01(\r\x12\x0e\n\x06\x61gents\x18\x08 \x01(\r\x12\x0e\n\x06grants\x18\t \x01(\r\x12\x10\n\x08\x64\x61ta_dir\x18\n \x01(\t\x12\x11\n\tkey_slots\x18\x0b \x01(\r\x12\x16\n\x0eschema_version\x18\x0c \x01(\r*z\n\nVaultState\x12\x1b\n\x17VAULT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19VAULT_STATE_UNINITIALIZED\x10\x01\x12\x16\n\x12VAULT_STATE_LOCKED\x10\x02\x12\x18\n\x14VAULT_STATE_UNLOCKED\x10\x03\x32\x99\x05\n\x0cVaultService\x12\x35\n\x04Init\x12\x15.aegis.v1.InitRequest\x1a\x16.aegis.v1.InitResponse\x12;\n\x06Unlock\x12\x17.aegis.v1.UnlockRequest\x1a\x18.aegis.v1.UnlockResponse\x12\x35\n\x04Lock\x12\x15.aegis.v1.LockRequest\x1a\x16.aegis.v1.LockResponse\x12;\n\x06Status\x12\x17.aegis.v1.StatusRequest\x1a\x18.aegis.v1.StatusResponse\x12\x38\n\x05\x41\x64opt\x12\x16.aegis.v1.AdoptRequest\x1a\x17.aegis.v1.AdoptResponse\x12Y\n\x10\x43hangePassphrase\x12!.aegis.v1.ChangePassphraseRequest\x1a\".aegis.v1.ChangePassphraseResponse\x12Y\n\x10ReplaceUnlockKey\x12!.aegis.v1.ReplaceUnlockKeyRequest\x1a\".aegis.v1.ReplaceUnlockKeyResponse\x12Y\n\x10RemoveUnlockKeys\x12!.aegis.v1.RemoveUnlockKeysRequest\x1a\".aegis.v1.RemoveUnlockKeysResponse\x12V\n\x0f\x43heckPassphrase\x12 .aegis.v1.CheckPassphraseRequest\x1a!.aegis.v1.CheckPassphraseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61\x65gis/v1/vault.proto\x12\x08\x61\x65gis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x16\x43heckPassphraseRequest\x12\x12\n\npassphrase\x18\x01 \x01(\t\"\x19\n\x17\x43heckPassphraseResponse\"B\n\x17\x43hangePassphraseRequest\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\t\x12\x16\n\x0enew_passphrase\x18\x02 \x01(\t\"\x1a\n\x18\x43hangePassphraseResponse\"A\n\x17ReplaceUnlockKeyRequest\x12\x12\n\npassphrase\x18\x01 \x01(\t\x12\x12\n\nunlock_key\x18\x02 \x01(\t\",\n\x18ReplaceUnlockKeyResponse\x12\x10\n\x08replaced\x18\x01 \x01(\r\"-\n\x17RemoveUnlockKeysRequest\x12\x12\n\npassphrase\x18\x01 \x01(\t\"+\n\x18RemoveUnlockKeysResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\"C\n\x0c\x41\x64optRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x12\n\npassphrase\x18\x03 \x01(\t\"\xd2\x01\n\x0fOlderCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\x12\x11\n\tauth_type\x18\x04 \x01(\t\x12\x13\n\x0bheader_name\x18\x05 \x01(\t\x12\x13\n\x0bquery_param\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x12\n\nrate_limit\x18\x08 \x01(\t\x12\x17\n\x0f\x62ody_inspection\x18\t \x01(\t\x12\x15\n\rexpires_at_ms\x18\n \x01(\x03\".\n\nOlderAgent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrate_limit\x18\x02 \x01(\t\"/\n\nOlderGrant\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"\xbb\x01\n\rAdoptResponse\x12.\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x19.aegis.v1.OlderCredential\x12$\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x14.aegis.v1.OlderAgent\x12$\n\x06grants\x18\x03 \x03(\x0b\x32\x14.aegis.v1.OlderGrant\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64opted\x18\x05 \x01(\x08\x12\r\n\x05mixed\x18\x06 \x01(\x08\"P\n\x0bInitRequest\x12\x12\n\npassphrase\x18\x01 \x01(\t\x12\x19\n\x11\x63reate_unlock_key\x18\x02 \x01(\x08\x12\x12\n\nunlock_key\x18\x03 \x01(\t\"4\n\x0cInitResponse\x12\x10\n\x08vault_id\x18\x01 \x01(\t\x12\x12\n\nunlock_key\x18\x02 \x01(\t\"E\n\rUnlockRequest\x12\x14\n\npassphrase\x18\x01 \x01(\tH\x00\x12\x14\n\nunlock_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06secret\"\x10\n\x0eUnlockResponse\"\r\n\x0bLockRequest\"\x0e\n\x0cLockResponse\"\x0f\n\rStatusRequest\"\xa8\x02\n\x0eStatusResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.aegis.v1.VaultState\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cgate_address\x18\x05 \x01(\t\x12\x10\n\x08vault_id\x18\x06 \x01(\t\x12\x13\n\x0b\x63redentials\x18\x07 \x01(\r\x12\x0e\n\x06\x61gents\x18\x08 \x01(\r\x12\x0e\n\x06grants\x18\t \x01(\r\x12\x10\n\x08\x64\x61ta_dir\x18\n \x01(\t\x12\x11\n\tkey_slots\x18\x0b \x01(\r\x12\x16\n\x0eschema_version\x18\x0c \x01(\r*z\n\nVaultState\x12\x1b\n\x17VAULT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19VAULT_STATE_UNINITIALIZED\x10\x01\x12\x16\n\x12VAULT_STATE_LOCKED\x10\x02\x12\x18\n\x14VAULT_STATE_UNLOCKED\x10\x03\x32\x99\x05\n\x0cVaultService\x12\x35\n\x04Init\x12\x15.aegis.v1.InitRequest\x1a\x16.aegis.v1.InitResponse\x12;\n\x06Unlock\x12\x17.aegis.v1.UnlockRequest\x1a\x18.aegis.v1.UnlockResponse\x12\x35\n\x04Lock\x12\x15.aegis.v1.LockRequest\x1a\x16.aegis.v1.LockResponse\x12;\n\x06Status\x12\x17.aegis.v1.StatusRequest\x1a\x18.aegis.v1.StatusResponse\x12\x38\n\x05\x41\x64opt\x12\x16.aegis.v1.AdoptRequest\x1a\x17.aegis.v1.AdoptResponse\x12Y\n\x10\x43hangePassphrase\x12!.aegis.v1.ChangePassphraseRequest\x1a\".aegis.v1.ChangePassphraseResponse\x12Y\n\x10ReplaceUnlockKey\x12!.aegis.v1.ReplaceUnlockKeyRequest\x1a\".aegis.v1.ReplaceUnlockKeyResponse\x12Y\n\x10RemoveUnlockKeys\x12!.aegis.v1.RemoveUnlockKeysRequest\x1a\".aegis.v1.RemoveUnlockKeysResponse\x12V\n\x0f\x43heckPassphrase\x12 .aegis.v1.CheckPassphraseRequest\x1a!.aegis.v1.CheckPassphraseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aegis.v1.vault_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VAULTSTATE']._serialized_start=1562
-  _globals['_VAULTSTATE']._serialized_end=1684
+  _globals['_VAULTSTATE']._serialized_start=1582
+  _globals['_VAULTSTATE']._serialized_end=1704
   _globals['_CHECKPASSPHRASEREQUEST']._serialized_start=67
   _globals['_CHECKPASSPHRASEREQUEST']._serialized_end=111
   _globals['_CHECKPASSPHRASERESPONSE']._serialized_start=113
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVEUNLOCKKEYSRESPONSE']._serialized_start=396
   _globals['_REMOVEUNLOCKKEYSRESPONSE']._serialized_end=439
   _globals['_ADOPTREQUEST']._serialized_start=441
-  _globals['_ADOPTREQUEST']._serialized_end=488
-  _globals['_OLDERCREDENTIAL']._serialized_start=491
-  _globals['_OLDERCREDENTIAL']._serialized_end=701
-  _globals['_OLDERAGENT']._serialized_start=703
-  _globals['_OLDERAGENT']._serialized_end=749
-  _globals['_OLDERGRANT']._serialized_start=751
-  _globals['_OLDERGRANT']._serialized_end=798
-  _globals['_ADOPTRESPONSE']._serialized_start=801
-  _globals['_ADOPTRESPONSE']._serialized_end=988
-  _globals['_INITREQUEST']._serialized_start=990
-  _globals['_INITREQUEST']._serialized_end=1070
-  _globals['_INITRESPONSE']._serialized_start=1072
-  _globals['_INITRESPONSE']._serialized_end=1124
-  _globals['_UNLOCKREQUEST']._serialized_start=1126
-  _globals['_UNLOCKREQUEST']._serialized_end=1195
-  _globals['_UNLOCKRESPONSE']._serialized_start=1197
-  _globals['_UNLOCKRESPONSE']._serialized_end=1213
-  _globals['_LOCKREQUEST']._serialized_start=1215
-  _globals['_LOCKREQUEST']._serialized_end=1228
-  _globals['_LOCKRESPONSE']._serialized_start=1230
-  _globals['_LOCKRESPONSE']._serialized_end=1244
-  _globals['_STATUSREQUEST']._serialized_start=1246
-  _globals['_STATUSREQUEST']._serialized_end=1261
-  _globals['_STATUSRESPONSE']._serialized_start=1264
-  _globals['_STATUSRESPONSE']._serialized_end=1560
-  _globals['_VAULTSERVICE']._serialized_start=1687
-  _globals['_VAULTSERVICE']._serialized_end=2352
+  _globals['_ADOPTREQUEST']._serialized_end=508
+  _globals['_OLDERCREDENTIAL']._serialized_start=511
+  _globals['_OLDERCREDENTIAL']._serialized_end=721
+  _globals['_OLDERAGENT']._serialized_start=723
+  _globals['_OLDERAGENT']._serialized_end=769
+  _globals['_OLDERGRANT']._serialized_start=771
+  _globals['_OLDERGRANT']._serialized_end=818
+  _globals['_ADOPTRESPONSE']._serialized_start=821
+  _globals['_ADOPTRESPONSE']._serialized_end=1008
+  _globals['_INITREQUEST']._serialized_start=1010
+  _globals['_INITREQUEST']._serialized_end=1090
+  _globals['_INITRESPONSE']._serialized_start=1092
+  _globals['_INITRESPONSE']._serialized_end=1144
+  _globals['_UNLOCKREQUEST']._serialized_start=1146
+  _globals['_UNLOCKREQUEST']._serialized_end=1215
+  _globals['_UNLOCKRESPONSE']._serialized_start=1217
+  _globals['_UNLOCKRESPONSE']._serialized_end=1233
+  _globals['_LOCKREQUEST']._serialized_start=1235
+  _globals['_LOCKREQUEST']._serialized_end=1248
+  _globals['_LOCKRESPONSE']._serialized_start=1250
+  _globals['_LOCKRESPONSE']._serialized_end=1264
+  _globals['_STATUSREQUEST']._serialized_start=1266
+  _globals['_STATUSREQUEST']._serialized_end=1281
+  _globals['_STATUSRESPONSE']._serialized_start=1284
+  _globals['_STATUSRESPONSE']._serialized_end=1580
+  _globals['_VAULTSERVICE']._serialized_start=1707
+  _globals['_VAULTSERVICE']._serialized_end=2372
 # @@protoc_insertion_point(module_scope)

@@ -197,18 +197,24 @@ class AdoptRequest(_message.Message):
 
     DRY_RUN_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    PASSPHRASE_FIELD_NUMBER: _builtins.int
     dry_run: _builtins.bool
     digest: _builtins.str
     """The digest a dry run returned: only what the operator was shown is adopted."""
+    passphrase: _builtins.str
+    """The vault's passphrase: adopting (not a dry run) needs it (FAILED_PRECONDITION passphrase_required
+    without it), since nothing authenticates what it makes trusted. A wrong one is refused and logged.
+    """
     def __init__(
         self,
         *,
         dry_run: _builtins.bool = ...,
         digest: _builtins.str = ...,
+        passphrase: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "dry_run", b"dry_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "dry_run", b"dry_run", "passphrase", b"passphrase"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
