@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import assert_failed, status, status_in_process
+from tests.e2e.support import assert_failed, show_in_process, status, status_in_process
 from tests.harness import AEGISCTL, AEGISD, PASSPHRASE, Aegis, Result, new_aegis
 
 OTHER_PASSPHRASE = "violet submarine orbit pancake 77"
@@ -401,3 +401,23 @@ def test_stdin_is_read_as_utf8_whatever_the_locale_says(aegis: Aegis) -> None:
     aegis.ctl_in_process("lock").ok()
     aegis.ctl("unlock", "--passphrase-stdin", input=passphrase + "\n", env=latin1).ok()
     aegis.assert_no_leaks([passphrase])
+
+
+def test_a_widening_update_asks_for_the_passphrase_on_a_terminal(unlocked: Aegis) -> None:
+    """`vault update` sends without the passphrase; when aegisd answers that the change needs it, aegisctl on a
+    terminal says why, asks at a hidden prompt and sends again (a wrong one is refused, nothing changed)."""
+    unlocked.add_credential("prod", "sk-terminal-update-secret-4471", "--service", "prod", "--domains",
+                            "api.example.com")
+    screen, code = _typed_on_a_terminal(unlocked, ["vault", "update", "prod", "--domains", "api.example.org"],
+                                        ["not the passphrase"])
+    assert code == 1 and b"wrong passphrase" in screen, screen
+    assert show_in_process(unlocked, "prod")["domains"] == ["api.example.com"]
+    screen, code = _typed_on_a_terminal(unlocked, ["vault", "update", "prod", "--domains", "api.example.org"],
+                                        [PASSPHRASE])
+    assert code == 0, screen
+    text = screen.decode(errors="replace")
+    assert "could not before (new allowlist entry api.example.org): it needs the vault's passphrase." in text, text
+    assert "Passphrase: " in text and PASSPHRASE not in text and "Updated credential 'prod'." in text
+    assert show_in_process(unlocked, "prod")["domains"] == ["api.example.org"]
+    unlocked.outputs.append(text)
+    unlocked.assert_no_leaks([PASSPHRASE, "sk-terminal-update-secret-4471"])
