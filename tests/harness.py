@@ -226,8 +226,11 @@ class Aegis:
 
         from aegisctl.cli import root
 
-        env: dict[str, str | None] = {"AEGIS_SOCKET": str(self.socket), "AEGIS_DATA_DIR": str(self.data_dir),
-                                      "AEGIS_CONFIG": None}
+        # As base_env does for the program: none of the test runner's own AEGIS_* settings leak in.
+        env: dict[str, str | None] = {name: None for name in os.environ if name.startswith("AEGIS_")}
+        env.update({"AEGIS_SOCKET": str(self.socket), "AEGIS_DATA_DIR": str(self.data_dir)})
+        if self.gate_port:
+            env["AEGIS_GATE_LISTEN"] = f"127.0.0.1:{self.gate_port}"
         env.update({k: v for k, v in self.env.items() if k.startswith("AEGIS_")})
         result = CliRunner().invoke(root, list(args), input=input, env=env, catch_exceptions=True)
         err = result.stderr
