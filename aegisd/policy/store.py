@@ -189,11 +189,13 @@ class PolicyStore:
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="aegis-policy-watch")
 
     async def stop(self) -> None:
-        """Stop watching (before the ledger closes, so no reload event is lost half-written)."""
+        """Stop watching (before the ledger closes). A reload under way finishes first: cancelled at its memory
+        write, it would have put the new policies in force without its log line and ledger event."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            async with self._lock:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
 
     async def _watch(self) -> None:

@@ -164,3 +164,35 @@ def test_a_path_too_long_to_judge_is_refused_414_in_enforce_mode_and_forwarded_i
     noted = SimpleNamespace(request_id="r2", judged_ms=0, reason="", flags="")
     verdict = check_policy(store.current, noted, agent, "svc", "GET", long_path)
     assert verdict is not None and noted.reason == WOULD_DENY and noted.flags == "policy=path_too_long"
+
+
+def test_a_stop_lets_a_reload_under_way_finish_and_record_itself(policies: Path, tmp_path: Path) -> None:
+    """From an operations review: SIGHUP then SIGTERM, and the stop cancelled the watcher at the reload's memory
+    write, after the new set was in force but before its log line and ledger event. Now the stop waits for it."""
+    from aegisd.policy.memory import PolicyMemory
+
+    (policies / "bot.yaml").write_text(BOT)
+    recorded: list[str] = []
+    ledger: Any = SimpleNamespace(append_nowait=lambda entry: recorded.append(entry.reason))
+    saving, release = threading.Event(), threading.Event()
+
+    class SlowMemory(PolicyMemory):
+        def save(self, directory: Path | None, remembered: Any) -> None:
+            saving.set()
+            release.wait(10)
+            super().save(directory, remembered)
+
+    async def main() -> None:
+        store = PolicyStore(policies, ledger, memory=SlowMemory(tmp_path / "memory.json"))
+        store.start()
+        store.request_reload("SIGHUP")
+        while not saving.is_set():
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(store.stop())
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # waiting for the reload
+        release.set()
+        await stopping
+
+    asyncio.run(main())
+    assert recorded == ["policy_reloaded"], recorded
