@@ -119,7 +119,9 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         else:
             if not request.passphrase:  # the socket alone must not make a secret's metadata trusted: its hosts
                 raise PassphraseRequired("adopting rows an older aegisd wrote trusts what nothing authenticates "
-                                         "(a credential's hosts, its inspection): it needs the vault's passphrase")
+                                         "(a credential's hosts, its inspection): it needs the vault's passphrase "
+                                         "(an aegisctl whose `vault adopt` has no --passphrase-stdin is too old: "
+                                         "update it)")
             await self.rt.prove_passphrase(request.passphrase, "adoption")
             older = await asyncio.to_thread(self.rt.vault.adopt_older_rows, request.digest)
             if older:

@@ -89,7 +89,7 @@ class PathSet:
     """A rule's patterns as one RE2 set (`re2.Set`, anchored at both ends): a single pass over the path says
     whether any of them matches, as fast as Python's re on one pattern, where a call per pattern through the
     `re2` module's match objects cost about 2.5 us each. Iterates over its PathPatterns; `size` sums their
-    programs. Patterns RE2 cannot compile together (some 40 near MAX_PROGRAM_SIZE) are refused: the path would be
+    programs. Patterns RE2 cannot compile together (about 8 near MAX_PROGRAM_SIZE) are refused: the path would be
     judged against so many that only a few bytes of it could be (pattern.judged_length)."""
 
     __slots__ = ("_set", "patterns", "size")

@@ -26,6 +26,7 @@ from aegisd.policy.policy_set import PolicySet, compile_set
 
 log = logging.getLogger("aegisd.policy")
 POLL_SECONDS = 1.0
+STOP_GRACE_SECONDS = 10.0  # the daemon's own stop grace: how long a reload under way may finish
 SUFFIXES = (".yaml", ".yml")
 # The agents a file names, found even when the YAML around it is broken, so only they fail closed (with the
 # agent of the file's last valid version, kept in aegisd's data directory: memory.py); when nobody can be
@@ -188,20 +189,34 @@ class PolicyStore:
         """Begin watching for reload requests and file changes."""
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="aegis-policy-watch")
 
-    async def stop(self) -> None:
-        """Stop watching (before the ledger closes). A reload under way finishes first: cancelled at its memory
-        write, it would have put the new policies in force without its log line and ledger event."""
-        if self._task is not None:
-            async with self._lock:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            self._task = None
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop watching (before the ledger closes). A reload under way finishes first, for up to `grace` seconds:
+        cancelled at its memory write, it would have put the new policies in force without its log line and ledger
+        event; one stuck longer (a hung file system) is cut off, so the ledger is still closed."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        held = False
+        try:
+            async with asyncio.timeout(grace):
+                held = await self._lock.acquire()
+        except TimeoutError:
+            log.warning("a policy reload still running after %gs was cut off by the stop", grace)
+        try:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            if held:
+                self._lock.release()
 
     async def _watch(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands as the wait ends (a
+            # SIGHUP in the same loop turn as the stop), and the watcher would go on to a reload stop() waits for.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_seconds)
+                async with asyncio.timeout(self._poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
             trigger, self._pending = self._pending, ""
             try:

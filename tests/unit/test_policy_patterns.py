@@ -76,7 +76,7 @@ def test_a_rules_patterns_are_matched_as_one_set_exactly_as_each_would_match() -
 
 
 def test_a_rule_whose_patterns_re2_cannot_compile_together_is_refused() -> None:
-    """Each pattern is at most MAX_PROGRAM_SIZE, so only a rule of some 40 near it is too much for one RE2 set:
+    """Each pattern is at most MAX_PROGRAM_SIZE, so only a rule of several near it is too much for one RE2 set:
     refused (fails closed) with what to do, not matched a pass per pattern (which a 20-pattern rule once was)."""
     pattern = "/a/[^/]{1,450}/x%d"
     assert 3500 < compile_path(pattern % 0).size <= MAX_PROGRAM_SIZE

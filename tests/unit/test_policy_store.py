@@ -196,3 +196,52 @@ def test_a_stop_lets_a_reload_under_way_finish_and_record_itself(policies: Path,
 
     asyncio.run(main())
     assert recorded == ["policy_reloaded"], recorded
+
+
+def test_a_stop_right_after_a_hangup_returns(policies: Path) -> None:
+    """From a review of the stop: a SIGHUP handled in the same loop turn as the stop made asyncio.wait_for (3.11)
+    swallow the watcher's cancel, and the watcher then waited for the reload lock the stop held, for ever."""
+    (policies / "bot.yaml").write_text(BOT)
+
+    async def main() -> None:
+        store = PolicyStore(policies)
+        await store.reload("startup")
+        store.start()
+        await asyncio.sleep(0.05)  # the watcher waits for a wake-up
+        store.request_reload("SIGHUP")
+        await store.stop()  # in this task, so the stop begins in the SIGHUP's loop turn
+
+    stopping = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    stopping.start()
+    stopping.join(10)
+    assert not stopping.is_alive(), "the stop hung"
+
+
+def test_a_reload_stuck_past_the_grace_is_cut_off_and_the_stop_returns(policies: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A reload stuck on a hung file system must not keep the ledger from being closed at a stop."""
+    from aegisd.policy.memory import PolicyMemory
+
+    (policies / "bot.yaml").write_text(BOT)
+    saving, release = threading.Event(), threading.Event()
+
+    class StuckMemory(PolicyMemory):
+        def save(self, directory: Path | None, remembered: Any) -> None:
+            saving.set()
+            release.wait(10)
+
+    async def main() -> None:
+        store = PolicyStore(policies, memory=StuckMemory(tmp_path / "memory.json"))
+        store.start()
+        store.request_reload("SIGHUP")
+        while not saving.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(store.stop(grace=0.2), 10)
+        release.set()  # the thread, which asyncio.run waits for at its end
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            asyncio.run(main())
+    finally:
+        release.set()
+    assert "a policy reload still running after 0.2s was cut off by the stop" in caplog.text
