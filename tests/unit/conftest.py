@@ -22,6 +22,14 @@ def run(request: pytest.FixtureRequest) -> Run:
 
 
 @pytest.fixture
+def policies(tmp_path: Path) -> Path:
+    """An empty policy directory in the test's temp dir."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
 def store(tmp_path: Path) -> Iterator[VaultStore]:
     """A real vault database in the test's temp dir."""
     s = VaultStore(tmp_path / "vault.db")

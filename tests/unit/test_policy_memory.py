@@ -23,13 +23,6 @@ SWAPPED = "agent: mallory\nrules: [[\n"
 
 
 @pytest.fixture
-def policies(tmp_path: Path) -> Path:
-    directory = tmp_path / "policies"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 def memory_path(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     data.mkdir(mode=0o700)

@@ -25,13 +25,6 @@ from aegisd.policy.pattern import MAX_JUDGED_PATH
 BOT = "agent: bot\nrules:\n  - service: svc\n    paths: ['/repos/acme/.*']\n"
 
 
-@pytest.fixture
-def policies(tmp_path: Path) -> Path:
-    directory = tmp_path / "policies"
-    directory.mkdir()
-    return directory
-
-
 def _loaded(policies: Path) -> PolicyStore:
     store = PolicyStore(policies)
     asyncio.run(store.reload("startup"))
