@@ -148,10 +148,13 @@ class GateClient:
         except aiohttp.ClientConnectorError as exc:
             raise BridgeError("gate_unreachable", f"cannot reach the Aegis gate at {self.base_url} "
                               f"({exc.strerror or type(exc).__name__}); is aegisd running?") from None
-        except TimeoutError:
+        except TimeoutError as exc:
+            # Past the connect, the request may have gone out and been forwarded, as for outcome_unknown below.
+            sent_already = "" if isinstance(exc, aiohttp.ConnectionTimeoutError) else (
+                "; the request may already have been carried out: check before sending it again")
             raise BridgeError("gate_timeout", f"the Aegis gate at {self.base_url} did not answer within "
                               f"{waited}; it may be stalled: check aegisd (`aegisctl status`, "
-                              "its log)") from None
+                              f"its log){sent_already}") from None
         except aiohttp.ClientPayloadError:
             raise BridgeError("response_incomplete", "the response was cut off before its end (the upstream "
                               "failed mid-body, or the gate could not record it in the audit ledger)") from None

@@ -255,6 +255,8 @@ def test_a_stalled_gate_is_a_prompt_gate_timeout(world: GateWorld) -> None:
     assert all(seconds < PROMPT_S for _, seconds in timed), timed
     assert "within 1 s (AEGIS_MCP_GATE_TIMEOUT)" in messages[0] and "AEGIS_MCP_GATE_TIMEOUT" in messages[1]
     assert all("within 1.5 s between reads (AEGIS_MCP_READ_TIMEOUT)" in m for m in messages[2:]), messages
+    # Connected and sent, so a proxied call may have been carried out: the model is told to check, not to retry.
+    assert all("the request may already have been carried out: check before sending it" in m for m in messages[2:])
 
 
 def test_a_stalled_gate_stops_the_bridge_at_start(world: GateWorld) -> None:
