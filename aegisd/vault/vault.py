@@ -371,7 +371,7 @@ class Vault:
             vault_id, master = self._require_initialized(), self.master()
             with self._store.transaction() as conn:
                 cred, data = open_sealed(conn, vault_id, master, "name", name)
-                old_auth, before = cred.auth_type, replace(cred)
+                before = replace(cred)
                 for key, value in changes.items():
                     setattr(cred, key, value)
                 cred_rules.validate_credential(cred)
@@ -379,7 +379,7 @@ class Vault:
                 if widened and not passphrase_proven:
                     raise PassphraseRequired(f"this change lets credential {name!r}'s secret go where it could "
                                              f"not before ({'; '.join(widened)}): it needs the vault's passphrase")
-                if cred.auth_type != old_auth:
+                if cred.auth_type != before.auth_type:
                     _check_secret_fits(data, cred.auth_type)
                 cred.updated_at = now_ms()
                 self._check_unique(conn, cred)
@@ -534,7 +534,8 @@ def _open_slots(vault_id: str, all_slots: list[KeySlot], kind: str, secret: str)
 
 
 class PassphraseRequired(FailedPrecondition):
-    """A credential update that widens where its secret may go, asked without the passphrase: nothing changed."""
+    """A change the control socket alone must not make (a credential update that widens where its secret may go,
+    an adoption of an older aegisd's rows), asked without the passphrase: nothing changed."""
 
     reason = "passphrase_required"
 
