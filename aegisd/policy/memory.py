@@ -153,11 +153,16 @@ def read_regular(path: Path, limit: int, *, follow_symlinks: bool) -> bytes:
         if exc.errno in (errno.ELOOP, errno.EMLINK) and not follow_symlinks and path.is_symlink():  # EMLINK: FreeBSD
             raise NotRegular("a symbolic link") from None
         raise
+    try:
+        mode = os.fstat(fd).st_mode  # before fdopen, which refuses a directory with its own words
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegular("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
+                         "a device or socket")
     with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegular("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
-                             "a device or socket")
         return fh.read(limit)
 
 

@@ -245,9 +245,8 @@ def _signature(directory: Path) -> Signature:
             if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
                 continue
             try:
-                if not entry.is_file():
-                    if entry.is_symlink():  # to nothing, or to no file: listed, so reading it fails closed
-                        found.append((entry.name, 0, 0, 0))
+                if not entry.is_file():  # a FIFO, a directory, a socket, a device, or a symlink to one or to nothing:
+                    found.append((entry.name, 0, 0, 0))  # listed, so reading it fails closed, never skipped unsaid
                     continue
                 info = entry.stat()
             except FileNotFoundError:

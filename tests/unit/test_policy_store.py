@@ -52,6 +52,22 @@ def test_a_symlink_to_a_fifo_is_an_invalid_file_not_a_reload_that_never_ends(tmp
     assert files["alice.yaml"].valid and store.current.fail_all == ("bot.yaml",)  # whom it restricts: unknown
 
 
+@pytest.mark.parametrize("kind", ["FIFO", "directory"])
+def test_a_fifo_or_directory_named_as_a_policy_file_fails_closed_not_skipped(policies: Path, kind: str) -> None:
+    """Found by a review: a FIFO (or a directory) put in the policy directory under a policy file's name, not
+    through a symlink, was left out of the listing, so whatever it was meant to restrict went free unsaid."""
+    if kind == "FIFO":
+        os.mkfifo(policies / "bot.yaml", 0o600)
+    else:
+        (policies / "bot.yaml").mkdir()
+    (policies / "alice.yaml").write_text(BOT.replace("bot", "alice"))
+    store = _loaded(policies)
+    files = {f.name: f for f in store.snapshot.files}
+    assert [str(i) for i in files["bot.yaml"].issues] == [
+        f"bot.yaml: cannot read the file: it is a {kind}, not a regular file"]
+    assert files["alice.yaml"].valid and store.current.fail_all == ("bot.yaml",)
+
+
 def test_a_broken_file_with_crlf_line_endings_fails_closed_for_its_agent_only(policies: Path) -> None:
     """Found by a review: `agent: bot\\r\\n` did not match the agent line, so a broken CRLF file failed every
     agent closed instead of its own."""
