@@ -3,6 +3,7 @@ the owner of aegisd's control socket. A real listening socket, with the kernel's
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import shutil
@@ -135,6 +136,8 @@ def test_the_owner_of_a_system_socket_hidden_from_the_bridge_is_trusted(connecti
 
 def as_nobody(check: Callable[[], object]) -> str:
     """What `check` returns (or the GateUntrusted it raises), run in a child process of uid and gid 65534."""
+    codecs.lookup("ascii")  # peer_user reads the tables as ASCII: load the codec here, where the interpreter's own
+    # files are readable (under /root they are not for uid 65534, when no earlier test has loaded it)
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
