@@ -141,6 +141,9 @@ class _ScrapeTimeState:
                                     value=len(self._connections.open))
             yield CounterMetricFamily("aegis_gate_connections_refused", "Agent connections reset on accept "
                                       "because [gate] max_connections were open.", value=self._connections.refused)
+            yield CounterMetricFamily("aegis_gate_connections_evicted", "Idle agent connections on which no agent "
+                                      "had authenticated, reset to make room at [gate] max_connections.",
+                                      value=self._connections.evicted)
         hooks = self._webhooks
         yield GaugeMetricFamily("aegis_webhook_queue_depth", "Webhook deliveries queued, not yet being sent.",
                                 value=hooks.queue_depth)

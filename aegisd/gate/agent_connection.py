@@ -60,39 +60,66 @@ _TOO_LARGE = f"the request's head (or its chunk framing and trailers) is larger 
 
 
 class AgentConnections:
-    """The gate's open agent connections with their serving tasks, and the most it keeps open at once."""
+    """The gate's open agent connections with their serving tasks, and the most it keeps open at once.
+
+    At the cap, a new connection takes the place of the oldest idle one on which no agent has authenticated (a
+    process with no token cannot keep agents out by holding connections open); only when every open connection
+    is an agent's, or busy, is the new one reset."""
 
     REPORT_EVERY = 60.0  # seconds between two warnings about refused connections
 
     def __init__(self, most: int | None = None) -> None:
         self.open: set[AgentConnection] = set()
+        self.unvouched: dict[AgentConnection, None] = {}  # open, and no agent authenticated on its latest request;
+        # oldest first
         self.tasks: set[asyncio.Task[None]] = set()  # each connection's serving task, until it ends
         self.most = most  # None: no cap
         self.refused = 0  # connections reset because `most` were open
+        self.evicted = 0  # idle connections without an agent reset to make room for a new one
         self._reported_at: float | None = None
-        self._reported = 0  # `refused` when the last warning was logged
+        self._reported = (0, 0)  # `refused` and `evicted` when the last warning was logged
         self._report_due: asyncio.TimerHandle | None = None
 
     def admit(self, conn: AgentConnection) -> bool:
-        """Count `conn` as open, or (at the cap) count it refused; the caller resets a refused one."""
-        if self.most is None or len(self.open) < self.most:
-            self.open.add(conn)
-            return True
-        self.refused += 1
+        """Count `conn` as open, making room at the cap if an idle connection has no agent, or count it refused;
+        the caller resets a refused one."""
+        if self.most is not None and len(self.open) >= self.most:
+            spare = next((c for c in self.unvouched if c.idle_between_requests), None)
+            if spare is None:
+                self.refused += 1
+                self._due()
+                return False
+            spare.evict()
+            self.evicted += 1
+            self._due()
+        self.open.add(conn)
+        self.unvouched[conn] = None
+        return True
+
+    def _due(self) -> None:
         now = time.monotonic()
         if self._reported_at is None or now - self._reported_at >= self.REPORT_EVERY:
             self._report()
         elif self._report_due is None:  # the rest of this burst is reported when the minute is up
             self._report_due = asyncio.get_running_loop().call_later(
                 self._reported_at + self.REPORT_EVERY - now, self._report)
-        return False
 
     def _report(self) -> None:
         self._report_due = None
-        if self.refused > self._reported:
+        refused, evicted = self.refused - self._reported[0], self.evicted - self._reported[1]
+        if evicted:
+            log.warning("the gate reset %d idle agent connection(s) on which no agent had authenticated, to make "
+                        "room for new ones: %d are open, the most [gate] max_connections allows", evicted,
+                        self.most)
+        if refused:
             log.warning("the gate reset %d new agent connection(s): %d are open, the most [gate] max_connections "
-                        "allows", self.refused - self._reported, len(self.open))
-            self._reported_at, self._reported = time.monotonic(), self.refused
+                        "allows", refused, len(self.open))
+        if refused or evicted:
+            self._reported_at, self._reported = time.monotonic(), (self.refused, self.evicted)
+
+    def forget(self, conn: AgentConnection) -> None:
+        self.open.discard(conn)
+        self.unvouched.pop(conn, None)
 
 
 class RequestHandler(Protocol):
@@ -179,6 +206,10 @@ class GateRequest:
     def agent_left(self) -> bool:
         """The agent's connection has closed (a reset, or a close the gate saw): no answer can reach it."""
         return self._conn.closed
+
+    def vouch(self, agent_named: bool) -> None:
+        """Say whether this request authenticated as an agent (AgentConnection.vouch)."""
+        self._conn.vouch(agent_named)
 
     @property
     def body_complete(self) -> bool:
@@ -378,6 +409,7 @@ class AgentConnection(asyncio.Protocol):
         self._eof = False
         self.closed = False
         self.closing = False
+        self.vouched = False  # the latest request on it authenticated as an agent
         self.waiting_since: float | None = None  # since when the gate waits for a next request
         self._write_blocked_since: float | None = None  # since when an answer waits for the agent to read
         self._closing_since: float | None = None
@@ -402,7 +434,7 @@ class AgentConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._connections.open.discard(self)
+        self._connections.forget(self)
         if self._linger is not None:
             self._linger.cancel()
         if self._probing is not None:
@@ -714,6 +746,29 @@ class AgentConnection(asyncio.Protocol):
         elif current.body_wait_since is not None:
             waits.append(max(current.body_wait_since, self.last_read))
         return now - min(waits) if waits else 0.0
+
+    def vouch(self, agent_named: bool) -> None:
+        """Whether the latest request on this connection authenticated as an agent: until one has, the
+        connection is one the cap may reset to make room for another (AgentConnections.admit)."""
+        if agent_named is self.vouched:
+            return
+        self.vouched = agent_named
+        if agent_named:
+            self._connections.unvouched.pop(self, None)
+        elif not self.closed:
+            self._connections.unvouched[self] = None
+
+    @property
+    def idle_between_requests(self) -> bool:
+        """No request is being answered, waits its turn, or sends its body: at most a head is on its way."""
+        return self._current is None and not self._queued and self._parsing is None
+
+    def evict(self) -> None:
+        """Reset this idle connection to make room for a new one (the cap is full); it stops counting at once."""
+        self._connections.forget(self)
+        if self.transport is not None and not self.closed:
+            _reset_on_close(self.transport)
+            self.transport.abort()
 
     @property
     def ends_after_this(self) -> bool:

@@ -348,9 +348,10 @@ class GatePipeline:
             auth = request.headers.get("Authorization", "")
             if auth[:7].lower() == "bearer " and auth[7:].strip().startswith(TOKEN_PREFIX):
                 token = auth[7:].strip()
+        agent = table.agent_for(token.strip()) if token else None
+        request.vouch(agent is not None)  # a connection no agent authenticated on may be reset at the cap
         if not token:
             raise Refusal(401, "agent_auth_required", "send your agent token in the X-Aegis-Agent header")
-        agent = table.agent_for(token.strip())
         if agent is None:
             raise Refusal(401, "agent_auth_invalid", "the agent token is not valid")
         return agent

@@ -159,8 +159,9 @@ def test_past_max_connections_new_agent_connections_are_reset_and_the_daemon_sta
         world.credential("bear", SECRETS["bear"], up.entry())
         token = world.agent("bot", "bear")
         held = [socket.create_connection(("127.0.0.1", world.port), timeout=10) for _ in range(3)]
-        held[0].sendall(f"GET /bear/echo/held HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {token}\r\n\r\n".encode())
-        assert held[0].recv(65536).startswith(b"HTTP/1.1 200 ")
+        for sock in held:  # each an agent's: none is made room from
+            sock.sendall(f"GET /bear/echo/held HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {token}\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
         # A reset, never an orderly close; on a busy machine it can arrive before connect() returns.
         with pytest.raises((ConnectionResetError, BrokenPipeError)), \
                 socket.create_connection(("127.0.0.1", world.port), timeout=10) as extra:
@@ -181,6 +182,40 @@ def test_past_max_connections_new_agent_connections_are_reset_and_the_daemon_sta
         assert scrape.value("aegis_gate_connections_refused_total") >= 1
         assert "max_connections allows" in world.aegis.log()
         for sock in held:
+            sock.close()
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_connections_held_open_without_a_token_keep_no_agent_out() -> None:
+    """Found by a review: the cap counted a connection before any token was seen, so a local process with no
+    token could hold `max_connections` idle connections and have every agent's connection reset. Now each new
+    connection takes the place of the oldest idle one no agent has authenticated on; the agent is served."""
+    world = GateWorld.start(max_connections=3)
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRETS["bear"], up.entry())
+        token = world.agent("bot", "bear")
+        squatters = [socket.create_connection(("127.0.0.1", world.port), timeout=10) for _ in range(3)]
+        squatters[0].sendall(b"GET /_aegis/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # tokenless, kept alive
+        assert squatters[0].recv(65536).startswith(b"HTTP/1.1 200 ")
+        squatters[1].sendall(b"GET /bear/echo/half HTTP/1.1\r\n")  # a head that never ends
+        agents = []
+        for attempt in range(2):  # each agent's connection stays open (and is never made room from)
+            agents.append(agent := socket.create_connection(("127.0.0.1", world.port), timeout=10))
+            agent.sendall(f"GET /bear/echo/agent{attempt} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          f"X-Aegis-Agent: {token}\r\n\r\n".encode())
+            assert agent.recv(65536).startswith(b"HTTP/1.1 200 "), attempt
+            with pytest.raises(ConnectionResetError):  # the oldest squatter made room, with a reset
+                squatters[attempt].settimeout(10)
+                assert squatters[attempt].recv(65536) == b"", attempt
+        assert len(up.requests_to("/echo/agent0")) == len(up.requests_to("/echo/agent1")) == 1
+        scrape = Scrape(world)
+        assert scrape.value("aegis_gate_connections_evicted_total") >= 2
+        assert scrape.value("aegis_gate_connections_refused_total") == 0
+        assert "idle agent connection(s) on which no agent had authenticated" in world.aegis.log()
+        for sock in squatters + agents:
             sock.close()
         world.assert_no_leaks()
     finally:

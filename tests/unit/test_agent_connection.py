@@ -93,6 +93,7 @@ class Handler:
 
     async def handle(self, request: GateRequest) -> None:
         self.seen.append(f"{request.method} {request.raw_path}")
+        request.vouch("X-Aegis-Agent" in request.headers)  # as the pipeline's authentication says it
         self.active += 1
         self.most_active = max(self.most_active, self.active)
         try:
@@ -299,6 +300,10 @@ def refused(gate: Gate, count: int) -> bool:
     return gate.registry.refused == count
 
 
+def evicted(gate: Gate, count: int) -> bool:
+    return gate.registry.evicted == count
+
+
 def test_past_the_cap_a_new_connection_is_reset_and_counted_until_one_closes(
         run: Run, caplog: pytest.LogCaptureFixture) -> None:
     """At `most` open connections the next one is reset on accept (nothing read, nothing answered), whether
@@ -310,8 +315,9 @@ def test_past_the_cap_a_new_connection_is_reset_and_counted_until_one_closes(
         async with serving(handler, most=2) as gate:
             gate.registry.REPORT_EVERY = 0.3
             first, second = await gate.connect(), await gate.connect()
-            await first.send(b"GET /one HTTP/1.1\r\nHost: gate\r\n\r\n")
-            await first.expect(echoed("GET", "/one"))
+            for agent, path in ((first, "/one"), (second, "/two")):  # both an agent's: neither is made room from
+                await agent.send(f"GET {path} HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n".encode())
+                await agent.expect(echoed("GET", path))
             await eventually(lambda: len(gate.connections) == 2, "the gate accepted both")
             for turn in range(3):
                 try:  # on a busy machine the reset can arrive before the connect or the send completes
@@ -324,7 +330,8 @@ def test_past_the_cap_a_new_connection_is_reset_and_counted_until_one_closes(
                     assert await extra.rest() == b""
                     assert extra.ended == "reset"
                 await eventually(functools.partial(refused, gate, turn + 1), "the gate counted the refusal")
-            assert handler.seen == ["GET /one"] and len(gate.connections) == 2
+            assert handler.seen == ["GET /one", "GET /two"] and len(gate.connections) == 2
+            assert gate.registry.evicted == 0
             await eventually(lambda: len(warnings()) == 2, "the rest of the burst was reported")
             second.sock.close()
             await eventually(lambda: len(gate.connections) == 1, "the gate saw the agent leave")
@@ -340,6 +347,69 @@ def test_past_the_cap_a_new_connection_is_reset_and_counted_until_one_closes(
         run(main())
     assert warnings() == [f"the gate reset {count} new agent connection(s): 2 are open, the most [gate] "
                           "max_connections allows" for count in (1, 2)]
+
+
+def test_at_the_cap_a_new_connection_takes_the_place_of_the_oldest_idle_one_no_agent_authenticated_on(
+        run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: the cap counted connections before any token was seen, so a local process with no
+    token could hold `most` idle connections and have every agent's new connection reset for as long as it
+    liked. Now the oldest idle connection without an agent is reset to make room; an agent's is never, nor is
+    one whose request is under way; a connection whose latest request carried no token is one without."""
+    release: list[asyncio.Event] = []
+
+    async def held(request: GateRequest) -> None:
+        await release[0].wait()
+        await echo(request)
+
+    handler = Handler(answer_then_echo(held))
+
+    async def main() -> None:
+        release.append(asyncio.Event())
+        async with serving(handler, most=4) as gate:
+            agent = await gate.connect()
+            await agent.send(b"GET /mine HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n")
+            await agent.expect(echoed("GET", "/mine"))
+            busy = await gate.connect()  # a tokenless request under way: not idle, so never made room from
+            await busy.send(b"GET /x HTTP/1.1\r\nHost: gate\r\n\r\n")
+            await eventually(lambda: handler.active == 1, "the held request began")
+            squatters = [await gate.connect(), await gate.connect()]
+            await squatters[1].send(b"GET /half")  # a head on its way is still idle: nothing is being answered
+            await eventually(lambda: len(gate.connections) == 4, "the gate accepted all four")
+            for turn, squatter in enumerate(list(squatters), 1):  # each newcomer resets the oldest squatter in turn
+                newcomer = await gate.connect()
+                assert await squatter.rest() == b"" and squatter.ended == "reset"
+                await eventually(functools.partial(evicted, gate, turn), "the gate counted the eviction")
+                squatters.append(newcomer)
+            assert gate.registry.refused == 0 and len(gate.connections) == 4
+            await agent.send(b"GET /again HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n")
+            await agent.expect(echoed("GET", "/again"))  # the agent's connection was never the one reset
+            await squatters[2].send(b"GET /vouched HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n")
+            await squatters[2].expect(echoed("GET", "/vouched"))
+            await squatters[3].send(b"GET /tokenless HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n")
+            await squatters[3].expect(echoed("GET", "/tokenless"))
+            await squatters[3].send(b"GET /tokenless HTTP/1.1\r\nHost: gate\r\n\r\n")  # its latest: no token
+            await squatters[3].expect(echoed("GET", "/tokenless"))
+            last = await gate.connect()
+            assert await squatters[3].rest() == b"" and squatters[3].ended == "reset"
+            await eventually(functools.partial(evicted, gate, 3), "the gate counted the eviction")
+            await last.send(b"GET /last HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n")
+            await last.expect(echoed("GET", "/last"))
+            try:  # every open connection is an agent's or busy: refused
+                extra = await gate.connect()
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            else:
+                assert await extra.rest() == b"" and extra.ended == "reset"
+            await eventually(lambda: gate.registry.refused == 1, "the gate counted the refusal")
+            assert gate.registry.evicted == 3
+            release[0].set()
+            await busy.expect(echoed("GET", "/x"))
+
+    with caplog.at_level(logging.WARNING, logger="aegisd.gate"):
+        run(main())
+    assert [r.getMessage() for r in caplog.records][:1] == [
+        "the gate reset 1 idle agent connection(s) on which no agent had authenticated, to make room for new "
+        "ones: 4 are open, the most [gate] max_connections allows"]
 
 
 def test_http_1_0_without_keep_alive_is_answered_with_close_and_closed(run: Run) -> None:
