@@ -147,12 +147,13 @@ class GatePipeline:
         self._listen_hosts = frozenset({config.gate_host.lower()})
         self._unauthenticated = RefusalRows(ledger.append_nowait)  # one budget: requests that name no agent
         self._agent_refusals = RefusalRows(ledger.append_nowait, AGENT_RATE_PER_SECOND, AGENT_BURST)  # one each
-        self._agent_alarms = RefusalRows(ledger.append_nowait, ALARM_RATE_PER_SECOND, ALARM_BURST)  # and these
+        self._agent_alarms = {reason: RefusalRows(ledger.append_nowait, ALARM_RATE_PER_SECOND, ALARM_BURST)
+                              for reason in ALARMS}  # and each of these
 
     def stopped(self) -> None:
         """The gate has stopped and every request is recorded: write what is still pending (the summary of
         unrecorded refusals) while the ledger is open."""
-        for budget in (self._unauthenticated, self._agent_refusals, self._agent_alarms):
+        for budget in (self._unauthenticated, self._agent_refusals, *self._agent_alarms.values()):
             budget.flush()
 
     async def handle(self, request: GateRequest) -> None:
@@ -568,7 +569,7 @@ class GatePipeline:
         """The budget a refusal's row comes out of: the tokenless one, or the agent's for alarms or the rest."""
         if not x.agent:
             return self._unauthenticated
-        return self._agent_alarms if x.reason in ALARMS else self._agent_refusals
+        return self._agent_alarms.get(x.reason, self._agent_refusals)
 
     async def _record(self, x: Exchange) -> bool:
         x.recorded = True

@@ -7,9 +7,9 @@ every agent (503 ledger_unavailable). So each agent, and all requests that name 
 a budget of rows for their refusals: a burst, then a steady rate. Past it, such refusals are counted
 instead, and one system row per agent (or for the tokenless ones) records how many, and for which
 reasons, went unrecorded one by one; they get no log line of their own either, and a tokenless one no
-webhook event (outcomes.py). An agent's ALARMS draw on a second budget of their own, so that cheap
-refusals cannot spend it. Allowed requests, and refused ones that were forwarded, never ask: each keeps
-its row.
+webhook event (outcomes.py). Each of an agent's ALARMS draws on a budget of its own, so that cheap
+refusals, or a flood of another alarm, cannot spend it. Allowed requests, and refused ones that were
+forwarded, never ask: each keeps its row.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ BURST = 500
 AGENT_RATE_PER_SECOND = 50.0  # rows a second for one agent's refusals, once its burst is spent
 AGENT_BURST = 500
 # Refusals of what an attacker steering the agent would try (moving a secret out in a body, reaching a host
-# off the allowlist, overriding the judged method) have a budget of their own, so that a flood of cheap
-# refusals (not_granted, 429) cannot spend it and keep the attempt itself out of the ledger.
+# off the allowlist, overriding the judged method) have a budget each, so that a flood of cheap refusals
+# (not_granted, 429), or of one of these (domain_not_allowed costs no body), cannot spend another's and keep
+# that attempt out of the ledger.
 ALARMS = frozenset({"body_inspection", "domain_not_allowed", "override_not_allowed"})
 ALARM_RATE_PER_SECOND = 10.0
 ALARM_BURST = 200

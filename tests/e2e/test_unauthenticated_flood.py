@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 
-from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, BURST, RATE_PER_SECOND
+from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, ALARM_BURST, BURST, RATE_PER_SECOND
 from tests.e2e.gate_support import SECRETS, GateWorld, shared_standard
 
 FLOOD = 3 * BURST
@@ -84,6 +84,41 @@ def test_a_stop_right_after_a_flood_still_writes_its_summary_row() -> None:
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_a_flood_of_one_alarm_cannot_keep_another_out_of_the_ledger() -> None:
+    """Found by a review: the three alarms shared one budget, so an agent could spend it with requests to a host
+    off the allowlist (they cost nothing: no body, no quota) and move a secret out right behind them with no
+    row of its own. Each alarm has its own budget now: the attempt has its row, the flood its summary."""
+    world = shared_standard().world
+    flooder = "alarm-flooder"
+    world.agent(flooder, "bear")
+    token = world.tokens[flooder]
+    secret = SECRETS["bear"].encode()
+    attempt = (f"POST /bear/echo/alarmflood-exfil HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: "
+               f"{token}\r\nContent-Type: text/plain\r\nContent-Length: {len(secret)}\r\n\r\n").encode() + secret
+    off_list = "".join(f"GET /bear/echo/alarmflood/{n} HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: "
+                       f"{token}\r\nX-Target-Host: elsewhere.example\r\n\r\n" for n in range(ALARM_BURST + 50))
+    with socket.create_connection(("127.0.0.1", world.port), timeout=60) as conn:
+        conn.sendall(off_list.encode() + attempt)
+        received = b""
+        while received.count(b"HTTP/1.1 403 ") < ALARM_BURST + 51:
+            chunk = conn.recv(1 << 20)
+            assert chunk, received.count(b"HTTP/1.1 403 ")
+            received += chunk
+    deadline = time.monotonic() + 30  # the summary comes a second after the first refusal it counts
+    while True:
+        listing = world.aegis.ctl_in_process("ledger", "show", "--json", "--limit", "100000", "--agent", flooder).ok()
+        world.aegis.outputs.remove(listing.out)  # leak-checked below, with the full listing
+        rows = json.loads(listing.out)
+        summaries = [r for r in rows if r["reason"] == "agent_refusal_flood"]
+        if summaries or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [r["reason"] for r in rows if r["path"] == "/echo/alarmflood-exfil"] == ["body_inspection"]
+    assert summaries and all("domain_not_allowed" in str(r["detail"]) for r in summaries), summaries
+    world.ledger()
+    world.assert_no_leaks()
 
 
 def _pipelined_as(port: int, token: str, targets: list[str], then: bytes = b"") -> dict[int, int]:
