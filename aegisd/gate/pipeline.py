@@ -630,7 +630,7 @@ class GatePipeline:
     async def _services(self, request: GateRequest, x: Exchange) -> None:
         """The calling agent's own grants; authenticated and ledgered exactly like a proxied request."""
         if request.method != "GET":
-            raise Refusal(405, "method_not_allowed", "/_aegis/services answers GET only")
+            raise Refusal(405, "method_not_allowed", "/_aegis/services answers GET only", headers={"Allow": "GET"})
         table = self._unlocked_table()
         agent = self._authenticate(request, table)
         x.agent = agent.name

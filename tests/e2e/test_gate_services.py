@@ -48,8 +48,9 @@ def test_services_lists_only_the_callers_grants(world: GateWorld) -> None:
                          path="/services")
     world.assert_refused(world.call("GET", "/_aegis/services", [("X-Aegis-Agent", "aegis_" + "x" * 43)]), 401,
                          "agent_auth_invalid")
-    world.assert_refused(world.call("POST", "/_aegis/services", agent="reader", body=b"{}"), 405,
-                         "method_not_allowed")
+    posted = world.call("POST", "/_aegis/services", agent="reader", body=b"{}")
+    world.assert_refused(posted, 405, "method_not_allowed")
+    assert posted.all("Allow") == ["GET"]  # RFC 9110: a 405 says what is allowed
     world.aegis.ctl("lock").ok()
     world.assert_refused(world.call("GET", "/_aegis/services", agent="reader"), 503, "vault_locked")
     world.unlock()
