@@ -206,9 +206,13 @@ class GatePipeline:
 
     async def _pipeline(self, request: GateRequest, x: Exchange) -> None:
         # 0. the front door: request shape, Host header, path
-        check_shape(request)
-        check_host_header(request.headers, self._listen_hosts)
-        service, rest, query = split_target(request.raw_path)
+        try:
+            check_shape(request)
+            check_host_header(request.headers, self._listen_hosts)
+            service, rest, query = split_target(request.raw_path)
+        except Refusal:
+            self._attribute(request, x)
+            raise
         x.service, x.path = service, rest
         if service == "_aegis":
             await self._operator(request, rest, x)
@@ -344,11 +348,7 @@ class GatePipeline:
         return table
 
     def _authenticate(self, request: GateRequest, table: RoutingTable) -> AgentEntry:
-        token = request.headers.get("X-Aegis-Agent")
-        if token is None:
-            auth = request.headers.get("Authorization", "")
-            if auth[:7].lower() == "bearer " and auth[7:].strip().startswith(TOKEN_PREFIX):
-                token = auth[7:].strip()
+        token = _token(request)
         agent = table.agent_for(token.strip()) if token else None
         request.vouch(agent is not None)  # a connection no agent authenticated on may be reset at the cap
         if not token:
@@ -356,6 +356,16 @@ class GatePipeline:
         if agent is None:
             raise Refusal(401, "agent_auth_invalid", "the agent token is not valid")
         return agent
+
+    def _attribute(self, request: GateRequest, x: Exchange) -> None:
+        """A request the front door refused (a dot segment, a proxy form, a foreign Host) names its agent and its
+        target in its row when it carries a valid token: such probes are the agent's, counted against its own
+        budget and found by `ledger show --agent`, not lost among tokenless refusals. Nothing more is judged."""
+        x.path = request.raw_path  # masked like any target refused before inspection, when the row is written
+        table, token = self.routing.table, _token(request)
+        agent = table.agent_for(token.strip()) if table is not None and token else None
+        if agent is not None:
+            x.agent = agent.name
 
     def _target(self, request: GateRequest, route: Route) -> tuple[AllowedHost, str, int]:
         requested = request.headers.get("X-Target-Host")
@@ -717,3 +727,13 @@ def _ambiguous(route: Route, host: str, port: int | None, scheme: str | None,
 def _netloc(scheme: str, host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return shown if DEFAULT_PORTS.get(scheme) == port else f"{shown}:{port}"
+
+
+def _token(request: GateRequest) -> str | None:
+    """The agent token the request carries: X-Aegis-Agent, else an `Authorization: Bearer aegis_...`."""
+    token = request.headers.get("X-Aegis-Agent")
+    if token is None:
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer " and auth[7:].strip().startswith(TOKEN_PREFIX):
+            token = auth[7:].strip()
+    return token

@@ -443,9 +443,12 @@ BAD_PATHS = [
 
 @pytest.mark.parametrize("path", BAD_PATHS)
 def test_bad_paths_are_refused(std: Standard, path: str) -> None:
+    """Found by a review: the row of such a probe named no agent and no path (the front door refuses it before
+    authentication), and it spent the tokenless budget; it names the agent whose token it carries now."""
     with untouched(std.up):
         reply = std.world.raw_request("GET", path, agent="bot")
-    std.world.assert_refused(reply, 400, "bad_request")
+    row = std.world.assert_refused(reply, 400, "bad_request", agent="bot")
+    assert row["path"] == path[:2048], row
     std.world.assert_no_leaks()
 
 
