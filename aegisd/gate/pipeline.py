@@ -583,14 +583,17 @@ class GatePipeline:
 
     async def _record(self, x: Exchange) -> bool:
         x.recorded = True
-        if not x.path_inspected:  # refused before step 8, or forwarded on a credential whose inspection is off
-            self._mask_target(x)
-        entry = normalize(x.entry())  # webhooks and logs get the row as stored: capped, never 60 KB paths
         # A flood of refusals, tokenless or one agent's: past its budget each is only counted (metrics, the
         # summary row), with no row or log line of its own (outcomes.py says which still alert). An allowed
         # request never asks, nor does a refused one that was forwarded (its quota was spent: its agent's rate
         # limit bounds those).
         itemised = x.decision != "denied" or x.forwarded or self._refusal_rows(x).admit(x.agent, x.reason)
+        # Refused before step 8, or forwarded on a credential whose inspection is off: masked, unless it is a
+        # tokenless refusal past its budget, whose target nothing records (its metrics name no service), so a
+        # flood of them does not buy the masking's scans (milliseconds for a long path) on the event loop.
+        if not x.path_inspected and (itemised or x.agent):
+            self._mask_target(x)
+        entry = normalize(x.entry())  # webhooks and logs get the row as stored: capped, never 60 KB paths
         if self.outcomes is not None:
             try:
                 self.outcomes.record(entry, x.upstream_s, itemised)  # metrics, refusal log line, webhooks
