@@ -148,6 +148,10 @@ class UpstreamResponse(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._drain: asyncio.Future[None] | None = None
+        # While writes are paused: when the upstream last took some of the request (the pause, or a look that found
+        # the write buffer smaller), and how much the buffer held then; _check_time compares the two.
+        self._drain_since = 0.0
+        self._drain_left = 0
         self._begin("GET")
 
     def _begin(self, method: str) -> None:
@@ -275,6 +279,8 @@ class UpstreamResponse(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._drain is None:
             self._drain = self._loop.create_future()
+            self._drain_since = self._loop.time()
+            self._drain_left = self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     def resume_writing(self) -> None:
         drain, self._drain = self._drain, None
@@ -449,14 +455,26 @@ class UpstreamResponse(asyncio.Protocol):
         if self._complete:
             return
         now = self._loop.time()
-        silent_until = self._last_read + self._read_timeout
+        silent_since = self._last_read
         uploading = self._body_task is not None and not self._body_task.done()
+        not_reading = uploading and self._drain is not None
+        if not_reading:
+            # The body waits on the upstream to take what was written: while it takes none, it is silent too.
+            # Whatever it took since the last look (the write buffer shrank) counts as of now.
+            left = self.transport.get_write_buffer_size() if self.transport is not None else 0
+            if left < self._drain_left:
+                self._drain_since, self._drain_left = now, left
+            silent_since = max(silent_since, self._drain_since)
+            uploading = False
+        silent_until = silent_since + self._read_timeout
         waiting_on_us = self._paused or uploading  # the agent is slow to read, or still sending its body
         if now >= self._deadline or (now >= silent_until and not waiting_on_us):
-            self._fail(UpstreamTimeout("the upstream did not answer in time"))
+            self._fail(UpstreamTimeout("the upstream stopped reading the request body" if not_reading
+                                       else "the upstream did not answer in time"))
             self.close()
             return
-        # While the agent is slow to read or still uploading, silence is not the upstream's: look again later.
+        # While the agent is slow to read or still sending its body (not held up by the upstream not reading it),
+        # silence is not the upstream's: look again later.
         wake = now + self._read_timeout if waiting_on_us else silent_until
         self._timer = self._loop.call_at(min(self._deadline, wake), self._check_time)
 
