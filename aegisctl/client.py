@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
+from aegisctl.paths import UnsafePath, safe_directory
 from aegisd.api.aegis.v1 import (
     agents_pb2,
     agents_pb2_grpc,
@@ -211,11 +212,13 @@ class AegisClient:
         return self._channel
 
     def _check_socket(self) -> None:
-        """Before anything is sent, make sure the path holds a socket nobody but its owner could have put there.
+        """Before anything is sent, make sure the path holds a socket nobody but root, this user or aegisd's user
+        could have put there.
 
-        aegisctl sends passphrases and keys over this socket: a symlink, or a socket in a directory that a group
-        or everyone can write, may be someone else's server in aegisd's place. The socket's owner is not
-        checked: under the packaged service the daemon runs as a dynamic user and operators are in its group."""
+        aegisctl sends passphrases and keys over this socket: a symlink, a socket in a directory that a group or
+        everyone can write, or a path that another user's directory or link leads through may be someone else's
+        server in aegisd's place (paths.safe_directory). The socket's owner is not checked: under the packaged
+        service the daemon runs as a dynamic user and operators are in its group."""
         path = self.socket_path
         try:
             info = os.lstat(path)
@@ -227,6 +230,9 @@ class AegisClient:
             raise ClientError(f"no permission to use the control socket {path} (its directory {path.parent} "
                               "cannot be searched)",
                               "run as the daemon's user or a member of its socket group") from None
+        except ValueError:  # a NUL, which no system call takes
+            raise ClientError(f"the control socket path {str(path)!r} contains a NUL character",
+                              "point --socket / AEGIS_SOCKET at aegisd's control socket") from None
         except OSError as exc:
             raise ClientError(f"cannot look at the control socket {path}: {exc.strerror}") from None
         if stat.S_ISLNK(info.st_mode):
@@ -243,7 +249,12 @@ class AegisClient:
                               "point --socket / AEGIS_SOCKET at aegisd's control socket")
         directory = path.parent
         try:
-            dir_info = os.stat(directory)
+            real = safe_directory(directory)
+            dir_info = os.lstat(real)
+        except UnsafePath as exc:
+            raise ClientError(f"refusing to use the control socket {path}: {exc.message}; nothing was sent",
+                              f"run `chmod g-w,o-w {exc.chmod}`, or {OWN_SOCKET_DIRECTORY}" if exc.chmod
+                              else OWN_SOCKET_DIRECTORY) from None
         except OSError as exc:
             raise ClientError(f"cannot check the control socket's directory {directory}: {exc.strerror}") from None
         dir_mode = stat.S_IMODE(dir_info.st_mode)

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from aegisctl.mcp.peer_user import PROC_NET, PeerUnknown, TableUnreadable, socket_uid
-from aegisctl.paths import PathError, resolve_socket
+from aegisctl.paths import PathError, UnsafePath, resolve_socket, safe_directory
 
 # The gate's end of a fresh loopback connection is in the tables by the time connect() returns; these short waits
 # only cover a kernel that completes the handshake on another CPU a moment later.
@@ -97,9 +97,9 @@ class GateTrust:
             path = resolve_socket(None, self._config_path, env)  # aegisctl's own choice, a hidden system socket too
         except PathError:
             return None, None
-        try:
-            directory = os.stat(path.parent)
-        except OSError:
+        try:  # a path that someone else could re-point (their directory or symlink on the way) names no one
+            directory = os.lstat(safe_directory(path.parent))
+        except (UnsafePath, OSError):
             return path, None
         if not stat.S_ISDIR(directory.st_mode) or directory.st_mode & 0o022:
             return path, None

@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 MAX_UNIX_PATH = 107
+MAX_LINKS = 40  # symbolic links followed on the way to the socket's directory, as the kernel allows in one lookup
 # What to do about a socket directory aegisd must not use and must not change (another user's, a shared /tmp).
 _OWN_DIRECTORY = ("give aegisd a directory of its own: a --socket in a directory that does not exist yet (aegisd "
                   "creates it closed to others), such as $XDG_RUNTIME_DIR/aegis/aegisd.sock, or in one only its "
@@ -97,14 +98,16 @@ class ControlSocket:
         """Create the socket's directory, or check an existing one. Only a directory created here gets its
         mode and group set; an existing one is never changed (it may be a user's $XDG_RUNTIME_DIR, or hold
         other programs' sockets), so it must already be right."""
+        real = self._safe_path(directory)
+        if real is None:
+            try:
+                if self._create_directory(directory):
+                    return
+            except OSError as exc:
+                raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+            real = self._safe_path(directory)  # made by someone else (root or aegisd's user) meanwhile
         try:
-            created = self._create_directory(directory)
-        except OSError as exc:
-            raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
-        if created:
-            return
-        try:
-            info = directory.stat()
+            info = os.lstat(real or directory)
         except OSError as exc:
             raise SocketError(f"cannot check socket directory {directory}: {exc.strerror}") from None
         if not stat.S_ISDIR(info.st_mode):
@@ -127,6 +130,67 @@ class ControlSocket:
                               f"and keys aegisctl sends; {fix}")
         if self._gid is not None:
             self._check_shared_directory(directory, info)
+
+    def _safe_path(self, directory: Path) -> Path | None:
+        """The real path of `directory`, or None where part of it is missing (aegisd creates the rest), once no one
+        but root and aegisd's user can change where the path leads (OpenSSH's StrictModes rule): from / down,
+        every existing directory passed through and every symbolic link on the way must belong to one of them (a
+        link is then followed), and one that group or others can write must be sticky (like /tmp). The directory
+        itself is judged by the caller."""
+        trusted = {0, os.geteuid()}
+        todo, here, links = list(reversed(directory.absolute().parts)), Path("/"), 0
+        while todo:
+            name = todo.pop()
+            if name in ("/", ".."):
+                here = Path("/") if name == "/" else here.parent
+                continue
+            if name in (".", ""):
+                continue
+            self._check_passable(directory, here, trusted)
+            step = here / name
+            try:
+                info = os.lstat(step)
+                if stat.S_ISLNK(info.st_mode):
+                    links += 1
+                    if info.st_uid not in trusted:
+                        raise SocketError(
+                            f"socket directory {directory}: {step} is a symbolic link owned by uid {info.st_uid}, not "
+                            f"by aegisd's user (uid {os.geteuid()}) or root, who can point it at a directory of their "
+                            f"own and receive the passphrases and keys aegisctl sends; {_OWN_DIRECTORY}")
+                    if links > MAX_LINKS:
+                        raise SocketError(f"more than {MAX_LINKS} symbolic links on the way to socket directory "
+                                          f"{directory}; choose another --socket")
+                    todo.extend(reversed(Path(os.readlink(step)).parts))
+                    continue
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise SocketError(f"cannot check {step} on the way to socket directory {directory}: "
+                                  f"{exc.strerror}") from None
+            if not stat.S_ISDIR(info.st_mode):
+                raise SocketError(f"{step} is not a directory; choose another --socket")
+            here = step
+        return here
+
+    @staticmethod
+    def _check_passable(directory: Path, here: Path, trusted: set[int]) -> None:
+        """A directory above the socket's: its owner, or anyone who can write it unless it is sticky, could swap
+        what is below it."""
+        try:
+            info = os.lstat(here)
+        except OSError as exc:
+            raise SocketError(f"cannot check {here} on the way to socket directory {directory}: "
+                              f"{exc.strerror}") from None
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in trusted:
+            problem = f"belongs to uid {info.st_uid}, not to aegisd's user (uid {os.geteuid()}) or root"
+        elif mode & 0o022 and not mode & stat.S_ISVTX:
+            problem = f"is writable by group or others (mode {mode:04o}) and not sticky"
+        else:
+            return
+        raise SocketError(f"{here}, above socket directory {directory}, {problem}: whoever can change it could swap "
+                          f"the socket's directory for their own and receive the passphrases and keys aegisctl "
+                          f"sends; {_OWN_DIRECTORY}")
 
     def _create_directory(self, directory: Path) -> bool:
         """Make `directory` and any missing parent, each 0700, or with a socket group 0750 in that group: the group

@@ -95,6 +95,30 @@ def test_the_control_sockets_owner_is_trusted_unless_its_directory_is_open(tmp_p
         verify(trust, connection)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another uid needs root")
+def test_a_socket_directory_another_user_made_in_a_shared_directory_vouches_for_no_one(
+        tmp_path: Path, connection: socket.socket) -> None:
+    """Found by a review: the bridge trusted the owner of whatever directory held the socket it was pointed at, so
+    a user who made /tmp/aegis first (as aegisctl would refuse now) also got the bridge's agent token through a
+    gate listener of theirs. The socket's path must pass aegisctl's own check (paths.safe_directory) to count."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # noqa: S103 - a sticky directory anyone can write, as /tmp
+    path = control_socket(shared / "aegis", 4321)
+    trust = GateTrust(proc_net=fake_net(tmp_path, connection, 4321), platform="linux", uid=OWN,
+                      env={"AEGIS_SOCKET": str(path)})
+    with pytest.raises(GateUntrusted, match="uid 4321"):
+        verify(trust, connection)
+    link = tmp_path / "link"
+    link.symlink_to(path.parent)
+    os.lchown(link, 4321, 4321)  # another user's symbolic link on the way
+    os.chmod(shared, 0o755)
+    trust = GateTrust(proc_net=fake_net(tmp_path, connection, 4321), platform="linux", uid=OWN,
+                      env={"AEGIS_SOCKET": str(link / "aegisd.sock")})
+    with pytest.raises(GateUntrusted, match="uid 4321"):
+        verify(trust, connection)
+
+
 def exists_as_on_python_3_14(self: Path) -> bool:
     """Path.exists() from Python 3.14 on: False for any OSError, where 3.11-3.13 raise all but "not there"."""
     try:
