@@ -2,7 +2,11 @@
 
 Events carry fields (`credential=github`), never secrets; under journald each field becomes
 an `AEGIS_<NAME>` journal field so `journalctl AEGIS_CREDENTIAL=github` works.
-"""
+
+A value may come from a control call before (or without) being validated, so no format writes a character
+that could end the line or hide text: human lines show each non-printable character of the message and of
+every field value escaped as Python's repr writes it (a backslash and `n`, `x1b`, `u202e`), JSON escapes
+them (json.dumps writes ASCII only), and the journal's message and fields are escaped as human lines are."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> No
     if not logger.isEnabledFor(level):
         return
     extra: dict[str, Any] = {FIELDS_ATTR: fields}
-    extra.update({"AEGIS_" + key.upper(): str(value) for key, value in fields.items()})
+    extra.update({"AEGIS_" + key.upper(): escaped(str(value)) for key, value in fields.items()})
     logger.log(level, message, extra=extra, stacklevel=2)
 
 
@@ -30,13 +34,22 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return dict(getattr(record, FIELDS_ATTR, {}))
 
 
+def escaped(text: str) -> str:
+    """`text` with every character str.isprintable() refuses (controls, line and paragraph separators,
+    format characters such as bidi overrides, lone surrogates) written as its Python escape; printable
+    text, the usual case, is returned as it is."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 class HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        text = f"{stamp}.{int(record.msecs):03d}Z {record.levelname.lower():7} {record.getMessage()}"
+        text = f"{stamp}.{int(record.msecs):03d}Z {record.levelname.lower():7} {escaped(record.getMessage())}"
         fields = _fields(record)
         if fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            text += " " + " ".join(f"{k}={escaped(f'{v}')}" for k, v in fields.items())
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
@@ -54,6 +67,17 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)
+
+
+class JournalFormatter(logging.Formatter):
+    """The journal's MESSAGE: the message escaped as on a human line (the fields are journal fields of their own,
+    escaped by event())."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = escaped(record.getMessage())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 def under_journal() -> bool:
@@ -93,6 +117,7 @@ def _journal_handler() -> logging.Handler | None:
     except ImportError:
         return None
     handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="aegisd")
+    handler.setFormatter(JournalFormatter())
     return handler
 
 

@@ -13,6 +13,7 @@ from aegisd.api.aegis.v1 import agents_pb2_grpc
 from aegisd.control.convert import INTEGRITY_TO_PB, timestamp
 from aegisd.control.errors import rpc
 from aegisd.runtime import Runtime
+from aegisd.vault.credentials import check_lookup
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -23,6 +24,12 @@ def agent_to_pb(agent: Agent) -> pb.Agent:
                     rotated_at=timestamp(agent.rotated_at), rate_limit=agent.rate_limit,
                     credentials=agent.credentials, integrity=INTEGRITY_TO_PB[agent.integrity],
                     ignored_grants=agent.ignored_grants)
+
+
+def _check_pair(agent: str, credential: str) -> None:
+    """A grant's two names, before they are looked up (check_lookup)."""
+    check_lookup(agent, "agent name")
+    check_lookup(credential, "credential name")
 
 
 class AgentService(agents_pb2_grpc.AgentServiceServicer):
@@ -42,10 +49,11 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
 
     @rpc
     async def GetAgent(self, request: pb.GetAgentRequest, context: Ctx) -> pb.Agent:
-        return agent_to_pb(await asyncio.to_thread(self.rt.agents.get, request.name))
+        return agent_to_pb(await asyncio.to_thread(self.rt.agents.get, check_lookup(request.name, "agent name")))
 
     @rpc
     async def RemoveAgent(self, request: pb.RemoveAgentRequest, context: Ctx) -> pb.RemoveAgentResponse:
+        check_lookup(request.name, "agent id" if request.by_id else "agent name")
         grants = await asyncio.to_thread(self.rt.agents.remove, request.name, request.by_id)
         if request.by_id:
             self.rt.log_event("agent row removed", id=request.name, grants_removed=grants)
@@ -56,12 +64,13 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @rpc
     async def RegenerateToken(self, request: pb.RegenerateTokenRequest, context: Ctx
                               ) -> pb.RegenerateTokenResponse:
-        agent, token = await asyncio.to_thread(self.rt.agents.regenerate, request.name)
+        agent, token = await asyncio.to_thread(self.rt.agents.regenerate, check_lookup(request.name, "agent name"))
         self.rt.log_event("agent token regenerated", agent=request.name)
         return pb.RegenerateTokenResponse(agent=agent_to_pb(agent), token=token)
 
     @rpc
     async def Grant(self, request: pb.GrantRequest, context: Ctx) -> pb.GrantResponse:
+        _check_pair(request.agent, request.credential)
         created = await asyncio.to_thread(self.rt.agents.grant, request.agent, request.credential)
         if created:
             self.rt.log_event("credential granted", agent=request.agent, credential=request.credential)
@@ -71,12 +80,14 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @rpc
     async def SetRateLimit(self, request: pb.SetAgentRateLimitRequest, context: Ctx
                            ) -> pb.SetAgentRateLimitResponse:
-        agent = await asyncio.to_thread(self.rt.agents.set_rate_limit, request.name, request.rate_limit)
+        agent = await asyncio.to_thread(self.rt.agents.set_rate_limit, check_lookup(request.name, "agent name"),
+                                        request.rate_limit)
         self.rt.log_event("agent rate limit set", agent=agent.name, rate_limit=agent.rate_limit or "none")
         return pb.SetAgentRateLimitResponse(agent=agent_to_pb(agent))
 
     @rpc
     async def Revoke(self, request: pb.RevokeRequest, context: Ctx) -> pb.RevokeResponse:
+        _check_pair(request.agent, request.credential)
         await asyncio.to_thread(self.rt.agents.revoke, request.agent, request.credential)
         self.rt.log_event("grant revoked", agent=request.agent, credential=request.credential)
         agent = await asyncio.to_thread(self.rt.agents.get, request.agent)

@@ -13,7 +13,7 @@ from aegisd.api.aegis.v1 import credentials_pb2_grpc
 from aegisd.control import convert
 from aegisd.control.errors import rpc
 from aegisd.runtime import Runtime
-from aegisd.vault.credentials import Credential, check_new_domains
+from aegisd.vault.credentials import Credential, check_lookup, check_new_domains, validate_name
 from aegisd.vault.domains import AllowedHost
 from aegisd.vault.vault import now_ms
 
@@ -61,11 +61,12 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
 
     @rpc
     async def GetCredential(self, request: pb.GetCredentialRequest, context: Ctx) -> pb.Credential:
-        check = await asyncio.to_thread(self.rt.vault.check_credential, request.name)
+        check = await asyncio.to_thread(self.rt.vault.check_credential, check_lookup(request.name))
         return convert.credential_to_pb(check.credential, now_ms(), check.status)
 
     @rpc
     async def UpdateCredential(self, request: pb.UpdateCredentialRequest, context: Ctx) -> pb.Credential:
+        validate_name(request.name)  # first: a wrong passphrase is logged naming it
         now = now_ms()
         changes = convert.credential_changes(request, now)
         entries = check_new_domains(changes["domains"], request.allow_plain_http) if "domains" in changes else []
@@ -83,13 +84,14 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
 
     @rpc
     async def RotateCredential(self, request: pb.RotateCredentialRequest, context: Ctx) -> pb.Credential:
-        cred = await asyncio.to_thread(self.rt.vault.rotate_credential, request.name, request.secret)
+        cred = await asyncio.to_thread(self.rt.vault.rotate_credential, check_lookup(request.name), request.secret)
         self.rt.log_event("credential rotated", credential=cred.name)
         return convert.credential_to_pb(cred, now_ms())
 
     @rpc
     async def RemoveCredential(self, request: pb.RemoveCredentialRequest, context: Ctx
                                ) -> pb.RemoveCredentialResponse:
+        check_lookup(request.name, "credential id" if request.by_id else "credential name")
         grants = await asyncio.to_thread(self.rt.vault.remove_credential, request.name, request.by_id)
         if request.by_id:
             self.rt.log_event("credential row removed", id=request.name, grants_removed=grants)

@@ -36,6 +36,10 @@ STATUS: dict[Kind, grpc.StatusCode] = {
 }
 REASON_KEY = "aegis-reason"
 INTERNAL_MESSAGE = "internal error in aegisd; see its log"
+# A status message travels in a trailer, percent-encoded (a byte outside printable ASCII takes three), and gRPC
+# drops trailers past its metadata limits (8 KiB soft, 16 KiB hard): the client got RESOURCE_EXHAUSTED instead.
+# Messages quote input shortened (domains.quoted); this bound is for any that still grows with it.
+MAX_MESSAGE_BYTES = 2048
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -78,8 +82,16 @@ def stream_rpc(handler: StreamHandler[Self, Req, Resp]) -> StreamHandler[Self, R
 async def abort(context: Ctx, exc: AegisError) -> NoReturn:
     """End the call with the error's status and message, its reason in the trailer."""
     context.set_trailing_metadata(((REASON_KEY, exc.reason),))
-    await context.abort(STATUS[exc.kind], exc.message)
+    await context.abort(STATUS[exc.kind], bounded(exc.message))
     raise AssertionError("unreachable: abort raises")
+
+
+def bounded(message: str) -> str:
+    """`message`, cut to MAX_MESSAGE_BYTES of UTF-8 (at a character) and marked so when longer."""
+    data = message.encode(errors="replace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    return data[:MAX_MESSAGE_BYTES].decode(errors="ignore") + " [... message cut]"
 
 
 async def _fail(context: Ctx, name: str, exc: Exception) -> NoReturn:

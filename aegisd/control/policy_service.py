@@ -25,6 +25,7 @@ from aegisd.policy.hints import KnownNames, file_warnings, known_names, unknown_
 from aegisd.policy.model import JUDGED_FROM_MS, JUDGED_UNTIL_MS
 from aegisd.policy.policy_set import INVALID
 from aegisd.runtime import Runtime
+from aegisd.vault.domains import quoted
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 _METHOD = re.compile(r"[A-Z][A-Z-]*")  # what may go into a request line to ask the gate's parser about it
@@ -114,12 +115,12 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     async def Test(self, request: pb.TestPolicyRequest, context: Ctx) -> pb.TestPolicyResponse:
         method = request.method.upper()
         if not _gate_parses(method):
-            raise InvalidArgument(f"method {request.method!r} is not one the gate takes (it answers 400, or 405 to "
-                                  "CONNECT, before any policy): use an HTTP method such as GET, POST or PROPFIND")
+            raise InvalidArgument(f"method {quoted(request.method)} is not one the gate takes (it answers 400, or 405 "
+                                  "to CONNECT, before any policy): use an HTTP method such as GET, POST or PROPFIND")
         if not request.service or any(c in request.service for c in "/?#%"):
-            raise InvalidArgument(f"service {request.service!r} must be one path segment, such as github")
+            raise InvalidArgument(f"service {quoted(request.service)} must be one path segment, such as github")
         if not request.path.startswith("/"):
-            raise InvalidArgument(f"path {request.path!r} must start with '/' (the part after /{{service}})")
+            raise InvalidArgument(f"path {quoted(request.path)} must start with '/' (the part after /{{service}})")
         at_ms = _instant(request.at) if request.HasField("at") else time.time_ns() // 1_000_000
         try:  # the gate's front door: what it refuses is never judged, and what it drops (`?query`, `#x`) is not
             _, rest, _ = split_target(f"/{request.service}{request.path}")

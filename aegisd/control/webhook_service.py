@@ -14,6 +14,7 @@ from aegisd.control.convert import INTEGRITY_TO_PB, timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import StorageUnavailable
 from aegisd.runtime import Runtime
+from aegisd.vault.credentials import check_lookup
 from aegisd.webhooks import Webhook, Webhooks
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -39,6 +40,8 @@ class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):
     @rpc
     async def AddWebhook(self, request: pb.AddWebhookRequest, context: Ctx) -> pb.AddWebhookResponse:
         hooks = self._hooks()
+        for name in request.events:  # an unknown event is refused naming it: not one of any length
+            check_lookup(name, "webhook event")
         webhook, secret = await asyncio.to_thread(hooks.registry.add, request.url, list(request.events))
         await asyncio.to_thread(hooks.reload)
         self.rt.log_event("webhook added", webhook=webhook.id, origin=webhook.origin, events=",".join(webhook.events))
@@ -52,7 +55,7 @@ class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):
     @rpc
     async def RemoveWebhook(self, request: pb.RemoveWebhookRequest, context: Ctx) -> pb.RemoveWebhookResponse:
         hooks = self._hooks()
-        webhook = await asyncio.to_thread(hooks.registry.remove, request.id)
+        webhook = await asyncio.to_thread(hooks.registry.remove, check_lookup(request.id, "webhook id"))
         await asyncio.to_thread(hooks.reload)
         self.rt.log_event("webhook removed", webhook=webhook.id)
         return pb.RemoveWebhookResponse(webhook=webhook_to_pb(webhook))
@@ -60,7 +63,7 @@ class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):
     @rpc
     async def TestWebhook(self, request: pb.TestWebhookRequest, context: Ctx) -> pb.TestWebhookResponse:
         hooks = self._hooks()
-        target = await asyncio.to_thread(hooks.registry.target, request.id)
+        target = await asyncio.to_thread(hooks.registry.target, check_lookup(request.id, "webhook id"))
         delivery, attempt = await hooks.dispatcher.test(target)
         self.rt.log_event("webhook tested", webhook=target.id, delivery=delivery.id, status=attempt.status,
                           error=attempt.error or "-")

@@ -12,12 +12,22 @@ from typing import Any
 
 from aegisd.errors import InvalidArgument
 from aegisd.rates import RateError, parse_rate
-from aegisd.vault.domains import AllowedHost, DomainAllowlist, DomainError
+from aegisd.vault.domains import AllowedHost, DomainAllowlist, DomainError, quoted
 
 AUTH_TYPES = ("bearer", "header", "basic", "query")
 INSPECTION_MODES = ("off", "warn", "block")
 SCOPES = ("read", "write", "*")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+MAX_NAME_LENGTH = 64  # NAME's; row ids are 32 hex digits
+# A name or row id to look up that is longer than this is nobody's: refused before the lookup, whose NOT_FOUND would
+# name it whole. One more than a name: until f0b1126 NAME ended in `$`, which let a name end in a newline.
+MAX_LOOKUP_LENGTH = MAX_NAME_LENGTH + 1
+# Entries in one credential's allowlist, on add and update: far above any real use (an API is a few hosts, at most a
+# few dozen), low enough that checking, sealing and routing one stays cheap. Stored lists are not re-checked: a
+# credential restored from a backup, or adopted, keeps the entries it has.
+MAX_DOMAINS = 1000
+# A rate is `N/unit`, N at most 9 digits: nothing valid comes near this, so a longer one is refused unparsed.
+MAX_RATE_LENGTH = 64
 SERVICE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}\Z")  # RFC 9110 header field name
 QUERY_PARAM = re.compile(r"^[A-Za-z0-9._~-]{1,64}\Z")
@@ -65,14 +75,24 @@ class Credential:
 
 def validate_name(name: str, what: str = "credential name") -> str:
     if not NAME.match(name):
-        raise InvalidArgument(f"{what} {name!r} must be 1-64 characters of a-z, 0-9, '.', '_' or '-', "
-                              "starting with a letter or digit")
+        raise InvalidArgument(f"{what} {quoted(name)} must be 1-{MAX_NAME_LENGTH} characters of a-z, 0-9, '.', '_' "
+                              "or '-', starting with a letter or digit")
     return name
+
+
+def check_lookup(value: str, what: str = "credential name") -> str:
+    """A name (or row id) a call asks for, refused if it is longer than any stored one can be, before it is looked
+    up: the lookup's NOT_FOUND names what was asked for. A shorter one is looked up as given, so a row an older
+    aegisd wrote under a name today's rules refuse is still found."""
+    if len(value) > MAX_LOOKUP_LENGTH:
+        raise InvalidArgument(f"{what} {quoted(value)} is too long ({len(value)} characters): no name or id aegisd "
+                              f"writes is longer than {MAX_NAME_LENGTH}")
+    return value
 
 
 def validate_service(service: str) -> str:
     if not SERVICE.match(service):
-        raise InvalidArgument(f"service {service!r} must be 1-63 characters of a-z, 0-9 or '-', starting "
+        raise InvalidArgument(f"service {quoted(service)} must be 1-63 characters of a-z, 0-9 or '-', starting "
                               "with a letter or digit (it is the first path segment at the gate)")
     return service
 
@@ -86,19 +106,26 @@ def canonical_domains(entries: list[str]) -> list[str]:
 
 
 ALLOW_PLAIN_HTTP_FLAG = "--allow-plain-http"
+PLAIN_LISTED = 5  # plain http:// entries a refusal names; it counts the rest
 
 
 def check_new_domains(entries: list[str], allow_plain_http: bool) -> list[AllowedHost]:
     """The operator's new allowlist, checked for what only a new list must pass (stored credentials are not
-    re-checked, so one added before this rule keeps working): a plain `http://` entry to anything but loopback
-    would send the secret across a network in clear, and needs `allow_plain_http`. Returns the parsed entries."""
+    re-checked, so one added before this rule keeps working): at most MAX_DOMAINS entries (counted before any is
+    parsed), and a plain `http://` entry to anything but loopback would send the secret across a network in clear,
+    so needs `allow_plain_http`. Returns the parsed entries."""
+    if len(entries) > MAX_DOMAINS:
+        raise InvalidArgument(f"an allowlist holds at most {MAX_DOMAINS} entries; {len(entries)} were given "
+                              "(use a `*.` wildcard for many hosts under one domain)", reason="too_many_domains")
     try:
         parsed = list(DomainAllowlist.parse(entries).entries)
     except DomainError as exc:
         raise InvalidArgument(str(exc)) from None
     plain = [str(entry) for entry in parsed if entry.is_plain_http_off_host]
     if plain and not allow_plain_http:
-        listed = ("domain entry " if len(plain) == 1 else "domain entries ") + ", ".join(map(repr, plain))
+        shown = ", ".join(map(quoted, plain[:PLAIN_LISTED]))
+        more = f" and {len(plain) - PLAIN_LISTED} more" if len(plain) > PLAIN_LISTED else ""
+        listed = ("domain entry " if len(plain) == 1 else "domain entries ") + shown + more
         raise InvalidArgument(
             f"{listed}: plain http:// would send the credential unencrypted across the network; it is "
             f"allowed only to loopback (127.0.0.1, [::1], localhost). Use https://, or pass "
@@ -113,13 +140,15 @@ def validate_scopes(scopes: list[str]) -> list[str]:
         raise InvalidArgument("scopes must name at least one of: read, write, *")
     bad = [s for s in cleaned if s not in SCOPES]
     if bad:
-        raise InvalidArgument(f"unknown scope {bad[0]!r}; use read, write or * (comma-separated)")
+        raise InvalidArgument(f"unknown scope {quoted(bad[0])}; use read, write or * (comma-separated)")
     return ["*"] if "*" in cleaned else cleaned
 
 
 def validate_rate(rate: str) -> str:
     if not rate:
         return ""
+    if len(rate) > MAX_RATE_LENGTH:  # the parser's message would echo it whole
+        raise InvalidArgument(f"rate {quoted(rate)} must look like N/sec, N/min, N/hour or N/day (e.g. 100/min)")
     try:
         return str(parse_rate(rate))
     except RateError as exc:
@@ -128,30 +157,30 @@ def validate_rate(rate: str) -> str:
 
 def validate_inspection(mode: str) -> str:
     if mode not in INSPECTION_MODES:
-        raise InvalidArgument(f"body inspection {mode!r} must be off, warn or block")
+        raise InvalidArgument(f"body inspection {quoted(mode)} must be off, warn or block")
     return mode
 
 
 def validate_auth(auth_type: str, header_name: str, query_param: str) -> tuple[str, str, str]:
     """Check the injection settings fit together; returns the normalised triple."""
     if auth_type not in AUTH_TYPES:
-        raise InvalidArgument(f"auth type {auth_type!r} must be bearer, header, basic or query")
+        raise InvalidArgument(f"auth type {quoted(auth_type)} must be bearer, header, basic or query")
     if auth_type == "header":
         if not header_name:
             raise InvalidArgument("auth type 'header' needs --header-name (e.g. X-Api-Key)")
         if not TOKEN.match(header_name) or header_name.lower() in RESERVED_HEADERS:
-            raise InvalidArgument(f"header name {header_name!r} is not a valid header the gate may inject")
+            raise InvalidArgument(f"header name {quoted(header_name)} is not a valid header the gate may inject")
         return auth_type, header_name, ""
     if auth_type == "query":
         if not query_param:
             raise InvalidArgument("auth type 'query' needs --query-param NAME (letters, digits, '.', '_', "
                                   "'~', '-')")
         if not QUERY_PARAM.match(query_param):
-            raise InvalidArgument(f"--query-param {query_param!r} is not a parameter name the gate may inject: "
+            raise InvalidArgument(f"--query-param {quoted(query_param)} is not a parameter name the gate may inject: "
                                   "use letters, digits, '.', '_', '~' or '-'")
         return auth_type, "", query_param
     if header_name or query_param:
-        raise InvalidArgument(f"--header-name and --query-param do not apply to auth type {auth_type!r}")
+        raise InvalidArgument(f"--header-name and --query-param do not apply to auth type {quoted(auth_type)}")
     return auth_type, "", ""
 
 

@@ -179,7 +179,7 @@ def is_loopback_host(host: str) -> bool:
 
 def parse_allowed_host(text: str) -> AllowedHost:
     """Canonicalise and validate one operator entry, so the vault stores only unambiguous hosts."""
-    what = f"domain entry {_quote(text)}"
+    what = f"domain entry {quoted(text)}"
     _check_length(text, what)
     scheme, sep, rest = text.partition("://")
     if sep:
@@ -220,14 +220,14 @@ def canonical_target(text: str) -> tuple[str, int | None, str | None]:
     Remembered per text, since agents name the same few hosts on every request and the checks cost
     microseconds; only accepted texts (at most 300 characters) are kept, as a refusal raises.
     """
-    what = f"target host {_quote(text)}"
+    what = f"target host {quoted(text)}"
     _check_length(text, what)
     scheme: str | None = None
     given, sep, rest = text.partition("://")
     if sep:
         scheme = given.lower()
         if not given.isascii() or scheme not in DEFAULT_PORTS:
-            raise DomainError(f"{what}: scheme {_quote(given)} is not allowed; give only host[:port], optionally after "
+            raise DomainError(f"{what}: scheme {quoted(given)} is not allowed; give only host[:port], optionally after "
                               "http:// or https://")
         text = rest
         if not text:
@@ -361,7 +361,10 @@ def _pick(candidates: tuple[AllowedHost, ...], port: int | None, scheme: str | N
     return first
 
 
-def _quote(text: str) -> str:
+def quoted(text: str) -> str:
+    """Text a caller sent, for an error message: repr'd, and cut after 80 characters, so that a message never
+    carries a whole oversized input (gRPC drops a status message past its metadata limit, and the caller gets
+    a transport error instead of it)."""
     return repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
 
 
