@@ -231,6 +231,7 @@ class Forms:
         # Tails of up to FRAGMENT - 1 bytes are looked up here; longer ones start with a long form's head.
         self._prefixes = frozenset(f[:n] for f in ordered for n in range(1, min(FRAGMENT, len(f))))
         self._short_max = min(FRAGMENT, self.longest) - 1
+        self._first_bytes = frozenset(f[0] for f in ordered)  # a tail's first byte, looked at before slicing it
         heads: dict[bytes, list[bytes]] = {}
         for form in ordered:  # longest first, so within a head the longest form is tried first
             if len(form) > FRAGMENT:
@@ -275,8 +276,9 @@ class Forms:
             best = self._long_pending(data, start)
             if best:
                 return best
-        for size in range(min(self._short_max, len(data) - start), 0, -1):
-            if data[-size:] in self._prefixes:
+        end, first = len(data), self._first_bytes
+        for size in range(min(self._short_max, end - start), 0, -1):
+            if data[end - size] in first and data[-size:] in self._prefixes:
                 return size
         return 0
 

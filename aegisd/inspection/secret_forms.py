@@ -4,6 +4,10 @@ Computed once per routing-table build. Base64 needs care: a secret inside a long
 encoded differently depending on its offset modulo 3, and the characters at its two edges mix in
 neighbouring bytes. For each of the three offsets we keep only the characters whose six bits come
 entirely from the secret; one of those three cores appears in any blob that contains the secret.
+
+An upstream echoes what the gate sent it, which for query and basic auth is a spelling of the secret
+(`wire_values`), and may encode that once more: a login redirect carrying the original URL in `?next=`
+percent-encodes the query value's `%2F` again as `%252F`. Response redaction replaces those too.
 """
 
 from __future__ import annotations
@@ -85,12 +89,24 @@ def search_forms(values: Iterable[bytes]) -> set[bytes]:
     return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
 
 
+def wire_values(value: bytes) -> set[bytes]:
+    """How the gate may put `value` on the wire (routing.build_route), where it differs from the value:
+    percent-encoded for query auth (`quote(secret, safe="")`), base64 for basic auth (`Basic <b64>`; the
+    scheme word is no secret). Bearer and header auth send the value itself, `Bearer ` before it, whose
+    forms the value's own are. Derived from every value, whatever its credential's auth type: the cost is a
+    form or a few (none for a value percent-encoding leaves alone and whose base64 holds no `+`, `/`, `=`)."""
+    return {quote_from_bytes(value, safe="").encode(), base64.b64encode(value)} - {value}
+
+
 def redaction_forms(values: Iterable[bytes]) -> set[bytes]:
-    """What response redaction replaces: the search forms plus whole base64 encodings with their edges."""
+    """What response redaction replaces: the search forms plus whole base64 encodings with their edges, and
+    the URL-encodings of each wire value (a wire value as it is already is one: the value's URL-encoding or base64)."""
     values = tuple(values)
     forms = search_forms(values)
     for value in values:
         forms |= base64_whole(value)
+        for wire in wire_values(value):
+            forms |= url_forms(wire)
     return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
 
 
