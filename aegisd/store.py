@@ -3,6 +3,15 @@
 Every sqlite3 error leaves here translated into an AegisError that says what is wrong
 with the file or the disk, and every write happens in one transaction, so a failure
 never leaves a half-written change behind.
+
+What is deleted is gone from the files, not only from the rows: a retired key slot (its salt and
+wrapped master key) opens the vault for whoever holds the retired secret, and a retired credential's
+sealed secret opens for whoever gets the master key. So every connection that writes a vault file
+overwrites deleted content (`secure_delete`, off in SQLite's default build), each commit folds the
+write-ahead log into the file and empties it when it deleted or replaced secret material (the log's frames
+hold earlier images of the pages), a vault
+is compacted when it is opened (residue an older aegisd left) and after each key slot change, and a
+backup's copy is built from the live rows (`VACUUM INTO`), never a page copy with the free space.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from aegisd.errors import AegisError, StorageCorrupt, StorageFull, StorageReadOnly, StorageUnavailable
 
@@ -104,6 +114,20 @@ def translate(exc: sqlite3.Error, path: Path) -> AegisError:
     return StorageUnavailable(f"database error on {path}: {exc}")
 
 
+def connect_for_writing(path: Path | str, **kwargs: Any) -> sqlite3.Connection:
+    """A connection that may write a vault file: SQLite then overwrites what a write deletes (a row, a cell an
+    update moves, a page it frees) with zeros, instead of only marking it free. SQLite's default build does not;
+    some (Debian's) do. Raises sqlite3.Error, which the caller translates."""
+    conn: sqlite3.Connection = sqlite3.connect(path, **kwargs)
+    try:
+        if conn.execute("PRAGMA secure_delete = ON").fetchone()[0] != 1:
+            raise sqlite3.OperationalError("this SQLite cannot overwrite deleted content (secure_delete)")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class ReplacedNotOpened(StorageUnavailable):
     """A restore moved its vault file into place, but opening it failed: the file in place is the restored one."""
 
@@ -124,7 +148,7 @@ class VaultStore:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             os.close(fd)
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn = connect_for_writing(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from None
         try:
@@ -140,7 +164,41 @@ class VaultStore:
         except AegisError:
             conn.close()
             raise
+        self._compact(conn)
         self._conn = conn
+
+    def compact(self) -> None:
+        """Rebuild the file from its live rows (VACUUM), so nothing deleted before, by this aegisd or an older one
+        whose SQLite left deleted content in place, is left in its free space; then empty the write-ahead log.
+        After a key slot change, which has committed already: a failure is logged, not raised."""
+        with self._lock:
+            self._compact(self._require())
+
+    def _compact(self, conn: sqlite3.Connection) -> None:
+        """At each open (a vault that an older aegisd, or a restored backup, left residue in) and after each key
+        slot change. Small (a few ms): the vault holds key slots, credentials, agents and webhooks. A failure (a
+        full disk: VACUUM needs about the file's size again) is logged and leaves the file as it was."""
+        try:
+            conn.execute("VACUUM")
+        except sqlite3.Error as exc:
+            log.warning("could not compact %s (%s): content deleted before may remain in its free space until the "
+                        "next start or key change", self.path, translate(exc, self.path).message)
+            return
+        self._truncate_log(conn)
+
+    def _truncate_log(self, conn: sqlite3.Connection) -> None:
+        """Fold the write-ahead log into the file and truncate it to nothing: its frames hold the pages as they were
+        before the writes since the last checkpoint (a deleted key slot among them). The commit stands whatever
+        happens here; a reader in another process can keep the log from being emptied (then it is logged)."""
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            log.warning("could not empty %s-wal (%s): earlier page images stay in it until the next write",
+                        self.path, translate(exc, self.path).message)
+            return
+        if busy:
+            log.warning("could not empty %s-wal: another process is reading the vault; earlier page images stay in "
+                        "it until the next write", self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -150,14 +208,19 @@ class VaultStore:
                 self._conn = None
 
     def backup_to(self, dest: Path) -> None:
-        """A consistent copy at `dest` (SQLite online backup API), self-contained: no -wal file needed."""
+        """A consistent copy at `dest` (empty or absent), self-contained: no -wal file needed.
+
+        Built from the rows (`VACUUM INTO`, one read transaction under the store's lock), not copied page by page:
+        a page copy (SQLite's backup API) carries the file's free space, and with it whatever was deleted without
+        being overwritten (a key slot an older aegisd removed). The copy has no free pages and no deleted cells.
+        """
         with self._lock:
             conn = self._require()
             try:
-                target = sqlite3.connect(dest)
+                conn.execute("VACUUM INTO ?", (str(dest),))
+                target = connect_for_writing(dest)
                 try:
-                    conn.backup(target)
-                    target.execute("PRAGMA journal_mode = DELETE")
+                    target.execute("PRAGMA journal_mode = DELETE")  # no -wal beside the copy, whatever SQLite's version
                 finally:
                     target.close()
             except sqlite3.Error as exc:
@@ -186,7 +249,11 @@ class VaultStore:
                                   "replaced; make the data directory writable for aegisd")
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Fold the log into the file and empty it, or raise if another process is reading the file. A commit that
+        scrubbed leaves the log empty already (_truncate_log), and a reader holds up no checkpoint of an empty log:
+        one frame is written first (the application id, as it is), so a reader elsewhere is found all the same."""
         try:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from None
@@ -234,8 +301,10 @@ class VaultStore:
                 raise ReplacedNotOpened(exc.message) from None
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: all of it commits, or none of it does."""
+    def transaction(self, *, scrub: bool = False) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: all of it commits, or none of it does. `scrub`: it deletes or replaces secret
+        material (a sealed secret, a webhook's secret), so the write-ahead log, whose frames hold the pages as they
+        were, is emptied after the commit (about 10 ms: it syncs the file), not left until SQLite's own checkpoint."""
         with self._lock:
             conn = self._require()
             try:
@@ -250,6 +319,8 @@ class VaultStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise translate(exc, self.path) from None
+            if scrub:
+                self._truncate_log(conn)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:

@@ -31,7 +31,7 @@ from aegisd.backup.archive import LEDGER_DB, VAULT_DB, Manifest, read_backup
 from aegisd.backup.staging import outlive_cancellation, scratch
 from aegisd.errors import AegisError, FailedPrecondition, Kind, StorageFull, StorageUnavailable, log_safe
 from aegisd.ledger import LedgerError, LedgerWriter, ReplaceIncomplete
-from aegisd.store import ReplacedNotOpened, VaultStore
+from aegisd.store import ReplacedNotOpened, VaultStore, connect_for_writing
 from aegisd.vault.vault import Vault
 
 log = logging.getLogger("aegisd.backup")
@@ -158,7 +158,9 @@ def _keep_live_key_slots(store: VaultStore, staged: Path, live_vault_id: str | N
     Runs first in the swap, under the vault's lock, so a failure here leaves everything as it was.
     """
     try:
-        with contextlib.closing(sqlite3.connect(staged, isolation_level=None)) as conn:
+        # Deleting the backup's slots overwrites them (a retired key the backup held must not stay in the restored
+        # file's free space); whatever else the backup left there goes when the store opens the file (VACUUM).
+        with contextlib.closing(connect_for_writing(staged, isolation_level=None)) as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()
             if live_vault_id is None or row is None or row[0] != live_vault_id:
                 return False

@@ -1,9 +1,11 @@
-"""Taking a backup: consistent copies of vault.db and ledger.db made with SQLite's online backup API.
+"""Taking a backup: consistent copies of vault.db and ledger.db.
 
-The vault is copied under the store's lock (it is small); the ledger from its own read connection in
-one backup step, which in WAL mode is one read snapshot and never blocks the ledger's writer, so the
-gate keeps serving (and recording) throughout. The two copies are each consistent; rows the gate
-commits between the two copies are simply in the ledger copy or not.
+The vault is copied under the store's lock (it is small), rebuilt from its rows (`VACUUM INTO`, one read
+transaction) so the copy carries no free space: a key slot deleted where SQLite left the bytes in place
+(an older aegisd) is not in it. The ledger is copied with SQLite's online backup API from its own read
+connection in one backup step, which in WAL mode is one read snapshot and never blocks the ledger's
+writer, so the gate keeps serving (and recording) throughout. The two copies are each consistent; rows
+the gate commits between the two copies are simply in the ledger copy or not.
 """
 
 from __future__ import annotations

@@ -246,11 +246,16 @@ class Vault:
             master.wipe()
 
     def _replace_slots(self, kind: str, slot: KeySlot | None) -> int:
-        """In one transaction, delete the slots of `kind` and insert `slot` (if any); returns how many went."""
+        """In one transaction, delete the slots of `kind` and insert `slot` (if any); returns how many went.
+
+        Then the file is rebuilt from its rows (the store's compact): the deleted slots are overwritten as they
+        go (secure_delete), and this also clears what an older aegisd left in the free space, so a retired key
+        cannot be carved out of vault.db, its log or a later backup."""
         with self._store.transaction() as conn:
             removed = conn.execute("DELETE FROM key_slots WHERE kind = ?", (kind,)).rowcount
             if slot is not None:
                 _insert_slot(conn, slot)
+        self._store.compact()
         return int(removed)
 
     def lock(self) -> bool:
@@ -404,7 +409,7 @@ class Vault:
             data = cred_rules.validate_secret(secret, cred.auth_type)
             nonce, ciphertext = seal_secret(master.subkey("secrets"), vault_id, cred, data)
             cred.rotated_at = cred.updated_at = now_ms()
-            with self._store.transaction() as conn:
+            with self._store.transaction(scrub=True) as conn:
                 conn.execute("UPDATE credentials SET nonce=?, ciphertext=?, rotated_at=?, updated_at=? "
                              "WHERE id=?", (nonce, ciphertext, cred.rotated_at, cred.updated_at, cred.id))
         self.notify("credentials")
@@ -418,7 +423,7 @@ class Vault:
         """
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
-            with self._store.transaction() as conn:
+            with self._store.transaction(scrub=True) as conn:
                 if not by_id:
                     cred_id = open_sealed(conn, vault_id, master, "name", name)[0].id
                 else:
@@ -480,7 +485,7 @@ class Vault:
         as the operator saw it: if anything changed since, nothing is adopted (FailedPrecondition)."""
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
-            with self._store.transaction() as conn:
+            with self._store.transaction(scrub=True) as conn:  # an older row's secret is replaced by its sealed form
                 older = adoption.find_older_rows(conn, vault_id, master)
                 if older.digest() != expected:
                     raise FailedPrecondition("what an older aegisd wrote changed since it was listed; list it again "

@@ -179,7 +179,7 @@ class WebhookRegistry:
 
     def remove(self, webhook_id: str) -> Webhook:
         self._require_initialized()
-        with self._store.transaction() as conn:
+        with self._store.transaction(scrub=True) as conn:  # the row holds the webhook's sealed secret
             row = conn.execute("SELECT id, origin, events, created_at FROM webhooks WHERE id = ?",
                                (webhook_id,)).fetchone()
             if row is None:
