@@ -6,12 +6,14 @@ whole (`read_body`), bounded by `max_body_bytes` (413 past it), has it inspected
 it from that buffer. Findings name
 families only (`vault_secret`, `openai_key`, ...): never the matched text, never which credential.
 
-A body larger than INLINE_BODY_MAX, or one that decodes to more than that, is inspected in a worker
-thread, so that one agent's large or crafted body cannot stall everyone else's requests on the event
-loop: inspecting 10 MiB costs up to about a second and a half of CPU (crafted for it; 10 KB of gzip can
-decode to that much), and every step of it is either a C pass that releases the GIL (Hyperscan, zlib) or
-a bounded call that holds it for at most a few tens of milliseconds (views.CHUNK, key_formats.WINDOW).
-A small compressed body is decoded inline up to INLINE_BODY_MAX, so it never waits behind them.
+A body larger than INLINE_BODY_MAX, or a compressed one that together with what it decodes to comes to
+more than that (each gzip member after the first counting MEMBER_COST), is inspected in a worker thread, so
+that one agent's large or crafted body cannot stall everyone else's requests on the event loop: inspecting
+10 MiB costs up to about a second and a half of CPU (crafted for it; 10 KB of gzip can decode to that much),
+and every step of it is either a C pass that releases the GIL (Hyperscan, zlib) or a bounded call that holds
+it for at most a few tens of milliseconds (views.CHUNK, key_formats.WINDOW, one gzip member's decoding). A
+small compressed body is decoded inline within that budget, so it never waits behind them, and costs the
+event loop no more than a plain body of INLINE_BODY_MAX would.
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ from aegisd.inspection import REDACTED, Inspector
 from aegisd.inspection.decompress import (
     DECODABLE,
     GZIP_MAGIC,
-    DecodeError,
+    MEMBER_COST,
     TooLarge,
-    decodable_prefix,
-    decompress_capped,
     deflate_readings,
+    gzip_reading,
 )
 
 NOT_INSPECTABLE = "not_inspectable"
@@ -88,8 +89,8 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
         try:
             if len(body) > INLINE_BODY_MAX:
                 raise _LargerThanInline()
-            # Inline, a compressed body decoded only up to INLINE_BODY_MAX: a small one never waits in the
-            # threads' queue behind other agents' large bodies.
+            # Inline, a compressed body decoded only while it and its decoded text (and members) together fit
+            # INLINE_BODY_MAX: a small one never waits in the threads' queue behind other agents' large bodies.
             in_body, problem = _inspect_body(inspector, body, encoding, limit, INLINE_BODY_MAX)
         except _LargerThanInline:
             in_body, problem = await asyncio.get_running_loop().run_in_executor(
@@ -145,7 +146,7 @@ class _LargerThanInline(Exception):
 def _inspect_body(inspector: Inspector, body: bytes, content_encoding: str, limit: int,
                   inline_max: int | None) -> tuple[set[str], Refusal | None]:
     """The families found in the body as sent and decompressed, and why it cannot be inspected, if it cannot.
-    With `inline_max`, _LargerThanInline once the decoded body would pass it (nothing scanned yet)."""
+    With `inline_max`, _LargerThanInline once the body and its decoded text would pass it (nothing scanned yet)."""
     decoded, problem = _decoded(body, content_encoding, limit, inline_max)
     families = inspector.scan(body)
     for reading in decoded:
@@ -156,9 +157,10 @@ def _inspect_body(inspector: Inspector, body: bytes, content_encoding: str, limi
 def _decoded(body: bytes, content_encoding: str, limit: int,
              inline_max: int | None = None) -> tuple[list[bytes], Refusal | None]:
     """The decompressed body when it is compressed (each reading of a `deflate` one, together no larger than
-    one body may be), or why it cannot be inspected; _LargerThanInline when it decodes to more than
-    `inline_max` (when given) and less than the limit allows."""
-    cap = limit if inline_max is None or inline_max >= limit else inline_max
+    one body may be), or why it cannot be inspected; _LargerThanInline when, with `inline_max` given, the body
+    and what it decodes to (each gzip member after the first counting MEMBER_COST) would together pass it
+    and what it decodes to is within the limit."""
+    cap = limit if inline_max is None else min(limit, max(inline_max - len(body), 0))
     encoding = content_encoding.strip().lower()
     if encoding in ("", "identity"):
         if not body.startswith(GZIP_MAGIC):
@@ -175,19 +177,20 @@ def _decoded(body: bytes, content_encoding: str, limit: int,
             return decoded, None if whole else Refusal(
                 400, "body_not_inspectable", "the request body is not valid deflate, or valid in only some of the "
                 "ways an upstream may read it (zlib, raw deflate)")
-        return [decompress_capped(body, encoding, cap)], None
+        reading = gzip_reading(body, cap)
     except TooLarge:
         if cap < limit:
             raise _LargerThanInline() from None
         return [], Refusal(413, "body_too_large", f"the decompressed request body is larger than {limit} "
-                           "bytes; inspected bodies must fit the limit once decompressed", close=True)
-    except DecodeError:
-        if sniffed:  # merely starts like gzip, or a .gz cut short: the bytes as they are, and what decodes of them
-            prefix = decodable_prefix(body, encoding, cap)
-            if len(prefix) >= cap and cap < limit:
-                raise _LargerThanInline() from None
-            return [prefix] if prefix else [], None
-        return [], Refusal(400, "body_not_inspectable", f"the request body is not valid {encoding}")
+                           "bytes; inspected bodies must fit the limit once decompressed (each gzip member after "
+                           f"the first counting {MEMBER_COST} bytes)", close=True)
+    # A body cut short or damaged (a CRC error is found only after its data) is inspected for what decodes of
+    # it, as gunzip prints what it can before it complains. An upload that only starts like gzip, or a .gz cut
+    # short or damaged, is then inspected as its bytes and that; a body declared gzip is not valid gzip.
+    decoded = [reading.out] if reading.out else []
+    if reading.ended or sniffed:
+        return decoded, None
+    return decoded, Refusal(400, "body_not_inspectable", f"the request body is not valid {encoding}")
 
 
 def _note(found: dict[str, set[str]], where: str, families: set[str]) -> None:

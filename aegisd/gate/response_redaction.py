@@ -32,10 +32,10 @@ from aegisd.gate.wire import status_allows_body
 from aegisd.inspection import Inspector, Redaction
 from aegisd.inspection.decompress import (
     DECODABLE,
+    GZIP_MAGIC,
     DecodeError,
     StreamDecoder,
-    TooLarge,
-    decompress_capped,
+    decodable_prefix,
     sniffed_encoding,
 )
 
@@ -77,6 +77,7 @@ class ResponseRedactor:
         self._x = x
         self._stream = redaction.stream()
         self._decoder: StreamDecoder | None = None
+        self._encoding: str | None = None  # the Content-Encoding the gate decodes, if any
         self._flagged = False
         self.streams_body = False  # set by headers(): the body passes through here, so its length may change
 
@@ -110,7 +111,7 @@ class ResponseRedactor:
         if self.streams_body:
             encoding = ", ".join(out.getall("Content-Encoding", [])).strip().lower()
             if encoding in DECODABLE:
-                self._decoder = StreamDecoder(encoding)
+                self._decoder, self._encoding = StreamDecoder(encoding), encoding
                 out.popall("Content-Encoding")
             elif encoding not in ("", "identity"):
                 raise Refusal(502, "response_not_redactable", f"the upstream answered with Content-Encoding "
@@ -119,18 +120,20 @@ class ResponseRedactor:
 
     def refuse_undeclared_compression(self, body: bytes, cap: int) -> None:
         """A whole answer that is gzip or zlib data without a Content-Encoding saying so (a `.gz` download,
-        `application/gzip`) is refused if, decoded (up to `cap` bytes), it holds a form of a secret: the agent
-        can decompress it itself, and redacting the compressed bytes would change nothing."""
-        encoding = sniffed_encoding(body) if self._decoder is None else None
+        `application/gzip`), or that a declared Content-Encoding wraps (one level), is refused if what decodes
+        of it (its first `cap` bytes, up to where it breaks off if it is damaged or cut short, as gunzip prints
+        what it can) holds a form of a secret: the agent can decompress it itself, and redacting the
+        compressed bytes would change nothing."""
+        if self._encoding is not None:  # decoded by the gate: what the agent gets may itself be compressed
+            if sniffed_encoding(decodable_prefix(body, self._encoding, cap, enough=len(GZIP_MAGIC))) is None:
+                return  # the usual case, found from the first bytes it decodes to
+            body = decodable_prefix(body, self._encoding, cap)
+        encoding = sniffed_encoding(body)
         if encoding is None:
             return
-        try:
-            decoded = decompress_capped(body, encoding, cap)
-        except (DecodeError, TooLarge):
-            return  # not such data after all, or past what the gate holds: the compressed bytes go as they are
-        if not self._redaction.clean(decoded):
-            raise Refusal(502, "response_not_redactable", "the upstream's answer is compressed data, without a "
-                          "Content-Encoding saying so, that holds a credential's secret")
+        if not self._redaction.clean(decodable_prefix(body, encoding, cap)):
+            raise Refusal(502, "response_not_redactable", "the upstream's answer is compressed data (without a "
+                          "Content-Encoding saying so, or inside the one it declares) that holds a credential's secret")
 
     @staticmethod
     def has_body(method: str, status: int) -> bool:
@@ -146,15 +149,19 @@ class ResponseRedactor:
         decodes = self._decoder is not None
         async for chunk in chunks:
             for piece in self.feed(chunk):
-                yield piece
+                if piece:
+                    yield piece
                 if decodes:
-                    await asyncio.sleep(0)  # the next piece comes from the same chunk: let others run first
+                    # The next piece comes from the same chunk: let others run first (after an empty one too,
+                    # which stands for input that decoded to nothing: gzip members that hold no data).
+                    await asyncio.sleep(0)
         tail = self.finish()
         if tail:
             yield tail
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
-        """Redacted output for one upstream chunk, in pieces (decoded pieces are bounded in size)."""
+        """Redacted output for one upstream chunk, in pieces (decoded pieces are bounded in size, and so is the
+        input behind each: an empty piece stands for input that decoded to nothing, a turn for others)."""
         pieces = self._decoder.feed(chunk) if self._decoder is not None else iter((chunk,))
         while True:
             try:
@@ -163,9 +170,9 @@ class ResponseRedactor:
                 return
             except DecodeError:
                 raise UpstreamBodyUndecodable("the upstream's compressed body is invalid") from None
-            out = self._stream.feed(piece)
+            out = self._stream.feed(piece) if piece else b""
             self._check()
-            if out:
+            if out or self._decoder is not None:  # a decoded piece, even one held back whole: a turn for others
                 yield out
 
     def finish(self) -> bytes:

@@ -13,6 +13,7 @@ StreamDecoder gives it: it is decoded here and reaches the agent plain.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -20,6 +21,17 @@ from typing import NamedTuple
 GZIP_MAGIC = b"\x1f\x8b\x08"
 DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
 STEP = 64 * 1024
+# A decoder is fed slices of the input, this many bytes first and twice as many each time after, up to STEP.
+FIRST_SLICE = 64
+# Each gzip member after the first costs a few microseconds of Python besides its data (a decoder, a call, a
+# look at what follows), so it counts as this many bytes against the cap on what a body decodes to: a body of
+# 20-byte empty members decodes to nothing, and would otherwise be bounded only by its own size.
+MEMBER_COST = 256
+_NONZERO = re.compile(rb"[^\0]")
+
+# zlib (RFC 1950), raw deflate (RFC 1951), and gzip, which zlib's auto-detection (wbits 32 + 15) takes a
+# body starting with 1f 8b for; a gzip reading is decoded as gzip bodies are (every member).
+_ZLIB, _RAW, _GZIP = zlib.MAX_WBITS, -zlib.MAX_WBITS, 16 + zlib.MAX_WBITS
 
 
 class DecodeError(Exception):
@@ -32,9 +44,9 @@ class TooLarge(Exception):
 
 def _wbits(encoding: str, head: bytes) -> int:
     if encoding != "deflate":
-        return 16 + zlib.MAX_WBITS  # gzip
+        return _GZIP
     # "deflate" means zlib-wrapped per RFC 9110, but some senders use raw deflate; the header tells.
-    return zlib.MAX_WBITS if _zlib_header(head) else -zlib.MAX_WBITS
+    return _ZLIB if _zlib_header(head) else _RAW
 
 
 def _zlib_header(head: bytes) -> bool:
@@ -51,30 +63,32 @@ def sniffed_encoding(data: bytes) -> str | None:
 
 
 def decompress_capped(data: bytes, encoding: str, cap: int) -> bytes:
-    """The whole decoded body (every gzip member, then any trailing bytes as they are), at most `cap` bytes.
+    """The whole decoded body (every gzip member, then any trailing bytes as they are), at most `cap` bytes
+    (each gzip member after the first counting MEMBER_COST bytes besides what it decodes to).
 
     A `deflate` body in the one reading its first two bytes suggest: request bodies use deflate_readings."""
-    out = bytearray()
-    rest = data
-    while rest:
-        decoder = zlib.decompressobj(_wbits(encoding, rest))
-        try:
-            out += decoder.decompress(rest, cap + 1 - len(out))
-        except zlib.error as exc:
-            raise DecodeError(str(exc)) from None
-        if len(out) > cap or decoder.unconsumed_tail:
-            raise TooLarge()
-        if not decoder.eof:
-            raise DecodeError("the compressed data is truncated")
-        rest = decoder.unused_data
-        if encoding != "deflate":
-            rest = rest.lstrip(b"\0")  # zero padding between gzip members, which gzip itself skips
-        if encoding == "deflate" or not rest.startswith(GZIP_MAGIC):
-            out += rest  # trailing bytes an upstream might still read: inspect them as they are
-            break
-    if len(out) > cap:
-        raise TooLarge()
-    return bytes(out)
+    if not data:
+        return b""
+    run = _decode(data, _wbits(encoding, data), cap)
+    if not run.ended:
+        raise DecodeError(run.error)
+    return run.out
+
+
+class Decoded(NamedTuple):
+    """One reading of a body: what it decodes to, and how far it got."""
+
+    out: bytes  # whole (then followed by any trailing bytes as they are), or up to where it breaks off
+    ended: bool  # decodes to its end
+    started: bool  # decoded something, or may have: a reading that fails before its first byte is none
+    spent: int  # what it counts against the cap: len(out), plus MEMBER_COST for each gzip member after the first
+    error: str = ""  # why it did not end
+
+
+def gzip_reading(data: bytes, cap: int) -> Decoded:
+    """A gzip body (every member, past zero padding) as far as it decodes: whole, or up to where it breaks
+    off or is cut short, as `gunzip` prints what it can before it complains. TooLarge past `cap`."""
+    return _decode(data, _GZIP, cap)
 
 
 class Readings(NamedTuple):
@@ -82,11 +96,6 @@ class Readings(NamedTuple):
 
     decoded: list[bytes]  # every reading that decodes something: whole, or up to where it breaks off
     whole: bool  # some reading decodes to its end, and none breaks off after decoding something
-
-
-# zlib (RFC 1950), raw deflate (RFC 1951), and gzip, which zlib's auto-detection (wbits 32 + 15) takes a
-# body starting with 1f 8b for; a gzip reading is decoded as gzip bodies are (every member).
-_ZLIB, _RAW, _GZIP = zlib.MAX_WBITS, -zlib.MAX_WBITS, 16 + zlib.MAX_WBITS
 
 
 def deflate_readings(data: bytes, cap: int) -> Readings:
@@ -104,80 +113,93 @@ def deflate_readings(data: bytes, cap: int) -> Readings:
     whole = broken = False
     room = cap
     for wbits in (_ZLIB, _RAW, _GZIP) if data.startswith(GZIP_MAGIC[:2]) else (_ZLIB, _RAW):
-        out, ended, started = _reading(data, wbits, room)
-        if out:
-            decoded.append(out)
-            room -= len(out)
-        whole |= ended
-        broken |= started and not ended
+        run = _decode(data, wbits, room)
+        if run.out:
+            decoded.append(run.out)
+        room -= run.spent
+        whole |= run.ended
+        broken |= run.started and not run.ended
     return Readings(decoded, whole and not broken)
 
 
-def _reading(data: bytes, wbits: int, room: int) -> tuple[bytes, bool, bool]:
-    """What `data` decodes to read one way; whether it decodes to its end (its output then followed by any
-    trailing bytes as they are, as decompress_capped has them); whether it decoded anything (or may have).
-    TooLarge past `room` bytes."""
+def decodable_prefix(data: bytes, encoding: str, cap: int, enough: int | None = None) -> bytes:
+    """What decodes from the start of `data` before it breaks off or turns invalid, at most `cap` bytes
+    (each gzip member after the first counting MEMBER_COST of them): never TooLarge, never DecodeError.
+    With `enough`, decoding stops once at least that many bytes are out (a look at how it starts).
+
+    For data that only looks compressed (an answer that is a `.gz` without a Content-Encoding, perhaps cut
+    short or damaged): `gunzip` still prints what it could decode before complaining."""
+    return _decode(data, _wbits(encoding, data), cap, truncate=True, enough=enough).out
+
+
+def _decode(data: bytes, wbits: int, room: int, truncate: bool = False, enough: int | None = None) -> Decoded:
+    """`data` read one way; for gzip every member, past zero padding, then any trailing bytes as they are.
+
+    At most `room` bytes, each gzip member after the first counting MEMBER_COST besides its output: past that
+    TooLarge, or with `truncate` what decoded up to it (also once `enough` bytes are out, when given).
+
+    A member's decoder is fed slices of the input, FIRST_SLICE bytes first and doubling up to STEP, so what
+    zlib copies at a member's end (the rest of the slice it was given, as unused_data) is at most about the
+    member's own size: fed the rest of the body each time, a body of N minimal members (20 bytes each) copied
+    about N^2 * 10 bytes and decoded to nothing (10 MiB of them: 344 s)."""
     out = bytearray()
-    rest = data
+    view = memoryview(data)
+    pos = charge = 0
+
+    def over() -> Decoded:
+        if not truncate:
+            raise TooLarge()
+        del out[max(room - charge, 0):]
+        return Decoded(bytes(out), False, True, len(out) + charge)
+
     while True:
+        member_pos, member_out = pos, len(out)
         decoder = zlib.decompressobj(wbits)
-        try:
-            out += decoder.decompress(rest, room + 1 - len(out))
-        except zlib.error:
-            # The failing call's output is lost: decode again up to the byte the error was found in (zlib
-            # leaves the input after it in unconsumed_tail). A few bytes, in the common case.
-            failed_at = len(rest) - len(decoder.unconsumed_tail) - 1
+        span = FIRST_SLICE
+        while not decoder.eof:
+            if pos >= len(data):
+                return Decoded(bytes(out), False, bool(out), len(out) + charge, "the compressed data is truncated")
+            piece = view[pos:pos + span]
+            span = min(2 * span, STEP)
             try:
-                out += zlib.decompressobj(wbits).decompress(rest[:max(failed_at, 0)], room + 1 - len(out))
-            except zlib.error:
-                return bytes(out), False, True  # not seen to happen: how far it decoded is unknown
-            if len(out) > room:
-                raise TooLarge() from None
-            return bytes(out), False, bool(out)
-        if len(out) > room or decoder.unconsumed_tail:
-            raise TooLarge()
-        if not decoder.eof:
-            return bytes(out), False, bool(out)  # cut short
-        rest = decoder.unused_data
+                out += decoder.decompress(piece, room + 1 - charge - len(out))
+            except zlib.error as exc:
+                # The failing call's output is lost: decode the member again up to the byte the error was found
+                # in (zlib leaves the input after it in unconsumed_tail). A CRC or a data error is found in the
+                # same slice as the data before it.
+                failed_at = pos + len(piece) - len(decoder.unconsumed_tail) - 1
+                del out[member_out:]
+                try:
+                    out += zlib.decompressobj(wbits).decompress(view[member_pos:max(failed_at, member_pos)],
+                                                                room + 1 - charge - len(out))
+                except zlib.error:  # not seen to happen: how far it decoded is unknown
+                    return Decoded(bytes(out), False, True, len(out) + charge, str(exc))
+                if len(out) + charge > room:
+                    return over()
+                return Decoded(bytes(out), False, bool(out), len(out) + charge, str(exc))
+            if len(out) + charge > room or (decoder.unconsumed_tail and not decoder.eof):
+                return over()
+            if enough is not None and len(out) >= enough:
+                return Decoded(bytes(out), False, True, len(out) + charge)
+            # At a member's end what follows it in the slice is left in unused_data (a bounded copy).
+            pos += len(piece) - len(decoder.unused_data) if decoder.eof else len(piece)
         if wbits == _GZIP:
-            rest = rest.lstrip(b"\0")
-            if rest.startswith(GZIP_MAGIC):
+            if not data.startswith(GZIP_MAGIC, pos):
+                pos = _past_zeros(data, pos)  # zero padding between gzip members, which gzip itself skips
+            if data.startswith(GZIP_MAGIC, pos):
+                if len(out) + charge + MEMBER_COST > room:
+                    return over()  # what decoded so far fits: with `truncate`, all of it
+                charge += MEMBER_COST
                 continue
-        out += rest
-        if len(out) > room:
-            raise TooLarge()
-        return bytes(out), True, True
+        out += view[pos:pos + room + 1 - charge - len(out)]  # trailing bytes an upstream might still read
+        if len(out) + charge > room:
+            return over()
+        return Decoded(bytes(out), True, True, len(out) + charge)
 
 
-def decodable_prefix(data: bytes, encoding: str, cap: int) -> bytes:
-    """What decodes from the start of `data` before it breaks off or turns invalid, at most `cap` bytes.
-
-    For a body that only looks compressed (an upload that starts like gzip, cut short or damaged): `gunzip`
-    still prints what it could decode before complaining, so an upstream may read it too."""
-    out = bytearray()
-    rest = data
-    while rest and len(out) < cap:
-        decoder = zlib.decompressobj(_wbits(encoding, rest))
-        after = b""  # the input past the slice in which the member ended
-        try:
-            for start in range(0, len(rest), STEP):  # in slices: a fault late in the data keeps what came before
-                out += decoder.decompress(rest[start:start + STEP], cap - len(out))
-                if decoder.eof:
-                    after = rest[start + STEP:]
-                    break
-                if decoder.unconsumed_tail or len(out) >= cap:
-                    return bytes(out[:cap])
-        except zlib.error:
-            break
-        if not decoder.eof:
-            break
-        rest = decoder.unused_data + after
-        if encoding == "deflate":
-            break
-        rest = rest.lstrip(b"\0")
-        if not rest.startswith(GZIP_MAGIC):
-            break
-    return bytes(out[:cap])
+def _past_zeros(data: bytes, pos: int) -> int:
+    nonzero = _NONZERO.search(data, pos)
+    return nonzero.start() if nonzero else len(data)
 
 
 class StreamDecoder:
@@ -185,50 +207,70 @@ class StreamDecoder:
 
     Whatever the upstream's chunk boundaries: the first 2 bytes of a deflate body (which tell zlib from
     raw deflate) and the 3 bytes after a gzip member's end (another member, or not) are awaited before
-    they are judged. Zero bytes between and after gzip members are skipped, as gzip itself does."""
+    they are judged. Zero bytes between and after gzip members are skipped, as gzip itself does.
+
+    Decoders are fed slices of each chunk as `_decode` feeds them (so a member's end copies at most about its
+    own size), and an empty piece is yielded after every STEP bytes of input (each member counting
+    MEMBER_COST) that decoded to nothing, however it was chunked: members that decode to nothing still give
+    the caller its turn."""
 
     def __init__(self, encoding: str) -> None:
         self._encoding = encoding
         self._decoder: zlib._Decompress | None = None
         self._done = False  # the current member (or the deflate stream) has ended
         self._held = b""  # too few bytes yet to judge (see above)
+        self._span = FIRST_SLICE  # the next slice to feed the current member's decoder
+        self._idle = 0  # input (each new member counting MEMBER_COST) since the last piece, across chunks
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         data = self._held + chunk if self._held else chunk
         self._held = b""
-        while data:
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
             if self._done:
                 if self._encoding == "deflate":
                     raise DecodeError("data after the end of the compressed stream")
-                data = data.lstrip(b"\0")
-                if len(data) < len(GZIP_MAGIC) and GZIP_MAGIC.startswith(data):
-                    self._held = data  # empty, or perhaps the start of the next member
+                if not data.startswith(GZIP_MAGIC, pos):
+                    pos = _past_zeros(data, pos)
+                if len(data) - pos < len(GZIP_MAGIC) and GZIP_MAGIC.startswith(data[pos:]):
+                    self._held = data[pos:]  # empty, or perhaps the start of the next member
                     return
-                if not data.startswith(GZIP_MAGIC):
+                if not data.startswith(GZIP_MAGIC, pos):
                     raise DecodeError("data after the end of the compressed stream")
-                self._decoder, self._done = None, False
+                self._decoder, self._done, self._span = None, False, FIRST_SLICE
+                self._idle += MEMBER_COST
             if self._decoder is None:
-                if self._encoding == "deflate" and len(data) < 2:
-                    self._held = data
+                if self._encoding == "deflate" and len(data) - pos < 2:
+                    self._held = data[pos:]
                     return
-                self._decoder = zlib.decompressobj(_wbits(self._encoding, data))
+                self._decoder = zlib.decompressobj(_wbits(self._encoding, data[pos:pos + 2]))
             decoder = self._decoder
+            piece_in = view[pos:pos + self._span]
+            self._span = min(2 * self._span, STEP)
             try:
-                piece = decoder.decompress(data, STEP)
+                piece = decoder.decompress(piece_in, STEP)
                 if piece:
+                    self._idle = 0
                     yield piece
                 # At the end of a member or stream reached on the tail, CPython leaves what follows in both
                 # unused_data and unconsumed_tail, and decodes nothing more from it: test eof, or loop forever.
                 while decoder.unconsumed_tail and not decoder.eof:
                     piece = decoder.decompress(decoder.unconsumed_tail, STEP)
                     if piece:
+                        self._idle = 0
                         yield piece
             except zlib.error as exc:
                 raise DecodeError(str(exc)) from None
-            data = b""
+            # What follows a member's end in its slice is in unused_data; otherwise the slice was all consumed.
+            used = len(piece_in) - len(decoder.unused_data) if decoder.eof else len(piece_in)
+            pos += used
+            self._idle += used
             if decoder.eof:
                 self._done = True
-                data = decoder.unused_data
+            if self._idle >= STEP:
+                self._idle = 0
+                yield b""
 
     def finish(self) -> bytes:
         if self._held:  # a deflate body of 1 byte, or a gzip member's end followed by part of a magic
