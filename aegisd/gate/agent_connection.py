@@ -5,7 +5,10 @@ than several of its own checks, and whose import held ~14 MiB of the daemon's me
 httptools, as on the upstream side) makes every framing decision; what is ours is small:
 
 - one task per connection runs the pipeline for one request at a time; a pipelined next request is
-  parsed and held, and the agent is not read further until its turn;
+  parsed and held, and the agent is not read further until its turn. llhttp is fed a read in slices
+  (at most PARSE_AHEAD bytes, cut after a head's end; a body of known length in one piece) and no
+  further once a request waits its turn: the rest of that read is kept as bytes and parsed when the
+  queue has drained, so a read full of tiny requests cannot become thousands of parsed ones;
 - a request body is handed over as it arrives, and the agent is read no faster than it is taken;
 - answers are framed by Content-Length, chunked, or for HTTP/1.0 by closing the connection;
 - a connection whose request body was not read is kept only if little of it is left to drop; when it
@@ -52,6 +55,10 @@ LINGER_SECONDS = 1.0  # how long a closing connection reads and drops what the a
 PROBE_CHECKS = (0.02, 0.2, 2.0)
 _HIGH_WATER = 256 * 1024  # request body bytes buffered before the agent is read no faster
 _LOW_WATER = 64 * 1024
+# llhttp is fed at most this much past a head's end at a time while no request waits its turn (a read this size or
+# smaller, the usual single request, in one go): bounds the requests parsed ahead of their answer to what fits in it.
+PARSE_AHEAD = 4 * 1024
+_HEAD_END = b"\r\n\r\n"  # where a head (or a chunked body's trailers) ends: a cut there splits no request's body
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -406,7 +413,10 @@ class AgentConnection(asyncio.Protocol):
         self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []
         self._broken = False  # llhttp failed: nothing more is parsed on this connection
+        self._held = b""  # read but not yet parsed (from `_held_at`): a request waits its turn, reading is paused
+        self._held_at = 0
         self._eof = False
+        self._eof_held = False  # the agent's end came while bytes were held: taken once they are parsed
         self.closed = False
         self.closing = False
         self.vouched = False  # the latest request on it authenticated as an agent
@@ -446,6 +456,7 @@ class AgentConnection(asyncio.Protocol):
             self._parsing._end(gone)
         for request in self._queued:
             request._end(gone)
+        self._held = b""
         self._deliver(None)
         self.resume_writing()
 
@@ -453,31 +464,78 @@ class AgentConnection(asyncio.Protocol):
         self.last_read = self.loop.time()
         if self._broken:
             return  # read and dropped: a closing connection must not leave unread data behind
-        events = self._events
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # Upgrade or CONNECT: the request is answered, then the connection ends
-            self._stop_parsing()
-        except httptools.HttpParserError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _FieldsTooLarge):
-                self._malformed(431, _TOO_LARGE)
-            elif cause is not None:  # a bug of ours in a callback, not the agent's fault
-                log.error("a gate parser callback failed: %s", type(cause).__name__)
-                self._malformed(400, "the gate could not parse the request")
+        if self._held:  # a read already on its way when reading paused: parsed after what came before it
+            data = self._held[self._held_at:] + data
+            self._held = b""
+        self._parse(data, 0)
+
+    def _parse(self, data: bytes, at: int) -> None:
+        """Feed llhttp `data` from `at` until a request waits its turn, then hold the rest (reading is paused
+        then). A read (or its rest) of at most PARSE_AHEAD bytes is fed whole, and a body of known length up to
+        its end; a longer stretch is cut after the first CRLF CRLF in its first PARSE_AHEAD bytes (strict llhttp
+        ends every head, and every chunked body, with one), so a read of many small requests is parsed one
+        request at a time. Where the cuts fall is no framing decision: llhttp makes those, whatever the cuts."""
+        size = len(data)
+        while at < size:
+            if self._queued:  # a request waits its turn: parse no further until it has had it
+                self._held, self._held_at = data, at
+                return
+            parsing = self._parsing
+            left = 0 if parsing is None or parsing.content_length is None else parsing._left_to_drop() or 0
+            if left > 0:
+                end = min(at + left, size)
+            elif size - at <= PARSE_AHEAD:
+                end = size
             else:
-                self._malformed(400, f"the request is not valid HTTP/1.1 ({_llhttp_reason(exc)})")
-            return
-        if self._events != events:
-            self._stalled = 0
-        else:  # the whole read went into a head, a chunk's framing or trailers: bounded like a head
-            self._stalled += len(data)
-            if self._stalled > MAX_HEAD_BYTES:
-                self._malformed(431, _TOO_LARGE)
+                end = data.find(_HEAD_END, at, at + PARSE_AHEAD)
+                end = end + len(_HEAD_END) if end >= 0 else at + PARSE_AHEAD
+            events = self._events
+            try:
+                self._parser.feed_data(data if at == 0 and end == size else memoryview(data)[at:end])
+            except httptools.HttpParserUpgrade:  # Upgrade or CONNECT: answered, then the connection ends
+                self._stop_parsing()
+                return
+            except httptools.HttpParserError as exc:
+                cause = exc.__context__
+                if isinstance(cause, _FieldsTooLarge):
+                    self._malformed(431, _TOO_LARGE)
+                elif cause is not None:  # a bug of ours in a callback, not the agent's fault
+                    log.error("a gate parser callback failed: %s", type(cause).__name__)
+                    self._malformed(400, "the gate could not parse the request")
+                else:
+                    self._malformed(400, f"the request is not valid HTTP/1.1 ({_llhttp_reason(exc)})")
+                return
+            if self._events != events:
+                self._stalled = 0
+            else:  # the whole slice went into a head, a chunk's framing or trailers: bounded like a head
+                self._stalled += end - at
+                if self._stalled > MAX_HEAD_BYTES:
+                    self._malformed(431, _TOO_LARGE)
+                    return
+            if self._broken:  # a callback refused the request (505, a coding): nothing after it is parsed
+                return
+            at = end
+
+    def _parse_held(self) -> None:
+        """The queue has drained: parse what was held, up to the next request to wait its turn."""
+        data, at = self._held, self._held_at
+        self._held = b""
+        self._parse(data, at)
+        if self._eof_held and not self._held:
+            self._eof_held = False
+            self._ended()
 
     def eof_received(self) -> bool:
         """The agent will send nothing more; answer what it asked, then close (keeps half-closed clients)."""
         self._eof = True
+        if self._held:  # its requests still held are parsed first: `_parse_held` ends what they leave open
+            self._eof_held = True
+        else:
+            self._ended()
+        return True
+
+    def _ended(self) -> None:
+        """The agent's end, once every byte before it is parsed: a request whose body is still to come fails."""
         if self._parsing is not None:
             self._parsing._end(AgentGone("the agent ended the request early"))
             self._parsing = None
@@ -487,7 +545,6 @@ class AgentConnection(asyncio.Protocol):
             self._deliver(None)
         elif self._current is not None and self._current._watcher is not None and not self._current._probed:
             self.probe(self._current)  # the request waits on the upstream: is the agent still there for it?
-        return True
 
     def pause_writing(self) -> None:
         if self._drain is None:
@@ -573,6 +630,8 @@ class AgentConnection(asyncio.Protocol):
         while True:
             if self._queued:
                 request: GateRequest | None = self._queued.popleft()
+                if self._held and not self._queued and not self.closing:
+                    self._parse_held()  # at most up to the next request to wait its turn
                 self.update_reading()
             else:
                 self._next = self.loop.create_future()
@@ -760,8 +819,9 @@ class AgentConnection(asyncio.Protocol):
 
     @property
     def idle_between_requests(self) -> bool:
-        """No request is being answered, waits its turn, or sends its body: at most a head is on its way."""
-        return self._current is None and not self._queued and self._parsing is None
+        """No request is being answered, waits its turn, or sends its body, and no byte read waits to be parsed:
+        at most a head is on its way."""
+        return self._current is None and not self._queued and self._parsing is None and not self._held
 
     def evict(self) -> None:
         """Reset this idle connection to make room for a new one (the cap is full); it stops counting at once."""

@@ -16,6 +16,7 @@ import array
 import asyncio
 import contextlib
 import functools
+import gc
 import hashlib
 import logging
 import re
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import cast
 
+import httptools
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -1836,5 +1838,333 @@ def test_watching_after_the_agent_has_left_cancels_nothing_and_says_it_left(run:
             left.set()
             await eventually(lambda: len(seen) == 2 or bool(handler.raised), "the handler never finished")
             assert seen == [True, True] and not handler.raised, (seen, handler.raised)
+
+    run(main())
+
+
+# -- how far parsing runs ahead of answering --------------------------------------------------------
+# Found by a review: llhttp was fed each read whole, and every request in it became a GateRequest held in the
+# queue, so a read of 256 KiB of tiny requests behind an answer the agent never read cost megabytes per
+# connection, without a token. Now parsing stops once a request waits its turn; the rest of the read is kept
+# as bytes and parsed as the queue drains, which changes nothing an agent can see: these pipelines are
+# answered exactly as before.
+
+TINY = b"GET /p HTTP/1.1\r\n\r\n"  # about the smallest request llhttp takes
+AHEAD = 4096  # agent_connection.PARSE_AHEAD, asserted below: what a read of tiny requests may be parsed whole
+
+
+def every_shape(count: int) -> tuple[bytes, bytes, list[str]]:
+    """`count` requests of every shape (bodies of known length larger than PARSE_AHEAD or holding what looks like
+    a head, chunked bodies with trailers, heads larger than PARSE_AHEAD), the last asking for the close: the bytes
+    sent, the answers `echo` gives, and the requests handed over."""
+    sent, answers, seen = [], [], []
+    smuggled = b"\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n"
+    for index in range(count):
+        last = index == count - 1
+        close = b"Connection: close\r\n" if last else b""
+        kind = index % 4
+        if kind == 0:
+            target, body = f"/g{index}", b""
+            sent.append(f"GET {target} HTTP/1.1\r\n".encode() + close + b"\r\n")
+        elif kind == 1:
+            target, body = f"/l{index}", smuggled + bytes([index % 251]) * (index * 97 % 9000)
+            sent.append(f"POST {target} HTTP/1.1\r\nContent-Length: {len(body)}\r\n".encode() + close + b"\r\n" + body)
+        elif kind == 2:
+            target, parts = f"/c{index}", [smuggled, b"x" * (index * 31 % 6000 + 1)]
+            body = b"".join(parts)
+            trailers = b"X-Trailer: t\r\n" if index % 8 == 2 else b""
+            sent.append(f"POST {target} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n".encode() + close + b"\r\n"
+                        + b"".join(b"%x\r\n%b\r\n" % (len(part), part) for part in parts) + b"0\r\n" + trailers
+                        + b"\r\n")
+        else:
+            target, body = f"/h{index}", b""
+            sent.append(f"GET {target} HTTP/1.1\r\nX-Large: {'h' * 5000}\r\n".encode() + close + b"\r\n")
+        method = "GET" if kind in (0, 3) else "POST"
+        answers.append(echoed(method, target, body, connection="close" if last else None))
+        seen.append(f"{method} {target}")
+    return b"".join(sent), b"".join(answers), seen
+
+
+def test_many_pipelined_requests_of_every_shape_in_one_send_are_answered_in_order(run: Run) -> None:
+    handler = Handler()
+    sent, answers, seen = every_shape(600)
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            received = asyncio.create_task(agent.rest())  # read as it comes: the answers are as large as the asks
+            await agent.send(sent)
+            assert await received == answers
+            assert agent.ended == "eof"
+            assert handler.seen == seen and handler.refused == [] and handler.most_active == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("bad, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"POST /bad HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),  # refused whole: never begun
+    (b"GET /old HTTP/2.0\r\n\r\n", 505),
+    (b"GET /big HTTP/1.1\r\nX-Big: " + b"b" * (MAX_HEAD_BYTES + 10) + b"\r\n\r\n", 431),
+], ids=["garbage", "bad-chunk", "505", "431"])
+def test_a_malformed_request_after_many_good_ones_in_one_send_is_refused_after_their_answers(
+        run: Run, bad: bytes, status: int) -> None:
+    handler = Handler()
+    count = 500
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"".join(f"GET /{index} HTTP/1.1\r\n\r\n".encode() for index in range(count)) + bad
+                             + b"GET /after HTTP/1.1\r\n\r\n")
+            received = await agent.rest()
+            [(refused, message)] = handler.refused
+            assert refused == status
+            assert handler.seen == [f"GET /{index}" for index in range(count)]  # nothing after the refused one
+            assert received == b"".join(echoed("GET", f"/{index}") for index in range(count)) + whole(
+                f"{status} {agent_connection._REASONS[status]}", message.encode(), "Content-Type: text/plain",
+                connection="close")
+            assert agent.ended == "eof"
+
+    run(main())
+
+
+def test_an_upgrade_after_many_good_requests_in_one_send_is_answered_and_nothing_after_it(run: Run) -> None:
+    async def answer(request: GateRequest) -> None:
+        await (responded(405, b"no tunnels", {})(request) if request.raw_path == "/ws" else echo(request))
+
+    handler = Handler(answer)
+    count = 500
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(b"".join(f"GET /{index} HTTP/1.1\r\n\r\n".encode() for index in range(count))
+                             + b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello"
+                             + b"GET /after HTTP/1.1\r\n\r\n")
+            received = await agent.rest()
+            answered = b"".join(echoed("GET", f"/{index}") for index in range(count))
+            assert received in (answered + whole("405 Method Not Allowed", b"no tunnels"),
+                                answered + whole("405 Method Not Allowed", b"no tunnels", connection="close"))
+            assert agent.ended == "eof"
+            assert handler.seen == [*(f"GET /{index}" for index in range(count)), "GET /ws"]
+            assert handler.refused == []
+
+    run(main())
+
+
+async def echo_or_refuse(request: GateRequest) -> None:
+    """As `echo`, but a body that fails gets a 400 naming the error."""
+    try:
+        body = await read_all(request)
+    except ConnectionError as exc:
+        await request.respond(400, type(exc).__name__.encode(), {})
+        return
+    await request.respond(200, f"{request.method} {request.raw_path}\n".encode() + body, {})
+
+
+@pytest.mark.parametrize("last", ["whole", "short-body"])
+def test_an_agent_that_half_closes_right_after_a_long_pipeline_gets_every_answer_then_the_close(
+        run: Run, last: str) -> None:
+    handler = Handler(echo_or_refuse)
+    count = 2000
+
+    async def main() -> None:
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            requests = b"".join(f"GET /{index} HTTP/1.1\r\n\r\n".encode() for index in range(count))
+            received = asyncio.create_task(agent.rest())
+            answers = b"".join(echoed("GET", f"/{index}") for index in range(count))
+            if last == "whole":
+                await agent.send(requests)
+                agent.shut()
+                # The last answer says `Connection: close` only if the end was read before it went out.
+                assert await received in (answers, answers[:-len(echoed("GET", f"/{count - 1}"))]
+                                          + echoed("GET", f"/{count - 1}", connection="close"))
+            else:
+                await agent.send(requests + b"POST /short HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+                agent.shut()
+                assert await received == answers + whole("400 Bad Request", b"AgentGone", connection="close")
+            assert agent.ended == "eof"
+            assert len(handler.seen) == count + (last == "short-body")
+
+    run(main())
+
+
+def live_requests() -> int:
+    return sum(type(thing) is GateRequest for thing in gc.get_objects())
+
+
+def test_requests_parsed_ahead_of_an_answer_held_are_bounded_and_all_answered_once_it_goes(run: Run) -> None:
+    """The first answer waits (an agent that does not read its answers does that); behind it, thousands of
+    tiny requests in one send. At most one read is held, as bytes, and only a few KiB of it parsed."""
+    release: list[asyncio.Event] = []
+
+    async def held(request: GateRequest) -> None:
+        await release[0].wait()
+        await echo(request)
+
+    handler = Handler(answer_then_echo(held))
+    count = 10_000
+
+    async def main() -> None:
+        release.append(asyncio.Event())
+        async with serving(handler) as gate:
+            agent = await gate.connect()
+            await agent.send(GET)
+            await eventually(lambda: handler.active == 1, "the first request is being answered")
+            conn = await gate.only_connection()
+            received = asyncio.create_task(agent.rest())
+            await agent.send(TINY * count + NEXT)
+            await eventually(lambda: conn.has_queued, "the next request waits its turn")
+            await asyncio.sleep(0.2)  # whatever the gate would read and parse meanwhile, it has
+            most = AHEAD // len(TINY) + 2
+            assert len(conn._queued) <= most, len(conn._queued)
+            assert live_requests() <= most + 2, live_requests()  # the one answered, the one whose body is read
+            assert not conn.idle_between_requests  # the cap never takes it for an idle one
+            assert agent_connection.PARSE_AHEAD <= AHEAD
+            release[0].set()
+            assert await received == echoed("GET", "/x") + echoed("GET", "/p") * count + NEXT_ANSWER
+            assert handler.seen == ["GET /x", *["GET /p"] * count, "GET /next"]
+
+    run(main())
+
+
+# The same, without a socket: the transport's calls made by hand, so that the exact slices fed to llhttp show,
+# and an end of input can be made to arrive while bytes are held (a socket reports none while reading is paused).
+
+
+class Transport(asyncio.Transport):
+    """A transport of no socket: keeps what is written, whether reading is paused, and closes when told."""
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.written = bytearray()
+        self.reading = True
+        self.ended = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.ended
+
+    def close(self) -> None:
+        if not self.ended:
+            self.ended = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+class Feeds:
+    """Stands in for the connection's llhttp parser, recording the size of each slice fed to it."""
+
+    def __init__(self, parser: httptools.HttpRequestParser) -> None:
+        self.parser = parser
+        self.sizes: list[int] = []
+
+    def feed_data(self, data: bytes | memoryview) -> None:
+        self.sizes.append(len(data))
+        self.parser.feed_data(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.parser, name)
+
+
+async def connected(handler: RequestHandler) -> tuple[AgentConnection, Transport, Feeds]:
+    conn = AgentConnection(handler, AgentConnections())
+    feeds = Feeds(conn._parser)
+    conn._parser = cast(httptools.HttpRequestParser, feeds)
+    transport = Transport(conn)
+    conn.connection_made(transport)
+    await asyncio.sleep(0)  # its task now waits for a first request
+    return conn, transport, feeds
+
+
+def test_a_single_request_or_a_body_of_known_length_in_one_read_is_fed_to_llhttp_in_one_piece(run: Run) -> None:
+    """The gate's hot path: one GET in a read is one feed; a POST's 64 KiB body arriving with its head, one feed
+    after the head's and one piece handed over."""
+    pieces: list[int] = []
+
+    async def answer(request: GateRequest) -> None:
+        async for chunk in request.body():
+            pieces.append(len(chunk))
+        await request.respond(200, b"", {})
+
+    async def main() -> None:
+        conn, transport, feeds = await connected(Handler(answer))
+        get = b"GET /one HTTP/1.1\r\nHost: gate\r\nUser-Agent: agent\r\nAccept: */*\r\n\r\n"
+        conn.data_received(get)
+        assert feeds.sizes == [len(get)]
+        await eventually(lambda: bool(transport.written), "the GET was answered")
+        post = b"POST /two HTTP/1.1\r\nHost: gate\r\nContent-Length: 65536\r\n\r\n"
+        conn.data_received(post + b"b" * 65536)
+        assert feeds.sizes == [len(get), len(post), 65536]
+        await eventually(lambda: transport.written.count(b"HTTP/1.1 200 OK") == 2, "the POST was answered")
+        assert pieces == [65536]
+        conn.data_received(post + b"c" * 30000)  # a body over three reads: one piece each
+        conn.data_received(b"c" * 30000)
+        conn.data_received(b"c" * 5536 + get)
+        await eventually(lambda: transport.written.count(b"HTTP/1.1 200 OK") == 4, "both were answered")
+        assert pieces == [65536, 30000, 30000, 5536]
+        conn.abort()
+
+    run(main())
+
+
+def test_a_read_of_many_requests_is_parsed_one_request_ahead_and_the_rest_held(run: Run) -> None:
+    release: list[asyncio.Event] = []
+
+    async def held(request: GateRequest) -> None:
+        await release[0].wait()
+        await echo(request)
+
+    async def main() -> None:
+        release.append(asyncio.Event())
+        conn, transport, feeds = await connected(Handler(answer_then_echo(held)))
+        conn.data_received(GET + TINY * 20_000)  # more than PARSE_AHEAD: cut after each head
+        assert feeds.sizes == [len(GET), len(TINY)] and len(conn._queued) == 1 and not transport.reading
+        assert conn._held and not conn.idle_between_requests
+        release[0].set()
+        await eventually(lambda: transport.written.count(b"HTTP/1.1 200 OK") == 20_001, "every one was answered")
+        assert transport.is_reading() and not conn._held
+        assert max(feeds.sizes) <= AHEAD
+        conn.abort()
+
+    run(main())
+
+
+def test_an_end_of_input_while_bytes_are_held_comes_after_them(run: Run) -> None:
+    """What the agent sent before its end is answered; a body it left short fails; then the close."""
+    handler = Handler(echo_or_refuse)
+    count = 300
+
+    async def main() -> None:
+        conn, transport, _ = await connected(handler)
+        conn.data_received(b"".join(f"GET /{index} HTTP/1.1\r\nX-Pad: {'p' * 40}\r\n\r\n".encode()
+                                    for index in range(count)) + b"POST /short HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+        assert len(conn._queued) == 1 and not transport.reading  # the rest is held
+        assert conn._held
+        conn.data_received(b"c")  # a read already on its way when reading paused: after what is held
+        assert conn.eof_received()
+        await eventually(lambda: transport.ended, "the connection closed")
+        assert bytes(transport.written) == b"".join(echoed("GET", f"/{index}") for index in range(count)) + whole(
+            "400 Bad Request", b"AgentGone", connection="close")
+        assert handler.seen == [*(f"GET /{index}" for index in range(count)), "POST /short"]
 
     run(main())
