@@ -69,9 +69,10 @@ _TOO_LARGE = f"the request's head (or its chunk framing and trailers) is larger 
 class AgentConnections:
     """The gate's open agent connections with their serving tasks, and the most it keeps open at once.
 
-    At the cap, a new connection takes the place of the oldest idle one on which no agent has authenticated (a
-    process with no token cannot keep agents out by holding connections open); only when every open connection
-    is an agent's, or busy, is the new one reset."""
+    At the cap, a new connection takes the place of the oldest idle one on which no agent has authenticated, else
+    of the oldest one answering a request that named no agent (a process with no token cannot keep agents out by
+    holding connections open, idle or kept busy); only when every open connection is an agent's is the new one
+    reset, or one whose request is between its head and the gate's first look at it."""
 
     REPORT_EVERY = 60.0  # seconds between two warnings about refused connections
 
@@ -91,7 +92,9 @@ class AgentConnections:
         """Count `conn` as open, making room at the cap if an idle connection has no agent, or count it refused;
         the caller resets a refused one."""
         if self.most is not None and len(self.open) >= self.most:
-            spare = next((c for c in self.unvouched if c.idle_between_requests), None)
+            spare = next((c for c in self.unvouched if c.idle_between_requests), None) or next(
+                (c for c in self.unvouched if c.answering), None)  # a request that named no agent: a scrape, a
+            # refusal, or a pipeline of them left unread to keep the connection busy
             if spare is None:
                 self.refused += 1
                 self._due()
@@ -115,7 +118,7 @@ class AgentConnections:
         self._report_due = None
         refused, evicted = self.refused - self._reported[0], self.evicted - self._reported[1]
         if evicted:
-            log.warning("the gate reset %d idle agent connection(s) on which no agent had authenticated, to make "
+            log.warning("the gate reset %d agent connection(s) on which no agent had authenticated, to make "
                         "room for new ones: %d are open, the most [gate] max_connections allows", evicted,
                         self.most)
         if refused:
@@ -821,7 +824,13 @@ class AgentConnection(asyncio.Protocol):
     def idle_between_requests(self) -> bool:
         """No request is being answered, waits its turn, or sends its body, and no byte read waits to be parsed:
         at most a head is on its way."""
-        return self._current is None and not self._queued and self._parsing is None and not self._held
+        return (self._current is None and not self._queued and self._parsing is None and not self._held
+                and (self._next is None or not self._next.done()))  # done: a head read, `_serve` not yet woken
+
+    @property
+    def answering(self) -> bool:
+        """A request is being answered (for one not vouched for: it named no agent, or is an operator endpoint's)."""
+        return self._current is not None
 
     def evict(self) -> None:
         """Reset this idle connection to make room for a new one (the cap is full); it stops counting at once."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets
 import socket
@@ -214,8 +215,41 @@ def test_connections_held_open_without_a_token_keep_no_agent_out() -> None:
         scrape = Scrape(world)
         assert scrape.value("aegis_gate_connections_evicted_total") >= 2
         assert scrape.value("aegis_gate_connections_refused_total") == 0
-        assert "idle agent connection(s) on which no agent had authenticated" in world.aegis.log()
+        assert "agent connection(s) on which no agent had authenticated" in world.aegis.log()
         for sock in squatters + agents:
+            sock.close()
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_connections_kept_busy_without_a_token_keep_no_agent_out() -> None:
+    """Found by the review of the fix above: a connection kept busy (a pipeline of scrapes it never reads, so
+    the gate waits to write) was never made room from, so three such connections kept every agent out."""
+    world = GateWorld.start(max_connections=3)
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRETS["bear"], up.entry())
+        token = world.agent("bot", "bear")
+        scrapes = b"GET /_aegis/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 5000
+        squatters = []
+        for _ in range(3):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", world.port))
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(scrapes)  # as much as the kernel takes; the rest is never sent, nothing is read
+            squatters.append(sock)
+        time.sleep(0.5)  # the gate answers until it can write no more
+        for attempt in range(3):
+            with socket.create_connection(("127.0.0.1", world.port), timeout=10) as agent:
+                agent.sendall(f"GET /bear/echo/busy{attempt} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              f"X-Aegis-Agent: {token}\r\nConnection: close\r\n\r\n".encode())
+                assert agent.recv(65536).startswith(b"HTTP/1.1 200 "), attempt
+        assert len(up.requests_to("/echo/busy2")) == 1
+        assert "agent connection(s) on which no agent had authenticated" in world.aegis.log()
+        for sock in squatters:
             sock.close()
         world.assert_no_leaks()
     finally:

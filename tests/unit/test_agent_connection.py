@@ -355,8 +355,9 @@ def test_at_the_cap_a_new_connection_takes_the_place_of_the_oldest_idle_one_no_a
         run: Run, caplog: pytest.LogCaptureFixture) -> None:
     """Found by a review: the cap counted connections before any token was seen, so a local process with no
     token could hold `most` idle connections and have every agent's new connection reset for as long as it
-    liked. Now the oldest idle connection without an agent is reset to make room; an agent's is never, nor is
-    one whose request is under way; a connection whose latest request carried no token is one without."""
+    liked. Now the oldest idle connection without an agent is reset to make room, else the oldest one answering a
+    request that named no agent; an agent's never; a connection whose latest request carried no token is one
+    without."""
     release: list[asyncio.Event] = []
 
     async def held(request: GateRequest) -> None:
@@ -371,7 +372,7 @@ def test_at_the_cap_a_new_connection_takes_the_place_of_the_oldest_idle_one_no_a
             agent = await gate.connect()
             await agent.send(b"GET /mine HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n")
             await agent.expect(echoed("GET", "/mine"))
-            busy = await gate.connect()  # a tokenless request under way: not idle, so never made room from
+            busy = await gate.connect()  # a tokenless request under way: made room from only when no idle one is left
             await busy.send(b"GET /x HTTP/1.1\r\nHost: gate\r\n\r\n")
             await eventually(lambda: handler.active == 1, "the held request began")
             squatters = [await gate.connect(), await gate.connect()]
@@ -396,21 +397,27 @@ def test_at_the_cap_a_new_connection_takes_the_place_of_the_oldest_idle_one_no_a
             await eventually(functools.partial(evicted, gate, 3), "the gate counted the eviction")
             await last.send(b"GET /last HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n")
             await last.expect(echoed("GET", "/last"))
-            try:  # every open connection is an agent's or busy: refused
+            # Every open connection is an agent's but `busy`, whose tokenless request is still being answered (a
+            # review kept connections busy with unread pipelines): it makes room, with a reset.
+            newest = await gate.connect()
+            assert await busy.rest() == b"" and busy.ended == "reset"
+            await eventually(functools.partial(evicted, gate, 4), "the gate counted the eviction")
+            await newest.send(b"GET /newest HTTP/1.1\r\nHost: gate\r\nX-Aegis-Agent: t\r\n\r\n")
+            await newest.expect(echoed("GET", "/newest"))
+            try:  # every open connection is an agent's: refused
                 extra = await gate.connect()
             except (ConnectionResetError, BrokenPipeError):
                 pass
             else:
                 assert await extra.rest() == b"" and extra.ended == "reset"
-            await eventually(lambda: gate.registry.refused == 1, "the gate counted the refusal")
-            assert gate.registry.evicted == 3
+            await eventually(functools.partial(refused, gate, 1), "the gate counted the refusal")
+            assert gate.registry.evicted == 4
             release[0].set()
-            await busy.expect(echoed("GET", "/x"))
 
     with caplog.at_level(logging.WARNING, logger="aegisd.gate"):
         run(main())
     assert [r.getMessage() for r in caplog.records][:1] == [
-        "the gate reset 1 idle agent connection(s) on which no agent had authenticated, to make room for new "
+        "the gate reset 1 agent connection(s) on which no agent had authenticated, to make room for new "
         "ones: 4 are open, the most [gate] max_connections allows"]
 
 
