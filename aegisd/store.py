@@ -128,6 +128,8 @@ def connect_for_writing(path: Path | str, **kwargs: Any) -> sqlite3.Connection:
     return conn
 
 
+BUSY_TIMEOUT_MS = 2000  # how long a write waits for another process's lock on the file
+
 class ReplacedNotOpened(StorageUnavailable):
     """A restore moved its vault file into place, but opening it failed: the file in place is the restored one."""
 
@@ -155,7 +157,7 @@ class VaultStore:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA busy_timeout = 2000")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._check_identity(conn)
             self._migrate(conn)
         except sqlite3.Error as exc:
@@ -172,7 +174,13 @@ class VaultStore:
         whose SQLite left deleted content in place, is left in its free space; then empty the write-ahead log.
         After a key slot change, which has committed already: a failure is logged, not raised."""
         with self._lock:
-            self._compact(self._require())
+            try:
+                conn = self._require()
+            except AegisError as exc:
+                log.warning("could not compact %s (%s): content deleted before may remain in its free space until "
+                            "the next start or key change", self.path, exc.message)
+                return
+            self._compact(conn)
 
     def _compact(self, conn: sqlite3.Connection) -> None:
         """At each open (a vault that an older aegisd, or a restored backup, left residue in) and after each key
@@ -183,15 +191,19 @@ class VaultStore:
         except sqlite3.Error as exc:
             log.warning("could not compact %s (%s): content deleted before may remain in its free space until the "
                         "next start or key change", self.path, translate(exc, self.path).message)
-            return
-        self._truncate_log(conn)
+        finally:  # needs no space: the deleted slot's page images leave the log even when VACUUM could not run
+            self._truncate_log(conn)
 
     def _truncate_log(self, conn: sqlite3.Connection) -> None:
         """Fold the write-ahead log into the file and truncate it to nothing: its frames hold the pages as they were
         before the writes since the last checkpoint (a deleted key slot among them). The commit stands whatever
         happens here; a reader in another process can keep the log from being emptied (then it is logged)."""
-        try:
-            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        try:  # without waiting: a reader in another process would hold the store's lock (and Status) for 2 s
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.Error as exc:
             log.warning("could not empty %s-wal (%s): earlier page images stay in it until the next write",
                         self.path, translate(exc, self.path).message)

@@ -101,11 +101,12 @@ class ControlSocket:
         real = self._safe_path(directory)
         if real is None:
             try:
-                if self._create_directory(directory):
-                    return
+                self._create_directory(directory)
             except OSError as exc:
                 raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
-            real = self._safe_path(directory)  # made by someone else (root or aegisd's user) meanwhile
+            # Walked again, whole now: a missing parent someone else made meanwhile (in /tmp, say) is refused, as
+            # it would have been had it been there first; what aegisd made passes the checks below.
+            real = self._safe_path(directory)
         try:
             info = os.lstat(real or directory)
         except OSError as exc:

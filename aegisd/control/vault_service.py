@@ -135,13 +135,14 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
 
     @rpc
     async def Status(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusResponse:
-        counts = await asyncio.to_thread(self.rt.vault.counts)
+        # In a thread, as every store read: a write under way (a key change's VACUUM) holds the store's lock.
+        counts, schema = await asyncio.to_thread(lambda: (self.rt.vault.counts(), self.rt.store.schema_version()))
         return pb.StatusResponse(
             state=STATES[self.rt.vault.state], version=__version__,
             started_at=timestamp(int(self.rt.started_at * 1000)),
             uptime_seconds=time.time() - self.rt.started_at, gate_address=self.rt.config.gate_address,
             vault_id=self.rt.vault.vault_id or "", data_dir=str(self.rt.config.data_dir),
-            schema_version=self.rt.store.schema_version(), **counts,
+            schema_version=schema, **counts,
         )
 
 
