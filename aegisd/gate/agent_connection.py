@@ -70,9 +70,9 @@ class AgentConnections:
     """The gate's open agent connections with their serving tasks, and the most it keeps open at once.
 
     At the cap, a new connection takes the place of the oldest idle one on which no agent has authenticated, else
-    of the oldest one answering a request that named no agent (a process with no token cannot keep agents out by
-    holding connections open, idle or kept busy); only when every open connection is an agent's is the new one
-    reset, or one whose request is between its head and the gate's first look at it."""
+    of the oldest other one no agent has (a process with no token cannot keep agents out by holding connections
+    open, idle or kept busy); only when every open connection is an agent's, or one whose request is between its
+    head and the gate's first look at it, is the new one reset."""
 
     REPORT_EVERY = 60.0  # seconds between two warnings about refused connections
 
@@ -93,8 +93,8 @@ class AgentConnections:
         the caller resets a refused one."""
         if self.most is not None and len(self.open) >= self.most:
             spare = next((c for c in self.unvouched if c.idle_between_requests), None) or next(
-                (c for c in self.unvouched if c.answering), None)  # a request that named no agent: a scrape, a
-            # refusal, or a pipeline of them left unread to keep the connection busy
+                (c for c in self.unvouched if not c.head_untaken), None)  # busy with what named no agent: a
+            # scrape, a refusal, a pipeline of them left unread, a body left unsent after one
             if spare is None:
                 self.refused += 1
                 self._due()
@@ -487,6 +487,10 @@ class AgentConnection(asyncio.Protocol):
             left = 0 if parsing is None or parsing.content_length is None else parsing._left_to_drop() or 0
             if left > 0:
                 end = min(at + left, size)
+            elif parsing is not None and parsing.content_length is None:  # a chunked body, which ends with CRLF
+                # CRLF: up to the next one, wherever it is, so a long body is not cut into PARSE_AHEAD pieces
+                end = data.find(_HEAD_END, at)
+                end = end + len(_HEAD_END) if end >= 0 else size
             elif size - at <= PARSE_AHEAD:
                 end = size
             else:
@@ -569,6 +573,8 @@ class AgentConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > MAX_HEAD_BYTES:  # a head with no fields is bounded here (on_header counts the rest)
+            raise _FieldsTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value) + 4
@@ -828,9 +834,10 @@ class AgentConnection(asyncio.Protocol):
                 and (self._next is None or not self._next.done()))  # done: a head read, `_serve` not yet woken
 
     @property
-    def answering(self) -> bool:
-        """A request is being answered (for one not vouched for: it named no agent, or is an operator endpoint's)."""
-        return self._current is not None
+    def head_untaken(self) -> bool:
+        """A request's head was read and handed over, but `_serve` has not looked at it yet: it may be an agent's
+        first request, whose authentication comes in the turn `_serve` takes it."""
+        return self._current is None and (bool(self._queued) or (self._next is not None and self._next.done()))
 
     def evict(self) -> None:
         """Reset this idle connection to make room for a new one (the cap is full); it stops counting at once."""

@@ -620,7 +620,7 @@ class GatePipeline:
         # request without a token, up to 100 rows a second: finding the segments to mask in such a path is bounded
         # tighter (a crafted 2 KiB path took ~18 ms of the event loop), past which the whole path is masked.
         bound = {} if x.agent else TOKENLESS_MASKING
-        service, sep, path = masked(inspector, f"/{x.service}{x.path}", **bound)[1:].partition("/")
+        service, sep, path = masked(inspector, f"/{x.service}{x.path}", **bound).removeprefix("/").partition("/")
         x.service, x.path = service, sep + path
         x.target_host = masked(inspector, x.target_host)
 

@@ -16,6 +16,18 @@ from tests.e2e.ops_support import Scrape
 FLOOD = 3 * BURST
 
 
+def test_a_tokenless_row_of_a_long_path_holding_a_secret_is_masked_whole() -> None:
+    """Masking a tokenless refusal's target is bounded (its segments are found only within 256 bytes); past that
+    the whole target is recorded as one marker. A review found the row's service came out as `REDACTED]`."""
+    world = shared_standard().world
+    reply = world.call("GET", f"/bear/{'x' * 300}/{SECRETS['bear']}/tail")
+    row = world.assert_refused(reply, 401, "agent_auth_required")
+    assert (row["service"], row["path"]) == ("[REDACTED]", ""), row
+    short = world.assert_refused(world.call("GET", f"/bear/{SECRETS['bear']}/tail"), 401, "agent_auth_required")
+    assert (short["service"], short["path"]) == ("bear", "/[REDACTED]/tail"), short
+    world.assert_no_leaks()
+
+
 def test_a_tokenless_flood_with_a_secret_in_its_paths_leaks_it_nowhere() -> None:
     """Past its budget a tokenless refusal's target is not masked (a review measured ~12 ms of the event loop
     to mask a crafted 2 KiB path, paid before the budget was asked): it must then reach nothing, not the

@@ -2103,6 +2103,41 @@ async def connected(handler: RequestHandler) -> tuple[AgentConnection, Transport
     return conn, transport, feeds
 
 
+def test_a_chunked_body_in_one_read_is_fed_in_pieces_no_smaller_than_its_chunks(run: Run) -> None:
+    """Found by a review: a chunked body was cut into 4 KiB slices (40 MiB in 64 KiB chunks: 10,880 pieces handed
+    over instead of 640, and as many chunk frames upstream with inspection off). It is fed up to its end now."""
+    pieces: list[int] = []
+
+    async def answer(request: GateRequest) -> None:
+        async for chunk in request.body():
+            pieces.append(len(chunk))
+        await request.respond(200, b"", {})
+
+    async def main() -> None:
+        conn, transport, feeds = await connected(Handler(answer))
+        head = b"POST /chunked HTTP/1.1\r\nHost: gate\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b"".join(b"10000\r\n" + bytes([65 + n]) * 65536 + b"\r\n" for n in range(3)) + b"0\r\n\r\n"
+        conn.data_received(head + body)
+        await eventually(lambda: b"HTTP/1.1 200 OK" in transport.written, "the POST was answered")
+        assert sum(pieces) == 3 * 65536 and len(pieces) <= 3, pieces
+        assert len(feeds.sizes) <= 3, feeds.sizes  # the head, then the body up to its end
+        conn.abort()
+
+    run(main())
+
+
+def test_a_head_with_no_fields_is_bounded_like_any_head(run: Run) -> None:
+    """Found by a review: the target was counted against the head's limit only with the first header field, so
+    a head without any passed 64 KiB when its start reset the count of bytes without progress."""
+    async def main() -> None:
+        conn, transport, _ = await connected(Handler())
+        conn.data_received(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")
+        await eventually(lambda: b"HTTP/1.1 431 " in transport.written, "the head was refused")
+        conn.abort()
+
+    run(main())
+
+
 def test_a_single_request_or_a_body_of_known_length_in_one_read_is_fed_to_llhttp_in_one_piece(run: Run) -> None:
     """The gate's hot path: one GET in a read is one feed; a POST's 64 KiB body arriving with its head, one feed
     after the head's and one piece handed over."""
