@@ -32,6 +32,8 @@ _NONZERO = re.compile(rb"[^\0]")
 # zlib (RFC 1950), raw deflate (RFC 1951), and gzip, which zlib's auto-detection (wbits 32 + 15) takes a
 # body starting with 1f 8b for; a gzip reading is decoded as gzip bodies are (every member).
 _ZLIB, _RAW, _GZIP = zlib.MAX_WBITS, -zlib.MAX_WBITS, 16 + zlib.MAX_WBITS
+_FHCRC, _FEXTRA, _FNAME, _FCOMMENT, _RESERVED = 0x02, 0x04, 0x08, 0x10, 0xE0  # a gzip header's flag bits (RFC 1952)
+GZIP_TRAILER = 8  # CRC32 and size
 
 
 class DecodeError(Exception):
@@ -153,8 +155,11 @@ def _decode(data: bytes, wbits: int, room: int, truncate: bool = False, enough: 
         return Decoded(bytes(out), False, True, len(out) + charge)
 
     while True:
+        member_wbits, trailer = wbits, 0
+        if wbits == _GZIP and (header := _lenient_header(data, pos)):  # read as Python's gzip reads it
+            member_wbits, trailer, pos = _RAW, GZIP_TRAILER, pos + header
         member_pos, member_out = pos, len(out)
-        decoder = zlib.decompressobj(wbits)
+        decoder = zlib.decompressobj(member_wbits)
         span = FIRST_SLICE
         while not decoder.eof:
             if pos >= len(data):
@@ -170,8 +175,8 @@ def _decode(data: bytes, wbits: int, room: int, truncate: bool = False, enough: 
                 failed_at = pos + len(piece) - len(decoder.unconsumed_tail) - 1
                 del out[member_out:]
                 try:
-                    out += zlib.decompressobj(wbits).decompress(view[member_pos:max(failed_at, member_pos)],
-                                                                room + 1 - charge - len(out))
+                    out += zlib.decompressobj(member_wbits).decompress(view[member_pos:max(failed_at, member_pos)],
+                                                                       room + 1 - charge - len(out))
                 except zlib.error:  # not seen to happen: how far it decoded is unknown
                     return Decoded(bytes(out), False, True, len(out) + charge, str(exc))
                 if len(out) + charge > room:
@@ -183,6 +188,7 @@ def _decode(data: bytes, wbits: int, room: int, truncate: bool = False, enough: 
                 return Decoded(bytes(out), False, True, len(out) + charge)
             # At a member's end what follows it in the slice is left in unused_data (a bounded copy).
             pos += len(piece) - len(decoder.unused_data) if decoder.eof else len(piece)
+        pos = min(pos + trailer, len(data))  # a header zlib would refuse: its CRC32 and size are not checked
         if wbits == _GZIP:
             if not data.startswith(GZIP_MAGIC, pos):
                 pos = _past_zeros(data, pos)  # zero padding between gzip members, which gzip itself skips
@@ -195,6 +201,29 @@ def _decode(data: bytes, wbits: int, room: int, truncate: bool = False, enough: 
         if len(out) + charge > room:
             return over()
         return Decoded(bytes(out), True, True, len(out) + charge)
+
+
+def _lenient_header(data: bytes, pos: int) -> int:
+    """The length of the gzip header at `pos` when zlib would refuse it and Python's gzip (and so an upstream,
+    and the agent fetching the upload back) reads it: reserved flag bits set, or a header CRC, which zlib
+    checks and gzip does not. Then the member is inflated raw after it. 0 for any other header, whole or cut
+    short, which zlib reads (or refuses) as gzip does."""
+    if len(data) < pos + 10 or not data.startswith(GZIP_MAGIC, pos) or not data[pos + 3] & (_FHCRC | _RESERVED):
+        return 0
+    flags, at = data[pos + 3], pos + 10
+    if flags & _FEXTRA:
+        if len(data) < at + 2:
+            return 0
+        at += 2 + int.from_bytes(data[at:at + 2], "little")
+    for field in (_FNAME, _FCOMMENT):
+        if flags & field:
+            end = data.find(b"\0", at)
+            if end < 0:
+                return 0
+            at = end + 1
+    if flags & _FHCRC:
+        at += 2
+    return at - pos if at <= len(data) else 0
 
 
 def _past_zeros(data: bytes, pos: int) -> int:

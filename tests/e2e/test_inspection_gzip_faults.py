@@ -177,6 +177,31 @@ def test_a_damaged_gz_upload_holding_a_secret_is_refused(faulty: tuple[GateWorld
     world.assert_no_leaks()
 
 
+def _lenient_header(plain: bytes, flags: int) -> bytes:
+    """A gzip member of `plain` whose header Python's gzip reads and zlib refuses: a header CRC that is wrong (gzip
+    does not check it), or reserved flag bits, with a file name and an extra field too."""
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+    header = b"\x1f\x8b\x08" + bytes([flags | 0x04 | 0x08]) + b"\0" * 6 + b"\x04\0ab\0\0" + b"name.json\0"
+    header += b"\0\0" if flags & 0x02 else b""
+    return (header + deflate.compress(plain) + deflate.flush()
+            + zlib.crc32(plain).to_bytes(4, "little") + len(plain).to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize("flags", [0x02, 0xE0])
+def test_a_gz_upload_whose_header_zlib_refuses_is_inspected_as_gzip_reads_it(
+        faulty: tuple[GateWorld, FaultyUpstream], flags: int) -> None:
+    """Found by a review: a wrong header CRC or a reserved flag bit made zlib refuse the header, so an undeclared
+    `.gz` upload went out uninspected, though Python's gzip (an upstream, the agent fetching it back) reads it."""
+    world, up = faulty
+    plain = json.dumps({"note": OTHER}).encode()
+    body = _lenient_header(plain, flags)
+    assert gzip.decompress(body) == plain
+    with untouched(up):
+        reply = world.call("POST", "/blk/echo/lenient", HOW["sniffed"], body, agent="bot")
+    world.assert_refused(reply, 403, "body_inspection", flags="body_inspection_block=vault_secret")
+    world.assert_no_leaks()
+
+
 @pytest.mark.parametrize("kind", ["bad-crc", "cut", "gz-in-gzip", "late-gz"])
 def test_a_compressed_answer_holding_the_secret_is_refused(faulty: tuple[GateWorld, FaultyUpstream],
                                                            kind: str) -> None:
