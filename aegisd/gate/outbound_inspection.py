@@ -40,12 +40,13 @@ from aegisd.inspection.decompress import (
 
 NOT_INSPECTABLE = "not_inspectable"
 # A path holding more findings than this is recorded as one marker: bounds the bisection's scans.
-MASK_ROUNDS = 8
+MASK_ROUNDS = 4
 # A longer text holding a finding is recorded as one marker, found by one scan: bisecting a 64 KiB path of
-# nested percent-encodings took half a second of the event loop. The ledger keeps 2,048 characters anyway.
-MASK_BISECT_BYTES = 2048
+# nested percent-encodings took half a second of the event loop, and a crafted 2 KiB one with 8 findings 14 ms
+# (an agent's refusals have a ledger budget of 80 rows a second). These bounds: about 3.5 ms at worst.
+MASK_BISECT_BYTES = 1024
 # For the row of a request that names no agent (anyone can send those): two findings in at most 256 bytes, a few
-# dozen scans of a short text, about half a millisecond at worst.
+# dozen scans of a short text, about 1.3 ms at worst.
 TOKENLESS_MASKING = {"bisect_bytes": 256, "rounds": 2}
 # Bodies up to this size are inspected on the event loop: a clean one in well under a millisecond (about
 # 0.1 ms per 64 KiB of JSON), the worst crafted one in about 15 ms, where handing it to a thread would
