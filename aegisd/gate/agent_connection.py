@@ -487,10 +487,10 @@ class AgentConnection(asyncio.Protocol):
             left = 0 if parsing is None or parsing.content_length is None else parsing._left_to_drop() or 0
             if left > 0:
                 end = min(at + left, size)
-            elif parsing is not None and parsing.content_length is None:  # a chunked body, which ends with CRLF
-                # CRLF: up to the next one, wherever it is, so a long body is not cut into PARSE_AHEAD pieces
-                end = data.find(_HEAD_END, at)
-                end = end + len(_HEAD_END) if end >= 0 else size
+            elif parsing is not None and parsing.content_length is None:  # a chunked body: PARSE_AHEAD at a time,
+                # not cut at each CRLF CRLF in its data (a body of blank lines was a feed per line), and a chunk
+                # line or trailer is still bounded by the bytes parsed without progress
+                end = min(at + PARSE_AHEAD, size)
             elif size - at <= PARSE_AHEAD:
                 end = size
             else:
@@ -836,7 +836,8 @@ class AgentConnection(asyncio.Protocol):
     @property
     def head_untaken(self) -> bool:
         """A request's head was read and handed over, but `_serve` has not looked at it yet: it may be an agent's
-        first request, whose authentication comes in the turn `_serve` takes it."""
+        first request, whose authentication comes in the turn `_serve` takes it. (A request queued behind one being
+        answered is not protected: a pipeline of tokenless requests left unread must stay evictable.)"""
         return self._current is None and (bool(self._queued) or (self._next is not None and self._next.done()))
 
     def evict(self) -> None:

@@ -37,6 +37,7 @@ from aegisd.gate.agent_connection import (
     _HIGH_WATER,
     DISCARD_MAX,
     MAX_HEAD_BYTES,
+    PARSE_AHEAD,
     AgentConnection,
     AgentConnections,
     AgentGone,
@@ -2103,9 +2104,11 @@ async def connected(handler: RequestHandler) -> tuple[AgentConnection, Transport
     return conn, transport, feeds
 
 
-def test_a_chunked_body_in_one_read_is_fed_in_pieces_no_smaller_than_its_chunks(run: Run) -> None:
-    """Found by a review: a chunked body was cut into 4 KiB slices (40 MiB in 64 KiB chunks: 10,880 pieces handed
-    over instead of 640, and as many chunk frames upstream with inspection off). It is fed up to its end now."""
+@pytest.mark.parametrize("data", ["plain", "blank lines"])
+def test_a_chunked_body_is_fed_in_bounded_slices_whatever_its_data(run: Run, data: str) -> None:
+    """Found by two reviews: a chunked body was cut at every CRLF CRLF in its data (4 MiB of blank lines: a million
+    llhttp feeds and pieces, 1.7 s of the event loop), and then, fed to the next CRLF CRLF, a chunk line of 200 KiB
+    in one read passed the bound on bytes parsed without progress. It is fed PARSE_AHEAD bytes at a time."""
     pieces: list[int] = []
 
     async def answer(request: GateRequest) -> None:
@@ -2116,12 +2119,17 @@ def test_a_chunked_body_in_one_read_is_fed_in_pieces_no_smaller_than_its_chunks(
     async def main() -> None:
         conn, transport, feeds = await connected(Handler(answer))
         head = b"POST /chunked HTTP/1.1\r\nHost: gate\r\nTransfer-Encoding: chunked\r\n\r\n"
-        body = b"".join(b"10000\r\n" + bytes([65 + n]) * 65536 + b"\r\n" for n in range(3)) + b"0\r\n\r\n"
+        text = b"a\r\n\r\n" * 16384 if data == "blank lines" else b"A" * 65536
+        body = b"".join(b"%x\r\n" % len(text) + text + b"\r\n" for _ in range(3)) + b"0\r\n\r\n"
         conn.data_received(head + body)
         await eventually(lambda: b"HTTP/1.1 200 OK" in transport.written, "the POST was answered")
-        assert sum(pieces) == 3 * 65536 and len(pieces) <= 3, pieces
-        assert len(feeds.sizes) <= 3, feeds.sizes  # the head, then the body up to its end
+        assert sum(pieces) == 3 * len(text)
+        assert len(feeds.sizes) <= len(head + body) // PARSE_AHEAD + 2, len(feeds.sizes)
         conn.abort()
+        conn2, transport2, _ = await connected(Handler(answer))
+        conn2.data_received(head + b"1;" + b"x" * 200_000 + b"\r\nA\r\n0\r\n\r\n")  # one chunk line of 200 KiB
+        await eventually(lambda: b"HTTP/1.1 431 " in transport2.written, "the chunk line was refused")
+        conn2.abort()
 
     run(main())
 
