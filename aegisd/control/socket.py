@@ -193,25 +193,25 @@ class ControlSocket:
                           f"the socket's directory for their own and receive the passphrases and keys aegisctl "
                           f"sends; {_OWN_DIRECTORY}")
 
-    def _create_directory(self, directory: Path) -> bool:
+    def _create_directory(self, directory: Path) -> None:
         """Make `directory` and any missing parent, each 0700, or with a socket group 0750 in that group: the group
         must pass through every directory aegisd makes on the way to the socket, and no one else needs to (the
         same access as the socket's own directory, so a created parent opens nothing that directory does not).
-        Set before the next level exists, so nothing is ever reachable with other permissions. False if
-        `directory` existed already; existing parents are never changed."""
+        Set before the next level exists, so nothing is ever reachable with other permissions. Existing
+        directories are never changed (the caller checks them)."""
         try:
             directory.mkdir(mode=0o700)
         except FileExistsError:
-            return False
+            return
         except FileNotFoundError:
             if directory.parent == directory:
                 raise
             self._create_directory(directory.parent)
-            return self._create_directory(directory)
+            self._create_directory(directory)
+            return
         if self._gid is not None:  # before the socket exists: group members only reach it once it is 0660
             os.chown(directory, -1, self._gid)
             os.chmod(directory, 0o750)  # noqa: S103 - group members must reach the socket
-        return True
 
     def _check_shared_directory(self, directory: Path, info: os.stat_result) -> None:
         """An existing directory for a group-shared socket must already be in the socket group, searchable by it
