@@ -21,6 +21,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 _USUAL_HOSTS = LOOPBACK_NAMES | {"127.0.0.1", "[::1]"}
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?$")
 _BAD_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # `%u002e`, `%zz`, a `%` at the end
 SINGLE_HEADERS = ("Host", "X-Aegis-Agent", "X-Target-Host", "Authorization", "Content-Length")
 _AT_MOST_ONCE = SINGLE_HEADERS[1:]  # Host must appear exactly once: check_host_header's business
 _NONE: tuple[str, ...] = ()  # getall's default, shared so a missing header allocates nothing
@@ -87,7 +88,7 @@ def split_target(raw_target: str) -> tuple[str, str, str]:
     if "\\" in path or "\x00" in path or (encoded and _BAD_ENCODED.search(path)):
         raise bad_request("the path contains a backslash, NUL or an encoded '/' or '\\'")
     if encoded:
-        once = unquote(path)
+        once = _decoded_once(path)
         _refuse_dot_segments(path, once, unquote(once))
         if "\x00" in once:
             raise bad_request("the path contains a NUL byte")
@@ -104,6 +105,20 @@ def split_target(raw_target: str) -> tuple[str, str, str]:
     return unquote(service) if encoded else service, "/" + rest, query
 
 
+def _decoded_once(path: str) -> str:
+    """The path decoded once, refused where servers disagree on what it decodes to: policy rules judge this
+    form, while an upstream that reads `%u002e` (ASP.NET, IIS) or the overlong UTF-8 `%C0%AE` (older Java
+    servers) as '.' would see a '..' segment the rules never saw."""
+    if _LONE_PERCENT.search(path):
+        raise bad_request("the path has a '%' not followed by two hex digits (such as %u002e), which servers "
+                          "decode in different ways: percent-encode a literal '%' as %25")
+    try:
+        return unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise bad_request("the path's percent-encoding does not decode to UTF-8 (such as the overlong %C0%AE), "
+                          "which servers decode in different ways") from None
+
+
 def _scheme_relative(rest: str) -> bool:
     """Whether `/rest`, decoded once or twice, starts with `//`."""
     once = unquote(rest)
@@ -114,8 +129,9 @@ def _refuse_dot_segments(*forms: str) -> None:
     """A '.' or '..' segment in the path as sent or in any of its decoded forms would let it climb out. So
     would one with `;` parameters (`..;`, `..;x=1`): Java servlet containers (Tomcat, Jetty, Spring) drop a
     segment's parameters and then resolve what is left, so `/repos/acme/..;/..;/admin` reaches /admin there
-    while policy rules and the ledger see a path under /repos/acme."""
+    while policy rules and the ledger see a path under /repos/acme. Spaces around the dots count too (`%20..`):
+    IIS trims them from a segment."""
     for form in forms:
         for segment in form.split("/"):
-            if segment.partition(";")[0] in (".", ".."):
+            if segment.partition(";")[0].strip() in (".", ".."):
                 raise bad_request("the path contains a '.' or '..' segment (with or without ';' parameters)")

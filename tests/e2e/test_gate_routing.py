@@ -438,6 +438,9 @@ BAD_PATHS = [
     "/bear/echo/a\\b", "/bear/echo/a%00b",
     # a scheme-relative rest, which a proxying upstream may read as another host (found by a cold review)
     "/bear//127.0.0.1/echo/x", "/bear/%252f127.0.0.1/echo/x",
+    # encodings some servers decode to '.' and others do not (found by a cold review)
+    "/bear/echo/%u002e%u002e", "/bear/echo/%C0%AE%C0%AE", "/bear/echo/%20..", "/bear/echo/..%20/x",
+    "/bear/echo/%zz", "/bear/echo/x%", "/bear/echo/%ff",
 ]
 
 
