@@ -7,6 +7,7 @@ than a failed call. Messages name files, modes and credential names, never a sec
 from __future__ import annotations
 
 import asyncio
+import functools
 import grp
 import logging
 import os
@@ -428,9 +429,16 @@ class Doctor:
             return Check("ledger_chain", WARN, f"cannot verify: the vault has not been unlocked since {since} (the "
                          "chain key derives from it)", "run `aegisctl unlock`, then `aegisctl doctor` again")
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
+        # What the writer saw done to its file (replaced, removed, its newest row cut) fails the check as it fails
+        # `ledger verify`, even if what the path holds now verifies; so does a file without the writer's newest row.
+        tampered, written = self.rt.ledger.tampered, self.rt.ledger.written
+        if tampered:
+            return Check("ledger_chain", FAIL, tampered, "keep ledger.db as evidence and find out who can write the "
+                         "data directory; `aegisctl ledger verify` shows the same, until aegisd restarts")
         try:
             # The database check above runs the integrity check on ledger.db: not twice.
-            result = await asyncio.to_thread(verify, self.config.data_dir / "ledger.db", key, check_database=False)
+            result = await asyncio.to_thread(functools.partial(verify, self.config.data_dir / "ledger.db", key,
+                                                               check_database=False, written=written))
         except LedgerError as exc:
             return Check("ledger_chain", FAIL, str(exc), "see `aegisctl ledger verify`")
         if not result.ok:

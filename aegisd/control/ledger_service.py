@@ -7,6 +7,7 @@ import functools
 import logging
 import sqlite3
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,7 +172,10 @@ def _export_page(path: Path, filters: dict[str, Any], after_id: int, end_id: int
     conn = open_reader(path)
     try:
         if end_id is None:  # the first page fixes the end, so rows committed meanwhile are not chased
-            end_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM ledger").fetchone()[0])
+            try:
+                end_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM ledger").fetchone()[0])
+            except sqlite3.Error as exc:  # damaged pages: said as show, stats and verify say it
+                raise LedgerError(f"cannot read the ledger: {exc}") from None
         rows = query_rows(conn, limit=EXPORT_BATCH, after_id=after_id, newest_first=False, **filters)
     finally:
         conn.close()
@@ -258,10 +262,15 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             raise FailedPrecondition("the ledger key derives from the vault: unlock it once to verify",
                                      reason="vault_locked")
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
+        # Read after the settle (whose job checks that ledger.db is still the writer's file), before the file: the
+        # file can only be ahead of them. verify fails a file that lacks the newest row this writer committed.
+        tampered, written = self.rt.ledger.tampered, self.rt.ledger.written
         try:
-            result = await asyncio.to_thread(functools.partial(verify, self.path, key, expect=expect))
+            result = await asyncio.to_thread(functools.partial(verify, self.path, key, expect=expect, written=written))
         except LedgerError as exc:
-            raise StorageUnavailable(str(exc)) from None
+            raise StorageUnavailable(f"{tampered}; {exc}" if tampered else str(exc)) from None
+        if tampered:  # what the writer saw happen to its file, even if what the path holds now verifies
+            result = replace(result, ok=False, reason=f"{tampered} (what ledger.db holds now: {result.reason})")
         return pb.VerifyResponse(ok=result.ok, rows_checked=result.rows_checked,
                                  first_bad_id=result.first_bad_id or 0, reason=result.reason,
                                  first_id=result.first_id, last_id=result.last_id, last_mac=result.last_mac)

@@ -84,22 +84,25 @@ class VerifyResult:
 
 
 Tip = tuple[int, bytes]  # (row id, its MAC), as an earlier verify reported it
+Written = tuple[int, bytes | None]  # the newest row the running writer committed, and its MAC (None: stored without)
 
 
 def verify(path: str | os.PathLike[str], key: bytes, *, check_database: bool = True,
-           expect: Tip | None = None) -> VerifyResult:
+           expect: Tip | None = None, written: Written | None = None) -> VerifyResult:
     """Walk the chain from the start and name the first row that does not fit.
 
     check_database also runs SQLite's full integrity check in the same snapshot (a caller that runs it
     anyway, like doctor's database check, skips it here). expect is the tip of an earlier verify: fail unless
-    this ledger still holds that row with that MAC (or has pruned it since, which the result says).
+    this ledger still holds that row with that MAC (or has pruned it since, which the result says). written is
+    the newest row the running daemon's writer committed (LedgerWriter.written): fail unless the file holds it as
+    written, which a file renamed over ledger.db, or rows cut from its end, while the daemon ran would not.
     """
     conn = open_reader(path)
     try:
         conn.execute("BEGIN")  # one snapshot, so rows the daemon commits meanwhile do not confuse it
         problems = integrity_problems(conn) if check_database else []
         try:
-            result = _verify_any_text(conn, key, expect)
+            result = _verify_any_text(conn, key, expect, written)
         except sqlite3.DatabaseError as exc:  # damaged pages: the integrity check has said where
             if not problems:
                 raise
@@ -123,18 +126,19 @@ def _with_database(result: VerifyResult, problems: list[str]) -> VerifyResult:
     return replace(result, reason=f"{result.reason}; and {found}")
 
 
-def _verify_any_text(conn: sqlite3.Connection, key: bytes, expect: Tip | None) -> VerifyResult:
+def _verify_any_text(conn: sqlite3.Connection, key: bytes, expect: Tip | None, written: Written | None
+                     ) -> VerifyResult:
     """_verify, also over text that is not UTF-8, which sqlite3 refuses to read: aegisd stores only UTF-8, so such
     bytes were written into the file behind its back. The walk then starts again, in the same snapshot, reading
     text so that those bytes survive (as lone surrogates): the row fails its MAC and is named like any other edit.
     Only that second walk pays for a text_factory (a quarter more time per row), so a good ledger costs nothing."""
     try:
-        return _verify(conn, key, expect)
+        return _verify(conn, key, expect, written)
     except sqlite3.OperationalError as exc:
         if not not_utf8(exc):
             raise
     conn.text_factory = _surrogates
-    return _verify(conn, key, expect)
+    return _verify(conn, key, expect, written)
 
 
 def _surrogates(value: bytes) -> str:
@@ -175,18 +179,27 @@ def chain_start(conn: sqlite3.Connection, key: bytes) -> ChainStart | VerifyResu
     return ChainStart(checkpoints[-1].prev_mac, floor, checkpoints[-1].id)
 
 
-def _verify(conn: sqlite3.Connection, key: bytes, expect: Tip | None) -> VerifyResult:
+def _verify(conn: sqlite3.Connection, key: bytes, expect: Tip | None, written: Written | None) -> VerifyResult:
     start = chain_start(conn, key)
     if isinstance(start, VerifyResult):
         return start
-    walk = _Walk(start, expect[0] if expect else None)
+    walk = _Walk(start, expect[0] if expect else None, written[0] if written else None)
     result = walk.run(conn, row_mac(key))
     result = replace(result, last_id=walk.tip_id, last_mac=walk.tip_mac)
+    if written is not None:
+        result = _failed(result, walk.compare_written(written))
     if expect is None:
         return result
     problem, note = walk.compare(expect)
     if problem is None:
         return replace(result, reason=f"{result.reason}; {note}") if note else result
+    return _failed(result, problem)
+
+
+def _failed(result: VerifyResult, problem: str | None) -> VerifyResult:
+    """The result, failed for `problem` too (None: as it is)."""
+    if problem is None:
+        return result
     if result.ok:
         return replace(result, ok=False, reason=problem)
     return replace(result, reason=f"{result.reason}; and {problem}")
@@ -195,11 +208,13 @@ def _verify(conn: sqlite3.Connection, key: bytes, expect: Tip | None) -> VerifyR
 class _Walk:
     """One walk along the chain from its start, which keeps the tip and the MAC of the row an earlier tip named."""
 
-    def __init__(self, start: ChainStart, expect_id: int | None) -> None:
+    def __init__(self, start: ChainStart, expect_id: int | None, written_id: int | None = None) -> None:
         self.start_mac, self.first_id = start.prev_mac, start.first_id
         self.tip_id, self.tip_mac = (self.first_id - 1, self.start_mac) if self.first_id > 1 else (0, b"")
         self.expect_id = expect_id
         self.expect_seen: bytes | None = None  # the MAC found at expect_id (b"": the row is there without one)
+        self.written_id = written_id
+        self.written_seen: bytes | None = None  # the same for written_id
         self.completed = False  # walked to the end (a failure may stop it before the row expect_id)
         self.restored_id = 0  # the newest row that verified recording a restore (0: none)
 
@@ -219,6 +234,8 @@ class _Walk:
                 unchained.add(row_id, checked)
                 if row_id == self.expect_id:
                     self.expect_seen = b""
+                if row_id == self.written_id:
+                    self.written_seen = b""
                 continue
             try:
                 expected = mac_of(prev_mac, row_id, values)
@@ -233,6 +250,8 @@ class _Walk:
                 self.restored_id = row_id
             if row_id == self.expect_id:
                 self.expect_seen = mac
+            if row_id == self.written_id:
+                self.written_seen = mac
         self.completed = True
         (last_used,) = conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'ledger'"
                                     ).fetchone()
@@ -271,6 +290,25 @@ class _Walk:
                     f"restored and the ledger written on from there ({self._restore_row()}), or rows up to it were "
                     "deleted from the end, SQLite's id counter rewritten, and the ledger written anew from there"), None
         return None, f"it holds {earlier} unchanged"
+
+    def compare_written(self, written: Written) -> str | None:
+        """A failure if this ledger does not hold, as written, the newest row the running daemon committed."""
+        row_id, mac = written
+        if row_id < self.first_id - 1:  # pruned since
+            return None
+        found = self.start_mac if row_id == self.first_id - 1 else self.written_seen
+        newest = f"row {row_id}, the newest row the running aegisd has written,"
+        if found is None:
+            if not self.completed:
+                return None  # the walk failed before it: that failure is the result
+            return (f"{newest} is not in ledger.db (its chain ends at row {self.tip_id}): the file was replaced, or "
+                    "rows were cut from its end, while aegisd was running")
+        if found == b"" and mac is not None:
+            return None  # there without its MAC: reported as such (not chained)
+        if not hmac.compare_digest(found, mac or b""):
+            return (f"{newest} is not in ledger.db as aegisd wrote it (its MAC differs): the file was replaced, or "
+                    "rows were cut from its end and others written in their place, while aegisd was running")
+        return None
 
     def _restore_row(self) -> str:
         """Where the ledger says it was restored, for a tip it no longer holds."""

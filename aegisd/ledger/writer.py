@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, RowMac, row_mac, span
+from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, RowMac, Written, row_mac, span
 from aegisd.ledger.checkpoint import latest_checkpoint
 from aegisd.ledger.entry import ENTRY_FIELDS, LedgerEntry, LedgerRow, entry_values, normalize
 from aegisd.ledger.query import not_utf8
@@ -55,6 +55,7 @@ _STATE = (
 _COUNT_AFTER = "SELECT count(*) FROM ledger WHERE id > ?"
 _MAC_SIZE = len(GENESIS)  # HMAC-SHA256
 _STOP = object()
+_FileId = tuple[int, int]  # (st_dev, st_ino)
 _Future = asyncio.Future[int]
 _Append = tuple[LedgerEntry, _Future | None]
 T = TypeVar("T")
@@ -135,6 +136,13 @@ class _Outage:
         missing = (f"{plural(self.rows, 'row')} from {plural(self.commits, 'failed commit')} "
                    f"{'is' if self.rows == 1 else 'are'} missing" if self.rows else "no rows are missing")
         return f"the ledger could not be written for {time.monotonic() - self.since:.1f} s: {missing}"
+
+
+class LedgerReplaced(LedgerError):
+    """ledger.db at its path is no longer the file the writer has open: renamed over (a copy, say) or removed.
+
+    Committing on would put rows where nobody can read them (`ledger show`, verify and the next start all open
+    the path), so the writer fails closed until aegisd restarts (or a restore puts a file in place)."""
 
 
 class ReplaceIncomplete(LedgerError):
@@ -290,6 +298,15 @@ class LedgerWriter:
         self._witness_of = row_mac(os.urandom(32))
         self._reported_foreign: tuple[int, int] | None = None  # the last (tip id, count) logged by _report_foreign
         self._stale_wal = False  # a replaced file's -wal is still there: open nothing until it is removed
+        # Writer thread: (st_dev, st_ino) of the ledger.db the connection has open, checked against the path at each
+        # commit and job; once they differ, why (failing for good: see LedgerReplaced).
+        self._file: _FileId | None = None
+        self._lost: str | None = None
+        # The newest row this writer committed to the file in place, and its MAC (None: stored without one), so
+        # `ledger verify` can tell a file that lacks it; and whether the writer saw that row cut off.
+        self._written: Written | None = None
+        self._cut: str | None = None
+        self._data_version = 0  # the connection's PRAGMA data_version at the latest commit: moves if another writes
 
     @property
     def queue_depth(self) -> int:
@@ -376,7 +393,19 @@ class LedgerWriter:
         The gate forwards nothing meanwhile. The writer retries every RETRY_SECONDS with a row recording
         the outage; any other row retries it too.
         """
-        return self._outage is not None or self._closed or not self._serving
+        return self._outage is not None or self._lost is not None or self._closed or not self._serving
+
+    @property
+    def written(self) -> Written | None:
+        """The newest row this writer has committed to the file now in place, as (id, MAC or None); None before its
+        first row (and after a restore). `ledger verify` fails a file that does not hold it."""
+        return self._written
+
+    @property
+    def tampered(self) -> str | None:
+        """What the writer saw done to its file while it ran (replaced or removed, its newest row cut off), for
+        `ledger verify` to report until aegisd restarts; None if nothing."""
+        return self._lost or self._cut
 
     @property
     def has_key(self) -> bool:
@@ -472,7 +501,7 @@ class LedgerWriter:
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            self._conn = open_writable(self._path, busy_timeout_s=self._busy_timeout_s)
+            self._conn = self._open()
         except Exception as exc:
             error = exc if isinstance(exc, LedgerError) else LedgerError(f"cannot open ledger: {exc}")
             self._post(_settle, ready, error)
@@ -488,7 +517,9 @@ class LedgerWriter:
             running = True
             while running:
                 try:
-                    items = [self._queue.get(timeout=RETRY_SECONDS if self._outage is not None else None)]
+                    # No retries once the file was replaced: they could never succeed.
+                    retry = self._outage is not None and self._lost is None
+                    items = [self._queue.get(timeout=RETRY_SECONDS if retry else None)]
                 except queue.Empty:  # failing, and nothing came: retry with the outage's own row
                     tip = self._commit(mac_of, [], tip)
                     continue
@@ -522,7 +553,7 @@ class LedgerWriter:
                 if since_checkpoint >= CHECKPOINT_ALWAYS or (
                     since_checkpoint >= CHECKPOINT_WHEN_IDLE and self._queue.empty()
                 ):
-                    if self._conn is not None:
+                    if self._conn is not None and self._lost is None:
                         _checkpoint(self._conn)
                     since_checkpoint = 0
         finally:
@@ -531,7 +562,9 @@ class LedgerWriter:
                 tip = self._commit(mac_of, [], tip)
             if self._outage is not None:
                 log.error("stopping with the ledger still unwritable: %s (in this log only)", self._outage.summary())
-            if self._conn is not None:
+            # Not once the file was replaced: closing checkpoints the WAL and deletes the -wal and -shm at the path by
+            # name, which now belong to the other file. The process is ending; the orphaned file goes with it.
+            if self._conn is not None and self._lost is None:
                 self._conn.close()
             self._fail_queued()
             self._post(_settle, self._stopped, None)
@@ -584,6 +617,7 @@ class LedgerWriter:
             moved = True
             # What this process wrote without a key was in the old file; the new one's rows are nobody's to chain.
             self._unchained, self._reported_foreign = _NO_UNCHAINED, None
+            self._written = self._cut = self._lost = None  # the restored file is the ledger now
             self._post(_replaced, self._subscribers)
             self._stale_wal = True
             try:
@@ -621,8 +655,49 @@ class LedgerWriter:
                                       "; the restored ledger is not opened until it is, or SQLite would apply the old "
                                       "log to it") from None
                 self._stale_wal = False
-            self._conn = open_writable(self._path, busy_timeout_s=self._busy_timeout_s)
+            self._conn = self._open()
+        else:
+            self._check_file()
         return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        """open_writable, noting which file it opened: the path's (st_dev, st_ino) before and after, which must agree
+        (else the file was swapped while it opened, and the connection may have either)."""
+        try:
+            before = _file_id(self._path)
+            conn = open_writable(self._path, busy_timeout_s=self._busy_timeout_s)
+            after = _file_id(self._path)
+        except OSError as exc:  # the stat: the data directory cannot be searched
+            raise LedgerError(f"cannot open ledger {self._path}: {exc.strerror or exc}") from None
+        if after is None or (before is not None and before != after):
+            conn.close()
+            raise LedgerError(f"{self._path} was replaced or removed while aegisd was opening it")
+        self._file = after
+        return conn
+
+    def _check_file(self) -> None:
+        """Raise LedgerReplaced if the path no longer names the file the connection writes.
+
+        One stat per commit batch (or job), in this thread: the gate's event loop never waits on it. A swap
+        between this check and the COMMIT puts one batch in the orphaned file; the next commit fails, and
+        `ledger verify` says the file lacks that batch's newest row (self._written).
+        """
+        if self._lost is None:
+            try:
+                now = _file_id(self._path)
+            except OSError as exc:  # the data directory made unreadable, say: this commit fails, a retry may not
+                raise LedgerError(f"cannot check that {self._path} is the file aegisd opened: "
+                                  f"{exc.strerror or exc}") from None
+            if now == self._file:
+                return
+            what = "is gone" if now is None else "is another file than the one aegisd opened"
+            self._lost = (f"ledger.db was replaced or removed while aegisd was running: {self._path} {what}; aegisd "
+                          "writes nothing more to the file it had open, and the gate forwards nothing until aegisd "
+                          "is restarted")
+            log.error("%s. Rows aegisd wrote after any copy of it was taken are missing from the file at that path: "
+                      "keep it as evidence, check it with `aegisctl ledger verify`, and find out who can write the "
+                      "data directory", self._lost)
+        raise LedgerReplaced(self._lost)
 
     def _fail_queued(self) -> None:
         """Reject whatever is still queued when the thread ends, so no appender waits forever."""
@@ -657,7 +732,7 @@ class LedgerWriter:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tip, unchained = self._write(conn, mac_of, entries, tip)
+                tip, unchained, written = self._write(conn, mac_of, entries, tip)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -670,9 +745,11 @@ class LedgerWriter:
             # outage begins; later failures, which the outage's row and the recovery line sum up, at debug.
             if outage is None:
                 outage = self._outage = _Outage()
-                what = f"ledger commit of {plural(lost, 'row')}" if lost else "chaining the rows written while locked"
-                log.error("%s failed: %s: %s; the gate forwards nothing until the ledger can be written again",
-                          what, type(exc).__name__, exc)
+                if not isinstance(exc, LedgerReplaced):  # that one, _check_file has logged as it found it
+                    what = (f"ledger commit of {plural(lost, 'row')}" if lost
+                            else "chaining the rows written while locked")
+                    log.error("%s failed: %s: %s; the gate forwards nothing until the ledger can be written again",
+                              what, type(exc).__name__, exc)
             else:
                 log.debug("ledger commit of %s failed: %s: %s", plural(lost, "row"), type(exc).__name__, exc)
             if lost:
@@ -681,7 +758,7 @@ class LedgerWriter:
             self._post(_fail, futures, f"ledger write failed: {exc}")
             return None
         self.last_commit_seconds = time.perf_counter() - started
-        self._unchained = unchained
+        self._unchained, self._written, self._data_version = unchained, written, tip.data_version
         first_id = tip.next_id - len(entries)
         if entries:  # not the commit that only chains rows written before the key came
             self.commits += 1
@@ -697,19 +774,25 @@ class LedgerWriter:
         return tip
 
     def _write(self, conn: sqlite3.Connection, mac_of: RowMac | None, entries: list[LedgerEntry],
-               tip: _ChainTip | None) -> tuple[_ChainTip, _Unchained]:
-        """Insert the batch (chaining it if there is a key: mac_of); return the tip and the unchained rows it leaves.
+               tip: _ChainTip | None) -> tuple[_ChainTip, _Unchained, Written | None]:
+        """Insert the batch (chaining it if there is a key: mac_of); return the tip, the unchained rows it leaves and
+        the newest row this writer has written (see `written`).
 
         The carried tip is checked after BEGIN IMMEDIATE, so no other connection can write between the check
         and the insert. The writer's own state is left alone: the caller keeps the result once COMMIT worked.
         """
         (data_version,) = conn.execute("PRAGMA data_version").fetchone()
+        written = self._written
+        if written is not None and data_version != self._data_version:  # another connection wrote since: is this
+            self._check_written(conn, written)                           # writer's newest row still there?
         if tip is None or tip.data_version != data_version:
             tip = self._read_tip(conn, data_version)
         first_id, prev_mac = tip.next_id, tip.prev_mac
         unchained = self._unchained
         if mac_of is not None and unchained.rows:
-            prev_mac = _chain_own(conn, mac_of, self._witness_of, unchained, prev_mac)
+            prev_mac, chained = _chain_own(conn, mac_of, self._witness_of, unchained, prev_mac)
+            if chained and written is not None and written[1] is None:  # the newest unchained row is the newest row
+                written = (written[0], prev_mac)
             unchained = _NO_UNCHAINED
         params: list[Any] = []
         if mac_of is not None:
@@ -725,7 +808,24 @@ class LedgerWriter:
                 params += (row_id, *values, None)
             unchained = unchained.after(first_id, len(entries), witness)
         _insert(conn, params)
-        return _ChainTip(data_version, first_id + len(entries), prev_mac), unchained
+        if entries:
+            written = (first_id + len(entries) - 1, prev_mac if mac_of is not None else None)
+        return _ChainTip(data_version, first_id + len(entries), prev_mac), unchained, written
+
+    def _check_written(self, conn: sqlite3.Connection, written: Written) -> None:
+        """Note (once) and log if the newest row this writer committed is gone from the file: rows cut from its end.
+
+        Run only when another connection has written since the last commit (PRAGMA data_version moved), which
+        nothing of aegisd's does (prune and restore go through the writer): the writer goes on from whatever the
+        file now holds, so without this note `ledger verify` would miss the cut once the writer has committed past
+        it. (A row edited in place fails its MAC: the chain says so.)
+        """
+        if self._cut is not None or conn.execute("SELECT 1 FROM ledger WHERE id = ?", (written[0],)).fetchone():
+            return
+        self._cut = (f"row {written[0]}, the newest row aegisd had written then, was deleted from ledger.db while "
+                     "aegisd was running: rows were cut from its end by another program")
+        log.error("%s; aegisd goes on from what the file holds now, and `aegisctl ledger verify` reports it until "
+                  "aegisd is restarted", self._cut)
 
     def _read_tip(self, conn: sqlite3.Connection, data_version: int) -> _ChainTip:
         """The tip as the file has it: at start, and whenever the carried one may be stale."""
@@ -787,11 +887,11 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
 
 
 def _chain_own(conn: sqlite3.Connection, mac_of: RowMac, witness_of: RowMac, unchained: _Unchained,
-               prev_mac: bytes) -> bytes:
+               prev_mac: bytes) -> tuple[bytes, bool]:
     """MAC, in id order, the rows this writer stored without a key, if they are still exactly as it wrote them.
 
-    Returns the MAC the next row links to. If any of them was changed or deleted in the file meanwhile, none
-    is chained (logged): chaining them would vouch for the change.
+    Returns the MAC the next row links to, and whether they were chained. If any of them was changed or deleted
+    in the file meanwhile, none is chained (logged): chaining them would vouch for the change.
     """
     def own_rows() -> Iterator[Any]:
         for first, last in unchained.ranges:
@@ -810,14 +910,14 @@ def _chain_own(conn: sqlite3.Connection, mac_of: RowMac, witness_of: RowMac, unc
     if count != unchained.rows or not hmac.compare_digest(witness, unchained.witness):
         log.error("ledger: rows %s, stored while the vault was locked, were changed in the file before it "
                   "unlocked; they are left unchained, and `aegisctl ledger verify` reports them", unchained.describe())
-        return prev_mac
+        return prev_mac, False
     updates = []
     for row in own_rows():
         prev_mac = mac_of(prev_mac, row[0], row[1:-1])
         updates.append((prev_mac, row[0]))
     conn.executemany("UPDATE ledger SET mac = ? WHERE id = ?", updates)
     log.info("ledger: chained %d rows written before the key was set", len(updates))
-    return prev_mac
+    return prev_mac, True
 
 
 def _chain_origin(conn: sqlite3.Connection) -> bytes:
@@ -831,6 +931,15 @@ def _chain_origin(conn: sqlite3.Connection) -> bytes:
                           f"{_MAC_SIZE}-byte value aegisd writes, so no row can be chained after it: it was edited; "
                           "restore a good backup")
     return prev_mac
+
+
+def _file_id(path: Path) -> _FileId | None:
+    """(st_dev, st_ino) of the file at path, or None if there is none (other OSErrors raise)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def fsync_directory(directory: Path) -> None:

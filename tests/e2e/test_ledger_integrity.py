@@ -7,6 +7,7 @@ as it wrote them; any other row without a MAC stays out of the chain and `ledger
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import threading
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.gate_support import GateWorld
+from tests.e2e.gate_support import GateWorld, request
 from tests.harness import AEGISCTL, Aegis
 
 SECRET = "ghp_integritySecret0123456789abcdefXYZ"
@@ -392,6 +393,12 @@ def test_indexes_that_hide_rows_and_a_cut_off_tail_are_caught() -> None:
         cut = spy_ids[-1]
         edit(db, "DELETE FROM ledger WHERE id > ?", cut)
         edit(db, "UPDATE sqlite_sequence SET seq = ? WHERE name = 'ledger'", cut)
+        # The running aegisd knows the newest row it wrote (test_rows_cut_from_the_end_while_aegisd_runs_are_caught);
+        # a new run knows only the file.
+        assert "the newest row the running aegisd has written, is not in ledger.db" in verify(aegis)[0]["reason"]
+        assert aegis.stop() == 0
+        aegis.start()
+        world.unlock()
         after = verified(aegis)  # what a chain alone can say
         assert after["tip"] != tip["tip"] and after["last_id"] < tip["last_id"], (after, tip)
         verdict, human = verify_with(aegis, tip["tip"])
@@ -439,3 +446,124 @@ def verify_with(aegis: Aegis, tip: str) -> tuple[dict[str, Any], str]:
     verdict: dict[str, Any] = json.loads(as_json.out)
     assert verdict["ok"] is False
     return verdict, human.out
+
+
+REPLACED = "ledger.db was replaced or removed while aegisd was running"
+
+
+def test_a_copy_renamed_over_the_ledger_stops_the_gate() -> None:
+    """Found by a cold review: someone who can write the data directory takes a consistent copy of ledger.db,
+    renames it over the original and removes its -wal and -shm. aegisd went on committing into the file it had
+    open, which nothing could read any more: the gate answered 200, `ledger show` lacked the new rows, `ledger
+    verify` (also with `--expect-tip`) passed, and after a restart those rows were gone for good. The writer now
+    checks at each commit that the path still names the file it opened, and fails closed as for any failed
+    write; verify says what happened and that the file lacks the newest row aegisd wrote."""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("bear", SECRET, up.entry())
+        world.agent("bot", "bear")
+        aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
+        for n in range(3):
+            assert world.call("GET", f"/bear/echo/before{n}", agent="bot").status == 200
+        tip = verified(aegis)
+
+        copy = aegis.data_dir / "copy.db"
+        src, dst = sqlite3.connect(db), sqlite3.connect(copy)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        for n in range(2):  # committed to the file aegisd has open, after the copy was taken
+            assert world.call("GET", f"/bear/echo/after-the-copy{n}", agent="bot").status == 200
+        newest = max(row["id"] for row in world.ledger())
+        os.replace(copy, db)
+        for suffix in ("-wal", "-shm"):
+            (aegis.data_dir / f"ledger.db{suffix}").unlink(missing_ok=True)
+
+        # The first request after the swap was forwarded (the commit finds it), its answer withheld; the next is not.
+        caught = world.call("GET", "/bear/echo/caught", agent="bot")
+        assert caught.status == 503 and caught.error()["code"] == "ledger_unavailable", caught.text()
+        assert len(up.requests_to("/echo/caught")) == 1
+        held = world.call("GET", "/bear/echo/held", agent="bot")
+        assert held.status == 503 and held.error()["code"] == "ledger_unavailable", held.text()
+        assert "nothing was forwarded" in held.error()["message"] and up.requests_to("/echo/held") == []
+        assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "failing"
+
+        verdict, human = verify(aegis)
+        assert verdict["reason"].startswith(f"{REPLACED}: {db} is another file than the one aegisd opened; "), verdict
+        assert f"row {newest}, the newest row the running aegisd has written, is not in ledger.db (its chain ends at " \
+            f"row {tip['last_id']})" in verdict["reason"], verdict
+        assert REPLACED in human
+        _, human = verify_with(aegis, tip["tip"])  # the file at the path still holds the earlier tip: not enough
+        assert REPLACED in human
+        paths = [row["path"] for row in world.ledger()]
+        assert not [p for p in paths if "after-the-copy" in p or p in ("/echo/caught", "/echo/held")], paths
+        doctor = aegis.ctl_in_process("doctor", "--json")
+        assert doctor.code == 1
+        check = next(c for c in json.loads(doctor.out)["checks"] if c["name"] == "ledger_chain")
+        assert check["status"] == "fail" and check["message"].startswith(REPLACED), check
+        log = aegis.log()  # one line, when the writer found it
+        assert log.count(REPLACED) == 1 and "ledger commit of" not in log, log
+
+        # A restart goes on from the file at the path (the rows of the window are gone: see docs/SECURITY.md).
+        assert aegis.stop() == 0
+        assert "stopping with the ledger still unwritable" in aegis.log()
+        aegis.start()
+        world.unlock()
+        assert world.call("GET", "/bear/echo/restarted", agent="bot").status == 200
+        verified(aegis)
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+def test_a_ledger_removed_while_aegisd_runs_stops_the_gate() -> None:
+    """The same with ledger.db deleted: nothing is written to the deleted file, and verify says why."""
+    world = world_with_traffic()
+    try:
+        aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
+        assert world.call("GET", "/bear/echo/before", agent="bot").status == 200
+        for suffix in ("", "-wal", "-shm"):
+            (aegis.data_dir / f"ledger.db{suffix}").unlink(missing_ok=True)
+        refused = aegis.ctl_in_process("ledger", "verify", "--json")
+        assert refused.code == 1 and f"{REPLACED}: {db} is gone; " in refused.err, refused
+        assert f"no ledger at {db}" in refused.err, refused
+        assert world.call("GET", "/bear/echo/gone", agent="bot").status == 503
+        assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "failing"
+        log = aegis.log()
+        assert log.count(f"{REPLACED}: {db} is gone;") == 1, log
+        aegis.assert_no_leaks([SECRET, *world.tokens.values()], world.received)  # no ledger left to read
+    finally:
+        world.close()
+
+
+def test_rows_cut_from_the_end_while_aegisd_runs_are_caught() -> None:
+    """Rows deleted from the end and SQLite's id counter rewritten leave a chain that verifies. While aegisd runs,
+    it knows the newest row it wrote: verify fails a file that lacks it, also after aegisd has written on (which it
+    does, from what the file holds: the cut is logged, not a reason to stop the gate)."""
+    world = world_with_traffic()
+    try:
+        aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
+        for n in range(4):
+            assert world.call("GET", f"/bear/echo/v{n}", agent="bot").status == 200
+        newest = verified(aegis)["last_id"]
+        cut = newest - 2
+        edit(db, "DELETE FROM ledger WHERE id > ?", cut)
+        edit(db, "UPDATE sqlite_sequence SET seq = ? WHERE name = 'ledger'", cut)
+        verdict, human = verify(aegis)
+        assert verdict["reason"] == f"row {newest}, the newest row the running aegisd has written, is not in " \
+            f"ledger.db (its chain ends at row {cut}): the file was replaced, or rows were cut from its end, while " \
+            "aegisd was running", verdict
+
+        assert world.call("GET", "/bear/echo/on", agent="bot").status == 200
+        verdict, human = verify(aegis)
+        deleted = f"row {newest}, the newest row aegisd had written then, was deleted from ledger.db while aegisd " \
+            "was running: rows were cut from its end by another program"
+        assert verdict["reason"].startswith(f"{deleted} (what ledger.db holds now: "), verdict
+        assert deleted in human
+        assert aegis.log().count(deleted) == 1
+        world.assert_no_leaks()
+    finally:
+        world.close()

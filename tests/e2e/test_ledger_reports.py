@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import pty
+import random
 import re
 import select
 import signal
@@ -452,3 +453,33 @@ def test_prune_says_its_cutoff_in_utc_and_in_words(unlocked: Aegis) -> None:
     found = re.match(f"Pruned (\\d+) rows? recorded before {iso} \\(0 seconds ago\\)", pruned)
     assert found and int(found.group(1)) == rows, pruned
     assert json.loads(unlocked.ctl_in_process("ledger", "verify", "--json").ok().out)["ok"]
+
+
+def test_export_of_a_damaged_ledger_says_it_cannot_read_it() -> None:
+    """Found by a cold review: with the newest pages of ledger.db damaged, `ledger export` answered "internal error
+    in aegisd" (the query that fixes where the export ends was outside the handling `ledger show` has); it now says
+    what `show`, `stats` and `verify` say."""
+    aegis = new_aegis()
+    try:
+        aegis.data_dir.mkdir(mode=0o700, parents=True)
+        db = aegis.data_dir / "ledger.db"
+        fill(db, 30_000)
+        aegis.start()
+        aegis.init()
+        assert aegis.stop() == 0
+        data = bytearray(db.read_bytes())
+        page = 4096
+        pages = len(data) // page
+        garbage = random.Random(7)  # the newest rows' pages: the table's rightmost leaf, which max(id) reads
+        for p in range(pages - 3, pages):
+            data[p * page:(p + 1) * page] = bytes(garbage.randrange(256) for _ in range(page))
+        db.write_bytes(bytes(data))
+        aegis.start()
+        for args in (("export", "--format", "jsonl"), ("show", "--limit", "5")):
+            result = aegis.ctl_in_process("ledger", *args)
+            assert_failed(result, "cannot read the ledger: database disk image is malformed")
+            assert "internal error" not in result.err, result.err
+        assert "control RPC Export failed" not in aegis.log()
+        aegis.assert_no_leaks([PASSPHRASE])
+    finally:
+        aegis.cleanup()
