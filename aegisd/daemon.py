@@ -20,6 +20,7 @@ from typing import Any
 
 from aegisd import __version__
 from aegisd.agents import AgentRegistry
+from aegisd.backup import clear_leftovers
 from aegisd.config import (
     UNLOCK_CREDENTIAL_NAME,
     Config,
@@ -75,6 +76,7 @@ class Daemon:
         for warning in startup_warnings(self.config):
             log.warning("%s", warning)
         self._prepare_data_dir()
+        _clear_backup_leftovers(self.config.data_dir)
         store = VaultStore(self.config.data_dir / "vault.db")
         store.open()
         self._vault = vault = Vault(store, argon2_settings(self.config.kdf_memory_mib, self.config.kdf_iterations))
@@ -228,6 +230,15 @@ class Daemon:
             else:
                 event(log, logging.INFO, "vault unlocked", via=source)
             return
+
+
+def _clear_backup_leftovers(data_dir: Path) -> None:
+    """Remove what a backup or restore cut off by a crash left in the data directory (a copy of vault.db, key slots
+    included, among it). Safe only now: the data directory's lock is held, so no other aegisd's backup is running."""
+    removed = clear_leftovers(data_dir)
+    if removed:
+        log.warning("removed %d scratch director%s a backup or restore cut off by a stop left in %s: %s",
+                    len(removed), "y" if len(removed) == 1 else "ies", data_dir, ", ".join(removed))
 
 
 async def _load_policies(policies: PolicyStore) -> None:

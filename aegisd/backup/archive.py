@@ -5,8 +5,10 @@ it a chunk at a time from the snapshot files, manifest first. Nothing in it is i
 already in clear in the data directory: the secrets stay sealed inside vault.db.
 
 `read_backup` accepts an archive only when every check passes (members, manifest, sizes, SHA-256,
-each database opens, is ours, passes `PRAGMA quick_check` and has a schema this aegisd knows), and
-only then are the databases left in the staging directory for the swap.
+each database opens, is ours, passes `PRAGMA integrity_check` and has a schema this aegisd knows), and
+only then are the databases left in the staging directory for the swap. `check_databases` is the part of
+those checks that reads the databases; a backup's snapshot runs it too, so no backup is written that a
+restore would refuse.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class Manifest:
     ledger_schema_version: int
     members: dict[str, Member]
     counts: dict[str, int] = field(default_factory=dict)
+    # Read from ledger.db once it passed its checks, never from manifest.json (which does not hold it): the newest
+    # row the chain authenticates, so what a restore records of the backup's age does not rest on the manifest.
+    newest_chained: NewestRow | None = None
 
     def to_json(self) -> bytes:
         return json.dumps({
@@ -84,6 +89,25 @@ class Manifest:
             "counts": self.counts,
             "members": {name: {"size": m.size, "sha256": m.sha256} for name, m in self.members.items()},
         }, indent=2).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class NewestRow:
+    """The ledger's newest chained row: its id and time_ms, both covered by its MAC (None: not an integer)."""
+
+    id: int
+    time_ms: int | None
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a pair of databases that passed every check holds, in the terms the manifest states it."""
+
+    vault_id: str | None  # None: the vault was never initialised
+    vault_schema_version: int
+    ledger_schema_version: int
+    counts: dict[str, int]
+    newest_chained: NewestRow | None
 
 
 def file_digest(path: Path) -> Member:
@@ -141,11 +165,26 @@ def read_backup(archive: Path, staging: Path) -> Manifest:
                 _extract(tar, members[name], manifest.members[name], staging / name)
     except (tarfile.TarError, EOFError) as exc:
         raise InvalidBackup(f"the backup is not a complete tar archive (truncated or damaged: {exc})") from None
-    counts = _check_vault(staging / VAULT_DB, manifest)
-    counts["ledger_rows"] = _check_ledger(staging / LEDGER_DB, manifest)
-    _check_counts(manifest.counts, counts)
+    found = check_databases(staging, " in the backup")
+    if found.vault_id is None:
+        raise InvalidBackup("the backup holds no vault (it was taken before `aegisctl init`)")
+    if found.vault_id != manifest.vault_id or found.vault_schema_version != manifest.vault_schema_version:
+        raise InvalidBackup("the backup's vault does not match its manifest")
+    if found.ledger_schema_version != manifest.ledger_schema_version:
+        raise InvalidBackup("the backup's ledger does not match its manifest")
+    _check_counts(manifest.counts, found.counts)
     return Manifest(manifest.created_ms, manifest.aegisd_version, manifest.vault_id, manifest.vault_schema_version,
-                    manifest.ledger_schema_version, manifest.members, counts)
+                    manifest.ledger_schema_version, manifest.members, found.counts, found.newest_chained)
+
+
+def check_databases(directory: Path, where: str) -> Contents:
+    """Every check a restore makes of vault.db and ledger.db in `directory` by reading them, and what they hold.
+
+    InvalidBackup names the file and `where` it is (" in the backup"). A backup's snapshot runs the same checks on
+    its copies (where ""), so that a backup is refused when it is taken, not when it is needed."""
+    vault_version, vault_id, counts = _check_vault(directory / VAULT_DB, f"{VAULT_DB}{where}")
+    ledger_version, counts["ledger_rows"], newest = _check_ledger(directory / LEDGER_DB, f"{LEDGER_DB}{where}")
+    return Contents(vault_id, vault_version, ledger_version, counts, newest)
 
 
 class _BoundedHeader(tarfile.TarInfo):
@@ -336,57 +375,58 @@ def _extract(tar: tarfile.TarFile, info: tarfile.TarInfo, expected: Member, dest
         raise InvalidBackup(f"{info.name} in the backup does not match its SHA-256 checksum: the file is damaged")
 
 
-def _open(path: Path, what: str) -> sqlite3.Connection:
+def _open(path: Path, subject: str) -> sqlite3.Connection:
     try:
         return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     except sqlite3.Error as exc:
-        raise InvalidBackup(f"{what} in the backup cannot be opened: {exc}") from None
+        raise InvalidBackup(f"{subject} cannot be opened: {exc}") from None
 
 
-def _require_writable_format(path: Path, what: str) -> None:
+def _require_writable_format(path: Path, subject: str) -> None:
     """SQLite opens a file whose header's format versions (bytes 18, 19) are past 2 read-only, or not at all:
     every read-only check here would pass, and only aegisd's open after the swap would fail."""
     with path.open("rb") as fh:
         header = fh.read(20)
     if header.startswith(b"SQLite format 3\0") and len(header) == 20 and not (header[18] in (1, 2)
                                                                              and header[19] in (1, 2)):
-        raise InvalidBackup(f"{what} in the backup has a header SQLite would open read-only (file format versions "
+        raise InvalidBackup(f"{subject} has a header SQLite would open read-only (file format versions "
                             f"{header[18]} and {header[19]}, where aegisd writes 1 or 2): it was edited")
 
 
-def _intact(conn: sqlite3.Connection, what: str, app_id: int) -> int:
-    """Ours, intact, and a schema version we can migrate from; returns that version."""
+def _intact(conn: sqlite3.Connection, what: str, subject: str, app_id: int) -> int:
+    """Ours, intact, and a schema version we can migrate from; returns that version. `what` is the file's name,
+    `subject` how the messages name it."""
     if conn.execute("PRAGMA application_id").fetchone()[0] != app_id:
-        raise InvalidBackup(f"{what} in the backup is not an Aegis database")
+        raise InvalidBackup(f"{subject} is not an Aegis database")
     # The whole check, index contents against their tables included: an index missing a row would hide it from
     # every filtered `ledger show` while `ledger verify`, which walks the table, calls the ledger intact.
     if problems := integrity_problems(conn):
-        raise InvalidBackup(f"{what} in the backup fails its integrity check ({describe(problems)})")
+        raise InvalidBackup(f"{subject} fails its integrity check ({describe(problems)})")
     # aegisd makes neither. A trigger would run inside aegisd's own writes to the restored file (putting back
     # a key slot or a grant that aegisd deletes), and a view could stand where a table is read.
     made = conn.execute("SELECT type FROM sqlite_master WHERE type IN ('trigger', 'view') LIMIT 1").fetchone()
     if made is not None:
-        raise InvalidBackup(f"{what} in the backup holds a {made[0]}, which aegisd never makes: it was edited")
+        raise InvalidBackup(f"{subject} holds a {made[0]}, which aegisd never makes: it was edited")
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None or not isinstance(row[0], int):
-        raise InvalidBackup(f"{what} in the backup has no schema version")
+        raise InvalidBackup(f"{subject} has no schema version")
     version = int(row[0])
     if version < 1:
-        raise InvalidBackup(f"{what} in the backup has no valid schema version")
+        raise InvalidBackup(f"{subject} has no valid schema version")
     # Nothing else of the file's schema is trusted either: a foreign key's ON DELETE action, a column default
     # or a conflict clause acts during aegisd's own writes just as a trigger would. The schema must be exactly
     # what aegisd's own migrations make for that version.
     if version <= _newest(what) and _schema(conn) != _expected_schema(what, version):
-        raise InvalidBackup(f"{what} in the backup has a schema aegisd did not make (a table, index or "
+        raise InvalidBackup(f"{subject} has a schema aegisd did not make (a table, index or "
                             "constraint added, removed or changed): it was edited")
     if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
-        raise InvalidBackup(f"{what} in the backup has rows whose references do not hold: it was edited")
+        raise InvalidBackup(f"{subject} has rows whose references do not hold: it was edited")
     # An id counter near the largest integer SQLite holds would make the next row's id overflow: the restored
     # ledger could take no row, and the gate would forward nothing.
     if _has_table(conn, "sqlite_sequence") and conn.execute(
             "SELECT 1 FROM sqlite_sequence WHERE typeof(seq) != 'integer' OR seq < 0 OR seq > ?",
             (ID_COUNTER_LIMIT,)).fetchone() is not None:
-        raise InvalidBackup(f"{what} in the backup has an id counter out of range: it was edited")
+        raise InvalidBackup(f"{subject} has an id counter out of range: it was edited")
     return version
 
 
@@ -430,7 +470,7 @@ def _expected_schema(what: str, version: int) -> Schema:
 MAC_SIZE = 32  # HMAC-SHA256: every row MAC and checkpoint MAC aegisd writes, and a checkpoint's prev_mac
 
 
-def _require_writable_tip(conn: sqlite3.Connection) -> None:
+def _require_writable_tip(conn: sqlite3.Connection, subject: str) -> NewestRow | None:
     """What the ledger's writer builds the next row from must be something it can use, or the restored ledger
     could take no row and the gate would forward nothing: the next id (the counter, checked in _intact, and the
     largest id, which the writer also goes past), the MAC of the newest chained row (the next row chains from it)
@@ -438,56 +478,60 @@ def _require_writable_tip(conn: sqlite3.Connection) -> None:
     chain's origin). Only the newest chained row's MAC is read, not every row's: the same walk the writer makes,
     from the end of the id index back past the rows with no MAC (a few), so its cost does not grow with the ledger
     (the integrity check before it reads every page anyway). An older row's MAC of another type is a chain that
-    `aegisctl ledger verify` reports; it does not stop the writer. Checkpoints are a handful, so all are read."""
+    `aegisctl ledger verify` reports; it does not stop the writer. Checkpoints are a handful, so all are read.
+    Returns that newest chained row (None if there is none)."""
     (max_id,) = conn.execute("SELECT max(id) FROM ledger").fetchone()
     if max_id is not None and not 0 < max_id <= ID_COUNTER_LIMIT:
-        raise InvalidBackup(f"{LEDGER_DB} in the backup has a row id out of range ({max_id}): it was edited")
-    tip = conn.execute("SELECT id, typeof(mac), length(mac) FROM ledger WHERE mac IS NOT NULL "
+        raise InvalidBackup(f"{subject} has a row id out of range ({max_id}): it was edited")
+    tip = conn.execute("SELECT id, typeof(mac), length(mac), time_ms FROM ledger WHERE mac IS NOT NULL "
                        "ORDER BY id DESC LIMIT 1").fetchone()
     if tip is not None and (tip[1] != "blob" or tip[2] != MAC_SIZE):
-        raise InvalidBackup(f"{LEDGER_DB} in the backup has a newest chained row (id {tip[0]}) whose MAC is not the "
+        raise InvalidBackup(f"{subject} has a newest chained row (id {tip[0]}) whose MAC is not the "
                             f"{MAC_SIZE}-byte value aegisd writes (a {tip[1]} of {tip[2]} bytes): it was edited")
     bad = conn.execute("SELECT id FROM checkpoints WHERE typeof(prev_mac) != 'blob' OR length(prev_mac) != ? "
                        "OR typeof(mac) != 'blob' OR length(mac) != ? ORDER BY id LIMIT 1",
                        (MAC_SIZE, MAC_SIZE)).fetchone()
     if bad is not None:
-        raise InvalidBackup(f"{LEDGER_DB} in the backup has a prune checkpoint (id {bad[0]}) whose MACs are not the "
+        raise InvalidBackup(f"{subject} has a prune checkpoint (id {bad[0]}) whose MACs are not the "
                             f"{MAC_SIZE}-byte values aegisd writes: it was edited")
+    if tip is None:
+        return None
+    return NewestRow(tip[0], tip[3] if isinstance(tip[3], int) else None)
 
 
-def _check_vault(path: Path, manifest: Manifest) -> dict[str, int]:
-    _require_writable_format(path, VAULT_DB)
-    conn = _open(path, VAULT_DB)
+def _check_vault(path: Path, subject: str) -> tuple[int, str | None, dict[str, int]]:
+    """vault.db's checks; its schema version, vault id (None before `aegisctl init`) and counts."""
+    _require_writable_format(path, subject)
+    conn = _open(path, subject)
     try:
-        version = _intact(conn, VAULT_DB, VAULT_APPLICATION_ID)
+        version = _intact(conn, VAULT_DB, subject, VAULT_APPLICATION_ID)
         if version > VAULT_SCHEMA_VERSION:
-            raise InvalidBackup(f"the backup's vault has schema version {version}, newer than this aegisd "
-                                f"knows ({VAULT_SCHEMA_VERSION}); upgrade aegisd")
+            raise InvalidBackup(f"{subject} has schema version {version}, newer than this aegisd knows "
+                                f"({VAULT_SCHEMA_VERSION}); upgrade aegisd")
         row = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()
-        if row is None:
-            raise InvalidBackup("the backup holds no vault (it was taken before `aegisctl init`)")
-        if row[0] != manifest.vault_id or version != manifest.vault_schema_version:
-            raise InvalidBackup("the backup's vault does not match its manifest")
-        return {table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608 - constant
-                for table in ("credentials", "agents", "grants")}
+        counts = {table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608 - constant
+                  for table in ("credentials", "agents", "grants")}
+        return version, None if row is None else str(row[0]), counts
     except sqlite3.Error as exc:
-        raise InvalidBackup(f"{VAULT_DB} in the backup cannot be read: {exc}") from None
+        raise InvalidBackup(f"{subject} cannot be read: {exc}") from None
     finally:
         conn.close()
 
 
-def _check_ledger(path: Path, manifest: Manifest) -> int:
-    conn = _open(path, LEDGER_DB)
+def _check_ledger(path: Path, subject: str) -> tuple[int, int, NewestRow | None]:
+    """ledger.db's checks; its schema version, row count and newest chained row. Its header is checked as the
+    vault's is: a ledger SQLite opens read-only passes every read, and once in place takes no row, so the gate
+    would forward nothing until another restore."""
+    _require_writable_format(path, subject)
+    conn = _open(path, subject)
     try:
-        version = _intact(conn, LEDGER_DB, ledger_schema.APPLICATION_ID)
+        version = _intact(conn, LEDGER_DB, subject, ledger_schema.APPLICATION_ID)
         if version > ledger_schema.SCHEMA_VERSION:
-            raise InvalidBackup(f"the backup's ledger has schema version {version}, newer than this aegisd "
-                                f"knows ({ledger_schema.SCHEMA_VERSION}); upgrade aegisd")
-        if version != manifest.ledger_schema_version:
-            raise InvalidBackup("the backup's ledger does not match its manifest")
-        _require_writable_tip(conn)
-        return int(conn.execute("SELECT count(*) FROM ledger").fetchone()[0])
+            raise InvalidBackup(f"{subject} has schema version {version}, newer than this aegisd knows "
+                                f"({ledger_schema.SCHEMA_VERSION}); upgrade aegisd")
+        newest = _require_writable_tip(conn, subject)
+        return version, int(conn.execute("SELECT count(*) FROM ledger").fetchone()[0]), newest
     except sqlite3.Error as exc:
-        raise InvalidBackup(f"{LEDGER_DB} in the backup cannot be read: {exc}") from None
+        raise InvalidBackup(f"{subject} cannot be read: {exc}") from None
     finally:
         conn.close()

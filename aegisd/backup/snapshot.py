@@ -6,6 +6,10 @@ transaction) so the copy carries no free space: a key slot deleted where SQLite 
 connection in one backup step, which in WAL mode is one read snapshot and never blocks the ledger's
 writer, so the gate keeps serving (and recording) throughout. The two copies are each consistent; rows
 the gate commits between the two copies are simply in the ledger copy or not.
+
+Before anything is sent, both copies go through the checks a restore makes of them (a ledger with damaged
+pages copies page by page without complaint): a backup that would be refused when it is needed fails now,
+while the operator can still run `aegisctl doctor` and repair the live files.
 """
 
 from __future__ import annotations
@@ -15,10 +19,16 @@ import sqlite3
 from pathlib import Path
 
 from aegisd import __version__
-from aegisd.backup.archive import DATABASES, LEDGER_DB, VAULT_DB, Manifest, file_digest
-from aegisd.errors import StorageUnavailable, VaultUninitialized
+from aegisd.backup.archive import DATABASES, LEDGER_DB, VAULT_DB, InvalidBackup, Manifest, check_databases, file_digest
+from aegisd.errors import StorageCorrupt, StorageUnavailable, VaultUninitialized
 from aegisd.ledger import LedgerError, now_ms, open_reader
 from aegisd.store import VaultStore
+
+
+class DamagedDatabase(StorageCorrupt):
+    """A database in the data directory fails a check a restore makes, so a backup of it would be refused."""
+
+    reason = "database_damaged"
 
 
 def _create_private(path: Path) -> None:
@@ -26,7 +36,9 @@ def _create_private(path: Path) -> None:
 
 
 def take_snapshot(store: VaultStore, ledger_path: Path, directory: Path) -> Manifest:
-    """Write vault.db and ledger.db copies into `directory` and return the manifest describing them."""
+    """Write vault.db and ledger.db copies into `directory` and return the manifest describing them.
+
+    Raises DamagedDatabase if a copy fails a check a restore would make of it."""
     created = now_ms()
     vault_copy, ledger_copy = directory / VAULT_DB, directory / LEDGER_DB
     _create_private(vault_copy)
@@ -51,23 +63,18 @@ def take_snapshot(store: VaultStore, ledger_path: Path, directory: Path) -> Mani
 
 
 def _describe(directory: Path, created: int) -> Manifest:
-    """The manifest, read from the copies themselves so it matches what is sent."""
-    conn = sqlite3.connect(f"{(directory / VAULT_DB).resolve().as_uri()}?mode=ro", uri=True)
+    """The manifest, read from the copies themselves (once they pass a restore's checks) so it matches what is
+    sent."""
     try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'vault_id'").fetchone()
-        if row is None:
-            raise VaultUninitialized()
-        vault_id = str(row[0])
-        vault_version = int(conn.execute("SELECT version FROM schema_version").fetchone()[0])
-        counts = {table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608 - constant
-                  for table in ("credentials", "agents", "grants")}
-    finally:
-        conn.close()
-    conn = sqlite3.connect(f"{(directory / LEDGER_DB).resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        ledger_version = int(conn.execute("SELECT version FROM schema_version").fetchone()[0])
-        counts["ledger_rows"] = int(conn.execute("SELECT count(*) FROM ledger").fetchone()[0])
-    finally:
-        conn.close()
+        found = check_databases(directory, "")
+    except InvalidBackup as exc:
+        # Each message starts with the file's name: "ledger.db fails its integrity check (...)".
+        name = next((name for name in DATABASES if exc.message.startswith(f"{name} ")), "a database")
+        why = exc.message.removeprefix(f"{name} ")
+        raise DamagedDatabase(f"{name} is damaged: it {why}; no backup was written, as a restore would refuse it: see "
+                              "`aegisctl doctor`") from None
+    if found.vault_id is None:
+        raise VaultUninitialized()
     members = {name: file_digest(directory / name) for name in DATABASES}
-    return Manifest(created, __version__, vault_id, vault_version, ledger_version, members, counts)
+    return Manifest(created, __version__, found.vault_id, found.vault_schema_version, found.ledger_schema_version,
+                    members, found.counts, found.newest_chained)

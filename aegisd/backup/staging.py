@@ -1,7 +1,8 @@
 """Private scratch directories inside the data directory for snapshots and incoming restores.
 
 They live beside the databases so the final rename is atomic (same file system) and the sandbox that
-lets aegisd write its data directory covers them; leftovers from a crash are removed on the next use.
+lets aegisd write its data directory covers them; leftovers from a crash are removed at the next start and
+on the next use.
 Work on them runs in worker threads, which a cancelled RPC cannot stop: `outlive_cancellation` keeps
 the directory (and the caller's lock) until such work has ended.
 """
@@ -45,11 +46,18 @@ async def outlive_cancellation(work: Awaitable[T], orphaned: Callable[[asyncio.F
         raise
 
 
-def clear_leftovers(data_dir: Path) -> None:
-    """Remove scratch directories a crashed backup or restore left behind (call with none running)."""
+def clear_leftovers(data_dir: Path) -> list[str]:
+    """Remove scratch directories a crashed backup or restore left behind (call with none running); their names.
+
+    aegisd calls it at start too, once it holds the data directory's lock: a backup's scratch holds a copy of
+    vault.db, key slots included, which must not outlive a crash until the next backup or restore (a passphrase
+    changed meanwhile would still open that copy)."""
+    removed: list[str] = []
     for prefix in PREFIXES:
         for path in data_dir.glob(f"{prefix}*"):
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 @contextlib.contextmanager

@@ -17,7 +17,9 @@ import grpc
 from aegisd.api.aegis.v1 import backup_pb2 as pb
 from aegisd.api.aegis.v1 import backup_pb2_grpc
 from aegisd.backup import clear_leftovers, outlive_cancellation, restore, scratch, take_snapshot, tar_stream
+from aegisd.backup.archive import Manifest
 from aegisd.backup.restore import Restored
+from aegisd.backup.snapshot import DamagedDatabase
 from aegisd.control.errors import rpc, stream_rpc
 from aegisd.errors import StorageUnavailable, WrongPassphrase
 from aegisd.ledger import LedgerEntry, LedgerError
@@ -47,6 +49,9 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
                     chunks = tar_stream(manifest, directory, manifest.created_ms // 1000)
                     while (data := await outlive_cancellation(asyncio.to_thread(next, chunks, None))) is not None:
                         yield pb.BackupChunk(data=data)
+                except DamagedDatabase as exc:  # refused before anything was sent: aegisctl writes no file
+                    self.rt.log_event("backup refused", level=logging.WARNING, why=exc.message)
+                    raise
                 except OSError as exc:
                     raise StorageUnavailable(f"cannot write the snapshot in {self.data_dir}: "
                                              f"{exc.strerror or exc}") from None
@@ -86,26 +91,41 @@ class BackupService(backup_pb2_grpc.BackupServiceServicer):
         """Log and record a swap that happened, whole or half-way; nothing in here may fail, whatever the manifest
         says."""
         manifest = restored.manifest
-        created = _when(manifest.created_ms)
+        created = f"{_when(manifest.created_ms)} as its manifest states it"
+        newest = _newest_row(manifest)
         if restored.failed_half_way:  # the restore's error is logged already; this row is the ledger's record
             detail = (f"a restore failed half-way: the ledger was replaced by the one in a backup taken {created} "
-                      f"(vault {manifest.vault_id}), so rows written after the backup was taken are gone, but the "
-                      f"vault was not replaced; the error: {restored.failed_half_way}")
+                      f"(vault {manifest.vault_id}; {newest}), so rows written after the backup was taken are gone, "
+                      f"but the vault was not replaced; the error: {restored.failed_half_way}")
             try:
                 await self.rt.ledger.append(LedgerEntry.system(detail, reason="backup_restore_incomplete"))
             except LedgerError as exc:
                 log.error("the restore failed half-way and could not be recorded in the ledger: %s", exc)
             return
         kept = "; the vault kept its current passphrase and unlock keys" if restored.kept_key_slots else ""
-        detail = f"restored from a backup taken {created} (vault {manifest.vault_id}){kept}"
+        detail = f"restored from a backup taken {created} (vault {manifest.vault_id}; {newest}){kept}"
         if restored.vault_not_opened:
             detail += f"; the restored vault could not be opened yet ({restored.vault_not_opened})"
-        self.rt.log_event("backup restored", vault_id=manifest.vault_id, backup_created=created,
+        tip = manifest.newest_chained
+        self.rt.log_event("backup restored", vault_id=manifest.vault_id, backup_created=_when(manifest.created_ms),
+                          newest_chained_row=tip.id if tip else None,
+                          newest_chained_time=_when(tip.time_ms) if tip and tip.time_ms is not None else None,
                           kept_key_slots=restored.kept_key_slots)
         try:
             await self.rt.ledger.append(LedgerEntry.system(detail, reason=RESTORED))
         except LedgerError as exc:
             log.error("the restore succeeded but could not be recorded in the ledger: %s", exc)
+
+
+def _newest_row(manifest: Manifest) -> str:
+    """The restored ledger's newest chained row, for the restore's record: the manifest's time is only what the file
+    says (no checksum covers it), while this row's id and time are under its MAC, which `aegisctl ledger verify`
+    checks once the vault is unlocked. So a restored backup cannot claim to be newer than the ledger it holds."""
+    tip = manifest.newest_chained
+    if tip is None:
+        return "its ledger holds no chained row"
+    written = _when(tip.time_ms) if tip.time_ms is not None else "at a time that is not a number"
+    return f"its ledger's newest chained row is {tip.id}, written {written}"
 
 
 def _when(time_ms: int) -> str:

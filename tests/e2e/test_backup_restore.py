@@ -287,36 +287,60 @@ def test_backup_file_is_replaced_only_when_complete(world: GateWorld) -> None:
 
 
 def test_a_restore_whose_ledger_cannot_be_written_says_so(world: GateWorld) -> None:
-    """A backup whose ledger opens and passes every check but refuses writes (a header that makes SQLite open
-    it read-only stands in for a file the disk will not let grow; a trigger once did, but a backup with a
-    trigger is now refused): the files are swapped, but the restore exits 1 naming the ledger, and the gate
-    forwards nothing. Restoring a good backup over it recovers without a restart."""
+    """A good backup whose ledger, once moved into place, cannot be opened for writing (a full disk or a failing
+    file system; a directory where SQLite's rollback journal for it would go stands in, as the backup's copy is in
+    rollback-journal mode until aegisd opens it): the files are swapped, but the restore exits 1 naming the
+    ledger, and the gate forwards nothing. Restoring a good backup once the cause is gone recovers without a
+    restart. (Files that SQLite opens read-only, or with a trigger, stood in once; restore now refuses them.)"""
     aegis = world.aegis
     up, good = backed_up(world, "good.backup")
-    parts = members(good.read_bytes())
-    ledger = aegis.root / "stuck-ledger.db"
-    ledger.write_bytes(parts["ledger.db"])
-    data = bytearray(ledger.read_bytes())
-    data[18] = 3  # the header's write version: past 2, SQLite opens the file but will not write it
-    ledger.write_bytes(bytes(data))
-    stuck = aegis.root / "stuck.backup"
-    stuck.write_bytes(make_tar(with_manifest_for({**parts, "ledger.db": ledger.read_bytes()})))
+    journal = aegis.data_dir / "ledger.db-journal"
 
     aegis.ctl_in_process("lock").ok()
-    result = aegis.ctl_in_process("restore", str(stuck), "--yes")
-    assert_failed(result, "the backup was restored, but its ledger cannot be written")
-    assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "failing"
-    world.unlock()
-    with untouched(up):
-        refused = world.call("GET", "/github/echo/x", agent="claude")
-    assert (refused.status, refused.error()["code"]) == (503, "ledger_unavailable")  # and no row: none can be written
-
-    aegis.ctl_in_process("lock").ok()
+    journal.mkdir()
+    try:
+        result = aegis.ctl_in_process("restore", str(good), "--yes")
+        assert_failed(result, "the backup was restored, but its ledger cannot be written")
+        assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "failing"
+        assert "cannot reopen the ledger after a restore" in aegis.log()
+        world.unlock()
+        with untouched(up):
+            refused = world.call("GET", "/github/echo/x", agent="claude")
+        assert (refused.status, refused.error()["code"]) == (503, "ledger_unavailable")  # no row: none can be written
+        aegis.ctl_in_process("lock").ok()
+    finally:
+        journal.rmdir()
     aegis.ctl_in_process("restore", str(good), "--yes").ok()
     world.unlock()
     assert world.call("GET", "/github/echo/y", agent="claude").status == 200
     assert listing(aegis, "ledger", "verify")["ok"]
-    world.assert_no_leaks()
+    world.assert_no_leaks([result.out, result.err])
+
+
+def test_a_ledger_that_sqlite_would_open_read_only_is_refused_and_nothing_changes(world: GateWorld) -> None:
+    """Found by a cold review: only vault.db's header was checked for the format versions that make SQLite open a
+    file read-only (bytes 18 and 19 past 2). A ledger.db with one passed every read-only check, replaced the old
+    ledger, and then took no row: the gate forwarded nothing until another restore. It is refused now, before
+    anything moves."""
+    aegis = world.aegis
+    _, good = backed_up(world, "good.backup", before="/echo/before")
+    assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
+    parts = members(good.read_bytes())
+    for offset in (18, 19):  # the write version, then the read version
+        ledger = bytearray(parts["ledger.db"])
+        ledger[offset] = 3
+        stuck = aegis.root / f"stuck-{offset}.backup"
+        stuck.write_bytes(make_tar(with_manifest_for({**parts, "ledger.db": bytes(ledger)})))
+        aegis.ctl_in_process("lock").ok()
+        rows = listing(aegis, "ledger", "show", "--limit", "1000")
+        result = aegis.ctl_in_process("restore", str(stuck), "--yes")
+        assert_failed(result, "ledger.db in the backup has a header SQLite would open read-only")
+        assert listing(aegis, "ledger", "show", "--limit", "1000") == rows  # the old ledger, whole
+        assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "ok"
+        world.unlock()
+        assert world.call("GET", f"/github/echo/after-refusal-{offset}", agent="claude").status == 200
+    assert listing(aegis, "ledger", "verify")["ok"]
+    world.assert_no_leaks([result.out, result.err])
 
 
 def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: GateWorld) -> None:
