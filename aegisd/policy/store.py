@@ -1,9 +1,14 @@
 """The live policy set: every *.yaml / *.yml file in the policy directory, reloaded as a whole.
 
 Reloads come from SIGHUP, `aegisctl policy reload` and a poll of the files' mtimes (once a
-second: dependency-free, and editors' atomic renames are seen like in-place writes). Files are
-read and parsed in a worker thread and the new set is swapped in with one assignment, so a
-request sees either the old set or the new one. Each reload is a ledger system event.
+second: dependency-free, and editors' atomic renames are seen like in-place writes). The poll
+applies a change only once the directory looks the same at two polls in a row: a file rewritten
+in several writes, or removed and copied back, is never put in force half-way (a rule cut before
+its `methods:` allows every method; a file gone frees its agent). SIGHUP and `policy reload` apply
+what they read at once: the operator says the directory is ready, and `policy reload` answers with
+the set in force. The directory is listed, and files are read and parsed, in a worker thread (50,000
+files take half a second to stat); the new set is swapped in on the event loop with one assignment,
+so a request sees either the old set or the new one. Each reload is a ledger system event.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class PolicyStore:
         self._ledger = ledger
         self._poll_seconds = poll_seconds
         self._seen: Signature | None = None  # the directory as the last reload found it
+        self._polled: Signature | None = None  # the directory as the last poll found it
         self._memory = memory
         # file name -> the agent its last valid version named (UNKNOWN_AGENT: cannot be told); None until the
         # first reload reads what `memory` kept
@@ -78,17 +84,23 @@ class PolicyStore:
 
     # -- reloading ---------------------------------------------------------------------------
 
-    async def reload(self, trigger: str, *, only_if_changed: bool = False) -> Snapshot:
+    async def reload(self, trigger: str, *, settled: Signature | None = None) -> Snapshot:
         """Re-read the whole directory, swap the new set in, and write the ledger event.
 
-        With only_if_changed, do nothing if a reload that ran meanwhile already read the change.
+        `settled`: the directory as two polls in a row found it. Then do nothing if a reload that ran meanwhile
+        already read it, or if the directory no longer looks so when read (a write that landed meanwhile: the
+        next polls wait for it to rest in turn).
         """
         async with self._lock:
-            if only_if_changed and not self._changed():
+            if settled is not None and settled == self._seen:
                 return self.snapshot
             while True:
                 directory, previous_valid = self.snapshot.directory, self._last_valid
                 signature, files, error = await asyncio.to_thread(self._read_all, directory)
+                if settled is not None and signature == settled and directory is not None:
+                    signature = await asyncio.to_thread(_signature_or_unreadable, directory)  # a write mid-read
+                if settled is not None and signature != settled:
+                    return self.snapshot
                 if not error and previous_valid is None and self._memory is not None:
                     previous_valid = await asyncio.to_thread(self._memory.load, directory)
                 # A SIGHUP that changed policies_dir while this read (request_reload cannot wait for the lock):
@@ -116,6 +128,7 @@ class PolicyStore:
             # What a file's last valid version named belongs to that directory's file, not to a namesake: the next
             # reload reads what the memory kept for the new directory (without one, it starts empty).
             self._last_valid = None if self._memory is not None else {}
+            self._polled = None  # what the polls saw was the old directory
         self._pending = trigger
         self._wake.set()
 
@@ -222,19 +235,35 @@ class PolicyStore:
             try:
                 if trigger:
                     await self.reload(trigger)
-                elif self._changed():
-                    await self.reload("file change", only_if_changed=True)
+                else:
+                    await self._poll()
             except Exception:  # the watcher must outlive any one bad reload
                 log.exception("policy reload failed")
 
-    def _changed(self) -> bool:
+    async def _poll(self) -> None:
+        """Reload if the directory differs from what the last reload read and is as the previous poll found it.
+
+        A change is applied only once it has rested for a poll interval (so one to two intervals after the last
+        write): until then the set in force stays, and with it the rules, or the failing closed, of a file that
+        is half-written or gone, until the next poll finds it so still.
+        """
         directory = self.snapshot.directory
         if directory is None:
-            return False
-        try:
-            return _signature(directory) != self._seen
-        except OSError:
-            return self._seen != _UNREADABLE
+            return
+        signature = await asyncio.to_thread(_signature_or_unreadable, directory)  # not on the gate's event loop
+        if directory != self.snapshot.directory:  # a SIGHUP changed policies_dir meanwhile: its reload reads it
+            return
+        settled, self._polled = signature == self._polled, signature
+        if settled and signature != self._seen:
+            await self.reload("file change", settled=signature)
+
+
+def _signature_or_unreadable(directory: Path) -> Signature:
+    """The directory's signature as a poll compares it; _UNREADABLE (as the read reports it) if it cannot be listed."""
+    try:
+        return _signature(directory)
+    except OSError:
+        return _UNREADABLE
 
 
 def _signature(directory: Path) -> Signature:

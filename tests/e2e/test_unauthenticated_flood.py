@@ -12,6 +12,7 @@ import time
 from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, ALARM_BURST, BURST, RATE_PER_SECOND
 from tests.e2e.gate_support import SECRETS, GateWorld, shared_standard
 from tests.e2e.ops_support import Scrape
+from tests.e2e.policy_support import policy_world
 
 FLOOD = 3 * BURST
 
@@ -246,3 +247,54 @@ def test_one_agents_flood_of_refusals_is_summarised_past_its_own_budget() -> Non
     assert f"refusals of requests by agent {flooder}" in log
     world.ledger()
     world.assert_no_leaks()
+
+
+GOVERNED = """\
+agent: governed
+rules:
+  - service: pol
+    methods: [GET]
+    paths: ["/echo/user"]
+  - service: ro
+"""
+
+
+def test_a_flood_of_cheap_refusals_cannot_keep_a_policy_or_scope_refusal_out_of_the_ledger() -> None:
+    """Found by a cold review: policy_denied, scope_denied and path_too_long drew on the agent's budget for cheap
+    refusals, so an agent could send 1,000 free not_granted requests and then the method or path its policy or
+    scopes forbid, and that attempt had no row of its own. Each is an alarm now, with a budget of its own."""
+    world, _ = policy_world({"governed.yaml": GOVERNED})
+    try:
+        up = world.upstream()
+        world.credential("pol", "sk-flood-policy-secret-8Jd3Vk6Pq1", up.entry())
+        world.credential("ro", "sk-flood-readonly-secret-2Xw7Hn4Tz9", up.entry(), "--scopes", "read")
+        token = world.agent("governed", "pol", "ro")
+        head = f"Host: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: {token}\r\n"
+        cheap = f"GET /nosuch-svc/cheap HTTP/1.1\r\n{head}\r\n" * (2 * AGENT_BURST)
+        attempts = {"policy_denied": f"DELETE /pol/echo/repos/victim HTTP/1.1\r\n{head}\r\n",
+                    "scope_denied": f"POST /ro/echo/repos/victim HTTP/1.1\r\n{head}Content-Length: 0\r\n\r\n",
+                    "path_too_long": f"GET /pol/echo/{'x' * 9000} HTTP/1.1\r\n{head}Connection: close\r\n\r\n"}
+        with socket.create_connection(("127.0.0.1", world.port), timeout=60) as conn:
+            conn.sendall((cheap + "".join(attempts.values())).encode())
+            received = b""
+            while chunk := conn.recv(1 << 20):
+                received += chunk
+        assert received.count(b"HTTP/1.1 403 ") == 2 * AGENT_BURST + 2 and received.count(b"HTTP/1.1 414 ") == 1
+        world.received.append(received.decode("latin-1"))
+        deadline = time.monotonic() + 30  # the summary comes a second after the first refusal it counts
+        while True:
+            listing = world.aegis.ctl_in_process("ledger", "show", "--json", "--limit", "100000", "--agent",
+                                                 "governed").ok()
+            world.aegis.outputs.remove(listing.out)  # leak-checked below, with the full listing
+            rows = json.loads(listing.out)
+            summaries = [r for r in rows if r["reason"] == "agent_refusal_flood"]
+            if summaries or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert summaries and all("not_granted" in str(r["detail"]) for r in summaries), summaries  # budget spent
+        assert sorted(r["reason"] for r in rows if r["reason"] in attempts) == sorted(attempts), summaries
+        assert all(reason not in str(r["detail"]) for r in summaries for reason in attempts), summaries
+        world.ledger()
+        world.assert_no_leaks()
+    finally:
+        world.close()

@@ -254,3 +254,78 @@ def test_a_reload_stuck_past_the_grace_is_cut_off_and_the_stop_returns(policies:
     finally:
         release.set()
     assert "a policy reload still running after 0.2s was cut off by the stop" in caplog.text
+
+
+def test_the_poll_applies_a_change_only_once_two_polls_find_it(policies: Path) -> None:
+    """Found by a cold review: the poll applied a file as soon as its mtime changed, so one rewritten in place and
+    read after `- service: svc` (every method and path allowed), or removed before it was copied back (its agent
+    ungoverned), was put in force. The end-to-end test races the daemon's own poll; here each poll is one call."""
+    cut = "agent: bot\nrules:\n  - service: svc\n"
+    (policies / "bot.yaml").write_text(BOT)
+    bot = policies / "bot.yaml"
+
+    def allows_admin(store: PolicyStore) -> bool | None:
+        verdict = store.current.judge("bot", "svc", "DELETE", "/admin", 0)
+        return None if verdict is None else verdict.allowed  # None: ungoverned
+
+    async def main() -> None:
+        store = PolicyStore(policies)
+        await store.reload("startup")
+        await store._poll()  # the poll's first look: as the startup read it
+        bot.write_text(cut)  # half-written
+        await store._poll()
+        assert allows_admin(store) is False
+        with bot.open("a") as f:
+            f.write("    paths: ['/repos/acme/.*']\n")
+        await store._poll()
+        assert allows_admin(store) is False and store.snapshot.reloads == 1  # still moving: not applied
+        await store._poll()
+        assert store.snapshot.reloads == 2 and store.snapshot.trigger == "file change"  # at rest: applied
+        bot.unlink()
+        await store._poll()
+        assert allows_admin(store) is False  # gone at one poll: the agent keeps its rules
+        bot.write_text(cut)
+        await store._poll()
+        await store._poll()
+        assert allows_admin(store) is True and store.snapshot.reloads == 3  # the file as it now rests
+        bot.unlink()
+        await store._poll()
+        assert allows_admin(store) is True
+        await store._poll()
+        assert allows_admin(store) is None and store.snapshot.reloads == 4  # still gone: dropped
+        bot.write_text(BOT)
+        await store.reload("aegisctl")  # an operator's reload applies what it reads at once
+        assert allows_admin(store) is False and store.snapshot.reloads == 5
+
+    asyncio.run(main())
+
+
+def test_the_directory_is_listed_off_the_event_loop(policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: the poll listed the directory and stat'ed every file on the gate's event loop (50,000
+    files: half a second, every second, with every agent waiting). It runs in a worker thread now."""
+    import aegisd.policy.store as store_module
+
+    (policies / "bot.yaml").write_text(BOT)
+    real_signature = store_module._signature
+    listed_on: list[int] = []
+
+    def signature(directory: Path) -> Any:
+        listed_on.append(threading.get_ident())
+        return real_signature(directory)
+
+    monkeypatch.setattr(store_module, "_signature", signature)
+
+    async def main() -> None:
+        store = PolicyStore(policies, poll_seconds=0.01)
+        await store.reload("startup")
+        store.start()
+        try:
+            (policies / "bot.yaml").write_text(BOT + "# changed\n")  # for the watcher to find and reload
+            async with asyncio.timeout(20):
+                while store.snapshot.reloads < 2:
+                    await asyncio.sleep(0.01)
+        finally:
+            await store.stop()
+
+    asyncio.run(main())
+    assert listed_on and threading.get_ident() not in listed_on
