@@ -8,6 +8,7 @@ other key the daemon holds, so nothing is delivered while the vault is locked.
 from __future__ import annotations
 
 import logging
+import threading
 
 from aegisd.config import Config
 from aegisd.errors import AegisError
@@ -28,10 +29,14 @@ class Webhooks:
     """The daemon's webhook machinery; `start` and `close` from its event loop."""
 
     def __init__(self, config: Config, store: VaultStore, vault: Vault) -> None:
-        self.registry = WebhookRegistry(store, vault)
+        self.registry = WebhookRegistry(store, vault, gate=(config.gate_host, config.gate_port))
         self.dispatcher = Dispatcher(config)
         self.expiry = ExpiryWatch(vault, self.dispatcher)
         self._vault = vault
+        # One reload at a time, read and swap together: two reloads on different threads (an add and a remove)
+        # could otherwise swap in out of order, and the one that read the rows first would bring back what the
+        # other removed.
+        self._reloading = threading.Lock()
         vault.add_listener(self.on_vault_event)
 
     def start(self) -> None:
@@ -44,6 +49,10 @@ class Webhooks:
 
     def reload(self) -> None:
         """Re-read the subscriptions (after add or remove, or at unlock). Blocks: call from a thread."""
+        with self._reloading:
+            self._reload()
+
+    def _reload(self) -> None:
         if self._vault.state != "unlocked":
             self.dispatcher.set_targets(())
             return

@@ -27,7 +27,7 @@ import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -75,6 +75,10 @@ class Delivery:
     generation: int = -1  # of its target when queued; see Dispatcher.set_targets
     unauthenticated: bool = False  # raised by a request that named no agent: held within their share
     agent: str = ""  # the agent whose request raised it: held within that agent's share for this event
+    delivered: bool = False  # a receiver answered 2xx
+    # Told (webhook id, delivered) once, when the delivery is done with: delivered, given up, dropped, or gone with
+    # its webhook or the vault's key. Lets the expiry watch count an alert as sent only once a receiver has it.
+    on_done: Callable[[str, bool], None] | None = None
 
     def payload(self) -> bytes:
         if not self.body:
@@ -170,13 +174,20 @@ class Dispatcher:
     def wants(self, event: str) -> bool:
         return event in self._by_event
 
-    def emit(self, event: str, details: dict[str, Any], *, unauthenticated: bool = False, agent: str = "") -> None:
+    def subscribers(self, event: str) -> tuple[str, ...]:
+        """The ids of the webhooks subscribed to `event` now."""
+        return tuple(target.id for target in self._by_event.get(event, ()))
+
+    def emit(self, event: str, details: dict[str, Any], *, unauthenticated: bool = False, agent: str = "",
+             only: Collection[str] | None = None, on_done: Callable[[str, bool], None] | None = None) -> None:
         """Queue `event` for every webhook subscribed to it; never waits, counts what does not fit.
         `unauthenticated`: raised by a request that named no agent, held within that share of the queue;
-        `agent`: raised by that agent's request, held within its share."""
+        `agent`: raised by that agent's request, held within its share; `only`: for these webhooks (ids) alone;
+        `on_done`: told each delivery's webhook and whether it was delivered, once, when it is done with."""
         for target in self._by_event.get(event, ()):
-            self._offer(Delivery(target, event, details, generation=self._live.get(target.id, -1),
-                                 unauthenticated=unauthenticated, agent=agent))
+            if only is None or target.id in only:
+                self._offer(Delivery(target, event, details, generation=self._live.get(target.id, -1),
+                                     unauthenticated=unauthenticated, agent=agent, on_done=on_done))
 
     @property
     def queue_depth(self) -> int:
@@ -203,14 +214,18 @@ class Dispatcher:
     async def close(self) -> None:
         """Stop now: queued and scheduled deliveries are dropped (the ledger keeps the record)."""
         self._running = False  # first: a cancelled attempt's lane starts no other
-        for handle in self._retries:
+        for handle, delivery in self._retries.items():
             handle.cancel()
+            _finish(delivery)
         self._retries.clear()
         self._loop = None
         sending = list(self._sending)
         for task in sending:
             task.cancel()
         await asyncio.gather(*sending, return_exceptions=True)
+        for lane in self._lanes.values():
+            for delivery in lane.queued:
+                _finish(delivery)
         self._lanes.clear()
         self._queued = 0
         self._held.clear()
@@ -230,6 +245,8 @@ class Dispatcher:
             self._lanes.setdefault(delivery.target.id, Lane()).queued.append(delivery)
             self._queued += 1
             self._pump(delivery.target.id)
+        else:
+            _finish(delivery)
 
     def _pump(self, webhook: str) -> None:
         """Start the lane's next deliveries while it has fewer than `webhook_workers` on the wire; forget the lane
@@ -320,6 +337,7 @@ class Dispatcher:
             _add(self._held, hook, -1)
             self._count(delivery, -1)
             self._pump(hook)  # forgets the lane if nothing of it is left
+        _finish(delivery)
         self._dropped(delivery.target.id, why)
 
     def _count(self, delivery: Delivery, change: int) -> None:
@@ -368,11 +386,13 @@ class Dispatcher:
             if not self._current(delivery):
                 handle.cancel()
                 self._release(handle)
+                _finish(delivery)
         for webhook, lane in list(self._lanes.items()):
             stale = [delivery for delivery in lane.queued if not self._current(delivery)]
             for delivery in stale:
                 _add(self._held, webhook, -1)
                 self._count(delivery, -1)
+                _finish(delivery)
             if stale:
                 lane.queued = deque(delivery for delivery in lane.queued if self._current(delivery))
                 self._queued -= len(stale)
@@ -395,6 +415,7 @@ class Dispatcher:
         finally:
             if not retrying:  # done with: its place in its share is free
                 self._count(delivery, -1)
+                _finish(delivery)
             lane.sending -= 1
             self._pump(delivery.target.id)
 
@@ -406,6 +427,7 @@ class Dispatcher:
         result = await self._post(delivery)
         if result.delivered:
             self.delivered += 1
+            delivery.delivered = True
             return False
         if not self._current(delivery):  # gone while it was sent (locked, removed): no retry holds its secret
             return False
@@ -484,6 +506,16 @@ def _add(counts: dict[K, int], key: K, change: int) -> None:
         counts[key] = held
     else:
         counts.pop(key, None)
+
+
+def _finish(delivery: Delivery) -> None:
+    """Tell the delivery's `on_done` how it ended, once; a failing callback must not break the lane."""
+    done, delivery.on_done = delivery.on_done, None
+    if done is not None:
+        try:
+            done(delivery.target.id, delivery.delivered)
+        except Exception:
+            log.exception("webhook delivery callback error")
 
 
 def _ms(started: float) -> float:

@@ -1,12 +1,17 @@
-"""credential_expiry events: from the periodic check (hourly, at unlock and when credentials
-change) and from requests refused as credential_expired, at most once per credential, state
-and UTC day, so a busy agent hitting an expired key does not flood the receiver.
+"""credential_expiry events: from the periodic check (hourly, at unlock, when credentials change
+and when a webhook is added) and from requests refused as credential_expired, at most once per
+webhook, credential, state and UTC day, so a busy agent hitting an expired key does not flood the
+receiver. Once means delivered: an alert counts as sent to a webhook only when its receiver
+answered 2xx, so one lost (receiver down, queue full, attempts used up) is raised again by the
+next check; and while one is on its way (queued, being sent, waiting for a retry) no other for
+the same webhook, credential and state is raised, so a failing receiver never piles them up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from datetime import UTC, datetime
@@ -22,6 +27,7 @@ log = logging.getLogger("aegisd.webhooks")
 EXPIRING_SOON_MS = 7 * 86400 * 1000
 CHECK_INTERVAL_SECONDS = 3600.0
 EVENT = "credential_expiry"
+Alert = tuple[str, str, str]  # credential, state, UTC day
 
 
 def expiry_state(expires_at: int | None, now: int) -> str:
@@ -32,13 +38,17 @@ def expiry_state(expires_at: int | None, now: int) -> str:
 
 
 class ExpiryWatch:
-    """Finds expired and soon-expiring credentials and raises one event per credential, state and day."""
+    """Finds expired and soon-expiring credentials and raises one event per webhook, credential, state and day."""
 
     def __init__(self, vault: Vault, dispatcher: Dispatcher, interval: float = CHECK_INTERVAL_SECONDS) -> None:
         self._vault = vault
         self._dispatcher = dispatcher
         self._interval = interval
-        self._sent: set[tuple[str, str, str]] = set()
+        # By (alert, webhook id), today's only: delivered, and on their way. Touched only from the event loop
+        # (checks, the gate's refusals, the dispatcher's callbacks).
+        self._sent: set[tuple[Alert, str]] = set()
+        self._pending: set[tuple[Alert, str]] = set()
+        self._day = ""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,12 +98,24 @@ class ExpiryWatch:
 
     def _raise(self, credential: str, service: str, expires_at: int | None, state: str,
                extra: dict[str, Any]) -> None:
+        """Emit the alert to each subscribed webhook that has neither received it today nor has it on its way
+        (a webhook added since, one whose delivery failed)."""
         day = datetime.fromtimestamp(time.time(), UTC).strftime("%Y-%m-%d")
-        key = (credential, state, day)
-        if key in self._sent:
+        if day != self._day:  # yesterday's keys can never match again: forget them
+            self._day, self._sent, self._pending = day, set(), set()
+        alert = (credential, state, day)
+        hooks = [hook for hook in self._dispatcher.subscribers(EVENT)
+                 if (alert, hook) not in self._sent and (alert, hook) not in self._pending]
+        if not hooks:
             return
-        self._sent = {k for k in self._sent if k[2] == day}
-        self._sent.add(key)
+        self._pending.update((alert, hook) for hook in hooks)  # before emit: a drop calls back at once
         details: dict[str, Any] = {**extra, "credential": credential, "service": service, "state": state,
                                    "expires_at": iso_time(expires_at) if expires_at is not None else None}
-        self._dispatcher.emit(EVENT, details)
+        self._dispatcher.emit(EVENT, details, only=frozenset(hooks), on_done=functools.partial(self._done, alert))
+
+    def _done(self, alert: Alert, hook: str, delivered: bool) -> None:
+        """A delivery of `alert` to webhook `hook` is done with: sent for today if the receiver took it, else free
+        to be raised again by the next check."""
+        self._pending.discard((alert, hook))
+        if delivered and alert[2] == self._day:
+            self._sent.add((alert, hook))

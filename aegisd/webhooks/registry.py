@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import base64
 import builtins
+import ipaddress
 import json
 import logging
 import secrets
+import socket
 import sqlite3
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -24,7 +26,7 @@ from urllib.parse import urlsplit
 from aegisd.errors import AegisError, InvalidArgument, NotFound, StorageCorrupt, VaultLocked, VaultUninitialized
 from aegisd.store import VaultStore
 from aegisd.vault.crypto import SealBroken, seal, unseal
-from aegisd.vault.domains import is_loopback_host
+from aegisd.vault.domains import DEFAULT_PORTS, is_loopback_host
 from aegisd.vault.sealing import OK, TAMPERED, UNCHECKED
 from aegisd.vault.vault import Vault, now_ms
 from aegisd.webhooks.events import parse_events
@@ -62,8 +64,9 @@ class Target:
         return f"Target(id={self.id!r})"
 
 
-def check_url(url: str) -> str:
-    """Validate a webhook URL and return its origin (scheme://host[:port])."""
+def check_url(url: str, gate: tuple[str, int] | None = None) -> str:
+    """Validate a webhook URL and return its origin (scheme://host[:port]) with the host as deliveries send it.
+    `gate`: the gate's listen address (host, port), which a webhook must not point at."""
     if len(url) > MAX_URL_LENGTH:
         raise InvalidArgument(f"the webhook URL is longer than {MAX_URL_LENGTH} characters")
     if not url.isprintable() or any(c.isspace() for c in url):
@@ -77,34 +80,83 @@ def check_url(url: str) -> str:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise InvalidArgument("the webhook URL must start with https:// (or http:// to a loopback address)")
-    host = parts.hostname or ""
-    if not host:
+    if not parts.hostname:
         raise InvalidArgument("the webhook URL has no host")
     if parts.username is not None or parts.password is not None:
         raise InvalidArgument("the webhook URL must not carry a user or password; receivers authenticate "
                               "deliveries by the X-Aegis-Signature header")
     if parts.fragment:
         raise InvalidArgument("the webhook URL must not have a #fragment")
-    if not _resolvable(url):
+    if "%" in parts.hostname:  # a zone id (`[fe80::1%25eth0]`) or an escape: yarl keeps it, getaddrinfo fails
+        raise InvalidArgument("the webhook URL's host must not hold '%': no percent-encoding and no IPv6 zone id "
+                              "(such as %25eth0); give the host name or address as it is")
+    host = _sent_host(url)
+    if host is None:
         raise InvalidArgument("the webhook URL's host is not a valid name: each dot-separated part of it must be 1 "
                               "to 63 characters long, of characters a host name may hold")
     if scheme == "http" and not is_loopback_host(host):
         raise InvalidArgument("plain http:// is allowed only to loopback (127.0.0.1, [::1], localhost); use "
                               "https:// for any other host")
+    if gate is not None and _reaches_gate(host, port if port is not None else DEFAULT_PORTS[scheme], *gate):
+        raise InvalidArgument("the webhook URL points at aegisd's own gate (its [gate] listen address): each "
+                              "delivery would be refused there and raise another alert, without end; give the "
+                              "receiver's address")
     shown = f"[{host}]" if ":" in host else host
     return f"{scheme}://{shown}" + (f":{port}" if port is not None else "")
 
 
-def _resolvable(url: str) -> bool:
-    """Whether each delivery could look the host up: aiohttp (yarl) writes it as A-labels, then getaddrinfo's IDNA
-    codec refuses an empty label or one over 63 characters. Said once, here, rather than at every delivery."""
+def _sent_host(url: str) -> str | None:
+    """The host as each delivery sends it, or None if no delivery could look it up. aiohttp (yarl) writes it as
+    lowercase A-labels (UTS #46: `。` is a dot, a Cyrillic letter becomes `xn--...`), then getaddrinfo's IDNA codec
+    refuses an empty label or one over 63 characters. The origin shows this form, never urllib's Unicode one,
+    so that a host cannot be shown as one place and sent to another. Said once, here, rather than at every
+    delivery."""
     from yarl import URL  # aiohttp's; loaded when a webhook is added, as for its deliveries
 
     try:
-        (URL(url).raw_host or "").encode("idna")
+        host = URL(url).raw_host or ""
+        host.encode("idna")
     except ValueError:  # UnicodeError included
+        return None
+    return host if host.isascii() else None
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a connection to `host` (an IP literal, or `localhost`) goes to, as the kernel reads it:
+    IPv4's short forms (`127.1`, `2130706433`) as getaddrinfo reads them, an IPv4-mapped IPv6 address as its
+    IPv4 one, and the unspecified address (`0.0.0.0`, `::`) as loopback. None for any other name."""
+    if host == "localhost":  # what the gate binds for it too (AF_INET); a webhook tries ::1 as well (below)
+        return ipaddress.IPv4Address("127.0.0.1")
+    try:
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            addr = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        addr = ipaddress.ip_address("127.0.0.1" if addr.version == 4 else "::1")
+    return addr
+
+
+def _reaches_gate(host: str, port: int, gate_host: str, gate_port: int) -> bool:
+    """Whether a delivery to host:port would reach the gate listening on gate_host:gate_port: the same address,
+    or, for a gate on the unspecified address, any loopback one (`::` takes IPv4 too, as Linux does by default).
+    Its other interfaces' addresses are not enumerated: such a gate needs allow_non_loopback."""
+    if port != gate_port:
         return False
-    return True
+    host, gate_host = host.lower().removesuffix("."), gate_host.lower().removesuffix(".")
+    if host == gate_host:
+        return True
+    found = [addr for addr in (_address(host),) if addr is not None]
+    if host == "localhost":
+        found.append(ipaddress.IPv6Address("::1"))
+    if gate_host in ("0.0.0.0", "::"):  # noqa: S104 - compared with, not bound
+        return any(addr.is_loopback and (gate_host == "::" or addr.version == 4) for addr in found)
+    listen = _address(gate_host)
+    return listen is not None and listen in found
 
 
 def new_secret() -> str:
@@ -136,13 +188,14 @@ SealedRow = tuple[object, object, object, object, object]  # id, origin, events,
 class WebhookRegistry:
     """Webhooks in the vault database. Methods block; call them from worker threads."""
 
-    def __init__(self, store: VaultStore, vault: Vault) -> None:
+    def __init__(self, store: VaultStore, vault: Vault, gate: tuple[str, int] | None = None) -> None:
         self._store = store
         self._vault = vault
+        self._gate = gate  # the gate's listen address (host, port): a webhook there would alert on itself
 
     def add(self, url: str, events: builtins.list[str]) -> tuple[Webhook, str]:
         """Register a webhook; returns it and its signing secret, which is never readable again."""
-        origin = check_url(url)
+        origin = check_url(url, self._gate)
         subscribed = parse_events(events)
         secret = new_secret()
         plaintext = json.dumps({"url": url, "secret": secret}).encode()

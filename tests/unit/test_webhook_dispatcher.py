@@ -416,3 +416,138 @@ def test_a_lookup_stuck_on_dns_does_not_hold_up_aegisd_s_exit() -> None:
         asyncio.run(main())
     """)
     subprocess.run([sys.executable, "-c", program], check=True, timeout=60)  # not 120 s
+
+
+def test_each_delivery_tells_once_how_it_ended(tmp_path: Path) -> None:
+    """`on_done` (how the expiry watch counts an alert as sent only once a receiver has it) is told exactly once per
+    delivery, whichever way it ends: delivered, dropped at the bound, given up, or gone at close."""
+    async def main() -> list[tuple[str, bool]]:
+        dispatcher = _dispatcher(tmp_path, webhook_queue_size=2, webhook_workers=1, webhook_max_attempts=1)
+        answers: asyncio.Queue[int] = asyncio.Queue()
+        done: list[tuple[str, bool]] = []
+
+        async def post(delivery: Delivery) -> Attempt:
+            status = await answers.get()
+            return Attempt(status, "", 1.0)
+
+        dispatcher._post = post  # type: ignore[method-assign]
+        dispatcher.set_targets([TARGET, OTHER])  # a part of 1 each
+        dispatcher.start()
+
+        def emit(n: int, only: set[str] | None = None) -> None:
+            dispatcher.emit("blocked_request", {"n": n}, only=only,
+                            on_done=lambda hook, delivered: done.append((f"{n}@{hook}", delivered)))
+
+        emit(0, {"wh_1"})  # on the wire
+        await asyncio.sleep(0)
+        emit(1, {"wh_1"})  # queued: the part is full
+        emit(2, {"wh_1"})  # dropped at once
+        assert done == [("2@wh_1", False)]
+        await answers.put(200)
+        await answers.put(503)  # the queued one fails, and has no attempt left
+        while len(done) < 3:
+            await asyncio.sleep(0.01)
+        emit(3)  # to both: hangs on the wire, then aegisd stops
+        await asyncio.sleep(0)
+        await dispatcher.close()
+        return done
+
+    done = asyncio.run(main())
+    assert done[:3] == [("2@wh_1", False), ("0@wh_1", True), ("1@wh_1", False)]
+    assert sorted(done[3:]) == [("3@wh_1", False), ("3@wh_2", False)]  # cancelled at close, in either order
+
+
+class _Subscribers:
+    """A dispatcher stand-in for the expiry watch: who is subscribed, and what was emitted to whom."""
+
+    def __init__(self, *hooks: str) -> None:
+        self.hooks = hooks
+        self.emitted: list[tuple[list[str], str, Any]] = []
+
+    def wants(self, event: str) -> bool:
+        return bool(self.hooks)
+
+    def subscribers(self, event: str) -> tuple[str, ...]:
+        return self.hooks
+
+    def emit(self, event: str, details: dict[str, Any], *, only: Any = None, on_done: Any = None) -> None:
+        self.emitted.append((sorted(only), details["state"], on_done))
+
+    def sent(self) -> list[tuple[list[str], str]]:
+        found = [(hooks, state) for hooks, state, _ in self.emitted]
+        self.emitted.clear()
+        return found
+
+
+def test_an_expiry_alert_counts_as_sent_to_a_webhook_only_once_delivered() -> None:
+    """Found by a cold review: the once-a-day rule was kept per credential and state, over every webhook, and set
+    before the delivery was even tried. A webhook added later that day never got the alert another had, and one
+    lost to a receiver down at boot was not raised again for up to 24 hours. Now it is kept per webhook, once
+    delivered; while one is on its way no other is raised for that webhook, so a failing receiver gets no pile."""
+    from aegisd.webhooks.expiry import ExpiryWatch
+
+    subscribers = _Subscribers("wh_1")
+    watch = ExpiryWatch(None, subscribers)  # type: ignore[arg-type]
+
+    def raise_soon() -> None:
+        watch._raise("brief", "brief", None, "expiring_soon", {})
+
+    raise_soon()
+    [(_, _, done)] = subscribers.emitted
+    assert subscribers.sent() == [(["wh_1"], "expiring_soon")]
+    raise_soon()
+    assert subscribers.sent() == []  # on its way: not raised again
+    done("wh_1", False)  # given up (or dropped): the next check raises it again
+    raise_soon()
+    [(_, _, done)] = subscribers.emitted
+    assert subscribers.sent() == [(["wh_1"], "expiring_soon")]
+    subscribers.hooks = ("wh_1", "wh_2")  # a webhook added while wh_1's is still on its way
+    raise_soon()
+    [(_, _, later)] = subscribers.emitted
+    assert subscribers.sent() == [(["wh_2"], "expiring_soon")]
+    done("wh_1", True)
+    later("wh_2", True)
+    raise_soon()
+    watch.on_refused({}, "brief", "brief", None)
+    assert subscribers.sent() == [(["wh_1", "wh_2"], "expired")]  # another state is another alert
+    raise_soon()
+    assert subscribers.sent() == []  # delivered to both today
+
+
+def test_reloads_on_two_threads_swap_in_what_was_read_last() -> None:
+    """A reload that read the rows before a remove could swap them in after the remove's own reload, bringing the
+    removed webhook back. Reloads now read and swap one at a time."""
+    from aegisd.webhooks import Webhooks
+
+    class Vault:
+        state = "unlocked"
+
+        def add_listener(self, listener: Any) -> None:
+            pass
+
+    reading, go_on, second_read = threading.Event(), threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def targets() -> list[Target]:
+        calls.append(len(calls))
+        if len(calls) == 1:  # the first reload read the webhook, then is slow to swap it in
+            reading.set()
+            go_on.wait(10)
+            return [TARGET]
+        second_read.set()
+        return []  # the second read it after its removal
+
+    config = Config(data_dir=Path("/nonexistent"), socket_path=Path("/nonexistent/s"), gate_host="127.0.0.1",
+                    gate_port=1)
+    hooks = Webhooks(config, None, Vault())  # type: ignore[arg-type]
+    hooks.registry.targets = targets  # type: ignore[method-assign]
+    first = threading.Thread(target=hooks.reload)
+    first.start()
+    assert reading.wait(10)
+    second = threading.Thread(target=hooks.reload)
+    second.start()
+    second_read.wait(0.5)  # without the lock it reads (and swaps) at once; with it, it waits for the first
+    go_on.set()
+    first.join(10)
+    second.join(10)
+    assert hooks.dispatcher.subscribers("blocked_request") == ()

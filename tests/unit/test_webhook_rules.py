@@ -23,7 +23,7 @@ DAY_MS = 86400 * 1000
     ("http://localhost/hook", "http://localhost"),
     ("http://[::1]:9000/hook", "http://[::1]:9000"),
     ("https://10.0.0.5/internal", "https://10.0.0.5"),
-    ("https://B\u00fccher.example/x", "https://b\u00fccher.example"),  # sent as xn--bcher-kva.example
+    ("https://B\u00fccher.example/x", "https://xn--bcher-kva.example"),  # as it is sent
     ("https://" + "a" * 63 + ".example.com/x", "https://" + "a" * 63 + ".example.com"),
 ])
 def test_accepted_urls_show_only_their_origin(url: str, origin: str) -> None:
@@ -69,6 +69,71 @@ def test_a_refusal_never_quotes_the_url(url: str, secret: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         check_url(url)
     assert secret.lower() not in caught.value.message.lower(), caught.value.message
+
+
+@pytest.mark.parametrize(("url", "origin"), [
+    # An ideographic full stop is a dot to IDNA: shown as urllib read it, this went to evil.com looking like Slack.
+    ("https://hooks.slack.com\u3002evil.com/x", "https://hooks.slack.com.evil.com"),
+    ("https://h\u043e\u043eks.slack.com/x", "https://xn--hks-seda.slack.com"),  # Cyrillic o's: not Slack
+    ("https://\uff28ooks.example.com/x", "https://hooks.example.com"),  # a fullwidth H maps to h
+    ("http://LOCALHOST:9000/x", "http://localhost:9000"),
+])
+def test_the_origin_shows_the_host_a_delivery_is_sent_to(url: str, origin: str) -> None:
+    """The origin is all an operator sees of a webhook: it is the A-label (ASCII) host that aiohttp connects to,
+    never urllib's Unicode reading of the URL, which showed another host than the one alerts went to."""
+    from yarl import URL
+
+    assert check_url(url) == origin
+    assert origin.partition("://")[2].partition(":")[0] == URL(url).raw_host
+
+
+@pytest.mark.parametrize("url", ["http://[::1%25lo]:9000/hook", "http://[fe80::1%25eth0]:9000/hook",
+                                 "https://[fe80::1%eth0]/hook", "http://loc%61lhost:9000/hook",
+                                 "https://hooks.ex%61mple.com/hook"])
+def test_a_percent_in_the_host_is_refused(url: str) -> None:
+    """An IPv6 zone id passed the check and then failed every delivery; an escape in a name is not what is sent."""
+    with pytest.raises(InvalidArgument, match="must not hold '%'"):
+        check_url(url)
+
+
+@pytest.mark.parametrize(("url", "gate"), [
+    ("http://127.0.0.1:3100/svc/x", ("127.0.0.1", 3100)),
+    ("http://localhost:3100/svc/x", ("127.0.0.1", 3100)),
+    ("https://127.0.0.1:3100/svc/x", ("127.0.0.1", 3100)),
+    ("https://0.0.0.0:3100/svc/x", ("127.0.0.1", 3100)),  # the kernel connects 0.0.0.0 to loopback
+    ("https://127.1:3100/svc/x", ("127.0.0.1", 3100)),  # getaddrinfo reads IPv4's short forms
+    ("https://2130706433:3100/svc/x", ("127.0.0.1", 3100)),
+    ("https://[::ffff:127.0.0.1]:3100/svc/x", ("127.0.0.1", 3100)),
+    ("http://127.0.0.1:3100/svc/x", ("localhost", 3100)),
+    ("http://localhost:3100/svc/x", ("localhost", 3100)),
+    ("http://[::1]:3100/svc/x", ("::1", 3100)),
+    ("http://localhost:3100/svc/x", ("::1", 3100)),
+    ("http://127.0.0.9:3100/svc/x", ("0.0.0.0", 3100)),
+    ("http://localhost:3100/svc/x", ("0.0.0.0", 3100)),
+    ("http://[::1]:3100/svc/x", ("::", 3100)),
+    ("http://127.0.0.1:3100/svc/x", ("::", 3100)),  # a gate on :: takes IPv4 too
+    ("http://127.0.0.1:80/svc/x", ("127.0.0.1", 80)),
+    ("http://127.0.0.1/svc/x", ("127.0.0.1", 80)),  # the scheme's port
+    ("https://gate.example.com/svc/x", ("gate.example.com", 443)),
+    ("https://192.0.2.7:3100/svc/x", ("192.0.2.7", 3100)),
+])
+def test_a_webhook_to_the_gate_itself_is_refused(url: str, gate: tuple[str, int]) -> None:
+    """Each delivery to the gate is a refused request without a token, which raises another alert: one request
+    became hundreds of ledger rows a second. Every address a delivery would reach the gate's listener by counts."""
+    with pytest.raises(InvalidArgument, match="points at aegisd's own gate"):
+        check_url(url, gate)
+
+
+@pytest.mark.parametrize(("url", "gate"), [
+    ("http://127.0.0.1:3101/hook", ("127.0.0.1", 3100)),
+    ("http://127.0.0.2:3100/hook", ("127.0.0.1", 3100)),  # another address: the gate's listener is not there
+    ("http://[::1]:3100/hook", ("127.0.0.1", 3100)),
+    ("http://127.0.0.1:3100/hook", ("::1", 3100)),
+    ("http://[::1]:3100/hook", ("0.0.0.0", 3100)),
+    ("https://hooks.example.com/hook", ("0.0.0.0", 443)),
+])
+def test_a_webhook_beside_the_gate_is_accepted(url: str, gate: tuple[str, int]) -> None:
+    check_url(url, gate)
 
 
 def test_event_names_are_validated_and_ordered() -> None:
