@@ -66,7 +66,7 @@ def fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
 def short_linger(monkeypatch: pytest.MonkeyPatch) -> None:
     """A closing connection drops what the agent still sends for LINGER_SECONDS; the tests' agents that
     wait for the close would each wait that long."""
-    monkeypatch.setattr(agent_connection, "LINGER_SECONDS", 0.2)
+    monkeypatch.setattr(agent_connection, "LINGER_SECONDS", 0.05)
 
 
 # -- the handler ----------------------------------------------------------------------------------
