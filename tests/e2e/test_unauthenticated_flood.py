@@ -256,23 +256,28 @@ rules:
     methods: [GET]
     paths: ["/echo/user"]
   - service: ro
+  - service: rw
 """
 
 
 def test_a_flood_of_cheap_refusals_cannot_keep_a_policy_or_scope_refusal_out_of_the_ledger() -> None:
     """Found by a cold review: policy_denied, scope_denied and path_too_long drew on the agent's budget for cheap
     refusals, so an agent could send 1,000 free not_granted requests and then the method or path its policy or
-    scopes forbid, and that attempt had no row of its own. Each is an alarm now, with a budget of its own."""
+    scopes forbid, and that attempt had no row of its own. Each is an alarm now, with a budget of its own; so is
+    a body in an encoding the gate cannot read (body_not_inspectable), which could hide a secret."""
     world, _ = policy_world({"governed.yaml": GOVERNED})
     try:
         up = world.upstream()
         world.credential("pol", "sk-flood-policy-secret-8Jd3Vk6Pq1", up.entry())
         world.credential("ro", "sk-flood-readonly-secret-2Xw7Hn4Tz9", up.entry(), "--scopes", "read")
-        token = world.agent("governed", "pol", "ro")
+        world.credential("rw", "sk-flood-readwrite-secret-5Rt8Mn2Qa6", up.entry())
+        token = world.agent("governed", "pol", "ro", "rw")
         head = f"Host: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: {token}\r\n"
         cheap = f"GET /nosuch-svc/cheap HTTP/1.1\r\n{head}\r\n" * (2 * AGENT_BURST)
         attempts = {"policy_denied": f"DELETE /pol/echo/repos/victim HTTP/1.1\r\n{head}\r\n",
                     "scope_denied": f"POST /ro/echo/repos/victim HTTP/1.1\r\n{head}Content-Length: 0\r\n\r\n",
+                    "body_not_inspectable": f"POST /rw/echo/out HTTP/1.1\r\n{head}Content-Encoding: br\r\n"
+                                            "Content-Length: 4\r\n\r\nabcd",
                     "path_too_long": f"GET /pol/echo/{'x' * 9000} HTTP/1.1\r\n{head}Connection: close\r\n\r\n"}
         with socket.create_connection(("127.0.0.1", world.port), timeout=60) as conn:
             conn.sendall((cheap + "".join(attempts.values())).encode())
@@ -280,6 +285,7 @@ def test_a_flood_of_cheap_refusals_cannot_keep_a_policy_or_scope_refusal_out_of_
             while chunk := conn.recv(1 << 20):
                 received += chunk
         assert received.count(b"HTTP/1.1 403 ") == 2 * AGENT_BURST + 2 and received.count(b"HTTP/1.1 414 ") == 1
+        assert received.count(b"HTTP/1.1 415 ") == 1
         world.received.append(received.decode("latin-1"))
         deadline = time.monotonic() + 30  # the summary comes a second after the first refusal it counts
         while True:
