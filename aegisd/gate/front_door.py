@@ -24,6 +24,8 @@ _BAD_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 _LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # `%u002e`, `%zz`, a `%` at the end
 SINGLE_HEADERS = ("Host", "X-Aegis-Agent", "X-Target-Host", "Authorization", "Content-Length")
 _AT_MOST_ONCE = SINGLE_HEADERS[1:]  # Host must appear exactly once: check_host_header's business
+# A 405 must say what is allowed (RFC 9110): the gate forwards any method but CONNECT; these are the usual ones.
+_CONNECT_ALLOW = {"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"}
 _NONE: tuple[str, ...] = ()  # getall's default, shared so a missing header allocates nothing
 
 
@@ -67,7 +69,8 @@ def check_shape(request: GateRequest) -> None:
     """No CONNECT or absolute-form (proxy) requests; no repeated single-value headers."""
     if request.method == "CONNECT":
         raise Refusal(405, "proxy_not_supported", "CONNECT is not supported: call "
-                      "http://127.0.0.1:3100/{service}/{path} instead of using the gate as a proxy")
+                      "http://127.0.0.1:3100/{service}/{path} instead of using the gate as a proxy",
+                      headers=_CONNECT_ALLOW)
     if not request.raw_path.startswith("/"):
         raise Refusal(400, "proxy_not_supported", "absolute-form request targets are not supported: call "
                       "/{service}/{path} on the gate")

@@ -424,6 +424,7 @@ def test_connect_is_refused(std: Standard) -> None:
     with untouched(std.up):
         reply = std.world.raw_request("CONNECT", f"127.0.0.1:{std.up.port}", agent="bot")
     std.world.assert_refused(reply, 405, "proxy_not_supported", method="CONNECT")
+    assert reply.header("Allow") == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"  # a 405 says (RFC 9110)
     std.world.assert_no_leaks()
 
 
