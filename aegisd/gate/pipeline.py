@@ -84,9 +84,9 @@ KEY_FORMATS_ONLY = Inspector(())  # what can still be recognised in a path while
 class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
-    __slots__ = ("agent", "bytes_in", "bytes_out", "credential", "decision", "flags", "forwarded", "judged_ms",
-                 "method", "path", "path_inspected", "reason", "recorded", "request_id", "service", "started",
-                 "status", "target_host", "time_ms", "upstream_s")
+    __slots__ = ("agent", "attempted", "bytes_in", "bytes_out", "credential", "decision", "flags", "forwarded",
+                 "judged_ms", "method", "path", "path_inspected", "reason", "recorded", "request_id", "service",
+                 "started", "status", "target_host", "time_ms", "upstream_s")
 
     def __init__(self, method: str) -> None:
         self.request_id = secrets.token_hex(8)
@@ -99,6 +99,10 @@ class Exchange:
         self.upstream_s: float | None = None  # time to the upstream's response headers, for metrics
         self.recorded = False
         self.forwarded = False  # the request went (or began to go) to the upstream
+        # The gate looked the upstream up and tried to reach it. Such an attempt spends quota even if it failed
+        # before anything was sent: else rate limits would not bound an agent's lookups and connections (under a
+        # `*.` entry, DNS names and TLS server names of its choosing), nor its retries against a dead upstream.
+        self.attempted = False
         self.path_inspected = False  # step 8 scanned the path (and masked what it found)
 
     def entry(self) -> LedgerEntry:
@@ -164,13 +168,13 @@ class GatePipeline:
         try:
             await self._pipeline(request, x)
         except Refusal as refusal:
-            self._refund_unless_forwarded(x)
+            self._refund_unless_attempted(x)
             await self._refuse(request, x, refusal)
         except asyncio.CancelledError:  # the gate stopped and this request outlived the grace period
             if not x.recorded:
                 if not x.forwarded:
                     x.decision = "denied"
-                self._refund_unless_forwarded(x)
+                self._refund_unless_attempted(x)
                 x.reason = x.reason or "shutting_down"
                 await asyncio.shield(self._record(x))
             raise
@@ -183,15 +187,15 @@ class GatePipeline:
             self.in_flight -= 1
             self.limits.release(x.request_id)
 
-    def _refund_unless_forwarded(self, x: Exchange) -> None:
-        """A request that ended before anything reached the upstream used no quota (docs/policies.md)."""
-        if not x.forwarded:
+    def _refund_unless_attempted(self, x: Exchange) -> None:
+        """A request that ended before the gate tried the upstream used no quota (docs/policies.md)."""
+        if not (x.forwarded or x.attempted):
             self.limits.refund(x.request_id)
 
     async def _fail(self, request: GateRequest, x: Exchange) -> None:
         """After a bug: a JSON 500 if nothing was sent yet, else a cut answer; one ledger row either way."""
         failure = Refusal(500, "internal_error", "the gate failed on this request; see aegisd's log", close=True)
-        self._refund_unless_forwarded(x)
+        self._refund_unless_attempted(x)
         if not x.recorded:
             x.decision, x.reason, x.status = ("denied" if not x.forwarded else x.decision), "internal_error", 500
             await self._record(x)
@@ -401,7 +405,7 @@ class GatePipeline:
             await self._disconnected(x)  # limit bounds these rows as it does those of forwarded requests
             return
         sent = time.perf_counter()
-        x.forwarded = True
+        x.forwarded = x.attempted = True
         request.watch()  # the agent's leaving ends the wait for the upstream's answer at once
         try:
             entry = admitted.entry
@@ -432,7 +436,8 @@ class GatePipeline:
             raise Refusal(502, "upstream_error", "the upstream closed the connection or sent a bad "
                           "response") from None
         except UpstreamError as exc:  # could not connect: the message says why, and holds no secret
-            x.forwarded = False  # resolving, the address guard, connecting or TLS failed: nothing was sent
+            x.forwarded = False  # resolving, the address guard, connecting or TLS failed: nothing was sent, but the
+            # attempt keeps its quota (Exchange.attempted)
             raise Refusal(exc.status, exc.code, str(exc)) from None
         finally:
             request.unwatch()
