@@ -78,6 +78,10 @@ WHOLE_DECODED_MAX = 1024 * 1024
 # The most read whole for an HTTP/1.0 agent, which can tell a cut body only by its length: an answer of
 # unknown length, or a small compressed one once decoded (a small gzip answer can decode to gigabytes).
 WHOLE_ANSWER_MAX = 16 * 1024 * 1024
+# On a 503 the gate expects to clear by itself (the ledger writer retries every second; a stopping aegisd is
+# restarted by its service manager): agents' HTTP clients that honour Retry-After wait that long, not their own
+# backoff. A locked vault waits on an operator, so its 503 names no time.
+RETRY_SOON = {"Retry-After": "1"}
 KEY_FORMATS_ONLY = Inspector(())  # what can still be recognised in a path while the vault is locked
 
 
@@ -223,7 +227,8 @@ class GatePipeline:
             await self._operator(request, rest, x)
             return
         if self.draining:
-            raise Refusal(503, "shutting_down", "aegisd is shutting down; retry shortly", close=True)
+            raise Refusal(503, "shutting_down", "aegisd is shutting down; retry shortly", close=True,
+                          headers=RETRY_SOON)
 
         # 1-6. vault unlocked, agent, service -> credential, grant, expiry, target host, scope, policy
         admitted = self._admit(request, x, service, rest, query)
@@ -344,7 +349,8 @@ class GatePipeline:
     def _check_ledger_writable(self) -> None:
         """Refuse while the ledger's latest commit failed: a request forwarded now could not be recorded."""
         if self.ledger.failing:
-            raise Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was forwarded")
+            raise Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was forwarded",
+                          headers=RETRY_SOON)
 
     def _unlocked_table(self) -> RoutingTable:
         table = self.routing.table
@@ -560,7 +566,8 @@ class GatePipeline:
             return
         headers[REQUEST_ID_HEADER] = x.request_id
         if not await self._record(x):
-            await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
+            await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written",
+                                                headers=RETRY_SOON),
                                x.request_id)
             return
         with contextlib.suppress(ConnectionError):  # recorded already; the agent left
@@ -572,7 +579,7 @@ class GatePipeline:
         x.decision, x.reason, x.status = "denied", refusal.code, refusal.status
         if not await self._record(x):
             refusal = Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was "
-                              "forwarded")
+                              "forwarded", headers=RETRY_SOON)
         await send_refusal(request, refusal, x.request_id)
 
     async def _disconnected(self, x: Exchange) -> None:
@@ -660,7 +667,8 @@ class GatePipeline:
         x.status = 200
         body = json.dumps(granted_services(table, agent, x.time_ms)).encode()
         if not await self._record(x):
-            await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written"),
+            await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written",
+                                                headers=RETRY_SOON),
                                x.request_id)
             return
         await request.respond(200, body, {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: x.request_id})

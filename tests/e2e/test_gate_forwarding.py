@@ -494,6 +494,7 @@ def test_locked_vault_refuses_and_forwards_nothing(small: GateWorld) -> None:
         no_token = world.call("GET", "/bear/echo/locked")
     world.assert_refused(locked, 503, "vault_locked")
     world.assert_refused(no_token, 503, "vault_locked")
+    assert locked.header("Retry-After") is None  # an operator must unlock: no time to name
     world.unlock()
     assert world.call("GET", "/bear/echo/after", agent="bot").status == 200
     world.assert_no_leaks()

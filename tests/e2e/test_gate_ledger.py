@@ -260,6 +260,7 @@ def test_nothing_is_forwarded_while_the_ledger_cannot_be_written() -> None:
 
             caught = world.call("GET", "/bear/echo/caught", agent="bot")
             assert caught.status == 503 and caught.error()["code"] == "ledger_unavailable"
+            assert caught.header("Retry-After") == "1"  # the writer retries each second: so may the agent
             assert "nothing was forwarded" not in caught.error()["message"]  # it was: the row came after
             assert len(up.requests_to("/echo/caught")) == 1
             assert request(world.port, "GET", "/_aegis/health").json()["ledger"] == "failing"
@@ -273,7 +274,7 @@ def test_nothing_is_forwarded_while_the_ledger_cannot_be_written() -> None:
                                     agent="bot")]
             for reply in held:
                 assert reply.status == 503, reply.text()
-                assert reply.error()["code"] == "ledger_unavailable"
+                assert reply.error()["code"] == "ledger_unavailable" and reply.header("Retry-After") == "1"
                 assert "nothing was forwarded" in reply.error()["message"]
             db.execute("DROP TRIGGER full")
 
