@@ -431,14 +431,19 @@ class Doctor:
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
         # What the writer saw done to its file (replaced, removed, its newest row cut) fails the check as it fails
         # `ledger verify`, even if what the path holds now verifies; so does a file without the writer's newest row.
-        tampered, written = self.rt.ledger.tampered, self.rt.ledger.written
+        ledger = self.rt.ledger
+        tampered, written, restores = ledger.tampered, ledger.written, ledger.restores
         if tampered:
             return Check("ledger_chain", FAIL, tampered, "keep ledger.db as evidence and find out who can write the "
-                         "data directory; `aegisctl ledger verify` shows the same, until aegisd restarts")
+                         "data directory; `aegisctl ledger verify` shows the same until aegisd is restarted or a "
+                         "backup restored")
+        path = self.config.data_dir / "ledger.db"
         try:
             # The database check above runs the integrity check on ledger.db: not twice.
-            result = await asyncio.to_thread(functools.partial(verify, self.config.data_dir / "ledger.db", key,
-                                                               check_database=False, written=written))
+            result = await asyncio.to_thread(functools.partial(verify, path, key, check_database=False,
+                                                               written=written))
+            if written is not None and ledger.restores != restores:  # what the writer knew was of the old file
+                result = await asyncio.to_thread(functools.partial(verify, path, key, check_database=False))
         except LedgerError as exc:
             return Check("ledger_chain", FAIL, str(exc), "see `aegisctl ledger verify`")
         if not result.ok:

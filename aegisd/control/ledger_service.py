@@ -264,9 +264,13 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
         # Read after the settle (whose job checks that ledger.db is still the writer's file), before the file: the
         # file can only be ahead of them. verify fails a file that lacks the newest row this writer committed.
-        tampered, written = self.rt.ledger.tampered, self.rt.ledger.written
+        ledger = self.rt.ledger
+        tampered, written, restores = ledger.tampered, ledger.written, ledger.restores
         try:
             result = await asyncio.to_thread(functools.partial(verify, self.path, key, expect=expect, written=written))
+            if written is not None and ledger.restores != restores:  # a restore moved another file in meanwhile:
+                tampered = None                                      # what the writer knew was of the old one
+                result = await asyncio.to_thread(functools.partial(verify, self.path, key, expect=expect))
         except LedgerError as exc:
             raise StorageUnavailable(f"{tampered}; {exc}" if tampered else str(exc)) from None
         if tampered:  # what the writer saw happen to its file, even if what the path holds now verifies

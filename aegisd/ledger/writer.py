@@ -301,11 +301,13 @@ class LedgerWriter:
         # Writer thread: (st_dev, st_ino) of the ledger.db the connection has open, checked against the path at each
         # commit and job; once they differ, why (failing for good: see LedgerReplaced).
         self._file: _FileId | None = None
+        self._wal: _FileId | None = None  # and of its -wal, once there is one
         self._lost: str | None = None
         # The newest row this writer committed to the file in place, and its MAC (None: stored without one), so
         # `ledger verify` can tell a file that lacks it; and whether the writer saw that row cut off.
         self._written: Written | None = None
         self._cut: str | None = None
+        self.restores = 0  # files a restore moved into place: a verify that read `written` before one drops it
         self._data_version = 0  # the connection's PRAGMA data_version at the latest commit: moves if another writes
 
     @property
@@ -618,6 +620,7 @@ class LedgerWriter:
             # What this process wrote without a key was in the old file; the new one's rows are nobody's to chain.
             self._unchained, self._reported_foreign = _NO_UNCHAINED, None
             self._written = self._cut = self._lost = None  # the restored file is the ledger now
+            self.restores += 1
             self._post(_replaced, self._subscribers)
             self._stale_wal = True
             try:
@@ -672,7 +675,7 @@ class LedgerWriter:
         if after is None or (before is not None and before != after):
             conn.close()
             raise LedgerError(f"{self._path} was replaced or removed while aegisd was opening it")
-        self._file = after
+        self._file, self._wal = after, None
         return conn
 
     def _check_file(self) -> None:
@@ -683,8 +686,11 @@ class LedgerWriter:
         `ledger verify` says the file lacks that batch's newest row (self._written).
         """
         if self._lost is None:
+            wal = Path(f"{self._path}-wal")
             try:
                 now = _file_id(self._path)
+                if self._wal is None and now == self._file:
+                    self._wal = _file_id(wal)
             except OSError as exc:  # the data directory made unreadable, say: this commit fails, a retry may not
                 raise LedgerError(f"cannot check that {self._path} is the file aegisd opened: "
                                   f"{exc.strerror or exc}") from None
@@ -693,11 +699,24 @@ class LedgerWriter:
             what = "is gone" if now is None else "is another file than the one aegisd opened"
             self._lost = (f"ledger.db was replaced or removed while aegisd was running: {self._path} {what}; aegisd "
                           "writes nothing more to the file it had open, and the gate forwards nothing until aegisd "
-                          "is restarted")
+                          "is restarted or a backup is restored")
             log.error("%s. Rows aegisd wrote after any copy of it was taken are missing from the file at that path: "
                       "keep it as evidence, check it with `aegisctl ledger verify`, and find out who can write the "
                       "data directory", self._lost)
+            self._empty_own_wal(wal)
         raise LedgerReplaced(self._lost)
+
+    def _empty_own_wal(self, wal: Path) -> None:
+        """If only ledger.db was replaced, the -wal at the path is still this connection's: move its pages into the
+        file they belong to (the one this connection has open) and empty it. Left as it was, readers and the next
+        start would apply the old file's pages to the new one, damaging it."""
+        try:
+            if self._wal is None or _file_id(wal) != self._wal or self._conn is None:
+                return
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("could not empty the write-ahead log of the ledger.db aegisd had open (%s): %s; the next start "
+                      "may apply its pages to the file now at %s", type(exc).__name__, exc, self._path)
 
     def _fail_queued(self) -> None:
         """Reject whatever is still queued when the thread ends, so no appender waits forever."""

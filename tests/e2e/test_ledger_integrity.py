@@ -567,3 +567,36 @@ def test_rows_cut_from_the_end_while_aegisd_runs_are_caught() -> None:
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_a_ledger_renamed_over_with_its_log_left_is_not_damaged_at_the_next_start() -> None:
+    """Found by a review of the fix above: with only ledger.db renamed over (a plain `mv`, its -wal left), the
+    -wal at the path was still the old file's. aegisd no longer closes that connection at stop (closing would
+    remove whatever log is at the path), so the old file's pages stayed in the log and the next start applied them
+    to the copy: its integrity check failed and verify reported rows missing. The log is now emptied into the file
+    it belongs to as soon as the swap is found."""
+    world = world_with_traffic()
+    try:
+        aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
+        for n in range(3):
+            assert world.call("GET", f"/bear/echo/before{n}", agent="bot").status == 200
+        copy = aegis.data_dir / "copy.db"
+        src, dst = sqlite3.connect(db), sqlite3.connect(copy)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        for n in range(40):  # enough pages in the log to damage the copy were they applied to it
+            assert world.call("GET", f"/bear/echo/after-the-copy{n}", agent="bot").status == 200
+        os.replace(copy, db)  # -wal and -shm left where they are
+        assert world.call("GET", "/bear/echo/caught", agent="bot").status == 503
+        assert aegis.stop() == 0
+        aegis.start()
+        world.unlock()
+        assert world.call("GET", "/bear/echo/restarted", agent="bot").status == 200
+        verdict = verified(aegis)  # the integrity check included
+        assert "after-the-copy" not in json.dumps(world.ledger()) and verdict["last_id"] > 0
+        world.assert_no_leaks()
+    finally:
+        world.close()
