@@ -183,11 +183,17 @@ class Dispatcher:
         """Queue `event` for every webhook subscribed to it; never waits, counts what does not fit.
         `unauthenticated`: raised by a request that named no agent, held within that share of the queue;
         `agent`: raised by that agent's request, held within its share; `only`: for these webhooks (ids) alone;
-        `on_done`: told each delivery's webhook and whether it was delivered, once, when it is done with."""
+        `on_done`: told each delivery's webhook and whether it was delivered, once, when it is done with; and told
+        (not delivered) of each webhook in `only` no longer subscribed (removed, or the vault locked, meanwhile)."""
+        offered: set[str] = set()
         for target in self._by_event.get(event, ()):
             if only is None or target.id in only:
+                offered.add(target.id)
                 self._offer(Delivery(target, event, details, generation=self._live.get(target.id, -1),
                                      unauthenticated=unauthenticated, agent=agent, on_done=on_done))
+        if only is not None and on_done is not None:
+            for gone in set(only) - offered:
+                on_done(gone, False)
 
     @property
     def queue_depth(self) -> int:

@@ -44,10 +44,12 @@ class ExpiryWatch:
         self._vault = vault
         self._dispatcher = dispatcher
         self._interval = interval
-        # By (alert, webhook id), today's only: delivered, and on their way. Touched only from the event loop
-        # (checks, the gate's refusals, the dispatcher's callbacks).
+        # By (alert, webhook id), today's only: delivered, on their way, and failed (raised again only by a check,
+        # never by a refused request: a receiver that keeps failing must not get one alert per refusal). Touched
+        # only from the event loop (checks, the gate's refusals, the dispatcher's callbacks).
         self._sent: set[tuple[Alert, str]] = set()
         self._pending: set[tuple[Alert, str]] = set()
+        self._failed: set[tuple[Alert, str]] = set()
         self._day = ""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -74,7 +76,7 @@ class ExpiryWatch:
     def on_refused(self, details: dict[str, Any], credential: str, service: str, expires_at: int | None) -> None:
         """A request was refused as credential_expired: raise the event unless it went out today."""
         if self._dispatcher.wants(EVENT):
-            self._raise(credential, service, expires_at, "expired", details)
+            self._raise(credential, service, expires_at, "expired", details, retry_failed=False)
 
     async def _run(self) -> None:
         while True:
@@ -94,28 +96,31 @@ class ExpiryWatch:
             cred = check.credential
             state = expiry_state(cred.expires_at, now) if check.status == OK else "active"
             if state != "active":
-                self._raise(cred.name, cred.service, cred.expires_at, state, {})
+                self._raise(cred.name, cred.service, cred.expires_at, state, {}, retry_failed=True)
 
     def _raise(self, credential: str, service: str, expires_at: int | None, state: str,
-               extra: dict[str, Any]) -> None:
+               extra: dict[str, Any], *, retry_failed: bool) -> None:
         """Emit the alert to each subscribed webhook that has neither received it today nor has it on its way
-        (a webhook added since, one whose delivery failed)."""
+        (a webhook added since); and, for a check (`retry_failed`), to those whose delivery of it failed."""
         day = datetime.fromtimestamp(time.time(), UTC).strftime("%Y-%m-%d")
         if day != self._day:  # yesterday's keys can never match again: forget them
-            self._day, self._sent, self._pending = day, set(), set()
+            self._day, self._sent, self._pending, self._failed = day, set(), set(), set()
         alert = (credential, state, day)
         hooks = [hook for hook in self._dispatcher.subscribers(EVENT)
-                 if (alert, hook) not in self._sent and (alert, hook) not in self._pending]
+                 if (alert, hook) not in self._sent and (alert, hook) not in self._pending
+                 and (retry_failed or (alert, hook) not in self._failed)]
         if not hooks:
             return
-        self._pending.update((alert, hook) for hook in hooks)  # before emit: a drop calls back at once
+        keys = {(alert, hook) for hook in hooks}
+        self._failed -= keys
+        self._pending |= keys  # before emit: a drop calls back at once
         details: dict[str, Any] = {**extra, "credential": credential, "service": service, "state": state,
                                    "expires_at": iso_time(expires_at) if expires_at is not None else None}
         self._dispatcher.emit(EVENT, details, only=frozenset(hooks), on_done=functools.partial(self._done, alert))
 
     def _done(self, alert: Alert, hook: str, delivered: bool) -> None:
-        """A delivery of `alert` to webhook `hook` is done with: sent for today if the receiver took it, else free
-        to be raised again by the next check."""
+        """A delivery of `alert` to webhook `hook` is done with: sent for today if the receiver took it, else raised
+        again by the next check (hourly, at unlock, when credentials change or a webhook is added)."""
         self._pending.discard((alert, hook))
-        if delivered and alert[2] == self._day:
-            self._sent.add((alert, hook))
+        if alert[2] == self._day:
+            (self._sent if delivered else self._failed).add((alert, hook))

@@ -143,8 +143,9 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 def _reaches_gate(host: str, port: int, gate_host: str, gate_port: int) -> bool:
     """Whether a delivery to host:port would reach the gate listening on gate_host:gate_port: the same address,
-    or, for a gate on the unspecified address, any loopback one (`::` takes IPv4 too, as Linux does by default).
-    Its other interfaces' addresses are not enumerated: such a gate needs allow_non_loopback."""
+    or, for a gate on the unspecified address, any loopback one of its family (the gate's `::` socket is
+    IPv6-only, as asyncio makes it, so 127.0.0.1 does not reach it). Its other interfaces' addresses are not
+    enumerated: such a gate needs allow_non_loopback."""
     if port != gate_port:
         return False
     host, gate_host = host.lower().removesuffix("."), gate_host.lower().removesuffix(".")
@@ -154,7 +155,8 @@ def _reaches_gate(host: str, port: int, gate_host: str, gate_port: int) -> bool:
     if host == "localhost":
         found.append(ipaddress.IPv6Address("::1"))
     if gate_host in ("0.0.0.0", "::"):  # noqa: S104 - compared with, not bound
-        return any(addr.is_loopback and (gate_host == "::" or addr.version == 4) for addr in found)
+        family = 6 if gate_host == "::" else 4
+        return any(addr.is_loopback and addr.version == family for addr in found)
     listen = _address(gate_host)
     return listen is not None and listen in found
 

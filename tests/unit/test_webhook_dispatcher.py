@@ -490,7 +490,7 @@ def test_an_expiry_alert_counts_as_sent_to_a_webhook_only_once_delivered() -> No
     watch = ExpiryWatch(None, subscribers)  # type: ignore[arg-type]
 
     def raise_soon() -> None:
-        watch._raise("brief", "brief", None, "expiring_soon", {})
+        watch._raise("brief", "brief", None, "expiring_soon", {}, retry_failed=True)
 
     raise_soon()
     [(_, _, done)] = subscribers.emitted
@@ -512,6 +512,39 @@ def test_an_expiry_alert_counts_as_sent_to_a_webhook_only_once_delivered() -> No
     assert subscribers.sent() == [(["wh_1", "wh_2"], "expired")]  # another state is another alert
     raise_soon()
     assert subscribers.sent() == []  # delivered to both today
+
+
+def test_a_failed_expiry_alert_is_raised_again_by_a_check_never_by_a_refusal() -> None:
+    """Found by a review of the fix above: a failed delivery freed the alert at once, so against a receiver that
+    never answers 2xx (a revoked Slack URL's 404) every request refused as credential_expired raised it again: one
+    POST and one warning per refusal where there had been one a day. Only a check raises a failed one again."""
+    from aegisd.webhooks.expiry import ExpiryWatch
+
+    subscribers = _Subscribers("wh_1")
+    watch = ExpiryWatch(None, subscribers)  # type: ignore[arg-type]
+    watch.on_refused({}, "gone", "gone", None)
+    [(_, _, done)] = subscribers.emitted
+    assert subscribers.sent() == [(["wh_1"], "expired")]
+    done("wh_1", False)  # the receiver refused it
+    for _ in range(3):
+        watch.on_refused({}, "gone", "gone", None)
+    assert subscribers.sent() == []  # no alert per refused request
+    watch._raise("gone", "gone", None, "expired", {}, retry_failed=True)  # the next check
+    [(_, _, done)] = subscribers.emitted
+    assert subscribers.sent() == [(["wh_1"], "expired")]
+    done("wh_1", True)
+    watch._raise("gone", "gone", None, "expired", {}, retry_failed=True)
+    assert subscribers.sent() == []
+
+
+def test_an_alert_for_a_webhook_gone_before_it_was_queued_is_reported_not_delivered(tmp_path: Path) -> None:
+    """Found by the same review: a lock between the expiry watch's reading the subscribers and its emit left the
+    alert marked on its way, with no delivery to say otherwise, so it was never raised again that day."""
+    dispatcher = _dispatcher(tmp_path)
+    ended: list[tuple[str, bool]] = []
+    dispatcher.emit("credential_expiry", {}, only=frozenset({"wh_gone"}),
+                    on_done=lambda hook, delivered: ended.append((hook, delivered)))
+    assert ended == [("wh_gone", False)]
 
 
 def test_reloads_on_two_threads_swap_in_what_was_read_last() -> None:
