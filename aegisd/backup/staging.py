@@ -55,8 +55,14 @@ def clear_leftovers(data_dir: Path) -> list[str]:
     removed: list[str] = []
     for prefix in PREFIXES:
         for path in data_dir.glob(f"{prefix}*"):
+            if path.is_symlink() or not path.is_dir():  # never aegisd's: left alone, and not reported removed
+                continue
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+            if path.exists():
+                log.error("cannot remove %s, which a backup or restore cut off by a stop left behind (it may hold a "
+                          "copy of vault.db): remove it by hand", path)
+            else:
+                removed.append(path.name)
     return removed
 
 
