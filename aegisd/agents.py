@@ -74,7 +74,11 @@ def token_hash(master: MasterKey, token: str) -> bytes:
 
 
 class AgentRegistry:
-    """Agent identities and grants in the vault database. Methods block; call from worker threads."""
+    """Agent identities and grants in the vault database. Methods block; call from worker threads.
+
+    Changes that narrow what an agent may do (remove, revoke, regenerate, a lower rate limit) scrub the
+    write-ahead log after they commit: the row they replace, whose MAC still holds, must not wait there for
+    anyone who can write the data directory to put it back (an old token, a revoked grant)."""
 
     def __init__(self, store: VaultStore, vault: Vault) -> None:
         self._store = store
@@ -171,7 +175,7 @@ class AgentRegistry:
         """
         with self._vault._lock:
             key = self._record_key()
-            with self._store.transaction() as conn:
+            with self._store.transaction(scrub=True) as conn:
                 if not by_id:
                     agent_id = self._authentic_agent(conn, key, name)[0]
                 else:
@@ -200,7 +204,7 @@ class AgentRegistry:
         canonical = validate_rate(rate.strip())
         with self._vault._lock:
             key = self._record_key()
-            with self._store.transaction() as conn:
+            with self._store.transaction(scrub=True) as conn:
                 agent_id, hashed, _ = self._authentic_agent(conn, key, name)
                 conn.execute("UPDATE agents SET rate_limit = ?, mac = ? WHERE id = ?",
                              (canonical, key.agent(agent_id, name, hashed, canonical), agent_id))
@@ -214,7 +218,7 @@ class AgentRegistry:
         token = new_token()
         with self._vault._lock:
             hashed, key = token_hash(self._vault.master(), token), self._record_key()
-            with self._store.transaction() as conn:
+            with self._store.transaction(scrub=True) as conn:
                 agent_id, _, rate = self._authentic_agent(conn, key, name)
                 conn.execute("UPDATE agents SET token_hash = ?, rotated_at = ?, mac = ? WHERE id = ?",
                              (hashed, now_ms(), key.agent(agent_id, name, hashed, rate), agent_id))
@@ -249,7 +253,7 @@ class AgentRegistry:
         """Take a grant away; NotFound if the agent, the credential or the grant does not exist."""
         with self._vault._lock:
             key = self._record_key()
-            with self._store.transaction() as conn:  # names resolve only through rows that authenticate
+            with self._store.transaction(scrub=True) as conn:  # names resolve only through rows that authenticate
                 agent_id, _, _ = self._authentic_agent(conn, key, agent)
                 cred_id = self._authentic_credential(conn, credential)
                 deleted = conn.execute("DELETE FROM grants WHERE agent_id = ? AND credential_id = ?",

@@ -374,7 +374,9 @@ class Vault:
         the credential and those widenings (empty for any other change)."""
         with self._lock:
             vault_id, master = self._require_initialized(), self.master()
-            with self._store.transaction() as conn:
+            # Scrubbed: the row's previous version (a wider allowlist, its seal still valid) must not wait in the
+            # write-ahead log, where writing the data directory alone would be enough to put it back.
+            with self._store.transaction(scrub=True) as conn:
                 cred, data = open_sealed(conn, vault_id, master, "name", name)
                 before = replace(cred)
                 for key, value in changes.items():

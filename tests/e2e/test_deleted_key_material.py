@@ -158,3 +158,35 @@ def test_residue_an_older_aegisd_left_reaches_neither_a_backup_nor_the_live_file
     aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
     assert "svc" in aegis.ctl_in_process("vault", "list").ok().out
     aegis.assert_no_leaks([PASSPHRASE, SECRET, leaked])
+
+
+def _vault_rows(aegis: Aegis, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(f"{(aegis.data_dir / 'vault.db').resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_narrowing_changes_leave_no_earlier_row_in_the_log(aegis: Aegis) -> None:
+    """Found by a cold review: a regenerated token, a revoked grant, a lowered rate limit and a narrowed allowlist
+    left the rows they replaced in vault.db-wal while aegisd ran. Each of those rows still authenticates (its MAC
+    or seal holds), so anyone who can write the data directory could put one back (an old token, a wider
+    allowlist) without ever holding a backup. Such changes now empty the log after they commit."""
+    aegis.ctl_in_process("vault", "update", "svc", "--domains", "svc.example,wide.example", "--passphrase-stdin",
+                         input=PASSPHRASE + "\n").ok()
+    aegis.ctl_in_process("agent", "add", "bot", "--json").ok()
+    aegis.ctl_in_process("agent", "set-rate-limit", "bot", "100/min").ok()
+    aegis.ctl_in_process("grant", "bot", "svc").ok()
+    (token_hash, agent_mac), = _vault_rows(aegis, "SELECT token_hash, mac FROM agents WHERE name = 'bot'")
+    (grant_mac,), = _vault_rows(aegis, "SELECT mac FROM grants")
+    (wide_seal,), = _vault_rows(aegis, "SELECT ciphertext FROM credentials")
+    aegis.ctl_in_process("vault", "update", "svc", "--domains", "svc.example").ok()
+    aegis.ctl_in_process("revoke", "bot", "svc").ok()
+    aegis.ctl_in_process("agent", "regenerate", "bot", "--json").ok()
+    for name, needle in {"the old token's hash": token_hash, "the old agent row's MAC": agent_mac,
+                         "the revoked grant's MAC": grant_mac, "the wider allowlist's seal": wide_seal}.items():
+        assert isinstance(needle, bytes) and len(needle) >= 16, name
+        for path in aegis.data_dir.glob("vault.db*"):
+            assert needle not in path.read_bytes(), f"{name} is still in {path.name}"
+    aegis.assert_no_leaks([SECRET])
