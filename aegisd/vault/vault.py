@@ -133,19 +133,22 @@ class Vault:
         return vault_id
 
     def unlock(self, *, passphrase: str | None = None, unlock_key: str | None = None) -> bool:
-        """Open the vault; returns False if it was already unlocked.
+        """Open the vault; returns False if it was already unlocked (the secret is checked all the same: a wrong
+        one raises WrongPassphrase, so a caller is never told a wrong secret worked, and a guess is logged).
 
         The slot is opened (Argon2id) outside the lock, so listings and the gate's other reads do not wait on
         it; the key is kept only if nothing changed meanwhile: a lock() during the derivation wins."""
         with self._lock:
             snapshot = self._snapshot()
-            if self._master is not None:
-                return False
+            already = self._master is not None
         kind = "passphrase" if passphrase is not None else "unlock_key"
         secret = passphrase if passphrase is not None else unlock_key
         if not secret:
             raise InvalidArgument("give a passphrase or an unlock key")
         master = self._open(snapshot, kind, secret)
+        if already:
+            master.wipe()
+            return False
         adopted = False
         try:  # every way out but adoption wipes the key, a failing re-check (a read error, a restore) included
             with self._lock:

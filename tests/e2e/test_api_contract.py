@@ -70,6 +70,14 @@ def test_error_statuses_and_reasons(aegis: Aegis, channel: grpc.Channel) -> None
     assert "not the passphrase" not in details
     vault.Unlock(vault_pb2.UnlockRequest(passphrase=PASSPHRASE), timeout=60)
     assert creds.GetCredential(cpb.GetCredentialRequest(name="wire"), timeout=30).id == added.id
+    # Found by a cold review: once unlocked, Unlock answered OK to any secret, unchecked and unlogged. It is
+    # checked all the same now: a wrong one is refused (and logged like any failed unlock), a right one is OK.
+    code, reason, _ = failure(vault.Unlock, vault_pb2.UnlockRequest(passphrase="not the passphrase at all"))
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "wrong_passphrase")
+    failure(vault.Unlock, vault_pb2.UnlockRequest(unlock_key="garbage"))  # refused too (not an unlock key)
+    assert aegis.log().count("vault unlock failed: wrong secret") == 2  # this one and the one while locked
+    vault.Unlock(vault_pb2.UnlockRequest(passphrase=PASSPHRASE), timeout=60)
+    assert vault.Status(vault_pb2.StatusRequest(), timeout=30).state == vault_pb2.VAULT_STATE_UNLOCKED
     aegis.assert_no_leaks([PASSPHRASE, SECRET])
 
 
