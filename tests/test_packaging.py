@@ -219,6 +219,7 @@ def test_unit_lifecycle(service: dict[str, list[str]]) -> None:
     assert one(service, "TimeoutStopSec") == "30s"
     assert one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(service, "LimitCORE") == "0"
+    assert one(service, "MemorySwapMax") == "0"  # the vault key and opened secrets never reach swap
     exec_start = shlex.split(one(service, "ExecStart"))
     assert exec_start[0] == BINARY
 
