@@ -3,19 +3,24 @@
 A gate refusal is told apart from an upstream's own error response by its shape: a JSON
 `{"error": {"code", "message", "request_id"}}` whose request id equals the response's
 `X-Aegis-Request-Id`. The gate strips its headers before forwarding, so an upstream never
-learns the request id and cannot pass its own answer off as the gate's.
+learns the request id and cannot pass its own answer off as the gate's. Only a small body is read as a
+refusal (the gate's are a few hundred bytes); any other answer, however its JSON is nested, passes through
+as the answer it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
+from aiohttp.payload import BytesPayload
 from aiohttp.tracing import Trace
 from multidict import CIMultiDictProxy
 from yarl import URL
@@ -32,6 +37,8 @@ CONNECT = 10.0  # the gate is on loopback: a connection that takes this long wil
 # was carried out. So any line of the head fits, and a header for every 4 bytes of it (the gate counts at least 5 for
 # each of the upstream's, and adds a few of its own).
 GATE_HEAD_BYTES = 64 * 1024
+REFUSAL_BYTES = 16 * 1024  # a gate refusal is {"error": {"code", "message", "request_id"}}: a few hundred bytes
+SEND_CHUNK = 64 * 1024  # a request body goes out in pieces of this size, each within the read timeout
 
 
 class BridgeError(Exception):
@@ -110,6 +117,7 @@ class GateClient:
         self._operator_timeout = aiohttp.ClientTimeout(total=gate_timeout, sock_connect=min(CONNECT, gate_timeout))
         self._proxy_timeout = aiohttp.ClientTimeout(total=PROXY_TOTAL, sock_connect=min(CONNECT, read_timeout),
                                                     sock_read=read_timeout)
+        self._send_timeout = read_timeout
         self._operator_limit = f"{gate_timeout:g} s (AEGIS_MCP_GATE_TIMEOUT)"
         self._proxy_limit = f"{read_timeout:g} s between reads (AEGIS_MCP_READ_TIMEOUT), or {PROXY_TOTAL:g} s in all"
         self._session: aiohttp.ClientSession | None = None
@@ -137,14 +145,21 @@ class GateClient:
         sent = {**headers, "X-Aegis-Agent": self._token}
         url = URL(self.base_url + target, encoded=True)
         try:
-            async with self._session.request(method, url, headers=sent, data=body, allow_redirects=False,
-                                             timeout=timeout) as resp:
-                data, truncated = await _read(resp, limit)
-                # aiohttp calls a missing Content-Type application/octet-stream; the bridge reads such a body as
-                # UTF-8 text first (results.body_text), so it keeps "none" apart.
-                media_type = resp.content_type if "Content-Type" in resp.headers else ""
-                reply = GateResponse(resp.status, resp.headers, data, truncated, resp.charset, media_type,
-                                     resp.headers.get(REQUEST_ID_HEADER, ""))
+            # aiohttp's sock_read bounds only the reads: a gate that stops reading a large body would hold the
+            # call until the 900 s backstop. So the body goes out in pieces, and a piece that cannot leave
+            # within the read timeout (the gate's receive buffer stays full) ends the call as gate_timeout.
+            async with asyncio.timeout(None) as deadline:
+                pacer = SendDeadline(deadline, self._send_timeout)
+                data = PacedBody(body, pacer) if body else body
+                async with self._session.request(method, url, headers=sent, data=data, allow_redirects=False,
+                                                 timeout=timeout) as resp:
+                    pacer.answered()  # the answer has begun: from here sock_read bounds each wait
+                    answer, truncated = await _read(resp, limit)
+                    # aiohttp calls a missing Content-Type application/octet-stream; the bridge reads such a body as
+                    # UTF-8 text first (results.body_text), so it keeps "none" apart.
+                    media_type = resp.content_type if "Content-Type" in resp.headers else ""
+                    reply = GateResponse(resp.status, resp.headers, answer, truncated, resp.charset, media_type,
+                                         resp.headers.get(REQUEST_ID_HEADER, ""))
         except aiohttp.ClientConnectorError as exc:
             raise BridgeError("gate_unreachable", f"cannot reach the Aegis gate at {self.base_url} "
                               f"({exc.strerror or type(exc).__name__}); is aegisd running?") from None
@@ -178,13 +193,55 @@ class GateClient:
             return reply
         try:
             document = json.loads(reply.body) if reply.status == 200 and not reply.truncated else None
-        except ValueError:
+        except (ValueError, RecursionError):
             document = None
         if not isinstance(document, dict):
             raise BridgeError("gate_error", f"/_aegis/{endpoint} answered HTTP {reply.status} without the JSON "
                               f"the gate sends; is {self.base_url} really the Aegis gate?")
         reply.document = document
         return reply
+
+
+class SendDeadline:
+    """The deadline for sending a request body: `limit` seconds for each piece to leave, none once all is sent or
+    the answer has begun. It moves `deadline`, the asyncio.timeout around the whole request."""
+
+    def __init__(self, deadline: asyncio.Timeout, limit: float) -> None:
+        self._deadline = deadline
+        self._limit = limit
+        self._answered = False
+
+    def piece(self) -> None:
+        if not self._answered:
+            self._deadline.reschedule(asyncio.get_running_loop().time() + self._limit)
+
+    def sent(self) -> None:
+        if not self._answered:
+            self._deadline.reschedule(None)
+
+    def answered(self) -> None:
+        self._answered = True
+        self._deadline.reschedule(None)
+
+
+class PacedBody(BytesPayload):
+    """A bytes body (the same on the wire: Content-Length, no chunks) written in pieces of SEND_CHUNK bytes.
+    aiohttp's writer waits for the socket to drain after each, so a gate that stopped reading leaves a piece
+    waiting past its deadline. Bytes, so aiohttp can send it again should it retry on a fresh connection."""
+
+    def __init__(self, value: bytes, pacer: SendDeadline) -> None:
+        super().__init__(value)
+        self._pacer = pacer
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        value = self._value if content_length is None else self._value[:content_length]
+        for start in range(0, len(value), SEND_CHUNK):
+            self._pacer.piece()
+            await writer.write(value[start : start + SEND_CHUNK])
+        self._pacer.sent()
 
 
 async def _read(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -200,11 +257,12 @@ async def _read(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
 
 
 def _refusal(reply: GateResponse) -> Refusal | None:
-    if reply.status < 400 or not reply.request_id or reply.content_type != "application/json":
-        return None
+    if (reply.status < 400 or not reply.request_id or reply.content_type != "application/json"
+            or len(reply.body) > REFUSAL_BYTES or not reply.body.lstrip().startswith(b"{")):
+        return None  # not the gate's small flat object: an upstream's answer, passed through as one
     try:
         error = json.loads(reply.body).get("error")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: nested past Python's parser
         return None
     if not isinstance(error, dict) or error.get("request_id") != reply.request_id:
         return None

@@ -189,16 +189,31 @@ class PeerUserGuard:
         await self._app(scope, receive, send)
 
     def _refusal(self, client: tuple[str, int] | None, server: tuple[str, int] | None) -> str | None:
-        if client is None or server is None:
-            return "this bridge cannot tell which user connected (no peer address); it serves only its own user"
-        try:
-            uid = peer_uid(client, server, self._proc_net, self._platform)
-        except (PeerUnknown, OSError, ValueError) as exc:
-            return f"this bridge cannot tell which user connected ({exc}); it serves only its own user"
-        if uid is None or uid in (self._uid, 0):
-            return None
-        return (f"this bridge serves only the processes of its own user (uid {self._uid}) and root; "
-                f"this connection comes from uid {uid}")
+        return peer_refusal(client, server, self._uid, self._proc_net, self._platform)
+
+
+def peer_refusal(client: tuple[str, int] | None, server: tuple[str, int] | None, uid: int,
+                 proc_net: Path = PROC_NET, platform: str = sys.platform) -> str | None:
+    """Why the connection `client` -> `server` is not served (its process runs as neither `uid` nor root, or
+    cannot be told), or None when it is."""
+    if client is None or server is None:
+        return "this bridge cannot tell which user connected (no peer address); it serves only its own user"
+    try:
+        peer = peer_uid(client, server, proc_net, platform)
+    except (PeerUnknown, OSError, ValueError) as exc:
+        return f"this bridge cannot tell which user connected ({exc}); it serves only its own user"
+    if peer is None or peer in (uid, 0):
+        return None
+    return (f"this bridge serves only the processes of its own user (uid {uid}) and root; "
+            f"this connection comes from uid {peer}")
+
+
+def forbidden_response(message: str) -> bytes:
+    """A whole HTTP/1.1 403 answer, closing the connection, for a connection refused before it is read."""
+    body = json.dumps({"error": {"code": "peer_user_refused", "message": message}}).encode()
+    head = (f"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n")
+    return head.encode() + body
 
 
 async def _forbidden(send: Send, message: str) -> None:

@@ -6,7 +6,15 @@ it without a word, so the host waits for ever for that request's answer. `Answer
 the two and answers such a line with a JSON-RPC parse error (-32700) carrying the request's id, read with
 Python's own JSON parser, which accepts the escape. A line that is no JSON (or a JSON object followed by more) gets
 the parse error too, as JSON-RPC asks: with the id of the request it starts with, else with id null. A notification
-Python can read gets nothing, as JSON-RPC asks; a blank line holds no message and gets nothing either.
+Python can read gets nothing, as JSON-RPC asks; a blank line holds no message and gets nothing either. A line nested
+too deeply for either parser (thousands of `[`) is a parse error to id null, never an exception that ends the
+server loop and with it the bridge.
+
+JSON that is no JSON-RPC message gets an Invalid Request error (-32600), as JSON-RPC asks: an object without a
+string `method` (`{"jsonrpc": "2.0", "id": 4}`), one whose `params` is no object, a bare number or string, and a
+batch (a JSON array), which the MCP SDK does not take: each request in it is answered with its own id, else one
+error goes to id null. A malformed response (an object with `result` or `error` and no `method`) gets nothing, as
+JSON-RPC answers no response.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 import anyio
 from mcp.shared.message import SessionMessage
-from mcp.types import PARSE_ERROR, ErrorData, JSONRPCError
+from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError
 from pydantic import ValidationError
 
 from aegisctl.mcp.results import SURROGATE
@@ -41,9 +49,10 @@ class AnsweredParseErrors:
         while True:
             item: Item = await self._inner.receive()
             if isinstance(item, Exception):
-                answer = parse_error_answer(item)
-                if answer is not None:
+                answers = error_answers(item)
+                for answer in answers:
                     await self._write.send(SessionMessage(answer))
+                if answers:
                     continue
             return item
 
@@ -68,6 +77,17 @@ class AnsweredParseErrors:
         return None
 
 
+def error_answers(exc: Exception) -> list[JSONRPCError]:
+    """The answers to a line the SDK could not take: a parse error, or Invalid Request errors; none for a blank
+    line, a notification, a malformed response, or an error that is not about the line."""
+    if not isinstance(exc, ValidationError):
+        return []
+    answer = parse_error_answer(exc)
+    if answer is not None:
+        return [answer]
+    return invalid_request_answers(exc)
+
+
 def parse_error_answer(exc: Exception) -> JSONRPCError | None:
     """The answer to a line the SDK could not parse as JSON; None for a blank line or a notification."""
     if not isinstance(exc, ValidationError):
@@ -79,7 +99,7 @@ def parse_error_answer(exc: Exception) -> JSONRPCError | None:
     text = f"Parse error: {errors[0]['msg']}"  # pydantic's words name the position, never quote the line
     try:
         message = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
         if not line.strip():
             return None
         return _parse_error(_request_id(_leading_object(line)), text)
@@ -100,7 +120,7 @@ def _leading_object(line: str) -> Any:
     """The JSON value the line starts with (junk may follow it), or None: it may name the request to answer."""
     try:
         return json.JSONDecoder().raw_decode(line.lstrip())[0]
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -113,11 +133,55 @@ def _request_id(message: Any) -> int | str | None:
     return request_id
 
 
-def _holds_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        return SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_holds_surrogate(key) or _holds_surrogate(item) for key, item in value.items())
+def invalid_request_answers(exc: ValidationError) -> list[JSONRPCError]:
+    """Invalid Request answers to JSON that is no JSON-RPC message (the SDK parsed it, then found no message
+    type that fits). The value is read from pydantic's errors: an error about the whole value carries it, and
+    so does one about a missing member of the top object."""
+    found = _top_value(exc)
+    if found is None:
+        return []
+    value = found[0]
     if isinstance(value, list):
-        return any(_holds_surrogate(item) for item in value)
+        answered = [_invalid_request(request_id, "a batch (a JSON array) is not supported: send each message on "
+                                     "its own line") for request_id in
+                    dict.fromkeys(_request_id(each) for each in value) if request_id is not None]
+        return answered or [_invalid_request(None, "a batch (a JSON array) is not supported: send each message "
+                                                   "on its own line")]
+    if isinstance(value, dict) and "method" not in value and ("result" in value or "error" in value):
+        return []  # a malformed response: JSON-RPC answers no response
+    request_id = value.get("id") if isinstance(value, dict) else None
+    if isinstance(request_id, bool) or not isinstance(request_id, int | str) or (
+            isinstance(request_id, str) and SURROGATE.search(request_id)):
+        request_id = None
+    return [_invalid_request(request_id, "not a JSON-RPC 2.0 message: a request needs \"jsonrpc\": \"2.0\", "
+                                         "a string \"method\", an integer or string \"id\", and \"params\" "
+                                         "(if any) an object")]
+
+
+def _top_value(exc: ValidationError) -> tuple[Any] | None:
+    for error in exc.errors(include_url=False, include_context=False):
+        location = error["loc"]
+        if len(location) == 1 or (len(location) == 2 and error["type"] == "missing"):
+            return (error.get("input"),)
+    return None
+
+
+def _invalid_request(request_id: int | str | None, why: str) -> JSONRPCError:
+    return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=INVALID_REQUEST,
+                                                                      message=f"Invalid Request: {why}"))
+
+
+def _holds_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in the value holds a lone surrogate; iterative, as the value may be deep."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return False

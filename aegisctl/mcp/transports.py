@@ -5,24 +5,33 @@ local process, or another user on the machine, could use this agent's grants wit
 bearer is the bridge's own, never the agent token: a host sends it to whatever listens on the port,
 and a process squatting the port while the bridge is down must not collect a token the gate accepts.
 On Linux the endpoint also serves only processes of the bridge's own user and root (peer_user), so a
-squatter of another user cannot use a bearer it collected.
+squatter of another user cannot use a bearer it collected. That check runs as each connection is accepted,
+before uvicorn reads a byte of it (AcceptGuard): uvicorn sets no deadline on a request head that never
+ends, so another user's connections, held open with half a head each, would otherwise pile up until the
+bridge has no file descriptor left to accept its own host's connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import os
 import socket
 from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from aegisctl.mcp.gate_client import GateClient
-from aegisctl.mcp.peer_user import PeerUserGuard
+from aegisctl.mcp.peer_user import PeerUserGuard, forbidden_response, peer_refusal
 from aegisctl.mcp.tools import build_server
 
 MCP_PATH = "/mcp"
+LINGER = 2.0  # seconds a refused connection is given to read its 403 before it is closed
+LINGERING_MAX = 32  # refused connections given that time at once; past this many, one is closed at once
 
 
 class ListenError(Exception):
@@ -49,8 +58,62 @@ async def serve_http(gate: GateClient, bearer: str, host: str, port: int, ready:
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     ready(f"http://{shown}:{sock.getsockname()[1]}{MCP_PATH}")
     # No proxy headers: PeerUserGuard must see the socket's own peer, which X-Forwarded-For would replace.
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False)
+    # AcceptGuard: uvicorn's own HTTP protocol, for the connections of this user's and root's processes only.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False,
+                            http=AcceptGuard)
     await uvicorn.Server(config).serve(sockets=[sock])
+
+
+class AcceptGuard(asyncio.Protocol):
+    """Who connected, checked as the connection is accepted: a connection of this user's or root's process is
+    handed to uvicorn's HTTP protocol; any other gets the same 403 `peer_user_refused` as from PeerUserGuard,
+    written at once, and is closed without a byte of it being read or parsed. The answer's connection lingers
+    LINGER seconds (at most LINGERING_MAX at once, the rest are closed at once) so that a client whose request
+    is still arriving reads the 403 rather than a reset; whatever it sends meanwhile is dropped unread."""
+
+    lingering: ClassVar[set[AcceptGuard]] = set()
+
+    def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._made = (config, server_state, app_state, _loop)
+        self._closer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)
+        refusal = peer_refusal(_address(stream.get_extra_info("peername")),
+                               _address(stream.get_extra_info("sockname")), os.getuid())
+        if refusal is None:
+            config, server_state, app_state, loop = self._made
+            served = AutoHTTPProtocol(config=config, server_state=server_state,  # type: ignore[call-arg]
+                                      app_state=app_state, _loop=loop)
+            stream.set_protocol(served)
+            served.connection_made(stream)
+            return
+        stream.write(forbidden_response(refusal))
+        if len(self.lingering) >= LINGERING_MAX or not stream.can_write_eof():
+            stream.close()
+            return
+        stream.write_eof()
+        self.lingering.add(self)
+        self._closer = asyncio.get_running_loop().call_later(LINGER, stream.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a refused connection's request: never read
+
+    def eof_received(self) -> bool:
+        return False  # the client has read its answer and is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lingering.discard(self)
+        if self._closer is not None:
+            self._closer.cancel()
+
+
+def _address(name: Any) -> tuple[str, int] | None:
+    """(host, port) of a socket name; None for anything else (an AF_UNIX name, none at all)."""
+    if isinstance(name, tuple) and len(name) >= 2 and isinstance(name[0], str) and isinstance(name[1], int):
+        return name[0], name[1]
+    return None
 
 
 class BearerGuard:

@@ -259,6 +259,27 @@ def test_a_stalled_gate_is_a_prompt_gate_timeout(world: GateWorld) -> None:
     assert all("the request may already have been carried out: check before sending it" in m for m in messages[2:])
 
 
+def test_a_gate_that_stops_reading_an_upload_is_a_prompt_gate_timeout(world: GateWorld) -> None:
+    """A gate that takes the connection and then reads no more: a body larger than the sockets' buffers could not
+    all leave, and aiohttp's read timeout does not cover writing, so the call hung until the 15-minute backstop."""
+    token_file = write_token_file(world.aegis.root / "slowup.token", "aegis_" + "U" * 43)
+    bridge = Bridge("", token_file, world.aegis.root / "slowup.err")
+
+    async def scenario() -> Any:
+        async with stalled_gate() as url:
+            params = StdioServerParameters(command=AEGISCTL, args=["mcp", "serve", "--token-file", str(token_file)],
+                                           env={**bridge_env(url), **QUICK})
+            async with bridge.stdio(params) as session:
+                with anyio.fail_after(60):  # the guard; gate_timeout comes after 1.5 s without progress
+                    return await bridge.call(session, "aegis_proxy_request", service="api", path="/upload",
+                                             method="PUT", body="u" * 40_000_000)
+
+    error = error_of(anyio.run(scenario), "gate_timeout")
+    assert "within 1.5 s between reads (AEGIS_MCP_READ_TIMEOUT)" in error["message"], error
+    assert "the request may already have been carried out" in error["message"], error
+    world.aegis.assert_no_leaks(["aegis_" + "U" * 43], extra_text=bridge.outputs())
+
+
 def test_a_stalled_gate_stops_the_bridge_at_start(world: GateWorld) -> None:
     token_file = write_token_file(world.aegis.root / "slow.token", "aegis_" + "S" * 43)
 

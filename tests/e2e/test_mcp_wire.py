@@ -28,9 +28,18 @@ LONG_HEADER = "v" * 30_000  # aiohttp's client refuses a header over 8190 bytes,
 MANY_HEADERS = b"".join(b"X-N%d: %d\r\n" % (i, i) for i in range(1000))
 
 
+DEEP_ERROR = b"[" * 100_000  # JSON nested past Python's parser, in a body the bridge reads whole (under 100 KB)
+SMALL_DEEP_ERROR = b'{"error": ' + b"[" * 5_000  # small, and starts as the gate's refusals do
+
+
 def answer(target: str) -> bytes:
     """/plain: text without a Content-Type; /big: a head the gate relays (under 64 KiB) that aiohttp's defaults
-    refuse; /dup: one header sent three times in two spellings."""
+    refuse; /deep and /deep-small: a JSON error nested deeper than Python parses; /dup: one header sent three
+    times in two spellings."""
+    if target.startswith("/deep"):
+        body = SMALL_DEEP_ERROR if target.startswith("/deep-small") else DEEP_ERROR
+        return b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
+            len(body), body)
     if target.startswith("/plain"):
         return b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nplain words"
     if target.startswith("/big"):
@@ -80,6 +89,26 @@ def test_text_without_content_type_is_text_and_a_header_repeated_in_another_case
     world.aegis.assert_no_leaks([SECRET, token], extra_text=bridge.outputs())
 
 
+def test_an_upstreams_deeply_nested_json_error_is_its_answer(world: GateWorld) -> None:
+    """An upstream's JSON error nested deeper than Python's parser goes once escaped the bridge's check for a gate
+    refusal (RecursionError), and the model got a generic tool error instead of the upstream's answer."""
+    up, token, bridge = setup(world)
+    try:
+        async def run() -> list[dict[str, Any]]:
+            async with bridge.stdio() as session:
+                return [value_of(await bridge.call(session, "aegis_proxy_request", service="api", path=path))
+                        for path in ("/deep", "/deep-small", "/plain")]
+
+        deep, small, plain = anyio.run(run)
+    finally:
+        up.stop()
+    for got, sent in ((deep, DEEP_ERROR), (small, SMALL_DEEP_ERROR)):
+        assert (got["status"], got["body"], got["truncated"]) == (400, sent.decode(), False), got["status"]
+        assert got["request_id"] and got["headers"]["X-Aegis-Request-Id"] == got["request_id"]
+    assert plain["body"] == "plain words"  # and the bridge goes on serving
+    world.aegis.assert_no_leaks([SECRET, token], extra_text=bridge.outputs())
+
+
 def _send(proc: subprocess.Popen[bytes], message: dict[str, Any] | str | bytes) -> None:
     assert proc.stdin is not None
     if isinstance(message, dict):
@@ -88,7 +117,7 @@ def _send(proc: subprocess.Popen[bytes], message: dict[str, Any] | str | bytes) 
     proc.stdin.flush()
 
 
-def _reply(proc: subprocess.Popen[bytes], wanted: int | None) -> dict[str, Any]:
+def _reply(proc: subprocess.Popen[bytes], wanted: int | str | None) -> dict[str, Any]:
     """The bridge's answer to request `wanted`, or a failure after REPLY_TIMEOUT: a host would hang there."""
     assert proc.stdout is not None
     deadline = time.monotonic() + REPLY_TIMEOUT
@@ -101,6 +130,66 @@ def _reply(proc: subprocess.Popen[bytes], wanted: int | None) -> dict[str, Any]:
         message: dict[str, Any] = json.loads(line)
         if "id" in message and message["id"] == wanted:
             return message
+
+
+def _start(bridge: Bridge) -> subprocess.Popen[bytes]:
+    """A stdio bridge driven line by line, initialized."""
+    proc = subprocess.Popen([AEGISCTL, "mcp", "serve", "--token-file", str(bridge.token_file)],
+                            env=bridge_env(bridge.gate_url), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=bridge.stderr_path.open("ab"))
+    _send(proc, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "wire-test", "version": "1"}}})
+    _reply(proc, 1)
+    _send(proc, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_lines_too_deep_or_no_request_are_answered_and_the_bridge_goes_on(world: GateWorld) -> None:
+    """A line nested deeper than Python's JSON parser goes once ended the bridge (RecursionError in its answer to
+    a line the SDK refused); JSON that is no JSON-RPC request (a batch, an id without a method) got no answer, and
+    the host would wait for ever. Each now gets its error, and the bridge answers what follows."""
+    _up, token, bridge = setup(world)
+    proc = _start(bridge)
+    outputs: list[str] = []
+
+    def answered(line: str, wanted: int | str | None, code: int) -> dict[str, Any]:
+        _send(proc, line)
+        reply = _reply(proc, wanted)
+        outputs.append(json.dumps(reply))
+        assert reply["error"]["code"] == code, reply
+        return reply
+
+    try:
+        deep = "[" * 5_000
+        for line in (f'{{"jsonrpc":"2.0","id":70,"method":"ping","params":{{"a":{deep}{"]" * 5_000}}}}}',
+                     f'{{"jsonrpc":"2.0","id":71,"method":"ping","params":{{"a":{deep}}}'):
+            assert answered(line, None, -32700)["error"]["message"].startswith("Parse error"), line[:60]
+        # A batch: the SDK takes none; each request in it is answered with its own id.
+        _send(proc, '[{"jsonrpc":"2.0","id":"b1","method":"ping"},{"jsonrpc":"2.0","id":72,"method":"ping"}]')
+        for wanted in ("b1", 72):
+            reply = _reply(proc, wanted)
+            outputs.append(json.dumps(reply))
+            assert reply["error"]["code"] == -32600 and "batch" in reply["error"]["message"], reply
+        answered("[]", None, -32600)
+        answered('{"jsonrpc":"2.0","id":73}', 73, -32600)  # an id and no method
+        answered('{"jsonrpc":"2.0","id":74,"method":"ping","params":5}', 74, -32600)
+        answered("5", None, -32600)
+        _send(proc, '{"jsonrpc":"2.0","id":75,"method":"ping"}')
+        assert _reply(proc, 75)["result"] == {}
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, bridge.stderr()
+    world.aegis.assert_no_leaks([SECRET, token], extra_text=[*outputs, bridge.stderr()])
 
 
 def test_a_request_holding_a_lone_surrogate_is_answered_not_dropped(world: GateWorld) -> None:
