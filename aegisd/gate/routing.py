@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import ipaddress
 import logging
 import threading
@@ -224,7 +225,8 @@ class RoutingState:
         groups = credentials_sharing_hosts(routes.values())
         inspector = self.table.inspector if self.table is not None else None
         if inspector is None or inspector.values != sources or inspector.groups != groups:
-            inspector = Inspector((SecretSource(cid, values) for cid, values in sources.items()), groups)
+            inspector = Inspector((SecretSource(cid, values) for cid, values in sources.items()), groups,
+                                  previous=inspector)
         return RoutingTable(routes, agents, bytes(master.subkey("agent-tokens")), inspector)
 
 
@@ -265,6 +267,7 @@ def credentials_sharing_hosts(routes: Iterable[Route]) -> dict[str, frozenset[st
             for frozen in (frozenset(group),) for cid in group}
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the name, asked again for every entry at each change
 def _server(host: str) -> str:
     """One name per server an exact entry reaches: every loopback name and address is this machine, and an
     IPv4-mapped IPv6 address is its IPv4 one. (A name and the address it resolves to are not joined.)"""
