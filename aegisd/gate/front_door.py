@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from urllib.parse import unquote
 
 from multidict import CIMultiDictProxy
@@ -22,6 +23,7 @@ _USUAL_HOSTS = LOOPBACK_NAMES | {"127.0.0.1", "[::1]"}
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?$")
 _BAD_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 _LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # `%u002e`, `%zz`, a `%` at the end
+_WIDE_ESCAPE = re.compile(r"%u[0-9A-Fa-f]{4}")  # IIS's and ASP.NET's `%u002e`
 SINGLE_HEADERS = ("Host", "X-Aegis-Agent", "X-Target-Host", "Authorization", "Content-Length")
 _AT_MOST_ONCE = SINGLE_HEADERS[1:]  # Host must appear exactly once: check_host_header's business
 # A 405 must say what is allowed (RFC 9110): the gate forwards any method but CONNECT; these are the usual ones.
@@ -92,7 +94,11 @@ def split_target(raw_target: str) -> tuple[str, str, str]:
         raise bad_request("the path contains a backslash, NUL or an encoded '/' or '\\'")
     if encoded:
         once = _decoded_once(path)
-        _refuse_dot_segments(path, once, unquote(once))
+        twice = _decoded_again(once) if "%" in once else once
+        if twice.isascii():
+            _refuse_dot_segments(path, once, twice)
+        else:  # fullwidth dots and slashes (U+FF0E, U+FF0F), which NFKC and IIS's best-fit mapping make '.' and '/'
+            _refuse_dot_segments(path, once, twice, unicodedata.normalize("NFKC", twice))
         if "\x00" in once:
             raise bad_request("the path contains a NUL byte")
     elif "." in path:  # undecoded, the path is all its decoded forms; without a dot it has no dot segment
@@ -120,6 +126,20 @@ def _decoded_once(path: str) -> str:
     except UnicodeDecodeError:
         raise bad_request("the path's percent-encoding does not decode to UTF-8 (such as the overlong %C0%AE), "
                           "which servers decode in different ways") from None
+
+
+def _decoded_again(once: str) -> str:
+    """The path decoded a second time, as an upstream that decodes twice reads it (why `%252e%252e` is refused),
+    held to the rule `_decoded_once` applies to the first: `%25u002e` and `%25C0%25AE` are refused too. A `%` not
+    followed by two hex digits is left as it is (`100%25` is a path ending in `100%`)."""
+    if _WIDE_ESCAPE.search(once):
+        raise bad_request("the path, decoded once, holds a %uXXXX escape (such as %25u002e), which servers decode "
+                          "in different ways")
+    try:
+        return unquote(once, errors="strict")
+    except UnicodeDecodeError:
+        raise bad_request("the path, decoded once, holds percent-encoding that does not decode to UTF-8 (such as "
+                          "%25C0%25AE), which servers decode in different ways") from None
 
 
 def _scheme_relative(rest: str) -> bool:

@@ -52,7 +52,14 @@ from aegisd.gate.unauthenticated import (
     ALARMS,
     RefusalRows,
 )
-from aegisd.gate.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
+from aegisd.gate.upstream import (
+    Superseded,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from aegisd.inspection import Inspector, Redaction
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.ledger.entry import normalize
@@ -443,7 +450,9 @@ class GatePipeline:
                           "response") from None
         except UpstreamError as exc:  # could not connect: the message says why, and holds no secret
             x.forwarded = False  # resolving, the address guard, connecting or TLS failed: nothing was sent, but the
-            # attempt keeps its quota (Exchange.attempted)
+            # attempt keeps its quota (Exchange.attempted); unless an operator's change stopped it (Superseded): the
+            # agent is told to retry, and that retry is what pays
+            x.attempted = not isinstance(exc, Superseded)
             raise Refusal(exc.status, exc.code, str(exc)) from None
         finally:
             request.unwatch()

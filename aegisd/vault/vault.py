@@ -146,17 +146,16 @@ class Vault:
         if not secret:
             raise InvalidArgument("give a passphrase or an unlock key")
         master = self._open(snapshot, kind, secret)
-        if already:
-            master.wipe()
-            return False
         adopted = False
         try:  # every way out but adoption wipes the key, a failing re-check (a read error, a restore) included
             with self._lock:
-                if self.state == "unlocked":  # another unlock came first (read again: the lock was let go)
-                    # The secret was right: on record, as a right one cut short by a lock is (vault_service).
-                    log.warning("vault unlock raced another unlock: the %s given was correct, and the vault was "
-                                "already unlocked", "passphrase" if kind == "passphrase" else "unlock key")
+                if self.state == "unlocked":  # already, or another unlock came first (read again: the lock was let go)
+                    if not already:  # the secret was right: on record, as a right one cut short by a lock is
+                        log.warning("vault unlock raced another unlock: the %s given was correct, and the vault was "
+                                    "already unlocked", "passphrase" if kind == "passphrase" else "unlock key")
                     return False
+                # Locked now, unlocked or not when this began: a lock() meanwhile makes the snapshot stale, so a
+                # vault found unlocked and locked during the derivation is reported changed, never "already unlocked".
                 if not self._unchanged(snapshot, master):
                     raise _changed_meanwhile("it was being unlocked")
                 self._master, adopted = master, True

@@ -442,6 +442,9 @@ BAD_PATHS = [
     # encodings some servers decode to '.' and others do not (found by a cold review)
     "/bear/echo/%u002e%u002e", "/bear/echo/%C0%AE%C0%AE", "/bear/echo/%20..", "/bear/echo/..%20/x",
     "/bear/echo/%zz", "/bear/echo/x%", "/bear/echo/%ff",
+    # the same encoded a second time, and fullwidth dots (found by a review of the fix above)
+    "/bear/echo/%25u002e%25u002e/x", "/bear/echo/%25C0%25AE%25C0%25AE/x", "/bear/echo/%EF%BC%8E%EF%BC%8E/x",
+    "/bear/echo/a%EF%BC%8F..%EF%BC%8Fb",
 ]
 
 
@@ -453,6 +456,17 @@ def test_bad_paths_are_refused(std: Standard, path: str) -> None:
         reply = std.world.raw_request("GET", path, agent="bot")
     row = std.world.assert_refused(reply, 400, "bad_request", agent="bot")
     assert row["path"] == path[:2048], row
+    std.world.assert_no_leaks()
+
+
+@pytest.mark.parametrize("path", ["/echo/100%25", "/echo/caf%C3%A9", "/echo/a%20b", "/echo/%E2%80%A6",
+                                  "/echo/x%25zz", "/echo/%EF%BC%8Ex"])
+def test_encoded_paths_every_server_reads_alike_are_forwarded_as_sent(std: Standard, path: str) -> None:
+    """The refusals above leave alone what decodes one way: a literal '%' (`%25`), UTF-8, a space, a lone
+    fullwidth dot beside other characters (not a dot segment even once normalised)."""
+    reply = std.world.call("GET", f"/bear{path}", agent="bot")
+    assert reply.status == 200, reply.text()
+    assert len(std.up.requests_to(path)) == 1
     std.world.assert_no_leaks()
 
 

@@ -4,6 +4,7 @@ concurrency cap; each refusal is a 429 with Retry-After and RateLimit headers, a
 from __future__ import annotations
 
 import json
+import queue
 import re
 import socket
 import sqlite3
@@ -11,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -292,6 +294,35 @@ def test_a_request_refused_after_admission_uses_no_quota_unless_the_upstream_was
             limited([], world.call("GET", "/limited/echo/ok", home, agent="bot"), "credential")
         world.assert_no_leaks()
     finally:
+        world.close()
+
+
+def test_a_request_an_operators_change_stopped_in_flight_keeps_no_quota() -> None:
+    """Found by a review of the rule above: a request judged again once connected (an operator's change landed
+    during the connect) is refused 503 changed_in_flight, nothing sent, and the agent told to retry; that refusal
+    must not spend quota as well, or the agent pays twice for one call."""
+    from tests.e2e.test_gate_routing import HeldHandshakeUpstream
+
+    world, _ = policy_world({})
+    held = HeldHandshakeUpstream(world.pki.server_context())
+    try:
+        up = world.upstream()
+        world.credential("limited", LIMITED, [f"https://localhost:{held.port}", up.entry()], "--rate-limit", "2/day")
+        world.agent("bot", "limited")
+        replies: queue.Queue[Any] = queue.Queue()
+        threading.Thread(target=lambda: replies.put(world.call(
+            "GET", "/limited/echo/x", [("X-Target-Host", f"localhost:{held.port}")], agent="bot")), daemon=True).start()
+        assert held.accepted.wait(10)  # the gate is in the handshake
+        world.agent("other", "limited")  # an unrelated change swaps the routing table
+        held.release.set()
+        refusal(replies.get(timeout=30), 503, "changed_in_flight")
+        home = [("X-Target-Host", f"127.0.0.1:{up.port}")]
+        for _ in range(2):  # the whole 2/day is still there
+            assert world.call("GET", "/limited/echo/ok", home, agent="bot").status == 200
+        limited([], world.call("GET", "/limited/echo/ok", home, agent="bot"), "credential")
+        world.assert_no_leaks()
+    finally:
+        held.stop()
         world.close()
 
 

@@ -262,6 +262,22 @@ def test_a_lock_during_an_unlock_wins(cheap_vault: Vault, monkeypatch: pytest.Mo
     assert cheap_vault.unlock(passphrase=PASSPHRASE) and cheap_vault.state == "unlocked"
 
 
+def test_an_unlock_of_an_unlocked_vault_that_a_lock_overtakes_is_not_reported_done(
+        cheap_vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: once Unlock checked the secret of an already unlocked vault, a lock() during that
+    derivation left it answering "already unlocked" (OK) while the vault was locked. It is vault_changed now."""
+    assert cheap_vault.state == "unlocked"
+    paused = Paused(monkeypatch, "open_slot")
+    unlocking, outcome = in_thread(lambda: cheap_vault.unlock(passphrase=PASSPHRASE))
+    assert paused.entered.wait(10)
+    assert cheap_vault.lock() is True
+    paused.release.set()
+    unlocking.join(10)
+    [refused] = outcome
+    assert isinstance(refused, FailedPrecondition) and refused.reason == "vault_changed", refused
+    assert cheap_vault.state == "locked"
+
+
 def test_an_unlock_whose_recheck_fails_wipes_the_key_it_derived(cheap_vault: Vault,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by a review: the re-check after the derivation reads the slots again, and a read that fails there
