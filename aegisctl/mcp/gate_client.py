@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -37,7 +38,10 @@ CONNECT = 10.0  # the gate is on loopback: a connection that takes this long wil
 # was carried out. So any line of the head fits, and a header for every 4 bytes of it (the gate counts at least 5 for
 # each of the upstream's, and adds a few of its own).
 GATE_HEAD_BYTES = 64 * 1024
-REFUSAL_BYTES = 16 * 1024  # a gate refusal is {"error": {"code", "message", "request_id"}}: a few hundred bytes
+# A gate refusal is {"error": {"code", "message", "request_id"}}: usually a few hundred bytes, but its message may
+# quote the agent's path (up to the gate's 64 KiB head, more once JSON-escaped). Past this, an answer is the
+# upstream's; a deeply nested one is caught by RecursionError, whatever its size.
+REFUSAL_BYTES = 512 * 1024
 SEND_CHUNK = 64 * 1024  # a request body goes out in pieces of this size, each within the read timeout
 
 
@@ -203,15 +207,21 @@ class GateClient:
 
 
 class SendDeadline:
-    """The deadline for sending a request body: `limit` seconds for each piece to leave, none once all is sent or
-    the answer has begun. It moves `deadline`, the asyncio.timeout around the whole request."""
+    """The deadline for sending a request body: `limit` seconds without progress (a piece handed over, or bytes
+    leaving the connection's write buffer), none once all is sent or the answer has begun. It moves `deadline`,
+    the asyncio.timeout around the whole request."""
 
     def __init__(self, deadline: asyncio.Timeout, limit: float) -> None:
         self._deadline = deadline
         self._limit = limit
         self._answered = False
 
+    @property
+    def limit(self) -> float:
+        return self._limit
+
     def piece(self) -> None:
+        """Progress: `limit` seconds from now."""
         if not self._answered:
             self._deadline.reschedule(asyncio.get_running_loop().time() + self._limit)
 
@@ -238,10 +248,31 @@ class PacedBody(BytesPayload):
 
     async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
         value = self._value if content_length is None else self._value[:content_length]
-        for start in range(0, len(value), SEND_CHUNK):
-            self._pacer.piece()
-            await writer.write(value[start : start + SEND_CHUNK])
+        transport = getattr(writer, "transport", None)
+        written = 0
+        # aiohttp's writer waits for its buffer to drain from 64 KiB down to 16 KiB, so one piece's wait can cover
+        # more than one piece: a gate reading slowly but steadily shows as the buffer shrinking, watched here.
+        watch = asyncio.ensure_future(self._watch(transport, lambda: written)) if transport is not None else None
+        try:
+            for start in range(0, len(value), SEND_CHUNK):
+                self._pacer.piece()
+                piece = value[start : start + SEND_CHUNK]
+                written += len(piece)
+                await writer.write(piece)
+        finally:
+            if watch is not None:
+                watch.cancel()
         self._pacer.sent()
+
+    async def _watch(self, transport: asyncio.WriteTransport, written: Callable[[], int]) -> None:
+        """Count as progress every byte that left the write buffer since the last look (a quarter of the limit)."""
+        left = 0
+        while True:
+            await asyncio.sleep(self._pacer.limit / 4)
+            now = written() - transport.get_write_buffer_size()
+            if now > left:
+                left = now
+                self._pacer.piece()
 
 
 async def _read(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:

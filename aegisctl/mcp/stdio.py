@@ -147,15 +147,16 @@ def invalid_request_answers(exc: ValidationError) -> list[JSONRPCError]:
                     dict.fromkeys(_request_id(each) for each in value) if request_id is not None]
         return answered or [_invalid_request(None, "a batch (a JSON array) is not supported: send each message "
                                                    "on its own line")]
-    if isinstance(value, dict) and "method" not in value and ("result" in value or "error" in value):
-        return []  # a malformed response: JSON-RPC answers no response
-    request_id = value.get("id") if isinstance(value, dict) else None
-    if isinstance(request_id, bool) or not isinstance(request_id, int | str) or (
-            isinstance(request_id, str) and SURROGATE.search(request_id)):
-        request_id = None
-    return [_invalid_request(request_id, "not a JSON-RPC 2.0 message: a request needs \"jsonrpc\": \"2.0\", "
-                                         "a string \"method\", an integer or string \"id\", and \"params\" "
-                                         "(if any) an object")]
+    if isinstance(value, dict):
+        # Answered only as a request: JSON-RPC answers no notification, and an object without a method may be the
+        # host's own (malformed) response to a request of ours, whose id an answer would seem to answer again.
+        request_id = _request_id(value)
+        if request_id is None:
+            return []
+        return [_invalid_request(request_id, "not a JSON-RPC 2.0 request: it needs \"jsonrpc\": \"2.0\", a string "
+                                             "\"method\", an integer or string \"id\", and \"params\" (if any) an "
+                                             "object")]
+    return [_invalid_request(None, "not a JSON-RPC 2.0 message: send one JSON object per line")]
 
 
 def _top_value(exc: ValidationError) -> tuple[Any] | None:

@@ -59,8 +59,10 @@ async def serve_http(gate: GateClient, bearer: str, host: str, port: int, ready:
     ready(f"http://{shown}:{sock.getsockname()[1]}{MCP_PATH}")
     # No proxy headers: PeerUserGuard must see the socket's own peer, which X-Forwarded-For would replace.
     # AcceptGuard: uvicorn's own HTTP protocol, for the connections of this user's and root's processes only.
+    # A subclass per server, so the refused connections lingering are this server's alone.
+    guard = type("ServerAcceptGuard", (AcceptGuard,), {"lingering": set()})
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False,
-                            http=AcceptGuard)
+                            http=guard)
     await uvicorn.Server(config).serve(sockets=[sock])
 
 
@@ -73,19 +75,24 @@ class AcceptGuard(asyncio.Protocol):
 
     lingering: ClassVar[set[AcceptGuard]] = set()
 
-    def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._made = (config, server_state, app_state, _loop)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._made = (args, kwargs)  # uvicorn's arguments for its own protocol, passed on as they came
         self._closer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         stream = cast(asyncio.Transport, transport)
+        try:
+            self._admit(stream)
+        except BaseException:  # never an accepted connection left open and unread (a uvicorn that changed, say)
+            stream.abort()
+            raise
+
+    def _admit(self, stream: asyncio.Transport) -> None:
         refusal = peer_refusal(_address(stream.get_extra_info("peername")),
                                _address(stream.get_extra_info("sockname")), os.getuid())
         if refusal is None:
-            config, server_state, app_state, loop = self._made
-            served = AutoHTTPProtocol(config=config, server_state=server_state,  # type: ignore[call-arg]
-                                      app_state=app_state, _loop=loop)
+            args, kwargs = self._made
+            served = AutoHTTPProtocol(*args, **kwargs)
             stream.set_protocol(served)
             served.connection_made(stream)
             return

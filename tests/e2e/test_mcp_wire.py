@@ -181,8 +181,15 @@ def test_lines_too_deep_or_no_request_are_answered_and_the_bridge_goes_on(world:
             outputs.append(json.dumps(reply))
             assert reply["error"]["code"] == -32600 and "batch" in reply["error"]["message"], reply
         answered("[]", None, -32600)
-        answered('{"jsonrpc":"2.0","id":73}', 73, -32600)  # an id and no method
-        answered('{"jsonrpc":"2.0","id":74,"method":"ping","params":5}', 74, -32600)
+        # An id and no method may be the host's own malformed response to a request of ours: not answered (else
+        # the host could take it for a second answer to that id); nor is a notification with bad params.
+        _send(proc, '{"jsonrpc":"2.0","id":73}')
+        _send(proc, '{"jsonrpc":"2.0","method":"notifications/x","params":5}')
+        _send(proc, '{"jsonrpc":"2.0","id":74,"method":"ping","params":5}')
+        assert proc.stdout is not None and select.select([proc.stdout], [], [], REPLY_TIMEOUT)[0]
+        following = json.loads(proc.stdout.readline())  # the very next line out: nothing came for 73
+        outputs.append(json.dumps(following))
+        assert following["id"] == 74 and following["error"]["code"] == -32600, following
         answered("5", None, -32600)
         _send(proc, '{"jsonrpc":"2.0","id":75,"method":"ping"}')
         assert _reply(proc, 75)["result"] == {}

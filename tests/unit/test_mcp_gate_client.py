@@ -88,3 +88,53 @@ def test_a_connection_lost_after_the_request_went_is_no_unreachable_gate(answer:
             await server.wait_closed()
 
     asyncio.run(scenario())
+
+
+class _SlowConnection:
+    """An aiohttp stream writer as PacedBody sees it: write() waits, as aiohttp's does, once more than 64 KiB is
+    buffered, until less than 16 KiB is; the buffer drains by `step` bytes every 50 ms (a gate reading steadily,
+    or, with step 0, one that stopped)."""
+
+    def __init__(self, step: int) -> None:
+        self.transport = self
+        self.buffered = self.sent = 0
+        self._step = step
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    async def drain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            moved = min(self._step, self.buffered)
+            self.buffered -= moved
+            self.sent += moved
+
+    async def write(self, data: bytes) -> None:
+        self.buffered += len(data)
+        if self.buffered > 64 * 1024:
+            while self.buffered >= 16 * 1024:
+                await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(("step", "finishes"), [(8 * 1024, True), (0, False)])
+def test_an_upload_is_timed_by_its_progress_not_by_its_pieces(step: int, finishes: bool) -> None:
+    """Found by a review: the send deadline moved only when a 64 KiB piece was handed over, but one piece's wait
+    covers the buffer draining from 64 KiB to 16 KiB, so a gate reading steadily (160 KiB/s here) slower than
+    that per read timeout (0.3 s) failed as gate_timeout. Bytes leaving the buffer now count as progress; a gate
+    that reads nothing still ends the upload at the deadline."""
+    from aegisctl.mcp.gate_client import PacedBody, SendDeadline
+
+    async def scenario() -> bool:
+        connection = _SlowConnection(step)
+        draining = asyncio.ensure_future(connection.drain_forever())
+        try:
+            async with asyncio.timeout(None) as deadline:
+                await PacedBody(b"y" * 256 * 1024, SendDeadline(deadline, 0.3)).write(connection)  # type: ignore[arg-type]
+        except TimeoutError:
+            return False
+        finally:
+            draining.cancel()
+        return True
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) is finishes
