@@ -93,8 +93,8 @@ def split_target(raw_target: str) -> tuple[str, str, str]:
     if "\\" in path or "\x00" in path or (encoded and _BAD_ENCODED.search(path)):
         raise bad_request("the path contains a backslash, NUL or an encoded '/' or '\\'")
     if encoded:
-        once = _decoded_once(path)
-        twice = _decoded_again(once) if "%" in once else once
+        once = _decoded_strictly(path, _LONE_PERCENT, "the path")
+        twice = _decoded_strictly(once, _WIDE_ESCAPE, "the path, decoded once,") if "%" in once else once
         if twice.isascii():
             _refuse_dot_segments(path, once, twice)
         else:  # fullwidth dots and slashes (U+FF0E, U+FF0F), which NFKC and IIS's best-fit mapping make '.' and '/'
@@ -114,32 +114,20 @@ def split_target(raw_target: str) -> tuple[str, str, str]:
     return unquote(service) if encoded else service, "/" + rest, query
 
 
-def _decoded_once(path: str) -> str:
-    """The path decoded once, refused where servers disagree on what it decodes to: policy rules judge this
-    form, while an upstream that reads `%u002e` (ASP.NET, IIS) or the overlong UTF-8 `%C0%AE` (older Java
-    servers) as '.' would see a '..' segment the rules never saw."""
-    if _LONE_PERCENT.search(path):
-        raise bad_request("the path has a '%' not followed by two hex digits (such as %u002e), which servers "
+def _decoded_strictly(form: str, escapes: re.Pattern[str], where: str) -> str:
+    """`form` decoded once, refused where servers disagree on what it decodes to: policy rules judge the decoded
+    path, while an upstream that reads `%u002e` (ASP.NET, IIS) or the overlong UTF-8 `%C0%AE` (older Java
+    servers) as '.' would see a '..' segment the rules never saw. Applied to the path as sent (`escapes`: any
+    '%' not followed by two hex digits) and once more to the path decoded once, as an upstream that decodes twice
+    reads it (`escapes`: `%uXXXX` only, since `100%25` is a path ending in `100%`)."""
+    if escapes.search(form):
+        raise bad_request(f"{where} holds a '%' not followed by two hex digits (such as %u002e), which servers "
                           "decode in different ways: percent-encode a literal '%' as %25")
     try:
-        return unquote(path, errors="strict")
+        return unquote(form, errors="strict")
     except UnicodeDecodeError:
-        raise bad_request("the path's percent-encoding does not decode to UTF-8 (such as the overlong %C0%AE), "
-                          "which servers decode in different ways") from None
-
-
-def _decoded_again(once: str) -> str:
-    """The path decoded a second time, as an upstream that decodes twice reads it (why `%252e%252e` is refused),
-    held to the rule `_decoded_once` applies to the first: `%25u002e` and `%25C0%25AE` are refused too. A `%` not
-    followed by two hex digits is left as it is (`100%25` is a path ending in `100%`)."""
-    if _WIDE_ESCAPE.search(once):
-        raise bad_request("the path, decoded once, holds a %uXXXX escape (such as %25u002e), which servers decode "
-                          "in different ways")
-    try:
-        return unquote(once, errors="strict")
-    except UnicodeDecodeError:
-        raise bad_request("the path, decoded once, holds percent-encoding that does not decode to UTF-8 (such as "
-                          "%25C0%25AE), which servers decode in different ways") from None
+        raise bad_request(f"{where} holds percent-encoding that does not decode to UTF-8 (such as the overlong "
+                          "%C0%AE), which servers decode in different ways") from None
 
 
 def _scheme_relative(rest: str) -> bool:

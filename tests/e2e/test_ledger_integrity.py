@@ -451,6 +451,17 @@ def verify_with(aegis: Aegis, tip: str) -> tuple[dict[str, Any], str]:
 REPLACED = "ledger.db was replaced or removed while aegisd was running"
 
 
+def consistent_copy(db: Path, copy: Path) -> Path:
+    """A copy of the live ledger.db as SQLite's backup API takes it (one read snapshot)."""
+    src, dst = sqlite3.connect(db), sqlite3.connect(copy)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+    return copy
+
+
 def test_a_copy_renamed_over_the_ledger_stops_the_gate() -> None:
     """Found by a cold review: someone who can write the data directory takes a consistent copy of ledger.db,
     renames it over the original and removes its -wal and -shm. aegisd went on committing into the file it had
@@ -468,13 +479,7 @@ def test_a_copy_renamed_over_the_ledger_stops_the_gate() -> None:
             assert world.call("GET", f"/bear/echo/before{n}", agent="bot").status == 200
         tip = verified(aegis)
 
-        copy = aegis.data_dir / "copy.db"
-        src, dst = sqlite3.connect(db), sqlite3.connect(copy)
-        try:
-            src.backup(dst)
-        finally:
-            dst.close()
-            src.close()
+        copy = consistent_copy(db, aegis.data_dir / "copy.db")
         for n in range(2):  # committed to the file aegisd has open, after the copy was taken
             assert world.call("GET", f"/bear/echo/after-the-copy{n}", agent="bot").status == 200
         newest = max(row["id"] for row in world.ledger())
@@ -580,13 +585,7 @@ def test_a_ledger_renamed_over_with_its_log_left_is_not_damaged_at_the_next_star
         aegis, db = world.aegis, world.aegis.data_dir / "ledger.db"
         for n in range(3):
             assert world.call("GET", f"/bear/echo/before{n}", agent="bot").status == 200
-        copy = aegis.data_dir / "copy.db"
-        src, dst = sqlite3.connect(db), sqlite3.connect(copy)
-        try:
-            src.backup(dst)
-        finally:
-            dst.close()
-            src.close()
+        copy = consistent_copy(db, aegis.data_dir / "copy.db")
         for n in range(40):  # enough pages in the log to damage the copy were they applied to it
             assert world.call("GET", f"/bear/echo/after-the-copy{n}", agent="bot").status == 200
         os.replace(copy, db)  # -wal and -shm left where they are
