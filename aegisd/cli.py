@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from typing import Any
 
@@ -53,6 +54,9 @@ Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file and the
 @click.version_option(__version__, prog_name="aegisd")
 def command(**flags: Any) -> None:
     """Run the Aegis daemon: the vault, the control socket and the gate."""
+    # SIGHUP's default is to exit: a `kill -HUP` (logrotate, a script) during the half second before the reload
+    # handler is in place must not end aegisd. Ignored from here on; Daemon.run installs the handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:  # first: under systemd without systemd-python, touch nothing and say how to fix it
         require_notify()
     except NotifyUnavailable as exc:

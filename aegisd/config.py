@@ -289,6 +289,9 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text, which TOML must be") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except (ValueError, RecursionError):  # an integer past Python's 4,300 digits; arrays nested past its stack
+        raise ConfigError(f"config file {path} is not TOML aegisd can read: a number too long or values nested "
+                          "too deeply") from None
     flat: dict[str, Any] = {}
     known = {path_: key for key, path_ in _TOML_KEYS.items()}
     sections = {p[0] for p in _TOML_KEYS.values() if len(p) > 1}
@@ -340,15 +343,28 @@ def _number(key: str, value: Any, source: str) -> float:
     default, low, high = _NUMBERS[key]
     if value is None:
         return default
+    shown = _shown(value)
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be a number") from None
+        raise ConfigError(f"{setting_name(key)} {shown} (from {source}) must be a number") from None
+    except OverflowError:  # an integer past a float's range: out of range, as any too large
+        number = float("inf")
     if not low <= number <= high:
-        raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be between {low:g} and {high:g}")
+        raise ConfigError(f"{setting_name(key)} {shown} (from {source}) must be between {low:g} and {high:g}")
     if key in _WHOLE_NUMBERS and not number.is_integer():
-        raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be a whole number")
+        raise ConfigError(f"{setting_name(key)} {shown} (from {source}) must be a whole number")
     return number
+
+
+def _shown(value: Any) -> str:
+    """A value as an error quotes it, at most 40 characters (an integer of 5,000 digits cannot even be written:
+    Python refuses to turn one into text)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "(a number too long to show)"
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _boolean(key: str, value: Any, source: str) -> bool:
@@ -359,7 +375,7 @@ def _boolean(key: str, value: Any, source: str) -> bool:
     text = str(value).strip().lower()
     if text in _TRUE_WORDS or text in _FALSE_WORDS:
         return text in _TRUE_WORDS
-    raise ConfigError(f"{setting_name(key)} {value!r} (from {source}) must be true or false (or 1 or 0)")
+    raise ConfigError(f"{setting_name(key)} {_shown(value)} (from {source}) must be true or false (or 1 or 0)")
 
 
 def _parse_mode(value: Any, group: Any, source: str) -> int:
@@ -368,21 +384,21 @@ def _parse_mode(value: Any, group: Any, source: str) -> int:
     try:
         mode = int(str(value), 8)
     except ValueError:
-        raise ConfigError(f"socket mode {value!r} (from {source}) must be octal, e.g. 0660") from None
+        raise ConfigError(f"socket mode {_shown(value)} (from {source}) must be octal, e.g. 0660") from None
     if not 0 <= mode <= 0o777:  # setuid, setgid and sticky bits mean nothing on a socket
-        raise ConfigError(f"socket mode {value!r} (from {source}) must be permission bits only, at most 0777 "
+        raise ConfigError(f"socket mode {_shown(value)} (from {source}) must be permission bits only, at most 0777 "
                           "(e.g. 0600 or 0660)")
     if mode & 0o007:
-        raise ConfigError(f"socket mode {value!r} (from {source}) must not grant access to other users")
+        raise ConfigError(f"socket mode {_shown(value)} (from {source}) must not grant access to other users")
     if mode & 0o600 != 0o600:
-        raise ConfigError(f"socket mode {value!r} (from {source}) must let the owner read and write")
+        raise ConfigError(f"socket mode {_shown(value)} (from {source}) must let the owner read and write")
     return mode
 
 
 def _choice(value: Any, allowed: tuple[str, ...], what: str, source: str) -> str:
     text = str(value).lower()
     if text not in allowed:
-        raise ConfigError(f"{what} {value!r} (from {source}) is not one of: {', '.join(allowed)}")
+        raise ConfigError(f"{what} {_shown(value)} (from {source}) is not one of: {', '.join(allowed)}")
     return text
 
 

@@ -7,6 +7,7 @@ SIGHUP re-reads the config file and the policies and applies what can change wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -118,12 +119,14 @@ class Daemon:
                   gate=self.config.gate_address, vault=runtime.vault.state)
             served = True
             await self._stop.wait()
+            _ignore_sighup()  # no reload while stopping
             self._manager.stopping()
             event(log, logging.INFO, "aegisd stopping")
             await gate.stop(SHUTDOWN_GRACE_SECONDS)
             control_running = False
             await control.stop(SHUTDOWN_GRACE_SECONDS)
         finally:
+            _ignore_sighup()
             if control_running:  # a start that failed after the control server started (the gate port taken):
                 # stop grpc's server while the loop runs, else its finaliser runs after the loop has closed and
                 # prints a traceback under aegisd's own error
@@ -152,7 +155,7 @@ class Daemon:
     def _install_stop_signals(self) -> None:
         """From the first moment: a SIGTERM or Ctrl-C during start-up then stops aegisd cleanly once it has
         started, rather than as asyncio's KeyboardInterrupt traceback; a SIGHUP (whose default is to exit) is
-        ignored until the reload handler is in place."""
+        ignored until the reload handler is in place (the command ignores it before this too)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -216,6 +219,7 @@ class Daemon:
             os.close(fd)
             raise StartupError(f"another aegisd is already using data directory {data_dir}") from None
         self._data_lock = fd
+        _make_databases_private(data_dir)
 
     def _auto_unlock(self, vault: Vault) -> None:
         """Unlock from the first unlock-key source present; on any failure start locked."""
@@ -239,6 +243,39 @@ def _clear_backup_leftovers(data_dir: Path) -> None:
     if removed:
         log.warning("removed %d scratch director%s a backup or restore cut off by a stop left in %s: %s",
                     len(removed), "y" if len(removed) == 1 else "ies", data_dir, ", ".join(removed))
+
+
+# The files whose mode decides who can read the vault's key slots and the ledger: SQLite gives a -wal and -shm the
+# mode of their database, so a copy restored or made by hand with a loose mode spreads to them.
+PRIVATE_FILES = ("vault.db", "vault.db-wal", "vault.db-shm", "ledger.db", "ledger.db-wal", "ledger.db-shm")
+
+
+def _make_databases_private(data_dir: Path) -> None:
+    """Make each database file 0600 if group or others had access to it: every local user could otherwise copy
+    vault.db and guess the passphrase offline. aegisd's own files; said once, with what it was."""
+    for name in PRIVATE_FILES:
+        path = data_dir / name
+        try:
+            info = path.lstat()
+            if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o077:
+                continue
+            os.chmod(path, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.error("%s is open to group or other users (mode %o) and could not be made 0600: %s", path,
+                      stat.S_IMODE(info.st_mode), exc.strerror)
+            continue
+        log.warning("%s was open to group or other users (mode %o); made it 0600", path, stat.S_IMODE(info.st_mode))
+
+
+def _ignore_sighup() -> None:
+    """Take the reload handler off SIGHUP and ignore it again. Removing a handler (as closing the loop does for
+    any still there) puts back SIGHUP's default, which is to exit: a SIGHUP late in a stop would end aegisd by
+    signal, not with its exit status."""
+    with contextlib.suppress(RuntimeError):  # no running loop: nothing was installed on it
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 async def _load_policies(policies: PolicyStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
@@ -63,6 +64,25 @@ def test_sighup_reloads_and_keeps_running(aegis: Aegis) -> None:
     assert aegis.stop() == 0
 
 
+def test_sighups_during_a_stop_neither_kill_nor_reload(aegis: Aegis) -> None:
+    """Found by a cold review: closing the event loop put SIGHUP back to its default, exit, so a SIGHUP late in a
+    stop (logrotate, a script) ended aegisd by signal instead of with status 0, and one earlier in the stop ran a
+    reload after `aegisd stopping`. SIGHUPs sent all through a stop are ignored now."""
+    assert aegis.proc is not None
+    proc, started = aegis.proc, len(aegis.log())
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGHUP)
+        time.sleep(0.002)
+    assert proc.wait(10) == 0
+    aegis.proc = None
+    stop = aegis.log()[started:]
+    assert "aegisd stopped" in stop and "Traceback" not in stop, stop
+    assert "configuration reloaded" not in stop.partition("aegisd stopping")[2], stop  # one handled first may run
+
+
 def test_sighup_with_broken_config_keeps_old_settings(fresh: Aegis) -> None:
     config = fresh.root / "aegisd.toml"
     config.write_text('[log]\nlevel = "warning"\n')
@@ -95,7 +115,11 @@ def test_broken_config_at_start_is_a_usage_error(fresh: Aegis) -> None:
     cases = [("[log\n", "not valid TOML"), ('surprise = "x"\n', "unknown setting"),
              ('[log]\nlevel = "loud"\n', "log level"), ("socket_mode = 666\n", "must be a string"),
              ("[gate]\nmax_connections = 1.5\n", "[gate] max_connections 1.5 (from"),  # was taken as 1
-             ('socket_mode = "7600"\n', "at most 0777")]
+             ('socket_mode = "7600"\n', "at most 0777"),
+             # found by a cold review: each was a traceback and exit 1 (OverflowError, ValueError, RecursionError)
+             ("[gate]\nmax_body_bytes = " + "9" * 400 + "\n", "must be between 1024 and"),
+             ("[gate]\nmax_body_bytes = " + "9" * 5000 + "\n", "a number too long"),
+             ("a = " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply")]
     for text, message in cases:
         config = fresh.root / "bad.toml"
         config.write_text(text)
@@ -157,6 +181,26 @@ def test_data_dir_open_to_group_or_others_is_warned_about(fresh: Aegis, mode: in
     fresh.log_path.unlink()
     fresh.start()
     assert "not 0700" not in fresh.log()
+
+
+def test_database_files_open_to_others_are_made_private_at_start(fresh: Aegis) -> None:
+    """Found by a cold review: a vault.db or ledger.db made 0644 (copied back by hand, restored by a tool) was
+    served as it was, and SQLite gave its -wal and -shm the same mode, so every local user could copy the key
+    slots and guess the passphrase offline. aegisd makes them 0600 at start, and says so."""
+    fresh.start()
+    fresh.init()
+    assert fresh.stop() == 0
+    loose = [p for p in fresh.data_dir.iterdir() if p.name.startswith(("vault.db", "ledger.db"))]
+    assert {p.name for p in loose} >= {"vault.db", "ledger.db"}
+    for path in loose:
+        path.chmod(0o644)
+    fresh.start()
+    for path in fresh.data_dir.iterdir():
+        if path.name.startswith(("vault.db", "ledger.db")):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for path in loose:
+        assert f"{path} was open to group or other users (mode 644); made it 0600" in fresh.log()
+    fresh.assert_no_leaks([PASSPHRASE])
 
 
 def test_core_dumps_are_disabled(aegis: Aegis) -> None:
