@@ -257,11 +257,15 @@ def _make_databases_private(data_dir: Path) -> None:
         path = data_dir / name
         try:
             info = path.lstat()
-            if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o077:
-                continue
-            os.chmod(path, 0o600)
         except FileNotFoundError:
             continue
+        except OSError as exc:
+            log.error("cannot check the mode of %s: %s", path, exc.strerror)
+            continue
+        if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o077:
+            continue
+        try:
+            os.chmod(path, 0o600)
         except OSError as exc:
             log.error("%s is open to group or other users (mode %o) and could not be made 0600: %s", path,
                       stat.S_IMODE(info.st_mode), exc.strerror)
@@ -273,9 +277,13 @@ def _ignore_sighup() -> None:
     """Take the reload handler off SIGHUP and ignore it again. Removing a handler (as closing the loop does for
     any still there) puts back SIGHUP's default, which is to exit: a SIGHUP late in a stop would end aegisd by
     signal, not with its exit status."""
-    with contextlib.suppress(RuntimeError):  # no running loop: nothing was installed on it
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # none may land between the two steps
+    try:
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing was installed on it
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 async def _load_policies(policies: PolicyStore) -> None:

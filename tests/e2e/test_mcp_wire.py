@@ -136,7 +136,7 @@ def _start(bridge: Bridge) -> subprocess.Popen[bytes]:
     """A stdio bridge driven line by line, initialized."""
     proc = subprocess.Popen([AEGISCTL, "mcp", "serve", "--token-file", str(bridge.token_file)],
                             env=bridge_env(bridge.gate_url), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=bridge.stderr_path.open("ab"))
+                            stderr=bridge.stderr_path.open("ab"), bufsize=0)  # unbuffered: select sees every line
     _send(proc, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "wire-test", "version": "1"}}})
     _reply(proc, 1)
@@ -206,7 +206,7 @@ def test_a_request_holding_a_lone_surrogate_is_answered_not_dropped(world: GateW
     _up, token, bridge = setup(world)
     proc = subprocess.Popen([AEGISCTL, "mcp", "serve", "--token-file", str(bridge.token_file)],
                             env=bridge_env(bridge.gate_url), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=bridge.stderr_path.open("ab"))
+                            stderr=bridge.stderr_path.open("ab"), bufsize=0)  # unbuffered: select sees every line
     outputs: list[str] = []
     try:
         _send(proc, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
