@@ -50,18 +50,24 @@ def initialize_as(uid: int, port: int, bearer: str, forwarded_for: str | None = 
     return answer
 
 
+def _http_bridge(world: GateWorld) -> tuple[str, Bridge, subprocess.Popen[bytes]]:
+    """Agent `bot`, granted a credential on an upstream of its own, and an HTTP bridge serving it: its token, the
+    bridge and the bridge's process."""
+    up = world.upstream()
+    world.credential("api", SECRET, up.entry())
+    token = world.agent("bot", "api")
+    token_file = write_token_file(world.aegis.root / "bot.token", token)
+    bridge = Bridge(world.aegis.gate_url, token_file, world.aegis.root / "bridge.err")
+    return token, bridge, bridge.start_http()
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="acting as another user needs root")
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="the peer's user is read from Linux's /proc/net")
 @pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="needs /usr/bin/python3 for the other user's client")
 def test_http_bridge_refuses_another_users_process_even_with_the_bearer() -> None:
     world = GateWorld.start()
     try:
-        up = world.upstream()
-        world.credential("api", SECRET, up.entry())
-        token = world.agent("bot", "api")
-        token_file = write_token_file(world.aegis.root / "bot.token", token)
-        bridge = Bridge(world.aegis.gate_url, token_file, world.aegis.root / "bridge.err")
-        proc = bridge.start_http()
+        token, bridge, proc = _http_bridge(world)
         try:
             bearer = bridge.bearer()
             # A connection of root's held open to the bridge: naming its address in X-Forwarded-For must not
@@ -124,12 +130,7 @@ def test_another_users_half_sent_requests_cannot_use_up_the_bridge() -> None:
     bridge had, and its own host could connect no more. The bridge now refuses them as it accepts them."""
     world = GateWorld.start()
     try:
-        up = world.upstream()
-        world.credential("api", SECRET, up.entry())
-        token = world.agent("bot", "api")
-        token_file = write_token_file(world.aegis.root / "bot.token", token)
-        bridge = Bridge(world.aegis.gate_url, token_file, world.aegis.root / "bridge.err")
-        proc = bridge.start_http()
+        token, bridge, proc = _http_bridge(world)
         bearer = bridge.bearer()
         hog = None
         try:

@@ -233,11 +233,5 @@ def test_a_request_holding_a_lone_surrogate_is_answered_not_dropped(world: GateW
         outputs.append(json.dumps(served))
         assert served["result"]["structuredContent"]["agent_token"] == "valid", served
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _stop(proc)
     world.aegis.assert_no_leaks([SECRET, token], extra_text=[*outputs, bridge.stderr()])
