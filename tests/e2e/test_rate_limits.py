@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.gate_support import Reply, untouched
+from tests.e2e.gate_support import GateWorld, Reply, untouched
 from tests.e2e.policy_support import Expected, check_rows, policy_world, refusal
 from tests.e2e.support import assert_failed
 
@@ -255,6 +255,13 @@ def test_an_agent_that_leaves_gives_its_slots_back_at_once_and_a_half_closed_one
         world.close()
 
 
+def assert_whole_day_left(world: GateWorld, home: list[tuple[str, str]]) -> None:
+    """Credential `limited` (2/day) still has its whole quota: two calls pass, the third is limited."""
+    for _ in range(2):
+        assert world.call("GET", "/limited/echo/ok", home, agent="bot").status == 200
+    limited([], world.call("GET", "/limited/echo/ok", home, agent="bot"), "credential")
+
+
 @pytest.mark.parametrize("refused_by", ["inspection", "declared_length", "unreachable"])
 def test_a_request_refused_after_admission_uses_no_quota_unless_the_upstream_was_tried(refused_by: str) -> None:
     """Steps after the limits admitted the request may still refuse it before anything is sent upstream: body
@@ -289,9 +296,7 @@ def test_a_request_refused_after_admission_uses_no_quota_unless_the_upstream_was
                 limited([], world.call("POST", "/limited/echo/refused", [*target], b"{}", agent="bot"), "credential")
                 limited([], world.call("GET", "/limited/echo/ok", home, agent="bot"), "credential")
         else:
-            for _ in range(2):  # the whole 2/day is still there
-                assert world.call("GET", "/limited/echo/ok", home, agent="bot").status == 200
-            limited([], world.call("GET", "/limited/echo/ok", home, agent="bot"), "credential")
+            assert_whole_day_left(world, home)
         world.assert_no_leaks()
     finally:
         world.close()
@@ -317,9 +322,7 @@ def test_a_request_an_operators_change_stopped_in_flight_keeps_no_quota() -> Non
         held.release.set()
         refusal(replies.get(timeout=30), 503, "changed_in_flight")
         home = [("X-Target-Host", f"127.0.0.1:{up.port}")]
-        for _ in range(2):  # the whole 2/day is still there
-            assert world.call("GET", "/limited/echo/ok", home, agent="bot").status == 200
-        limited([], world.call("GET", "/limited/echo/ok", home, agent="bot"), "credential")
+        assert_whole_day_left(world, home)
         world.assert_no_leaks()
     finally:
         held.stop()

@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import time
+from typing import Any
 
 from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, ALARM_BURST, BURST, RATE_PER_SECOND
 from tests.e2e.gate_support import SECRETS, GateWorld, shared_standard
@@ -15,6 +16,22 @@ from tests.e2e.ops_support import Scrape
 from tests.e2e.policy_support import policy_world
 
 FLOOD = 3 * BURST
+Row = dict[str, Any]
+
+
+def rows_once_summarised(world: GateWorld, agent: str) -> tuple[list[Row], list[Row]]:
+    """The ledger's rows naming `agent` and its `agent_refusal_flood` summaries, read once the first summary is
+    there (it comes a second after the first refusal it counts; 30 s for a loaded machine). The listing is kept
+    out of the outputs leak-checked later, which check it with the full listing."""
+    deadline = time.monotonic() + 30
+    while True:
+        listing = world.aegis.ctl_in_process("ledger", "show", "--json", "--limit", "100000", "--agent", agent).ok()
+        world.aegis.outputs.remove(listing.out)
+        rows: list[Row] = json.loads(listing.out)
+        summaries = [r for r in rows if r["reason"] == "agent_refusal_flood"]
+        if summaries or time.monotonic() > deadline:
+            return rows, summaries
+        time.sleep(0.2)
 
 
 def test_a_tokenless_row_of_a_long_path_holding_a_secret_is_masked_whole() -> None:
@@ -147,15 +164,7 @@ def test_a_flood_of_one_alarm_cannot_keep_another_out_of_the_ledger() -> None:
             chunk = conn.recv(1 << 20)
             assert chunk, received.count(b"HTTP/1.1 403 ")
             received += chunk
-    deadline = time.monotonic() + 30  # the summary comes a second after the first refusal it counts
-    while True:
-        listing = world.aegis.ctl_in_process("ledger", "show", "--json", "--limit", "100000", "--agent", flooder).ok()
-        world.aegis.outputs.remove(listing.out)  # leak-checked below, with the full listing
-        rows = json.loads(listing.out)
-        summaries = [r for r in rows if r["reason"] == "agent_refusal_flood"]
-        if summaries or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    rows, summaries = rows_once_summarised(world, flooder)
     assert [r["reason"] for r in rows if r["path"] == "/echo/alarmflood-exfil"] == ["body_inspection"]
     assert summaries and all("domain_not_allowed" in str(r["detail"]) for r in summaries), summaries
     world.ledger()
@@ -287,16 +296,7 @@ def test_a_flood_of_cheap_refusals_cannot_keep_a_policy_or_scope_refusal_out_of_
         assert received.count(b"HTTP/1.1 403 ") == 2 * AGENT_BURST + 2 and received.count(b"HTTP/1.1 414 ") == 1
         assert received.count(b"HTTP/1.1 415 ") == 1
         world.received.append(received.decode("latin-1"))
-        deadline = time.monotonic() + 30  # the summary comes a second after the first refusal it counts
-        while True:
-            listing = world.aegis.ctl_in_process("ledger", "show", "--json", "--limit", "100000", "--agent",
-                                                 "governed").ok()
-            world.aegis.outputs.remove(listing.out)  # leak-checked below, with the full listing
-            rows = json.loads(listing.out)
-            summaries = [r for r in rows if r["reason"] == "agent_refusal_flood"]
-            if summaries or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        rows, summaries = rows_once_summarised(world, "governed")
         assert summaries and all("not_granted" in str(r["detail"]) for r in summaries), summaries  # budget spent
         assert sorted(r["reason"] for r in rows if r["reason"] in attempts) == sorted(attempts), summaries
         assert all(reason not in str(r["detail"]) for r in summaries for reason in attempts), summaries

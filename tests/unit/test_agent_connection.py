@@ -113,6 +113,15 @@ class Handler:
         await request.respond(status, message.encode(), {"Content-Type": "text/plain"})
 
 
+def sizes_into(pieces: list[int]) -> Answer:
+    """Read the whole body, noting the size of each piece handed over into `pieces`; answer 200, empty."""
+    async def answer(request: GateRequest) -> None:
+        async for chunk in request.body():
+            pieces.append(len(chunk))
+        await request.respond(200, b"", {})
+    return answer
+
+
 def answer_then_echo(first: Answer) -> Answer:
     """`first` answers the request for /x; any later request is echoed (to show the connection still works)."""
     async def answer(request: GateRequest) -> None:
@@ -2110,11 +2119,7 @@ def test_a_chunked_body_is_fed_in_bounded_slices_whatever_its_data(run: Run, dat
     llhttp feeds and pieces, 1.7 s of the event loop), and then, fed to the next CRLF CRLF, a chunk line of 200 KiB
     in one read passed the bound on bytes parsed without progress. It is fed PARSE_AHEAD bytes at a time."""
     pieces: list[int] = []
-
-    async def answer(request: GateRequest) -> None:
-        async for chunk in request.body():
-            pieces.append(len(chunk))
-        await request.respond(200, b"", {})
+    answer = sizes_into(pieces)
 
     async def main() -> None:
         conn, transport, feeds = await connected(Handler(answer))
@@ -2150,11 +2155,7 @@ def test_a_single_request_or_a_body_of_known_length_in_one_read_is_fed_to_llhttp
     """The gate's hot path: one GET in a read is one feed; a POST's 64 KiB body arriving with its head, one feed
     after the head's and one piece handed over."""
     pieces: list[int] = []
-
-    async def answer(request: GateRequest) -> None:
-        async for chunk in request.body():
-            pieces.append(len(chunk))
-        await request.respond(200, b"", {})
+    answer = sizes_into(pieces)
 
     async def main() -> None:
         conn, transport, feeds = await connected(Handler(answer))
