@@ -7,7 +7,6 @@ than a failed call. Messages name files, modes and credential names, never a sec
 from __future__ import annotations
 
 import asyncio
-import functools
 import grp
 import logging
 import os
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from aegisd.errors import AegisError
 from aegisd.gate.routing import build_route
 from aegisd.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
-from aegisd.ledger import LedgerError, open_reader, verify
+from aegisd.ledger import LedgerError, open_reader
 from aegisd.ledger.chain import RESTORED
 from aegisd.ledger.entry import iso_time
 from aegisd.ledger.integrity import describe, hidden_rows_note, integrity_problems
@@ -431,19 +430,14 @@ class Doctor:
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
         # What the writer saw done to its file (replaced, removed, its newest row cut) fails the check as it fails
         # `ledger verify`, even if what the path holds now verifies; so does a file without the writer's newest row.
-        ledger = self.rt.ledger
-        tampered, written, restores = ledger.tampered, ledger.written, ledger.restores
+        tampered = self.rt.ledger.tampered
         if tampered:
             return Check("ledger_chain", FAIL, tampered, "keep ledger.db as evidence and find out who can write the "
                          "data directory; `aegisctl ledger verify` shows the same until aegisd is restarted or a "
                          "backup restored")
-        path = self.config.data_dir / "ledger.db"
         try:
             # The database check above runs the integrity check on ledger.db: not twice.
-            result = await asyncio.to_thread(functools.partial(verify, path, key, check_database=False,
-                                                               written=written))
-            if written is not None and ledger.restores != restores:  # what the writer knew was of the old file
-                result = await asyncio.to_thread(functools.partial(verify, path, key, check_database=False))
+            result, _ = await self.rt.ledger.verify_file(key, check_database=False)
         except LedgerError as exc:
             return Check("ledger_chain", FAIL, str(exc), "see `aegisctl ledger verify`")
         if not result.ok:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sqlite3
 from collections.abc import AsyncGenerator
@@ -31,7 +30,6 @@ from aegisd.ledger import (
     open_reader,
     prune,
     query_rows,
-    verify,
 )
 from aegisd.ledger.chain import Tip
 from aegisd.ledger.entry import ENTRY_FIELDS, MAX_TEXT_CHARS, iso_time, truncate
@@ -262,16 +260,10 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             raise FailedPrecondition("the ledger key derives from the vault: unlock it once to verify",
                                      reason="vault_locked")
         await self.rt.ledger.settle()  # the rows written before the unlock are chained by now
-        # Read after the settle (whose job checks that ledger.db is still the writer's file), before the file: the
-        # file can only be ahead of them. verify fails a file that lacks the newest row this writer committed.
-        ledger = self.rt.ledger
-        tampered, written, restores = ledger.tampered, ledger.written, ledger.restores
-        try:
-            result = await asyncio.to_thread(functools.partial(verify, self.path, key, expect=expect, written=written))
-            if written is not None and ledger.restores != restores:  # a restore moved another file in meanwhile:
-                tampered = None                                      # what the writer knew was of the old one
-                result = await asyncio.to_thread(functools.partial(verify, self.path, key, expect=expect))
+        try:  # after the settle, whose job checks that ledger.db is still the writer's file
+            result, tampered = await self.rt.ledger.verify_file(key, expect=expect)
         except LedgerError as exc:
+            tampered = self.rt.ledger.tampered
             raise StorageUnavailable(f"{tampered}; {exc}" if tampered else str(exc)) from None
         if tampered:  # what the writer saw happen to its file, even if what the path holds now verifies
             result = replace(result, ok=False, reason=f"{tampered} (what ledger.db holds now: {result.reason})")

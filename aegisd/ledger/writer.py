@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, RowMac, Written, row_mac, span
+from aegisd.ledger.chain import GENESIS, SELECT_CHAIN, RowMac, VerifyResult, Written, row_mac, span, verify
 from aegisd.ledger.checkpoint import latest_checkpoint
 from aegisd.ledger.entry import ENTRY_FIELDS, LedgerEntry, LedgerRow, entry_values, normalize
 from aegisd.ledger.query import not_utf8
@@ -425,6 +426,17 @@ class LedgerWriter:
         self._hand_over()  # rows appended before the job commit before it
         self._queue.put(_Job(fn, future))
         return await future
+
+    async def verify_file(self, key: bytes, **options: Any) -> tuple[VerifyResult, str | None]:
+        """`verify` of the file at the path (`options`: its keywords), also failing a file that lacks the newest row
+        this writer committed; and what the writer saw done to its file (`tampered`). Both are read before the
+        file, which can then only be ahead of them, unless a restore moves another file in meanwhile: then the file
+        is verified on its own, and nothing the writer knew of the old one is reported."""
+        tampered, written, restores = self.tampered, self.written, self.restores
+        result = await asyncio.to_thread(functools.partial(verify, self._path, key, written=written, **options))
+        if written is not None and self.restores != restores:
+            return await asyncio.to_thread(functools.partial(verify, self._path, key, **options)), None
+        return result, tampered
 
     async def settle(self) -> None:
         """Wait until everything queued so far has been committed, the chaining of rows written before the key
