@@ -89,6 +89,13 @@ WHOLE_ANSWER_MAX = 16 * 1024 * 1024
 # restarted by its service manager): agents' HTTP clients that honour Retry-After wait that long, not their own
 # backoff. A locked vault waits on an operator, so its 503 names no time.
 RETRY_SOON = {"Retry-After": "1"}
+
+
+def ledger_unavailable(*, nothing_forwarded: bool) -> Refusal:
+    """The 503 of a request whose ledger row cannot be written: refused before it went upstream, or answered by the
+    upstream but not passed on, since no complete answer goes out without its row."""
+    message = "the audit ledger cannot be written" + ("; nothing was forwarded" if nothing_forwarded else "")
+    return Refusal(503, "ledger_unavailable", message, headers=RETRY_SOON)
 KEY_FORMATS_ONLY = Inspector(())  # what can still be recognised in a path while the vault is locked
 
 
@@ -110,9 +117,10 @@ class Exchange:
         self.upstream_s: float | None = None  # time to the upstream's response headers, for metrics
         self.recorded = False
         self.forwarded = False  # the request went (or began to go) to the upstream
-        # The gate looked the upstream up and tried to reach it. Such an attempt spends quota even if it failed
-        # before anything was sent: else rate limits would not bound an agent's lookups and connections (under a
-        # `*.` entry, DNS names and TLS server names of its choosing), nor its retries against a dead upstream.
+        # The gate looked the upstream up and tried to reach it: set with `forwarded`, and kept when the attempt
+        # failed before anything was sent (only `forwarded` goes back). Such an attempt spends quota: else rate limits
+        # would not bound an agent's lookups and connections (under a `*.` entry, DNS names and TLS server names of
+        # its choosing), nor its retries against a dead upstream.
         self.attempted = False
         self.path_inspected = False  # step 8 scanned the path (and masked what it found)
 
@@ -200,7 +208,7 @@ class GatePipeline:
 
     def _refund_unless_attempted(self, x: Exchange) -> None:
         """A request that ended before the gate tried the upstream used no quota (docs/policies.md)."""
-        if not (x.forwarded or x.attempted):
+        if not x.attempted:
             self.limits.refund(x.request_id)
 
     async def _fail(self, request: GateRequest, x: Exchange) -> None:
@@ -356,8 +364,7 @@ class GatePipeline:
     def _check_ledger_writable(self) -> None:
         """Refuse while the ledger's latest commit failed: a request forwarded now could not be recorded."""
         if self.ledger.failing:
-            raise Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was forwarded",
-                          headers=RETRY_SOON)
+            raise ledger_unavailable(nothing_forwarded=True)
 
     def _unlocked_table(self) -> RoutingTable:
         table = self.routing.table
@@ -575,9 +582,7 @@ class GatePipeline:
             return
         headers[REQUEST_ID_HEADER] = x.request_id
         if not await self._record(x):
-            await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written",
-                                                headers=RETRY_SOON),
-                               x.request_id)
+            await send_refusal(request, ledger_unavailable(nothing_forwarded=False), x.request_id)
             return
         with contextlib.suppress(ConnectionError):  # recorded already; the agent left
             await request.respond(upstream.status, body, headers, reason=reason)
@@ -587,8 +592,7 @@ class GatePipeline:
     async def _refuse(self, request: GateRequest, x: Exchange, refusal: Refusal) -> None:
         x.decision, x.reason, x.status = "denied", refusal.code, refusal.status
         if not await self._record(x):
-            refusal = Refusal(503, "ledger_unavailable", "the audit ledger cannot be written; nothing was "
-                              "forwarded", headers=RETRY_SOON)
+            refusal = ledger_unavailable(nothing_forwarded=True)
         await send_refusal(request, refusal, x.request_id)
 
     async def _disconnected(self, x: Exchange) -> None:
@@ -676,9 +680,7 @@ class GatePipeline:
         x.status = 200
         body = json.dumps(granted_services(table, agent, x.time_ms)).encode()
         if not await self._record(x):
-            await send_refusal(request, Refusal(503, "ledger_unavailable", "the audit ledger cannot be written",
-                                                headers=RETRY_SOON),
-                               x.request_id)
+            await send_refusal(request, ledger_unavailable(nothing_forwarded=False), x.request_id)
             return
         await request.respond(200, body, {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: x.request_id})
 
