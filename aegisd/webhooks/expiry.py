@@ -28,6 +28,7 @@ EXPIRING_SOON_MS = 7 * 86400 * 1000
 CHECK_INTERVAL_SECONDS = 3600.0
 EVENT = "credential_expiry"
 Alert = tuple[str, str, str]  # credential, state, UTC day
+SENT, PENDING, FAILED = "sent", "pending", "failed"  # what became of an alert to one webhook
 
 
 def expiry_state(expires_at: int | None, now: int) -> str:
@@ -44,12 +45,10 @@ class ExpiryWatch:
         self._vault = vault
         self._dispatcher = dispatcher
         self._interval = interval
-        # By (alert, webhook id), today's only: delivered, on their way, and failed (raised again only by a check,
-        # never by a refused request: a receiver that keeps failing must not get one alert per refusal). Touched
-        # only from the event loop (checks, the gate's refusals, the dispatcher's callbacks).
-        self._sent: set[tuple[Alert, str]] = set()
-        self._pending: set[tuple[Alert, str]] = set()
-        self._failed: set[tuple[Alert, str]] = set()
+        # By (alert, webhook id), today's only: SENT (delivered), PENDING (on its way) or FAILED (raised again only by
+        # a check, never by a refused request: a receiver that keeps failing must not get one alert per refusal).
+        # Touched only from the event loop (checks, the gate's refusals, the dispatcher's callbacks).
+        self._alerts: dict[tuple[Alert, str], str] = {}
         self._day = ""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -104,16 +103,13 @@ class ExpiryWatch:
         (a webhook added since); and, for a check (`retry_failed`), to those whose delivery of it failed."""
         day = datetime.fromtimestamp(time.time(), UTC).strftime("%Y-%m-%d")
         if day != self._day:  # yesterday's keys can never match again: forget them
-            self._day, self._sent, self._pending, self._failed = day, set(), set(), set()
+            self._day, self._alerts = day, {}
         alert = (credential, state, day)
-        hooks = [hook for hook in self._dispatcher.subscribers(EVENT)
-                 if (alert, hook) not in self._sent and (alert, hook) not in self._pending
-                 and (retry_failed or (alert, hook) not in self._failed)]
+        raisable = (None, FAILED) if retry_failed else (None,)
+        hooks = [hook for hook in self._dispatcher.subscribers(EVENT) if self._alerts.get((alert, hook)) in raisable]
         if not hooks:
             return
-        keys = {(alert, hook) for hook in hooks}
-        self._failed -= keys
-        self._pending |= keys  # before emit: a drop calls back at once
+        self._alerts.update(((alert, hook), PENDING) for hook in hooks)  # before emit: a drop calls back at once
         details: dict[str, Any] = {**extra, "credential": credential, "service": service, "state": state,
                                    "expires_at": iso_time(expires_at) if expires_at is not None else None}
         self._dispatcher.emit(EVENT, details, only=frozenset(hooks), on_done=functools.partial(self._done, alert))
@@ -121,6 +117,5 @@ class ExpiryWatch:
     def _done(self, alert: Alert, hook: str, delivered: bool) -> None:
         """A delivery of `alert` to webhook `hook` is done with: sent for today if the receiver took it, else raised
         again by the next check (hourly, at unlock, when credentials change or a webhook is added)."""
-        self._pending.discard((alert, hook))
         if alert[2] == self._day:
-            (self._sent if delivered else self._failed).add((alert, hook))
+            self._alerts[(alert, hook)] = SENT if delivered else FAILED
