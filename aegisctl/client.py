@@ -49,6 +49,7 @@ HINTS = {
     "storage_full": "free disk space in the data directory, then retry",
     "storage_read_only": "make the data directory writable by aegisd, then retry",
     "storage_corrupt": "restore the data directory from a backup",
+    "shutting_down": "run it again once aegisd is back",
     "already_exists": "pick another name, or change the existing one with `update`",
     "service_taken": "use another --service, or give the credential named above another one (`aegisctl vault "
                      "update NAME --service OTHER`) or remove it (`aegisctl vault remove NAME`)",

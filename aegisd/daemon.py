@@ -123,6 +123,7 @@ class Daemon:
             self._manager.stopping()
             event(log, logging.INFO, "aegisd stopping")
             await gate.stop(SHUTDOWN_GRACE_SECONDS)
+            ledger.end_subscriptions()  # every answered request's row is committed: `ledger follow` has them all
             control_running = False
             await control.stop(SHUTDOWN_GRACE_SECONDS)
         finally:

@@ -101,3 +101,10 @@ class StorageCorrupt(AegisError):
 class StorageUnavailable(AegisError):
     kind = Kind.UNAVAILABLE
     reason = "storage_unavailable"
+
+
+class ShuttingDown(AegisError):
+    """aegisd is stopping: a call that would run on past the stop (`ledger follow`) is ended."""
+
+    kind = Kind.UNAVAILABLE
+    reason = "shutting_down"

@@ -15,7 +15,7 @@ import grpc
 from aegisd.api.aegis.v1 import ledger_pb2 as pb
 from aegisd.api.aegis.v1 import ledger_pb2_grpc
 from aegisd.control.errors import rpc, stream_rpc
-from aegisd.errors import FailedPrecondition, InvalidArgument, StorageUnavailable, VaultUninitialized
+from aegisd.errors import FailedPrecondition, InvalidArgument, ShuttingDown, StorageUnavailable, VaultUninitialized
 from aegisd.ledger import (
     Dropped,
     Group,
@@ -230,7 +230,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     @stream_rpc
     async def Follow(self, request: pb.FollowRequest, context: Ctx) -> AsyncGenerator[pb.LedgerRecord, None]:
         """The backlog, then live rows; the subscription starts first, so rows committed while the backlog is
-        read come twice and are skipped by id, until a restore swaps in a file whose ids start lower."""
+        read come twice and are skipped by id, until a restore swaps in a file whose ids start lower. It ends only
+        when aegisd stops (or the client goes), once the rows committed before the stop are sent."""
         flt = request.filter
         with self.rt.ledger.subscribe(match=lambda row: _matches(row, flt)) as live:
             last_id = 0
@@ -245,6 +246,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                     last_id = 0
                 elif item.id > last_id:
                     yield record(item)
+        raise ShuttingDown("aegisd is stopping; this follow has ended")
 
     @rpc
     async def Verify(self, request: pb.VerifyRequest, context: Ctx) -> pb.VerifyResponse:

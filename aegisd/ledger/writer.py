@@ -277,6 +277,7 @@ class LedgerWriter:
         self._key: bytes | None = None
         self._closed = False
         self._subscribers: tuple[Subscription, ...] = ()
+        self._following = True  # subscriptions are taken (until end_subscriptions)
         # System rows appended before the chain's key exists; see append_nowait.
         self._held: list[LedgerEntry] = []
         self._held_dropped = 0
@@ -468,8 +469,19 @@ class LedgerWriter:
         """Live committed rows (only those `match` accepts) from now on; at most maxsize wait for the reader."""
         self._check_open()
         sub = Subscription(self, maxsize, match)
-        self._subscribers = (*self._subscribers, sub)
+        if self._following:
+            self._subscribers = (*self._subscribers, sub)
+        else:
+            sub._end()
         return sub
+
+    def end_subscriptions(self) -> None:
+        """End every subscription after the rows already offered to it, and any made from now on at once: aegisd
+        is stopping, and a `ledger follow` would otherwise hold the control server's stop for its whole grace."""
+        self._following = False
+        for sub in self._subscribers:
+            sub._end()
+        self._subscribers = ()
 
     async def close(self, *, served: bool = True) -> None:
         """Commit everything already queued, then close the connection and end subscriptions.
@@ -492,9 +504,7 @@ class LedgerWriter:
                 self._queue.put(_STOP)
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
-        for sub in self._subscribers:
-            sub._end()
-        self._subscribers = ()
+        self.end_subscriptions()
 
     def _check_open(self) -> asyncio.AbstractEventLoop:
         if self._closed or self._loop is None or self._thread is None:

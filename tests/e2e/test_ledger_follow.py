@@ -165,3 +165,49 @@ def test_rows_written_after_a_restore_are_followed() -> None:
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_a_stop_ends_follow_after_the_rows_of_the_requests_it_drained() -> None:
+    """Found at the 26th stop: an open `ledger follow` held aegisd's stop for the control server's whole grace
+    (10 s), and then ended as "cannot reach aegisd". It now ends as soon as the gate has drained, with the row
+    of a request answered during the stop, and says aegisd is stopping."""
+    world = GateWorld.start()
+    try:
+        aegis = world.aegis
+        up = world.upstream()
+        world.credential("github", SECRET, up.entry())
+        world.agent("claude", "github")
+        with following(aegis, "-n", "0") as follower:
+            for attempt in range(30):  # until the subscription is live
+                world.call("GET", f"/github/echo/warm{attempt}", agent="claude")
+                with suppress(queue.Empty):
+                    follower.next(timeout=1)
+                    break
+            else:
+                raise AssertionError(f"follow showed nothing: {follower.errors}")
+            with suppress(queue.Empty):
+                while True:  # the other warm-up rows
+                    follower.next(timeout=1)
+            replies: list[Any] = []
+            held = threading.Thread(target=lambda: replies.append(world.call("GET", "/github/hold/drain",
+                                                                                  agent="claude")))
+            held.start()
+            assert up.arrived("drain").wait(30)
+            assert aegis.proc is not None
+            aegis.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the stop has begun; the gate drains the held request
+            up.release("drain")
+            held.join(30)
+            assert replies and replies[0].status == 200, replies
+            # Not held for the control server's 10 s grace by the follower (an exit, not a timing bound).
+            assert aegis.stop(timeout=8) == 0
+            assert follower.proc.wait(10) == 1
+            row = follower.next(timeout=10)
+            assert row["request_id"] == replies[0].request_id and row["path"] == "/hold/drain", row
+            follower.stop()
+            assert follower.errors == ["aegisctl: error: aegisd is stopping; this follow has ended\n",
+                                       "  next: run it again once aegisd is back\n"], follower.errors
+        aegis.start()  # for the ledger the leak check reads
+        world.assert_no_leaks([*follower.errors])
+    finally:
+        world.close()
