@@ -51,8 +51,10 @@ benchdeps:
 	      $$SUDO systemctl disable --now --quiet nginx; fi; \
 	  else echo "install wrk, nginx and node to run the benchmark"; exit 1; fi; }
 
-$(STAMP): pyproject.toml | sysdeps
+# sysdeps runs only when the virtualenv is (re)built: an installed one needs no compiler or headers.
+$(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "aegis needs Python 3.11 or newer on PATH; or run: make PYTHON=/path/to/python3.11"; exit 1; }
+	@$(MAKE) --no-print-directory sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
