@@ -39,6 +39,8 @@ Environment:
                                            AEGIS_GATE_ALLOW_NON_LOOPBACK=1 ([gate] allow_non_loopback)
   AEGIS_POLICIES_DIR  policy files (*.yaml) [default: none: grants and scopes only]
   AEGIS_UNLOCK_KEY    unlock key for unattended start (CI); prefer a file or systemd credential
+  AEGIS_KDF_MEMORY_MIB, AEGIS_KDF_ITERATIONS
+                      Argon2id cost of new passphrase slots [default: 64 MiB, 3 passes]
 \b
 Auto-unlock, first found wins: $CREDENTIALS_DIRECTORY/aegis-unlock (systemd LoadCredential),
 the file named by --unlock-key-file / unlock_key_file (must be mode 0600), AEGIS_UNLOCK_KEY.

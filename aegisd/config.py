@@ -339,6 +339,11 @@ def setting_name(key: str) -> str:
                     for i, part in enumerate(_TOML_KEYS[key]))
 
 
+def _limit(bound: float) -> str:
+    """A bound as it would be written in the config file: 1073741824, not 1.07374e+09."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
 def _number(key: str, value: Any, source: str) -> float:
     default, low, high = _NUMBERS[key]
     if value is None:
@@ -351,7 +356,8 @@ def _number(key: str, value: Any, source: str) -> float:
     except OverflowError:  # an integer past a float's range: out of range, as any too large
         number = float("inf")
     if not low <= number <= high:
-        raise ConfigError(f"{setting_name(key)} {shown} (from {source}) must be between {low:g} and {high:g}")
+        raise ConfigError(f"{setting_name(key)} {shown} (from {source}) must be between {_limit(low)} and "
+                          f"{_limit(high)}")
     if key in _WHOLE_NUMBERS and not number.is_integer():
         raise ConfigError(f"{setting_name(key)} {shown} (from {source}) must be a whole number")
     return number

@@ -192,3 +192,10 @@ def test_a_file_that_is_not_utf8_or_a_nul_in_a_path_is_a_setting_problem(tmp_pat
         load_config({"config": str(path)}, env={"AEGIS_DATA_DIR": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"socket path '/tmp/a\\x00b' \(from .*\) contains a NUL character"):
         _load(tmp_path, 'socket = "/tmp/a\\u0000b"\n')
+
+
+def test_a_large_bound_is_shown_as_the_file_would_spell_it(tmp_path: Path) -> None:
+    """Found by a cold review: limits were printed with %g, as `1.07374e+09`."""
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, "[gate]\nmax_body_bytes = 1\n")
+    assert str(caught.value).endswith("must be between 1024 and 1073741824"), str(caught.value)
