@@ -80,10 +80,12 @@ SMALL_BODY_BYTES = 64 * 1024
 # A small compressed answer (declared length up to SMALL_BODY_BYTES) is held whole, to go out with its exact
 # length once decoded and redacted, only while it decodes to at most this: most API answers are far smaller,
 # while 16 KB of gzip can hold 16 MiB and an agent that does not read would keep all of it in memory here.
-# Past it, an HTTP/1.1 agent gets the answer streamed, as larger answers are.
+# Past it, an HTTP/1.1 agent gets the answer streamed, as larger answers are. An HTTP/1.0 agent cannot be
+# streamed an answer whose length changes (it has no chunks): every compressed answer the gate decodes for it,
+# of any declared length or none, is held whole up to this and refused past it.
 WHOLE_DECODED_MAX = 1024 * 1024
-# The most read whole for an HTTP/1.0 agent, which can tell a cut body only by its length: an answer of
-# unknown length, or a small compressed one once decoded (a small gzip answer can decode to gigabytes).
+# The most read whole for an HTTP/1.0 agent, which can tell a cut body only by its length: a plain answer of
+# unknown length. Every byte of it came from the upstream, so this bounds what one request holds.
 WHOLE_ANSWER_MAX = 16 * 1024 * 1024
 # On a 503 the gate expects to clear by itself (the ledger writer retries every second; a stopping aegisd is
 # restarted by its service manager): agents' HTTP clients that honour Retry-After wait that long, not their own
@@ -552,19 +554,27 @@ class GatePipeline:
         its ledger row has committed (a truncated compressed body is refused before anything is sent). Small
         answers of declared length (most API answers) take this path; so (`capped`, up to WHOLE_ANSWER_MAX
         bytes) do answers of unknown length to HTTP/1.0 agents. A compressed one that decodes to more than
-        WHOLE_DECODED_MAX streams on to an HTTP/1.1 agent instead; an HTTP/1.0 one gets up to WHOLE_ANSWER_MAX."""
+        WHOLE_DECODED_MAX streams on to an HTTP/1.1 agent instead, and is refused to an HTTP/1.0 one: a few KB
+        of gzip must not make the daemon hold 16 MiB for an agent that does not read."""
         rest: Iterator[bytes] | None = None
         request.watch()  # the agent's leaving ends the wait for the body at once
         try:
             body = await _read_capped(upstream, WHOLE_ANSWER_MAX) if capped else await upstream.read()
             if redactor is not None:
-                cap = WHOLE_DECODED_MAX if request.http11 else WHOLE_ANSWER_MAX
+                # Only a plain answer to an HTTP/1.0 agent may be held up to WHOLE_ANSWER_MAX: the upstream sent
+                # every byte of it. What the gate decodes is held whole only up to WHOLE_DECODED_MAX.
+                cap = WHOLE_ANSWER_MAX if not request.http11 and not redactor.decodes else WHOLE_DECODED_MAX
                 redactor.refuse_undeclared_compression(body, cap)
                 parts, rest = await _redacted_upto(redactor, body, cap)
                 if rest is not None and not request.http11:
                     raise Refusal(502, "upstream_error", f"the upstream's answer decodes to more than {cap} bytes, "
-                                  "more than the gate holds to redact an answer whole")
-                body = b"".join(parts) if rest is None else b""
+                                  "more than the gate holds to redact an answer whole for an HTTP/1.0 agent, which "
+                                  "cannot be sent one of unknown length; use HTTP/1.1")
+                if rest is None:
+                    body = b"".join(parts)
+                    parts.clear()  # held once, not twice, while an agent that does not read keeps it waiting
+                else:
+                    body = b""
             x.bytes_out = len(body)
         except UpstreamTimeout:
             raise Refusal(504, "upstream_timeout", "the upstream did not send its whole answer in time") from None

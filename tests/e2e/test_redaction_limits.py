@@ -7,7 +7,10 @@
   agent that reads it as fast as it comes (writing to it then never waits);
 - a small compressed answer is held whole, to be sent with its length, only while it decodes to at most
   1 MiB (pipeline.WHOLE_DECODED_MAX); a larger one streams, so agents that do not read cannot make the
-  daemon hold 16 MiB each.
+  daemon hold 16 MiB each;
+- an HTTP/1.0 agent, which has no chunks and so gets every answer whole with its length, is refused a
+  compressed answer (of declared length or none) that decodes past that same 1 MiB, where it used to be held
+  up to 16 MiB decoded; a plain answer of unknown length, every byte of which the upstream sent, still is.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import pytest
 from tests.e2e.gate_support import GateWorld, Reply, request
 
 WHOLE_DECODED_MAX = 1024 * 1024  # pipeline.WHOLE_DECODED_MAX, as documented
+WHOLE_ANSWER_MAX = 16 * 1024 * 1024  # pipeline.WHOLE_ANSWER_MAX, as documented
 SECRET = "lim-secret-for-redaction-K8j7H6g5"
 OFF = "lim-off-secret-Z1x2C3v4B5"
 
@@ -140,6 +144,15 @@ def answer(path: str, secret: bytes) -> list[bytes | None]:
     if kind == "decodes":  # /decodes/N: N zero bytes, gzip-compressed, with a Content-Length
         body = _gzip_zeros(int(path.split("/")[2]))
         return [b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
+    if kind == "decodes-chunked":  # /decodes-chunked/N: the same, chunked (no declared length)
+        body = _gzip_zeros(int(path.split("/")[2]))
+        return [b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(body)
+                + b"0\r\n\r\n"]
+    if kind == "gzip-echo":  # {"echo": S} gzip-compressed, with a Content-Length
+        return [b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(echo) + echo]
+    if kind == "plain-chunked":  # /plain-chunked/N: N bytes of "a" then S, plain and chunked
+        body = b"a" * int(path.split("/")[2]) + secret
+        return [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(body) + b"0\r\n\r\n"]
     return [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"]
 
 
@@ -273,6 +286,54 @@ def test_a_small_answer_is_held_whole_only_while_it_decodes_small(lim: Limits) -
     rows = world.ledger("--credential", "blk")
     assert world.row(whole.request_id, rows)["bytes_out"] == WHOLE_DECODED_MAX
     assert world.row(streamed.request_id, rows)["bytes_out"] == size
+    world.assert_no_leaks()
+
+
+@pytest.mark.parametrize("kind", ["decodes", "decodes-chunked"])
+@pytest.mark.parametrize("size", [WHOLE_DECODED_MAX + 1, WHOLE_ANSWER_MAX - 4096, WHOLE_ANSWER_MAX + 1])
+def test_an_http10_agent_is_refused_a_compressed_answer_that_decodes_past_the_whole_limit(
+        lim: Limits, kind: str, size: int) -> None:
+    """A review found that an HTTP/1.0 agent (no chunks: every answer goes out whole with its length) was held
+    up to 16 MiB decoded: 16 KB of gzip, decoded, joined and buffered, cost ~50 MiB of the daemon's memory per
+    request until the agent read it, 3.2 GB for 64 requests. What the gate decodes for it is held whole only up
+    to 1 MiB, as for an HTTP/1.1 agent's small answers; past that it is refused, with or without a length."""
+    world = lim.world
+    reply = get(world, f"/blk/{kind}/{size}", version="1.0")
+    row = world.assert_refused(reply, 502, "upstream_error", credential="blk", path=f"/{kind}/{size}")
+    message = reply.error()["message"]
+    assert f"decodes to more than {WHOLE_DECODED_MAX} bytes" in message and "HTTP/1.0" in message, message
+    assert row["bytes_out"] == 0 and reply.header("Content-Encoding") is None
+    world.assert_no_leaks()
+
+
+def test_an_http10_agent_still_gets_compressed_answers_under_the_limit_whole_and_redacted(lim: Limits) -> None:
+    world = lim.world
+    replies = {kind: get(world, f"/blk/{kind}/{WHOLE_DECODED_MAX}", version="1.0")
+               for kind in ("decodes", "decodes-chunked")}
+    echoes = [get(world, f"/blk/{kind}", version="1.0") for kind in ("gzip-echo", "te-chunked")]
+    rows = world.ledger("--credential", "blk")
+    for reply in replies.values():
+        assert reply.status == 200, reply.text()
+        assert (reply.header("Content-Length"), reply.header("Transfer-Encoding")) == (str(WHOLE_DECODED_MAX), None)
+        assert reply.header("Content-Encoding") is None and reply.body == bytes(WHOLE_DECODED_MAX)
+        assert world.row(reply.request_id, rows)["bytes_out"] == WHOLE_DECODED_MAX
+    for reply in echoes:
+        assert (reply.status, reply.json()) == (200, {"echo": "[REDACTED]"}), reply.text()
+        assert reply.header("Content-Length") == str(len(reply.body)) and reply.header("Content-Encoding") is None
+        row = world.row(reply.request_id, rows)
+        assert (row["decision"], row["flags"], row["bytes_out"]) == ("allowed", "response_redacted", len(reply.body))
+    world.assert_no_leaks()
+
+
+def test_an_http10_agent_still_gets_a_plain_answer_of_unknown_length_past_the_decoded_limit(lim: Limits) -> None:
+    """Not compressed, the upstream sent every byte the gate holds: the larger limit (16 MiB) still applies."""
+    world = lim.world
+    size = 2 * WHOLE_DECODED_MAX
+    reply = get(world, f"/blk/plain-chunked/{size}", version="1.0")
+    assert reply.status == 200, reply.text()
+    assert reply.body == b"a" * size + b"[REDACTED]" and reply.header("Content-Length") == str(len(reply.body))
+    row = world.row(reply.request_id)
+    assert (row["decision"], row["flags"], row["bytes_out"]) == ("allowed", "response_redacted", len(reply.body))
     world.assert_no_leaks()
 
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
-from aegisd.gate.pipeline import WHOLE_ANSWER_MAX
+from aegisd.gate.pipeline import WHOLE_DECODED_MAX
 from tests.e2e.gate_support import GateWorld, Reply, _dechunk
 from tests.e2e.inspection_support import LeakyUpstream, escaped_json
 
@@ -287,11 +287,12 @@ def test_a_small_truncated_gzip_answer_is_refused_not_passed_as_complete(red: Re
 
 
 def test_a_small_compressed_answer_that_decodes_past_the_limit_is_refused_to_http10(red: Redacting) -> None:
-    """Read whole to be redacted in one pass, a 17 KB gzip answer must not become 16 MiB and more in the daemon.
-    An HTTP/1.0 agent, which can tell a cut body only by its length, is refused it; an HTTP/1.1 agent gets an
-    answer that decodes past 1 MiB streamed, as a larger one would be (tests/e2e/test_redaction_limits.py)."""
+    """Read whole to be redacted in one pass, a few KB of gzip must not become megabytes in the daemon. An
+    HTTP/1.0 agent, which can tell a cut body only by its length, is refused an answer that decodes past 1 MiB
+    (it used to be held up to 16 MiB); an HTTP/1.1 agent gets it streamed, as a larger one would be
+    (tests/e2e/test_redaction_limits.py)."""
     world = red.world
-    size = WHOLE_ANSWER_MAX + 1
+    size = WHOLE_DECODED_MAX + 1
     reply = world.raw(f"GET /blk/leak/bomb?size={size} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
                       f"X-Aegis-Agent: {world.tokens['bot']}\r\nConnection: close\r\n\r\n".encode())
     row = world.assert_refused(reply, 502, "upstream_error")
