@@ -6,7 +6,9 @@ next, keyed by the daemon's stable `aegis-reason` trailer.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -94,6 +96,51 @@ def _shared_directory_hint(directory: Path, info: os.stat_result) -> str:
         return f"{directory} belongs to uid {info.st_uid}, not to you: {OWN_SOCKET_DIRECTORY}"
     return (f"run `chmod g-w,o-w {directory}` (then restart aegisd so a socket nobody could have swapped is in "
             f"place), or {OWN_SOCKET_DIRECTORY}")
+
+
+def _unsearchable(directory: Path) -> Path:
+    """The first directory, from / down to `directory` itself, that this user may not search (the one that made a
+    lookup below it fail with "permission denied"); `directory` if none is found (it changed since)."""
+    effective = os.access in os.supports_effective_ids
+    path = directory.absolute()
+    for step in (*reversed(path.parents), path):
+        if not os.access(step, os.X_OK, effective_ids=effective):
+            return step
+    return directory
+
+
+def _denied(path: Path) -> ClientError:
+    """The control socket cannot be looked at: name the directory on the way that refuses this user, which is not
+    always the socket's own (a 0700 data directory or $XDG_RUNTIME_DIR above a group-shared socket's)."""
+    blocker = _unsearchable(path.parent)
+    try:
+        info = os.stat(blocker)
+        detail = f": mode {stat.S_IMODE(info.st_mode):04o}, owner {_user(info.st_uid)}, group {_group(info.st_gid)}"
+        lets_its_group = bool(info.st_mode & 0o010) and info.st_gid not in {os.getegid(), *os.getgroups()}
+    except OSError:
+        detail, lets_its_group = "", False
+    where = f"its directory {blocker}" if blocker == path.parent else f"{blocker}, above its directory,"
+    if blocker == path.parent or lets_its_group:  # the caller is simply not in the group that may pass
+        hint = "run as the daemon's user or a member of its socket group"
+    else:
+        hint = (f"run as the daemon's user. Members of its socket group get in only through directories that let the "
+                f"group pass, and {blocker} does not: aegisd's log and `aegisctl doctor` (run as the daemon's user) "
+                "say what to change, usually a --socket in a directory the group can reach")
+    return ClientError(f"no permission to use the control socket {path} ({where} cannot be searched{detail})", hint)
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 class AegisClient:
@@ -228,9 +275,7 @@ class AegisClient:
                               "start it with `aegisd` (or `make run`), or point --socket / AEGIS_SOCKET at it"
                               ) from None
         except PermissionError:
-            raise ClientError(f"no permission to use the control socket {path} (its directory {path.parent} "
-                              "cannot be searched)",
-                              "run as the daemon's user or a member of its socket group") from None
+            raise _denied(path) from None
         except ValueError:  # a NUL, which no system call takes
             raise ClientError(f"the control socket path {str(path)!r} contains a NUL character",
                               "point --socket / AEGIS_SOCKET at aegisd's control socket") from None

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from aegisd.control.socket import group_reach_problem
 from aegisd.errors import AegisError
 from aegisd.gate.routing import build_route
 from aegisd.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
@@ -200,6 +201,12 @@ class Doctor:
             return Check("socket", FAIL, "; ".join(problems),
                          "something changed the socket's permissions: restart aegisd to recreate them, and find "
                          "what chmods it")
+        # As aegisd warns at start: the group cannot pass a directory above the socket. Still usable by aegisd's
+        # user, so a warning.
+        unreachable = (group_reach_problem(path, self.config.socket_group, self.config.data_dir)
+                       if self.config.socket_group else None)
+        if unreachable:
+            return Check("socket", WARN, *unreachable)
         # A directory aegisd did not create keeps its mode; the socket's own mode is what guards it, so a
         # wider directory is worth tightening, not a failure.
         parent = path.parent.stat()

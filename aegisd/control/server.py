@@ -27,7 +27,7 @@ from aegisd.control.credential_service import CredentialService
 from aegisd.control.doctor_service import DoctorService
 from aegisd.control.ledger_service import LedgerService
 from aegisd.control.policy_service import PolicyService
-from aegisd.control.socket import ControlSocket, SocketError
+from aegisd.control.socket import ControlSocket, SocketError, group_reach_problem
 from aegisd.control.vault_service import VaultService
 from aegisd.control.webhook_service import WebhookService
 from aegisd.runtime import Runtime
@@ -72,6 +72,11 @@ class ControlServer:
             await self._server.stop(0)
             self.socket.release()
             raise
+        config = self.rt.config
+        if config.socket_group:  # served anyway: aegisd's user can use it; the log says why the group cannot
+            unreachable = group_reach_problem(config.socket_path, config.socket_group, config.data_dir)
+            if unreachable:
+                log.warning("control: %s. Fix: %s", *unreachable)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import grp
 import os
+import pwd
 import socket
 import stat
 from pathlib import Path
@@ -21,6 +22,73 @@ MAX_LINKS = 40  # symbolic links followed on the way to the socket's directory, 
 _OWN_DIRECTORY = ("give aegisd a directory of its own: a --socket in a directory that does not exist yet (aegisd "
                   "creates it closed to others), such as $XDG_RUNTIME_DIR/aegis/aegisd.sock, or in one only its "
                   "user owns and can write")
+
+
+def group_blocker(directory: Path, gid: int) -> tuple[Path, os.stat_result] | None:
+    """The first directory, from / down to `directory` itself, that a member of group `gid` who does not own it
+    cannot search, with its stat; None if there is none. Judged by the mode bits (an ACL is not read): a directory
+    in group `gid` must let its group search it, any other must let others search it. Both the path as written and
+    its real path are walked, as a lookup passes through both; a directory that cannot be looked at is skipped."""
+    seen: set[tuple[int, int]] = set()
+    for path in (directory.absolute(), Path(os.path.realpath(directory))):
+        for step in (*reversed(path.parents), path):
+            try:
+                info = os.stat(step)
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) in seen or not stat.S_ISDIR(info.st_mode):
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            if not info.st_mode & (0o010 if info.st_gid == gid else 0o001):
+                return step, info
+    return None
+
+
+def group_reach_problem(socket_path: Path, group: str, data_dir: Path) -> tuple[str, str] | None:
+    """(what is wrong, what to do) when members of the socket group cannot reach the socket because a directory
+    on the way (above the socket's own, one aegisd did not create and so did not change) does not let them pass;
+    else None. aegisd logs it as a warning at start and `aegisctl doctor`'s `socket` check warns with the same
+    words."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None  # refused at start
+    found = group_blocker(socket_path.parent, gid)
+    if found is None:
+        return None
+    blocker, info = found
+    bit = "g" if info.st_gid == gid else "o"
+    where = f"its directory {blocker}" if blocker == socket_path.parent else f"the directory {blocker} above it"
+    problem = (f"members of socket group {group} cannot reach the control socket {socket_path}: {where} (mode "
+               f"{stat.S_IMODE(info.st_mode):04o}, owner {_user_name(info.st_uid)}, group {_group_name(info.st_gid)}) "
+               f"does not let them pass (that takes {bit}+x), so they cannot use it")
+    fix = (f"give aegisd a --socket (or `socket` in the config file) in a directory group {group} can reach, such as "
+           f"/run/aegis/aegisd.sock (aegisd creates each missing directory 0750 in group {group}; under systemd, "
+           "RuntimeDirectory=aegis with RuntimeDirectoryMode=0750)")
+    try:
+        is_data_dir = os.path.samefile(blocker, data_dir)
+    except OSError:
+        is_data_dir = False
+    if is_data_dir:
+        fix += "; the data directory itself must stay 0700"
+    else:
+        who = f"group {_group_name(info.st_gid)}" if bit == "g" else "other users"
+        fix += f", or `chmod {bit}+x {blocker}` if nothing in it must stay out of reach of {who}"
+    return problem, fix
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 class SocketError(Exception):
