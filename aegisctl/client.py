@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from aegisctl.paths import UnsafePath, safe_directory
+from aegisd.api import socket_target
 from aegisd.api.aegis.v1 import (
     agents_pb2,
     agents_pb2_grpc,
@@ -255,7 +256,7 @@ class AegisClient:
     def _connect(self) -> grpc.Channel:
         if self._channel is None:
             self._check_socket()
-            self._channel = grpc.insecure_channel(f"unix:{self.socket_path}",
+            self._channel = grpc.insecure_channel(socket_target(self.socket_path),
                                                   options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
         return self._channel
 

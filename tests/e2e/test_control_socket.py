@@ -4,6 +4,7 @@ stale sockets, and a clear error when no daemon runs."""
 from __future__ import annotations
 
 import grp
+import json
 import os
 import signal
 import socket
@@ -179,3 +180,20 @@ def test_socket_flag_overrides_environment(aegis: Aegis) -> None:
     elsewhere = {"AEGIS_SOCKET": str(aegis.root / "nowhere.sock")}
     assert_failed(aegis.ctl("status", env=elsewhere), "not running", "nowhere.sock")
     assert aegis.ctl("--socket", str(aegis.socket), "status", "--json", env=elsewhere).code == 0
+
+
+def test_a_socket_path_with_uri_characters_is_the_one_served_and_used(fresh: Aegis) -> None:
+    """Found by a cold review: gRPC percent-decodes a `unix:` target, so with `a%41b.sock` aegisd checked and
+    secured one path and bound another (`aAb.sock`), and aegisctl checked one and connected to the other; `?`
+    and `#` were read as URI syntax. Both now hand gRPC the path percent-encoded."""
+    directory = fresh.root / "run"
+    directory.mkdir(mode=0o700)
+    path = directory / "a%41b?x#y.sock"
+    fresh.env["AEGIS_SOCKET"] = str(path)
+    fresh.start()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode) and mode(path) == 0o600
+    assert sorted(p.name for p in directory.iterdir() if not p.name.endswith(".lock")) == [path.name]
+    assert json.loads(fresh.ctl("status", "--json").ok().out)["state"] == "uninitialized"
+    fresh.init().ok()
+    assert fresh.stop() == 0
+    assert not path.exists()
