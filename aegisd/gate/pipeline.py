@@ -104,9 +104,9 @@ KEY_FORMATS_ONLY = Inspector(())  # what can still be recognised in a path while
 class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
-    __slots__ = ("agent", "attempted", "bytes_in", "bytes_out", "credential", "decision", "flags", "forwarded",
-                 "judged_ms", "method", "path", "path_inspected", "reason", "recorded", "request_id", "service",
-                 "started", "status", "target_host", "time_ms", "upstream_s")
+    __slots__ = ("agent", "alarm", "attempted", "bytes_in", "bytes_out", "credential", "decision", "flags",
+                 "forwarded", "judged_ms", "method", "path", "path_inspected", "reason", "recorded", "request_id",
+                 "service", "started", "status", "target_host", "time_ms", "upstream_s")
 
     def __init__(self, method: str) -> None:
         self.request_id = secrets.token_hex(8)
@@ -115,6 +115,7 @@ class Exchange:
         self.method = method
         self.agent = self.credential = self.service = self.path = self.target_host = ""
         self.decision, self.reason, self.flags = "allowed", "", ""
+        self.alarm = ""  # the alarm budget a refusal's row draws on when its reason does not name one (_refusal_rows)
         self.status = self.bytes_in = self.bytes_out = 0
         self.upstream_s: float | None = None  # time to the upstream's response headers, for metrics
         self.recorded = False
@@ -318,7 +319,7 @@ class GatePipeline:
                           "`--ttl never`")
 
         # 5. target host against the credential's allowlist
-        entry, host, port = self._target(request, route)
+        entry, host, port = self._target(request, route, x, table.inspector)
         x.target_host = _netloc(entry.scheme, host, port)
 
         # 6. method scope; the agent's policy rules (method, path, time window). They judge the request line, so
@@ -394,7 +395,10 @@ class GatePipeline:
         if agent is not None:
             x.agent = agent.name
 
-    def _target(self, request: GateRequest, route: Route) -> tuple[AllowedHost, str, int]:
+    def _target(self, request: GateRequest, route: Route, x: Exchange,
+                inspector: Inspector) -> tuple[AllowedHost, str, int]:
+        """The allowlist entry, host and port the request goes to. A target host refused here is recorded (row,
+        webhook event) as the agent asked for it: where it tried to send the credential is what an operator needs."""
         requested = request.headers.get("X-Target-Host")
         if requested is None:
             if route.default_entry is None:
@@ -405,12 +409,17 @@ class GatePipeline:
         try:
             host, port, scheme = canonical_target(requested)
         except DomainError as exc:
+            # As sent (`a.com@evil.com` is a try at evil.com), masked and capped as the path is when the row is
+            # written; its row draws on domain_not_allowed's budget, not on the one cheap refusals spend.
+            x.target_host, x.alarm = requested, "domain_not_allowed"
             raise Refusal(400, "bad_request", f"X-Target-Host: {exc}") from None
         try:
             match = route.allowlist.match(host, port, scheme)
         except AmbiguousTarget as exc:
+            x.target_host = _asked(inspector, requested, host, port, scheme)
             raise _ambiguous(route, host, port, scheme, exc.entries) from None
         if match is None:
+            x.target_host = _asked(inspector, requested, host, port, scheme)
             raise _not_allowed(route, host, port, scheme)
         return match, host, match.port
 
@@ -615,7 +624,7 @@ class GatePipeline:
         """The budget a refusal's row comes out of: the tokenless one, or the agent's for alarms or the rest."""
         if not x.agent:
             return self._unauthenticated
-        return self._agent_alarms.get(x.reason, self._agent_refusals)
+        return self._agent_alarms.get(x.alarm or x.reason, self._agent_refusals)
 
     async def _record(self, x: Exchange) -> bool:
         x.recorded = True
@@ -763,6 +772,14 @@ def _ambiguous(route: Route, host: str, port: int | None, scheme: str | None,
                    f"{target_text(host, port, scheme)} fits several entries of service {route.service!r}'s "
                    f"allowlist: {route.allowlist.targets_of(entries)}; send X-Target-Host as "
                    "/_aegis/services lists the entry you mean")
+
+
+def _asked(inspector: Inspector, requested: str, host: str, port: int | None, scheme: str | None) -> str:
+    """A refused target host for its row: as the gate read it (lowercase, IDNA A-labels; an allowed one is recorded
+    so too), unless what the agent sent holds a secret. Secrets are found as sent, case and all, and lowercasing
+    `SK-Live-...` would hide it from the masking: then the row gets what was sent, masked."""
+    sent = masked(inspector, requested)
+    return target_text(host, port, scheme) if sent == requested else sent
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:

@@ -28,12 +28,16 @@ BURST = 500
 AGENT_RATE_PER_SECOND = 50.0  # rows a second for one agent's refusals, once its burst is spent
 AGENT_BURST = 500
 # Refusals of what an attacker steering the agent would try (moving a secret out in a body, or in one the gate
-# cannot read; reaching a host off the allowlist; overriding the judged method; a method or path its policy or
+# cannot read; reaching a host off the allowlist, or one the allowlist names that resolves only to internal
+# addresses, or a host too vague to pick an entry by; overriding the judged method; a method or path its policy or
 # the credential's scopes forbid, or a path too long to judge) have a budget each, so that a flood of cheap
 # refusals (not_granted, 429), or of one of these (domain_not_allowed costs no body), cannot spend another's and
-# keep that attempt out of the ledger. policy_invalid is not one: it refuses every request alike, whatever is tried.
-ALARMS = frozenset({"body_inspection", "body_not_inspectable", "domain_not_allowed", "override_not_allowed",
-                    "policy_denied", "scope_denied", "path_too_long"})
+# keep that attempt out of the ledger. An X-Target-Host the gate cannot read (`a.com@evil.com`) is refused
+# bad_request, a code shared with cheap refusals: its row draws on domain_not_allowed's budget (Exchange.alarm).
+# policy_invalid is not one: it refuses every request alike, whatever is tried.
+ALARMS = frozenset({"body_inspection", "body_not_inspectable", "domain_not_allowed", "address_not_allowed",
+                    "target_host_ambiguous", "override_not_allowed", "policy_denied", "scope_denied",
+                    "path_too_long"})
 ALARM_RATE_PER_SECOND = 10.0
 ALARM_BURST = 200
 SUMMARY_AFTER_SECONDS = 1.0  # the summary row follows the first refusal left out by this long

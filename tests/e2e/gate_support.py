@@ -14,6 +14,7 @@ import base64
 import contextlib
 import functools
 import http.client
+import ipaddress
 import json
 import socket
 import threading
@@ -369,6 +370,27 @@ def untouched(*upstreams: Upstream) -> Iterator[None]:
     yield
     after = [up.contacts() for up in upstreams]
     assert after == before, f"an upstream was contacted: (connections, requests) {before} -> {after}"
+
+
+def names_resolving_to_loopback() -> list[str]:
+    """Host names this machine resolves only to loopback addresses, other than the localhost family
+    (which the allowlist treats as internal on purpose): an allowlist entry naming one is an SSRF probe."""
+    candidates = [socket.gethostname()]
+    hosts = Path("/etc/hosts")
+    if hosts.exists():
+        for line in hosts.read_text().splitlines():
+            candidates += line.split("#")[0].split()[1:]
+    found = []
+    for name in dict.fromkeys(candidates):
+        if name == "localhost" or name.endswith(".localhost"):
+            continue
+        try:
+            infos = socket.getaddrinfo(name, None)
+        except OSError:
+            continue
+        if infos and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos):
+            found.append(name)
+    return found
 
 
 # -- the shared world most gate tests run against -------------------------------------------------

@@ -4,7 +4,6 @@ agent sees, the one ledger row it leaves, and an upstream that saw no connection
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import queue
 import socket
@@ -12,13 +11,25 @@ import sqlite3
 import ssl
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.gate_support import SECRETS, GateWorld, Reply, Standard, read_reply, shared_standard, untouched
-from tests.e2e.ops_support import Scrape
+from aegisd.ledger.entry import MAX_TEXT_CHARS, truncate
+from aegisd.vault.domains import canonical_target, target_text
+from tests.e2e.gate_support import (
+    SECRETS,
+    GateWorld,
+    Reply,
+    Standard,
+    names_resolving_to_loopback,
+    read_reply,
+    shared_standard,
+    untouched,
+)
+from tests.e2e.ops_support import Scrape, add_webhook, ops_world
+from tests.harness import free_port
+from tests.webhook_receiver import Receiver
 
 
 @pytest.fixture
@@ -549,11 +560,70 @@ def test_duplicate_headers_are_refused(std: Standard, headers: list[tuple[str, s
     ("xn--lcalhost-9gg", 403, "domain_not_allowed"),
 ])
 def test_target_host_smuggling_is_refused(std: Standard, target: str, status: int, code: str) -> None:
-    sent = [("X-Target-Host", target.format(up=std.up.port))]
+    asked = target.format(up=std.up.port)
     with untouched(std.up):
-        reply = std.world.raw_request("GET", "/multi/echo/smuggle", sent, agent="bot")
-    std.world.assert_refused(reply, status, code, credential="multi", target_host="")
+        reply = std.world.raw_request("GET", "/multi/echo/smuggle", [("X-Target-Host", asked)], agent="bot")
+    # The row names the host tried: as the gate read it, or as sent when it could not read it (masked as a path is:
+    # a `user:password@` after a scheme is a password in a URL).
+    recorded = asked if code == "bad_request" else target_text(*canonical_target(asked))
+    if target == "http://localhost:{up}@evil.example":
+        recorded = "[REDACTED]"
+    std.world.assert_refused(reply, status, code, credential="multi", target_host=recorded)
     std.world.assert_no_leaks()
+
+
+ASKED_SECRET = "Route-Host-Secret-AbC123xyz"  # mixed case and no key format: only the vault's own copy finds it
+
+
+def test_a_refused_target_host_is_recorded_in_the_row_and_the_webhook_event() -> None:
+    """Found by a cold review: the target host was recorded only once the allowlist matched, so the host an agent
+    tried to send its credential to was in the 403 it got and nowhere else (row, log, webhook event). Each refusal
+    of X-Target-Host now records it: as the gate read it, or as sent when unreadable; a secret in it masked, also
+    one the gate's lowercasing would have hidden from the masking."""
+    world = ops_world()
+    receiver = Receiver().start()
+    try:
+        up = world.upstream()
+        other_port = free_port()
+        world.credential("asked", ASKED_SECRET, [up.entry(), f"http://127.0.0.1:{other_port}"], service="asked")
+        world.agent("bot", "asked")
+        add_webhook(world, receiver, "blocked_request")
+        long_host = "a" * 3000 + "@evil.example"
+        cases = [  # X-Target-Host, status, code, what the row and the event record
+            ("Exfil.Example:8443", 403, "domain_not_allowed", "exfil.example:8443"),
+            ("HTTPS://exfil.example", 403, "domain_not_allowed", "https://exfil.example"),
+            ("b\u00fccher.example", 403, "domain_not_allowed", "xn--bcher-kva.example"),
+            ("127.0.0.1", 400, "target_host_ambiguous", "127.0.0.1"),
+            ("api.a.com@evil.example", 400, "bad_request", "api.a.com@evil.example"),
+            ("evil\t.example", 400, "bad_request", "evil\t.example"),
+            (f"{ASKED_SECRET}.evil.example", 403, "domain_not_allowed", "[REDACTED]"),
+            (f"https://{ASKED_SECRET}.evil.example:8443", 403, "domain_not_allowed", "https://[REDACTED]"),
+            (f"evil.example/{ASKED_SECRET}", 400, "bad_request", "evil.example/[REDACTED]"),
+            (long_host, 400, "bad_request", truncate(long_host, MAX_TEXT_CHARS)),  # capped as the path is
+        ]
+        with untouched(up):
+            replies = [world.raw_request("GET", "/asked/echo/asked", [("X-Target-Host", asked)], agent="bot")
+                       for asked, _, _, _ in cases]
+        events = {d.payload["details"]["request_id"]: d.payload["details"]
+                  for d in receiver.wait_for(len(cases), "blocked_request")}
+        for (asked, status, code, recorded), reply in zip(cases, replies, strict=True):
+            row = world.assert_refused(reply, status, code, agent="bot", credential="asked")
+            assert row["target_host"] == recorded, (asked, row)
+            assert events[reply.request_id]["target_host"] == recorded, (asked, events[reply.request_id])
+        assert ASKED_SECRET.lower() not in world.aegis.ctl_in_process("ledger", "show", "--json").out
+        assert not any(ASKED_SECRET.lower() in d.body.decode() for d in receiver.deliveries)
+        log = world.aegis.log()
+        assert ASKED_SECRET.lower() not in log and "evil\t" not in log
+        table = world.aegis.ctl_in_process("ledger", "show", "--agent", "bot").ok().out
+        assert "evil\t" not in table and "evil\\x09.example" in table, table  # shown escaped, as a path is
+        # A 400's message quotes the X-Target-Host it could not read back to the agent that sent it: not a leak.
+        quoted_back = {reply.text() for (asked, _, code, _), reply in zip(cases, replies, strict=True)
+                       if code == "bad_request" and ASKED_SECRET in asked}
+        world.received = [text for text in world.received if text not in quoted_back]
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
+    finally:
+        receiver.stop()
+        world.close()
 
 
 @pytest.mark.parametrize(("target", "host"), [
@@ -646,34 +716,14 @@ def test_several_hosts_need_a_target_host(std: Standard) -> None:
     std.world.assert_no_leaks()
 
 
-def _names_resolving_to_loopback() -> list[str]:
-    """Host names this machine resolves only to loopback addresses, other than the localhost family
-    (which the allowlist treats as internal on purpose)."""
-    candidates = [socket.gethostname()]
-    hosts = Path("/etc/hosts")
-    if hosts.exists():
-        for line in hosts.read_text().splitlines():
-            candidates += line.split("#")[0].split()[1:]
-    found = []
-    for name in dict.fromkeys(candidates):
-        if name == "localhost" or name.endswith(".localhost"):
-            continue
-        try:
-            infos = socket.getaddrinfo(name, None)
-        except OSError:
-            continue
-        if infos and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos):
-            found.append(name)
-    return found
-
-
 def test_hostname_resolving_to_loopback_is_refused(std: Standard) -> None:
     """SSRF guard, end to end: an entry naming a public-looking host that resolves to 127.0.0.1."""
     world = std.world
     secret = "sk-ssrf-secret-424242"
-    name = next((n for n in _names_resolving_to_loopback()
+    # --allow-plain-http: without it every such name was refused (plain http to a name not localhost) and this skipped
+    name = next((n for n in names_resolving_to_loopback()
                  if world.aegis.ctl_in_process("vault", "add", "ssrf", "--service", "ssrf", "--domains",
-                                               f"http://{n}:{std.up.port}", "--secret-stdin",
+                                               f"http://{n}:{std.up.port}", "--allow-plain-http", "--secret-stdin",
                                                input=secret + "\n").code == 0),
                 None)
     if name is None:

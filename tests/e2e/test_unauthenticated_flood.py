@@ -10,10 +10,13 @@ import socket
 import time
 from typing import Any
 
+import pytest
+
 from aegisd.gate.unauthenticated import AGENT_BURST, AGENT_RATE_PER_SECOND, ALARM_BURST, BURST, RATE_PER_SECOND
-from tests.e2e.gate_support import SECRETS, GateWorld, shared_standard
+from tests.e2e.gate_support import SECRETS, GateWorld, names_resolving_to_loopback, shared_standard
 from tests.e2e.ops_support import Scrape
 from tests.e2e.policy_support import policy_world
+from tests.harness import free_port
 
 FLOOD = 3 * BURST
 Row = dict[str, Any]
@@ -167,6 +170,49 @@ def test_a_flood_of_one_alarm_cannot_keep_another_out_of_the_ledger() -> None:
     rows, summaries = rows_once_summarised(world, flooder)
     assert [r["reason"] for r in rows if r["path"] == "/echo/alarmflood-exfil"] == ["body_inspection"]
     assert summaries and all("domain_not_allowed" in str(r["detail"]) for r in summaries), summaries
+    world.ledger()
+    world.assert_no_leaks()
+
+
+def test_a_flood_of_cheap_refusals_cannot_keep_target_host_refusals_out_of_the_ledger() -> None:
+    """Found by a cold review: an SSRF probe (a name on the allowlist that resolves only to internal addresses:
+    address_not_allowed), target_host_ambiguous and a bad_request for an X-Target-Host the gate cannot read
+    (`host@evil.example`) drew on the agent's budget for cheap refusals: after ~600 `not_granted`, which cost the
+    agent nothing, they got no row of their own, only a count in the summary. Each now has an alarm budget."""
+    name = next(iter(names_resolving_to_loopback()), None)
+    if name is None:
+        pytest.skip("no host name here resolves to loopback (tests/unit/test_gate_resolver.py covers the guard)")
+    name = name.lower()
+    world = shared_standard().world
+    flooder = "target-host-flooder"
+    first, second = free_port(), free_port()  # nothing is ever sent there: the name resolves only to loopback
+    world.credential("target-flood", "sk-target-flood-secret-5c5c5c", [f"https://{name}:{first}",
+                                                                      f"https://{name}:{second}"])
+    world.agent(flooder, "target-flood")
+    probes = {  # path: X-Target-Host, the reason refused
+        "/echo/probe-ssrf": (f"{name}:{first}", "address_not_allowed"),
+        "/echo/probe-ambiguous": (name, "target_host_ambiguous"),
+        "/echo/probe-unreadable": (f"{name}:{first}@evil.example", "bad_request"),
+    }
+    head = f"Host: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: {world.tokens[flooder]}\r\n"
+    cheap = [f"GET /nosuch-svc/targetflood/{n} HTTP/1.1\r\n{head}\r\n" for n in range(3 * AGENT_BURST)]
+    then = [f"GET /target-flood{path}/{n} HTTP/1.1\r\n{head}X-Target-Host: {host}\r\n\r\n"
+            for n in range(5) for path, (host, _) in probes.items()]
+    with socket.create_connection(("127.0.0.1", world.port), timeout=60) as conn:
+        conn.sendall("".join(cheap + then).encode())
+        received = b""
+        while received.count(b"HTTP/1.1 ") < len(cheap) + len(then):
+            chunk = conn.recv(1 << 20)
+            assert chunk, received.count(b"HTTP/1.1 ")
+            received += chunk
+    rows, summaries = rows_once_summarised(world, flooder)
+    # The cheap budget was spent, and none of the probes was among those left out.
+    assert summaries and all("not_granted" in str(r["detail"]) for r in summaries), summaries
+    assert not any(reason in str(r["detail"]) for r in summaries for _, reason in probes.values()), summaries
+    for path, (host, reason) in probes.items():
+        recorded = [(r["reason"], r["target_host"]) for r in rows if str(r["path"]).startswith(path)]
+        assert recorded == [(reason, host if reason != "address_not_allowed" else f"{name}:{first}")] * 5, (
+            path, recorded)
     world.ledger()
     world.assert_no_leaks()
 

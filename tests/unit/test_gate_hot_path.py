@@ -18,6 +18,7 @@ from aegisd.gate.headers import agent_headers, inbound_headers
 from aegisd.gate.pipeline import Exchange, GatePipeline
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import AgentEntry, Route, build_route
+from aegisd.inspection import Inspector
 from aegisd.metrics import GateMetrics
 from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import keyed_hasher
@@ -172,7 +173,8 @@ def target_outcome(domains: list[str], target: str) -> tuple[int, str, str] | st
     cred = Credential(id="c1", name="c1", service="svc", domains=domains)
     request: Any = SimpleNamespace(headers=CIMultiDict([("X-Target-Host", target)]))
     try:
-        entry, _, port = GatePipeline._target(cast(Any, None), request, build_route(cred, b"not-a-real-secret"))
+        entry, _, port = GatePipeline._target(cast(Any, None), request, build_route(cred, b"not-a-real-secret"),
+                                              Exchange("GET"), Inspector(()))
     except Refusal as refused:
         return refused.status, refused.code, refused.message
     return f"{entry} on {port}"
