@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import io
 import sys
 
 import click
 
-from aegisctl import __version__
+from aegisctl import __version__, output
 from aegisctl.client import ClientError
 from aegisctl.context import Context
 from aegisctl.output import printable
@@ -72,12 +74,52 @@ class Root(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         try:
-            return super().invoke(ctx)
+            try:
+                result = super().invoke(ctx)
+            except BaseException as exc:
+                _flush_output(quietly=not _clean_exit(exc))  # a failing command has said what failed
+                raise
+            _flush_output()  # what is still buffered (ledger export's rows) fails here, reported, not at exit
+            return result
         except ClientError as exc:
             click.echo(f"aegisctl: error: {printable(exc.message)}", err=True)  # it may quote what an agent sent
             if exc.hint:
                 click.echo(f"  next: {printable(exc.hint)}", err=True)
             sys.exit(1)
+        except OSError as exc:
+            output_failed(exc)
+            raise
+
+
+def _clean_exit(exc: BaseException) -> bool:
+    if isinstance(exc, SystemExit):
+        return exc.code in (0, None)
+    return isinstance(exc, click.exceptions.Exit) and exc.exit_code == 0
+
+
+def _flush_output(quietly: bool = False) -> None:
+    """Flush stdout now, so a write that fails is reported (output_failed), not printed as "Exception ignored" by
+    Python's own flush at exit; `quietly`: drop what cannot be written instead."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except OSError:
+        if not quietly:
+            raise
+        output.discard_output()
+
+
+def output_failed(exc: OSError) -> None:
+    """A write to standard output that failed (a full disk, an I/O error): one error line, exit 1, not a traceback.
+    Returns for any other OSError, and for a broken pipe (`| head`), which click ends quietly with exit 1."""
+    failure = output.output_failure()
+    if failure is None or exc.errno == errno.EPIPE or failure.errno == errno.EPIPE:
+        return
+    output.discard_output()
+    with contextlib.suppress(OSError):  # stderr may be just as full
+        click.echo(f"aegisctl: error: cannot write output: {failure.strerror or failure}", err=True)
+    sys.exit(1)
 
 
 @click.group(cls=Root, epilog=ENV_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,7 +141,12 @@ def main() -> None:
     except click.UsageError as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    root()
+    output.watch_output()
+    try:
+        root()
+    except OSError as exc:  # root's own --help or --version, printed before Root.invoke
+        output_failed(exc)
+        raise
 
 
 def _tolerant_output() -> None:

@@ -7,13 +7,19 @@ window or worse on the operator's terminal. JSON needs nothing: json.dumps escap
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from google.protobuf.timestamp_pb2 import Timestamp
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 # C0 controls (newline and tab included: a cell is one line), DEL and C1 controls become \xNN; the Unicode
 # line separators and bidirectional overrides, which can hide or reorder what is printed around them, \uNNNN.
@@ -21,13 +27,74 @@ _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 _ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
 
 
+class _WatchedOutput(io.FileIO):
+    """Standard output's file descriptor as sys.stdout's lowest layer, keeping the error of a write that failed (a
+    full disk, an I/O error), so that Root.invoke can tell it from any other OSError."""
+
+    failure: OSError | None = None
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        try:
+            return super().write(data)
+        except OSError as exc:
+            self.failure = exc
+            raise
+
+
+_watched: _WatchedOutput | None = None
+
+
+def watch_output() -> None:
+    """Put sys.stdout on a _WatchedOutput, with the same encoding, error handler and buffering; done once at start,
+    before anything is printed. Nothing to watch when fd 1 is closed (sys.stdout is None)."""
+    global _watched
+    stream = sys.stdout
+    if not isinstance(stream, io.TextIOWrapper):
+        return
+    try:
+        fd = stream.fileno()
+        stream.flush()
+        raw = _WatchedOutput(fd, "w", closefd=False)
+    except (OSError, ValueError):
+        return
+    # Unbuffered (PYTHONUNBUFFERED, -u), Python writes text straight to the file descriptor: so does this one.
+    layer = io.BufferedWriter(raw) if isinstance(stream.buffer, io.BufferedWriter) else raw
+    sys.stdout = io.TextIOWrapper(layer, encoding=stream.encoding, errors=stream.errors, newline="\n",
+                                  line_buffering=stream.line_buffering, write_through=stream.write_through)
+    _watched = raw
+
+
+def output_failure() -> OSError | None:
+    """The error of the write to standard output that failed, if one did."""
+    return _watched.failure if _watched is not None else None
+
+
+def discard_output() -> None:
+    """After a failed write, point fd 1 at /dev/null: what is still buffered then goes nowhere when Python flushes
+    it at exit, rather than failing again with an "Exception ignored" message."""
+    if sys.stdout is None:  # fd 1 was closed at start: it may be some other file's descriptor now
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+    except (OSError, ValueError):
+        pass
+
+
 def printable(value: Any) -> str:
     """str(value) safe to print on a terminal: control characters shown as escapes, never sent."""
     return str(value).translate(_ESCAPES)
 
 
+def json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=False)
+
+
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=False))
+    click.echo(json_text(value))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -9,14 +9,19 @@ import errno
 import os
 import pwd
 import stat
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
 SYSTEM_SOCKET = Path("/run/aegis/aegisd.sock")
+LOGIN_DEFS = Path("/etc/login.defs")
+DYNAMIC_UIDS = range(61184, 65520)  # systemd's DynamicUser= uids (systemd.exec(5))
 
 
 MAX_LINKS = 40  # symbolic links followed on the way to the socket, as the kernel allows in one lookup
+# aegisd's limit on its config file (MAX_CONFIG_BYTES in aegisd/config.py; aegisctl imports only the API from aegisd)
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class PathError(Exception):
@@ -98,8 +103,8 @@ def safe_directory(directory: Path) -> Path:
 
     From / down, every directory passed through and every symbolic link on the way must belong to root or this
     user (a link is then followed), and one that group or others can write must be sticky (like /tmp). The
-    directory itself must belong to root or this user too, or sit in one nobody else can write, as the packaged
-    /run/aegis does: made by systemd in root's /run for the service's own user, whom the operators trust."""
+    directory itself must belong to root or this user too, or be a service's, as the packaged /run/aegis is: made
+    by systemd in root's /run for the service's own user (service_directory)."""
     trusted = {0, os.geteuid()}
     todo, here, links = list(reversed(directory.absolute().parts)), Path("/"), 0
     while todo:
@@ -129,12 +134,53 @@ def safe_directory(directory: Path) -> Path:
         here = step
     info = _lstat(here)
     if info.st_uid not in trusted:
-        parent = _lstat(here.parent)
-        if parent.st_mode & 0o022:
-            raise UnsafePath(f"its directory {here} belongs to {owner(info.st_uid)}, not to you or root, and "
-                             f"{here.parent} (mode {stat.S_IMODE(parent.st_mode):04o}) lets others make "
-                             "directories in it, so anyone could have made it")
+        service_directory(here, info)
     return here
+
+
+def service_directory(here: Path, info: os.stat_result) -> None:
+    """A socket directory of another user's is trusted only as the packaged /run/aegis is: its owner a system
+    account that a service runs as (a uid below UID_MIN of /etc/login.defs, or one of systemd's DynamicUser= uids),
+    nobody but that owner able to write it, inside a directory nobody else can write (one of root's or this user's,
+    as safe_directory's walk has made sure). Never a login user's (their home, say), however closed the path to it:
+    that user could be serving there and take what aegisctl sends. UnsafePath says which rule it breaks."""
+    whose = f"its directory {here} belongs to {owner(info.st_uid)}, not to you or root"
+    parent = _lstat(here.parent)
+    if parent.st_mode & 0o022:
+        raise UnsafePath(f"{whose}, and {here.parent} (mode {stat.S_IMODE(parent.st_mode):04o}) lets others make "
+                         "directories in it, so anyone could have made it")
+    if not system_account(info.st_uid):
+        raise UnsafePath(f"{whose}, nor to a system account that a service runs as (a uid below {uid_min()}, or "
+                         f"systemd's dynamic {DYNAMIC_UIDS.start}-{DYNAMIC_UIDS.stop - 1}), so its owner could be "
+                         "running a server of their own there; to reach that user's aegisd, run aegisctl as that user")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        who = " and ".join(w for w, bit in (("group", 0o020), ("world", 0o002)) if mode & bit)
+        raise UnsafePath(f"{whose}, and is {who}-writable (mode {mode:04o}), so others than its owner could have "
+                         "put a server of their own there")
+
+
+def system_account(uid: int) -> bool:
+    """A uid that no one logs in as: below UID_MIN (where useradd starts login users), or one systemd hands out
+    to a DynamicUser= service for as long as it runs."""
+    return uid < uid_min() or uid in DYNAMIC_UIDS
+
+
+def uid_min() -> int:
+    """The first uid of login users: UID_MIN in /etc/login.defs, else the platform's (1000; 501 on macOS, whose
+    system accounts are below it)."""
+    default = 501 if sys.platform == "darwin" else 1000
+    try:
+        with open(LOGIN_DEFS, "rb") as fh:
+            text = fh.read(1 << 16).decode("utf-8", "replace")
+    except OSError:
+        return default
+    found = default
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "UID_MIN" and words[1].isdigit():
+            found = int(words[1])
+    return found
 
 
 def _passable(directory: Path, trusted: set[int]) -> None:
@@ -167,13 +213,26 @@ def owner(uid: int) -> str:
 
 
 def read_config(path: str | None) -> dict[str, object]:
-    """aegisd's TOML config file as a dict ({} when none is named); shared with the MCP bridge."""
+    """aegisd's TOML config file as a dict ({} when none is named); shared with the MCP bridge. Read as aegisd
+    reads it (aegisd/config.py), refusals in its words: at most MAX_CONFIG_BYTES, so that an endless file
+    (/dev/zero) is one clear error, not all the memory there is."""
     if not path:
         return {}
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise PathError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB, far more than any "
+                            "aegisd config; is it the right file?")
+        return tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise PathError(f"config file {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PathError(f"config file {path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PathError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise PathError(f"config file {path} is not UTF-8 text, which TOML must be") from None
+    except OSError as exc:
+        raise PathError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except (ValueError, RecursionError):  # an integer past Python's 4,300 digits; arrays nested past its stack
+        raise PathError(f"config file {path} is not TOML aegisd can read: a number too long or values nested "
+                        "too deeply") from None

@@ -19,10 +19,16 @@ from aegisctl.output import printable
 # only the API stubs from aegisd). Checked here as well, in the daemon's words, because a secret over gRPC's
 # 4 MiB message limit never reaches the daemon's own check: the client would only see gRPC's refusal.
 MAX_SECRET_BYTES = 16384
+# The longest line read from stdin for anything without a limit of its own (a passphrase, an unlock key): far past
+# any real one, and what bounds the memory a stream with no line break (`< /dev/zero`) can take.
+MAX_LINE_BYTES = 65536
 
 
-def stdin_line(what: str, flag: str) -> str:
+def stdin_line(what: str, flag: str, max_bytes: int = MAX_LINE_BYTES, too_long: Exception | None = None) -> str:
     """Stdin's next line without its line break: a usage error, never quoting it, if it is empty or not UTF-8.
+
+    At most `max_bytes` (UTF-8) are taken, however long the line or endless the stream: a longer one is `too_long`,
+    else a usage error, neither quoting it; nothing was sent.
 
     Read as bytes and decoded as UTF-8 here, whatever the locale or PYTHONIOENCODING says: decoded in another
     encoding, the same bytes would be a different passphrase or secret, sent without a word. A line that is
@@ -34,7 +40,10 @@ def stdin_line(what: str, flag: str) -> str:
     if on_terminal():
         return _hidden_prompt(what, flag)
     not_utf8 = f"{flag}: standard input is not UTF-8 text; aegisctl reads it as UTF-8 (nothing was sent)"
-    raw = _stdin_bytes().readline()
+    raw = _stdin_bytes().readline(max_bytes + 3)  # the line, its \r\n, and one byte more to tell one too long
+    if len(raw.rstrip(b"\r\n")) > max_bytes:
+        raise too_long or click.UsageError(f"{flag}: the {what} on standard input is longer than {max_bytes} bytes, "
+                                           "more than any real one (nothing was sent)")
     try:
         value = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
@@ -72,9 +81,12 @@ def read_secret(what: str, from_stdin: bool, *, flag: str = "--secret-stdin", ma
     """The secret from stdin's first line (scripts) or a hidden prompt (people, and a *-stdin flag whose stdin is
     a terminal); with `max_bytes`, one longer than that (UTF-8) is refused before it is sent, with a message
     that never quotes it."""
-    value = stdin_line(what, flag) if from_stdin else _hidden_prompt(what, flag)
-    if max_bytes is not None and len(value.encode()) > max_bytes:
-        raise ClientError(f"the secret is longer than {max_bytes} bytes", reason="invalid_argument")
+    limit = MAX_LINE_BYTES if max_bytes is None else max_bytes
+    too_long = None if max_bytes is None else ClientError(f"the secret is longer than {max_bytes} bytes",
+                                                          reason="invalid_argument")
+    value = stdin_line(what, flag, limit, too_long) if from_stdin else _hidden_prompt(what, flag)
+    if too_long is not None and len(value.encode()) > limit:
+        raise too_long
     return value
 
 

@@ -20,6 +20,9 @@ DEFAULT_GATE_LISTEN = "127.0.0.1:3100"
 UNLOCK_CREDENTIAL_NAME = "aegis-unlock"
 LOG_FORMATS = ("human", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The most of a config file read: far past any real one (a few hundred bytes); an endless file (/dev/zero) is then
+# one clear error rather than all the memory there is. aegisctl reads the file with the same limit.
+MAX_CONFIG_BYTES = 1 << 20
 _T = TypeVar("_T")
 
 # key in the TOML file -> (section, name); sections keep the file readable as it grows.
@@ -280,7 +283,11 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
     cannot be read or parsed at all is a ConfigError at once."""
     try:
         with path.open("rb") as fh:
-            raw = tomllib.load(fh)
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB, far more than any "
+                              "aegisd config; is it the right file?")
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:

@@ -15,6 +15,7 @@ from aegisctl import integrity, output
 from aegisctl.context import Context, pass_context
 from aegisctl.rate_limits import RateLimit
 from aegisctl.secrets_input import confirm_destructive
+from aegisctl.shown_once import print_once
 from aegisd.api.aegis.v1 import agents_pb2 as pb
 
 ONCE_WARNING = "aegisctl: this token is not shown again; store it where the agent reads it now."
@@ -48,12 +49,14 @@ def _integrity_notes(agents: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def _print_token(name: str, token: str, as_json: bool) -> None:
-    if as_json:
-        output.emit_json({"name": name, "token": token})
-        return
-    click.echo(token)
-    click.echo(ONCE_WARNING, err=True)
+def _print_token(name: str, token: str, as_json: bool, made: str) -> None:
+    """The token on stdout, once; if it cannot be delivered there, exit 1 saying the agent has it (`made`: "was
+    created" or "has a new token") and how to get another."""
+    text = output.json_text({"name": name, "token": token}) if as_json else token
+    print_once(text, f"agent {name!r} {made}, but its token was not delivered and cannot be shown again",
+               f"run `aegisctl agent regenerate {shlex.quote(name)}` for a new token; the lost one then stops working")
+    if not as_json:
+        click.echo(ONCE_WARNING, err=True)
 
 
 @click.group("agent")
@@ -69,7 +72,7 @@ def add(ctx: Context, name: str, as_json: bool) -> None:
     """Create agent NAME and print its token, once. Then grant it credentials with `aegisctl grant`."""
     client = ctx.client
     reply = client.call(client.agents.AddAgent, pb.AddAgentRequest(name=name))
-    _print_token(reply.agent.name, reply.token, as_json)
+    _print_token(reply.agent.name, reply.token, as_json, "was created")
 
 
 @command.command("list")
@@ -135,7 +138,7 @@ def regenerate(ctx: Context, name: str, as_json: bool) -> None:
     """Issue agent NAME a new token and print it, once; the old token stops working at once."""
     client = ctx.client
     reply = client.call(client.agents.RegenerateToken, pb.RegenerateTokenRequest(name=name))
-    _print_token(reply.agent.name, reply.token, as_json)
+    _print_token(reply.agent.name, reply.token, as_json, "has a new token (the old one no longer works)")
 
 
 @command.command("set-rate-limit")

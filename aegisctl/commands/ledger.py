@@ -301,6 +301,7 @@ def export(ctx: Context, /, fmt: str, output_path: Path | None, **filters: Any) 
         cell = output.printable if fmt == "csv" and sys.stdout.isatty() else None
         try:
             _export_rows(client, stream, sys.stdout, fmt, ledger_export.Progress(enabled=False), cell)
+            sys.stdout.flush()  # the last rows, here: a reader gone by now is seen below, not at exit
         except BrokenPipeError:  # `| head`: the reader is done, and so are we
             stream.cancel()  # type: ignore[no-untyped-call]
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -16,6 +16,7 @@ from aegisctl import integrity, output
 from aegisctl.client import HINTS, ClientError
 from aegisctl.context import Context, pass_context
 from aegisctl.secrets_input import confirm_destructive, stdin_line
+from aegisctl.shown_once import print_once
 from aegisd.api.aegis.v1 import webhooks_pb2 as pb
 
 EVENT_NAMES = ("blocked_request", "rate_limited", "agent_auth_failure", "body_inspection", "credential_expiry",
@@ -56,24 +57,27 @@ def add(ctx: Context, url: str | None, events: str, url_stdin: bool, as_json: bo
     """Register URL (https://..., or http:// to loopback) and print its signing secret, once."""
     if url_stdin == (url is not None):
         raise click.UsageError("give the URL as an argument or with --url-stdin (one of the two)")
-    if url_stdin:
-        url = stdin_line("webhook URL", "--url-stdin").strip()
+    too_long = ClientError(f"the webhook URL is longer than {MAX_URL_LENGTH} characters", reason="invalid_argument")
+    if url_stdin:  # read no more than the longest URL can take in UTF-8
+        url = stdin_line("webhook URL", "--url-stdin", 4 * MAX_URL_LENGTH, too_long).strip()
     elif url is not None:
         try:  # argv is decoded with surrogateescape: bytes that are not UTF-8 would fail while sending
             url.encode("utf-8")
         except UnicodeEncodeError:
             raise click.UsageError("the URL is not UTF-8 text (nothing was sent)") from None
     if url is not None and len(url) > MAX_URL_LENGTH:  # past gRPC's message limit aegisd would never see it
-        raise ClientError(f"the webhook URL is longer than {MAX_URL_LENGTH} characters", reason="invalid_argument")
+        raise too_long
     if not url:
         raise click.UsageError("the URL is empty")
     names = [part.strip() for part in events.split(",") if part.strip()]
     client = ctx.client
     reply = client.call(client.webhooks.AddWebhook, pb.AddWebhookRequest(url=url, events=names))
+    hook = reply.webhook.id
+    print_once(output.json_text({**webhook_json(reply.webhook), "secret": reply.secret}) if as_json else reply.secret,
+               f"webhook {hook} was added, but its signing secret was not delivered and cannot be shown again",
+               f"remove it (`aegisctl webhook remove {hook} --yes`) and add it again for a new secret")
     if as_json:
-        output.emit_json({**webhook_json(reply.webhook), "secret": reply.secret})
         return
-    click.echo(reply.secret)
     click.echo(f"aegisctl: added webhook {reply.webhook.id} to {output.printable(reply.webhook.origin)} for "
                f"{output.printable(', '.join(reply.webhook.events))}.", err=True)
     click.echo(ONCE_WARNING, err=True)

@@ -26,7 +26,7 @@ SECRET = "mcpGateOwnerSecret-0123456789abcdefABCD"
 FAKE_TOKEN = "aegis_" + "S" * 43  # what a squatter must never receive
 SYSTEM_PYTHON = Path("/usr/bin/python3")  # one another user may run: the venv's lives under /root
 NOBODY = 65534
-OTHER = 1234  # a user who owns a control socket in one test
+OTHER = 61234  # a service's uid (systemd's DynamicUser= range) that owns a control socket in one test
 # Listens on 127.0.0.1:PORT, says "ready", and prints every byte it receives (hex, a line per read); it answers
 # like the gate's /_aegis/services, so a bridge that trusts it starts.
 SQUATTER = r"""

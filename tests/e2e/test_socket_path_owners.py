@@ -28,7 +28,8 @@ from tests.e2e.test_socket_safety import (
 from tests.harness import AEGISCTL, AEGISD, PASSPHRASE, Aegis, Result, free_port
 
 NOBODY = 65534  # the other local user
-DAEMON_UID = 4321  # the packaged service's dynamic user, not the operator's
+LOGIN_USER = 12345  # an ordinary login user (past UID_MIN, outside systemd's dynamic range), whose home it is
+DAEMON_UID = 61234  # the packaged service's dynamic user (systemd's DynamicUser= range), not the operator's
 
 
 def sticky(path: Path) -> Path:
@@ -65,6 +66,27 @@ def assert_nothing_sent(spy: Eavesdropper, aegis: Aegis) -> None:
 
 
 # --- aegisctl ---------------------------------------------------------------------------------------
+
+
+def test_aegisctl_refuses_a_socket_in_a_login_users_own_directory(aegis: Aegis) -> None:
+    """The review's repro: a login user's server at ~/aegisd.sock, their home (0750) in root's /home (0755), nothing
+    on the way writable by others. aegisctl sent them the passphrase ("Vault unlocked."): another owner's socket
+    directory is trusted only if it is a system account's, as the packaged /run/aegis is (test_packaged_layout...)."""
+    needs_root()
+    home = aegis.root / "home"
+    home.mkdir(mode=0o755)
+    user_home = home / "alice"
+    user_home.mkdir(mode=0o750)
+    os.chown(user_home, LOGIN_USER, LOGIN_USER)
+    with Eavesdropper(user_home / "aegisd.sock", aegis.socket) as spy:
+        os.chown(spy.path, LOGIN_USER, LOGIN_USER)
+        env = {"AEGIS_SOCKET": str(spy.path)}
+        result = aegis.ctl("init", "--passphrase-stdin", input=PASSPHRASE + "\n", env=env)
+        assert_failed(result, f"its directory {user_home} belongs to uid {LOGIN_USER}", "nor to a system account",
+                      "run aegisctl as that user", "nothing was sent", "next: use a directory of your own")
+        assert len(result.err.splitlines()) == 2, result.err  # the error line and its `next:` line
+        assert_failed(aegis.ctl("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n", env=env), "nor to a system")
+        assert_nothing_sent(spy, aegis)
 
 
 def test_aegisctl_refuses_a_socket_directory_another_user_made_in_a_sticky_one(aegis: Aegis) -> None:

@@ -22,7 +22,7 @@ from aegisctl.mcp.peer_user import proc_address, socket_uid
 
 LINUX = Path("/proc/net/tcp").exists()
 OWN = 1000  # the bridge's uid, as these tests tell GateTrust
-AEGISD = 4321  # the uid aegisd runs as, where it is not the bridge's user
+AEGISD = 61234  # the uid aegisd runs as, where it is not the bridge's user: the packaged unit's DynamicUser= uid
 NOBODY = 65534
 
 
@@ -82,15 +82,15 @@ def test_another_user_is_refused_naming_the_uid(tmp_path: Path, connection: sock
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another uid needs root")
 def test_the_control_sockets_owner_is_trusted_unless_its_directory_is_open(tmp_path: Path,
                                                                            connection: socket.socket) -> None:
-    path = control_socket(tmp_path / "run", 4321)
-    trust = GateTrust(proc_net=fake_net(tmp_path, connection, 4321), platform="linux", uid=OWN,
+    path = control_socket(tmp_path / "run", AEGISD)
+    trust = GateTrust(proc_net=fake_net(tmp_path, connection, AEGISD), platform="linux", uid=OWN,
                       env={"AEGIS_SOCKET": str(path)})
     verify(trust, connection)
     os.chmod(path.parent, 0o770)  # noqa: S103 - anyone in the group could have put a socket there
-    with pytest.raises(GateUntrusted, match="uid 4321"):
+    with pytest.raises(GateUntrusted, match=f"uid {AEGISD}"):
         verify(trust, connection)
     os.chmod(path.parent, 0o700)
-    os.chown(path, 4322, 4322)  # not the directory's owner: not aegisd's (it requires its directory to be its own)
+    os.chown(path, AEGISD + 1, AEGISD + 1)  # not the directory's owner: not aegisd's (its directory must be its own)
     with pytest.raises(GateUntrusted):
         verify(trust, connection)
 
@@ -153,7 +153,7 @@ def test_the_owner_of_a_system_socket_hidden_from_the_bridge_is_trusted(connecti
             == repr(system)
         assert as_nobody(lambda: verify(trust, connection)) == "None"
         os.chown(system.parent, AEGISD + 1, AEGISD + 1)  # the gate is not the directory's owner's: refused
-        assert "runs as uid 4321" in as_nobody(lambda: verify(trust, connection))
+        assert f"runs as uid {AEGISD}" in as_nobody(lambda: verify(trust, connection))
     finally:
         shutil.rmtree(scratch)
 
