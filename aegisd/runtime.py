@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aegisd.agents import AgentRegistry
 from aegisd.config import Config
@@ -19,6 +22,12 @@ from aegisd.vault.vault import Vault
 from aegisd.webhooks import Webhooks
 
 log = logging.getLogger("aegisd")
+T = TypeVar("T")
+# Where control calls derive keys from a secret (Argon2id: a second or more each at a costly kdf_memory_mib). The vault
+# runs derivations one at a time anyway; queued here, calls waiting their turn hold no thread of the default pool,
+# which every store read, the metrics scrape and the gate's redaction compiles share: a few unlocks at once, or a
+# flood of guesses, used to fill it and hold all of those up until the derivations were done.
+KEY_DERIVATION = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aegis-kdf")
 
 
 @dataclass
@@ -49,7 +58,7 @@ class Runtime:
         """Raise WrongPassphrase unless `passphrase` opens the vault, for a change the control socket alone must not
         make; a wrong one is logged as a failed unlock is (the change and `fields`, never the input)."""
         try:
-            await asyncio.to_thread(self.vault.verify_passphrase, passphrase)
+            await derive(self.vault, self.vault.verify_passphrase, passphrase)
         except WrongPassphrase:
             self.log_event(f"{what} refused: wrong passphrase", level=logging.WARNING, **fields)
             raise
@@ -57,3 +66,18 @@ class Runtime:
     def ledger_key(self) -> bytes | None:
         """The ledger's chain key: known once the vault has been unlocked since start."""
         return self.ledger.key
+
+
+async def derive(vault: Vault, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call `method`, a method of `vault` that derives keys from a secret and takes `as_of` (unlock, verify_passphrase,
+    the key changes), in the key-derivation thread. The vault is read now, as the call comes in, and the method
+    compares with that: a lock() (or another change) that comes while the call waits its turn there fails it, as
+    one during its derivation does, rather than being overtaken by it."""
+    as_of = await asyncio.to_thread(vault.read_state)
+    return await key_derivation(functools.partial(method, *args, as_of=as_of, **kwargs))
+
+
+async def key_derivation(call: Callable[[], T]) -> T:
+    """`call`'s result, run in the key-derivation thread (KEY_DERIVATION). A caller cancelled while it waits there
+    (its client went away) takes its call out of the queue: it never runs."""
+    return await asyncio.get_running_loop().run_in_executor(KEY_DERIVATION, call)

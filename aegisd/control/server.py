@@ -26,6 +26,7 @@ from aegisd.control.agent_service import AgentService
 from aegisd.control.backup_service import BackupService
 from aegisd.control.credential_service import CredentialService
 from aegisd.control.doctor_service import DoctorService
+from aegisd.control.errors import RequestDecoding
 from aegisd.control.ledger_service import LedgerService
 from aegisd.control.policy_service import PolicyService
 from aegisd.control.socket import ControlSocket, SocketError, group_reach_problem
@@ -48,7 +49,8 @@ class ControlServer:
         self.socket = ControlSocket(runtime.config.socket_path, runtime.config.socket_mode,
                                     runtime.config.socket_group)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # RequestDecoding: a request that is not protobuf (or not UTF-8 where it must be): INVALID_ARGUMENT
+        self._server = grpc.aio.server(interceptors=[RequestDecoding()], options=[("grpc.so_reuseport", 0)])
         vault_pb2_grpc.add_VaultServiceServicer_to_server(VaultService(runtime), self._server)
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialService(runtime), self._server)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(runtime), self._server)

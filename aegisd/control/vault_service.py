@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from aegisd.api.aegis.v1 import vault_pb2_grpc
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument, WrongPassphrase
-from aegisd.runtime import Runtime
+from aegisd.runtime import Runtime, derive, key_derivation
 from aegisd.vault.credentials import Credential
 from aegisd.vault.passphrase_strength import check_passphrase_strength
 from aegisd.vault.unlock_key_format import check_unlock_key, new_unlock_key
@@ -38,8 +39,8 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         unlock_key = new_unlock_key() if made_here else request.unlock_key or None
         if unlock_key is not None:
             check_unlock_key(unlock_key)
-        vault_id = await asyncio.to_thread(self.rt.vault.init, request.passphrase, unlock_key is not None,
-                                           unlock_key)
+        vault_id = await key_derivation(functools.partial(self.rt.vault.init, request.passphrase,
+                                                          unlock_key is not None, unlock_key))
         self.rt.log_event("vault initialised", vault_id=vault_id)
         return pb.InitResponse(vault_id=vault_id, unlock_key=unlock_key if made_here and unlock_key else "")
 
@@ -49,7 +50,7 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         if which is None:
             raise InvalidArgument("give a passphrase or an unlock key")
         try:
-            opened = await asyncio.to_thread(self.rt.vault.unlock, **{which: getattr(request, which)})
+            opened = await derive(self.rt.vault, self.rt.vault.unlock, **{which: getattr(request, which)})
         except WrongPassphrase:  # on record, so guessing over the socket shows (the method only, never the input)
             self.rt.log_event("vault unlock failed: wrong secret", via=which, level=logging.WARNING)
             raise
@@ -99,7 +100,7 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         unlock, so guessing over the socket shows, and so is a right one whose change a lock or another change
         cut short (VaultChanged)."""
         try:
-            result = await asyncio.to_thread(change, passphrase, *args)
+            result = await derive(self.rt.vault, change, passphrase, *args)
         except WrongPassphrase:
             self.rt.log_event("vault key change refused: wrong passphrase", change=what, level=logging.WARNING)
             raise

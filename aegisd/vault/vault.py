@@ -63,6 +63,7 @@ class _Snapshot:
     vault_id: str
     slots: list[KeySlot]
     locks: int
+    unlocked: bool
 
 
 class Vault:
@@ -132,15 +133,16 @@ class Vault:
         self.notify("unlocked")
         return vault_id
 
-    def unlock(self, *, passphrase: str | None = None, unlock_key: str | None = None) -> bool:
+    def unlock(self, *, passphrase: str | None = None, unlock_key: str | None = None,
+               as_of: _Snapshot | None = None) -> bool:
         """Open the vault; returns False if it was already unlocked (the secret is checked all the same: a wrong
         one raises WrongPassphrase, so a caller is never told a wrong secret worked, and a guess is logged).
 
         The slot is opened (Argon2id) outside the lock, so listings and the gate's other reads do not wait on
-        it; the key is kept only if nothing changed meanwhile: a lock() during the derivation wins."""
-        with self._lock:
-            snapshot = self._snapshot()
-            already = self._master is not None
+        it; the key is kept only if nothing changed meanwhile: a lock() during the derivation wins. `as_of`
+        (read_state, taken when the call came in) makes "meanwhile" start there, as for every method taking it."""
+        snapshot = as_of or self.read_state()
+        already = snapshot.unlocked
         kind = "passphrase" if passphrase is not None else "unlock_key"
         secret = passphrase if passphrase is not None else unlock_key
         if not secret:
@@ -171,9 +173,18 @@ class Vault:
         with self._kdf:
             return _open_slots(snapshot.vault_id, snapshot.slots, kind, secret)
 
+    def read_state(self) -> _Snapshot:
+        """What a key derivation outside the lock starts from, and compares with once it is done (_unchanged).
+
+        A caller that queues a method deriving keys (unlock, verify_passphrase, the key changes) behind others
+        takes this when the call comes in and passes it as the method's `as_of`: a lock(), or another change,
+        that came while the call waited its turn then counts as having come during it, as when it did not wait."""
+        with self._lock:
+            return self._snapshot()
+
     def _snapshot(self) -> _Snapshot:
-        """What a key derivation outside the lock starts from; call with the lock held."""
-        return _Snapshot(self._require_initialized(), self._slots(), self._locks)
+        """read_state; call with the lock held."""
+        return _Snapshot(self._require_initialized(), self._slots(), self._locks, self._master is not None)
 
     def _unchanged(self, snapshot: _Snapshot, master: MasterKey) -> bool:
         """Whether the vault is as `snapshot` found it (same vault, same slots, no lock() since) and `master`
@@ -183,13 +194,11 @@ class Vault:
 
     # -- key slots: what opens the vault ------------------------------------------------------------
 
-    def verify_passphrase(self, passphrase: str) -> None:
+    def verify_passphrase(self, passphrase: str, *, as_of: _Snapshot | None = None) -> None:
         """Raise WrongPassphrase unless `passphrase` opens the vault; changes nothing (locked stays locked)."""
-        with self._lock:
-            snapshot = self._snapshot()
-        self._open(snapshot, "passphrase", passphrase).wipe()
+        self._open(as_of or self.read_state(), "passphrase", passphrase).wipe()
 
-    def change_passphrase(self, current: str, new: str) -> None:
+    def change_passphrase(self, current: str, new: str, *, as_of: _Snapshot | None = None) -> None:
         """Wrap the master key under `new` in place of the passphrase slot; `current` must open the vault.
 
         Locked or unlocked, the vault stays as it was: proving the passphrase is not unlocking. The master key
@@ -205,22 +214,22 @@ class Vault:
             params = _stronger_argon2(self._argon2, [s.params for s in snapshot.slots if s.kind == "passphrase"])
             return make_slot(master, snapshot.vault_id, "passphrase", new, params)
 
-        self._change_slots("passphrase", current, new_slot, "its passphrase was being changed")
+        self._change_slots("passphrase", current, new_slot, "its passphrase was being changed", as_of)
 
-    def replace_unlock_key(self, passphrase: str, unlock_key: str) -> int:
+    def replace_unlock_key(self, passphrase: str, unlock_key: str, *, as_of: _Snapshot | None = None) -> int:
         """Wrap the master key under a new `unlock_key` in place of every unlock key the vault had (how many
         is returned: they stop working now); `passphrase` must open the vault."""
         return self._change_slots("unlock_key", passphrase,
                                   lambda master, snapshot: make_slot(master, snapshot.vault_id, "unlock_key",
                                                                      unlock_key),
-                                  "its unlock key was being replaced")
+                                  "its unlock key was being replaced", as_of)
 
-    def remove_unlock_keys(self, passphrase: str) -> int:
+    def remove_unlock_keys(self, passphrase: str, *, as_of: _Snapshot | None = None) -> int:
         """Delete every unlock key slot (returns how many): only the passphrase opens the vault afterwards."""
-        return self._change_slots("unlock_key", passphrase, None, "its unlock keys were being removed")
+        return self._change_slots("unlock_key", passphrase, None, "its unlock keys were being removed", as_of)
 
     def _change_slots(self, kind: str, passphrase: str, make: Callable[[MasterKey, _Snapshot], KeySlot] | None,
-                      doing: str) -> int:
+                      doing: str, as_of: _Snapshot | None) -> int:
         """Replace the slots of `kind` with what `make` wraps (none if None), proven by `passphrase`.
 
         The derivations (Argon2id: open the passphrase slot, wrap under a new passphrase) run outside the lock, so
@@ -228,8 +237,7 @@ class Vault:
         changes at once cannot both apply to the same slots (the second fails, nothing lost), and a lock()
         meanwhile wipes the key copy held here and fails the change rather than waiting on it.
         """
-        with self._lock:
-            snapshot = self._snapshot()
+        snapshot = as_of or self.read_state()
         master = self._open(snapshot, "passphrase", passphrase)
         try:
             with self._lock:
