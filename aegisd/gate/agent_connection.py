@@ -345,10 +345,11 @@ class GateRequest:
         self._conn.abort()
 
     @property
-    def ends_at_close(self) -> bool:
-        """An answer under way whose body is framed by the close (HTTP/1.0, no length): only a reset
-        can cut it, since its end is an orderly close."""
-        return self.started and not self.finished and self._body_allowed and self._close and not self._chunked
+    def cut_open(self) -> bool:
+        """An answer whose body is under way: cut now, it must end in a reset. An orderly close is the end of an
+        answer framed by the close (HTTP/1.0, no length), and an agent that ignores a Content-Length or the chunked
+        framing takes whatever came before one for the whole answer."""
+        return self.started and not self.finished and self._body_allowed
 
     def _begin(self, close: bool) -> None:
         if self.started:
@@ -861,11 +862,14 @@ class AgentConnection(asyncio.Protocol):
             self.abort()
 
     def abort(self) -> None:
-        """Drop the connection and what is still unsent; as a reset when the answer under way ends at the
-        close (a reset loses what the kernel still holds too, earlier answers included, so only then)."""
+        """Drop the connection and what is still unsent; as a reset when it cuts an answer under way, so that no
+        agent takes the part it got for the whole. A reset also drops what the gate's kernel still holds unsent
+        (the end of an earlier pipelined answer the agent has not read yet), which the agent then sees cut by it
+        as well, never falsely complete (on Linux, what already reached the agent's system stays readable ahead
+        of the reset)."""
         if self.transport is None or self.closed:
             return
-        if self._current is not None and self._current.ends_at_close:
+        if self._current is not None and self._current.cut_open:
             _reset_on_close(self.transport)
         self.transport.abort()
 

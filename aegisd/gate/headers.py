@@ -1,8 +1,8 @@
 """Step 9: what crosses the boundary in each direction.
 
-Outbound, the agent's own credentials, hop-by-hop headers and the gate's headers are
-dropped and exactly one real credential is put in. Inbound, hop-by-hop headers and
-Set-Cookie are dropped: the gate is not a cookie jar for the agent.
+Outbound, the agent's own credentials, hop-by-hop headers, the gate's headers and the headers
+a reverse proxy routes on are dropped and exactly one real credential is put in. Inbound,
+hop-by-hop headers and Set-Cookie are dropped: the gate is not a cookie jar for the agent.
 """
 
 from __future__ import annotations
@@ -23,6 +23,15 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
 GATE_HEADERS = frozenset({"x-aegis-agent", "x-target-host", "x-aegis-request-id", "host", "content-length",
                           "expect"})
 GATE_PREFIX = "x-aegis-"  # the gate's header namespace: none of it is the upstream's business
+# What a proxy says about the request it passes on: the host (and scheme, port, path prefix) the client asked for.
+# A reverse proxy in front of an allowlisted upstream (or its framework) may route on them, taking the request, and
+# the credential in it, to another backend than the host the allowlist judged: the same class as `X-Original-URL`
+# for the path. The gate is the agent's proxy and vouches for none of it, so the agent's are dropped (like its Host,
+# which the gate sets), not refused: what goes upstream is then exactly the request judged. `X-Forwarded-For` and
+# `X-Real-IP` name the client, not a place, and pass.
+ROUTING_HEADERS = frozenset({"forwarded", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
+                             "x-forwarded-server", "x-forwarded-scheme", "x-forwarded-ssl", "x-forwarded-prefix",
+                             "x-host", "x-original-host", "x-http-host-override", "front-end-https", "x-url-scheme"})
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
 # Kept in an answer even when its Connection header lists them: the redactor must see how the body is coded (a
 # gzip body it was not told of would pass undecoded, its echo of the secret unredacted), and so must the agent.
@@ -68,16 +77,17 @@ def cgi_name(name: str) -> str:
 
 
 def agent_headers(headers: CIMultiDictProxy[str], route: Route) -> CIMultiDict[str]:
-    """The agent's headers that may reach the upstream: not its own credentials (nor a name a CGI-style server
-    would read as one of them, `X_Api_Key`), hop-by-hop or gate headers, nor what the Connection header lists
-    but REQUEST_KEEP. Body inspection scans exactly these; `add_credential` then completes them for forwarding."""
+    """The agent's headers that may reach the upstream: not its own credentials or the routing headers (nor a
+    name a CGI-style server would read as one of them, `X_Api_Key`, `X_Forwarded_Host`), hop-by-hop or gate
+    headers, nor what the Connection header lists but REQUEST_KEEP. Body inspection scans exactly these;
+    `add_credential` then completes them for forwarding."""
     drop = _drop_with_connection(headers, route.drop_headers, REQUEST_KEEP)
     # some name, the agent's or a credential header's, has `_` or other punctuation: compare CGI names too
     spelt = route.spelt_credential_names or not plain_names(headers)
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in drop or lower.startswith(GATE_PREFIX) or (spelt and cgi_name(name) in route.credential_cgi_names):
+        if lower in drop or lower.startswith(GATE_PREFIX) or (spelt and cgi_name(name) in route.dropped_cgi_names):
             continue
         kept.add(name, value)
     return kept

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from aegisd.agents import AgentRegistry
 from aegisd.errors import AegisError, VaultLocked
-from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP, cgi_name, plain_name
+from aegisd.gate.headers import GATE_HEADERS, HOP_BY_HOP, ROUTING_HEADERS, cgi_name, plain_name
 from aegisd.inspection import Inspector, SecretSource
 from aegisd.inspection.secret_forms import secret_values
 from aegisd.vault.credentials import Credential
@@ -57,12 +57,13 @@ class Route:
     expires_at: int | None
     inject_header: tuple[str, str] | None
     inject_query: tuple[str, str] | None
-    # Lowercase names of the agent's headers never forwarded: hop-by-hop, the gate's own, the agent's
-    # credentials and this credential's header. One set per route, so no request builds it.
+    # Lowercase names of the agent's headers never forwarded: hop-by-hop, the gate's own, the routing headers,
+    # the agent's credentials and this credential's header. One set per route, so no request builds it.
     drop_headers: frozenset[str]
-    # The CGI variables (headers.cgi_name) of the agent's credentials and this credential's header: an agent's
-    # `X_Api_Key` is dropped too, since a CGI-style upstream may read it as the injected `X-Api-Key`.
-    credential_cgi_names: frozenset[str]
+    # The CGI variables (headers.cgi_name) of the agent's credentials, this credential's header and the routing
+    # headers: an agent's `X_Api_Key` is dropped too, since a CGI-style upstream may read it as the injected
+    # `X-Api-Key` (and `X_Forwarded_Host` as `X-Forwarded-Host`).
+    dropped_cgi_names: frozenset[str]
     # Some of those names is itself spelt with `_` or `.` (`--header-name X_Api_Token`): then an agent's plainly
     # spelt `X-Api-Token` shares its CGI variable, and every request compares CGI names.
     spelt_credential_names: bool
@@ -130,8 +131,8 @@ def build_route(cred: Credential, secret: bytes) -> Route:
         credential_id=cred.id, name=cred.name, service=cred.service, allowlist=allowlist,
         default_entry=allowlist.default_entry(), methods=_methods(cred.scopes), scopes=tuple(cred.scopes),
         auth_type=cred.auth_type, expires_at=cred.expires_at,
-        inject_header=header, inject_query=query, drop_headers=HOP_BY_HOP | GATE_HEADERS | strip,
-        credential_cgi_names=frozenset(map(cgi_name, strip)),
+        inject_header=header, inject_query=query, drop_headers=HOP_BY_HOP | GATE_HEADERS | ROUTING_HEADERS | strip,
+        dropped_cgi_names=frozenset(map(cgi_name, strip | ROUTING_HEADERS)),
         spelt_credential_names=not plain_name("".join(strip)),
         rate_limit=cred.rate_limit, body_inspection=cred.body_inspection, secret=secret,
     )

@@ -34,7 +34,9 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods many servers expect no body with: one that ignores the Content-Length of such a request (CL.0) would read
 # its body as the start of the next request on the connection, so a connection that carried one is not reused.
 _BODY_UNEXPECTED = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
-MAX_HEADER_BYTES = 64 * 1024  # of the upstream's response head; more is a broken or hostile upstream
+# Of the upstream's response head, of its trailers, and of what it sends in a row without the parser making progress
+# (a head, a chunk-size line or trailers still arriving); more is a broken or hostile upstream.
+MAX_HEADER_BYTES = 64 * 1024
 _HIGH_WATER = 256 * 1024  # buffered body bytes at which the upstream socket stops being read
 _LOW_WATER = 64 * 1024
 _IDLE_SECONDS = 15.0  # a pooled connection unused this long is closed rather than reused
@@ -147,6 +149,8 @@ class UpstreamResponse(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        # The upstream ended the stream itself (_ended_in_order): the end of a body that runs to the close.
+        self._eof = False
         self._drain: asyncio.Future[None] | None = None
         # While writes are paused: when the upstream last took some of the request (the pause, or a look that found
         # the write buffer smaller), and how much the buffer held then; _check_time compares the two.
@@ -161,7 +165,9 @@ class UpstreamResponse(asyncio.Protocol):
         self._body_unexpected = False  # a body went out with a method in _BODY_UNEXPECTED: not reused after
         self._headers_done: asyncio.Future[None] = self._loop.create_future()
         self._raw: list[tuple[bytes, bytes]] = []
-        self._header_bytes = self._head_bytes = 0
+        self._header_bytes = 0  # of the fields of the head (then of the trailers) parsed so far
+        self._progress = 0  # the parser's progress: a head complete, a chunk-size line, body bytes, the answer's end
+        self._stalled = 0  # bytes read since the parser last made progress
         self._reason = b""
         self._interim = False
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -301,13 +307,7 @@ class UpstreamResponse(asyncio.Protocol):
             return
         self._got_bytes = True
         self._last_read = self._loop.time()
-        if not self._headers_done.done():
-            # Counted per read, not per parsed header: llhttp buffers an unterminated line without limit.
-            if self._head_bytes > MAX_HEADER_BYTES:
-                self._fail(UpstreamBroken("the upstream's response headers are too large"))
-                self.close()
-                return
-            self._head_bytes += len(data)
+        progress = self._progress
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -318,9 +318,36 @@ class UpstreamResponse(asyncio.Protocol):
             self._fail(cause if isinstance(cause, UpstreamError) else
                        UpstreamBroken("the upstream sent a malformed HTTP response"))
             self.close()
+            return
+        if self._progress != progress:
+            self._stalled = 0
+            return
+        # The whole read went into a head, a chunk-size line or trailers, which llhttp and httptools hold without
+        # limit (httptools grows a field's value by concatenation: quadratic in its length, on the event loop), and
+        # the read timeout never fires while bytes come. Counted per read: the bytes after the last progress in a
+        # read are not, so a stretch without progress is cut within MAX_HEADER_BYTES plus one read.
+        self._stalled += len(data)
+        if self._stalled > MAX_HEADER_BYTES and not self._complete:
+            self._fail(UpstreamBroken("the upstream's response headers are too large" if not self._headers_done.done()
+                                      else "the upstream's chunk framing or trailers are too large"))
+            self.close()
 
     def eof_received(self) -> bool:
+        self._eof = self._ended_in_order()
         return False
+
+    def _ended_in_order(self) -> bool:
+        """Whether the upstream's end is its own: a FIN on plain TCP; over TLS, only its close_notify. uvloop calls
+        eof_received for nothing else, the stock loop for a bare TCP close too, which anyone on the path can send:
+        after a close_notify the TLS object reads as ended (b""), after a bare close it wants more. (Everything it
+        had decrypted was delivered before eof_received; a byte it still held would count as no orderly end.)"""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if ssl_object is None:
+            return True
+        try:
+            return bool(ssl_object.read(1) == b"")
+        except ssl.SSLError:  # SSLWantReadError: no close_notify came
+            return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -332,8 +359,14 @@ class UpstreamResponse(asyncio.Protocol):
         if self._complete:
             return
         if self._close_delimited and self._headers_done.done() and exc is None and self._error is None:
-            self._finish(keep_alive=False)  # the body ran to an orderly end of the connection, as announced
-            return
+            if self._eof:
+                self._finish(keep_alive=False)  # the body ran to an orderly end of the connection, as announced
+                return
+            if self.transport is not None and self.transport.get_extra_info("sslcontext") is not None:
+                # A TCP close without the TLS close_notify: anyone on the path can send one, so it is no end
+                self._fail(UpstreamBroken("the upstream's TLS connection ended without close_notify: the answer may "
+                                          "be cut"))
+                return
         self._fail(UpstreamBroken("the upstream closed the connection before its answer was complete"))
 
     def _pause_if_full(self) -> None:
@@ -352,11 +385,16 @@ class UpstreamResponse(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
+        if self._headers_done.done():  # a trailer field (or a field of an answer nobody asked for): never kept
+            if self._header_bytes > MAX_HEADER_BYTES:
+                raise UpstreamBroken("the upstream's chunk framing or trailers are too large")
+            return
         if self._header_bytes > MAX_HEADER_BYTES:
             raise UpstreamBroken("the upstream's response headers are too large")
         self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._progress += 1
         if self._complete:  # a second answer nobody asked for: the connection is not reused
             self._keep_alive = False
             return
@@ -364,10 +402,11 @@ class UpstreamResponse(asyncio.Protocol):
         if status == 101:  # the gate never forwards Upgrade, so no switch was asked for: a broken upstream
             raise UpstreamBroken("the upstream switched protocols unasked")
         if 100 <= status < 200:  # an interim answer (103 Early Hints): wait for the real one
-            self._interim, self._raw, self._reason, self._header_bytes, self._head_bytes = True, [], b"", 0, 0
+            self._interim, self._raw, self._reason, self._header_bytes = True, [], b"", 0
             return
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in self._raw)
+        self._header_bytes = 0  # the trailers, if any, have a limit of their own
         self.status, self.headers = status, CIMultiDictProxy(headers)
         self.reason = self._reason.decode("latin-1")
         length = headers.get("Content-Length")
@@ -392,6 +431,7 @@ class UpstreamResponse(asyncio.Protocol):
             self._finish(keep_alive=False)
 
     def on_chunk_header(self) -> None:
+        self._progress += 1
         if self._complete:
             return
         if not self._chunked:  # llhttp frames the body as chunked where the gate took it to run to the close
@@ -399,6 +439,7 @@ class UpstreamResponse(asyncio.Protocol):
         self._expect_chunk = False
 
     def on_body(self, data: bytes) -> None:
+        self._progress += 1
         if self._complete:
             return
         if self._expect_chunk:  # taken for chunked, yet llhttp hands over body bytes before any chunk header
@@ -409,6 +450,7 @@ class UpstreamResponse(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        self._progress += 1
         if self._interim:
             self._interim = False
             return

@@ -16,6 +16,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1275,3 +1276,132 @@ def test_a_body_llhttp_frames_as_chunked_is_never_read_as_another(run: Run, codi
                 response.release()
 
     run(main())
+
+
+# -- found by a cold review: chunk framing and trailers without end, a TLS answer cut without close_notify --------
+
+
+_ENDLESS = {
+    # one trailer field that never ends: httptools grew its value by concatenation, on the event loop
+    "trailer-field": (b"0\r\nX-Trailer: ", b"v" * 65536),
+    "trailer-fields": (b"0\r\n", b"".join(b"X-T-%d: %s\r\n" % (n, b"v" * 1000) for n in range(64))),
+    "chunk-extension": (b"5;ext=", b"v" * 65536),
+}
+
+
+@pytest.mark.parametrize("endless", list(_ENDLESS))
+def test_chunk_framing_and_trailers_are_bounded_like_a_head(run: Run, endless: str) -> None:
+    """Found by a cold review: the upstream's 64 KiB bound held only until its head was complete. After the last
+    chunk, a trailer field sent without end grew in httptools (quadratic, on the event loop: another client's
+    health check took 28 s) and in memory, and the read timeout never fired while its bytes came. Now what is
+    read without the parser making progress is bounded past the head too, and the trailers as the head is."""
+    start, filler = _ENDLESS[endless]
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n" + start)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB: without a bound the client waits it all out, then times out
+                peer.write(filler)
+                await peer.writer.drain()
+        await peer.until_eof()
+
+    async def main() -> None:
+        async with RawServer(handler) as server, new_pool(read_timeout=1) as pool:
+            response = await send(pool, server.port)
+            received = bytearray()
+            try:
+                with pytest.raises(UpstreamBroken, match="chunk framing or trailers are too large"):
+                    async for chunk in response.chunks():
+                        received += chunk
+            finally:
+                response.release()
+            assert received == b"ok"
+            await server.peers[0].eof.wait()  # the connection was closed, never pooled
+
+    run(main())
+
+
+def test_a_head_and_trailers_each_within_the_bound_are_read_whole(run: Run) -> None:
+    """The trailers have a bound of their own, as an agent's do: a head and trailers of 60 KiB each pass."""
+    fields = "".join(f"X-Filler-{i}: {'v' * 1000}\r\n" for i in range(60)).encode()
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + fields + b"\r\n2\r\nok\r\n0\r\n"
+                   + fields + b"\r\n")
+        await keep_alive(peer)
+
+    async def main() -> None:
+        async with RawServer(handler) as server, new_pool() as pool:
+            response = await send(pool, server.port)
+            try:
+                assert await response.read() == b"ok"
+            finally:
+                response.release()
+            assert await fetch(pool, server.port) == (200, b"answer 2")
+            assert len(server.peers) == 1
+
+    run(main())
+
+
+class _TLSCloser:
+    """A TLS upstream on 127.0.0.1 that answers with a body framed by the close, then ends the connection with
+    the TLS close_notify (`clean`) or with a bare TCP close (what anyone on the path can forge)."""
+
+    def __init__(self, context: ssl.SSLContext, clean: bool) -> None:
+        self._context, self._clean = context, clean
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self._server.accept()
+            tls = self._context.wrap_socket(conn, server_side=True)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst part, ")
+            tls.sendall(b"second part")
+            if self._clean:
+                tls.unwrap().close()
+            else:
+                raw = socket.socket(fileno=tls.detach())
+                raw.shutdown(socket.SHUT_RDWR)
+                raw.close()
+
+    def close(self) -> None:
+        self._server.close()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["close-notify", "bare-tcp-close"])
+def test_a_tls_answer_framed_by_the_close_ends_only_at_close_notify(
+        run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean: bool) -> None:
+    """Found by a cold review: over TLS a body that runs to the close was complete at any end of the connection,
+    and an on-path attacker can end it with a bare TCP close (no close_notify) wherever they like: the agent got
+    a cut answer as a whole one. Only the TLS close_notify ends it now (a FIN on plain TCP, as before)."""
+    pki = make_pki(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_pem))
+    server = _TLSCloser(pki.server_context(), clean)
+
+    async def main() -> None:
+        async with new_pool() as pool:
+            response = await pool.request("GET", "https", "localhost", server.port, "/",
+                                          CIMultiDict({"Host": f"localhost:{server.port}"}), None, True, "c")
+            try:
+                assert response.content_length is None
+                if clean:
+                    assert await response.read() == b"first part, second part"
+                else:
+                    with pytest.raises(UpstreamBroken, match="without close_notify"):
+                        await response.read()
+            finally:
+                response.release()
+
+    try:
+        run(main())
+    finally:
+        server.close()
