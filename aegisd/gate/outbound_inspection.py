@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from aegisd.gate.agent_connection import GateRequest
+from aegisd.gate.headers import cgi_name, plain_names
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import Route
 from aegisd.inspection import REDACTED, Inspector
@@ -89,7 +90,7 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
         x.target_host = masked(inspector, x.target_host)
     problem: Refusal | None = None
     if body:
-        encoding = ", ".join(request.headers.getall("Content-Encoding", []))
+        encoding = content_encodings(request.headers)
         try:
             if len(body) > INLINE_BODY_MAX:
                 raise _LargerThanInline()
@@ -114,6 +115,19 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
     verb = "carry" if len(places) > 1 else "carries"
     raise Refusal(403, "body_inspection", f"not forwarded: the request's {where} {verb} a credential-like string "
                   f"({', '.join(families)}); secrets and API keys may not leave through the gate")
+
+
+def content_encodings(headers: CIMultiDictProxy[str]) -> str:
+    """Every value of the request's Content-Encoding header, joined, counting the names CGI-style servers read as
+    it: Werkzeug, uWSGI and Puma give `Content_Encoding` (lighttpd `Content.Encoding` too) the variable
+    `HTTP_CONTENT_ENCODING` that a decompressing middleware reads, so the body is inspected as such an upstream
+    may decode it. Two values (whatever their names) are refused like two Content-Encoding headers: `415`."""
+    own = headers.getall("Content-Encoding", ())
+    if plain_names(headers):  # the usual request: one pass over the names, in C
+        return ", ".join(own)
+    spelt_for_cgi = [value for name, value in headers.items()
+                     if name.lower() != "content-encoding" and cgi_name(name) == "content_encoding"]
+    return ", ".join([*own, *spelt_for_cgi])
 
 
 class BodyTooLarge(Exception):
@@ -173,8 +187,9 @@ def _decoded(body: bytes, content_encoding: str, limit: int,
     elif encoding in DECODABLE:
         sniffed = False
     else:
+        one = ", in one Content-Encoding header (a Content_Encoding header counts as one)" if "," in encoding else ""
         return [], Refusal(415, "body_not_inspectable", f"a request body with Content-Encoding {encoding!r} "
-                           "cannot be inspected; send it as identity, gzip or deflate")
+                           f"cannot be inspected; send it as identity, gzip or deflate{one}")
     try:
         if encoding == "deflate":  # zlib, raw deflate, gzip: upstreams differ in which they read
             decoded, whole = deflate_readings(body, cap)

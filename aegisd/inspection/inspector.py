@@ -15,7 +15,7 @@ from aegisd.inspection.key_formats import find_key_formats
 from aegisd.inspection.literal_matcher import LiteralSearch
 from aegisd.inspection.redactor import Redaction
 from aegisd.inspection.secret_forms import redaction_forms, search_forms
-from aegisd.inspection.views import views
+from aegisd.inspection.views import Escapes, escapes_for, views
 
 VAULT_SECRET = "vault_secret"  # noqa: S105 - a family name, not a password
 # What `scan_each` puts between parts. No view spans it: percent and JSON escapes contain neither byte.
@@ -34,10 +34,10 @@ class SecretSource:
     values: tuple[bytes, ...]
 
 
-def _decoded(values: tuple[bytes, ...]) -> list[bytes]:
+def _decoded(values: tuple[bytes, ...], escapes: Escapes) -> list[bytes]:
     """Each value and its decoded views: a secret that itself holds `%41` is searched for with `A` there too,
     for a request that escapes some of its other characters shows it decoded, `%41` and all."""
-    return [view for value in values for view in views(value)]
+    return [view for value in values for view in views(value, escapes)]
 
 
 class Inspector:
@@ -49,9 +49,13 @@ class Inspector:
         again (a third of a credential change's cost at 1,000 credentials)."""
         self._values = {s.credential_id: s.values for s in sources}
         self._groups = dict(groups or {})
-        known: dict[tuple[bytes, ...], tuple[bytes, ...]] = previous._forms if previous is not None else {}
+        # The JSON escapes requests are decoded of: those that can spell a character some secret holds.
+        self._escapes = escapes_for(value for values in self._values.values() for value in values)
+        known: dict[tuple[bytes, ...], tuple[bytes, ...]] = (
+            previous._forms if previous is not None and previous._escapes is self._escapes else {})
         self._forms: dict[tuple[bytes, ...], tuple[bytes, ...]] = {
-            values: known.get(values) or tuple(search_forms(_decoded(values))) for values in self._values.values()}
+            values: known.get(values) or tuple(search_forms(_decoded(values, self._escapes)))
+            for values in self._values.values()}
         self._vault = LiteralSearch(form for forms in self._forms.values() for form in forms)
         self._redactions: dict[frozenset[str], Redaction | None] = {}  # by group
         self._by_credential: dict[str, Redaction | None] = {}  # the same, by credential: one lookup a request
@@ -71,7 +75,7 @@ class Inspector:
     def scan(self, data: bytes) -> set[str]:
         """Families found in `data` or its decoded views; empty when clean."""
         found: set[str] = set()
-        for view in views(data):
+        for view in views(data, self._escapes):
             if VAULT_SECRET not in found and self._vault.search(view):
                 found.add(VAULT_SECRET)
             found |= find_key_formats(view)
@@ -81,9 +85,11 @@ class Inspector:
         """What `scan` finds in each named part, for the parts where it finds anything, in one pass over
         them all while they are clean (a request without secrets).
 
-        Decoding is local (no escape holds a separator byte), so a layer of the joined parts is that
-        layer of each part, joined, and the joined parts have each layer that any part has: each view
-        of a part lies, between two separators, inside a view of the joined parts. As nothing matches
+        Decoding is local (no escape holds a separator byte), and whether data is decoded at all depends on
+        whether it holds an escape that makes a view (views.py), which the joined parts do wherever a part
+        does: so each layer a part has is, between two separators, inside that layer of the joined parts
+        (a part without such an escape has no layer but itself, inside the joined parts as sent), and each
+        view of a part lies inside a view of the joined parts. As nothing matches
         across a separator, whatever a part's own scan finds the joined scan finds too, and a clean
         whole proves every part clean. Otherwise each part is scanned alone, so that callers can say where (the joined
         scan may also have found a secret spread over two parts, which no part holds).

@@ -51,9 +51,10 @@ def url_forms(secret: bytes) -> set[bytes]:
 
 def json_forms(secret: bytes) -> set[bytes]:
     """The secret inside a JSON string as `json.dumps` writes it, ASCII-escaped or not, and with the hex
-    digits of its `\\uXXXX` escapes upper-case (.NET, Java). Matched as they are; other spellings are
-    undone before matching: `\\u00XX` and `\\/` by views.py in requests, every JSON string escape by the
-    redactor's second stage in responses."""
+    digits of its `\\uXXXX` escapes upper-case (.NET, Java). Matched as they are, which is all a body whose only
+    escapes are `\\"` and `\\n`-like ones needs; other spellings and mixes are undone before matching: by views.py
+    in requests (every JSON string escape that can spell a character of some vault secret), every JSON string
+    escape by the redactor's second stage in responses."""
     try:
         text = secret.decode()
     except UnicodeDecodeError:

@@ -49,6 +49,19 @@ def test_each_key_format_is_found_alone_and_embedded(family: str, key: str) -> N
     assert inspector().scan(json.dumps({"k": key}).encode()) == {family}  # JSON-escaped newlines in PEM too
 
 
+@pytest.mark.parametrize(("family", "key"), [(f, keys[0]) for f, keys in KEYS.items()
+                                              if f not in ("private_key", "connection_url")])
+def test_a_key_right_after_a_json_escape_stands_alone(family: str, key: str) -> None:
+    """`"line one\\nsk-proj-..."`: the byte before the key is `n`, but the escape stands for a newline, which a body
+    whose only escapes are `\\n` and `\\"` is not decoded of; so for a tab, a non-ASCII character or a surrogate
+    pair. An escape of a letter (`\\u0041`) still joins the key to a word, as `Ask-...` does."""
+    for before in ("\\n", "\\t", "\\r", "\\u4e2d", "\\u00E9", "\\ud83d\\ude00"):
+        body = ('{"text": "here:' + before + key + '"}').encode()
+        assert inspector().scan(body) == {family}, before
+    assert find_key_formats(("x\\u0041" + key).encode()) == set()
+    assert inspector().scan(('{"text": "x\\u0041' + key + '"}').encode()) == set()
+
+
 @pytest.mark.parametrize("text", [
     "pip install sk-learn", "scikit-learn", "task-" + "a" * 40, "risk-" + "B1" * 20, "desk-lamp",
     "sk_test_" + "a1B2" * 6, "rk_test_" + "a1B2" * 6, "AKIA" + "A" * 15, "AKIA" + "a" * 16, "xAKIA" + "B" * 16,

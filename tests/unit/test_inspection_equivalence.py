@@ -44,6 +44,7 @@ KEYS = [key for keys in fake_keys().values() for key in keys]
 PREFIXES = [prefix for fmt in FORMATS for prefix in fmt.prefixes]
 CORPUS = list(clean_corpus().values())
 EDGES = [b"%", b"%2", b"%25", b"%5C", b"%5c", b"%75", b"%30", b"%2F", b"%2f", b"\\", b"\\u00", b"\\u0025", b"\\/",
+         b"\\\\", b'\\"', b"\\t", b"\\u00e4", b"\\u4e2d", b"\\ud83d\\ude00", b"\\ud83d",
          b"/", b"u", b"0", b"-", b"_", b":", b"@", b"\n", b"\\n", b" ", b"\0", b"=", b"x", b"://u:", b"pw@db"]
 
 
@@ -58,9 +59,14 @@ def reference_views(data: bytes) -> list[bytes]:
 
 
 def reference_decode(data: bytes) -> bytes:
-    """One left-to-right pass undoing every `%XX`, ASCII `\\u00XX` and `\\/`."""
-    return re.sub(rb"%([0-9A-Fa-f]{2})|\\u00([0-7][0-9A-Fa-f])|\\/",
-                  lambda m: bytes([int(m[1] or m[2], 16)]) if m[1] or m[2] else b"/", data)
+    """One left-to-right pass undoing every `%XX` and JSON string escape (`json.loads` decodes each), as a JSON
+    parser reads them; nothing when the data holds no `%XX`, `\\\\`, `\\/` or `\\uXXXX` (SOURCES hold control and
+    non-ASCII characters, so the inspector undoes every kind of escape: views.escapes_for)."""
+    if not re.search(rb"%[0-9A-Fa-f]{2}|\\(?:[\\/]|u[0-9A-Fa-f]{4})", data):
+        return data
+    return re.sub(rb'%([0-9A-Fa-f]{2})|\\(["\\/bfnrt]|u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}'
+                  rb'|u(?![dD][89a-fA-F])[0-9a-fA-F]{4})',
+                  lambda m: bytes([int(m[1], 16)]) if m[1] else json.loads(b'"\\' + m[2] + b'"').encode(), data)
 
 
 # Every secret's search forms, of each value as stored and as decoded (the inspector searches both).
@@ -73,8 +79,9 @@ def reference_key_formats(data: bytes) -> set[str]:
     for fmt in FORMATS:
         for match in fmt.pattern.finditer(data):
             start = match.start()
-            if fmt.before == "boundary":
-                accepted = start == 0 or data[start - 1] not in TOKEN_BYTES
+            if fmt.before == "boundary":  # a JSON escape of a control or non-ASCII character is no token byte
+                escape = re.search(rb"\\(?:[bfnrt]|u(?!00[0-7])[0-9A-Fa-f]{4})\Z", data[max(0, start - 6):start])
+                accepted = start == 0 or data[start - 1] not in TOKEN_BYTES or escape is not None
             elif fmt.before == "scheme":
                 accepted = (_SCHEME_BEFORE.search(data, max(0, start - 33), start) is not None
                             and _PLACEHOLDER.fullmatch(match.group(2)) is None)

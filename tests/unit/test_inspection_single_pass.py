@@ -8,6 +8,7 @@ import importlib
 import json
 import random
 import re
+import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -101,6 +102,19 @@ def test_scan_each_finds_exactly_what_scanning_each_part_finds() -> None:
     assert sum(not any(found) for found in per_part) > 300
     assert sum(any(found) for found in per_part) > 300
     assert sum(bool(whole) and not any(found) for whole, found in zip(unsplit, per_part, strict=True)) > 30
+
+
+def test_scan_each_holds_where_every_json_escape_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a secret holding `"`, a control and a non-ASCII character, a pass undoes every JSON escape, and only
+    in data that holds one of those that make a view (`%XX`, `\\\\`, `\\/`, `\\u`): still local, so still exact."""
+    special = (*SECRETS, 'pw"quo\\te\tä-0123'.encode())
+    monkeypatch.setattr(sys.modules[__name__], "SECRETS", special)
+    monkeypatch.setattr(sys.modules[__name__], "EDGES", [*EDGES, b'\\"', b"\\\\", b"\\t", b"\\u00e4", b"\\ud83d",
+                                                         b"\\ude00", b'"', b"\xc3\xa4"])
+    scanner, cases = _scanner(), _requests(3000, seed=31)
+    assert views.escapes_for(special) is views.EVERY
+    assert _mismatches(scanner, cases) == 0
+    assert sum(any(scanner.scan(part) for part in parts) for parts in cases) > 300
 
 
 @pytest.mark.parametrize("separator", [b"", b"-", b"a"])
