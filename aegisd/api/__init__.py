@@ -7,6 +7,7 @@ from urllib.parse import quote
 
 
 def socket_target(path: str | os.PathLike[str]) -> str:
-    """The gRPC target of the control socket at `path`. gRPC percent-decodes a `unix:` target and reads `?` and
-    `#` as URI syntax, so the path is percent-encoded: the socket served and used is then the one checked."""
-    return "unix:" + quote(os.fsencode(path), safe="/")
+    """The gRPC target of the control socket at `path`. gRPC percent-decodes a `unix:` target and reads `?`, `#`
+    and a leading `//` as URI syntax, so the path goes absolute and percent-encoded after an empty authority
+    (`unix:///...`): the socket served and used is then the one checked."""
+    return "unix://" + quote(os.path.abspath(os.fsencode(path)), safe="/")

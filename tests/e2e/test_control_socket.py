@@ -11,6 +11,7 @@ import socket
 import stat
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e.support import assert_failed, status
@@ -182,14 +183,17 @@ def test_socket_flag_overrides_environment(aegis: Aegis) -> None:
     assert aegis.ctl("--socket", str(aegis.socket), "status", "--json", env=elsewhere).code == 0
 
 
-def test_a_socket_path_with_uri_characters_is_the_one_served_and_used(fresh: Aegis) -> None:
+@pytest.mark.parametrize("leading", ["", "/"])
+def test_a_socket_path_with_uri_characters_is_the_one_served_and_used(fresh: Aegis, leading: str) -> None:
     """Found by a cold review: gRPC percent-decodes a `unix:` target, so with `a%41b.sock` aegisd checked and
     secured one path and bound another (`aAb.sock`), and aegisctl checked one and connected to the other; `?`
-    and `#` were read as URI syntax. Both now hand gRPC the path percent-encoded."""
+    and `#` were read as URI syntax, and so (found by the review of that fix) was a path starting `//` (kept by
+    pathlib, e.g. from `$PREFIX/run` with PREFIX=/), as an authority. Both now hand gRPC the path absolute and
+    percent-encoded, after an empty authority."""
     directory = fresh.root / "run"
     directory.mkdir(mode=0o700)
     path = directory / "a%41b?x#y.sock"
-    fresh.env["AEGIS_SOCKET"] = str(path)
+    fresh.env["AEGIS_SOCKET"] = leading + str(path)
     fresh.start()
     assert stat.S_ISSOCK(os.lstat(path).st_mode) and mode(path) == 0o600
     assert sorted(p.name for p in directory.iterdir() if not p.name.endswith(".lock")) == [path.name]
