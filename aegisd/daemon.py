@@ -123,7 +123,8 @@ class Daemon:
             self._manager.stopping()
             event(log, logging.INFO, "aegisd stopping")
             await gate.stop(SHUTDOWN_GRACE_SECONDS)
-            ledger.end_subscriptions()  # every answered request's row is committed: `ledger follow` has them all
+            await ledger.settle()  # the summary rows the gate's stop queued (refusals it left out), committed too
+            ledger.end_subscriptions()  # so `ledger follow` has every row of the run before it ends
             control_running = False
             await control.stop(SHUTDOWN_GRACE_SECONDS)
         finally:

@@ -4,6 +4,7 @@ restore (whose ledger's ids start lower) does not hide the rows written after it
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import queue
@@ -18,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from aegisd.gate.unauthenticated import AGENT_BURST
-from tests.e2e.gate_support import GateWorld
+from tests.e2e.gate_support import GateWorld, request
 from tests.harness import AEGISCTL, Aegis
 
 SECRET = "ghp_followSecret0123456789abcdefXYZ"
@@ -207,6 +208,47 @@ def test_a_stop_ends_follow_after_the_rows_of_the_requests_it_drained() -> None:
             follower.stop()
             assert follower.errors == ["aegisctl: error: aegisd is stopping; this follow has ended\n",
                                        "  next: run it again once aegisd is back\n"], follower.errors
+        aegis.start()  # for the ledger the leak check reads
+        world.assert_no_leaks([*follower.errors])
+    finally:
+        world.close()
+
+
+def test_a_stop_ends_follow_only_after_the_gate_s_summary_rows() -> None:
+    """Found by the review of the fix above: the gate's stop writes the summary row of the refusals it left out
+    (`unauthenticated_flood`), and follow ended before that row committed, so a follower watching for floods
+    missed exactly the flood's record."""
+    world = GateWorld.start()
+    try:
+        aegis = world.aegis
+        with following(aegis, "-n", "0") as follower:
+            for _ in range(30):  # until the subscription is live: one tokenless refusal's row
+                request(world.port, "GET", "/github/warm")
+                with suppress(queue.Empty):
+                    follower.next(timeout=1)
+                    break
+            else:
+                raise AssertionError(f"follow showed nothing: {follower.errors}")
+
+            def refusals(count: int) -> None:
+                connection = http.client.HTTPConnection("127.0.0.1", world.port, timeout=30)
+                for n in range(count):
+                    connection.request("GET", f"/github/flood{n}")
+                    connection.getresponse().read()
+                connection.close()
+
+            threads = [threading.Thread(target=refusals, args=(150,)) for _ in range(6)]  # past BURST, at once
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert aegis.stop() == 0
+            assert follower.proc.wait(10) == 1
+            reasons = []
+            with suppress(queue.Empty):
+                while True:
+                    reasons.append(follower.next(timeout=2)["reason"])
+            assert "unauthenticated_flood" in reasons, reasons[-5:]
         aegis.start()  # for the ledger the leak check reads
         world.assert_no_leaks([*follower.errors])
     finally:
