@@ -195,8 +195,14 @@ class Vault:
     # -- key slots: what opens the vault ------------------------------------------------------------
 
     def verify_passphrase(self, passphrase: str, *, as_of: _Snapshot | None = None) -> None:
-        """Raise WrongPassphrase unless `passphrase` opens the vault; changes nothing (locked stays locked)."""
-        self._open(as_of or self.read_state(), "passphrase", passphrase).wipe()
+        """Raise WrongPassphrase unless `passphrase` opens the vault; changes nothing (locked stays locked).
+        VaultChanged if the vault's key slots changed meanwhile (a passphrase change, a restore): the passphrase
+        proven must be one that opens the vault now, not one replaced while the call waited its turn."""
+        snapshot = as_of or self.read_state()
+        self._open(snapshot, "passphrase", passphrase).wipe()
+        with self._lock:
+            if self.vault_id != snapshot.vault_id or self._slots() != snapshot.slots:
+                raise _changed_meanwhile("the passphrase was being checked")
 
     def change_passphrase(self, current: str, new: str, *, as_of: _Snapshot | None = None) -> None:
         """Wrap the master key under `new` in place of the passphrase slot; `current` must open the vault.

@@ -224,6 +224,19 @@ def test_two_passphrase_changes_at_once_do_not_both_apply(cheap_vault: Vault, mo
     assert not opens_with(cheap_vault, NEW) and not opens_with(cheap_vault, PASSPHRASE)
 
 
+def test_a_passphrase_replaced_while_its_proof_waited_is_not_proof(cheap_vault: Vault) -> None:
+    """Found by a review: verify_passphrase (adopting an older vault, updating a credential) compared nothing once
+    it had derived, so an old passphrase, its call queued behind the change that replaced it (`as_of` read as the
+    call came in), still proved the operator's consent after the change had committed."""
+    queued = cheap_vault.read_state()
+    cheap_vault.change_passphrase(PASSPHRASE, NEW)
+    with pytest.raises(FailedPrecondition) as refused:
+        cheap_vault.verify_passphrase(PASSPHRASE, as_of=queued)
+    assert refused.value.reason == "vault_changed"
+    assert "the vault changed while the passphrase was being checked" in refused.value.message
+    cheap_vault.verify_passphrase(NEW, as_of=cheap_vault.read_state())  # the current one still proves it
+
+
 def test_a_lock_during_a_key_change_wipes_its_key_and_fails_it(cheap_vault: Vault,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """lock() does not wait for a change's derivation: it wipes the master key copy the change holds, and the
