@@ -9,14 +9,13 @@ import errno
 import os
 import pwd
 import stat
-import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+from aegisd.api.accounts import DYNAMIC_UIDS, system_account, uid_min
+
 SYSTEM_SOCKET = Path("/run/aegis/aegisd.sock")
-LOGIN_DEFS = Path("/etc/login.defs")
-DYNAMIC_UIDS = range(61184, 65520)  # systemd's DynamicUser= uids (systemd.exec(5))
 
 
 MAX_LINKS = 40  # symbolic links followed on the way to the socket, as the kernel allows in one lookup
@@ -158,29 +157,6 @@ def service_directory(here: Path, info: os.stat_result) -> None:
         who = " and ".join(w for w, bit in (("group", 0o020), ("world", 0o002)) if mode & bit)
         raise UnsafePath(f"{whose}, and is {who}-writable (mode {mode:04o}), so others than its owner could have "
                          "put a server of their own there")
-
-
-def system_account(uid: int) -> bool:
-    """A uid that no one logs in as: below UID_MIN (where useradd starts login users), or one systemd hands out
-    to a DynamicUser= service for as long as it runs."""
-    return uid < uid_min() or uid in DYNAMIC_UIDS
-
-
-def uid_min() -> int:
-    """The first uid of login users: UID_MIN in /etc/login.defs, else the platform's (1000; 501 on macOS, whose
-    system accounts are below it)."""
-    default = 501 if sys.platform == "darwin" else 1000
-    try:
-        with open(LOGIN_DEFS, "rb") as fh:
-            text = fh.read(1 << 16).decode("utf-8", "replace")
-    except OSError:
-        return default
-    found = default
-    for line in text.splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0] == "UID_MIN" and words[1].isdigit():
-            found = int(words[1])
-    return found
 
 
 def _passable(directory: Path, trusted: set[int]) -> None:

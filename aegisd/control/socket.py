@@ -16,6 +16,8 @@ import socket
 import stat
 from pathlib import Path
 
+from aegisd.api.accounts import system_account
+
 MAX_UNIX_PATH = 107
 MAX_LINKS = 40  # symbolic links followed on the way to the socket's directory, as the kernel allows in one lookup
 # What to do about a socket directory aegisd must not use and must not change (another user's, a shared /tmp).
@@ -44,15 +46,24 @@ def group_blocker(directory: Path, gid: int) -> tuple[Path, os.stat_result] | No
     return None
 
 
-def group_reach_problem(socket_path: Path, group: str, data_dir: Path) -> tuple[str, str] | None:
-    """(what is wrong, what to do) when members of the socket group cannot reach the socket because a directory
-    on the way (above the socket's own, one aegisd did not create and so did not change) does not let them pass;
-    else None. aegisd logs it as a warning at start and `aegisctl doctor`'s `socket` check warns with the same
-    words."""
+def group_reach_problem(socket_path: Path, group: str, data_dir: Path,
+                        uid: int | None = None) -> tuple[str, str] | None:
+    """(what is wrong, what to do) when members of the socket group cannot use the socket: aegisd runs as (`uid`,
+    by default its own) a login user, whose socket directory their aegisctl refuses (only root's, theirs or a
+    system account's is trusted: another login user could be serving there), or a directory on the way (above the
+    socket's own, one aegisd did not create and so did not change) does not let them pass; else None. aegisd logs
+    it as a warning at start and `aegisctl doctor`'s `socket` check warns with the same words."""
     try:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
         return None  # refused at start
+    uid = os.geteuid() if uid is None else uid
+    if uid != 0 and not system_account(uid):
+        return (f"members of socket group {group} cannot use the control socket {socket_path}: aegisd runs as "
+                f"{_user_name(uid)} (uid {uid}), a login user, and aegisctl trusts another user's socket "
+                "directory only if root or a system account (a service's) owns it"), (
+                "run aegisd as a system account, as the packaged service does (systemd DynamicUser=, or a user made "
+                "with useradd --system), or have each operator run aegisctl as this user")
     found = group_blocker(socket_path.parent, gid)
     if found is None:
         return None

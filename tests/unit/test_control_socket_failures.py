@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import grp
 import os
 import socket
 import stat
@@ -13,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from aegisd.api import accounts
 from aegisd.control.server import ControlServer
-from aegisd.control.socket import ControlSocket, SocketError
+from aegisd.control.socket import ControlSocket, SocketError, group_reach_problem
 
 
 def test_a_directory_at_the_lock_path_is_a_socket_error(tmp_path: Path) -> None:
@@ -86,3 +88,27 @@ def test_a_socket_directory_of_another_user_gets_no_chmod_advice(tmp_path: Path,
         ControlSocket(run / "aegisd.sock").prepare()
     message = str(caught.value)
     assert "belongs to uid" in message and "chmod" not in message and "directory of its own" in message, message
+
+
+def test_a_socket_group_under_a_login_user_s_aegisd_is_warned_about(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    """Found by a review: aegisctl trusts another user's socket directory only if root or a system account owns it,
+    so with aegisd run as a login user every member of the socket group was refused, while aegisd and doctor
+    (which share group_reach_problem) said nothing. Run as such a user (uid 12345 here; this suite runs aegisd as
+    root), the check now names the cause; as root, or as a service's account, it does not."""
+    defs = tmp_path / "login.defs"
+    defs.write_text("UID_MIN 1000\n")
+    monkeypatch.setattr(accounts, "LOGIN_DEFS", defs)
+    group = grp.getgrgid(os.getgid()).gr_name
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    socket_path = run / "aegisd.sock"
+    found = group_reach_problem(socket_path, group, tmp_path, uid=12345)
+    assert found is not None
+    problem, fix = found
+    assert f"members of socket group {group} cannot use the control socket {socket_path}" in problem
+    assert "(uid 12345), a login user" in problem and "system account" in problem
+    assert "run aegisd as a system account" in fix
+    for uid in (0, 990, 61234):  # root, a system account, systemd's DynamicUser= range
+        other = group_reach_problem(socket_path, group, tmp_path, uid=uid)  # pytest's 0700 tmp may block the group
+        assert other is None or "a login user" not in other[0], other

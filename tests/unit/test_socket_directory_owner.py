@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from aegisctl import paths
-from aegisctl.paths import UnsafePath, safe_directory, system_account, uid_min
+from aegisctl.paths import UnsafePath, safe_directory
+from aegisd.api import accounts
+from aegisd.api.accounts import DYNAMIC_UIDS, system_account, uid_min
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another uid needs root")
 
@@ -28,7 +29,7 @@ def login_defs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """UID_MIN 1000, as most distributions set it, whatever this machine's /etc/login.defs says."""
     defs = tmp_path / "login.defs"
     defs.write_text("UID_MIN\t\t\t 1000\nUID_MAX\t\t\t60000\n")
-    monkeypatch.setattr(paths, "LOGIN_DEFS", defs, raising=False)
+    monkeypatch.setattr(accounts, "LOGIN_DEFS", defs)
     return defs
 
 
@@ -44,7 +45,7 @@ def directory_of(parent: Path, uid: int, mode: int) -> Path:
 
 
 @pytest.mark.parametrize(("uid", "mode"), [
-    (SYSTEM_USER, 0o750), (DYNAMIC_USER, 0o750), (paths.DYNAMIC_UIDS.start, 0o700), (paths.DYNAMIC_UIDS[-1], 0o755),
+    (SYSTEM_USER, 0o750), (DYNAMIC_USER, 0o750), (DYNAMIC_UIDS.start, 0o700), (DYNAMIC_UIDS[-1], 0o755),
 ])
 def test_a_system_accounts_directory_closed_to_others_passes(tmp_path: Path, uid: int, mode: int) -> None:
     """The packaged layouts: /run/aegis owned by the service's dynamic or system uid, 0750 in the socket group."""
@@ -52,7 +53,7 @@ def test_a_system_accounts_directory_closed_to_others_passes(tmp_path: Path, uid
     assert safe_directory(run) == run
 
 
-@pytest.mark.parametrize("uid", [LOGIN_USER, 1000, 65534, paths.DYNAMIC_UIDS.start - 1, paths.DYNAMIC_UIDS[-1] + 1])
+@pytest.mark.parametrize("uid", [LOGIN_USER, 1000, 65534, DYNAMIC_UIDS.start - 1, DYNAMIC_UIDS[-1] + 1])
 def test_a_login_users_directory_is_refused_saying_why_and_what_to_do(tmp_path: Path, uid: int) -> None:
     """The review's repro: another user's home (0750 or 0755) in root's /home. That user could serve there."""
     home = directory_of(tmp_path / "home", uid, 0o750)
@@ -87,6 +88,6 @@ def test_uid_min_comes_from_login_defs(tmp_path: Path, monkeypatch: pytest.Monke
     assert system_account(499) and not system_account(500) and system_account(61184)
     login_defs.write_text("UID_MIN lots\n")  # not a number: the default
     assert uid_min() == default
-    monkeypatch.setattr(paths, "LOGIN_DEFS", tmp_path / "none")
+    monkeypatch.setattr(accounts, "LOGIN_DEFS", tmp_path / "none")
     assert uid_min() == default
     assert not system_account(default) and not system_account(65534) and system_account(0)

@@ -1,0 +1,33 @@
+"""Which local accounts are a service's: aegisctl trusts another user's socket directory only if a system account
+owns it, and aegisd, run with a socket group, warns when it runs as a login user, whose socket aegisctl refuses."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+LOGIN_DEFS = Path("/etc/login.defs")
+DYNAMIC_UIDS = range(61184, 65520)  # systemd's DynamicUser= uids (systemd.exec(5))
+
+
+def system_account(uid: int) -> bool:
+    """A uid that no one logs in as: below UID_MIN (where useradd starts login users), or one systemd hands out
+    to a DynamicUser= service for as long as it runs."""
+    return uid < uid_min() or uid in DYNAMIC_UIDS
+
+
+def uid_min() -> int:
+    """The first uid of login users: UID_MIN in /etc/login.defs, else the platform's (1000; 501 on macOS, whose
+    system accounts are below it)."""
+    default = 501 if sys.platform == "darwin" else 1000
+    try:
+        with open(LOGIN_DEFS, "rb") as fh:
+            text = fh.read(1 << 16).decode("utf-8", "replace")
+    except OSError:
+        return default
+    found = default
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "UID_MIN" and words[1].isdigit():
+            found = int(words[1])
+    return found
