@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aegisd.api import socket_target
+from aegisd.api import listen_target
 from aegisd.api.aegis.v1 import (
     agents_pb2_grpc,
     backup_pb2_grpc,
@@ -64,7 +64,7 @@ class ControlServer:
     async def start(self) -> None:
         self.socket.prepare()
         try:
-            self._server.add_insecure_port(socket_target(self.socket.path))
+            self._server.add_insecure_port(listen_target(self.socket.path))
         except RuntimeError as exc:
             self.socket.release()
             raise SocketError(f"cannot listen on {self.socket.path}: {exc}") from None
