@@ -356,9 +356,13 @@ class GatePipeline:
 
     def _readmit(self, request: GateRequest, x: Exchange, service: str, rest: str, query: str) -> Admission:
         """Steps 1-7 again, the quota taken under the old admission given back first."""
-        x.flags = x.reason = ""  # only steps 6 and 7 have written them so far
+        earlier, x.flags, x.reason = x.flags, "", ""  # written again by steps 6-8 if the request goes on
         x.judged_ms = time.time_ns() // 1_000_000  # as a fresh request would be now: expiry, time windows
-        admitted = self._admit(request, x, service, rest, query)
+        try:
+            admitted = self._admit(request, x, service, rest, query)
+        except Refusal:  # what step 8 found before (a warn-mode finding) stays on the refused request's row
+            x.flags = ",".join(dict.fromkeys(filter(None, f"{earlier},{x.flags}".split(","))))
+            raise
         self.limits.readmit(x, admitted.agent, admitted.route, admitted.verdict)
         return admitted
 
@@ -573,7 +577,7 @@ class GatePipeline:
                 # Only a plain answer to an HTTP/1.0 agent may be held up to WHOLE_ANSWER_MAX: the upstream sent
                 # every byte of it. What the gate decodes is held whole only up to WHOLE_DECODED_MAX.
                 cap = WHOLE_ANSWER_MAX if not request.http11 and not redactor.decodes else WHOLE_DECODED_MAX
-                redactor.refuse_undeclared_compression(body, cap)
+                redactor.refuse_undeclared_compression(body, WHOLE_DECODED_MAX)  # decodes: never past this
                 parts, rest = await _redacted_upto(redactor, body, cap)
                 if rest is not None and not request.http11:
                     raise Refusal(502, "upstream_error", f"the upstream's answer decodes to more than {cap} bytes, "
@@ -777,9 +781,11 @@ def _ambiguous(route: Route, host: str, port: int | None, scheme: str | None,
 def _asked(inspector: Inspector, requested: str, host: str, port: int | None, scheme: str | None) -> str:
     """A refused target host for its row: as the gate read it (lowercase, IDNA A-labels; an allowed one is recorded
     so too), unless what the agent sent holds a secret. Secrets are found as sent, case and all, and lowercasing
-    `SK-Live-...` would hide it from the masking: then the row gets what was sent, masked."""
+    `SK-Live-...` would hide it from the masking: then the row gets what was sent, masked. The form read is masked
+    too (a lowercase secret sent in capitals): the row's own masking does not run for a request refused only when
+    judged again after step 8."""
     sent = masked(inspector, requested)
-    return target_text(host, port, scheme) if sent == requested else sent
+    return masked(inspector, target_text(host, port, scheme)) if sent == requested else sent
 
 
 def _netloc(scheme: str, host: str, port: int) -> str:

@@ -15,10 +15,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from aegisd.gate.admission import GateLimits
 from aegisd.gate.front_door import check_host_header, split_target
 from aegisd.gate.headers import agent_headers, inbound_headers
-from aegisd.gate.pipeline import Exchange, GatePipeline
+from aegisd.gate.pipeline import Exchange, GatePipeline, _asked
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import AgentEntry, Route, build_route
-from aegisd.inspection import Inspector
+from aegisd.inspection import Inspector, SecretSource
 from aegisd.metrics import GateMetrics
 from aegisd.vault.credentials import Credential
 from aegisd.vault.crypto import keyed_hasher
@@ -249,3 +249,14 @@ def test_metrics_exposition() -> None:
     assert 'aegis_request_duration_seconds_bucket{le="+Inf",service="svc"} 2.0' in text
     assert 'aegis_request_duration_seconds_sum{service="svc"} 31.0005' in text
     assert "# TYPE aegis_requests_total counter" in text and "# TYPE aegis_request_duration_seconds histogram" in text
+
+
+def test_a_refused_target_host_is_masked_in_the_form_the_gate_read_too() -> None:
+    """Found by the review of dbd7e10: a lowercase secret sent in capitals (`0123...ABCDEF.example.com`) is no
+    finding as sent, and the form the gate read (lowercase) went to the row unmasked; the row's own masking does
+    not run for a request refused only when judged again after step 8. Both forms are masked now."""
+    secret = "0123456789abcdef0123456789abcdef"
+    inspector = Inspector([SecretSource("c1", (secret.encode(),))])
+    asked = _asked(inspector, f"{secret.upper()}.example.com", f"{secret}.example.com", None, "https")
+    assert secret not in asked.lower() and "[REDACTED]" in asked, asked
+    assert _asked(inspector, "Evil.Example", "evil.example", None, None) == "evil.example"
