@@ -15,6 +15,7 @@ import contextlib
 import functools
 import http.client
 import ipaddress
+import itertools
 import json
 import socket
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from aegisd.config import load_config
 from tests.harness import PASSPHRASE, Aegis, free_port, new_aegis
 from tests.upstreams import PKI, Upstream, make_pki
 
@@ -316,12 +318,44 @@ class GateWorld:
         return row
 
     def assert_no_leaks(self, extra: Iterable[str] = ()) -> None:
-        """No secret or live token in any output, the log, the data dir, the ledger or the replies."""
+        """No secret or live token in any output, the log, the data dir, the ledger, the replies or the metrics."""
         if self._ledger_text is None:
             self.ledger()
         ledger_json = self._ledger_text or ""
         self.aegis.assert_no_leaks([*self.secrets, *self.tokens.values()],
-                                   extra_text=[*self.received, ledger_json, *extra])
+                                   extra_text=[*self.received, ledger_json, self.metrics_text(), *extra])
+
+    def metrics_text(self) -> str:
+        """The running daemon's /_aegis/metrics page ("" when no daemon runs, or its settings turn metrics off).
+
+        Whether they are on is read from the settings the daemon itself started with ([gate] metrics in the config
+        file its environment or --config names; on by default), so a daemon that should serve the page and answers
+        404 fails here, and one with them off is not sent a request (its 404 would add a ledger row)."""
+        proc = self.aegis.proc
+        if proc is None or proc.poll() is not None or not _metrics_enabled(proc.pid):
+            return ""
+        reply = request(self.port, "GET", "/_aegis/metrics")
+        assert reply.status == 200, reply.text()
+        return reply.body.decode("utf-8", "replace")
+
+
+def _metrics_enabled(pid: int) -> bool:
+    """Whether the aegisd process `pid` serves /_aegis/metrics: its settings resolved as it resolved them at
+    start, from its own environment and --config flag (a relative path being its working directory's)."""
+    proc = Path(f"/proc/{pid}")
+    cwd = proc.joinpath("cwd").readlink()
+    environ: dict[str, str] = {}
+    for entry in proc.joinpath("environ").read_bytes().decode("utf-8", "surrogateescape").split("\0"):
+        name, _, value = entry.partition("=")
+        environ[name] = value
+    flags: dict[str, str] = {}
+    argv = proc.joinpath("cmdline").read_bytes().decode("utf-8", "surrogateescape").split("\0")
+    for arg, following in itertools.pairwise(argv):  # (it ends in a NUL: the last is '')
+        if arg == "--config" or arg.startswith("--config="):
+            flags["config"] = str(cwd / (following if arg == "--config" else arg.removeprefix("--config=")))
+    if environ.get("AEGIS_CONFIG"):
+        environ["AEGIS_CONFIG"] = str(cwd / environ["AEGIS_CONFIG"])
+    return load_config(flags, environ).metrics_enabled
 
 
 class ScriptedUpstream:

@@ -525,21 +525,56 @@ def test_crafted_backups_are_refused_with_invalid_backup_and_change_nothing(worl
     world.assert_no_leaks(outputs)
 
 
+class CountedReads:
+    """A file tarfile opened, counting what is read from it: the bytes, and the furthest offset a read reached."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.read_bytes = 0
+        self.furthest = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._real.read(size)
+        self.read_bytes += len(data)
+        self.furthest = max(self.furthest, self._real.tell())
+        return data
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, close, name, mode...
+        return getattr(self._real, name)
+
+
 @pytest.mark.parametrize("name", ["signed", "twosize", "dirsize"])
-def test_aegisctl_reading_every_member_stops_at_an_oversized_tar_header(tmp_path: Path, name: str) -> None:
+def test_aegisctl_reading_every_member_stops_at_an_oversized_tar_header(tmp_path: Path, name: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by a cold review: aegisctl's hand-written walk of the headers stopped where tarfile went on, so
     `aegisctl backup`'s check of the whole file (verify_archive) parsed a 40k-digit PAX header after the
-    manifest for seconds. tarfile's own parsing is now bounded, wherever the header is."""
+    manifest for seconds. tarfile's own parsing is now bounded, wherever the header is: counted, not timed, the
+    oversized header's own block is the last thing read, and not one byte of its 40,000 is."""
     parts = {"manifest.json": json.dumps({"format": "aegis-backup"}).encode(), "vault.db": b"v", "ledger.db": b"l"}
     path = tmp_path / f"{name}.backup"
-    path.write_bytes(hidden_bombs(parts)[name])
+    data = hidden_bombs(parts)[name]
+    path.write_bytes(data)
     assert read_manifest(path)["format"] == "aegis-backup"  # the manifest itself is fine
-    started = time.monotonic()
+    payload = data.index(b"1" * 40000)  # where the oversized header's records start, right after its own block
+    assert len(data) > payload + 40000
+    opened: list[CountedReads] = []
+
+    def counted_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> CountedReads:
+        opened.append(CountedReads(open(file, mode, *args, **kwargs)))  # noqa: SIM115 - tarfile closes it
+        return opened[-1]
+
+    monkeypatch.setattr(tarfile, "bltn_open", counted_open)
     with pytest.raises(ClientError) as refused:
         verify_archive(path)
-    assert time.monotonic() - started < 1.0
     assert refused.value.reason == "invalid_backup"
     assert "extended tar header of 40000 bytes" in refused.value.message
+    assert len(opened) == 2  # read_manifest's look, then the walk over every member
+    walk = opened[-1]
+    assert walk.furthest == payload, (walk.furthest, payload, len(data))  # reached the header, read none of it
+    # Nothing past it either, in either pass; a small extended header is read twice (aegisctl's look for GNU
+    # sparse records, then tarfile's parse), so a pass may read a block more than it passes over.
+    for counted in opened:
+        assert counted.furthest <= payload and counted.read_bytes <= payload + tarfile.BLOCKSIZE, vars(counted)
 
 
 def test_a_vault_open_in_another_process_stops_the_restore_before_the_ledger_is_replaced(world: GateWorld) -> None:

@@ -99,6 +99,8 @@ def test_a_webhook_secret_printed_to_a_closed_or_full_stdout_fails_saying_how_to
         assert_failed(result, why, f"webhook {hook} was added", "its signing secret was not delivered",
                       f"next: remove it (`aegisctl webhook remove {hook} --yes`) and add it again")
         assert len(result.err.splitlines()) == 2, result.err
+        # Nor the secret itself, anywhere it could be read later.
+        assert "whsec_" not in result.err and "whsec_" not in unlocked.log(), result.err
         unlocked.ctl_in_process("webhook", "remove", hook, "--yes").ok()
 
 

@@ -212,12 +212,19 @@ def test_secret_is_never_taken_from_argv(shared: Aegis) -> None:
 
 
 def test_bad_secrets_are_refused(shared: Aegis) -> None:
-    assert_failed(shared.ctl_in_process(*add("huge"), input="x" * 20000 + "\n"), "longer than")
-    for secret in ("   ", "  sk-lead-and-trail  ", "sk-trailing-tab\t", "sk-with-\x01-control", "sk-del-\x7f"):
+    huge = "sk-huge-" + "x" * 20000
+    assert_failed(shared.ctl_in_process(*add("huge"), input=huge + "\n"), "longer than")
+    odd = ("   ", "  sk-lead-and-trail  ", "sk-trailing-tab\t", "sk-with-\x01-control", "sk-del-\x7f")
+    for secret in odd:
         assert_failed(shared.ctl_in_process(*add("odd"), input=secret + "\n"), "the secret")
     assert_failed(shared.ctl_in_process("vault", "rotate", "taken", "--secret-stdin", input=" sk-rotated-lead\n"),
                   "whitespace")
     assert names_in_process(shared) == ["taken"]
+    # Refused, and quoted nowhere: neither whole nor trimmed, nor up to the character that got it refused (the
+    # whitespace-only one has nothing to look for that other text could not hold).
+    quoted = [huge[:64], *(s for s in odd if s.strip()), *(s.strip() for s in odd if s.strip()),
+              "sk-with-", "sk-del-", " sk-rotated-lead", "sk-rotated-lead"]
+    shared.assert_no_leaks([PASSPHRASE, SECRET, *quoted])
 
 
 def test_invisible_and_c1_control_characters_in_a_secret_are_refused(shared: Aegis) -> None:

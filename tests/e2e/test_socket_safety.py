@@ -149,6 +149,7 @@ def test_a_swapped_socket_in_a_group_writable_directory_gets_no_passphrase(aegis
         real.rename(aegis.socket)
         os.chmod(run, 0o700)
     assert status(aegis)["state"] == "uninitialized"
+    aegis.assert_no_leaks([PASSPHRASE])
 
 
 def test_a_symlink_at_the_socket_path_is_refused(aegis: Aegis) -> None:

@@ -3,64 +3,22 @@ repeated after a PEM header: 509 bytes took 7.6 s), and it runs on the event loo
 query and headers, even a tokenless one while the vault is locked. Every key format must do work that grows
 linearly with the data, whatever the data.
 
-No wall-clock limits: each input is timed at 1 KiB and at 16 KiB in the same run, and the ratio must stay far
-below a quadratic's 256 (linear is about 16). A CPU-time guard turns a scan that never ends into a failure.
+That is checked by `python -m bench.inspection_linear`, which times every crafted case at 1 KiB and 16 KiB:
+unit tests assert no times, and the work that matters (the regex engine's backtracking inside one `re` call)
+is not one anything outside the engine can count. What stays here is what the rewritten pattern must still
+find, and that a near miss is no match; a CPU-time guard turns a scan that never ends into a failure rather
+than a hang (it bounds nothing a linear scan comes near: one of these takes well under a millisecond).
 """
 
 from __future__ import annotations
 
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
+from aegisd.inspection.key_formats import find_key_formats
 
-from aegisd.inspection.key_formats import FORMATS, find_key_formats
-
-SMALL, LARGE = 1024, 16 * 1024
-RATIO_MAX = 64  # linear: ~16; quadratic: 256; the old private-key pattern: never finished
-GUARD_CPU_S = 5.0  # a linear scan of 16 KiB takes about a millisecond
-
-
-def _repeat(head: bytes, unit: bytes, tail: bytes = b"") -> Callable[[int], bytes]:
-    """`head`, then `unit` repeated to about `size` bytes, then `tail`."""
-    return lambda size: head + unit * max(1, (size - len(head)) // len(unit)) + tail
-
-
-PEM = b"-----BEGIN PRIVATE KEY-----"
-# The worst repeats found for each format: a prefix over and over, a prefix followed by almost a key, and
-# for the private key every run its pattern has (header values, gaps, names, words) made long or repeated.
-CRAFTED: dict[str, Callable[[int], bytes]] = {
-    "pem 'a: ' after the header (the review's)": _repeat(PEM + b"\n", b"a: ", b"!"),
-    "pem 'a: ' after the header, JSON-escaped": _repeat(PEM + b"\\n", b"a: ", b"!"),
-    "pem 'a: ' after a space": _repeat(PEM + b" ", b"a: "),
-    "pem header and 'a: ' on one line, repeated": _repeat(b"", PEM + b" a: "),
-    "pem header and 'a: x' lines, repeated": _repeat(b"", PEM + b"\na: x\n"),
-    "pem spaces in a header value": _repeat(PEM + b"\na: ", b" ", b"!"),
-    "pem tabs and spaces": _repeat(PEM + b"\na: x", b" \t", b"!"),
-    "pem escaped line breaks": _repeat(PEM, b"\\r\\n", b"!"),
-    "pem dashes in a value": _repeat(PEM + b"\na: ", b"-x"),
-    "pem four dashes in a value": _repeat(PEM + b"\na: ", b"----x"),
-    "pem words of almost a key": _repeat(PEM + b"\na: ", b"x" * 39 + b" "),
-    "pem header-like words": _repeat(PEM + b"\na: ", b"b: "),
-    "pem long header names": _repeat(b"", PEM + b"\n" + b"-a" * 40),
-    "pem long header lines": _repeat(b"", PEM + b"\na: " + b"x" * 300 + b"\n"),
-    "pem words before PRIVATE": _repeat(b"", b"-----BEGIN A B C "),
-    "pem upper-case runs": _repeat(b"", b"-----BEGIN " + b"A" * 50),
-    "sk- almost a key": _repeat(b"", b"sk-" + b"a" * 31 + b"_ "),
-    "sk-ant- almost a key": _repeat(b"", b"sk-ant-ab12-" + b"a" * 20 + b" "),
-    "sk- run ending in a dash": _repeat(b"", b"sk-" + b"a" * 60 + b"- "),
-    "ghp_ run ending in an underscore": _repeat(b"", b"ghp_" + b"a" * 40 + b"_ "),
-    "xoxb- digits without a dash": _repeat(b"", b"xoxb-" + b"1" * 30 + b" "),
-    "AKIA run": _repeat(b"", b"AKIA" + b"A" * 17 + b" "),
-    "connection url user runs": _repeat(b"", b"a://" + b"u" * 30 + b" "),
-    "connection url colons": _repeat(b"a://u", b":"),
-    "connection url placeholders": _repeat(b"", b"ab://u:****@h "),
-    "connection url without a scheme": _repeat(b"", b"_://u:pw@h "),
-}
-CASES = {**CRAFTED, **{f"{prefix.decode()} repeated": _repeat(b"", prefix)
-                       for fmt in FORMATS for prefix in fmt.prefixes}}
+GUARD_CPU_S = 5.0
 
 
 class _TooSlow(Exception):
@@ -80,29 +38,6 @@ def _cpu_guard(what: str) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_VIRTUAL, 0)
         signal.signal(signal.SIGVTALRM, previous)
-
-
-def _cpu_per_call(scan: Callable[[bytes], object], data: bytes) -> float:
-    """CPU seconds per call: the least over three rounds, each long enough (1 ms) to time reliably."""
-    best = float("inf")
-    for _ in range(3):
-        calls, start = 0, time.process_time()
-        while (elapsed := time.process_time() - start) < 0.001 or not calls:
-            scan(data)
-            calls += 1
-        best = min(best, elapsed / calls)
-    return best
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_key_formats_scan_in_linear_time(name: str) -> None:
-    """Through find_key_formats: its one-by-one prefix confirmation for a few occurrences, every format's
-    whole-data scan for many."""
-    make = CASES[name]
-    with _cpu_guard(name):
-        small = _cpu_per_call(find_key_formats, make(SMALL))
-        large = _cpu_per_call(find_key_formats, make(LARGE))
-    assert large / small < RATIO_MAX, f"{name}: 16x the data took {large / small:.0f}x the time"
 
 
 def test_pem_keys_are_still_found_in_every_layout() -> None:
