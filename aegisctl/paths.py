@@ -13,8 +13,6 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from aegisd.api.accounts import DYNAMIC_UIDS, system_account, uid_min
-
 SYSTEM_SOCKET = Path("/run/aegis/aegisd.sock")
 
 
@@ -143,6 +141,9 @@ def service_directory(here: Path, info: os.stat_result) -> None:
     nobody but that owner able to write it, inside a directory nobody else can write (one of root's or this user's,
     as safe_directory's walk has made sure). Never a login user's (their home, say), however closed the path to it:
     that user could be serving there and take what aegisctl sends. UnsafePath says which rule it breaks."""
+    # Imported here: the MCP bridge imports this module and, an agent, loads nothing of aegisd's at start.
+    from aegisd.api.accounts import DYNAMIC_UIDS, system_account, uid_min
+
     whose = f"its directory {here} belongs to {owner(info.st_uid)}, not to you or root"
     parent = _lstat(here.parent)
     if parent.st_mode & 0o022:
