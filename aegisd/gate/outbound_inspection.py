@@ -92,7 +92,7 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
     if body:
         encoding = content_encodings(request.headers)
         try:
-            if len(body) > INLINE_BODY_MAX:
+            if len(body) > INLINE_BODY_MAX or inspector.slow_to_scan(body):
                 raise _LargerThanInline()
             # Inline, a compressed body decoded only while it and its decoded text (and members) together fit
             # INLINE_BODY_MAX: a small one never waits in the threads' queue behind other agents' large bodies.
@@ -166,6 +166,8 @@ def _inspect_body(inspector: Inspector, body: bytes, content_encoding: str, limi
     """The families found in the body as sent and decompressed, and why it cannot be inspected, if it cannot.
     With `inline_max`, _LargerThanInline once the body and its decoded text would pass it (nothing scanned yet)."""
     decoded, problem = _decoded(body, content_encoding, limit, inline_max)
+    if inline_max is not None and any(map(inspector.slow_to_scan, decoded)):
+        raise _LargerThanInline()
     families = inspector.scan(body)
     for reading in decoded:
         families |= inspector.scan(reading)

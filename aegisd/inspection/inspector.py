@@ -15,7 +15,7 @@ from aegisd.inspection.key_formats import find_key_formats
 from aegisd.inspection.literal_matcher import LiteralSearch
 from aegisd.inspection.redactor import Redaction
 from aegisd.inspection.secret_forms import redaction_forms, search_forms
-from aegisd.inspection.views import Escapes, escapes_for, views
+from aegisd.inspection.views import Escapes, escapes_for, slow_to_decode, views
 
 VAULT_SECRET = "vault_secret"  # noqa: S105 - a family name, not a password
 # What `scan_each` puts between parts. No view spans it: percent and JSON escapes contain neither byte.
@@ -80,6 +80,11 @@ class Inspector:
                 found.add(VAULT_SECRET)
             found |= find_key_formats(view)
         return found
+
+    def slow_to_scan(self, data: bytes) -> bool:
+        """Whether scanning `data` may take a Python step per escape (views.slow_to_decode): the gate then
+        inspects it in a worker thread however small it is."""
+        return slow_to_decode(data, self._escapes)
 
     def scan_each(self, parts: Mapping[str, bytes]) -> dict[str, set[str]]:
         """What `scan` finds in each named part, for the parts where it finds anything, in one pass over

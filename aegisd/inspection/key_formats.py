@@ -6,7 +6,8 @@ matches are exactly a `finditer` scan's (a regex scan per format costs ~50 µs p
 were most of a large body's inspection). The boundary before a key (no token character, so `task-…`
 or the inside of a base64url blob never count) is checked in Python: a leading look-behind would
 defeat the regex engine's literal-prefix scan in the whole-data fallback. A JSON escape of a control or non-ASCII
-character right before a key (`\\nsk-…`) counts as no token character, as the character it stands for.
+character right before a key (`\\nsk-…`) counts as no token character, as the character it stands for, when its
+backslash is not itself escaped (`\\\\nsk-…` is a backslash and the text `nsk-…`).
 
 Every pattern is bounded: a match attempt reads at most a few KiB past where it starts (runs of key
 characters past 512 are not keys), so the whole-data fallback scans large data in windows, each one
@@ -20,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from aegisd.inspection.literal_matcher import LiteralScanner
+from aegisd.inspection.views import backslashes_before
 
 TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 FAMILIES = ("anthropic_key", "openai_key", "github_token", "slack_token", "aws_access_key", "google_api_key",
@@ -28,6 +30,7 @@ FAMILIES = ("anthropic_key", "openai_key", "github_token", "slack_token", "aws_a
 # A JSON escape right before a key that stands for no token character though it ends in a letter or hex digit:
 # a control character's (`\n`) or a non-ASCII one's (`\u00e9`, `\u4e2d`). views.py leaves such escapes in data
 # that holds no other kind (a JSON body whose only escapes are `\n` and `\"`), so a key after one stands alone.
+# Only an escape, though: after an even number of backslashes (`dir\\nsk-…`, the text `dir\nsk-…`, one token).
 _ESCAPE_BEFORE = re.compile(rb"\\(?:[bfnrt]|u(?!00[0-7])[0-9A-Fa-f]{4})\Z")
 _SCHEME_BEFORE = re.compile(rb"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]{1,31}\Z")
 _SCHEME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+.-")
@@ -165,8 +168,10 @@ def _add(found: set[str], fmt: KeyFormat, match: re.Match[bytes], data: bytes) -
 def _accepted(fmt: KeyFormat, match: re.Match[bytes], data: bytes) -> bool:
     start = match.start()
     if fmt.before == "boundary":
-        return (start == 0 or data[start - 1] not in TOKEN_BYTES
-                or _ESCAPE_BEFORE.search(data, max(0, start - 6), start) is not None)
+        if start == 0 or data[start - 1] not in TOKEN_BYTES:
+            return True
+        escape = _ESCAPE_BEFORE.search(data, max(0, start - 6), start)
+        return escape is not None and backslashes_before(data, 0, escape.start()) % 2 == 0
     if fmt.before == "scheme":  # a scheme right before (the pattern refused placeholder passwords)
         if start == 0 or data[start - 1] not in _SCHEME_BYTES:
             return False

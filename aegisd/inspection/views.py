@@ -14,8 +14,9 @@ escape, are left as they are.
 
 What a pass can skip, since it runs on every inspected body (Escapes, escapes_for):
 - the escapes that spell no character any vault secret holds: `\\"` and those of control characters unless a
-  secret holds `"` or a control character, `\\uXXXX` of non-ASCII characters unless one holds such a character
-  (a body of `\\u`-escaped CJK text). `%XX`, `\\\\`, `\\/` and `\\u00XX` of ASCII characters are always undone.
+  secret holds `"`, a backslash (whose JSON-in-JSON spelling needs `\\\\` undone, and so `\\"`) or a control
+  character, `\\uXXXX` of non-ASCII characters unless one holds such a character (a body of `\\u`-escaped CJK
+  text). `%XX`, `\\\\`, `\\/` and `\\u00XX` of ASCII characters are always undone.
 - data whose only escapes are the two-character ones for `"` and control characters (`\\"`, `\\n`, `\\t`, ...:
   the usual JSON body), which is not decoded at all: a secret can be written in it only as its json.dumps form,
   which is searched for as it is (secret_forms.json_forms), and a key format right after such an escape counts
@@ -32,7 +33,8 @@ whether data is decoded depends on what it holds, so a layer of a joined text is
 wherever the part has that layer itself (a part with no escape of its own that makes a view has none).
 
 Cost: a pass is a few C-speed passes over the data plus, where escapes are few, a Python step per escape, and
-a regex split and a join where it holds `\\uXXXX` escapes of non-ASCII characters to undo. Data longer than CHUNK
+a regex split and a join where it holds `\\uXXXX` escapes of non-ASCII characters to undo (a Python object each:
+slow_to_decode). Data longer than CHUNK
 is searched and decoded a chunk at a time, so what a pass allocates stays within a small multiple of the data (the
 Python objects a regex substitution, a split or unquote_to_bytes makes per escape or piece exist for one chunk at
 a time: 10 MiB of `%41` took 700 MiB at once), and so does each call that holds the GIL (large bodies are inspected
@@ -62,22 +64,26 @@ _DECODED = {b"\\" + escape: byte for escape, byte in _SHORT.items()} | {
     b"\\u00%s" % spelling: bytes([code]) for code in range(128)
     for spelling in {b"%02x" % code, b"%02X" % code, b"%x%X" % (code >> 4, code & 15),
                      b"%X%x" % (code >> 4, code & 15)}}
-# The letter of a control character's escape (`\n`) to that character as quoted-printable.
-_CONTROL_QP = {letter: b"=%02X" % _SHORT[letter][0] for letter in (b"b", b"f", b"n", b"r", b"t")}
-# Bytes a secret may hold without needing `Escapes.quotes` or `wide`: printable ASCII but `"`, and DEL.
-_PLAIN = bytes(range(0x20, 0x80)).replace(b'"', b"")
+# A control character's escape (`\n`) and that character as quoted-printable (`=0A`).
+_CONTROL_QP = tuple((b"\\" + letter, b"=%02X" % _SHORT[letter][0]) for letter in (b"b", b"f", b"n", b"r", b"t"))
+# Bytes a secret may hold without needing `Escapes.quotes` or `wide`: printable ASCII but `"` and `\`, and DEL.
+# A secret holding a backslash needs `\\` to count: sent as JSON inside a JSON string (a tool call's
+# `arguments`), `abc\def` is `abc\\\\def`, whose only escapes are `\\` and `\"`.
+_PLAIN = bytes(range(0x20, 0x80)).replace(b'"', b"").replace(b"\\", b"")
 
 
 class Escapes:
     """The JSON escapes a pass undoes: always `\\\\`, `\\/` and `\\u00XX` of ASCII characters; with `quotes` also
     `\\"` and the two-character ones of control characters (`\\b`, `\\f`, `\\n`, `\\r`, `\\t`); with `wide` also
     `\\uXXXX` of non-ASCII characters and surrogate pairs. A secret can be spelt with those only if it holds `"`
-    or a control character, or a non-ASCII character: `escapes_for` leaves out what no secret needs, which a
-    body full of `\\n` and `\\"`, or of `\\u`-escaped CJK text, would otherwise spend a pass undoing for nothing.
+    or a control character (or a backslash: `\\\\` then counts, see _PLAIN), or a non-ASCII character:
+    `escapes_for` leaves out what no secret needs, which a body full of `\\n` and `\\"`, or of `\\u`-escaped CJK
+    text, would otherwise spend a pass undoing for nothing.
 
     `trigger`: what makes data worth decoding besides a `%XX` (see the module docstring). `escape`: one escape
     it undoes, matched where a backslash starts one (from the left, `\\\\` first takes both backslashes).
-    `rest`: those but `\\/` and `\\"` (see _json_and_percent), as one group for `split`."""
+    `rest`: those but `\\/` and `\\"` (see _json_and_percent), as one group for `split`. `controls`: the
+    control characters' escapes it undoes, each with its quoted-printable spelling (see _quoted_printable)."""
 
     __slots__ = ("controls", "escape", "quotes", "rest", "trigger", "wide", "wide_escape")
 
@@ -90,8 +96,7 @@ class Escapes:
         self.escape = re.compile(rb"\\(?:" + rb"|".join([rb'[\\/"' + controls + rb"]" if quotes else rb"[\\/]",
                                                           *others]) + rb")")
         self.rest = re.compile(rb"(\\(?:" + rb"|".join([rb"[\\" + controls + rb"]", *others]) + rb"))")
-        # The control characters' escapes, the letter as one group for `split` (see _quoted_printable).
-        self.controls = re.compile(rb"\\([" + controls + rb"])") if quotes else None
+        self.controls = _CONTROL_QP if quotes else ()
         self.wide_escape = re.compile(rb"(\\(?:" + _PAIR + rb"|" + _WIDE + rb"))") if wide else None
 
     def __repr__(self) -> str:
@@ -127,6 +132,18 @@ _NOT_ASCII_ESCAPE = re.compile(rb"\\u00(?![0-7][0-9A-Fa-f])")
 _SLASH_ESCAPE = re.compile(rb"\\/")  # also json_unescape's
 _ASCII_ESCAPE = re.compile(rb"\\u00([0-7][0-9a-fA-F])")
 _ASCII = {f"{code:02x}".encode(): bytes([code]) for code in range(128)}
+
+
+# `\\uXXXX` of non-ASCII characters are undone a Python step each (_wide_all: about 0.4 µs each, 10 ms for the
+# 43,000 in 256 KiB of `\\u4e2d`), where every other escape is undone in C once many. Data that may hold more than
+# this many when decoded (each `\\u` or `%` of it one at most, in each layer) is slow to decode (the gate inspects
+# such a body in a worker thread, however small).
+WIDE_ESCAPES_MAX = 4096
+
+
+def slow_to_decode(data: bytes, escapes: Escapes) -> bool:
+    """Whether decoding `data` may undo more than WIDE_ESCAPES_MAX `\\uXXXX` of non-ASCII characters."""
+    return escapes.wide and data.count(b"\\u") + data.count(b"%") > WIDE_ESCAPES_MAX
 
 
 def views(data: bytes, escapes: Escapes = EVERY) -> Iterator[bytes]:
@@ -212,7 +229,7 @@ def _escape_across(data: bytes, start: int, end: int) -> tuple[int, int] | None:
             return at, at + 3
         at = data.find(b"%", at + 1, end)
     at = data.find(b"\\", max(start, end - _LONGEST_ESCAPE + 1), end)
-    if at >= 0 and _backslashes_before(data, start, at) % 2:
+    if at >= 0 and backslashes_before(data, start, at) % 2:
         at = data.find(b"\\", at + 1, end)  # the second of a `\\`, which ends by `end`
     while at >= 0:  # here a backslash where an escape may start
         escape = EVERY.escape.match(data, at)
@@ -222,7 +239,7 @@ def _escape_across(data: bytes, start: int, end: int) -> tuple[int, int] | None:
     return None
 
 
-def _backslashes_before(data: bytes, start: int, at: int) -> int:
+def backslashes_before(data: bytes, start: int, at: int) -> int:
     """How many backslashes come right before `at`, counting from `start`: a look at a few bytes, and at a
     doubling stretch of the run for a long one (each stretch stripped in C)."""
     count, step = 0, 16
@@ -280,11 +297,9 @@ def _quoted_printable(data: bytes, escapes: Escapes) -> bytes:
         # Replaced left to right, a run of backslashes pairs up from its start as a parser reads it: every
         # backslash left then starts an escape (or is one that starts none), as `\n` after `\\` does not.
         qp = qp.replace(b"\\\\", b"=5C")
-    if escapes.controls is not None:
-        parts = escapes.controls.split(qp)  # text, letter, text, ..., text
-        if len(parts) > 1:
-            parts[1::2] = map(_CONTROL_QP.__getitem__, parts[1::2])
-            qp = b"".join(parts)
+    for escape, spelling in escapes.controls:  # in C: a split made a Python object per escape
+        if escape in qp:
+            qp = qp.replace(escape, spelling)
     if b"\\u" in qp:
         if escapes.wide_escape is not None:
             qp = _wide_all(qp, escapes.wide_escape)

@@ -15,6 +15,7 @@ import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import pytest
 
@@ -134,4 +135,49 @@ def test_a_secret_with_quotes_or_backslashes_is_found_however_its_escapes_mix(sp
     assert world.row(off.request_id, rows)["flags"] == ""
     assert _forwarded(up, f"mix{tag}-warned") == [(f"/status/200/mix{tag}-warned", body)]
     assert _forwarded(up, f"mix{tag}-off") == [(f"/status/200/mix{tag}-off", body)]
+    world.assert_no_leaks()
+
+
+# Found by a third review: with no vault secret holding `"` or a control character, `\\` was not an escape that
+# makes a body worth decoding, so a body whose only escapes were `\\` and `\"` was searched as it was: a secret
+# holding a backslash sent as JSON inside a JSON string (an OpenAI tool call's `arguments`, `abc\\\\def`) was
+# forwarded in block mode. The vault above holds QUOTED, which turned `\\` on and hid it: this one holds no `"`.
+WIDE_SLASHED = "p\u00e4\\ss-word-12345"  # a backslash and a non-ASCII character, sent unescaped by ensure_ascii=False
+
+
+@pytest.fixture(scope="module")
+def backslashes_only() -> Iterator[Spellings]:
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("slash", SLASHED, up.entry())
+        world.credential("wide", WIDE_SLASHED, up.entry())
+        world.agent("bot", "slash", "wide")
+        yield Spellings(world, up)
+    finally:
+        world.close()
+
+
+def _tool_call(secret: str, *, ensure_ascii: bool = True) -> bytes:
+    arguments = json.dumps({"password": secret}, ensure_ascii=ensure_ascii)
+    return json.dumps({"name": "login", "arguments": arguments}, ensure_ascii=ensure_ascii).encode()
+
+
+NESTED = {
+    "json-in-json": (_tool_call(SLASHED), "application/json"),
+    "json-in-json-utf8": (_tool_call(WIDE_SLASHED, ensure_ascii=False), "application/json"),
+    "json-in-json-in-form": (b"q=" + quote(_tool_call(SLASHED)).encode(), "application/x-www-form-urlencoded"),
+    "json-in-json-large": (_tool_call(SLASHED)[:-1] + b', "pad": "' + b"x" * (300 * 1024) + b'"}', "application/json"),
+}
+
+
+@pytest.mark.parametrize("name", list(NESTED))
+def test_a_secret_holding_a_backslash_is_found_in_json_inside_a_json_string(backslashes_only: Spellings,
+                                                                            name: str) -> None:
+    world, up = backslashes_only.world, backslashes_only.up
+    body, content_type = NESTED[name]
+    assert b'\\\\\\\\' in body or b"%5C%5C%5C%5C" in body  # the backslash escaped twice: its only escapes are \\ and \"
+    with untouched(up):
+        reply = world.call("POST", f"/slash/status/200/{name}", [("Content-Type", content_type)], body, agent="bot")
+    world.assert_refused(reply, 403, "body_inspection", flags="body_inspection_block=vault_secret")
     world.assert_no_leaks()

@@ -62,6 +62,20 @@ def test_a_key_right_after_a_json_escape_stands_alone(family: str, key: str) -> 
     assert inspector().scan(('{"text": "x\\u0041' + key + '"}').encode()) == set()
 
 
+@pytest.mark.parametrize(("family", "key"), [(f, keys[0]) for f, keys in KEYS.items()
+                                              if f not in ("private_key", "connection_url")])
+def test_a_key_after_an_escaped_backslash_and_a_letter_is_one_token(family: str, key: str) -> None:
+    """Found by the third review: `{"path": "dir\\\\nsk-proj-..."}` (the text `dir\\nsk-proj-...`, one token)
+    was refused as a key after a newline: that `\\n` is an escaped backslash and the letter `n`. After an odd
+    run of backslashes the last one starts an escape (`dir\\\\\\n`: a backslash, then a newline)."""
+    for text in ("dir\\n", "dir\\t", "dir\\u4e2d", "dir\\\\\\n", "x\\u00E9"):  # a backslash, then a letter
+        body = json.dumps({"path": text + key}).encode()  # that backslash doubled, and no escape before the key
+        assert find_key_formats(body) == set() == inspector().scan(body), body
+    for text in ("dir\\\n", "dir\\\u4e2d", "dir\\\\\t"):  # backslashes, then a newline, CJK, a tab
+        body = json.dumps({"path": text + key}).encode()
+        assert find_key_formats(body) == {family} == inspector().scan(body), body
+
+
 @pytest.mark.parametrize("text", [
     "pip install sk-learn", "scikit-learn", "task-" + "a" * 40, "risk-" + "B1" * 20, "desk-lamp",
     "sk_test_" + "a1B2" * 6, "rk_test_" + "a1B2" * 6, "AKIA" + "A" * 15, "AKIA" + "a" * 16, "xAKIA" + "B" * 16,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from urllib.parse import quote
 
 import pytest
 
@@ -152,8 +153,9 @@ def test_views_skip_escapes_no_secret_needs() -> None:
     """The usual JSON body (`\\n`, `\\"`) gets no decoded view, and the kinds of escape a pass undoes are the
     ones the inspector's secrets can be spelt with: a `\\u`-escaped CJK body costs a pass only where a secret
     holds a non-ASCII character."""
-    assert views.escapes_for([SECRET, b"d/e+f==~", b"back\\slash"]) is views.escapes_for([])
+    assert views.escapes_for([SECRET, b"d/e+f==~", b"{p}[q]"]) is views.escapes_for([])
     assert (views.escapes_for([b'pw"x']).quotes, views.escapes_for([b'pw"x']).wide) == (True, False)
+    assert (views.escapes_for([b"back\\slash"]).quotes, views.escapes_for([b"back\\slash"]).wide) == (True, False)
     assert (views.escapes_for([b"-----BEGIN\nx"]).quotes, views.escapes_for([b"x"]).quotes) == (True, False)
     assert (views.escapes_for(["\u00e9".encode()]).quotes, views.escapes_for(["\u00e9".encode()]).wide) == (False, True)
     usual = b'{"messages": [{"content": "line one\\nsaid \\"hi\\"\\tbye"}]}'
@@ -179,6 +181,19 @@ SPECIAL = {  # secrets the escapes of ASCII characters alone cannot spell, each 
 }
 
 
+def test_a_secret_holding_a_backslash_is_found_in_json_inside_a_json_string() -> None:
+    """Found by the third review: with no vault secret holding `"` or a control character, `\\\\` did not count, so a
+    body whose only escapes were `\\\\` and `\\"` was not decoded: `abc\\def` as JSON inside a JSON string (a tool
+    call's `arguments`: `abc\\\\\\\\def`) passed block mode, and so it did after a form layer or unescaped UTF-8."""
+    for secret in ("abc\\def\\ghij-K3y9Q2w7", "p\u00e4\\ss-word-12345"):
+        inspector = Inspector([SecretSource("c1", (secret.encode(),))])
+        for ensure_ascii in (True, False):
+            inner = json.dumps({"password": secret}, ensure_ascii=ensure_ascii)
+            nested = json.dumps({"tool": "login", "arguments": inner}, ensure_ascii=ensure_ascii).encode()
+            assert inspector.scan(nested) == {VAULT_SECRET}, nested
+            assert inspector.scan(b"q=" + quote(nested).encode()) == {VAULT_SECRET}, nested
+
+
 @pytest.mark.parametrize("secret", list(SPECIAL), ids=["quotes", "backslashes", "non-ASCII", "astral", "newlines"])
 def test_a_secret_needing_other_escapes_is_found_however_they_mix(secret: bytes) -> None:
     """Found by the second review: `pw\\"with\\u0022quotes-...` passed block mode. Each inspector holds the one
@@ -187,3 +202,13 @@ def test_a_secret_needing_other_escapes_is_found_however_they_mix(secret: bytes)
     for spelling in SPECIAL[secret]:
         assert inspector.scan(b'{"password": "' + spelling + b'"}') == {VAULT_SECRET}, spelling
     assert inspector.scan(b'{"password": "' + SPECIAL[secret][0][:-3] + b'"}') == set()  # cut short: no finding
+
+
+def test_many_non_ascii_escapes_are_slow_to_decode_only_where_they_count() -> None:
+    """Found by the third review: 256 KiB of `\\u4e2d` cost 24 ms of the event loop inline, each escape a Python
+    step; past WIDE_ESCAPES_MAX `\\u` and `%` such a body is inspected in a worker thread instead."""
+    many = b"\\u4e2d" * (views.WIDE_ESCAPES_MAX + 1)
+    wide = Inspector([SecretSource("c1", ("p\u00e4ss-word-12345".encode(),))])
+    assert wide.slow_to_scan(many) and wide.slow_to_scan(b"%5Cu4e2d" * (views.WIDE_ESCAPES_MAX + 1))
+    assert not wide.slow_to_scan(many[:6 * views.WIDE_ESCAPES_MAX]) and not wide.slow_to_scan(b"\\n" * 100000)
+    assert not Inspector([SecretSource("c1", (SECRET,))]).slow_to_scan(many)
