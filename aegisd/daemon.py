@@ -166,6 +166,8 @@ class Daemon:
     def _reload(self) -> None:
         """SIGHUP: the log level and the policies from a fresh read of the settings. Whatever happens, systemd
         hears READY again: a reload that never ended would leave the unit `reloading` until its timeout."""
+        if self._stop.is_set():  # a SIGHUP whose callback was queued before the stop took the handler off
+            return
         self._manager.reloading()
         try:
             self._apply_reload()
