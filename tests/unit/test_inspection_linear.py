@@ -12,32 +12,8 @@ than a hang (it bounds nothing a linear scan comes near: one of these takes well
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from aegisd.inspection.key_formats import find_key_formats
-
-GUARD_CPU_S = 5.0
-
-
-class _TooSlow(Exception):
-    pass
-
-
-@contextmanager
-def _cpu_guard(what: str) -> Iterator[None]:
-    """Fail instead of hanging when a scan burns GUARD_CPU_S of CPU (the regex engine checks for signals)."""
-    def expire(_signum: int, _frame: object) -> None:
-        raise _TooSlow(f"{what}: still scanning after {GUARD_CPU_S} s of CPU: super-linear")
-
-    previous = signal.signal(signal.SIGVTALRM, expire)
-    signal.setitimer(signal.ITIMER_VIRTUAL, GUARD_CPU_S)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
-        signal.signal(signal.SIGVTALRM, previous)
+from bench.inspection_linear import cpu_guard
 
 
 def test_pem_keys_are_still_found_in_every_layout() -> None:
@@ -53,5 +29,5 @@ def test_pem_keys_are_still_found_in_every_layout() -> None:
                        pem.replace(b"\n", b"\n        "), pem.replace(b"\n", b" ")):
             assert find_key_formats(b'{"k": "' + layout + b'"}') == {"private_key"}, layout
     for near_miss in (b"-----BEGIN PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----\na: " + b"a: " * 400):
-        with _cpu_guard("a near miss"):
+        with cpu_guard("a near miss"):
             assert find_key_formats(near_miss) == set(), near_miss[:60]
