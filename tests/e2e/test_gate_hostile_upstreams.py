@@ -78,15 +78,20 @@ class RawUpstream:
 
 def exchange(world: GateWorld, request: bytes) -> tuple[bytes, str]:
     """Send a raw request and read until the gate ends the connection: what came, and how it ended."""
-    received = b""
     with socket.create_connection(("127.0.0.1", world.port), timeout=GUARD) as sock:
         sock.sendall(request)
-        try:
-            while data := sock.recv(65536):
-                received += data
-            ended = "eof"
-        except ConnectionResetError:
-            ended = "reset"
+        return read_to_end(world, sock)
+
+
+def read_to_end(world: GateWorld, sock: socket.socket) -> tuple[bytes, str]:
+    """What the gate sends on `sock` until it ends the connection, and how it ended (`eof` or `reset`)."""
+    received = b""
+    try:
+        while data := sock.recv(65536):
+            received += data
+        ended = "eof"
+    except ConnectionResetError:
+        ended = "reset"
     world.received.append(received.decode("latin-1"))
     return received, ended
 
@@ -191,14 +196,7 @@ def test_an_endless_trailer_is_cut_at_the_bound_while_the_gate_keeps_answering(w
         health = world.call("GET", "/_aegis/health")
         assert health.status == 200 and health.json()["status"] == "ok", health.text()
         health_answered.set()
-        received = b""
-        try:
-            while data := sock.recv(65536):
-                received += data
-            ended = "eof"
-        except ConnectionResetError:
-            ended = "reset"
-    world.received.append(received.decode("latin-1"))
+        received, ended = read_to_end(world, sock)
     up.finish()
     assert sent and sent[0] < _BUDGET, "the gate read the whole endless trailer: nothing bounded it"
     assert world.call("GET", "/_aegis/health").status == 200  # and it answers after, too

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -48,6 +48,15 @@ class Follower:
 
     def next(self, timeout: float = 30) -> dict[str, Any]:
         return self.rows.get(timeout=timeout)
+
+    def until_live(self, poke: Callable[[int], object]) -> None:
+        """Make a row (`poke(attempt)`) until one is shown, which says the subscription is live (`-n 0`)."""
+        for attempt in range(30):
+            poke(attempt)
+            with suppress(queue.Empty):
+                self.next(timeout=1)
+                return
+        raise AssertionError(f"follow showed nothing: {self.errors}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -179,13 +188,7 @@ def test_a_stop_ends_follow_after_the_rows_of_the_requests_it_drained() -> None:
         world.credential("github", SECRET, up.entry())
         world.agent("claude", "github")
         with following(aegis, "-n", "0") as follower:
-            for attempt in range(30):  # until the subscription is live
-                world.call("GET", f"/github/echo/warm{attempt}", agent="claude")
-                with suppress(queue.Empty):
-                    follower.next(timeout=1)
-                    break
-            else:
-                raise AssertionError(f"follow showed nothing: {follower.errors}")
+            follower.until_live(lambda attempt: world.call("GET", f"/github/echo/warm{attempt}", agent="claude"))
             with suppress(queue.Empty):
                 while True:  # the other warm-up rows
                     follower.next(timeout=1)
@@ -222,13 +225,7 @@ def test_a_stop_ends_follow_only_after_the_gate_s_summary_rows() -> None:
     try:
         aegis = world.aegis
         with following(aegis, "-n", "0") as follower:
-            for _ in range(30):  # until the subscription is live: one tokenless refusal's row
-                request(world.port, "GET", "/github/warm")
-                with suppress(queue.Empty):
-                    follower.next(timeout=1)
-                    break
-            else:
-                raise AssertionError(f"follow showed nothing: {follower.errors}")
+            follower.until_live(lambda _: request(world.port, "GET", "/github/warm"))  # a tokenless refusal's row
 
             def refusals(count: int) -> None:
                 connection = http.client.HTTPConnection("127.0.0.1", world.port, timeout=30)
