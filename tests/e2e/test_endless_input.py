@@ -9,7 +9,6 @@ memory."""
 
 from __future__ import annotations
 
-import resource
 import subprocess
 from pathlib import Path
 
@@ -27,15 +26,17 @@ MEMORY_CAP = 1536 << 20  # address space for each program: plenty for aegisctl, 
 ENDLESS_SECRET = "sk-endless-" + "x" * 70_000 + "\n"  # a real line, past every limit
 
 
-def capped() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+def capped(*argv: str) -> list[str]:
+    """`argv` run with its address space capped, set by the shell: a `preexec_fn` makes subprocess fork, and
+    grpc's fork handler in this process (the tests hold channels) can hang that fork for good."""
+    return ["sh", "-c", f'ulimit -v {MEMORY_CAP >> 10} && exec "$@"', "sh", *argv]
 
 
 def ctl_from(aegis: Aegis, stdin: Path, *args: str, env: dict[str, str] | None = None) -> Result:
     """aegisctl with stdin read from `stdin`, its memory capped."""
     with stdin.open("rb") as source:
-        proc = subprocess.run([AEGISCTL, *args], stdin=source, capture_output=True, env=aegis.base_env() | (env or {}),
-                              timeout=120, check=False, preexec_fn=capped)  # set in the child
+        proc = subprocess.run(capped(AEGISCTL, *args), stdin=source, capture_output=True,
+                              env=aegis.base_env() | (env or {}), timeout=120, check=False)
     out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
     aegis.outputs.extend([out, err])
     return Result(list(args), proc.returncode, out, err)
@@ -119,8 +120,8 @@ def test_an_endless_config_file_is_a_usage_error(unlocked: Aegis) -> None:
 
 
 def test_aegisd_refuses_an_endless_config_file(fresh: Aegis) -> None:
-    proc = subprocess.run([AEGISD, "--config", str(ZERO)], capture_output=True, env=fresh.base_env(), timeout=120,
-                          check=False, stdin=subprocess.DEVNULL, preexec_fn=capped)
+    proc = subprocess.run(capped(AEGISD, "--config", str(ZERO)), capture_output=True, env=fresh.base_env(),
+                          timeout=120, check=False, stdin=subprocess.DEVNULL)
     err = (proc.stdout + proc.stderr).decode(errors="replace")
     assert proc.returncode == 2, err
     assert f"config file {ZERO} is larger than 1024 KiB" in err and "Traceback" not in err, err
