@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from aegisd.api import listen_target
 from aegisd.api.aegis.v1 import (
@@ -27,6 +27,7 @@ from aegisd.control.backup_service import BackupService
 from aegisd.control.credential_service import CredentialService
 from aegisd.control.doctor_service import DoctorService
 from aegisd.control.errors import RequestDecoding
+from aegisd.control.health import SERVING, ControlHealth
 from aegisd.control.ledger_service import LedgerService
 from aegisd.control.policy_service import PolicyService
 from aegisd.control.socket import ControlSocket, SocketError, group_reach_problem
@@ -48,7 +49,7 @@ class ControlServer:
         self.rt = runtime
         self.socket = ControlSocket(runtime.config.socket_path, runtime.config.socket_mode,
                                     runtime.config.socket_group)
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health = ControlHealth()
         # RequestDecoding: a request that is not protobuf (or not UTF-8 where it must be): INVALID_ARGUMENT
         self._server = grpc.aio.server(interceptors=[RequestDecoding()], options=[("grpc.so_reuseport", 0)])
         vault_pb2_grpc.add_VaultServiceServicer_to_server(VaultService(runtime), self._server)
@@ -81,7 +82,7 @@ class ControlServer:
             if unreachable:
                 log.warning("control: %s. Fix: %s", *unreachable)
         for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(name, SERVING)
 
     async def stop(self, grace: float) -> None:
         """Finish calls for up to `grace` seconds, then end the rest.
@@ -90,7 +91,7 @@ class ControlServer:
         close, and a client that stopped reading a stream (a paused `ledger export`, ^Z) leaves the socket's
         buffer full, so not even the GOAWAY gets out and the stop (and aegisd's exit) waits for that client.
         Such connections are shut down here, from our side, once the grace and a moment more have passed."""
-        await self.health.enter_graceful_shutdown()
+        self.health.stop()
         stopping = asyncio.ensure_future(self._server.stop(grace))
         done, _ = await asyncio.wait([stopping], timeout=grace + STALLED_AFTER_GRACE)
         if not done:
