@@ -23,15 +23,18 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
 GATE_HEADERS = frozenset({"x-aegis-agent", "x-target-host", "x-aegis-request-id", "host", "content-length",
                           "expect"})
 GATE_PREFIX = "x-aegis-"  # the gate's header namespace: none of it is the upstream's business
-# What a proxy says about the request it passes on: the host (and scheme, port, path prefix) the client asked for.
-# A reverse proxy in front of an allowlisted upstream (or its framework) may route on them, taking the request, and
-# the credential in it, to another backend than the host the allowlist judged: the same class as `X-Original-URL`
-# for the path. The gate is the agent's proxy and vouches for none of it, so the agent's are dropped (like its Host,
-# which the gate sets), not refused: what goes upstream is then exactly the request judged. `X-Forwarded-For` and
-# `X-Real-IP` name the client, not a place, and pass.
+# What a proxy says about the request it passes on: the host (and scheme, port, path) the client asked for, and who
+# the client is. A reverse proxy in front of an allowlisted upstream (or its framework) may route on the first,
+# taking the request, and the credential in it, to another backend than the host the allowlist judged: the same class
+# as `X-Original-URL` for the path. An upstream may trust the second for access control (an address allowlist behind
+# its load balancer). The gate is the agent's proxy and vouches for none of it, so the agent's are dropped (like its
+# Host, which the gate sets), not refused: what goes upstream is then exactly the request judged.
 ROUTING_HEADERS = frozenset({"forwarded", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
                              "x-forwarded-server", "x-forwarded-scheme", "x-forwarded-ssl", "x-forwarded-prefix",
-                             "x-host", "x-original-host", "x-http-host-override", "front-end-https", "x-url-scheme"})
+                             "x-forwarded-uri", "x-original-uri", "x-host", "x-original-host", "x-http-host-override",
+                             "front-end-https", "x-url-scheme",
+                             "x-forwarded-for", "x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip",
+                             "x-original-forwarded-for", "client-ip"})
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
 # Kept in an answer even when its Connection header lists them: the redactor must see how the body is coded (a
 # gzip body it was not told of would pass undecoded, its echo of the secret unredacted), and so must the agent.

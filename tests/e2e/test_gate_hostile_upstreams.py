@@ -286,7 +286,12 @@ ROUTING = [("X-Forwarded-Host", "admin.internal.example"), ("X-Forwarded-Proto",
            ("X-Forwarded-Ssl", "off"), ("X-Forwarded-Prefix", "/admin"),
            ("Forwarded", "host=admin.internal.example;proto=http"), ("X-Host", "admin.internal.example"),
            ("X-Original-Host", "admin.internal.example"), ("X-HTTP-Host-Override", "admin.internal.example"),
-           ("Front-End-Https", "off"), ("X-Url-Scheme", "http"),
+           ("Front-End-Https", "off"), ("X-Url-Scheme", "http"), ("X-Forwarded-Uri", "/admin"),
+           ("X-Original-URI", "/admin"),
+           # who the client is, which an upstream behind a load balancer may trust for access control
+           ("X-Forwarded-For", "10.0.0.1"), ("X-Real-IP", "10.0.0.1"), ("X-Client-IP", "10.0.0.1"),
+           ("True-Client-IP", "10.0.0.1"), ("X-Cluster-Client-IP", "10.0.0.1"), ("Client-IP", "10.0.0.1"),
+           ("X-Original-Forwarded-For", "10.0.0.1"),
            # as CGI-style servers read them: HTTP_X_FORWARDED_HOST
            ("X_Forwarded_Host", "cgi.internal.example"), ("x.forwarded.proto", "http"), ("X-Forwarded_Server", "b3")]
 
@@ -295,16 +300,18 @@ def test_the_headers_a_reverse_proxy_routes_on_never_reach_the_upstream(world: G
     """Suggested by a cold review: a reverse proxy in front of an allowlisted upstream (or its framework) that routes
     on `X-Forwarded-Host` and its kin would take the request, and the credential in it, to another backend than
     the host the allowlist judged. Only a proxy may say those things, and the gate is the agent's proxy: the
-    agent's are dropped, as its Host is. `X-Forwarded-For` names the client, not a place, and passes."""
+    agent's are dropped, as its Host is. The 27th stop added the client's address (`X-Forwarded-For` and its kin,
+    which an upstream may trust for access control) and `X-Forwarded-Uri`; a header the gate has no reason to
+    drop still passes."""
     up = world.upstream()
     name, agent = service(world, up.entry())
-    reply = world.call("GET", f"/{name}/echo/routing", [*ROUTING, ("X-Forwarded-For", "203.0.113.7")], agent=agent)
+    reply = world.call("GET", f"/{name}/echo/routing", [*ROUTING, ("X-Request-Source", "203.0.113.7")], agent=agent)
     assert reply.status == 200, reply.text()
     (seen,) = up.requests_to("/echo/routing")
     assert seen.header("Host") == [f"127.0.0.1:{up.port}"]
     arrived = {cgi_name(header) for header in seen.header_names}
     assert not arrived & {cgi_name(header) for header, _ in ROUTING}, seen.header_names
-    assert seen.header("X-Forwarded-For") == ["203.0.113.7"]
+    assert seen.header("X-Request-Source") == ["203.0.113.7"]
     row = world.row(reply.request_id)
     assert (row["decision"], row["reason"], row["status"]) == ("allowed", "", 200), row
     world.assert_no_leaks()
