@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -79,5 +80,20 @@ async def derive(vault: Vault, method: Callable[..., T], *args: Any, **kwargs: A
 
 async def key_derivation(call: Callable[[], T]) -> T:
     """`call`'s result, run in the key-derivation thread (KEY_DERIVATION). A caller cancelled while it waits there
-    (its client went away) takes its call out of the queue: it never runs."""
-    return await asyncio.get_running_loop().run_in_executor(KEY_DERIVATION, call)
+    (its client went away, or its deadline passed) takes its call out of the queue: it never runs. One cancelled
+    once its call has begun still gets the outcome, and the cancellation goes on at its next await: the derivation
+    cannot be stopped, and what it did (the vault unlocked, a key slot replaced, a wrong guess) must be logged and
+    recorded by the caller all the same, or a short deadline would make guesses and key changes leave no trace."""
+    job = KEY_DERIVATION.submit(call)
+    try:
+        return await asyncio.wrap_future(job)
+    except asyncio.CancelledError:
+        if job.cancel():  # still queued (or already taken out by the cancellation): it never runs
+            raise
+    while not job.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([asyncio.wrap_future(job)])
+    task = asyncio.current_task()
+    if task is not None:
+        task.cancel()  # the caller's own cancellation, put back for its next await
+    return job.result()

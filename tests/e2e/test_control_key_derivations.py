@@ -104,3 +104,53 @@ def test_a_lock_sent_while_an_unlock_waits_its_turn_wins(costly: Aegis) -> None:
     assert "vault unlock abandoned: the vault was locked or changed meanwhile; the secret given was correct" in (
         costly.log())
     costly.assert_no_leaks([PASSPHRASE, SECRET])
+
+
+DEADLINES = (0.02, 0.05, 0.1, 0.2, 0.4)  # short enough to cut a call off while its derivation runs, one of them
+
+
+def settled(vault: vault_pb2_grpc.VaultServiceStub) -> None:
+    """Every derivation queued before this has finished: one more, uncut, behind them (the queue is first in,
+    first out). Its wrong passphrase changes nothing."""
+    with pytest.raises(grpc.RpcError) as refused:
+        vault.RemoveUnlockKeys(vault_pb2.RemoveUnlockKeysRequest(passphrase="not the passphrase at all"), timeout=120)
+    assert rpc_reason(refused.value) == "wrong_passphrase", refused.value
+
+
+def test_a_call_cut_off_during_its_derivation_is_still_logged_and_recorded(costly: Aegis) -> None:
+    """Found by a cold review at the 27th stop: a call whose client went away (a short deadline) once its derivation
+    had begun took effect without a trace. The vault unlocked with no "vault unlocked" line, and an unlock key was
+    minted with no log line and no ledger row, so anyone holding the socket could guess or change keys unseen. Its
+    outcome is logged and recorded now, as an uncut call's is. (A call cut off while it still waits its turn never
+    runs: the loop below tries shorter deadlines first, until one lands during the derivation.)"""
+    costly.ctl_in_process("lock").ok()
+    unlocked_lines = costly.log().count("vault unlocked")
+    with grpc.insecure_channel(f"unix:{costly.socket}") as channel:
+        vault = vault_pb2_grpc.VaultServiceStub(channel)
+        for deadline in DEADLINES:
+            with pytest.raises(grpc.RpcError) as cut:
+                vault.Unlock(vault_pb2.UnlockRequest(passphrase=PASSPHRASE), timeout=deadline)
+            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut.value
+            settled(vault)
+            if vault.Status(vault_pb2.StatusRequest(), timeout=120).state == vault_pb2.VAULT_STATE_UNLOCKED:
+                break
+        else:
+            pytest.fail(f"no cut-off unlock ran its derivation, with deadlines of {DEADLINES} s")
+        assert costly.log().count("vault unlocked") == unlocked_lines + 1, costly.log()
+
+        key = "aegis-unlock-" + "A" * 43
+        for deadline in DEADLINES:
+            with pytest.raises(grpc.RpcError) as cut:
+                vault.ReplaceUnlockKey(vault_pb2.ReplaceUnlockKeyRequest(passphrase=PASSPHRASE, unlock_key=key),
+                                       timeout=deadline)
+            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut.value
+            settled(vault)
+            if "vault unlock key replaced" in costly.log():
+                break
+        else:
+            pytest.fail(f"no cut-off key change ran its derivation, with deadlines of {DEADLINES} s")
+    costly.ctl_in_process("lock").ok()
+    costly.ctl_in_process("unlock", "--unlock-key-stdin", input=key + "\n").ok()  # the change did happen
+    rows = costly.ctl_in_process("ledger", "show", "--json", "--limit", "50").ok().out
+    assert rows.count('"vault_keys_changed"') == 1, rows
+    costly.assert_no_leaks([PASSPHRASE, SECRET, key])
