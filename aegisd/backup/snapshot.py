@@ -15,12 +15,13 @@ while the operator can still run `aegisctl doctor` and repair the live files.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
 from aegisd import __version__
 from aegisd.backup.archive import DATABASES, LEDGER_DB, VAULT_DB, InvalidBackup, Manifest, check_databases, file_digest
-from aegisd.errors import StorageCorrupt, StorageUnavailable, VaultUninitialized
+from aegisd.errors import StorageCorrupt, StorageFull, StorageUnavailable, VaultUninitialized
 from aegisd.ledger import LedgerError, now_ms, open_reader
 from aegisd.store import VaultStore
 
@@ -38,7 +39,9 @@ def _create_private(path: Path) -> None:
 def take_snapshot(store: VaultStore, ledger_path: Path, directory: Path) -> Manifest:
     """Write vault.db and ledger.db copies into `directory` and return the manifest describing them.
 
-    Raises DamagedDatabase if a copy fails a check a restore would make of it."""
+    Raises StorageFull, before anything is written, if the copies could take more than half the free space
+    there, and DamagedDatabase if a copy fails a check a restore would make of it."""
+    _check_room([store.path, ledger_path, ledger_path.with_name(ledger_path.name + "-wal")], directory)
     created = now_ms()
     vault_copy, ledger_copy = directory / VAULT_DB, directory / LEDGER_DB
     _create_private(vault_copy)
@@ -60,6 +63,19 @@ def take_snapshot(store: VaultStore, ledger_path: Path, directory: Path) -> Mani
     finally:
         source.close()
     return _describe(directory, created)
+
+
+def _check_room(sources: list[Path], directory: Path) -> None:
+    """The copies share their disk with the live ledger, which the gate writes all the while: copies that filled
+    it would make its commits fail, and the requests those held were already forwarded, so their rows would be
+    lost. A backup may take at most half of the free space (as a restore, a third for its upload); the rest is the
+    ledger's."""
+    needed = sum(path.stat().st_size for path in sources if path.exists())
+    free = shutil.disk_usage(directory).free
+    if needed > free // 2:
+        raise StorageFull(f"a backup copies both databases first, about {needed} bytes, more than half of the "
+                          f"{free} bytes free on the disk holding {directory.parent} (the live ledger, written all "
+                          "the while, keeps the rest); nothing was written: free some space, then back up again")
 
 
 def _describe(directory: Path, created: int) -> Manifest:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from aegisd.api.aegis.v1 import backup_pb2, backup_pb2_grpc
 from aegisd.ledger.entry import iso_time
 from tests.e2e.gate_support import GateWorld
 from tests.e2e.ledger_fill import fill
-from tests.e2e.support import assert_failed
+from tests.e2e.support import assert_failed, tmpfs
 from tests.e2e.test_backup_restore import backed_up, make_tar, members, with_manifest_for
 from tests.harness import PASSPHRASE, Aegis, new_aegis
 
@@ -91,6 +92,45 @@ def test_a_backup_of_a_ledger_whose_index_hides_rows_is_refused(aegis: Aegis) ->
     aegis.start()
 
     _assert_refused_and_nothing_written(aegis, aegis.root / "nightly.backup", "index ledger_agent lacks rows 7..8")
+
+
+def test_a_backup_that_would_take_the_live_ledger_s_room_is_refused_before_it_writes() -> None:
+    """Found by a cold review at the 27th stop: a backup staged its copies on the data directory's disk without
+    looking at the free space, so on a nearly full disk the live ledger's commits failed while it ran, and the rows
+    of requests already forwarded were lost. It now refuses, before it writes anything, copies that would take more
+    than half the free space, and the gate goes on recording."""
+    world = GateWorld.start()
+    aegis = world.aegis
+    try:
+        assert aegis.stop() == 0
+        kept = aegis.data_dir.rename(aegis.root / "kept")  # moved onto a small disk of its own
+        aegis.data_dir.mkdir(mode=0o700)
+        with tmpfs(aegis.data_dir, "8m"):
+            for path in kept.iterdir():
+                shutil.copy2(path, aegis.data_dir / path.name)
+            aegis.start()
+            aegis.ctl_in_process("unlock", "--passphrase-stdin", input=PASSPHRASE + "\n").ok()
+            up = world.upstream()
+            world.credential("gh", SECRET, up.entry())
+            world.agent("bot", "gh")
+            for number in range(20):
+                assert world.call("GET", f"/gh/echo/before{number}", agent="bot").status == 200
+            databases = sum(path.stat().st_size for path in aegis.data_dir.glob("*.db*"))
+            room = shutil.disk_usage(aegis.data_dir).free
+            filler = aegis.data_dir / "filler"
+            filler.write_bytes(b"\0" * (room - databases * 3 // 2))  # room for the copies, not for them and the ledger
+            backup = aegis.root / "nightly.backup"
+            result = aegis.ctl("backup", str(backup))
+            assert_failed(result, "more than half", "nothing was written: free some space, then back up again")
+            assert not backup.exists() and list(aegis.data_dir.glob(".backup-*")) == []
+            reply = world.call("GET", "/gh/echo/after", agent="bot")
+            assert reply.status == 200 and world.row(reply.request_id)["path"] == "/echo/after"
+            filler.unlink()
+            aegis.ctl("backup", str(backup)).ok()
+            world.assert_no_leaks()
+            aegis.stop()
+    finally:
+        world.close()
 
 
 def test_a_backup_cut_off_by_a_crash_leaves_no_copy_of_the_vault_after_a_restart(aegis: Aegis) -> None:
