@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from aegisd.ledger import (
 from aegisd.ledger.chain import Tip
 from aegisd.ledger.entry import ENTRY_FIELDS, MAX_TEXT_CHARS, iso_time, truncate
 from aegisd.ledger.integrity import describe, integrity_problems
+from aegisd.ledger.query import nth_newest_id
 from aegisd.runtime import Runtime
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -185,6 +186,21 @@ def _export_page(path: Path, filters: dict[str, Any], after_id: int, end_id: int
     return pb.ExportBatch(records=records), last, end_id
 
 
+def _backlog_page(path: Path, filters: dict[str, Any], backlog: int, after_id: int | None
+                  ) -> tuple[list[LedgerRow], int]:
+    """Up to PAGE_ROWS rows of a follow's backlog (the newest `backlog` matching rows, oldest first) after
+    `after_id` (None: from where the backlog starts), and the id to go on after (0: done). Rows committed since
+    the backlog started may come along; the follow skips them when they come again live."""
+    conn = open_reader(path)
+    try:
+        if after_id is None:
+            after_id = max(nth_newest_id(conn, backlog, **filters) - 1, 0)
+        rows = query_rows(conn, limit=PAGE_ROWS, after_id=after_id, newest_first=False, **filters)
+    finally:
+        conn.close()
+    return rows, rows[-1].id if len(rows) == PAGE_ROWS else 0
+
+
 def _integrity(path: Path) -> str:
     """What SQLite's full integrity check finds wrong with the ledger file, or "" if nothing."""
     conn = open_reader(path)
@@ -208,12 +224,19 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self.path = runtime.config.data_dir / "ledger.db"
         self._prune_lock = asyncio.Lock()
 
-    async def _query(self, f: pb.LedgerFilter, limit: int) -> list[LedgerRow]:
-        _check_limit(limit)
-        try:
-            return await asyncio.to_thread(query_rows, self.path, limit=limit, **_filters(f))
-        except LedgerError as exc:
-            raise StorageUnavailable(str(exc)) from None
+    async def _backlog(self, f: pb.LedgerFilter, backlog: int) -> AsyncIterator[LedgerRow]:
+        """The newest `backlog` rows matching `f`, oldest first, read a page at a time: a backlog of 100,000 large
+        rows read whole once held hundreds of MB in aegisd until the follow ended."""
+        _check_limit(backlog)
+        filters = _filters(f)
+        after_id: int | None = None
+        while after_id != 0:
+            try:
+                rows, after_id = await asyncio.to_thread(_backlog_page, self.path, filters, backlog, after_id)
+            except LedgerError as exc:
+                raise StorageUnavailable(str(exc)) from None
+            for row in rows:
+                yield row
 
     @rpc
     async def ListEntries(self, request: pb.ListEntriesRequest, context: Ctx) -> pb.ListEntriesResponse:
@@ -236,7 +259,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         with self.rt.ledger.subscribe(match=lambda row: _matches(row, flt)) as live:
             last_id = 0
             if request.backlog:
-                for row in reversed(await self._query(flt, request.backlog)):
+                async for row in self._backlog(flt, request.backlog):
                     last_id = row.id
                     yield record(row)
             async for item in live:

@@ -94,6 +94,19 @@ def query_rows(
             conn.close()
 
 
+def nth_newest_id(conn: sqlite3.Connection, n: int, **filters: Any) -> int:
+    """The id of the `n`th newest row matching `filters` (those of query_rows), or 0 if fewer match: where a
+    backlog of the newest `n` starts, found on the index without reading the rows."""
+    clauses, params = filter_clauses(**filters)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    try:
+        found = conn.execute(f"SELECT id FROM ledger{where} ORDER BY id DESC LIMIT 1 OFFSET ?",  # noqa: S608
+                             [*params, n - 1]).fetchone()
+    except sqlite3.Error as exc:
+        raise LedgerError(f"cannot read the ledger: {exc}") from None
+    return int(found[0]) if found else 0
+
+
 def not_utf8(exc: sqlite3.OperationalError) -> bool:
     """Whether sqlite3 failed to decode a TEXT value as UTF-8 ("Could not decode to UTF-8 column ..."), rather than
     SQLite failing (its errors carry an error code). aegisd stores only UTF-8: the file was written behind its back."""

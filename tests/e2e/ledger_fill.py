@@ -9,6 +9,7 @@ Every FORMULA_EVERY-th row carries spreadsheet-formula text in fields a caller c
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,17 @@ def entry(i: int) -> LedgerEntry:
                        bytes_out=1234)
 
 
-def fill(path: Path, count: int, batch: int = 5000) -> None:
-    """Append `count` rows as the real writer stores them without a key (as before the vault's first unlock):
-    normalized, unchained, inserted by its own statement, a transaction per batch. Called directly rather than
-    through `LedgerWriter.append`, whose per-row future costs five times as much as the row: the file is the same."""
+def fill(path: Path, count: int, batch: int = 5000, make: Callable[[int], LedgerEntry] = entry) -> None:
+    """Append `count` rows (`make(i)`) as the real writer stores them without a key (as before the vault's first
+    unlock): normalized, unchained, inserted by its own statement, a transaction per batch. Called directly rather
+    than through `LedgerWriter.append`, whose per-row future costs five times as much as the row: the file is the
+    same."""
     conn = open_writable(path)
     try:
         for start in range(0, count, batch):
             params: list[Any] = []
             for i in range(start, min(count, start + batch)):
-                params += (i + 1, *entry_values(normalize(entry(i))), None)
+                params += (i + 1, *entry_values(normalize(make(i))), None)
             conn.execute("BEGIN IMMEDIATE")
             _insert(conn, params)
             conn.execute("COMMIT")

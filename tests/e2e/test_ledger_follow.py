@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import itertools
 import json
 import os
 import queue
@@ -14,13 +15,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 
+from aegisd.api.aegis.v1 import ledger_pb2, ledger_pb2_grpc
 from aegisd.gate.unauthenticated import AGENT_BURST
+from aegisd.ledger import LedgerEntry
 from tests.e2e.gate_support import GateWorld, request
-from tests.harness import AEGISCTL, Aegis
+from tests.e2e.ledger_fill import T0, entry, fill
+from tests.harness import AEGISCTL, Aegis, new_aegis
 
 SECRET = "ghp_followSecret0123456789abcdefXYZ"
 
@@ -250,3 +256,42 @@ def test_a_stop_ends_follow_only_after_the_gate_s_summary_rows() -> None:
         world.assert_no_leaks([*follower.errors])
     finally:
         world.close()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
+def test_a_long_backlog_is_read_a_page_at_a_time_and_comes_whole_and_in_order() -> None:
+    """Found by a cold review at the 27th stop: Follow read its whole backlog (up to 100,000 rows, each up to a
+    few KB an agent chooses) into aegisd at once, and the memory stayed taken after the follow ended. It reads a
+    page at a time now: the newest rows asked for, oldest first, across many pages, and aegisd's peak memory
+    grows by a page's worth, not the backlog's."""
+    aegis = new_aegis()
+    try:
+        aegis.data_dir.mkdir(mode=0o700, parents=True)
+        fill(aegis.data_dir / "ledger.db", 15_000, make=lambda i: entry(i) if i < 3000 else LedgerEntry(
+            kind="request", time_ms=T0 + i, request_id=f"{i:016x}", agent="claude", service="big", method="GET",
+            path=f"/big/{i - 3000}/" + "p" * 2000, target_host="h" * 2000, detail="d" * 2000,
+            decision="allowed"))  # 12,000 rows of 6 KB (three fields at their most): about 70 MB of text
+        aegis.start()
+        assert aegis.proc is not None
+        before = _peak_rss_kib(aegis.proc.pid)
+        with grpc.insecure_channel(f"unix:{aegis.socket}") as channel:
+            follow = ledger_pb2_grpc.LedgerServiceStub(channel).Follow
+            claude = ledger_pb2.LedgerFilter(agent="claude", service="github")
+            stream = follow(ledger_pb2.FollowRequest(filter=claude, backlog=700), timeout=60)
+            got = [row.request_id for row in itertools.islice(stream, 700)]
+            stream.cancel()  # type: ignore[no-untyped-call]
+            # claude's rows among the filled 3,000 are every third; the newest 700 of them, oldest first
+            assert got == [f"{i:016x}" for i in range(0, 3000, 3)][-700:], got[:3]
+            stream = follow(ledger_pb2.FollowRequest(filter=ledger_pb2.LedgerFilter(service="big"), backlog=100_000),
+                            timeout=120)
+            paths = [row.path for row in itertools.islice(stream, 12_000)]
+            stream.cancel()  # type: ignore[no-untyped-call]
+        assert [path.split("/")[2] for path in paths] == [str(i) for i in range(12_000)]
+        grown_mib = (_peak_rss_kib(aegis.proc.pid) - before) / 1024
+        assert grown_mib < 40, f"aegisd's peak memory grew by {grown_mib:.0f} MiB for a backlog of 70 MB"
+    finally:
+        aegis.cleanup()
