@@ -7,7 +7,6 @@ SIGHUP re-reads the config file and the policies and applies what can change wit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import logging
@@ -15,7 +14,7 @@ import os
 import pwd
 import signal
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +111,7 @@ class Daemon:
             await control.start()
             control_running = True
             await gate.start()
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
+            _handle_sighup(self._reload)
             self._manager.ready(self._status_line())
             self._manager.start_watchdog()
             event(log, logging.INFO, "aegisd started", version=__version__, socket=self.config.socket_path,
@@ -277,17 +276,18 @@ def _make_databases_private(data_dir: Path) -> None:
         log.warning("%s was open to group or other users (mode %o); made it 0600", path, stat.S_IMODE(info.st_mode))
 
 
+def _handle_sighup(reload: Callable[[], None]) -> None:
+    """Run `reload` on the event loop at each SIGHUP. A Python handler, not the loop's: taking a loop's handler off
+    (as a stop, or closing the loop, does) puts back SIGHUP's default, which is to exit, and a SIGHUP that another
+    thread (grpc's, the ledger writer's) took in that moment ended aegisd by signal. A Python handler is replaced by
+    SIG_IGN in one step, and the loop wakes for it through the wakeup fd its SIGTERM handler set."""
+    loop = asyncio.get_running_loop()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: loop.call_soon_threadsafe(reload))
+
+
 def _ignore_sighup() -> None:
-    """Take the reload handler off SIGHUP and ignore it again. Removing a handler (as closing the loop does for
-    any still there) puts back SIGHUP's default, which is to exit: a SIGHUP late in a stop would end aegisd by
-    signal, not with its exit status."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # none may land between the two steps
-    try:
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing was installed on it
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    """Ignore SIGHUP from now on (a stop reloads nothing); never by way of its default, which is to exit."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 async def _load_policies(policies: PolicyStore) -> None:
