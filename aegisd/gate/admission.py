@@ -6,8 +6,10 @@ consumed, in one synchronous call (no await in between), so a refused request us
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 from urllib.parse import unquote
 
@@ -20,6 +22,7 @@ from aegisd.policy.policy_set import INVALID, TOO_LONG
 from aegisd.rates import RateError, parse_rate
 
 WOULD_DENY = "would_deny"
+_SEGMENT_PARAMETERS = re.compile(r";[^/]*")  # a segment's `;` parameters, up to the next `/`
 _MAX_QUOTAS = 10_000  # cached credential and agent quotas; past this the cache starts afresh
 
 
@@ -38,8 +41,19 @@ def add_flag(x: Noted, flag: str) -> None:
 
 def judge(policies: PolicySet, agent: str, service: str, method: str, raw_path: str, now_ms: int) -> Verdict | None:
     """The policies' verdict on a request whose path after the service is `raw_path`, as front_door.split_target
-    gives it (still percent-encoded). Shared with `aegisctl policy test`, so that it answers as the gate does."""
-    return policies.judge(agent, service, method, unquote(raw_path), now_ms)
+    gives it (still percent-encoded). Shared with `aegisctl policy test`, so that it answers as the gate does.
+
+    A path with `;` parameters in a segment is allowed only if it is without them too: Java servlet containers
+    (Tomcat, Jetty, Spring) drop them before they route, so `/files/secret.pdf;.txt` is `/files/secret.pdf` there
+    while a pattern ending in `[.]txt` matched it. An encoded `%3B` is not dropped, so only a raw `;` counts."""
+    verdict = policies.judge(agent, service, method, unquote(raw_path), now_ms)
+    if verdict is None or not verdict.allowed or ";" not in raw_path:
+        return verdict
+    bare = policies.judge(agent, service, method, unquote(_SEGMENT_PARAMETERS.sub("", raw_path)), now_ms)
+    if bare is None or bare.allowed:
+        return verdict
+    return replace(bare, detail=f"{bare.detail}; a path with ';' parameters is judged without them too, as Java "
+                   "servlet upstreams route it")
 
 
 def check_policy(policies: PolicySet, x: Noted, agent: AgentEntry, service: str, method: str,
