@@ -155,7 +155,12 @@ def reload(ctx: Context, as_json: bool) -> None:
     client = ctx.client
     status = client.call(client.policies.Reload, pb.ReloadPoliciesRequest())
     _print_status(status, as_json)
-    if status.error or any(f.issues for f in status.files):
+    if status.error:  # nothing was loaded: the files listed are the ones still in force
+        if not as_json:
+            click.echo("aegisctl: the policy directory could not be read; the previous policies stay in force",
+                       err=True)
+        sys.exit(1)
+    if any(f.issues for f in status.files):
         if not as_json:
             click.echo("aegisctl: reloaded with errors; the agents named above fail closed until they are fixed",
                        err=True)

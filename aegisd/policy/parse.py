@@ -304,6 +304,8 @@ class _Reader:
             key = key_node.value if _is_field(key_node) else None
             if key is None:
                 self.issue(key_node, path, "field names must be plain words")
+            elif not self.standard_tag(key_node, _join(path, str(key))):  # `!custom methods:`: no tag, here either
+                pass
             elif key not in allowed:
                 self.issue(key_node, _join(path, str(key)), f"unknown field {key!r}; expected one of: "
                            f"{', '.join(allowed)}")

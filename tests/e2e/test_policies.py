@@ -280,6 +280,7 @@ ERROR_FILES = {
                  "timezone: Mars/Olympus_Mons}\n",
     "nozone.yaml": "agent: h\nrules:\n  - service: svc\n    time_window: {start: \"09:00\", end: \"18:00\", "
                    "timezone: \"\"}\n",  # e.g. "${TZ}" with TZ unset: must not drop the window
+    "keytag.yaml": "agent: i\nrules:\n  - service: svc\n    !custom methods: [GET]\n",  # 27th stop: it was read
     "many.yaml": ("agent: Not Valid\nmode: sometimes\ncolour: blue\nrules:\n  - service: svc\n"
                   "    methods: [GET, TRACE]\n    paths: [\"[z-a]\"]\n    rate_limit: fast\n"
                   "    time_window: {start: \"9\", end: \"18:00\", timezone: Nowhere/City}\n  - methods: [GET]\n"),
@@ -293,6 +294,7 @@ EXPECTED = {
     "time.yaml": [("time.yaml:4:26", "rules[0].time_window.start", "time '25:00' must be HH:MM")],
     "zone.yaml": [("zone.yaml:4:59", "rules[0].time_window.timezone", "unknown timezone 'Mars/Olympus_Mons'")],
     "nozone.yaml": [("nozone.yaml:4:59", "rules[0].time_window.timezone", "timezone has no value")],
+    "keytag.yaml": [("keytag.yaml:4:5", "rules[0].methods", "unsupported YAML tag '!custom'")],
     "many.yaml": [("many.yaml:1:8", "agent", "agent name 'Not Valid'"),
                   ("many.yaml:2:7", "mode", "mode 'sometimes' must be one of: enforce, dry-run, off"),
                   ("many.yaml:3:1", "colour", "unknown field 'colour'"),
@@ -532,6 +534,24 @@ def test_missing_policy_directory_stops_the_start(fresh: Aegis) -> None:
     # the one error line says it all.
     assert "previous policies stay" not in log and "not written to the ledger" not in log, log
     assert log.count("cannot read the policy directory") == 1, log
+
+
+def test_a_reload_that_cannot_read_the_directory_says_the_previous_policies_stay() -> None:
+    """Found by a cold review at the 27th stop: `policy reload` on a directory that could not be read said the agents
+    listed "fail closed until they are fixed", while the previous policies in fact stay in force, as documented."""
+    world, directory = _world({"bot.yaml": BOT_POLICY})
+    try:
+        world.agent("bot", "svc")
+        aside = directory.rename(directory.with_name("policies-aside"))
+        result = world.aegis.ctl("policy", "reload")
+        assert_failed(result, "the policy directory could not be read; the previous policies stay in force")
+        assert "fail closed" not in result.err and "cannot read the policy directory" in result.out, result.out
+        assert world.call("GET", "/svc/echo/user", agent="bot").status == 200  # bot.yaml still in force
+        refusal(world.call("GET", "/svc/echo/x/user", agent="bot"), 403, "policy_denied")
+        aside.rename(directory)
+        world.assert_no_leaks()
+    finally:
+        world.close()
 
 
 ALICE = "agent: alice\nrules:\n  - service: svc\n    paths: [\"/echo/a\"]\n"
