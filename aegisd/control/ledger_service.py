@@ -25,6 +25,7 @@ from aegisd.ledger import (
     LedgerRow,
     PruneRefused,
     Replaced,
+    Subscription,
     ledger_stats,
     now_ms,
     open_reader,
@@ -186,19 +187,25 @@ def _export_page(path: Path, filters: dict[str, Any], after_id: int, end_id: int
     return pb.ExportBatch(records=records), last, end_id
 
 
-def _backlog_page(path: Path, filters: dict[str, Any], backlog: int, after_id: int | None
-                  ) -> tuple[list[LedgerRow], int]:
+def _backlog_page(path: Path, filters: dict[str, Any], backlog: int, after_id: int | None, end_id: int
+                  ) -> tuple[list[LedgerRow], int, int]:
     """Up to PAGE_ROWS rows of a follow's backlog (the newest `backlog` matching rows, oldest first) after
-    `after_id` (None: from where the backlog starts), and the id to go on after (0: done). Rows committed since
-    the backlog started may come along; the follow skips them when they come again live."""
+    `after_id` (None: from where the backlog starts), the id to go on after (0: done), and the backlog's last id.
+    The first page fixes that end, so rows committed since come live only: a follower that fell behind them is
+    told exactly the rows it missed."""
     conn = open_reader(path)
     try:
         if after_id is None:
+            try:
+                end_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM ledger").fetchone()[0])
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot read the ledger: {exc}") from None
             after_id = max(nth_newest_id(conn, backlog, **filters) - 1, 0)
         rows = query_rows(conn, limit=PAGE_ROWS, after_id=after_id, newest_first=False, **filters)
     finally:
         conn.close()
-    return rows, rows[-1].id if len(rows) == PAGE_ROWS else 0
+    kept = [row for row in rows if row.id <= end_id]
+    return kept, kept[-1].id if len(kept) == len(rows) == PAGE_ROWS else 0, end_id
 
 
 def _integrity(path: Path) -> str:
@@ -224,15 +231,18 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self.path = runtime.config.data_dir / "ledger.db"
         self._prune_lock = asyncio.Lock()
 
-    async def _backlog(self, f: pb.LedgerFilter, backlog: int) -> AsyncIterator[LedgerRow]:
+    async def _backlog(self, f: pb.LedgerFilter, backlog: int, live: Subscription) -> AsyncIterator[LedgerRow]:
         """The newest `backlog` rows matching `f`, oldest first, read a page at a time: a backlog of 100,000 large
-        rows read whole once held hundreds of MB in aegisd until the follow ended."""
+        rows read whole once held hundreds of MB in aegisd until the follow ended. It stops where a restore
+        replaced the file (`live` says so): its pages would go on in another ledger."""
         _check_limit(backlog)
-        filters = _filters(f)
+        filters, replaced = _filters(f), live.replacements
         after_id: int | None = None
-        while after_id != 0:
+        end_id = 0
+        while after_id != 0 and live.replacements == replaced:
             try:
-                rows, after_id = await asyncio.to_thread(_backlog_page, self.path, filters, backlog, after_id)
+                rows, after_id, end_id = await asyncio.to_thread(_backlog_page, self.path, filters, backlog, after_id,
+                                                                 end_id)
             except LedgerError as exc:
                 raise StorageUnavailable(str(exc)) from None
             for row in rows:
@@ -259,7 +269,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         with self.rt.ledger.subscribe(match=lambda row: _matches(row, flt)) as live:
             last_id = 0
             if request.backlog:
-                async for row in self._backlog(flt, request.backlog):
+                async for row in self._backlog(flt, request.backlog, live):
                     last_id = row.id
                     yield record(row)
             async for item in live:

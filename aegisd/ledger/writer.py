@@ -209,6 +209,7 @@ class Subscription:
         self._gap: Dropped | None = None  # the queued marker that later drops still add to
         self._ended = False
         self.dropped = 0
+        self.replacements = 0  # how many times the file was replaced since the subscription began
 
     def close(self) -> None:
         """Stop receiving rows and end the iteration."""
@@ -254,6 +255,7 @@ class Subscription:
         self._gap = gap
 
     def _replaced(self) -> None:
+        self.replacements += 1
         if not self._ended:
             self._queue.put_nowait(REPLACED)
             self._gap = None
