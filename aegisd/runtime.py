@@ -63,6 +63,9 @@ class Runtime:
         except WrongPassphrase:
             self.log_event(f"{what} refused: wrong passphrase", level=logging.WARNING, **fields)
             raise
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # the caller went away during the proof: no change for it now
+            raise asyncio.CancelledError
 
     def ledger_key(self) -> bytes | None:
         """The ledger's chain key: known once the vault has been unlocked since start."""

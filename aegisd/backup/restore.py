@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from aegisd.backup.archive import LEDGER_DB, VAULT_DB, Manifest, read_backup
-from aegisd.backup.staging import outlive_cancellation, scratch
+from aegisd.backup.staging import scratch
+from aegisd.cancellation import outlive_cancellation
 from aegisd.errors import AegisError, FailedPrecondition, Kind, StorageFull, StorageUnavailable, log_safe
 from aegisd.ledger import LedgerError, LedgerWriter, ReplaceIncomplete
 from aegisd.store import ReplacedNotOpened, VaultStore, connect_for_writing

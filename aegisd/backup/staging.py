@@ -3,47 +3,23 @@
 They live beside the databases so the final rename is atomic (same file system) and the sandbox that
 lets aegisd write its data directory covers them; leftovers from a crash are removed at the next start and
 on the next use.
-Work on them runs in worker threads, which a cancelled RPC cannot stop: `outlive_cancellation` keeps
-the directory (and the caller's lock) until such work has ended.
+Work on them runs in worker threads, which a cancelled RPC cannot stop: aegisd.cancellation's
+`outlive_cancellation` keeps the directory (and the caller's lock) until such work has ended.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
 import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 PREFIXES = (".backup-", ".restore-")
 T = TypeVar("T")
 log = logging.getLogger("aegisd.backup")
-
-
-async def outlive_cancellation(work: Awaitable[T], orphaned: Callable[[asyncio.Future[Any]], None] | None = None
-                               ) -> T:
-    """Await `work` to its end even if the caller is cancelled meanwhile (its client went away, or the
-    deadline passed), then let the cancellation go on; `orphaned` is told how work ended in that case.
-
-    Work in a worker thread cannot be stopped. Returning at once would remove the scratch directory under
-    it and release the backup's or restore's lock while it still reads or moves files: a restore would be
-    left half done, with its error lost.
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
-        if orphaned is not None:
-            orphaned(task)
-        elif not task.cancelled():
-            task.exception()  # retrieved: nobody is left to report it to
-        raise
 
 
 def clear_leftovers(data_dir: Path) -> list[str]:

@@ -16,10 +16,11 @@ import grpc
 
 from aegisd.api.aegis.v1 import backup_pb2 as pb
 from aegisd.api.aegis.v1 import backup_pb2_grpc
-from aegisd.backup import clear_leftovers, outlive_cancellation, restore, scratch, take_snapshot, tar_stream
+from aegisd.backup import clear_leftovers, restore, scratch, take_snapshot, tar_stream
 from aegisd.backup.archive import Manifest
 from aegisd.backup.restore import Restored
 from aegisd.backup.snapshot import DamagedDatabase
+from aegisd.cancellation import outlive_cancellation
 from aegisd.control.errors import rpc, stream_rpc
 from aegisd.errors import StorageUnavailable, WrongPassphrase
 from aegisd.ledger import LedgerEntry, LedgerError

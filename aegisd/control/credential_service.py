@@ -10,6 +10,7 @@ import grpc
 
 from aegisd.api.aegis.v1 import credentials_pb2 as pb
 from aegisd.api.aegis.v1 import credentials_pb2_grpc
+from aegisd.cancellation import outlive_cancellation
 from aegisd.control import convert
 from aegisd.control.errors import rpc
 from aegisd.runtime import Runtime
@@ -72,15 +73,20 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
         entries = check_new_domains(changes["domains"], request.allow_plain_http) if "domains" in changes else []
         if request.passphrase:
             await self.rt.prove_passphrase(request.passphrase, "credential update", credential=request.name)
-        cred, widened = await asyncio.to_thread(self.rt.vault.update_credential, request.name, changes,
-                                                bool(request.passphrase))
+        # The write runs on in its thread if the client goes away: its log line and ledger row must follow it.
+        cred = await outlive_cancellation(self._update(request.name, changes, bool(request.passphrase)))
+        self._warn_about(cred.name, entries)
+        return convert.credential_to_pb(cred, now)
+
+    async def _update(self, name: str, changes: dict[str, Any], with_passphrase: bool) -> Credential:
+        """Apply `changes`, then log them and record a widening (made with the passphrase) in the ledger."""
+        cred, widened = await asyncio.to_thread(self.rt.vault.update_credential, name, changes, with_passphrase)
         self.rt.log_event("credential updated", credential=cred.name, fields=",".join(sorted(changes)))
         if widened:
             detail = f"credential {cred.name!r} widened with the passphrase: {'; '.join(widened)}"
             self.rt.log_event(detail, level=logging.WARNING)
             self.rt.record_change(detail, "credential_widened")
-        self._warn_about(cred.name, entries)
-        return convert.credential_to_pb(cred, now)
+        return cred
 
     @rpc
     async def RotateCredential(self, request: pb.RotateCredentialRequest, context: Ctx) -> pb.Credential:

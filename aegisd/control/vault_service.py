@@ -14,10 +14,12 @@ import grpc
 from aegisd import __version__
 from aegisd.api.aegis.v1 import vault_pb2 as pb
 from aegisd.api.aegis.v1 import vault_pb2_grpc
+from aegisd.cancellation import outlive_cancellation
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument, WrongPassphrase
 from aegisd.runtime import Runtime, derive, key_derivation
+from aegisd.vault.adoption import OlderRows
 from aegisd.vault.credentials import Credential
 from aegisd.vault.passphrase_strength import check_passphrase_strength
 from aegisd.vault.unlock_key_format import check_unlock_key, new_unlock_key
@@ -113,6 +115,13 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         self.rt.record_change(f"vault {what}{before}", "vault_keys_changed")
         return result
 
+    async def _adopt(self, digest: str) -> OlderRows:
+        older = await asyncio.to_thread(self.rt.vault.adopt_older_rows, digest)
+        if older:
+            self.rt.log_event("older rows adopted", credentials=len(older.credentials),
+                              agents=len(older.agents), grants=len(older.grants), mixed=older.mixed)
+        return older
+
     @rpc
     async def Adopt(self, request: pb.AdoptRequest, context: Ctx) -> pb.AdoptResponse:
         if request.dry_run:
@@ -124,10 +133,8 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
                                          "(an aegisctl whose `vault adopt` has no --passphrase-stdin is too old: "
                                          "update it)")
             await self.rt.prove_passphrase(request.passphrase, "adoption")
-            older = await asyncio.to_thread(self.rt.vault.adopt_older_rows, request.digest)
-            if older:
-                self.rt.log_event("older rows adopted", credentials=len(older.credentials),
-                                  agents=len(older.agents), grants=len(older.grants), mixed=older.mixed)
+            # The adoption runs on in its thread if the client goes away: its log line must follow it.
+            older = await outlive_cancellation(self._adopt(request.digest))
         return pb.AdoptResponse(
             credentials=[_older_credential(c.credential) for c in older.credentials],
             agents=[pb.OlderAgent(name=a.name, rate_limit=a.rate_limit) for a in older.agents],

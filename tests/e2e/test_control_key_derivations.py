@@ -154,3 +154,30 @@ def test_a_call_cut_off_during_its_derivation_is_still_logged_and_recorded(costl
     rows = costly.ctl_in_process("ledger", "show", "--json", "--limit", "50").ok().out
     assert rows.count('"vault_keys_changed"') == 1, rows
     costly.assert_no_leaks([PASSPHRASE, SECRET, key])
+
+
+def test_a_widening_cut_off_during_its_passphrase_proof_is_made_only_with_its_record(costly: Aegis) -> None:
+    """Found by the review of the fix above: a credential update that widens the credential proves the passphrase
+    first, and that proof now returned to a call cut off meanwhile, which then made the change and died before
+    logging it: a widening with no log line and no ledger row. A call cut off during its proof now changes nothing,
+    and one cut off during its write still logs and records it: whatever the deadline, every widening made is on
+    record."""
+    made = 0
+    with grpc.insecure_channel(f"unix:{costly.socket}") as channel:
+        credentials = credentials_pb2_grpc.CredentialServiceStub(channel)
+        vault = vault_pb2_grpc.VaultServiceStub(channel)
+        for n, deadline in enumerate((*DEADLINES, 0.6, 0.8, 120)):
+            domain = f"wider{n}.example"
+            try:
+                credentials.UpdateCredential(credentials_pb2.UpdateCredentialRequest(
+                    name="svc", set_domains=True, domains=["svc.example", domain], passphrase=PASSPHRASE),
+                    timeout=deadline)
+            except grpc.RpcError as cut:
+                assert cut.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut
+            settled(vault)
+            now = credentials.GetCredential(credentials_pb2.GetCredentialRequest(name="svc"), timeout=120)
+            made += domain in now.domains
+    assert made >= 1  # the last call, uncut, at least
+    rows = costly.ctl_in_process("ledger", "show", "--json", "--limit", "100").ok().out
+    assert costly.log().count("widened with the passphrase") == made == rows.count('"credential_widened"'), made
+    costly.assert_no_leaks([PASSPHRASE, SECRET])

@@ -1,0 +1,38 @@
+"""Work a cancelled control call cannot stop, and must see to its end.
+
+A gRPC call is cancelled when its client goes away or its deadline passes, but work already handed to a worker
+thread runs on. What the call does after that work (log the change, record it in the ledger, release a lock or a
+scratch directory) must happen all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+async def outlive_cancellation(work: Awaitable[T], orphaned: Callable[[asyncio.Future[Any]], None] | None = None
+                               ) -> T:
+    """Await `work` to its end even if the caller is cancelled meanwhile (its client went away, or the
+    deadline passed), then let the cancellation go on; `orphaned` is told how work ended in that case.
+
+    Work in a worker thread cannot be stopped. Returning at once would remove a backup's scratch directory
+    under it and release the backup's or restore's lock while it still reads or moves files (a restore would be
+    left half done, with its error lost), or skip the log line and ledger row of a change that was made.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if orphaned is not None:
+            orphaned(task)
+        elif not task.cancelled():
+            task.exception()  # retrieved: nobody is left to report it to
+        raise
