@@ -50,8 +50,10 @@ def judge(policies: PolicySet, agent: str, service: str, method: str, raw_path: 
     if verdict is None or not verdict.allowed or ";" not in raw_path:
         return verdict
     bare = policies.judge(agent, service, method, unquote(_SEGMENT_PARAMETERS.sub("", raw_path)), now_ms)
-    if bare is None or bare.allowed:
+    if bare is None:
         return verdict
+    if bare.allowed:  # held to both rules' limits and windows: each form is what some upstream serves
+        return replace(verdict, also=bare.rule)
     return replace(bare, detail=f"{bare.detail}; a path with ';' parameters is judged without them too, as Java "
                    "servlet upstreams route it")
 
@@ -92,10 +94,10 @@ class GateLimits:
             quotas.append(self._quota("credential", route.credential_id, route.rate_limit, route.name))
         if agent.rate_limit:
             quotas.append(self._quota("agent", agent.id, agent.rate_limit, agent.name))
-        rule = verdict.rule if verdict is not None and verdict.allowed else None
-        if rule is not None and rule.rate is not None:
-            quotas.append(Quota("rule", rule.ref, rule.rate, enforced=verdict is not None and
-                                verdict.mode == "enforce"))
+        for rule in verdict.allowing if verdict is not None else ():
+            if rule.rate is not None:
+                quotas.append(Quota("rule", rule.ref, rule.rate, enforced=verdict is not None and
+                                    verdict.mode == "enforce"))
         rates = self.rates
         now = rates.clock()
         standings = [rates.standing(q, now) for q in quotas]

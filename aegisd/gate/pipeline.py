@@ -155,8 +155,8 @@ class Admission:
         allowed the request still inside its time window."""
         if self.route.expires_at is not None and now_ms >= self.route.expires_at:
             return False
-        rule = self.verdict.rule if self.verdict is not None and self.verdict.allowed else None
-        return rule is None or rule.window is None or rule.window.contains(now_ms)
+        rules = self.verdict.allowing if self.verdict is not None else ()
+        return all(rule.window is None or rule.window.contains(now_ms) for rule in rules)
 
 
 class GatePipeline:
@@ -330,8 +330,8 @@ class GatePipeline:
         policies = self.policies.current
         verdict = check_policy(policies, x, agent, service, request.method, rest)
         return Admission(table, policies, agent, route, entry, host, port, verdict,
-                         route.expires_at is not None or (verdict is not None and verdict.rule is not None
-                                                          and verdict.rule.window is not None))
+                         route.expires_at is not None or (verdict is not None and
+                                                          any(rule.window is not None for rule in verdict.allowing)))
 
     async def _body_as_admitted(self, request: GateRequest, x: Exchange, admitted: Admission, service: str,
                                 rest: str, query: str) -> tuple[bytes | None, Admission]:

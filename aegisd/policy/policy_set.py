@@ -30,6 +30,14 @@ class Verdict:
     rule: Rule | None  # the rule that allowed it, or on a denial the rule that came closest
     miss: str = ""  # on a denial: no_rule, method, path, time_window, invalid or path_too_long
     detail: str = ""
+    also: Rule | None = None  # allowed: another rule that had to allow it too (the path without `;` parameters)
+
+    @property
+    def allowing(self) -> tuple[Rule, ...]:
+        """The rules whose rate limits and time windows an allowed request is held to."""
+        if not self.allowed or self.rule is None:
+            return ()
+        return (self.rule,) if self.also is None or self.also is self.rule else (self.rule, self.also)
 
     @property
     def flag(self) -> str:

@@ -121,6 +121,40 @@ def test_credential_agent_and_rule_limits_refusals_use_no_quota() -> None:
         world.close()
 
 
+SEMICOLON_POLICY = """\
+agent: reporter
+rules:
+  - service: open
+    paths: ["/echo/reports/[^/]+[.]csv"]
+    rate_limit: 1000/day
+  - service: open
+    paths: ["/echo/reports/.*"]
+    rate_limit: 1/day
+"""
+
+
+def test_a_path_with_semicolon_parameters_is_held_to_both_rules_limits() -> None:
+    """Found by the review of the 27th stop's `;` fix: a path allowed both as sent and without its `;` parameters,
+    by two different rules, was held only to the first rule's rate limit, so `/reports/big.pdf;.csv` took the
+    `.csv` rule's 1,000 a day to what a servlet upstream serves as `/reports/big.pdf`, which the other rule allows
+    once a day. It is held to both now."""
+    world, _ = policy_world({"reporter.yaml": SEMICOLON_POLICY})
+    try:
+        up = world.upstream()
+        world.credential("open", OPEN, up.entry())
+        world.agent("reporter", "open")
+        assert world.call("GET", "/open/echo/reports/big.pdf", agent="reporter").status == 200
+        with untouched(up):
+            for target in ("/open/echo/reports/big.pdf", "/open/echo/reports/big.pdf;.csv"):
+                reply = world.call("GET", target, agent="reporter")
+                world.received.append(reply.text())
+                assert refusal(reply, 429, "rate_limited"), target
+        assert world.call("GET", "/open/echo/reports/small.csv", agent="reporter").status == 200  # its own rule
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
 def test_agent_concurrency_cap() -> None:
     world, _ = policy_world(agent_max_concurrency=2)
     try:
