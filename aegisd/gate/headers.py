@@ -34,7 +34,9 @@ ROUTING_HEADERS = frozenset({"forwarded", "x-forwarded-host", "x-forwarded-proto
                              "x-forwarded-uri", "x-original-uri", "x-host", "x-original-host", "x-http-host-override",
                              "front-end-https", "x-url-scheme",
                              "x-forwarded-for", "x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip",
-                             "x-original-forwarded-for", "client-ip"})
+                             "x-original-forwarded-for", "client-ip", "forwarded-for", "x-forwarded",
+                             "cf-connecting-ip", "fastly-client-ip", "x-originating-ip", "x-remote-ip",
+                             "x-remote-addr", "x-proxyuser-ip", "x-envoy-external-address"})
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-length"}
 # Kept in an answer even when its Connection header lists them: the redactor must see how the body is coded (a
 # gzip body it was not told of would pass undecoded, its echo of the secret unredacted), and so must the agent.

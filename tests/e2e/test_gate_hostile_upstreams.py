@@ -291,7 +291,10 @@ ROUTING = [("X-Forwarded-Host", "admin.internal.example"), ("X-Forwarded-Proto",
            # who the client is, which an upstream behind a load balancer may trust for access control
            ("X-Forwarded-For", "10.0.0.1"), ("X-Real-IP", "10.0.0.1"), ("X-Client-IP", "10.0.0.1"),
            ("True-Client-IP", "10.0.0.1"), ("X-Cluster-Client-IP", "10.0.0.1"), ("Client-IP", "10.0.0.1"),
-           ("X-Original-Forwarded-For", "10.0.0.1"),
+           ("X-Original-Forwarded-For", "10.0.0.1"), ("Forwarded-For", "10.0.0.1"), ("X-Forwarded", "for=10.0.0.1"),
+           ("CF-Connecting-IP", "10.0.0.1"), ("Fastly-Client-IP", "10.0.0.1"), ("X-Originating-IP", "10.0.0.1"),
+           ("X-Remote-IP", "10.0.0.1"), ("X-Remote-Addr", "10.0.0.1"), ("X-ProxyUser-Ip", "10.0.0.1"),
+           ("X-Envoy-External-Address", "10.0.0.1"),
            # as CGI-style servers read them: HTTP_X_FORWARDED_HOST
            ("X_Forwarded_Host", "cgi.internal.example"), ("x.forwarded.proto", "http"), ("X-Forwarded_Server", "b3")]
 
