@@ -32,6 +32,7 @@ _TOML_KEYS: dict[str, tuple[str, ...]] = {
     "socket_group": ("socket_group",),
     "socket_mode": ("socket_mode",),
     "unlock_key_file": ("unlock_key_file",),
+    "stop_grace": ("stop_grace",),
     "gate_listen": ("gate", "listen"),
     "gate_allow_non_loopback": ("gate", "allow_non_loopback"),
     "connect_timeout": ("gate", "connect_timeout"),
@@ -66,8 +67,12 @@ _ENV_KEYS = {
 }
 
 
+STOP_GRACE_SECONDS = 10.0
 # Numeric settings: (default, minimum, maximum). Timeouts in seconds.
 _NUMBERS: dict[str, tuple[float, float, float]] = {
+    # How long a stop lets requests and control calls in flight finish, in all; within a service manager's own
+    # stop timeout (TimeoutStopSec=30s in the packaged unit; `docker stop` waits 10 s).
+    "stop_grace": (STOP_GRACE_SECONDS, 0.0, 300.0),
     "connect_timeout": (10.0, 0.1, 600.0),
     "read_timeout": (120.0, 0.1, 3600.0),
     "total_timeout": (600.0, 0.1, 86400.0),
@@ -133,6 +138,7 @@ class Config:
     webhook_timeout: float = 10.0
     webhook_max_attempts: int = 5
     webhook_retry_delay: float = 1.0
+    stop_grace: float = STOP_GRACE_SECONDS
     agent_max_concurrency: int = 64
     max_connections: int = 1024  # agent connections open at once; past it new ones are reset
     policies_dir: Path | None = None  # None: no policy files; agents are governed by grants and scopes only
@@ -216,6 +222,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         webhook_timeout=numbers["webhook_timeout"],
         webhook_max_attempts=int(numbers["webhook_max_attempts"]),
         webhook_retry_delay=numbers["webhook_retry_delay"],
+        stop_grace=numbers["stop_grace"],
         agent_max_concurrency=int(numbers["agent_max_concurrency"]),
         max_connections=int(numbers["max_connections"]),
         policies_dir=_path_or_none(values.get("policies_dir"), "policy directory", sources.get("policies_dir", "")),

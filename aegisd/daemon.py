@@ -14,6 +14,7 @@ import os
 import pwd
 import signal
 import stat
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,6 @@ from aegisd.vault.vault import Vault
 from aegisd.webhooks import Webhooks
 
 log = logging.getLogger("aegisd")
-SHUTDOWN_GRACE_SECONDS = 10.0
 # The Config fields a SIGHUP applies to the running daemon (see _reload); a change to any other needs a restart.
 APPLIED_ON_RELOAD = frozenset({"log_level", "policies_dir"})
 
@@ -121,11 +121,12 @@ class Daemon:
             _ignore_sighup()  # no reload while stopping
             self._manager.stopping()
             event(log, logging.INFO, "aegisd stopping")
-            await gate.stop(SHUTDOWN_GRACE_SECONDS)
+            stopping_by = time.monotonic() + self.config.stop_grace  # the gate and the control calls share it
+            await gate.stop(self.config.stop_grace)
             await ledger.settle()  # the summary rows the gate's stop queued (refusals it left out), committed too
             ledger.end_subscriptions()  # so `ledger follow` has every row of the run before it ends
             control_running = False
-            await control.stop(SHUTDOWN_GRACE_SECONDS)
+            await control.stop(max(stopping_by - time.monotonic(), 0.0))
         finally:
             _ignore_sighup()
             if control_running:  # a start that failed after the control server started (the gate port taken):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import os
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from aegisd.daemon import SHUTDOWN_GRACE_SECONDS
+from aegisd.config import STOP_GRACE_SECONDS
 from aegisd.gate.pipeline import WHOLE_ANSWER_MAX
 from aegisd.ledger import query_rows
 from tests.e2e.gate_support import (
@@ -452,28 +451,15 @@ def small() -> Iterator[GateWorld]:
     yield from _small()
 
 
-# The shutdown grace period is a constant in aegisd (no setting). The tests that wait it out run their
-# daemon with a shorter one, set by a test-only sitecustomize loaded through PYTHONPATH (as FAULT below is),
-# and check that the daemon did wait that long before cutting: the same code path, without ten idle seconds.
-SHORT_GRACE_SECONDS = 2.0
-SHORT_GRACE = f'''
-import os
-try:
-    import aegisd.daemon
-    assert isinstance(aegisd.daemon.SHUTDOWN_GRACE_SECONDS, float)
-    aegisd.daemon.SHUTDOWN_GRACE_SECONDS = {SHORT_GRACE_SECONDS!r}
-except Exception as exc:  # the constant moved: fail the start loudly, not run with the long grace
-    print("short-grace sitecustomize failed:", repr(exc), flush=True)
-    os._exit(70)
-'''
+SHORT_GRACE_SECONDS = 2.0  # the tests that wait the stop's grace out, without ten idle seconds
 
 
 @pytest.fixture
 def short_grace(tmp_path: Path) -> Iterator[GateWorld]:
-    """As `small`, with a shutdown grace period of SHORT_GRACE_SECONDS."""
-    (tmp_path / "sitecustomize.py").write_text(SHORT_GRACE)
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
-    yield from _small({"PYTHONPATH": path})
+    """As `small`, with a stop grace of SHORT_GRACE_SECONDS (the `stop_grace` setting)."""
+    config = tmp_path / "aegisd.toml"
+    config.write_text(f"stop_grace = {SHORT_GRACE_SECONDS}\n")
+    yield from _small({"AEGIS_CONFIG": str(config)})
 
 
 def _stop_after_the_grace(proc: subprocess.Popen[bytes]) -> None:
@@ -482,7 +468,7 @@ def _stop_after_the_grace(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     waited = time.monotonic() - started
-    assert SHORT_GRACE_SECONDS <= waited < SHUTDOWN_GRACE_SECONDS, waited
+    assert SHORT_GRACE_SECONDS <= waited < STOP_GRACE_SECONDS, waited
 
 
 def test_locked_vault_refuses_and_forwards_nothing(small: GateWorld) -> None:

@@ -23,8 +23,8 @@ import grpc
 import pytest
 
 from aegisd.api.aegis.v1 import ledger_pb2, ledger_pb2_grpc
+from aegisd.config import STOP_GRACE_SECONDS
 from aegisd.control.ledger_service import EXPORT_BATCH, MAX_LIMIT
-from aegisd.daemon import SHUTDOWN_GRACE_SECONDS
 from tests.e2e.gate_support import GateWorld, raw_exchange
 from tests.e2e.ledger_fill import FORMULA_EVERY, FORMULAS, T0, fill, formula_rows
 from tests.e2e.support import assert_failed
@@ -231,8 +231,8 @@ def test_export_120k_rows_streams_and_neutralises_formulas(big: Aegis) -> None:
             time.sleep(0.01)
         os.kill(stalled.pid, signal.SIGSTOP)  # mid-stream: about 20 MB are still to come
         started = time.monotonic()
-        assert aegis.stop(timeout=SHUTDOWN_GRACE_SECONDS + 20) == 0
-        assert time.monotonic() - started < SHUTDOWN_GRACE_SECONDS + 5
+        assert aegis.stop(timeout=STOP_GRACE_SECONDS + 20) == 0
+        assert time.monotonic() - started < STOP_GRACE_SECONDS + 5
         assert "control: 1 client connection stopped reading and held up the stop; closed" in aegis.log()
     finally:
         os.kill(stalled.pid, signal.SIGCONT)

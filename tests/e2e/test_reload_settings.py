@@ -50,6 +50,7 @@ def test_sighup_names_every_setting_it_cannot_apply(fresh: Aegis) -> None:
         "socket_group": ("", "users"),
         "socket_mode": ("0600", "0640"),
         "unlock_key_file": ("", str(root / "unlock.key")),
+        "stop_grace": (10, 11),
         "gate_listen": (f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"),
         "gate_allow_non_loopback": (False, True),
         "connect_timeout": (10, 11),
