@@ -685,7 +685,7 @@ class GatePipeline:
                                   {"Content-Type": JSON_CONTENT_TYPE, REQUEST_ID_HEADER: x.request_id})
         elif endpoint == "/services":
             await self._services(request, x)
-        elif endpoint == "/health":  # switched off: as when on, no row (probes poll it)
+        elif endpoint in ("/health", "/metrics"):  # switched off: as when on, no row, log line or alert (polled)
             await send_refusal(request, Refusal(404, "not_found", "unknown operator endpoint"), x.request_id)
         else:
             # Recorded like any refusal, through `handle`: with no agent named, its row comes out of the same

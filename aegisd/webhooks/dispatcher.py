@@ -37,7 +37,7 @@ from aegisd.gate.upstream import tls_context
 from aegisd.ledger.entry import iso_time, now_ms
 from aegisd.logs import event as log_event
 from aegisd.webhooks.events import TEST_EVENT
-from aegisd.webhooks.registry import Target
+from aegisd.webhooks.registry import Target, reaches_gate
 
 if TYPE_CHECKING:  # imported on the first delivery: a daemon without webhooks never loads aiohttp (~14 MiB)
     import aiohttp
@@ -94,6 +94,7 @@ class Attempt:
     status: int
     error: str
     duration_ms: float
+    final: bool = False  # not sent, and no later attempt would be (it would reach the gate): never retried
 
     @property
     def delivered(self) -> bool:
@@ -101,7 +102,7 @@ class Attempt:
 
     @property
     def retryable(self) -> bool:
-        return self.status == 0 or self.status >= 500 or self.status in RETRY_STATUSES
+        return not self.final and (self.status == 0 or self.status >= 500 or self.status in RETRY_STATUSES)
 
 
 @dataclass(slots=True)
@@ -123,6 +124,9 @@ class Dispatcher:
 
     def __init__(self, config: Config) -> None:
         self._config = config
+        # The gate's listen address, which no delivery may connect to (see _post). Fixed for the daemon's life: a
+        # SIGHUP applies no [gate] setting (daemon.APPLIED_ON_RELOAD), a new listen address needs a restart.
+        self._gate = (config.gate_host, config.gate_port)
         # By webhook id. Unbounded themselves: _hold keeps each webhook's queued deliveries and retries, together,
         # within its part of queue_size; a lane is dropped when empty and idle, so there are no more of them.
         self._lanes: dict[str, Lane] = {}
@@ -475,7 +479,7 @@ class Dispatcher:
             # hanging receiver starve every webhook, and one per host (host, port, TLS) would do the same to webhooks
             # that share a receiver's address (two Slack channels) when one of their paths hangs.
             # Lookups on threads of their own: slow DNS for a webhook host must not hold up the gate's (resolver).
-            self._resolver = PooledResolver()
+            self._resolver = PooledResolver(self._gate)  # drops the gate's addresses from every lookup
             connector = aiohttp.TCPConnector(ssl=tls_context(), limit=0, limit_per_host=0, resolver=self._resolver)
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
                                                   headers={"User-Agent": f"aegisd/{__version__} webhooks"})
@@ -486,6 +490,10 @@ class Dispatcher:
             return Attempt(0, "aegisd is shutting down", 0.0)
         import aiohttp
 
+        from aegisd.webhooks.resolver import GATE_REFUSAL, PointsAtGate
+
+        if _literal_to_gate(delivery.target.url, self._gate):
+            return Attempt(0, GATE_REFUSAL, 0.0, final=True)
         session = self._http_session()
         body = delivery.payload()
         headers = {"Content-Type": "application/json", "X-Aegis-Event": delivery.event,
@@ -497,12 +505,28 @@ class Dispatcher:
         except TimeoutError:
             return Attempt(0, "timed out", _ms(started))
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, PointsAtGate):  # the lookup found only the gate's addresses: nothing sent
+                return Attempt(0, GATE_REFUSAL, _ms(started), final=True)
             return Attempt(0, f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}", _ms(started))
         except (aiohttp.ClientError, OSError) as exc:
             return Attempt(0, type(exc).__name__, _ms(started))
         except ValueError:  # the IDNA codec's UnicodeError from getaddrinfo: check_url refuses such a host now
             return Attempt(0, "invalid host", _ms(started))
         return Attempt(status, "" if 200 <= status < 300 else f"HTTP {status}", _ms(started))
+
+
+def _literal_to_gate(url: str, gate: tuple[str, int]) -> bool:
+    """Whether the URL's host, as written (an address in any spelling, or `localhost`), reaches the gate at the URL's
+    port. aiohttp connects to an address without asking the resolver, whose check (resolver.py) covers names; this
+    covers a webhook added while the gate listened elsewhere, the gate restarted on its address since."""
+    from yarl import URL
+
+    try:
+        parsed = URL(url)
+        host, port = parsed.raw_host, parsed.port
+    except ValueError:  # not seen: add checked the URL with yarl; aiohttp refuses it the same way
+        return False
+    return host is not None and port is not None and reaches_gate(host, port, *gate)
 
 
 def _add(counts: dict[K, int], key: K, change: int) -> None:

@@ -20,6 +20,7 @@ import logging
 import secrets
 import socket
 import sqlite3
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -37,6 +38,9 @@ ID_PREFIX = "wh_"
 SUBKEY = "webhook-secrets"
 MAX_URL_LENGTH = 2048
 _YEAR_10000_MS = 253402300800000  # a created_at past it cannot be shown (protobuf's Timestamp ends before)
+# How long `webhook add` waits for its host's addresses before taking it unchecked: each delivery checks them
+# again (resolver.py), so a slow lookup only loses the early refusal, and must not hold up the command.
+ADD_LOOKUP_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +101,37 @@ def check_url(url: str, gate: tuple[str, int] | None = None) -> str:
     if scheme == "http" and not is_loopback_host(host):
         raise InvalidArgument("plain http:// is allowed only to loopback (127.0.0.1, [::1], localhost); use "
                               "https:// for any other host")
-    if gate is not None and _reaches_gate(host, port if port is not None else DEFAULT_PORTS[scheme], *gate):
+    if gate is not None and reaches_gate(host, port if port is not None else DEFAULT_PORTS[scheme], *gate):
         raise InvalidArgument("the webhook URL points at aegisd's own gate (its [gate] listen address): each "
                               "delivery would be refused there and raise another alert, without end; give the "
                               "receiver's address")
     shown = f"[{host}]" if ":" in host else host
     return f"{scheme}://{shown}" + (f":{port}" if port is not None else "")
+
+
+def resolves_to_gate(url: str, gate: tuple[str, int]) -> bool:
+    """Whether `url` (which check_url accepted) has a host name that resolves, now, to the gate's listen address, so
+    that `webhook add` can refuse it with a clear message rather than have every delivery fail. Only a first word:
+    a name can resolve elsewhere later, so each delivery's connection checks the addresses again (resolver.py). A
+    lookup that fails, or takes longer than ADD_LOOKUP_SECONDS, is no refusal."""
+    host = _sent_host(url)
+    parts = urlsplit(url)
+    port = parts.port if parts.port is not None else DEFAULT_PORTS[parts.scheme.lower()]
+    if host is None or _address(host) is not None:  # an address (or localhost): check_url judged it already
+        return False
+    found: builtins.list[str] = []
+    done = threading.Event()
+
+    def lookup() -> None:  # a daemon thread: a lookup stuck on unreachable DNS is abandoned, never joined
+        try:
+            found.extend(str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, ValueError):  # no such name (yet), or IDNA: the deliveries will tell
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, daemon=True, name="aegis-webhook-add-dns").start()
+    return done.wait(ADD_LOOKUP_SECONDS) and any(reaches_gate(address, port, *gate) for address in found)
 
 
 def _sent_host(url: str) -> str | None:
@@ -141,7 +170,7 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr
 
 
-def _reaches_gate(host: str, port: int, gate_host: str, gate_port: int) -> bool:
+def reaches_gate(host: str, port: int, gate_host: str, gate_port: int) -> bool:
     """Whether a delivery to host:port would reach the gate listening on gate_host:gate_port: the same address,
     or, for a gate on the unspecified address, any loopback one of its family (the gate's `::` socket is
     IPv6-only, as asyncio makes it, so 127.0.0.1 does not reach it). Its other interfaces' addresses are not
@@ -198,6 +227,10 @@ class WebhookRegistry:
     def add(self, url: str, events: builtins.list[str]) -> tuple[Webhook, str]:
         """Register a webhook; returns it and its signing secret, which is never readable again."""
         origin = check_url(url, self._gate)
+        if self._gate is not None and resolves_to_gate(url, self._gate):
+            raise InvalidArgument("the webhook URL's host resolves to aegisd's own gate (its [gate] listen address): "
+                                  "each delivery would be refused there and raise another alert, without end (a "
+                                  "delivery that would reach the gate is never sent); give the receiver's address")
         subscribed = parse_events(events)
         secret = new_secret()
         plaintext = json.dumps({"url": url, "secret": secret}).encode()

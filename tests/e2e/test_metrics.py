@@ -7,8 +7,9 @@ import time
 import uuid
 
 from tests.e2e.gate_support import request
-from tests.e2e.ops_support import Scrape, ops_world, refused
+from tests.e2e.ops_support import Scrape, add_webhook, ops_world, refused
 from tests.harness import PASSPHRASE, Aegis
+from tests.webhook_receiver import Receiver
 
 SECRET = "sk-metrics-secret-4f7a9c2e1b"
 SOON_SECRET = "sk-metrics-soon-8d6e5f4a3b"
@@ -179,18 +180,30 @@ def test_metrics_name_a_service_only_to_a_request_granted_it() -> None:
 
 
 def test_metrics_and_health_can_be_turned_off() -> None:
-    world = ops_world("[gate]\nmetrics = false\nhealth = false\n")
+    """Switched off, both answer 404 not_found and nothing else: a scraper or a probe keeps polling them, so each
+    poll must not be recorded. From a cold review: a scrape of /_aegis/metrics switched off was refused as an
+    unknown endpoint, with a ledger row, a `request refused` log line and a blocked_request alert every scrape,
+    where /_aegis/health switched off had none. One tokenless request after the polls is the proof of absence:
+    its alert arrives first (one worker: a webhook's deliveries arrive in the order raised), and it alone is
+    recorded."""
+    world = ops_world("[gate]\nmetrics = false\nhealth = false\n[webhooks]\nworkers = 1\n")
+    receiver = Receiver().start()
     try:
-        replies = {path: request(world.port, "GET", path) for path in ("/_aegis/metrics", "/_aegis/health")}
-        for reply in replies.values():
+        add_webhook(world, receiver, "blocked_request,agent_auth_failure")
+        polls = [request(world.port, "GET", path) for path in ("/_aegis/metrics", "/_aegis/health") * 3]
+        for reply in polls:
             assert reply.status == 404, reply.text()
             assert reply.error()["code"] == "not_found"
-        # The metrics refusal is recorded like any other; /_aegis/health writes no row, switched on or off.
+        refused(request(world.port, "GET", "/no/such/service"), 401, "agent_auth_required")
+        first = receiver.wait_for(1)[0]
+        assert first.verified and first.payload["details"]["reason"] == "agent_auth_required", first.payload
         rows = world.ledger()
-        world.assert_refused(replies["/_aegis/metrics"], 404, "not_found", service="_aegis", path="/metrics")
-        assert not [row for row in rows if row["request_id"] == replies["/_aegis/health"].request_id]
-        world.aegis.assert_no_leaks([PASSPHRASE])
+        assert [row["reason"] for row in rows if row["kind"] == "request"] == ["agent_auth_required"], rows
+        assert not {row["request_id"] for row in rows} & {reply.request_id for reply in polls}
+        assert world.aegis.log().count("request refused") == 1
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
     finally:
+        receiver.stop()
         world.close()
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import socket
 
 import pytest
 
@@ -187,3 +189,44 @@ def test_signature_is_hmac_sha256_of_the_exact_body() -> None:
     expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     assert signature(secret.encode(), body) == expected
     assert signature(secret.encode(), body + b" ") != expected
+
+
+def test_a_lookup_for_a_delivery_hands_out_no_address_of_the_gate() -> None:
+    """From a cold review: only `webhook add` looked at the host, and only at an address or `localhost`, so a name
+    resolving to the gate (an /etc/hosts alias, DNS rebinding) was delivered to it, each refusal there raising
+    another alert without end. The lookup each delivery connects by drops the gate's addresses, at the URL's port
+    only, and fails with the fixed PointsAtGate when none is left. `localhost` is looked up for real (IPv4 only, so
+    that the answer is 127.0.0.1 on every machine)."""
+    from aegisd.webhooks.resolver import GATE_REFUSAL, PointsAtGate, PooledResolver
+
+    async def resolve(gate: tuple[str, int], port: int) -> list[str]:
+        resolver = PooledResolver(gate)
+        try:
+            return [found["host"] for found in await resolver.resolve("localhost", port, socket.AF_INET)]
+        finally:
+            await resolver.close()
+
+    with pytest.raises(PointsAtGate) as refused:
+        asyncio.run(resolve(("127.0.0.1", 3100), 3100))
+    assert str(refused.value) == GATE_REFUSAL == "points at aegisd's gate"
+    with pytest.raises(PointsAtGate):
+        asyncio.run(resolve(("0.0.0.0", 3100), 3100))  # a gate on every IPv4 address, loopback too
+    assert asyncio.run(resolve(("127.0.0.1", 3100), 3101)) == ["127.0.0.1"]  # another port: not the gate
+    assert asyncio.run(resolve(("::1", 3100), 3100)) == ["127.0.0.1"]  # another address: not the gate
+
+
+def test_webhook_add_looks_the_host_up_to_refuse_one_at_the_gate() -> None:
+    """`webhook add` resolves a name once, so that one leading to the gate is refused with a clear message rather
+    than failing every delivery. The gate is put on the address this machine's own name resolves to, looked up
+    for real (no name is made up or mocked); an address or `localhost` is check_url's to judge, not looked up."""
+    from aegisd.webhooks.registry import resolves_to_gate
+
+    name = socket.gethostname()
+    try:
+        address = str(socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)[0][4][0])
+    except OSError:
+        pytest.skip(f"this machine's name {name!r} does not resolve")
+    assert resolves_to_gate(f"https://{name}/x", (address, 443))  # https's port, as deliveries use it
+    assert resolves_to_gate(f"https://{name.upper()}:8443/x", (address, 8443))
+    assert not resolves_to_gate(f"https://{name}:8443/x", (address, 443))  # another port
+    assert not resolves_to_gate("https://localhost/x", ("127.0.0.1", 443))  # check_url's (it refuses this one)
