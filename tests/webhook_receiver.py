@@ -138,8 +138,9 @@ class Receiver:
         with self._changed:
             self._attempts += 1
             status = 503 if self._attempts <= self.fail_first else 200
-            verified = bool(self.secret) and hmac.compare_digest(
-                request.headers.get("X-Aegis-Signature", ""), sign(self.secret, body))
+            verified = bool(self.secret) and hmac.compare_digest(  # bytes: a str holding non-ASCII would raise
+                request.headers.get("X-Aegis-Signature", "").encode("utf-8", "surrogatepass"),
+                sign(self.secret, body).encode())
             self._seen.append(Delivery(dict(request.headers), body, verified, status))
             self._changed.notify_all()
         return web.Response(status=status, text="ok" if status == 200 else "try again")

@@ -330,7 +330,7 @@ class GateWorld:
 
         Whether they are on is read from the settings the daemon itself started with ([gate] metrics in the config
         file its environment or --config names; on by default), so a daemon that should serve the page and answers
-        404 fails here, and one with them off is not sent a request (its 404 would add a ledger row)."""
+        404 fails here, and one with them off is not sent a request (nothing to read in its 404)."""
         proc = self.aegis.proc
         if proc is None or proc.poll() is not None or not _metrics_enabled(proc.pid):
             return ""
