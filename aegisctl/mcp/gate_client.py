@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -43,6 +44,15 @@ GATE_HEAD_BYTES = 64 * 1024
 # upstream's; a deeply nested one is caught by RecursionError, whatever its size.
 REFUSAL_BYTES = 512 * 1024
 SEND_CHUNK = 64 * 1024  # a request body goes out in pieces of this size, each within the read timeout
+# The content codings the bridge decodes itself (aiohttp's own decoding is off: it raised on br or zstd, an answer
+# the gate had delivered in full, and let any other coding through as if it were none). The gate decodes these too
+# and forwards them plain, but not for a credential whose body inspection is off: then an answer keeps the
+# upstream's coding, whichever the model asked for with Accept-Encoding.
+DECODED_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+ACCEPT_ENCODING = "gzip, deflate"  # unless the model asks otherwise: only what the bridge can decode
+# Compressed input goes to the decoder in slices of at most this size: a member's end copies what follows it in its
+# slice, so a body of many tiny gzip members costs this much per member rather than the whole chunk.
+INFLATE_SLICE = 4096
 
 
 class BridgeError(Exception):
@@ -74,6 +84,9 @@ class GateResponse:
     charset: str | None
     content_type: str  # the media type, lower-case; "" when the answer has no Content-Type
     request_id: str
+    # The Content-Encoding still on `body`, as the gate relayed it: a coding the bridge does not decode (br, zstd,
+    # several), or gzip/deflate data that does not decode; "" when the body is plain (decoded, or never encoded).
+    encoded: str = ""
     refusal: Refusal | None = field(default=None)
     document: dict[str, Any] = field(default_factory=dict)  # an operator endpoint's JSON answer
 
@@ -127,8 +140,9 @@ class GateClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> GateClient:
-        self._session = aiohttp.ClientSession(headers={"User-Agent": f"aegisctl-mcp/{__version__}"},
-                                              connector=CheckedConnector(self._trust),
+        self._session = aiohttp.ClientSession(headers={"User-Agent": f"aegisctl-mcp/{__version__}",
+                                                       "Accept-Encoding": ACCEPT_ENCODING},
+                                              connector=CheckedConnector(self._trust), auto_decompress=False,
                                               max_line_size=GATE_HEAD_BYTES, max_field_size=GATE_HEAD_BYTES,
                                               max_headers=GATE_HEAD_BYTES // 4)
         return self
@@ -155,15 +169,17 @@ class GateClient:
             async with asyncio.timeout(None) as deadline:
                 pacer = SendDeadline(deadline, self._send_timeout)
                 data = PacedBody(body, pacer) if body else body
+                # skip_auto_headers: aiohttp would label a body the model sent without a Content-Type
+                # application/octet-stream, a type the model never chose; one the model gives is sent as given.
                 async with self._session.request(method, url, headers=sent, data=data, allow_redirects=False,
-                                                 timeout=timeout) as resp:
+                                                 timeout=timeout, skip_auto_headers=("Content-Type",)) as resp:
                     pacer.answered()  # the answer has begun: from here sock_read bounds each wait
-                    answer, truncated = await _read(resp, limit)
+                    answer, truncated, encoded = await _read(resp, limit)
                     # aiohttp calls a missing Content-Type application/octet-stream; the bridge reads such a body as
                     # UTF-8 text first (results.body_text), so it keeps "none" apart.
                     media_type = resp.content_type if "Content-Type" in resp.headers else ""
                     reply = GateResponse(resp.status, resp.headers, answer, truncated, resp.charset, media_type,
-                                         resp.headers.get(REQUEST_ID_HEADER, ""))
+                                         resp.headers.get(REQUEST_ID_HEADER, ""), encoded)
         except aiohttp.ClientConnectorError as exc:
             raise BridgeError("gate_unreachable", f"cannot reach the Aegis gate at {self.base_url} "
                               f"({exc.strerror or type(exc).__name__}); is aegisd running?") from None
@@ -275,16 +291,113 @@ class PacedBody(BytesPayload):
                 self._pacer.piece()
 
 
-async def _read(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            resp.close()  # drop the connection rather than read (or pool) what the model will not see
-            return b"".join(chunks)[:limit], True
-    return b"".join(chunks), False
+async def _read(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool, str]:
+    """At most `limit` bytes of the answer's body, decoded when its Content-Encoding is one of DECODED_CODINGS:
+    (body, whether there was more, the Content-Encoding still on the body). Decoded output is bounded as it is
+    made, so a gzip bomb costs `limit` bytes, not what it expands to. A body that does not decode comes back as
+    received (up to `limit` bytes), still encoded."""
+    encoded = ", ".join(resp.headers.getall("Content-Encoding", ()))
+    codings = content_codings(encoded)
+    encoded = encoded if codings else ""
+    inflater = Inflater(codings[0]) if decodable(encoded) else None
+    received = bytearray()  # the body as it came, up to limit + 1 bytes: what is shown if it does not decode
+    decoded = bytearray()
+    try:
+        async for chunk in resp.content.iter_any():
+            if len(received) <= limit:
+                received += chunk[: limit + 1 - len(received)]
+            if inflater is not None:
+                decoded += inflater.feed(chunk, limit + 1 - len(decoded))
+                if len(decoded) > limit:
+                    break
+            elif len(received) > limit:
+                break
+        else:
+            if inflater is not None:
+                inflater.finish()
+    except zlib.error:
+        inflater = None  # not the gzip or deflate data it says it is: shown as received, still encoded
+        if len(received) <= limit:
+            async for chunk in resp.content.iter_any():
+                received += chunk[: limit + 1 - len(received)]
+                if len(received) > limit:
+                    break
+    body = decoded if inflater is not None else received
+    truncated = len(body) > limit
+    if truncated:
+        resp.close()  # drop the connection rather than read (or pool) what the model will not see
+    return bytes(body[:limit]), truncated, "" if inflater is not None else encoded
+
+
+def content_codings(encoded: str) -> list[str]:
+    """The codings a Content-Encoding value (its fields joined with ", ") names, lower-case, without identity."""
+    names = (name.strip().lower() for name in encoded.split(","))
+    return [name for name in names if name and name != "identity"]
+
+
+def decodable(encoded: str) -> bool:
+    """Whether the bridge decodes a body in this Content-Encoding: one coding, and one of DECODED_CODINGS."""
+    codings = content_codings(encoded)
+    return len(codings) == 1 and codings[0] in DECODED_CODINGS
+
+
+class Inflater:
+    """Decodes a body in one of DECODED_CODINGS as it arrives, as gzip(1) does: members one after another (zero
+    bytes between them skipped), and for deflate either the zlib format RFC 9110 names or raw deflate, which some
+    servers send under that name. zlib.error when the data is not what it claims, or ends inside a member."""
+
+    def __init__(self, coding: str) -> None:
+        self._gzip = coding != "deflate"
+        self._wbits = DECODED_CODINGS[coding]
+        self._member: zlib._Decompress | None = None  # the member being decoded
+        self._members = 0  # members begun
+        self._held = b""  # deflate: input held until its first two bytes tell zlib format from raw
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """What `data` decodes to, stopping once `room` bytes are made (the rest of the input is then dropped:
+        the caller reads no further)."""
+        out: list[bytes] = []
+        made = 0
+        data, self._held = self._held + data, b""
+        carried = b""  # the start of a deflate member, too short to tell its format, carried into the next slice
+        at = 0
+        while at < len(data) and made < room:
+            piece, carried = carried + data[at : at + INFLATE_SLICE], b""
+            at += INFLATE_SLICE
+            while piece and made < room:
+                if self._member is None:
+                    if self._gzip and self._members:
+                        piece = piece.lstrip(b"\0")  # padding between members, which gzip(1) skips
+                        if not piece:
+                            break
+                    elif not self._gzip and len(piece) < 2:
+                        if at < len(data):
+                            carried = piece
+                        else:
+                            self._held = piece  # wait for the next chunk
+                        break
+                    self._members += 1
+                    self._member = zlib.decompressobj(self._wbits if self._gzip or _zlib_header(piece) else
+                                                      -zlib.MAX_WBITS)
+                made_now = self._member.decompress(piece, room - made)
+                out.append(made_now)
+                made += len(made_now)
+                if self._member.eof:
+                    piece = self._member.unused_data
+                    self._member = None
+                else:
+                    piece = self._member.unconsumed_tail
+        return b"".join(out)
+
+    def finish(self) -> None:
+        """zlib.error unless the body ended where a member did (or held no member at all)."""
+        if self._held or (self._member is not None and not self._member.eof):
+            raise zlib.error("the compressed body ends inside a member")
+
+
+def _zlib_header(data: bytes) -> bool:
+    """Whether `data` starts with a zlib header (RFC 1950): deflate with a window of at most 32 KiB, and a check."""
+    return data[0] & 0x0F == 8 and data[0] >> 4 <= 7 and (data[0] << 8 | data[1]) % 31 == 0
 
 
 def _refusal(reply: GateResponse) -> Refusal | None:

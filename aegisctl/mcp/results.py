@@ -15,9 +15,10 @@ from typing import Any
 
 from mcp.types import CallToolResult, TextContent
 
-from aegisctl.mcp.gate_client import BridgeError, GateResponse, Refusal
+from aegisctl.mcp.gate_client import BridgeError, GateResponse, Refusal, decodable
 
-# Headers that describe the bytes on the wire, not the (decompressed, maybe truncated) body shown.
+# Headers that describe the bytes on the wire, not the (decompressed, maybe truncated) body shown. Content-Encoding
+# stays when the body shown is still encoded (GateResponse.encoded): it is then what the body is.
 WIRE_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding"})
 BINARY_TYPES = ("image/", "audio/", "video/", "font/", "application/octet-stream", "application/zip",
                 "application/gzip", "application/pdf", "application/wasm")
@@ -114,21 +115,34 @@ def refusal(r: Refusal) -> CallToolResult:
 
 
 def proxied(reply: GateResponse, limit: int) -> CallToolResult:
-    """The upstream's answer as the gate relayed it: status, headers, body (text or base64)."""
+    """The upstream's answer as the gate relayed it: status, headers, body (text or base64). A body still in a
+    content coding (one the bridge does not decode, or gzip/deflate data that does not decode) is base64 with its
+    Content-Encoding header and a note: shown as text, compressed bytes would pass for the answer itself."""
     headers: dict[str, str] = {}
     spelled: dict[str, str] = {}  # lower-case name -> its first spelling: `X-Dup` and `x-dup` are one header
     for raw_name, raw_field in reply.headers.items():
         name, field = header_text(raw_name), header_text(raw_field)
-        if name.lower() in WIRE_HEADERS:
+        if name.lower() in WIRE_HEADERS and not (reply.encoded and name.lower() == "content-encoding"):
             continue
         first = spelled.setdefault(name.lower(), name)
         headers[first] = f"{headers[first]}, {field}" if first in headers else field
-    text, encoding = body_text(reply.body, reply.charset, reply.content_type, reply.truncated)
+    if reply.encoded:
+        text, encoding = _base64(reply.body)
+    else:
+        text, encoding = body_text(reply.body, reply.charset, reply.content_type, reply.truncated)
     value: dict[str, Any] = {"status": reply.status, "headers": headers, "body": text, "body_encoding": encoding,
                              "truncated": reply.truncated, "request_id": reply.request_id}
+    notes: list[str] = []
+    if reply.encoded:
+        coding = header_text(reply.encoded)
+        notes.append(f"the body is as received, in Content-Encoding {coding!r}, not decoded: "
+                     + ("it is not valid data in that coding, or ends inside it" if decodable(reply.encoded) else
+                        "the bridge decodes gzip or deflate only; ask with Accept-Encoding: gzip, or identity"))
     if reply.truncated:
-        value["note"] = (f"the body was cut after its first {limit} bytes to spare your context; ask the API "
-                         "for less (a page, a range, a filter, fewer fields)")
+        notes.append(f"the body was cut after its first {limit} bytes to spare your context; ask the API "
+                     "for less (a page, a range, a filter, fewer fields)")
+    if notes:
+        value["note"] = "; ".join(notes)
     return ok(value)
 
 
@@ -154,9 +168,11 @@ def _base64(data: bytes) -> tuple[str, str]:
 
 
 def _text_encoding(charset: str | None) -> str:
-    """The upstream's charset if it is one of TEXT_CHARSETS, else UTF-8."""
+    """The upstream's charset if it is one of TEXT_CHARSETS, else UTF-8 (for a name Python knows no codec by, and for
+    one it cannot even look up: an RFC 2231 `charset*=utf-8''utf%008` reaches here as 'utf\\x008', a NUL that
+    makes codecs.lookup raise ValueError; a lone surrogate in it, UnicodeEncodeError, a ValueError too)."""
     try:
         name = codecs.lookup(charset or "utf-8").name
-    except LookupError:
+    except (LookupError, ValueError):
         return "utf-8"
     return name if name in TEXT_CHARSETS else "utf-8"

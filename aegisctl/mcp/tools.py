@@ -209,13 +209,17 @@ def build_server(gate: GateClient) -> MCPServer[Any]:
             services = await gate.operator("services")
         except BridgeError as exc:
             return results.bridge_error(exc)
-        # /_aegis/health may be switched off in aegisd's config; the services answer still tells a lot.
+        # /_aegis/health may be switched off in aegisd's config ([gate] health = false); the services answer still
+        # tells a lot: the gate answers it only with the vault unlocked (it checks the token against it) and once
+        # the call's ledger row is written. "unknown" is left only when neither says.
         vault = health.document.get("vault") if health.refusal is None else "unknown"
         ledger = health.document.get("ledger", "unknown") if health.refusal is None else "unknown"
         value: dict[str, Any] = {"gate": "reachable", "gate_url": gate.base_url, "vault": vault, "ledger": ledger,
                                  "agent": None, "agent_token": "valid"}
         if services.refusal is None:
             value["agent"] = services.document.get("agent")
+            if health.refusal is not None:
+                value["vault"], value["ledger"] = "unlocked", "ok"
         else:
             r = services.refusal
             if r.code == "vault_locked":

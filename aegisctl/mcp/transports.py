@@ -124,20 +124,29 @@ def _address(name: Any) -> tuple[str, int] | None:
 
 
 class BearerGuard:
-    """ASGI middleware: every HTTP request must carry exactly `Authorization: Bearer <MCP bearer>`,
-    compared in constant time."""
+    """ASGI middleware: every HTTP request must carry exactly one `Authorization: Bearer <MCP bearer>`, the
+    bearer compared in constant time. The scheme is case-insensitive and may be followed by more than one space
+    (RFC 9110 11.4, 11.6.2): a host that sends `bearer <MCP bearer>` is not refused."""
 
     def __init__(self, app: ASGIApp, bearer: str) -> None:
         self._app = app
-        self._expected = f"Bearer {bearer}".encode()
+        self._expected = bearer.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             given = [value for name, value in scope["headers"] if name == b"authorization"]
-            if len(given) != 1 or not hmac.compare_digest(given[0], self._expected):
+            if len(given) != 1 or not self._matches(given[0]):
                 await _unauthorized(send, "agent_auth_required" if not given else "agent_auth_invalid")
                 return
         await self._app(scope, receive, send)
+
+    def _matches(self, field: bytes) -> bool:
+        """Whether an Authorization field is this bridge's bearer: `<scheme> <bearer>`, the scheme `Bearer` in any
+        case, as hosts may send it."""
+        scheme, _, credentials = field.partition(b" ")
+        bearer = credentials.lstrip(b" ")
+        # Both compared whatever the scheme, so the time taken says nothing of the bearer.
+        return hmac.compare_digest(bearer, self._expected) & (scheme.lower() == b"bearer")
 
 
 async def _unauthorized(send: Send, code: str) -> None:

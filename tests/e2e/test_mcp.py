@@ -13,6 +13,7 @@ import contextlib
 import json
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -278,3 +279,33 @@ def test_health_reports_a_ledger_that_cannot_be_written(world: GateWorld) -> Non
     anyio.run(scenario)
     world.aegis.assert_no_leaks([*world.secrets, *world.tokens.values()],
                                 extra_text=[*world.received, *bridge.outputs()])
+
+
+def test_health_without_the_gates_health_page(tmp_path: Path) -> None:
+    """With aegisd's `[gate] health = false` its /_aegis/health answers 404, and aegis_health said vault and ledger
+    `unknown`, values the documentation did not list, though the services answer shows both: the gate gives it
+    only with the vault unlocked, and once its ledger row is written. `unknown` is left for what nothing shows."""
+    config = tmp_path / "aegisd.toml"
+    config.write_text("[gate]\nhealth = false\n")
+    world = GateWorld.start(daemon_env={"AEGIS_CONFIG": str(config)})
+    try:
+        _, _, bridge = setup_bot(world)
+
+        async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+            async with bridge.stdio() as session:
+                unlocked = value_of(await bridge.call(session, "aegis_health"))
+                world.aegis.ctl_in_process("lock").ok()
+                try:
+                    return unlocked, value_of(await bridge.call(session, "aegis_health"))
+                finally:
+                    world.unlock()
+
+        unlocked, locked = anyio.run(scenario)
+        assert world.call("GET", "/_aegis/health").status == 404  # the page is off indeed
+        assert unlocked == {"gate": "reachable", "gate_url": world.aegis.gate_url, "vault": "unlocked",
+                            "ledger": "ok", "agent": "bot", "agent_token": "valid"}, unlocked
+        assert (locked["vault"], locked["ledger"], locked["agent_token"]) == ("locked", "unknown", "unchecked"), locked
+        assert locked["detail"].startswith("vault_locked: "), locked
+        world.assert_no_leaks(extra=bridge.outputs())
+    finally:
+        world.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import socket
 import subprocess
@@ -397,6 +398,45 @@ def test_a_squatter_on_the_http_port_collects_nothing_the_gate_accepts(world: Ga
     world.assert_no_leaks(extra=bridge.outputs())
 
 
+def _initialize_status(port: int, authorization: str) -> tuple[int, str]:
+    """POST an MCP initialize to the HTTP bridge with this Authorization field, sent as given: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/mcp", body=json.dumps(INITIALIZE),
+                     headers={"Authorization": authorization, "Content-Type": "application/json",
+                              "Accept": "application/json, text/event-stream"})
+        reply = conn.getresponse()
+        return reply.status, reply.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def test_the_http_bearer_scheme_is_read_case_insensitively(world: GateWorld) -> None:
+    """RFC 9110 makes the auth scheme case-insensitive, with one or more spaces after it: a host that sent
+    `bearer <MCP bearer>` was refused 401, though it held the right bearer. The bearer itself is still compared
+    whole, and any other scheme is refused."""
+    up = world.upstream()
+    bridge = agent_bridge(world, "scheme", up.entry())
+    proc = bridge.start_http()
+    try:
+        bearer = bridge.bearer()
+        world.secrets.append(bearer)
+        accepted = {scheme: _initialize_status(bridge.http_port, f"{scheme} {bearer}")[0]
+                    for scheme in ("bearer", "BEARER", "bEaReR  ", "Bearer")}
+        assert accepted == dict.fromkeys(accepted, 200), accepted
+        health = anyio.run(health_over_http, bridge.http_url, {"Authorization": f"bearer {bearer}"})
+        assert (health["agent"], health["agent_token"]) == ("scheme", "valid"), health
+        refused = [_initialize_status(bridge.http_port, value) for value in (
+            f"Basic {bearer}", f"bearer{bearer}", f"bearer {bearer[:-1]}", f"bearer {bearer} x", f"Bearer {bearer}x")]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    for status, body in refused:
+        assert status == 401 and json.loads(body)["error"]["code"] == "agent_auth_invalid", (status, body)
+    world.received.extend(body for _, body in refused)
+    world.assert_no_leaks(extra=bridge.outputs())
+
+
 def test_the_http_transport_needs_a_place_for_its_bearer(world: GateWorld) -> None:
     token = world.agent("nofile")
     for args, needle in ((["--transport", "http"], "pass --token-file PATH, or --bearer-file PATH"),
@@ -419,7 +459,10 @@ NOT_TEXT = {"/header": (b"X-Weird: caf\xff\r\nContent-Type: text/plain; charset=
             "/utf7": (b"Content-Type: text/plain; charset=utf-7", b"+2AA-"),
             "/escape": (b"Content-Type: text/plain; charset=unicode_escape", b"a\\ud800"),
             "/raw-escape": (b"Content-Type: text/plain; charset=raw_unicode_escape", b"b\\udc80"),
-            "/punycode": (b"Content-Type: text/plain; charset=punycode", b"\xff-abc")}
+            "/punycode": (b"Content-Type: text/plain; charset=punycode", b"\xff-abc"),
+            # RFC 2231: aiohttp reads this charset as 'utf\x008', whose NUL made codecs.lookup raise ValueError (not
+            # the LookupError caught), and the call became a bare "Error executing tool", its answer lost.
+            "/charset-nul": (b"Content-Type: text/plain; charset*=utf-8''utf%008", b"hello")}
 
 
 def not_text_answer(target: str) -> bytes:
@@ -439,6 +482,7 @@ def check_not_text_answers(results: dict[str, Any]) -> None:
     assert (answers["/escape"]["body"], answers["/raw-escape"]["body"]) == ("a\\ud800", "b\\udc80")
     assert (answers["/punycode"]["body"], answers["/punycode"]["body_encoding"]) == (
         base64.b64encode(b"\xff-abc").decode(), "base64")
+    assert (answers["/charset-nul"]["body"], answers["/charset-nul"]["body_encoding"]) == ("hello", "text")
 
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])

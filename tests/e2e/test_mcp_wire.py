@@ -1,24 +1,30 @@
 """What the MCP bridge makes of bytes at the edges: a request that is no valid Unicode, an answer without a
-Content-Type, a header repeated in another case.
+Content-Type, a header repeated in another case, an answer in a content coding, a request body without a type.
 
 A real daemon, the real `aegisctl mcp serve`, and an upstream that sends exactly the bytes under test.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import gzip
 import json
 import select
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
+from mcp.types import CallToolResult
 
 from tests.e2e.gate_support import GateWorld, ScriptedUpstream
-from tests.e2e.mcp_support import Bridge, bridge_env, value_of, write_token_file
+from tests.e2e.mcp_support import Bridge, bridge_env, text_of, value_of, write_token_file
 from tests.harness import AEGISCTL
+from tests.upstreams import Upstream
 
 SECRET = "mcpWireSecret-0123456789abcdefABCDEFGH"
 REPLY_TIMEOUT = 10.0
@@ -235,3 +241,96 @@ def test_a_request_holding_a_lone_surrogate_is_answered_not_dropped(world: GateW
     finally:
         _stop(proc)
     world.aegis.assert_no_leaks([SECRET, token], extra_text=[*outputs, bridge.stderr()])
+
+
+# -- answers in a content coding, relayed as sent for a credential whose body inspection is off ------------------
+
+BODY_LIMIT = 100 * 1024
+DATA = b'{"hello": "world"}'
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+@functools.cache
+def _encoded(target: str) -> tuple[str, bytes]:
+    """(Content-Encoding, body) for each target; the bomb is 64 MiB of zeros in ~64 KB of gzip."""
+    return {"/gzip": ("gzip", gzip.compress(DATA)), "/raw-deflate": ("deflate", _raw_deflate(DATA)),
+            "/members": ("gzip", gzip.compress(b"hello ") + b"\0" * 64 + gzip.compress(b"world")),
+            "/br": ("br", b"\x8b\x08\x80" + DATA), "/zstd": ("zstd", b"\x28\xb5\x2f\xfd" + DATA),
+            "/custom": ("x-custom", DATA), "/stacked": ("gzip, gzip", gzip.compress(gzip.compress(DATA))),
+            "/damaged": ("gzip", b"\x1f\x8b\x08\x00garbage" * 10), "/cut": ("gzip", gzip.compress(DATA)[:-4]),
+            "/bomb": ("gzip", gzip.compress(b"\0" * (64 << 20), 9))}[target]
+
+
+def encoded_answer(target: str) -> bytes:
+    coding, body = _encoded(target)
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: %b\r\nContent-Length: %d\r\n"
+            b"\r\n%b" % (coding.encode(), len(body), body))
+
+
+def test_an_answer_in_a_content_coding_is_decoded_or_shown_as_it_is(world: GateWorld) -> None:
+    """With body inspection off the gate relays an upstream's Content-Encoding as sent. The bridge let aiohttp
+    decode: br or zstd (which the model may ask for) raised, and the model got outcome_unknown for an answer the
+    gate had delivered in full; any other coding passed as if it were none, with its Content-Encoding dropped, so
+    the model read compressed bytes as the answer. Now gzip and deflate are decoded (within the 100 KB a result
+    carries: a bomb costs no more), and anything else comes back as received, base64, its coding named."""
+    up = ScriptedUpstream(encoded_answer)
+    world.credential("off", SECRET, up.entry(), "--body-inspection", "off")
+    token = world.agent("bot", "off")
+    bridge = Bridge(world.aegis.gate_url, write_token_file(world.aegis.root / "bot.token", token),
+                    world.aegis.root / "bridge.err")
+    targets = ("/gzip", "/raw-deflate", "/members", "/br", "/zstd", "/custom", "/stacked", "/damaged", "/cut",
+               "/bomb")
+    try:
+        async def run() -> dict[str, CallToolResult]:
+            async with bridge.stdio() as session:
+                return {target: await bridge.call(session, "aegis_proxy_request", service="off", path=target)
+                        for target in targets}
+
+        results = anyio.run(run)
+    finally:
+        up.stop()
+    failed = {target: text_of(result)[:80] for target, result in results.items() if result.is_error}
+    assert not failed, failed  # every one is the upstream's answer, delivered in full
+    got = {target: value_of(result) for target, result in results.items()}
+    for target in ("/gzip", "/raw-deflate", "/members"):
+        answer = got[target]
+        assert (answer["status"], answer["body_encoding"], answer["truncated"]) == (200, "text", False), answer
+        assert answer["body"] == ("hello world" if target == "/members" else DATA.decode()), answer
+        assert "Content-Encoding" not in answer["headers"] and "note" not in answer, answer
+    for target in ("/br", "/zstd", "/custom", "/stacked", "/damaged", "/cut"):
+        answer, (coding, body) = got[target], _encoded(target)
+        assert (answer["status"], answer["body_encoding"], answer["truncated"]) == (200, "base64", False), answer
+        assert base64.b64decode(answer["body"]) == body and answer["headers"]["Content-Encoding"] == coding, answer
+        assert answer["request_id"] == answer["headers"]["X-Aegis-Request-Id"], answer
+        assert "not decoded" in answer["note"], answer
+    bomb = got["/bomb"]
+    assert (bomb["body"], bomb["truncated"]) == ("\0" * BODY_LIMIT, True), (len(bomb["body"]), bomb["truncated"])
+    assert "Traceback" not in bridge.stderr(), bridge.stderr()
+    world.assert_no_leaks(extra=bridge.outputs())
+
+
+def test_a_request_body_without_a_content_type_is_sent_without_one(world: GateWorld) -> None:
+    """aiohttp labels a body sent without a Content-Type `application/octet-stream`: a JSON body the model sent
+    without headers reached the upstream as binary data, a type the model never chose. One it gives goes as given."""
+    up: Upstream = world.upstream()
+    world.credential("api", SECRET, up.entry())
+    token = world.agent("bot", "api")
+    bridge = Bridge(world.aegis.gate_url, write_token_file(world.aegis.root / "bot.token", token),
+                    world.aegis.root / "bridge.err")
+
+    async def run() -> None:
+        async with bridge.stdio() as session:
+            for path, headers in (("/echo/untyped", None), ("/echo/typed", {"content-type": "text/csv"})):
+                sent = {"headers": headers} if headers else {}
+                value_of(await bridge.call(session, "aegis_proxy_request", service="api", path=path, method="POST",
+                                           body='{"a": 1}', **sent))
+
+    anyio.run(run)
+    untyped, typed = up.requests_to("/echo/untyped")[-1], up.requests_to("/echo/typed")[-1]
+    assert (untyped.body, untyped.header("Content-Type")) == (b'{"a": 1}', []), sorted(untyped.header_names)
+    assert typed.header("Content-Type") == ["text/csv"]
+    world.assert_no_leaks(extra=bridge.outputs())
