@@ -150,6 +150,11 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             if verdict.allowed:
                 reply.reason = f"allowed by {rule.ref} (line {rule.line})"
                 reply.rate_limit = str(rule.rate) if rule.rate is not None else ""
+                also = verdict.also
+                if also is not None and also is not rule:  # the gate holds the request to both rules
+                    limit = f", rate limit {also.rate}" if also.rate is not None else ""
+                    reply.reason += (f"; also held to {also.ref} (line {also.line}{limit}), which allows the path "
+                                     "without its ';' parameters")
         return reply
 
     def _status(self, snap: Snapshot, known: KnownNames | None) -> pb.PolicyStatus:

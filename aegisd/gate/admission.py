@@ -140,7 +140,7 @@ class GateLimits:
         self.concurrency.release(request_id)
 
     def _refuse(self, x: Noted, shown: list[Standing], refused: list[Standing], slots: int) -> None:
-        names = [s.quota.name for s in refused] + (["concurrency"] if slots <= 0 else [])
+        names = [_shown_name(s.quota, shown) for s in refused] + (["concurrency"] if slots <= 0 else [])
         add_flag(x, "rate_limit=" + "+".join(names))
         wait = retry_after(refused, slots <= 0)
         headers = ratelimit_headers(shown, (self.concurrency.limit, slots))
@@ -166,6 +166,13 @@ class GateLimits:
                 self._quotas.clear()
             quota = self._quotas[cache_key] = Quota(owner, key, rate)
         return quota
+
+
+def _shown_name(quota: Quota, shown: list[Standing]) -> str:
+    """The quota's name in the flags: `rule-2` for the second of two rules (a `;` path is held to the rule that
+    allowed it without its parameters too), as ratelimit_headers names it."""
+    rules = [s.quota for s in shown if s.quota.name == "rule"]
+    return "rule-2" if len(rules) > 1 and quota is rules[1] else quota.name
 
 
 def _describe(standing: Standing) -> str:

@@ -20,14 +20,23 @@ def _seconds(ns: int) -> int:
 
 def ratelimit_headers(standings: Sequence[Standing], concurrency: tuple[int, int] | None) -> dict[str, str]:
     """The two fields for these quotas; `concurrency` is (cap, slots left) when the cap is reported."""
-    policies = [f'"{s.quota.name}";q={s.quota.rate.count};w={s.quota.rate.period_seconds}' for s in standings]
-    limits = [f'"{s.quota.name}";r={0 if not s.allowed else s.remaining};t={_seconds(s.wait_ns)}'
-              for s in standings]
+    named = list(zip(_names(standings), standings, strict=True))
+    policies = [f'"{name}";q={s.quota.rate.count};w={s.quota.rate.period_seconds}' for name, s in named]
+    limits = [f'"{name}";r={0 if not s.allowed else s.remaining};t={_seconds(s.wait_ns)}' for name, s in named]
     if concurrency is not None:
         cap, left = concurrency
         policies.append(f'"{CONCURRENCY_POLICY}";q={cap};qu="concurrent-requests"')
         limits.append(f'"{CONCURRENCY_POLICY}";r={max(left, 0)}')
     return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(limits)}
+
+
+def _names(standings: Sequence[Standing]) -> list[str]:
+    """Each quota's policy name, unique as the draft asks: a second `rule` (a `;` path is held to two) is `rule-2`."""
+    names: list[str] = []
+    for standing in standings:
+        name = standing.quota.name
+        names.append(f"{name}-2" if name in names else name)
+    return names
 
 
 def retry_after(refused: Sequence[Standing], concurrency_refused: bool) -> int:

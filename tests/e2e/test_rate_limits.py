@@ -149,6 +149,16 @@ def test_a_path_with_semicolon_parameters_is_held_to_both_rules_limits() -> None
                 reply = world.call("GET", target, agent="reporter")
                 world.received.append(reply.text())
                 assert refusal(reply, 429, "rate_limited"), target
+        # Named apart, in the headers and the ledger (the review of this fix: both were "rule").
+        assert reply.header("RateLimit-Policy") == '"rule";q=1000;w=86400, "rule-2";q=1;w=86400, ' \
+            '"concurrency";q=64;qu="concurrent-requests"', reply.header("RateLimit-Policy")
+        assert world.row(reply.request_id)["flags"] == "rate_limit=rule-2"
+        assert "reporter.yaml#rules[1]" in reply.error()["message"]
+        # `policy test` answers as the gate does: both rules.
+        tested = world.aegis.ctl_in_process("policy", "test", "--agent", "reporter", "--service", "open", "--method",
+                                            "GET", "--path", "/echo/reports/big.pdf;.csv").ok().out
+        assert "reporter.yaml#rules[0]" in tested and "also held to reporter.yaml#rules[1]" in tested, tested
+        assert "rate limit 1/day" in tested, tested
         assert world.call("GET", "/open/echo/reports/small.csv", agent="reporter").status == 200  # its own rule
         world.assert_no_leaks()
     finally:
