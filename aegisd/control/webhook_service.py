@@ -10,6 +10,7 @@ import grpc
 from aegisd.api.aegis.v1 import webhooks_pb2 as pb
 from aegisd.api.aegis.v1 import webhooks_pb2_grpc
 from aegisd.api.aegis.v1.credentials_pb2 import INTEGRITY_UNSPECIFIED
+from aegisd.cancellation import outlive_cancellation
 from aegisd.control.convert import INTEGRITY_TO_PB, timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import StorageUnavailable
@@ -42,10 +43,17 @@ class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):
         hooks = self._hooks()
         for name in request.events:  # an unknown event is refused naming it: not one of any length
             check_lookup(name, "webhook event")
-        webhook, secret = await asyncio.to_thread(hooks.registry.add, request.url, list(request.events))
+        await asyncio.to_thread(hooks.registry.refuse_gate_names, request.url)  # cut off here: nothing stored
+        # Stored, loaded and logged together even if the client goes away meanwhile: a webhook stored but never
+        # loaded would raise no alert until the next unlock, and one never logged would be there unseen.
+        webhook, secret = await outlive_cancellation(self._add(hooks, request.url, list(request.events)))
+        return pb.AddWebhookResponse(webhook=webhook_to_pb(webhook), secret=secret)
+
+    async def _add(self, hooks: Webhooks, url: str, events: list[str]) -> tuple[Webhook, str]:
+        webhook, secret = await asyncio.to_thread(hooks.registry.add, url, events)
         await asyncio.to_thread(hooks.reload)
         self.rt.log_event("webhook added", webhook=webhook.id, origin=webhook.origin, events=",".join(webhook.events))
-        return pb.AddWebhookResponse(webhook=webhook_to_pb(webhook), secret=secret)
+        return webhook, secret
 
     @rpc
     async def ListWebhooks(self, request: pb.ListWebhooksRequest, context: Ctx) -> pb.ListWebhooksResponse:
@@ -55,10 +63,14 @@ class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):
     @rpc
     async def RemoveWebhook(self, request: pb.RemoveWebhookRequest, context: Ctx) -> pb.RemoveWebhookResponse:
         hooks = self._hooks()
-        webhook = await asyncio.to_thread(hooks.registry.remove, check_lookup(request.id, "webhook id"))
-        await asyncio.to_thread(hooks.reload)
-        self.rt.log_event("webhook removed", webhook=webhook.id)
+        webhook = await outlive_cancellation(self._remove(hooks, check_lookup(request.id, "webhook id")))
         return pb.RemoveWebhookResponse(webhook=webhook_to_pb(webhook))
+
+    async def _remove(self, hooks: Webhooks, webhook_id: str) -> Webhook:
+        webhook = await asyncio.to_thread(hooks.registry.remove, webhook_id)
+        await asyncio.to_thread(hooks.reload)  # removed but still loaded, it would go on sending until an unlock
+        self.rt.log_event("webhook removed", webhook=webhook.id)
+        return webhook
 
     @rpc
     async def TestWebhook(self, request: pb.TestWebhookRequest, context: Ctx) -> pb.TestWebhookResponse:

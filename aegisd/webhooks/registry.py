@@ -224,13 +224,18 @@ class WebhookRegistry:
         self._vault = vault
         self._gate = gate  # the gate's listen address (host, port): a webhook there would alert on itself
 
-    def add(self, url: str, events: builtins.list[str]) -> tuple[Webhook, str]:
-        """Register a webhook; returns it and its signing secret, which is never readable again."""
-        origin = check_url(url, self._gate)
+    def refuse_gate_names(self, url: str) -> None:
+        """InvalidArgument if the URL's host name resolves now to the gate (see resolves_to_gate). Apart from `add`:
+        the lookup may take seconds, and a call cut off during it must not have stored anything."""
+        check_url(url, self._gate)
         if self._gate is not None and resolves_to_gate(url, self._gate):
             raise InvalidArgument("the webhook URL's host resolves to aegisd's own gate (its [gate] listen address): "
                                   "each delivery would be refused there and raise another alert, without end (a "
                                   "delivery that would reach the gate is never sent); give the receiver's address")
+
+    def add(self, url: str, events: builtins.list[str]) -> tuple[Webhook, str]:
+        """Register a webhook; returns it and its signing secret, which is never readable again."""
+        origin = check_url(url, self._gate)
         subscribed = parse_events(events)
         secret = new_secret()
         plaintext = json.dumps({"url": url, "secret": secret}).encode()
