@@ -53,6 +53,10 @@ ACCEPT_ENCODING = "gzip, deflate"  # unless the model asks otherwise: only what 
 # Compressed input goes to the decoder in slices of at most this size: a member's end copies what follows it in its
 # slice, so a body of many tiny gzip members costs this much per member rather than the whole chunk.
 INFLATE_SLICE = 4096
+# Compressed bytes read for an answer, at most, as a multiple of the result limit: gzip or deflate output is never
+# much smaller than its input unless the input is padding (endless empty members, an endless header field), which
+# aiohttp's decoder and aegisd's bound too. Past it, what was decoded is the (truncated) answer.
+WIRE_FACTOR = 4
 
 
 class BridgeError(Exception):
@@ -302,14 +306,19 @@ async def _read(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool, 
     inflater = Inflater(codings[0]) if decodable(encoded) else None
     received = bytearray()  # the body as it came, up to limit + 1 bytes: what is shown if it does not decode
     decoded = bytearray()
+    wire = 0  # compressed bytes read: bounded too, or endless empty gzip members would be read (and decoded) for ever
     try:
         async for chunk in resp.content.iter_any():
+            wire += len(chunk)
             if len(received) <= limit:
                 received += chunk[: limit + 1 - len(received)]
             if inflater is not None:
                 decoded += inflater.feed(chunk, limit + 1 - len(decoded))
                 if len(decoded) > limit:
                     break
+                if wire > WIRE_FACTOR * limit + INFLATE_SLICE:  # far more sent than it decodes to: cut it there
+                    resp.close()
+                    return bytes(decoded), True, ""
             elif len(received) > limit:
                 break
         else:

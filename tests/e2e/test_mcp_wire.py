@@ -262,7 +262,9 @@ def _encoded(target: str) -> tuple[str, bytes]:
             "/br": ("br", b"\x8b\x08\x80" + DATA), "/zstd": ("zstd", b"\x28\xb5\x2f\xfd" + DATA),
             "/custom": ("x-custom", DATA), "/stacked": ("gzip, gzip", gzip.compress(gzip.compress(DATA))),
             "/damaged": ("gzip", b"\x1f\x8b\x08\x00garbage" * 10), "/cut": ("gzip", gzip.compress(DATA)[:-4]),
-            "/bomb": ("gzip", gzip.compress(b"\0" * (64 << 20), 9))}[target]
+            "/bomb": ("gzip", gzip.compress(b"\0" * (64 << 20), 9)),
+            # 4 MiB of empty members: nothing to decode, and (endless) it was read and decoded for ever
+            "/padding": ("gzip", gzip.compress(b"", mtime=0) * ((4 << 20) // 20))}[target]
 
 
 def encoded_answer(target: str) -> bytes:
@@ -283,7 +285,7 @@ def test_an_answer_in_a_content_coding_is_decoded_or_shown_as_it_is(world: GateW
     bridge = Bridge(world.aegis.gate_url, write_token_file(world.aegis.root / "bot.token", token),
                     world.aegis.root / "bridge.err")
     targets = ("/gzip", "/raw-deflate", "/members", "/br", "/zstd", "/custom", "/stacked", "/damaged", "/cut",
-               "/bomb")
+               "/bomb", "/padding")
     try:
         async def run() -> dict[str, CallToolResult]:
             async with bridge.stdio() as session:
@@ -309,6 +311,9 @@ def test_an_answer_in_a_content_coding_is_decoded_or_shown_as_it_is(world: GateW
         assert "not decoded" in answer["note"], answer
     bomb = got["/bomb"]
     assert (bomb["body"], bomb["truncated"]) == ("\0" * BODY_LIMIT, True), (len(bomb["body"]), bomb["truncated"])
+    # Found by the review of the decoder: compressed input is bounded too (a few times the limit), not only output.
+    padding = got["/padding"]
+    assert (padding["body"], padding["truncated"]) == ("", True), (len(padding["body"]), padding["truncated"])
     assert "Traceback" not in bridge.stderr(), bridge.stderr()
     world.assert_no_leaks(extra=bridge.outputs())
 
