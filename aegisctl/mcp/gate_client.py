@@ -53,9 +53,10 @@ ACCEPT_ENCODING = "gzip, deflate"  # unless the model asks otherwise: only what 
 # Compressed input goes to the decoder in slices of at most this size: a member's end copies what follows it in its
 # slice, so a body of many tiny gzip members costs this much per member rather than the whole chunk.
 INFLATE_SLICE = 4096
-# Compressed bytes read for an answer, at most, as a multiple of the result limit: gzip or deflate output is never
-# much smaller than its input unless the input is padding (endless empty members, an endless header field), which
-# aiohttp's decoder and aegisd's bound too. Past it, what was decoded is the (truncated) answer.
+# Compressed bytes read for an answer, at most, as a multiple of the result limit: gzip or deflate output is rarely
+# much smaller than its input, unless the input is padding (endless empty members, an endless header field) or a
+# great many tiny members, which aiohttp's decoder and aegisd's bound too. Past it, what was decoded is the
+# (truncated) answer.
 WIRE_FACTOR = 4
 
 

@@ -138,8 +138,8 @@ def proxied(reply: GateResponse, limit: int) -> CallToolResult:
         notes.append(f"the body is as received, in Content-Encoding {coding!r}, not decoded: "
                      + ("it is not valid data in that coding, or ends inside it" if decodable(reply.encoded) else
                         "the bridge decodes gzip or deflate only; ask with Accept-Encoding: gzip, or identity"))
-    if reply.truncated:
-        notes.append(f"the body was cut after its first {limit} bytes to spare your context; ask the API "
+    if reply.truncated:  # fewer than `limit` when its compressed form ran past the bridge's bound on that
+        notes.append(f"the body was cut after its first {len(reply.body)} bytes to spare your context; ask the API "
                      "for less (a page, a range, a filter, fewer fields)")
     if notes:
         value["note"] = "; ".join(notes)
