@@ -206,6 +206,10 @@ def _print_status(status: pb.PolicyStatus, as_json: bool) -> None:
         click.echo(f"EVERY agent fails closed: the agent of {files} cannot be determined.")
 
 
+def _rule_json(ref: pb.PolicyRuleRef) -> dict[str, Any]:
+    return {"file": ref.file, "index": ref.index, "line": ref.line, "ref": ref.ref}
+
+
 def _file_state(f: pb.PolicyFileStatus) -> str:
     state = f"{len(f.issues)} error(s)" if f.issues else "ok"
     return state + (f", {len(f.warnings)} warning(s)" if f.warnings else "")
@@ -233,11 +237,12 @@ def test_request(ctx: Context, agent: str, service: str, method: str, path: str,
         stamp.FromMilliseconds(at_ms)
         request.at.CopyFrom(stamp)
     reply = client.call(client.policies.Test, request)
-    rule = ({"file": reply.rule.file, "index": reply.rule.index, "line": reply.rule.line, "ref": reply.rule.ref}
-            if reply.HasField("rule") else None)
+    rule = _rule_json(reply.rule) if reply.HasField("rule") else None
+    also = _rule_json(reply.also) if reply.HasField("also") else None
     if as_json:
         output.emit_json({"decision": reply.decision, "mode": reply.mode or None, "rule": rule,
                           "reason": reply.reason, "rate_limit": reply.rate_limit or None,
+                          "also": also, "also_rate_limit": reply.also_rate_limit or None,
                           "warnings": list(reply.warnings)})
         return
     headline = reply.decision
@@ -248,6 +253,10 @@ def test_request(ctx: Context, agent: str, service: str, method: str, path: str,
         pairs.append(("rule", f"{rule['ref']} (line {rule['line']})"))
     if reply.rate_limit:
         pairs.append(("rate limit", reply.rate_limit))
+    if also is not None:
+        pairs.append(("also held to", f"{also['ref']} (line {also['line']})"))
+        if reply.also_rate_limit:
+            pairs.append(("its rate limit", reply.also_rate_limit))
     pairs.append(("reason", reply.reason))
     pairs.extend(("warning", warning) for warning in reply.warnings)
     output.fields(pairs)

@@ -152,6 +152,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 reply.rate_limit = str(rule.rate) if rule.rate is not None else ""
                 also = verdict.also
                 if also is not None and also is not rule:  # the gate holds the request to both rules
+                    reply.also.CopyFrom(pb.PolicyRuleRef(file=also.file, index=also.index, line=also.line,
+                                                         ref=also.ref))
+                    reply.also_rate_limit = str(also.rate) if also.rate is not None else ""
                     limit = f", rate limit {also.rate}" if also.rate is not None else ""
                     reply.reason += (f"; also held to {also.ref} (line {also.line}{limit}), which allows the path "
                                      "without its ';' parameters")

@@ -159,6 +159,11 @@ def test_a_path_with_semicolon_parameters_is_held_to_both_rules_limits() -> None
                                             "GET", "--path", "/echo/reports/big.pdf;.csv").ok().out
         assert "reporter.yaml#rules[0]" in tested and "also held to reporter.yaml#rules[1]" in tested, tested
         assert "rate limit 1/day" in tested, tested
+        tested_json = json.loads(world.aegis.ctl_in_process(
+            "policy", "test", "--agent", "reporter", "--service", "open", "--method", "GET", "--path",
+            "/echo/reports/big.pdf;.csv", "--json").ok().out)
+        assert (tested_json["rule"]["ref"], tested_json["rate_limit"]) == ("reporter.yaml#rules[0]", "1000/day")
+        assert (tested_json["also"]["ref"], tested_json["also_rate_limit"]) == ("reporter.yaml#rules[1]", "1/day")
         assert world.call("GET", "/open/echo/reports/small.csv", agent="reporter").status == 200  # its own rule
         world.assert_no_leaks()
     finally:

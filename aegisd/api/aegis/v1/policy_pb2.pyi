@@ -362,6 +362,8 @@ class TestPolicyResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    ALSO_FIELD_NUMBER: _builtins.int
+    ALSO_RATE_LIMIT_FIELD_NUMBER: _builtins.int
     decision: _builtins.str
     """"allowed", "denied", "invalid" (fails closed) or "ungoverned" (no policy names the agent)."""
     mode: _builtins.str
@@ -370,6 +372,8 @@ class TestPolicyResponse(_message.Message):
     """Why, in words; on a denial, the message the agent would get."""
     rate_limit: _builtins.str
     """Set when the deciding rule has a rate limit, e.g. "100/hour"."""
+    also_rate_limit: _builtins.str
+    """Set when `also` has a rate limit."""
     @_builtins.property
     def rule(self) -> Global___PolicyRuleRef:
         """The rule that allowed the request, or on a denial the one that came closest (if any)."""
@@ -378,6 +382,12 @@ class TestPolicyResponse(_message.Message):
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names the daemon does not know, which usually mean a typo: no registered agent is `agent`, no
         credential provides `service` (the gate refuses such a request as not_granted before any policy).
+        """
+
+    @_builtins.property
+    def also(self) -> Global___PolicyRuleRef:
+        """Allowed, a path with `;` parameters: the other rule the request is held to (the one that allows the
+        path without them), whose rate limit and time window apply too; unset when it is `rule` itself or none.
         """
 
     def __init__(
@@ -389,10 +399,12 @@ class TestPolicyResponse(_message.Message):
         reason: _builtins.str = ...,
         rate_limit: _builtins.str = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        also: Global___PolicyRuleRef | None = ...,
+        also_rate_limit: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["also", b"also", "rule", b"rule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "mode", b"mode", "rate_limit", b"rate_limit", "reason", b"reason", "rule", b"rule", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["also", b"also", "also_rate_limit", b"also_rate_limit", "decision", b"decision", "mode", b"mode", "rate_limit", b"rate_limit", "reason", b"reason", "rule", b"rule", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
