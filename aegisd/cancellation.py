@@ -36,3 +36,20 @@ async def outlive_cancellation(work: Awaitable[T], orphaned: Callable[[asyncio.F
         elif not task.cancelled():
             task.exception()  # retrieved: nobody is left to report it to
         raise
+
+
+async def to_thread_to_the_end(func: Callable[..., T], /, *args: Any) -> T:
+    """`asyncio.to_thread(func, *args)`, except that a caller cancelled while `func` runs still gets its result, and
+    its cancellation is put back for its next await: a change made in the thread is then logged by the lines that
+    follow, as for a caller that stayed. Plain to_thread returned at once, and the change went unlogged."""
+    work = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([work])
+        task = asyncio.current_task()
+        if task is not None:
+            task.cancel()
+        return work.result()

@@ -10,6 +10,7 @@ import grpc
 from aegisd.agents import Agent
 from aegisd.api.aegis.v1 import agents_pb2 as pb
 from aegisd.api.aegis.v1 import agents_pb2_grpc
+from aegisd.cancellation import to_thread_to_the_end
 from aegisd.control.convert import INTEGRITY_TO_PB, timestamp
 from aegisd.control.errors import rpc
 from aegisd.runtime import Runtime
@@ -38,7 +39,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
 
     @rpc
     async def AddAgent(self, request: pb.AddAgentRequest, context: Ctx) -> pb.AddAgentResponse:
-        agent, token = await asyncio.to_thread(self.rt.agents.add, request.name)
+        agent, token = await to_thread_to_the_end(self.rt.agents.add, request.name)
         self.rt.log_event("agent added", agent=agent.name)
         return pb.AddAgentResponse(agent=agent_to_pb(agent), token=token)
 
@@ -54,7 +55,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @rpc
     async def RemoveAgent(self, request: pb.RemoveAgentRequest, context: Ctx) -> pb.RemoveAgentResponse:
         check_lookup(request.name, "agent id" if request.by_id else "agent name")
-        grants = await asyncio.to_thread(self.rt.agents.remove, request.name, request.by_id)
+        grants = await to_thread_to_the_end(self.rt.agents.remove, request.name, request.by_id)
         if request.by_id:
             self.rt.log_event("agent row removed", id=request.name, grants_removed=grants)
         else:
@@ -64,14 +65,14 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @rpc
     async def RegenerateToken(self, request: pb.RegenerateTokenRequest, context: Ctx
                               ) -> pb.RegenerateTokenResponse:
-        agent, token = await asyncio.to_thread(self.rt.agents.regenerate, check_lookup(request.name, "agent name"))
+        agent, token = await to_thread_to_the_end(self.rt.agents.regenerate, check_lookup(request.name, "agent name"))
         self.rt.log_event("agent token regenerated", agent=request.name)
         return pb.RegenerateTokenResponse(agent=agent_to_pb(agent), token=token)
 
     @rpc
     async def Grant(self, request: pb.GrantRequest, context: Ctx) -> pb.GrantResponse:
         _check_pair(request.agent, request.credential)
-        created = await asyncio.to_thread(self.rt.agents.grant, request.agent, request.credential)
+        created = await to_thread_to_the_end(self.rt.agents.grant, request.agent, request.credential)
         if created:
             self.rt.log_event("credential granted", agent=request.agent, credential=request.credential)
         agent = await asyncio.to_thread(self.rt.agents.get, request.agent)
@@ -80,15 +81,15 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @rpc
     async def SetRateLimit(self, request: pb.SetAgentRateLimitRequest, context: Ctx
                            ) -> pb.SetAgentRateLimitResponse:
-        agent = await asyncio.to_thread(self.rt.agents.set_rate_limit, check_lookup(request.name, "agent name"),
-                                        request.rate_limit)
+        agent = await to_thread_to_the_end(self.rt.agents.set_rate_limit, check_lookup(request.name, "agent name"),
+                                           request.rate_limit)
         self.rt.log_event("agent rate limit set", agent=agent.name, rate_limit=agent.rate_limit or "none")
         return pb.SetAgentRateLimitResponse(agent=agent_to_pb(agent))
 
     @rpc
     async def Revoke(self, request: pb.RevokeRequest, context: Ctx) -> pb.RevokeResponse:
         _check_pair(request.agent, request.credential)
-        await asyncio.to_thread(self.rt.agents.revoke, request.agent, request.credential)
+        await to_thread_to_the_end(self.rt.agents.revoke, request.agent, request.credential)
         self.rt.log_event("grant revoked", agent=request.agent, credential=request.credential)
         agent = await asyncio.to_thread(self.rt.agents.get, request.agent)
         return pb.RevokeResponse(agent=agent_to_pb(agent))

@@ -10,7 +10,7 @@ import grpc
 
 from aegisd.api.aegis.v1 import credentials_pb2 as pb
 from aegisd.api.aegis.v1 import credentials_pb2_grpc
-from aegisd.cancellation import outlive_cancellation
+from aegisd.cancellation import outlive_cancellation, to_thread_to_the_end
 from aegisd.control import convert
 from aegisd.control.errors import rpc
 from aegisd.runtime import Runtime
@@ -36,7 +36,7 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
             rate_limit=request.rate_limit, body_inspection=convert.inspection_from_pb(request.body_inspection),
             expires_at=convert.expiry(request.ttl_seconds, now),
         )
-        added = await asyncio.to_thread(self.rt.vault.add_credential, cred, request.secret)
+        added = await to_thread_to_the_end(self.rt.vault.add_credential, cred, request.secret)
         self.rt.log_event("credential added", credential=added.name, service=added.service)
         self._warn_about(added.name, entries)
         return convert.credential_to_pb(added, now)
@@ -90,7 +90,7 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
 
     @rpc
     async def RotateCredential(self, request: pb.RotateCredentialRequest, context: Ctx) -> pb.Credential:
-        cred = await asyncio.to_thread(self.rt.vault.rotate_credential, check_lookup(request.name), request.secret)
+        cred = await to_thread_to_the_end(self.rt.vault.rotate_credential, check_lookup(request.name), request.secret)
         self.rt.log_event("credential rotated", credential=cred.name)
         return convert.credential_to_pb(cred, now_ms())
 
@@ -98,7 +98,7 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
     async def RemoveCredential(self, request: pb.RemoveCredentialRequest, context: Ctx
                                ) -> pb.RemoveCredentialResponse:
         check_lookup(request.name, "credential id" if request.by_id else "credential name")
-        grants = await asyncio.to_thread(self.rt.vault.remove_credential, request.name, request.by_id)
+        grants = await to_thread_to_the_end(self.rt.vault.remove_credential, request.name, request.by_id)
         if request.by_id:
             self.rt.log_event("credential row removed", id=request.name, grants_removed=grants)
         else:
