@@ -105,8 +105,8 @@ class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
     __slots__ = ("agent", "alarm", "attempted", "bytes_in", "bytes_out", "credential", "decision", "flags",
-                 "forwarded", "judged_ms", "method", "path", "path_inspected", "reason", "recorded", "request_id",
-                 "service", "started", "status", "target_host", "time_ms", "upstream_s")
+                 "forwarded", "judged_ms", "masking", "method", "path", "path_inspected", "reason", "recorded",
+                 "request_id", "service", "started", "status", "target_host", "time_ms", "upstream_s")
 
     def __init__(self, method: str) -> None:
         self.request_id = secrets.token_hex(8)
@@ -126,6 +126,9 @@ class Exchange:
         # its choosing), nor its retries against a dead upstream.
         self.attempted = False
         self.path_inspected = False  # step 8 scanned the path (and masked what it found)
+        # The secrets of the table the request was first judged under, to mask its row's path with: a lock, or a
+        # secret rotated or removed, before the row is written must not leave a secret the path held in clear.
+        self.masking: Inspector | None = None
 
     def entry(self) -> LedgerEntry:
         return LedgerEntry(
@@ -303,6 +306,8 @@ class GatePipeline:
         """Steps 1-6 against the current routing table and policy set; raises a Refusal."""
         # 1. vault unlocked?
         table = self._unlocked_table()
+        if x.masking is None:
+            x.masking = table.inspector
 
         # 2. agent authenticated
         agent = self._authenticate(request, table)
@@ -660,9 +665,11 @@ class GatePipeline:
     def _mask_target(self, x: Exchange) -> None:
         """A request refused before step 8 (or whose credential's inspection is off) may have put a secret in
         its service or path only to leave it in the ledger: those are masked as an inspected path is. Without
-        a table (locked) only the key formats can be recognised."""
-        table = self.routing.table
-        inspector = table.inspector if table is not None else KEY_FORMATS_ONLY
+        a table (locked) only the key formats can be recognised, unless the request was judged under one before."""
+        inspector = x.masking
+        if inspector is None:
+            table = self.routing.table
+            inspector = table.inspector if table is not None else KEY_FORMATS_ONLY
         # One string: a secret with a '/' in it is cut in two by the service segment, and neither half alone
         # is found. The target host (an agent's label under a wildcard entry) is recorded too. Anyone can send a
         # request without a token, up to 100 rows a second: finding the segments to mask in such a path is bounded

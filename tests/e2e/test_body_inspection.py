@@ -322,3 +322,46 @@ def test_a_secret_split_by_the_service_segment_or_in_the_target_host_is_masked()
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_a_secret_in_the_path_stays_masked_when_the_vault_is_locked_before_the_row() -> None:
+    """Found by a cold review at the 27th stop: a row whose path step 8 did not scan (a credential with inspection
+    off, or a request refused before step 8) is masked as it is written, with the secrets of the table current
+    then. A lock between the request's admission and its row left only the key formats to mask with, and another
+    credential's secret in the path went into the ledger in clear: after a held answer on an `off` credential,
+    and for a body still arriving when the lock came (refused `vault_locked` when judged again)."""
+    world = GateWorld.start()
+    try:
+        other = "otherSecretValue-ZZZ98765zz"
+        up = world.upstream()
+        world.credential("off", "sk-off-secret-0123456789abcdef", up.entry(), "--body-inspection", "off")
+        world.credential("svc", "sk-svc-secret-0123456789abcdef", up.entry())
+        world.credential("other", other, "api.other.example")
+        token = world.agent("bot", "off", "svc")
+        head = "{method} /{service}/{path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Aegis-Agent: {token}\r\n{extra}\r\n"
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as held:
+            held.sendall(head.format(method="GET", service="off", path=f"hold/{other}", port=world.port,
+                                     token=token, extra="").encode())
+            assert up.arrived(other).wait(30)
+            world.aegis.ctl_in_process("lock").ok()
+            up.release(other)
+            answered = read_reply(held)
+        assert answered.status == 200, answered.text()
+        world.unlock()
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as uploading:
+            uploading.sendall(head.format(method="POST", service="svc", path=f"echo/{other}/q", port=world.port,
+                                          token=token, extra="Content-Length: 10\r\n").encode() + b"12345")
+            time.sleep(0.3)  # the request is admitted and waits for the rest of its body
+            world.aegis.ctl_in_process("lock").ok()
+            uploading.sendall(b"67890")
+            refused = read_reply(uploading)
+        world.unlock()
+        world.received.append(refused.text())  # not the held answer: it is the agent's own path, echoed back
+        assert refused.status == 503 and refused.error()["code"] == "vault_locked", refused.text()
+        rows = {row["request_id"]: row for row in world.ledger()}
+        assert rows[answered.request_id]["path"] == "/hold/[REDACTED]", rows[answered.request_id]
+        assert rows[refused.request_id]["path"] == "/echo/[REDACTED]/q", rows[refused.request_id]
+        world.secrets.append(other)
+        world.assert_no_leaks()
+    finally:
+        world.close()
