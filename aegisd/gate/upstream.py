@@ -41,6 +41,10 @@ _HIGH_WATER = 256 * 1024  # buffered body bytes at which the upstream socket sto
 _LOW_WATER = 64 * 1024
 _IDLE_SECONDS = 15.0  # a pooled connection unused this long is closed rather than reused
 _MAX_IDLE_PER_HOST = 128
+# Idle connections kept in all, the least recently parked closed first. Under a `*.` allowlist entry the agent
+# names the host, so each request could leave a socket behind in a pool of its own: one agent used every file
+# descriptor aegisd had in two seconds, and the gate, the control socket and the ledger failed for everyone.
+_MAX_IDLE = 256
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
@@ -534,8 +538,9 @@ class UpstreamPool:
         self._tls_loading: asyncio.Lock | None = None
         self._resolve = resolver
         self._idle: dict[PoolKey, list[UpstreamResponse]] = {}
+        self._parked: dict[UpstreamResponse, None] = {}  # every idle connection, the least recently parked first
         self._open: set[UpstreamResponse] = set()
-        self._next_sweep = 0.0
+        self._sweeper: asyncio.TimerHandle | None = None  # closes what stays idle too long, traffic or not
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -596,6 +601,9 @@ class UpstreamPool:
         now = self.loop.time()
         while idle:
             conn = idle.pop()
+            del self._parked[conn]
+            if not idle:
+                del self._idle[key]
             if not conn.closed and now - conn.idle_since < _IDLE_SECONDS:
                 conn.idle_since = 0.0
                 return conn
@@ -647,34 +655,47 @@ class UpstreamPool:
         raise failure
 
     def _park(self, conn: UpstreamResponse) -> None:
-        now = self.loop.time()
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= _MAX_IDLE_PER_HOST:
             conn.close()
             return
-        conn.idle_since = now
+        if len(self._parked) >= _MAX_IDLE:
+            self._unpark(next(iter(self._parked))).close()
+            idle = self._idle.setdefault(conn.key, [])  # the one closed may have been its pool's last
+        conn.idle_since = self.loop.time()
         idle.append(conn)
-        if now >= self._next_sweep:
-            self._next_sweep = now + _IDLE_SECONDS
-            self._sweep(now)
+        self._parked[conn] = None
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(_IDLE_SECONDS, self._sweep)
 
-    def _sweep(self, now: float) -> None:
-        """Close connections idle too long, so unused pools do not hold sockets open."""
-        for key, idle in list(self._idle.items()):
-            keep = [c for c in idle if not c.closed and now - c.idle_since < _IDLE_SECONDS]
-            for conn in idle:
-                if conn not in keep:
-                    conn.close()
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
+    def _unpark(self, conn: UpstreamResponse) -> UpstreamResponse:
+        del self._parked[conn]
+        idle = self._idle[conn.key]
+        idle.remove(conn)
+        if not idle:
+            del self._idle[conn.key]
+        return conn
+
+    def _sweep(self) -> None:
+        """Close connections idle too long, so unused pools do not hold sockets open; again while any is idle."""
+        self._sweeper = None
+        now = self.loop.time()
+        for conn in [c for c in self._parked if c.closed or now - c.idle_since >= _IDLE_SECONDS]:
+            self._unpark(conn).close()
+        if self._parked:
+            self._sweeper = self.loop.call_later(_IDLE_SECONDS, self._sweep)
 
     def _forget(self, conn: UpstreamResponse) -> None:
         self._open.discard(conn)
+        if conn in self._parked:  # closed by the upstream while idle: no longer one of the idle kept
+            self._unpark(conn)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+        self._parked.clear()
         await asyncio.sleep(0)

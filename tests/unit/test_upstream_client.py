@@ -431,6 +431,40 @@ def test_a_connection_idle_too_long_is_not_reused(run: Run, monkeypatch: pytest.
     run(main())
 
 
+def test_idle_connections_in_all_pools_together_are_bounded(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a cold review at the 27th stop: only each pool's idle connections were bounded, and under a `*.`
+    allowlist entry an agent names the host, so each request could leave a socket behind in a pool of its own
+    until aegisd ran out of file descriptors. The idle ones are bounded in all now, the least recently used
+    closed first. (Pools told apart here by credential, the other part of a pool's key.)"""
+    monkeypatch.setattr(upstream_module, "_MAX_IDLE", 3)
+
+    async def main() -> None:
+        async with RawServer(keep_alive) as server, new_pool() as pool:
+            for n in range(6):
+                assert await fetch(pool, server.port, credential=f"cred-{n}") == (200, b"answer 1")
+            for peer in server.peers[:3]:
+                await asyncio.wait_for(peer.eof.wait(), 5)  # the three parked first were closed
+            await asyncio.sleep(0.05)
+            assert [peer.eof.is_set() for peer in server.peers[3:]] == [False] * 3
+            assert await fetch(pool, server.port, credential="cred-5") == (200, b"answer 2")  # reused, not closed
+
+    run(main())
+
+
+def test_an_idle_connection_is_closed_in_time_with_no_further_traffic(run: Run,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the same review: idle connections were swept only when another one was parked, so after a burst
+    every socket stayed open until traffic came again."""
+    monkeypatch.setattr(upstream_module, "_IDLE_SECONDS", 0.05)
+
+    async def main() -> None:
+        async with RawServer(keep_alive) as server, new_pool() as pool:
+            assert await fetch(pool, server.port) == (200, b"answer 1")
+            await asyncio.wait_for(server.peers[0].eof.wait(), 5)
+
+    run(main())
+
+
 def test_closing_the_pool_closes_its_idle_connections(run: Run) -> None:
     async def main() -> None:
         async with RawServer(keep_alive) as server:
