@@ -91,3 +91,25 @@ def test_thousands_of_pipelined_tokenless_requests_left_unanswered_keep_the_daem
             with contextlib.suppress(OSError):
                 sock.close()
         world.close()
+
+
+def test_a_head_of_thousands_of_empty_fields_is_refused_at_the_head_limit() -> None:
+    """Found by a cold review at the 27th stop: each header field counted only its bytes against the 64 KiB head
+    limit, so a head of 10,000 empty fields (`a:`, 5 bytes each) was accepted and held as 10,000 parsed fields,
+    about 0.8 MiB per connection before any token was checked; a thousand idle connections held 1 GiB, kept after
+    they closed. A field now counts what holding it costs too: such a head is refused 431 past 1,024 fields."""
+    world = GateWorld.start()
+    try:
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as conn:
+            conn.sendall(b"GET /svc/x HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"a:\r\n" * 5000)  # no end to the head
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := conn.recv(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        normal = world.call("GET", "/svc/x", [(f"X-Field-{n}", "v" * 20) for n in range(200)])
+        assert normal.status == 401, normal.text()  # 200 fields of a real request are far from the limit
+        world.received.append(normal.text())
+        world.assert_no_leaks()
+    finally:
+        world.close()
