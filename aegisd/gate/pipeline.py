@@ -289,6 +289,8 @@ class GatePipeline:
             if self._still_current(admitted):
                 break
             admitted = self._readmit(request, x, service, rest, query)
+        if x.masking is not inspector:  # judged again under another table: the first one's secrets are masked too
+            self._mask_target(x)  # (one rotated or removed while the body arrived is not in the new table)
         query = forwarded_query
         redaction = redaction_for(route, inspector)
 

@@ -329,7 +329,8 @@ def test_a_secret_in_the_path_stays_masked_when_the_vault_is_locked_before_the_r
     off, or a request refused before step 8) is masked as it is written, with the secrets of the table current
     then. A lock between the request's admission and its row left only the key formats to mask with, and another
     credential's secret in the path went into the ledger in clear: after a held answer on an `off` credential,
-    and for a body still arriving when the lock came (refused `vault_locked` when judged again)."""
+    and for a body still arriving when the lock came (refused `vault_locked` when judged again); and (found by the
+    review of the fix) after a rotation while the body arrived, when step 8 scanned with the new table only."""
     world = GateWorld.start()
     try:
         other = "otherSecretValue-ZZZ98765zz"
@@ -356,12 +357,23 @@ def test_a_secret_in_the_path_stays_masked_when_the_vault_is_locked_before_the_r
             uploading.sendall(b"67890")
             refused = read_reply(uploading)
         world.unlock()
-        world.received.append(refused.text())  # not the held answer: it is the agent's own path, echoed back
+        # The review of that fix: the secret's credential rotated while the body arrives, so the request is judged
+        # again and step 8 scans its path with the new table only, which no longer holds the old secret.
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as rotated:
+            rotated.sendall(head.format(method="POST", service="svc", path=f"echo/{other}/r", port=world.port,
+                                        token=token, extra="Content-Length: 10\r\n").encode() + b"12345")
+            time.sleep(0.3)
+            world.aegis.ctl_in_process("vault", "rotate", "other", "--secret-stdin",
+                                       input="brandNewSecret-QQQ11111qq\n").ok()
+            rotated.sendall(b"67890")
+            after_rotation = read_reply(rotated)
+        world.received.append(refused.text())  # not the other answers: the agent's own path, echoed back
         assert refused.status == 503 and refused.error()["code"] == "vault_locked", refused.text()
         rows = {row["request_id"]: row for row in world.ledger()}
         assert rows[answered.request_id]["path"] == "/hold/[REDACTED]", rows[answered.request_id]
         assert rows[refused.request_id]["path"] == "/echo/[REDACTED]/q", rows[refused.request_id]
-        world.secrets.append(other)
+        assert rows[after_rotation.request_id]["path"] == "/echo/[REDACTED]/r", rows[after_rotation.request_id]
+        world.secrets.extend([other, "brandNewSecret-QQQ11111qq"])
         world.assert_no_leaks()
     finally:
         world.close()
