@@ -14,7 +14,7 @@ import grpc
 from aegisd import __version__
 from aegisd.api.aegis.v1 import vault_pb2 as pb
 from aegisd.api.aegis.v1 import vault_pb2_grpc
-from aegisd.cancellation import outlive_cancellation
+from aegisd.cancellation import outlive_cancellation, to_thread_to_the_end
 from aegisd.control.convert import timestamp
 from aegisd.control.errors import rpc
 from aegisd.errors import InvalidArgument, WrongPassphrase
@@ -66,7 +66,7 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
 
     @rpc
     async def Lock(self, request: pb.LockRequest, context: Ctx) -> pb.LockResponse:
-        if await asyncio.to_thread(self.rt.vault.lock):
+        if await to_thread_to_the_end(self.rt.vault.lock):
             self.rt.log_event("vault locked")
         return pb.LockResponse()
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aegisd.cancellation import to_thread_to_the_end
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
 from aegisd.policy.memory import UNKNOWN_AGENT, NotRegular, PolicyMemory, Remembered, read_regular
@@ -116,8 +117,8 @@ class PolicyStore:
                 last_valid = _remember(files, previous_valid)
                 self.current = compile_set(files)
                 self._last_valid = last_valid
-                if self._memory is not None:
-                    await asyncio.to_thread(self._memory.save, directory, last_valid)
+                if self._memory is not None:  # in force already: its ledger row must follow even if the caller left
+                    await to_thread_to_the_end(self._memory.save, directory, last_valid)
             self._report(self.snapshot, dropped=governed and not error and not files)
             return self.snapshot
 
