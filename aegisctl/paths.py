@@ -9,7 +9,6 @@ import errno
 import os
 import pwd
 import stat
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,8 +16,6 @@ SYSTEM_SOCKET = Path("/run/aegis/aegisd.sock")
 
 
 MAX_LINKS = 40  # symbolic links followed on the way to the socket, as the kernel allows in one lookup
-# aegisd's limit on its config file (MAX_CONFIG_BYTES in aegisd/config.py; aegisctl imports only the API from aegisd)
-MAX_CONFIG_BYTES = 1 << 20
 
 
 class PathError(Exception):
@@ -191,25 +188,14 @@ def owner(uid: int) -> str:
 
 def read_config(path: str | None) -> dict[str, object]:
     """aegisd's TOML config file as a dict ({} when none is named); shared with the MCP bridge. Read as aegisd
-    reads it (aegisd/config.py), refusals in its words: at most MAX_CONFIG_BYTES, so that an endless file
-    (/dev/zero) is one clear error, not all the memory there is."""
+    reads it, by the same reader (aegisd.api.config_file): at most 1 MiB, so that an endless file (/dev/zero) is
+    one clear error, not all the memory there is."""
     if not path:
         return {}
+    # Imported here: the MCP bridge imports this module and, an agent, loads nothing of aegisd's at start.
+    from aegisd.api.config_file import ConfigFileError, read_config_file
+
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise PathError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB, far more than any "
-                            "aegisd config; is it the right file?")
-        return tomllib.loads(data.decode("utf-8"))
-    except FileNotFoundError:
-        raise PathError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PathError(f"config file {path} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise PathError(f"config file {path} is not UTF-8 text, which TOML must be") from None
-    except OSError as exc:
-        raise PathError(f"config file {path} cannot be read: {exc.strerror}") from None
-    except (ValueError, RecursionError):  # an integer past Python's 4,300 digits; arrays nested past its stack
-        raise PathError(f"config file {path} is not TOML aegisd can read: a number too long or values nested "
-                        "too deeply") from None
+        return read_config_file(path)
+    except ConfigFileError as exc:
+        raise PathError(str(exc)) from None

@@ -7,12 +7,12 @@ Defaults follow XDG for a user daemon and the directories systemd hands a servic
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aegisd.api.config_file import ConfigFileError, read_config_file
 from aegisd.vault.crypto import ARGON2_MAX
 from aegisd.vault.domains import is_loopback_host
 
@@ -22,7 +22,6 @@ LOG_FORMATS = ("human", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # The most of a config file read: far past any real one (a few hundred bytes); an endless file (/dev/zero) is then
 # one clear error rather than all the memory there is. aegisctl reads the file with the same limit.
-MAX_CONFIG_BYTES = 1 << 20
 _T = TypeVar("_T")
 
 # key in the TOML file -> (section, name); sections keep the file readable as it grows.
@@ -289,23 +288,9 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
     """The file's settings by key. An unknown or mistyped one is added to `problems` and left out; a file that
     cannot be read or parsed at all is a ConfigError at once."""
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB, far more than any "
-                              "aegisd config; is it the right file?")
-        raw = tomllib.loads(data.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text, which TOML must be") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
-    except (ValueError, RecursionError):  # an integer past Python's 4,300 digits; arrays nested past its stack
-        raise ConfigError(f"config file {path} is not TOML aegisd can read: a number too long or values nested "
-                          "too deeply") from None
+        raw = read_config_file(path)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
     flat: dict[str, Any] = {}
     known = {path_: key for key, path_ in _TOML_KEYS.items()}
     sections = {p[0] for p in _TOML_KEYS.values() if len(p) > 1}
