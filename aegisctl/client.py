@@ -6,9 +6,7 @@ next, keyed by the daemon's stable `aegis-reason` trailer.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import grpc
 
 from aegisctl.paths import UnsafePath, safe_directory
 from aegisd.api import socket_target
+from aegisd.api.accounts import group_name, user_name
 from aegisd.api.aegis.v1 import (
     agents_pb2,
     agents_pb2_grpc,
@@ -116,7 +115,8 @@ def _denied(path: Path) -> ClientError:
     blocker = _unsearchable(path.parent)
     try:
         info = os.stat(blocker)
-        detail = f": mode {stat.S_IMODE(info.st_mode):04o}, owner {_user(info.st_uid)}, group {_group(info.st_gid)}"
+        detail = (f": mode {stat.S_IMODE(info.st_mode):04o}, owner {user_name(info.st_uid)}, "
+                  f"group {group_name(info.st_gid)}")
         lets_its_group = bool(info.st_mode & 0o010) and info.st_gid not in {os.getegid(), *os.getgroups()}
     except OSError:
         detail, lets_its_group = "", False
@@ -128,20 +128,6 @@ def _denied(path: Path) -> ClientError:
                 f"group pass, and {blocker} does not: aegisd's log and `aegisctl doctor` (run as the daemon's user) "
                 "say what to change, usually a --socket in a directory the group can reach")
     return ClientError(f"no permission to use the control socket {path} ({where} cannot be searched{detail})", hint)
-
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 class AegisClient:

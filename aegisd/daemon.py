@@ -11,7 +11,6 @@ import errno
 import fcntl
 import logging
 import os
-import pwd
 import signal
 import stat
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 from aegisd import __version__
 from aegisd.agents import AgentRegistry
+from aegisd.api.accounts import user_name
 from aegisd.backup import clear_leftovers
 from aegisd.config import (
     UNLOCK_CREDENTIAL_NAME,
@@ -202,8 +202,8 @@ class Daemon:
         if info.st_uid != os.geteuid():  # its owner could swap vault.db or ledger.db, whatever the mode says
             raise StartupError(f"data directory {data_dir} belongs to uid {info.st_uid}, not to aegisd's user "
                                f"(uid {os.geteuid()}), so its owner could replace the vault or the ledger; "
-                               f"`chown -R {_user_name()} {data_dir}` if it is aegisd's, or choose a directory of "
-                               "its own (--data-dir)")
+                               f"`chown -R {user_name(os.geteuid())} {data_dir}` if it is aegisd's, or choose a "
+                               "directory of its own (--data-dir)")
         if info.st_mode & 0o022:
             raise StartupError(f"data directory {data_dir} is writable by other users; chmod 700 it")
         loose = data_dir_mode_problem(data_dir, info.st_mode)
@@ -298,14 +298,6 @@ async def _load_policies(policies: PolicyStore) -> None:
     if snapshot.error:
         raise StartupError(f"{snapshot.error}; fix the path (--policies-dir, AEGIS_POLICIES_DIR or [policy] dir)")
     policies.start()
-
-
-def _user_name() -> str:
-    """This process's user as `chown` takes it: the name, else the uid (a dynamic user may have no entry)."""
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 def _key_ledger(vault: Vault, ledger: LedgerWriter, event_name: str) -> None:

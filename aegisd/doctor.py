@@ -10,13 +10,13 @@ import asyncio
 import grp
 import logging
 import os
-import pwd
 import sqlite3
 import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from aegisd.api.accounts import user_name
 from aegisd.control.socket import group_reach_problem
 from aegisd.errors import AegisError
 from aegisd.gate.routing import build_route
@@ -71,13 +71,6 @@ _RESTORED_SINCE = ("SELECT time_ms FROM ledger WHERE id > coalesce((SELECT id FR
 
 def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def _unservable(credential: Credential, secret: bytes) -> str:
@@ -150,7 +143,7 @@ class Doctor:
         problems, hints = [], []
         if owner != os.geteuid():
             problems.append(f"{directory} belongs to uid {owner}, not aegisd's uid {os.geteuid()}")
-            hints.append(f"as root: chown {_user(os.geteuid())} {directory}")
+            hints.append(f"as root: chown {user_name(os.geteuid())} {directory}")
         mode_problem = data_dir_mode_problem(directory, info.st_mode)
         loose, foreign, irregular = [], [], []
         for path in sorted(directory.iterdir()):
@@ -172,7 +165,7 @@ class Doctor:
         if foreign:
             problems.append(f"files not owned by uid {owner}, the owner of {directory}: {_names(foreign)}")
             hints.append(f"find who changed their owner (it can swap or read them), then as root: chown "
-                         f"{_user(owner)} each file named")
+                         f"{user_name(owner)} each file named")
         if irregular:
             problems.append(f"not regular files: {_names(irregular)}")
             hints.append("stop aegisd and put the real file in place of each one named, or restore the last good "

@@ -1,8 +1,11 @@
 """Which local accounts are a service's: aegisctl trusts another user's socket directory only if a system account
-owns it, and aegisd, run with a socket group, warns when it runs as a login user, whose socket aegisctl refuses."""
+owns it, and aegisd, run with a socket group, warns when it runs as a login user, whose socket aegisctl refuses.
+Also how both name an account in a message."""
 
 from __future__ import annotations
 
+import grp
+import pwd
 import sys
 from pathlib import Path
 
@@ -31,3 +34,19 @@ def uid_min() -> int:
         if len(words) >= 2 and words[0] == "UID_MIN" and words[1].isdigit():
             found = int(words[1])
     return found
+
+
+def user_name(uid: int) -> str:
+    """The user's name as `chown` takes it, else the uid (a dynamic user may have no entry)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    """The group's name, else the gid."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

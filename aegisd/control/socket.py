@@ -11,12 +11,11 @@ import errno
 import fcntl
 import grp
 import os
-import pwd
 import socket
 import stat
 from pathlib import Path
 
-from aegisd.api.accounts import system_account
+from aegisd.api.accounts import group_name, system_account, user_name
 
 MAX_UNIX_PATH = 107
 MAX_LINKS = 40  # symbolic links followed on the way to the socket's directory, as the kernel allows in one lookup
@@ -60,7 +59,7 @@ def group_reach_problem(socket_path: Path, group: str, data_dir: Path,
     uid = os.geteuid() if uid is None else uid
     if uid != 0 and not system_account(uid):
         return (f"members of socket group {group} cannot use the control socket {socket_path}: aegisd runs as "
-                f"{_user_name(uid)} (uid {uid}), a login user, and aegisctl trusts another user's socket "
+                f"{user_name(uid)} (uid {uid}), a login user, and aegisctl trusts another user's socket "
                 "directory only if root or a system account (a service's) owns it"), (
                 "run aegisd as a system account, as the packaged service does (systemd DynamicUser=, or a user made "
                 "with useradd --system), or have each operator run aegisctl as this user")
@@ -71,7 +70,7 @@ def group_reach_problem(socket_path: Path, group: str, data_dir: Path,
     bit = "g" if info.st_gid == gid else "o"
     where = f"its directory {blocker}" if blocker == socket_path.parent else f"the directory {blocker} above it"
     problem = (f"members of socket group {group} cannot reach the control socket {socket_path}: {where} (mode "
-               f"{stat.S_IMODE(info.st_mode):04o}, owner {_user_name(info.st_uid)}, group {_group_name(info.st_gid)}) "
+               f"{stat.S_IMODE(info.st_mode):04o}, owner {user_name(info.st_uid)}, group {group_name(info.st_gid)}) "
                f"does not let them pass (that takes {bit}+x), so they cannot use it")
     fix = (f"give aegisd a --socket (or `socket` in the config file) in a directory group {group} can reach, such as "
            f"/run/aegis/aegisd.sock (aegisd creates each missing directory 0750 in group {group}; under systemd, "
@@ -83,23 +82,9 @@ def group_reach_problem(socket_path: Path, group: str, data_dir: Path,
     if is_data_dir:
         fix += "; the data directory itself must stay 0700"
     else:
-        who = f"group {_group_name(info.st_gid)}" if bit == "g" else "other users"
+        who = f"group {group_name(info.st_gid)}" if bit == "g" else "other users"
         fix += f", or `chmod {bit}+x {blocker}` if nothing in it must stay out of reach of {who}"
     return problem, fix
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 class SocketError(Exception):
