@@ -28,9 +28,7 @@ async def outlive_cancellation(work: Awaitable[T], orphaned: Callable[[asyncio.F
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
+        await finished(task)
         if orphaned is not None:
             orphaned(task)
         elif not task.cancelled():
@@ -46,10 +44,15 @@ async def to_thread_to_the_end(func: Callable[..., T], /, *args: Any) -> T:
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
-        while not work.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([work])
+        await finished(work)
         task = asyncio.current_task()
         if task is not None:
             task.cancel()
         return work.result()
+
+
+async def finished(work: asyncio.Future[Any]) -> None:
+    """Wait until `work` has ended, however often the waiting caller is cancelled meanwhile."""
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([work])

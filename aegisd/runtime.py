@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aegisd.agents import AgentRegistry
+from aegisd.cancellation import finished
 from aegisd.config import Config
 from aegisd.errors import WrongPassphrase
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
@@ -93,9 +93,7 @@ async def key_derivation(call: Callable[[], T]) -> T:
     except asyncio.CancelledError:
         if job.cancel():  # still queued (or already taken out by the cancellation): it never runs
             raise
-    while not job.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait([asyncio.wrap_future(job)])
+    await finished(asyncio.wrap_future(job))
     task = asyncio.current_task()
     if task is not None:
         task.cancel()  # the caller's own cancellation, put back for its next await
