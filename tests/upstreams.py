@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import socket
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB of a known pattern, for large-body tests
 HOLD_LIMIT_SECONDS = 30.0  # a held endpoint gives up after this, so a broken test fails instead of hanging
+
+
+def accepted(server: socket.socket) -> Iterator[socket.socket]:
+    """Each connection a raw test server accepts, until the server is closed: the loop of the hand-written
+    upstreams, which answer byte by byte what aiohttp would not."""
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        yield conn
 
 
 def pattern(size: int) -> bytes:

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 from aegisd.config import load_config
 from tests.harness import PASSPHRASE, Aegis, free_port, new_aegis
-from tests.upstreams import PKI, Upstream, make_pki
+from tests.upstreams import PKI, Upstream, accepted, make_pki
 
 # The keys issue 3 promises in `ledger show --json`.
 LEDGER_KEYS = {"time", "request_id", "agent", "credential", "service", "method", "path", "target_host",
@@ -376,11 +376,7 @@ class ScriptedUpstream:
         self._server.close()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
+        for conn in accepted(self._server):
             self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 

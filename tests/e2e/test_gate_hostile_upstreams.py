@@ -21,6 +21,7 @@ import pytest
 
 from aegisd.gate.headers import cgi_name
 from tests.e2e.gate_support import GateWorld, Reply, read_reply
+from tests.upstreams import accepted
 
 GUARD = 60.0  # seconds: a socket wait past this fails the test instead of hanging it
 
@@ -41,11 +42,7 @@ class RawUpstream:
         return f"https://localhost:{self.port}" if self._context is not None else f"http://127.0.0.1:{self.port}"
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
+        for conn in accepted(self._server):
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             self._threads.append(thread)
             thread.start()

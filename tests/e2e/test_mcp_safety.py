@@ -30,7 +30,7 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.e2e.gate_support import GateWorld, ScriptedUpstream, untouched
 from tests.e2e.mcp_support import Bridge, bridge_env, error_of, text_of, value_of, write_token_file
 from tests.harness import AEGISCTL, free_port
-from tests.upstreams import Upstream
+from tests.upstreams import Upstream, accepted
 
 SECRET = "mcpSafetySecret-0123456789abcdefABCDEF"
 
@@ -124,11 +124,7 @@ class Listener:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
+        for conn in accepted(self._server):
             with conn:
                 conn.settimeout(5)
                 try:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.e2e.gate_support import GateWorld, Reply, request
+from tests.upstreams import accepted
 
 WHOLE_DECODED_MAX = 1024 * 1024  # pipeline.WHOLE_DECODED_MAX, as documented
 WHOLE_ANSWER_MAX = 16 * 1024 * 1024  # pipeline.WHOLE_ANSWER_MAX, as documented
@@ -56,11 +57,7 @@ class RawUpstream:
         self._server.close()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
+        for conn in accepted(self._server):
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from tests.e2e.support import assert_failed, status
 from tests.harness import AEGISCTL, PASSPHRASE, Aegis, Result
+from tests.upstreams import accepted
 
 OPERATOR_UID = 1234  # an operator who is not the daemon's user, as under the packaged unit's DynamicUser=
 START_TIMEOUT = 10.0
@@ -99,11 +100,7 @@ class Eavesdropper:
                 sock.close()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
+        for client in accepted(self._listener):
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             upstream.connect(str(self.target))
             with self._lock:

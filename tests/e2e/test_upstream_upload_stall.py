@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.gate_support import GateWorld, Reply, read_reply
+from tests.upstreams import accepted
 
 READ_TIMEOUT = 1
 TOTAL_TIMEOUT = 60
@@ -53,11 +54,7 @@ class HeadOnlyUpstream:
         self._server.close()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
+        for conn in accepted(self._server):
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
