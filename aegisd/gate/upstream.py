@@ -576,9 +576,10 @@ class UpstreamPool:
                     conn = await self._connect(key)
                 except UpstreamError as exc:  # the request went out once already: not "nothing was sent"
                     raise UpstreamBroken(str(exc)) from None
-                if not still_current():
+                if not still_current():  # refused as on a first connect: only an idempotent request gets here
                     conn.release()
-                    raise UpstreamBroken("the vault or the policies changed while reconnecting") from None
+                    raise Superseded("the vault, the policies or the clock changed while the gate reconnected "
+                                     "upstream (a pooled connection had closed); nothing more sent: retry") from None
             except BaseException:
                 conn.release()
                 raise
