@@ -443,8 +443,9 @@ class GatePipeline:
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
         self._check_ledger_writable()  # a commit may have failed while the body was read
-        if request.agent_left:  # nothing is sent for an agent already gone; its quota stays spent, so its rate
-            await self._disconnected(x)  # limit bounds these rows as it does those of forwarded requests
+        if request.agent_left:  # nothing is sent for an agent already gone (the row says denied: nothing went
+            x.decision = "denied"  # upstream); its quota stays spent, so its rate limit bounds these rows as it
+            await self._disconnected(x)  # does those of forwarded requests
             return
         sent = time.perf_counter()
         x.forwarded = x.attempted = True

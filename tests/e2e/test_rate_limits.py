@@ -237,6 +237,37 @@ def _until_eof(sock: socket.socket) -> bytes:
     return data
 
 
+def test_a_request_whose_agent_left_before_it_was_sent_is_recorded_denied() -> None:
+    """Found by a cold review: a POST whose agent reset its connection right after the body, seen before the
+    gate forwarded it, was recorded `allowed` (as one that reached the upstream, and may have changed
+    something there); nothing was sent, so it is `denied`, and the upstream saw no connection for it."""
+    world, _ = policy_world()
+    try:
+        up = world.upstream()
+        world.credential("open", OPEN, up.entry())
+        token = world.agent("busy", "open")
+        denied, n = 0, 0
+        while not denied and n < 40:  # about one in four is seen in time
+            n += 1
+            connections = up.connections
+            sock = socket.create_connection(("127.0.0.1", world.port), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(f"POST /open/hang/{n}?gate=left{n} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Aegis-Agent: {token}\r\n"
+                         "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello".encode())
+            sock.close()  # a reset, right behind the body: seen before the request is sent, or not (a race)
+            path = f"/hang/{n}"
+            _wait_for(lambda: any(r["path"] == path for r in world.ledger()), "no row")  # noqa: B023 (used at once)
+            (row,) = [r for r in world.ledger() if r["path"] == path]
+            assert (row["reason"], row["status"]) == ("client_disconnected", 0), row
+            if row["decision"] == "denied":  # then nothing went upstream (requests here are never pooled)
+                denied += 1
+                assert up.connections == connections, row
+        assert denied, "every row said the request went upstream"
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
 def test_an_agent_that_leaves_gives_its_slots_back_at_once_and_a_half_closed_one_is_served() -> None:
     """The cold review's case: the agent closes its connections while the upstream has not answered; the
     exchanges are dropped at once (the upstream sees its connections close), recorded `client_disconnected`,
