@@ -105,8 +105,8 @@ class Exchange:
     """What the ledger will say about one request, filled in as the pipeline runs."""
 
     __slots__ = ("agent", "alarm", "attempted", "bytes_in", "bytes_out", "credential", "decision", "flags",
-                 "forwarded", "judged_ms", "masking", "method", "path", "path_inspected", "reason", "recorded",
-                 "request_id", "service", "started", "status", "target_host", "time_ms", "upstream_s")
+                 "forwarded", "inspected_with", "judged_ms", "masking", "method", "path", "path_inspected", "reason",
+                 "recorded", "request_id", "service", "started", "status", "target_host", "time_ms", "upstream_s")
 
     def __init__(self, method: str) -> None:
         self.request_id = secrets.token_hex(8)
@@ -129,6 +129,7 @@ class Exchange:
         # The secrets of the table the request was first judged under, to mask its row's path with: a lock, or a
         # secret rotated or removed, before the row is written must not leave a secret the path held in clear.
         self.masking: Inspector | None = None
+        self.inspected_with: Inspector | None = None  # the table step 8 last scanned the path under
 
     def entry(self) -> LedgerEntry:
         return LedgerEntry(
@@ -289,6 +290,7 @@ class GatePipeline:
             if self._still_current(admitted):
                 break
             admitted = self._readmit(request, x, service, rest, query)
+        x.inspected_with = inspector
         if x.masking is not inspector:  # judged again under another table: the first one's secrets are masked too
             self._mask_target(x)  # (one rotated or removed while the body arrived is not in the new table)
         query = forwarded_query
@@ -648,8 +650,12 @@ class GatePipeline:
         # Refused before step 8, or forwarded on a credential whose inspection is off: masked, unless it is a
         # tokenless refusal past its budget, whose target nothing records (its metrics name no service), so a
         # flood of them does not buy the masking's scans (milliseconds for a long path) on the event loop.
-        if not x.path_inspected and (itemised or x.agent):
-            self._mask_target(x)
+        if itemised or x.agent:
+            if not x.path_inspected:
+                self._mask_target(x)
+            table = self.routing.table  # a secret added since the request's last judgement: masked too
+            if table is not None and x.masking is not None and table.inspector not in (x.masking, x.inspected_with):
+                self._mask_target(x, table.inspector)
         entry = normalize(x.entry())  # webhooks and logs get the row as stored: capped, never 60 KB paths
         if self.outcomes is not None:
             try:
@@ -665,11 +671,12 @@ class GatePipeline:
             return False
         return True
 
-    def _mask_target(self, x: Exchange) -> None:
+    def _mask_target(self, x: Exchange, inspector: Inspector | None = None) -> None:
         """A request refused before step 8 (or whose credential's inspection is off) may have put a secret in
-        its service or path only to leave it in the ledger: those are masked as an inspected path is. Without
-        a table (locked) only the key formats can be recognised, unless the request was judged under one before."""
-        inspector = x.masking
+        its service or path only to leave it in the ledger: those are masked as an inspected path is, with the
+        table it was first judged under unless `inspector` is given. Without a table (locked) only the key
+        formats can be recognised, unless the request was judged under one before."""
+        inspector = inspector if inspector is not None else x.masking
         if inspector is None:
             table = self.routing.table
             inspector = table.inspector if table is not None else KEY_FORMATS_ONLY

@@ -377,3 +377,43 @@ def test_a_secret_in_the_path_stays_masked_when_the_vault_is_locked_before_the_r
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_a_secret_added_while_a_request_is_under_way_is_masked_in_its_row() -> None:
+    """Found by a cold review at the 28th stop: a row's path was masked only with the secrets of the tables the
+    request was judged under, so a credential added after that (while its answer was held, or while its body
+    arrived and before it was refused) left its secret in clear in the row and the webhook payload. The row is
+    masked with the table current when it is written too. (The held answer itself is redacted as when it was
+    forwarded: gate.md says so.)"""
+    world = GateWorld.start()
+    try:
+        up = world.upstream()
+        world.credential("svc", "sk-svc-secret-0123456789abcdef", up.entry())
+        token = world.agent("bot", "svc")
+        late, later = "lateSecretValue-QQQ12345qq", "laterSecretValue-WWW6789ww"
+        head = "{method} /svc/{path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Aegis-Agent: {token}\r\n{extra}\r\n"
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as held:
+            held.sendall(head.format(method="GET", path=f"hold/{late}", port=world.port, token=token,
+                                     extra="").encode())
+            assert up.arrived(late).wait(30)
+            world.credential("late", late, "api.late.example")
+            up.release(late)
+            answered = read_reply(held)
+        assert answered.status == 200, answered.text()
+        with socket.create_connection(("127.0.0.1", world.port), timeout=30) as uploading:
+            uploading.sendall(head.format(method="POST", path=f"echo/{later}/q", port=world.port, token=token,
+                                          extra="Content-Length: 10\r\n").encode() + b"12345")
+            time.sleep(0.3)  # the request is admitted and waits for the rest of its body
+            world.credential("later", later, "api.later.example")
+            world.aegis.ctl_in_process("revoke", "bot", "svc").ok()
+            uploading.sendall(b"67890")
+            refused = read_reply(uploading)
+        world.received.append(refused.text())
+        assert refused.status == 403 and refused.error()["code"] == "not_granted", refused.text()
+        rows = {row["request_id"]: row for row in world.ledger()}
+        assert rows[answered.request_id]["path"] == "/hold/[REDACTED]", rows[answered.request_id]
+        assert rows[refused.request_id]["path"] == "/echo/[REDACTED]/q", rows[refused.request_id]
+        world.secrets += [late, later]
+        world.assert_no_leaks()
+    finally:
+        world.close()
