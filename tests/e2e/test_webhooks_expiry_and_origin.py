@@ -36,11 +36,12 @@ def _expiries(receiver: Receiver) -> list[tuple[str, str, int]]:
     return found
 
 
-def _wait_failed(world: GateWorld, count: int) -> None:
-    """Until the dispatcher has given up `count` deliveries (a wait, not a timing assertion)."""
+def _wait_counted(world: GateWorld, metric: str, count: int) -> None:
+    """Until the dispatcher has counted `count` deliveries in `metric` (a wait, not a timing assertion): a
+    receiver holds a delivery before its answer reaches the dispatcher."""
     deadline = time.monotonic() + 20
-    while Scrape(world).value("aegis_webhook_failed_total") < count:
-        assert time.monotonic() < deadline, "the failed delivery was never given up"
+    while Scrape(world).value(metric) < count:
+        assert time.monotonic() < deadline, f"{metric} never reached {count}"
         time.sleep(0.05)
 
 
@@ -80,12 +81,13 @@ def test_an_expiry_alert_a_receiver_missed_is_raised_again_at_the_next_check() -
         up = world.upstream()
         add_webhook(world, receiver, "credential_expiry")
         world.credential("brief", BRIEF_SECRET, up.entry(), "--ttl", "3600")
-        _wait_failed(world, 1)
+        _wait_counted(world, "aegis_webhook_failed_total", 1)
 
         world.credential("later", LATER_SECRET, up.entry(), "--ttl", "3600")  # credentials changed: a check
         receiver.wait_for(3, "credential_expiry", timeout=10)
         assert _expiries(receiver) == [("brief", "expiring_soon", 503), ("brief", "expiring_soon", 200),
                                                   ("later", "expiring_soon", 200)]
+        _wait_counted(world, "aegis_webhook_delivered_total", 2)
         scrape = Scrape(world)
         assert (scrape.value("aegis_webhook_delivered_total"), scrape.value("aegis_webhook_failed_total")) == (2, 1)
         world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
