@@ -44,6 +44,7 @@ from typing import Protocol, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from aegisd.gate.body_buffer import BodyBuffer
 from aegisd.gate.wire import LAST_CHUNK, encode_head, frame_chunk, status_allows_body
 
 log = logging.getLogger("aegisd.gate")
@@ -57,7 +58,7 @@ DISCARD_MAX = 64 * 1024  # an unread body with at most this much still to come i
 LINGER_SECONDS = 1.0  # how long a closing connection reads and drops what the agent still sends
 # After a probe (see AgentConnection.probe), when to look whether the agent's system answered it with a reset.
 PROBE_CHECKS = (0.02, 0.2, 2.0)
-_HIGH_WATER = 256 * 1024  # request body bytes buffered before the agent is read no faster
+_HIGH_WATER = 256 * 1024  # request body held (BodyBuffer.held) before the agent is read no faster
 _LOW_WATER = 64 * 1024
 # llhttp is fed at most this much past a head's end at a time while no request waits its turn (a read this size or
 # smaller, the usual single request, in one go): bounds the requests parsed ahead of their answer to what fits in it.
@@ -159,7 +160,7 @@ class _FieldsTooLarge(Exception):
 class GateRequest:
     """One request as parsed (method, raw target, headers), its body as it arrives, and its answer."""
 
-    __slots__ = ("_body_allowed", "_buffered", "_chunked", "_chunks", "_close", "_complete", "_conn", "_continued",
+    __slots__ = ("_body", "_body_allowed", "_chunked", "_close", "_complete", "_conn", "_continued",
                  "_cut", "_discard", "_error", "_probed", "_received", "_waiter", "_watcher", "body_wait_since",
                  "content_length", "finished", "has_body", "headers", "http11", "keep_alive", "malformed", "method",
                  "raw_path", "started")
@@ -176,8 +177,8 @@ class GateRequest:
         self.content_length = int(length) if length is not None else None
         self.has_body = bool(self.content_length) or "Transfer-Encoding" in headers
         self.malformed: tuple[int, str] | None = None  # (status, message) when llhttp refused the request
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = self._received = 0
+        self._body = BodyBuffer()
+        self._received = 0
         self._complete = not self.has_body
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -195,11 +196,9 @@ class GateRequest:
     async def body(self) -> AsyncIterator[bytes]:
         """The body as it arrives; raises AgentGone or BodyMalformed if it ends early or broken."""
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered <= _LOW_WATER:
-                    self._conn.update_reading()
+            if self._body:
+                chunk = self._body.take()  # all that arrived since the last turn, as one piece
+                self._conn.update_reading()
                 yield chunk
             elif self._error is not None:
                 raise self._error
@@ -233,8 +232,7 @@ class GateRequest:
         self._received += len(data)
         if self._discard:
             return
-        self._chunks.append(data)
-        self._buffered += len(data)
+        self._body.put(data)
         self._wake()
 
     def _end(self, error: BaseException | None = None) -> None:
@@ -255,8 +253,7 @@ class GateRequest:
 
     def _drop_rest(self) -> None:
         self._discard = True
-        self._chunks.clear()
-        self._buffered = 0
+        self._body.clear()
         self._conn.update_reading()
 
     # -- the agent leaving while the upstream is awaited -----------------------------------------------
@@ -627,7 +624,7 @@ class AgentConnection(asyncio.Protocol):
         request = self._parsing
         if request is not None:
             request._feed(data)
-            if request._buffered > _HIGH_WATER:
+            if request._body.held > _HIGH_WATER:
                 self._pause_reading()
 
     def on_message_complete(self) -> None:
@@ -725,7 +722,7 @@ class AgentConnection(asyncio.Protocol):
         """Read the agent unless a request waits its turn or a body is buffered past the high-water mark
         (and, once paused for that, until it is back under the low-water mark)."""
         parsing = self._parsing
-        full = parsing is not None and parsing._buffered > (_LOW_WATER if self._paused else _HIGH_WATER)
+        full = parsing is not None and parsing._body.held > (_LOW_WATER if self._paused else _HIGH_WATER)
         if self._queued or full:
             self._pause_reading()
         elif self._paused and self.transport is not None and not self.closed:

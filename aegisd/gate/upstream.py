@@ -14,7 +14,6 @@ place, and the connection dials exactly an address that was checked.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import socket
 import ssl
@@ -24,6 +23,7 @@ from ipaddress import ip_address
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from aegisd.gate.body_buffer import BodyBuffer
 from aegisd.gate.wire import LAST_CHUNK, HeadError, encode_head, frame_chunk
 from aegisd.vault.domains import is_internal_ip
 
@@ -37,8 +37,7 @@ _BODY_UNEXPECTED = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
 # Of the upstream's response head, of its trailers, and of what it sends in a row without the parser making progress
 # (a head, a chunk-size line or trailers still arriving); more is a broken or hostile upstream.
 MAX_HEADER_BYTES = 64 * 1024
-_HIGH_WATER = 256 * 1024  # buffered body bytes at which the upstream socket stops being read
-_LOW_WATER = 64 * 1024
+_HIGH_WATER = 256 * 1024  # body held (BodyBuffer.held) at which the upstream socket stops being read until taken
 _IDLE_SECONDS = 15.0  # a pooled connection unused this long is closed rather than reused
 _MAX_IDLE_PER_HOST = 128
 # Idle connections kept in all, the least recently parked closed first. Under a `*.` allowlist entry the agent
@@ -174,8 +173,7 @@ class UpstreamResponse(asyncio.Protocol):
         self._stalled = 0  # bytes read since the parser last made progress
         self._reason = b""
         self._interim = False
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._body = BodyBuffer()
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._complete = False
@@ -202,17 +200,14 @@ class UpstreamResponse(asyncio.Protocol):
             if failure is not None:
                 raise failure
             await self._wait()
-        body = b"".join(self._chunks)
-        self._chunks.clear()
-        return body
+        return self._body.take()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, chunk by chunk, with the upstream read only as fast as it is taken."""
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._paused and self._buffered <= _LOW_WATER and self.transport is not None:
+            if self._body:
+                chunk = self._body.take()  # all that arrived since the last turn, as one piece
+                if self._paused and self.transport is not None:
                     self._paused = False
                     self._last_read = self._loop.time()  # our own pause is not the upstream's silence
                     self.transport.resume_reading()
@@ -374,7 +369,7 @@ class UpstreamResponse(asyncio.Protocol):
         self._fail(UpstreamBroken("the upstream closed the connection before its answer was complete"))
 
     def _pause_if_full(self) -> None:
-        if not self._paused and self._buffered > _HIGH_WATER and self.transport is not None:
+        if not self._paused and self._body.held > _HIGH_WATER and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
 
@@ -448,8 +443,7 @@ class UpstreamResponse(asyncio.Protocol):
             return
         if self._expect_chunk:  # taken for chunked, yet llhttp hands over body bytes before any chunk header
             raise UpstreamBroken("the upstream's Transfer-Encoding framing is ambiguous")
-        self._chunks.append(data)
-        self._buffered += len(data)
+        self._body.put(data)
         self._pause_if_full()
         self._wake()
 
@@ -489,7 +483,7 @@ class UpstreamResponse(asyncio.Protocol):
             self._waiter = self._loop.create_future()
             await self._waiter
         failure = self._failure()
-        if failure is not None and not self._chunks:
+        if failure is not None and not self._body:
             raise failure
 
     def _failure(self) -> BaseException | None:
