@@ -110,6 +110,11 @@ PREFILTER_MAX = 64
 # The result is exactly one `finditer` over the whole data's.
 WINDOW = 64 * 1024
 OVERLAP = 5 * 1024 + 256
+# Matches of one format turned down by the look before them (a connection URL's scheme, a key's boundary) in one
+# whole-data scan; past this many the data is taken to hold that format. Each costs a Python call: data crafted
+# full of them (`a://b:c@` repeated, a match every 8 bytes) cost 0.3 s a MiB, per decoded view. Real data has
+# a handful of such near-keys at most.
+REJECTED_MAX = 256
 # Per format, the families its matches can name: once all are found, the rest of its scan can be skipped.
 _FAMILIES_OF = tuple(frozenset(fmt.pattern.groupindex) for fmt in FORMATS)
 # Hyperscan literal id -> (index into FORMATS, prefix length).
@@ -146,7 +151,7 @@ def _scan_whole(data: bytes) -> set[str]:
     found: set[str] = set()
     size = len(data)
     for fmt, families in zip(FORMATS, _FAMILIES_OF, strict=True):
-        start = 0
+        start = rejected = 0
         while start < size and not families <= found:
             stop = start + WINDOW  # this round's attempts start before here
             resume = stop
@@ -154,15 +159,24 @@ def _scan_whole(data: bytes) -> set[str]:
                 if match.start() >= stop:
                     break
                 resume = max(stop, match.end())
-                _add(found, fmt, match, data)
+                if not _add(found, fmt, match, data):
+                    rejected += 1
+                    if rejected > REJECTED_MAX:
+                        found |= families
+                        break
             start = resume
     return found
 
 
-def _add(found: set[str], fmt: KeyFormat, match: re.Match[bytes], data: bytes) -> None:
+def _add(found: set[str], fmt: KeyFormat, match: re.Match[bytes], data: bytes) -> bool:
+    """Add the match's family unless the look before it turns it down (False then)."""
     family = match.lastgroup
-    if family is not None and family not in found and _accepted(fmt, match, data):
-        found.add(family)
+    if family is None or family in found:
+        return True
+    if not _accepted(fmt, match, data):
+        return False
+    found.add(family)
+    return True
 
 
 def _accepted(fmt: KeyFormat, match: re.Match[bytes], data: bytes) -> bool:

@@ -12,6 +12,7 @@ than a hang (it bounds nothing a linear scan comes near: one of these takes well
 
 from __future__ import annotations
 
+from aegisd.inspection import key_formats
 from aegisd.inspection.key_formats import find_key_formats
 from bench.inspection_linear import cpu_guard
 
@@ -31,3 +32,13 @@ def test_pem_keys_are_still_found_in_every_layout() -> None:
     for near_miss in (b"-----BEGIN PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----\na: " + b"a: " * 400):
         with cpu_guard("a near miss"):
             assert find_key_formats(near_miss) == set(), near_miss[:60]
+
+
+def test_a_view_full_of_turned_down_near_keys_counts_as_holding_the_format() -> None:
+    """Found by a cold review: `a://b:c@` repeated matched the connection-URL pattern every 8 bytes, each match
+    then turned down in Python (a one-letter scheme after an `@`): 17 s of CPU for 10 MiB with its decoded views.
+    Past REJECTED_MAX such matches in one scan the data counts as holding a connection URL; below it, none."""
+    near = b"a://b:c@"
+    assert find_key_formats(near * (key_formats.REJECTED_MAX // 2) + b" " * 70_000) == set()  # whole-data scan
+    assert find_key_formats(near * (key_formats.REJECTED_MAX + 2)) == {"connection_url"}
+    assert find_key_formats(b"x " * 50 + b"db://user:realpass@host") == {"connection_url"}
