@@ -19,6 +19,7 @@ event loop no more than a plain body of INLINE_BODY_MAX would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -58,9 +59,34 @@ INLINE_BODY_MAX = 256 * 1024
 INSPECTION_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aegis-inspect")
 
 
+class AgentTurns:
+    """One body of each agent in the inspection threads' queue at a time. Its queue is first come, first served:
+    one agent's bodies (its concurrency cap, 64 by default, of up to 1.5 s each) would hold every other agent's
+    large body for minutes; now another agent's waits for at most one body of each agent ahead of it."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # agent -> (its turn, [bodies waiting or in])
+
+    @contextlib.asynccontextmanager
+    async def turn(self, agent: str) -> AsyncIterator[None]:
+        lock, users = self._turns.setdefault(agent, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._turns[agent]
+
+
+INSPECTION_TURNS = AgentTurns()
+
+
 class Inspected(Protocol):
     """What this step writes on the request's ledger row (the pipeline's Exchange)."""
 
+    agent: str  # whose turn in the inspection threads a large body takes (AgentTurns)
     flags: str
     bytes_in: int
     path: str
@@ -98,8 +124,9 @@ async def inspect_request(request: GateRequest, route: Route, inspector: Inspect
             # INLINE_BODY_MAX: a small one never waits in the threads' queue behind other agents' large bodies.
             in_body, problem = _inspect_body(inspector, body, encoding, limit, INLINE_BODY_MAX)
         except _LargerThanInline:
-            in_body, problem = await asyncio.get_running_loop().run_in_executor(
-                INSPECTION_THREADS, _inspect_body, inspector, body, encoding, limit, None)
+            async with INSPECTION_TURNS.turn(x.agent):
+                in_body, problem = await asyncio.get_running_loop().run_in_executor(
+                    INSPECTION_THREADS, _inspect_body, inspector, body, encoding, limit, None)
         _note(found, "body", in_body)
     if not found and problem is None:
         return

@@ -21,6 +21,7 @@ from aegisd.gate import outbound_inspection
 from aegisd.inspection import VAULT_SECRET, Inspector, SecretSource, key_formats
 from aegisd.inspection.key_formats import FORMATS, OVERLAP, find_key_formats
 from tests.inspection_samples import fake_keys
+from tests.unit.event_loops import Run
 from tests.unit.test_decompress_splits import raw_deflate, two_way
 
 SECRET = b"large-body-secret-Q7w8E9r0"
@@ -167,3 +168,31 @@ def test_the_readings_of_a_deflate_body_share_the_inline_size_and_the_limit() ->
         {VAULT_SECRET}, None)
     _, problem = outbound_inspection._inspect_body(inspector, body, "deflate", 400 * 1024, None)
     assert problem is not None and (problem.status, problem.code) == (413, "body_too_large")
+
+
+def test_each_agent_has_one_body_in_the_inspection_threads_queue_at_a_time(run: Run) -> None:
+    """Found by a cold review: two crafted 10 MiB bodies of one agent held both threads, and another agent's
+    300 KiB body waited 38 s behind them. An agent's next body waits for its previous one; another agent's
+    goes in beside it, and an agent with nothing queued holds no state."""
+    turns = outbound_inspection.AgentTurns()
+    order: list[str] = []
+
+    async def body(agent: str, name: str, release: asyncio.Event) -> None:
+        async with turns.turn(agent):
+            order.append(name)
+            await release.wait()
+
+    async def main() -> None:
+        first, second, other = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        tasks = [asyncio.create_task(body("a", "a1", first)), asyncio.create_task(body("a", "a2", second)),
+                 asyncio.create_task(body("b", "b1", other))]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert order == ["a1", "b1"]  # a2 waits for a1; b1 did not wait for either
+        first.set()
+        other.set()
+        second.set()
+        await asyncio.gather(*tasks)
+        assert order == ["a1", "b1", "a2"] and not turns._turns
+
+    run(main())
