@@ -58,15 +58,19 @@ def record_json(r: pb.LedgerRecord) -> dict[str, Any]:
 
 
 NOT_RECORDED = "(path not recorded)"
+NOT_ROUTED = "(not routed)"
 
 
 def _request(r: dict[str, Any]) -> str:
     """The request as `METHOD /service/path`. A request refused before its target was split into service and
-    path (a bad Host header, a `..` segment, an absolute-form target) has no path on record, and says so rather
-    than show `/`, which the agent did not ask for. Every other request has one: at least the `/` after its
-    service. (JSON and CSV keep the empty string: they are data.)"""
+    path (a bad Host header, a `..` segment, an absolute-form target) has no service: its target as sent, marked
+    as such rather than shown as `//...`, a path the agent did not ask for. Rows an older aegisd wrote have no
+    path for those at all, and say so. (JSON and CSV keep the recorded values: they are data.)"""
+    method = r["method"] or "-"
     if not r["path"]:
-        return f"{r['method'] or '-'} " + (f"/{r['service']} {NOT_RECORDED}" if r["service"] else NOT_RECORDED)
+        return f"{method} " + (f"/{r['service']} {NOT_RECORDED}" if r["service"] else NOT_RECORDED)
+    if not r["service"]:
+        return f"{method} {r['path']} {NOT_ROUTED}"
     return f"{r['method']} /{r['service']}{r['path']}"
 
 

@@ -685,8 +685,11 @@ class GatePipeline:
         # request without a token, up to 100 rows a second: finding the segments to mask in such a path is bounded
         # tighter (a crafted 2 KiB path took ~18 ms of the event loop), past which the whole path is masked.
         bound = {} if x.agent else TOKENLESS_MASKING
-        service, sep, path = masked(inspector, f"/{x.service}{x.path}", **bound).removeprefix("/").partition("/")
-        x.service, x.path = service, sep + path
+        if x.service:
+            service, sep, path = masked(inspector, f"/{x.service}{x.path}", **bound).removeprefix("/").partition("/")
+            x.service, x.path = service, sep + path
+        else:  # refused at the front door: its raw target (an absolute form, a CONNECT authority), never split
+            x.path = masked(inspector, x.path, **bound)
         x.target_host = masked(inspector, x.target_host)
 
     async def _operator(self, request: GateRequest, rest: str, x: Exchange) -> None:

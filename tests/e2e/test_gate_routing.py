@@ -427,14 +427,18 @@ def test_absolute_form_is_refused(std: Standard) -> None:
     target = f"http://127.0.0.1:{std.up.port}/echo/absolute"
     with untouched(std.up):
         reply = std.world.raw_request("GET", target, agent="bot")
-    std.world.assert_refused(reply, 400, "proxy_not_supported")
+    # Recorded as sent, never split into a service `http:` (found by a review of the first hour)
+    std.world.assert_refused(reply, 400, "proxy_not_supported", service="", path=target, agent="bot")
+    shown = std.world.aegis.ctl_in_process("ledger", "show", "--agent", "bot", "--limit", "1").ok().out
+    assert f"GET {target} (not routed)" in shown, shown
     std.world.assert_no_leaks()
 
 
 def test_connect_is_refused(std: Standard) -> None:
     with untouched(std.up):
         reply = std.world.raw_request("CONNECT", f"127.0.0.1:{std.up.port}", agent="bot")
-    std.world.assert_refused(reply, 405, "proxy_not_supported", method="CONNECT")
+    std.world.assert_refused(reply, 405, "proxy_not_supported", method="CONNECT", service="",
+                             path=f"127.0.0.1:{std.up.port}")
     assert reply.header("Allow") == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"  # a 405 says (RFC 9110)
     std.world.assert_no_leaks()
 
