@@ -440,6 +440,10 @@ class Doctor:
             result, _ = await self.rt.ledger.verify_file(key, check_database=False)
         except LedgerError as exc:
             return Check("ledger_chain", FAIL, str(exc), "see `aegisctl ledger verify`")
+        if result.unchained_only:
+            return Check("ledger_chain", FAIL, result.reason,
+                         "look at those rows (`aegisctl ledger show`); once reviewed, `aegisctl ledger prune --before "
+                         "TIME --include-unchained` lets them go")
         if not result.ok:
             where = f"first bad row {result.first_bad_id}: " if result.first_bad_id else ""
             return Check("ledger_chain", FAIL, f"{where}{result.reason}",

@@ -220,7 +220,7 @@ def verify(ctx: Context, expect_tip: tuple[int, bytes] | None, as_json: bool) ->
     tip = tip_text(reply.last_id, reply.last_mac)
     result = {"ok": reply.ok, "rows_checked": reply.rows_checked, "first_bad_id": reply.first_bad_id or None,
               "reason": reply.reason or None, "first_id": reply.first_id or 1, "last_id": reply.last_id,
-              "last_mac": reply.last_mac.hex() or None, "tip": tip}
+              "last_mac": reply.last_mac.hex() or None, "tip": tip, "unchained_only": reply.unchained_only}
     if as_json:
         output.emit_json(result)
     elif reply.ok:
@@ -229,6 +229,10 @@ def verify(ctx: Context, expect_tip: tuple[int, bytes] | None, as_json: bool) ->
             click.echo(f"Tip: {tip}")
             click.echo("  (keep it: `aegisctl ledger verify --expect-tip` with it later fails if rows up to it were "
                        "cut off)")
+    elif reply.unchained_only:  # no evidence of an edit, nor proof there was none: the operator must look
+        click.echo(f"Ledger NOT CHAINED: {output.printable(reply.reason)}.")
+        click.echo("  Look at those rows (`aegisctl ledger show`); once reviewed, `aegisctl ledger prune --before TIME "
+                   "--include-unchained` lets them go. An aegisd that unlocks at start (an unlock key) leaves none.")
     elif reply.first_bad_id:
         click.echo(f"Ledger TAMPERED: first bad row {reply.first_bad_id}: {output.printable(reply.reason)} "
                    f"({reply.rows_checked} rows verified before it).")

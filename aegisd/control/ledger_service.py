@@ -301,10 +301,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             tampered = self.rt.ledger.tampered
             raise StorageUnavailable(f"{tampered}; {exc}" if tampered else str(exc)) from None
         if tampered:  # what the writer saw happen to its file, even if what the path holds now verifies
-            result = replace(result, ok=False, reason=f"{tampered} (what ledger.db holds now: {result.reason})")
+            result = replace(result, ok=False, unchained_only=False,
+                             reason=f"{tampered} (what ledger.db holds now: {result.reason})")
         return pb.VerifyResponse(ok=result.ok, rows_checked=result.rows_checked,
                                  first_bad_id=result.first_bad_id or 0, reason=result.reason,
-                                 first_id=result.first_id, last_id=result.last_id, last_mac=result.last_mac)
+                                 first_id=result.first_id, last_id=result.last_id, last_mac=result.last_mac,
+                                 unchained_only=result.unchained_only)
 
     @rpc
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:

@@ -81,6 +81,9 @@ class VerifyResult:
     # row verified since, the last pruned row and its MAC from the checkpoint; (0, b"") when there is neither.
     last_id: int = 0
     last_mac: bytes = b""
+    # Not ok only because rows carry no MAC (most often: a run that stopped before its vault was unlocked, with
+    # agents calling the locked gate), everything else verifying: an operator's review, not evidence of an edit.
+    unchained_only: bool = False
 
 
 Tip = tuple[int, bytes]  # (row id, its MAC), as an earlier verify reported it
@@ -123,7 +126,7 @@ def _with_database(result: VerifyResult, problems: list[str]) -> VerifyResult:
         found += f"; {note}"
     if result.ok:
         return replace(result, ok=False, reason=f"{found} (the chain itself verifies: {result.reason})")
-    return replace(result, reason=f"{result.reason}; and {found}")
+    return replace(result, reason=f"{result.reason}; and {found}", unchained_only=False)
 
 
 def _verify_any_text(conn: sqlite3.Connection, key: bytes, expect: Tip | None, written: Written | None
@@ -202,7 +205,7 @@ def _failed(result: VerifyResult, problem: str | None) -> VerifyResult:
         return result
     if result.ok:
         return replace(result, ok=False, reason=problem)
-    return replace(result, reason=f"{result.reason}; and {problem}")
+    return replace(result, reason=f"{result.reason}; and {problem}", unchained_only=False)
 
 
 class _Walk:
@@ -364,7 +367,8 @@ class _Unchained:
         else:
             reason += f" (the {plural(after, 'chained row')} after {'it' if one else 'them'} "
             reason += f"{'verifies' if after == 1 else 'verify'})"
-        return VerifyResult(False, self.checked_before, self.named[0][0], reason, first_id)
+        return VerifyResult(False, self.checked_before, self.named[0][0], reason, first_id,
+                            unchained_only=problem is None)
 
 
 _NAMED_RANGES = 3

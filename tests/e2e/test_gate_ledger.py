@@ -218,7 +218,8 @@ def test_verify_detects_edited_deleted_and_reordered_rows() -> None:
             assert result.code == 1 and human.code == 1, (what, result.out, result.err)
             verdict = json.loads(result.out)
             assert verdict["ok"] is False and verdict["first_bad_id"] == first_bad, (what, verdict)
-            assert f"first bad row {first_bad}" in human.out, (what, human.out)
+            assert f"Ledger TAMPERED: first bad row {first_bad}" in human.out, (what, human.out)
+            assert verdict["unchained_only"] is False, verdict
             if what == "deleted":
                 assert str(target) in verdict["reason"], verdict
         world.aegis.start()  # for the leak check, which reads the ledger through aegisctl

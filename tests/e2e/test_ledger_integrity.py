@@ -69,12 +69,17 @@ def test_rows_stripped_of_their_mac_are_never_chained_again() -> None:
         assert verdict["first_bad_id"] == edited[0], verdict
         assert f"rows {edited[0]}..{edited[-1]} are not chained (no MAC)" in verdict["reason"], verdict
         assert "(the 3 chained rows after them verify)" in verdict["reason"], verdict
-        assert f"Ledger TAMPERED: first bad row {edited[0]}: rows {edited[0]}..{edited[-1]} are not chained" in human
+        # Nothing else is wrong: not called tampered (that is also what a routine stop before an unlock leaves),
+        # but not intact either, and the way out is named.
+        assert verdict["unchained_only"] is True, verdict
+        assert f"Ledger NOT CHAINED: rows {edited[0]}..{edited[-1]} are not chained" in human, human
+        assert "TAMPERED" not in human and "--include-unchained" in human, human
         assert aegis.log().count(FOREIGN) == 1, aegis.log()  # logged once, not at every commit
         doctor = aegis.ctl_in_process("doctor", "--json")
         assert doctor.code == 1
         check = next(c for c in json.loads(doctor.out)["checks"] if c["name"] == "ledger_chain")
         assert check["status"] == "fail" and "not chained" in check["message"], check
+        assert "--include-unchained" in check["hint"] and "evidence" not in check["hint"], check
 
         # Stopped, every MAC removed: the next start and unlock chain none of it.
         assert aegis.stop() == 0
