@@ -14,6 +14,7 @@ place, and the connection dials exactly an address that was checked.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import ssl
@@ -640,10 +641,11 @@ class UpstreamPool:
                     ssl=context, server_hostname=host if tls else None)
             except ssl.SSLCertVerificationError:
                 raise UpstreamTLSError("the upstream's TLS certificate failed verification") from None
-            except ssl.SSLError:
-                failure = UpstreamTLSError("the TLS handshake with the upstream failed")
-            except OSError:
-                continue
+            except ssl.SSLError as exc:  # OpenSSL's reason says why (WRONG_VERSION_NUMBER: plain HTTP on that port)
+                failure = UpstreamTLSError(f"the TLS handshake with the upstream failed ({exc.reason or 'no reason'})")
+            except OSError as exc:  # the errno's name (ECONNREFUSED, ENETUNREACH) says why; neither holds a secret
+                why = errno.errorcode.get(exc.errno or 0, "no errno")
+                failure = UpstreamError(f"could not connect to the upstream ({why})")
             else:
                 self._open.add(conn)
                 return conn

@@ -240,6 +240,9 @@ def test_hung_upstream_times_out() -> None:
 def test_refused_connection_is_an_upstream_error(std: Standard) -> None:
     reply = std.world.call("GET", "/dead/echo/x", agent="bot")
     std.world.assert_refused(reply, 502, "upstream_error", target_host=f"127.0.0.1:{std.dead_port}")
+    # Why, so the user can tell a dead port from a firewall (a review of the first hour found only "could not
+    # connect"): the errno's name, which holds nothing of the request
+    assert reply.error()["message"] == "could not connect to the upstream (ECONNREFUSED)", reply.text()
     std.world.assert_no_leaks()
 
 
