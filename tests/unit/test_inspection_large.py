@@ -101,8 +101,8 @@ def test_a_large_body_is_inspected_beside_the_event_loop() -> None:
     body = b"%%41" * (outbound_inspection.INLINE_BODY_MAX // 2) + SECRET
     request = cast(Any, type("Request", (), {"headers": CIMultiDict[str]()}))
     route = cast(Any, type("Route", (), {"body_inspection": "block"}))
-    x = cast(Any, type("Row", (), {"flags": "", "bytes_in": 0, "path": "/x", "target_host": "h",
-                                   "path_inspected": False})())
+    x = cast(Any, type("Row", (), {"agent": "bot", "flags": "", "bytes_in": 0, "path": "/x",
+                                   "target_host": "h", "path_inspected": False})())
 
     async def inspect_while_ticking() -> tuple[int, BaseException | None]:
         ticks = 0
@@ -129,8 +129,8 @@ def test_a_small_compressed_body_is_inspected_inline_and_a_bomb_beside_the_loop(
     route = cast(Any, type("Route", (), {"body_inspection": "block"}))
 
     def suspensions(body: bytes) -> tuple[int, BaseException | None]:
-        x = cast(Any, type("Row", (), {"flags": "", "bytes_in": 0, "path": "/x", "target_host": "h",
-                                       "path_inspected": False})())
+        x = cast(Any, type("Row", (), {"agent": "bot", "flags": "", "bytes_in": 0, "path": "/x",
+                                       "target_host": "h", "path_inspected": False})())
         coroutine = outbound_inspection.inspect_request(request, route, inspector, x, "/x", "", CIMultiDict[str](),
                                                         body, 10 * 1024 * 1024)
 
