@@ -91,7 +91,7 @@ Written = tuple[int, bytes | None]  # the newest row the running writer committe
 
 
 def verify(path: str | os.PathLike[str], key: bytes, *, check_database: bool = True,
-           expect: Tip | None = None, written: Written | None = None) -> VerifyResult:
+           expect: Tip | None = None, written: Written | None = None, ran_from: int | None = None) -> VerifyResult:
     """Walk the chain from the start and name the first row that does not fit.
 
     check_database also runs SQLite's full integrity check in the same snapshot (a caller that runs it
@@ -99,13 +99,15 @@ def verify(path: str | os.PathLike[str], key: bytes, *, check_database: bool = T
     this ledger still holds that row with that MAC (or has pruned it since, which the result says). written is
     the newest row the running daemon's writer committed (LedgerWriter.written): fail unless the file holds it as
     written, which a file renamed over ledger.db, or rows cut from its end, while the daemon ran would not.
+    ran_from is the first row that writer committed: it chained every row from there on (those written before the
+    key, at the unlock, if still as written), so one found there without a MAC was edited or inserted since.
     """
     conn = open_reader(path)
     try:
         conn.execute("BEGIN")  # one snapshot, so rows the daemon commits meanwhile do not confuse it
         problems = integrity_problems(conn) if check_database else []
         try:
-            result = _verify_any_text(conn, key, expect, written)
+            result = _verify_any_text(conn, key, expect, written, ran_from)
         except sqlite3.DatabaseError as exc:  # damaged pages: the integrity check has said where
             if not problems:
                 raise
@@ -129,19 +131,19 @@ def _with_database(result: VerifyResult, problems: list[str]) -> VerifyResult:
     return replace(result, reason=f"{result.reason}; and {found}", unchained_only=False)
 
 
-def _verify_any_text(conn: sqlite3.Connection, key: bytes, expect: Tip | None, written: Written | None
-                     ) -> VerifyResult:
+def _verify_any_text(conn: sqlite3.Connection, key: bytes, expect: Tip | None, written: Written | None,
+                     ran_from: int | None) -> VerifyResult:
     """_verify, also over text that is not UTF-8, which sqlite3 refuses to read: aegisd stores only UTF-8, so such
     bytes were written into the file behind its back. The walk then starts again, in the same snapshot, reading
     text so that those bytes survive (as lone surrogates): the row fails its MAC and is named like any other edit.
     Only that second walk pays for a text_factory (a quarter more time per row), so a good ledger costs nothing."""
     try:
-        return _verify(conn, key, expect, written)
+        return _verify(conn, key, expect, written, ran_from)
     except sqlite3.OperationalError as exc:
         if not not_utf8(exc):
             raise
     conn.text_factory = _surrogates
-    return _verify(conn, key, expect, written)
+    return _verify(conn, key, expect, written, ran_from)
 
 
 def _surrogates(value: bytes) -> str:
@@ -182,15 +184,22 @@ def chain_start(conn: sqlite3.Connection, key: bytes) -> ChainStart | VerifyResu
     return ChainStart(checkpoints[-1].prev_mac, floor, checkpoints[-1].id)
 
 
-def _verify(conn: sqlite3.Connection, key: bytes, expect: Tip | None, written: Written | None) -> VerifyResult:
+def _verify(conn: sqlite3.Connection, key: bytes, expect: Tip | None, written: Written | None,
+            ran_from: int | None) -> VerifyResult:
     start = chain_start(conn, key)
     if isinstance(start, VerifyResult):
         return start
-    walk = _Walk(start, expect[0] if expect else None, written[0] if written else None)
+    walk = _Walk(start, expect[0] if expect else None, written[0] if written else None, ran_from)
     result = walk.run(conn, row_mac(key))
     result = replace(result, last_id=walk.tip_id, last_mac=walk.tip_mac)
     if written is not None:
         result = _failed(result, walk.compare_written(written))
+    if walk.stripped:
+        first, count = walk.stripped
+        have = "has" if count == 1 else "have"
+        result = _failed(result, f"the running aegisd chained every row from row {walk.ran_from} on, yet "
+                         f"{plural(count, 'row')} there (from row {first}) {have} no MAC: edited or inserted while "
+                         "it ran")
     if expect is None:
         return result
     problem, note = walk.compare(expect)
@@ -211,7 +220,8 @@ def _failed(result: VerifyResult, problem: str | None) -> VerifyResult:
 class _Walk:
     """One walk along the chain from its start, which keeps the tip and the MAC of the row an earlier tip named."""
 
-    def __init__(self, start: ChainStart, expect_id: int | None, written_id: int | None = None) -> None:
+    def __init__(self, start: ChainStart, expect_id: int | None, written_id: int | None = None,
+                 ran_from: int | None = None) -> None:
         self.start_mac, self.first_id = start.prev_mac, start.first_id
         self.tip_id, self.tip_mac = (self.first_id - 1, self.start_mac) if self.first_id > 1 else (0, b"")
         self.expect_id = expect_id
@@ -220,6 +230,8 @@ class _Walk:
         self.written_seen: bytes | None = None  # the same for written_id
         self.completed = False  # walked to the end (a failure may stop it before the row expect_id)
         self.restored_id = 0  # the newest row that verified recording a restore (0: none)
+        self.ran_from = ran_from
+        self.stripped: tuple[int, int] | None = None  # (first, count) of rows from ran_from on without a MAC
 
     def run(self, conn: sqlite3.Connection, mac_of: RowMac) -> VerifyResult:
         prev_mac, expected_id = self.start_mac, self.first_id
@@ -235,6 +247,8 @@ class _Walk:
             expected_id = row_id + 1
             if mac is None:  # not part of the chain: the next chained row links to the one before it
                 unchained.add(row_id, checked)
+                if self.ran_from is not None and row_id >= self.ran_from:
+                    self.stripped = (self.stripped[0], self.stripped[1] + 1) if self.stripped else (row_id, 1)
                 if row_id == self.expect_id:
                     self.expect_seen = b""
                 if row_id == self.written_id:
@@ -307,7 +321,7 @@ class _Walk:
             return (f"{newest} is not in ledger.db (its chain ends at row {self.tip_id}): the file was replaced, or "
                     "rows were cut from its end, while aegisd was running")
         if found == b"" and mac is not None:
-            return None  # there without its MAC: reported as such (not chained)
+            return None  # there without its MAC: reported as such (run_from: edited while aegisd ran)
         if not hmac.compare_digest(found, mac or b""):
             return (f"{newest} is not in ledger.db as aegisd wrote it (its MAC differs): the file was replaced, or "
                     "rows were cut from its end and others written in their place, while aegisd was running")

@@ -310,6 +310,7 @@ class LedgerWriter:
         # The newest row this writer committed to the file in place, and its MAC (None: stored without one), so
         # `ledger verify` can tell a file that lacks it; and whether the writer saw that row cut off.
         self._written: Written | None = None
+        self._ran_from: int | None = None  # the first row it committed to that file (see `verify`'s ran_from)
         self._cut: str | None = None
         self.restores = 0  # files a restore moved into place: a verify that read `written` before one drops it
         self._data_version = 0  # the connection's PRAGMA data_version at the latest commit: moves if another writes
@@ -435,8 +436,9 @@ class LedgerWriter:
         this writer committed; and what the writer saw done to its file (`tampered`). Both are read before the
         file, which can then only be ahead of them, unless a restore moves another file in meanwhile: then the file
         is verified on its own, and nothing the writer knew of the old one is reported."""
-        tampered, written, restores = self.tampered, self.written, self.restores
-        result = await asyncio.to_thread(functools.partial(verify, self._path, key, written=written, **options))
+        tampered, written, ran_from, restores = self.tampered, self.written, self._ran_from, self.restores
+        result = await asyncio.to_thread(functools.partial(verify, self._path, key, written=written,
+                                                           ran_from=ran_from, **options))
         if written is not None and self.restores != restores:
             return await asyncio.to_thread(functools.partial(verify, self._path, key, **options)), None
         return result, tampered
@@ -643,7 +645,7 @@ class LedgerWriter:
             moved = True
             # What this process wrote without a key was in the old file; the new one's rows are nobody's to chain.
             self._unchained, self._reported_foreign = _NO_UNCHAINED, None
-            self._written = self._cut = self._lost = None  # the restored file is the ledger now
+            self._written = self._ran_from = self._cut = self._lost = None  # the restored file is the ledger now
             self.restores += 1
             self._post(_replaced, self._subscribers)
             self._stale_wal = True
@@ -803,6 +805,8 @@ class LedgerWriter:
         self.last_commit_seconds = time.perf_counter() - started
         self._unchained, self._written, self._data_version = unchained, written, tip.data_version
         first_id = tip.next_id - len(entries)
+        if self._ran_from is None and entries:
+            self._ran_from = first_id
         if entries:  # not the commit that only chains rows written before the key came
             self.commits += 1
             self.rows_committed += len(entries)

@@ -69,17 +69,18 @@ def test_rows_stripped_of_their_mac_are_never_chained_again() -> None:
         assert verdict["first_bad_id"] == edited[0], verdict
         assert f"rows {edited[0]}..{edited[-1]} are not chained (no MAC)" in verdict["reason"], verdict
         assert "(the 3 chained rows after them verify)" in verdict["reason"], verdict
-        # Nothing else is wrong: not called tampered (that is also what a routine stop before an unlock leaves),
-        # but not intact either, and the way out is named.
-        assert verdict["unchained_only"] is True, verdict
-        assert f"Ledger NOT CHAINED: rows {edited[0]}..{edited[-1]} are not chained" in human, human
-        assert "TAMPERED" not in human and "--include-unchained" in human, human
+        # This aegisd wrote those rows chained: evidence of an edit, never the milder NOT CHAINED a stop before an
+        # unlock leaves (a review of the 28th stop's change found it said that here)
+        assert f"the running aegisd chained every row from row 1 on, yet 3 rows there (from row {edited[0]}) " \
+            "have no MAC: edited or inserted while it ran" in verdict["reason"], verdict
+        assert verdict["unchained_only"] is False, verdict
+        assert f"Ledger TAMPERED: first bad row {edited[0]}: rows {edited[0]}..{edited[-1]} are not chained" in human
         assert aegis.log().count(FOREIGN) == 1, aegis.log()  # logged once, not at every commit
         doctor = aegis.ctl_in_process("doctor", "--json")
         assert doctor.code == 1
         check = next(c for c in json.loads(doctor.out)["checks"] if c["name"] == "ledger_chain")
         assert check["status"] == "fail" and "not chained" in check["message"], check
-        assert "--include-unchained" in check["hint"] and "evidence" not in check["hint"], check
+        assert "evidence" in check["hint"], check
 
         # Stopped, every MAC removed: the next start and unlock chain none of it.
         assert aegis.stop() == 0
@@ -243,6 +244,15 @@ def test_rows_written_before_the_first_unlock_are_chained_only_if_unchanged() ->
         assert never > edited
         assert verdict["reason"].startswith(f"rows {edited}, {never} are not chained (no MAC): stored so by an "
                                             "earlier run of aegisd that stopped before its vault was unlocked"), verdict
+        # Earlier runs' rows, and nothing else wrong: not called tampered (a routine stop before an unlock leaves
+        # the same), not intact either, and the way out is named
+        assert verdict["unchained_only"] is True, verdict
+        human = aegis.ctl_in_process("ledger", "verify").out
+        assert f"Ledger NOT CHAINED: rows {edited}, {never} are not chained" in human, human
+        assert "TAMPERED" not in human and "--include-unchained" in human, human
+        check = next(c for c in json.loads(aegis.ctl_in_process("doctor", "--json").out)["checks"]
+                     if c["name"] == "ledger_chain")
+        assert "--include-unchained" in check["hint"] and "evidence" not in check["hint"], check
         assert "has no MAC and was not written by this aegisd" in aegis.log()
 
         # Such rows refuse a prune, until the operator, having seen them in verify, lets them go.
