@@ -111,12 +111,31 @@ PREFILTER_MAX = 64
 WINDOW = 64 * 1024
 OVERLAP = 5 * 1024 + 256
 # Matches of one format turned down by the look before them (a connection URL's scheme, a key's boundary) in one
-# whole-data scan; past this many the data is taken to hold that format. Each costs a Python call: data crafted
-# full of them (`a://b:c@` repeated, a match every 8 bytes) cost 0.3 s a MiB, per decoded view. Real data has
-# a handful of such near-keys at most.
+# whole-data scan. Each costs a Python call: data full of them (`a://b:c@` repeated, a match every 8 bytes) cost
+# 0.3 s a MiB, per decoded view; ids like `task-<32 hex>` hold `sk-` and 32 characters after a word. Past this
+# many the scan goes on with the format's strict pattern, which checks most of that look itself, in the regex
+# engine (no Python call); past as many of the strict pattern's, the data is taken to hold the format (only data
+# crafted for it gets there: `\\nsk-` and a key, a backslash pair before each).
 REJECTED_MAX = 256
 # Per format, the families its matches can name: once all are found, the rest of its scan can be skipped.
 _FAMILIES_OF = tuple(frozenset(fmt.pattern.groupindex) for fmt in FORMATS)
+
+
+def _strict_finder(fmt: KeyFormat) -> re.Pattern[bytes] | None:
+    """The format's prefixes where what `_accepted` checks before a match holds, as far as a fixed-width
+    look-behind (behind the prefix, so the search is still for a literal) can tell: no token byte before a key,
+    or a JSON escape that may stand for none; two scheme bytes before `://`. None for a format never turned down."""
+    prefixes = b"(?:" + b"|".join(map(re.escape, fmt.prefixes)) + b")"  # each format's are of one length
+    if fmt.before == "boundary":
+        return re.compile(prefixes + rb"(?:(?<![A-Za-z0-9_\-]" + prefixes + rb")|(?<=\\[bfnrt]" + prefixes
+                          + rb")|(?<=\\u[0-9A-Fa-f]{4}" + prefixes + rb"))")
+    if fmt.before == "scheme":
+        return re.compile(prefixes + rb"(?<=[A-Za-z0-9+.\-]{2}" + prefixes + rb")")
+    return None
+
+
+# Per format, its strict finder (see REJECTED_MAX).
+_STRICT = tuple(_strict_finder(fmt) for fmt in FORMATS)
 # Hyperscan literal id -> (index into FORMATS, prefix length).
 _PREFIXES = tuple((index, len(prefix)) for index, fmt in enumerate(FORMATS) for prefix in fmt.prefixes)
 _PREFIX_SCANNER = LiteralScanner([prefix for fmt in FORMATS for prefix in fmt.prefixes])
@@ -150,7 +169,7 @@ def _note(prefix_id: int, _from: int, end: int, _flags: int, hits: list[tuple[in
 def _scan_whole(data: bytes) -> set[str]:
     found: set[str] = set()
     size = len(data)
-    for fmt, families in zip(FORMATS, _FAMILIES_OF, strict=True):
+    for fmt, finder, families in zip(FORMATS, _STRICT, _FAMILIES_OF, strict=True):
         start = rejected = 0
         while start < size and not families <= found:
             stop = start + WINDOW  # this round's attempts start before here
@@ -161,11 +180,34 @@ def _scan_whole(data: bytes) -> set[str]:
                 resume = max(stop, match.end())
                 if not _add(found, fmt, match, data):
                     rejected += 1
-                    if rejected > REJECTED_MAX:
-                        found |= families
+                    if rejected > REJECTED_MAX and finder is not None:
+                        _scan_strict(data, match.end(), fmt, finder, families, found)
+                        resume = size
                         break
             start = resume
     return found
+
+
+def _scan_strict(data: bytes, start: int, fmt: KeyFormat, finder: re.Pattern[bytes], families: frozenset[str],
+                 found: set[str]) -> None:
+    """The rest of one format's scan past REJECTED_MAX turned-down matches: only at the prefixes its strict finder
+    leaves, a Python call each. Past as many turned down again, the data is taken to hold the format."""
+    rejected = resume = 0
+    for candidate in finder.finditer(data, start):
+        if candidate.start() < resume:
+            continue
+        match = fmt.pattern.match(data, candidate.start())
+        if match is None:
+            continue
+        resume = match.end()
+        if _add(found, fmt, match, data):
+            if families <= found:
+                return
+            continue
+        rejected += 1
+        if rejected > REJECTED_MAX:
+            found |= families
+            return
 
 
 def _add(found: set[str], fmt: KeyFormat, match: re.Match[bytes], data: bytes) -> bool:
