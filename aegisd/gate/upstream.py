@@ -195,24 +195,25 @@ class UpstreamResponse(asyncio.Protocol):
     # -- the exchange, as the pipeline sees it ----------------------------------------------------
 
     async def read(self) -> bytes:
-        """The whole body (the caller knows it is small: a declared length it accepted)."""
+        """The whole body (the caller knows it is small: a declared length it accepted). What arrived is taken at
+        each turn, as `chunks` does: held in tiny reads, a small body would pass the high-water mark (each piece
+        counts its overhead) and pause the socket for good, which `read` alone would never resume."""
+        pieces: list[bytes] = []
         while not self._complete:
             failure = self._failure()
             if failure is not None:
                 raise failure
+            if self._body:
+                pieces.append(self._take())
             await self._wait()
-        return self._body.take()
+        pieces.append(self._body.take())
+        return b"".join(pieces)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, chunk by chunk, with the upstream read only as fast as it is taken."""
         while True:
             if self._body:
-                chunk = self._body.take()  # all that arrived since the last turn, as one piece
-                if self._paused and self.transport is not None:
-                    self._paused = False
-                    self._last_read = self._loop.time()  # our own pause is not the upstream's silence
-                    self.transport.resume_reading()
-                yield chunk
+                yield self._take()  # all that arrived since the last turn, as one piece
             elif self._complete:
                 failure = self._failure()
                 if failure is not None:  # it ended because it failed: never a falsely complete body
@@ -220,6 +221,15 @@ class UpstreamResponse(asyncio.Protocol):
                 return
             else:
                 await self._wait()
+
+    def _take(self) -> bytes:
+        """Everything held, and the upstream read again if it was paused for it."""
+        data = self._body.take()
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self._last_read = self._loop.time()  # our own pause is not the upstream's silence
+            self.transport.resume_reading()
+        return data
 
     def release(self) -> None:
         """End the exchange: a complete keep-alive answer returns the connection to the pool."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -110,3 +111,35 @@ def test_a_request_body_in_tiny_chunks_reaches_the_upstream_in_large_ones() -> N
         assert bytes(received.body) == b"x" * CHUNKS
         assert 1 <= received.chunks <= CHUNKS // 20, received.chunks
         world.assert_no_leaks()
+
+
+def test_a_small_answer_trickled_a_byte_at_a_time_is_read_whole() -> None:
+    """From the review of the change above: a small answer (a declared length, read whole) that arrived in
+    thousands of 1-byte reads passed the high-water mark (each held piece counts its overhead) and paused the
+    upstream socket, which nothing resumed until the body was complete: it hung until total_timeout, then 504."""
+    size = 8000  # pieces: 8000 * (1 + 64) bytes counted, twice the 256 KiB mark
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def trickle() -> None:
+        for conn in accepted(server):
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode())
+                for _ in range(size):
+                    conn.send(b"x")
+                    time.sleep(0.0002)  # so each byte is a read of its own at the gate
+
+    threading.Thread(target=trickle, daemon=True).start()
+    world = GateWorld.start(read_timeout=5, total_timeout=20)
+    try:
+        world.credential("slow", "sk-slow-0123456789abcdef", f"http://127.0.0.1:{server.getsockname()[1]}")
+        world.agent("bot", "slow")
+        reply = world.call("GET", "/slow/answer", agent="bot")
+        assert (reply.status, reply.body) == (200, b"x" * size), reply.text()[:200]
+        world.assert_no_leaks()
+    finally:
+        server.close()
+        world.close()
