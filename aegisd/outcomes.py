@@ -26,6 +26,8 @@ from aegisd.metrics import NO_AGENT, GateMetrics, service_label
 from aegisd.webhooks import Webhooks
 from aegisd.webhooks.events import details, events_for
 
+LEFT = "client_disconnected"  # a denied row with this reason: the agent left before its request was sent
+
 log = logging.getLogger("aegisd.gate")
 
 
@@ -68,7 +70,8 @@ class OutcomeSink:
                 self._notify(entry)
             return
         else:
-            event(log, logging.INFO, "request refused", request_id=entry.request_id, agent=entry.agent or "-",
+            what = "request not sent: the agent left" if entry.reason == LEFT else "request refused"
+            event(log, logging.INFO, what, request_id=entry.request_id, agent=entry.agent or "-",
                   service=self._log_name(entry.service), reason=entry.reason, status=entry.status)
         self._notify(entry)
 

@@ -646,7 +646,8 @@ class GatePipeline:
         # summary row), with no row or log line of its own (outcomes.py says which still alert). An allowed
         # request never asks, nor does a refused one that was forwarded (its quota was spent: its agent's rate
         # limit bounds those).
-        itemised = x.decision != "denied" or x.forwarded or self._refusal_rows(x).admit(x.agent, x.reason)
+        itemised = (x.decision != "denied" or x.forwarded or x.reason == "client_disconnected"  # quota spent
+                    or self._refusal_rows(x).admit(x.agent, x.reason))
         # Refused before step 8, or forwarded on a credential whose inspection is off: masked, unless it is a
         # tokenless refusal past its budget, whose target nothing records (its metrics name no service), so a
         # flood of them does not buy the masking's scans (milliseconds for a long path) on the event loop.

@@ -15,9 +15,10 @@ from aegisd.ledger import LedgerEntry
 EVENTS: tuple[str, ...] = ("blocked_request", "rate_limited", "agent_auth_failure", "body_inspection",
                            "credential_expiry", "response_redacted")
 TEST_EVENT = "test"
-# Refusals where the gate stopped nothing the agent did: the upstream or the daemon itself failed.
+# Refusals where the gate stopped nothing the agent did: the upstream or the daemon itself failed, or the agent
+# left before its request was sent (a `denied` row: nothing went upstream).
 NOT_BLOCKED = frozenset({"upstream_error", "upstream_timeout", "upstream_tls_error", "shutting_down",
-                         "ledger_unavailable"})
+                         "ledger_unavailable", "client_disconnected"})
 CREDENTIAL_EXPIRED = "credential_expired"
 # Ledger row fields a receiver sees; a query string never reaches the ledger, let alone these.
 DETAIL_FIELDS: tuple[str, ...] = ("request_id", "agent", "service", "credential", "method", "path", "target_host",

@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 
 from tests.e2e.gate_support import GateWorld, Reply, untouched
+from tests.e2e.ops_support import add_webhook
 from tests.e2e.policy_support import Expected, check_rows, policy_world, refusal
 from tests.e2e.support import assert_failed
+from tests.webhook_receiver import Receiver
 
 LIMITED = "sk-limited-secret-4Tg7Rb2Yc9"
 OPEN = "sk-open-secret-8Jk3Vn6Qp1"
@@ -240,12 +242,16 @@ def _until_eof(sock: socket.socket) -> bytes:
 def test_a_request_whose_agent_left_before_it_was_sent_is_recorded_denied() -> None:
     """Found by a cold review: a POST whose agent reset its connection right after the body, seen before the
     gate forwarded it, was recorded `allowed` (as one that reached the upstream, and may have changed
-    something there); nothing was sent, so it is `denied`, and the upstream saw no connection for it."""
+    something there); nothing was sent, so it is `denied`, and the upstream saw no connection for it. The
+    gate refused nothing either (the review of that change): no `blocked_request` alert, no "request refused"
+    log line, and a row whatever the agent's refusal budget (its quota was spent: its rate limit bounds these)."""
     world, _ = policy_world()
+    receiver = Receiver().start()
     try:
         up = world.upstream()
         world.credential("open", OPEN, up.entry())
         token = world.agent("busy", "open")
+        add_webhook(world, receiver, "blocked_request")
         denied, n = 0, 0
         while not denied and n < 40:  # about one in four is seen in time
             n += 1
@@ -263,8 +269,15 @@ def test_a_request_whose_agent_left_before_it_was_sent_is_recorded_denied() -> N
                 denied += 1
                 assert up.connections == connections, row
         assert denied, "every row said the request went upstream"
-        world.assert_no_leaks()
+        assert world.call("GET", "/nothing/x", agent="busy").status == 403  # a refusal, alerted, to wait for
+        (alert,) = receiver.wait_for(1, "blocked_request")
+        assert alert.payload["details"]["reason"] == "not_granted", alert.payload
+        assert "request not sent: the agent left" in world.aegis.log()
+        assert "reason=client_disconnected" not in "".join(line for line in world.aegis.log().splitlines()
+                                                          if "request refused" in line)
+        world.assert_no_leaks([d.body.decode() for d in receiver.deliveries])
     finally:
+        receiver.stop()
         world.close()
 
 
