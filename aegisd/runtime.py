@@ -46,12 +46,17 @@ class Runtime:
         """An operator-visible event (at info level unless said); fields must never hold a secret."""
         event(log, level, message, **fields)
 
-    def record_change(self, detail: str, reason: str) -> None:
+    async def record_change(self, detail: str, reason: str) -> None:
         """A change an operator made that the ledger must show (a key change, a credential widened), as a system
-        row held until the ledger has its key. The change has happened by now, so a ledger that cannot take the
-        row is logged, never turned into the call's error."""
+        row. Once the ledger has its key the call answers only after the row commits, so a crash right after the
+        answer cannot keep the change and lose its record; before that the row is held until the key comes. The
+        change has happened by now, so a ledger that cannot take the row is logged, never the call's error."""
+        entry = LedgerEntry.system(detail, reason=reason)
         try:
-            self.ledger.append_nowait(LedgerEntry.system(detail, reason=reason))
+            if self.ledger.has_key:
+                await self.ledger.append(entry)
+            else:
+                self.ledger.append_nowait(entry)
         except LedgerError as exc:
             log.error("a change could not be put in the ledger (%s): %s", reason, exc)
 

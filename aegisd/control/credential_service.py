@@ -85,7 +85,7 @@ class CredentialService(credentials_pb2_grpc.CredentialServiceServicer):
         if widened:
             detail = f"credential {cred.name!r} widened with the passphrase: {'; '.join(widened)}"
             self.rt.log_event(detail, level=logging.WARNING)
-            self.rt.record_change(detail, "credential_widened")
+            await self.rt.record_change(detail, "credential_widened")
         return cred
 
     @rpc

@@ -112,7 +112,7 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
             raise
         before = f" ({result} before)" if isinstance(result, int) else ""
         self.rt.log_event(f"vault {what}{before}")
-        self.rt.record_change(f"vault {what}{before}", "vault_keys_changed")
+        await self.rt.record_change(f"vault {what}{before}", "vault_keys_changed")
         return result
 
     async def _adopt(self, digest: str) -> OlderRows:

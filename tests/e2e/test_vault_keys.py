@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -506,3 +507,27 @@ def test_listings_and_metrics_are_answered_while_a_costly_passphrase_change_runs
         aegis.assert_no_leaks([PASSPHRASE, NEW_PASSPHRASE, SECRET], [metrics])
     finally:
         aegis.cleanup()
+
+
+def test_a_key_change_and_a_widening_answer_only_once_their_ledger_rows_are_committed(aegis: Aegis) -> None:
+    """Found by a crash-consistency review: `passphrase` and a widening `vault update` answered before their
+    `vault_keys_changed` / `credential_widened` rows committed, so a crash right after the answer kept the change
+    and lost its record (here the rows wait behind another program's write lock on ledger.db). The call now
+    answers once its row is in the file."""
+    blocker = sqlite3.connect(aegis.data_dir / "ledger.db", isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # as an operator's sqlite3 shell would, for a moment
+    released = threading.Timer(1.0, lambda: (blocker.execute("ROLLBACK"), blocker.close()))
+    released.start()
+    try:
+        aegis.ctl_in_process("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{NEW_PASSPHRASE}\n").ok()
+        aegis.ctl_in_process("vault", "update", "svc", "--domains", "svc.example,more.example", "--passphrase-stdin",
+                             input=f"{NEW_PASSPHRASE}\n").ok()
+        aegis.kill()  # a crash right after the answers
+    finally:
+        released.join()
+    with contextlib.closing(sqlite3.connect(aegis.data_dir / "ledger.db")) as db:
+        reasons = [reason for (reason,) in db.execute("SELECT reason FROM ledger WHERE kind = 'system'")]
+    assert "vault_keys_changed" in reasons and "credential_widened" in reasons, reasons
+    aegis.start()
+    assert unlocks_with(aegis, passphrase=NEW_PASSPHRASE)
+    aegis.assert_no_leaks([SECRET, PASSPHRASE, NEW_PASSPHRASE])
