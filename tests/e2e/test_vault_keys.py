@@ -516,7 +516,12 @@ def test_a_key_change_and_a_widening_answer_only_once_their_ledger_rows_are_comm
     answers once its row is in the file."""
     blocker = sqlite3.connect(aegis.data_dir / "ledger.db", isolation_level=None, check_same_thread=False)
     blocker.execute("BEGIN IMMEDIATE")  # as an operator's sqlite3 shell would, for a moment
-    released = threading.Timer(1.0, lambda: (blocker.execute("ROLLBACK"), blocker.close()))
+
+    def release() -> None:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    released = threading.Timer(1.0, release)
     released.start()
     try:
         aegis.ctl_in_process("passphrase", "--passphrase-stdin", input=f"{PASSPHRASE}\n{NEW_PASSPHRASE}\n").ok()
