@@ -21,7 +21,7 @@ from typing import Any
 from aegisd import __version__
 from aegisd.agents import AgentRegistry
 from aegisd.api.accounts import user_name
-from aegisd.backup import clear_leftovers
+from aegisd.backup import clear_leftovers, interrupted
 from aegisd.config import (
     UNLOCK_CREDENTIAL_NAME,
     Config,
@@ -39,7 +39,7 @@ from aegisd.gate.routing import RoutingState
 from aegisd.gate.server import GateServer
 from aegisd.gate.upstream import UpstreamPool
 from aegisd.hardening import harden_process
-from aegisd.ledger import LedgerError, LedgerWriter
+from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event, set_level
 from aegisd.metrics import GateMetrics
 from aegisd.outcomes import OutcomeSink
@@ -86,6 +86,7 @@ class Daemon:
         except LedgerError as exc:
             store.close()
             raise StartupError(str(exc)) from None
+        _report_cut_off_restore(self.config.data_dir, ledger)
         runtime = Runtime(self.config, store, vault, AgentRegistry(store, vault), ledger)
         runtime.policies = self._policies = policies = PolicyStore(
             self.config.policies_dir, ledger, memory=PolicyMemory(self.config.data_dir / MEMORY_FILE))
@@ -238,6 +239,16 @@ class Daemon:
             else:
                 event(log, logging.INFO, "vault unlocked", via=source)
             return
+
+
+def _report_cut_off_restore(data_dir: Path, ledger: LedgerWriter) -> None:
+    """A restore a crash cut off while it swapped files: logged, and recorded in the ledger (once it has its key),
+    at every start until a restore completes or the operator removes the mark (doctor says so too)."""
+    note = interrupted.cut_off(data_dir)
+    if note is not None:
+        log.error("%s; run the restore again (`aegisctl restore FILE`), or, having checked, remove %s", note,
+                  data_dir / interrupted.MARK)
+        ledger.append_nowait(LedgerEntry.system(note, reason="backup_restore_interrupted"))
 
 
 def _clear_backup_leftovers(data_dir: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aegisd.api.accounts import user_name
+from aegisd.backup import interrupted
 from aegisd.control.socket import group_reach_problem
 from aegisd.errors import AegisError
 from aegisd.gate.routing import build_route
@@ -100,6 +101,7 @@ class Doctor:
             ("data_dir", self.data_dir),
             ("socket", self.socket),
             ("database", self.database),
+            ("restore", self.restore),
             ("schema", self.schema),
             ("credentials_decrypt", self.credentials_decrypt),
             ("credentials_expiry", self.credentials_expiry),
@@ -220,6 +222,14 @@ class Doctor:
                          "stop aegisd, keep a copy of the data directory, and restore the last good backup "
                          "(`aegisctl restore FILE`)")
         return Check("database", PASS, "vault.db passes PRAGMA quick_check, ledger.db PRAGMA integrity_check")
+
+    async def restore(self) -> Check:
+        """A restore a crash cut off while it swapped files (backup/interrupted.py)."""
+        note = await asyncio.to_thread(interrupted.cut_off, self.config.data_dir)
+        if note is None:
+            return Check("restore", PASS, "no restore was cut off")
+        return Check("restore", FAIL, note, "run the restore again (`aegisctl restore FILE`), or, having checked "
+                     f"the ledger and vault, remove {self.config.data_dir / interrupted.MARK}")
 
     def _quick_check_vault(self) -> str:
         try:

@@ -22,11 +22,13 @@ import errno
 import logging
 import shutil
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aegisd.backup import interrupted
 from aegisd.backup.archive import LEDGER_DB, VAULT_DB, Manifest, read_backup
 from aegisd.backup.staging import scratch
 from aegisd.cancellation import outlive_cancellation
@@ -94,6 +96,11 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                 exc.message = f"nothing was restored: {exc.message}"
                 exc.args = (exc.message,)
                 raise
+            try:  # from here a crash must leave a trace (interrupted.py)
+                interrupted.mark(data_dir, manifest.created_ms, manifest.vault_id, time.time_ns() // 1_000_000)
+            except OSError as exc:
+                raise StorageUnavailable(f"nothing was restored: cannot write {interrupted.MARK} in the data "
+                                         f"directory: {exc.strerror or exc}") from None
             try:
                 asyncio.run_coroutine_threadsafe(ledger.replace_file(directory / LEDGER_DB), loop).result()
             except ReplaceIncomplete as exc:
@@ -132,8 +139,10 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                     log.error("a restore failed after the backup's ledger had replaced the old one (rows written "
                               "since the backup was taken are gone): %s", restored.failed_half_way)
                     await record()
+                await asyncio.to_thread(interrupted.clear, data_dir)  # recorded, or nothing changed
                 raise
             await record()  # both files are the backup's now: the restore is done, whatever else fails
+            await asyncio.to_thread(interrupted.clear, data_dir)  # and recorded (an earlier cut-off one's mark too)
             if restored.vault_not_opened:
                 raise StorageUnavailable(
                     f"the backup was restored (the vault and ledger files are the backup's), but the restored vault "

@@ -740,3 +740,44 @@ def test_aegisctl_checking_a_whole_backup_refuses_sparse_tar_headers(tmp_path: P
     with pytest.raises(ClientError) as refused:
         verify_archive(path)
     assert refused.value.reason == "invalid_backup"
+
+
+def test_a_restore_cut_off_by_a_crash_is_reported_until_one_completes(world: GateWorld) -> None:
+    """Found by a crash-consistency review: a kill during the swap (after the ledger moved, before the vault did,
+    or before the restore's row) left the backup's ledger beside the old vault, or no `backup_restored` row, with
+    nothing to say so. The mark the restore writes before its first move tells every start (log, ledger row) and
+    doctor until a restore completes. The swap is held at its first move by a write lock on the old ledger."""
+    aegis = world.aegis
+    _, backup = backed_up(world, "before.backup", before="/echo/before")
+    aegis.ctl_in_process("lock").ok()
+    holder = sqlite3.connect(aegis.data_dir / "ledger.db", timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    proc = subprocess.Popen([AEGISCTL, "restore", str(backup), "--yes"], env=aegis.base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (aegis.data_dir / "restore-in-progress").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        aegis.kill()  # mid-swap
+    finally:
+        proc.kill()
+        proc.communicate()
+        holder.rollback()
+        holder.close()
+
+    aegis.start()
+    assert "a restore was cut off by a stop (begun " in aegis.log()
+    doctor = json.loads(aegis.ctl_in_process("doctor", "--json").out)
+    check = next(c for c in doctor["checks"] if c["name"] == "restore")
+    assert check["status"] == "fail" and "run the restore again" in check["hint"], check
+    world.unlock()
+    rows = listing(aegis, "ledger", "show", "--limit", "1000")
+    assert any(r["reason"] == "backup_restore_interrupted" for r in rows), rows
+
+    aegis.ctl_in_process("lock").ok()
+    aegis.ctl_in_process("restore", str(backup), "--yes").ok()  # run again, to its end: the mark goes
+    assert not (aegis.data_dir / "restore-in-progress").exists()
+    doctor = json.loads(aegis.ctl_in_process("doctor", "--json").out)
+    assert next(c for c in doctor["checks"] if c["name"] == "restore")["status"] == "pass"
+    world.assert_no_leaks()

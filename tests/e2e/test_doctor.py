@@ -15,7 +15,7 @@ import pytest
 from tests.e2e.gate_support import GateWorld
 from tests.harness import PASSPHRASE, Aegis, new_aegis
 
-CHECKS = ["daemon", "vault", "data_dir", "socket", "database", "schema", "credentials_decrypt",
+CHECKS = ["daemon", "vault", "data_dir", "socket", "database", "restore", "schema", "credentials_decrypt",
           "credentials_expiry", "agents_authentic", "older_rows", "webhooks", "gate", "policies", "ledger_chain"]
 SECRET_A = "ghp_doctorSecretA0123456789abcdefXYZ"
 SECRET_B = "sk-doctorSecretB0123456789abcdefXYZ"

@@ -1,0 +1,67 @@
+"""The mark a restore leaves in the data directory while it swaps files, so a crash in that window is not silent.
+
+A restore moves the backup's ledger into place, then its vault, then records itself in the ledger. A crash (a
+SIGKILL, a power loss) in between leaves the backup's ledger beside the old vault, or both swapped and no record:
+rows are gone and nothing says why. The mark, written before the first swap and removed once the restore is
+recorded (or known to have changed nothing), tells the next start, which logs it and records it in the ledger,
+and `aegisctl doctor`, until a restore completes or the operator removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from aegisd.ledger.entry import iso_time
+
+MARK = "restore-in-progress"
+_MAX_BYTES = 4096  # what the mark holds is a few fields; anything larger is not aegisd's
+
+
+def mark(data_dir: Path, backup_created_ms: int, vault_id: str, now_ms: int) -> None:
+    """Write the mark, durably, before anything is swapped."""
+    staged = data_dir / f".{MARK}.tmp"
+    body = json.dumps({"started_ms": now_ms, "backup_created_ms": backup_created_ms, "vault_id": vault_id})
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, body.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(staged, data_dir / MARK)
+    _sync_directory(data_dir)
+
+
+def clear(data_dir: Path) -> None:
+    """The restore is recorded, or changed nothing: no mark."""
+    (data_dir / MARK).unlink(missing_ok=True)
+
+
+def cut_off(data_dir: Path) -> str | None:
+    """What the mark says of a restore a crash cut off, as a sentence for the log, the ledger and doctor; None if
+    there is no mark."""
+    path = data_dir / MARK
+    try:
+        with path.open("rb") as file:
+            raw = file.read(_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"a restore was cut off by a stop, and its mark ({path}) cannot be read: {exc.strerror or exc}"
+    try:
+        fields = json.loads(raw) if len(raw) <= _MAX_BYTES else {}
+        started, created, vault_id = fields["started_ms"], fields["backup_created_ms"], str(fields["vault_id"])
+        when = f"begun {iso_time(int(started))}, of a backup of vault {vault_id} taken {iso_time(int(created))}"
+    except (ValueError, TypeError, KeyError, OverflowError, OSError):
+        when = f"its mark ({path}) is unreadable"
+    return (f"a restore was cut off by a stop ({when}): the ledger may be the backup's and the vault the one from "
+            "before, or both the backup's with no record of it; rows written after the backup was taken may be gone")
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
