@@ -39,6 +39,7 @@ class Runtime:
     agents: AgentRegistry
     ledger: LedgerWriter
     started_at: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)  # uptime: a clock step never makes it negative
     webhooks: Webhooks | None = None  # set by the daemon once its event loop runs
     policies: PolicyStore = field(default_factory=lambda: PolicyStore(None))  # the daemon sets the live one
 

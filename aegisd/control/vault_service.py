@@ -148,7 +148,7 @@ class VaultService(vault_pb2_grpc.VaultServiceServicer):
         return pb.StatusResponse(
             state=STATES[self.rt.vault.state], version=__version__,
             started_at=timestamp(int(self.rt.started_at * 1000)),
-            uptime_seconds=time.time() - self.rt.started_at, gate_address=self.rt.config.gate_address,
+            uptime_seconds=time.monotonic() - self.rt.started_monotonic, gate_address=self.rt.config.gate_address,
             vault_id=self.rt.vault.vault_id or "", data_dir=str(self.rt.config.data_dir),
             schema_version=schema, **counts,
         )
