@@ -7,7 +7,6 @@ consumed, in one synchronous call (no await in between), so a refused request us
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
@@ -16,6 +15,7 @@ from urllib.parse import unquote
 from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import AgentEntry, Route
 from aegisd.limits import ConcurrencyLimiter, Quota, RateLimiter, Standing, Unit
+from aegisd.limits.gcra import LIMITS_CLOCK
 from aegisd.limits.headers import ratelimit_headers, retry_after
 from aegisd.policy import PolicySet, Verdict
 from aegisd.policy.policy_set import INVALID, TOO_LONG
@@ -80,7 +80,7 @@ def check_policy(policies: PolicySet, x: Noted, agent: AgentEntry, service: str,
 class GateLimits:
     """Step 7: per-credential, per-agent and per-rule rates, and the per-agent concurrency cap."""
 
-    def __init__(self, max_concurrency: int, clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(self, max_concurrency: int, clock: Callable[[], int] = LIMITS_CLOCK) -> None:
         self.rates = RateLimiter(clock)
         self.concurrency = ConcurrencyLimiter(max_concurrency)
         self._quotas: dict[tuple[str, str, str], Quota] = {}

@@ -9,6 +9,8 @@ Checking and consuming are separate calls so a caller can check every limit befo
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
@@ -56,8 +58,23 @@ class Unit:
         self.ends = ends
 
 
+def _suspend_counting_clock() -> Callable[[], int]:
+    """The rate limits' clock in ns: it goes on while the machine is suspended, so a quota refills over a laptop's
+    night asleep and a Retry-After stays true across one (time.monotonic stops in suspend on Linux and macOS);
+    like it, it never steps with the wall clock. Linux's CLOCK_BOOTTIME; macOS's CLOCK_MONOTONIC, which there
+    counts sleep."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return functools.partial(time.clock_gettime_ns, time.CLOCK_BOOTTIME)
+    if sys.platform == "darwin":
+        return functools.partial(time.clock_gettime_ns, time.CLOCK_MONOTONIC)
+    return time.monotonic_ns
+
+
+LIMITS_CLOCK = _suspend_counting_clock()
+
+
 class RateLimiter:
-    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(self, clock: Callable[[], int] = LIMITS_CLOCK) -> None:
         self.clock = clock
         self._tat: dict[tuple[str, Hashable, int, int], int] = {}
         # Per key, the units of requests still in flight, oldest first: as many as requests in flight.
