@@ -147,8 +147,8 @@ class LedgerReplaced(LedgerError):
 
 
 class ReplaceIncomplete(LedgerError):
-    """A restore's ledger was moved into place, but a step after the move failed (removing the old file's
-    write-ahead log, or making the rename durable): the old file is gone, and with it the old chain key."""
+    """A restore's ledger was moved into place, but a step after the move failed (making the rename durable): the
+    old file is gone, and with it the old chain key."""
 
 
 class _SetKey:
@@ -301,7 +301,6 @@ class LedgerWriter:
         self._unchained = _NO_UNCHAINED
         self._witness_of = row_mac(os.urandom(32))
         self._reported_foreign: tuple[int, int] | None = None  # the last (tip id, count) logged by _report_foreign
-        self._stale_wal = False  # a replaced file's -wal is still there: open nothing until it is removed
         # Writer thread: (st_dev, st_ino) of the ledger.db the connection has open, checked against the path at each
         # commit and job; once they differ, why (failing for good: see LedgerReplaced).
         self._file: _FileId | None = None
@@ -621,43 +620,50 @@ class LedgerWriter:
         return key
 
     def _swap_file(self, staged: Path) -> tuple[bool, LedgerError | None]:
-        """Close the file, move the staged one over it, and open that (migrating it if it is older).
+        """Fold the file's write-ahead log in, close it, move the staged one over it, and open that (migrating it if
+        it is older).
 
-        Returns whether the staged file was moved into place, and the error to report. If the move fails,
-        the old file is still whole and is reopened. Once it has moved, the old file is gone whatever
-        fails next: the caller is told so (ReplaceIncomplete) and the old chain key is dropped. The old
-        file's -wal and -shm go too: SQLite would otherwise replay the old WAL onto the new file, so if
-        the -wal cannot be removed the new file is not opened until it can be. If the open fails (that,
-        or a migration on a full disk), the writer is failing until a retry opens it.
+        Returns whether the staged file was moved into place, and the error to report. SQLite applies whatever -wal
+        lies beside a file to it (nothing ties a log to its file), so the old file's log is folded in and its -wal
+        and -shm removed before the move, never after it: a crash in between then leaves the old file whole, or the
+        new one alone. If that cannot be done (a reader keeps the log from being emptied, a -wal that cannot be
+        removed) or the move fails, nothing moves, and the old file, still whole, is reopened. Once it has moved,
+        the old file is gone whatever fails next: the caller is told so (ReplaceIncomplete) and the old chain key is
+        dropped. If the open fails (a migration on a full disk, say), the writer is failing until a retry opens it.
         """
         if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Not once the file was replaced under the writer (_lost): its log belongs to the orphaned file, and
+            # whatever lies at the path is the intruder's, which the restore is there to replace.
+            if self._lost is None:
+                refused = self._fold_in_log(self._conn)
+                if refused is not None:
+                    return False, refused  # the connection stays open on the old file, which nothing changed
             self._conn.close()
             self._conn = None
         error: LedgerError | None = None
         moved = False
         try:
-            os.replace(staged, self._path)
+            self._unlink_wal()
         except OSError as exc:
-            error = LedgerError(f"cannot move the restored ledger into place: {exc.strerror or exc}")
+            error = LedgerError(f"the ledger's write-ahead log cannot be removed ({exc.strerror or exc}), so the "
+                                "restored ledger was not moved into place: SQLite would apply the old log to it")
         else:
-            moved = True
-            # What this process wrote without a key was in the old file; the new one's rows are nobody's to chain.
-            self._unchained, self._reported_foreign = _NO_UNCHAINED, None
-            self._written = self._ran_from = self._cut = self._lost = None  # the restored file is the ledger now
-            self.restores += 1
-            self._post(_replaced, self._subscribers)
-            self._stale_wal = True
             try:
-                self._unlink_wal()
-                self._stale_wal = False
-                fsync_directory(self._path.parent)
+                os.replace(staged, self._path)
             except OSError as exc:
-                what = ("removing the old file's write-ahead log" if self._stale_wal
-                        else "making the move durable (fsync of the data directory)")
-                error = ReplaceIncomplete(f"the restored ledger was moved into place, but {what} failed: "
-                                          f"{exc.strerror or exc}")
+                error = LedgerError(f"cannot move the restored ledger into place: {exc.strerror or exc}")
+            else:
+                moved = True
+                # What this process wrote without a key was in the old file; the new one's rows are nobody's to chain.
+                self._unchained, self._reported_foreign = _NO_UNCHAINED, None
+                self._written = self._ran_from = self._cut = self._lost = None  # the restored file is the ledger now
+                self.restores += 1
+                self._post(_replaced, self._subscribers)
+                try:
+                    fsync_directory(self._path.parent)
+                except OSError as exc:
+                    error = ReplaceIncomplete("the restored ledger was moved into place, but making the move durable "
+                                              f"(fsync of the data directory) failed: {exc.strerror or exc}")
         try:
             self._connection()
         except LedgerError as exc:
@@ -666,6 +672,25 @@ class LedgerWriter:
                 log.error("cannot reopen the ledger after a restore: %s; the gate forwards nothing until it can "
                           "(retried every %.0f s)", exc, RETRY_SECONDS)
         return moved, error
+
+    def _fold_in_log(self, conn: sqlite3.Connection) -> LedgerError | None:
+        """Copy every frame of the write-ahead log into the file and empty the log; why not, if it could not be.
+
+        A reader in a transaction (`ledger verify`, `stats`, `export`, or another process) keeps the log from being
+        emptied: the checkpoint waits for it as long as the connection's busy timeout (in this thread, never the
+        event loop: those readers are short), then reports it busy, and the swap is refused rather than lose the
+        frames still in the log or leave them beside the restored file.
+        """
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            return LedgerError(f"the ledger's write-ahead log cannot be folded into {self._path.name} ({exc}), so the "
+                               "restored ledger was not moved into place")
+        if busy:
+            return LedgerError(f"{self._path} is being read (`aegisctl ledger verify`, `stats` or `export`, or "
+                               f"another process) and still was after {self._busy_timeout_s:g} s, so its "
+                               "write-ahead log cannot be folded in; run the restore again once that is done")
+        return None
 
     def _unlink_wal(self) -> None:
         """Remove the -wal and -shm beside the file (raises OSError if one is there and cannot be removed)."""
@@ -676,14 +701,6 @@ class LedgerWriter:
     def _connection(self) -> sqlite3.Connection:
         """The open connection, or a new one if a restore's swap left none (raises LedgerError if it cannot)."""
         if self._conn is None:
-            if self._stale_wal:
-                try:
-                    self._unlink_wal()
-                except OSError as exc:
-                    raise LedgerError(f"the replaced ledger's write-ahead log cannot be removed ({exc.strerror or exc})"
-                                      "; the restored ledger is not opened until it is, or SQLite would apply the old "
-                                      "log to it") from None
-                self._stale_wal = False
             self._conn = self._open()
         else:
             self._check_file()

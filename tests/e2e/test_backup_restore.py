@@ -603,6 +603,42 @@ def test_a_vault_open_in_another_process_stops_the_restore_before_the_ledger_is_
     world.assert_no_leaks([result.out, result.err])
 
 
+def test_a_ledger_read_during_the_swap_stops_the_restore_before_anything_is_replaced(world: GateWorld) -> None:
+    """Found by a review: a reader of ledger.db in a transaction (`ledger verify`, `stats`, `export`, or another
+    process) kept the checkpoint before the ledger's swap from emptying its write-ahead log; the restore went on,
+    moved the backup's ledger in, and only then removed the old log: a crash in between left the restored file
+    beside the old log, which SQLite applies to it at the next open. The swap now waits for the reader (the
+    ledger's busy timeout), then refuses, and nothing is restored; once the reader is done, the retry goes through.
+    """
+    aegis = world.aegis
+    _, backup = backed_up(world, "before.backup", before="/echo/before")
+    assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
+
+    reader = sqlite3.connect(f"{(aegis.data_dir / 'ledger.db').as_uri()}?mode=ro", uri=True)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM ledger").fetchone()
+        assert world.call("GET", "/github/echo/while-read", agent="claude").status == 200  # past its snapshot
+        aegis.ctl_in_process("lock").ok()
+        rows = listing(aegis, "ledger", "show", "--limit", "1000")
+        result = aegis.ctl_in_process("restore", str(backup), "--yes")
+    finally:
+        reader.close()
+    assert_failed(result, "nothing was restored", "ledger.db is being read", "run the restore again")
+    assert listing(aegis, "ledger", "show", "--limit", "1000") == rows  # the old ledger, whole
+    assert any(r["path"] == "/echo/while-read" for r in rows)
+    assert status(aegis)["state"] == "locked"
+    aegis.ctl_in_process("restore", str(backup), "--yes").ok()  # the reader is gone: the retry goes through
+    rows = listing(aegis, "ledger", "show", "--limit", "1000")
+    assert not any(r["path"] in ("/echo/after-backup", "/echo/while-read") for r in rows)
+    assert any(r["path"] == "/echo/before" for r in rows)
+    assert [r["reason"] for r in rows].count("backup_restored") == 1
+    world.unlock()
+    assert listing(aegis, "ledger", "verify")["ok"]
+    assert world.call("GET", "/github/echo/restored", agent="claude").status == 200
+    world.assert_no_leaks([result.out, result.err])
+
+
 def test_a_restore_that_fails_after_the_ledger_moved_is_logged_and_recorded(world: GateWorld) -> None:
     """Found by a cold review: once the backup's ledger had been moved into place, a failure of the vault's swap
     answered "the restore failed half-way" but left no ledger row and no log line: the rows written after the

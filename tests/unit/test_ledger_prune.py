@@ -598,11 +598,10 @@ def test_a_replace_whose_rename_is_not_made_durable_says_the_file_moved_and_drop
     assert verify(db, KEY).ok
 
 
-def test_a_replace_whose_old_wal_stays_opens_nothing_until_it_is_gone(
+def test_a_replace_whose_old_wal_cannot_be_removed_moves_nothing_and_keeps_the_old_file(
         tmp_path: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SQLite would apply the old file's write-ahead log to the new file: while it cannot be removed the
-    restored file is not opened (the writer is failing), and the retry that removes it opens the file."""
-    monkeypatch.setattr(writer_module, "RETRY_SECONDS", 0.05)
+    """SQLite would apply the old file's write-ahead log to the new file, so it is removed before the move: while
+    it cannot be, nothing moves (the restore says nothing was restored), and the old file goes on with its key."""
     other = tmp_path / "other.db"
     fill(other, 3)
     staged = tmp_path / "staged.db"
@@ -619,21 +618,93 @@ def test_a_replace_whose_old_wal_stays_opens_nothing_until_it_is_gone(
         writer = await started(db)
         await writer.append(entry(0))
         monkeypatch.setattr(os, "unlink", unlink)
-        with pytest.raises(ReplaceIncomplete, match="moved into place, but removing the old file's write-ahead log"):
+        with pytest.raises(LedgerError, match=r"^the ledger's write-ahead log cannot be removed \(Permission denied\), "
+                           "so the restored ledger was not moved into place") as refused:
             await writer.replace_file(staged)
-        assert writer.key is None and writer.failing
-        with pytest.raises(LedgerError, match="write-ahead log cannot be removed"):
-            await writer.append(entry(1))
+        assert not isinstance(refused.value, ReplaceIncomplete)
+        assert writer.key == KEY and not writer.failing and staged.exists() and writer.restores == 0
+        assert await writer.append(entry(1)) == 2  # into the old file, chained with its key
         stuck[0] = False
-        await eventually(lambda: not writer.failing, "the reopen", 10)
+        await writer.replace_file(staged)
         writer.set_key(KEY)
         await writer.append(entry(9))
         await writer.close()
 
     asyncio.run(main())
-    rows = query_rows(db, newest_first=False)
-    assert [(r.request_id, r.reason) for r in rows] == [
-        ("r0", ""), ("r1", ""), ("r2", ""), ("", "ledger_unavailable"), ("r9", "")]
+    assert [r.request_id for r in query_rows(db, newest_first=False)] == ["r0", "r1", "r2", "r9"]
+    assert verify(db, KEY).ok
+
+
+def test_a_replace_while_a_reader_holds_the_log_moves_nothing_and_never_leaves_the_old_log_beside_the_new_file(
+        tmp_path: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: a reader in a transaction (aegisd's own `ledger verify`, `stats`, `export`) kept the
+    checkpoint before the swap from emptying the log, which went unnoticed; the file was moved in and only then
+    were the old -wal and -shm removed. A crash between the two left the restored ledger.db beside the old file's
+    log, which SQLite applies at the next open: a damaged file, or rows written after the backup back in it.
+
+    Each rename is followed at once by a copy of the data directory: what a SIGKILL right after it would leave.
+    That copy must be the restored ledger alone. With the reader there, the swap is refused instead (nothing
+    moved, the old file whole and written on); once it is gone, the retry goes through."""
+    other = tmp_path / "other.db"
+    fill(other, 3)
+    staged = tmp_path / "staged.db"
+    shutil.copy(other, staged)
+    real_replace = os.replace
+    crashes: list[Path] = []
+
+    def replace_then_crash(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        if Path(dst) == db:
+            crashed = tmp_path / f"crash{len(crashes)}"
+            crashed.mkdir()
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{db}{suffix}").exists():
+                    shutil.copy(f"{db}{suffix}", crashed / f"{db.name}{suffix}")
+            crashes.append(crashed / db.name)
+
+    def assert_only_the_restored_ledger(path: Path) -> None:
+        assert sql(path, "PRAGMA integrity_check") == [("ok",)]
+        assert [r.request_id for r in query_rows(path, newest_first=False)] == ["r0", "r1", "r2"]
+
+    async def main() -> None:
+        writer = LedgerWriter(db, busy_timeout_s=0.2)  # how long the swap waits for the reader
+        await writer.start()
+        writer.set_key(KEY)
+        for i in range(10, 15):
+            await writer.append(entry(i))
+        reader = sqlite3.connect(db)
+        try:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM ledger").fetchone() == (5,)
+            for i in range(15, 20):  # frames the reader keeps in the log: past its snapshot
+                await writer.append(entry(i))
+            monkeypatch.setattr(os, "replace", replace_then_crash)
+            try:
+                await writer.replace_file(staged)
+            except LedgerError as exc:
+                refused: LedgerError | None = exc
+            else:
+                refused = None
+            for crashed in crashes:
+                assert_only_the_restored_ledger(crashed)
+            assert refused is not None and not isinstance(refused, ReplaceIncomplete), "the swap was not refused"
+            assert str(refused) == (f"{db} is being read (`aegisctl ledger verify`, `stats` or `export`, or another "
+                                    "process) and still was after 0.2 s, so its write-ahead log cannot be folded in; "
+                                    "run the restore again once that is done")
+            assert crashes == [] and staged.exists() and writer.restores == 0
+            assert writer.key == KEY and not writer.failing
+            assert await writer.append(entry(20)) == 11  # the old file, written on with its key
+        finally:
+            reader.close()
+        await writer.replace_file(staged)  # the reader is gone: the retry goes through
+        assert len(crashes) == 1
+        assert_only_the_restored_ledger(crashes[0])
+        writer.set_key(KEY)
+        assert await writer.append(entry(99)) == 4
+        await writer.close()
+
+    asyncio.run(main())
+    assert [r.request_id for r in query_rows(db, newest_first=False)] == ["r0", "r1", "r2", "r99"]
     assert verify(db, KEY).ok
 
 
