@@ -35,8 +35,8 @@ class TimeSpec(click.ParamType):  # type: ignore[type-arg]
             try:
                 parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
             except ValueError:
-                self.fail(f"{value!r} is neither a time like 2026-11-26T10:00:00Z nor an age like 15m, 2h, 7d",
-                          param, ctx)
+                self.fail(f"{value!r} is neither a time like 2026-11-26T10:00:00Z nor an age like 15m, 2h, 7d (that "
+                          "long ago)", param, ctx)
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
             ms = (parsed - EPOCH) // timedelta(milliseconds=1)  # exact: a float timestamp can lose the last ms

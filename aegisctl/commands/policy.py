@@ -8,6 +8,7 @@ into its policy directory, so what passes here is what the gate would load.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,9 @@ def _file_state(f: pb.PolicyFileStatus) -> str:
 @click.option("--service", required=True, help="Service (the first path segment at the gate).")
 @click.option("--method", required=True, help="HTTP method, e.g. GET or PROPFIND.")
 @click.option("--path", "path", required=True, help="Path after the service, e.g. /repos/acme/x.")
-@click.option("--at", "at_ms", type=TimeSpec(), help="Judge at this time (ISO 8601) instead of now.")
+@click.option("--at", "at_ms", type=TimeSpec(),
+              help="Judge at this time instead of now: ISO 8601, UTC unless it names an offset (2030-01-01T09:00, "
+              "2030-01-01T09:00+01:00), or an age, meaning that long ago (45m: 45 minutes ago).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @pass_context
 def test_request(ctx: Context, agent: str, service: str, method: str, path: str, at_ms: int | None,
@@ -231,16 +234,17 @@ def test_request(ctx: Context, agent: str, service: str, method: str, path: str,
     step: the agent's grants and the credential's scopes are checked separately.
     """
     client = ctx.client
-    request = pb.TestPolicyRequest(agent=agent, service=service, method=method, path=path)
-    if at_ms is not None:
-        stamp = Timestamp()
-        stamp.FromMilliseconds(at_ms)
-        request.at.CopyFrom(stamp)
+    # Always sent, now included: the instant printed is then the one aegisd judged, whatever --at was given as.
+    judged_ms = at_ms if at_ms is not None else time.time_ns() // 1_000_000
+    stamp = Timestamp()
+    stamp.FromMilliseconds(judged_ms)
+    request = pb.TestPolicyRequest(agent=agent, service=service, method=method, path=path, at=stamp)
     reply = client.call(client.policies.Test, request)
+    judged_at = output.iso_ms(judged_ms)
     rule = _rule_json(reply.rule) if reply.HasField("rule") else None
     also = _rule_json(reply.also) if reply.HasField("also") else None
     if as_json:
-        output.emit_json({"decision": reply.decision, "mode": reply.mode or None, "rule": rule,
+        output.emit_json({"decision": reply.decision, "at": judged_at, "mode": reply.mode or None, "rule": rule,
                           "reason": reply.reason, "rate_limit": reply.rate_limit or None,
                           "also": also, "also_rate_limit": reply.also_rate_limit or None,
                           "warnings": list(reply.warnings)})
@@ -248,7 +252,7 @@ def test_request(ctx: Context, agent: str, service: str, method: str, path: str,
     headline = reply.decision
     if reply.mode == "dry-run" and reply.decision == "denied":
         headline += " (dry-run: forwarded, logged as would_deny)"
-    pairs: list[tuple[str, Any]] = [("decision", headline)]
+    pairs: list[tuple[str, Any]] = [("decision", headline), ("at", judged_at)]
     if rule is not None:
         pairs.append(("rule", f"{rule['ref']} (line {rule['line']})"))
     if reply.rate_limit:

@@ -8,8 +8,7 @@ at most one clock conversion.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
-from zoneinfo import ZoneInfo
+from datetime import datetime, tzinfo
 
 from aegisd.policy.pattern import PathSet
 from aegisd.rates import Rate
@@ -46,7 +45,7 @@ class TimeWindow:
 
     start: int  # minutes after local midnight
     end: int
-    zone: ZoneInfo
+    zone: tzinfo  # a ZoneInfo, or datetime.UTC (which needs no timezone database)
     text: str  # "09:00-18:00 Europe/Berlin", for messages
 
     def contains(self, now_ms: int) -> bool:

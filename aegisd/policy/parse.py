@@ -11,13 +11,18 @@ characters) aliases included, and stops with an issue at MAX_RULES, MAX_PATH_PAT
 MAX_PATTERN_CHARS. Each pattern is compiled once per file, and each rule's list of distinct patterns
 once (a rule's repeated pattern counts once), so aliased copies cost no compiling and no memory.
 Whatever else goes wrong while reading a file (an exception no check expected) makes that file invalid, never escapes.
+
+Timezones are read afresh from the timezone database at each load (once per zone and file), never from zoneinfo's
+cache: an updated tzdata applies at the next reload, as a changed policy file does. UTC needs no database.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import zoneinfo
 from collections.abc import Callable, Hashable, Iterator
+from datetime import UTC, tzinfo
 from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -51,6 +56,7 @@ _ALLOWED_TAGS = frozenset(_STANDARD_TAG + t for t in ("str", "int", "float", "bo
 _TIME = re.compile(r"^(\d{1,2}):(\d{2})\Z")
 _ZONE_KEY = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*\Z")
 _QUOTED = 200  # characters of an invalid pattern quoted in its issue
+_ZONE_HINT = "use an IANA name such as Europe/Berlin, America/New_York or UTC, or leave timezone out for UTC"
 _KIND = {MappingNode: "a mapping", SequenceNode: "a list", ScalarNode: "a single value"}
 
 
@@ -93,6 +99,7 @@ class _Reader:
         # distinct patterns (or why it is invalid).
         self.compiled: dict[str, PathPattern | str] = {}
         self.sets: dict[tuple[str, ...], PathSet | str] = {}
+        self.zones: dict[str, tzinfo | str] = {}  # each zone named, or why it cannot be used
 
     def count(self, node: Node, path: str, what: str) -> None:
         """Count one rule, path pattern or entry walked (an alias each time it is used); stop over a cap."""
@@ -258,15 +265,15 @@ class _Reader:
             return None
         start = self.time(fields["start"], _join(path, "start")) if "start" in fields else None
         end = self.time(fields["end"], _join(path, "end")) if "end" in fields else None
-        zone_name, zone = "UTC", ZoneInfo("UTC")
+        zone: tzinfo = UTC  # needs no timezone database
+        zone_name = "UTC"
         if "timezone" in fields:
             zone_node = fields["timezone"]
             zone_name = self.scalar(zone_node, _join(path, "timezone")) or ""
-            found = _zone(zone_name) if zone_name else None
-            if found is None:  # an empty value too: a window that silently fell away would allow every hour
-                what = f"unknown timezone {zone_name!r}" if zone_name else "timezone has no value"
-                self.issue(zone_node, _join(path, "timezone"), f"{what}; use an IANA name such as Europe/Berlin, "
-                           "America/New_York or UTC, or leave timezone out for UTC")
+            # An empty value is an issue too: a window that silently fell away would allow every hour.
+            found = self.zone(zone_name) if zone_name else f"timezone has no value; {_ZONE_HINT}"
+            if isinstance(found, str):
+                self.issue(zone_node, _join(path, "timezone"), found)
                 return None
             zone = found
         if start is None or end is None:
@@ -277,6 +284,20 @@ class _Reader:
             return None
         text = f"{start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d} {zone_name}"
         return TimeWindow(start, end, zone, text)
+
+    def zone(self, name: str) -> tzinfo | str:
+        """The zone `name`, or the issue saying why there is none: looked up once per file, however many windows
+        name it, so the gate's requests only convert the time."""
+        found = self.zones.get(name)
+        if found is None:
+            found = self.zones[name] = _zone(name, lambda: self.database)
+        return found
+
+    @functools.cached_property
+    def database(self) -> bool:
+        """Whether zoneinfo finds any timezone database: asked only for a zone it did not find, once per file (it
+        lists every zone)."""
+        return bool(zoneinfo.available_timezones())
 
     def time(self, node: Node, path: str) -> int | None:
         text = self.scalar(node, path)
@@ -366,13 +387,25 @@ def _is_null(node: Node) -> bool:
     return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
 
 
-def _zone(name: str) -> ZoneInfo | None:
+def _zone(name: str, database: Callable[[], bool]) -> tzinfo | str:
+    """The zone `name`, read from the timezone database now (ZoneInfo's cache would keep the rules it read first,
+    until a restart), or the issue saying why there is none. `database()`: whether there is one at all."""
+    if name == "UTC":
+        return UTC  # needs no database
     if not _ZONE_KEY.match(name):
-        return None
+        return f"unknown timezone {name!r}; {_ZONE_HINT}"
     try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        return None
+        return ZoneInfo.no_cache(name)
+    except ZoneInfoNotFoundError:
+        if database():
+            return f"unknown timezone {name!r}; {_ZONE_HINT}"
+        searched = ", ".join(zoneinfo.TZPATH) or "no directory"
+        return (f"timezone {name!r} cannot be looked up: aegisd found no timezone database (searched {searched} "
+                "and the tzdata Python package); install the tzdata Python package or the system's tzdata, or leave "
+                "timezone out for UTC")
+    except (ValueError, OSError) as exc:  # a file in the database that is not a zone, or cannot be read
+        why = getattr(exc, "strerror", None) or str(exc)
+        return f"timezone {name!r} cannot be read from the timezone database: {why}"
 
 
 def _once(cache: dict[K, V | str], key: K, build: Callable[[], V]) -> V | str:
