@@ -6,6 +6,7 @@ called directly only where aegisctl's own checks would stop a request before the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -84,6 +85,24 @@ def backed_up(world: GateWorld, name: str, before: str | None = None) -> tuple[U
     backup = world.aegis.root / name
     world.aegis.ctl_in_process("backup", str(backup)).ok()
     return up, backup
+
+
+@contextlib.contextmanager
+def restore_held_at_its_swap(aegis: Aegis, backup: Path) -> Iterator[subprocess.Popen[str]]:
+    """`aegisctl restore` of `backup`, its swap held up by a write lock on the old ledger (the swap's checkpoint
+    waits out the busy timeout) until the block ends, when the restore is ended if it still runs."""
+    holder = sqlite3.connect(aegis.data_dir / "ledger.db", timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    proc = subprocess.Popen([AEGISCTL, "restore", str(backup), "--yes"], env=aegis.base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        holder.rollback()
+        holder.close()
 
 
 @pytest.fixture
@@ -357,11 +376,7 @@ def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: G
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
     aegis.ctl_in_process("lock").ok()
 
-    holder = sqlite3.connect(aegis.data_dir / "ledger.db", timeout=0)
-    holder.execute("BEGIN IMMEDIATE")
-    proc = subprocess.Popen([AEGISCTL, "restore", str(backup), "--yes"], env=aegis.base_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with restore_held_at_its_swap(aegis, backup) as proc:
         deadline = time.monotonic() + 30
         while not list(aegis.data_dir.glob(".restore-*/ledger.db")):  # checked, staged: the swap is next
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -372,11 +387,6 @@ def test_a_restore_whose_client_goes_away_mid_swap_still_finishes_whole(world: G
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
         time.sleep(0.5)  # the daemon sees its client gone before the lock goes and the swap can end
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        holder.rollback()
-        holder.close()
 
     deadline = time.monotonic() + 30
     while "a restore whose client went away" not in aegis.log():
@@ -786,21 +796,12 @@ def test_a_restore_cut_off_by_a_crash_is_reported_until_one_completes(world: Gat
     aegis = world.aegis
     _, backup = backed_up(world, "before.backup", before="/echo/before")
     aegis.ctl_in_process("lock").ok()
-    holder = sqlite3.connect(aegis.data_dir / "ledger.db", timeout=0)
-    holder.execute("BEGIN IMMEDIATE")
-    proc = subprocess.Popen([AEGISCTL, "restore", str(backup), "--yes"], env=aegis.base_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with restore_held_at_its_swap(aegis, backup) as proc:
         deadline = time.monotonic() + 30
         while not (aegis.data_dir / "restore-in-progress").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.01)
         aegis.kill()  # mid-swap
-    finally:
-        proc.kill()
-        proc.communicate()
-        holder.rollback()
-        holder.close()
 
     aegis.start()
     assert "a restore was cut off by a stop (begun " in aegis.log()
