@@ -969,10 +969,13 @@ def test_names_moved_between_rows_cannot_aim_grant_revoke_or_remove() -> None:
 
 class HeldHandshakeUpstream:
     """A TLS upstream that accepts a connection and holds the handshake until released, then reports
-    whether a request arrived on it: the window a slow connect gives a lock or revoke to land in."""
+    whether a request arrived on it: the window a slow connect gives a lock or revoke to land in. With
+    `stale_first`, a first connection answers one request and closes, unanswered, as it is reused: the
+    held one is then the gate's reconnect."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, stale_first: bool = False) -> None:
         self._context, self.release, self.received = context, threading.Event(), queue.Queue[bytes]()
+        self._stale_first = stale_first
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._server.getsockname()[1])
         self.accepted = threading.Event()
@@ -980,23 +983,35 @@ class HeldHandshakeUpstream:
 
     def _serve(self) -> None:
         try:
+            if self._stale_first:
+                first, _ = self._server.accept()
+                with self._context.wrap_socket(first, server_side=True) as tls:
+                    _read_head(tls)
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    _read_head(tls)  # the reuse: closed with no answer
             conn, _ = self._server.accept()
         except OSError:
             return
         self.accepted.set()
         self.release.wait(30)
-        data = b""
+        data = bytearray()
         try:
             conn.settimeout(3)
             with self._context.wrap_socket(conn, server_side=True) as tls:
-                while b"\r\n\r\n" not in data and (chunk := tls.recv(65536)):
-                    data += chunk
+                _read_head(tls, data)
         except OSError as exc:  # the handshake or the wait for a request ended: what arrived is the answer
             data += f" ({type(exc).__name__})".encode()
-        self.received.put(data)
+        self.received.put(bytes(data))
 
     def stop(self) -> None:
         self._server.close()
+
+
+def _read_head(tls: ssl.SSLSocket, into: bytearray | None = None) -> None:
+    """Read until a request's head has arrived, or the connection ends (into `into`, as it arrives)."""
+    data = into if into is not None else bytearray()
+    while b"\r\n\r\n" not in data and (chunk := tls.recv(65536)):
+        data += chunk
 
 
 def test_a_lock_during_a_slow_connect_sends_nothing() -> None:
@@ -1023,53 +1038,12 @@ def test_a_lock_during_a_slow_connect_sends_nothing() -> None:
         world.close()
 
 
-class StaleThenHeldUpstream:
-    """A TLS upstream whose first connection answers one request and closes, unanswered, as it is reused; it
-    then holds the handshake of the gate's reconnect until released and reports what arrived on it."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self._context, self.release, self.received = context, threading.Event(), queue.Queue[bytes]()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._server.getsockname()[1])
-        self.reconnected = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        try:
-            first, _ = self._server.accept()
-            with self._context.wrap_socket(first, server_side=True) as tls:
-                self._read_head(tls)
-                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                self._read_head(tls)  # the reuse: closed with no answer
-            second, _ = self._server.accept()
-        except OSError:
-            return
-        self.reconnected.set()
-        self.release.wait(30)
-        try:
-            second.settimeout(3)
-            with self._context.wrap_socket(second, server_side=True) as tls:
-                self.received.put(self._read_head(tls))
-        except OSError as exc:  # the handshake or the wait for a request ended: what arrived is the answer
-            self.received.put(f"({type(exc).__name__})".encode())
-
-    @staticmethod
-    def _read_head(tls: ssl.SSLSocket) -> bytes:
-        data = b""
-        while b"\r\n\r\n" not in data and (chunk := tls.recv(65536)):
-            data += chunk
-        return data
-
-    def stop(self) -> None:
-        self._server.close()
-
-
 def test_a_revoke_during_a_reconnect_sends_nothing_more() -> None:
     """Found by a cold review: a pooled connection closed as it was reused makes the gate reconnect for an
     idempotent request; a change landing during that connect was refused 502 upstream_error, quota spent, where
     a first connect's is 503 changed_in_flight. Both are now the same refusal, and nothing more is sent."""
     world = GateWorld.start()
-    upstream = StaleThenHeldUpstream(world.pki.server_context())
+    upstream = HeldHandshakeUpstream(world.pki.server_context(), stale_first=True)
     try:
         world.credential("stale", SECRETS["bear"], f"https://localhost:{upstream.port}")
         world.agent("bot", "stale")
@@ -1077,7 +1051,7 @@ def test_a_revoke_during_a_reconnect_sends_nothing_more() -> None:
         replies: queue.Queue[Any] = queue.Queue()
         threading.Thread(target=lambda: replies.put(world.call("GET", "/stale/echo/x", agent="bot")),
                          daemon=True).start()
-        assert upstream.reconnected.wait(10)  # the pooled connection failed; the gate is in the new handshake
+        assert upstream.accepted.wait(10)  # the pooled connection failed; the gate is in the new handshake
         world.aegis.ctl_in_process("revoke", "bot", "stale").ok()
         upstream.release.set()
         world.assert_refused(replies.get(timeout=30), 503, "changed_in_flight", credential="stale")
