@@ -113,28 +113,38 @@ OVERLAP = 5 * 1024 + 256
 # Matches of one format turned down by the look before them (a connection URL's scheme, a key's boundary) in one
 # whole-data scan. Each costs a Python call: data full of them (`a://b:c@` repeated, a match every 8 bytes) cost
 # 0.3 s a MiB, per decoded view; ids like `task-<32 hex>` hold `sk-` and 32 characters after a word. Past this
-# many the scan goes on with the format's strict pattern, which checks most of that look itself, in the regex
-# engine (no Python call); past as many of the strict pattern's, the data is taken to hold the format (only data
-# crafted for it gets there: `\\nsk-` and a key, a backslash pair before each).
+# many, the rest is searched only where a look-behind in the regex engine lets a match through (_Strict); past as
+# many turned down there too, the data is taken to hold the format (only data crafted for it gets there: `\\nsk-`
+# and a key, a backslash pair before each).
 REJECTED_MAX = 256
+# Prefixes the strict finder passes that start no match at all (` sk-` and a short word), each a Python call too;
+# past this many, the plain pattern scans the rest again (a literal search, a Python call only per match), and
+# past REJECTED_MAX of its matches turned down, the data is taken to hold the format. (A look-behind before the
+# whole pattern would cost no Python call per candidate, but it has no literal to search for: 100 ns a byte.)
+MISSES_MAX = 4096
 # Per format, the families its matches can name: once all are found, the rest of its scan can be skipped.
 _FAMILIES_OF = tuple(frozenset(fmt.pattern.groupindex) for fmt in FORMATS)
 
 
-def _strict_finder(fmt: KeyFormat) -> re.Pattern[bytes] | None:
-    """The format's prefixes where what `_accepted` checks before a match holds, as far as a fixed-width
-    look-behind (behind the prefix, so the search is still for a literal) can tell: no token byte before a key,
-    or a JSON escape that may stand for none; two scheme bytes before `://`. None for a format never turned down."""
-    prefixes = b"(?:" + b"|".join(map(re.escape, fmt.prefixes)) + b")"  # each format's are of one length
-    if fmt.before == "boundary":
-        return re.compile(prefixes + rb"(?:(?<![A-Za-z0-9_\-]" + prefixes + rb")|(?<=\\[bfnrt]" + prefixes
-                          + rb")|(?<=\\u[0-9A-Fa-f]{4}" + prefixes + rb"))")
-    if fmt.before == "scheme":
-        return re.compile(prefixes + rb"(?<=[A-Za-z0-9+.\-]{2}" + prefixes + rb")")
+def _look_behind(before: str, after: bytes) -> bytes | None:
+    """What `_accepted` checks before a match, as far as a fixed-width look-behind can (behind `after`):
+    no token byte before a key, or a JSON escape that may stand for none; two scheme bytes before `://`."""
+    if before == "boundary":
+        return (rb"(?:(?<![A-Za-z0-9_\-]" + after + rb")|(?<=\\[bfnrt]" + after + rb")|(?<=\\u[0-9A-Fa-f]{4}"
+                + after + rb"))")
+    if before == "scheme":
+        return rb"(?<=[A-Za-z0-9+.\-]{2}" + after + rb")"
     return None
 
 
-# Per format, its strict finder (see REJECTED_MAX).
+def _strict_finder(fmt: KeyFormat) -> re.Pattern[bytes] | None:
+    """A format's search past REJECTED_MAX: its prefixes, then the look-behind (the search is still for a literal);
+    None for a format no match of which is ever turned down."""
+    prefixes = b"(?:" + b"|".join(map(re.escape, fmt.prefixes)) + b")"  # each format's are of one length
+    behind = _look_behind(fmt.before, prefixes)
+    return re.compile(prefixes + behind) if behind is not None else None
+
+
 _STRICT = tuple(_strict_finder(fmt) for fmt in FORMATS)
 # Hyperscan literal id -> (index into FORMATS, prefix length).
 _PREFIXES = tuple((index, len(prefix)) for index, fmt in enumerate(FORMATS) for prefix in fmt.prefixes)
@@ -168,36 +178,50 @@ def _note(prefix_id: int, _from: int, end: int, _flags: int, hits: list[tuple[in
 
 def _scan_whole(data: bytes) -> set[str]:
     found: set[str] = set()
-    size = len(data)
-    for fmt, finder, families in zip(FORMATS, _STRICT, _FAMILIES_OF, strict=True):
-        start = rejected = 0
-        while start < size and not families <= found:
-            stop = start + WINDOW  # this round's attempts start before here
-            resume = stop
-            for match in fmt.pattern.finditer(data, start, min(size, stop + OVERLAP)):
-                if match.start() >= stop:
-                    break
-                resume = max(stop, match.end())
-                if not _add(found, fmt, match, data):
-                    rejected += 1
-                    if rejected > REJECTED_MAX and finder is not None:
-                        _scan_strict(data, match.end(), fmt, finder, families, found)
-                        resume = size
-                        break
-            start = resume
+    for fmt, strict, families in zip(FORMATS, _STRICT, _FAMILIES_OF, strict=True):
+        stopped = _scan_windows(data, 0, fmt, fmt.pattern, families, found)
+        if stopped is not None and strict is not None:
+            _scan_strict(data, stopped, fmt, strict, families, found)
     return found
+
+
+def _scan_windows(data: bytes, start: int, fmt: KeyFormat, pattern: re.Pattern[bytes], families: frozenset[str],
+                  found: set[str]) -> int | None:
+    """Judge each match of `pattern` from `start` on, in windows; where it stopped past REJECTED_MAX turned-down
+    matches, or None once it ran to the end or every family of the format was found."""
+    size, rejected = len(data), 0
+    while start < size and not families <= found:
+        stop = start + WINDOW  # this round's attempts start before here
+        resume = stop
+        for match in pattern.finditer(data, start, min(size, stop + OVERLAP)):
+            if match.start() >= stop:
+                break
+            resume = max(stop, match.end())
+            if not _add(found, fmt, match, data):
+                rejected += 1
+                if rejected > REJECTED_MAX:
+                    return match.end()
+        start = resume
+    return None
 
 
 def _scan_strict(data: bytes, start: int, fmt: KeyFormat, finder: re.Pattern[bytes], families: frozenset[str],
                  found: set[str]) -> None:
-    """The rest of one format's scan past REJECTED_MAX turned-down matches: only at the prefixes its strict finder
-    leaves, a Python call each. Past as many turned down again, the data is taken to hold the format."""
-    rejected = resume = 0
+    """The rest of one format's scan past REJECTED_MAX turned-down matches: at the prefixes the strict finder
+    passes, a Python call each, then (past MISSES_MAX of them that start no match) the plain pattern again. Past
+    REJECTED_MAX turned down again, the data is taken to hold the format."""
+    rejected = resume = misses = 0
     for candidate in finder.finditer(data, start):
-        if candidate.start() < resume:
+        at = candidate.start()
+        if at < resume:
             continue
-        match = fmt.pattern.match(data, candidate.start())
+        match = fmt.pattern.match(data, at)
         if match is None:
+            misses += 1
+            if misses > MISSES_MAX:
+                if _scan_windows(data, at, fmt, fmt.pattern, families, found) is not None:
+                    found |= families
+                return
             continue
         resume = match.end()
         if _add(found, fmt, match, data):

@@ -47,3 +47,9 @@ def test_near_keys_by_the_hundred_cost_no_python_call_each_and_are_not_taken_for
     assert find_key_formats(b"a://b:c@" * many + b" db://user:realpass@host") == {"connection_url"}
     assert find_key_formats(b"task-%032x " % 7 * many + b"\\\\nsk-" + b"A" * 40) == set()  # `\\\\n`: no escape
     assert find_key_formats(b"task-%032x " % 7 * many + b"\\nsk-" + b"A" * 40) == {"openai_key"}  # JSON `\\n`
+    # Past the cap, prefixes the finder passes that start no match (its review: a Python call each, uncounted) are
+    # bounded too: past MISSES_MAX the strict pattern takes over, and a key after them is still found
+    glued = b"xsk-" + b"A" * 40 + b" "
+    misses = b" sk-x" * (key_formats.MISSES_MAX + 10)
+    assert find_key_formats(glued * many + misses) == set()
+    assert find_key_formats(glued * many + misses + b" sk-" + b"B" * 48) == {"openai_key"}
