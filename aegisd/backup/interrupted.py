@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from aegisd.ledger.entry import iso_time
@@ -19,8 +20,11 @@ MARK = "restore-in-progress"
 _MAX_BYTES = 4096  # what the mark holds is a few fields; anything larger is not aegisd's
 
 
-def mark(data_dir: Path, backup_created_ms: int, vault_id: str, now_ms: int) -> None:
-    """Write the mark, durably, before anything is swapped."""
+def mark(data_dir: Path, backup_created_ms: int, vault_id: str, now_ms: int) -> bool:
+    """Write the mark, durably, before anything is swapped; False if one is there already (an earlier restore's,
+    cut off), which is kept as it is: only a restore that completes, or the operator, removes that one."""
+    if os.path.lexists(data_dir / MARK):
+        return False
     staged = data_dir / f".{MARK}.tmp"
     body = json.dumps({"started_ms": now_ms, "backup_created_ms": backup_created_ms, "vault_id": vault_id})
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -31,6 +35,7 @@ def mark(data_dir: Path, backup_created_ms: int, vault_id: str, now_ms: int) -> 
         os.close(fd)
     os.replace(staged, data_dir / MARK)
     _sync_directory(data_dir)
+    return True
 
 
 def clear(data_dir: Path) -> None:
@@ -42,18 +47,23 @@ def cut_off(data_dir: Path) -> str | None:
     """What the mark says of a restore a crash cut off, as a sentence for the log, the ledger and doctor; None if
     there is no mark."""
     path = data_dir / MARK
-    try:
-        with path.open("rb") as file:
-            raw = file.read(_MAX_BYTES + 1)
+    try:  # never through a link, never waiting on a FIFO: whoever can write the data directory put it there
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
         return f"a restore was cut off by a stop, and its mark ({path}) cannot be read: {exc.strerror or exc}"
     try:
+        raw = os.read(fd, _MAX_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        raw = b""
+    finally:
+        os.close(fd)
+    try:
         fields = json.loads(raw) if len(raw) <= _MAX_BYTES else {}
         started, created, vault_id = fields["started_ms"], fields["backup_created_ms"], str(fields["vault_id"])
         when = f"begun {iso_time(int(started))}, of a backup of vault {vault_id} taken {iso_time(int(created))}"
-    except (ValueError, TypeError, KeyError, OverflowError, OSError):
+    except Exception:  # anything else in the file (deep nesting: RecursionError) is no mark of aegisd's
         when = f"its mark ({path}) is unreadable"
     return (f"a restore was cut off by a stop ({when}): the ledger may be the backup's and the vault the one from "
             "before, or both the backup's with no record of it; rows written after the backup was taken may be gone")

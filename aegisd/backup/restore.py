@@ -85,6 +85,7 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
             raise _disk_error(exc, data_dir) from None
 
         restored = Restored(manifest)
+        marked_here = False  # this restore wrote the mark (not an earlier, cut-off one's, kept until one completes)
 
         def swap() -> None:
             if vault.vault_id is not None and manifest.vault_id != vault.vault_id:
@@ -96,8 +97,10 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                 exc.message = f"nothing was restored: {exc.message}"
                 exc.args = (exc.message,)
                 raise
+            nonlocal marked_here
             try:  # from here a crash must leave a trace (interrupted.py)
-                interrupted.mark(data_dir, manifest.created_ms, manifest.vault_id, time.time_ns() // 1_000_000)
+                marked_here = interrupted.mark(data_dir, manifest.created_ms, manifest.vault_id,
+                                               time.time_ns() // 1_000_000)
             except OSError as exc:
                 raise StorageUnavailable(f"nothing was restored: cannot write {interrupted.MARK} in the data "
                                          f"directory: {exc.strerror or exc}") from None
@@ -139,7 +142,8 @@ async def restore(data_dir: Path, vault: Vault, store: VaultStore, ledger: Ledge
                     log.error("a restore failed after the backup's ledger had replaced the old one (rows written "
                               "since the backup was taken are gone): %s", restored.failed_half_way)
                     await record()
-                await asyncio.to_thread(interrupted.clear, data_dir)  # recorded, or nothing changed
+                if restored.ledger_replaced or marked_here:  # recorded; or nothing changed, and the mark is ours
+                    await asyncio.to_thread(interrupted.clear, data_dir)
                 raise
             await record()  # both files are the backup's now: the restore is done, whatever else fails
             await asyncio.to_thread(interrupted.clear, data_dir)  # and recorded (an earlier cut-off one's mark too)

@@ -619,10 +619,14 @@ def test_a_ledger_read_during_the_swap_stops_the_restore_before_anything_is_repl
     moved the backup's ledger in, and only then removed the old log: a crash in between left the restored file
     beside the old log, which SQLite applies to it at the next open. The swap now waits for the reader (the
     ledger's busy timeout), then refuses, and nothing is restored; once the reader is done, the retry goes through.
-    """
+    The mark of an earlier restore a crash cut off stays through the refused one (the review of the mark: a failed
+    retry removed it, and with it the only lasting trace) and goes with the one that completes."""
     aegis = world.aegis
     _, backup = backed_up(world, "before.backup", before="/echo/before")
     assert world.call("GET", "/github/echo/after-backup", agent="claude").status == 200
+    earlier = aegis.data_dir / "restore-in-progress"  # as a restore cut off by a crash leaves it
+    earlier.write_text('{"started_ms": 1700000000000, "backup_created_ms": 1690000000000, "vault_id": "earlier"}')
+    earlier.chmod(0o600)
 
     reader = sqlite3.connect(f"{(aegis.data_dir / 'ledger.db').as_uri()}?mode=ro", uri=True)
     try:
@@ -635,10 +639,12 @@ def test_a_ledger_read_during_the_swap_stops_the_restore_before_anything_is_repl
     finally:
         reader.close()
     assert_failed(result, "nothing was restored", "ledger.db is being read", "run the restore again")
+    assert '"vault_id": "earlier"' in earlier.read_text()  # kept as it was
     assert listing(aegis, "ledger", "show", "--limit", "1000") == rows  # the old ledger, whole
     assert any(r["path"] == "/echo/while-read" for r in rows)
     assert status(aegis)["state"] == "locked"
     aegis.ctl_in_process("restore", str(backup), "--yes").ok()  # the reader is gone: the retry goes through
+    assert not earlier.exists()
     rows = listing(aegis, "ledger", "show", "--limit", "1000")
     assert not any(r["path"] in ("/echo/after-backup", "/echo/while-read") for r in rows)
     assert any(r["path"] == "/echo/before" for r in rows)
