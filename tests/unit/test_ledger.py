@@ -1177,3 +1177,26 @@ def test_the_writer_checkpoints_between_commits_so_the_wal_stays_small(db: Path)
     # each), however the threads are scheduled.
     assert wal_bytes < CHECKPOINT_ALWAYS * 12 * frame < commits * 3 * frame
     assert run(chain_now(db)).ok
+
+
+def test_verify_refuses_to_judge_while_rows_written_before_the_key_cannot_be_chained(db: Path) -> None:
+    """Found by a review: rows this writer stored before it had the key, whose chaining at the unlock failed
+    (the ledger busy or full), were reported as rows the running aegisd had chained and someone stripped since:
+    TAMPERED, though nobody edited anything. verify says the ledger cannot be written, and judges once it can."""
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        await writer.append(req(0))  # no key yet: stored without a MAC, to be chained by this writer
+        raw(db, "CREATE TRIGGER fail BEFORE UPDATE ON ledger BEGIN SELECT RAISE(ABORT, 'simulated'); END")
+        writer.set_key(KEY)
+        await writer.settle()
+        with pytest.raises(LedgerError, match="cannot be chained yet: the ledger's commits are failing"):
+            await writer.verify_file(KEY)
+        raw(db, "DROP TRIGGER fail")
+        await writer.append(req(1))  # the next commit chains them
+        result, tampered = await writer.verify_file(KEY)
+        assert result.ok and tampered is None, result
+        await writer.close()
+
+    run(main())
