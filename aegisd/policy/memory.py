@@ -142,10 +142,12 @@ class NotRegular(ValueError):
         self.kind = kind
 
 
-def read_regular(path: Path, limit: int, *, follow_symlinks: bool) -> bytes:
+def read_regular(path: Path, limit: int, *, follow_symlinks: bool, owned: bool = False) -> bytes:
     """The first `limit` bytes of the regular file at `path`, never waiting on a FIFO or device in its place (an
     open for reading waits for a writer, which would hold up aegisd's start or a reload for ever): NotRegular for
-    anything but a regular file (a symbolic link too, unless followed), OSError as open and read raise it."""
+    anything but a regular file (a symbolic link too, unless followed), OSError as open and read raise it.
+    `owned`: also NotRegular for a file of another user than aegisd's or root, or one group or others may write
+    (whoever can change it could change what aegisd does), judged on the file opened."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
@@ -154,16 +156,32 @@ def read_regular(path: Path, limit: int, *, follow_symlinks: bool) -> bytes:
             raise NotRegular("a symbolic link") from None
         raise
     try:
-        mode = os.fstat(fd).st_mode  # before fdopen, which refuses a directory with its own words
+        info = os.fstat(fd)  # before fdopen, which refuses a directory with its own words
     except OSError:
         os.close(fd)
         raise
+    mode = info.st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         raise NotRegular("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
                          "a device or socket")
+    problem = owner_problem(info, sticky_ok=False) if owned else None
+    if problem is not None:
+        os.close(fd)
+        raise NotRegular(f"a file that {problem}")
     with os.fdopen(fd, "rb") as fh:
         return fh.read(limit)
+
+
+def owner_problem(info: os.stat_result, *, sticky_ok: bool) -> str | None:
+    """Why another local user could change what is at `info` (None if no one but aegisd's user and root can): its
+    owner, or write access for group or others (for a directory, unless `sticky_ok` and it is sticky)."""
+    if info.st_uid not in (os.geteuid(), 0):
+        return f"belongs to uid {info.st_uid}, not to aegisd's user (uid {os.geteuid()}) or root"
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022 and not (sticky_ok and mode & stat.S_ISVTX):
+        return f"group or others may write (mode {mode:04o})"
+    return None
 
 
 def _read(path: Path) -> bytes:

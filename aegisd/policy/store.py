@@ -25,7 +25,7 @@ from pathlib import Path
 from aegisd.cancellation import to_thread_to_the_end
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
-from aegisd.policy.memory import UNKNOWN_AGENT, NotRegular, PolicyMemory, Remembered, read_regular
+from aegisd.policy.memory import UNKNOWN_AGENT, NotRegular, PolicyMemory, Remembered, owner_problem, read_regular
 from aegisd.policy.model import Issue, PolicyFile
 from aegisd.policy.parse import MAX_POLICY_BYTES, parse_policy, unexpected
 from aegisd.policy.policy_set import PolicySet, compile_set
@@ -138,12 +138,17 @@ class PolicyStore:
             return None, [], ""
         try:
             signature = _signature(directory)
+            untrusted = _untrusted(directory)
         except OSError as exc:
             return _UNREADABLE, [], f"cannot read the policy directory {directory}: {exc.strerror or exc}"
+        if untrusted is not None:  # another user could lift a policy: none of what is there is taken
+            return signature, [], (f"{untrusted}: another local user could rewrite or remove a policy and so lift "
+                                   "an agent's limits; make it aegisd's user's or root's, and chmod go-w it")
         files = []
         for name, *_ in signature:
-            try:  # a symlink to a FIFO is listed (_signature): opening it must not wait for a writer
-                data = read_regular(directory / name, MAX_POLICY_BYTES + 1, follow_symlinks=True)
+            try:  # a symlink to a FIFO is listed (_signature): opening it must not wait for a writer; one another
+                # user may write fails closed, as an invalid file does
+                data = read_regular(directory / name, MAX_POLICY_BYTES + 1, follow_symlinks=True, owned=True)
             except (OSError, NotRegular) as exc:
                 why = getattr(exc, "strerror", None) or exc
                 files.append(PolicyFile(name, issues=[Issue(name, 0, 0, "", f"cannot read the file: {why}")]))
@@ -265,6 +270,20 @@ def _signature_or_unreadable(directory: Path) -> Signature:
         return _signature(directory)
     except OSError:
         return _UNREADABLE
+
+
+def _untrusted(directory: Path) -> str | None:
+    """Why another local user could change the policy directory (its owner or mode, or a directory above it that
+    they own or may write and that is not sticky), or None."""
+    directory = directory.absolute()
+    problem = owner_problem(os.stat(directory), sticky_ok=False)
+    if problem is not None:
+        return f"the policy directory {directory} {problem}"
+    for above in directory.parents:
+        problem = owner_problem(os.stat(above), sticky_ok=True)
+        if problem is not None:
+            return f"{above}, above the policy directory {directory}, {problem}"
+    return None
 
 
 def _signature(directory: Path) -> Signature:

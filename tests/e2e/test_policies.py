@@ -871,3 +871,41 @@ def test_a_path_longer_than_its_patterns_can_judge_quickly_is_refused_unjudged(t
         world.assert_no_leaks()
     finally:
         world.close()
+
+
+def test_policies_another_user_could_change_are_not_taken() -> None:
+    """Found by an audit of SECURITY.md: aegisd checked neither the owner nor the mode of the policy directory or
+    its files, so any local user could write `mode: off` into a world-writable file (or remove it from a
+    world-writable directory) and the next poll lifted the agent's limits; doctor said `all valid`. A file group or
+    others may write is not read (it fails closed, as a file whose agent cannot be told: every agent); such a
+    directory is not read at all (a reload keeps the policies in force; a start refuses)."""
+    bot = "agent: bot\nrules:\n  - service: svc\n    paths: [\"/echo/a\"]\n"
+    world, directory = _world({"bot.yaml": bot})
+    try:
+        world.agent("bot", "svc")
+        world.assert_refused(world.call("GET", "/svc/echo/b", agent="bot"), 403, "policy_denied")
+
+        (directory / "bot.yaml").chmod(0o666)
+        result = world.aegis.ctl("policy", "reload")
+        assert_failed(result, "reloaded with errors")
+        assert "group or others may write (mode 0666)" in result.out, result.out
+        world.assert_refused(world.call("GET", "/svc/echo/a", agent="bot"), 403, "policy_invalid")
+
+        (directory / "bot.yaml").chmod(0o644)
+        directory.chmod(0o777)
+        write_policy(directory, "bot.yaml", "agent: bot\nmode: off\nrules: []\n")  # what another user could do
+        result = world.aegis.ctl("policy", "reload")
+        assert result.code == 1 and "another local user could rewrite or remove a policy" in result.err + result.out
+        world.assert_refused(world.call("GET", "/svc/echo/a", agent="bot"), 403, "policy_invalid")  # as before
+        world.aegis.stop()
+        refused = world.aegis.start(wait=False)
+        assert refused.proc is not None and refused.proc.wait(15) != 0
+        assert "another local user could rewrite or remove a policy" in world.aegis.log()
+
+        directory.chmod(0o755)
+        world.aegis.start()
+        world.unlock()
+        assert world.call("GET", "/svc/echo/b", agent="bot").status == 200  # the file in place is `mode: off` now
+        world.assert_no_leaks()
+    finally:
+        world.close()
