@@ -814,9 +814,11 @@ def test_a_restore_cut_off_by_a_crash_is_reported_until_one_completes(world: Gat
     doctor = json.loads(aegis.ctl_in_process("doctor", "--json").out)
     check = next(c for c in doctor["checks"] if c["name"] == "restore")
     assert check["status"] == "fail" and "run the restore again" in check["hint"], check
-    world.unlock()
-    rows = listing(aegis, "ledger", "show", "--limit", "1000")
-    assert any(r["reason"] == "backup_restore_interrupted" for r in rows), rows
+    world.unlock()  # the row, held until the ledger has its key, commits soon after
+    deadline = time.monotonic() + 20
+    while not any(r["reason"] == "backup_restore_interrupted" for r in listing(aegis, "ledger", "show")):
+        assert time.monotonic() < deadline, listing(aegis, "ledger", "show")
+        time.sleep(0.05)
 
     aegis.ctl_in_process("lock").ok()
     aegis.ctl_in_process("restore", str(backup), "--yes").ok()  # run again, to its end: the mark goes
