@@ -3,9 +3,10 @@
 Order: refuse if unlocked; receive the archive into a scratch directory; check all of it
 (archive.read_backup); only then, holding the vault's lock so nothing can unlock or init meanwhile,
 check what the vault's swap needs (the staged file opens for writing, the live one is in no other
-process), then swap the ledger (in its writer thread, between commits) and the vault database (under
-the store's lock), each by an atomic rename, and re-read the vault. No restart is needed: the vault comes back
-locked, and the next unlock keys the restored ledger's chain.
+process), leave a mark a crash from here on cannot hide (interrupted.py), then swap the ledger (in its
+writer thread, between commits) and the vault database (under the store's lock), each by an atomic
+rename, and re-read the vault. No restart is needed: the vault comes back locked, and the next unlock
+keys the restored ledger's chain.
 
 A backup of the vault that is in place comes back with the key slots that vault has now: its current
 passphrase and unlock keys, not the backup's. Another vault's backup over an existing vault needs that
