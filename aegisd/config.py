@@ -288,7 +288,7 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
     """The file's settings by key. An unknown or mistyped one is added to `problems` and left out; a file that
     cannot be read or parsed at all is a ConfigError at once."""
     try:
-        raw = read_config_file(path)
+        raw = read_config_file(path, owned=True)
     except ConfigFileError as exc:
         raise ConfigError(str(exc)) from None
     flat: dict[str, Any] = {}

@@ -14,14 +14,18 @@ class ConfigFileError(Exception):
     """The config file cannot be read or parsed; the message names it and says why."""
 
 
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The file's TOML as a dict, read as at most MAX_CONFIG_BYTES."""
+def read_config_file(path: str | os.PathLike[str], *, owned: bool = False) -> dict[str, Any]:
+    """The file's TOML as a dict, read as at most MAX_CONFIG_BYTES. `owned` (aegisd's own config): refused if it
+    belongs to another user than the reader's or root, or group or others may write it, judged on the file opened:
+    whoever can change it could move the policy directory, open the gate to the network, or turn off its checks."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigFileError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB, far more than "
-                                  "any aegisd config; is it the right file?")
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigFileError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB, far more "
+                                      "than any aegisd config; is it the right file?")
+            if owned:
+                _check_owner(path, os.fstat(fh.fileno()))
         return tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigFileError(f"config file {path} does not exist") from None
@@ -34,3 +38,13 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (ValueError, RecursionError):  # an integer past Python's 4,300 digits; arrays nested past its stack
         raise ConfigFileError(f"config file {path} is not TOML aegisd can read: a number too long or values nested "
                               "too deeply") from None
+
+
+def _check_owner(path: str | os.PathLike[str], info: os.stat_result) -> None:
+    if info.st_uid not in (os.geteuid(), 0):
+        raise ConfigFileError(f"config file {path} belongs to uid {info.st_uid}, not to aegisd's user (uid "
+                              f"{os.geteuid()}) or root: its owner could change how aegisd runs; chown it")
+    mode = info.st_mode & 0o777
+    if mode & 0o022:
+        raise ConfigFileError(f"config file {path} is writable by group or others (mode {mode:04o}): they could change "
+                              "how aegisd runs (its policy directory, the gate's address); chmod go-w it")

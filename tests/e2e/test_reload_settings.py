@@ -100,3 +100,26 @@ def test_sighup_names_every_setting_it_cannot_apply(fresh: Aegis) -> None:
     assert fresh.log().count(RESTART_WARNING) == 1, fresh.log()
     assert fresh.stop() == 0
     assert not Path(root / "run2").exists() and not Path(root / "data2").exists()
+
+
+def test_a_config_file_another_user_could_change_is_not_taken(fresh: Aegis) -> None:
+    """Found by an audit of SECURITY.md (alongside the policy files): the config file can move the policy
+    directory, open the gate to the network or turn its checks off, yet anyone who could write it was trusted.
+    Writable by group or others, it is refused at start, and at a SIGHUP the running settings stay."""
+    config = fresh.root / "aegisd.toml"
+    config.write_text('[log]\nlevel = "info"\n')
+    config.chmod(0o666)
+    fresh.start("--config", str(config), wait=False)
+    assert fresh.proc is not None and fresh.proc.wait(15) == 2
+    fresh.proc = None
+    assert f"config file {config} is writable by group or others (mode 0666)" in fresh.log(), fresh.log()
+
+    config.chmod(0o644)
+    fresh.start("--config", str(config))
+    config.write_text('[log]\nlevel = "debug"\n')
+    config.chmod(0o646)
+    assert fresh.proc is not None
+    fresh.proc.send_signal(signal.SIGHUP)
+    wait_for_count(fresh, "reload failed, keeping the running settings", 1)
+    assert "writable by group or others (mode 0646)" in fresh.log()
+    assert fresh.stop() == 0
