@@ -27,6 +27,7 @@ from aegisd.ledger.chain import RESTORED
 from aegisd.ledger.entry import iso_time
 from aegisd.ledger.integrity import describe, hidden_rows_note, integrity_problems
 from aegisd.policy.hints import file_warnings, known_names
+from aegisd.policy.store import untrusted
 from aegisd.runtime import Runtime
 from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
 from aegisd.vault.credentials import Credential
@@ -387,6 +388,13 @@ class Doctor:
         snap = self.rt.policies.snapshot
         if snap.directory is None:
             return Check("policies", SKIP, "no policy directory configured: grants and scopes alone apply")
+        try:  # the live directory, not the last reload's: a chmod since then changes no file, so no reload saw it
+            problem = await asyncio.to_thread(untrusted, snap.directory)
+        except OSError:
+            problem = None  # unreadable: the snapshot says so
+        if problem is not None:
+            return Check("policies", FAIL, f"{problem}: another local user could rewrite or remove a policy",
+                         "make it aegisd's user's or root's and `chmod go-w` it, then `aegisctl policy reload`")
         if snap.error:
             return Check("policies", FAIL, snap.error, f"make {snap.directory} readable by aegisd, then "
                          "`aegisctl policy reload`")

@@ -34,7 +34,11 @@ def mark(data_dir: Path, backup_created_ms: int, vault_id: str, now_ms: int) -> 
     finally:
         os.close(fd)
     os.replace(staged, data_dir / MARK)
-    _sync_directory(data_dir)
+    try:
+        _sync_directory(data_dir)
+    except OSError:  # not durable: the restore is refused, and a mark of nothing must not stay
+        clear(data_dir)
+        raise
     return True
 
 

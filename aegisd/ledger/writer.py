@@ -435,13 +435,14 @@ class LedgerWriter:
         this writer committed; and what the writer saw done to its file (`tampered`). Both are read before the
         file, which can then only be ahead of them, unless a restore moves another file in meanwhile: then the file
         is verified on its own, and nothing the writer knew of the old one is reported."""
-        if self._key is not None and self._unchained.rows:  # settle() tried to chain them and the commit failed
-            raise LedgerError(f"{plural(self._unchained.rows, 'row')} this aegisd wrote before its vault was unlocked "
-                              "cannot be chained yet: the ledger's commits are failing (see aegisd's log); verify once "
-                              "they work again")
+        pending = self._unchained.rows if self._key is not None else 0  # settle() tried to chain them, and failed
         tampered, written, ran_from, restores = self.tampered, self.written, self._ran_from, self.restores
         result = await asyncio.to_thread(functools.partial(verify, self._path, key, written=written,
-                                                           ran_from=ran_from, **options))
+                                                           ran_from=None if pending else ran_from, **options))
+        if pending and result.unchained_only:  # those rows may be all that is wrong: no verdict until they are chained
+            raise LedgerError(f"{plural(pending, 'row')} this aegisd wrote before its vault was unlocked cannot be "
+                              "chained yet: the ledger's commits are failing (see aegisd's log); verify once they "
+                              "work again")
         if written is not None and self.restores != restores:
             return await asyncio.to_thread(functools.partial(verify, self._path, key, **options)), None
         return result, tampered

@@ -142,6 +142,10 @@ class NotRegular(ValueError):
         self.kind = kind
 
 
+class NotOwned(ValueError):
+    """read_regular(owned=True) found a file another local user could change; the message says how."""
+
+
 def read_regular(path: Path, limit: int, *, follow_symlinks: bool, owned: bool = False) -> bytes:
     """The first `limit` bytes of the regular file at `path`, never waiting on a FIFO or device in its place (an
     open for reading waits for a writer, which would hold up aegisd's start or a reload for ever): NotRegular for
@@ -168,7 +172,8 @@ def read_regular(path: Path, limit: int, *, follow_symlinks: bool, owned: bool =
     problem = owner_problem(info, sticky_ok=False) if owned else None
     if problem is not None:
         os.close(fd)
-        raise NotRegular(f"a file that {problem}")
+        raise NotOwned(f"it {problem}, so another local user could change it: make it aegisd's user's or root's, "
+                       "chmod go-w it, then `aegisctl policy reload`")
     with os.fdopen(fd, "rb") as fh:
         return fh.read(limit)
 

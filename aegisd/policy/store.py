@@ -25,7 +25,15 @@ from pathlib import Path
 from aegisd.cancellation import to_thread_to_the_end
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
-from aegisd.policy.memory import UNKNOWN_AGENT, NotRegular, PolicyMemory, Remembered, owner_problem, read_regular
+from aegisd.policy.memory import (
+    UNKNOWN_AGENT,
+    NotOwned,
+    NotRegular,
+    PolicyMemory,
+    Remembered,
+    owner_problem,
+    read_regular,
+)
 from aegisd.policy.model import Issue, PolicyFile
 from aegisd.policy.parse import MAX_POLICY_BYTES, parse_policy, unexpected
 from aegisd.policy.policy_set import PolicySet, compile_set
@@ -41,8 +49,8 @@ _AGENT_LINE = re.compile(r"""^agent[ \t]*:[ \t]*["']?([a-z0-9][a-z0-9._-]{0,63})
                          re.MULTILINE)  # `\r?`: a file with CRLF line endings too
 _MAX_LOGGED_ISSUES = 20
 
-Signature = tuple[tuple[str, int, int, int], ...]
-_UNREADABLE: Signature = (("", -1, -1, -1),)
+Signature = tuple[tuple[str, int, int, int, int, int], ...]
+_UNREADABLE: Signature = (("", -1, -1, -1, -1, -1),)
 
 
 @dataclass
@@ -138,18 +146,18 @@ class PolicyStore:
             return None, [], ""
         try:
             signature = _signature(directory)
-            untrusted = _untrusted(directory)
+            problem = untrusted(directory)
         except OSError as exc:
             return _UNREADABLE, [], f"cannot read the policy directory {directory}: {exc.strerror or exc}"
-        if untrusted is not None:  # another user could lift a policy: none of what is there is taken
-            return signature, [], (f"{untrusted}: another local user could rewrite or remove a policy and so lift "
+        if problem is not None:  # another user could lift a policy: none of what is there is taken
+            return signature, [], (f"{problem}: another local user could rewrite or remove a policy and so lift "
                                    "an agent's limits; make it aegisd's user's or root's, and chmod go-w it")
         files = []
-        for name, *_ in signature:
+        for name, *_ in signature[1:]:  # the first entry is the directory's own
             try:  # a symlink to a FIFO is listed (_signature): opening it must not wait for a writer; one another
                 # user may write fails closed, as an invalid file does
                 data = read_regular(directory / name, MAX_POLICY_BYTES + 1, follow_symlinks=True, owned=True)
-            except (OSError, NotRegular) as exc:
+            except (OSError, NotRegular, NotOwned) as exc:
                 why = getattr(exc, "strerror", None) or exc
                 files.append(PolicyFile(name, issues=[Issue(name, 0, 0, "", f"cannot read the file: {why}")]))
                 continue
@@ -272,35 +280,39 @@ def _signature_or_unreadable(directory: Path) -> Signature:
         return _UNREADABLE
 
 
-def _untrusted(directory: Path) -> str | None:
+def untrusted(directory: Path) -> str | None:
     """Why another local user could change the policy directory (its owner or mode, or a directory above it that
-    they own or may write and that is not sticky), or None."""
-    directory = directory.absolute()
-    problem = owner_problem(os.stat(directory), sticky_ok=False)
-    if problem is not None:
-        return f"the policy directory {directory} {problem}"
-    for above in directory.parents:
-        problem = owner_problem(os.stat(above), sticky_ok=True)
+    they own or may write and that is not sticky), or None. Both the path as configured and the one its symlinks
+    lead to are walked: a link under another user's directory could be pointed elsewhere (each link itself, in
+    a directory of the first walk, can be changed only by that directory's owner)."""
+    for path in dict.fromkeys((directory.absolute(), directory.resolve())):
+        problem = owner_problem(os.stat(path), sticky_ok=False)
         if problem is not None:
-            return f"{above}, above the policy directory {directory}, {problem}"
+            return f"the policy directory {path} {problem}"
+        for above in path.parents:
+            problem = owner_problem(os.lstat(above) if above.is_symlink() else os.stat(above), sticky_ok=True)
+            if problem is not None:
+                return f"{above}, above the policy directory {path}, {problem}"
     return None
 
 
 def _signature(directory: Path) -> Signature:
-    """Name, mtime, size and inode of every policy file: any edit, rename or removal changes it."""
-    found = []
+    """Name, mtime, size, inode, owner and mode of every policy file, and the directory's own owner and mode: any
+    edit, rename or removal changes it, and so does a `chmod` that makes a file or the directory trusted (or not)."""
+    own = directory.stat()
+    found: list[tuple[str, int, int, int, int, int]] = [("", 0, 0, 0, own.st_uid, own.st_mode)]
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
                 continue
             try:
                 if not entry.is_file():  # a FIFO, a directory, a socket, a device, or a symlink to one or to nothing:
-                    found.append((entry.name, 0, 0, 0))  # listed, so reading it fails closed, never skipped unsaid
+                    found.append((entry.name, 0, 0, 0, 0, 0))  # listed, so reading it fails closed, never skipped
                     continue
                 info = entry.stat()
             except FileNotFoundError:
                 continue
-            found.append((entry.name, info.st_mtime_ns, info.st_size, info.st_ino))
+            found.append((entry.name, info.st_mtime_ns, info.st_size, info.st_ino, info.st_uid, info.st_mode))
     return tuple(sorted(found))
 
 

@@ -25,8 +25,10 @@ from tests.e2e.policy_support import (
     check_rows,
     hhmm,
     noon_zone,
+    policy_status,
     policy_world,
     refusal,
+    wait_reloads,
     write_policy,
 )
 from tests.e2e.support import assert_failed, policy_status_in_process
@@ -891,12 +893,20 @@ def test_policies_another_user_could_change_are_not_taken() -> None:
         assert "group or others may write (mode 0666)" in result.out, result.out
         world.assert_refused(world.call("GET", "/svc/echo/a", agent="bot"), 403, "policy_invalid")
 
+        # The fix alone is seen: the poll compares owners and modes too (its review: only a manual reload did)
+        reloads = policy_status(world)["reloads"]
         (directory / "bot.yaml").chmod(0o644)
+        wait_reloads(world, reloads)
+        assert world.call("GET", "/svc/echo/a", agent="bot").status == 200
+
         directory.chmod(0o777)
         write_policy(directory, "bot.yaml", "agent: bot\nmode: off\nrules: []\n")  # what another user could do
         result = world.aegis.ctl("policy", "reload")
         assert result.code == 1 and "another local user could rewrite or remove a policy" in result.err + result.out
-        world.assert_refused(world.call("GET", "/svc/echo/a", agent="bot"), 403, "policy_invalid")  # as before
+        world.assert_refused(world.call("GET", "/svc/echo/b", agent="bot"), 403, "policy_denied")  # as before
+        doctor = json.loads(world.aegis.ctl_in_process("doctor", "--json").out)
+        check = next(c for c in doctor["checks"] if c["name"] == "policies")
+        assert check["status"] == "fail" and "chmod go-w" in check["hint"], check
         world.aegis.stop()
         refused = world.aegis.start(wait=False)
         assert refused.proc is not None and refused.proc.wait(15) != 0
@@ -907,5 +917,28 @@ def test_policies_another_user_could_change_are_not_taken() -> None:
         world.unlock()
         assert world.call("GET", "/svc/echo/b", agent="bot").status == 200  # the file in place is `mode: off` now
         world.assert_no_leaks()
+    finally:
+        world.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give a directory to another user")
+def test_a_policy_directory_reached_through_another_users_directory_is_not_taken() -> None:
+    """From the review of the trust rule: the configured path was walked as written, so a symlink to a directory
+    inside another user's directory passed; that user could point it elsewhere and drop every policy. The path a
+    symlink leads to is walked too."""
+    bot = "agent: bot\nrules:\n  - service: svc\n    paths: [\"/echo/a\"]\n"
+    world, directory = _world({"bot.yaml": bot})
+    try:
+        world.agent("bot", "svc")
+        theirs = world.aegis.root / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 4242, 4242)
+        real = theirs / "policies"
+        directory.rename(real)
+        directory.symlink_to(real)  # the configured path is now a root-owned link into uid 4242's directory
+        result = world.aegis.ctl("policy", "reload")
+        assert result.code == 1 and f"{theirs}, above the policy directory {real}, belongs to uid 4242" in \
+            result.err + result.out, result
+        world.assert_refused(world.call("GET", "/svc/echo/b", agent="bot"), 403, "policy_denied")  # still in force
     finally:
         world.close()

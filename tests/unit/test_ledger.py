@@ -1200,3 +1200,28 @@ def test_verify_refuses_to_judge_while_rows_written_before_the_key_cannot_be_cha
         await writer.close()
 
     run(main())
+
+
+def test_verify_still_names_an_edited_row_while_rows_written_before_the_key_wait(db: Path) -> None:
+    """From the review of the case above: when the commits fail for good because a chained row was edited, the
+    refusal to judge hid the edit for ever. verify names it; only when the pending rows are all that is wrong does
+    it refuse."""
+
+    async def main() -> None:
+        writer = LedgerWriter(db)
+        await writer.start()
+        writer.set_key(KEY)
+        for i in range(3):
+            await writer.append(req(i))
+        await writer.close()
+        writer = LedgerWriter(db)  # the next run, still locked
+        await writer.start()
+        await writer.append(req(9))  # stored without a MAC: this run's to chain at the unlock
+        raw(db, "UPDATE ledger SET mac = x'00' WHERE id = 3")  # someone edits the newest chained row
+        writer.set_key(KEY)
+        await writer.settle()  # the chaining fails, and will every time
+        result, _ = await writer.verify_file(KEY)
+        assert not result.ok and not result.unchained_only and result.first_bad_id == 3, result
+        await writer.close()
+
+    run(main())
