@@ -290,7 +290,11 @@ def untrusted(directory: Path) -> str | None:
         if problem is not None:
             return f"the policy directory {path} {problem}"
         for above in path.parents:
-            problem = owner_problem(os.lstat(above) if above.is_symlink() else os.stat(above), sticky_ok=True)
+            if above.is_symlink():  # only its owner can change a link (its mode means nothing): /tmp on macOS
+                owner = os.lstat(above).st_uid
+                problem = None if owner in (os.geteuid(), 0) else f"is a symbolic link of uid {owner}"
+            else:
+                problem = owner_problem(os.stat(above), sticky_ok=True)
             if problem is not None:
                 return f"{above}, above the policy directory {path}, {problem}"
     return None
