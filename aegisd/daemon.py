@@ -122,6 +122,7 @@ class Daemon:
             _ignore_sighup()  # no reload while stopping
             self._manager.stopping()
             event(log, logging.INFO, "aegisd stopping")
+            control.health.stop()  # health watchers hear NOT_SERVING now, not after the gate's drain
             stopping_by = time.monotonic() + self.config.stop_grace  # the gate and the control calls share it
             await gate.stop(self.config.stop_grace)
             await ledger.settle()  # the summary rows the gate's stop queued (refusals it left out), committed too
