@@ -5,7 +5,9 @@ Also how both name an account in a message."""
 from __future__ import annotations
 
 import grp
+import os
 import pwd
+import stat
 import sys
 from pathlib import Path
 
@@ -50,3 +52,15 @@ def group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def owner_problem(info: os.stat_result, *, sticky_ok: bool = False) -> str | None:
+    """Why another local user could change what is at `info` (None if no one but this process's user and root can),
+    to follow the thing's name: its owner, or write access for group or others (for a directory, unless `sticky_ok`
+    and it is sticky). One rule for the config file and the policy files and directories."""
+    if info.st_uid not in (os.geteuid(), 0):
+        return f"belongs to uid {info.st_uid}, not to aegisd's user (uid {os.geteuid()}) or root"
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022 and not (sticky_ok and mode & stat.S_ISVTX):
+        return f"is writable by group or others (mode {mode:04o})"
+    return None

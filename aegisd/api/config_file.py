@@ -7,6 +7,8 @@ import os
 import tomllib
 from typing import Any
 
+from aegisd.api.accounts import owner_problem
+
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -24,8 +26,11 @@ def read_config_file(path: str | os.PathLike[str], *, owned: bool = False) -> di
             if len(data) > MAX_CONFIG_BYTES:
                 raise ConfigFileError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB, far more "
                                       "than any aegisd config; is it the right file?")
-            if owned:
-                _check_owner(path, os.fstat(fh.fileno()))
+            problem = owner_problem(os.fstat(fh.fileno())) if owned else None
+            if problem is not None:
+                raise ConfigFileError(f"config file {path} {problem}: whoever can change it could change how aegisd "
+                                      "runs (its policy directory, the gate's address); make it aegisd's user's or "
+                                      "root's and chmod go-w it")
         return tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigFileError(f"config file {path} does not exist") from None
@@ -38,13 +43,3 @@ def read_config_file(path: str | os.PathLike[str], *, owned: bool = False) -> di
     except (ValueError, RecursionError):  # an integer past Python's 4,300 digits; arrays nested past its stack
         raise ConfigFileError(f"config file {path} is not TOML aegisd can read: a number too long or values nested "
                               "too deeply") from None
-
-
-def _check_owner(path: str | os.PathLike[str], info: os.stat_result) -> None:
-    if info.st_uid not in (os.geteuid(), 0):
-        raise ConfigFileError(f"config file {path} belongs to uid {info.st_uid}, not to aegisd's user (uid "
-                              f"{os.geteuid()}) or root: its owner could change how aegisd runs; chown it")
-    mode = info.st_mode & 0o777
-    if mode & 0o022:
-        raise ConfigFileError(f"config file {path} is writable by group or others (mode {mode:04o}): they could change "
-                              "how aegisd runs (its policy directory, the gate's address); chmod go-w it")

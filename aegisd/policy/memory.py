@@ -22,6 +22,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from aegisd.api.accounts import owner_problem
 from aegisd.vault.credentials import NAME as AGENT_NAME
 
 log = logging.getLogger("aegisd.policy")
@@ -169,24 +170,13 @@ def read_regular(path: Path, limit: int, *, follow_symlinks: bool, owned: bool =
         os.close(fd)
         raise NotRegular("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else
                          "a device or socket")
-    problem = owner_problem(info, sticky_ok=False) if owned else None
+    problem = owner_problem(info) if owned else None
     if problem is not None:
         os.close(fd)
         raise NotOwned(f"it {problem}, so another local user could change it: make it aegisd's user's or root's, "
                        "chmod go-w it, then `aegisctl policy reload`")
     with os.fdopen(fd, "rb") as fh:
         return fh.read(limit)
-
-
-def owner_problem(info: os.stat_result, *, sticky_ok: bool) -> str | None:
-    """Why another local user could change what is at `info` (None if no one but aegisd's user and root can): its
-    owner, or write access for group or others (for a directory, unless `sticky_ok` and it is sticky)."""
-    if info.st_uid not in (os.geteuid(), 0):
-        return f"belongs to uid {info.st_uid}, not to aegisd's user (uid {os.geteuid()}) or root"
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022 and not (sticky_ok and mode & stat.S_ISVTX):
-        return f"group or others may write (mode {mode:04o})"
-    return None
 
 
 def _read(path: Path) -> bytes:

@@ -22,18 +22,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aegisd.api.accounts import owner_problem
 from aegisd.cancellation import to_thread_to_the_end
 from aegisd.ledger import LedgerEntry, LedgerError, LedgerWriter
 from aegisd.logs import event
-from aegisd.policy.memory import (
-    UNKNOWN_AGENT,
-    NotOwned,
-    NotRegular,
-    PolicyMemory,
-    Remembered,
-    owner_problem,
-    read_regular,
-)
+from aegisd.policy.memory import UNKNOWN_AGENT, NotOwned, NotRegular, PolicyMemory, Remembered, read_regular
 from aegisd.policy.model import Issue, PolicyFile
 from aegisd.policy.parse import MAX_POLICY_BYTES, parse_policy, unexpected
 from aegisd.policy.policy_set import PolicySet, compile_set
@@ -286,7 +279,7 @@ def untrusted(directory: Path) -> str | None:
     lead to are walked: a link under another user's directory could be pointed elsewhere (each link itself, in
     a directory of the first walk, can be changed only by that directory's owner)."""
     for path in dict.fromkeys((directory.absolute(), directory.resolve())):
-        problem = owner_problem(os.stat(path), sticky_ok=False)
+        problem = owner_problem(os.stat(path))
         if problem is not None:
             return f"the policy directory {path} {problem}"
         for above in path.parents:

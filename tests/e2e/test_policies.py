@@ -890,7 +890,8 @@ def test_policies_another_user_could_change_are_not_taken() -> None:
         (directory / "bot.yaml").chmod(0o666)
         result = world.aegis.ctl("policy", "reload")
         assert_failed(result, "reloaded with errors")
-        assert "group or others may write (mode 0666)" in result.out, result.out
+        assert "it is writable by group or others (mode 0666), so another local user could change it" in \
+            result.out, result.out
         world.assert_refused(world.call("GET", "/svc/echo/a", agent="bot"), 403, "policy_invalid")
 
         # The fix alone is seen: the poll compares owners and modes too (its review: only a manual reload did)

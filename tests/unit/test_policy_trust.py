@@ -21,7 +21,7 @@ def test_a_directory_others_may_write_is_named(tmp_path: Path) -> None:
     policies = tmp_path / "policies"
     policies.mkdir()
     policies.chmod(0o777)
-    assert untrusted(policies) == f"the policy directory {policies} group or others may write (mode 0777)"
+    assert untrusted(policies) == f"the policy directory {policies} is writable by group or others (mode 0777)"
     policies.chmod(0o755)
     tmp_path.chmod(0o777)  # above it, not sticky
     assert f"{tmp_path}, above the policy directory" in (untrusted(policies) or "")
