@@ -247,8 +247,7 @@ def _report_cut_off_restore(data_dir: Path, ledger: LedgerWriter) -> None:
     at every start until a restore completes or the operator removes the mark (doctor says so too)."""
     note = interrupted.cut_off(data_dir)
     if note is not None:
-        log.error("%s; run the restore again (`aegisctl restore FILE`), or, having checked, remove %s", note,
-                  data_dir / interrupted.MARK)
+        log.error("%s; %s", note, interrupted.way_out(data_dir))
         ledger.append_nowait(LedgerEntry.system(note, reason="backup_restore_interrupted"))
 
 

@@ -27,7 +27,7 @@ from aegisd.ledger.chain import RESTORED
 from aegisd.ledger.entry import iso_time
 from aegisd.ledger.integrity import describe, hidden_rows_note, integrity_problems
 from aegisd.policy.hints import file_warnings, known_names
-from aegisd.policy.store import untrusted
+from aegisd.policy.store import UNTRUSTED_CONSEQUENCE, UNTRUSTED_FIX, untrusted
 from aegisd.runtime import Runtime
 from aegisd.store import SCHEMA_VERSION as VAULT_SCHEMA_VERSION
 from aegisd.vault.credentials import Credential
@@ -229,8 +229,7 @@ class Doctor:
         note = await asyncio.to_thread(interrupted.cut_off, self.config.data_dir)
         if note is None:
             return Check("restore", PASS, "no restore was cut off")
-        return Check("restore", FAIL, note, "run the restore again (`aegisctl restore FILE`), or, having checked "
-                     f"the ledger and vault, remove {self.config.data_dir / interrupted.MARK}")
+        return Check("restore", FAIL, note, interrupted.way_out(self.config.data_dir))
 
     def _quick_check_vault(self) -> str:
         try:
@@ -393,8 +392,8 @@ class Doctor:
         except OSError:
             problem = None  # unreadable: the snapshot says so
         if problem is not None:
-            return Check("policies", FAIL, f"{problem}: another local user could rewrite or remove a policy",
-                         "make it aegisd's user's or root's and `chmod go-w` it, then `aegisctl policy reload`")
+            return Check("policies", FAIL, f"{problem}: {UNTRUSTED_CONSEQUENCE}",
+                         f"{UNTRUSTED_FIX}, then `aegisctl policy reload`")
         if snap.error:
             return Check("policies", FAIL, snap.error, f"make {snap.directory} readable by aegisd, then "
                          "`aegisctl policy reload`")

@@ -73,6 +73,12 @@ def cut_off(data_dir: Path) -> str | None:
             "before, or both the backup's with no record of it; rows written after the backup was taken may be gone")
 
 
+def way_out(data_dir: Path) -> str:
+    """What the operator does about a cut-off restore: the log's and doctor's words."""
+    return (f"run the restore again (`aegisctl restore FILE`), or, having checked the ledger and the vault, remove "
+            f"{data_dir / MARK}")
+
+
 def _sync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

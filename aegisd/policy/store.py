@@ -143,8 +143,7 @@ class PolicyStore:
         except OSError as exc:
             return _UNREADABLE, [], f"cannot read the policy directory {directory}: {exc.strerror or exc}"
         if problem is not None:  # another user could lift a policy: none of what is there is taken
-            return signature, [], (f"{problem}: another local user could rewrite or remove a policy and so lift "
-                                   "an agent's limits; make it aegisd's user's or root's, and chmod go-w it")
+            return signature, [], f"{problem}: {UNTRUSTED_CONSEQUENCE}; {UNTRUSTED_FIX}"
         files = []
         for name, *_ in signature[1:]:  # the first entry is the directory's own
             try:  # a symlink to a FIFO is listed (_signature): opening it must not wait for a writer; one another
@@ -271,6 +270,10 @@ def _signature_or_unreadable(directory: Path) -> Signature:
         return _signature(directory)
     except OSError:
         return _UNREADABLE
+
+
+UNTRUSTED_CONSEQUENCE = "another local user could rewrite or remove a policy and so lift an agent's limits"
+UNTRUSTED_FIX = "make it aegisd's user's or root's, and chmod go-w it"
 
 
 def untrusted(directory: Path) -> str | None:
