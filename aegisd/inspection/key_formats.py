@@ -113,7 +113,7 @@ OVERLAP = 5 * 1024 + 256
 # Matches of one format turned down by the look before them (a connection URL's scheme, a key's boundary) in one
 # whole-data scan. Each costs a Python call: data full of them (`a://b:c@` repeated, a match every 8 bytes) cost
 # 0.3 s a MiB, per decoded view; ids like `task-<32 hex>` hold `sk-` and 32 characters after a word. Past this
-# many, the rest is searched only where a look-behind in the regex engine lets a match through (_Strict); past as
+# many, the rest is searched only where a look-behind in the regex engine lets a match through (_strict_finder); past as
 # many turned down there too, the data is taken to hold the format (only data crafted for it gets there: `\\nsk-`
 # and a key, a backslash pair before each).
 REJECTED_MAX = 256
@@ -179,21 +179,20 @@ def _note(prefix_id: int, _from: int, end: int, _flags: int, hits: list[tuple[in
 def _scan_whole(data: bytes) -> set[str]:
     found: set[str] = set()
     for fmt, strict, families in zip(FORMATS, _STRICT, _FAMILIES_OF, strict=True):
-        stopped = _scan_windows(data, 0, fmt, fmt.pattern, families, found)
+        stopped = _scan_windows(data, 0, fmt, families, found)
         if stopped is not None and strict is not None:
             _scan_strict(data, stopped, fmt, strict, families, found)
     return found
 
 
-def _scan_windows(data: bytes, start: int, fmt: KeyFormat, pattern: re.Pattern[bytes], families: frozenset[str],
-                  found: set[str]) -> int | None:
-    """Judge each match of `pattern` from `start` on, in windows; where it stopped past REJECTED_MAX turned-down
+def _scan_windows(data: bytes, start: int, fmt: KeyFormat, families: frozenset[str], found: set[str]) -> int | None:
+    """Judge each match of the format from `start` on, in windows; where it stopped past REJECTED_MAX turned-down
     matches, or None once it ran to the end or every family of the format was found."""
     size, rejected = len(data), 0
     while start < size and not families <= found:
         stop = start + WINDOW  # this round's attempts start before here
         resume = stop
-        for match in pattern.finditer(data, start, min(size, stop + OVERLAP)):
+        for match in fmt.pattern.finditer(data, start, min(size, stop + OVERLAP)):
             if match.start() >= stop:
                 break
             resume = max(stop, match.end())
@@ -219,7 +218,7 @@ def _scan_strict(data: bytes, start: int, fmt: KeyFormat, finder: re.Pattern[byt
         if match is None:
             misses += 1
             if misses > MISSES_MAX:
-                if _scan_windows(data, at, fmt, fmt.pattern, families, found) is not None:
+                if _scan_windows(data, at, fmt, families, found) is not None:
                     found |= families
                 return
             continue

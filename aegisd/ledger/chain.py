@@ -321,7 +321,7 @@ class _Walk:
             return (f"{newest} is not in ledger.db (its chain ends at row {self.tip_id}): the file was replaced, or "
                     "rows were cut from its end, while aegisd was running")
         if found == b"" and mac is not None:
-            return None  # there without its MAC: reported as such (run_from: edited while aegisd ran)
+            return None  # there without its MAC: reported as such (see ran_from: edited while aegisd ran)
         if not hmac.compare_digest(found, mac or b""):
             return (f"{newest} is not in ledger.db as aegisd wrote it (its MAC differs): the file was replaced, or "
                     "rows were cut from its end and others written in their place, while aegisd was running")
