@@ -606,10 +606,7 @@ class UpstreamPool:
         idle = self._idle.get(key)
         now = self.loop.time()
         while idle:
-            conn = idle.pop()
-            del self._parked[conn]
-            if not idle:
-                del self._idle[key]
+            conn = self._unpark(idle[-1])  # the most recently parked
             if not conn.closed and now - conn.idle_since < _IDLE_SECONDS:
                 conn.idle_since = 0.0
                 return conn
@@ -676,9 +673,13 @@ class UpstreamPool:
             self._sweeper = self.loop.call_later(_IDLE_SECONDS, self._sweep)
 
     def _unpark(self, conn: UpstreamResponse) -> UpstreamResponse:
+        """Take `conn` out of the idle ones, its pool's list and the parking order."""
         del self._parked[conn]
         idle = self._idle[conn.key]
-        idle.remove(conn)
+        if idle[-1] is conn:  # the reuse of the newest, on the hot path: no scan
+            idle.pop()
+        else:
+            idle.remove(conn)
         if not idle:
             del self._idle[conn.key]
         return conn
