@@ -16,7 +16,7 @@ from aegisd.gate.refusal import Refusal
 from aegisd.gate.routing import AgentEntry, Route
 from aegisd.limits import ConcurrencyLimiter, Quota, RateLimiter, Standing, Unit
 from aegisd.limits.gcra import LIMITS_CLOCK
-from aegisd.limits.headers import ratelimit_headers, retry_after
+from aegisd.limits.headers import policy_names, ratelimit_headers, retry_after
 from aegisd.policy import PolicySet, Verdict
 from aegisd.policy.policy_set import INVALID, TOO_LONG
 from aegisd.rates import RateError, parse_rate
@@ -140,7 +140,8 @@ class GateLimits:
         self.concurrency.release(request_id)
 
     def _refuse(self, x: Noted, shown: list[Standing], refused: list[Standing], slots: int) -> None:
-        names = [_shown_name(s.quota, shown) for s in refused] + (["concurrency"] if slots <= 0 else [])
+        shown_as = {id(s): name for name, s in zip(policy_names(shown), shown, strict=True)}  # refused are of shown
+        names = [shown_as[id(s)] for s in refused] + (["concurrency"] if slots <= 0 else [])
         add_flag(x, "rate_limit=" + "+".join(names))
         wait = retry_after(refused, slots <= 0)
         headers = ratelimit_headers(shown, (self.concurrency.limit, slots))
@@ -166,13 +167,6 @@ class GateLimits:
                 self._quotas.clear()
             quota = self._quotas[cache_key] = Quota(owner, key, rate)
         return quota
-
-
-def _shown_name(quota: Quota, shown: list[Standing]) -> str:
-    """The quota's name in the flags: `rule-2` for the second of two rules (a `;` path is held to the rule that
-    allowed it without its parameters too), as ratelimit_headers names it."""
-    rules = [s.quota for s in shown if s.quota.name == "rule"]
-    return "rule-2" if len(rules) > 1 and quota is rules[1] else quota.name
 
 
 def _describe(standing: Standing) -> str:

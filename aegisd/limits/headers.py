@@ -20,7 +20,7 @@ def _seconds(ns: int) -> int:
 
 def ratelimit_headers(standings: Sequence[Standing], concurrency: tuple[int, int] | None) -> dict[str, str]:
     """The two fields for these quotas; `concurrency` is (cap, slots left) when the cap is reported."""
-    named = list(zip(_names(standings), standings, strict=True))
+    named = list(zip(policy_names(standings), standings, strict=True))
     policies = [f'"{name}";q={s.quota.rate.count};w={s.quota.rate.period_seconds}' for name, s in named]
     limits = [f'"{name}";r={0 if not s.allowed else s.remaining};t={_seconds(s.wait_ns)}' for name, s in named]
     if concurrency is not None:
@@ -30,8 +30,9 @@ def ratelimit_headers(standings: Sequence[Standing], concurrency: tuple[int, int
     return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(limits)}
 
 
-def _names(standings: Sequence[Standing]) -> list[str]:
-    """Each quota's policy name, unique as the draft asks: a second `rule` (a `;` path is held to two) is `rule-2`."""
+def policy_names(standings: Sequence[Standing]) -> list[str]:
+    """Each quota's policy name, unique as the draft asks: a second `rule` (a `;` path is held to two) is `rule-2`.
+    The ledger's `rate_limit=` flag names them so too."""
     names: list[str] = []
     for standing in standings:
         name = standing.quota.name
