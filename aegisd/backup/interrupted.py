@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 
 from aegisd.ledger.entry import iso_time
+from aegisd.ledger.writer import fsync_directory
+from aegisd.policy.memory import NotRegular, read_regular
 
 MARK = "restore-in-progress"
 _MAX_BYTES = 4096  # what the mark holds is a few fields; anything larger is not aegisd's
@@ -35,7 +36,7 @@ def mark(data_dir: Path, backup_created_ms: int, vault_id: str, now_ms: int) -> 
         os.close(fd)
     os.replace(staged, data_dir / MARK)
     try:
-        _sync_directory(data_dir)
+        fsync_directory(data_dir)
     except OSError:  # not durable: the restore is refused, and a mark of nothing must not stay
         clear(data_dir)
         raise
@@ -52,17 +53,13 @@ def cut_off(data_dir: Path) -> str | None:
     there is no mark."""
     path = data_dir / MARK
     try:  # never through a link, never waiting on a FIFO: whoever can write the data directory put it there
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        raw = read_regular(path, _MAX_BYTES + 1, follow_symlinks=False)
     except FileNotFoundError:
         return None
+    except NotRegular:
+        raw = b""  # reported unreadable, below
     except OSError as exc:
         return f"a restore was cut off by a stop, and its mark ({path}) cannot be read: {exc.strerror or exc}"
-    try:
-        raw = os.read(fd, _MAX_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-    except OSError:
-        raw = b""
-    finally:
-        os.close(fd)
     try:
         fields = json.loads(raw) if len(raw) <= _MAX_BYTES else {}
         started, created, vault_id = fields["started_ms"], fields["backup_created_ms"], str(fields["vault_id"])
@@ -77,11 +74,3 @@ def way_out(data_dir: Path) -> str:
     """What the operator does about a cut-off restore: the log's and doctor's words."""
     return (f"run the restore again (`aegisctl restore FILE`), or, having checked the ledger and the vault, remove "
             f"{data_dir / MARK}")
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
