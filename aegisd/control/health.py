@@ -57,6 +57,7 @@ class ControlHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # gr
             if status != sent:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 sent = status
+                continue  # the stop may have begun during the write: look again before ending
             if self._stopping:
                 return
             await changed.wait()
