@@ -14,6 +14,7 @@ import grpc
 
 from aegisd.api.aegis.v1 import ledger_pb2 as pb
 from aegisd.api.aegis.v1 import ledger_pb2_grpc
+from aegisd.cancellation import outlive_cancellation
 from aegisd.control.errors import rpc, stream_rpc
 from aegisd.errors import FailedPrecondition, InvalidArgument, ShuttingDown, StorageUnavailable, VaultUninitialized
 from aegisd.ledger import (
@@ -24,6 +25,7 @@ from aegisd.ledger import (
     LedgerError,
     LedgerRow,
     PruneRefused,
+    PruneResult,
     Replaced,
     Subscription,
     ledger_stats,
@@ -363,22 +365,37 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                 raise FailedPrecondition(f"the prune was refused to keep the evidence: {damage}; see `aegisctl ledger "
                                          "verify`", reason="ledger_tampered")
             try:
-                result = await prune(self.rt.ledger, request.before_ms, include_unchained=request.include_unchained)
+                # Once rows go, the prune runs to its end and is recorded, even if the client has gone meanwhile.
+                result = await outlive_cancellation(self._prune_and_record(request))
             except KeyMissing as exc:
                 raise FailedPrecondition(str(exc), reason="vault_locked") from None
             except PruneRefused as exc:
                 raise FailedPrecondition(str(exc), reason="ledger_tampered") from None
             except LedgerError as exc:
                 raise StorageUnavailable(str(exc)) from None
+        if result.stopped is not None:
+            done = (f"{result.pruned} rows were pruned (recorded as `ledger_pruned`; the chain now starts at row "
+                    f"{result.first_kept_id}), then the prune stopped: {result.stopped}")
+            if isinstance(result.stopped, PruneRefused):
+                raise FailedPrecondition(done, reason="ledger_tampered")
+            raise StorageUnavailable(done)
+        return pb.PruneResponse(pruned=result.pruned, first_kept_id=result.first_kept_id, unchained=result.unchained)
+
+    async def _prune_and_record(self, request: pb.PruneRequest) -> PruneResult:
+        """The prune, then its log line and `ledger_pruned` row for what it deleted, also when it stopped part-way."""
+        result = await prune(self.rt.ledger, request.before_ms, include_unchained=request.include_unchained)
         if result.pruned:
             detail = (f"ledger pruned: {result.pruned} rows recorded before {iso_time(request.before_ms)} deleted; "
                       f"the chain now starts at row {result.first_kept_id} (checkpoint {result.checkpoint_id})")
             if result.unchained:
                 detail += f"; {result.unchained} of them were not chained (no MAC) and were let go by the operator"
+            stopped: dict[str, Any] = {} if result.stopped is None else {"stopped": str(result.stopped)}
+            if result.stopped is not None:
+                detail += f"; the prune stopped there: {result.stopped}"
             self.rt.log_event("ledger pruned", rows=result.pruned, first_kept_id=result.first_kept_id,
-                              unchained=result.unchained)
+                              unchained=result.unchained, **stopped)
             try:
                 await self.rt.ledger.append(LedgerEntry.system(detail, reason="ledger_pruned"))
             except LedgerError as exc:
                 raise StorageUnavailable(f"the prune succeeded but could not be recorded: {exc}") from None
-        return pb.PruneResponse(pruned=result.pruned, first_kept_id=result.first_kept_id, unchained=result.unchained)
+        return result

@@ -1,10 +1,12 @@
 """`ledger prune`: delete the oldest rows and move the chain's start to an authenticated checkpoint.
 
 It runs in the writer's thread (LedgerWriter.run_exclusive), one chunk at a time, so it never races a
-group commit and appends wait for at most one chunk. Each chunk is one transaction that deletes rows
-and moves the checkpoint forward with them, so the ledger verifies after every chunk, even if aegisd
-dies half-way. Rows, and every checkpoint, are verified before rows are deleted: a prune never launders a
-tampered range, or a forged checkpoint, into an authentic checkpoint.
+group commit and appends wait for at most one chunk. A first pass reads every row to prune and refuses the
+prune, with nothing deleted, if one does not verify: a prune never launders a tampered range, or a forged
+checkpoint, into an authentic checkpoint. The second pass checks each chunk again as it deletes it, in one
+transaction that moves the checkpoint forward with the rows, so the ledger verifies after every chunk, even
+if aegisd dies half-way; should a chunk fail there (the file changed, or the disk failed, between the
+passes), the result says how far the prune got, for the caller to record.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import functools
 import hmac
 import sqlite3
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
-from aegisd.ledger.chain import SELECT_CHAIN, VerifyResult, chain_start, row_mac
+from aegisd.ledger.chain import SELECT_CHAIN, ChainStart, VerifyResult, chain_start, row_mac
 from aegisd.ledger.checkpoint import write_checkpoint
 from aegisd.ledger.entry import now_ms
 from aegisd.ledger.query import not_utf8
@@ -44,6 +47,7 @@ class PruneResult:
     first_kept_id: int
     checkpoint_id: int | None
     unchained: int = 0  # of the pruned rows, those without a MAC (only when the caller accepted them)
+    stopped: LedgerError | None = None  # a chunk of the second pass failed: first_kept_id is where the chain starts
 
 
 @dataclass
@@ -51,10 +55,13 @@ class _Progress:
     before_ms: int
     time_ms: int
     include_unchained: bool = False
-    first_kept_id: int | None = None  # fixed by the first chunk, so rows appended meanwhile never count
+    first_kept_id: int | None = None  # fixed by the first pass, so rows appended meanwhile never count
     pruned: int = 0
     checkpoint_id: int | None = None
     unchained: int = 0
+    chain_start: int | None = None  # the first row left once the last chunk committed
+    checked_to: int | None = None  # the first pass: the next row to read ...
+    checked_mac: bytes = b""  # ... and the MAC it chains from
 
 
 async def prune(writer: LedgerWriter, before_ms: int, *, chunk_rows: int = CHUNK_ROWS,
@@ -63,21 +70,60 @@ async def prune(writer: LedgerWriter, before_ms: int, *, chunk_rows: int = CHUNK
 
     A row recorded earlier but committed after that one (a long request) is kept with it. A row in that range
     with no MAC refuses the prune unless include_unchained: the operator has seen it in `ledger verify` and
-    lets it go (nothing vouched for it; the chain runs past it). Every other row must verify.
+    lets it go (nothing vouched for it; the chain runs past it). Every other row must verify, or the prune is
+    refused (PruneRefused) before anything is deleted. A failure after some chunks were deleted is not raised
+    but returned (`stopped`), with what was done.
     """
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be at least 1")
     progress = _Progress(before_ms, now_ms(), include_unchained)
-    chunk = functools.partial(_prune_chunk, progress, chunk_rows)
-    while not await writer.run_exclusive(chunk):
+    check = functools.partial(_with_key, _check_chunk, progress, chunk_rows)
+    while not await writer.run_exclusive(check):
         pass
-    return PruneResult(progress.pruned, progress.first_kept_id or 1, progress.checkpoint_id, progress.unchained)
+    chunk = functools.partial(_with_key, _prune_chunk, progress, chunk_rows)
+    try:
+        while not await writer.run_exclusive(chunk):
+            pass
+    except LedgerError as exc:
+        if not progress.pruned:
+            raise
+        return _result(progress, exc)
+    return _result(progress)
 
 
-def _prune_chunk(progress: _Progress, chunk_rows: int, conn: sqlite3.Connection, key: bytes | None) -> bool:
-    """One transaction of the prune; True when nothing is left to delete."""
+def _result(progress: _Progress, stopped: LedgerError | None = None) -> PruneResult:
+    first_kept = progress.chain_start if stopped is not None else progress.first_kept_id
+    return PruneResult(progress.pruned, first_kept or 1, progress.checkpoint_id, progress.unchained, stopped)
+
+
+def _with_key(job: Callable[[_Progress, int, sqlite3.Connection, bytes], bool], progress: _Progress,
+              chunk_rows: int, conn: sqlite3.Connection, key: bytes | None) -> bool:
     if key is None:
         raise KeyMissing("the ledger key derives from the vault: unlock it once, then prune")
+    return job(progress, chunk_rows, conn, key)
+
+
+def _check_chunk(progress: _Progress, chunk_rows: int, conn: sqlite3.Connection, key: bytes) -> bool:
+    """One chunk of the first pass, which deletes nothing; True when every row to prune has been read."""
+    if progress.checked_to is None:
+        start = _chain_start(conn, key)
+        progress.checked_to, progress.checked_mac = start.first_id, start.prev_mac
+        row = conn.execute("SELECT id FROM ledger WHERE time_ms >= ? ORDER BY id LIMIT 1",
+                           (progress.before_ms,)).fetchone()
+        progress.first_kept_id = row[0] if row else conn.execute(_NEXT_ID).fetchone()[0]
+    assert progress.first_kept_id is not None
+    if progress.checked_to >= progress.first_kept_id:
+        return True
+    end = min(progress.first_kept_id, progress.checked_to + chunk_rows)
+    progress.checked_mac, _ = _verify_rows(conn, key, progress.checked_mac, progress.checked_to, end,
+                                           progress.include_unchained)
+    progress.checked_to = end
+    return end >= progress.first_kept_id
+
+
+def _prune_chunk(progress: _Progress, chunk_rows: int, conn: sqlite3.Connection, key: bytes) -> bool:
+    """One transaction of the second pass; True when nothing is left to delete."""
+    before = replace(progress)
     conn.execute("BEGIN IMMEDIATE")
     try:
         done = _delete_chunk(conn, key, progress, chunk_rows)
@@ -85,32 +131,51 @@ def _prune_chunk(progress: _Progress, chunk_rows: int, conn: sqlite3.Connection,
     except BaseException:
         if conn.in_transaction:
             conn.rollback()
+        vars(progress).update(vars(before))  # nothing of the chunk happened
         raise
     return done
 
 
-def _delete_chunk(conn: sqlite3.Connection, key: bytes, progress: _Progress, chunk_rows: int) -> bool:
+def _chain_start(conn: sqlite3.Connection, key: bytes) -> ChainStart:
     # Every checkpoint is checked as verify checks them: rows checked against a forged one, then deleted under a
     # genuine one, would launder the deletion it covers.
     start = chain_start(conn, key)
     if isinstance(start, VerifyResult):
         raise PruneRefused(f"{start.reason}; the prune was refused to keep the evidence; see `aegisctl ledger verify`")
+    return start
+
+
+def _delete_chunk(conn: sqlite3.Connection, key: bytes, progress: _Progress, chunk_rows: int) -> bool:
+    start = _chain_start(conn, key)
     prev_mac, start_id = start.prev_mac, start.first_id
-    if progress.first_kept_id is None:
-        row = conn.execute("SELECT id FROM ledger WHERE time_ms >= ? ORDER BY id LIMIT 1",
-                           (progress.before_ms,)).fetchone()
-        progress.first_kept_id = row[0] if row else conn.execute(_NEXT_ID).fetchone()[0]
-    target: int = progress.first_kept_id
+    target = progress.first_kept_id
+    assert target is not None  # the first pass fixed it
     if start_id >= target:
+        progress.chain_start = start_id
         return True
     end = min(target, start_id + chunk_rows)
+    prev_mac, unchained = _verify_rows(conn, key, prev_mac, start_id, end, progress.include_unchained)
+    progress.unchained += unchained
+    progress.pruned += conn.execute("DELETE FROM ledger WHERE id < ?", (end,)).rowcount
+    # Move our own checkpoint forward; if another prune wrote a newer one meanwhile, start a new one after it.
+    ours = start.checkpoint_id == progress.checkpoint_id  # both None: no checkpoint yet, so a new one
+    progress.checkpoint_id = write_checkpoint(
+        conn, key, cp_id=progress.checkpoint_id if ours else None, time_ms=progress.time_ms, first_kept_id=end,
+        prev_mac=prev_mac, pruned=progress.pruned)
+    progress.chain_start = end
+    return end >= target
+
+
+def _verify_rows(conn: sqlite3.Connection, key: bytes, prev_mac: bytes, start_id: int, end: int,
+                 include_unchained: bool) -> tuple[bytes, int]:
+    """Check rows start_id..end-1 chain on from prev_mac; the last one's MAC, and how many had none (let go)."""
     mac_of = row_mac(key)
-    expected = start_id
+    expected, unchained = start_id, 0
     try:
-        for row in conn.execute(f"{SELECT_CHAIN} WHERE id < ? ORDER BY id", (end,)):
+        for row in conn.execute(f"{SELECT_CHAIN} WHERE id >= ? AND id < ? ORDER BY id", (start_id, end)):
             row_id, values, mac = row[0], row[1:-1], row[-1]
-            if mac is None and row_id == expected and progress.include_unchained:  # the chain runs past it
-                progress.unchained += 1
+            if mac is None and row_id == expected and include_unchained:  # the chain runs past it
+                unchained += 1
                 expected = row_id + 1
                 continue
             try:
@@ -134,10 +199,4 @@ def _delete_chunk(conn: sqlite3.Connection, key: bytes, progress: _Progress, chu
     if expected != end:
         raise PruneRefused(f"rows {expected}..{end - 1} are missing, so the prune was refused to keep the "
                            "evidence; see `aegisctl ledger verify`")
-    progress.pruned += conn.execute("DELETE FROM ledger WHERE id < ?", (end,)).rowcount
-    # Move our own checkpoint forward; if another prune wrote a newer one meanwhile, start a new one after it.
-    ours = start.checkpoint_id == progress.checkpoint_id  # both None: no checkpoint yet, so a new one
-    progress.checkpoint_id = write_checkpoint(
-        conn, key, cp_id=progress.checkpoint_id if ours else None, time_ms=progress.time_ms, first_kept_id=end,
-        prev_mac=prev_mac, pruned=progress.pruned)
-    return end >= target
+    return prev_mac, unchained

@@ -483,3 +483,24 @@ def test_export_of_a_damaged_ledger_says_it_cannot_read_it() -> None:
         aegis.assert_no_leaks([PASSPHRASE])
     finally:
         aegis.cleanup()
+
+
+def test_a_prune_refused_at_a_later_chunk_deletes_nothing() -> None:
+    """Found at the 29th stop: each chunk of 10,000 rows was verified as it was deleted, so a prune refused at row
+    15,000 had already deleted rows 1-10,000, with no `ledger_pruned` row, and said it was refused. Every row to
+    prune is now read first."""
+    aegis = new_aegis()
+    try:
+        aegis.data_dir.mkdir(mode=0o700, parents=True)
+        fill(aegis.data_dir / "ledger.db", 20_000)
+        with sqlite3.connect(aegis.data_dir / "ledger.db") as conn:  # a MAC on a row that never had one
+            conn.execute("UPDATE ledger SET mac = zeroblob(32) WHERE id = 15000")
+        conn.close()
+        aegis.start()
+        aegis.init()
+        refused = aegis.ctl_in_process("ledger", "prune", "--before", "2024-01-01", "--include-unchained", "--yes")
+        assert_failed(refused, "row 15000 does not verify")
+        assert stats(aegis)["rows"] == 20_001 and "ledger pruned" not in aegis.log()
+        assert json.loads(aegis.ctl_in_process("ledger", "verify", "--json").out)["first_id"] == 1
+    finally:
+        aegis.cleanup()

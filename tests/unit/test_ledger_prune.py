@@ -274,6 +274,47 @@ def test_prune_refuses_to_launder_a_tampered_range(db: Path) -> None:
     assert sql(db, "SELECT count(*) FROM ledger") == [(29,)]
 
 
+def test_a_tampered_row_in_a_later_chunk_refuses_the_prune_before_anything_is_deleted(db: Path) -> None:
+    """Found at the 29th stop: chunks were verified as they were deleted, so a prune refused at row 15 of 20 (the
+    third chunk of 7) had already deleted rows 1-14, with no record, and said it was refused."""
+    fill(db, 30)
+    sql(db, "UPDATE ledger SET status = 500 WHERE id = 15")
+    with pytest.raises(PruneRefused, match="row 15 does not verify"):
+        prune_once(db, T0 + 20, chunk_rows=7)
+    assert sql(db, "SELECT count(*) FROM ledger") == [(30,)] and sql(db, "SELECT count(*) FROM checkpoints") == [(0,)]
+
+
+def test_a_chunk_that_fails_after_others_were_deleted_returns_what_was_done(db: Path) -> None:
+    """The second pass checks each chunk again; should one fail there (the file edited between the passes), the
+    chunks already deleted are reported, for the caller to record, and the ledger verifies from the cut."""
+    fill(db, 30)
+
+    async def main() -> Any:
+        writer = await started(db)
+        real = writer.run_exclusive
+        calls = 0
+
+        async def run_exclusive(job: Any) -> Any:
+            nonlocal calls
+            done = await real(job)
+            calls += 1
+            if calls == 3 + 1:  # the first pass's three chunks of 7 (rows 1-20), then the first deletion
+                sql(db, "UPDATE ledger SET status = 500 WHERE id = 15")
+            return done
+
+        writer.run_exclusive = run_exclusive  # type: ignore[method-assign,assignment]
+        try:
+            return await prune(writer, T0 + 20, chunk_rows=7)
+        finally:
+            await writer.close()
+
+    result = asyncio.run(main())
+    assert (result.pruned, result.first_kept_id, result.checkpoint_id) == (14, 15, 1)  # rows 1-7 and 8-14 went
+    assert isinstance(result.stopped, PruneRefused) and "row 15 does not verify" in str(result.stopped)
+    assert sql(db, "SELECT min(id), count(*) FROM ledger") == [(15, 16)]
+    assert verify(db, KEY).first_bad_id == 15 and verify(db, KEY).first_id == 15
+
+
 def test_prune_needs_the_key_and_the_writer_survives_a_failed_job(db: Path) -> None:
     fill(db, 5)
 
