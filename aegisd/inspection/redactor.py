@@ -18,12 +18,18 @@ An escape decodes to 1 to 4 bytes, so a view offset maps back through a table of
 that begins or ends inside a character an escape decoded to covers the whole escape (a little more is
 replaced, never less), and the next match is looked for after that escape.
 
-At the end of each chunk a stage holds back only the longest tail that could still grow into a form (a
-proper prefix of one; in the view for the second stage) and, in the second, an escape the chunk's end cut
-off (`\\`, `\\u00`, a high surrogate that may be waiting for its low half: up to `\\uD83D\\uDE0`). So the
-first holds at most (longest form - 1) bytes, the second that many bytes of the view, each from at most
-6 escaped bytes (`\\u0041`), plus 11 bytes; a chunk ending in ordinary text such as an SSE event's
-blank line is released whole at once. Matches are leftmost, and longest among forms starting at the same byte, exactly
+At the end of each chunk a stage holds back a tail that could still grow into a form and, in the second, an
+escape the chunk's end cut off (`\\`, `\\u00`, a high surrogate that may be waiting for its low half: up to
+`\\uD83D\\uDE0`). Which tail must not depend on what the secrets say: a tail held because it began a form,
+and released when the next chunk showed it did not, told an upstream and its agent every secret of the
+redaction's group, a guessed byte at a time (found at the 29th stop: a guess per chunk, and whether the gate's
+answer cut the chunk before the guess). So the tail held is the run of bytes after the chunk's last whitespace
+byte (of those no form holds), at most `Forms.hold_max`: one less than a power of two past the longest form, so only
+a bucket of the forms' length shows. Any form the chunk's end cuts off begins inside that run. The first stage
+holds at most `Forms.hold_max` bytes, the second that many bytes of the view, each from at most 6 escaped bytes
+(`\\u0041`), plus 11 bytes; a chunk ending in a newline, as an SSE event or an NDJSON line does, is released
+whole at once, and text cut mid-word waits for the next chunk. Matches are leftmost, and longest among forms
+starting at the same byte, exactly
 as `Redaction.redact_all` on the whole body would choose them, whatever the chunk boundaries: each stage's
 input is cut only where a match, or a held tail, begins, which is never inside an escape, and escapes are
 read the same way from there as from the start.
@@ -66,6 +72,8 @@ from aegisd.inspection.literal_matcher import (
 )
 
 REDACTED = b"[REDACTED]"
+# Bytes that end a held tail unless some form holds one: what separates words, lines and SSE events.
+HOLD_STOPS = b" \t\n\r\x0b\x0c"
 
 # One JSON string escape, read left to right (`\\` first consumes both backslashes): a surrogate pair as one
 # token, any other `\uXXXX` but a lone surrogate, and the two-byte escapes. The group, all of it but the
@@ -228,16 +236,10 @@ class Forms:
         pattern = compile_longest(ordered) if self.exact else compile_literals(f[:FRAGMENT] for f in ordered)
         assert pattern is not None
         self.pattern: re.Pattern[bytes] = pattern
-        # Tails of up to FRAGMENT - 1 bytes are looked up here; longer ones start with a long form's head.
-        self._prefixes = frozenset(f[:n] for f in ordered for n in range(1, min(FRAGMENT, len(f))))
-        self._short_max = min(FRAGMENT, self.longest) - 1
-        self._first_bytes = frozenset(f[0] for f in ordered)  # a tail's first byte, looked at before slicing it
-        heads: dict[bytes, list[bytes]] = {}
-        for form in ordered:  # longest first, so within a head the longest form is tried first
-            if len(form) > FRAGMENT:
-                heads.setdefault(form[:FRAGMENT], []).append(form)
-        self._heads = tuple((head, tuple(forms)) for head, forms in heads.items())
         self.form_bytes = frozenset(b for f in ordered for b in f)
+        # The held tail (see the module docstring): the run after the last of these bytes, at most hold_max long.
+        self._hold_stops = tuple(bytes([b]) for b in HOLD_STOPS if b not in self.form_bytes)
+        self.hold_max = max(FRAGMENT, 1 << (self.longest - 1).bit_length()) - 1
         # Proves a chunk clean (about 1 ms to compile). Hyperscan's Python binding takes no NUL in a literal,
         # which only a binary secret's raw form holds: such a redaction searches every chunk with the regex.
         literals = {f[:FRAGMENT] for f in ordered}
@@ -269,34 +271,14 @@ class Forms:
             at = found.start()
 
     def pending(self, data: bytes, start: int) -> int:
-        """Length of the longest suffix of data[start:] that is a proper prefix of some form."""
-        if not data or data[-1] not in self.form_bytes:
+        """How many bytes at the end of data[start:] to hold back: the run after its last stop byte, at most
+        hold_max. Every proper prefix of a form that ends the data lies inside it; what it holds besides does not
+        depend on the forms, only on which whitespace bytes they hold and on a bucket of their length."""
+        low = max(start, len(data) - self.hold_max)
+        if low >= len(data):
             return 0
-        if self._heads and len(data) - start >= FRAGMENT:
-            best = self._long_pending(data, start)
-            if best:
-                return best
-        end, first = len(data), self._first_bytes
-        for size in range(min(self._short_max, end - start), 0, -1):
-            if data[end - size] in first and data[-size:] in self._prefixes:
-                return size
-        return 0
-
-    def _long_pending(self, data: bytes, start: int) -> int:
-        """`pending` for tails of FRAGMENT bytes or more, which begin with a long form's first FRAGMENT bytes."""
-        size, best = len(data), 0
-        view = memoryview(data)
-        for head, forms in self._heads:
-            # Where this head starts a tail longer than `best` and shorter than the head's longest form.
-            low, end = max(start, size - len(forms[0]) + 1), size - best - 1 + FRAGMENT
-            at = data.find(head, low, end)
-            while at >= 0:
-                tail = view[at:]
-                if any(len(form) > size - at and form.startswith(tail) for form in forms):
-                    best = size - at
-                    break
-                at = data.find(head, at + 1, end)
-        return best
+        tail = data[low:]
+        return len(tail) - 1 - max((tail.rfind(stop) for stop in self._hold_stops), default=-1)
 
 
 def _relevant_escapes(form_bytes: frozenset[int]) -> list[bytes]:

@@ -62,8 +62,8 @@ def test_sse_first_event_arrives_while_the_upstream_holds_the_rest(std: Standard
 @pytest.mark.parametrize(("service", "length"), [("bear", False), ("bear", True), ("plain", False),
                                                  ("plain", True)])
 def test_large_response_streams_through(std: Standard, service: str, length: bool) -> None:
-    """20 MiB (far over max_body_bytes, which bounds requests only): the first half reaches the client
-    while the upstream still holds the second half back."""
+    """20 MiB (far over max_body_bytes, which bounds requests only): the first half, but for what redaction holds
+    back of its end, reaches the client while the upstream still holds the second half back."""
     world, up = std.world, std.up
     gate = f"big-{service}-{length}"
     half = BIG // 2
@@ -74,10 +74,13 @@ def test_large_response_streams_through(std: Standard, service: str, length: boo
         async with aiohttp.ClientSession() as session:
             headers = {"X-Aegis-Agent": world.tokens["bot" if service == "bear" else "plain"]}
             async with session.get(world.aegis.gate_url + target, headers=headers) as resp:
-                digest.update(await asyncio.wait_for(resp.content.readexactly(half), DEADLINE))
+                # Redaction holds back the end of a chunk until the next one (the run after its last whitespace,
+                # a few hundred bytes at most for these secrets): all but that arrives while the upstream waits.
+                first = half - 4096
+                digest.update(await asyncio.wait_for(resp.content.readexactly(first), DEADLINE))
                 held = not up.was_released(gate)
                 up.release(gate)
-                received = half
+                received = first
                 while chunk := await asyncio.wait_for(resp.content.read(1 << 20), DEADLINE):
                     digest.update(chunk)
                     received += len(chunk)
