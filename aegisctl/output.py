@@ -21,12 +21,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-# C0 controls (newline and tab included: a cell is one line), DEL and C1 controls become \xNN; the Unicode
-# line separators and bidirectional overrides, which can hide or reorder what is printed around them, \uNNNN.
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
-
-
 class _WatchedOutput(io.FileIO):
     """Standard output's file descriptor as sys.stdout's lowest layer, keeping the error of a write that failed (a
     full disk, an I/O error), so that Root.invoke can tell it from any other OSError."""
@@ -85,8 +79,18 @@ def discard_output() -> None:
 
 
 def printable(value: Any) -> str:
-    """str(value) safe to print on a terminal: control characters shown as escapes, never sent."""
-    return str(value).translate(_ESCAPES)
+    """str(value) safe to print on a terminal: every character str.isprintable() refuses shown as an escape, never
+    sent. That is controls (newline and tab too: a cell is one line), the line separators, and format characters:
+    bidi overrides, which reorder what is printed around them, and zero-width ones, which make `git\u200bhub` read
+    as `github`. aegisd's log escapes the same characters."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(ord(char)) for char in text)
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def json_text(value: Any) -> str:

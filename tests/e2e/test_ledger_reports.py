@@ -360,18 +360,19 @@ def test_what_agents_sent_reaches_the_terminal_escaped() -> None:
     """Found by a cold review: service names are stored percent-decoded, and `ledger show`, `follow` and
     `stats` printed them raw, so an unauthenticated request could move the operator's cursor, erase lines,
     retitle the window (OSC) or send C1 controls. Every cell printed for people now shows control characters
-    as escapes; --json stays JSON (which escapes them itself) and -o files stay exact."""
+    as escapes, and (29th stop) zero-width and direction marks too, with which `git\u200bhub` read as `github`;
+    --json stays JSON (which escapes them itself) and -o files stay exact."""
     aegis = new_aegis()
     try:
         aegis.start()
         aegis.init()
-        service = "\x1b[1A\x1b[2K\x1b]0;pwned\x07\u009b31m\x7f\u202esvc"
-        target = "/%1b%5b1A%1b%5b2K%1b%5d0%3bpwned%07%c2%9b31m%7f%e2%80%aesvc/x"
+        service = "\x1b[1A\x1b[2K\x1b]0;pwned\x07\u009b31m\x7f\u202esvc\u200bgit\u200fhub"
+        target = "/%1b%5b1A%1b%5b2K%1b%5d0%3bpwned%07%c2%9b31m%7f%e2%80%aesvc%e2%80%8bgit%e2%80%8fhub/x"
         reply = raw_exchange(aegis.gate_port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                              "Connection: close\r\n\r\n".encode())
         assert reply.status == 401
-        shown = r"\x1b[1A\x1b[2K\x1b]0;pwned\x07\x9b31m\x7f\u202esvc"
-        raw_controls = (b"\x1b", b"\x07", b"\x7f", "\u009b".encode(), "\u202e".encode())
+        shown = r"\x1b[1A\x1b[2K\x1b]0;pwned\x07\x9b31m\x7f\u202esvc\u200bgit\u200fhub"
+        raw_controls = (b"\x1b", b"\x07", b"\x7f", *(c.encode() for c in "\u009b\u202e\u200b\u200f"))
         follow = on_terminal(aegis, "ledger", "follow", "-n", "5", until=b"pwned")
         for args in (("ledger", "show"), ("ledger", "stats"), ("ledger", "export", "--format", "csv")):
             out = on_terminal(aegis, *args)
