@@ -11,7 +11,7 @@ own registry keeps library metrics out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -63,8 +63,10 @@ class GateMetrics:
         self.upstream = Histogram("aegis_upstream_duration_seconds", "Time until the upstream's response "
                                   "headers arrived.", ("service",), buckets=DURATION_BUCKETS, registry=self.registry)
         self.registry.register(_ScrapeTimeState(vault, ledger, webhooks, connections))
-        # The series children by label values: as bounded as the labels themselves.
+        # The series children by label values: as bounded as the labels themselves, once `retain` drops the
+        # names the vault no longer has.
         self._series: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
+        self._blocked: set[tuple[str, str, str]] = set()
 
     def observe(self, service: str, method: str, status: int, agent: str, reason: str, denied: bool,
                 seconds: float, upstream_seconds: float | None) -> None:
@@ -81,6 +83,26 @@ class GateMetrics:
             upstream.observe(upstream_seconds)
         if denied:
             self.blocked.labels(service, reason, agent).inc()
+            self._blocked.add((service, reason, agent))
+
+    def retain(self, agents: Collection[str], services: Collection[str]) -> None:
+        """Drop every series of an agent or a service the vault no longer has: agents made per session or per
+        CI job, then removed, would otherwise grow the scrape and the daemon's memory for good."""
+
+        def gone(service: str, agent: str) -> bool:
+            return ((agent != NO_AGENT and agent not in agents)
+                    or (service not in services and service not in (UNKNOWN_SERVICE, OPERATOR_SERVICE)))
+
+        observed = {key[0] for key in self._series}
+        for key in [key for key in self._series if gone(key[0], key[3])]:
+            del self._series[key]
+            self.requests.remove(*key)
+        for service in observed - {key[0] for key in self._series}:  # the histograms are by service alone
+            self.duration.remove(service)
+            self.upstream.remove(service)
+        for blocked in [key for key in self._blocked if gone(key[0], key[2])]:
+            self._blocked.discard(blocked)
+            self.blocked.remove(*blocked)
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for, and its content type. Blocks briefly (SQLite).

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from aegisd.gate.routing import Route, RoutingState
+from aegisd.gate.routing import Route, RoutingState, RoutingTable
 from aegisd.ledger import LedgerEntry
 from aegisd.logs import event
 from aegisd.metrics import NO_AGENT, GateMetrics, service_label
@@ -39,6 +39,17 @@ class OutcomeSink:
         self._routing = routing
         self._webhooks = webhooks
         self._known: Mapping[str, Route] = {}
+        self._table: RoutingTable | None = None
+
+    def follow_table(self) -> None:
+        """Take up the routing table's current names, once per new table: the services to name in the metrics,
+        and which agents' and services' series the metrics keep. While locked, the names of the last unlock."""
+        table = self._routing.table
+        if table is None or table is self._table:
+            return
+        self._table, self._known = table, table.routes
+        if self.metrics is not None:
+            self.metrics.retain({agent.name for agent in table.agents_by_hash.values()}, table.routes.keys())
 
     def record(self, entry: LedgerEntry, upstream_seconds: float | None, itemised: bool = True) -> None:
         """`itemised`: the ledger gives this outcome a row of its own; if not, it is only counted."""
@@ -48,9 +59,7 @@ class OutcomeSink:
             log.exception("recording a gate outcome for metrics, log and webhooks failed")
 
     def _record(self, entry: LedgerEntry, upstream_seconds: float | None, itemised: bool) -> None:
-        table = self._routing.table
-        if table is not None:
-            self._known = table.routes  # while locked, keep naming the services known at the last unlock
+        self.follow_table()
         denied = entry.decision == "denied"
         if self.metrics is not None:
             # The credential is set once the grant check passed: only then is the service's name the agent's to see.

@@ -696,6 +696,7 @@ class GatePipeline:
     async def _operator(self, request: GateRequest, rest: str, x: Exchange) -> None:
         endpoint = rest.rstrip("/")
         if endpoint == "/metrics" and self.outcomes is not None and self.outcomes.metrics is not None:
+            self.outcomes.follow_table()  # a removed agent's series go before the scrape, not at the next request
             body, content_type = await asyncio.to_thread(self.outcomes.metrics.render,
                                                          request.headers.get("Accept", ""))
             await request.respond(200, body, {"Content-Type": content_type, REQUEST_ID_HEADER: x.request_id})

@@ -179,6 +179,36 @@ def test_metrics_name_a_service_only_to_a_request_granted_it() -> None:
         world.close()
 
 
+def test_a_removed_agent_or_credential_leaves_no_series() -> None:
+    """Found at the 29th stop: the series of removed agents and credentials stayed until a restart, so agents made
+    per session or per CI job grew the scrape (3 KB each) and the daemon's memory for good."""
+    world = ops_world()
+    try:
+        up = world.upstream()
+        world.credential("kept", SECRET, up.entry())
+        world.credential("gone", SOON_SECRET, up.entry())
+        world.agent("stays", "kept", "gone")
+        world.agent("leaves", "kept", "gone")
+        for agent in ("stays", "leaves"):
+            for service in ("kept", "gone"):
+                assert world.call("GET", f"/{service}/echo", agent=agent).status == 200
+            refused(world.call("GET", "/kept/x", [("X-Target-Host", "evil.example")], agent=agent), 403,
+                    "domain_not_allowed")
+        before = Scrape(world)
+        assert {"stays", "leaves"} <= before.label_values("agent") and "gone" in before.label_values("service")
+        world.aegis.ctl_in_process("agent", "remove", "leaves", "--yes").ok()
+        world.aegis.ctl_in_process("vault", "remove", "gone", "--yes").ok()
+        after = Scrape(world)  # no request in between: the scrape itself drops them
+        assert "leaves" not in after.label_values("agent") and "gone" not in after.label_values("service")
+        assert after.value("aegis_requests_total", service="kept", method="GET", status="200", agent="stays") == 1
+        assert after.value("aegis_requests_blocked_total", service="kept", reason="domain_not_allowed",
+                           agent="stays") == 1
+        assert [s for s in after.named("aegis_request_duration_seconds_count") if s.labels["service"] == "kept"]
+        world.assert_no_leaks()
+    finally:
+        world.close()
+
+
 def test_metrics_and_health_can_be_turned_off() -> None:
     """Switched off, both answer 404 not_found and nothing else: a scraper or a probe keeps polling them, so each
     poll must not be recorded. From a cold review: a scrape of /_aegis/metrics switched off was refused as an
