@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from aegisd.gate.routing import AgentEntry
 from aegisd.ledger import LedgerEntry
 from aegisd.metrics import GateMetrics, service_label
 from aegisd.outcomes import OutcomeSink
@@ -42,7 +43,8 @@ def test_a_service_is_named_only_past_the_grant_check() -> None:
 
 def test_the_outcome_sink_names_the_service_only_for_a_granted_request() -> None:
     gate = metrics()
-    routing: Any = SimpleNamespace(table=SimpleNamespace(routes={"prod-payments": object()}))
+    agents = {name.encode(): AgentEntry(name, name, frozenset(), "") for name in ("bot", "other")}
+    routing: Any = SimpleNamespace(table=SimpleNamespace(routes={"prod-payments": object()}, agents_by_hash=agents))
     webhooks: Any = SimpleNamespace(dispatcher=SimpleNamespace(has_subscribers=False))
     sink = OutcomeSink(routing, gate, webhooks)
 
