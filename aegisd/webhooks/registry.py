@@ -86,6 +86,9 @@ def check_url(url: str, gate: tuple[str, int] | None = None) -> str:
         raise InvalidArgument("the webhook URL must start with https:// (or http:// to a loopback address)")
     if not parts.hostname:
         raise InvalidArgument("the webhook URL has no host")
+    if port == 0:  # no receiver listens there: every delivery would fail to connect
+        raise InvalidArgument("the webhook URL's port is 0, which no receiver can listen on: give the port the "
+                              "receiver listens on, or none for the scheme's default (443 for https, 80 for http)")
     if parts.username is not None or parts.password is not None:
         raise InvalidArgument("the webhook URL must not carry a user or password; receivers authenticate "
                               "deliveries by the X-Aegis-Signature header")

@@ -112,6 +112,11 @@ def test_webhook_commands_show_the_secret_once() -> None:
         # A host no delivery could look up (an empty label) is refused now, not failed at every delivery.
         assert_failed(ctl("webhook", "add", "https://hooks..example.com/x", "--events", "blocked_request"),
                       "not a valid name", "63 characters")
+        # Port 0 is no port a receiver can listen on: refused now, not failed at every delivery.
+        for zero in ("https://127.0.0.1:0/x", f"http://127.0.0.1:0/hook/{URL_SECRET}", "https://hooks.example.com:00/x"):
+            refused_zero = ctl("webhook", "add", "--url-stdin", "--events", "blocked_request", input=zero + "\n")
+            assert_failed(refused_zero, "port is 0", "no receiver can listen on")
+            assert URL_SECRET not in refused_zero.err and "hooks.example.com" not in refused_zero.err
         # `localhost.` is no loopback name: glibc looks it up in DNS, which may answer with any address.
         assert_failed(ctl("webhook", "add", f"http://localhost.:{receiver.port}/x", "--events", "blocked_request"),
                       "only to loopback")

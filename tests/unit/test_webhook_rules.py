@@ -41,6 +41,8 @@ def test_accepted_urls_show_only_their_origin(url: str, origin: str) -> None:
     ("https://user:pw@hooks.example.com/x", "must not carry a user or password"),
     ("https://hooks.example.com/x#frag", "fragment"),
     ("https://hooks.example.com:99999/x", "malformed"),
+    ("https://127.0.0.1:0/x", "port is 0"),  # no receiver listens there: every delivery would fail
+    ("http://localhost:00/x", "port is 0"),
     ("https://hooks.example.com/a b", "spaces or control characters"),
     ("https://hooks.example.com/" + "a" * 2100, "longer than"),
     ("http://localhost./x", "only to loopback"),  # fully qualified: glibc asks DNS, which may answer anything
