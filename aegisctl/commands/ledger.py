@@ -63,9 +63,10 @@ NOT_ROUTED = "(not routed)"
 
 def _request(r: dict[str, Any]) -> str:
     """The request as `METHOD /service/path`. A request refused before its target was split into service and
-    path (a bad Host header, a `..` segment, an absolute-form target) has no service: its target as sent, marked
-    as such rather than shown as `//...`, a path the agent did not ask for. Rows an older aegisd wrote have no
-    path for those at all, and say so. (JSON and CSV keep the recorded values: they are data.)"""
+    path (a bad Host header, a `..` segment, an absolute-form target, a framing refused once its head was read)
+    has no service: its target as sent, marked as such rather than shown as `//...`, a path the agent did not ask
+    for. A request whose head could not be read (400, 431) has no path at all, nor do the rows an older aegisd
+    wrote for those above, and they say so. (JSON and CSV keep the recorded values: they are data.)"""
     method = r["method"] or "-"
     if not r["path"]:
         return f"{method} " + (f"/{r['service']} {NOT_RECORDED}" if r["service"] else NOT_RECORDED)

@@ -67,12 +67,24 @@ def _usual_host(value: str) -> bool:
     return 0 < len(port) <= 5 and port.isascii() and port.isdigit() and name.lower() in _USUAL_HOSTS
 
 
-def check_shape(request: GateRequest) -> None:
-    """No CONNECT or absolute-form (proxy) requests; no repeated single-value headers."""
+def gate_url(host: str, port: int) -> str:
+    """The base URL an agent on this machine calls the gate listening on host:port by, for refusals to name: a
+    gate on every address (0.0.0.0, ::) is reached on loopback."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}"
+    if address.is_unspecified:
+        address = ipaddress.ip_address("127.0.0.1" if address.version == 4 else "::1")
+    return f"http://[{address}]:{port}" if address.version == 6 else f"http://{address}:{port}"
+
+
+def check_shape(request: GateRequest, base_url: str) -> None:
+    """No CONNECT or absolute-form (proxy) requests; no repeated single-value headers. `base_url`: the gate's own
+    (gate_url), which the CONNECT refusal tells the agent to call instead."""
     if request.method == "CONNECT":
-        raise Refusal(405, "proxy_not_supported", "CONNECT is not supported: call "
-                      "http://127.0.0.1:3100/{service}/{path} instead of using the gate as a proxy",
-                      headers=_CONNECT_ALLOW)
+        raise Refusal(405, "proxy_not_supported", f"CONNECT is not supported: call {base_url}/{{service}}/{{path}} "
+                      "instead of using the gate as a proxy", headers=_CONNECT_ALLOW)
     if not request.raw_path.startswith("/"):
         raise Refusal(400, "proxy_not_supported", "absolute-form request targets are not supported: call "
                       "/{service}/{path} on the gate")

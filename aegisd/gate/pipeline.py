@@ -21,7 +21,7 @@ from aegisd.agents import TOKEN_PREFIX
 from aegisd.config import Config
 from aegisd.gate.admission import GateLimits, check_policy
 from aegisd.gate.agent_connection import AgentGone, BodyMalformed, GateRequest
-from aegisd.gate.front_door import check_host_header, check_shape, split_target
+from aegisd.gate.front_door import check_host_header, check_shape, gate_url, split_target
 from aegisd.gate.headers import (
     add_credential,
     agent_headers,
@@ -176,6 +176,7 @@ class GatePipeline:
         self.draining = False
         self.in_flight = 0
         self._listen_hosts = frozenset({config.gate_host.lower()})
+        self._gate_url = gate_url(config.gate_host, config.gate_port)  # named in the CONNECT refusal
         self._unauthenticated = RefusalRows(ledger.append_nowait)  # one budget: requests that name no agent
         self._agent_refusals = RefusalRows(ledger.append_nowait, AGENT_RATE_PER_SECOND, AGENT_BURST)  # one each
         self._agent_alarms = {reason: RefusalRows(ledger.append_nowait, ALARM_RATE_PER_SECOND, ALARM_BURST)
@@ -231,14 +232,18 @@ class GatePipeline:
             await send_refusal(request, failure, x.request_id)
 
     async def refuse_malformed(self, request: GateRequest, status: int, message: str) -> None:
-        """What llhttp could not parse is refused and recorded like any other request (step 0)."""
+        """What llhttp could not parse is refused and recorded like any other request (step 0). One whose head
+        was read (a version other than 1.0 and 1.1, a transfer coding other than chunked, an Upgrade with a body,
+        a body whose framing broke before its turn) names its target and agent as a front-door refusal does; the
+        stand-in for a head that could not be read has neither to name."""
         x = Exchange(request.method)
+        self._attribute(request, x)
         await self._refuse(request, x, Refusal(status, "bad_request", message, close=True))
 
     async def _pipeline(self, request: GateRequest, x: Exchange) -> None:
         # 0. the front door: request shape, Host header, path
         try:
-            check_shape(request)
+            check_shape(request, self._gate_url)
             check_host_header(request.headers, self._listen_hosts)
             service, rest, query = split_target(request.raw_path)
         except Refusal:

@@ -440,7 +440,45 @@ def test_connect_is_refused(std: Standard) -> None:
     std.world.assert_refused(reply, 405, "proxy_not_supported", method="CONNECT", service="",
                              path=f"127.0.0.1:{std.up.port}")
     assert reply.header("Allow") == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"  # a 405 says (RFC 9110)
+    # It names the gate's own address, not the default one (this gate listens on another port).
+    assert std.world.port != 3100
+    wanted = f"call http://127.0.0.1:{std.world.port}/{{service}}/{{path}} instead"
+    assert wanted in reply.error()["message"], reply.text()
     std.world.assert_no_leaks()
+
+
+def test_a_request_refused_once_its_head_was_read_is_its_agents(std: Standard) -> None:
+    """A request refused for its framing after its head was read (a version other than 1.0 and 1.1, a transfer
+    coding other than chunked, an Upgrade with a body, a body whose framing broke before its turn) names its agent
+    and its target as sent, as a front-door refusal does: its row is found by `ledger show --agent` and counts
+    against the agent's budget. One whose head could not be read (431) names neither, and `ledger show` says
+    the path was not recorded."""
+    world = std.world
+    head = f"Host: 127.0.0.1:{world.port}\r\nX-Aegis-Agent: {world.tokens['bot']}\r\n"
+    cases = [
+        (f"GET /bear/echo/head-read-v2 HTTP/2.0\r\n{head}\r\n", 505, "GET", "/bear/echo/head-read-v2"),
+        (f"POST /bear/echo/head-read-te HTTP/1.1\r\n{head}Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400,
+         "POST", "/bear/echo/head-read-te"),
+        (f"POST /bear/echo/head-read-up HTTP/1.1\r\n{head}Connection: Upgrade\r\nUpgrade: x\r\nContent-Length: 2"
+         "\r\n\r\nhi", 400, "POST", "/bear/echo/head-read-up"),
+        # sent in one piece, its chunked framing breaks before the gate takes the request up: refused whole
+        (f"POST /bear/echo/head-read-chunk HTTP/1.1\r\n{head}Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "POST",
+         "/bear/echo/head-read-chunk"),
+    ]
+    for data, status, method, target in cases:
+        with untouched(std.up):
+            reply = world.raw(data.encode(), wait_close=True)
+        world.assert_refused(reply, status, "bad_request", agent="bot", service="", method=method, path=target)
+        assert reply.closed
+        shown = world.aegis.ctl_in_process("ledger", "show", "--agent", "bot", "--limit", "1").ok().out
+        assert f"{method} {target} (not routed)" in shown, shown
+    with untouched(std.up):
+        too_large = world.raw(f"GET /bear/echo/head-too-large HTTP/1.1\r\n{head}X-Big: {'b' * 70000}\r\n\r\n"
+                              .encode(), wait_close=True)
+    world.assert_refused(too_large, 431, "bad_request", agent="", service="", path="")
+    shown = world.aegis.ctl_in_process("ledger", "show", "--agent", "", "--limit", "1").ok().out
+    assert "GET (path not recorded)" in shown, shown
+    world.assert_no_leaks()
 
 
 BAD_PATHS = [
