@@ -688,7 +688,7 @@ class GatePipeline:
             inspector = table.inspector if table is not None else KEY_FORMATS_ONLY
         # One string: a secret with a '/' in it is cut in two by the service segment, and neither half alone
         # is found. The target host (an agent's label under a wildcard entry) is recorded too. Anyone can send a
-        # request without a token, up to 100 rows a second: finding the segments to mask in such a path is bounded
+        # request without a token, up to 10 rows a second: finding the segments to mask in such a path is bounded
         # tighter (a crafted 2 KiB path took ~18 ms of the event loop), past which the whole path is masked.
         bound = {} if x.agent else TOKENLESS_MASKING
         if x.service:

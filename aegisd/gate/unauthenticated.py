@@ -23,7 +23,8 @@ from aegisd.ledger import LedgerEntry, LedgerError
 
 log = logging.getLogger("aegisd.gate")
 
-RATE_PER_SECOND = 100.0  # rows a second for refusals of unauthenticated requests, once the burst is spent
+RATE_PER_SECOND = 10.0  # rows a second for refusals of unauthenticated requests, once the burst is spent (at 100, a
+# steady flood from any local process grew the ledger by some 2 GB a day; at 10, with the summary rows, some 0.2 GB)
 BURST = 500
 AGENT_RATE_PER_SECOND = 50.0  # rows a second for one agent's refusals, once its burst is spent
 AGENT_BURST = 500

@@ -55,7 +55,7 @@ def test_a_tokenless_flood_with_a_secret_in_its_paths_leaks_it_nowhere() -> None
     log, the metrics, a webhook or the summary row."""
     world = shared_standard().world
     secret = SECRETS["bear"]
-    count = 3 * BURST  # past the budget even if the machine is slow to answer them (it refills 100 a second)
+    count = 3 * BURST  # past the budget even if the machine is slow to answer them (it refills 10 a second)
     requests = "".join(f"GET /bear/{n}/{secret}/x HTTP/1.1\r\nHost: 127.0.0.1:{world.port}\r\n\r\n"
                        for n in range(count))
     with socket.create_connection(("127.0.0.1", world.port), timeout=60) as conn:
