@@ -3,8 +3,9 @@
 Active for credentials whose body inspection is `warn` or `block`. Header values are redacted whole; a
 header whose name holds the secret is dropped. The body streams through a StreamRedactor, which replaces the
 secret's forms as they are and then, with every JSON string escape undone (PHP and .NET escape characters of
-a secret), again, and holds back only a tail that could still grow into one (at most the longest form,
-escaped), so SSE and chunked streams keep flowing. Redaction changes the body's length, so such a response
+a secret), again, and holds back at the end of a chunk the run after its last whitespace (at most a power of
+two past the longest form, escaped; what it holds must not depend on the secrets), so SSE and NDJSON streams
+keep flowing. Redaction changes the body's length, so such a response
 loses the upstream's Content-Length and is sent chunked. The gate asks the upstream for `Accept-Encoding:
 identity` and the whole body (no Range); a gzip or deflate body sent anyway is decoded, redacted and
 forwarded plain; any other encoding cannot be redacted and is refused (502 `response_not_redactable`). The
@@ -131,7 +132,10 @@ class ResponseRedactor:
         encoding = sniffed_encoding(body)
         if encoding is None:
             return
-        if not self._redaction.clean(decodable_prefix(body, encoding, cap)):
+        decoded = decodable_prefix(body, encoding, cap)
+        # Refused only for a form that is there: `clean` is also False for an escape that decodes to a byte of
+        # some form, and refusing those told an upstream which characters the group's secrets hold (29th stop).
+        if not self._redaction.clean(decoded) and self._redaction.redact_all(decoded)[1]:
             raise Refusal(502, "response_not_redactable", "the upstream's answer is compressed data (without a "
                           "Content-Encoding saying so, or inside the one it declares) that holds a credential's secret")
 

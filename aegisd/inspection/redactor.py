@@ -44,15 +44,18 @@ where a scan finds something is searched with the regex (a byte at a time, about
 the second stage through its view.
 
 Memory and time are linear in the forms' length, for secrets of up to the vault's 16 KiB too. Up to
-FRAGMENT (64) bytes of each form are handled whole: a set of their prefixes holds the tails to keep
-back, and one trie regex finds the forms. Past that both would grow with the square of the length (a
-16,000-byte secret's forms have some 10^9 bytes of prefixes, and `re` compiles their 110 KB at some
+FRAGMENT (64) bytes of each form are handled whole: one trie regex finds the forms. Past that it would
+grow with the square of the length (`re` compiles a 16,000-byte secret's forms, some 110 KB, at some
 microseconds a byte, 0.2 s in the worker thread where a redaction is built on first use, holding the GIL
-all along): a longer tail must begin with a long form's first FRAGMENT bytes, which `bytes.find`
-locates, and a long form is found by a regex over its first FRAGMENT bytes and confirmed where they
-occur. A held tail is searched
-again, with each chunk that comes after it (its view rebuilt too), so a long form trickled in small
-chunks costs time growing with its length squared over the chunk size, as it did before the view.
+all along): a long form is found by a regex over its first FRAGMENT bytes and confirmed where they occur.
+
+A held tail is searched again, its view rebuilt, with what comes after it. With a long secret in the group
+that tail can be tens of KB of the view, so a stage holding a tail does not take up chunks much smaller than
+it one by one (found at the 29th stop: an upstream trickling 18-byte chunks of escapes cost 30 ms of the
+event loop each, with a 16 KiB secret in the group): it waits until what came since is an eighth of the
+tail, or holds one of the bytes that end a held run, or the body ends. So each byte costs a bounded amount
+of work whatever the chunks, and what waits depends only on lengths and on those bytes, never on the
+secrets' content.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ from aegisd.inspection.literal_matcher import (
 REDACTED = b"[REDACTED]"
 # Bytes that end a held tail unless some form holds one: what separates words, lines and SSE events.
 HOLD_STOPS = b" \t\n\r\x0b\x0c"
+WAIT_RATIO = 8  # a stage takes up what came since once it is this fraction of its held tail (or holds a stop)
 
 # One JSON string escape, read left to right (`\\` first consumes both backslashes): a surrogate pair as one
 # token, any other `\uXXXX` but a lone surrogate, and the two-byte escapes. The group, all of it but the
@@ -238,7 +242,7 @@ class Forms:
         self.pattern: re.Pattern[bytes] = pattern
         self.form_bytes = frozenset(b for f in ordered for b in f)
         # The held tail (see the module docstring): the run after the last of these bytes, at most hold_max long.
-        self._hold_stops = tuple(bytes([b]) for b in HOLD_STOPS if b not in self.form_bytes)
+        self.hold_stops = tuple(bytes([b]) for b in HOLD_STOPS if b not in self.form_bytes)
         self.hold_max = max(FRAGMENT, 1 << (self.longest - 1).bit_length()) - 1
         # Proves a chunk clean (about 1 ms to compile). Hyperscan's Python binding takes no NUL in a literal,
         # which only a binary secret's raw form holds: such a redaction searches every chunk with the regex.
@@ -278,7 +282,7 @@ class Forms:
         if low >= len(data):
             return 0
         tail = data[low:]
-        return len(tail) - 1 - max((tail.rfind(stop) for stop in self._hold_stops), default=-1)
+        return len(tail) - 1 - max((tail.rfind(stop) for stop in self.hold_stops), default=-1)
 
 
 def _relevant_escapes(form_bytes: frozenset[int]) -> list[bytes]:
@@ -379,21 +383,36 @@ def redact_view(redaction: Redaction, data: bytes, *, final: bool) -> tuple[byte
 
 
 class _Stage:
-    """One stage's state for one body: what it holds back between chunks, and how many forms it replaced."""
+    """One stage's state for one body: what it holds back between chunks, what came since and waits to be taken
+    up with it (see the module docstring), and how many forms it replaced."""
 
-    def __init__(self, redact: Callable[[bytes, bool], tuple[bytes, int, bytes]]) -> None:
+    def __init__(self, redact: Callable[[bytes, bool], tuple[bytes, int, bytes]], stops: tuple[bytes, ...]) -> None:
         self._redact = redact
+        self._stops = stops
         self._held = b""
+        self._waiting: list[bytes] = []
+        self._waiting_size = 0
         self.replaced = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._held + chunk if self._held else chunk
+        if not chunk:
+            return b""
+        if self._held:
+            self._waiting.append(chunk)
+            self._waiting_size += len(chunk)
+            if self._waiting_size * WAIT_RATIO < len(self._held) and not any(s in chunk for s in self._stops):
+                return b""
+            data = b"".join((self._held, *self._waiting))
+            self._waiting, self._waiting_size = [], 0
+        else:
+            data = chunk
         out, count, self._held = self._redact(data, False)
         self.replaced += count
         return out
 
     def finish(self) -> bytes:
-        data, self._held = self._held, b""
+        data = b"".join((self._held, *self._waiting))
+        self._held, self._waiting, self._waiting_size = b"", [], 0
         out, count, _ = self._redact(data, True)
         self.replaced += count
         return out
@@ -404,8 +423,8 @@ class StreamRedactor:
 
     def __init__(self, redaction: Redaction) -> None:
         forms = redaction.forms
-        self._raw = _Stage(lambda data, final: redact_raw(forms, data, final=final))
-        self._view = _Stage(lambda data, final: redact_view(redaction, data, final=final))
+        self._raw = _Stage(lambda data, final: redact_raw(forms, data, final=final), forms.hold_stops)
+        self._view = _Stage(lambda data, final: redact_view(redaction, data, final=final), forms.hold_stops)
 
     @property
     def replaced(self) -> int:

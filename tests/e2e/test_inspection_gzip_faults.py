@@ -67,6 +67,8 @@ class FaultyUpstream(LeakyUpstream):
             return web.Response(body=gzip.compress(gzip.compress(document)), headers=gzipped)
         if kind == "late-gz":
             return web.Response(body=EMPTY * 300 + gzip.compress(_bad_crc(document)), headers=gzipped)
+        if kind == "escapes":
+            return web.Response(body=gzip.compress(ESCAPES), content_type="application/gzip")
         if kind == "clean-in-gzip":
             return web.Response(body=gzip.compress(gzip.compress(b"nothing secret")), headers=gzipped)
         if kind == "members":
@@ -213,6 +215,19 @@ def test_a_compressed_answer_holding_the_secret_is_refused(faulty: tuple[GateWor
     world.assert_refused(reply, 502, "response_not_redactable")
     assert SECRET.encode() not in reply.body
     world.assert_no_leaks()
+
+
+ESCAPES = "".join(f"\\u{code:04x}" for code in range(0x21, 0x7F)).encode()  # `\u0021` ... `\u007e`
+
+
+def test_a_gz_of_escapes_of_a_secrets_characters_is_forwarded(faulty: tuple[GateWorld, FaultyUpstream]) -> None:
+    """Found at the 29th stop: an undeclared .gz was refused when it held any JSON escape of a character some
+    secret of the group holds, not only a secret, so an upstream learnt which characters the group's secrets hold
+    (another credential's too) by sending one escape at a time."""
+    world, _ = faulty
+    reply = world.call("GET", "/blk/gzf/escapes", agent="bot")
+    assert reply.status == 200, reply.text()
+    assert gzip.decompress(reply.body) == ESCAPES
 
 
 def test_a_clean_gz_inside_a_declared_gzip_is_forwarded(faulty: tuple[GateWorld, FaultyUpstream]) -> None:
