@@ -268,15 +268,20 @@ def credentials_sharing_hosts(routes: Iterable[Route]) -> dict[str, frozenset[st
             for frozen in (frozenset(group),) for cid in group}
 
 
+LOOPBACK = "loopback"  # the one server every loopback name and address reaches
+
+
 @functools.lru_cache(maxsize=4096)  # a pure function of the name, asked again for every entry at each change
 def _server(host: str) -> str:
-    """One name per server an exact entry reaches: every loopback name and address is this machine, and an
-    IPv4-mapped IPv6 address is its IPv4 one. (A name and the address it resolves to are not joined.)"""
-    if is_loopback_host(host):
-        return "loopback"
+    """One name per server an exact entry reaches: every loopback name and address is this machine (and any name
+    under `localhost`, which RFC 6761 reserves for it and systemd-resolved and macOS resolve to it: found at the
+    29th stop), and an IPv4-mapped IPv6 address is its IPv4 one. (A name and the address it resolves to are not
+    joined.)"""
+    if is_loopback_host(host) or host.rstrip(".").endswith(".localhost"):
+        return LOOPBACK
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    return "loopback" if mapped is not None and mapped.is_loopback else str(mapped or address)
+    return LOOPBACK if mapped is not None and mapped.is_loopback else str(mapped or address)

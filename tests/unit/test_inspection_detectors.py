@@ -213,6 +213,11 @@ def test_credentials_sharing_a_host_redact_each_others_secrets() -> None:
     same_machine = credentials_sharing_hosts([route("l", "http://localhost:8080"), route("f", "http://127.0.0.1:8080"),
                                               route("s", "http://[::1]:8080"), route("m", "[::ffff:127.0.0.1]")])
     assert same_machine["l"] == frozenset({"l", "f", "s", "m"})  # one machine, however it is named
+    # Names under localhost are this machine too (RFC 6761; systemd-resolved and macOS answer them so): found at
+    # the 29th stop, a credential on api.localhost was not redacted from a 127.0.0.1 credential's answers.
+    under = credentials_sharing_hosts([route("n", "https://api.localhost:9443"), route("f", "http://127.0.0.1:80"),
+                                       route("t", "https://app.localhost.:9443")])
+    assert under["f"] == frozenset({"n", "f", "t"})
     assert credentials_sharing_hosts([route("a", "a.example.com"), route("w", "*.example.com"),
                                       route("b", "b.example.com")])["a"] == frozenset({"a", "w", "b"})  # through w
     check = Inspector([SecretSource("a", (b"first-secret-value-1",)), SecretSource("b", (b"second-secret-value-2",)),
