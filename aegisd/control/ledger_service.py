@@ -23,6 +23,7 @@ from aegisd.ledger import (
     KeyMissing,
     LedgerEntry,
     LedgerError,
+    LedgerReplaced,
     LedgerRow,
     PruneRefused,
     PruneResult,
@@ -371,8 +372,13 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                 raise FailedPrecondition(str(exc), reason="vault_locked") from None
             except PruneRefused as exc:
                 raise FailedPrecondition(str(exc), reason="ledger_tampered") from None
+            except LedgerReplaced as exc:
+                raise FailedPrecondition(f"{exc}: nothing was pruned", reason="ledger_replaced") from None
             except LedgerError as exc:
                 raise StorageUnavailable(str(exc)) from None
+        if isinstance(result.stopped, LedgerReplaced):
+            raise FailedPrecondition(f"{result.stopped}: the {result.pruned} rows pruned before it were in the "
+                                     "ledger it replaced", reason="ledger_replaced")
         if result.stopped is not None:
             done = (f"{result.pruned} rows were pruned (recorded as `ledger_pruned`; the chain now starts at row "
                     f"{result.first_kept_id}), then the prune stopped: {result.stopped}")
@@ -384,6 +390,10 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     async def _prune_and_record(self, request: pb.PruneRequest) -> PruneResult:
         """The prune, then its log line and `ledger_pruned` row for what it deleted, also when it stopped part-way."""
         result = await prune(self.rt.ledger, request.before_ms, include_unchained=request.include_unchained)
+        if isinstance(result.stopped, LedgerReplaced):  # the rows went from a file that is not the ledger now
+            self.rt.log_event("ledger prune cut off by a restore", level=logging.WARNING, rows=result.pruned,
+                              stopped=str(result.stopped))
+            return result
         if result.pruned:
             detail = (f"ledger pruned: {result.pruned} rows recorded before {iso_time(request.before_ms)} deleted; "
                       f"the chain now starts at row {result.first_kept_id} (checkpoint {result.checkpoint_id})")
@@ -397,5 +407,6 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             try:
                 await self.rt.ledger.append(LedgerEntry.system(detail, reason="ledger_pruned"))
             except LedgerError as exc:
-                raise StorageUnavailable(f"the prune succeeded but could not be recorded: {exc}") from None
+                done = "succeeded" if result.stopped is None else f"deleted {result.pruned} rows, then stopped"
+                raise StorageUnavailable(f"the prune {done} but could not be recorded: {exc}") from None
         return result

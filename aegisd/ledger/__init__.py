@@ -2,7 +2,7 @@
 
 from aegisd.ledger.chain import VerifyResult, verify
 from aegisd.ledger.entry import DECISIONS, KINDS, LedgerEntry, LedgerRow, now_ms, to_dict
-from aegisd.ledger.prune import KeyMissing, PruneRefused, PruneResult, prune
+from aegisd.ledger.prune import KeyMissing, LedgerReplaced, PruneRefused, PruneResult, prune
 from aegisd.ledger.query import query_rows
 from aegisd.ledger.schema import SCHEMA_VERSION, LedgerError, open_reader
 from aegisd.ledger.stats import Group, LedgerStats, ledger_stats
@@ -17,6 +17,7 @@ __all__ = [
     "KeyMissing",
     "LedgerEntry",
     "LedgerError",
+    "LedgerReplaced",
     "LedgerRow",
     "LedgerStats",
     "LedgerWriter",

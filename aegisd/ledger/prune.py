@@ -39,6 +39,10 @@ class KeyMissing(LedgerError):
     """The chain key is not known yet (the vault has not been unlocked since aegisd started)."""
 
 
+class LedgerReplaced(LedgerError):
+    """A restore moved another ledger into place during the prune: what was pruned is not in the ledger now."""
+
+
 @dataclass(frozen=True, slots=True)
 class PruneResult:
     """pruned rows were deleted; the chain now starts at first_kept_id (checkpoint_id None: nothing to do)."""
@@ -77,10 +81,11 @@ async def prune(writer: LedgerWriter, before_ms: int, *, chunk_rows: int = CHUNK
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be at least 1")
     progress = _Progress(before_ms, now_ms(), include_unchained)
-    check = functools.partial(_with_key, _check_chunk, progress, chunk_rows)
+    restores = writer.restores
+    check = functools.partial(_job, writer, restores, _check_chunk, progress, chunk_rows)
     while not await writer.run_exclusive(check):
         pass
-    chunk = functools.partial(_with_key, _prune_chunk, progress, chunk_rows)
+    chunk = functools.partial(_job, writer, restores, _prune_chunk, progress, chunk_rows)
     try:
         while not await writer.run_exclusive(chunk):
             pass
@@ -96,11 +101,19 @@ def _result(progress: _Progress, stopped: LedgerError | None = None) -> PruneRes
     return PruneResult(progress.pruned, first_kept or 1, progress.checkpoint_id, progress.unchained, stopped)
 
 
-def _with_key(job: Callable[[_Progress, int, sqlite3.Connection, bytes], bool], progress: _Progress,
-              chunk_rows: int, conn: sqlite3.Connection, key: bytes | None) -> bool:
+def _job(writer: LedgerWriter, restores: int, job: Callable[[_Progress, int, sqlite3.Connection, bytes], bool],
+         progress: _Progress, chunk_rows: int, conn: sqlite3.Connection, key: bytes | None) -> bool:
+    """One chunk of either pass, in the writer's thread: on the file the prune began on, with the key, and with
+    SQLite's own errors (a lock held past the busy timeout, a full disk) as LedgerError, which prune reports."""
+    if writer.restores != restores:  # the restore swaps the file in this thread, so this is the file in place now
+        raise LedgerReplaced("a restore replaced the ledger during the prune; the restored ledger is as its backup "
+                             "left it")
     if key is None:
         raise KeyMissing("the ledger key derives from the vault: unlock it once, then prune")
-    return job(progress, chunk_rows, conn, key)
+    try:
+        return job(progress, chunk_rows, conn, key)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"the ledger could not be read or written: {exc}") from None
 
 
 def _check_chunk(progress: _Progress, chunk_rows: int, conn: sqlite3.Connection, key: bytes) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from aegisd.ledger import (
     KeyMissing,
     LedgerEntry,
     LedgerError,
+    LedgerReplaced,
     LedgerWriter,
     PruneRefused,
     ReplaceIncomplete,
@@ -37,6 +39,7 @@ from aegisd.ledger.stats import _stats, _unfiltered_stats
 from tests.unit.event_loops import eventually
 
 KEY = bytes(range(100, 132))
+prune_module = importlib.import_module("aegisd.ledger.prune")  # `aegisd.ledger.prune` as an attribute is the function
 T0 = 1_700_000_000_000
 
 
@@ -313,6 +316,66 @@ def test_a_chunk_that_fails_after_others_were_deleted_returns_what_was_done(db: 
     assert isinstance(result.stopped, PruneRefused) and "row 15 does not verify" in str(result.stopped)
     assert sql(db, "SELECT min(id), count(*) FROM ledger") == [(15, 16)]
     assert verify(db, KEY).first_bad_id == 15 and verify(db, KEY).first_id == 15
+
+
+def interrupted_prune(db: Path, after_calls: int, interrupt: Any) -> Any:
+    """A prune of rows before T0 + 20 in chunks of 7, with `interrupt(writer)` run after the `after_calls`-th chunk
+    (the first pass takes three)."""
+
+    async def main() -> Any:
+        writer = await started(db)
+        real = writer.run_exclusive
+        calls = 0
+
+        async def run_exclusive(job: Any) -> Any:
+            nonlocal calls
+            done = await real(job)
+            calls += 1
+            if calls == after_calls:
+                interrupt(writer)
+            return done
+
+        writer.run_exclusive = run_exclusive  # type: ignore[method-assign,assignment]
+        try:
+            return await prune(writer, T0 + 20, chunk_rows=7)
+        finally:
+            await writer.close()
+
+    return asyncio.run(main())
+
+
+def test_a_sqlite_error_after_some_chunks_is_reported_with_what_was_done(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the review of the two-pass prune: SQLite's own errors (a lock held past the busy timeout, a full disk)
+    escaped as they were, so the chunks already deleted went unrecorded and the caller got an internal error."""
+    fill(db, 30)
+    real = prune_module._delete_chunk
+
+    def failing(conn: sqlite3.Connection, key: bytes, progress: Any, chunk_rows: int) -> bool:
+        if progress.pruned:
+            raise sqlite3.OperationalError("database or disk is full")
+        return bool(real(conn, key, progress, chunk_rows))
+
+    monkeypatch.setattr(prune_module, "_delete_chunk", failing)
+    result = interrupted_prune(db, 0, lambda writer: None)
+    assert (result.pruned, result.first_kept_id) == (7, 8)
+    assert type(result.stopped) is LedgerError and "database or disk is full" in str(result.stopped)
+    assert sql(db, "SELECT min(id) FROM ledger") == [(8,)] and verify(db, KEY).ok
+
+
+def test_a_restore_during_a_prune_stops_it_on_the_file_it_began_on(db: Path) -> None:
+    """From the review of the two-pass prune: a restore between chunks left the prune going on the restored
+    ledger with the old one's bounds, and its ledger_pruned row described a prune the restored file never saw."""
+    fill(db, 30)
+
+    def restored(writer: LedgerWriter) -> None:
+        writer.restores += 1  # what replace_file counts, in the same thread as the chunks
+
+    result = interrupted_prune(db, 4, restored)  # after the first deletion
+    assert result.pruned == 7 and isinstance(result.stopped, LedgerReplaced)
+    with pytest.raises(LedgerReplaced):
+        interrupted_prune(db, 1, restored)  # in the first pass: nothing deleted, and the error is raised
+    assert sql(db, "SELECT min(id) FROM ledger") == [(8,)]
 
 
 def test_prune_needs_the_key_and_the_writer_survives_a_failed_job(db: Path) -> None:
