@@ -592,7 +592,7 @@ class GatePipeline:
                 # Only a plain answer to an HTTP/1.0 agent may be held up to WHOLE_ANSWER_MAX: the upstream sent
                 # every byte of it. What the gate decodes is held whole only up to WHOLE_DECODED_MAX.
                 cap = WHOLE_ANSWER_MAX if not request.http11 and not redactor.decodes else WHOLE_DECODED_MAX
-                redactor.refuse_undeclared_compression(body, WHOLE_DECODED_MAX)  # decodes: never past this
+                await redactor.refuse_undeclared_compression(body, WHOLE_DECODED_MAX)  # decodes: never past this
                 parts, rest = await _redacted_upto(redactor, body, cap)
                 if rest is not None and not request.http11:
                     raise Refusal(502, "upstream_error", f"the upstream's answer decodes to more than {cap} bytes, "

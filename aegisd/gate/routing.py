@@ -246,6 +246,8 @@ def credentials_sharing_hosts(routes: Iterable[Route]) -> dict[str, frozenset[st
             first, dot, parent = entry.host.partition(".")
             if entry.wildcard:
                 buckets.setdefault(("under", entry.host), []).append(route.credential_id)
+                if _server(entry.host) == LOOPBACK:  # `*.api.localhost`: every name it covers is this machine
+                    buckets.setdefault(("host", LOOPBACK), []).append(route.credential_id)
                 continue
             buckets.setdefault(("host", _server(entry.host)), []).append(route.credential_id)
             if first and dot and parent in wildcards:  # siblings share no host unless a wildcard covers both

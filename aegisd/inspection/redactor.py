@@ -313,6 +313,19 @@ class Redaction:
             return False
         return b"\\" not in data or self._escapes is None or self._escapes.scan(data, stop_scan)
 
+    def holds(self, data: bytes) -> bool:
+        """Whether `data` holds a form, as it is or with every JSON escape undone (what redact_all would replace).
+        Its cost does not depend on what the secrets hold: the view is built whenever `data` holds a backslash
+        (redact_all's shortcut skips it when no escape decodes to a byte of a form, which timed told which
+        characters the secrets hold), and the regex runs only where the scan finds a form."""
+        forms = self.forms
+        if not forms.clean(data) and forms.search(data) is not None:
+            return True
+        if b"\\" not in data:
+            return False
+        view = json_unescaped(data)
+        return not forms.clean(view) and forms.search(view) is not None
+
     def redact_all(self, data: bytes) -> tuple[bytes, int]:
         """Every form in `data` replaced, raw then in the view; returns the result and how many were replaced."""
         raw, first, _ = redact_raw(self.forms, data, final=True)

@@ -272,7 +272,7 @@ def test_an_answer_whose_compressed_data_holds_the_secret_is_refused(encoding: s
     """A small answer that is compressed data, without a Content-Encoding or inside the one it declares, is
     refused when what decodes of it holds the secret, damaged or cut short or not."""
     with pytest.raises(Exception) as refused:
-        _redactor(encoding).refuse_undeclared_compression(body, 1 << 20)
+        asyncio.run(_redactor(encoding).refuse_undeclared_compression(body, 1 << 20))
     assert getattr(refused.value, "code", None) == "response_not_redactable", refused.value
 
 
@@ -280,4 +280,4 @@ def test_an_answer_whose_compressed_data_is_clean_passes() -> None:
     for encoding, body in (("", gzip.compress(b"nothing here")), ("gzip", gzip.compress(gzip.compress(b"clean"))),
                            ("gzip", gzip.compress(b"x^ plain text that starts like zlib")),
                            ("gzip", EMPTY * 3000 + gzip.compress(b"plain")), ("", b"plain text")):
-        _redactor(encoding).refuse_undeclared_compression(body, 1 << 20)
+        asyncio.run(_redactor(encoding).refuse_undeclared_compression(body, 1 << 20))

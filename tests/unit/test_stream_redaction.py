@@ -131,6 +131,17 @@ def test_a_trickle_under_a_long_held_tail_costs_work_in_proportion_to_what_is_fe
     assert read <= 40 * len(chunk) * 20_000, read  # each byte read a bounded number of times, not once per chunk
 
 
+def test_holds_finds_a_form_raw_or_escaped_and_nothing_else() -> None:
+    """What the check of a compressed answer asks: a form as it is or with its JSON escapes undone, not an escape of
+    one of its characters (refusing those told an upstream which characters the secrets hold)."""
+    assert REDACTION.holds(b"x " + SECRET + b" y")
+    assert REDACTION.holds(b"x " + b"".join(b"\\u%04x" % byte for byte in SECRET) + b" y")
+    assert not REDACTION.holds(b"".join(b"\\u%04x" % byte for byte in sorted(set(SECRET))))
+    assert not REDACTION.holds(b"\\/" * 1000) and not REDACTION.holds(b"plain text")
+    for cut in range(1, len(SECRET)):
+        assert not REDACTION.holds(SECRET[:cut] + b"\\n" + SECRET[cut:])
+
+
 def test_a_form_split_in_two_is_held_then_redacted() -> None:
     redactor = REDACTION.stream()
     first = redactor.feed(b"event: message\ndata: first\n\ndata: " + SECRET[:10])
