@@ -17,7 +17,7 @@ import aegisd.inspection.redactor as redactor_module
 from aegisd.inspection import REDACTED, Redaction
 from aegisd.inspection.decompress import STEP, DecodeError, StreamDecoder
 from aegisd.inspection.literal_matcher import compile_longest
-from aegisd.inspection.redactor import WAIT_RATIO
+from aegisd.inspection.redactor import WAIT_RATIO, JsonView
 from aegisd.inspection.secret_forms import redaction_forms, secret_values
 
 SECRET = b"sk-live/Secret+value=42xyz"
@@ -140,6 +140,56 @@ def test_holds_finds_a_form_raw_or_escaped_and_nothing_else() -> None:
     assert not REDACTION.holds(b"\\/" * 1000) and not REDACTION.holds(b"plain text")
     for cut in range(1, len(SECRET)):
         assert not REDACTION.holds(SECRET[:cut] + b"\\n" + SECRET[cut:])
+
+
+ESCAPE_PIECES = [b"\\t", b"\\n", b"\\u00e9", b"\\uD83D\\uDE00", b"\\\\", b"\\", b"x", b"\\uD83D", b"\\uDE00", b"ab",
+                 b"\\u00", b"\\uD8", b"\\x", b"\\\\u0041", b"\\uDBFF\\uDFFF"]
+
+
+def test_a_place_no_escape_spans_splits_the_view_in_two() -> None:
+    """The tail of a chunk dense in escapes is viewed on its own (found at the 29th stop: the whole chunk was,
+    30 ms for 64 KiB of `\\/`); it starts where no escape spans, surrogate pairs and runs of backslashes read as
+    JsonView reads them."""
+    rng = random.Random(11)
+    for _ in range(5000):
+        data = b"".join(rng.choice(ESCAPE_PIECES) for _ in range(rng.randint(1, 40)))
+        at = rng.randint(-2, len(data))
+        place = redactor_module._unspanned(data, at)
+        assert place <= max(at, 0)
+        if place > 0:
+            assert JsonView(data).text == JsonView(data[:place]).text + JsonView(data[place:]).text, (data, at)
+
+
+def test_the_tail_view_holds_what_the_whole_view_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(12)
+    for _ in range(300):
+        secret = bytes(rng.choice(b"bcXYZ019-_") for _ in range(rng.randint(8, 40)))
+        redaction = Redaction(redaction_forms([secret]))
+        data = b"".join(rng.choice(ESCAPE_PIECES) for _ in range(rng.randint(100, 1500)))
+        tail = redactor_module.redact_view(redaction, data, final=False)
+        with monkeypatch.context() as whole_view:
+            whole_view.setattr(redactor_module, "_unspanned", lambda data, at: 0)
+            assert redactor_module.redact_view(redaction, data, final=False) == tail
+
+
+def test_a_stream_dense_in_escapes_is_viewed_only_at_its_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted, not timed: 16 chunks of 64 KiB of `\\/` (no form holds `/`) build views of a few hundred bytes
+    each, not of every chunk whole."""
+    redaction = Redaction(redaction_forms([b"bcXYZ019-_bcXYZ019"]))
+    assert ord("/") not in redaction.forms.form_bytes
+    viewed = 0
+
+    class CountedView(JsonView):
+        def __init__(self, data: bytes) -> None:
+            nonlocal viewed
+            viewed += len(data)
+            super().__init__(data)
+
+    monkeypatch.setattr(redactor_module, "JsonView", CountedView)
+    stream = redaction.stream()
+    chunk = b"\\/" * 32768
+    assert b"".join(stream.feed(chunk) for _ in range(16)) + stream.finish() == chunk * 16
+    assert viewed < len(chunk), viewed
 
 
 def test_a_form_split_in_two_is_held_then_redacted() -> None:
