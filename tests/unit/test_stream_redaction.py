@@ -192,6 +192,20 @@ def test_a_stream_dense_in_escapes_is_viewed_only_at_its_tail(monkeypatch: pytes
     assert viewed < len(chunk), viewed
 
 
+def test_holds_undoes_escapes_a_slice_at_a_time_and_misses_no_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the review of 46003b8: one split and join of a MiB of escapes held the GIL for 90 ms in the worker
+    thread, with no connection served meanwhile. Slices overlap, so a form across their edges is still found."""
+    monkeypatch.setattr(redactor_module, "HOLDS_SLICE", 16)
+    escaped = b"".join(b"\\u%04x" % byte for byte in SECRET)
+    rng = random.Random(13)
+    for _ in range(400):
+        pieces = [rng.choice(ESCAPE_PIECES) for _ in range(rng.randint(5, 200))]
+        if rng.random() < 0.5:
+            pieces.insert(rng.randint(0, len(pieces)), rng.choice([escaped, SECRET]))
+        data = b"".join(pieces)
+        assert REDACTION.holds(data) == (REDACTION.redact_all(data)[1] > 0), data
+
+
 def test_a_form_split_in_two_is_held_then_redacted() -> None:
     redactor = REDACTION.stream()
     first = redactor.feed(b"event: message\ndata: first\n\ndata: " + SECRET[:10])
