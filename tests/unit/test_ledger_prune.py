@@ -287,37 +287,6 @@ def test_a_tampered_row_in_a_later_chunk_refuses_the_prune_before_anything_is_de
     assert sql(db, "SELECT count(*) FROM ledger") == [(30,)] and sql(db, "SELECT count(*) FROM checkpoints") == [(0,)]
 
 
-def test_a_chunk_that_fails_after_others_were_deleted_returns_what_was_done(db: Path) -> None:
-    """The second pass checks each chunk again; should one fail there (the file edited between the passes), the
-    chunks already deleted are reported, for the caller to record, and the ledger verifies from the cut."""
-    fill(db, 30)
-
-    async def main() -> Any:
-        writer = await started(db)
-        real = writer.run_exclusive
-        calls = 0
-
-        async def run_exclusive(job: Any) -> Any:
-            nonlocal calls
-            done = await real(job)
-            calls += 1
-            if calls == 3 + 1:  # the first pass's three chunks of 7 (rows 1-20), then the first deletion
-                sql(db, "UPDATE ledger SET status = 500 WHERE id = 15")
-            return done
-
-        writer.run_exclusive = run_exclusive  # type: ignore[method-assign,assignment]
-        try:
-            return await prune(writer, T0 + 20, chunk_rows=7)
-        finally:
-            await writer.close()
-
-    result = asyncio.run(main())
-    assert (result.pruned, result.first_kept_id, result.checkpoint_id) == (14, 15, 1)  # rows 1-7 and 8-14 went
-    assert isinstance(result.stopped, PruneRefused) and "row 15 does not verify" in str(result.stopped)
-    assert sql(db, "SELECT min(id), count(*) FROM ledger") == [(15, 16)]
-    assert verify(db, KEY).first_bad_id == 15 and verify(db, KEY).first_id == 15
-
-
 def interrupted_prune(db: Path, after_calls: int, interrupt: Any) -> Any:
     """A prune of rows before T0 + 20 in chunks of 7, with `interrupt(writer)` run after the `after_calls`-th chunk
     (the first pass takes three)."""
@@ -342,6 +311,18 @@ def interrupted_prune(db: Path, after_calls: int, interrupt: Any) -> Any:
             await writer.close()
 
     return asyncio.run(main())
+
+
+def test_a_chunk_that_fails_after_others_were_deleted_returns_what_was_done(db: Path) -> None:
+    """The second pass checks each chunk again; should one fail there (the file edited between the passes), the
+    chunks already deleted are reported, for the caller to record, and the ledger verifies from the cut."""
+    fill(db, 30)
+    # The first pass's three chunks of 7 (rows 1-20), then the first deletion; then row 15 is edited.
+    result = interrupted_prune(db, 3 + 1, lambda writer: sql(db, "UPDATE ledger SET status = 500 WHERE id = 15"))
+    assert (result.pruned, result.first_kept_id, result.checkpoint_id) == (14, 15, 1)  # rows 1-7 and 8-14 went
+    assert isinstance(result.stopped, PruneRefused) and "row 15 does not verify" in str(result.stopped)
+    assert sql(db, "SELECT min(id), count(*) FROM ledger") == [(15, 16)]
+    assert verify(db, KEY).first_bad_id == 15 and verify(db, KEY).first_id == 15
 
 
 def test_a_sqlite_error_after_some_chunks_is_reported_with_what_was_done(
