@@ -399,8 +399,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                       f"the chain now starts at row {result.first_kept_id} (checkpoint {result.checkpoint_id})")
             if result.unchained:
                 detail += f"; {result.unchained} of them were not chained (no MAC) and were let go by the operator"
-            stopped: dict[str, Any] = {} if result.stopped is None else {"stopped": str(result.stopped)}
+            stopped: dict[str, Any] = {}
             if result.stopped is not None:
+                stopped["stopped"] = str(result.stopped)
                 detail += f"; the prune stopped there: {result.stopped}"
             self.rt.log_event("ledger pruned", rows=result.pruned, first_kept_id=result.first_kept_id,
                               unchained=result.unchained, **stopped)
